@@ -1,0 +1,81 @@
+// Command pipeline runs declarative DAGs that turn instruction data into
+// Gemma 3 training rows and LoRA adapters, caching every stage's output by
+// the content hash of what made it.
+//
+// Each subcommand lives in its own file and adds itself to root in an init
+// function, so commands stay independent of one another.
+package main
+
+import (
+	"errors"
+	"fmt"
+	"os"
+
+	"github.com/spf13/cobra"
+)
+
+// Exit codes, documented in the README and in `pipeline --help`.
+const (
+	exitOK       = 0
+	exitFailed   = 1  // a stage or check failed
+	exitUsage    = 2  // bad flags, arguments or spec
+	exitLockBusy = 75 // --no-wait and another run holds the DAG (EX_TEMPFAIL)
+)
+
+var root = &cobra.Command{
+	Use:   "pipeline",
+	Short: "Run cached data and fine-tuning DAGs for Gemma 3",
+	Long: `pipeline runs a declarative DAG of stages (data sources, chat templating,
+tokenizing, packing, QLoRA training), caching each stage's output under the
+content hash of everything that produced it.
+
+Exit codes: 0 success, 1 a stage or check failed, 2 usage or spec error,
+75 another run holds the DAG's lock and --no-wait was given.`,
+	SilenceUsage:  true,
+	SilenceErrors: true,
+}
+
+// exitError carries an exit code out of a command.
+type exitError struct {
+	code int
+	err  error
+}
+
+func (e *exitError) Error() string { return e.err.Error() }
+func (e *exitError) Unwrap() error { return e.err }
+
+// usageErr marks err as a usage or spec error (exit 2).
+func usageErr(err error) error { return &exitError{exitUsage, err} }
+
+// failErr marks err as a failed stage or check (exit 1).
+func failErr(err error) error { return &exitError{exitFailed, err} }
+
+// started is set once a command's own code begins; errors raised before
+// that (unknown command, wrong argument count, bad flag) are usage errors.
+var started bool
+
+func init() {
+	root.SetFlagErrorFunc(func(_ *cobra.Command, err error) error { return usageErr(err) })
+	root.PersistentPreRun = func(*cobra.Command, []string) { started = true }
+}
+
+func main() {
+	os.Exit(execute(os.Args[1:]))
+}
+
+func execute(args []string) int {
+	root.SetArgs(args)
+	err := root.Execute()
+	if err == nil {
+		return exitOK
+	}
+	fmt.Fprintln(os.Stderr, "pipeline:", err)
+	var ee *exitError
+	if errors.As(err, &ee) {
+		return ee.code
+	}
+	if !started {
+		return exitUsage
+	}
+	return exitFailed
+}

@@ -1,0 +1,460 @@
+package pipeline
+
+import (
+	"context"
+	"errors"
+	"os"
+	"path/filepath"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/apache/arrow-go/v18/arrow/array"
+	"go.uber.org/goleak"
+)
+
+type testEnv struct {
+	t     testing.TB
+	dir   string
+	store *Store
+	reg   *Registry
+}
+
+func newTestEnv(t testing.TB) *testEnv {
+	t.Helper()
+	dir := t.TempDir()
+	st, err := OpenStore(filepath.Join(dir, "cache"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	return &testEnv{t: t, dir: dir, store: st, reg: testRegistry()}
+}
+
+func (e *testEnv) write(name, content string) string {
+	e.t.Helper()
+	p := filepath.Join(e.dir, name)
+	if err := os.WriteFile(p, []byte(content), 0o644); err != nil {
+		e.t.Fatal(err)
+	}
+	return p
+}
+
+func (e *testEnv) load(spec string) *DAG {
+	e.t.Helper()
+	dag, err := Load(spec, e.reg)
+	if err != nil {
+		e.t.Fatalf("load %s: %v", spec, err)
+	}
+	return dag
+}
+
+func (e *testEnv) run(spec string, opts Options) (*RunRecord, error) {
+	e.t.Helper()
+	eng := &Engine{Store: e.store}
+	return eng.Run(context.Background(), e.load(spec), opts)
+}
+
+func (e *testEnv) mustRun(spec string, opts Options) *RunRecord {
+	e.t.Helper()
+	rec, err := e.run(spec, opts)
+	if err != nil {
+		e.t.Fatalf("run: %v", err)
+	}
+	return rec
+}
+
+func stateOfStage(rec *RunRecord, name string) string {
+	for _, s := range rec.Stages {
+		if s.Name == name {
+			return s.State
+		}
+	}
+	return "absent"
+}
+
+func keyOfStage(rec *RunRecord, name string) string {
+	for _, s := range rec.Stages {
+		if s.Name == name {
+			return s.Key
+		}
+	}
+	return ""
+}
+
+// readTable reads column i and s of a stage's cached table.
+func readTable(t testing.TB, st *Store, key string) ([]int64, []string) {
+	t.Helper()
+	in := &Input{Name: "test", dir: st.EntryDir(key), committed: closedChan(), tracker: newTracker("t", "t")}
+	var is []int64
+	var ss []string
+	for {
+		rec, err := in.Next(context.Background())
+		if err != nil {
+			if err.Error() == "EOF" {
+				break
+			}
+			t.Fatal(err)
+		}
+		for i := 0; i < int(rec.NumRows()); i++ {
+			is = append(is, rec.Column(0).(*array.Int64).Value(i))
+			ss = append(ss, rec.Column(1).(*array.String).Value(i))
+		}
+		rec.Release()
+	}
+	return is, ss
+}
+
+func closedChan() chan struct{} {
+	c := make(chan struct{})
+	close(c)
+	return c
+}
+
+const chainSpec = `name: chain
+stages:
+  src:
+    kind: gen
+    with: {rows: 95, batch: 10, file: data.txt}
+  twice:
+    kind: double
+    needs: [src]
+  total:
+    kind: count
+    needs: [twice]
+`
+
+func TestRunStreamsAndCaches(t *testing.T) {
+	defer goleak.VerifyNone(t)
+	e := newTestEnv(t)
+	e.write("data.txt", "row-")
+	spec := e.write("chain.yaml", chainSpec)
+
+	rec := e.mustRun(spec, Options{})
+	for _, s := range []string{"src", "twice", "total"} {
+		if got := stateOfStage(rec, s); got != "computed" {
+			t.Errorf("first run: %s is %s, want computed", s, got)
+		}
+	}
+	is, ss := readTable(t, e.store, keyOfStage(rec, "twice"))
+	if len(is) != 95 || is[94] != 188 || ss[3] != "ROW-3" {
+		t.Fatalf("twice table: %d rows, last %v, s[3]=%q", len(is), is[len(is)-1], ss[3])
+	}
+	count, err := os.ReadFile(filepath.Join(e.store.EntryDir(keyOfStage(rec, "total")), "count.txt"))
+	if err != nil || strings.TrimSpace(string(count)) != "95" {
+		t.Fatalf("count.txt = %q, %v", count, err)
+	}
+
+	rec2 := e.mustRun(spec, Options{})
+	for _, s := range []string{"src", "twice", "total"} {
+		if got := stateOfStage(rec2, s); got != "cached" {
+			t.Errorf("second run: %s is %s, want cached", s, got)
+		}
+		if keyOfStage(rec, s) != keyOfStage(rec2, s) {
+			t.Errorf("key of %s changed between identical runs", s)
+		}
+	}
+	tmp, _ := os.ReadDir(filepath.Join(e.store.Root, "tmp"))
+	if len(tmp) != 0 {
+		t.Errorf("tmp/ holds %d leftovers after successful runs", len(tmp))
+	}
+}
+
+func TestUntilAndOnly(t *testing.T) {
+	e := newTestEnv(t)
+	e.write("data.txt", "x")
+	spec := e.write("chain.yaml", chainSpec)
+
+	rec := e.mustRun(spec, Options{Until: "twice"})
+	if stateOfStage(rec, "total") != "not selected" || stateOfStage(rec, "twice") != "computed" {
+		t.Fatalf("--until twice: states %v", rec.Stages)
+	}
+	rec = e.mustRun(spec, Options{Only: "total"})
+	if stateOfStage(rec, "total") != "computed" || stateOfStage(rec, "src") != "not selected" {
+		t.Fatalf("--only total: states %v", rec.Stages)
+	}
+
+	fresh := newTestEnv(t)
+	fresh.write("data.txt", "x")
+	spec = fresh.write("chain.yaml", chainSpec)
+	_, err := fresh.run(spec, Options{Only: "twice"})
+	if err == nil || !IsSpecError(err) || !strings.Contains(err.Error(), "needs \"src\", which is not cached") {
+		t.Fatalf("--only with an uncached input: %v", err)
+	}
+}
+
+func TestForce(t *testing.T) {
+	e := newTestEnv(t)
+	e.write("data.txt", "x")
+	spec := e.write("chain.yaml", chainSpec)
+	e.mustRun(spec, Options{})
+	rec := e.mustRun(spec, Options{Force: []string{"twice"}})
+	if stateOfStage(rec, "twice") != "computed" || stateOfStage(rec, "src") != "cached" || stateOfStage(rec, "total") != "cached" {
+		t.Fatalf("--force twice: %+v", rec.Stages)
+	}
+	rec = e.mustRun(spec, Options{Force: []string{"all"}})
+	for _, s := range []string{"src", "twice", "total"} {
+		if stateOfStage(rec, s) != "computed" {
+			t.Errorf("--force all: %s is %s", s, stateOfStage(rec, s))
+		}
+	}
+}
+
+// TestCacheKeys checks hit and miss for every input of a key.
+func TestCacheKeys(t *testing.T) {
+	e := newTestEnv(t)
+	data := e.write("data.txt", "abc-")
+	spec := e.write("chain.yaml", chainSpec)
+	base := e.mustRun(spec, Options{})
+
+	expect := func(what string, want map[string]string) *RunRecord {
+		t.Helper()
+		rec := e.mustRun(spec, Options{})
+		for s, w := range want {
+			if got := stateOfStage(rec, s); got != w {
+				t.Errorf("%s: %s is %s, want %s", what, s, got, w)
+			}
+		}
+		return rec
+	}
+	allCached := map[string]string{"src": "cached", "twice": "cached", "total": "cached"}
+	allComputed := map[string]string{"src": "computed", "twice": "computed", "total": "computed"}
+
+	// Writing a default explicitly does not change the key.
+	e.write("chain.yaml", strings.Replace(chainSpec, "needs: [src]", "needs: [src]\n    with: {factor: 2}", 1))
+	expect("explicit default", allCached)
+
+	// A parameter change misses that stage and everything downstream.
+	e.write("chain.yaml", strings.Replace(chainSpec, "needs: [src]", "needs: [src]\n    with: {factor: 3}", 1))
+	rec := expect("param change", map[string]string{"src": "cached", "twice": "computed", "total": "computed"})
+	if r := rec.Stages[1].Reason; !strings.Contains(r, "parameters changed: factor") {
+		t.Errorf("reason for a param change = %q", r)
+	}
+	e.write("chain.yaml", chainSpec)
+	expect("param back", allCached)
+
+	// Touching a file without changing it: hit, and no re-hash needed after the first.
+	time.Sleep(2 * racyWindow)
+	now := time.Now()
+	if err := os.Chtimes(data, now, now); err != nil {
+		t.Fatal(err)
+	}
+	expect("touch", allCached)
+
+	// Changed content with the same size and mtime: miss.
+	fi, _ := os.Stat(data)
+	if err := os.WriteFile(data, []byte("abd-"), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.Chtimes(data, fi.ModTime(), fi.ModTime()); err != nil {
+		t.Fatal(err)
+	}
+	rec = expect("content change, same mtime", allComputed)
+	if r := rec.Stages[0].Reason; !strings.Contains(r, "file content changed") {
+		t.Errorf("reason for a content change = %q", r)
+	}
+	if _, ss := readTable(t, e.store, keyOfStage(rec, "src")); ss[0] != "abd-0" {
+		t.Errorf("served stale data: %q", ss[0])
+	}
+
+	// Back to the old content: the old entries are still there and valid.
+	if err := os.WriteFile(data, []byte("abc-"), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	rec = expect("content restored", allCached)
+	if keyOfStage(rec, "total") != keyOfStage(base, "total") {
+		t.Error("restored inputs did not give back the original key")
+	}
+
+	// A kind version bump misses that stage and downstream.
+	e.reg.kinds["gen"].(*genKind).version = 2
+	rec = expect("version bump", allComputed)
+	if r := rec.Stages[0].Reason; !strings.Contains(r, "version 1 → 2") {
+		t.Errorf("reason for a version bump = %q", r)
+	}
+}
+
+// TestStatCacheAvoidsRehash checks that an unchanged input file is not read
+// again to compute its digest.
+func TestStatCacheAvoidsRehash(t *testing.T) {
+	e := newTestEnv(t)
+	data := e.write("data.txt", strings.Repeat("z", 1<<20))
+	old := time.Now().Add(-time.Hour)
+	os.Chtimes(data, old, old)
+	spec := e.write("chain.yaml", chainSpec)
+	time.Sleep(2 * racyWindow)
+	e.mustRun(spec, Options{})
+	e.store.Close()
+
+	// A new process (a new Store) must trust the saved state.
+	st, err := OpenStore(e.store.Root)
+	if err != nil {
+		t.Fatal(err)
+	}
+	e.store = st
+	time.Sleep(2 * racyWindow)
+	rec := e.mustRun(spec, Options{})
+	if rec.HashedBytes != 0 {
+		t.Errorf("second run hashed %d bytes; want 0", rec.HashedBytes)
+	}
+}
+
+func TestFailureCancelsAndLeavesNoEntry(t *testing.T) {
+	defer goleak.VerifyNone(t)
+	for _, panics := range []bool{false, true} {
+		e := newTestEnv(t)
+		spec := e.write("fail.yaml", `name: failing
+stages:
+  src: {kind: gen, with: {rows: 100000, batch: 10}}
+  bad: {kind: fail, needs: [src], with: {after_batches: 3, panic: `+map[bool]string{false: "false", true: "true"}[panics]+`}}
+`)
+		start := time.Now()
+		rec, err := e.run(spec, Options{})
+		if err == nil {
+			t.Fatal("run with a failing stage succeeded")
+		}
+		if !strings.Contains(err.Error(), "stage bad (fail)") {
+			t.Errorf("error does not name the stage: %v", err)
+		}
+		if panics && !strings.Contains(err.Error(), "panic") {
+			t.Errorf("panic not reported: %v", err)
+		}
+		if !panics && !errors.Is(err, errPlanned) {
+			t.Errorf("cause lost: %v", err)
+		}
+		if time.Since(start) > 5*time.Second {
+			t.Errorf("failure took %v to stop the run", time.Since(start))
+		}
+		if rec.OK || stateOfStage(rec, "bad") != "failed" {
+			t.Errorf("record: ok=%v bad=%s", rec.OK, stateOfStage(rec, "bad"))
+		}
+		keys, _ := e.store.Keys()
+		if len(keys) != 0 {
+			t.Errorf("failed run left %d entries", len(keys))
+		}
+		tmp, _ := os.ReadDir(filepath.Join(e.store.Root, "tmp"))
+		if len(tmp) != 0 {
+			t.Errorf("failed run left %d temporary folders", len(tmp))
+		}
+	}
+}
+
+func TestDiamondDoesNotDeadlock(t *testing.T) {
+	defer goleak.VerifyNone(t)
+	e := newTestEnv(t)
+	spec := e.write("diamond.yaml", `name: diamond
+stages:
+  src: {kind: gen, with: {rows: 5000, batch: 7}}
+  a: {kind: double, needs: [src]}
+  b: {kind: double, needs: [src], with: {factor: 3}}
+  both: {kind: concat, needs: [a, b]}
+`)
+	done := make(chan struct{})
+	var rec *RunRecord
+	go func() {
+		defer close(done)
+		rec = e.mustRun(spec, Options{})
+	}()
+	select {
+	case <-done:
+	case <-time.After(30 * time.Second):
+		t.Fatal("diamond DAG did not finish: deadlock")
+	}
+	is, _ := readTable(t, e.store, keyOfStage(rec, "both"))
+	if len(is) != 10000 || is[4999] != 9998 || is[9999] != 14997 {
+		t.Fatalf("concat: %d rows", len(is))
+	}
+}
+
+func TestDamagedEntryIsRecomputed(t *testing.T) {
+	cases := map[string]func(dir string) error{
+		"flipped byte": func(dir string) error {
+			p := filepath.Join(dir, tableName)
+			b, _ := os.ReadFile(p)
+			b[len(b)/2] ^= 0x40
+			return os.WriteFile(p, b, 0o644)
+		},
+		"truncated": func(dir string) error {
+			return os.Truncate(filepath.Join(dir, tableName), 100)
+		},
+		"missing file": func(dir string) error {
+			return os.Remove(filepath.Join(dir, tableName))
+		},
+		"edited manifest": func(dir string) error {
+			p := filepath.Join(dir, manifestName)
+			b, _ := os.ReadFile(p)
+			return os.WriteFile(p, []byte(strings.Replace(string(b), `"rows": 95`, `"rows": 96`, 1)), 0o644)
+		},
+		"torn manifest": func(dir string) error {
+			return os.Truncate(filepath.Join(dir, manifestName), 40)
+		},
+	}
+	for name, damage := range cases {
+		t.Run(name, func(t *testing.T) {
+			e := newTestEnv(t)
+			e.write("data.txt", "d")
+			spec := e.write("chain.yaml", chainSpec)
+			rec := e.mustRun(spec, Options{})
+			key := keyOfStage(rec, "twice")
+			wantI, wantS := readTable(t, e.store, key)
+			// Let the stat state of the outputs settle and be trusted first.
+			time.Sleep(2 * racyWindow)
+			e.mustRun(spec, Options{})
+			if err := damage(e.store.EntryDir(key)); err != nil {
+				t.Fatal(err)
+			}
+			bad, _, _ := e.store.Verify(nil)
+			if len(bad) != 1 || bad[0].Key != key {
+				t.Fatalf("verify found %v", bad)
+			}
+			rec = e.mustRun(spec, Options{})
+			if st := stateOfStage(rec, "twice"); st != "computed" {
+				t.Fatalf("damaged entry was %s, want computed", st)
+			}
+			if !strings.Contains(rec.Stages[1].Reason, "damaged") {
+				t.Errorf("reason = %q", rec.Stages[1].Reason)
+			}
+			gotI, gotS := readTable(t, e.store, key)
+			if len(gotI) != len(wantI) || gotS[90] != wantS[90] {
+				t.Fatal("recomputed entry differs")
+			}
+			if bad, _, _ := e.store.Verify(nil); len(bad) != 0 {
+				t.Fatalf("after recompute verify found %v", bad)
+			}
+		})
+	}
+}
+
+func TestGC(t *testing.T) {
+	e := newTestEnv(t)
+	e.write("data.txt", "v1")
+	spec := e.write("chain.yaml", chainSpec)
+	first := e.mustRun(spec, Options{})
+	e.write("data.txt", "v2")
+	second := e.mustRun(spec, Options{})
+
+	res, err := e.store.GC(context.Background(), GCOptions{KeepLast: 2})
+	if err != nil || len(res.Removed) != 0 {
+		t.Fatalf("gc --keep-last 2 removed %v (%v)", res.Removed, err)
+	}
+	res, err = e.store.GC(context.Background(), GCOptions{KeepLast: 1, OlderThan: time.Hour})
+	if err != nil || len(res.Removed) != 0 {
+		t.Fatalf("gc --older-than 1h removed fresh entries %v (%v)", res.Removed, err)
+	}
+	res, err = e.store.GC(context.Background(), GCOptions{KeepLast: 1})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(res.Removed) != 3 {
+		t.Fatalf("gc --keep-last 1 removed %d entries, want the 3 of the first run", len(res.Removed))
+	}
+	for _, s := range first.Stages {
+		if st, _, _ := e.store.Check(s.Key, false); st != Missing {
+			t.Errorf("old entry of %s still there", s.Name)
+		}
+	}
+	for _, s := range second.Stages {
+		if st, _, _ := e.store.Check(s.Key, false); st != Valid {
+			t.Errorf("entry of %s from the last run was removed", s.Name)
+		}
+	}
+}

@@ -1,0 +1,150 @@
+package pipeline
+
+import (
+	"context"
+	"encoding/json"
+	"fmt"
+	"os"
+	"path/filepath"
+	"strings"
+	"time"
+)
+
+// GCOptions say which entries gc keeps.
+type GCOptions struct {
+	// KeepLast protects the entries used by each DAG's last N runs.
+	KeepLast int
+	// OlderThan, when positive, removes only entries unused for at least
+	// this long.
+	OlderThan time.Duration
+	DryRun    bool
+}
+
+// GCResult lists what gc removed (or would remove, in a dry run).
+type GCResult struct {
+	Removed []string
+	Freed   int64
+	Kept    int
+}
+
+// GC removes cache entries no recent run uses. It waits for running DAGs
+// to finish, and they wait for it, so no entry disappears under a run.
+func (s *Store) GC(ctx context.Context, opts GCOptions) (*GCResult, error) {
+	lock := s.gcLock()
+	if _, err := lock.TryLockContext(ctx, 100*time.Millisecond); err != nil {
+		return nil, err
+	}
+	defer lock.Unlock()
+
+	protected := map[string]bool{}
+	dags, _ := os.ReadDir(filepath.Join(s.Root, "runs"))
+	for _, d := range dags {
+		recs := s.runRecords(d.Name())
+		if len(recs) > opts.KeepLast {
+			recs = recs[len(recs)-opts.KeepLast:]
+		}
+		for _, f := range recs {
+			data, err := os.ReadFile(f)
+			if err != nil {
+				continue
+			}
+			var r RunRecord
+			if json.Unmarshal(data, &r) != nil {
+				continue
+			}
+			for _, st := range r.Stages {
+				if st.Key != "" {
+					protected[st.Key] = true
+				}
+			}
+		}
+	}
+	keys, err := s.Keys()
+	if err != nil {
+		return nil, err
+	}
+	res := &GCResult{}
+	cutoff := time.Now().Add(-opts.OlderThan)
+	for _, k := range keys {
+		fi, err := os.Stat(s.EntryDir(k))
+		if err != nil {
+			continue
+		}
+		if protected[k] || (opts.OlderThan > 0 && fi.ModTime().After(cutoff)) {
+			res.Kept++
+			continue
+		}
+		size := dirSize(s.EntryDir(k))
+		if !opts.DryRun {
+			if err := s.Remove(k); err != nil {
+				return res, fmt.Errorf("removing %s: %w", short(k), err)
+			}
+		}
+		res.Removed = append(res.Removed, k)
+		res.Freed += size
+	}
+	if !opts.DryRun {
+		s.removeStaleTemps()
+		if err := s.stats.Save(); err != nil {
+			return res, err
+		}
+	}
+	return res, nil
+}
+
+// removeStaleTemps deletes folders in tmp/ left by crashed writers. gc
+// holds the store's exclusive lock, so no writer is alive.
+func (s *Store) removeStaleTemps() {
+	ents, _ := os.ReadDir(filepath.Join(s.Root, "tmp"))
+	for _, e := range ents {
+		os.RemoveAll(filepath.Join(s.Root, "tmp", e.Name()))
+	}
+	locks, _ := os.ReadDir(filepath.Join(s.Root, "locks"))
+	for _, l := range locks {
+		if strings.HasSuffix(l.Name(), ".lock") && len(l.Name()) == 64+len(".lock") {
+			os.Remove(filepath.Join(s.Root, "locks", l.Name()))
+		}
+	}
+}
+
+func dirSize(dir string) int64 {
+	var n int64
+	filepath.Walk(dir, func(_ string, fi os.FileInfo, err error) error {
+		if err == nil && fi.Mode().IsRegular() {
+			n += fi.Size()
+		}
+		return nil
+	})
+	return n
+}
+
+// Damage is an entry that failed verification.
+type Damage struct {
+	Key string
+	Err error
+}
+
+// Verify re-hashes every output of the given entries (all when keys is
+// nil) and returns the damaged ones. Entries being written are not in
+// entries/ yet, so a concurrent run does not disturb it.
+func (s *Store) Verify(keys []string) ([]Damage, int, error) {
+	if keys == nil {
+		var err error
+		if keys, err = s.Keys(); err != nil {
+			return nil, 0, err
+		}
+	}
+	var bad []Damage
+	checked := 0
+	for _, k := range keys {
+		state, _, err := s.Check(k, true)
+		switch state {
+		case Missing:
+			continue
+		case Damaged:
+			bad = append(bad, Damage{Key: k, Err: err})
+		}
+		checked++
+	}
+	return bad, checked, nil
+}

@@ -1,0 +1,94 @@
+package pipeline
+
+import (
+	"context"
+	"encoding/json"
+	"fmt"
+	"io"
+	"sort"
+	"sync"
+)
+
+// A Kind makes stages of one kind. The engine knows no kind by name: package
+// stages implements them and cmd/pipeline registers them.
+type Kind interface {
+	// Version is part of every key of this kind. Bump it whenever the output
+	// for the same parameters and inputs would change.
+	Version() int
+	// Params returns a pointer to a new parameter struct holding the kind's
+	// defaults. The engine decodes the stage's `with:` into it, rejecting
+	// unknown keys, and then calls its Validate method if it has one
+	// (returning a *ParamError places the message at that parameter's line).
+	// Its JSON encoding is part of the key, so every field that changes the
+	// output must be encoded and nothing else may be.
+	Params() any
+	// Inputs says how many `needs` the kind takes; max < 0 means no limit.
+	Inputs() (min, max int)
+	// Prepare checks the decoded parameters against the world (files exist,
+	// globs match) and returns the stage. dir is the spec's folder, against
+	// which relative paths resolve.
+	Prepare(params any, dir string) (Stage, error)
+}
+
+// A Stage is one prepared node of a DAG.
+type Stage interface {
+	// Files lists, in a stable order, the files whose contents the output
+	// depends on. Their digests are part of the key.
+	Files() []string
+	// Run computes the stage's output from its inputs. It writes its table
+	// with t.Output and any other files into t.Dir, and must return promptly
+	// with ctx's error once ctx is done.
+	Run(ctx context.Context, t *Task) error
+}
+
+// A Registry maps kind names to kinds.
+type Registry struct {
+	mu    sync.RWMutex
+	kinds map[string]Kind
+}
+
+// NewRegistry returns an empty registry.
+func NewRegistry() *Registry { return &Registry{kinds: map[string]Kind{}} }
+
+// Register adds a kind; registering one name twice is a programming error.
+func (r *Registry) Register(name string, k Kind) {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	if _, dup := r.kinds[name]; dup {
+		panic("pipeline: kind " + name + " registered twice")
+	}
+	r.kinds[name] = k
+}
+
+// Lookup returns the kind called name.
+func (r *Registry) Lookup(name string) (Kind, bool) {
+	r.mu.RLock()
+	defer r.mu.RUnlock()
+	k, ok := r.kinds[name]
+	return k, ok
+}
+
+// Names lists the registered kinds, sorted.
+func (r *Registry) Names() []string {
+	r.mu.RLock()
+	defer r.mu.RUnlock()
+	out := make([]string, 0, len(r.kinds))
+	for n := range r.kinds {
+		out = append(out, n)
+	}
+	sort.Strings(out)
+	return out
+}
+
+// jsonEncoder is the one JSON encoder for keys and manifests: no HTML
+// escaping, so `<bos>` stays readable and stable.
+func jsonEncoder(w io.Writer) *json.Encoder {
+	enc := json.NewEncoder(w)
+	enc.SetEscapeHTML(false)
+	return enc
+}
+
+// errorf wraps an error with the stage it happened in.
+func stageErr(n *Node, err error) error {
+	return fmt.Errorf("stage %s (%s): %w", n.Name, n.KindName, err)
+}

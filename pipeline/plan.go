@@ -1,0 +1,298 @@
+package pipeline
+
+import (
+	"bytes"
+	"crypto/sha256"
+	"encoding/hex"
+	"encoding/json"
+	"fmt"
+	"os"
+	"path/filepath"
+	"slices"
+	"sort"
+	"strings"
+)
+
+// Options select what a run does.
+type Options struct {
+	Until string   // run this stage and what it needs, nothing after it
+	Only  string   // run just this stage; its inputs must be cached
+	Force []string // recompute these stages even if cached; "all" for every one
+	Jobs  int      // worker threads a stage may use; 0 means all cores
+}
+
+// A Step is one stage of a plan: its key, and whether it will be computed.
+type Step struct {
+	Node     *Node
+	Key      string
+	Inputs   []InputRef
+	Files    []FileRef
+	State    EntryState // of the cache entry now
+	Damage   error      // why the entry is damaged
+	Manifest *Manifest  // of a valid entry
+	Selected bool       // part of this run (see Options.Until and Only)
+	Compute  bool       // will be computed
+	Reason   string     // why it will be computed, or why it is cached
+}
+
+// A Plan is the DAG's steps in topological order, every key known.
+type Plan struct {
+	DAG   *DAG
+	Steps []*Step
+	last  *RunRecord // this DAG's previous run, for reasons
+}
+
+// Step returns the step of the stage called name, or nil.
+func (p *Plan) Step(name string) *Step {
+	for _, s := range p.Steps {
+		if s.Node.Name == name {
+			return s
+		}
+	}
+	return nil
+}
+
+// keyMaterial is what a key is the SHA-256 of. Changing its encoding changes
+// every key, which is safe: old entries simply stop being used.
+type keyMaterial struct {
+	Kind    string          `json:"kind"`
+	Version int             `json:"version"`
+	Params  json.RawMessage `json:"params"`
+	Inputs  []string        `json:"inputs"`
+	Files   []string        `json:"files"`
+}
+
+// Plan computes every stage's key (hashing input files through the stat
+// cache) and decides, for the stages opts selects, which to compute.
+func (s *Store) Plan(dag *DAG, opts Options) (*Plan, error) {
+	if opts.Until != "" && opts.Only != "" {
+		return nil, &SpecError{File: dag.Path, Msg: "--until and --only exclude each other", Fix: "give one of them"}
+	}
+	for _, name := range append(append([]string{}, opts.Force...), opts.Until, opts.Only) {
+		if name != "" && name != "all" && dag.Stage(name) == nil {
+			fix := "stages: " + strings.Join(names(dag.Stages), ", ")
+			if c := closest(name, names(dag.Stages)); c != "" {
+				fix = fmt.Sprintf("did you mean %q? %s", c, fix)
+			}
+			return nil, &SpecError{File: dag.Path, Msg: fmt.Sprintf("no stage called %q", name), Fix: fix}
+		}
+	}
+	plan := &Plan{DAG: dag, last: s.lastRun(dag)}
+	steps := map[*Node]*Step{}
+	for _, n := range dag.Stages {
+		st := &Step{Node: n}
+		steps[n] = st
+		plan.Steps = append(plan.Steps, st)
+		km := keyMaterial{Kind: n.KindName, Version: n.Kind.Version(), Params: n.Canon, Inputs: []string{}, Files: []string{}}
+		for _, d := range n.Needs {
+			st.Inputs = append(st.Inputs, InputRef{Stage: d.Name, Key: steps[d].Key})
+			km.Inputs = append(km.Inputs, steps[d].Key)
+		}
+		for _, f := range n.Stage.Files() {
+			sum, size, err := s.stats.Digest(f)
+			if err != nil {
+				return nil, stageErr(n, fmt.Errorf("input file: %w", err))
+			}
+			st.Files = append(st.Files, FileRef{Path: f, Size: size, SHA256: sum})
+			km.Files = append(km.Files, sum)
+		}
+		var buf bytes.Buffer
+		if err := jsonEncoder(&buf).Encode(km); err != nil {
+			return nil, err
+		}
+		sum := sha256.Sum256(buf.Bytes())
+		st.Key = hex.EncodeToString(sum[:])
+	}
+	plan.selectSteps(opts)
+	for _, st := range plan.Steps {
+		if !plan.matters(st) {
+			continue
+		}
+		state, m, err := s.Check(st.Key, false)
+		st.State, st.Manifest, st.Damage = state, m, err
+	}
+	forced := map[string]bool{}
+	for _, f := range opts.Force {
+		forced[f] = true
+	}
+	for _, st := range plan.Steps {
+		if !st.Selected {
+			continue
+		}
+		switch {
+		case forced["all"] || forced[st.Node.Name]:
+			st.Compute, st.Reason = true, "forced"
+		case st.State == Valid:
+			st.Reason = "cached"
+		default:
+			st.Compute, st.Reason = true, plan.why(st)
+		}
+	}
+	return plan, nil
+}
+
+func (p *Plan) selectSteps(opts Options) {
+	switch {
+	case opts.Only != "":
+		p.Step(opts.Only).Selected = true
+	case opts.Until != "":
+		var mark func(n *Node)
+		mark = func(n *Node) {
+			p.Step(n.Name).Selected = true
+			for _, d := range n.Needs {
+				mark(d)
+			}
+		}
+		mark(p.DAG.Stage(opts.Until))
+	default:
+		for _, st := range p.Steps {
+			st.Selected = true
+		}
+	}
+}
+
+// matters reports whether a step's entry is looked at: it runs, or a
+// selected step reads it.
+func (p *Plan) matters(st *Step) bool {
+	if st.Selected {
+		return true
+	}
+	for _, o := range p.Steps {
+		if o.Selected && slices.Contains(o.Node.Needs, st.Node) {
+			return true
+		}
+	}
+	return false
+}
+
+// why explains a missing or damaged entry by comparing the step with the
+// same stage in this DAG's previous run.
+func (p *Plan) why(st *Step) string {
+	if st.State == Damaged {
+		return fmt.Sprintf("cache entry damaged (%v)", st.Damage)
+	}
+	var prev *StageRecord
+	if p.last != nil {
+		for i := range p.last.Stages {
+			if p.last.Stages[i].Name == st.Node.Name && p.last.Stages[i].Key != "" {
+				prev = &p.last.Stages[i]
+			}
+		}
+	}
+	if prev == nil {
+		return "not computed before"
+	}
+	if prev.Key == st.Key {
+		return "cache entry missing (removed by gc or by hand)"
+	}
+	var reasons []string
+	if prev.Kind != st.Node.KindName {
+		reasons = append(reasons, fmt.Sprintf("kind changed: %s → %s", prev.Kind, st.Node.KindName))
+	} else if prev.KindVersion != st.Node.Kind.Version() {
+		reasons = append(reasons, fmt.Sprintf("kind %s version %d → %d", st.Node.KindName, prev.KindVersion, st.Node.Kind.Version()))
+	}
+	if changed := changedParams(prev.Params, st.Node.Canon); len(changed) > 0 {
+		reasons = append(reasons, "parameters changed: "+strings.Join(changed, ", "))
+	}
+	if r := changedFiles(prev.Files, st.Files); r != "" {
+		reasons = append(reasons, r)
+	}
+	for _, in := range st.Inputs {
+		i := slices.IndexFunc(prev.Inputs, func(r InputRef) bool { return r.Stage == in.Stage })
+		if i < 0 || prev.Inputs[i].Key != in.Key {
+			reasons = append(reasons, "input "+in.Stage+" changed")
+		}
+	}
+	if len(reasons) == 0 {
+		return "key changed"
+	}
+	return strings.Join(reasons, "; ")
+}
+
+func changedParams(a, b []byte) []string {
+	var ma, mb map[string]json.RawMessage
+	if json.Unmarshal(a, &ma) != nil || json.Unmarshal(b, &mb) != nil {
+		if !bytes.Equal(a, b) {
+			return []string{"(all)"}
+		}
+		return nil
+	}
+	var out []string
+	for k, v := range mb {
+		if !bytes.Equal(ma[k], v) {
+			out = append(out, k)
+		}
+	}
+	for k := range ma {
+		if _, ok := mb[k]; !ok {
+			out = append(out, k)
+		}
+	}
+	sort.Strings(out)
+	return out
+}
+
+func changedFiles(prev, cur []FileRef) string {
+	old := map[string]string{}
+	for _, f := range prev {
+		old[f.Path] = f.SHA256
+	}
+	var changed, added []string
+	for _, f := range cur {
+		sum, ok := old[f.Path]
+		switch {
+		case !ok:
+			added = append(added, filepath.Base(f.Path))
+		case sum != f.SHA256:
+			changed = append(changed, f.Path)
+		}
+		delete(old, f.Path)
+	}
+	var parts []string
+	if len(changed) > 0 {
+		parts = append(parts, "file content changed: "+strings.Join(changed, ", "))
+	}
+	if len(added) > 0 {
+		parts = append(parts, "files added: "+strings.Join(added, ", "))
+	}
+	if len(old) > 0 {
+		var gone []string
+		for p := range old {
+			gone = append(gone, filepath.Base(p))
+		}
+		sort.Strings(gone)
+		parts = append(parts, "files removed: "+strings.Join(gone, ", "))
+	}
+	return strings.Join(parts, "; ")
+}
+
+// dagID names a DAG in the store by the absolute path of its spec, so the
+// same file run from cron and by hand shares its lock and its history.
+func dagID(dag *DAG) string {
+	sum := sha256.Sum256([]byte(dag.Path))
+	return hex.EncodeToString(sum[:8])
+}
+
+// lastRun returns the newest run record of dag, or nil.
+func (s *Store) lastRun(dag *DAG) *RunRecord {
+	recs := s.runRecords(dagID(dag))
+	if len(recs) == 0 {
+		return nil
+	}
+	data, err := os.ReadFile(recs[len(recs)-1])
+	if err != nil {
+		return nil
+	}
+	r := &RunRecord{}
+	if json.Unmarshal(data, r) != nil {
+		return nil
+	}
+	return r
+}
+
+// runRecords lists the run record files of one DAG, oldest first.
+func (s *Store) runRecords(id string) []string {
+	files, _ := filepath.Glob(filepath.Join(s.Root, "runs", id, "*.json"))
+	sort.Strings(files) // names start with a fixed-width timestamp
+	return files
+}

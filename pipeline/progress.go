@@ -1,0 +1,247 @@
+package pipeline
+
+import (
+	"fmt"
+	"io"
+	"log/slog"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"github.com/vbauerster/mpb/v8"
+	"github.com/vbauerster/mpb/v8/decor"
+)
+
+// A Tracker counts one computing stage's progress. Stages update it through
+// their Task, Input and Output; displays read it.
+type Tracker struct {
+	Name, Kind string
+
+	rowsIn, rowsOut, bytes atomic.Int64
+	total                  atomic.Int64 // rows expected; -1 when unknown
+	startNs                atomic.Int64 // 0 while waiting to start
+	endNs                  atomic.Int64
+	done, failed           atomic.Bool
+	inputs                 []*Input
+}
+
+func newTracker(name, kind string) *Tracker {
+	t := &Tracker{Name: name, Kind: kind}
+	t.total.Store(-1)
+	return t
+}
+
+func (t *Tracker) start() { t.startNs.Store(time.Now().UnixNano()) }
+
+func (t *Tracker) finish(ok bool) {
+	t.endNs.Store(time.Now().UnixNano())
+	t.failed.Store(!ok)
+	t.done.Store(true)
+}
+
+// Progress is a snapshot of a tracker.
+type Progress struct {
+	Rows    int64 // rows read (stages with inputs) or written (sources)
+	Total   int64 // -1 when unknown
+	Bytes   int64
+	Elapsed time.Duration
+	Running bool
+	Done    bool
+	Failed  bool
+}
+
+// Rate is rows per second so far.
+func (p Progress) Rate() float64 {
+	if p.Elapsed <= 0 {
+		return 0
+	}
+	return float64(p.Rows) / p.Elapsed.Seconds()
+}
+
+// ETA estimates the time left, when the total is known.
+func (p Progress) ETA() (time.Duration, bool) {
+	r := p.Rate()
+	if p.Total < 0 || r <= 0 || p.Done {
+		return 0, false
+	}
+	left := float64(p.Total-p.Rows) / r
+	if left < 0 {
+		left = 0
+	}
+	return time.Duration(left * float64(time.Second)), true
+}
+
+// Snapshot reads the tracker.
+func (t *Tracker) Snapshot() Progress {
+	p := Progress{Total: t.total.Load(), Bytes: t.bytes.Load(), Done: t.done.Load(), Failed: t.failed.Load()}
+	if len(t.inputs) > 0 {
+		p.Rows = t.rowsIn.Load()
+		if p.Total < 0 {
+			var sum int64
+			known := true
+			for _, in := range t.inputs {
+				n, ok := in.Rows()
+				known = known && ok
+				sum += n
+			}
+			if known {
+				p.Total = sum
+			}
+		}
+	} else {
+		p.Rows = t.rowsOut.Load()
+	}
+	if s := t.startNs.Load(); s != 0 {
+		end := time.Now().UnixNano()
+		if p.Done {
+			end = t.endNs.Load()
+		}
+		p.Elapsed = time.Duration(end - s)
+		p.Running = !p.Done
+	}
+	return p
+}
+
+// String is the one-line form shared by the terminal and log displays.
+func (p Progress) String() string {
+	s := fmt.Sprintf("%d", p.Rows)
+	if p.Total >= 0 {
+		s += fmt.Sprintf("/%d", p.Total)
+	}
+	s += fmt.Sprintf(" rows  %.0f rows/s  %s", p.Rate(), humanBytes(p.Bytes))
+	if eta, ok := p.ETA(); ok {
+		s += "  ETA " + eta.Round(time.Second).String()
+	}
+	return s
+}
+
+func humanBytes(n int64) string {
+	const unit = 1024
+	if n < unit {
+		return fmt.Sprintf("%d B", n)
+	}
+	div, exp := int64(unit), 0
+	for m := n / unit; m >= unit; m /= unit {
+		div *= unit
+		exp++
+	}
+	return fmt.Sprintf("%.1f %ciB", float64(n)/float64(div), "KMGTPE"[exp])
+}
+
+// A Display shows the progress of the stages a run computes.
+type Display interface {
+	// Start begins showing trackers; stop ends it and returns once the
+	// display has printed its last line.
+	Start(ts []*Tracker) (stop func())
+}
+
+// TTYDisplay draws one live line per computing stage on a terminal.
+type TTYDisplay struct{ W io.Writer }
+
+func (d TTYDisplay) Start(ts []*Tracker) func() {
+	p := mpb.New(mpb.WithOutput(d.W), mpb.WithRefreshRate(150*time.Millisecond), mpb.WithWidth(30))
+	bars := make([]*mpb.Bar, len(ts))
+	for i, t := range ts {
+		t := t
+		bars[i] = p.New(100, mpb.BarStyle().Lbound("[").Rbound("]"),
+			mpb.PrependDecorators(decor.Name(t.Name, decor.WCSyncSpaceR)),
+			mpb.AppendDecorators(decor.Any(func(decor.Statistics) string {
+				s := t.Snapshot()
+				switch {
+				case s.Failed:
+					return "failed"
+				case s.Done:
+					return fmt.Sprintf("done  %d rows in %s", s.Rows, s.Elapsed.Round(10*time.Millisecond))
+				case !s.Running:
+					return "waiting"
+				}
+				return s.String()
+			})),
+		)
+	}
+	stop := make(chan struct{})
+	var wg sync.WaitGroup
+	wg.Add(1)
+	go func() {
+		defer wg.Done()
+		tick := time.NewTicker(100 * time.Millisecond)
+		defer tick.Stop()
+		for {
+			finished := true
+			for i, t := range ts {
+				s := t.Snapshot()
+				if s.Total > 0 {
+					bars[i].SetCurrent(min(100, s.Rows*100/max(s.Total, 1)))
+				}
+				if s.Done {
+					bars[i].SetTotal(100, true)
+				} else {
+					finished = false
+				}
+			}
+			if finished {
+				return
+			}
+			select {
+			case <-tick.C:
+			case <-stop:
+				for _, b := range bars {
+					if !b.Completed() {
+						b.Abort(false)
+					}
+				}
+				return
+			}
+		}
+	}()
+	return func() {
+		close(stop)
+		wg.Wait()
+		p.Wait()
+	}
+}
+
+// LogDisplay writes a timestamped log line per computing stage every
+// Every, for runs without a terminal (cron): readable in a log file, and
+// quiet enough not to flood it.
+type LogDisplay struct {
+	Log   *slog.Logger
+	Every time.Duration
+}
+
+func (d LogDisplay) Start(ts []*Tracker) func() {
+	every := d.Every
+	if every <= 0 {
+		every = 30 * time.Second
+	}
+	stop := make(chan struct{})
+	var wg sync.WaitGroup
+	wg.Add(1)
+	go func() {
+		defer wg.Done()
+		tick := time.NewTicker(every)
+		defer tick.Stop()
+		for {
+			select {
+			case <-stop:
+				return
+			case <-tick.C:
+				for _, t := range ts {
+					s := t.Snapshot()
+					if !s.Running {
+						continue
+					}
+					args := []any{"stage", t.Name, "rows", s.Rows, "rows_per_s", int64(s.Rate()), "bytes", s.Bytes}
+					if s.Total >= 0 {
+						args = append(args, "total", s.Total)
+					}
+					if eta, ok := s.ETA(); ok {
+						args = append(args, "eta", eta.Round(time.Second).String())
+					}
+					d.Log.Info("progress", args...)
+				}
+			}
+		}
+	}()
+	return func() { close(stop); wg.Wait() }
+}

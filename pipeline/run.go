@@ -1,0 +1,466 @@
+package pipeline
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"log/slog"
+	"os"
+	"path/filepath"
+	"runtime"
+	"runtime/debug"
+	"sort"
+	"strconv"
+	"strings"
+	"sync"
+	"time"
+
+	"github.com/apache/arrow-go/v18/arrow"
+	"github.com/gofrs/flock"
+	"golang.org/x/sync/errgroup"
+)
+
+// An Engine runs plans against a store.
+type Engine struct {
+	Store    *Store
+	Log      *slog.Logger
+	Progress Display // nil: no progress display
+	// NoWait makes Run fail with ErrBusy instead of waiting when another run
+	// of the same DAG holds its lock.
+	NoWait bool
+}
+
+// ErrBusy is returned (wrapped in a *BusyError) when NoWait is set and
+// another process is running the same DAG.
+var ErrBusy = errors.New("another run of this DAG is in progress")
+
+// BusyError says who holds a DAG's lock.
+type BusyError struct {
+	Spec   string
+	Holder string // "pid 123 since 02:00:01", as the holder wrote it
+}
+
+func (e *BusyError) Error() string {
+	msg := fmt.Sprintf("%s: %v", e.Spec, ErrBusy)
+	if e.Holder != "" {
+		msg += " (" + e.Holder + ")"
+	}
+	return msg
+}
+
+func (e *BusyError) Unwrap() error { return ErrBusy }
+
+// A RunRecord is what one run did; it is written as the run report and kept
+// in the store for plan's reasons and for gc.
+type RunRecord struct {
+	DAG         string        `json:"dag"`
+	Spec        string        `json:"spec"`
+	Started     time.Time     `json:"started"`
+	Finished    time.Time     `json:"finished"`
+	Seconds     float64       `json:"seconds"`
+	OK          bool          `json:"ok"`
+	Error       string        `json:"error,omitempty"`
+	Program     string        `json:"program"`
+	Cache       string        `json:"cache"`
+	HashedBytes int64         `json:"hashed_bytes"`
+	Stages      []StageRecord `json:"stages"`
+}
+
+// A StageRecord is one stage's part in a run.
+type StageRecord struct {
+	Name        string          `json:"name"`
+	Kind        string          `json:"kind"`
+	KindVersion int             `json:"kind_version"`
+	Key         string          `json:"key"`
+	State       string          `json:"state"` // cached, computed, failed, canceled, not selected
+	Reason      string          `json:"reason,omitempty"`
+	Params      json.RawMessage `json:"params"`
+	Inputs      []InputRef      `json:"inputs"`
+	Files       []FileRef       `json:"files"`
+	Entry       string          `json:"entry,omitempty"`
+	Rows        int64           `json:"rows"`
+	Bytes       int64           `json:"bytes"`
+	Seconds     float64         `json:"seconds"`
+	Stats       map[string]any  `json:"stats,omitempty"`
+	Error       string          `json:"error,omitempty"`
+}
+
+// Version is the program version written into manifests and reports.
+func Version() string {
+	bi, ok := debug.ReadBuildInfo()
+	if !ok {
+		return "unknown"
+	}
+	v := bi.Main.Version
+	for _, s := range bi.Settings {
+		if s.Key == "vcs.revision" && len(s.Value) >= 12 {
+			v += "+" + s.Value[:12]
+		}
+	}
+	return v
+}
+
+// Run runs dag: it takes the DAG's lock, plans, computes what is not cached
+// and records the run. The returned record is filled in even on failure.
+func (e *Engine) Run(ctx context.Context, dag *DAG, opts Options) (*RunRecord, error) {
+	rec := &RunRecord{DAG: dag.Name, Spec: dag.Path, Started: time.Now().UTC(), Program: Version(), Cache: e.Store.Root}
+	err := e.run(ctx, dag, opts, rec)
+	rec.Finished = time.Now().UTC()
+	rec.Seconds = rec.Finished.Sub(rec.Started).Seconds()
+	rec.OK = err == nil
+	if err != nil {
+		rec.Error = err.Error()
+	}
+	rec.HashedBytes = e.Store.HashedBytes()
+	if saveErr := e.Store.stats.Save(); saveErr != nil && err == nil {
+		e.log().Warn("could not save the file digest cache", "err", saveErr)
+	}
+	return rec, err
+}
+
+func (e *Engine) log() *slog.Logger {
+	if e.Log == nil {
+		return slog.New(slog.DiscardHandler)
+	}
+	return e.Log
+}
+
+func (e *Engine) run(ctx context.Context, dag *DAG, opts Options, rec *RunRecord) error {
+	gc := e.Store.gcLock()
+	if _, err := gc.TryRLockContext(ctx, 100*time.Millisecond); err != nil {
+		return fmt.Errorf("waiting for gc to finish: %w", err)
+	}
+	defer gc.Unlock()
+
+	unlock, err := e.lockDAG(ctx, dag)
+	if err != nil {
+		return err
+	}
+	defer unlock()
+
+	plan, err := e.Store.Plan(dag, opts)
+	if err != nil {
+		return err
+	}
+	x := &execution{e: e, plan: plan, opts: opts, rec: rec, records: map[*Step]*StageRecord{}}
+	for _, st := range plan.Steps {
+		rec.Stages = append(rec.Stages, StageRecord{
+			Name: st.Node.Name, Kind: st.Node.KindName, KindVersion: st.Node.Kind.Version(),
+			Key: st.Key, Params: st.Node.Canon, Inputs: st.Inputs, Files: st.Files, State: "not selected",
+		})
+	}
+	for i, st := range plan.Steps {
+		x.records[st] = &rec.Stages[i]
+	}
+	err = x.execute(ctx)
+	if st := e.Store.recordRun(dag, rec); st != nil {
+		e.log().Warn("could not record the run", "err", st)
+	}
+	return err
+}
+
+// lockDAG takes the lock of dag, waiting for another run of it unless NoWait.
+func (e *Engine) lockDAG(ctx context.Context, dag *DAG) (func(), error) {
+	base := filepath.Join(e.Store.Root, "locks", "dag-"+dagID(dag))
+	l := flock.New(base + ".lock")
+	ok, err := l.TryLock()
+	if err != nil {
+		return nil, err
+	}
+	if !ok {
+		holder, _ := os.ReadFile(base + ".holder")
+		if e.NoWait {
+			return nil, &BusyError{Spec: dag.Path, Holder: strings.TrimSpace(string(holder))}
+		}
+		e.log().Info("waiting for another run of this DAG to finish", "spec", dag.Path, "holder", strings.TrimSpace(string(holder)))
+		if _, err := l.TryLockContext(ctx, 200*time.Millisecond); err != nil {
+			return nil, err
+		}
+	}
+	host, _ := os.Hostname()
+	_ = os.WriteFile(base+".holder", []byte(fmt.Sprintf("pid %d on %s since %s\n", os.Getpid(), host, time.Now().Format(time.RFC3339))), 0o644)
+	return func() { l.Unlock() }, nil
+}
+
+// recordRun keeps the run's record under runs/<dag-id>/, pruning old ones.
+func (s *Store) recordRun(dag *DAG, rec *RunRecord) error {
+	dir := filepath.Join(s.Root, "runs", dagID(dag))
+	if err := os.MkdirAll(dir, 0o755); err != nil {
+		return err
+	}
+	data, err := json.MarshalIndent(rec, "", "  ")
+	if err != nil {
+		return err
+	}
+	name := fmt.Sprintf("%020d-%d.json", rec.Started.UnixNano(), os.Getpid())
+	if err := writeFileAtomic(filepath.Join(dir, name), data); err != nil {
+		return err
+	}
+	const keepRecords = 100
+	if recs := s.runRecords(dagID(dag)); len(recs) > keepRecords {
+		for _, f := range recs[:len(recs)-keepRecords] {
+			os.Remove(f)
+		}
+	}
+	return nil
+}
+
+// execution is one run of a plan.
+type execution struct {
+	e       *Engine
+	plan    *Plan
+	opts    Options
+	rec     *RunRecord
+	records map[*Step]*StageRecord
+	mu      sync.Mutex // guards records during execution
+}
+
+func (x *execution) execute(ctx context.Context) error {
+	var compute []*Step
+	for _, st := range x.plan.Steps {
+		if st.Selected && !st.Compute {
+			x.records[st].State = "cached"
+			x.records[st].Reason = st.Reason
+			x.fillFromManifest(st)
+		}
+		if st.Compute {
+			compute = append(compute, st)
+		}
+	}
+	if len(compute) == 0 {
+		for _, st := range x.plan.Steps {
+			if st.Selected {
+				x.e.Store.touch(st.Key)
+			}
+		}
+		return nil
+	}
+	for _, st := range compute {
+		for _, d := range st.Node.Needs {
+			in := x.plan.Step(d.Name)
+			if !in.Compute && in.State != Valid {
+				return &SpecError{File: x.plan.DAG.Path, Line: st.Node.Line,
+					Msg: fmt.Sprintf("stage %q needs %q, which is not cached", st.Node.Name, d.Name),
+					Fix: fmt.Sprintf("run with --until %s first, or without --only", d.Name)}
+			}
+		}
+	}
+
+	// Take the entry locks in key order (so two DAGs sharing stages cannot
+	// deadlock), then look again: another process may have computed some.
+	sort.Slice(compute, func(i, j int) bool { return compute[i].Key < compute[j].Key })
+	var locks []*flock.Flock
+	defer func() {
+		for _, l := range locks {
+			l.Unlock()
+		}
+	}()
+	var todo []*Step
+	for _, st := range compute {
+		l, err := x.e.Store.lockEntry(ctx, st.Key)
+		if err != nil {
+			return err
+		}
+		locks = append(locks, l)
+		if st.Reason != "forced" {
+			if state, m, _ := x.e.Store.Check(st.Key, false); state == Valid {
+				st.Compute, st.State, st.Manifest, st.Reason = false, Valid, m, "cached (computed by another run)"
+				x.records[st].State, x.records[st].Reason = "cached", st.Reason
+				x.fillFromManifest(st)
+				continue
+			}
+		}
+		todo = append(todo, st)
+	}
+	for _, st := range x.plan.Steps {
+		if st.Selected && !st.Compute {
+			x.e.Store.touch(st.Key)
+		}
+	}
+	if len(todo) == 0 {
+		return nil
+	}
+	return x.compute(ctx, todo)
+}
+
+func (x *execution) fillFromManifest(st *Step) {
+	r := x.records[st]
+	r.Entry = x.e.Store.EntryDir(st.Key)
+	if st.Manifest != nil {
+		r.Rows = st.Manifest.Rows
+		r.Stats = st.Manifest.Stats
+		for _, o := range st.Manifest.Outputs {
+			r.Bytes += o.Size
+		}
+	}
+}
+
+// compute runs the steps in todo concurrently. A step with a single input
+// computed in this run reads it from a bounded channel as it is produced;
+// every other input is read from its committed entry, which breaks the
+// deadlock a diamond of bounded channels would allow.
+func (x *execution) compute(ctx context.Context, todo []*Step) error {
+	g, gctx := errgroup.WithContext(ctx)
+	computing := map[*Step]bool{}
+	for _, st := range todo {
+		computing[st] = true
+	}
+	committed := map[*Step]chan struct{}{}
+	for _, st := range x.plan.Steps {
+		committed[st] = make(chan struct{})
+		if !computing[st] {
+			close(committed[st]) // cached: its entry is there already
+		}
+	}
+	trackers := map[*Step]*Tracker{}
+	var order []*Step
+	for _, st := range x.plan.Steps { // topological order, for display
+		if computing[st] {
+			order = append(order, st)
+			trackers[st] = newTracker(st.Node.Name, st.Node.KindName)
+		}
+	}
+	streams := map[*Step][]chan arrow.RecordBatch{}
+	tasks := map[*Step]*Task{}
+	for _, st := range order {
+		t := &Task{Name: st.Node.Name, Log: x.e.log().With("stage", st.Node.Name), workers: x.opts.Jobs,
+			tracker: trackers[st], stats: map[string]any{}, ctx: gctx}
+		for _, d := range st.Node.Needs {
+			up := x.plan.Step(d.Name)
+			in := &Input{Name: d.Name, dir: x.e.Store.EntryDir(up.Key), committed: committed[up], tracker: t.tracker, ctx: gctx}
+			if computing[up] && len(st.Node.Needs) == 1 {
+				in.ch = make(chan arrow.RecordBatch, 4)
+				streams[up] = append(streams[up], in.ch)
+			}
+			if computing[up] {
+				in.upstream = trackers[up]
+			} else if up.Manifest != nil {
+				in.knownRows = up.Manifest.Rows
+			}
+			t.Inputs = append(t.Inputs, in)
+		}
+		t.tracker.inputs = t.Inputs
+		tasks[st] = t
+	}
+	if x.e.Progress != nil {
+		var ts []*Tracker
+		for _, st := range order {
+			ts = append(ts, trackers[st])
+		}
+		stop := x.e.Progress.Start(ts)
+		defer stop()
+	}
+	for _, st := range order {
+		st, t := st, tasks[st]
+		t.outs = streams[st]
+		g.Go(func() error {
+			err := x.computeStep(gctx, st, t, committed[st])
+			if err != nil {
+				t.tracker.finish(false)
+				return stageErr(st.Node, err)
+			}
+			t.tracker.finish(true)
+			return nil
+		})
+	}
+	err := g.Wait()
+	for _, st := range order {
+		r := x.records[st]
+		if r.State == "not selected" {
+			r.State = "canceled"
+		}
+	}
+	if err != nil && ctx.Err() != nil {
+		return fmt.Errorf("run interrupted: %w", context.Cause(ctx))
+	}
+	return err
+}
+
+// computeStep runs one stage into a pending entry and commits it.
+func (x *execution) computeStep(ctx context.Context, st *Step, t *Task, committed chan struct{}) (err error) {
+	r := x.records[st]
+	started := time.Now()
+	t.tracker.start()
+	defer func() {
+		x.mu.Lock()
+		r.Seconds = time.Since(started).Seconds()
+		if err != nil {
+			r.State, r.Error = "failed", err.Error()
+			if errors.Is(err, context.Canceled) {
+				r.State = "canceled"
+			}
+		}
+		x.mu.Unlock()
+	}()
+	p, err := x.e.Store.begin(st.Key)
+	if err != nil {
+		return err
+	}
+	t.Dir = p.dir
+	defer func() {
+		if err != nil {
+			if t.out != nil {
+				t.out.abort()
+			}
+			p.abort()
+		}
+	}()
+	x.e.log().Debug("computing", "stage", st.Node.Name, "key", short(st.Key), "why", st.Reason)
+	if err := runStage(ctx, st.Node.Stage, t); err != nil {
+		return err
+	}
+	// Whatever the stage left unread must still reach EOF, so that the
+	// producer upstream can finish and commit.
+	for _, in := range t.Inputs {
+		if err := in.drain(ctx); err != nil {
+			return err
+		}
+	}
+	known := map[string]string{}
+	if t.out != nil {
+		sum, err := t.out.close()
+		if err != nil {
+			return fmt.Errorf("writing %s: %w", tableName, err)
+		}
+		known[tableName] = sum
+	}
+	m := &Manifest{
+		Key: st.Key, Stage: st.Node.Name, Kind: st.Node.KindName, KindVersion: st.Node.Kind.Version(),
+		Params: st.Node.Canon, Inputs: st.Inputs, Files: st.Files, Stats: t.stats,
+		Started: started.UTC(), Finished: time.Now().UTC(), Program: Version(),
+	}
+	m.Seconds = m.Finished.Sub(m.Started).Seconds()
+	if t.out != nil {
+		m.Rows = t.out.rows
+	}
+	if err := p.commit(m, known); err != nil {
+		return fmt.Errorf("committing cache entry: %w", err)
+	}
+	close(committed)
+	for _, ch := range t.outs {
+		close(ch)
+	}
+	x.mu.Lock()
+	r.State, r.Reason, r.Entry, r.Rows, r.Stats = "computed", st.Reason, x.e.Store.EntryDir(st.Key), m.Rows, m.Stats
+	for _, o := range m.Outputs {
+		r.Bytes += o.Size
+	}
+	x.mu.Unlock()
+	x.e.log().Info("computed", "stage", st.Node.Name, "rows", m.Rows, "seconds", strconv.FormatFloat(m.Seconds, 'f', 2, 64), "key", short(st.Key))
+	return nil
+}
+
+// runStage calls the stage, turning a panic into an error so that a bug in
+// one kind fails its stage cleanly instead of tearing the process down.
+func runStage(ctx context.Context, s Stage, t *Task) (err error) {
+	defer func() {
+		if p := recover(); p != nil {
+			err = fmt.Errorf("panic: %v\n%s", p, debug.Stack())
+		}
+	}()
+	return s.Run(ctx, t)
+}
+
+// workersDefault is the number of worker threads a stage uses by default.
+func workersDefault() int { return runtime.NumCPU() }

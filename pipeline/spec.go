@@ -1,0 +1,569 @@
+package pipeline
+
+import (
+	"bytes"
+	"errors"
+	"fmt"
+	"os"
+	"path/filepath"
+	"reflect"
+	"regexp"
+	"sort"
+	"strings"
+
+	"github.com/goccy/go-yaml"
+	"github.com/goccy/go-yaml/ast"
+	"github.com/goccy/go-yaml/parser"
+)
+
+// A DAG is a parsed, validated spec whose stages are ready to plan: every
+// stage's parameters are decoded into its kind's typed struct, defaults
+// filled in, and its input files resolved.
+type DAG struct {
+	Name   string
+	Path   string  // absolute path of the spec file
+	Dir    string  // folder relative paths in the spec are resolved against
+	Cache  string  // the spec's `cache:` folder, absolute; "" when unset
+	Stages []*Node // in topological order; ties keep the spec's order
+}
+
+// A Node is one stage of a DAG.
+type Node struct {
+	Name     string
+	KindName string
+	Kind     Kind
+	Params   any    // pointer to the kind's parameter struct
+	Canon    []byte // canonical JSON of Params: part of the key
+	Needs    []*Node
+	Stage    Stage
+	Line     int // line of the stage in the spec, for messages
+}
+
+// Stage returns the node called name, or nil.
+func (d *DAG) Stage(name string) *Node {
+	for _, n := range d.Stages {
+		if n.Name == name {
+			return n
+		}
+	}
+	return nil
+}
+
+// A SpecError is a problem in a spec file, with where it is and how to fix it.
+type SpecError struct {
+	File string
+	Line int // 0 when the problem has no single place
+	Col  int
+	Msg  string
+	Fix  string
+}
+
+func (e *SpecError) Error() string {
+	var b strings.Builder
+	b.WriteString(e.File)
+	if e.Line > 0 {
+		fmt.Fprintf(&b, ":%d", e.Line)
+		if e.Col > 0 {
+			fmt.Fprintf(&b, ":%d", e.Col)
+		}
+	}
+	b.WriteString(": ")
+	b.WriteString(e.Msg)
+	if e.Fix != "" {
+		b.WriteString("\n\tfix: ")
+		b.WriteString(e.Fix)
+	}
+	return b.String()
+}
+
+// SpecErrors is every problem found in one spec, in file order.
+type SpecErrors []*SpecError
+
+func (es SpecErrors) Error() string {
+	msgs := make([]string, len(es))
+	for i, e := range es {
+		msgs[i] = e.Error()
+	}
+	return strings.Join(msgs, "\n")
+}
+
+// IsSpecError reports whether err is a problem of the spec (exit code 2)
+// rather than of running it.
+func IsSpecError(err error) bool {
+	var one *SpecError
+	var many SpecErrors
+	return errors.As(err, &one) || errors.As(err, &many)
+}
+
+var stageNameRE = regexp.MustCompile(`^[A-Za-z][A-Za-z0-9_-]*$`)
+
+// Load reads, decodes and validates the spec at path. Every problem found is
+// returned together as SpecErrors, before anything runs.
+func Load(path string, kinds *Registry) (*DAG, error) {
+	abs, err := filepath.Abs(path)
+	if err != nil {
+		return nil, err
+	}
+	src, err := os.ReadFile(abs)
+	if err != nil {
+		return nil, &SpecError{File: path, Msg: fmt.Sprintf("cannot read spec: %v", errors.Unwrap(err)),
+			Fix: "check the path; specs are YAML files such as dags/demo.yaml"}
+	}
+	l := &loader{file: path, kinds: kinds}
+	dag := l.load(src)
+	if len(l.errs) > 0 {
+		sort.SliceStable(l.errs, func(i, j int) bool { return l.errs[i].Line < l.errs[j].Line })
+		return nil, l.errs
+	}
+	dag.Path = abs
+	dag.Dir = filepath.Dir(abs)
+	if dag.Cache != "" && !filepath.IsAbs(dag.Cache) {
+		dag.Cache = filepath.Join(dag.Dir, dag.Cache)
+	}
+	for _, n := range dag.Stages {
+		st, err := n.Kind.Prepare(n.Params, dag.Dir)
+		if err != nil {
+			l.errs = append(l.errs, l.paramError(n, err))
+			continue
+		}
+		n.Stage = st
+	}
+	if len(l.errs) > 0 {
+		return nil, l.errs
+	}
+	return dag, nil
+}
+
+type loader struct {
+	file  string
+	kinds *Registry
+	errs  SpecErrors
+	withs map[string]ast.Node // each stage's `with:` node, for locating parameter errors
+}
+
+func (l *loader) errAt(n ast.Node, fix, format string, args ...any) {
+	e := &SpecError{File: l.file, Msg: fmt.Sprintf(format, args...), Fix: fix}
+	if n != nil && n.GetToken() != nil {
+		e.Line = n.GetToken().Position.Line
+		e.Col = n.GetToken().Position.Column
+	}
+	l.errs = append(l.errs, e)
+}
+
+// yamlErr turns a go-yaml error into a SpecError at the token it names.
+func (l *loader) yamlErr(err error, fix string) *SpecError {
+	e := &SpecError{File: l.file, Msg: err.Error(), Fix: fix}
+	var ye yaml.Error
+	if errors.As(err, &ye) {
+		e.Msg = ye.GetMessage()
+		if tk := ye.GetToken(); tk != nil {
+			e.Line, e.Col = tk.Position.Line, tk.Position.Column
+		}
+	}
+	return e
+}
+
+// entries returns the key/value pairs of a mapping node; a mapping with one
+// key parses as a lone MappingValueNode.
+func entries(n ast.Node) ([]*ast.MappingValueNode, bool) {
+	switch m := n.(type) {
+	case *ast.MappingNode:
+		return m.Values, true
+	case *ast.MappingValueNode:
+		return []*ast.MappingValueNode{m}, true
+	}
+	return nil, false
+}
+
+func keyOf(mv *ast.MappingValueNode) string {
+	if s, ok := mv.Key.(*ast.StringNode); ok {
+		return s.Value
+	}
+	return mv.Key.String()
+}
+
+func isNull(n ast.Node) bool {
+	return n == nil || n.Type() == ast.NullType
+}
+
+func (l *loader) load(src []byte) *DAG {
+	file, err := parser.ParseBytes(src, 0)
+	if err != nil {
+		l.errs = append(l.errs, l.yamlErr(err, "fix the YAML syntax at that place"))
+		return nil
+	}
+	if len(file.Docs) != 1 || file.Docs[0].Body == nil {
+		l.errs = append(l.errs, &SpecError{File: l.file, Msg: "spec must hold exactly one YAML document",
+			Fix: "write a mapping with `name:` and `stages:`"})
+		return nil
+	}
+	top, ok := entries(file.Docs[0].Body)
+	if !ok {
+		l.errAt(file.Docs[0].Body, "write a mapping with `name:` and `stages:`", "spec must be a mapping, not %s", file.Docs[0].Body.Type())
+		return nil
+	}
+	dag := &DAG{}
+	var stagesNode ast.Node
+	for _, mv := range top {
+		switch k := keyOf(mv); k {
+		case "name":
+			if err := yaml.NodeToValue(mv.Value, &dag.Name); err != nil || dag.Name == "" {
+				l.errAt(mv.Value, "give the DAG a name, e.g. `name: gemma3-12b-tr`", "name must be a non-empty string")
+			}
+		case "cache":
+			if err := yaml.NodeToValue(mv.Value, &dag.Cache); err != nil {
+				l.errAt(mv.Value, "write a folder path, e.g. `cache: .cache/pipeline`", "cache must be a folder path")
+			}
+		case "stages":
+			stagesNode = mv.Value
+		default:
+			l.errAt(mv.Key, "the top level knows only name, cache and stages", "unknown key %q", k)
+		}
+	}
+	if dag.Name == "" && !l.hasErrors() {
+		l.errs = append(l.errs, &SpecError{File: l.file, Line: 1, Msg: "missing `name:`", Fix: "add `name: my-dag` at the top"})
+	}
+	if isNull(stagesNode) {
+		l.errs = append(l.errs, &SpecError{File: l.file, Line: 1, Msg: "missing `stages:`",
+			Fix: "add a `stages:` mapping of stage name to {kind, needs, with}"})
+		return nil
+	}
+	stageEntries, ok := entries(stagesNode)
+	if !ok {
+		l.errAt(stagesNode, "write `stages:` as a mapping of stage name to {kind, needs, with}", "stages must be a mapping, not %s", stagesNode.Type())
+		return nil
+	}
+
+	l.withs = map[string]ast.Node{}
+	byName := map[string]*Node{}
+	needNodes := map[*Node][]ast.Node{}
+	var order []*Node
+	for _, mv := range stageEntries {
+		n := l.stage(mv, needNodes)
+		if n == nil {
+			continue
+		}
+		if byName[n.Name] != nil {
+			l.errAt(mv.Key, "give each stage a different name", "stage %q is defined twice", n.Name)
+			continue
+		}
+		byName[n.Name] = n
+		order = append(order, n)
+	}
+	l.resolveNeeds(order, byName, needNodes)
+	if l.hasErrors() {
+		return nil
+	}
+	dag.Stages = l.topoSort(order)
+	return dag
+}
+
+func (l *loader) hasErrors() bool { return len(l.errs) > 0 }
+
+// stage decodes one `name: {kind, needs, with}` entry.
+func (l *loader) stage(mv *ast.MappingValueNode, needNodes map[*Node][]ast.Node) *Node {
+	name := keyOf(mv)
+	if !stageNameRE.MatchString(name) {
+		l.errAt(mv.Key, "use letters, digits, '_' and '-', starting with a letter", "bad stage name %q", name)
+		return nil
+	}
+	n := &Node{Name: name, Line: mv.Key.GetToken().Position.Line}
+	fields, ok := entries(mv.Value)
+	if !ok {
+		l.errAt(mv.Value, "write the stage as {kind: ..., needs: [...], with: {...}}", "stage %q must be a mapping", name)
+		return nil
+	}
+	var withNode, kindNode ast.Node
+	for _, f := range fields {
+		switch k := keyOf(f); k {
+		case "kind":
+			kindNode = f.Value
+			if err := yaml.NodeToValue(f.Value, &n.KindName); err != nil {
+				l.errAt(f.Value, "write the kind as a plain word, e.g. `kind: tokenize`", "kind must be a string")
+			}
+		case "needs":
+			if isNull(f.Value) {
+				continue
+			}
+			seq, ok := f.Value.(*ast.SequenceNode)
+			if !ok {
+				l.errAt(f.Value, "list the input stages, e.g. `needs: [chat]`", "needs must be a list of stage names")
+				continue
+			}
+			needNodes[n] = seq.Values
+		case "with":
+			withNode = f.Value
+		default:
+			l.errAt(f.Key, "a stage knows only kind, needs and with; parameters go under `with:`", "stage %q: unknown key %q", name, k)
+		}
+	}
+	if kindNode == nil {
+		l.errAt(mv.Key, "add `kind:`; known kinds: "+strings.Join(l.kinds.Names(), ", "), "stage %q has no kind", name)
+		return nil
+	}
+	if n.KindName == "" {
+		return nil
+	}
+	kind, ok := l.kinds.Lookup(n.KindName)
+	if !ok {
+		fix := "known kinds: " + strings.Join(l.kinds.Names(), ", ")
+		if s := closest(n.KindName, l.kinds.Names()); s != "" {
+			fix = fmt.Sprintf("did you mean %q? %s", s, fix)
+		}
+		l.errAt(kindNode, fix, "stage %q: unknown kind %q", name, n.KindName)
+		return nil
+	}
+	n.Kind = kind
+	n.Params = kind.Params()
+	if !isNull(withNode) {
+		l.withs[name] = withNode
+		if err := yaml.NodeToValue(withNode, n.Params, yaml.DisallowUnknownField()); err != nil {
+			e := l.yamlErr(err, "parameters of kind "+n.KindName+": "+strings.Join(paramNames(n.Params), ", "))
+			e.Msg = fmt.Sprintf("stage %q: %s", name, e.Msg)
+			l.errs = append(l.errs, e)
+			return nil
+		}
+	}
+	if v, ok := n.Params.(interface{ Validate() error }); ok {
+		if err := v.Validate(); err != nil {
+			l.errs = append(l.errs, l.paramError(n, err))
+			return nil
+		}
+	}
+	canon, err := canonicalJSON(n.Params)
+	if err != nil {
+		l.errAt(mv.Key, "", "stage %q: parameters cannot be encoded: %v", name, err)
+		return nil
+	}
+	n.Canon = canon
+	return n
+}
+
+// A ParamError is a kind's complaint about one parameter; the loader turns
+// it into a SpecError at that parameter's line.
+type ParamError struct {
+	Param string // the parameter's name as written in the spec
+	Msg   string
+	Fix   string
+}
+
+func (e *ParamError) Error() string { return e.Param + ": " + e.Msg }
+
+func (l *loader) paramError(n *Node, err error) *SpecError {
+	e := &SpecError{File: l.file, Line: n.Line, Msg: fmt.Sprintf("stage %q: %v", n.Name, err)}
+	var pe *ParamError
+	if errors.As(err, &pe) {
+		e.Msg = fmt.Sprintf("stage %q: %s: %s", n.Name, pe.Param, pe.Msg)
+		e.Fix = pe.Fix
+		if fields, ok := entries(l.withs[n.Name]); ok {
+			for _, f := range fields {
+				if keyOf(f) == pe.Param {
+					e.Line = f.Key.GetToken().Position.Line
+					e.Col = f.Key.GetToken().Position.Column
+				}
+			}
+		}
+	}
+	return e
+}
+
+func (l *loader) resolveNeeds(order []*Node, byName map[string]*Node, needNodes map[*Node][]ast.Node) {
+	for _, n := range order {
+		seen := map[string]bool{}
+		for _, nn := range needNodes[n] {
+			var dep string
+			if err := yaml.NodeToValue(nn, &dep); err != nil || dep == "" {
+				l.errAt(nn, "list stage names, e.g. `needs: [chat]`", "stage %q: needs entries must be stage names", n.Name)
+				continue
+			}
+			d := byName[dep]
+			switch {
+			case d == nil:
+				fix := "stages in this spec: " + strings.Join(names(order), ", ")
+				if s := closest(dep, names(order)); s != "" {
+					fix = fmt.Sprintf("did you mean %q? %s", s, fix)
+				}
+				l.errAt(nn, fix, "stage %q needs %q, which is not defined", n.Name, dep)
+			case d == n:
+				l.errAt(nn, "remove it from needs", "stage %q needs itself", n.Name)
+			case seen[dep]:
+				l.errAt(nn, "list each input once", "stage %q needs %q twice", n.Name, dep)
+			default:
+				seen[dep] = true
+				n.Needs = append(n.Needs, d)
+			}
+		}
+		if n.Kind == nil {
+			continue
+		}
+		min, max := n.Kind.Inputs()
+		switch got := len(needNodes[n]); {
+		case got < min && min == max:
+			l.errs = append(l.errs, &SpecError{File: l.file, Line: n.Line, Msg: fmt.Sprintf("stage %q (kind %s) needs exactly %d input stage(s), has %d", n.Name, n.KindName, min, got),
+				Fix: "name its input with `needs: [stage]`"})
+		case got < min:
+			l.errs = append(l.errs, &SpecError{File: l.file, Line: n.Line, Msg: fmt.Sprintf("stage %q (kind %s) needs at least %d input stage(s), has %d", n.Name, n.KindName, min, got),
+				Fix: "name its inputs with `needs: [...]`"})
+		case max >= 0 && got > max:
+			fix := fmt.Sprintf("a %s stage takes at most %d input(s)", n.KindName, max)
+			if max == 0 {
+				fix = fmt.Sprintf("a %s stage reads its own files; remove `needs:`", n.KindName)
+			}
+			l.errs = append(l.errs, &SpecError{File: l.file, Line: n.Line, Msg: fmt.Sprintf("stage %q (kind %s) has %d input stage(s)", n.Name, n.KindName, got), Fix: fix})
+		}
+	}
+	if !l.hasErrors() {
+		if cycle := findCycle(order); cycle != nil {
+			l.errs = append(l.errs, &SpecError{File: l.file, Line: cycle[0].Line,
+				Msg: "stages form a cycle: " + strings.Join(names(cycle), " -> "),
+				Fix: "a stage cannot depend, directly or not, on its own output; remove one of these needs"})
+		}
+	}
+}
+
+func names(ns []*Node) []string {
+	out := make([]string, len(ns))
+	for i, n := range ns {
+		out[i] = n.Name
+	}
+	return out
+}
+
+// findCycle returns the stages of one cycle, first stage repeated at the end,
+// or nil.
+func findCycle(order []*Node) []*Node {
+	const (
+		unseen = iota
+		active
+		done
+	)
+	state := map[*Node]int{}
+	var stack []*Node
+	var visit func(n *Node) []*Node
+	visit = func(n *Node) []*Node {
+		state[n] = active
+		stack = append(stack, n)
+		for _, d := range n.Needs {
+			switch state[d] {
+			case active:
+				for i, s := range stack {
+					if s == d {
+						return append(append([]*Node{}, stack[i:]...), d)
+					}
+				}
+			case unseen:
+				if c := visit(d); c != nil {
+					return c
+				}
+			}
+		}
+		stack = stack[:len(stack)-1]
+		state[n] = done
+		return nil
+	}
+	for _, n := range order {
+		if state[n] == unseen {
+			if c := visit(n); c != nil {
+				return c
+			}
+		}
+	}
+	return nil
+}
+
+// topoSort orders stages so that each comes after its needs, keeping the
+// spec's order among stages that are free to go.
+func (l *loader) topoSort(order []*Node) []*Node {
+	placed := map[*Node]bool{}
+	var out []*Node
+	for len(out) < len(order) {
+		for _, n := range order {
+			if placed[n] {
+				continue
+			}
+			ready := true
+			for _, d := range n.Needs {
+				ready = ready && placed[d]
+			}
+			if ready {
+				placed[n] = true
+				out = append(out, n)
+			}
+		}
+	}
+	return out
+}
+
+// paramNames lists the parameter names a params struct accepts, for messages.
+func paramNames(p any) []string {
+	t := reflect.TypeOf(p)
+	for t.Kind() == reflect.Pointer {
+		t = t.Elem()
+	}
+	if t.Kind() != reflect.Struct {
+		return nil
+	}
+	var out []string
+	for i := 0; i < t.NumField(); i++ {
+		f := t.Field(i)
+		if !f.IsExported() {
+			continue
+		}
+		tag := f.Tag.Get("yaml")
+		if tag == "" {
+			tag = f.Tag.Get("json")
+		}
+		name, _, _ := strings.Cut(tag, ",")
+		if name == "-" {
+			continue
+		}
+		if name == "" {
+			name = strings.ToLower(f.Name)
+		}
+		out = append(out, name)
+	}
+	return out
+}
+
+// closest returns the candidate within edit distance 2 of s, if any.
+func closest(s string, candidates []string) string {
+	best, bestD := "", 3
+	for _, c := range candidates {
+		if d := editDistance(s, c); d < bestD {
+			best, bestD = c, d
+		}
+	}
+	return best
+}
+
+func editDistance(a, b string) int {
+	prev := make([]int, len(b)+1)
+	cur := make([]int, len(b)+1)
+	for j := range prev {
+		prev[j] = j
+	}
+	for i := 1; i <= len(a); i++ {
+		cur[0] = i
+		for j := 1; j <= len(b); j++ {
+			cost := 1
+			if a[i-1] == b[j-1] {
+				cost = 0
+			}
+			cur[j] = min(prev[j]+1, cur[j-1]+1, prev[j-1]+cost)
+		}
+		prev, cur = cur, prev
+	}
+	return prev[len(b)]
+}
+
+// canonicalJSON encodes params deterministically: struct fields in
+// declaration order, map keys sorted, no HTML escaping. Defaults are already
+// filled in, so writing a default explicitly yields the same bytes.
+func canonicalJSON(v any) ([]byte, error) {
+	var buf bytes.Buffer
+	enc := jsonEncoder(&buf)
+	if err := enc.Encode(v); err != nil {
+		return nil, err
+	}
+	return bytes.TrimRight(buf.Bytes(), "\n"), nil
+}

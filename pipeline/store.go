@@ -1,0 +1,382 @@
+package pipeline
+
+import (
+	"bytes"
+	"context"
+	"crypto/sha256"
+	"encoding/hex"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io/fs"
+	"os"
+	"path/filepath"
+	"sort"
+	"strings"
+	"time"
+
+	"github.com/gofrs/flock"
+)
+
+// A Store is the content-addressed cache: one folder per stage output,
+// named by its key, that appears only complete.
+//
+// Layout under Root:
+//
+//	entries/ab/abcdef…/   manifest.json and the output files of key abcdef…
+//	tmp/                  entries being written (renamed into entries/ when done)
+//	locks/                per-entry and per-DAG lock files (flock; released by the OS if a process dies)
+//	runs/<dag-id>/        one record per run of a DAG: the keys it used, for plan's reasons and gc
+//	statcache.json        file digests by path and stat state
+type Store struct {
+	Root  string
+	stats *statCache
+}
+
+// DefaultRoot is where the cache lives unless the flag, PIPELINE_CACHE or the
+// spec says otherwise.
+func DefaultRoot() string {
+	if d := os.Getenv("PIPELINE_CACHE"); d != "" {
+		return d
+	}
+	if d, err := os.UserCacheDir(); err == nil {
+		return filepath.Join(d, "pipeline")
+	}
+	return filepath.Join(os.TempDir(), "pipeline-cache")
+}
+
+// OpenStore opens (creating if needed) the store at root.
+func OpenStore(root string) (*Store, error) {
+	root, err := filepath.Abs(root)
+	if err != nil {
+		return nil, err
+	}
+	for _, d := range []string{"entries", "tmp", "locks", "runs"} {
+		if err := os.MkdirAll(filepath.Join(root, d), 0o755); err != nil {
+			return nil, fmt.Errorf("cache %s: %w", root, err)
+		}
+	}
+	return &Store{Root: root, stats: openStatCache(filepath.Join(root, "statcache.json"))}, nil
+}
+
+// Close saves what the store learned about file digests.
+func (s *Store) Close() error { return s.stats.Save() }
+
+// EntryDir is where the entry of key lives once committed.
+func (s *Store) EntryDir(key string) string {
+	return filepath.Join(s.Root, "entries", key[:2], key)
+}
+
+// HashedBytes is how many bytes this process read to compute digests.
+func (s *Store) HashedBytes() int64 { return s.stats.hashedBytes.Load() }
+
+// A Manifest describes one entry: what made it and what it holds.
+type Manifest struct {
+	Key         string          `json:"key"`
+	Stage       string          `json:"stage"`
+	Kind        string          `json:"kind"`
+	KindVersion int             `json:"kind_version"`
+	Params      json.RawMessage `json:"params"`
+	Inputs      []InputRef      `json:"inputs"`
+	Files       []FileRef       `json:"files"`
+	Outputs     []FileRef       `json:"outputs"`
+	Rows        int64           `json:"rows"`
+	Stats       map[string]any  `json:"stats,omitempty"`
+	Started     time.Time       `json:"started"`
+	Finished    time.Time       `json:"finished"`
+	Seconds     float64         `json:"seconds"`
+	Program     string          `json:"program"`
+	// Checksum is the sha256 of this manifest's compact JSON with Checksum
+	// empty, so an edited or torn manifest is caught like any output file.
+	Checksum string `json:"checksum"`
+}
+
+// InputRef names an upstream stage and the key of its output.
+type InputRef struct {
+	Stage string `json:"stage"`
+	Key   string `json:"key"`
+}
+
+// FileRef is a file with its size and digest. For inputs Path is as the
+// stage resolved it; for outputs it is relative to the entry.
+type FileRef struct {
+	Path   string `json:"path"`
+	Size   int64  `json:"size"`
+	SHA256 string `json:"sha256"`
+}
+
+const manifestName = "manifest.json"
+
+func (m *Manifest) checksum() (string, error) {
+	c := *m
+	c.Checksum = ""
+	data, err := json.Marshal(&c)
+	if err != nil {
+		return "", err
+	}
+	sum := sha256.Sum256(data)
+	return hex.EncodeToString(sum[:]), nil
+}
+
+func (m *Manifest) encode() ([]byte, error) {
+	sum, err := m.checksum()
+	if err != nil {
+		return nil, err
+	}
+	m.Checksum = sum
+	return json.MarshalIndent(m, "", "  ")
+}
+
+// ReadManifest reads and checks the manifest of the entry in dir.
+func ReadManifest(dir string) (*Manifest, error) {
+	data, err := os.ReadFile(filepath.Join(dir, manifestName))
+	if err != nil {
+		return nil, err
+	}
+	m := &Manifest{}
+	dec := json.NewDecoder(bytes.NewReader(data))
+	dec.UseNumber()
+	if err := dec.Decode(m); err != nil {
+		return nil, fmt.Errorf("manifest is not valid JSON: %w", err)
+	}
+	// Numbers were kept as json.Number so re-encoding is byte-stable.
+	want, err := m.checksum()
+	if err != nil {
+		return nil, err
+	}
+	if want != m.Checksum {
+		return nil, errors.New("manifest checksum mismatch (edited or torn)")
+	}
+	return m, nil
+}
+
+// EntryState is what a check of an entry found.
+type EntryState int
+
+const (
+	Missing EntryState = iota
+	Valid
+	Damaged
+)
+
+// Check looks at the entry of key. With deep, every output is re-hashed;
+// otherwise a file whose stat state is unchanged since it was hashed is
+// trusted. A Damaged result comes with the reason.
+func (s *Store) Check(key string, deep bool) (EntryState, *Manifest, error) {
+	dir := s.EntryDir(key)
+	if _, err := os.Stat(dir); errors.Is(err, fs.ErrNotExist) {
+		return Missing, nil, nil
+	}
+	m, err := ReadManifest(dir)
+	if err != nil {
+		return Damaged, nil, err
+	}
+	if m.Key != key {
+		return Damaged, m, fmt.Errorf("manifest is for key %s", short(m.Key))
+	}
+	for _, o := range m.Outputs {
+		p := filepath.Join(dir, filepath.FromSlash(o.Path))
+		st, err := statFile(p)
+		if err != nil {
+			return Damaged, m, fmt.Errorf("output %s: %v", o.Path, errors.Unwrap(err))
+		}
+		if st.Size != o.Size {
+			return Damaged, m, fmt.Errorf("output %s has %d bytes, manifest says %d", o.Path, st.Size, o.Size)
+		}
+		var sum string
+		if deep {
+			sum, _, err = hashFile(p)
+		} else {
+			sum, _, err = s.stats.Digest(p)
+		}
+		if err != nil {
+			return Damaged, m, err
+		}
+		if sum != o.SHA256 {
+			return Damaged, m, fmt.Errorf("output %s does not match its digest (edited or corrupted)", o.Path)
+		}
+	}
+	return Valid, m, nil
+}
+
+// touch marks an entry as used now, for gc --older-than.
+func (s *Store) touch(key string) {
+	now := time.Now()
+	_ = os.Chtimes(s.EntryDir(key), now, now)
+}
+
+// Remove deletes the entry of key.
+func (s *Store) Remove(key string) error {
+	dir := s.EntryDir(key)
+	// Rename first so that a half-deleted entry never looks like an entry.
+	trash := filepath.Join(s.Root, "tmp", "rm-"+key+"-"+fmt.Sprint(time.Now().UnixNano()))
+	if err := os.Rename(dir, trash); err != nil {
+		if errors.Is(err, fs.ErrNotExist) {
+			return nil
+		}
+		return err
+	}
+	s.stats.Forget(dir)
+	return os.RemoveAll(trash)
+}
+
+// Keys lists the keys of all entries in the store.
+func (s *Store) Keys() ([]string, error) {
+	var keys []string
+	shards, err := os.ReadDir(filepath.Join(s.Root, "entries"))
+	if err != nil {
+		return nil, err
+	}
+	for _, sh := range shards {
+		ents, err := os.ReadDir(filepath.Join(s.Root, "entries", sh.Name()))
+		if err != nil {
+			continue
+		}
+		for _, e := range ents {
+			if e.IsDir() && strings.HasPrefix(e.Name(), sh.Name()) {
+				keys = append(keys, e.Name())
+			}
+		}
+	}
+	sort.Strings(keys)
+	return keys, nil
+}
+
+// A pending entry is being written in tmp/ by the process holding its lock.
+type pending struct {
+	store *Store
+	key   string
+	dir   string
+}
+
+// begin creates the temporary folder for key's entry. The caller holds the
+// entry's lock, so leftovers of a crashed writer of the same key are stale.
+func (s *Store) begin(key string) (*pending, error) {
+	stale, _ := filepath.Glob(filepath.Join(s.Root, "tmp", key+"-*"))
+	for _, d := range stale {
+		os.RemoveAll(d)
+	}
+	dir, err := os.MkdirTemp(filepath.Join(s.Root, "tmp"), key+"-")
+	if err != nil {
+		return nil, err
+	}
+	return &pending{store: s, key: key, dir: dir}, nil
+}
+
+// commit fsyncs every file of the pending entry, writes its manifest and
+// renames the folder into place: the entry appears whole or not at all.
+// known holds digests already computed while writing.
+func (p *pending) commit(m *Manifest, known map[string]string) error {
+	m.Outputs = m.Outputs[:0]
+	err := filepath.WalkDir(p.dir, func(path string, d fs.DirEntry, err error) error {
+		if err != nil {
+			return err
+		}
+		if d.IsDir() {
+			return nil
+		}
+		if !d.Type().IsRegular() {
+			return fmt.Errorf("output %s is not a regular file", path)
+		}
+		rel, _ := filepath.Rel(p.dir, path)
+		rel = filepath.ToSlash(rel)
+		if rel == manifestName {
+			return fmt.Errorf("a stage may not write %s itself", manifestName)
+		}
+		f, err := os.Open(path)
+		if err != nil {
+			return err
+		}
+		err = f.Sync()
+		f.Close()
+		if err != nil {
+			return err
+		}
+		sum, ok := known[rel]
+		var size int64
+		if ok {
+			fi, err := os.Stat(path)
+			if err != nil {
+				return err
+			}
+			size = fi.Size()
+		} else if sum, size, err = hashFile(path); err != nil {
+			return err
+		}
+		m.Outputs = append(m.Outputs, FileRef{Path: rel, Size: size, SHA256: sum})
+		return nil
+	})
+	if err != nil {
+		return err
+	}
+	data, err := m.encode()
+	if err != nil {
+		return err
+	}
+	if err := os.WriteFile(filepath.Join(p.dir, manifestName), data, 0o644); err != nil {
+		return err
+	}
+	for _, d := range dirsUnder(p.dir) {
+		if err := syncDir(d); err != nil {
+			return err
+		}
+	}
+	final := p.store.EntryDir(p.key)
+	if err := os.MkdirAll(filepath.Dir(final), 0o755); err != nil {
+		return err
+	}
+	// A damaged entry of the same key may sit there; it was checked before
+	// we chose to compute, and we hold the lock.
+	if _, err := os.Stat(final); err == nil {
+		if err := p.store.Remove(p.key); err != nil {
+			return err
+		}
+	}
+	if err := os.Rename(p.dir, final); err != nil {
+		return err
+	}
+	if err := syncDir(filepath.Dir(final)); err != nil {
+		return err
+	}
+	for _, o := range m.Outputs {
+		p.store.stats.Remember(filepath.Join(final, filepath.FromSlash(o.Path)), o.SHA256)
+	}
+	return nil
+}
+
+// abort removes the pending entry.
+func (p *pending) abort() { os.RemoveAll(p.dir) }
+
+func dirsUnder(root string) []string {
+	var out []string
+	filepath.WalkDir(root, func(path string, d fs.DirEntry, err error) error {
+		if err == nil && d.IsDir() {
+			out = append(out, path)
+		}
+		return nil
+	})
+	return out
+}
+
+// lockEntry takes the exclusive lock of key's entry, waiting while another
+// process holds it.
+func (s *Store) lockEntry(ctx context.Context, key string) (*flock.Flock, error) {
+	l := flock.New(filepath.Join(s.Root, "locks", key+".lock"))
+	if _, err := l.TryLockContext(ctx, 50*time.Millisecond); err != nil {
+		return nil, fmt.Errorf("locking cache entry %s: %w", short(key), err)
+	}
+	return l, nil
+}
+
+// gcLock is held shared by every run and exclusively by gc, so gc never
+// deletes an entry a run is about to read.
+func (s *Store) gcLock() *flock.Flock {
+	return flock.New(filepath.Join(s.Root, "locks", "gc.lock"))
+}
+
+func short(key string) string {
+	if len(key) > 12 {
+		return key[:12]
+	}
+	return key
+}

@@ -1,0 +1,297 @@
+package pipeline
+
+import (
+	"context"
+	"crypto/sha256"
+	"encoding/hex"
+	"errors"
+	"fmt"
+	"hash"
+	"io"
+	"io/fs"
+	"log/slog"
+	"os"
+	"path/filepath"
+	"sync"
+
+	"github.com/apache/arrow-go/v18/arrow"
+	"github.com/apache/arrow-go/v18/arrow/ipc"
+)
+
+// tableName is the file that holds a stage's table inside its entry: an
+// Arrow IPC file, which pyarrow, polars and DuckDB open as it is.
+const tableName = "data.arrow"
+
+// A Task is what a stage's Run gets: its inputs, a place for its outputs,
+// and ways to report.
+type Task struct {
+	Name   string
+	Inputs []*Input
+	// Dir is the entry being written. Files the stage puts here become part
+	// of its cached output; the engine hashes and commits them.
+	Dir string
+	Log *slog.Logger
+
+	workers int
+	tracker *Tracker
+	ctx     context.Context
+	outs    []chan arrow.RecordBatch
+
+	mu    sync.Mutex
+	out   *Output
+	stats map[string]any
+}
+
+// Workers is how many worker threads the stage should use (--jobs).
+func (t *Task) Workers() int {
+	if t.workers > 0 {
+		return t.workers
+	}
+	return workersDefault()
+}
+
+// SetStat records a statistic for the manifest and the run report. Values
+// must encode as JSON (numbers, strings, small maps and lists).
+func (t *Task) SetStat(name string, value any) {
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	t.stats[name] = value
+}
+
+// SetTotal says how many rows the stage expects to produce (or, for a stage
+// with inputs, to read), for the progress display's ETA.
+func (t *Task) SetTotal(rows int64) { t.tracker.total.Store(rows) }
+
+// AddBytes counts bytes the stage processed beyond its table (e.g. bytes of
+// source files read), for the progress display.
+func (t *Task) AddBytes(n int64) { t.tracker.bytes.Add(n) }
+
+// Output starts the stage's table with the given schema. Every stage that
+// produces rows calls it once, before its first row, even for an empty table.
+func (t *Task) Output(schema *arrow.Schema) (*Output, error) {
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	if t.out != nil {
+		return nil, errors.New("Output called twice")
+	}
+	f, err := os.Create(filepath.Join(t.Dir, tableName))
+	if err != nil {
+		return nil, err
+	}
+	h := sha256.New()
+	cw := &countingWriter{w: io.MultiWriter(f, h)}
+	w, err := ipc.NewFileWriter(cw, ipc.WithSchema(schema))
+	if err != nil {
+		f.Close()
+		return nil, err
+	}
+	t.out = &Output{task: t, file: f, hash: h, counter: cw, w: w}
+	return t.out, nil
+}
+
+// An Output is a stage's table: every batch written goes into the entry's
+// Arrow file and, at the same time, to the stages streaming from it.
+type Output struct {
+	task    *Task
+	file    *os.File
+	hash    hash.Hash
+	counter *countingWriter
+	w       *ipc.FileWriter
+	rows    int64
+}
+
+// Write appends a batch. It blocks while a streaming consumer is behind
+// (backpressure) and returns the context's error if the run is canceled.
+// The caller keeps its own reference to rec.
+func (o *Output) Write(rec arrow.RecordBatch) error {
+	if err := o.w.Write(rec); err != nil {
+		return err
+	}
+	o.rows += rec.NumRows()
+	tr := o.task.tracker
+	tr.rowsOut.Add(rec.NumRows())
+	tr.bytes.Store(o.counter.n)
+	for _, ch := range o.task.outs {
+		rec.Retain()
+		select {
+		case ch <- rec:
+		case <-o.task.ctx.Done():
+			rec.Release()
+			return context.Cause(o.task.ctx)
+		}
+	}
+	return nil
+}
+
+// Rows is the number of rows written so far.
+func (o *Output) Rows() int64 { return o.rows }
+
+func (o *Output) close() (string, error) {
+	if err := o.w.Close(); err != nil {
+		o.file.Close()
+		return "", err
+	}
+	if err := o.file.Close(); err != nil {
+		return "", err
+	}
+	return hex.EncodeToString(o.hash.Sum(nil)), nil
+}
+
+func (o *Output) abort() { o.file.Close() }
+
+type countingWriter struct {
+	w io.Writer
+	n int64
+}
+
+func (c *countingWriter) Write(p []byte) (int, error) {
+	n, err := c.w.Write(p)
+	c.n += int64(n)
+	return n, err
+}
+
+// An Input is one upstream stage's output as a stage reads it: either a
+// live stream from a stage computing in the same run, or its cached entry.
+type Input struct {
+	Name string // the upstream stage
+
+	dir       string
+	committed chan struct{}
+	ch        chan arrow.RecordBatch // nil: read the committed entry
+	ctx       context.Context
+	tracker   *Tracker // the reading stage's
+	upstream  *Tracker // the producing stage's, when it computes in this run
+	knownRows int64    // rows of a cached upstream
+
+	file   *os.File
+	reader *ipc.FileReader
+	next   int
+	eof    bool
+}
+
+// Next returns the next batch of the input, or io.EOF after the last. The
+// caller owns the batch and releases it when done.
+func (in *Input) Next(ctx context.Context) (arrow.RecordBatch, error) {
+	if in.eof {
+		return nil, io.EOF
+	}
+	if in.ch != nil {
+		select {
+		case rec, ok := <-in.ch:
+			if !ok {
+				in.eof = true
+				return nil, io.EOF
+			}
+			in.tracker.rowsIn.Add(rec.NumRows())
+			return rec, nil
+		case <-ctx.Done():
+			return nil, context.Cause(ctx)
+		}
+	}
+	if in.reader == nil {
+		if err := in.open(ctx); err != nil {
+			return nil, err
+		}
+	}
+	if in.next >= in.reader.NumRecords() {
+		in.eof = true
+		in.reader.Close()
+		in.file.Close()
+		return nil, io.EOF
+	}
+	rec, err := in.reader.RecordBatch(in.next)
+	if err != nil {
+		return nil, fmt.Errorf("reading %s of stage %s: %w", tableName, in.Name, err)
+	}
+	in.next++
+	in.tracker.rowsIn.Add(rec.NumRows())
+	return rec, nil
+}
+
+func (in *Input) open(ctx context.Context) error {
+	if _, err := in.Dir(ctx); err != nil {
+		return err
+	}
+	f, err := os.Open(filepath.Join(in.dir, tableName))
+	if errors.Is(err, fs.ErrNotExist) {
+		return fmt.Errorf("stage %s produced no table (%s)", in.Name, tableName)
+	}
+	if err != nil {
+		return err
+	}
+	r, err := ipc.NewFileReader(f)
+	if err != nil {
+		f.Close()
+		return fmt.Errorf("reading %s of stage %s: %w", tableName, in.Name, err)
+	}
+	in.file, in.reader = f, r
+	return nil
+}
+
+// Dir waits until the upstream entry is committed and returns its folder,
+// for stages that read an input's files rather than its rows (a model
+// checkpoint, or packed rows read in random order). Its rows need not be
+// read then.
+func (in *Input) Dir(ctx context.Context) (string, error) {
+	if in.ch != nil {
+		// Nobody will read the stream; keep it flowing so the producer
+		// can finish.
+		ch, ctx := in.ch, in.ctx
+		go func() {
+			for {
+				select {
+				case rec, ok := <-ch:
+					if !ok {
+						return
+					}
+					rec.Release()
+				case <-ctx.Done():
+					return
+				}
+			}
+		}()
+		in.ch, in.eof = nil, false
+	}
+	select {
+	case <-in.committed:
+		return in.dir, nil
+	case <-ctx.Done():
+		return "", context.Cause(ctx)
+	}
+}
+
+// Rows is the number of rows the input will have, when already known.
+func (in *Input) Rows() (int64, bool) {
+	if in.upstream != nil {
+		if in.upstream.done.Load() {
+			return in.upstream.rowsOut.Load(), true
+		}
+		if t := in.upstream.total.Load(); t >= 0 {
+			return t, true
+		}
+		return 0, false
+	}
+	return in.knownRows, in.knownRows > 0 || in.ch == nil
+}
+
+// drain reads what the stage left of a streamed input.
+func (in *Input) drain(ctx context.Context) error {
+	if in.ch == nil {
+		if in.reader != nil && !in.eof {
+			in.reader.Close()
+			in.file.Close()
+		}
+		return nil
+	}
+	for !in.eof {
+		rec, err := in.Next(ctx)
+		if err == io.EOF {
+			return nil
+		}
+		if err != nil {
+			return err
+		}
+		rec.Release()
+	}
+	return nil
+}

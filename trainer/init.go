@@ -1,0 +1,228 @@
+package trainer
+
+import (
+	"bufio"
+	"encoding/binary"
+	"encoding/json"
+	"fmt"
+	"hash/fnv"
+
+	"math/rand/v2"
+	"os"
+	"path/filepath"
+	"runtime"
+	"sort"
+
+	"gemmaft/trainer/safetensors"
+	"golang.org/x/sync/errgroup"
+)
+
+// InitOptions controls WriteRandomCheckpoint.
+type InitOptions struct {
+	Seed uint64
+	// Std is the standard deviation of embeddings and projections
+	// (transformers initialises them with 0.02).
+	Std float64
+	// NormStd, when non-zero, draws norm weights from N(0, NormStd) instead
+	// of transformers' zeros, so tests exercise the (1 + w) scaling.
+	NormStd float64
+	// DType is the stored dtype: "bfloat16" (default), "float16", "float32".
+	DType string
+	// Format is the config.json spelling (default transformers5).
+	Format ConfigFormat
+	// MaxShardBytes splits the weights into shards with an index file when
+	// they exceed it (default 5 GB, as Hugging Face's save_pretrained).
+	MaxShardBytes int64
+}
+
+// chunkElems is how many elements one RNG stream fills; chunks are seeded
+// independently so they can be generated in parallel and the output does
+// not depend on the number of cores.
+const chunkElems = 1 << 20
+
+// WriteRandomCheckpoint writes a Hugging Face layout checkpoint (config.json,
+// model.safetensors or shards with model.safetensors.index.json) of shape
+// cfg with weights drawn deterministically from opts.Seed. Tensors are
+// generated and written one chunk at a time, so even the 27B shape needs
+// little memory.
+func WriteRandomCheckpoint(dir string, cfg *Config, opts InitOptions) error {
+	c := *cfg
+	if opts.DType != "" {
+		c.DType = opts.DType
+	}
+	if opts.Std == 0 {
+		opts.Std = 0.02
+	}
+	if opts.MaxShardBytes == 0 {
+		opts.MaxShardBytes = 5_000_000_000
+	}
+	dt := map[string]safetensors.DType{"bfloat16": safetensors.BF16, "float16": safetensors.F16, "float32": safetensors.F32}[c.DType]
+	if dt == "" {
+		return fmt.Errorf("random checkpoint: unsupported dtype %q", c.DType)
+	}
+	cj, err := c.MarshalConfig(opts.Format)
+	if err != nil {
+		return err
+	}
+	if err := os.MkdirAll(dir, 0o755); err != nil {
+		return err
+	}
+	specs := c.tensorSpecs()
+	for i := range specs {
+		specs[i].name = "model." + specs[i].name
+	}
+	sort.Slice(specs, func(i, j int) bool { return specs[i].name < specs[j].name })
+
+	// Group tensors into shards in name order.
+	var shards [][]tensorSpec
+	var cur []tensorSpec
+	var curBytes, total int64
+	for _, s := range specs {
+		n := int64(dt.Size())
+		for _, d := range s.shape {
+			n *= int64(d)
+		}
+		if len(cur) > 0 && curBytes+n > opts.MaxShardBytes {
+			shards = append(shards, cur)
+			cur, curBytes = nil, 0
+		}
+		cur = append(cur, s)
+		curBytes += n
+		total += n
+	}
+	shards = append(shards, cur)
+
+	weightMap := map[string]string{}
+	for i, shard := range shards {
+		name := "model.safetensors"
+		if len(shards) > 1 {
+			name = fmt.Sprintf("model-%05d-of-%05d.safetensors", i+1, len(shards))
+		}
+		if err := writeRandomShard(filepath.Join(dir, name), shard, dt, opts); err != nil {
+			return err
+		}
+		for _, s := range shard {
+			weightMap[s.name] = name
+		}
+	}
+	if len(shards) > 1 {
+		idx, _ := json.MarshalIndent(map[string]any{
+			"metadata":   map[string]any{"total_size": total},
+			"weight_map": weightMap,
+		}, "", "  ")
+		if err := safetensors.WriteAtomic(filepath.Join(dir, "model.safetensors.index.json"), idx); err != nil {
+			return err
+		}
+	}
+	return safetensors.WriteAtomic(filepath.Join(dir, "config.json"), cj)
+}
+
+// writeRandomShard streams one shard: header first, then each tensor's
+// bytes chunk by chunk, through a temporary file renamed into place.
+func writeRandomShard(path string, specs []tensorSpec, dt safetensors.DType, opts InitOptions) error {
+	hdr := map[string]any{"__metadata__": map[string]string{"format": "pt"}}
+	var off int64
+	for _, s := range specs {
+		n := int64(dt.Size())
+		for _, d := range s.shape {
+			n *= int64(d)
+		}
+		hdr[s.name] = map[string]any{"dtype": dt, "shape": s.shape, "data_offsets": []int64{off, off + n}}
+		off += n
+	}
+	js, err := json.Marshal(hdr)
+	if err != nil {
+		return err
+	}
+	for len(js)%8 != 0 {
+		js = append(js, ' ')
+	}
+	tmp, err := os.CreateTemp(filepath.Dir(path), "."+filepath.Base(path)+".tmp*")
+	if err != nil {
+		return err
+	}
+	defer os.Remove(tmp.Name())
+	w := bufio.NewWriterSize(tmp, 4<<20)
+	var lenBuf [8]byte
+	binary.LittleEndian.PutUint64(lenBuf[:], uint64(len(js)))
+	w.Write(lenBuf[:])
+	w.Write(js)
+	for _, s := range specs {
+		if err := writeRandomTensor(w, s, dt, opts); err != nil {
+			tmp.Close()
+			return err
+		}
+	}
+	if err := w.Flush(); err != nil {
+		tmp.Close()
+		return err
+	}
+	if err := tmp.Sync(); err != nil {
+		tmp.Close()
+		return err
+	}
+	if err := tmp.Close(); err != nil {
+		return err
+	}
+	return os.Rename(tmp.Name(), path)
+}
+
+func writeRandomTensor(w *bufio.Writer, s tensorSpec, dt safetensors.DType, opts InitOptions) error {
+	n := 1
+	for _, d := range s.shape {
+		n *= d
+	}
+	std, mean := opts.Std, 0.0
+	if s.kind == "norm" || s.kind == "qknorm" {
+		std = opts.NormStd
+	}
+	h := fnv.New64a()
+	h.Write([]byte(s.name))
+	nameSeed := h.Sum64()
+	// Generate up to one batch of chunks in parallel, then write them in order.
+	workers := runtime.GOMAXPROCS(0)
+	bufs := make([][]byte, workers)
+	for start := 0; start < n; start += workers * chunkElems {
+		var g errgroup.Group
+		for wi := 0; wi < workers; wi++ {
+			lo := start + wi*chunkElems
+			bufs[wi] = bufs[wi][:0]
+			if lo >= n {
+				continue
+			}
+			hi := min(lo+chunkElems, n)
+			g.Go(func() error {
+				rng := rand.New(rand.NewPCG(opts.Seed^nameSeed, uint64(lo/chunkElems)))
+				vals := make([]float32, hi-lo)
+				for i := range vals {
+					if std != 0 {
+						vals[i] = float32(mean + std*rng.NormFloat64())
+					}
+				}
+				b, err := safetensors.EncodeFloat32(dt, vals)
+				bufs[wi] = b
+				return err
+			})
+		}
+		if err := g.Wait(); err != nil {
+			return err
+		}
+		for _, b := range bufs {
+			if _, err := w.Write(b); err != nil {
+				return err
+			}
+		}
+	}
+	return nil
+}
+
+// roundTo rounds v to the precision of a checkpoint dtype.
+func roundTo(dtype string, v float32) float32 {
+	switch dtype {
+	case "bfloat16":
+		return safetensors.RoundBF16(v)
+	case "float16":
+		return safetensors.RoundF16(v)
+	}
+	return v
+}

@@ -464,3 +464,6 @@ func runStage(ctx context.Context, s Stage, t *Task) (err error) {
 
 // workersDefault is the number of worker threads a stage uses by default.
 func workersDefault() int { return runtime.NumCPU() }
+
+// IsBusy reports whether err means another run holds the DAG's lock.
+func IsBusy(err error) bool { return errors.Is(err, ErrBusy) }

@@ -318,9 +318,7 @@ func (l *loader) stage(mv *ast.MappingValueNode, needNodes map[*Node][]ast.Node)
 	if !isNull(withNode) {
 		l.withs[name] = withNode
 		if err := yaml.NodeToValue(withNode, n.Params, yaml.DisallowUnknownField()); err != nil {
-			e := l.yamlErr(err, "parameters of kind "+n.KindName+": "+strings.Join(paramNames(n.Params), ", "))
-			e.Msg = fmt.Sprintf("stage %q: %s", name, e.Msg)
-			l.errs = append(l.errs, e)
+			l.errs = append(l.errs, l.decodeError(n, withNode, err))
 			return nil
 		}
 	}
@@ -337,6 +335,64 @@ func (l *loader) stage(mv *ast.MappingValueNode, needNodes map[*Node][]ast.Node)
 	}
 	n.Canon = canon
 	return n
+}
+
+// decodeError rewords a go-yaml decoding error of a stage's parameters in
+// the spec's terms: the parameter's name, what it wants, what is known.
+func (l *loader) decodeError(n *Node, with ast.Node, err error) *SpecError {
+	known := paramNames(n.Params)
+	e := l.yamlErr(err, "parameters of kind "+n.KindName+": "+strings.Join(known, ", "))
+	var unknown *yaml.UnknownFieldError
+	var typeErr *yaml.TypeError
+	switch {
+	case errors.As(err, &unknown):
+		field := strings.TrimSuffix(strings.TrimPrefix(unknown.Message, `unknown field "`), `"`)
+		e.Msg = fmt.Sprintf("stage %q: unknown parameter %q for kind %s", n.Name, field, n.KindName)
+		if c := closest(field, known); c != "" {
+			e.Fix = fmt.Sprintf("did you mean %q? %s", c, e.Fix)
+		}
+		return e
+	case errors.As(err, &typeErr):
+		param := "a parameter"
+		if fields, ok := entries(with); ok {
+			for _, f := range fields {
+				if tk := f.Value.GetToken(); tk != nil && tk.Position.Line == e.Line && tk.Position.Column == e.Col {
+					param = keyOf(f)
+				}
+			}
+		}
+		got := ""
+		if tk := typeErr.Token; tk != nil {
+			got = fmt.Sprintf(", got %q", tk.Value)
+		}
+		e.Msg = fmt.Sprintf("stage %q: %s must be %s%s", n.Name, param, describeType(typeErr.DstType), got)
+		e.Fix = ""
+		return e
+	}
+	e.Msg = fmt.Sprintf("stage %q: %s", n.Name, e.Msg)
+	return e
+}
+
+func describeType(t reflect.Type) string {
+	if t == nil {
+		return "another type"
+	}
+	switch t.Kind() {
+	case reflect.Int, reflect.Int8, reflect.Int16, reflect.Int32, reflect.Int64,
+		reflect.Uint, reflect.Uint8, reflect.Uint16, reflect.Uint32, reflect.Uint64:
+		return "a whole number"
+	case reflect.Float32, reflect.Float64:
+		return "a number"
+	case reflect.Bool:
+		return "true or false"
+	case reflect.String:
+		return "a string"
+	case reflect.Slice, reflect.Array:
+		return "a list"
+	case reflect.Map, reflect.Struct:
+		return "a mapping"
+	}
+	return t.String()
 }
 
 // A ParamError is a kind's complaint about one parameter; the loader turns

@@ -1,0 +1,248 @@
+package pipeline
+
+import (
+	"context"
+	"encoding/json"
+	"fmt"
+	"math/rand/v2"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"sort"
+	"strings"
+	"syscall"
+	"testing"
+	"time"
+)
+
+// Tests in this file run DAGs in child processes (this test binary, started
+// again with PIPELINE_TEST_CHILD set), to kill them or run them side by side.
+
+func TestMain(m *testing.M) {
+	if spec := os.Getenv("PIPELINE_TEST_CHILD"); spec != "" {
+		os.Exit(childRun(spec))
+	}
+	os.Exit(m.Run())
+}
+
+// childRun runs spec against PIPELINE_TEST_CACHE and writes the run record
+// to PIPELINE_TEST_REPORT.
+func childRun(spec string) int {
+	st, err := OpenStore(os.Getenv("PIPELINE_TEST_CACHE"))
+	if err != nil {
+		fmt.Fprintln(os.Stderr, err)
+		return 2
+	}
+	dag, err := Load(spec, testRegistry())
+	if err != nil {
+		fmt.Fprintln(os.Stderr, err)
+		return 2
+	}
+	eng := &Engine{Store: st, NoWait: os.Getenv("PIPELINE_TEST_NOWAIT") != ""}
+	rec, err := eng.Run(context.Background(), dag, Options{})
+	if p := os.Getenv("PIPELINE_TEST_REPORT"); p != "" {
+		data, _ := json.Marshal(rec)
+		os.WriteFile(p, data, 0o644)
+	}
+	if err != nil {
+		fmt.Fprintln(os.Stderr, err)
+		if IsBusy(err) {
+			return 75
+		}
+		return 1
+	}
+	return 0
+}
+
+func childCmd(t *testing.T, spec, cache, report string, extraEnv ...string) *exec.Cmd {
+	cmd := exec.Command(os.Args[0], "-test.run=^$")
+	cmd.Env = append(os.Environ(), "PIPELINE_TEST_CHILD="+spec, "PIPELINE_TEST_CACHE="+cache, "PIPELINE_TEST_REPORT="+report)
+	cmd.Env = append(cmd.Env, extraEnv...)
+	return cmd
+}
+
+// slowSpec takes a few hundred milliseconds, with batches written all the
+// way through, so kills land in every phase: hashing, writing, committing.
+const slowSpec = `name: slow
+stages:
+  src: {kind: gen, with: {rows: 400, batch: 20, delay_ms: 8, file: data.txt}}
+  twice: {kind: double, needs: [src], with: {delay_ms: 3}}
+  thrice: {kind: double, needs: [src], with: {factor: 3}}
+  both: {kind: concat, needs: [twice, thrice]}
+  total: {kind: count, needs: [both]}
+`
+
+// outputDigests maps each stage of a finished run to its outputs' digests.
+func outputDigests(t *testing.T, st *Store, dag *DAG) map[string]string {
+	t.Helper()
+	plan, err := st.Plan(dag, Options{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	out := map[string]string{}
+	for _, s := range plan.Steps {
+		state, m, err := st.Check(s.Key, true)
+		if state != Valid {
+			t.Fatalf("stage %s: entry %v (%v)", s.Node.Name, state, err)
+		}
+		var sums []string
+		for _, o := range m.Outputs {
+			sums = append(sums, o.Path+"="+o.SHA256)
+		}
+		sort.Strings(sums)
+		out[s.Node.Name] = strings.Join(sums, ",")
+	}
+	return out
+}
+
+func TestCrashSafety(t *testing.T) {
+	if testing.Short() {
+		t.Skip("kills child processes many times")
+	}
+	e := newTestEnv(t)
+	e.write("data.txt", "crash-")
+	spec := e.write("slow.yaml", slowSpec)
+	dag := e.load(spec)
+
+	// The reference: one uninterrupted run in its own store.
+	refCache := filepath.Join(e.dir, "ref-cache")
+	if out, err := childCmd(t, spec, refCache, "").CombinedOutput(); err != nil {
+		t.Fatalf("uninterrupted run: %v\n%s", err, out)
+	}
+	ref, _ := OpenStore(refCache)
+	want := outputDigests(t, ref, dag)
+
+	cache := filepath.Join(e.dir, "crash-cache")
+	rng := rand.New(rand.NewPCG(1, 2))
+	midRun := 0 // kills that found the run unfinished
+	for i := 0; i < 25; i++ {
+		cmd := childCmd(t, spec, cache, "")
+		if err := cmd.Start(); err != nil {
+			t.Fatal(err)
+		}
+		time.Sleep(time.Duration(rng.IntN(400)) * time.Millisecond)
+		cmd.Process.Signal(syscall.SIGKILL)
+		cmd.Wait()
+
+		// Whatever was committed must be whole: verify re-hashes all.
+		st, err := OpenStore(cache)
+		if err != nil {
+			t.Fatal(err)
+		}
+		bad, n, err := st.Verify(nil)
+		if err != nil || len(bad) > 0 {
+			t.Fatalf("after kill %d: damaged entries %v (%v)", i, bad, err)
+		}
+		if n < len(dag.Stages) {
+			midRun++
+		} else {
+			// Finished before the kill: start over, so the next kill
+			// lands in a run again.
+			os.RemoveAll(cache)
+		}
+	}
+	if out, err := childCmd(t, spec, cache, "").CombinedOutput(); err != nil {
+		t.Fatalf("run after kills: %v\n%s", err, out)
+	}
+	st, _ := OpenStore(cache)
+	got := outputDigests(t, st, dag)
+	for name, w := range want {
+		if got[name] != w {
+			t.Errorf("stage %s: outputs after kills differ from an uninterrupted run", name)
+		}
+	}
+	if midRun == 0 {
+		t.Error("no kill landed before the run finished; the test proves nothing")
+	}
+	t.Logf("%d of 25 kills landed mid-run", midRun)
+}
+
+func TestConcurrentRunsComputeOnce(t *testing.T) {
+	e := newTestEnv(t)
+	e.write("data.txt", "conc-")
+	spec := e.write("slow.yaml", slowSpec)
+	// A second DAG file sharing the src and twice stages: its own lock, so
+	// only the per-entry locks keep the shared stages from being computed twice.
+	other := e.write("other.yaml", strings.Replace(slowSpec, "name: slow", "name: other", 1)+
+		"  extra: {kind: double, needs: [both]}\n")
+	cache := filepath.Join(e.dir, "cache2")
+
+	var cmds []*exec.Cmd
+	var reports []string
+	for i, s := range []string{spec, spec, other} {
+		rep := filepath.Join(e.dir, fmt.Sprintf("report%d.json", i))
+		cmd := childCmd(t, s, cache, rep)
+		var out strings.Builder
+		cmd.Stdout, cmd.Stderr = &out, &out
+		if err := cmd.Start(); err != nil {
+			t.Fatal(err)
+		}
+		cmds = append(cmds, cmd)
+		reports = append(reports, rep)
+	}
+	for i, c := range cmds {
+		if err := c.Wait(); err != nil {
+			t.Fatalf("run %d failed: %v\n%s", i, err, c.Stdout)
+		}
+	}
+	computed := map[string]int{}
+	for _, rep := range reports {
+		data, err := os.ReadFile(rep)
+		if err != nil {
+			t.Fatal(err)
+		}
+		var rec RunRecord
+		if err := json.Unmarshal(data, &rec); err != nil {
+			t.Fatal(err)
+		}
+		for _, s := range rec.Stages {
+			if s.State == "computed" {
+				computed[s.Key]++
+			}
+			if s.State != "computed" && s.State != "cached" {
+				t.Errorf("stage %s ended %s", s.Name, s.State)
+			}
+		}
+	}
+	for k, n := range computed {
+		if n != 1 {
+			t.Errorf("entry %s computed %d times", short(k), n)
+		}
+	}
+	if len(computed) != 6 {
+		t.Errorf("%d entries computed, want 6 (5 shared + extra)", len(computed))
+	}
+	st, _ := OpenStore(cache)
+	if bad, n, _ := st.Verify(nil); len(bad) > 0 || n != 6 {
+		t.Fatalf("verify: %d entries, damaged %v", n, bad)
+	}
+}
+
+func TestNoWaitWhenBusy(t *testing.T) {
+	e := newTestEnv(t)
+	e.write("data.txt", "busy-")
+	spec := e.write("slow.yaml", slowSpec)
+	cache := filepath.Join(e.dir, "cache3")
+	first := childCmd(t, spec, cache, "")
+	if err := first.Start(); err != nil {
+		t.Fatal(err)
+	}
+	defer first.Wait()
+	// Wait until the first run holds the DAG lock.
+	holder := filepath.Join(cache, "locks", "dag-"+dagID(e.load(spec))+".holder")
+	for i := 0; i < 200; i++ {
+		if _, err := os.Stat(holder); err == nil {
+			break
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+	second := childCmd(t, spec, cache, "", "PIPELINE_TEST_NOWAIT=1")
+	out, err := second.CombinedOutput()
+	ee, ok := err.(*exec.ExitError)
+	if !ok || ee.ExitCode() != 75 {
+		t.Fatalf("second run with NoWait: %v\n%s", err, out)
+	}
+	if !strings.Contains(string(out), "another run of this DAG is in progress") || !strings.Contains(string(out), "pid") {
+		t.Errorf("message: %s", out)
+	}
+}

@@ -1,0 +1,196 @@
+package dataset
+
+import (
+	"bufio"
+	"bytes"
+	"encoding/json"
+	"fmt"
+	"io"
+	"math"
+	"strconv"
+
+	"github.com/apache/arrow-go/v18/arrow"
+	"github.com/apache/arrow-go/v18/arrow/array"
+	"github.com/apache/arrow-go/v18/parquet"
+	"github.com/apache/arrow-go/v18/parquet/compress"
+	"github.com/apache/arrow-go/v18/parquet/pqarrow"
+)
+
+// ExportJSONL writes the rows of the Arrow IPC file at path to w as JSON
+// lines: one object per row with the keys in schema order, strings as JSON
+// strings (HTML characters such as "<" left as they are, since chat text is
+// full of them), lists as arrays and nulls as null. It returns the number of
+// rows written.
+func ExportJSONL(w io.Writer, path string) (int64, error) {
+	r, err := OpenIPC(path)
+	if err != nil {
+		return 0, err
+	}
+	defer r.Close()
+	bw := bufio.NewWriterSize(w, 1<<20)
+	enc := newJSONEncoder()
+	keys := make([][]byte, r.Schema().NumFields())
+	for i, f := range r.Schema().Fields() {
+		keys[i] = append(enc.appendString(nil, f.Name), ':')
+	}
+	var rows int64
+	var line []byte
+	for {
+		rec, err := r.Next()
+		if err == io.EOF {
+			break
+		}
+		if err != nil {
+			return rows, err
+		}
+		for i := range int(rec.NumRows()) {
+			line = append(line[:0], '{')
+			for c, col := range rec.Columns() {
+				if c > 0 {
+					line = append(line, ',')
+				}
+				line = append(line, keys[c]...)
+				line = enc.appendValue(line, col, i)
+			}
+			line = append(line, '}', '\n')
+			if _, err := bw.Write(line); err != nil {
+				rec.Release()
+				return rows, err
+			}
+			rows++
+		}
+		rec.Release()
+	}
+	return rows, bw.Flush()
+}
+
+// jsonEncoder appends Arrow values as JSON.
+type jsonEncoder struct {
+	buf bytes.Buffer
+	enc *json.Encoder
+}
+
+func newJSONEncoder() *jsonEncoder {
+	e := &jsonEncoder{}
+	e.enc = json.NewEncoder(&e.buf)
+	e.enc.SetEscapeHTML(false)
+	return e
+}
+
+func (e *jsonEncoder) appendString(dst []byte, s string) []byte {
+	e.buf.Reset()
+	e.enc.Encode(s) // cannot fail for a string
+	return append(dst, bytes.TrimSuffix(e.buf.Bytes(), []byte("\n"))...)
+}
+
+func (e *jsonEncoder) appendValue(dst []byte, a arrow.Array, i int) []byte {
+	if a.IsNull(i) {
+		return append(dst, "null"...)
+	}
+	switch c := a.(type) {
+	case *array.String:
+		return e.appendString(dst, c.Value(i))
+	case *array.LargeString:
+		return e.appendString(dst, c.Value(i))
+	case *array.StringView:
+		return e.appendString(dst, c.Value(i))
+	case *array.Int8:
+		return strconv.AppendInt(dst, int64(c.Value(i)), 10)
+	case *array.Int16:
+		return strconv.AppendInt(dst, int64(c.Value(i)), 10)
+	case *array.Int32:
+		return strconv.AppendInt(dst, int64(c.Value(i)), 10)
+	case *array.Int64:
+		return strconv.AppendInt(dst, c.Value(i), 10)
+	case *array.Uint8:
+		return strconv.AppendUint(dst, uint64(c.Value(i)), 10)
+	case *array.Uint16:
+		return strconv.AppendUint(dst, uint64(c.Value(i)), 10)
+	case *array.Uint32:
+		return strconv.AppendUint(dst, uint64(c.Value(i)), 10)
+	case *array.Uint64:
+		return strconv.AppendUint(dst, c.Value(i), 10)
+	case *array.Float32:
+		return appendFloat(dst, float64(c.Value(i)), 32)
+	case *array.Float64:
+		return appendFloat(dst, c.Value(i), 64)
+	case *array.Boolean:
+		return strconv.AppendBool(dst, c.Value(i))
+	case array.ListLike:
+		start, end := c.ValueOffsets(i)
+		values := c.ListValues()
+		dst = append(dst, '[')
+		for j := start; j < end; j++ {
+			if j > start {
+				dst = append(dst, ',')
+			}
+			dst = e.appendValue(dst, values, int(j))
+		}
+		return append(dst, ']')
+	case *array.Struct:
+		st := c.DataType().(*arrow.StructType)
+		dst = append(dst, '{')
+		for f := range c.NumField() {
+			if f > 0 {
+				dst = append(dst, ',')
+			}
+			dst = append(e.appendString(dst, st.Field(f).Name), ':')
+			dst = e.appendValue(dst, c.Field(f), i)
+		}
+		return append(dst, '}')
+	}
+	b, err := json.Marshal(a.GetOneForMarshal(i))
+	if err != nil {
+		return append(dst, "null"...)
+	}
+	return append(dst, b...)
+}
+
+// appendFloat writes NaN and infinities, which JSON cannot express, as null.
+func appendFloat(dst []byte, v float64, bits int) []byte {
+	if math.IsNaN(v) || math.IsInf(v, 0) {
+		return append(dst, "null"...)
+	}
+	return strconv.AppendFloat(dst, v, 'g', -1, bits)
+}
+
+// ExportParquet writes the rows of the Arrow IPC file at path to w as a
+// Snappy-compressed Parquet file, one row group per record batch, with the
+// Arrow schema stored so that Arrow readers get the same types back. It
+// returns the number of rows written.
+func ExportParquet(w io.Writer, path string) (int64, error) {
+	r, err := OpenIPC(path)
+	if err != nil {
+		return 0, err
+	}
+	defer r.Close()
+	props := parquet.NewWriterProperties(parquet.WithCompression(compress.Codecs.Snappy))
+	// The Parquet writer closes a sink that is an io.Closer; the caller owns w.
+	sink := struct{ io.Writer }{w}
+	fw, err := pqarrow.NewFileWriter(r.Schema(), sink, props, pqarrow.NewArrowWriterProperties(pqarrow.WithStoreSchema()))
+	if err != nil {
+		return 0, fmt.Errorf("dataset: %s: %v", path, err)
+	}
+	var rows int64
+	for {
+		rec, err := r.Next()
+		if err == io.EOF {
+			break
+		}
+		if err != nil {
+			fw.Close()
+			return rows, err
+		}
+		err = fw.Write(rec)
+		rows += rec.NumRows()
+		rec.Release()
+		if err != nil {
+			fw.Close()
+			return rows, fmt.Errorf("dataset: writing Parquet: %v", err)
+		}
+	}
+	if err := fw.Close(); err != nil {
+		return rows, fmt.Errorf("dataset: writing Parquet: %v", err)
+	}
+	return rows, nil
+}

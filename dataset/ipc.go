@@ -1,0 +1,146 @@
+package dataset
+
+import (
+	"bytes"
+	"errors"
+	"fmt"
+	"io"
+	"os"
+
+	"github.com/apache/arrow-go/v18/arrow"
+	"github.com/apache/arrow-go/v18/arrow/ipc"
+	"github.com/apache/arrow-go/v18/arrow/memory"
+)
+
+// ipcMagic opens and closes every Arrow IPC file.
+var ipcMagic = []byte("ARROW1")
+
+// IPCWriter writes record batches to an Arrow IPC file (the random-access
+// "file" format with a footer, which pyarrow.ipc.open_file, polars and DuckDB
+// read directly). Batches are written uncompressed, which every reader
+// understands.
+type IPCWriter struct {
+	f    *os.File
+	w    *ipc.FileWriter
+	rows int64
+}
+
+// CreateIPC creates (or truncates) the file at path.
+func CreateIPC(path string, schema *arrow.Schema) (*IPCWriter, error) {
+	f, err := os.Create(path)
+	if err != nil {
+		return nil, fmt.Errorf("dataset: %w", err)
+	}
+	w, err := ipc.NewFileWriter(f, ipc.WithSchema(schema), ipc.WithAllocator(memory.DefaultAllocator))
+	if err != nil {
+		f.Close()
+		return nil, fmt.Errorf("dataset: %s: %v", path, err)
+	}
+	return &IPCWriter{f: f, w: w}, nil
+}
+
+// Write appends one record batch; its schema must be the file's.
+func (w *IPCWriter) Write(rec arrow.RecordBatch) error {
+	if err := w.w.Write(rec); err != nil {
+		return fmt.Errorf("dataset: %s: %v", w.f.Name(), err)
+	}
+	w.rows += rec.NumRows()
+	return nil
+}
+
+// Rows returns the number of rows written so far.
+func (w *IPCWriter) Rows() int64 { return w.rows }
+
+// Close writes the footer, syncs the file to disk (cache entries must
+// survive a crash once renamed into place) and closes it.
+func (w *IPCWriter) Close() error {
+	err := w.w.Close()
+	if err == nil {
+		err = w.f.Sync()
+	}
+	if cerr := w.f.Close(); err == nil {
+		err = cerr
+	}
+	if err != nil {
+		return fmt.Errorf("dataset: %s: %v", w.f.Name(), err)
+	}
+	return nil
+}
+
+// IPCReader reads an Arrow IPC file one record batch at a time.
+type IPCReader struct {
+	f    *os.File
+	r    *ipc.FileReader
+	next int
+}
+
+// OpenIPC opens an Arrow IPC file, checking the magic bytes at both ends
+// first so that a truncated file is reported as such.
+func OpenIPC(path string) (*IPCReader, error) {
+	f, err := os.Open(path)
+	if err != nil {
+		return nil, fmt.Errorf("dataset: %w", err)
+	}
+	if err := checkIPCMagic(f); err != nil {
+		f.Close()
+		return nil, fmt.Errorf("dataset: %s: %v", path, err)
+	}
+	r, err := ipc.NewFileReader(f, ipc.WithAllocator(memory.DefaultAllocator))
+	if err != nil {
+		f.Close()
+		return nil, fmt.Errorf("dataset: %s: not a readable Arrow IPC file: %v", path, err)
+	}
+	return &IPCReader{f: f, r: r}, nil
+}
+
+func checkIPCMagic(f *os.File) error {
+	st, err := f.Stat()
+	if err != nil {
+		return err
+	}
+	n := int64(len(ipcMagic))
+	if st.Size() < 2*n+4 {
+		return errors.New("too short to be an Arrow IPC file")
+	}
+	head := make([]byte, n)
+	tail := make([]byte, n)
+	if _, err := f.ReadAt(head, 0); err != nil {
+		return err
+	}
+	if _, err := f.ReadAt(tail, st.Size()-n); err != nil {
+		return err
+	}
+	if !bytes.Equal(head, ipcMagic) {
+		return errors.New("not an Arrow IPC file (no ARROW1 magic at the start)")
+	}
+	if !bytes.Equal(tail, ipcMagic) {
+		return errors.New("Arrow IPC file without footer (truncated or still being written)")
+	}
+	return nil
+}
+
+// Schema returns the file's schema.
+func (r *IPCReader) Schema() *arrow.Schema { return r.r.Schema() }
+
+// NumBatches returns the number of record batches in the file.
+func (r *IPCReader) NumBatches() int { return r.r.NumRecords() }
+
+// Next returns the next record batch, or io.EOF after the last one. The
+// caller releases it.
+func (r *IPCReader) Next() (arrow.RecordBatch, error) {
+	if r.next >= r.r.NumRecords() {
+		return nil, io.EOF
+	}
+	rec, err := r.r.RecordAt(r.next)
+	if err != nil {
+		return nil, fmt.Errorf("dataset: %s: batch %d: %v", r.f.Name(), r.next, err)
+	}
+	r.next++
+	return rec, nil
+}
+
+// Close closes the file.
+func (r *IPCReader) Close() error {
+	r.r.Close()
+	return r.f.Close()
+}

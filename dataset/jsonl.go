@@ -1,0 +1,257 @@
+package dataset
+
+import (
+	"bufio"
+	"bytes"
+	"compress/gzip"
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"os"
+	"slices"
+	"strings"
+)
+
+// jsonlFile is a file of JSON objects, one per line, plain or gzip-compressed
+// (by the .gz extension). Blank lines are ignored. Rows are named by their
+// 1-based line number, as editors show them.
+type jsonlFile struct {
+	name  string
+	gz    bool
+	want  []string
+	rows  int64 // -1 until counted
+	bytes int64
+}
+
+func openJSONL(path string, want []string) (*jsonlFile, error) {
+	jf := &jsonlFile{name: path, gz: strings.HasSuffix(strings.ToLower(path), ".gz"), want: want, rows: -1}
+	lr, err := jf.open()
+	if err != nil {
+		return nil, err
+	}
+	defer lr.close()
+	// Check the mapping on the first record, so that a wrong column name
+	// fails before anything runs.
+	line, err := lr.next()
+	if err == io.EOF {
+		jf.rows = 0
+		return jf, nil
+	}
+	if err != nil {
+		return nil, err
+	}
+	if _, err := jf.parse(line, lr.line); err != nil {
+		return nil, err
+	}
+	return jf, nil
+}
+
+func (jf *jsonlFile) path() string   { return jf.name }
+func (jf *jsonlFile) numRows() int64 { return jf.rows }
+func (jf *jsonlFile) close() error   { return nil }
+
+func (jf *jsonlFile) textBytes() int64 {
+	if jf.rows < 0 {
+		return 0
+	}
+	return jf.bytes
+}
+
+// count reads the file once to learn its row count and size.
+func (jf *jsonlFile) count() error {
+	if jf.rows >= 0 && jf.bytes > 0 {
+		return nil
+	}
+	lr, err := jf.open()
+	if err != nil {
+		return err
+	}
+	defer lr.close()
+	var rows, size int64
+	for {
+		line, err := lr.next()
+		if err == io.EOF {
+			break
+		}
+		if err != nil {
+			return err
+		}
+		rows++
+		size += int64(len(line))
+	}
+	jf.rows, jf.bytes = rows, size
+	return nil
+}
+
+func (jf *jsonlFile) scan(ctx context.Context, base int64, want func(int64) bool, yield func(record) bool) (rows int64, stopped bool, err error) {
+	lr, err := jf.open()
+	if err != nil {
+		return 0, false, err
+	}
+	defer lr.close()
+	for {
+		if rows%1024 == 0 {
+			if err := ctx.Err(); err != nil {
+				return rows, false, err
+			}
+		}
+		line, err := lr.next()
+		if err == io.EOF {
+			return rows, false, nil
+		}
+		if err != nil {
+			return rows, false, err
+		}
+		if !want(base + rows) {
+			rows++
+			continue
+		}
+		r, err := jf.parse(line, lr.line)
+		if err != nil {
+			return rows, false, err
+		}
+		rows++
+		if !yield(r) {
+			return rows, true, nil
+		}
+	}
+}
+
+// parse decodes one line into a record. Only the mapped fields are checked;
+// other fields may hold anything.
+func (jf *jsonlFile) parse(line []byte, lineNo int64) (record, error) {
+	var obj map[string]json.RawMessage
+	if err := json.Unmarshal(line, &obj); err != nil {
+		var typeErr *json.UnmarshalTypeError
+		if errors.As(err, &typeErr) {
+			return record{}, fmt.Errorf("dataset: %s: line %d: not a JSON object", jf.name, lineNo)
+		}
+		return record{}, fmt.Errorf("dataset: %s: line %d: invalid JSON: %v", jf.name, lineNo, err)
+	}
+	if obj == nil {
+		return record{}, fmt.Errorf("dataset: %s: line %d: not a JSON object", jf.name, lineNo)
+	}
+	var r record
+	for i, name := range jf.want {
+		raw, ok := obj[name]
+		if !ok {
+			keys := make([]string, 0, len(obj))
+			for k := range obj {
+				keys = append(keys, k)
+			}
+			slices.Sort(keys)
+			return record{}, fmt.Errorf("dataset: %s: line %d: no field %q; the record has fields %s", jf.name, lineNo, name, quoteList(keys))
+		}
+		switch raw[0] {
+		case 'n': // null
+			continue
+		case '"':
+		default:
+			return record{}, fmt.Errorf("dataset: %s: line %d, column %s: %s, not a string", jf.name, lineNo, name, jsonKind(raw[0]))
+		}
+		if at := invalidUTF8At(string(raw)); at >= 0 {
+			return record{}, fmt.Errorf("dataset: %s: line %d, column %s: invalid UTF-8 at byte %d", jf.name, lineNo, name, decodedOffset(raw, at))
+		}
+		if err := json.Unmarshal(raw, &r[i]); err != nil {
+			return record{}, fmt.Errorf("dataset: %s: line %d, column %s: %v", jf.name, lineNo, name, err)
+		}
+	}
+	return r, nil
+}
+
+// decodedOffset converts the offset of a byte in a raw JSON string literal
+// into its offset in the decoded string, falling back to the raw offset.
+func decodedOffset(raw []byte, at int) int {
+	var prefix string
+	if err := json.Unmarshal(append(slices.Clip(raw[:at]), '"'), &prefix); err != nil {
+		return at - 1
+	}
+	return len(prefix)
+}
+
+func jsonKind(first byte) string {
+	switch first {
+	case '{':
+		return "an object"
+	case '[':
+		return "an array"
+	case 't', 'f':
+		return "a boolean"
+	}
+	return "a number"
+}
+
+// lineReader yields the non-blank lines of a file, without their newline.
+type lineReader struct {
+	name  string
+	f     *os.File
+	gz    *gzip.Reader
+	r     *bufio.Reader
+	buf   []byte
+	line  int64 // 1-based number of the last line returned
+	atEOF bool
+}
+
+func (jf *jsonlFile) open() (*lineReader, error) {
+	f, err := os.Open(jf.name)
+	if err != nil {
+		return nil, fmt.Errorf("dataset: %w", err)
+	}
+	lr := &lineReader{name: jf.name, f: f}
+	var src io.Reader = f
+	if jf.gz {
+		lr.gz, err = gzip.NewReader(f)
+		if err != nil {
+			f.Close()
+			return nil, fmt.Errorf("dataset: %s: not a gzip file: %v", jf.name, err)
+		}
+		src = lr.gz
+	}
+	lr.r = bufio.NewReaderSize(src, 64<<10)
+	return lr, nil
+}
+
+func (lr *lineReader) close() {
+	if lr.gz != nil {
+		lr.gz.Close()
+	}
+	lr.f.Close()
+}
+
+// next returns the next non-blank line; it is valid until the next call.
+func (lr *lineReader) next() ([]byte, error) {
+	for {
+		if lr.atEOF {
+			return nil, io.EOF
+		}
+		lr.buf = lr.buf[:0]
+		for {
+			chunk, err := lr.r.ReadSlice('\n')
+			lr.buf = append(lr.buf, chunk...)
+			if err == bufio.ErrBufferFull {
+				continue
+			}
+			if err == io.EOF {
+				lr.atEOF = true
+				break
+			}
+			if err != nil {
+				return nil, fmt.Errorf("dataset: %s: line %d: %v", lr.name, lr.line+1, err)
+			}
+			break
+		}
+		if lr.atEOF && len(lr.buf) == 0 {
+			return nil, io.EOF
+		}
+		lr.line++
+		line := bytes.TrimSpace(lr.buf)
+		if len(line) > 0 {
+			if lr.line == 1 {
+				line = bytes.TrimPrefix(line, []byte("\xef\xbb\xbf")) // a UTF-8 byte order mark
+			}
+			return line, nil
+		}
+	}
+}

@@ -1,0 +1,261 @@
+package dataset
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"os"
+	"sort"
+	"strings"
+	"unicode/utf8"
+
+	"github.com/apache/arrow-go/v18/arrow"
+	"github.com/apache/arrow-go/v18/arrow/array"
+	"github.com/apache/arrow-go/v18/arrow/memory"
+	"github.com/apache/arrow-go/v18/parquet"
+	"github.com/apache/arrow-go/v18/parquet/file"
+	"github.com/apache/arrow-go/v18/parquet/metadata"
+	"github.com/apache/arrow-go/v18/parquet/pqarrow"
+)
+
+// parquetReadBuffer bounds what is read from the file at once: column chunks
+// are streamed through a buffer of this size instead of being loaded whole,
+// so memory does not grow with the row group size of the file.
+const parquetReadBuffer = 1 << 20
+
+// parquetBatchRows is the number of rows decoded per Arrow batch.
+const parquetBatchRows = 1024
+
+type parquetFile struct {
+	name   string
+	meta   *metadata.FileMetaData
+	mem    memory.Allocator
+	want   []string // file column names, in record order
+	leaves []int    // leaf column indices to read, deduplicated
+	bytes  int64
+}
+
+func openParquet(path string, want []string, mem memory.Allocator) (*parquetFile, error) {
+	f, err := os.Open(path)
+	if err != nil {
+		return nil, fmt.Errorf("dataset: %w", err)
+	}
+	defer f.Close()
+	pf := &parquetFile{name: path, mem: mem, want: want}
+	rdr, err := openParquetReader(f, nil)
+	if err != nil {
+		return nil, fmt.Errorf("dataset: %s: not a readable Parquet file (corrupt or truncated?): %v", path, err)
+	}
+	pf.meta = rdr.MetaData()
+	fr, err := pqarrow.NewFileReader(rdr, pqarrow.ArrowReadProperties{}, mem)
+	if err != nil {
+		return nil, fmt.Errorf("dataset: %s: reading the Parquet schema: %v", path, err)
+	}
+
+	byName := map[string]*pqarrow.SchemaField{}
+	var names []string
+	for i := range fr.Manifest.Fields {
+		sf := &fr.Manifest.Fields[i]
+		byName[sf.Field.Name] = sf
+		names = append(names, sf.Field.Name)
+	}
+	seen := map[int]bool{}
+	for _, name := range want {
+		sf, ok := byName[name]
+		if !ok {
+			return nil, fmt.Errorf("dataset: %s: no column %q; the file has columns %s", path, name, quoteList(names))
+		}
+		if !sf.IsLeaf() || !isStringType(sf.Field.Type) {
+			return nil, fmt.Errorf("dataset: %s: column %q has type %s, not string", path, name, sf.Field.Type)
+		}
+		if !seen[sf.ColIndex] {
+			seen[sf.ColIndex] = true
+			pf.leaves = append(pf.leaves, sf.ColIndex)
+		}
+		for rg := range pf.meta.NumRowGroups() {
+			if cc, err := pf.meta.RowGroup(rg).ColumnChunk(sf.ColIndex); err == nil {
+				pf.bytes += cc.TotalUncompressedSize()
+			}
+		}
+	}
+	sort.Ints(pf.leaves)
+	return pf, nil
+}
+
+// openParquetReader opens a Parquet reader that streams column chunks; meta,
+// when known, spares parsing the footer again. Malformed footers can make
+// the library panic; that becomes an error.
+func openParquetReader(f parquet.ReaderAtSeeker, meta *metadata.FileMetaData) (rdr *file.Reader, err error) {
+	defer func() {
+		if p := recover(); p != nil {
+			err = fmt.Errorf("%v", p)
+		}
+	}()
+	props := parquet.NewReaderProperties(memory.DefaultAllocator)
+	props.BufferedStreamEnabled = true
+	props.BufferSize = parquetReadBuffer
+	opts := []file.ReadOption{file.WithReadProps(props)}
+	if meta != nil {
+		opts = append(opts, file.WithMetadata(meta))
+	}
+	return file.NewParquetReader(f, opts...)
+}
+
+func isStringType(t arrow.DataType) bool {
+	switch t.ID() {
+	case arrow.STRING, arrow.LARGE_STRING, arrow.STRING_VIEW:
+		return true
+	case arrow.DICTIONARY:
+		return isStringType(t.(*arrow.DictionaryType).ValueType)
+	}
+	return false
+}
+
+func quoteList(names []string) string {
+	q := make([]string, len(names))
+	for i, n := range names {
+		q[i] = fmt.Sprintf("%q", n)
+	}
+	return strings.Join(q, ", ")
+}
+
+func (pf *parquetFile) path() string     { return pf.name }
+func (pf *parquetFile) numRows() int64   { return pf.meta.NumRows }
+func (pf *parquetFile) textBytes() int64 { return pf.bytes }
+func (pf *parquetFile) close() error     { return nil }
+
+// scan reads the file one row group at a time, in batches of parquetBatchRows.
+func (pf *parquetFile) scan(ctx context.Context, base int64, want func(int64) bool, yield func(record) bool) (rows int64, stopped bool, err error) {
+	f, err := os.Open(pf.name)
+	if err != nil {
+		return 0, false, fmt.Errorf("dataset: %w", err)
+	}
+	defer f.Close()
+	rdr, err := openParquetReader(f, pf.meta)
+	if err != nil {
+		return 0, false, fmt.Errorf("dataset: %s: %v", pf.name, err)
+	}
+	fr, err := pqarrow.NewFileReader(rdr, pqarrow.ArrowReadProperties{BatchSize: parquetBatchRows}, pf.mem)
+	if err != nil {
+		return 0, false, fmt.Errorf("dataset: %s: %v", pf.name, err)
+	}
+	for rg := range pf.meta.NumRowGroups() {
+		if err := ctx.Err(); err != nil {
+			return rows, false, err
+		}
+		n, stop, err := pf.scanRowGroup(ctx, fr, rg, base+rows, rows, want, yield)
+		if err != nil || stop {
+			return rows + n, stop, err
+		}
+		rows += n
+	}
+	return rows, false, nil
+}
+
+func (pf *parquetFile) scanRowGroup(ctx context.Context, fr *pqarrow.FileReader, rg int, base, fileRow int64, want func(int64) bool, yield func(record) bool) (rows int64, stopped bool, err error) {
+	// The decoder can panic on corrupt pages; report it as the corrupt data
+	// it is, naming the row group.
+	defer func() {
+		if p := recover(); p != nil {
+			err = fmt.Errorf("dataset: %s: row group %d: corrupt data: %v", pf.name, rg, p)
+		}
+	}()
+	rr, err := fr.GetRecordReader(ctx, pf.leaves, []int{rg})
+	if err != nil {
+		return 0, false, fmt.Errorf("dataset: %s: row group %d: %v", pf.name, rg, err)
+	}
+	defer rr.Release()
+	cols := make([]stringValues, len(pf.want))
+	for {
+		rec, err := rr.Read()
+		if err == io.EOF {
+			break
+		}
+		if err != nil {
+			return rows, false, fmt.Errorf("dataset: %s: row group %d: %v", pf.name, rg, err)
+		}
+		sc := rec.Schema()
+		for i, name := range pf.want {
+			idx := sc.FieldIndices(name)
+			if len(idx) == 0 {
+				return rows, false, fmt.Errorf("dataset: %s: row group %d: column %q missing from the decoded batch", pf.name, rg, name)
+			}
+			cols[i], err = newStringValues(rec.Column(idx[0]))
+			if err != nil {
+				return rows, false, fmt.Errorf("dataset: %s: column %q: %v", pf.name, name, err)
+			}
+		}
+		for i := range int(rec.NumRows()) {
+			if !want(base + rows) {
+				rows++
+				continue
+			}
+			var r record
+			for c, col := range cols {
+				v := col.value(i)
+				if !utf8.ValidString(v) {
+					return rows, false, fmt.Errorf("dataset: %s: row %d, column %s: invalid UTF-8 at byte %d",
+						pf.name, fileRow+rows, pf.want[c], invalidUTF8At(v))
+				}
+				// Copy: the batch's buffers are reused once it is released.
+				r[c] = strings.Clone(v)
+			}
+			rows++
+			if !yield(r) {
+				return rows, true, nil
+			}
+		}
+	}
+	if want := pf.meta.RowGroup(rg).NumRows(); rows != want {
+		return rows, false, fmt.Errorf("dataset: %s: row group %d: decoded %d rows, the footer says %d (corrupt file?)", pf.name, rg, rows, want)
+	}
+	return rows, false, nil
+}
+
+func invalidUTF8At(s string) int {
+	for i, r := range s {
+		if r == utf8.RuneError {
+			if _, size := utf8.DecodeRuneInString(s[i:]); size == 1 {
+				return i
+			}
+		}
+	}
+	return -1
+}
+
+// stringValues reads the text of a string column of any Arrow layout; a null
+// reads as "".
+type stringValues struct {
+	arr  interface{ Value(int) string }
+	dict *array.Dictionary
+	null func(int) bool
+}
+
+func newStringValues(a arrow.Array) (stringValues, error) {
+	switch c := a.(type) {
+	case *array.String:
+		return stringValues{arr: c, null: c.IsNull}, nil
+	case *array.LargeString:
+		return stringValues{arr: c, null: c.IsNull}, nil
+	case *array.StringView:
+		return stringValues{arr: c, null: c.IsNull}, nil
+	case *array.Dictionary:
+		inner, err := newStringValues(c.Dictionary())
+		if err != nil {
+			return stringValues{}, err
+		}
+		return stringValues{arr: inner.arr, dict: c, null: c.IsNull}, nil
+	}
+	return stringValues{}, errors.New("type " + a.DataType().String() + " is not string")
+}
+
+func (v stringValues) value(i int) string {
+	if v.null(i) {
+		return ""
+	}
+	if v.dict != nil {
+		return v.arr.Value(v.dict.GetValueIndex(i))
+	}
+	return v.arr.Value(i)
+}

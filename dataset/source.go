@@ -1,0 +1,410 @@
+// Package dataset reads Alpaca-style instruction records from Parquet and JSONL
+// files as a stream of Arrow record batches, and reads and writes the Arrow IPC
+// files that hold every stage's output.
+//
+// Parquet is read with arrow-go's parquet/pqarrow rather than parquet-go: it
+// decodes column chunks straight into Arrow arrays one row group at a time,
+// shares its allocator and types with the Arrow IPC code used everywhere else,
+// and its writer turns the same record batches back into Parquet for export, so
+// one library covers reading, caching and exporting.
+package dataset
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"iter"
+	"math/rand/v2"
+	"path/filepath"
+	"strings"
+
+	"github.com/apache/arrow-go/v18/arrow"
+	"github.com/apache/arrow-go/v18/arrow/array"
+	"github.com/apache/arrow-go/v18/arrow/memory"
+)
+
+// Column names of the record batches a Source produces.
+const (
+	ColInstruction = "instruction"
+	ColInput       = "input"
+	ColOutput      = "output"
+	ColSystem      = "system"
+)
+
+// Format is a source file format.
+type Format string
+
+const (
+	FormatAuto    Format = ""        // chosen by file extension
+	FormatParquet Format = "parquet" // .parquet, .pq
+	FormatJSONL   Format = "jsonl"   // .jsonl, .ndjson, .json; each optionally .gz
+)
+
+// Defaults for SourceOptions.
+const (
+	DefaultBatchRows     = 1024
+	DefaultShuffleMemory = 32 << 20
+)
+
+// SourceOptions configures Open.
+type SourceOptions struct {
+	// Paths are the files to read, in order. See ExpandGlobs for patterns.
+	Paths []string
+	// Format forces the format of every file; by default it follows each
+	// file's extension.
+	Format Format
+	// Columns maps our column names (instruction, input, output) to the
+	// file's names; a name not in the map is read under its own name.
+	Columns map[string]string
+	// SystemColumn names a file column whose text becomes the system column.
+	SystemColumn string
+	// SystemText, when not empty, fills the system column on every row.
+	// At most one of SystemColumn and SystemText may be set.
+	SystemText string
+	// Limit stops after this many rows; 0 means all rows.
+	Limit int64
+	// Shuffle delivers the rows in a uniformly random order determined by
+	// Seed. See Open for how memory stays bounded.
+	Shuffle bool
+	Seed    uint64
+	// ShuffleMemory bounds the bytes of text held for one shuffle pass;
+	// 0 means DefaultShuffleMemory.
+	ShuffleMemory int64
+	// BatchRows is the number of rows per record batch; 0 means DefaultBatchRows.
+	BatchRows int
+	// Allocator allocates the Arrow buffers; nil means the Go allocator.
+	Allocator memory.Allocator
+}
+
+// Source streams rows from a list of files as Arrow record batches with the
+// columns instruction, input, output and, when configured, system. Every value
+// is non-null UTF-8 text; a null in the source becomes "".
+type Source struct {
+	opts   SourceOptions
+	files  []sourceFile
+	schema *arrow.Schema
+	fields int // 3, or 4 with the system column
+
+	total      int64 // rows in all files, when known
+	totalKnown bool
+	textBytes  int64 // approximate text size of all rows, for shuffle passes
+
+	ctx  context.Context
+	next func() (record, error, bool)
+	stop func()
+	done bool
+}
+
+// record is one row's text in schema order; system is "" when unused.
+type record [4]string
+
+// sourceFile is one opened and validated input file.
+type sourceFile interface {
+	path() string
+	// numRows returns the number of rows, or -1 when unknown.
+	numRows() int64
+	// scan calls yield for every row whose index (base plus the row's
+	// position in the file) want accepts, in file order, and returns the
+	// number of rows in the file. It stops early when yield returns false.
+	scan(ctx context.Context, base int64, want func(int64) bool, yield func(record) bool) (rows int64, stopped bool, err error)
+	close() error
+}
+
+// Open validates the options and every file before any row is read: files
+// exist and are of a known format, Parquet footers are readable, and the
+// mapped columns are present and hold strings (for JSONL, in the first record
+// of each file). A dataset without rows is an error.
+//
+// Shuffle gives an exact, seeded, uniform permutation without holding the
+// dataset in memory: every row is assigned one of P passes by a hash of the
+// seed and its position, with P chosen so that one pass holds about
+// ShuffleMemory bytes of text. Pass p reads all files, keeps only its own
+// rows, permutes them and emits them. Sorting rows by independent random keys
+// (pass, then a random order within the pass) is a uniform permutation, so
+// with Limit the first rows are a uniform random sample of the whole dataset,
+// usually read in a single pass. The price is P reads of the input. For
+// JSONL the rows are counted in Open to choose P.
+func Open(opts SourceOptions) (*Source, error) {
+	if len(opts.Paths) == 0 {
+		return nil, errors.New("dataset: no input files")
+	}
+	if opts.Limit < 0 {
+		return nil, fmt.Errorf("dataset: limit %d is negative", opts.Limit)
+	}
+	if opts.BatchRows < 0 || opts.ShuffleMemory < 0 {
+		return nil, errors.New("dataset: batch rows and shuffle memory must not be negative")
+	}
+	if opts.BatchRows == 0 {
+		opts.BatchRows = DefaultBatchRows
+	}
+	if opts.ShuffleMemory == 0 {
+		opts.ShuffleMemory = DefaultShuffleMemory
+	}
+	if opts.Allocator == nil {
+		opts.Allocator = memory.NewGoAllocator()
+	}
+	if opts.SystemColumn != "" && opts.SystemText != "" {
+		return nil, errors.New("dataset: set either a system column or a system text, not both")
+	}
+	for ours := range opts.Columns {
+		if ours != ColInstruction && ours != ColInput && ours != ColOutput {
+			return nil, fmt.Errorf("dataset: cannot map column %q: the columns are %s, %s and %s (the system column has its own option)",
+				ours, ColInstruction, ColInput, ColOutput)
+		}
+	}
+
+	s := &Source{opts: opts, fields: 3, totalKnown: true}
+	fields := []arrow.Field{
+		{Name: ColInstruction, Type: arrow.BinaryTypes.String},
+		{Name: ColInput, Type: arrow.BinaryTypes.String},
+		{Name: ColOutput, Type: arrow.BinaryTypes.String},
+	}
+	wanted := []string{s.fileColumn(ColInstruction), s.fileColumn(ColInput), s.fileColumn(ColOutput)}
+	if opts.SystemColumn != "" || opts.SystemText != "" {
+		fields = append(fields, arrow.Field{Name: ColSystem, Type: arrow.BinaryTypes.String})
+		s.fields = 4
+	}
+	if opts.SystemColumn != "" {
+		wanted = append(wanted, opts.SystemColumn)
+	}
+	s.schema = arrow.NewSchema(fields, nil)
+
+	for _, path := range opts.Paths {
+		format, err := formatOf(path, opts.Format)
+		if err != nil {
+			s.closeFiles()
+			return nil, err
+		}
+		var f sourceFile
+		switch format {
+		case FormatParquet:
+			f, err = openParquet(path, wanted, opts.Allocator)
+		default:
+			f, err = openJSONL(path, wanted)
+		}
+		if err != nil {
+			s.closeFiles()
+			return nil, err
+		}
+		s.files = append(s.files, f)
+		if n := f.numRows(); n >= 0 {
+			s.total += n
+		} else {
+			s.totalKnown = false
+		}
+		if b, ok := f.(interface{ textBytes() int64 }); ok {
+			s.textBytes += b.textBytes()
+		}
+	}
+	if opts.Shuffle && !s.totalKnown {
+		if err := s.countRows(); err != nil {
+			s.closeFiles()
+			return nil, err
+		}
+	}
+	if s.totalKnown && s.total == 0 {
+		s.closeFiles()
+		return nil, fmt.Errorf("dataset: %s: no rows", strings.Join(opts.Paths, ", "))
+	}
+	s.next, s.stop = iter.Pull2(s.rows)
+	return s, nil
+}
+
+// fileColumn returns the file's name for one of our columns.
+func (s *Source) fileColumn(ours string) string {
+	if name, ok := s.opts.Columns[ours]; ok && name != "" {
+		return name
+	}
+	return ours
+}
+
+func formatOf(path string, forced Format) (Format, error) {
+	switch forced {
+	case FormatParquet, FormatJSONL:
+		return forced, nil
+	case FormatAuto:
+	default:
+		return "", fmt.Errorf("dataset: unknown format %q (want %s or %s)", forced, FormatParquet, FormatJSONL)
+	}
+	name := strings.ToLower(filepath.Base(path))
+	name = strings.TrimSuffix(name, ".gz")
+	switch filepath.Ext(name) {
+	case ".parquet", ".pq":
+		if strings.HasSuffix(strings.ToLower(path), ".gz") {
+			return "", fmt.Errorf("dataset: %s: gzip-compressed Parquet is not supported; Parquet compresses its own pages", path)
+		}
+		return FormatParquet, nil
+	case ".jsonl", ".ndjson", ".json":
+		return FormatJSONL, nil
+	}
+	return "", fmt.Errorf("dataset: %s: unknown file type (want .parquet, .jsonl, .ndjson or .json, optionally .gz for JSON lines)", path)
+}
+
+// countRows counts the rows of files whose row count is not in their
+// metadata (JSONL), so that shuffle passes can be planned.
+func (s *Source) countRows() error {
+	s.total, s.textBytes = 0, 0
+	for _, f := range s.files {
+		if c, ok := f.(interface{ count() error }); ok {
+			if err := c.count(); err != nil {
+				return err
+			}
+		}
+		s.total += f.numRows()
+		if b, ok := f.(interface{ textBytes() int64 }); ok {
+			s.textBytes += b.textBytes()
+		}
+	}
+	s.totalKnown = true
+	return nil
+}
+
+// Schema returns the schema of the record batches.
+func (s *Source) Schema() *arrow.Schema { return s.schema }
+
+// Rows returns the number of rows Next will deliver, when it is known before
+// reading (always for Parquet; for JSONL only when shuffling).
+func (s *Source) Rows() (n int64, known bool) {
+	if s.opts.Limit > 0 && (!s.totalKnown || s.opts.Limit < s.total) {
+		return s.opts.Limit, s.totalKnown
+	}
+	return s.total, s.totalKnown
+}
+
+// Next returns the next record batch, or io.EOF after the last one. The
+// caller releases the batch.
+func (s *Source) Next(ctx context.Context) (arrow.RecordBatch, error) {
+	if s.done {
+		return nil, io.EOF
+	}
+	if err := ctx.Err(); err != nil {
+		return nil, err
+	}
+	s.ctx = ctx
+	b := array.NewRecordBuilder(s.opts.Allocator, s.schema)
+	defer b.Release()
+	cols := make([]*array.StringBuilder, s.fields)
+	for i := range cols {
+		cols[i] = b.Field(i).(*array.StringBuilder)
+	}
+	n := 0
+	for n < s.opts.BatchRows {
+		r, err, ok := s.next()
+		if !ok {
+			s.done = true
+			break
+		}
+		if err != nil {
+			s.done = true
+			s.stop()
+			return nil, err
+		}
+		for i, c := range cols {
+			c.Append(r[i])
+		}
+		n++
+	}
+	if n == 0 {
+		return nil, io.EOF
+	}
+	return b.NewRecordBatch(), nil
+}
+
+// Close releases the files. It is safe to call more than once.
+func (s *Source) Close() error {
+	if s.stop != nil {
+		s.stop()
+	}
+	s.done = true
+	return s.closeFiles()
+}
+
+func (s *Source) closeFiles() error {
+	var errs []error
+	for _, f := range s.files {
+		errs = append(errs, f.close())
+	}
+	s.files = nil
+	return errors.Join(errs...)
+}
+
+// rows yields every row in delivery order, honouring Limit and Shuffle; an
+// error is yielded once, last.
+func (s *Source) rows(yield func(record, error) bool) {
+	limit := s.opts.Limit
+	emitted := int64(0)
+	emit := func(r record) bool {
+		if s.opts.SystemText != "" {
+			r[3] = s.opts.SystemText
+		}
+		if !yield(r, nil) {
+			return false
+		}
+		emitted++
+		return limit == 0 || emitted < limit
+	}
+	all := func(int64) bool { return true }
+
+	if !s.opts.Shuffle {
+		var base int64
+		for _, f := range s.files {
+			n, stopped, err := f.scan(s.ctx, base, all, emit)
+			if err != nil {
+				yield(record{}, err)
+				return
+			}
+			if stopped {
+				return
+			}
+			base += n
+		}
+		if base == 0 {
+			yield(record{}, fmt.Errorf("dataset: %s: no rows", strings.Join(s.opts.Paths, ", ")))
+		}
+		return
+	}
+
+	passes := shufflePasses(s.textBytes, s.opts.ShuffleMemory, s.total)
+	for p := range passes {
+		want := func(i int64) bool { return passOf(s.opts.Seed, i, passes) == p }
+		var buf []record
+		keep := func(r record) bool { buf = append(buf, r); return true }
+		var base int64
+		for _, f := range s.files {
+			n, _, err := f.scan(s.ctx, base, want, keep)
+			if err != nil {
+				yield(record{}, err)
+				return
+			}
+			base += n
+		}
+		rng := rand.New(rand.NewPCG(s.opts.Seed, uint64(p)))
+		rng.Shuffle(len(buf), func(i, j int) { buf[i], buf[j] = buf[j], buf[i] })
+		for i := range buf {
+			if !emit(buf[i]) {
+				return
+			}
+			buf[i] = record{} // let the text go as soon as it is delivered
+		}
+	}
+}
+
+// shufflePasses returns how many passes keep one pass's text near maxBytes.
+func shufflePasses(textBytes, maxBytes, rows int64) int64 {
+	p := (textBytes + maxBytes - 1) / maxBytes
+	return max(1, min(p, rows))
+}
+
+// passOf assigns row i to a pass with a seeded splitmix64 hash, so that the
+// assignment needs no memory and is independent of everything but the seed.
+func passOf(seed uint64, i int64, passes int64) int64 {
+	if passes == 1 {
+		return 0
+	}
+	z := seed + uint64(i)*0x9e3779b97f4a7c15 + 0x9e3779b97f4a7c15
+	z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9
+	z = (z ^ (z >> 27)) * 0x94d049bb133111eb
+	z ^= z >> 31
+	return int64(z % uint64(passes))
+}

@@ -1,0 +1,472 @@
+package dataset
+
+import (
+	"context"
+	"crypto/sha256"
+	"errors"
+	"fmt"
+	"io"
+	"os"
+	"path/filepath"
+	"slices"
+	"strings"
+	"testing"
+
+	"github.com/apache/arrow-go/v18/arrow"
+	"github.com/apache/arrow-go/v18/arrow/array"
+	"github.com/apache/arrow-go/v18/arrow/memory"
+	"github.com/apache/arrow-go/v18/parquet"
+	"github.com/apache/arrow-go/v18/parquet/pqarrow"
+)
+
+const alpacaRows = 20748
+
+// alpacaDir returns the shared alpaca-tr data directory, skipping the test
+// when it is absent.
+func alpacaDir(t testing.TB) string {
+	t.Helper()
+	dir := filepath.Join("..", "..", "shared", "data", "alpaca-tr")
+	if _, err := os.Stat(filepath.Join(dir, "alpaca-tr.jsonl.gz")); err != nil {
+		t.Skipf("alpaca-tr data not found at %s (expected next to the repository): %v", dir, err)
+	}
+	return dir
+}
+
+// turkishColumns maps our columns to the names of the Hugging Face shards.
+var turkishColumns = map[string]string{
+	ColInstruction: "instruction-turkish",
+	ColInput:       "input-turkish",
+	ColOutput:      "output-turkish",
+}
+
+// readAll reads every row of a source as string tuples, checking the
+// batches' schema and that no value is null.
+func readAll(t testing.TB, opts SourceOptions) [][]string {
+	t.Helper()
+	s, err := Open(opts)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer s.Close()
+	rows, err := drain(s)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return rows
+}
+
+func drain(s *Source) ([][]string, error) {
+	var rows [][]string
+	for {
+		rec, err := s.Next(context.Background())
+		if err == io.EOF {
+			return rows, nil
+		}
+		if err != nil {
+			return rows, err
+		}
+		if !rec.Schema().Equal(s.Schema()) {
+			return nil, fmt.Errorf("batch schema %v, want %v", rec.Schema(), s.Schema())
+		}
+		for i := range int(rec.NumRows()) {
+			row := make([]string, rec.NumCols())
+			for c := range row {
+				col := rec.Column(c).(*array.String)
+				if col.IsNull(i) {
+					return nil, fmt.Errorf("null in column %d", c)
+				}
+				row[c] = col.Value(i)
+			}
+			rows = append(rows, row)
+		}
+		rec.Release()
+	}
+}
+
+func digest(rows [][]string) [32]byte {
+	h := sha256.New()
+	for _, r := range rows {
+		for _, v := range r {
+			fmt.Fprintf(h, "%d:%s", len(v), v)
+		}
+	}
+	return [32]byte(h.Sum(nil))
+}
+
+// TestAlpacaLayoutsAgree reads the same records from the three encodings
+// (one Parquet file, two Hugging Face style shards with Turkish column names,
+// gzipped JSONL) and requires identical rows in identical order.
+func TestAlpacaLayoutsAgree(t *testing.T) {
+	dir := alpacaDir(t)
+	single := readAll(t, SourceOptions{Paths: []string{filepath.Join(dir, "parquet", "alpaca-tr.parquet")}})
+	shards, err := ExpandGlobs(dir, []string{"parquet/train-*.parquet"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	sharded := readAll(t, SourceOptions{Paths: shards, Columns: turkishColumns, BatchRows: 777})
+	jsonl := readAll(t, SourceOptions{Paths: []string{filepath.Join(dir, "alpaca-tr.jsonl.gz")}})
+
+	if len(single) != alpacaRows {
+		t.Fatalf("single Parquet: %d rows, want %d", len(single), alpacaRows)
+	}
+	for name, rows := range map[string][][]string{"shards": sharded, "jsonl": jsonl} {
+		if len(rows) != len(single) {
+			t.Fatalf("%s: %d rows, want %d", name, len(rows), len(single))
+		}
+		for i := range rows {
+			if !slices.Equal(rows[i], single[i]) {
+				t.Fatalf("%s: row %d differs:\n%q\nvs Parquet\n%q", name, i, rows[i], single[i])
+			}
+		}
+	}
+	if single[0][0] == "" || single[0][2] == "" {
+		t.Errorf("first record has empty fields: %q", single[0])
+	}
+}
+
+func TestRowsKnown(t *testing.T) {
+	dir := alpacaDir(t)
+	s, err := Open(SourceOptions{Paths: []string{filepath.Join(dir, "parquet", "alpaca-tr.parquet")}, Limit: 100})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer s.Close()
+	if n, known := s.Rows(); n != 100 || !known {
+		t.Errorf("Rows() = %d, %v; want 100, true", n, known)
+	}
+	j, err := Open(SourceOptions{Paths: []string{filepath.Join(dir, "alpaca-tr.jsonl.gz")}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer j.Close()
+	if _, known := j.Rows(); known {
+		t.Errorf("JSONL without shuffle claims a known row count")
+	}
+}
+
+func TestLimitAndShuffle(t *testing.T) {
+	dir := alpacaDir(t)
+	path := filepath.Join(dir, "parquet", "alpaca-tr.parquet")
+	all := readAll(t, SourceOptions{Paths: []string{path}})
+
+	first := readAll(t, SourceOptions{Paths: []string{path}, Limit: 300, BatchRows: 64})
+	if len(first) != 300 || digest(first) != digest(all[:300]) {
+		t.Fatalf("limit without shuffle: got %d rows, not the first 300", len(first))
+	}
+
+	// Several passes (a small memory bound) must still give a permutation.
+	shuffled := readAll(t, SourceOptions{Paths: []string{path}, Shuffle: true, Seed: 7, ShuffleMemory: 4 << 20})
+	again := readAll(t, SourceOptions{Paths: []string{path}, Shuffle: true, Seed: 7, ShuffleMemory: 4 << 20})
+	other := readAll(t, SourceOptions{Paths: []string{path}, Shuffle: true, Seed: 8, ShuffleMemory: 4 << 20})
+	if digest(shuffled) != digest(again) {
+		t.Error("same seed gave a different order")
+	}
+	if digest(shuffled) == digest(other) {
+		t.Error("different seeds gave the same order")
+	}
+	if digest(shuffled) == digest(all) {
+		t.Error("shuffle left the order unchanged")
+	}
+	key := func(r []string) string { return strings.Join(r, "\x00") }
+	sortedKeys := func(rows [][]string) []string {
+		k := make([]string, len(rows))
+		for i, r := range rows {
+			k[i] = key(r)
+		}
+		slices.Sort(k)
+		return k
+	}
+	if !slices.Equal(sortedKeys(shuffled), sortedKeys(all)) {
+		t.Fatal("shuffled rows are not a permutation of the input")
+	}
+
+	// The file is sorted by origin: 748 general records, then medical ones
+	// sharing one instruction. A shuffled sample must mix both.
+	sample := readAll(t, SourceOptions{Paths: []string{path}, Shuffle: true, Seed: 1, Limit: 500})
+	medical := 0
+	for _, r := range sample {
+		if strings.HasPrefix(r[0], "Eğer bir doktor iseniz") {
+			medical++
+		}
+	}
+	// Expected 500*20000/20748 = 482, with a standard deviation near 4.
+	if len(sample) != 500 || medical < 455 || medical > 499 {
+		t.Errorf("shuffled sample of %d rows has %d medical records; want about 482", len(sample), medical)
+	}
+}
+
+// TestShuffleUniform checks that the multi-pass shuffle is a uniform
+// permutation: over many seeds, every row lands in every position about
+// equally often.
+func TestShuffleUniform(t *testing.T) {
+	const n, seeds = 5, 4000
+	path := writeJSONL(t, n)
+	counts := [n][n]int{}
+	for seed := range uint64(seeds) {
+		rows := readAll(t, SourceOptions{Paths: []string{path}, Shuffle: true, Seed: seed, ShuffleMemory: 1})
+		if len(rows) != n {
+			t.Fatalf("seed %d: %d rows", seed, len(rows))
+		}
+		for pos, r := range rows {
+			var orig int
+			fmt.Sscanf(r[0], "talimat %d", &orig)
+			counts[orig][pos]++
+		}
+	}
+	// Each cell is Binomial(4000, 1/5): mean 800, standard deviation 25.3.
+	for orig := range n {
+		for pos := range n {
+			if c := counts[orig][pos]; c < 800-6*25 || c > 800+6*25 {
+				t.Errorf("row %d landed at position %d %d times; want about 800", orig, pos, c)
+			}
+		}
+	}
+}
+
+func writeJSONL(t *testing.T, n int) string {
+	t.Helper()
+	var b strings.Builder
+	for i := range n {
+		fmt.Fprintf(&b, "{\"instruction\":\"talimat %d\",\"input\":\"\",\"output\":\"yanıt %d\"}\n", i, i)
+	}
+	path := filepath.Join(t.TempDir(), "rows.jsonl")
+	if err := os.WriteFile(path, []byte(b.String()), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	return path
+}
+
+func TestSystemColumnAndText(t *testing.T) {
+	dir := t.TempDir()
+	path := filepath.Join(dir, "s.jsonl")
+	data := `{"instruction":"Selam ver.","input":null,"output":"Merhaba!","sys":"Kibar ol."}
+{"instruction":"Say.","input":"1, 2","output":"3","sys":null}
+`
+	if err := os.WriteFile(path, []byte(data), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	rows := readAll(t, SourceOptions{Paths: []string{path}, SystemColumn: "sys"})
+	want := [][]string{{"Selam ver.", "", "Merhaba!", "Kibar ol."}, {"Say.", "1, 2", "3", ""}}
+	if !slices.EqualFunc(rows, want, slices.Equal) {
+		t.Errorf("system column: got %q, want %q", rows, want)
+	}
+	rows = readAll(t, SourceOptions{Paths: []string{path}, SystemText: "Türkçe yanıtla."})
+	if len(rows) != 2 || rows[0][3] != "Türkçe yanıtla." || rows[1][3] != "Türkçe yanıtla." {
+		t.Errorf("system text: got %q", rows)
+	}
+	if _, err := Open(SourceOptions{Paths: []string{path}, SystemColumn: "sys", SystemText: "x"}); err == nil {
+		t.Error("both system column and system text accepted")
+	}
+}
+
+// writeParquet writes one record batch built from cols to a Parquet file.
+func writeParquet(t *testing.T, name string, fields []arrow.Field, build func(b *array.RecordBuilder)) string {
+	t.Helper()
+	b := array.NewRecordBuilder(memory.DefaultAllocator, arrow.NewSchema(fields, nil))
+	defer b.Release()
+	build(b)
+	rec := b.NewRecordBatch()
+	defer rec.Release()
+	path := filepath.Join(t.TempDir(), name)
+	f, err := os.Create(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	w, err := pqarrow.NewFileWriter(rec.Schema(), f, parquet.NewWriterProperties(), pqarrow.DefaultWriterProps())
+	if err != nil {
+		t.Fatal(err)
+	}
+	if rec.NumRows() > 0 {
+		if err := w.Write(rec); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if err := w.Close(); err != nil {
+		t.Fatal(err)
+	}
+	return path
+}
+
+var alpacaFields = []arrow.Field{
+	{Name: "instruction", Type: arrow.BinaryTypes.String, Nullable: true},
+	{Name: "input", Type: arrow.BinaryTypes.String, Nullable: true},
+	{Name: "output", Type: arrow.BinaryTypes.String, Nullable: true},
+}
+
+func appendStrings(b *array.RecordBuilder, rows ...[3]string) {
+	for _, r := range rows {
+		for c, v := range r {
+			if v == "<null>" {
+				b.Field(c).AppendNull()
+			} else {
+				b.Field(c).(*array.StringBuilder).Append(v)
+			}
+		}
+	}
+}
+
+func TestParquetNullsBecomeEmpty(t *testing.T) {
+	path := writeParquet(t, "n.parquet", alpacaFields, func(b *array.RecordBuilder) {
+		appendStrings(b, [3]string{"Bir", "<null>", "iki"}, [3]string{"Üç", "dört", "beş"})
+	})
+	rows := readAll(t, SourceOptions{Paths: []string{path}})
+	want := [][]string{{"Bir", "", "iki"}, {"Üç", "dört", "beş"}}
+	if !slices.EqualFunc(rows, want, slices.Equal) {
+		t.Errorf("got %q, want %q", rows, want)
+	}
+}
+
+// openOrNext returns the first error from opening and reading a source.
+func openOrNext(opts SourceOptions) error {
+	s, err := Open(opts)
+	if err != nil {
+		return err
+	}
+	defer s.Close()
+	_, err = drain(s)
+	return err
+}
+
+func TestBadInput(t *testing.T) {
+	dir := alpacaDir(t)
+	good := filepath.Join(dir, "parquet", "alpaca-tr.parquet")
+	shard := filepath.Join(dir, "parquet", "train-00000-of-00002.parquet")
+	tmp := t.TempDir()
+	writeFile := func(name string, data []byte) string {
+		p := filepath.Join(tmp, name)
+		if err := os.WriteFile(p, data, 0o644); err != nil {
+			t.Fatal(err)
+		}
+		return p
+	}
+	whole, err := os.ReadFile(good)
+	if err != nil {
+		t.Fatal(err)
+	}
+	truncated := writeFile("truncated.parquet", whole[:len(whole)/2])
+	notParquet := writeFile("text.parquet", []byte("instruction,input,output\nbir,iki,üç\n"))
+
+	// Overwrite the first page header of a column chunk in the middle of
+	// the file: the footer stays intact, so Open succeeds and reading fails.
+	corruptData := slices.Clone(whole)
+	{
+		s, err := Open(SourceOptions{Paths: []string{good}})
+		if err != nil {
+			t.Fatal(err)
+		}
+		meta := s.files[0].(*parquetFile).meta
+		s.Close()
+		rg := meta.RowGroup(3)
+		cc, err := rg.ColumnChunk(2)
+		if err != nil {
+			t.Fatal(err)
+		}
+		off := cc.DataPageOffset()
+		for i := range int64(32) {
+			corruptData[off+i] = 0xff
+		}
+	}
+	corrupt := writeFile("corrupt.parquet", corruptData)
+
+	intColumn := writeParquet(t, "int.parquet", []arrow.Field{
+		{Name: "instruction", Type: arrow.BinaryTypes.String},
+		{Name: "input", Type: arrow.BinaryTypes.String},
+		{Name: "output", Type: arrow.PrimitiveTypes.Int64},
+	}, func(b *array.RecordBuilder) {
+		b.Field(0).(*array.StringBuilder).Append("a")
+		b.Field(1).(*array.StringBuilder).Append("b")
+		b.Field(2).(*array.Int64Builder).Append(3)
+	})
+	badUTF8 := writeParquet(t, "utf8.parquet", alpacaFields, func(b *array.RecordBuilder) {
+		appendStrings(b, [3]string{"a", "b", "c"}, [3]string{"a", "b", "c"}, [3]string{"a", "", "Çok\xffgüzel"})
+	})
+	emptyParquet := writeParquet(t, "empty.parquet", alpacaFields, func(*array.RecordBuilder) {})
+
+	emptyJSONL := writeFile("empty.jsonl", []byte("\n\n"))
+	jsonlNumber := writeFile("number.jsonl", []byte(`{"instruction":"a","input":"","output":"b"}`+"\n"+`{"instruction":"a","input":"","output":42}`+"\n"))
+	jsonlMissing := writeFile("missing.jsonl", []byte(`{"instruction":"a","output":"b"}`+"\n"))
+	jsonlUTF8 := writeFile("utf8.jsonl", []byte(`{"instruction":"a","input":"","output":"b"}`+"\n\n"+`{"instruction":"a","input":"","output":"ş\ta`+"\xc3"+`"}`+"\n"))
+	jsonlSyntax := writeFile("syntax.jsonl", []byte(`{"instruction":"a","input":"","output":"b"}`+"\n"+`{"instruction":"a",`+"\n"))
+	gzNotGzip := writeFile("fake.jsonl.gz", []byte(`{"instruction":"a"}`))
+
+	cases := []struct {
+		name string
+		opts SourceOptions
+		want []string // substrings of the error
+	}{
+		{"missing file", SourceOptions{Paths: []string{filepath.Join(tmp, "nope.parquet")}}, []string{"nope.parquet", "no such file"}},
+		{"truncated Parquet", SourceOptions{Paths: []string{truncated}}, []string{"truncated.parquet", "not a readable Parquet file"}},
+		{"not Parquet", SourceOptions{Paths: []string{notParquet}}, []string{"text.parquet", "not a readable Parquet file"}},
+		{"corrupt Parquet page", SourceOptions{Paths: []string{corrupt}}, []string{"corrupt.parquet", "row group 3"}},
+		{"missing mapped column", SourceOptions{Paths: []string{shard}}, []string{"train-00000-of-00002.parquet", `no column "instruction"`, `"instruction-turkish"`, `"output-turkish"`}},
+		{"mapped column absent", SourceOptions{Paths: []string{good}, Columns: map[string]string{ColOutput: "cevap"}}, []string{`no column "cevap"`, `"output"`}},
+		{"unknown mapping key", SourceOptions{Paths: []string{good}, Columns: map[string]string{"answer": "output"}}, []string{`"answer"`}},
+		{"non-string Parquet column", SourceOptions{Paths: []string{intColumn}}, []string{"int.parquet", `column "output" has type int64, not string`}},
+		{"invalid UTF-8 in Parquet", SourceOptions{Paths: []string{badUTF8}}, []string{"utf8.parquet: row 2, column output: invalid UTF-8 at byte 4"}},
+		{"empty Parquet", SourceOptions{Paths: []string{emptyParquet}}, []string{"empty.parquet", "no rows"}},
+		{"empty JSONL", SourceOptions{Paths: []string{emptyJSONL}}, []string{"empty.jsonl", "no rows"}},
+		{"non-string JSONL value", SourceOptions{Paths: []string{jsonlNumber}}, []string{"number.jsonl: line 2, column output: a number, not a string"}},
+		{"missing JSONL field", SourceOptions{Paths: []string{jsonlMissing}}, []string{"missing.jsonl: line 1", `no field "input"`, `"instruction", "output"`}},
+		{"invalid UTF-8 in JSONL", SourceOptions{Paths: []string{jsonlUTF8}}, []string{"utf8.jsonl: line 3, column output: invalid UTF-8 at byte 4"}},
+		{"invalid JSON", SourceOptions{Paths: []string{jsonlSyntax}}, []string{"syntax.jsonl: line 2: invalid JSON"}},
+		{"not gzip", SourceOptions{Paths: []string{gzNotGzip}}, []string{"fake.jsonl.gz", "not a gzip file"}},
+		{"unknown extension", SourceOptions{Paths: []string{writeFile("data.csv", []byte("a"))}}, []string{"data.csv", "unknown file type"}},
+		{"no paths", SourceOptions{}, []string{"no input files"}},
+		{"negative limit", SourceOptions{Paths: []string{good}, Limit: -1}, []string{"negative"}},
+	}
+	for _, c := range cases {
+		t.Run(c.name, func(t *testing.T) {
+			err := openOrNext(c.opts)
+			t.Log(err)
+			if err == nil {
+				t.Fatal("no error")
+			}
+			for _, w := range c.want {
+				if !strings.Contains(err.Error(), w) {
+					t.Errorf("error %q does not contain %q", err, w)
+				}
+			}
+		})
+	}
+}
+
+func TestExpandGlobs(t *testing.T) {
+	dir := t.TempDir()
+	for _, name := range []string{"b-1.jsonl", "a-2.jsonl", "a-1.jsonl", "c.parquet"} {
+		if err := os.WriteFile(filepath.Join(dir, name), nil, 0o644); err != nil {
+			t.Fatal(err)
+		}
+	}
+	got, err := ExpandGlobs(dir, []string{"c.parquet", "*.jsonl"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	var names []string
+	for _, p := range got {
+		names = append(names, filepath.Base(p))
+	}
+	want := []string{"c.parquet", "a-1.jsonl", "a-2.jsonl", "b-1.jsonl"}
+	if !slices.Equal(names, want) {
+		t.Errorf("got %v, want %v", names, want)
+	}
+	if _, err := ExpandGlobs(dir, []string{"*.csv"}); err == nil || !strings.Contains(err.Error(), `"*.csv"`) {
+		t.Errorf("pattern matching nothing: err = %v", err)
+	}
+	if _, err := ExpandGlobs(dir, []string{"[a"}); err == nil {
+		t.Error("malformed pattern accepted")
+	}
+}
+
+func TestContextCancel(t *testing.T) {
+	path := writeJSONL(t, 10)
+	s, err := Open(SourceOptions{Paths: []string{path}, BatchRows: 2})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer s.Close()
+	ctx, cancel := context.WithCancel(context.Background())
+	cancel()
+	if _, err := s.Next(ctx); !errors.Is(err, context.Canceled) {
+		t.Errorf("Next on a cancelled context: %v", err)
+	}
+}

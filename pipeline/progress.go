@@ -108,14 +108,15 @@ func (p Progress) String() string {
 	if p.Total >= 0 {
 		s += fmt.Sprintf("/%d", p.Total)
 	}
-	s += fmt.Sprintf(" rows  %.0f rows/s  %s", p.Rate(), humanBytes(p.Bytes))
+	s += fmt.Sprintf(" rows  %.0f rows/s  %s", p.Rate(), HumanBytes(p.Bytes))
 	if eta, ok := p.ETA(); ok {
 		s += "  ETA " + eta.Round(time.Second).String()
 	}
 	return s
 }
 
-func humanBytes(n int64) string {
+// HumanBytes formats a byte count for people (binary units).
+func HumanBytes(n int64) string {
 	const unit = 1024
 	if n < unit {
 		return fmt.Sprintf("%d B", n)

@@ -1,0 +1,139 @@
+package main
+
+import (
+	"fmt"
+	"log/slog"
+	"os"
+	"strconv"
+	"strings"
+	"time"
+
+	"github.com/mattn/go-isatty"
+	"github.com/spf13/cobra"
+
+	"gemmaft/pipeline"
+	"gemmaft/stages"
+)
+
+// Flags shared by the commands that use the cache.
+var (
+	cacheFlag string
+	logLevel  string
+	logFormat string
+)
+
+func init() {
+	pf := root.PersistentFlags()
+	pf.StringVar(&cacheFlag, "cache", "", "cache folder (default: $PIPELINE_CACHE, else the spec's cache:, else ~/.cache/pipeline)")
+	pf.StringVar(&logLevel, "log-level", "info", "log level: debug, info, warn or error")
+	pf.StringVar(&logFormat, "log-format", "text", "log format: text or json")
+}
+
+// newLogger writes timestamped log lines to stderr.
+func newLogger() (*slog.Logger, error) {
+	var level slog.Level
+	if err := level.UnmarshalText([]byte(logLevel)); err != nil {
+		return nil, usageErr(fmt.Errorf("--log-level %q: want debug, info, warn or error", logLevel))
+	}
+	opts := &slog.HandlerOptions{Level: level}
+	switch logFormat {
+	case "text":
+		return slog.New(slog.NewTextHandler(os.Stderr, opts)), nil
+	case "json":
+		return slog.New(slog.NewJSONHandler(os.Stderr, opts)), nil
+	}
+	return nil, usageErr(fmt.Errorf("--log-format %q: want text or json", logFormat))
+}
+
+// stderrIsTerminal decides between live progress lines and log lines.
+func stderrIsTerminal() bool {
+	return isatty.IsTerminal(os.Stderr.Fd()) || isatty.IsCygwinTerminal(os.Stderr.Fd())
+}
+
+// loadSpec loads a DAG with every stage kind; spec problems exit 2.
+func loadSpec(path string) (*pipeline.DAG, error) {
+	dag, err := pipeline.Load(path, stages.Registry())
+	if err != nil {
+		return nil, usageErr(err)
+	}
+	return dag, nil
+}
+
+// cacheRoot picks the cache folder: flag, then environment, then spec.
+func cacheRoot(dag *pipeline.DAG) string {
+	switch {
+	case cacheFlag != "":
+		return cacheFlag
+	case os.Getenv("PIPELINE_CACHE") != "":
+		return os.Getenv("PIPELINE_CACHE")
+	case dag != nil && dag.Cache != "":
+		return dag.Cache
+	}
+	return pipeline.DefaultRoot()
+}
+
+func openStore(dag *pipeline.DAG) (*pipeline.Store, error) {
+	st, err := pipeline.OpenStore(cacheRoot(dag))
+	if err != nil {
+		return nil, failErr(err)
+	}
+	return st, nil
+}
+
+// specAndStore loads the spec named by the command's first argument and
+// opens its store.
+func specAndStore(args []string) (*pipeline.DAG, *pipeline.Store, error) {
+	dag, err := loadSpec(args[0])
+	if err != nil {
+		return nil, nil, err
+	}
+	st, err := openStore(dag)
+	if err != nil {
+		return nil, nil, err
+	}
+	return dag, st, nil
+}
+
+// planErr maps a planning error to its exit code.
+func planErr(err error) error {
+	if pipeline.IsSpecError(err) {
+		return usageErr(err)
+	}
+	return failErr(err)
+}
+
+// parseAge reads a duration that may also be given in days or weeks
+// ("30d", "2w"), as people write cache ages.
+func parseAge(s string) (time.Duration, error) {
+	for suffix, unit := range map[string]time.Duration{"d": 24 * time.Hour, "w": 7 * 24 * time.Hour} {
+		if n, ok := strings.CutSuffix(s, suffix); ok {
+			f, err := strconv.ParseFloat(n, 64)
+			if err != nil || f < 0 {
+				return 0, fmt.Errorf("bad age %q: want e.g. 12h, 30d or 2w", s)
+			}
+			return time.Duration(f * float64(unit)), nil
+		}
+	}
+	d, err := time.ParseDuration(s)
+	if err != nil || d < 0 {
+		return 0, fmt.Errorf("bad age %q: want e.g. 12h, 30d or 2w", s)
+	}
+	return d, nil
+}
+
+// exactArgs is cobra.ExactArgs with a usage error that says what is wanted.
+func exactArgs(n int, what string) cobra.PositionalArgs {
+	return func(cmd *cobra.Command, args []string) error {
+		if len(args) != n {
+			return usageErr(fmt.Errorf("%s wants %s (see --help)", cmd.CommandPath(), what))
+		}
+		return nil
+	}
+}
+
+func shortKey(k string) string {
+	if len(k) > 12 {
+		return k[:12]
+	}
+	return k
+}

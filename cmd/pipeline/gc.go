@@ -1,0 +1,70 @@
+package main
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"os"
+	"os/signal"
+
+	"github.com/spf13/cobra"
+
+	"gemmaft/pipeline"
+)
+
+func init() {
+	var (
+		keepLast  int
+		olderThan string
+		dryRun    bool
+	)
+	cmd := &cobra.Command{
+		Use:   "gc",
+		Short: "Remove cache entries that recent runs do not use",
+		Long: `Remove cache entries that no recent run uses, and leftovers of interrupted runs.
+
+An entry is kept when one of the last --keep-last runs of any DAG used it, or, with
+--older-than, when it was used more recently than that. gc waits for running DAGs to
+finish, and runs started meanwhile wait for gc.`,
+		Example: `  pipeline gc                              # keep what the last 3 runs of each DAG used
+  pipeline gc --keep-last 1 --older-than 30d --dry-run`,
+		Args: exactArgs(0, "no arguments"),
+		RunE: func(cmd *cobra.Command, args []string) error {
+			if keepLast < 0 {
+				return usageErr(errors.New("--keep-last must not be negative"))
+			}
+			opts := pipeline.GCOptions{KeepLast: keepLast, DryRun: dryRun}
+			if olderThan != "" {
+				d, err := parseAge(olderThan)
+				if err != nil {
+					return usageErr(fmt.Errorf("--older-than: %w", err))
+				}
+				opts.OlderThan = d
+			}
+			st, err := openStore(nil)
+			if err != nil {
+				return err
+			}
+			ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt)
+			defer stop()
+			res, err := st.GC(ctx, opts)
+			if err != nil {
+				return failErr(err)
+			}
+			verb := "removed"
+			if dryRun {
+				verb = "would remove"
+			}
+			for _, k := range res.Removed {
+				fmt.Printf("%s %s\n", verb, k)
+			}
+			fmt.Printf("%s %d entries (%s), kept %d\n", verb, len(res.Removed), pipeline.HumanBytes(res.Freed), res.Kept)
+			return nil
+		},
+	}
+	f := cmd.Flags()
+	f.IntVar(&keepLast, "keep-last", 3, "keep the entries used by each DAG's last N runs")
+	f.StringVar(&olderThan, "older-than", "", "remove only entries unused for this long (e.g. 12h, 30d, 2w)")
+	f.BoolVar(&dryRun, "dry-run", false, "only say what would be removed")
+	root.AddCommand(cmd)
+}

@@ -1,0 +1,181 @@
+package main
+
+import (
+	"bytes"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"os"
+	"path/filepath"
+	"sort"
+	"time"
+
+	"github.com/apache/arrow-go/v18/arrow"
+	"github.com/apache/arrow-go/v18/arrow/ipc"
+	"github.com/spf13/cobra"
+
+	"gemmaft/pipeline"
+)
+
+func init() {
+	var (
+		rows   int
+		asJSON bool
+	)
+	cmd := &cobra.Command{
+		Use:   "inspect SPEC STAGE",
+		Short: "Show a stage's cached output: manifest, statistics and a few rows",
+		Args:  exactArgs(2, "a spec file and a stage name"),
+		RunE: func(cmd *cobra.Command, args []string) error {
+			entry, m, err := cachedEntry(args[0], args[1])
+			if err != nil {
+				return err
+			}
+			if asJSON {
+				data, err := os.ReadFile(filepath.Join(entry, "manifest.json"))
+				if err != nil {
+					return failErr(err)
+				}
+				_, err = os.Stdout.Write(data)
+				return err
+			}
+			printManifest(os.Stdout, entry, m)
+			if rows > 0 {
+				return printRows(os.Stdout, entry, rows)
+			}
+			return nil
+		},
+	}
+	cmd.Flags().IntVar(&rows, "rows", 3, "how many rows of the table to show")
+	cmd.Flags().BoolVar(&asJSON, "json", false, "print the manifest as JSON and nothing else")
+	root.AddCommand(cmd)
+}
+
+// cachedEntry finds the current, valid entry of one stage of a spec.
+func cachedEntry(spec, stage string) (string, *pipeline.Manifest, error) {
+	dag, st, err := specAndStore([]string{spec})
+	if err != nil {
+		return "", nil, err
+	}
+	defer st.Close()
+	plan, err := st.Plan(dag, pipeline.Options{Only: stage})
+	if err != nil {
+		return "", nil, planErr(err)
+	}
+	step := plan.Step(stage)
+	switch step.State {
+	case pipeline.Valid:
+		return st.EntryDir(step.Key), step.Manifest, nil
+	case pipeline.Damaged:
+		return "", nil, failErr(fmt.Errorf("stage %s: cache entry %s is damaged (%v); run `pipeline run %s --until %s` to recompute it", stage, shortKey(step.Key), step.Damage, spec, stage))
+	}
+	return "", nil, failErr(fmt.Errorf("stage %s is not cached (%s); run `pipeline run %s --until %s` first", stage, step.Reason, spec, stage))
+}
+
+func printManifest(w io.Writer, entry string, m *pipeline.Manifest) {
+	fmt.Fprintf(w, "stage     %s (%s, version %d)\n", m.Stage, m.Kind, m.KindVersion)
+	fmt.Fprintf(w, "key       %s\n", m.Key)
+	fmt.Fprintf(w, "entry     %s\n", entry)
+	fmt.Fprintf(w, "computed  %s in %.2fs by pipeline %s\n", m.Finished.Local().Format(time.DateTime), m.Seconds, m.Program)
+	fmt.Fprintf(w, "rows      %d\n", m.Rows)
+	fmt.Fprintf(w, "params    %s\n", m.Params)
+	for _, in := range m.Inputs {
+		fmt.Fprintf(w, "input     %s %s\n", in.Stage, shortKey(in.Key))
+	}
+	for _, f := range m.Files {
+		fmt.Fprintf(w, "reads     %s (%s, sha256 %s)\n", f.Path, pipeline.HumanBytes(f.Size), shortKey(f.SHA256))
+	}
+	for _, o := range m.Outputs {
+		fmt.Fprintf(w, "output    %s (%s)\n", o.Path, pipeline.HumanBytes(o.Size))
+	}
+	names := make([]string, 0, len(m.Stats))
+	for k := range m.Stats {
+		names = append(names, k)
+	}
+	sort.Strings(names)
+	for _, k := range names {
+		v, _ := json.Marshal(m.Stats[k])
+		fmt.Fprintf(w, "stat      %s = %s\n", k, v)
+	}
+}
+
+// printRows shows the first n rows of the entry's table as JSON objects,
+// shortening long strings and lists so a row fits on a screen.
+func printRows(w io.Writer, entry string, n int) error {
+	f, err := os.Open(filepath.Join(entry, "data.arrow"))
+	if errors.Is(err, os.ErrNotExist) {
+		return nil // a stage without a table (an adapter, a checkpoint)
+	}
+	if err != nil {
+		return failErr(err)
+	}
+	defer f.Close()
+	r, err := ipc.NewFileReader(f)
+	if err != nil {
+		return failErr(err)
+	}
+	defer r.Close()
+	fmt.Fprintf(w, "\nschema    %s\n", schemaLine(r.Schema()))
+	shown := 0
+	for b := 0; b < r.NumRecords() && shown < n; b++ {
+		rec, err := r.RecordBatch(b)
+		if err != nil {
+			return failErr(err)
+		}
+		for i := 0; i < int(rec.NumRows()) && shown < n; i++ {
+			var buf bytes.Buffer
+			buf.WriteByte('{')
+			for c, col := range rec.Columns() {
+				if c > 0 {
+					buf.WriteString(", ")
+				}
+				k, _ := json.Marshal(rec.ColumnName(c))
+				v, _ := json.Marshal(shorten(col.GetOneForMarshal(i)))
+				buf.Write(k)
+				buf.WriteString(": ")
+				buf.Write(v)
+			}
+			buf.WriteString("}\n")
+			w.Write(buf.Bytes())
+			shown++
+		}
+	}
+	return nil
+}
+
+func schemaLine(s *arrow.Schema) string {
+	var b bytes.Buffer
+	for i, f := range s.Fields() {
+		if i > 0 {
+			b.WriteString(", ")
+		}
+		fmt.Fprintf(&b, "%s %s", f.Name, f.Type)
+	}
+	return b.String()
+}
+
+func shorten(v any) any {
+	const maxString, maxList = 160, 24
+	switch x := v.(type) {
+	case string:
+		if r := []rune(x); len(r) > maxString {
+			return string(r[:maxString]) + fmt.Sprintf("… (%d more characters)", len(r)-maxString)
+		}
+	case json.RawMessage:
+		var list []json.RawMessage
+		if json.Unmarshal(x, &list) == nil && len(list) > maxList {
+			out := append([]any{}, anySlice(list[:maxList])...)
+			return append(out, fmt.Sprintf("… (%d more)", len(list)-maxList))
+		}
+	}
+	return v
+}
+
+func anySlice(xs []json.RawMessage) []any {
+	out := make([]any, len(xs))
+	for i, x := range xs {
+		out[i] = x
+	}
+	return out
+}

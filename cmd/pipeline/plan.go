@@ -1,0 +1,78 @@
+package main
+
+import (
+	"encoding/json"
+	"fmt"
+	"os"
+	"text/tabwriter"
+
+	"github.com/spf13/cobra"
+
+	"gemmaft/pipeline"
+)
+
+func init() {
+	var (
+		opts   pipeline.Options
+		asJSON bool
+	)
+	cmd := &cobra.Command{
+		Use:   "plan SPEC",
+		Short: "Show each stage's key, whether it is cached, and why it would be computed",
+		Long: `Plan the DAG in SPEC without running it: compute every stage's cache key and
+say, for each, whether its output is cached or will be computed, and why (never
+computed, parameters changed, a file's content changed, an input changed, the
+kind's version changed, the entry is damaged, forced).`,
+		Example: `  pipeline plan dags/gemma12b.yaml
+  pipeline plan dags/gemma12b.yaml --until pack --json`,
+		Args: exactArgs(1, "one spec file"),
+		RunE: func(cmd *cobra.Command, args []string) error {
+			dag, st, err := specAndStore(args)
+			if err != nil {
+				return err
+			}
+			defer st.Close()
+			plan, err := st.Plan(dag, opts)
+			if err != nil {
+				return planErr(err)
+			}
+			type row struct {
+				Stage  string `json:"stage"`
+				Kind   string `json:"kind"`
+				Key    string `json:"key"`
+				Action string `json:"action"` // cached, compute, skip
+				Why    string `json:"why,omitempty"`
+			}
+			var rows []row
+			for _, s := range plan.Steps {
+				r := row{Stage: s.Node.Name, Kind: s.Node.KindName, Key: s.Key, Why: s.Reason}
+				switch {
+				case !s.Selected:
+					r.Action, r.Why = "skip", "not selected"
+				case s.Compute:
+					r.Action = "compute"
+				default:
+					r.Action, r.Why = "cached", ""
+				}
+				rows = append(rows, r)
+			}
+			if asJSON {
+				enc := json.NewEncoder(os.Stdout)
+				enc.SetIndent("", "  ")
+				return enc.Encode(rows)
+			}
+			w := tabwriter.NewWriter(os.Stdout, 0, 4, 2, ' ', 0)
+			fmt.Fprintln(w, "STAGE\tKIND\tKEY\tACTION\tWHY")
+			for _, r := range rows {
+				fmt.Fprintf(w, "%s\t%s\t%s\t%s\t%s\n", r.Stage, r.Kind, shortKey(r.Key), r.Action, r.Why)
+			}
+			return w.Flush()
+		},
+	}
+	f := cmd.Flags()
+	f.StringVar(&opts.Until, "until", "", "plan this stage and the stages it needs")
+	f.StringVar(&opts.Only, "only", "", "plan only this stage")
+	f.StringArrayVar(&opts.Force, "force", nil, "plan as if this stage were forced (repeatable; \"all\")")
+	f.BoolVar(&asJSON, "json", false, "print JSON with full keys")
+	root.AddCommand(cmd)
+}

@@ -1,0 +1,65 @@
+package main
+
+import (
+	"fmt"
+	"os"
+	"text/tabwriter"
+	"time"
+
+	"github.com/spf13/cobra"
+
+	"gemmaft/pipeline"
+)
+
+func init() {
+	cmd := &cobra.Command{
+		Use:   "status SPEC",
+		Short: "Show the state of each stage's cached output and of the last run",
+		Long: `Show, for each stage of SPEC, whether its current output is cached, missing or
+damaged, with its rows, size and when it was computed; whether a run of SPEC is in
+progress now; and how the last run ended.`,
+		Args: exactArgs(1, "one spec file"),
+		RunE: func(cmd *cobra.Command, args []string) error {
+			dag, st, err := specAndStore(args)
+			if err != nil {
+				return err
+			}
+			defer st.Close()
+			s, err := st.Status(dag)
+			if err != nil {
+				return planErr(err)
+			}
+			fmt.Printf("dag %s (%s)\ncache %s\n", dag.Name, dag.Path, st.Root)
+			if s.RunningBy != "" {
+				fmt.Printf("running now: %s\n", s.RunningBy)
+			}
+			if s.Last != nil {
+				result := "ok"
+				if !s.Last.OK {
+					result = "FAILED: " + s.Last.Error
+				}
+				fmt.Printf("last run: %s, %.1fs, %s\n", s.Last.Started.Local().Format(time.DateTime), s.Last.Seconds, result)
+			} else {
+				fmt.Println("last run: never")
+			}
+			fmt.Println()
+			w := tabwriter.NewWriter(os.Stdout, 0, 4, 2, ' ', 0)
+			fmt.Fprintln(w, "STAGE\tKIND\tSTATE\tROWS\tSIZE\tCOMPUTED\tKEY")
+			for _, e := range s.Stages {
+				rows, size, when := "-", "-", "-"
+				if e.Manifest != nil {
+					rows = fmt.Sprint(e.Manifest.Rows)
+					size = pipeline.HumanBytes(e.Size)
+					when = e.Manifest.Finished.Local().Format(time.DateTime)
+				}
+				state := e.State
+				if e.Damage != nil {
+					state += " (" + e.Damage.Error() + ")"
+				}
+				fmt.Fprintf(w, "%s\t%s\t%s\t%s\t%s\t%s\t%s\n", e.Name, e.Kind, state, rows, size, when, shortKey(e.Key))
+			}
+			return w.Flush()
+		},
+	}
+	root.AddCommand(cmd)
+}

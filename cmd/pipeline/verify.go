@@ -1,0 +1,66 @@
+package main
+
+import (
+	"fmt"
+
+	"github.com/spf13/cobra"
+
+	"gemmaft/pipeline"
+)
+
+func init() {
+	var remove bool
+	cmd := &cobra.Command{
+		Use:   "verify [SPEC]",
+		Short: "Re-hash cache entries and report damaged ones",
+		Long: `Re-hash every output file of every cache entry (or, with SPEC, of that DAG's
+current entries) and compare with the digests in their manifests. Exits 1 if any
+entry is damaged; a later run recomputes damaged entries by itself, and --remove
+deletes them now.`,
+		Args: cobra.MaximumNArgs(1),
+		RunE: func(cmd *cobra.Command, args []string) error {
+			var (
+				st   *pipeline.Store
+				keys []string
+				err  error
+			)
+			if len(args) == 1 {
+				var dag *pipeline.DAG
+				dag, st, err = specAndStore(args)
+				if err != nil {
+					return err
+				}
+				plan, err := st.Plan(dag, pipeline.Options{})
+				if err != nil {
+					return planErr(err)
+				}
+				for _, s := range plan.Steps {
+					keys = append(keys, s.Key)
+				}
+			} else if st, err = openStore(nil); err != nil {
+				return err
+			}
+			defer st.Close()
+			bad, checked, err := st.Verify(keys)
+			if err != nil {
+				return failErr(err)
+			}
+			for _, d := range bad {
+				fmt.Printf("damaged %s: %v\n", d.Key, d.Err)
+				if remove {
+					if err := st.Remove(d.Key); err != nil {
+						return failErr(err)
+					}
+					fmt.Printf("removed %s\n", d.Key)
+				}
+			}
+			fmt.Printf("verified %d entries, %d damaged\n", checked, len(bad))
+			if len(bad) > 0 {
+				return &exitError{exitFailed, fmt.Errorf("%d damaged cache entries", len(bad))}
+			}
+			return nil
+		},
+	}
+	cmd.Flags().BoolVar(&remove, "remove", false, "delete damaged entries")
+	root.AddCommand(cmd)
+}

@@ -1,0 +1,67 @@
+package pipeline
+
+import (
+	"os"
+	"path/filepath"
+	"strings"
+
+	"github.com/gofrs/flock"
+)
+
+// Status is the state of a DAG's outputs in a store.
+type Status struct {
+	RunningBy string     // who holds the DAG's lock now ("" when nobody)
+	Last      *RunRecord // the last run, or nil
+	Stages    []StageStatus
+}
+
+// StageStatus is one stage's current output.
+type StageStatus struct {
+	Name, Kind, Key string
+	State           string // cached, missing, damaged
+	Damage          error
+	Manifest        *Manifest
+	Size            int64
+}
+
+// Status looks at every stage's current entry without running anything.
+func (s *Store) Status(dag *DAG) (*Status, error) {
+	plan, err := s.Plan(dag, Options{})
+	if err != nil {
+		return nil, err
+	}
+	out := &Status{Last: plan.last, RunningBy: s.lockHolder(dag)}
+	for _, st := range plan.Steps {
+		ss := StageStatus{Name: st.Node.Name, Kind: st.Node.KindName, Key: st.Key, Manifest: st.Manifest, Damage: st.Damage}
+		switch st.State {
+		case Valid:
+			ss.State = "cached"
+			for _, o := range st.Manifest.Outputs {
+				ss.Size += o.Size
+			}
+		case Damaged:
+			ss.State = "damaged"
+		default:
+			ss.State = "missing"
+		}
+		out.Stages = append(out.Stages, ss)
+	}
+	return out, nil
+}
+
+// lockHolder says who runs dag now, or "" if nobody does.
+func (s *Store) lockHolder(dag *DAG) string {
+	base := filepath.Join(s.Root, "locks", "dag-"+dagID(dag))
+	l := flock.New(base + ".lock")
+	if ok, err := l.TryLock(); err != nil || ok {
+		if ok {
+			l.Unlock()
+		}
+		return ""
+	}
+	holder, _ := os.ReadFile(base + ".holder")
+	if h := strings.TrimSpace(string(holder)); h != "" {
+		return h
+	}
+	return "another process"
+}

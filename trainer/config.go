@@ -354,8 +354,9 @@ const (
 	FormatOriginal ConfigFormat = "original"
 )
 
-// MarshalConfig renders c as a text-only Gemma3ForCausalLM config.json that
-// transformers loads.
+// MarshalConfig renders c as a config.json that transformers loads: a
+// text-only Gemma3ForCausalLM, or with c.Multimodal a
+// Gemma3ForConditionalGeneration whose text model is c.
 func (c *Config) MarshalConfig(format ConfigFormat) ([]byte, error) {
 	if err := c.Validate(); err != nil {
 		return nil, err
@@ -433,6 +434,31 @@ func (c *Config) MarshalConfig(format ConfigFormat) ([]byte, error) {
 		m["torch_dtype"] = c.DType
 	default:
 		return nil, fmt.Errorf("config: unknown format %q", format)
+	}
+	if c.Multimodal {
+		// The multimodal layout nests the text model under text_config.
+		// The vision tower is described minimally; its weights are never
+		// written, as text fine-tuning does not read them.
+		delete(m, "architectures")
+		top := map[string]any{
+			"architectures": []string{"Gemma3ForConditionalGeneration"},
+			"model_type":    "gemma3",
+			"text_config":   m,
+			"vision_config": map[string]any{
+				"model_type": "siglip_vision_model", "hidden_size": 16, "intermediate_size": 32,
+				"num_hidden_layers": 1, "num_attention_heads": 2, "image_size": 28, "patch_size": 14,
+			},
+			"mm_tokens_per_image": 4,
+			"boi_token_index":     255999,
+			"eoi_token_index":     256000,
+			"image_token_index":   262144,
+		}
+		for _, k := range []string{"dtype", "torch_dtype"} {
+			if v, ok := m[k]; ok {
+				top[k] = v
+			}
+		}
+		return json.MarshalIndent(top, "", "  ")
 	}
 	return json.MarshalIndent(m, "", "  ")
 }

@@ -68,8 +68,13 @@ func WriteRandomCheckpoint(dir string, cfg *Config, opts InitOptions) error {
 		return err
 	}
 	specs := c.tensorSpecs()
+	prefix := "model."
+	if c.Multimodal {
+		// The original multimodal release's layout.
+		prefix = "language_model.model."
+	}
 	for i := range specs {
-		specs[i].name = "model." + specs[i].name
+		specs[i].name = prefix + specs[i].name
 	}
 	sort.Slice(specs, func(i, j int) bool { return specs[i].name < specs[j].name })
 
@@ -142,6 +147,10 @@ func writeRandomShard(path string, specs []tensorSpec, dt safetensors.DType, opt
 		return err
 	}
 	defer os.Remove(tmp.Name())
+	if err := tmp.Chmod(0o644); err != nil {
+		tmp.Close()
+		return err
+	}
 	w := bufio.NewWriterSize(tmp, 4<<20)
 	var lenBuf [8]byte
 	binary.LittleEndian.PutUint64(lenBuf[:], uint64(len(js)))

@@ -384,3 +384,26 @@ func (m *Model) LossAndGrad(a *Adapter, b *Batch, normalizer float64, dropoutSee
 	sum, count = r.run(true, normalizer)
 	return sum, count, nil
 }
+
+// Logits returns the logits [T×VocabSize] at every position of the batch.
+// It holds them all at once, so it is meant for checks on small
+// vocabularies or short batches; training uses the chunked LMHeadLoss.
+func (m *Model) Logits(a *Adapter, b *Batch) ([]float32, error) {
+	r, err := newRunner(m, a, b, 0, false)
+	if err != nil {
+		return nil, err
+	}
+	c := m.Config
+	T, Hd := r.T, c.Hidden
+	x := make([]float32, T*Hd)
+	Embed(x, m.Embed, b.IDs, Hd, m.EmbedScale())
+	var lc layerCache
+	for l := 0; l < c.Layers; l++ {
+		x = r.layerForward(l, x, &lc)
+	}
+	xf, rstd := make([]float32, T*Hd), make([]float32, T)
+	RMSNorm(xf, x, m.FinalNorm, rstd, T, Hd, c.RMSNormEps)
+	logits := make([]float32, T*c.VocabSize)
+	Matmul(logits, xf, m.Embed, T, c.VocabSize, Hd, false)
+	return logits, nil
+}

@@ -1,0 +1,176 @@
+package trainer
+
+import (
+	"encoding/json"
+	"fmt"
+	"os"
+	"path/filepath"
+	"strings"
+
+	"gemmaft/trainer/safetensors"
+)
+
+// PEFT's file names inside an adapter directory.
+const (
+	AdapterWeightsFile = "adapter_model.safetensors"
+	AdapterConfigFile  = "adapter_config.json"
+)
+
+// peftPrefix is the key prefix PEFT gives the text model's layers for the
+// base checkpoint m was loaded from: PEFT wraps the model as
+// base_model.model, and transformers 5 names the text decoder model.* in
+// Gemma3ForCausalLM and model.language_model.* in the multimodal class.
+func (m *Model) peftPrefix() string {
+	if m.Prefix == "model." {
+		return "base_model.model.model."
+	}
+	return "base_model.model.model.language_model."
+}
+
+// adapterConfigJSON is the subset of PEFT's LoraConfig we write and read.
+type adapterConfigJSON struct {
+	PeftType            string         `json:"peft_type"`
+	TaskType            string         `json:"task_type"`
+	BaseModelNameOrPath string         `json:"base_model_name_or_path"`
+	R                   int            `json:"r"`
+	LoraAlpha           float64        `json:"lora_alpha"`
+	LoraDropout         float64        `json:"lora_dropout"`
+	TargetModules       []string       `json:"target_modules"`
+	Bias                string         `json:"bias"`
+	FanInFanOut         bool           `json:"fan_in_fan_out"`
+	InferenceMode       bool           `json:"inference_mode"`
+	InitLoraWeights     bool           `json:"init_lora_weights"`
+	UseRSLora           bool           `json:"use_rslora"`
+	UseDora             bool           `json:"use_dora"`
+	ModulesToSave       []string       `json:"modules_to_save"`
+	LayersToTransform   []int          `json:"layers_to_transform"`
+	LayersPattern       []string       `json:"layers_pattern"`
+	RankPattern         map[string]int `json:"rank_pattern"`
+	AlphaPattern        map[string]int `json:"alpha_pattern"`
+	Revision            *string        `json:"revision"`
+}
+
+// SaveAdapter writes a in PEFT's format into dir: adapter_model.safetensors
+// with the key names PEFT uses for m's checkpoint, in float32, and
+// adapter_config.json. baseModel is recorded as base_model_name_or_path.
+func (m *Model) SaveAdapter(dir string, a *Adapter, baseModel string) error {
+	if err := os.MkdirAll(dir, 0o755); err != nil {
+		return err
+	}
+	prefix := m.peftPrefix()
+	var ts []safetensors.Tensor
+	for li, mods := range a.Layers {
+		for _, mod := range AllModules {
+			w, ok := mods[mod]
+			if !ok {
+				continue
+			}
+			key := fmt.Sprintf("%slayers.%d.%s.%s", prefix, li, mod.parent(), mod)
+			ab, _ := safetensors.EncodeFloat32(safetensors.F32, w.A)
+			bb, _ := safetensors.EncodeFloat32(safetensors.F32, w.B)
+			ts = append(ts,
+				safetensors.Tensor{Name: key + ".lora_A.weight", DType: safetensors.F32, Shape: []int{w.R, w.In}, Data: ab},
+				safetensors.Tensor{Name: key + ".lora_B.weight", DType: safetensors.F32, Shape: []int{w.Out, w.R}, Data: bb})
+		}
+	}
+	if err := safetensors.WriteFile(filepath.Join(dir, AdapterWeightsFile), ts, map[string]string{"format": "pt"}); err != nil {
+		return err
+	}
+	var targets []string
+	for _, mod := range a.Config.sortedModules() {
+		targets = append(targets, string(mod))
+	}
+	cfg := adapterConfigJSON{
+		PeftType: "LORA", TaskType: "CAUSAL_LM", BaseModelNameOrPath: baseModel,
+		R: a.Config.R, LoraAlpha: a.Config.Alpha, LoraDropout: a.Config.Dropout,
+		TargetModules: targets, Bias: "none", InferenceMode: true, InitLoraWeights: true,
+		RankPattern: map[string]int{}, AlphaPattern: map[string]int{},
+	}
+	b, err := json.MarshalIndent(cfg, "", "  ")
+	if err != nil {
+		return err
+	}
+	return safetensors.WriteAtomic(filepath.Join(dir, AdapterConfigFile), b)
+}
+
+// LoadAdapter reads a PEFT LoRA adapter from dir and checks that it was
+// made for m: every key must name one of m's layers and projections under
+// the prefix PEFT uses for m's checkpoint, with shapes m implies.
+func (m *Model) LoadAdapter(dir string) (*Adapter, error) {
+	cb, err := os.ReadFile(filepath.Join(dir, AdapterConfigFile))
+	if err != nil {
+		return nil, err
+	}
+	var ac adapterConfigJSON
+	if err := json.Unmarshal(cb, &ac); err != nil {
+		return nil, fmt.Errorf("%s: %v", filepath.Join(dir, AdapterConfigFile), err)
+	}
+	if ac.PeftType != "LORA" {
+		return nil, fmt.Errorf("%s: peft_type %q is not LORA", dir, ac.PeftType)
+	}
+	if ac.UseDora || ac.UseRSLora || ac.FanInFanOut || (ac.Bias != "" && ac.Bias != "none") || len(ac.RankPattern) > 0 || len(ac.AlphaPattern) > 0 {
+		return nil, fmt.Errorf("%s: DoRA, rsLoRA, fan_in_fan_out, biases and rank/alpha patterns are not supported", dir)
+	}
+	lc := LoRAConfig{R: ac.R, Alpha: ac.LoraAlpha, Dropout: ac.LoraDropout}
+	for _, t := range ac.TargetModules {
+		mod, err := ParseModule(t)
+		if err != nil {
+			return nil, fmt.Errorf("%s: %v", dir, err)
+		}
+		lc.Targets = append(lc.Targets, mod)
+	}
+	if err := lc.Validate(); err != nil {
+		return nil, fmt.Errorf("%s: %v", dir, err)
+	}
+	path := filepath.Join(dir, AdapterWeightsFile)
+	f, err := safetensors.Open(path)
+	if err != nil {
+		return nil, err
+	}
+	defer f.Close()
+	a := &Adapter{Config: lc, Layers: make([]map[Module]*LoRAWeights, m.Config.Layers)}
+	want := map[string]bool{}
+	prefix := m.peftPrefix()
+	for li := range a.Layers {
+		a.Layers[li] = map[Module]*LoRAWeights{}
+		for _, mod := range lc.Targets {
+			out, in := m.Config.ProjShape(mod)
+			key := fmt.Sprintf("%slayers.%d.%s.%s", prefix, li, mod.parent(), mod)
+			w := &LoRAWeights{R: lc.R, In: in, Out: out, GradA: make([]float32, lc.R*in), GradB: make([]float32, out*lc.R)}
+			for _, part := range []struct {
+				name  string
+				shape []int
+				dst   *[]float32
+			}{{".lora_A.weight", []int{lc.R, in}, &w.A}, {".lora_B.weight", []int{out, lc.R}, &w.B}} {
+				name := key + part.name
+				want[name] = true
+				info, ok := f.Header.Lookup(name)
+				if !ok {
+					return nil, fmt.Errorf("%s: tensor %s missing: the adapter was not made for this model (%d layers, %s checkpoint)", path, name, m.Config.Layers, m.Config.Architecture)
+				}
+				if !equalShape(info.Shape, part.shape) {
+					return nil, fmt.Errorf("%s: tensor %s has shape %v, this model needs %v: the adapter was made for another model", path, name, info.Shape, part.shape)
+				}
+				_, data, err := f.Float32(name)
+				if err != nil {
+					return nil, err
+				}
+				if i := firstNonFinite(data); i >= 0 {
+					return nil, fmt.Errorf("%s: tensor %s holds a non-finite value at element %d", path, name, i)
+				}
+				*part.dst = data
+			}
+			a.Layers[li][mod] = w
+		}
+	}
+	for _, t := range f.Header.Tensors {
+		if !want[t.Name] {
+			hint := ""
+			if !strings.HasPrefix(t.Name, prefix) {
+				hint = fmt.Sprintf(" (keys for this model start with %q)", prefix)
+			}
+			return nil, fmt.Errorf("%s: unexpected tensor %s%s: the adapter was made for another model or target modules", path, t.Name, hint)
+		}
+	}
+	return a, nil
+}

@@ -113,6 +113,11 @@ func (e *Engine) Run(ctx context.Context, dag *DAG, opts Options) (*RunRecord, e
 		rec.Error = err.Error()
 	}
 	rec.HashedBytes = e.Store.HashedBytes()
+	if len(rec.Stages) > 0 { // planned: worth keeping for plan's reasons and gc
+		if recErr := e.Store.recordRun(dag, rec); recErr != nil {
+			e.log().Warn("could not record the run", "err", recErr)
+		}
+	}
 	if saveErr := e.Store.stats.Save(); saveErr != nil && err == nil {
 		e.log().Warn("could not save the file digest cache", "err", saveErr)
 	}
@@ -153,11 +158,7 @@ func (e *Engine) run(ctx context.Context, dag *DAG, opts Options, rec *RunRecord
 	for i, st := range plan.Steps {
 		x.records[st] = &rec.Stages[i]
 	}
-	err = x.execute(ctx)
-	if st := e.Store.recordRun(dag, rec); st != nil {
-		e.log().Warn("could not record the run", "err", st)
-	}
-	return err
+	return x.execute(ctx)
 }
 
 // lockDAG takes the lock of dag, waiting for another run of it unless NoWait.

@@ -79,7 +79,9 @@ func printManifest(w io.Writer, entry string, m *pipeline.Manifest) {
 	fmt.Fprintf(w, "entry     %s\n", entry)
 	fmt.Fprintf(w, "computed  %s in %.2fs by pipeline %s\n", m.Finished.Local().Format(time.DateTime), m.Seconds, m.Program)
 	fmt.Fprintf(w, "rows      %d\n", m.Rows)
-	fmt.Fprintf(w, "params    %s\n", m.Params)
+	var params bytes.Buffer
+	json.Compact(&params, m.Params)
+	fmt.Fprintf(w, "params    %s\n", params.String())
 	for _, in := range m.Inputs {
 		fmt.Fprintf(w, "input     %s %s\n", in.Stage, shortKey(in.Key))
 	}

@@ -1,0 +1,90 @@
+package main
+
+import (
+	"errors"
+	"fmt"
+	"io"
+	"os"
+	"path/filepath"
+
+	"github.com/spf13/cobra"
+
+	"gemmaft/dataset"
+)
+
+func init() {
+	var format, out string
+	cmd := &cobra.Command{
+		Use:   "export SPEC STAGE --format jsonl|parquet|arrow --out FILE",
+		Short: "Write a stage's cached table to a file for other tools",
+		Long: `Write the cached table of STAGE to FILE: as JSON lines (one object per row, lists as
+JSON arrays), as Parquet, or as the Arrow IPC file itself. The stage must be cached;
+run it first. FILE appears only when complete.`,
+		Example: `  pipeline export dags/gemma12b.yaml pack --format parquet --out packed.parquet
+  pipeline export dags/demo.yaml chat --format jsonl --out - | head`,
+		Args: exactArgs(2, "a spec file and a stage name"),
+		RunE: func(cmd *cobra.Command, args []string) error {
+			if out == "" {
+				return usageErr(errors.New("--out is required (a file, or - for standard output)"))
+			}
+			var write func(w io.Writer, table string) error
+			switch format {
+			case "jsonl":
+				write = func(w io.Writer, table string) error { _, err := dataset.ExportJSONL(w, table); return err }
+			case "parquet":
+				write = func(w io.Writer, table string) error { _, err := dataset.ExportParquet(w, table); return err }
+			case "arrow":
+				write = copyFile
+			default:
+				return usageErr(fmt.Errorf("--format %q: want jsonl, parquet or arrow", format))
+			}
+			entry, _, err := cachedEntry(args[0], args[1])
+			if err != nil {
+				return err
+			}
+			table := filepath.Join(entry, "data.arrow")
+			if _, err := os.Stat(table); err != nil {
+				return failErr(fmt.Errorf("stage %s has no table to export (its entry holds files: %s)", args[1], entry))
+			}
+			if out == "-" {
+				return write(os.Stdout, table)
+			}
+			if err := writeAtomic(out, func(w io.Writer) error { return write(w, table) }); err != nil {
+				return failErr(err)
+			}
+			fmt.Fprintf(os.Stderr, "wrote %s\n", out)
+			return nil
+		},
+	}
+	cmd.Flags().StringVar(&format, "format", "jsonl", "jsonl, parquet or arrow")
+	cmd.Flags().StringVar(&out, "out", "", "output file, or - for standard output")
+	root.AddCommand(cmd)
+}
+
+func copyFile(w io.Writer, path string) error {
+	f, err := os.Open(path)
+	if err != nil {
+		return err
+	}
+	defer f.Close()
+	_, err = io.Copy(w, f)
+	return err
+}
+
+// writeAtomic writes path through a temporary file renamed into place, so
+// an interrupted export leaves no half-written file.
+func writeAtomic(path string, write func(io.Writer) error) error {
+	tmp, err := os.CreateTemp(filepath.Dir(path), "."+filepath.Base(path)+".tmp*")
+	if err != nil {
+		return err
+	}
+	defer os.Remove(tmp.Name())
+	if err := write(tmp); err != nil {
+		tmp.Close()
+		return err
+	}
+	if err := tmp.Close(); err != nil {
+		return err
+	}
+	return os.Rename(tmp.Name(), path)
+}

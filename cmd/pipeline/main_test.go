@@ -1,0 +1,207 @@
+package main
+
+import (
+	"bytes"
+	"encoding/json"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strings"
+	"testing"
+)
+
+// The tests run the CLI as a child process (this test binary with
+// PIPELINE_CLI set), the way users and cron run it.
+
+func TestMain(m *testing.M) {
+	if os.Getenv("PIPELINE_CLI") != "" {
+		os.Exit(execute(os.Args[1:]))
+	}
+	os.Exit(m.Run())
+}
+
+type cliResult struct {
+	stdout, stderr string
+	code           int
+}
+
+func runCLI(t *testing.T, dir string, args ...string) cliResult {
+	t.Helper()
+	cmd := exec.Command(os.Args[0], args...)
+	cmd.Dir = dir
+	cmd.Env = append(os.Environ(), "PIPELINE_CLI=1", "PIPELINE_CACHE="+filepath.Join(dir, "cache"))
+	var out, errb bytes.Buffer
+	cmd.Stdout, cmd.Stderr = &out, &errb
+	err := cmd.Run()
+	res := cliResult{stdout: out.String(), stderr: errb.String()}
+	if ee, ok := err.(*exec.ExitError); ok {
+		res.code = ee.ExitCode()
+	} else if err != nil {
+		t.Fatal(err)
+	}
+	return res
+}
+
+func writeFile(t *testing.T, path, content string) {
+	t.Helper()
+	if err := os.MkdirAll(filepath.Dir(path), 0o755); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.WriteFile(path, []byte(content), 0o644); err != nil {
+		t.Fatal(err)
+	}
+}
+
+const sampleJSONL = `{"instruction": "Türkiye'nin başkenti neresidir?", "input": "", "output": "Ankara."}
+{"instruction": "Topla", "input": "2 ve 3", "output": "5"}
+{"instruction": "Bir renk söyle", "input": "", "output": "Mavi."}
+`
+
+func TestSpecErrorsExit2(t *testing.T) {
+	dir := t.TempDir()
+	writeFile(t, filepath.Join(dir, "data.jsonl"), sampleJSONL)
+	cases := map[string]struct {
+		spec string
+		want string
+	}{
+		"unknown kind":  {"name: x\nstages:\n  a: {kind: parquett, with: {paths: [data.jsonl]}}\n", `:3:`},
+		"unknown key":   {"name: x\nstages:\n  a: {kind: jsonl, with: {paths: [data.jsonl], limt: 3}}\n", `unknown parameter "limt"`},
+		"missing file":  {"name: x\nstages:\n  a: {kind: jsonl, with: {paths: [nope.jsonl]}}\n", `no file matches "nope.jsonl"`},
+		"cycle":         {"name: x\nstages:\n  a: {kind: jsonl, needs: [a], with: {paths: [data.jsonl]}}\n", "needs itself"},
+		"bad value":     {"name: x\nstages:\n  a: {kind: jsonl, with: {paths: [data.jsonl], limit: -1}}\n", "limit: must not be negative"},
+		"missing needs": {"name: x\nstages:\n  a: {kind: jsonl, needs: [b], with: {paths: [data.jsonl]}}\n", `needs "b", which is not defined`},
+	}
+	for name, c := range cases {
+		t.Run(name, func(t *testing.T) {
+			spec := filepath.Join(dir, strings.ReplaceAll(name, " ", "_")+".yaml")
+			writeFile(t, spec, c.spec)
+			for _, cmd := range []string{"run", "plan", "status"} {
+				r := runCLI(t, dir, cmd, spec)
+				if r.code != 2 {
+					t.Errorf("%s: exit %d, want 2\n%s", cmd, r.code, r.stderr)
+				}
+				if !strings.Contains(r.stderr, spec) || !strings.Contains(r.stderr, c.want) {
+					t.Errorf("%s: message lacks the file or %q:\n%s", cmd, c.want, r.stderr)
+				}
+			}
+		})
+	}
+	if r := runCLI(t, dir, "run"); r.code != 2 {
+		t.Errorf("run without a spec: exit %d", r.code)
+	}
+	if r := runCLI(t, dir, "run", "x.yaml", "--jobz", "3"); r.code != 2 {
+		t.Errorf("unknown flag: exit %d", r.code)
+	}
+	if r := runCLI(t, dir, "frobnicate"); r.code != 2 {
+		t.Errorf("unknown command: exit %d", r.code)
+	}
+}
+
+func TestRunPlanInspectExport(t *testing.T) {
+	dir := t.TempDir()
+	writeFile(t, filepath.Join(dir, "data", "a.jsonl"), sampleJSONL)
+	spec := filepath.Join(dir, "dags", "src.yaml")
+	writeFile(t, spec, "name: src\nstages:\n  alpaca: {kind: jsonl, with: {paths: [../data/*.jsonl], system: \"Kısa cevap ver.\"}}\n")
+
+	r := runCLI(t, dir, "plan", spec)
+	if r.code != 0 || !strings.Contains(r.stdout, "compute") || !strings.Contains(r.stdout, "not computed before") {
+		t.Fatalf("plan before run: %d\n%s%s", r.code, r.stdout, r.stderr)
+	}
+	report := filepath.Join(dir, "report.json")
+	r = runCLI(t, dir, "run", spec, "--report", report)
+	if r.code != 0 || !strings.Contains(r.stdout, "computed") {
+		t.Fatalf("run: %d\n%s%s", r.code, r.stdout, r.stderr)
+	}
+	var rec struct {
+		OK     bool
+		Stages []struct{ Name, State string; Rows int64 }
+	}
+	data, _ := os.ReadFile(report)
+	if err := json.Unmarshal(data, &rec); err != nil || !rec.OK || rec.Stages[0].Rows != 3 {
+		t.Fatalf("report: %s (%v)", data, err)
+	}
+	r = runCLI(t, dir, "run", spec)
+	if r.code != 0 || !strings.Contains(r.stdout, "cached") {
+		t.Fatalf("second run: %d\n%s", r.code, r.stdout)
+	}
+	r = runCLI(t, dir, "inspect", spec, "alpaca")
+	if r.code != 0 || !strings.Contains(r.stdout, `"system": "Kısa cevap ver."`) || !strings.Contains(r.stdout, "rows      3") {
+		t.Fatalf("inspect: %d\n%s%s", r.code, r.stdout, r.stderr)
+	}
+	out := filepath.Join(dir, "out.jsonl")
+	r = runCLI(t, dir, "export", spec, "alpaca", "--format", "jsonl", "--out", out)
+	got, _ := os.ReadFile(out)
+	if r.code != 0 || strings.Count(string(got), "\n") != 3 || !strings.Contains(string(got), `"output":"Ankara."`) {
+		t.Fatalf("export jsonl: %d %s\n%s", r.code, r.stderr, got)
+	}
+	for _, f := range []string{"parquet", "arrow"} {
+		out := filepath.Join(dir, "out."+f)
+		r = runCLI(t, dir, "export", spec, "alpaca", "--format", f, "--out", out)
+		fi, err := os.Stat(out)
+		if r.code != 0 || err != nil || fi.Size() < 100 {
+			t.Fatalf("export %s: %d %s", f, r.code, r.stderr)
+		}
+	}
+	// The exported Parquet reads back through a parquet stage.
+	writeFile(t, filepath.Join(dir, "dags", "back.yaml"), "name: back\nstages:\n  again: {kind: parquet, with: {paths: [../out.parquet], system_column: system}}\n")
+	r = runCLI(t, dir, "run", filepath.Join(dir, "dags", "back.yaml"))
+	if r.code != 0 || !strings.Contains(strings.Join(strings.Fields(r.stdout), " "), "again computed 3") {
+		t.Fatalf("reading the exported parquet: %d\n%s%s", r.code, r.stdout, r.stderr)
+	}
+	r = runCLI(t, dir, "export", spec, "alpaca", "--format", "xml", "--out", out)
+	if r.code != 2 {
+		t.Errorf("bad --format: exit %d", r.code)
+	}
+}
+
+func TestBadDataFailsWithExit1(t *testing.T) {
+	dir := t.TempDir()
+	writeFile(t, filepath.Join(dir, "bad.jsonl"), "{\"instruction\": \"a\", \"output\": \"b\"}\n{not json\n")
+	spec := filepath.Join(dir, "bad.yaml")
+	writeFile(t, spec, "name: bad\nstages:\n  src: {kind: jsonl, with: {paths: [bad.jsonl]}}\n")
+	r := runCLI(t, dir, "run", spec)
+	if r.code != 1 || !strings.Contains(r.stderr, "stage src (jsonl)") || !strings.Contains(r.stderr, "bad.jsonl") {
+		t.Fatalf("exit %d, stderr:\n%s", r.code, r.stderr)
+	}
+	entries, _ := filepath.Glob(filepath.Join(dir, "cache", "entries", "*", "*"))
+	if len(entries) != 0 {
+		t.Errorf("failed run left entries %v", entries)
+	}
+	r = runCLI(t, dir, "status", spec)
+	if r.code != 0 || !strings.Contains(r.stdout, "FAILED") || !strings.Contains(r.stdout, "missing") {
+		t.Errorf("status after failure:\n%s", r.stdout)
+	}
+}
+
+func TestVerifyReportsDamage(t *testing.T) {
+	dir := t.TempDir()
+	writeFile(t, filepath.Join(dir, "a.jsonl"), sampleJSONL)
+	spec := filepath.Join(dir, "s.yaml")
+	writeFile(t, spec, "name: s\nstages:\n  src: {kind: jsonl, with: {paths: [a.jsonl]}}\n")
+	if r := runCLI(t, dir, "run", spec); r.code != 0 {
+		t.Fatal(r.stderr)
+	}
+	if r := runCLI(t, dir, "verify", spec); r.code != 0 || !strings.Contains(r.stdout, "verified 1 entries, 0 damaged") {
+		t.Fatalf("verify: %d %s", r.code, r.stdout)
+	}
+	tables, _ := filepath.Glob(filepath.Join(dir, "cache", "entries", "*", "*", "data.arrow"))
+	if len(tables) != 1 {
+		t.Fatalf("tables: %v", tables)
+	}
+	b, _ := os.ReadFile(tables[0])
+	b[len(b)/2] ^= 1
+	os.WriteFile(tables[0], b, 0o644)
+	r := runCLI(t, dir, "verify")
+	if r.code != 1 || !strings.Contains(r.stdout, "damaged") {
+		t.Fatalf("verify of a damaged entry: %d %s", r.code, r.stdout)
+	}
+	if r := runCLI(t, dir, "plan", spec); !strings.Contains(r.stdout, "damaged") {
+		t.Errorf("plan does not say why: %s", r.stdout)
+	}
+	if r := runCLI(t, dir, "run", spec); r.code != 0 || !strings.Contains(r.stdout, "computed") {
+		t.Fatalf("run after damage: %d %s", r.code, r.stdout)
+	}
+	if r := runCLI(t, dir, "gc", "--keep-last", "0", "--dry-run"); r.code != 0 || !strings.Contains(r.stdout, "would remove 1 entries") {
+		t.Fatalf("gc dry run: %d %s %s", r.code, r.stdout, r.stderr)
+	}
+}

@@ -86,4 +86,3 @@ func BenchmarkPlan(b *testing.B) {
 		})
 	}
 }
-

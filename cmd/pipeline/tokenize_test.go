@@ -1,0 +1,112 @@
+package main
+
+import (
+	"bufio"
+	"encoding/json"
+	"os"
+	"path/filepath"
+	"slices"
+	"strings"
+	"testing"
+
+	"gemmaft/tokenizer"
+)
+
+func gemmaTokenizerPath(t *testing.T) string {
+	p, err := filepath.Abs(filepath.Join("..", "..", "npm", "node_modules", "@lenml", "tokenizer-gemma3", "models", "tokenizer.json"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := os.Stat(p); err != nil {
+		t.Skipf("%s is missing; run scripts/npm-deps.sh", p)
+	}
+	return p
+}
+
+// TestTokenizeCommand runs `pipeline tokenize` on a file of texts and checks
+// every output line against the library, in order, in both modes.
+func TestTokenizeCommand(t *testing.T) {
+	tokPath := gemmaTokenizerPath(t)
+	tk, err := tokenizer.LoadFile(tokPath)
+	if err != nil {
+		t.Fatal(err)
+	}
+	dir := t.TempDir()
+	texts := []string{"", "Merhaba dünya", "<start_of_turn>user\nİyi misin?<end_of_turn>\n", "  \t\n  ", "🇹🇷 \u0000 \"quoted\""}
+	for i := range 5000 { // more than one batch
+		texts = append(texts, strings.Repeat("kelime ", i%50))
+	}
+	var in strings.Builder
+	for _, s := range texts {
+		b, _ := json.Marshal(map[string]any{"text": s, "other": 1})
+		in.Write(b)
+		in.WriteByte('\n')
+	}
+	inPath := filepath.Join(dir, "in.jsonl")
+	if err := os.WriteFile(inPath, []byte(in.String()), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	for _, add := range []bool{false, true} {
+		outPath := filepath.Join(dir, "out.jsonl")
+		args := []string{"tokenize", "--tokenizer", tokPath, "--in", inPath, "--out", outPath, "--offsets"}
+		if add {
+			args = append(args, "--add-special-tokens=true")
+		} else {
+			args = append(args, "--add-special-tokens=false")
+		}
+		if code := execute(args); code != 0 {
+			t.Fatalf("tokenize exited %d", code)
+		}
+		f, err := os.Open(outPath)
+		if err != nil {
+			t.Fatal(err)
+		}
+		sc := bufio.NewScanner(f)
+		sc.Buffer(nil, 1<<24)
+		n := 0
+		for sc.Scan() {
+			var rec struct {
+				IDs     []int32  `json:"ids"`
+				Offsets [][2]int `json:"offsets"`
+			}
+			if err := json.Unmarshal(sc.Bytes(), &rec); err != nil {
+				t.Fatalf("output line %d: %v", n+1, err)
+			}
+			ids, offs := tk.Encode(texts[n], add)
+			if !slices.Equal(rec.IDs, ids) || !slices.Equal(rec.Offsets, offs) {
+				t.Fatalf("line %d (addSpecial=%v): got %v, want %v", n+1, add, rec.IDs, ids)
+			}
+			n++
+		}
+		f.Close()
+		if n != len(texts) {
+			t.Fatalf("%d output lines for %d inputs", n, len(texts))
+		}
+	}
+}
+
+func TestTokenizeCommandErrors(t *testing.T) {
+	tokPath := gemmaTokenizerPath(t)
+	dir := t.TempDir()
+	bad := filepath.Join(dir, "bad.jsonl")
+	os.WriteFile(bad, []byte("{\"text\":\"ok\"}\n{\"txt\":\"no\"}\n"), 0o644)
+	notJSON := filepath.Join(dir, "notjson.jsonl")
+	os.WriteFile(notJSON, []byte("{\"text\":\"ok\"}\nnot json\n"), 0o644)
+	out := filepath.Join(dir, "out.jsonl")
+	cases := []struct {
+		args []string
+		code int
+	}{
+		{[]string{"tokenize", "--tokenizer", "", "--in", bad, "--out", out}, exitUsage},
+		{[]string{"tokenize", "--tokenizer", filepath.Join(dir, "missing.json"), "--in", bad, "--out", out}, exitFailed},
+		{[]string{"tokenize", "--tokenizer", tokPath, "--in", bad, "--out", out}, exitFailed},
+		{[]string{"tokenize", "--tokenizer", tokPath, "--in", notJSON, "--out", out}, exitFailed},
+		{[]string{"tokenize", "--tokenizer", tokPath, "extra-arg"}, exitUsage},
+	}
+	for _, c := range cases {
+		started = false // as in a fresh process
+		if code := execute(c.args); code != c.code {
+			t.Errorf("%v: exit %d, want %d", c.args, code, c.code)
+		}
+	}
+}

@@ -1,0 +1,169 @@
+package stages
+
+import (
+	"context"
+	"encoding/json"
+	"fmt"
+	"io"
+
+	"github.com/apache/arrow-go/v18/arrow"
+	"github.com/apache/arrow-go/v18/arrow/array"
+	"github.com/apache/arrow-go/v18/arrow/memory"
+
+	"gemmaft/packer"
+	"gemmaft/pipeline"
+)
+
+func init() { kinds["pack"] = packKind{} }
+
+// packKind packs tokenized examples into rows of exactly seq_len tokens,
+// best fit decreasing.
+type packKind struct{}
+
+type packParams struct {
+	SeqLen int `json:"seq_len"`
+	// Overlong is what happens to an example longer than seq_len: drop,
+	// truncate or split.
+	Overlong string `json:"overlong"`
+	PadID    int32  `json:"pad_id"`
+	Seed     uint64 `json:"seed"`
+}
+
+func (packKind) Version() int       { return 1 }
+func (packKind) Inputs() (int, int) { return 1, 1 }
+func (packKind) Params() any {
+	return &packParams{SeqLen: 4096, Overlong: packer.Drop.String()}
+}
+
+func (p *packParams) Validate() error {
+	if p.SeqLen < 2 || p.SeqLen > 1<<20 {
+		return &pipeline.ParamError{Param: "seq_len", Msg: fmt.Sprintf("%d is out of range", p.SeqLen), Fix: "use the model's training length, e.g. 4096"}
+	}
+	if _, err := packer.ParseOverlong(p.Overlong); err != nil {
+		return &pipeline.ParamError{Param: "overlong", Msg: fmt.Sprintf("unknown policy %q", p.Overlong), Fix: "use drop, truncate or split"}
+	}
+	if p.PadID < 0 {
+		return &pipeline.ParamError{Param: "pad_id", Msg: "must not be negative", Fix: "Gemma 3 pads with id 0"}
+	}
+	return nil
+}
+
+func (packKind) Prepare(params any, _ string) (pipeline.Stage, error) {
+	return &packStage{p: params.(*packParams)}, nil
+}
+
+type packStage struct{ p *packParams }
+
+func (*packStage) Files() []string { return nil }
+
+// rowsPerBatch keeps a packed batch near 4 MiB at seq_len 4096.
+const rowsPerBatch = 64
+
+func (s *packStage) Run(ctx context.Context, t *pipeline.Task) error {
+	overlong, _ := packer.ParseOverlong(s.p.Overlong)
+	pk, err := packer.New(packer.Options{SeqLen: s.p.SeqLen, PadID: s.p.PadID, Overlong: overlong, Seed: s.p.Seed, Dir: t.Dir})
+	if err != nil {
+		return err
+	}
+	defer pk.Close()
+
+	in := t.Inputs[0]
+	for {
+		rec, err := in.Next(ctx)
+		if err == io.EOF {
+			break
+		}
+		if err != nil {
+			return err
+		}
+		err = addExamples(pk, rec)
+		rec.Release()
+		if err != nil {
+			return err
+		}
+	}
+
+	out, err := t.Output(packer.Schema())
+	if err != nil {
+		return err
+	}
+	bb := packer.NewBatchBuilder(memory.DefaultAllocator)
+	defer bb.Release()
+	flush := func() error {
+		if bb.Len() == 0 {
+			return nil
+		}
+		rec := bb.NewRecordBatch()
+		defer rec.Release()
+		return out.Write(rec)
+	}
+	stats, err := pk.Finish(func(r packer.Row) error {
+		if err := ctx.Err(); err != nil {
+			return err
+		}
+		bb.Append(r)
+		if bb.Len() == rowsPerBatch {
+			return flush()
+		}
+		return nil
+	})
+	if err != nil {
+		return err
+	}
+	if err := flush(); err != nil {
+		return err
+	}
+	if stats.Rows == 0 {
+		return fmt.Errorf("no example fits: all %d examples were dropped or untrained (%d longer than seq_len %d); raise seq_len or use overlong: truncate",
+			stats.ExamplesIn, stats.Dropped, s.p.SeqLen)
+	}
+	setStats(t, stats)
+	t.Log.Info("packed", "rows", stats.Rows, "examples", stats.Examples, "efficiency", fmt.Sprintf("%.4f", stats.Efficiency),
+		"dropped", stats.Dropped, "truncated", stats.Truncated, "split", stats.Split)
+	return nil
+}
+
+// addExamples feeds one batch of tokenized rows to the packer.
+func addExamples(pk *packer.Packer, rec arrow.RecordBatch) error {
+	ids, err := int32Lists(rec, "input_ids")
+	if err != nil {
+		return err
+	}
+	labels, err := int32Lists(rec, "labels")
+	if err != nil {
+		return err
+	}
+	for i := 0; i < int(rec.NumRows()); i++ {
+		a, b := ids.ValueOffsets(i)
+		c, d := labels.ValueOffsets(i)
+		idv := ids.ListValues().(*array.Int32).Int32Values()
+		lv := labels.ListValues().(*array.Int32).Int32Values()
+		if err := pk.Add(idv[a:b], lv[c:d]); err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
+// int32Lists returns the column called name as a list<int32> array.
+func int32Lists(rec arrow.RecordBatch, name string) (*array.List, error) {
+	idx := rec.Schema().FieldIndices(name)
+	if len(idx) != 1 {
+		return nil, fmt.Errorf("input has no %q column (is it a tokenize stage?)", name)
+	}
+	l, ok := rec.Column(idx[0]).(*array.List)
+	if !ok || l.DataType().(*arrow.ListType).Elem().ID() != arrow.INT32 {
+		return nil, fmt.Errorf("column %q is %s, want list<int32>", name, rec.Column(idx[0]).DataType())
+	}
+	return l, nil
+}
+
+// setStats records every field of a JSON-encodable statistics struct.
+func setStats(t *pipeline.Task, stats any) {
+	data, _ := json.Marshal(stats)
+	var m map[string]any
+	json.Unmarshal(data, &m)
+	for k, v := range m {
+		t.SetStat(k, v)
+	}
+}

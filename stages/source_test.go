@@ -1,0 +1,144 @@
+package stages
+
+import (
+	"os"
+	"path/filepath"
+	"strings"
+	"testing"
+
+	"github.com/apache/arrow-go/v18/arrow"
+	"github.com/apache/arrow-go/v18/arrow/array"
+	"github.com/apache/arrow-go/v18/arrow/memory"
+
+	"gemmaft/pipeline"
+)
+
+// TestSourceBadInput checks that each kind of bad input fails its stage
+// with a message naming the problem, and leaves no cache entry.
+func TestSourceBadInput(t *testing.T) {
+	alpaca := []string{"instruction", "input", "output"}
+	cases := []struct {
+		name  string
+		setup func(dir string) string // writes the input, returns the stage's `with:`
+		want  string
+		spec  bool // a spec error, found before running
+	}{
+		{"missing file", func(dir string) string {
+			return "{paths: [absent.parquet]}"
+		}, `no file matches "absent.parquet"`, true},
+		{"corrupt parquet", func(dir string) string {
+			os.WriteFile(filepath.Join(dir, "bad.parquet"), []byte("PAR1 this is not a parquet file PAR1"), 0o644)
+			return "{paths: [bad.parquet]}"
+		}, "bad.parquet", false},
+		{"truncated parquet", func(dir string) string {
+			p := filepath.Join(dir, "cut.parquet")
+			writeParquet(t, p, stringBatch(alpaca, []string{"a", "b", "c"}, []string{"d", "e", "f"}))
+			data, _ := os.ReadFile(p)
+			os.WriteFile(p, data[:len(data)/2], 0o644)
+			return "{paths: [cut.parquet]}"
+		}, "cut.parquet", false},
+		{"missing mapped column", func(dir string) string {
+			writeParquet(t, filepath.Join(dir, "x.parquet"), stringBatch(alpaca, []string{"a", "b", "c"}))
+			return "{paths: [x.parquet], columns: {instruction: instruction-turkish}}"
+		}, "instruction-turkish", false},
+		{"non-string column", func(dir string) string {
+			schema := arrow.NewSchema([]arrow.Field{
+				{Name: "instruction", Type: arrow.BinaryTypes.String},
+				{Name: "input", Type: arrow.BinaryTypes.String},
+				{Name: "output", Type: arrow.PrimitiveTypes.Int64},
+			}, nil)
+			b := array.NewRecordBuilder(memory.DefaultAllocator, schema)
+			b.Field(0).(*array.StringBuilder).Append("a")
+			b.Field(1).(*array.StringBuilder).Append("b")
+			b.Field(2).(*array.Int64Builder).Append(7)
+			writeParquet(t, filepath.Join(dir, "int.parquet"), b.NewRecordBatch())
+			return "{paths: [int.parquet]}"
+		}, "output", false},
+		{"invalid utf-8", func(dir string) string {
+			writeParquet(t, filepath.Join(dir, "utf.parquet"), stringBatch(alpaca, []string{"a", "b", "ok"}, []string{"a", "b", "bad \xff\xfe"}))
+			return "{paths: [utf.parquet]}"
+		}, "UTF-8", false},
+		{"invalid utf-8 in jsonl", func(dir string) string {
+			os.WriteFile(filepath.Join(dir, "u.jsonl"), []byte("{\"instruction\": \"a\", \"input\": \"\", \"output\": \"x\xff\"}\n"), 0o644)
+			return "{paths: [u.jsonl]}"
+		}, "UTF-8", false},
+		{"empty parquet", func(dir string) string {
+			writeParquet(t, filepath.Join(dir, "empty.parquet"), stringBatch(alpaca))
+			return "{paths: [empty.parquet]}"
+		}, "no rows", false},
+		{"empty jsonl", func(dir string) string {
+			os.WriteFile(filepath.Join(dir, "empty.jsonl"), nil, 0o644)
+			return "{paths: [empty.jsonl]}"
+		}, "no rows", false},
+	}
+	for _, c := range cases {
+		t.Run(c.name, func(t *testing.T) {
+			r := newTestRun(t)
+			kind := "parquet"
+			with := c.setup(r.dir)
+			if strings.Contains(with, ".jsonl") {
+				kind = "jsonl"
+			}
+			spec := r.spec("name: bad\nstages:\n  src: {kind: " + kind + ", with: " + with + "}\n")
+			_, err := r.run(spec, pipeline.Options{})
+			if err == nil {
+				t.Fatal("bad input was accepted")
+			}
+			if pipeline.IsSpecError(err) != c.spec {
+				t.Errorf("spec error = %v, want %v: %v", pipeline.IsSpecError(err), c.spec, err)
+			}
+			if !c.spec && !strings.Contains(err.Error(), "stage src ("+kind+")") {
+				t.Errorf("error does not name the stage: %v", err)
+			}
+			if !strings.Contains(err.Error(), c.want) {
+				t.Errorf("error lacks %q: %v", c.want, err)
+			}
+			t.Log(err)
+			if n := r.entries(); n != 0 {
+				t.Errorf("bad input left %d cache entries", n)
+			}
+		})
+	}
+}
+
+// TestSourceLayouts reads the shared data in its three layouts and finds
+// the same records.
+func TestSourceLayouts(t *testing.T) {
+	single := sharedData(t, "parquet/alpaca-tr.parquet")
+	sharded := sharedData(t, "parquet/train-00000-of-00002.parquet")
+	jsonl := sharedData(t, "alpaca-tr.jsonl.gz")
+	r := newTestRun(t)
+	spec := r.spec(`name: layouts
+stages:
+  single: {kind: parquet, with: {paths: [` + single + `]}}
+  sharded:
+    kind: parquet
+    with:
+      paths: [` + filepath.Join(filepath.Dir(sharded), "train-*.parquet") + `]
+      columns: {instruction: instruction-turkish, input: input-turkish, output: output-turkish}
+  lines: {kind: jsonl, with: {paths: [` + jsonl + `]}}
+`)
+	rec, err := r.run(spec, pipeline.Options{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	var digests []string
+	for _, s := range rec.Stages {
+		if s.Rows != 20748 {
+			t.Errorf("%s: %d rows, want 20748", s.Name, s.Rows)
+		}
+		var sb strings.Builder
+		forEach(t, r.table(rec, s.Name), func(b arrow.RecordBatch) {
+			for i := 0; i < int(b.NumRows()); i++ {
+				for c := 0; c < 3; c++ {
+					sb.WriteString(b.Column(c).(*array.String).Value(i))
+					sb.WriteByte(0)
+				}
+			}
+		})
+		digests = append(digests, sb.String())
+	}
+	if digests[0] != digests[1] || digests[0] != digests[2] {
+		t.Error("the three layouts give different records")
+	}
+}

@@ -464,7 +464,7 @@ func runStage(ctx context.Context, s Stage, t *Task) (err error) {
 }
 
 // workersDefault is the number of worker threads a stage uses by default.
-func workersDefault() int { return runtime.NumCPU() }
+func workersDefault() int { return runtime.GOMAXPROCS(0) }
 
 // IsBusy reports whether err means another run holds the DAG's lock.
 func IsBusy(err error) bool { return errors.Is(err, ErrBusy) }

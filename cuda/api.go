@@ -55,7 +55,7 @@ func (a *driverAPI) table() []symbol {
 		{fn: &a.cuEventDestroy, name: "cuEventDestroy_v2"},
 		{fn: &a.cuEventRecord, name: "cuEventRecord"},
 		{fn: &a.cuEventSynchronize, name: "cuEventSynchronize"},
-		{fn: &a.cuEventElapsedTime, name: "cuEventElapsedTime"},
+		{fn: &a.cuEventElapsedTime, name: "cuEventElapsedTime_v2", alt: "cuEventElapsedTime"},
 		{fn: &a.cuModuleLoadData, name: "cuModuleLoadData"},
 		{fn: &a.cuModuleUnload, name: "cuModuleUnload"},
 		{fn: &a.cuModuleGetFunction, name: "cuModuleGetFunction"},

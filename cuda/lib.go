@@ -48,7 +48,8 @@ func (f *cfunc) check(args ...uintptr) error {
 type symbol struct {
 	fn       *cfunc
 	name     string
-	optional bool // absent on older versions; callers test fn.ptr
+	alt      string // an older name to fall back on
+	optional bool   // absent on older versions; callers test fn.ptr
 }
 
 // bind resolves every symbol of the table in the library h, failing on the
@@ -58,6 +59,10 @@ func bind(h uintptr, table []symbol) error {
 	for _, s := range table {
 		s.fn.name = s.name
 		s.fn.ptr = dlsym(h, s.name)
+		if s.fn.ptr == 0 && s.alt != "" {
+			s.fn.name = s.alt
+			s.fn.ptr = dlsym(h, s.alt)
+		}
 		if s.fn.ptr == 0 && !s.optional {
 			return fmt.Errorf("symbol %s missing", s.name)
 		}

@@ -1,0 +1,311 @@
+package main
+
+import (
+	"encoding/json"
+	"fmt"
+	"io"
+	"math"
+	"runtime"
+	"runtime/debug"
+	"strings"
+	"time"
+
+	"github.com/spf13/cobra"
+
+	"gemmaft/cuda"
+)
+
+func init() {
+	var asJSON, requireGPU bool
+	cmd := &cobra.Command{
+		Use:   "doctor",
+		Short: "Show the GPUs, CUDA libraries and which backend training will use",
+		Long: `doctor reports what this machine offers for training: the CUDA libraries
+(driver, NVRTC, cuBLASLt) and where each was found or looked for, their
+versions, the GPUs with their memory and compute capability, and whether
+training will run on the GPU or fall back to the CPU backend. With a GPU it
+also compiles a kernel and runs a small matrix product as a self-test.
+
+Libraries are searched in ` + cuda.LibsEnv + ` (folders separated by colons),
+the system loader's path, CUDA's default folders and the lib folders of
+pip-installed nvidia-* wheels.`,
+		Args: cobra.NoArgs,
+		RunE: func(cmd *cobra.Command, _ []string) error {
+			rep := diagnose()
+			if asJSON {
+				enc := json.NewEncoder(cmd.OutOrStdout())
+				enc.SetIndent("", "  ")
+				if err := enc.Encode(rep); err != nil {
+					return failErr(err)
+				}
+			} else {
+				rep.print(cmd.OutOrStdout())
+			}
+			if requireGPU && rep.Backend != "cuda" {
+				return failErr(fmt.Errorf("no usable GPU: %s", rep.Reason))
+			}
+			return nil
+		},
+	}
+	cmd.Flags().BoolVar(&asJSON, "json", false, "print the report as JSON")
+	cmd.Flags().BoolVar(&requireGPU, "require-gpu", false, "exit 1 unless training would use the GPU")
+	root.AddCommand(cmd)
+}
+
+type doctorLibrary struct {
+	Name    string   `json:"name"`
+	Found   bool     `json:"found"`
+	Path    string   `json:"path,omitempty"`
+	Via     string   `json:"via,omitempty"`
+	Version string   `json:"version,omitempty"`
+	Tried   []string `json:"tried,omitempty"`
+	Error   string   `json:"error,omitempty"`
+}
+
+type doctorDevice struct {
+	cuda.DeviceInfo
+	FreeMemory int64 `json:"FreeMemory,omitempty"`
+}
+
+type doctorReport struct {
+	Platform      string          `json:"platform"`
+	CgoEnabled    bool            `json:"cgo_enabled"`
+	DriverVersion string          `json:"driver_cuda_version,omitempty"`
+	Libraries     []doctorLibrary `json:"libraries"`
+	Devices       []doctorDevice  `json:"devices"`
+	KernelCache   string          `json:"kernel_cache,omitempty"`
+	SelfTest      []string        `json:"self_test,omitempty"`
+	Backend       string          `json:"backend"` // "cuda" or "cpu"
+	Reason        string          `json:"reason"`
+}
+
+// diagnose gathers the report; it never fails, it says what is missing.
+func diagnose() doctorReport {
+	rep := doctorReport{Platform: runtime.GOOS + "/" + runtime.GOARCH + ", " + runtime.Version(), Backend: "cpu"}
+	if bi, ok := debug.ReadBuildInfo(); ok {
+		for _, s := range bi.Settings {
+			if s.Key == "CGO_ENABLED" {
+				rep.CgoEnabled = s.Value == "1"
+			}
+		}
+	}
+	found := cuda.Discover()
+	if found.DriverVersion > 0 {
+		rep.DriverVersion = fmt.Sprintf("%d.%d", found.DriverVersion/1000, found.DriverVersion%1000/10)
+	}
+	for _, l := range found.Libraries() {
+		dl := doctorLibrary{Name: l.Name, Found: l.Found(), Path: l.Path, Via: l.Via, Version: l.Version, Tried: l.Tried}
+		if l.Err != nil {
+			dl.Error = l.Err.Error()
+		}
+		rep.Libraries = append(rep.Libraries, dl)
+	}
+	for _, d := range found.Devices {
+		rep.Devices = append(rep.Devices, doctorDevice{DeviceInfo: d})
+	}
+	if dir, err := cuda.DefaultKernelCacheDir(); err == nil {
+		rep.KernelCache = dir
+	}
+	if found.Err != nil {
+		rep.Reason = found.Err.Error()
+		return rep
+	}
+	if err := selfTest(&rep); err != nil {
+		rep.Reason = "the GPU self-test failed: " + err.Error()
+		return rep
+	}
+	d := rep.Devices[0]
+	rep.Backend = "cuda"
+	rep.Reason = fmt.Sprintf("device 0, %s (%s, %.1f GiB)", d.Name, d.ComputeCapLabel, gib(d.TotalMemory))
+	return rep
+}
+
+// selfTest opens device 0, reads free memory on each device it can, and
+// checks that a kernel compiles and runs and that cuBLASLt multiplies
+// correctly: the three things training needs.
+func selfTest(rep *doctorReport) error {
+	dev, err := cuda.Open(0)
+	if err != nil {
+		return err
+	}
+	defer dev.Close()
+	return dev.Do(func(c *cuda.Ctx) error {
+		free, _, err := c.MemInfo()
+		if err != nil {
+			return err
+		}
+		rep.Devices[0].FreeMemory = free
+		src, err := cuda.BuiltinSource("elementwise.cu")
+		if err != nil {
+			return err
+		}
+		m, err := c.Compile(src)
+		if err != nil {
+			return err
+		}
+		how := "compiled"
+		if m.FromCache {
+			how = "from cache"
+		}
+		rep.SelfTest = append(rep.SelfTest, fmt.Sprintf("NVRTC kernel for %s: %s in %v", m.Target, how, m.LoadTime.Round(time.Millisecond/10)))
+		if err := kernelCheck(c, m); err != nil {
+			return err
+		}
+		rep.SelfTest = append(rep.SelfTest, "kernel launch: ok")
+		if err := gemmCheck(c); err != nil {
+			return err
+		}
+		rep.SelfTest = append(rep.SelfTest, "cuBLASLt bf16 GEMM 67x45x32: ok")
+		return nil
+	})
+}
+
+// kernelCheck runs y = 2x + 3y over a small array and compares on the host.
+func kernelCheck(c *cuda.Ctx, m *cuda.Module) error {
+	f, err := m.Function("axpby_f32")
+	if err != nil {
+		return err
+	}
+	const n = 1000
+	x, y := make([]float32, n), make([]float32, n)
+	for i := range x {
+		x[i], y[i] = float32(i%17)-8.5, float32(i%5)+0.25
+	}
+	dx, err := c.Alloc(n * 4)
+	if err != nil {
+		return err
+	}
+	defer c.Free(dx)
+	dy, err := c.Alloc(n * 4)
+	if err != nil {
+		return err
+	}
+	defer c.Free(dy)
+	if err := cuda.Upload(c, dx.Ptr, x); err != nil {
+		return err
+	}
+	if err := cuda.Upload(c, dy.Ptr, y); err != nil {
+		return err
+	}
+	if err := c.Launch(f, cuda.Grid1D(n, 128), float32(2), dx, float32(3), dy, int64(n)); err != nil {
+		return err
+	}
+	got := make([]float32, n)
+	if err := cuda.Download(c, got, dy.Ptr); err != nil {
+		return err
+	}
+	for i := range got {
+		if want := 2*x[i] + 3*y[i]; got[i] != want {
+			return fmt.Errorf("kernel result %d is %v, want %v", i, got[i], want)
+		}
+	}
+	return nil
+}
+
+// gemmCheck multiplies small bf16 matrices of exactly representable values
+// and compares with the host product.
+func gemmCheck(c *cuda.Ctx) error {
+	const m, n, k = 67, 45, 32
+	a, b := make([]uint16, m*k), make([]uint16, k*n)
+	af, bf := make([]float64, m*k), make([]float64, k*n)
+	for i := range a {
+		af[i] = float64(i%7) - 3
+		a[i] = cuda.BF16FromFloat32(float32(af[i]))
+	}
+	for i := range b {
+		bf[i] = float64(i%5)*0.5 - 1
+		b[i] = cuda.BF16FromFloat32(float32(bf[i]))
+	}
+	da, err := c.Alloc(m * k * 2)
+	if err != nil {
+		return err
+	}
+	defer c.Free(da)
+	db, err := c.Alloc(k * n * 2)
+	if err != nil {
+		return err
+	}
+	defer c.Free(db)
+	dc, err := c.Alloc(m * n * 4)
+	if err != nil {
+		return err
+	}
+	defer c.Free(dc)
+	if err := cuda.Upload(c, da.Ptr, a); err != nil {
+		return err
+	}
+	if err := cuda.Upload(c, db.Ptr, b); err != nil {
+		return err
+	}
+	g := cuda.GEMM{M: m, N: n, K: k, AType: cuda.BF16, BType: cuda.BF16, CType: cuda.F32}
+	if err := c.Matmul(g, 1, da.Ptr, db.Ptr, 0, dc.Ptr, nil); err != nil {
+		return err
+	}
+	got := make([]float32, m*n)
+	if err := cuda.Download(c, got, dc.Ptr); err != nil {
+		return err
+	}
+	for i := range m {
+		for j := range n {
+			var want float64
+			for p := range k {
+				want += af[i*k+p] * bf[p*n+j]
+			}
+			if math.Abs(float64(got[i*n+j])-want) > 1e-3 {
+				return fmt.Errorf("GEMM element (%d,%d) is %v, want %v", i, j, got[i*n+j], want)
+			}
+		}
+	}
+	return nil
+}
+
+func gib(b int64) float64 { return float64(b) / (1 << 30) }
+
+func (r doctorReport) print(w io.Writer) {
+	p := func(format string, args ...any) { fmt.Fprintf(w, format, args...) }
+	cgo := "disabled"
+	if r.CgoEnabled {
+		cgo = "enabled"
+	}
+	p("platform       %s, cgo %s\n", r.Platform, cgo)
+	if r.DriverVersion != "" {
+		p("driver         supports CUDA %s\n", r.DriverVersion)
+	}
+	p("\nCUDA libraries\n")
+	for _, l := range r.Libraries {
+		if l.Found {
+			p("  %-12s %-8s %s (%s)\n", l.Name, l.Version, l.Path, l.Via)
+		} else {
+			p("  %-12s missing  %s\n", l.Name, strings.TrimPrefix(l.Error, cuda.ErrUnavailable.Error()+": "))
+		}
+		for _, t := range l.Tried {
+			p("  %-12s          skipped %s\n", "", t)
+		}
+	}
+	p("\nDevices\n")
+	if len(r.Devices) == 0 {
+		p("  none\n")
+	}
+	for _, d := range r.Devices {
+		mem := fmt.Sprintf("%.1f GiB", gib(d.TotalMemory))
+		if d.FreeMemory > 0 {
+			mem = fmt.Sprintf("%.1f GiB (%.1f GiB free)", gib(d.TotalMemory), gib(d.FreeMemory))
+		}
+		p("  %d  %s  compute %d.%d (%s), %d SMs, %s, L2 %d MiB\n",
+			d.Ordinal, d.Name, d.Major, d.Minor, d.ComputeCapLabel, d.SMs, mem, d.L2Bytes>>20)
+	}
+	if r.KernelCache != "" {
+		p("\nkernel cache   %s\n", r.KernelCache)
+	}
+	if len(r.SelfTest) > 0 {
+		p("self-test\n")
+		for _, s := range r.SelfTest {
+			p("  %s\n", s)
+		}
+	}
+	if r.Backend == "cuda" {
+		p("\ntraining       will use the GPU: %s\n", r.Reason)
+	} else {
+		p("\ntraining       will use the CPU backend: %s\n", strings.TrimPrefix(r.Reason, cuda.ErrUnavailable.Error()+": "))
+	}
+}

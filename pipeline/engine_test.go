@@ -458,3 +458,21 @@ func TestGC(t *testing.T) {
 		}
 	}
 }
+
+func TestScratchSurvivesFailedAttempts(t *testing.T) {
+	e := newTestEnv(t)
+	spec := e.write("resume.yaml", "name: resume\nstages:\n  train: {kind: resume}\n")
+	for i := 1; i <= 2; i++ {
+		if _, err := e.run(spec, Options{}); err == nil || !strings.Contains(err.Error(), "interrupted") {
+			t.Fatalf("attempt %d: %v", i, err)
+		}
+	}
+	rec := e.mustRun(spec, Options{})
+	got, _ := os.ReadFile(filepath.Join(e.store.EntryDir(keyOfStage(rec, "train")), "attempts.txt"))
+	if string(got) != "3" {
+		t.Fatalf("third attempt saw %q attempts", got)
+	}
+	if _, err := os.Stat(e.store.scratchDir(keyOfStage(rec, "train"))); !os.IsNotExist(err) {
+		t.Errorf("scratch folder kept after commit: %v", err)
+	}
+}

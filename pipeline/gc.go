@@ -92,9 +92,16 @@ func (s *Store) GC(ctx context.Context, opts GCOptions) (*GCResult, error) {
 	return res, nil
 }
 
-// removeStaleTemps deletes folders in tmp/ left by crashed writers. gc
-// holds the store's exclusive lock, so no writer is alive.
+// removeStaleTemps deletes folders in tmp/ left by crashed writers, and
+// scratch state older than a week. gc holds the store's exclusive lock, so
+// no writer is alive.
 func (s *Store) removeStaleTemps() {
+	scratch, _ := os.ReadDir(filepath.Join(s.Root, "scratch"))
+	for _, e := range scratch {
+		if fi, err := e.Info(); err == nil && time.Since(fi.ModTime()) > 7*24*time.Hour {
+			os.RemoveAll(filepath.Join(s.Root, "scratch", e.Name()))
+		}
+	}
 	ents, _ := os.ReadDir(filepath.Join(s.Root, "tmp"))
 	for _, e := range ents {
 		os.RemoveAll(filepath.Join(s.Root, "tmp", e.Name()))

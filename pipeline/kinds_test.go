@@ -31,6 +31,7 @@ func testRegistry() *Registry {
 	r.Register("concat", concatKind{})
 	r.Register("count", countKind{})
 	r.Register("fail", failKind{})
+	r.Register("resume", resumeKind{})
 	return r
 }
 
@@ -286,4 +287,35 @@ func (s failStage) Run(ctx context.Context, t *Task) error {
 		m["boom"]++
 	}
 	return errPlanned
+}
+
+// resume counts its attempts in its scratch folder and fails until the
+// third, like a trainer resuming from checkpoints.
+type resumeKind struct{}
+
+func (resumeKind) Version() int       { return 1 }
+func (resumeKind) Inputs() (int, int) { return 0, 0 }
+func (resumeKind) Params() any        { return &noParams{} }
+func (resumeKind) Prepare(any, string) (Stage, error) {
+	return resumeStage{}, nil
+}
+
+type resumeStage struct{}
+
+func (resumeStage) Files() []string { return nil }
+func (resumeStage) Run(ctx context.Context, t *Task) error {
+	dir, err := t.Scratch()
+	if err != nil {
+		return err
+	}
+	state := filepath.Join(dir, "attempts")
+	data, _ := os.ReadFile(state)
+	attempts := len(data) + 1
+	if err := os.WriteFile(state, []byte(strings.Repeat("x", attempts)), 0o644); err != nil {
+		return err
+	}
+	if attempts < 3 {
+		return fmt.Errorf("attempt %d interrupted", attempts)
+	}
+	return os.WriteFile(filepath.Join(t.Dir, "attempts.txt"), []byte(fmt.Sprint(attempts)), 0o644)
 }

@@ -326,6 +326,7 @@ func (x *execution) compute(ctx context.Context, todo []*Step) error {
 	tasks := map[*Step]*Task{}
 	for _, st := range order {
 		t := &Task{Name: st.Node.Name, Log: x.e.log().With("stage", st.Node.Name), workers: x.opts.Jobs,
+			scratch: x.e.Store.scratchDir(st.Key),
 			tracker: trackers[st], stats: map[string]any{}, ctx: gctx}
 		for _, d := range st.Node.Needs {
 			up := x.plan.Step(d.Name)
@@ -438,6 +439,7 @@ func (x *execution) computeStep(ctx context.Context, st *Step, t *Task, committe
 	if err := p.commit(m, known); err != nil {
 		return fmt.Errorf("committing cache entry: %w", err)
 	}
+	os.RemoveAll(t.scratch)
 	close(committed)
 	for _, ch := range t.outs {
 		close(ch)

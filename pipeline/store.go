@@ -26,6 +26,7 @@ import (
 //	entries/ab/abcdef…/   manifest.json and the output files of key abcdef…
 //	tmp/                  entries being written (renamed into entries/ when done)
 //	locks/                per-entry and per-DAG lock files (flock; released by the OS if a process dies)
+//	scratch/<key>/        resumable state of an interrupted stage (e.g. training checkpoints)
 //	runs/<dag-id>/        one record per run of a DAG: the keys it used, for plan's reasons and gc
 //	statcache.json        file digests by path and stat state
 type Store struct {
@@ -61,6 +62,11 @@ func OpenStore(root string) (*Store, error) {
 
 // Close saves what the store learned about file digests.
 func (s *Store) Close() error { return s.stats.Save() }
+
+// scratchDir is the resumable-state folder of key's stage.
+func (s *Store) scratchDir(key string) string {
+	return filepath.Join(s.Root, "scratch", key)
+}
 
 // EntryDir is where the entry of key lives once committed.
 func (s *Store) EntryDir(key string) string {

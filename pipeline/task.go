@@ -32,6 +32,7 @@ type Task struct {
 	Dir string
 	Log *slog.Logger
 
+	scratch string
 	workers int
 	tracker *Tracker
 	ctx     context.Context
@@ -40,6 +41,14 @@ type Task struct {
 	mu    sync.Mutex
 	out   *Output
 	stats map[string]any
+}
+
+// Scratch returns a folder that survives an interrupted attempt at this
+// stage and is removed once its entry is committed: the place for resumable
+// state such as training checkpoints. A new attempt with the same key finds
+// what the last one left there.
+func (t *Task) Scratch() (string, error) {
+	return t.scratch, os.MkdirAll(t.scratch, 0o755)
 }
 
 // Workers is how many worker threads the stage should use (--jobs).

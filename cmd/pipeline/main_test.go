@@ -114,7 +114,10 @@ func TestRunPlanInspectExport(t *testing.T) {
 	}
 	var rec struct {
 		OK     bool
-		Stages []struct{ Name, State string; Rows int64 }
+		Stages []struct {
+			Name, State string
+			Rows        int64
+		}
 	}
 	data, _ := os.ReadFile(report)
 	if err := json.Unmarshal(data, &rec); err != nil || !rec.OK || rec.Stages[0].Rows != 3 {

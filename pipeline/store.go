@@ -266,6 +266,10 @@ func (s *Store) begin(key string) (*pending, error) {
 	if err != nil {
 		return nil, err
 	}
+	// Entries are readable like the files in them (MkdirTemp makes 0700).
+	if err := os.Chmod(dir, 0o755); err != nil {
+		return nil, err
+	}
 	return &pending{store: s, key: key, dir: dir}, nil
 }
 

@@ -63,17 +63,19 @@ var dynamicCode = func() [256]float32 {
 	return code
 }()
 
-// linspace32 follows torch.linspace in float32: the first half of the
-// points step up from start, the second half step down from end.
+// linspace32 follows torch.linspace in float32 on the CPU: the first half
+// of the points step up from start, the second half down from end, each as
+// one fused multiply-add (the float64 product and sum below are exact, so
+// rounding once to float32 is what a float32 FMA gives).
 func linspace32(start, end float32, n int) []float32 {
 	out := make([]float32, n)
 	step := (end - start) / float32(n-1)
 	half := n / 2
 	for i := 0; i < n; i++ {
 		if i < half {
-			out[i] = start + step*float32(i)
+			out[i] = float32(float64(start) + float64(step)*float64(i))
 		} else {
-			out[i] = end - step*float32(n-1-i)
+			out[i] = float32(float64(end) - float64(step)*float64(n-1-i))
 		}
 	}
 	return out

@@ -30,7 +30,9 @@ func (o *AdamW) Update(params []Param, lr float64) error {
 		return fmt.Errorf("adamw: %d parameters, state for %d", len(params), len(o.M))
 	}
 	o.Step++
-	b1, b2 := float32(o.Beta1), float32(o.Beta2)
+	// Coefficients are formed in float64 and rounded once, as torch turns
+	// its Python-float arguments into float32 scalars.
+	c1, b2, c2 := float32(1-o.Beta1), float32(o.Beta2), float32(1-o.Beta2)
 	decay := float32(1 - lr*o.WeightDecay)
 	bc1 := 1 - math.Pow(o.Beta1, float64(o.Step))
 	bc2sqrt := float32(math.Sqrt(1 - math.Pow(o.Beta2, float64(o.Step))))
@@ -43,8 +45,8 @@ func (o *AdamW) Update(params []Param, lr float64) error {
 		}
 		for j, g := range p.Grad {
 			p.Data[j] *= decay
-			m[j] += (1 - b1) * (g - m[j])
-			v[j] = v[j]*b2 + (1-b2)*g*g
+			m[j] += c1 * (g - m[j])
+			v[j] = v[j]*b2 + c2*(g*g)
 			denom := float32(math.Sqrt(float64(v[j])))/bc2sqrt + eps
 			p.Data[j] -= stepSize * (m[j] / denom)
 		}

@@ -35,7 +35,7 @@ type adapterConfigJSON struct {
 	R                   int            `json:"r"`
 	LoraAlpha           float64        `json:"lora_alpha"`
 	LoraDropout         float64        `json:"lora_dropout"`
-	TargetModules       []string       `json:"target_modules"`
+	TargetModules       any            `json:"target_modules"`
 	Bias                string         `json:"bias"`
 	FanInFanOut         bool           `json:"fan_in_fan_out"`
 	InferenceMode       bool           `json:"inference_mode"`
@@ -76,9 +76,16 @@ func (m *Model) SaveAdapter(dir string, a *Adapter, baseModel string) error {
 	if err := safetensors.WriteFile(filepath.Join(dir, AdapterWeightsFile), ts, map[string]string{"format": "pt"}); err != nil {
 		return err
 	}
-	var targets []string
+	var names []string
 	for _, mod := range a.Config.sortedModules() {
-		targets = append(targets, string(mod))
+		names = append(names, string(mod))
+	}
+	var targets any = names
+	if m.Prefix != "model." {
+		// PEFT matches a list of names against every module, the vision
+		// tower's k_proj and o_proj too; a regex restricted to the language
+		// model adapts exactly the layers trained here.
+		targets = multimodalTargetPrefix + strings.Join(names, "|") + ")"
 	}
 	cfg := adapterConfigJSON{
 		PeftType: "LORA", TaskType: "CAUSAL_LM", BaseModelNameOrPath: baseModel,
@@ -112,7 +119,11 @@ func (m *Model) LoadAdapter(dir string) (*Adapter, error) {
 		return nil, fmt.Errorf("%s: DoRA, rsLoRA, fan_in_fan_out, biases and rank/alpha patterns are not supported", dir)
 	}
 	lc := LoRAConfig{R: ac.R, Alpha: ac.LoraAlpha, Dropout: ac.LoraDropout}
-	for _, t := range ac.TargetModules {
+	names, err := targetNames(ac.TargetModules)
+	if err != nil {
+		return nil, fmt.Errorf("%s: %v", dir, err)
+	}
+	for _, t := range names {
 		mod, err := ParseModule(t)
 		if err != nil {
 			return nil, fmt.Errorf("%s: %v", dir, err)
@@ -173,4 +184,31 @@ func (m *Model) LoadAdapter(dir string) (*Adapter, error) {
 		}
 	}
 	return a, nil
+}
+
+// multimodalTargetPrefix begins the target_modules regex written for
+// multimodal checkpoints: `.*language_model.*\.(q_proj|v_proj)`.
+const multimodalTargetPrefix = `.*language_model.*\.(`
+
+// targetNames reads target_modules: a list of module names, or the
+// language-model regex SaveAdapter writes for multimodal checkpoints.
+func targetNames(v any) ([]string, error) {
+	switch t := v.(type) {
+	case []any:
+		var out []string
+		for _, x := range t {
+			s, ok := x.(string)
+			if !ok {
+				return nil, fmt.Errorf("target_modules holds %v, not a name", x)
+			}
+			out = append(out, s)
+		}
+		return out, nil
+	case string:
+		if strings.HasPrefix(t, multimodalTargetPrefix) && strings.HasSuffix(t, ")") {
+			return strings.Split(t[len(multimodalTargetPrefix):len(t)-1], "|"), nil
+		}
+		return nil, fmt.Errorf("target_modules regex %q is not supported (give a list of module names)", t)
+	}
+	return nil, fmt.Errorf("target_modules must be a list of module names, got %v", v)
 }

@@ -22,13 +22,13 @@ import (
 
 // refCase is one parity case; the JSON fields are what the reference reads.
 type refCase struct {
-	Name        string               `json:"name"`
-	LR          float64              `json:"lr"`
-	WeightDecay float64              `json:"weight_decay"`
-	Beta1       float64              `json:"beta1"`
-	Beta2       float64              `json:"beta2"`
-	Eps         float64              `json:"eps"`
-	ClipFrac    float64              `json:"clip_fraction"` // max_norm = clip_fraction × the gradient norm
+	Name        string  `json:"name"`
+	LR          float64 `json:"lr"`
+	WeightDecay float64 `json:"weight_decay"`
+	Beta1       float64 `json:"beta1"`
+	Beta2       float64 `json:"beta2"`
+	Eps         float64 `json:"eps"`
+	ClipFrac    float64 `json:"clip_fraction"` // max_norm = clip_fraction × the gradient norm
 	config      func() *trainer.Config
 	format      trainer.ConfigFormat
 	lora        trainer.LoRAConfig
@@ -200,4 +200,3 @@ func writeNF4Input(dir string) error {
 	return safetensors.WriteFile(filepath.Join(dir, "weight.safetensors"),
 		[]safetensors.Tensor{{Name: "weight", DType: safetensors.BF16, Shape: []int{rows, cols}, Data: raw}}, nil)
 }
-

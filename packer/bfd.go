@@ -11,112 +11,225 @@ import "math/bits"
 // in a two-level bitmap plus a heap operation instead of a scan of all bins.
 func bestFitDecreasing(lengths []int32, order []int32, capacity int) (binOf []int32, bins int) {
 	binOf = make([]int32, len(lengths))
-	idx := newCapacityIndex(capacity)
+	open := newBitset(capacity)          // remaining capacities that have bins
+	heaps := make([][]int32, capacity+1) // per capacity, a min-heap of bins
 	for _, ex := range order {
 		n := int(lengths[ex])
-		c := idx.ceil(n)
+		c := open.ceil(n)
 		var b int32
 		if c < 0 {
 			b = int32(bins)
 			bins++
 			c = capacity
 		} else {
-			b = idx.pop(c)
+			b = heapPop(&heaps[c])
+			if len(heaps[c]) == 0 {
+				open.clear(c)
+			}
 		}
 		binOf[ex] = b
 		if rest := c - n; rest > 0 {
-			idx.push(rest, b)
+			heapPush(&heaps[rest], b)
+			open.set(rest)
 		}
 	}
 	return binOf, bins
 }
 
-// capacityIndex holds the open bins keyed by remaining capacity: a bitmap of
-// the capacities that have bins, a summary bitmap of its non-zero words, and
-// per capacity a min-heap of bin numbers.
-type capacityIndex struct {
-	words   []uint64
-	summary []uint64
-	heaps   [][]int32
-}
-
-func newCapacityIndex(capacity int) *capacityIndex {
-	nw := capacity/64 + 1
-	return &capacityIndex{
-		words:   make([]uint64, nw),
-		summary: make([]uint64, nw/64+1),
-		heaps:   make([][]int32, capacity+1),
+// minimumSlack fills one bin at a time, as first-fit-decreasing does, but
+// closes a bin exactly whenever it can. A bin starts with the longest
+// remaining example; then, while space is left, it takes one example that
+// fills the space exactly, else the most even pair that does, else the
+// longest example that fits. It returns each example's bin, the number of
+// bins, and the examples in the order placed (bin by bin).
+//
+// This is a fast cut-down form of the minimum bin slack heuristic (Gupta and
+// Ho, 1999), which searches all subsets for the closing set. Plain
+// best-fit-decreasing leaves a small gap in nearly every row once the short
+// examples are used up: on alpaca-tr at seq_len 4096 it needs 5 rows more
+// than the lower bound (99.65% full). Exact closing with even pairs keeps the
+// short examples for the end and reaches the lower bound (99.94%).
+//
+// order gives the examples longest first; among equal lengths, the earlier
+// in order is placed first.
+func minimumSlack(lengths []int32, order []int32, capacity int) (binOf []int32, bins int, placed []int32) {
+	binOf = make([]int32, len(lengths))
+	placed = make([]int32, 0, len(order))
+	// Per length, the examples still to place, the next one last.
+	stacks := make([][]int32, capacity+1)
+	present := newBitset(capacity)
+	for i := len(order) - 1; i >= 0; i-- {
+		n := lengths[order[i]]
+		stacks[n] = append(stacks[n], order[i])
+		present.set(int(n))
 	}
-}
-
-// ceil returns the smallest capacity >= n that has a bin, or -1.
-func (x *capacityIndex) ceil(n int) int {
-	w := n / 64
-	if w >= len(x.words) {
-		return -1
-	}
-	if m := x.words[w] & (^uint64(0) << (n % 64)); m != 0 {
-		return w*64 + bits.TrailingZeros64(m)
-	}
-	w++
-	s := w / 64
-	if s >= len(x.summary) {
-		return -1
-	}
-	m := x.summary[s] & (^uint64(0) << (w % 64))
-	for m == 0 {
-		s++
-		if s >= len(x.summary) {
-			return -1
+	take := func(n int, b int) {
+		s := stacks[n]
+		ex := s[len(s)-1]
+		stacks[n] = s[:len(s)-1]
+		if len(stacks[n]) == 0 {
+			present.clear(n)
 		}
-		m = x.summary[s]
+		binOf[ex] = int32(b)
+		placed = append(placed, ex)
 	}
-	w = s*64 + bits.TrailingZeros64(m)
-	return w*64 + bits.TrailingZeros64(x.words[w])
+	// pair returns the larger half of the most even pair of remaining
+	// lengths summing to gap, or -1.
+	pair := func(gap int) int {
+		for a := present.floor(gap / 2); a > 0; a = present.floor(a - 1) {
+			if b := gap - a; present.has(b) && (a != b || len(stacks[a]) >= 2) {
+				return b
+			}
+		}
+		return -1
+	}
+	for left := len(order); left > 0; {
+		b := bins
+		bins++
+		gap := capacity
+		for gap > 0 && left > 0 {
+			if present.has(gap) {
+				take(gap, b)
+				left--
+				break
+			}
+			if big := pair(gap); big > 0 {
+				take(big, b)
+				take(gap-big, b)
+				left -= 2
+				break
+			}
+			n := present.floor(gap)
+			if n <= 0 {
+				break
+			}
+			take(n, b)
+			left--
+			gap -= n
+		}
+	}
+	return binOf, bins, placed
 }
 
-func (x *capacityIndex) push(c int, bin int32) {
-	h := append(x.heaps[c], bin)
-	for i := len(h) - 1; i > 0; {
+func heapPush(h *[]int32, v int32) {
+	s := append(*h, v)
+	for i := len(s) - 1; i > 0; {
 		parent := (i - 1) / 2
-		if h[parent] <= h[i] {
+		if s[parent] <= s[i] {
 			break
 		}
-		h[parent], h[i] = h[i], h[parent]
+		s[parent], s[i] = s[i], s[parent]
 		i = parent
 	}
-	x.heaps[c] = h
-	x.words[c/64] |= 1 << (c % 64)
-	x.summary[c/64/64] |= 1 << (c / 64 % 64)
+	*h = s
 }
 
-// pop removes and returns the lowest-numbered bin of capacity c.
-func (x *capacityIndex) pop(c int) int32 {
-	h := x.heaps[c]
-	top := h[0]
-	last := len(h) - 1
-	h[0] = h[last]
-	h = h[:last]
+// heapPop removes and returns the smallest value.
+func heapPop(h *[]int32) int32 {
+	s := *h
+	top := s[0]
+	last := len(s) - 1
+	s[0] = s[last]
+	s = s[:last]
 	for i := 0; ; {
 		least := i
-		if l := 2*i + 1; l < len(h) && h[l] < h[least] {
+		if l := 2*i + 1; l < len(s) && s[l] < s[least] {
 			least = l
 		}
-		if r := 2*i + 2; r < len(h) && h[r] < h[least] {
+		if r := 2*i + 2; r < len(s) && s[r] < s[least] {
 			least = r
 		}
 		if least == i {
 			break
 		}
-		h[i], h[least] = h[least], h[i]
+		s[i], s[least] = s[least], s[i]
 		i = least
 	}
-	x.heaps[c] = h
-	if len(h) == 0 {
-		x.words[c/64] &^= 1 << (c % 64)
-		if x.words[c/64] == 0 {
-			x.summary[c/64/64] &^= 1 << (c / 64 % 64)
-		}
-	}
+	*h = s
 	return top
+}
+
+// bitset is a set of small integers with a summary level, so that the next
+// member above or below a value is found in a few word operations even for
+// long sequences.
+type bitset struct {
+	words   []uint64
+	summary []uint64 // bit w set when words[w] != 0
+}
+
+// newBitset holds the integers 0 through max.
+func newBitset(max int) *bitset {
+	nw := max/64 + 1
+	return &bitset{words: make([]uint64, nw), summary: make([]uint64, (nw+63)/64)}
+}
+
+func (s *bitset) has(i int) bool {
+	return i >= 0 && i/64 < len(s.words) && s.words[i/64]&(1<<(i%64)) != 0
+}
+
+func (s *bitset) set(i int) {
+	s.words[i/64] |= 1 << (i % 64)
+	s.summary[i/64/64] |= 1 << (i / 64 % 64)
+}
+
+func (s *bitset) clear(i int) {
+	w := i / 64
+	s.words[w] &^= 1 << (i % 64)
+	if s.words[w] == 0 {
+		s.summary[w/64] &^= 1 << (w % 64)
+	}
+}
+
+// ceil returns the smallest member >= i, or -1.
+func (s *bitset) ceil(i int) int {
+	i = max(i, 0)
+	w := i / 64
+	if w >= len(s.words) {
+		return -1
+	}
+	if m := s.words[w] & (^uint64(0) << (i % 64)); m != 0 {
+		return w*64 + bits.TrailingZeros64(m)
+	}
+	w++
+	j := w / 64
+	if j >= len(s.summary) {
+		return -1
+	}
+	m := s.summary[j] & (^uint64(0) << (w % 64))
+	for m == 0 {
+		j++
+		if j >= len(s.summary) {
+			return -1
+		}
+		m = s.summary[j]
+	}
+	w = j*64 + bits.TrailingZeros64(m)
+	return w*64 + bits.TrailingZeros64(s.words[w])
+}
+
+// floor returns the largest member <= i, or -1.
+func (s *bitset) floor(i int) int {
+	if i < 0 {
+		return -1
+	}
+	i = min(i, len(s.words)*64-1)
+	w := i / 64
+	if m := s.words[w] & (^uint64(0) >> (63 - i%64)); m != 0 {
+		return w*64 + 63 - bits.LeadingZeros64(m)
+	}
+	w--
+	if w < 0 {
+		return -1
+	}
+	j := w / 64
+	m := s.summary[j] & (^uint64(0) >> (63 - w%64))
+	for m == 0 {
+		j--
+		if j < 0 {
+			return -1
+		}
+		m = s.summary[j]
+	}
+	w = j*64 + 63 - bits.LeadingZeros64(m)
+	return w*64 + 63 - bits.LeadingZeros64(s.words[w])
 }

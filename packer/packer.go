@@ -1,10 +1,13 @@
 // Package packer packs tokenized examples into training rows of exactly
-// SeqLen tokens with best-fit-decreasing, keeping examples apart: position
+// SeqLen tokens, keeping examples apart: position
 // ids restart at 0 for every example, seq_lengths lists the examples of a row,
 // and the first label of every example is -100 so that no token is trained to
 // predict the start of the next, unrelated example.
 //
-// Best-fit-decreasing needs every length before the first row can be built,
+// Rows are planned from the lengths, longest examples first: by default with
+// a minimum-slack variant of first-fit-decreasing that closes rows exactly
+// (see minimumSlack), or with textbook best-fit-decreasing. Either needs
+// every length before the first row can be built,
 // but the tokens of a large dataset do not fit in memory. A Packer therefore
 // keeps only lengths in memory and spills the tokens to a file, then reads
 // each example back by offset while it builds the rows.
@@ -55,13 +58,42 @@ func ParseOverlong(s string) (Overlong, error) {
 	return 0, fmt.Errorf("packer: unknown over-long policy %q (want drop, truncate or split)", s)
 }
 
+// Algorithm plans which examples share a row.
+type Algorithm int
+
+const (
+	MinimumSlack      Algorithm = iota // fill row by row, closing rows exactly where possible
+	BestFitDecreasing                  // each example, longest first, into the fullest row it fits
+)
+
+func (a Algorithm) String() string {
+	switch a {
+	case MinimumSlack:
+		return "min_slack"
+	case BestFitDecreasing:
+		return "bfd"
+	}
+	return fmt.Sprintf("Algorithm(%d)", int(a))
+}
+
+// ParseAlgorithm parses "min_slack" or "bfd".
+func ParseAlgorithm(s string) (Algorithm, error) {
+	for _, a := range []Algorithm{MinimumSlack, BestFitDecreasing} {
+		if s == a.String() {
+			return a, nil
+		}
+	}
+	return 0, fmt.Errorf("packer: unknown packing algorithm %q (want min_slack or bfd)", s)
+}
+
 // Options configures a Packer.
 type Options struct {
-	SeqLen   int      // tokens per row
-	PadID    int32    // input id of padding; its labels are IgnoreIndex
-	Overlong Overlong // policy for examples longer than SeqLen
-	Seed     uint64   // orders equal lengths and the output rows
-	Dir      string   // directory of the spill file; "" means os.TempDir()
+	SeqLen    int      // tokens per row
+	PadID     int32    // input id of padding; its labels are IgnoreIndex
+	Overlong  Overlong // policy for examples longer than SeqLen
+	Algorithm Algorithm
+	Seed      uint64 // orders equal lengths and the output rows
+	Dir       string // directory of the spill file; "" means os.TempDir()
 }
 
 // Row is one packed training row; every slice has SeqLen elements except
@@ -135,6 +167,9 @@ func New(opts Options) (*Packer, error) {
 	}
 	if opts.Overlong < Drop || opts.Overlong > Split {
 		return nil, fmt.Errorf("packer: unknown over-long policy %d", int(opts.Overlong))
+	}
+	if opts.Algorithm < MinimumSlack || opts.Algorithm > BestFitDecreasing {
+		return nil, fmt.Errorf("packer: unknown packing algorithm %d", int(opts.Algorithm))
 	}
 	f, err := os.CreateTemp(opts.Dir, "pack-*.tokens")
 	if err != nil {
@@ -230,7 +265,7 @@ func (p *Packer) write(ids, labels []int32, explicit bool) error {
 	return nil
 }
 
-// Finish plans the rows with best-fit-decreasing, then builds each row from
+// Finish plans the rows with the chosen algorithm, then builds each row from
 // the spill file and passes it to emit, in an order shuffled by the seed so
 // that training does not see rows sorted by how full they are. The Row's
 // slices are reused: emit must copy what it keeps. Finish closes the Packer.
@@ -250,7 +285,15 @@ func (p *Packer) Finish(emit func(Row) error) (Stats, error) {
 	}
 	rng := rand.New(rand.NewPCG(p.opts.Seed, 0x7061636b))
 	order := planOrder(lengths, rng)
-	binOf, bins := bestFitDecreasing(lengths, order, p.opts.SeqLen)
+	var binOf []int32
+	var bins int
+	placed := order
+	switch p.opts.Algorithm {
+	case MinimumSlack:
+		binOf, bins, placed = minimumSlack(lengths, order, p.opts.SeqLen)
+	case BestFitDecreasing:
+		binOf, bins = bestFitDecreasing(lengths, order, p.opts.SeqLen)
+	}
 
 	// Gather each bin's examples, in the order they were placed.
 	start := make([]int32, bins+1)
@@ -260,9 +303,9 @@ func (p *Packer) Finish(emit func(Row) error) (Stats, error) {
 	for b := range bins {
 		start[b+1] += start[b]
 	}
-	members := make([]int32, len(order))
+	members := make([]int32, len(placed))
 	fill := slices.Clone(start[:bins])
-	for _, ex := range order {
+	for _, ex := range placed {
 		b := binOf[ex]
 		members[fill[b]] = ex
 		fill[b]++
@@ -352,8 +395,8 @@ func (p *Packer) Close() error {
 	return err
 }
 
-// planOrder returns the order in which best-fit-decreasing places the
-// examples: longest first, equal lengths in an order drawn from rng.
+// planOrder returns the examples longest first, equal lengths in an order
+// drawn from rng.
 func planOrder(lengths []int32, rng *rand.Rand) []int32 {
 	order := make([]int32, len(lengths))
 	for i := range order {

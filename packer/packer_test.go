@@ -100,6 +100,141 @@ func TestBestFitDecreasingMatchesReference(t *testing.T) {
 	}
 }
 
+// referenceMinimumSlack is minimumSlack written with linear scans over a
+// count per length.
+func referenceMinimumSlack(lengths []int32, order []int32, capacity int) ([]int32, int) {
+	binOf := make([]int32, len(lengths))
+	queue := make([][]int32, capacity+1) // per length, examples in order
+	for _, ex := range order {
+		queue[lengths[ex]] = append(queue[lengths[ex]], ex)
+	}
+	take := func(n, b int) {
+		binOf[queue[n][0]] = int32(b)
+		queue[n] = queue[n][1:]
+	}
+	bins := 0
+	for left := len(order); left > 0; bins++ {
+		gap := capacity
+	fill:
+		for gap > 0 && left > 0 {
+			if len(queue[gap]) > 0 {
+				take(gap, bins)
+				left--
+				break
+			}
+			for a := gap / 2; a >= 1; a-- {
+				need := 1
+				if a == gap-a {
+					need = 2
+				}
+				if len(queue[a]) >= need && len(queue[gap-a]) >= 1 {
+					take(gap-a, bins)
+					take(a, bins)
+					left -= 2
+					break fill
+				}
+			}
+			n := gap
+			for n > 0 && len(queue[n]) == 0 {
+				n--
+			}
+			if n == 0 {
+				break
+			}
+			take(n, bins)
+			left--
+			gap -= n
+		}
+	}
+	return binOf, bins
+}
+
+func TestMinimumSlackMatchesReference(t *testing.T) {
+	rng := rand.New(rand.NewPCG(3, 4))
+	for trial := range 2000 {
+		capacity := 8 + rng.IntN(120)
+		if trial%10 == 0 {
+			capacity = 64*64*3 + rng.IntN(5000)
+		}
+		lengths := make([]int32, 1+rng.IntN(80))
+		for i := range lengths {
+			lengths[i] = int32(1 + rng.IntN(capacity))
+			if rng.IntN(2) == 0 {
+				lengths[i] = int32(1 + rng.IntN(max(1, capacity/5)))
+			}
+		}
+		order := planOrder(lengths, rand.New(rand.NewPCG(uint64(trial), 1)))
+		got, gotBins, placed := minimumSlack(lengths, order, capacity)
+		want, wantBins := referenceMinimumSlack(lengths, order, capacity)
+		if gotBins != wantBins || !slices.Equal(got, want) {
+			t.Fatalf("trial %d (capacity %d, lengths %v):\ngot  %v (%d bins)\nwant %v (%d bins)",
+				trial, capacity, lengths, got, gotBins, want, wantBins)
+		}
+		loads := make([]int, gotBins)
+		for ex, b := range got {
+			loads[b] += int(lengths[ex])
+		}
+		for b, l := range loads {
+			if l > capacity || l == 0 {
+				t.Fatalf("trial %d: bin %d holds %d of %d", trial, b, l, capacity)
+			}
+		}
+		sortedPlaced := slices.Clone(placed)
+		slices.Sort(sortedPlaced)
+		for i, ex := range sortedPlaced {
+			if int(ex) != i {
+				t.Fatalf("trial %d: placement order is not a permutation", trial)
+			}
+		}
+		for i := 1; i < len(placed); i++ {
+			if got[placed[i]] < got[placed[i-1]] {
+				t.Fatalf("trial %d: placement order not bin by bin", trial)
+			}
+		}
+	}
+}
+
+func TestBitset(t *testing.T) {
+	rng := rand.New(rand.NewPCG(9, 9))
+	for _, size := range []int{1, 63, 64, 65, 4096, 64*64 + 1, 131072} {
+		s := newBitset(size)
+		ref := make([]bool, size+1)
+		for range 3000 {
+			i := rng.IntN(size + 1)
+			if rng.IntN(3) == 0 {
+				s.clear(i)
+				ref[i] = false
+			} else {
+				s.set(i)
+				ref[i] = true
+			}
+			q := rng.IntN(size+3) - 1
+			wantCeil, wantFloor := -1, -1
+			for j := max(q, 0); j <= size; j++ {
+				if ref[j] {
+					wantCeil = j
+					break
+				}
+			}
+			for j := min(q, size); j >= 0; j-- {
+				if ref[j] {
+					wantFloor = j
+					break
+				}
+			}
+			if got := s.ceil(q); got != wantCeil {
+				t.Fatalf("size %d: ceil(%d) = %d, want %d", size, q, got, wantCeil)
+			}
+			if got := s.floor(q); got != wantFloor {
+				t.Fatalf("size %d: floor(%d) = %d, want %d", size, q, got, wantFloor)
+			}
+			if q >= 0 && q <= size && s.has(q) != ref[q] {
+				t.Fatalf("size %d: has(%d) wrong", size, q)
+			}
+		}
+	}
+}
+
 // example is a generated input; its token ids encode where each token came
 // from, so that a packed row can be traced back to its examples.
 type genExample struct {
@@ -167,27 +302,33 @@ func pack(t *testing.T, opts Options, examples []genExample) ([]copiedRow, Stats
 }
 
 func TestPackProperties(t *testing.T) {
-	for _, policy := range []Overlong{Drop, Truncate, Split} {
-		for _, seqLen := range []int{16, 64, 300} {
-			t.Run(fmt.Sprintf("%s/%d", policy, seqLen), func(t *testing.T) {
-				rng := rand.New(rand.NewPCG(uint64(seqLen), uint64(policy)))
-				examples := generate(rng, 400, seqLen)
-				opts := Options{SeqLen: seqLen, PadID: 7, Overlong: policy, Seed: 42}
-				rows, stats := pack(t, opts, examples)
-				checkRows(t, opts, examples, rows, stats)
-
-				again, _ := pack(t, opts, examples)
-				if !slices.EqualFunc(rows, again, rowsEqual) {
-					t.Error("same seed, different output")
-				}
-				opts.Seed = 43
-				other, _ := pack(t, opts, examples)
-				if slices.EqualFunc(rows, other, rowsEqual) {
-					t.Error("different seed, same output")
-				}
-			})
+	for _, algo := range []Algorithm{MinimumSlack, BestFitDecreasing} {
+		for _, policy := range []Overlong{Drop, Truncate, Split} {
+			for _, seqLen := range []int{16, 64, 300} {
+				testPackProperties(t, algo, policy, seqLen)
+			}
 		}
 	}
+}
+
+func testPackProperties(t *testing.T, algo Algorithm, policy Overlong, seqLen int) {
+	t.Run(fmt.Sprintf("%s/%s/%d", algo, policy, seqLen), func(t *testing.T) {
+		rng := rand.New(rand.NewPCG(uint64(seqLen), uint64(policy)))
+		examples := generate(rng, 400, seqLen)
+		opts := Options{SeqLen: seqLen, PadID: 7, Overlong: policy, Seed: 42, Algorithm: algo}
+		rows, stats := pack(t, opts, examples)
+		checkRows(t, opts, examples, rows, stats)
+
+		again, _ := pack(t, opts, examples)
+		if !slices.EqualFunc(rows, again, rowsEqual) {
+			t.Error("same seed, different output")
+		}
+		opts.Seed = 43
+		other, _ := pack(t, opts, examples)
+		if slices.EqualFunc(rows, other, rowsEqual) {
+			t.Error("different seed, same output")
+		}
+	})
 }
 
 func rowsEqual(a, b copiedRow) bool {
@@ -347,7 +488,7 @@ func TestRowsNotSortedByFill(t *testing.T) {
 }
 
 func TestBadOptionsAndInput(t *testing.T) {
-	for _, opts := range []Options{{SeqLen: 1}, {SeqLen: 16, PadID: -1}, {SeqLen: 16, Overlong: 9}, {SeqLen: 16, Dir: "/nonexistent/dir"}} {
+	for _, opts := range []Options{{SeqLen: 1}, {SeqLen: 16, PadID: -1}, {SeqLen: 16, Overlong: 9}, {SeqLen: 16, Algorithm: 5}, {SeqLen: 16, Dir: "/nonexistent/dir"}} {
 		if _, err := New(opts); err == nil {
 			t.Errorf("New(%+v) accepted", opts)
 		}
@@ -370,6 +511,14 @@ func TestBadOptionsAndInput(t *testing.T) {
 		if got, err := ParseOverlong(o.String()); err != nil || got != o {
 			t.Errorf("ParseOverlong(%q) = %v, %v", o, got, err)
 		}
+	}
+	for _, a := range []Algorithm{MinimumSlack, BestFitDecreasing} {
+		if got, err := ParseAlgorithm(a.String()); err != nil || got != a {
+			t.Errorf("ParseAlgorithm(%q) = %v, %v", a, got, err)
+		}
+	}
+	if _, err := ParseAlgorithm("ffd"); err == nil {
+		t.Error("unknown algorithm parsed")
 	}
 }
 

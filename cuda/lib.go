@@ -30,12 +30,21 @@ type cfunc struct {
 }
 
 // call runs the function; callers convert r to the library's status type.
+//
+// Arguments are often Go pointers converted to uintptr in the call
+// expression. uintptrescapes moves what they point to onto the heap:
+// without it a pointer to a stack variable goes stale when the stack is
+// copied to grow on the way into C, and the C side writes to the old copy.
+//
+//go:uintptrescapes
 func (f *cfunc) call(args ...uintptr) uintptr {
 	r, _, _ := purego.SyscallN(f.ptr, args...)
 	return r
 }
 
 // check runs a driver function and turns a failing CUresult into an error.
+//
+//go:uintptrescapes
 func (f *cfunc) check(args ...uintptr) error {
 	r, _, _ := purego.SyscallN(f.ptr, args...)
 	if Result(int32(r)) != 0 {

@@ -282,15 +282,24 @@ func resetPeakRSS() {
 }
 
 // BenchmarkChain runs Parquet → estimated tokens → pack → Arrow IPC on
-// alpaca-tr (x1) and on ten copies of it (x10), reporting the peak RSS of
-// the process during the run. Run one size per process for a clean peak:
+// alpaca-tr (x1) and on ten copies of it (x10), in file order and shuffled,
+// reporting the peak RSS of the process during the run. Run one case per
+// process for a clean peak:
 //
 //	go test ./packer -run '^$' -bench 'Chain/x10$' -benchtime 1x
 func BenchmarkChain(b *testing.B) {
 	dir := alpacaDir(b)
 	path := filepath.Join(dir, "parquet", "alpaca-tr.parquet")
-	for _, copies := range []int{1, 10} {
-		b.Run(fmt.Sprintf("x%d", copies), func(b *testing.B) {
+	for _, run := range []struct {
+		copies  int
+		shuffle bool
+	}{{1, false}, {10, false}, {1, true}, {10, true}} {
+		name := fmt.Sprintf("x%d", run.copies)
+		if run.shuffle {
+			name += "-shuffled"
+		}
+		copies := run.copies
+		b.Run(name, func(b *testing.B) {
 			paths := make([]string, copies)
 			for i := range paths {
 				paths[i] = path
@@ -299,7 +308,7 @@ func BenchmarkChain(b *testing.B) {
 			resetPeakRSS()
 			var st Stats
 			for b.Loop() {
-				st = runChain(b, dataset.SourceOptions{Paths: paths}, Options{SeqLen: 4096, Dir: tmp}, filepath.Join(tmp, "packed.arrow"), false).stats
+				st = runChain(b, dataset.SourceOptions{Paths: paths, Shuffle: run.shuffle, Seed: 1}, Options{SeqLen: 4096, Dir: tmp}, filepath.Join(tmp, "packed.arrow"), false).stats
 			}
 			if mib, ok := peakRSS(); ok {
 				b.ReportMetric(mib, "peak-RSS-MiB")

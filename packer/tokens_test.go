@@ -1,0 +1,91 @@
+package packer
+
+import (
+	"context"
+	"io"
+	"os"
+	"path/filepath"
+	"testing"
+
+	"github.com/apache/arrow-go/v18/arrow/array"
+
+	"gemmaft/dataset"
+	"gemmaft/tokenizer"
+)
+
+// gemma3Turns renders an Alpaca record as the Gemma 3 chat template does for
+// one user turn and one model turn, returning the text and the byte offset
+// where the trained part (the answer and its closing turn) starts.
+func gemma3Turns(instruction, input, output string) (string, int) {
+	prompt := instruction
+	if input != "" {
+		prompt += "\n\n" + input
+	}
+	head := "<bos><start_of_turn>user\n" + prompt + "<end_of_turn>\n<start_of_turn>model\n"
+	return head + output + "<end_of_turn>\n", len(head)
+}
+
+// TestAlpacaRealTokens packs alpaca-tr tokenized with the real Gemma 3
+// tokenizer at seq_len 4096 and requires at least 99.8% efficiency.
+func TestAlpacaRealTokens(t *testing.T) {
+	dir := alpacaDir(t)
+	tokPath := filepath.Join("..", "npm", "node_modules", "@lenml", "tokenizer-gemma3", "models", "tokenizer.json")
+	if _, err := os.Stat(tokPath); err != nil {
+		t.Skipf("Gemma 3 tokenizer.json not installed (run scripts/npm-deps.sh): %v", err)
+	}
+	tok, err := tokenizer.LoadFile(tokPath)
+	if err != nil {
+		t.Fatal(err)
+	}
+	s, err := dataset.Open(dataset.SourceOptions{Paths: []string{filepath.Join(dir, "parquet", "alpaca-tr.parquet")}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer s.Close()
+
+	var examples []genExample
+	for {
+		rec, err := s.Next(context.Background())
+		if err == io.EOF {
+			break
+		}
+		if err != nil {
+			t.Fatal(err)
+		}
+		col := func(c, i int) string { return rec.Column(c).(*array.String).Value(i) }
+		texts := make([]string, rec.NumRows())
+		starts := make([]int, rec.NumRows())
+		for i := range texts {
+			texts[i], starts[i] = gemma3Turns(col(0, i), col(1, i), col(2, i))
+		}
+		ids, offsets := tok.EncodeBatchOffsets(texts, false)
+		for i := range ids {
+			labels := make([]int32, len(ids[i]))
+			for j, id := range ids[i] {
+				labels[j] = IgnoreIndex
+				if offsets[i][j][0] >= starts[i] {
+					labels[j] = id
+				}
+			}
+			examples = append(examples, genExample{ids[i], labels})
+		}
+		rec.Release()
+	}
+	if len(examples) != 20748 {
+		t.Fatalf("%d examples", len(examples))
+	}
+	for _, algo := range []Algorithm{MinimumSlack, BestFitDecreasing} {
+		opts := Options{SeqLen: 4096, Seed: 3407, Algorithm: algo}
+		rows, st := pack(t, opts, examples)
+		for _, r := range rows {
+			checkIsolation(t, opts, Row{r.ids, r.labels, r.pos, r.lens})
+		}
+		t.Logf("%s: %d examples, %d tokens in %d rows: efficiency %.4f%%", algo, st.Examples, st.RealTokens, st.Rows, 100*st.Efficiency)
+		if st.Examples != 20748 {
+			t.Errorf("%s: %d examples packed", algo, st.Examples)
+		}
+		if algo == MinimumSlack && st.Efficiency < 0.998 {
+			t.Errorf("packing efficiency %.4f%%, want at least 99.8%%", 100*st.Efficiency)
+		}
+	}
+}

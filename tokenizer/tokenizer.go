@@ -46,7 +46,7 @@ type Tokenizer struct {
 	runeIDs   []int32        // single-character tokens for runes below len(runeIDs), -1 if none
 	astralIDs map[rune]int32 // the same for higher runes
 	rules     wordRules
-	encoders  sync.Pool // *encoder, each with its own word cache
+	encoders  *sync.Pool // *encoder, each with its own word cache
 }
 
 // VocabSize is one more than the largest token id, added tokens included.
@@ -105,9 +105,11 @@ func (t *Tokenizer) prepare() error {
 		}
 	}
 	t.rules = deriveWordRules(t)
-	t.encoders.New = func() any { return newEncoder() }
+	t.encoders = newPool()
 	return nil
 }
+
+func newPool() *sync.Pool { return &sync.Pool{New: newEncoder} }
 
 // normalize applies the normalizer to one character.
 func (t *Tokenizer) normalize(r rune) rune {

@@ -1,0 +1,257 @@
+package trainer
+
+import (
+	"bufio"
+	"bytes"
+	"context"
+	"encoding/json"
+	"encoding/xml"
+	"fmt"
+	"math/rand/v2"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strings"
+	"syscall"
+	"testing"
+	"time"
+)
+
+func trainRows(vocab, n, seqLen int, seed uint64) Rows {
+	rng := rand.New(rand.NewPCG(seed, 3))
+	var rows Rows
+	for i := 0; i < n; i++ {
+		var r PackedRow
+		used := 0
+		for used < seqLen-3 {
+			l := min(3+rng.IntN(6), seqLen-used)
+			r.SeqLengths = append(r.SeqLengths, int32(l))
+			for j := 0; j < l; j++ {
+				// A learnable pattern: each token is followed by its successor.
+				id := int32((i*7 + used + j) % vocab)
+				r.InputIDs = append(r.InputIDs, id)
+				lab := id
+				if j == 0 {
+					lab = IgnoreIndex
+				}
+				r.Labels = append(r.Labels, lab)
+				r.PositionIDs = append(r.PositionIDs, int32(j))
+			}
+			used += l
+		}
+		for ; used < seqLen; used++ {
+			r.InputIDs = append(r.InputIDs, 0)
+			r.Labels = append(r.Labels, IgnoreIndex)
+			r.PositionIDs = append(r.PositionIDs, 0)
+		}
+		rows = append(rows, r)
+	}
+	return rows
+}
+
+func trainOptions(out string) TrainOptions {
+	return TrainOptions{
+		LoRA: LoRAConfig{R: 4, Alpha: 8, Dropout: 0.05, Targets: AllModules},
+		LR:   2e-2, Schedule: ScheduleCosine, WarmupSteps: 2, WeightDecay: 0.01, MaxGradNorm: 1,
+		BatchSize: 2, GradAccum: 2, Epochs: 2, Seed: 42,
+		EvalFraction: 0.1, EvalEvery: 4, LogEvery: 1, CheckpointEvery: 1, OutDir: out, BaseModel: "tiny",
+	}
+}
+
+func readMetrics(t *testing.T, path string) []Metric {
+	t.Helper()
+	b, err := os.ReadFile(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	var out []Metric
+	for _, line := range strings.Split(strings.TrimSpace(string(b)), "\n") {
+		var m Metric
+		if err := json.Unmarshal([]byte(line), &m); err != nil {
+			t.Fatalf("%s: %v", path, err)
+		}
+		out = append(out, m)
+	}
+	return out
+}
+
+func TestTrainLossFalls(t *testing.T) {
+	c := tinyConfig()
+	m := tinyModel(t, c)
+	out := t.TempDir()
+	opts := trainOptions(out)
+	var steps []Progress
+	opts.Progress = func(p Progress) { steps = append(steps, p) }
+	res, err := Train(context.Background(), m, trainRows(c.VocabSize, 24, 16, 1), opts)
+	if err != nil {
+		t.Fatal(err)
+	}
+	ms := readMetrics(t, res.MetricsPath)
+	if len(ms) != res.Steps || res.Steps != 12 || len(steps) != 12 {
+		t.Fatalf("%d metric lines, %d progress calls for %d steps, want 12", len(ms), len(steps), res.Steps)
+	}
+	first, last := ms[0].Loss, ms[len(ms)-1].Loss
+	if !(last < first-0.5) {
+		t.Errorf("loss went from %.4f to %.4f", first, last)
+	}
+	evals := 0
+	for _, mt := range ms {
+		if mt.EvalLoss != nil {
+			evals++
+		}
+	}
+	if evals != 3 {
+		t.Errorf("%d eval losses, want 3 (steps 4, 8, 12)", evals)
+	}
+	if ms[0].LR != 0 || ms[2].LR != opts.LR {
+		t.Errorf("warmup learning rates %v, %v", ms[0].LR, ms[2].LR)
+	}
+	svg, err := os.ReadFile(res.LossCurvePath)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := xml.Unmarshal(svg, new(struct{})); err != nil || !bytes.Contains(svg, []byte("polyline")) {
+		t.Errorf("loss curve is not a usable SVG: %v", err)
+	}
+	a, err := m.LoadAdapter(res.AdapterDir)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if a.Config.R != 4 || len(a.Layers) != c.Layers {
+		t.Errorf("adapter config %+v", a.Config)
+	}
+	t.Logf("loss %.4f -> %.4f, eval %.4f, last ETA %v", first, last, res.EvalLoss, steps[len(steps)-1].ETA)
+
+	// A run with other options must not resume from these checkpoints.
+	opts.LR = 1e-3
+	if _, err := Train(context.Background(), m, trainRows(c.VocabSize, 24, 16, 1), opts); err == nil || !strings.Contains(err.Error(), "other options") {
+		t.Errorf("resuming with other options: %v", err)
+	}
+}
+
+// TestGradAccumulationMatchesLargerBatch: two micro-batches of one row
+// accumulate to the step of one batch of two rows.
+func TestGradAccumulationMatchesLargerBatch(t *testing.T) {
+	c := tinyConfig()
+	m := tinyModel(t, c)
+	rows := trainRows(c.VocabSize, 8, 16, 2)
+	run := func(batch, accum int) []Param {
+		o := trainOptions(t.TempDir())
+		o.BatchSize, o.GradAccum, o.EvalFraction, o.CheckpointEvery, o.Epochs = batch, accum, 0, 0, 1
+		o.LoRA.Dropout = 0
+		res, err := Train(context.Background(), m, rows, o)
+		if err != nil {
+			t.Fatal(err)
+		}
+		a, err := m.LoadAdapter(res.AdapterDir)
+		if err != nil {
+			t.Fatal(err)
+		}
+		return a.Params()
+	}
+	p1, p2 := run(4, 1), run(2, 2)
+	for i := range p1 {
+		for j := range p1[i].Data {
+			if d := p1[i].Data[j] - p2[i].Data[j]; d > 1e-5 || d < -1e-5 {
+				t.Fatalf("%s[%d]: %v with batch 4, %v with 2×2 accumulation", p1[i].Name, j, p1[i].Data[j], p2[i].Data[j])
+			}
+		}
+	}
+}
+
+// TestTrainChild is the process the SIGKILL test starts and kills.
+func TestTrainChild(t *testing.T) {
+	dir := os.Getenv("GEMMAFT_TRAIN_CHILD")
+	if dir == "" {
+		t.Skip("run by TestResumeAfterSIGKILL")
+	}
+	m, err := LoadModel(filepath.Join(dir, "model"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	opts := trainOptions(filepath.Join(dir, "run"))
+	opts.Progress = func(p Progress) { fmt.Printf("step %d\n", p.Step) }
+	if _, err := Train(context.Background(), m, trainRows(m.Config.VocabSize, 24, 16, 1), opts); err != nil {
+		t.Fatal(err)
+	}
+}
+
+// TestResumeAfterSIGKILL kills a training process at random points, resumes
+// it until it finishes, and compares its metrics and adapter with an
+// uninterrupted run: identical except for timings.
+func TestResumeAfterSIGKILL(t *testing.T) {
+	c := tinyConfig()
+	dir := t.TempDir()
+	if err := WriteRandomCheckpoint(filepath.Join(dir, "model"), c, InitOptions{Seed: 7, Std: 0.2, NormStd: 0.5}); err != nil {
+		t.Fatal(err)
+	}
+	rng := rand.New(rand.NewPCG(uint64(time.Now().UnixNano()), 1))
+	kills := 0
+	for attempt := 0; ; attempt++ {
+		if attempt > 40 {
+			t.Fatal("training did not finish after 40 restarts")
+		}
+		cmd := exec.Command(os.Args[0], "-test.run=^TestTrainChild$", "-test.count=1")
+		cmd.Env = append(os.Environ(), "GEMMAFT_TRAIN_CHILD="+dir)
+		stdout, _ := cmd.StdoutPipe()
+		cmd.Stderr = os.Stderr
+		if err := cmd.Start(); err != nil {
+			t.Fatal(err)
+		}
+		// Kill after a random number of this process's steps, a random
+		// moment after it reported the step: mid-step or mid-checkpoint.
+		killAfter := 1 + rng.IntN(3)
+		sc := bufio.NewScanner(stdout)
+		killed, seen := false, 0
+		for sc.Scan() {
+			if seen++; seen == killAfter && kills < 6 {
+				time.Sleep(time.Duration(rng.IntN(3000)) * time.Microsecond)
+				cmd.Process.Signal(syscall.SIGKILL)
+				killed = true
+				kills++
+				break
+			}
+		}
+		go func() {
+			for sc.Scan() {
+			}
+		}()
+		err := cmd.Wait()
+		if !killed {
+			if err != nil {
+				t.Fatalf("child failed: %v", err)
+			}
+			break
+		}
+	}
+	if kills == 0 {
+		t.Fatal("no kill happened")
+	}
+	m, err := LoadModel(filepath.Join(dir, "model"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	ref := filepath.Join(dir, "reference")
+	if _, err := Train(context.Background(), m, trainRows(c.VocabSize, 24, 16, 1), trainOptions(ref)); err != nil {
+		t.Fatal(err)
+	}
+	got, want := readMetrics(t, filepath.Join(dir, "run", MetricsFile)), readMetrics(t, filepath.Join(ref, MetricsFile))
+	if len(got) != len(want) {
+		t.Fatalf("%d metric lines after %d kills, uninterrupted run %d", len(got), kills, len(want))
+	}
+	for i := range got {
+		g, w := got[i], want[i]
+		g.TokensPerSec, g.ElapsedSec, w.TokensPerSec, w.ElapsedSec = 0, 0, 0, 0
+		gb, _ := json.Marshal(g)
+		wb, _ := json.Marshal(w)
+		if !bytes.Equal(gb, wb) {
+			t.Errorf("metrics line %d after %d kills:\n%s\nuninterrupted:\n%s", i, kills, gb, wb)
+		}
+	}
+	ga, _ := os.ReadFile(filepath.Join(dir, "run", AdapterDirName, AdapterWeightsFile))
+	wa, _ := os.ReadFile(filepath.Join(ref, AdapterDirName, AdapterWeightsFile))
+	if !bytes.Equal(ga, wa) {
+		t.Error("adapter differs from the uninterrupted run's")
+	}
+	t.Logf("%d kills, %d metric lines identical", kills, len(got))
+}

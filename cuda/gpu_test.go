@@ -499,11 +499,22 @@ func TestNVRTCCacheColdAndWarm(t *testing.T) {
 		t.Fatal(err)
 	}
 	cudatest.Do(t, func(c *cuda.Ctx) error {
-		if err := c.SetCompiler(comp); err != nil {
-			return err
-		}
 		src, err := cuda.BuiltinSource("elementwise.cu")
 		if err != nil {
+			return err
+		}
+		// Earlier tests may have loaded this source: drop it from the
+		// context so the next Compile goes to the (empty) disk cache.
+		loaded, err := c.Compile(src)
+		if err != nil {
+			return err
+		}
+		if err := loaded.Unload(); err != nil {
+			return err
+		}
+		previous := c.Compiler()
+		defer c.SetCompiler(previous)
+		if err := c.SetCompiler(comp); err != nil {
 			return err
 		}
 		cold, err := c.Compile(src)

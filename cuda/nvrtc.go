@@ -163,6 +163,9 @@ func (comp *Compiler) store(path string, image []byte) error {
 	return nil
 }
 
+// Compiler returns the context's compiler.
+func (c *Ctx) Compiler() *Compiler { return c.compiler }
+
 // nvrtcTarget returns the compile target for the context's device.
 func (c *Ctx) nvrtcTarget() (target, error) {
 	nv := &c.libs.nv

@@ -16,7 +16,9 @@ is missed.
 """
 import argparse
 import json
+import os
 import re
+import shutil
 import subprocess
 import sys
 import time
@@ -85,6 +87,23 @@ def go_run(binary, iters):
     return res
 
 
+def c_launch_ns():
+    """Host ns per cuLaunchKernel from C (bench-launch.cu), or None without nvcc."""
+    here = os.path.dirname(os.path.abspath(__file__))
+    src = os.path.join(here, "bench-launch.cu")
+    nvcc = shutil.which("nvcc") or ("/usr/local/cuda/bin/nvcc" if os.path.exists("/usr/local/cuda/bin/nvcc") else None)
+    if not nvcc or not os.path.exists(src):
+        return None
+    exe = "/tmp/bench-launch"
+    try:
+        subprocess.run([nvcc, "-O2", "-arch=sm_90", src, "-lcuda", "-o", exe], check=True)
+        out = subprocess.run([exe], capture_output=True, text=True, check=True).stdout
+        return float(out.split()[-1])
+    except (OSError, subprocess.CalledProcessError, ValueError, IndexError) as e:
+        print(f"C launch baseline failed: {e}")
+        return None
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--go-test", required=True, help="the cuda package's test binary")
@@ -96,6 +115,7 @@ def main():
     t1 = torch_run(args.iters)
     ours = go_run(args.go_test, args.iters)
     t2 = torch_run(args.iters)
+    c_ns = c_launch_ns()
 
     gemm = ours["BenchmarkMatmulBF16_8192"]["TFLOP/s"]
     copy = ours["BenchmarkCopyDtoD_1GiB"]["GB/s"]
@@ -118,9 +138,12 @@ def main():
           f"empty kernels back to back {launch['device-us/kernel']:.2f} us each on the device, "
           f"{graph['device-us/kernel']:.2f} us each replayed as a CUDA graph "
           f"(PyTorch eager: {min(t1['host_us_per_op'], t2['host_us_per_op']):.1f} us host time per tiny op)")
+    if c_ns is not None:
+        print(f"cuLaunchKernel from C, same kernel and stream: {c_ns:.0f} ns host time per launch "
+              f"(purego and the Go side add {launch['host-ns/launch'] - c_ns:.0f} ns)")
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"device": dev, "torch": [t1, t2], "ours": ours}, f, indent=2)
+            json.dump({"device": dev, "torch": [t1, t2], "ours": ours, "c_launch_ns": c_ns}, f, indent=2)
     return 0 if ok else 1
 
 

@@ -32,7 +32,7 @@ for line in "${pkgs[@]}"; do
 	echo "$name.test ${dir#"$root"/}" >>"$out/tests.txt"
 done
 go build -trimpath -ldflags="-s -w" -o "$out/pipeline" ./cmd/pipeline
-cp scripts/bench-gpu.py "$out/"
+cp scripts/bench-gpu.py scripts/bench-launch.cu "$out/"
 
 cat >"$out/run.sh" <<'RUN'
 #!/usr/bin/env bash
@@ -74,7 +74,7 @@ done <"$here/tests.txt"
 
 if [ $bench = 1 ] && python3 -c 'import torch' 2>/dev/null; then
 	echo "== benchmark: ours and PyTorch on the same GPU"
-	python3 "$here/bench-gpu.py" --go-test "$here/cuda.test" 2>&1 | tee "$logdir/bench.txt" || status=1
+	python3 "$here/bench-gpu.py" --go-test "$here/cuda.test" --json "$logdir/bench.json" 2>&1 | tee "$logdir/bench.txt" || status=1
 fi
 exit $status
 RUN

@@ -3,7 +3,10 @@ package tokenizer
 import (
 	"fmt"
 	"math/rand/v2"
+	"os"
+	"path/filepath"
 	"slices"
+	"strconv"
 	"strings"
 	"testing"
 	"unicode/utf8"
@@ -197,4 +200,37 @@ func TestParityAdversarial(t *testing.T) {
 			t.Errorf("%d of %d decodes differ (skipSpecial=%v)", bad, len(idLists), skip)
 		}
 	}
+}
+
+// TestParityFuzzCorpus sends the fuzzer's corpus (the valid UTF-8 inputs,
+// which are all Hugging Face accepts) through the oracle too.
+func TestParityFuzzCorpus(t *testing.T) {
+	tk := gemma(t)
+	files, err := filepath.Glob(filepath.Join("testdata", "fuzz", "FuzzEncode", "*"))
+	if err != nil || len(files) == 0 {
+		t.Skip("no fuzz corpus")
+	}
+	var texts []string
+	for _, f := range files {
+		data, err := os.ReadFile(f)
+		if err != nil {
+			t.Fatal(err)
+		}
+		lines := strings.Split(strings.TrimSpace(string(data)), "\n")
+		if len(lines) != 2 || !strings.HasPrefix(lines[1], "string(") {
+			t.Fatalf("%s: unexpected corpus file", f)
+		}
+		s, err := strconv.Unquote(strings.TrimSuffix(strings.TrimPrefix(lines[1], "string("), ")"))
+		if err != nil {
+			t.Fatalf("%s: %v", f, err)
+		}
+		if utf8.ValidString(s) {
+			texts = append(texts, s)
+		}
+	}
+	path := gemmaModelFile(t, "tokenizer.json")
+	for _, add := range []bool{false, true} {
+		compareEncodings(t, tk, texts, add, hfEncode(t, path, texts, add))
+	}
+	t.Logf("%d of %d corpus inputs are valid UTF-8 and match", len(texts), len(files))
 }

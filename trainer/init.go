@@ -74,6 +74,7 @@ func WriteRandomCheckpoint(dir string, cfg *Config, opts InitOptions) error {
 		prefix = "language_model.model."
 	}
 	for i := range specs {
+		specs[i].base = specs[i].name
 		specs[i].name = prefix + specs[i].name
 	}
 	sort.Slice(specs, func(i, j int) bool { return specs[i].name < specs[j].name })
@@ -186,7 +187,7 @@ func writeRandomTensor(w *bufio.Writer, s tensorSpec, dt safetensors.DType, opts
 		std = opts.NormStd
 	}
 	h := fnv.New64a()
-	h.Write([]byte(s.name))
+	h.Write([]byte("model." + s.base)) // the text-only checkpoint's name
 	nameSeed := h.Sum64()
 	// Generate up to one batch of chunks in parallel, then write them in order.
 	workers := runtime.GOMAXPROCS(0)

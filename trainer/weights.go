@@ -112,26 +112,30 @@ type tensorSpec struct {
 	name  string
 	shape []int
 	kind  string // "embed", "norm", "qknorm", "proj"
+	// base is the name without the checkpoint's prefix; random weights are
+	// seeded by it, so a seed gives the same model in every layout.
+	base string
 }
 
 // tensorSpecs lists every text-model tensor a checkpoint of c holds.
 func (c *Config) tensorSpecs() []tensorSpec {
-	specs := []tensorSpec{{"embed_tokens.weight", []int{c.VocabSize, c.Hidden}, "embed"}}
+	add := func(specs []tensorSpec, name string, shape []int, kind string) []tensorSpec {
+		return append(specs, tensorSpec{name: name, shape: shape, kind: kind})
+	}
+	specs := add(nil, "embed_tokens.weight", []int{c.VocabSize, c.Hidden}, "embed")
 	for i := 0; i < c.Layers; i++ {
 		p := fmt.Sprintf("layers.%d.", i)
 		for _, n := range []string{"input_layernorm", "post_attention_layernorm", "pre_feedforward_layernorm", "post_feedforward_layernorm"} {
-			specs = append(specs, tensorSpec{p + n + ".weight", []int{c.Hidden}, "norm"})
+			specs = add(specs, p+n+".weight", []int{c.Hidden}, "norm")
 		}
-		specs = append(specs,
-			tensorSpec{p + "self_attn.q_norm.weight", []int{c.HeadDim}, "qknorm"},
-			tensorSpec{p + "self_attn.k_norm.weight", []int{c.HeadDim}, "qknorm"})
+		specs = add(specs, p+"self_attn.q_norm.weight", []int{c.HeadDim}, "qknorm")
+		specs = add(specs, p+"self_attn.k_norm.weight", []int{c.HeadDim}, "qknorm")
 		for _, m := range AllModules {
 			o, in := c.ProjShape(m)
-			specs = append(specs, tensorSpec{p + m.parent() + "." + string(m) + ".weight", []int{o, in}, "proj"})
+			specs = add(specs, p+m.parent()+"."+string(m)+".weight", []int{o, in}, "proj")
 		}
 	}
-	specs = append(specs, tensorSpec{"norm.weight", []int{c.Hidden}, "norm"})
-	return specs
+	return add(specs, "norm.weight", []int{c.Hidden}, "norm")
 }
 
 // textPrefixes are the key prefixes under which checkpoints hold the text

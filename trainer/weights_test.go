@@ -1,0 +1,177 @@
+package trainer
+
+import (
+	"encoding/binary"
+	"math"
+	"os"
+	"path/filepath"
+	"reflect"
+	"strings"
+	"testing"
+
+	"gemmaft/trainer/safetensors"
+)
+
+func TestShardedAndPrefixedCheckpointsLoadAlike(t *testing.T) {
+	c := tinyConfig()
+	c.DType = "bfloat16"
+	single, sharded, mm := t.TempDir(), t.TempDir(), t.TempDir()
+	opts := InitOptions{Seed: 3, NormStd: 0.1}
+	if err := WriteRandomCheckpoint(single, c, opts); err != nil {
+		t.Fatal(err)
+	}
+	opts.MaxShardBytes = 20000
+	if err := WriteRandomCheckpoint(sharded, c, opts); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := os.Stat(filepath.Join(sharded, "model.safetensors.index.json")); err != nil {
+		t.Fatalf("no index for a sharded checkpoint: %v", err)
+	}
+	mc := *c
+	mc.Multimodal = true
+	if err := WriteRandomCheckpoint(mm, &mc, InitOptions{Seed: 3, NormStd: 0.1, MaxShardBytes: 20000}); err != nil {
+		t.Fatal(err)
+	}
+	a, err := LoadModel(single)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, dir := range []string{sharded, mm} {
+		b, err := LoadModel(dir)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if !reflect.DeepEqual(a.Embed, b.Embed) || !reflect.DeepEqual(a.Layers, b.Layers) || !reflect.DeepEqual(a.FinalNorm, b.FinalNorm) {
+			t.Errorf("%s: weights differ from the single-file checkpoint", dir)
+		}
+	}
+	m, _ := LoadModel(mm)
+	if m.Prefix != "language_model.model." || !m.Config.Multimodal {
+		t.Errorf("multimodal checkpoint: prefix %q, multimodal %v", m.Prefix, m.Config.Multimodal)
+	}
+	// Writing is deterministic by seed.
+	again := t.TempDir()
+	WriteRandomCheckpoint(again, c, InitOptions{Seed: 3, NormStd: 0.1})
+	x, _ := os.ReadFile(filepath.Join(single, "model.safetensors"))
+	y, _ := os.ReadFile(filepath.Join(again, "model.safetensors"))
+	if string(x) != string(y) {
+		t.Error("two checkpoints written with one seed differ")
+	}
+}
+
+// corrupt writes a fresh tiny checkpoint and lets f damage it.
+func corrupt(t *testing.T, f func(dir string)) error {
+	t.Helper()
+	dir := t.TempDir()
+	if err := WriteRandomCheckpoint(dir, tinyConfig(), InitOptions{Seed: 1}); err != nil {
+		t.Fatal(err)
+	}
+	f(dir)
+	_, err := LoadModel(dir)
+	return err
+}
+
+func rewriteConfig(t *testing.T, dir, old, new string) {
+	p := filepath.Join(dir, "config.json")
+	b, _ := os.ReadFile(p)
+	if !strings.Contains(string(b), old) {
+		t.Fatalf("config has no %q", old)
+	}
+	os.WriteFile(p, []byte(strings.Replace(string(b), old, new, 1)), 0o644)
+}
+
+func TestBadCheckpoints(t *testing.T) {
+	weights := func(dir string) string { return filepath.Join(dir, "model.safetensors") }
+	cases := map[string]struct {
+		damage func(t *testing.T, dir string)
+		want   string
+	}{
+		"truncated": {func(t *testing.T, dir string) {
+			st, _ := os.Stat(weights(dir))
+			os.Truncate(weights(dir), st.Size()-100)
+		}, "outside"},
+		"header lies": {func(t *testing.T, dir string) {
+			b, _ := os.ReadFile(weights(dir))
+			n := binary.LittleEndian.Uint64(b)
+			binary.LittleEndian.PutUint64(b, n+1000)
+			os.WriteFile(weights(dir), b, 0o644)
+		}, "outside"},
+		"unknown dtype": {func(t *testing.T, dir string) {
+			b, _ := os.ReadFile(weights(dir))
+			s := strings.Replace(string(b), `"F32"`, `"F8_X"`, 1)
+			os.WriteFile(weights(dir), []byte(s), 0o644)
+		}, "unknown dtype"},
+		"NaN weight": {func(t *testing.T, dir string) {
+			f, err := safetensors.Open(weights(dir))
+			if err != nil {
+				t.Fatal(err)
+			}
+			info, _ := f.Header.Lookup("model.layers.3.mlp.up_proj.weight")
+			off := f.Header.DataStart + info.Begin + 40
+			f.Close()
+			b, _ := os.ReadFile(weights(dir))
+			binary.LittleEndian.PutUint32(b[off:], math.Float32bits(float32(math.NaN())))
+			os.WriteFile(weights(dir), b, 0o644)
+		}, "non-finite"},
+		"more layers than weights": {func(t *testing.T, dir string) {
+			rewriteConfig(t, dir, `"num_hidden_layers": 7`, `"num_hidden_layers": 8`)
+			rewriteConfig(t, dir, `"full_attention",`, `"full_attention", "sliding_attention",`)
+		}, "does not match"},
+		"other hidden size": {func(t *testing.T, dir string) {
+			rewriteConfig(t, dir, `"hidden_size": 32`, `"hidden_size": 64`)
+		}, "do not match"},
+		"no weights": {func(t *testing.T, dir string) { os.Remove(weights(dir)) }, "no model.safetensors"},
+		"not gemma": {func(t *testing.T, dir string) {
+			b, _ := os.ReadFile(weights(dir))
+			os.WriteFile(weights(dir), []byte(strings.ReplaceAll(string(b), "model.embed_tokens", "model.embed_tokenz")), 0o644)
+		}, "not a Gemma 3 checkpoint"},
+		"shard escapes": {func(t *testing.T, dir string) {
+			os.WriteFile(filepath.Join(dir, "model.safetensors.index.json"), []byte(`{"weight_map": {"model.embed_tokens.weight": "../x.safetensors"}}`), 0o644)
+		}, "leaves the checkpoint"},
+	}
+	for name, c := range cases {
+		t.Run(name, func(t *testing.T) {
+			err := corrupt(t, func(dir string) { c.damage(t, dir) })
+			if err == nil || !strings.Contains(err.Error(), c.want) {
+				t.Fatalf("err = %v, want one mentioning %q", err, c.want)
+			}
+		})
+	}
+}
+
+func TestAdapterRoundTripAndMismatch(t *testing.T) {
+	c := tinyConfig()
+	m := tinyModel(t, c)
+	a, _ := NewAdapter(c, LoRAConfig{R: 2, Alpha: 4, Dropout: 0.1, Targets: []Module{QProj, DownProj}}, 1)
+	randomizeB(a, 2)
+	dir := t.TempDir()
+	if err := m.SaveAdapter(dir, a, "base"); err != nil {
+		t.Fatal(err)
+	}
+	f, err := safetensors.Open(filepath.Join(dir, AdapterWeightsFile))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, ok := f.Header.Lookup("base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight"); !ok {
+		t.Error("PEFT key for Gemma3ForCausalLM missing")
+	}
+	f.Close()
+	back, err := m.LoadAdapter(dir)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !reflect.DeepEqual(back.Config, a.Config) {
+		t.Errorf("config %+v, saved %+v", back.Config, a.Config)
+	}
+	for i, p := range a.Params() {
+		if !reflect.DeepEqual(p.Data, back.Params()[i].Data) {
+			t.Errorf("%s changed in the round trip", p.Name)
+		}
+	}
+	other := tinyConfig()
+	other.Layers, other.LayerTypes = 6, other.LayerTypes[:6]
+	om := tinyModel(t, other)
+	if _, err := om.LoadAdapter(dir); err == nil || !strings.Contains(err.Error(), "another model") {
+		t.Errorf("adapter for 7 layers loaded into 6: %v", err)
+	}
+}

@@ -9,13 +9,14 @@ __device__ __forceinline__ float gelu_tanh(float x) {
     return 0.5f * x * (1.0f + tanhf(k * (x + 0.044715f * x * x * x)));
 }
 
-extern "C" __global__ void gelu_tanh_f32(const float* __restrict__ x, float* __restrict__ y, long long n) {
+// x and y may be the same array (in place).
+extern "C" __global__ void gelu_tanh_f32(const float* x, float* y, long long n) {
     for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < n; i += (long long)gridDim.x * blockDim.x) {
         y[i] = gelu_tanh(x[i]);
     }
 }
 
-extern "C" __global__ void gelu_tanh_bf16(const bf16_t* __restrict__ x, bf16_t* __restrict__ y, long long n) {
+extern "C" __global__ void gelu_tanh_bf16(const bf16_t* x, bf16_t* y, long long n) {
     for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < n; i += (long long)gridDim.x * blockDim.x) {
         y[i] = f32_to_bf16(gelu_tanh(bf16_to_f32(x[i])));
     }

@@ -9,7 +9,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
-	"os"
+	"io/fs"
 	"slices"
 	"strings"
 )
@@ -18,6 +18,7 @@ import (
 // (by the .gz extension). Blank lines are ignored. Rows are named by their
 // 1-based line number, as editors show them.
 type jsonlFile struct {
+	open  openFunc
 	name  string
 	gz    bool
 	want  []string
@@ -25,9 +26,9 @@ type jsonlFile struct {
 	bytes int64
 }
 
-func openJSONL(path string, want []string) (*jsonlFile, error) {
-	jf := &jsonlFile{name: path, gz: strings.HasSuffix(strings.ToLower(path), ".gz"), want: want, rows: -1}
-	lr, err := jf.open()
+func openJSONL(open openFunc, path string, want []string) (*jsonlFile, error) {
+	jf := &jsonlFile{open: open, name: path, gz: strings.HasSuffix(strings.ToLower(path), ".gz"), want: want, rows: -1}
+	lr, err := jf.lines()
 	if err != nil {
 		return nil, err
 	}
@@ -64,7 +65,7 @@ func (jf *jsonlFile) count() error {
 	if jf.rows >= 0 && jf.bytes > 0 {
 		return nil
 	}
-	lr, err := jf.open()
+	lr, err := jf.lines()
 	if err != nil {
 		return err
 	}
@@ -86,7 +87,7 @@ func (jf *jsonlFile) count() error {
 }
 
 func (jf *jsonlFile) scan(ctx context.Context, base int64, want func(int64) bool, yield func(record) bool) (rows int64, stopped bool, err error) {
-	lr, err := jf.open()
+	lr, err := jf.lines()
 	if err != nil {
 		return 0, false, err
 	}
@@ -186,7 +187,7 @@ func jsonKind(first byte) string {
 // lineReader yields the non-blank lines of a file, without their newline.
 type lineReader struct {
 	name  string
-	f     *os.File
+	f     fs.File
 	gz    *gzip.Reader
 	r     *bufio.Reader
 	buf   []byte
@@ -194,8 +195,8 @@ type lineReader struct {
 	atEOF bool
 }
 
-func (jf *jsonlFile) open() (*lineReader, error) {
-	f, err := os.Open(jf.name)
+func (jf *jsonlFile) lines() (*lineReader, error) {
+	f, err := jf.open(jf.name)
 	if err != nil {
 		return nil, fmt.Errorf("dataset: %w", err)
 	}

@@ -5,7 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
-	"os"
+	"io/fs"
 	"sort"
 	"strings"
 	"unicode/utf8"
@@ -28,6 +28,7 @@ const parquetReadBuffer = 1 << 20
 const parquetBatchRows = 1024
 
 type parquetFile struct {
+	open   openFunc
 	name   string
 	meta   *metadata.FileMetaData
 	mem    memory.Allocator
@@ -36,13 +37,13 @@ type parquetFile struct {
 	bytes  int64
 }
 
-func openParquet(path string, want []string, mem memory.Allocator) (*parquetFile, error) {
-	f, err := os.Open(path)
+func openParquet(open openFunc, path string, want []string, mem memory.Allocator) (*parquetFile, error) {
+	pf := &parquetFile{open: open, name: path, mem: mem, want: want}
+	f, err := pf.openFile()
 	if err != nil {
-		return nil, fmt.Errorf("dataset: %w", err)
+		return nil, err
 	}
 	defer f.Close()
-	pf := &parquetFile{name: path, mem: mem, want: want}
 	rdr, err := openParquetReader(f, nil)
 	if err != nil {
 		return nil, fmt.Errorf("dataset: %s: not a readable Parquet file (corrupt or truncated?): %v", path, err)
@@ -81,6 +82,26 @@ func openParquet(path string, want []string, mem memory.Allocator) (*parquetFile
 	}
 	sort.Ints(pf.leaves)
 	return pf, nil
+}
+
+// parquetSource is what the Parquet reader needs of a file.
+type parquetSource interface {
+	fs.File
+	io.ReaderAt
+	io.Seeker
+}
+
+func (pf *parquetFile) openFile() (parquetSource, error) {
+	f, err := pf.open(pf.name)
+	if err != nil {
+		return nil, fmt.Errorf("dataset: %w", err)
+	}
+	src, ok := f.(parquetSource)
+	if !ok {
+		f.Close()
+		return nil, fmt.Errorf("dataset: %s: the file system gives no random access, which Parquet needs", pf.name)
+	}
+	return src, nil
 }
 
 // openParquetReader opens a Parquet reader that streams column chunks; meta,
@@ -127,9 +148,9 @@ func (pf *parquetFile) close() error     { return nil }
 
 // scan reads the file one row group at a time, in batches of parquetBatchRows.
 func (pf *parquetFile) scan(ctx context.Context, base int64, want func(int64) bool, yield func(record) bool) (rows int64, stopped bool, err error) {
-	f, err := os.Open(pf.name)
+	f, err := pf.openFile()
 	if err != nil {
-		return 0, false, fmt.Errorf("dataset: %w", err)
+		return 0, false, err
 	}
 	defer f.Close()
 	rdr, err := openParquetReader(f, pf.meta)

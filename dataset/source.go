@@ -14,8 +14,10 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"io/fs"
 	"iter"
 	"math/rand/v2"
+	"os"
 	"path/filepath"
 	"strings"
 
@@ -75,6 +77,20 @@ type SourceOptions struct {
 	BatchRows int
 	// Allocator allocates the Arrow buffers; nil means the Go allocator.
 	Allocator memory.Allocator
+	// FS, when set, is where Paths are looked up (slash-separated names, as
+	// in fs.FS) instead of the operating system's files; Demo returns one.
+	FS fs.FS
+}
+
+// openFunc opens an input file; Parquet needs it to be an io.ReaderAt and
+// io.Seeker too, as *os.File and the files of embed.FS are.
+type openFunc func(name string) (fs.File, error)
+
+func (o SourceOptions) opener() openFunc {
+	if o.FS != nil {
+		return o.FS.Open
+	}
+	return func(name string) (fs.File, error) { return os.Open(name) }
 }
 
 // Source streams rows from a list of files as Arrow record batches with the
@@ -179,9 +195,9 @@ func Open(opts SourceOptions) (*Source, error) {
 		var f sourceFile
 		switch format {
 		case FormatParquet:
-			f, err = openParquet(path, wanted, opts.Allocator)
+			f, err = openParquet(opts.opener(), path, wanted, opts.Allocator)
 		default:
-			f, err = openJSONL(path, wanted)
+			f, err = openJSONL(opts.opener(), path, wanted)
 		}
 		if err != nil {
 			s.closeFiles()

@@ -1,6 +1,7 @@
 package cuda
 
 import (
+	"errors"
 	"os"
 	"path/filepath"
 	"slices"
@@ -133,7 +134,7 @@ func TestLoadReportsBrokenFiles(t *testing.T) {
 	}
 	fs, root := fakeMachine(t, []string{"override/libcublasLt.so.13"}, map[string]string{LibsEnv: "$ROOT/override"})
 	var fn cfunc
-	lib := load(blasLtLib, candidates(fs, []string{"libcublasLt.so.13"})[:1], []symbol{{fn: &fn, name: "cublasLtCreate"}})
+	lib := load(blasLtLib, candidates(fs, []string{"libcublasLt.so.13"})[:1], []symbol{{fn: &fn, name: "cublasLtCreate"}}, nil)
 	if lib.Found() || lib.Err == nil {
 		t.Fatalf("a text file loaded as a library: %+v", lib)
 	}
@@ -159,5 +160,35 @@ func TestOpenWithoutGPUFallsBack(t *testing.T) {
 	}
 	if !isUnavailable(err) {
 		t.Errorf("Open error %v does not wrap ErrUnavailable", err)
+	}
+}
+
+// A library that loads but fails the acceptance check (the driver stub) is
+// skipped for the next candidate.
+func TestLoadSkipsRejectedLibrary(t *testing.T) {
+	if !dlSupported {
+		t.Skip("no run-time loading on this OS")
+	}
+	libc := loadedPath("libc.so.6")
+	if libc == "" {
+		t.Skip("libc not found in the memory map")
+	}
+	var fn cfunc
+	calls := 0
+	lib := load(libSpec{name: "libc", sonames: []string{"libc.so.6"}},
+		[]candidate{{libc, ViaToolkit}, {"libc.so.6", ViaLoader}},
+		[]symbol{{fn: &fn, name: "strlen"}},
+		func() error {
+			calls++
+			if calls == 1 {
+				return errors.New("stub library")
+			}
+			return nil
+		})
+	if !lib.Found() || lib.Via != ViaLoader {
+		t.Fatalf("second candidate not taken: %+v", lib)
+	}
+	if len(lib.Tried) != 1 || !strings.Contains(lib.Tried[0], "stub library") {
+		t.Errorf("Tried = %q", lib.Tried)
 	}
 }

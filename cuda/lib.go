@@ -79,10 +79,10 @@ func bind(h uintptr, table []symbol) error {
 	return nil
 }
 
-// load tries each candidate in order and keeps the first that opens and
-// binds. bind is called on the opened handle; a failing bind closes it and
-// moves on.
-func load(spec libSpec, cands []candidate, table []symbol) *Library {
+// load tries each candidate in order and keeps the first that opens, binds
+// and passes accept (nil accepts all); a candidate that fails is closed and
+// listed in Tried, and the search moves on.
+func load(spec libSpec, cands []candidate, table []symbol, accept func() error) *Library {
 	lib := &Library{Name: spec.name}
 	if !dlSupported {
 		lib.Err = fmt.Errorf("%w: %s: %v", ErrUnavailable, spec.name, errNoDLSupport)
@@ -98,7 +98,11 @@ func load(spec libSpec, cands []candidate, table []symbol) *Library {
 			}
 			continue
 		}
-		if err := bind(h, table); err != nil {
+		err = bind(h, table)
+		if err == nil && accept != nil {
+			err = accept()
+		}
+		if err != nil {
 			dlclose(h)
 			lib.Tried = append(lib.Tried, c.path+": "+err.Error())
 			continue
@@ -167,7 +171,15 @@ func loadLibs() *runtimeLibs {
 	libsOnce.Do(func() {
 		fs := realFS()
 		l := &runtimeLibs{}
-		l.driver = load(driverLib, candidates(fs, driverLib.sonames), l.cu.table())
+		// The toolkit's stub libcuda (for linking only) loads and binds
+		// but refuses cuInit; a real driver may come later in the search.
+		l.driver = load(driverLib, candidates(fs, driverLib.sonames), l.cu.table(), func() error {
+			var de *DriverError
+			if err := l.cu.cuInit.check(0); errors.As(err, &de) && de.Result == 34 { // CUDA_ERROR_STUB_LIBRARY
+				return err
+			}
+			return nil
+		})
 		maxMajor := 0
 		if l.driver.Found() {
 			var v int32
@@ -180,14 +192,14 @@ func loadLibs() *runtimeLibs {
 				l.initErr = err
 			}
 		}
-		l.nvrtc = load(nvrtcLib, candidates(fs, sonamesUpTo(nvrtcLib, maxMajor)), l.nv.table())
+		l.nvrtc = load(nvrtcLib, candidates(fs, sonamesUpTo(nvrtcLib, maxMajor)), l.nv.table(), nil)
 		if l.nvrtc.Found() {
 			var major, minor int32
 			if l.nv.nvrtcVersion.call(uintptr(unsafe.Pointer(&major)), uintptr(unsafe.Pointer(&minor))) == 0 {
 				l.nvrtc.Version = fmt.Sprintf("%d.%d", major, minor)
 			}
 		}
-		l.blasLt = load(blasLtLib, candidates(fs, sonamesUpTo(blasLtLib, maxMajor)), l.lt.table())
+		l.blasLt = load(blasLtLib, candidates(fs, sonamesUpTo(blasLtLib, maxMajor)), l.lt.table(), nil)
 		if l.blasLt.Found() {
 			v := l.lt.cublasLtGetVersion.call()
 			l.blasLt.Version = fmt.Sprintf("%d.%d.%d", v/10000, v%10000/100, v%100)

@@ -208,3 +208,20 @@ func BenchmarkLaunchGraph(b *testing.B) {
 		return c.Synchronize()
 	})
 }
+
+// BenchmarkDo measures the hand-off of an empty function to the device's
+// locked thread and back: the fixed cost of one Device.Do.
+func BenchmarkDo(b *testing.B) {
+	dev := cudatest.Device(b)
+	const calls = 1000
+	b.ResetTimer()
+	start := time.Now()
+	for range b.N {
+		for range calls {
+			if err := dev.Do(func(*cuda.Ctx) error { return nil }); err != nil {
+				b.Fatal(err)
+			}
+		}
+	}
+	b.ReportMetric(float64(time.Since(start).Nanoseconds())/float64(b.N*calls), "ns/Do")
+}

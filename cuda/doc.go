@@ -27,6 +27,14 @@
 //     row-major, with transposes, leading dimensions and strided batches;
 //     the heuristic's choice is cached per shape.
 //
+// Costs to plan for: each Do is a hand-off to another OS thread and back
+// (microseconds), so a training step should be one Do, not one per
+// operation; each kernel launch costs a few microseconds of host time, so a
+// step of many small kernels should be captured once as a Graph and
+// replayed. The allocator reuses a freed block at once, which is safe for
+// work ordered on one stream; code that shares buffers between streams
+// synchronises before freeing.
+//
 // Host-side bfloat16 conversions (BF16FromFloat32, Float32FromBF16) live
 // here too, since every GPU path needs them.
 package cuda

@@ -72,7 +72,7 @@ METRIC = re.compile(r"([0-9.eE+-]+) ([A-Za-z/_-]+)")
 
 def go_run(binary, iters):
     out = subprocess.run(
-        [binary, "-test.run", "^$", "-test.bench", "Matmul|Copy|Launch", "-test.benchtime", f"{iters}x"],
+        [binary, "-test.run", "^$", "-test.bench", "Matmul|Copy|Launch|Do$", "-test.benchtime", f"{iters}x"],
         capture_output=True, text=True, check=False)
     sys.stdout.write(out.stdout[-4000:])
     if out.returncode != 0:
@@ -138,6 +138,8 @@ def main():
           f"empty kernels back to back {launch['device-us/kernel']:.2f} us each on the device, "
           f"{graph['device-us/kernel']:.2f} us each replayed as a CUDA graph "
           f"(PyTorch eager: {min(t1['host_us_per_op'], t2['host_us_per_op']):.1f} us host time per tiny op)")
+    if "BenchmarkDo" in ours:
+        print(f"Device.Do hand-off to the device thread and back: {ours['BenchmarkDo']['ns/Do']:.0f} ns")
     if c_ns is not None:
         print(f"cuLaunchKernel from C, same kernel and stream: {c_ns:.0f} ns host time per launch "
               f"(purego and the Go side add {launch['host-ns/launch'] - c_ns:.0f} ns)")

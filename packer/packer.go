@@ -269,6 +269,7 @@ func (p *Packer) write(ids, labels []int32, explicit bool) error {
 // the spill file and passes it to emit, in an order shuffled by the seed so
 // that training does not see rows sorted by how full they are. The Row's
 // slices are reused: emit must copy what it keeps. Finish closes the Packer.
+// Having no example to pack is an error.
 func (p *Packer) Finish(emit func(Row) error) (Stats, error) {
 	if p.finished {
 		return p.stats, errors.New("packer: Finish called twice")
@@ -277,6 +278,11 @@ func (p *Packer) Finish(emit func(Row) error) (Stats, error) {
 	defer p.Close()
 	if err := p.w.Flush(); err != nil {
 		return p.stats, fmt.Errorf("packer: spill file: %w", err)
+	}
+	if len(p.examples) == 0 {
+		st := p.stats
+		return st, fmt.Errorf("packer: nothing to pack: of %d examples, %d were empty, %d longer than seq_len %d were dropped and %d had no trained label",
+			st.ExamplesIn, st.SkippedEmpty, st.Dropped, p.opts.SeqLen, st.SkippedUntrained)
 	}
 
 	lengths := make([]int32, len(p.examples))

@@ -533,10 +533,20 @@ func TestOverlongPolicies(t *testing.T) {
 		rows   [][]int32 // input ids, in any order
 		labels [][]int32
 	}{
-		{Drop, nil, nil},
 		{Truncate, [][]int32{{11, 12, 13, 14}}, [][]int32{{-100, 12, 13, 14}}},
 		{Split, [][]int32{{11, 12, 13, 14}, {15, 16, 17, 18}, {19, 20, 0, 0}},
 			[][]int32{{-100, 12, 13, 14}, {-100, 16, 17, 18}, {-100, 20, -100, -100}}},
+	}
+	// Dropping the only example leaves nothing to pack, which is an error.
+	p, err := New(Options{SeqLen: 4, Overlong: Drop, Dir: t.TempDir()})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := p.Add(ids, labels); err != nil {
+		t.Fatal(err)
+	}
+	if st, err := p.Finish(func(Row) error { return nil }); err == nil || st.Dropped != 1 || st.Rows != 0 {
+		t.Errorf("drop: %+v, %v", st, err)
 	}
 	for _, c := range cases {
 		rows, stats := pack(t, Options{SeqLen: 4, Overlong: c.policy}, []genExample{{ids, labels}})
@@ -560,7 +570,7 @@ func TestOverlongPolicies(t *testing.T) {
 		if !slices.EqualFunc(gotIDs, c.rows, slices.Equal) || !slices.EqualFunc(gotLabels, c.labels, slices.Equal) {
 			t.Errorf("%s: ids %v labels %v; want %v %v", c.policy, gotIDs, gotLabels, c.rows, c.labels)
 		}
-		counted := map[Overlong]int64{Drop: stats.Dropped, Truncate: stats.Truncated, Split: stats.Split}
+		counted := map[Overlong]int64{Truncate: stats.Truncated, Split: stats.Split}
 		if counted[c.policy] != 1 {
 			t.Errorf("%s: stats %+v", c.policy, stats)
 		}

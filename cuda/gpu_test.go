@@ -13,6 +13,7 @@ import (
 	"strings"
 	"sync"
 	"testing"
+	"time"
 
 	"gemmaft/cuda"
 	"gemmaft/cuda/cudatest"
@@ -828,5 +829,54 @@ func TestGraphReplaysLaunches(t *testing.T) {
 	}
 	if _, err := cudatest.Compare(cudatest.F64(got), want, cudatest.F32Sum(2*steps)); err != nil {
 		t.Error(err)
+	}
+}
+
+// Do calls racing with Close either run or report ErrClosed; none hangs.
+func TestDoRacingClose(t *testing.T) {
+	cudatest.Device(t)
+	d, err := cuda.Open(0) // a second handle on the same primary context
+	if err != nil {
+		t.Fatal(err)
+	}
+	var wg sync.WaitGroup
+	errs := make(chan error, 8)
+	for range 8 {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			for {
+				err := d.Do(func(c *cuda.Ctx) error {
+					b, err := c.Alloc(4096)
+					if err != nil {
+						return err
+					}
+					return c.Free(b)
+				})
+				if errors.Is(err, cuda.ErrClosed) {
+					return
+				}
+				if err != nil {
+					errs <- err
+					return
+				}
+			}
+		}()
+	}
+	time.Sleep(20 * time.Millisecond)
+	d.Close()
+	finished := make(chan struct{})
+	go func() { wg.Wait(); close(finished) }()
+	select {
+	case <-finished:
+	case <-time.After(10 * time.Second):
+		t.Fatal("Do calls still waiting 10 s after Close")
+	}
+	close(errs)
+	for err := range errs {
+		t.Error(err)
+	}
+	if err := d.Do(func(*cuda.Ctx) error { return nil }); !errors.Is(err, cuda.ErrClosed) {
+		t.Errorf("Do after Close: %v", err)
 	}
 }

@@ -197,17 +197,19 @@ func (d *Device) loop(l *runtimeLibs, started chan<- error) {
 // across back-to-back calls, for at most this much CPU time per call.
 const spinWait = 50 * time.Microsecond
 
-// poll receives from ch without blocking, retrying for up to d.
+// poll receives from ch without blocking, retrying for about d.
 func poll[T any](ch <-chan T, d time.Duration) (T, bool) {
 	var deadline time.Time
-	for i := 0; ; i++ {
+	for i := 1; ; i++ {
 		select {
 		case v := <-ch:
 			return v, true
 		default:
 		}
-		// Reading the clock costs more than a channel poll; do it rarely.
-		if i%64 == 0 {
+		// Reading the clock costs far more than a channel poll (a system
+		// call on some virtual machines), so the first polls go unclocked
+		// and later ones read it rarely.
+		if i%256 == 0 {
 			now := time.Now()
 			if deadline.IsZero() {
 				deadline = now.Add(d)

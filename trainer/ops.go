@@ -2,6 +2,9 @@ package trainer
 
 import (
 	"math"
+
+	"gonum.org/v1/gonum/blas"
+	"gonum.org/v1/gonum/blas/blas32"
 	"runtime"
 	"sync"
 )
@@ -59,52 +62,39 @@ func axpy(y []float32, alpha float32, x []float32) {
 	}
 }
 
+// The three matrix products go through gonum's float32 BLAS (blocked, with
+// SIMD inner kernels). gonum computes each block of the output along the
+// inner dimension in a fixed order and picks serial or parallel execution
+// from the shapes alone, so results do not depend on the number of cores.
+
+func general(rows, cols int, data []float32) blas32.General {
+	return blas32.General{Rows: rows, Cols: cols, Stride: cols, Data: data[:rows*cols]}
+}
+
 // Matmul computes out[T×N] = x[T×K] · wᵀ with w stored [N×K] (a linear
 // layer's weight), adding to out when accumulate is set.
 func Matmul(out, x, w []float32, T, N, K int, accumulate bool) {
-	const nBlock = 64
-	split := func(f func(tlo, thi, nlo, nhi int)) {
-		if N >= 4*T { // wide outputs (lm_head): split over N
-			parallelFor((N+nBlock-1)/nBlock, func(lo, hi int) { f(0, T, lo*nBlock, min(hi*nBlock, N)) })
-		} else {
-			parallelFor(T, func(lo, hi int) { f(lo, hi, 0, N) })
-		}
+	beta := float32(0)
+	if accumulate {
+		beta = 1
 	}
-	split(func(tlo, thi, nlo, nhi int) {
-		for nb := nlo; nb < nhi; nb += nBlock {
-			ne := min(nb+nBlock, nhi)
-			for t := tlo; t < thi; t++ {
-				xr := x[t*K : (t+1)*K]
-				or := out[t*N : (t+1)*N]
-				for n := nb; n < ne; n++ {
-					v := dot(xr, w[n*K:(n+1)*K])
-					if accumulate {
-						or[n] += v
-					} else {
-						or[n] = v
-					}
-				}
-			}
-		}
-	})
+	blas32.Gemm(blas.NoTrans, blas.Trans, 1, general(T, K, x), general(N, K, w), beta, general(T, N, out))
 }
+
+// backwardRows is how many rows of dx one MatmulBackwardInput task owns.
+// gonum runs a product whose output is a single block serially, which for
+// the lm_head's T×hidden gradient would use one core; fixed row groups
+// spread it without making the result depend on the core count.
+const backwardRows = 4
 
 // MatmulBackwardInput adds dout[T×N] · w[N×K] to dx[T×K]: the gradient of
 // Matmul with respect to its input.
 func MatmulBackwardInput(dx, dout, w []float32, T, N, K int) {
-	const nBlock = 256
-	parallelFor(T, func(lo, hi int) {
-		for nb := 0; nb < N; nb += nBlock {
-			ne := min(nb+nBlock, N)
-			for t := lo; t < hi; t++ {
-				dxr := dx[t*K : (t+1)*K]
-				dr := dout[t*N : (t+1)*N]
-				for n := nb; n < ne; n++ {
-					if g := dr[n]; g != 0 {
-						axpy(dxr, g, w[n*K:(n+1)*K])
-					}
-				}
-			}
+	groups := (T + backwardRows - 1) / backwardRows
+	parallelFor(groups, func(lo, hi int) {
+		for g := lo; g < hi; g++ {
+			t0, t1 := g*backwardRows, min((g+1)*backwardRows, T)
+			blas32.Gemm(blas.NoTrans, blas.NoTrans, 1, general(t1-t0, N, dout[t0*N:]), general(N, K, w), 1, general(t1-t0, K, dx[t0*K:]))
 		}
 	})
 }
@@ -112,16 +102,7 @@ func MatmulBackwardInput(dx, dout, w []float32, T, N, K int) {
 // MatmulBackwardWeight adds scale · doutᵀ[N×T] · x[T×K] to dw[N×K]: the
 // gradient of Matmul with respect to its weight.
 func MatmulBackwardWeight(dw, dout, x []float32, T, N, K int, scale float32) {
-	parallelFor(N, func(lo, hi int) {
-		for n := lo; n < hi; n++ {
-			row := dw[n*K : (n+1)*K]
-			for t := 0; t < T; t++ {
-				if g := dout[t*N+n]; g != 0 {
-					axpy(row, scale*g, x[t*K:(t+1)*K])
-				}
-			}
-		}
-	})
+	blas32.Gemm(blas.Trans, blas.NoTrans, scale, general(T, N, dout), general(T, K, x), 1, general(N, K, dw))
 }
 
 // RMSNorm normalises each of the T rows of x[T×D] to unit root mean square
@@ -382,61 +363,67 @@ const IgnoreIndex = -100
 const lossChunk = 32
 
 // LMHeadLoss computes, for hidden states h[T×D] after the final norm, the
-// logits h·Eᵀ over the tied embedding E[V×D] a chunk of tokens at a time,
-// and returns the sum of cross-entropies over tokens whose target is not
-// IgnoreIndex. When dh is not nil it adds to it the gradient of
-// sum/normalizer with respect to h.
+// logits h·Eᵀ over the tied embedding E[V×D] and returns the sum of
+// cross-entropies over tokens whose target is not IgnoreIndex, with their
+// count. When dh is not nil it adds to it the gradient of sum/normalizer
+// with respect to h. Only trained positions are computed, lossChunk of them
+// at a time, so memory holds lossChunk×V logits whatever the batch.
 func LMHeadLoss(h, E []float32, targets []int32, T, V, D int, normalizer float64, dh []float32) (sum float64, count int) {
+	var rows []int
+	for t := 0; t < T; t++ {
+		if targets[t] != IgnoreIndex {
+			rows = append(rows, t)
+		}
+	}
 	logits := make([]float32, lossChunk*V)
+	hc := make([]float32, lossChunk*D)
+	dhc := make([]float32, lossChunk*D)
 	rowLoss := make([]float64, lossChunk)
-	for c0 := 0; c0 < T; c0 += lossChunk {
-		c1 := min(c0+lossChunk, T)
-		// Skip chunks with nothing to train: no loss, no gradient.
-		any := false
-		for t := c0; t < c1; t++ {
-			any = any || targets[t] != IgnoreIndex
+	for c0 := 0; c0 < len(rows); c0 += lossChunk {
+		chunk := rows[c0:min(c0+lossChunk, len(rows))]
+		n := len(chunk)
+		for r, t := range chunk {
+			copy(hc[r*D:(r+1)*D], h[t*D:(t+1)*D])
 		}
-		if !any {
-			continue
-		}
-		n := c1 - c0
-		Matmul(logits[:n*V], h[c0*D:c1*D], E, n, V, D, false)
+		Matmul(logits[:n*V], hc[:n*D], E, n, V, D, false)
 		parallelFor(n, func(lo, hi int) {
 			for r := lo; r < hi; r++ {
 				row := logits[r*V : (r+1)*V]
-				tgt := targets[c0+r]
-				if tgt == IgnoreIndex {
-					clear(row)
-					continue
-				}
+				tgt := targets[chunk[r]]
 				m := math.Inf(-1)
 				for _, v := range row {
 					m = max(m, float64(v))
 				}
+				target := float64(row[tgt])
+				// One exp per logit: keep exp(v - max) in the row, then
+				// scale it into the gradient (softmax - onehot)/normalizer.
 				var s float64
-				for _, v := range row {
-					s += math.Exp(float64(v) - m)
-				}
-				lse := m + math.Log(s)
-				// Replace the row by the gradient of its loss term,
-				// (softmax - onehot) / normalizer, and keep the loss in a
-				// slot only this goroutine writes.
-				l := lse - float64(row[tgt])
 				for i, v := range row {
-					row[i] = float32(math.Exp(float64(v)-lse) / normalizer)
+					e := math.Exp(float64(v) - m)
+					s += e
+					row[i] = float32(e)
+				}
+				rowLoss[r] = m + math.Log(s) - target
+				if dh == nil {
+					continue
+				}
+				inv := 1 / (s * normalizer)
+				for i, e := range row {
+					row[i] = float32(float64(e) * inv)
 				}
 				row[tgt] -= float32(1 / normalizer)
-				rowLoss[r] = l
 			}
 		})
 		for r := 0; r < n; r++ {
-			if targets[c0+r] != IgnoreIndex {
-				sum += rowLoss[r]
-				count++
-			}
+			sum += rowLoss[r]
 		}
+		count += n
 		if dh != nil {
-			MatmulBackwardInput(dh[c0*D:c1*D], logits[:n*V], E, n, V, D)
+			clear(dhc[:n*D])
+			MatmulBackwardInput(dhc[:n*D], logits[:n*V], E, n, V, D)
+			for r, t := range chunk {
+				axpy(dh[t*D:(t+1)*D], 1, dhc[r*D:(r+1)*D])
+			}
 		}
 	}
 	return sum, count

@@ -25,11 +25,11 @@ command -v taskset >/dev/null || pin=()
 hf=$(RAYON_NUM_THREADS=$cores "${pin[@]}" node npm/hf-tokenize.js bench "$models/tokenizer.json" "$texts" --repeat 3)
 hf_tps=$(echo "$hf" | python3 -c 'import json,sys; print(round(json.load(sys.stdin)["tokens_per_second"]))')
 
-# Ours: the Go benchmark, GOMAXPROCS = the same cores, 5 passes.
+# Ours: the Go benchmark, GOMAXPROCS = the same cores, 5 passes, best of 3.
 CGO_ENABLED=0 go test -c -o "$work/tokenizer.test" ./tokenizer
 go_out=$(cd tokenizer && TOKENIZER_BENCH_TEXTS=$texts GOMAXPROCS=$cores "${pin[@]}" \
-  "$work/tokenizer.test" -test.run '^$' -test.bench '^BenchmarkEncodeBatch$' -test.benchtime 5x)
-go_tps=$(echo "$go_out" | awk '/BenchmarkEncodeBatch/ { for (i = 1; i < NF; i++) if ($(i+1) == "tokens/s") print int($i) }')
+  "$work/tokenizer.test" -test.run '^$' -test.bench '^BenchmarkEncodeBatch$' -test.benchtime 5x -test.count 3)
+go_tps=$(echo "$go_out" | awk '/BenchmarkEncodeBatch/ { for (i = 1; i < NF; i++) if ($(i+1) == "tokens/s" && $i > best) best = $i } END { print int(best) }')
 
 echo "Hugging Face tokenizers encodeBatch: $hf_tps tokens/s"
 echo "gemmaft tokenizer EncodeBatch:      $go_tps tokens/s"

@@ -6,6 +6,7 @@ import (
 	"path/filepath"
 	"slices"
 	"strings"
+	"sync"
 	"testing"
 	"time"
 	"unicode/utf8"
@@ -254,5 +255,46 @@ func TestEncodeInvariants(t *testing.T) {
 	}
 	for _, s := range []string{"\xff", "a\xc3", "\xe2\x96", "\xed\xa0\x80", "ok\x80ok"} {
 		checkEncoding(t, tk, s)
+	}
+}
+
+// TestConcurrentEncode: many goroutines sharing one Tokenizer get the same
+// ids as one goroutine alone (run with -race where cgo is available).
+func TestConcurrentEncode(t *testing.T) {
+	tk := gemma(t)
+	texts := adversarialTexts(tk)[:2000]
+	want := make([][]int32, len(texts))
+	for i, s := range texts {
+		want[i] = referenceEncode(tk, s)
+	}
+	var wg sync.WaitGroup
+	errs := make(chan string, 8)
+	for g := range 8 {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			for k := range texts {
+				i := (k*7 + g*131) % len(texts)
+				if ids, _ := tk.Encode(texts[i], false); !slices.Equal(ids, want[i]) {
+					errs <- texts[i]
+					return
+				}
+			}
+		}()
+	}
+	wg.Add(1)
+	go func() {
+		defer wg.Done()
+		for i, ids := range tk.EncodeBatch(texts, false) {
+			if !slices.Equal(ids, want[i]) {
+				errs <- texts[i]
+				return
+			}
+		}
+	}()
+	wg.Wait()
+	close(errs)
+	for s := range errs {
+		t.Errorf("concurrent Encode(%.60q) differs", s)
 	}
 }

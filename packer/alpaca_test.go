@@ -18,6 +18,7 @@ import (
 	"github.com/apache/arrow-go/v18/arrow/array"
 
 	"gemmaft/dataset"
+	"gemmaft/tokenizer"
 )
 
 func alpacaDir(t testing.TB) string {
@@ -58,10 +59,11 @@ type chainResult struct {
 	digest [32]byte // of the packed Arrow rows, in order
 }
 
-// runChain reads a source, packs estimated tokens and writes the rows to an
-// Arrow IPC file, as the parquet, tokenize and pack stages do in a run.
-// With check it reads the file back and verifies every row's structure.
-func runChain(t testing.TB, src dataset.SourceOptions, opts Options, out string, check bool) chainResult {
+// runChain reads a source, tokenizes it (with tok, or by estimate when tok
+// is nil), packs the tokens and writes the rows to an Arrow IPC file, as the
+// parquet, tokenize and pack stages do in a run. With check it reads the
+// file back and verifies every row's structure.
+func runChain(t testing.TB, src dataset.SourceOptions, opts Options, out string, check bool, tok *tokenizer.Tokenizer) chainResult {
 	t.Helper()
 	ctx := context.Background()
 	s, err := dataset.Open(src)
@@ -85,6 +87,13 @@ func runChain(t testing.TB, src dataset.SourceOptions, opts Options, out string,
 		cols := [3]*array.String{}
 		for c := range cols {
 			cols[c] = rec.Column(c).(*array.String)
+		}
+		if tok != nil {
+			if err := addTokenized(p, tok, cols); err != nil {
+				t.Fatal(err)
+			}
+			rec.Release()
+			continue
 		}
 		for i := range int(rec.NumRows()) {
 			ids, labels = estimateTokens(cols[0].Value(i), cols[1].Value(i), cols[2].Value(i), ids, labels)
@@ -220,7 +229,7 @@ func TestAlpacaChain(t *testing.T) {
 	opts := Options{SeqLen: 4096, Seed: 3407, Dir: tmp}
 	var first *chainResult
 	for _, name := range []string{"parquet", "shards", "jsonl"} {
-		res := runChain(t, sources[name], opts, filepath.Join(tmp, name+".arrow"), true)
+		res := runChain(t, sources[name], opts, filepath.Join(tmp, name+".arrow"), true, nil)
 		st := res.stats
 		t.Logf("%s: %d examples in %d rows, efficiency %.5f%%, %d real tokens of %d slots", name, st.Examples, st.Rows, 100*st.Efficiency, st.RealTokens, st.Slots)
 		if st.ExamplesIn != 20748 || st.Examples != 20748 {
@@ -245,7 +254,7 @@ func TestAlpacaOverlong(t *testing.T) {
 	tmp := t.TempDir()
 	for _, policy := range []Overlong{Drop, Truncate, Split} {
 		opts := Options{SeqLen: 512, Overlong: policy, Seed: 1, Dir: tmp}
-		res := runChain(t, src, opts, filepath.Join(tmp, policy.String()+".arrow"), true)
+		res := runChain(t, src, opts, filepath.Join(tmp, policy.String()+".arrow"), true, nil)
 		st := res.stats
 		t.Logf("%s: %+v", policy, st)
 		counted := map[Overlong]int64{Drop: st.Dropped, Truncate: st.Truncated, Split: st.Split}
@@ -281,9 +290,10 @@ func resetPeakRSS() {
 	os.WriteFile("/proc/self/clear_refs", []byte("5"), 0)
 }
 
-// BenchmarkChain runs Parquet → estimated tokens → pack → Arrow IPC on
-// alpaca-tr (x1) and on ten copies of it (x10), in file order and shuffled,
-// reporting the peak RSS of the process during the run. Run one case per
+// BenchmarkChain runs Parquet → tokens → pack → Arrow IPC on alpaca-tr (x1)
+// and on ten copies of it (x10): with estimated tokens in file order and
+// shuffled, and with the Gemma 3 tokenizer (loaded before the measurement
+// starts), reporting the peak RSS of the process during the run. Run one case per
 // process for a clean peak:
 //
 //	go test ./packer -run '^$' -bench 'Chain/x10$' -benchtime 1x
@@ -291,12 +301,16 @@ func BenchmarkChain(b *testing.B) {
 	dir := alpacaDir(b)
 	path := filepath.Join(dir, "parquet", "alpaca-tr.parquet")
 	for _, run := range []struct {
-		copies  int
-		shuffle bool
-	}{{1, false}, {10, false}, {1, true}, {10, true}} {
+		copies    int
+		shuffle   bool
+		tokenized bool
+	}{{1, false, false}, {10, false, false}, {1, true, false}, {10, true, false}, {1, false, true}, {10, false, true}} {
 		name := fmt.Sprintf("x%d", run.copies)
 		if run.shuffle {
 			name += "-shuffled"
+		}
+		if run.tokenized {
+			name += "-tokenized"
 		}
 		copies := run.copies
 		b.Run(name, func(b *testing.B) {
@@ -305,10 +319,14 @@ func BenchmarkChain(b *testing.B) {
 				paths[i] = path
 			}
 			tmp := b.TempDir()
+			var tok *tokenizer.Tokenizer
+			if run.tokenized {
+				tok = loadTokenizer(b)
+			}
 			resetPeakRSS()
 			var st Stats
 			for b.Loop() {
-				st = runChain(b, dataset.SourceOptions{Paths: paths, Shuffle: run.shuffle, Seed: 1}, Options{SeqLen: 4096, Dir: tmp}, filepath.Join(tmp, "packed.arrow"), false).stats
+				st = runChain(b, dataset.SourceOptions{Paths: paths, Shuffle: run.shuffle, Seed: 1}, Options{SeqLen: 4096, Dir: tmp}, filepath.Join(tmp, "packed.arrow"), false, tok).stats
 			}
 			if mib, ok := peakRSS(); ok {
 				b.ReportMetric(mib, "peak-RSS-MiB")

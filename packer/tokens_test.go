@@ -25,18 +25,57 @@ func gemma3Turns(instruction, input, output string) (string, int) {
 	return head + output + "<end_of_turn>\n", len(head)
 }
 
+func loadTokenizer(t testing.TB) *tokenizer.Tokenizer {
+	t.Helper()
+	path := filepath.Join("..", "npm", "node_modules", "@lenml", "tokenizer-gemma3", "models", "tokenizer.json")
+	if _, err := os.Stat(path); err != nil {
+		t.Skipf("Gemma 3 tokenizer.json not installed (run scripts/npm-deps.sh): %v", err)
+	}
+	tok, err := tokenizer.LoadFile(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return tok
+}
+
+// tokenize renders and tokenizes a batch of records; labels follow the
+// answer's byte span through the token offsets.
+func tokenize(tok *tokenizer.Tokenizer, cols [3]*array.String) (ids, labels [][]int32) {
+	n := cols[0].Len()
+	texts := make([]string, n)
+	starts := make([]int, n)
+	for i := range texts {
+		texts[i], starts[i] = gemma3Turns(cols[0].Value(i), cols[1].Value(i), cols[2].Value(i))
+	}
+	ids, offsets := tok.EncodeBatchOffsets(texts, false)
+	labels = make([][]int32, n)
+	for i := range ids {
+		labels[i] = make([]int32, len(ids[i]))
+		for j, id := range ids[i] {
+			labels[i][j] = IgnoreIndex
+			if offsets[i][j][0] >= starts[i] {
+				labels[i][j] = id
+			}
+		}
+	}
+	return ids, labels
+}
+
+func addTokenized(p *Packer, tok *tokenizer.Tokenizer, cols [3]*array.String) error {
+	ids, labels := tokenize(tok, cols)
+	for i := range ids {
+		if err := p.Add(ids[i], labels[i]); err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
 // TestAlpacaRealTokens packs alpaca-tr tokenized with the real Gemma 3
 // tokenizer at seq_len 4096 and requires at least 99.8% efficiency.
 func TestAlpacaRealTokens(t *testing.T) {
 	dir := alpacaDir(t)
-	tokPath := filepath.Join("..", "npm", "node_modules", "@lenml", "tokenizer-gemma3", "models", "tokenizer.json")
-	if _, err := os.Stat(tokPath); err != nil {
-		t.Skipf("Gemma 3 tokenizer.json not installed (run scripts/npm-deps.sh): %v", err)
-	}
-	tok, err := tokenizer.LoadFile(tokPath)
-	if err != nil {
-		t.Fatal(err)
-	}
+	tok := loadTokenizer(t)
 	s, err := dataset.Open(dataset.SourceOptions{Paths: []string{filepath.Join(dir, "parquet", "alpaca-tr.parquet")}})
 	if err != nil {
 		t.Fatal(err)
@@ -52,22 +91,13 @@ func TestAlpacaRealTokens(t *testing.T) {
 		if err != nil {
 			t.Fatal(err)
 		}
-		col := func(c, i int) string { return rec.Column(c).(*array.String).Value(i) }
-		texts := make([]string, rec.NumRows())
-		starts := make([]int, rec.NumRows())
-		for i := range texts {
-			texts[i], starts[i] = gemma3Turns(col(0, i), col(1, i), col(2, i))
+		var cols [3]*array.String
+		for c := range cols {
+			cols[c] = rec.Column(c).(*array.String)
 		}
-		ids, offsets := tok.EncodeBatchOffsets(texts, false)
+		ids, labels := tokenize(tok, cols)
 		for i := range ids {
-			labels := make([]int32, len(ids[i]))
-			for j, id := range ids[i] {
-				labels[j] = IgnoreIndex
-				if offsets[i][j][0] >= starts[i] {
-					labels[j] = id
-				}
-			}
-			examples = append(examples, genExample{ids[i], labels})
+			examples = append(examples, genExample{ids[i], labels[i]})
 		}
 		rec.Release()
 	}

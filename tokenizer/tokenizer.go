@@ -32,7 +32,7 @@ type Tokenizer struct {
 	added     trie             // added tokens, matched in the raw text
 
 	merges    mergeTable
-	mergeList [][3]int32
+	mergeList [][3]int32 // in rank order; only kept while loading
 
 	hasReplace             bool // normalizer: replaceFrom becomes replaceTo
 	replaceFrom, replaceTo rune
@@ -105,6 +105,7 @@ func (t *Tokenizer) prepare() error {
 		}
 	}
 	t.rules = deriveWordRules(t)
+	t.mergeList = nil
 	t.encoders = newPool()
 	return nil
 }

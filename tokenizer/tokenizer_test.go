@@ -130,8 +130,8 @@ func TestLoadGemma(t *testing.T) {
 		t.Fatal(err)
 	}
 	t.Logf("loaded in %v", time.Since(start))
-	if tk.VocabSize() != 262145 || len(tk.mergeList) != 514906 {
-		t.Errorf("vocab %d merges %d, want 262145 and 514906", tk.VocabSize(), len(tk.mergeList))
+	if tk.VocabSize() != 262145 || len(tk.merges) != 514906 {
+		t.Errorf("vocab %d merges %d, want 262145 and 514906", tk.VocabSize(), len(tk.merges))
 	}
 	if id, ok := tk.ID("<start_of_turn>"); !ok || id != 105 {
 		t.Errorf("ID(<start_of_turn>) = %d, %v", id, ok)

@@ -12,6 +12,7 @@ import (
 	"io/fs"
 	"slices"
 	"strings"
+	"unicode/utf8"
 )
 
 // jsonlFile is a file of JSON objects, one per line, plain or gzip-compressed
@@ -157,6 +158,12 @@ func (jf *jsonlFile) parse(line []byte, lineNo int64) (record, error) {
 		}
 		if err := json.Unmarshal(raw, &r[i]); err != nil {
 			return record{}, fmt.Errorf("dataset: %s: line %d, column %s: %v", jf.name, lineNo, name, err)
+		}
+		// A lone surrogate escape such as \ud800 decodes to U+FFFD; text
+		// that never held U+FFFD itself was not valid Unicode.
+		if strings.ContainsRune(r[i], utf8.RuneError) && !bytes.Contains(raw, []byte("\uFFFD")) &&
+			!bytes.Contains(raw, []byte("\ufffd")) && !bytes.Contains(raw, []byte(string(utf8.RuneError))) {
+			return record{}, fmt.Errorf("dataset: %s: line %d, column %s: unpaired UTF-16 surrogate escape (not valid Unicode)", jf.name, lineNo, name)
 		}
 	}
 	return r, nil

@@ -386,6 +386,7 @@ func TestBadInput(t *testing.T) {
 	jsonlNumber := writeFile("number.jsonl", []byte(`{"instruction":"a","input":"","output":"b"}`+"\n"+`{"instruction":"a","input":"","output":42}`+"\n"))
 	jsonlMissing := writeFile("missing.jsonl", []byte(`{"instruction":"a","output":"b"}`+"\n"))
 	jsonlUTF8 := writeFile("utf8.jsonl", []byte(`{"instruction":"a","input":"","output":"b"}`+"\n\n"+`{"instruction":"a","input":"","output":"ş\ta`+"\xc3"+`"}`+"\n"))
+	jsonlSurrogate := writeFile("surrogate.jsonl", []byte(`{"instruction":"a","input":"\ud83d","output":"b \ufffd ok"}`+"\n"))
 	jsonlSyntax := writeFile("syntax.jsonl", []byte(`{"instruction":"a","input":"","output":"b"}`+"\n"+`{"instruction":"a",`+"\n"))
 	gzNotGzip := writeFile("fake.jsonl.gz", []byte(`{"instruction":"a"}`))
 
@@ -408,6 +409,7 @@ func TestBadInput(t *testing.T) {
 		{"non-string JSONL value", SourceOptions{Paths: []string{jsonlNumber}}, []string{"number.jsonl: line 2, column output: a number, not a string"}},
 		{"missing JSONL field", SourceOptions{Paths: []string{jsonlMissing}}, []string{"missing.jsonl: line 1", `no field "input"`, `"instruction", "output"`}},
 		{"invalid UTF-8 in JSONL", SourceOptions{Paths: []string{jsonlUTF8}}, []string{"utf8.jsonl: line 3, column output: invalid UTF-8 at byte 4"}},
+		{"lone surrogate in JSONL", SourceOptions{Paths: []string{jsonlSurrogate}}, []string{"surrogate.jsonl: line 1, column input: unpaired UTF-16 surrogate"}},
 		{"invalid JSON", SourceOptions{Paths: []string{jsonlSyntax}}, []string{"syntax.jsonl: line 2: invalid JSON"}},
 		{"not gzip", SourceOptions{Paths: []string{gzNotGzip}}, []string{"fake.jsonl.gz", "not a gzip file"}},
 		{"unknown extension", SourceOptions{Paths: []string{writeFile("data.csv", []byte("a"))}}, []string{"data.csv", "unknown file type"}},

@@ -192,21 +192,24 @@ func (p *Packer) Add(inputIDs, labels []int32) error {
 	if len(inputIDs) != len(labels) {
 		return fmt.Errorf("packer: example %d: %d input ids but %d labels", index, len(inputIDs), len(labels))
 	}
-	p.stats.ExamplesIn++
-	p.stats.TokensIn += int64(len(inputIDs))
-	n := len(inputIDs)
-	if n == 0 {
-		p.stats.SkippedEmpty++
-		return nil
-	}
 	explicit := false
 	for i, id := range inputIDs {
 		if id < 0 {
 			return fmt.Errorf("packer: example %d: token %d has negative id %d", index, i, id)
 		}
 		if l := labels[i]; l != IgnoreIndex && l != id {
+			if l < 0 {
+				return fmt.Errorf("packer: example %d: token %d has label %d, neither %d nor a token id", index, i, l, IgnoreIndex)
+			}
 			explicit = true
 		}
+	}
+	p.stats.ExamplesIn++
+	p.stats.TokensIn += int64(len(inputIDs))
+	n := len(inputIDs)
+	if n == 0 {
+		p.stats.SkippedEmpty++
+		return nil
 	}
 
 	seqLen := p.opts.SeqLen

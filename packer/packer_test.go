@@ -504,6 +504,12 @@ func TestBadOptionsAndInput(t *testing.T) {
 	if err := p.Add([]int32{1, -2}, []int32{1, 2}); err == nil {
 		t.Error("negative id accepted")
 	}
+	if err := p.Add([]int32{1, 2}, []int32{1, -1}); err == nil {
+		t.Error("negative label other than -100 accepted")
+	}
+	if st := p.Stats(); st.ExamplesIn != 0 {
+		t.Errorf("rejected examples counted: %+v", st)
+	}
 	if _, err := ParseOverlong("wrap"); err == nil {
 		t.Error("unknown policy parsed")
 	}

@@ -1,0 +1,144 @@
+package stages
+
+import (
+	"context"
+	"fmt"
+	"io"
+
+	"github.com/apache/arrow-go/v18/arrow"
+	"github.com/apache/arrow-go/v18/arrow/array"
+	"github.com/apache/arrow-go/v18/arrow/memory"
+
+	"gemmaft/chat"
+	"gemmaft/dataset"
+	"gemmaft/pipeline"
+)
+
+func init() { kinds["chat_template"] = chatKind{} }
+
+// chatKind renders Alpaca records as chat text with the model's template and
+// keeps the byte spans of what the model says, from which tokenize makes
+// the loss mask.
+type chatKind struct{}
+
+type chatParams struct {
+	Template string `json:"template"`
+}
+
+func (chatKind) Version() int       { return 1 }
+func (chatKind) Inputs() (int, int) { return 1, 1 }
+func (chatKind) Params() any        { return &chatParams{Template: "gemma3"} }
+
+func (p *chatParams) Validate() error {
+	if p.Template != "gemma3" {
+		return &pipeline.ParamError{Param: "template", Msg: fmt.Sprintf("unknown template %q", p.Template), Fix: "the built-in template is gemma3"}
+	}
+	return nil
+}
+
+func (chatKind) Prepare(params any, _ string) (pipeline.Stage, error) {
+	return chatStage{}, nil
+}
+
+type chatStage struct{}
+
+// ChatSchema is the table a chat_template stage writes: the rendered text
+// and, for each assistant turn, the byte span [start, end) of its content
+// and closing <end_of_turn>.
+var ChatSchema = arrow.NewSchema([]arrow.Field{
+	{Name: "text", Type: arrow.BinaryTypes.String},
+	{Name: "span_start", Type: arrow.ListOf(arrow.PrimitiveTypes.Int32)},
+	{Name: "span_end", Type: arrow.ListOf(arrow.PrimitiveTypes.Int32)},
+}, nil)
+
+func (chatStage) Files() []string { return nil }
+
+func (chatStage) Run(ctx context.Context, t *pipeline.Task) error {
+	out, err := t.Output(ChatSchema)
+	if err != nil {
+		return err
+	}
+	var row int64
+	for {
+		rec, err := t.Inputs[0].Next(ctx)
+		if err == io.EOF {
+			break
+		}
+		if err != nil {
+			return err
+		}
+		nr, err := renderBatch(rec, row)
+		row += rec.NumRows()
+		rec.Release()
+		if err != nil {
+			return err
+		}
+		err = out.Write(nr)
+		nr.Release()
+		if err != nil {
+			return err
+		}
+	}
+	t.SetStat("records", row)
+	return nil
+}
+
+func renderBatch(rec arrow.RecordBatch, firstRow int64) (arrow.RecordBatch, error) {
+	col := func(name string) (*array.String, error) {
+		idx := rec.Schema().FieldIndices(name)
+		if len(idx) != 1 {
+			return nil, fmt.Errorf("input has no %q column (is it a parquet or jsonl stage?)", name)
+		}
+		s, ok := rec.Column(idx[0]).(*array.String)
+		if !ok {
+			return nil, fmt.Errorf("column %q is %s, want utf8", name, rec.Column(idx[0]).DataType())
+		}
+		return s, nil
+	}
+	inst, err := col(dataset.ColInstruction)
+	if err != nil {
+		return nil, err
+	}
+	input, err := col(dataset.ColInput)
+	if err != nil {
+		return nil, err
+	}
+	output, err := col(dataset.ColOutput)
+	if err != nil {
+		return nil, err
+	}
+	var system *array.String
+	if len(rec.Schema().FieldIndices(dataset.ColSystem)) == 1 {
+		if system, err = col(dataset.ColSystem); err != nil {
+			return nil, err
+		}
+	}
+	b := array.NewRecordBuilder(memory.DefaultAllocator, ChatSchema)
+	defer b.Release()
+	text := b.Field(0).(*array.StringBuilder)
+	starts := b.Field(1).(*array.ListBuilder)
+	ends := b.Field(2).(*array.ListBuilder)
+	sv := starts.ValueBuilder().(*array.Int32Builder)
+	ev := ends.ValueBuilder().(*array.Int32Builder)
+	for i := 0; i < int(rec.NumRows()); i++ {
+		sys := ""
+		if system != nil {
+			sys = system.Value(i)
+		}
+		rendered, spans, err := chat.RenderGemma3(chat.Alpaca(inst.Value(i), input.Value(i), output.Value(i), sys))
+		if err != nil {
+			return nil, fmt.Errorf("record %d: %w", firstRow+int64(i), err)
+		}
+		text.Append(rendered)
+		starts.Append(true)
+		ends.Append(true)
+		for _, sp := range spans {
+			if sp.Role != "assistant" {
+				continue
+			}
+			sv.Append(int32(sp.Start))
+			ev.Append(int32(sp.End))
+		}
+	}
+	return b.NewRecordBatch(), nil
+}

@@ -1,0 +1,199 @@
+package stages
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"os"
+	"path/filepath"
+	"strings"
+
+	"github.com/apache/arrow-go/v18/arrow"
+	"github.com/apache/arrow-go/v18/arrow/array"
+	"github.com/apache/arrow-go/v18/arrow/memory"
+
+	"gemmaft/chat"
+	"gemmaft/packer"
+	"gemmaft/pipeline"
+	"gemmaft/tokenizer"
+)
+
+func init() { kinds["tokenize"] = tokenizeKind{} }
+
+// tokenizeKind turns chat text into token ids and labels: labels are the
+// ids where the model is trained (the assistant's content and its
+// <end_of_turn>) and -100 elsewhere.
+type tokenizeKind struct{}
+
+type tokenizeParams struct {
+	// Tokenizer is the path of a Hugging Face tokenizer.json.
+	Tokenizer string `json:"tokenizer"`
+	// LossOn is "assistant" (train on what the model says) or "all".
+	LossOn string `json:"loss_on"`
+}
+
+func (tokenizeKind) Version() int       { return 1 }
+func (tokenizeKind) Inputs() (int, int) { return 1, 1 }
+func (tokenizeKind) Params() any        { return &tokenizeParams{LossOn: "assistant"} }
+
+func (p *tokenizeParams) Validate() error {
+	if p.Tokenizer == "" {
+		return &pipeline.ParamError{Param: "tokenizer", Msg: "missing", Fix: "give the path of the model's tokenizer.json"}
+	}
+	if p.LossOn != "assistant" && p.LossOn != "all" {
+		return &pipeline.ParamError{Param: "loss_on", Msg: fmt.Sprintf("unknown value %q", p.LossOn), Fix: "use assistant or all"}
+	}
+	return nil
+}
+
+func (tokenizeKind) Prepare(params any, dir string) (pipeline.Stage, error) {
+	p := params.(*tokenizeParams)
+	path := p.Tokenizer
+	if !filepath.IsAbs(path) {
+		path = filepath.Join(dir, path)
+	}
+	if fi, err := os.Stat(path); err != nil || fi.IsDir() {
+		fix := "give the path of the model's tokenizer.json, relative to the spec's folder"
+		if strings.Contains(path, "node_modules") {
+			fix = "run scripts/npm-deps.sh to install the Gemma 3 tokenizer files"
+		}
+		return nil, &pipeline.ParamError{Param: "tokenizer", Msg: path + " is not a readable file", Fix: fix}
+	}
+	return &tokenizeStage{p: p, path: path}, nil
+}
+
+type tokenizeStage struct {
+	p    *tokenizeParams
+	path string
+}
+
+func (s *tokenizeStage) Files() []string { return []string{s.path} }
+
+// TokensSchema is the table a tokenize stage writes.
+var TokensSchema = arrow.NewSchema([]arrow.Field{
+	{Name: "input_ids", Type: arrow.ListOf(arrow.PrimitiveTypes.Int32)},
+	{Name: "labels", Type: arrow.ListOf(arrow.PrimitiveTypes.Int32)},
+}, nil)
+
+// tokenCounts are the statistics a tokenize stage reports.
+type tokenCounts struct {
+	records, tokens, trained, words, dropped int64
+}
+
+func (s *tokenizeStage) Run(ctx context.Context, t *pipeline.Task) error {
+	tok, err := tokenizer.LoadFile(s.path)
+	if err != nil {
+		return err
+	}
+	bos, ok := tok.ID("<bos>")
+	if !ok {
+		return errors.New("the tokenizer has no <bos> token; only Gemma-style tokenizers are supported")
+	}
+	out, err := t.Output(TokensSchema)
+	if err != nil {
+		return err
+	}
+	var c tokenCounts
+	for {
+		rec, err := t.Inputs[0].Next(ctx)
+		if err == io.EOF {
+			break
+		}
+		if err != nil {
+			return err
+		}
+		nr, err := s.tokenizeBatch(tok, bos, rec, &c)
+		rec.Release()
+		if err != nil {
+			return err
+		}
+		err = out.Write(nr)
+		nr.Release()
+		if err != nil {
+			return err
+		}
+	}
+	t.SetStat("records", c.records)
+	t.SetStat("tokens", c.tokens)
+	t.SetStat("trained_tokens", c.trained)
+	t.SetStat("dropped_records", c.dropped)
+	if c.records > 0 {
+		t.SetStat("tokens_per_record", float64(c.tokens)/float64(c.records))
+	}
+	if c.words > 0 {
+		t.SetStat("fertility", float64(c.tokens)/float64(c.words))
+	}
+	return nil
+}
+
+func (s *tokenizeStage) tokenizeBatch(tok *tokenizer.Tokenizer, bos int32, rec arrow.RecordBatch, c *tokenCounts) (arrow.RecordBatch, error) {
+	idx := rec.Schema().FieldIndices("text")
+	if len(idx) != 1 {
+		return nil, errors.New("input has no \"text\" column (is it a chat_template stage?)")
+	}
+	textCol, ok := rec.Column(idx[0]).(*array.String)
+	if !ok {
+		return nil, fmt.Errorf("column \"text\" is %s, want utf8", rec.Column(idx[0]).DataType())
+	}
+	var starts, ends *array.List
+	if s.p.LossOn == "assistant" {
+		var err error
+		if starts, err = int32Lists(rec, "span_start"); err != nil {
+			return nil, err
+		}
+		if ends, err = int32Lists(rec, "span_end"); err != nil {
+			return nil, err
+		}
+	}
+	n := int(rec.NumRows())
+	texts := make([]string, n)
+	for i := range texts {
+		texts[i] = textCol.Value(i)
+	}
+	// The chat template writes <bos> itself, so the post-processor's is
+	// not added: exactly one <bos> starts every sequence.
+	ids, offs := tok.EncodeBatchOffsets(texts, false)
+
+	b := array.NewRecordBuilder(memory.DefaultAllocator, TokensSchema)
+	defer b.Release()
+	idsB, labB := b.Field(0).(*array.ListBuilder), b.Field(1).(*array.ListBuilder)
+	idsV, labV := idsB.ValueBuilder().(*array.Int32Builder), labB.ValueBuilder().(*array.Int32Builder)
+	for i := 0; i < n; i++ {
+		if len(ids[i]) == 0 {
+			c.dropped++
+			continue
+		}
+		if ids[i][0] != bos {
+			ids[i] = append([]int32{bos}, ids[i]...)
+			offs[i] = append([][2]int{{0, 0}}, offs[i]...)
+		}
+		var trained []bool
+		if starts != nil {
+			var spans []chat.Span
+			sv := starts.ListValues().(*array.Int32).Int32Values()
+			ev := ends.ListValues().(*array.Int32).Int32Values()
+			a, z := starts.ValueOffsets(i)
+			e0, _ := ends.ValueOffsets(i)
+			for j := a; j < z; j++ {
+				spans = append(spans, chat.Span{Role: "assistant", Start: int(sv[j]), End: int(ev[e0+j-a])})
+			}
+			trained = chat.LabelMask(offs[i], spans)
+		}
+		idsB.Append(true)
+		labB.Append(true)
+		idsV.AppendValues(ids[i], nil)
+		for j, id := range ids[i] {
+			if trained == nil || trained[j] {
+				labV.Append(id)
+				c.trained++
+			} else {
+				labV.Append(packer.IgnoreIndex)
+			}
+		}
+		c.records++
+		c.tokens += int64(len(ids[i]))
+		c.words += int64(len(strings.Fields(texts[i])))
+	}
+	return b.NewRecordBatch(), nil
+}

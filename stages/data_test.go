@@ -339,4 +339,3 @@ stages:
 		t.Errorf("the failed pack left an entry")
 	}
 }
-

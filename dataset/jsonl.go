@@ -153,7 +153,8 @@ func (jf *jsonlFile) parse(line []byte, lineNo int64) (record, error) {
 		default:
 			return record{}, fmt.Errorf("dataset: %s: line %d, column %s: %s, not a string", jf.name, lineNo, name, jsonKind(raw[0]))
 		}
-		if at := invalidUTF8At(string(raw)); at >= 0 {
+		if !utf8.Valid(raw) {
+			at := invalidUTF8At(string(raw))
 			return record{}, fmt.Errorf("dataset: %s: line %d, column %s: invalid UTF-8 at byte %d", jf.name, lineNo, name, decodedOffset(raw, at))
 		}
 		if err := json.Unmarshal(raw, &r[i]); err != nil {
@@ -161,12 +162,27 @@ func (jf *jsonlFile) parse(line []byte, lineNo int64) (record, error) {
 		}
 		// A lone surrogate escape such as \ud800 decodes to U+FFFD; text
 		// that never held U+FFFD itself was not valid Unicode.
-		if strings.ContainsRune(r[i], utf8.RuneError) && !bytes.Contains(raw, []byte("\uFFFD")) &&
-			!bytes.Contains(raw, []byte("\ufffd")) && !bytes.Contains(raw, []byte(string(utf8.RuneError))) {
+		if hasSurrogateEscape(raw) && strings.Count(r[i], "\uFFFD") >
+			bytes.Count(raw, []byte("\uFFFD"))+bytes.Count(bytes.ToLower(raw), []byte(`\ufffd`)) {
 			return record{}, fmt.Errorf("dataset: %s: line %d, column %s: unpaired UTF-16 surrogate escape (not valid Unicode)", jf.name, lineNo, name)
 		}
 	}
 	return r, nil
+}
+
+// hasSurrogateEscape reports whether a raw JSON string holds an escape in
+// the UTF-16 surrogate range, \uD800 to \uDFFF.
+func hasSurrogateEscape(raw []byte) bool {
+	for i := 0; i+2 < len(raw); i++ {
+		if raw[i] != '\\' {
+			continue
+		}
+		if raw[i+1] == 'u' && (raw[i+2] == 'd' || raw[i+2] == 'D') && i+3 < len(raw) && bytes.IndexByte([]byte("89abAB"), raw[i+3]) >= 0 {
+			return true
+		}
+		i++ // skip the escaped character: in \\ud800 the u is not an escape
+	}
+	return false
 }
 
 // decodedOffset converts the offset of a byte in a raw JSON string literal

@@ -472,3 +472,60 @@ func TestContextCancel(t *testing.T) {
 		t.Errorf("Next on a cancelled context: %v", err)
 	}
 }
+
+// BenchmarkSource reads all of alpaca-tr from each layout.
+func BenchmarkSource(b *testing.B) {
+	dir := alpacaDir(b)
+	shards, err := ExpandGlobs(dir, []string{"parquet/train-*.parquet"})
+	if err != nil {
+		b.Fatal(err)
+	}
+	for _, c := range []struct {
+		name string
+		opts SourceOptions
+	}{
+		{"parquet", SourceOptions{Paths: []string{filepath.Join(dir, "parquet", "alpaca-tr.parquet")}}},
+		{"shards", SourceOptions{Paths: shards, Columns: turkishColumns}},
+		{"jsonl.gz", SourceOptions{Paths: []string{filepath.Join(dir, "alpaca-tr.jsonl.gz")}}},
+		{"parquet-shuffled", SourceOptions{Paths: []string{filepath.Join(dir, "parquet", "alpaca-tr.parquet")}, Shuffle: true}},
+	} {
+		b.Run(c.name, func(b *testing.B) {
+			for b.Loop() {
+				s, err := Open(c.opts)
+				if err != nil {
+					b.Fatal(err)
+				}
+				n := 0
+				for {
+					rec, err := s.Next(context.Background())
+					if err == io.EOF {
+						break
+					}
+					if err != nil {
+						b.Fatal(err)
+					}
+					n += int(rec.NumRows())
+					rec.Release()
+				}
+				s.Close()
+				if n != alpacaRows {
+					b.Fatalf("%d rows", n)
+				}
+			}
+			b.ReportMetric(float64(alpacaRows)*float64(b.N)/b.Elapsed().Seconds(), "rows/s")
+		})
+	}
+}
+
+func TestJSONLEscapes(t *testing.T) {
+	path := filepath.Join(t.TempDir(), "esc.jsonl")
+	data := `{"instruction":"gülen yüz \ud83d\ude00","input":"ters bölü \\ud800","output":"yedek \ufffd ve ` + "\uFFFD" + `"}` + "\n"
+	if err := os.WriteFile(path, []byte(data), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	rows := readAll(t, SourceOptions{Paths: []string{path}})
+	want := []string{"gülen yüz 😀", `ters bölü \ud800`, "yedek \uFFFD ve \uFFFD"}
+	if len(rows) != 1 || !slices.Equal(rows[0], want) {
+		t.Errorf("got %q, want %q", rows, want)
+	}
+}

@@ -75,6 +75,7 @@ func TestHuggingFaceParity(t *testing.T) {
 			if err != nil {
 				t.Fatal(err)
 			}
+			a.Config.Dropout = 0 // the reference runs PEFT in eval mode
 			rows, err := ReadPackedRows(filepath.Join(dir, "batch.jsonl"))
 			if err != nil {
 				t.Fatal(err)

@@ -8,6 +8,7 @@
 package main
 
 import (
+	"context"
 	"encoding/json"
 	"flag"
 	"fmt"
@@ -34,6 +35,9 @@ type refCase struct {
 	lora        trainer.LoRAConfig
 	rows        [][]int32 // seq_lengths of each row; rows are seqLen long
 	seqLen      int
+	// trained replaces the random adapter by the one Train writes after a
+	// few QLoRA steps (NF4 base, dropout) on the case's rows.
+	trained bool
 }
 
 func shape(vocab, hidden, mlp, layers, heads, kv, headDim int, qpas float64, window int, dtype string) *trainer.Config {
@@ -86,6 +90,18 @@ var cases = []refCase{
 		format: trainer.FormatOriginal,
 		lora:   trainer.LoRAConfig{R: 3, Alpha: 3, Targets: []trainer.Module{trainer.KProj, trainer.OProj, trainer.GateProj}},
 		rows:   [][]int32{{4, 4, 4}, {11}}, seqLen: 12,
+	},
+	{
+		Name: "trained_qlora", LR: 1e-2, WeightDecay: 0.01, Beta1: 0.9, Beta2: 0.999, Eps: 1e-8, ClipFrac: 0.5,
+		config: func() *trainer.Config {
+			c := shape(112, 32, 64, 7, 4, 1, 8, 8, 6, "bfloat16")
+			c.Rope[trainer.FullAttention] = trainer.Rope{Theta: 1e6, Type: "linear", Factor: 8}
+			return c
+		},
+		format:  trainer.FormatTransformers5,
+		lora:    trainer.LoRAConfig{R: 4, Alpha: 8, Dropout: 0.05, Targets: trainer.AllModules},
+		rows:    [][]int32{{9, 7}, {16}, {5, 5, 6}, {12}}, seqLen: 16,
+		trained: true,
 	},
 }
 
@@ -175,8 +191,47 @@ func writeCase(dir string, c refCase, seed uint64) error {
 			return err
 		}
 	}
+	if c.trained {
+		if err := trainAdapter(dir, m, c); err != nil {
+			return err
+		}
+	}
 	b, _ := json.MarshalIndent(c, "", "  ")
 	return os.WriteFile(filepath.Join(dir, "case.json"), b, 0o644)
+}
+
+// trainAdapter runs Train as the qlora stage does (NF4 base, dropout,
+// gradient accumulation) on the case's rows and puts its adapter in place
+// of the random one.
+func trainAdapter(dir string, m *trainer.Model, c refCase) error {
+	rows, err := trainer.ReadPackedRows(filepath.Join(dir, "batch.jsonl"))
+	if err != nil {
+		return err
+	}
+	if err := m.QuantizeNF4(); err != nil {
+		return err
+	}
+	out, err := os.MkdirTemp("", "refgen-train")
+	if err != nil {
+		return err
+	}
+	defer os.RemoveAll(out)
+	res, err := trainer.Train(context.Background(), m, trainer.Rows(rows), trainer.TrainOptions{
+		LoRA: c.lora, LR: 2e-2, BatchSize: 1, GradAccum: 2, Epochs: 2, Seed: 9, OutDir: out, BaseModel: "model",
+	})
+	if err != nil {
+		return err
+	}
+	for _, name := range []string{trainer.AdapterWeightsFile, trainer.AdapterConfigFile} {
+		b, err := os.ReadFile(filepath.Join(res.AdapterDir, name))
+		if err != nil {
+			return err
+		}
+		if err := os.WriteFile(filepath.Join(dir, "adapter", name), b, 0o644); err != nil {
+			return err
+		}
+	}
+	return nil
 }
 
 // writeNF4Input writes a bf16 weight whose NF4 quantisation the reference

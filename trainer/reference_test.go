@@ -46,8 +46,8 @@ func relErr(got, want float64) float64 { return math.Abs(got-want) / math.Abs(wa
 
 func TestHuggingFaceParity(t *testing.T) {
 	cases, _ := filepath.Glob(filepath.Join(refDir, "golden", "*", "golden.json"))
-	if len(cases) < 2 {
-		t.Fatalf("found %d golden cases, want at least 2", len(cases))
+	if len(cases) < 4 {
+		t.Fatalf("found %d golden cases, want at least 4", len(cases))
 	}
 	for _, gpath := range cases {
 		name := filepath.Base(filepath.Dir(gpath))

@@ -40,7 +40,7 @@ spec bench10 10 >"$work/x10.yaml"
 
 timed() { # runs a command, prints "wall_s peak_rss_mib"
   /usr/bin/time -f "%e %M" -o "$work/time" "$@" >"$work/out" 2>"$work/err" || { cat "$work/err" >&2; exit 1; }
-  awk '{printf "%s %.0f", $1, $2/1024}' "$work/time"
+  awk '{printf "%s %.0f\n", $1, $2/1024}' "$work/time"
 }
 
 export PIPELINE_CACHE=$work/cache

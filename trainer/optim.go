@@ -115,3 +115,18 @@ func LRFactor(s Schedule, step, warmup, total int) (float64, error) {
 	}
 	return 0, fmt.Errorf("unknown schedule %q (constant, linear, cosine)", s)
 }
+
+// ResolveOptimizer maps an optimizer name as transformers' TrainingArguments
+// spells it to the one this backend runs. Every AdamW variant runs as
+// 32-bit AdamW: the 8-bit and paged variants of bitsandbytes only save
+// memory, and on the CPU backend 32-bit state is both exact and small. note
+// says so when the mapping changes what was asked for.
+func ResolveOptimizer(name string) (resolved, note string, err error) {
+	switch name {
+	case "", "adamw", "adamw_torch", "adamw_torch_fused", "adamw_hf":
+		return "adamw", "", nil
+	case "paged_adamw_8bit", "adamw_8bit", "adamw_bnb_8bit", "paged_adamw_32bit", "paged_adamw":
+		return "adamw", name + " runs as 32-bit AdamW (same update rule, full-precision state)", nil
+	}
+	return "", "", fmt.Errorf("optimizer %q is not supported (adamw, adamw_torch, paged_adamw_8bit, adamw_8bit, paged_adamw_32bit)", name)
+}

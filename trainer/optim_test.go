@@ -72,3 +72,17 @@ func TestAdamWMatchesTorch(t *testing.T) {
 		}
 	}
 }
+
+func TestResolveOptimizer(t *testing.T) {
+	for _, name := range []string{"adamw_torch", "paged_adamw_8bit", ""} {
+		if got, _, err := ResolveOptimizer(name); err != nil || got != "adamw" {
+			t.Errorf("%q: %q, %v", name, got, err)
+		}
+	}
+	if _, note, _ := ResolveOptimizer("paged_adamw_8bit"); note == "" {
+		t.Error("no note for a mapped optimizer")
+	}
+	if _, _, err := ResolveOptimizer("sgd"); err == nil {
+		t.Error("sgd accepted")
+	}
+}

@@ -1,0 +1,107 @@
+package trainer
+
+import (
+	"os"
+	"path/filepath"
+	"reflect"
+	"strings"
+	"testing"
+
+	"github.com/apache/arrow-go/v18/arrow"
+	"github.com/apache/arrow-go/v18/arrow/array"
+	"github.com/apache/arrow-go/v18/arrow/ipc"
+	"github.com/apache/arrow-go/v18/arrow/memory"
+)
+
+// writeIPC writes rows as the pack stage does: an Arrow IPC file of four
+// list<int32> columns, here in a different column order and two batches,
+// since readers must go by name.
+func writeIPC(t *testing.T, path string, rows []PackedRow) {
+	t.Helper()
+	names := []string{"seq_lengths", "labels", "input_ids", "position_ids"}
+	var fields []arrow.Field
+	for _, n := range names {
+		fields = append(fields, arrow.Field{Name: n, Type: arrow.ListOf(arrow.PrimitiveTypes.Int32)})
+	}
+	schema := arrow.NewSchema(fields, nil)
+	f, err := os.Create(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer f.Close()
+	w, err := ipc.NewFileWriter(f, ipc.WithSchema(schema))
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, part := range [][]PackedRow{rows[:1], rows[1:]} {
+		b := array.NewRecordBuilder(memory.NewGoAllocator(), schema)
+		for _, r := range part {
+			for i, col := range [][]int32{r.SeqLengths, r.Labels, r.InputIDs, r.PositionIDs} {
+				lb := b.Field(i).(*array.ListBuilder)
+				lb.Append(true)
+				lb.ValueBuilder().(*array.Int32Builder).AppendValues(col, nil)
+			}
+		}
+		rec := b.NewRecordBatch()
+		if err := w.Write(rec); err != nil {
+			t.Fatal(err)
+		}
+		rec.Release()
+		b.Release()
+	}
+	if err := w.Close(); err != nil {
+		t.Fatal(err)
+	}
+}
+
+func TestReadPackedRowsArrowAndJSONL(t *testing.T) {
+	jsonl := filepath.Join(refDir, "t5_gqa", "batch.jsonl")
+	want, err := ReadPackedRows(jsonl)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(want) != 3 {
+		t.Fatalf("%d rows", len(want))
+	}
+	path := filepath.Join(t.TempDir(), "packed.arrow")
+	writeIPC(t, path, want)
+	got, err := ReadPackedRows(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !reflect.DeepEqual(got, want) {
+		t.Errorf("Arrow rows differ from the JSON lines")
+	}
+}
+
+func TestReadPackedRowsErrors(t *testing.T) {
+	dir := t.TempDir()
+	for _, c := range []struct{ content, want string }{
+		{`{"input_ids": [1, 2], "labels": [-100], "seq_lengths": [2]}`, "labels has 1"},
+		{`{"input_ids": [1, 2], "labels": [-100, 2]}`, "seq_lengths"},
+		{`{"input_ids": [1], "labels": [-100], "seq_lengths": [1], "extra": 1}`, "unknown field"},
+		{`{"input_ids": [1, 2, 3]`, "line 1"},
+		{"ARROW1\x00\x00garbage", "not an Arrow IPC file"},
+	} {
+		p := filepath.Join(dir, "x")
+		os.WriteFile(p, []byte(c.content), 0o644)
+		if _, err := ReadPackedRows(p); err == nil || !strings.Contains(err.Error(), c.want) {
+			t.Errorf("%q: err = %v, want one mentioning %q", c.content, err, c.want)
+		}
+	}
+	// Rows that read but cannot be batched.
+	for _, r := range []PackedRow{
+		{InputIDs: []int32{1, 2}, Labels: []int32{-100, 2}, SeqLengths: []int32{3}},
+		{InputIDs: []int32{1, 2}, Labels: []int32{-100, 2}, SeqLengths: []int32{0, 2}},
+	} {
+		if _, err := NewBatch([]PackedRow{r}); err == nil {
+			t.Errorf("NewBatch accepted %+v", r)
+		}
+	}
+	c := tinyConfig()
+	m := tinyModel(t, c)
+	b, _ := NewBatch([]PackedRow{{InputIDs: []int32{1, 500}, Labels: []int32{-100, 2}, SeqLengths: []int32{2}}})
+	if _, _, err := m.Loss(nil, b); err == nil || !strings.Contains(err.Error(), "outside the vocabulary") {
+		t.Errorf("token id beyond the vocabulary: %v", err)
+	}
+}

@@ -76,12 +76,10 @@ func minimumSlack(lengths []int32, order []int32, capacity int) (binOf []int32, 
 	// pair returns the larger half of the most even pair of remaining
 	// lengths summing to gap, or -1.
 	pair := func(gap int) int {
-		for a := present.floor(gap / 2); a > 0; a = present.floor(a - 1) {
-			if b := gap - a; present.has(b) && (a != b || len(stacks[a]) >= 2) {
-				return b
-			}
+		if half := gap / 2; gap%2 == 0 && len(stacks[half]) >= 2 {
+			return half
 		}
-		return -1
+		return present.mostEvenPair(gap)
 	}
 	for left := len(order); left > 0; {
 		b := bins
@@ -205,6 +203,45 @@ func (s *bitset) ceil(i int) int {
 	}
 	w = j*64 + bits.TrailingZeros64(m)
 	return w*64 + bits.TrailingZeros64(s.words[w])
+}
+
+// mostEvenPair returns b for the members a < b with a + b = sum and b - a
+// smallest, or -1. It compares 64 candidates at a time: the members in a
+// block of a against the reversed block of their partners sum - a.
+func (s *bitset) mostEvenPair(sum int) int {
+	largest := s.floor(sum - 1)
+	if largest < 0 {
+		return -1
+	}
+	lo := max(1, sum-largest) // a >= sum - b >= sum - largest
+	for hi := (sum - 1) / 2; hi >= lo; hi -= 64 {
+		start := max(lo, hi-63)
+		width := hi - start + 1
+		as := s.extract(start, width)
+		if as == 0 {
+			continue
+		}
+		// Bit k of partners is set when sum - (start + k) is a member.
+		partners := bits.Reverse64(s.extract(sum-hi, width)) >> (64 - width)
+		if m := as & partners; m != 0 {
+			return sum - (start + 63 - bits.LeadingZeros64(m))
+		}
+	}
+	return -1
+}
+
+// extract returns the membership of pos, pos+1, …, pos+width-1 as the low
+// width bits of a word; width is at most 64.
+func (s *bitset) extract(pos, width int) uint64 {
+	i, shift := pos/64, pos%64
+	x := s.words[i] >> shift
+	if shift != 0 && i+1 < len(s.words) {
+		x |= s.words[i+1] << (64 - shift)
+	}
+	if width < 64 {
+		x &= 1<<width - 1
+	}
+	return x
 }
 
 // floor returns the largest member <= i, or -1.

@@ -231,6 +231,17 @@ func TestBitset(t *testing.T) {
 			if q >= 0 && q <= size && s.has(q) != ref[q] {
 				t.Fatalf("size %d: has(%d) wrong", size, q)
 			}
+			sum := rng.IntN(size + 1)
+			want := -1
+			for a := (sum - 1) / 2; a >= 1; a-- {
+				if ref[a] && ref[sum-a] {
+					want = sum - a
+					break
+				}
+			}
+			if got := s.mostEvenPair(sum); got != want {
+				t.Fatalf("size %d: mostEvenPair(%d) = %d, want %d", size, sum, got, want)
+			}
 		}
 	}
 }
@@ -302,7 +313,7 @@ func pack(t *testing.T, opts Options, examples []genExample) ([]copiedRow, Stats
 }
 
 func TestPackProperties(t *testing.T) {
-	for _, algo := range []Algorithm{MinimumSlack, BestFitDecreasing} {
+	for _, algo := range []Algorithm{Auto, MinimumSlack, BestFitDecreasing} {
 		for _, policy := range []Overlong{Drop, Truncate, Split} {
 			for _, seqLen := range []int{16, 64, 300} {
 				testPackProperties(t, algo, policy, seqLen)
@@ -518,7 +529,7 @@ func TestBadOptionsAndInput(t *testing.T) {
 			t.Errorf("ParseOverlong(%q) = %v, %v", o, got, err)
 		}
 	}
-	for _, a := range []Algorithm{MinimumSlack, BestFitDecreasing} {
+	for _, a := range []Algorithm{Auto, MinimumSlack, BestFitDecreasing} {
 		if got, err := ParseAlgorithm(a.String()); err != nil || got != a {
 			t.Errorf("ParseAlgorithm(%q) = %v, %v", a, got, err)
 		}
@@ -580,5 +591,41 @@ func TestOverlongPolicies(t *testing.T) {
 		if counted[c.policy] != 1 {
 			t.Errorf("%s: stats %+v", c.policy, stats)
 		}
+	}
+}
+
+// TestAutoKeepsFewerRows packs inputs where best-fit-decreasing beats the
+// minimum-slack planner (most examples longer than half a row) and others
+// where it does not; Auto must always give the fewer rows.
+func TestAutoKeepsFewerRows(t *testing.T) {
+	const seqLen = 1000
+	bfdWon, slackWon := false, false
+	for trial := range 20 {
+		rng := rand.New(rand.NewPCG(uint64(trial), 7))
+		longest := 300 + rng.IntN(500)
+		lengths := make([]int32, 600)
+		examples := make([]genExample, len(lengths))
+		for i := range lengths {
+			lengths[i] = int32(2 + rng.IntN(longest))
+			ids := make([]int32, lengths[i])
+			for j := range ids {
+				ids[j] = int32(j + 1)
+			}
+			examples[i] = genExample{ids, ids}
+		}
+		_, st := pack(t, Options{SeqLen: seqLen, Seed: uint64(trial)}, examples)
+
+		lengthsAsPacked := slices.Clone(lengths)
+		order := planOrder(lengthsAsPacked, rand.New(rand.NewPCG(uint64(trial), 0x7061636b)))
+		_, slackBins, _ := minimumSlack(lengthsAsPacked, order, seqLen)
+		_, bfdBins := bestFitDecreasing(lengthsAsPacked, order, seqLen)
+		if want := min(slackBins, bfdBins); st.Rows != int64(want) {
+			t.Fatalf("trial %d: auto gave %d rows; min_slack %d, bfd %d", trial, st.Rows, slackBins, bfdBins)
+		}
+		bfdWon = bfdWon || bfdBins < slackBins
+		slackWon = slackWon || slackBins < bfdBins
+	}
+	if !bfdWon || !slackWon {
+		t.Fatalf("the inputs do not exercise both outcomes (bfd won: %v, min_slack won: %v)", bfdWon, slackWon)
 	}
 }

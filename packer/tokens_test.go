@@ -104,7 +104,7 @@ func TestAlpacaRealTokens(t *testing.T) {
 	if len(examples) != 20748 {
 		t.Fatalf("%d examples", len(examples))
 	}
-	for _, algo := range []Algorithm{MinimumSlack, BestFitDecreasing} {
+	for _, algo := range []Algorithm{Auto, MinimumSlack, BestFitDecreasing} {
 		opts := Options{SeqLen: 4096, Seed: 3407, Algorithm: algo}
 		rows, st := pack(t, opts, examples)
 		for _, r := range rows {
@@ -114,7 +114,7 @@ func TestAlpacaRealTokens(t *testing.T) {
 		if st.Examples != 20748 {
 			t.Errorf("%s: %d examples packed", algo, st.Examples)
 		}
-		if algo == MinimumSlack && st.Efficiency < 0.998 {
+		if algo != BestFitDecreasing && st.Efficiency < 0.998 {
 			t.Errorf("packing efficiency %.4f%%, want at least 99.8%%", 100*st.Efficiency)
 		}
 	}

@@ -1,0 +1,61 @@
+package trainer
+
+import (
+	"math"
+	"math/rand/v2"
+	"testing"
+)
+
+// TestLMHeadKernels compares the lm_head products (AVX2 kernels where the
+// CPU has them) with plain float64 sums, over sizes with ragged edges.
+func TestLMHeadKernels(t *testing.T) {
+	if hasFMA {
+		t.Run("portable", func(t *testing.T) {
+			hasFMA = false
+			defer func() { hasFMA = true }()
+			checkLMHeadKernels(t)
+		})
+	}
+	checkLMHeadKernels(t)
+}
+
+func checkLMHeadKernels(t *testing.T) {
+	rng := rand.New(rand.NewPCG(1, 2))
+	randn := func(n int) []float32 {
+		v := make([]float32, n)
+		for i := range v {
+			v[i] = float32(rng.NormFloat64())
+		}
+		return v
+	}
+	for _, sz := range []struct{ n, V, D int }{{5, 1030, 64}, {4, 513, 128}, {1, 7, 64}, {3, 600, 72}, {2, 64, 20}} {
+		h, E, g := randn(sz.n*sz.D), randn(sz.V*sz.D), randn(sz.n*sz.V)
+		logits := make([]float32, sz.n*sz.V)
+		lmHeadLogits(logits, h, E, sz.n, sz.V, sz.D)
+		for r := 0; r < sz.n; r++ {
+			for v := 0; v < sz.V; v++ {
+				var want float64
+				for k := 0; k < sz.D; k++ {
+					want += float64(h[r*sz.D+k]) * float64(E[v*sz.D+k])
+				}
+				if math.Abs(float64(logits[r*sz.V+v])-want) > 1e-4*math.Sqrt(float64(sz.D)) {
+					t.Fatalf("%+v: logit[%d][%d] = %v, want %v", sz, r, v, logits[r*sz.V+v], want)
+				}
+			}
+		}
+		dh := randn(sz.n * sz.D)
+		base := append([]float32(nil), dh...)
+		lmHeadBackward(dh, g, E, sz.n, sz.V, sz.D)
+		for r := 0; r < sz.n; r++ {
+			for k := 0; k < sz.D; k++ {
+				want := float64(base[r*sz.D+k])
+				for v := 0; v < sz.V; v++ {
+					want += float64(g[r*sz.V+v]) * float64(E[v*sz.D+k])
+				}
+				if math.Abs(float64(dh[r*sz.D+k])-want) > 1e-5*math.Sqrt(float64(sz.V))*10 {
+					t.Fatalf("%+v: dh[%d][%d] = %v, want %v", sz, r, k, dh[r*sz.D+k], want)
+				}
+			}
+		}
+	}
+}

@@ -298,3 +298,48 @@ func TestConcurrentEncode(t *testing.T) {
 		t.Errorf("concurrent Encode(%.60q) differs", s)
 	}
 }
+
+// FuzzDecode: any id sequence decodes without panicking; ids outside the
+// vocabulary are an error, never skipped; the result is valid UTF-8; and
+// skipping special tokens is the same as removing them first.
+func FuzzDecode(f *testing.F) {
+	f.Add([]byte{2, 0, 0, 0, 105, 0, 0, 0})
+	f.Add([]byte{0xe4, 0x01, 0, 0, 0xa1, 0x01, 0, 0})
+	f.Fuzz(func(t *testing.T, data []byte) {
+		tk := gemma(t)
+		var ids []int32
+		bad := false
+		for i := 0; i+4 <= len(data); i += 4 {
+			id := int32(uint32(data[i]) | uint32(data[i+1])<<8 | uint32(data[i+2])<<16 | uint32(data[i+3]&0x7f)<<24)
+			id %= int32(tk.VocabSize() + 8)
+			if data[i+3]&0x80 != 0 {
+				id = tk.byteIDs[data[i]] // byte tokens in any order
+			}
+			if _, ok := tk.Token(id); !ok {
+				bad = true
+			}
+			ids = append(ids, id)
+		}
+		text, err := tk.Decode(ids, false)
+		if bad != (err != nil) {
+			t.Fatalf("Decode(%v): error %v, but an unknown id present is %v", ids, err, bad)
+		}
+		if bad {
+			return
+		}
+		if !utf8.ValidString(text) {
+			t.Fatalf("Decode(%v) is not UTF-8", ids)
+		}
+		var plain []int32
+		for _, id := range ids {
+			if !tk.IsSpecial(id) {
+				plain = append(plain, id)
+			}
+		}
+		a, _ := tk.Decode(ids, true)
+		b, _ := tk.Decode(plain, false)
+		if a != b {
+			t.Fatalf("skipping specials %q differs from removing them %q", a, b)
+		}
+	})
+}

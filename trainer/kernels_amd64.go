@@ -11,3 +11,6 @@ func dotStrip2x4(x0, x1, w *float32, k, n int, out0, out1 *float32)
 
 //go:noescape
 func axpyRows64(grad, e *float32, k, n int, acc *float32)
+
+//go:noescape
+func expBlock(x *float32, n int, shift float32) float32

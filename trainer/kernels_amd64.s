@@ -132,3 +132,74 @@ vdone:
 adone:
 	VZEROUPPER
 	RET
+
+// Constants of expBlock: Cephes' single-precision exp (range reduction by
+// ln 2 split in two parts, degree-5 polynomial), accurate to about 1 ulp.
+DATA expc<>+0(SB)/4, $0x3fb8aa3b  // log2(e)
+DATA expc<>+4(SB)/4, $0x3f318000  // ln 2, high part
+DATA expc<>+8(SB)/4, $0xb95e8083  // ln 2, low part (negative)
+DATA expc<>+12(SB)/4, $0x39506967 // 1.9875691500e-4
+DATA expc<>+16(SB)/4, $0x3ab743ce // 1.3981999507e-3
+DATA expc<>+20(SB)/4, $0x3c088908 // 8.3334519073e-3
+DATA expc<>+24(SB)/4, $0x3d2aa9c1 // 4.1665795894e-2
+DATA expc<>+28(SB)/4, $0x3e2aaaaa // 1.6666665459e-1
+DATA expc<>+32(SB)/4, $0x3f000000 // 0.5
+DATA expc<>+36(SB)/4, $0x3f800000 // 1
+DATA expc<>+40(SB)/4, $0xc2a00000 // -80: inputs are clamped here
+GLOBL expc<>(SB), RODATA|NOPTR, $44
+
+// func expBlock(x *float32, n int, shift float32) float32
+// x[i] = exp(max(x[i] - shift, -80)) for i < n (n a multiple of 8); returns
+// the float32 sum of the new values.
+TEXT ·expBlock(SB), NOSPLIT, $0-28
+	MOVQ x+0(FP), SI
+	MOVQ n+8(FP), CX
+	VBROADCASTSS shift+16(FP), Y15
+	VBROADCASTSS expc<>+0(SB), Y14
+	VBROADCASTSS expc<>+4(SB), Y13
+	VBROADCASTSS expc<>+8(SB), Y12
+	VBROADCASTSS expc<>+40(SB), Y11
+	VBROADCASTSS expc<>+36(SB), Y10
+	VXORPS Y9, Y9, Y9
+
+eloop:
+	CMPQ CX, $8
+	JL   edone
+	VMOVUPS (SI), Y0
+	VSUBPS Y15, Y0, Y0
+	VMAXPS Y11, Y0, Y0
+	VMULPS Y14, Y0, Y1
+	VROUNDPS $0, Y1, Y1
+	VFNMADD231PS Y13, Y1, Y0
+	VFNMADD231PS Y12, Y1, Y0
+	VBROADCASTSS expc<>+12(SB), Y2
+	VBROADCASTSS expc<>+16(SB), Y3
+	VFMADD213PS Y3, Y0, Y2
+	VBROADCASTSS expc<>+20(SB), Y3
+	VFMADD213PS Y3, Y0, Y2
+	VBROADCASTSS expc<>+24(SB), Y3
+	VFMADD213PS Y3, Y0, Y2
+	VBROADCASTSS expc<>+28(SB), Y3
+	VFMADD213PS Y3, Y0, Y2
+	VBROADCASTSS expc<>+32(SB), Y3
+	VFMADD213PS Y3, Y0, Y2
+	VMULPS Y0, Y0, Y4
+	VFMADD213PS Y0, Y4, Y2
+	VADDPS Y10, Y2, Y2
+	VCVTPS2DQ Y1, Y5
+	VPSLLD $23, Y5, Y5
+	VPADDD Y5, Y2, Y2
+	VMOVUPS Y2, (SI)
+	VADDPS Y2, Y9, Y9
+	ADDQ $32, SI
+	SUBQ $8, CX
+	JMP  eloop
+
+edone:
+	VEXTRACTF128 $1, Y9, X0
+	VADDPS X0, X9, X0
+	VHADDPS X0, X0, X0
+	VHADDPS X0, X0, X0
+	VZEROUPPER
+	MOVSS X0, ret+24(FP)
+	RET

@@ -59,3 +59,33 @@ func checkLMHeadKernels(t *testing.T) {
 		}
 	}
 }
+
+func TestExpBlock(t *testing.T) {
+	if !hasFMA {
+		t.Skip("no AVX2+FMA")
+	}
+	const n = 4096
+	x := make([]float32, n)
+	for i := range x {
+		x[i] = -90 + 95*float32(i)/n // spans the clamp, shift 5 makes the top 0
+	}
+	orig := append([]float32(nil), x...)
+	sum := expBlock(&x[0], n, 5)
+	var want float64
+	worst := 0.0
+	for i, v := range orig {
+		e := math.Exp(float64(v) - 5)
+		want += e
+		if float64(v)-5 < -80 {
+			continue
+		}
+		rel := math.Abs(float64(x[i])-e) / e
+		worst = max(worst, rel)
+	}
+	if worst > 3e-7 {
+		t.Errorf("worst relative error %.3g", worst)
+	}
+	if math.Abs(float64(sum)-want)/want > 1e-5 {
+		t.Errorf("sum %v, want %v", sum, want)
+	}
+}

@@ -392,26 +392,24 @@ func LMHeadLoss(h, E []float32, targets []int32, T, V, D int, normalizer float64
 			for r := lo; r < hi; r++ {
 				row := logits[r*V : (r+1)*V]
 				tgt := targets[chunk[r]]
-				m := math.Inf(-1)
+				mx := row[0]
 				for _, v := range row {
-					m = max(m, float64(v))
+					if v > mx {
+						mx = v
+					}
 				}
+				m := float64(mx)
 				target := float64(row[tgt])
 				// One exp per logit: keep exp(v - max) in the row, then
 				// scale it into the gradient (softmax - onehot)/normalizer.
-				var s float64
-				for i, v := range row {
-					e := math.Exp(float64(v) - m)
-					s += e
-					row[i] = float32(e)
-				}
+				s := expShift(row, mx)
 				rowLoss[r] = m + math.Log(s) - target
 				if dh == nil {
 					continue
 				}
-				inv := 1 / (s * normalizer)
-				for i, e := range row {
-					row[i] = float32(float64(e) * inv)
+				inv := float32(1 / (s * normalizer))
+				for i := range row {
+					row[i] *= inv
 				}
 				row[tgt] -= float32(1 / normalizer)
 			}
@@ -497,4 +495,28 @@ func getScratch(n int) *[]float32 {
 	}
 	b := make([]float32, n)
 	return &b
+}
+
+// expShift replaces each x by exp(x - shift) and returns their sum. With
+// AVX2 it uses the float32 kernel expBlock (about 1 ulp) on blocks of 1024,
+// summing the blocks' float32 sums in float64; otherwise math.Exp.
+func expShift(x []float32, shift float32) float64 {
+	var s float64
+	i := 0
+	if hasFMA {
+		const block = 1024
+		for ; i+block <= len(x); i += block {
+			s += float64(expBlock(&x[i], block, shift))
+		}
+		if n8 := (len(x) - i) &^ 7; n8 > 0 {
+			s += float64(expBlock(&x[i], n8, shift))
+			i += n8
+		}
+	}
+	for ; i < len(x); i++ {
+		e := math.Exp(float64(x[i]) - float64(shift))
+		s += e
+		x[i] = float32(e)
+	}
+	return s
 }

@@ -98,9 +98,9 @@ var cases = []refCase{
 			c.Rope[trainer.FullAttention] = trainer.Rope{Theta: 1e6, Type: "linear", Factor: 8}
 			return c
 		},
-		format:  trainer.FormatTransformers5,
-		lora:    trainer.LoRAConfig{R: 4, Alpha: 8, Dropout: 0.05, Targets: trainer.AllModules},
-		rows:    [][]int32{{9, 7}, {16}, {5, 5, 6}, {12}}, seqLen: 16,
+		format: trainer.FormatTransformers5,
+		lora:   trainer.LoRAConfig{R: 4, Alpha: 8, Dropout: 0.05, Targets: trainer.AllModules},
+		rows:   [][]int32{{9, 7}, {16}, {5, 5, 6}, {12}}, seqLen: 16,
 		trained: true,
 	},
 }

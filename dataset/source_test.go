@@ -6,6 +6,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"math/rand/v2"
 	"os"
 	"path/filepath"
 	"slices"
@@ -527,5 +528,44 @@ func TestJSONLEscapes(t *testing.T) {
 	want := []string{"gülen yüz 😀", `ters bölü \ud800`, "yedek \uFFFD ve \uFFFD"}
 	if len(rows) != 1 || !slices.Equal(rows[0], want) {
 		t.Errorf("got %q, want %q", rows, want)
+	}
+}
+
+// TestCorruptParquetNeverPanics overwrites random bytes of a small Parquet
+// file many times: reading must end in rows or an error, never a panic.
+func TestCorruptParquetNeverPanics(t *testing.T) {
+	path := writeParquet(t, "f.parquet", alpacaFields, func(b *array.RecordBuilder) {
+		for range 200 {
+			appendStrings(b, [3]string{"talimat", "girdi", "çok uzun bir çıktı metni"})
+		}
+	})
+	data, err := os.ReadFile(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	rng := rand.New(rand.NewPCG(1, 2))
+	corrupt := filepath.Join(t.TempDir(), "corrupt.parquet")
+	errorsSeen := 0
+	for i := range 500 {
+		d := slices.Clone(data)
+		for range 1 + rng.IntN(4) {
+			d[rng.IntN(len(d))] = byte(rng.IntN(256))
+		}
+		if err := os.WriteFile(corrupt, d, 0o644); err != nil {
+			t.Fatal(err)
+		}
+		func() {
+			defer func() {
+				if p := recover(); p != nil {
+					t.Fatalf("corruption %d: panic: %v", i, p)
+				}
+			}()
+			if openOrNext(SourceOptions{Paths: []string{corrupt}}) != nil {
+				errorsSeen++
+			}
+		}()
+	}
+	if errorsSeen == 0 {
+		t.Error("no corruption was detected")
 	}
 }

@@ -23,6 +23,11 @@ type Tracker struct {
 	endNs                  atomic.Int64
 	done, failed           atomic.Bool
 	inputs                 []*Input
+
+	// A stage whose work is not rows (training steps) reports its own units.
+	mu                  sync.Mutex
+	unit, note          string
+	unitDone, unitTotal int64
 }
 
 func newTracker(name, kind string) *Tracker {
@@ -41,8 +46,10 @@ func (t *Tracker) finish(ok bool) {
 
 // Progress is a snapshot of a tracker.
 type Progress struct {
-	Rows    int64 // rows read (stages with inputs) or written (sources)
-	Total   int64 // -1 when unknown
+	Rows    int64  // rows read (stages with inputs) or written (sources), or Unit
+	Total   int64  // -1 when unknown
+	Unit    string // what Rows counts; "rows" unless the stage says otherwise
+	Note    string // the stage's own words, e.g. the current loss
 	Bytes   int64
 	Elapsed time.Duration
 	Running bool
@@ -73,8 +80,13 @@ func (p Progress) ETA() (time.Duration, bool) {
 
 // Snapshot reads the tracker.
 func (t *Tracker) Snapshot() Progress {
-	p := Progress{Total: t.total.Load(), Bytes: t.bytes.Load(), Done: t.done.Load(), Failed: t.failed.Load()}
-	if len(t.inputs) > 0 {
+	p := Progress{Total: t.total.Load(), Bytes: t.bytes.Load(), Done: t.done.Load(), Failed: t.failed.Load(), Unit: "rows"}
+	t.mu.Lock()
+	unit, note, unitDone, unitTotal := t.unit, t.note, t.unitDone, t.unitTotal
+	t.mu.Unlock()
+	if unit != "" {
+		p.Unit, p.Note, p.Rows, p.Total = unit, note, unitDone, unitTotal
+	} else if len(t.inputs) > 0 {
 		p.Rows = t.rowsIn.Load()
 		if p.Total < 0 {
 			var sum int64
@@ -108,7 +120,14 @@ func (p Progress) String() string {
 	if p.Total >= 0 {
 		s += fmt.Sprintf("/%d", p.Total)
 	}
-	s += fmt.Sprintf(" rows  %.0f rows/s  %s", p.Rate(), HumanBytes(p.Bytes))
+	if p.Unit != "rows" {
+		s += " " + p.Unit
+		if p.Note != "" {
+			s += "  " + p.Note
+		}
+	} else {
+		s += fmt.Sprintf(" rows  %.0f rows/s  %s", p.Rate(), HumanBytes(p.Bytes))
+	}
 	if eta, ok := p.ETA(); ok {
 		s += "  ETA " + eta.Round(time.Second).String()
 	}
@@ -152,7 +171,7 @@ func (d TTYDisplay) Start(ts []*Tracker) func() {
 				case s.Failed:
 					return "failed"
 				case s.Done:
-					return fmt.Sprintf("done  %d rows in %s", s.Rows, s.Elapsed.Round(10*time.Millisecond))
+					return fmt.Sprintf("done  %d %s in %s", s.Rows, s.Unit, s.Elapsed.Round(10*time.Millisecond))
 				case !s.Running:
 					return "waiting"
 				}
@@ -232,7 +251,10 @@ func (d LogDisplay) Start(ts []*Tracker) func() {
 					if !s.Running {
 						continue
 					}
-					args := []any{"stage", t.Name, "rows", s.Rows, "rows_per_s", int64(s.Rate()), "bytes", s.Bytes}
+					args := []any{"stage", t.Name, s.Unit, s.Rows, s.Unit + "_per_s", s.Rate(), "bytes", s.Bytes}
+					if s.Note != "" {
+						args = append(args, "note", s.Note)
+					}
 					if s.Total >= 0 {
 						args = append(args, "total", s.Total)
 					}

@@ -71,6 +71,14 @@ func (t *Task) SetStat(name string, value any) {
 // with inputs, to read), for the progress display's ETA.
 func (t *Task) SetTotal(rows int64) { t.tracker.total.Store(rows) }
 
+// Report sets the progress of a stage whose work is counted in other units
+// than rows (training steps), with a short note for the display.
+func (t *Task) Report(done, total int64, unit, note string) {
+	t.tracker.mu.Lock()
+	defer t.tracker.mu.Unlock()
+	t.tracker.unitDone, t.tracker.unitTotal, t.tracker.unit, t.tracker.note = done, total, unit, note
+}
+
 // AddBytes counts bytes the stage processed beyond its table (e.g. bytes of
 // source files read), for the progress display.
 func (t *Task) AddBytes(n int64) { t.tracker.bytes.Add(n) }

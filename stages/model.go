@@ -21,15 +21,22 @@ type modelParams struct {
 	Seed   uint64 `json:"seed"`
 	// DType is the stored dtype: bfloat16, float16 or float32.
 	DType string `json:"dtype"`
+	// Std is the standard deviation of the embeddings and projections
+	// (transformers uses 0.02). A tiny model learns visibly only with larger
+	// embeddings: its logits are bounded by sqrt(hidden) times their norm.
+	Std float64 `json:"std"`
 }
 
 func (modelKind) Version() int       { return 1 }
 func (modelKind) Inputs() (int, int) { return 0, 0 }
-func (modelKind) Params() any        { return &modelParams{Preset: "tiny", DType: "bfloat16"} }
+func (modelKind) Params() any        { return &modelParams{Preset: "tiny", DType: "bfloat16", Std: 0.02} }
 
 func (p *modelParams) Validate() error {
 	if _, err := trainer.Preset(p.Preset); err != nil {
 		return &pipeline.ParamError{Param: "preset", Msg: fmt.Sprintf("unknown shape %q", p.Preset), Fix: "use tiny, 1b, 4b, 12b or 27b"}
+	}
+	if !(p.Std > 0) {
+		return &pipeline.ParamError{Param: "std", Msg: "must be positive", Fix: "0.02 is the usual initialisation"}
 	}
 	switch p.DType {
 	case "bfloat16", "float16", "float32":
@@ -52,7 +59,7 @@ func (s modelStage) Run(ctx context.Context, t *pipeline.Task) error {
 	if err != nil {
 		return err
 	}
-	if err := trainer.WriteRandomCheckpoint(t.Dir, cfg, trainer.InitOptions{Seed: s.p.Seed, DType: s.p.DType}); err != nil {
+	if err := trainer.WriteRandomCheckpoint(t.Dir, cfg, trainer.InitOptions{Seed: s.p.Seed, DType: s.p.DType, Std: s.p.Std}); err != nil {
 		return err
 	}
 	t.SetStat("preset", s.p.Preset)

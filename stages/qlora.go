@@ -1,0 +1,267 @@
+package stages
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"math"
+	"os"
+	"path/filepath"
+	"runtime"
+	"time"
+
+	"gemmaft/pipeline"
+	"gemmaft/trainer"
+)
+
+func init() { kinds["qlora"] = qloraKind{} }
+
+// qloraKind trains a LoRA adapter on packed rows over a frozen (NF4
+// quantised) Gemma 3 and writes it in PEFT's format with its metrics.
+type qloraKind struct{}
+
+// qloraParams are the options people know from PEFT and TRL, with their
+// usual QLoRA values as defaults. Fields tagged json:"-" change how the run
+// uses the machine, not its result, and so stay out of the cache key.
+type qloraParams struct {
+	// Model is a checkpoint folder; leave it empty when a model stage is
+	// among the needs.
+	Model         string   `json:"model,omitempty"`
+	R             int      `json:"r"`
+	Alpha         float64  `json:"alpha"`
+	Dropout       float64  `json:"dropout"`
+	TargetModules []string `json:"target_modules"`
+	Quantize      string   `json:"quantize"`
+	BatchSize     int      `json:"batch_size"`
+	GradAccum     int      `json:"grad_accum"`
+	LR            float64  `json:"lr"`
+	Schedule      string   `json:"schedule"`
+	WarmupSteps   int      `json:"warmup_steps"`
+	WeightDecay   float64  `json:"weight_decay"`
+	MaxGradNorm   float64  `json:"max_grad_norm"`
+	Epochs        int      `json:"epochs"`
+	MaxSteps      int      `json:"max_steps"`
+	Optimizer     string   `json:"optimizer"`
+	Seed          uint64   `json:"seed"`
+	EvalFraction  float64  `json:"eval_fraction"`
+	EvalEvery     int      `json:"eval_every"`
+	LogEvery      int      `json:"log_every"`
+	Backend       string   `json:"backend"`
+
+	CheckpointEvery       int  `yaml:"checkpoint_every" json:"-"`
+	GradientCheckpointing bool `yaml:"gradient_checkpointing" json:"-"`
+}
+
+func (qloraKind) Version() int       { return 1 }
+func (qloraKind) Inputs() (int, int) { return 1, 2 }
+func (qloraKind) Params() any {
+	var targets []string
+	for _, m := range trainer.AllModules {
+		targets = append(targets, string(m))
+	}
+	return &qloraParams{
+		R: 32, Alpha: 64, Dropout: 0.05, TargetModules: targets, Quantize: "nf4",
+		BatchSize: 2, GradAccum: 4, LR: 2e-4, Schedule: string(trainer.ScheduleLinear), MaxGradNorm: 1.0,
+		Epochs: 1, Optimizer: "adamw", Seed: 42, LogEvery: 5, Backend: "auto",
+		CheckpointEvery: 50, GradientCheckpointing: true,
+	}
+}
+
+// optimizers maps the names people write (PEFT/TRL and bitsandbytes) to what
+// the trainer has: AdamW with float32 moments. The 8-bit and paged variants
+// exist to save GPU memory; the trainer's moments are small (LoRA only).
+var optimizers = map[string]bool{
+	"adamw": true, "adamw_torch": true, "adamw_torch_fused": true, "adamw_hf": true,
+	"adamw_8bit": true, "adamw_bnb_8bit": true, "paged_adamw_8bit": true, "paged_adamw_32bit": true,
+}
+
+func (p *qloraParams) Validate() error {
+	bad := func(param, msg, fix string) error { return &pipeline.ParamError{Param: param, Msg: msg, Fix: fix} }
+	var targets []trainer.Module
+	for _, t := range p.TargetModules {
+		m, err := trainer.ParseModule(t)
+		if err != nil {
+			return bad("target_modules", err.Error(), "choose among q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj")
+		}
+		targets = append(targets, m)
+	}
+	if err := (trainer.LoRAConfig{R: p.R, Alpha: p.Alpha, Dropout: p.Dropout, Targets: targets}).Validate(); err != nil {
+		return bad("r", err.Error(), "r and alpha are positive (e.g. 32 and 64), dropout in [0, 1)")
+	}
+	switch {
+	case p.Quantize != "nf4" && p.Quantize != "none":
+		return bad("quantize", fmt.Sprintf("unknown %q", p.Quantize), "use nf4 (QLoRA) or none (LoRA on the checkpoint's weights)")
+	case p.BatchSize < 1 || p.GradAccum < 1:
+		return bad("batch_size", "batch_size and grad_accum must be at least 1", "")
+	case !(p.LR > 0):
+		return bad("lr", "must be positive", "QLoRA usually takes 1e-4 to 2e-4")
+	case p.Epochs < 1 && p.MaxSteps < 1:
+		return bad("epochs", "must be at least 1", "")
+	case !optimizers[p.Optimizer]:
+		return bad("optimizer", fmt.Sprintf("unknown %q", p.Optimizer), "use adamw (paged_adamw_8bit and the other AdamW names are accepted)")
+	case p.Backend != "auto" && p.Backend != "cpu" && p.Backend != "cuda":
+		return bad("backend", fmt.Sprintf("unknown %q", p.Backend), "use cpu, cuda or auto")
+	case p.EvalFraction < 0 || p.EvalFraction >= 1:
+		return bad("eval_fraction", "must be in [0, 1)", "")
+	case p.LogEvery < 1:
+		return bad("log_every", "must be at least 1", "")
+	}
+	if _, err := trainer.LRFactor(trainer.Schedule(p.Schedule), 0, 0, 1); err != nil {
+		return bad("schedule", err.Error(), "use constant, linear or cosine")
+	}
+	return nil
+}
+
+func (qloraKind) Prepare(params any, dir string) (pipeline.Stage, error) {
+	p := params.(*qloraParams)
+	s := &qloraStage{p: p}
+	if p.Model != "" {
+		s.model = p.Model
+		if !filepath.IsAbs(s.model) {
+			s.model = filepath.Join(dir, s.model)
+		}
+		files, err := checkpointFiles(s.model)
+		if err != nil {
+			return nil, &pipeline.ParamError{Param: "model", Msg: err.Error(), Fix: "point model at a Hugging Face checkpoint folder (config.json and safetensors)"}
+		}
+		s.files = files
+	}
+	return s, nil
+}
+
+// checkpointFiles are the files of a checkpoint whose content enters the
+// key: config.json, and the weights index of a sharded checkpoint or the
+// single weights file (re-hashing tens of gigabytes of shards is what the
+// stat cache avoids, but their index already names what they hold).
+func checkpointFiles(dir string) ([]string, error) {
+	cfg := filepath.Join(dir, "config.json")
+	if _, err := os.Stat(cfg); err != nil {
+		return nil, fmt.Errorf("%s has no config.json", dir)
+	}
+	for _, w := range []string{"model.safetensors.index.json", "model.safetensors"} {
+		if _, err := os.Stat(filepath.Join(dir, w)); err == nil {
+			return []string{cfg, filepath.Join(dir, w)}, nil
+		}
+	}
+	return nil, fmt.Errorf("%s has no model.safetensors or model.safetensors.index.json", dir)
+}
+
+type qloraStage struct {
+	p     *qloraParams
+	model string
+	files []string
+}
+
+func (s *qloraStage) Files() []string { return s.files }
+
+func (s *qloraStage) Run(ctx context.Context, t *pipeline.Task) error {
+	model, rowsPath, err := s.inputs(ctx, t)
+	if err != nil {
+		return err
+	}
+	backend := s.p.Backend
+	if backend == "cuda" {
+		return errors.New("backend cuda: the GPU trainer is not available in this build; use backend: cpu or auto")
+	}
+	backend = "cpu"
+	if s.p.Optimizer != "adamw" && s.p.Optimizer != "adamw_torch" {
+		t.Log.Info("optimizer mapped", "asked", s.p.Optimizer, "using", "adamw (float32 moments)")
+	}
+
+	m, err := trainer.LoadModel(model)
+	if err != nil {
+		return fmt.Errorf("loading %s: %w", model, err)
+	}
+	if s.p.Quantize == "nf4" {
+		if err := m.QuantizeNF4(); err != nil {
+			return err
+		}
+	}
+	rows, err := trainer.ReadPackedRows(rowsPath)
+	if err != nil {
+		return err
+	}
+	scratch, err := t.Scratch()
+	if err != nil {
+		return err
+	}
+	var targets []trainer.Module
+	for _, tm := range s.p.TargetModules {
+		mod, _ := trainer.ParseModule(tm)
+		targets = append(targets, mod)
+	}
+	started := time.Now()
+	res, err := trainer.Train(ctx, m, trainer.Rows(rows), trainer.TrainOptions{
+		LoRA: trainer.LoRAConfig{R: s.p.R, Alpha: s.p.Alpha, Dropout: s.p.Dropout, Targets: targets},
+		LR:   s.p.LR, Schedule: trainer.Schedule(s.p.Schedule), WarmupSteps: s.p.WarmupSteps,
+		WeightDecay: s.p.WeightDecay, MaxGradNorm: s.p.MaxGradNorm,
+		BatchSize: s.p.BatchSize, GradAccum: s.p.GradAccum, Epochs: s.p.Epochs, MaxSteps: s.p.MaxSteps,
+		Seed: s.p.Seed, EvalFraction: s.p.EvalFraction, EvalEvery: s.p.EvalEvery, LogEvery: s.p.LogEvery,
+		CheckpointEvery: s.p.CheckpointEvery, OutDir: scratch, BaseModel: model,
+		Progress: func(p trainer.Progress) {
+			note := fmt.Sprintf("loss %.4f  lr %.2e", p.Loss, p.LR)
+			if !math.IsNaN(p.EvalLoss) {
+				note += fmt.Sprintf("  eval %.4f", p.EvalLoss)
+			}
+			t.Report(int64(p.Step), int64(p.TotalSteps), "steps", note)
+		},
+	})
+	if err != nil {
+		return err
+	}
+	// The results move into the entry; checkpoints stay in the scratch
+	// folder, which the engine removes once the entry is committed.
+	for _, name := range []string{trainer.AdapterDirName, trainer.MetricsFile, trainer.LossCurveFile} {
+		if err := os.Rename(filepath.Join(scratch, name), filepath.Join(t.Dir, name)); err != nil {
+			return err
+		}
+	}
+	t.SetStat("steps", res.Steps)
+	t.SetStat("final_loss", res.FinalLoss)
+	if !math.IsNaN(res.EvalLoss) {
+		t.SetStat("eval_loss", res.EvalLoss)
+	}
+	t.SetStat("rows", len(rows))
+	t.SetStat("backend", backend)
+	t.SetStat("cores", runtime.GOMAXPROCS(0))
+	t.SetStat("train_seconds", time.Since(started).Seconds())
+	return nil
+}
+
+// inputs sorts the stage's needs into the model checkpoint (a model stage's
+// entry, unless `model:` names one) and the packed rows.
+func (s *qloraStage) inputs(ctx context.Context, t *pipeline.Task) (model, rows string, err error) {
+	model = s.model
+	for _, in := range t.Inputs {
+		dir, err := in.Dir(ctx)
+		if err != nil {
+			return "", "", err
+		}
+		switch {
+		case fileExists(filepath.Join(dir, "config.json")):
+			if model != "" {
+				return "", "", fmt.Errorf("two models: %s and stage %s; give either `model:` or a model stage", model, in.Name)
+			}
+			model = dir
+		case fileExists(filepath.Join(dir, "data.arrow")):
+			if rows != "" {
+				return "", "", fmt.Errorf("two tables of packed rows (stage %s and another); need one pack stage", in.Name)
+			}
+			rows = filepath.Join(dir, "data.arrow")
+		default:
+			return "", "", fmt.Errorf("stage %s is neither a model nor packed rows", in.Name)
+		}
+	}
+	if model == "" {
+		return "", "", errors.New("no model: set `model:` to a checkpoint folder or add a model stage to needs")
+	}
+	if rows == "" {
+		return "", "", errors.New("no packed rows: add a pack stage to needs")
+	}
+	return model, rows, nil
+}
+
+func fileExists(p string) bool {
+	_, err := os.Stat(p)
+	return err == nil
+}

@@ -8,6 +8,7 @@ import (
 	"os"
 
 	"github.com/apache/arrow-go/v18/arrow"
+	"github.com/apache/arrow-go/v18/arrow/array"
 	"github.com/apache/arrow-go/v18/arrow/ipc"
 	"github.com/apache/arrow-go/v18/arrow/memory"
 )
@@ -85,12 +86,23 @@ func OpenIPC(path string) (*IPCReader, error) {
 		f.Close()
 		return nil, fmt.Errorf("dataset: %s: %v", path, err)
 	}
-	r, err := ipc.NewFileReader(f, ipc.WithAllocator(memory.DefaultAllocator))
+	r, err := newIPCFileReader(f)
 	if err != nil {
 		f.Close()
 		return nil, fmt.Errorf("dataset: %s: not a readable Arrow IPC file: %v", path, err)
 	}
 	return &IPCReader{f: f, r: r}, nil
+}
+
+// newIPCFileReader opens the reader; flatbuffers decoding of a corrupt
+// footer can panic, which becomes an error.
+func newIPCFileReader(f *os.File) (r *ipc.FileReader, err error) {
+	defer func() {
+		if p := recover(); p != nil {
+			err = fmt.Errorf("corrupt footer: %v", p)
+		}
+	}()
+	return ipc.NewFileReader(f, ipc.WithAllocator(memory.DefaultAllocator))
 }
 
 func checkIPCMagic(f *os.File) error {
@@ -125,15 +137,26 @@ func (r *IPCReader) Schema() *arrow.Schema { return r.r.Schema() }
 // NumBatches returns the number of record batches in the file.
 func (r *IPCReader) NumBatches() int { return r.r.NumRecords() }
 
-// Next returns the next record batch, or io.EOF after the last one. The
-// caller releases it.
-func (r *IPCReader) Next() (arrow.RecordBatch, error) {
+// Next returns the next record batch, checked for consistent offsets and
+// lengths, or io.EOF after the last one. The caller releases it.
+func (r *IPCReader) Next() (rec arrow.RecordBatch, err error) {
 	if r.next >= r.r.NumRecords() {
 		return nil, io.EOF
 	}
-	rec, err := r.r.RecordAt(r.next)
+	defer func() {
+		if p := recover(); p != nil {
+			rec, err = nil, fmt.Errorf("dataset: %s: batch %d: corrupt data: %v", r.f.Name(), r.next, p)
+		}
+	}()
+	rec, err = r.r.RecordAt(r.next)
 	if err != nil {
 		return nil, fmt.Errorf("dataset: %s: batch %d: %v", r.f.Name(), r.next, err)
+	}
+	// Offsets and lengths are trusted by every later access; check them
+	// once here so that a damaged file is an error, not a crash.
+	if err := array.ValidateRecordFull(rec); err != nil {
+		rec.Release()
+		return nil, fmt.Errorf("dataset: %s: batch %d: corrupt data: %v", r.f.Name(), r.next, err)
 	}
 	r.next++
 	return rec, nil

@@ -3,6 +3,7 @@ package dataset
 import (
 	"bufio"
 	"bytes"
+	"encoding/binary"
 	"encoding/json"
 	"io"
 	"os"
@@ -202,5 +203,36 @@ func TestExportParquet(t *testing.T) {
 		if [3]string(r) != texts[i] {
 			t.Errorf("source row %d: %q", i, r)
 		}
+	}
+}
+
+// TestCorruptIPCOffsets damages the string offsets of the first batch:
+// Next must report it instead of handing out an array that crashes later.
+func TestCorruptIPCOffsets(t *testing.T) {
+	path, texts, _ := writeTestIPC(t)
+	data, err := os.ReadFile(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	var offsets []byte
+	for _, v := range []int{0, len(texts[0][0]), len(texts[0][0]) + len(texts[1][0])} {
+		offsets = binary.LittleEndian.AppendUint32(offsets, uint32(v))
+	}
+	at := bytes.Index(data, offsets)
+	if at < 0 {
+		t.Fatal("offsets of the first column not found in the file")
+	}
+	binary.LittleEndian.PutUint32(data[at+4:], 0x7fff0000)
+	corrupt := filepath.Join(t.TempDir(), "corrupt.arrow")
+	if err := os.WriteFile(corrupt, data, 0o644); err != nil {
+		t.Fatal(err)
+	}
+	r, err := OpenIPC(corrupt)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer r.Close()
+	if _, err := r.Next(); err == nil || !strings.Contains(err.Error(), "batch 0: corrupt data") {
+		t.Errorf("Next on damaged offsets: %v", err)
 	}
 }

@@ -89,3 +89,33 @@ func TestExpBlock(t *testing.T) {
 		t.Errorf("sum %v, want %v", sum, want)
 	}
 }
+
+// TestMatmulAccumulate checks Matmul's accumulate mode on both paths.
+func TestMatmulAccumulate(t *testing.T) {
+	rng := rand.New(rand.NewPCG(3, 4))
+	T, N, K := 7, 1030, 24
+	x, w, out := make([]float32, T*K), make([]float32, N*K), make([]float32, T*N)
+	for _, v := range [][]float32{x, w, out} {
+		for i := range v {
+			v[i] = float32(rng.NormFloat64())
+		}
+	}
+	for _, fma := range []bool{hasFMA, false} {
+		saved := hasFMA
+		hasFMA = fma
+		got := append([]float32(nil), out...)
+		Matmul(got, x, w, T, N, K, true)
+		hasFMA = saved
+		for r := 0; r < T; r++ {
+			for n := 0; n < N; n++ {
+				want := float64(out[r*N+n])
+				for k := 0; k < K; k++ {
+					want += float64(x[r*K+k]) * float64(w[n*K+k])
+				}
+				if math.Abs(float64(got[r*N+n])-want) > 1e-4 {
+					t.Fatalf("fma=%v: out[%d][%d] = %v, want %v", fma, r, n, got[r*N+n], want)
+				}
+			}
+		}
+	}
+}

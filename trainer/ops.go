@@ -74,6 +74,10 @@ func general(rows, cols int, data []float32) blas32.General {
 // Matmul computes out[T×N] = x[T×K] · wᵀ with w stored [N×K] (a linear
 // layer's weight), adding to out when accumulate is set.
 func Matmul(out, x, w []float32, T, N, K int, accumulate bool) {
+	if hasFMA && K%8 == 0 {
+		matmulNT(out, x, w, T, N, K, accumulate)
+		return
+	}
 	beta := float32(0)
 	if accumulate {
 		beta = 1
@@ -430,34 +434,56 @@ func LMHeadLoss(h, E []float32, targets []int32, T, V, D int, normalizer float64
 }
 
 // lmHeadLogits computes logits[n×V] = h[n×D]·Eᵀ, the product that dominates
-// training a small model over Gemma's 262k vocabulary. With AVX2 and FMA it
-// runs kernels_amd64.s over blocks of the vocabulary (each block of E is
-// read from memory once per chunk of tokens); otherwise it is Matmul. Which
-// code computes an element depends only on its position, never on the
-// number of cores.
+// training a small model over Gemma's 262k vocabulary.
 func lmHeadLogits(logits, h, E []float32, n, V, D int) {
-	if !hasFMA || D%8 != 0 {
-		Matmul(logits, h, E, n, V, D, false)
-		return
-	}
-	const vBlock = 512
-	parallelFor((V+vBlock-1)/vBlock, func(lo, hi int) {
-		spare := make([]float32, vBlock)
-		for b := lo; b < hi; b++ {
-			v0, v1 := b*vBlock, min((b+1)*vBlock, V)
-			n4 := (v1 - v0) &^ 3
-			for t := 0; t < n; t += 2 {
-				t1 := min(t+1, n-1)
-				out1 := logits[t1*V+v0 : t1*V+v1]
-				if t1 == t {
-					out1 = spare
+	Matmul(logits, h, E, n, V, D, false)
+}
+
+// matmulNT is Matmul on the AVX2 kernel dotStrip2x4: jobs are (block of 512
+// rows of w, pair of rows of x), numbered block-major so a goroutine's run
+// of jobs reuses each block of w from cache (for the lm_head each block of
+// the embedding is read from memory once per chunk of tokens). Which code
+// computes an element depends only on its position, never on the number of
+// cores.
+func matmulNT(out, x, w []float32, T, N, K int, accumulate bool) {
+	const nBlock = 512
+	blocks, pairs := (N+nBlock-1)/nBlock, (T+1)/2
+	parallelFor(blocks*pairs, func(lo, hi int) {
+		tmp := make([]float32, 2*nBlock)
+		for job := lo; job < hi; job++ {
+			b, p := job/pairs, job%pairs
+			n0, n1 := b*nBlock, min((b+1)*nBlock, N)
+			t0, t1 := 2*p, min(2*p+1, T-1)
+			r0, r1 := tmp[:n1-n0], tmp[nBlock:nBlock+n1-n0]
+			direct := !accumulate && t1 != t0
+			if direct {
+				r0, r1 = out[t0*N+n0:t0*N+n1], out[t1*N+n0:t1*N+n1]
+			}
+			n4 := (n1 - n0) &^ 3
+			if n4 > 0 {
+				dotStrip2x4(&x[t0*K], &x[t1*K], &w[n0*K], K, n4, &r0[0], &r1[0])
+			}
+			for n := n0 + n4; n < n1; n++ {
+				r0[n-n0] = dot(x[t0*K:(t0+1)*K], w[n*K:(n+1)*K])
+				r1[n-n0] = dot(x[t1*K:(t1+1)*K], w[n*K:(n+1)*K])
+			}
+			if direct {
+				continue
+			}
+			for i, t := range []int{t0, t1} {
+				if i == 1 && t1 == t0 {
+					break
 				}
-				if n4 > 0 {
-					dotStrip2x4(&h[t*D], &h[t1*D], &E[v0*D], D, n4, &logits[t*V+v0], &out1[0])
+				row, res := out[t*N+n0:t*N+n1], r0
+				if i == 1 {
+					res = r1
 				}
-				for v := v0 + n4; v < v1; v++ {
-					logits[t*V+v] = dot(h[t*D:(t+1)*D], E[v*D:(v+1)*D])
-					logits[t1*V+v] = dot(h[t1*D:(t1+1)*D], E[v*D:(v+1)*D])
+				if accumulate {
+					for j, v := range res {
+						row[j] += v
+					}
+				} else {
+					copy(row, res)
 				}
 			}
 		}

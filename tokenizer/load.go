@@ -159,6 +159,7 @@ func (t *Tokenizer) loadModel(s *scanner, oldMerges *[][2]string) error {
 		mergeStrs []byte     // merge strings, when they come before the vocabulary
 		mergeEnds []uint32
 		unkToken  *string
+		vocabDone chan error
 	)
 	// Room for Gemma 3's sizes, so the appends below rarely copy.
 	arena = make([]byte, 0, len(s.data)/8)
@@ -174,6 +175,9 @@ func (t *Tokenizer) loadModel(s *scanner, oldMerges *[][2]string) error {
 			tmp, err = s.str(tmp[:0])
 			typ = string(tmp)
 		case "vocab":
+			if vocabDone != nil {
+				return fmt.Errorf("vocab appears twice")
+			}
 			err = s.object(func(tok []byte) error {
 				arena = append(arena, tok...)
 				ends = append(ends, uint32(len(arena)))
@@ -189,7 +193,11 @@ func (t *Tokenizer) loadModel(s *scanner, oldMerges *[][2]string) error {
 			})
 			if err != nil {
 				err = fmt.Errorf("vocab: %w", err)
+				break
 			}
+			// Build the map on another core while the merges are read.
+			vocabDone = make(chan error, 1)
+			go func() { vocabDone <- t.buildVocab(arena, ends, ids) }()
 		case "merges":
 			err = s.array(func() error {
 				if s.peek() == '"' {
@@ -261,31 +269,12 @@ func (t *Tokenizer) loadModel(s *scanner, oldMerges *[][2]string) error {
 	// The vocabulary: one string holds every token, and the map keys are
 	// substrings of it, so loading allocates a handful of large blocks
 	// instead of a quarter million small ones.
-	all := string(arena)
-	t.vocab = make(map[string]int32, len(ids))
-	maxID := int32(-1)
-	for _, id := range ids {
-		maxID = max(maxID, id)
+	if vocabDone == nil {
+		return fmt.Errorf("model: no vocab")
 	}
-	t.tokens = make([]string, maxID+1)
-	t.inVocab = make([]bool, maxID+1)
-	for i, id := range ids {
-		start := uint32(0)
-		if i > 0 {
-			start = ends[i-1]
-		}
-		tok := all[start:ends[i]]
-		if t.inVocab[id] {
-			return fmt.Errorf("model: vocab: id %d is given to both %q and %q", id, t.tokens[id], tok)
-		}
-		t.vocab[tok] = id
-		t.tokens[id] = tok
-		t.inVocab[id] = true
+	if err := <-vocabDone; err != nil {
+		return err
 	}
-	if len(t.vocab) != len(ids) {
-		return fmt.Errorf("model: vocab: a token appears twice")
-	}
-	t.modelSize = int(maxID) + 1
 
 	if unkToken != nil {
 		id, ok := t.vocab[*unkToken]
@@ -335,8 +324,39 @@ func (t *Tokenizer) loadModel(s *scanner, oldMerges *[][2]string) error {
 	if err := g.Wait(); err != nil {
 		return err
 	}
-	t.merges = newMergeTable(mergeIDs)
 	t.mergeList = mergeIDs
+	return nil
+}
+
+// buildVocab makes the vocabulary map and the id -> string table. One
+// string holds every token and the map keys are substrings of it, so this
+// allocates a few large blocks instead of a quarter million small ones.
+func (t *Tokenizer) buildVocab(arena []byte, ends []uint32, ids []int32) error {
+	all := string(arena)
+	t.vocab = make(map[string]int32, len(ids))
+	maxID := int32(-1)
+	for _, id := range ids {
+		maxID = max(maxID, id)
+	}
+	t.tokens = make([]string, maxID+1)
+	t.inVocab = make([]bool, maxID+1)
+	for i, id := range ids {
+		start := uint32(0)
+		if i > 0 {
+			start = ends[i-1]
+		}
+		tok := all[start:ends[i]]
+		if t.inVocab[id] {
+			return fmt.Errorf("model: vocab: id %d is given to both %q and %q", id, t.tokens[id], tok)
+		}
+		t.vocab[tok] = id
+		t.tokens[id] = tok
+		t.inVocab[id] = true
+	}
+	if len(t.vocab) != len(ids) {
+		return fmt.Errorf("model: vocab: a token appears twice")
+	}
+	t.modelSize = int(maxID) + 1
 	return nil
 }
 

@@ -85,6 +85,11 @@ func (t *Tokenizer) prepare() error {
 		// file up front is clearer than failing on some later text.
 		return fmt.Errorf("tokenizer.json: model has neither byte_fallback nor unk_token")
 	}
+	// The merge table is independent of what follows: build it alongside.
+	var wg sync.WaitGroup
+	merges := t.mergeList
+	wg.Go(func() { t.merges = newMergeTable(merges) })
+	defer wg.Wait()
 	t.runeIDs = make([]int32, 0x10000)
 	for i := range t.runeIDs {
 		t.runeIDs[i] = -1

@@ -155,11 +155,47 @@ type Display interface {
 	Start(ts []*Tracker) (stop func())
 }
 
-// TTYDisplay draws one live line per computing stage on a terminal.
-type TTYDisplay struct{ W io.Writer }
+// TTYDisplay draws one live line per computing stage on a terminal. Log
+// lines written to Logs meanwhile are printed above the live lines instead
+// of through them.
+type TTYDisplay struct {
+	W    io.Writer
+	Logs *LogSink
+}
+
+// A LogSink is the writer of a logger that shares the terminal with a
+// TTYDisplay: it writes to its destination, or through the display while
+// one is live.
+type LogSink struct {
+	mu  sync.Mutex
+	dst io.Writer
+	via io.Writer
+}
+
+// NewLogSink returns a sink writing to w.
+func NewLogSink(w io.Writer) *LogSink { return &LogSink{dst: w} }
+
+func (s *LogSink) Write(b []byte) (int, error) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if s.via != nil {
+		return s.via.Write(b)
+	}
+	return s.dst.Write(b)
+}
+
+func (s *LogSink) route(via io.Writer) {
+	if s == nil {
+		return
+	}
+	s.mu.Lock()
+	s.via = via
+	s.mu.Unlock()
+}
 
 func (d TTYDisplay) Start(ts []*Tracker) func() {
 	p := mpb.New(mpb.WithOutput(d.W), mpb.WithRefreshRate(150*time.Millisecond), mpb.WithWidth(30))
+	d.Logs.route(p)
 	bars := make([]*mpb.Bar, len(ts))
 	for i, t := range ts {
 		t := t
@@ -170,6 +206,8 @@ func (d TTYDisplay) Start(ts []*Tracker) func() {
 				switch {
 				case s.Failed:
 					return "failed"
+				case s.Done && s.Rows == 0:
+					return fmt.Sprintf("done in %s", s.Elapsed.Round(10*time.Millisecond))
 				case s.Done:
 					return fmt.Sprintf("done  %d %s in %s", s.Rows, s.Unit, s.Elapsed.Round(10*time.Millisecond))
 				case !s.Running:
@@ -194,6 +232,9 @@ func (d TTYDisplay) Start(ts []*Tracker) func() {
 					bars[i].SetCurrent(min(100, s.Rows*100/max(s.Total, 1)))
 				}
 				if s.Done {
+					if !s.Failed {
+						bars[i].SetCurrent(100)
+					}
 					bars[i].SetTotal(100, true)
 				} else {
 					finished = false
@@ -218,6 +259,7 @@ func (d TTYDisplay) Start(ts []*Tracker) func() {
 		close(stop)
 		wg.Wait()
 		p.Wait()
+		d.Logs.route(nil)
 	}
 }
 

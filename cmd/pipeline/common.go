@@ -29,6 +29,9 @@ func init() {
 	pf.StringVar(&logFormat, "log-format", "text", "log format: text or json")
 }
 
+// logSink carries the log to stderr, around a live progress display.
+var logSink = pipeline.NewLogSink(os.Stderr)
+
 // newLogger writes timestamped log lines to stderr.
 func newLogger() (*slog.Logger, error) {
 	var level slog.Level
@@ -38,9 +41,9 @@ func newLogger() (*slog.Logger, error) {
 	opts := &slog.HandlerOptions{Level: level}
 	switch logFormat {
 	case "text":
-		return slog.New(slog.NewTextHandler(os.Stderr, opts)), nil
+		return slog.New(slog.NewTextHandler(logSink, opts)), nil
 	case "json":
-		return slog.New(slog.NewJSONHandler(os.Stderr, opts)), nil
+		return slog.New(slog.NewJSONHandler(logSink, opts)), nil
 	}
 	return nil, usageErr(fmt.Errorf("--log-format %q: want text or json", logFormat))
 }

@@ -59,12 +59,12 @@ Exit codes: 0 success, 1 a stage failed, 2 usage or spec error, 75 busy (--no-wa
 			switch progress {
 			case "auto":
 				if stderrIsTerminal() {
-					eng.Progress = pipeline.TTYDisplay{W: os.Stderr}
+					eng.Progress = pipeline.TTYDisplay{W: os.Stderr, Logs: logSink}
 				} else {
 					eng.Progress = pipeline.LogDisplay{Log: log, Every: logEvery}
 				}
 			case "tty":
-				eng.Progress = pipeline.TTYDisplay{W: os.Stderr}
+				eng.Progress = pipeline.TTYDisplay{W: os.Stderr, Logs: logSink}
 			case "log":
 				eng.Progress = pipeline.LogDisplay{Log: log, Every: logEvery}
 			case "none":

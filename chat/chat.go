@@ -96,6 +96,17 @@ func RenderGemma3(msgs []Message) (string, []Span, error) {
 	return b.String(), spans, nil
 }
 
+// RenderGemma3Prompt is RenderGemma3 with the template's generation prompt
+// (add_generation_prompt=True): the text ends with "<start_of_turn>model\n",
+// ready for the model to write the next assistant turn.
+func RenderGemma3Prompt(msgs []Message) (string, []Span, error) {
+	text, spans, err := RenderGemma3(msgs)
+	if err != nil {
+		return "", nil, err
+	}
+	return text + "<start_of_turn>model\n", spans, nil
+}
+
 // Strip removes leading and trailing white space as Python's str.strip()
 // does, which is what Jinja's trim filter calls. Python's set is not Go's
 // unicode.IsSpace: it also holds U+001C..U+001F (the information

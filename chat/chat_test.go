@@ -224,6 +224,13 @@ func TestConversations(t *testing.T) {
 			checkSpans(t, got, spans, n)
 		}
 	}
+	wantPrompt := pythonRender(t, in.Bytes(), "--generation-prompt")
+	for i, c := range convs {
+		got, _, err := RenderGemma3Prompt(c)
+		if (err != nil) != (wantPrompt[i].Error != "") || (err == nil && got != *wantPrompt[i].Text) {
+			t.Errorf("conversation %d with generation prompt: got %q (%v), want %q (%s)", i, got, err, deref(wantPrompt[i].Text), wantPrompt[i].Error)
+		}
+	}
 	if _, _, err := RenderGemma3(nil); err == nil {
 		t.Error("RenderGemma3(nil) succeeded")
 	}

@@ -190,6 +190,9 @@ func (t textConfigJSON) toConfig(arch string, multimodal bool) (*Config, error) 
 		return nil, errors.New("config: tie_word_embeddings false is not supported (Gemma 3 ties lm_head to the embedding)")
 	}
 
+	if err := c.checkLimits(); err != nil {
+		return nil, err
+	}
 	if len(t.LayerTypes) > 0 {
 		c.LayerTypes = t.LayerTypes
 	} else {
@@ -314,6 +317,9 @@ func (c *Config) Validate() error {
 			return fmt.Errorf("config: %s = %d must be positive", k, pos[k])
 		}
 	}
+	if err := c.checkLimits(); err != nil {
+		return err
+	}
 	if c.Heads%c.KVHeads != 0 {
 		return fmt.Errorf("config: num_attention_heads %d is not a multiple of num_key_value_heads %d", c.Heads, c.KVHeads)
 	}
@@ -335,6 +341,20 @@ func (c *Config) Validate() error {
 	case "bfloat16", "float16", "float32":
 	default:
 		return fmt.Errorf("config: dtype %q is not supported (bfloat16, float16, float32)", c.DType)
+	}
+	return nil
+}
+
+// checkLimits bounds the sizes far above any Gemma 3, so a hostile config
+// cannot make the loader allocate before it finds the weights missing.
+func (c *Config) checkLimits() error {
+	limits := map[string][2]int{"vocab_size": {c.VocabSize, 1 << 22}, "hidden_size": {c.Hidden, 1 << 16},
+		"intermediate_size": {c.Intermediate, 1 << 18}, "num_hidden_layers": {c.Layers, 1024},
+		"num_attention_heads": {c.Heads, 1024}, "head_dim": {c.HeadDim, 4096}}
+	for _, k := range sortedKeys(limits) {
+		if v := limits[k]; v[0] > v[1] {
+			return fmt.Errorf("config: %s = %d exceeds %d", k, v[0], v[1])
+		}
 	}
 	return nil
 }

@@ -94,6 +94,7 @@ func TestConfigErrors(t *testing.T) {
 		{`{"torch_dtype": "int8"}`, "dtype"},
 		{`{"hidden_size": "big"}`, "config"},
 		{`not json`, "config"},
+		{`{"num_hidden_layers": 1000000000}`, "exceeds"},
 	} {
 		if _, err := ParseConfig([]byte(c.json)); err == nil || !strings.Contains(err.Error(), c.want) {
 			t.Errorf("%s: err = %v, want one mentioning %q", c.json, err, c.want)

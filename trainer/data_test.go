@@ -105,3 +105,32 @@ func TestReadPackedRowsErrors(t *testing.T) {
 		t.Errorf("token id beyond the vocabulary: %v", err)
 	}
 }
+
+// FuzzPackedRows feeds arbitrary JSON lines through the reader, NewBatch and
+// the batch checks a model runs before touching its weights: errors are
+// fine, panics are not.
+func FuzzPackedRows(f *testing.F) {
+	f.Add([]byte(`{"input_ids": [2, 5, 7, 0], "labels": [-100, 5, 7, -100], "seq_lengths": [3]}`))
+	f.Add([]byte(`{"input_ids": [1], "labels": [-100], "position_ids": [0], "seq_lengths": [1]}`))
+	f.Add([]byte(`{"input_ids": [1, 2], "labels": [-100, 99999], "seq_lengths": [1, 1]}`))
+	c := tinyConfig()
+	f.Fuzz(func(t *testing.T, data []byte) {
+		rows, err := ReadPackedJSONL(strings.NewReader(string(data)))
+		if err != nil || len(rows) == 0 {
+			return
+		}
+		b, err := NewBatch(rows)
+		if err != nil {
+			return
+		}
+		if len(b.IDs) != len(b.Targets) || len(b.IDs) != len(b.Pos) || len(b.IDs) != len(b.SegStart) {
+			t.Fatalf("inconsistent batch %+v", b)
+		}
+		for i, s := range b.SegStart {
+			if s < 0 || int(s) > i {
+				t.Fatalf("token %d starts its example at %d", i, s)
+			}
+		}
+		_ = b.validate(c)
+	})
+}

@@ -21,8 +21,8 @@ func (c LoRAConfig) Scale() float32 { return float32(c.Alpha / float64(c.R)) }
 
 // Validate checks the settings.
 func (c LoRAConfig) Validate() error {
-	if c.R <= 0 {
-		return fmt.Errorf("lora: r = %d must be positive", c.R)
+	if c.R <= 0 || c.R > 1<<16 {
+		return fmt.Errorf("lora: r = %d must be in [1, 65536]", c.R)
 	}
 	if c.Alpha <= 0 {
 		return fmt.Errorf("lora: alpha = %v must be positive", c.Alpha)

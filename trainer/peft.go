@@ -147,7 +147,7 @@ func (m *Model) LoadAdapter(dir string) (*Adapter, error) {
 		for _, mod := range lc.Targets {
 			out, in := m.Config.ProjShape(mod)
 			key := fmt.Sprintf("%slayers.%d.%s.%s", prefix, li, mod.parent(), mod)
-			w := &LoRAWeights{R: lc.R, In: in, Out: out, GradA: make([]float32, lc.R*in), GradB: make([]float32, out*lc.R)}
+			w := &LoRAWeights{R: lc.R, In: in, Out: out}
 			for _, part := range []struct {
 				name  string
 				shape []int
@@ -171,6 +171,8 @@ func (m *Model) LoadAdapter(dir string) (*Adapter, error) {
 				}
 				*part.dst = data
 			}
+			// Gradients only once the file has shown the shapes are real.
+			w.GradA, w.GradB = make([]float32, len(w.A)), make([]float32, len(w.B))
 			a.Layers[li][mod] = w
 		}
 	}

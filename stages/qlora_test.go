@@ -167,22 +167,42 @@ func TestQLoRAResumesAfterKill(t *testing.T) {
 	ref, _ := pipeline.OpenStore(refCache)
 	refDir := adapterEntry(t, ref, spec)
 
+	// Kill each attempt a moment after it writes a new checkpoint, so every
+	// kill lands in training with state to resume from.
 	cache := filepath.Join(r.dir, "killed")
+	checkpoints := func() int {
+		cks, _ := filepath.Glob(filepath.Join(cache, "scratch", "*", "checkpoints", "step-*"))
+		return len(cks)
+	}
 	rng := rand.New(rand.NewPCG(3, 4))
-	resumable := 0 // kills that left checkpoints to resume from
-	for i := 0; i < 4; i++ {
+	kills := 0
+	for i := 0; i < 3; i++ {
+		before := checkpoints()
 		cmd := child(cache)
 		if err := cmd.Start(); err != nil {
 			t.Fatal(err)
 		}
-		time.Sleep(full/3 + time.Duration(rng.Int64N(int64(full/2))))
+		done := make(chan struct{})
+		go func() { cmd.Wait(); close(done) }()
+		deadline := time.After(2 * full)
+	wait:
+		for checkpoints() <= before {
+			select {
+			case <-done:
+				break wait
+			case <-deadline:
+				break wait
+			case <-time.After(20 * time.Millisecond):
+			}
+		}
+		time.Sleep(time.Duration(rng.Int64N(int64(300 * time.Millisecond))))
 		cmd.Process.Signal(syscall.SIGKILL)
-		cmd.Wait()
-		if cks, _ := filepath.Glob(filepath.Join(cache, "scratch", "*", "checkpoints", "*")); len(cks) > 0 {
-			resumable++
+		<-done
+		if checkpoints() > 0 {
+			kills++
 		}
 	}
-	if resumable == 0 {
+	if kills == 0 {
 		t.Error("no kill landed after a checkpoint; the test proves nothing")
 	}
 	if out, err := child(cache).CombinedOutput(); err != nil {

@@ -3,7 +3,6 @@ package stages
 import (
 	"context"
 	"fmt"
-	"io"
 
 	"github.com/apache/arrow-go/v18/arrow"
 	"github.com/apache/arrow-go/v18/arrow/array"
@@ -54,33 +53,14 @@ var ChatSchema = arrow.NewSchema([]arrow.Field{
 func (chatStage) Files() []string { return nil }
 
 func (chatStage) Run(ctx context.Context, t *pipeline.Task) error {
-	out, err := t.Output(ChatSchema)
-	if err != nil {
-		return err
-	}
 	var row int64
-	for {
-		rec, err := t.Inputs[0].Next(ctx)
-		if err == io.EOF {
-			break
-		}
-		if err != nil {
-			return err
-		}
-		nr, err := renderBatch(rec, row)
+	err := mapBatches(ctx, t, ChatSchema, func(rec arrow.RecordBatch) (arrow.RecordBatch, error) {
+		first := row
 		row += rec.NumRows()
-		rec.Release()
-		if err != nil {
-			return err
-		}
-		err = out.Write(nr)
-		nr.Release()
-		if err != nil {
-			return err
-		}
-	}
+		return renderBatch(rec, first)
+	})
 	t.SetStat("records", row)
-	return nil
+	return err
 }
 
 func renderBatch(rec arrow.RecordBatch, firstRow int64) (arrow.RecordBatch, error) {

@@ -4,7 +4,6 @@ import (
 	"context"
 	"encoding/json"
 	"fmt"
-	"io"
 
 	"github.com/apache/arrow-go/v18/arrow"
 	"github.com/apache/arrow-go/v18/arrow/array"
@@ -75,20 +74,9 @@ func (s *packStage) Run(ctx context.Context, t *pipeline.Task) error {
 	}
 	defer pk.Close()
 
-	in := t.Inputs[0]
-	for {
-		rec, err := in.Next(ctx)
-		if err == io.EOF {
-			break
-		}
-		if err != nil {
-			return err
-		}
-		err = addExamples(pk, rec)
-		rec.Release()
-		if err != nil {
-			return err
-		}
+	err = eachBatch(ctx, t.Inputs[0], func(rec arrow.RecordBatch) error { return addExamples(pk, rec) })
+	if err != nil {
+		return err
 	}
 
 	out, err := t.Output(packer.Schema())

@@ -4,7 +4,6 @@ import (
 	"context"
 	"errors"
 	"fmt"
-	"io"
 	"os"
 	"path/filepath"
 	"strings"
@@ -90,29 +89,12 @@ func (s *tokenizeStage) Run(ctx context.Context, t *pipeline.Task) error {
 	if !ok {
 		return errors.New("the tokenizer has no <bos> token; only Gemma-style tokenizers are supported")
 	}
-	out, err := t.Output(TokensSchema)
+	var c tokenCounts
+	err = mapBatches(ctx, t, TokensSchema, func(rec arrow.RecordBatch) (arrow.RecordBatch, error) {
+		return s.tokenizeBatch(tok, bos, rec, &c)
+	})
 	if err != nil {
 		return err
-	}
-	var c tokenCounts
-	for {
-		rec, err := t.Inputs[0].Next(ctx)
-		if err == io.EOF {
-			break
-		}
-		if err != nil {
-			return err
-		}
-		nr, err := s.tokenizeBatch(tok, bos, rec, &c)
-		rec.Release()
-		if err != nil {
-			return err
-		}
-		err = out.Write(nr)
-		nr.Release()
-		if err != nil {
-			return err
-		}
 	}
 	t.SetStat("records", c.records)
 	t.SetStat("tokens", c.tokens)

@@ -72,6 +72,23 @@ func TestReadPackedRowsArrowAndJSONL(t *testing.T) {
 	if !reflect.DeepEqual(got, want) {
 		t.Errorf("Arrow rows differ from the JSON lines")
 	}
+	lazy, err := OpenPackedArrow(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer lazy.Close()
+	if lazy.Len() != len(want) {
+		t.Fatalf("lazy reader sees %d rows, want %d", lazy.Len(), len(want))
+	}
+	for _, i := range []int{2, 0, 1, 2} {
+		r, err := lazy.Row(i)
+		if err != nil || !reflect.DeepEqual(r, want[i]) {
+			t.Errorf("lazy row %d: %v", i, err)
+		}
+	}
+	if _, err := lazy.Row(3); err == nil {
+		t.Error("row beyond the end read without error")
+	}
 }
 
 func TestReadPackedRowsErrors(t *testing.T) {

@@ -3,12 +3,14 @@ package trainer_test
 import (
 	"bytes"
 	"io/fs"
+	"math"
 	"os"
 	"path/filepath"
 	"strings"
 	"testing"
 
 	"gemmaft/trainer/internal/refcases"
+	"gemmaft/trainer/safetensors"
 )
 
 // TestReferenceInputsReproduce regenerates the parity inputs and compares
@@ -36,7 +38,11 @@ func TestReferenceInputsReproduce(t *testing.T) {
 			t.Errorf("%s: not regenerated: %v", rel, err)
 			return nil
 		}
-		if !bytes.Equal(got, want) {
+		if filepath.ToSlash(rel) == "trained_qlora/adapter/adapter_model.safetensors" {
+			// Trained weights carry the last bits of this machine's float
+			// kernels (AVX2 or portable); they must agree closely, not exactly.
+			compareTensors(t, rel, filepath.Join(out, rel), path)
+		} else if !bytes.Equal(got, want) {
 			t.Errorf("%s: regenerated file differs from the committed one", rel)
 		}
 		n++
@@ -47,5 +53,41 @@ func TestReferenceInputsReproduce(t *testing.T) {
 	}
 	if n < 20 {
 		t.Errorf("compared only %d files", n)
+	}
+}
+
+func compareTensors(t *testing.T, rel, gotPath, wantPath string) {
+	t.Helper()
+	g, err := safetensors.Open(gotPath)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer g.Close()
+	w, err := safetensors.Open(wantPath)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer w.Close()
+	if len(g.Header.Tensors) != len(w.Header.Tensors) {
+		t.Fatalf("%s: %d tensors, committed %d", rel, len(g.Header.Tensors), len(w.Header.Tensors))
+	}
+	for _, info := range w.Header.Tensors {
+		_, want, err := w.Float32(info.Name)
+		if err != nil {
+			t.Fatal(err)
+		}
+		_, got, err := g.Float32(info.Name)
+		if err != nil {
+			t.Fatalf("%s: %v", rel, err)
+		}
+		var num, den float64
+		for i := range want {
+			d := float64(got[i] - want[i])
+			num += d * d
+			den += float64(want[i]) * float64(want[i])
+		}
+		if den > 0 && math.Sqrt(num/den) > 1e-3 {
+			t.Errorf("%s: %s differs by %.3g (relative norm)", rel, info.Name, math.Sqrt(num/den))
+		}
 	}
 }

@@ -3,6 +3,7 @@ package trainer
 import (
 	"math"
 	"math/rand/v2"
+	"os"
 	"testing"
 )
 
@@ -118,4 +119,13 @@ func TestMatmulAccumulate(t *testing.T) {
 			}
 		}
 	}
+}
+
+// TestMain lets GEMMAFT_PORTABLE=1 run every test on the portable code
+// that machines without AVX2 and FMA use.
+func TestMain(m *testing.M) {
+	if os.Getenv("GEMMAFT_PORTABLE") == "1" {
+		hasFMA = false
+	}
+	os.Exit(m.Run())
 }

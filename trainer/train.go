@@ -277,22 +277,29 @@ func Train(ctx context.Context, m *Model, data Dataset, opts TrainOptions) (*Res
 	}
 	defer metrics.Close()
 
-	batchOf := func(idx []int) (*Batch, error) {
+	// batchOf builds the batch of rows idx and counts its real (non-padding)
+	// tokens.
+	batchOf := func(idx []int) (*Batch, int64, error) {
 		rows := make([]PackedRow, len(idx))
+		var tokens int64
 		for i, r := range idx {
 			row, err := data.Row(r)
 			if err != nil {
-				return nil, err
+				return nil, 0, err
 			}
 			rows[i] = row
+			for _, l := range row.SeqLengths {
+				tokens += int64(l)
+			}
 		}
-		return NewBatch(rows)
+		b, err := NewBatch(rows)
+		return b, tokens, err
 	}
 	evalLoss := func() (float64, error) {
 		var sum float64
 		var n int
 		for i := 0; i < len(p.eval); i += opts.BatchSize {
-			b, err := batchOf(p.eval[i:min(i+opts.BatchSize, len(p.eval))])
+			b, _, err := batchOf(p.eval[i:min(i+opts.BatchSize, len(p.eval))])
 			if err != nil {
 				return 0, err
 			}
@@ -322,16 +329,13 @@ func Train(ctx context.Context, m *Model, data Dataset, opts TrainOptions) (*Res
 		normalizer := 0
 		var stepTokens int64
 		for i, idx := range micro {
-			if batches[i], err = batchOf(idx); err != nil {
-				return nil, err
+			b, tokens, err := batchOf(idx)
+			if err != nil {
+				return nil, fmt.Errorf("step %d: %v", step+1, err)
 			}
-			normalizer += batches[i].Trained()
-			for _, r := range idx {
-				row, _ := data.Row(r)
-				for _, l := range row.SeqLengths {
-					stepTokens += int64(l)
-				}
-			}
+			batches[i] = b
+			normalizer += b.Trained()
+			stepTokens += tokens
 		}
 		adapter.ZeroGrad()
 		var lossSum float64

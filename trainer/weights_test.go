@@ -175,3 +175,28 @@ func TestAdapterRoundTripAndMismatch(t *testing.T) {
 		t.Errorf("adapter for 7 layers loaded into 6: %v", err)
 	}
 }
+
+func TestFloat16Checkpoint(t *testing.T) {
+	c := tinyConfig()
+	c.Hidden = 48 // sqrt(48) = 6.928..., which float16 and bfloat16 round differently
+	dir := t.TempDir()
+	if err := WriteRandomCheckpoint(dir, c, InitOptions{Seed: 2, DType: "float16", NormStd: 0.1}); err != nil {
+		t.Fatal(err)
+	}
+	m, err := LoadModel(dir)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if m.Config.DType != "float16" || m.EmbedScale() != safetensors.RoundF16(float32(math.Sqrt(48))) {
+		t.Errorf("dtype %s, embed scale %v", m.Config.DType, m.EmbedScale())
+	}
+	for _, v := range m.Embed[:100] {
+		if v != safetensors.RoundF16(v) {
+			t.Fatalf("weight %v is not a float16 value", v)
+		}
+	}
+	b := tinyBatch(t, c.VocabSize, 1)
+	if s, n, err := m.Loss(nil, b); err != nil || n == 0 || math.IsNaN(s) {
+		t.Errorf("loss %v over %d tokens: %v", s, n, err)
+	}
+}

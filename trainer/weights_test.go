@@ -200,3 +200,41 @@ func TestFloat16Checkpoint(t *testing.T) {
 		t.Errorf("loss %v over %d tokens: %v", s, n, err)
 	}
 }
+
+// TestVisionWeightsIgnored: a multimodal checkpoint's vision tower and
+// projector tensors are skipped.
+func TestVisionWeightsIgnored(t *testing.T) {
+	c := tinyConfig()
+	c.Multimodal = true
+	dir := t.TempDir()
+	if err := WriteRandomCheckpoint(dir, c, InitOptions{Seed: 4}); err != nil {
+		t.Fatal(err)
+	}
+	path := filepath.Join(dir, "model.safetensors")
+	f, err := safetensors.Open(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	var ts []safetensors.Tensor
+	for _, info := range f.Header.Tensors {
+		_, raw, err := f.Raw(info.Name)
+		if err != nil {
+			t.Fatal(err)
+		}
+		ts = append(ts, safetensors.Tensor{Name: info.Name, DType: info.DType, Shape: info.Shape, Data: raw})
+	}
+	f.Close()
+	ts = append(ts,
+		safetensors.Tensor{Name: "vision_tower.vision_model.embeddings.patch_embedding.weight", DType: safetensors.U8, Shape: []int{3}, Data: []byte{1, 2, 3}},
+		safetensors.Tensor{Name: "multi_modal_projector.mm_input_projection_weight", DType: safetensors.I32, Shape: []int{1}, Data: []byte{0, 0, 0, 0}})
+	if err := safetensors.WriteFile(path, ts, nil); err != nil {
+		t.Fatal(err)
+	}
+	m, err := LoadModel(dir)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if m.Prefix != "language_model.model." || len(m.Layers) != c.Layers {
+		t.Errorf("prefix %q, %d layers", m.Prefix, len(m.Layers))
+	}
+}

@@ -60,8 +60,12 @@ type TrainOptions struct {
 	// CheckpointEvery writes a resumable checkpoint every so many steps; 0
 	// writes none.
 	CheckpointEvery int
-	// OutDir receives adapter/, metrics.jsonl, loss.svg and checkpoints/.
+	// OutDir receives adapter/, metrics.jsonl and loss.svg.
 	OutDir string
+	// CheckpointDir holds the checkpoints (default OutDir/checkpoints). It
+	// may lie outside OutDir, so a run can resume into a fresh OutDir: each
+	// checkpoint carries the metrics written so far.
+	CheckpointDir string
 	// BaseModel is recorded in the adapter's base_model_name_or_path.
 	BaseModel string
 	// Progress, when set, is called after every optimizer step.
@@ -264,14 +268,18 @@ func Train(ctx context.Context, m *Model, data Dataset, opts TrainOptions) (*Res
 	params := adapter.Params()
 	opt := NewAdamW(params, opts.Beta1, opts.Beta2, opts.Eps, opts.WeightDecay)
 	st := trainState{Fingerprint: fp}
-	ckDir := filepath.Join(opts.OutDir, CheckpointsDirName)
-	if resumed, err := loadCheckpoint(ckDir, m, fp, adapter, opt); err != nil {
+	ckDir := opts.CheckpointDir
+	if ckDir == "" {
+		ckDir = filepath.Join(opts.OutDir, CheckpointsDirName)
+	}
+	var logged []byte
+	if resumed, lines, err := loadCheckpoint(ckDir, m, fp, adapter, opt); err != nil {
 		return nil, err
 	} else if resumed != nil {
-		st = *resumed
+		st, logged = *resumed, lines
 	}
 	metricsPath := filepath.Join(opts.OutDir, MetricsFile)
-	metrics, history, err := openMetrics(metricsPath, st.MetricsBytes)
+	metrics, history, err := openMetrics(metricsPath, logged)
 	if err != nil {
 		return nil, err
 	}
@@ -405,10 +413,11 @@ func Train(ctx context.Context, m *Model, data Dataset, opts TrainOptions) (*Res
 				GradNorm: gradNorm, TokensPerSec: float64(st.Tokens) / max(elapsed.Seconds(), 1e-9), Elapsed: elapsed, ETA: eta})
 		}
 		if opts.CheckpointEvery > 0 && (st.Step%opts.CheckpointEvery == 0 || st.Step == p.total) {
-			if err := metrics.Sync(); err != nil {
+			logged, err := readPrefix(metrics, st.MetricsBytes)
+			if err != nil {
 				return nil, err
 			}
-			if err := saveCheckpoint(ckDir, m, st, adapter, opt); err != nil {
+			if err := saveCheckpoint(ckDir, m, st, adapter, opt, logged); err != nil {
 				return nil, err
 			}
 		}
@@ -432,49 +441,39 @@ func Train(ctx context.Context, m *Model, data Dataset, opts TrainOptions) (*Res
 	return res, nil
 }
 
-// openMetrics opens metrics.jsonl for appending after its first keep bytes
-// (what the checkpoint being resumed had written; later lines belong to the
-// interrupted run and are cut) and returns the lines kept.
-func openMetrics(path string, keep int64) (*os.File, []Metric, error) {
-	f, err := os.OpenFile(path, os.O_RDWR|os.O_CREATE, 0o644)
-	if err != nil {
-		return nil, nil, err
-	}
-	st, err := f.Stat()
-	if err != nil {
-		f.Close()
-		return nil, nil, err
-	}
-	if st.Size() < keep {
-		f.Close()
-		return nil, nil, fmt.Errorf("%s: %d bytes, the checkpoint recorded %d: the metrics file was changed", path, st.Size(), keep)
-	}
-	if err := f.Truncate(keep); err != nil {
-		f.Close()
-		return nil, nil, err
-	}
-	buf := make([]byte, keep)
-	if _, err := f.ReadAt(buf, 0); err != nil && keep > 0 {
-		f.Close()
-		return nil, nil, err
-	}
+// openMetrics (re)creates metrics.jsonl holding the lines a resumed
+// checkpoint had logged (lines written after it by the interrupted run are
+// dropped) and returns it open for appending, with those lines parsed.
+func openMetrics(path string, logged []byte) (*os.File, []Metric, error) {
 	var history []Metric
-	for _, line := range bytes.Split(bytes.TrimSpace(buf), []byte("\n")) {
+	for _, line := range bytes.Split(bytes.TrimSpace(logged), []byte("\n")) {
 		if len(line) == 0 {
 			continue
 		}
 		var mt Metric
 		if err := json.Unmarshal(line, &mt); err != nil {
-			f.Close()
-			return nil, nil, fmt.Errorf("%s: %v", path, err)
+			return nil, nil, fmt.Errorf("checkpoint metrics: %v", err)
 		}
 		history = append(history, mt)
 	}
-	if _, err := f.Seek(keep, 0); err != nil {
+	f, err := os.OpenFile(path, os.O_RDWR|os.O_CREATE|os.O_TRUNC, 0o644)
+	if err != nil {
+		return nil, nil, err
+	}
+	if _, err := f.Write(logged); err != nil {
 		f.Close()
 		return nil, nil, err
 	}
 	return f, history, nil
+}
+
+// readPrefix returns the first n bytes of f.
+func readPrefix(f *os.File, n int64) ([]byte, error) {
+	buf := make([]byte, n)
+	if _, err := f.ReadAt(buf, 0); err != nil && n > 0 {
+		return nil, err
+	}
+	return buf, nil
 }
 
 // Checkpoints are directories checkpoints/step-NNNNNNNN holding the adapter
@@ -485,7 +484,7 @@ func openMetrics(path string, keep int64) (*os.File, []Metric, error) {
 
 const latestFile = "latest"
 
-func saveCheckpoint(dir string, m *Model, st trainState, a *Adapter, opt *AdamW) error {
+func saveCheckpoint(dir string, m *Model, st trainState, a *Adapter, opt *AdamW, metrics []byte) error {
 	if err := os.MkdirAll(dir, 0o755); err != nil {
 		return err
 	}
@@ -507,6 +506,9 @@ func saveCheckpoint(dir string, m *Model, st trainState, a *Adapter, opt *AdamW)
 	}
 	if err := safetensors.WriteFile(filepath.Join(tmp, "optimizer.safetensors"), ts,
 		map[string]string{"step": fmt.Sprint(opt.Step)}); err != nil {
+		return err
+	}
+	if err := safetensors.WriteAtomic(filepath.Join(tmp, MetricsFile), metrics); err != nil {
 		return err
 	}
 	sb, _ := json.MarshalIndent(st, "", "  ")
@@ -542,45 +544,45 @@ func syncDir(dir string) error {
 	return d.Sync()
 }
 
-// loadCheckpoint restores the newest checkpoint into a and opt, or returns
-// nil when there is none.
-func loadCheckpoint(dir string, m *Model, fingerprint string, a *Adapter, opt *AdamW) (*trainState, error) {
+// loadCheckpoint restores the newest checkpoint into a and opt and returns
+// its state and the metrics lines logged up to it, or nil when there is none.
+func loadCheckpoint(dir string, m *Model, fingerprint string, a *Adapter, opt *AdamW) (*trainState, []byte, error) {
 	b, err := os.ReadFile(filepath.Join(dir, latestFile))
 	if errors.Is(err, os.ErrNotExist) {
-		return nil, nil
+		return nil, nil, nil
 	} else if err != nil {
-		return nil, err
+		return nil, nil, err
 	}
 	name := strings.TrimSpace(string(b))
 	if strings.ContainsAny(name, `/\`) || name == "" || name == ".." {
-		return nil, fmt.Errorf("%s: bad checkpoint name %q", dir, name)
+		return nil, nil, fmt.Errorf("%s: bad checkpoint name %q", dir, name)
 	}
 	ck := filepath.Join(dir, name)
 	var st trainState
 	sb, err := os.ReadFile(filepath.Join(ck, "state.json"))
 	if err != nil {
-		return nil, err
+		return nil, nil, err
 	}
 	if err := json.Unmarshal(sb, &st); err != nil {
-		return nil, fmt.Errorf("%s: %v", ck, err)
+		return nil, nil, fmt.Errorf("%s: %v", ck, err)
 	}
 	if st.Fingerprint != fingerprint {
-		return nil, fmt.Errorf("%s: the checkpoint belongs to a run with other options, model or data; remove %s to start over", ck, dir)
+		return nil, nil, fmt.Errorf("%s: the checkpoint belongs to a run with other options, model or data; remove %s to start over", ck, dir)
 	}
 	saved, err := m.LoadAdapter(ck)
 	if err != nil {
-		return nil, err
+		return nil, nil, err
 	}
 	dst, src := a.Params(), saved.Params()
 	if len(dst) != len(src) {
-		return nil, fmt.Errorf("%s: adapter has %d tensors, want %d", ck, len(src), len(dst))
+		return nil, nil, fmt.Errorf("%s: adapter has %d tensors, want %d", ck, len(src), len(dst))
 	}
 	for i := range dst {
 		copy(dst[i].Data, src[i].Data)
 	}
 	f, err := safetensors.Open(filepath.Join(ck, "optimizer.safetensors"))
 	if err != nil {
-		return nil, err
+		return nil, nil, err
 	}
 	defer f.Close()
 	for i, p := range dst {
@@ -590,17 +592,24 @@ func loadCheckpoint(dir string, m *Model, fingerprint string, a *Adapter, opt *A
 		}{{".exp_avg", opt.M[i]}, {".exp_avg_sq", opt.V[i]}} {
 			_, v, err := f.Float32(p.Name + part.suffix)
 			if err != nil {
-				return nil, err
+				return nil, nil, err
 			}
 			if len(v) != len(part.dst) {
-				return nil, fmt.Errorf("%s: %s%s has %d elements, want %d", ck, p.Name, part.suffix, len(v), len(part.dst))
+				return nil, nil, fmt.Errorf("%s: %s%s has %d elements, want %d", ck, p.Name, part.suffix, len(v), len(part.dst))
 			}
 			copy(part.dst, v)
 		}
 	}
 	fmt.Sscan(f.Header.Metadata["step"], &opt.Step)
 	if opt.Step != st.Step {
-		return nil, fmt.Errorf("%s: optimizer at step %d, state at %d", ck, opt.Step, st.Step)
+		return nil, nil, fmt.Errorf("%s: optimizer at step %d, state at %d", ck, opt.Step, st.Step)
 	}
-	return &st, nil
+	metrics, err := os.ReadFile(filepath.Join(ck, MetricsFile))
+	if err != nil {
+		return nil, nil, err
+	}
+	if int64(len(metrics)) != st.MetricsBytes {
+		return nil, nil, fmt.Errorf("%s: metrics hold %d bytes, the state says %d", ck, len(metrics), st.MetricsBytes)
+	}
+	return &st, metrics, nil
 }

@@ -170,6 +170,7 @@ func TestTrainChild(t *testing.T) {
 		t.Fatal(err)
 	}
 	opts := trainOptions(filepath.Join(dir, "run"))
+	opts.CheckpointDir = filepath.Join(dir, "checkpoints")
 	opts.Progress = func(p Progress) { fmt.Printf("step %d\n", p.Step) }
 	if _, err := Train(context.Background(), m, trainRows(m.Config.VocabSize, 24, 16, 1), opts); err != nil {
 		t.Fatal(err)
@@ -177,8 +178,9 @@ func TestTrainChild(t *testing.T) {
 }
 
 // TestResumeAfterSIGKILL kills a training process at random points, resumes
-// it until it finishes, and compares its metrics and adapter with an
-// uninterrupted run: identical except for timings.
+// it (into an empty output directory, from the checkpoint directory) until
+// it finishes, and compares its metrics and adapter with an uninterrupted
+// run: identical except for timings.
 func TestResumeAfterSIGKILL(t *testing.T) {
 	c := tinyConfig()
 	dir := t.TempDir()
@@ -191,6 +193,9 @@ func TestResumeAfterSIGKILL(t *testing.T) {
 		if attempt > 40 {
 			t.Fatal("training did not finish after 40 restarts")
 		}
+		// Each attempt starts from an empty output directory: what carries
+		// over is the checkpoint directory alone.
+		os.RemoveAll(filepath.Join(dir, "run"))
 		cmd := exec.Command(os.Args[0], "-test.run=^TestTrainChild$", "-test.count=1")
 		cmd.Env = append(os.Environ(), "GEMMAFT_TRAIN_CHILD="+dir)
 		stdout, _ := cmd.StdoutPipe()

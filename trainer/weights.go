@@ -240,10 +240,8 @@ func LoadModel(dir string) (*Model, error) {
 		}
 		m.place(spec, data)
 	}
-	if _, ok := files["lm_head.weight"]; ok {
-		// Tied checkpoints may still store the head; it must equal the
-		// embedding, which is what the model uses.
-	}
+	// A stored lm_head.weight is not read: Gemma 3 ties the head to the
+	// embedding, as transformers does when it loads such a checkpoint.
 	return m, nil
 }
 

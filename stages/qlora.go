@@ -67,14 +67,6 @@ func (qloraKind) Params() any {
 	}
 }
 
-// optimizers maps the names people write (PEFT/TRL and bitsandbytes) to what
-// the trainer has: AdamW with float32 moments. The 8-bit and paged variants
-// exist to save GPU memory; the trainer's moments are small (LoRA only).
-var optimizers = map[string]bool{
-	"adamw": true, "adamw_torch": true, "adamw_torch_fused": true, "adamw_hf": true,
-	"adamw_8bit": true, "adamw_bnb_8bit": true, "paged_adamw_8bit": true, "paged_adamw_32bit": true,
-}
-
 func (p *qloraParams) Validate() error {
 	bad := func(param, msg, fix string) error { return &pipeline.ParamError{Param: param, Msg: msg, Fix: fix} }
 	var targets []trainer.Module
@@ -97,14 +89,15 @@ func (p *qloraParams) Validate() error {
 		return bad("lr", "must be positive", "QLoRA usually takes 1e-4 to 2e-4")
 	case p.Epochs < 1 && p.MaxSteps < 1:
 		return bad("epochs", "must be at least 1", "")
-	case !optimizers[p.Optimizer]:
-		return bad("optimizer", fmt.Sprintf("unknown %q", p.Optimizer), "use adamw (paged_adamw_8bit and the other AdamW names are accepted)")
 	case p.Backend != "auto" && p.Backend != "cpu" && p.Backend != "cuda":
 		return bad("backend", fmt.Sprintf("unknown %q", p.Backend), "use cpu, cuda or auto")
 	case p.EvalFraction < 0 || p.EvalFraction >= 1:
 		return bad("eval_fraction", "must be in [0, 1)", "")
 	case p.LogEvery < 1:
 		return bad("log_every", "must be at least 1", "")
+	}
+	if _, _, err := trainer.ResolveOptimizer(p.Optimizer); err != nil {
+		return bad("optimizer", err.Error(), "use adamw (paged_adamw_8bit and the other AdamW names are accepted)")
 	}
 	if _, err := trainer.LRFactor(trainer.Schedule(p.Schedule), 0, 0, 1); err != nil {
 		return bad("schedule", err.Error(), "use constant, linear or cosine")
@@ -164,8 +157,8 @@ func (s *qloraStage) Run(ctx context.Context, t *pipeline.Task) error {
 		return errors.New("backend cuda: the GPU trainer is not available in this build; use backend: cpu or auto")
 	}
 	backend = "cpu"
-	if s.p.Optimizer != "adamw" && s.p.Optimizer != "adamw_torch" {
-		t.Log.Info("optimizer mapped", "asked", s.p.Optimizer, "using", "adamw (float32 moments)")
+	if _, note, _ := trainer.ResolveOptimizer(s.p.Optimizer); note != "" {
+		t.Log.Info(note)
 	}
 
 	m, err := trainer.LoadModel(model)
@@ -177,10 +170,12 @@ func (s *qloraStage) Run(ctx context.Context, t *pipeline.Task) error {
 			return err
 		}
 	}
-	rows, err := trainer.ReadPackedRows(rowsPath)
+	// Rows are read from the pack stage's file as training reaches them.
+	rows, err := trainer.OpenPackedArrow(rowsPath)
 	if err != nil {
 		return err
 	}
+	defer rows.Close()
 	scratch, err := t.Scratch()
 	if err != nil {
 		return err
@@ -191,7 +186,7 @@ func (s *qloraStage) Run(ctx context.Context, t *pipeline.Task) error {
 		targets = append(targets, mod)
 	}
 	started := time.Now()
-	res, err := trainer.Train(ctx, m, trainer.Rows(rows), trainer.TrainOptions{
+	res, err := trainer.Train(ctx, m, rows, trainer.TrainOptions{
 		LoRA: trainer.LoRAConfig{R: s.p.R, Alpha: s.p.Alpha, Dropout: s.p.Dropout, Targets: targets},
 		LR:   s.p.LR, Schedule: trainer.Schedule(s.p.Schedule), WarmupSteps: s.p.WarmupSteps,
 		WeightDecay: s.p.WeightDecay, MaxGradNorm: s.p.MaxGradNorm,
@@ -221,7 +216,7 @@ func (s *qloraStage) Run(ctx context.Context, t *pipeline.Task) error {
 	if !math.IsNaN(res.EvalLoss) {
 		t.SetStat("eval_loss", res.EvalLoss)
 	}
-	t.SetStat("rows", len(rows))
+	t.SetStat("rows", rows.Len())
 	t.SetStat("backend", backend)
 	t.SetStat("cores", runtime.GOMAXPROCS(0))
 	t.SetStat("train_seconds", time.Since(started).Seconds())

@@ -347,6 +347,7 @@ stages:
   a: {kind: double, needs: [src]}
   b: {kind: double, needs: [src], with: {factor: 3}}
   both: {kind: concat, needs: [a, b]}
+  after: {kind: double, needs: [both], with: {delay_ms: 1}}
 `)
 	done := make(chan struct{})
 	var rec *RunRecord
@@ -362,6 +363,11 @@ stages:
 	is, _ := readTable(t, e.store, keyOfStage(rec, "both"))
 	if len(is) != 10000 || is[4999] != 9998 || is[9999] != 14997 {
 		t.Fatalf("concat: %d rows", len(is))
+	}
+	// after streams batches that concat relayed from files it read.
+	is, _ = readTable(t, e.store, keyOfStage(rec, "after"))
+	if len(is) != 10000 || is[9999] != 2*14997 {
+		t.Fatalf("after: %d rows", len(is))
 	}
 }
 

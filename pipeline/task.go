@@ -216,7 +216,9 @@ func (in *Input) Next(ctx context.Context) (arrow.RecordBatch, error) {
 		in.file.Close()
 		return nil, io.EOF
 	}
-	rec, err := in.reader.RecordBatch(in.next)
+	// RecordBatchAt hands the batch over; RecordBatch would release it at
+	// the next call, under a consumer downstream still holding it.
+	rec, err := in.reader.RecordBatchAt(in.next)
 	if err != nil {
 		return nil, fmt.Errorf("reading %s of stage %s: %w", tableName, in.Name, err)
 	}

@@ -15,6 +15,8 @@ import (
 	"time"
 
 	"github.com/gofrs/flock"
+
+	"gemmaft/internal/atomicfile"
 )
 
 // fileState is what stat says about a file. Two equal states of one path
@@ -190,7 +192,7 @@ func (c *statCache) Save() error {
 	if err != nil {
 		return err
 	}
-	return writeFileAtomic(c.file, data)
+	return atomicfile.WriteFile(c.file, data)
 }
 
 func hashFile(path string) (string, int64, error) {
@@ -205,39 +207,4 @@ func hashFile(path string) (string, int64, error) {
 		return "", 0, fmt.Errorf("reading %s: %w", path, err)
 	}
 	return hex.EncodeToString(h.Sum(nil)), n, nil
-}
-
-// writeFileAtomic replaces path with data: a reader sees the old file or the
-// new one, never a mix, even if the process dies half-way.
-func writeFileAtomic(path string, data []byte) error {
-	tmp, err := os.CreateTemp(filepath.Dir(path), "."+filepath.Base(path)+".tmp*")
-	if err != nil {
-		return err
-	}
-	defer os.Remove(tmp.Name())
-	if _, err := tmp.Write(data); err != nil {
-		tmp.Close()
-		return err
-	}
-	if err := tmp.Sync(); err != nil {
-		tmp.Close()
-		return err
-	}
-	if err := tmp.Close(); err != nil {
-		return err
-	}
-	if err := os.Rename(tmp.Name(), path); err != nil {
-		return err
-	}
-	return syncDir(filepath.Dir(path))
-}
-
-// syncDir makes a rename or creation inside dir durable.
-func syncDir(dir string) error {
-	d, err := os.Open(dir)
-	if err != nil {
-		return err
-	}
-	defer d.Close()
-	return d.Sync()
 }

@@ -19,6 +19,8 @@ import (
 	"github.com/apache/arrow-go/v18/arrow"
 	"github.com/gofrs/flock"
 	"golang.org/x/sync/errgroup"
+
+	"gemmaft/internal/atomicfile"
 )
 
 // An Engine runs plans against a store.
@@ -195,7 +197,7 @@ func (s *Store) recordRun(dag *DAG, rec *RunRecord) error {
 		return err
 	}
 	name := fmt.Sprintf("%020d-%d.json", rec.Started.UnixNano(), os.Getpid())
-	if err := writeFileAtomic(filepath.Join(dir, name), data); err != nil {
+	if err := atomicfile.WriteFile(filepath.Join(dir, name), data); err != nil {
 		return err
 	}
 	const keepRecords = 100

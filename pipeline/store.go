@@ -16,6 +16,8 @@ import (
 	"time"
 
 	"github.com/gofrs/flock"
+
+	"gemmaft/internal/atomicfile"
 )
 
 // A Store is the content-addressed cache: one folder per stage output,
@@ -327,7 +329,7 @@ func (p *pending) commit(m *Manifest, known map[string]string) error {
 		return err
 	}
 	for _, d := range dirsUnder(p.dir) {
-		if err := syncDir(d); err != nil {
+		if err := atomicfile.SyncDir(d); err != nil {
 			return err
 		}
 	}
@@ -345,7 +347,7 @@ func (p *pending) commit(m *Manifest, known map[string]string) error {
 	if err := os.Rename(p.dir, final); err != nil {
 		return err
 	}
-	if err := syncDir(filepath.Dir(final)); err != nil {
+	if err := atomicfile.SyncDir(filepath.Dir(final)); err != nil {
 		return err
 	}
 	for _, o := range m.Outputs {

@@ -1,11 +1,11 @@
 package trainer
 
 import (
-	"bufio"
 	"encoding/binary"
 	"encoding/json"
 	"fmt"
 	"hash/fnv"
+	"io"
 
 	"math/rand/v2"
 	"os"
@@ -15,6 +15,8 @@ import (
 
 	"gemmaft/trainer/safetensors"
 	"golang.org/x/sync/errgroup"
+
+	"gemmaft/internal/atomicfile"
 )
 
 // InitOptions controls WriteRandomCheckpoint.
@@ -116,11 +118,11 @@ func WriteRandomCheckpoint(dir string, cfg *Config, opts InitOptions) error {
 			"metadata":   map[string]any{"total_size": total},
 			"weight_map": weightMap,
 		}, "", "  ")
-		if err := safetensors.WriteAtomic(filepath.Join(dir, "model.safetensors.index.json"), idx); err != nil {
+		if err := atomicfile.WriteFile(filepath.Join(dir, "model.safetensors.index.json"), idx); err != nil {
 			return err
 		}
 	}
-	return safetensors.WriteAtomic(filepath.Join(dir, "config.json"), cj)
+	return atomicfile.WriteFile(filepath.Join(dir, "config.json"), cj)
 }
 
 // writeRandomShard streams one shard: header first, then each tensor's
@@ -143,41 +145,25 @@ func writeRandomShard(path string, specs []tensorSpec, dt safetensors.DType, opt
 	for len(js)%8 != 0 {
 		js = append(js, ' ')
 	}
-	tmp, err := os.CreateTemp(filepath.Dir(path), "."+filepath.Base(path)+".tmp*")
-	if err != nil {
-		return err
-	}
-	defer os.Remove(tmp.Name())
-	if err := tmp.Chmod(0o644); err != nil {
-		tmp.Close()
-		return err
-	}
-	w := bufio.NewWriterSize(tmp, 4<<20)
-	var lenBuf [8]byte
-	binary.LittleEndian.PutUint64(lenBuf[:], uint64(len(js)))
-	w.Write(lenBuf[:])
-	w.Write(js)
-	for _, s := range specs {
-		if err := writeRandomTensor(w, s, dt, opts); err != nil {
-			tmp.Close()
+	return atomicfile.Write(path, func(w io.Writer) error {
+		var lenBuf [8]byte
+		binary.LittleEndian.PutUint64(lenBuf[:], uint64(len(js)))
+		if _, err := w.Write(lenBuf[:]); err != nil {
 			return err
 		}
-	}
-	if err := w.Flush(); err != nil {
-		tmp.Close()
-		return err
-	}
-	if err := tmp.Sync(); err != nil {
-		tmp.Close()
-		return err
-	}
-	if err := tmp.Close(); err != nil {
-		return err
-	}
-	return os.Rename(tmp.Name(), path)
+		if _, err := w.Write(js); err != nil {
+			return err
+		}
+		for _, s := range specs {
+			if err := writeRandomTensor(w, s, dt, opts); err != nil {
+				return err
+			}
+		}
+		return nil
+	})
 }
 
-func writeRandomTensor(w *bufio.Writer, s tensorSpec, dt safetensors.DType, opts InitOptions) error {
+func writeRandomTensor(w io.Writer, s tensorSpec, dt safetensors.DType, opts InitOptions) error {
 	n := 1
 	for _, d := range s.shape {
 		n *= d

@@ -8,6 +8,8 @@ import (
 	"strings"
 
 	"gemmaft/trainer/safetensors"
+
+	"gemmaft/internal/atomicfile"
 )
 
 // PEFT's file names inside an adapter directory.
@@ -97,7 +99,7 @@ func (m *Model) SaveAdapter(dir string, a *Adapter, baseModel string) error {
 	if err != nil {
 		return err
 	}
-	return safetensors.WriteAtomic(filepath.Join(dir, AdapterConfigFile), b)
+	return atomicfile.WriteFile(filepath.Join(dir, AdapterConfigFile), b)
 }
 
 // LoadAdapter reads a PEFT LoRA adapter from dir and checks that it was

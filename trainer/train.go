@@ -17,6 +17,8 @@ import (
 	"time"
 
 	"gemmaft/trainer/safetensors"
+
+	"gemmaft/internal/atomicfile"
 )
 
 // Dataset is a random-access source of packed rows.
@@ -428,7 +430,7 @@ func Train(ctx context.Context, m *Model, data Dataset, opts TrainOptions) (*Res
 		return nil, err
 	}
 	svgPath := filepath.Join(opts.OutDir, LossCurveFile)
-	if err := safetensors.WriteAtomic(svgPath, LossCurveSVG(history)); err != nil {
+	if err := atomicfile.WriteFile(svgPath, LossCurveSVG(history)); err != nil {
 		return nil, err
 	}
 	res := &Result{Steps: st.Step, EvalLoss: math.NaN(), AdapterDir: adapterDir, MetricsPath: metricsPath, LossCurvePath: svgPath}
@@ -508,11 +510,11 @@ func saveCheckpoint(dir string, m *Model, st trainState, a *Adapter, opt *AdamW,
 		map[string]string{"step": fmt.Sprint(opt.Step)}); err != nil {
 		return err
 	}
-	if err := safetensors.WriteAtomic(filepath.Join(tmp, MetricsFile), metrics); err != nil {
+	if err := atomicfile.WriteFile(filepath.Join(tmp, MetricsFile), metrics); err != nil {
 		return err
 	}
 	sb, _ := json.MarshalIndent(st, "", "  ")
-	if err := safetensors.WriteAtomic(filepath.Join(tmp, "state.json"), sb); err != nil {
+	if err := atomicfile.WriteFile(filepath.Join(tmp, "state.json"), sb); err != nil {
 		return err
 	}
 	final := filepath.Join(dir, name)
@@ -520,10 +522,10 @@ func saveCheckpoint(dir string, m *Model, st trainState, a *Adapter, opt *AdamW,
 	if err := os.Rename(tmp, final); err != nil {
 		return err
 	}
-	if err := syncDir(dir); err != nil {
+	if err := atomicfile.SyncDir(dir); err != nil {
 		return err
 	}
-	if err := safetensors.WriteAtomic(filepath.Join(dir, latestFile), []byte(name+"\n")); err != nil {
+	if err := atomicfile.WriteFile(filepath.Join(dir, latestFile), []byte(name+"\n")); err != nil {
 		return err
 	}
 	entries, _ := os.ReadDir(dir)
@@ -533,15 +535,6 @@ func saveCheckpoint(dir string, m *Model, st trainState, a *Adapter, opt *AdamW,
 		}
 	}
 	return nil
-}
-
-func syncDir(dir string) error {
-	d, err := os.Open(dir)
-	if err != nil {
-		return err
-	}
-	defer d.Close()
-	return d.Sync()
 }
 
 // loadCheckpoint restores the newest checkpoint into a and opt and returns

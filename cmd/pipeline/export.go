@@ -10,6 +10,7 @@ import (
 	"github.com/spf13/cobra"
 
 	"gemmaft/dataset"
+	"gemmaft/internal/atomicfile"
 )
 
 func init() {
@@ -49,7 +50,7 @@ run it first. FILE appears only when complete.`,
 			if out == "-" {
 				return write(os.Stdout, table)
 			}
-			if err := writeAtomic(out, func(w io.Writer) error { return write(w, table) }); err != nil {
+			if err := atomicfile.Write(out, func(w io.Writer) error { return write(w, table) }); err != nil {
 				return failErr(err)
 			}
 			fmt.Fprintf(os.Stderr, "wrote %s\n", out)
@@ -69,22 +70,4 @@ func copyFile(w io.Writer, path string) error {
 	defer f.Close()
 	_, err = io.Copy(w, f)
 	return err
-}
-
-// writeAtomic writes path through a temporary file renamed into place, so
-// an interrupted export leaves no half-written file.
-func writeAtomic(path string, write func(io.Writer) error) error {
-	tmp, err := os.CreateTemp(filepath.Dir(path), "."+filepath.Base(path)+".tmp*")
-	if err != nil {
-		return err
-	}
-	defer os.Remove(tmp.Name())
-	if err := write(tmp); err != nil {
-		tmp.Close()
-		return err
-	}
-	if err := tmp.Close(); err != nil {
-		return err
-	}
-	return os.Rename(tmp.Name(), path)
 }

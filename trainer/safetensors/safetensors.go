@@ -383,4 +383,3 @@ func WriteFile(path string, tensors []Tensor, metadata map[string]string) error 
 	}
 	return atomicfile.WriteFile(path, b)
 }
-

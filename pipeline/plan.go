@@ -104,8 +104,18 @@ func (s *Store) Plan(dag *DAG, opts Options) (*Plan, error) {
 		st.Key = hex.EncodeToString(sum[:])
 	}
 	plan.selectSteps(opts)
+	// Entries looked at: the steps that run, and the inputs they read.
+	matters := map[*Node]bool{}
 	for _, st := range plan.Steps {
-		if !plan.matters(st) {
+		if st.Selected {
+			matters[st.Node] = true
+			for _, d := range st.Node.Needs {
+				matters[d] = true
+			}
+		}
+	}
+	for _, st := range plan.Steps {
+		if !matters[st.Node] {
 			continue
 		}
 		state, m, err := s.Check(st.Key, false)
@@ -149,20 +159,6 @@ func (p *Plan) selectSteps(opts Options) {
 			st.Selected = true
 		}
 	}
-}
-
-// matters reports whether a step's entry is looked at: it runs, or a
-// selected step reads it.
-func (p *Plan) matters(st *Step) bool {
-	if st.Selected {
-		return true
-	}
-	for _, o := range p.Steps {
-		if o.Selected && slices.Contains(o.Node.Needs, st.Node) {
-			return true
-		}
-	}
-	return false
 }
 
 // why explains a missing or damaged entry by comparing the step with the

@@ -19,12 +19,12 @@ func init() {
 	var asJSON, requireGPU bool
 	cmd := &cobra.Command{
 		Use:   "doctor",
-		Short: "Show the GPUs, CUDA libraries and which backend training will use",
+		Short: "Show the GPUs, the CUDA libraries and whether they are usable",
 		Long: `doctor reports what this machine offers for training: the CUDA libraries
 (driver, NVRTC, cuBLASLt) and where each was found or looked for, their
-versions, the GPUs with their memory and compute capability, and whether
-training will run on the GPU or fall back to the CPU backend. With a GPU it
-also compiles a kernel and runs a small matrix product as a self-test.
+versions, the GPUs with their memory and compute capability, whether the GPU
+is usable, and which backend the qlora stage trains with. With a GPU it also
+compiles a kernel and runs a small matrix product as a self-test.
 
 Libraries are searched in ` + cuda.LibsEnv + ` (folders separated by colons),
 the system loader's path, CUDA's default folders and the lib folders of
@@ -41,14 +41,14 @@ pip-installed nvidia-* wheels.`,
 			} else {
 				rep.print(cmd.OutOrStdout())
 			}
-			if requireGPU && rep.Backend != "cuda" {
-				return failErr(fmt.Errorf("no usable GPU: %s", rep.Reason))
+			if requireGPU && rep.GPU != "usable" {
+				return failErr(fmt.Errorf("no usable GPU: %s", rep.GPUReason))
 			}
 			return nil
 		},
 	}
 	cmd.Flags().BoolVar(&asJSON, "json", false, "print the report as JSON")
-	cmd.Flags().BoolVar(&requireGPU, "require-gpu", false, "exit 1 unless training would use the GPU")
+	cmd.Flags().BoolVar(&requireGPU, "require-gpu", false, "exit 1 unless a GPU is usable")
 	root.AddCommand(cmd)
 }
 
@@ -75,13 +75,20 @@ type doctorReport struct {
 	Devices       []doctorDevice  `json:"devices"`
 	KernelCache   string          `json:"kernel_cache,omitempty"`
 	SelfTest      []string        `json:"self_test,omitempty"`
-	Backend       string          `json:"backend"` // "cuda" or "cpu"
-	Reason        string          `json:"reason"`
+	GPU           string          `json:"gpu"` // "usable" or "unavailable"
+	GPUReason     string          `json:"gpu_reason"`
+	// Trainer is the backend the qlora stage trains with.
+	Trainer       string `json:"trainer"`
+	TrainerReason string `json:"trainer_reason"`
 }
+
+// trainerNote says why training stays on the CPU even with a usable GPU.
+const trainerNote = "the qlora stage's GPU trainer is not in this build yet; it trains on the CPU reference backend"
 
 // diagnose gathers the report; it never fails, it says what is missing.
 func diagnose() doctorReport {
-	rep := doctorReport{Platform: runtime.GOOS + "/" + runtime.GOARCH + ", " + runtime.Version(), Backend: "cpu"}
+	rep := doctorReport{Platform: runtime.GOOS + "/" + runtime.GOARCH + ", " + runtime.Version(),
+		GPU: "unavailable", Trainer: "cpu", TrainerReason: trainerNote}
 	if bi, ok := debug.ReadBuildInfo(); ok {
 		for _, s := range bi.Settings {
 			if s.Key == "CGO_ENABLED" {
@@ -107,16 +114,16 @@ func diagnose() doctorReport {
 		rep.KernelCache = dir
 	}
 	if found.Err != nil {
-		rep.Reason = found.Err.Error()
+		rep.GPUReason = found.Err.Error()
 		return rep
 	}
 	if err := selfTest(&rep); err != nil {
-		rep.Reason = "the GPU self-test failed: " + err.Error()
+		rep.GPUReason = "the GPU self-test failed: " + err.Error()
 		return rep
 	}
 	d := rep.Devices[0]
-	rep.Backend = "cuda"
-	rep.Reason = fmt.Sprintf("device 0, %s (%s, %.1f GiB)", d.Name, d.ComputeCapLabel, gib(d.TotalMemory))
+	rep.GPU = "usable"
+	rep.GPUReason = fmt.Sprintf("device 0, %s (%s, %.1f GiB)", d.Name, d.ComputeCapLabel, gib(d.TotalMemory))
 	return rep
 }
 
@@ -303,9 +310,10 @@ func (r doctorReport) print(w io.Writer) {
 			p("  %s\n", s)
 		}
 	}
-	if r.Backend == "cuda" {
-		p("\ntraining       will use the GPU: %s\n", r.Reason)
+	if r.GPU == "usable" {
+		p("\ngpu            usable: %s\n", r.GPUReason)
 	} else {
-		p("\ntraining       will use the CPU backend: %s\n", strings.TrimPrefix(r.Reason, cuda.ErrUnavailable.Error()+": "))
+		p("\ngpu            unavailable: %s\n", strings.TrimPrefix(r.GPUReason, cuda.ErrUnavailable.Error()+": "))
 	}
+	p("training       %s: %s\n", r.Trainer, r.TrainerReason)
 }

@@ -21,15 +21,15 @@ func TestDoctor(t *testing.T) {
 	if err := json.Unmarshal(out.Bytes(), &rep); err != nil {
 		t.Fatalf("doctor --json printed invalid JSON: %v\n%s", err, out.String())
 	}
-	if len(rep.Libraries) != 3 || rep.Reason == "" {
+	if len(rep.Libraries) != 3 || rep.GPUReason == "" || rep.Trainer != "cpu" {
 		t.Errorf("incomplete report: %+v", rep)
 	}
 	gpu := cuda.Discover().Err == nil
-	if gpu != (rep.Backend == "cuda") {
-		t.Errorf("backend %q, but Discover says GPU usable = %v (%s)", rep.Backend, gpu, rep.Reason)
+	if gpu != (rep.GPU == "usable") {
+		t.Errorf("gpu %q, but Discover says GPU usable = %v (%s)", rep.GPU, gpu, rep.GPUReason)
 	}
 	want := exitOK
-	if rep.Backend != "cuda" {
+	if rep.GPU != "usable" {
 		want = exitFailed
 	}
 	out.Reset()

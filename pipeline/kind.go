@@ -88,7 +88,7 @@ func jsonEncoder(w io.Writer) *json.Encoder {
 	return enc
 }
 
-// errorf wraps an error with the stage it happened in.
+// stageErr wraps an error with the stage it happened in.
 func stageErr(n *Node, err error) error {
 	return fmt.Errorf("stage %s (%s): %w", n.Name, n.KindName, err)
 }

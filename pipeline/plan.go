@@ -18,7 +18,6 @@ type Options struct {
 	Until string   // run this stage and what it needs, nothing after it
 	Only  string   // run just this stage; its inputs must be cached
 	Force []string // recompute these stages even if cached; "all" for every one
-	Jobs  int      // worker threads a stage may use; 0 means all cores
 }
 
 // A Step is one stage of a plan: its key, and whether it will be computed.

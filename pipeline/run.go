@@ -8,7 +8,6 @@ import (
 	"log/slog"
 	"os"
 	"path/filepath"
-	"runtime"
 	"runtime/debug"
 	"sort"
 	"strconv"
@@ -327,7 +326,7 @@ func (x *execution) compute(ctx context.Context, todo []*Step) error {
 	streams := map[*Step][]chan arrow.RecordBatch{}
 	tasks := map[*Step]*Task{}
 	for _, st := range order {
-		t := &Task{Name: st.Node.Name, Log: x.e.log().With("stage", st.Node.Name), workers: x.opts.Jobs,
+		t := &Task{Name: st.Node.Name, Log: x.e.log().With("stage", st.Node.Name),
 			scratch: x.e.Store.scratchDir(st.Key),
 			tracker: trackers[st], stats: map[string]any{}, ctx: gctx}
 		for _, d := range st.Node.Needs {
@@ -466,9 +465,6 @@ func runStage(ctx context.Context, s Stage, t *Task) (err error) {
 	}()
 	return s.Run(ctx, t)
 }
-
-// workersDefault is the number of worker threads a stage uses by default.
-func workersDefault() int { return runtime.GOMAXPROCS(0) }
 
 // IsBusy reports whether err means another run holds the DAG's lock.
 func IsBusy(err error) bool { return errors.Is(err, ErrBusy) }

@@ -33,7 +33,6 @@ type Task struct {
 	Log *slog.Logger
 
 	scratch string
-	workers int
 	tracker *Tracker
 	ctx     context.Context
 	outs    []chan arrow.RecordBatch
@@ -49,14 +48,6 @@ type Task struct {
 // what the last one left there.
 func (t *Task) Scratch() (string, error) {
 	return t.scratch, os.MkdirAll(t.scratch, 0o755)
-}
-
-// Workers is how many worker threads the stage should use (--jobs).
-func (t *Task) Workers() int {
-	if t.workers > 0 {
-		return t.workers
-	}
-	return workersDefault()
 }
 
 // SetStat records a statistic for the manifest and the run report. Values
@@ -78,10 +69,6 @@ func (t *Task) Report(done, total int64, unit, note string) {
 	defer t.tracker.mu.Unlock()
 	t.tracker.unitDone, t.tracker.unitTotal, t.tracker.unit, t.tracker.note = done, total, unit, note
 }
-
-// AddBytes counts bytes the stage processed beyond its table (e.g. bytes of
-// source files read), for the progress display.
-func (t *Task) AddBytes(n int64) { t.tracker.bytes.Add(n) }
 
 // Output starts the stage's table with the given schema. Every stage that
 // produces rows calls it once, before its first row, even for an empty table.

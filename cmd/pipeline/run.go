@@ -20,6 +20,7 @@ import (
 func init() {
 	var (
 		opts     pipeline.Options
+		jobs     int
 		report   string
 		noWait   bool
 		progress string
@@ -71,12 +72,12 @@ Exit codes: 0 success, 1 a stage failed, 2 usage or spec error, 75 busy (--no-wa
 			default:
 				return usageErr(fmt.Errorf("--progress %q: want auto, tty, log or none", progress))
 			}
-			if opts.Jobs < 0 {
+			if jobs < 0 {
 				return usageErr(errors.New("--jobs must be positive"))
 			}
-			if opts.Jobs > 0 {
+			if jobs > 0 {
 				// Stages parallelise with goroutines; this bounds the cores they use.
-				runtime.GOMAXPROCS(opts.Jobs)
+				runtime.GOMAXPROCS(jobs)
 			}
 
 			ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
@@ -105,7 +106,7 @@ Exit codes: 0 success, 1 a stage failed, 2 usage or spec error, 75 busy (--no-wa
 	f.StringVar(&opts.Until, "until", "", "run this stage and the stages it needs, nothing after it")
 	f.StringVar(&opts.Only, "only", "", "run only this stage (its inputs must be cached)")
 	f.StringArrayVar(&opts.Force, "force", nil, "recompute this stage even if cached (repeatable; \"all\" for every stage)")
-	f.IntVar(&opts.Jobs, "jobs", 0, "cores the run may use (default: all)")
+	f.IntVar(&jobs, "jobs", 0, "cores the run may use (default: all)")
 	f.StringVar(&report, "report", "", "write a JSON report of the run to this file")
 	f.BoolVar(&noWait, "no-wait", false, "exit at once (code 75) if another run of this spec holds its lock")
 	f.StringVar(&progress, "progress", "auto", "progress display: auto (live lines on a terminal, log lines otherwise), tty, log or none")

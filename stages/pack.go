@@ -125,11 +125,11 @@ func addExamples(pk *packer.Packer, rec arrow.RecordBatch) error {
 	if err != nil {
 		return err
 	}
+	idv := ids.ListValues().(*array.Int32).Int32Values()
+	lv := labels.ListValues().(*array.Int32).Int32Values()
 	for i := 0; i < int(rec.NumRows()); i++ {
 		a, b := ids.ValueOffsets(i)
 		c, d := labels.ValueOffsets(i)
-		idv := ids.ListValues().(*array.Int32).Int32Values()
-		lv := labels.ListValues().(*array.Int32).Int32Values()
 		if err := pk.Add(idv[a:b], lv[c:d]); err != nil {
 			return err
 		}

@@ -118,14 +118,27 @@ func (s *tokenizeStage) tokenizeBatch(tok *tokenizer.Tokenizer, bos int32, rec a
 	if !ok {
 		return nil, fmt.Errorf("column \"text\" is %s, want utf8", rec.Column(idx[0]).DataType())
 	}
-	var starts, ends *array.List
+	// spansOf returns row i's assistant spans; nil under loss_on: all.
+	spansOf := func(int) []chat.Span { return nil }
 	if s.p.LossOn == "assistant" {
-		var err error
-		if starts, err = int32Lists(rec, "span_start"); err != nil {
+		starts, err := int32Lists(rec, "span_start")
+		if err != nil {
 			return nil, err
 		}
-		if ends, err = int32Lists(rec, "span_end"); err != nil {
+		ends, err := int32Lists(rec, "span_end")
+		if err != nil {
 			return nil, err
+		}
+		sv := starts.ListValues().(*array.Int32).Int32Values()
+		ev := ends.ListValues().(*array.Int32).Int32Values()
+		spansOf = func(i int) []chat.Span {
+			a, z := starts.ValueOffsets(i)
+			e0, _ := ends.ValueOffsets(i)
+			spans := make([]chat.Span, 0, z-a)
+			for j := a; j < z; j++ {
+				spans = append(spans, chat.Span{Role: "assistant", Start: int(sv[j]), End: int(ev[e0+j-a])})
+			}
+			return spans
 		}
 	}
 	n := int(rec.NumRows())
@@ -150,16 +163,8 @@ func (s *tokenizeStage) tokenizeBatch(tok *tokenizer.Tokenizer, bos int32, rec a
 			ids[i] = append([]int32{bos}, ids[i]...)
 			offs[i] = append([][2]int{{0, 0}}, offs[i]...)
 		}
-		var trained []bool
-		if starts != nil {
-			var spans []chat.Span
-			sv := starts.ListValues().(*array.Int32).Int32Values()
-			ev := ends.ListValues().(*array.Int32).Int32Values()
-			a, z := starts.ValueOffsets(i)
-			e0, _ := ends.ValueOffsets(i)
-			for j := a; j < z; j++ {
-				spans = append(spans, chat.Span{Role: "assistant", Start: int(sv[j]), End: int(ev[e0+j-a])})
-			}
+		var trained []bool // nil: every token is trained
+		if spans := spansOf(i); spans != nil {
 			trained = chat.LabelMask(offs[i], spans)
 		}
 		idsB.Append(true)

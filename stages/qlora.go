@@ -154,7 +154,7 @@ func (s *qloraStage) Run(ctx context.Context, t *pipeline.Task) error {
 	}
 	backend := s.p.Backend
 	if backend == "cuda" {
-		return errors.New("backend cuda: the GPU trainer is not available in this build; use backend: cpu or auto")
+		return fmt.Errorf("backend cuda: %w; use backend: cpu or auto", trainer.ErrNoGPUBackend)
 	}
 	backend = "cpu"
 	if _, note, _ := trainer.ResolveOptimizer(s.p.Optimizer); note != "" {

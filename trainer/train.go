@@ -21,6 +21,10 @@ import (
 	"gemmaft/internal/atomicfile"
 )
 
+// ErrNoGPUBackend says that this build trains on the CPU reference backend
+// only; the stage asking for backend cuda and `pipeline doctor` both say so.
+var ErrNoGPUBackend = errors.New("the GPU trainer is not in this build yet; training runs on the CPU reference backend")
+
 // Dataset is a random-access source of packed rows.
 type Dataset interface {
 	Len() int

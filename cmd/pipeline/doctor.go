@@ -13,6 +13,7 @@ import (
 	"github.com/spf13/cobra"
 
 	"gemmaft/cuda"
+	"gemmaft/trainer"
 )
 
 func init() {
@@ -82,13 +83,10 @@ type doctorReport struct {
 	TrainerReason string `json:"trainer_reason"`
 }
 
-// trainerNote says why training stays on the CPU even with a usable GPU.
-const trainerNote = "the qlora stage's GPU trainer is not in this build yet; it trains on the CPU reference backend"
-
 // diagnose gathers the report; it never fails, it says what is missing.
 func diagnose() doctorReport {
 	rep := doctorReport{Platform: runtime.GOOS + "/" + runtime.GOARCH + ", " + runtime.Version(),
-		GPU: "unavailable", Trainer: "cpu", TrainerReason: trainerNote}
+		GPU: "unavailable", Trainer: "cpu", TrainerReason: trainer.ErrNoGPUBackend.Error()}
 	if bi, ok := debug.ReadBuildInfo(); ok {
 		for _, s := range bi.Settings {
 			if s.Key == "CGO_ENABLED" {

@@ -16,6 +16,8 @@ import (
 
 	"github.com/apache/arrow-go/v18/arrow"
 	"github.com/apache/arrow-go/v18/arrow/ipc"
+
+	"gemmaft/dataset"
 )
 
 // tableName is the file that holds a stage's table inside its entry: an
@@ -167,10 +169,8 @@ type Input struct {
 	upstream  *Tracker // the producing stage's, when it computes in this run
 	knownRows int64    // rows of a cached upstream
 
-	file   *os.File
-	reader *ipc.FileReader
-	next   int
-	eof    bool
+	table *dataset.IPCReader // the committed entry's table, once opened
+	eof   bool
 }
 
 // Next returns the next batch of the input, or io.EOF after the last. The
@@ -192,24 +192,22 @@ func (in *Input) Next(ctx context.Context) (arrow.RecordBatch, error) {
 			return nil, context.Cause(ctx)
 		}
 	}
-	if in.reader == nil {
+	if in.table == nil {
 		if err := in.open(ctx); err != nil {
 			return nil, err
 		}
 	}
-	if in.next >= in.reader.NumRecords() {
+	// The reader hands each batch over to the caller, so a consumer
+	// downstream may hold it past the next call.
+	rec, err := in.table.Next()
+	if err == io.EOF {
 		in.eof = true
-		in.reader.Close()
-		in.file.Close()
+		in.table.Close()
 		return nil, io.EOF
 	}
-	// RecordBatchAt hands the batch over; RecordBatch would release it at
-	// the next call, under a consumer downstream still holding it.
-	rec, err := in.reader.RecordBatchAt(in.next)
 	if err != nil {
-		return nil, fmt.Errorf("reading %s of stage %s: %w", tableName, in.Name, err)
+		return nil, fmt.Errorf("reading the table of stage %s: %w", in.Name, err)
 	}
-	in.next++
 	in.tracker.rowsIn.Add(rec.NumRows())
 	return rec, nil
 }
@@ -218,19 +216,15 @@ func (in *Input) open(ctx context.Context) error {
 	if _, err := in.Dir(ctx); err != nil {
 		return err
 	}
-	f, err := os.Open(filepath.Join(in.dir, tableName))
-	if errors.Is(err, fs.ErrNotExist) {
+	path := filepath.Join(in.dir, tableName)
+	if _, err := os.Stat(path); errors.Is(err, fs.ErrNotExist) {
 		return fmt.Errorf("stage %s produced no table (%s)", in.Name, tableName)
 	}
+	t, err := dataset.OpenIPC(path)
 	if err != nil {
-		return err
+		return fmt.Errorf("reading the table of stage %s: %w", in.Name, err)
 	}
-	r, err := ipc.NewFileReader(f)
-	if err != nil {
-		f.Close()
-		return fmt.Errorf("reading %s of stage %s: %w", tableName, in.Name, err)
-	}
-	in.file, in.reader = f, r
+	in.table = t
 	return nil
 }
 
@@ -283,9 +277,8 @@ func (in *Input) Rows() (int64, bool) {
 // drain reads what the stage left of a streamed input.
 func (in *Input) drain(ctx context.Context) error {
 	if in.ch == nil {
-		if in.reader != nil && !in.eof {
-			in.reader.Close()
-			in.file.Close()
+		if in.table != nil && !in.eof {
+			in.table.Close()
 		}
 		return nil
 	}

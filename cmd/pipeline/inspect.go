@@ -12,9 +12,9 @@ import (
 	"time"
 
 	"github.com/apache/arrow-go/v18/arrow"
-	"github.com/apache/arrow-go/v18/arrow/ipc"
 	"github.com/spf13/cobra"
 
+	"gemmaft/dataset"
 	"gemmaft/pipeline"
 )
 
@@ -105,23 +105,21 @@ func printManifest(w io.Writer, entry string, m *pipeline.Manifest) {
 // printRows shows the first n rows of the entry's table as JSON objects,
 // shortening long strings and lists so a row fits on a screen.
 func printRows(w io.Writer, entry string, n int) error {
-	f, err := os.Open(filepath.Join(entry, "data.arrow"))
-	if errors.Is(err, os.ErrNotExist) {
+	path := filepath.Join(entry, "data.arrow")
+	if _, err := os.Stat(path); errors.Is(err, os.ErrNotExist) {
 		return nil // a stage without a table (an adapter, a checkpoint)
 	}
-	if err != nil {
-		return failErr(err)
-	}
-	defer f.Close()
-	r, err := ipc.NewFileReader(f)
+	r, err := dataset.OpenIPC(path)
 	if err != nil {
 		return failErr(err)
 	}
 	defer r.Close()
 	fmt.Fprintf(w, "\nschema    %s\n", schemaLine(r.Schema()))
-	shown := 0
-	for b := 0; b < r.NumRecords() && shown < n; b++ {
-		rec, err := r.RecordBatch(b)
+	for shown := 0; shown < n; {
+		rec, err := r.Next()
+		if err == io.EOF {
+			return nil
+		}
 		if err != nil {
 			return failErr(err)
 		}
@@ -142,6 +140,7 @@ func printRows(w io.Writer, entry string, n int) error {
 			w.Write(buf.Bytes())
 			shown++
 		}
+		rec.Release()
 	}
 	return nil
 }

@@ -130,11 +130,9 @@ func printRows(w io.Writer, entry string, n int) error {
 				if c > 0 {
 					buf.WriteString(", ")
 				}
-				k, _ := json.Marshal(rec.ColumnName(c))
-				v, _ := json.Marshal(shorten(col.GetOneForMarshal(i)))
-				buf.Write(k)
+				buf.Write(displayJSON(rec.ColumnName(c)))
 				buf.WriteString(": ")
-				buf.Write(v)
+				buf.Write(displayJSON(shorten(col.GetOneForMarshal(i))))
 			}
 			buf.WriteString("}\n")
 			w.Write(buf.Bytes())
@@ -143,6 +141,16 @@ func printRows(w io.Writer, entry string, n int) error {
 		rec.Release()
 	}
 	return nil
+}
+
+// displayJSON encodes v for people: chat text is full of <bos> and
+// <end_of_turn>, which json.Marshal would write as \u003c…\u003e.
+func displayJSON(v any) []byte {
+	var b bytes.Buffer
+	enc := json.NewEncoder(&b)
+	enc.SetEscapeHTML(false)
+	enc.Encode(v)
+	return bytes.TrimRight(b.Bytes(), "\n")
 }
 
 func schemaLine(s *arrow.Schema) string {

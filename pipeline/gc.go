@@ -77,7 +77,7 @@ func (s *Store) GC(ctx context.Context, opts GCOptions) (*GCResult, error) {
 		size := dirSize(s.EntryDir(k))
 		if !opts.DryRun {
 			if err := s.Remove(k); err != nil {
-				return res, fmt.Errorf("removing %s: %w", short(k), err)
+				return res, fmt.Errorf("removing %s: %w", ShortKey(k), err)
 			}
 		}
 		res.Removed = append(res.Removed, k)

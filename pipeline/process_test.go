@@ -206,7 +206,7 @@ func TestConcurrentRunsComputeOnce(t *testing.T) {
 	}
 	for k, n := range computed {
 		if n != 1 {
-			t.Errorf("entry %s computed %d times", short(k), n)
+			t.Errorf("entry %s computed %d times", ShortKey(k), n)
 		}
 	}
 	if len(computed) != 6 {

@@ -164,7 +164,7 @@ func (e *Engine) run(ctx context.Context, dag *DAG, opts Options, rec *RunRecord
 
 // lockDAG takes the lock of dag, waiting for another run of it unless NoWait.
 func (e *Engine) lockDAG(ctx context.Context, dag *DAG) (func(), error) {
-	base := filepath.Join(e.Store.Root, "locks", "dag-"+dagID(dag))
+	base := e.Store.dagLockBase(dag)
 	l := flock.New(base + ".lock")
 	ok, err := l.TryLock()
 	if err != nil {
@@ -409,7 +409,7 @@ func (x *execution) computeStep(ctx context.Context, st *Step, t *Task, committe
 			p.abort()
 		}
 	}()
-	x.e.log().Debug("computing", "stage", st.Node.Name, "key", short(st.Key), "why", st.Reason)
+	x.e.log().Debug("computing", "stage", st.Node.Name, "key", ShortKey(st.Key), "why", st.Reason)
 	if err := runStage(ctx, st.Node.Stage, t); err != nil {
 		return err
 	}
@@ -451,7 +451,7 @@ func (x *execution) computeStep(ctx context.Context, st *Step, t *Task, committe
 		r.Bytes += o.Size
 	}
 	x.mu.Unlock()
-	x.e.log().Info("computed", "stage", st.Node.Name, "rows", m.Rows, "seconds", strconv.FormatFloat(m.Seconds, 'f', 2, 64), "key", short(st.Key))
+	x.e.log().Info("computed", "stage", st.Node.Name, "rows", m.Rows, "seconds", strconv.FormatFloat(m.Seconds, 'f', 2, 64), "key", ShortKey(st.Key))
 	return nil
 }
 

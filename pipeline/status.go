@@ -2,7 +2,6 @@ package pipeline
 
 import (
 	"os"
-	"path/filepath"
 	"strings"
 
 	"github.com/gofrs/flock"
@@ -51,7 +50,7 @@ func (s *Store) Status(dag *DAG) (*Status, error) {
 
 // lockHolder says who runs dag now, or "" if nobody does.
 func (s *Store) lockHolder(dag *DAG) string {
-	base := filepath.Join(s.Root, "locks", "dag-"+dagID(dag))
+	base := s.dagLockBase(dag)
 	l := flock.New(base + ".lock")
 	if ok, err := l.TryLock(); err != nil || ok {
 		if ok {

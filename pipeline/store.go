@@ -180,7 +180,7 @@ func (s *Store) Check(key string, deep bool) (EntryState, *Manifest, error) {
 		return Damaged, nil, err
 	}
 	if m.Key != key {
-		return Damaged, m, fmt.Errorf("manifest is for key %s", short(m.Key))
+		return Damaged, m, fmt.Errorf("manifest is for key %s", ShortKey(m.Key))
 	}
 	for _, o := range m.Outputs {
 		p := filepath.Join(dir, filepath.FromSlash(o.Path))
@@ -375,9 +375,15 @@ func dirsUnder(root string) []string {
 func (s *Store) lockEntry(ctx context.Context, key string) (*flock.Flock, error) {
 	l := flock.New(filepath.Join(s.Root, "locks", key+".lock"))
 	if _, err := l.TryLockContext(ctx, 50*time.Millisecond); err != nil {
-		return nil, fmt.Errorf("locking cache entry %s: %w", short(key), err)
+		return nil, fmt.Errorf("locking cache entry %s: %w", ShortKey(key), err)
 	}
 	return l, nil
+}
+
+// dagLockBase is the path, less its extension, of dag's lock (".lock") and
+// of the note naming its holder (".holder").
+func (s *Store) dagLockBase(dag *DAG) string {
+	return filepath.Join(s.Root, "locks", "dag-"+dagID(dag))
 }
 
 // gcLock is held shared by every run and exclusively by gc, so gc never
@@ -386,7 +392,8 @@ func (s *Store) gcLock() *flock.Flock {
 	return flock.New(filepath.Join(s.Root, "locks", "gc.lock"))
 }
 
-func short(key string) string {
+// ShortKey is the first 12 hex digits of a key or digest, as shown to people.
+func ShortKey(key string) string {
 	if len(key) > 12 {
 		return key[:12]
 	}

@@ -68,7 +68,7 @@ func cachedEntry(spec, stage string) (string, *pipeline.Manifest, error) {
 	case pipeline.Valid:
 		return st.EntryDir(step.Key), step.Manifest, nil
 	case pipeline.Damaged:
-		return "", nil, failErr(fmt.Errorf("stage %s: cache entry %s is damaged (%v); run `pipeline run %s --until %s` to recompute it", stage, shortKey(step.Key), step.Damage, spec, stage))
+		return "", nil, failErr(fmt.Errorf("stage %s: cache entry %s is damaged (%v); run `pipeline run %s --until %s` to recompute it", stage, pipeline.ShortKey(step.Key), step.Damage, spec, stage))
 	}
 	return "", nil, failErr(fmt.Errorf("stage %s is not cached (%s); run `pipeline run %s --until %s` first", stage, step.Reason, spec, stage))
 }
@@ -83,10 +83,10 @@ func printManifest(w io.Writer, entry string, m *pipeline.Manifest) {
 	json.Compact(&params, m.Params)
 	fmt.Fprintf(w, "params    %s\n", params.String())
 	for _, in := range m.Inputs {
-		fmt.Fprintf(w, "input     %s %s\n", in.Stage, shortKey(in.Key))
+		fmt.Fprintf(w, "input     %s %s\n", in.Stage, pipeline.ShortKey(in.Key))
 	}
 	for _, f := range m.Files {
-		fmt.Fprintf(w, "reads     %s (%s, sha256 %s)\n", f.Path, pipeline.HumanBytes(f.Size), shortKey(f.SHA256))
+		fmt.Fprintf(w, "reads     %s (%s, sha256 %s)\n", f.Path, pipeline.HumanBytes(f.Size), pipeline.ShortKey(f.SHA256))
 	}
 	for _, o := range m.Outputs {
 		fmt.Fprintf(w, "output    %s (%s)\n", o.Path, pipeline.HumanBytes(o.Size))

@@ -64,7 +64,7 @@ kind's version changed, the entry is damaged, forced).`,
 			w := tabwriter.NewWriter(os.Stdout, 0, 4, 2, ' ', 0)
 			fmt.Fprintln(w, "STAGE\tKIND\tKEY\tACTION\tWHY")
 			for _, r := range rows {
-				fmt.Fprintf(w, "%s\t%s\t%s\t%s\t%s\n", r.Stage, r.Kind, shortKey(r.Key), r.Action, r.Why)
+				fmt.Fprintf(w, "%s\t%s\t%s\t%s\t%s\n", r.Stage, r.Kind, pipeline.ShortKey(r.Key), r.Action, r.Why)
 			}
 			return w.Flush()
 		},

@@ -56,7 +56,7 @@ progress now; and how the last run ended.`,
 				if e.Damage != nil {
 					state += " (" + e.Damage.Error() + ")"
 				}
-				fmt.Fprintf(w, "%s\t%s\t%s\t%s\t%s\t%s\t%s\n", e.Name, e.Kind, state, rows, size, when, shortKey(e.Key))
+				fmt.Fprintf(w, "%s\t%s\t%s\t%s\t%s\t%s\t%s\n", e.Name, e.Kind, state, rows, size, when, pipeline.ShortKey(e.Key))
 			}
 			return w.Flush()
 		},

@@ -7,7 +7,6 @@ import (
 	"encoding/json"
 	"os"
 	"os/exec"
-	"path/filepath"
 	"slices"
 	"strconv"
 	"strings"
@@ -15,44 +14,14 @@ import (
 	"unicode"
 
 	"gemmaft/tokenizer"
+
+	"gemmaft/internal/testenv"
 )
-
-func repoRoot(t *testing.T) string {
-	dir, err := filepath.Abs(".")
-	if err != nil {
-		t.Fatal(err)
-	}
-	for {
-		if _, err := os.Stat(filepath.Join(dir, "go.mod")); err == nil {
-			return dir
-		}
-		if filepath.Dir(dir) == dir {
-			t.Fatal("no go.mod above the test directory")
-		}
-		dir = filepath.Dir(dir)
-	}
-}
-
-func modelFile(t *testing.T, name string) string {
-	p := filepath.Join(repoRoot(t), "npm", "node_modules", "@lenml", "tokenizer-gemma3", "models", name)
-	if _, err := os.Stat(p); err != nil {
-		t.Skipf("%s is missing; run scripts/npm-deps.sh (scripts/test.sh does)", p)
-	}
-	return p
-}
-
-func alpacaPath(t *testing.T) string {
-	p := filepath.Join(repoRoot(t), "..", "shared", "data", "alpaca-tr", "alpaca-tr.jsonl.gz")
-	if _, err := os.Stat(p); err != nil {
-		t.Skipf("alpaca-tr data is missing at %s", p)
-	}
-	return p
-}
 
 type record struct{ Instruction, Input, Output string }
 
 func readAlpaca(t *testing.T) []record {
-	f, err := os.Open(alpacaPath(t))
+	f, err := os.Open(testenv.AlpacaTR(t, "alpaca-tr.jsonl.gz"))
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -85,8 +54,8 @@ func pythonRender(t *testing.T, stdin []byte, args ...string) []rendered {
 	if _, err := exec.LookPath("python3"); err != nil {
 		t.Skip("python3 is not installed; the template oracle needs it with jinja2")
 	}
-	cmd := exec.Command("python3", append([]string{"scripts/oracle/render_chat.py", modelFile(t, "tokenizer_config.json")}, args...)...)
-	cmd.Dir = repoRoot(t)
+	cmd := exec.Command("python3", append([]string{"scripts/oracle/render_chat.py", testenv.GemmaFile(t, "tokenizer_config.json")}, args...)...)
+	cmd.Dir = testenv.RepoRoot(t)
 	cmd.Stdin = bytes.NewReader(stdin)
 	var stderr bytes.Buffer
 	cmd.Stderr = &stderr
@@ -122,7 +91,7 @@ func TestAlpacaParity(t *testing.T) {
 		if sys != "" {
 			args = []string{"--system", sys}
 		}
-		want := pythonRender(t, nil, append([]string{"--alpaca", alpacaPath(t)}, args...)...)
+		want := pythonRender(t, nil, append([]string{"--alpaca", testenv.AlpacaTR(t, "alpaca-tr.jsonl.gz")}, args...)...)
 		if len(want) != len(recs) {
 			t.Fatalf("oracle rendered %d records, want %d", len(want), len(recs))
 		}
@@ -274,7 +243,7 @@ func TestStripMatchesPython(t *testing.T) {
 // <start_of_turn>, "model", "\n", every token up to and including the
 // next <end_of_turn>.
 func TestLabelMaskRealRecords(t *testing.T) {
-	tk, err := tokenizer.LoadFile(modelFile(t, "tokenizer.json"))
+	tk, err := tokenizer.LoadFile(testenv.GemmaFile(t, "tokenizer.json"))
 	if err != nil {
 		t.Fatal(err)
 	}

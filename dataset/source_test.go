@@ -18,20 +18,11 @@ import (
 	"github.com/apache/arrow-go/v18/arrow/memory"
 	"github.com/apache/arrow-go/v18/parquet"
 	"github.com/apache/arrow-go/v18/parquet/pqarrow"
+
+	"gemmaft/internal/testenv"
 )
 
 const alpacaRows = 20748
-
-// alpacaDir returns the shared alpaca-tr data directory, skipping the test
-// when it is absent.
-func alpacaDir(t testing.TB) string {
-	t.Helper()
-	dir := filepath.Join("..", "..", "shared", "data", "alpaca-tr")
-	if _, err := os.Stat(filepath.Join(dir, "alpaca-tr.jsonl.gz")); err != nil {
-		t.Skipf("alpaca-tr data not found at %s (expected next to the repository): %v", dir, err)
-	}
-	return dir
-}
 
 // turkishColumns maps our columns to the names of the Hugging Face shards.
 var turkishColumns = map[string]string{
@@ -98,7 +89,7 @@ func digest(rows [][]string) [32]byte {
 // (one Parquet file, two Hugging Face style shards with Turkish column names,
 // gzipped JSONL) and requires identical rows in identical order.
 func TestAlpacaLayoutsAgree(t *testing.T) {
-	dir := alpacaDir(t)
+	dir := testenv.AlpacaTR(t, "")
 	single := readAll(t, SourceOptions{Paths: []string{filepath.Join(dir, "parquet", "alpaca-tr.parquet")}})
 	shards, err := ExpandGlobs(dir, []string{"parquet/train-*.parquet"})
 	if err != nil {
@@ -126,7 +117,7 @@ func TestAlpacaLayoutsAgree(t *testing.T) {
 }
 
 func TestRowsKnown(t *testing.T) {
-	dir := alpacaDir(t)
+	dir := testenv.AlpacaTR(t, "")
 	s, err := Open(SourceOptions{Paths: []string{filepath.Join(dir, "parquet", "alpaca-tr.parquet")}, Limit: 100})
 	if err != nil {
 		t.Fatal(err)
@@ -146,7 +137,7 @@ func TestRowsKnown(t *testing.T) {
 }
 
 func TestLimitAndShuffle(t *testing.T) {
-	dir := alpacaDir(t)
+	dir := testenv.AlpacaTR(t, "")
 	path := filepath.Join(dir, "parquet", "alpaca-tr.parquet")
 	all := readAll(t, SourceOptions{Paths: []string{path}})
 
@@ -329,7 +320,7 @@ func openOrNext(opts SourceOptions) error {
 }
 
 func TestBadInput(t *testing.T) {
-	dir := alpacaDir(t)
+	dir := testenv.AlpacaTR(t, "")
 	good := filepath.Join(dir, "parquet", "alpaca-tr.parquet")
 	shard := filepath.Join(dir, "parquet", "train-00000-of-00002.parquet")
 	tmp := t.TempDir()
@@ -476,7 +467,7 @@ func TestContextCancel(t *testing.T) {
 
 // BenchmarkSource reads all of alpaca-tr from each layout.
 func BenchmarkSource(b *testing.B) {
-	dir := alpacaDir(b)
+	dir := testenv.AlpacaTR(b, "")
 	shards, err := ExpandGlobs(dir, []string{"parquet/train-*.parquet"})
 	if err != nil {
 		b.Fatal(err)

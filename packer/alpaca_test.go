@@ -19,16 +19,9 @@ import (
 
 	"gemmaft/dataset"
 	"gemmaft/tokenizer"
-)
 
-func alpacaDir(t testing.TB) string {
-	t.Helper()
-	dir := filepath.Join("..", "..", "shared", "data", "alpaca-tr")
-	if _, err := os.Stat(filepath.Join(dir, "alpaca-tr.jsonl.gz")); err != nil {
-		t.Skipf("alpaca-tr data not found at %s (expected next to the repository): %v", dir, err)
-	}
-	return dir
-}
+	"gemmaft/internal/testenv"
+)
 
 // estimateTokens stands in for the Gemma 3 chat template and tokenizer:
 // about 3.4 bytes of Turkish text per token, plus the template's turn
@@ -214,7 +207,7 @@ func checkIsolation(t testing.TB, opts Options, row Row) int64 {
 // layouts: the packed rows must be identical, isolated, and at least 99.8%
 // full.
 func TestAlpacaChain(t *testing.T) {
-	dir := alpacaDir(t)
+	dir := testenv.AlpacaTR(t, "")
 	shards, err := dataset.ExpandGlobs(dir, []string{"parquet/train-*.parquet"})
 	if err != nil {
 		t.Fatal(err)
@@ -249,7 +242,7 @@ func TestAlpacaChain(t *testing.T) {
 // TestAlpacaOverlong packs alpaca-tr at a seq_len shorter than many records,
 // under each policy, checking the accounting against the records' lengths.
 func TestAlpacaOverlong(t *testing.T) {
-	dir := alpacaDir(t)
+	dir := testenv.AlpacaTR(t, "")
 	src := dataset.SourceOptions{Paths: []string{filepath.Join(dir, "parquet", "alpaca-tr.parquet")}}
 	tmp := t.TempDir()
 	for _, policy := range []Overlong{Drop, Truncate, Split} {
@@ -298,7 +291,7 @@ func resetPeakRSS() {
 //
 //	go test ./packer -run '^$' -bench 'Chain/x10$' -benchtime 1x
 func BenchmarkChain(b *testing.B) {
-	dir := alpacaDir(b)
+	dir := testenv.AlpacaTR(b, "")
 	path := filepath.Join(dir, "parquet", "alpaca-tr.parquet")
 	for _, run := range []struct {
 		copies    int
@@ -339,7 +332,7 @@ func BenchmarkChain(b *testing.B) {
 
 // BenchmarkPack measures the packer alone on estimated alpaca-tr lengths.
 func BenchmarkPack(b *testing.B) {
-	dir := alpacaDir(b)
+	dir := testenv.AlpacaTR(b, "")
 	s, err := dataset.Open(dataset.SourceOptions{Paths: []string{filepath.Join(dir, "parquet", "alpaca-tr.parquet")}})
 	if err != nil {
 		b.Fatal(err)

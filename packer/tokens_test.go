@@ -3,7 +3,6 @@ package packer
 import (
 	"context"
 	"io"
-	"os"
 	"path/filepath"
 	"testing"
 
@@ -11,6 +10,8 @@ import (
 
 	"gemmaft/dataset"
 	"gemmaft/tokenizer"
+
+	"gemmaft/internal/testenv"
 )
 
 // gemma3Turns renders an Alpaca record as the Gemma 3 chat template does for
@@ -27,11 +28,7 @@ func gemma3Turns(instruction, input, output string) (string, int) {
 
 func loadTokenizer(t testing.TB) *tokenizer.Tokenizer {
 	t.Helper()
-	path := filepath.Join("..", "npm", "node_modules", "@lenml", "tokenizer-gemma3", "models", "tokenizer.json")
-	if _, err := os.Stat(path); err != nil {
-		t.Skipf("Gemma 3 tokenizer.json not installed (run scripts/npm-deps.sh): %v", err)
-	}
-	tok, err := tokenizer.LoadFile(path)
+	tok, err := tokenizer.LoadFile(testenv.GemmaFile(t, "tokenizer.json"))
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -74,7 +71,7 @@ func addTokenized(p *Packer, tok *tokenizer.Tokenizer, cols [3]*array.String) er
 // TestAlpacaRealTokens packs alpaca-tr tokenized with the real Gemma 3
 // tokenizer at seq_len 4096 and requires at least 99.8% efficiency.
 func TestAlpacaRealTokens(t *testing.T) {
-	dir := alpacaDir(t)
+	dir := testenv.AlpacaTR(t, "")
 	tok := loadTokenizer(t)
 	s, err := dataset.Open(dataset.SourceOptions{Paths: []string{filepath.Join(dir, "parquet", "alpaca-tr.parquet")}})
 	if err != nil {

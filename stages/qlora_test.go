@@ -16,6 +16,8 @@ import (
 	"time"
 
 	"gemmaft/pipeline"
+
+	"gemmaft/internal/testenv"
 )
 
 // TestMain lets a test run a spec in a child process (this binary again,
@@ -41,8 +43,8 @@ func TestMain(m *testing.M) {
 // trainSpec is a small QLoRA run on the demo records: a tiny Gemma 3 with
 // the real vocabulary, short rows, a few steps, checkpoints every 2 steps.
 func trainSpec(t *testing.T, steps int) string {
-	tok := gemmaTokenizer(t)
-	demo := filepath.Join(repoRoot(t), "dataset", "demo", "alpaca-tr-demo.jsonl")
+	tok := testenv.GemmaFile(t, "tokenizer.json")
+	demo := filepath.Join(testenv.RepoRoot(t), "dataset", "demo", "alpaca-tr-demo.jsonl")
 	return fmt.Sprintf(`name: train
 stages:
   alpaca: {kind: jsonl, with: {paths: [%s], limit: 40}}

@@ -11,6 +11,8 @@ import (
 	"github.com/apache/arrow-go/v18/arrow/memory"
 
 	"gemmaft/pipeline"
+
+	"gemmaft/internal/testenv"
 )
 
 // TestSourceBadInput checks that each kind of bad input fails its stage
@@ -104,9 +106,9 @@ func TestSourceBadInput(t *testing.T) {
 // TestSourceLayouts reads the shared data in its three layouts and finds
 // the same records.
 func TestSourceLayouts(t *testing.T) {
-	single := sharedData(t, "parquet/alpaca-tr.parquet")
-	sharded := sharedData(t, "parquet/train-00000-of-00002.parquet")
-	jsonl := sharedData(t, "alpaca-tr.jsonl.gz")
+	single := testenv.AlpacaTR(t, "parquet/alpaca-tr.parquet")
+	sharded := testenv.AlpacaTR(t, "parquet/train-00000-of-00002.parquet")
+	jsonl := testenv.AlpacaTR(t, "alpaca-tr.jsonl.gz")
 	r := newTestRun(t)
 	spec := r.spec(`name: layouts
 stages:

@@ -5,6 +5,8 @@ import (
 	"encoding/json"
 	"os"
 	"testing"
+
+	"gemmaft/internal/testenv"
 )
 
 // benchTexts are the chat-templated alpaca-tr records: read from the JSON
@@ -69,7 +71,7 @@ func BenchmarkEncode(b *testing.B) {
 }
 
 func BenchmarkLoad(b *testing.B) {
-	data, err := os.ReadFile(gemmaModelFile(b, "tokenizer.json"))
+	data, err := os.ReadFile(testenv.GemmaFile(b, "tokenizer.json"))
 	if err != nil {
 		b.Fatal(err)
 	}

@@ -4,41 +4,16 @@ import (
 	"bufio"
 	"bytes"
 	"encoding/json"
-	"os"
 	"os/exec"
-	"path/filepath"
 	"sync"
 	"testing"
+
+	"gemmaft/internal/testenv"
 )
 
 // Helpers that run the oracles: Hugging Face tokenizers through Node
 // (npm/hf-tokenize.js) and the real chat template through Python's jinja2
 // (scripts/oracle/render_chat.py).
-
-func repoRoot(t testing.TB) string {
-	dir, err := filepath.Abs(".")
-	if err != nil {
-		t.Fatal(err)
-	}
-	for {
-		if _, err := os.Stat(filepath.Join(dir, "go.mod")); err == nil {
-			return dir
-		}
-		parent := filepath.Dir(dir)
-		if parent == dir {
-			t.Fatal("no go.mod above the test directory")
-		}
-		dir = parent
-	}
-}
-
-func gemmaModelFile(t testing.TB, name string) string {
-	p := filepath.Join(repoRoot(t), "npm", "node_modules", "@lenml", "tokenizer-gemma3", "models", name)
-	if _, err := os.Stat(p); err != nil {
-		t.Skipf("%s is missing; run scripts/npm-deps.sh (scripts/test.sh does)", p)
-	}
-	return p
-}
 
 var (
 	gemmaOnce sync.Once
@@ -48,7 +23,7 @@ var (
 
 // gemma loads the real Gemma 3 tokenizer once for all tests.
 func gemma(t testing.TB) *Tokenizer {
-	path := gemmaModelFile(t, "tokenizer.json")
+	path := testenv.GemmaFile(t, "tokenizer.json")
 	gemmaOnce.Do(func() { gemmaTok, gemmaErr = LoadFile(path) })
 	if gemmaErr != nil {
 		t.Fatal(gemmaErr)
@@ -56,18 +31,12 @@ func gemma(t testing.TB) *Tokenizer {
 	return gemmaTok
 }
 
-func needTool(t testing.TB, name string) {
-	if _, err := exec.LookPath(name); err != nil {
-		t.Skipf("%s is not installed; the oracle needs it", name)
-	}
-}
-
 // runLines runs a command with JSON lines on stdin and returns its output
 // lines decoded into values of type T.
 func runLines[T any](t testing.TB, in [][]byte, name string, args ...string) []T {
 	t.Helper()
 	cmd := exec.Command(name, args...)
-	cmd.Dir = repoRoot(t)
+	cmd.Dir = testenv.RepoRoot(t)
 	cmd.Stdin = bytes.NewReader(bytes.Join(append(in, nil), []byte("\n")))
 	var stderr bytes.Buffer
 	cmd.Stderr = &stderr
@@ -95,7 +64,7 @@ type hfEncoding struct {
 
 // hfEncode runs Hugging Face tokenizers on texts (with byte offsets).
 func hfEncode(t testing.TB, tokenizerJSON string, texts []string, addSpecial bool) []hfEncoding {
-	needTool(t, "node")
+	testenv.NeedTool(t, "node")
 	in := make([][]byte, len(texts))
 	for i, s := range texts {
 		in[i], _ = json.Marshal(map[string]string{"text": s})
@@ -113,7 +82,7 @@ func hfEncode(t testing.TB, tokenizerJSON string, texts []string, addSpecial boo
 
 // hfDecode runs Hugging Face's decode on each id list.
 func hfDecode(t testing.TB, tokenizerJSON string, ids [][]int32, skipSpecial bool) []string {
-	needTool(t, "node")
+	testenv.NeedTool(t, "node")
 	in := make([][]byte, len(ids))
 	for i, x := range ids {
 		if x == nil {
@@ -136,20 +105,11 @@ func hfDecode(t testing.TB, tokenizerJSON string, ids [][]int32, skipSpecial boo
 	return out
 }
 
-// alpacaPath returns the shared alpaca-tr records, or skips.
-func alpacaPath(t testing.TB) string {
-	p := filepath.Join(repoRoot(t), "..", "shared", "data", "alpaca-tr", "alpaca-tr.jsonl.gz")
-	if _, err := os.Stat(p); err != nil {
-		t.Skipf("alpaca-tr data is missing at %s", p)
-	}
-	return p
-}
-
 // renderAlpaca renders every alpaca-tr record with the real Gemma 3 chat
 // template through Python's jinja2, as transformers would.
 func renderAlpaca(t testing.TB, system *string) []string {
-	needTool(t, "python3")
-	args := []string{"scripts/oracle/render_chat.py", gemmaModelFile(t, "tokenizer_config.json"), "--alpaca", alpacaPath(t)}
+	testenv.NeedTool(t, "python3")
+	args := []string{"scripts/oracle/render_chat.py", testenv.GemmaFile(t, "tokenizer_config.json"), "--alpaca", testenv.AlpacaTR(t, "alpaca-tr.jsonl.gz")}
 	if system != nil {
 		args = append(args, "--system", *system)
 	}

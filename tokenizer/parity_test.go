@@ -10,6 +10,8 @@ import (
 	"strings"
 	"testing"
 	"unicode/utf8"
+
+	"gemmaft/internal/testenv"
 )
 
 // compareEncodings checks our ids and offsets against the oracle's for
@@ -48,7 +50,7 @@ func TestParityAlpaca(t *testing.T) {
 		t.Skip("runs the oracles over 20,748 records")
 	}
 	tk := gemma(t)
-	path := gemmaModelFile(t, "tokenizer.json")
+	path := testenv.GemmaFile(t, "tokenizer.json")
 	texts := renderAlpaca(t, nil)
 	if len(texts) != 20748 {
 		t.Fatalf("rendered %d records, want 20748", len(texts))
@@ -152,7 +154,7 @@ func adversarialTexts(tk *Tokenizer) []string {
 // then decoding (with and without special tokens) and round trips.
 func TestParityAdversarial(t *testing.T) {
 	tk := gemma(t)
-	path := gemmaModelFile(t, "tokenizer.json")
+	path := testenv.GemmaFile(t, "tokenizer.json")
 	texts := adversarialTexts(tk)
 	for _, addSpecial := range []bool{false, true} {
 		compareEncodings(t, tk, texts, addSpecial, hfEncode(t, path, texts, addSpecial))
@@ -228,7 +230,7 @@ func TestParityFuzzCorpus(t *testing.T) {
 			texts = append(texts, s)
 		}
 	}
-	path := gemmaModelFile(t, "tokenizer.json")
+	path := testenv.GemmaFile(t, "tokenizer.json")
 	for _, add := range []bool{false, true} {
 		compareEncodings(t, tk, texts, add, hfEncode(t, path, texts, add))
 	}

@@ -10,6 +10,8 @@ import (
 	"testing"
 	"time"
 	"unicode/utf8"
+
+	"gemmaft/internal/testenv"
 )
 
 // smallTokenizer is a tokenizer.json small enough to edit in tests: a few
@@ -123,7 +125,7 @@ func TestSmallParity(t *testing.T) {
 // reports rather than fails on a slow machine: timing is the benchmark's
 // job (BenchmarkLoad).
 func TestLoadGemma(t *testing.T) {
-	path := gemmaModelFile(t, "tokenizer.json")
+	path := testenv.GemmaFile(t, "tokenizer.json")
 	start := time.Now()
 	tk, err := LoadFile(path)
 	if err != nil {

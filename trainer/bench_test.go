@@ -53,9 +53,9 @@ func BenchmarkTrainTinyDemoShape(b *testing.B) {
 	}
 	b.ResetTimer()
 	for i := 0; i < b.N; i++ {
-		opts := TrainOptions{LoRA: LoRAConfig{R: 8, Alpha: 16, Dropout: 0.05, Targets: AllModules}, LR: 1e-3,
-			BatchSize: 2, GradAccum: 1, Epochs: 1, Seed: 1, OutDir: b.TempDir()}
-		if _, err := Train(context.Background(), m, rows, opts); err != nil {
+		opts := TrainOptions{LR: 1e-3, BatchSize: 2, GradAccum: 1, Epochs: 1, Seed: 1, OutDir: b.TempDir()}
+		s := openCPU(b, m, SessionConfig{LoRA: LoRAConfig{R: 8, Alpha: 16, Dropout: 0.05, Targets: AllModules}, GradientCheckpointing: true})
+		if _, err := Train(context.Background(), s, rows, opts); err != nil {
 			b.Fatal(err)
 		}
 	}

@@ -211,14 +211,3 @@ func writeRandomTensor(w io.Writer, s tensorSpec, dt safetensors.DType, opts Ini
 	}
 	return nil
 }
-
-// roundTo rounds v to the precision of a checkpoint dtype.
-func roundTo(dtype string, v float32) float32 {
-	switch dtype {
-	case "bfloat16":
-		return safetensors.RoundBF16(v)
-	case "float16":
-		return safetensors.RoundF16(v)
-	}
-	return v
-}

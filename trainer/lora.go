@@ -133,3 +133,17 @@ func (c LoRAConfig) sortedModules() []Module {
 	sort.Slice(ms, func(i, j int) bool { return moduleIndex(ms[i]) < moduleIndex(ms[j]) })
 	return ms
 }
+
+// Clone returns a deep copy of the adapter's weights (gradients zeroed).
+func (a *Adapter) Clone() *Adapter {
+	c := &Adapter{Config: a.Config, Layers: make([]map[Module]*LoRAWeights, len(a.Layers))}
+	for li, mods := range a.Layers {
+		c.Layers[li] = map[Module]*LoRAWeights{}
+		for m, w := range mods {
+			c.Layers[li][m] = &LoRAWeights{R: w.R, In: w.In, Out: w.Out,
+				A: append([]float32(nil), w.A...), B: append([]float32(nil), w.B...),
+				GradA: make([]float32, len(w.GradA)), GradB: make([]float32, len(w.GradB))}
+		}
+	}
+	return c
+}

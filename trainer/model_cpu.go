@@ -3,7 +3,6 @@ package trainer
 import (
 	"fmt"
 	"math"
-	"math/rand/v2"
 )
 
 // Batch is a run of tokens on which the model runs at once: one or more
@@ -132,11 +131,13 @@ type runner struct {
 	a       *Adapter // may be nil
 	b       *Batch
 	T       int
-	dropout bool
-	seed    uint64
-	lo      map[LayerType][]int32
-	cos     map[LayerType][]float32
-	sin     map[LayerType][]float32
+	dropout *Dropout // nil: no dropout
+	// recompute selects gradient checkpointing: only each block's input is
+	// kept through the forward pass.
+	recompute bool
+	lo        map[LayerType][]int32
+	cos       map[LayerType][]float32
+	sin       map[LayerType][]float32
 }
 
 func newRunner(m *Model, a *Adapter, b *Batch, dropoutSeed uint64, train bool) (*runner, error) {
@@ -147,9 +148,12 @@ func newRunner(m *Model, a *Adapter, b *Batch, dropoutSeed uint64, train bool) (
 		return nil, fmt.Errorf("adapter has %d layers, model %d", len(a.Layers), m.Config.Layers)
 	}
 	c := m.Config
-	r := &runner{m: m, a: a, b: b, T: len(b.IDs), seed: dropoutSeed,
-		dropout: train && a != nil && a.Config.Dropout > 0,
-		lo:      map[LayerType][]int32{}, cos: map[LayerType][]float32{}, sin: map[LayerType][]float32{}}
+	r := &runner{m: m, a: a, b: b, T: len(b.IDs), recompute: true,
+		lo: map[LayerType][]int32{}, cos: map[LayerType][]float32{}, sin: map[LayerType][]float32{}}
+	if train && a != nil && a.Config.Dropout > 0 {
+		d := NewDropout(a.Config.Dropout, dropoutSeed)
+		r.dropout = &d
+	}
 	for _, lt := range []LayerType{SlidingAttention, FullAttention} {
 		w := 0
 		if lt == SlidingAttention {
@@ -178,15 +182,13 @@ func (r *runner) linear(out, x []float32, layer int, mod Module, lc *layerCache)
 		return
 	}
 	c := &linearCache{xin: x}
-	if r.dropout {
-		p := r.a.Config.Dropout
-		keep := float32(1 / (1 - p))
-		rng := rand.New(rand.NewPCG(r.seed, uint64(layer)<<8|uint64(moduleIndex(mod))))
+	if r.dropout != nil {
+		stream := DropoutStream(layer, mod)
 		c.mask = make([]float32, len(x))
 		c.xin = make([]float32, len(x))
 		for i := range x {
-			if rng.Float64() >= p {
-				c.mask[i] = keep
+			if r.dropout.Keep(stream, uint64(i)) {
+				c.mask[i] = r.dropout.Scale
 			}
 			c.xin[i] = x[i] * c.mask[i]
 		}
@@ -319,24 +321,47 @@ func (r *runner) layerBackward(l int, lc *layerCache, dout []float32) []float32 
 	return dx
 }
 
+// forward runs the blocks and the final norm. It returns the final hidden
+// states xf, the last block's output x and the final norm's rstd. With
+// keep set it records what the backward pass needs: each block's input
+// (gradient checkpointing) or each block's whole cache.
+func (r *runner) forward(keep bool) (xf, x, rstd []float32, inputs [][]float32, caches []layerCache) {
+	c := r.m.Config
+	T, Hd := r.T, c.Hidden
+	x = make([]float32, T*Hd)
+	Embed(x, r.m.Embed, r.b.IDs, Hd, r.m.EmbedScale())
+	if keep {
+		inputs = make([][]float32, c.Layers)
+		if !r.recompute {
+			caches = make([]layerCache, c.Layers)
+		}
+	}
+	var lc layerCache
+	for l := 0; l < c.Layers; l++ {
+		if keep {
+			inputs[l] = x
+		}
+		if caches != nil {
+			x = r.layerForward(l, x, &caches[l])
+		} else {
+			x = r.layerForward(l, x, &lc)
+		}
+	}
+	xf, rstd = make([]float32, T*Hd), make([]float32, T)
+	RMSNorm(xf, x, r.m.FinalNorm, rstd, T, Hd, c.RMSNormEps)
+	return xf, x, rstd, inputs, caches
+}
+
 // run computes the summed token loss; with grad set it also accumulates
-// the gradient of sum/normalizer into the adapter. Only each block's input
-// is kept through the forward pass; the backward pass recomputes a block's
-// activations just before it needs them (gradient checkpointing), so memory
-// holds one block's activations at a time.
+// the gradient of sum/normalizer into the adapter. With gradient
+// checkpointing (the default) only each block's input is kept through the
+// forward pass, and the backward pass recomputes a block's activations
+// just before it needs them, so memory holds one block's activations at a
+// time; without it every block's activations are kept.
 func (r *runner) run(grad bool, normalizer float64) (float64, int) {
 	c := r.m.Config
 	T, Hd := r.T, c.Hidden
-	x := make([]float32, T*Hd)
-	Embed(x, r.m.Embed, r.b.IDs, Hd, r.m.EmbedScale())
-	inputs := make([][]float32, c.Layers)
-	var lc layerCache
-	for l := 0; l < c.Layers; l++ {
-		inputs[l] = x
-		x = r.layerForward(l, x, &lc)
-	}
-	xf, rstd := make([]float32, T*Hd), make([]float32, T)
-	RMSNorm(xf, x, r.m.FinalNorm, rstd, T, Hd, c.RMSNormEps)
+	xf, x, rstd, inputs, caches := r.forward(grad)
 	var dxf []float32
 	if grad {
 		dxf = make([]float32, T*Hd)
@@ -347,7 +372,13 @@ func (r *runner) run(grad bool, normalizer float64) (float64, int) {
 	}
 	dx := make([]float32, T*Hd)
 	RMSNormBackward(dx, dxf, x, r.m.FinalNorm, rstd, T, Hd)
+	var lc layerCache
 	for l := c.Layers - 1; l >= 0; l-- {
+		if caches != nil {
+			dx = r.layerBackward(l, &caches[l], dx)
+			caches[l] = layerCache{}
+			continue
+		}
 		r.layerForward(l, inputs[l], &lc)
 		dx = r.layerBackward(l, &lc, dx)
 	}
@@ -371,6 +402,10 @@ func (m *Model) Loss(a *Adapter, b *Batch) (sum float64, count int, err error) {
 // to the gradient of the step's mean loss. dropoutSeed fixes the dropout
 // masks (dropout applies when the adapter's dropout is positive).
 func (m *Model) LossAndGrad(a *Adapter, b *Batch, normalizer float64, dropoutSeed uint64) (sum float64, count int, err error) {
+	return m.lossAndGrad(a, b, normalizer, dropoutSeed, true)
+}
+
+func (m *Model) lossAndGrad(a *Adapter, b *Batch, normalizer float64, dropoutSeed uint64, recompute bool) (sum float64, count int, err error) {
 	if a == nil {
 		return 0, 0, fmt.Errorf("LossAndGrad needs an adapter")
 	}
@@ -381,29 +416,7 @@ func (m *Model) LossAndGrad(a *Adapter, b *Batch, normalizer float64, dropoutSee
 	if err != nil {
 		return 0, 0, err
 	}
+	r.recompute = recompute
 	sum, count = r.run(true, normalizer)
 	return sum, count, nil
-}
-
-// Logits returns the logits [T×VocabSize] at every position of the batch.
-// It holds them all at once, so it is meant for checks on small
-// vocabularies or short batches; training uses the chunked LMHeadLoss.
-func (m *Model) Logits(a *Adapter, b *Batch) ([]float32, error) {
-	r, err := newRunner(m, a, b, 0, false)
-	if err != nil {
-		return nil, err
-	}
-	c := m.Config
-	T, Hd := r.T, c.Hidden
-	x := make([]float32, T*Hd)
-	Embed(x, m.Embed, b.IDs, Hd, m.EmbedScale())
-	var lc layerCache
-	for l := 0; l < c.Layers; l++ {
-		x = r.layerForward(l, x, &lc)
-	}
-	xf, rstd := make([]float32, T*Hd), make([]float32, T)
-	RMSNorm(xf, x, m.FinalNorm, rstd, T, Hd, c.RMSNormEps)
-	logits := make([]float32, T*c.VocabSize)
-	Matmul(logits, xf, m.Embed, T, c.VocabSize, Hd, false)
-	return logits, nil
 }

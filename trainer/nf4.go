@@ -42,18 +42,34 @@ var nf4Midpoints = func() (m [15]float32) {
 }()
 
 // dynamicCode is bitsandbytes' signed 8-bit dynamic map
-// (create_dynamic_map(signed=True, max_exponent_bits=7, total_bits=8)):
-// for exponent e = 0..6 the means of 2^e+1 points spaced evenly over
-// [0.1, 1], scaled by 10^(e-6), with both signs, plus 0 and 1, sorted.
-var dynamicCode = func() [256]float32 {
+// (create_dynamic_map(signed=True, max_exponent_bits=7, total_bits=8)),
+// which quantises NF4's absmax values and the first moment of 8-bit AdamW;
+// unsignedDynamicCode is its signed=False form, for 8-bit AdamW's second
+// moment.
+var (
+	dynamicCode         = makeDynamicCode(true)
+	unsignedDynamicCode = makeDynamicCode(false)
+)
+
+// makeDynamicCode follows create_dynamic_map: for exponent e = 0..6 the
+// means of neighbouring points of an even grid over [0.1, 1] (2^e + 1
+// points signed, 2^(e+1) + 1 unsigned), scaled by 10^(e-6), with both
+// signs when signed, plus 0 and 1, sorted.
+func makeDynamicCode(signed bool) [256]float32 {
 	var data []float32
 	for e := 0; e < 7; e++ {
 		n := (1 << e) + 1
+		if !signed {
+			n = (1 << (e + 1)) + 1
+		}
 		scale := float32(math.Pow(10, float64(e-6)))
 		bounds := linspace32(0.1, 1, n)
 		for i := 0; i+1 < n; i++ {
 			mean := (bounds[i] + bounds[i+1]) / 2
-			data = append(data, scale*mean, -scale*mean)
+			data = append(data, scale*mean)
+			if signed {
+				data = append(data, -scale*mean)
+			}
 		}
 	}
 	data = append(data, 0, 1)
@@ -61,7 +77,7 @@ var dynamicCode = func() [256]float32 {
 	copy(code[:], data)
 	sortFloat32(code[:])
 	return code
-}()
+}
 
 // linspace32 follows torch.linspace in float32 on the CPU: the first half
 // of the points step up from start, the second half down from end, each as
@@ -100,8 +116,9 @@ type NF4Tensor struct {
 	Absmax2 []float32
 	// Offset is the mean of the float32 absmax values.
 	Offset float32
-	// DType is the dtype the dequantised weight is rounded to.
-	DType string
+	// WeightDType is the checkpoint dtype ("bfloat16", "float16",
+	// "float32") the dequantised weight is rounded to.
+	WeightDType string
 }
 
 // quantizeNF4Value maps a value in [-1, 1] to its NF4 code index.
@@ -149,7 +166,8 @@ func quantizeDynamic(code *[256]float32, x float32) uint8 {
 }
 
 // QuantizeNF4 quantises w (row-major, any shape) to NF4 with double
-// quantisation. dtype is the dtype dequantised values are rounded to.
+// quantisation. dtype is the checkpoint dtype dequantised values are
+// rounded to.
 func QuantizeNF4(w []float32, shape []int, dtype string) (*NF4Tensor, error) {
 	n := 1
 	for _, d := range shape {
@@ -163,7 +181,7 @@ func QuantizeNF4(w []float32, shape []int, dtype string) (*NF4Tensor, error) {
 	}
 	blocks := (n + NF4BlockSize - 1) / NF4BlockSize
 	absmax := make([]float32, blocks)
-	t := &NF4Tensor{Shape: append([]int(nil), shape...), Packed: make([]uint8, (n+1)/2), DType: dtype}
+	packed := make([]uint8, (n+1)/2)
 	for b := 0; b < blocks; b++ {
 		lo, hi := b*NF4BlockSize, min((b+1)*NF4BlockSize, n)
 		var m float32
@@ -178,15 +196,25 @@ func QuantizeNF4(w []float32, shape []int, dtype string) (*NF4Tensor, error) {
 		for i := lo; i < hi; i++ {
 			q := quantizeNF4Value(w[i] * inv)
 			if i%2 == 0 {
-				t.Packed[i/2] |= q << 4
+				packed[i/2] |= q << 4
 			} else {
-				t.Packed[i/2] |= q
+				packed[i/2] |= q
 			}
 		}
 	}
-	// Double quantisation of the absmax values. The mean is a float32
-	// reduction as torch computes it; summing in float64 and rounding once
-	// differs from it by at most an ulp.
+	return NewNF4Tensor(shape, packed, absmax, dtype), nil
+}
+
+// NewNF4Tensor completes a tensor whose 64-blocks are already quantised
+// (packed codes and each block's float32 absmax) with the double
+// quantisation of the absmax values. The GPU backend quantises the blocks
+// on the device and calls this on the host, so both backends share one
+// implementation of the second level.
+func NewNF4Tensor(shape []int, packed []uint8, absmax []float32, dtype string) *NF4Tensor {
+	t := &NF4Tensor{Shape: append([]int(nil), shape...), Packed: packed, WeightDType: dtype}
+	blocks := len(absmax)
+	// The mean is a float32 reduction as torch computes it; summing in
+	// float64 and rounding once differs from it by at most an ulp.
 	var sum float64
 	for _, a := range absmax {
 		sum += float64(a)
@@ -208,7 +236,20 @@ func QuantizeNF4(w []float32, shape []int, dtype string) (*NF4Tensor, error) {
 			t.AbsmaxQ[i] = quantizeDynamic(&dynamicCode, (absmax[i]-t.Offset)*inv)
 		}
 	}
-	return t, nil
+	return t
+}
+
+// NF4Code returns the 16 NF4 code values and DynamicCode the signed
+// (absmax, first moment) or unsigned (second moment) 8-bit dynamic code,
+// for device kernels that decode the same formats.
+func NF4Code() [16]float32 { return nf4Code }
+
+// DynamicCode returns bitsandbytes' 8-bit dynamic code; see makeDynamicCode.
+func DynamicCode(signed bool) [256]float32 {
+	if signed {
+		return dynamicCode
+	}
+	return unsignedDynamicCode
 }
 
 // Absmax returns the dequantised per-block absmax values.
@@ -234,14 +275,15 @@ func (t *NF4Tensor) Dequantize() []float32 {
 		if i%2 == 1 {
 			q = t.Packed[i/2] & 0xf
 		}
-		out[i] = roundTo(t.DType, nf4Code[q]*absmax[i/NF4BlockSize])
+		out[i] = RoundToDType(t.WeightDType, nf4Code[q]*absmax[i/NF4BlockSize])
 	}
 	return out
 }
 
-// QuantizeNF4 replaces every projection of m by its NF4 round trip, keeping
-// the packed form beside the dequantised weights the CPU computes with.
-func (m *Model) QuantizeNF4() error {
+// QuantizeBase replaces every projection of m by its NF4 round trip,
+// keeping the packed form beside the dequantised weights the CPU computes
+// with: the frozen base QLoRA trains against.
+func (m *Model) QuantizeBase() error {
 	for li := range m.Layers {
 		for _, mod := range AllModules {
 			lin := m.Layers[li].Proj[mod]

@@ -74,13 +74,17 @@ func TestAdamWMatchesTorch(t *testing.T) {
 }
 
 func TestResolveOptimizer(t *testing.T) {
-	for _, name := range []string{"adamw_torch", "paged_adamw_8bit", ""} {
-		if got, _, err := ResolveOptimizer(name); err != nil || got != "adamw" {
-			t.Errorf("%q: %q, %v", name, got, err)
+	for name, want := range map[string]string{"adamw_torch": "adamw", "": "adamw", "paged_adamw_32bit": "adamw",
+		"paged_adamw_8bit": "adamw_8bit", "adamw_8bit": "adamw_8bit", "adamw_bnb_8bit": "adamw_8bit"} {
+		if got, _, err := ResolveOptimizer(name); err != nil || got != want {
+			t.Errorf("%q: %q, %v; want %q", name, got, err, want)
 		}
 	}
 	if _, note, _ := ResolveOptimizer("paged_adamw_8bit"); note == "" {
-		t.Error("no note for a mapped optimizer")
+		t.Error("no note for a paged optimizer")
+	}
+	if _, note, _ := ResolveOptimizer("adamw_8bit"); note != "" {
+		t.Errorf("note %q for an optimizer run as asked", note)
 	}
 	if _, _, err := ResolveOptimizer("sgd"); err == nil {
 		t.Error("sgd accepted")

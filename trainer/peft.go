@@ -22,7 +22,7 @@ const (
 // base checkpoint m was loaded from: PEFT wraps the model as
 // base_model.model, and transformers 5 names the text decoder model.* in
 // Gemma3ForCausalLM and model.language_model.* in the multimodal class.
-func (m *Model) peftPrefix() string {
+func (m *ModelInfo) peftPrefix() string {
 	if m.Prefix == "model." {
 		return "base_model.model.model."
 	}
@@ -55,7 +55,7 @@ type adapterConfigJSON struct {
 // SaveAdapter writes a in PEFT's format into dir: adapter_model.safetensors
 // with the key names PEFT uses for m's checkpoint, in float32, and
 // adapter_config.json. baseModel is recorded as base_model_name_or_path.
-func (m *Model) SaveAdapter(dir string, a *Adapter, baseModel string) error {
+func (m *ModelInfo) SaveAdapter(dir string, a *Adapter, baseModel string) error {
 	if err := os.MkdirAll(dir, 0o755); err != nil {
 		return err
 	}
@@ -105,7 +105,7 @@ func (m *Model) SaveAdapter(dir string, a *Adapter, baseModel string) error {
 // LoadAdapter reads a PEFT LoRA adapter from dir and checks that it was
 // made for m: every key must name one of m's layers and projections under
 // the prefix PEFT uses for m's checkpoint, with shapes m implies.
-func (m *Model) LoadAdapter(dir string) (*Adapter, error) {
+func (m *ModelInfo) LoadAdapter(dir string) (*Adapter, error) {
 	cb, err := os.ReadFile(filepath.Join(dir, AdapterConfigFile))
 	if err != nil {
 		return nil, err

@@ -51,11 +51,29 @@ func trainRows(vocab, n, seqLen int, seed uint64) Rows {
 
 func trainOptions(out string) TrainOptions {
 	return TrainOptions{
-		LoRA: LoRAConfig{R: 4, Alpha: 8, Dropout: 0.05, Targets: AllModules},
-		LR:   2e-2, Schedule: ScheduleCosine, WarmupSteps: 2, WeightDecay: 0.01, MaxGradNorm: 1,
+		LR: 2e-2, Schedule: ScheduleCosine, WarmupSteps: 2, MaxGradNorm: 1,
 		BatchSize: 2, GradAccum: 2, Epochs: 2, Seed: 42,
 		EvalFraction: 0.1, EvalEvery: 4, LogEvery: 1, CheckpointEvery: 1, OutDir: out, BaseModel: "tiny",
 	}
+}
+
+// sessionConfig is the adapter and optimizer the training tests use.
+func sessionConfig() SessionConfig {
+	return SessionConfig{
+		LoRA:                  LoRAConfig{R: 4, Alpha: 8, Dropout: 0.05, Targets: AllModules},
+		Optimizer:             OptimizerConfig{Name: "adamw", WeightDecay: 0.01},
+		GradientCheckpointing: true,
+	}
+}
+
+// openCPU opens a CPU session on m.
+func openCPU(t testing.TB, m *Model, cfg SessionConfig) Session {
+	t.Helper()
+	s, err := NewCPUSession(m, cfg)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return s
 }
 
 func readMetrics(t *testing.T, path string) []Metric {
@@ -82,7 +100,7 @@ func TestTrainLossFalls(t *testing.T) {
 	opts := trainOptions(out)
 	var steps []Progress
 	opts.Progress = func(p Progress) { steps = append(steps, p) }
-	res, err := Train(context.Background(), m, trainRows(c.VocabSize, 24, 16, 1), opts)
+	res, err := Train(context.Background(), openCPU(t, m, sessionConfig()), trainRows(c.VocabSize, 24, 16, 1), opts)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -124,7 +142,7 @@ func TestTrainLossFalls(t *testing.T) {
 
 	// A run with other options must not resume from these checkpoints.
 	opts.LR = 1e-3
-	if _, err := Train(context.Background(), m, trainRows(c.VocabSize, 24, 16, 1), opts); err == nil || !strings.Contains(err.Error(), "other options") {
+	if _, err := Train(context.Background(), openCPU(t, m, sessionConfig()), trainRows(c.VocabSize, 24, 16, 1), opts); err == nil || !strings.Contains(err.Error(), "other options") {
 		t.Errorf("resuming with other options: %v", err)
 	}
 }
@@ -138,8 +156,9 @@ func TestGradAccumulationMatchesLargerBatch(t *testing.T) {
 	run := func(batch, accum int) []Param {
 		o := trainOptions(t.TempDir())
 		o.BatchSize, o.GradAccum, o.EvalFraction, o.CheckpointEvery, o.Epochs = batch, accum, 0, 0, 1
-		o.LoRA.Dropout = 0
-		res, err := Train(context.Background(), m, rows, o)
+		cfg := sessionConfig()
+		cfg.LoRA.Dropout = 0
+		res, err := Train(context.Background(), openCPU(t, m, cfg), rows, o)
 		if err != nil {
 			t.Fatal(err)
 		}
@@ -172,7 +191,7 @@ func TestTrainChild(t *testing.T) {
 	opts := trainOptions(filepath.Join(dir, "run"))
 	opts.CheckpointDir = filepath.Join(dir, "checkpoints")
 	opts.Progress = func(p Progress) { fmt.Printf("step %d\n", p.Step) }
-	if _, err := Train(context.Background(), m, trainRows(m.Config.VocabSize, 24, 16, 1), opts); err != nil {
+	if _, err := Train(context.Background(), openCPU(t, m, sessionConfig()), trainRows(m.Config.VocabSize, 24, 16, 1), opts); err != nil {
 		t.Fatal(err)
 	}
 }
@@ -237,7 +256,7 @@ func TestResumeAfterSIGKILL(t *testing.T) {
 		t.Fatal(err)
 	}
 	ref := filepath.Join(dir, "reference")
-	if _, err := Train(context.Background(), m, trainRows(c.VocabSize, 24, 16, 1), trainOptions(ref)); err != nil {
+	if _, err := Train(context.Background(), openCPU(t, m, sessionConfig()), trainRows(c.VocabSize, 24, 16, 1), trainOptions(ref)); err != nil {
 		t.Fatal(err)
 	}
 	got, want := readMetrics(t, filepath.Join(dir, "run", MetricsFile)), readMetrics(t, filepath.Join(ref, MetricsFile))

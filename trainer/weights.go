@@ -50,8 +50,8 @@ func (m Module) parent() string {
 }
 
 // Linear is a frozen projection y = x Wᵀ with W stored row-major [Out, In].
-// When the base is quantised, W holds the dequantised NF4 values (what the
-// GPU computes with) and NF4 the packed form.
+// When the base is quantised, W holds the dequantised NF4 values the CPU
+// reference computes with, and NF4 the packed form.
 type Linear struct {
 	Out, In int
 	W       []float32
@@ -65,28 +65,40 @@ type Layer struct {
 	Proj                                           map[Module]*Linear
 }
 
-// Model is a Gemma 3 text model's frozen weights in float32.
+// ModelInfo is what the training loop and adapter files need to know of a
+// checkpoint, whatever device holds its weights: its shape and the key
+// prefix of the text model ("model." or a multimodal checkpoint's
+// language-model prefix).
+type ModelInfo struct {
+	Config *Config
+	Prefix string
+}
+
+// Model is a Gemma 3 text model's frozen weights in float32, as the CPU
+// reference backend computes with them.
 type Model struct {
-	Config    *Config
+	ModelInfo
 	Embed     []float32 // [VocabSize, Hidden]; also the tied lm_head
 	FinalNorm []float32 // [Hidden]
 	Layers    []Layer
-	// Prefix is the checkpoint's key prefix of the text model ("model." or a
-	// multimodal checkpoint's language-model prefix).
-	Prefix string
 }
 
 // EmbedScale is sqrt(hidden) rounded to the checkpoint dtype, as
 // transformers multiplies the embeddings in the weights' own dtype.
-func (m *Model) EmbedScale() float32 {
-	s := float32(math.Sqrt(float64(m.Config.Hidden)))
-	switch m.Config.DType {
+func (m *ModelInfo) EmbedScale() float32 {
+	return RoundToDType(m.Config.DType, float32(math.Sqrt(float64(m.Config.Hidden))))
+}
+
+// RoundToDType rounds v to the precision of a checkpoint dtype
+// ("bfloat16", "float16"; anything else leaves v as it is).
+func RoundToDType(dtype string, v float32) float32 {
+	switch dtype {
 	case "bfloat16":
-		return safetensors.RoundBF16(s)
+		return safetensors.RoundBF16(v)
 	case "float16":
-		return safetensors.RoundF16(s)
+		return safetensors.RoundF16(v)
 	}
-	return s
+	return v
 }
 
 // ProjShape is the [out, in] shape of a projection's weight.
@@ -106,36 +118,50 @@ func (c *Config) ProjShape(m Module) (out, in int) {
 	panic("unknown module " + string(m))
 }
 
-// tensorSpec is one checkpoint tensor's name (without the model prefix)
-// and shape.
+// Roles of the text model's tensors besides the seven projections (whose
+// role is their Module name).
+const (
+	RoleEmbed        = "embed_tokens"
+	RoleFinalNorm    = "norm"
+	RoleInputNorm    = "input_layernorm"
+	RolePostAttnNorm = "post_attention_layernorm"
+	RolePreFFNorm    = "pre_feedforward_layernorm"
+	RolePostFFNorm   = "post_feedforward_layernorm"
+	RoleQNorm        = "q_norm"
+	RoleKNorm        = "k_norm"
+)
+
+// tensorSpec is one checkpoint tensor's name (without the model prefix),
+// shape and place in the model.
 type tensorSpec struct {
 	name  string
 	shape []int
 	kind  string // "embed", "norm", "qknorm", "proj"
+	layer int    // -1 outside the decoder blocks
+	role  string // a Role constant or a Module name
 	// base is the name without the checkpoint's prefix; random weights are
 	// seeded by it, so a seed gives the same model in every layout.
 	base string
 }
 
-// tensorSpecs lists every text-model tensor a checkpoint of c holds.
+// tensorSpecs lists every text-model tensor a checkpoint of c holds, in the
+// order the forward pass uses them.
 func (c *Config) tensorSpecs() []tensorSpec {
-	add := func(specs []tensorSpec, name string, shape []int, kind string) []tensorSpec {
-		return append(specs, tensorSpec{name: name, shape: shape, kind: kind})
-	}
-	specs := add(nil, "embed_tokens.weight", []int{c.VocabSize, c.Hidden}, "embed")
+	specs := []tensorSpec{{name: "embed_tokens.weight", shape: []int{c.VocabSize, c.Hidden}, kind: "embed", layer: -1, role: RoleEmbed}}
 	for i := 0; i < c.Layers; i++ {
 		p := fmt.Sprintf("layers.%d.", i)
-		for _, n := range []string{"input_layernorm", "post_attention_layernorm", "pre_feedforward_layernorm", "post_feedforward_layernorm"} {
-			specs = add(specs, p+n+".weight", []int{c.Hidden}, "norm")
+		for _, n := range []string{RoleInputNorm, RolePostAttnNorm, RolePreFFNorm, RolePostFFNorm} {
+			specs = append(specs, tensorSpec{name: p + n + ".weight", shape: []int{c.Hidden}, kind: "norm", layer: i, role: n})
 		}
-		specs = add(specs, p+"self_attn.q_norm.weight", []int{c.HeadDim}, "qknorm")
-		specs = add(specs, p+"self_attn.k_norm.weight", []int{c.HeadDim}, "qknorm")
+		for _, n := range []string{RoleQNorm, RoleKNorm} {
+			specs = append(specs, tensorSpec{name: p + "self_attn." + n + ".weight", shape: []int{c.HeadDim}, kind: "qknorm", layer: i, role: n})
+		}
 		for _, m := range AllModules {
 			o, in := c.ProjShape(m)
-			specs = add(specs, p+m.parent()+"."+string(m)+".weight", []int{o, in}, "proj")
+			specs = append(specs, tensorSpec{name: p + m.parent() + "." + string(m) + ".weight", shape: []int{o, in}, kind: "proj", layer: i, role: string(m)})
 		}
 	}
-	return add(specs, "norm.weight", []int{c.Hidden}, "norm")
+	return append(specs, tensorSpec{name: "norm.weight", shape: []int{c.Hidden}, kind: "norm", layer: -1, role: RoleFinalNorm})
 }
 
 // textPrefixes are the key prefixes under which checkpoints hold the text
@@ -143,16 +169,16 @@ func (c *Config) tensorSpecs() []tensorSpec {
 // multimodal layout.
 var textPrefixes = []string{"model.", "language_model.model.", "model.language_model."}
 
-// checkpointFiles lists the safetensors files of a checkpoint directory and
-// maps each tensor name to its file.
-func checkpointFiles(dir string) (map[string]string, error) {
+// shardsOf maps each tensor name of a checkpoint directory to the
+// safetensors file (shard) holding it.
+func shardsOf(dir string) (map[string]string, error) {
 	idx := filepath.Join(dir, "model.safetensors.index.json")
 	if b, err := os.ReadFile(idx); err == nil {
 		var index struct {
 			WeightMap map[string]string `json:"weight_map"`
 		}
 		if err := json.Unmarshal(b, &index); err != nil {
-			return nil, fmt.Errorf("%s: %v", idx, err)
+			return nil, fmt.Errorf("%s: %w", idx, err)
 		}
 		if len(index.WeightMap) == 0 {
 			return nil, fmt.Errorf("%s: empty weight_map", idx)
@@ -182,21 +208,30 @@ func checkpointFiles(dir string) (map[string]string, error) {
 	return out, nil
 }
 
-// LoadModel reads config.json and the safetensors weights in dir. Vision
-// tower weights of multimodal checkpoints are ignored. Every tensor's shape
-// is checked against the config, and NaN or infinite weights are an error.
-func LoadModel(dir string) (*Model, error) {
+// Checkpoint is an opened Hugging Face checkpoint folder: its config, the
+// text model's key prefix and the shard of each tensor. Its weights are
+// read one tensor at a time by Each, so that no consumer (the CPU model's
+// loader, the GPU backend's uploader) ever holds more than one tensor's
+// bytes beside what it keeps.
+type Checkpoint struct {
+	ModelInfo
+	Dir    string
+	shards map[string]string
+}
+
+// OpenCheckpoint reads dir's config.json and weight index.
+func OpenCheckpoint(dir string) (*Checkpoint, error) {
 	cfg, err := LoadConfig(dir)
 	if err != nil {
 		return nil, err
 	}
-	files, err := checkpointFiles(dir)
+	shards, err := shardsOf(dir)
 	if err != nil {
 		return nil, err
 	}
 	prefix := ""
 	for _, p := range textPrefixes {
-		if _, ok := files[p+"embed_tokens.weight"]; ok {
+		if _, ok := shards[p+"embed_tokens.weight"]; ok {
 			prefix = p
 			break
 		}
@@ -204,80 +239,130 @@ func LoadModel(dir string) (*Model, error) {
 	if prefix == "" {
 		return nil, fmt.Errorf("%s: no embed_tokens.weight under any of the prefixes %v: not a Gemma 3 checkpoint", dir, textPrefixes)
 	}
-	m := &Model{Config: cfg, Prefix: prefix, Layers: make([]Layer, cfg.Layers)}
+	return &Checkpoint{ModelInfo: ModelInfo{Config: cfg, Prefix: prefix}, Dir: dir, shards: shards}, nil
+}
+
+// WeightTensor is one text-model tensor as the checkpoint stores it.
+type WeightTensor struct {
+	// Name is the tensor's name without the checkpoint's prefix, e.g.
+	// "layers.3.mlp.up_proj.weight".
+	Name string
+	// Layer is the decoder block, -1 for the embedding and the final norm.
+	Layer int
+	// Role is one of the Role constants or a projection's Module name.
+	Role  string
+	Shape []int
+	DType safetensors.DType
+	// Raw holds the little-endian stored values; it is valid only during
+	// the call that receives it.
+	Raw []byte
+}
+
+// Float32 decodes the tensor's values.
+func (t WeightTensor) Float32() ([]float32, error) { return safetensors.DecodeFloat32(t.DType, t.Raw) }
+
+// Each calls fn with every text-model tensor in the order the forward pass
+// uses them: the embedding, each block's norms and projections, the final
+// norm. Vision tower weights of multimodal checkpoints and a stored
+// lm_head.weight are skipped (Gemma 3 ties the head to the embedding, as
+// transformers does when it loads such a checkpoint). Each tensor's shape
+// is checked against the config and a non-finite value is an error, before
+// fn sees it.
+func (c *Checkpoint) Each(fn func(WeightTensor) error) error {
 	open := map[string]*safetensors.File{}
 	defer func() {
 		for _, f := range open {
 			f.Close()
 		}
 	}()
-	for _, spec := range cfg.tensorSpecs() {
-		name := prefix + spec.name
-		path, ok := files[name]
+	for _, spec := range c.Config.tensorSpecs() {
+		name := c.Prefix + spec.name
+		path, ok := c.shards[name]
 		if !ok {
-			return nil, fmt.Errorf("%s: tensor %s missing: the config (%d layers) does not match the weights", dir, name, cfg.Layers)
+			return fmt.Errorf("%s: tensor %s missing: the config (%d layers) does not match the weights", c.Dir, name, c.Config.Layers)
 		}
 		f := open[path]
 		if f == nil {
+			var err error
 			if f, err = safetensors.Open(path); err != nil {
-				return nil, err
+				return err
 			}
 			open[path] = f
 		}
-		info, ok := f.Header.Lookup(name)
-		if !ok {
-			return nil, fmt.Errorf("%s: index names %s but the shard lacks it", path, name)
+		info, raw, err := f.Raw(name)
+		if err != nil {
+			return fmt.Errorf("%s: index names %s but the shard lacks it: %w", path, name, err)
 		}
 		if !equalShape(info.Shape, spec.shape) {
-			return nil, fmt.Errorf("%s: tensor %s has shape %v, the config implies %v: config and weights do not match", path, name, info.Shape, spec.shape)
+			return fmt.Errorf("%s: tensor %s has shape %v, the config implies %v: config and weights do not match", path, name, info.Shape, spec.shape)
 		}
-		_, data, err := f.Float32(name)
-		if err != nil {
-			return nil, err
+		switch info.DType {
+		case safetensors.BF16, safetensors.F16, safetensors.F32:
+		default:
+			return fmt.Errorf("%s: tensor %s is stored as %s; weights must be BF16, F16 or F32", path, name, info.DType)
 		}
-		if i := firstNonFinite(data); i >= 0 {
-			return nil, fmt.Errorf("%s: tensor %s holds a non-finite value (%v at element %d)", path, name, data[i], i)
+		if i := safetensors.FirstNonFinite(info.DType, raw); i >= 0 {
+			return fmt.Errorf("%s: tensor %s holds a non-finite value at element %d", path, name, i)
 		}
-		m.place(spec, data)
+		t := WeightTensor{Name: spec.name, Layer: spec.layer, Role: spec.role, Shape: spec.shape, DType: info.DType, Raw: raw}
+		if err := fn(t); err != nil {
+			return fmt.Errorf("%s: %w", name, err)
+		}
 	}
-	// A stored lm_head.weight is not read: Gemma 3 ties the head to the
-	// embedding, as transformers does when it loads such a checkpoint.
+	return nil
+}
+
+// LoadModel reads config.json and the safetensors weights in dir into a
+// float32 Model for the CPU reference backend.
+func LoadModel(dir string) (*Model, error) {
+	ck, err := OpenCheckpoint(dir)
+	if err != nil {
+		return nil, err
+	}
+	cfg := ck.Config
+	m := &Model{ModelInfo: ck.ModelInfo, Layers: make([]Layer, cfg.Layers)}
+	err = ck.Each(func(t WeightTensor) error {
+		data, err := t.Float32()
+		if err != nil {
+			return err
+		}
+		m.place(t, data)
+		return nil
+	})
+	if err != nil {
+		return nil, fmt.Errorf("%s: %w", dir, err)
+	}
 	return m, nil
 }
 
-func (m *Model) place(spec tensorSpec, data []float32) {
-	if spec.name == "embed_tokens.weight" {
-		m.Embed = data
+func (m *Model) place(t WeightTensor, data []float32) {
+	if t.Layer < 0 {
+		if t.Role == RoleEmbed {
+			m.Embed = data
+		} else {
+			m.FinalNorm = data
+		}
 		return
 	}
-	if spec.name == "norm.weight" {
-		m.FinalNorm = data
-		return
-	}
-	var li int
-	var rest string
-	fmt.Sscanf(spec.name, "layers.%d.", &li)
-	rest = spec.name[strings.Index(spec.name[len("layers."):], ".")+len("layers.")+1:]
-	l := &m.Layers[li]
-	switch rest {
-	case "input_layernorm.weight":
+	l := &m.Layers[t.Layer]
+	switch t.Role {
+	case RoleInputNorm:
 		l.InputNorm = data
-	case "post_attention_layernorm.weight":
+	case RolePostAttnNorm:
 		l.PostAttnNorm = data
-	case "pre_feedforward_layernorm.weight":
+	case RolePreFFNorm:
 		l.PreFFNorm = data
-	case "post_feedforward_layernorm.weight":
+	case RolePostFFNorm:
 		l.PostFFNorm = data
-	case "self_attn.q_norm.weight":
+	case RoleQNorm:
 		l.QNorm = data
-	case "self_attn.k_norm.weight":
+	case RoleKNorm:
 		l.KNorm = data
 	default:
 		if l.Proj == nil {
 			l.Proj = map[Module]*Linear{}
 		}
-		mod := Module(strings.TrimSuffix(rest[strings.Index(rest, ".")+1:], ".weight"))
-		l.Proj[mod] = &Linear{Out: spec.shape[0], In: spec.shape[1], W: data}
+		l.Proj[Module(t.Role)] = &Linear{Out: t.Shape[0], In: t.Shape[1], W: data}
 	}
 }
 

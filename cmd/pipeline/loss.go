@@ -11,19 +11,20 @@ import (
 )
 
 func init() {
-	var modelDir, adapterDir, quantize, dataPath string
+	var modelDir, adapterDir, quantize, dataPath, backend string
 	cmd := &cobra.Command{
-		Use:   "loss --model DIR [--adapter DIR] [--quantize nf4] --data FILE",
+		Use:   "loss --model DIR [--adapter DIR] [--quantize nf4] [--backend auto|cpu|cuda] --data FILE",
 		Short: "Print the mean token loss of packed rows under a model",
-		Long: `loss runs the CPU reference model over packed rows and prints
-{"loss": ..., "tokens": ...}: the mean cross-entropy over trained tokens
-(logits at t predict labels[t+1]; -100 is not trained) and their number.
+		Long: `loss runs the model over packed rows and prints {"loss": ..., "tokens": ...,
+"backend": ...}: the mean cross-entropy over trained tokens (logits at t
+predict labels[t+1]; -100 is not trained) and their number.
 
 --data is the pack stage's Arrow IPC file or JSON lines of
 {"input_ids": [...], "labels": [...], "seq_lengths": [...]}.
 --model is a Hugging Face Gemma 3 checkpoint directory; --adapter a PEFT
 LoRA adapter directory for it; --quantize nf4 quantises the projections as
-QLoRA does before computing.`,
+QLoRA does before computing. --backend picks the CPU reference or the GPU
+trainer (auto: the GPU when one is usable).`,
 		Args: cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
 			if modelDir == "" || dataPath == "" {
@@ -32,42 +33,71 @@ QLoRA does before computing.`,
 			if quantize != "" && quantize != "nf4" {
 				return usageErr(fmt.Errorf("loss: --quantize %q: only nf4 is supported", quantize))
 			}
-			m, err := trainer.LoadModel(modelDir)
+			b, _, err := trainer.ResolveBackend(backend)
 			if err != nil {
-				return failErr(err)
-			}
-			if quantize == "nf4" {
-				if err := m.QuantizeNF4(); err != nil {
-					return failErr(err)
-				}
-			}
-			var a *trainer.Adapter
-			if adapterDir != "" {
-				if a, err = m.LoadAdapter(adapterDir); err != nil {
-					return failErr(err)
-				}
+				return failErr(fmt.Errorf("loss: %w", err))
 			}
 			rows, err := trainer.ReadPackedRows(dataPath)
 			if err != nil {
 				return failErr(err)
 			}
+			if len(rows) == 0 {
+				return failErr(fmt.Errorf("%s: no rows", dataPath))
+			}
+			ck, err := trainer.OpenCheckpoint(modelDir)
+			if err != nil {
+				return failErr(err)
+			}
+			// Without an adapter the session's LoRA B stays zero: the base model.
+			var a *trainer.Adapter
+			lora := trainer.LoRAConfig{R: 1, Alpha: 1, Targets: []trainer.Module{trainer.QProj}}
+			if adapterDir != "" {
+				if a, err = ck.LoadAdapter(adapterDir); err != nil {
+					return failErr(err)
+				}
+				lora = a.Config
+			}
+			maxTokens := 0
+			for _, r := range rows {
+				maxTokens = max(maxTokens, len(r.InputIDs))
+			}
+			cfg := trainer.SessionConfig{Model: modelDir, Quantize: "none", LoRA: lora, MaxTokens: maxTokens}
+			if quantize == "nf4" {
+				cfg.Quantize = "nf4"
+			}
+			if err := cfg.Validate(); err != nil {
+				return failErr(err)
+			}
+			sess, err := b.Open(cmd.Context(), cfg)
+			if err != nil {
+				return failErr(err)
+			}
+			defer sess.Close()
+			if a == nil {
+				if a, err = trainer.NewAdapter(ck.Config, lora, 0); err != nil {
+					return failErr(err)
+				}
+			}
+			if err := sess.SetState(a, nil); err != nil {
+				return failErr(err)
+			}
 			var sum float64
 			var tokens int
 			for i, row := range rows {
-				b, err := trainer.NewBatch([]trainer.PackedRow{row})
+				batch, err := trainer.NewBatch([]trainer.PackedRow{row})
 				if err != nil {
-					return failErr(fmt.Errorf("%s: row %d: %v", dataPath, i, err))
+					return failErr(fmt.Errorf("%s: row %d: %w", dataPath, i, err))
 				}
-				s, n, err := m.Loss(a, b)
+				s, n, err := sess.Loss(batch)
 				if err != nil {
-					return failErr(fmt.Errorf("%s: row %d: %v", dataPath, i, err))
+					return failErr(fmt.Errorf("%s: row %d: %w", dataPath, i, err))
 				}
 				sum, tokens = sum+s, tokens+n
 			}
 			if tokens == 0 {
 				return failErr(fmt.Errorf("%s: no trained tokens (every label is -100)", dataPath))
 			}
-			out, _ := json.Marshal(map[string]any{"loss": sum / float64(tokens), "tokens": tokens})
+			out, _ := json.Marshal(map[string]any{"loss": sum / float64(tokens), "tokens": tokens, "backend": b.Name()})
 			fmt.Fprintln(cmd.OutOrStdout(), string(out))
 			return nil
 		},
@@ -76,5 +106,6 @@ QLoRA does before computing.`,
 	cmd.Flags().StringVar(&adapterDir, "adapter", "", "PEFT LoRA adapter directory")
 	cmd.Flags().StringVar(&quantize, "quantize", "", "quantise the base projections: nf4")
 	cmd.Flags().StringVar(&dataPath, "data", "", "packed rows: Arrow IPC file or JSON lines")
+	cmd.Flags().StringVar(&backend, "backend", "auto", "cpu, cuda, or auto (the GPU when usable)")
 	root.AddCommand(cmd)
 }

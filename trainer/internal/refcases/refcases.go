@@ -184,7 +184,7 @@ func trainAdapter(dir string, m *trainer.Model, c refCase) error {
 	if err != nil {
 		return err
 	}
-	if err := m.QuantizeNF4(); err != nil {
+	if err := m.QuantizeBase(); err != nil {
 		return err
 	}
 	out, err := os.MkdirTemp("", "refgen-train")
@@ -192,8 +192,12 @@ func trainAdapter(dir string, m *trainer.Model, c refCase) error {
 		return err
 	}
 	defer os.RemoveAll(out)
-	res, err := trainer.Train(context.Background(), m, trainer.Rows(rows), trainer.TrainOptions{
-		LoRA: c.lora, LR: 2e-2, BatchSize: 1, GradAccum: 2, Epochs: 2, Seed: 9, OutDir: out, BaseModel: "model",
+	s, err := trainer.NewCPUSession(m, trainer.SessionConfig{LoRA: c.lora, GradientCheckpointing: true})
+	if err != nil {
+		return err
+	}
+	res, err := trainer.Train(context.Background(), s, trainer.Rows(rows), trainer.TrainOptions{
+		LR: 2e-2, BatchSize: 1, GradAccum: 2, Epochs: 2, Seed: 9, OutDir: out, BaseModel: "model",
 	})
 	if err != nil {
 		return err

@@ -1,0 +1,113 @@
+// Types and helpers shared by the Gemma 3 kernels. act_t is the type of
+// activations and of the weights the GEMMs read: bfloat16, or float32 when
+// the module is compiled with -DACT_F32 (the backend's fp32 test mode). All
+// arithmetic is float32; act_t is only what is stored.
+#pragma once
+#include "common.cuh"
+#include "tables.cuh"
+
+// No system headers at run-time compile: infinity by its bits.
+#ifndef INFINITY
+#define INFINITY __int_as_float(0x7f800000)
+#endif
+
+#ifdef ACT_F32
+typedef float act_t;
+__device__ __forceinline__ float to_f32(act_t v) { return v; }
+__device__ __forceinline__ act_t to_act(float v) { return v; }
+#else
+typedef bf16_t act_t;
+__device__ __forceinline__ float to_f32(act_t v) { return bf16_to_f32(v); }
+__device__ __forceinline__ act_t to_act(float v) { return f32_to_bf16(v); }
+#endif
+
+// act_round is what storing v as an activation and reading it back gives:
+// the rounding the reference framework applies between operations.
+__device__ __forceinline__ float act_round(float v) { return to_f32(to_act(v)); }
+
+// Rounding to a checkpoint's dtype (the values NF4 dequantises to are
+// rounded to the weights' own dtype, as bitsandbytes returns them).
+enum { ROUND_NONE = 0, ROUND_BF16 = 1, ROUND_F16 = 2 };
+
+__device__ __forceinline__ float f16_bits_to_f32(unsigned short h) {
+    unsigned int sign = (unsigned int)(h >> 15) << 31;
+    unsigned int exp = (h >> 10) & 0x1f;
+    unsigned int man = h & 0x3ff;
+    if (exp == 0x1f) return __uint_as_float(sign | 0x7f800000u | (man << 13));
+    if (exp == 0) {
+        float v = (float)man * (1.0f / 16777216.0f);
+        return sign ? -v : v;
+    }
+    return __uint_as_float(sign | ((exp + 112) << 23) | (man << 13));
+}
+
+// Round to the nearest IEEE half, ties to even (as trainer/safetensors
+// does on the host).
+__device__ __forceinline__ unsigned short f32_to_f16_bits(float f) {
+    unsigned int u = __float_as_uint(f);
+    unsigned short sign = (unsigned short)((u >> 16) & 0x8000);
+    unsigned int a = u & 0x7fffffffu;
+    if (a > 0x7f800000u) return sign | 0x7e00;
+    if (a >= 0x477ff000u) return sign | 0x7c00;
+    if (a < 0x38800000u) {
+        double v = (double)__uint_as_float(a) * 16777216.0;
+        return sign | (unsigned short)rint(v);
+    }
+    a += 0xc8000000u;
+    a += 0xfffu + ((a >> 13) & 1u);
+    return sign | (unsigned short)(a >> 13);
+}
+
+__device__ __forceinline__ float round_to(float v, int mode) {
+    if (mode == ROUND_BF16) return bf16_to_f32(f32_to_bf16(v));
+    if (mode == ROUND_F16) return f16_bits_to_f32(f32_to_f16_bits(v));
+    return v;
+}
+
+// Stored checkpoint dtypes, as the host passes them.
+enum { DTYPE_BF16 = 0, DTYPE_F16 = 1, DTYPE_F32 = 2 };
+
+__device__ __forceinline__ float load_stored(const void* p, int dtype, long long i) {
+    if (dtype == DTYPE_BF16) return bf16_to_f32(((const unsigned short*)p)[i]);
+    if (dtype == DTYPE_F16) return f16_bits_to_f32(((const unsigned short*)p)[i]);
+    return ((const float*)p)[i];
+}
+
+__device__ __forceinline__ float warp_max(float v) {
+    for (int off = 16; off > 0; off >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, off));
+    return v;
+}
+
+// Max over a block whose size is a multiple of 32; every thread gets it.
+__device__ __forceinline__ float block_max(float v, float* scratch) {
+    const int lane = threadIdx.x & 31;
+    const int warp = threadIdx.x >> 5;
+    v = warp_max(v);
+    __syncthreads();
+    if (lane == 0) scratch[warp] = v;
+    __syncthreads();
+    const int warps = blockDim.x >> 5;
+    v = lane < warps ? scratch[lane] : -INFINITY;
+    return warp_max(v);
+}
+
+__device__ __forceinline__ double warp_sum_double(double v) {
+    for (int off = 16; off > 0; off >>= 1) v += __shfl_xor_sync(0xffffffffu, v, off);
+    return v;
+}
+
+// Sum over a block in double, in an order fixed by the block size.
+__device__ __forceinline__ double block_sum_double(double v, double* scratch) {
+    const int lane = threadIdx.x & 31;
+    const int warp = threadIdx.x >> 5;
+    v = warp_sum_double(v);
+    __syncthreads();
+    if (lane == 0) scratch[warp] = v;
+    __syncthreads();
+    const int warps = blockDim.x >> 5;
+    v = lane < warps ? scratch[lane] : 0.0;
+    return warp_sum_double(v);
+}
+
+#define GRID_STRIDE(i, n) \
+    for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < (n); i += (long long)gridDim.x * blockDim.x)

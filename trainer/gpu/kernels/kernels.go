@@ -1,0 +1,442 @@
+// Package kernels holds the Gemma 3 training kernels of the GPU backend as
+// CUDA C++ sources embedded in the binary, and one Go function per kernel
+// that checks its arguments' shapes and launches it. Each kernel mirrors
+// one operation of the CPU reference (package trainer) and is tested
+// against it.
+//
+// Every file is compiled twice over, once per activation type: bfloat16
+// (training) and float32 (-DACT_F32, the test mode in which the GPU's
+// results are compared with the reference closely). Attention is compiled
+// per head dimension (-DHEAD_DIM). The tables of the NF4 and 8-bit codes
+// are generated from package trainer at load time (tables.cuh), so the
+// host and the device decode the same numbers.
+package kernels
+
+import (
+	"embed"
+	"fmt"
+	"sort"
+	"strconv"
+	"strings"
+
+	"gemmaft/cuda"
+	"gemmaft/trainer"
+)
+
+//go:embed *.cu *.cuh
+var files embed.FS
+
+// Precision is the type activations and GEMM operands are stored in.
+type Precision int
+
+const (
+	BF16 Precision = iota // training
+	F32                   // the test mode
+)
+
+func (p Precision) String() string {
+	if p == F32 {
+		return "fp32"
+	}
+	return "bf16"
+}
+
+// Size is the bytes of one activation.
+func (p Precision) Size() int64 {
+	if p == F32 {
+		return 4
+	}
+	return 2
+}
+
+// GEMMType is the cuda GEMM operand type of activations.
+func (p Precision) GEMMType() cuda.DType {
+	if p == F32 {
+		return cuda.F32
+	}
+	return cuda.BF16
+}
+
+// ParsePrecision reads "bf16" (or "") and "fp32".
+func ParsePrecision(s string) (Precision, error) {
+	switch s {
+	case "", "bf16":
+		return BF16, nil
+	case "fp32":
+		return F32, nil
+	}
+	return 0, fmt.Errorf("precision %q: use bf16 or fp32", s)
+}
+
+// moduleFiles are the kernel files, each compiled as one module.
+var moduleFiles = []string{"norm.cu", "rope.cu", "attention.cu", "mlp.cu", "embed.cu", "loss.cu", "lora.cu", "nf4.cu", "optim.cu"}
+
+// CheckHeadDim reports whether the attention kernels support a head
+// dimension: a power of two from 2 to 256.
+func CheckHeadDim(d int) error {
+	if d < 2 || d > 256 || d&(d-1) != 0 {
+		return fmt.Errorf("head_dim %d: the GPU attention kernels take a power of two up to 256", d)
+	}
+	return nil
+}
+
+// Sources returns the programs for a precision and head dimension, ready
+// to compile.
+func Sources(p Precision, headDim int) ([]cuda.Source, error) {
+	if err := CheckHeadDim(headDim); err != nil {
+		return nil, err
+	}
+	headers := map[string]string{"tables.cuh": tablesHeader()}
+	for _, h := range []string{"gemma.cuh", "random.cuh"} {
+		b, err := files.ReadFile(h)
+		if err != nil {
+			return nil, err
+		}
+		headers[h] = string(b)
+	}
+	var out []cuda.Source
+	for _, name := range moduleFiles {
+		b, err := files.ReadFile(name)
+		if err != nil {
+			return nil, err
+		}
+		var opts []string
+		if p == F32 {
+			opts = append(opts, "-DACT_F32")
+		}
+		switch name {
+		case "attention.cu":
+			opts = append(opts, "-DHEAD_DIM="+strconv.Itoa(headDim))
+		case "optim.cu":
+			// Bit-identical optimizer steps with the host's float32 code.
+			opts = append(opts, "--fmad=false")
+		}
+		out = append(out, cuda.WithCommonHeader(cuda.Source{Name: name, Code: string(b), Headers: headers, Options: opts}))
+	}
+	return out, nil
+}
+
+// tablesHeader declares the NF4 code, its decision midpoints and the two
+// 8-bit dynamic codes as constant arrays of exact float literals.
+func tablesHeader() string {
+	var b strings.Builder
+	b.WriteString("// Generated from package trainer's tables; do not edit.\n#pragma once\n")
+	array := func(name string, vals []float32) {
+		fmt.Fprintf(&b, "__device__ __constant__ float %s[%d] = {", name, len(vals))
+		for i, v := range vals {
+			if i > 0 {
+				b.WriteString(", ")
+			}
+			// Hexadecimal floats are exact: the device sees the host's bits.
+			b.WriteString(strconv.FormatFloat(float64(v), 'x', -1, 32) + "f")
+		}
+		b.WriteString("};\n")
+	}
+	code := trainer.NF4Code()
+	mid := make([]float32, 15)
+	for i := range mid {
+		mid[i] = float32((float64(code[i]) + float64(code[i+1])) / 2)
+	}
+	dyn, udyn := trainer.DynamicCode(true), trainer.DynamicCode(false)
+	array("NF4_CODE", code[:])
+	array("NF4_MID", mid)
+	array("DYN_CODE", dyn[:])
+	array("UDYN_CODE", udyn[:])
+	return b.String()
+}
+
+// Kernels is the loaded kernel set of one context, precision and head
+// dimension.
+type Kernels struct {
+	Prec    Precision
+	HeadDim int
+	fns     map[string]*cuda.Function
+	maxGrid int
+}
+
+// Load compiles (or finds in the kernel cache) and loads every module.
+func Load(c *cuda.Ctx, p Precision, headDim int) (*Kernels, error) {
+	srcs, err := Sources(p, headDim)
+	if err != nil {
+		return nil, err
+	}
+	k := &Kernels{Prec: p, HeadDim: headDim, fns: map[string]*cuda.Function{}, maxGrid: 16 * c.Device().Info.SMs}
+	for _, src := range srcs {
+		m, err := c.Compile(src)
+		if err != nil {
+			return nil, fmt.Errorf("compiling %s: %w", src.Name, err)
+		}
+		for _, name := range kernelNames(src.Code) {
+			f, err := m.Function(name)
+			if err != nil {
+				return nil, err
+			}
+			k.fns[name] = f
+		}
+	}
+	// Attention tiles exceed the default 48 KiB of shared memory.
+	for name, bytes := range attentionShared(headDim) {
+		if err := k.fns[name].SetMaxDynamicSharedMemory(bytes); err != nil {
+			return nil, fmt.Errorf("%s: %d bytes of shared memory: %w", name, bytes, err)
+		}
+	}
+	return k, nil
+}
+
+// kernelNames lists the extern "C" __global__ functions of a source.
+func kernelNames(code string) []string {
+	var out []string
+	for _, line := range strings.Split(code, "\n") {
+		i := strings.Index(line, "__global__ void ")
+		if !strings.HasPrefix(line, `extern "C"`) || i < 0 {
+			continue
+		}
+		rest := line[i+len("__global__ void "):]
+		rest = strings.TrimPrefix(rest, "__launch_bounds__(THREADS) ")
+		if j := strings.Index(rest, "("); j > 0 {
+			out = append(out, rest[:j])
+		}
+	}
+	sort.Strings(out)
+	return out
+}
+
+// attentionShared is the dynamic shared memory of each attention kernel,
+// as attention.cu lays it out.
+func attentionShared(headDim int) map[string]int {
+	stride := headDim + 1
+	return map[string]int{
+		"attn_fwd":      4 * ((16+32+32)*stride + 16*33 + 3*16),
+		"attn_bwd_dkdv": 4 * (4*16*stride + 2*16*17 + 2*16),
+		"attn_bwd_dq":   4 * (4*16*stride + 16*17 + 2*16),
+	}
+}
+
+// grid covers n items with blocks of 256 threads, capped: the kernels
+// stride over the rest.
+func (k *Kernels) grid(n int64) cuda.LaunchConfig {
+	blocks := (n + 255) / 256
+	blocks = max(1, min(blocks, int64(k.maxGrid)))
+	return cuda.LaunchConfig{Grid: cuda.Dim3{X: int(blocks)}, Block: cuda.Dim3{X: 256}}
+}
+
+// rowsOf launches one block per row.
+func rowsOf(rows, threads int) cuda.LaunchConfig {
+	return cuda.LaunchConfig{Grid: cuda.Dim3{X: rows}, Block: cuda.Dim3{X: threads}}
+}
+
+// warpRows launches one warp per row, four warps a block.
+func warpRows(rows int) cuda.LaunchConfig {
+	return cuda.LaunchConfig{Grid: cuda.Dim3{X: (rows + 3) / 4}, Block: cuda.Dim3{X: 128}}
+}
+
+func (k *Kernels) launch(c *cuda.Ctx, name string, cfg cuda.LaunchConfig, args ...any) error {
+	f, ok := k.fns[name]
+	if !ok {
+		return fmt.Errorf("kernels: no kernel %s", name)
+	}
+	return c.Launch(f, cfg, args...)
+}
+
+// normThreads is the block size of the row kernels: enough threads for
+// wide rows, no more than a narrow row can use.
+func normThreads(cols int) int {
+	return max(32, min(1024, (cols+31)/32*32))
+}
+
+// RMSNorm computes out = norm(x)·(1 + w), or res + that when res is not 0,
+// over rows×cols activations; rstd receives each row's reciprocal RMS.
+func (k *Kernels) RMSNorm(c *cuda.Ctx, x, w, res, out, rstd cuda.DevicePtr, rows, cols int, eps float64) error {
+	return k.launch(c, "rms_norm_fwd", rowsOf(rows, normThreads(cols)), x, w, res, out, rstd, int32(rows), int32(cols), float32(eps))
+}
+
+// RMSNormBackwardAct writes the input gradient of RMSNorm as activations.
+func (k *Kernels) RMSNormBackwardAct(c *cuda.Ctx, dy, x, w, rstd, dx cuda.DevicePtr, rows, cols int) error {
+	return k.launch(c, "rms_norm_bwd_act", rowsOf(rows, normThreads(cols)), dy, x, w, rstd, dx, int32(rows), int32(cols))
+}
+
+// RMSNormBackwardF32 writes res + the input gradient of RMSNorm in float32
+// (res may be 0, or dx itself).
+func (k *Kernels) RMSNormBackwardF32(c *cuda.Ctx, dy, x, w, rstd, res, dx cuda.DevicePtr, rows, cols int) error {
+	return k.launch(c, "rms_norm_bwd_f32", rowsOf(rows, normThreads(cols)), dy, x, w, rstd, res, dx, int32(rows), int32(cols))
+}
+
+// QKNormRope applies the per-head RMSNorm with weight w and the rotary
+// embedding of tables cos, sin ([tokens × dim/2] float32) to x [tokens ×
+// heads × dim].
+func (k *Kernels) QKNormRope(c *cuda.Ctx, x, w, cos, sin, out, rstd cuda.DevicePtr, tokens, heads, dim int, eps float64) error {
+	rows := tokens * heads
+	return k.launch(c, "qk_norm_rope_fwd", warpRows(rows), x, w, cos, sin, out, rstd, int32(rows), int32(heads), int32(dim), float32(eps))
+}
+
+// QKNormRopeBackward turns dy, the float32 gradient of QKNormRope's output,
+// into the gradient of its input x, as activations.
+func (k *Kernels) QKNormRopeBackward(c *cuda.Ctx, dy, x, w, rstd, cos, sin, dx cuda.DevicePtr, tokens, heads, dim int) error {
+	rows := tokens * heads
+	return k.launch(c, "qk_norm_rope_bwd", warpRows(rows), dy, x, w, rstd, cos, sin, dx, int32(rows), int32(heads), int32(dim))
+}
+
+// Attention computes out [tokens × heads × dim] and lse [tokens × heads]
+// from q, k and v, query i seeing keys lo[i] .. i.
+func (k *Kernels) Attention(c *cuda.Ctx, q, kk, v, lo, out, lse cuda.DevicePtr, tokens, heads, kvHeads int, scale float64) error {
+	cfg := cuda.LaunchConfig{Grid: cuda.Dim3{X: (tokens + 15) / 16, Y: heads}, Block: cuda.Dim3{X: 256},
+		SharedMem: attentionShared(k.HeadDim)["attn_fwd"]}
+	return k.launch(c, "attn_fwd", cfg, q, kk, v, lo, out, lse, int32(tokens), int32(heads), int32(kvHeads), float32(scale))
+}
+
+// AttentionBackward writes dq, dk and dv (float32) from dout (float32), the
+// forward's out and lse, lo and hi (the last query that sees each key).
+// delta is scratch of tokens × heads floats.
+func (k *Kernels) AttentionBackward(c *cuda.Ctx, q, kk, v, out, dout, lse, lo, hi, delta, dq, dk, dv cuda.DevicePtr,
+	tokens, heads, kvHeads int, scale float64) error {
+	if err := k.launch(c, "attn_delta", warpRows(tokens*heads), dout, out, delta, int32(tokens*heads)); err != nil {
+		return err
+	}
+	sh := attentionShared(k.HeadDim)
+	cfg := cuda.LaunchConfig{Grid: cuda.Dim3{X: (tokens + 15) / 16, Y: kvHeads}, Block: cuda.Dim3{X: 256}, SharedMem: sh["attn_bwd_dkdv"]}
+	if err := k.launch(c, "attn_bwd_dkdv", cfg, q, kk, v, dout, lse, delta, lo, hi, dk, dv,
+		int32(tokens), int32(heads), int32(kvHeads), float32(scale)); err != nil {
+		return err
+	}
+	cfg = cuda.LaunchConfig{Grid: cuda.Dim3{X: (tokens + 15) / 16, Y: heads}, Block: cuda.Dim3{X: 256}, SharedMem: sh["attn_bwd_dq"]}
+	return k.launch(c, "attn_bwd_dq", cfg, q, kk, v, dout, lse, delta, lo, dq,
+		int32(tokens), int32(heads), int32(kvHeads), float32(scale))
+}
+
+// GeGLU computes out = gelu_tanh(gate)·up over n activations.
+func (k *Kernels) GeGLU(c *cuda.Ctx, gate, up, out cuda.DevicePtr, n int64) error {
+	return k.launch(c, "geglu_fwd", k.grid(n), gate, up, out, n)
+}
+
+// GeGLUBackward writes dgate and dup (which may be gate and up) from the
+// float32 gradient dout.
+func (k *Kernels) GeGLUBackward(c *cuda.Ctx, dout, gate, up, dgate, dup cuda.DevicePtr, n int64) error {
+	return k.launch(c, "geglu_bwd", k.grid(n), dout, gate, up, dgate, dup, n)
+}
+
+// Embed gathers rows of table for ids and multiplies them by scale.
+func (k *Kernels) Embed(c *cuda.Ctx, ids, table cuda.DevicePtr, scale float32, out cuda.DevicePtr, tokens, dim int) error {
+	return k.launch(c, "embed_fwd", k.grid(int64(tokens)*int64(dim)), ids, table, scale, out, int32(tokens), int32(dim))
+}
+
+// GatherRows copies rows idx[0..n) of src into dst.
+func (k *Kernels) GatherRows(c *cuda.Ctx, src, idx, dst cuda.DevicePtr, n, dim int) error {
+	return k.launch(c, "gather_rows", k.grid(int64(n)*int64(dim)), src, idx, dst, int32(n), int32(dim))
+}
+
+// ScatterRows copies the float32 rows of src to rows idx of dst.
+func (k *Kernels) ScatterRows(c *cuda.Ctx, src, idx, dst cuda.DevicePtr, n, dim int) error {
+	return k.launch(c, "scatter_rows", k.grid(int64(n)*int64(dim)), src, idx, dst, int32(n), int32(dim))
+}
+
+// CrossEntropy writes each row's loss (float64) and, when grad is not 0,
+// (softmax − onehot)/normalizer as activations.
+func (k *Kernels) CrossEntropy(c *cuda.Ctx, logits, targets cuda.DevicePtr, rows, vocab int, normalizer float64, loss, grad cuda.DevicePtr) error {
+	return k.launch(c, "cross_entropy", rowsOf(rows, 1024), logits, targets, int32(vocab), float32(normalizer), loss, grad)
+}
+
+// SumDouble writes the sum of n float64 values to out[0].
+func (k *Kernels) SumDouble(c *cuda.Ctx, v cuda.DevicePtr, n int, out cuda.DevicePtr) error {
+	return k.launch(c, "sum_double", rowsOf(1, 1024), v, int32(n), out)
+}
+
+// DropoutApply writes x with dropout d of stream applied to out.
+func (k *Kernels) DropoutApply(c *cuda.Ctx, x, out cuda.DevicePtr, n int64, d trainer.Dropout, stream uint32) error {
+	return k.launch(c, "dropout_apply", k.grid((n+3)/4), x, out, n, uint32(d.Seed), uint32(d.Seed>>32), stream, d.Threshold, d.Scale)
+}
+
+// DropoutAdd adds src through dropout d of stream to the float32 dst.
+func (k *Kernels) DropoutAdd(c *cuda.Ctx, src, dst cuda.DevicePtr, n int64, d trainer.Dropout, stream uint32) error {
+	return k.launch(c, "dropout_add", k.grid((n+3)/4), src, dst, n, uint32(d.Seed), uint32(d.Seed>>32), stream, d.Threshold, d.Scale)
+}
+
+// F32ToAct converts n float32 values to activations.
+func (k *Kernels) F32ToAct(c *cuda.Ctx, src, dst cuda.DevicePtr, n int64) error {
+	return k.launch(c, "f32_to_act", k.grid(n), src, dst, n)
+}
+
+// AddF32 adds n float32 values of src to dst.
+func (k *Kernels) AddF32(c *cuda.Ctx, src, dst cuda.DevicePtr, n int64) error {
+	return k.launch(c, "add_f32", k.grid(n), src, dst, n)
+}
+
+// Stored dtypes of checkpoint tensors, as the kernels number them.
+const (
+	StoredBF16 = 0
+	StoredF16  = 1
+	StoredF32  = 2
+)
+
+// Rounding of dequantised weights to a checkpoint dtype.
+const (
+	RoundNone = 0
+	RoundBF16 = 1
+	RoundF16  = 2
+)
+
+// NF4QuantizeBlocks quantises n stored values (dtype one of the Stored
+// constants) in blocks of 64: packed receives (n+1)/2 bytes, absmax one
+// float per block.
+func (k *Kernels) NF4QuantizeBlocks(c *cuda.Ctx, src cuda.DevicePtr, dtype int, n int64, packed, absmax cuda.DevicePtr) error {
+	blocks := (n + 63) / 64
+	cfg := cuda.LaunchConfig{Grid: cuda.Dim3{X: int((blocks + 7) / 8)}, Block: cuda.Dim3{X: 256}}
+	return k.launch(c, "nf4_quantize_blocks", cfg, src, int32(dtype), n, packed, absmax)
+}
+
+// NF4Dequantize writes the n weights an NF4 tensor encodes as activations,
+// rounded to the checkpoint dtype (a Round constant).
+func (k *Kernels) NF4Dequantize(c *cuda.Ctx, packed, absmaxQ, absmax2 cuda.DevicePtr, offset float32, n int64, round int, out cuda.DevicePtr) error {
+	return k.launch(c, "nf4_dequantize", k.grid(n), packed, absmaxQ, absmax2, offset, n, int32(round), out)
+}
+
+// StoredToAct converts n stored values to activations.
+func (k *Kernels) StoredToAct(c *cuda.Ctx, src cuda.DevicePtr, dtype int, n int64, out cuda.DevicePtr) error {
+	return k.launch(c, "stored_to_act", k.grid(n), src, int32(dtype), n, out)
+}
+
+// StoredToF32 converts n stored values to float32.
+func (k *Kernels) StoredToF32(c *cuda.Ctx, src cuda.DevicePtr, dtype int, n int64, out cuda.DevicePtr) error {
+	return k.launch(c, "stored_to_f32", k.grid(n), src, int32(dtype), n, out)
+}
+
+// AdamW applies trainer.AdamW's update to n flat parameters, the gradients
+// scaled by gradScale (the clipping factor, 1 without clipping).
+func (k *Kernels) AdamW(c *cuda.Ctx, p, g, m, v cuda.DevicePtr, n int64, gradScale float32, s trainer.AdamWScalars) error {
+	return k.launch(c, "adamw_step", k.grid(n), p, g, m, v, n, gradScale, s.OneMinusBeta1, s.Beta2, s.OneMinusBeta2,
+		s.Decay, s.StepSize, s.BiasCorrection2Sqrt, s.Eps)
+}
+
+// Adam8F32 applies the 8-bit optimizer's update rule to n parameters that
+// keep float32 moments.
+func (k *Kernels) Adam8F32(c *cuda.Ctx, p, g, m, v cuda.DevicePtr, n int64, gradScale float32, s trainer.Adam8Scalars) error {
+	return k.launch(c, "adam8_f32_step", k.grid(n), p, g, m, v, n, gradScale, s.Beta1, s.OneMinusBeta1, s.Beta2, s.OneMinusBeta2,
+		s.StepSize, s.EpsScaled, s.Decay, boolInt(s.WeightDecay))
+}
+
+// Adam8 applies blockwise 8-bit AdamW to blocks state blocks: block b
+// covers start[b] .. start[b] + len[b] of the flat parameters.
+func (k *Kernels) Adam8(c *cuda.Ctx, p, g, q1, q2, absmax1, absmax2, start, length cuda.DevicePtr, blocks int, gradScale float32, s trainer.Adam8Scalars) error {
+	return k.launch(c, "adam8_step", rowsOf(blocks, trainer.Adam8BlockSize), p, g, q1, q2, absmax1, absmax2, start, length, gradScale,
+		s.Beta1, s.OneMinusBeta1, s.Beta2, s.OneMinusBeta2, s.StepSize, s.EpsScaled, s.Decay, boolInt(s.WeightDecay))
+}
+
+// NormPartials is the number of partial sums SquaredNorm uses; its scratch
+// holds this many float64 values plus one.
+const NormPartials = 256
+
+// SquaredNorm writes the sum of squares of n float32 values, in float64,
+// to scratch[NormPartials], in a fixed order.
+func (k *Kernels) SquaredNorm(c *cuda.Ctx, g cuda.DevicePtr, n int64, scratch cuda.DevicePtr) error {
+	cfg := cuda.LaunchConfig{Grid: cuda.Dim3{X: NormPartials}, Block: cuda.Dim3{X: 256}}
+	if err := k.launch(c, "sq_norm_partial", cfg, g, n, scratch); err != nil {
+		return err
+	}
+	return k.SumDouble(c, scratch, NormPartials, scratch.Add(8*NormPartials))
+}
+
+func boolInt(b bool) int32 {
+	if b {
+		return 1
+	}
+	return 0
+}

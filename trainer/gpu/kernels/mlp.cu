@@ -1,0 +1,41 @@
+// Gemma's GeGLU: act = gelu_tanh(gate) · up, and its backward pass.
+// Reference: trainer.GeGLU, trainer.GeGLUBackward.
+#include "gemma.cuh"
+
+// gelu_tanh(x) = 0.5x(1 + tanh z), z = sqrt(2/π)(x + 0.044715x³), computed
+// as x·σ(2z): the same function without the cancellation in 1 + tanh z
+// for negative x. gelu_parts returns σ(2z) and dz/dx.
+__device__ __forceinline__ void gelu_parts(float x, float* s, float* dz) {
+    const float k = 0.7978845608028654f;
+    const float c = 0.044715f;
+    const float z = k * (x + c * x * x * x);
+    *s = 1.0f / (1.0f + expf(-2.0f * z));
+    *dz = k * (1.0f + 3.0f * c * x * x);
+}
+
+// act = round(gelu(gate)) · up: transformers rounds the activation to the
+// activation dtype before the product.
+extern "C" __global__ void geglu_fwd(const act_t* __restrict__ gate, const act_t* __restrict__ up, act_t* __restrict__ out, long long n) {
+    GRID_STRIDE(i, n) {
+        const float x = to_f32(gate[i]);
+        float s, dz;
+        gelu_parts(x, &s, &dz);
+        out[i] = to_act(act_round(x * s) * to_f32(up[i]));
+    }
+}
+
+// dgate and dup may be gate and up themselves (each element is read before
+// the same thread writes it). d gelu/dx = σ + 2xσ(1 − σ)·dz/dx.
+extern "C" __global__ void geglu_bwd(const float* __restrict__ dout, const act_t* gate, const act_t* up,
+                                     act_t* dgate, act_t* dup, long long n) {
+    GRID_STRIDE(i, n) {
+        const float x = to_f32(gate[i]);
+        const float u = to_f32(up[i]);
+        float s, dz;
+        gelu_parts(x, &s, &dz);
+        const float d = dout[i];
+        const float dg = s + 2.0f * x * s * (1.0f - s) * dz;
+        dgate[i] = to_act(d * u * dg);
+        dup[i] = to_act(d * x * s);
+    }
+}

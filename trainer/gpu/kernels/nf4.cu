@@ -1,0 +1,54 @@
+// Weights: conversion of stored checkpoint tensors (bf16, f16, f32) and
+// NF4 quantisation in bitsandbytes' layout. The first level of NF4 (each
+// 64-block's absmax and the packed 4-bit codes) runs here; the double
+// quantisation of the absmax values runs on the host
+// (trainer.NewNF4Tensor), shared with the CPU backend.
+// Reference: trainer.QuantizeNF4, trainer.NF4Tensor.Dequantize.
+#include "gemma.cuh"
+
+// One warp per 64-block: lane l quantises elements 2l and 2l+1, which share
+// a byte (the first in the high nibble).
+extern "C" __global__ void nf4_quantize_blocks(const void* __restrict__ src, int dtype, long long n,
+                                               unsigned char* __restrict__ packed, float* __restrict__ absmax) {
+    const int lane = threadIdx.x & 31;
+    const long long block = blockIdx.x * (long long)(blockDim.x >> 5) + (threadIdx.x >> 5);
+    const long long i0 = block * 64 + 2 * lane;
+    if (block * 64 >= n) return;
+    const float v0 = i0 < n ? load_stored(src, dtype, i0) : 0.0f;
+    const float v1 = i0 + 1 < n ? load_stored(src, dtype, i0 + 1) : 0.0f;
+    const float m = warp_max(fmaxf(fabsf(v0), fabsf(v1)));
+    const float inv = m == 0.0f ? 0.0f : 1.0f / m;
+    if (lane == 0) absmax[block] = m;
+    if (i0 >= n) return;
+    // bitsandbytes' decision: the index of the first midpoint not below x.
+    unsigned char q0 = 0, q1 = 0;
+    const float x0 = v0 * inv, x1 = v1 * inv;
+    while (q0 < 15 && x0 > NF4_MID[q0]) q0++;
+    while (q1 < 15 && x1 > NF4_MID[q1]) q1++;
+    packed[i0 / 2] = (unsigned char)((q0 << 4) | (i0 + 1 < n ? q1 : 0));
+}
+
+// out[i] = the weight NF4 encodes, rounded to the checkpoint dtype. The
+// products and the sum are kept as separate roundings (no fused
+// multiply-add), as the host computes them.
+extern "C" __global__ void nf4_dequantize(const unsigned char* __restrict__ packed, const unsigned char* __restrict__ absmax_q,
+                                          const float* __restrict__ absmax2, float offset, long long n, int round_mode,
+                                          act_t* __restrict__ out) {
+    GRID_STRIDE(i, n) {
+        const long long b = i / 64;
+        const float am = __fadd_rn(__fmul_rn(DYN_CODE[absmax_q[b]], absmax2[b / 256]), offset);
+        const unsigned char byte = packed[i / 2];
+        const unsigned char q = (i & 1) ? (byte & 0xf) : (byte >> 4);
+        out[i] = to_act(round_to(__fmul_rn(NF4_CODE[q], am), round_mode));
+    }
+}
+
+// A stored tensor as activations (embedding, unquantised projections).
+extern "C" __global__ void stored_to_act(const void* __restrict__ src, int dtype, long long n, act_t* __restrict__ out) {
+    GRID_STRIDE(i, n) { out[i] = to_act(load_stored(src, dtype, i)); }
+}
+
+// A stored tensor as float32 (norm weights).
+extern "C" __global__ void stored_to_f32(const void* __restrict__ src, int dtype, long long n, float* __restrict__ out) {
+    GRID_STRIDE(i, n) { out[i] = load_stored(src, dtype, i); }
+}

@@ -54,6 +54,10 @@ func roundSize(n int64) int64 {
 	return (n + step - 1) / step * step
 }
 
+// AllocSize is the bytes Alloc reserves for a request of n bytes: memory
+// plans add these up to predict what a process will hold.
+func AllocSize(n int64) int64 { return roundSize(n) }
+
 // Alloc returns a device buffer of at least n bytes, reusing a cached block
 // when one of the same rounded size is free. When the device is out of
 // memory it frees the cache and tries once more.

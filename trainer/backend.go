@@ -117,6 +117,10 @@ type Session interface {
 	SetState(a *Adapter, opt *OptimizerState) error
 	// State copies the adapter and the optimizer state to the host.
 	State() (*Adapter, *OptimizerState, error)
+	// Grads copies the gradients accumulated since the last Step to the
+	// host, as an adapter whose A and B hold the gradients of A and B (for
+	// tests and diagnostics).
+	Grads() (*Adapter, error)
 	// LossAndGrad runs a micro-batch forward and backward: it returns the
 	// summed cross-entropy of the batch's trained tokens and their number,
 	// and adds the gradient of sum/normalizer to the adapter's gradients.

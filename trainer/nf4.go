@@ -212,6 +212,15 @@ func QuantizeNF4(w []float32, shape []int, dtype string) (*NF4Tensor, error) {
 // implementation of the second level.
 func NewNF4Tensor(shape []int, packed []uint8, absmax []float32, dtype string) *NF4Tensor {
 	t := &NF4Tensor{Shape: append([]int(nil), shape...), Packed: packed, WeightDType: dtype}
+	t.AbsmaxQ, t.Absmax2, t.Offset = DoubleQuantize(absmax)
+	return t
+}
+
+// DoubleQuantize quantises NF4's per-block absmax values as bitsandbytes
+// does with compress_statistics: their mean is subtracted (offset) and the
+// rest encoded with the signed 8-bit dynamic code in blocks of 256, each
+// with a float32 absmax of its own (absmax2).
+func DoubleQuantize(absmax []float32) (q []uint8, absmax2 []float32, offset float32) {
 	blocks := len(absmax)
 	// The mean is a float32 reduction as torch computes it; summing in
 	// float64 and rounding once differs from it by at most an ulp.
@@ -219,24 +228,24 @@ func NewNF4Tensor(shape []int, packed []uint8, absmax []float32, dtype string) *
 	for _, a := range absmax {
 		sum += float64(a)
 	}
-	t.Offset = float32(sum / float64(blocks))
-	t.AbsmaxQ = make([]uint8, blocks)
+	offset = float32(sum / float64(blocks))
+	q = make([]uint8, blocks)
 	for b := 0; b < blocks; b += AbsmaxBlockSize {
 		hi := min(b+AbsmaxBlockSize, blocks)
 		var m float32
 		for _, a := range absmax[b:hi] {
-			m = max(m, float32(math.Abs(float64(a-t.Offset))))
+			m = max(m, float32(math.Abs(float64(a-offset))))
 		}
-		t.Absmax2 = append(t.Absmax2, m)
+		absmax2 = append(absmax2, m)
 		inv := float32(1) / m
 		if m == 0 {
 			inv = 0
 		}
 		for i := b; i < hi; i++ {
-			t.AbsmaxQ[i] = quantizeDynamic(&dynamicCode, (absmax[i]-t.Offset)*inv)
+			q[i] = quantizeDynamic(&dynamicCode, (absmax[i]-offset)*inv)
 		}
 	}
-	return t
+	return q, absmax2, offset
 }
 
 // NF4Code returns the 16 NF4 code values and DynamicCode the signed

@@ -53,7 +53,7 @@ func NewAdamW(params []Param, beta1, beta2, eps, weightDecay float64) *AdamW {
 // float64 and rounded once, as torch turns its Python-float arguments into
 // float32 scalars. The GPU kernel receives the same values.
 type AdamWScalars struct {
-	OneMinusBeta1, Beta2, OneMinusBeta2 float32
+	OneMinusBeta1, Beta2, OneMinusBeta2       float32
 	Decay, StepSize, BiasCorrection2Sqrt, Eps float32
 }
 

@@ -22,7 +22,11 @@ const (
 // base checkpoint m was loaded from: PEFT wraps the model as
 // base_model.model, and transformers 5 names the text decoder model.* in
 // Gemma3ForCausalLM and model.language_model.* in the multimodal class.
-func (m *ModelInfo) peftPrefix() string {
+func (m *ModelInfo) peftPrefix() string { return m.PEFTPrefix() }
+
+// PEFTPrefix is the key prefix of the text model's layers in PEFT adapter
+// files made for this checkpoint.
+func (m *ModelInfo) PEFTPrefix() string {
 	if m.Prefix == "model." {
 		return "base_model.model.model."
 	}

@@ -80,6 +80,17 @@ func (s *cpuSession) State() (*Adapter, *OptimizerState, error) {
 	return s.a.Clone(), s.opt.State(), nil
 }
 
+func (s *cpuSession) Grads() (*Adapter, error) {
+	g := s.a.Clone()
+	for li, mods := range s.a.Layers {
+		for m, w := range mods {
+			copy(g.Layers[li][m].A, w.GradA)
+			copy(g.Layers[li][m].B, w.GradB)
+		}
+	}
+	return g, nil
+}
+
 func (s *cpuSession) LossAndGrad(b *Batch, normalizer float64, dropoutSeed uint64) (float64, int, error) {
 	return s.m.lossAndGrad(s.a, b, normalizer, dropoutSeed, s.cfg.GradientCheckpointing)
 }

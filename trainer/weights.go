@@ -164,6 +164,17 @@ func (c *Config) tensorSpecs() []tensorSpec {
 	return append(specs, tensorSpec{name: "norm.weight", shape: []int{c.Hidden}, kind: "norm", layer: -1, role: RoleFinalNorm})
 }
 
+// WeightTensors lists the text model's tensors in the order Checkpoint.Each
+// yields them (without their bytes), for backends that create weights
+// instead of reading them.
+func (c *Config) WeightTensors() []WeightTensor {
+	var out []WeightTensor
+	for _, s := range c.tensorSpecs() {
+		out = append(out, WeightTensor{Name: s.name, Layer: s.layer, Role: s.role, Shape: s.shape})
+	}
+	return out
+}
+
 // textPrefixes are the key prefixes under which checkpoints hold the text
 // model: text-only, the original multimodal release, transformers 5's
 // multimodal layout.

@@ -85,8 +85,13 @@ type doctorReport struct {
 
 // diagnose gathers the report; it never fails, it says what is missing.
 func diagnose() doctorReport {
-	rep := doctorReport{Platform: runtime.GOOS + "/" + runtime.GOARCH + ", " + runtime.Version(),
-		GPU: "unavailable", Trainer: "cpu", TrainerReason: trainer.ErrNoGPUBackend.Error()}
+	rep := doctorReport{Platform: runtime.GOOS + "/" + runtime.GOARCH + ", " + runtime.Version(), GPU: "unavailable"}
+	// The qlora stage's backend: auto resolves here exactly as it does there.
+	if b, note, err := trainer.ResolveBackend("auto"); err != nil {
+		rep.Trainer, rep.TrainerReason = "none", err.Error()
+	} else {
+		rep.Trainer, rep.TrainerReason = b.Name(), strings.TrimPrefix(note, "auto: ")
+	}
 	if bi, ok := debug.ReadBuildInfo(); ok {
 		for _, s := range bi.Settings {
 			if s.Key == "CGO_ENABLED" {

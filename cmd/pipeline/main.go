@@ -12,6 +12,9 @@ import (
 	"os"
 
 	"github.com/spf13/cobra"
+
+	// The GPU trainer registers itself as the qlora stage's "cuda" backend.
+	_ "gemmaft/trainer/gpu"
 )
 
 // Exit codes, documented in the README and in `pipeline --help`.

@@ -399,6 +399,12 @@ func (k *Kernels) StoredToF32(c *cuda.Ctx, src cuda.DevicePtr, dtype int, n int6
 	return k.launch(c, "stored_to_f32", k.grid(n), src, int32(dtype), n, out)
 }
 
+// RandomNormalBF16 fills out with n bfloat16 values drawn from N(0, std²)
+// by Philox stream (seed, stream).
+func (k *Kernels) RandomNormalBF16(c *cuda.Ctx, out cuda.DevicePtr, n int64, seed uint64, stream uint32, std float32) error {
+	return k.launch(c, "random_normal_bf16", k.grid((n+3)/4), out, n, uint32(seed), uint32(seed>>32), stream, std)
+}
+
 // AdamW applies trainer.AdamW's update to n flat parameters, the gradients
 // scaled by gradScale (the clipping factor, 1 without clipping).
 func (k *Kernels) AdamW(c *cuda.Ctx, p, g, m, v cuda.DevicePtr, n int64, gradScale float32, s trainer.AdamWScalars) error {

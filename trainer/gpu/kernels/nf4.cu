@@ -5,6 +5,7 @@
 // (trainer.NewNF4Tensor), shared with the CPU backend.
 // Reference: trainer.QuantizeNF4, trainer.NF4Tensor.Dequantize.
 #include "gemma.cuh"
+#include "random.cuh"
 
 // One warp per 64-block: lane l quantises elements 2l and 2l+1, which share
 // a byte (the first in the high nibble).
@@ -51,4 +52,23 @@ extern "C" __global__ void stored_to_act(const void* __restrict__ src, int dtype
 // A stored tensor as float32 (norm weights).
 extern "C" __global__ void stored_to_f32(const void* __restrict__ src, int dtype, long long n, float* __restrict__ out) {
     GRID_STRIDE(i, n) { out[i] = load_stored(src, dtype, i); }
+}
+
+// Random weights N(0, std²) stored as bfloat16, from Philox words by the
+// Box-Muller transform: for benchmarks and shape tests that need a model
+// of a real size without a checkpoint on disk.
+extern "C" __global__ void random_normal_bf16(unsigned short* __restrict__ out, long long n, unsigned int seed_lo,
+                                              unsigned int seed_hi, unsigned int stream, float std) {
+    GRID_STRIDE(g, (n + 3) / 4) {
+        const uint4 w = random_words((unsigned long long)g, seed_lo, seed_hi, stream);
+        const float u1 = ((w.x >> 8) + 1) * (1.0f / 16777216.0f), u2 = (w.y >> 8) * (1.0f / 16777216.0f);
+        const float u3 = ((w.z >> 8) + 1) * (1.0f / 16777216.0f), u4 = (w.w >> 8) * (1.0f / 16777216.0f);
+        const float r1 = sqrtf(-2.0f * logf(u1)), r2 = sqrtf(-2.0f * logf(u3));
+        const float z[4] = {r1 * cosf(6.2831853f * u2), r1 * sinf(6.2831853f * u2), r2 * cosf(6.2831853f * u4), r2 * sinf(6.2831853f * u4)};
+        #pragma unroll
+        for (int k = 0; k < 4; k++) {
+            const long long i = 4 * g + k;
+            if (i < n) out[i] = f32_to_bf16(z[k] * std);
+        }
+    }
 }

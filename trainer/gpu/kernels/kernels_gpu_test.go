@@ -1,0 +1,795 @@
+package kernels
+
+// Each kernel against the CPU reference operation it replaces, on fresh
+// random inputs of several shapes (odd sizes and Gemma 3's real widths),
+// in both precisions. Inputs are rounded to the activation type first, so
+// the reference sees exactly what the kernel sees; the float32 results must
+// match within float32 rounding, the bfloat16 ones within bfloat16
+// rounding of the output. The weight and optimizer kernels must match bit
+// for bit. Every test skips without a GPU.
+
+import (
+	"fmt"
+	"math"
+	"math/rand/v2"
+	"sync"
+	"testing"
+
+	"gemmaft/cuda"
+	"gemmaft/cuda/cudatest"
+	"gemmaft/trainer"
+	"gemmaft/trainer/safetensors"
+)
+
+var (
+	loadedMu sync.Mutex
+	loaded   = map[[2]int]*Kernels{}
+)
+
+// kernelsFor returns the kernels of a precision and head dimension, loaded
+// once per test binary.
+func kernelsFor(t *testing.T, p Precision, headDim int) *Kernels {
+	t.Helper()
+	dev := cudatest.Device(t)
+	loadedMu.Lock()
+	defer loadedMu.Unlock()
+	key := [2]int{int(p), headDim}
+	if k := loaded[key]; k != nil {
+		return k
+	}
+	var k *Kernels
+	if err := dev.Do(func(c *cuda.Ctx) error {
+		var err error
+		k, err = Load(c, p, headDim)
+		return err
+	}); err != nil {
+		t.Fatal(err)
+	}
+	loaded[key] = k
+	return k
+}
+
+var precisions = []Precision{F32, BF16}
+
+// tol is the tolerance of a result of precision p whose elements each sum
+// about n terms.
+func tol(p Precision, n int) cudatest.Tolerance {
+	if p == BF16 {
+		return cudatest.Tolerance{Name: "bfloat16 output", Rel: 8e-3}
+	}
+	return cudatest.Tolerance{Name: fmt.Sprintf("float32 sum of %d terms", n), Rel: 2e-6 * math.Max(1, math.Sqrt(float64(n)/16))}
+}
+
+// roundAct rounds values to what activations of p store.
+func roundAct(p Precision, v []float32) []float32 {
+	if p == BF16 {
+		for i := range v {
+			v[i] = cuda.Float32FromBF16(cuda.BF16FromFloat32(v[i]))
+		}
+	}
+	return v
+}
+
+// dev is a test's device memory: buffers it allocates are freed at the end.
+type dev struct {
+	t    *testing.T
+	c    *cuda.Ctx
+	k    *Kernels
+	bufs []cuda.Buffer
+}
+
+func run(t *testing.T, k *Kernels, f func(d *dev) error) {
+	t.Helper()
+	cudatest.Do(t, func(c *cuda.Ctx) error {
+		d := &dev{t: t, c: c, k: k}
+		defer func() {
+			for _, b := range d.bufs {
+				c.Free(b)
+			}
+		}()
+		if err := f(d); err != nil {
+			return err
+		}
+		return c.Synchronize()
+	})
+}
+
+func (d *dev) alloc(n int64) cuda.DevicePtr {
+	b, err := d.c.Alloc(max(n, 1))
+	if err != nil {
+		panic(err)
+	}
+	d.bufs = append(d.bufs, b)
+	if err := cudatest.Poison(d.c, b); err != nil {
+		panic(err)
+	}
+	return b.Ptr
+}
+
+// act uploads v as activations.
+func (d *dev) act(v []float32) cuda.DevicePtr {
+	p := d.alloc(int64(len(v)) * d.k.Prec.Size())
+	var err error
+	if d.k.Prec == BF16 {
+		err = cuda.Upload(d.c, p, cuda.BF16Slice(v))
+	} else {
+		err = cuda.Upload(d.c, p, v)
+	}
+	if err != nil {
+		panic(err)
+	}
+	return p
+}
+
+func (d *dev) f32(v []float32) cuda.DevicePtr {
+	p := d.alloc(4 * int64(len(v)))
+	if err := cuda.Upload(d.c, p, v); err != nil {
+		panic(err)
+	}
+	return p
+}
+
+func (d *dev) i32(v []int32) cuda.DevicePtr {
+	p := d.alloc(4 * int64(len(v)))
+	if err := cuda.Upload(d.c, p, v); err != nil {
+		panic(err)
+	}
+	return p
+}
+
+// readAct and readF32 download n values.
+func (d *dev) readAct(p cuda.DevicePtr, n int) []float32 {
+	if d.k.Prec == BF16 {
+		h := make([]uint16, n)
+		if err := cuda.Download(d.c, h, p); err != nil {
+			panic(err)
+		}
+		return cuda.Float32Slice(h)
+	}
+	return d.readF32(p, n)
+}
+
+func (d *dev) readF32(p cuda.DevicePtr, n int) []float32 {
+	h := make([]float32, n)
+	if err := cuda.Download(d.c, h, p); err != nil {
+		panic(err)
+	}
+	return h
+}
+
+func (d *dev) check(what string, got, want []float32, tl cudatest.Tolerance) {
+	d.t.Helper()
+	r, err := cudatest.Compare(cudatest.F64(got), cudatest.F64(want), tl)
+	if err != nil {
+		d.t.Errorf("%s: %v", what, err)
+		return
+	}
+	d.t.Logf("%s: relative error %.3g", what, r.RelErr)
+}
+
+func uniform(rng *rand.Rand, n int, scale float64) []float32 { return cudatest.Uniform(rng, n, scale) }
+
+func TestRMSNorm(t *testing.T) {
+	for _, p := range precisions {
+		k := kernelsFor(t, p, 256)
+		for _, sh := range [][2]int{{7, 32}, {33, 1152}, {5, 3840}, {3, 5376}, {4, 100}} {
+			rows, cols := sh[0], sh[1]
+			t.Run(fmt.Sprintf("%s/%dx%d", p, rows, cols), func(t *testing.T) {
+				rng := cudatest.Rand(t)
+				x := roundAct(p, uniform(rng, rows*cols, 2))
+				res := roundAct(p, uniform(rng, rows*cols, 1))
+				w := uniform(rng, cols, 0.5)
+				dy := uniform(rng, rows*cols, 1)
+				prev := uniform(rng, rows*cols, 1)
+				eps := 1e-6
+				want, rstd := make([]float32, rows*cols), make([]float32, rows)
+				trainer.RMSNorm(want, x, w, rstd, rows, cols, eps)
+				wantRes := make([]float32, rows*cols)
+				for i := range wantRes {
+					wantRes[i] = res[i] + roundAct(p, []float32{want[i]})[0]
+				}
+				dx := make([]float32, rows*cols)
+				trainer.RMSNormBackward(dx, dy, x, w, rstd, rows, cols)
+				dxRes := append([]float32(nil), prev...)
+				trainer.RMSNormBackward(dxRes, dy, x, w, rstd, rows, cols)
+				run(t, k, func(d *dev) error {
+					xp, wp, resp := d.act(x), d.f32(w), d.act(res)
+					out, out2, rs := d.alloc(int64(rows*cols)*p.Size()), d.alloc(int64(rows*cols)*p.Size()), d.alloc(4*int64(rows))
+					if err := k.RMSNorm(d.c, xp, wp, 0, out, rs, rows, cols, eps); err != nil {
+						return err
+					}
+					if err := k.RMSNorm(d.c, xp, wp, resp, out2, rs, rows, cols, eps); err != nil {
+						return err
+					}
+					d.check("forward", d.readAct(out, rows*cols), want, tol(p, cols))
+					d.check("forward with residual", d.readAct(out2, rows*cols), wantRes, tol(p, cols))
+					d.check("rstd", d.readF32(rs, rows), rstd, tol(F32, cols))
+					dyp := d.f32(dy)
+					dxa, dxf := d.alloc(int64(rows*cols)*p.Size()), d.f32(prev)
+					if err := k.RMSNormBackwardAct(d.c, dyp, xp, wp, rs, dxa, rows, cols); err != nil {
+						return err
+					}
+					if err := k.RMSNormBackwardF32(d.c, dyp, xp, wp, rs, dxf, dxf, rows, cols); err != nil {
+						return err
+					}
+					d.check("backward", d.readAct(dxa, rows*cols), dx, tol(p, cols))
+					d.check("backward plus residual gradient", d.readF32(dxf, rows*cols), dxRes, tol(F32, cols))
+					return nil
+				})
+			})
+		}
+	}
+}
+
+func TestQKNormRope(t *testing.T) {
+	for _, p := range precisions {
+		k := kernelsFor(t, p, 256)
+		for _, dim := range []int{8, 16, 128, 256} {
+			t.Run(fmt.Sprintf("%s/head_dim_%d", p, dim), func(t *testing.T) {
+				rng := cudatest.Rand(t)
+				tokens, heads := 37, 3
+				n := tokens * heads * dim
+				x := roundAct(p, uniform(rng, n, 2))
+				w := uniform(rng, dim, 0.5)
+				pos := make([]int32, tokens)
+				for i := range pos {
+					pos[i] = int32(rng.IntN(5000))
+				}
+				cos, sin := trainer.RopeTables(pos, trainer.RopeInvFreq(trainer.Rope{Theta: 1e6, Type: "linear", Factor: 8}, dim))
+				want, rstd := make([]float32, n), make([]float32, tokens*heads)
+				trainer.RMSNorm(want, x, w, rstd, tokens*heads, dim, 1e-6)
+				// The kernel rounds the normed values to activations before the
+				// rotation, as transformers does.
+				roundAct(p, want)
+				trainer.ApplyRope(want, cos, sin, tokens, heads, dim, false)
+				dy := uniform(rng, n, 1)
+				g := append([]float32(nil), dy...)
+				trainer.ApplyRope(g, cos, sin, tokens, heads, dim, true)
+				dx := make([]float32, n)
+				trainer.RMSNormBackward(dx, g, x, w, rstd, tokens*heads, dim)
+				run(t, k, func(d *dev) error {
+					xp, wp, cp, sp := d.act(x), d.f32(w), d.f32(cos), d.f32(sin)
+					out, rs := d.alloc(int64(n)*p.Size()), d.alloc(4*int64(tokens*heads))
+					if err := k.QKNormRope(d.c, xp, wp, cp, sp, out, rs, tokens, heads, dim, 1e-6); err != nil {
+						return err
+					}
+					d.check("forward", d.readAct(out, n), want, tol(p, dim))
+					dxp := d.alloc(int64(n) * p.Size())
+					if err := k.QKNormRopeBackward(d.c, d.f32(dy), xp, wp, rs, cp, sp, dxp, tokens, heads, dim); err != nil {
+						return err
+					}
+					d.check("backward", d.readAct(dxp, n), dx, tol(p, dim))
+					return nil
+				})
+			})
+		}
+	}
+}
+
+// segmentStarts lays out examples of the given lengths end to end.
+func segmentStarts(lengths ...int) []int32 {
+	var out []int32
+	start := 0
+	for _, l := range lengths {
+		for j := 0; j < l; j++ {
+			out = append(out, int32(start))
+		}
+		start += l
+	}
+	return out
+}
+
+func lastQueries(lo []int32) []int32 {
+	hi := make([]int32, len(lo))
+	for j := range hi {
+		for i := len(lo) - 1; i >= 0; i-- {
+			if int(lo[i]) <= j {
+				hi[j] = int32(i)
+				break
+			}
+		}
+	}
+	return hi
+}
+
+func TestAttention(t *testing.T) {
+	type shape struct {
+		dim, heads, kv, window int
+		segs                   []int
+	}
+	shapes := []shape{
+		{8, 4, 2, 0, []int{20, 30, 17}}, {8, 4, 2, 5, []int{20, 30, 17}},
+		{16, 4, 1, 3, []int{9, 40}}, {128, 4, 2, 0, []int{33, 70}},
+		{256, 2, 1, 0, []int{45, 3, 51}}, {256, 4, 2, 7, []int{45, 3, 51}},
+		{256, 2, 1, 64, []int{300}}, {128, 2, 2, 0, []int{1, 1, 1, 129}},
+	}
+	for _, p := range precisions {
+		for _, sh := range shapes {
+			k := kernelsFor(t, p, sh.dim)
+			t.Run(fmt.Sprintf("%s/d%d_h%d_kv%d_w%d_%v", p, sh.dim, sh.heads, sh.kv, sh.window, sh.segs), func(t *testing.T) {
+				rng := cudatest.Rand(t)
+				seg := segmentStarts(sh.segs...)
+				T, H, KV, D := len(seg), sh.heads, sh.kv, sh.dim
+				lo := trainer.AttentionSpans(seg, sh.window)
+				hi := lastQueries(lo)
+				q := roundAct(p, uniform(rng, T*H*D, 1))
+				kk := roundAct(p, uniform(rng, T*KV*D, 1))
+				v := roundAct(p, uniform(rng, T*KV*D, 1))
+				dout := uniform(rng, T*H*D, 1)
+				scale := 1 / math.Sqrt(float64(D))
+				out, lse := make([]float32, T*H*D), make([]float32, T*H)
+				trainer.Attention(out, lse, q, kk, v, lo, T, H, KV, D, scale)
+				dq, dk, dv := make([]float32, T*H*D), make([]float32, T*KV*D), make([]float32, T*KV*D)
+				trainer.AttentionBackward(dq, dk, dv, dout, out, lse, q, kk, v, lo, T, H, KV, D, scale)
+				run(t, k, func(d *dev) error {
+					qp, kp, vp, lop, hip := d.act(q), d.act(kk), d.act(v), d.i32(lo), d.i32(hi)
+					op, lp := d.alloc(int64(T*H*D)*p.Size()), d.alloc(4*int64(T*H))
+					if err := k.Attention(d.c, qp, kp, vp, lop, op, lp, T, H, KV, scale); err != nil {
+						return err
+					}
+					d.check("out", d.readAct(op, T*H*D), out, tol(p, T))
+					d.check("lse", d.readF32(lp, T*H), lse, tol(F32, T))
+					dqp, dkp, dvp, delta := d.alloc(4*int64(T*H*D)), d.alloc(4*int64(T*KV*D)), d.alloc(4*int64(T*KV*D)), d.alloc(4*int64(T*H))
+					if err := k.AttentionBackward(d.c, qp, kp, vp, op, d.f32(dout), lp, lop, hip, delta, dqp, dkp, dvp, T, H, KV, scale); err != nil {
+						return err
+					}
+					bt := tol(p, T*D)
+					if p == BF16 {
+						// The kernel's own bf16 output enters delta = Σ dO·O.
+						bt.Rel = 2e-2
+					}
+					d.check("dq", d.readF32(dqp, T*H*D), dq, bt)
+					d.check("dk", d.readF32(dkp, T*KV*D), dk, bt)
+					d.check("dv", d.readF32(dvp, T*KV*D), dv, tol(F32, T))
+					return nil
+				})
+			})
+		}
+	}
+}
+
+func TestGeGLU(t *testing.T) {
+	for _, p := range precisions {
+		k := kernelsFor(t, p, 256)
+		t.Run(p.String(), func(t *testing.T) {
+			rng := cudatest.Rand(t)
+			n := 100003
+			gate := roundAct(p, uniform(rng, n, 5))
+			up := roundAct(p, uniform(rng, n, 2))
+			dout := uniform(rng, n, 1)
+			want := make([]float32, n)
+			trainer.GeGLU(want, gate, up)
+			if p == BF16 {
+				// The kernel rounds gelu(gate) to an activation before the product.
+				for i := range want {
+					g := float64(gate[i])
+					gl := 0.5 * g * (1 + math.Tanh(0.7978845608028654*(g+0.044715*g*g*g)))
+					want[i] = roundAct(p, []float32{float32(gl)})[0] * up[i]
+				}
+			}
+			dg, du := make([]float32, n), make([]float32, n)
+			trainer.GeGLUBackward(dg, du, dout, gate, up)
+			run(t, k, func(d *dev) error {
+				gp, upp := d.act(gate), d.act(up)
+				out := d.alloc(int64(n) * p.Size())
+				if err := k.GeGLU(d.c, gp, upp, out, int64(n)); err != nil {
+					return err
+				}
+				d.check("forward", d.readAct(out, n), want, tol(p, 1))
+				// In place, as the backward pass runs it.
+				if err := k.GeGLUBackward(d.c, d.f32(dout), gp, upp, gp, upp, int64(n)); err != nil {
+					return err
+				}
+				d.check("dgate", d.readAct(gp, n), dg, tol(p, 4))
+				d.check("dup", d.readAct(upp, n), du, tol(p, 4))
+				return nil
+			})
+		})
+	}
+}
+
+func TestEmbedGatherScatter(t *testing.T) {
+	for _, p := range precisions {
+		k := kernelsFor(t, p, 256)
+		t.Run(p.String(), func(t *testing.T) {
+			rng := cudatest.Rand(t)
+			V, D, T := 1000, 96, 77
+			table := roundAct(p, uniform(rng, V*D, 1))
+			ids := make([]int32, T)
+			for i := range ids {
+				ids[i] = int32(rng.IntN(V))
+			}
+			scale := safetensors.RoundBF16(float32(math.Sqrt(float64(D))))
+			want := make([]float32, T*D)
+			trainer.Embed(want, table, ids, D, scale)
+			roundAct(p, want)
+			idx := []int32{5, 0, 76, 33}
+			run(t, k, func(d *dev) error {
+				out := d.alloc(int64(T*D) * p.Size())
+				if err := k.Embed(d.c, d.i32(ids), d.act(table), scale, out, T, D); err != nil {
+					return err
+				}
+				got := d.readAct(out, T*D)
+				d.check("embed", got, want, cudatest.Tolerance{Name: "exact", Rel: 0})
+				g := d.alloc(int64(len(idx)*D) * p.Size())
+				if err := k.GatherRows(d.c, out, d.i32(idx), g, len(idx), D); err != nil {
+					return err
+				}
+				rows := d.readAct(g, len(idx)*D)
+				src := uniform(rng, len(idx)*D, 1)
+				dst := make([]float32, T*D)
+				dp := d.f32(dst)
+				if err := k.ScatterRows(d.c, d.f32(src), d.i32(idx), dp, len(idx), D); err != nil {
+					return err
+				}
+				back := d.readF32(dp, T*D)
+				for r, i := range idx {
+					for j := 0; j < D; j++ {
+						if rows[r*D+j] != got[int(i)*D+j] {
+							return fmt.Errorf("gather: row %d element %d: %v, want %v", r, j, rows[r*D+j], got[int(i)*D+j])
+						}
+						if back[int(i)*D+j] != src[r*D+j] {
+							return fmt.Errorf("scatter: row %d element %d: %v, want %v", i, j, back[int(i)*D+j], src[r*D+j])
+						}
+					}
+				}
+				return nil
+			})
+		})
+	}
+}
+
+func TestCrossEntropy(t *testing.T) {
+	for _, p := range precisions {
+		k := kernelsFor(t, p, 256)
+		for _, V := range []int{1000, 262208} {
+			t.Run(fmt.Sprintf("%s/vocab_%d", p, V), func(t *testing.T) {
+				rng := cudatest.Rand(t)
+				rows := 5
+				logits := uniform(rng, rows*V, 8)
+				targets := make([]int32, rows)
+				for i := range targets {
+					targets[i] = int32(rng.IntN(V))
+				}
+				normalizer := 37.0
+				wantLoss := make([]float64, rows)
+				wantGrad := make([]float32, rows*V)
+				for r := 0; r < rows; r++ {
+					row := logits[r*V : (r+1)*V]
+					m := math.Inf(-1)
+					for _, x := range row {
+						m = math.Max(m, float64(x))
+					}
+					var s float64
+					for _, x := range row {
+						s += math.Exp(float64(x) - m)
+					}
+					wantLoss[r] = m + math.Log(s) - float64(row[targets[r]])
+					for j, x := range row {
+						g := math.Exp(float64(x)-m) / s / normalizer
+						if j == int(targets[r]) {
+							g -= 1 / normalizer
+						}
+						wantGrad[r*V+j] = float32(g)
+					}
+				}
+				run(t, k, func(d *dev) error {
+					loss, grad := d.alloc(8*int64(rows)), d.alloc(int64(rows*V)*p.Size())
+					if err := k.CrossEntropy(d.c, d.f32(logits), d.i32(targets), rows, V, normalizer, loss, grad); err != nil {
+						return err
+					}
+					got := make([]float64, rows)
+					if err := cuda.Download(d.c, got, loss); err != nil {
+						return err
+					}
+					if _, err := cudatest.Compare(got, wantLoss, tol(F32, V)); err != nil {
+						return fmt.Errorf("loss: %w", err)
+					}
+					d.check("gradient", d.readAct(grad, rows*V), wantGrad, tol(p, V))
+					sum := d.alloc(8)
+					if err := k.SumDouble(d.c, loss, rows, sum); err != nil {
+						return err
+					}
+					var s [1]float64
+					if err := cuda.Download(d.c, s[:], sum); err != nil {
+						return err
+					}
+					var ws float64
+					for _, x := range got {
+						ws += x
+					}
+					if math.Abs(s[0]-ws) > 1e-9*math.Abs(ws) {
+						return fmt.Errorf("sum %v, want %v", s[0], ws)
+					}
+					return nil
+				})
+			})
+		}
+	}
+}
+
+func TestDropout(t *testing.T) {
+	for _, p := range precisions {
+		k := kernelsFor(t, p, 256)
+		t.Run(p.String(), func(t *testing.T) {
+			rng := cudatest.Rand(t)
+			n := 10007
+			x := roundAct(p, uniform(rng, n, 1))
+			drop := trainer.NewDropout(0.05, rng.Uint64())
+			stream := trainer.DropoutStream(11, trainer.UpProj)
+			want := make([]float32, n)
+			add := uniform(rng, n, 1)
+			wantAdd := append([]float32(nil), add...)
+			for i := range x {
+				if drop.Keep(stream, uint64(i)) {
+					want[i] = x[i] * drop.Scale
+					wantAdd[i] += x[i] * drop.Scale
+				}
+			}
+			roundAct(p, want)
+			run(t, k, func(d *dev) error {
+				xp, out, dst := d.act(x), d.alloc(int64(n)*p.Size()), d.f32(add)
+				if err := k.DropoutApply(d.c, xp, out, int64(n), drop, stream); err != nil {
+					return err
+				}
+				if err := k.DropoutAdd(d.c, xp, dst, int64(n), drop, stream); err != nil {
+					return err
+				}
+				got, gotAdd := d.readAct(out, n), d.readF32(dst, n)
+				for i := range got {
+					if got[i] != want[i] || gotAdd[i] != wantAdd[i] {
+						return fmt.Errorf("element %d: %v and %v, want %v and %v (the masks differ)", i, got[i], gotAdd[i], want[i], wantAdd[i])
+					}
+				}
+				return nil
+			})
+		})
+	}
+}
+
+// storedBytes encodes v as a checkpoint tensor of dtype dt.
+func storedBytes(t *testing.T, dt safetensors.DType, v []float32) []byte {
+	b, err := safetensors.EncodeFloat32(dt, v)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return b
+}
+
+func TestNF4MatchesHost(t *testing.T) {
+	dtypes := map[safetensors.DType]int{safetensors.BF16: StoredBF16, safetensors.F16: StoredF16, safetensors.F32: StoredF32}
+	names := map[safetensors.DType]string{safetensors.BF16: "bfloat16", safetensors.F16: "float16", safetensors.F32: "float32"}
+	rounds := map[safetensors.DType]int{safetensors.BF16: RoundBF16, safetensors.F16: RoundF16, safetensors.F32: RoundNone}
+	for _, p := range precisions {
+		k := kernelsFor(t, p, 256)
+		for dt, code := range dtypes {
+			for _, sh := range [][2]int{{200, 96}, {1000, 33}, {3, 5}} {
+				t.Run(fmt.Sprintf("%s/%s/%dx%d", p, dt, sh[0], sh[1]), func(t *testing.T) {
+					rng := cudatest.Rand(t)
+					n := sh[0] * sh[1]
+					w := make([]float32, n)
+					for i := range w {
+						w[i] = float32(rng.NormFloat64() * 0.02 * (1 + float64(i/640%7)))
+					}
+					raw := storedBytes(t, dt, w)
+					stored, _ := safetensors.DecodeFloat32(dt, raw)
+					ref, err := trainer.QuantizeNF4(stored, []int{sh[0], sh[1]}, names[dt])
+					if err != nil {
+						t.Fatal(err)
+					}
+					deq := ref.Dequantize()
+					blocks := (n + 63) / 64
+					run(t, k, func(d *dev) error {
+						src := d.alloc(int64(len(raw)))
+						if err := cuda.Upload(d.c, src, raw); err != nil {
+							return err
+						}
+						packed, absmax := d.alloc(int64((n+1)/2)), d.alloc(4*int64(blocks))
+						if err := k.NF4QuantizeBlocks(d.c, src, code, int64(n), packed, absmax); err != nil {
+							return err
+						}
+						gotPacked := make([]uint8, (n+1)/2)
+						gotAbsmax := make([]float32, blocks)
+						if err := cuda.Download(d.c, gotPacked, packed); err != nil {
+							return err
+						}
+						if err := cuda.Download(d.c, gotAbsmax, absmax); err != nil {
+							return err
+						}
+						for i := range gotPacked {
+							if gotPacked[i] != ref.Packed[i] {
+								return fmt.Errorf("packed byte %d: %#x, host %#x", i, gotPacked[i], ref.Packed[i])
+							}
+						}
+						q, a2, off := trainer.DoubleQuantize(gotAbsmax)
+						if off != ref.Offset {
+							return fmt.Errorf("offset %v, host %v", off, ref.Offset)
+						}
+						aq, a2p := d.alloc(int64(len(q))), d.f32(a2)
+						if err := cuda.Upload(d.c, aq, q); err != nil {
+							return err
+						}
+						out := d.alloc(int64(n) * p.Size())
+						if err := k.NF4Dequantize(d.c, packed, aq, a2p, off, int64(n), rounds[dt], out); err != nil {
+							return err
+						}
+						got := d.readAct(out, n)
+						want := roundAct(p, append([]float32(nil), deq...))
+						for i := range got {
+							if got[i] != want[i] {
+								return fmt.Errorf("weight %d: %v, host %v", i, got[i], want[i])
+							}
+						}
+						// Stored tensors converted as they are.
+						f, a := d.alloc(4*int64(n)), d.alloc(int64(n)*p.Size())
+						if err := k.StoredToF32(d.c, src, code, int64(n), f); err != nil {
+							return err
+						}
+						if err := k.StoredToAct(d.c, src, code, int64(n), a); err != nil {
+							return err
+						}
+						gf, ga := d.readF32(f, n), d.readAct(a, n)
+						wa := roundAct(p, append([]float32(nil), stored...))
+						for i := range gf {
+							if gf[i] != stored[i] || ga[i] != wa[i] {
+								return fmt.Errorf("stored element %d: %v and %v, want %v and %v", i, gf[i], ga[i], stored[i], wa[i])
+							}
+						}
+						return nil
+					})
+				})
+			}
+		}
+	}
+}
+
+// optimizerParams are flat parameters laid out as the backend lays them:
+// tensors at offsets aligned to 256 elements.
+func optimizerParams(rng *rand.Rand, sizes []int) (params []trainer.Param, offsets []int, total int) {
+	for i, n := range sizes {
+		p := trainer.Param{Name: fmt.Sprintf("p%d", i), Data: make([]float32, n), Grad: make([]float32, n)}
+		for j := range p.Data {
+			p.Data[j] = float32(rng.NormFloat64() * 0.1)
+		}
+		params = append(params, p)
+		offsets = append(offsets, total)
+		total += (n + 255) / 256 * 256
+	}
+	return params, offsets, total
+}
+
+func flat(params []trainer.Param, offsets []int, total int, grad bool) []float32 {
+	out := make([]float32, total)
+	for i, p := range params {
+		src := p.Data
+		if grad {
+			src = p.Grad
+		}
+		copy(out[offsets[i]:], src)
+	}
+	return out
+}
+
+func TestOptimizersMatchHostBitForBit(t *testing.T) {
+	k := kernelsFor(t, F32, 256)
+	rng := cudatest.Rand(t)
+	sizes := []int{trainer.Adam8MinSize + 300, 3000, 256 * 20}
+	params, offsets, total := optimizerParams(rng, sizes)
+	const lr, b1, b2, eps, wd = 1e-3, 0.9, 0.999, 1e-8, 0.01
+	ref := trainer.NewAdamW(params, b1, b2, eps, wd)
+	ref8Params := make([]trainer.Param, len(params))
+	for i, p := range params {
+		ref8Params[i] = trainer.Param{Name: p.Name, Data: append([]float32(nil), p.Data...), Grad: make([]float32, len(p.Grad))}
+	}
+	ref8 := trainer.NewAdamW8bit(ref8Params, b1, b2, eps, wd)
+	// The 8-bit blocks of the large tensors; the small one keeps float32 moments.
+	var starts []int64
+	var lens []int32
+	for i, n := range sizes {
+		if n < trainer.Adam8MinSize {
+			continue
+		}
+		for b := 0; b < n; b += 256 {
+			starts = append(starts, int64(offsets[i]+b))
+			lens = append(lens, int32(min(256, n-b)))
+		}
+	}
+	run(t, k, func(d *dev) error {
+		p32, g32 := d.f32(flat(params, offsets, total, false)), d.f32(make([]float32, total))
+		m, v := d.f32(make([]float32, total)), d.f32(make([]float32, total))
+		p8 := d.f32(flat(ref8Params, offsets, total, false))
+		m8, v8 := d.f32(make([]float32, total)), d.f32(make([]float32, total))
+		q1, q2 := d.alloc(int64(total)), d.alloc(int64(total))
+		if err := d.c.MemsetD8Async(q1, 0, int64(total), nil); err != nil {
+			return err
+		}
+		if err := d.c.MemsetD8Async(q2, 0, int64(total), nil); err != nil {
+			return err
+		}
+		am1, am2 := d.f32(make([]float32, len(starts))), d.f32(make([]float32, len(starts)))
+		st := d.alloc(8 * int64(len(starts)))
+		if err := cuda.Upload(d.c, st, starts); err != nil {
+			return err
+		}
+		ln := d.i32(lens)
+		for step := 1; step <= 3; step++ {
+			for i := range params {
+				for j := range params[i].Grad {
+					g := float32(rng.NormFloat64())
+					params[i].Grad[j], ref8Params[i].Grad[j] = g, g
+				}
+			}
+			if err := cuda.Upload(d.c, g32, flat(params, offsets, total, true)); err != nil {
+				return err
+			}
+			scale := float32(0.5)
+			for i := range params {
+				for j := range params[i].Grad {
+					params[i].Grad[j] *= scale
+					ref8Params[i].Grad[j] *= scale
+				}
+			}
+			if err := ref.Update(params, lr); err != nil {
+				return err
+			}
+			if err := ref8.Update(ref8Params, lr); err != nil {
+				return err
+			}
+			if err := k.AdamW(d.c, p32, g32, m, v, int64(total), scale, trainer.AdamWStep(b1, b2, eps, wd, lr, step)); err != nil {
+				return err
+			}
+			k8 := trainer.Adam8Step(b1, b2, eps, wd, lr, step)
+			if err := k.Adam8(d.c, p8, g32, q1, q2, am1, am2, st, ln, len(starts), scale, k8); err != nil {
+				return err
+			}
+			small := offsets[1]
+			if err := k.Adam8F32(d.c, p8+cuda.DevicePtr(4*small), g32+cuda.DevicePtr(4*small), m8+cuda.DevicePtr(4*small), v8+cuda.DevicePtr(4*small), int64(sizes[1]), scale, k8); err != nil {
+				return err
+			}
+			got, got8 := d.readF32(p32, total), d.readF32(p8, total)
+			want, want8 := flat(params, offsets, total, false), flat(ref8Params, offsets, total, false)
+			for i := range got {
+				if got[i] != want[i] {
+					return fmt.Errorf("adamw step %d element %d: %v, host %v", step, i, got[i], want[i])
+				}
+				if got8[i] != want8[i] {
+					return fmt.Errorf("adamw_8bit step %d element %d: %v, host %v", step, i, got8[i], want8[i])
+				}
+			}
+		}
+		// The quantised moments too.
+		st8 := ref8.State()
+		gq1 := make([]uint8, total)
+		if err := cuda.Download(d.c, gq1, q1); err != nil {
+			return err
+		}
+		for _, tns := range st8.Tensors {
+			if tns.Name == "p0.state1" {
+				for j, b := range tns.Data {
+					if gq1[j] != b {
+						return fmt.Errorf("state1[%d] = %d, host %d", j, gq1[j], b)
+					}
+				}
+			}
+		}
+		// The gradient norm in float64.
+		scratch := d.alloc(8 * (NormPartials + 1))
+		g := flat(params, offsets, total, true)
+		gp := d.f32(g)
+		if err := k.SquaredNorm(d.c, gp, int64(total), scratch); err != nil {
+			return err
+		}
+		var ss [1]float64
+		if err := cuda.Download(d.c, ss[:], scratch.Add(8*NormPartials)); err != nil {
+			return err
+		}
+		var want float64
+		for _, x := range g {
+			want += float64(x) * float64(x)
+		}
+		if math.Abs(ss[0]-want) > 1e-12*want {
+			return fmt.Errorf("squared norm %v, want %v", ss[0], want)
+		}
+		return nil
+	})
+}

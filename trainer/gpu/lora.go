@@ -1,0 +1,420 @@
+package gpu
+
+import (
+	"encoding/binary"
+	"fmt"
+	"math"
+
+	"gemmaft/cuda"
+	"gemmaft/trainer"
+	"gemmaft/trainer/gpu/kernels"
+	"gemmaft/trainer/safetensors"
+)
+
+// The adapter lives in flat float32 buffers on the device: every LoRA
+// tensor at an offset aligned to 256 elements (so 8-bit optimizer blocks
+// never straddle two tensors and every tensor is well aligned for the
+// GEMMs), in trainer.Adapter.Params() order. Gradients and optimizer
+// moments share the layout, so the optimizer is one pass over flat arrays.
+
+const loraAlign = 256
+
+// loraSlot is one LoRA tensor: A [r × in] or B [out × r].
+type loraSlot struct {
+	name       string
+	layer      int
+	mod        trainer.Module
+	isB        bool
+	rows, cols int
+	offset, n  int64
+	// For adamw_8bit: the tensor's state blocks are [block, block+blocks);
+	// a small tensor (fewer than trainer.Adam8MinSize elements) keeps
+	// float32 moments instead.
+	block, blocks int
+	small         bool
+}
+
+type loraState struct {
+	cfg   trainer.LoRAConfig
+	slots []loraSlot
+	index map[[3]int]int // (layer, module, isB) → slot
+	total int64
+
+	data, grad cuda.Buffer // float32
+	act        cuda.DevicePtr
+	actBuf     cuda.Buffer // the bf16 copy the GEMMs read (bf16 mode)
+
+	opt              trainer.OptimizerConfig
+	step             int
+	m, v             cuda.Buffer // float32 moments (adamw; adamw_8bit's small tensors)
+	q1, q2           cuda.Buffer // adamw_8bit: one byte per element
+	absmax1, absmax2 cuda.Buffer // adamw_8bit: one float per block
+	blockStart       cuda.Buffer // int64 per block
+	blockLen         cuda.Buffer // int32 per block
+	nblocks          int
+	hasSmall         bool
+	normScratch      cuda.Buffer // float64 partial sums of the gradient norm
+}
+
+// layoutLoRA assigns every tensor of an adapter of shape lc its place.
+func layoutLoRA(cfg *trainer.Config, lc trainer.LoRAConfig, opt trainer.OptimizerConfig) (*loraState, error) {
+	proto, err := trainer.NewAdapter(cfg, lc, 0)
+	if err != nil {
+		return nil, err
+	}
+	params := proto.Params()
+	st := &loraState{cfg: lc, index: map[[3]int]int{}, opt: opt}
+	i := 0
+	for li, mods := range proto.Layers {
+		for _, m := range trainer.AllModules {
+			w, ok := mods[m]
+			if !ok {
+				continue
+			}
+			for _, isB := range []bool{false, true} {
+				rows, cols := w.R, w.In
+				if isB {
+					rows, cols = w.Out, w.R
+				}
+				n := int64(rows) * int64(cols)
+				if i >= len(params) || int64(len(params[i].Data)) != n {
+					return nil, fmt.Errorf("gpu: LoRA layout disagrees with the adapter's parameters at %d", i)
+				}
+				sl := loraSlot{name: params[i].Name, layer: li, mod: m, isB: isB, rows: rows, cols: cols, offset: st.total, n: n}
+				if opt.Name == "adamw_8bit" {
+					if n < trainer.Adam8MinSize {
+						sl.small = true
+						st.hasSmall = true
+					} else {
+						sl.block = st.nblocks
+						sl.blocks = int((n + trainer.Adam8BlockSize - 1) / trainer.Adam8BlockSize)
+						st.nblocks += sl.blocks
+					}
+				}
+				st.index[[3]int{li, moduleIndex(m), boolIndex(isB)}] = len(st.slots)
+				st.slots = append(st.slots, sl)
+				st.total += (n + loraAlign - 1) / loraAlign * loraAlign
+				i++
+			}
+		}
+	}
+	return st, nil
+}
+
+func boolIndex(b bool) int {
+	if b {
+		return 1
+	}
+	return 0
+}
+
+// slot returns the LoRA tensor of (layer, module), A or B, if adapted.
+func (st *loraState) slot(layer int, m trainer.Module, isB bool) (*loraSlot, bool) {
+	i, ok := st.index[[3]int{layer, moduleIndex(m), boolIndex(isB)}]
+	if !ok {
+		return nil, false
+	}
+	return &st.slots[i], true
+}
+
+// allocate creates the device buffers.
+func (st *loraState) allocate(s *session, c *cuda.Ctx) error {
+	var err error
+	if st.data, err = s.alloc(c, 4*st.total, "LoRA weights"); err != nil {
+		return err
+	}
+	if st.grad, err = s.alloc(c, 4*st.total, "LoRA gradients"); err != nil {
+		return err
+	}
+	st.act = st.data.Ptr
+	if s.k.Prec.Size() != 4 {
+		if st.actBuf, err = s.alloc(c, s.k.Prec.Size()*st.total, "LoRA weights"); err != nil {
+			return err
+		}
+		st.act = st.actBuf.Ptr
+	}
+	if st.opt.Name == "adamw" || st.hasSmall {
+		if st.m, err = s.alloc(c, 4*st.total, "optimizer state"); err != nil {
+			return err
+		}
+		if st.v, err = s.alloc(c, 4*st.total, "optimizer state"); err != nil {
+			return err
+		}
+	}
+	if st.nblocks > 0 {
+		for _, b := range []*cuda.Buffer{&st.q1, &st.q2} {
+			if *b, err = s.alloc(c, st.total, "8-bit optimizer state"); err != nil {
+				return err
+			}
+		}
+		for _, b := range []*cuda.Buffer{&st.absmax1, &st.absmax2} {
+			if *b, err = s.alloc(c, 4*int64(st.nblocks), "8-bit optimizer state"); err != nil {
+				return err
+			}
+		}
+		starts := make([]int64, 0, st.nblocks)
+		lens := make([]int32, 0, st.nblocks)
+		for _, sl := range st.slots {
+			for b := 0; b < sl.blocks; b++ {
+				lo := int64(b) * trainer.Adam8BlockSize
+				starts = append(starts, sl.offset+lo)
+				lens = append(lens, int32(min(trainer.Adam8BlockSize, sl.n-lo)))
+			}
+		}
+		if st.blockStart, err = s.alloc(c, 8*int64(st.nblocks), "8-bit optimizer state"); err != nil {
+			return err
+		}
+		if st.blockLen, err = s.alloc(c, 4*int64(st.nblocks), "8-bit optimizer state"); err != nil {
+			return err
+		}
+		if err := cuda.Upload(c, st.blockStart.Ptr, starts); err != nil {
+			return err
+		}
+		if err := cuda.Upload(c, st.blockLen.Ptr, lens); err != nil {
+			return err
+		}
+	}
+	if st.normScratch, err = s.alloc(c, 8*(kernels.NormPartials+1), "gradient norm"); err != nil {
+		return err
+	}
+	return nil
+}
+
+// f32At returns the address of element off of a float32 buffer.
+func f32At(b cuda.Buffer, off int64) cuda.DevicePtr { return b.Ptr.Add(4 * off) }
+
+// dataPtr, gradPtr and actPtr locate a slot in the flat buffers.
+func (st *loraState) dataPtr(sl *loraSlot) cuda.DevicePtr { return f32At(st.data, sl.offset) }
+func (st *loraState) gradPtr(sl *loraSlot) cuda.DevicePtr { return f32At(st.grad, sl.offset) }
+func (st *loraState) actPtr(s *session, sl *loraSlot) cuda.DevicePtr {
+	return st.act.Add(s.k.Prec.Size() * sl.offset)
+}
+
+// setState uploads an adapter and an optimizer state (nil: fresh), clears
+// the gradients and refreshes the activation copy.
+func (st *loraState) setState(s *session, c *cuda.Ctx, a *trainer.Adapter, opt *trainer.OptimizerState) error {
+	params := a.Params()
+	if len(params) != len(st.slots) {
+		return fmt.Errorf("adapter has %d tensors, the session %d", len(params), len(st.slots))
+	}
+	host := make([]float32, st.total)
+	for i, p := range params {
+		sl := &st.slots[i]
+		if int64(len(p.Data)) != sl.n || p.Name != sl.name {
+			return fmt.Errorf("adapter tensor %s (%d elements) does not fit the session's %s (%d)", p.Name, len(p.Data), sl.name, sl.n)
+		}
+		copy(host[sl.offset:], p.Data)
+	}
+	if err := cuda.Upload(c, st.data.Ptr, host); err != nil {
+		return err
+	}
+	if err := c.MemsetD8Async(st.grad.Ptr, 0, st.grad.Size, nil); err != nil {
+		return err
+	}
+	if err := st.refreshAct(s, c); err != nil {
+		return err
+	}
+	return st.setOptimizer(c, opt)
+}
+
+func (st *loraState) refreshAct(s *session, c *cuda.Ctx) error {
+	if st.act == st.data.Ptr {
+		return nil
+	}
+	return s.k.F32ToAct(c, st.data.Ptr, st.act, st.total)
+}
+
+// setOptimizer uploads an optimizer state in the layout trainer's CPU
+// optimizers write (see trainer.AdamW.State, trainer.AdamW8bit.State).
+func (st *loraState) setOptimizer(c *cuda.Ctx, opt *trainer.OptimizerState) error {
+	for _, b := range []cuda.Buffer{st.m, st.v, st.q1, st.q2, st.absmax1, st.absmax2} {
+		if b.Size > 0 {
+			if err := c.MemsetD8Async(b.Ptr, 0, b.Size, nil); err != nil {
+				return err
+			}
+		}
+	}
+	st.step = 0
+	if opt == nil || (opt.Step == 0 && len(opt.Tensors) == 0) {
+		return c.Stream().Synchronize()
+	}
+	if opt.Name != st.opt.Name {
+		return fmt.Errorf("the saved optimizer state is %s's, the session runs %s", opt.Name, st.opt.Name)
+	}
+	byName := map[string]safetensors.Tensor{}
+	for _, t := range opt.Tensors {
+		byName[t.Name] = t
+	}
+	f32 := func(name string, n int64, dst cuda.DevicePtr) error {
+		t, ok := byName[name]
+		if !ok || t.DType != safetensors.F32 || int64(len(t.Data)) != 4*n {
+			return fmt.Errorf("optimizer state: tensor %s missing or not %d float32 values", name, n)
+		}
+		return cuda.Upload(c, dst, t.Data)
+	}
+	for i := range st.slots {
+		sl := &st.slots[i]
+		if st.opt.Name == "adamw" || sl.small {
+			if err := f32(sl.name+".exp_avg", sl.n, f32At(st.m, sl.offset)); err != nil {
+				return err
+			}
+			if err := f32(sl.name+".exp_avg_sq", sl.n, f32At(st.v, sl.offset)); err != nil {
+				return err
+			}
+			continue
+		}
+		for _, part := range []struct {
+			name string
+			dst  cuda.Buffer
+		}{{".state1", st.q1}, {".state2", st.q2}} {
+			t, ok := byName[sl.name+part.name]
+			if !ok || t.DType != safetensors.U8 || int64(len(t.Data)) != sl.n {
+				return fmt.Errorf("optimizer state: tensor %s%s missing or not %d bytes", sl.name, part.name, sl.n)
+			}
+			if err := cuda.Upload(c, part.dst.Ptr.Add(sl.offset), t.Data); err != nil {
+				return err
+			}
+		}
+		if err := f32(sl.name+".absmax1", int64(sl.blocks), f32At(st.absmax1, int64(sl.block))); err != nil {
+			return err
+		}
+		if err := f32(sl.name+".absmax2", int64(sl.blocks), f32At(st.absmax2, int64(sl.block))); err != nil {
+			return err
+		}
+	}
+	st.step = opt.Step
+	return nil
+}
+
+// download returns the flat float32 buffer b (the weights or the
+// gradients) as an adapter.
+func (st *loraState) download(c *cuda.Ctx, cfg *trainer.Config, b cuda.Buffer) (*trainer.Adapter, error) {
+	host := make([]float32, st.total)
+	if err := cuda.Download(c, host, b.Ptr); err != nil {
+		return nil, err
+	}
+	a, err := trainer.NewAdapter(cfg, st.cfg, 0)
+	if err != nil {
+		return nil, err
+	}
+	for i, p := range a.Params() {
+		copy(p.Data, host[st.slots[i].offset:st.slots[i].offset+st.slots[i].n])
+	}
+	return a, nil
+}
+
+// state downloads the adapter and the optimizer state.
+func (st *loraState) state(c *cuda.Ctx, cfg *trainer.Config) (*trainer.Adapter, *trainer.OptimizerState, error) {
+	a, err := st.download(c, cfg, st.data)
+	if err != nil {
+		return nil, nil, err
+	}
+	opt := &trainer.OptimizerState{Name: st.opt.Name, Step: st.step}
+	var m, v []float32
+	if st.m.Size > 0 {
+		m, v = make([]float32, st.total), make([]float32, st.total)
+		if err := cuda.Download(c, m, st.m.Ptr); err != nil {
+			return nil, nil, err
+		}
+		if err := cuda.Download(c, v, st.v.Ptr); err != nil {
+			return nil, nil, err
+		}
+	}
+	var q1, q2 []uint8
+	var am1, am2 []float32
+	if st.nblocks > 0 {
+		q1, q2 = make([]uint8, st.total), make([]uint8, st.total)
+		am1, am2 = make([]float32, st.nblocks), make([]float32, st.nblocks)
+		for _, d := range []struct {
+			dst any
+			src cuda.DevicePtr
+		}{{q1, st.q1.Ptr}, {q2, st.q2.Ptr}, {am1, st.absmax1.Ptr}, {am2, st.absmax2.Ptr}} {
+			var err error
+			switch x := d.dst.(type) {
+			case []uint8:
+				err = cuda.Download(c, x, d.src)
+			case []float32:
+				err = cuda.Download(c, x, d.src)
+			}
+			if err != nil {
+				return nil, nil, err
+			}
+		}
+	}
+	for i := range st.slots {
+		sl := &st.slots[i]
+		lo, hi := sl.offset, sl.offset+sl.n
+		if st.opt.Name == "adamw" || sl.small {
+			opt.Tensors = append(opt.Tensors, f32Tensor(sl.name+".exp_avg", m[lo:hi]), f32Tensor(sl.name+".exp_avg_sq", v[lo:hi]))
+			continue
+		}
+		b0, b1 := sl.block, sl.block+sl.blocks
+		opt.Tensors = append(opt.Tensors,
+			safetensors.Tensor{Name: sl.name + ".state1", DType: safetensors.U8, Shape: []int{int(sl.n)}, Data: append([]byte(nil), q1[lo:hi]...)},
+			f32Tensor(sl.name+".absmax1", am1[b0:b1]),
+			safetensors.Tensor{Name: sl.name + ".state2", DType: safetensors.U8, Shape: []int{int(sl.n)}, Data: append([]byte(nil), q2[lo:hi]...)},
+			f32Tensor(sl.name+".absmax2", am2[b0:b1]))
+	}
+	return a, opt, nil
+}
+
+func f32Tensor(name string, v []float32) safetensors.Tensor {
+	b := make([]byte, 4*len(v))
+	for i, x := range v {
+		binary.LittleEndian.PutUint32(b[4*i:], math.Float32bits(x))
+	}
+	return safetensors.Tensor{Name: name, DType: safetensors.F32, Shape: []int{len(v)}, Data: b}
+}
+
+// step clips the gradients to maxNorm (0: no clipping), applies the
+// optimizer and clears the gradients. It returns the norm before clipping.
+func (st *loraState) update(s *session, c *cuda.Ctx, lr, maxNorm float64) (float64, error) {
+	if err := s.k.SquaredNorm(c, st.grad.Ptr, st.total, st.normScratch.Ptr); err != nil {
+		return 0, err
+	}
+	var ss [1]float64
+	if err := cuda.Download(c, ss[:], st.normScratch.Ptr.Add(8*kernels.NormPartials)); err != nil {
+		return 0, err
+	}
+	norm := math.Sqrt(ss[0])
+	// The clipping rule of trainer.ClipGradNorm (torch's
+	// clip_grad_norm_): scale by max/(norm + 1e-6) when that is below one.
+	scale := float32(1)
+	if maxNorm > 0 && !math.IsNaN(norm) && !math.IsInf(norm, 0) {
+		if coef := maxNorm / (norm + 1e-6); coef < 1 {
+			scale = float32(coef)
+		}
+	}
+	st.step++
+	o := st.opt
+	switch o.Name {
+	case "adamw":
+		k := trainer.AdamWStep(o.Beta1, o.Beta2, o.Eps, o.WeightDecay, lr, st.step)
+		if err := s.k.AdamW(c, st.data.Ptr, st.grad.Ptr, st.m.Ptr, st.v.Ptr, st.total, scale, k); err != nil {
+			return 0, err
+		}
+	case "adamw_8bit":
+		k := trainer.Adam8Step(o.Beta1, o.Beta2, o.Eps, o.WeightDecay, lr, st.step)
+		if st.nblocks > 0 {
+			if err := s.k.Adam8(c, st.data.Ptr, st.grad.Ptr, st.q1.Ptr, st.q2.Ptr, st.absmax1.Ptr, st.absmax2.Ptr,
+				st.blockStart.Ptr, st.blockLen.Ptr, st.nblocks, scale, k); err != nil {
+				return 0, err
+			}
+		}
+		for i := range st.slots {
+			sl := &st.slots[i]
+			if !sl.small {
+				continue
+			}
+			if err := s.k.Adam8F32(c, st.dataPtr(sl), st.gradPtr(sl), f32At(st.m, sl.offset), f32At(st.v, sl.offset), sl.n, scale, k); err != nil {
+				return 0, err
+			}
+		}
+	default:
+		return 0, fmt.Errorf("optimizer %q", o.Name)
+	}
+	if err := c.MemsetD8Async(st.grad.Ptr, 0, st.grad.Size, nil); err != nil {
+		return 0, err
+	}
+	return norm, st.refreshAct(s, c)
+}

@@ -1,0 +1,597 @@
+package gpu
+
+import (
+	"fmt"
+	"math"
+
+	"gemmaft/cuda"
+	"gemmaft/trainer"
+)
+
+// The Gemma 3 step on the device, the CPU reference's runner (trainer's
+// model_cpu.go) operation for operation. Activations ("act") are the
+// kernel set's precision; gradients that sum several contributions are
+// float32.
+
+// layerCache holds one block's activations between its forward pass and
+// its backward pass.
+type layerCache struct {
+	xn1, q, k, v, qr, kr, att, o, x1, xn2, gate, up, act, d cuda.Buffer // activations
+	rstd1, rstdQ, rstdK, lse, rstd2, rstd3, rstd4            cuda.Buffer // float32
+	xa                                                       [7]cuda.Buffer
+}
+
+// workspace is every activation buffer, sized for the session's largest
+// micro-batch (T tokens).
+type workspace struct {
+	T      int
+	chunk  int           // tokens of the lm_head's cross-entropy chunk
+	inputs []cuda.Buffer // inputs[l] is block l's input; inputs[L] the last block's output
+	caches []layerCache  // one with gradient checkpointing, one per block without
+
+	dout, dx1, dxn  cuda.Buffer // float32 [T × hidden]
+	dd              cuda.Buffer // act [T × hidden]
+	dact            cuda.Buffer // float32 [T × intermediate]
+	datt, dqr       cuda.Buffer // float32 [T × heads·head_dim]
+	dkr, dvr        cuda.Buffer // float32 [T × kv_heads·head_dim]
+	dq, dk, dv      cuda.Buffer // act
+	delta           cuda.Buffer // float32 [T × heads]
+	dxa             cuda.Buffer // act [T × r]
+	xin             cuda.Buffer // act [T × widest projection input]: dropout's output
+	wbuf            cuda.Buffer // act [largest projection]: dequantised NF4 weights
+	xf, rstdF       cuda.Buffer
+	hc, dhc, dxf    cuda.Buffer
+	logits, glog    cuda.Buffer
+	rowLoss         cuda.Buffer // float64 [T + 1]
+	ids, idx, tgt   cuda.Buffer // int32 [T]
+	lo, hi          [2]cuda.Buffer
+	cos, sin        [2]cuda.Buffer
+}
+
+// Layer types by index: sliding-window layers first, then global ones.
+var layerTypes = [2]trainer.LayerType{trainer.SlidingAttention, trainer.FullAttention}
+
+func typeIndex(lt trainer.LayerType) int {
+	if lt == trainer.FullAttention {
+		return 1
+	}
+	return 0
+}
+
+// lossChunkBytes bounds the logits of one cross-entropy chunk (float32
+// logits plus their gradient as activations).
+const lossChunkBytes = 768 << 20
+
+// bufSpec is one buffer of a layout: where it goes, its size and what it
+// is for (the memory plan's groups).
+type bufSpec struct {
+	buf   *cuda.Buffer
+	bytes int64
+	group string
+}
+
+// Memory plan groups.
+const (
+	groupSaved = "saved layer inputs"
+	groupLayer = "layer activations"
+	groupWork  = "backward and loss buffers"
+)
+
+// layoutWorkspace lays out the workspace for T tokens: the buffers
+// allocWorkspace allocates and Plan counts.
+func layoutWorkspace(cfg *trainer.Config, sc trainer.SessionConfig, act int64, T int) (*workspace, []bufSpec) {
+	Hd, I, H, KV, D, V, R := int64(cfg.Hidden), int64(cfg.Intermediate), int64(cfg.Heads), int64(cfg.KVHeads), int64(cfg.HeadDim), int64(cfg.VocabSize), int64(sc.LoRA.R)
+	t := int64(T)
+	ws := &workspace{T: T}
+	ws.chunk = int(max(1, min(t, lossChunkBytes/(V*(4+act)))))
+	C := int64(ws.chunk)
+	var specs []bufSpec
+	add := func(group string, n int64, bufs ...*cuda.Buffer) {
+		for _, b := range bufs {
+			specs = append(specs, bufSpec{b, max(n, 1), group})
+		}
+	}
+	ws.inputs = make([]cuda.Buffer, cfg.Layers+1)
+	for i := range ws.inputs {
+		add(groupSaved, t*Hd*act, &ws.inputs[i])
+	}
+	caches := 1
+	if !sc.GradientCheckpointing {
+		caches = cfg.Layers
+	}
+	ws.caches = make([]layerCache, caches)
+	for i := range ws.caches {
+		lc := &ws.caches[i]
+		add(groupLayer, t*Hd*act, &lc.xn1, &lc.o, &lc.x1, &lc.xn2, &lc.d)
+		add(groupLayer, t*H*D*act, &lc.q, &lc.qr, &lc.att)
+		add(groupLayer, t*KV*D*act, &lc.k, &lc.kr, &lc.v)
+		add(groupLayer, t*I*act, &lc.gate, &lc.up, &lc.act)
+		add(groupLayer, 4*t, &lc.rstd1, &lc.rstd2, &lc.rstd3, &lc.rstd4)
+		add(groupLayer, 4*t*H, &lc.rstdQ, &lc.lse)
+		add(groupLayer, 4*t*KV, &lc.rstdK)
+		for _, m := range sc.LoRA.Targets {
+			add(groupLayer, t*R*act, &lc.xa[moduleIndex(m)])
+		}
+	}
+	maxIn, maxW := int64(0), int64(0)
+	for _, m := range trainer.AllModules {
+		out, in := cfg.ProjShape(m)
+		maxIn, maxW = max(maxIn, int64(in)), max(maxW, int64(out)*int64(in))
+	}
+	add(groupWork, 4*t*Hd, &ws.dout, &ws.dx1, &ws.dxn, &ws.dxf)
+	add(groupWork, t*Hd*act, &ws.dd, &ws.xf)
+	add(groupWork, 4*t*I, &ws.dact)
+	add(groupWork, 4*t*H*D, &ws.datt, &ws.dqr)
+	add(groupWork, 4*t*KV*D, &ws.dkr, &ws.dvr)
+	add(groupWork, t*H*D*act, &ws.dq)
+	add(groupWork, t*KV*D*act, &ws.dk, &ws.dv)
+	add(groupWork, 4*t*H, &ws.delta)
+	add(groupWork, t*R*act, &ws.dxa)
+	add(groupWork, t*maxIn*act, &ws.xin)
+	add(groupWork, maxW*act, &ws.wbuf)
+	add(groupWork, C*Hd*act, &ws.hc)
+	add(groupWork, 4*C*Hd, &ws.dhc)
+	add(groupWork, 4*C*V, &ws.logits)
+	add(groupWork, C*V*act, &ws.glog)
+	add(groupWork, 8*(t+1), &ws.rowLoss)
+	add(groupWork, 4*t, &ws.rstdF, &ws.ids, &ws.idx, &ws.tgt, &ws.lo[0], &ws.lo[1], &ws.hi[0], &ws.hi[1])
+	add(groupWork, 4*t*D/2, &ws.cos[0], &ws.cos[1], &ws.sin[0], &ws.sin[1])
+	return ws, specs
+}
+
+// allocWorkspace allocates the workspace for T tokens.
+func (s *session) allocWorkspace(c *cuda.Ctx, T int) error {
+	ws, specs := layoutWorkspace(s.info.Config, s.cfg, s.k.Prec.Size(), T)
+	for _, b := range specs {
+		var err error
+		if *b.buf, err = s.alloc(c, b.bytes, b.group); err != nil {
+			return err
+		}
+	}
+	s.ws = ws
+	return nil
+}
+
+// hostBatch is a batch laid out for the device.
+type hostBatch struct {
+	T         int
+	ids       []int32
+	idx, tgt  []int32 // trained positions and their targets
+	lo, hi    [2][]int32
+	cos, sin  [2][]float32
+	trainedOK bool
+}
+
+// prepare lays out b: token ids, the trained positions, each layer type's
+// attention spans and rotary tables.
+func (s *session) prepare(b *trainer.Batch) (*hostBatch, error) {
+	cfg := s.info.Config
+	T := len(b.IDs)
+	if T == 0 {
+		return nil, fmt.Errorf("empty batch")
+	}
+	if T > s.ws.T {
+		return nil, fmt.Errorf("batch of %d tokens exceeds the %d the session was sized for (SessionConfig.MaxTokens)", T, s.ws.T)
+	}
+	hb := &hostBatch{T: T, ids: b.IDs}
+	for i, id := range b.IDs {
+		if id < 0 || int(id) >= cfg.VocabSize {
+			return nil, fmt.Errorf("token %d: id %d outside the vocabulary [0, %d)", i, id, cfg.VocabSize)
+		}
+		if b.Pos[i] < 0 {
+			return nil, fmt.Errorf("token %d: negative position %d", i, b.Pos[i])
+		}
+		if t := b.Targets[i]; t != trainer.IgnoreIndex {
+			if t < 0 || int(t) >= cfg.VocabSize {
+				return nil, fmt.Errorf("token %d: label %d outside the vocabulary [0, %d)", i, t, cfg.VocabSize)
+			}
+			hb.idx = append(hb.idx, int32(i))
+			hb.tgt = append(hb.tgt, t)
+		}
+	}
+	half := cfg.HeadDim / 2
+	for ti, lt := range layerTypes {
+		w := 0
+		if lt == trainer.SlidingAttention {
+			w = cfg.SlidingWindow
+		}
+		hb.lo[ti] = trainer.AttentionSpans(b.SegStart, w)
+		hb.hi[ti] = lastQueries(hb.lo[ti])
+		cosTab, sinTab := s.ropeTables(lt, b.Pos)
+		hb.cos[ti], hb.sin[ti] = make([]float32, T*half), make([]float32, T*half)
+		for t, p := range b.Pos {
+			copy(hb.cos[ti][t*half:(t+1)*half], cosTab[int(p)*half:(int(p)+1)*half])
+			copy(hb.sin[ti][t*half:(t+1)*half], sinTab[int(p)*half:(int(p)+1)*half])
+		}
+	}
+	return hb, nil
+}
+
+// lastQueries returns, for each key j, the last query i with lo[i] <= j
+// (lo never decreases, and lo[i] <= i).
+func lastQueries(lo []int32) []int32 {
+	hi := make([]int32, len(lo))
+	i := 0
+	for j := range hi {
+		for i+1 < len(lo) && int(lo[i+1]) <= j {
+			i++
+		}
+		hi[j] = int32(max(i, j))
+	}
+	return hi
+}
+
+// ropeTables returns a layer type's cos and sin for positions 0 .. the
+// largest of pos, extending the cached tables as needed. The values are
+// trainer.RopeTables', so both backends rotate by the same float32 angles.
+func (s *session) ropeTables(lt trainer.LayerType, pos []int32) (cos, sin []float32) {
+	half := s.info.Config.HeadDim / 2
+	need := 0
+	for _, p := range pos {
+		need = max(need, int(p)+1)
+	}
+	ti := typeIndex(lt)
+	if have := len(s.ropeCos[ti]) / half; have < need {
+		all := make([]int32, need)
+		for i := range all {
+			all[i] = int32(i)
+		}
+		s.ropeCos[ti], s.ropeSin[ti] = trainer.RopeTables(all, trainer.RopeInvFreq(s.info.Config.Rope[lt], s.info.Config.HeadDim))
+	}
+	return s.ropeCos[ti], s.ropeSin[ti]
+}
+
+// upload copies the batch to the workspace.
+func (s *session) upload(c *cuda.Ctx, hb *hostBatch) error {
+	ws := s.ws
+	if err := cuda.Upload(c, ws.ids.Ptr, hb.ids); err != nil {
+		return err
+	}
+	if err := cuda.Upload(c, ws.idx.Ptr, hb.idx); err != nil {
+		return err
+	}
+	if err := cuda.Upload(c, ws.tgt.Ptr, hb.tgt); err != nil {
+		return err
+	}
+	for ti := range layerTypes {
+		for _, u := range []struct {
+			dst cuda.DevicePtr
+			src any
+		}{{ws.lo[ti].Ptr, hb.lo[ti]}, {ws.hi[ti].Ptr, hb.hi[ti]}, {ws.cos[ti].Ptr, hb.cos[ti]}, {ws.sin[ti].Ptr, hb.sin[ti]}} {
+			var err error
+			switch v := u.src.(type) {
+			case []int32:
+				err = cuda.Upload(c, u.dst, v)
+			case []float32:
+				err = cuda.Upload(c, u.dst, v)
+			}
+			if err != nil {
+				return err
+			}
+		}
+	}
+	return nil
+}
+
+// gemm computes out = alpha·op(a)·op(b) + beta·out (row-major; with transB,
+// b is stored [n × k]; with transA, a is stored [k × m]).
+func (s *session) gemm(c *cuda.Ctx, m, n, k int, transA, transB bool, ab, outType cuda.DType,
+	alpha float32, a, b cuda.DevicePtr, beta float32, out cuda.DevicePtr) error {
+	g := cuda.GEMM{M: m, N: n, K: k, TransA: transA, TransB: transB, AType: ab, BType: ab, CType: outType}
+	return c.Matmul(g, alpha, a, b, beta, out, nil)
+}
+
+// dropout returns the session's dropout for a micro-batch, or nil.
+func (s *session) dropout(seed uint64, train bool) *trainer.Dropout {
+	if !train || s.cfg.LoRA.Dropout <= 0 {
+		return nil
+	}
+	d := trainer.NewDropout(s.cfg.LoRA.Dropout, seed)
+	return &d
+}
+
+// linear computes out [T × out] = x·Wᵀ plus the LoRA update
+// scale·(drop(x)·Aᵀ)·Bᵀ, keeping x·Aᵀ in xa for the backward pass.
+func (s *session) linear(c *cuda.Ctx, T, layer int, mod trainer.Module, x, out cuda.DevicePtr, xa cuda.Buffer, d *trainer.Dropout) error {
+	act := s.k.Prec.GEMMType()
+	p := &s.w.layers[layer].proj[moduleIndex(mod)]
+	w, err := s.weight(c, p, s.ws.wbuf.Ptr)
+	if err != nil {
+		return err
+	}
+	if err := s.gemm(c, T, p.out, p.in, false, true, act, act, 1, x, w, 0, out); err != nil {
+		return err
+	}
+	A, ok := s.lora.slot(layer, mod, false)
+	if !ok {
+		return nil
+	}
+	B, _ := s.lora.slot(layer, mod, true)
+	src := x
+	if d != nil {
+		src = s.ws.xin.Ptr
+		if err := s.k.DropoutApply(c, x, src, int64(T)*int64(p.in), *d, trainer.DropoutStream(layer, mod)); err != nil {
+			return err
+		}
+	}
+	R := s.cfg.LoRA.R
+	if err := s.gemm(c, T, R, p.in, false, true, act, act, 1, src, s.lora.actPtr(s, A), 0, xa.Ptr); err != nil {
+		return err
+	}
+	return s.gemm(c, T, p.out, R, false, true, act, act, s.cfg.LoRA.Scale(), xa.Ptr, s.lora.actPtr(s, B), 1, out)
+}
+
+// linearBackward adds (or, without accumulate, writes) dx [T × in], the
+// float32 input gradient of linear for dy [T × out] (activations), and
+// accumulates the LoRA gradients.
+func (s *session) linearBackward(c *cuda.Ctx, T, layer int, mod trainer.Module, dy, x cuda.DevicePtr, xa cuda.Buffer,
+	dx cuda.DevicePtr, accumulate bool, d *trainer.Dropout) error {
+	act := s.k.Prec.GEMMType()
+	p := &s.w.layers[layer].proj[moduleIndex(mod)]
+	w, err := s.weight(c, p, s.ws.wbuf.Ptr)
+	if err != nil {
+		return err
+	}
+	beta := float32(0)
+	if accumulate {
+		beta = 1
+	}
+	if err := s.gemm(c, T, p.in, p.out, false, false, act, cuda.F32, 1, dy, w, beta, dx); err != nil {
+		return err
+	}
+	A, ok := s.lora.slot(layer, mod, false)
+	if !ok {
+		return nil
+	}
+	B, _ := s.lora.slot(layer, mod, true)
+	R, scale := s.cfg.LoRA.R, s.cfg.LoRA.Scale()
+	// gradB += scale·dyᵀ·xa; dxa = scale·dy·B.
+	if err := s.gemm(c, p.out, R, T, true, false, act, cuda.F32, scale, dy, xa.Ptr, 1, s.lora.gradPtr(B)); err != nil {
+		return err
+	}
+	dxa := s.ws.dxa.Ptr
+	if err := s.gemm(c, T, R, p.out, false, false, act, act, scale, dy, s.lora.actPtr(s, B), 0, dxa); err != nil {
+		return err
+	}
+	// gradA += dxaᵀ·drop(x).
+	src := x
+	stream := trainer.DropoutStream(layer, mod)
+	n := int64(T) * int64(p.in)
+	if d != nil {
+		src = s.ws.xin.Ptr
+		if err := s.k.DropoutApply(c, x, src, n, *d, stream); err != nil {
+			return err
+		}
+	}
+	if err := s.gemm(c, R, p.in, T, true, false, act, cuda.F32, 1, dxa, src, 1, s.lora.gradPtr(A)); err != nil {
+		return err
+	}
+	// dx += drop'(dxa·A).
+	if d == nil {
+		return s.gemm(c, T, p.in, R, false, false, act, cuda.F32, 1, dxa, s.lora.actPtr(s, A), 1, dx)
+	}
+	if err := s.gemm(c, T, p.in, R, false, false, act, act, 1, dxa, s.lora.actPtr(s, A), 0, s.ws.xin.Ptr); err != nil {
+		return err
+	}
+	return s.k.DropoutAdd(c, s.ws.xin.Ptr, dx, n, *d, stream)
+}
+
+// layerForward runs block l on x, writing its output to out and its
+// activations to lc.
+func (s *session) layerForward(c *cuda.Ctx, T, l int, x, out cuda.DevicePtr, lc *layerCache, d *trainer.Dropout) error {
+	cfg := s.info.Config
+	L := &s.w.layers[l]
+	Hd, H, KV, D := cfg.Hidden, cfg.Heads, cfg.KVHeads, cfg.HeadDim
+	ti := typeIndex(cfg.LayerTypes[l])
+	ws, eps := s.ws, cfg.RMSNormEps
+	steps := []func() error{
+		func() error { return s.k.RMSNorm(c, x, L.inputNorm.Ptr, 0, lc.xn1.Ptr, lc.rstd1.Ptr, T, Hd, eps) },
+		func() error { return s.linear(c, T, l, trainer.QProj, lc.xn1.Ptr, lc.q.Ptr, lc.xa[0], d) },
+		func() error { return s.linear(c, T, l, trainer.KProj, lc.xn1.Ptr, lc.k.Ptr, lc.xa[1], d) },
+		func() error { return s.linear(c, T, l, trainer.VProj, lc.xn1.Ptr, lc.v.Ptr, lc.xa[2], d) },
+		func() error {
+			return s.k.QKNormRope(c, lc.q.Ptr, L.qNorm.Ptr, ws.cos[ti].Ptr, ws.sin[ti].Ptr, lc.qr.Ptr, lc.rstdQ.Ptr, T, H, D, eps)
+		},
+		func() error {
+			return s.k.QKNormRope(c, lc.k.Ptr, L.kNorm.Ptr, ws.cos[ti].Ptr, ws.sin[ti].Ptr, lc.kr.Ptr, lc.rstdK.Ptr, T, KV, D, eps)
+		},
+		func() error {
+			return s.k.Attention(c, lc.qr.Ptr, lc.kr.Ptr, lc.v.Ptr, ws.lo[ti].Ptr, lc.att.Ptr, lc.lse.Ptr, T, H, KV, s.attnScale())
+		},
+		func() error { return s.linear(c, T, l, trainer.OProj, lc.att.Ptr, lc.o.Ptr, lc.xa[3], d) },
+		func() error { return s.k.RMSNorm(c, lc.o.Ptr, L.postAttnNorm.Ptr, x, lc.x1.Ptr, lc.rstd2.Ptr, T, Hd, eps) },
+		func() error { return s.k.RMSNorm(c, lc.x1.Ptr, L.preFFNorm.Ptr, 0, lc.xn2.Ptr, lc.rstd3.Ptr, T, Hd, eps) },
+		func() error { return s.linear(c, T, l, trainer.GateProj, lc.xn2.Ptr, lc.gate.Ptr, lc.xa[4], d) },
+		func() error { return s.linear(c, T, l, trainer.UpProj, lc.xn2.Ptr, lc.up.Ptr, lc.xa[5], d) },
+		func() error {
+			return s.k.GeGLU(c, lc.gate.Ptr, lc.up.Ptr, lc.act.Ptr, int64(T)*int64(cfg.Intermediate))
+		},
+		func() error { return s.linear(c, T, l, trainer.DownProj, lc.act.Ptr, lc.d.Ptr, lc.xa[6], d) },
+		func() error { return s.k.RMSNorm(c, lc.d.Ptr, L.postFFNorm.Ptr, lc.x1.Ptr, out, lc.rstd4.Ptr, T, Hd, eps) },
+	}
+	for _, f := range steps {
+		if err := f(); err != nil {
+			return fmt.Errorf("layer %d forward: %w", l, err)
+		}
+	}
+	return nil
+}
+
+func (s *session) attnScale() float64 { return 1 / math.Sqrt(s.info.Config.QueryPreAttnScalar) }
+
+// layerBackward takes ws.dout, the float32 gradient of block l's output,
+// and replaces it with the gradient of the block's input x, accumulating
+// the LoRA gradients.
+func (s *session) layerBackward(c *cuda.Ctx, T, l int, x cuda.DevicePtr, lc *layerCache, d *trainer.Dropout) error {
+	cfg := s.info.Config
+	L := &s.w.layers[l]
+	Hd, H, KV, D := cfg.Hidden, cfg.Heads, cfg.KVHeads, cfg.HeadDim
+	ti := typeIndex(cfg.LayerTypes[l])
+	ws := s.ws
+	steps := []func() error{
+		// out = x1 + norm(d)
+		func() error { return s.k.RMSNormBackwardAct(c, ws.dout.Ptr, lc.d.Ptr, L.postFFNorm.Ptr, lc.rstd4.Ptr, ws.dd.Ptr, T, Hd) },
+		func() error {
+			return s.linearBackward(c, T, l, trainer.DownProj, ws.dd.Ptr, lc.act.Ptr, lc.xa[6], ws.dact.Ptr, false, d)
+		},
+		// gate and up become their own gradients.
+		func() error {
+			return s.k.GeGLUBackward(c, ws.dact.Ptr, lc.gate.Ptr, lc.up.Ptr, lc.gate.Ptr, lc.up.Ptr, int64(T)*int64(cfg.Intermediate))
+		},
+		func() error {
+			return s.linearBackward(c, T, l, trainer.GateProj, lc.gate.Ptr, lc.xn2.Ptr, lc.xa[4], ws.dxn.Ptr, false, d)
+		},
+		func() error {
+			return s.linearBackward(c, T, l, trainer.UpProj, lc.up.Ptr, lc.xn2.Ptr, lc.xa[5], ws.dxn.Ptr, true, d)
+		},
+		// x1 = x + norm(o); xn2 = norm(x1)
+		func() error {
+			return s.k.RMSNormBackwardF32(c, ws.dxn.Ptr, lc.x1.Ptr, L.preFFNorm.Ptr, lc.rstd3.Ptr, ws.dout.Ptr, ws.dx1.Ptr, T, Hd)
+		},
+		func() error {
+			return s.k.RMSNormBackwardAct(c, ws.dx1.Ptr, lc.o.Ptr, L.postAttnNorm.Ptr, lc.rstd2.Ptr, ws.dd.Ptr, T, Hd)
+		},
+		func() error {
+			return s.linearBackward(c, T, l, trainer.OProj, ws.dd.Ptr, lc.att.Ptr, lc.xa[3], ws.datt.Ptr, false, d)
+		},
+		func() error {
+			return s.k.AttentionBackward(c, lc.qr.Ptr, lc.kr.Ptr, lc.v.Ptr, lc.att.Ptr, ws.datt.Ptr, lc.lse.Ptr,
+				ws.lo[ti].Ptr, ws.hi[ti].Ptr, ws.delta.Ptr, ws.dqr.Ptr, ws.dkr.Ptr, ws.dvr.Ptr, T, H, KV, s.attnScale())
+		},
+		func() error {
+			return s.k.QKNormRopeBackward(c, ws.dqr.Ptr, lc.q.Ptr, L.qNorm.Ptr, lc.rstdQ.Ptr, ws.cos[ti].Ptr, ws.sin[ti].Ptr, ws.dq.Ptr, T, H, D)
+		},
+		func() error {
+			return s.k.QKNormRopeBackward(c, ws.dkr.Ptr, lc.k.Ptr, L.kNorm.Ptr, lc.rstdK.Ptr, ws.cos[ti].Ptr, ws.sin[ti].Ptr, ws.dk.Ptr, T, KV, D)
+		},
+		func() error { return s.k.F32ToAct(c, ws.dvr.Ptr, ws.dv.Ptr, int64(T)*int64(KV*D)) },
+		func() error {
+			return s.linearBackward(c, T, l, trainer.QProj, ws.dq.Ptr, lc.xn1.Ptr, lc.xa[0], ws.dxn.Ptr, false, d)
+		},
+		func() error {
+			return s.linearBackward(c, T, l, trainer.KProj, ws.dk.Ptr, lc.xn1.Ptr, lc.xa[1], ws.dxn.Ptr, true, d)
+		},
+		func() error {
+			return s.linearBackward(c, T, l, trainer.VProj, ws.dv.Ptr, lc.xn1.Ptr, lc.xa[2], ws.dxn.Ptr, true, d)
+		},
+		// xn1 = norm(x); the block's input gradient is dx1 + this.
+		func() error {
+			return s.k.RMSNormBackwardF32(c, ws.dxn.Ptr, x, L.inputNorm.Ptr, lc.rstd1.Ptr, ws.dx1.Ptr, ws.dout.Ptr, T, Hd)
+		},
+	}
+	for _, f := range steps {
+		if err := f(); err != nil {
+			return fmt.Errorf("layer %d backward: %w", l, err)
+		}
+	}
+	return nil
+}
+
+// run computes the batch's summed loss and trained-token count; with grad
+// it also accumulates the gradient of sum/normalizer into the LoRA
+// gradients. It is one Device.Do: the host waits only for the loss.
+func (s *session) run(b *trainer.Batch, grad bool, normalizer float64, dropoutSeed uint64) (float64, int, error) {
+	hb, err := s.prepare(b)
+	if err != nil {
+		return 0, 0, err
+	}
+	n := len(hb.idx)
+	var sum float64
+	err = s.dev.Do(func(c *cuda.Ctx) error {
+		cfg := s.info.Config
+		ws, T, Hd, V := s.ws, hb.T, cfg.Hidden, cfg.VocabSize
+		act := s.k.Prec.GEMMType()
+		if err := s.upload(c, hb); err != nil {
+			return err
+		}
+		d := s.dropout(dropoutSeed, grad)
+		if err := s.k.Embed(c, ws.ids.Ptr, s.w.embed.Ptr, s.info.EmbedScale(), ws.inputs[0].Ptr, T, Hd); err != nil {
+			return err
+		}
+		for l := 0; l < cfg.Layers; l++ {
+			if err := s.layerForward(c, T, l, ws.inputs[l].Ptr, ws.inputs[l+1].Ptr, s.cache(l), d); err != nil {
+				return err
+			}
+		}
+		xL := ws.inputs[cfg.Layers].Ptr
+		if err := s.k.RMSNorm(c, xL, s.w.finalNorm.Ptr, 0, ws.xf.Ptr, ws.rstdF.Ptr, T, Hd, cfg.RMSNormEps); err != nil {
+			return err
+		}
+		if n == 0 {
+			return nil
+		}
+		if grad {
+			if err := c.MemsetD8Async(ws.dxf.Ptr, 0, 4*int64(T)*int64(Hd), nil); err != nil {
+				return err
+			}
+		}
+		for c0 := 0; c0 < n; c0 += ws.chunk {
+			nc := min(ws.chunk, n-c0)
+			idx, tgt := ws.idx.Ptr.Add(4*int64(c0)), ws.tgt.Ptr.Add(4*int64(c0))
+			if err := s.k.GatherRows(c, ws.xf.Ptr, idx, ws.hc.Ptr, nc, Hd); err != nil {
+				return err
+			}
+			if err := s.gemm(c, nc, V, Hd, false, true, act, cuda.F32, 1, ws.hc.Ptr, s.w.embed.Ptr, 0, ws.logits.Ptr); err != nil {
+				return err
+			}
+			var g cuda.DevicePtr
+			if grad {
+				g = ws.glog.Ptr
+			}
+			if err := s.k.CrossEntropy(c, ws.logits.Ptr, tgt, nc, V, normalizer, ws.rowLoss.Ptr.Add(8*int64(c0)), g); err != nil {
+				return err
+			}
+			if !grad {
+				continue
+			}
+			if err := s.gemm(c, nc, Hd, V, false, false, act, cuda.F32, 1, ws.glog.Ptr, s.w.embed.Ptr, 0, ws.dhc.Ptr); err != nil {
+				return err
+			}
+			if err := s.k.ScatterRows(c, ws.dhc.Ptr, idx, ws.dxf.Ptr, nc, Hd); err != nil {
+				return err
+			}
+		}
+		total := ws.rowLoss.Ptr.Add(8 * int64(T))
+		if err := s.k.SumDouble(c, ws.rowLoss.Ptr, n, total); err != nil {
+			return err
+		}
+		var out [1]float64
+		if err := cuda.Download(c, out[:], total); err != nil {
+			return err
+		}
+		sum = out[0]
+		if !grad {
+			return nil
+		}
+		if err := s.k.RMSNormBackwardF32(c, ws.dxf.Ptr, xL, s.w.finalNorm.Ptr, ws.rstdF.Ptr, 0, ws.dout.Ptr, T, Hd); err != nil {
+			return err
+		}
+		for l := cfg.Layers - 1; l >= 0; l-- {
+			if s.cfg.GradientCheckpointing {
+				// Recompute the block's activations from its saved input.
+				if err := s.layerForward(c, T, l, ws.inputs[l].Ptr, ws.inputs[l+1].Ptr, s.cache(l), d); err != nil {
+					return err
+				}
+			}
+			if err := s.layerBackward(c, T, l, ws.inputs[l].Ptr, s.cache(l), d); err != nil {
+				return err
+			}
+		}
+		return c.Stream().Synchronize()
+	})
+	if err != nil {
+		return 0, 0, err
+	}
+	if math.IsNaN(sum) || math.IsInf(sum, 0) {
+		return sum, n, fmt.Errorf("the loss is %v", sum)
+	}
+	return sum, n, nil
+}
+
+// cache returns the activation cache of block l.
+func (s *session) cache(l int) *layerCache {
+	if len(s.ws.caches) == 1 {
+		return &s.ws.caches[0]
+	}
+	return &s.ws.caches[l]
+}

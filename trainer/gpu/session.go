@@ -1,0 +1,218 @@
+package gpu
+
+import (
+	"context"
+	"errors"
+	"fmt"
+
+	"gemmaft/cuda"
+	"gemmaft/trainer"
+	"gemmaft/trainer/gpu/kernels"
+)
+
+// session is the GPU backend's trainer.Session.
+type session struct {
+	dev   *cuda.Device
+	k     *kernels.Kernels
+	cfg   trainer.SessionConfig
+	info  trainer.ModelInfo
+	plan  MemoryPlan
+	w     *weights
+	lora  *loraState
+	ws    *workspace
+	owned []cuda.Buffer
+	peak  int64
+
+	ropeCos, ropeSin [2][]float32
+}
+
+// Open loads the checkpoint onto GPU 0 and allocates everything a session
+// of cfg needs. It checks the memory plan against the device's free memory
+// before loading, so a run that cannot fit fails at once with what to
+// change.
+func Open(ctx context.Context, ck *trainer.Checkpoint, cfg trainer.SessionConfig) (trainer.Session, error) {
+	return open(ctx, ck.ModelInfo, cfg, func(s *session) error {
+		if err := s.loadWeights(ck, cfg.Quantize == "nf4"); err != nil {
+			return fmt.Errorf("loading %s onto the GPU: %w", ck.Dir, err)
+		}
+		return nil
+	})
+}
+
+// OpenRandom opens a session on a model of shape mc whose weights are
+// drawn on the device from N(0, std²) with seed (norms zero): a model of a
+// real size for benchmarks and shape tests, without a checkpoint on disk.
+func OpenRandom(ctx context.Context, mc *trainer.Config, seed uint64, std float64, cfg trainer.SessionConfig) (trainer.Session, error) {
+	if err := mc.Validate(); err != nil {
+		return nil, err
+	}
+	return open(ctx, trainer.ModelInfo{Config: mc, Prefix: "model."}, cfg, func(s *session) error {
+		return s.randomWeights(mc, seed, std, cfg.Quantize == "nf4")
+	})
+}
+
+func open(ctx context.Context, info trainer.ModelInfo, cfg trainer.SessionConfig, load func(*session) error) (trainer.Session, error) {
+	if err := cfg.Validate(); err != nil {
+		return nil, err
+	}
+	if cfg.MaxTokens <= 0 {
+		return nil, errors.New("gpu: SessionConfig.MaxTokens must give the largest micro-batch (batch size × row length)")
+	}
+	prec, err := kernels.ParsePrecision(cfg.Precision)
+	if err != nil {
+		return nil, err
+	}
+	mc := info.Config
+	if err := kernels.CheckHeadDim(mc.HeadDim); err != nil {
+		return nil, err
+	}
+	if mc.Heads%mc.KVHeads != 0 {
+		return nil, fmt.Errorf("gpu: %d heads are not a multiple of %d key/value heads", mc.Heads, mc.KVHeads)
+	}
+	dev, err := cuda.Open(0)
+	if err != nil {
+		return nil, err
+	}
+	s := &session{dev: dev, cfg: cfg, info: info}
+	s.plan = Plan(mc, cfg, prec)
+	fail := func(err error) (trainer.Session, error) {
+		s.Close()
+		return nil, err
+	}
+	var free int64
+	if err := dev.Do(func(c *cuda.Ctx) error {
+		var err error
+		free, _, err = c.MemInfo()
+		return err
+	}); err != nil {
+		return fail(err)
+	}
+	if need := s.plan.Total(); need > free {
+		return fail(fmt.Errorf("gpu: this run needs about %.1f GiB of GPU memory (%s) but %s has %.1f GiB free; "+
+			"lower batch_size or the packed seq_len, keep gradient_checkpointing on, use quantize: nf4 and adamw_8bit, or a smaller model",
+			gib(need), s.plan, dev.Info.Name, gib(free)))
+	}
+	if err := dev.Do(func(c *cuda.Ctx) error {
+		s.k, err = kernels.Load(c, prec, mc.HeadDim)
+		return err
+	}); err != nil {
+		return fail(err)
+	}
+	if err := ctx.Err(); err != nil {
+		return fail(err)
+	}
+	if err := load(s); err != nil {
+		return fail(err)
+	}
+	// Staging buffers of the load go back to the driver.
+	if err := dev.Do(func(c *cuda.Ctx) error { return c.EmptyCache() }); err != nil {
+		return fail(err)
+	}
+	if s.lora, err = layoutLoRA(mc, cfg.LoRA, cfg.Optimizer); err != nil {
+		return fail(err)
+	}
+	if err := dev.Do(func(c *cuda.Ctx) error {
+		if err := s.lora.allocate(s, c); err != nil {
+			return err
+		}
+		return s.allocWorkspace(c, cfg.MaxTokens)
+	}); err != nil {
+		return fail(err)
+	}
+	// The session starts with PEFT's initialisation for seed 0 until the
+	// caller sets its state.
+	a, err := trainer.NewAdapter(mc, cfg.LoRA, 0)
+	if err != nil {
+		return fail(err)
+	}
+	if err := s.SetState(a, nil); err != nil {
+		return fail(err)
+	}
+	return s, nil
+}
+
+func (s *session) Model() *trainer.ModelInfo     { return &s.info }
+func (s *session) Config() trainer.SessionConfig { return s.cfg }
+func (s *session) Backend() string               { return "cuda" }
+
+func (s *session) SetState(a *trainer.Adapter, opt *trainer.OptimizerState) error {
+	return s.dev.Do(func(c *cuda.Ctx) error {
+		if err := s.lora.setState(s, c, a, opt); err != nil {
+			return err
+		}
+		return c.Synchronize()
+	})
+}
+
+func (s *session) State() (*trainer.Adapter, *trainer.OptimizerState, error) {
+	var a *trainer.Adapter
+	var opt *trainer.OptimizerState
+	err := s.dev.Do(func(c *cuda.Ctx) error {
+		var err error
+		a, opt, err = s.lora.state(c, s.info.Config)
+		return err
+	})
+	return a, opt, err
+}
+
+func (s *session) Grads() (*trainer.Adapter, error) {
+	var g *trainer.Adapter
+	err := s.dev.Do(func(c *cuda.Ctx) error {
+		var err error
+		g, err = s.lora.download(c, s.info.Config, s.lora.grad)
+		return err
+	})
+	return g, err
+}
+
+func (s *session) LossAndGrad(b *trainer.Batch, normalizer float64, dropoutSeed uint64) (float64, int, error) {
+	if normalizer <= 0 {
+		return 0, 0, fmt.Errorf("normalizer %v must be positive", normalizer)
+	}
+	sum, n, err := s.run(b, true, normalizer, dropoutSeed)
+	s.notePeak()
+	return sum, n, err
+}
+
+func (s *session) Loss(b *trainer.Batch) (float64, int, error) {
+	sum, n, err := s.run(b, false, 1, 0)
+	s.notePeak()
+	return sum, n, err
+}
+
+func (s *session) Step(lr, maxGradNorm float64) (float64, error) {
+	var norm float64
+	err := s.dev.Do(func(c *cuda.Ctx) error {
+		var err error
+		if norm, err = s.lora.update(s, c, lr, maxGradNorm); err != nil {
+			return err
+		}
+		return c.Stream().Synchronize()
+	})
+	return norm, err
+}
+
+// notePeak records the device memory in use: everything the process holds
+// on the GPU, context and library workspaces included, as nvidia-smi
+// counts it. The session allocates all its buffers when it opens, so the
+// reading after a step is its peak.
+func (s *session) notePeak() {
+	_ = s.dev.Do(func(c *cuda.Ctx) error {
+		free, total, err := c.MemInfo()
+		if err == nil {
+			s.peak = max(s.peak, total-free)
+		}
+		return nil
+	})
+}
+
+func (s *session) PeakMemory() int64 { return s.peak }
+
+func (s *session) Close() error {
+	if s.dev == nil {
+		return nil
+	}
+	err := s.dev.Close()
+	s.dev = nil
+	return err
+}

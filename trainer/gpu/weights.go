@@ -1,0 +1,264 @@
+package gpu
+
+import (
+	"fmt"
+
+	"gemmaft/cuda"
+	"gemmaft/trainer"
+	"gemmaft/trainer/gpu/kernels"
+	"gemmaft/trainer/safetensors"
+)
+
+// projection is one frozen projection on the device: NF4 (packed codes,
+// double-quantised absmax) or, with quantize none, dense activations.
+type projection struct {
+	out, in int
+	nf4     bool
+	packed  cuda.Buffer // (out·in + 1)/2 bytes
+	absmaxQ cuda.Buffer // one byte per 64-block
+	absmax2 cuda.Buffer // one float32 per 256 blocks
+	offset  float32
+	dense   cuda.Buffer // out·in activations
+}
+
+func (p *projection) elements() int64 { return int64(p.out) * int64(p.in) }
+
+// layerWeights are one block's frozen weights; norms are float32.
+type layerWeights struct {
+	inputNorm, postAttnNorm, preFFNorm, postFFNorm cuda.Buffer
+	qNorm, kNorm                                   cuda.Buffer
+	proj                                           [7]projection // in trainer.AllModules order
+}
+
+// weights are the model's frozen weights on the device.
+type weights struct {
+	embed     cuda.Buffer // [vocab × hidden] activations, also the tied lm_head
+	finalNorm cuda.Buffer
+	layers    []layerWeights
+	// round is the checkpoint dtype NF4 dequantises to.
+	round int
+}
+
+func moduleIndex(m trainer.Module) int {
+	for i, x := range trainer.AllModules {
+		if x == m {
+			return i
+		}
+	}
+	panic("unknown module " + string(m))
+}
+
+func storedDType(dt safetensors.DType) (int, error) {
+	switch dt {
+	case safetensors.BF16:
+		return kernels.StoredBF16, nil
+	case safetensors.F16:
+		return kernels.StoredF16, nil
+	case safetensors.F32:
+		return kernels.StoredF32, nil
+	}
+	return 0, fmt.Errorf("dtype %s is not a weight dtype", dt)
+}
+
+func roundMode(dtype string) int {
+	switch dtype {
+	case "bfloat16":
+		return kernels.RoundBF16
+	case "float16":
+		return kernels.RoundF16
+	}
+	return kernels.RoundNone
+}
+
+// loadWeights streams the checkpoint to the device one tensor at a time:
+// each tensor's stored bytes are uploaded to a staging buffer, converted
+// (norms to float32, the embedding to activations) or quantised to NF4 on
+// the device, and the staging buffer is freed. Host memory holds one
+// tensor's bytes at a time.
+func (s *session) loadWeights(ck *trainer.Checkpoint, quantize bool) error {
+	s.w = &weights{layers: make([]layerWeights, ck.Config.Layers), round: roundMode(ck.Config.DType)}
+	return ck.Each(func(t trainer.WeightTensor) error {
+		dtype, err := storedDType(t.DType)
+		if err != nil {
+			return err
+		}
+		return s.dev.Do(func(c *cuda.Ctx) error {
+			staging, err := c.Alloc(int64(len(t.Raw)))
+			if err != nil {
+				return s.oom(c, err, "loading "+t.Name)
+			}
+			defer c.Free(staging)
+			if err := cuda.Upload(c, staging.Ptr, t.Raw); err != nil {
+				return err
+			}
+			return s.placeTensor(c, t, staging.Ptr, dtype, quantize)
+		})
+	})
+}
+
+// randomWeights creates a model of cfg's shape on the device with weights
+// drawn from N(0, std²) (norms zero, as transformers initialises them),
+// generated as bfloat16 tensor by tensor and placed as loadWeights places
+// stored ones. Nothing is read from disk.
+func (s *session) randomWeights(cfg *trainer.Config, seed uint64, std float64, quantize bool) error {
+	s.w = &weights{layers: make([]layerWeights, cfg.Layers), round: roundMode(cfg.DType)}
+	for i, t := range cfg.WeightTensors() {
+		n := int64(1)
+		for _, d := range t.Shape {
+			n *= int64(d)
+		}
+		err := s.dev.Do(func(c *cuda.Ctx) error {
+			staging, err := c.Alloc(2 * n)
+			if err != nil {
+				return s.oom(c, err, "creating "+t.Name)
+			}
+			defer c.Free(staging)
+			if t.Role == trainer.RoleEmbed || t.Layer >= 0 && isProjection(t.Role) {
+				err = s.k.RandomNormalBF16(c, staging.Ptr, n, seed, uint32(i), float32(std))
+			} else {
+				err = c.MemsetD8Async(staging.Ptr, 0, 2*n, nil)
+			}
+			if err != nil {
+				return err
+			}
+			return s.placeTensor(c, t, staging.Ptr, kernels.StoredBF16, quantize)
+		})
+		if err != nil {
+			return fmt.Errorf("%s: %w", t.Name, err)
+		}
+	}
+	return nil
+}
+
+func isProjection(role string) bool {
+	for _, m := range trainer.AllModules {
+		if string(m) == role {
+			return true
+		}
+	}
+	return false
+}
+
+// placeTensor turns one stored tensor at src into its place in the
+// session's weights.
+func (s *session) placeTensor(c *cuda.Ctx, t trainer.WeightTensor, src cuda.DevicePtr, dtype int, quantize bool) error {
+	n := int64(1)
+	for _, d := range t.Shape {
+		n *= int64(d)
+	}
+	var err error
+	switch {
+	case t.Role == trainer.RoleEmbed:
+		if s.w.embed, err = s.alloc(c, n*s.k.Prec.Size(), "the embedding"); err != nil {
+			return err
+		}
+		return s.k.StoredToAct(c, src, dtype, n, s.w.embed.Ptr)
+	case !isProjection(t.Role):
+		buf, err := s.alloc(c, 4*n, "norm weights")
+		if err != nil {
+			return err
+		}
+		if err := s.k.StoredToF32(c, src, dtype, n, buf.Ptr); err != nil {
+			return err
+		}
+		s.placeNorm(t, buf)
+		return nil
+	}
+	p := &s.w.layers[t.Layer].proj[moduleIndex(trainer.Module(t.Role))]
+	p.out, p.in = t.Shape[0], t.Shape[1]
+	if !quantize {
+		if p.dense, err = s.alloc(c, n*s.k.Prec.Size(), t.Name); err != nil {
+			return err
+		}
+		return s.k.StoredToAct(c, src, dtype, n, p.dense.Ptr)
+	}
+	return s.quantizeNF4(c, p, src, dtype, n)
+}
+
+func (s *session) placeNorm(t trainer.WeightTensor, buf cuda.Buffer) {
+	if t.Layer < 0 {
+		s.w.finalNorm = buf
+		return
+	}
+	l := &s.w.layers[t.Layer]
+	switch t.Role {
+	case trainer.RoleInputNorm:
+		l.inputNorm = buf
+	case trainer.RolePostAttnNorm:
+		l.postAttnNorm = buf
+	case trainer.RolePreFFNorm:
+		l.preFFNorm = buf
+	case trainer.RolePostFFNorm:
+		l.postFFNorm = buf
+	case trainer.RoleQNorm:
+		l.qNorm = buf
+	case trainer.RoleKNorm:
+		l.kNorm = buf
+	}
+}
+
+// quantizeNF4 quantises n stored values at src into p: the 64-blocks on the
+// device, then the double quantisation of their absmax values on the host
+// (trainer.DoubleQuantize, shared with the CPU backend).
+func (s *session) quantizeNF4(c *cuda.Ctx, p *projection, src cuda.DevicePtr, dtype int, n int64) error {
+	blocks := (n + trainer.NF4BlockSize - 1) / trainer.NF4BlockSize
+	var err error
+	p.nf4 = true
+	if p.packed, err = s.alloc(c, (n+1)/2, "NF4 weights"); err != nil {
+		return err
+	}
+	absmax, err := c.Alloc(4 * blocks)
+	if err != nil {
+		return s.oom(c, err, "NF4 quantisation")
+	}
+	defer c.Free(absmax)
+	if err := s.k.NF4QuantizeBlocks(c, src, dtype, n, p.packed.Ptr, absmax.Ptr); err != nil {
+		return err
+	}
+	host := make([]float32, blocks)
+	if err := cuda.Download(c, host, absmax.Ptr); err != nil {
+		return err
+	}
+	q, absmax2, offset := trainer.DoubleQuantize(host)
+	p.offset = offset
+	if p.absmaxQ, err = s.alloc(c, int64(len(q)), "NF4 absmax"); err != nil {
+		return err
+	}
+	if p.absmax2, err = s.alloc(c, 4*int64(len(absmax2)), "NF4 absmax"); err != nil {
+		return err
+	}
+	if err := cuda.Upload(c, p.absmaxQ.Ptr, q); err != nil {
+		return err
+	}
+	return cuda.Upload(c, p.absmax2.Ptr, absmax2)
+}
+
+// weight returns the projection as activations [out × in]: the dense
+// weights, or the NF4 weights dequantised into scratch.
+func (s *session) weight(c *cuda.Ctx, p *projection, scratch cuda.DevicePtr) (cuda.DevicePtr, error) {
+	if !p.nf4 {
+		return p.dense.Ptr, nil
+	}
+	err := s.k.NF4Dequantize(c, p.packed.Ptr, p.absmaxQ.Ptr, p.absmax2.Ptr, p.offset, p.elements(), s.w.round, scratch)
+	return scratch, err
+}
+
+// alloc allocates n bytes that live as long as the session, turning an
+// out-of-memory into an error that says what did not fit.
+func (s *session) alloc(c *cuda.Ctx, n int64, what string) (cuda.Buffer, error) {
+	b, err := c.Alloc(n)
+	if err != nil {
+		return b, s.oom(c, err, what)
+	}
+	s.owned = append(s.owned, b)
+	return b, nil
+}
+
+func (s *session) oom(c *cuda.Ctx, err error, what string) error {
+	free, total, _ := c.MemInfo()
+	return fmt.Errorf("GPU out of memory allocating %s (%.2f GiB free of %.2f GiB; the session planned %.2f GiB): %w; "+
+		"lower batch_size or the packed seq_len, keep gradient_checkpointing on, or use a smaller model",
+		what, gib(free), gib(total), gib(s.plan.Total()), err)
+}
+
+func gib(b int64) float64 { return float64(b) / (1 << 30) }

@@ -68,9 +68,9 @@ func (s *Store) Plan(dag *DAG, opts Options) (*Plan, error) {
 		return nil, &SpecError{File: dag.Path, Msg: "--until and --only exclude each other", Fix: "give one of them"}
 	}
 	for _, name := range append(append([]string{}, opts.Force...), opts.Until, opts.Only) {
-		if name != "" && name != "all" && dag.Stage(name) == nil {
-			fix := "stages: " + strings.Join(names(dag.Stages), ", ")
-			if c := closest(name, names(dag.Stages)); c != "" {
+		if name != "" && name != "all" && dag.Node(name) == nil {
+			fix := "stages: " + strings.Join(names(dag.Nodes), ", ")
+			if c := closest(name, names(dag.Nodes)); c != "" {
 				fix = fmt.Sprintf("did you mean %q? %s", c, fix)
 			}
 			return nil, &SpecError{File: dag.Path, Msg: fmt.Sprintf("no stage called %q", name), Fix: fix}
@@ -78,7 +78,7 @@ func (s *Store) Plan(dag *DAG, opts Options) (*Plan, error) {
 	}
 	plan := &Plan{DAG: dag, last: s.lastRun(dag)}
 	steps := map[*Node]*Step{}
-	for _, n := range dag.Stages {
+	for _, n := range dag.Nodes {
 		st := &Step{Node: n}
 		steps[n] = st
 		plan.Steps = append(plan.Steps, st)
@@ -87,7 +87,7 @@ func (s *Store) Plan(dag *DAG, opts Options) (*Plan, error) {
 			st.Inputs = append(st.Inputs, InputRef{Stage: d.Name, Key: steps[d].Key})
 			km.Inputs = append(km.Inputs, steps[d].Key)
 		}
-		for _, f := range n.Stage.Files() {
+		for _, f := range n.Runner.Files() {
 			sum, size, err := s.stats.Digest(f)
 			if err != nil {
 				return nil, stageErr(n, fmt.Errorf("input file: %w", err))
@@ -152,7 +152,7 @@ func (p *Plan) selectSteps(opts Options) {
 				mark(d)
 			}
 		}
-		mark(p.DAG.Stage(opts.Until))
+		mark(p.DAG.Node(opts.Until))
 	default:
 		for _, st := range p.Steps {
 			st.Selected = true

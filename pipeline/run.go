@@ -410,7 +410,7 @@ func (x *execution) computeStep(ctx context.Context, st *Step, t *Task, committe
 		}
 	}()
 	x.e.log().Debug("computing", "stage", st.Node.Name, "key", ShortKey(st.Key), "why", st.Reason)
-	if err := runStage(ctx, st.Node.Stage, t); err != nil {
+	if err := runStage(ctx, st.Node.Runner, t); err != nil {
 		return err
 	}
 	// Whatever the stage left unread must still reach EOF, so that the
@@ -455,15 +455,15 @@ func (x *execution) computeStep(ctx context.Context, st *Step, t *Task, committe
 	return nil
 }
 
-// runStage calls the stage, turning a panic into an error so that a bug in
-// one kind fails its stage cleanly instead of tearing the process down.
-func runStage(ctx context.Context, s Stage, t *Task) (err error) {
+// runStage calls the stage's Runner, turning a panic into an error so that a
+// bug in one kind fails its stage cleanly instead of tearing the process down.
+func runStage(ctx context.Context, r Runner, t *Task) (err error) {
 	defer func() {
 		if p := recover(); p != nil {
 			err = fmt.Errorf("panic: %v\n%s", p, debug.Stack())
 		}
 	}()
-	return s.Run(ctx, t)
+	return r.Run(ctx, t)
 }
 
 // IsBusy reports whether err means another run holds the DAG's lock.

@@ -16,18 +16,19 @@ import (
 	"github.com/goccy/go-yaml/parser"
 )
 
-// A DAG is a parsed, validated spec whose stages are ready to plan: every
-// stage's parameters are decoded into its kind's typed struct, defaults
-// filled in, and its input files resolved.
+// A DAG is a parsed, validated spec whose stages (its Nodes) are ready to
+// plan: every stage's parameters are decoded into its kind's typed struct,
+// defaults filled in, and its Runner prepared with its input files resolved.
 type DAG struct {
-	Name   string
-	Path   string  // absolute path of the spec file
-	Dir    string  // folder relative paths in the spec are resolved against
-	Cache  string  // the spec's `cache:` folder, absolute; "" when unset
-	Stages []*Node // in topological order; ties keep the spec's order
+	Name  string
+	Path  string  // absolute path of the spec file
+	Dir   string  // folder relative paths in the spec are resolved against
+	Cache string  // the spec's `cache:` folder, absolute; "" when unset
+	Nodes []*Node // in topological order; ties keep the spec's order
 }
 
-// A Node is one stage of a DAG.
+// A Node is one stage of a DAG as the spec declares it, with the Runner its
+// kind prepared.
 type Node struct {
 	Name     string
 	KindName string
@@ -35,13 +36,13 @@ type Node struct {
 	Params   any    // pointer to the kind's parameter struct
 	Canon    []byte // canonical JSON of Params: part of the key
 	Needs    []*Node
-	Stage    Stage
+	Runner   Runner
 	Line     int // line of the stage in the spec, for messages
 }
 
-// Stage returns the node called name, or nil.
-func (d *DAG) Stage(name string) *Node {
-	for _, n := range d.Stages {
+// Node returns the stage called name, or nil.
+func (d *DAG) Node(name string) *Node {
+	for _, n := range d.Nodes {
 		if n.Name == name {
 			return n
 		}
@@ -120,13 +121,13 @@ func Load(path string, kinds *Registry) (*DAG, error) {
 	if dag.Cache != "" && !filepath.IsAbs(dag.Cache) {
 		dag.Cache = filepath.Join(dag.Dir, dag.Cache)
 	}
-	for _, n := range dag.Stages {
+	for _, n := range dag.Nodes {
 		st, err := n.Kind.Prepare(n.Params, dag.Dir)
 		if err != nil {
 			l.errs = append(l.errs, l.paramError(n, err))
 			continue
 		}
-		n.Stage = st
+		n.Runner = st
 	}
 	if len(l.errs) > 0 {
 		return nil, l.errs
@@ -254,7 +255,7 @@ func (l *loader) load(src []byte) *DAG {
 	if l.hasErrors() {
 		return nil
 	}
-	dag.Stages = l.topoSort(order)
+	dag.Nodes = l.topoSort(order)
 	return dag
 }
 

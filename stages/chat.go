@@ -35,7 +35,7 @@ func (p *chatParams) Validate() error {
 	return nil
 }
 
-func (chatKind) Prepare(params any, _ string) (pipeline.Stage, error) {
+func (chatKind) Prepare(params any, _ string) (pipeline.Runner, error) {
 	return chatStage{}, nil
 }
 

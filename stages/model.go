@@ -46,7 +46,7 @@ func (p *modelParams) Validate() error {
 	return nil
 }
 
-func (modelKind) Prepare(params any, _ string) (pipeline.Stage, error) {
+func (modelKind) Prepare(params any, _ string) (pipeline.Runner, error) {
 	return modelStage{p: params.(*modelParams)}, nil
 }
 

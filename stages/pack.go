@@ -53,7 +53,7 @@ func (p *packParams) Validate() error {
 	return nil
 }
 
-func (packKind) Prepare(params any, _ string) (pipeline.Stage, error) {
+func (packKind) Prepare(params any, _ string) (pipeline.Runner, error) {
 	return &packStage{p: params.(*packParams)}, nil
 }
 

@@ -105,7 +105,7 @@ func (p *qloraParams) Validate() error {
 	return nil
 }
 
-func (qloraKind) Prepare(params any, dir string) (pipeline.Stage, error) {
+func (qloraKind) Prepare(params any, dir string) (pipeline.Runner, error) {
 	p := params.(*qloraParams)
 	s := &qloraStage{p: p}
 	if p.Model != "" {

@@ -68,7 +68,7 @@ func (p *sourceParams) Validate() error {
 	return nil
 }
 
-func (k sourceKind) Prepare(params any, dir string) (pipeline.Stage, error) {
+func (k sourceKind) Prepare(params any, dir string) (pipeline.Runner, error) {
 	p := params.(*sourceParams)
 	files, err := dataset.ExpandGlobs(dir, p.Paths)
 	if err != nil {

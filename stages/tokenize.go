@@ -46,7 +46,7 @@ func (p *tokenizeParams) Validate() error {
 	return nil
 }
 
-func (tokenizeKind) Prepare(params any, dir string) (pipeline.Stage, error) {
+func (tokenizeKind) Prepare(params any, dir string) (pipeline.Runner, error) {
 	p := params.(*tokenizeParams)
 	path := p.Tokenizer
 	if !filepath.IsAbs(path) {

@@ -97,8 +97,10 @@ func specAndStore(args []string) (*pipeline.DAG, *pipeline.Store, error) {
 	return dag, st, nil
 }
 
-// planErr maps a planning error to its exit code.
-func planErr(err error) error {
+// specOrFailErr gives an error of Store.Plan or Store.Status its exit code:
+// a problem of the spec (an unknown stage name, --until with --only) exits 2,
+// anything else 1.
+func specOrFailErr(err error) error {
 	if pipeline.IsSpecError(err) {
 		return usageErr(err)
 	}

@@ -61,7 +61,7 @@ func cachedEntry(spec, stage string) (string, *pipeline.Manifest, error) {
 	defer st.Close()
 	plan, err := st.Plan(dag, pipeline.Options{Only: stage})
 	if err != nil {
-		return "", nil, planErr(err)
+		return "", nil, specOrFailErr(err)
 	}
 	step := plan.Step(stage)
 	switch step.State {

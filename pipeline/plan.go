@@ -6,7 +6,6 @@ import (
 	"encoding/hex"
 	"encoding/json"
 	"fmt"
-	"os"
 	"path/filepath"
 	"slices"
 	"sort"
@@ -259,35 +258,4 @@ func changedFiles(prev, cur []FileRef) string {
 		parts = append(parts, "files removed: "+strings.Join(gone, ", "))
 	}
 	return strings.Join(parts, "; ")
-}
-
-// dagID names a DAG in the store by the absolute path of its spec, so the
-// same file run from cron and by hand shares its lock and its history.
-func dagID(dag *DAG) string {
-	sum := sha256.Sum256([]byte(dag.Path))
-	return hex.EncodeToString(sum[:8])
-}
-
-// lastRun returns the newest run record of dag, or nil.
-func (s *Store) lastRun(dag *DAG) *RunRecord {
-	recs := s.runRecords(dagID(dag))
-	if len(recs) == 0 {
-		return nil
-	}
-	data, err := os.ReadFile(recs[len(recs)-1])
-	if err != nil {
-		return nil
-	}
-	r := &RunRecord{}
-	if json.Unmarshal(data, r) != nil {
-		return nil
-	}
-	return r
-}
-
-// runRecords lists the run record files of one DAG, oldest first.
-func (s *Store) runRecords(id string) []string {
-	files, _ := filepath.Glob(filepath.Join(s.Root, "runs", id, "*.json"))
-	sort.Strings(files) // names start with a fixed-width timestamp
-	return files
 }

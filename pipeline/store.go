@@ -380,12 +380,6 @@ func (s *Store) lockEntry(ctx context.Context, key string) (*flock.Flock, error)
 	return l, nil
 }
 
-// dagLockBase is the path, less its extension, of dag's lock (".lock") and
-// of the note naming its holder (".holder").
-func (s *Store) dagLockBase(dag *DAG) string {
-	return filepath.Join(s.Root, "locks", "dag-"+dagID(dag))
-}
-
 // gcLock is held shared by every run and exclusively by gc, so gc never
 // deletes an entry a run is about to read.
 func (s *Store) gcLock() *flock.Flock {

@@ -161,3 +161,15 @@ func (s *Store) lastRun(dag *DAG) *RunRecord {
 	}
 	return readRunRecord(recs[len(recs)-1])
 }
+
+// runHistory reads the kept run records of dag, newest first.
+func (s *Store) runHistory(dag *DAG) []*RunRecord {
+	files := s.runRecords(dagID(dag))
+	out := make([]*RunRecord, 0, len(files))
+	for i := len(files) - 1; i >= 0; i-- {
+		if r := readRunRecord(files[i]); r != nil {
+			out = append(out, r)
+		}
+	}
+	return out
+}

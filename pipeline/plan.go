@@ -37,7 +37,10 @@ type Step struct {
 type Plan struct {
 	DAG   *DAG
 	Steps []*Step
-	last  *RunRecord // this DAG's previous run, for reasons
+
+	store   *Store
+	lastRun *RunRecord   // this DAG's previous run, for status
+	history []*RunRecord // its kept runs, newest first, once why needs them
 }
 
 // Step returns the step of the stage called name, or nil.
@@ -75,7 +78,7 @@ func (s *Store) Plan(dag *DAG, opts Options) (*Plan, error) {
 			return nil, &SpecError{File: dag.Path, Msg: fmt.Sprintf("no stage called %q", name), Fix: fix}
 		}
 	}
-	plan := &Plan{DAG: dag, last: s.lastRun(dag)}
+	plan := &Plan{DAG: dag, store: s, lastRun: s.lastRun(dag)}
 	steps := map[*Node]*Step{}
 	for _, n := range dag.Nodes {
 		st := &Step{Node: n}
@@ -160,21 +163,14 @@ func (p *Plan) selectSteps(opts Options) {
 }
 
 // why explains a missing or damaged entry by comparing the step with the
-// same stage in this DAG's previous run.
+// same stage in the newest run of this DAG that had an entry for it.
 func (p *Plan) why(st *Step) string {
 	if st.State == Damaged {
 		return fmt.Sprintf("cache entry damaged (%v)", st.Damage)
 	}
-	var prev *StageRecord
-	if p.last != nil {
-		for i := range p.last.Stages {
-			if p.last.Stages[i].Name == st.Node.Name && p.last.Stages[i].Key != "" {
-				prev = &p.last.Stages[i]
-			}
-		}
-	}
+	prev := p.lastEntry(st.Node.Name)
 	if prev == nil {
-		return "not computed before"
+		return "not computed yet"
 	}
 	if prev.Key == st.Key {
 		return "cache entry missing (removed by gc or by hand)"
@@ -201,6 +197,25 @@ func (p *Plan) why(st *Step) string {
 		return "key changed"
 	}
 	return strings.Join(reasons, "; ")
+}
+
+// lastEntry returns the record of stage in the newest kept run of the DAG
+// that computed it or found it cached, or nil if none did. A run that did
+// not select the stage (--until, --only) or failed in it says nothing of its
+// entry.
+func (p *Plan) lastEntry(stage string) *StageRecord {
+	if p.history == nil {
+		p.history = p.store.runHistory(p.DAG)
+	}
+	for _, r := range p.history {
+		for i := range r.Stages {
+			s := &r.Stages[i]
+			if s.Name == stage && s.Key != "" && (s.State == "computed" || s.State == "cached") {
+				return s
+			}
+		}
+	}
+	return nil
 }
 
 func changedParams(a, b []byte) []string {

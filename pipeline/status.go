@@ -22,7 +22,7 @@ func (s *Store) Status(dag *DAG) (*Status, error) {
 	if err != nil {
 		return nil, err
 	}
-	out := &Status{Last: plan.last, RunningBy: s.lockHolder(dag)}
+	out := &Status{Last: plan.lastRun, RunningBy: s.lockHolder(dag)}
 	for _, st := range plan.Steps {
 		ss := StageStatus{Name: st.Node.Name, Kind: st.Node.KindName, Key: st.Key, Manifest: st.Manifest, Damage: st.Damage}
 		switch st.State {

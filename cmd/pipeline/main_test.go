@@ -104,7 +104,7 @@ func TestRunPlanInspectExport(t *testing.T) {
 	writeFile(t, spec, "name: src\nstages:\n  alpaca: {kind: jsonl, with: {paths: [../data/*.jsonl], system: \"Kısa cevap ver.\"}}\n")
 
 	r := runCLI(t, dir, "plan", spec)
-	if r.code != 0 || !strings.Contains(r.stdout, "compute") || !strings.Contains(r.stdout, "not computed before") {
+	if r.code != 0 || !strings.Contains(r.stdout, "compute") || !strings.Contains(r.stdout, "not computed yet") {
 		t.Fatalf("plan before run: %d\n%s%s", r.code, r.stdout, r.stderr)
 	}
 	report := filepath.Join(dir, "report.json")

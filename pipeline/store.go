@@ -36,11 +36,20 @@ type Store struct {
 	stats *statCache
 }
 
-// DefaultRoot is where the cache lives unless the flag, PIPELINE_CACHE or the
-// spec says otherwise.
-func DefaultRoot() string {
-	if d := os.Getenv("PIPELINE_CACHE"); d != "" {
-		return d
+// CacheEnv is the environment variable that names the cache folder.
+const CacheEnv = "PIPELINE_CACHE"
+
+// CacheRoot picks the cache folder: flag (a --cache option; "" when not
+// given), then $PIPELINE_CACHE, then the spec's `cache:` (dag may be nil),
+// then pipeline/ in the user's cache folder (~/.cache/pipeline on Linux).
+func CacheRoot(flag string, dag *DAG) string {
+	switch {
+	case flag != "":
+		return flag
+	case os.Getenv(CacheEnv) != "":
+		return os.Getenv(CacheEnv)
+	case dag != nil && dag.Cache != "":
+		return dag.Cache
 	}
 	if d, err := os.UserCacheDir(); err == nil {
 		return filepath.Join(d, "pipeline")

@@ -416,16 +416,16 @@ stages:
 func TestDamagedEntryIsRecomputed(t *testing.T) {
 	cases := map[string]func(dir string) error{
 		"flipped byte": func(dir string) error {
-			p := filepath.Join(dir, tableName)
+			p := filepath.Join(dir, TableFile)
 			b, _ := os.ReadFile(p)
 			b[len(b)/2] ^= 0x40
 			return os.WriteFile(p, b, 0o644)
 		},
 		"truncated": func(dir string) error {
-			return os.Truncate(filepath.Join(dir, tableName), 100)
+			return os.Truncate(filepath.Join(dir, TableFile), 100)
 		},
 		"missing file": func(dir string) error {
-			return os.Remove(filepath.Join(dir, tableName))
+			return os.Remove(filepath.Join(dir, TableFile))
 		},
 		"edited manifest": func(dir string) error {
 			p := filepath.Join(dir, manifestName)

@@ -261,7 +261,7 @@ func (x *execution) compute(ctx context.Context, todo []*Step) error {
 			tracker: trackers[st], stats: map[string]any{}, ctx: gctx}
 		for _, d := range st.Node.Needs {
 			up := x.plan.Step(d.Name)
-			in := &Input{Name: d.Name, dir: x.e.Store.EntryDir(up.Key), committed: committed[up], tracker: t.tracker, ctx: gctx}
+			in := &Input{Name: d.Name, Kind: d.KindName, dir: x.e.Store.EntryDir(up.Key), committed: committed[up], tracker: t.tracker, ctx: gctx}
 			if computing[up] && len(st.Node.Needs) == 1 {
 				in.ch = make(chan arrow.RecordBatch, 4)
 				streams[up] = append(streams[up], in.ch)
@@ -354,9 +354,9 @@ func (x *execution) computeStep(ctx context.Context, st *Step, t *Task, committe
 	if t.out != nil {
 		sum, err := t.out.close()
 		if err != nil {
-			return fmt.Errorf("writing %s: %w", tableName, err)
+			return fmt.Errorf("writing %s: %w", TableFile, err)
 		}
-		known[tableName] = sum
+		known[TableFile] = sum
 	}
 	m := &Manifest{
 		Key: st.Key, Stage: st.Node.Name, Kind: st.Node.KindName, KindVersion: st.Node.Kind.Version(),

@@ -13,7 +13,9 @@ import (
 	"gemmaft/pipeline"
 )
 
-func init() { kinds["chat_template"] = chatKind{} }
+const chatKindName = "chat_template"
+
+func init() { kinds[chatKindName] = chatKind{} }
 
 // chatKind renders Alpaca records as chat text with the model's template and
 // keeps the byte spans of what the model says, from which tokenize makes

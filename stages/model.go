@@ -8,7 +8,9 @@ import (
 	"gemmaft/trainer"
 )
 
-func init() { kinds["model"] = modelKind{} }
+const modelKindName = "model"
+
+func init() { kinds[modelKindName] = modelKind{} }
 
 // modelKind writes a randomly initialised Gemma 3 checkpoint of a released
 // shape, in Hugging Face's layout: for tests, the demo and benchmarks, where

@@ -13,7 +13,9 @@ import (
 	"gemmaft/pipeline"
 )
 
-func init() { kinds["pack"] = packKind{} }
+const packKindName = "pack"
+
+func init() { kinds[packKindName] = packKind{} }
 
 // packKind packs tokenized examples into rows of exactly seq_len tokens
 // (best fit decreasing, or a minimum-slack planner where it needs fewer rows).

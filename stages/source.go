@@ -10,9 +10,14 @@ import (
 	"gemmaft/pipeline"
 )
 
+const (
+	parquetKindName = "parquet"
+	jsonlKindName   = "jsonl"
+)
+
 func init() {
-	kinds["parquet"] = sourceKind{format: dataset.FormatParquet}
-	kinds["jsonl"] = sourceKind{format: dataset.FormatJSONL}
+	kinds[parquetKindName] = sourceKind{format: dataset.FormatParquet}
+	kinds[jsonlKindName] = sourceKind{format: dataset.FormatJSONL}
 }
 
 // sourceKind reads Alpaca-style records (instruction, input, output and an

@@ -18,7 +18,9 @@ import (
 	"gemmaft/tokenizer"
 )
 
-func init() { kinds["tokenize"] = tokenizeKind{} }
+const tokenizeKindName = "tokenize"
+
+func init() { kinds[tokenizeKindName] = tokenizeKind{} }
 
 // tokenizeKind turns chat text into token ids and labels: labels are the
 // ids where the model is trained (the assistant's content and its

@@ -105,7 +105,7 @@ func printManifest(w io.Writer, entry string, m *pipeline.Manifest) {
 // printRows shows the first n rows of the entry's table as JSON objects,
 // shortening long strings and lists so a row fits on a screen.
 func printRows(w io.Writer, entry string, n int) error {
-	path := filepath.Join(entry, "data.arrow")
+	path := filepath.Join(entry, pipeline.TableFile)
 	if _, err := os.Stat(path); errors.Is(err, os.ErrNotExist) {
 		return nil // a stage without a table (an adapter, a checkpoint)
 	}

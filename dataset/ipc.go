@@ -16,58 +16,6 @@ import (
 // ipcMagic opens and closes every Arrow IPC file.
 var ipcMagic = []byte("ARROW1")
 
-// IPCWriter writes record batches to an Arrow IPC file (the random-access
-// "file" format with a footer, which pyarrow.ipc.open_file, polars and DuckDB
-// read directly). Batches are written uncompressed, which every reader
-// understands.
-type IPCWriter struct {
-	f    *os.File
-	w    *ipc.FileWriter
-	rows int64
-}
-
-// CreateIPC creates (or truncates) the file at path.
-func CreateIPC(path string, schema *arrow.Schema) (*IPCWriter, error) {
-	f, err := os.Create(path)
-	if err != nil {
-		return nil, fmt.Errorf("dataset: %w", err)
-	}
-	w, err := ipc.NewFileWriter(f, ipc.WithSchema(schema), ipc.WithAllocator(memory.DefaultAllocator))
-	if err != nil {
-		f.Close()
-		return nil, fmt.Errorf("dataset: %s: %v", path, err)
-	}
-	return &IPCWriter{f: f, w: w}, nil
-}
-
-// Write appends one record batch; its schema must be the file's.
-func (w *IPCWriter) Write(rec arrow.RecordBatch) error {
-	if err := w.w.Write(rec); err != nil {
-		return fmt.Errorf("dataset: %s: %v", w.f.Name(), err)
-	}
-	w.rows += rec.NumRows()
-	return nil
-}
-
-// Rows returns the number of rows written so far.
-func (w *IPCWriter) Rows() int64 { return w.rows }
-
-// Close writes the footer, syncs the file to disk (cache entries must
-// survive a crash once renamed into place) and closes it.
-func (w *IPCWriter) Close() error {
-	err := w.w.Close()
-	if err == nil {
-		err = w.f.Sync()
-	}
-	if cerr := w.f.Close(); err == nil {
-		err = cerr
-	}
-	if err != nil {
-		return fmt.Errorf("dataset: %s: %v", w.f.Name(), err)
-	}
-	return nil
-}
-
 // IPCReader reads an Arrow IPC file one record batch at a time.
 type IPCReader struct {
 	f    *os.File

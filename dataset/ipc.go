@@ -45,12 +45,12 @@ func OpenIPC(path string) (*IPCReader, error) {
 	}
 	if err := checkIPCMagic(f); err != nil {
 		f.Close()
-		return nil, fmt.Errorf("dataset: %s: %v", path, err)
+		return nil, fmt.Errorf("dataset: %s: %w", path, err)
 	}
 	r, err := newIPCFileReader(f)
 	if err != nil {
 		f.Close()
-		return nil, fmt.Errorf("dataset: %s: not a readable Arrow IPC file: %v", path, err)
+		return nil, fmt.Errorf("dataset: %s: not a readable Arrow IPC file: %w", path, err)
 	}
 	return &IPCReader{f: f, r: r}, nil
 }

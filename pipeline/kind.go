@@ -82,8 +82,10 @@ func (r *Registry) Names() []string {
 	return out
 }
 
-// jsonEncoder is the one JSON encoder for keys and manifests: no HTML
-// escaping, so `<bos>` stays readable and stable.
+// jsonEncoder encodes what cache keys are made of (a stage's canonical
+// parameters and keyMaterial) without HTML escaping, so that a parameter
+// such as `<bos>` stays readable in the canonical form. Changing it changes
+// every key. Manifests and run records use encoding/json's defaults.
 func jsonEncoder(w io.Writer) *json.Encoder {
 	enc := json.NewEncoder(w)
 	enc.SetEscapeHTML(false)

@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"errors"
 	"fmt"
+	"io/fs"
 	"os"
 	"path/filepath"
 	"reflect"
@@ -57,6 +58,7 @@ type SpecError struct {
 	Col  int
 	Msg  string
 	Fix  string
+	Err  error // the cause, when there is one (for errors.Is and errors.As)
 }
 
 func (e *SpecError) Error() string {
@@ -76,6 +78,8 @@ func (e *SpecError) Error() string {
 	}
 	return b.String()
 }
+
+func (e *SpecError) Unwrap() error { return e.Err }
 
 // SpecErrors is every problem found in one spec, in file order.
 type SpecErrors []*SpecError
@@ -107,7 +111,11 @@ func Load(path string, kinds *Registry) (*DAG, error) {
 	}
 	src, err := os.ReadFile(abs)
 	if err != nil {
-		return nil, &SpecError{File: path, Msg: fmt.Sprintf("cannot read spec: %v", errors.Unwrap(err)),
+		var pe *fs.PathError
+		if errors.As(err, &pe) {
+			err = pe.Err // File names the spec
+		}
+		return nil, &SpecError{File: path, Msg: "cannot read spec: " + err.Error(), Err: err,
 			Fix: "check the path; specs are YAML files such as dags/demo.yaml"}
 	}
 	l := &loader{file: path, kinds: kinds}
@@ -153,7 +161,7 @@ func (l *loader) errAt(n ast.Node, fix, format string, args ...any) {
 
 // yamlErr turns a go-yaml error into a SpecError at the token it names.
 func (l *loader) yamlErr(err error, fix string) *SpecError {
-	e := &SpecError{File: l.file, Msg: err.Error(), Fix: fix}
+	e := &SpecError{File: l.file, Msg: err.Error(), Fix: fix, Err: err}
 	var ye yaml.Error
 	if errors.As(err, &ye) {
 		e.Msg = ye.GetMessage()
@@ -331,7 +339,8 @@ func (l *loader) stage(mv *ast.MappingValueNode, needNodes map[*Node][]ast.Node)
 	}
 	canon, err := canonicalJSON(n.Params)
 	if err != nil {
-		l.errAt(mv.Key, "", "stage %q: parameters cannot be encoded: %v", name, err)
+		l.errAt(mv.Key, "", "stage %q: parameters cannot be encoded: %s", name, err)
+		l.errs[len(l.errs)-1].Err = err
 		return nil
 	}
 	n.Canon = canon
@@ -407,7 +416,7 @@ type ParamError struct {
 func (e *ParamError) Error() string { return e.Param + ": " + e.Msg }
 
 func (l *loader) paramError(n *Node, err error) *SpecError {
-	e := &SpecError{File: l.file, Line: n.Line, Msg: fmt.Sprintf("stage %q: %v", n.Name, err)}
+	e := &SpecError{File: l.file, Line: n.Line, Msg: fmt.Sprintf("stage %q: %s", n.Name, err), Err: err}
 	var pe *ParamError
 	if errors.As(err, &pe) {
 		e.Msg = fmt.Sprintf("stage %q: %s: %s", n.Name, pe.Param, pe.Msg)

@@ -195,7 +195,11 @@ func (s *Store) Check(key string, deep bool) (EntryState, *Manifest, error) {
 		p := filepath.Join(dir, filepath.FromSlash(o.Path))
 		st, err := statFile(p)
 		if err != nil {
-			return Damaged, m, fmt.Errorf("output %s: %v", o.Path, errors.Unwrap(err))
+			var pe *fs.PathError
+			if errors.As(err, &pe) {
+				err = pe.Err // the output's name says where
+			}
+			return Damaged, m, fmt.Errorf("output %s: %w", o.Path, err)
 		}
 		if st.Size != o.Size {
 			return Damaged, m, fmt.Errorf("output %s has %d bytes, manifest says %d", o.Path, st.Size, o.Size)

@@ -10,9 +10,8 @@ import (
 	"github.com/apache/arrow-go/v18/arrow/array"
 	"github.com/apache/arrow-go/v18/arrow/memory"
 
-	"gemmaft/pipeline"
-
 	"gemmaft/internal/testenv"
+	"gemmaft/pipeline"
 )
 
 // TestSourceBadInput checks that each kind of bad input fails its stage

@@ -56,11 +56,11 @@ QLoRA does before computing.`,
 			for i, row := range rows {
 				b, err := trainer.NewBatch([]trainer.PackedRow{row})
 				if err != nil {
-					return failErr(fmt.Errorf("%s: row %d: %v", dataPath, i, err))
+					return failErr(fmt.Errorf("%s: row %d: %w", dataPath, i, err))
 				}
 				s, n, err := m.Loss(a, b)
 				if err != nil {
-					return failErr(fmt.Errorf("%s: row %d: %v", dataPath, i, err))
+					return failErr(fmt.Errorf("%s: row %d: %w", dataPath, i, err))
 				}
 				sum, tokens = sum+s, tokens+n
 			}

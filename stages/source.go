@@ -33,8 +33,11 @@ type sourceParams struct {
 	// SystemColumn names a column holding a system text per record.
 	SystemColumn string `json:"system_column,omitempty"`
 	// System is a system text for every record.
-	System  string `json:"system,omitempty"`
-	Limit   int64  `json:"limit"`
+	System string `json:"system,omitempty"`
+	// Limit stops after this many records; 0 reads them all.
+	Limit int64 `json:"limit"`
+	// Shuffle delivers the records in an order drawn from Seed, which
+	// nothing else uses.
 	Shuffle bool   `json:"shuffle"`
 	Seed    uint64 `json:"seed"`
 }
@@ -69,6 +72,10 @@ func (p *sourceParams) Validate() error {
 	}
 	if p.Limit < 0 {
 		return &pipeline.ParamError{Param: "limit", Msg: "must not be negative", Fix: "0 reads every record"}
+	}
+	if p.Seed != 0 && !p.Shuffle {
+		return &pipeline.ParamError{Param: "seed", Msg: "orders the records only when they are shuffled, and shuffle is false",
+			Fix: "add shuffle: true, or remove seed"}
 	}
 	return nil
 }

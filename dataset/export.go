@@ -169,7 +169,7 @@ func ExportParquet(w io.Writer, path string) (int64, error) {
 	sink := struct{ io.Writer }{w}
 	fw, err := pqarrow.NewFileWriter(r.Schema(), sink, props, pqarrow.NewArrowWriterProperties(pqarrow.WithStoreSchema()))
 	if err != nil {
-		return 0, fmt.Errorf("dataset: %s: %v", path, err)
+		return 0, fmt.Errorf("dataset: %s: %w", path, err)
 	}
 	var rows int64
 	for {
@@ -186,11 +186,11 @@ func ExportParquet(w io.Writer, path string) (int64, error) {
 		rec.Release()
 		if err != nil {
 			fw.Close()
-			return rows, fmt.Errorf("dataset: writing Parquet: %v", err)
+			return rows, fmt.Errorf("dataset: writing Parquet: %w", err)
 		}
 	}
 	if err := fw.Close(); err != nil {
-		return rows, fmt.Errorf("dataset: writing Parquet: %v", err)
+		return rows, fmt.Errorf("dataset: writing Parquet: %w", err)
 	}
 	return rows, nil
 }

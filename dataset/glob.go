@@ -19,7 +19,7 @@ func ExpandGlobs(base string, patterns []string) ([]string, error) {
 		}
 		matches, err := filepath.Glob(full)
 		if err != nil {
-			return nil, fmt.Errorf("dataset: bad pattern %q: %v", pattern, err)
+			return nil, fmt.Errorf("dataset: bad pattern %q: %w", pattern, err)
 		}
 		if len(matches) == 0 {
 			return nil, fmt.Errorf("dataset: no file matches %q (in %s)", pattern, base)

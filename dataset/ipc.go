@@ -16,56 +16,17 @@ import (
 // ipcMagic opens and closes every Arrow IPC file.
 var ipcMagic = []byte("ARROW1")
 
-// IPCWriter writes record batches to an Arrow IPC file (the random-access
-// "file" format with a footer, which pyarrow.ipc.open_file, polars and DuckDB
-// read directly). Batches are written uncompressed, which every reader
-// understands.
-type IPCWriter struct {
-	f    *os.File
-	w    *ipc.FileWriter
-	rows int64
-}
-
-// CreateIPC creates (or truncates) the file at path.
-func CreateIPC(path string, schema *arrow.Schema) (*IPCWriter, error) {
-	f, err := os.Create(path)
+// IsIPCFile reports whether the file at path starts as an Arrow IPC file
+// does (OpenIPC checks the rest).
+func IsIPCFile(path string) (bool, error) {
+	f, err := os.Open(path)
 	if err != nil {
-		return nil, fmt.Errorf("dataset: %w", err)
+		return false, fmt.Errorf("dataset: %w", err)
 	}
-	w, err := ipc.NewFileWriter(f, ipc.WithSchema(schema), ipc.WithAllocator(memory.DefaultAllocator))
-	if err != nil {
-		f.Close()
-		return nil, fmt.Errorf("dataset: %s: %v", path, err)
-	}
-	return &IPCWriter{f: f, w: w}, nil
-}
-
-// Write appends one record batch; its schema must be the file's.
-func (w *IPCWriter) Write(rec arrow.RecordBatch) error {
-	if err := w.w.Write(rec); err != nil {
-		return fmt.Errorf("dataset: %s: %v", w.f.Name(), err)
-	}
-	w.rows += rec.NumRows()
-	return nil
-}
-
-// Rows returns the number of rows written so far.
-func (w *IPCWriter) Rows() int64 { return w.rows }
-
-// Close writes the footer, syncs the file to disk (cache entries must
-// survive a crash once renamed into place) and closes it.
-func (w *IPCWriter) Close() error {
-	err := w.w.Close()
-	if err == nil {
-		err = w.f.Sync()
-	}
-	if cerr := w.f.Close(); err == nil {
-		err = cerr
-	}
-	if err != nil {
-		return fmt.Errorf("dataset: %s: %v", w.f.Name(), err)
-	}
-	return nil
+	defer f.Close()
+	head := make([]byte, len(ipcMagic))
+	n, _ := io.ReadFull(f, head)
+	return bytes.Equal(head[:n], ipcMagic), nil
 }
 
 // IPCReader reads an Arrow IPC file one record batch at a time.
@@ -84,12 +45,12 @@ func OpenIPC(path string) (*IPCReader, error) {
 	}
 	if err := checkIPCMagic(f); err != nil {
 		f.Close()
-		return nil, fmt.Errorf("dataset: %s: %v", path, err)
+		return nil, fmt.Errorf("dataset: %s: %w", path, err)
 	}
 	r, err := newIPCFileReader(f)
 	if err != nil {
 		f.Close()
-		return nil, fmt.Errorf("dataset: %s: not a readable Arrow IPC file: %v", path, err)
+		return nil, fmt.Errorf("dataset: %s: not a readable Arrow IPC file: %w", path, err)
 	}
 	return &IPCReader{f: f, r: r}, nil
 }
@@ -112,7 +73,7 @@ func checkIPCMagic(f *os.File) error {
 	}
 	n := int64(len(ipcMagic))
 	if st.Size() < 2*n+4 {
-		return errors.New("too short to be an Arrow IPC file")
+		return errors.New("not an Arrow IPC file (too short)")
 	}
 	head := make([]byte, n)
 	tail := make([]byte, n)
@@ -137,28 +98,42 @@ func (r *IPCReader) Schema() *arrow.Schema { return r.r.Schema() }
 // NumBatches returns the number of record batches in the file.
 func (r *IPCReader) NumBatches() int { return r.r.NumRecords() }
 
-// Next returns the next record batch, checked for consistent offsets and
-// lengths, or io.EOF after the last one. The caller releases it.
-func (r *IPCReader) Next() (rec arrow.RecordBatch, err error) {
+// Next returns the next record batch, checked as Batch checks it, or io.EOF
+// after the last one. The caller releases it.
+func (r *IPCReader) Next() (arrow.RecordBatch, error) {
 	if r.next >= r.r.NumRecords() {
 		return nil, io.EOF
 	}
+	rec, err := r.Batch(r.next)
+	if err != nil {
+		return nil, err
+	}
+	r.next++
+	return rec, nil
+}
+
+// Batch returns record batch i (0 ≤ i < NumBatches), checked for consistent
+// offsets and lengths, for readers that go through a file in an order of
+// their own. The caller releases it. It does not move Next.
+func (r *IPCReader) Batch(i int) (rec arrow.RecordBatch, err error) {
+	if i < 0 || i >= r.r.NumRecords() {
+		return nil, fmt.Errorf("dataset: %s: batch %d out of range [0, %d)", r.f.Name(), i, r.r.NumRecords())
+	}
 	defer func() {
 		if p := recover(); p != nil {
-			rec, err = nil, fmt.Errorf("dataset: %s: batch %d: corrupt data: %v", r.f.Name(), r.next, p)
+			rec, err = nil, fmt.Errorf("dataset: %s: batch %d: corrupt data: %v", r.f.Name(), i, p)
 		}
 	}()
-	rec, err = r.r.RecordAt(r.next)
+	rec, err = r.r.RecordAt(i)
 	if err != nil {
-		return nil, fmt.Errorf("dataset: %s: batch %d: %v", r.f.Name(), r.next, err)
+		return nil, fmt.Errorf("dataset: %s: batch %d: %w", r.f.Name(), i, err)
 	}
 	// Offsets and lengths are trusted by every later access; check them
 	// once here so that a damaged file is an error, not a crash.
 	if err := array.ValidateRecordFull(rec); err != nil {
 		rec.Release()
-		return nil, fmt.Errorf("dataset: %s: batch %d: corrupt data: %v", r.f.Name(), r.next, err)
+		return nil, fmt.Errorf("dataset: %s: batch %d: corrupt data: %w", r.f.Name(), i, err)
 	}
-	r.next++
 	return rec, nil
 }
 

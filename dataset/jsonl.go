@@ -130,7 +130,7 @@ func (jf *jsonlFile) parse(line []byte, lineNo int64) (record, error) {
 		if errors.As(err, &typeErr) {
 			return record{}, fmt.Errorf("dataset: %s: line %d: not a JSON object", jf.name, lineNo)
 		}
-		return record{}, fmt.Errorf("dataset: %s: line %d: invalid JSON: %v", jf.name, lineNo, err)
+		return record{}, fmt.Errorf("dataset: %s: line %d: invalid JSON: %w", jf.name, lineNo, err)
 	}
 	if obj == nil {
 		return record{}, fmt.Errorf("dataset: %s: line %d: not a JSON object", jf.name, lineNo)
@@ -158,7 +158,7 @@ func (jf *jsonlFile) parse(line []byte, lineNo int64) (record, error) {
 			return record{}, fmt.Errorf("dataset: %s: line %d, column %s: invalid UTF-8 at byte %d", jf.name, lineNo, name, decodedOffset(raw, at))
 		}
 		if err := json.Unmarshal(raw, &r[i]); err != nil {
-			return record{}, fmt.Errorf("dataset: %s: line %d, column %s: %v", jf.name, lineNo, name, err)
+			return record{}, fmt.Errorf("dataset: %s: line %d, column %s: %w", jf.name, lineNo, name, err)
 		}
 		// A lone surrogate escape such as \ud800 decodes to U+FFFD; text
 		// that never held U+FFFD itself was not valid Unicode.
@@ -229,7 +229,7 @@ func (jf *jsonlFile) lines() (*lineReader, error) {
 		lr.gz, err = gzip.NewReader(f)
 		if err != nil {
 			f.Close()
-			return nil, fmt.Errorf("dataset: %s: not a gzip file: %v", jf.name, err)
+			return nil, fmt.Errorf("dataset: %s: not a gzip file: %w", jf.name, err)
 		}
 		src = lr.gz
 	}
@@ -262,7 +262,7 @@ func (lr *lineReader) next() ([]byte, error) {
 				break
 			}
 			if err != nil {
-				return nil, fmt.Errorf("dataset: %s: line %d: %v", lr.name, lr.line+1, err)
+				return nil, fmt.Errorf("dataset: %s: line %d: %w", lr.name, lr.line+1, err)
 			}
 			break
 		}

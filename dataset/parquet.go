@@ -46,12 +46,12 @@ func openParquet(open openFunc, path string, want []string, mem memory.Allocator
 	defer f.Close()
 	rdr, err := openParquetReader(f, nil)
 	if err != nil {
-		return nil, fmt.Errorf("dataset: %s: not a readable Parquet file (corrupt or truncated?): %v", path, err)
+		return nil, fmt.Errorf("dataset: %s: not a readable Parquet file (corrupt or truncated?): %w", path, err)
 	}
 	pf.meta = rdr.MetaData()
 	fr, err := pqarrow.NewFileReader(rdr, pqarrow.ArrowReadProperties{}, mem)
 	if err != nil {
-		return nil, fmt.Errorf("dataset: %s: reading the Parquet schema: %v", path, err)
+		return nil, fmt.Errorf("dataset: %s: reading the Parquet schema: %w", path, err)
 	}
 
 	byName := map[string]*pqarrow.SchemaField{}
@@ -155,11 +155,11 @@ func (pf *parquetFile) scan(ctx context.Context, base int64, want func(int64) bo
 	defer f.Close()
 	rdr, err := openParquetReader(f, pf.meta)
 	if err != nil {
-		return 0, false, fmt.Errorf("dataset: %s: %v", pf.name, err)
+		return 0, false, fmt.Errorf("dataset: %s: %w", pf.name, err)
 	}
 	fr, err := pqarrow.NewFileReader(rdr, pqarrow.ArrowReadProperties{BatchSize: parquetBatchRows}, pf.mem)
 	if err != nil {
-		return 0, false, fmt.Errorf("dataset: %s: %v", pf.name, err)
+		return 0, false, fmt.Errorf("dataset: %s: %w", pf.name, err)
 	}
 	for rg := range pf.meta.NumRowGroups() {
 		if err := ctx.Err(); err != nil {
@@ -184,7 +184,7 @@ func (pf *parquetFile) scanRowGroup(ctx context.Context, fr *pqarrow.FileReader,
 	}()
 	rr, err := fr.GetRecordReader(ctx, pf.leaves, []int{rg})
 	if err != nil {
-		return 0, false, fmt.Errorf("dataset: %s: row group %d: %v", pf.name, rg, err)
+		return 0, false, fmt.Errorf("dataset: %s: row group %d: %w", pf.name, rg, err)
 	}
 	defer rr.Release()
 	cols := make([]stringValues, len(pf.want))
@@ -194,7 +194,7 @@ func (pf *parquetFile) scanRowGroup(ctx context.Context, fr *pqarrow.FileReader,
 			break
 		}
 		if err != nil {
-			return rows, false, fmt.Errorf("dataset: %s: row group %d: %v", pf.name, rg, err)
+			return rows, false, fmt.Errorf("dataset: %s: row group %d: %w", pf.name, rg, err)
 		}
 		sc := rec.Schema()
 		for i, name := range pf.want {
@@ -204,7 +204,7 @@ func (pf *parquetFile) scanRowGroup(ctx context.Context, fr *pqarrow.FileReader,
 			}
 			cols[i], err = newStringValues(rec.Column(idx[0]))
 			if err != nil {
-				return rows, false, fmt.Errorf("dataset: %s: column %q: %v", pf.name, name, err)
+				return rows, false, fmt.Errorf("dataset: %s: column %q: %w", pf.name, name, err)
 			}
 		}
 		for i := range int(rec.NumRows()) {

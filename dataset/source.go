@@ -1,6 +1,7 @@
 // Package dataset reads Alpaca-style instruction records from Parquet and JSONL
-// files as a stream of Arrow record batches, and reads and writes the Arrow IPC
-// files that hold every stage's output.
+// files as a stream of Arrow record batches, reads the Arrow IPC files that
+// hold every stage's output (the engine writes them, pipeline.Output), and
+// exports those as JSON lines or Parquet.
 //
 // Parquet is read with arrow-go's parquet/pqarrow rather than parquet-go: it
 // decodes column chunks straight into Arrow arrays one row group at a time,

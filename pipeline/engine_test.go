@@ -182,6 +182,48 @@ func TestUntilAndOnly(t *testing.T) {
 	}
 }
 
+// TestPlanReasonsForMissingEntries: a stage never computed says so, even
+// after runs that stopped before it; an entry that existed and is gone is
+// reported as removed.
+func TestPlanReasonsForMissingEntries(t *testing.T) {
+	e := newTestEnv(t)
+	e.write("data.txt", "x")
+	spec := e.write("chain.yaml", chainSpec)
+	why := func(stage string) string {
+		t.Helper()
+		plan, err := e.store.Plan(e.load(spec), Options{})
+		if err != nil {
+			t.Fatal(err)
+		}
+		return plan.Step(stage).Reason
+	}
+	const never, removed = "not computed yet", "cache entry missing (removed by gc or by hand)"
+
+	if got := why("total"); got != never {
+		t.Errorf("before any run: total %q, want %q", got, never)
+	}
+	e.mustRun(spec, Options{Until: "twice"})
+	if got := why("total"); got != never {
+		t.Errorf("after --until twice: total %q, want %q", got, never)
+	}
+	if got := why("twice"); got != "cached" {
+		t.Errorf("after --until twice: twice %q, want cached", got)
+	}
+
+	rec := e.mustRun(spec, Options{})
+	if err := e.store.Remove(keyOfStage(rec, "total")); err != nil {
+		t.Fatal(err)
+	}
+	if got := why("total"); got != removed {
+		t.Errorf("entry removed after a full run: total %q, want %q", got, removed)
+	}
+	// A later run that does not reach the stage does not make it new.
+	e.mustRun(spec, Options{Until: "twice"})
+	if got := why("total"); got != removed {
+		t.Errorf("entry removed, then --until twice: total %q, want %q", got, removed)
+	}
+}
+
 func TestForce(t *testing.T) {
 	e := newTestEnv(t)
 	e.write("data.txt", "x")
@@ -374,16 +416,16 @@ stages:
 func TestDamagedEntryIsRecomputed(t *testing.T) {
 	cases := map[string]func(dir string) error{
 		"flipped byte": func(dir string) error {
-			p := filepath.Join(dir, tableName)
+			p := filepath.Join(dir, TableFile)
 			b, _ := os.ReadFile(p)
 			b[len(b)/2] ^= 0x40
 			return os.WriteFile(p, b, 0o644)
 		},
 		"truncated": func(dir string) error {
-			return os.Truncate(filepath.Join(dir, tableName), 100)
+			return os.Truncate(filepath.Join(dir, TableFile), 100)
 		},
 		"missing file": func(dir string) error {
-			return os.Remove(filepath.Join(dir, tableName))
+			return os.Remove(filepath.Join(dir, TableFile))
 		},
 		"edited manifest": func(dir string) error {
 			p := filepath.Join(dir, manifestName)

@@ -2,7 +2,6 @@ package pipeline
 
 import (
 	"context"
-	"encoding/json"
 	"fmt"
 	"os"
 	"path/filepath"
@@ -44,12 +43,8 @@ func (s *Store) GC(ctx context.Context, opts GCOptions) (*GCResult, error) {
 			recs = recs[len(recs)-opts.KeepLast:]
 		}
 		for _, f := range recs {
-			data, err := os.ReadFile(f)
-			if err != nil {
-				continue
-			}
-			var r RunRecord
-			if json.Unmarshal(data, &r) != nil {
+			r := readRunRecord(f)
+			if r == nil {
 				continue
 			}
 			for _, st := range r.Stages {

@@ -9,7 +9,8 @@ import (
 	"sync"
 )
 
-// A Kind makes stages of one kind. The engine knows no kind by name: package
+// A Kind prepares the stages of one kind: from a stage's parameters it makes
+// the Runner that computes it. The engine knows no kind by name: package
 // stages implements them and cmd/pipeline registers them.
 type Kind interface {
 	// Version is part of every key of this kind. Bump it whenever the output
@@ -25,13 +26,14 @@ type Kind interface {
 	// Inputs says how many `needs` the kind takes; max < 0 means no limit.
 	Inputs() (min, max int)
 	// Prepare checks the decoded parameters against the world (files exist,
-	// globs match) and returns the stage. dir is the spec's folder, against
-	// which relative paths resolve.
-	Prepare(params any, dir string) (Stage, error)
+	// globs match) and returns the stage's Runner. dir is the spec's folder,
+	// against which relative paths resolve.
+	Prepare(params any, dir string) (Runner, error)
 }
 
-// A Stage is one prepared node of a DAG.
-type Stage interface {
+// A Runner computes one stage: it is what a Kind prepares from the
+// parameters of a Node (the stage as the spec declares it).
+type Runner interface {
 	// Files lists, in a stable order, the files whose contents the output
 	// depends on. Their digests are part of the key.
 	Files() []string
@@ -80,8 +82,10 @@ func (r *Registry) Names() []string {
 	return out
 }
 
-// jsonEncoder is the one JSON encoder for keys and manifests: no HTML
-// escaping, so `<bos>` stays readable and stable.
+// jsonEncoder encodes what cache keys are made of (a stage's canonical
+// parameters and keyMaterial) without HTML escaping, so that a parameter
+// such as `<bos>` stays readable in the canonical form. Changing it changes
+// every key. Manifests and run records use encoding/json's defaults.
 func jsonEncoder(w io.Writer) *json.Encoder {
 	enc := json.NewEncoder(w)
 	enc.SetEscapeHTML(false)

@@ -59,7 +59,7 @@ func (p *genParams) Validate() error {
 	return nil
 }
 
-func (g *genKind) Prepare(params any, dir string) (Stage, error) {
+func (g *genKind) Prepare(params any, dir string) (Runner, error) {
 	p := params.(*genParams)
 	s := &genStage{p: p}
 	if p.File != "" {
@@ -145,7 +145,7 @@ type doubleParams struct {
 func (doubleKind) Version() int       { return 1 }
 func (doubleKind) Inputs() (int, int) { return 1, 1 }
 func (doubleKind) Params() any        { return &doubleParams{Factor: 2} }
-func (doubleKind) Prepare(params any, _ string) (Stage, error) {
+func (doubleKind) Prepare(params any, _ string) (Runner, error) {
 	return &doubleStage{p: params.(*doubleParams)}, nil
 }
 
@@ -194,7 +194,7 @@ type noParams struct{}
 func (concatKind) Version() int       { return 1 }
 func (concatKind) Inputs() (int, int) { return 2, -1 }
 func (concatKind) Params() any        { return &noParams{} }
-func (concatKind) Prepare(any, string) (Stage, error) {
+func (concatKind) Prepare(any, string) (Runner, error) {
 	return concatStage{}, nil
 }
 
@@ -232,7 +232,7 @@ type countKind struct{}
 func (countKind) Version() int       { return 1 }
 func (countKind) Inputs() (int, int) { return 1, 1 }
 func (countKind) Params() any        { return &noParams{} }
-func (countKind) Prepare(any, string) (Stage, error) {
+func (countKind) Prepare(any, string) (Runner, error) {
 	return countStage{}, nil
 }
 
@@ -262,7 +262,7 @@ type failParams struct {
 func (failKind) Version() int       { return 1 }
 func (failKind) Inputs() (int, int) { return 1, 1 }
 func (failKind) Params() any        { return &failParams{} }
-func (failKind) Prepare(p any, _ string) (Stage, error) {
+func (failKind) Prepare(p any, _ string) (Runner, error) {
 	return failStage{p: p.(*failParams)}, nil
 }
 
@@ -296,7 +296,7 @@ type resumeKind struct{}
 func (resumeKind) Version() int       { return 1 }
 func (resumeKind) Inputs() (int, int) { return 0, 0 }
 func (resumeKind) Params() any        { return &noParams{} }
-func (resumeKind) Prepare(any, string) (Stage, error) {
+func (resumeKind) Prepare(any, string) (Runner, error) {
 	return resumeStage{}, nil
 }
 

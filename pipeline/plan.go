@@ -6,7 +6,6 @@ import (
 	"encoding/hex"
 	"encoding/json"
 	"fmt"
-	"os"
 	"path/filepath"
 	"slices"
 	"sort"
@@ -38,7 +37,10 @@ type Step struct {
 type Plan struct {
 	DAG   *DAG
 	Steps []*Step
-	last  *RunRecord // this DAG's previous run, for reasons
+
+	store   *Store
+	lastRun *RunRecord   // this DAG's previous run, for status
+	history []*RunRecord // its kept runs, newest first, once why needs them
 }
 
 // Step returns the step of the stage called name, or nil.
@@ -68,17 +70,17 @@ func (s *Store) Plan(dag *DAG, opts Options) (*Plan, error) {
 		return nil, &SpecError{File: dag.Path, Msg: "--until and --only exclude each other", Fix: "give one of them"}
 	}
 	for _, name := range append(append([]string{}, opts.Force...), opts.Until, opts.Only) {
-		if name != "" && name != "all" && dag.Stage(name) == nil {
-			fix := "stages: " + strings.Join(names(dag.Stages), ", ")
-			if c := closest(name, names(dag.Stages)); c != "" {
+		if name != "" && name != "all" && dag.Node(name) == nil {
+			fix := "stages: " + strings.Join(names(dag.Nodes), ", ")
+			if c := closest(name, names(dag.Nodes)); c != "" {
 				fix = fmt.Sprintf("did you mean %q? %s", c, fix)
 			}
 			return nil, &SpecError{File: dag.Path, Msg: fmt.Sprintf("no stage called %q", name), Fix: fix}
 		}
 	}
-	plan := &Plan{DAG: dag, last: s.lastRun(dag)}
+	plan := &Plan{DAG: dag, store: s, lastRun: s.lastRun(dag)}
 	steps := map[*Node]*Step{}
-	for _, n := range dag.Stages {
+	for _, n := range dag.Nodes {
 		st := &Step{Node: n}
 		steps[n] = st
 		plan.Steps = append(plan.Steps, st)
@@ -87,7 +89,7 @@ func (s *Store) Plan(dag *DAG, opts Options) (*Plan, error) {
 			st.Inputs = append(st.Inputs, InputRef{Stage: d.Name, Key: steps[d].Key})
 			km.Inputs = append(km.Inputs, steps[d].Key)
 		}
-		for _, f := range n.Stage.Files() {
+		for _, f := range n.Runner.Files() {
 			sum, size, err := s.stats.Digest(f)
 			if err != nil {
 				return nil, stageErr(n, fmt.Errorf("input file: %w", err))
@@ -152,7 +154,7 @@ func (p *Plan) selectSteps(opts Options) {
 				mark(d)
 			}
 		}
-		mark(p.DAG.Stage(opts.Until))
+		mark(p.DAG.Node(opts.Until))
 	default:
 		for _, st := range p.Steps {
 			st.Selected = true
@@ -161,21 +163,14 @@ func (p *Plan) selectSteps(opts Options) {
 }
 
 // why explains a missing or damaged entry by comparing the step with the
-// same stage in this DAG's previous run.
+// same stage in the newest run of this DAG that had an entry for it.
 func (p *Plan) why(st *Step) string {
 	if st.State == Damaged {
 		return fmt.Sprintf("cache entry damaged (%v)", st.Damage)
 	}
-	var prev *StageRecord
-	if p.last != nil {
-		for i := range p.last.Stages {
-			if p.last.Stages[i].Name == st.Node.Name && p.last.Stages[i].Key != "" {
-				prev = &p.last.Stages[i]
-			}
-		}
-	}
+	prev := p.lastEntry(st.Node.Name)
 	if prev == nil {
-		return "not computed before"
+		return "not computed yet"
 	}
 	if prev.Key == st.Key {
 		return "cache entry missing (removed by gc or by hand)"
@@ -202,6 +197,25 @@ func (p *Plan) why(st *Step) string {
 		return "key changed"
 	}
 	return strings.Join(reasons, "; ")
+}
+
+// lastEntry returns the record of stage in the newest kept run of the DAG
+// that computed it or found it cached, or nil if none did. A run that did
+// not select the stage (--until, --only) or failed in it says nothing of its
+// entry.
+func (p *Plan) lastEntry(stage string) *StageRecord {
+	if p.history == nil {
+		p.history = p.store.runHistory(p.DAG)
+	}
+	for _, r := range p.history {
+		for i := range r.Stages {
+			s := &r.Stages[i]
+			if s.Name == stage && s.Key != "" && (s.State == "computed" || s.State == "cached") {
+				return s
+			}
+		}
+	}
+	return nil
 }
 
 func changedParams(a, b []byte) []string {
@@ -259,35 +273,4 @@ func changedFiles(prev, cur []FileRef) string {
 		parts = append(parts, "files removed: "+strings.Join(gone, ", "))
 	}
 	return strings.Join(parts, "; ")
-}
-
-// dagID names a DAG in the store by the absolute path of its spec, so the
-// same file run from cron and by hand shares its lock and its history.
-func dagID(dag *DAG) string {
-	sum := sha256.Sum256([]byte(dag.Path))
-	return hex.EncodeToString(sum[:8])
-}
-
-// lastRun returns the newest run record of dag, or nil.
-func (s *Store) lastRun(dag *DAG) *RunRecord {
-	recs := s.runRecords(dagID(dag))
-	if len(recs) == 0 {
-		return nil
-	}
-	data, err := os.ReadFile(recs[len(recs)-1])
-	if err != nil {
-		return nil
-	}
-	r := &RunRecord{}
-	if json.Unmarshal(data, r) != nil {
-		return nil
-	}
-	return r
-}
-
-// runRecords lists the run record files of one DAG, oldest first.
-func (s *Store) runRecords(id string) []string {
-	files, _ := filepath.Glob(filepath.Join(s.Root, "runs", id, "*.json"))
-	sort.Strings(files) // names start with a fixed-width timestamp
-	return files
 }

@@ -133,7 +133,7 @@ func TestCrashSafety(t *testing.T) {
 		if err != nil || len(bad) > 0 {
 			t.Fatalf("after kill %d: damaged entries %v (%v)", i, bad, err)
 		}
-		if n < len(dag.Stages) {
+		if n < len(dag.Nodes) {
 			midRun++
 		} else {
 			// Finished before the kill: start over, so the next kill

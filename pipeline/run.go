@@ -7,19 +7,15 @@ import (
 	"fmt"
 	"log/slog"
 	"os"
-	"path/filepath"
 	"runtime/debug"
 	"sort"
 	"strconv"
-	"strings"
 	"sync"
 	"time"
 
 	"github.com/apache/arrow-go/v18/arrow"
 	"github.com/gofrs/flock"
 	"golang.org/x/sync/errgroup"
-
-	"gemmaft/internal/atomicfile"
 )
 
 // An Engine runs plans against a store.
@@ -31,26 +27,6 @@ type Engine struct {
 	// of the same DAG holds its lock.
 	NoWait bool
 }
-
-// ErrBusy is returned (wrapped in a *BusyError) when NoWait is set and
-// another process is running the same DAG.
-var ErrBusy = errors.New("another run of this DAG is in progress")
-
-// BusyError says who holds a DAG's lock.
-type BusyError struct {
-	Spec   string
-	Holder string // "pid 123 since 02:00:01", as the holder wrote it
-}
-
-func (e *BusyError) Error() string {
-	msg := fmt.Sprintf("%s: %v", e.Spec, ErrBusy)
-	if e.Holder != "" {
-		msg += " (" + e.Holder + ")"
-	}
-	return msg
-}
-
-func (e *BusyError) Unwrap() error { return ErrBusy }
 
 // A RunRecord is what one run did; it is written as the run report and kept
 // in the store for plan's reasons and for gc.
@@ -139,7 +115,7 @@ func (e *Engine) run(ctx context.Context, dag *DAG, opts Options, rec *RunRecord
 	}
 	defer gc.Unlock()
 
-	unlock, err := e.lockDAG(ctx, dag)
+	unlock, err := e.Store.lockDAG(ctx, dag, e.NoWait, e.log())
 	if err != nil {
 		return err
 	}
@@ -160,52 +136,6 @@ func (e *Engine) run(ctx context.Context, dag *DAG, opts Options, rec *RunRecord
 		x.records[st] = &rec.Stages[i]
 	}
 	return x.execute(ctx)
-}
-
-// lockDAG takes the lock of dag, waiting for another run of it unless NoWait.
-func (e *Engine) lockDAG(ctx context.Context, dag *DAG) (func(), error) {
-	base := e.Store.dagLockBase(dag)
-	l := flock.New(base + ".lock")
-	ok, err := l.TryLock()
-	if err != nil {
-		return nil, err
-	}
-	if !ok {
-		holder, _ := os.ReadFile(base + ".holder")
-		if e.NoWait {
-			return nil, &BusyError{Spec: dag.Path, Holder: strings.TrimSpace(string(holder))}
-		}
-		e.log().Info("waiting for another run of this DAG to finish", "spec", dag.Path, "holder", strings.TrimSpace(string(holder)))
-		if _, err := l.TryLockContext(ctx, 200*time.Millisecond); err != nil {
-			return nil, err
-		}
-	}
-	host, _ := os.Hostname()
-	_ = os.WriteFile(base+".holder", []byte(fmt.Sprintf("pid %d on %s since %s\n", os.Getpid(), host, time.Now().Format(time.RFC3339))), 0o644)
-	return func() { l.Unlock() }, nil
-}
-
-// recordRun keeps the run's record under runs/<dag-id>/, pruning old ones.
-func (s *Store) recordRun(dag *DAG, rec *RunRecord) error {
-	dir := filepath.Join(s.Root, "runs", dagID(dag))
-	if err := os.MkdirAll(dir, 0o755); err != nil {
-		return err
-	}
-	data, err := json.MarshalIndent(rec, "", "  ")
-	if err != nil {
-		return err
-	}
-	name := fmt.Sprintf("%020d-%d.json", rec.Started.UnixNano(), os.Getpid())
-	if err := atomicfile.WriteFile(filepath.Join(dir, name), data); err != nil {
-		return err
-	}
-	const keepRecords = 100
-	if recs := s.runRecords(dagID(dag)); len(recs) > keepRecords {
-		for _, f := range recs[:len(recs)-keepRecords] {
-			os.Remove(f)
-		}
-	}
-	return nil
 }
 
 // execution is one run of a plan.
@@ -331,7 +261,7 @@ func (x *execution) compute(ctx context.Context, todo []*Step) error {
 			tracker: trackers[st], stats: map[string]any{}, ctx: gctx}
 		for _, d := range st.Node.Needs {
 			up := x.plan.Step(d.Name)
-			in := &Input{Name: d.Name, dir: x.e.Store.EntryDir(up.Key), committed: committed[up], tracker: t.tracker, ctx: gctx}
+			in := &Input{Name: d.Name, Kind: d.KindName, dir: x.e.Store.EntryDir(up.Key), committed: committed[up], tracker: t.tracker, ctx: gctx}
 			if computing[up] && len(st.Node.Needs) == 1 {
 				in.ch = make(chan arrow.RecordBatch, 4)
 				streams[up] = append(streams[up], in.ch)
@@ -410,7 +340,7 @@ func (x *execution) computeStep(ctx context.Context, st *Step, t *Task, committe
 		}
 	}()
 	x.e.log().Debug("computing", "stage", st.Node.Name, "key", ShortKey(st.Key), "why", st.Reason)
-	if err := runStage(ctx, st.Node.Stage, t); err != nil {
+	if err := runStage(ctx, st.Node.Runner, t); err != nil {
 		return err
 	}
 	// Whatever the stage left unread must still reach EOF, so that the
@@ -424,9 +354,9 @@ func (x *execution) computeStep(ctx context.Context, st *Step, t *Task, committe
 	if t.out != nil {
 		sum, err := t.out.close()
 		if err != nil {
-			return fmt.Errorf("writing %s: %w", tableName, err)
+			return fmt.Errorf("writing %s: %w", TableFile, err)
 		}
-		known[tableName] = sum
+		known[TableFile] = sum
 	}
 	m := &Manifest{
 		Key: st.Key, Stage: st.Node.Name, Kind: st.Node.KindName, KindVersion: st.Node.Kind.Version(),
@@ -455,16 +385,13 @@ func (x *execution) computeStep(ctx context.Context, st *Step, t *Task, committe
 	return nil
 }
 
-// runStage calls the stage, turning a panic into an error so that a bug in
-// one kind fails its stage cleanly instead of tearing the process down.
-func runStage(ctx context.Context, s Stage, t *Task) (err error) {
+// runStage calls the stage's Runner, turning a panic into an error so that a
+// bug in one kind fails its stage cleanly instead of tearing the process down.
+func runStage(ctx context.Context, r Runner, t *Task) (err error) {
 	defer func() {
 		if p := recover(); p != nil {
 			err = fmt.Errorf("panic: %v\n%s", p, debug.Stack())
 		}
 	}()
-	return s.Run(ctx, t)
+	return r.Run(ctx, t)
 }
-
-// IsBusy reports whether err means another run holds the DAG's lock.
-func IsBusy(err error) bool { return errors.Is(err, ErrBusy) }

@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"errors"
 	"fmt"
+	"io/fs"
 	"os"
 	"path/filepath"
 	"reflect"
@@ -16,18 +17,19 @@ import (
 	"github.com/goccy/go-yaml/parser"
 )
 
-// A DAG is a parsed, validated spec whose stages are ready to plan: every
-// stage's parameters are decoded into its kind's typed struct, defaults
-// filled in, and its input files resolved.
+// A DAG is a parsed, validated spec whose stages (its Nodes) are ready to
+// plan: every stage's parameters are decoded into its kind's typed struct,
+// defaults filled in, and its Runner prepared with its input files resolved.
 type DAG struct {
-	Name   string
-	Path   string  // absolute path of the spec file
-	Dir    string  // folder relative paths in the spec are resolved against
-	Cache  string  // the spec's `cache:` folder, absolute; "" when unset
-	Stages []*Node // in topological order; ties keep the spec's order
+	Name  string
+	Path  string  // absolute path of the spec file
+	Dir   string  // folder relative paths in the spec are resolved against
+	Cache string  // the spec's `cache:` folder, absolute; "" when unset
+	Nodes []*Node // in topological order; ties keep the spec's order
 }
 
-// A Node is one stage of a DAG.
+// A Node is one stage of a DAG as the spec declares it, with the Runner its
+// kind prepared.
 type Node struct {
 	Name     string
 	KindName string
@@ -35,13 +37,13 @@ type Node struct {
 	Params   any    // pointer to the kind's parameter struct
 	Canon    []byte // canonical JSON of Params: part of the key
 	Needs    []*Node
-	Stage    Stage
+	Runner   Runner
 	Line     int // line of the stage in the spec, for messages
 }
 
-// Stage returns the node called name, or nil.
-func (d *DAG) Stage(name string) *Node {
-	for _, n := range d.Stages {
+// Node returns the stage called name, or nil.
+func (d *DAG) Node(name string) *Node {
+	for _, n := range d.Nodes {
 		if n.Name == name {
 			return n
 		}
@@ -56,6 +58,7 @@ type SpecError struct {
 	Col  int
 	Msg  string
 	Fix  string
+	Err  error // the cause, when there is one (for errors.Is and errors.As)
 }
 
 func (e *SpecError) Error() string {
@@ -75,6 +78,8 @@ func (e *SpecError) Error() string {
 	}
 	return b.String()
 }
+
+func (e *SpecError) Unwrap() error { return e.Err }
 
 // SpecErrors is every problem found in one spec, in file order.
 type SpecErrors []*SpecError
@@ -106,7 +111,11 @@ func Load(path string, kinds *Registry) (*DAG, error) {
 	}
 	src, err := os.ReadFile(abs)
 	if err != nil {
-		return nil, &SpecError{File: path, Msg: fmt.Sprintf("cannot read spec: %v", errors.Unwrap(err)),
+		var pe *fs.PathError
+		if errors.As(err, &pe) {
+			err = pe.Err // File names the spec
+		}
+		return nil, &SpecError{File: path, Msg: "cannot read spec: " + err.Error(), Err: err,
 			Fix: "check the path; specs are YAML files such as dags/demo.yaml"}
 	}
 	l := &loader{file: path, kinds: kinds}
@@ -120,13 +129,13 @@ func Load(path string, kinds *Registry) (*DAG, error) {
 	if dag.Cache != "" && !filepath.IsAbs(dag.Cache) {
 		dag.Cache = filepath.Join(dag.Dir, dag.Cache)
 	}
-	for _, n := range dag.Stages {
+	for _, n := range dag.Nodes {
 		st, err := n.Kind.Prepare(n.Params, dag.Dir)
 		if err != nil {
 			l.errs = append(l.errs, l.paramError(n, err))
 			continue
 		}
-		n.Stage = st
+		n.Runner = st
 	}
 	if len(l.errs) > 0 {
 		return nil, l.errs
@@ -152,7 +161,7 @@ func (l *loader) errAt(n ast.Node, fix, format string, args ...any) {
 
 // yamlErr turns a go-yaml error into a SpecError at the token it names.
 func (l *loader) yamlErr(err error, fix string) *SpecError {
-	e := &SpecError{File: l.file, Msg: err.Error(), Fix: fix}
+	e := &SpecError{File: l.file, Msg: err.Error(), Fix: fix, Err: err}
 	var ye yaml.Error
 	if errors.As(err, &ye) {
 		e.Msg = ye.GetMessage()
@@ -254,7 +263,7 @@ func (l *loader) load(src []byte) *DAG {
 	if l.hasErrors() {
 		return nil
 	}
-	dag.Stages = l.topoSort(order)
+	dag.Nodes = l.topoSort(order)
 	return dag
 }
 
@@ -330,7 +339,8 @@ func (l *loader) stage(mv *ast.MappingValueNode, needNodes map[*Node][]ast.Node)
 	}
 	canon, err := canonicalJSON(n.Params)
 	if err != nil {
-		l.errAt(mv.Key, "", "stage %q: parameters cannot be encoded: %v", name, err)
+		l.errAt(mv.Key, "", "stage %q: parameters cannot be encoded: %s", name, err)
+		l.errs[len(l.errs)-1].Err = err
 		return nil
 	}
 	n.Canon = canon
@@ -406,7 +416,7 @@ type ParamError struct {
 func (e *ParamError) Error() string { return e.Param + ": " + e.Msg }
 
 func (l *loader) paramError(n *Node, err error) *SpecError {
-	e := &SpecError{File: l.file, Line: n.Line, Msg: fmt.Sprintf("stage %q: %v", n.Name, err)}
+	e := &SpecError{File: l.file, Line: n.Line, Msg: fmt.Sprintf("stage %q: %s", n.Name, err), Err: err}
 	var pe *ParamError
 	if errors.As(err, &pe) {
 		e.Msg = fmt.Sprintf("stage %q: %s: %s", n.Name, pe.Param, pe.Msg)

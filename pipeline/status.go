@@ -1,12 +1,5 @@
 package pipeline
 
-import (
-	"os"
-	"strings"
-
-	"github.com/gofrs/flock"
-)
-
 // Status is the state of a DAG's outputs in a store.
 type Status struct {
 	RunningBy string     // who holds the DAG's lock now ("" when nobody)
@@ -29,7 +22,7 @@ func (s *Store) Status(dag *DAG) (*Status, error) {
 	if err != nil {
 		return nil, err
 	}
-	out := &Status{Last: plan.last, RunningBy: s.lockHolder(dag)}
+	out := &Status{Last: plan.lastRun, RunningBy: s.lockHolder(dag)}
 	for _, st := range plan.Steps {
 		ss := StageStatus{Name: st.Node.Name, Kind: st.Node.KindName, Key: st.Key, Manifest: st.Manifest, Damage: st.Damage}
 		switch st.State {
@@ -46,21 +39,4 @@ func (s *Store) Status(dag *DAG) (*Status, error) {
 		out.Stages = append(out.Stages, ss)
 	}
 	return out, nil
-}
-
-// lockHolder says who runs dag now, or "" if nobody does.
-func (s *Store) lockHolder(dag *DAG) string {
-	base := s.dagLockBase(dag)
-	l := flock.New(base + ".lock")
-	if ok, err := l.TryLock(); err != nil || ok {
-		if ok {
-			l.Unlock()
-		}
-		return ""
-	}
-	holder, _ := os.ReadFile(base + ".holder")
-	if h := strings.TrimSpace(string(holder)); h != "" {
-		return h
-	}
-	return "another process"
 }

@@ -36,11 +36,20 @@ type Store struct {
 	stats *statCache
 }
 
-// DefaultRoot is where the cache lives unless the flag, PIPELINE_CACHE or the
-// spec says otherwise.
-func DefaultRoot() string {
-	if d := os.Getenv("PIPELINE_CACHE"); d != "" {
-		return d
+// CacheEnv is the environment variable that names the cache folder.
+const CacheEnv = "PIPELINE_CACHE"
+
+// CacheRoot picks the cache folder: flag (a --cache option; "" when not
+// given), then $PIPELINE_CACHE, then the spec's `cache:` (dag may be nil),
+// then pipeline/ in the user's cache folder (~/.cache/pipeline on Linux).
+func CacheRoot(flag string, dag *DAG) string {
+	switch {
+	case flag != "":
+		return flag
+	case os.Getenv(CacheEnv) != "":
+		return os.Getenv(CacheEnv)
+	case dag != nil && dag.Cache != "":
+		return dag.Cache
 	}
 	if d, err := os.UserCacheDir(); err == nil {
 		return filepath.Join(d, "pipeline")
@@ -186,7 +195,11 @@ func (s *Store) Check(key string, deep bool) (EntryState, *Manifest, error) {
 		p := filepath.Join(dir, filepath.FromSlash(o.Path))
 		st, err := statFile(p)
 		if err != nil {
-			return Damaged, m, fmt.Errorf("output %s: %v", o.Path, errors.Unwrap(err))
+			var pe *fs.PathError
+			if errors.As(err, &pe) {
+				err = pe.Err // the output's name says where
+			}
+			return Damaged, m, fmt.Errorf("output %s: %w", o.Path, err)
 		}
 		if st.Size != o.Size {
 			return Damaged, m, fmt.Errorf("output %s has %d bytes, manifest says %d", o.Path, st.Size, o.Size)
@@ -378,12 +391,6 @@ func (s *Store) lockEntry(ctx context.Context, key string) (*flock.Flock, error)
 		return nil, fmt.Errorf("locking cache entry %s: %w", ShortKey(key), err)
 	}
 	return l, nil
-}
-
-// dagLockBase is the path, less its extension, of dag's lock (".lock") and
-// of the note naming its holder (".holder").
-func (s *Store) dagLockBase(dag *DAG) string {
-	return filepath.Join(s.Root, "locks", "dag-"+dagID(dag))
 }
 
 // gcLock is held shared by every run and exclusively by gc, so gc never

@@ -20,9 +20,10 @@ import (
 	"gemmaft/dataset"
 )
 
-// tableName is the file that holds a stage's table inside its entry: an
-// Arrow IPC file, which pyarrow, polars and DuckDB open as it is.
-const tableName = "data.arrow"
+// TableFile is the file that holds a stage's table inside its cache entry
+// (what Task.Output writes): an Arrow IPC file, which dataset.OpenIPC,
+// pyarrow, polars and DuckDB open as it is.
+const TableFile = "data.arrow"
 
 // A Task is what a stage's Run gets: its inputs, a place for its outputs,
 // and ways to report.
@@ -80,7 +81,7 @@ func (t *Task) Output(schema *arrow.Schema) (*Output, error) {
 	if t.out != nil {
 		return nil, errors.New("Output called twice")
 	}
-	f, err := os.Create(filepath.Join(t.Dir, tableName))
+	f, err := os.Create(filepath.Join(t.Dir, TableFile))
 	if err != nil {
 		return nil, err
 	}
@@ -160,6 +161,7 @@ func (c *countingWriter) Write(p []byte) (int, error) {
 // live stream from a stage computing in the same run, or its cached entry.
 type Input struct {
 	Name string // the upstream stage
+	Kind string // its kind, which says what its entry holds
 
 	dir       string
 	committed chan struct{}
@@ -213,12 +215,9 @@ func (in *Input) Next(ctx context.Context) (arrow.RecordBatch, error) {
 }
 
 func (in *Input) open(ctx context.Context) error {
-	if _, err := in.Dir(ctx); err != nil {
+	path, err := in.TablePath(ctx)
+	if err != nil {
 		return err
-	}
-	path := filepath.Join(in.dir, tableName)
-	if _, err := os.Stat(path); errors.Is(err, fs.ErrNotExist) {
-		return fmt.Errorf("stage %s produced no table (%s)", in.Name, tableName)
 	}
 	t, err := dataset.OpenIPC(path)
 	if err != nil {
@@ -230,8 +229,7 @@ func (in *Input) open(ctx context.Context) error {
 
 // Dir waits until the upstream entry is committed and returns its folder,
 // for stages that read an input's files rather than its rows (a model
-// checkpoint, or packed rows read in random order). Its rows need not be
-// read then.
+// checkpoint). Its rows need not be read then.
 func (in *Input) Dir(ctx context.Context) (string, error) {
 	if in.ch != nil {
 		// Nobody will read the stream; keep it flowing so the producer
@@ -258,6 +256,21 @@ func (in *Input) Dir(ctx context.Context) (string, error) {
 	case <-ctx.Done():
 		return "", context.Cause(ctx)
 	}
+}
+
+// TablePath waits until the upstream entry is committed and returns the
+// path of its table (TableFile), for stages that read the rows in an order
+// of their own, such as training reading packed rows at random.
+func (in *Input) TablePath(ctx context.Context) (string, error) {
+	dir, err := in.Dir(ctx)
+	if err != nil {
+		return "", err
+	}
+	path := filepath.Join(dir, TableFile)
+	if _, err := os.Stat(path); errors.Is(err, fs.ErrNotExist) {
+		return "", fmt.Errorf("stage %s (%s) produced no table (%s)", in.Name, in.Kind, TableFile)
+	}
+	return path, nil
 }
 
 // Rows is the number of rows the input will have, when already known.

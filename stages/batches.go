@@ -2,9 +2,11 @@ package stages
 
 import (
 	"context"
+	"fmt"
 	"io"
 
 	"github.com/apache/arrow-go/v18/arrow"
+	"github.com/apache/arrow-go/v18/arrow/array"
 
 	"gemmaft/pipeline"
 )
@@ -42,4 +44,43 @@ func mapBatches(ctx context.Context, t *pipeline.Task, schema *arrow.Schema, fn 
 		defer nr.Release()
 		return out.Write(nr)
 	})
+}
+
+// columnIndex finds the column called name in a batch read from in. want
+// names the kind (or kinds) whose table the reading stage takes, for the
+// message when in has no such column.
+func columnIndex(in *pipeline.Input, rec arrow.RecordBatch, name, want string) (int, error) {
+	idx := rec.Schema().FieldIndices(name)
+	if len(idx) != 1 {
+		return 0, fmt.Errorf("input stage %s (%s) has no %q column; this stage reads the table of a %s stage", in.Name, in.Kind, name, want)
+	}
+	return idx[0], nil
+}
+
+// stringColumn returns the column called name of a batch read from in as
+// utf8 text (see columnIndex for want).
+func stringColumn(in *pipeline.Input, rec arrow.RecordBatch, name, want string) (*array.String, error) {
+	i, err := columnIndex(in, rec, name, want)
+	if err != nil {
+		return nil, err
+	}
+	s, ok := rec.Column(i).(*array.String)
+	if !ok {
+		return nil, fmt.Errorf("column %q of stage %s is %s, want utf8", name, in.Name, rec.Column(i).DataType())
+	}
+	return s, nil
+}
+
+// int32Lists returns the column called name of a batch read from in as a
+// list<int32> array (see columnIndex for want).
+func int32Lists(in *pipeline.Input, rec arrow.RecordBatch, name, want string) (*array.List, error) {
+	i, err := columnIndex(in, rec, name, want)
+	if err != nil {
+		return nil, err
+	}
+	l, ok := rec.Column(i).(*array.List)
+	if !ok || l.DataType().(*arrow.ListType).Elem().ID() != arrow.INT32 {
+		return nil, fmt.Errorf("column %q of stage %s is %s, want list<int32>", name, in.Name, rec.Column(i).DataType())
+	}
+	return l, nil
 }

@@ -13,7 +13,9 @@ import (
 	"gemmaft/pipeline"
 )
 
-func init() { kinds["chat_template"] = chatKind{} }
+const chatKindName = "chat_template"
+
+func init() { kinds[chatKindName] = chatKind{} }
 
 // chatKind renders Alpaca records as chat text with the model's template and
 // keeps the byte spans of what the model says, from which tokenize makes
@@ -35,7 +37,7 @@ func (p *chatParams) Validate() error {
 	return nil
 }
 
-func (chatKind) Prepare(params any, _ string) (pipeline.Stage, error) {
+func (chatKind) Prepare(params any, _ string) (pipeline.Runner, error) {
 	return chatStage{}, nil
 }
 
@@ -45,10 +47,17 @@ type chatStage struct{}
 // and, for each assistant turn, the byte span [start, end) of its content
 // and closing <end_of_turn>.
 var ChatSchema = arrow.NewSchema([]arrow.Field{
-	{Name: "text", Type: arrow.BinaryTypes.String},
-	{Name: "span_start", Type: arrow.ListOf(arrow.PrimitiveTypes.Int32)},
-	{Name: "span_end", Type: arrow.ListOf(arrow.PrimitiveTypes.Int32)},
+	{Name: colText, Type: arrow.BinaryTypes.String},
+	{Name: colSpanStart, Type: arrow.ListOf(arrow.PrimitiveTypes.Int32)},
+	{Name: colSpanEnd, Type: arrow.ListOf(arrow.PrimitiveTypes.Int32)},
 }, nil)
+
+// Columns of ChatSchema.
+const (
+	colText      = "text"
+	colSpanStart = "span_start"
+	colSpanEnd   = "span_end"
+)
 
 func (chatStage) Files() []string { return nil }
 
@@ -57,24 +66,17 @@ func (chatStage) Run(ctx context.Context, t *pipeline.Task) error {
 	err := mapBatches(ctx, t, ChatSchema, func(rec arrow.RecordBatch) (arrow.RecordBatch, error) {
 		first := row
 		row += rec.NumRows()
-		return renderBatch(rec, first)
+		return renderBatch(t.Inputs[0], rec, first)
 	})
 	t.SetStat("records", row)
 	return err
 }
 
-func renderBatch(rec arrow.RecordBatch, firstRow int64) (arrow.RecordBatch, error) {
-	col := func(name string) (*array.String, error) {
-		idx := rec.Schema().FieldIndices(name)
-		if len(idx) != 1 {
-			return nil, fmt.Errorf("input has no %q column (is it a parquet or jsonl stage?)", name)
-		}
-		s, ok := rec.Column(idx[0]).(*array.String)
-		if !ok {
-			return nil, fmt.Errorf("column %q is %s, want utf8", name, rec.Column(idx[0]).DataType())
-		}
-		return s, nil
-	}
+// renderBatch renders one batch of records read from in, whose first row
+// is the input's row firstRow.
+func renderBatch(in *pipeline.Input, rec arrow.RecordBatch, firstRow int64) (arrow.RecordBatch, error) {
+	const sources = parquetKindName + " or " + jsonlKindName
+	col := func(name string) (*array.String, error) { return stringColumn(in, rec, name, sources) }
 	inst, err := col(dataset.ColInstruction)
 	if err != nil {
 		return nil, err

@@ -15,9 +15,8 @@ import (
 	"github.com/apache/arrow-go/v18/arrow"
 	"github.com/apache/arrow-go/v18/arrow/array"
 
-	"gemmaft/pipeline"
-
 	"gemmaft/internal/testenv"
+	"gemmaft/pipeline"
 )
 
 // The proofs of the data stages on the 20,748 records of ../shared, each

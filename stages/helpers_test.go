@@ -56,7 +56,7 @@ func (r *testRun) table(rec *pipeline.RunRecord, stage string) *dataset.IPCReade
 	r.t.Helper()
 	for _, s := range rec.Stages {
 		if s.Name == stage {
-			rd, err := dataset.OpenIPC(filepath.Join(r.store.EntryDir(s.Key), "data.arrow"))
+			rd, err := dataset.OpenIPC(filepath.Join(r.store.EntryDir(s.Key), pipeline.TableFile))
 			if err != nil {
 				r.t.Fatal(err)
 			}

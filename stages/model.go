@@ -8,7 +8,9 @@ import (
 	"gemmaft/trainer"
 )
 
-func init() { kinds["model"] = modelKind{} }
+const modelKindName = "model"
+
+func init() { kinds[modelKindName] = modelKind{} }
 
 // modelKind writes a randomly initialised Gemma 3 checkpoint of a released
 // shape, in Hugging Face's layout: for tests, the demo and benchmarks, where
@@ -46,7 +48,7 @@ func (p *modelParams) Validate() error {
 	return nil
 }
 
-func (modelKind) Prepare(params any, _ string) (pipeline.Stage, error) {
+func (modelKind) Prepare(params any, _ string) (pipeline.Runner, error) {
 	return modelStage{p: params.(*modelParams)}, nil
 }
 

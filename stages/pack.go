@@ -13,7 +13,9 @@ import (
 	"gemmaft/pipeline"
 )
 
-func init() { kinds["pack"] = packKind{} }
+const packKindName = "pack"
+
+func init() { kinds[packKindName] = packKind{} }
 
 // packKind packs tokenized examples into rows of exactly seq_len tokens
 // (best fit decreasing, or a minimum-slack planner where it needs fewer rows).
@@ -53,7 +55,7 @@ func (p *packParams) Validate() error {
 	return nil
 }
 
-func (packKind) Prepare(params any, _ string) (pipeline.Stage, error) {
+func (packKind) Prepare(params any, _ string) (pipeline.Runner, error) {
 	return &packStage{p: params.(*packParams)}, nil
 }
 
@@ -74,7 +76,8 @@ func (s *packStage) Run(ctx context.Context, t *pipeline.Task) error {
 	}
 	defer pk.Close()
 
-	err = eachBatch(ctx, t.Inputs[0], func(rec arrow.RecordBatch) error { return addExamples(pk, rec) })
+	in := t.Inputs[0]
+	err = eachBatch(ctx, in, func(rec arrow.RecordBatch) error { return addExamples(pk, in, rec) })
 	if err != nil {
 		return err
 	}
@@ -115,13 +118,13 @@ func (s *packStage) Run(ctx context.Context, t *pipeline.Task) error {
 	return nil
 }
 
-// addExamples feeds one batch of tokenized rows to the packer.
-func addExamples(pk *packer.Packer, rec arrow.RecordBatch) error {
-	ids, err := int32Lists(rec, "input_ids")
+// addExamples feeds one batch of tokenized rows, read from in, to the packer.
+func addExamples(pk *packer.Packer, in *pipeline.Input, rec arrow.RecordBatch) error {
+	ids, err := int32Lists(in, rec, packer.ColInputIDs, tokenizeKindName)
 	if err != nil {
 		return err
 	}
-	labels, err := int32Lists(rec, "labels")
+	labels, err := int32Lists(in, rec, packer.ColLabels, tokenizeKindName)
 	if err != nil {
 		return err
 	}
@@ -135,19 +138,6 @@ func addExamples(pk *packer.Packer, rec arrow.RecordBatch) error {
 		}
 	}
 	return nil
-}
-
-// int32Lists returns the column called name as a list<int32> array.
-func int32Lists(rec arrow.RecordBatch, name string) (*array.List, error) {
-	idx := rec.Schema().FieldIndices(name)
-	if len(idx) != 1 {
-		return nil, fmt.Errorf("input has no %q column (is it a tokenize stage?)", name)
-	}
-	l, ok := rec.Column(idx[0]).(*array.List)
-	if !ok || l.DataType().(*arrow.ListType).Elem().ID() != arrow.INT32 {
-		return nil, fmt.Errorf("column %q is %s, want list<int32>", name, rec.Column(idx[0]).DataType())
-	}
-	return l, nil
 }
 
 // setStats records every field of a JSON-encodable statistics struct.

@@ -2,7 +2,6 @@ package stages
 
 import (
 	"context"
-	"errors"
 	"fmt"
 	"math"
 	"os"
@@ -124,7 +123,7 @@ func (p *qloraParams) Validate() error {
 	return nil
 }
 
-func (qloraKind) Prepare(params any, dir string) (pipeline.Stage, error) {
+func (qloraKind) Prepare(params any, dir string) (pipeline.Runner, error) {
 	p := params.(*qloraParams)
 	s := &qloraStage{p: p}
 	if p.Model != "" {
@@ -248,40 +247,37 @@ func (s *qloraStage) Run(ctx context.Context, t *pipeline.Task) error {
 	return nil
 }
 
-// inputs sorts the stage's needs into the model checkpoint (a model stage's
-// entry, unless `model:` names one) and the packed rows.
+// inputs tells the stage's needs apart by their kind: the packed rows of a
+// pack stage, and the checkpoint of a model stage unless `model:` names one.
 func (s *qloraStage) inputs(ctx context.Context, t *pipeline.Task) (model, rows string, err error) {
-	model = s.model
+	model, modelFrom := s.model, "model: "+s.model
 	for _, in := range t.Inputs {
-		dir, err := in.Dir(ctx)
-		if err != nil {
-			return "", "", err
-		}
-		switch {
-		case fileExists(filepath.Join(dir, "config.json")):
+		switch in.Kind {
+		case modelKindName:
 			if model != "" {
-				return "", "", fmt.Errorf("two models: %s and stage %s; give either `model:` or a model stage", model, in.Name)
+				return "", "", fmt.Errorf("two models (%s, and stage %s of kind %s); give either `model:` or one model stage", modelFrom, in.Name, in.Kind)
 			}
-			model = dir
-		case fileExists(filepath.Join(dir, "data.arrow")):
+			if model, err = in.Dir(ctx); err != nil {
+				return "", "", err
+			}
+			modelFrom = "stage " + in.Name
+		case packKindName:
 			if rows != "" {
-				return "", "", fmt.Errorf("two tables of packed rows (stage %s and another); need one pack stage", in.Name)
+				return "", "", fmt.Errorf("two pack stages in needs (%s is the second); a qlora stage trains on one", in.Name)
 			}
-			rows = filepath.Join(dir, "data.arrow")
+			if rows, err = in.TablePath(ctx); err != nil {
+				return "", "", err
+			}
 		default:
-			return "", "", fmt.Errorf("stage %s is neither a model nor packed rows", in.Name)
+			return "", "", fmt.Errorf("needs stage %s of kind %s; a qlora stage takes a %s stage (packed rows) and a %s stage (the base checkpoint, unless `model:` names one)",
+				in.Name, in.Kind, packKindName, modelKindName)
 		}
 	}
 	if model == "" {
-		return "", "", errors.New("no model: set `model:` to a checkpoint folder or add a model stage to needs")
+		return "", "", fmt.Errorf("no model: set `model:` to a checkpoint folder or add a %s stage to needs", modelKindName)
 	}
 	if rows == "" {
-		return "", "", errors.New("no packed rows: add a pack stage to needs")
+		return "", "", fmt.Errorf("no packed rows: add a %s stage to needs", packKindName)
 	}
 	return model, rows, nil
-}
-
-func fileExists(p string) bool {
-	_, err := os.Stat(p)
-	return err == nil
 }

@@ -10,9 +10,14 @@ import (
 	"gemmaft/pipeline"
 )
 
+const (
+	parquetKindName = "parquet"
+	jsonlKindName   = "jsonl"
+)
+
 func init() {
-	kinds["parquet"] = sourceKind{format: dataset.FormatParquet}
-	kinds["jsonl"] = sourceKind{format: dataset.FormatJSONL}
+	kinds[parquetKindName] = sourceKind{format: dataset.FormatParquet}
+	kinds[jsonlKindName] = sourceKind{format: dataset.FormatJSONL}
 }
 
 // sourceKind reads Alpaca-style records (instruction, input, output and an
@@ -28,8 +33,11 @@ type sourceParams struct {
 	// SystemColumn names a column holding a system text per record.
 	SystemColumn string `json:"system_column,omitempty"`
 	// System is a system text for every record.
-	System  string `json:"system,omitempty"`
-	Limit   int64  `json:"limit"`
+	System string `json:"system,omitempty"`
+	// Limit stops after this many records; 0 reads them all.
+	Limit int64 `json:"limit"`
+	// Shuffle delivers the records in an order drawn from Seed, which
+	// nothing else uses.
 	Shuffle bool   `json:"shuffle"`
 	Seed    uint64 `json:"seed"`
 }
@@ -65,10 +73,14 @@ func (p *sourceParams) Validate() error {
 	if p.Limit < 0 {
 		return &pipeline.ParamError{Param: "limit", Msg: "must not be negative", Fix: "0 reads every record"}
 	}
+	if p.Seed != 0 && !p.Shuffle {
+		return &pipeline.ParamError{Param: "seed", Msg: "orders the records only when they are shuffled, and shuffle is false",
+			Fix: "add shuffle: true, or remove seed"}
+	}
 	return nil
 }
 
-func (k sourceKind) Prepare(params any, dir string) (pipeline.Stage, error) {
+func (k sourceKind) Prepare(params any, dir string) (pipeline.Runner, error) {
 	p := params.(*sourceParams)
 	files, err := dataset.ExpandGlobs(dir, p.Paths)
 	if err != nil {

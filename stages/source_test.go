@@ -10,9 +10,8 @@ import (
 	"github.com/apache/arrow-go/v18/arrow/array"
 	"github.com/apache/arrow-go/v18/arrow/memory"
 
-	"gemmaft/pipeline"
-
 	"gemmaft/internal/testenv"
+	"gemmaft/pipeline"
 )
 
 // TestSourceBadInput checks that each kind of bad input fails its stage
@@ -72,6 +71,10 @@ func TestSourceBadInput(t *testing.T) {
 			os.WriteFile(filepath.Join(dir, "empty.jsonl"), nil, 0o644)
 			return "{paths: [empty.jsonl]}"
 		}, "no rows", false},
+		{"seed without shuffle", func(dir string) string {
+			os.WriteFile(filepath.Join(dir, "s.jsonl"), []byte(`{"instruction": "a", "input": "", "output": "b"}`+"\n"), 0o644)
+			return "{paths: [s.jsonl], seed: 3}"
+		}, "seed: orders the records only when they are shuffled", true},
 	}
 	for _, c := range cases {
 		t.Run(c.name, func(t *testing.T) {
@@ -142,5 +145,23 @@ stages:
 	}
 	if digests[0] != digests[1] || digests[0] != digests[2] {
 		t.Error("the three layouts give different records")
+	}
+}
+
+// TestSourceSeedNeedsShuffle: seed is refused where it would be ignored and
+// taken where it orders the records.
+func TestSourceSeedNeedsShuffle(t *testing.T) {
+	for _, c := range []struct {
+		p  sourceParams
+		ok bool
+	}{
+		{sourceParams{Paths: []string{"a.jsonl"}}, true},
+		{sourceParams{Paths: []string{"a.jsonl"}, Shuffle: true}, true},
+		{sourceParams{Paths: []string{"a.jsonl"}, Shuffle: true, Seed: 3}, true},
+		{sourceParams{Paths: []string{"a.jsonl"}, Seed: 3}, false},
+	} {
+		if err := c.p.Validate(); (err == nil) != c.ok {
+			t.Errorf("%+v: %v", c.p, err)
+		}
 	}
 }

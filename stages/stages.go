@@ -1,6 +1,6 @@
 // Package stages implements the stage kinds of the pipeline: each kind is a
 // small file that wires a library package (dataset, chat, tokenizer, packer,
-// trainer) into the engine's Kind and Stage interfaces.
+// trainer) into the engine's Kind and Runner interfaces.
 package stages
 
 import "gemmaft/pipeline"

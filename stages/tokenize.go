@@ -18,7 +18,9 @@ import (
 	"gemmaft/tokenizer"
 )
 
-func init() { kinds["tokenize"] = tokenizeKind{} }
+const tokenizeKindName = "tokenize"
+
+func init() { kinds[tokenizeKindName] = tokenizeKind{} }
 
 // tokenizeKind turns chat text into token ids and labels: labels are the
 // ids where the model is trained (the assistant's content and its
@@ -46,7 +48,7 @@ func (p *tokenizeParams) Validate() error {
 	return nil
 }
 
-func (tokenizeKind) Prepare(params any, dir string) (pipeline.Stage, error) {
+func (tokenizeKind) Prepare(params any, dir string) (pipeline.Runner, error) {
 	p := params.(*tokenizeParams)
 	path := p.Tokenizer
 	if !filepath.IsAbs(path) {
@@ -69,10 +71,11 @@ type tokenizeStage struct {
 
 func (s *tokenizeStage) Files() []string { return []string{s.path} }
 
-// TokensSchema is the table a tokenize stage writes.
+// TokensSchema is the table a tokenize stage writes; its columns have the
+// names they keep in packed rows.
 var TokensSchema = arrow.NewSchema([]arrow.Field{
-	{Name: "input_ids", Type: arrow.ListOf(arrow.PrimitiveTypes.Int32)},
-	{Name: "labels", Type: arrow.ListOf(arrow.PrimitiveTypes.Int32)},
+	{Name: packer.ColInputIDs, Type: arrow.ListOf(arrow.PrimitiveTypes.Int32)},
+	{Name: packer.ColLabels, Type: arrow.ListOf(arrow.PrimitiveTypes.Int32)},
 }, nil)
 
 // tokenCounts are the statistics a tokenize stage reports.
@@ -91,7 +94,7 @@ func (s *tokenizeStage) Run(ctx context.Context, t *pipeline.Task) error {
 	}
 	var c tokenCounts
 	err = mapBatches(ctx, t, TokensSchema, func(rec arrow.RecordBatch) (arrow.RecordBatch, error) {
-		return s.tokenizeBatch(tok, bos, rec, &c)
+		return s.tokenizeBatch(tok, bos, t.Inputs[0], rec, &c)
 	})
 	if err != nil {
 		return err
@@ -109,23 +112,20 @@ func (s *tokenizeStage) Run(ctx context.Context, t *pipeline.Task) error {
 	return nil
 }
 
-func (s *tokenizeStage) tokenizeBatch(tok *tokenizer.Tokenizer, bos int32, rec arrow.RecordBatch, c *tokenCounts) (arrow.RecordBatch, error) {
-	idx := rec.Schema().FieldIndices("text")
-	if len(idx) != 1 {
-		return nil, errors.New("input has no \"text\" column (is it a chat_template stage?)")
-	}
-	textCol, ok := rec.Column(idx[0]).(*array.String)
-	if !ok {
-		return nil, fmt.Errorf("column \"text\" is %s, want utf8", rec.Column(idx[0]).DataType())
+// tokenizeBatch tokenizes one batch of chat text read from in.
+func (s *tokenizeStage) tokenizeBatch(tok *tokenizer.Tokenizer, bos int32, in *pipeline.Input, rec arrow.RecordBatch, c *tokenCounts) (arrow.RecordBatch, error) {
+	textCol, err := stringColumn(in, rec, colText, chatKindName)
+	if err != nil {
+		return nil, err
 	}
 	// spansOf returns row i's assistant spans; nil under loss_on: all.
 	spansOf := func(int) []chat.Span { return nil }
 	if s.p.LossOn == "assistant" {
-		starts, err := int32Lists(rec, "span_start")
+		starts, err := int32Lists(in, rec, colSpanStart, chatKindName)
 		if err != nil {
 			return nil, err
 		}
-		ends, err := int32Lists(rec, "span_end")
+		ends, err := int32Lists(in, rec, colSpanEnd, chatKindName)
 		if err != nil {
 			return nil, err
 		}

@@ -7,39 +7,42 @@ import (
 	"fmt"
 	"io"
 	"os"
+	"slices"
 	"sort"
 	"strings"
 
 	"github.com/apache/arrow-go/v18/arrow"
 	"github.com/apache/arrow-go/v18/arrow/array"
-	"github.com/apache/arrow-go/v18/arrow/ipc"
-	"github.com/apache/arrow-go/v18/arrow/memory"
+
+	"gemmaft/dataset"
+	"gemmaft/packer"
 )
 
-// Packed rows come either as the pack stage's Arrow IPC file (columns
-// input_ids, labels, position_ids, seq_lengths, each list<int32>, found by
-// name) or as JSON lines {"input_ids": [...], "labels": [...],
-// "seq_lengths": [...]} with optional "position_ids".
+// Packed rows come either as the pack stage's Arrow IPC file (the columns of
+// packer.Schema, each list<int32>, found by name) or as JSON lines
+// {"input_ids": [...], "labels": [...], "seq_lengths": [...]} with optional
+// "position_ids".
+
+// packedNames are the columns of a packed row, in PackedRow's order;
+// position_ids may be absent.
+var packedNames = [4]string{packer.ColInputIDs, packer.ColLabels, packer.ColPositionIDs, packer.ColSeqLengths}
 
 // ReadPackedRows reads packed rows from path: an Arrow IPC file if it starts
-// with Arrow's magic bytes, JSON lines otherwise.
+// as one, JSON lines otherwise.
 func ReadPackedRows(path string) ([]PackedRow, error) {
+	isIPC, err := dataset.IsIPCFile(path)
+	if err != nil {
+		return nil, err
+	}
+	if isIPC {
+		return readPackedIPC(path)
+	}
 	f, err := os.Open(path)
 	if err != nil {
 		return nil, err
 	}
 	defer f.Close()
-	magic := make([]byte, 6)
-	n, _ := io.ReadFull(f, magic)
-	if _, err := f.Seek(0, io.SeekStart); err != nil {
-		return nil, err
-	}
-	var rows []PackedRow
-	if n == 6 && string(magic) == "ARROW1" {
-		rows, err = readPackedIPC(f)
-	} else {
-		rows, err = ReadPackedJSONL(f)
-	}
+	rows, err := ReadPackedJSONL(f)
 	if err != nil {
 		return nil, fmt.Errorf("%s: %w", path, err)
 	}
@@ -58,20 +61,23 @@ func ReadPackedJSONL(r io.Reader) ([]PackedRow, error) {
 		if text == "" {
 			continue
 		}
-		var raw struct {
-			InputIDs    []int32 `json:"input_ids"`
-			Labels      []int32 `json:"labels"`
-			PositionIDs []int32 `json:"position_ids"`
-			SeqLengths  []int32 `json:"seq_lengths"`
+		var raw map[string]json.RawMessage
+		if err := json.Unmarshal([]byte(text), &raw); err != nil {
+			return nil, fmt.Errorf("line %d: %w", line, err)
 		}
-		dec := json.NewDecoder(strings.NewReader(text))
-		dec.DisallowUnknownFields()
-		if err := dec.Decode(&raw); err != nil {
-			return nil, fmt.Errorf("line %d: %v", line, err)
+		var vals [4][]int32
+		for name, v := range raw {
+			i := slices.Index(packedNames[:], name)
+			if i < 0 {
+				return nil, fmt.Errorf("line %d: unknown field %q (packed rows have %s)", line, name, strings.Join(packedNames[:], ", "))
+			}
+			if err := json.Unmarshal(v, &vals[i]); err != nil {
+				return nil, fmt.Errorf("line %d: %s: %w", line, name, err)
+			}
 		}
-		row := PackedRow{InputIDs: raw.InputIDs, Labels: raw.Labels, PositionIDs: raw.PositionIDs, SeqLengths: raw.SeqLengths}
+		row := PackedRow{InputIDs: vals[0], Labels: vals[1], PositionIDs: vals[2], SeqLengths: vals[3]}
 		if err := row.check(); err != nil {
-			return nil, fmt.Errorf("line %d: %v", line, err)
+			return nil, fmt.Errorf("line %d: %w", line, err)
 		}
 		rows = append(rows, row)
 	}
@@ -106,7 +112,7 @@ func packedColumns(schema *arrow.Schema) ([4]int, error) {
 	for i, name := range packedNames {
 		found := schema.FieldIndices(name)
 		if len(found) == 0 {
-			if name == "position_ids" {
+			if name == packer.ColPositionIDs {
 				idx[i] = -1
 				continue
 			}
@@ -122,10 +128,8 @@ func packedColumns(schema *arrow.Schema) ([4]int, error) {
 	return idx, nil
 }
 
-var packedNames = [4]string{"input_ids", "labels", "position_ids", "seq_lengths"}
-
 // packedRow copies row r of a record batch whose columns idx are packed
-// rows.
+// rows. The batch was checked by dataset.IPCReader, so offsets are in range.
 func packedRow(rec arrow.RecordBatch, idx [4]int, r int) (PackedRow, error) {
 	var vals [4][]int32
 	for i, j := range idx {
@@ -137,38 +141,23 @@ func packedRow(rec arrow.RecordBatch, idx [4]int, r int) (PackedRow, error) {
 			return PackedRow{}, fmt.Errorf("%s is null", packedNames[i])
 		}
 		lo, hi := col.ValueOffsets(r)
-		values := col.ListValues().(*array.Int32).Int32Values()
-		if lo < 0 || hi < lo || int(hi) > len(values) {
-			return PackedRow{}, fmt.Errorf("%s offsets out of range", packedNames[i])
-		}
-		vals[i] = append([]int32(nil), values[lo:hi]...)
+		vals[i] = slices.Clone(col.ListValues().(*array.Int32).Int32Values()[lo:hi])
 	}
 	row := PackedRow{InputIDs: vals[0], Labels: vals[1], PositionIDs: vals[2], SeqLengths: vals[3]}
 	return row, row.check()
 }
 
-func readPackedIPC(f *os.File) ([]PackedRow, error) {
-	rd, err := ipc.NewFileReader(f, ipc.WithAllocator(memory.NewGoAllocator()))
-	if err != nil {
-		return nil, fmt.Errorf("not an Arrow IPC file: %v", err)
-	}
-	defer rd.Close()
-	idx, err := packedColumns(rd.Schema())
+// readPackedIPC reads every row of a packed-rows Arrow IPC file.
+func readPackedIPC(path string) ([]PackedRow, error) {
+	a, err := OpenPackedArrow(path)
 	if err != nil {
 		return nil, err
 	}
-	var rows []PackedRow
-	for b := 0; b < rd.NumRecords(); b++ {
-		rec, err := rd.RecordBatch(b)
-		if err != nil {
+	defer a.Close()
+	rows := make([]PackedRow, a.Len())
+	for i := range rows {
+		if rows[i], err = a.Row(i); err != nil {
 			return nil, err
-		}
-		for r := 0; r < int(rec.NumRows()); r++ {
-			row, err := packedRow(rec, idx, r)
-			if err != nil {
-				return nil, fmt.Errorf("batch %d row %d: %v", b, r, err)
-			}
-			rows = append(rows, row)
 		}
 	}
 	return rows, nil
@@ -178,8 +167,8 @@ func readPackedIPC(f *os.File) ([]PackedRow, error) {
 // on demand, one record batch at a time, so a large data set need not be
 // held in memory. It is not safe for concurrent use.
 type ArrowRows struct {
-	f      *os.File
-	rd     *ipc.FileReader
+	path   string
+	rd     *dataset.IPCReader
 	idx    [4]int
 	starts []int // first row of each record batch, and the total at the end
 	cached int
@@ -188,29 +177,25 @@ type ArrowRows struct {
 
 // OpenPackedArrow opens a packed-rows Arrow IPC file as a Dataset.
 func OpenPackedArrow(path string) (*ArrowRows, error) {
-	f, err := os.Open(path)
+	rd, err := dataset.OpenIPC(path)
 	if err != nil {
 		return nil, err
 	}
-	rd, err := ipc.NewFileReader(f, ipc.WithAllocator(memory.NewGoAllocator()))
-	if err != nil {
-		f.Close()
-		return nil, fmt.Errorf("%s: not an Arrow IPC file: %v", path, err)
-	}
-	a := &ArrowRows{f: f, rd: rd, cached: -1}
+	a := &ArrowRows{path: path, rd: rd, cached: -1}
 	if a.idx, err = packedColumns(rd.Schema()); err != nil {
 		a.Close()
-		return nil, fmt.Errorf("%s: %v", path, err)
+		return nil, fmt.Errorf("%s: not packed rows: %w", path, err)
 	}
 	n := 0
-	for b := 0; b < rd.NumRecords(); b++ {
+	for b := 0; b < rd.NumBatches(); b++ {
 		a.starts = append(a.starts, n)
-		rec, err := rd.RecordBatch(b)
+		rec, err := rd.Batch(b)
 		if err != nil {
 			a.Close()
-			return nil, fmt.Errorf("%s: batch %d: %v", path, b, err)
+			return nil, err
 		}
 		n += int(rec.NumRows())
+		rec.Release()
 	}
 	a.starts = append(a.starts, n)
 	return a, nil
@@ -222,25 +207,33 @@ func (a *ArrowRows) Len() int { return a.starts[len(a.starts)-1] }
 // Row reads row i.
 func (a *ArrowRows) Row(i int) (PackedRow, error) {
 	if i < 0 || i >= a.Len() {
-		return PackedRow{}, fmt.Errorf("row %d out of range [0, %d)", i, a.Len())
+		return PackedRow{}, fmt.Errorf("%s: row %d out of range [0, %d)", a.path, i, a.Len())
 	}
 	b := sort.SearchInts(a.starts, i+1) - 1
 	if b != a.cached {
-		rec, err := a.rd.RecordBatch(b)
+		rec, err := a.rd.Batch(b)
 		if err != nil {
 			return PackedRow{}, err
 		}
+		a.releaseBatch()
 		a.rec, a.cached = rec, b
 	}
 	row, err := packedRow(a.rec, a.idx, i-a.starts[b])
 	if err != nil {
-		return PackedRow{}, fmt.Errorf("%s: row %d: %v", a.f.Name(), i, err)
+		return PackedRow{}, fmt.Errorf("%s: row %d: %w", a.path, i, err)
 	}
 	return row, nil
 }
 
+func (a *ArrowRows) releaseBatch() {
+	if a.rec != nil {
+		a.rec.Release()
+		a.rec, a.cached = nil, -1
+	}
+}
+
 // Close releases the file.
 func (a *ArrowRows) Close() error {
-	a.rd.Close()
-	return a.f.Close()
+	a.releaseBatch()
+	return a.rd.Close()
 }

@@ -18,7 +18,13 @@ import (
 // since readers must go by name.
 func writeIPC(t *testing.T, path string, rows []PackedRow) {
 	t.Helper()
-	names := []string{"seq_lengths", "labels", "input_ids", "position_ids"}
+	writeColumns(t, path, []string{"seq_lengths", "labels", "input_ids", "position_ids"}, rows)
+}
+
+// writeColumns writes the named columns of rows to an Arrow IPC file, the
+// first row in one batch and the others in a second.
+func writeColumns(t *testing.T, path string, names []string, rows []PackedRow) {
+	t.Helper()
 	var fields []arrow.Field
 	for _, n := range names {
 		fields = append(fields, arrow.Field{Name: n, Type: arrow.ListOf(arrow.PrimitiveTypes.Int32)})
@@ -36,7 +42,9 @@ func writeIPC(t *testing.T, path string, rows []PackedRow) {
 	for _, part := range [][]PackedRow{rows[:1], rows[1:]} {
 		b := array.NewRecordBuilder(memory.NewGoAllocator(), schema)
 		for _, r := range part {
-			for i, col := range [][]int32{r.SeqLengths, r.Labels, r.InputIDs, r.PositionIDs} {
+			cols := map[string][]int32{"input_ids": r.InputIDs, "labels": r.Labels, "position_ids": r.PositionIDs, "seq_lengths": r.SeqLengths}
+			for i, name := range names {
+				col := cols[name]
 				lb := b.Field(i).(*array.ListBuilder)
 				lb.Append(true)
 				lb.ValueBuilder().(*array.Int32Builder).AppendValues(col, nil)
@@ -88,6 +96,20 @@ func TestReadPackedRowsArrowAndJSONL(t *testing.T) {
 	}
 	if _, err := lazy.Row(3); err == nil {
 		t.Error("row beyond the end read without error")
+	}
+
+	// A table that is not packed rows is refused with what it lacks; a
+	// truncated file with what dataset.OpenIPC finds.
+	other := filepath.Join(t.TempDir(), "tokens.arrow")
+	writeColumns(t, other, []string{"input_ids", "labels"}, want)
+	if _, err := OpenPackedArrow(other); err == nil || !strings.Contains(err.Error(), `not packed rows: no column "seq_lengths"`) {
+		t.Errorf("a table of tokens: %v", err)
+	}
+	data, _ := os.ReadFile(path)
+	short := filepath.Join(t.TempDir(), "short.arrow")
+	os.WriteFile(short, data[:len(data)-8], 0o644)
+	if _, err := ReadPackedRows(short); err == nil || !strings.Contains(err.Error(), "truncated") {
+		t.Errorf("a truncated file: %v", err)
 	}
 }
 

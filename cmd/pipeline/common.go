@@ -24,7 +24,7 @@ var (
 
 func init() {
 	pf := root.PersistentFlags()
-	pf.StringVar(&cacheFlag, "cache", "", "cache folder (default: $PIPELINE_CACHE, else the spec's cache:, else ~/.cache/pipeline)")
+	pf.StringVar(&cacheFlag, "cache", "", "cache folder (default: $"+pipeline.CacheEnv+", else the spec's cache:, else ~/.cache/pipeline)")
 	pf.StringVar(&logLevel, "log-level", "info", "log level: debug, info, warn or error")
 	pf.StringVar(&logFormat, "log-format", "text", "log format: text or json")
 }
@@ -62,21 +62,8 @@ func loadSpec(path string) (*pipeline.DAG, error) {
 	return dag, nil
 }
 
-// cacheRoot picks the cache folder: flag, then environment, then spec.
-func cacheRoot(dag *pipeline.DAG) string {
-	switch {
-	case cacheFlag != "":
-		return cacheFlag
-	case os.Getenv("PIPELINE_CACHE") != "":
-		return os.Getenv("PIPELINE_CACHE")
-	case dag != nil && dag.Cache != "":
-		return dag.Cache
-	}
-	return pipeline.DefaultRoot()
-}
-
 func openStore(dag *pipeline.DAG) (*pipeline.Store, error) {
-	st, err := pipeline.OpenStore(cacheRoot(dag))
+	st, err := pipeline.OpenStore(pipeline.CacheRoot(cacheFlag, dag))
 	if err != nil {
 		return nil, failErr(err)
 	}
@@ -97,8 +84,10 @@ func specAndStore(args []string) (*pipeline.DAG, *pipeline.Store, error) {
 	return dag, st, nil
 }
 
-// planErr maps a planning error to its exit code.
-func planErr(err error) error {
+// specOrFailErr gives an error of Store.Plan or Store.Status its exit code:
+// a problem of the spec (an unknown stage name, --until with --only) exits 2,
+// anything else 1.
+func specOrFailErr(err error) error {
 	if pipeline.IsSpecError(err) {
 		return usageErr(err)
 	}

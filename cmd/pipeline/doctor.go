@@ -4,11 +4,9 @@ import (
 	"encoding/json"
 	"fmt"
 	"io"
-	"math"
 	"runtime"
 	"runtime/debug"
 	"strings"
-	"time"
 
 	"github.com/spf13/cobra"
 
@@ -130,9 +128,9 @@ func diagnose() doctorReport {
 	return rep
 }
 
-// selfTest opens device 0, reads free memory on each device it can, and
-// checks that a kernel compiles and runs and that cuBLASLt multiplies
-// correctly: the three things training needs.
+// selfTest opens device 0, reads its free memory and runs cuda.SelfTest:
+// a kernel compiles and runs, and cuBLASLt multiplies correctly, the three
+// things training needs.
 func selfTest(rep *doctorReport) error {
 	dev, err := cuda.Open(0)
 	if err != nil {
@@ -145,128 +143,10 @@ func selfTest(rep *doctorReport) error {
 			return err
 		}
 		rep.Devices[0].FreeMemory = free
-		src, err := cuda.BuiltinSource("elementwise.cu")
-		if err != nil {
-			return err
-		}
-		m, err := c.Compile(src)
-		if err != nil {
-			return err
-		}
-		how := "compiled"
-		if m.FromCache {
-			how = "from cache"
-		}
-		rep.SelfTest = append(rep.SelfTest, fmt.Sprintf("NVRTC kernel for %s: %s in %v", m.Target, how, m.LoadTime.Round(time.Millisecond/10)))
-		if err := kernelCheck(c, m); err != nil {
-			return err
-		}
-		rep.SelfTest = append(rep.SelfTest, "kernel launch: ok")
-		if err := gemmCheck(c); err != nil {
-			return err
-		}
-		rep.SelfTest = append(rep.SelfTest, "cuBLASLt bf16 GEMM 67x45x32: ok")
-		return nil
+		passed, err := cuda.SelfTest(c)
+		rep.SelfTest = append(rep.SelfTest, passed...)
+		return err
 	})
-}
-
-// kernelCheck runs y = 2x + 3y over a small array and compares on the host.
-func kernelCheck(c *cuda.Ctx, m *cuda.Module) error {
-	f, err := m.Function("axpby_f32")
-	if err != nil {
-		return err
-	}
-	const n = 1000
-	x, y := make([]float32, n), make([]float32, n)
-	for i := range x {
-		x[i], y[i] = float32(i%17)-8.5, float32(i%5)+0.25
-	}
-	dx, err := c.Alloc(n * 4)
-	if err != nil {
-		return err
-	}
-	defer c.Free(dx)
-	dy, err := c.Alloc(n * 4)
-	if err != nil {
-		return err
-	}
-	defer c.Free(dy)
-	if err := cuda.Upload(c, dx.Ptr, x); err != nil {
-		return err
-	}
-	if err := cuda.Upload(c, dy.Ptr, y); err != nil {
-		return err
-	}
-	if err := c.Launch(f, cuda.Grid1D(n, 128), float32(2), dx, float32(3), dy, int64(n)); err != nil {
-		return err
-	}
-	got := make([]float32, n)
-	if err := cuda.Download(c, got, dy.Ptr); err != nil {
-		return err
-	}
-	for i := range got {
-		if want := 2*x[i] + 3*y[i]; got[i] != want {
-			return fmt.Errorf("kernel result %d is %v, want %v", i, got[i], want)
-		}
-	}
-	return nil
-}
-
-// gemmCheck multiplies small bf16 matrices of exactly representable values
-// and compares with the host product.
-func gemmCheck(c *cuda.Ctx) error {
-	const m, n, k = 67, 45, 32
-	a, b := make([]uint16, m*k), make([]uint16, k*n)
-	af, bf := make([]float64, m*k), make([]float64, k*n)
-	for i := range a {
-		af[i] = float64(i%7) - 3
-		a[i] = cuda.BF16FromFloat32(float32(af[i]))
-	}
-	for i := range b {
-		bf[i] = float64(i%5)*0.5 - 1
-		b[i] = cuda.BF16FromFloat32(float32(bf[i]))
-	}
-	da, err := c.Alloc(m * k * 2)
-	if err != nil {
-		return err
-	}
-	defer c.Free(da)
-	db, err := c.Alloc(k * n * 2)
-	if err != nil {
-		return err
-	}
-	defer c.Free(db)
-	dc, err := c.Alloc(m * n * 4)
-	if err != nil {
-		return err
-	}
-	defer c.Free(dc)
-	if err := cuda.Upload(c, da.Ptr, a); err != nil {
-		return err
-	}
-	if err := cuda.Upload(c, db.Ptr, b); err != nil {
-		return err
-	}
-	g := cuda.GEMM{M: m, N: n, K: k, AType: cuda.BF16, BType: cuda.BF16, CType: cuda.F32}
-	if err := c.Matmul(g, 1, da.Ptr, db.Ptr, 0, dc.Ptr, nil); err != nil {
-		return err
-	}
-	got := make([]float32, m*n)
-	if err := cuda.Download(c, got, dc.Ptr); err != nil {
-		return err
-	}
-	for i := range m {
-		for j := range n {
-			var want float64
-			for p := range k {
-				want += af[i*k+p] * bf[p*n+j]
-			}
-			if math.Abs(float64(got[i*n+j])-want) > 1e-3 {
-				return fmt.Errorf("GEMM element (%d,%d) is %v, want %v", i, j, got[i*n+j], want)
-			}
-		}
-	}
-	return nil
 }
 
 func gib(b int64) float64 { return float64(b) / (1 << 30) }

@@ -11,6 +11,7 @@ import (
 
 	"gemmaft/dataset"
 	"gemmaft/internal/atomicfile"
+	"gemmaft/pipeline"
 )
 
 func init() {
@@ -43,7 +44,7 @@ run it first. FILE appears only when complete.`,
 			if err != nil {
 				return err
 			}
-			table := filepath.Join(entry, "data.arrow")
+			table := filepath.Join(entry, pipeline.TableFile)
 			if _, err := os.Stat(table); err != nil {
 				return failErr(fmt.Errorf("stage %s has no table to export (its entry holds files: %s)", args[1], entry))
 			}

@@ -61,14 +61,14 @@ func cachedEntry(spec, stage string) (string, *pipeline.Manifest, error) {
 	defer st.Close()
 	plan, err := st.Plan(dag, pipeline.Options{Only: stage})
 	if err != nil {
-		return "", nil, planErr(err)
+		return "", nil, specOrFailErr(err)
 	}
 	step := plan.Step(stage)
 	switch step.State {
 	case pipeline.Valid:
 		return st.EntryDir(step.Key), step.Manifest, nil
 	case pipeline.Damaged:
-		return "", nil, failErr(fmt.Errorf("stage %s: cache entry %s is damaged (%v); run `pipeline run %s --until %s` to recompute it", stage, pipeline.ShortKey(step.Key), step.Damage, spec, stage))
+		return "", nil, failErr(fmt.Errorf("stage %s: cache entry %s is damaged (%w); run `pipeline run %s --until %s` to recompute it", stage, pipeline.ShortKey(step.Key), step.Damage, spec, stage))
 	}
 	return "", nil, failErr(fmt.Errorf("stage %s is not cached (%s); run `pipeline run %s --until %s` first", stage, step.Reason, spec, stage))
 }
@@ -105,7 +105,7 @@ func printManifest(w io.Writer, entry string, m *pipeline.Manifest) {
 // printRows shows the first n rows of the entry's table as JSON objects,
 // shortening long strings and lists so a row fits on a screen.
 func printRows(w io.Writer, entry string, n int) error {
-	path := filepath.Join(entry, "data.arrow")
+	path := filepath.Join(entry, pipeline.TableFile)
 	if _, err := os.Stat(path); errors.Is(err, os.ErrNotExist) {
 		return nil // a stage without a table (an adapter, a checkpoint)
 	}

@@ -8,6 +8,8 @@ import (
 	"path/filepath"
 	"strings"
 	"testing"
+
+	"gemmaft/pipeline"
 )
 
 // The tests run the CLI as a child process (this test binary with
@@ -104,7 +106,7 @@ func TestRunPlanInspectExport(t *testing.T) {
 	writeFile(t, spec, "name: src\nstages:\n  alpaca: {kind: jsonl, with: {paths: [../data/*.jsonl], system: \"Kısa cevap ver.\"}}\n")
 
 	r := runCLI(t, dir, "plan", spec)
-	if r.code != 0 || !strings.Contains(r.stdout, "compute") || !strings.Contains(r.stdout, "not computed before") {
+	if r.code != 0 || !strings.Contains(r.stdout, "compute") || !strings.Contains(r.stdout, "not computed yet") {
 		t.Fatalf("plan before run: %d\n%s%s", r.code, r.stdout, r.stderr)
 	}
 	report := filepath.Join(dir, "report.json")
@@ -187,7 +189,7 @@ func TestVerifyReportsDamage(t *testing.T) {
 	if r := runCLI(t, dir, "verify", spec); r.code != 0 || !strings.Contains(r.stdout, "verified 1 entries, 0 damaged") {
 		t.Fatalf("verify: %d %s", r.code, r.stdout)
 	}
-	tables, _ := filepath.Glob(filepath.Join(dir, "cache", "entries", "*", "*", "data.arrow"))
+	tables, _ := filepath.Glob(filepath.Join(dir, "cache", "entries", "*", "*", pipeline.TableFile))
 	if len(tables) != 1 {
 		t.Fatalf("tables: %v", tables)
 	}

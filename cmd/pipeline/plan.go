@@ -34,7 +34,7 @@ kind's version changed, the entry is damaged, forced).`,
 			defer st.Close()
 			plan, err := st.Plan(dag, opts)
 			if err != nil {
-				return planErr(err)
+				return specOrFailErr(err)
 			}
 			type row struct {
 				Stage  string `json:"stage"`

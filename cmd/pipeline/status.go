@@ -27,7 +27,7 @@ progress now; and how the last run ended.`,
 			defer st.Close()
 			s, err := st.Status(dag)
 			if err != nil {
-				return planErr(err)
+				return specOrFailErr(err)
 			}
 			fmt.Printf("dag %s (%s)\ncache %s\n", dag.Name, dag.Path, st.Root)
 			if s.RunningBy != "" {

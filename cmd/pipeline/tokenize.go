@@ -131,7 +131,7 @@ func tokenizeLines(tk *tokenizer.Tokenizer, r io.Reader, w io.Writer, addSpecial
 				Text *string `json:"text"`
 			}
 			if jerr := json.Unmarshal(raw, &rec); jerr != nil {
-				return fmt.Errorf("input line %d: %v", line, jerr)
+				return fmt.Errorf("input line %d: %w", line, jerr)
 			}
 			if rec.Text == nil {
 				return fmt.Errorf("input line %d: no \"text\" string", line)

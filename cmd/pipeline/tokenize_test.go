@@ -9,9 +9,8 @@ import (
 	"strings"
 	"testing"
 
-	"gemmaft/tokenizer"
-
 	"gemmaft/internal/testenv"
+	"gemmaft/tokenizer"
 )
 
 // TestTokenizeCommand runs `pipeline tokenize` on a file of texts and checks

@@ -32,7 +32,7 @@ deletes them now.`,
 				}
 				plan, err := st.Plan(dag, pipeline.Options{})
 				if err != nil {
-					return planErr(err)
+					return specOrFailErr(err)
 				}
 				for _, s := range plan.Steps {
 					keys = append(keys, s.Key)

@@ -15,7 +15,7 @@ type driverAPI struct {
 	cuEventCreate, cuEventDestroy, cuEventRecord, cuEventSynchronize            cfunc
 	cuEventElapsedTime, cuStreamWaitEvent                                       cfunc
 	cuModuleLoadData, cuModuleUnload, cuModuleGetFunction, cuLaunchKernel       cfunc
-	cuFuncGetParamInfo, cuFuncSetAttribute                                      cfunc
+	cuFuncGetParamInfo, cuFuncGetParamCount, cuFuncSetAttribute                 cfunc
 	cuStreamBeginCapture, cuStreamEndCapture, cuGraphInstantiate, cuGraphLaunch cfunc
 	cuGraphExecDestroy, cuGraphDestroy                                          cfunc
 }
@@ -60,7 +60,8 @@ func (a *driverAPI) table() []symbol {
 		{fn: &a.cuModuleUnload, name: "cuModuleUnload"},
 		{fn: &a.cuModuleGetFunction, name: "cuModuleGetFunction"},
 		{fn: &a.cuLaunchKernel, name: "cuLaunchKernel"},
-		{fn: &a.cuFuncGetParamInfo, name: "cuFuncGetParamInfo", optional: true}, // CUDA 12.4+
+		{fn: &a.cuFuncGetParamInfo, name: "cuFuncGetParamInfo", optional: true},   // CUDA 12.4+
+		{fn: &a.cuFuncGetParamCount, name: "cuFuncGetParamCount", optional: true}, // CUDA 13+
 		{fn: &a.cuFuncSetAttribute, name: "cuFuncSetAttribute"},
 		{fn: &a.cuStreamBeginCapture, name: "cuStreamBeginCapture_v2"},
 		{fn: &a.cuStreamEndCapture, name: "cuStreamEndCapture"},

@@ -46,10 +46,19 @@ func (m *Module) Function(name string) (*Function, error) {
 	}
 	f := &Function{m: m, handle: h, Name: name}
 	if cu.cuFuncGetParamInfo.ptr != 0 {
+		// With the count known, only valid indices are asked for; older
+		// drivers are probed until the first index past the end fails.
+		count := uintptr(maxKernelArgs)
+		if cu.cuFuncGetParamCount.ptr != 0 {
+			var n uintptr
+			if cu.cuFuncGetParamCount.call(h, uintptr(unsafe.Pointer(&n))) == 0 {
+				count = min(n, maxKernelArgs)
+			}
+		}
 		sizes := []int{}
-		for i := 0; i < maxKernelArgs; i++ {
+		for i := uintptr(0); i < count; i++ {
 			var off, size uintptr
-			if cu.cuFuncGetParamInfo.call(h, uintptr(i), uintptr(unsafe.Pointer(&off)), uintptr(unsafe.Pointer(&size))) != 0 {
+			if cu.cuFuncGetParamInfo.call(h, i, uintptr(unsafe.Pointer(&off)), uintptr(unsafe.Pointer(&size))) != 0 {
 				break
 			}
 			sizes = append(sizes, int(size))

@@ -28,13 +28,16 @@ type Tolerance struct {
 	// Loss: relative error of a loss against the float64 golden value.
 	Loss float64
 	// Grad: relative L2 error of each LoRA gradient against the golden one;
-	// when 0, Cosine applies instead.
+	// when 0, the cosine bounds apply instead.
 	Grad float64
-	// Cosine: the least cosine similarity of each LoRA gradient with the
-	// golden one.
-	Cosine float64
-	// StepLoss: relative difference of each training step's loss from the
-	// CPU reference's over the same run.
+	// Cosine: the least cosine similarity of the whole adapter's gradient
+	// (every LoRA tensor's, as one vector) with the golden one;
+	// TensorCosine: the least of each tensor's on its own.
+	Cosine, TensorCosine float64
+	// StepLoss: difference of each training step's loss from the CPU
+	// reference's over the same run, relative to the loss (absolute below a
+	// loss of 1, where a model that memorises its rows has little left to
+	// compare).
 	StepLoss float64
 }
 
@@ -121,26 +124,39 @@ func referenceCases(t *testing.T, refDir string, open Opener, tol Tolerance) {
 				t.Fatal(err)
 			}
 			worstRel, worstCos := 0.0, 1.0
+			var all []float32
+			var allWant []float64
 			for _, p := range g.Params() {
 				want, err := rc.Tensor(refcases.GradKey(ck.PEFTPrefix(), p.Name))
 				if err != nil {
 					t.Fatal(err)
 				}
+				all, allWant = append(all, p.Data...), append(allWant, want...)
 				rel, cos := relL2(p.Data, want)
 				worstRel, worstCos = max(worstRel, rel), min(worstCos, cos)
 				if tol.Grad > 0 && rel > tol.Grad {
 					t.Errorf("%s: gradient relative error %.3g over %.3g", p.Name, rel, tol.Grad)
 				}
-				if tol.Grad == 0 && cos < tol.Cosine {
-					t.Errorf("%s: gradient cosine similarity %.6f under %.6f", p.Name, cos, tol.Cosine)
+				if tol.Grad == 0 && cos < tol.TensorCosine {
+					t.Errorf("%s: gradient cosine similarity %.6f under %.6f", p.Name, cos, tol.TensorCosine)
 				}
+			}
+			_, whole := relL2(all, allWant)
+			if tol.Grad == 0 && whole < tol.Cosine {
+				t.Errorf("the adapter's gradient has cosine similarity %.6f with the reference, under %.6f", whole, tol.Cosine)
 			}
 			norm, err := s.Step(o.LR, rc.Golden.MaxNorm)
 			if err != nil {
 				t.Fatal(err)
 			}
-			if e := relErr(norm, rc.Golden.GradNorm); e > max(tol.Loss, tol.Grad) {
-				t.Errorf("gradient norm %.9g, reference %.9g", norm, rc.Golden.GradNorm)
+			// A gradient within cosine c of the reference may differ in norm
+			// by about sqrt(2(1 - c)).
+			normTol := tol.Grad
+			if normTol == 0 {
+				normTol = math.Sqrt(2 * (1 - tol.Cosine))
+			}
+			if e := relErr(norm, rc.Golden.GradNorm); e > normTol {
+				t.Errorf("gradient norm %.9g, reference %.9g: relative error %.3g over %.3g", norm, rc.Golden.GradNorm, e, normTol)
 			}
 			post, n2, err := s.Loss(batch)
 			if err != nil {
@@ -149,8 +165,8 @@ func referenceCases(t *testing.T, refDir string, open Opener, tol Tolerance) {
 			if e := relErr(post/float64(n2), rc.Golden.PostStepLoss); e > tol.Loss {
 				t.Errorf("post-step loss %.9g, reference %.9g: relative error %.3g", post/float64(n2), rc.Golden.PostStepLoss, e)
 			}
-			t.Logf("loss %.9g (reference %.9g), worst gradient error %.3g, cosine %.6f, post-step %.9g (%.9g)",
-				loss, rc.Golden.Loss, worstRel, worstCos, post/float64(n2), rc.Golden.PostStepLoss)
+			t.Logf("loss %.9g (reference %.9g), gradient cosine %.6f (worst tensor %.6f, worst relative error %.3g), post-step %.9g (%.9g)",
+				loss, rc.Golden.Loss, whole, worstCos, worstRel, post/float64(n2), rc.Golden.PostStepLoss)
 		})
 	}
 }
@@ -176,11 +192,14 @@ func TinyConfig(hidden int) *trainer.Config {
 	return c
 }
 
-// tinyModel writes a random checkpoint of c and returns its folder.
+// tinyModel writes a random checkpoint of c and returns its folder. The
+// weights' spread shrinks with the width, so wider test models start from
+// the same loss.
 func tinyModel(t *testing.T, c *trainer.Config) string {
 	t.Helper()
 	dir := filepath.Join(t.TempDir(), "model")
-	if err := trainer.WriteRandomCheckpoint(dir, c, trainer.InitOptions{Seed: 7, Std: 0.2, NormStd: 0.5}); err != nil {
+	std := 0.2 * math.Sqrt(32/float64(c.Hidden))
+	if err := trainer.WriteRandomCheckpoint(dir, c, trainer.InitOptions{Seed: 7, Std: std, NormStd: 0.5}); err != nil {
 		t.Fatal(err)
 	}
 	return dir
@@ -268,6 +287,11 @@ func matchesCPU(t *testing.T, open Opener, optimizer string, tol Tolerance) {
 	model := tinyModel(t, c)
 	rows := Rows(c.VocabSize, 24, 16, 1)
 	sc, opts := runConfig(model, optimizer, r)
+	if optimizer == "adamw_8bit" {
+		// A gentler rate: a run that bounces between steps makes any two
+		// backends' losses part ways whatever their precision.
+		opts.LR = 5e-3
+	}
 	s := open(t, sc)
 	defer s.Close()
 	got := train(t, s, rows, opts, filepath.Join(t.TempDir(), "backend"))
@@ -282,7 +306,7 @@ func matchesCPU(t *testing.T, open Opener, optimizer string, tol Tolerance) {
 	}
 	worst := 0.0
 	for i := range gm {
-		e := relErr(gm[i].Loss, wm[i].Loss)
+		e := math.Abs(gm[i].Loss-wm[i].Loss) / max(1, math.Abs(wm[i].Loss))
 		worst = max(worst, e)
 		if e > tol.StepLoss {
 			t.Errorf("step %d: loss %.6f, CPU %.6f (relative %.3g over %.3g)", gm[i].Step, gm[i].Loss, wm[i].Loss, e, tol.StepLoss)

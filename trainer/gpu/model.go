@@ -17,8 +17,8 @@ import (
 // its backward pass.
 type layerCache struct {
 	xn1, q, k, v, qr, kr, att, o, x1, xn2, gate, up, act, d cuda.Buffer // activations
-	rstd1, rstdQ, rstdK, lse, rstd2, rstd3, rstd4            cuda.Buffer // float32
-	xa                                                       [7]cuda.Buffer
+	rstd1, rstdQ, rstdK, lse, rstd2, rstd3, rstd4           cuda.Buffer // float32
+	xa                                                      [7]cuda.Buffer
 }
 
 // workspace is every activation buffer, sized for the session's largest
@@ -29,23 +29,23 @@ type workspace struct {
 	inputs []cuda.Buffer // inputs[l] is block l's input; inputs[L] the last block's output
 	caches []layerCache  // one with gradient checkpointing, one per block without
 
-	dout, dx1, dxn  cuda.Buffer // float32 [T × hidden]
-	dd              cuda.Buffer // act [T × hidden]
-	dact            cuda.Buffer // float32 [T × intermediate]
-	datt, dqr       cuda.Buffer // float32 [T × heads·head_dim]
-	dkr, dvr        cuda.Buffer // float32 [T × kv_heads·head_dim]
-	dq, dk, dv      cuda.Buffer // act
-	delta           cuda.Buffer // float32 [T × heads]
-	dxa             cuda.Buffer // act [T × r]
-	xin             cuda.Buffer // act [T × widest projection input]: dropout's output
-	wbuf            cuda.Buffer // act [largest projection]: dequantised NF4 weights
-	xf, rstdF       cuda.Buffer
-	hc, dhc, dxf    cuda.Buffer
-	logits, glog    cuda.Buffer
-	rowLoss         cuda.Buffer // float64 [T + 1]
-	ids, idx, tgt   cuda.Buffer // int32 [T]
-	lo, hi          [2]cuda.Buffer
-	cos, sin        [2]cuda.Buffer
+	dout, dx1, dxn cuda.Buffer // float32 [T × hidden]
+	dd             cuda.Buffer // act [T × hidden]
+	dact           cuda.Buffer // float32 [T × intermediate]
+	datt, dqr      cuda.Buffer // float32 [T × heads·head_dim]
+	dkr, dvr       cuda.Buffer // float32 [T × kv_heads·head_dim]
+	dq, dk, dv     cuda.Buffer // act
+	delta          cuda.Buffer // float32 [T × heads]
+	dxa            cuda.Buffer // act [T × r]
+	xin            cuda.Buffer // act [T × widest projection input]: dropout's output
+	wbuf           cuda.Buffer // act [largest projection]: dequantised NF4 weights
+	xf, rstdF      cuda.Buffer
+	hc, dhc, dxf   cuda.Buffer
+	logits, glog   cuda.Buffer
+	rowLoss        cuda.Buffer // float64 [T + 1]
+	ids, idx, tgt  cuda.Buffer // int32 [T]
+	lo, hi         [2]cuda.Buffer
+	cos, sin       [2]cuda.Buffer
 }
 
 // Layer types by index: sliding-window layers first, then global ones.
@@ -399,15 +399,21 @@ func (s *session) layerForward(c *cuda.Ctx, T, l int, x, out cuda.DevicePtr, lc 
 			return s.k.Attention(c, lc.qr.Ptr, lc.kr.Ptr, lc.v.Ptr, ws.lo[ti].Ptr, lc.att.Ptr, lc.lse.Ptr, T, H, KV, s.attnScale())
 		},
 		func() error { return s.linear(c, T, l, trainer.OProj, lc.att.Ptr, lc.o.Ptr, lc.xa[3], d) },
-		func() error { return s.k.RMSNorm(c, lc.o.Ptr, L.postAttnNorm.Ptr, x, lc.x1.Ptr, lc.rstd2.Ptr, T, Hd, eps) },
-		func() error { return s.k.RMSNorm(c, lc.x1.Ptr, L.preFFNorm.Ptr, 0, lc.xn2.Ptr, lc.rstd3.Ptr, T, Hd, eps) },
+		func() error {
+			return s.k.RMSNorm(c, lc.o.Ptr, L.postAttnNorm.Ptr, x, lc.x1.Ptr, lc.rstd2.Ptr, T, Hd, eps)
+		},
+		func() error {
+			return s.k.RMSNorm(c, lc.x1.Ptr, L.preFFNorm.Ptr, 0, lc.xn2.Ptr, lc.rstd3.Ptr, T, Hd, eps)
+		},
 		func() error { return s.linear(c, T, l, trainer.GateProj, lc.xn2.Ptr, lc.gate.Ptr, lc.xa[4], d) },
 		func() error { return s.linear(c, T, l, trainer.UpProj, lc.xn2.Ptr, lc.up.Ptr, lc.xa[5], d) },
 		func() error {
 			return s.k.GeGLU(c, lc.gate.Ptr, lc.up.Ptr, lc.act.Ptr, int64(T)*int64(cfg.Intermediate))
 		},
 		func() error { return s.linear(c, T, l, trainer.DownProj, lc.act.Ptr, lc.d.Ptr, lc.xa[6], d) },
-		func() error { return s.k.RMSNorm(c, lc.d.Ptr, L.postFFNorm.Ptr, lc.x1.Ptr, out, lc.rstd4.Ptr, T, Hd, eps) },
+		func() error {
+			return s.k.RMSNorm(c, lc.d.Ptr, L.postFFNorm.Ptr, lc.x1.Ptr, out, lc.rstd4.Ptr, T, Hd, eps)
+		},
 	}
 	for _, f := range steps {
 		if err := f(); err != nil {
@@ -430,7 +436,9 @@ func (s *session) layerBackward(c *cuda.Ctx, T, l int, x cuda.DevicePtr, lc *lay
 	ws := s.ws
 	steps := []func() error{
 		// out = x1 + norm(d)
-		func() error { return s.k.RMSNormBackwardAct(c, ws.dout.Ptr, lc.d.Ptr, L.postFFNorm.Ptr, lc.rstd4.Ptr, ws.dd.Ptr, T, Hd) },
+		func() error {
+			return s.k.RMSNormBackwardAct(c, ws.dout.Ptr, lc.d.Ptr, L.postFFNorm.Ptr, lc.rstd4.Ptr, ws.dd.Ptr, T, Hd)
+		},
 		func() error {
 			return s.linearBackward(c, T, l, trainer.DownProj, ws.dd.Ptr, lc.act.Ptr, lc.xa[6], ws.dact.Ptr, false, d)
 		},
@@ -455,7 +463,7 @@ func (s *session) layerBackward(c *cuda.Ctx, T, l int, x cuda.DevicePtr, lc *lay
 			return s.linearBackward(c, T, l, trainer.OProj, ws.dd.Ptr, lc.att.Ptr, lc.xa[3], ws.datt.Ptr, false, d)
 		},
 		func() error {
-			return s.k.AttentionBackward(c, lc.qr.Ptr, lc.kr.Ptr, lc.v.Ptr, lc.att.Ptr, ws.datt.Ptr, lc.lse.Ptr,
+			return s.k.AttentionBackward(c, lc.qr.Ptr, lc.kr.Ptr, lc.v.Ptr, ws.datt.Ptr, lc.lse.Ptr,
 				ws.lo[ti].Ptr, ws.hi[ti].Ptr, ws.delta.Ptr, ws.dqr.Ptr, ws.dkr.Ptr, ws.dvr.Ptr, T, H, KV, s.attnScale())
 		},
 		func() error {

@@ -135,18 +135,6 @@ extern "C" __global__ void __launch_bounds__(THREADS) attn_fwd(const act_t* __re
     }
 }
 
-// delta[t, h] = Σ_d dout[t, h, d] · out[t, h, d], one warp per (t, h).
-extern "C" __global__ void attn_delta(const float* __restrict__ dout, const act_t* __restrict__ out, float* __restrict__ delta,
-                                      int rows) {
-    const int lane = threadIdx.x & 31;
-    const int r = blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
-    if (r >= rows) return;
-    float s = 0.0f;
-    for (int d = lane; d < HD; d += 32) s += dout[(long long)r * HD + d] * to_f32(out[(long long)r * HD + d]);
-    s = warp_sum(s);
-    if (lane == 0) delta[r] = s;
-}
-
 #define BWD_B 16
 
 // dK and dV of key tile [k0, k0 + 16) of key head g: for each query head of
@@ -233,6 +221,56 @@ extern "C" __global__ void __launch_bounds__(THREADS) attn_bwd_dkdv(const act_t*
             dv[((long long)kj * kv_heads + g) * HD + col] = accV[r];
         }
     }
+}
+
+// delta[i, h] = Σ_j P_ij · dP_ij over the keys query i sees: the softmax
+// gradient's row term, computed from the same P and dP the gradients use.
+// Mathematically it equals Σ_d dO·O, but that form subtracts two nearly
+// equal numbers in dS = P ∘ (dP − delta) and takes the rounding of O
+// (stored as an activation) with it; summed from P and dP in float32 the
+// difference stays accurate. Query tile [q0, q0 + 16) of head h per block.
+extern "C" __global__ void __launch_bounds__(THREADS) attn_bwd_delta(const act_t* __restrict__ q, const act_t* __restrict__ k,
+                                                                     const act_t* __restrict__ v, const float* __restrict__ dout,
+                                                                     const float* __restrict__ lse, const int* __restrict__ lo,
+                                                                     float* __restrict__ delta, int tokens, int heads, int kv_heads,
+                                                                     float scale) {
+    extern __shared__ float smem[];
+    float* Qs = smem;
+    float* Ds = Qs + BWD_B * STRIDE;
+    float* Ks = Ds + BWD_B * STRIDE;
+    float* Vs = Ks + BWD_B * STRIDE;
+    float* rl = Vs + BWD_B * STRIDE;
+
+    const int q0 = blockIdx.x * BWD_B;
+    const int h = blockIdx.y;
+    const int g = h / (heads / kv_heads);
+    const int tid = threadIdx.x;
+    load_tile(Qs, q, q0, BWD_B, tokens, heads, h);
+    load_tile(Ds, dout, q0, BWD_B, tokens, heads, h);
+    if (tid < BWD_B) {
+        const int qi = q0 + tid;
+        rl[tid] = qi < tokens ? lse[(long long)qi * heads + h] : 0.0f;
+    }
+    // Thread tid takes query si and, in every key tile, key sj: its partial
+    // sum runs over the keys sj, sj + 16, ...; the 16 threads of a query
+    // (one half-warp) add theirs at the end in a fixed order.
+    const int si = tid / BWD_B, sj = tid % BWD_B;
+    float acc = 0.0f;
+    const int last = min(q0 + BWD_B, tokens) - 1;
+    for (int k0 = lo[q0]; k0 <= last; k0 += BWD_B) {
+        __syncthreads();
+        load_tile(Ks, k, k0, BWD_B, tokens, kv_heads, g);
+        load_tile(Vs, v, k0, BWD_B, tokens, kv_heads, g);
+        __syncthreads();
+        const int qi = q0 + si, kj = k0 + sj;
+        if (qi < tokens && kj <= qi && kj >= lo[qi]) {
+            const float p = expf(scale * tile_dot(Qs + si * STRIDE, Ks + sj * STRIDE) - rl[si]);
+            acc += p * tile_dot(Ds + si * STRIDE, Vs + sj * STRIDE);
+        }
+    }
+    for (int off = BWD_B / 2; off > 0; off >>= 1) acc += __shfl_xor_sync(0xffffffffu, acc, off);
+    const int qi = q0 + si;
+    if (sj == 0 && qi < tokens) delta[(long long)qi * heads + h] = acc;
 }
 
 // dQ of query tile [q0, q0 + 16) of head h: dQ += dS K over the key tiles

@@ -21,10 +21,6 @@ __device__ __forceinline__ float to_f32(act_t v) { return bf16_to_f32(v); }
 __device__ __forceinline__ act_t to_act(float v) { return f32_to_bf16(v); }
 #endif
 
-// act_round is what storing v as an activation and reading it back gives:
-// the rounding the reference framework applies between operations.
-__device__ __forceinline__ float act_round(float v) { return to_f32(to_act(v)); }
-
 // Rounding to a checkpoint's dtype (the values NF4 dequantises to are
 // rounded to the weights' own dtype, as bitsandbytes returns them).
 enum { ROUND_NONE = 0, ROUND_BF16 = 1, ROUND_F16 = 2 };

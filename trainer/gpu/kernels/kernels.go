@@ -206,9 +206,10 @@ func kernelNames(code string) []string {
 func attentionShared(headDim int) map[string]int {
 	stride := headDim + 1
 	return map[string]int{
-		"attn_fwd":      4 * ((16+32+32)*stride + 16*33 + 3*16),
-		"attn_bwd_dkdv": 4 * (4*16*stride + 2*16*17 + 2*16),
-		"attn_bwd_dq":   4 * (4*16*stride + 16*17 + 2*16),
+		"attn_fwd":       4 * ((16+32+32)*stride + 16*33 + 3*16),
+		"attn_bwd_dkdv":  4 * (4*16*stride + 2*16*17 + 2*16),
+		"attn_bwd_dq":    4 * (4*16*stride + 16*17 + 2*16),
+		"attn_bwd_delta": 4 * (4*16*stride + 16),
 	}
 }
 
@@ -285,15 +286,17 @@ func (k *Kernels) Attention(c *cuda.Ctx, q, kk, v, lo, out, lse cuda.DevicePtr, 
 }
 
 // AttentionBackward writes dq, dk and dv (float32) from dout (float32), the
-// forward's out and lse, lo and hi (the last query that sees each key).
-// delta is scratch of tokens × heads floats.
-func (k *Kernels) AttentionBackward(c *cuda.Ctx, q, kk, v, out, dout, lse, lo, hi, delta, dq, dk, dv cuda.DevicePtr,
+// forward's lse, lo and hi (the last query that sees each key). delta is
+// scratch of tokens × heads floats.
+func (k *Kernels) AttentionBackward(c *cuda.Ctx, q, kk, v, dout, lse, lo, hi, delta, dq, dk, dv cuda.DevicePtr,
 	tokens, heads, kvHeads int, scale float64) error {
-	if err := k.launch(c, "attn_delta", warpRows(tokens*heads), dout, out, delta, int32(tokens*heads)); err != nil {
+	sh := attentionShared(k.HeadDim)
+	cfg := cuda.LaunchConfig{Grid: cuda.Dim3{X: (tokens + 15) / 16, Y: heads}, Block: cuda.Dim3{X: 256}, SharedMem: sh["attn_bwd_delta"]}
+	if err := k.launch(c, "attn_bwd_delta", cfg, q, kk, v, dout, lse, lo, delta,
+		int32(tokens), int32(heads), int32(kvHeads), float32(scale)); err != nil {
 		return err
 	}
-	sh := attentionShared(k.HeadDim)
-	cfg := cuda.LaunchConfig{Grid: cuda.Dim3{X: (tokens + 15) / 16, Y: kvHeads}, Block: cuda.Dim3{X: 256}, SharedMem: sh["attn_bwd_dkdv"]}
+	cfg = cuda.LaunchConfig{Grid: cuda.Dim3{X: (tokens + 15) / 16, Y: kvHeads}, Block: cuda.Dim3{X: 256}, SharedMem: sh["attn_bwd_dkdv"]}
 	if err := k.launch(c, "attn_bwd_dkdv", cfg, q, kk, v, dout, lse, delta, lo, hi, dk, dv,
 		int32(tokens), int32(heads), int32(kvHeads), float32(scale)); err != nil {
 		return err

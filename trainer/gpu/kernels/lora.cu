@@ -15,7 +15,7 @@ extern "C" __global__ void dropout_apply(const act_t* __restrict__ x, act_t* __r
         #pragma unroll
         for (int k = 0; k < 4; k++) {
             const long long i = 4 * g + k;
-            if (i < n) out[i] = (word_of(w, k) >> 8) >= threshold ? to_act(to_f32(x[i]) * scale) : to_act(0.0f);
+            if (i < n) out[i] = (word_of(w, k) >> 8) >= threshold ? to_act(__fmul_rn(to_f32(x[i]), scale)) : to_act(0.0f);
         }
     }
 }
@@ -30,7 +30,8 @@ extern "C" __global__ void dropout_add(const act_t* __restrict__ src, float* __r
         #pragma unroll
         for (int k = 0; k < 4; k++) {
             const long long i = 4 * g + k;
-            if (i < n && (word_of(w, k) >> 8) >= threshold) dst[i] += to_f32(src[i]) * scale;
+            // Product and sum rounded apart, as the host reference does.
+            if (i < n && (word_of(w, k) >> 8) >= threshold) dst[i] = __fadd_rn(dst[i], __fmul_rn(to_f32(src[i]), scale));
         }
     }
 }

@@ -13,14 +13,13 @@ __device__ __forceinline__ void gelu_parts(float x, float* s, float* dz) {
     *dz = k * (1.0f + 3.0f * c * x * x);
 }
 
-// act = round(gelu(gate)) · up: transformers rounds the activation to the
-// activation dtype before the product.
+// act = gelu(gate) · up, rounded to an activation once.
 extern "C" __global__ void geglu_fwd(const act_t* __restrict__ gate, const act_t* __restrict__ up, act_t* __restrict__ out, long long n) {
     GRID_STRIDE(i, n) {
         const float x = to_f32(gate[i]);
         float s, dz;
         gelu_parts(x, &s, &dz);
-        out[i] = to_act(act_round(x * s) * to_f32(up[i]));
+        out[i] = to_act(x * s * to_f32(up[i]));
     }
 }
 

@@ -3,10 +3,8 @@
 // a multiple of 32. Reference: trainer.RMSNorm, trainer.RMSNormBackward.
 #include "gemma.cuh"
 
-// out = norm(x) or, with res, res + norm(x), where norm(x) is rounded to an
-// activation first (transformers casts the norm's float32 result to the
-// activation dtype before the residual add). rstd receives each row's
-// 1/sqrt(mean(x²) + eps).
+// out = norm(x) or, with res, res + norm(x), rounded to an activation once.
+// rstd receives each row's 1/sqrt(mean(x²) + eps).
 extern "C" __global__ void rms_norm_fwd(const act_t* __restrict__ x, const float* __restrict__ w, const act_t* res,
                                         act_t* out, float* __restrict__ rstd, int rows, int cols, float eps) {
     __shared__ float scratch[32];
@@ -23,7 +21,7 @@ extern "C" __global__ void rms_norm_fwd(const act_t* __restrict__ x, const float
     if (threadIdx.x == 0) rstd[r] = inv;
     for (int j = threadIdx.x; j < cols; j += blockDim.x) {
         float y = to_f32(x[base + j]) * inv * (1.0f + w[j]);
-        if (res != nullptr) y = to_f32(res[base + j]) + act_round(y);
+        if (res != nullptr) y += to_f32(res[base + j]);
         out[base + j] = to_act(y);
     }
 }

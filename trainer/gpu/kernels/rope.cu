@@ -26,8 +26,8 @@ extern "C" __global__ void qk_norm_rope_fwd(const act_t* __restrict__ x, const f
     const float inv = 1.0f / sqrtf(ss / (float)dim + eps);
     if (lane == 0) rstd[r] = inv;
     for (int i = lane; i < half; i += 32) {
-        const float a = act_round(to_f32(x[base + i]) * inv * (1.0f + w[i]));
-        const float b = act_round(to_f32(x[base + i + half]) * inv * (1.0f + w[i + half]));
+        const float a = to_f32(x[base + i]) * inv * (1.0f + w[i]);
+        const float b = to_f32(x[base + i + half]) * inv * (1.0f + w[i + half]);
         const float c = cosv[tab + i], s = sinv[tab + i];
         out[base + i] = to_act(a * c - b * s);
         out[base + i + half] = to_act(b * c + a * s);

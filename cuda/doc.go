@@ -35,6 +35,6 @@
 // work ordered on one stream; code that shares buffers between streams
 // synchronises before freeing.
 //
-// Host-side bfloat16 conversions (BF16FromFloat32, Float32FromBF16) live
-// here too, since every GPU path needs them.
+// Host-side bfloat16 conversions live in gemmaft/internal/half, shared
+// with the safetensors codec.
 package cuda

@@ -6,6 +6,7 @@ import (
 	"log"
 
 	"gemmaft/cuda"
+	"gemmaft/internal/half"
 )
 
 // A typical use: open the GPU or fall back to the CPU, then do all device
@@ -22,8 +23,8 @@ func ExampleDevice_Do() {
 	defer dev.Close()
 
 	const m, n, k = 4, 3, 2
-	a := cuda.BF16Slice([]float32{1, 2, 3, 4, 5, 6, 7, 8}) // 4×2
-	b := cuda.BF16Slice([]float32{1, 0, 1, 0, 1, 1})       // 2×3
+	a := half.BF16s([]float32{1, 2, 3, 4, 5, 6, 7, 8}) // 4×2
+	b := half.BF16s([]float32{1, 0, 1, 0, 1, 1})       // 2×3
 	out := make([]float32, m*n)
 	err = dev.Do(func(c *cuda.Ctx) error {
 		da, err := c.Alloc(int64(len(a)) * 2)
@@ -61,14 +62,23 @@ func ExampleDevice_Do() {
 		if err != nil {
 			return err
 		}
-		gelu, err := mod.Function("gelu_tanh_f32")
+		axpby, err := mod.Function("axpby_f32")
 		if err != nil {
 			return err
 		}
-		if err := c.Launch(gelu, cuda.Grid1D(len(out), 256), dc, dc, int64(len(out))); err != nil {
+		// scaled = 2·product + 0·scaled.
+		scaled, err := c.Alloc(int64(len(out)) * 4)
+		if err != nil {
 			return err
 		}
-		return cuda.Download(c, out, dc.Ptr)
+		defer c.Free(scaled)
+		if err := c.MemsetD32Async(scaled.Ptr, 0, int64(len(out)), nil); err != nil {
+			return err
+		}
+		if err := c.Launch(axpby, cuda.Grid1D(len(out), 256), float32(2), dc, float32(0), scaled, int64(len(out))); err != nil {
+			return err
+		}
+		return cuda.Download(c, out, scaled.Ptr)
 	})
 	if err != nil {
 		log.Fatal(err)

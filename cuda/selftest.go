@@ -5,6 +5,8 @@ import (
 	"math"
 	"time"
 	"unsafe"
+
+	"gemmaft/internal/half"
 )
 
 // SelfTest checks on c's device the three things training needs: a built-in
@@ -77,10 +79,10 @@ func selfTestKernel(c *Ctx, m *Module) error {
 func selfTestGEMM(c *Ctx, g GEMM) error {
 	a, b := make([]uint16, g.M*g.K), make([]uint16, g.K*g.N)
 	for i := range a {
-		a[i] = BF16FromFloat32(float32(i%7) - 3)
+		a[i] = half.BF16(float32(i%7) - 3)
 	}
 	for i := range b {
-		b[i] = BF16FromFloat32(float32(i%5)*0.5 - 1)
+		b[i] = half.BF16(float32(i%5)*0.5 - 1)
 	}
 	bufs, err := uploadAll(c, a, b)
 	defer freeAll(c, bufs)
@@ -103,7 +105,7 @@ func selfTestGEMM(c *Ctx, g GEMM) error {
 		for j := range g.N {
 			var want float64
 			for p := range g.K {
-				want += float64(Float32FromBF16(a[i*g.K+p])) * float64(Float32FromBF16(b[p*g.N+j]))
+				want += float64(half.FromBF16(a[i*g.K+p])) * float64(half.FromBF16(b[p*g.N+j]))
 			}
 			if v := got[i*g.N+j]; math.Abs(float64(v)-want) > 1e-3 {
 				return fmt.Errorf("element (%d,%d) is %v, want %v", i, j, v, want)

@@ -5,10 +5,11 @@ import (
 
 	"encoding/json"
 	"fmt"
-	"golang.org/x/sync/errgroup"
 	"os"
 	"strings"
 	"unicode/utf8"
+
+	"golang.org/x/sync/errgroup"
 )
 
 // The JSON shapes of the small parts of tokenizer.json. The vocabulary and

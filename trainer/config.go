@@ -122,7 +122,7 @@ func LoadConfig(dir string) (*Config, error) {
 func ParseConfig(b []byte) (*Config, error) {
 	var top textConfigJSON
 	if err := json.Unmarshal(b, &top); err != nil {
-		return nil, fmt.Errorf("config: %v", err)
+		return nil, fmt.Errorf("config: %w", err)
 	}
 	arch := "Gemma3ForCausalLM"
 	if len(top.Architectures) > 0 {
@@ -134,7 +134,7 @@ func ParseConfig(b []byte) (*Config, error) {
 		multimodal = true
 		text = textConfigJSON{}
 		if err := json.Unmarshal(top.TextConfig, &text); err != nil {
-			return nil, fmt.Errorf("config: text_config: %v", err)
+			return nil, fmt.Errorf("config: text_config: %w", err)
 		}
 		if text.TorchDType == "" && text.DType == "" {
 			text.TorchDType, text.DType = top.TorchDType, top.DType
@@ -240,7 +240,7 @@ func (t textConfigJSON) ropes() (map[LayerType]Rope, error) {
 	if t.RopeScaling != nil {
 		r, err := parseRope(t.RopeScaling, full.Theta)
 		if err != nil {
-			return nil, fmt.Errorf("config: rope_scaling: %v", err)
+			return nil, fmt.Errorf("config: rope_scaling: %w", err)
 		}
 		full = r
 	}
@@ -263,7 +263,7 @@ func (t textConfigJSON) ropes() (map[LayerType]Rope, error) {
 				}
 				r, err := parseRope(m, def)
 				if err != nil {
-					return nil, fmt.Errorf("config: rope_parameters.%s: %v", key, err)
+					return nil, fmt.Errorf("config: rope_parameters.%s: %w", key, err)
 				}
 				if LayerType(key) == FullAttention {
 					full = r
@@ -278,7 +278,7 @@ func (t textConfigJSON) ropes() (map[LayerType]Rope, error) {
 			json.Unmarshal(all, &m)
 			r, err := parseRope(m, full.Theta)
 			if err != nil {
-				return nil, fmt.Errorf("config: rope_parameters: %v", err)
+				return nil, fmt.Errorf("config: rope_parameters: %w", err)
 			}
 			full = r
 		}

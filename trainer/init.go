@@ -6,17 +6,16 @@ import (
 	"fmt"
 	"hash/fnv"
 	"io"
-
 	"math/rand/v2"
 	"os"
 	"path/filepath"
 	"runtime"
 	"sort"
 
-	"gemmaft/trainer/safetensors"
 	"golang.org/x/sync/errgroup"
 
 	"gemmaft/internal/atomicfile"
+	"gemmaft/trainer/safetensors"
 )
 
 // InitOptions controls WriteRandomCheckpoint.

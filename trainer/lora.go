@@ -36,7 +36,7 @@ func (c LoRAConfig) Validate() error {
 	seen := map[Module]bool{}
 	for _, m := range c.Targets {
 		if _, err := ParseModule(string(m)); err != nil {
-			return fmt.Errorf("lora: %v", err)
+			return fmt.Errorf("lora: %w", err)
 		}
 		if seen[m] {
 			return fmt.Errorf("lora: target module %s listed twice", m)

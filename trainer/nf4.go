@@ -298,7 +298,7 @@ func (m *Model) QuantizeBase() error {
 			lin := m.Layers[li].Proj[mod]
 			q, err := QuantizeNF4(lin.W, []int{lin.Out, lin.In}, m.Config.DType)
 			if err != nil {
-				return fmt.Errorf("layer %d %s: %v", li, mod, err)
+				return fmt.Errorf("layer %d %s: %w", li, mod, err)
 			}
 			lin.NF4 = q
 			lin.W = q.Dequantize()

@@ -2,11 +2,13 @@ package trainer
 
 import (
 	"math"
+	"runtime"
+	"sync"
 
 	"gonum.org/v1/gonum/blas"
 	"gonum.org/v1/gonum/blas/blas32"
-	"runtime"
-	"sync"
+
+	"gemmaft/packer"
 )
 
 // The operations of the CPU reference backend. Each is one plain function
@@ -62,10 +64,12 @@ func axpy(y []float32, alpha float32, x []float32) {
 	}
 }
 
-// The three matrix products go through gonum's float32 BLAS (blocked, with
-// SIMD inner kernels). gonum computes each block of the output along the
-// inner dimension in a fixed order and picks serial or parallel execution
-// from the shapes alone, so results do not depend on the number of cores.
+// The matrix products run on the AVX2 kernels of kernels_amd64.s where the
+// shapes allow (Matmul with an inner size divisible by 8, the lm_head's
+// backward) and otherwise on gonum's float32 BLAS (blocked, with SIMD inner
+// kernels). Both compute each output element in a fixed order and choose
+// how to split the work from the shapes alone, so results do not depend on
+// the number of cores.
 
 func general(rows, cols int, data []float32) blas32.General {
 	return blas32.General{Rows: rows, Cols: cols, Stride: cols, Data: data[:rows*cols]}
@@ -360,8 +364,9 @@ func Embed(out, table []float32, ids []int32, D int, scale float32) {
 	}
 }
 
-// IgnoreIndex marks a label that is not trained, as in PyTorch.
-const IgnoreIndex = -100
+// IgnoreIndex marks a label that is not trained, as in PyTorch; the packer
+// owns the convention and writes it into packed rows.
+const IgnoreIndex = packer.IgnoreIndex
 
 // lossChunk is how many tokens' logits over the vocabulary are held at once.
 const lossChunk = 128

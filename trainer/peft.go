@@ -116,7 +116,7 @@ func (m *ModelInfo) LoadAdapter(dir string) (*Adapter, error) {
 	}
 	var ac adapterConfigJSON
 	if err := json.Unmarshal(cb, &ac); err != nil {
-		return nil, fmt.Errorf("%s: %v", filepath.Join(dir, AdapterConfigFile), err)
+		return nil, fmt.Errorf("%s: %w", filepath.Join(dir, AdapterConfigFile), err)
 	}
 	if ac.PeftType != "LORA" {
 		return nil, fmt.Errorf("%s: peft_type %q is not LORA", dir, ac.PeftType)
@@ -127,17 +127,17 @@ func (m *ModelInfo) LoadAdapter(dir string) (*Adapter, error) {
 	lc := LoRAConfig{R: ac.R, Alpha: ac.LoraAlpha, Dropout: ac.LoraDropout}
 	names, err := targetNames(ac.TargetModules)
 	if err != nil {
-		return nil, fmt.Errorf("%s: %v", dir, err)
+		return nil, fmt.Errorf("%s: %w", dir, err)
 	}
 	for _, t := range names {
 		mod, err := ParseModule(t)
 		if err != nil {
-			return nil, fmt.Errorf("%s: %v", dir, err)
+			return nil, fmt.Errorf("%s: %w", dir, err)
 		}
 		lc.Targets = append(lc.Targets, mod)
 	}
 	if err := lc.Validate(); err != nil {
-		return nil, fmt.Errorf("%s: %v", dir, err)
+		return nil, fmt.Errorf("%s: %w", dir, err)
 	}
 	path := filepath.Join(dir, AdapterWeightsFile)
 	f, err := safetensors.Open(path)

@@ -10,6 +10,7 @@ import (
 	"sort"
 	"strings"
 
+	"gemmaft/internal/half"
 	"gemmaft/trainer/safetensors"
 )
 
@@ -94,9 +95,9 @@ func (m *ModelInfo) EmbedScale() float32 {
 func RoundToDType(dtype string, v float32) float32 {
 	switch dtype {
 	case "bfloat16":
-		return safetensors.RoundBF16(v)
+		return half.RoundBF16(v)
 	case "float16":
-		return safetensors.RoundF16(v)
+		return half.RoundF16(v)
 	}
 	return v
 }

@@ -9,6 +9,7 @@ import (
 	"strings"
 	"testing"
 
+	"gemmaft/internal/half"
 	"gemmaft/trainer/safetensors"
 )
 
@@ -187,11 +188,11 @@ func TestFloat16Checkpoint(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if m.Config.DType != "float16" || m.EmbedScale() != safetensors.RoundF16(float32(math.Sqrt(48))) {
+	if m.Config.DType != "float16" || m.EmbedScale() != half.RoundF16(float32(math.Sqrt(48))) {
 		t.Errorf("dtype %s, embed scale %v", m.Config.DType, m.EmbedScale())
 	}
 	for _, v := range m.Embed[:100] {
-		if v != safetensors.RoundF16(v) {
+		if v != half.RoundF16(v) {
 			t.Fatalf("weight %v is not a float16 value", v)
 		}
 	}

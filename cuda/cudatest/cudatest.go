@@ -14,6 +14,7 @@ import (
 	"time"
 
 	"gemmaft/cuda"
+	"gemmaft/internal/half"
 )
 
 var (
@@ -75,7 +76,7 @@ func UniformBF16(rng *rand.Rand, n int, scale float64) []uint16 {
 	out := make([]uint16, n)
 	for i := range out {
 		for out[i]&0x7fff == 0 {
-			out[i] = cuda.BF16FromFloat32(float32((2*rng.Float64() - 1) * scale))
+			out[i] = half.BF16(float32((2*rng.Float64() - 1) * scale))
 		}
 	}
 	return out
@@ -167,7 +168,7 @@ func F64(xs []float32) []float64 {
 func F64FromBF16(xs []uint16) []float64 {
 	out := make([]float64, len(xs))
 	for i, x := range xs {
-		out[i] = float64(cuda.Float32FromBF16(x))
+		out[i] = float64(half.FromBF16(x))
 	}
 	return out
 }

@@ -275,9 +275,13 @@ func (s *session) upload(c *cuda.Ctx, hb *hostBatch) error {
 
 // gemm computes out = alpha·op(a)·op(b) + beta·out (row-major; with transB,
 // b is stored [n × k]; with transA, a is stored [k × m]).
-func (s *session) gemm(c *cuda.Ctx, m, n, k int, transA, transB bool, ab, outType cuda.DType,
+// role names the GEMM's group in profiles: "base", "lora" or "head".
+func (s *session) gemm(c *cuda.Ctx, role string, m, n, k int, transA, transB bool, ab, outType cuda.DType,
 	alpha float32, a, b cuda.DevicePtr, beta float32, out cuda.DevicePtr) error {
 	g := cuda.GEMM{M: m, N: n, K: k, TransA: transA, TransB: transB, AType: ab, BType: ab, CType: outType}
+	if s.prof != nil {
+		return s.prof.Time(c, "gemm:"+role, func() error { return c.Matmul(g, alpha, a, b, beta, out, nil) })
+	}
 	return c.Matmul(g, alpha, a, b, beta, out, nil)
 }
 
@@ -299,7 +303,7 @@ func (s *session) linear(c *cuda.Ctx, T, layer int, mod trainer.Module, x, out c
 	if err != nil {
 		return err
 	}
-	if err := s.gemm(c, T, p.out, p.in, false, true, act, act, 1, x, w, 0, out); err != nil {
+	if err := s.gemm(c, "base", T, p.out, p.in, false, true, act, act, 1, x, w, 0, out); err != nil {
 		return err
 	}
 	A, ok := s.lora.slot(layer, mod, false)
@@ -315,10 +319,10 @@ func (s *session) linear(c *cuda.Ctx, T, layer int, mod trainer.Module, x, out c
 		}
 	}
 	R := s.cfg.LoRA.R
-	if err := s.gemm(c, T, R, p.in, false, true, act, act, 1, src, s.lora.actPtr(s, A), 0, xa.Ptr); err != nil {
+	if err := s.gemm(c, "lora", T, R, p.in, false, true, act, act, 1, src, s.lora.actPtr(s, A), 0, xa.Ptr); err != nil {
 		return err
 	}
-	return s.gemm(c, T, p.out, R, false, true, act, act, s.cfg.LoRA.Scale(), xa.Ptr, s.lora.actPtr(s, B), 1, out)
+	return s.gemm(c, "lora", T, p.out, R, false, true, act, act, s.cfg.LoRA.Scale(), xa.Ptr, s.lora.actPtr(s, B), 1, out)
 }
 
 // linearBackward adds (or, without accumulate, writes) dx [T × in], the
@@ -336,7 +340,7 @@ func (s *session) linearBackward(c *cuda.Ctx, T, layer int, mod trainer.Module, 
 	if accumulate {
 		beta = 1
 	}
-	if err := s.gemm(c, T, p.in, p.out, false, false, act, cuda.F32, 1, dy, w, beta, dx); err != nil {
+	if err := s.gemm(c, "base", T, p.in, p.out, false, false, act, cuda.F32, 1, dy, w, beta, dx); err != nil {
 		return err
 	}
 	A, ok := s.lora.slot(layer, mod, false)
@@ -346,11 +350,11 @@ func (s *session) linearBackward(c *cuda.Ctx, T, layer int, mod trainer.Module, 
 	B, _ := s.lora.slot(layer, mod, true)
 	R, scale := s.cfg.LoRA.R, s.cfg.LoRA.Scale()
 	// gradB += scale·dyᵀ·xa; dxa = scale·dy·B.
-	if err := s.gemm(c, p.out, R, T, true, false, act, cuda.F32, scale, dy, xa.Ptr, 1, s.lora.gradPtr(B)); err != nil {
+	if err := s.gemm(c, "lora", p.out, R, T, true, false, act, cuda.F32, scale, dy, xa.Ptr, 1, s.lora.gradPtr(B)); err != nil {
 		return err
 	}
 	dxa := s.ws.dxa.Ptr
-	if err := s.gemm(c, T, R, p.out, false, false, act, act, scale, dy, s.lora.actPtr(s, B), 0, dxa); err != nil {
+	if err := s.gemm(c, "lora", T, R, p.out, false, false, act, act, scale, dy, s.lora.actPtr(s, B), 0, dxa); err != nil {
 		return err
 	}
 	// gradA += dxaᵀ·drop(x).
@@ -363,14 +367,14 @@ func (s *session) linearBackward(c *cuda.Ctx, T, layer int, mod trainer.Module, 
 			return err
 		}
 	}
-	if err := s.gemm(c, R, p.in, T, true, false, act, cuda.F32, 1, dxa, src, 1, s.lora.gradPtr(A)); err != nil {
+	if err := s.gemm(c, "lora", R, p.in, T, true, false, act, cuda.F32, 1, dxa, src, 1, s.lora.gradPtr(A)); err != nil {
 		return err
 	}
 	// dx += drop'(dxa·A).
 	if d == nil {
-		return s.gemm(c, T, p.in, R, false, false, act, cuda.F32, 1, dxa, s.lora.actPtr(s, A), 1, dx)
+		return s.gemm(c, "lora", T, p.in, R, false, false, act, cuda.F32, 1, dxa, s.lora.actPtr(s, A), 1, dx)
 	}
-	if err := s.gemm(c, T, p.in, R, false, false, act, act, 1, dxa, s.lora.actPtr(s, A), 0, s.ws.xin.Ptr); err != nil {
+	if err := s.gemm(c, "lora", T, p.in, R, false, false, act, act, 1, dxa, s.lora.actPtr(s, A), 0, s.ws.xin.Ptr); err != nil {
 		return err
 	}
 	return s.k.DropoutAdd(c, s.ws.xin.Ptr, dx, n, *d, stream)
@@ -539,7 +543,7 @@ func (s *session) run(b *trainer.Batch, grad bool, normalizer float64, dropoutSe
 			if err := s.k.GatherRows(c, ws.xf.Ptr, idx, ws.hc.Ptr, nc, Hd); err != nil {
 				return err
 			}
-			if err := s.gemm(c, nc, V, Hd, false, true, act, cuda.F32, 1, ws.hc.Ptr, s.w.embed.Ptr, 0, ws.logits.Ptr); err != nil {
+			if err := s.gemm(c, "head", nc, V, Hd, false, true, act, cuda.F32, 1, ws.hc.Ptr, s.w.embed.Ptr, 0, ws.logits.Ptr); err != nil {
 				return err
 			}
 			var g cuda.DevicePtr
@@ -552,7 +556,7 @@ func (s *session) run(b *trainer.Batch, grad bool, normalizer float64, dropoutSe
 			if !grad {
 				continue
 			}
-			if err := s.gemm(c, nc, Hd, V, false, false, act, cuda.F32, 1, ws.glog.Ptr, s.w.embed.Ptr, 0, ws.dhc.Ptr); err != nil {
+			if err := s.gemm(c, "head", nc, Hd, V, false, false, act, cuda.F32, 1, ws.glog.Ptr, s.w.embed.Ptr, 0, ws.dhc.Ptr); err != nil {
 				return err
 			}
 			if err := s.k.ScatterRows(c, ws.dhc.Ptr, idx, ws.dxf.Ptr, nc, Hd); err != nil {
@@ -584,6 +588,9 @@ func (s *session) run(b *trainer.Batch, grad bool, normalizer float64, dropoutSe
 			if err := s.layerBackward(c, T, l, ws.inputs[l].Ptr, s.cache(l), d); err != nil {
 				return err
 			}
+		}
+		if s.prof != nil {
+			return s.prof.collect(c)
 		}
 		return c.Stream().Synchronize()
 	})

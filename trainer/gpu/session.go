@@ -22,6 +22,7 @@ type session struct {
 	ws    *workspace
 	owned []cuda.Buffer
 	peak  int64
+	prof  *profiler // nil unless StartProfile
 
 	ropeCos, ropeSin [2][]float32
 }
@@ -186,6 +187,9 @@ func (s *session) Step(lr, maxGradNorm float64) (float64, error) {
 		var err error
 		if norm, err = s.lora.update(s, c, lr, maxGradNorm); err != nil {
 			return err
+		}
+		if s.prof != nil {
+			return s.prof.collect(c)
 		}
 		return c.Stream().Synchronize()
 	})

@@ -19,6 +19,7 @@ import (
 	"sort"
 
 	"gemmaft/internal/atomicfile"
+	"gemmaft/internal/half"
 )
 
 // DType names an element type as the safetensors header spells it.
@@ -123,14 +124,14 @@ func ParseHeader(prefix []byte, fileSize int64) (*Header, error) {
 	var raw map[string]json.RawMessage
 	dec := json.NewDecoder(bytes.NewReader(js))
 	if err := dec.Decode(&raw); err != nil {
-		return nil, fmt.Errorf("safetensors: header is not a JSON object: %v", err)
+		return nil, fmt.Errorf("safetensors: header is not a JSON object: %w", err)
 	}
 	h := &Header{DataStart: 8 + int64(n), byName: map[string]int{}}
 	dataSize := fileSize - h.DataStart
 	for name, msg := range raw {
 		if name == "__metadata__" {
 			if err := json.Unmarshal(msg, &h.Metadata); err != nil {
-				return nil, fmt.Errorf("safetensors: __metadata__ must map strings to strings: %v", err)
+				return nil, fmt.Errorf("safetensors: __metadata__ must map strings to strings: %w", err)
 			}
 			continue
 		}
@@ -138,7 +139,7 @@ func ParseHeader(prefix []byte, fileSize int64) (*Header, error) {
 		d := json.NewDecoder(bytes.NewReader(msg))
 		d.DisallowUnknownFields()
 		if err := d.Decode(&e); err != nil {
-			return nil, fmt.Errorf("safetensors: tensor %q: %v", name, err)
+			return nil, fmt.Errorf("safetensors: tensor %q: %w", name, err)
 		}
 		info, err := checkEntry(name, e, dataSize)
 		if err != nil {
@@ -213,24 +214,24 @@ func Open(path string) (*File, error) {
 	var lenBuf [8]byte
 	if _, err := io.ReadFull(f, lenBuf[:]); err != nil {
 		f.Close()
-		return nil, fmt.Errorf("%s: safetensors: cannot read header length: %v", path, err)
+		return nil, fmt.Errorf("%s: safetensors: cannot read header length: %w", path, err)
 	}
 	n := binary.LittleEndian.Uint64(lenBuf[:])
 	if n > MaxHeaderSize || int64(n) > st.Size()-8 {
 		f.Close()
 		_, err := ParseHeader(lenBuf[:], st.Size())
-		return nil, fmt.Errorf("%s: %v", path, err)
+		return nil, fmt.Errorf("%s: %w", path, err)
 	}
 	prefix := make([]byte, 8+n)
 	copy(prefix, lenBuf[:])
 	if _, err := io.ReadFull(f, prefix[8:]); err != nil {
 		f.Close()
-		return nil, fmt.Errorf("%s: safetensors: cannot read header: %v", path, err)
+		return nil, fmt.Errorf("%s: safetensors: cannot read header: %w", path, err)
 	}
 	h, err := ParseHeader(prefix, st.Size())
 	if err != nil {
 		f.Close()
-		return nil, fmt.Errorf("%s: %v", path, err)
+		return nil, fmt.Errorf("%s: %w", path, err)
 	}
 	return &File{Path: path, Header: h, f: f}, nil
 }
@@ -246,7 +247,7 @@ func (f *File) Raw(name string) (TensorInfo, []byte, error) {
 	}
 	buf := make([]byte, t.End-t.Begin)
 	if _, err := f.f.ReadAt(buf, f.Header.DataStart+t.Begin); err != nil {
-		return TensorInfo{}, nil, fmt.Errorf("%s: tensor %q: %v", f.Path, name, err)
+		return TensorInfo{}, nil, fmt.Errorf("%s: tensor %q: %w", f.Path, name, err)
 	}
 	return t, buf, nil
 }
@@ -260,7 +261,7 @@ func (f *File) Float32(name string) (TensorInfo, []float32, error) {
 	}
 	out, err := DecodeFloat32(t.DType, raw)
 	if err != nil {
-		return t, nil, fmt.Errorf("%s: tensor %q: %v", f.Path, name, err)
+		return t, nil, fmt.Errorf("%s: tensor %q: %w", f.Path, name, err)
 	}
 	return t, out, nil
 }
@@ -280,9 +281,9 @@ func DecodeFloat32(dt DType, raw []byte) ([]float32, error) {
 	for i := range out {
 		switch dt {
 		case BF16:
-			out[i] = BF16ToFloat32(binary.LittleEndian.Uint16(raw[2*i:]))
+			out[i] = half.FromBF16(binary.LittleEndian.Uint16(raw[2*i:]))
 		case F16:
-			out[i] = F16ToFloat32(binary.LittleEndian.Uint16(raw[2*i:]))
+			out[i] = half.FromF16(binary.LittleEndian.Uint16(raw[2*i:]))
 		case F32:
 			out[i] = math.Float32frombits(binary.LittleEndian.Uint32(raw[4*i:]))
 		case F64:
@@ -300,9 +301,9 @@ func EncodeFloat32(dt DType, v []float32) ([]byte, error) {
 	for i, x := range v {
 		switch dt {
 		case BF16:
-			binary.LittleEndian.PutUint16(out[2*i:], Float32ToBF16(x))
+			binary.LittleEndian.PutUint16(out[2*i:], half.BF16(x))
 		case F16:
-			binary.LittleEndian.PutUint16(out[2*i:], Float32ToF16(x))
+			binary.LittleEndian.PutUint16(out[2*i:], half.F16(x))
 		case F32:
 			binary.LittleEndian.PutUint32(out[4*i:], math.Float32bits(x))
 		case F64:

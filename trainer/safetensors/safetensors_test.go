@@ -2,7 +2,6 @@ package safetensors
 
 import (
 	"encoding/binary"
-	"math"
 	"os"
 	"path/filepath"
 	"strings"
@@ -97,43 +96,6 @@ func TestBadHeaders(t *testing.T) {
 				t.Fatal("Open accepted a bad file")
 			}
 		})
-	}
-}
-
-func TestBF16Rounding(t *testing.T) {
-	// 1 + 2^-8 is halfway between two bf16 values; ties go to the even one (1).
-	if got := RoundBF16(1 + 1.0/256); got != 1 {
-		t.Errorf("RoundBF16(1+2^-8) = %v, want 1", got)
-	}
-	if got := RoundBF16(1 + 3.0/256); got != 1+4.0/256 {
-		t.Errorf("RoundBF16(1+3*2^-8) = %v", got)
-	}
-	if got := RoundBF16(float32(math.Sqrt(3072))); got != 55.5 {
-		t.Errorf("RoundBF16(sqrt 3072) = %v, want 55.5", got)
-	}
-	if !math.IsNaN(float64(RoundBF16(float32(math.NaN())))) {
-		t.Error("NaN did not survive")
-	}
-}
-
-func TestF16(t *testing.T) {
-	for _, c := range []struct{ in, want float32 }{
-		{1, 1}, {-2, -2}, {65504, 65504}, {1e6, float32(math.Inf(1))},
-		{1.0 / (1 << 24), 1.0 / (1 << 24)}, {1.0 / (1 << 26), 0}, {0.1, 0.0999755859375},
-		{1 + 1.0/2048, 1}, {1 + 3.0/2048, 1 + 4.0/2048},
-	} {
-		if got := RoundF16(c.in); got != c.want {
-			t.Errorf("RoundF16(%v) = %v, want %v", c.in, got, c.want)
-		}
-	}
-	for h := 0; h < 1<<16; h++ {
-		f := F16ToFloat32(uint16(h))
-		if f != f {
-			continue
-		}
-		if back := Float32ToF16(f); back != uint16(h) {
-			t.Fatalf("half %#04x -> %v -> %#04x", h, f, back)
-		}
 	}
 }
 

@@ -150,8 +150,16 @@ func tablesHeader() string {
 type Kernels struct {
 	Prec    Precision
 	HeadDim int
+	// Timer, when set, wraps every launch (for profiles by kernel).
+	Timer   Timer
 	fns     map[string]*cuda.Function
 	maxGrid int
+}
+
+// Timer times a launch: it runs f, the launch of kernel name, between
+// whatever marks it records on the stream.
+type Timer interface {
+	Time(c *cuda.Ctx, name string, f func() error) error
 }
 
 // Load compiles (or finds in the kernel cache) and loads every module.
@@ -235,6 +243,9 @@ func (k *Kernels) launch(c *cuda.Ctx, name string, cfg cuda.LaunchConfig, args .
 	f, ok := k.fns[name]
 	if !ok {
 		return fmt.Errorf("kernels: no kernel %s", name)
+	}
+	if k.Timer != nil {
+		return k.Timer.Time(c, name, func() error { return c.Launch(f, cfg, args...) })
 	}
 	return c.Launch(f, cfg, args...)
 }

@@ -17,6 +17,7 @@ import (
 
 	"gemmaft/cuda"
 	"gemmaft/cuda/cudatest"
+	"gemmaft/internal/half"
 	"gemmaft/trainer"
 	"gemmaft/trainer/safetensors"
 )
@@ -64,7 +65,7 @@ func tol(p Precision, n int) cudatest.Tolerance {
 func roundAct(p Precision, v []float32) []float32 {
 	if p == BF16 {
 		for i := range v {
-			v[i] = cuda.Float32FromBF16(cuda.BF16FromFloat32(v[i]))
+			v[i] = half.FromBF16(half.BF16(v[i]))
 		}
 	}
 	return v
@@ -111,7 +112,7 @@ func (d *dev) act(v []float32) cuda.DevicePtr {
 	p := d.alloc(int64(len(v)) * d.k.Prec.Size())
 	var err error
 	if d.k.Prec == BF16 {
-		err = cuda.Upload(d.c, p, cuda.BF16Slice(v))
+		err = cuda.Upload(d.c, p, half.BF16s(v))
 	} else {
 		err = cuda.Upload(d.c, p, v)
 	}
@@ -144,7 +145,7 @@ func (d *dev) readAct(p cuda.DevicePtr, n int) []float32 {
 		if err := cuda.Download(d.c, h, p); err != nil {
 			panic(err)
 		}
-		return cuda.Float32Slice(h)
+		return half.FromBF16s(h)
 	}
 	return d.readF32(p, n)
 }
@@ -384,7 +385,7 @@ func TestEmbedGatherScatter(t *testing.T) {
 			for i := range ids {
 				ids[i] = int32(rng.IntN(V))
 			}
-			scale := safetensors.RoundBF16(float32(math.Sqrt(float64(D))))
+			scale := half.RoundBF16(float32(math.Sqrt(float64(D))))
 			want := make([]float32, T*D)
 			trainer.Embed(want, table, ids, D, scale)
 			roundAct(p, want)

@@ -22,7 +22,7 @@ import (
 func Write(out string) error {
 	for i, c := range cases {
 		if err := writeCase(filepath.Join(out, c.Name), c, uint64(100+i)); err != nil {
-			return fmt.Errorf("%s: %v", c.Name, err)
+			return fmt.Errorf("%s: %w", c.Name, err)
 		}
 	}
 	return writeNF4Input(filepath.Join(out, "nf4"))

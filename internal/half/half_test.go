@@ -1,4 +1,4 @@
-package cuda
+package half
 
 import (
 	"math"
@@ -40,8 +40,8 @@ func TestBF16RoundsToNearestEven(t *testing.T) {
 	rng := rand.New(rand.NewPCG(1, 2))
 	check := func(f float32) {
 		t.Helper()
-		if got, want := BF16FromFloat32(f), nearestBF16(f); got != want {
-			t.Fatalf("BF16FromFloat32(%g = %#08x) = %#04x, want %#04x", f, math.Float32bits(f), got, want)
+		if got, want := BF16(f), nearestBF16(f); got != want {
+			t.Fatalf("BF16(%g = %#08x) = %#04x, want %#04x", f, math.Float32bits(f), got, want)
 		}
 	}
 	for range 200000 {
@@ -55,24 +55,61 @@ func TestBF16RoundsToNearestEven(t *testing.T) {
 }
 
 func TestBF16SpecialValues(t *testing.T) {
-	if got := BF16FromFloat32(float32(math.Inf(1))); got != 0x7f80 {
+	if got := BF16(float32(math.Inf(1))); got != 0x7f80 {
 		t.Errorf("+Inf -> %#04x", got)
 	}
-	if got := BF16FromFloat32(float32(math.Inf(-1))); got != 0xff80 {
+	if got := BF16(float32(math.Inf(-1))); got != 0xff80 {
 		t.Errorf("-Inf -> %#04x", got)
 	}
 	// A NaN whose payload sits only in the low bits must not round to Inf.
 	nan := math.Float32frombits(0x7f800001)
-	if got := BF16FromFloat32(nan); !math.IsNaN(float64(Float32FromBF16(got))) {
+	if got := BF16(nan); !math.IsNaN(float64(FromBF16(got))) {
 		t.Errorf("NaN -> %#04x, not NaN", got)
 	}
-	if got := Float32FromBF16(0x3fc0); got != 1.5 {
-		t.Errorf("Float32FromBF16(0x3fc0) = %v", got)
+	if got := FromBF16(0x3fc0); got != 1.5 {
+		t.Errorf("FromBF16(0x3fc0) = %v", got)
 	}
 	xs := []float32{1, -2.5, 3.140625}
-	for i, f := range Float32Slice(BF16Slice(xs)) {
+	for i, f := range FromBF16s(BF16s(xs)) {
 		if f != xs[i] {
 			t.Errorf("exact bf16 value %v came back as %v", xs[i], f)
+		}
+	}
+}
+
+func TestBF16Rounding(t *testing.T) {
+	// 1 + 2^-8 is halfway between two bf16 values; ties go to the even one (1).
+	if got := RoundBF16(1 + 1.0/256); got != 1 {
+		t.Errorf("RoundBF16(1+2^-8) = %v, want 1", got)
+	}
+	if got := RoundBF16(1 + 3.0/256); got != 1+4.0/256 {
+		t.Errorf("RoundBF16(1+3*2^-8) = %v", got)
+	}
+	if got := RoundBF16(float32(math.Sqrt(3072))); got != 55.5 {
+		t.Errorf("RoundBF16(sqrt 3072) = %v, want 55.5", got)
+	}
+	if !math.IsNaN(float64(RoundBF16(float32(math.NaN())))) {
+		t.Error("NaN did not survive")
+	}
+}
+
+func TestF16(t *testing.T) {
+	for _, c := range []struct{ in, want float32 }{
+		{1, 1}, {-2, -2}, {65504, 65504}, {1e6, float32(math.Inf(1))},
+		{1.0 / (1 << 24), 1.0 / (1 << 24)}, {1.0 / (1 << 26), 0}, {0.1, 0.0999755859375},
+		{1 + 1.0/2048, 1}, {1 + 3.0/2048, 1 + 4.0/2048},
+	} {
+		if got := RoundF16(c.in); got != c.want {
+			t.Errorf("RoundF16(%v) = %v, want %v", c.in, got, c.want)
+		}
+	}
+	for h := 0; h < 1<<16; h++ {
+		f := FromF16(uint16(h))
+		if f != f {
+			continue
+		}
+		if back := F16(f); back != uint16(h) {
+			t.Fatalf("half %#04x -> %v -> %#04x", h, f, back)
 		}
 	}
 }

@@ -32,7 +32,7 @@ for line in "${pkgs[@]}"; do
 	echo "$name.test ${dir#"$root"/}" >>"$out/tests.txt"
 done
 go build -trimpath -ldflags="-s -w" -o "$out/pipeline" ./cmd/pipeline
-cp scripts/bench-gpu.py scripts/bench-launch.cu "$out/"
+cp scripts/bench-gpu.py scripts/bench-launch.cu scripts/bench-train.sh scripts/bench-train-hf.py "$out/"
 
 cat >"$out/run.sh" <<'RUN'
 #!/usr/bin/env bash

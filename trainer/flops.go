@@ -1,0 +1,93 @@
+package trainer
+
+import "strings"
+
+// FLOPs counts the floating-point operations of one micro-batch, for model
+// and hardware FLOP utilisation (MFU, HFU). A multiply-add is two.
+//
+// With T tokens, N of them trained, the seven projections' P parameters,
+// hidden size d, vocabulary V, H query heads of size h, and "pairs" the
+// (query, key) pairs a layer's attention computes (Σ over tokens of the
+// keys each may see: its example's earlier tokens, within the window on
+// sliding layers):
+//
+//	forward  = 2·T·P                      the frozen projections
+//	         + 2·N·V·d                    the tied lm_head at the trained positions
+//	         + Σ_layers 4·h·H·pairs       QKᵀ and P·V
+//	         + Σ_adapted 2·T·r·(in + out) the LoRA products
+//	backward = 2·T·P + 2·N·V·d            input gradients only: the base is frozen
+//	         + Σ_layers 8·h·H·pairs       dV, dP, dQ and dK
+//	         + Σ_adapted 4·T·r·(in + out) LoRA input and weight gradients
+//	recompute = forward − the lm_head     gradient checkpointing runs each block twice
+//
+// MFU counts forward and backward; HFU adds the recomputation. The lm_head
+// is counted at the trained positions only, the ones the loss needs, so
+// the figures are conservative against tools that compute every logit.
+type FLOPs struct {
+	Forward, Backward, Recompute float64
+}
+
+// Model is forward plus backward, the work the model needs.
+func (f FLOPs) Model() float64 { return f.Forward + f.Backward }
+
+// Hardware adds what gradient checkpointing recomputes.
+func (f FLOPs) Hardware() float64 { return f.Forward + f.Backward + f.Recompute }
+
+// StepFLOPs counts one micro-batch b of a model of shape c with an adapter
+// of shape lora; checkpointing says whether blocks are recomputed.
+func StepFLOPs(c *Config, lora LoRAConfig, b *Batch, checkpointing bool) FLOPs {
+	T := float64(len(b.IDs))
+	N := float64(b.Trained())
+	var proj, adapted float64
+	for _, m := range AllModules {
+		out, in := c.ProjShape(m)
+		proj += float64(out) * float64(in)
+	}
+	for _, m := range lora.Targets {
+		out, in := c.ProjShape(m)
+		adapted += float64(lora.R) * float64(in+out)
+	}
+	pairs := map[LayerType]float64{}
+	for _, lt := range []LayerType{SlidingAttention, FullAttention} {
+		w := 0
+		if lt == SlidingAttention {
+			w = c.SlidingWindow
+		}
+		for i, lo := range AttentionSpans(b.SegStart, w) {
+			pairs[lt] += float64(i - int(lo) + 1)
+		}
+	}
+	L := float64(c.Layers)
+	var attn float64
+	for _, lt := range c.LayerTypes {
+		attn += float64(c.HeadDim) * float64(c.Heads) * pairs[lt]
+	}
+	head := 2 * N * float64(c.VocabSize) * float64(c.Hidden)
+	f := FLOPs{
+		Forward:  2*T*proj*L + head + 4*attn + 2*T*adapted*L,
+		Backward: 2*T*proj*L + head + 8*attn + 4*T*adapted*L,
+	}
+	if checkpointing {
+		f.Recompute = f.Forward - head
+	}
+	return f
+}
+
+// PeakBF16 returns the dense bfloat16 tensor rate (FLOP/s, float32
+// accumulation) of a GPU by its name, and false for a GPU not in the table.
+func PeakBF16(device string) (float64, bool) {
+	table := []struct {
+		name string
+		peak float64
+	}{
+		{"H200", 989e12}, {"H100 PCIe", 756e12}, {"H100 NVL", 835e12}, {"H100", 989e12}, {"H800", 989e12},
+		{"GH200", 989e12}, {"A100", 312e12}, {"A800", 312e12}, {"L40S", 362e12}, {"L40", 181e12},
+		{"RTX 4090", 165e12}, {"RTX 4080", 97.5e12}, {"RTX 3090", 71e12}, {"A6000", 155e12}, {"A10", 125e12},
+	}
+	for _, e := range table {
+		if strings.Contains(strings.ToUpper(device), strings.ToUpper(e.name)) {
+			return e.peak, true
+		}
+	}
+	return 0, false
+}

@@ -9,6 +9,7 @@ import (
 	"strings"
 	"testing"
 
+	"gemmaft/cuda"
 	"gemmaft/pipeline"
 )
 
@@ -208,5 +209,27 @@ func TestVerifyReportsDamage(t *testing.T) {
 	}
 	if r := runCLI(t, dir, "gc", "--keep-last", "0", "--dry-run"); r.code != 0 || !strings.Contains(r.stdout, "would remove 1 entries") {
 		t.Fatalf("gc dry run: %d %s %s", r.code, r.stdout, r.stderr)
+	}
+}
+
+// TestBenchTrainUsage: bench train refuses a missing or doubled model and
+// bad sizes with exit 2, and without a GPU fails with exit 1 saying why.
+func TestBenchTrainUsage(t *testing.T) {
+	dir := t.TempDir()
+	for _, args := range [][]string{
+		{"bench", "train"},
+		{"bench", "train", "--preset", "1b", "--model", dir},
+		{"bench", "train", "--preset", "1b", "--steps", "0"},
+		{"bench", "train", "--preset", "1b", "--optimizer", "sgd"},
+	} {
+		if r := runCLI(t, dir, args...); r.code != 2 {
+			t.Errorf("%v: exit %d, want 2 (%s)", args, r.code, r.stderr)
+		}
+	}
+	rows := filepath.Join(dir, "rows.jsonl")
+	writeFile(t, rows, `{"input_ids": [1, 2, 3, 4], "labels": [-100, 2, 3, 4], "seq_lengths": [4]}`+"\n")
+	r := runCLI(t, dir, "bench", "train", "--preset", "tiny", "--seq-len", "4", "--data", rows, "--steps", "1", "--warmup-steps", "0")
+	if cuda.Discover().Err != nil && (r.code != 1 || !strings.Contains(r.stderr, "CUDA")) {
+		t.Errorf("without a GPU: exit %d, %s", r.code, r.stderr)
 	}
 }

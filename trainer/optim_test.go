@@ -4,6 +4,8 @@ import (
 	"math"
 	"path/filepath"
 	"testing"
+
+	"gemmaft/trainer/internal/golden"
 )
 
 type schedulesGolden struct {
@@ -24,7 +26,9 @@ type schedulesGolden struct {
 // get_*_schedule_with_warmup values recorded by the reference script.
 func TestSchedulesMatchTransformers(t *testing.T) {
 	var g schedulesGolden
-	readJSON(t, filepath.Join(refDir, "golden", "schedules.json"), &g)
+	if err := golden.ReadJSON(filepath.Join(refDir, "golden", "schedules.json"), &g); err != nil {
+		t.Fatal(err)
+	}
 	for s, want := range map[Schedule][]float64{ScheduleConstant: g.Constant, ScheduleLinear: g.Linear, ScheduleCosine: g.Cosine} {
 		if len(want) != len(g.Steps) {
 			t.Fatalf("%s: %d values for %d steps", s, len(want), len(g.Steps))
@@ -49,7 +53,9 @@ func TestSchedulesMatchTransformers(t *testing.T) {
 // few float32 ulps rather than bit for bit.
 func TestAdamWMatchesTorch(t *testing.T) {
 	var g schedulesGolden
-	readJSON(t, filepath.Join(refDir, "golden", "schedules.json"), &g)
+	if err := golden.ReadJSON(filepath.Join(refDir, "golden", "schedules.json"), &g); err != nil {
+		t.Fatal(err)
+	}
 	a := g.AdamW
 	n := a.N
 	p := Param{Name: "w", Data: make([]float32, n), Grad: make([]float32, n)}

@@ -78,10 +78,10 @@ another trainer on the same batches (scripts/bench-train.sh).`,
 
 type benchOptions struct {
 	preset, model, quantize, optimizer, data, tokenizer, saveRows string
-	seqLen, batch, accum, steps, warmup, r                       int
-	alpha, dropout, lr                                           float64
-	targets                                                      []string
-	checkpointing, json                                          bool
+	seqLen, batch, accum, steps, warmup, r                        int
+	alpha, dropout, lr                                            float64
+	targets                                                       []string
+	checkpointing, json                                           bool
 }
 
 // benchResult is bench train's report; its JSON field names are fixed.

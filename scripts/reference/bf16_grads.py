@@ -18,6 +18,8 @@ import transformers
 import peft
 from safetensors.torch import load_file
 
+from hf_common import packed_loss_sum, read_rows
+
 
 def main():
     cases = sys.argv[1]
@@ -34,21 +36,8 @@ def main():
         model = peft.PeftModel.from_pretrained(model, os.path.join(d, "adapter"), is_trainable=True).to(dev)
         model.eval()
         params = {n.replace(".default", ""): p for n, p in model.named_parameters() if "lora_" in n}
-        rows = [json.loads(l) for l in open(os.path.join(d, "batch.jsonl"))]
-        total, count = torch.zeros((), dtype=torch.float32, device=dev), 0
-        for r in rows:
-            start = 0
-            for n in r["seq_lengths"]:
-                ids = torch.tensor([r["input_ids"][start:start + n]], device=dev)
-                labels = torch.tensor(r["labels"][start:start + n], device=dev)
-                start += n
-                logits = model(input_ids=ids, position_ids=torch.arange(n, device=dev)[None]).logits[0].float()
-                tgt = labels[1:]
-                mask = tgt != -100
-                if mask.any():
-                    lg = logits[:-1][mask]
-                    total = total + (torch.logsumexp(lg, -1) - lg.gather(1, tgt[mask][:, None])[:, 0]).sum()
-                    count += int(mask.sum())
+        rows = read_rows(os.path.join(d, "batch.jsonl"))
+        total, count = packed_loss_sum(model, rows, dev)
         loss = total / count
         loss.backward()
         worst, worst_name = 1.0, ""

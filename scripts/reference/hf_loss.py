@@ -13,6 +13,8 @@ import torch
 import transformers
 import peft
 
+from hf_common import packed_loss_sum, read_rows
+
 
 def main():
     model_dir, adapter_dir, rows_path, expect_path = sys.argv[1:5]
@@ -24,22 +26,10 @@ def main():
     model = cls.from_pretrained(model_dir, dtype=dtype, attn_implementation="sdpa").to(dev)
     model = peft.PeftModel.from_pretrained(model, adapter_dir).to(dev)
     model.eval()
-    rows = [json.loads(l) for l in open(rows_path) if l.strip()]
-    total, count = 0.0, 0
+    rows = read_rows(rows_path)
     with torch.no_grad():
-        for r in rows:
-            start = 0
-            for n in r["seq_lengths"]:
-                ids = torch.tensor([r["input_ids"][start:start + n]], device=dev)
-                labels = torch.tensor(r["labels"][start:start + n], device=dev)
-                start += n
-                logits = model(input_ids=ids, position_ids=torch.arange(n, device=dev)[None]).logits[0].float()
-                tgt = labels[1:]
-                mask = tgt != -100
-                if mask.any():
-                    lg = logits[:-1][mask]
-                    total += float((torch.logsumexp(lg, -1) - lg.gather(1, tgt[mask][:, None])[:, 0]).sum())
-                    count += int(mask.sum())
+        total, count = packed_loss_sum(model, rows, dev)
+    total = float(total)
     ours = json.load(open(expect_path))
     hf = total / count
     rel = abs(ours["loss"] - hf) / hf

@@ -20,7 +20,7 @@ import (
 	"testing"
 
 	"gemmaft/trainer"
-	"gemmaft/trainer/internal/refcases"
+	"gemmaft/trainer/internal/golden"
 )
 
 // Tolerance bounds a backend's differences from its references.
@@ -74,7 +74,7 @@ func relL2(got []float32, want []float64) (rel, cosine float64) {
 func relErr(got, want float64) float64 { return math.Abs(got-want) / math.Abs(want) }
 
 func referenceCases(t *testing.T, refDir string, open Opener, tol Tolerance) {
-	cases, err := refcases.Cases(refDir)
+	cases, err := golden.Cases(refDir)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -92,7 +92,7 @@ func referenceCases(t *testing.T, refDir string, open Opener, tol Tolerance) {
 				t.Fatal(err)
 			}
 			a.Config.Dropout = 0 // the reference runs PEFT in eval mode
-			rows, err := rc.Rows()
+			rows, err := trainer.ReadPackedRows(rc.RowsFile())
 			if err != nil {
 				t.Fatal(err)
 			}
@@ -127,7 +127,7 @@ func referenceCases(t *testing.T, refDir string, open Opener, tol Tolerance) {
 			var all []float32
 			var allWant []float64
 			for _, p := range g.Params() {
-				want, err := rc.Tensor(refcases.GradKey(ck.PEFTPrefix(), p.Name))
+				want, err := rc.Tensor(golden.GradKey(ck.PEFTPrefix(), p.Name))
 				if err != nil {
 					t.Fatal(err)
 				}
@@ -249,7 +249,9 @@ func runConfig(model, optimizer string, r int) (trainer.SessionConfig, trainer.T
 	return sc, opts
 }
 
-func readMetrics(t *testing.T, path string) []trainer.Metric {
+// ReadMetrics reads a run's metrics.jsonl with the fields that vary between
+// identical runs (timings, peak memory) zeroed.
+func ReadMetrics(t *testing.T, path string) []trainer.Metric {
 	t.Helper()
 	b, err := os.ReadFile(path)
 	if err != nil {
@@ -300,7 +302,7 @@ func matchesCPU(t *testing.T, open Opener, optimizer string, tol Tolerance) {
 		t.Fatal(err)
 	}
 	want := train(t, ref, rows, opts, filepath.Join(t.TempDir(), "cpu"))
-	gm, wm := readMetrics(t, got.MetricsPath), readMetrics(t, want.MetricsPath)
+	gm, wm := ReadMetrics(t, got.MetricsPath), ReadMetrics(t, want.MetricsPath)
 	if len(gm) != len(wm) {
 		t.Fatalf("%d metric lines, CPU %d", len(gm), len(wm))
 	}
@@ -328,7 +330,7 @@ func deterministic(t *testing.T, open Opener) {
 		res := train(t, s, rows, opts, filepath.Join(t.TempDir(), "run"))
 		s.Close()
 		adapters[i], _ = os.ReadFile(filepath.Join(res.AdapterDir, trainer.AdapterWeightsFile))
-		metrics[i] = readMetrics(t, res.MetricsPath)
+		metrics[i] = ReadMetrics(t, res.MetricsPath)
 	}
 	if !bytes.Equal(adapters[0], adapters[1]) {
 		t.Error("two identical runs wrote different adapters")
@@ -376,8 +378,8 @@ func resume(t *testing.T, open Opener) {
 	if !bytes.Equal(ga, wa) {
 		t.Error("the resumed run's adapter differs from the uninterrupted run's")
 	}
-	gm, _ := json.Marshal(readMetrics(t, got.MetricsPath))
-	wm, _ := json.Marshal(readMetrics(t, want.MetricsPath))
+	gm, _ := json.Marshal(ReadMetrics(t, got.MetricsPath))
+	wm, _ := json.Marshal(ReadMetrics(t, want.MetricsPath))
 	if !bytes.Equal(gm, wm) {
 		t.Errorf("metrics differ after resuming:\n%s\nuninterrupted:\n%s", gm, wm)
 	}

@@ -8,7 +8,6 @@ package gpu
 
 import (
 	"context"
-	"encoding/json"
 	"fmt"
 	"math"
 	"math/rand/v2"
@@ -97,22 +96,6 @@ func demoModel(t *testing.T) string {
 	return dir
 }
 
-func metricsOf(t *testing.T, path string) []trainer.Metric {
-	b, err := os.ReadFile(path)
-	if err != nil {
-		t.Fatal(err)
-	}
-	var out []trainer.Metric
-	for _, line := range strings.Split(strings.TrimSpace(string(b)), "\n") {
-		var m trainer.Metric
-		if err := json.Unmarshal([]byte(line), &m); err != nil {
-			t.Fatal(err)
-		}
-		out = append(out, m)
-	}
-	return out
-}
-
 // TestDemoCurve trains 200 optimizer steps of the demo's settings on the
 // demo's packed rows (GEMMAFT_DEMO_ROWS, JSON lines from `pipeline export
 // dags/demo.yaml pack --format jsonl`) on the GPU and on the CPU reference
@@ -154,7 +137,7 @@ func TestDemoCurve(t *testing.T) {
 		}
 		cpuMetrics = res.MetricsPath
 	}
-	want := metricsOf(t, cpuMetrics)
+	want := backendtest.ReadMetrics(t, cpuMetrics)
 	s := openGPU("bf16")(t, sc)
 	defer s.Close()
 	o := opts
@@ -167,7 +150,7 @@ func TestDemoCurve(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	got := metricsOf(t, res.MetricsPath)
+	got := backendtest.ReadMetrics(t, res.MetricsPath)
 	if len(got) != len(want) || len(got) != 200 {
 		t.Fatalf("%d GPU steps, %d CPU steps, want 200", len(got), len(want))
 	}

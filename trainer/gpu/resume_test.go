@@ -1,19 +1,16 @@
 package gpu
 
 import (
-	"bufio"
 	"bytes"
 	"context"
 	"fmt"
-	"math/rand/v2"
 	"os"
-	"os/exec"
 	"path/filepath"
-	"syscall"
 	"testing"
 	"time"
 
 	"gemmaft/cuda/cudatest"
+	"gemmaft/internal/killtest"
 	"gemmaft/trainer"
 	"gemmaft/trainer/backendtest"
 )
@@ -56,47 +53,11 @@ func TestResumeAfterSIGKILL(t *testing.T) {
 	if err := trainer.WriteRandomCheckpoint(filepath.Join(dir, "model"), c, trainer.InitOptions{Seed: 7, Std: 0.2, NormStd: 0.5}); err != nil {
 		t.Fatal(err)
 	}
-	rng := rand.New(rand.NewPCG(uint64(time.Now().UnixNano()), 1))
-	kills := 0
-	for attempt := 0; ; attempt++ {
-		if attempt > 20 {
-			t.Fatal("training did not finish after 20 restarts")
-		}
-		os.RemoveAll(filepath.Join(dir, "run"))
-		cmd := exec.Command(os.Args[0], "-test.run=^TestGPUTrainChild$", "-test.count=1")
-		cmd.Env = append(os.Environ(), "GEMMAFT_GPU_TRAIN_CHILD="+dir)
-		stdout, _ := cmd.StdoutPipe()
-		cmd.Stderr = os.Stderr
-		if err := cmd.Start(); err != nil {
-			t.Fatal(err)
-		}
-		killAfter := 1 + rng.IntN(4)
-		sc := bufio.NewScanner(stdout)
-		killed, seen := false, 0
-		for sc.Scan() {
-			if seen++; seen == killAfter && kills < 4 {
-				time.Sleep(time.Duration(rng.IntN(20000)) * time.Microsecond)
-				cmd.Process.Signal(syscall.SIGKILL)
-				killed = true
-				kills++
-				break
-			}
-		}
-		go func() {
-			for sc.Scan() {
-			}
-		}()
-		err := cmd.Wait()
-		if !killed {
-			if err != nil {
-				t.Fatalf("child failed: %v", err)
-			}
-			break
-		}
-	}
-	if kills == 0 {
-		t.Fatal("no kill happened")
-	}
+	kills := killtest.Run(t, killtest.Options{Child: "TestGPUTrainChild", Env: []string{"GEMMAFT_GPU_TRAIN_CHILD=" + dir},
+		Kills: 4, MaxLinesBeforeKill: 4, MaxDelay: 20 * time.Millisecond,
+		// Each start writes into an empty output folder: only the
+		// checkpoints carry over.
+		BeforeAttempt: func() { os.RemoveAll(filepath.Join(dir, "run")) }})
 	sc, opts, rows := resumeRun(filepath.Join(dir, "model"))
 	s := openGPU("bf16")(t, sc)
 	defer s.Close()
@@ -109,8 +70,8 @@ func TestResumeAfterSIGKILL(t *testing.T) {
 	if len(ga) == 0 || !bytes.Equal(ga, wa) {
 		t.Fatalf("after %d kills the adapter differs from the uninterrupted run's", kills)
 	}
-	got := metricsOf(t, filepath.Join(dir, "run", trainer.MetricsFile))
-	want := metricsOf(t, filepath.Join(dir, "reference", trainer.MetricsFile))
+	got := backendtest.ReadMetrics(t, filepath.Join(dir, "run", trainer.MetricsFile))
+	want := backendtest.ReadMetrics(t, filepath.Join(dir, "reference", trainer.MetricsFile))
 	if len(got) != len(want) {
 		t.Fatalf("%d metric lines, uninterrupted %d", len(got), len(want))
 	}

@@ -223,63 +223,23 @@ extern "C" __global__ void __launch_bounds__(THREADS) attn_bwd_dkdv(const act_t*
     }
 }
 
-// delta[i, h] = Σ_j P_ij · dP_ij over the keys query i sees: the softmax
-// gradient's row term, computed from the same P and dP the gradients use.
-// Mathematically it equals Σ_d dO·O, but that form subtracts two nearly
-// equal numbers in dS = P ∘ (dP − delta) and takes the rounding of O
-// (stored as an activation) with it; summed from P and dP in float32 the
-// difference stays accurate. Query tile [q0, q0 + 16) of head h per block.
-extern "C" __global__ void __launch_bounds__(THREADS) attn_bwd_delta(const act_t* __restrict__ q, const act_t* __restrict__ k,
-                                                                     const act_t* __restrict__ v, const float* __restrict__ dout,
-                                                                     const float* __restrict__ lse, const int* __restrict__ lo,
-                                                                     float* __restrict__ delta, int tokens, int heads, int kv_heads,
-                                                                     float scale) {
-    extern __shared__ float smem[];
-    float* Qs = smem;
-    float* Ds = Qs + BWD_B * STRIDE;
-    float* Ks = Ds + BWD_B * STRIDE;
-    float* Vs = Ks + BWD_B * STRIDE;
-    float* rl = Vs + BWD_B * STRIDE;
-
-    const int q0 = blockIdx.x * BWD_B;
-    const int h = blockIdx.y;
-    const int g = h / (heads / kv_heads);
-    const int tid = threadIdx.x;
-    load_tile(Qs, q, q0, BWD_B, tokens, heads, h);
-    load_tile(Ds, dout, q0, BWD_B, tokens, heads, h);
-    if (tid < BWD_B) {
-        const int qi = q0 + tid;
-        rl[tid] = qi < tokens ? lse[(long long)qi * heads + h] : 0.0f;
-    }
-    // Thread tid takes query si and, in every key tile, key sj: its partial
-    // sum runs over the keys sj, sj + 16, ...; the 16 threads of a query
-    // (one half-warp) add theirs at the end in a fixed order.
-    const int si = tid / BWD_B, sj = tid % BWD_B;
-    float acc = 0.0f;
-    const int last = min(q0 + BWD_B, tokens) - 1;
-    for (int k0 = lo[q0]; k0 <= last; k0 += BWD_B) {
-        __syncthreads();
-        load_tile(Ks, k, k0, BWD_B, tokens, kv_heads, g);
-        load_tile(Vs, v, k0, BWD_B, tokens, kv_heads, g);
-        __syncthreads();
-        const int qi = q0 + si, kj = k0 + sj;
-        if (qi < tokens && kj <= qi && kj >= lo[qi]) {
-            const float p = expf(scale * tile_dot(Qs + si * STRIDE, Ks + sj * STRIDE) - rl[si]);
-            acc += p * tile_dot(Ds + si * STRIDE, Vs + sj * STRIDE);
-        }
-    }
-    for (int off = BWD_B / 2; off > 0; off >>= 1) acc += __shfl_xor_sync(0xffffffffu, acc, off);
-    const int qi = q0 + si;
-    if (sj == 0 && qi < tokens) delta[(long long)qi * heads + h] = acc;
-}
-
-// dQ of query tile [q0, q0 + 16) of head h: dQ += dS K over the key tiles
-// the queries see.
+// The query side of the backward pass, in two launches over query tiles
+// [q0, q0 + 16) of head h, both walking the key tiles the queries see:
+//
+// with want_delta set, delta[i, h] = Σ_j P_ij · dP_ij, the softmax
+// gradient's row term. Mathematically it equals Σ_d dO·O, but that form
+// subtracts two nearly equal numbers in dS = P ∘ (dP − delta) and takes
+// the rounding of O (stored as an activation) with it; summed from the same
+// P and dP the gradients use, in float32, the difference stays accurate.
+// Each of the 16 threads of a query (a half-warp) sums its own keys; they
+// add theirs at the end in a fixed order.
+//
+// without it, dQ = Σ_j dS_ij K_j with dS = P ∘ (dP − delta) · scale.
 extern "C" __global__ void __launch_bounds__(THREADS) attn_bwd_dq(const act_t* __restrict__ q, const act_t* __restrict__ k,
                                                                   const act_t* __restrict__ v, const float* __restrict__ dout,
-                                                                  const float* __restrict__ lse, const float* __restrict__ delta,
+                                                                  const float* __restrict__ lse, float* delta,
                                                                   const int* __restrict__ lo, float* __restrict__ dq,
-                                                                  int tokens, int heads, int kv_heads, float scale) {
+                                                                  int tokens, int heads, int kv_heads, float scale, int want_delta) {
     extern __shared__ float smem[];
     float* Qs = smem;
     float* Ds = Qs + BWD_B * STRIDE;
@@ -298,12 +258,13 @@ extern "C" __global__ void __launch_bounds__(THREADS) attn_bwd_dq(const act_t* _
     if (tid < BWD_B) {
         const int qi = q0 + tid;
         rl[tid] = qi < tokens ? lse[(long long)qi * heads + h] : 0.0f;
-        rd[tid] = qi < tokens ? delta[(long long)qi * heads + h] : 0.0f;
+        rd[tid] = qi < tokens && !want_delta ? delta[(long long)qi * heads + h] : 0.0f;
     }
     constexpr int NR = (BWD_B + RSTEP - 1) / RSTEP;
     float acc[NR];
     #pragma unroll
     for (int r = 0; r < NR; r++) acc[r] = 0.0f;
+    float pdp = 0.0f;
     const int col = tid % HD, row0 = tid / HD;
     const int si = tid / BWD_B, sj = tid % BWD_B;
     const int last = min(q0 + BWD_B, tokens) - 1;
@@ -312,16 +273,16 @@ extern "C" __global__ void __launch_bounds__(THREADS) attn_bwd_dq(const act_t* _
         load_tile(Ks, k, k0, BWD_B, tokens, kv_heads, g);
         load_tile(Vs, v, k0, BWD_B, tokens, kv_heads, g);
         __syncthreads();
-        if (si < BWD_B) {
-            const int qi = q0 + si, kj = k0 + sj;
-            float ds = 0.0f;
-            if (qi < tokens && kj <= qi && kj >= lo[qi]) {
-                const float p = expf(scale * tile_dot(Qs + si * STRIDE, Ks + sj * STRIDE) - rl[si]);
-                const float dp = tile_dot(Ds + si * STRIDE, Vs + sj * STRIDE);
-                ds = p * (dp - rd[si]) * scale;
-            }
-            Ss[si * (BWD_B + 1) + sj] = ds;
+        const int qi = q0 + si, kj = k0 + sj;
+        float ds = 0.0f;
+        if (qi < tokens && kj <= qi && kj >= lo[qi]) {
+            const float p = expf(scale * tile_dot(Qs + si * STRIDE, Ks + sj * STRIDE) - rl[si]);
+            const float dp = tile_dot(Ds + si * STRIDE, Vs + sj * STRIDE);
+            pdp += p * dp;
+            ds = p * (dp - rd[si]) * scale;
         }
+        if (want_delta) continue;
+        Ss[si * (BWD_B + 1) + sj] = ds;
         __syncthreads();
         #pragma unroll
         for (int r = 0; r < NR; r++) {
@@ -333,6 +294,12 @@ extern "C" __global__ void __launch_bounds__(THREADS) attn_bwd_dq(const act_t* _
                 acc[r] = a;
             }
         }
+    }
+    if (want_delta) {
+        for (int off = BWD_B / 2; off > 0; off >>= 1) pdp += __shfl_xor_sync(0xffffffffu, pdp, off);
+        const int qi = q0 + si;
+        if (sj == 0 && qi < tokens) delta[(long long)qi * heads + h] = pdp;
+        return;
     }
     #pragma unroll
     for (int r = 0; r < NR; r++) {

@@ -214,10 +214,9 @@ func kernelNames(code string) []string {
 func attentionShared(headDim int) map[string]int {
 	stride := headDim + 1
 	return map[string]int{
-		"attn_fwd":       4 * ((16+32+32)*stride + 16*33 + 3*16),
-		"attn_bwd_dkdv":  4 * (4*16*stride + 2*16*17 + 2*16),
-		"attn_bwd_dq":    4 * (4*16*stride + 16*17 + 2*16),
-		"attn_bwd_delta": 4 * (4*16*stride + 16),
+		"attn_fwd":      4 * ((16+32+32)*stride + 16*33 + 3*16),
+		"attn_bwd_dkdv": 4 * (4*16*stride + 2*16*17 + 2*16),
+		"attn_bwd_dq":   4 * (4*16*stride + 16*17 + 2*16),
 	}
 }
 
@@ -302,19 +301,18 @@ func (k *Kernels) Attention(c *cuda.Ctx, q, kk, v, lo, out, lse cuda.DevicePtr, 
 func (k *Kernels) AttentionBackward(c *cuda.Ctx, q, kk, v, dout, lse, lo, hi, delta, dq, dk, dv cuda.DevicePtr,
 	tokens, heads, kvHeads int, scale float64) error {
 	sh := attentionShared(k.HeadDim)
-	cfg := cuda.LaunchConfig{Grid: cuda.Dim3{X: (tokens + 15) / 16, Y: heads}, Block: cuda.Dim3{X: 256}, SharedMem: sh["attn_bwd_delta"]}
-	if err := k.launch(c, "attn_bwd_delta", cfg, q, kk, v, dout, lse, lo, delta,
-		int32(tokens), int32(heads), int32(kvHeads), float32(scale)); err != nil {
+	rows := cuda.LaunchConfig{Grid: cuda.Dim3{X: (tokens + 15) / 16, Y: heads}, Block: cuda.Dim3{X: 256}, SharedMem: sh["attn_bwd_dq"]}
+	if err := k.launch(c, "attn_bwd_dq", rows, q, kk, v, dout, lse, delta, lo, dq,
+		int32(tokens), int32(heads), int32(kvHeads), float32(scale), int32(1)); err != nil {
 		return err
 	}
-	cfg = cuda.LaunchConfig{Grid: cuda.Dim3{X: (tokens + 15) / 16, Y: kvHeads}, Block: cuda.Dim3{X: 256}, SharedMem: sh["attn_bwd_dkdv"]}
+	cfg := cuda.LaunchConfig{Grid: cuda.Dim3{X: (tokens + 15) / 16, Y: kvHeads}, Block: cuda.Dim3{X: 256}, SharedMem: sh["attn_bwd_dkdv"]}
 	if err := k.launch(c, "attn_bwd_dkdv", cfg, q, kk, v, dout, lse, delta, lo, hi, dk, dv,
 		int32(tokens), int32(heads), int32(kvHeads), float32(scale)); err != nil {
 		return err
 	}
-	cfg = cuda.LaunchConfig{Grid: cuda.Dim3{X: (tokens + 15) / 16, Y: heads}, Block: cuda.Dim3{X: 256}, SharedMem: sh["attn_bwd_dq"]}
-	return k.launch(c, "attn_bwd_dq", cfg, q, kk, v, dout, lse, delta, lo, dq,
-		int32(tokens), int32(heads), int32(kvHeads), float32(scale))
+	return k.launch(c, "attn_bwd_dq", rows, q, kk, v, dout, lse, delta, lo, dq,
+		int32(tokens), int32(heads), int32(kvHeads), float32(scale), int32(0))
 }
 
 // GeGLU computes out = gelu_tanh(gate)·up over n activations.

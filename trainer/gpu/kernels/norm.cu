@@ -28,6 +28,15 @@ extern "C" __global__ void rms_norm_fwd(const act_t* __restrict__ x, const float
 
 // The gradient of norm(x) given dy, for row r:
 //   g = dy·(1 + w),  dx = rstd·g − rstd³·mean(g·x)·x.
+// grad_coef returns rstd³·mean(g·x) of the block's row.
+__device__ __forceinline__ float grad_coef(const float* dy, const act_t* x, const float* w, float rs, long long base,
+                                           int cols, float* scratch) {
+    float gx = 0.0f;
+    for (int j = threadIdx.x; j < cols; j += blockDim.x) gx += dy[base + j] * (1.0f + w[j]) * to_f32(x[base + j]);
+    gx = block_sum(gx, scratch);
+    return rs * rs * rs * gx / (float)cols;
+}
+
 // rms_norm_bwd_act writes dx as activations (it feeds a GEMM).
 extern "C" __global__ void rms_norm_bwd_act(const float* __restrict__ dy, const act_t* __restrict__ x, const float* __restrict__ w,
                                             const float* __restrict__ rstd, act_t* __restrict__ dx, int rows, int cols) {
@@ -35,14 +44,10 @@ extern "C" __global__ void rms_norm_bwd_act(const float* __restrict__ dy, const 
     const int r = blockIdx.x;
     if (r >= rows) return;
     const long long base = (long long)r * cols;
-    float gx = 0.0f;
-    for (int j = threadIdx.x; j < cols; j += blockDim.x) gx += dy[base + j] * (1.0f + w[j]) * to_f32(x[base + j]);
-    gx = block_sum(gx, scratch);
     const float rs = rstd[r];
-    const float c = rs * rs * rs * gx / (float)cols;
+    const float c = grad_coef(dy, x, w, rs, base, cols, scratch);
     for (int j = threadIdx.x; j < cols; j += blockDim.x) {
-        const float g = dy[base + j] * (1.0f + w[j]);
-        dx[base + j] = to_act(rs * g - c * to_f32(x[base + j]));
+        dx[base + j] = to_act(rs * dy[base + j] * (1.0f + w[j]) - c * to_f32(x[base + j]));
     }
 }
 
@@ -55,14 +60,10 @@ extern "C" __global__ void rms_norm_bwd_f32(const float* dy, const act_t* __rest
     const int r = blockIdx.x;
     if (r >= rows) return;
     const long long base = (long long)r * cols;
-    float gx = 0.0f;
-    for (int j = threadIdx.x; j < cols; j += blockDim.x) gx += dy[base + j] * (1.0f + w[j]) * to_f32(x[base + j]);
-    gx = block_sum(gx, scratch);
     const float rs = rstd[r];
-    const float c = rs * rs * rs * gx / (float)cols;
+    const float c = grad_coef(dy, x, w, rs, base, cols, scratch);
     for (int j = threadIdx.x; j < cols; j += blockDim.x) {
-        const float g = dy[base + j] * (1.0f + w[j]);
-        float v = rs * g - c * to_f32(x[base + j]);
+        float v = rs * dy[base + j] * (1.0f + w[j]) - c * to_f32(x[base + j]);
         if (res != nullptr) v += res[base + j];
         dx[base + j] = v;
     }

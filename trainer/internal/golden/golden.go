@@ -1,4 +1,9 @@
-package refcases
+// Package golden reads the Hugging Face parity cases under
+// trainer/testdata/reference: each case's inputs (written by
+// trainer/internal/refgen) and the float64 outputs of transformers + PEFT
+// (written by scripts/reference/reference.py). It imports no trainer code,
+// so the trainer's own tests and the backend conformance suite both use it.
+package golden
 
 import (
 	"encoding/binary"
@@ -9,7 +14,6 @@ import (
 	"path/filepath"
 	"sort"
 
-	"gemmaft/trainer"
 	"gemmaft/trainer/safetensors"
 )
 
@@ -54,10 +58,10 @@ func Cases(refDir string) ([]Case, error) {
 	for _, p := range paths {
 		name := filepath.Base(filepath.Dir(p))
 		c := Case{Name: name, Dir: filepath.Join(refDir, name), tensors: filepath.Join(filepath.Dir(p), "golden.safetensors")}
-		if err := readJSON(p, &c.Golden); err != nil {
+		if err := ReadJSON(p, &c.Golden); err != nil {
 			return nil, err
 		}
-		if err := readJSON(filepath.Join(c.Dir, "case.json"), &c.Optimizer); err != nil {
+		if err := ReadJSON(filepath.Join(c.Dir, "case.json"), &c.Optimizer); err != nil {
 			return nil, err
 		}
 		out = append(out, c)
@@ -65,7 +69,8 @@ func Cases(refDir string) ([]Case, error) {
 	return out, nil
 }
 
-func readJSON(path string, v any) error {
+// ReadJSON decodes a golden JSON file (schedules.json, nf4.json, ...).
+func ReadJSON(path string, v any) error {
 	b, err := os.ReadFile(path)
 	if err != nil {
 		return err
@@ -80,10 +85,8 @@ func readJSON(path string, v any) error {
 func (c Case) Model() string      { return filepath.Join(c.Dir, "model") }
 func (c Case) AdapterDir() string { return filepath.Join(c.Dir, "adapter") }
 
-// Rows reads the case's packed rows.
-func (c Case) Rows() ([]trainer.PackedRow, error) {
-	return trainer.ReadPackedRows(filepath.Join(c.Dir, "batch.jsonl"))
-}
+// RowsFile is the case's packed rows (JSON lines).
+func (c Case) RowsFile() string { return filepath.Join(c.Dir, "batch.jsonl") }
 
 // Tensor reads a float64 golden tensor ("grad.<peft key>", "logits.row0.ex0").
 func (c Case) Tensor(name string) ([]float64, error) {

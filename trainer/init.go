@@ -1,8 +1,6 @@
 package trainer
 
 import (
-	"encoding/binary"
-	"encoding/json"
 	"fmt"
 	"hash/fnv"
 	"io"
@@ -80,86 +78,15 @@ func WriteRandomCheckpoint(dir string, cfg *Config, opts InitOptions) error {
 	}
 	sort.Slice(specs, func(i, j int) bool { return specs[i].name < specs[j].name })
 
-	// Group tensors into shards in name order.
-	var shards [][]tensorSpec
-	var cur []tensorSpec
-	var curBytes, total int64
-	for _, s := range specs {
-		n := int64(dt.Size())
-		for _, d := range s.shape {
-			n *= int64(d)
-		}
-		if len(cur) > 0 && curBytes+n > opts.MaxShardBytes {
-			shards = append(shards, cur)
-			cur, curBytes = nil, 0
-		}
-		cur = append(cur, s)
-		curBytes += n
-		total += n
+	var ts []safetensors.StreamTensor
+	for _, spec := range specs {
+		ts = append(ts, safetensors.StreamTensor{Name: spec.name, DType: dt, Shape: spec.shape,
+			Write: func(w io.Writer) error { return writeRandomTensor(w, spec, dt, opts) }})
 	}
-	shards = append(shards, cur)
-
-	weightMap := map[string]string{}
-	for i, shard := range shards {
-		name := "model.safetensors"
-		if len(shards) > 1 {
-			name = fmt.Sprintf("model-%05d-of-%05d.safetensors", i+1, len(shards))
-		}
-		if err := writeRandomShard(filepath.Join(dir, name), shard, dt, opts); err != nil {
-			return err
-		}
-		for _, s := range shard {
-			weightMap[s.name] = name
-		}
-	}
-	if len(shards) > 1 {
-		idx, _ := json.MarshalIndent(map[string]any{
-			"metadata":   map[string]any{"total_size": total},
-			"weight_map": weightMap,
-		}, "", "  ")
-		if err := atomicfile.WriteFile(filepath.Join(dir, "model.safetensors.index.json"), idx); err != nil {
-			return err
-		}
-	}
-	return atomicfile.WriteFile(filepath.Join(dir, "config.json"), cj)
-}
-
-// writeRandomShard streams one shard: header first, then each tensor's
-// bytes chunk by chunk, through a temporary file renamed into place.
-func writeRandomShard(path string, specs []tensorSpec, dt safetensors.DType, opts InitOptions) error {
-	hdr := map[string]any{"__metadata__": map[string]string{"format": "pt"}}
-	var off int64
-	for _, s := range specs {
-		n := int64(dt.Size())
-		for _, d := range s.shape {
-			n *= int64(d)
-		}
-		hdr[s.name] = map[string]any{"dtype": dt, "shape": s.shape, "data_offsets": []int64{off, off + n}}
-		off += n
-	}
-	js, err := json.Marshal(hdr)
-	if err != nil {
+	if err := safetensors.WriteSharded(dir, ts, opts.MaxShardBytes, map[string]string{"format": "pt"}); err != nil {
 		return err
 	}
-	for len(js)%8 != 0 {
-		js = append(js, ' ')
-	}
-	return atomicfile.Write(path, func(w io.Writer) error {
-		var lenBuf [8]byte
-		binary.LittleEndian.PutUint64(lenBuf[:], uint64(len(js)))
-		if _, err := w.Write(lenBuf[:]); err != nil {
-			return err
-		}
-		if _, err := w.Write(js); err != nil {
-			return err
-		}
-		for _, s := range specs {
-			if err := writeRandomTensor(w, s, dt, opts); err != nil {
-				return err
-			}
-		}
-		return nil
-	})
+	return atomicfile.WriteFile(filepath.Join(dir, "config.json"), cj)
 }
 
 func writeRandomTensor(w io.Writer, s tensorSpec, dt safetensors.DType, opts InitOptions) error {

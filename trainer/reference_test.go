@@ -48,7 +48,10 @@ func TestHuggingFaceLogits(t *testing.T) {
 			// Logits of the first packed example, run alone, with the adapter.
 			first := rows[0].SeqLengths[0]
 			one, _ := NewBatch([]PackedRow{{InputIDs: rows[0].InputIDs[:first], Labels: rows[0].Labels[:first], SeqLengths: []int32{first}}})
-			logits := logitsOf(t, m, a, one)
+			logits, err := m.Logits(a, one)
+			if err != nil {
+				t.Fatal(err)
+			}
 			want, err := rc.Tensor("logits.row0.ex0")
 			if err != nil {
 				t.Fatal(err)
@@ -63,19 +66,4 @@ func TestHuggingFaceLogits(t *testing.T) {
 			}
 		})
 	}
-}
-
-// logitsOf computes the logits [T×VocabSize] of every position of a short
-// batch: the forward pass of training, then the whole tied lm_head product
-// that training computes only in chunks at the trained positions.
-func logitsOf(t *testing.T, m *Model, a *Adapter, b *Batch) []float32 {
-	t.Helper()
-	r, err := newRunner(m, a, b, 0, false)
-	if err != nil {
-		t.Fatal(err)
-	}
-	xf, _, _, _, _ := r.forward(false)
-	logits := make([]float32, r.T*m.Config.VocabSize)
-	Matmul(logits, xf, m.Embed, r.T, m.Config.VocabSize, m.Config.Hidden, false)
-	return logits
 }

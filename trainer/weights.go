@@ -281,47 +281,49 @@ func (t WeightTensor) Float32() ([]float32, error) { return safetensors.DecodeFl
 // is checked against the config and a non-finite value is an error, before
 // fn sees it.
 func (c *Checkpoint) Each(fn func(WeightTensor) error) error {
-	open := map[string]*safetensors.File{}
-	defer func() {
-		for _, f := range open {
-			f.Close()
-		}
-	}()
-	for _, spec := range c.Config.tensorSpecs() {
-		name := c.Prefix + spec.name
-		path, ok := c.shards[name]
-		if !ok {
-			return fmt.Errorf("%s: tensor %s missing: the config (%d layers) does not match the weights", c.Dir, name, c.Config.Layers)
-		}
-		f := open[path]
-		if f == nil {
-			var err error
-			if f, err = safetensors.Open(path); err != nil {
-				return err
-			}
-			open[path] = f
-		}
-		info, raw, err := f.Raw(name)
+	for _, spec := range c.Config.WeightTensors() {
+		t, err := c.Read(spec)
 		if err != nil {
-			return fmt.Errorf("%s: index names %s but the shard lacks it: %w", path, name, err)
+			return err
 		}
-		if !equalShape(info.Shape, spec.shape) {
-			return fmt.Errorf("%s: tensor %s has shape %v, the config implies %v: config and weights do not match", path, name, info.Shape, spec.shape)
-		}
-		switch info.DType {
-		case safetensors.BF16, safetensors.F16, safetensors.F32:
-		default:
-			return fmt.Errorf("%s: tensor %s is stored as %s; weights must be BF16, F16 or F32", path, name, info.DType)
-		}
-		if i := safetensors.FirstNonFinite(info.DType, raw); i >= 0 {
-			return fmt.Errorf("%s: tensor %s holds a non-finite value at element %d", path, name, i)
-		}
-		t := WeightTensor{Name: spec.name, Layer: spec.layer, Role: spec.role, Shape: spec.shape, DType: info.DType, Raw: raw}
 		if err := fn(t); err != nil {
-			return fmt.Errorf("%s: %w", name, err)
+			return fmt.Errorf("%s: %w", c.Prefix+t.Name, err)
 		}
 	}
 	return nil
+}
+
+// Read returns one of the tensors Config.WeightTensors lists, with its
+// stored bytes, checked as Each checks them. Consumers that write tensors
+// in an order of their own (format converters) read them one by one.
+func (c *Checkpoint) Read(spec WeightTensor) (WeightTensor, error) {
+	name := c.Prefix + spec.Name
+	path, ok := c.shards[name]
+	if !ok {
+		return spec, fmt.Errorf("%s: tensor %s missing: the config (%d layers) does not match the weights", c.Dir, name, c.Config.Layers)
+	}
+	f, err := safetensors.Open(path)
+	if err != nil {
+		return spec, err
+	}
+	defer f.Close()
+	info, raw, err := f.Raw(name)
+	if err != nil {
+		return spec, fmt.Errorf("%s: index names %s but the shard lacks it: %w", path, name, err)
+	}
+	if !equalShape(info.Shape, spec.Shape) {
+		return spec, fmt.Errorf("%s: tensor %s has shape %v, the config implies %v: config and weights do not match", path, name, info.Shape, spec.Shape)
+	}
+	switch info.DType {
+	case safetensors.BF16, safetensors.F16, safetensors.F32:
+	default:
+		return spec, fmt.Errorf("%s: tensor %s is stored as %s; weights must be BF16, F16 or F32", path, name, info.DType)
+	}
+	if i := safetensors.FirstNonFinite(info.DType, raw); i >= 0 {
+		return spec, fmt.Errorf("%s: tensor %s holds a non-finite value at element %d", path, name, i)
+	}
+	spec.DType, spec.Raw = info.DType, raw
+	return spec, nil
 }
 
 // LoadModel reads config.json and the safetensors weights in dir into a

@@ -59,3 +59,15 @@ func NeedTool(t testing.TB, name string) {
 		t.Skipf("%s is not installed; the oracle needs it", name)
 	}
 }
+
+// LlamaOracle returns the llama.cpp oracle script (npm/llama), skipping the
+// test when node or its packages are not installed.
+func LlamaOracle(t testing.TB) string {
+	t.Helper()
+	NeedTool(t, "node")
+	dir := filepath.Join(RepoRoot(t), "npm", "llama")
+	if _, err := os.Stat(filepath.Join(dir, "node_modules", "node-llama-cpp")); err != nil {
+		t.Skipf("node-llama-cpp is not installed in %s; run scripts/npm-deps.sh (scripts/test.sh does)", dir)
+	}
+	return filepath.Join(dir, "llama-oracle.mjs")
+}

@@ -1,0 +1,91 @@
+// Oracle for the GGUF export tests: llama.cpp (node-llama-cpp's prebuilt
+// CPU build) and @huggingface/gguf read the files we write.
+//
+//   node llama-oracle.mjs meta FILE.gguf
+//       prints {"metadata": {...}, "tensors": [{"name", "shape", "dtype"}]}
+//       as @huggingface/gguf reads them (token arrays as their length).
+//   node llama-oracle.mjs logits FILE.gguf OUT.f32
+//       reads {"ids": [...], "at": [...]} lines on stdin; for each line,
+//       evaluates the ids from position 0 in a fresh context and appends the
+//       logits at the positions listed in "at" (len(at) × vocabulary
+//       float32, little-endian) to OUT.f32.
+//   node llama-oracle.mjs tokenize FILE.gguf
+//       {"text": "..."} lines in, {"ids": [...]} lines out: llama.cpp's
+//       tokenizer with special tokens parsed and no BOS added.
+//   node llama-oracle.mjs chat FILE.gguf
+//       {"messages": [{"role", "content"}, ...]} lines in, {"text", "ids"}
+//       lines out: the conversation as node-llama-cpp formats it with the
+//       file's own chat template (tokenizer.chat_template), as text (special
+//       tokens written out) and as the token ids it would evaluate. A
+//       conversation ending in a user turn gets the generation prompt; one
+//       ending in a model turn is left open after the answer, ready to be
+//       continued.
+import fs from 'node:fs';
+import {getLlama, JinjaTemplateChatWrapper, LlamaText} from 'node-llama-cpp';
+import {gguf} from '@huggingface/gguf';
+
+const [cmd, file, out] = process.argv.slice(2);
+
+// stdinLines reads stdin to its end (a pipe Go writes into may not be
+// ready yet, which a synchronous read reports as EAGAIN).
+async function stdinLines() {
+  const chunks = [];
+  for await (const c of process.stdin) chunks.push(c);
+  return Buffer.concat(chunks).toString('utf8').split('\n').filter((l) => l.length > 0).map((l) => JSON.parse(l));
+}
+
+async function loadModel(opts = {}) {
+  const llama = await getLlama({gpu: false, build: 'never', logLevel: 'error'});
+  return llama.loadModel({modelPath: file, gpuLayers: 0, ...opts});
+}
+
+if (cmd === 'meta') {
+  const {metadata, tensorInfos} = await gguf(file, {allowLocalFile: true});
+  const meta = {};
+  for (const [k, v] of Object.entries(metadata)) {
+    meta[k] = Array.isArray(v) && v.length > 64 ? {length: v.length, head: v.slice(0, 8)} : v;
+  }
+  const tensors = tensorInfos.map((t) => ({name: t.name, shape: t.shape.map(Number), dtype: t.dtype}));
+  process.stdout.write(JSON.stringify({metadata: meta, tensors}, (k, v) => (typeof v === 'bigint' ? Number(v) : v)) + '\n');
+} else if (cmd === 'logits') {
+  const model = await loadModel();
+  const n = model.fileInfo.metadata.tokenizer.ggml.tokens.length;
+  const fd = fs.openSync(out, 'w');
+  for (const {ids, at} of await stdinLines()) {
+    // A float32 KV cache: llama.cpp's default float16 one would round keys and
+    // values on top of what the file's own type does.
+    const context = await model.createContext({contextSize: Math.max(256, ids.length + 8), sequences: 1, threads: 2,
+      experimentalKvCacheKeyType: 'F32', experimentalKvCacheValueType: 'F32'});
+    const seq = context.getSequence();
+    const want = new Set(at);
+    const res = await seq.controlledEvaluate(ids.map((id, t) => (want.has(t) ? [id, {generateNext: {logits: true}}] : id)));
+    const buf = new Float32Array(at.length * n);
+    at.forEach((t, i) => {
+      for (const [tok, v] of res[t].next.logits) buf[i * n + tok] = v;
+    });
+    fs.writeSync(fd, Buffer.from(buf.buffer));
+    await context.dispose();
+  }
+  fs.closeSync(fd);
+} else if (cmd === 'tokenize') {
+  const model = await loadModel({vocabOnly: true});
+  for (const {text} of await stdinLines()) {
+    process.stdout.write(JSON.stringify({ids: Array.from(model.tokenize(text, true))}) + '\n');
+  }
+} else if (cmd === 'chat') {
+  const model = await loadModel({vocabOnly: true});
+  const template = model.fileInfo.metadata.tokenizer.chat_template;
+  const wrapper = new JinjaTemplateChatWrapper({template, tokenizer: model.tokenizer});
+  for (const {messages} of await stdinLines()) {
+    const history = messages.map((m) =>
+      m.role === 'assistant' ? {type: 'model', response: [m.content]} : {type: m.role, text: m.content});
+    if (history.at(-1).type === "user") history.push({type: "model", response: []});
+    const {contextText} = wrapper.generateContextState({chatHistory: history});
+    const ids = LlamaText(contextText).tokenize(model.tokenizer);
+    process.stdout.write(JSON.stringify({text: model.detokenize(ids, true), ids: Array.from(ids)}) + '\n');
+  }
+} else {
+  console.error('usage: llama-oracle.mjs meta|logits|tokenize|chat FILE.gguf [OUT]');
+  process.exit(2);
+}
+process.exit(0);

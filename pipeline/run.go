@@ -261,7 +261,7 @@ func (x *execution) compute(ctx context.Context, todo []*Step) error {
 			tracker: trackers[st], stats: map[string]any{}, ctx: gctx}
 		for _, d := range st.Node.Needs {
 			up := x.plan.Step(d.Name)
-			in := &Input{Name: d.Name, Kind: d.KindName, dir: x.e.Store.EntryDir(up.Key), committed: committed[up], tracker: t.tracker, ctx: gctx}
+			in := &Input{Name: d.Name, Kind: d.KindName, store: x.e.Store, dir: x.e.Store.EntryDir(up.Key), committed: committed[up], tracker: t.tracker, ctx: gctx}
 			if computing[up] && len(st.Node.Needs) == 1 {
 				in.ch = make(chan arrow.RecordBatch, 4)
 				streams[up] = append(streams[up], in.ch)

@@ -163,6 +163,7 @@ type Input struct {
 	Name string // the upstream stage
 	Kind string // its kind, which says what its entry holds
 
+	store     *Store
 	dir       string
 	committed chan struct{}
 	ch        chan arrow.RecordBatch // nil: read the committed entry
@@ -271,6 +272,40 @@ func (in *Input) TablePath(ctx context.Context) (string, error) {
 		return "", fmt.Errorf("stage %s (%s) produced no table (%s)", in.Name, in.Kind, TableFile)
 	}
 	return path, nil
+}
+
+// Lineage waits until the upstream entry is committed and returns its
+// manifest and those of every entry upstream of it that the cache still
+// holds, nearest first: what a stage needs to describe its input's making
+// (a model card names the training settings and the data).
+func (in *Input) Lineage(ctx context.Context) ([]*Manifest, error) {
+	dir, err := in.Dir(ctx)
+	if err != nil {
+		return nil, err
+	}
+	first, err := ReadManifest(dir)
+	if err != nil {
+		return nil, fmt.Errorf("stage %s: %w", in.Name, err)
+	}
+	out := []*Manifest{first}
+	seen := map[string]bool{first.Key: true}
+	for i := 0; i < len(out); i++ {
+		for _, ref := range out[i].Inputs {
+			if seen[ref.Key] {
+				continue
+			}
+			seen[ref.Key] = true
+			m, err := ReadManifest(in.store.EntryDir(ref.Key))
+			if errors.Is(err, fs.ErrNotExist) {
+				continue // collected since; what it made is still here
+			}
+			if err != nil {
+				return nil, fmt.Errorf("stage %s, upstream of %s: %w", ref.Stage, in.Name, err)
+			}
+			out = append(out, m)
+		}
+	}
+	return out, nil
 }
 
 // Rows is the number of rows the input will have, when already known.

@@ -1,0 +1,161 @@
+package stages
+
+import (
+	"bytes"
+	"os"
+	"path/filepath"
+	"strings"
+	"testing"
+
+	"gemmaft/internal/testenv"
+	"gemmaft/pipeline"
+	"gemmaft/trainer"
+)
+
+// exportSpec is trainSpec followed by merge and gguf stages; the sources
+// carry a system text, which the Modelfile should then set.
+func exportSpec(t *testing.T, extra string) string {
+	spec := strings.Replace(trainSpec(t, 2), "limit: 40}", "limit: 40, system: Sen yardımsever bir asistansın.}", 1)
+	return spec + `  merged:
+    kind: merge
+    needs: [adapter, base]
+    with: {base_model: google/gemma-3-1b-it, datasets: [malhajar/alpaca-gpt4-tr], language: [tr]}
+  gguf:
+    kind: gguf
+    needs: [merged]
+    with: {type: q4_0, name: tr-demo, language: [tr]}
+` + extra
+}
+
+func stageEntry(t *testing.T, rec *pipeline.RunRecord, name string) string {
+	t.Helper()
+	for _, s := range rec.Stages {
+		if s.Name == name {
+			if s.Entry == "" {
+				t.Fatalf("stage %s has no entry (%s: %s)", name, s.State, s.Error)
+			}
+			return s.Entry
+		}
+	}
+	t.Fatalf("no stage %s", name)
+	return ""
+}
+
+// TestMergeAndGGUFStages: a DAG that trains ends with a Hugging Face
+// checkpoint folder and a GGUF file with its Modelfile, each with a model
+// card and the Gemma notice; the merged checkpoint loads as the base's
+// shape with the training tokenizer.
+func TestMergeAndGGUFStages(t *testing.T) {
+	r := newTestRun(t)
+	spec := r.spec(exportSpec(t, ""))
+	rec, err := r.run(spec, pipeline.Options{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	merged := filepath.Join(stageEntry(t, rec, "merged"), MergedModelDir)
+	ck, err := trainer.OpenCheckpoint(merged)
+	if err != nil {
+		t.Fatalf("the merged folder does not open as a checkpoint: %v", err)
+	}
+	base, _ := trainer.LoadConfig(stageEntry(t, rec, "base"))
+	if ck.Config.Layers != base.Layers || ck.Config.Hidden != base.Hidden || ck.Config.DType != "bfloat16" {
+		t.Errorf("merged config %+v, base %+v", ck.Config, base)
+	}
+	got, _ := os.ReadFile(filepath.Join(merged, "tokenizer.json"))
+	want, _ := os.ReadFile(testenv.GemmaFile(t, "tokenizer.json"))
+	if !bytes.Equal(got, want) {
+		t.Error("the merged folder's tokenizer.json is not the one training used")
+	}
+	card, _ := os.ReadFile(filepath.Join(merged, "README.md"))
+	for _, w := range []string{"---\nbase_model: google/gemma-3-1b-it\nlicense: gemma\ndatasets:\n- malhajar/alpaca-gpt4-tr\nlanguage:\n- tr\n",
+		"- merged\n", "NF4-dequantised", "| r | 4 |", "| steps | 2 |", "source alpaca", "> Sen yardımsever bir asistansın.", "ai.google.dev/gemma/terms"} {
+		if !strings.Contains(string(card), w) {
+			t.Errorf("merged model card lacks %q:\n%s", w, card)
+		}
+	}
+	if n, _ := os.ReadFile(filepath.Join(merged, "NOTICE")); !strings.Contains(string(n), "Gemma is provided under and subject to the Gemma Terms of Use found at\nai.google.dev/gemma/terms") {
+		t.Errorf("NOTICE: %s", n)
+	}
+
+	g := stageEntry(t, rec, "gguf")
+	if st, err := os.Stat(filepath.Join(g, "tr-demo.q4_0.gguf")); err != nil || st.Size() < 1<<20 {
+		t.Fatalf("GGUF file: %v", err)
+	}
+	mf, _ := os.ReadFile(filepath.Join(g, "Modelfile"))
+	for _, w := range []string{"FROM ./tr-demo.q4_0.gguf\n", "SYSTEM \"\"\"Sen yardımsever bir asistansın.\"\"\"", "PARAMETER stop \"<end_of_turn>\""} {
+		if !strings.Contains(string(mf), w) {
+			t.Errorf("Modelfile lacks %q:\n%s", w, mf)
+		}
+	}
+	card, _ = os.ReadFile(filepath.Join(g, "README.md"))
+	for _, w := range []string{"- gguf\n", "tr-demo.q4_0.gguf", "ollama create tr-demo -f Modelfile", "| r | 4 |"} {
+		if !strings.Contains(string(card), w) {
+			t.Errorf("GGUF model card lacks %q:\n%s", w, card)
+		}
+	}
+	if _, err := os.Stat(filepath.Join(g, "NOTICE")); err != nil {
+		t.Error("no NOTICE beside the GGUF file")
+	}
+
+	rec, err = r.run(spec, pipeline.Options{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, s := range rec.Stages {
+		if s.State != "cached" {
+			t.Errorf("second run: %s is %s", s.Name, s.State)
+		}
+	}
+}
+
+// TestMergeRefusesAnotherBase: merging the adapter into a checkpoint of
+// another shape fails, saying so, and leaves no entry behind.
+func TestMergeRefusesAnotherBase(t *testing.T) {
+	r := newTestRun(t)
+	other := filepath.Join(r.dir, "other")
+	c, _ := trainer.Preset("tiny")
+	c.Hidden, c.Intermediate = 32, 128
+	if err := trainer.WriteRandomCheckpoint(other, c, trainer.InitOptions{Seed: 1}); err != nil {
+		t.Fatal(err)
+	}
+	spec := r.spec(strings.Replace(exportSpec(t, ""), "needs: [adapter, base]\n    with: {", "needs: [adapter]\n    with: {model: "+other+", ", 1))
+	rec, err := r.run(spec, pipeline.Options{})
+	if err == nil {
+		t.Fatal("merging into another base succeeded")
+	}
+	if !strings.Contains(err.Error(), "adapter") {
+		t.Errorf("error does not name the adapter: %v", err)
+	}
+	for _, s := range rec.Stages {
+		if (s.Name == "merged" || s.Name == "gguf") && s.Entry != "" {
+			t.Errorf("stage %s left entry %s", s.Name, s.Entry)
+		}
+	}
+	if _, err := os.Stat(filepath.Join(r.store.Root, "entries")); err == nil {
+		filepath.Walk(filepath.Join(r.store.Root, "entries"), func(p string, info os.FileInfo, err error) error {
+			if err == nil && info.Name() == MergedModelDir {
+				t.Errorf("a merged folder was left in the cache: %s", p)
+			}
+			return nil
+		})
+	}
+}
+
+// TestGGUFNeedsTokenizer: converting a checkpoint folder without
+// tokenizer.json fails before writing anything, saying why.
+func TestGGUFNeedsTokenizer(t *testing.T) {
+	r := newTestRun(t)
+	dir := filepath.Join(r.dir, "bare")
+	c, _ := trainer.Preset("tiny")
+	if err := trainer.WriteRandomCheckpoint(dir, c, trainer.InitOptions{Seed: 1}); err != nil {
+		t.Fatal(err)
+	}
+	spec := r.spec("name: g\nstages:\n  gguf: {kind: gguf, with: {model: " + dir + "}}\n")
+	_, err := r.run(spec, pipeline.Options{})
+	if err == nil || !strings.Contains(err.Error(), "no tokenizer.json") {
+		t.Fatalf("want a missing-tokenizer error, got %v", err)
+	}
+	if n := r.entries(); n != 0 {
+		t.Errorf("%d entries after a failed conversion", n)
+	}
+}

@@ -1,0 +1,150 @@
+package stages
+
+import (
+	"context"
+	"fmt"
+	"os"
+	"path/filepath"
+	"regexp"
+
+	"gemmaft/gguf"
+	"gemmaft/internal/atomicfile"
+	"gemmaft/pipeline"
+)
+
+const ggufKindName = "gguf"
+
+func init() { kinds[ggufKindName] = ggufKind{} }
+
+// ggufKind converts a Hugging Face Gemma 3 checkpoint (a merge stage's, a
+// model stage's, or a folder) into a GGUF file for llama.cpp and Ollama,
+// with an Ollama Modelfile and a model card beside it.
+type ggufKind struct{}
+
+type ggufParams struct {
+	// Model is a checkpoint folder to convert, when no merge or model stage
+	// is among the needs.
+	Model string `json:"model,omitempty"`
+	// Type is f16, bf16, q8_0 or q4_0 (f32 too).
+	Type string `json:"type"`
+	// Name is the model's name: the file's general.name and its file name.
+	Name string `json:"name"`
+	// BaseModel, Datasets and Language are for the model card's header:
+	// the Hub ids of the base model and the data, and ISO 639-1 codes.
+	BaseModel string   `yaml:"base_model" json:"base_model,omitempty"`
+	Datasets  []string `json:"datasets,omitempty"`
+	Language  []string `json:"language,omitempty"`
+}
+
+var ggufName = regexp.MustCompile(`^[A-Za-z0-9][A-Za-z0-9._-]*$`)
+
+func (ggufKind) Version() int       { return 1 }
+func (ggufKind) Inputs() (int, int) { return 0, 1 }
+func (ggufKind) Params() any        { return &ggufParams{Type: "q8_0", Name: "model"} }
+
+func (p *ggufParams) Validate() error {
+	if _, err := gguf.ParseType(p.Type); err != nil {
+		return &pipeline.ParamError{Param: "type", Msg: fmt.Sprintf("unknown %q", p.Type),
+			Fix: "use q8_0 (near-lossless, half of bf16's size), q4_0 (a quarter), f16 or bf16"}
+	}
+	if !ggufName.MatchString(p.Name) {
+		return &pipeline.ParamError{Param: "name", Msg: fmt.Sprintf("%q is not a file name", p.Name), Fix: "letters, digits, '.', '_' and '-'"}
+	}
+	return nil
+}
+
+func (ggufKind) Prepare(params any, dir string) (pipeline.Runner, error) {
+	p := params.(*ggufParams)
+	s := &ggufStage{p: p}
+	if p.Model != "" {
+		s.model = p.Model
+		if !filepath.IsAbs(s.model) {
+			s.model = filepath.Join(dir, s.model)
+		}
+		files, err := keyedCheckpointFiles(s.model)
+		if err != nil {
+			return nil, &pipeline.ParamError{Param: "model", Msg: err.Error(), Fix: "point model at a Hugging Face Gemma 3 checkpoint folder"}
+		}
+		// The tokenizer goes into the file, so it is part of what made it.
+		for _, f := range []string{"tokenizer.json", "tokenizer_config.json"} {
+			if _, err := os.Stat(filepath.Join(s.model, f)); err == nil {
+				files = append(files, filepath.Join(s.model, f))
+			}
+		}
+		s.files = files
+	}
+	return s, nil
+}
+
+type ggufStage struct {
+	p     *ggufParams
+	model string
+	files []string
+}
+
+func (s *ggufStage) Files() []string { return s.files }
+
+func (s *ggufStage) Run(ctx context.Context, t *pipeline.Task) error {
+	model := s.model
+	var lineage []*pipeline.Manifest
+	for _, in := range t.Inputs {
+		if model != "" {
+			return fmt.Errorf("both `model:` and stage %s name the model to convert; give one", in.Name)
+		}
+		dir, err := in.Dir(ctx)
+		if err != nil {
+			return err
+		}
+		switch in.Kind {
+		case mergeKindName:
+			model = filepath.Join(dir, MergedModelDir)
+		case modelKindName:
+			model = dir
+		default:
+			return fmt.Errorf("needs stage %s of kind %s; a gguf stage converts a merge or model stage's checkpoint", in.Name, in.Kind)
+		}
+		if lineage, err = in.Lineage(ctx); err != nil {
+			return err
+		}
+	}
+	if model == "" {
+		return fmt.Errorf("nothing to convert: add a merge stage to needs or set `model:` to a checkpoint folder")
+	}
+	typ, _ := gguf.ParseType(s.p.Type)
+	file := s.p.Name + "." + typ.String() + ".gguf"
+	t.Report(0, 1, "files", "converting to "+file)
+	if err := gguf.Gemma3(model, filepath.Join(t.Dir, file), gguf.Options{Type: typ, Name: s.p.Name}); err != nil {
+		return err
+	}
+	t.Report(1, 1, "files", "converted")
+	p := provenanceOf(lineage)
+	mf, err := gguf.Modelfile(gguf.ModelfileOptions{GGUF: file, System: p.trainingSystem(), ModelDir: model})
+	if err != nil {
+		return err
+	}
+	if err := atomicfile.WriteFile(filepath.Join(t.Dir, "Modelfile"), []byte(mf)); err != nil {
+		return err
+	}
+	card := modelCard{
+		Title: s.p.Name,
+		Format: fmt.Sprintf("A GGUF file (%s) for llama.cpp and Ollama: `llama-cli -m %s -cnv`, or "+
+			"`ollama create %s -f Modelfile`", typ, file, s.p.Name),
+		Files: []cardFile{
+			{file, fmt.Sprintf("the model for llama.cpp (gemma3), %s", typ)},
+			{"Modelfile", "Ollama: the file, Gemma 3's turns as training rendered them, <end_of_turn> as stop"},
+			{"README.md", "this card"}, {"NOTICE", "the Gemma Terms of Use notice"},
+		},
+		Tags:       []string{"gguf", "llama.cpp", "ollama"},
+		cardParams: cardParams{s.p.BaseModel, s.p.Datasets, s.p.Language},
+	}
+	if err := card.write(t.Dir, lineage); err != nil {
+		return err
+	}
+	st, err := os.Stat(filepath.Join(t.Dir, file))
+	if err != nil {
+		return err
+	}
+	t.SetStat("type", typ.String())
+	t.SetStat("bytes", st.Size())
+	return nil
+}

@@ -1,0 +1,229 @@
+package stages
+
+import (
+	"context"
+	"crypto/sha256"
+	"encoding/hex"
+	"fmt"
+	"io"
+	"os"
+	"path/filepath"
+
+	"gemmaft/pipeline"
+	"gemmaft/trainer"
+)
+
+const mergeKindName = "merge"
+
+func init() { kinds[mergeKindName] = mergeKind{} }
+
+// MergedModelDir is the folder of a merge stage's entry that holds the
+// merged Hugging Face checkpoint.
+const MergedModelDir = "model"
+
+// mergeKind merges a qlora stage's adapter into its base checkpoint and
+// writes the result as a Hugging Face checkpoint folder with a model card.
+type mergeKind struct{}
+
+type mergeParams struct {
+	// Model is the base checkpoint folder; leave it empty when a model
+	// stage is among the needs.
+	Model string `json:"model,omitempty"`
+	// Base is dequantized (the NF4 round trip of the weights, which the
+	// adapter was trained against) or original.
+	Base string `json:"base"`
+	// MaxShardGB splits the weights into shards of at most this size.
+	MaxShardGB float64 `yaml:"max_shard_gb" json:"max_shard_gb"`
+	// BaseModel, Datasets and Language are for the model card's header:
+	// the Hub ids of the base model and the data, and ISO 639-1 codes.
+	BaseModel string   `yaml:"base_model" json:"base_model,omitempty"`
+	Datasets  []string `json:"datasets,omitempty"`
+	Language  []string `json:"language,omitempty"`
+}
+
+func (mergeKind) Version() int       { return 1 }
+func (mergeKind) Inputs() (int, int) { return 1, 2 }
+func (mergeKind) Params() any {
+	return &mergeParams{Base: string(trainer.MergeDequantized), MaxShardGB: 5}
+}
+
+func (p *mergeParams) Validate() error {
+	switch trainer.MergeBase(p.Base) {
+	case trainer.MergeDequantized, trainer.MergeOriginal:
+	default:
+		return &pipeline.ParamError{Param: "base", Msg: fmt.Sprintf("unknown %q", p.Base),
+			Fix: "use dequantized (the weights a QLoRA adapter was trained against) or original"}
+	}
+	if !(p.MaxShardGB > 0) {
+		return &pipeline.ParamError{Param: "max_shard_gb", Msg: "must be positive", Fix: "5 is what the Hub and transformers use"}
+	}
+	return nil
+}
+
+func (mergeKind) Prepare(params any, dir string) (pipeline.Runner, error) {
+	p := params.(*mergeParams)
+	s := &mergeStage{p: p}
+	if p.Model != "" {
+		s.model = p.Model
+		if !filepath.IsAbs(s.model) {
+			s.model = filepath.Join(dir, s.model)
+		}
+		files, err := keyedCheckpointFiles(s.model)
+		if err != nil {
+			return nil, &pipeline.ParamError{Param: "model", Msg: err.Error(), Fix: "point model at the checkpoint folder the adapter was trained on"}
+		}
+		s.files = files
+	}
+	return s, nil
+}
+
+type mergeStage struct {
+	p     *mergeParams
+	model string
+	files []string
+}
+
+func (s *mergeStage) Files() []string { return s.files }
+
+func (s *mergeStage) Run(ctx context.Context, t *pipeline.Task) error {
+	model, modelFrom := s.model, "model: "+s.model
+	var adapter *pipeline.Input
+	for _, in := range t.Inputs {
+		switch in.Kind {
+		case "qlora":
+			if adapter != nil {
+				return fmt.Errorf("two qlora stages in needs (%s is the second); a merge stage merges one adapter", in.Name)
+			}
+			adapter = in
+		case modelKindName:
+			if model != "" {
+				return fmt.Errorf("two base models (%s, and stage %s); give either `model:` or one model stage", modelFrom, in.Name)
+			}
+			dir, err := in.Dir(ctx)
+			if err != nil {
+				return err
+			}
+			model = dir
+		default:
+			return fmt.Errorf("needs stage %s of kind %s; a merge stage takes a qlora stage and the base (a model stage, or `model:`)", in.Name, in.Kind)
+		}
+	}
+	if adapter == nil {
+		return fmt.Errorf("no adapter: add the qlora stage to needs")
+	}
+	if model == "" {
+		return fmt.Errorf("no base model: set `model:` to the checkpoint folder the adapter was trained on, or add its model stage to needs")
+	}
+	adapterEntry, err := adapter.Dir(ctx)
+	if err != nil {
+		return err
+	}
+	lineage, err := adapter.Lineage(ctx)
+	if err != nil {
+		return err
+	}
+	base := trainer.MergeBase(s.p.Base)
+	if q := params(provenanceOf(lineage).qlora); q["quantize"] == "none" && base == trainer.MergeDequantized {
+		// The adapter never saw NF4 weights; its base is the original.
+		t.Log.Info("the adapter was trained on the unquantised base (quantize: none); merging into the original weights")
+		base = trainer.MergeOriginal
+	}
+	// The base's own tokenizer ships when it has one; a model stage's random
+	// checkpoint has none, and the tokenize stage's is the one training used.
+	tokDir, err := trainingTokenizer(provenanceOf(lineage).tokenize)
+	if err != nil {
+		return err
+	}
+	out := filepath.Join(t.Dir, MergedModelDir)
+	t.Report(0, 1, "models", "merging "+filepath.Base(model))
+	err = trainer.MergeAdapter(model, filepath.Join(adapterEntry, trainer.AdapterDirName), out, trainer.MergeOptions{
+		Base: base, TokenizerDir: tokDir, MaxShardBytes: int64(s.p.MaxShardGB * 1e9),
+	})
+	if err != nil {
+		return err
+	}
+	t.Report(1, 1, "models", "merged")
+	files, size, err := listFiles(out)
+	if err != nil {
+		return err
+	}
+	card := modelCard{Title: t.Name, Format: "Weights in bfloat16 safetensors; transformers and vLLM load the folder as it is",
+		Files: files, Tags: []string{"merged"}, Merge: string(base), cardParams: cardParams{s.p.BaseModel, s.p.Datasets, s.p.Language}}
+	if err := card.write(out, lineage); err != nil {
+		return err
+	}
+	t.SetStat("base", string(base))
+	t.SetStat("bytes", size)
+	return nil
+}
+
+// listFiles describes a merged checkpoint's files for its card.
+func listFiles(dir string) ([]cardFile, int64, error) {
+	ents, err := os.ReadDir(dir)
+	if err != nil {
+		return nil, 0, err
+	}
+	what := map[string]string{
+		"config.json":                  "the model's configuration",
+		"generation_config.json":       "generation defaults (stop tokens)",
+		"model.safetensors":            "the weights",
+		"model.safetensors.index.json": "which shard holds each weight",
+		"tokenizer.json":               "the Gemma 3 tokenizer",
+		"tokenizer_config.json":        "tokenizer settings and the chat template",
+		"chat_template.jinja":          "the chat template",
+	}
+	var files []cardFile
+	var size int64
+	for _, e := range ents {
+		info, err := e.Info()
+		if err != nil {
+			return nil, 0, err
+		}
+		size += info.Size()
+		w := what[e.Name()]
+		if w == "" && filepath.Ext(e.Name()) == ".safetensors" {
+			w = "a shard of the weights"
+		}
+		if w == "" {
+			w = "from the base checkpoint"
+		}
+		files = append(files, cardFile{e.Name(), w})
+	}
+	files = append(files, cardFile{"README.md", "this card"}, cardFile{"NOTICE", "the Gemma Terms of Use notice"})
+	return files, size, nil
+}
+
+// trainingTokenizer is the folder of the tokenizer.json a tokenize stage
+// used, checked to hold the same file still; "" without such a stage.
+func trainingTokenizer(tokenize *pipeline.Manifest) (string, error) {
+	if tokenize == nil {
+		return "", nil
+	}
+	for _, f := range tokenize.Files {
+		if filepath.Base(f.Path) != "tokenizer.json" {
+			continue
+		}
+		sum, err := fileSHA256(f.Path)
+		if err != nil {
+			return "", fmt.Errorf("the tokenizer training used: %w", err)
+		}
+		if sum != f.SHA256 {
+			return "", fmt.Errorf("%s changed since stage %s tokenized the training data; the merged model would ship another tokenizer", f.Path, tokenize.Stage)
+		}
+		return filepath.Dir(f.Path), nil
+	}
+	return "", nil
+}
+
+func fileSHA256(path string) (string, error) {
+	f, err := os.Open(path)
+	if err != nil {
+		return "", err
+	}
+	defer f.Close()
+	h := sha256.New()
+	if _, err := io.Copy(h, f); err != nil {
+		return "", err
+	}
+	return hex.EncodeToString(h.Sum(nil)), nil
+}

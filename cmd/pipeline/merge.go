@@ -1,0 +1,63 @@
+package main
+
+import (
+	"errors"
+	"fmt"
+	"os"
+
+	"github.com/spf13/cobra"
+
+	"gemmaft/trainer"
+)
+
+func init() {
+	var modelDir, adapterDir, out, base, tokDir string
+	var shardGB float64
+	cmd := &cobra.Command{
+		Use:   "merge --model DIR --adapter DIR --out DIR [--base dequantized|original]",
+		Short: "Merge a LoRA adapter into its base checkpoint",
+		Long: `merge writes --model with the PEFT LoRA adapter --adapter merged into it as a new
+Hugging Face checkpoint folder --out (which must not exist): bf16 safetensors in
+shards of at most --max-shard-gb with model.safetensors.index.json, the base's
+config.json and generation_config.json, and its tokenizer files with the chat
+template. A multimodal checkpoint keeps its vision tower. Tensors stream one at a
+time, so a 27B merge needs a few GiB of memory.
+
+--base dequantized (the default) merges into the NF4 round trip of the weights:
+the base a QLoRA adapter was trained against, so the merged model computes what
+training optimised. --base original merges into the weights as stored, which is
+right for an adapter trained without quantisation (qlora's quantize: none).
+
+--tokenizer names a folder with tokenizer.json when --model has none.
+In a DAG, the merge stage kind does the same from a qlora stage.`,
+		Example: `  pipeline merge --model models/gemma-3-12b-it --adapter run/adapter --out gemma3-12b-tr`,
+		Args:    cobra.NoArgs,
+		RunE: func(cmd *cobra.Command, _ []string) error {
+			if modelDir == "" || adapterDir == "" || out == "" {
+				return usageErr(errors.New("merge: --model, --adapter and --out are required"))
+			}
+			mb := trainer.MergeBase(base)
+			if mb != trainer.MergeDequantized && mb != trainer.MergeOriginal {
+				return usageErr(fmt.Errorf("merge: --base %q: want dequantized or original", base))
+			}
+			if !(shardGB > 0) {
+				return usageErr(fmt.Errorf("merge: --max-shard-gb must be positive"))
+			}
+			err := trainer.MergeAdapter(modelDir, adapterDir, out, trainer.MergeOptions{
+				Base: mb, TokenizerDir: tokDir, MaxShardBytes: int64(shardGB * 1e9)})
+			if err != nil {
+				return failErr(err)
+			}
+			fmt.Fprintf(os.Stderr, "wrote %s\n", out)
+			return nil
+		},
+	}
+	f := cmd.Flags()
+	f.StringVar(&modelDir, "model", "", "base checkpoint folder")
+	f.StringVar(&adapterDir, "adapter", "", "PEFT LoRA adapter folder")
+	f.StringVar(&out, "out", "", "new checkpoint folder (must not exist)")
+	f.StringVar(&base, "base", string(trainer.MergeDequantized), "dequantized or original")
+	f.StringVar(&tokDir, "tokenizer", "", "folder with tokenizer.json, when --model has none")
+	f.Float64Var(&shardGB, "max-shard-gb", 5, "largest shard, in GB")
+	root.AddCommand(cmd)
+}

@@ -232,6 +232,9 @@ func (s *qloraStage) Run(ctx context.Context, t *pipeline.Task) error {
 			return err
 		}
 	}
+	if err := writeTrainEvents(t, s.p, model, rows.Len(), started); err != nil {
+		return err
+	}
 	t.SetStat("steps", res.Steps)
 	t.SetStat("final_loss", res.FinalLoss)
 	if !math.IsNaN(res.EvalLoss) {

@@ -214,3 +214,19 @@ func appendBytes(b []byte, field int, v []byte) []byte {
 	b = binary.AppendUvarint(appendTag(b, field, wireBytes), uint64(len(v)))
 	return append(b, v...)
 }
+
+// MarkdownTable renders rows of (name, value) as a two-column Markdown
+// table under the given headings, the shape TensorBoard's text plugin
+// shows as a table.
+func MarkdownTable(nameHeading, valueHeading string, rows [][2]string) string {
+	cell := func(s string) string {
+		s = strings.ReplaceAll(s, "|", `\|`)
+		return strings.ReplaceAll(s, "\n", " ")
+	}
+	var b strings.Builder
+	fmt.Fprintf(&b, "| %s | %s |\n|---|---|\n", cell(nameHeading), cell(valueHeading))
+	for _, r := range rows {
+		fmt.Fprintf(&b, "| %s | %s |\n", cell(r[0]), cell(r[1]))
+	}
+	return b.String()
+}

@@ -23,8 +23,8 @@ h2{font-size:1.2rem;margin:1.8em 0 .6em;padding-bottom:.25em;border-bottom:1px s
 h3{font-size:1.05rem;margin:1.2em 0 .5em}
 p{margin:.4em 0}
 .muted,.delta{color:var(--muted)}
-.delta{font-size:.8em}
-code{font:.85em/1.4 ui-monospace,SFMono-Regular,Menlo,Consolas,monospace;overflow-wrap:anywhere}
+.delta{font-size:.85em}
+code{font:.9em/1.4 ui-monospace,SFMono-Regular,Menlo,Consolas,monospace;overflow-wrap:anywhere}
 pre{white-space:pre-wrap;overflow-wrap:anywhere;background:var(--fail);padding:8px 10px;border-radius:6px;font-size:.85rem}
 .badge{display:inline-block;padding:0 .55em;border-radius:1em;font-weight:600;color:#fff}
 .badge.ok{background:var(--ok)}.badge.failed{background:var(--bad)}
@@ -32,7 +32,7 @@ pre{white-space:pre-wrap;overflow-wrap:anywhere;background:var(--fail);padding:8
 nav{display:flex;flex-wrap:wrap;gap:4px 14px;margin:.6em 0;font-size:.95rem}
 nav a{color:inherit}
 .scroll{overflow-x:auto;-webkit-overflow-scrolling:touch;max-width:100%}
-table{border-collapse:collapse;font-size:.88rem;font-variant-numeric:tabular-nums;min-width:100%}
+table{border-collapse:collapse;font-size:.9rem;font-variant-numeric:tabular-nums;min-width:100%}
 th,td{padding:5px 9px;border-bottom:1px solid var(--line);text-align:left;white-space:nowrap;vertical-align:top}
 th{font-weight:600;background:var(--card)}
 td.num,th.num{text-align:right}
@@ -62,7 +62,7 @@ svg .empty{fill:var(--muted)}
 .legend li{display:flex;gap:8px;align-items:baseline;margin:2px 0}
 .swatch{flex:none;display:inline-block;width:22px;height:0;border-top:4px solid;transform:translateY(-4px)}
 .swatch.dash{border-top-style:dashed}
-footer{margin-top:2.5em;font-size:.85rem;color:var(--muted)}
+footer{margin-top:2.5em;font-size:.9rem;color:var(--muted)}
 </style>
 </head>
 <body>
@@ -104,16 +104,16 @@ footer{margin-top:2.5em;font-size:.85rem;color:var(--muted)}
 <h2>Training</h2>
 {{- range .Trainings}}
 <h3>{{.Stage}}</h3>
-<div class="charts">
-{{- range .Charts}}
-<figure class="chart-box">{{.}}</figure>
-{{- end}}
-</div>
 <ul class="legend" data-legend="{{.Stage}}">
 {{- range .Curves}}
 <li data-series="{{.Key}}"><span class="swatch{{if or (eq .State "failed") (eq .State "canceled")}} dash{{end}}" style="border-color:{{.Color}}"></span><span><b>{{.Label}}</b>{{if .Diff}} · {{.Diff}}{{end}}{{if .Note}} · <i>{{.Note}}</i>{{end}}</span></li>
 {{- end}}
 </ul>
+<div class="charts">
+{{- range .Charts}}
+<figure class="chart-box">{{.}}</figure>
+{{- end}}
+</div>
 <div class="scroll"><table class="curves" data-stage="{{.Stage}}">
 <thead><tr><th>adapter</th><th>runs</th><th>differs in</th><th class="num">steps</th><th class="num">train loss</th><th class="num">eval loss</th><th class="num">tokens/s</th><th class="num">peak GPU</th><th class="num">train time</th><th>TensorBoard</th></tr></thead>
 <tbody>

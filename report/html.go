@@ -72,21 +72,24 @@ func (r *Report) Drawing() template.HTML { return dagSVG(r.Stages) }
 // Last is the newest run.
 func (r *Report) Last() *Run { return r.Runs[0] }
 
-// Score formats a run's score with its change from the run before.
+// Score formats a run's score with its change since the last run before
+// it that has the score.
 func (r *Report) Score(run *Run, name string) template.HTML {
 	v, ok := run.Scores[name]
 	if !ok {
 		return "—"
 	}
 	out := template.HTMLEscapeString(fmt.Sprintf("%.4g", v))
-	for _, older := range r.Runs {
+	for _, older := range r.Runs { // newest first: the last run before with this score
 		if older.Index >= run.Index {
 			continue
 		}
-		if p, ok := older.Scores[name]; ok && p != v {
-			out += fmt.Sprintf(` <span class="delta">%+.3g</span>`, v-p)
+		if p, ok := older.Scores[name]; ok {
+			if p != v {
+				out += fmt.Sprintf(` <span class="delta" title="change since %s">%+.3g</span>`, older.Label, v-p)
+			}
+			break
 		}
-		break
 	}
 	return template.HTML(out)
 }

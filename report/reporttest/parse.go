@@ -136,7 +136,11 @@ func standAlone(n *html.Node) []string {
 	case "script", "link", "iframe", "frame", "object", "embed", "img", "image", "audio", "video", "source", "base", "form", "use", "foreignObject", "portal":
 		out = append(out, fmt.Sprintf("<%s> element", n.Data))
 	case "style":
-		if s := strings.ToLower(text(n)); strings.Contains(s, "url(") || strings.Contains(s, "@import") || strings.Contains(s, "@font-face") {
+		var css strings.Builder
+		for c := n.FirstChild; c != nil; c = c.NextSibling {
+			css.WriteString(c.Data)
+		}
+		if s := strings.ToLower(css.String()); strings.Contains(s, "url(") || strings.Contains(s, "@import") || strings.Contains(s, "@font-face") {
 			out = append(out, "<style> loads a resource (url(), @import or @font-face)")
 		}
 	}

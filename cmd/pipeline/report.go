@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"errors"
 	"fmt"
+	"io"
 	"os"
 	"path/filepath"
 
@@ -11,6 +12,7 @@ import (
 
 	"gemmaft/internal/atomicfile"
 	"gemmaft/report"
+	"gemmaft/stages"
 )
 
 func init() {
@@ -74,4 +76,32 @@ is in progress. Write it after each nightly run, next to the JSON report:
 	cmd.Flags().IntVar(&runs, "runs", 10, "how many of the last runs to compare")
 	cmd.Flags().StringVar(&out, "out", "", "the HTML file to write (- for stdout)")
 	root.AddCommand(cmd)
+}
+
+// A watched entry is a stage's cache entry that holds TensorBoard events.
+type watched struct{ stage, entry string }
+
+// eventsDir is where a stage's TensorBoard events are in its entry.
+func eventsDir(entry string) string {
+	d := filepath.Join(entry, stages.EventsDir)
+	if fi, err := os.Stat(d); err == nil && fi.IsDir() {
+		return d
+	}
+	return ""
+}
+
+// printWatch tells where to watch the runs of spec: the TensorBoard events
+// of the entries given (named by stage when there may be several), and the
+// HTML report.
+func printWatch(w io.Writer, spec string, entries []watched, named bool) {
+	for _, e := range entries {
+		if d := eventsDir(e.entry); d != "" {
+			name := ""
+			if named {
+				name = e.stage + ": "
+			}
+			fmt.Fprintf(w, "events    %stensorboard --logdir %s\n", name, d)
+		}
+	}
+	fmt.Fprintf(w, "report    pipeline report %s --out report.html\n", spec)
 }

@@ -131,6 +131,42 @@ func TestReportThreeLearningRates(t *testing.T) {
 		}
 	})
 
+	t.Run("status and inspect", func(t *testing.T) {
+		for _, args := range [][]string{{"status", spec}, {"inspect", spec, "adapter", "--rows", "0"}} {
+			res := runCLI(t, dir, args...)
+			if res.code != 0 {
+				t.Fatalf("%s: exit %d\n%s", args[0], res.code, res.stderr)
+			}
+			i := strings.Index(res.stdout, "tensorboard --logdir ")
+			if i < 0 {
+				t.Fatalf("%s does not point to the events:\n%s", args[0], res.stdout)
+			}
+			logdir := strings.Fields(res.stdout[i+len("tensorboard --logdir "):])[0]
+			if events, _ := filepath.Glob(filepath.Join(logdir, "events.out.tfevents.*")); len(events) != 1 {
+				t.Errorf("%s points to %s, which holds %d event files", args[0], logdir, len(events))
+			}
+			if !strings.Contains(res.stdout, "report    pipeline report "+spec+" --out report.html") {
+				t.Errorf("%s does not point to the report:\n%s", args[0], res.stdout)
+			}
+		}
+	})
+
+	t.Run("usage", func(t *testing.T) {
+		if res := runCLI(t, dir, "report", spec); res.code != 2 || !strings.Contains(res.stderr, "--out is required") {
+			t.Errorf("no --out: exit %d, %s", res.code, res.stderr)
+		}
+		if res := runCLI(t, dir, "report", spec, "--out", "x.html", "--runs", "0"); res.code != 2 {
+			t.Errorf("--runs 0: exit %d", res.code)
+		}
+		res := runCLI(t, dir, "report", spec, "--out", "-", "--runs", "1")
+		if res.code != 0 || !strings.HasPrefix(res.stdout, "<!DOCTYPE html>") {
+			t.Errorf("--out -: exit %d, %.40q", res.code, res.stdout)
+		}
+		if p, err := reporttest.Parse([]byte(res.stdout)); err != nil || len(p.Tables["runs-table"].Rows) != 1 {
+			t.Errorf("--runs 1: %v", err)
+		}
+	})
+
 	t.Run("browser", func(t *testing.T) {
 		shots := os.Getenv(shotsEnv)
 		if shots == "" {

@@ -30,7 +30,7 @@ func init() {
 files read and written), its statistics and its first rows; for a training stage,
 the command that opens its TensorBoard events; and the command that writes the
 HTML report of the last runs.`,
-		Args:  exactArgs(2, "a spec file and a stage name"),
+		Args: exactArgs(2, "a spec file and a stage name"),
 		RunE: func(cmd *cobra.Command, args []string) error {
 			entry, m, err := cachedEntry(args[0], args[1])
 			if err != nil {

@@ -22,6 +22,7 @@ import (
 	"time"
 
 	"gemmaft/pipeline"
+	"gemmaft/stages"
 	"gemmaft/trainer"
 )
 
@@ -33,10 +34,12 @@ const (
 	evalKind  = "eval"
 )
 
-// metrics and events files in a training stage's entry.
+// metrics and events files in a training stage's entry, and the events a
+// run in progress writes in its scratch folder.
 const (
-	metricsFile = trainer.MetricsFile
-	eventsDir   = "tb"
+	metricsFile   = trainer.MetricsFile
+	eventsDir     = stages.EventsDir
+	liveEventsDir = stages.LiveEventsDir
 )
 
 // A Report is what the page shows.
@@ -312,6 +315,9 @@ func loadCurve(st *pipeline.Store, c *Curve) {
 	dir := st.EntryDir(c.Key)
 	if c.State == "failed" || c.State == "canceled" {
 		ms, err := trainer.ReadMetrics(filepath.Join(st.ScratchDir(c.Key), metricsFile))
+		if isDir(filepath.Join(st.ScratchDir(c.Key), liveEventsDir)) {
+			c.Events = filepath.Join(st.ScratchDir(c.Key), liveEventsDir)
+		}
 		if err == nil && len(ms) > 0 {
 			c.Metrics = ms
 			c.Note = fmt.Sprintf("%s after step %d (what it logged before)", c.State, ms[len(ms)-1].Step)

@@ -133,6 +133,7 @@ func TestReportNights(t *testing.T) {
 	f.record(true, "", append(dataStages("cached", 0.95, 3), adapter(key('a'), "cached", 2e-4, 1.31), evalStage("cached", 0.41))...)
 	// night 3: lr changed, training failed at step 4.
 	f.metrics(st.ScratchDir(key('b')), 3, 2.0, 0)
+	os.MkdirAll(filepath.Join(st.ScratchDir(key('b')), "tb-live"), 0o755)
 	f.record(false, "stage adapter: step 4: loss is NaN", append(dataStages("cached", 0.95, 3), adapter(key('b'), "failed", 1e-3, 0))...)
 	// night 4: new data (more dropped), lr changed again, trained; A's entry is gone.
 	f.metrics(st.EntryDir(key('c')), 10, 2.0, 5)
@@ -207,8 +208,9 @@ func TestReportNights(t *testing.T) {
 	if e := runs.Column("error"); !strings.Contains(e[1], "loss is NaN") {
 		t.Errorf("errors %q", e)
 	}
-	// The TensorBoard folder is named where it exists.
-	if tbs := p.Tables["curves:adapter"].Column("TensorBoard"); !strings.HasPrefix(tbs[0], "tensorboard --logdir ") || tbs[1] != "—" {
+	// The TensorBoard folder is named where it exists: the entry's tb/, or
+	// for the failed run the events it wrote as it ran.
+	if tbs := p.Tables["curves:adapter"].Column("TensorBoard"); !strings.HasSuffix(tbs[0], "/tb") || !strings.HasSuffix(tbs[1], "/tb-live") || tbs[2] != "—" {
 		t.Errorf("TensorBoard column %q", tbs)
 	}
 	if peak := p.Tables["curves:adapter"].Column("peak GPU"); peak[0] != "16.4 GiB" {

@@ -3,6 +3,7 @@ package stages
 import (
 	"encoding/json"
 	"fmt"
+	"math"
 	"path/filepath"
 	"runtime"
 	"sort"
@@ -87,4 +88,65 @@ func paramRows(params any) [][2]string {
 		rows = append(rows, [2]string{k, v})
 	}
 	return rows
+}
+
+// LiveEventsDir is the folder, in a training stage's scratch folder
+// (pipeline.Store.ScratchDir), where the run in progress writes its
+// TensorBoard events step by step: `tensorboard --logdir` on it follows a
+// long run live. The scratch folder goes once the entry is committed; the
+// entry's tb/ is then the run's record.
+const LiveEventsDir = "tb-live"
+
+// liveEvents writes each optimizer step's progress as events while
+// training runs. It never fails the run: a write error stops it, logged.
+type liveEvents struct {
+	w   *tfevents.Writer
+	t   *pipeline.Task
+	gpu bool
+}
+
+func startLiveEvents(t *pipeline.Task, scratch string, p *qloraParams, started time.Time) *liveEvents {
+	dir := filepath.Join(scratch, LiveEventsDir)
+	w, err := tfevents.Create(dir, started)
+	if err != nil {
+		t.Log.Warn("no live TensorBoard events", "err", err)
+		return &liveEvents{t: t}
+	}
+	md := fmt.Sprintf("Stage **%s** (qlora), in progress\n\n", t.Name) + tfevents.MarkdownTable("setting", "value", paramRows(p))
+	w.Add(0, started, tfevents.Text(trainer.TagSettings, md))
+	t.Log.Info("training; follow it live with tensorboard --logdir " + dir)
+	return &liveEvents{w: w, t: t}
+}
+
+func (l *liveEvents) step(p trainer.Progress) {
+	if l.w == nil {
+		return
+	}
+	vals := []tfevents.Value{
+		tfevents.Scalar(trainer.TagLoss, p.Loss),
+		tfevents.Scalar(trainer.TagLearningRate, p.LR),
+		tfevents.Scalar(trainer.TagGradNorm, p.GradNorm),
+		tfevents.Scalar(trainer.TagTokensPerSec, p.TokensPerSec),
+	}
+	if l.gpu = l.gpu || p.PeakMemory > 0; l.gpu {
+		vals = append(vals, tfevents.Scalar(trainer.TagPeakGPU, float64(p.PeakMemory)/(1<<30)))
+	}
+	if !math.IsNaN(p.EvalLoss) {
+		vals = append(vals, tfevents.Scalar(trainer.TagEvalLoss, p.EvalLoss))
+	}
+	err := l.w.Add(int64(p.Step), time.Now(), vals...)
+	if err == nil {
+		err = l.w.Flush()
+	}
+	if err != nil {
+		l.t.Log.Warn("live TensorBoard events stopped", "err", err)
+		l.w.Close()
+		l.w = nil
+	}
+}
+
+func (l *liveEvents) close() {
+	if l.w != nil {
+		l.w.Close()
+	}
 }

@@ -45,7 +45,7 @@ HTML report of the last runs.`,
 				return err
 			}
 			printManifest(os.Stdout, entry, m)
-			printWatch(os.Stdout, args[0], []watched{{m.Stage, entry}}, false)
+			printWatch(os.Stdout, args[0], []watched{{stage: m.Stage, dir: entry}}, false)
 			if rows > 0 {
 				return printRows(os.Stdout, entry, rows)
 			}

@@ -78,12 +78,20 @@ is in progress. Write it after each nightly run, next to the JSON report:
 	root.AddCommand(cmd)
 }
 
-// A watched entry is a stage's cache entry that holds TensorBoard events.
-type watched struct{ stage, entry string }
+// A watched entry is a stage's cache entry that may hold TensorBoard
+// events, or with live set, the scratch folder of a stage in progress (or
+// interrupted) that may hold the events it wrote as it ran.
+type watched struct {
+	stage, dir string
+	live       bool
+}
 
-// eventsDir is where a stage's TensorBoard events are in its entry.
-func eventsDir(entry string) string {
-	d := filepath.Join(entry, stages.EventsDir)
+// eventsDir is where the events of w are, or "" when there are none.
+func (w watched) eventsDir() string {
+	d := filepath.Join(w.dir, stages.EventsDir)
+	if w.live {
+		d = filepath.Join(w.dir, stages.LiveEventsDir)
+	}
 	if fi, err := os.Stat(d); err == nil && fi.IsDir() {
 		return d
 	}
@@ -95,10 +103,13 @@ func eventsDir(entry string) string {
 // HTML report.
 func printWatch(w io.Writer, spec string, entries []watched, named bool) {
 	for _, e := range entries {
-		if d := eventsDir(e.entry); d != "" {
+		if d := e.eventsDir(); d != "" {
 			name := ""
 			if named {
 				name = e.stage + ": "
+			}
+			if e.live {
+				name = e.stage + " (in progress or interrupted): "
 			}
 			fmt.Fprintf(w, "events    %stensorboard --logdir %s\n", name, d)
 		}

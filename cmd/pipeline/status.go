@@ -65,7 +65,9 @@ events of the training stages, and the command that writes the HTML report.`,
 			var entries []watched
 			for _, e := range s.Stages {
 				if e.State == "cached" {
-					entries = append(entries, watched{e.Name, st.EntryDir(e.Key)})
+					entries = append(entries, watched{stage: e.Name, dir: st.EntryDir(e.Key)})
+				} else {
+					entries = append(entries, watched{stage: e.Name, dir: st.ScratchDir(e.Key), live: true})
 				}
 			}
 			fmt.Println()

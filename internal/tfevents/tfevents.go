@@ -113,6 +113,15 @@ func (w *Writer) Add(step int64, wall time.Time, values ...Value) error {
 	return w.err
 }
 
+// Flush hands what was added to the operating system, so that a reader
+// (TensorBoard following a run) sees it.
+func (w *Writer) Flush() error {
+	if w.err == nil && w.f != nil {
+		w.err = w.w.Flush()
+	}
+	return w.err
+}
+
 // Close flushes the file to disk and closes it.
 func (w *Writer) Close() error {
 	if w.f == nil {

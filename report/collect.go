@@ -61,6 +61,7 @@ type Report struct {
 type Run struct {
 	Rec                      *pipeline.RunRecord
 	Label                    string // when it started, as the page names it
+	Tick                     string // the same, shorter, for a chart's axis
 	Index                    int    // 0 is the oldest shown
 	Computed, Cached, Failed int
 	Scores                   map[string]float64
@@ -535,19 +536,21 @@ func isDir(p string) bool {
 }
 
 // labelRuns names each run by its start, in the reader's local time, to
-// the minute unless two runs shown started in the same minute.
+// the minute unless two runs shown started in the same minute; Tick is the
+// shorter name on a trend's axis.
 func labelRuns(runs []*Run) {
-	layout := "Jan 2 15:04"
+	layout, tick := "Jan 2 15:04", "01-02 15:04"
 	seen := map[string]bool{}
 	for _, r := range runs {
 		l := r.Rec.Started.Local().Format(layout)
 		if seen[l] {
-			layout = "Jan 2 15:04:05"
+			layout, tick = "Jan 2 15:04:05", "15:04:05"
 			break
 		}
 		seen[l] = true
 	}
 	for _, r := range runs {
 		r.Label = r.Rec.Started.Local().Format(layout)
+		r.Tick = r.Rec.Started.Local().Format(tick)
 	}
 }

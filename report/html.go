@@ -57,7 +57,7 @@ func (r *Report) Trend(score string) template.HTML {
 	s := series{Name: score, Color: palette[0], Markers: true}
 	for i := len(r.Runs) - 1; i >= 0; i-- { // oldest left
 		run := r.Runs[i]
-		c.XTicks = append(c.XTicks, tick{float64(run.Index), shortDate(run.Rec.Started)})
+		c.XTicks = append(c.XTicks, tick{float64(run.Index), run.Tick})
 		if v, ok := run.Scores[score]; ok {
 			s.Points = append(s.Points, point{X: float64(run.Index), Y: v, Title: fmt.Sprintf("%s: %s %.4g", run.Label, score, v)})
 		}
@@ -210,8 +210,6 @@ func duration(s float64) string {
 	}
 	return fmt.Sprintf("%d h %02d m", int(s)/3600, int(s)%3600/60)
 }
-
-func shortDate(t time.Time) string { return t.Local().Format("01-02 15:04") }
 
 var funcs = template.FuncMap{
 	"dur":   duration,

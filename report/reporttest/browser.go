@@ -18,13 +18,17 @@ import (
 )
 
 // ChromiumEnv names a Chromium or Chrome binary to use instead of the
-// first of chromium, chromium-browser, google-chrome on the PATH.
+// first of chromium, chromium-browser, google-chrome on the PATH; "none"
+// skips the browser tests as if there were no browser.
 const ChromiumEnv = "PIPELINE_CHROMIUM"
 
 // Chromium returns the browser to test with, or "" when there is none.
 func Chromium() string {
 	if p := os.Getenv(ChromiumEnv); p != "" {
-		return p
+		if p, err := exec.LookPath(p); err == nil {
+			return p
+		}
+		return ""
 	}
 	for _, name := range []string{"chromium", "chromium-browser", "google-chrome", "google-chrome-stable"} {
 		if p, err := exec.LookPath(name); err == nil {

@@ -226,9 +226,18 @@ func changedParams(a, b []byte) []string {
 		}
 		return nil
 	}
+	// Records are written indented, so a list or object read back from one
+	// differs from the canonical form in whitespace only.
+	same := func(x, y json.RawMessage) bool {
+		var cx, cy bytes.Buffer
+		if json.Compact(&cx, x) != nil || json.Compact(&cy, y) != nil {
+			return bytes.Equal(x, y)
+		}
+		return bytes.Equal(cx.Bytes(), cy.Bytes())
+	}
 	var out []string
 	for k, v := range mb {
-		if !bytes.Equal(ma[k], v) {
+		if _, ok := ma[k]; !ok || !same(ma[k], v) {
 			out = append(out, k)
 		}
 	}

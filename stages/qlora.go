@@ -205,6 +205,8 @@ func (s *qloraStage) Run(ctx context.Context, t *pipeline.Task) error {
 		return err
 	}
 	started := time.Now()
+	live := startLiveEvents(t, scratch, s.p, started)
+	defer live.close()
 	res, err := trainer.Train(ctx, sess, rows, trainer.TrainOptions{
 		LR: s.p.LR, Schedule: trainer.Schedule(s.p.Schedule), WarmupSteps: s.p.WarmupSteps,
 		MaxGradNorm: s.p.MaxGradNorm,
@@ -220,6 +222,7 @@ func (s *qloraStage) Run(ctx context.Context, t *pipeline.Task) error {
 				note += fmt.Sprintf("  %.1f GiB", float64(p.PeakMemory)/(1<<30))
 			}
 			t.Report(int64(p.Step), int64(p.TotalSteps), "steps", note)
+			live.step(p)
 		},
 	})
 	if err != nil {
@@ -231,6 +234,9 @@ func (s *qloraStage) Run(ctx context.Context, t *pipeline.Task) error {
 		if err := os.Rename(filepath.Join(scratch, name), filepath.Join(t.Dir, name)); err != nil {
 			return err
 		}
+	}
+	if err := writeTrainEvents(t, s.p, model, rows.Len(), started); err != nil {
+		return err
 	}
 	t.SetStat("steps", res.Steps)
 	t.SetStat("final_loss", res.FinalLoss)

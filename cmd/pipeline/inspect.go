@@ -26,7 +26,11 @@ func init() {
 	cmd := &cobra.Command{
 		Use:   "inspect SPEC STAGE",
 		Short: "Show a stage's cached output: manifest, statistics and a few rows",
-		Args:  exactArgs(2, "a spec file and a stage name"),
+		Long: `Show the cached output of STAGE in SPEC: its manifest (key, parameters, inputs,
+files read and written), its statistics and its first rows; for a training stage,
+the command that opens its TensorBoard events; and the command that writes the
+HTML report of the last runs.`,
+		Args: exactArgs(2, "a spec file and a stage name"),
 		RunE: func(cmd *cobra.Command, args []string) error {
 			entry, m, err := cachedEntry(args[0], args[1])
 			if err != nil {
@@ -41,6 +45,7 @@ func init() {
 				return err
 			}
 			printManifest(os.Stdout, entry, m)
+			printWatch(os.Stdout, args[0], []watched{{stage: m.Stage, dir: entry}}, false)
 			if rows > 0 {
 				return printRows(os.Stdout, entry, rows)
 			}

@@ -17,7 +17,8 @@ func init() {
 		Short: "Show the state of each stage's cached output and of the last run",
 		Long: `Show, for each stage of SPEC, whether its current output is cached, missing or
 damaged, with its rows, size and when it was computed; whether a run of SPEC is in
-progress now; and how the last run ended.`,
+progress now; how the last run ended; and where to watch the runs: the TensorBoard
+events of the training stages, and the command that writes the HTML report.`,
 		Args: exactArgs(1, "one spec file"),
 		RunE: func(cmd *cobra.Command, args []string) error {
 			dag, st, err := specAndStore(args)
@@ -58,7 +59,20 @@ progress now; and how the last run ended.`,
 				}
 				fmt.Fprintf(w, "%s\t%s\t%s\t%s\t%s\t%s\t%s\n", e.Name, e.Kind, state, rows, size, when, pipeline.ShortKey(e.Key))
 			}
-			return w.Flush()
+			if err := w.Flush(); err != nil {
+				return err
+			}
+			var entries []watched
+			for _, e := range s.Stages {
+				if e.State == "cached" {
+					entries = append(entries, watched{stage: e.Name, dir: st.EntryDir(e.Key)})
+				} else {
+					entries = append(entries, watched{stage: e.Name, dir: st.ScratchDir(e.Key), live: true})
+				}
+			}
+			fmt.Println()
+			printWatch(os.Stdout, args[0], entries, true)
+			return nil
 		},
 	}
 	root.AddCommand(cmd)

@@ -1,0 +1,24 @@
+package pipeline
+
+// Read access to a DAG's run history, for reports.
+
+// Runs returns dag's recorded runs, newest first: at most n of them, or
+// every kept one when n <= 0. Damaged records are left out.
+func (s *Store) Runs(dag *DAG, n int) []*RunRecord {
+	files := s.runRecords(dagID(dag))
+	var out []*RunRecord
+	for i := len(files) - 1; i >= 0 && (n <= 0 || len(out) < n); i-- {
+		if r := readRunRecord(files[i]); r != nil {
+			out = append(out, r)
+		}
+	}
+	return out
+}
+
+// RunningBy says who runs dag now, or "" if nobody does.
+func (s *Store) RunningBy(dag *DAG) string { return s.lockHolder(dag) }
+
+// ScratchDir is the folder where the stage of key keeps its resumable
+// state (a training run's checkpoints and the metrics logged so far) until
+// its entry is committed.
+func (s *Store) ScratchDir(key string) string { return s.scratchDir(key) }

@@ -138,6 +138,9 @@ type runner struct {
 	lo        map[LayerType][]int32
 	cos       map[LayerType][]float32
 	sin       map[LayerType][]float32
+	// kv, when set, makes attention read and extend per-sequence caches
+	// (decoding) instead of attending within the batch.
+	kv *decodeState
 }
 
 func newRunner(m *Model, a *Adapter, b *Batch, dropoutSeed uint64, train bool) (*runner, error) {
@@ -255,7 +258,11 @@ func (r *runner) layerForward(l int, x []float32, lc *layerCache) []float32 {
 	ApplyRope(lc.qr, r.cos[lt], r.sin[lt], T, H, D, false)
 	ApplyRope(lc.kr, r.cos[lt], r.sin[lt], T, KV, D, false)
 	lc.att, lc.lse = make([]float32, T*H*D), make([]float32, T*H)
-	Attention(lc.att, lc.lse, lc.qr, lc.kr, lc.v, r.lo[lt], T, H, KV, D, 1/math.Sqrt(c.QueryPreAttnScalar))
+	if r.kv != nil {
+		r.kv.attend(r, l, lc.att, lc.qr, lc.kr, lc.v)
+	} else {
+		Attention(lc.att, lc.lse, lc.qr, lc.kr, lc.v, r.lo[lt], T, H, KV, D, 1/math.Sqrt(c.QueryPreAttnScalar))
+	}
 	lc.o = make([]float32, T*Hd)
 	r.linear(lc.o, lc.att, l, OProj, lc)
 	lc.x1, lc.rstd2 = make([]float32, T*Hd), make([]float32, T)

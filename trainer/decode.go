@@ -1,0 +1,295 @@
+package trainer
+
+import (
+	"context"
+	"fmt"
+	"math"
+	"math/rand/v2"
+	"sort"
+)
+
+// GenerateOptions configures decoding.
+type GenerateOptions struct {
+	MaxNewTokens int
+	// Temperature 0 decodes greedily; otherwise the next token is drawn
+	// from the softmax of logits/Temperature, restricted to the TopK most
+	// likely tokens (0: all) and then to the smallest set whose
+	// probability reaches TopP (0 or 1: all), in that order, as
+	// transformers' generate applies them.
+	Temperature float64
+	TopK        int
+	TopP        float64
+	// Seed fixes the draws; sequence i draws from its own stream, so a
+	// sequence's text does not depend on what else is in the batch.
+	Seed uint64
+	// Stop ends a sequence when it produces one of these ids (which is
+	// kept as its last token): Gemma 3's <end_of_turn> and <eos>.
+	Stop []int32
+}
+
+// Validate reports options that cannot decode.
+func (o GenerateOptions) Validate() error {
+	switch {
+	case o.MaxNewTokens < 1:
+		return fmt.Errorf("max_new_tokens %d: must be at least 1", o.MaxNewTokens)
+	case o.Temperature < 0 || math.IsNaN(o.Temperature) || math.IsInf(o.Temperature, 0):
+		return fmt.Errorf("temperature %v: must be 0 (greedy) or positive", o.Temperature)
+	case o.TopK < 0:
+		return fmt.Errorf("top_k %d: must not be negative", o.TopK)
+	case o.TopP < 0 || o.TopP > 1 || math.IsNaN(o.TopP):
+		return fmt.Errorf("top_p %v: must be in [0, 1]", o.TopP)
+	}
+	return nil
+}
+
+// kvCache holds, per layer, the keys (after norm and RoPE) and values of
+// the positions one sequence's later tokens may still attend to: every
+// position for global layers, the last SlidingWindow for sliding ones.
+type kvCache struct {
+	first []int32     // per layer: the position of the first kept entry
+	k, v  [][]float32 // per layer: [positions×KVHeads×HeadDim]
+}
+
+// decodeState is the caches of a batch of sequences and, for the tokens
+// the runner is evaluating, which sequence each belongs to.
+type decodeState struct {
+	seqs  []*kvCache
+	seqOf []int
+}
+
+// attend appends the step's keys and values to each token's sequence and
+// computes each token's attention over its sequence's cache (positions up
+// to its own, within the window for sliding layers); then it drops what
+// no later position of a sliding layer can see.
+func (s *decodeState) attend(r *runner, l int, out, q, k, v []float32) {
+	c := r.m.Config
+	H, KV, D := c.Heads, c.KVHeads, c.HeadDim
+	row := KV * D
+	for i, seq := range s.seqOf {
+		kc := s.seqs[seq]
+		if len(kc.k[l]) == 0 {
+			kc.first[l] = r.b.Pos[i]
+		}
+		kc.k[l] = append(kc.k[l], k[i*row:(i+1)*row]...)
+		kc.v[l] = append(kc.v[l], v[i*row:(i+1)*row]...)
+	}
+	window := 0
+	if !c.IsGlobal(l) {
+		window = c.SlidingWindow
+	}
+	scale := 1 / math.Sqrt(c.QueryPreAttnScalar)
+	group := H / KV
+	parallelFor(len(s.seqOf), func(lo, hi int) {
+		for i := lo; i < hi; i++ {
+			kc := s.seqs[s.seqOf[i]]
+			p := r.b.Pos[i]
+			from := kc.first[l]
+			if window > 0 {
+				from = max(from, p-int32(window)+1)
+			}
+			n := int(p-from) + 1
+			base := int(from - kc.first[l])
+			scores := make([]float64, n)
+			for h := 0; h < H; h++ {
+				g := h / group
+				qi := q[(i*H+h)*D : (i*H+h+1)*D]
+				m := math.Inf(-1)
+				for j := 0; j < n; j++ {
+					kj := kc.k[l][((base+j)*KV+g)*D : ((base+j)*KV+g+1)*D]
+					scores[j] = scale * float64(dot(qi, kj))
+					m = max(m, scores[j])
+				}
+				var sum float64
+				for j := range scores {
+					scores[j] = math.Exp(scores[j] - m)
+					sum += scores[j]
+				}
+				o := out[(i*H+h)*D : (i*H+h+1)*D]
+				acc := make([]float64, D)
+				for j, e := range scores {
+					vj := kc.v[l][((base+j)*KV+g)*D : ((base+j)*KV+g+1)*D]
+					for d := range acc {
+						acc[d] += e / sum * float64(vj[d])
+					}
+				}
+				for d := range o {
+					o[d] = float32(acc[d])
+				}
+			}
+		}
+	})
+	if window == 0 {
+		return
+	}
+	for _, kc := range s.seqs {
+		if drop := len(kc.k[l])/row - window; drop > 0 {
+			kc.k[l] = append(kc.k[l][:0], kc.k[l][drop*row:]...)
+			kc.v[l] = append(kc.v[l][:0], kc.v[l][drop*row:]...)
+			kc.first[l] += int32(drop)
+		}
+	}
+}
+
+// Generate continues each prompt (token ids, <bos> included) with up to
+// MaxNewTokens tokens, the adapter applied when a is not nil, and returns
+// the new tokens of each. The prompts are evaluated together, then one
+// token per unfinished sequence per step, each attending to its own cache.
+// emit, when not nil, receives every token as it is chosen.
+func (m *Model) Generate(ctx context.Context, a *Adapter, prompts [][]int32, o GenerateOptions, emit func(seq int, tok int32)) ([][]int32, error) {
+	if err := o.Validate(); err != nil {
+		return nil, err
+	}
+	c := m.Config
+	st := &decodeState{}
+	var ids, pos []int32
+	for i, p := range prompts {
+		if len(p) == 0 {
+			return nil, fmt.Errorf("prompt %d is empty", i)
+		}
+		st.seqs = append(st.seqs, &kvCache{first: make([]int32, c.Layers), k: make([][]float32, c.Layers), v: make([][]float32, c.Layers)})
+		for j, id := range p {
+			ids, pos, st.seqOf = append(ids, id), append(pos, int32(j)), append(st.seqOf, i)
+		}
+	}
+	if max := maxLen(prompts) + o.MaxNewTokens; max > c.MaxPositions {
+		return nil, fmt.Errorf("a prompt and %d new tokens reach position %d, beyond the model's %d", o.MaxNewTokens, max, c.MaxPositions)
+	}
+	rngs := make([]*rand.Rand, len(prompts))
+	for i := range rngs {
+		rngs[i] = rand.New(rand.NewPCG(o.Seed, uint64(i)))
+	}
+	stop := map[int32]bool{}
+	for _, s := range o.Stop {
+		stop[s] = true
+	}
+	out := make([][]int32, len(prompts))
+	done := make([]bool, len(prompts))
+	next := make([]int32, len(prompts))
+	for step := 0; ; step++ {
+		if err := ctx.Err(); err != nil {
+			return out, err
+		}
+		logits, err := m.lastLogits(a, st, ids, pos)
+		if err != nil {
+			return nil, err
+		}
+		// The last token of each sequence in this step gives its next token.
+		row := 0
+		for i := range st.seqOf {
+			if i+1 < len(st.seqOf) && st.seqOf[i+1] == st.seqOf[i] {
+				continue
+			}
+			s := st.seqOf[i]
+			next[s] = pick(logits[row*c.VocabSize:(row+1)*c.VocabSize], o, rngs[s])
+			row++
+		}
+		ids, pos, seqOf := ids[:0], pos[:0], []int{}
+		for s := range prompts {
+			if done[s] {
+				continue
+			}
+			out[s] = append(out[s], next[s])
+			if emit != nil {
+				emit(s, next[s])
+			}
+			if stop[next[s]] || len(out[s]) == o.MaxNewTokens {
+				done[s] = true
+				continue
+			}
+			ids, pos, seqOf = append(ids, next[s]), append(pos, int32(len(prompts[s])+len(out[s])-1)), append(seqOf, s)
+		}
+		if len(ids) == 0 {
+			return out, nil
+		}
+		st.seqOf = seqOf
+	}
+}
+
+func maxLen(xs [][]int32) int {
+	n := 0
+	for _, x := range xs {
+		n = max(n, len(x))
+	}
+	return n
+}
+
+// lastLogits runs the step's tokens through the model against the caches
+// and returns the logits at each sequence's last token in the step, in
+// sequence order.
+func (m *Model) lastLogits(a *Adapter, st *decodeState, ids, pos []int32) ([]float32, error) {
+	b := &Batch{IDs: ids, Pos: pos, SegStart: make([]int32, len(ids)), Targets: make([]int32, len(ids))}
+	for i := range b.Targets {
+		b.Targets[i] = IgnoreIndex
+	}
+	r, err := newRunner(m, a, b, 0, false)
+	if err != nil {
+		return nil, err
+	}
+	r.kv = st
+	xf, _, _, _, _ := r.forward(false)
+	H := m.Config.Hidden
+	var last []float32
+	for i := range st.seqOf {
+		if i+1 == len(st.seqOf) || st.seqOf[i+1] != st.seqOf[i] {
+			last = append(last, xf[i*H:(i+1)*H]...)
+		}
+	}
+	n := len(last) / H
+	logits := make([]float32, n*m.Config.VocabSize)
+	Matmul(logits, last, m.Embed, n, m.Config.VocabSize, H, false)
+	return logits, nil
+}
+
+// pick chooses the next token from logits: the most likely (the lowest id
+// among equals) when decoding greedily, else a draw after temperature,
+// top-k and top-p.
+func pick(logits []float32, o GenerateOptions, rng *rand.Rand) int32 {
+	if o.Temperature == 0 {
+		best := 0
+		for i, v := range logits {
+			if v > logits[best] {
+				best = i
+			}
+		}
+		return int32(best)
+	}
+	idx := make([]int, len(logits))
+	for i := range idx {
+		idx[i] = i
+	}
+	sort.SliceStable(idx, func(a, b int) bool { return logits[idx[a]] > logits[idx[b]] })
+	if o.TopK > 0 && o.TopK < len(idx) {
+		idx = idx[:o.TopK]
+	}
+	p := make([]float64, len(idx))
+	top := float64(logits[idx[0]]) / o.Temperature
+	var sum float64
+	for i, id := range idx {
+		p[i] = math.Exp(float64(logits[id])/o.Temperature - top)
+		sum += p[i]
+	}
+	if o.TopP > 0 && o.TopP < 1 {
+		// Keep the most likely tokens until their mass reaches top_p (the
+		// token that crosses it included).
+		var cum float64
+		for i := range p {
+			cum += p[i] / sum
+			if cum >= o.TopP {
+				p, idx = p[:i+1], idx[:i+1]
+				break
+			}
+		}
+		sum = 0
+		for _, v := range p {
+			sum += v
+		}
+	}
+	u := rng.Float64() * sum
+	for i, v := range p {
+		if u < v {
+			return int32(idx[i])
+		}
+		u -= v
+	}
+	return int32(idx[len(idx)-1])
+}

@@ -1,0 +1,362 @@
+package eval
+
+import (
+	"bufio"
+	"bytes"
+	"compress/gzip"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"os"
+	"path/filepath"
+	"strconv"
+	"strings"
+	"unicode/utf8"
+
+	"github.com/apache/arrow-go/v18/arrow"
+	"github.com/apache/arrow-go/v18/arrow/array"
+	"github.com/apache/arrow-go/v18/arrow/memory"
+	"github.com/apache/arrow-go/v18/parquet/file"
+	"github.com/apache/arrow-go/v18/parquet/pqarrow"
+)
+
+// Question is one multiple-choice question.
+type Question struct {
+	Subject  string   `json:"subject,omitempty"`
+	Question string   `json:"question"`
+	Choices  []string `json:"choices"`
+	// Answer is the index of the right choice.
+	Answer int `json:"answer"`
+	// Where says where the question was read ("set.jsonl:12").
+	Where string `json:"-"`
+}
+
+// Columns of a multiple-choice set: the names Columns maps from. Choices
+// are either one list column or one column per letter (A, B, C, …).
+const (
+	ColQuestion = "question"
+	ColChoices  = "choices"
+	ColAnswer   = "answer"
+	ColSubject  = "subject"
+)
+
+// MaxChoices is the most choices a question may have: one per letter.
+const MaxChoices = 26
+
+// Letter is the answer letter of choice i: A, B, C, …
+func Letter(i int) string { return string(rune('A' + i)) }
+
+// CheckColumns reports a Columns key that names none of a set's columns.
+func CheckColumns(columns map[string]string) error {
+	for ours := range columns {
+		switch ours {
+		case ColQuestion, ColChoices, ColAnswer, ColSubject:
+			continue
+		}
+		if len(ours) == 1 && ours[0] >= 'A' && ours[0] <= 'Z' {
+			continue
+		}
+		return fmt.Errorf("cannot map %q: the columns are question, choices (a list) or A, B, C, … (one per choice), answer and subject", ours)
+	}
+	return nil
+}
+
+// ReadQuestions reads multiple-choice questions from JSONL (optionally
+// gzipped) and Parquet files, in order. columns maps the names above to
+// the files' own (a name not in the map is its own). A question is a
+// question text, its choices (a list column, or one column per letter, a
+// trailing empty or missing one ending the list), the answer (a letter,
+// or a 0-based index as an integer) and optionally a subject. Anything
+// else is an error naming the file and line or row.
+func ReadQuestions(paths []string, columns map[string]string) ([]Question, error) {
+	if err := CheckColumns(columns); err != nil {
+		return nil, err
+	}
+	col := func(ours string) string {
+		if c, ok := columns[ours]; ok && c != "" {
+			return c
+		}
+		return ours
+	}
+	var out []Question
+	for _, path := range paths {
+		rows, err := readRows(path)
+		if err != nil {
+			return nil, err
+		}
+		if len(rows) == 0 {
+			return nil, fmt.Errorf("%s: no questions", path)
+		}
+		for _, r := range rows {
+			q, err := r.question(col, columns)
+			if err != nil {
+				return nil, fmt.Errorf("%s: %w", r.where, err)
+			}
+			q.Where = r.where
+			out = append(out, q)
+		}
+	}
+	return out, nil
+}
+
+// row is one record of a set file: values are strings, json.Number,
+// []any, nil, or what else JSON decodes to.
+type row struct {
+	where  string
+	values map[string]any
+}
+
+func (r row) question(col func(string) string, columns map[string]string) (Question, error) {
+	var q Question
+	text, ok, err := r.str(col(ColQuestion))
+	if err != nil {
+		return q, err
+	}
+	if !ok || strings.TrimSpace(text) == "" {
+		return q, fmt.Errorf("no question (column %q)%s", col(ColQuestion), r.mapHint(ColQuestion, columns))
+	}
+	q.Question = text
+	if c, present := columns[ColSubject]; present || r.has(col(ColSubject)) {
+		s, ok, err := r.str(col(ColSubject))
+		if err != nil {
+			return q, err
+		}
+		if !ok && present {
+			return q, fmt.Errorf("no subject (column %q)", c)
+		}
+		q.Subject = s
+	}
+	if r.has(col(ColChoices)) {
+		list, ok := r.values[col(ColChoices)].([]any)
+		if !ok {
+			return q, fmt.Errorf("column %q is not a list of choices", col(ColChoices))
+		}
+		for i, v := range list {
+			s, ok := v.(string)
+			if !ok {
+				return q, fmt.Errorf("choice %d of column %q is %v, not a text", i, col(ColChoices), v)
+			}
+			q.Choices = append(q.Choices, s)
+		}
+	} else {
+		for i := 0; i < MaxChoices; i++ {
+			s, ok, err := r.str(col(Letter(i)))
+			if err != nil {
+				return q, err
+			}
+			if !ok || s == "" {
+				break
+			}
+			q.Choices = append(q.Choices, s)
+		}
+		if len(q.Choices) == 0 {
+			return q, fmt.Errorf("no choices: neither a list column %q nor columns %q, %q, … (map them with columns: {choices: NAME} or {A: NAME, B: NAME, …})",
+				col(ColChoices), col("A"), col("B"))
+		}
+	}
+	if len(q.Choices) < 2 {
+		return q, fmt.Errorf("%d choice; a question needs at least 2", len(q.Choices))
+	}
+	if len(q.Choices) > MaxChoices {
+		return q, fmt.Errorf("%d choices; at most %d (A to Z)", len(q.Choices), MaxChoices)
+	}
+	for i, c := range q.Choices {
+		if strings.TrimSpace(c) == "" {
+			return q, fmt.Errorf("choice %s is empty", Letter(i))
+		}
+	}
+	a, ok := r.values[col(ColAnswer)]
+	if !ok || a == nil {
+		return q, fmt.Errorf("no answer (column %q)%s", col(ColAnswer), r.mapHint(ColAnswer, columns))
+	}
+	q.Answer, err = parseAnswer(a, len(q.Choices))
+	return q, err
+}
+
+// parseAnswer reads an answer: a letter (A, b, …) or an integer index.
+func parseAnswer(v any, n int) (int, error) {
+	last := Letter(n - 1)
+	switch a := v.(type) {
+	case string:
+		s := strings.TrimSpace(a)
+		if len(s) == 1 {
+			c := s[0]
+			if c >= 'a' && c <= 'z' {
+				c -= 'a' - 'A'
+			}
+			if c >= 'A' && c <= 'Z' {
+				i := int(c - 'A')
+				if i >= n {
+					return 0, fmt.Errorf("answer %q is outside the %d choices (A to %s)", a, n, last)
+				}
+				return i, nil
+			}
+		}
+		return 0, fmt.Errorf("answer %q is not a letter (A to %s) nor an index (an integer from 0)", a, last)
+	case json.Number:
+		i, err := strconv.ParseInt(string(a), 10, 64)
+		if err != nil {
+			return 0, fmt.Errorf("answer %s is not an integer index", a)
+		}
+		if i < 0 || i >= int64(n) {
+			return 0, fmt.Errorf("answer %d is outside the %d choices (indices 0 to %d)", i, n, n-1)
+		}
+		return int(i), nil
+	}
+	return 0, fmt.Errorf("answer %v is not a letter nor an index", v)
+}
+
+func (r row) has(name string) bool {
+	v, ok := r.values[name]
+	return ok && v != nil
+}
+
+// str returns a text column; ok is false when it is absent or null.
+func (r row) str(name string) (string, bool, error) {
+	v, ok := r.values[name]
+	if !ok || v == nil {
+		return "", false, nil
+	}
+	s, isStr := v.(string)
+	if !isStr {
+		return "", false, fmt.Errorf("column %q holds %v, not a text", name, v)
+	}
+	return s, true, nil
+}
+
+func (r row) mapHint(ours string, columns map[string]string) string {
+	if _, mapped := columns[ours]; mapped {
+		return ""
+	}
+	return fmt.Sprintf("; map the file's column with columns: {%s: NAME}", ours)
+}
+
+// readRows reads a set file by its extension.
+func readRows(path string) ([]row, error) {
+	name := strings.ToLower(path)
+	switch {
+	case strings.HasSuffix(name, ".parquet"), strings.HasSuffix(name, ".pq"):
+		return readParquetRows(path)
+	case strings.HasSuffix(name, ".jsonl"), strings.HasSuffix(name, ".jsonl.gz"),
+		strings.HasSuffix(name, ".ndjson"), strings.HasSuffix(name, ".ndjson.gz"),
+		strings.HasSuffix(name, ".json"), strings.HasSuffix(name, ".json.gz"):
+		return readJSONLRows(path)
+	}
+	return nil, fmt.Errorf("%s: unknown format: give a .jsonl (or .jsonl.gz) or .parquet file", path)
+}
+
+func readJSONLRows(path string) ([]row, error) {
+	f, err := os.Open(path)
+	if err != nil {
+		return nil, err
+	}
+	defer f.Close()
+	var src io.Reader = f
+	if strings.HasSuffix(strings.ToLower(path), ".gz") {
+		gz, err := gzip.NewReader(f)
+		if err != nil {
+			return nil, fmt.Errorf("%s: not a gzip file: %w", path, err)
+		}
+		defer gz.Close()
+		src = gz
+	}
+	sc := bufio.NewScanner(src)
+	sc.Buffer(make([]byte, 64<<10), 64<<20)
+	var rows []row
+	base := filepath.Base(path)
+	for line := 1; sc.Scan(); line++ {
+		b := bytes.TrimSpace(sc.Bytes())
+		if len(b) == 0 {
+			continue
+		}
+		where := fmt.Sprintf("%s:%d", base, line)
+		if !utf8.Valid(b) {
+			return nil, fmt.Errorf("%s: not UTF-8", where)
+		}
+		dec := json.NewDecoder(bytes.NewReader(b))
+		dec.UseNumber()
+		var v map[string]any
+		if err := dec.Decode(&v); err != nil {
+			return nil, fmt.Errorf("%s: not a JSON object: %w", where, err)
+		}
+		if dec.More() {
+			return nil, fmt.Errorf("%s: more than one JSON value on the line", where)
+		}
+		rows = append(rows, row{where: where, values: v})
+	}
+	if err := sc.Err(); err != nil {
+		return nil, fmt.Errorf("%s: %w", path, err)
+	}
+	return rows, nil
+}
+
+func readParquetRows(path string) ([]row, error) {
+	rdr, err := file.OpenParquetFile(path, false)
+	if err != nil {
+		return nil, fmt.Errorf("%s: not a readable Parquet file: %w", path, err)
+	}
+	defer rdr.Close()
+	fr, err := pqarrow.NewFileReader(rdr, pqarrow.ArrowReadProperties{}, memory.DefaultAllocator)
+	if err != nil {
+		return nil, fmt.Errorf("%s: %w", path, err)
+	}
+	tbl, err := fr.ReadTable(nil)
+	if err != nil {
+		return nil, fmt.Errorf("%s: %w", path, err)
+	}
+	defer tbl.Release()
+	n := int(tbl.NumRows())
+	rows := make([]row, n)
+	base := filepath.Base(path)
+	for i := range rows {
+		rows[i] = row{where: fmt.Sprintf("%s row %d", base, i), values: map[string]any{}}
+	}
+	for c := 0; c < int(tbl.NumCols()); c++ {
+		column := tbl.Column(c)
+		name := column.Name()
+		i := 0
+		for _, chunk := range column.Data().Chunks() {
+			for j := 0; j < chunk.Len(); j, i = j+1, i+1 {
+				v, err := arrowValue(chunk, j)
+				if err != nil {
+					return nil, fmt.Errorf("%s row %d: column %q: %w", base, i, name, err)
+				}
+				rows[i].values[name] = v
+			}
+		}
+	}
+	return rows, nil
+}
+
+// arrowValue converts one Parquet value to what JSON decoding would give.
+func arrowValue(a arrow.Array, i int) (any, error) {
+	if a.IsNull(i) {
+		return nil, nil
+	}
+	switch x := a.(type) {
+	case *array.String:
+		return x.Value(i), nil
+	case *array.LargeString:
+		return x.Value(i), nil
+	case *array.Binary:
+		if !utf8.Valid(x.Value(i)) {
+			return nil, errors.New("not UTF-8")
+		}
+		return string(x.Value(i)), nil
+	case *array.Int8, *array.Int16, *array.Int32, *array.Int64, *array.Uint8, *array.Uint16, *array.Uint32, *array.Uint64:
+		return json.Number(fmt.Sprint(x.GetOneForMarshal(i))), nil
+	case array.ListLike:
+		lo, hi := x.ValueOffsets(i)
+		var out []any
+		for j := lo; j < hi; j++ {
+			v, err := arrowValue(x.ListValues(), int(j))
+			if err != nil {
+				return nil, err
+			}
+			out = append(out, v)
+		}
+		return out, nil
+	}
+	return a.GetOneForMarshal(i), nil
+}

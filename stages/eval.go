@@ -1,0 +1,694 @@
+package stages
+
+import (
+	"context"
+	"encoding/json"
+	"fmt"
+	"math"
+	"os"
+	"path/filepath"
+	"runtime"
+	"slices"
+	"sort"
+	"strings"
+	"time"
+
+	"github.com/apache/arrow-go/v18/arrow"
+	"github.com/apache/arrow-go/v18/arrow/array"
+
+	"gemmaft/dataset"
+	"gemmaft/eval"
+	"gemmaft/internal/atomicfile"
+	"gemmaft/pipeline"
+	"gemmaft/tokenizer"
+	"gemmaft/trainer"
+)
+
+const evalKindName = "eval"
+
+func init() { kinds[evalKindName] = evalKind{} }
+
+// Files of an eval stage's entry.
+const (
+	// EvalResultsFile holds the scores of the base model and the adapter.
+	EvalResultsFile = "results.json"
+	// EvalItemsFile holds each multiple-choice question's per-choice
+	// log-likelihoods under each model, one JSON object a line.
+	EvalItemsFile = "items.jsonl"
+)
+
+// Eval tasks.
+const (
+	taskLoss           = "loss"
+	taskMultipleChoice = "multiple_choice"
+)
+
+// evalKind scores a qlora stage's adapter beside its base model: the mean
+// token loss of held-out records (sources among the needs) and multiple-
+// choice questions by log-likelihood (the `multiple_choice` set), in the
+// same stage, side by side.
+type evalKind struct{}
+
+type evalParams struct {
+	// Tasks are loss and/or multiple_choice.
+	Tasks []string `json:"tasks"`
+	// Model is the base checkpoint folder, when neither a model stage among
+	// the needs nor the adapter's training names it.
+	Model string `json:"model,omitempty"`
+	// Tokenizer is a tokenizer.json, when the adapter's lineage has no
+	// tokenize stage (the one training used is the default).
+	Tokenizer string `json:"tokenizer,omitempty"`
+	// MultipleChoice is the question set of the multiple_choice task.
+	MultipleChoice *mcParams `yaml:"multiple_choice" json:"multiple_choice,omitempty"`
+	// BatchTokens is about how many tokens one forward pass takes; the
+	// scores do not depend on it.
+	BatchTokens int `yaml:"batch_tokens" json:"-"`
+}
+
+// mcParams are the `multiple_choice:` of an eval stage.
+type mcParams struct {
+	// Paths are the questions' JSONL or Parquet files (globs allowed).
+	Paths []string `json:"paths"`
+	// Dev are the files of the dev split the shots come from.
+	Dev []string `json:"dev,omitempty"`
+	// Shots is how many solved dev questions of the same subject precede
+	// each question.
+	Shots int `json:"shots"`
+	// Columns maps question, choices (or A, B, C, …), answer and subject to
+	// the files' column names.
+	Columns map[string]string `json:"columns,omitempty"`
+	// Limit scores the first questions only; 0 scores them all.
+	Limit int `json:"limit"`
+}
+
+func (evalKind) Version() int       { return 1 }
+func (evalKind) Inputs() (int, int) { return 1, -1 }
+func (evalKind) Params() any        { return &evalParams{BatchTokens: 4096} }
+
+func (p *evalParams) Validate() error {
+	bad := func(param, msg, fix string) error { return &pipeline.ParamError{Param: param, Msg: msg, Fix: fix} }
+	if len(p.Tasks) == 0 {
+		return bad("tasks", "no tasks", "list loss (held-out records among the needs) and/or multiple_choice")
+	}
+	seen := map[string]bool{}
+	for _, task := range p.Tasks {
+		switch task {
+		case taskLoss, taskMultipleChoice:
+		default:
+			return bad("tasks", fmt.Sprintf("unknown task %q", task), "use loss and/or multiple_choice")
+		}
+		if seen[task] {
+			return bad("tasks", fmt.Sprintf("%s is listed twice", task), "")
+		}
+		seen[task] = true
+	}
+	// One order for the key, whatever order the spec lists them in.
+	sort.Strings(p.Tasks)
+	if p.BatchTokens < 1 {
+		return bad("batch_tokens", "must be at least 1", "4096 suits the CPU")
+	}
+	mc := p.MultipleChoice
+	switch {
+	case seen[taskMultipleChoice] && mc == nil:
+		return bad("tasks", "multiple_choice needs its question set", "add multiple_choice: {paths: [questions.jsonl]}")
+	case !seen[taskMultipleChoice] && mc != nil:
+		return bad("multiple_choice", "is given but the task is not listed", "add multiple_choice to tasks")
+	case mc == nil:
+		return nil
+	}
+	switch {
+	case len(mc.Paths) == 0:
+		return bad("multiple_choice", "no question files (paths)", "list JSONL or Parquet files, e.g. paths: [../data/tr-mmlu/*.parquet]")
+	case mc.Shots < 0:
+		return bad("multiple_choice", fmt.Sprintf("shots %d is negative", mc.Shots), "0 asks each question alone")
+	case mc.Shots > 0 && len(mc.Dev) == 0:
+		return bad("multiple_choice", fmt.Sprintf("%d-shot needs a dev split to take the shots from", mc.Shots), "add dev: [dev.jsonl], or shots: 0")
+	case mc.Shots == 0 && len(mc.Dev) > 0:
+		return bad("multiple_choice", "a dev split is given but shots is 0", "set shots, or remove dev")
+	case mc.Limit < 0:
+		return bad("multiple_choice", "limit must not be negative", "0 scores every question")
+	}
+	if err := eval.CheckColumns(mc.Columns); err != nil {
+		return bad("multiple_choice", "columns: "+err.Error(), "")
+	}
+	for ours, theirs := range mc.Columns {
+		// Mapping a column to its own name is the default.
+		if theirs == ours || theirs == "" {
+			delete(mc.Columns, ours)
+		}
+	}
+	if len(mc.Columns) == 0 {
+		mc.Columns = nil
+	}
+	return nil
+}
+
+func (evalKind) Prepare(params any, dir string) (pipeline.Runner, error) {
+	p := params.(*evalParams)
+	s := &evalStage{p: p}
+	abs := func(path string) string {
+		if filepath.IsAbs(path) {
+			return path
+		}
+		return filepath.Join(dir, path)
+	}
+	if p.Model != "" {
+		s.model = abs(p.Model)
+		files, err := keyedCheckpointFiles(s.model)
+		if err != nil {
+			return nil, &pipeline.ParamError{Param: "model", Msg: err.Error(), Fix: "point model at the checkpoint folder the adapter was trained on"}
+		}
+		s.files = append(s.files, files...)
+	}
+	if p.Tokenizer != "" {
+		s.tokenizer = abs(p.Tokenizer)
+		if fi, err := os.Stat(s.tokenizer); err != nil || fi.IsDir() {
+			return nil, &pipeline.ParamError{Param: "tokenizer", Msg: s.tokenizer + " is not a readable file", Fix: "give the path of the model's tokenizer.json"}
+		}
+		s.files = append(s.files, s.tokenizer)
+	}
+	if mc := p.MultipleChoice; mc != nil {
+		// The set is read here, so a malformed one stops the run before
+		// anything trains.
+		bad := func(err error, fix string) error {
+			return &pipeline.ParamError{Param: "multiple_choice", Msg: err.Error(), Fix: fix}
+		}
+		const pathsFix = "paths and dev are relative to the spec's folder"
+		const setFix = "a question needs question, choices (a list, or columns A, B, C, …) and answer (a letter or a 0-based index); map other names with columns:"
+		paths, err := dataset.ExpandGlobs(dir, mc.Paths)
+		if err != nil {
+			return nil, bad(err, pathsFix)
+		}
+		qs, err := eval.ReadQuestions(paths, mc.Columns)
+		if err != nil {
+			return nil, bad(err, setFix)
+		}
+		if mc.Limit > 0 && mc.Limit < len(qs) {
+			qs = qs[:mc.Limit]
+		}
+		s.files = append(s.files, paths...)
+		s.mc = eval.MCOptions{Shots: mc.Shots}
+		if len(mc.Dev) > 0 {
+			devPaths, err := dataset.ExpandGlobs(dir, mc.Dev)
+			if err != nil {
+				return nil, bad(err, pathsFix)
+			}
+			if s.mc.Dev, err = eval.ReadQuestions(devPaths, mc.Columns); err != nil {
+				return nil, bad(err, setFix)
+			}
+			s.files = append(s.files, devPaths...)
+		}
+		if _, err := eval.Shots(qs, s.mc); err != nil {
+			return nil, bad(err, "add dev questions for every subject, or fewer shots")
+		}
+		s.questions = qs
+	}
+	return s, nil
+}
+
+type evalStage struct {
+	p         *evalParams
+	model     string
+	tokenizer string
+	files     []string
+	questions []eval.Question
+	mc        eval.MCOptions
+}
+
+func (s *evalStage) Files() []string { return s.files }
+
+// evalInputs are an eval stage's needs, told apart by kind.
+type evalInputs struct {
+	adapter *pipeline.Input
+	model   *pipeline.Input
+	sources []*pipeline.Input
+}
+
+func (s *evalStage) inputs(t *pipeline.Task) (evalInputs, error) {
+	var in evalInputs
+	for _, i := range t.Inputs {
+		switch i.Kind {
+		case "qlora":
+			if in.adapter != nil {
+				return in, fmt.Errorf("two qlora stages in needs (%s is the second); an eval stage scores one adapter", i.Name)
+			}
+			in.adapter = i
+		case modelKindName:
+			if in.model != nil || s.model != "" {
+				return in, fmt.Errorf("two base models (stage %s, and %s); give at most one model stage or `model:`", i.Name, s.baseName(in.model))
+			}
+			in.model = i
+		case parquetKindName, jsonlKindName:
+			in.sources = append(in.sources, i)
+		default:
+			return in, fmt.Errorf("needs stage %s of kind %s; an eval stage takes a qlora stage, the base (a model stage, unless `model:` or the training names it) and, for the loss task, %s or %s stages of held-out records",
+				i.Name, i.Kind, parquetKindName, jsonlKindName)
+		}
+	}
+	if in.adapter == nil {
+		return in, fmt.Errorf("no adapter: add the qlora stage to needs")
+	}
+	hasLoss := slices.Contains(s.p.Tasks, taskLoss)
+	switch {
+	case hasLoss && len(in.sources) == 0:
+		return in, fmt.Errorf("the loss task has no held-out records: add a %s or %s stage to needs", jsonlKindName, parquetKindName)
+	case !hasLoss && len(in.sources) > 0:
+		return in, fmt.Errorf("stage %s gives held-out records, but the loss task is not listed: add loss to tasks", in.sources[0].Name)
+	}
+	return in, nil
+}
+
+func (s *evalStage) baseName(model *pipeline.Input) string {
+	if model != nil {
+		return "stage " + model.Name
+	}
+	return "model: " + s.model
+}
+
+func (s *evalStage) Run(ctx context.Context, t *pipeline.Task) error {
+	started := time.Now()
+	in, err := s.inputs(t)
+	if err != nil {
+		return err
+	}
+	adapterEntry, err := in.adapter.Dir(ctx)
+	if err != nil {
+		return err
+	}
+	lineage, err := in.adapter.Lineage(ctx)
+	if err != nil {
+		return err
+	}
+	prov := provenanceOf(lineage)
+	base, err := s.base(ctx, in, prov)
+	if err != nil {
+		return err
+	}
+	tokPath, lossOnAll, err := s.tokenizerOf(prov)
+	if err != nil {
+		return err
+	}
+	tok, err := tokenizer.LoadFile(tokPath)
+	if err != nil {
+		return err
+	}
+
+	// Everything is tokenized and checked before the model loads.
+	var lossReqs []eval.Request
+	records := 0
+	if len(in.sources) > 0 {
+		recs, err := heldOut(ctx, in.sources)
+		if err != nil {
+			return err
+		}
+		records = len(recs)
+		if lossReqs, _, err = eval.LossRequests(tok, recs, lossOnAll); err != nil {
+			return fmt.Errorf("held-out records: %w", err)
+		}
+	}
+	var prompts *eval.MCPrompts
+	if s.questions != nil {
+		if prompts, err = eval.BuildMC(tok, s.questions, s.mc); err != nil {
+			return fmt.Errorf("multiple choice: %w", err)
+		}
+	}
+
+	t.Report(0, 1, "models", "loading "+filepath.Base(base))
+	m, err := trainer.LoadModel(base)
+	if err != nil {
+		return err
+	}
+	if m.Config.VocabSize < tok.VocabSize() {
+		return fmt.Errorf("the tokenizer (%s) has %d tokens, the model (%s) only %d: they do not belong together", tokPath, tok.VocabSize(), base, m.Config.VocabSize)
+	}
+	adapter, err := m.LoadAdapter(filepath.Join(adapterEntry, trainer.AdapterDirName))
+	if err != nil {
+		return fmt.Errorf("the adapter of stage %s does not fit the base %s: %w", in.adapter.Name, base, err)
+	}
+	scorer := &eval.ModelScorer{Model: m, BatchTokens: s.p.BatchTokens}
+	if err := eval.CheckLengths(scorer, lossReqs, func(i int) string { return fmt.Sprintf("a held-out record (request %d)", i) }); err != nil {
+		return err
+	}
+	if prompts != nil {
+		if err := prompts.CheckLengths(scorer); err != nil {
+			return err
+		}
+	}
+
+	total := 2 * (len(lossReqs) + mcRequests(prompts))
+	done := 0
+	res := evalResults{Models: map[string]string{}}
+	for _, which := range []string{"base", "adapter"} {
+		if which == "adapter" {
+			scorer.Adapter = adapter
+			res.Models["adapter"] = "stage " + in.adapter.Name + " on " + base
+			if q := params(prov.qlora); q["quantize"] != "none" {
+				// The weights the adapter was trained against.
+				if err := m.QuantizeBase(); err != nil {
+					return err
+				}
+				res.Models["adapter"] += " (NF4 round trip, as trained)"
+			}
+		} else {
+			res.Models["base"] = base
+		}
+		scorer.Progress = func(n, _ int) {
+			t.Report(int64(done+n), int64(total), "requests", "scoring the "+which)
+		}
+		if lossReqs != nil {
+			l, err := eval.Loss(ctx, scorer, lossReqs, records)
+			if err != nil {
+				return err
+			}
+			done += len(lossReqs)
+			res.setLoss(which, l)
+		}
+		if prompts != nil {
+			items, err := eval.ScoreMC(ctx, scorer, prompts)
+			if err != nil {
+				return err
+			}
+			done += mcRequests(prompts)
+			res.setMC(which, items, s.mc.Shots)
+		}
+	}
+	if err := res.write(t.Dir); err != nil {
+		return err
+	}
+	res.stats(t)
+	t.SetStat("eval_seconds", time.Since(started).Seconds())
+	t.SetStat("cores", runtime.GOMAXPROCS(0))
+	return nil
+}
+
+func mcRequests(p *eval.MCPrompts) int {
+	if p == nil {
+		return 0
+	}
+	n := 0
+	for i := range p.Questions {
+		n += len(p.Letters[i]) + len(p.Texts[i])
+	}
+	return n
+}
+
+// heldOut reads the records of the source stages.
+func heldOut(ctx context.Context, sources []*pipeline.Input) ([]eval.ChatRecord, error) {
+	var recs []eval.ChatRecord
+	const want = parquetKindName + " or " + jsonlKindName
+	for _, in := range sources {
+		err := eachBatch(ctx, in, func(rec arrow.RecordBatch) error {
+			var cols [4]*array.String
+			for i, name := range []string{dataset.ColInstruction, dataset.ColInput, dataset.ColOutput} {
+				c, err := stringColumn(in, rec, name, want)
+				if err != nil {
+					return err
+				}
+				cols[i] = c
+			}
+			if len(rec.Schema().FieldIndices(dataset.ColSystem)) == 1 {
+				c, err := stringColumn(in, rec, dataset.ColSystem, want)
+				if err != nil {
+					return err
+				}
+				cols[3] = c
+			}
+			for i := 0; i < int(rec.NumRows()); i++ {
+				r := eval.ChatRecord{Instruction: cols[0].Value(i), Input: cols[1].Value(i), Output: cols[2].Value(i)}
+				if cols[3] != nil {
+					r.System = cols[3].Value(i)
+				}
+				recs = append(recs, r)
+			}
+			return nil
+		})
+		if err != nil {
+			return nil, err
+		}
+	}
+	if len(recs) == 0 {
+		return nil, fmt.Errorf("the held-out stages (%s) have no records", sources[0].Name)
+	}
+	return recs, nil
+}
+
+// checkpointFiles are the files whose digests tell one checkpoint from
+// another.
+var checkpointFiles = []string{"config.json", "model.safetensors.index.json", "model.safetensors"}
+
+// base finds the base checkpoint (`model:`, a model stage, or the folder
+// the adapter was trained on) and checks that it is the one the adapter
+// was trained on, where the cache still says which that was.
+func (s *evalStage) base(ctx context.Context, in evalInputs, prov provenance) (string, error) {
+	// What training read: its `model:` folder's files, or its model
+	// stage's entry.
+	trained := map[string]string{}
+	trainedDir, trainedStage := "", ""
+	if prov.qlora != nil {
+		for _, f := range prov.qlora.Files {
+			if slices.Contains(checkpointFiles, filepath.Base(f.Path)) {
+				trained[filepath.Base(f.Path)] = f.SHA256
+				trainedDir = filepath.Dir(f.Path)
+			}
+		}
+	}
+	if len(trained) == 0 && prov.model != nil {
+		trainedStage = prov.model.Stage
+		for _, f := range prov.model.Outputs {
+			if slices.Contains(checkpointFiles, f.Path) {
+				trained[f.Path] = f.SHA256
+			}
+		}
+	}
+	var dir string
+	have := map[string]string{}
+	switch {
+	case in.model != nil:
+		d, err := in.model.Dir(ctx)
+		if err != nil {
+			return "", err
+		}
+		m, err := in.model.Lineage(ctx)
+		if err != nil {
+			return "", err
+		}
+		for _, f := range m[0].Outputs {
+			have[f.Path] = f.SHA256
+		}
+		dir = d
+	case s.model != "":
+		dir = s.model
+	case trainedDir != "":
+		dir = trainedDir
+	case trainedStage != "":
+		return "", fmt.Errorf("no base model: the adapter was trained on stage %s; add it to needs", trainedStage)
+	default:
+		return "", fmt.Errorf("no base model: set `model:` to the checkpoint folder the adapter was trained on, or add its model stage to needs")
+	}
+	for name, want := range trained {
+		got, ok := have[name]
+		if !ok {
+			path := filepath.Join(dir, name)
+			if _, err := os.Stat(path); err != nil {
+				got = "(missing)"
+			} else if got, err = fileSHA256(path); err != nil {
+				return "", err
+			}
+		}
+		if got != want {
+			from := trainedDir
+			if from == "" {
+				from = "stage " + trainedStage
+			}
+			return "", fmt.Errorf("the adapter of stage %s was trained on %s, and %s is another checkpoint (its %s differs): an adapter for another base",
+				in.adapter.Name, from, dir, name)
+		}
+	}
+	return dir, nil
+}
+
+// tokenizerOf is the tokenizer.json to use (`tokenizer:`, or the one the
+// training data was tokenized with) and whether training's loss covered
+// every token (loss_on: all).
+func (s *evalStage) tokenizerOf(prov provenance) (string, bool, error) {
+	lossOnAll := params(prov.tokenize)["loss_on"] == "all"
+	if s.tokenizer != "" {
+		return s.tokenizer, lossOnAll, nil
+	}
+	dir, err := trainingTokenizer(prov.tokenize)
+	if err != nil {
+		return "", false, err
+	}
+	if dir == "" {
+		return "", false, fmt.Errorf("no tokenizer: the adapter's lineage has no tokenize stage in the cache; set `tokenizer:` to the tokenizer.json training used")
+	}
+	return filepath.Join(dir, "tokenizer.json"), lossOnAll, nil
+}
+
+// evalResults is results.json: what was scored, and each model's scores.
+type evalResults struct {
+	// Models says what "base" and "adapter" are.
+	Models         map[string]string `json:"models"`
+	Loss           *lossResults      `json:"loss,omitempty"`
+	MultipleChoice *mcResults        `json:"multiple_choice,omitempty"`
+	// Table is the scores side by side, as `pipeline inspect` prints them.
+	Table *resultsTable `json:"table,omitempty"`
+
+	items map[string][]eval.MCItem
+}
+
+type lossResults struct {
+	Records int                        `json:"records"`
+	Tokens  int                        `json:"tokens"`
+	Scores  map[string]eval.LossResult `json:"scores"`
+}
+
+type mcResults struct {
+	Questions int    `json:"questions"`
+	Shots     int    `json:"shots"`
+	Format    string `json:"format"`
+	// Scores and Subjects are keyed by model (base, adapter).
+	Scores   map[string]eval.MCScores            `json:"scores"`
+	Subjects map[string]map[string]eval.MCScores `json:"subjects,omitempty"`
+}
+
+type resultsTable struct {
+	Columns []string `json:"columns"`
+	Rows    [][]any  `json:"rows"`
+}
+
+func (r *evalResults) setLoss(which string, l eval.LossResult) {
+	if r.Loss == nil {
+		r.Loss = &lossResults{Records: l.Records, Tokens: l.Tokens, Scores: map[string]eval.LossResult{}}
+	}
+	r.Loss.Scores[which] = l
+}
+
+func (r *evalResults) setMC(which string, items []eval.MCItem, shots int) {
+	all, subjects := eval.Summarize(items)
+	if r.MultipleChoice == nil {
+		r.MultipleChoice = &mcResults{Questions: all.Questions, Shots: shots,
+			Format: "lm-evaluation-harness mmlu (acc: answer letters) and mmlu_continuation (acc_norm: choice texts, per UTF-8 byte)",
+			Scores: map[string]eval.MCScores{}}
+	}
+	r.MultipleChoice.Scores[which] = all
+	if len(subjects) > 0 {
+		if r.MultipleChoice.Subjects == nil {
+			r.MultipleChoice.Subjects = map[string]map[string]eval.MCScores{}
+		}
+		for name, sc := range subjects {
+			if r.MultipleChoice.Subjects[name] == nil {
+				r.MultipleChoice.Subjects[name] = map[string]eval.MCScores{}
+			}
+			r.MultipleChoice.Subjects[name][which] = sc
+		}
+	}
+	if r.items == nil {
+		r.items = map[string][]eval.MCItem{}
+	}
+	r.items[which] = items
+}
+
+// table lays the scores out side by side: one row per score, the base's
+// and the adapter's value and their difference.
+func (r *evalResults) table() *resultsTable {
+	t := &resultsTable{Columns: []string{"score", "base", "adapter", "change"}}
+	row := func(name string, b, a float64) {
+		t.Rows = append(t.Rows, []any{name, round6(b), round6(a), round6(a - b)})
+	}
+	if l := r.Loss; l != nil {
+		row("loss", l.Scores["base"].Loss, l.Scores["adapter"].Loss)
+		row("perplexity", l.Scores["base"].Perplexity, l.Scores["adapter"].Perplexity)
+	}
+	if mc := r.MultipleChoice; mc != nil {
+		row("acc", mc.Scores["base"].Acc, mc.Scores["adapter"].Acc)
+		row("acc_norm", mc.Scores["base"].AccNorm, mc.Scores["adapter"].AccNorm)
+		names := make([]string, 0, len(mc.Subjects))
+		for n := range mc.Subjects {
+			names = append(names, n)
+		}
+		sort.Strings(names)
+		for _, n := range names {
+			sc := mc.Subjects[n]
+			row(fmt.Sprintf("acc %s (%d)", n, sc["base"].Questions), sc["base"].Acc, sc["adapter"].Acc)
+			row(fmt.Sprintf("acc_norm %s (%d)", n, sc["base"].Questions), sc["base"].AccNorm, sc["adapter"].AccNorm)
+		}
+	}
+	return t
+}
+
+func round6(v float64) float64 {
+	if math.IsNaN(v) || math.IsInf(v, 0) {
+		return v
+	}
+	return math.Round(v*1e6) / 1e6
+}
+
+// write writes results.json and, with multiple choice, items.jsonl.
+func (r *evalResults) write(dir string) error {
+	r.Table = r.table()
+	b, err := json.MarshalIndent(r, "", "  ")
+	if err != nil {
+		return err
+	}
+	if err := atomicfile.WriteFile(filepath.Join(dir, EvalResultsFile), append(b, '\n')); err != nil {
+		return err
+	}
+	if r.items == nil {
+		return nil
+	}
+	var lines strings.Builder
+	for i, it := range r.items["base"] {
+		line := struct {
+			Index   int          `json:"index"`
+			Subject string       `json:"subject,omitempty"`
+			Answer  string       `json:"answer"`
+			Base    eval.MCItem  `json:"base"`
+			Adapter *eval.MCItem `json:"adapter,omitempty"`
+		}{Index: it.Index, Subject: it.Subject, Answer: eval.Letter(it.Answer), Base: it}
+		if a := r.items["adapter"]; i < len(a) {
+			line.Adapter = &a[i]
+		}
+		b, err := json.Marshal(line)
+		if err != nil {
+			return err
+		}
+		lines.Write(b)
+		lines.WriteByte('\n')
+	}
+	return atomicfile.WriteFile(filepath.Join(dir, EvalItemsFile), []byte(lines.String()))
+}
+
+// stats records the scores in the manifest: each score of each model as a
+// number (which the report charts), the per-subject accuracies and the
+// counts as maps.
+func (r *evalResults) stats(t *pipeline.Task) {
+	for _, which := range []string{"base", "adapter"} {
+		if l := r.Loss; l != nil {
+			t.SetStat("loss_"+which, l.Scores[which].Loss)
+			t.SetStat("perplexity_"+which, l.Scores[which].Perplexity)
+		}
+		if mc := r.MultipleChoice; mc != nil {
+			t.SetStat("acc_"+which, mc.Scores[which].Acc)
+			t.SetStat("acc_norm_"+which, mc.Scores[which].AccNorm)
+		}
+	}
+	counts := map[string]any{}
+	if l := r.Loss; l != nil {
+		counts["loss_records"], counts["loss_tokens"] = l.Records, l.Tokens
+	}
+	if mc := r.MultipleChoice; mc != nil {
+		counts["questions"], counts["shots"] = mc.Questions, mc.Shots
+		if len(mc.Subjects) > 0 {
+			subjects := map[string]map[string]float64{}
+			for name, sc := range mc.Subjects {
+				subjects[name] = map[string]float64{
+					"acc_base": sc["base"].Acc, "acc_adapter": sc["adapter"].Acc,
+					"acc_norm_base": sc["base"].AccNorm, "acc_norm_adapter": sc["adapter"].AccNorm,
+				}
+			}
+			t.SetStat("subjects", subjects)
+		}
+	}
+	t.SetStat("counts", counts)
+}

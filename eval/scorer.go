@@ -12,7 +12,6 @@ package eval
 import (
 	"context"
 	"fmt"
-	"sort"
 
 	"gemmaft/trainer"
 )
@@ -63,9 +62,8 @@ func CheckLengths(s Scorer, reqs []Request, what func(i int) string) error {
 type ModelScorer struct {
 	Model   *trainer.Model
 	Adapter *trainer.Adapter
-	// BatchTokens is about how many tokens one forward pass takes (0:
-	// 4096); requests are laid end to end as the examples of a packed row,
-	// each attending only to itself.
+	// BatchTokens is about how many tokens one batch of requests holds
+	// (0: 4096).
 	BatchTokens int
 	// Progress, when set, is called after each forward pass with the
 	// requests answered so far.
@@ -75,9 +73,9 @@ type ModelScorer struct {
 // MaxLength is the model's context length.
 func (s *ModelScorer) MaxLength() int { return s.Model.Config.MaxPositions }
 
-// LogLikelihoods evaluates the requests in batches. Requests with one-token
-// continuations and the same context (the answer letters of one question)
-// share one run of the context and one row of logits.
+// LogLikelihoods evaluates the requests in batches. Requests with the same
+// context (the choices of one question) share one run of the context:
+// the continuations run against copies of its key/value cache.
 func (s *ModelScorer) LogLikelihoods(ctx context.Context, reqs []Request) ([]Result, error) {
 	for i, r := range reqs {
 		if len(r.Context) == 0 || len(r.Continuation) == 0 {
@@ -91,82 +89,56 @@ func (s *ModelScorer) LogLikelihoods(ctx context.Context, reqs []Request) ([]Res
 	if budget <= 0 {
 		budget = 4096
 	}
-	// A segment is one sequence the model reads: a request's context and
-	// all but the last continuation token, or a context shared by several
-	// one-token continuations.
-	type segment struct {
-		ids  []int32
-		reqs []int // the requests it answers
+	type group struct {
+		ctx    []int32
+		reqs   []int // the requests it answers, in order
+		tokens int   // what the model reads for it
 	}
-	var segs []segment
-	shared := map[string]int{} // context → index in segs
+	var groups []*group
+	byCtx := map[string]*group{}
 	for i, r := range reqs {
-		if len(r.Continuation) == 1 {
-			key := idsKey(r.Context)
-			if si, ok := shared[key]; ok {
-				segs[si].reqs = append(segs[si].reqs, i)
-				continue
-			}
-			shared[key] = len(segs)
-			segs = append(segs, segment{ids: r.Context, reqs: []int{i}})
-			continue
+		key := idsKey(r.Context)
+		g := byCtx[key]
+		if g == nil {
+			g = &group{ctx: r.Context, tokens: len(r.Context)}
+			byCtx[key] = g
+			groups = append(groups, g)
 		}
-		ids := make([]int32, 0, r.Len())
-		ids = append(append(ids, r.Context...), r.Continuation[:len(r.Continuation)-1]...)
-		segs = append(segs, segment{ids: ids, reqs: []int{i}})
+		g.reqs = append(g.reqs, i)
+		g.tokens += len(r.Continuation) - 1
 	}
-	// Long segments first, so batches fill evenly; results go back by index.
-	order := make([]int, len(segs))
-	for i := range order {
-		order[i] = i
-	}
-	sort.SliceStable(order, func(a, b int) bool { return len(segs[order[a]].ids) > len(segs[order[b]].ids) })
-
 	out := make([]Result, len(reqs))
 	done := 0
-	for lo := 0; lo < len(order); {
+	for lo := 0; lo < len(groups); {
 		if err := ctx.Err(); err != nil {
 			return nil, err
 		}
-		b := &trainer.Batch{}
-		var queries []trainer.TokenQuery
-		var owner []int // the request of each query
+		var batch []trainer.ContinuationGroup
+		tokens := 0
 		hi := lo
-		for ; hi < len(order) && (hi == lo || len(b.IDs)+len(segs[order[hi]].ids) <= budget); hi++ {
-			sg := segs[order[hi]]
-			start := int32(len(b.IDs))
-			for j, id := range sg.ids {
-				b.IDs = append(b.IDs, id)
-				b.Pos = append(b.Pos, int32(j))
-				b.SegStart = append(b.SegStart, start)
-				b.Targets = append(b.Targets, trainer.IgnoreIndex)
+		for ; hi < len(groups) && (hi == lo || tokens+groups[hi].tokens <= budget); hi++ {
+			g := groups[hi]
+			cg := trainer.ContinuationGroup{Context: g.ctx}
+			for _, ri := range g.reqs {
+				cg.Continuations = append(cg.Continuations, reqs[ri].Continuation)
 			}
-			for _, ri := range sg.reqs {
-				r := reqs[ri]
-				// The continuation's k-th token is predicted at the
-				// position before it.
-				for k, id := range r.Continuation {
-					queries = append(queries, trainer.TokenQuery{Pos: int(start) + len(r.Context) - 1 + k, ID: id})
-					owner = append(owner, ri)
-				}
-			}
+			batch = append(batch, cg)
+			tokens += g.tokens
 		}
-		lps, err := s.Model.TokenLogProbs(s.Adapter, b, queries)
+		lps, err := s.Model.ContinuationLogProbs(s.Adapter, batch)
 		if err != nil {
 			return nil, err
 		}
-		for _, si := range order[lo:hi] {
-			for _, ri := range segs[si].reqs {
-				out[ri].Greedy = true
+		for bi, g := range groups[lo:hi] {
+			for k, ri := range g.reqs {
+				r := Result{Greedy: true}
+				for _, lp := range lps[bi][k] {
+					r.LogLik += lp.LogProb
+					r.Greedy = r.Greedy && lp.Greedy
+				}
+				out[ri] = r
 			}
-		}
-		for qi, lp := range lps {
-			r := &out[owner[qi]]
-			r.LogLik += lp.LogProb
-			r.Greedy = r.Greedy && lp.Greedy
-		}
-		for _, si := range order[lo:hi] {
-			done += len(segs[si].reqs)
+			done += len(g.reqs)
 		}
 		if s.Progress != nil {
 			s.Progress(done, len(reqs))

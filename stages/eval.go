@@ -318,9 +318,6 @@ func (s *evalStage) Run(ctx context.Context, t *pipeline.Task) error {
 	if err != nil {
 		return err
 	}
-	if m.Config.VocabSize < tok.VocabSize() {
-		return fmt.Errorf("the tokenizer (%s) has %d tokens, the model (%s) only %d: they do not belong together", tokPath, tok.VocabSize(), base, m.Config.VocabSize)
-	}
 	adapter, err := m.LoadAdapter(filepath.Join(adapterEntry, trainer.AdapterDirName))
 	if err != nil {
 		return fmt.Errorf("the adapter of stage %s does not fit the base %s: %w", in.adapter.Name, base, err)
@@ -637,17 +634,28 @@ func (r *evalResults) write(dir string) error {
 	if r.items == nil {
 		return nil
 	}
+	// One line a question: what it is, then each model's log-likelihoods
+	// and picks (letters), as scripts/reference/mc_reference.py prints them.
+	type scores struct {
+		LetterLogLik []float64 `json:"letter_loglik"`
+		ChoiceLogLik []float64 `json:"choice_loglik"`
+		Pred         string    `json:"pred"`
+		PredNorm     string    `json:"pred_norm"`
+	}
 	var lines strings.Builder
 	for i, it := range r.items["base"] {
 		line := struct {
-			Index   int          `json:"index"`
-			Subject string       `json:"subject,omitempty"`
-			Answer  string       `json:"answer"`
-			Base    eval.MCItem  `json:"base"`
-			Adapter *eval.MCItem `json:"adapter,omitempty"`
-		}{Index: it.Index, Subject: it.Subject, Answer: eval.Letter(it.Answer), Base: it}
-		if a := r.items["adapter"]; i < len(a) {
-			line.Adapter = &a[i]
+			Index       int               `json:"index"`
+			Subject     string            `json:"subject,omitempty"`
+			Answer      string            `json:"answer"`
+			ChoiceBytes []int             `json:"choice_bytes"`
+			Models      map[string]scores `json:"models"`
+		}{Index: it.Index, Subject: it.Subject, Answer: eval.Letter(it.Answer), ChoiceBytes: it.ChoiceBytes, Models: map[string]scores{}}
+		for _, which := range []string{"base", "adapter"} {
+			if items := r.items[which]; i < len(items) {
+				m := items[i]
+				line.Models[which] = scores{m.LetterLogLik, m.ChoiceLogLik, eval.Letter(m.Pred), eval.Letter(m.PredNorm)}
+			}
 		}
 		b, err := json.Marshal(line)
 		if err != nil {

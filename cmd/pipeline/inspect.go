@@ -9,7 +9,10 @@ import (
 	"os"
 	"path/filepath"
 	"sort"
+	"strconv"
+	"strings"
 	"time"
+	"unicode/utf8"
 
 	"github.com/apache/arrow-go/v18/arrow"
 	"github.com/spf13/cobra"
@@ -45,6 +48,7 @@ HTML report of the last runs.`,
 				return err
 			}
 			printManifest(os.Stdout, entry, m)
+			printResults(os.Stdout, entry)
 			printWatch(os.Stdout, args[0], []watched{{stage: m.Stage, dir: entry}}, false)
 			if rows > 0 {
 				return printRows(os.Stdout, entry, rows)
@@ -104,6 +108,62 @@ func printManifest(w io.Writer, entry string, m *pipeline.Manifest) {
 	for _, k := range names {
 		v, _ := json.Marshal(m.Stats[k])
 		fmt.Fprintf(w, "stat      %s = %s\n", k, v)
+	}
+}
+
+// printResults shows the score table of an entry's results.json (an eval
+// stage's: the base model and the adapter side by side), if it has one.
+func printResults(w io.Writer, entry string) {
+	data, err := os.ReadFile(filepath.Join(entry, "results.json"))
+	if err != nil {
+		return
+	}
+	var r struct {
+		Table *struct {
+			Columns []string `json:"columns"`
+			Rows    [][]any  `json:"rows"`
+		} `json:"table"`
+	}
+	if json.Unmarshal(data, &r) != nil || r.Table == nil || len(r.Table.Columns) == 0 {
+		return
+	}
+	cells := [][]string{r.Table.Columns}
+	for _, row := range r.Table.Rows {
+		line := make([]string, len(row))
+		for i, v := range row {
+			switch x := v.(type) {
+			case float64:
+				line[i] = strconv.FormatFloat(x, 'f', -1, 64)
+			default:
+				line[i] = fmt.Sprint(x)
+			}
+		}
+		cells = append(cells, line)
+	}
+	width := make([]int, len(r.Table.Columns))
+	for _, line := range cells {
+		for i, c := range line {
+			if i < len(width) {
+				width[i] = max(width[i], utf8.RuneCountInString(c))
+			}
+		}
+	}
+	fmt.Fprintln(w)
+	for _, line := range cells {
+		var b strings.Builder
+		for i, c := range line {
+			if i >= len(width) {
+				break
+			}
+			pad := strings.Repeat(" ", width[i]-utf8.RuneCountInString(c))
+			if i == 0 {
+				// The score's name reads left-aligned, the numbers right.
+				b.WriteString(c + pad)
+			} else {
+				b.WriteString("  " + pad + c)
+			}
+		}
+		fmt.Fprintln(w, b.String())
 	}
 }
 

@@ -4,6 +4,7 @@ import (
 	"bufio"
 	"bytes"
 	"compress/gzip"
+	"context"
 	"encoding/json"
 	"errors"
 	"fmt"
@@ -301,7 +302,7 @@ func readParquetRows(path string) ([]row, error) {
 	if err != nil {
 		return nil, fmt.Errorf("%s: %w", path, err)
 	}
-	tbl, err := fr.ReadTable(nil)
+	tbl, err := fr.ReadTable(context.Background())
 	if err != nil {
 		return nil, fmt.Errorf("%s: %w", path, err)
 	}

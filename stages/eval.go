@@ -482,7 +482,11 @@ func (s *evalStage) base(ctx context.Context, in evalInputs, prov provenance) (s
 	default:
 		return "", fmt.Errorf("no base model: set `model:` to the checkpoint folder the adapter was trained on, or add its model stage to needs")
 	}
-	for name, want := range trained {
+	for _, name := range checkpointFiles {
+		want, ok := trained[name]
+		if !ok {
+			continue
+		}
 		got, ok := have[name]
 		if !ok {
 			path := filepath.Join(dir, name)

@@ -1,0 +1,443 @@
+package stages
+
+import (
+	"bufio"
+	"encoding/json"
+	"fmt"
+	"math"
+	"os"
+	"path/filepath"
+	"strings"
+	"testing"
+
+	"github.com/apache/arrow-go/v18/arrow"
+	"github.com/apache/arrow-go/v18/arrow/array"
+
+	"gemmaft/internal/testenv"
+	"gemmaft/pipeline"
+	"gemmaft/tokenizer"
+	"gemmaft/trainer"
+)
+
+func demoFile(t *testing.T, name string) string {
+	return filepath.Join(testenv.RepoRoot(t), "dataset", "demo", name)
+}
+
+// evalSpec is trainSpec followed by held-out records, their chat and
+// tokens (for the test to compute the loss as training does), an eval
+// stage with both tasks (1-shot) and a 0-shot multiple-choice one.
+func evalSpec(t *testing.T) string {
+	tok := testenv.GemmaFile(t, "tokenizer.json")
+	return trainSpec(t, 2) + fmt.Sprintf(`  heldout: {kind: jsonl, with: {paths: [%s], limit: 5, system: Sen yardımsever bir asistansın.}}
+  heldchat: {kind: chat_template, needs: [heldout]}
+  heldtokens: {kind: tokenize, needs: [heldchat], with: {tokenizer: %s}}
+  eval:
+    kind: eval
+    needs: [adapter, base, heldout]
+    with:
+      tasks: [multiple_choice, loss]
+      multiple_choice: {paths: [%s], dev: [%s], shots: 1, limit: 10}
+  eval0:
+    kind: eval
+    needs: [adapter, base]
+    with:
+      tasks: [multiple_choice]
+      multiple_choice: {paths: [%s], limit: 2}
+`, demoFile(t, "alpaca-tr-heldout.jsonl"), tok, demoFile(t, "mc-tr-test.jsonl"), demoFile(t, "mc-tr-dev.jsonl"), demoFile(t, "mc-tr-test.jsonl"))
+}
+
+type evalResultsFile struct {
+	Models map[string]string `json:"models"`
+	Loss   struct {
+		Records int `json:"records"`
+		Tokens  int `json:"tokens"`
+		Scores  map[string]struct {
+			Loss, Perplexity float64
+		} `json:"scores"`
+	} `json:"loss"`
+	MultipleChoice struct {
+		Questions int `json:"questions"`
+		Shots     int `json:"shots"`
+		Scores    map[string]struct {
+			Questions int     `json:"questions"`
+			Acc       float64 `json:"acc"`
+			AccNorm   float64 `json:"acc_norm"`
+		} `json:"scores"`
+		Subjects map[string]map[string]struct {
+			Questions int     `json:"questions"`
+			Acc       float64 `json:"acc"`
+		} `json:"subjects"`
+	} `json:"multiple_choice"`
+	Table struct {
+		Columns []string `json:"columns"`
+		Rows    [][]any  `json:"rows"`
+	} `json:"table"`
+}
+
+type evalItem struct {
+	Index       int    `json:"index"`
+	Subject     string `json:"subject"`
+	Answer      string `json:"answer"`
+	ChoiceBytes []int  `json:"choice_bytes"`
+	Models      map[string]struct {
+		LetterLogLik []float64 `json:"letter_loglik"`
+		ChoiceLogLik []float64 `json:"choice_loglik"`
+		Pred         string    `json:"pred"`
+		PredNorm     string    `json:"pred_norm"`
+	} `json:"models"`
+}
+
+func readEval(t *testing.T, entry string) (evalResultsFile, []evalItem) {
+	t.Helper()
+	var res evalResultsFile
+	data, err := os.ReadFile(filepath.Join(entry, EvalResultsFile))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := json.Unmarshal(data, &res); err != nil {
+		t.Fatal(err)
+	}
+	var items []evalItem
+	f, err := os.Open(filepath.Join(entry, EvalItemsFile))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer f.Close()
+	sc := bufio.NewScanner(f)
+	for sc.Scan() {
+		var it evalItem
+		if err := json.Unmarshal(sc.Bytes(), &it); err != nil {
+			t.Fatal(err)
+		}
+		items = append(items, it)
+	}
+	return res, items
+}
+
+// models loads the base of the run as the eval stage scores it, and the
+// adapter on the NF4 round trip of it, as the adapter was trained.
+func evalModels(t *testing.T, rec *pipeline.RunRecord) (base, quantized *trainer.Model, a *trainer.Adapter) {
+	t.Helper()
+	dir := stageEntry(t, rec, "base")
+	base, err := trainer.LoadModel(dir)
+	if err != nil {
+		t.Fatal(err)
+	}
+	quantized, err = trainer.LoadModel(dir)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := quantized.QuantizeBase(); err != nil {
+		t.Fatal(err)
+	}
+	a, err = quantized.LoadAdapter(filepath.Join(stageEntry(t, rec, "adapter"), trainer.AdapterDirName))
+	if err != nil {
+		t.Fatal(err)
+	}
+	return base, quantized, a
+}
+
+// TestEvalStage: the eval stage scores the base model and the adapter side
+// by side. Its held-out loss is the training loss (Model.Loss) of the
+// tokenize stage's rows of the same records; its letter log-likelihoods
+// are the log-softmax of Model.Logits after the harness's prompt, written
+// out here; acc and acc_norm follow from the log-likelihoods it reports;
+// a second run is cached.
+func TestEvalStage(t *testing.T) {
+	r := newTestRun(t)
+	spec := r.spec(evalSpec(t))
+	rec, err := r.run(spec, pipeline.Options{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	entry := stageEntry(t, rec, "eval")
+	res, items := readEval(t, entry)
+	base, quantized, adapter := evalModels(t, rec)
+
+	// The loss, as training computes it on the tokenize stage's rows.
+	var rows []trainer.PackedRow
+	forEach(t, r.table(rec, "heldtokens"), func(b arrow.RecordBatch) {
+		ids, labels := b.Column(0).(*array.List), b.Column(1).(*array.List)
+		for i := 0; i < int(b.NumRows()); i++ {
+			in, lab := listAt(ids, i), listAt(labels, i)
+			rows = append(rows, trainer.PackedRow{InputIDs: in, Labels: lab, SeqLengths: []int32{int32(len(in))}})
+		}
+	})
+	batch, err := trainer.NewBatch(rows)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, c := range []struct {
+		which string
+		m     *trainer.Model
+		a     *trainer.Adapter
+	}{{"base", base, nil}, {"adapter", quantized, adapter}} {
+		sum, n, err := c.m.Loss(c.a, batch)
+		if err != nil {
+			t.Fatal(err)
+		}
+		got := res.Loss.Scores[c.which]
+		if res.Loss.Records != 5 || res.Loss.Tokens != n || math.Abs(got.Loss-sum/float64(n)) > 1e-6*sum/float64(n) {
+			t.Errorf("%s: loss %.8f over %d records, %d tokens; training's loss of the tokenized records %.8f over %d tokens",
+				c.which, got.Loss, res.Loss.Records, res.Loss.Tokens, sum/float64(n), n)
+		}
+		if math.Abs(got.Perplexity-math.Exp(got.Loss)) > 1e-9*got.Perplexity {
+			t.Errorf("%s: perplexity %v is not exp(loss %v)", c.which, got.Perplexity, got.Loss)
+		}
+	}
+	if res.Loss.Scores["base"].Loss == res.Loss.Scores["adapter"].Loss {
+		t.Error("the base and the adapter have the same loss")
+	}
+
+	// acc and acc_norm from the reported log-likelihoods.
+	if len(items) != 10 || res.MultipleChoice.Questions != 10 || res.MultipleChoice.Shots != 1 {
+		t.Fatalf("%d items, %d questions, %d shots; want 10, 10, 1", len(items), res.MultipleChoice.Questions, res.MultipleChoice.Shots)
+	}
+	for _, which := range []string{"base", "adapter"} {
+		right, rightNorm := 0, 0
+		for _, it := range items {
+			m := it.Models[which]
+			best, bestNorm := 0, 0
+			for j := range m.LetterLogLik {
+				if m.LetterLogLik[j] > m.LetterLogLik[best] {
+					best = j
+				}
+				if m.ChoiceLogLik[j]/float64(it.ChoiceBytes[j]) > m.ChoiceLogLik[bestNorm]/float64(it.ChoiceBytes[bestNorm]) {
+					bestNorm = j
+				}
+			}
+			if m.Pred != string(rune('A'+best)) || m.PredNorm != string(rune('A'+bestNorm)) {
+				t.Errorf("%s question %d: pred %s, pred_norm %s; the log-likelihoods pick %c, %c", which, it.Index, m.Pred, m.PredNorm, 'A'+best, 'A'+bestNorm)
+			}
+			if m.Pred == it.Answer {
+				right++
+			}
+			if m.PredNorm == it.Answer {
+				rightNorm++
+			}
+		}
+		sc := res.MultipleChoice.Scores[which]
+		if sc.Acc != float64(right)/10 || sc.AccNorm != float64(rightNorm)/10 {
+			t.Errorf("%s: acc %v, acc_norm %v; the items say %v, %v", which, sc.Acc, sc.AccNorm, float64(right)/10, float64(rightNorm)/10)
+		}
+		if sub := res.MultipleChoice.Subjects["Türkiye coğrafyası"][which]; sub.Questions != 10 {
+			t.Errorf("%s: subject has %d questions, want 10", which, sub.Questions)
+		}
+	}
+
+	// The letters of 0-shot question 0, from the logits.
+	_, items0 := readEval(t, stageEntry(t, rec, "eval0"))
+	var q struct {
+		Subject, Question string
+		Choices           []string
+	}
+	line, _, _ := strings.Cut(string(must(os.ReadFile(demoFile(t, "mc-tr-test.jsonl")))), "\n")
+	if err := json.Unmarshal([]byte(line), &q); err != nil {
+		t.Fatal(err)
+	}
+	prompt := "The following are multiple choice questions (with answers) about " + q.Subject + ".\n\n" + q.Question
+	for j, c := range q.Choices {
+		prompt += fmt.Sprintf("\n%c. %s", 'A'+j, c)
+	}
+	prompt += "\nAnswer:"
+	tok, err := tokenizer.LoadFile(testenv.GemmaFile(t, "tokenizer.json"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctx := tok.EncodeIDs(prompt, true)
+	for _, c := range []struct {
+		which string
+		m     *trainer.Model
+		a     *trainer.Adapter
+	}{{"base", base, nil}, {"adapter", quantized, adapter}} {
+		b, err := trainer.NewBatch([]trainer.PackedRow{{InputIDs: ctx, Labels: ctx, SeqLengths: []int32{int32(len(ctx))}}})
+		if err != nil {
+			t.Fatal(err)
+		}
+		logits, err := c.m.Logits(c.a, b)
+		if err != nil {
+			t.Fatal(err)
+		}
+		V := c.m.Config.VocabSize
+		row := logits[(len(ctx)-1)*V : len(ctx)*V]
+		mx := math.Inf(-1)
+		for _, v := range row {
+			mx = math.Max(mx, float64(v))
+		}
+		var s float64
+		for _, v := range row {
+			s += math.Exp(float64(v) - mx)
+		}
+		for j := range q.Choices {
+			id, ok := tok.ID("▁" + string(rune('A'+j)))
+			if !ok {
+				t.Fatalf("no token for \" %c\"", 'A'+j)
+			}
+			want := float64(row[id]) - mx - math.Log(s)
+			got := items0[0].Models[c.which].LetterLogLik[j]
+			if math.Abs(got-want) > 1e-5*math.Abs(want) {
+				t.Errorf("%s: log-likelihood of \" %c\" %.8f, from the logits %.8f", c.which, 'A'+j, got, want)
+			}
+		}
+	}
+
+	// Side by side in the statistics and the table.
+	var stats map[string]any
+	for _, s := range rec.Stages {
+		if s.Name == "eval" {
+			stats = s.Stats
+		}
+	}
+	for _, k := range []string{"loss_base", "loss_adapter", "perplexity_base", "perplexity_adapter", "acc_base", "acc_adapter", "acc_norm_base", "acc_norm_adapter", "subjects", "counts"} {
+		if _, ok := stats[k]; !ok {
+			t.Errorf("no statistic %s: %v", k, stats)
+		}
+	}
+	if fmt.Sprint(res.Table.Columns) != "[score base adapter change]" || len(res.Table.Rows) != 6 || res.Table.Rows[0][0] != "loss" {
+		t.Errorf("table %v %v", res.Table.Columns, res.Table.Rows)
+	}
+	if !strings.Contains(res.Models["adapter"], "NF4") {
+		t.Errorf("models %v: the adapter should be said to run on the NF4 base", res.Models)
+	}
+
+	rec, err = r.run(spec, pipeline.Options{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, s := range rec.Stages {
+		if s.State != "cached" {
+			t.Errorf("second run: %s is %s", s.Name, s.State)
+		}
+	}
+}
+
+func must[T any](v T, err error) T {
+	if err != nil {
+		panic(err)
+	}
+	return v
+}
+
+// evalEntries counts the committed entries of eval stages.
+func (r *testRun) evalEntries() int {
+	keys, err := r.store.Keys()
+	if err != nil {
+		r.t.Fatal(err)
+	}
+	n := 0
+	for _, k := range keys {
+		if m, err := pipeline.ReadManifest(r.store.EntryDir(k)); err == nil && m.Kind == evalKindName {
+			n++
+		}
+	}
+	return n
+}
+
+// TestEvalBadInput: a set without an answer column, answers outside the
+// choices, prompts longer than the model's context, an adapter for another
+// base, missing or wrong inputs and parameters: each fails saying what is
+// wrong, and no eval entry is written. The adapter is trained once, on a
+// model whose context is 160 tokens.
+func TestEvalBadInput(t *testing.T) {
+	r := newTestRun(t)
+	short := filepath.Join(r.dir, "short")
+	c, _ := trainer.Preset("tiny")
+	c.MaxPositions = 160
+	if err := trainer.WriteRandomCheckpoint(short, c, trainer.InitOptions{Seed: 7, Std: 0.3}); err != nil {
+		t.Fatal(err)
+	}
+	other := filepath.Join(r.dir, "other")
+	if err := trainer.WriteRandomCheckpoint(other, c, trainer.InitOptions{Seed: 8, Std: 0.3}); err != nil {
+		t.Fatal(err)
+	}
+	smaller := filepath.Join(r.dir, "smaller")
+	c2, _ := trainer.Preset("tiny")
+	c2.Hidden, c2.Intermediate = 32, 128
+	if err := trainer.WriteRandomCheckpoint(smaller, c2, trainer.InitOptions{Seed: 7}); err != nil {
+		t.Fatal(err)
+	}
+	train := strings.Replace(trainSpec(t, 1), "  base: {kind: model, with: {preset: tiny, seed: 7, std: 0.3}}\n", "", 1)
+	train = strings.Replace(train, "needs: [pack, base]\n    with: {", "needs: [pack]\n    with: {model: "+short+", ", 1)
+	write := func(name, content string) string {
+		p := filepath.Join(r.dir, name)
+		if err := os.WriteFile(p, []byte(content), 0o644); err != nil {
+			t.Fatal(err)
+		}
+		return p
+	}
+	held := write("held.jsonl", `{"instruction": "Selam ver.", "input": "", "output": "Merhaba!"}`+"\n")
+	good := write("good.jsonl", `{"question": "Hangisi meyvedir?", "choices": ["elma", "taş"], "answer": "A"}`+"\n")
+	noAnswer := write("noanswer.jsonl", `{"question": "Hangisi meyvedir?", "choices": ["elma", "taş"]}`+"\n")
+	outside := write("outside.jsonl", `{"question": "Hangisi meyvedir?", "choices": ["elma", "taş", "demir", "cam"], "answer": "E"}`+"\n")
+	long := write("long.jsonl", `{"question": "`+strings.Repeat("Bu soru çok uzun bir sorudur. ", 40)+`Hangisi meyvedir?", "choices": ["elma", "taş"], "answer": "A"}`+"\n")
+	noDev := write("nodev.jsonl", `{"subject": "tarih", "question": "Soru?", "choices": ["a", "b"], "answer": 0}`+"\n")
+
+	if _, err := r.run(r.spec(train), pipeline.Options{}); err != nil {
+		t.Fatal(err)
+	}
+	evalStage := func(needs, with string) string {
+		return train + fmt.Sprintf("  held: {kind: jsonl, with: {paths: [%s]}}\n  eval:\n    kind: eval\n    needs: [%s]\n    with: %s\n", held, needs, with)
+	}
+	for _, c := range []struct {
+		name, spec string
+		want       []string
+	}{
+		{"no answer column", evalStage("adapter", "{tasks: [multiple_choice], multiple_choice: {paths: ["+noAnswer+"]}}"),
+			[]string{"noanswer.jsonl:1", `no answer (column "answer")`, "multiple_choice"}},
+		{"answer outside the choices", evalStage("adapter", "{tasks: [multiple_choice], multiple_choice: {paths: ["+outside+"]}}"),
+			[]string{"outside.jsonl:1", `answer "E" is outside the 4 choices (A to D)`}},
+		{"longer than the context", evalStage("adapter", "{tasks: [multiple_choice], multiple_choice: {paths: ["+long+"]}}"),
+			[]string{"long.jsonl:1", "more than the model's context of 160 tokens"}},
+		{"another base (another shape)", evalStage("adapter", "{tasks: [multiple_choice], model: "+smaller+", multiple_choice: {paths: ["+good+"]}}"),
+			[]string{"an adapter for another base", "config.json differs"}},
+		{"another base (other weights)", evalStage("adapter", "{tasks: [multiple_choice], model: "+other+", multiple_choice: {paths: ["+good+"]}}"),
+			[]string{"an adapter for another base", "model.safetensors differs"}},
+		{"no held-out records", evalStage("adapter", "{tasks: [loss]}"),
+			[]string{"the loss task has no held-out records"}},
+		{"records without the loss task", evalStage("adapter, held", "{tasks: [multiple_choice], multiple_choice: {paths: ["+good+"]}}"),
+			[]string{"stage held gives held-out records", "add loss to tasks"}},
+		{"no adapter", evalStage("held", "{tasks: [loss], model: "+short+"}"),
+			[]string{"no adapter: add the qlora stage to needs"}},
+		{"a pack stage", evalStage("adapter, pack", "{tasks: [multiple_choice], multiple_choice: {paths: ["+good+"]}}"),
+			[]string{"needs stage pack of kind pack"}},
+		{"no tasks", evalStage("adapter", "{tasks: []}"), []string{"tasks: no tasks"}},
+		{"unknown task", evalStage("adapter", "{tasks: [bleu]}"), []string{`unknown task "bleu"`}},
+		{"set without the task", evalStage("adapter, held", "{tasks: [loss], multiple_choice: {paths: ["+good+"]}}"),
+			[]string{"multiple_choice: is given but the task is not listed"}},
+		{"task without a set", evalStage("adapter", "{tasks: [multiple_choice]}"), []string{"multiple_choice needs its question set"}},
+		{"shots without dev", evalStage("adapter", "{tasks: [multiple_choice], multiple_choice: {paths: ["+good+"], shots: 2}}"),
+			[]string{"2-shot needs a dev split"}},
+		{"too few dev questions", evalStage("adapter", "{tasks: [multiple_choice], multiple_choice: {paths: ["+noDev+"], dev: ["+noDev+"], shots: 2}}"),
+			[]string{`2-shot needs 2 dev questions of subject "tarih", the dev split has 1`}},
+	} {
+		t.Run(c.name, func(t *testing.T) {
+			rec, err := r.run(r.spec(c.spec), pipeline.Options{})
+			if err == nil {
+				t.Fatal("the eval stage ran")
+			}
+			t.Log(err)
+			for _, w := range c.want {
+				if !strings.Contains(err.Error(), w) {
+					t.Errorf("error lacks %q: %v", w, err)
+				}
+			}
+			if rec != nil {
+				for _, s := range rec.Stages {
+					if s.Name == "eval" && s.Entry != "" {
+						t.Errorf("eval left entry %s", s.Entry)
+					}
+				}
+			}
+			if n := r.evalEntries(); n != 0 {
+				t.Errorf("%d eval entries after a failure", n)
+			}
+		})
+	}
+	// And the same stage with a good set runs.
+	if _, err := r.run(r.spec(evalStage("adapter", "{tasks: [multiple_choice], multiple_choice: {paths: ["+good+"]}}")), pipeline.Options{}); err != nil {
+		t.Fatalf("a good set: %v", err)
+	}
+	if n := r.evalEntries(); n != 1 {
+		t.Errorf("%d eval entries after a good run", n)
+	}
+}

@@ -234,7 +234,7 @@ func TestPicksHandBuilt(t *testing.T) {
 func TestPromptFormat(t *testing.T) {
 	shot := Question{Subject: "temel_matematik", Question: " 2 + 2 kaçtır? ", Choices: []string{"3", "4", "5"}, Answer: 1}
 	q := Question{Subject: "temel_matematik", Question: "Bir düzine kaç tanedir?\n", Choices: []string{"6", "12", "20", "24"}, Answer: 1}
-	letters, cloze := Contexts(q, []Question{shot})
+	letters, cloze := FormatMMLU.Contexts(q, []Question{shot})
 	wantL := "The following are multiple choice questions (with answers) about temel matematik.\n\n" +
 		"2 + 2 kaçtır?\nA. 3\nB. 4\nC. 5\nAnswer: B\n\n" +
 		"Bir düzine kaç tanedir?\nA. 6\nB. 12\nC. 20\nD. 24\nAnswer:"
@@ -248,9 +248,19 @@ func TestPromptFormat(t *testing.T) {
 		t.Errorf("continuation prompt\n%q\nwant\n%q", cloze, wantC)
 	}
 	q.Subject = ""
-	if l, c := Contexts(q, nil); !strings.HasPrefix(l, "The following are multiple choice questions (with answers).\n\nBir") ||
+	if l, c := FormatMMLU.Contexts(q, nil); !strings.HasPrefix(l, "The following are multiple choice questions (with answers).\n\nBir") ||
 		!strings.HasPrefix(c, "The following are questions (with answers).\n\nQuestion: Bir") {
 		t.Errorf("without a subject: %q, %q", l, c)
+	}
+	// lm-evaluation-harness's turkishmmlu task, and its continuation twin.
+	q.Subject = "Mathematics"
+	letters, cloze = FormatTurkishMMLU.Contexts(q, []Question{shot})
+	wantL = "Soru: 2 + 2 kaçtır?\nA. 3\nB. 4\nC. 5\nCevap: B\n\n" +
+		"Soru: Bir düzine kaç tanedir?\nA. 6\nB. 12\nC. 20\nD. 24\nCevap:"
+	wantC = "Soru: 2 + 2 kaçtır?\nCevap: 4\n\n" +
+		"Soru: Bir düzine kaç tanedir?\nCevap:"
+	if letters != wantL || cloze != wantC {
+		t.Errorf("turkishmmlu prompts\n%q\n%q", letters, cloze)
 	}
 }
 
@@ -269,7 +279,7 @@ func TestBuildMCTokens(t *testing.T) {
 		t.Fatal(err)
 	}
 	bos, _ := tok.ID("<bos>")
-	lc, cc := Contexts(qs[0], dev)
+	lc, cc := FormatMMLU.Contexts(qs[0], dev)
 	for _, c := range []struct {
 		ctx  string
 		reqs []Request
@@ -406,6 +416,11 @@ func TestReadQuestionsLayouts(t *testing.T) {
 	}
 	if len(qs) != 2 || qs[0].Answer != 0 || qs[0].Subject != "genel" || len(qs[0].Choices) != 3 || qs[1].Answer != 1 || qs[1].Subject != "" || qs[1].Where != "a.jsonl:3" {
 		t.Errorf("read %+v", qs)
+	}
+	// A .json file may hold one array (as TurkishMMLU's files do).
+	arr := writeFile(t, dir, "c.json", ` [{"question": "Q?", "choices": ["a", "b", "c", "d", "e"], "answer": "E"}]`)
+	if qs, err = ReadQuestions([]string{arr}, nil); err != nil || len(qs) != 1 || qs[0].Answer != 4 || qs[0].Where != "c.json item 0" {
+		t.Errorf("JSON array: %+v, %v", qs, err)
 	}
 	pq := filepath.Join(dir, "b.parquet")
 	writeParquetSet(t, pq)

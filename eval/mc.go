@@ -45,26 +45,46 @@ import (
 // and the continuation's tokens are the whole's tokens past the context's.
 // The harness cuts contexts longer than the model from the left; here they
 // are an error. No chat template is applied (the harness's default).
+//
+// FormatTurkishMMLU is the harness's `turkishmmlu` task instead
+// (lm_eval/tasks/turkishmmlu, for AYueksel/TurkishMMLU): no description,
+// "Soru: {question.strip()}\nA. …\nE. …\nCevap:" with the letters as
+// continuations; its continuation prompt, which the harness lacks, is
+// "Soru: {question.strip()}\nCevap:" in the same spirit.
 
-// MCOptions configures multiple-choice scoring.
-type MCOptions struct {
-	// Shots is how many solved dev questions precede each question.
-	Shots int
-	// Dev is the split the shots come from.
-	Dev []Question
+// A Format is one of the harness's prompt layouts.
+type Format struct {
+	Name string
+	// description is the task description before the shots; none when
+	// nil.
+	description func(subject string, cloze bool) string
+	// letterQ and clozeQ come before the question's text in the lettered
+	// and the continuation prompt; answer ends both.
+	letterQ, clozeQ, answer string
 }
 
-// MCPrompts is a set's questions turned into scoring requests, made once
-// and scored for each model.
-type MCPrompts struct {
-	Questions []Question
-	// Letters[i] and Texts[i] are question i's requests: one per choice.
-	Letters, Texts [][]Request
+// The prompt formats.
+var (
+	FormatMMLU = Format{Name: "mmlu", description: mmluDescription,
+		letterQ: "", clozeQ: "Question: ", answer: "Answer:"}
+	FormatTurkishMMLU = Format{Name: "turkishmmlu",
+		letterQ: "Soru: ", clozeQ: "Soru: ", answer: "Cevap:"}
+)
+
+// ParseFormat finds a format by name ("" is mmlu).
+func ParseFormat(name string) (Format, error) {
+	switch name {
+	case "", FormatMMLU.Name:
+		return FormatMMLU, nil
+	case FormatTurkishMMLU.Name:
+		return FormatTurkishMMLU, nil
+	}
+	return Format{}, fmt.Errorf("unknown prompt format %q (mmlu or turkishmmlu)", name)
 }
 
-// Description is the task description of the harness's MMLU prompts
+// mmluDescription is the task description of the harness's MMLU prompts
 // (cloze: the continuation task's).
-func Description(subject string, cloze bool) string {
+func mmluDescription(subject string, cloze bool) string {
 	kind := "multiple choice questions"
 	if cloze {
 		kind = "questions"
@@ -75,35 +95,55 @@ func Description(subject string, cloze bool) string {
 	return "The following are " + kind + " (with answers) about " + strings.ReplaceAll(subject, "_", " ") + ".\n\n"
 }
 
-// LetterText is a question as the lettered prompt writes it, up to and
-// including "Answer:".
-func LetterText(q Question) string {
+// lettered is a question as the lettered prompt writes it, up to and
+// including the answer cue.
+func (f Format) lettered(q Question) string {
 	var b strings.Builder
-	b.WriteString(chat.Strip(q.Question))
+	b.WriteString(f.letterQ + chat.Strip(q.Question))
 	for i, c := range q.Choices {
 		b.WriteString("\n" + Letter(i) + ". " + c)
 	}
-	b.WriteString("\nAnswer:")
+	b.WriteString("\n" + f.answer)
 	return b.String()
 }
 
-// ClozeText is a question as the continuation prompt writes it.
-func ClozeText(q Question) string {
-	return "Question: " + chat.Strip(q.Question) + "\nAnswer:"
+// cloze is a question as the continuation prompt writes it.
+func (f Format) cloze(q Question) string {
+	return f.clozeQ + chat.Strip(q.Question) + "\n" + f.answer
 }
 
 // Contexts are a question's two prompts, shots included.
-func Contexts(q Question, shots []Question) (letters, cloze string) {
+func (f Format) Contexts(q Question, shots []Question) (letters, cloze string) {
 	var l, c strings.Builder
-	l.WriteString(Description(q.Subject, false))
-	c.WriteString(Description(q.Subject, true))
-	for _, s := range shots {
-		l.WriteString(LetterText(s) + " " + Letter(s.Answer) + "\n\n")
-		c.WriteString(ClozeText(s) + " " + s.Choices[s.Answer] + "\n\n")
+	if f.description != nil {
+		l.WriteString(f.description(q.Subject, false))
+		c.WriteString(f.description(q.Subject, true))
 	}
-	l.WriteString(LetterText(q))
-	c.WriteString(ClozeText(q))
+	for _, s := range shots {
+		l.WriteString(f.lettered(s) + " " + Letter(s.Answer) + "\n\n")
+		c.WriteString(f.cloze(s) + " " + s.Choices[s.Answer] + "\n\n")
+	}
+	l.WriteString(f.lettered(q))
+	c.WriteString(f.cloze(q))
 	return l.String(), c.String()
+}
+
+// MCOptions configures multiple-choice scoring.
+type MCOptions struct {
+	// Shots is how many solved dev questions precede each question.
+	Shots int
+	// Dev is the split the shots come from.
+	Dev []Question
+	// Format is the prompt layout; the zero Format is FormatMMLU.
+	Format Format
+}
+
+// MCPrompts is a set's questions turned into scoring requests, made once
+// and scored for each model.
+type MCPrompts struct {
+	Questions []Question
+	// Letters[i] and Texts[i] are question i's requests: one per choice.
+	Letters, Texts [][]Request
 }
 
 // Shots picks each question's shots: the first opts.Shots dev questions of
@@ -144,13 +184,17 @@ func BuildMC(tok *tokenizer.Tokenizer, qs []Question, opts MCOptions) (*MCPrompt
 	if err != nil {
 		return nil, err
 	}
+	f := opts.Format
+	if f.Name == "" {
+		f = FormatMMLU
+	}
 	// Every text to tokenize: per question its two contexts, then each
 	// context followed by each continuation.
 	var texts []string
 	type span struct{ letters, texts int }
 	at := make([]span, len(qs))
 	for i, q := range qs {
-		lc, cc := Contexts(q, shots[i])
+		lc, cc := f.Contexts(q, shots[i])
 		at[i] = span{len(texts), len(texts) + 1 + len(q.Choices)}
 		texts = append(texts, lc)
 		for j := range q.Choices {

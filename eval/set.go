@@ -262,7 +262,11 @@ func readJSONLRows(path string) ([]row, error) {
 		defer gz.Close()
 		src = gz
 	}
-	sc := bufio.NewScanner(src)
+	br := bufio.NewReaderSize(src, 64<<10)
+	if first, err := firstByte(br); err == nil && first == '[' {
+		return readJSONArray(br, filepath.Base(path))
+	}
+	sc := bufio.NewScanner(br)
 	sc.Buffer(make([]byte, 64<<10), 64<<20)
 	var rows []row
 	base := filepath.Base(path)
@@ -288,6 +292,38 @@ func readJSONLRows(path string) ([]row, error) {
 	}
 	if err := sc.Err(); err != nil {
 		return nil, fmt.Errorf("%s: %w", path, err)
+	}
+	return rows, nil
+}
+
+// firstByte peeks at the first byte that is not white space.
+func firstByte(br *bufio.Reader) (byte, error) {
+	for {
+		b, err := br.Peek(1)
+		if err != nil {
+			return 0, err
+		}
+		switch b[0] {
+		case ' ', '\t', '\r', '\n':
+			br.ReadByte()
+			continue
+		}
+		return b[0], nil
+	}
+}
+
+// readJSONArray reads a .json file holding one array of objects (what
+// the Hugging Face hub often serves as .json).
+func readJSONArray(r io.Reader, base string) ([]row, error) {
+	dec := json.NewDecoder(r)
+	dec.UseNumber()
+	var vs []map[string]any
+	if err := dec.Decode(&vs); err != nil {
+		return nil, fmt.Errorf("%s: not a JSON array of objects: %w", base, err)
+	}
+	rows := make([]row, len(vs))
+	for i, v := range vs {
+		rows[i] = row{where: fmt.Sprintf("%s item %d", base, i), values: v}
 	}
 	return rows, nil
 }

@@ -79,11 +79,22 @@ type mcParams struct {
 	Columns map[string]string `json:"columns,omitempty"`
 	// Limit scores the first questions only; 0 scores them all.
 	Limit int `json:"limit"`
+	// Prompt is the prompt layout: mmlu (lm-evaluation-harness's MMLU
+	// tasks) or turkishmmlu (its TurkishMMLU task: "Soru: … Cevap:").
+	Prompt string `json:"prompt"`
 }
 
 func (evalKind) Version() int       { return 1 }
 func (evalKind) Inputs() (int, int) { return 1, -1 }
 func (evalKind) Params() any        { return &evalParams{BatchTokens: 4096} }
+
+// The multiple_choice block's defaults, filled in by Validate (the block
+// is a pointer, absent when the task is not listed).
+func (mc *mcParams) defaults() {
+	if mc.Prompt == "" {
+		mc.Prompt = eval.FormatMMLU.Name
+	}
+}
 
 func (p *evalParams) Validate() error {
 	bad := func(param, msg, fix string) error { return &pipeline.ParamError{Param: param, Msg: msg, Fix: fix} }
@@ -115,6 +126,10 @@ func (p *evalParams) Validate() error {
 		return bad("multiple_choice", "is given but the task is not listed", "add multiple_choice to tasks")
 	case mc == nil:
 		return nil
+	}
+	mc.defaults()
+	if _, err := eval.ParseFormat(mc.Prompt); err != nil {
+		return bad("multiple_choice", err.Error(), "mmlu is lm-evaluation-harness's MMLU prompt, turkishmmlu its TurkishMMLU one")
 	}
 	switch {
 	case len(mc.Paths) == 0:
@@ -187,7 +202,8 @@ func (evalKind) Prepare(params any, dir string) (pipeline.Runner, error) {
 			qs = qs[:mc.Limit]
 		}
 		s.files = append(s.files, paths...)
-		s.mc = eval.MCOptions{Shots: mc.Shots}
+		format, _ := eval.ParseFormat(mc.Prompt)
+		s.mc = eval.MCOptions{Shots: mc.Shots, Format: format}
 		if len(mc.Dev) > 0 {
 			devPaths, err := dataset.ExpandGlobs(dir, mc.Dev)
 			if err != nil {
@@ -366,7 +382,7 @@ func (s *evalStage) Run(ctx context.Context, t *pipeline.Task) error {
 				return err
 			}
 			done += mcRequests(prompts)
-			res.setMC(which, items, s.mc.Shots)
+			res.setMC(which, items, s.mc.Shots, s.mc.Format)
 		}
 	}
 	if err := res.write(t.Dir); err != nil {
@@ -565,11 +581,15 @@ func (r *evalResults) setLoss(which string, l eval.LossResult) {
 	r.Loss.Scores[which] = l
 }
 
-func (r *evalResults) setMC(which string, items []eval.MCItem, shots int) {
+func (r *evalResults) setMC(which string, items []eval.MCItem, shots int, f eval.Format) {
+	format := "lm-evaluation-harness's mmlu prompt (acc: answer letters) and mmlu_continuation prompt (acc_norm: choice texts, per UTF-8 byte)"
+	if f.Name == eval.FormatTurkishMMLU.Name {
+		format = "lm-evaluation-harness's turkishmmlu prompt (acc: answer letters) and its continuation form (acc_norm: choice texts, per UTF-8 byte)"
+	}
 	all, subjects := eval.Summarize(items)
 	if r.MultipleChoice == nil {
 		r.MultipleChoice = &mcResults{Questions: all.Questions, Shots: shots,
-			Format: "lm-evaluation-harness mmlu (acc: answer letters) and mmlu_continuation (acc_norm: choice texts, per UTF-8 byte)",
+			Format: format,
 			Scores: map[string]eval.MCScores{}}
 	}
 	r.MultipleChoice.Scores[which] = all

@@ -401,6 +401,8 @@ func TestEvalBadInput(t *testing.T) {
 		{"a pack stage", evalStage("adapter, pack", "{tasks: [multiple_choice], multiple_choice: {paths: ["+good+"]}}"),
 			[]string{"needs stage pack of kind pack"}},
 		{"no tasks", evalStage("adapter", "{tasks: []}"), []string{"tasks: no tasks"}},
+		{"unknown prompt", evalStage("adapter", "{tasks: [multiple_choice], multiple_choice: {paths: ["+good+"], prompt: mmlu_pro}}"),
+			[]string{`unknown prompt format "mmlu_pro"`}},
 		{"unknown task", evalStage("adapter", "{tasks: [bleu]}"), []string{`unknown task "bleu"`}},
 		{"set without the task", evalStage("adapter, held", "{tasks: [loss], multiple_choice: {paths: ["+good+"]}}"),
 			[]string{"multiple_choice: is given but the task is not listed"}},
@@ -434,7 +436,7 @@ func TestEvalBadInput(t *testing.T) {
 		})
 	}
 	// And the same stage with a good set runs.
-	if _, err := r.run(r.spec(evalStage("adapter", "{tasks: [multiple_choice], multiple_choice: {paths: ["+good+"]}}")), pipeline.Options{}); err != nil {
+	if _, err := r.run(r.spec(evalStage("adapter", "{tasks: [multiple_choice], multiple_choice: {paths: ["+good+"], prompt: turkishmmlu}}")), pipeline.Options{}); err != nil {
 		t.Fatalf("a good set: %v", err)
 	}
 	if n := r.evalEntries(); n != 1 {

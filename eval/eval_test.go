@@ -2,10 +2,12 @@ package eval
 
 import (
 	"context"
+	"encoding/json"
 	"fmt"
 	"math"
 	"math/rand/v2"
 	"os"
+	"os/exec"
 	"path/filepath"
 	"strings"
 	"testing"
@@ -468,5 +470,56 @@ func TestReadQuestionsErrors(t *testing.T) {
 	}
 	if _, err := ReadQuestions([]string{writeFile(t, dir, "x.csv", "q,a\n")}, nil); err == nil || !strings.Contains(err.Error(), "unknown format") {
 		t.Errorf("csv: %v", err)
+	}
+}
+
+// TestReferencePromptsAgree: scripts/reference/mc_reference.py, the
+// transformers implementation run on the GPU machine, builds the same
+// prompts and continuations as this package, for the demo set 1-shot and
+// in the turkishmmlu layout.
+func TestReferencePromptsAgree(t *testing.T) {
+	testenv.NeedTool(t, "python3")
+	root := testenv.RepoRoot(t)
+	dir := filepath.Join(root, "dataset", "demo")
+	test, _ := ReadQuestions([]string{filepath.Join(dir, "mc-tr-test.jsonl")}, nil)
+	dev, _ := ReadQuestions([]string{filepath.Join(dir, "mc-tr-dev.jsonl")}, nil)
+	for _, c := range []struct {
+		format Format
+		shots  int
+	}{{FormatMMLU, 1}, {FormatTurkishMMLU, 2}} {
+		cmd := exec.Command("python3", "scripts/reference/mc_reference.py", "--prompts-only", filepath.Join(dir, "mc-tr-test.jsonl"),
+			"--dev", filepath.Join(dir, "mc-tr-dev.jsonl"), "--shots", fmt.Sprint(c.shots), "--prompt", c.format.Name)
+		cmd.Dir = root
+		out, err := cmd.Output()
+		if err != nil {
+			t.Fatalf("%s: %v", cmd, err)
+		}
+		lines := strings.Split(strings.TrimSpace(string(out)), "\n")
+		shots, err := Shots(test, MCOptions{Shots: c.shots, Dev: dev})
+		if err != nil {
+			t.Fatal(err)
+		}
+		if len(lines) != len(test) {
+			t.Fatalf("%s: %d prompts for %d questions", c.format.Name, len(lines), len(test))
+		}
+		for i, line := range lines {
+			var py struct {
+				Letters             string   `json:"letters"`
+				Cloze               string   `json:"cloze"`
+				LetterContinuations []string `json:"letter_continuations"`
+				ClozeContinuations  []string `json:"cloze_continuations"`
+			}
+			if err := json.Unmarshal([]byte(line), &py); err != nil {
+				t.Fatal(err)
+			}
+			l, cl := c.format.Contexts(test[i], shots[i])
+			var lc, cc []string
+			for j, ch := range test[i].Choices {
+				lc, cc = append(lc, " "+Letter(j)), append(cc, " "+ch)
+			}
+			if py.Letters != l || py.Cloze != cl || fmt.Sprint(py.LetterContinuations) != fmt.Sprint(lc) || fmt.Sprint(py.ClozeContinuations) != fmt.Sprint(cc) {
+				t.Fatalf("%s question %d: the reference builds\n%q\n%q\nthis package\n%q\n%q", c.format.Name, i, py.Letters, py.Cloze, l, cl)
+			}
+		}
 	}
 }

@@ -377,12 +377,14 @@ func (s *evalStage) Run(ctx context.Context, t *pipeline.Task) error {
 			res.setLoss(which, l)
 		}
 		if prompts != nil {
+			t0 := time.Now()
 			items, err := eval.ScoreMC(ctx, scorer, prompts)
 			if err != nil {
 				return err
 			}
 			done += mcRequests(prompts)
 			res.setMC(which, items, s.mc.Shots, s.mc.Format)
+			res.MultipleChoice.ItemsPerSecond[which] = float64(len(items)) / time.Since(t0).Seconds()
 		}
 	}
 	if err := res.write(t.Dir); err != nil {
@@ -567,6 +569,8 @@ type mcResults struct {
 	// Scores and Subjects are keyed by model (base, adapter).
 	Scores   map[string]eval.MCScores            `json:"scores"`
 	Subjects map[string]map[string]eval.MCScores `json:"subjects,omitempty"`
+	// ItemsPerSecond is how fast each model's questions were scored.
+	ItemsPerSecond map[string]float64 `json:"items_per_second"`
 }
 
 type resultsTable struct {
@@ -590,7 +594,7 @@ func (r *evalResults) setMC(which string, items []eval.MCItem, shots int, f eval
 	if r.MultipleChoice == nil {
 		r.MultipleChoice = &mcResults{Questions: all.Questions, Shots: shots,
 			Format: format,
-			Scores: map[string]eval.MCScores{}}
+			Scores: map[string]eval.MCScores{}, ItemsPerSecond: map[string]float64{}}
 	}
 	r.MultipleChoice.Scores[which] = all
 	if len(subjects) > 0 {

@@ -56,22 +56,15 @@ func (p *ggufParams) Validate() error {
 func (ggufKind) Prepare(params any, dir string) (pipeline.Runner, error) {
 	p := params.(*ggufParams)
 	s := &ggufStage{p: p}
-	if p.Model != "" {
-		s.model = p.Model
-		if !filepath.IsAbs(s.model) {
-			s.model = filepath.Join(dir, s.model)
+	var err error
+	if s.model, s.files, err = modelParam(p.Model, dir, "point model at a Hugging Face Gemma 3 checkpoint folder"); err != nil {
+		return nil, err
+	}
+	// The tokenizer goes into the file, so it is part of what made it.
+	for _, f := range []string{"tokenizer.json", "tokenizer_config.json"} {
+		if _, err := os.Stat(filepath.Join(s.model, f)); s.model != "" && err == nil {
+			s.files = append(s.files, filepath.Join(s.model, f))
 		}
-		files, err := keyedCheckpointFiles(s.model)
-		if err != nil {
-			return nil, &pipeline.ParamError{Param: "model", Msg: err.Error(), Fix: "point model at a Hugging Face Gemma 3 checkpoint folder"}
-		}
-		// The tokenizer goes into the file, so it is part of what made it.
-		for _, f := range []string{"tokenizer.json", "tokenizer_config.json"} {
-			if _, err := os.Stat(filepath.Join(s.model, f)); err == nil {
-				files = append(files, filepath.Join(s.model, f))
-			}
-		}
-		s.files = files
 	}
 	return s, nil
 }

@@ -63,16 +63,9 @@ func (p *mergeParams) Validate() error {
 func (mergeKind) Prepare(params any, dir string) (pipeline.Runner, error) {
 	p := params.(*mergeParams)
 	s := &mergeStage{p: p}
-	if p.Model != "" {
-		s.model = p.Model
-		if !filepath.IsAbs(s.model) {
-			s.model = filepath.Join(dir, s.model)
-		}
-		files, err := keyedCheckpointFiles(s.model)
-		if err != nil {
-			return nil, &pipeline.ParamError{Param: "model", Msg: err.Error(), Fix: "point model at the checkpoint folder the adapter was trained on"}
-		}
-		s.files = files
+	var err error
+	if s.model, s.files, err = modelParam(p.Model, dir, "point model at the checkpoint folder the adapter was trained on"); err != nil {
+		return nil, err
 	}
 	return s, nil
 }

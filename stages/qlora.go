@@ -126,18 +126,29 @@ func (p *qloraParams) Validate() error {
 func (qloraKind) Prepare(params any, dir string) (pipeline.Runner, error) {
 	p := params.(*qloraParams)
 	s := &qloraStage{p: p}
-	if p.Model != "" {
-		s.model = p.Model
-		if !filepath.IsAbs(s.model) {
-			s.model = filepath.Join(dir, s.model)
-		}
-		files, err := keyedCheckpointFiles(s.model)
-		if err != nil {
-			return nil, &pipeline.ParamError{Param: "model", Msg: err.Error(), Fix: "point model at a Hugging Face checkpoint folder (config.json and safetensors)"}
-		}
-		s.files = files
+	var err error
+	s.model, s.files, err = modelParam(p.Model, dir, "point model at a Hugging Face checkpoint folder (config.json and safetensors)")
+	if err != nil {
+		return nil, err
 	}
 	return s, nil
+}
+
+// modelParam resolves a stage's `model:` folder against the spec's folder
+// and returns it with the files of it that enter the key; an empty
+// parameter gives nothing (the model comes from an input).
+func modelParam(model, specDir, fix string) (string, []string, error) {
+	if model == "" {
+		return "", nil, nil
+	}
+	if !filepath.IsAbs(model) {
+		model = filepath.Join(specDir, model)
+	}
+	files, err := keyedCheckpointFiles(model)
+	if err != nil {
+		return "", nil, &pipeline.ParamError{Param: "model", Msg: err.Error(), Fix: fix}
+	}
+	return model, files, nil
 }
 
 // keyedCheckpointFiles are the files of a checkpoint whose content enters

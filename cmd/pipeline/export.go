@@ -140,29 +140,22 @@ func doneOrFail(out string, err error) error {
 }
 
 // copyDir copies the files of a checkpoint folder (no subfolders) to out,
-// through a temporary folder renamed into place when complete.
+// which appears only complete.
 func copyDir(from, out string) error {
 	ents, err := os.ReadDir(from)
 	if err != nil {
 		return err
 	}
-	tmp := out + ".tmp"
-	os.RemoveAll(tmp)
-	if err := os.MkdirAll(tmp, 0o755); err != nil {
-		return err
-	}
-	defer os.RemoveAll(tmp)
-	for _, e := range ents {
-		if !e.Type().IsRegular() {
-			continue
+	return atomicfile.Dir(out, func(tmp string) error {
+		for _, e := range ents {
+			if !e.Type().IsRegular() {
+				continue
+			}
+			src := filepath.Join(from, e.Name())
+			if err := atomicfile.Write(filepath.Join(tmp, e.Name()), func(w io.Writer) error { return copyFile(w, src) }); err != nil {
+				return err
+			}
 		}
-		src := filepath.Join(from, e.Name())
-		if err := atomicfile.Write(filepath.Join(tmp, e.Name()), func(w io.Writer) error { return copyFile(w, src) }); err != nil {
-			return err
-		}
-	}
-	if err := atomicfile.SyncDir(tmp); err != nil {
-		return err
-	}
-	return os.Rename(tmp, out)
+		return nil
+	})
 }

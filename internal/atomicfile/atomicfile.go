@@ -61,3 +61,29 @@ func SyncDir(dir string) error {
 	defer d.Close()
 	return d.Sync()
 }
+
+// Dir creates the folder path, which must not exist, with what fill writes
+// into it: fill works in a temporary folder beside path, which is synced
+// and renamed to path only when fill succeeds, so path appears complete or
+// not at all.
+func Dir(path string, fill func(dir string) error) error {
+	if _, err := os.Lstat(path); err == nil {
+		return &os.PathError{Op: "create", Path: path, Err: os.ErrExist}
+	}
+	tmp := path + ".tmp"
+	os.RemoveAll(tmp) // what an interrupted attempt left
+	if err := os.MkdirAll(tmp, 0o755); err != nil {
+		return err
+	}
+	defer os.RemoveAll(tmp) // a no-op once renamed
+	if err := fill(tmp); err != nil {
+		return err
+	}
+	if err := SyncDir(tmp); err != nil {
+		return err
+	}
+	if err := os.Rename(tmp, path); err != nil {
+		return err
+	}
+	return SyncDir(filepath.Dir(path))
+}

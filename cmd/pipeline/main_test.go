@@ -233,3 +233,27 @@ func TestBenchTrainUsage(t *testing.T) {
 		t.Errorf("without a GPU: exit %d, %s", r.code, r.stderr)
 	}
 }
+
+// TestMergeAndExportRefuseExistingTargets: merge and a model export never
+// write over what is there, and say so.
+func TestMergeAndExportRefuseExistingTargets(t *testing.T) {
+	dir := t.TempDir()
+	if r := runCLI(t, dir, "merge", "--model", "m"); r.code != 2 || !strings.Contains(r.stderr, "--adapter and --out are required") {
+		t.Errorf("merge without --adapter: %d %s", r.code, r.stderr)
+	}
+	os.MkdirAll(filepath.Join(dir, "out"), 0o755)
+	if r := runCLI(t, dir, "merge", "--model", "m", "--adapter", "a", "--out", "out"); r.code != 1 || !strings.Contains(r.stderr, "out already exists") {
+		t.Errorf("merge onto an existing folder: %d %s", r.code, r.stderr)
+	}
+	writeFile(t, filepath.Join(dir, "s.yaml"), "name: s\nstages:\n  base: {kind: model, with: {preset: tiny}}\n")
+	writeFile(t, filepath.Join(dir, "m.gguf"), "keep")
+	if r := runCLI(t, dir, "export", "s.yaml", "base", "--format", "gguf", "--out", "m.gguf"); r.code != 1 || !strings.Contains(r.stderr, "m.gguf already exists") {
+		t.Errorf("export onto an existing file: %d %s", r.code, r.stderr)
+	}
+	if b, _ := os.ReadFile(filepath.Join(dir, "m.gguf")); string(b) != "keep" {
+		t.Error("the existing file was changed")
+	}
+	if r := runCLI(t, dir, "export", "s.yaml", "base", "--format", "gguf", "--type", "q3_k", "--out", "n.gguf"); r.code != 2 || !strings.Contains(r.stderr, "q3_k") {
+		t.Errorf("an unknown type: %d %s", r.code, r.stderr)
+	}
+}

@@ -43,11 +43,15 @@ const CacheEnv = "PIPELINE_CACHE"
 // given), then $PIPELINE_CACHE, then the spec's `cache:` (dag may be nil),
 // then pipeline/ in the user's cache folder (~/.cache/pipeline on Linux).
 func CacheRoot(flag string, dag *DAG) string {
+	// A ~ reaches here unexpanded from --cache=~/x and from crontab
+	// variables; an unknown ~user is left for OpenStore to report.
 	switch {
 	case flag != "":
-		return flag
+		p, _ := ExpandHome(flag)
+		return p
 	case os.Getenv(CacheEnv) != "":
-		return os.Getenv(CacheEnv)
+		p, _ := ExpandHome(os.Getenv(CacheEnv))
+		return p
 	case dag != nil && dag.Cache != "":
 		return dag.Cache
 	}

@@ -82,14 +82,36 @@ func (p *sourceParams) Validate() error {
 
 func (k sourceKind) Prepare(params any, dir string) (pipeline.Runner, error) {
 	p := params.(*sourceParams)
-	files, err := dataset.ExpandGlobs(dir, p.Paths)
+	patterns := make([]string, len(p.Paths))
+	for i, pat := range p.Paths {
+		var err error
+		if patterns[i], err = pipeline.ExpandHome(pat); err != nil {
+			return nil, &pipeline.ParamError{Param: "paths", Msg: err.Error(), Fix: "write the path in full"}
+		}
+	}
+	files, err := dataset.ExpandGlobs(dir, patterns)
 	if err != nil {
 		return nil, &pipeline.ParamError{Param: "paths", Msg: err.Error(), Fix: "paths are relative to the spec's folder"}
 	}
+	seen := make([]os.FileInfo, 0, len(files))
 	for _, f := range files {
-		if fi, err := os.Stat(f); err != nil || !fi.Mode().IsRegular() {
-			return nil, &pipeline.ParamError{Param: "paths", Msg: f + " is not a readable file"}
+		if err := pipeline.CheckReadableFile(f); err != nil {
+			return nil, &pipeline.ParamError{Param: "paths", Msg: err.Error(),
+				Fix: "list data files (.parquet, .jsonl, .jsonl.gz), or globs that match only files"}
 		}
+		fi, err := os.Stat(f)
+		if err != nil {
+			return nil, &pipeline.ParamError{Param: "paths", Msg: err.Error()}
+		}
+		// Reading a file twice would repeat its records: almost always two
+		// patterns that overlap (a glob and a name, or a link).
+		for j, prev := range seen {
+			if os.SameFile(prev, fi) {
+				return nil, &pipeline.ParamError{Param: "paths", Msg: fmt.Sprintf("%s is listed twice (also as %s): its records would be read twice", f, files[j]),
+					Fix: "list each file once; check for a glob that also matches a file named on its own"}
+			}
+		}
+		seen = append(seen, fi)
 	}
 	return &sourceStage{format: k.format, p: p, files: files}, nil
 }

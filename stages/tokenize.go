@@ -4,8 +4,6 @@ import (
 	"context"
 	"errors"
 	"fmt"
-	"os"
-	"path/filepath"
 	"strings"
 
 	"github.com/apache/arrow-go/v18/arrow"
@@ -50,16 +48,16 @@ func (p *tokenizeParams) Validate() error {
 
 func (tokenizeKind) Prepare(params any, dir string) (pipeline.Runner, error) {
 	p := params.(*tokenizeParams)
-	path := p.Tokenizer
-	if !filepath.IsAbs(path) {
-		path = filepath.Join(dir, path)
+	path, err := pipeline.ResolvePath(dir, p.Tokenizer)
+	if err != nil {
+		return nil, &pipeline.ParamError{Param: "tokenizer", Msg: err.Error(), Fix: "write the path in full"}
 	}
-	if fi, err := os.Stat(path); err != nil || fi.IsDir() {
+	if err := pipeline.CheckReadableFile(path); err != nil {
 		fix := "give the path of the model's tokenizer.json, relative to the spec's folder"
 		if strings.Contains(path, "node_modules") {
 			fix = "run scripts/npm-deps.sh to install the Gemma 3 tokenizer files"
 		}
-		return nil, &pipeline.ParamError{Param: "tokenizer", Msg: path + " is not a readable file", Fix: fix}
+		return nil, &pipeline.ParamError{Param: "tokenizer", Msg: err.Error(), Fix: fix}
 	}
 	return &tokenizeStage{p: p, path: path}, nil
 }

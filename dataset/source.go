@@ -81,6 +81,11 @@ type SourceOptions struct {
 	// FS, when set, is where Paths are looked up (slash-separated names, as
 	// in fs.FS) instead of the operating system's files; Demo returns one.
 	FS fs.FS
+	// Open, when set (and FS is not), opens each of Paths instead of
+	// os.Open, every time the file is read; for Parquet the file must also
+	// be an io.ReaderAt and an io.Seeker. The pipeline opens files through
+	// it to check that what is read is what its cache key holds.
+	Open func(path string) (fs.File, error)
 }
 
 // openFunc opens an input file; Parquet needs it to be an io.ReaderAt and
@@ -90,6 +95,9 @@ type openFunc func(name string) (fs.File, error)
 func (o SourceOptions) opener() openFunc {
 	if o.FS != nil {
 		return o.FS.Open
+	}
+	if o.Open != nil {
+		return o.Open
 	}
 	return func(name string) (fs.File, error) { return os.Open(name) }
 }

@@ -31,6 +31,8 @@ type Step struct {
 	Selected bool       // part of this run (see Options.Until and Only)
 	Compute  bool       // will be computed
 	Reason   string     // why it will be computed, or why it is cached
+
+	keyed []*keyedFile // Files as hashed, for checking what the stage reads
 }
 
 // A Plan is the DAG's steps in topological order, every key known.
@@ -90,11 +92,12 @@ func (s *Store) Plan(dag *DAG, opts Options) (*Plan, error) {
 			km.Inputs = append(km.Inputs, steps[d].Key)
 		}
 		for _, f := range n.Runner.Files() {
-			sum, size, err := s.stats.Digest(f)
+			sum, state, trusted, err := s.stats.digestState(f)
 			if err != nil {
 				return nil, stageErr(n, fmt.Errorf("input file: %w", err))
 			}
-			st.Files = append(st.Files, FileRef{Path: f, Size: size, SHA256: sum})
+			st.Files = append(st.Files, FileRef{Path: f, Size: state.Size, SHA256: sum})
+			st.keyed = append(st.keyed, &keyedFile{path: f, sha: sum, state: state, trusted: trusted})
 			km.Files = append(km.Files, sum)
 		}
 		var buf bytes.Buffer

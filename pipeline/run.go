@@ -258,7 +258,11 @@ func (x *execution) compute(ctx context.Context, todo []*Step) error {
 	for _, st := range order {
 		t := &Task{Name: st.Node.Name, Log: x.e.log().With("stage", st.Node.Name),
 			scratch: x.e.Store.scratchDir(st.Key),
-			tracker: trackers[st], stats: map[string]any{}, ctx: gctx}
+			tracker: trackers[st], stats: map[string]any{}, ctx: gctx,
+			keyed: st.keyed, inputs: map[string]*inputCheck{}}
+		for _, kf := range st.keyed {
+			t.inputs[kf.path] = &inputCheck{kf: kf}
+		}
 		for _, d := range st.Node.Needs {
 			up := x.plan.Step(d.Name)
 			in := &Input{Name: d.Name, Kind: d.KindName, dir: x.e.Store.EntryDir(up.Key), committed: committed[up], tracker: t.tracker, ctx: gctx}
@@ -341,6 +345,11 @@ func (x *execution) computeStep(ctx context.Context, st *Step, t *Task, committe
 	}()
 	x.e.log().Debug("computing", "stage", st.Node.Name, "key", ShortKey(st.Key), "why", st.Reason)
 	if err := runStage(ctx, st.Node.Runner, t); err != nil {
+		// A file that changed under the stage is the cause to report, even
+		// when the stage tripped over it first (say, a half-written line).
+		if changed := t.verifyInputs(false); changed != nil && ctx.Err() == nil {
+			return fmt.Errorf("%w\n\t(the stage failed with: %v)", changed, err)
+		}
 		return err
 	}
 	// Whatever the stage left unread must still reach EOF, so that the
@@ -349,6 +358,10 @@ func (x *execution) computeStep(ctx context.Context, st *Step, t *Task, committe
 		if err := in.drain(ctx); err != nil {
 			return err
 		}
+	}
+	// Nothing enters the cache under a key its inputs do not match.
+	if err := t.verifyInputs(true); err != nil {
+		return err
 	}
 	known := map[string]string{}
 	if t.out != nil {

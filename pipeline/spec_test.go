@@ -29,7 +29,7 @@ func TestSpecErrors(t *testing.T) {
 		{"unknown kind", "name: x\nstages:\n  a: {kind: gne}\n", 3,
 			[]string{`unknown kind "gne"`, `did you mean "gen"`}},
 		{"missing kind", "name: x\nstages:\n  a: {with: {rows: 1}}\n", 3,
-			[]string{`stage "a" has no kind`, "known kinds: concat, count, double, fail, gen"}},
+			[]string{`stage "a" has no kind`, "known kinds: chunks, concat, count, double, fail, gen"}},
 		{"cycle", "name: x\nstages:\n  a: {kind: double, needs: [c]}\n  b: {kind: double, needs: [a]}\n  c: {kind: double, needs: [b]}\n", 3,
 			[]string{"cycle: a -> c -> b -> a", "remove one of these needs"}},
 		{"missing need", "name: x\nstages:\n  src: {kind: gen}\n  b: {kind: double, needs: [scr]}\n", 4,
@@ -151,7 +151,7 @@ func TestSpecMistakes(t *testing.T) {
 		want []string
 	}{
 		{"kind null", "name: x\nstages:\n  a: {kind: gen}\n  b: {kind: null, needs: [a]}\n", 4,
-			[]string{`stage "b": kind is empty`, "known kinds: concat, count"}},
+			[]string{`stage "b": kind is empty`, "known kinds: chunks, concat, count"}},
 		{"kind empty", "name: x\nstages:\n  a: {kind: gen}\n  b:\n    kind: \"\"\n    needs: [a]\n", 5,
 			[]string{`stage "b": kind is empty`}},
 		{"fractional integer", "name: x\nstages:\n  a:\n    kind: gen\n    with:\n      rows: 10.4\n", 6,

@@ -238,6 +238,11 @@ func (s *qloraStage) Run(ctx context.Context, t *pipeline.Task) error {
 		return fmt.Errorf("loading %s on backend %s: %w", model, s.p.Backend, err)
 	}
 	defer sess.Close()
+	// The session has read the checkpoint's files by their paths: check
+	// that they were the ones the key holds before training on them.
+	if err := t.CheckFiles(s.files...); err != nil {
+		return err
+	}
 	scratch, err := t.Scratch()
 	if err != nil {
 		return err

@@ -4,6 +4,7 @@ import (
 	"context"
 	"fmt"
 	"io"
+	"io/fs"
 	"os"
 
 	"gemmaft/dataset"
@@ -129,6 +130,7 @@ func (s *sourceStage) Run(ctx context.Context, t *pipeline.Task) error {
 		Paths: s.files, Format: s.format, Columns: s.p.Columns,
 		SystemColumn: s.p.SystemColumn, SystemText: s.p.System,
 		Limit: s.p.Limit, Shuffle: s.p.Shuffle, Seed: s.p.Seed,
+		Open: func(path string) (fs.File, error) { return t.Open(path) },
 	})
 	if err != nil {
 		return err

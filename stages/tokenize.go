@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"io"
 	"strings"
 
 	"github.com/apache/arrow-go/v18/arrow"
@@ -69,6 +70,27 @@ type tokenizeStage struct {
 
 func (s *tokenizeStage) Files() []string { return []string{s.path} }
 
+// load reads the tokenizer through the task, which checks that it is the
+// file the key was computed from.
+func (s *tokenizeStage) load(t *pipeline.Task) (*tokenizer.Tokenizer, error) {
+	f, err := t.Open(s.path)
+	if err != nil {
+		return nil, err
+	}
+	data, err := io.ReadAll(f)
+	if cerr := f.Close(); err == nil {
+		err = cerr
+	}
+	if err != nil {
+		return nil, err
+	}
+	tok, err := tokenizer.Load(data)
+	if err != nil {
+		return nil, fmt.Errorf("%s: %w", s.path, err)
+	}
+	return tok, nil
+}
+
 // TokensSchema is the table a tokenize stage writes; its columns have the
 // names they keep in packed rows.
 var TokensSchema = arrow.NewSchema([]arrow.Field{
@@ -82,7 +104,7 @@ type tokenCounts struct {
 }
 
 func (s *tokenizeStage) Run(ctx context.Context, t *pipeline.Task) error {
-	tok, err := tokenizer.LoadFile(s.path)
+	tok, err := s.load(t)
 	if err != nil {
 		return err
 	}

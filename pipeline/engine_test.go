@@ -11,6 +11,8 @@ import (
 
 	"github.com/apache/arrow-go/v18/arrow/array"
 	"go.uber.org/goleak"
+
+	"gemmaft/internal/dirsum"
 )
 
 type testEnv struct {
@@ -522,5 +524,51 @@ func TestScratchSurvivesFailedAttempts(t *testing.T) {
 	}
 	if _, err := os.Stat(e.store.scratchDir(keyOfStage(rec, "train"))); !os.IsNotExist(err) {
 		t.Errorf("scratch folder kept after commit: %v", err)
+	}
+}
+
+// TestForceStartsClean: --force STAGE does not resume from what an earlier
+// attempt left in the stage's scratch folder (a checkpoint of a run the
+// user wants redone).
+func TestForceStartsClean(t *testing.T) {
+	e := newTestEnv(t)
+	spec := e.write("resume.yaml", "name: resume\nstages:\n  train: {kind: resume}\n")
+	for i := 1; i <= 2; i++ {
+		if _, err := e.run(spec, Options{}); err == nil || !strings.Contains(err.Error(), "interrupted") {
+			t.Fatalf("attempt %d: %v", i, err)
+		}
+	}
+	if _, err := e.run(spec, Options{Force: []string{"train"}}); err == nil || !strings.Contains(err.Error(), "attempt 1 interrupted") {
+		t.Fatalf("forced run resumed: %v", err)
+	}
+}
+
+// TestVerifyScratch: checkpoints in the scratch area (they carry
+// SHA256SUMS) are verified too; folders being written and folders set
+// aside are left alone.
+func TestVerifyScratch(t *testing.T) {
+	e := newTestEnv(t)
+	key := strings.Repeat("ab", 32)
+	ck := filepath.Join(e.store.scratchDir(key), "checkpoints")
+	for _, name := range []string{"step-1", "step-2", ".step-3.tmp1", "damaged-step-0"} {
+		dir := filepath.Join(ck, name)
+		os.MkdirAll(filepath.Join(dir, "adapter"), 0o755)
+		os.WriteFile(filepath.Join(dir, "state.json"), []byte(`{"step": 1}`), 0o644)
+		os.WriteFile(filepath.Join(dir, "adapter", "w.bin"), []byte("weights"), 0o644)
+		if err := dirsum.Write(dir); err != nil {
+			t.Fatal(err)
+		}
+		if name != "step-1" {
+			os.WriteFile(filepath.Join(dir, "adapter", "w.bin"), []byte("weighs"), 0o644)
+		}
+	}
+	dirsum.SetAside(filepath.Join(ck, "damaged-step-0"), "test")
+	bad, checked := e.store.VerifyScratch(nil)
+	if checked != 2 || len(bad) != 1 || bad[0].Key != key || bad[0].Scratch != filepath.Join(ck, "step-2") ||
+		!strings.Contains(bad[0].Err.Error(), "adapter/w.bin does not match its digest") {
+		t.Fatalf("checked %d, damaged %+v", checked, bad)
+	}
+	if bad, checked := e.store.VerifyScratch([]string{strings.Repeat("cd", 32)}); checked != 0 || len(bad) != 0 {
+		t.Errorf("another key: %d %v", checked, bad)
 	}
 }

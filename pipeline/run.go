@@ -344,6 +344,12 @@ func (x *execution) computeStep(ctx context.Context, st *Step, t *Task, committe
 		}
 	}()
 	x.e.log().Debug("computing", "stage", st.Node.Name, "key", ShortKey(st.Key), "why", st.Reason)
+	if st.Reason == "forced" {
+		// --force starts clean: no resumable state of an earlier attempt.
+		if err := os.RemoveAll(t.scratch); err != nil {
+			return fmt.Errorf("clearing the stage's resumable state: %w", err)
+		}
+	}
 	if err := runStage(ctx, st.Node.Runner, t); err != nil {
 		// A file that changed under the stage is the cause to report, even
 		// when the stage tripped over it first (say, a half-written line).

@@ -24,7 +24,10 @@ type qloraKind struct{}
 // uses the machine, not its result, and so stay out of the cache key.
 type qloraParams struct {
 	// Model is a checkpoint folder; leave it empty when a model stage is
-	// among the needs.
+	// among the needs. The adapter's base_model_name_or_path is this value
+	// as the spec writes it (empty for a model stage), never a path into
+	// the cache or one resolved against where the spec lies, so that the
+	// entry depends on nothing its key does not hold.
 	Model         string   `json:"model,omitempty"`
 	R             int      `json:"r"`
 	Alpha         float64  `json:"alpha"`
@@ -253,7 +256,7 @@ func (s *qloraStage) Run(ctx context.Context, t *pipeline.Task) error {
 		MaxGradNorm: s.p.MaxGradNorm,
 		BatchSize:   s.p.BatchSize, GradAccum: s.p.GradAccum, Epochs: s.p.Epochs, MaxSteps: s.p.MaxSteps,
 		Seed: s.p.Seed, EvalFraction: s.p.EvalFraction, EvalEvery: s.p.EvalEvery, LogEvery: s.p.LogEvery,
-		CheckpointEvery: s.p.CheckpointEvery, OutDir: scratch, BaseModel: model,
+		CheckpointEvery: s.p.CheckpointEvery, OutDir: scratch, BaseModel: s.p.Model, Log: t.Log,
 		Progress: func(p trainer.Progress) {
 			note := fmt.Sprintf("loss %.4f  lr %.2e  %.0f tok/s", p.Loss, p.LR, p.TokensPerSec)
 			if !math.IsNaN(p.EvalLoss) {

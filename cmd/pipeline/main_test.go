@@ -11,6 +11,7 @@ import (
 	"strings"
 	"testing"
 
+	"gemmaft/internal/dirsum"
 	"gemmaft/pipeline"
 	"gemmaft/trainer"
 )
@@ -279,4 +280,35 @@ stages:
   q: {kind: qlora, needs: [p, m], with: {
     ` + param + `}}
 `
+}
+
+// TestVerifyChecksCheckpoints: verify re-hashes the checkpoints of
+// unfinished stages too, and exits 1 on a damaged one.
+func TestVerifyChecksCheckpoints(t *testing.T) {
+	dir := t.TempDir()
+	writeFile(t, filepath.Join(dir, "a.jsonl"), sampleJSONL)
+	spec := filepath.Join(dir, "s.yaml")
+	writeFile(t, spec, "name: s\nstages:\n  src: {kind: jsonl, with: {paths: [a.jsonl]}}\n")
+	if r := runCLI(t, dir, "run", spec); r.code != 0 {
+		t.Fatal(r.stderr)
+	}
+	ck := filepath.Join(dir, "cache", "scratch", strings.Repeat("ab", 32), "checkpoints", "step-00000002")
+	writeFile(t, filepath.Join(ck, "state.json"), `{"step": 2}`)
+	if err := dirsum.Write(ck); err != nil {
+		t.Fatal(err)
+	}
+	if r := runCLI(t, dir, "verify"); r.code != 0 || !strings.Contains(r.stdout, "verified 1 checkpoints of unfinished stages, 0 damaged") {
+		t.Fatalf("verify: %d %s %s", r.code, r.stdout, r.stderr)
+	}
+	writeFile(t, filepath.Join(ck, "state.json"), `{"step": 3}`)
+	r := runCLI(t, dir, "verify")
+	if r.code != 1 || !strings.Contains(r.stdout, "damaged checkpoint "+ck+": state.json does not match its digest") {
+		t.Fatalf("verify of a damaged checkpoint: %d %s", r.code, r.stdout)
+	}
+	if r := runCLI(t, dir, "verify", "--remove"); r.code != 1 || !strings.Contains(r.stdout, "removed "+ck) {
+		t.Fatalf("verify --remove: %d %s", r.code, r.stdout)
+	}
+	if _, err := os.Stat(ck); !os.IsNotExist(err) {
+		t.Errorf("damaged checkpoint still there: %v", err)
+	}
 }

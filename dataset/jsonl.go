@@ -13,6 +13,8 @@ import (
 	"slices"
 	"strings"
 	"unicode/utf8"
+
+	"gemmaft/internal/lines"
 )
 
 // jsonlFile is a file of JSON objects, one per line, plain or gzip-compressed
@@ -209,6 +211,9 @@ func jsonKind(first byte) string {
 	return "a number"
 }
 
+// maxLineBytes bounds a JSON line (a variable for tests).
+var maxLineBytes = lines.DefaultMax
+
 // lineReader yields the non-blank lines of a file, without their newline.
 type lineReader struct {
 	name  string
@@ -256,6 +261,11 @@ func (lr *lineReader) next() ([]byte, error) {
 		for {
 			chunk, err := lr.r.ReadSlice('\n')
 			lr.buf = append(lr.buf, chunk...)
+			if len(lr.buf) > maxLineBytes+1 {
+				// An endless line (no newline: a binary file, a stream)
+				// would otherwise fill memory.
+				return nil, fmt.Errorf("dataset: %s: %w", lr.name, &lines.TooLongError{Line: lr.line + 1, Max: maxLineBytes})
+			}
 			if err == bufio.ErrBufferFull {
 				continue
 			}

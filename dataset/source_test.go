@@ -607,3 +607,17 @@ func TestCorruptParquetNeverPanics(t *testing.T) {
 		t.Error("no corruption was detected")
 	}
 }
+
+// TestJSONLLineIsBounded: a JSON lines file with a line beyond the bound
+// (no newline: a binary file, a stream) fails naming the file and line
+// instead of filling memory.
+func TestJSONLLineIsBounded(t *testing.T) {
+	defer func(old int) { maxLineBytes = old }(maxLineBytes)
+	maxLineBytes = 1 << 10
+	path := filepath.Join(t.TempDir(), "long.jsonl")
+	os.WriteFile(path, []byte(`{"instruction": "a", "input": "", "output": "b"}`+"\n"+strings.Repeat("x", 4<<10)), 0o644)
+	err := openOrNext(SourceOptions{Paths: []string{path}})
+	if err == nil || !strings.Contains(err.Error(), path+": line 2 is longer than 1 KiB") {
+		t.Fatalf("%v", err)
+	}
+}

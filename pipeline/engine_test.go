@@ -572,3 +572,67 @@ func TestVerifyScratch(t *testing.T) {
 		t.Errorf("another key: %d %v", checked, bad)
 	}
 }
+
+// TestPlanReasonsNameOnlyWhatChanged: changing one parameter blames that
+// one; list parameters used to be blamed every time (the run record keeps
+// them re-indented, which compared unequal).
+func TestPlanReasonsNameOnlyWhatChanged(t *testing.T) {
+	e := newTestEnv(t)
+	spec := e.write("s.yaml", "name: s\nstages:\n  src: {kind: gen, with: {rows: 5, tags: [a, b]}}\n")
+	e.mustRun(spec, Options{})
+	e.write("s.yaml", "name: s\nstages:\n  src: {kind: gen, with: {rows: 6, tags: [a, b]}}\n")
+	plan, err := e.store.Plan(e.load(spec), Options{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if got := plan.Step("src").Reason; got != "parameters changed: rows" {
+		t.Errorf("reason %q, want only rows", got)
+	}
+	e.write("s.yaml", "name: s\nstages:\n  src: {kind: gen, with: {rows: 5, tags: [a, c]}}\n")
+	plan, _ = e.store.Plan(e.load(spec), Options{})
+	if got := plan.Step("src").Reason; got != "parameters changed: tags" {
+		t.Errorf("reason %q, want only tags", got)
+	}
+}
+
+// TestForceReplacesWithoutWindow: while run --force replaces an entry,
+// readers always find one (the old or the new), never none. Before, the old
+// entry was deleted first and then the new one renamed into place.
+func TestForceReplacesWithoutWindow(t *testing.T) {
+	e := newTestEnv(t)
+	spec := e.write("s.yaml", "name: s\nstages:\n  src: {kind: gen, with: {rows: 5, files: 60}}\n")
+	rec := e.mustRun(spec, Options{})
+	key := keyOfStage(rec, "src")
+	manifest := filepath.Join(e.store.EntryDir(key), manifestName)
+	stop := make(chan struct{})
+	missing := make(chan int, 1)
+	go func() {
+		n := 0
+		for {
+			select {
+			case <-stop:
+				missing <- n
+				return
+			default:
+			}
+			if _, err := os.Stat(manifest); err != nil {
+				n++
+			}
+		}
+	}()
+	for i := 0; i < 4; i++ {
+		if rec := e.mustRun(spec, Options{Force: []string{"src"}}); stateOfStage(rec, "src") != "computed" {
+			t.Fatalf("forced run %d: %s", i, stateOfStage(rec, "src"))
+		}
+	}
+	close(stop)
+	if n := <-missing; n > 0 {
+		t.Errorf("readers found the entry missing %d times during forced runs", n)
+	}
+	if state, _, err := e.store.Check(key, true); state != Valid {
+		t.Errorf("entry after forced runs: %v %v", state, err)
+	}
+	if ents, _ := os.ReadDir(filepath.Join(e.store.Root, "tmp")); len(ents) != 0 {
+		t.Errorf("left in tmp: %v", ents)
+	}
+}

@@ -45,6 +45,10 @@ type genParams struct {
 	Batch   int    `json:"batch"`
 	File    string `json:"file,omitempty"`
 	DelayMs int    `json:"delay_ms"`
+	// Tags change nothing but the key; Files adds that many small files
+	// to the entry.
+	Tags  []string `json:"tags,omitempty"`
+	Files int      `json:"files,omitempty"`
 }
 
 func (g *genKind) Version() int       { return g.version }
@@ -129,6 +133,11 @@ func (s *genStage) Run(ctx context.Context, t *Task) error {
 			case <-ctx.Done():
 				return ctx.Err()
 			}
+		}
+	}
+	for i := 0; i < s.p.Files; i++ {
+		if err := os.WriteFile(filepath.Join(t.Dir, fmt.Sprintf("f%05d", i)), []byte("x"), 0o644); err != nil {
+			return err
 		}
 	}
 	t.SetStat("rows", s.p.Rows)

@@ -229,9 +229,18 @@ func changedParams(a, b []byte) []string {
 		}
 		return nil
 	}
+	// Records keep parameters re-indented (lists over several lines), so
+	// values are compared in compact form.
+	compact := func(v json.RawMessage) string {
+		var b bytes.Buffer
+		if json.Compact(&b, v) != nil {
+			return string(v)
+		}
+		return b.String()
+	}
 	var out []string
 	for k, v := range mb {
-		if !bytes.Equal(ma[k], v) {
+		if old, ok := ma[k]; !ok || compact(old) != compact(v) {
 			out = append(out, k)
 		}
 	}

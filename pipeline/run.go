@@ -37,6 +37,7 @@ type RunRecord struct {
 	Finished    time.Time     `json:"finished"`
 	Seconds     float64       `json:"seconds"`
 	OK          bool          `json:"ok"`
+	Interrupted bool          `json:"interrupted,omitempty"` // stopped by a signal or a canceled context
 	Error       string        `json:"error,omitempty"`
 	Program     string        `json:"program"`
 	Cache       string        `json:"cache"`
@@ -82,12 +83,21 @@ func Version() string {
 // and records the run. The returned record is filled in even on failure.
 func (e *Engine) Run(ctx context.Context, dag *DAG, opts Options) (*RunRecord, error) {
 	rec := &RunRecord{DAG: dag.Name, Spec: dag.Path, Started: time.Now().UTC(), Program: Version(), Cache: e.Store.Root}
-	err := e.run(ctx, dag, opts, rec)
+	// The DAG's lock is let go only after the run is recorded, so that a
+	// run is either recorded or, killed, still named by its lock's note.
+	var unlock func()
+	defer func() {
+		if unlock != nil {
+			unlock()
+		}
+	}()
+	err := e.run(ctx, dag, opts, rec, &unlock)
 	rec.Finished = time.Now().UTC()
 	rec.Seconds = rec.Finished.Sub(rec.Started).Seconds()
 	rec.OK = err == nil
 	if err != nil {
 		rec.Error = err.Error()
+		rec.Interrupted = errors.Is(err, context.Canceled)
 	}
 	rec.HashedBytes = e.Store.HashedBytes()
 	if len(rec.Stages) > 0 { // planned: worth keeping for plan's reasons and gc
@@ -108,7 +118,7 @@ func (e *Engine) log() *slog.Logger {
 	return e.Log
 }
 
-func (e *Engine) run(ctx context.Context, dag *DAG, opts Options, rec *RunRecord) error {
+func (e *Engine) run(ctx context.Context, dag *DAG, opts Options, rec *RunRecord, unlockDAG *func()) error {
 	gc := e.Store.gcLock()
 	if _, err := gc.TryRLockContext(ctx, 100*time.Millisecond); err != nil {
 		return fmt.Errorf("waiting for gc to finish: %w", err)
@@ -119,7 +129,7 @@ func (e *Engine) run(ctx context.Context, dag *DAG, opts Options, rec *RunRecord
 	if err != nil {
 		return err
 	}
-	defer unlock()
+	*unlockDAG = unlock
 
 	plan, err := e.Store.Plan(dag, opts)
 	if err != nil {

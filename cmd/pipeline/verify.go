@@ -28,9 +28,11 @@ run recomputes damaged entries and sets damaged checkpoints aside by itself, and
 				err  error
 			)
 			if len(args) == 1 {
-				var dag *pipeline.DAG
-				dag, st, err = specAndStore(args)
+				dag, err := loadSpec(args[0])
 				if err != nil {
+					return err
+				}
+				if st, err = openExistingStore(dag); err != nil {
 					return err
 				}
 				plan, err := st.Plan(dag, pipeline.Options{})
@@ -40,7 +42,7 @@ run recomputes damaged entries and sets damaged checkpoints aside by itself, and
 				for _, s := range plan.Steps {
 					keys = append(keys, s.Key)
 				}
-			} else if st, err = openStore(nil); err != nil {
+			} else if st, err = openExistingStore(nil); err != nil {
 				return err
 			}
 			defer st.Close()

@@ -44,3 +44,30 @@ func TestFailedWriteLeavesOldFileAndNoTemp(t *testing.T) {
 		t.Fatalf("left %d files", len(ents))
 	}
 }
+
+func TestPendingAbortAndCommit(t *testing.T) {
+	dir := t.TempDir()
+	p := filepath.Join(dir, "f")
+	WriteFile(p, []byte("old"))
+	w, err := Create(p)
+	if err != nil {
+		t.Fatal(err)
+	}
+	w.Write([]byte("half"))
+	w.Abort()
+	if got, _ := os.ReadFile(p); string(got) != "old" {
+		t.Fatalf("abort changed the file: %q", got)
+	}
+	if ents, _ := os.ReadDir(dir); len(ents) != 1 {
+		t.Fatalf("abort left %d files", len(ents))
+	}
+	w, _ = Create(p)
+	w.Write([]byte("new"))
+	if err := w.Commit(); err != nil {
+		t.Fatal(err)
+	}
+	w.Abort() // a no-op after Commit
+	if got, _ := os.ReadFile(p); string(got) != "new" {
+		t.Fatalf("commit: %q", got)
+	}
+}

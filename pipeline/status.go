@@ -8,7 +8,7 @@ type Status struct {
 	// stopped, so it left no record; Last is the run before it.
 	Unfinished string
 	Last       *RunRecord // the last run that ended, or nil
-	Stages    []StageStatus
+	Stages     []StageStatus
 }
 
 // StageStatus is one stage's current output.

@@ -237,7 +237,7 @@ func isNull(n ast.Node) bool {
 }
 
 func (l *loader) load(src []byte) *DAG {
-	file, err := parser.ParseBytes(src, 0)
+	file, err := parseYAML(src)
 	if err != nil {
 		l.errs = append(l.errs, l.yamlErr(err, "fix the YAML syntax at that place"))
 		return nil
@@ -261,12 +261,12 @@ func (l *loader) load(src []byte) *DAG {
 	for _, mv := range top {
 		switch k := keyOf(mv); k {
 		case "name":
-			if err := yaml.NodeToValue(mv.Value, &dag.Name); err != nil || dag.Name == "" {
+			if err := nodeToValue(mv.Value, &dag.Name); err != nil || dag.Name == "" {
 				l.errAt(mv.Value, "give the DAG a name, e.g. `name: gemma3-12b-tr`", "name must be a non-empty string")
 			}
 		case "cache":
 			l.cacheLine = mv.Key.GetToken().Position.Line
-			if err := yaml.NodeToValue(mv.Value, &dag.Cache); err != nil {
+			if err := nodeToValue(mv.Value, &dag.Cache); err != nil {
 				l.errAt(mv.Value, "write a folder path, e.g. `cache: .cache/pipeline`", "cache must be a folder path")
 			}
 		case "stages":
@@ -336,7 +336,7 @@ func (l *loader) stage(mv *ast.MappingValueNode, needNodes map[*Node][]ast.Node)
 		switch k := keyOf(f); k {
 		case "kind":
 			kindNode = f.Value
-			if err := yaml.NodeToValue(f.Value, &n.KindName); err != nil {
+			if err := nodeToValue(f.Value, &n.KindName); err != nil {
 				l.errAt(f.Value, "write the kind as a plain word, e.g. `kind: tokenize`", "kind must be a string")
 			}
 		case "needs":
@@ -380,7 +380,7 @@ func (l *loader) stage(mv *ast.MappingValueNode, needNodes map[*Node][]ast.Node)
 		if !l.checkWholeNumbers(n, withNode) {
 			return nil
 		}
-		if err := yaml.NodeToValue(withNode, n.Params, yaml.DisallowUnknownField()); err != nil {
+		if err := nodeToValue(withNode, n.Params, yaml.DisallowUnknownField()); err != nil {
 			l.errs = append(l.errs, l.decodeError(n, withNode, err))
 			return nil
 		}
@@ -441,6 +441,9 @@ func (l *loader) decodeError(n *Node, with ast.Node, err error) *SpecError {
 		return e
 	}
 	e.Msg = fmt.Sprintf("stage %q: %s", n.Name, e.Msg)
+	if e.Line == 0 {
+		e.Line = n.Line
+	}
 	return e
 }
 
@@ -502,7 +505,7 @@ func (l *loader) resolveNeeds(order []*Node, byName map[string]*Node, needNodes 
 		seen := map[string]bool{}
 		for _, nn := range needNodes[n] {
 			var dep string
-			if err := yaml.NodeToValue(nn, &dep); err != nil || dep == "" {
+			if err := nodeToValue(nn, &dep); err != nil || dep == "" {
 				l.errAt(nn, "list stage names, e.g. `needs: [chat]`", "stage %q: needs entries must be stage names", n.Name)
 				continue
 			}
@@ -859,4 +862,32 @@ func checkFinite(p any) error {
 		}
 	}
 	return nil
+}
+
+// A yamlPanic is a panic of the YAML library on a spec, turned into an
+// error: some malformed input (a stray tag before a null, say) crashes it.
+type yamlPanic struct{ v any }
+
+func (p yamlPanic) Error() string {
+	return fmt.Sprintf("the YAML library cannot read this (%v)", p.v)
+}
+
+// parseYAML is parser.ParseBytes, with a panic returned as an error.
+func parseYAML(src []byte) (file *ast.File, err error) {
+	defer func() {
+		if p := recover(); p != nil {
+			file, err = nil, yamlPanic{p}
+		}
+	}()
+	return parser.ParseBytes(src, 0)
+}
+
+// nodeToValue is yaml.NodeToValue, with a panic returned as an error.
+func nodeToValue(n ast.Node, v any, opts ...yaml.DecodeOption) (err error) {
+	defer func() {
+		if p := recover(); p != nil {
+			err = yamlPanic{p}
+		}
+	}()
+	return yaml.NodeToValue(n, v, opts...)
 }

@@ -164,6 +164,10 @@ func TestSpecMistakes(t *testing.T) {
 			[]string{"alias *nothing refers to no anchor"}},
 		{"merge of a list", "name: x\nstages:\n  a:\n    kind: gen\n    with: {<<: [1, 2]}\n", 5,
 			[]string{"`<<` must name a mapping"}},
+		// Found by FuzzLoadSpec: the YAML library panics on a stray tag
+		// before a null list; the loader used to crash with it.
+		{"library panic", "name: x\nstages:\n  a:\n    kind: gen\n    with:\n      tags: !-]\n", 3,
+			[]string{"the YAML library cannot read this"}},
 	}
 	for _, c := range cases {
 		t.Run(c.name, func(t *testing.T) {

@@ -363,7 +363,10 @@ func (x *execution) computeStep(ctx context.Context, st *Step, t *Task, committe
 	if err := runStage(ctx, st.Node.Runner, t); err != nil {
 		// A file that changed under the stage is the cause to report, even
 		// when the stage tripped over it first (say, a half-written line).
-		if changed := t.verifyInputs(false); changed != nil && ctx.Err() == nil {
+		if ctx.Err() != nil {
+			return err
+		}
+		if changed := t.verifyInputs(false); changed != nil {
 			return fmt.Errorf("%w\n\t(the stage failed with: %v)", changed, err)
 		}
 		return err

@@ -346,3 +346,17 @@ stages:
 		}
 	}
 }
+
+// TestTokenizerPathIsAFIFO: a --tokenizer that is a named pipe is refused
+// with what it is, instead of blocking on the read.
+func TestTokenizerPathIsAFIFO(t *testing.T) {
+	dir := t.TempDir()
+	fifo := filepath.Join(dir, "tokenizer.json")
+	if err := syscall.Mkfifo(fifo, 0o644); err != nil {
+		t.Skip("no named pipes here:", err)
+	}
+	cmd, _, stderr := startCLI(t, dir, nil, "tokenize", "--tokenizer", fifo)
+	if code := exitCode(t, cmd, 20*time.Second); code != 1 || !strings.Contains(stderr.String(), "is a named pipe") {
+		t.Errorf("exit %d\n%s", code, stderr)
+	}
+}

@@ -48,6 +48,10 @@ was. A line longer than --max-line-bytes is an error.`,
 			if maxLine < 1 {
 				return usageErr(errors.New("tokenize: --max-line-bytes must be positive"))
 			}
+			// A named pipe or a folder would block or fail obscurely.
+			if err := pipeline.CheckReadableFile(tokPath); err != nil {
+				return failErr(fmt.Errorf("--tokenizer: %w", err))
+			}
 			tk, err := tokenizer.LoadFile(tokPath)
 			if err != nil {
 				return failErr(err)

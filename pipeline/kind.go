@@ -24,6 +24,8 @@ type Kind interface {
 	// output must be encoded and nothing else may be.
 	Params() any
 	// Inputs says how many `needs` the kind takes; max < 0 means no limit.
+	// A kind that reads only some kinds of input also implements
+	// InputChecker, so that wrong wiring is a spec error.
 	Inputs() (min, max int)
 	// Prepare checks the decoded parameters against the world (files exist,
 	// globs match) and returns the stage's Runner. dir is the spec's folder,
@@ -35,7 +37,10 @@ type Kind interface {
 // parameters of a Node (the stage as the spec declares it).
 type Runner interface {
 	// Files lists, in a stable order, the files whose contents the output
-	// depends on. Their digests are part of the key.
+	// depends on. Their digests are part of the key. Run reads them through
+	// Task.Open, or, when a library opens them by path, calls
+	// Task.CheckFiles once they are read; a file changed since it was
+	// hashed fails the stage either way (see inputfile.go).
 	Files() []string
 	// Run computes the stage's output from its inputs. It writes its table
 	// with t.Output and any other files into t.Dir, and must return promptly

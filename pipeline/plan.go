@@ -31,6 +31,8 @@ type Step struct {
 	Selected bool       // part of this run (see Options.Until and Only)
 	Compute  bool       // will be computed
 	Reason   string     // why it will be computed, or why it is cached
+
+	keyed []*keyedFile // Files as hashed, for checking what the stage reads
 }
 
 // A Plan is the DAG's steps in topological order, every key known.
@@ -90,11 +92,12 @@ func (s *Store) Plan(dag *DAG, opts Options) (*Plan, error) {
 			km.Inputs = append(km.Inputs, steps[d].Key)
 		}
 		for _, f := range n.Runner.Files() {
-			sum, size, err := s.stats.Digest(f)
+			sum, state, trusted, err := s.stats.digestState(f)
 			if err != nil {
 				return nil, stageErr(n, fmt.Errorf("input file: %w", err))
 			}
-			st.Files = append(st.Files, FileRef{Path: f, Size: size, SHA256: sum})
+			st.Files = append(st.Files, FileRef{Path: f, Size: state.Size, SHA256: sum})
+			st.keyed = append(st.keyed, &keyedFile{path: f, sha: sum, state: state, trusted: trusted})
 			km.Files = append(km.Files, sum)
 		}
 		var buf bytes.Buffer
@@ -226,18 +229,18 @@ func changedParams(a, b []byte) []string {
 		}
 		return nil
 	}
-	// Records are written indented, so a list or object read back from one
-	// differs from the canonical form in whitespace only.
-	same := func(x, y json.RawMessage) bool {
-		var cx, cy bytes.Buffer
-		if json.Compact(&cx, x) != nil || json.Compact(&cy, y) != nil {
-			return bytes.Equal(x, y)
+	// Records keep parameters re-indented (lists over several lines), so
+	// values are compared in compact form.
+	compact := func(v json.RawMessage) string {
+		var b bytes.Buffer
+		if json.Compact(&b, v) != nil {
+			return string(v)
 		}
-		return bytes.Equal(cx.Bytes(), cy.Bytes())
+		return b.String()
 	}
 	var out []string
 	for k, v := range mb {
-		if _, ok := ma[k]; !ok || !same(ma[k], v) {
+		if old, ok := ma[k]; !ok || compact(old) != compact(v) {
 			out = append(out, k)
 		}
 	}

@@ -39,6 +39,8 @@ type Task struct {
 	tracker *Tracker
 	ctx     context.Context
 	outs    []chan arrow.RecordBatch
+	keyed   []*keyedFile           // the files of the key, as hashed
+	inputs  map[string]*inputCheck // by path, what the stage read of them
 
 	mu    sync.Mutex
 	out   *Output

@@ -4,7 +4,10 @@ import (
 	"context"
 	"fmt"
 	"io"
+	"io/fs"
 	"os"
+	"sort"
+	"strings"
 
 	"gemmaft/dataset"
 	"gemmaft/pipeline"
@@ -40,6 +43,11 @@ type sourceParams struct {
 	// nothing else uses.
 	Shuffle bool   `json:"shuffle"`
 	Seed    uint64 `json:"seed"`
+	// Nulls is what a null value becomes: empty (the default: ""), drop
+	// (the row, when the null is in instruction, output or system; a null
+	// input is Alpaca's "no input"), or error. Nulls are counted and
+	// reported either way.
+	Nulls string `json:"nulls,omitempty"`
 }
 
 func (sourceKind) Version() int       { return 1 }
@@ -73,6 +81,14 @@ func (p *sourceParams) Validate() error {
 	if p.Limit < 0 {
 		return &pipeline.ParamError{Param: "limit", Msg: "must not be negative", Fix: "0 reads every record"}
 	}
+	switch p.Nulls {
+	case "empty":
+		p.Nulls = "" // the default: writing it leaves the key as it was
+	case "", string(dataset.NullsDrop), string(dataset.NullsError):
+	default:
+		return &pipeline.ParamError{Param: "nulls", Msg: fmt.Sprintf("unknown policy %q", p.Nulls),
+			Fix: "use empty (a null reads as \"\"), drop (the row) or error"}
+	}
 	if p.Seed != 0 && !p.Shuffle {
 		return &pipeline.ParamError{Param: "seed", Msg: "orders the records only when they are shuffled, and shuffle is false",
 			Fix: "add shuffle: true, or remove seed"}
@@ -82,14 +98,36 @@ func (p *sourceParams) Validate() error {
 
 func (k sourceKind) Prepare(params any, dir string) (pipeline.Runner, error) {
 	p := params.(*sourceParams)
-	files, err := dataset.ExpandGlobs(dir, p.Paths)
+	patterns := make([]string, len(p.Paths))
+	for i, pat := range p.Paths {
+		var err error
+		if patterns[i], err = pipeline.ExpandHome(pat); err != nil {
+			return nil, &pipeline.ParamError{Param: "paths", Msg: err.Error(), Fix: "write the path in full"}
+		}
+	}
+	files, err := dataset.ExpandGlobs(dir, patterns)
 	if err != nil {
 		return nil, &pipeline.ParamError{Param: "paths", Msg: err.Error(), Fix: "paths are relative to the spec's folder"}
 	}
+	seen := make([]os.FileInfo, 0, len(files))
 	for _, f := range files {
-		if fi, err := os.Stat(f); err != nil || !fi.Mode().IsRegular() {
-			return nil, &pipeline.ParamError{Param: "paths", Msg: f + " is not a readable file"}
+		if err := pipeline.CheckReadableFile(f); err != nil {
+			return nil, &pipeline.ParamError{Param: "paths", Msg: err.Error(),
+				Fix: "list data files (.parquet, .jsonl, .jsonl.gz), or globs that match only files"}
 		}
+		fi, err := os.Stat(f)
+		if err != nil {
+			return nil, &pipeline.ParamError{Param: "paths", Msg: err.Error()}
+		}
+		// Reading a file twice would repeat its records: almost always two
+		// patterns that overlap (a glob and a name, or a link).
+		for j, prev := range seen {
+			if os.SameFile(prev, fi) {
+				return nil, &pipeline.ParamError{Param: "paths", Msg: fmt.Sprintf("%s is listed twice (also as %s): its records would be read twice", f, files[j]),
+					Fix: "list each file once; check for a glob that also matches a file named on its own"}
+			}
+		}
+		seen = append(seen, fi)
 	}
 	return &sourceStage{format: k.format, p: p, files: files}, nil
 }
@@ -107,6 +145,8 @@ func (s *sourceStage) Run(ctx context.Context, t *pipeline.Task) error {
 		Paths: s.files, Format: s.format, Columns: s.p.Columns,
 		SystemColumn: s.p.SystemColumn, SystemText: s.p.System,
 		Limit: s.p.Limit, Shuffle: s.p.Shuffle, Seed: s.p.Seed,
+		Open:  func(path string) (fs.File, error) { return t.Open(path) },
+		Nulls: dataset.NullPolicy(s.p.Nulls),
 	})
 	if err != nil {
 		return err
@@ -135,5 +175,37 @@ func (s *sourceStage) Run(ctx context.Context, t *pipeline.Task) error {
 	}
 	t.SetStat("records", out.Rows())
 	t.SetStat("files", len(s.files))
+	reportNulls(t, src.Nulls(), s.p.Nulls)
 	return nil
+}
+
+// reportNulls puts the nulls a source met into the stage's statistics and
+// the log, so that no null silently becomes an empty answer.
+func reportNulls(t *pipeline.Task, rep dataset.NullReport, policy string) {
+	if len(rep.Columns) == 0 {
+		return
+	}
+	t.SetStat("null_values", rep.Columns)
+	cols := make([]string, 0, len(rep.Columns))
+	for c := range rep.Columns {
+		cols = append(cols, c)
+	}
+	sort.Strings(cols)
+	var parts []string
+	for _, c := range cols {
+		parts = append(parts, fmt.Sprintf("%s %d (first: %s)", c, rep.Columns[c], rep.First[c]))
+	}
+	switch policy {
+	case string(dataset.NullsDrop):
+		t.SetStat("null_rows_dropped", rep.Dropped)
+		t.Log.Warn(fmt.Sprintf("dropped %d rows with a null instruction, output or system; nulls by column: %s (a null input reads as \"\")",
+			rep.Dropped, strings.Join(parts, ", ")))
+	default:
+		msg := "null values read as empty text: " + strings.Join(parts, ", ")
+		if len(cols) == 1 && cols[0] == dataset.ColInput {
+			t.Log.Info(msg) // a null input is an empty one in Alpaca data
+			return
+		}
+		t.Log.Warn(msg, "fix", "set nulls: drop in the stage's with: to drop rows with a null instruction or output, or nulls: error to stop")
+	}
 }

@@ -4,8 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
-	"os"
-	"path/filepath"
+	"io"
 	"strings"
 
 	"github.com/apache/arrow-go/v18/arrow"
@@ -50,16 +49,16 @@ func (p *tokenizeParams) Validate() error {
 
 func (tokenizeKind) Prepare(params any, dir string) (pipeline.Runner, error) {
 	p := params.(*tokenizeParams)
-	path := p.Tokenizer
-	if !filepath.IsAbs(path) {
-		path = filepath.Join(dir, path)
+	path, err := pipeline.ResolvePath(dir, p.Tokenizer)
+	if err != nil {
+		return nil, &pipeline.ParamError{Param: "tokenizer", Msg: err.Error(), Fix: "write the path in full"}
 	}
-	if fi, err := os.Stat(path); err != nil || fi.IsDir() {
+	if err := pipeline.CheckReadableFile(path); err != nil {
 		fix := "give the path of the model's tokenizer.json, relative to the spec's folder"
 		if strings.Contains(path, "node_modules") {
 			fix = "run scripts/npm-deps.sh to install the Gemma 3 tokenizer files"
 		}
-		return nil, &pipeline.ParamError{Param: "tokenizer", Msg: path + " is not a readable file", Fix: fix}
+		return nil, &pipeline.ParamError{Param: "tokenizer", Msg: err.Error(), Fix: fix}
 	}
 	return &tokenizeStage{p: p, path: path}, nil
 }
@@ -70,6 +69,27 @@ type tokenizeStage struct {
 }
 
 func (s *tokenizeStage) Files() []string { return []string{s.path} }
+
+// load reads the tokenizer through the task, which checks that it is the
+// file the key was computed from.
+func (s *tokenizeStage) load(t *pipeline.Task) (*tokenizer.Tokenizer, error) {
+	f, err := t.Open(s.path)
+	if err != nil {
+		return nil, err
+	}
+	data, err := io.ReadAll(f)
+	if cerr := f.Close(); err == nil {
+		err = cerr
+	}
+	if err != nil {
+		return nil, err
+	}
+	tok, err := tokenizer.Load(data)
+	if err != nil {
+		return nil, fmt.Errorf("%s: %w", s.path, err)
+	}
+	return tok, nil
+}
 
 // TokensSchema is the table a tokenize stage writes; its columns have the
 // names they keep in packed rows.
@@ -84,7 +104,7 @@ type tokenCounts struct {
 }
 
 func (s *tokenizeStage) Run(ctx context.Context, t *pipeline.Task) error {
-	tok, err := tokenizer.LoadFile(s.path)
+	tok, err := s.load(t)
 	if err != nil {
 		return err
 	}

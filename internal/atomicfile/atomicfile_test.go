@@ -68,3 +68,30 @@ func TestDirAppearsWholeOrNotAtAll(t *testing.T) {
 		t.Errorf("an existing folder was not refused: %v", err)
 	}
 }
+
+func TestPendingAbortAndCommit(t *testing.T) {
+	dir := t.TempDir()
+	p := filepath.Join(dir, "f")
+	WriteFile(p, []byte("old"))
+	w, err := Create(p)
+	if err != nil {
+		t.Fatal(err)
+	}
+	w.Write([]byte("half"))
+	w.Abort()
+	if got, _ := os.ReadFile(p); string(got) != "old" {
+		t.Fatalf("abort changed the file: %q", got)
+	}
+	if ents, _ := os.ReadDir(dir); len(ents) != 1 {
+		t.Fatalf("abort left %d files", len(ents))
+	}
+	w, _ = Create(p)
+	w.Write([]byte("new"))
+	if err := w.Commit(); err != nil {
+		t.Fatal(err)
+	}
+	w.Abort() // a no-op after Commit
+	if got, _ := os.ReadFile(p); string(got) != "new" {
+		t.Fatalf("commit: %q", got)
+	}
+}

@@ -116,6 +116,20 @@ func (t *Tracker) Snapshot() Progress {
 
 // String is the one-line form shared by the terminal and log displays.
 func (p Progress) String() string {
+	if p.Unit == "bytes" {
+		s := HumanBytes(p.Rows)
+		if p.Total >= 0 {
+			s += " / " + HumanBytes(p.Total)
+		}
+		s += "  " + HumanBytes(int64(p.Rate())) + "/s"
+		if p.Note != "" {
+			s += "  " + p.Note
+		}
+		if eta, ok := p.ETA(); ok {
+			s += "  ETA " + eta.Round(time.Second).String()
+		}
+		return s
+	}
 	s := fmt.Sprintf("%d", p.Rows)
 	if p.Total >= 0 {
 		s += fmt.Sprintf("/%d", p.Total)

@@ -13,6 +13,7 @@ import (
 	"github.com/apache/arrow-go/v18/arrow/memory"
 
 	"gemmaft/chat"
+	"gemmaft/hub"
 	"gemmaft/packer"
 	"gemmaft/pipeline"
 	"gemmaft/tokenizer"
@@ -28,7 +29,9 @@ func init() { kinds[tokenizeKindName] = tokenizeKind{} }
 type tokenizeKind struct{}
 
 type tokenizeParams struct {
-	// Tokenizer is the path of a Hugging Face tokenizer.json.
+	// Tokenizer is the path of a Hugging Face tokenizer.json, or an hf://
+	// reference to one (hf://ORG/NAME@REV/tokenizer.json; a reference to the
+	// repository means its tokenizer.json).
 	Tokenizer string `json:"tokenizer"`
 	// LossOn is "assistant" (train on what the model says) or "all".
 	LossOn string `json:"loss_on"`
@@ -40,7 +43,7 @@ func (tokenizeKind) Params() any        { return &tokenizeParams{LossOn: "assist
 
 func (p *tokenizeParams) Validate() error {
 	if p.Tokenizer == "" {
-		return &pipeline.ParamError{Param: "tokenizer", Msg: "missing", Fix: "give the path of the model's tokenizer.json"}
+		return &pipeline.ParamError{Param: "tokenizer", Msg: "missing", Fix: "give the path of the model's tokenizer.json, or hf://ORG/NAME@REV/tokenizer.json"}
 	}
 	if p.LossOn != "assistant" && p.LossOn != "all" {
 		return &pipeline.ParamError{Param: "loss_on", Msg: fmt.Sprintf("unknown value %q", p.LossOn), Fix: "use assistant or all"}
@@ -50,6 +53,13 @@ func (p *tokenizeParams) Validate() error {
 
 func (tokenizeKind) Prepare(params any, dir string) (pipeline.Runner, error) {
 	p := params.(*tokenizeParams)
+	if hub.IsRef(p.Tokenizer) {
+		h, err := parseHub("tokenizer", p.Tokenizer, hubFile)
+		if err != nil {
+			return nil, err
+		}
+		return &tokenizeStage{p: p, hub: h}, nil
+	}
 	path := p.Tokenizer
 	if !filepath.IsAbs(path) {
 		path = filepath.Join(dir, path)
@@ -66,10 +76,20 @@ func (tokenizeKind) Prepare(params any, dir string) (pipeline.Runner, error) {
 
 type tokenizeStage struct {
 	p    *tokenizeParams
-	path string
+	path string    // a local tokenizer.json
+	hub  *hubInput // or one on the Hub
 }
 
-func (s *tokenizeStage) Files() []string { return []string{s.path} }
+func (s *tokenizeStage) Files() []string {
+	if s.hub != nil {
+		return nil
+	}
+	return []string{s.path}
+}
+
+func (s *tokenizeStage) Resolve(ctx context.Context) ([]pipeline.Ref, error) {
+	return resolveAll(ctx, s.hub)
+}
 
 // TokensSchema is the table a tokenize stage writes; its columns have the
 // names they keep in packed rows.
@@ -84,7 +104,16 @@ type tokenCounts struct {
 }
 
 func (s *tokenizeStage) Run(ctx context.Context, t *pipeline.Task) error {
-	tok, err := tokenizer.LoadFile(s.path)
+	path := s.path
+	if s.hub != nil {
+		files, err := s.hub.fetch(ctx, t)
+		if err != nil {
+			return err
+		}
+		path = files[0]
+		t.Report(0, 0, "", "") // back to counting rows
+	}
+	tok, err := tokenizer.LoadFile(path)
 	if err != nil {
 		return err
 	}

@@ -231,6 +231,9 @@ type FetchOptions struct {
 	Progress func(done, total int64)
 	// Log receives a line per file fetched and per damaged blob replaced.
 	Log *slog.Logger
+	// Only, for Local with a reference to a whole repository, fetches the
+	// files these patterns match (those there are) instead of Select's.
+	Only []string
 }
 
 // Fetch makes the given files of r's commit present in the cache and

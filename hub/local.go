@@ -7,8 +7,9 @@ import (
 )
 
 // Select returns the paths of the files r names: those its path matches
-// (a file or a glob), or, for a reference to the whole repository, the
-// files of a model folder (ModelPatterns).
+// (a file or a glob), or, for a reference to a whole model repository, the
+// files of a model folder (ModelPatterns); every file of another kind of
+// repository.
 func (c *Client) Select(ctx context.Context, r *Resolved) ([]string, error) {
 	files, err := c.List(ctx, r)
 	if err != nil {
@@ -19,6 +20,10 @@ func (c *Client) Select(ctx context.Context, r *Resolved) ([]string, error) {
 	}
 	var out []string
 	for _, f := range files {
+		if r.Type != Model {
+			out = append(out, f.Path)
+			continue
+		}
 		for _, p := range ModelPatterns {
 			if ok, _ := path.Match(p, f.Path); ok {
 				out = append(out, f.Path)
@@ -37,8 +42,21 @@ func (c *Client) Local(ctx context.Context, ref Ref, opts FetchOptions) (*Resolv
 	if err != nil {
 		return nil, nil, err
 	}
-	paths, err := c.Select(ctx, r)
-	if err != nil {
+	var paths []string
+	if len(opts.Only) > 0 && ref.Path == "" {
+		files, err := c.List(ctx, r)
+		if err != nil {
+			return nil, nil, err
+		}
+		for _, f := range files {
+			for _, p := range opts.Only {
+				if ok, _ := path.Match(p, f.Path); ok {
+					paths = append(paths, f.Path)
+					break
+				}
+			}
+		}
+	} else if paths, err = c.Select(ctx, r); err != nil {
 		return nil, nil, err
 	}
 	dir, err := c.Fetch(ctx, r, paths, opts)

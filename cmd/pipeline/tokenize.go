@@ -36,6 +36,10 @@ the text.`,
 			if tokPath == "" {
 				return usageErr(errors.New("tokenize: --tokenizer is required"))
 			}
+			tokPath, err := localArg(cmd.Context(), "tokenizer", tokPath, argTokenizer)
+			if err != nil {
+				return err
+			}
 			tk, err := tokenizer.LoadFile(tokPath)
 			if err != nil {
 				return failErr(err)
@@ -69,7 +73,7 @@ the text.`,
 			return nil
 		},
 	}
-	cmd.Flags().StringVar(&tokPath, "tokenizer", "", "tokenizer.json to use")
+	cmd.Flags().StringVar(&tokPath, "tokenizer", "", "tokenizer.json to use, or hf://ORG/NAME[@REV][/tokenizer.json]")
 	cmd.Flags().StringVar(&inPath, "in", "", "input JSON lines (default standard input)")
 	cmd.Flags().StringVar(&outPath, "out", "", "output JSON lines (default standard output)")
 	cmd.Flags().BoolVar(&addSpecial, "add-special-tokens", false, "add the post-processor's special tokens")

@@ -413,7 +413,7 @@ func gitBlob(b []byte) string {
 
 func TestErrors(t *testing.T) {
 	f := newFixture(t)
-	f.model.Gated = true
+	f.model.SetGated(true)
 	f.srv.AddToken("tok-nogrant")
 	f.srv.AddToken("tok-granted", "model/google/gemma-3-tiny-it")
 	cache := t.TempDir()

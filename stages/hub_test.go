@@ -243,7 +243,7 @@ func TestHubErrors(t *testing.T) {
 		}
 	}
 	// Gated: the plan fails at once, saying how to get in.
-	f.model.Gated = true
+	f.model.SetGated(true)
 	dag, err := pipeline.Load(r.spec(hubSpec), Registry())
 	if err != nil {
 		t.Fatal(err)

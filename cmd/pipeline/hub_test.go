@@ -116,7 +116,7 @@ func TestHubCLIGated(t *testing.T) {
 	t.Setenv("HF_TOKEN", "")
 	t.Setenv("HF_HUB_OFFLINE", "")
 	gated := srv.AddRepo("model", "google/gemma-3-gated")
-	gated.Gated = true
+	gated.SetGated(true)
 	gated.Commit("main", map[string][]byte{"config.json": []byte("{}"), "model.safetensors": []byte("x")})
 	res := runCLI(t, dir, "loss", "--model", "hf://google/gemma-3-gated", "--data", "rows.arrow", "--backend", "cpu")
 	if res.code != 1 || !strings.Contains(res.stderr, "is gated: accept its license at "+srv.URL+"/google/gemma-3-gated") || !strings.Contains(res.stderr, "HF_TOKEN") {

@@ -161,6 +161,14 @@ func (r *Repo) Commit(branch string, files map[string][]byte) string {
 	return c.sha
 }
 
+// SetGated makes the repository gated (or not): its files go only to
+// tokens granted access.
+func (r *Repo) SetGated(g bool) { r.s.mu.Lock(); r.Gated = g; r.s.mu.Unlock() }
+
+// SetPrivate makes the repository private (or not): it exists only for
+// tokens granted access.
+func (r *Repo) SetPrivate(p bool) { r.s.mu.Lock(); r.Private = p; r.s.mu.Unlock() }
+
 // Tag points name at a commit, like a branch that is never committed to.
 func (r *Repo) Tag(name, sha string) {
 	r.s.mu.Lock()
@@ -314,12 +322,16 @@ func (s *Server) access(w http.ResponseWriter, req *http.Request, typ, id string
 	r := s.repos[key(typ, id)]
 	token := strings.TrimPrefix(req.Header.Get("Authorization"), "Bearer ")
 	granted, known := s.tokens[token]
+	var private, gated bool
+	if r != nil {
+		private, gated = r.Private, r.Gated
+	}
 	s.mu.Unlock()
 	if token != "" && !known {
 		hubError(w, http.StatusUnauthorized, "", "Invalid credentials in Authorization header")
 		return nil
 	}
-	if r == nil || r.Private && !granted[key(typ, id)] {
+	if r == nil || private && !granted[key(typ, id)] {
 		if token == "" {
 			hubError(w, http.StatusUnauthorized, "RepoNotFound", "Repository not found")
 		} else {
@@ -327,7 +339,7 @@ func (s *Server) access(w http.ResponseWriter, req *http.Request, typ, id string
 		}
 		return nil
 	}
-	if files && r.Gated && !granted[key(typ, id)] {
+	if files && gated && !granted[key(typ, id)] {
 		if token == "" {
 			hubError(w, http.StatusUnauthorized, "GatedRepo", fmt.Sprintf("Access to %s %s is restricted. You must have access to it and be authenticated to access it. Please log in.", typ, id))
 		} else {
@@ -459,14 +471,17 @@ func (s *Server) revisionInfo(w http.ResponseWriter, req *http.Request, typ, id,
 	for _, p := range sortedKeys(c.files) {
 		siblings = append(siblings, map[string]string{"rfilename": p})
 	}
+	s.mu.Lock()
+	isGated, private := r.Gated, r.Private
+	s.mu.Unlock()
 	var gated any = false
-	if r.Gated {
+	if isGated {
 		gated = "manual"
 	}
 	info := map[string]any{
 		"_id": fmt.Sprintf("%x", sha1.Sum([]byte(key(typ, id))))[:24], "id": id, "author": strings.Split(id, "/")[0],
 		"sha": c.sha, "lastModified": c.date.Format(time.RFC3339), "createdAt": c.date.Format(time.RFC3339),
-		"private": r.Private, "gated": gated, "disabled": false, "downloads": 0, "likes": 0, "tags": []string{},
+		"private": private, "gated": gated, "disabled": false, "downloads": 0, "likes": 0, "tags": []string{},
 		"siblings": siblings,
 	}
 	if typ == "model" {

@@ -480,7 +480,7 @@ func (s *Server) revisionInfo(w http.ResponseWriter, req *http.Request, typ, id,
 	}
 	info := map[string]any{
 		"_id": fmt.Sprintf("%x", sha1.Sum([]byte(key(typ, id))))[:24], "id": id, "author": strings.Split(id, "/")[0],
-		"sha": c.sha, "lastModified": c.date.Format(time.RFC3339), "createdAt": c.date.Format(time.RFC3339),
+		"sha": c.sha, "lastModified": c.date.Format(hubTime), "createdAt": c.date.Format(hubTime),
 		"private": private, "gated": gated, "disabled": false, "downloads": 0, "likes": 0, "tags": []string{},
 		"siblings": siblings,
 	}
@@ -516,7 +516,7 @@ func (s *Server) entry(r *Repo, c *commit, p string, expand bool) map[string]any
 			}
 			last = prev
 		}
-		e["lastCommit"] = map[string]any{"id": last.sha, "title": last.title, "date": last.date.Format(time.RFC3339)}
+		e["lastCommit"] = map[string]any{"id": last.sha, "title": last.title, "date": last.date.Format(hubTime)}
 	}
 	return e
 }
@@ -760,3 +760,6 @@ func parseRange(h string, size int64) (int64, int64, bool) {
 	}
 	return start, end, true
 }
+
+// hubTime is how the Hub writes dates (huggingface_hub parses this form).
+const hubTime = "2006-01-02T15:04:05.000Z"

@@ -72,7 +72,7 @@ func TestJSClientReadsOurCache(t *testing.T) {
 		t.Fatalf("scan: %+v", scan)
 	}
 	want := map[string]map[string][]byte{
-		"model/google/gemma-3-tiny-it":     {},
+		"model/google/gemma-3-tiny-it":    {},
 		"dataset/malhajar/alpaca-gpt4-tr": {},
 	}
 	for _, p := range []string{"config.json", "tokenizer_config.json", "tokenizer.json", "model.safetensors", "generation_config.json", "chat_template.jinja"} {

@@ -48,6 +48,24 @@ type Runner interface {
 	Run(ctx context.Context, t *Task) error
 }
 
+// A Ref is a name a stage reads through that can come to mean something
+// else: a branch of a repository on the Hugging Face Hub, say. What it names
+// now (Revision, a commit) enters the stage's key in place of the content
+// of what it names, so the key changes when the reference moves and stays
+// the same while it does not, without reading gigabytes to find out.
+type Ref struct {
+	Name     string `json:"name"`           // as plans show it: hf://google/gemma-3-12b-it@main
+	Revision string `json:"revision"`       // what it names now
+	Note     string `json:"note,omitempty"` // how it was resolved, when worth saying (offline, say)
+}
+
+// A Resolver is a Runner that reads through Refs. Plan calls Resolve before
+// computing the stage's key (so Files may be empty for what the refs
+// name); Run reads what the last Resolve resolved.
+type Resolver interface {
+	Resolve(ctx context.Context) ([]Ref, error)
+}
+
 // A Registry maps kind names to kinds.
 type Registry struct {
 	mu    sync.RWMutex

@@ -56,12 +56,23 @@ type StageRecord struct {
 	Params      json.RawMessage `json:"params"`
 	Inputs      []InputRef      `json:"inputs"`
 	Files       []FileRef       `json:"files"`
+	Refs        []Ref           `json:"refs,omitempty"`
 	Entry       string          `json:"entry,omitempty"`
 	Rows        int64           `json:"rows"`
 	Bytes       int64           `json:"bytes"`
 	Seconds     float64         `json:"seconds"`
 	Stats       map[string]any  `json:"stats,omitempty"`
 	Error       string          `json:"error,omitempty"`
+}
+
+// withoutNotes drops what a run said about how it resolved refs, which is
+// no part of an entry.
+func withoutNotes(refs []Ref) []Ref {
+	var out []Ref
+	for _, r := range refs {
+		out = append(out, Ref{Name: r.Name, Revision: r.Revision})
+	}
+	return out
 }
 
 // Version is the program version written into manifests and reports.
@@ -131,15 +142,22 @@ func (e *Engine) run(ctx context.Context, dag *DAG, opts Options, rec *RunRecord
 	}
 	*unlockDAG = unlock
 
-	plan, err := e.Store.Plan(dag, opts)
+	plan, err := e.Store.PlanContext(ctx, dag, opts)
 	if err != nil {
 		return err
+	}
+	for _, st := range plan.Steps {
+		for _, r := range st.Refs {
+			if r.Note != "" && st.Selected {
+				e.log().Warn(r.Note, "stage", st.Node.Name)
+			}
+		}
 	}
 	x := &execution{e: e, plan: plan, opts: opts, rec: rec, records: map[*Step]*StageRecord{}}
 	for _, st := range plan.Steps {
 		rec.Stages = append(rec.Stages, StageRecord{
 			Name: st.Node.Name, Kind: st.Node.KindName, KindVersion: st.Node.Kind.Version(),
-			Key: st.Key, Params: st.Node.Canon, Inputs: st.Inputs, Files: st.Files, State: "not selected",
+			Key: st.Key, Params: st.Node.Canon, Inputs: st.Inputs, Files: st.Files, Refs: st.Refs, State: "not selected",
 		})
 	}
 	for i, st := range plan.Steps {
@@ -392,7 +410,7 @@ func (x *execution) computeStep(ctx context.Context, st *Step, t *Task, committe
 	}
 	m := &Manifest{
 		Key: st.Key, Stage: st.Node.Name, Kind: st.Node.KindName, KindVersion: st.Node.Kind.Version(),
-		Params: st.Node.Canon, Inputs: st.Inputs, Files: st.Files, Stats: t.stats,
+		Params: st.Node.Canon, Inputs: st.Inputs, Files: st.Files, Refs: withoutNotes(st.Refs), Stats: t.stats,
 		Started: started.UTC(), Finished: time.Now().UTC(), Program: Version(),
 	}
 	m.Seconds = m.Finished.Sub(m.Started).Seconds()

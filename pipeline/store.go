@@ -124,6 +124,7 @@ type Manifest struct {
 	Params      json.RawMessage `json:"params"`
 	Inputs      []InputRef      `json:"inputs"`
 	Files       []FileRef       `json:"files"`
+	Refs        []Ref           `json:"refs,omitempty"`
 	Outputs     []FileRef       `json:"outputs"`
 	Rows        int64           `json:"rows"`
 	Stats       map[string]any  `json:"stats,omitempty"`

@@ -55,15 +55,16 @@ func (p *ggufParams) Validate() error {
 
 func (ggufKind) Prepare(params any, dir string) (pipeline.Runner, error) {
 	p := params.(*ggufParams)
-	s := &ggufStage{p: p}
-	var err error
-	if s.model, s.files, err = modelParam(p.Model, dir, "point model at a Hugging Face Gemma 3 checkpoint folder"); err != nil {
+	m, err := modelParam(p.Model, dir, "point model at a Hugging Face Gemma 3 checkpoint folder")
+	if err != nil {
 		return nil, err
 	}
-	// The tokenizer goes into the file, so it is part of what made it.
+	s := &ggufStage{p: p, model: m, files: m.files}
+	// The tokenizer goes into the file, so it is part of what made it (of
+	// an hf:// model, the commit holds it).
 	for _, f := range []string{"tokenizer.json", "tokenizer_config.json"} {
-		if _, err := os.Stat(filepath.Join(s.model, f)); s.model != "" && err == nil {
-			s.files = append(s.files, filepath.Join(s.model, f))
+		if _, err := os.Stat(filepath.Join(m.dir, f)); m.dir != "" && err == nil {
+			s.files = append(s.files, filepath.Join(m.dir, f))
 		}
 	}
 	return s, nil
@@ -71,14 +72,21 @@ func (ggufKind) Prepare(params any, dir string) (pipeline.Runner, error) {
 
 type ggufStage struct {
 	p     *ggufParams
-	model string
+	model modelArg
 	files []string
 }
 
 func (s *ggufStage) Files() []string { return s.files }
 
+func (s *ggufStage) Resolve(ctx context.Context) ([]pipeline.Ref, error) {
+	return resolveAll(ctx, s.model.hub)
+}
+
 func (s *ggufStage) Run(ctx context.Context, t *pipeline.Task) error {
-	model := s.model
+	model, err := s.model.path(ctx, t)
+	if err != nil {
+		return err
+	}
 	var lineage []*pipeline.Manifest
 	for _, in := range t.Inputs {
 		if model != "" {

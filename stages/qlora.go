@@ -152,71 +152,23 @@ func (p *qloraParams) Validate() error {
 
 func (qloraKind) Prepare(params any, dir string) (pipeline.Runner, error) {
 	p := params.(*qloraParams)
-	s := &qloraStage{p: p}
-	var err error
-	s.model, s.files, err = modelParam(p.Model, dir, "point model at a Hugging Face checkpoint folder (config.json and safetensors)")
+	m, err := modelParam(p.Model, dir, "point model at a Hugging Face checkpoint folder (config.json and safetensors)")
 	if err != nil {
 		return nil, err
 	}
-	return s, nil
-}
-
-// modelParam resolves a stage's `model:` folder against the spec's folder
-// and returns it with the files of it that enter the key; an empty
-// parameter gives nothing (the model comes from an input).
-func modelParam(model, specDir, fix string) (string, []string, error) {
-	if model == "" {
-		return "", nil, nil
-	}
-	model, err := pipeline.ResolvePath(specDir, model)
-	if err != nil {
-		return "", nil, &pipeline.ParamError{Param: "model", Msg: err.Error(), Fix: "write the path in full"}
-	}
-	files, err := keyedCheckpointFiles(model)
-	if err != nil {
-		return "", nil, &pipeline.ParamError{Param: "model", Msg: err.Error(), Fix: fix}
-	}
-	return model, files, nil
-}
-
-// keyedCheckpointFiles are the files of a checkpoint whose content enters
-// the key: config.json, and the weights index of a sharded checkpoint or
-// the single weights file (re-hashing tens of gigabytes of shards is what
-// the stat cache avoids, but their index already names what they hold).
-func keyedCheckpointFiles(dir string) ([]string, error) {
-	fi, err := os.Stat(dir)
-	if err != nil {
-		return nil, pipeline.CheckReadableFile(dir) // says why
-	}
-	if !fi.IsDir() {
-		return nil, fmt.Errorf("%s is a file, not a checkpoint folder", dir)
-	}
-	cfg := filepath.Join(dir, "config.json")
-	if _, err := os.Lstat(cfg); err != nil {
-		return nil, fmt.Errorf("%s has no config.json", dir)
-	}
-	if err := pipeline.CheckReadableFile(cfg); err != nil {
-		return nil, err
-	}
-	for _, w := range []string{"model.safetensors.index.json", "model.safetensors"} {
-		p := filepath.Join(dir, w)
-		if _, err := os.Lstat(p); err == nil {
-			if err := pipeline.CheckReadableFile(p); err != nil {
-				return nil, err
-			}
-			return []string{cfg, p}, nil
-		}
-	}
-	return nil, fmt.Errorf("%s has no model.safetensors or model.safetensors.index.json", dir)
+	return &qloraStage{p: p, model: m}, nil
 }
 
 type qloraStage struct {
 	p     *qloraParams
-	model string
-	files []string
+	model modelArg
 }
 
-func (s *qloraStage) Files() []string { return s.files }
+func (s *qloraStage) Files() []string { return s.model.files }
+
+func (s *qloraStage) Resolve(ctx context.Context) ([]pipeline.Ref, error) {
+	return resolveAll(ctx, s.model.hub)
+}
 
 func (s *qloraStage) Run(ctx context.Context, t *pipeline.Task) error {
 	model, rowsPath, err := s.inputs(ctx, t)
@@ -255,7 +207,7 @@ func (s *qloraStage) Run(ctx context.Context, t *pipeline.Task) error {
 	defer sess.Close()
 	// The session has read the checkpoint's files by their paths: check
 	// that they were the ones the key holds before training on them.
-	if err := t.CheckFiles(s.files...); err != nil {
+	if err := t.CheckFiles(s.model.files...); err != nil {
 		return err
 	}
 	scratch, err := t.Scratch()
@@ -314,7 +266,10 @@ func (s *qloraStage) Run(ctx context.Context, t *pipeline.Task) error {
 // inputs tells the stage's needs apart by their kind: the packed rows of a
 // pack stage, and the checkpoint of a model stage unless `model:` names one.
 func (s *qloraStage) inputs(ctx context.Context, t *pipeline.Task) (model, rows string, err error) {
-	model, modelFrom := s.model, "model: "+s.model
+	modelFrom := "model: " + s.model.param
+	if model, err = s.model.path(ctx, t); err != nil {
+		return "", "", err
+	}
 	for _, in := range t.Inputs {
 		switch in.Kind {
 		case modelKindName:

@@ -10,6 +10,7 @@ import (
 	"strings"
 
 	"gemmaft/dataset"
+	"gemmaft/hub"
 	"gemmaft/pipeline"
 )
 
@@ -29,7 +30,9 @@ type sourceKind struct{ format dataset.Format }
 
 // sourceParams are the `with:` of a parquet or jsonl stage.
 type sourceParams struct {
-	// Paths are files or glob patterns, relative to the spec's folder.
+	// Paths are files or glob patterns, relative to the spec's folder, or
+	// hf://datasets/ORG/NAME@REV/PATH references (PATH a file or a glob
+	// over the repository's files).
 	Paths []string `json:"paths"`
 	// Columns maps instruction, input and output to the file's column names.
 	Columns map[string]string `json:"columns,omitempty"`
@@ -98,51 +101,104 @@ func (p *sourceParams) Validate() error {
 
 func (k sourceKind) Prepare(params any, dir string) (pipeline.Runner, error) {
 	p := params.(*sourceParams)
-	patterns := make([]string, len(p.Paths))
-	for i, pat := range p.Paths {
-		var err error
-		if patterns[i], err = pipeline.ExpandHome(pat); err != nil {
+	s := &sourceStage{format: k.format, p: p}
+	var seen []os.FileInfo
+	for _, path := range p.Paths {
+		if hub.IsRef(path) {
+			h, err := parseHub("paths", path, hubFiles)
+			if err != nil {
+				return nil, err
+			}
+			s.parts = append(s.parts, sourcePart{hub: h})
+			continue
+		}
+		pattern, err := pipeline.ExpandHome(path)
+		if err != nil {
 			return nil, &pipeline.ParamError{Param: "paths", Msg: err.Error(), Fix: "write the path in full"}
 		}
-	}
-	files, err := dataset.ExpandGlobs(dir, patterns)
-	if err != nil {
-		return nil, &pipeline.ParamError{Param: "paths", Msg: err.Error(), Fix: "paths are relative to the spec's folder"}
-	}
-	seen := make([]os.FileInfo, 0, len(files))
-	for _, f := range files {
-		if err := pipeline.CheckReadableFile(f); err != nil {
-			return nil, &pipeline.ParamError{Param: "paths", Msg: err.Error(),
-				Fix: "list data files (.parquet, .jsonl, .jsonl.gz), or globs that match only files"}
-		}
-		fi, err := os.Stat(f)
+		files, err := dataset.ExpandGlobs(dir, []string{pattern})
 		if err != nil {
-			return nil, &pipeline.ParamError{Param: "paths", Msg: err.Error()}
+			return nil, &pipeline.ParamError{Param: "paths", Msg: err.Error(), Fix: "paths are relative to the spec's folder, or hf://datasets/ORG/NAME@REV/PATH"}
 		}
-		// Reading a file twice would repeat its records: almost always two
-		// patterns that overlap (a glob and a name, or a link).
-		for j, prev := range seen {
-			if os.SameFile(prev, fi) {
-				return nil, &pipeline.ParamError{Param: "paths", Msg: fmt.Sprintf("%s is listed twice (also as %s): its records would be read twice", f, files[j]),
-					Fix: "list each file once; check for a glob that also matches a file named on its own"}
+		for _, f := range files {
+			if err := pipeline.CheckReadableFile(f); err != nil {
+				return nil, &pipeline.ParamError{Param: "paths", Msg: err.Error(),
+					Fix: "list data files (.parquet, .jsonl, .jsonl.gz), or globs that match only files"}
 			}
+			fi, err := os.Stat(f)
+			if err != nil {
+				return nil, &pipeline.ParamError{Param: "paths", Msg: err.Error()}
+			}
+			// Reading a file twice would repeat its records: almost always
+			// two patterns that overlap (a glob and a name, or a link).
+			for j, prev := range seen {
+				if os.SameFile(prev, fi) {
+					return nil, &pipeline.ParamError{Param: "paths", Msg: fmt.Sprintf("%s is listed twice (also as %s): its records would be read twice", f, s.local[j]),
+						Fix: "list each file once; check for a glob that also matches a file named on its own"}
+				}
+			}
+			seen = append(seen, fi)
+			s.local = append(s.local, f)
 		}
-		seen = append(seen, fi)
+		s.parts = append(s.parts, sourcePart{files: files})
 	}
-	return &sourceStage{format: k.format, p: p, files: files}, nil
+	return s, nil
+}
+
+// A sourcePart is what one entry of paths gives: local files, or the
+// files of an hf:// reference.
+type sourcePart struct {
+	files []string
+	hub   *hubInput
 }
 
 type sourceStage struct {
 	format dataset.Format
 	p      *sourceParams
-	files  []string
+	parts  []sourcePart
+	local  []string // the local files, whose digests enter the key
 }
 
-func (s *sourceStage) Files() []string { return s.files }
+func (s *sourceStage) Files() []string { return s.local }
+
+func (s *sourceStage) Resolve(ctx context.Context) ([]pipeline.Ref, error) {
+	var hs []*hubInput
+	for _, p := range s.parts {
+		hs = append(hs, p.hub)
+	}
+	return resolveAll(ctx, hs...)
+}
+
+// files fetches the hf:// parts and returns every file in the order of
+// paths.
+func (s *sourceStage) files(ctx context.Context, t *pipeline.Task) ([]string, error) {
+	var out []string
+	fetched := false
+	for _, p := range s.parts {
+		if p.hub == nil {
+			out = append(out, p.files...)
+			continue
+		}
+		files, err := p.hub.fetch(ctx, t)
+		if err != nil {
+			return nil, err
+		}
+		out = append(out, files...)
+		fetched = true
+	}
+	if fetched {
+		t.Report(0, 0, "", "") // back to counting rows
+	}
+	return out, nil
+}
 
 func (s *sourceStage) Run(ctx context.Context, t *pipeline.Task) error {
+	files, err := s.files(ctx, t)
+	if err != nil {
+		return err
+	}
 	src, err := dataset.Open(dataset.SourceOptions{
-		Paths: s.files, Format: s.format, Columns: s.p.Columns,
+		Paths: files, Format: s.format, Columns: s.p.Columns,
 		SystemColumn: s.p.SystemColumn, SystemText: s.p.System,
 		Limit: s.p.Limit, Shuffle: s.p.Shuffle, Seed: s.p.Seed,
 		Open:  func(path string) (fs.File, error) { return t.Open(path) },
@@ -174,7 +230,7 @@ func (s *sourceStage) Run(ctx context.Context, t *pipeline.Task) error {
 		}
 	}
 	t.SetStat("records", out.Rows())
-	t.SetStat("files", len(s.files))
+	t.SetStat("files", len(files))
 	reportNulls(t, src.Nulls(), s.p.Nulls)
 	return nil
 }

@@ -12,6 +12,7 @@ import (
 	"github.com/apache/arrow-go/v18/arrow/memory"
 
 	"gemmaft/chat"
+	"gemmaft/hub"
 	"gemmaft/packer"
 	"gemmaft/pipeline"
 	"gemmaft/tokenizer"
@@ -27,7 +28,9 @@ func init() { kinds[tokenizeKindName] = tokenizeKind{} }
 type tokenizeKind struct{}
 
 type tokenizeParams struct {
-	// Tokenizer is the path of a Hugging Face tokenizer.json.
+	// Tokenizer is the path of a Hugging Face tokenizer.json, or an hf://
+	// reference to one (hf://ORG/NAME@REV/tokenizer.json; a reference to the
+	// repository means its tokenizer.json).
 	Tokenizer string `json:"tokenizer"`
 	// LossOn is "assistant" (train on what the model says) or "all".
 	LossOn string `json:"loss_on"`
@@ -39,7 +42,7 @@ func (tokenizeKind) Params() any        { return &tokenizeParams{LossOn: "assist
 
 func (p *tokenizeParams) Validate() error {
 	if p.Tokenizer == "" {
-		return &pipeline.ParamError{Param: "tokenizer", Msg: "missing", Fix: "give the path of the model's tokenizer.json"}
+		return &pipeline.ParamError{Param: "tokenizer", Msg: "missing", Fix: "give the path of the model's tokenizer.json, or hf://ORG/NAME@REV/tokenizer.json"}
 	}
 	if p.LossOn != "assistant" && p.LossOn != "all" {
 		return &pipeline.ParamError{Param: "loss_on", Msg: fmt.Sprintf("unknown value %q", p.LossOn), Fix: "use assistant or all"}
@@ -49,6 +52,13 @@ func (p *tokenizeParams) Validate() error {
 
 func (tokenizeKind) Prepare(params any, dir string) (pipeline.Runner, error) {
 	p := params.(*tokenizeParams)
+	if hub.IsRef(p.Tokenizer) {
+		h, err := parseHub("tokenizer", p.Tokenizer, hubFile)
+		if err != nil {
+			return nil, err
+		}
+		return &tokenizeStage{p: p, hub: h}, nil
+	}
 	path, err := pipeline.ResolvePath(dir, p.Tokenizer)
 	if err != nil {
 		return nil, &pipeline.ParamError{Param: "tokenizer", Msg: err.Error(), Fix: "write the path in full"}
@@ -65,15 +75,26 @@ func (tokenizeKind) Prepare(params any, dir string) (pipeline.Runner, error) {
 
 type tokenizeStage struct {
 	p    *tokenizeParams
-	path string
+	path string    // a local tokenizer.json
+	hub  *hubInput // or one on the Hub
 }
 
-func (s *tokenizeStage) Files() []string { return []string{s.path} }
+func (s *tokenizeStage) Files() []string {
+	if s.hub != nil {
+		return nil
+	}
+	return []string{s.path}
+}
 
-// load reads the tokenizer through the task, which checks that it is the
-// file the key was computed from.
-func (s *tokenizeStage) load(t *pipeline.Task) (*tokenizer.Tokenizer, error) {
-	f, err := t.Open(s.path)
+func (s *tokenizeStage) Resolve(ctx context.Context) ([]pipeline.Ref, error) {
+	return resolveAll(ctx, s.hub)
+}
+
+// load reads the tokenizer at path (the local one, or one fetched from the
+// Hub) through the task, which checks that a local one is the file the key
+// was computed from.
+func load(t *pipeline.Task, path string) (*tokenizer.Tokenizer, error) {
+	f, err := t.Open(path)
 	if err != nil {
 		return nil, err
 	}
@@ -86,7 +107,7 @@ func (s *tokenizeStage) load(t *pipeline.Task) (*tokenizer.Tokenizer, error) {
 	}
 	tok, err := tokenizer.Load(data)
 	if err != nil {
-		return nil, fmt.Errorf("%s: %w", s.path, err)
+		return nil, fmt.Errorf("%s: %w", path, err)
 	}
 	return tok, nil
 }
@@ -104,7 +125,16 @@ type tokenCounts struct {
 }
 
 func (s *tokenizeStage) Run(ctx context.Context, t *pipeline.Task) error {
-	tok, err := s.load(t)
+	path := s.path
+	if s.hub != nil {
+		files, err := s.hub.fetch(ctx, t)
+		if err != nil {
+			return err
+		}
+		path = files[0]
+		t.Report(0, 0, "", "") // back to counting rows
+	}
+	tok, err := load(t, path)
 	if err != nil {
 		return err
 	}

@@ -48,6 +48,10 @@ was. A line longer than --max-line-bytes is an error.`,
 			if maxLine < 1 {
 				return usageErr(errors.New("tokenize: --max-line-bytes must be positive"))
 			}
+			tokPath, err := localArg(cmd.Context(), "tokenizer", tokPath, argTokenizer)
+			if err != nil {
+				return err
+			}
 			// A named pipe or a folder would block or fail obscurely.
 			if err := pipeline.CheckReadableFile(tokPath); err != nil {
 				return failErr(fmt.Errorf("--tokenizer: %w", err))
@@ -94,7 +98,7 @@ was. A line longer than --max-line-bytes is an error.`,
 			return nil
 		},
 	}
-	cmd.Flags().StringVar(&tokPath, "tokenizer", "", "tokenizer.json to use")
+	cmd.Flags().StringVar(&tokPath, "tokenizer", "", "tokenizer.json to use, or hf://ORG/NAME[@REV][/tokenizer.json]")
 	cmd.Flags().StringVar(&inPath, "in", "", "input JSON lines (default standard input)")
 	cmd.Flags().StringVar(&outPath, "out", "", "output JSON lines (default standard output); written whole or not at all")
 	cmd.Flags().BoolVar(&addSpecial, "add-special-tokens", false, "add the post-processor's special tokens")

@@ -106,3 +106,15 @@ func LlamaOracle(t testing.TB) string {
 	}
 	return filepath.Join(dir, "llama-oracle.mjs")
 }
+
+// HubClient returns the script that drives the JavaScript Hub client
+// (npm/hub), skipping the test when node or the package is not installed.
+func HubClient(t testing.TB) string {
+	t.Helper()
+	NeedTool(t, "node")
+	dir := filepath.Join(RepoRoot(t), "npm", "hub")
+	if _, err := os.Stat(filepath.Join(dir, "node_modules", "@huggingface", "hub")); err != nil {
+		t.Skipf("@huggingface/hub is not installed in %s; run scripts/npm-deps.sh (scripts/test.sh does)", dir)
+	}
+	return filepath.Join(dir, "hub-client.mjs")
+}

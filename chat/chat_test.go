@@ -3,9 +3,7 @@ package chat
 import (
 	"bufio"
 	"bytes"
-	"compress/gzip"
 	"encoding/json"
-	"os"
 	"os/exec"
 	"slices"
 	"strconv"
@@ -17,31 +15,6 @@ import (
 
 	"gemmaft/internal/testenv"
 )
-
-type record struct{ Instruction, Input, Output string }
-
-func readAlpaca(t *testing.T) []record {
-	f, err := os.Open(testenv.AlpacaTR(t, "alpaca-tr.jsonl.gz"))
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer f.Close()
-	zr, err := gzip.NewReader(f)
-	if err != nil {
-		t.Fatal(err)
-	}
-	var recs []record
-	sc := bufio.NewScanner(zr)
-	sc.Buffer(nil, 1<<26)
-	for sc.Scan() {
-		var r record
-		if err := json.Unmarshal(sc.Bytes(), &r); err != nil {
-			t.Fatal(err)
-		}
-		recs = append(recs, r)
-	}
-	return recs
-}
 
 type rendered struct {
 	Text  *string `json:"text"`
@@ -79,7 +52,7 @@ func pythonRender(t *testing.T, stdin []byte, args ...string) []rendered {
 // TestAlpacaParity renders every alpaca-tr record with and without system
 // texts and compares the bytes with the real template's Python rendering.
 func TestAlpacaParity(t *testing.T) {
-	recs := readAlpaca(t)
+	recs := testenv.AlpacaRecords(t)
 	systems := []string{
 		"", // no system message
 		"Sen yardımsever bir Türkçe asistansın. Soruları açık ve doğru yanıtla.",
@@ -247,7 +220,7 @@ func TestLabelMaskRealRecords(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	recs := readAlpaca(t)
+	recs := testenv.AlpacaRecords(t)
 	texts := make([]string, len(recs))
 	spans := make([][]Span, len(recs))
 	for i, r := range recs {

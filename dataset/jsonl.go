@@ -13,6 +13,8 @@ import (
 	"slices"
 	"strings"
 	"unicode/utf8"
+
+	"gemmaft/internal/lines"
 )
 
 // jsonlFile is a file of JSON objects, one per line, plain or gzip-compressed
@@ -87,7 +89,7 @@ func (jf *jsonlFile) count() error {
 	return nil
 }
 
-func (jf *jsonlFile) scan(ctx context.Context, base int64, want func(int64) bool, yield func(record) bool) (rows int64, stopped bool, err error) {
+func (jf *jsonlFile) scan(ctx context.Context, file int32, base int64, want func(int64) bool, yield func(record) bool) (rows int64, stopped bool, err error) {
 	lr, err := jf.lines()
 	if err != nil {
 		return 0, false, err
@@ -114,6 +116,7 @@ func (jf *jsonlFile) scan(ctx context.Context, base int64, want func(int64) bool
 		if err != nil {
 			return rows, false, err
 		}
+		r.file, r.pos = file, lr.line
 		rows++
 		if !yield(r) {
 			return rows, true, nil
@@ -148,6 +151,7 @@ func (jf *jsonlFile) parse(line []byte, lineNo int64) (record, error) {
 		}
 		switch raw[0] {
 		case 'n': // null
+			r.null |= 1 << i
 			continue
 		case '"':
 		default:
@@ -157,12 +161,12 @@ func (jf *jsonlFile) parse(line []byte, lineNo int64) (record, error) {
 			at := invalidUTF8At(string(raw))
 			return record{}, fmt.Errorf("dataset: %s: line %d, column %s: invalid UTF-8 at byte %d", jf.name, lineNo, name, decodedOffset(raw, at))
 		}
-		if err := json.Unmarshal(raw, &r[i]); err != nil {
+		if err := json.Unmarshal(raw, &r.v[i]); err != nil {
 			return record{}, fmt.Errorf("dataset: %s: line %d, column %s: %w", jf.name, lineNo, name, err)
 		}
 		// A lone surrogate escape such as \ud800 decodes to U+FFFD; text
 		// that never held U+FFFD itself was not valid Unicode.
-		if hasSurrogateEscape(raw) && strings.Count(r[i], "\uFFFD") >
+		if hasSurrogateEscape(raw) && strings.Count(r.v[i], "\uFFFD") >
 			bytes.Count(raw, []byte("\uFFFD"))+bytes.Count(bytes.ToLower(raw), []byte(`\ufffd`)) {
 			return record{}, fmt.Errorf("dataset: %s: line %d, column %s: unpaired UTF-16 surrogate escape (not valid Unicode)", jf.name, lineNo, name)
 		}
@@ -206,6 +210,9 @@ func jsonKind(first byte) string {
 	}
 	return "a number"
 }
+
+// maxLineBytes bounds a JSON line (a variable for tests).
+var maxLineBytes = lines.DefaultMax
 
 // lineReader yields the non-blank lines of a file, without their newline.
 type lineReader struct {
@@ -254,6 +261,11 @@ func (lr *lineReader) next() ([]byte, error) {
 		for {
 			chunk, err := lr.r.ReadSlice('\n')
 			lr.buf = append(lr.buf, chunk...)
+			if len(lr.buf) > maxLineBytes+1 {
+				// An endless line (no newline: a binary file, a stream)
+				// would otherwise fill memory.
+				return nil, fmt.Errorf("dataset: %s: %w", lr.name, &lines.TooLongError{Line: lr.line + 1, Max: maxLineBytes})
+			}
 			if err == bufio.ErrBufferFull {
 				continue
 			}

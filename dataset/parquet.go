@@ -147,7 +147,7 @@ func (pf *parquetFile) textBytes() int64 { return pf.bytes }
 func (pf *parquetFile) close() error     { return nil }
 
 // scan reads the file one row group at a time, in batches of parquetBatchRows.
-func (pf *parquetFile) scan(ctx context.Context, base int64, want func(int64) bool, yield func(record) bool) (rows int64, stopped bool, err error) {
+func (pf *parquetFile) scan(ctx context.Context, file int32, base int64, want func(int64) bool, yield func(record) bool) (rows int64, stopped bool, err error) {
 	f, err := pf.openFile()
 	if err != nil {
 		return 0, false, err
@@ -165,7 +165,7 @@ func (pf *parquetFile) scan(ctx context.Context, base int64, want func(int64) bo
 		if err := ctx.Err(); err != nil {
 			return rows, false, err
 		}
-		n, stop, err := pf.scanRowGroup(ctx, fr, rg, base+rows, rows, want, yield)
+		n, stop, err := pf.scanRowGroup(ctx, fr, rg, file, base+rows, rows, want, yield)
 		if err != nil || stop {
 			return rows + n, stop, err
 		}
@@ -174,7 +174,7 @@ func (pf *parquetFile) scan(ctx context.Context, base int64, want func(int64) bo
 	return rows, false, nil
 }
 
-func (pf *parquetFile) scanRowGroup(ctx context.Context, fr *pqarrow.FileReader, rg int, base, fileRow int64, want func(int64) bool, yield func(record) bool) (rows int64, stopped bool, err error) {
+func (pf *parquetFile) scanRowGroup(ctx context.Context, fr *pqarrow.FileReader, rg int, file int32, base, fileRow int64, want func(int64) bool, yield func(record) bool) (rows int64, stopped bool, err error) {
 	// The decoder can panic on corrupt pages; report it as the corrupt data
 	// it is, naming the row group.
 	defer func() {
@@ -212,15 +212,18 @@ func (pf *parquetFile) scanRowGroup(ctx context.Context, fr *pqarrow.FileReader,
 				rows++
 				continue
 			}
-			var r record
+			r := record{file: file, pos: fileRow + rows}
 			for c, col := range cols {
+				if col.null(i) {
+					r.null |= 1 << c
+				}
 				v := col.value(i)
 				if !utf8.ValidString(v) {
 					return rows, false, fmt.Errorf("dataset: %s: row %d, column %s: invalid UTF-8 at byte %d",
 						pf.name, fileRow+rows, pf.want[c], invalidUTF8At(v))
 				}
 				// Copy: the batch's buffers are reused once it is released.
-				r[c] = strings.Clone(v)
+				r.v[c] = strings.Clone(v)
 			}
 			rows++
 			if !yield(r) {

@@ -81,6 +81,39 @@ type SourceOptions struct {
 	// FS, when set, is where Paths are looked up (slash-separated names, as
 	// in fs.FS) instead of the operating system's files; Demo returns one.
 	FS fs.FS
+	// Nulls says what a null (or, in JSON lines, a null field) becomes:
+	// NullsEmpty (the default) reads it as "", NullsDrop drops the row when
+	// the null is in the instruction, output or system column (a null input
+	// is Alpaca's "no input" and still reads as ""), NullsError fails on it.
+	// Either way Source.Nulls counts them.
+	Nulls NullPolicy
+	// Open, when set (and FS is not), opens each of Paths instead of
+	// os.Open, every time the file is read; for Parquet the file must also
+	// be an io.ReaderAt and an io.Seeker. The pipeline opens files through
+	// it to check that what is read is what its cache key holds.
+	Open func(path string) (fs.File, error)
+}
+
+// NullPolicy is what a Source does with null values; see SourceOptions.
+type NullPolicy string
+
+const (
+	NullsEmpty NullPolicy = ""
+	NullsDrop  NullPolicy = "drop"
+	NullsError NullPolicy = "error"
+)
+
+// NullReport counts the null values a Source met among the rows it
+// delivered (or dropped).
+type NullReport struct {
+	// Columns counts nulls by our column name (instruction, input, output,
+	// system).
+	Columns map[string]int64
+	// First says where the first null of each column was: "a.jsonl line
+	// 12" or "a.parquet row 7".
+	First map[string]string
+	// Dropped is the number of rows NullsDrop dropped.
+	Dropped int64
 }
 
 // openFunc opens an input file; Parquet needs it to be an io.ReaderAt and
@@ -90,6 +123,9 @@ type openFunc func(name string) (fs.File, error)
 func (o SourceOptions) opener() openFunc {
 	if o.FS != nil {
 		return o.FS.Open
+	}
+	if o.Open != nil {
+		return o.Open
 	}
 	return func(name string) (fs.File, error) { return os.Open(name) }
 }
@@ -107,14 +143,74 @@ type Source struct {
 	totalKnown bool
 	textBytes  int64 // approximate text size of all rows, for shuffle passes
 
-	ctx  context.Context
-	next func() (record, error, bool)
-	stop func()
-	done bool
+	ctx   context.Context
+	next  func() (record, error, bool)
+	stop  func()
+	done  bool
+	nulls NullReport
 }
 
 // record is one row's text in schema order; system is "" when unused.
-type record [4]string
+type record struct {
+	v    [4]string
+	null uint8 // bit i: column i was null (and v[i] is "")
+	file int32 // index of its file in Paths
+	pos  int64 // its line (JSON lines, from 1) or row (Parquet, from 0)
+}
+
+// Nulls reports the null values met so far; complete once Next has
+// returned io.EOF.
+func (s *Source) Nulls() NullReport { return s.nulls }
+
+// where names a record's place in its file, for messages.
+func (s *Source) where(r record) string {
+	name := s.opts.Paths[r.file]
+	if _, ok := s.files[r.file].(*parquetFile); ok {
+		return fmt.Sprintf("%s row %d", name, r.pos)
+	}
+	return fmt.Sprintf("%s line %d", name, r.pos)
+}
+
+// columnName is the name of column i of the schema.
+func (s *Source) columnName(i int) string { return s.schema.Field(i).Name }
+
+// applyNulls counts a record's nulls and applies the policy: keep reports
+// whether the row is delivered.
+func (s *Source) applyNulls(r record) (keep bool, err error) {
+	if r.null == 0 {
+		return true, nil
+	}
+	if s.nulls.Columns == nil {
+		s.nulls.Columns, s.nulls.First = map[string]int64{}, map[string]string{}
+	}
+	serious := false
+	for i := 0; i < s.fields; i++ {
+		if r.null&(1<<i) == 0 {
+			continue
+		}
+		col := s.columnName(i)
+		s.nulls.Columns[col]++
+		if _, ok := s.nulls.First[col]; !ok {
+			s.nulls.First[col] = s.where(r)
+		}
+		serious = serious || col != ColInput
+	}
+	if !serious {
+		return true, nil
+	}
+	switch s.opts.Nulls {
+	case NullsDrop:
+		s.nulls.Dropped++
+		return false, nil
+	case NullsError:
+		for i := 0; i < s.fields; i++ {
+			if col := s.columnName(i); r.null&(1<<i) != 0 && col != ColInput {
+				return false, fmt.Errorf("dataset: %s: column %s is null (nulls: error)", s.where(r), s.fileColumn(col))
+			}
+		}
+	}
+	return true, nil
+}
 
 // sourceFile is one opened and validated input file.
 type sourceFile interface {
@@ -124,7 +220,8 @@ type sourceFile interface {
 	// scan calls yield for every row whose index (base plus the row's
 	// position in the file) want accepts, in file order, and returns the
 	// number of rows in the file. It stops early when yield returns false.
-	scan(ctx context.Context, base int64, want func(int64) bool, yield func(record) bool) (rows int64, stopped bool, err error)
+	// file is the file's index in Paths, for the records' positions.
+	scan(ctx context.Context, file int32, base int64, want func(int64) bool, yield func(record) bool) (rows int64, stopped bool, err error)
 	close() error
 }
 
@@ -163,6 +260,11 @@ func Open(opts SourceOptions) (*Source, error) {
 	}
 	if opts.SystemColumn != "" && opts.SystemText != "" {
 		return nil, errors.New("dataset: set either a system column or a system text, not both")
+	}
+	switch opts.Nulls {
+	case NullsEmpty, NullsDrop, NullsError:
+	default:
+		return nil, fmt.Errorf("dataset: unknown null policy %q (want empty, drop or error)", opts.Nulls)
 	}
 	for ours := range opts.Columns {
 		if ours != ColInstruction && ours != ColInput && ours != ColOutput {
@@ -318,7 +420,7 @@ func (s *Source) Next(ctx context.Context) (arrow.RecordBatch, error) {
 			return nil, err
 		}
 		for i, c := range cols {
-			c.Append(r[i])
+			c.Append(r.v[i])
 		}
 		n++
 	}
@@ -351,9 +453,18 @@ func (s *Source) closeFiles() error {
 func (s *Source) rows(yield func(record, error) bool) {
 	limit := s.opts.Limit
 	emitted := int64(0)
+	var nullErr error
 	emit := func(r record) bool {
+		keep, err := s.applyNulls(r)
+		if err != nil {
+			nullErr = err
+			return false
+		}
+		if !keep {
+			return true
+		}
 		if s.opts.SystemText != "" {
-			r[3] = s.opts.SystemText
+			r.v[3] = s.opts.SystemText
 		}
 		if !yield(r, nil) {
 			return false
@@ -365,10 +476,14 @@ func (s *Source) rows(yield func(record, error) bool) {
 
 	if !s.opts.Shuffle {
 		var base int64
-		for _, f := range s.files {
-			n, stopped, err := f.scan(s.ctx, base, all, emit)
+		for i, f := range s.files {
+			n, stopped, err := f.scan(s.ctx, int32(i), base, all, emit)
 			if err != nil {
 				yield(record{}, err)
+				return
+			}
+			if nullErr != nil {
+				yield(record{}, nullErr)
 				return
 			}
 			if stopped {
@@ -388,8 +503,8 @@ func (s *Source) rows(yield func(record, error) bool) {
 		var buf []record
 		keep := func(r record) bool { buf = append(buf, r); return true }
 		var base int64
-		for _, f := range s.files {
-			n, _, err := f.scan(s.ctx, base, want, keep)
+		for i, f := range s.files {
+			n, _, err := f.scan(s.ctx, int32(i), base, want, keep)
 			if err != nil {
 				yield(record{}, err)
 				return
@@ -400,6 +515,9 @@ func (s *Source) rows(yield func(record, error) bool) {
 		rng.Shuffle(len(buf), func(i, j int) { buf[i], buf[j] = buf[j], buf[i] })
 		for i := range buf {
 			if !emit(buf[i]) {
+				if nullErr != nil {
+					yield(record{}, nullErr)
+				}
 				return
 			}
 			buf[i] = record{} // let the text go as soon as it is delivered

@@ -308,6 +308,53 @@ func TestParquetNullsBecomeEmpty(t *testing.T) {
 	}
 }
 
+// TestNullsAreCountedAndConfigurable: nulls read as "" (by default), drop
+// their row, or fail, and are counted with where the first of each column
+// was, in Parquet and in JSON lines. A null input is Alpaca's "no input":
+// drop keeps its row.
+func TestNullsAreCountedAndConfigurable(t *testing.T) {
+	pq := writeParquet(t, "n.parquet", alpacaFields, func(b *array.RecordBuilder) {
+		appendStrings(b, [3]string{"Bir", "<null>", "iki"}, [3]string{"Üç", "dört", "<null>"}, [3]string{"beş", "altı", "yedi"})
+	})
+	jl := filepath.Join(t.TempDir(), "n.jsonl")
+	os.WriteFile(jl, []byte(`{"instruction": "Bir", "input": null, "output": "iki"}
+{"instruction": "Üç", "input": "dört", "output": null}
+{"instruction": "beş", "input": "altı", "output": "yedi"}
+`), 0o644)
+	for path, where := range map[string][2]string{pq: {pq + " row 0", pq + " row 1"}, jl: {jl + " line 1", jl + " line 2"}} {
+		s, err := Open(SourceOptions{Paths: []string{path}})
+		if err != nil {
+			t.Fatal(err)
+		}
+		rows, err := drain(s)
+		s.Close()
+		want := [][]string{{"Bir", "", "iki"}, {"Üç", "dört", ""}, {"beş", "altı", "yedi"}}
+		if err != nil || !slices.EqualFunc(rows, want, slices.Equal) {
+			t.Fatalf("%s: %q %v", path, rows, err)
+		}
+		rep := s.Nulls()
+		if rep.Columns[ColInput] != 1 || rep.Columns[ColOutput] != 1 || len(rep.Columns) != 2 ||
+			rep.First[ColInput] != where[0] || rep.First[ColOutput] != where[1] || rep.Dropped != 0 {
+			t.Errorf("%s: report %+v", path, rep)
+		}
+
+		s, _ = Open(SourceOptions{Paths: []string{path}, Nulls: NullsDrop})
+		rows, err = drain(s)
+		s.Close()
+		want = [][]string{{"Bir", "", "iki"}, {"beş", "altı", "yedi"}}
+		if err != nil || !slices.EqualFunc(rows, want, slices.Equal) || s.Nulls().Dropped != 1 {
+			t.Errorf("%s drop: %q %v %+v", path, rows, err, s.Nulls())
+		}
+
+		s, _ = Open(SourceOptions{Paths: []string{path}, Nulls: NullsError})
+		_, err = drain(s)
+		s.Close()
+		if err == nil || !strings.Contains(err.Error(), where[1]+": column output is null") {
+			t.Errorf("%s error: %v", path, err)
+		}
+	}
+}
+
 // openOrNext returns the first error from opening and reading a source.
 func openOrNext(opts SourceOptions) error {
 	s, err := Open(opts)
@@ -558,5 +605,19 @@ func TestCorruptParquetNeverPanics(t *testing.T) {
 	}
 	if errorsSeen == 0 {
 		t.Error("no corruption was detected")
+	}
+}
+
+// TestJSONLLineIsBounded: a JSON lines file with a line beyond the bound
+// (no newline: a binary file, a stream) fails naming the file and line
+// instead of filling memory.
+func TestJSONLLineIsBounded(t *testing.T) {
+	defer func(old int) { maxLineBytes = old }(maxLineBytes)
+	maxLineBytes = 1 << 10
+	path := filepath.Join(t.TempDir(), "long.jsonl")
+	os.WriteFile(path, []byte(`{"instruction": "a", "input": "", "output": "b"}`+"\n"+strings.Repeat("x", 4<<10)), 0o644)
+	err := openOrNext(SourceOptions{Paths: []string{path}})
+	if err == nil || !strings.Contains(err.Error(), path+": line 2 is longer than 1 KiB") {
+		t.Fatalf("%v", err)
 	}
 }

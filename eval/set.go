@@ -71,6 +71,20 @@ func CheckColumns(columns map[string]string) error {
 // or a 0-based index as an integer) and optionally a subject. Anything
 // else is an error naming the file and line or row.
 func ReadQuestions(paths []string, columns map[string]string) ([]Question, error) {
+	return ReadQuestionsFrom(func(path string) (File, error) { return os.Open(path) }, paths, columns)
+}
+
+// A File is a set file as an Opener gives it: read in order (JSONL) or at
+// offsets (Parquet).
+type File interface {
+	io.Reader
+	io.ReaderAt
+	io.Seeker
+	io.Closer
+}
+
+// ReadQuestionsFrom is ReadQuestions reading the files through open.
+func ReadQuestionsFrom(open func(path string) (File, error), paths []string, columns map[string]string) ([]Question, error) {
 	if err := CheckColumns(columns); err != nil {
 		return nil, err
 	}
@@ -82,7 +96,7 @@ func ReadQuestions(paths []string, columns map[string]string) ([]Question, error
 	}
 	var out []Question
 	for _, path := range paths {
-		rows, err := readRows(path)
+		rows, err := readRows(open, path)
 		if err != nil {
 			return nil, err
 		}
@@ -234,25 +248,25 @@ func (r row) mapHint(ours string, columns map[string]string) string {
 }
 
 // readRows reads a set file by its extension.
-func readRows(path string) ([]row, error) {
-	name := strings.ToLower(path)
-	switch {
-	case strings.HasSuffix(name, ".parquet"), strings.HasSuffix(name, ".pq"):
-		return readParquetRows(path)
-	case strings.HasSuffix(name, ".jsonl"), strings.HasSuffix(name, ".jsonl.gz"),
-		strings.HasSuffix(name, ".ndjson"), strings.HasSuffix(name, ".ndjson.gz"),
-		strings.HasSuffix(name, ".json"), strings.HasSuffix(name, ".json.gz"):
-		return readJSONLRows(path)
-	}
-	return nil, fmt.Errorf("%s: unknown format: give a .jsonl (or .jsonl.gz) or .parquet file", path)
-}
-
-func readJSONLRows(path string) ([]row, error) {
-	f, err := os.Open(path)
+func readRows(open func(string) (File, error), path string) ([]row, error) {
+	f, err := open(path)
 	if err != nil {
 		return nil, err
 	}
 	defer f.Close()
+	name := strings.ToLower(path)
+	switch {
+	case strings.HasSuffix(name, ".parquet"), strings.HasSuffix(name, ".pq"):
+		return readParquetRows(f, path)
+	case strings.HasSuffix(name, ".jsonl"), strings.HasSuffix(name, ".jsonl.gz"),
+		strings.HasSuffix(name, ".ndjson"), strings.HasSuffix(name, ".ndjson.gz"),
+		strings.HasSuffix(name, ".json"), strings.HasSuffix(name, ".json.gz"):
+		return readJSONLRows(f, path)
+	}
+	return nil, fmt.Errorf("%s: unknown format: give a .jsonl (or .jsonl.gz) or .parquet file", path)
+}
+
+func readJSONLRows(f io.Reader, path string) ([]row, error) {
 	var src io.Reader = f
 	if strings.HasSuffix(strings.ToLower(path), ".gz") {
 		gz, err := gzip.NewReader(f)
@@ -328,8 +342,8 @@ func readJSONArray(r io.Reader, base string) ([]row, error) {
 	return rows, nil
 }
 
-func readParquetRows(path string) ([]row, error) {
-	rdr, err := file.OpenParquetFile(path, false)
+func readParquetRows(f File, path string) ([]row, error) {
+	rdr, err := file.NewParquetReader(f)
 	if err != nil {
 		return nil, fmt.Errorf("%s: not a readable Parquet file: %w", path, err)
 	}

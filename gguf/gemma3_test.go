@@ -3,7 +3,6 @@ package gguf
 import (
 	"bufio"
 	"bytes"
-	"compress/gzip"
 	"encoding/binary"
 	"encoding/json"
 	"fmt"
@@ -434,25 +433,10 @@ func TestLlamaCppTokenizer(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	f, err := os.Open(testenv.AlpacaTR(t, "alpaca-tr.jsonl.gz"))
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer f.Close()
-	zr, err := gzip.NewReader(f)
-	if err != nil {
-		t.Fatal(err)
-	}
 	var texts []string
-	sc := bufio.NewScanner(zr)
-	sc.Buffer(nil, 1<<26)
-	for i := 0; sc.Scan(); i++ {
+	for i, r := range testenv.AlpacaRecords(t) {
 		if i%40 != 0 {
 			continue
-		}
-		var r struct{ Instruction, Input, Output string }
-		if err := json.Unmarshal(sc.Bytes(), &r); err != nil {
-			t.Fatal(err)
 		}
 		text, _, err := chat.RenderGemma3(chat.Alpaca(r.Instruction, r.Input, r.Output, "Sen yardımsever bir asistansın."))
 		if err != nil {

@@ -11,6 +11,8 @@ import (
 
 	"github.com/apache/arrow-go/v18/arrow/array"
 	"go.uber.org/goleak"
+
+	"gemmaft/internal/dirsum"
 )
 
 type testEnv struct {
@@ -522,5 +524,115 @@ func TestScratchSurvivesFailedAttempts(t *testing.T) {
 	}
 	if _, err := os.Stat(e.store.scratchDir(keyOfStage(rec, "train"))); !os.IsNotExist(err) {
 		t.Errorf("scratch folder kept after commit: %v", err)
+	}
+}
+
+// TestForceStartsClean: --force STAGE does not resume from what an earlier
+// attempt left in the stage's scratch folder (a checkpoint of a run the
+// user wants redone).
+func TestForceStartsClean(t *testing.T) {
+	e := newTestEnv(t)
+	spec := e.write("resume.yaml", "name: resume\nstages:\n  train: {kind: resume}\n")
+	for i := 1; i <= 2; i++ {
+		if _, err := e.run(spec, Options{}); err == nil || !strings.Contains(err.Error(), "interrupted") {
+			t.Fatalf("attempt %d: %v", i, err)
+		}
+	}
+	if _, err := e.run(spec, Options{Force: []string{"train"}}); err == nil || !strings.Contains(err.Error(), "attempt 1 interrupted") {
+		t.Fatalf("forced run resumed: %v", err)
+	}
+}
+
+// TestVerifyScratch: checkpoints in the scratch area (they carry
+// SHA256SUMS) are verified too; folders being written and folders set
+// aside are left alone.
+func TestVerifyScratch(t *testing.T) {
+	e := newTestEnv(t)
+	key := strings.Repeat("ab", 32)
+	ck := filepath.Join(e.store.scratchDir(key), "checkpoints")
+	for _, name := range []string{"step-1", "step-2", ".step-3.tmp1", "damaged-step-0"} {
+		dir := filepath.Join(ck, name)
+		os.MkdirAll(filepath.Join(dir, "adapter"), 0o755)
+		os.WriteFile(filepath.Join(dir, "state.json"), []byte(`{"step": 1}`), 0o644)
+		os.WriteFile(filepath.Join(dir, "adapter", "w.bin"), []byte("weights"), 0o644)
+		if err := dirsum.Write(dir); err != nil {
+			t.Fatal(err)
+		}
+		if name != "step-1" {
+			os.WriteFile(filepath.Join(dir, "adapter", "w.bin"), []byte("weighs"), 0o644)
+		}
+	}
+	dirsum.SetAside(filepath.Join(ck, "damaged-step-0"), "test")
+	bad, checked := e.store.VerifyScratch(nil)
+	if checked != 2 || len(bad) != 1 || bad[0].Key != key || bad[0].Scratch != filepath.Join(ck, "step-2") ||
+		!strings.Contains(bad[0].Err.Error(), "adapter/w.bin does not match its digest") {
+		t.Fatalf("checked %d, damaged %+v", checked, bad)
+	}
+	if bad, checked := e.store.VerifyScratch([]string{strings.Repeat("cd", 32)}); checked != 0 || len(bad) != 0 {
+		t.Errorf("another key: %d %v", checked, bad)
+	}
+}
+
+// TestPlanReasonsNameOnlyWhatChanged: changing one parameter blames that
+// one; list parameters used to be blamed every time (the run record keeps
+// them re-indented, which compared unequal).
+func TestPlanReasonsNameOnlyWhatChanged(t *testing.T) {
+	e := newTestEnv(t)
+	spec := e.write("s.yaml", "name: s\nstages:\n  src: {kind: gen, with: {rows: 5, tags: [a, b]}}\n")
+	e.mustRun(spec, Options{})
+	e.write("s.yaml", "name: s\nstages:\n  src: {kind: gen, with: {rows: 6, tags: [a, b]}}\n")
+	plan, err := e.store.Plan(e.load(spec), Options{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if got := plan.Step("src").Reason; got != "parameters changed: rows" {
+		t.Errorf("reason %q, want only rows", got)
+	}
+	e.write("s.yaml", "name: s\nstages:\n  src: {kind: gen, with: {rows: 5, tags: [a, c]}}\n")
+	plan, _ = e.store.Plan(e.load(spec), Options{})
+	if got := plan.Step("src").Reason; got != "parameters changed: tags" {
+		t.Errorf("reason %q, want only tags", got)
+	}
+}
+
+// TestForceReplacesWithoutWindow: while run --force replaces an entry,
+// readers always find one (the old or the new), never none. Before, the old
+// entry was deleted first and then the new one renamed into place.
+func TestForceReplacesWithoutWindow(t *testing.T) {
+	e := newTestEnv(t)
+	spec := e.write("s.yaml", "name: s\nstages:\n  src: {kind: gen, with: {rows: 5, files: 60}}\n")
+	rec := e.mustRun(spec, Options{})
+	key := keyOfStage(rec, "src")
+	manifest := filepath.Join(e.store.EntryDir(key), manifestName)
+	stop := make(chan struct{})
+	missing := make(chan int, 1)
+	go func() {
+		n := 0
+		for {
+			select {
+			case <-stop:
+				missing <- n
+				return
+			default:
+			}
+			if _, err := os.Stat(manifest); err != nil {
+				n++
+			}
+		}
+	}()
+	for i := 0; i < 4; i++ {
+		if rec := e.mustRun(spec, Options{Force: []string{"src"}}); stateOfStage(rec, "src") != "computed" {
+			t.Fatalf("forced run %d: %s", i, stateOfStage(rec, "src"))
+		}
+	}
+	close(stop)
+	if n := <-missing; n > 0 {
+		t.Errorf("readers found the entry missing %d times during forced runs", n)
+	}
+	if state, _, err := e.store.Check(key, true); state != Valid {
+		t.Errorf("entry after forced runs: %v %v", state, err)
+	}
+	if ents, _ := os.ReadDir(filepath.Join(e.store.Root, "tmp")); len(ents) != 0 {
+		t.Errorf("left in tmp: %v", ents)
 	}
 }

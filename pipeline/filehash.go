@@ -84,34 +84,44 @@ func openStatCache(file string) *statCache {
 // Digest returns the sha256 of the file at path (absolute), from the cache
 // when the file's state is unchanged since it was hashed.
 func (c *statCache) Digest(path string) (string, int64, error) {
-	st, err := statFile(path)
+	sum, st, _, err := c.digestState(path)
+	return sum, st.Size, err
+}
+
+// digestState is Digest that also returns the state of the file the digest
+// belongs to, and whether that state vouches for the content later on: a
+// state that was racily clean when hashed does not, since a write in the
+// same timestamp tick would leave it unchanged.
+func (c *statCache) digestState(path string) (sum string, st fileState, trusted bool, err error) {
+	st, err = statFile(path)
 	if err != nil {
-		return "", 0, err
+		return "", st, false, err
 	}
 	c.mu.Lock()
 	e, ok := c.entries[path]
 	c.mu.Unlock()
 	if ok && e.fileState == st {
-		return e.SHA256, st.Size, nil
+		return e.SHA256, st, true, nil
 	}
 	start := time.Now()
 	sum, n, err := hashFile(path)
 	if err != nil {
-		return "", 0, err
+		return "", st, false, err
 	}
 	c.hashedFiles.Add(1)
 	c.hashedBytes.Add(n)
 	after, err := statFile(path)
 	if err != nil {
-		return "", 0, err
+		return "", st, false, err
 	}
 	if after != st || n != st.Size {
-		return "", 0, fmt.Errorf("%s changed while being read; try again once it is finished", path)
+		return "", st, false, fmt.Errorf("%s changed while being read; try again once it is finished", path)
 	}
-	if !st.racy(start) {
+	trusted = !st.racy(start)
+	if trusted {
 		c.put(path, statEntry{st, sum})
 	}
-	return sum, st.Size, nil
+	return sum, st, trusted, nil
 }
 
 // Check reports whether the file at path still has the digest want. It

@@ -3,10 +3,13 @@ package pipeline
 import (
 	"context"
 	"fmt"
+	"io/fs"
 	"os"
 	"path/filepath"
 	"strings"
 	"time"
+
+	"gemmaft/internal/dirsum"
 )
 
 // GCOptions say which entries gc keeps.
@@ -120,10 +123,12 @@ func dirSize(dir string) int64 {
 	return n
 }
 
-// Damage is an entry that failed verification.
+// Damage is an entry that failed verification, or a folder of resumable
+// state (a training checkpoint) in the scratch area of Key.
 type Damage struct {
-	Key string
-	Err error
+	Key     string
+	Scratch string // the damaged folder under scratch/, for resumable state
+	Err     error
 }
 
 // Verify re-hashes every output of the given entries (all when keys is
@@ -149,4 +154,46 @@ func (s *Store) Verify(keys []string) ([]Damage, int, error) {
 		checked++
 	}
 	return bad, checked, nil
+}
+
+// VerifyScratch checks the resumable state of the given keys (all when keys
+// is nil): every folder under scratch/<key>/ holding a SHA256SUMS file
+// (training checkpoints write one) is re-hashed. Folders being written
+// (hidden) and folders already set aside are skipped; a folder that
+// disappears meanwhile (a running trainer replaced it) is no damage.
+func (s *Store) VerifyScratch(keys []string) ([]Damage, int) {
+	root := filepath.Join(s.Root, "scratch")
+	if keys == nil {
+		ents, _ := os.ReadDir(root)
+		for _, e := range ents {
+			if e.IsDir() {
+				keys = append(keys, e.Name())
+			}
+		}
+	}
+	var bad []Damage
+	checked := 0
+	for _, k := range keys {
+		filepath.WalkDir(filepath.Join(root, k), func(path string, d fs.DirEntry, err error) error {
+			if err != nil || !d.IsDir() {
+				return nil
+			}
+			if strings.HasPrefix(d.Name(), ".") || dirsum.IsSetAside(path) {
+				return filepath.SkipDir
+			}
+			if _, err := os.Stat(filepath.Join(path, dirsum.File)); err != nil {
+				return nil
+			}
+			err = dirsum.Verify(path)
+			if _, gone := os.Stat(path); gone != nil {
+				return filepath.SkipDir
+			}
+			checked++
+			if err != nil {
+				bad = append(bad, Damage{Key: k, Scratch: path, Err: err})
+			}
+			return filepath.SkipDir
+		})
+	}
+	return bad, checked
 }

@@ -88,26 +88,45 @@ func (s *Store) lockDAG(ctx context.Context, dag *DAG, noWait bool, log *slog.Lo
 			return nil, fmt.Errorf("waiting for the lock of DAG %s: %w", dag.Path, err)
 		}
 	}
+	// The note stays only while the run lives: a run that ends, however it
+	// fails, removes it before it lets go of the lock, so a note without a
+	// lock holder is a run that was killed (SIGKILL, the OOM killer) or
+	// whose machine stopped.
+	if old, err := os.ReadFile(base + ".holder"); err == nil && !s.recorded(dag, string(old)) {
+		log.Warn("the previous run of this DAG did not finish (killed, out of memory, or its machine stopped)", "spec", dag.Path, "run", strings.TrimSpace(string(old)))
+	}
 	host, _ := os.Hostname()
-	_ = os.WriteFile(base+".holder", []byte(fmt.Sprintf("pid %d on %s since %s\n", os.Getpid(), host, time.Now().Format(time.RFC3339))), 0o644)
-	return func() { l.Unlock() }, nil
+	_ = atomicfile.WriteFile(base+".holder", []byte(fmt.Sprintf("pid %d on %s since %s\n", os.Getpid(), host, time.Now().Format(time.RFC3339))))
+	return func() {
+		os.Remove(base + ".holder")
+		l.Unlock()
+	}, nil
 }
 
-// lockHolder says who runs dag now, or "" if nobody does.
-func (s *Store) lockHolder(dag *DAG) string {
+// lockHolder says who runs dag now (running), or, when nobody does, which
+// run of it did not finish (unfinished: its holder note outlived it).
+func (s *Store) lockHolder(dag *DAG) (running, unfinished string) {
 	base := s.dagLockBase(dag)
 	l := flock.New(base + ".lock")
-	if ok, err := l.TryLock(); err != nil || ok {
-		if ok {
-			l.Unlock()
-		}
-		return ""
-	}
 	holder, _ := os.ReadFile(base + ".holder")
-	if h := strings.TrimSpace(string(holder)); h != "" {
-		return h
+	h := strings.TrimSpace(string(holder))
+	ok, err := l.TryLock()
+	if err != nil {
+		return "", ""
 	}
-	return "another process"
+	if ok {
+		// Read again under the lock: a run that just ended removed it.
+		holder, _ = os.ReadFile(base + ".holder")
+		l.Unlock()
+		if s.recorded(dag, string(holder)) {
+			return "", ""
+		}
+		return "", strings.TrimSpace(string(holder))
+	}
+	if h == "" {
+		h = "another process"
+	}
+	return h, ""
 }
 
 // recordRun keeps the run's record under runs/<dag-id>/, pruning old ones.
@@ -172,4 +191,38 @@ func (s *Store) runHistory(dag *DAG) []*RunRecord {
 		}
 	}
 	return out
+}
+
+// recorded reports whether the run a lock's note names ("pid 123 on host
+// since 2006-01-02T15:04:05Z") ended and was recorded, or whether there is
+// no note at all. Notes of versions that did not remove them outlive runs
+// that ended well; their run records tell them apart.
+func (s *Store) recorded(dag *DAG, note string) bool {
+	note = strings.TrimSpace(note)
+	if note == "" {
+		return true
+	}
+	var pid int
+	var host, since string
+	if _, err := fmt.Sscanf(note, "pid %d on %s since %s", &pid, &host, &since); err != nil {
+		return false
+	}
+	started, err := time.Parse(time.RFC3339, since)
+	if err != nil {
+		return false
+	}
+	// The run that wrote the note is the newest recorded one if any: same
+	// process, started before it took the lock (long before, when it
+	// waited), finished after. The note's time has whole seconds.
+	recs := s.runRecords(dagID(dag))
+	if len(recs) == 0 {
+		return false
+	}
+	var ns int64
+	var rpid int
+	if _, err := fmt.Sscanf(filepath.Base(recs[len(recs)-1]), "%d-%d.json", &ns, &rpid); err != nil || rpid != pid {
+		return false
+	}
+	r := readRunRecord(recs[len(recs)-1])
+	return r != nil && !r.Started.After(started.Add(time.Second)) && !r.Finished.Before(started.Add(-time.Second))
 }

@@ -24,6 +24,8 @@ type Kind interface {
 	// output must be encoded and nothing else may be.
 	Params() any
 	// Inputs says how many `needs` the kind takes; max < 0 means no limit.
+	// A kind that reads only some kinds of input also implements
+	// InputChecker, so that wrong wiring is a spec error.
 	Inputs() (min, max int)
 	// Prepare checks the decoded parameters against the world (files exist,
 	// globs match) and returns the stage's Runner. dir is the spec's folder,
@@ -35,12 +37,33 @@ type Kind interface {
 // parameters of a Node (the stage as the spec declares it).
 type Runner interface {
 	// Files lists, in a stable order, the files whose contents the output
-	// depends on. Their digests are part of the key.
+	// depends on. Their digests are part of the key. Run reads them through
+	// Task.Open, or, when a library opens them by path, calls
+	// Task.CheckFiles once they are read; a file changed since it was
+	// hashed fails the stage either way (see inputfile.go).
 	Files() []string
 	// Run computes the stage's output from its inputs. It writes its table
 	// with t.Output and any other files into t.Dir, and must return promptly
 	// with ctx's error once ctx is done.
 	Run(ctx context.Context, t *Task) error
+}
+
+// A Ref is a name a stage reads through that can come to mean something
+// else: a branch of a repository on the Hugging Face Hub, say. What it names
+// now (Revision, a commit) enters the stage's key in place of the content
+// of what it names, so the key changes when the reference moves and stays
+// the same while it does not, without reading gigabytes to find out.
+type Ref struct {
+	Name     string `json:"name"`           // as plans show it: hf://google/gemma-3-12b-it@main
+	Revision string `json:"revision"`       // what it names now
+	Note     string `json:"note,omitempty"` // how it was resolved, when worth saying (offline, say)
+}
+
+// A Resolver is a Runner that reads through Refs. Plan calls Resolve before
+// computing the stage's key (so Files may be empty for what the refs
+// name); Run reads what the last Resolve resolved.
+type Resolver interface {
+	Resolve(ctx context.Context) ([]Ref, error)
 }
 
 // A Registry maps kind names to kinds.

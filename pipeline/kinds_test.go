@@ -32,6 +32,7 @@ func testRegistry() *Registry {
 	r.Register("count", countKind{})
 	r.Register("fail", failKind{})
 	r.Register("resume", resumeKind{})
+	r.Register("chunks", chunksKind{})
 	return r
 }
 
@@ -44,6 +45,10 @@ type genParams struct {
 	Batch   int    `json:"batch"`
 	File    string `json:"file,omitempty"`
 	DelayMs int    `json:"delay_ms"`
+	// Tags change nothing but the key; Files adds that many small files
+	// to the entry.
+	Tags  []string `json:"tags,omitempty"`
+	Files int      `json:"files,omitempty"`
 }
 
 func (g *genKind) Version() int       { return g.version }
@@ -128,6 +133,11 @@ func (s *genStage) Run(ctx context.Context, t *Task) error {
 			case <-ctx.Done():
 				return ctx.Err()
 			}
+		}
+	}
+	for i := 0; i < s.p.Files; i++ {
+		if err := os.WriteFile(filepath.Join(t.Dir, fmt.Sprintf("f%05d", i)), []byte("x"), 0o644); err != nil {
+			return err
 		}
 	}
 	t.SetStat("rows", s.p.Rows)
@@ -318,4 +328,108 @@ func (resumeStage) Run(ctx context.Context, t *Task) error {
 		return fmt.Errorf("attempt %d interrupted", attempts)
 	}
 	return os.WriteFile(filepath.Join(t.Dir, "attempts.txt"), []byte(fmt.Sprint(attempts)), 0o644)
+}
+
+// chunks reads its file through Task.Open in reads of 4 bytes (or, with
+// random: true, with ReadAt from the end backwards), calling chunkHook
+// after each, and writes one row per chunk. With by_path it reads the file
+// with os.ReadFile instead and calls Task.CheckFiles afterwards.
+type chunksKind struct{}
+
+type chunksParams struct {
+	File   string `json:"file"`
+	Random bool   `json:"random"`
+	ByPath bool   `json:"by_path"`
+}
+
+// chunkHook, when set, runs after each chunk a chunks stage reads (i counts
+// from 0); tests use it to change the file mid-read.
+var chunkHook func(i int)
+
+func (chunksKind) Version() int       { return 1 }
+func (chunksKind) Inputs() (int, int) { return 0, 0 }
+func (chunksKind) Params() any        { return &chunksParams{} }
+func (chunksKind) Prepare(params any, dir string) (Runner, error) {
+	p := params.(*chunksParams)
+	return &chunksStage{p: p, path: filepath.Join(dir, p.File)}, nil
+}
+
+type chunksStage struct {
+	p    *chunksParams
+	path string
+}
+
+func (s *chunksStage) Files() []string { return []string{s.path} }
+func (s *chunksStage) Run(ctx context.Context, t *Task) error {
+	var chunks []string
+	hook := func(i int) {
+		if chunkHook != nil {
+			chunkHook(i)
+		}
+	}
+	switch {
+	case s.p.ByPath:
+		data, err := os.ReadFile(s.path)
+		if err != nil {
+			return err
+		}
+		chunks = append(chunks, string(data))
+		if err := t.CheckFiles(s.path); err != nil {
+			return err
+		}
+		hook(0)
+	case s.p.Random:
+		f, err := t.Open(s.path)
+		if err != nil {
+			return err
+		}
+		fi, _ := f.Stat()
+		for off, i := fi.Size(), 0; off > 0; i++ {
+			n := min(off, 4)
+			off -= n
+			buf := make([]byte, n)
+			if _, err := f.ReadAt(buf, off); err != nil {
+				f.Close()
+				return err
+			}
+			chunks = append(chunks, string(buf))
+			hook(i)
+		}
+		if err := f.Close(); err != nil {
+			return err
+		}
+	default:
+		f, err := t.Open(s.path)
+		if err != nil {
+			return err
+		}
+		defer f.Close()
+		for i := 0; ; i++ {
+			buf := make([]byte, 4)
+			n, err := f.Read(buf)
+			if n > 0 {
+				chunks = append(chunks, string(buf[:n]))
+				hook(i)
+			}
+			if err == io.EOF {
+				break
+			}
+			if err != nil {
+				return err
+			}
+		}
+	}
+	out, err := t.Output(testSchema)
+	if err != nil {
+		return err
+	}
+	b := array.NewRecordBuilder(memory.DefaultAllocator, testSchema)
+	defer b.Release()
+	for i, c := range chunks {
+		b.Field(0).(*array.Int64Builder).Append(int64(i))
+		b.Field(1).(*array.StringBuilder).Append(c)
+	}
+	rec := b.NewRecordBatch()
+	defer rec.Release()
+	return out.Write(rec)
 }

@@ -2,6 +2,7 @@ package pipeline
 
 import (
 	"bytes"
+	"context"
 	"crypto/sha256"
 	"encoding/hex"
 	"encoding/json"
@@ -10,6 +11,9 @@ import (
 	"slices"
 	"sort"
 	"strings"
+	"sync"
+
+	"golang.org/x/sync/errgroup"
 )
 
 // Options select what a run does.
@@ -25,12 +29,15 @@ type Step struct {
 	Key      string
 	Inputs   []InputRef
 	Files    []FileRef
+	Refs     []Ref      // what the stage's references name now
 	State    EntryState // of the cache entry now
 	Damage   error      // why the entry is damaged
 	Manifest *Manifest  // of a valid entry
 	Selected bool       // part of this run (see Options.Until and Only)
 	Compute  bool       // will be computed
 	Reason   string     // why it will be computed, or why it is cached
+
+	keyed []*keyedFile // Files as hashed, for checking what the stage reads
 }
 
 // A Plan is the DAG's steps in topological order, every key known.
@@ -61,11 +68,18 @@ type keyMaterial struct {
 	Params  json.RawMessage `json:"params"`
 	Inputs  []string        `json:"inputs"`
 	Files   []string        `json:"files"`
+	Refs    []string        `json:"refs,omitempty"` // "name revision"
 }
 
 // Plan computes every stage's key (hashing input files through the stat
-// cache) and decides, for the stages opts selects, which to compute.
+// cache, resolving references) and decides, for the stages opts selects,
+// which to compute.
 func (s *Store) Plan(dag *DAG, opts Options) (*Plan, error) {
+	return s.PlanContext(context.Background(), dag, opts)
+}
+
+// PlanContext is Plan with a context for resolving references.
+func (s *Store) PlanContext(ctx context.Context, dag *DAG, opts Options) (*Plan, error) {
 	if opts.Until != "" && opts.Only != "" {
 		return nil, &SpecError{File: dag.Path, Msg: "--until and --only exclude each other", Fix: "give one of them"}
 	}
@@ -77,6 +91,10 @@ func (s *Store) Plan(dag *DAG, opts Options) (*Plan, error) {
 			}
 			return nil, &SpecError{File: dag.Path, Msg: fmt.Sprintf("no stage called %q", name), Fix: fix}
 		}
+	}
+	refs, err := resolveRefs(ctx, dag)
+	if err != nil {
+		return nil, err
 	}
 	plan := &Plan{DAG: dag, store: s, lastRun: s.lastRun(dag)}
 	steps := map[*Node]*Step{}
@@ -90,12 +108,17 @@ func (s *Store) Plan(dag *DAG, opts Options) (*Plan, error) {
 			km.Inputs = append(km.Inputs, steps[d].Key)
 		}
 		for _, f := range n.Runner.Files() {
-			sum, size, err := s.stats.Digest(f)
+			sum, state, trusted, err := s.stats.digestState(f)
 			if err != nil {
 				return nil, stageErr(n, fmt.Errorf("input file: %w", err))
 			}
-			st.Files = append(st.Files, FileRef{Path: f, Size: size, SHA256: sum})
+			st.Files = append(st.Files, FileRef{Path: f, Size: state.Size, SHA256: sum})
+			st.keyed = append(st.keyed, &keyedFile{path: f, sha: sum, state: state, trusted: trusted})
 			km.Files = append(km.Files, sum)
+		}
+		st.Refs = refs[n]
+		for _, r := range st.Refs {
+			km.Refs = append(km.Refs, r.Name+" "+r.Revision)
 		}
 		var buf bytes.Buffer
 		if err := jsonEncoder(&buf).Encode(km); err != nil {
@@ -187,6 +210,7 @@ func (p *Plan) why(st *Step) string {
 	if r := changedFiles(prev.Files, st.Files); r != "" {
 		reasons = append(reasons, r)
 	}
+	reasons = append(reasons, movedRefs(prev.Refs, st.Refs)...)
 	for _, in := range st.Inputs {
 		i := slices.IndexFunc(prev.Inputs, func(r InputRef) bool { return r.Stage == in.Stage })
 		if i < 0 || prev.Inputs[i].Key != in.Key {
@@ -218,6 +242,55 @@ func (p *Plan) lastEntry(stage string) *StageRecord {
 	return nil
 }
 
+// resolveRefs resolves the references of every stage that has some, all
+// at once (each may ask a server).
+func resolveRefs(ctx context.Context, dag *DAG) (map[*Node][]Ref, error) {
+	out := map[*Node][]Ref{}
+	var mu sync.Mutex
+	g, gctx := errgroup.WithContext(ctx)
+	g.SetLimit(8)
+	for _, n := range dag.Nodes {
+		r, ok := n.Runner.(Resolver)
+		if !ok {
+			continue
+		}
+		g.Go(func() error {
+			refs, err := r.Resolve(gctx)
+			if err != nil {
+				return stageErr(n, err)
+			}
+			mu.Lock()
+			out[n] = refs
+			mu.Unlock()
+			return nil
+		})
+	}
+	return out, g.Wait()
+}
+
+// movedRefs says which references name something else than they did.
+func movedRefs(prev, cur []Ref) []string {
+	old := map[string]string{}
+	for _, r := range prev {
+		old[r.Name] = r.Revision
+	}
+	var out []string
+	for _, r := range cur {
+		if was, ok := old[r.Name]; ok && was != r.Revision {
+			out = append(out, fmt.Sprintf("%s moved from %s to %s", r.Name, shortRev(was), shortRev(r.Revision)))
+		}
+	}
+	return out
+}
+
+// shortRev shortens a commit id as git does.
+func shortRev(r string) string {
+	if len(r) == 40 {
+		return r[:7]
+	}
+	return r
+}
+
 func changedParams(a, b []byte) []string {
 	var ma, mb map[string]json.RawMessage
 	if json.Unmarshal(a, &ma) != nil || json.Unmarshal(b, &mb) != nil {
@@ -226,18 +299,18 @@ func changedParams(a, b []byte) []string {
 		}
 		return nil
 	}
-	// Records are written indented, so a list or object read back from one
-	// differs from the canonical form in whitespace only.
-	same := func(x, y json.RawMessage) bool {
-		var cx, cy bytes.Buffer
-		if json.Compact(&cx, x) != nil || json.Compact(&cy, y) != nil {
-			return bytes.Equal(x, y)
+	// Records keep parameters re-indented (lists over several lines), so
+	// values are compared in compact form.
+	compact := func(v json.RawMessage) string {
+		var b bytes.Buffer
+		if json.Compact(&b, v) != nil {
+			return string(v)
 		}
-		return bytes.Equal(cx.Bytes(), cy.Bytes())
+		return b.String()
 	}
 	var out []string
 	for k, v := range mb {
-		if _, ok := ma[k]; !ok || !same(ma[k], v) {
+		if old, ok := ma[k]; !ok || compact(old) != compact(v) {
 			out = append(out, k)
 		}
 	}

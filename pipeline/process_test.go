@@ -246,3 +246,67 @@ func TestNoWaitWhenBusy(t *testing.T) {
 		t.Errorf("message: %s", out)
 	}
 }
+
+// TestStatusAfterKill: a run killed with SIGKILL (or by the OOM killer)
+// leaves no record; status says that it did not finish, naming it, instead
+// of showing the run before it as the last one. A run that ends, well or
+// not, is not reported so.
+func TestStatusAfterKill(t *testing.T) {
+	e := newTestEnv(t)
+	e.write("data.txt", "kill-")
+	spec := e.write("slow.yaml", slowSpec)
+	dag := e.load(spec)
+	cache := filepath.Join(e.dir, "cache")
+	if out, err := childCmd(t, spec, cache, "").CombinedOutput(); err != nil {
+		t.Fatalf("first run: %v\n%s", err, out)
+	}
+	st, _ := OpenStore(cache)
+	if s, err := st.Status(dag); err != nil || s.Unfinished != "" || s.Last == nil || !s.Last.OK {
+		t.Fatalf("after a run that finished: %+v %v", s, err)
+	}
+
+	e.write("data.txt", "kill-again-") // something to compute
+	cmd := childCmd(t, spec, cache, "")
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	// Kill it once it holds the lock and computes.
+	deadline := time.Now().Add(10 * time.Second)
+	for {
+		if running, _ := st.lockHolder(dag); running != "" {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatal("the child never took the lock")
+		}
+		time.Sleep(5 * time.Millisecond)
+	}
+	time.Sleep(50 * time.Millisecond)
+	cmd.Process.Signal(syscall.SIGKILL)
+	cmd.Wait()
+	s, err := st.Status(dag)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if want := fmt.Sprintf("pid %d on ", cmd.Process.Pid); s.RunningBy != "" || !strings.HasPrefix(s.Unfinished, want) {
+		t.Fatalf("after SIGKILL: running %q, unfinished %q, want %q...", s.RunningBy, s.Unfinished, want)
+	}
+	if s.Last == nil || !s.Last.OK {
+		t.Errorf("the last finished run should be the first: %+v", s.Last)
+	}
+
+	// The next run says so in its log, finishes, and clears it.
+	if out, err := childCmd(t, spec, cache, "").CombinedOutput(); err != nil {
+		t.Fatalf("run after the kill: %v\n%s", err, out)
+	}
+	if s, _ := st.Status(dag); s.Unfinished != "" {
+		t.Errorf("after a run that finished: unfinished %q", s.Unfinished)
+	}
+	// A failed run is recorded, not unfinished.
+	e.write("data.txt", "x")
+	os.WriteFile(spec, []byte("name: slow\nstages:\n  src: {kind: gen, with: {rows: 3, file: data.txt}}\n  f: {kind: fail, needs: [src]}\n"), 0o644)
+	childCmd(t, spec, cache, "").Run()
+	if s, _ := st.Status(e.load(spec)); s.Unfinished != "" || s.Last == nil || s.Last.OK {
+		t.Errorf("after a failed run: unfinished %q, last %+v", s.Unfinished, s.Last)
+	}
+}

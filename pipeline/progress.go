@@ -36,6 +36,24 @@ func newTracker(name, kind string) *Tracker {
 	return t
 }
 
+// NewTracker returns a tracker for work done outside a run (a download a
+// command makes before it starts), for a Display to show. Start it, Report
+// on it, Finish it.
+func NewTracker(name, kind string) *Tracker { return newTracker(name, kind) }
+
+// Start marks the tracked work as started.
+func (t *Tracker) Start() { t.start() }
+
+// Finish marks the tracked work as done, or failed.
+func (t *Tracker) Finish(ok bool) { t.finish(ok) }
+
+// Report sets the progress of work counted in units other than rows.
+func (t *Tracker) Report(done, total int64, unit, note string) {
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	t.unitDone, t.unitTotal, t.unit, t.note = done, total, unit, note
+}
+
 func (t *Tracker) start() { t.startNs.Store(time.Now().UnixNano()) }
 
 func (t *Tracker) finish(ok bool) {
@@ -116,6 +134,20 @@ func (t *Tracker) Snapshot() Progress {
 
 // String is the one-line form shared by the terminal and log displays.
 func (p Progress) String() string {
+	if p.Unit == "bytes" {
+		s := HumanBytes(p.Rows)
+		if p.Total >= 0 {
+			s += " / " + HumanBytes(p.Total)
+		}
+		s += "  " + HumanBytes(int64(p.Rate())) + "/s"
+		if p.Note != "" {
+			s += "  " + p.Note
+		}
+		if eta, ok := p.ETA(); ok {
+			s += "  ETA " + eta.Round(time.Second).String()
+		}
+		return s
+	}
 	s := fmt.Sprintf("%d", p.Rows)
 	if p.Total >= 0 {
 		s += fmt.Sprintf("/%d", p.Total)

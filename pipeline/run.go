@@ -37,6 +37,7 @@ type RunRecord struct {
 	Finished    time.Time     `json:"finished"`
 	Seconds     float64       `json:"seconds"`
 	OK          bool          `json:"ok"`
+	Interrupted bool          `json:"interrupted,omitempty"` // stopped by a signal or a canceled context
 	Error       string        `json:"error,omitempty"`
 	Program     string        `json:"program"`
 	Cache       string        `json:"cache"`
@@ -55,12 +56,23 @@ type StageRecord struct {
 	Params      json.RawMessage `json:"params"`
 	Inputs      []InputRef      `json:"inputs"`
 	Files       []FileRef       `json:"files"`
+	Refs        []Ref           `json:"refs,omitempty"`
 	Entry       string          `json:"entry,omitempty"`
 	Rows        int64           `json:"rows"`
 	Bytes       int64           `json:"bytes"`
 	Seconds     float64         `json:"seconds"`
 	Stats       map[string]any  `json:"stats,omitempty"`
 	Error       string          `json:"error,omitempty"`
+}
+
+// withoutNotes drops what a run said about how it resolved refs, which is
+// no part of an entry.
+func withoutNotes(refs []Ref) []Ref {
+	var out []Ref
+	for _, r := range refs {
+		out = append(out, Ref{Name: r.Name, Revision: r.Revision})
+	}
+	return out
 }
 
 // Version is the program version written into manifests and reports.
@@ -82,12 +94,21 @@ func Version() string {
 // and records the run. The returned record is filled in even on failure.
 func (e *Engine) Run(ctx context.Context, dag *DAG, opts Options) (*RunRecord, error) {
 	rec := &RunRecord{DAG: dag.Name, Spec: dag.Path, Started: time.Now().UTC(), Program: Version(), Cache: e.Store.Root}
-	err := e.run(ctx, dag, opts, rec)
+	// The DAG's lock is let go only after the run is recorded, so that a
+	// run is either recorded or, killed, still named by its lock's note.
+	var unlock func()
+	defer func() {
+		if unlock != nil {
+			unlock()
+		}
+	}()
+	err := e.run(ctx, dag, opts, rec, &unlock)
 	rec.Finished = time.Now().UTC()
 	rec.Seconds = rec.Finished.Sub(rec.Started).Seconds()
 	rec.OK = err == nil
 	if err != nil {
 		rec.Error = err.Error()
+		rec.Interrupted = errors.Is(err, context.Canceled)
 	}
 	rec.HashedBytes = e.Store.HashedBytes()
 	if len(rec.Stages) > 0 { // planned: worth keeping for plan's reasons and gc
@@ -108,7 +129,7 @@ func (e *Engine) log() *slog.Logger {
 	return e.Log
 }
 
-func (e *Engine) run(ctx context.Context, dag *DAG, opts Options, rec *RunRecord) error {
+func (e *Engine) run(ctx context.Context, dag *DAG, opts Options, rec *RunRecord, unlockDAG *func()) error {
 	gc := e.Store.gcLock()
 	if _, err := gc.TryRLockContext(ctx, 100*time.Millisecond); err != nil {
 		return fmt.Errorf("waiting for gc to finish: %w", err)
@@ -119,17 +140,24 @@ func (e *Engine) run(ctx context.Context, dag *DAG, opts Options, rec *RunRecord
 	if err != nil {
 		return err
 	}
-	defer unlock()
+	*unlockDAG = unlock
 
-	plan, err := e.Store.Plan(dag, opts)
+	plan, err := e.Store.PlanContext(ctx, dag, opts)
 	if err != nil {
 		return err
+	}
+	for _, st := range plan.Steps {
+		for _, r := range st.Refs {
+			if r.Note != "" && st.Selected {
+				e.log().Warn(r.Note, "stage", st.Node.Name)
+			}
+		}
 	}
 	x := &execution{e: e, plan: plan, opts: opts, rec: rec, records: map[*Step]*StageRecord{}}
 	for _, st := range plan.Steps {
 		rec.Stages = append(rec.Stages, StageRecord{
 			Name: st.Node.Name, Kind: st.Node.KindName, KindVersion: st.Node.Kind.Version(),
-			Key: st.Key, Params: st.Node.Canon, Inputs: st.Inputs, Files: st.Files, State: "not selected",
+			Key: st.Key, Params: st.Node.Canon, Inputs: st.Inputs, Files: st.Files, Refs: st.Refs, State: "not selected",
 		})
 	}
 	for i, st := range plan.Steps {
@@ -258,7 +286,11 @@ func (x *execution) compute(ctx context.Context, todo []*Step) error {
 	for _, st := range order {
 		t := &Task{Name: st.Node.Name, Log: x.e.log().With("stage", st.Node.Name),
 			scratch: x.e.Store.scratchDir(st.Key),
-			tracker: trackers[st], stats: map[string]any{}, ctx: gctx}
+			tracker: trackers[st], stats: map[string]any{}, ctx: gctx,
+			keyed: st.keyed, inputs: map[string]*inputCheck{}}
+		for _, kf := range st.keyed {
+			t.inputs[kf.path] = &inputCheck{kf: kf}
+		}
 		for _, d := range st.Node.Needs {
 			up := x.plan.Step(d.Name)
 			in := &Input{Name: d.Name, Kind: d.KindName, store: x.e.Store, dir: x.e.Store.EntryDir(up.Key), committed: committed[up], tracker: t.tracker, ctx: gctx}
@@ -340,7 +372,21 @@ func (x *execution) computeStep(ctx context.Context, st *Step, t *Task, committe
 		}
 	}()
 	x.e.log().Debug("computing", "stage", st.Node.Name, "key", ShortKey(st.Key), "why", st.Reason)
+	if st.Reason == "forced" {
+		// --force starts clean: no resumable state of an earlier attempt.
+		if err := os.RemoveAll(t.scratch); err != nil {
+			return fmt.Errorf("clearing the stage's resumable state: %w", err)
+		}
+	}
 	if err := runStage(ctx, st.Node.Runner, t); err != nil {
+		// A file that changed under the stage is the cause to report, even
+		// when the stage tripped over it first (say, a half-written line).
+		if ctx.Err() != nil {
+			return err
+		}
+		if changed := t.verifyInputs(false); changed != nil {
+			return fmt.Errorf("%w\n\t(the stage failed with: %v)", changed, err)
+		}
 		return err
 	}
 	// Whatever the stage left unread must still reach EOF, so that the
@@ -349,6 +395,10 @@ func (x *execution) computeStep(ctx context.Context, st *Step, t *Task, committe
 		if err := in.drain(ctx); err != nil {
 			return err
 		}
+	}
+	// Nothing enters the cache under a key its inputs do not match.
+	if err := t.verifyInputs(true); err != nil {
+		return err
 	}
 	known := map[string]string{}
 	if t.out != nil {
@@ -360,7 +410,7 @@ func (x *execution) computeStep(ctx context.Context, st *Step, t *Task, committe
 	}
 	m := &Manifest{
 		Key: st.Key, Stage: st.Node.Name, Kind: st.Node.KindName, KindVersion: st.Node.Kind.Version(),
-		Params: st.Node.Canon, Inputs: st.Inputs, Files: st.Files, Stats: t.stats,
+		Params: st.Node.Canon, Inputs: st.Inputs, Files: st.Files, Refs: withoutNotes(st.Refs), Stats: t.stats,
 		Started: started.UTC(), Finished: time.Now().UTC(), Program: Version(),
 	}
 	m.Seconds = m.Finished.Sub(m.Started).Seconds()

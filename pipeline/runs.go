@@ -16,7 +16,10 @@ func (s *Store) Runs(dag *DAG, n int) []*RunRecord {
 }
 
 // RunningBy says who runs dag now, or "" if nobody does.
-func (s *Store) RunningBy(dag *DAG) string { return s.lockHolder(dag) }
+func (s *Store) RunningBy(dag *DAG) string {
+	running, _ := s.lockHolder(dag)
+	return running
+}
 
 // ScratchDir is the folder where the stage of key keeps its resumable
 // state (a training run's checkpoints and the metrics logged so far) until

@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"io/fs"
+	"math"
 	"os"
 	"path/filepath"
 	"reflect"
@@ -39,6 +40,8 @@ type Node struct {
 	Needs    []*Node
 	Runner   Runner
 	Line     int // line of the stage in the spec, for messages
+
+	needsLine int // line of its `needs:`, 0 when it has none
 }
 
 // Node returns the stage called name, or nil.
@@ -109,6 +112,17 @@ func Load(path string, kinds *Registry) (*DAG, error) {
 	if err != nil {
 		return nil, err
 	}
+	// A named pipe would block the read below, and a folder reads as an
+	// unhelpful error: say what the path is.
+	if err := CheckReadableFile(abs); err != nil {
+		msg := err.Error()
+		var fe *FileError
+		if errors.As(err, &fe) {
+			msg = "it " + fe.Why // File names the spec
+		}
+		return nil, &SpecError{File: path, Msg: "cannot read spec: " + msg, Err: err,
+			Fix: "check the path; specs are YAML files such as dags/demo.yaml"}
+	}
 	src, err := os.ReadFile(abs)
 	if err != nil {
 		var pe *fs.PathError
@@ -118,7 +132,9 @@ func Load(path string, kinds *Registry) (*DAG, error) {
 		return nil, &SpecError{File: path, Msg: "cannot read spec: " + err.Error(), Err: err,
 			Fix: "check the path; specs are YAML files such as dags/demo.yaml"}
 	}
-	l := &loader{file: path, kinds: kinds}
+	// Editors on Windows start UTF-8 files with a byte order mark.
+	src = bytes.TrimPrefix(src, []byte("\xef\xbb\xbf"))
+	l := &loader{file: path, kinds: kinds, src: src}
 	dag := l.load(src)
 	if len(l.errs) > 0 {
 		sort.SliceStable(l.errs, func(i, j int) bool { return l.errs[i].Line < l.errs[j].Line })
@@ -126,8 +142,11 @@ func Load(path string, kinds *Registry) (*DAG, error) {
 	}
 	dag.Path = abs
 	dag.Dir = filepath.Dir(abs)
-	if dag.Cache != "" && !filepath.IsAbs(dag.Cache) {
-		dag.Cache = filepath.Join(dag.Dir, dag.Cache)
+	if dag.Cache != "" {
+		if dag.Cache, err = ResolvePath(dag.Dir, dag.Cache); err != nil {
+			return nil, SpecErrors{{File: path, Line: l.cacheLine, Msg: "cache: " + err.Error(), Err: err,
+				Fix: "write the folder's full path, or ~/folder for one in your home folder"}}
+		}
 	}
 	for _, n := range dag.Nodes {
 		st, err := n.Kind.Prepare(n.Params, dag.Dir)
@@ -144,10 +163,12 @@ func Load(path string, kinds *Registry) (*DAG, error) {
 }
 
 type loader struct {
-	file  string
-	kinds *Registry
-	errs  SpecErrors
-	withs map[string]ast.Node // each stage's `with:` node, for locating parameter errors
+	file      string
+	src       []byte
+	kinds     *Registry
+	errs      SpecErrors
+	withs     map[string]ast.Node // each stage's `with:` node, for locating parameter errors
+	cacheLine int
 }
 
 func (l *loader) errAt(n ast.Node, fix, format string, args ...any) {
@@ -169,8 +190,28 @@ func (l *loader) yamlErr(err error, fix string) *SpecError {
 			e.Line, e.Col = tk.Position.Line, tk.Position.Column
 		}
 	}
+	e.Msg = strings.ReplaceAll(e.Msg, "\t", `\t`)
+	if l.hasTab(e.Line) {
+		e.Fix = "YAML forbids tabs for indentation: indent with spaces (the tab is on line " + fmt.Sprint(l.tabLine(e.Line)) + ")"
+	}
 	return e
 }
+
+// tabLine returns the line, at or just before line (1-based), whose
+// leading white space holds a tab, or 0. go-yaml reports a tab either where
+// it is or at the token after it.
+func (l *loader) tabLine(line int) int {
+	lines := bytes.Split(l.src, []byte("\n"))
+	for i := min(line, len(lines)); i >= max(1, line-1); i-- {
+		indent := lines[i-1][:len(lines[i-1])-len(bytes.TrimLeft(lines[i-1], " \t"))]
+		if bytes.IndexByte(indent, '\t') >= 0 {
+			return i
+		}
+	}
+	return 0
+}
+
+func (l *loader) hasTab(line int) bool { return line > 0 && l.tabLine(line) > 0 }
 
 // entries returns the key/value pairs of a mapping node; a mapping with one
 // key parses as a lone MappingValueNode.
@@ -196,7 +237,7 @@ func isNull(n ast.Node) bool {
 }
 
 func (l *loader) load(src []byte) *DAG {
-	file, err := parser.ParseBytes(src, 0)
+	file, err := parseYAML(src)
 	if err != nil {
 		l.errs = append(l.errs, l.yamlErr(err, "fix the YAML syntax at that place"))
 		return nil
@@ -206,9 +247,13 @@ func (l *loader) load(src []byte) *DAG {
 			Fix: "write a mapping with `name:` and `stages:`"})
 		return nil
 	}
-	top, ok := entries(file.Docs[0].Body)
+	body := l.resolveAliases(file.Docs[0].Body)
+	if l.hasErrors() {
+		return nil
+	}
+	top, ok := entries(body)
 	if !ok {
-		l.errAt(file.Docs[0].Body, "write a mapping with `name:` and `stages:`", "spec must be a mapping, not %s", file.Docs[0].Body.Type())
+		l.errAt(body, "write a mapping with `name:` and `stages:`", "spec must be a mapping, not %s", body.Type())
 		return nil
 	}
 	dag := &DAG{}
@@ -216,17 +261,21 @@ func (l *loader) load(src []byte) *DAG {
 	for _, mv := range top {
 		switch k := keyOf(mv); k {
 		case "name":
-			if err := yaml.NodeToValue(mv.Value, &dag.Name); err != nil || dag.Name == "" {
+			if err := nodeToValue(mv.Value, &dag.Name); err != nil || dag.Name == "" {
 				l.errAt(mv.Value, "give the DAG a name, e.g. `name: gemma3-12b-tr`", "name must be a non-empty string")
 			}
 		case "cache":
-			if err := yaml.NodeToValue(mv.Value, &dag.Cache); err != nil {
+			l.cacheLine = mv.Key.GetToken().Position.Line
+			if err := nodeToValue(mv.Value, &dag.Cache); err != nil {
 				l.errAt(mv.Value, "write a folder path, e.g. `cache: .cache/pipeline`", "cache must be a folder path")
 			}
 		case "stages":
 			stagesNode = mv.Value
 		default:
-			l.errAt(mv.Key, "the top level knows only name, cache and stages", "unknown key %q", k)
+			if strings.HasPrefix(k, "x-") {
+				continue // an extension key, as in Docker Compose: a place for anchors
+			}
+			l.errAt(mv.Key, "the top level knows only name, cache and stages (and ignores keys starting with x-, a place for YAML anchors)", "unknown key %q", k)
 		}
 	}
 	if dag.Name == "" && !l.hasErrors() {
@@ -287,7 +336,7 @@ func (l *loader) stage(mv *ast.MappingValueNode, needNodes map[*Node][]ast.Node)
 		switch k := keyOf(f); k {
 		case "kind":
 			kindNode = f.Value
-			if err := yaml.NodeToValue(f.Value, &n.KindName); err != nil {
+			if err := nodeToValue(f.Value, &n.KindName); err != nil {
 				l.errAt(f.Value, "write the kind as a plain word, e.g. `kind: tokenize`", "kind must be a string")
 			}
 		case "needs":
@@ -299,6 +348,7 @@ func (l *loader) stage(mv *ast.MappingValueNode, needNodes map[*Node][]ast.Node)
 				l.errAt(f.Value, "list the input stages, e.g. `needs: [chat]`", "needs must be a list of stage names")
 				continue
 			}
+			n.needsLine = f.Key.GetToken().Position.Line
 			needNodes[n] = seq.Values
 		case "with":
 			withNode = f.Value
@@ -311,6 +361,7 @@ func (l *loader) stage(mv *ast.MappingValueNode, needNodes map[*Node][]ast.Node)
 		return nil
 	}
 	if n.KindName == "" {
+		l.errAt(kindNode, "write one of the known kinds: "+strings.Join(l.kinds.Names(), ", "), "stage %q: kind is empty", name)
 		return nil
 	}
 	kind, ok := l.kinds.Lookup(n.KindName)
@@ -326,8 +377,15 @@ func (l *loader) stage(mv *ast.MappingValueNode, needNodes map[*Node][]ast.Node)
 	n.Params = kind.Params()
 	if !isNull(withNode) {
 		l.withs[name] = withNode
-		if err := yaml.NodeToValue(withNode, n.Params, yaml.DisallowUnknownField()); err != nil {
+		if !l.checkWholeNumbers(n, withNode) {
+			return nil
+		}
+		if err := nodeToValue(withNode, n.Params, yaml.DisallowUnknownField()); err != nil {
 			l.errs = append(l.errs, l.decodeError(n, withNode, err))
+			return nil
+		}
+		if err := checkFinite(n.Params); err != nil {
+			l.errs = append(l.errs, l.paramError(n, err))
 			return nil
 		}
 	}
@@ -376,10 +434,16 @@ func (l *loader) decodeError(n *Node, with ast.Node, err error) *SpecError {
 			got = fmt.Sprintf(", got %q", tk.Value)
 		}
 		e.Msg = fmt.Sprintf("stage %q: %s must be %s%s", n.Name, param, describeType(typeErr.DstType), got)
-		e.Fix = ""
+		e.Fix = "write " + describeType(typeErr.DstType)
+		if param != "a parameter" {
+			e.Fix += " for " + param
+		}
 		return e
 	}
 	e.Msg = fmt.Sprintf("stage %q: %s", n.Name, e.Msg)
+	if e.Line == 0 {
+		e.Line = n.Line
+	}
 	return e
 }
 
@@ -421,6 +485,9 @@ func (l *loader) paramError(n *Node, err error) *SpecError {
 	if errors.As(err, &pe) {
 		e.Msg = fmt.Sprintf("stage %q: %s: %s", n.Name, pe.Param, pe.Msg)
 		e.Fix = pe.Fix
+		if pe.Param == "needs" && n.needsLine > 0 {
+			e.Line = n.needsLine
+		}
 		if fields, ok := entries(l.withs[n.Name]); ok {
 			for _, f := range fields {
 				if keyOf(f) == pe.Param {
@@ -438,7 +505,7 @@ func (l *loader) resolveNeeds(order []*Node, byName map[string]*Node, needNodes 
 		seen := map[string]bool{}
 		for _, nn := range needNodes[n] {
 			var dep string
-			if err := yaml.NodeToValue(nn, &dep); err != nil || dep == "" {
+			if err := nodeToValue(nn, &dep); err != nil || dep == "" {
 				l.errAt(nn, "list stage names, e.g. `needs: [chat]`", "stage %q: needs entries must be stage names", n.Name)
 				continue
 			}
@@ -476,6 +543,8 @@ func (l *loader) resolveNeeds(order []*Node, byName map[string]*Node, needNodes 
 				fix = fmt.Sprintf("a %s stage reads its own files; remove `needs:`", n.KindName)
 			}
 			l.errs = append(l.errs, &SpecError{File: l.file, Line: n.Line, Msg: fmt.Sprintf("stage %q (kind %s) has %d input stage(s)", n.Name, n.KindName, got), Fix: fix})
+		default:
+			l.checkInputKinds(n, len(needNodes[n]))
 		}
 	}
 	if !l.hasErrors() {
@@ -571,24 +640,32 @@ func paramNames(p any) []string {
 	}
 	var out []string
 	for i := 0; i < t.NumField(); i++ {
-		f := t.Field(i)
-		if !f.IsExported() {
-			continue
+		if name, ok := specName(t.Field(i)); ok {
+			out = append(out, name)
 		}
-		tag := f.Tag.Get("yaml")
-		if tag == "" {
-			tag = f.Tag.Get("json")
-		}
-		name, _, _ := strings.Cut(tag, ",")
-		if name == "-" {
-			continue
-		}
-		if name == "" {
-			name = strings.ToLower(f.Name)
-		}
-		out = append(out, name)
 	}
 	return out
+}
+
+// specName is the name a spec gives a params struct's field (its yaml tag,
+// else its json tag, else its lower-cased name); ok is false for a field no
+// spec can set.
+func specName(f reflect.StructField) (name string, ok bool) {
+	if !f.IsExported() {
+		return "", false
+	}
+	tag := f.Tag.Get("yaml")
+	if tag == "" {
+		tag = f.Tag.Get("json")
+	}
+	name, _, _ = strings.Cut(tag, ",")
+	if name == "-" {
+		return "", false
+	}
+	if name == "" {
+		name = strings.ToLower(f.Name)
+	}
+	return name, true
 }
 
 // closest returns the candidate within edit distance 2 of s, if any.
@@ -632,4 +709,185 @@ func canonicalJSON(v any) ([]byte, error) {
 		return nil, err
 	}
 	return bytes.TrimRight(buf.Bytes(), "\n"), nil
+}
+
+// An InputChecker is a Kind that reads only some kinds of input stages (a
+// pack stage reads tokens, not chat text). The loader calls CheckInputs with
+// a stage's needs, in the order written, before anything runs; a
+// *ParamError whose Param is "needs" is reported at the stage's `needs:`,
+// one naming a parameter at that parameter.
+type InputChecker interface {
+	CheckInputs(params any, needs []Need) error
+}
+
+// A Need is one input stage of a stage, as CheckInputs sees it.
+type Need struct {
+	Stage string // its name
+	Kind  string // its kind
+}
+
+// checkInputKinds asks n's kind whether it can read its inputs, once every
+// need is resolved.
+func (l *loader) checkInputKinds(n *Node, written int) {
+	ic, ok := n.Kind.(InputChecker)
+	if !ok || len(n.Needs) != written {
+		return
+	}
+	needs := make([]Need, len(n.Needs))
+	for i, d := range n.Needs {
+		if d.Kind == nil {
+			return // reported already
+		}
+		needs[i] = Need{Stage: d.Name, Kind: d.KindName}
+	}
+	if err := ic.CheckInputs(n.Params, needs); err != nil {
+		l.errs = append(l.errs, l.paramError(n, err))
+	}
+}
+
+// paramField finds the field of a params struct that the spec calls name.
+func paramField(p any, name string) (reflect.StructField, bool) {
+	t := reflect.TypeOf(p)
+	for t.Kind() == reflect.Pointer {
+		t = t.Elem()
+	}
+	if t.Kind() != reflect.Struct {
+		return reflect.StructField{}, false
+	}
+	for i := 0; i < t.NumField(); i++ {
+		if n, ok := specName(t.Field(i)); ok && n == name {
+			return t.Field(i), true
+		}
+	}
+	return reflect.StructField{}, false
+}
+
+func isIntKind(k reflect.Kind) bool {
+	switch k {
+	case reflect.Int, reflect.Int8, reflect.Int16, reflect.Int32, reflect.Int64,
+		reflect.Uint, reflect.Uint8, reflect.Uint16, reflect.Uint32, reflect.Uint64:
+		return true
+	}
+	return false
+}
+
+// checkWholeNumbers refuses a fractional value for an integer parameter
+// (`seq_len: 100.7`), which decoding would silently truncate.
+func (l *loader) checkWholeNumbers(n *Node, with ast.Node) bool {
+	fields, ok := entries(with)
+	if !ok {
+		return true
+	}
+	good := true
+	check := func(param string, v ast.Node) {
+		var got string
+		switch t := v.(type) {
+		case *ast.FloatNode:
+			if t.Value == math.Trunc(t.Value) && math.Abs(t.Value) < 1<<53 {
+				return
+			}
+			got = t.GetToken().Value
+		case *ast.InfinityNode, *ast.NanNode:
+			got = v.GetToken().Value
+		default:
+			return
+		}
+		good = false
+		l.errAt(v, fmt.Sprintf("write a whole number, e.g. %s: %.0f", param, wholeHint(v)),
+			"stage %q: %s must be a whole number, got %s", n.Name, param, got)
+	}
+	for _, f := range fields {
+		sf, ok := paramField(n.Params, keyOf(f))
+		if !ok {
+			continue
+		}
+		t := sf.Type
+		switch {
+		case isIntKind(t.Kind()):
+			check(keyOf(f), f.Value)
+		case (t.Kind() == reflect.Slice || t.Kind() == reflect.Array) && isIntKind(t.Elem().Kind()):
+			if seq, ok := f.Value.(*ast.SequenceNode); ok {
+				for _, v := range seq.Values {
+					check(keyOf(f), v)
+				}
+			}
+		}
+	}
+	return good
+}
+
+func wholeHint(v ast.Node) float64 {
+	if f, ok := v.(*ast.FloatNode); ok && !math.IsInf(f.Value, 0) && math.Abs(f.Value) < 1<<53 {
+		return math.Round(f.Value)
+	}
+	return 1
+}
+
+// checkFinite refuses NaN and infinite values (YAML's .nan and .inf) in a
+// decoded params struct: no parameter means anything with them.
+func checkFinite(p any) error {
+	v := reflect.ValueOf(p)
+	for v.Kind() == reflect.Pointer {
+		if v.IsNil() {
+			return nil
+		}
+		v = v.Elem()
+	}
+	if v.Kind() != reflect.Struct {
+		return nil
+	}
+	for i := 0; i < v.NumField(); i++ {
+		name, ok := specName(v.Type().Field(i))
+		if !ok {
+			continue
+		}
+		bad := func(x float64) error {
+			return &ParamError{Param: name, Msg: fmt.Sprintf("must be a finite number, got %v", x),
+				Fix: "YAML's .nan and .inf are not values a parameter can take; write a number"}
+		}
+		fv := v.Field(i)
+		switch fv.Kind() {
+		case reflect.Float32, reflect.Float64:
+			if x := fv.Float(); math.IsNaN(x) || math.IsInf(x, 0) {
+				return bad(x)
+			}
+		case reflect.Slice, reflect.Array:
+			if e := fv.Type().Elem().Kind(); e == reflect.Float32 || e == reflect.Float64 {
+				for j := 0; j < fv.Len(); j++ {
+					if x := fv.Index(j).Float(); math.IsNaN(x) || math.IsInf(x, 0) {
+						return bad(x)
+					}
+				}
+			}
+		}
+	}
+	return nil
+}
+
+// A yamlPanic is a panic of the YAML library on a spec, turned into an
+// error: some malformed input (a stray tag before a null, say) crashes it.
+type yamlPanic struct{ v any }
+
+func (p yamlPanic) Error() string {
+	return fmt.Sprintf("the YAML library cannot read this (%v)", p.v)
+}
+
+// parseYAML is parser.ParseBytes, with a panic returned as an error.
+func parseYAML(src []byte) (file *ast.File, err error) {
+	defer func() {
+		if p := recover(); p != nil {
+			file, err = nil, yamlPanic{p}
+		}
+	}()
+	return parser.ParseBytes(src, 0)
+}
+
+// nodeToValue is yaml.NodeToValue, with a panic returned as an error.
+func nodeToValue(n ast.Node, v any, opts ...yaml.DecodeOption) (err error) {
+	defer func() {
+		if p := recover(); p != nil {
+			err = yamlPanic{p}
+		}
+	}()
+	return yaml.NodeToValue(n, v, opts...)
 }

@@ -1,9 +1,14 @@
 package pipeline
 
 import (
+	"fmt"
+	"os"
+	"path/filepath"
 	"strconv"
 	"strings"
+	"syscall"
 	"testing"
+	"time"
 )
 
 // TestSpecErrors checks that each kind of mistake in a spec is reported
@@ -24,7 +29,7 @@ func TestSpecErrors(t *testing.T) {
 		{"unknown kind", "name: x\nstages:\n  a: {kind: gne}\n", 3,
 			[]string{`unknown kind "gne"`, `did you mean "gen"`}},
 		{"missing kind", "name: x\nstages:\n  a: {with: {rows: 1}}\n", 3,
-			[]string{`stage "a" has no kind`, "known kinds: concat, count, double, fail, gen"}},
+			[]string{`stage "a" has no kind`, "known kinds: chunks, concat, count, double, fail, gen"}},
 		{"cycle", "name: x\nstages:\n  a: {kind: double, needs: [c]}\n  b: {kind: double, needs: [a]}\n  c: {kind: double, needs: [b]}\n", 3,
 			[]string{"cycle: a -> c -> b -> a", "remove one of these needs"}},
 		{"missing need", "name: x\nstages:\n  src: {kind: gen}\n  b: {kind: double, needs: [scr]}\n", 4,
@@ -80,5 +85,156 @@ func TestSpecReportsAllErrors(t *testing.T) {
 	errs, ok := err.(SpecErrors)
 	if !ok || len(errs) != 2 || errs[0].Line != 3 || errs[1].Line != 4 {
 		t.Fatalf("want two errors on lines 3 and 4, got %v", err)
+	}
+}
+
+// TestSpecErgonomics: what people write in YAML beyond the basics is read
+// as they mean it, and mistakes name the fix.
+func TestSpecErgonomics(t *testing.T) {
+	t.Run("byte order mark", func(t *testing.T) {
+		e := newTestEnv(t)
+		dag := e.load(e.write("bom.yaml", "\xef\xbb\xbfname: x\nstages:\n  a: {kind: gen}\n"))
+		if dag.Name != "x" {
+			t.Fatalf("name %q", dag.Name)
+		}
+	})
+	t.Run("anchors and aliases across stages", func(t *testing.T) {
+		e := newTestEnv(t)
+		dag := e.load(e.write("anchors.yaml", `name: x
+x-defaults: &small {rows: 7, batch: 2}
+stages:
+  a: {kind: gen, with: &gen {rows: 5, batch: 3}}
+  b: {kind: gen, with: *gen}
+  c:
+    kind: gen
+    with:
+      <<: *gen
+      rows: 9
+  d:
+    kind: gen
+    with: {<<: [*small, *gen]}
+`))
+		want := map[string]string{
+			"a": `{"rows":5,"batch":3,"delay_ms":0}`,
+			"b": `{"rows":5,"batch":3,"delay_ms":0}`,
+			"c": `{"rows":9,"batch":3,"delay_ms":0}`,
+			"d": `{"rows":7,"batch":2,"delay_ms":0}`,
+		}
+		for name, w := range want {
+			if got := string(dag.Node(name).Canon); got != w {
+				t.Errorf("stage %s: %s, want %s", name, got, w)
+			}
+		}
+	})
+	t.Run("home in cache", func(t *testing.T) {
+		e := newTestEnv(t)
+		home := t.TempDir()
+		t.Setenv("HOME", home)
+		dag := e.load(e.write("home.yaml", "name: x\ncache: ~/pipeline-cache\nstages:\n  a: {kind: gen}\n"))
+		if want := filepath.Join(home, "pipeline-cache"); dag.Cache != want {
+			t.Errorf("cache %q, want %q", dag.Cache, want)
+		}
+		t.Setenv(CacheEnv, "~/from-env")
+		if got, want := CacheRoot("", dag), filepath.Join(home, "from-env"); got != want {
+			t.Errorf("$%s: %q, want %q", CacheEnv, got, want)
+		}
+	})
+}
+
+// TestSpecMistakes: mistakes that used to pass silently (or truncate, or
+// drop a stage) are spec errors with the line and a fix.
+func TestSpecMistakes(t *testing.T) {
+	cases := []struct {
+		name string
+		spec string
+		line int
+		want []string
+	}{
+		{"kind null", "name: x\nstages:\n  a: {kind: gen}\n  b: {kind: null, needs: [a]}\n", 4,
+			[]string{`stage "b": kind is empty`, "known kinds: chunks, concat, count"}},
+		{"kind empty", "name: x\nstages:\n  a: {kind: gen}\n  b:\n    kind: \"\"\n    needs: [a]\n", 5,
+			[]string{`stage "b": kind is empty`}},
+		{"fractional integer", "name: x\nstages:\n  a:\n    kind: gen\n    with:\n      rows: 10.4\n", 6,
+			[]string{`rows must be a whole number, got 10.4`, "rows: 10"}},
+		{"infinite integer", "name: x\nstages:\n  a:\n    kind: gen\n    with: {rows: .inf}\n", 5,
+			[]string{`rows must be a whole number, got .inf`}},
+		{"tab", "name: x\nstages:\n\ta: {kind: gen}\n", 3,
+			[]string{"YAML forbids tabs", "indent with spaces"}},
+		{"alias without anchor", "name: x\nstages:\n  a: {kind: gen, with: *nothing}\n", 3,
+			[]string{"alias *nothing refers to no anchor"}},
+		{"merge of a list", "name: x\nstages:\n  a:\n    kind: gen\n    with: {<<: [1, 2]}\n", 5,
+			[]string{"`<<` must name a mapping"}},
+		// Found by FuzzLoadSpec: the YAML library panics on a stray tag
+		// before a null list; the loader used to crash with it.
+		{"library panic", "name: x\nstages:\n  a:\n    kind: gen\n    with:\n      tags: !-]\n", 3,
+			[]string{"the YAML library cannot read this"}},
+	}
+	for _, c := range cases {
+		t.Run(c.name, func(t *testing.T) {
+			e := newTestEnv(t)
+			path := e.write("bad.yaml", c.spec)
+			_, err := Load(path, e.reg)
+			if err == nil {
+				t.Fatal("spec loaded without error")
+			}
+			if !IsSpecError(err) {
+				t.Fatalf("not a spec error: %T %v", err, err)
+			}
+			msg := err.Error()
+			if !strings.HasPrefix(msg, path+":"+strconv.Itoa(c.line)+":") {
+				t.Errorf("want line %d in %q", c.line, msg)
+			}
+			for _, w := range c.want {
+				if !strings.Contains(msg, w) {
+					t.Errorf("message lacks %q:\n%s", w, msg)
+				}
+			}
+		})
+	}
+}
+
+// TestAliasBomb: nested aliases that would expand beyond any real spec are
+// refused rather than decoded.
+func TestAliasBomb(t *testing.T) {
+	e := newTestEnv(t)
+	var b strings.Builder
+	b.WriteString("name: x\nl0: &l0 [a, a, a, a, a, a, a, a, a, a]\n")
+	for i := 1; i < 9; i++ {
+		fmt.Fprintf(&b, "l%d: &l%d [*l%d, *l%d, *l%d, *l%d, *l%d, *l%d, *l%d, *l%d, *l%d, *l%d]\n", i, i, i-1, i-1, i-1, i-1, i-1, i-1, i-1, i-1, i-1, i-1)
+	}
+	b.WriteString("stages:\n  a: {kind: gen}\n")
+	_, err := Load(e.write("bomb.yaml", b.String()), e.reg)
+	if err == nil || !strings.Contains(err.Error(), "aliases expand the spec") {
+		t.Fatalf("want the expansion refused, got %v", err)
+	}
+}
+
+// TestSpecPathIsNotAFile: a spec path that is a folder, a named pipe or a
+// link loop is refused with what it is (a pipe would block the read).
+func TestSpecPathIsNotAFile(t *testing.T) {
+	dir := t.TempDir()
+	fifo := filepath.Join(dir, "fifo.yaml")
+	if err := syscall.Mkfifo(fifo, 0o644); err != nil {
+		t.Skip("no named pipes here:", err)
+	}
+	loop := filepath.Join(dir, "loop.yaml")
+	os.Symlink(filepath.Join(dir, "loop2.yaml"), loop)
+	os.Symlink(loop, filepath.Join(dir, "loop2.yaml"))
+	for path, want := range map[string]string{
+		dir:                                "is a folder",
+		fifo:                               "is a named pipe",
+		loop:                               "loop of symbolic links",
+		filepath.Join(dir, "missing.yaml"): "does not exist",
+	} {
+		done := make(chan error, 1)
+		go func() { _, err := Load(path, testRegistry()); done <- err }()
+		select {
+		case err := <-done:
+			if !IsSpecError(err) || !strings.Contains(err.Error(), want) {
+				t.Errorf("%s: %v, want a spec error saying %q", path, err, want)
+			}
+		case <-time.After(5 * time.Second):
+			t.Fatalf("%s: Load blocked", path)
+		}
 	}
 }

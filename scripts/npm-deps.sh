@@ -4,7 +4,9 @@
 #               tokenizer oracle);
 #   npm/llama/  llama.cpp's prebuilt CPU binaries (node-llama-cpp) and
 #               @huggingface/gguf, the oracles for exported GGUF files. Its
-#               optional packages (GPU and other platforms' builds) are left out.
+#               optional packages (GPU and other platforms' builds) are left out;
+#   npm/hub/    @huggingface/hub, the JavaScript Hub client: a second client of
+#               the Hugging Face cache for the tests of package hub.
 # Idempotent: a folder whose installed tree matches its package-lock.json is
 # left alone.
 set -euo pipefail
@@ -27,3 +29,4 @@ install . ci
 # npm ci insists on every platform's optional build being resolvable; install
 # follows the lock just the same and skips what this platform cannot use.
 install llama install --omit=optional --no-save
+install hub ci

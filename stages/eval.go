@@ -18,6 +18,7 @@ import (
 
 	"gemmaft/dataset"
 	"gemmaft/eval"
+	"gemmaft/hub"
 	"gemmaft/internal/atomicfile"
 	"gemmaft/pipeline"
 	"gemmaft/tokenizer"
@@ -160,130 +161,247 @@ func (p *evalParams) Validate() error {
 
 func (evalKind) Prepare(params any, dir string) (pipeline.Runner, error) {
 	p := params.(*evalParams)
-	s := &evalStage{p: p}
-	abs := func(path string) string {
-		if filepath.IsAbs(path) {
-			return path
-		}
-		return filepath.Join(dir, path)
+	m, err := modelParam(p.Model, dir, "point model at the checkpoint folder the adapter was trained on")
+	if err != nil {
+		return nil, err
 	}
-	if p.Model != "" {
-		s.model = abs(p.Model)
-		files, err := keyedCheckpointFiles(s.model)
-		if err != nil {
-			return nil, &pipeline.ParamError{Param: "model", Msg: err.Error(), Fix: "point model at the checkpoint folder the adapter was trained on"}
+	s := &evalStage{p: p, model: m}
+	s.local = append(s.local, m.files...)
+	if hub.IsRef(p.Tokenizer) {
+		if s.tokHub, err = parseHub("tokenizer", p.Tokenizer, hubFile); err != nil {
+			return nil, err
 		}
-		s.files = append(s.files, files...)
+	} else if p.Tokenizer != "" {
+		if s.tokPath, err = pipeline.ResolvePath(dir, p.Tokenizer); err != nil {
+			return nil, &pipeline.ParamError{Param: "tokenizer", Msg: err.Error(), Fix: "write the path in full"}
+		}
+		if err := pipeline.CheckReadableFile(s.tokPath); err != nil {
+			return nil, &pipeline.ParamError{Param: "tokenizer", Msg: err.Error(), Fix: "give the path of the tokenizer.json training used"}
+		}
+		s.local = append(s.local, s.tokPath)
 	}
-	if p.Tokenizer != "" {
-		s.tokenizer = abs(p.Tokenizer)
-		if fi, err := os.Stat(s.tokenizer); err != nil || fi.IsDir() {
-			return nil, &pipeline.ParamError{Param: "tokenizer", Msg: s.tokenizer + " is not a readable file", Fix: "give the path of the model's tokenizer.json"}
-		}
-		s.files = append(s.files, s.tokenizer)
+	mc := p.MultipleChoice
+	if mc == nil {
+		return s, nil
 	}
-	if mc := p.MultipleChoice; mc != nil {
-		// The set is read here, so a malformed one stops the run before
-		// anything trains.
-		bad := func(err error, fix string) error {
-			return &pipeline.ParamError{Param: "multiple_choice", Msg: err.Error(), Fix: fix}
+	format, _ := eval.ParseFormat(mc.Prompt)
+	s.mc = eval.MCOptions{Shots: mc.Shots, Format: format}
+	if s.set, err = setParts(dir, mc.Paths); err != nil {
+		return nil, err
+	}
+	if s.dev, err = setParts(dir, mc.Dev); err != nil {
+		return nil, err
+	}
+	for _, parts := range [][]setPart{s.set, s.dev} {
+		for _, part := range parts {
+			s.local = append(s.local, part.files...)
 		}
-		const pathsFix = "paths and dev are relative to the spec's folder"
-		const setFix = "a question needs question, choices (a list, or columns A, B, C, …) and answer (a letter or a 0-based index); map other names with columns:"
-		paths, err := dataset.ExpandGlobs(dir, mc.Paths)
-		if err != nil {
-			return nil, bad(err, pathsFix)
+	}
+	// Local sets are read now, so that a malformed one stops the run before
+	// anything trains (the run reads them again, checked against the key);
+	// those on the Hub are read once fetched.
+	local := func(parts []setPart) bool {
+		return !slices.ContainsFunc(parts, func(p setPart) bool { return p.hub != nil })
+	}
+	if local(s.set) && local(s.dev) {
+		open := func(path string) (eval.File, error) { return os.Open(path) }
+		if _, _, err := s.questions(open, s.set, s.dev); err != nil {
+			return nil, &pipeline.ParamError{Param: "multiple_choice", Msg: err.Error(), Fix: setFix(err)}
 		}
-		qs, err := eval.ReadQuestions(paths, mc.Columns)
-		if err != nil {
-			return nil, bad(err, setFix)
-		}
-		if mc.Limit > 0 && mc.Limit < len(qs) {
-			qs = qs[:mc.Limit]
-		}
-		s.files = append(s.files, paths...)
-		format, _ := eval.ParseFormat(mc.Prompt)
-		s.mc = eval.MCOptions{Shots: mc.Shots, Format: format}
-		if len(mc.Dev) > 0 {
-			devPaths, err := dataset.ExpandGlobs(dir, mc.Dev)
-			if err != nil {
-				return nil, bad(err, pathsFix)
-			}
-			if s.mc.Dev, err = eval.ReadQuestions(devPaths, mc.Columns); err != nil {
-				return nil, bad(err, setFix)
-			}
-			s.files = append(s.files, devPaths...)
-		}
-		if _, err := eval.Shots(qs, s.mc); err != nil {
-			return nil, bad(err, "add dev questions for every subject, or fewer shots")
-		}
-		s.questions = qs
 	}
 	return s, nil
 }
 
-type evalStage struct {
-	p         *evalParams
-	model     string
-	tokenizer string
-	files     []string
-	questions []eval.Question
-	mc        eval.MCOptions
+// setFix says what to do about a question set's error.
+func setFix(err error) string {
+	if strings.Contains(err.Error(), "-shot needs") {
+		return "add dev questions for every subject, or fewer shots"
+	}
+	return "a question needs question, choices (a list, or columns A, B, C, …) and answer (a letter or a 0-based index); map other names with columns:"
 }
 
-func (s *evalStage) Files() []string { return s.files }
+// A setPart is one entry of a question set's paths: local files, or the
+// files of an hf:// reference.
+type setPart struct {
+	files []string
+	hub   *hubInput
+}
 
-// evalInputs are an eval stage's needs, told apart by kind.
+// setParts reads the paths (or dev) of multiple_choice.
+func setParts(dir string, paths []string) ([]setPart, error) {
+	var parts []setPart
+	for _, path := range paths {
+		if hub.IsRef(path) {
+			h, err := parseHub("multiple_choice", path, hubFiles)
+			if err != nil {
+				return nil, err
+			}
+			parts = append(parts, setPart{hub: h})
+			continue
+		}
+		pattern, err := pipeline.ExpandHome(path)
+		if err != nil {
+			return nil, &pipeline.ParamError{Param: "multiple_choice", Msg: err.Error(), Fix: "write the path in full"}
+		}
+		files, err := dataset.ExpandGlobs(dir, []string{pattern})
+		if err != nil {
+			return nil, &pipeline.ParamError{Param: "multiple_choice", Msg: err.Error(),
+				Fix: "paths and dev are relative to the spec's folder, or hf://datasets/ORG/NAME@REV/PATH"}
+		}
+		for _, f := range files {
+			if err := pipeline.CheckReadableFile(f); err != nil {
+				return nil, &pipeline.ParamError{Param: "multiple_choice", Msg: err.Error(), Fix: "list question files (.jsonl, .json, .parquet)"}
+			}
+		}
+		parts = append(parts, setPart{files: files})
+	}
+	return parts, nil
+}
+
+type evalStage struct {
+	p       *evalParams
+	model   modelArg
+	tokPath string    // a local tokenizer.json given as tokenizer:
+	tokHub  *hubInput // or one on the Hub
+	set     []setPart // the questions
+	dev     []setPart // and the solved ones the shots come from
+	local   []string  // the local files, whose digests enter the key
+	mc      eval.MCOptions
+}
+
+func (s *evalStage) Files() []string { return s.local }
+
+func (s *evalStage) Resolve(ctx context.Context) ([]pipeline.Ref, error) {
+	hs := []*hubInput{s.model.hub, s.tokHub}
+	for _, parts := range [][]setPart{s.set, s.dev} {
+		for _, p := range parts {
+			hs = append(hs, p.hub)
+		}
+	}
+	return resolveAll(ctx, hs...)
+}
+
+// questions reads the set and the dev split through open (the local
+// files; hf:// parts must be fetched into files first), keeps the first
+// `limit` questions and checks that the dev split has the shots.
+func (s *evalStage) questions(open func(string) (eval.File, error), set, dev []setPart) ([]eval.Question, []eval.Question, error) {
+	read := func(parts []setPart) ([]eval.Question, error) {
+		var files []string
+		for _, p := range parts {
+			files = append(files, p.files...)
+		}
+		if len(files) == 0 {
+			return nil, nil
+		}
+		return eval.ReadQuestionsFrom(open, files, s.p.MultipleChoice.Columns)
+	}
+	qs, err := read(set)
+	if err != nil {
+		return nil, nil, err
+	}
+	if l := s.p.MultipleChoice.Limit; l > 0 && l < len(qs) {
+		qs = qs[:l]
+	}
+	ds, err := read(dev)
+	if err != nil {
+		return nil, nil, err
+	}
+	if _, err := eval.Shots(qs, eval.MCOptions{Shots: s.mc.Shots, Dev: ds}); err != nil {
+		return nil, nil, err
+	}
+	return qs, ds, nil
+}
+
+// fetchSet fetches the hf:// parts of a set and returns all as local files.
+func fetchSet(ctx context.Context, t *pipeline.Task, parts []setPart) ([]setPart, error) {
+	out := make([]setPart, len(parts))
+	for i, p := range parts {
+		out[i] = p
+		if p.hub == nil {
+			continue
+		}
+		files, err := p.hub.fetch(ctx, t)
+		if err != nil {
+			return nil, err
+		}
+		out[i] = setPart{files: files}
+	}
+	return out, nil
+}
+
+// CheckInputs: an eval stage scores the adapter of one qlora stage, over
+// the checkpoint of at most one model stage (not with `model:`), and reads
+// held-out records from source stages exactly when the loss task is listed.
+func (evalKind) CheckInputs(params any, needs []pipeline.Need) error {
+	p := params.(*evalParams)
+	var adapters, models, sources []string
+	for _, n := range needs {
+		switch n.Kind {
+		case "qlora":
+			adapters = append(adapters, n.Stage)
+		case modelKindName:
+			models = append(models, n.Stage)
+		case parquetKindName, jsonlKindName:
+			sources = append(sources, n.Stage)
+		default:
+			return &pipeline.ParamError{Param: "needs",
+				Msg: fmt.Sprintf("%q is a %s stage, but an eval stage reads the adapter of a qlora stage, the checkpoint of a model stage and the held-out records of parquet or jsonl stages", n.Stage, n.Kind),
+				Fix: "name the qlora stage (and a model stage, and for the loss task a source of held-out records) in needs"}
+		}
+	}
+	hasLoss := slices.Contains(p.Tasks, taskLoss)
+	switch {
+	case len(adapters) == 0:
+		return &pipeline.ParamError{Param: "needs", Msg: "no qlora stage: an eval stage scores an adapter beside its base",
+			Fix: "add the qlora stage to needs, e.g. needs: [adapter]"}
+	case len(adapters) > 1:
+		return &pipeline.ParamError{Param: "needs", Msg: fmt.Sprintf("two qlora stages (%s): an eval stage scores one adapter", strings.Join(adapters, ", ")),
+			Fix: "keep one qlora stage in needs; another eval stage scores the other"}
+	case len(models) > 1:
+		return &pipeline.ParamError{Param: "needs", Msg: fmt.Sprintf("two model stages (%s): an adapter has one base", strings.Join(models, ", ")),
+			Fix: "keep the model stage the adapter was trained on"}
+	case len(models) == 1 && p.Model != "":
+		return &pipeline.ParamError{Param: "model", Msg: fmt.Sprintf("names %s, and model stage %q is in needs: two base models", p.Model, models[0]),
+			Fix: "remove `model:`, or the model stage from needs"}
+	case hasLoss && len(sources) == 0:
+		return &pipeline.ParamError{Param: "needs", Msg: "the loss task has no held-out records",
+			Fix: "add a jsonl or parquet stage of held-out records to needs"}
+	case !hasLoss && len(sources) > 0:
+		return &pipeline.ParamError{Param: "needs", Msg: fmt.Sprintf("stage %q gives held-out records, but the loss task is not listed", sources[0]),
+			Fix: "add loss to tasks, or remove the stage from needs"}
+	}
+	return nil
+}
+
+// evalInputs are an eval stage's needs, told apart by kind (CheckInputs
+// has checked them).
 type evalInputs struct {
 	adapter *pipeline.Input
 	model   *pipeline.Input
 	sources []*pipeline.Input
 }
 
-func (s *evalStage) inputs(t *pipeline.Task) (evalInputs, error) {
+func evalInputsOf(t *pipeline.Task) (evalInputs, error) {
 	var in evalInputs
 	for _, i := range t.Inputs {
 		switch i.Kind {
 		case "qlora":
-			if in.adapter != nil {
-				return in, fmt.Errorf("two qlora stages in needs (%s is the second); an eval stage scores one adapter", i.Name)
-			}
 			in.adapter = i
 		case modelKindName:
-			if in.model != nil || s.model != "" {
-				return in, fmt.Errorf("two base models (stage %s, and %s); give at most one model stage or `model:`", i.Name, s.baseName(in.model))
-			}
 			in.model = i
 		case parquetKindName, jsonlKindName:
 			in.sources = append(in.sources, i)
-		default:
-			return in, fmt.Errorf("needs stage %s of kind %s; an eval stage takes a qlora stage, the base (a model stage, unless `model:` or the training names it) and, for the loss task, %s or %s stages of held-out records",
-				i.Name, i.Kind, parquetKindName, jsonlKindName)
 		}
 	}
 	if in.adapter == nil {
 		return in, fmt.Errorf("no adapter: add the qlora stage to needs")
 	}
-	hasLoss := slices.Contains(s.p.Tasks, taskLoss)
-	switch {
-	case hasLoss && len(in.sources) == 0:
-		return in, fmt.Errorf("the loss task has no held-out records: add a %s or %s stage to needs", jsonlKindName, parquetKindName)
-	case !hasLoss && len(in.sources) > 0:
-		return in, fmt.Errorf("stage %s gives held-out records, but the loss task is not listed: add loss to tasks", in.sources[0].Name)
-	}
 	return in, nil
-}
-
-func (s *evalStage) baseName(model *pipeline.Input) string {
-	if model != nil {
-		return "stage " + model.Name
-	}
-	return "model: " + s.model
 }
 
 func (s *evalStage) Run(ctx context.Context, t *pipeline.Task) error {
 	started := time.Now()
-	in, err := s.inputs(t)
+	in, err := evalInputsOf(t)
 	if err != nil {
 		return err
 	}
@@ -296,20 +414,16 @@ func (s *evalStage) Run(ctx context.Context, t *pipeline.Task) error {
 		return err
 	}
 	prov := provenanceOf(lineage)
-	base, err := s.base(ctx, in, prov)
+	base, err := s.base(ctx, t, in, prov)
 	if err != nil {
 		return err
 	}
-	tokPath, lossOnAll, err := s.tokenizerOf(prov)
-	if err != nil {
-		return err
-	}
-	tok, err := tokenizer.LoadFile(tokPath)
+	tok, lossOnAll, err := s.tokenizer(ctx, t, prov, base)
 	if err != nil {
 		return err
 	}
 
-	// Everything is tokenized and checked before the model loads.
+	// Everything is read, tokenized and checked before the model loads.
 	var lossReqs []eval.Request
 	records := 0
 	if len(in.sources) > 0 {
@@ -323,8 +437,23 @@ func (s *evalStage) Run(ctx context.Context, t *pipeline.Task) error {
 		}
 	}
 	var prompts *eval.MCPrompts
-	if s.questions != nil {
-		if prompts, err = eval.BuildMC(tok, s.questions, s.mc); err != nil {
+	if s.p.MultipleChoice != nil {
+		set, err := fetchSet(ctx, t, s.set)
+		if err != nil {
+			return err
+		}
+		dev, err := fetchSet(ctx, t, s.dev)
+		if err != nil {
+			return err
+		}
+		open := func(path string) (eval.File, error) { return t.Open(path) }
+		qs, ds, err := s.questions(open, set, dev)
+		if err != nil {
+			return fmt.Errorf("multiple_choice: %w", err)
+		}
+		opts := s.mc
+		opts.Dev = ds
+		if prompts, err = eval.BuildMC(tok, qs, opts); err != nil {
 			return fmt.Errorf("multiple choice: %w", err)
 		}
 	}
@@ -332,6 +461,9 @@ func (s *evalStage) Run(ctx context.Context, t *pipeline.Task) error {
 	t.Report(0, 1, "models", "loading "+filepath.Base(base))
 	m, err := trainer.LoadModel(base)
 	if err != nil {
+		return err
+	}
+	if err := t.CheckFiles(s.model.files...); err != nil {
 		return err
 	}
 	adapter, err := m.LoadAdapter(filepath.Join(adapterEntry, trainer.AdapterDirName))
@@ -451,23 +583,29 @@ func heldOut(ctx context.Context, sources []*pipeline.Input) ([]eval.ChatRecord,
 // another.
 var checkpointFiles = []string{"config.json", "model.safetensors.index.json", "model.safetensors"}
 
-// base finds the base checkpoint (`model:`, a model stage, or the folder
-// the adapter was trained on) and checks that it is the one the adapter
-// was trained on, where the cache still says which that was.
-func (s *evalStage) base(ctx context.Context, in evalInputs, prov provenance) (string, error) {
-	// What training read: its `model:` folder's files, or its model
-	// stage's entry.
+// base finds the base checkpoint (`model:`, a model stage, or the
+// checkpoint the adapter was trained on, a folder or an hf:// model at the
+// commit training read) and checks that it is the one the adapter was
+// trained on, where the cache still says which that was.
+func (s *evalStage) base(ctx context.Context, t *pipeline.Task, in evalInputs, prov provenance) (string, error) {
+	// What training read: its `model:` folder's files, its hf:// model at
+	// a commit, or its model stage's entry.
 	trained := map[string]string{}
 	trainedDir, trainedStage := "", ""
-	if prov.qlora != nil {
-		for _, f := range prov.qlora.Files {
+	var trainedHub *hubInput
+	if q := prov.qlora; q != nil {
+		for _, f := range q.Files {
 			if slices.Contains(checkpointFiles, filepath.Base(f.Path)) {
 				trained[filepath.Base(f.Path)] = f.SHA256
 				trainedDir = filepath.Dir(f.Path)
 			}
 		}
+		var err error
+		if trainedHub, err = lineageHub(q, "model", hubFolder); err != nil {
+			return "", err
+		}
 	}
-	if len(trained) == 0 && prov.model != nil {
+	if len(trained) == 0 && trainedHub == nil && prov.model != nil {
 		trainedStage = prov.model.Stage
 		for _, f := range prov.model.Outputs {
 			if slices.Contains(checkpointFiles, f.Path) {
@@ -491,14 +629,33 @@ func (s *evalStage) base(ctx context.Context, in evalInputs, prov provenance) (s
 			have[f.Path] = f.SHA256
 		}
 		dir = d
-	case s.model != "":
-		dir = s.model
+	case s.model.set():
+		if h := s.model.hub; h != nil && trainedHub != nil {
+			if a, b := h.at(), trainedHub.at(); a != b {
+				return "", fmt.Errorf("the adapter of stage %s was trained on %s, and model: %s is %s: an adapter for another base",
+					in.adapter.Name, b, s.model.param, a)
+			}
+		}
+		d, err := s.model.path(ctx, t)
+		if err != nil {
+			return "", err
+		}
+		dir = d
 	case trainedDir != "":
 		dir = trainedDir
+	case trainedHub != nil:
+		if _, err := trainedHub.resolve(ctx); err != nil {
+			return "", err
+		}
+		dirs, err := trainedHub.fetch(ctx, t)
+		if err != nil {
+			return "", err
+		}
+		dir = dirs[0]
 	case trainedStage != "":
 		return "", fmt.Errorf("no base model: the adapter was trained on stage %s; add it to needs", trainedStage)
 	default:
-		return "", fmt.Errorf("no base model: set `model:` to the checkpoint folder the adapter was trained on, or add its model stage to needs")
+		return "", fmt.Errorf("no base model: set `model:` to the checkpoint the adapter was trained on, or add its model stage to needs")
 	}
 	for _, name := range checkpointFiles {
 		want, ok := trained[name]
@@ -526,22 +683,92 @@ func (s *evalStage) base(ctx context.Context, in evalInputs, prov provenance) (s
 	return dir, nil
 }
 
-// tokenizerOf is the tokenizer.json to use (`tokenizer:`, or the one the
-// training data was tokenized with) and whether training's loss covered
-// every token (loss_on: all).
-func (s *evalStage) tokenizerOf(prov provenance) (string, bool, error) {
-	lossOnAll := params(prov.tokenize)["loss_on"] == "all"
-	if s.tokenizer != "" {
-		return s.tokenizer, lossOnAll, nil
+// lineageHub is the hf:// reference a cached stage read as param, pinned
+// to the commit its manifest records (what it read then); nil when the
+// parameter is not a reference.
+func lineageHub(m *pipeline.Manifest, param string, what hubWhat) (*hubInput, error) {
+	ref, _ := params(m)[param].(string)
+	if !hub.IsRef(ref) {
+		return nil, nil
 	}
-	dir, err := trainingTokenizer(prov.tokenize)
+	h, err := parseHub(param, ref, what)
 	if err != nil {
-		return "", false, err
+		return nil, fmt.Errorf("stage %s: %w", m.Stage, err)
 	}
-	if dir == "" {
-		return "", false, fmt.Errorf("no tokenizer: the adapter's lineage has no tokenize stage in the cache; set `tokenizer:` to the tokenizer.json training used")
+	for _, r := range m.Refs {
+		if r.Name == h.ref.RepoRef() {
+			h.ref.Revision = r.Revision
+			return h, nil
+		}
 	}
-	return filepath.Join(dir, "tokenizer.json"), lossOnAll, nil
+	return nil, fmt.Errorf("stage %s read %s but its manifest records no commit for it", m.Stage, ref)
+}
+
+// at names the repository and commit a resolved reference reads.
+func (h *hubInput) at() string {
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	if h.resolved == nil {
+		return h.ref.RepoRef()
+	}
+	return h.ref.Repo.String() + "@" + h.resolved.Commit
+}
+
+// tokenizer loads the tokenizer to use: `tokenizer:`, or the one the
+// training data was tokenized with (a local file, checked to be unchanged,
+// or an hf:// one at the commit training read), or else the base
+// checkpoint's. It also says whether training's loss covered every token
+// (loss_on: all).
+func (s *evalStage) tokenizer(ctx context.Context, t *pipeline.Task, prov provenance, base string) (*tokenizer.Tokenizer, bool, error) {
+	lossOnAll := params(prov.tokenize)["loss_on"] == "all"
+	fetch := func(h *hubInput) (string, error) {
+		if _, err := h.resolve(ctx); err != nil {
+			return "", err
+		}
+		files, err := h.fetch(ctx, t)
+		if err != nil {
+			return "", err
+		}
+		return files[0], nil
+	}
+	path := s.tokPath
+	switch {
+	case path != "":
+	case s.tokHub != nil:
+		p, err := fetch(s.tokHub)
+		if err != nil {
+			return nil, false, err
+		}
+		path = p
+	default:
+		dir, err := trainingTokenizer(prov.tokenize)
+		if err != nil {
+			return nil, false, err
+		}
+		if dir != "" {
+			path = filepath.Join(dir, "tokenizer.json")
+			break
+		}
+		if prov.tokenize != nil {
+			h, err := lineageHub(prov.tokenize, "tokenizer", hubFile)
+			if err != nil {
+				return nil, false, err
+			}
+			if h != nil {
+				if path, err = fetch(h); err != nil {
+					return nil, false, err
+				}
+				break
+			}
+		}
+		if p := filepath.Join(base, "tokenizer.json"); pipeline.CheckReadableFile(p) == nil {
+			path = p
+			break
+		}
+		return nil, false, fmt.Errorf("no tokenizer: the adapter's lineage has no tokenize stage in the cache and the base has no tokenizer.json; set `tokenizer:` to the tokenizer.json training used")
+	}
+	tok, err := load(t, path)
+	return tok, lossOnAll, err
 }
 
 // evalResults is results.json: what was scored, and each model's scores.

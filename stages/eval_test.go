@@ -376,7 +376,11 @@ func TestEvalBadInput(t *testing.T) {
 		t.Fatal(err)
 	}
 	evalStage := func(needs, with string) string {
-		return train + fmt.Sprintf("  held: {kind: jsonl, with: {paths: [%s]}}\n  eval:\n    kind: eval\n    needs: [%s]\n    with: %s\n", held, needs, with)
+		extra := ""
+		if strings.Contains(needs, "adapter2") {
+			extra = "  adapter2: {kind: qlora, needs: [pack], with: {model: " + short + ", r: 2, max_steps: 1, backend: cpu}}\n"
+		}
+		return train + extra + fmt.Sprintf("  held: {kind: jsonl, with: {paths: [%s]}}\n  eval:\n    kind: eval\n    needs: [%s]\n    with: %s\n", held, needs, with)
 	}
 	for _, c := range []struct {
 		name, spec string
@@ -393,13 +397,15 @@ func TestEvalBadInput(t *testing.T) {
 		{"another base (other weights)", evalStage("adapter", "{tasks: [multiple_choice], model: "+other+", multiple_choice: {paths: ["+good+"]}}"),
 			[]string{"an adapter for another base", "model.safetensors differs"}},
 		{"no held-out records", evalStage("adapter", "{tasks: [loss]}"),
-			[]string{"the loss task has no held-out records"}},
+			[]string{"needs: the loss task has no held-out records"}},
 		{"records without the loss task", evalStage("adapter, held", "{tasks: [multiple_choice], multiple_choice: {paths: ["+good+"]}}"),
-			[]string{"stage held gives held-out records", "add loss to tasks"}},
+			[]string{`needs: stage "held" gives held-out records, but the loss task is not listed`}},
 		{"no adapter", evalStage("held", "{tasks: [loss], model: "+short+"}"),
-			[]string{"no adapter: add the qlora stage to needs"}},
+			[]string{"needs: no qlora stage"}},
 		{"a pack stage", evalStage("adapter, pack", "{tasks: [multiple_choice], multiple_choice: {paths: ["+good+"]}}"),
-			[]string{"needs stage pack of kind pack"}},
+			[]string{`needs: "pack" is a pack stage, but an eval stage reads`}},
+		{"two adapters", evalStage("adapter, adapter2", "{tasks: [multiple_choice], multiple_choice: {paths: ["+good+"]}}"),
+			[]string{"two qlora stages (adapter, adapter2)"}},
 		{"no tasks", evalStage("adapter", "{tasks: []}"), []string{"tasks: no tasks"}},
 		{"unknown prompt", evalStage("adapter", "{tasks: [multiple_choice], multiple_choice: {paths: ["+good+"], prompt: mmlu_pro}}"),
 			[]string{`unknown prompt format "mmlu_pro"`}},

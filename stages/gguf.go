@@ -55,37 +55,38 @@ func (p *ggufParams) Validate() error {
 
 func (ggufKind) Prepare(params any, dir string) (pipeline.Runner, error) {
 	p := params.(*ggufParams)
-	s := &ggufStage{p: p}
-	if p.Model != "" {
-		s.model = p.Model
-		if !filepath.IsAbs(s.model) {
-			s.model = filepath.Join(dir, s.model)
+	m, err := modelParam(p.Model, dir, "point model at a Hugging Face Gemma 3 checkpoint folder")
+	if err != nil {
+		return nil, err
+	}
+	s := &ggufStage{p: p, model: m, files: m.files}
+	// The tokenizer goes into the file, so it is part of what made it (of
+	// an hf:// model, the commit holds it).
+	for _, f := range []string{"tokenizer.json", "tokenizer_config.json"} {
+		if _, err := os.Stat(filepath.Join(m.dir, f)); m.dir != "" && err == nil {
+			s.files = append(s.files, filepath.Join(m.dir, f))
 		}
-		files, err := keyedCheckpointFiles(s.model)
-		if err != nil {
-			return nil, &pipeline.ParamError{Param: "model", Msg: err.Error(), Fix: "point model at a Hugging Face Gemma 3 checkpoint folder"}
-		}
-		// The tokenizer goes into the file, so it is part of what made it.
-		for _, f := range []string{"tokenizer.json", "tokenizer_config.json"} {
-			if _, err := os.Stat(filepath.Join(s.model, f)); err == nil {
-				files = append(files, filepath.Join(s.model, f))
-			}
-		}
-		s.files = files
 	}
 	return s, nil
 }
 
 type ggufStage struct {
 	p     *ggufParams
-	model string
+	model modelArg
 	files []string
 }
 
 func (s *ggufStage) Files() []string { return s.files }
 
+func (s *ggufStage) Resolve(ctx context.Context) ([]pipeline.Ref, error) {
+	return resolveAll(ctx, s.model.hub)
+}
+
 func (s *ggufStage) Run(ctx context.Context, t *pipeline.Task) error {
-	model := s.model
+	model, err := s.model.path(ctx, t)
+	if err != nil {
+		return err
+	}
 	var lineage []*pipeline.Manifest
 	for _, in := range t.Inputs {
 		if model != "" {

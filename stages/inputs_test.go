@@ -1,36 +1,47 @@
 package stages
 
 import (
-	"fmt"
 	"os"
 	"path/filepath"
+	"strconv"
 	"strings"
 	"testing"
 
-	"gemmaft/internal/testenv"
 	"gemmaft/pipeline"
 )
 
-// Stages that get an input of the wrong kind say which stage it is and what
-// they read instead.
+// Stages wired to an input of the wrong kind are spec errors at the
+// stage's `needs:`, before anything runs (they used to fail only once the
+// stages before them had computed).
 
-// wrongInput runs spec (a.jsonl holds one record) and checks that it fails
-// with every string in want.
-func wrongInput(t *testing.T, spec string, want ...string) {
+// wrongInput loads spec (a.jsonl holds one record, tok.json stands in for a
+// tokenizer) and checks that it fails at line with every string in want.
+func wrongInput(t *testing.T, spec string, line int, want ...string) {
 	t.Helper()
 	r := newTestRun(t)
 	data := filepath.Join(r.dir, "a.jsonl")
 	if err := os.WriteFile(data, []byte(`{"instruction": "Selam ver", "input": "", "output": "Merhaba."}`+"\n"), 0o644); err != nil {
 		t.Fatal(err)
 	}
-	_, err := r.run(r.spec(spec), pipeline.Options{})
+	os.WriteFile(filepath.Join(r.dir, "tok.json"), []byte("{}"), 0o644)
+	path := r.spec(spec)
+	_, err := pipeline.Load(path, Registry())
 	if err == nil {
-		t.Fatal("ran with an input of the wrong kind")
+		t.Fatal("loaded with an input of the wrong kind")
+	}
+	if !pipeline.IsSpecError(err) {
+		t.Fatalf("not a spec error: %v", err)
+	}
+	if !strings.HasPrefix(err.Error(), path+":"+strconv.Itoa(line)+":") {
+		t.Errorf("want line %d: %v", line, err)
 	}
 	for _, w := range want {
 		if !strings.Contains(err.Error(), w) {
 			t.Errorf("error lacks %q: %v", w, err)
 		}
+	}
+	if r.entries() != 0 {
+		t.Error("something ran")
 	}
 }
 
@@ -39,17 +50,19 @@ func TestPackNeedsTokens(t *testing.T) {
 stages:
   alpaca: {kind: jsonl, with: {paths: [a.jsonl]}}
   chat: {kind: chat_template, needs: [alpaca]}
-  pack: {kind: pack, needs: [chat], with: {seq_len: 64}}
-`, "stage pack (pack)", `input stage chat (chat_template) has no "input_ids" column`, "the table of a tokenize stage")
+  pack:
+    kind: pack
+    needs: [chat]
+    with: {seq_len: 64}
+`, 7, `stage "pack": needs: "chat" is a chat_template stage, but a pack stage reads the tokens of a tokenize stage`, "name a tokenize stage in needs")
 }
 
 func TestTokenizeNeedsChat(t *testing.T) {
-	tok := testenv.GemmaFile(t, "tokenizer.json")
-	wrongInput(t, fmt.Sprintf(`name: wrong-input
+	wrongInput(t, `name: wrong-input
 stages:
   alpaca: {kind: jsonl, with: {paths: [a.jsonl]}}
-  tokens: {kind: tokenize, needs: [alpaca], with: {tokenizer: %s}}
-`, tok), "stage tokens (tokenize)", `input stage alpaca (jsonl) has no "text" column`, "the table of a chat_template stage")
+  tokens: {kind: tokenize, needs: [alpaca], with: {tokenizer: tok.json}}
+`, 4, `"alpaca" is a jsonl stage, but a tokenize stage reads the chat text of a chat_template stage`)
 }
 
 func TestChatNeedsRecords(t *testing.T) {
@@ -58,7 +71,7 @@ stages:
   alpaca: {kind: jsonl, with: {paths: [a.jsonl]}}
   chat: {kind: chat_template, needs: [alpaca]}
   again: {kind: chat_template, needs: [chat]}
-`, "stage again (chat_template)", `input stage chat (chat_template) has no "instruction" column`, "the table of a parquet or jsonl stage")
+`, 5, `"chat" is a chat_template stage, but a chat_template stage reads the records of a parquet or jsonl stage`)
 }
 
 // TestQLoRAInputsByKind: a qlora stage tells its needs apart by their kind.
@@ -69,5 +82,17 @@ stages:
   chat: {kind: chat_template, needs: [alpaca]}
   base: {kind: model, with: {preset: tiny}}
   adapter: {kind: qlora, needs: [chat, base], with: {backend: cpu}}
-`, "stage adapter (qlora)", "stage chat of kind chat_template", "a pack stage (packed rows)")
+`, 6, `"chat" is a chat_template stage, but a qlora stage reads the packed rows of a pack stage`)
+	const head = `name: wrong-input
+stages:
+  alpaca: {kind: jsonl, with: {paths: [a.jsonl]}}
+  chat: {kind: chat_template, needs: [alpaca]}
+  tokens: {kind: tokenize, needs: [chat], with: {tokenizer: tok.json}}
+  pack: {kind: pack, needs: [tokens], with: {seq_len: 64}}
+  base: {kind: model, with: {preset: tiny}}
+  other: {kind: model, with: {preset: tiny, seed: 2}}
+`
+	wrongInput(t, head+"  adapter: {kind: qlora, needs: [pack], with: {backend: cpu}}\n", 9, "no base model", "add a model stage to needs")
+	wrongInput(t, head+"  adapter: {kind: qlora, needs: [pack, pack2], with: {backend: cpu}}\n  pack2: {kind: pack, needs: [tokens]}\n", 9, "two pack stages (pack, pack2)")
+	wrongInput(t, head+"  adapter: {kind: qlora, needs: [base], with: {backend: cpu}}\n", 9, "no pack stage")
 }

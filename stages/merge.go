@@ -62,31 +62,30 @@ func (p *mergeParams) Validate() error {
 
 func (mergeKind) Prepare(params any, dir string) (pipeline.Runner, error) {
 	p := params.(*mergeParams)
-	s := &mergeStage{p: p}
-	if p.Model != "" {
-		s.model = p.Model
-		if !filepath.IsAbs(s.model) {
-			s.model = filepath.Join(dir, s.model)
-		}
-		files, err := keyedCheckpointFiles(s.model)
-		if err != nil {
-			return nil, &pipeline.ParamError{Param: "model", Msg: err.Error(), Fix: "point model at the checkpoint folder the adapter was trained on"}
-		}
-		s.files = files
+	m, err := modelParam(p.Model, dir, "point model at the checkpoint folder the adapter was trained on")
+	if err != nil {
+		return nil, err
 	}
-	return s, nil
+	return &mergeStage{p: p, model: m}, nil
 }
 
 type mergeStage struct {
 	p     *mergeParams
-	model string
-	files []string
+	model modelArg
 }
 
-func (s *mergeStage) Files() []string { return s.files }
+func (s *mergeStage) Files() []string { return s.model.files }
+
+func (s *mergeStage) Resolve(ctx context.Context) ([]pipeline.Ref, error) {
+	return resolveAll(ctx, s.model.hub)
+}
 
 func (s *mergeStage) Run(ctx context.Context, t *pipeline.Task) error {
-	model, modelFrom := s.model, "model: "+s.model
+	modelFrom := "model: " + s.model.param
+	model, err := s.model.path(ctx, t)
+	if err != nil {
+		return err
+	}
 	var adapter *pipeline.Input
 	for _, in := range t.Inputs {
 		switch in.Kind {

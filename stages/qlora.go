@@ -24,7 +24,10 @@ type qloraKind struct{}
 // uses the machine, not its result, and so stay out of the cache key.
 type qloraParams struct {
 	// Model is a checkpoint folder; leave it empty when a model stage is
-	// among the needs.
+	// among the needs. The adapter's base_model_name_or_path is this value
+	// as the spec writes it (empty for a model stage), never a path into
+	// the cache or one resolved against where the spec lies, so that the
+	// entry depends on nothing its key does not hold.
 	Model         string   `json:"model,omitempty"`
 	R             int      `json:"r"`
 	Alpha         float64  `json:"alpha"`
@@ -76,37 +79,61 @@ func (qloraKind) Params() any {
 func (p *qloraParams) Validate() error {
 	bad := func(param, msg, fix string) error { return &pipeline.ParamError{Param: param, Msg: msg, Fix: fix} }
 	var targets []trainer.Module
+	seen := map[trainer.Module]bool{}
 	for _, t := range p.TargetModules {
 		m, err := trainer.ParseModule(t)
 		if err != nil {
 			return bad("target_modules", err.Error(), "choose among q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj")
 		}
+		if seen[m] {
+			return bad("target_modules", fmt.Sprintf("%s is listed twice", m), "list each projection once")
+		}
+		seen[m] = true
 		targets = append(targets, m)
 	}
+	// Each LoRA setting is checked here so that the message names it.
+	switch {
+	case p.R < 1 || p.R > 1<<16:
+		return bad("r", fmt.Sprintf("%d must be in [1, 65536]", p.R), "QLoRA usually takes r between 8 and 64, e.g. r: 32")
+	case !(p.Alpha > 0):
+		return bad("alpha", fmt.Sprintf("%v must be positive", p.Alpha), "alpha is usually r or twice r, e.g. alpha: 64 for r: 32")
+	case !(p.Dropout >= 0 && p.Dropout < 1):
+		return bad("dropout", fmt.Sprintf("%v must be in [0, 1)", p.Dropout), "QLoRA usually takes 0.05; 0 turns dropout off")
+	case len(targets) == 0:
+		return bad("target_modules", "is empty: nothing would be trained", "list projections, e.g. [q_proj, v_proj], or leave target_modules out for all seven")
+	}
 	if err := (trainer.LoRAConfig{R: p.R, Alpha: p.Alpha, Dropout: p.Dropout, Targets: targets}).Validate(); err != nil {
-		return bad("r", err.Error(), "r and alpha are positive (e.g. 32 and 64), dropout in [0, 1)")
+		return bad("target_modules", err.Error(), "")
 	}
 	switch {
 	case p.Quantize != "nf4" && p.Quantize != "none":
 		return bad("quantize", fmt.Sprintf("unknown %q", p.Quantize), "use nf4 (QLoRA) or none (LoRA on the checkpoint's weights)")
-	case p.BatchSize < 1 || p.GradAccum < 1:
-		return bad("batch_size", "batch_size and grad_accum must be at least 1", "")
+	case p.BatchSize < 1:
+		return bad("batch_size", fmt.Sprintf("%d must be at least 1", p.BatchSize), "rows per micro-batch, e.g. batch_size: 2")
+	case p.GradAccum < 1:
+		return bad("grad_accum", fmt.Sprintf("%d must be at least 1", p.GradAccum), "micro-batches per optimizer step, e.g. grad_accum: 4 (1 accumulates nothing)")
 	case !(p.LR > 0):
-		return bad("lr", "must be positive", "QLoRA usually takes 1e-4 to 2e-4")
-	case p.Epochs < 1 && p.MaxSteps < 1:
-		return bad("epochs", "must be at least 1", "")
-	case p.WarmupSteps < 0 || p.MaxSteps < 0:
-		return bad("warmup_steps", "warmup_steps and max_steps must not be negative", "")
-	case p.WeightDecay < 0 || math.IsNaN(p.WeightDecay) || math.IsInf(p.WeightDecay, 0):
-		return bad("weight_decay", fmt.Sprintf("%v must be a finite number, at least 0", p.WeightDecay), "AdamW usually takes 0 to 0.1")
-	case p.MaxGradNorm < 0 || math.IsNaN(p.MaxGradNorm):
-		return bad("max_grad_norm", fmt.Sprintf("%v must be at least 0 (0 turns clipping off)", p.MaxGradNorm), "")
+		return bad("lr", fmt.Sprintf("%v must be positive", p.LR), "QLoRA usually takes 1e-4 to 2e-4")
+	case p.Epochs < 0:
+		return bad("epochs", fmt.Sprintf("%d must not be negative", p.Epochs), "passes over the data, e.g. epochs: 1")
+	case p.MaxSteps < 0:
+		return bad("max_steps", fmt.Sprintf("%d must not be negative", p.MaxSteps), "0 (the default) trains for the given epochs")
+	case p.Epochs == 0 && p.MaxSteps == 0:
+		return bad("epochs", "0 epochs and no max_steps would train nothing", "set epochs: 1, or max_steps")
+	case p.WarmupSteps < 0:
+		return bad("warmup_steps", fmt.Sprintf("%d must not be negative", p.WarmupSteps), "0 starts at the full learning rate")
+	case p.WeightDecay < 0:
+		return bad("weight_decay", fmt.Sprintf("%v must not be negative", p.WeightDecay), "AdamW usually takes 0 to 0.1")
+	case p.MaxGradNorm < 0:
+		return bad("max_grad_norm", fmt.Sprintf("%v must not be negative", p.MaxGradNorm), "1 is usual; 0 turns clipping off")
 	case p.EvalEvery < 0:
-		return bad("eval_every", "must not be negative", "")
+		return bad("eval_every", fmt.Sprintf("%d must not be negative", p.EvalEvery), "0 evaluates only at the end (with eval_fraction set)")
 	case p.EvalFraction < 0 || p.EvalFraction >= 1:
-		return bad("eval_fraction", "must be in [0, 1)", "")
+		return bad("eval_fraction", fmt.Sprintf("%v must be in [0, 1)", p.EvalFraction), "hold out a small share, e.g. 0.05; 0 holds out nothing")
 	case p.LogEvery < 1:
-		return bad("log_every", "must be at least 1", "")
+		return bad("log_every", fmt.Sprintf("%d must be at least 1", p.LogEvery), "e.g. log_every: 5")
+	case p.CheckpointEvery < 0:
+		return bad("checkpoint_every", fmt.Sprintf("%d must not be negative", p.CheckpointEvery), "0 writes no checkpoints")
 	}
 	if _, _, err := trainer.ResolveOptimizer(p.Optimizer); err != nil {
 		return bad("optimizer", err.Error(), "use adamw, or paged_adamw_8bit / adamw_8bit for 8-bit state")
@@ -125,45 +152,23 @@ func (p *qloraParams) Validate() error {
 
 func (qloraKind) Prepare(params any, dir string) (pipeline.Runner, error) {
 	p := params.(*qloraParams)
-	s := &qloraStage{p: p}
-	if p.Model != "" {
-		s.model = p.Model
-		if !filepath.IsAbs(s.model) {
-			s.model = filepath.Join(dir, s.model)
-		}
-		files, err := keyedCheckpointFiles(s.model)
-		if err != nil {
-			return nil, &pipeline.ParamError{Param: "model", Msg: err.Error(), Fix: "point model at a Hugging Face checkpoint folder (config.json and safetensors)"}
-		}
-		s.files = files
+	m, err := modelParam(p.Model, dir, "point model at a Hugging Face checkpoint folder (config.json and safetensors)")
+	if err != nil {
+		return nil, err
 	}
-	return s, nil
-}
-
-// keyedCheckpointFiles are the files of a checkpoint whose content enters
-// the key: config.json, and the weights index of a sharded checkpoint or
-// the single weights file (re-hashing tens of gigabytes of shards is what
-// the stat cache avoids, but their index already names what they hold).
-func keyedCheckpointFiles(dir string) ([]string, error) {
-	cfg := filepath.Join(dir, "config.json")
-	if _, err := os.Stat(cfg); err != nil {
-		return nil, fmt.Errorf("%s has no config.json", dir)
-	}
-	for _, w := range []string{"model.safetensors.index.json", "model.safetensors"} {
-		if _, err := os.Stat(filepath.Join(dir, w)); err == nil {
-			return []string{cfg, filepath.Join(dir, w)}, nil
-		}
-	}
-	return nil, fmt.Errorf("%s has no model.safetensors or model.safetensors.index.json", dir)
+	return &qloraStage{p: p, model: m}, nil
 }
 
 type qloraStage struct {
 	p     *qloraParams
-	model string
-	files []string
+	model modelArg
 }
 
-func (s *qloraStage) Files() []string { return s.files }
+func (s *qloraStage) Files() []string { return s.model.files }
+
+func (s *qloraStage) Resolve(ctx context.Context) ([]pipeline.Ref, error) {
+	return resolveAll(ctx, s.model.hub)
+}
 
 func (s *qloraStage) Run(ctx context.Context, t *pipeline.Task) error {
 	model, rowsPath, err := s.inputs(ctx, t)
@@ -200,6 +205,11 @@ func (s *qloraStage) Run(ctx context.Context, t *pipeline.Task) error {
 		return fmt.Errorf("loading %s on backend %s: %w", model, s.p.Backend, err)
 	}
 	defer sess.Close()
+	// The session has read the checkpoint's files by their paths: check
+	// that they were the ones the key holds before training on them.
+	if err := t.CheckFiles(s.model.files...); err != nil {
+		return err
+	}
 	scratch, err := t.Scratch()
 	if err != nil {
 		return err
@@ -212,7 +222,7 @@ func (s *qloraStage) Run(ctx context.Context, t *pipeline.Task) error {
 		MaxGradNorm: s.p.MaxGradNorm,
 		BatchSize:   s.p.BatchSize, GradAccum: s.p.GradAccum, Epochs: s.p.Epochs, MaxSteps: s.p.MaxSteps,
 		Seed: s.p.Seed, EvalFraction: s.p.EvalFraction, EvalEvery: s.p.EvalEvery, LogEvery: s.p.LogEvery,
-		CheckpointEvery: s.p.CheckpointEvery, OutDir: scratch, BaseModel: model,
+		CheckpointEvery: s.p.CheckpointEvery, OutDir: scratch, BaseModel: s.p.Model, Log: t.Log,
 		Progress: func(p trainer.Progress) {
 			note := fmt.Sprintf("loss %.4f  lr %.2e  %.0f tok/s", p.Loss, p.LR, p.TokensPerSec)
 			if !math.IsNaN(p.EvalLoss) {
@@ -256,7 +266,10 @@ func (s *qloraStage) Run(ctx context.Context, t *pipeline.Task) error {
 // inputs tells the stage's needs apart by their kind: the packed rows of a
 // pack stage, and the checkpoint of a model stage unless `model:` names one.
 func (s *qloraStage) inputs(ctx context.Context, t *pipeline.Task) (model, rows string, err error) {
-	model, modelFrom := s.model, "model: "+s.model
+	modelFrom := "model: " + s.model.param
+	if model, err = s.model.path(ctx, t); err != nil {
+		return "", "", err
+	}
 	for _, in := range t.Inputs {
 		switch in.Kind {
 		case modelKindName:

@@ -7,10 +7,12 @@ import (
 	"crypto/sha256"
 	"encoding/json"
 	"fmt"
+	"log/slog"
 	"math/rand/v2"
 	"os"
 	"os/exec"
 	"path/filepath"
+	"strings"
 	"syscall"
 	"testing"
 	"time"
@@ -232,4 +234,92 @@ func fileSum(t *testing.T, p string) [32]byte {
 		t.Fatal(err)
 	}
 	return sha256.Sum256(data)
+}
+
+// TestAdapterIndependentOfCachePath: the adapter an entry holds is the same
+// bytes whichever cache computed it (adapter_config.json used to embed the
+// absolute path of the base model, a folder inside the cache).
+func TestAdapterIndependentOfCachePath(t *testing.T) {
+	spec := trainSpec(t, 2)
+	var dirs []string
+	for _, name := range []string{"one", "other/cache"} {
+		r := newTestRun(t)
+		st, err := pipeline.OpenStore(filepath.Join(r.dir, name))
+		if err != nil {
+			t.Fatal(err)
+		}
+		r.store = st
+		path := r.spec(spec)
+		if _, err := r.run(path, pipeline.Options{}); err != nil {
+			t.Fatal(err)
+		}
+		dirs = append(dirs, adapterEntry(t, st, path))
+	}
+	for _, f := range []string{"adapter/adapter_config.json", "adapter/adapter_model.safetensors"} {
+		a, _ := os.ReadFile(filepath.Join(dirs[0], f))
+		b, _ := os.ReadFile(filepath.Join(dirs[1], f))
+		if len(a) == 0 || !bytes.Equal(a, b) {
+			t.Errorf("%s differs between caches:\n%s\n%s", f, a, b)
+		}
+	}
+}
+
+// TestQLoRADamagedCheckpointIsSetAside: an interrupted training run's
+// newest checkpoint, damaged on disk, is set aside at the next run (the
+// log says so) and the committed adapter is the uninterrupted run's.
+func TestQLoRADamagedCheckpointIsSetAside(t *testing.T) {
+	spec := trainSpec(t, 12)
+	ref := newTestRun(t)
+	if _, err := ref.run(ref.spec(spec), pipeline.Options{}); err != nil {
+		t.Fatal(err)
+	}
+	want, _ := os.ReadFile(filepath.Join(adapterEntry(t, ref.store, ref.spec(spec)), "adapter", "adapter_model.safetensors"))
+
+	r := newTestRun(t)
+	path := r.spec(spec)
+	dag, err := pipeline.Load(path, Registry())
+	if err != nil {
+		t.Fatal(err)
+	}
+	// Stop the run once it has written two checkpoints, as a kill would.
+	ctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
+	pattern := filepath.Join(r.store.Root, "scratch", "*", "checkpoints", "step-*")
+	go func() {
+		for ctx.Err() == nil {
+			if cks, _ := filepath.Glob(pattern); len(cks) >= 2 {
+				cancel()
+				return
+			}
+			time.Sleep(2 * time.Millisecond)
+		}
+	}()
+	if _, err := (&pipeline.Engine{Store: r.store}).Run(ctx, dag, pipeline.Options{}); err == nil {
+		t.Skip("training finished before it could be interrupted")
+	}
+	cks, _ := filepath.Glob(pattern)
+	if len(cks) == 0 {
+		t.Fatal("no checkpoint to damage")
+	}
+	newest := cks[len(cks)-1]
+	weights := filepath.Join(newest, "adapter_model.safetensors")
+	b, err := os.ReadFile(weights)
+	if err != nil {
+		t.Fatal(err)
+	}
+	b[len(b)-8] ^= 1
+	os.WriteFile(weights, b, 0o644)
+
+	var log bytes.Buffer
+	eng := &pipeline.Engine{Store: r.store, Log: slog.New(slog.NewTextHandler(&log, nil))}
+	if _, err := eng.Run(context.Background(), dag, pipeline.Options{}); err != nil {
+		t.Fatal(err)
+	}
+	got, _ := os.ReadFile(filepath.Join(adapterEntry(t, r.store, path), "adapter", "adapter_model.safetensors"))
+	if !bytes.Equal(got, want) {
+		t.Error("the committed adapter differs from the uninterrupted run's: the damaged checkpoint was resumed")
+	}
+	if !strings.Contains(log.String(), "checkpoint set aside") || !strings.Contains(log.String(), filepath.Base(newest)) {
+		t.Errorf("the log does not name the checkpoint set aside:\n%s", log.String())
+	}
 }

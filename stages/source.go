@@ -4,9 +4,13 @@ import (
 	"context"
 	"fmt"
 	"io"
+	"io/fs"
 	"os"
+	"sort"
+	"strings"
 
 	"gemmaft/dataset"
+	"gemmaft/hub"
 	"gemmaft/pipeline"
 )
 
@@ -26,7 +30,9 @@ type sourceKind struct{ format dataset.Format }
 
 // sourceParams are the `with:` of a parquet or jsonl stage.
 type sourceParams struct {
-	// Paths are files or glob patterns, relative to the spec's folder.
+	// Paths are files or glob patterns, relative to the spec's folder, or
+	// hf://datasets/ORG/NAME@REV/PATH references (PATH a file or a glob
+	// over the repository's files).
 	Paths []string `json:"paths"`
 	// Columns maps instruction, input and output to the file's column names.
 	Columns map[string]string `json:"columns,omitempty"`
@@ -40,6 +46,11 @@ type sourceParams struct {
 	// nothing else uses.
 	Shuffle bool   `json:"shuffle"`
 	Seed    uint64 `json:"seed"`
+	// Nulls is what a null value becomes: empty (the default: ""), drop
+	// (the row, when the null is in instruction, output or system; a null
+	// input is Alpaca's "no input"), or error. Nulls are counted and
+	// reported either way.
+	Nulls string `json:"nulls,omitempty"`
 }
 
 func (sourceKind) Version() int       { return 1 }
@@ -73,6 +84,14 @@ func (p *sourceParams) Validate() error {
 	if p.Limit < 0 {
 		return &pipeline.ParamError{Param: "limit", Msg: "must not be negative", Fix: "0 reads every record"}
 	}
+	switch p.Nulls {
+	case "empty":
+		p.Nulls = "" // the default: writing it leaves the key as it was
+	case "", string(dataset.NullsDrop), string(dataset.NullsError):
+	default:
+		return &pipeline.ParamError{Param: "nulls", Msg: fmt.Sprintf("unknown policy %q", p.Nulls),
+			Fix: "use empty (a null reads as \"\"), drop (the row) or error"}
+	}
 	if p.Seed != 0 && !p.Shuffle {
 		return &pipeline.ParamError{Param: "seed", Msg: "orders the records only when they are shuffled, and shuffle is false",
 			Fix: "add shuffle: true, or remove seed"}
@@ -82,31 +101,108 @@ func (p *sourceParams) Validate() error {
 
 func (k sourceKind) Prepare(params any, dir string) (pipeline.Runner, error) {
 	p := params.(*sourceParams)
-	files, err := dataset.ExpandGlobs(dir, p.Paths)
-	if err != nil {
-		return nil, &pipeline.ParamError{Param: "paths", Msg: err.Error(), Fix: "paths are relative to the spec's folder"}
-	}
-	for _, f := range files {
-		if fi, err := os.Stat(f); err != nil || !fi.Mode().IsRegular() {
-			return nil, &pipeline.ParamError{Param: "paths", Msg: f + " is not a readable file"}
+	s := &sourceStage{format: k.format, p: p}
+	var seen []os.FileInfo
+	for _, path := range p.Paths {
+		if hub.IsRef(path) {
+			h, err := parseHub("paths", path, hubFiles)
+			if err != nil {
+				return nil, err
+			}
+			s.parts = append(s.parts, sourcePart{hub: h})
+			continue
 		}
+		pattern, err := pipeline.ExpandHome(path)
+		if err != nil {
+			return nil, &pipeline.ParamError{Param: "paths", Msg: err.Error(), Fix: "write the path in full"}
+		}
+		files, err := dataset.ExpandGlobs(dir, []string{pattern})
+		if err != nil {
+			return nil, &pipeline.ParamError{Param: "paths", Msg: err.Error(), Fix: "paths are relative to the spec's folder, or hf://datasets/ORG/NAME@REV/PATH"}
+		}
+		for _, f := range files {
+			if err := pipeline.CheckReadableFile(f); err != nil {
+				return nil, &pipeline.ParamError{Param: "paths", Msg: err.Error(),
+					Fix: "list data files (.parquet, .jsonl, .jsonl.gz), or globs that match only files"}
+			}
+			fi, err := os.Stat(f)
+			if err != nil {
+				return nil, &pipeline.ParamError{Param: "paths", Msg: err.Error()}
+			}
+			// Reading a file twice would repeat its records: almost always
+			// two patterns that overlap (a glob and a name, or a link).
+			for j, prev := range seen {
+				if os.SameFile(prev, fi) {
+					return nil, &pipeline.ParamError{Param: "paths", Msg: fmt.Sprintf("%s is listed twice (also as %s): its records would be read twice", f, s.local[j]),
+						Fix: "list each file once; check for a glob that also matches a file named on its own"}
+				}
+			}
+			seen = append(seen, fi)
+			s.local = append(s.local, f)
+		}
+		s.parts = append(s.parts, sourcePart{files: files})
 	}
-	return &sourceStage{format: k.format, p: p, files: files}, nil
+	return s, nil
+}
+
+// A sourcePart is what one entry of paths gives: local files, or the
+// files of an hf:// reference.
+type sourcePart struct {
+	files []string
+	hub   *hubInput
 }
 
 type sourceStage struct {
 	format dataset.Format
 	p      *sourceParams
-	files  []string
+	parts  []sourcePart
+	local  []string // the local files, whose digests enter the key
 }
 
-func (s *sourceStage) Files() []string { return s.files }
+func (s *sourceStage) Files() []string { return s.local }
+
+func (s *sourceStage) Resolve(ctx context.Context) ([]pipeline.Ref, error) {
+	var hs []*hubInput
+	for _, p := range s.parts {
+		hs = append(hs, p.hub)
+	}
+	return resolveAll(ctx, hs...)
+}
+
+// files fetches the hf:// parts and returns every file in the order of
+// paths.
+func (s *sourceStage) files(ctx context.Context, t *pipeline.Task) ([]string, error) {
+	var out []string
+	fetched := false
+	for _, p := range s.parts {
+		if p.hub == nil {
+			out = append(out, p.files...)
+			continue
+		}
+		files, err := p.hub.fetch(ctx, t)
+		if err != nil {
+			return nil, err
+		}
+		out = append(out, files...)
+		fetched = true
+	}
+	if fetched {
+		t.Report(0, 0, "", "") // back to counting rows
+	}
+	return out, nil
+}
 
 func (s *sourceStage) Run(ctx context.Context, t *pipeline.Task) error {
+	files, err := s.files(ctx, t)
+	if err != nil {
+		return err
+	}
 	src, err := dataset.Open(dataset.SourceOptions{
-		Paths: s.files, Format: s.format, Columns: s.p.Columns,
+		Paths: files, Format: s.format, Columns: s.p.Columns,
 		SystemColumn: s.p.SystemColumn, SystemText: s.p.System,
 		Limit: s.p.Limit, Shuffle: s.p.Shuffle, Seed: s.p.Seed,
+		Open:  func(path string) (fs.File, error) { return t.Open(path) },
+		Nulls: dataset.NullPolicy(s.p.Nulls),
 	})
 	if err != nil {
 		return err
@@ -134,6 +230,38 @@ func (s *sourceStage) Run(ctx context.Context, t *pipeline.Task) error {
 		}
 	}
 	t.SetStat("records", out.Rows())
-	t.SetStat("files", len(s.files))
+	t.SetStat("files", len(files))
+	reportNulls(t, src.Nulls(), s.p.Nulls)
 	return nil
+}
+
+// reportNulls puts the nulls a source met into the stage's statistics and
+// the log, so that no null silently becomes an empty answer.
+func reportNulls(t *pipeline.Task, rep dataset.NullReport, policy string) {
+	if len(rep.Columns) == 0 {
+		return
+	}
+	t.SetStat("null_values", rep.Columns)
+	cols := make([]string, 0, len(rep.Columns))
+	for c := range rep.Columns {
+		cols = append(cols, c)
+	}
+	sort.Strings(cols)
+	var parts []string
+	for _, c := range cols {
+		parts = append(parts, fmt.Sprintf("%s %d (first: %s)", c, rep.Columns[c], rep.First[c]))
+	}
+	switch policy {
+	case string(dataset.NullsDrop):
+		t.SetStat("null_rows_dropped", rep.Dropped)
+		t.Log.Warn(fmt.Sprintf("dropped %d rows with a null instruction, output or system; nulls by column: %s (a null input reads as \"\")",
+			rep.Dropped, strings.Join(parts, ", ")))
+	default:
+		msg := "null values read as empty text: " + strings.Join(parts, ", ")
+		if len(cols) == 1 && cols[0] == dataset.ColInput {
+			t.Log.Info(msg) // a null input is an empty one in Alpaca data
+			return
+		}
+		t.Log.Warn(msg, "fix", "set nulls: drop in the stage's with: to drop rows with a null instruction or output, or nulls: error to stop")
+	}
 }

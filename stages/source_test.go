@@ -1,6 +1,8 @@
 package stages
 
 import (
+	"encoding/json"
+	"fmt"
 	"os"
 	"path/filepath"
 	"strings"
@@ -163,5 +165,41 @@ func TestSourceSeedNeedsShuffle(t *testing.T) {
 		if err := c.p.Validate(); (err == nil) != c.ok {
 			t.Errorf("%+v: %v", c.p, err)
 		}
+	}
+}
+
+// TestSourceNullsReported: a null answer is counted and reported (stage
+// statistics and a warning), and nulls: drop or error do what they say;
+// nulls: empty is the default and keeps the key.
+func TestSourceNullsReported(t *testing.T) {
+	r := newTestRun(t)
+	os.WriteFile(filepath.Join(r.dir, "a.jsonl"), []byte(`{"instruction": "Bir", "input": null, "output": "iki"}
+{"instruction": "Üç", "input": "dört", "output": null}
+`), 0o644)
+	run := func(with string) (*pipeline.RunRecord, error) {
+		return r.run(r.spec("name: s\nstages:\n  src: {kind: jsonl, with: {paths: [a.jsonl]"+with+"}}\n"), pipeline.Options{})
+	}
+	rec, err := run("")
+	if err != nil {
+		t.Fatal(err)
+	}
+	nulls, _ := json.Marshal(rec.Stages[0].Stats["null_values"])
+	if string(nulls) != `{"input":1,"output":1}` || rec.Stages[0].Rows != 2 {
+		t.Errorf("default: null_values %s, %d rows", nulls, rec.Stages[0].Rows)
+	}
+	again, err := run(", nulls: empty")
+	if err != nil || again.Stages[0].Key != rec.Stages[0].Key || again.Stages[0].State != "cached" {
+		t.Errorf("nulls: empty is not the default: %v %+v", err, again.Stages[0])
+	}
+	rec, err = run(", nulls: drop")
+	if err != nil || rec.Stages[0].Rows != 1 || fmt.Sprint(rec.Stages[0].Stats["null_rows_dropped"]) != "1" {
+		t.Errorf("drop: %v %+v", err, rec.Stages[0])
+	}
+	_, err = run(", nulls: error")
+	if err == nil || !strings.Contains(err.Error(), "a.jsonl line 2: column output is null") {
+		t.Errorf("error: %v", err)
+	}
+	if _, err := run(", nulls: skip"); err == nil || !pipeline.IsSpecError(err) || !strings.Contains(err.Error(), `nulls: unknown policy "skip"`) {
+		t.Errorf("bad policy: %v", err)
 	}
 }

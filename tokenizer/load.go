@@ -144,6 +144,12 @@ func decodeComponent(name string, raw []byte) (c componentJSON, ok bool, err err
 	return c, true, nil
 }
 
+// unsupportedModel is the error for a tokenizer model other than BPE
+// (Unigram, WordPiece, WordLevel).
+func unsupportedModel(typ string) error {
+	return fmt.Errorf("type %q is not supported: only BPE is supported (the model of the Gemma, Llama 3 and GPT-2 tokenizers)", typ)
+}
+
 func unsupported(path, typ string) error {
 	return fmt.Errorf("tokenizer.json: %s type %q is not supported", path, typ)
 }
@@ -175,6 +181,10 @@ func (t *Tokenizer) loadModel(s *scanner, oldMerges *[][2]string) error {
 		case "type":
 			tmp, err = s.str(tmp[:0])
 			typ = string(tmp)
+			if err == nil && typ != "BPE" {
+				// Other models' fields would fail to parse first; say why.
+				return unsupportedModel(typ)
+			}
 		case "vocab":
 			if vocabDone != nil {
 				return fmt.Errorf("vocab appears twice")
@@ -264,7 +274,7 @@ func (t *Tokenizer) loadModel(s *scanner, oldMerges *[][2]string) error {
 		return fmt.Errorf("model: %w", err)
 	}
 	if typ != "BPE" {
-		return unsupported("model", typ)
+		return fmt.Errorf("model: %w", unsupportedModel(typ))
 	}
 
 	// The vocabulary: one string holds every token, and the map keys are

@@ -69,7 +69,12 @@ func TestLoadErrors(t *testing.T) {
 			m["normalizer"] = map[string]any{"type": "Replace", "pattern": map[string]any{"Regex": " +"}, "content": "▁"}
 		}, "only a String pattern"},
 		{"split that matters", func(m map[string]any) { m["normalizer"] = nil }, "pre_tokenizer Split"},
-		{"wordpiece", func(m map[string]any) { model(m)["type"] = "WordPiece" }, `model type "WordPiece" is not supported`},
+		{"wordpiece", func(m map[string]any) { model(m)["type"] = "WordPiece" }, `model: type "WordPiece" is not supported: only BPE is supported`},
+		// A real Unigram model: its vocab is a list of [piece, score], which
+		// must not be parsed as BPE's before the type is refused.
+		{"unigram", func(m map[string]any) {
+			m["model"] = map[string]any{"type": "Unigram", "unk_id": 0, "vocab": []any{[]any{"<unk>", 0.0}, []any{"a", -1.5}}, "byte_fallback": false}
+		}, `model: type "Unigram" is not supported: only BPE is supported`},
 		{"dropout", func(m map[string]any) { model(m)["dropout"] = 0.1 }, "dropout"},
 		{"ignore merges", func(m map[string]any) { model(m)["ignore_merges"] = true }, "ignore_merges"},
 		{"unknown model field", func(m map[string]any) { model(m)["surprise"] = 1 }, `unknown field "surprise"`},

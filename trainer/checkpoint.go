@@ -5,11 +5,15 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"log/slog"
 	"os"
 	"path/filepath"
+	"sort"
 	"strings"
+	"time"
 
 	"gemmaft/internal/atomicfile"
+	"gemmaft/internal/dirsum"
 	"gemmaft/trainer/safetensors"
 )
 
@@ -63,27 +67,42 @@ func readPrefix(f *os.File, n int64) ([]byte, error) {
 }
 
 // Checkpoints are directories checkpoints/step-NNNNNNNN holding the adapter
-// in PEFT format, optimizer.safetensors and state.json. Each is written under
-// a temporary name and renamed into place; the file "latest" then names it
-// (replaced atomically), and older checkpoints are removed. A crash at any
-// point leaves "latest" naming a complete checkpoint.
+// in PEFT format, optimizer.safetensors, metrics.jsonl, state.json and
+// SHA256SUMS, the digests of the others. Each is written under a temporary
+// name and renamed into place; the file "latest" then names it (replaced
+// atomically), and checkpoints older than the one before it are removed.
+// A crash at any point leaves complete checkpoints only.
+//
+// A resume takes the newest checkpoint that passes its checks (digests,
+// the run's fingerprint, finite values). One that fails is set aside:
+// renamed damaged-step-NNNNNNNN-<time>, with a SET_ASIDE file saying why,
+// kept for inspection and named in the log; the run then resumes from the
+// checkpoint before it, or from scratch. The same happens to a checkpoint
+// whose resume gives a non-finite loss before the next checkpoint.
 
 const (
 	latestFile    = "latest"
 	optimizerFile = "optimizer.safetensors"
 	stateFile     = "state.json"
+	// keepCheckpoints is how many complete checkpoints are kept: the newest,
+	// and the one to fall back to should the newest prove bad.
+	keepCheckpoints = 2
+	stepPrefix      = "step-"
+	setAsidePrefix  = "damaged-"
 )
 
 func saveCheckpoint(dir string, info *ModelInfo, st trainState, a *Adapter, opt *OptimizerState, metrics []byte) error {
 	if err := os.MkdirAll(dir, 0o755); err != nil {
 		return err
 	}
-	name := fmt.Sprintf("step-%08d", st.Step)
+	name := fmt.Sprintf(stepPrefix+"%08d", st.Step)
 	tmp, err := os.MkdirTemp(dir, "."+name+".tmp")
 	if err != nil {
 		return err
 	}
 	defer os.RemoveAll(tmp)
+	// Checkpoints name no base model: they never leave the checkpoint
+	// folder, and a path would tie them to where the run happened.
 	if err := info.SaveAdapter(tmp, a, ""); err != nil {
 		return err
 	}
@@ -98,6 +117,13 @@ func saveCheckpoint(dir string, info *ModelInfo, st trainState, a *Adapter, opt 
 	if err := atomicfile.WriteFile(filepath.Join(tmp, stateFile), sb); err != nil {
 		return err
 	}
+	// The digests are written last, from the files as they are on disk.
+	if err := dirsum.Write(tmp); err != nil {
+		return err
+	}
+	if err := atomicfile.SyncDir(tmp); err != nil {
+		return err
+	}
 	final := filepath.Join(dir, name)
 	os.RemoveAll(final)
 	if err := os.Rename(tmp, final); err != nil {
@@ -109,13 +135,24 @@ func saveCheckpoint(dir string, info *ModelInfo, st trainState, a *Adapter, opt 
 	if err := atomicfile.WriteFile(filepath.Join(dir, latestFile), []byte(name+"\n")); err != nil {
 		return err
 	}
-	entries, _ := os.ReadDir(dir)
-	for _, e := range entries {
-		if e.IsDir() && e.Name() != name && !strings.HasPrefix(e.Name(), ".") {
-			os.RemoveAll(filepath.Join(dir, e.Name()))
-		}
+	steps := checkpointNames(dir)
+	for i := 0; i < len(steps)-keepCheckpoints; i++ {
+		os.RemoveAll(filepath.Join(dir, steps[i]))
 	}
 	return nil
+}
+
+// checkpointNames lists the complete checkpoints in dir, oldest first.
+func checkpointNames(dir string) []string {
+	entries, _ := os.ReadDir(dir)
+	var names []string
+	for _, e := range entries {
+		if e.IsDir() && strings.HasPrefix(e.Name(), stepPrefix) {
+			names = append(names, e.Name())
+		}
+	}
+	sort.Strings(names) // fixed-width step numbers
+	return names
 }
 
 // savedRun is a checkpoint read back: where to resume from.
@@ -127,31 +164,71 @@ type savedRun struct {
 	metrics   []byte
 }
 
-// loadCheckpoint reads the newest checkpoint in dir, or returns nil when
-// there is none. A checkpoint of another run (other options, model, data
-// or backend) is an error.
-func loadCheckpoint(dir string, info *ModelInfo, fingerprint string) (*savedRun, error) {
-	b, err := os.ReadFile(filepath.Join(dir, latestFile))
-	if errors.Is(err, os.ErrNotExist) {
-		return nil, nil
-	} else if err != nil {
+// loadCheckpoint reads the newest good checkpoint in dir, setting aside
+// every newer one that fails its checks, or returns nil when none is left.
+// A checkpoint of another run (other options, model, data or backend) is an
+// error: it is no damage, and the caller decides whether to start over.
+func loadCheckpoint(dir string, info *ModelInfo, fingerprint string, log *slog.Logger) (*savedRun, error) {
+	names := checkpointNames(dir)
+	for i := len(names) - 1; i >= 0; i-- {
+		ck := filepath.Join(dir, names[i])
+		run, err := readCheckpoint(ck, info, fingerprint)
+		if err == nil {
+			return run, nil
+		}
+		var other *otherRunError
+		if errors.As(err, &other) {
+			return nil, err
+		}
+		next := "starting from scratch"
+		if i > 0 {
+			next = "trying " + names[i-1]
+		}
+		if err := setAside(ck, fmt.Sprintf("failed its check before a resume: %v", err), next, log); err != nil {
+			return nil, err
+		}
+	}
+	return nil, nil
+}
+
+// setAside renames a bad checkpoint out of the way, keeping it for
+// inspection with a note of why, and logs where it went.
+func setAside(ck, why, next string, log *slog.Logger) error {
+	dst := filepath.Join(filepath.Dir(ck), setAsidePrefix+filepath.Base(ck)+"-"+time.Now().UTC().Format("20060102T150405.000000000Z"))
+	if err := os.Rename(ck, dst); err != nil {
+		return fmt.Errorf("setting aside checkpoint %s: %w", ck, err)
+	}
+	if err := dirsum.SetAside(dst, why); err != nil {
+		return err
+	}
+	if log != nil {
+		log.Warn("checkpoint set aside: "+why+"; "+next, "checkpoint", ck, "kept_as", dst)
+	}
+	return nil
+}
+
+// otherRunError: a checkpoint written by a run with other settings.
+type otherRunError struct{ ck, dir string }
+
+func (e *otherRunError) Error() string {
+	return fmt.Sprintf("%s: the checkpoint belongs to a run with other options, model, data or backend; remove %s to start over", e.ck, e.dir)
+}
+
+// readCheckpoint reads and checks one checkpoint folder.
+func readCheckpoint(ck string, info *ModelInfo, fingerprint string) (*savedRun, error) {
+	if err := dirsum.Verify(ck); err != nil {
 		return nil, err
 	}
-	name := strings.TrimSpace(string(b))
-	if strings.ContainsAny(name, `/\`) || name == "" || name == ".." {
-		return nil, fmt.Errorf("%s: bad checkpoint name %q", dir, name)
-	}
-	ck := filepath.Join(dir, name)
 	run := &savedRun{dir: ck}
 	sb, err := os.ReadFile(filepath.Join(ck, stateFile))
 	if err != nil {
 		return nil, err
 	}
 	if err := json.Unmarshal(sb, &run.state); err != nil {
-		return nil, fmt.Errorf("%s: %w", ck, err)
+		return nil, fmt.Errorf("%s: %w", stateFile, err)
 	}
 	if run.state.Fingerprint != fingerprint {
-		return nil, fmt.Errorf("%s: the checkpoint belongs to a run with other options, model, data or backend; remove %s to start over", ck, dir)
+		return nil, &otherRunError{ck: ck, dir: filepath.Dir(ck)}
 	}
 	if run.adapter, err = info.LoadAdapter(ck); err != nil {
 		return nil, err
@@ -171,17 +248,20 @@ func loadCheckpoint(dir string, info *ModelInfo, fingerprint string) (*savedRun,
 		if err != nil {
 			return nil, err
 		}
+		if i := safetensors.FirstNonFinite(t.DType, raw); i >= 0 {
+			return nil, fmt.Errorf("%s: optimizer tensor %s holds a non-finite value at element %d", optimizerFile, t.Name, i)
+		}
 		opt.Tensors = append(opt.Tensors, safetensors.Tensor{Name: t.Name, DType: t.DType, Shape: t.Shape, Data: raw})
 	}
 	if opt.Step != run.state.Step {
-		return nil, fmt.Errorf("%s: optimizer at step %d, state at %d", ck, opt.Step, run.state.Step)
+		return nil, fmt.Errorf("optimizer at step %d, state at %d", opt.Step, run.state.Step)
 	}
 	run.optimizer = opt
 	if run.metrics, err = os.ReadFile(filepath.Join(ck, MetricsFile)); err != nil {
 		return nil, err
 	}
 	if int64(len(run.metrics)) != run.state.MetricsBytes {
-		return nil, fmt.Errorf("%s: metrics hold %d bytes, the state says %d", ck, len(run.metrics), run.state.MetricsBytes)
+		return nil, fmt.Errorf("metrics hold %d bytes, the state says %d", len(run.metrics), run.state.MetricsBytes)
 	}
 	return run, nil
 }

@@ -1,7 +1,6 @@
 package trainer
 
 import (
-	"bufio"
 	"encoding/json"
 	"errors"
 	"fmt"
@@ -15,6 +14,7 @@ import (
 	"github.com/apache/arrow-go/v18/arrow/array"
 
 	"gemmaft/dataset"
+	"gemmaft/internal/lines"
 	"gemmaft/packer"
 )
 
@@ -49,15 +49,22 @@ func ReadPackedRows(path string) ([]PackedRow, error) {
 	return rows, nil
 }
 
-// ReadPackedJSONL reads one packed row per non-empty line.
+// ReadPackedJSONL reads one packed row per non-empty line. A line longer
+// than lines.DefaultMax (64 MiB; a row of 1M tokens is far less) is an
+// error, so that a stream without newlines cannot fill memory.
 func ReadPackedJSONL(r io.Reader) ([]PackedRow, error) {
-	sc := bufio.NewScanner(r)
-	sc.Buffer(make([]byte, 1<<20), 1<<30)
+	lr := lines.NewReader(r, lines.DefaultMax)
 	var rows []PackedRow
-	line := 0
-	for sc.Scan() {
-		line++
-		text := strings.TrimSpace(sc.Text())
+	for {
+		b, err := lr.Next()
+		if err == io.EOF {
+			break
+		}
+		if err != nil {
+			return nil, err
+		}
+		line := lr.Line()
+		text := strings.TrimSpace(string(b))
 		if text == "" {
 			continue
 		}
@@ -80,9 +87,6 @@ func ReadPackedJSONL(r io.Reader) ([]PackedRow, error) {
 			return nil, fmt.Errorf("line %d: %w", line, err)
 		}
 		rows = append(rows, row)
-	}
-	if err := sc.Err(); err != nil {
-		return nil, err
 	}
 	return rows, nil
 }

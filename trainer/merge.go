@@ -81,13 +81,6 @@ func MergeAdapter(baseDir, adapterDir, out string, opts MergeOptions) error {
 	if err != nil {
 		return err
 	}
-	tmp := out + ".tmp"
-	os.RemoveAll(tmp)
-	if err := os.MkdirAll(tmp, 0o755); err != nil {
-		return err
-	}
-	defer os.RemoveAll(tmp)
-
 	projections := map[string]WeightTensor{}
 	for _, t := range ck.Config.WeightTensors() {
 		if t.Layer >= 0 && isModule(t.Role) {
@@ -166,22 +159,18 @@ func MergeAdapter(baseDir, adapterDir, out string, opts MergeOptions) error {
 				return err
 			}})
 	}
-	if err := safetensors.WriteSharded(tmp, tensors, opts.MaxShardBytes, map[string]string{"format": "pt"}); err != nil {
-		return err
-	}
-	if err := writeMergedConfig(baseDir, tmp); err != nil {
-		return err
-	}
-	if err := copyTokenizerFiles(tokDir, tmp); err != nil {
-		return err
-	}
-	if err := writeGenerationConfig(baseDir, tokDir, tmp); err != nil {
-		return err
-	}
-	if err := atomicfile.SyncDir(tmp); err != nil {
-		return err
-	}
-	return os.Rename(tmp, out)
+	return atomicfile.Dir(out, func(tmp string) error {
+		if err := safetensors.WriteSharded(tmp, tensors, opts.MaxShardBytes, map[string]string{"format": "pt"}); err != nil {
+			return err
+		}
+		if err := writeMergedConfig(baseDir, tmp); err != nil {
+			return err
+		}
+		if err := copyTokenizerFiles(tokDir, tmp); err != nil {
+			return err
+		}
+		return writeGenerationConfig(baseDir, tokDir, tmp)
+	})
 }
 
 // mergeProjection returns W + scale·B·A for a projection of the given

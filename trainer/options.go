@@ -6,6 +6,7 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"log/slog"
 	"math"
 	"math/rand/v2"
 	"sort"
@@ -62,6 +63,9 @@ type TrainOptions struct {
 	BaseModel string
 	// Progress, when set, is called after every optimizer step.
 	Progress func(Progress)
+	// Log, when set, receives what a person should know: a resume, and a
+	// checkpoint set aside (damaged, or its resume diverged).
+	Log *slog.Logger
 }
 
 // Progress reports one optimizer step.

@@ -3,7 +3,9 @@ package trainer
 import (
 	"context"
 	"encoding/json"
+	"errors"
 	"fmt"
+	"log/slog"
 	"math"
 	"os"
 	"path/filepath"
@@ -36,21 +38,58 @@ func Train(ctx context.Context, s Session, data Dataset, opts TrainOptions) (*Re
 		return nil, err
 	}
 	info := s.Model()
-	st := trainState{Fingerprint: opts.fingerprint(s, data.Len())}
+	fingerprint := opts.fingerprint(s, data.Len())
 	ckDir := opts.CheckpointDir
 	if ckDir == "" {
 		ckDir = filepath.Join(opts.OutDir, CheckpointsDirName)
 	}
-	ck, err := loadCheckpoint(ckDir, info, st.Fingerprint)
-	if err != nil {
-		return nil, err
+	log := opts.Log
+	if log == nil {
+		log = slog.New(slog.DiscardHandler)
 	}
+	for {
+		ck, err := loadCheckpoint(ckDir, info, fingerprint, log)
+		if err != nil {
+			return nil, err
+		}
+		res, err := train(ctx, s, data, opts, p, info, fingerprint, ckDir, ck, log)
+		var div *resumeDiverged
+		if ck != nil && errors.As(err, &div) {
+			// Resuming from it broke the run: set it aside and try the one
+			// before it, or start over. A run that diverges by itself does
+			// so again from there, past the next checkpoint, and fails.
+			next := "trying the checkpoint before it, or starting from scratch"
+			if err := setAside(ck.dir, div.Error(), next, log); err != nil {
+				return nil, err
+			}
+			continue
+		}
+		return res, err
+	}
+}
+
+// resumeDiverged: the loss became non-finite after a resume, before the
+// next checkpoint, which blames the checkpoint resumed from.
+type resumeDiverged struct {
+	step int
+	loss float64
+}
+
+func (e *resumeDiverged) Error() string {
+	return fmt.Sprintf("resuming from it gave a loss of %v at step %d", e.loss, e.step)
+}
+
+// train is one attempt of Train: from checkpoint ck, or from the start when
+// ck is nil.
+func train(ctx context.Context, s Session, data Dataset, opts TrainOptions, p *rowPlan, info *ModelInfo, fingerprint, ckDir string, ck *savedRun, log *slog.Logger) (*Result, error) {
+	st := trainState{Fingerprint: fingerprint}
 	var logged []byte
 	if ck != nil {
 		if err := s.SetState(ck.adapter, ck.optimizer); err != nil {
 			return nil, fmt.Errorf("resuming from %s: %w", ck.dir, err)
 		}
 		st, logged = ck.state, ck.metrics
+		log.Info("resuming from a checkpoint", "checkpoint", ck.dir, "step", st.Step)
 	} else {
 		a, err := NewAdapter(info.Config, s.Config().LoRA, opts.Seed)
 		if err != nil {
@@ -107,6 +146,7 @@ func Train(ctx context.Context, s Session, data Dataset, opts TrainOptions) (*Re
 
 	start := time.Now()
 	startStep := st.Step
+	savedSinceResume := false
 	var sinceLogTokens int64
 	sinceLog := time.Now()
 	for st.Step < p.total {
@@ -146,6 +186,9 @@ func Train(ctx context.Context, s Session, data Dataset, opts TrainOptions) (*Re
 			loss = lossSum / float64(normalizer)
 		}
 		if math.IsNaN(loss) || math.IsInf(loss, 0) {
+			if ck != nil && !savedSinceResume {
+				return nil, &resumeDiverged{step: step + 1, loss: loss}
+			}
 			return nil, fmt.Errorf("step %d: loss is %v", step+1, loss)
 		}
 		factor, _ := LRFactor(opts.Schedule, step, opts.WarmupSteps, p.total)
@@ -206,6 +249,7 @@ func Train(ctx context.Context, s Session, data Dataset, opts TrainOptions) (*Re
 			if err := saveCheckpoint(ckDir, info, st, a, opt, logged); err != nil {
 				return nil, err
 			}
+			savedSinceResume = true
 		}
 	}
 

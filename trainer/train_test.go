@@ -1,7 +1,6 @@
 package trainer
 
 import (
-	"bufio"
 	"bytes"
 	"context"
 	"encoding/json"
@@ -9,12 +8,12 @@ import (
 	"fmt"
 	"math/rand/v2"
 	"os"
-	"os/exec"
 	"path/filepath"
 	"strings"
-	"syscall"
 	"testing"
 	"time"
+
+	"gemmaft/internal/killtest"
 )
 
 func trainRows(vocab, n, seqLen int, seed uint64) Rows {
@@ -206,51 +205,14 @@ func TestResumeAfterSIGKILL(t *testing.T) {
 	if err := WriteRandomCheckpoint(filepath.Join(dir, "model"), c, InitOptions{Seed: 7, Std: 0.2, NormStd: 0.5}); err != nil {
 		t.Fatal(err)
 	}
-	rng := rand.New(rand.NewPCG(uint64(time.Now().UnixNano()), 1))
-	kills := 0
-	for attempt := 0; ; attempt++ {
-		if attempt > 40 {
-			t.Fatal("training did not finish after 40 restarts")
-		}
-		// Each attempt starts from an empty output directory: what carries
-		// over is the checkpoint directory alone.
-		os.RemoveAll(filepath.Join(dir, "run"))
-		cmd := exec.Command(os.Args[0], "-test.run=^TestTrainChild$", "-test.count=1")
-		cmd.Env = append(os.Environ(), "GEMMAFT_TRAIN_CHILD="+dir)
-		stdout, _ := cmd.StdoutPipe()
-		cmd.Stderr = os.Stderr
-		if err := cmd.Start(); err != nil {
-			t.Fatal(err)
-		}
-		// Kill after a random number of this process's steps, a random
-		// moment after it reported the step: mid-step or mid-checkpoint.
-		killAfter := 1 + rng.IntN(3)
-		sc := bufio.NewScanner(stdout)
-		killed, seen := false, 0
-		for sc.Scan() {
-			if seen++; seen == killAfter && kills < 6 {
-				time.Sleep(time.Duration(rng.IntN(3000)) * time.Microsecond)
-				cmd.Process.Signal(syscall.SIGKILL)
-				killed = true
-				kills++
-				break
-			}
-		}
-		go func() {
-			for sc.Scan() {
-			}
-		}()
-		err := cmd.Wait()
-		if !killed {
-			if err != nil {
-				t.Fatalf("child failed: %v", err)
-			}
-			break
-		}
-	}
-	if kills == 0 {
-		t.Fatal("no kill happened")
-	}
+	// Each start of the child gets an empty output directory: what carries
+	// over is the checkpoint directory alone. Kills come a random moment
+	// after a reported step: mid-step or mid-checkpoint.
+	kills := killtest.Run(t, killtest.Options{
+		Child: "TestTrainChild", Env: []string{"GEMMAFT_TRAIN_CHILD=" + dir},
+		Kills: 6, MaxLinesBeforeKill: 3, MaxDelay: 3 * time.Millisecond,
+		BeforeAttempt: func() { os.RemoveAll(filepath.Join(dir, "run")) },
+	})
 	m, err := LoadModel(filepath.Join(dir, "model"))
 	if err != nil {
 		t.Fatal(err)

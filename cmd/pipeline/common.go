@@ -70,6 +70,17 @@ func openStore(dag *pipeline.DAG) (*pipeline.Store, error) {
 	return st, nil
 }
 
+// openExistingStore opens the cache for a command that only looks at it:
+// a cache that does not exist is a usage error (a mistyped --cache), not a
+// new empty cache.
+func openExistingStore(dag *pipeline.DAG) (*pipeline.Store, error) {
+	st, err := pipeline.OpenExistingStore(pipeline.CacheRoot(cacheFlag, dag))
+	if err != nil {
+		return nil, usageErr(err)
+	}
+	return st, nil
+}
+
 // specAndStore loads the spec named by the command's first argument and
 // opens its store.
 func specAndStore(args []string) (*pipeline.DAG, *pipeline.Store, error) {

@@ -1,12 +1,14 @@
 package main
 
 import (
+	"context"
 	"errors"
 	"fmt"
 	"io"
 	"os"
 	"path/filepath"
 	"strings"
+	"time"
 
 	"github.com/spf13/cobra"
 
@@ -32,7 +34,8 @@ Models, from a merge or model stage (a Hugging Face checkpoint): --format hf cop
 the checkpoint folder to PATH; --format gguf converts it to a GGUF file for
 llama.cpp and Ollama, of --type q8_0 (default), q4_0, f16 or bf16. A gguf stage's
 file is copied as it is. A model's PATH must not exist, and appears only when
-complete.`,
+complete. A failure or an interrupt leaves PATH as it was and no temporary file
+behind.`,
 		Example: `  pipeline export dags/gemma12b.yaml pack --format parquet --out packed.parquet
   pipeline export dags/demo.yaml chat --format jsonl --out - | head
   pipeline export dags/gemma12b.yaml merged --format gguf --type q4_0 --out tr.q4_0.gguf
@@ -64,10 +67,15 @@ complete.`,
 			if _, err := os.Stat(table); err != nil {
 				return failErr(fmt.Errorf("stage %s has no table to export (its entry holds files: %s)", args[1], entry))
 			}
+			ctx, stop := signalContext(2 * time.Second)
+			defer stop()
 			if out == "-" {
-				return write(os.Stdout, table)
+				if err := write(ctxWriter{ctx, os.Stdout}, table); err != nil {
+					return failErr(err)
+				}
+				return nil
 			}
-			if err := atomicfile.Write(out, func(w io.Writer) error { return write(w, table) }); err != nil {
+			if err := exportTo(ctx, out, func(w io.Writer) error { return write(w, table) }); err != nil {
 				return failErr(err)
 			}
 			fmt.Fprintf(os.Stderr, "wrote %s\n", out)
@@ -88,6 +96,39 @@ func copyFile(w io.Writer, path string) error {
 	defer f.Close()
 	_, err = io.Copy(w, f)
 	return err
+}
+
+// exportTo writes path whole or not at all: on an error, a canceled ctx or
+// a signal, the temporary file is removed and path is left as it was.
+func exportTo(ctx context.Context, path string, write func(w io.Writer) error) error {
+	p, err := atomicfile.Create(path)
+	if err != nil {
+		return fmt.Errorf("--out: %w", err)
+	}
+	tmp := p.TempName()
+	defer atInterrupt(func() { os.Remove(tmp) })()
+	if err := write(ctxWriter{ctx, p}); err != nil {
+		p.Abort()
+		return err
+	}
+	if err := ctx.Err(); err != nil {
+		p.Abort()
+		return err
+	}
+	return p.Commit()
+}
+
+// ctxWriter fails writes once ctx is done, so that a long export stops.
+type ctxWriter struct {
+	ctx context.Context
+	w   io.Writer
+}
+
+func (c ctxWriter) Write(b []byte) (int, error) {
+	if err := c.ctx.Err(); err != nil {
+		return 0, fmt.Errorf("interrupted: %w", err)
+	}
+	return c.w.Write(b)
 }
 
 // exportModel writes the checkpoint of a merge or model stage (or a gguf
@@ -120,8 +161,9 @@ func exportModel(spec, stage, format, typeName, out string) error {
 		if len(files) != 1 {
 			return failErr(fmt.Errorf("stage %s: %d GGUF files in %s", stage, len(files), entry))
 		}
-		err := atomicfile.Write(out, func(w io.Writer) error { return copyFile(w, files[0]) })
-		return doneOrFail(out, err)
+		ctx, stop := signalContext(2 * time.Second)
+		defer stop()
+		return doneOrFail(out, exportTo(ctx, out, func(w io.Writer) error { return copyFile(w, files[0]) }))
 	default:
 		return usageErr(fmt.Errorf("stage %s is of kind %s; models export from merge, model or gguf stages", stage, m.Kind))
 	}
@@ -140,29 +182,22 @@ func doneOrFail(out string, err error) error {
 }
 
 // copyDir copies the files of a checkpoint folder (no subfolders) to out,
-// through a temporary folder renamed into place when complete.
+// which appears only complete.
 func copyDir(from, out string) error {
 	ents, err := os.ReadDir(from)
 	if err != nil {
 		return err
 	}
-	tmp := out + ".tmp"
-	os.RemoveAll(tmp)
-	if err := os.MkdirAll(tmp, 0o755); err != nil {
-		return err
-	}
-	defer os.RemoveAll(tmp)
-	for _, e := range ents {
-		if !e.Type().IsRegular() {
-			continue
+	return atomicfile.Dir(out, func(tmp string) error {
+		for _, e := range ents {
+			if !e.Type().IsRegular() {
+				continue
+			}
+			src := filepath.Join(from, e.Name())
+			if err := atomicfile.Write(filepath.Join(tmp, e.Name()), func(w io.Writer) error { return copyFile(w, src) }); err != nil {
+				return err
+			}
 		}
-		src := filepath.Join(from, e.Name())
-		if err := atomicfile.Write(filepath.Join(tmp, e.Name()), func(w io.Writer) error { return copyFile(w, src) }); err != nil {
-			return err
-		}
-	}
-	if err := atomicfile.SyncDir(tmp); err != nil {
-		return err
-	}
-	return os.Rename(tmp, out)
+		return nil
+	})
 }

@@ -1,11 +1,9 @@
 package main
 
 import (
-	"context"
 	"errors"
 	"fmt"
-	"os"
-	"os/signal"
+	"time"
 
 	"github.com/spf13/cobra"
 
@@ -41,11 +39,11 @@ finish, and runs started meanwhile wait for gc.`,
 				}
 				opts.OlderThan = d
 			}
-			st, err := openStore(nil)
+			st, err := openExistingStore(nil)
 			if err != nil {
 				return err
 			}
-			ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt)
+			ctx, stop := signalContext(5 * time.Second)
 			defer stop()
 			res, err := st.GC(ctx, opts)
 			if err != nil {

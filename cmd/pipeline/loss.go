@@ -21,7 +21,8 @@ predict labels[t+1]; -100 is not trained) and their number.
 
 --data is the pack stage's Arrow IPC file or JSON lines of
 {"input_ids": [...], "labels": [...], "seq_lengths": [...]}.
---model is a Hugging Face Gemma 3 checkpoint directory; --adapter a PEFT
+--model is a Hugging Face Gemma 3 checkpoint directory (or hf://ORG/NAME@REV,
+fetched into the Hugging Face cache); --adapter a PEFT
 LoRA adapter directory for it; --quantize nf4 quantises the projections as
 QLoRA does before computing. --backend picks the CPU reference or the GPU
 trainer (auto: the GPU when one is usable).`,
@@ -36,6 +37,12 @@ trainer (auto: the GPU when one is usable).`,
 			b, _, err := trainer.ResolveBackend(backend)
 			if err != nil {
 				return failErr(fmt.Errorf("loss: %w", err))
+			}
+			if modelDir, err = localArg(cmd.Context(), "model", modelDir, argFolder); err != nil {
+				return err
+			}
+			if adapterDir, err = localArg(cmd.Context(), "adapter", adapterDir, argFolder); err != nil {
+				return err
 			}
 			rows, err := trainer.ReadPackedRows(dataPath)
 			if err != nil {
@@ -102,8 +109,8 @@ trainer (auto: the GPU when one is usable).`,
 			return nil
 		},
 	}
-	cmd.Flags().StringVar(&modelDir, "model", "", "Gemma 3 checkpoint directory (config.json + safetensors)")
-	cmd.Flags().StringVar(&adapterDir, "adapter", "", "PEFT LoRA adapter directory")
+	cmd.Flags().StringVar(&modelDir, "model", "", "Gemma 3 checkpoint directory (config.json + safetensors), or hf://ORG/NAME[@REV]")
+	cmd.Flags().StringVar(&adapterDir, "adapter", "", "PEFT LoRA adapter directory, or hf://ORG/NAME[@REV]")
 	cmd.Flags().StringVar(&quantize, "quantize", "", "quantise the base projections: nf4")
 	cmd.Flags().StringVar(&dataPath, "data", "", "packed rows: Arrow IPC file or JSON lines")
 	cmd.Flags().StringVar(&backend, "backend", "auto", "cpu, cuda, or auto (the GPU when usable)")

@@ -23,6 +23,7 @@ const (
 	exitFailed   = 1  // a stage or check failed
 	exitUsage    = 2  // bad flags, arguments or spec
 	exitLockBusy = 75 // --no-wait and another run holds the DAG (EX_TEMPFAIL)
+	// 128 + the signal's number when interrupted: 130 (SIGINT), 143 (SIGTERM).
 )
 
 var root = &cobra.Command{
@@ -33,7 +34,8 @@ tokenizing, packing, QLoRA training), caching each stage's output under the
 content hash of everything that produced it.
 
 Exit codes: 0 success, 1 a stage or check failed, 2 usage or spec error,
-75 another run holds the DAG's lock and --no-wait was given.`,
+75 another run holds the DAG's lock and --no-wait was given, 130 or 143
+interrupted by SIGINT or SIGTERM.`,
 	SilenceUsage:  true,
 	SilenceErrors: true,
 }
@@ -73,6 +75,9 @@ func execute(args []string) int {
 		return exitOK
 	}
 	fmt.Fprintln(os.Stderr, "pipeline:", err)
+	if code := interruptCode(); code != 0 {
+		return code // 130 for SIGINT, 143 for SIGTERM
+	}
 	var ee *exitError
 	if errors.As(err, &ee) {
 		return ee.code

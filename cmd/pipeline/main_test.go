@@ -6,11 +6,15 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"regexp"
+	"strconv"
 	"strings"
 	"testing"
 
 	"gemmaft/cuda"
+	"gemmaft/internal/dirsum"
 	"gemmaft/pipeline"
+	"gemmaft/trainer"
 )
 
 // The tests run the CLI as a child process (this test binary with
@@ -231,5 +235,127 @@ func TestBenchTrainUsage(t *testing.T) {
 	r := runCLI(t, dir, "bench", "train", "--preset", "tiny", "--seq-len", "4", "--data", rows, "--steps", "1", "--warmup-steps", "0")
 	if cuda.Discover().Err != nil && (r.code != 1 || !strings.Contains(r.stderr, "CUDA")) {
 		t.Errorf("without a GPU: exit %d, %s", r.code, r.stderr)
+	}
+}
+
+// TestMergeAndExportRefuseExistingTargets: merge and a model export never
+// write over what is there, and say so.
+func TestMergeAndExportRefuseExistingTargets(t *testing.T) {
+	dir := t.TempDir()
+	if r := runCLI(t, dir, "merge", "--model", "m"); r.code != 2 || !strings.Contains(r.stderr, "--adapter and --out are required") {
+		t.Errorf("merge without --adapter: %d %s", r.code, r.stderr)
+	}
+	os.MkdirAll(filepath.Join(dir, "out"), 0o755)
+	if r := runCLI(t, dir, "merge", "--model", "m", "--adapter", "a", "--out", "out"); r.code != 1 || !strings.Contains(r.stderr, "out already exists") {
+		t.Errorf("merge onto an existing folder: %d %s", r.code, r.stderr)
+	}
+	writeFile(t, filepath.Join(dir, "s.yaml"), "name: s\nstages:\n  base: {kind: model, with: {preset: tiny}}\n")
+	writeFile(t, filepath.Join(dir, "m.gguf"), "keep")
+	if r := runCLI(t, dir, "export", "s.yaml", "base", "--format", "gguf", "--out", "m.gguf"); r.code != 1 || !strings.Contains(r.stderr, "m.gguf already exists") {
+		t.Errorf("export onto an existing file: %d %s", r.code, r.stderr)
+	}
+	if b, _ := os.ReadFile(filepath.Join(dir, "m.gguf")); string(b) != "keep" {
+		t.Error("the existing file was changed")
+	}
+	if r := runCLI(t, dir, "export", "s.yaml", "base", "--format", "gguf", "--type", "q3_k", "--out", "n.gguf"); r.code != 2 || !strings.Contains(r.stderr, "q3_k") {
+		t.Errorf("an unknown type: %d %s", r.code, r.stderr)
+	}
+}
+
+// TestNoSilentSuccess: specs that used to run (dropping a stage, truncating
+// a value, failing only after upstream stages computed) exit 2 with the
+// file and line before anything runs.
+func TestNoSilentSuccess(t *testing.T) {
+	dir := t.TempDir()
+	writeFile(t, filepath.Join(dir, "data.jsonl"), sampleJSONL)
+	writeFile(t, filepath.Join(dir, "tok.json"), "{}")
+	cases := map[string]struct {
+		spec string
+		line int
+		want string
+	}{
+		"kind null":   {"name: x\nstages:\n  a: {kind: jsonl, with: {paths: [data.jsonl]}}\n  b: {kind: null, needs: [a]}\n", 4, `stage "b": kind is empty`},
+		"kind empty":  {"name: x\nstages:\n  a: {kind: jsonl, with: {paths: [data.jsonl]}}\n  b: {kind: \"\", needs: [a]}\n", 4, `stage "b": kind is empty`},
+		"fractional":  {"name: x\nstages:\n  a: {kind: jsonl, with: {paths: [data.jsonl], limit: 1.5}}\n", 3, `stage "a": limit must be a whole number, got 1.5`},
+		"wrong kind":  {"name: x\nstages:\n  a: {kind: jsonl, with: {paths: [data.jsonl]}}\n  c: {kind: chat_template, needs: [a]}\n  p: {kind: pack, needs: [c]}\n", 5, `stage "p": needs: "c" is a chat_template stage`},
+		"twice":       {"name: x\nstages:\n  a: {kind: jsonl, with: {paths: [data.jsonl, data.jsonl]}}\n", 3, `stage "a": paths: `},
+		"non-finite":  {"name: x\nstages:\n  m: {kind: model, with: {std: .nan}}\n", 3, `stage "m": std: must be a finite number`},
+		"negative":    {qloraSpec("max_steps: -3"), 9, `stage "q": max_steps: -3 must not be negative`},
+		"lora param":  {qloraSpec("alpha: -1"), 9, `stage "q": alpha: -1 must be positive`},
+		"wrong model": {qloraSpec("model: data.jsonl"), 9, `stage "q": model: names data.jsonl, and model stage "m" is in needs`},
+	}
+	if _, _, err := trainer.ResolveBackend("cuda"); err != nil {
+		cases["cuda without gpu"] = struct {
+			spec string
+			line int
+			want string
+		}{qloraSpec("backend: cuda"), 9, `stage "q": backend: `}
+	}
+	for name, c := range cases {
+		t.Run(name, func(t *testing.T) {
+			spec := filepath.Join(dir, strings.ReplaceAll(name, " ", "_")+".yaml")
+			writeFile(t, spec, c.spec)
+			for _, cmd := range []string{"run", "plan"} {
+				r := runCLI(t, dir, cmd, spec)
+				if r.code != 2 {
+					t.Errorf("%s: exit %d, want 2\n%s", cmd, r.code, r.stderr)
+				}
+				at := regexp.QuoteMeta(spec) + `:\d+(:\d+)?: `
+				if c.line > 0 {
+					at = regexp.QuoteMeta(spec) + ":" + strconv.Itoa(c.line) + `(:\d+)?: `
+				}
+				if !regexp.MustCompile(at+regexp.QuoteMeta(c.want)).MatchString(r.stderr) || !strings.Contains(r.stderr, "fix: ") {
+					t.Errorf("%s: message lacks line %d, %q or a fix:\n%s", cmd, c.line, c.want, r.stderr)
+				}
+			}
+			if entries, _ := filepath.Glob(filepath.Join(dir, "cache", "entries", "*", "*")); len(entries) != 0 {
+				t.Errorf("something ran: %v", entries)
+			}
+		})
+	}
+}
+
+// qloraSpec is a DAG whose qlora stage's parameter on line 9 is param.
+func qloraSpec(param string) string {
+	return `name: x
+stages:
+  a: {kind: jsonl, with: {paths: [data.jsonl]}}
+  c: {kind: chat_template, needs: [a]}
+  t: {kind: tokenize, needs: [c], with: {tokenizer: tok.json}}
+  p: {kind: pack, needs: [t], with: {seq_len: 64}}
+  m: {kind: model}
+  q: {kind: qlora, needs: [p, m], with: {
+    ` + param + `}}
+`
+}
+
+// TestVerifyChecksCheckpoints: verify re-hashes the checkpoints of
+// unfinished stages too, and exits 1 on a damaged one.
+func TestVerifyChecksCheckpoints(t *testing.T) {
+	dir := t.TempDir()
+	writeFile(t, filepath.Join(dir, "a.jsonl"), sampleJSONL)
+	spec := filepath.Join(dir, "s.yaml")
+	writeFile(t, spec, "name: s\nstages:\n  src: {kind: jsonl, with: {paths: [a.jsonl]}}\n")
+	if r := runCLI(t, dir, "run", spec); r.code != 0 {
+		t.Fatal(r.stderr)
+	}
+	ck := filepath.Join(dir, "cache", "scratch", strings.Repeat("ab", 32), "checkpoints", "step-00000002")
+	writeFile(t, filepath.Join(ck, "state.json"), `{"step": 2}`)
+	if err := dirsum.Write(ck); err != nil {
+		t.Fatal(err)
+	}
+	if r := runCLI(t, dir, "verify"); r.code != 0 || !strings.Contains(r.stdout, "verified 1 checkpoints of unfinished stages, 0 damaged") {
+		t.Fatalf("verify: %d %s %s", r.code, r.stdout, r.stderr)
+	}
+	writeFile(t, filepath.Join(ck, "state.json"), `{"step": 3}`)
+	r := runCLI(t, dir, "verify")
+	if r.code != 1 || !strings.Contains(r.stdout, "damaged checkpoint "+ck+": state.json does not match its digest") {
+		t.Fatalf("verify of a damaged checkpoint: %d %s", r.code, r.stdout)
+	}
+	if r := runCLI(t, dir, "verify", "--remove"); r.code != 1 || !strings.Contains(r.stdout, "removed "+ck) {
+		t.Fatalf("verify --remove: %d %s", r.code, r.stdout)
+	}
+	if _, err := os.Stat(ck); !os.IsNotExist(err) {
+		t.Errorf("damaged checkpoint still there: %v", err)
 	}
 }

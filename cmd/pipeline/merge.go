@@ -43,7 +43,17 @@ In a DAG, the merge stage kind does the same from a qlora stage.`,
 			if !(shardGB > 0) {
 				return usageErr(fmt.Errorf("merge: --max-shard-gb must be positive"))
 			}
-			err := trainer.MergeAdapter(modelDir, adapterDir, out, trainer.MergeOptions{
+			var err error
+			for _, a := range []struct {
+				flag string
+				v    *string
+				kind argKind
+			}{{"model", &modelDir, argFolder}, {"adapter", &adapterDir, argFolder}, {"tokenizer", &tokDir, argTokenizerDir}} {
+				if *a.v, err = localArg(cmd.Context(), a.flag, *a.v, a.kind); err != nil {
+					return err
+				}
+			}
+			err = trainer.MergeAdapter(modelDir, adapterDir, out, trainer.MergeOptions{
 				Base: mb, TokenizerDir: tokDir, MaxShardBytes: int64(shardGB * 1e9)})
 			if err != nil {
 				return failErr(err)
@@ -53,11 +63,11 @@ In a DAG, the merge stage kind does the same from a qlora stage.`,
 		},
 	}
 	f := cmd.Flags()
-	f.StringVar(&modelDir, "model", "", "base checkpoint folder")
-	f.StringVar(&adapterDir, "adapter", "", "PEFT LoRA adapter folder")
+	f.StringVar(&modelDir, "model", "", "base checkpoint folder, or hf://ORG/NAME[@REV]")
+	f.StringVar(&adapterDir, "adapter", "", "PEFT LoRA adapter folder, or hf://ORG/NAME[@REV]")
 	f.StringVar(&out, "out", "", "new checkpoint folder (must not exist)")
 	f.StringVar(&base, "base", string(trainer.MergeDequantized), "dequantized or original")
-	f.StringVar(&tokDir, "tokenizer", "", "folder with tokenizer.json, when --model has none")
+	f.StringVar(&tokDir, "tokenizer", "", "folder with tokenizer.json (or hf://ORG/NAME[@REV]), when --model has none")
 	f.Float64Var(&shardGB, "max-shard-gb", 5, "largest shard, in GB")
 	root.AddCommand(cmd)
 }

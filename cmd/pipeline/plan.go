@@ -3,6 +3,7 @@ package main
 import (
 	"encoding/json"
 	"fmt"
+	"io"
 	"os"
 	"text/tabwriter"
 
@@ -37,15 +38,16 @@ kind's version changed, the entry is damaged, forced).`,
 				return specOrFailErr(err)
 			}
 			type row struct {
-				Stage  string `json:"stage"`
-				Kind   string `json:"kind"`
-				Key    string `json:"key"`
-				Action string `json:"action"` // cached, compute, skip
-				Why    string `json:"why,omitempty"`
+				Stage  string         `json:"stage"`
+				Kind   string         `json:"kind"`
+				Key    string         `json:"key"`
+				Action string         `json:"action"` // cached, compute, skip
+				Why    string         `json:"why,omitempty"`
+				Refs   []pipeline.Ref `json:"refs,omitempty"`
 			}
 			var rows []row
 			for _, s := range plan.Steps {
-				r := row{Stage: s.Node.Name, Kind: s.Node.KindName, Key: s.Key, Why: s.Reason}
+				r := row{Stage: s.Node.Name, Kind: s.Node.KindName, Key: s.Key, Why: s.Reason, Refs: s.Refs}
 				switch {
 				case !s.Selected:
 					r.Action, r.Why = "skip", "not selected"
@@ -66,7 +68,11 @@ kind's version changed, the entry is damaged, forced).`,
 			for _, r := range rows {
 				fmt.Fprintf(w, "%s\t%s\t%s\t%s\t%s\n", r.Stage, r.Kind, pipeline.ShortKey(r.Key), r.Action, r.Why)
 			}
-			return w.Flush()
+			if err := w.Flush(); err != nil {
+				return err
+			}
+			printRefs(os.Stdout, plan)
+			return nil
 		},
 	}
 	f := cmd.Flags()
@@ -75,4 +81,27 @@ kind's version changed, the entry is damaged, forced).`,
 	f.StringArrayVar(&opts.Force, "force", nil, "plan as if this stage were forced (repeatable; \"all\")")
 	f.BoolVar(&asJSON, "json", false, "print JSON with full keys")
 	root.AddCommand(cmd)
+}
+
+// printRefs lists the references the plan resolved (hf://...@main is
+// commit abc1234), once each, with what was said about how.
+func printRefs(w io.Writer, plan *pipeline.Plan) {
+	seen := map[string]bool{}
+	first := true
+	for _, s := range plan.Steps {
+		for _, r := range s.Refs {
+			if seen[r.Name+" "+r.Revision] {
+				continue
+			}
+			seen[r.Name+" "+r.Revision] = true
+			if first {
+				fmt.Fprintln(w)
+				first = false
+			}
+			fmt.Fprintf(w, "%s is commit %s\n", r.Name, r.Revision)
+			if r.Note != "" {
+				fmt.Fprintf(w, "  note: %s\n", r.Note)
+			}
+		}
+	}
 }

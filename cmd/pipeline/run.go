@@ -1,19 +1,19 @@
 package main
 
 import (
-	"context"
 	"encoding/json"
 	"errors"
 	"fmt"
+	"io/fs"
 	"os"
-	"os/signal"
+	"path/filepath"
 	"runtime"
-	"syscall"
 	"text/tabwriter"
 	"time"
 
 	"github.com/spf13/cobra"
 
+	"gemmaft/internal/atomicfile"
 	"gemmaft/pipeline"
 )
 
@@ -40,13 +40,25 @@ If another run of the same SPEC holds its lock (an overlapping cron job), run wa
 for it to finish and then uses what it computed; with --no-wait it exits at once
 with code 75.
 
-Exit codes: 0 success, 1 a stage failed, 2 usage or spec error, 75 busy (--no-wait).`,
+On SIGINT or SIGTERM the running stages stop, the table so far is printed and the
+exit code is 130 or 143; a second signal stops at once. --report is checked to be
+writable before anything runs, and written whole or not at all.
+
+Exit codes: 0 success, 1 a stage failed, 2 usage or spec error, 75 busy (--no-wait),
+130/143 interrupted.`,
 		Example: `  pipeline run dags/gemma12b.yaml
   pipeline run dags/gemma12b.yaml --until pack        # preprocess only
   pipeline run dags/gemma12b.yaml --force tokens      # recompute one stage
   pipeline run dags/gemma12b.yaml --no-wait --report /var/log/pipeline/last.json`,
 		Args: exactArgs(1, "one spec file"),
 		RunE: func(cmd *cobra.Command, args []string) error {
+			// A report that cannot be written is found out now, not after
+			// hours of training.
+			if report != "" {
+				if err := checkWritable(report); err != nil {
+					return usageErr(fmt.Errorf("--report: %w", err))
+				}
+			}
 			dag, st, err := specAndStore(args)
 			if err != nil {
 				return err
@@ -80,13 +92,16 @@ Exit codes: 0 success, 1 a stage failed, 2 usage or spec error, 75 busy (--no-wa
 				runtime.GOMAXPROCS(jobs)
 			}
 
-			ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
+			// SIGINT or SIGTERM stops the stages; the run is recorded, the
+			// table so far printed, and the exit code is 130 or 143.
+			ctx, stop := signalContext(30 * time.Second)
 			defer stop()
 			log.Info("run", "dag", dag.Name, "spec", dag.Path, "cache", st.Root)
 			rec, runErr := eng.Run(ctx, dag, opts)
+			var reportErr error
 			if report != "" {
-				if err := writeReport(report, rec); err != nil {
-					log.Error("could not write the report", "file", report, "err", err)
+				if reportErr = writeReport(report, rec); reportErr != nil {
+					log.Error("could not write the report", "file", report, "err", reportErr)
 				}
 			}
 			if runErr != nil {
@@ -96,9 +111,15 @@ Exit codes: 0 success, 1 a stage failed, 2 usage or spec error, 75 busy (--no-wa
 				case pipeline.IsSpecError(runErr):
 					return usageErr(runErr)
 				}
+				if len(rec.Stages) > 0 {
+					printSummary(rec)
+				}
 				return failErr(runErr)
 			}
 			printSummary(rec)
+			if reportErr != nil {
+				return failErr(fmt.Errorf("the run succeeded, but its report was not written: %w", reportErr))
+			}
 			return nil
 		},
 	}
@@ -114,12 +135,38 @@ Exit codes: 0 success, 1 a stage failed, 2 usage or spec error, 75 busy (--no-wa
 	root.AddCommand(cmd)
 }
 
+// writeReport writes the run's record to path, whole or not at all.
 func writeReport(path string, rec *pipeline.RunRecord) error {
 	data, err := json.MarshalIndent(rec, "", "  ")
 	if err != nil {
 		return err
 	}
-	return os.WriteFile(path, append(data, '\n'), 0o644)
+	return atomicfile.WriteFile(path, append(data, '\n'))
+}
+
+// checkWritable says why a file could not be written at path: its folder
+// is missing or not writable, or path is a folder.
+func checkWritable(path string) error {
+	dir := filepath.Dir(path)
+	fi, err := os.Stat(dir)
+	switch {
+	case errors.Is(err, fs.ErrNotExist):
+		return fmt.Errorf("the folder %s does not exist; create it first", dir)
+	case err != nil:
+		return err
+	case !fi.IsDir():
+		return fmt.Errorf("%s is not a folder", dir)
+	}
+	if fi, err := os.Stat(path); err == nil && fi.IsDir() {
+		return fmt.Errorf("%s is a folder; give a file name, e.g. %s", path, filepath.Join(path, "report.json"))
+	}
+	f, err := os.CreateTemp(dir, ".pipeline-write-test-*")
+	if err != nil {
+		return fmt.Errorf("cannot write in %s: %w", dir, err)
+	}
+	f.Close()
+	os.Remove(f.Name())
+	return nil
 }
 
 // printSummary shows, on stdout, what each stage did and where its output is.
@@ -131,11 +178,15 @@ func printSummary(rec *pipeline.RunRecord) {
 			continue
 		}
 		secs := "-"
-		if s.State == "computed" {
+		if s.State != "cached" {
 			secs = fmt.Sprintf("%.2f", s.Seconds)
 		}
 		fmt.Fprintf(w, "%s\t%s\t%d\t%s\t%s\n", s.Name, s.State, s.Rows, secs, s.Entry)
 	}
 	w.Flush()
-	fmt.Printf("done in %.2fs\n", rec.Seconds)
+	if rec.OK {
+		fmt.Printf("done in %.2fs\n", rec.Seconds)
+	} else {
+		fmt.Printf("stopped after %.2fs\n", rec.Seconds)
+	}
 }

@@ -34,14 +34,22 @@ events of the training stages, and the command that writes the HTML report.`,
 			if s.RunningBy != "" {
 				fmt.Printf("running now: %s\n", s.RunningBy)
 			}
+			last := "last run"
+			if s.Unfinished != "" {
+				fmt.Printf("last run: DID NOT FINISH: %s; it was killed (SIGKILL, out of memory) or its machine stopped\n", s.Unfinished)
+				last = "last finished run"
+			}
 			if s.Last != nil {
 				result := "ok"
-				if !s.Last.OK {
+				switch {
+				case s.Last.Interrupted:
+					result = "INTERRUPTED: " + s.Last.Error
+				case !s.Last.OK:
 					result = "FAILED: " + s.Last.Error
 				}
-				fmt.Printf("last run: %s, %.1fs, %s\n", s.Last.Started.Local().Format(time.DateTime), s.Last.Seconds, result)
+				fmt.Printf("%s: %s, %.1fs, %s\n", last, s.Last.Started.Local().Format(time.DateTime), s.Last.Seconds, result)
 			} else {
-				fmt.Println("last run: never")
+				fmt.Printf("%s: never\n", last)
 			}
 			fmt.Println()
 			w := tabwriter.NewWriter(os.Stdout, 0, 4, 2, ' ', 0)

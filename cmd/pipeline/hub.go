@@ -1,0 +1,155 @@
+package main
+
+import (
+	"context"
+	"encoding/json"
+	"fmt"
+	"os"
+	"strings"
+	"text/tabwriter"
+	"time"
+
+	"github.com/spf13/cobra"
+
+	"gemmaft/hub"
+	"gemmaft/pipeline"
+	"gemmaft/trainer"
+)
+
+// What an hf:// argument of a command names.
+type argKind int
+
+const (
+	argFolder       argKind = iota // a checkpoint or adapter folder: the repository
+	argTokenizer                   // a tokenizer.json (the repository's own when no path is given)
+	argTokenizerDir                // a folder holding a tokenizer's files: the repository
+)
+
+// localArg returns arg as a local path: an hf:// reference is resolved and
+// fetched into the Hugging Face cache (with progress on stderr) and its
+// local file or folder returned; anything else is returned as it is.
+func localArg(ctx context.Context, flag, arg string, kind argKind) (string, error) {
+	if !hub.IsRef(arg) {
+		return arg, nil
+	}
+	ref, err := hub.ParseRef(arg)
+	if err != nil {
+		return "", usageErr(fmt.Errorf("--%s: %w", flag, err))
+	}
+	var only []string
+	switch kind {
+	case argFolder, argTokenizerDir:
+		if kind == argTokenizerDir {
+			only = trainer.TokenizerFiles
+		}
+		if ref.Path != "" {
+			return "", usageErr(fmt.Errorf("--%s %s: name the repository (hf://ORG/NAME@REVISION), not a file in it", flag, arg))
+		}
+	case argTokenizer:
+		if ref.Path == "" {
+			ref.Path = "tokenizer.json"
+		}
+	}
+	_, paths, err := fetchRef(ctx, ref, only)
+	if err != nil {
+		return "", failErr(fmt.Errorf("--%s: %w", flag, err))
+	}
+	if len(paths) != 1 {
+		return "", usageErr(fmt.Errorf("--%s %s names %d files; name one", flag, arg, len(paths)))
+	}
+	return paths[0], nil
+}
+
+// fetchRef resolves and fetches ref, showing the download as progress the
+// way runs show their stages, and logging how the revision was resolved
+// when that is worth saying (offline).
+func fetchRef(ctx context.Context, ref hub.Ref, only []string) (*hub.Resolved, []string, error) {
+	log, err := newLogger()
+	if err != nil {
+		return nil, nil, err
+	}
+	c := hub.FromEnv()
+	tr := pipeline.NewTracker(ref.RepoRef(), "fetch")
+	var display pipeline.Display = pipeline.LogDisplay{Log: log, Every: 30 * time.Second}
+	if stderrIsTerminal() {
+		display = pipeline.TTYDisplay{W: os.Stderr, Logs: logSink}
+	}
+	tr.Start()
+	tr.Report(0, -1, "bytes", "resolving")
+	stop := display.Start([]*pipeline.Tracker{tr})
+	res, paths, err := c.Local(ctx, ref, hub.FetchOptions{
+		Log:      log,
+		Only:     only,
+		Progress: func(done, total int64) { tr.Report(done, total, "bytes", "") },
+	})
+	tr.Finish(err == nil)
+	stop()
+	if err != nil {
+		return nil, nil, err
+	}
+	if res.Note != "" {
+		log.Warn(res.Note)
+	}
+	return res, paths, nil
+}
+
+func init() {
+	var asJSON bool
+	cmd := &cobra.Command{
+		Use:   "fetch REF...",
+		Short: "Download hf:// references into the Hugging Face cache and print where they are",
+		Long: `fetch resolves each hf:// reference to a commit and downloads what it names into
+the Hugging Face cache ($HF_HUB_CACHE, else $HF_HOME/hub, else
+~/.cache/huggingface/hub), where huggingface_hub and transformers find it too:
+
+  hf://ORG/NAME[@REV]                 a model: its configs, tokenizer files and
+                                      safetensors weights
+  hf://ORG/NAME[@REV]/PATH            a file, or the files a glob matches
+  hf://datasets/ORG/NAME[@REV][/PATH] a dataset: every file, or PATH's
+
+It prints, for each, the commit and the local paths. Files already in the
+cache are checked against their hashes and kept; a damaged one is fetched
+again; an interrupted download resumes. With HF_HUB_OFFLINE=1 nothing is
+downloaded: fetch then checks that the cache holds everything.`,
+		Example: `  pipeline fetch hf://google/gemma-3-12b-it
+  pipeline fetch 'hf://datasets/malhajar/alpaca-gpt4-tr@main/data/train-*.parquet'`,
+		Args: func(cmd *cobra.Command, args []string) error {
+			if len(args) == 0 {
+				return usageErr(fmt.Errorf("%s wants one or more hf:// references (see --help)", cmd.CommandPath()))
+			}
+			return nil
+		},
+		RunE: func(cmd *cobra.Command, args []string) error {
+			type out struct {
+				Ref    string   `json:"ref"`
+				Commit string   `json:"commit"`
+				Paths  []string `json:"paths"`
+				Note   string   `json:"note,omitempty"`
+			}
+			var results []out
+			for _, a := range args {
+				ref, err := hub.ParseRef(a)
+				if err != nil {
+					return usageErr(err)
+				}
+				res, paths, err := fetchRef(cmd.Context(), ref, nil)
+				if err != nil {
+					return failErr(err)
+				}
+				results = append(results, out{Ref: ref.String(), Commit: res.Commit, Paths: paths, Note: res.Note})
+			}
+			if asJSON {
+				enc := json.NewEncoder(os.Stdout)
+				enc.SetIndent("", "  ")
+				return enc.Encode(results)
+			}
+			w := tabwriter.NewWriter(os.Stdout, 0, 4, 2, ' ', 0)
+			for _, r := range results {
+				fmt.Fprintf(w, "%s\t%s\t%s\n", r.Ref, r.Commit, strings.Join(r.Paths, " "))
+			}
+			return w.Flush()
+		},
+	}
+	cmd.Flags().BoolVar(&asJSON, "json", false, "print JSON")
+	root.AddCommand(cmd)
+}

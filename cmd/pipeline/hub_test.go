@@ -1,0 +1,129 @@
+package main
+
+import (
+	"encoding/json"
+	"os"
+	"path/filepath"
+	"strings"
+	"testing"
+
+	"gemmaft/hub/hubtest"
+	"gemmaft/internal/testenv"
+)
+
+// TestHubCLI: commands take hf:// references: fetch fills the Hugging Face
+// cache, tokenize reads a tokenizer from the Hub, a spec of hf://
+// references runs, its plan says when a branch moved, and with
+// HF_HUB_OFFLINE=1 a cached run needs no Hub; a gated model's error says
+// what to do.
+func TestHubCLI(t *testing.T) {
+	srv := hubtest.New()
+	defer srv.Close()
+	dir := t.TempDir()
+	cache := filepath.Join(dir, "hf")
+	t.Setenv("HF_ENDPOINT", srv.URL)
+	t.Setenv("HF_HUB_CACHE", cache)
+	t.Setenv("HF_HOME", filepath.Join(dir, "hfhome"))
+	t.Setenv("HF_TOKEN", "")
+	t.Setenv("HF_HUB_OFFLINE", "")
+
+	tokFiles := map[string][]byte{}
+	for _, n := range []string{"tokenizer.json", "tokenizer_config.json"} {
+		b, err := os.ReadFile(testenv.GemmaFile(t, n))
+		if err != nil {
+			t.Fatal(err)
+		}
+		tokFiles[n] = b
+	}
+	model := srv.AddRepo("model", "google/gemma-3-tok")
+	mcommit := model.Commit("main", tokFiles)
+	data := srv.AddRepo("dataset", "acme/tr-mini")
+	data.Commit("main", map[string][]byte{"train.jsonl": []byte(sampleJSONL)})
+
+	res := runCLI(t, dir, "fetch", "--json", "hf://google/gemma-3-tok")
+	if res.code != 0 {
+		t.Fatalf("fetch: %d %s", res.code, res.stderr)
+	}
+	var fetched []struct {
+		Commit string
+		Paths  []string
+	}
+	if err := json.Unmarshal([]byte(res.stdout), &fetched); err != nil || len(fetched) != 1 || fetched[0].Commit != mcommit {
+		t.Fatalf("fetch printed %s (%v)", res.stdout, err)
+	}
+	if want := filepath.Join(cache, "models--google--gemma-3-tok", "snapshots", mcommit); fetched[0].Paths[0] != want {
+		t.Errorf("fetch path %s, want %s", fetched[0].Paths[0], want)
+	}
+
+	in := filepath.Join(dir, "in.jsonl")
+	writeFile(t, in, `{"text": "Merhaba dünya"}`+"\n")
+	local := runCLI(t, dir, "tokenize", "--tokenizer", testenv.GemmaFile(t, "tokenizer.json"), "--in", in)
+	remote := runCLI(t, dir, "tokenize", "--tokenizer", "hf://google/gemma-3-tok", "--in", in)
+	if local.code != 0 || remote.code != 0 || local.stdout != remote.stdout {
+		t.Errorf("tokenize from the Hub: %d %q %s; local %q", remote.code, remote.stdout, remote.stderr, local.stdout)
+	}
+
+	spec := filepath.Join(dir, "hub.yaml")
+	writeFile(t, spec, `name: hub
+stages:
+  alpaca: {kind: jsonl, with: {paths: ["hf://datasets/acme/tr-mini/*.jsonl"]}}
+  chat: {kind: chat_template, needs: [alpaca]}
+  tokens: {kind: tokenize, needs: [chat], with: {tokenizer: "hf://google/gemma-3-tok@main/tokenizer.json"}}
+`)
+	if res := runCLI(t, dir, "run", spec); res.code != 0 {
+		t.Fatalf("run: %d %s", res.code, res.stderr)
+	}
+	old := data.Head("main")
+	moved := data.Commit("main", map[string][]byte{"train.jsonl": []byte(sampleJSONL + `{"instruction": "Yeni", "input": "", "output": "Evet."}` + "\n")})
+	res = runCLI(t, dir, "plan", spec)
+	if res.code != 0 || !strings.Contains(res.stdout, "hf://datasets/acme/tr-mini@main moved from "+old[:7]+" to "+moved[:7]) ||
+		!strings.Contains(res.stdout, "hf://datasets/acme/tr-mini@main is commit "+moved) {
+		t.Errorf("plan after the branch moved:\n%s\n%s", res.stdout, res.stderr)
+	}
+	if res := runCLI(t, dir, "run", spec); res.code != 0 {
+		t.Fatalf("run after the move: %d %s", res.code, res.stderr)
+	}
+
+	// Offline, and with the Hub gone: everything cached, and said so.
+	t.Setenv("HF_HUB_OFFLINE", "1")
+	srv.Close()
+	res = runCLI(t, dir, "plan", spec)
+	if res.code != 0 || strings.Contains(res.stdout, "compute") || !strings.Contains(res.stdout, "note: HF_HUB_OFFLINE is set") {
+		t.Errorf("offline plan:\n%s\n%s", res.stdout, res.stderr)
+	}
+	if res := runCLI(t, dir, "run", spec); res.code != 0 || !strings.Contains(res.stderr, "HF_HUB_OFFLINE is set") {
+		t.Errorf("offline run: %d %s", res.code, res.stderr)
+	}
+	t.Setenv("HF_HUB_OFFLINE", "")
+	res = runCLI(t, dir, "run", spec)
+	if res.code != 0 || !strings.Contains(res.stderr, "cannot reach") {
+		t.Errorf("run with the Hub gone: %d %s", res.code, res.stderr)
+	}
+	res = runCLI(t, dir, "fetch", "hf://datasets/acme/other")
+	if res.code != 1 || !strings.Contains(res.stderr, "cannot reach") || !strings.Contains(res.stderr, "HF_HUB_OFFLINE=1") {
+		t.Errorf("fetch with the Hub gone: %d %s", res.code, res.stderr)
+	}
+}
+
+// TestHubCLIGated: a gated model without a token fails with what to do.
+func TestHubCLIGated(t *testing.T) {
+	srv := hubtest.New()
+	defer srv.Close()
+	dir := t.TempDir()
+	t.Setenv("HF_ENDPOINT", srv.URL)
+	t.Setenv("HF_HUB_CACHE", filepath.Join(dir, "hf"))
+	t.Setenv("HF_HOME", filepath.Join(dir, "hfhome"))
+	t.Setenv("HF_TOKEN", "")
+	t.Setenv("HF_HUB_OFFLINE", "")
+	gated := srv.AddRepo("model", "google/gemma-3-gated")
+	gated.SetGated(true)
+	gated.Commit("main", map[string][]byte{"config.json": []byte("{}"), "model.safetensors": []byte("x")})
+	res := runCLI(t, dir, "loss", "--model", "hf://google/gemma-3-gated", "--data", "rows.arrow", "--backend", "cpu")
+	if res.code != 1 || !strings.Contains(res.stderr, "is gated: accept its license at "+srv.URL+"/google/gemma-3-gated") || !strings.Contains(res.stderr, "HF_TOKEN") {
+		t.Errorf("gated: %d %s", res.code, res.stderr)
+	}
+	res = runCLI(t, dir, "merge", "--model", "hf://google/gemma-3-nope", "--adapter", "a", "--out", filepath.Join(dir, "out"))
+	if res.code != 1 || !strings.Contains(res.stderr, "no model repository google/gemma-3-nope") {
+		t.Errorf("wrong name: %d %s", res.code, res.stderr)
+	}
+}

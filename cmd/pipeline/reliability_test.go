@@ -1,0 +1,362 @@
+package main
+
+import (
+	"bytes"
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strings"
+	"syscall"
+	"testing"
+	"time"
+
+	"gemmaft/internal/testenv"
+)
+
+// leftovers lists the hidden temporary files in dir.
+func leftovers(t *testing.T, dir string) []string {
+	t.Helper()
+	var out []string
+	ents, _ := os.ReadDir(dir)
+	for _, e := range ents {
+		if strings.HasPrefix(e.Name(), ".") {
+			out = append(out, e.Name())
+		}
+	}
+	return out
+}
+
+// TestTokenizeOutIsAtomic: a bad line, first or later, leaves an existing
+// --out as it was and no temporary file (a bad first line used to empty a
+// good output, a later one to leave it truncated).
+func TestTokenizeOutIsAtomic(t *testing.T) {
+	tok := testenv.GemmaFile(t, "tokenizer.json")
+	dir := t.TempDir()
+	out := filepath.Join(dir, "out.jsonl")
+	good := `{"text":"Merhaba"}` + "\n"
+	writeFile(t, filepath.Join(dir, "good.jsonl"), strings.Repeat(good, 3000))
+	if r := runCLI(t, dir, "tokenize", "--tokenizer", tok, "--in", "good.jsonl", "--out", out); r.code != 0 {
+		t.Fatal(r.stderr)
+	}
+	want, _ := os.ReadFile(out)
+	for name, in := range map[string]string{
+		"bad first line": "not json\n" + good,
+		"bad later line": strings.Repeat(good, 2500) + "{\"txt\": 1}\n",
+	} {
+		writeFile(t, filepath.Join(dir, "in.jsonl"), in)
+		r := runCLI(t, dir, "tokenize", "--tokenizer", tok, "--in", "in.jsonl", "--out", out)
+		if r.code != 1 {
+			t.Errorf("%s: exit %d", name, r.code)
+		}
+		if got, _ := os.ReadFile(out); !bytes.Equal(got, want) {
+			t.Errorf("%s: the existing output changed (%d bytes, was %d)", name, len(got), len(want))
+		}
+		if l := leftovers(t, dir); len(l) != 0 {
+			t.Errorf("%s: left %v", name, l)
+		}
+	}
+}
+
+// startCLI starts the CLI as a child process in dir.
+func startCLI(t *testing.T, dir string, stdin io.Reader, args ...string) (*exec.Cmd, *bytes.Buffer, *bytes.Buffer) {
+	t.Helper()
+	cmd := exec.Command(os.Args[0], args...)
+	cmd.Dir = dir
+	cmd.Env = append(os.Environ(), "PIPELINE_CLI=1", "PIPELINE_CACHE="+filepath.Join(dir, "cache"))
+	var out, errb bytes.Buffer
+	cmd.Stdout, cmd.Stderr, cmd.Stdin = &out, &errb, stdin
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	return cmd, &out, &errb
+}
+
+// exitCode waits for cmd, failing the test after limit.
+func exitCode(t *testing.T, cmd *exec.Cmd, limit time.Duration) int {
+	t.Helper()
+	done := make(chan error, 1)
+	go func() { done <- cmd.Wait() }()
+	select {
+	case err := <-done:
+		var ee *exec.ExitError
+		if errors.As(err, &ee) {
+			return ee.ExitCode()
+		}
+		if err != nil {
+			t.Fatal(err)
+		}
+		return 0
+	case <-time.After(limit):
+		cmd.Process.Kill()
+		<-done
+		t.Fatalf("%v did not exit within %v", cmd.Args, limit)
+	}
+	return -1
+}
+
+// TestTokenizeInterrupted: SIGINT or SIGTERM while tokenize waits on its
+// input (a pipe that stays open) exits 130 or 143, leaves --out as it was
+// and removes the temporary file.
+func TestTokenizeInterrupted(t *testing.T) {
+	tok := testenv.GemmaFile(t, "tokenizer.json")
+	for sig, code := range map[syscall.Signal]int{syscall.SIGINT: 130, syscall.SIGTERM: 143} {
+		dir := t.TempDir()
+		out := filepath.Join(dir, "out.jsonl")
+		writeFile(t, out, "old output\n")
+		pr, pw, err := os.Pipe()
+		if err != nil {
+			t.Fatal(err)
+		}
+		cmd, _, stderr := startCLI(t, dir, pr, "tokenize", "--tokenizer", tok, "--out", out)
+		pr.Close()
+		fmt.Fprintln(pw, `{"text":"Merhaba"}`) // then nothing more, the pipe open
+		deadline := time.Now().Add(20 * time.Second)
+		for len(leftovers(t, dir)) == 0 { // the temporary output exists: reading
+			if time.Now().After(deadline) {
+				t.Fatalf("tokenize never started writing: %s", stderr)
+			}
+			time.Sleep(10 * time.Millisecond)
+		}
+		cmd.Process.Signal(sig)
+		if got := exitCode(t, cmd, 10*time.Second); got != code {
+			t.Errorf("%v: exit %d, want %d\n%s", sig, got, code, stderr)
+		}
+		pw.Close()
+		if got, _ := os.ReadFile(out); string(got) != "old output\n" {
+			t.Errorf("%v: --out changed: %q", sig, got)
+		}
+		if l := leftovers(t, dir); len(l) != 0 {
+			t.Errorf("%v: left %v", sig, l)
+		}
+	}
+}
+
+// TestExportInterrupted: an export whose context is canceled mid-write
+// (what SIGINT does) leaves --out as it was and no temporary file behind.
+func TestExportInterrupted(t *testing.T) {
+	dir := t.TempDir()
+	out := filepath.Join(dir, "out.jsonl")
+	writeFile(t, out, "old\n")
+	ctx, cancel := context.WithCancel(context.Background())
+	err := exportTo(ctx, out, func(w io.Writer) error {
+		for i := 0; i < 1000; i++ {
+			if i == 10 {
+				cancel()
+			}
+			if _, err := w.Write(bytes.Repeat([]byte("x"), 1<<16)); err != nil {
+				return err
+			}
+		}
+		return nil
+	})
+	if !errors.Is(err, context.Canceled) {
+		t.Fatalf("export: %v", err)
+	}
+	if got, _ := os.ReadFile(out); string(got) != "old\n" {
+		t.Errorf("--out changed: %d bytes", len(got))
+	}
+	if l := leftovers(t, dir); len(l) != 0 {
+		t.Errorf("left %v", l)
+	}
+}
+
+// TestReportPathCheckedFirst: a --report that cannot be written fails the
+// command with exit 2 before anything runs (it used to be lost after the
+// run, which still exited 0).
+func TestReportPathCheckedFirst(t *testing.T) {
+	dir := t.TempDir()
+	writeFile(t, filepath.Join(dir, "a.jsonl"), sampleJSONL)
+	spec := filepath.Join(dir, "s.yaml")
+	writeFile(t, spec, "name: s\nstages:\n  src: {kind: jsonl, with: {paths: [a.jsonl]}}\n")
+	for report, want := range map[string]string{
+		filepath.Join(dir, "missing", "r.json"): "the folder " + filepath.Join(dir, "missing") + " does not exist",
+		dir:                                     "is a folder",
+	} {
+		r := runCLI(t, dir, "run", spec, "--report", report)
+		if r.code != 2 || !strings.Contains(r.stderr, "--report: ") || !strings.Contains(r.stderr, want) {
+			t.Errorf("--report %s: exit %d\n%s", report, r.code, r.stderr)
+		}
+		if _, err := os.Stat(filepath.Join(dir, "cache")); err == nil {
+			if entries, _ := filepath.Glob(filepath.Join(dir, "cache", "entries", "*", "*")); len(entries) != 0 {
+				t.Errorf("--report %s: the run ran", report)
+			}
+		}
+	}
+	report := filepath.Join(dir, "r.json")
+	if r := runCLI(t, dir, "run", spec, "--report", report); r.code != 0 {
+		t.Fatal(r.stderr)
+	}
+	if l := leftovers(t, dir); len(l) != 0 {
+		t.Errorf("left %v", l)
+	}
+}
+
+// TestEndlessLinesAreBounded: a line without end, on tokenize's --in or
+// standard input or in loss --data, fails with a message instead of
+// filling memory.
+func TestEndlessLinesAreBounded(t *testing.T) {
+	tok := testenv.GemmaFile(t, "tokenizer.json")
+	dir := t.TempDir()
+	// A sparse file of zeros: 65 MiB without a newline, using no disk.
+	endless := filepath.Join(dir, "endless.jsonl")
+	if err := os.Truncate(writeEmpty(t, endless), 65<<20); err != nil {
+		t.Fatal(err)
+	}
+	r := runCLI(t, dir, "tokenize", "--tokenizer", tok, "--in", endless, "--out", filepath.Join(dir, "o.jsonl"))
+	if r.code != 1 || !strings.Contains(r.stderr, "line 1 is longer than 64 MiB") {
+		t.Errorf("tokenize --in: exit %d\n%s", r.code, r.stderr)
+	}
+	r = runCLI(t, dir, "tokenize", "--tokenizer", tok, "--in", endless, "--max-line-bytes", "1024")
+	if r.code != 1 || !strings.Contains(r.stderr, "line 1 is longer than 1 KiB") {
+		t.Errorf("tokenize --max-line-bytes: exit %d\n%s", r.code, r.stderr)
+	}
+	// Standard input that never ends.
+	cmd, _, stderr := startCLI(t, dir, zeros{}, "tokenize", "--tokenizer", tok)
+	if code := exitCode(t, cmd, 60*time.Second); code != 1 || !strings.Contains(stderr.String(), "line 1 is longer than 64 MiB") {
+		t.Errorf("tokenize from stdin: exit %d\n%s", code, stderr)
+	}
+	r = runCLI(t, dir, "loss", "--model", dir, "--backend", "cpu", "--data", endless)
+	if r.code != 1 || !strings.Contains(r.stderr, "line 1 is longer than 64 MiB") {
+		t.Errorf("loss --data: exit %d\n%s", r.code, r.stderr)
+	}
+}
+
+func writeEmpty(t *testing.T, path string) string {
+	t.Helper()
+	if err := os.WriteFile(path, nil, 0o644); err != nil {
+		t.Fatal(err)
+	}
+	return path
+}
+
+// zeros is an endless stream without a newline.
+type zeros struct{}
+
+func (zeros) Read(p []byte) (int, error) {
+	clear(p)
+	return len(p), nil
+}
+
+// TestVerifyAndGCNeedAnExistingCache: a mistyped --cache is reported, not
+// created.
+func TestVerifyAndGCNeedAnExistingCache(t *testing.T) {
+	dir := t.TempDir()
+	typo := filepath.Join(dir, "cahce")
+	for _, args := range [][]string{{"verify", "--cache", typo}, {"gc", "--cache", typo}} {
+		r := runCLI(t, dir, args...)
+		if r.code != 2 || !strings.Contains(r.stderr, "cache "+typo+" does not exist") {
+			t.Errorf("%v: exit %d\n%s", args, r.code, r.stderr)
+		}
+		if _, err := os.Stat(typo); err == nil {
+			t.Errorf("%v created %s", args, typo)
+		}
+	}
+	// A folder that is not a cache is not turned into one.
+	r := runCLI(t, dir, "gc", "--cache", dir)
+	if r.code != 2 || !strings.Contains(r.stderr, "is not a pipeline cache") {
+		t.Errorf("gc on a plain folder: exit %d\n%s", r.code, r.stderr)
+	}
+	if _, err := os.Stat(filepath.Join(dir, "entries")); err == nil {
+		t.Error("gc made a cache of a plain folder")
+	}
+}
+
+// TestStatusSaysKilledRunDidNotFinish: a run that left its lock note
+// behind (killed: SIGKILL, the OOM killer) is reported as unfinished.
+func TestStatusSaysKilledRunDidNotFinish(t *testing.T) {
+	dir := t.TempDir()
+	writeFile(t, filepath.Join(dir, "a.jsonl"), sampleJSONL)
+	spec := filepath.Join(dir, "s.yaml")
+	writeFile(t, spec, "name: s\nstages:\n  src: {kind: jsonl, with: {paths: [a.jsonl]}}\n")
+	if r := runCLI(t, dir, "run", spec); r.code != 0 {
+		t.Fatal(r.stderr)
+	}
+	if r := runCLI(t, dir, "status", spec); r.code != 0 || strings.Contains(r.stdout, "DID NOT FINISH") || !strings.Contains(r.stdout, "last run: ") {
+		t.Fatalf("status after a finished run:\n%s", r.stdout)
+	}
+	locks, _ := filepath.Glob(filepath.Join(dir, "cache", "locks", "dag-*.lock"))
+	if len(locks) != 1 {
+		t.Fatalf("locks %v", locks)
+	}
+	// What a run killed a moment ago leaves.
+	writeFile(t, strings.TrimSuffix(locks[0], ".lock")+".holder", fmt.Sprintf("pid 999999 on host since %s\n", time.Now().Format(time.RFC3339)))
+	r := runCLI(t, dir, "status", spec)
+	if !strings.Contains(r.stdout, "last run: DID NOT FINISH: pid 999999 on host") || !strings.Contains(r.stdout, "last finished run: ") {
+		t.Errorf("status after a killed run:\n%s", r.stdout)
+	}
+	r = runCLI(t, dir, "run", spec)
+	if r.code != 0 || !strings.Contains(r.stderr, "the previous run of this DAG did not finish") {
+		t.Errorf("run after a killed run: %d\n%s", r.code, r.stderr)
+	}
+	if r := runCLI(t, dir, "status", spec); strings.Contains(r.stdout, "DID NOT FINISH") {
+		t.Errorf("status after the next run finished:\n%s", r.stdout)
+	}
+}
+
+// TestRunInterrupted: SIGINT or SIGTERM during a run stops it with exit
+// 130 or 143 (not 1: cron can tell an interruption from a failure), prints
+// the table so far, and records the run as interrupted.
+func TestRunInterrupted(t *testing.T) {
+	tok := testenv.GemmaFile(t, "tokenizer.json")
+	demo := filepath.Join(testenv.RepoRoot(t), "dataset", "demo", "alpaca-tr-demo.jsonl")
+	dir := t.TempDir()
+	spec := filepath.Join(dir, "train.yaml")
+	writeFile(t, spec, fmt.Sprintf(`name: train
+stages:
+  alpaca: {kind: jsonl, with: {paths: [%s], limit: 20}}
+  chat: {kind: chat_template, needs: [alpaca]}
+  tokens: {kind: tokenize, needs: [chat], with: {tokenizer: %s}}
+  pack: {kind: pack, needs: [tokens], with: {seq_len: 64}}
+  base: {kind: model, with: {preset: tiny}}
+  adapter: {kind: qlora, needs: [pack, base], with: {r: 2, alpha: 4, batch_size: 1, grad_accum: 1, epochs: 100000, backend: cpu}}
+`, demo, tok))
+	for _, c := range []struct {
+		sig  syscall.Signal
+		code int
+	}{{syscall.SIGINT, 130}, {syscall.SIGTERM, 143}} {
+		report := filepath.Join(dir, "report.json")
+		cmd, stdout, stderr := startCLI(t, dir, nil, "run", spec, "--progress", "none", "--report", report)
+		deadline := time.Now().Add(60 * time.Second)
+		for {
+			if m, _ := filepath.Glob(filepath.Join(dir, "cache", "scratch", "*")); len(m) > 0 {
+				break // training has begun
+			}
+			if time.Now().After(deadline) {
+				cmd.Process.Kill()
+				t.Fatalf("training never began:\n%s", stderr)
+			}
+			time.Sleep(20 * time.Millisecond)
+		}
+		time.Sleep(300 * time.Millisecond)
+		cmd.Process.Signal(c.sig)
+		if got := exitCode(t, cmd, 30*time.Second); got != c.code {
+			t.Errorf("%v: exit %d, want %d\n%s", c.sig, got, c.code, stderr)
+		}
+		table := strings.Join(strings.Fields(stdout.String()), " ")
+		if !strings.Contains(table, "adapter canceled") || !strings.Contains(table, "stopped after") {
+			t.Errorf("%v: no table so far on stdout:\n%s", c.sig, stdout)
+		}
+		data, _ := os.ReadFile(report)
+		if !bytes.Contains(data, []byte(`"interrupted": true`)) {
+			t.Errorf("%v: the report does not say interrupted:\n%s", c.sig, data)
+		}
+	}
+}
+
+// TestTokenizerPathIsAFIFO: a --tokenizer that is a named pipe is refused
+// with what it is, instead of blocking on the read.
+func TestTokenizerPathIsAFIFO(t *testing.T) {
+	dir := t.TempDir()
+	fifo := filepath.Join(dir, "tokenizer.json")
+	if err := syscall.Mkfifo(fifo, 0o644); err != nil {
+		t.Skip("no named pipes here:", err)
+	}
+	cmd, _, stderr := startCLI(t, dir, nil, "tokenize", "--tokenizer", fifo)
+	if code := exitCode(t, cmd, 20*time.Second); code != 1 || !strings.Contains(stderr.String(), "is a named pipe") {
+		t.Errorf("exit %d\n%s", code, stderr)
+	}
+}

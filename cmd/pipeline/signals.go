@@ -1,0 +1,118 @@
+package main
+
+import (
+	"context"
+	"fmt"
+	"os"
+	"os/signal"
+	"sync"
+	"sync/atomic"
+	"syscall"
+	"time"
+)
+
+// Interrupts. The first SIGINT or SIGTERM cancels the command's context:
+// `run` stops its stages, records the run and prints the table so far;
+// `tokenize` and `export` stop writing and discard their unfinished output.
+// A command still busy after a grace period (blocked reading a terminal or
+// a pipe, say), or a second signal, makes the process run the registered
+// cleanups (removing temporary files) and exit at once. Either way the exit
+// code is 128 + the signal's number, 130 for SIGINT and 143 for SIGTERM,
+// as shells report it, so that cron and systemd can tell an interruption
+// from a failure.
+
+// interrupted is the number of the signal that interrupted the command, 0
+// while none has.
+var interrupted atomic.Int32
+
+var (
+	cleanupMu sync.Mutex
+	cleanups  = map[*int]func(){}
+)
+
+// atInterrupt registers fn to run before the process exits on a signal;
+// the returned function unregisters it.
+func atInterrupt(fn func()) (remove func()) {
+	key := new(int)
+	cleanupMu.Lock()
+	cleanups[key] = fn
+	cleanupMu.Unlock()
+	return func() {
+		cleanupMu.Lock()
+		delete(cleanups, key)
+		cleanupMu.Unlock()
+	}
+}
+
+func runCleanups() {
+	cleanupMu.Lock()
+	defer cleanupMu.Unlock()
+	for _, fn := range cleanups {
+		fn()
+	}
+}
+
+// signalContext returns a context canceled by the first SIGINT or SIGTERM,
+// and a stop function that restores the default handling. grace is how
+// long the command may take to stop by itself.
+func signalContext(grace time.Duration) (context.Context, func()) {
+	ctx, cancel := context.WithCancelCause(context.Background())
+	ch := make(chan os.Signal, 2)
+	signal.Notify(ch, os.Interrupt, syscall.SIGTERM)
+	done := make(chan struct{})
+	go func() {
+		var sig os.Signal
+		select {
+		case sig = <-ch:
+		case <-done:
+			return
+		}
+		num := int32(sig.(syscall.Signal))
+		interrupted.Store(num)
+		fmt.Fprintf(os.Stderr, "pipeline: %s: stopping (again to stop at once)\n", signalName(sig))
+		cancel(signalCause{sig})
+		select {
+		case <-ch:
+		case <-time.After(grace):
+		case <-done:
+			return
+		}
+		runCleanups()
+		fmt.Fprintf(os.Stderr, "pipeline: stopped by %s\n", signalName(sig))
+		os.Exit(128 + int(num))
+	}()
+	var once sync.Once
+	return ctx, func() {
+		once.Do(func() {
+			signal.Stop(ch)
+			close(done)
+			cancel(nil)
+		})
+	}
+}
+
+// interruptCode is the exit code of a command interrupted by a signal, or
+// 0 when no signal came.
+func interruptCode() int {
+	if s := interrupted.Load(); s != 0 {
+		return 128 + int(s)
+	}
+	return 0
+}
+
+// signalCause is the cause of a context canceled by a signal; it is a
+// context.Canceled, as stages expect.
+type signalCause struct{ sig os.Signal }
+
+func (c signalCause) Error() string        { return "interrupted by " + signalName(c.sig) }
+func (c signalCause) Is(target error) bool { return target == context.Canceled }
+
+func signalName(sig os.Signal) string {
+	switch sig {
+	case os.Interrupt:
+		return "SIGINT"
+	case syscall.SIGTERM:
+		return "SIGTERM"
+	}
+	return sig.String()
+}

@@ -1,0 +1,71 @@
+package stages
+
+import (
+	"fmt"
+	"slices"
+	"strings"
+
+	"gemmaft/pipeline"
+)
+
+// readsKinds checks, before anything runs, that every need of a stage of
+// kind self is of one of the kinds it reads (what is the stage's table).
+func readsKinds(self, what string, needs []pipeline.Need, want ...string) error {
+	for _, n := range needs {
+		if !slices.Contains(want, n.Kind) {
+			return &pipeline.ParamError{Param: "needs",
+				Msg: fmt.Sprintf("%q is a %s stage, but a %s stage reads %s of a %s stage", n.Stage, n.Kind, self, what, strings.Join(want, " or ")),
+				Fix: fmt.Sprintf("name a %s stage in needs", strings.Join(want, " or "))}
+		}
+	}
+	return nil
+}
+
+func (chatKind) CheckInputs(_ any, needs []pipeline.Need) error {
+	return readsKinds(chatKindName, "the records", needs, parquetKindName, jsonlKindName)
+}
+
+func (tokenizeKind) CheckInputs(_ any, needs []pipeline.Need) error {
+	return readsKinds(tokenizeKindName, "the chat text", needs, chatKindName)
+}
+
+func (packKind) CheckInputs(_ any, needs []pipeline.Need) error {
+	return readsKinds(packKindName, "the tokens", needs, tokenizeKindName)
+}
+
+// CheckInputs: a qlora stage trains on the packed rows of one pack stage,
+// over the checkpoint of one model stage unless `model:` names a folder.
+func (qloraKind) CheckInputs(params any, needs []pipeline.Need) error {
+	p := params.(*qloraParams)
+	var packs, models []string
+	for _, n := range needs {
+		switch n.Kind {
+		case packKindName:
+			packs = append(packs, n.Stage)
+		case modelKindName:
+			models = append(models, n.Stage)
+		default:
+			return &pipeline.ParamError{Param: "needs",
+				Msg: fmt.Sprintf("%q is a %s stage, but a qlora stage reads the packed rows of a pack stage and the checkpoint of a model stage", n.Stage, n.Kind),
+				Fix: "name a pack stage (and a model stage, unless `model:` names a checkpoint folder) in needs"}
+		}
+	}
+	switch {
+	case len(packs) == 0:
+		return &pipeline.ParamError{Param: "needs", Msg: "no pack stage: a qlora stage trains on packed rows",
+			Fix: "add the pack stage to needs, e.g. needs: [pack]"}
+	case len(packs) > 1:
+		return &pipeline.ParamError{Param: "needs", Msg: fmt.Sprintf("two pack stages (%s): a qlora stage trains on one", strings.Join(packs, ", ")),
+			Fix: "keep one pack stage in needs"}
+	case len(models) > 1:
+		return &pipeline.ParamError{Param: "needs", Msg: fmt.Sprintf("two model stages (%s): a qlora stage trains one base model", strings.Join(models, ", ")),
+			Fix: "keep one model stage in needs"}
+	case len(models) == 1 && p.Model != "":
+		return &pipeline.ParamError{Param: "model", Msg: fmt.Sprintf("names %s, and model stage %q is in needs: two base models", p.Model, models[0]),
+			Fix: "remove `model:`, or the model stage from needs"}
+	case len(models) == 0 && p.Model == "":
+		return &pipeline.ParamError{Param: "needs", Msg: "no base model",
+			Fix: "set `model:` to a checkpoint folder, or add a model stage to needs"}
+	}
+	return nil
+}

@@ -1,0 +1,164 @@
+package stages
+
+import (
+	"os"
+	"path/filepath"
+	"strconv"
+	"strings"
+	"syscall"
+	"testing"
+
+	"gemmaft/pipeline"
+	"gemmaft/trainer"
+)
+
+// A DAG with every kind; line 12 is the adapter's first parameter, which
+// the cases below replace.
+const validationSpec = `name: x
+stages:
+  alpaca: {kind: jsonl, with: {paths: [a.jsonl]}}
+  chat: {kind: chat_template, needs: [alpaca]}
+  tokens: {kind: tokenize, needs: [chat], with: {tokenizer: tok.json}}
+  pack: {kind: pack, needs: [tokens], with: {seq_len: 64}}
+  base: {kind: model, with: {preset: tiny}}
+  adapter:
+    kind: qlora
+    needs: [pack, base]
+    with:
+      PARAM
+      backend: cpu
+`
+
+// loadErr writes spec beside a.jsonl and tok.json and returns the error of
+// loading it.
+func loadErr(t *testing.T, spec string) (path string, err error) {
+	t.Helper()
+	r := newTestRun(t)
+	os.WriteFile(filepath.Join(r.dir, "a.jsonl"), []byte(`{"instruction": "Selam ver", "input": "", "output": "Merhaba."}`+"\n"), 0o644)
+	os.WriteFile(filepath.Join(r.dir, "tok.json"), []byte("{}"), 0o644)
+	path = r.spec(spec)
+	_, err = pipeline.Load(path, Registry())
+	return path, err
+}
+
+// TestParameterMistakes: every bad value is a spec error (exit 2) at its
+// own line, naming the parameter, with a fix; none is truncated, ignored
+// or blamed on another parameter.
+func TestParameterMistakes(t *testing.T) {
+	cases := []struct {
+		param string
+		want  string
+	}{
+		{"max_steps: -1", "max_steps: -1 must not be negative"},
+		{"warmup_steps: -2", "warmup_steps: -2 must not be negative"},
+		{"weight_decay: -0.1", "weight_decay: -0.1 must not be negative"},
+		{"eval_every: -5", "eval_every: -5 must not be negative"},
+		{"epochs: -1", "epochs: -1 must not be negative"},
+		{"checkpoint_every: -1", "checkpoint_every: -1 must not be negative"},
+		{"lr: .nan", "lr: must be a finite number, got NaN"},
+		{"alpha: .inf", "alpha: must be a finite number, got +Inf"},
+		{"max_grad_norm: .inf", "max_grad_norm: must be a finite number"},
+		{"eval_fraction: .nan", "eval_fraction: must be a finite number"},
+		{"dropout: -.inf", "dropout: must be a finite number"},
+		{"r: 8.5", "r must be a whole number, got 8.5"},
+		{"batch_size: 2.5", "batch_size must be a whole number, got 2.5"},
+		{"max_steps: 1e400", "max_steps must be a whole number"},
+		{"r: 0", "r: 0 must be in [1, 65536]"},
+		{"alpha: 0", "alpha: 0 must be positive"},
+		{"dropout: 1", "dropout: 1 must be in [0, 1)"},
+		{"target_modules: []", "target_modules: is empty"},
+		{"target_modules: [q_proj, q_proj]", "target_modules: q_proj is listed twice"},
+		{"grad_accum: 0", "grad_accum: 0 must be at least 1"},
+	}
+	for _, c := range cases {
+		t.Run(c.param, func(t *testing.T) {
+			path, err := loadErr(t, strings.Replace(validationSpec, "PARAM", c.param, 1))
+			if err == nil {
+				t.Fatal("loaded")
+			}
+			if !pipeline.IsSpecError(err) {
+				t.Fatalf("not a spec error: %v", err)
+			}
+			if !strings.HasPrefix(err.Error(), path+":12:") {
+				t.Errorf("want line 12: %v", err)
+			}
+			if !strings.Contains(err.Error(), `stage "adapter": `+c.want) {
+				t.Errorf("message lacks %q: %v", c.want, err)
+			}
+			if !strings.Contains(err.Error(), "fix: ") {
+				t.Errorf("no fix: %v", err)
+			}
+		})
+	}
+}
+
+// TestOtherKindsRefuseNonFinite: the check is the loader's, for every kind.
+func TestOtherKindsRefuseNonFinite(t *testing.T) {
+	path, err := loadErr(t, "name: x\nstages:\n  base:\n    kind: model\n    with: {preset: tiny, std: .inf}\n")
+	if err == nil || !strings.HasPrefix(err.Error(), path+":5:") || !strings.Contains(err.Error(), "std: must be a finite number") {
+		t.Fatalf("std .inf: %v", err)
+	}
+	path, err = loadErr(t, "name: x\nstages:\n  a: {kind: jsonl, with: {paths: [a.jsonl], limit: 2.5}}\n")
+	if err == nil || !strings.HasPrefix(err.Error(), path+":3:") || !strings.Contains(err.Error(), "limit must be a whole number, got 2.5") {
+		t.Fatalf("limit 2.5: %v", err)
+	}
+}
+
+// TestCUDAWithoutGPU: backend: cuda where no GPU backend is usable is a
+// spec error at that line, before anything runs.
+func TestCUDAWithoutGPU(t *testing.T) {
+	if _, _, err := trainer.ResolveBackend("cuda"); err == nil {
+		t.Skip("a GPU is usable here")
+	}
+	path, err := loadErr(t, strings.Replace(strings.Replace(validationSpec, "PARAM", "r: 8", 1), "backend: cpu", "backend: cuda", 1))
+	if err == nil || !pipeline.IsSpecError(err) || !strings.HasPrefix(err.Error(), path+":13:") || !strings.Contains(err.Error(), "backend:") || !strings.Contains(err.Error(), "fix: use backend: auto") {
+		t.Fatalf("backend cuda without a GPU: %v", err)
+	}
+}
+
+// TestSourcePathMistakes: a path that is not a data file says what it is,
+// and a file listed twice (which would double its records) is refused.
+func TestSourcePathMistakes(t *testing.T) {
+	r := newTestRun(t)
+	os.WriteFile(filepath.Join(r.dir, "a.jsonl"), []byte(`{"instruction": "a", "input": "", "output": "b"}`+"\n"), 0o644)
+	os.Mkdir(filepath.Join(r.dir, "folder.jsonl"), 0o755)
+	os.Symlink(filepath.Join(r.dir, "loop2.jsonl"), filepath.Join(r.dir, "loop1.jsonl"))
+	os.Symlink(filepath.Join(r.dir, "loop1.jsonl"), filepath.Join(r.dir, "loop2.jsonl"))
+	os.Symlink(filepath.Join(r.dir, "gone.jsonl"), filepath.Join(r.dir, "dangling.jsonl"))
+	os.Symlink(filepath.Join(r.dir, "a.jsonl"), filepath.Join(r.dir, "link.jsonl"))
+	cases := map[string]string{
+		"[folder.jsonl]":         "folder.jsonl is a folder, not a regular file",
+		"[loop1.jsonl]":          "loop1.jsonl is a loop of symbolic links",
+		"[dangling.jsonl]":       "dangling.jsonl is a symbolic link to " + filepath.Join(r.dir, "gone.jsonl") + ", which does not exist",
+		"[a.jsonl, a.jsonl]":     "a.jsonl is listed twice (also as " + filepath.Join(r.dir, "a.jsonl") + ")",
+		"[a.jsonl, link.jsonl]":  "link.jsonl is listed twice",
+		`[a.jsonl, "a*.jsonl"]`:  "a.jsonl is listed twice",
+		"[~nosuchuser12/a.json]": "cannot expand ~nosuchuser12",
+	}
+	if err := syscall.Mkfifo(filepath.Join(r.dir, "pipe.jsonl"), 0o644); err == nil {
+		cases["[pipe.jsonl]"] = "pipe.jsonl is a named pipe (FIFO; reading it would wait for a writer), not a regular file"
+	}
+	for paths, want := range cases {
+		path := r.spec("name: x\nstages:\n  a:\n    kind: jsonl\n    with:\n      paths: " + paths + "\n")
+		_, err := pipeline.Load(path, Registry())
+		if err == nil || !pipeline.IsSpecError(err) || !strings.HasPrefix(err.Error(), path+":6:") || !strings.Contains(err.Error(), want) {
+			t.Errorf("paths: %s: %v, want a spec error at line 6 saying %q", paths, err, want)
+		}
+	}
+	// ~ is the home folder.
+	t.Setenv("HOME", r.dir)
+	path := r.spec("name: x\nstages:\n  a: {kind: jsonl, with: {paths: [~/a.jsonl]}}\n  t: {kind: tokenize, needs: [c], with: {tokenizer: ~/a.jsonl}}\n  c: {kind: chat_template, needs: [a]}\n")
+	dag, err := pipeline.Load(path, Registry())
+	if err != nil {
+		t.Fatalf("~ in paths: %v", err)
+	}
+	if got := dag.Node("a").Runner.Files(); len(got) != 1 || got[0] != filepath.Join(r.dir, "a.jsonl") {
+		t.Errorf("~/a.jsonl read as %v", got)
+	}
+	// A tokenizer that is a folder says so.
+	path = r.spec("name: x\nstages:\n  a: {kind: jsonl, with: {paths: [a.jsonl]}}\n  c: {kind: chat_template, needs: [a]}\n  t: {kind: tokenize, needs: [c], with: {tokenizer: folder.jsonl}}\n")
+	if _, err := pipeline.Load(path, Registry()); err == nil || !strings.HasPrefix(err.Error(), path+":5:") || !strings.Contains(err.Error(), "is a folder") {
+		t.Errorf("tokenizer folder: %v", err)
+	}
+	_ = strconv.Itoa
+}

@@ -1,0 +1,262 @@
+package main
+
+import (
+	"bufio"
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"os"
+	"os/signal"
+	"path/filepath"
+	"strings"
+	"time"
+
+	"github.com/mattn/go-isatty"
+	"github.com/spf13/cobra"
+
+	"gemmaft/chat"
+	"gemmaft/converse"
+	"gemmaft/tokenizer"
+	"gemmaft/trainer"
+)
+
+// defaultMaxNewTokens caps an answer when neither the flag nor the
+// model's generation_config.json says otherwise.
+const defaultMaxNewTokens = 1024
+
+func init() {
+	var modelDir, adapterDir, quantize, system, prompt, tokPath string
+	var maxNew, topK int
+	var temperature, topP float64
+	var seed uint64
+	cmd := &cobra.Command{
+		Use:   "chat --model DIR [--adapter DIR] [--quantize nf4] [--system TEXT] [--prompt TEXT|-]",
+		Short: "Talk with a model, or have it answer one prompt",
+		Long: `chat talks with a Gemma 3 checkpoint (--model), with a PEFT LoRA adapter
+applied when --adapter is given: each turn is rendered with the Gemma 3 chat
+template, the whole conversation so far included, and the answer is printed as
+it is generated. --system puts a system text before the first turn, as the
+template does. An answer ends at <end_of_turn> or <eos>, or after
+--max-new-tokens.
+
+On a terminal, type a message and press Enter; /reset starts a new
+conversation, /exit (or Ctrl-D) leaves, Ctrl-C stops an answer. Without a
+terminal, each line of stdin is the next turn of one conversation.
+--prompt TEXT answers TEXT alone and exits (--prompt - reads it from stdin):
+for scripts. The answer goes to stdout, white space stripped as the template
+strips a turn.
+
+Sampling: --temperature 0 decodes greedily (the same answer every time);
+otherwise tokens are drawn at that temperature from the --top-k most likely,
+then from the smallest set whose probability reaches --top-p, with --seed.
+Where a flag is not given, the model folder's generation_config.json decides
+(Gemma 3 ships do_sample with top_k 64 and top_p 0.95 at temperature 1), and
+without one decoding is greedy.
+
+--quantize nf4 passes the base's projections through NF4 and back first: the
+weights a QLoRA adapter was trained against. The tokenizer is the model
+folder's tokenizer.json unless --tokenizer names one. The model runs on the
+CPU reference in float32.`,
+		Example: `  pipeline chat --model models/gemma-3-1b-it
+  pipeline chat --model models/gemma-3-12b-it --adapter run/adapter --quantize nf4 --system "Kısa cevap ver."
+  pipeline chat --model merged --temperature 0 --prompt "Türkiye'nin başkenti neresidir?"
+  echo "Bir haiku yaz." | pipeline chat --model merged --prompt -`,
+		Args: cobra.NoArgs,
+		RunE: func(cmd *cobra.Command, _ []string) error {
+			if modelDir == "" {
+				return usageErr(errors.New("chat: --model is required"))
+			}
+			switch quantize {
+			case "", "none", "nf4":
+			default:
+				return usageErr(fmt.Errorf("chat: --quantize %q: want nf4 or none", quantize))
+			}
+			gc, err := converse.ReadGenerationConfig(modelDir)
+			if err != nil {
+				return failErr(err)
+			}
+			opts := trainer.GenerateOptions{MaxNewTokens: defaultMaxNewTokens, Seed: seed}
+			opts.Temperature, opts.TopK, opts.TopP = gc.Sampling()
+			if gc != nil && gc.MaxNewTokens > 0 {
+				opts.MaxNewTokens = gc.MaxNewTokens
+			}
+			f := cmd.Flags()
+			if f.Changed("temperature") {
+				opts.Temperature = temperature
+			}
+			if f.Changed("top-k") {
+				opts.TopK = topK
+			}
+			if f.Changed("top-p") {
+				opts.TopP = topP
+			}
+			if f.Changed("max-new-tokens") {
+				opts.MaxNewTokens = maxNew
+			}
+			if err := opts.Validate(); err != nil {
+				return usageErr(fmt.Errorf("chat: %w", err))
+			}
+			if tokPath == "" {
+				tokPath = filepath.Join(modelDir, "tokenizer.json")
+				if _, err := os.Stat(tokPath); err != nil {
+					return usageErr(fmt.Errorf("chat: %s has no tokenizer.json; give one with --tokenizer", modelDir))
+				}
+			}
+			var question string
+			if prompt == "-" {
+				b, err := io.ReadAll(cmd.InOrStdin())
+				if err != nil {
+					return failErr(err)
+				}
+				question = string(b)
+			} else {
+				question = prompt
+			}
+			if f.Changed("prompt") && chat.Strip(question) == "" {
+				return usageErr(errors.New("chat: --prompt is empty"))
+			}
+
+			tok, err := tokenizer.LoadFile(tokPath)
+			if err != nil {
+				return failErr(err)
+			}
+			tty := isatty.IsTerminal(os.Stdin.Fd()) && !f.Changed("prompt")
+			began := time.Now()
+			dec, err := trainer.OpenDecoder(trainer.DecoderConfig{Model: modelDir, Adapter: adapterDir, Quantize: quantize})
+			if err != nil {
+				return failErr(err)
+			}
+			defer dec.Close()
+			gen, err := converse.New(dec, tok)
+			if err != nil {
+				return failErr(err)
+			}
+			s := &chatSession{gen: gen, opts: opts, out: cmd.OutOrStdout(), conv: converse.Conversation{System: system}}
+			if tty {
+				c := dec.Info().Config
+				fmt.Fprintf(os.Stderr, "loaded %s (%d layers, hidden %d) in %.1fs; %s. /reset starts over, /exit leaves.\n",
+					modelDir, c.Layers, c.Hidden, time.Since(began).Seconds(), samplingNote(opts))
+			}
+			if f.Changed("prompt") {
+				_, err := s.answer(cmd.Context(), question)
+				return err
+			}
+			return s.loop(cmd.Context(), cmd.InOrStdin(), tty)
+		},
+	}
+	f := cmd.Flags()
+	f.StringVar(&modelDir, "model", "", "Gemma 3 checkpoint folder (config.json, safetensors)")
+	f.StringVar(&adapterDir, "adapter", "", "PEFT LoRA adapter folder for --model")
+	f.StringVar(&quantize, "quantize", "", "nf4: the base's projections through NF4 and back, as QLoRA trained")
+	f.StringVar(&system, "system", "", "system text before the first turn")
+	f.StringVar(&prompt, "prompt", "", "answer this text and exit (- reads it from stdin)")
+	f.StringVar(&tokPath, "tokenizer", "", "tokenizer.json (default: the model folder's)")
+	f.IntVar(&maxNew, "max-new-tokens", 0, "most tokens in an answer (default: generation_config.json's max_new_tokens, else 1024)")
+	f.Float64Var(&temperature, "temperature", 0, "sampling temperature; 0 decodes greedily (default: generation_config.json's; greedy without one)")
+	f.IntVar(&topK, "top-k", 0, "sample from the k most likely tokens; 0 keeps all (default: generation_config.json's)")
+	f.Float64Var(&topP, "top-p", 0, "then from the smallest set whose probability reaches p; 1 keeps all (default: generation_config.json's)")
+	f.Uint64Var(&seed, "seed", 0, "seed of the draws when sampling")
+	root.AddCommand(cmd)
+}
+
+func samplingNote(o trainer.GenerateOptions) string {
+	if o.Temperature == 0 {
+		return fmt.Sprintf("greedy, at most %d new tokens", o.MaxNewTokens)
+	}
+	return fmt.Sprintf("sampling at temperature %g, top_k %d, top_p %g, seed %d, at most %d new tokens",
+		o.Temperature, o.TopK, o.TopP, o.Seed, o.MaxNewTokens)
+}
+
+// chatSession is one conversation with the model.
+type chatSession struct {
+	gen  *converse.Generator
+	opts trainer.GenerateOptions
+	out  io.Writer
+	conv converse.Conversation
+}
+
+// answer asks text as the conversation's next turn, prints the answer as
+// it comes and keeps it in the conversation. Ctrl-C stops the answer; what
+// was said so far stays.
+func (s *chatSession) answer(ctx context.Context, text string) (stopped bool, err error) {
+	conv := s.conv
+	conv.Turns = append(conv.Turns[:len(conv.Turns):len(conv.Turns)], text)
+	ctx, cancel := signal.NotifyContext(ctx, os.Interrupt)
+	defer cancel()
+	// The answer is printed stripped as the template strips it, so that
+	// what a script reads is what the next turn's prompt holds.
+	var raw strings.Builder
+	printed := 0
+	o := s.opts
+	o.Seed += uint64(len(s.conv.Turns)) // each turn its own draws
+	replies, err := s.gen.Reply(ctx, []converse.Conversation{conv}, o, func(_ int, piece string) {
+		raw.WriteString(piece)
+		now := chat.Strip(raw.String())
+		if len(now) > printed {
+			io.WriteString(s.out, now[printed:])
+			printed = len(now)
+		}
+	})
+	var ce *converse.ContextError
+	var reply string
+	switch {
+	case err == nil:
+		reply = replies[0].Text
+		if printed < len(reply) {
+			io.WriteString(s.out, reply[printed:])
+		}
+	case ctx.Err() != nil && errors.Is(err, context.Canceled):
+		stopped, reply = true, chat.Strip(raw.String())
+	case errors.As(err, &ce):
+		return false, failErr(fmt.Errorf("chat: %w; /reset starts a new conversation", ce))
+	default:
+		return false, failErr(err)
+	}
+	fmt.Fprintln(s.out)
+	s.conv.Turns = conv.Turns
+	s.conv.Answers = append(s.conv.Answers, reply)
+	return stopped, nil
+}
+
+// loop reads turns from in until it ends: typed at a prompt on a terminal,
+// else one a line.
+func (s *chatSession) loop(ctx context.Context, in io.Reader, tty bool) error {
+	sc := bufio.NewScanner(in)
+	sc.Buffer(make([]byte, 64<<10), 16<<20)
+	for {
+		if tty {
+			fmt.Fprint(s.out, "\n> ")
+		}
+		if !sc.Scan() {
+			if tty {
+				fmt.Fprintln(s.out)
+			}
+			return sc.Err()
+		}
+		line := sc.Text()
+		switch strings.TrimSpace(line) {
+		case "":
+			continue
+		case "/exit", "/quit":
+			return nil
+		case "/reset":
+			s.conv = converse.Conversation{System: s.conv.System}
+			if tty {
+				fmt.Fprintln(s.out, "(a new conversation)")
+			}
+			continue
+		}
+		stopped, err := s.answer(ctx, line)
+		if err != nil {
+			if tty {
+				fmt.Fprintln(os.Stderr, "pipeline:", err)
+				continue
+			}
+			return err
+		}
+		if stopped && tty {
+			fmt.Fprintln(s.out, "(stopped)")
+		}
+	}
+}

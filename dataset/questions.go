@@ -1,0 +1,229 @@
+package dataset
+
+import (
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"io/fs"
+	"slices"
+	"strconv"
+	"strings"
+	"unicode/utf8"
+
+	"github.com/apache/arrow-go/v18/arrow"
+	"github.com/apache/arrow-go/v18/arrow/array"
+	"github.com/apache/arrow-go/v18/arrow/memory"
+)
+
+// Column names of a question table: the fields of MT-Bench's
+// question.jsonl that generation needs.
+const (
+	ColQuestionID = "question_id"
+	ColCategory   = "category"
+	ColTurns      = "turns"
+)
+
+// Question is one record of an MT-Bench question file: the user's turns,
+// asked one after the other in one conversation, each after the model's
+// answer to the one before.
+type Question struct {
+	// ID is the question_id as the file writes it: an int64 (MT-Bench's
+	// are integers) or a string. FastChat's judge matches answers to
+	// questions by id, type included, so it is carried as it is.
+	ID       any
+	Category string
+	Turns    []string
+}
+
+// ReadQuestions reads MT-Bench question files: JSON lines (optionally .gz)
+// of {"question_id", "category", "turns": [...]}; other fields (MT-Bench's
+// reference answers) are ignored. Every question needs an id and at least
+// one non-empty turn; ids are all integers or all strings, and unique
+// across the files. limit > 0 stops after that many questions. fsys, when
+// not nil, is where the paths are looked up instead of the operating
+// system's files.
+func ReadQuestions(paths []string, limit int64, fsys fs.FS) ([]Question, error) {
+	if len(paths) == 0 {
+		return nil, errors.New("dataset: no question files")
+	}
+	var out []Question
+	seen := map[any]string{} // id → where it was first seen
+	var idKind, idKindAt string
+	for _, path := range paths {
+		jf := &jsonlFile{open: SourceOptions{FS: fsys}.opener(), name: path, gz: strings.HasSuffix(strings.ToLower(path), ".gz")}
+		lr, err := jf.lines()
+		if err != nil {
+			return nil, err
+		}
+		for limit <= 0 || int64(len(out)) < limit {
+			line, err := lr.next()
+			if err == io.EOF {
+				break
+			}
+			if err != nil {
+				lr.close()
+				return nil, err
+			}
+			at := fmt.Sprintf("%s: line %d", path, lr.line)
+			q, err := parseQuestion(line)
+			if err != nil {
+				lr.close()
+				return nil, fmt.Errorf("dataset: %s: %w", at, err)
+			}
+			kind := "an integer"
+			if _, ok := q.ID.(string); ok {
+				kind = "a string"
+			}
+			if idKind == "" {
+				idKind, idKindAt = kind, at
+			} else if kind != idKind {
+				lr.close()
+				return nil, fmt.Errorf("dataset: %s: question_id is %s, but at %s it is %s; FastChat matches answers to questions by id, so keep one type",
+					at, kind, idKindAt, idKind)
+			}
+			if first, dup := seen[q.ID]; dup {
+				lr.close()
+				return nil, fmt.Errorf("dataset: %s: question_id %v again (first at %s)", at, q.ID, first)
+			}
+			seen[q.ID] = at
+			out = append(out, q)
+		}
+		lr.close()
+	}
+	if len(out) == 0 {
+		return nil, fmt.Errorf("dataset: %s: no questions", strings.Join(paths, ", "))
+	}
+	return out, nil
+}
+
+func parseQuestion(line []byte) (Question, error) {
+	var obj map[string]json.RawMessage
+	if err := json.Unmarshal(line, &obj); err != nil || obj == nil {
+		if err == nil {
+			err = errors.New("null")
+		}
+		return Question{}, fmt.Errorf("not a JSON object: %v", err)
+	}
+	var q Question
+	raw, ok := obj[ColQuestionID]
+	if !ok {
+		return q, fmt.Errorf("no %s; the record has fields %s (a question file holds %s, %s and %s)",
+			ColQuestionID, quoteList(keysOf(obj)), ColQuestionID, ColCategory, ColTurns)
+	}
+	switch {
+	case len(raw) > 0 && raw[0] == '"':
+		var s string
+		if err := json.Unmarshal(raw, &s); err != nil || s == "" {
+			return q, fmt.Errorf("%s %s is not a non-empty string", ColQuestionID, raw)
+		}
+		q.ID = s
+	default:
+		n, err := strconv.ParseInt(string(raw), 10, 64)
+		if err != nil {
+			return q, fmt.Errorf("%s %s is neither an integer nor a string", ColQuestionID, raw)
+		}
+		q.ID = n
+	}
+	if raw, ok := obj[ColCategory]; ok && string(raw) != "null" {
+		if err := json.Unmarshal(raw, &q.Category); err != nil {
+			return q, fmt.Errorf("%s %s is not a string", ColCategory, raw)
+		}
+	}
+	raw, ok = obj[ColTurns]
+	if !ok {
+		return q, fmt.Errorf("question %v has no %s (the list of user turns)", q.ID, ColTurns)
+	}
+	if !utf8.Valid(raw) {
+		return q, fmt.Errorf("question %v: %s is not valid UTF-8", q.ID, ColTurns)
+	}
+	if err := json.Unmarshal(raw, &q.Turns); err != nil {
+		return q, fmt.Errorf("question %v: %s is not a list of strings", q.ID, ColTurns)
+	}
+	if len(q.Turns) == 0 {
+		return q, fmt.Errorf("question %v: %s is empty", q.ID, ColTurns)
+	}
+	for i, t := range q.Turns {
+		if strings.TrimSpace(t) == "" {
+			return q, fmt.Errorf("question %v: turn %d is empty", q.ID, i+1)
+		}
+	}
+	return q, nil
+}
+
+func keysOf(obj map[string]json.RawMessage) []string {
+	keys := make([]string, 0, len(obj))
+	for k := range obj {
+		keys = append(keys, k)
+	}
+	slices.Sort(keys)
+	return keys
+}
+
+// QuestionSchema is the schema of a question table: question_id (int64
+// or string, as intIDs says), category and turns (a list of strings).
+func QuestionSchema(intIDs bool) *arrow.Schema {
+	id := arrow.DataType(arrow.BinaryTypes.String)
+	if intIDs {
+		id = arrow.PrimitiveTypes.Int64
+	}
+	return arrow.NewSchema([]arrow.Field{
+		{Name: ColQuestionID, Type: id},
+		{Name: ColCategory, Type: arrow.BinaryTypes.String},
+		{Name: ColTurns, Type: arrow.ListOf(arrow.BinaryTypes.String)},
+	}, nil)
+}
+
+// QuestionsRecord builds the question table of qs (whose ids are all of
+// one type, as ReadQuestions returns them).
+func QuestionsRecord(qs []Question, mem memory.Allocator) arrow.RecordBatch {
+	if mem == nil {
+		mem = memory.NewGoAllocator()
+	}
+	intIDs := len(qs) == 0
+	if len(qs) > 0 {
+		_, intIDs = qs[0].ID.(int64)
+	}
+	b := array.NewRecordBuilder(mem, QuestionSchema(intIDs))
+	defer b.Release()
+	cat := b.Field(1).(*array.StringBuilder)
+	turns := b.Field(2).(*array.ListBuilder)
+	tv := turns.ValueBuilder().(*array.StringBuilder)
+	for _, q := range qs {
+		AppendQuestionID(b.Field(0), q.ID)
+		cat.Append(q.Category)
+		turns.Append(true)
+		for _, t := range q.Turns {
+			tv.Append(t)
+		}
+	}
+	return b.NewRecordBatch()
+}
+
+// AppendQuestionID appends an id (int64 or string) to a question_id
+// column's builder, converting between the two where it must.
+func AppendQuestionID(b array.Builder, id any) {
+	switch b := b.(type) {
+	case *array.Int64Builder:
+		n, _ := id.(int64)
+		b.Append(n)
+	case *array.StringBuilder:
+		b.Append(fmt.Sprint(id))
+	}
+}
+
+// QuestionIDAt returns row i of a question_id column: an int64 for an
+// integer column, a string for a string column.
+func QuestionIDAt(col arrow.Array, i int) (any, error) {
+	switch c := col.(type) {
+	case *array.Int64:
+		return c.Value(i), nil
+	case *array.Int32:
+		return int64(c.Value(i)), nil
+	case *array.String:
+		return c.Value(i), nil
+	case *array.LargeString:
+		return c.Value(i), nil
+	}
+	return nil, fmt.Errorf("column %s is %s; want integers or strings", ColQuestionID, col.DataType())
+}

@@ -1,0 +1,701 @@
+package stages
+
+import (
+	"bufio"
+	"context"
+	"crypto/sha256"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"math"
+	"math/big"
+	"os"
+	"path/filepath"
+	"regexp"
+	"strings"
+	"time"
+
+	"github.com/apache/arrow-go/v18/arrow"
+	"github.com/apache/arrow-go/v18/arrow/array"
+	"github.com/apache/arrow-go/v18/arrow/memory"
+
+	"gemmaft/converse"
+	"gemmaft/dataset"
+	"gemmaft/pipeline"
+	"gemmaft/tokenizer"
+	"gemmaft/trainer"
+)
+
+const generateKindName = "generate"
+
+func init() { kinds[generateKindName] = generateKind{} }
+
+// AnswersDir is the folder of a generate stage's entry that holds the
+// answer file, model_answer/MODEL_ID.jsonl: FastChat's
+// data/BENCH/model_answer/ layout, so the folder can be copied there for
+// its judge.
+const AnswersDir = "model_answer"
+
+// generateKind answers questions with a model: single questions from a
+// source's instruction and input, or MT-Bench's multi-turn questions, each
+// later turn asked after the model's own earlier answers. The model is a
+// qlora stage's adapter on its base, a merge stage's checkpoint, or a base
+// alone.
+type generateKind struct{}
+
+type generateParams struct {
+	// Model is a base checkpoint folder, when no model or merge stage is
+	// among the needs and the qlora stage's lineage does not name one.
+	Model string `json:"model,omitempty"`
+	// Tokenizer is a tokenizer.json; by default the one training used
+	// (the qlora stage's tokenize stage), else the model folder's.
+	Tokenizer string `json:"tokenizer,omitempty"`
+	// Quantize is auto (nf4 for an adapter trained on an NF4 base, which
+	// is what it learned to correct; none otherwise), nf4 or none.
+	Quantize     string  `json:"quantize"`
+	MaxNewTokens int     `yaml:"max_new_tokens" json:"max_new_tokens"`
+	Temperature  float64 `json:"temperature"`
+	TopK         int     `yaml:"top_k" json:"top_k"`
+	TopP         float64 `yaml:"top_p" json:"top_p"`
+	Seed         uint64  `json:"seed"`
+	// System is a system text put before every conversation's first turn;
+	// empty leaves the source's system column (if any) in charge.
+	System string `json:"system,omitempty"`
+	// ModelID names the model in the answer file (and names the file),
+	// as FastChat's --model-id does.
+	ModelID string `yaml:"model_id" json:"model_id"`
+	// BatchSize is how many questions are decoded together. Each sequence
+	// attends only to its own cache and draws from its own stream, so the
+	// answers do not depend on it; it stays out of the key.
+	BatchSize int `yaml:"batch_size" json:"-"`
+}
+
+var modelIDPattern = regexp.MustCompile(`^[A-Za-z0-9][A-Za-z0-9._-]*$`)
+
+func (generateKind) Version() int       { return 1 }
+func (generateKind) Inputs() (int, int) { return 1, 3 }
+func (generateKind) Params() any {
+	return &generateParams{Quantize: "auto", MaxNewTokens: 1024, TopP: 1, ModelID: "model", BatchSize: 8}
+}
+
+func (p *generateParams) Validate() error {
+	bad := func(param, msg, fix string) error { return &pipeline.ParamError{Param: param, Msg: msg, Fix: fix} }
+	switch p.Quantize {
+	case "auto", "nf4", "none":
+	default:
+		return bad("quantize", fmt.Sprintf("unknown %q", p.Quantize),
+			"use auto (nf4 for an adapter trained on an NF4 base), nf4 or none")
+	}
+	if p.TopP == 0 {
+		p.TopP = 1 // both mean no nucleus cut; one spelling keeps one key
+	}
+	switch {
+	case p.MaxNewTokens < 1:
+		return bad("max_new_tokens", "must be at least 1", "FastChat's MT-Bench answers take up to 1024")
+	case p.Temperature < 0 || math.IsNaN(p.Temperature) || math.IsInf(p.Temperature, 0):
+		return bad("temperature", fmt.Sprintf("%v must be 0 (greedy) or positive", p.Temperature), "")
+	case p.TopK < 0:
+		return bad("top_k", "must not be negative", "0 keeps every token")
+	case p.TopP < 0 || p.TopP > 1 || math.IsNaN(p.TopP):
+		return bad("top_p", fmt.Sprintf("%v must be in (0, 1]", p.TopP), "1 keeps every token")
+	case p.BatchSize < 1:
+		return bad("batch_size", "must be at least 1", "")
+	case !modelIDPattern.MatchString(p.ModelID):
+		return bad("model_id", fmt.Sprintf("%q is not a file name", p.ModelID), "letters, digits, '.', '_' and '-'")
+	}
+	if p.Temperature == 0 {
+		for _, c := range []struct {
+			param string
+			set   bool
+		}{{"top_k", p.TopK != 0}, {"top_p", p.TopP != 1}, {"seed", p.Seed != 0}} {
+			if c.set {
+				return bad(c.param, "applies only when sampling, and temperature is 0 (greedy)",
+					"set temperature (e.g. 0.7, with top_k 64 and top_p 0.95 as Gemma 3 ships), or remove "+c.param)
+			}
+		}
+	}
+	return nil
+}
+
+func (generateKind) Prepare(params any, dir string) (pipeline.Runner, error) {
+	p := params.(*generateParams)
+	s := &generateStage{p: p}
+	if p.Model != "" {
+		s.model = absFrom(dir, p.Model)
+		files, err := keyedCheckpointFiles(s.model)
+		if err != nil {
+			return nil, &pipeline.ParamError{Param: "model", Msg: err.Error(), Fix: "point model at a Hugging Face Gemma 3 checkpoint folder"}
+		}
+		if _, err := os.Stat(filepath.Join(s.model, "tokenizer.json")); err == nil {
+			files = append(files, filepath.Join(s.model, "tokenizer.json"))
+		}
+		s.files = files
+	}
+	if p.Tokenizer != "" {
+		s.tokenizer = absFrom(dir, p.Tokenizer)
+		if fi, err := os.Stat(s.tokenizer); err != nil || fi.IsDir() {
+			return nil, &pipeline.ParamError{Param: "tokenizer", Msg: s.tokenizer + " is not a readable file",
+				Fix: "give the path of the model's tokenizer.json, relative to the spec's folder"}
+		}
+		s.files = append(s.files, s.tokenizer)
+	}
+	return s, nil
+}
+
+func absFrom(dir, path string) string {
+	if filepath.IsAbs(path) {
+		return path
+	}
+	return filepath.Join(dir, path)
+}
+
+type generateStage struct {
+	p         *generateParams
+	model     string
+	tokenizer string
+	files     []string
+}
+
+func (s *generateStage) Files() []string { return s.files }
+
+// generateSetup is what a generate stage's inputs resolve to.
+type generateSetup struct {
+	source    *pipeline.Input
+	model     string // checkpoint folder
+	adapter   string // PEFT adapter folder; "" for the model alone
+	quantize  string // nf4 or none
+	tokenizer string // tokenizer.json
+}
+
+func (s *generateStage) Run(ctx context.Context, t *pipeline.Task) error {
+	setup, err := s.setup(ctx, t)
+	if err != nil {
+		return err
+	}
+	prompts, intIDs, err := readPrompts(ctx, setup.source, s.p.System)
+	if err != nil {
+		return err
+	}
+	tok, err := tokenizer.LoadFile(setup.tokenizer)
+	if err != nil {
+		return err
+	}
+	what := filepath.Base(setup.model)
+	if setup.adapter != "" {
+		what = "the adapter on " + what
+	}
+	t.Log.Info("loading the model", "model", setup.model, "adapter", setup.adapter, "quantize", setup.quantize, "tokenizer", setup.tokenizer)
+	t.Report(0, 0, "turns", "loading "+what)
+	dec, err := trainer.OpenDecoder(trainer.DecoderConfig{Model: setup.model, Adapter: setup.adapter, Quantize: setup.quantize})
+	if err != nil {
+		return err
+	}
+	defer dec.Close()
+	gen, err := converse.New(dec, tok)
+	if err != nil {
+		return err
+	}
+	opts := trainer.GenerateOptions{MaxNewTokens: s.p.MaxNewTokens, Temperature: s.p.Temperature, TopK: s.p.TopK, TopP: s.p.TopP, Seed: s.p.Seed}
+	// Every first turn must fit before hours go into the others; later
+	// turns are checked as their prompts come to be.
+	totalTurns := 0
+	for _, q := range prompts {
+		totalTurns += len(q.Turns)
+		text, err := turnConversation(q, nil).Prompt()
+		if err != nil {
+			return fmt.Errorf("question %v: %w", q.ID, err)
+		}
+		ids, err := gen.Encode(text)
+		if err != nil {
+			return fmt.Errorf("question %v: %w", q.ID, err)
+		}
+		if len(ids)+opts.MaxNewTokens > gen.Context() {
+			return contextErr(q, 0, &converse.ContextError{PromptTokens: len(ids), MaxNewTokens: opts.MaxNewTokens, Context: gen.Context()})
+		}
+	}
+	t.SetTotal(int64(len(prompts)))
+
+	schema := answerSchema(intIDs)
+	out, err := t.Output(schema)
+	if err != nil {
+		return err
+	}
+	if err := os.MkdirAll(filepath.Join(t.Dir, AnswersDir), 0o755); err != nil {
+		return err
+	}
+	answerPath := filepath.Join(t.Dir, AnswersDir, s.p.ModelID+".jsonl")
+	af, err := os.Create(answerPath)
+	if err != nil {
+		return err
+	}
+	defer af.Close()
+	aw := bufio.NewWriter(af)
+	enc := json.NewEncoder(aw)
+	enc.SetEscapeHTML(false)
+
+	started := time.Now()
+	var doneTurns, newTokens, truncated int
+	for lo := 0; lo < len(prompts); lo += s.p.BatchSize {
+		batch := prompts[lo:min(lo+s.p.BatchSize, len(prompts))]
+		answers := make([]generated, len(batch))
+		for turn := 0; ; turn++ {
+			var convs []converse.Conversation
+			var which []int
+			for i, q := range batch {
+				if turn < len(q.Turns) {
+					convs = append(convs, turnConversation(q, answers[i].texts))
+					which = append(which, i)
+				}
+			}
+			if len(convs) == 0 {
+				break
+			}
+			replies, err := gen.Reply(ctx, convs, opts, nil)
+			var ce *converse.ContextError
+			if errors.As(err, &ce) {
+				return contextErr(batch[which[ce.Conversation]], turn, ce)
+			}
+			if err != nil {
+				return err
+			}
+			for k, r := range replies {
+				a := &answers[which[k]]
+				a.texts = append(a.texts, r.Text)
+				a.tokens = append(a.tokens, int32(len(r.Tokens)))
+				a.truncated = append(a.truncated, !r.Stopped)
+				newTokens += len(r.Tokens)
+				if !r.Stopped {
+					truncated++
+				}
+			}
+			doneTurns += len(convs)
+			rate := float64(newTokens) / time.Since(started).Seconds()
+			t.Report(int64(doneTurns), int64(totalTurns), "turns", fmt.Sprintf("%.1f tokens/s", rate))
+		}
+		rec := answerRecord(schema, batch, answers)
+		err := out.Write(rec)
+		rec.Release()
+		if err != nil {
+			return err
+		}
+		for i, q := range batch {
+			if err := enc.Encode(answerLine(q, answers[i].texts, s.p.ModelID, time.Now())); err != nil {
+				return err
+			}
+		}
+	}
+	if err := aw.Flush(); err != nil {
+		return err
+	}
+	if err := af.Close(); err != nil {
+		return err
+	}
+	secs := time.Since(started).Seconds()
+	t.SetStat("questions", len(prompts))
+	t.SetStat("turns", totalTurns)
+	t.SetStat("new_tokens", newTokens)
+	t.SetStat("truncated_turns", truncated)
+	t.SetStat("tokens_per_second", float64(newTokens)/secs)
+	t.SetStat("generate_seconds", secs)
+	t.SetStat("model_id", s.p.ModelID)
+	t.SetStat("quantize", setup.quantize)
+	t.SetStat("adapter", setup.adapter != "")
+	t.SetStat("answer_file", filepath.Join(AnswersDir, s.p.ModelID+".jsonl"))
+	return nil
+}
+
+func contextErr(q prompt, turn int, ce *converse.ContextError) error {
+	return fmt.Errorf("question %v, turn %d: %w; shorten the question or lower max_new_tokens", q.ID, turn+1, ce)
+}
+
+// setup tells the stage's needs apart and resolves the model, adapter,
+// quantisation and tokenizer they and the parameters name.
+func (s *generateStage) setup(ctx context.Context, t *pipeline.Task) (*generateSetup, error) {
+	var src, qlora, merge, modelIn *pipeline.Input
+	for _, in := range t.Inputs {
+		var slot **pipeline.Input
+		switch in.Kind {
+		case "qlora":
+			slot = &qlora
+		case mergeKindName:
+			slot = &merge
+		case modelKindName:
+			slot = &modelIn
+		default:
+			slot = &src
+		}
+		if *slot != nil {
+			return nil, fmt.Errorf("stages %s and %s both in needs; a generate stage takes one source of questions, and one model: a qlora stage (with its base), a merge stage or a model stage",
+				(*slot).Name, in.Name)
+		}
+		*slot = in
+	}
+	if src == nil {
+		return nil, fmt.Errorf("no questions: add a source stage to needs (mt_bench for MT-Bench questions, or jsonl or parquet for single instructions)")
+	}
+	st := &generateSetup{source: src, model: s.model, quantize: s.p.Quantize}
+	if merge != nil {
+		if qlora != nil || modelIn != nil || s.model != "" {
+			return nil, fmt.Errorf("stage %s (merge) holds a whole model, its adapter merged in; give either it, or a qlora stage with its base, not both", merge.Name)
+		}
+		dir, err := merge.Dir(ctx)
+		if err != nil {
+			return nil, err
+		}
+		st.model = filepath.Join(dir, MergedModelDir)
+	}
+	if modelIn != nil {
+		if s.model != "" {
+			return nil, fmt.Errorf("two base models (model: %s, and stage %s); give one", s.model, modelIn.Name)
+		}
+		dir, err := modelIn.Dir(ctx)
+		if err != nil {
+			return nil, err
+		}
+		st.model = dir
+	}
+	var lineage []*pipeline.Manifest
+	if qlora != nil {
+		dir, err := qlora.Dir(ctx)
+		if err != nil {
+			return nil, err
+		}
+		st.adapter = filepath.Join(dir, trainer.AdapterDirName)
+		if lineage, err = qlora.Lineage(ctx); err != nil {
+			return nil, err
+		}
+		if st.model, err = trainingBase(ctx, provenanceOf(lineage), qlora, modelIn, st.model); err != nil {
+			return nil, err
+		}
+	}
+	if st.model == "" {
+		return nil, fmt.Errorf("no model: add a qlora, merge or model stage to needs, or set `model:` to a checkpoint folder")
+	}
+	if st.quantize == "auto" {
+		st.quantize = "none"
+		if qlora != nil && params(lineage[0])["quantize"] == "nf4" {
+			st.quantize = "nf4"
+		}
+	}
+	st.tokenizer = s.tokenizer
+	if st.tokenizer == "" && qlora != nil {
+		dir, err := trainingTokenizer(provenanceOf(lineage).tokenize)
+		if err != nil {
+			return nil, err
+		}
+		if dir != "" {
+			st.tokenizer = filepath.Join(dir, "tokenizer.json")
+		}
+	}
+	if st.tokenizer == "" {
+		p := filepath.Join(st.model, "tokenizer.json")
+		if _, err := os.Stat(p); err != nil {
+			return nil, fmt.Errorf("no tokenizer: %s has no tokenizer.json; set `tokenizer:` to the model's tokenizer.json", st.model)
+		}
+		st.tokenizer = p
+	}
+	return st, nil
+}
+
+// trainingBase finds the checkpoint a qlora stage trained on, and checks
+// that the base the generate stage was given (model, from `model:` or a
+// model stage; "" for none) is that one: an adapter on another base would
+// decode, and say nothing of the training.
+func trainingBase(ctx context.Context, p provenance, qlora, modelIn *pipeline.Input, model string) (string, error) {
+	trained := p.qlora
+	if folder, _ := params(trained)["model"].(string); folder != "" {
+		// The qlora stage read a folder: its files (config.json and the
+		// weights or their index) are recorded with their digests.
+		var base string
+		for _, f := range trained.Files {
+			if filepath.Base(f.Path) == "config.json" {
+				base = filepath.Dir(f.Path)
+			}
+		}
+		if base == "" {
+			return "", fmt.Errorf("stage %s's record names no checkpoint file", qlora.Name)
+		}
+		if modelIn != nil {
+			return "", fmt.Errorf("the adapter of stage %s was trained on %s, not on stage %s's model; remove %s from needs",
+				qlora.Name, base, modelIn.Name, modelIn.Name)
+		}
+		if model == "" {
+			model = base
+		}
+		for _, f := range trained.Files {
+			if filepath.Dir(f.Path) != base {
+				continue
+			}
+			path := filepath.Join(model, filepath.Base(f.Path))
+			sum, err := fileSHA256(path)
+			if err != nil {
+				return "", fmt.Errorf("the base of stage %s's adapter: %w", qlora.Name, err)
+			}
+			if sum != f.SHA256 {
+				if model == base {
+					return "", fmt.Errorf("%s changed since stage %s trained the adapter on it; run the qlora stage again", path, qlora.Name)
+				}
+				return "", fmt.Errorf("the adapter of stage %s was trained on %s, and %s differs from its %s: the adapter is for another base",
+					qlora.Name, base, path, filepath.Base(f.Path))
+			}
+		}
+		return model, nil
+	}
+	if p.model != nil {
+		// The qlora stage trained on a model stage's checkpoint, which
+		// must be among the needs (the cache holds it by key).
+		if modelIn == nil {
+			what := "add it to needs"
+			if model != "" {
+				what = "give it in needs instead of `model: " + model + "`"
+			}
+			return "", fmt.Errorf("the adapter of stage %s was trained on stage %s's model; %s", qlora.Name, p.model.Stage, what)
+		}
+		ml, err := modelIn.Lineage(ctx)
+		if err != nil {
+			return "", err
+		}
+		if ml[0].Key != p.model.Key {
+			return "", fmt.Errorf("the adapter of stage %s was trained on stage %s's model, not on stage %s's: the adapter is for another base",
+				qlora.Name, p.model.Stage, modelIn.Name)
+		}
+		return model, nil
+	}
+	if model == "" {
+		return "", fmt.Errorf("the record of stage %s names no base; set `model:` to the checkpoint folder the adapter was trained on", qlora.Name)
+	}
+	return model, nil
+}
+
+// prompt is one question to answer: one turn for a single instruction,
+// several for an MT-Bench question.
+type prompt struct {
+	ID       any // int64 or string
+	Category string
+	System   string
+	Turns    []string
+}
+
+// turnConversation is question q asked up to the turn after answers: the
+// earlier turns with the model's own answers to them, then the next turn.
+func turnConversation(q prompt, answers []string) converse.Conversation {
+	return converse.Conversation{System: q.System, Turns: q.Turns[:len(answers)+1], Answers: answers}
+}
+
+// readPrompts reads the questions of a source: the turns of MT-Bench
+// questions (question_id, category, turns), or single instructions from
+// an Alpaca-style table (instruction, then a blank line and the input when
+// there is one, as the chat_template stage builds the user turn; the
+// question_id is the row's number from 1). system, when not empty, is the
+// system text of every question; else a system column gives it. intIDs
+// says the ids are integers.
+func readPrompts(ctx context.Context, in *pipeline.Input, system string) (qs []prompt, intIDs bool, err error) {
+	intIDs = true
+	row := int64(0)
+	err = eachBatch(ctx, in, func(rec arrow.RecordBatch) error {
+		sch := rec.Schema()
+		col := func(name string) arrow.Array {
+			if idx := sch.FieldIndices(name); len(idx) == 1 {
+				return rec.Column(idx[0])
+			}
+			return nil
+		}
+		strCol := func(name string) (*array.String, error) {
+			c := col(name)
+			if c == nil {
+				return nil, nil
+			}
+			s, ok := c.(*array.String)
+			if !ok {
+				return nil, fmt.Errorf("column %q of stage %s is %s, want utf8", name, in.Name, c.DataType())
+			}
+			return s, nil
+		}
+		idCol, turnsCol, instrCol := col(dataset.ColQuestionID), col(dataset.ColTurns), col(dataset.ColInstruction)
+		if turnsCol == nil && instrCol == nil {
+			var names []string
+			for _, f := range sch.Fields() {
+				names = append(names, f.Name)
+			}
+			return fmt.Errorf("stage %s (%s) has the columns %s; a generate stage asks the %q of MT-Bench questions (an %s stage) or the %q and %q of a jsonl or parquet stage",
+				in.Name, in.Kind, strings.Join(names, ", "), dataset.ColTurns, questionsKindName, dataset.ColInstruction, dataset.ColInput)
+		}
+		if idCol != nil {
+			if _, ok := idCol.(*array.String); ok {
+				intIDs = false
+			}
+		}
+		category, err := strCol(dataset.ColCategory)
+		if err != nil {
+			return err
+		}
+		sys, err := strCol(dataset.ColSystem)
+		if err != nil {
+			return err
+		}
+		var turns *array.List
+		var turnText *array.String
+		var instr, input *array.String
+		if turnsCol != nil {
+			l, ok := turnsCol.(*array.List)
+			if ok {
+				turnText, ok = l.ListValues().(*array.String)
+			}
+			if !ok {
+				return fmt.Errorf("column %q of stage %s is %s, want list<utf8>", dataset.ColTurns, in.Name, turnsCol.DataType())
+			}
+			turns = l
+		} else {
+			if instr, err = strCol(dataset.ColInstruction); err != nil {
+				return err
+			}
+			if input, err = strCol(dataset.ColInput); err != nil {
+				return err
+			}
+		}
+		for i := 0; i < int(rec.NumRows()); i++ {
+			row++
+			q := prompt{ID: row, System: system}
+			if idCol != nil {
+				if q.ID, err = dataset.QuestionIDAt(idCol, i); err != nil {
+					return fmt.Errorf("stage %s: %w", in.Name, err)
+				}
+			}
+			if category != nil {
+				q.Category = category.Value(i)
+			}
+			if q.System == "" && sys != nil {
+				q.System = sys.Value(i)
+			}
+			if turns != nil {
+				lo, hi := turns.ValueOffsets(i)
+				for j := lo; j < hi; j++ {
+					q.Turns = append(q.Turns, turnText.Value(int(j)))
+				}
+			} else {
+				text := instr.Value(i)
+				if input != nil && input.Value(i) != "" {
+					text += "\n\n" + input.Value(i)
+				}
+				q.Turns = []string{text}
+			}
+			if len(q.Turns) == 0 || strings.TrimSpace(q.Turns[0]) == "" {
+				return fmt.Errorf("stage %s, row %d (question %v): no question to ask", in.Name, row, q.ID)
+			}
+			qs = append(qs, q)
+		}
+		return nil
+	})
+	if err == nil && len(qs) == 0 {
+		err = fmt.Errorf("stage %s has no rows: nothing to answer", in.Name)
+	}
+	return qs, intIDs, err
+}
+
+// generated is one question's answers, turn by turn.
+type generated struct {
+	texts     []string
+	tokens    []int32
+	truncated []bool
+}
+
+// answerSchema is the generate stage's table: the questions and, turn by
+// turn, the model's answers, their length in tokens (the stop token
+// included) and whether max_new_tokens cut them.
+func answerSchema(intIDs bool) *arrow.Schema {
+	id := arrow.DataType(arrow.BinaryTypes.String)
+	if intIDs {
+		id = arrow.PrimitiveTypes.Int64
+	}
+	return arrow.NewSchema([]arrow.Field{
+		{Name: dataset.ColQuestionID, Type: id},
+		{Name: dataset.ColCategory, Type: arrow.BinaryTypes.String},
+		{Name: dataset.ColTurns, Type: arrow.ListOf(arrow.BinaryTypes.String)},
+		{Name: "answers", Type: arrow.ListOf(arrow.BinaryTypes.String)},
+		{Name: "answer_tokens", Type: arrow.ListOf(arrow.PrimitiveTypes.Int32)},
+		{Name: "truncated", Type: arrow.ListOf(arrow.FixedWidthTypes.Boolean)},
+	}, nil)
+}
+
+func answerRecord(schema *arrow.Schema, qs []prompt, as []generated) arrow.RecordBatch {
+	b := array.NewRecordBuilder(memory.NewGoAllocator(), schema)
+	defer b.Release()
+	cat := b.Field(1).(*array.StringBuilder)
+	lists := func(f int) (*array.ListBuilder, array.Builder) {
+		l := b.Field(f).(*array.ListBuilder)
+		return l, l.ValueBuilder()
+	}
+	turns, tv := lists(2)
+	answers, av := lists(3)
+	toks, kv := lists(4)
+	trunc, rv := lists(5)
+	for i, q := range qs {
+		dataset.AppendQuestionID(b.Field(0), q.ID)
+		cat.Append(q.Category)
+		turns.Append(true)
+		for _, s := range q.Turns {
+			tv.(*array.StringBuilder).Append(s)
+		}
+		answers.Append(true)
+		for _, s := range as[i].texts {
+			av.(*array.StringBuilder).Append(s)
+		}
+		toks.Append(true)
+		kv.(*array.Int32Builder).AppendValues(as[i].tokens, nil)
+		trunc.Append(true)
+		rv.(*array.BooleanBuilder).AppendValues(as[i].truncated, nil)
+	}
+	return b.NewRecordBatch()
+}
+
+// Answer is one line of an MT-Bench answer file, as FastChat's
+// gen_model_answer.py writes it and its judge (gen_judgment.py) reads it:
+// the judge looks answers up by question_id and reads
+// choices[0].turns[i].
+type Answer struct {
+	QuestionID any            `json:"question_id"`
+	AnswerID   string         `json:"answer_id"`
+	ModelID    string         `json:"model_id"`
+	Choices    []AnswerChoice `json:"choices"`
+	Tstamp     float64        `json:"tstamp"`
+}
+
+// AnswerChoice is one sampled conversation: the model's answer to each
+// turn.
+type AnswerChoice struct {
+	Index int      `json:"index"`
+	Turns []string `json:"turns"`
+}
+
+func answerLine(q prompt, answers []string, modelID string, at time.Time) Answer {
+	return Answer{
+		QuestionID: q.ID, AnswerID: answerID(modelID, q.ID, answers), ModelID: modelID,
+		Choices: []AnswerChoice{{Index: 0, Turns: answers}},
+		Tstamp:  float64(at.UnixNano()) / 1e9,
+	}
+}
+
+// shortUUIDAlphabet is the alphabet of the shortuuid package FastChat
+// draws answer ids from (22 characters, no look-alikes).
+const shortUUIDAlphabet = "23456789ABCDEFGHJKLMNPQRSTUVWXYZabcdefghijkmnopqrstuvwxyz"
+
+// answerID is an id of the shape FastChat's answer ids have, derived from
+// what the answer is rather than drawn at random, so that equal answers
+// carry equal ids.
+func answerID(modelID string, qid any, answers []string) string {
+	h := sha256.New()
+	id, _ := json.Marshal(qid)
+	fmt.Fprintf(h, "%s\x00%s", modelID, id)
+	for _, a := range answers {
+		fmt.Fprintf(h, "\x00%s", a)
+	}
+	n := new(big.Int).SetBytes(h.Sum(nil)[:16])
+	base := big.NewInt(int64(len(shortUUIDAlphabet)))
+	out := make([]byte, 22)
+	for i := range out {
+		var r big.Int
+		n.DivMod(n, base, &r)
+		out[len(out)-1-i] = shortUUIDAlphabet[r.Int64()]
+	}
+	return string(out)
+}

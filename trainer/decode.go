@@ -5,7 +5,7 @@ import (
 	"fmt"
 	"math"
 	"math/rand/v2"
-	"sort"
+	"slices"
 )
 
 // GenerateOptions configures decoding.
@@ -253,14 +253,34 @@ func pick(logits []float32, o GenerateOptions, rng *rand.Rand) int32 {
 		}
 		return int32(best)
 	}
-	idx := make([]int, len(logits))
-	for i := range idx {
-		idx[i] = i
+	// Candidates most likely first, the lower id first among equals (the
+	// order a stable sort by logit gives). With top_k only those k are
+	// selected and sorted: sorting a 262k vocabulary for every token would
+	// cost more than the model's step.
+	before := func(a, b int) bool {
+		if logits[a] != logits[b] {
+			return logits[a] > logits[b]
+		}
+		return a < b
 	}
-	sort.SliceStable(idx, func(a, b int) bool { return logits[idx[a]] > logits[idx[b]] })
-	if o.TopK > 0 && o.TopK < len(idx) {
-		idx = idx[:o.TopK]
+	var idx []int
+	if o.TopK > 0 && o.TopK < len(logits) {
+		idx = topKIndices(logits, o.TopK, before)
+	} else {
+		idx = make([]int, len(logits))
+		for i := range idx {
+			idx[i] = i
+		}
 	}
+	slices.SortFunc(idx, func(a, b int) int {
+		switch {
+		case before(a, b):
+			return -1
+		case before(b, a):
+			return 1
+		}
+		return 0
+	})
 	p := make([]float64, len(idx))
 	top := float64(logits[idx[0]]) / o.Temperature
 	var sum float64
@@ -292,4 +312,45 @@ func pick(logits []float32, o GenerateOptions, rng *rand.Rand) int32 {
 		u -= v
 	}
 	return int32(idx[len(idx)-1])
+}
+
+// topKIndices returns the k indices of logits that come first in the
+// order before defines, in no particular order: a heap of the k best so
+// far, its worst at the root.
+func topKIndices(logits []float32, k int, before func(a, b int) bool) []int {
+	h := make([]int, 0, k)
+	down := func(i int) {
+		for {
+			w, l, r := i, 2*i+1, 2*i+2
+			if l < len(h) && before(h[w], h[l]) {
+				w = l
+			}
+			if r < len(h) && before(h[w], h[r]) {
+				w = r
+			}
+			if w == i {
+				return
+			}
+			h[i], h[w] = h[w], h[i]
+			i = w
+		}
+	}
+	for i := range logits {
+		switch {
+		case len(h) < k:
+			h = append(h, i)
+			for c := len(h) - 1; c > 0; {
+				p := (c - 1) / 2
+				if !before(h[p], h[c]) {
+					break
+				}
+				h[p], h[c] = h[c], h[p]
+				c = p
+			}
+		case before(i, h[0]):
+			h[0] = i
+			down(0)
+		}
+	}
+	return h
 }

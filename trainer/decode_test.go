@@ -3,7 +3,9 @@ package trainer
 import (
 	"context"
 	"fmt"
+	"math"
 	"math/rand/v2"
+	"sort"
 	"testing"
 )
 
@@ -125,6 +127,71 @@ func TestDecodingStopsAndSamples(t *testing.T) {
 	for _, bad := range []GenerateOptions{{}, {MaxNewTokens: 1, Temperature: -1}, {MaxNewTokens: 1, TopP: 2}} {
 		if _, err := m.Generate(ctx, a, ps, bad, nil); err == nil {
 			t.Errorf("%+v accepted", bad)
+		}
+	}
+}
+
+// pickBySorting is pick as first written: a stable sort of the whole
+// vocabulary for every draw. pick must draw exactly the same tokens.
+func pickBySorting(logits []float32, o GenerateOptions, rng *rand.Rand) int32 {
+	idx := make([]int, len(logits))
+	for i := range idx {
+		idx[i] = i
+	}
+	sort.SliceStable(idx, func(a, b int) bool { return logits[idx[a]] > logits[idx[b]] })
+	if o.TopK > 0 && o.TopK < len(idx) {
+		idx = idx[:o.TopK]
+	}
+	p := make([]float64, len(idx))
+	top := float64(logits[idx[0]]) / o.Temperature
+	var sum float64
+	for i, id := range idx {
+		p[i] = math.Exp(float64(logits[id])/o.Temperature - top)
+		sum += p[i]
+	}
+	if o.TopP > 0 && o.TopP < 1 {
+		var cum float64
+		for i := range p {
+			cum += p[i] / sum
+			if cum >= o.TopP {
+				p, idx = p[:i+1], idx[:i+1]
+				break
+			}
+		}
+		sum = 0
+		for _, v := range p {
+			sum += v
+		}
+	}
+	u := rng.Float64() * sum
+	for i, v := range p {
+		if u < v {
+			return int32(idx[i])
+		}
+		u -= v
+	}
+	return int32(idx[len(idx)-1])
+}
+
+// TestPickDrawsAsSortingDid: selecting the top k with a heap and sorting
+// with ties broken by id draws the very tokens a stable sort of the whole
+// vocabulary drew, ties and all.
+func TestPickDrawsAsSortingDid(t *testing.T) {
+	rng := rand.New(rand.NewPCG(1, 2))
+	for trial := range 40 {
+		n := 1 + rng.IntN(3000)
+		logits := make([]float32, n)
+		for i := range logits {
+			// Few distinct values, so that ties are everywhere.
+			logits[i] = float32(rng.IntN(12)) / 3
+		}
+		o := GenerateOptions{MaxNewTokens: 1, Temperature: []float64{0.3, 1, 2}[trial%3],
+			TopK: []int{0, 1, 5, 64, n, n + 3}[trial%6], TopP: []float64{0, 0.5, 0.95, 1}[trial%4]}
+		a, b := rand.New(rand.NewPCG(uint64(trial), 0)), rand.New(rand.NewPCG(uint64(trial), 0))
+		for draw := range 50 {
+			if got, want := pick(logits, o, a), pickBySorting(logits, o, b); got != want {
+				t.Fatalf("trial %d (n %d, %+v) draw %d: %d, sorting drew %d", trial, n, o, draw, got, want)
+			}
 		}
 	}
 }

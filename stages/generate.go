@@ -160,7 +160,8 @@ func (s *generateStage) Files() []string { return s.files }
 
 // generateSetup is what a generate stage's inputs resolve to.
 type generateSetup struct {
-	source    *pipeline.Input
+	prompts   []prompt
+	intIDs    bool
 	model     string // checkpoint folder
 	adapter   string // PEFT adapter folder; "" for the model alone
 	quantize  string // nf4 or none
@@ -172,10 +173,7 @@ func (s *generateStage) Run(ctx context.Context, t *pipeline.Task) error {
 	if err != nil {
 		return err
 	}
-	prompts, intIDs, err := readPrompts(ctx, setup.source, s.p.System)
-	if err != nil {
-		return err
-	}
+	prompts, intIDs := setup.prompts, setup.intIDs
 	tok, err := tokenizer.LoadFile(setup.tokenizer)
 	if err != nil {
 		return err
@@ -333,7 +331,13 @@ func (s *generateStage) setup(ctx context.Context, t *pipeline.Task) (*generateS
 	if src == nil {
 		return nil, fmt.Errorf("no questions: add a source stage to needs (mt_bench for MT-Bench questions, or jsonl or parquet for single instructions)")
 	}
-	st := &generateSetup{source: src, model: s.model, quantize: s.p.Quantize}
+	// The questions first: a source that holds none fails before a model
+	// is looked for.
+	st := &generateSetup{model: s.model, quantize: s.p.Quantize}
+	var err error
+	if st.prompts, st.intIDs, err = readPrompts(ctx, src, s.p.System); err != nil {
+		return nil, err
+	}
 	if merge != nil {
 		if qlora != nil || modelIn != nil || s.model != "" {
 			return nil, fmt.Errorf("stage %s (merge) holds a whole model, its adapter merged in; give either it, or a qlora stage with its base, not both", merge.Name)

@@ -1,0 +1,122 @@
+package dataset
+
+import (
+	"compress/gzip"
+	"os"
+	"path/filepath"
+	"strings"
+	"testing"
+
+	"github.com/apache/arrow-go/v18/arrow/array"
+)
+
+func writeText(t *testing.T, dir, name, text string) string {
+	t.Helper()
+	p := filepath.Join(dir, name)
+	if err := os.WriteFile(p, []byte(text), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	return p
+}
+
+func TestReadQuestions(t *testing.T) {
+	dir := t.TempDir()
+	a := writeText(t, dir, "a.jsonl", `{"question_id": 81, "category": "writing", "turns": ["Bir şiir yaz.", "Kısalt."], "reference": ["x"]}
+
+{"question_id": 82, "category": "math", "turns": ["2+2?"]}
+`)
+	var gz strings.Builder
+	zw := gzip.NewWriter(&gz)
+	zw.Write([]byte(`{"question_id": 90, "turns": ["Üç soru"]}` + "\n"))
+	zw.Close()
+	b := writeText(t, dir, "b.jsonl.gz", gz.String())
+	qs, err := ReadQuestions([]string{a, b}, 0, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(qs) != 3 || qs[0].ID != int64(81) || qs[0].Category != "writing" || len(qs[0].Turns) != 2 || qs[0].Turns[0] != "Bir şiir yaz." ||
+		qs[2].ID != int64(90) || qs[2].Category != "" {
+		t.Fatalf("questions: %+v", qs)
+	}
+	if qs, _ := ReadQuestions([]string{a, b}, 2, nil); len(qs) != 2 {
+		t.Errorf("limit 2 read %d", len(qs))
+	}
+
+	rec := QuestionsRecord(qs, nil)
+	defer rec.Release()
+	if rec.Schema().String() != QuestionSchema(true).String() || rec.NumRows() != 3 {
+		t.Fatalf("table: %v", rec.Schema())
+	}
+	id, err := QuestionIDAt(rec.Column(0), 1)
+	turns := rec.Column(2).(*array.List)
+	lo, hi := turns.ValueOffsets(0)
+	if err != nil || id != int64(82) || hi-lo != 2 || turns.ListValues().(*array.String).Value(int(lo)+1) != "Kısalt." {
+		t.Errorf("table rows: id %v (%v), turns %d", id, err, hi-lo)
+	}
+
+	s := writeText(t, dir, "s.jsonl", `{"question_id": "tr-1", "category": "reasoning", "turns": ["a", "b"]}`+"\n")
+	qs, err = ReadQuestions([]string{s}, 0, nil)
+	if err != nil || qs[0].ID != "tr-1" {
+		t.Fatalf("string ids: %v %v", qs, err)
+	}
+	rec2 := QuestionsRecord(qs, nil)
+	defer rec2.Release()
+	if id, _ := QuestionIDAt(rec2.Column(0), 0); id != "tr-1" {
+		t.Errorf("string id in the table: %v", id)
+	}
+}
+
+func TestReadQuestionsErrors(t *testing.T) {
+	dir := t.TempDir()
+	cases := map[string]struct{ text, want string }{
+		"no id":         {`{"category": "x", "turns": ["a"]}`, `no question_id; the record has fields "category", "turns"`},
+		"float id":      {`{"question_id": 1.5, "turns": ["a"]}`, "question_id 1.5 is neither an integer nor a string"},
+		"no turns":      {`{"question_id": 1, "instruction": "a"}`, "question 1 has no turns"},
+		"turns string":  {`{"question_id": 1, "turns": "a"}`, "turns is not a list of strings"},
+		"empty turns":   {`{"question_id": 1, "turns": []}`, "turns is empty"},
+		"empty turn":    {`{"question_id": 1, "turns": ["a", " "]}`, "turn 2 is empty"},
+		"not an object": {`[1, 2]`, "line 1: not a JSON object"},
+		"duplicate id":  {"{\"question_id\": 3, \"turns\": [\"a\"]}\n{\"question_id\": 3, \"turns\": [\"b\"]}", "line 2: question_id 3 again (first at"},
+		"mixed ids":     {"{\"question_id\": 3, \"turns\": [\"a\"]}\n{\"question_id\": \"4\", \"turns\": [\"b\"]}", "question_id is a string, but at"},
+		"no questions":  {"\n\n", "no questions"},
+		"bad utf-8":     {"{\"question_id\": 1, \"turns\": [\"\xff\"]}", "not valid UTF-8"},
+	}
+	for name, c := range cases {
+		p := writeText(t, dir, strings.ReplaceAll(name, " ", "_")+".jsonl", c.text)
+		_, err := ReadQuestions([]string{p}, 0, nil)
+		if err == nil || !strings.Contains(err.Error(), c.want) || !strings.Contains(err.Error(), p) {
+			t.Errorf("%s: %v, want %q and the file", name, err, c.want)
+		}
+	}
+}
+
+// TestDemoQuestions: the project's own questions are at least ten, two
+// turns each, across MT-Bench's categories, in Turkish.
+func TestDemoQuestions(t *testing.T) {
+	qs, err := ReadQuestions([]string{filepath.Join("demo", "mt-bench-tr-demo.jsonl")}, 0, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	cats := map[string]int{}
+	var text strings.Builder
+	for _, q := range qs {
+		if len(q.Turns) != 2 {
+			t.Errorf("question %v has %d turns", q.ID, len(q.Turns))
+		}
+		cats[q.Category]++
+		text.WriteString(strings.Join(q.Turns, " "))
+	}
+	if len(qs) < 10 || len(cats) < 6 {
+		t.Errorf("%d questions in %d categories", len(qs), len(cats))
+	}
+	for _, c := range []string{"writing", "reasoning", "math", "coding", "extraction", "humanities"} {
+		if cats[c] == 0 {
+			t.Errorf("no %s question", c)
+		}
+	}
+	for _, letter := range []string{"ç", "ğ", "ı", "ö", "ş", "ü", "İ"} {
+		if !strings.Contains(text.String(), letter) {
+			t.Errorf("the questions never use %q", letter)
+		}
+	}
+}

@@ -1,0 +1,429 @@
+package stages
+
+import (
+	"bytes"
+	"context"
+	"encoding/json"
+	"fmt"
+	"os"
+	"path/filepath"
+	"slices"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/apache/arrow-go/v18/arrow"
+	"github.com/apache/arrow-go/v18/arrow/array"
+
+	"gemmaft/converse"
+	"gemmaft/internal/testenv"
+	"gemmaft/pipeline"
+	"gemmaft/tokenizer"
+	"gemmaft/trainer"
+)
+
+// mtQuestions are three MT-Bench-style questions of one, two and three
+// turns.
+const mtQuestions = `{"question_id": 81, "category": "writing", "turns": ["Kapadokya'yı anlatan kısa bir gezi yazısı yaz.", "Şimdi aynı yazıyı bir çocuğa anlatır gibi yeniden yaz."]}
+{"question_id": 82, "category": "math", "turns": ["12 ile 18'in en büyük ortak böleni kaçtır?"]}
+{"question_id": 83, "category": "reasoning", "turns": ["Bir sepette 5 elma var, 2'sini aldın. Kaç elman var?", "Sepette kaç elma kaldı?", "İkisini birden tek cümleyle söyle."]}
+`
+
+const generateSystem = "Kısa ve öz cevap ver."
+
+// generateSpec is trainSpec's two-step adapter, with questions and a
+// generate stage over them; extra goes into the generate stage's with.
+func generateSpec(t *testing.T, dir, extra string) string {
+	q := filepath.Join(dir, "questions.jsonl")
+	if err := os.WriteFile(q, []byte(mtQuestions), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	return trainSpec(t, 2) + fmt.Sprintf(`  questions: {kind: mt_bench, with: {paths: [%s]}}
+  answers:
+    kind: generate
+    needs: [questions, adapter, base]
+    with: {max_new_tokens: 6, model_id: tiny-tr, system: %q%s}
+`, q, generateSystem, extra)
+}
+
+type answerRow struct {
+	id                 int64
+	category           string
+	turns, answers     []string
+	tokens             []int32
+	truncated          []bool
+	answerFileQuestion map[string]any
+}
+
+func stageRecord(t *testing.T, rec *pipeline.RunRecord, name string) pipeline.StageRecord {
+	t.Helper()
+	for _, s := range rec.Stages {
+		if s.Name == name {
+			return s
+		}
+	}
+	t.Fatalf("no stage %s", name)
+	return pipeline.StageRecord{}
+}
+
+// readAnswers reads a generate stage's table.
+func readAnswers(t *testing.T, r *testRun, rec *pipeline.RunRecord) []answerRow {
+	t.Helper()
+	var rows []answerRow
+	forEach(t, r.table(rec, "answers"), func(b arrow.RecordBatch) {
+		strs := func(c, i int) []string {
+			l := b.Column(c).(*array.List)
+			lo, hi := l.ValueOffsets(i)
+			var out []string
+			for j := lo; j < hi; j++ {
+				out = append(out, l.ListValues().(*array.String).Value(int(j)))
+			}
+			return out
+		}
+		for i := 0; i < int(b.NumRows()); i++ {
+			row := answerRow{id: b.Column(0).(*array.Int64).Value(i), category: b.Column(1).(*array.String).Value(i),
+				turns: strs(2, i), answers: strs(3, i)}
+			l := b.Column(4).(*array.List)
+			lo, hi := l.ValueOffsets(i)
+			row.tokens = l.ListValues().(*array.Int32).Int32Values()[lo:hi]
+			l = b.Column(5).(*array.List)
+			lo, hi = l.ValueOffsets(i)
+			for j := lo; j < hi; j++ {
+				row.truncated = append(row.truncated, l.ListValues().(*array.Boolean).Value(int(j)))
+			}
+			rows = append(rows, row)
+		}
+	})
+	return rows
+}
+
+// TestGenerateStageAnswersMTBench runs the stage through the engine on a
+// short QLoRA run's adapter and checks the table, the answer file field by
+// field against FastChat's layout, that every turn is the model's answer
+// to the conversation holding its own earlier answers, that greedy answers
+// do not depend on the batch size, and that a second run is cached.
+func TestGenerateStageAnswersMTBench(t *testing.T) {
+	r := newTestRun(t)
+	spec := r.spec(generateSpec(t, r.dir, ", batch_size: 2"))
+	started := time.Now()
+	rec, err := r.run(spec, pipeline.Options{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	st := stageRecord(t, rec, "answers")
+	rows := readAnswers(t, r, rec)
+	if len(rows) != 3 || rows[0].id != 81 || rows[1].id != 82 || rows[2].id != 83 || rows[1].category != "math" {
+		t.Fatalf("table: %+v", rows)
+	}
+	for _, row := range rows {
+		if len(row.answers) != len(row.turns) || len(row.tokens) != len(row.turns) || len(row.truncated) != len(row.turns) {
+			t.Errorf("question %d: %d turns, %d answers, %d token counts, %d truncated flags", row.id, len(row.turns), len(row.answers), len(row.tokens), len(row.truncated))
+		}
+		for k, n := range row.tokens {
+			if n < 1 || n > 6 || row.truncated[k] && n != 6 {
+				t.Errorf("question %d turn %d: %d tokens, truncated %v", row.id, k+1, n, row.truncated[k])
+			}
+		}
+	}
+	if fmt.Sprintf("%v %v %v %v", st.Stats["questions"], st.Stats["turns"], st.Stats["quantize"], st.Stats["adapter"]) != "3 6 nf4 true" {
+		t.Errorf("stats: %v", st.Stats)
+	}
+
+	// The answer file, field by field, as FastChat's gen_model_answer.py
+	// writes it and gen_judgment.py reads it.
+	entry := r.store.EntryDir(st.Key)
+	data, err := os.ReadFile(filepath.Join(entry, AnswersDir, "tiny-tr.jsonl"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	lines := bytes.Split(bytes.TrimSuffix(data, []byte("\n")), []byte("\n"))
+	if len(lines) != 3 {
+		t.Fatalf("%d answer lines", len(lines))
+	}
+	for i, line := range lines {
+		var a map[string]any
+		if err := json.Unmarshal(line, &a); err != nil {
+			t.Fatalf("line %d: %v", i+1, err)
+		}
+		var keys []string
+		for k := range a {
+			keys = append(keys, k)
+		}
+		slices.Sort(keys)
+		if fmt.Sprint(keys) != "[answer_id choices model_id question_id tstamp]" {
+			t.Errorf("line %d has keys %v", i+1, keys)
+		}
+		if a["question_id"] != float64(rows[i].id) || !bytes.Contains(line, []byte(fmt.Sprintf(`"question_id":%d,`, rows[i].id))) {
+			t.Errorf("line %d: question_id %v (an integer, as the question file has it)", i+1, a["question_id"])
+		}
+		if a["model_id"] != "tiny-tr" {
+			t.Errorf("line %d: model_id %v", i+1, a["model_id"])
+		}
+		aid, _ := a["answer_id"].(string)
+		if len(aid) != 22 || strings.Trim(aid, shortUUIDAlphabet) != "" {
+			t.Errorf("line %d: answer_id %q is not shortuuid-shaped", i+1, aid)
+		}
+		ts, _ := a["tstamp"].(float64)
+		if ts < float64(started.Unix())-1 || ts > float64(time.Now().Unix())+1 {
+			t.Errorf("line %d: tstamp %v", i+1, a["tstamp"])
+		}
+		choices, _ := a["choices"].([]any)
+		if len(choices) != 1 {
+			t.Fatalf("line %d: choices %v", i+1, a["choices"])
+		}
+		c, _ := choices[0].(map[string]any)
+		turns, _ := c["turns"].([]any)
+		if len(c) != 2 || c["index"] != 0.0 || len(turns) != len(rows[i].answers) {
+			t.Errorf("line %d: choice %v", i+1, c)
+		}
+		for k, tv := range turns {
+			if tv != rows[i].answers[k] {
+				t.Errorf("line %d turn %d: %q in the file, %q in the table", i+1, k+1, tv, rows[i].answers[k])
+			}
+		}
+	}
+
+	// Each turn is the model's answer to the conversation so far, its own
+	// earlier answers included: decoding each prompt anew gives the same.
+	base := r.store.EntryDir(stageRecord(t, rec, "base").Key)
+	adapter := filepath.Join(r.store.EntryDir(stageRecord(t, rec, "adapter").Key), trainer.AdapterDirName)
+	dec, err := trainer.OpenDecoder(trainer.DecoderConfig{Model: base, Adapter: adapter, Quantize: "nf4"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	tok, err := tokenizer.LoadFile(testenv.GemmaFile(t, "tokenizer.json"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	gen, err := converse.New(dec, tok)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, row := range rows {
+		for k := range row.turns {
+			c := converse.Conversation{System: generateSystem, Turns: row.turns[:k+1], Answers: row.answers[:k]}
+			got, err := gen.Reply(context.Background(), []converse.Conversation{c}, trainer.GenerateOptions{MaxNewTokens: 6}, nil)
+			if err != nil {
+				t.Fatal(err)
+			}
+			if got[0].Text != row.answers[k] || int32(len(got[0].Tokens)) != row.tokens[k] {
+				t.Errorf("question %d turn %d: the stage answered %q (%d tokens), the conversation alone gives %q (%d)",
+					row.id, k+1, row.answers[k], row.tokens[k], got[0].Text, len(got[0].Tokens))
+			}
+		}
+	}
+
+	// Greedy answers do not depend on how many questions decode together
+	// (batch_size stays out of the key; forcing recomputes the same key).
+	again, err := r.run(r.spec(generateSpec(t, r.dir, ", batch_size: 1")), pipeline.Options{Force: []string{"answers"}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if stageRecord(t, again, "answers").Key != st.Key || stageRecord(t, again, "answers").State != "computed" {
+		t.Fatalf("batch_size changed the key or was not recomputed")
+	}
+	rows2 := readAnswers(t, r, again)
+	for i := range rows {
+		if fmt.Sprint(rows2[i].answers, rows2[i].tokens) != fmt.Sprint(rows[i].answers, rows[i].tokens) {
+			t.Errorf("question %d: batch 2 %q, batch 1 %q", rows[i].id, rows[i].answers, rows2[i].answers)
+		}
+	}
+	data2, _ := os.ReadFile(filepath.Join(entry, AnswersDir, "tiny-tr.jsonl"))
+	var a1, a2 Answer
+	json.Unmarshal(lines[0], &a1)
+	json.Unmarshal(bytes.SplitN(data2, []byte("\n"), 2)[0], &a2)
+	if a1.AnswerID != a2.AnswerID {
+		t.Errorf("equal answers, answer ids %s and %s", a1.AnswerID, a2.AnswerID)
+	}
+	third, err := r.run(spec, pipeline.Options{})
+	if err != nil || stageRecord(t, third, "answers").State != "cached" {
+		t.Fatalf("third run: %v", err)
+	}
+
+	// Bad inputs on the same adapter: clear errors, and no entry.
+	for name, c := range map[string]struct{ stages, want string }{
+		"another base": {`  other: {kind: model, with: {preset: tiny, seed: 8, std: 0.3}}
+  bad: {kind: generate, needs: [questions, adapter, other]}
+`, "trained on stage base's model, not on stage other's: the adapter is for another base"},
+		"model: for a model stage's adapter": {fmt.Sprintf(`  bad: {kind: generate, needs: [questions, adapter], with: {model: %s}}
+`, base), "trained on stage base's model; give it in needs instead of `model: "},
+		"a source without questions": {`  bad: {kind: generate, needs: [chat, base]}
+`, `stage chat (chat_template) has the columns text, span_start, span_end; a generate stage asks the "turns" of MT-Bench questions`},
+		"two sources": {`  bad: {kind: generate, needs: [questions, alpaca, base]}
+`, "stages questions and alpaca both in needs"},
+	} {
+		t.Run(name, func(t *testing.T) {
+			s := r.spec(generateSpec(t, r.dir, "") + c.stages)
+			_, err := r.run(s, pipeline.Options{})
+			if err == nil || !strings.Contains(err.Error(), "stage bad (generate)") || !strings.Contains(err.Error(), c.want) {
+				t.Fatalf("error %v, want %q", err, c.want)
+			}
+			assertNoEntry(t, r, s, "bad")
+		})
+	}
+}
+
+// assertNoEntry checks that a stage of spec has no cache entry.
+func assertNoEntry(t *testing.T, r *testRun, spec, stage string) {
+	t.Helper()
+	dag, err := pipeline.Load(spec, Registry())
+	if err != nil {
+		t.Fatal(err)
+	}
+	plan, err := r.store.Plan(dag, pipeline.Options{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if s := plan.Step(stage); s.State == pipeline.Valid {
+		t.Errorf("stage %s has an entry after failing", stage)
+	}
+}
+
+// TestTurnConversation: the prompt of a later turn holds the earlier turns
+// and the model's own answers to them, as model turns, and not the turns
+// still to come.
+func TestTurnConversation(t *testing.T) {
+	q := prompt{ID: int64(1), System: "Sistem metni.", Turns: []string{"Birinci soru?", "İkinci soru?", "Üçüncü soru?"}}
+	first, err := turnConversation(q, nil).Prompt()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if first != "<bos><start_of_turn>user\nSistem metni.\n\nBirinci soru?<end_of_turn>\n<start_of_turn>model\n" {
+		t.Errorf("turn 1: %q", first)
+	}
+	second, err := turnConversation(q, []string{"Birinci cevap."}).Prompt()
+	if err != nil {
+		t.Fatal(err)
+	}
+	want := "<bos><start_of_turn>user\nSistem metni.\n\nBirinci soru?<end_of_turn>\n" +
+		"<start_of_turn>model\nBirinci cevap.<end_of_turn>\n" +
+		"<start_of_turn>user\nİkinci soru?<end_of_turn>\n<start_of_turn>model\n"
+	if second != want {
+		t.Errorf("turn 2:\n%q\nwant\n%q", second, want)
+	}
+	third, err := turnConversation(q, []string{"Birinci cevap.", "İkinci cevap."}).Prompt()
+	if err != nil || !strings.HasPrefix(third, strings.TrimSuffix(second, "<start_of_turn>model\n")) ||
+		!strings.Contains(third, "<start_of_turn>model\nİkinci cevap.<end_of_turn>\n<start_of_turn>user\nÜçüncü soru?") {
+		t.Errorf("turn 3: %q (%v)", third, err)
+	}
+	if strings.Contains(second, "Üçüncü") {
+		t.Error("turn 2's prompt holds turn 3")
+	}
+}
+
+// TestGenerateSingleQuestions answers an Alpaca-style source with a base
+// model alone: the question is the instruction and input as the chat
+// template stage joins them, its id the row's number, the system text the
+// source's.
+func TestGenerateSingleQuestions(t *testing.T) {
+	r := newTestRun(t)
+	tok := testenv.GemmaFile(t, "tokenizer.json")
+	src := filepath.Join(r.dir, "src.jsonl")
+	os.WriteFile(src, []byte(`{"instruction": "Topla", "input": "2 ve 3", "output": "5"}
+{"instruction": "Bir renk söyle", "input": "", "output": "Mavi."}
+`), 0o644)
+	spec := r.spec(fmt.Sprintf(`name: single
+stages:
+  alpaca: {kind: jsonl, with: {paths: [%s], system: "Kısa cevap ver."}}
+  base: {kind: model, with: {preset: tiny, seed: 2, std: 0.3}}
+  answers: {kind: generate, needs: [alpaca, base], with: {tokenizer: %s, max_new_tokens: 4, temperature: 0.8, top_k: 64, top_p: 0.95, seed: 5}}
+`, src, tok))
+	rec, err := r.run(spec, pipeline.Options{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	rows := readAnswers(t, r, rec)
+	if len(rows) != 2 || rows[0].id != 1 || rows[1].id != 2 || fmt.Sprint(rows[0].turns) != "[Topla\n\n2 ve 3]" || fmt.Sprint(rows[1].turns) != "[Bir renk söyle]" {
+		t.Fatalf("rows: %+v", rows)
+	}
+	st := stageRecord(t, rec, "answers")
+	if fmt.Sprintf("%v %v", st.Stats["quantize"], st.Stats["adapter"]) != "none false" {
+		t.Errorf("stats: %v", st.Stats)
+	}
+	// The source's system text went in front of the question.
+	dec, err := trainer.OpenDecoder(trainer.DecoderConfig{Model: r.store.EntryDir(stageRecord(t, rec, "base").Key)})
+	if err != nil {
+		t.Fatal(err)
+	}
+	tk, _ := tokenizer.LoadFile(tok)
+	gen, _ := converse.New(dec, tk)
+	got, err := gen.Reply(context.Background(), []converse.Conversation{{System: "Kısa cevap ver.", Turns: rows[0].turns}},
+		trainer.GenerateOptions{MaxNewTokens: 4, Temperature: 0.8, TopK: 64, TopP: 0.95, Seed: 5}, nil)
+	if err != nil || got[0].Text != rows[0].answers[0] {
+		t.Errorf("answer %q, the conversation alone gives %q (%v)", rows[0].answers[0], got[0].Text, err)
+	}
+	if _, err := os.Stat(filepath.Join(r.store.EntryDir(st.Key), AnswersDir, "model.jsonl")); err != nil {
+		t.Errorf("answer file under the default model_id: %v", err)
+	}
+}
+
+// TestGenerateBeyondTheContext: a question whose prompt and answer cannot
+// fit the model's context fails before anything is decoded, naming the
+// question; a later turn that outgrows it, once earlier answers are in,
+// fails naming the turn. Neither leaves an entry.
+func TestGenerateBeyondTheContext(t *testing.T) {
+	r := newTestRun(t)
+	model := filepath.Join(r.dir, "short")
+	cfg, err := trainer.Preset("tiny")
+	if err != nil {
+		t.Fatal(err)
+	}
+	cfg.MaxPositions = 64
+	if err := trainer.WriteRandomCheckpoint(model, cfg, trainer.InitOptions{Seed: 1, DType: "bfloat16", Std: 0.3}); err != nil {
+		t.Fatal(err)
+	}
+	data, _ := os.ReadFile(testenv.GemmaFile(t, "tokenizer.json"))
+	os.WriteFile(filepath.Join(model, "tokenizer.json"), data, 0o644)
+	long := strings.Repeat("Çok uzun bir soru cümlesi bu. ", 12)
+	for name, c := range map[string]struct{ questions, want string }{
+		"first turn": {`{"question_id": 1, "turns": ["Kısa soru?"]}
+{"question_id": 2, "turns": ["` + long + `"]}
+`, "question 2, turn 1: the prompt is"},
+		"later turn": {`{"question_id": 7, "turns": ["Kısa soru?", "` + long[:120] + `"]}
+`, "question 7, turn 2: the prompt is"},
+	} {
+		t.Run(name, func(t *testing.T) {
+			q := filepath.Join(r.dir, "q.jsonl")
+			os.WriteFile(q, []byte(c.questions), 0o644)
+			spec := r.spec(fmt.Sprintf(`name: short
+stages:
+  questions: {kind: mt_bench, with: {paths: [%s]}}
+  answers: {kind: generate, needs: [questions], with: {model: %s, max_new_tokens: 20}}
+`, q, model))
+			_, err := r.run(spec, pipeline.Options{})
+			if err == nil || !strings.Contains(err.Error(), c.want) || !strings.Contains(err.Error(), "beyond the model's context of 64") ||
+				!strings.Contains(err.Error(), "lower max_new_tokens") {
+				t.Fatalf("error: %v", err)
+			}
+			assertNoEntry(t, r, spec, "answers")
+		})
+	}
+}
+
+func TestGenerateParamErrors(t *testing.T) {
+	r := newTestRun(t)
+	q := filepath.Join(r.dir, "q.jsonl")
+	os.WriteFile(q, []byte(mtQuestions), 0o644)
+	for with, want := range map[string]string{
+		"{top_k: 64}":                "top_k: applies only when sampling, and temperature is 0 (greedy)",
+		"{seed: 3}":                  "seed: applies only when sampling",
+		"{model_id: a/b}":            `model_id: "a/b" is not a file name`,
+		"{quantize: int8}":           `quantize: unknown "int8"`,
+		"{max_new_tokens: 0}":        "max_new_tokens: must be at least 1",
+		"{temperature: -1}":          "temperature: -1 must be 0 (greedy) or positive",
+		"{temperature: 1, top_p: 2}": "top_p: 2 must be in (0, 1]",
+		"{model: nowhere}":           "model: ",
+	} {
+		spec := r.spec(fmt.Sprintf("name: p\nstages:\n  questions: {kind: mt_bench, with: {paths: [%s]}}\n  answers: {kind: generate, needs: [questions], with: %s}\n", q, with))
+		_, err := pipeline.Load(spec, Registry())
+		if err == nil || !strings.Contains(err.Error(), want) {
+			t.Errorf("%s: %v, want %q", with, err, want)
+		}
+	}
+	// An MT-Bench file without turns fails in its own stage.
+	os.WriteFile(q, []byte(`{"question_id": 1, "category": "x", "prompt": ["a"]}`+"\n"), 0o644)
+	spec := r.spec(fmt.Sprintf("name: p\nstages:\n  questions: {kind: mt_bench, with: {paths: [%s]}}\n", q))
+	if _, err := r.run(spec, pipeline.Options{}); err == nil || !strings.Contains(err.Error(), "question 1 has no turns") {
+		t.Errorf("questions without turns: %v", err)
+	}
+}

@@ -427,3 +427,55 @@ func TestGenerateParamErrors(t *testing.T) {
 		t.Errorf("questions without turns: %v", err)
 	}
 }
+
+// TestGenerateBaseFromTheAdaptersLineage: an adapter trained on a
+// checkpoint folder (`model:` in the qlora stage, as the gemma DAGs have
+// it) is decoded on that folder without naming it again; naming another
+// checkpoint is refused.
+func TestGenerateBaseFromTheAdaptersLineage(t *testing.T) {
+	r := newTestRun(t)
+	folder := func(name string, seed uint64) string {
+		dir := filepath.Join(r.dir, name)
+		cfg, err := trainer.Preset("tiny")
+		if err != nil {
+			t.Fatal(err)
+		}
+		if err := trainer.WriteRandomCheckpoint(dir, cfg, trainer.InitOptions{Seed: seed, DType: "bfloat16", Std: 0.3}); err != nil {
+			t.Fatal(err)
+		}
+		return dir
+	}
+	a, b := folder("a", 7), folder("b", 8)
+	q := filepath.Join(r.dir, "q.jsonl")
+	os.WriteFile(q, []byte(mtQuestions), 0o644)
+	train := strings.Replace(trainSpec(t, 2), "  base: {kind: model, with: {preset: tiny, seed: 7, std: 0.3}}\n", "", 1)
+	train = strings.Replace(train, "needs: [pack, base]", "needs: [pack]", 1)
+	train = strings.Replace(train, "with: {r: 4,", "with: {model: "+a+", quantize: none, r: 4,", 1)
+	spec := r.spec(train + fmt.Sprintf("  questions: {kind: mt_bench, with: {paths: [%s]}}\n  answers: {kind: generate, needs: [questions, adapter], with: {max_new_tokens: 3}}\n", q))
+	rec, err := r.run(spec, pipeline.Options{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	st := stageRecord(t, rec, "answers")
+	if fmt.Sprintf("%v %v", st.Stats["quantize"], st.Stats["adapter"]) != "none true" {
+		t.Errorf("stats: %v (an adapter trained with quantize: none decodes on the stored weights)", st.Stats)
+	}
+	rows := readAnswers(t, r, rec)
+	dec, err := trainer.OpenDecoder(trainer.DecoderConfig{Model: a, Adapter: filepath.Join(r.store.EntryDir(stageRecord(t, rec, "adapter").Key), trainer.AdapterDirName)})
+	if err != nil {
+		t.Fatal(err)
+	}
+	tok, _ := tokenizer.LoadFile(testenv.GemmaFile(t, "tokenizer.json"))
+	gen, _ := converse.New(dec, tok)
+	got, err := gen.Reply(context.Background(), []converse.Conversation{{Turns: rows[1].turns}}, trainer.GenerateOptions{MaxNewTokens: 3}, nil)
+	if err != nil || got[0].Text != rows[1].answers[0] {
+		t.Errorf("answer %q; the adapter on folder a gives %q (%v)", rows[1].answers[0], got[0].Text, err)
+	}
+
+	bad := r.spec(train + fmt.Sprintf("  questions: {kind: mt_bench, with: {paths: [%s]}}\n  answers: {kind: generate, needs: [questions, adapter], with: {model: %s}}\n", q, b))
+	_, err = r.run(bad, pipeline.Options{})
+	if err == nil || !strings.Contains(err.Error(), "the adapter is for another base") || !strings.Contains(err.Error(), "trained on "+a) {
+		t.Fatalf("another base: %v", err)
+	}
+	assertNoEntry(t, r, bad, "answers")
+}

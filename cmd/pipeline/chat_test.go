@@ -1,0 +1,160 @@
+package main
+
+import (
+	"bytes"
+	"context"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strings"
+	"testing"
+
+	"gemmaft/converse"
+	"gemmaft/internal/testenv"
+	"gemmaft/tokenizer"
+	"gemmaft/trainer"
+)
+
+// tinyChatModel writes a random tiny Gemma 3 (the real vocabulary) with
+// Gemma 3's tokenizer beside it, and returns the folder.
+func tinyChatModel(t *testing.T, dir string, layers int) string {
+	t.Helper()
+	cfg, err := trainer.Preset("tiny")
+	if err != nil {
+		t.Fatal(err)
+	}
+	cfg.Layers, cfg.LayerTypes = layers, cfg.LayerTypes[:layers]
+	if err := trainer.WriteRandomCheckpoint(dir, cfg, trainer.InitOptions{Seed: 1, DType: "bfloat16", Std: 0.125}); err != nil {
+		t.Fatal(err)
+	}
+	data, err := os.ReadFile(testenv.GemmaFile(t, "tokenizer.json"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	writeFile(t, filepath.Join(dir, "tokenizer.json"), string(data))
+	return dir
+}
+
+// runCLIStdin is runCLI with stdin.
+func runCLIStdin(t *testing.T, dir, stdin string, args ...string) cliResult {
+	t.Helper()
+	cmd := exec.Command(os.Args[0], args...)
+	cmd.Dir = dir
+	cmd.Env = append(os.Environ(), "PIPELINE_CLI=1", "PIPELINE_CACHE="+filepath.Join(dir, "cache"))
+	cmd.Stdin = strings.NewReader(stdin)
+	var out, errb bytes.Buffer
+	cmd.Stdout, cmd.Stderr = &out, &errb
+	err := cmd.Run()
+	res := cliResult{stdout: out.String(), stderr: errb.String()}
+	if ee, ok := err.(*exec.ExitError); ok {
+		res.code = ee.ExitCode()
+	} else if err != nil {
+		t.Fatal(err)
+	}
+	return res
+}
+
+// TestChatCommand: `pipeline chat --prompt` prints what the library
+// answers for the same conversation, greedy or sampled with the model
+// folder's generation_config.json; --prompt - reads stdin; lines on stdin
+// are the turns of one conversation; --help shows the sampling flags; bad
+// flags exit 2 and an adapter of another model exits 1.
+func TestChatCommand(t *testing.T) {
+	dir := t.TempDir()
+	model := tinyChatModel(t, filepath.Join(dir, "model"), 6)
+	tok, err := tokenizer.LoadFile(filepath.Join(model, "tokenizer.json"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	dec, err := trainer.OpenDecoder(trainer.DecoderConfig{Model: model})
+	if err != nil {
+		t.Fatal(err)
+	}
+	gen, err := converse.New(dec, tok)
+	if err != nil {
+		t.Fatal(err)
+	}
+	answer := func(c converse.Conversation, o trainer.GenerateOptions) string {
+		t.Helper()
+		r, err := gen.Reply(context.Background(), []converse.Conversation{c}, o, nil)
+		if err != nil {
+			t.Fatal(err)
+		}
+		return r[0].Text
+	}
+	const q = "Türkiye'nin başkenti neresidir?"
+	greedy := trainer.GenerateOptions{MaxNewTokens: 12}
+
+	r := runCLI(t, dir, "chat", "--model", model, "--prompt", q, "--max-new-tokens", "12", "--system", "Kısa cevap ver.")
+	want := answer(converse.Conversation{System: "Kısa cevap ver.", Turns: []string{q}}, greedy)
+	if r.code != 0 || r.stdout != want+"\n" || strings.TrimSpace(want) == "" {
+		t.Fatalf("chat --prompt: exit %d, stdout %q, want %q\n%s", r.code, r.stdout, want, r.stderr)
+	}
+	r = runCLIStdin(t, dir, q+"\n", "chat", "--model", model, "--prompt", "-", "--max-new-tokens", "12", "--system", "Kısa cevap ver.")
+	if r.code != 0 || r.stdout != want+"\n" {
+		t.Errorf("chat --prompt -: exit %d, stdout %q, want %q\n%s", r.code, r.stdout, want, r.stderr)
+	}
+
+	// Without a terminal, each line is the next turn of one conversation.
+	r = runCLIStdin(t, dir, q+"\n\nPeki en kalabalık şehri?\n", "chat", "--model", model, "--max-new-tokens", "12")
+	first := answer(converse.Conversation{Turns: []string{q}}, greedy)
+	second := answer(converse.Conversation{Turns: []string{q, "Peki en kalabalık şehri?"}, Answers: []string{first}}, greedy)
+	if r.code != 0 || r.stdout != first+"\n"+second+"\n" {
+		t.Errorf("two turns on stdin: exit %d, stdout %q, want %q then %q\n%s", r.code, r.stdout, first, second, r.stderr)
+	}
+
+	// The folder's generation_config.json samples; flags override it.
+	writeFile(t, filepath.Join(model, "generation_config.json"), `{"do_sample": true, "top_k": 64, "top_p": 0.95, "eos_token_id": [1, 106]}`)
+	sampled := trainer.GenerateOptions{MaxNewTokens: 12, Temperature: 1, TopK: 64, TopP: 0.95, Seed: 9}
+	r = runCLI(t, dir, "chat", "--model", model, "--prompt", q, "--max-new-tokens", "12", "--seed", "9")
+	r2 := runCLI(t, dir, "chat", "--model", model, "--prompt", q, "--max-new-tokens", "12", "--seed", "9")
+	if want := answer(converse.Conversation{Turns: []string{q}}, sampled); r.code != 0 || r.stdout != want+"\n" || r2.stdout != r.stdout {
+		t.Errorf("sampled with generation_config.json: %q then %q, want %q\n%s", r.stdout, r2.stdout, want, r.stderr)
+	}
+	r = runCLI(t, dir, "chat", "--model", model, "--prompt", q, "--max-new-tokens", "12", "--temperature", "0")
+	if r.code != 0 || r.stdout != first+"\n" {
+		t.Errorf("--temperature 0 over a sampling config: %q, want %q", r.stdout, first)
+	}
+
+	r = runCLI(t, dir, "chat", "--help")
+	for _, flag := range []string{"--temperature", "--top-k", "--top-p", "--seed", "--max-new-tokens", "--system", "--adapter", "--prompt", "--quantize"} {
+		if !strings.Contains(r.stdout, flag) {
+			t.Errorf("--help lacks %s", flag)
+		}
+	}
+
+	for _, args := range [][]string{
+		{"chat", "--prompt", q},
+		{"chat", "--model", model, "--quantize", "int8", "--prompt", q},
+		{"chat", "--model", model, "--top-p", "2", "--prompt", q},
+		{"chat", "--model", model, "--max-new-tokens", "0", "--prompt", q},
+		{"chat", "--model", model, "--prompt", "  "},
+		{"chat", "--model", dir, "--prompt", q}, // no tokenizer.json there
+	} {
+		if r := runCLI(t, dir, args...); r.code != 2 {
+			t.Errorf("%v: exit %d, want 2\n%s", args, r.code, r.stderr)
+		}
+	}
+
+	// An adapter made for a model of four layers, on one of six.
+	other := tinyChatModel(t, filepath.Join(dir, "other"), 4)
+	ck, err := trainer.OpenCheckpoint(other)
+	if err != nil {
+		t.Fatal(err)
+	}
+	a, err := trainer.NewAdapter(ck.Config, trainer.LoRAConfig{R: 2, Alpha: 4, Targets: trainer.AllModules}, 1)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := ck.SaveAdapter(filepath.Join(dir, "adapter"), a, other); err != nil {
+		t.Fatal(err)
+	}
+	r = runCLI(t, dir, "chat", "--model", model, "--adapter", filepath.Join(dir, "adapter"), "--prompt", q)
+	if r.code != 1 || !strings.Contains(r.stderr, "the adapter was not made for this model") {
+		t.Errorf("adapter of another model: exit %d\n%s", r.code, r.stderr)
+	}
+	r = runCLI(t, dir, "chat", "--model", other, "--adapter", filepath.Join(dir, "adapter"), "--prompt", q, "--max-new-tokens", "3", "--quantize", "nf4")
+	if r.code != 0 || r.stdout == "" {
+		t.Errorf("adapter on its own model: exit %d %q\n%s", r.code, r.stdout, r.stderr)
+	}
+}

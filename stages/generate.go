@@ -65,8 +65,9 @@ type generateParams struct {
 	// as FastChat's --model-id does.
 	ModelID string `yaml:"model_id" json:"model_id"`
 	// BatchSize is how many questions are decoded together. Each sequence
-	// attends only to its own cache and draws from its own stream, so the
-	// answers do not depend on it; it stays out of the key.
+	// attends only to its own cache, and each question's turn draws from a
+	// stream of its own, so the answers do not depend on it; it stays out
+	// of the key.
 	BatchSize int `yaml:"batch_size" json:"-"`
 }
 
@@ -174,6 +175,10 @@ func (s *generateStage) Run(ctx context.Context, t *pipeline.Task) error {
 		return err
 	}
 	prompts, intIDs := setup.prompts, setup.intIDs
+	totalTurns := 0
+	for _, q := range prompts {
+		totalTurns += len(q.Turns)
+	}
 	tok, err := tokenizer.LoadFile(setup.tokenizer)
 	if err != nil {
 		return err
@@ -183,7 +188,7 @@ func (s *generateStage) Run(ctx context.Context, t *pipeline.Task) error {
 		what = "the adapter on " + what
 	}
 	t.Log.Info("loading the model", "model", setup.model, "adapter", setup.adapter, "quantize", setup.quantize, "tokenizer", setup.tokenizer)
-	t.Report(0, 0, "turns", "loading "+what)
+	t.Report(0, int64(totalTurns), "turns", "loading "+what)
 	dec, err := trainer.OpenDecoder(trainer.DecoderConfig{Model: setup.model, Adapter: setup.adapter, Quantize: setup.quantize})
 	if err != nil {
 		return err
@@ -196,9 +201,7 @@ func (s *generateStage) Run(ctx context.Context, t *pipeline.Task) error {
 	opts := trainer.GenerateOptions{MaxNewTokens: s.p.MaxNewTokens, Temperature: s.p.Temperature, TopK: s.p.TopK, TopP: s.p.TopP, Seed: s.p.Seed}
 	// Every first turn must fit before hours go into the others; later
 	// turns are checked as their prompts come to be.
-	totalTurns := 0
 	for _, q := range prompts {
-		totalTurns += len(q.Turns)
 		text, err := turnConversation(q, nil).Prompt()
 		if err != nil {
 			return fmt.Errorf("question %v: %w", q.ID, err)
@@ -211,7 +214,6 @@ func (s *generateStage) Run(ctx context.Context, t *pipeline.Task) error {
 			return contextErr(q, 0, &converse.ContextError{PromptTokens: len(ids), MaxNewTokens: opts.MaxNewTokens, Context: gen.Context()})
 		}
 	}
-	t.SetTotal(int64(len(prompts)))
 
 	schema := answerSchema(intIDs)
 	out, err := t.Output(schema)
@@ -248,7 +250,13 @@ func (s *generateStage) Run(ctx context.Context, t *pipeline.Task) error {
 			if len(convs) == 0 {
 				break
 			}
-			replies, err := gen.Reply(ctx, convs, opts, nil)
+			// Each question and turn draws from a stream of its own, so
+			// that sampled answers do not depend on the batching either.
+			o := opts
+			for _, i := range which {
+				o.Streams = append(o.Streams, uint64(lo+i)<<20|uint64(turn))
+			}
+			replies, err := gen.Reply(ctx, convs, o, nil)
 			var ce *converse.ContextError
 			if errors.As(err, &ce) {
 				return contextErr(batch[which[ce.Conversation]], turn, ce)

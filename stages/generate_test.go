@@ -322,13 +322,13 @@ func TestGenerateSingleQuestions(t *testing.T) {
 	os.WriteFile(src, []byte(`{"instruction": "Topla", "input": "2 ve 3", "output": "5"}
 {"instruction": "Bir renk söyle", "input": "", "output": "Mavi."}
 `), 0o644)
-	spec := r.spec(fmt.Sprintf(`name: single
+	spec0 := fmt.Sprintf(`name: single
 stages:
   alpaca: {kind: jsonl, with: {paths: [%s], system: "Kısa cevap ver."}}
   base: {kind: model, with: {preset: tiny, seed: 2, std: 0.3}}
   answers: {kind: generate, needs: [alpaca, base], with: {tokenizer: %s, max_new_tokens: 4, temperature: 0.8, top_k: 64, top_p: 0.95, seed: 5}}
-`, src, tok))
-	rec, err := r.run(spec, pipeline.Options{})
+`, src, tok)
+	rec, err := r.run(r.spec(spec0), pipeline.Options{})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -354,6 +354,15 @@ stages:
 	}
 	if _, err := os.Stat(filepath.Join(r.store.EntryDir(st.Key), AnswersDir, "model.jsonl")); err != nil {
 		t.Errorf("answer file under the default model_id: %v", err)
+	}
+	// Sampled answers do not depend on the batching either: each question
+	// draws from its own stream.
+	again, err := r.run(r.spec(strings.Replace(spec0, "seed: 5}", "seed: 5, batch_size: 1}", 1)), pipeline.Options{Force: []string{"answers"}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if rows2 := readAnswers(t, r, again); fmt.Sprint(rows2[0].answers, rows2[1].answers) != fmt.Sprint(rows[0].answers, rows[1].answers) {
+		t.Errorf("batch 8: %q %q; batch 1: %q %q", rows[0].answers, rows[1].answers, rows2[0].answers, rows2[1].answers)
 	}
 }
 

@@ -22,6 +22,10 @@ type GenerateOptions struct {
 	// Seed fixes the draws; sequence i draws from its own stream, so a
 	// sequence's text does not depend on what else is in the batch.
 	Seed uint64
+	// Streams, when set, names sequence i's stream Streams[i] instead of
+	// i, so that a caller decoding in batches can give each question the
+	// same draws whichever batch, and place in it, it falls in.
+	Streams []uint64
 	// Stop ends a sequence when it produces one of these ids (which is
 	// kept as its last token): Gemma 3's <end_of_turn> and <eos>.
 	Stop []int32
@@ -151,12 +155,19 @@ func (m *Model) Generate(ctx context.Context, a *Adapter, prompts [][]int32, o G
 			ids, pos, st.seqOf = append(ids, id), append(pos, int32(j)), append(st.seqOf, i)
 		}
 	}
+	if o.Streams != nil && len(o.Streams) != len(prompts) {
+		return nil, fmt.Errorf("%d streams for %d prompts", len(o.Streams), len(prompts))
+	}
 	if max := maxLen(prompts) + o.MaxNewTokens; max > c.MaxPositions {
 		return nil, fmt.Errorf("a prompt and %d new tokens reach position %d, beyond the model's %d", o.MaxNewTokens, max, c.MaxPositions)
 	}
 	rngs := make([]*rand.Rand, len(prompts))
 	for i := range rngs {
-		rngs[i] = rand.New(rand.NewPCG(o.Seed, uint64(i)))
+		stream := uint64(i)
+		if o.Streams != nil {
+			stream = o.Streams[i]
+		}
+		rngs[i] = rand.New(rand.NewPCG(o.Seed, stream))
 	}
 	stop := map[int32]bool{}
 	for _, s := range o.Stop {

@@ -195,3 +195,28 @@ func TestPickDrawsAsSortingDid(t *testing.T) {
 		}
 	}
 }
+
+// TestStreamsNameTheDraws: a sequence given stream s draws what the
+// sequence at place s of a batch draws, so a caller can keep a prompt's
+// draws whatever batch it decodes it in.
+func TestStreamsNameTheDraws(t *testing.T) {
+	m, a := decodeModel(t)
+	ps := prompts(m.Config.VocabSize, 4, 7, 9)
+	o := GenerateOptions{MaxNewTokens: 8, Temperature: 1.5, TopK: 20, Seed: 3}
+	all, err := m.Generate(context.Background(), a, ps, o, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	o.Streams = []uint64{2}
+	one, err := m.Generate(context.Background(), a, ps[2:], o, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if fmt.Sprint(one[0]) != fmt.Sprint(all[2]) {
+		t.Errorf("stream 2 alone drew %v, third in the batch %v", one[0], all[2])
+	}
+	o.Streams = []uint64{0, 1}
+	if _, err := m.Generate(context.Background(), a, ps, o, nil); err == nil {
+		t.Error("two streams for three prompts were taken")
+	}
+}

@@ -40,10 +40,9 @@ type Question struct {
 // of {"question_id", "category", "turns": [...]}; other fields (MT-Bench's
 // reference answers) are ignored. Every question needs an id and at least
 // one non-empty turn; ids are all integers or all strings, and unique
-// across the files. limit > 0 stops after that many questions. fsys, when
-// not nil, is where the paths are looked up instead of the operating
-// system's files.
-func ReadQuestions(paths []string, limit int64, fsys fs.FS) ([]Question, error) {
+// across the files. limit > 0 stops after that many questions. open, when
+// not nil, opens the files (as SourceOptions.Open does) instead of os.Open.
+func ReadQuestions(paths []string, limit int64, open func(path string) (fs.File, error)) ([]Question, error) {
 	if len(paths) == 0 {
 		return nil, errors.New("dataset: no question files")
 	}
@@ -51,7 +50,7 @@ func ReadQuestions(paths []string, limit int64, fsys fs.FS) ([]Question, error) 
 	seen := map[any]string{} // id → where it was first seen
 	var idKind, idKindAt string
 	for _, path := range paths {
-		jf := &jsonlFile{open: SourceOptions{FS: fsys}.opener(), name: path, gz: strings.HasSuffix(strings.ToLower(path), ".gz")}
+		jf := &jsonlFile{open: SourceOptions{Open: open}.opener(), name: path, gz: strings.HasSuffix(strings.ToLower(path), ".gz")}
 		lr, err := jf.lines()
 		if err != nil {
 			return nil, err

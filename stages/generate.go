@@ -121,16 +121,15 @@ func (p *generateParams) Validate() error {
 func (generateKind) Prepare(params any, dir string) (pipeline.Runner, error) {
 	p := params.(*generateParams)
 	s := &generateStage{p: p}
-	if p.Model != "" {
-		s.model = absFrom(dir, p.Model)
-		files, err := keyedCheckpointFiles(s.model)
-		if err != nil {
-			return nil, &pipeline.ParamError{Param: "model", Msg: err.Error(), Fix: "point model at a Hugging Face Gemma 3 checkpoint folder"}
-		}
+	var err error
+	if s.model, s.files, err = modelParam(p.Model, dir, "point model at a Hugging Face Gemma 3 checkpoint folder"); err != nil {
+		return nil, err
+	}
+	if s.model != "" {
+		// Its tokenizer, when it has one, may be the one the stage reads.
 		if _, err := os.Stat(filepath.Join(s.model, "tokenizer.json")); err == nil {
-			files = append(files, filepath.Join(s.model, "tokenizer.json"))
+			s.files = append(s.files, filepath.Join(s.model, "tokenizer.json"))
 		}
-		s.files = files
 	}
 	if p.Tokenizer != "" {
 		s.tokenizer = absFrom(dir, p.Tokenizer)
@@ -141,6 +140,53 @@ func (generateKind) Prepare(params any, dir string) (pipeline.Runner, error) {
 		s.files = append(s.files, s.tokenizer)
 	}
 	return s, nil
+}
+
+// CheckInputs: a generate stage answers the questions of one source
+// (mt_bench, jsonl or parquet) with one model: a qlora stage's adapter (on
+// its base: from its lineage, a model stage or `model:`), a merge stage's
+// checkpoint, or a base alone (a model stage or `model:`).
+func (generateKind) CheckInputs(params any, needs []pipeline.Need) error {
+	p := params.(*generateParams)
+	byKind := map[string][]string{}
+	var sources []string
+	for _, n := range needs {
+		switch n.Kind {
+		case questionsKindName, jsonlKindName, parquetKindName:
+			sources = append(sources, n.Stage)
+		case "qlora", mergeKindName, modelKindName:
+			byKind[n.Kind] = append(byKind[n.Kind], n.Stage)
+		default:
+			return &pipeline.ParamError{Param: "needs",
+				Msg: fmt.Sprintf("%q is a %s stage, but a generate stage reads questions (an %s, jsonl or parquet stage) and a model (a qlora, merge or model stage)", n.Stage, n.Kind, questionsKindName),
+				Fix: "name the questions' source and the model's stage in needs"}
+		}
+	}
+	needsErr := func(msg, fix string) error { return &pipeline.ParamError{Param: "needs", Msg: msg, Fix: fix} }
+	switch {
+	case len(sources) == 0:
+		return needsErr("no questions", "add a source to needs: an mt_bench stage for MT-Bench questions, or a jsonl or parquet stage of instructions")
+	case len(sources) > 1:
+		return needsErr(fmt.Sprintf("two sources of questions (%s)", strings.Join(sources, ", ")), "keep one source in needs")
+	}
+	for _, k := range []string{"qlora", mergeKindName, modelKindName} {
+		if len(byKind[k]) > 1 {
+			return needsErr(fmt.Sprintf("two %s stages (%s): a generate stage answers with one model", k, strings.Join(byKind[k], ", ")),
+				"keep one in needs")
+		}
+	}
+	qlora, merge, model := len(byKind["qlora"]) == 1, len(byKind[mergeKindName]) == 1, len(byKind[modelKindName]) == 1
+	switch {
+	case merge && (qlora || model || p.Model != ""):
+		return needsErr(fmt.Sprintf("merge stage %q holds a whole model, its adapter merged in, and a qlora or model stage or `model:` names another", byKind[mergeKindName][0]),
+			"give either the merge stage, or the qlora stage with its base")
+	case model && p.Model != "":
+		return &pipeline.ParamError{Param: "model", Msg: fmt.Sprintf("names %s, and model stage %q is in needs: two base models", p.Model, byKind[modelKindName][0]),
+			Fix: "remove `model:`, or the model stage from needs"}
+	case !qlora && !merge && !model && p.Model == "":
+		return needsErr("no model", "add a qlora, merge or model stage to needs, or set `model:` to a checkpoint folder")
+	}
+	return nil
 }
 
 func absFrom(dir, path string) string {
@@ -194,6 +240,11 @@ func (s *generateStage) Run(ctx context.Context, t *pipeline.Task) error {
 		return err
 	}
 	defer dec.Close()
+	// The tokenizer and the checkpoint were read by their paths: check that
+	// they were the files the key holds.
+	if err := t.CheckFiles(s.files...); err != nil {
+		return err
+	}
 	gen, err := converse.New(dec, tok)
 	if err != nil {
 		return err

@@ -247,10 +247,6 @@ func TestGenerateStageAnswersMTBench(t *testing.T) {
 `, "trained on stage base's model, not on stage other's: the adapter is for another base"},
 		"model: for a model stage's adapter": {fmt.Sprintf(`  bad: {kind: generate, needs: [questions, adapter], with: {model: %s}}
 `, base), "trained on stage base's model; give it in needs instead of `model: "},
-		"a source without questions": {`  bad: {kind: generate, needs: [chat, base]}
-`, `stage chat (chat_template) has the columns text, span_start, span_end; a generate stage asks the "turns" of MT-Bench questions`},
-		"two sources": {`  bad: {kind: generate, needs: [questions, alpaca, base]}
-`, "stages questions and alpaca both in needs"},
 	} {
 		t.Run(name, func(t *testing.T) {
 			s := r.spec(generateSpec(t, r.dir, "") + c.stages)
@@ -413,6 +409,26 @@ func TestGenerateParamErrors(t *testing.T) {
 	r := newTestRun(t)
 	q := filepath.Join(r.dir, "q.jsonl")
 	os.WriteFile(q, []byte(mtQuestions), 0o644)
+	// Wiring a generate stage cannot answer with is a spec error.
+	for stages, want := range map[string]string{
+		"  bad: {kind: generate, needs: [chat, base]}\n":                                                      `needs: "chat" is a chat_template stage, but a generate stage reads questions`,
+		"  bad: {kind: generate, needs: [questions, alpaca, base]}\n":                                         "needs: two sources of questions (questions, alpaca)",
+		"  bad: {kind: generate, needs: [questions]}\n":                                                       "needs: no model",
+		"  bad: {kind: generate, needs: [questions, base], with: {model: m}}\n":                               "model: names m, and model stage \"base\" is in needs",
+		"  merged: {kind: merge, needs: [base]}\n  bad: {kind: generate, needs: [questions, merged, base]}\n": `merge stage "merged" holds a whole model`,
+	} {
+		spec := r.spec(fmt.Sprintf(`name: w
+stages:
+  questions: {kind: mt_bench, with: {paths: [%s]}}
+  alpaca: {kind: jsonl, with: {paths: [%s]}}
+  chat: {kind: chat_template, needs: [alpaca]}
+  base: {kind: model}
+`, q, q) + stages)
+		_, err := pipeline.Load(spec, Registry())
+		if err == nil || !strings.Contains(err.Error(), want) || !strings.Contains(err.Error(), `stage "bad"`) {
+			t.Errorf("%s: %v, want %q", stages, err, want)
+		}
+	}
 	for with, want := range map[string]string{
 		"{top_k: 64}":                "top_k: applies only when sampling, and temperature is 0 (greedy)",
 		"{seed: 3}":                  "seed: applies only when sampling",

@@ -2,6 +2,7 @@ package stages
 
 import (
 	"context"
+	"io/fs"
 	"os"
 
 	"gemmaft/dataset"
@@ -60,7 +61,7 @@ type questionsStage struct {
 func (s *questionsStage) Files() []string { return s.files }
 
 func (s *questionsStage) Run(ctx context.Context, t *pipeline.Task) error {
-	qs, err := dataset.ReadQuestions(s.files, s.p.Limit, nil)
+	qs, err := dataset.ReadQuestions(s.files, s.p.Limit, func(path string) (fs.File, error) { return t.Open(path) })
 	if err != nil {
 		return err
 	}

@@ -21,8 +21,8 @@ import (
 
 	"gemmaft/converse"
 	"gemmaft/dataset"
+	"gemmaft/hub"
 	"gemmaft/pipeline"
-	"gemmaft/tokenizer"
 	"gemmaft/trainer"
 )
 
@@ -120,24 +120,35 @@ func (p *generateParams) Validate() error {
 
 func (generateKind) Prepare(params any, dir string) (pipeline.Runner, error) {
 	p := params.(*generateParams)
-	s := &generateStage{p: p}
-	var err error
-	if s.model, s.files, err = modelParam(p.Model, dir, "point model at a Hugging Face Gemma 3 checkpoint folder"); err != nil {
+	m, err := modelParam(p.Model, dir, "point model at a Hugging Face Gemma 3 checkpoint folder")
+	if err != nil {
 		return nil, err
 	}
-	if s.model != "" {
-		// Its tokenizer, when it has one, may be the one the stage reads.
-		if _, err := os.Stat(filepath.Join(s.model, "tokenizer.json")); err == nil {
-			s.files = append(s.files, filepath.Join(s.model, "tokenizer.json"))
+	s := &generateStage{p: p, model: m, files: m.files}
+	if m.dir != "" {
+		// Its tokenizer, when it has one, may be the one the stage reads
+		// (of an hf:// model, the commit holds it).
+		if _, err := os.Stat(filepath.Join(m.dir, "tokenizer.json")); err == nil {
+			s.files = append(s.files, filepath.Join(m.dir, "tokenizer.json"))
 		}
 	}
-	if p.Tokenizer != "" {
-		s.tokenizer = absFrom(dir, p.Tokenizer)
-		if fi, err := os.Stat(s.tokenizer); err != nil || fi.IsDir() {
-			return nil, &pipeline.ParamError{Param: "tokenizer", Msg: s.tokenizer + " is not a readable file",
-				Fix: "give the path of the model's tokenizer.json, relative to the spec's folder"}
+	switch {
+	case p.Tokenizer == "":
+	case hub.IsRef(p.Tokenizer):
+		if s.tokHub, err = parseHub("tokenizer", p.Tokenizer, hubFile); err != nil {
+			return nil, err
 		}
-		s.files = append(s.files, s.tokenizer)
+	default:
+		path, err := pipeline.ResolvePath(dir, p.Tokenizer)
+		if err != nil {
+			return nil, &pipeline.ParamError{Param: "tokenizer", Msg: err.Error(), Fix: "write the path in full"}
+		}
+		if err := pipeline.CheckReadableFile(path); err != nil {
+			return nil, &pipeline.ParamError{Param: "tokenizer", Msg: err.Error(),
+				Fix: "give the path of the model's tokenizer.json, relative to the spec's folder, or hf://ORG/NAME@REV/tokenizer.json"}
+		}
+		s.tokenizer = path
+		s.files = append(s.files, path)
 	}
 	return s, nil
 }
@@ -189,21 +200,19 @@ func (generateKind) CheckInputs(params any, needs []pipeline.Need) error {
 	return nil
 }
 
-func absFrom(dir, path string) string {
-	if filepath.IsAbs(path) {
-		return path
-	}
-	return filepath.Join(dir, path)
-}
-
 type generateStage struct {
 	p         *generateParams
-	model     string
-	tokenizer string
+	model     modelArg
+	tokenizer string    // a local tokenizer.json,
+	tokHub    *hubInput // or one on the Hub
 	files     []string
 }
 
 func (s *generateStage) Files() []string { return s.files }
+
+func (s *generateStage) Resolve(ctx context.Context) ([]pipeline.Ref, error) {
+	return resolveAll(ctx, s.model.hub, s.tokHub)
+}
 
 // generateSetup is what a generate stage's inputs resolve to.
 type generateSetup struct {
@@ -225,7 +234,7 @@ func (s *generateStage) Run(ctx context.Context, t *pipeline.Task) error {
 	for _, q := range prompts {
 		totalTurns += len(q.Turns)
 	}
-	tok, err := tokenizer.LoadFile(setup.tokenizer)
+	tok, err := load(t, setup.tokenizer)
 	if err != nil {
 		return err
 	}
@@ -392,15 +401,24 @@ func (s *generateStage) setup(ctx context.Context, t *pipeline.Task) (*generateS
 	}
 	// The questions first: a source that holds none fails before a model
 	// is looked for.
-	st := &generateSetup{model: s.model, quantize: s.p.Quantize}
+	st := &generateSetup{quantize: s.p.Quantize}
 	var err error
 	if st.prompts, st.intIDs, err = readPrompts(ctx, src, s.p.System); err != nil {
 		return nil, err
 	}
-	if merge != nil {
-		if qlora != nil || modelIn != nil || s.model != "" {
-			return nil, fmt.Errorf("stage %s (merge) holds a whole model, its adapter merged in; give either it, or a qlora stage with its base, not both", merge.Name)
+	given := s.model.set()
+	if merge != nil && (qlora != nil || modelIn != nil || given) {
+		return nil, fmt.Errorf("stage %s (merge) holds a whole model, its adapter merged in; give either it, or a qlora stage with its base, not both", merge.Name)
+	}
+	if modelIn != nil && given {
+		return nil, fmt.Errorf("two base models (model: %s, and stage %s); give one", s.model.param, modelIn.Name)
+	}
+	if given {
+		if st.model, err = s.model.path(ctx, t); err != nil {
+			return nil, err
 		}
+	}
+	if merge != nil {
 		dir, err := merge.Dir(ctx)
 		if err != nil {
 			return nil, err
@@ -408,14 +426,9 @@ func (s *generateStage) setup(ctx context.Context, t *pipeline.Task) (*generateS
 		st.model = filepath.Join(dir, MergedModelDir)
 	}
 	if modelIn != nil {
-		if s.model != "" {
-			return nil, fmt.Errorf("two base models (model: %s, and stage %s); give one", s.model, modelIn.Name)
-		}
-		dir, err := modelIn.Dir(ctx)
-		if err != nil {
+		if st.model, err = modelIn.Dir(ctx); err != nil {
 			return nil, err
 		}
-		st.model = dir
 	}
 	var lineage []*pipeline.Manifest
 	if qlora != nil {
@@ -427,7 +440,7 @@ func (s *generateStage) setup(ctx context.Context, t *pipeline.Task) (*generateS
 		if lineage, err = qlora.Lineage(ctx); err != nil {
 			return nil, err
 		}
-		if st.model, err = trainingBase(ctx, provenanceOf(lineage), qlora, modelIn, st.model); err != nil {
+		if st.model, err = trainingBase(ctx, t, provenanceOf(lineage), qlora, modelIn, &s.model, st.model); err != nil {
 			return nil, err
 		}
 	}
@@ -441,6 +454,13 @@ func (s *generateStage) setup(ctx context.Context, t *pipeline.Task) (*generateS
 		}
 	}
 	st.tokenizer = s.tokenizer
+	if s.tokHub != nil {
+		files, err := s.tokHub.fetch(ctx, t)
+		if err != nil {
+			return nil, err
+		}
+		st.tokenizer = files[0]
+	}
 	if st.tokenizer == "" && qlora != nil {
 		dir, err := trainingTokenizer(provenanceOf(lineage).tokenize)
 		if err != nil {
@@ -461,12 +481,17 @@ func (s *generateStage) setup(ctx context.Context, t *pipeline.Task) (*generateS
 }
 
 // trainingBase finds the checkpoint a qlora stage trained on, and checks
-// that the base the generate stage was given (model, from `model:` or a
-// model stage; "" for none) is that one: an adapter on another base would
-// decode, and say nothing of the training.
-func trainingBase(ctx context.Context, p provenance, qlora, modelIn *pipeline.Input, model string) (string, error) {
+// that the base the generate stage was given (model: the folder of
+// `model:`, fetched when it is an hf:// reference, or a model stage's; ""
+// for none) is that one: an adapter on another base would decode, and say
+// nothing of the training.
+func trainingBase(ctx context.Context, t *pipeline.Task, p provenance, qlora, modelIn *pipeline.Input, given *modelArg, model string) (string, error) {
 	trained := p.qlora
-	if folder, _ := params(trained)["model"].(string); folder != "" {
+	folder, _ := params(trained)["model"].(string)
+	if hub.IsRef(folder) {
+		return hubTrainingBase(ctx, t, trained, folder, qlora, modelIn, given, model)
+	}
+	if folder != "" {
 		// The qlora stage read a folder: its files (config.json and the
 		// weights or their index) are recorded with their digests.
 		var base string
@@ -509,8 +534,8 @@ func trainingBase(ctx context.Context, p provenance, qlora, modelIn *pipeline.In
 		// must be among the needs (the cache holds it by key).
 		if modelIn == nil {
 			what := "add it to needs"
-			if model != "" {
-				what = "give it in needs instead of `model: " + model + "`"
+			if given.set() {
+				what = "give it in needs instead of `model: " + given.param + "`"
 			}
 			return "", fmt.Errorf("the adapter of stage %s was trained on stage %s's model; %s", qlora.Name, p.model.Stage, what)
 		}
@@ -528,6 +553,59 @@ func trainingBase(ctx context.Context, p provenance, qlora, modelIn *pipeline.In
 		return "", fmt.Errorf("the record of stage %s names no base; set `model:` to the checkpoint folder the adapter was trained on", qlora.Name)
 	}
 	return model, nil
+}
+
+// hubTrainingBase is trainingBase for a qlora stage that trained on an
+// hf:// model: its record holds the commit, at which the base is fetched
+// (from the Hugging Face cache, where training left it) unless `model:`
+// names one, which must be that repository at that commit.
+func hubTrainingBase(ctx context.Context, t *pipeline.Task, trained *pipeline.Manifest, folder string, qlora, modelIn *pipeline.Input, given *modelArg, model string) (string, error) {
+	want, err := hub.ParseRef(folder)
+	if err != nil {
+		return "", fmt.Errorf("stage %s's model: %w", qlora.Name, err)
+	}
+	commit := ""
+	for _, r := range trained.Refs {
+		if rr, err := hub.ParseRef(r.Name); err == nil && rr.Repo == want.Repo {
+			commit = r.Revision
+		}
+	}
+	if commit == "" {
+		return "", fmt.Errorf("stage %s's record names no commit of %s", qlora.Name, want.Repo)
+	}
+	switch {
+	case modelIn != nil:
+		return "", fmt.Errorf("the adapter of stage %s was trained on %s, not on stage %s's model; remove %s from needs",
+			qlora.Name, want.RepoRef(), modelIn.Name, modelIn.Name)
+	case given.hub != nil:
+		given.hub.mu.Lock()
+		r := given.hub.resolved
+		given.hub.mu.Unlock()
+		if r == nil || r.Repo != want.Repo || r.Commit != commit {
+			at := "?"
+			if r != nil {
+				at = r.Repo.String() + " at " + r.Commit
+			}
+			return "", fmt.Errorf("the adapter of stage %s was trained on %s at %s, and model: names %s: the adapter is for another base",
+				qlora.Name, want.Repo, commit, at)
+		}
+		return model, nil
+	case model != "":
+		t.Log.Warn("the adapter was trained on a Hub checkpoint; the local folder of model: is taken to be that checkpoint",
+			"trained_on", want.Repo.String()+"@"+commit, "model", model)
+		return model, nil
+	}
+	pinned := want
+	pinned.Revision = commit
+	h := &hubInput{ref: pinned, param: "the base of stage " + qlora.Name, what: hubFolder}
+	if _, err := h.resolve(ctx); err != nil {
+		return "", err
+	}
+	dirs, err := h.fetch(ctx, t)
+	if err != nil {
+		return "", err
+	}
+	return dirs[0], nil
 }
 
 // prompt is one question to answer: one turn for a single instruction,

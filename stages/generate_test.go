@@ -55,17 +55,6 @@ type answerRow struct {
 	answerFileQuestion map[string]any
 }
 
-func stageRecord(t *testing.T, rec *pipeline.RunRecord, name string) pipeline.StageRecord {
-	t.Helper()
-	for _, s := range rec.Stages {
-		if s.Name == name {
-			return s
-		}
-	}
-	t.Fatalf("no stage %s", name)
-	return pipeline.StageRecord{}
-}
-
 // readAnswers reads a generate stage's table.
 func readAnswers(t *testing.T, r *testRun, rec *pipeline.RunRecord) []answerRow {
 	t.Helper()
@@ -501,6 +490,58 @@ func TestGenerateBaseFromTheAdaptersLineage(t *testing.T) {
 	_, err = r.run(bad, pipeline.Options{})
 	if err == nil || !strings.Contains(err.Error(), "the adapter is for another base") || !strings.Contains(err.Error(), "trained on "+a) {
 		t.Fatalf("another base: %v", err)
+	}
+	assertNoEntry(t, r, bad, "answers")
+}
+
+// TestGenerateFromTheHub: MT-Bench questions from a dataset repository, an
+// adapter trained on an hf:// model: the base is fetched at the commit
+// training used (the tokenizer beside it), without naming it again; a
+// `model:` at another commit is refused.
+func TestGenerateFromTheHub(t *testing.T) {
+	f := newHubFixture(t)
+	f.srv.AddRepo("dataset", "tr-bench/mt-bench-tr").Commit("main", map[string][]byte{"question.jsonl": []byte(mtQuestions)})
+	r := newTestRun(t)
+	answers := `  questions: {kind: mt_bench, with: {paths: ["hf://datasets/tr-bench/mt-bench-tr/question.jsonl"]}}
+  answers: {kind: generate, needs: [questions, adapter], with: {max_new_tokens: 3%s}}
+`
+	spec := r.spec(hubSpec + fmt.Sprintf(answers, ""))
+	rec, err := r.run(spec, pipeline.Options{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	st := stageRecord(t, rec, "answers")
+	if fmt.Sprintf("%v %v %v", st.Stats["questions"], st.Stats["quantize"], st.Stats["adapter"]) != "3 nf4 true" {
+		t.Errorf("answers: %v", st.Stats)
+	}
+	q := stageRecord(t, rec, "questions")
+	if len(q.Refs) != 1 || q.Refs[0].Name != "hf://datasets/tr-bench/mt-bench-tr@main" || q.Rows != 3 {
+		t.Errorf("questions: rows %d, refs %+v", q.Rows, q.Refs)
+	}
+	// The answers are those of the adapter on the checkpoint at the commit.
+	c1 := f.model.Head("main")
+	rows := readAnswers(t, r, rec)
+	snap := filepath.Join(f.cache, "models--google--gemma-3-tiny-it", "snapshots", c1)
+	dec, err := trainer.OpenDecoder(trainer.DecoderConfig{Model: snap, Quantize: "nf4",
+		Adapter: filepath.Join(r.store.EntryDir(stageRecord(t, rec, "adapter").Key), trainer.AdapterDirName)})
+	if err != nil {
+		t.Fatal(err)
+	}
+	tok, _ := tokenizer.LoadFile(filepath.Join(snap, "tokenizer.json"))
+	gen, _ := converse.New(dec, tok)
+	got, err := gen.Reply(context.Background(), []converse.Conversation{{Turns: rows[1].turns}}, trainer.GenerateOptions{MaxNewTokens: 3}, nil)
+	if err != nil || got[0].Text != rows[1].answers[0] {
+		t.Errorf("answer %q; the adapter on the snapshot gives %q (%v)", rows[1].answers[0], got[0].Text, err)
+	}
+
+	// main moves on; an adapter trained at the old commit is not decoded
+	// on the new one.
+	f.model.Commit("main", map[string][]byte{"README.md": []byte("moved\n")})
+	pinned := strings.Replace(hubSpec, `model: "hf://google/gemma-3-tiny-it"`, fmt.Sprintf(`model: "hf://google/gemma-3-tiny-it@%s"`, c1), 1)
+	bad := r.spec(pinned + fmt.Sprintf(answers, `, model: "hf://google/gemma-3-tiny-it@main"`))
+	_, err = r.run(bad, pipeline.Options{})
+	if err == nil || !strings.Contains(err.Error(), "trained on hf://google/gemma-3-tiny-it at "+c1) || !strings.Contains(err.Error(), "the adapter is for another base") {
+		t.Fatalf("another commit: %v", err)
 	}
 	assertNoEntry(t, r, bad, "answers")
 }

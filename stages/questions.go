@@ -3,7 +3,6 @@ package stages
 import (
 	"context"
 	"io/fs"
-	"os"
 
 	"gemmaft/dataset"
 	"gemmaft/pipeline"
@@ -18,7 +17,8 @@ func init() { kinds[questionsKindName] = questionsKind{} }
 type questionsKind struct{}
 
 type questionsParams struct {
-	// Paths are files or glob patterns, relative to the spec's folder.
+	// Paths are files or glob patterns, relative to the spec's folder, or
+	// hf:// references to files of a dataset repository.
 	Paths []string `json:"paths"`
 	// Limit stops after this many questions; 0 reads them all.
 	Limit int64 `json:"limit"`
@@ -41,27 +41,32 @@ func (p *questionsParams) Validate() error {
 
 func (questionsKind) Prepare(params any, dir string) (pipeline.Runner, error) {
 	p := params.(*questionsParams)
-	files, err := dataset.ExpandGlobs(dir, p.Paths)
+	// The paths are found as a jsonl source finds its files: globs, and
+	// hf:// references fetched at the commit the plan resolved.
+	r, err := sourceKind{format: dataset.FormatJSONL}.Prepare(&sourceParams{Paths: p.Paths}, dir)
 	if err != nil {
-		return nil, &pipeline.ParamError{Param: "paths", Msg: err.Error(), Fix: "paths are relative to the spec's folder"}
+		return nil, err
 	}
-	for _, f := range files {
-		if fi, err := os.Stat(f); err != nil || !fi.Mode().IsRegular() {
-			return nil, &pipeline.ParamError{Param: "paths", Msg: f + " is not a readable file"}
-		}
-	}
-	return &questionsStage{p: p, files: files}, nil
+	return &questionsStage{p: p, src: r.(*sourceStage)}, nil
 }
 
 type questionsStage struct {
-	p     *questionsParams
-	files []string
+	p   *questionsParams
+	src *sourceStage
 }
 
-func (s *questionsStage) Files() []string { return s.files }
+func (s *questionsStage) Files() []string { return s.src.Files() }
+
+func (s *questionsStage) Resolve(ctx context.Context) ([]pipeline.Ref, error) {
+	return s.src.Resolve(ctx)
+}
 
 func (s *questionsStage) Run(ctx context.Context, t *pipeline.Task) error {
-	qs, err := dataset.ReadQuestions(s.files, s.p.Limit, func(path string) (fs.File, error) { return t.Open(path) })
+	files, err := s.src.files(ctx, t)
+	if err != nil {
+		return err
+	}
+	qs, err := dataset.ReadQuestions(files, s.p.Limit, func(path string) (fs.File, error) { return t.Open(path) })
 	if err != nil {
 		return err
 	}
@@ -83,6 +88,6 @@ func (s *questionsStage) Run(ctx context.Context, t *pipeline.Task) error {
 	t.SetStat("questions", len(qs))
 	t.SetStat("turns", turns)
 	t.SetStat("categories", categories)
-	t.SetStat("files", len(s.files))
+	t.SetStat("files", len(files))
 	return nil
 }

@@ -56,9 +56,10 @@ without one decoding is greedy.
 
 --quantize nf4 passes the base's projections through NF4 and back first: the
 weights a QLoRA adapter was trained against. The tokenizer is the model
-folder's tokenizer.json unless --tokenizer names one. The model runs on the
-CPU reference in float32.`,
-		Example: `  pipeline chat --model models/gemma-3-1b-it
+folder's tokenizer.json unless --tokenizer names one. --model, --adapter and
+--tokenizer may be hf://ORG/NAME[@REVISION] references, fetched into the
+Hugging Face cache. The model runs on the CPU reference in float32.`,
+		Example: `  pipeline chat --model hf://google/gemma-3-1b-it
   pipeline chat --model models/gemma-3-12b-it --adapter run/adapter --quantize nf4 --system "Kısa cevap ver."
   pipeline chat --model merged --temperature 0 --prompt "Türkiye'nin başkenti neresidir?"
   echo "Bir haiku yaz." | pipeline chat --model merged --prompt -`,
@@ -71,6 +72,16 @@ CPU reference in float32.`,
 			case "", "none", "nf4":
 			default:
 				return usageErr(fmt.Errorf("chat: --quantize %q: want nf4 or none", quantize))
+			}
+			var err error
+			for _, a := range []struct {
+				flag string
+				v    *string
+				kind argKind
+			}{{"model", &modelDir, argFolder}, {"adapter", &adapterDir, argFolder}, {"tokenizer", &tokPath, argTokenizer}} {
+				if *a.v, err = localArg(cmd.Context(), a.flag, *a.v, a.kind); err != nil {
+					return err
+				}
 			}
 			gc, err := converse.ReadGenerationConfig(modelDir)
 			if err != nil {
@@ -146,12 +157,12 @@ CPU reference in float32.`,
 		},
 	}
 	f := cmd.Flags()
-	f.StringVar(&modelDir, "model", "", "Gemma 3 checkpoint folder (config.json, safetensors)")
-	f.StringVar(&adapterDir, "adapter", "", "PEFT LoRA adapter folder for --model")
+	f.StringVar(&modelDir, "model", "", "Gemma 3 checkpoint folder (config.json, safetensors), or hf://ORG/NAME[@REV]")
+	f.StringVar(&adapterDir, "adapter", "", "PEFT LoRA adapter folder for --model, or hf://ORG/NAME[@REV]")
 	f.StringVar(&quantize, "quantize", "", "nf4: the base's projections through NF4 and back, as QLoRA trained")
 	f.StringVar(&system, "system", "", "system text before the first turn")
 	f.StringVar(&prompt, "prompt", "", "answer this text and exit (- reads it from stdin)")
-	f.StringVar(&tokPath, "tokenizer", "", "tokenizer.json (default: the model folder's)")
+	f.StringVar(&tokPath, "tokenizer", "", "tokenizer.json, or hf://ORG/NAME[@REV][/FILE] (default: the model folder's)")
 	f.IntVar(&maxNew, "max-new-tokens", 0, "most tokens in an answer (default: generation_config.json's max_new_tokens, else 1024)")
 	f.Float64Var(&temperature, "temperature", 0, "sampling temperature; 0 decodes greedily (default: generation_config.json's; greedy without one)")
 	f.IntVar(&topK, "top-k", 0, "sample from the k most likely tokens; 0 keeps all (default: generation_config.json's)")

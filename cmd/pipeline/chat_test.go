@@ -10,6 +10,7 @@ import (
 	"testing"
 
 	"gemmaft/converse"
+	"gemmaft/hub/hubtest"
 	"gemmaft/internal/testenv"
 	"gemmaft/tokenizer"
 	"gemmaft/trainer"
@@ -156,5 +157,36 @@ func TestChatCommand(t *testing.T) {
 	r = runCLI(t, dir, "chat", "--model", other, "--adapter", filepath.Join(dir, "adapter"), "--prompt", q, "--max-new-tokens", "3", "--quantize", "nf4")
 	if r.code != 0 || r.stdout == "" {
 		t.Errorf("adapter on its own model: exit %d %q\n%s", r.code, r.stdout, r.stderr)
+	}
+}
+
+// TestChatFromTheHub: --model and --tokenizer may name repositories on the
+// Hub; the answer is the one of the same files on disk.
+func TestChatFromTheHub(t *testing.T) {
+	srv := hubtest.New()
+	defer srv.Close()
+	dir := t.TempDir()
+	t.Setenv("HF_ENDPOINT", srv.URL)
+	t.Setenv("HF_HUB_CACHE", filepath.Join(dir, "hf"))
+	t.Setenv("HF_HOME", filepath.Join(dir, "hfhome"))
+	t.Setenv("HF_TOKEN", "")
+	t.Setenv("HF_HUB_OFFLINE", "")
+	model := tinyChatModel(t, filepath.Join(dir, "model"), 6)
+	files := map[string][]byte{}
+	ents, _ := os.ReadDir(model)
+	for _, e := range ents {
+		b, err := os.ReadFile(filepath.Join(model, e.Name()))
+		if err != nil {
+			t.Fatal(err)
+		}
+		files[e.Name()] = b
+	}
+	srv.AddRepo("model", "acme/gemma-3-tiny-tr").Commit("main", files)
+	const q = "Merhaba!"
+	local := runCLI(t, dir, "chat", "--model", model, "--prompt", q, "--max-new-tokens", "6")
+	remote := runCLI(t, dir, "chat", "--model", "hf://acme/gemma-3-tiny-tr", "--tokenizer", "hf://acme/gemma-3-tiny-tr/tokenizer.json",
+		"--prompt", q, "--max-new-tokens", "6")
+	if local.code != 0 || remote.code != 0 || local.stdout != remote.stdout {
+		t.Errorf("from the Hub: %d %q %s; local %q", remote.code, remote.stdout, remote.stderr, local.stdout)
 	}
 }

@@ -413,199 +413,49 @@ func (s *generateStage) setup(ctx context.Context, t *pipeline.Task) (*generateS
 	if modelIn != nil && given {
 		return nil, fmt.Errorf("two base models (model: %s, and stage %s); give one", s.model.param, modelIn.Name)
 	}
-	if given {
-		if st.model, err = s.model.path(ctx, t); err != nil {
-			return nil, err
-		}
-	}
-	if merge != nil {
-		dir, err := merge.Dir(ctx)
-		if err != nil {
-			return nil, err
-		}
-		st.model = filepath.Join(dir, MergedModelDir)
-	}
-	if modelIn != nil {
-		if st.model, err = modelIn.Dir(ctx); err != nil {
-			return nil, err
-		}
-	}
-	var lineage []*pipeline.Manifest
-	if qlora != nil {
+	var prov provenance
+	switch {
+	case qlora != nil:
 		dir, err := qlora.Dir(ctx)
 		if err != nil {
 			return nil, err
 		}
 		st.adapter = filepath.Join(dir, trainer.AdapterDirName)
-		if lineage, err = qlora.Lineage(ctx); err != nil {
+		lineage, err := qlora.Lineage(ctx)
+		if err != nil {
 			return nil, err
 		}
-		if st.model, err = trainingBase(ctx, t, provenanceOf(lineage), qlora, modelIn, &s.model, st.model); err != nil {
+		prov = provenanceOf(lineage)
+		if st.model, err = adapterBase(ctx, t, qlora.Name, prov, modelIn, &s.model); err != nil {
 			return nil, err
 		}
-	}
-	if st.model == "" {
+		if st.quantize == "auto" && params(prov.qlora)["quantize"] == "nf4" {
+			st.quantize = "nf4"
+		}
+	case merge != nil:
+		dir, err := merge.Dir(ctx)
+		if err != nil {
+			return nil, err
+		}
+		st.model = filepath.Join(dir, MergedModelDir)
+	case modelIn != nil:
+		if st.model, err = modelIn.Dir(ctx); err != nil {
+			return nil, err
+		}
+	case given:
+		if st.model, err = s.model.path(ctx, t); err != nil {
+			return nil, err
+		}
+	default:
 		return nil, fmt.Errorf("no model: add a qlora, merge or model stage to needs, or set `model:` to a checkpoint folder")
 	}
 	if st.quantize == "auto" {
 		st.quantize = "none"
-		if qlora != nil && params(lineage[0])["quantize"] == "nf4" {
-			st.quantize = "nf4"
-		}
 	}
-	st.tokenizer = s.tokenizer
-	if s.tokHub != nil {
-		files, err := s.tokHub.fetch(ctx, t)
-		if err != nil {
-			return nil, err
-		}
-		st.tokenizer = files[0]
-	}
-	if st.tokenizer == "" && qlora != nil {
-		dir, err := trainingTokenizer(provenanceOf(lineage).tokenize)
-		if err != nil {
-			return nil, err
-		}
-		if dir != "" {
-			st.tokenizer = filepath.Join(dir, "tokenizer.json")
-		}
-	}
-	if st.tokenizer == "" {
-		p := filepath.Join(st.model, "tokenizer.json")
-		if _, err := os.Stat(p); err != nil {
-			return nil, fmt.Errorf("no tokenizer: %s has no tokenizer.json; set `tokenizer:` to the model's tokenizer.json", st.model)
-		}
-		st.tokenizer = p
+	if st.tokenizer, err = adapterTokenizer(ctx, t, prov, st.model, s.tokenizer, s.tokHub); err != nil {
+		return nil, err
 	}
 	return st, nil
-}
-
-// trainingBase finds the checkpoint a qlora stage trained on, and checks
-// that the base the generate stage was given (model: the folder of
-// `model:`, fetched when it is an hf:// reference, or a model stage's; ""
-// for none) is that one: an adapter on another base would decode, and say
-// nothing of the training.
-func trainingBase(ctx context.Context, t *pipeline.Task, p provenance, qlora, modelIn *pipeline.Input, given *modelArg, model string) (string, error) {
-	trained := p.qlora
-	folder, _ := params(trained)["model"].(string)
-	if hub.IsRef(folder) {
-		return hubTrainingBase(ctx, t, trained, folder, qlora, modelIn, given, model)
-	}
-	if folder != "" {
-		// The qlora stage read a folder: its files (config.json and the
-		// weights or their index) are recorded with their digests.
-		var base string
-		for _, f := range trained.Files {
-			if filepath.Base(f.Path) == "config.json" {
-				base = filepath.Dir(f.Path)
-			}
-		}
-		if base == "" {
-			return "", fmt.Errorf("stage %s's record names no checkpoint file", qlora.Name)
-		}
-		if modelIn != nil {
-			return "", fmt.Errorf("the adapter of stage %s was trained on %s, not on stage %s's model; remove %s from needs",
-				qlora.Name, base, modelIn.Name, modelIn.Name)
-		}
-		if model == "" {
-			model = base
-		}
-		for _, f := range trained.Files {
-			if filepath.Dir(f.Path) != base {
-				continue
-			}
-			path := filepath.Join(model, filepath.Base(f.Path))
-			sum, err := fileSHA256(path)
-			if err != nil {
-				return "", fmt.Errorf("the base of stage %s's adapter: %w", qlora.Name, err)
-			}
-			if sum != f.SHA256 {
-				if model == base {
-					return "", fmt.Errorf("%s changed since stage %s trained the adapter on it; run the qlora stage again", path, qlora.Name)
-				}
-				return "", fmt.Errorf("the adapter of stage %s was trained on %s, and %s differs from its %s: the adapter is for another base",
-					qlora.Name, base, path, filepath.Base(f.Path))
-			}
-		}
-		return model, nil
-	}
-	if p.model != nil {
-		// The qlora stage trained on a model stage's checkpoint, which
-		// must be among the needs (the cache holds it by key).
-		if modelIn == nil {
-			what := "add it to needs"
-			if given.set() {
-				what = "give it in needs instead of `model: " + given.param + "`"
-			}
-			return "", fmt.Errorf("the adapter of stage %s was trained on stage %s's model; %s", qlora.Name, p.model.Stage, what)
-		}
-		ml, err := modelIn.Lineage(ctx)
-		if err != nil {
-			return "", err
-		}
-		if ml[0].Key != p.model.Key {
-			return "", fmt.Errorf("the adapter of stage %s was trained on stage %s's model, not on stage %s's: the adapter is for another base",
-				qlora.Name, p.model.Stage, modelIn.Name)
-		}
-		return model, nil
-	}
-	if model == "" {
-		return "", fmt.Errorf("the record of stage %s names no base; set `model:` to the checkpoint folder the adapter was trained on", qlora.Name)
-	}
-	return model, nil
-}
-
-// hubTrainingBase is trainingBase for a qlora stage that trained on an
-// hf:// model: its record holds the commit, at which the base is fetched
-// (from the Hugging Face cache, where training left it) unless `model:`
-// names one, which must be that repository at that commit.
-func hubTrainingBase(ctx context.Context, t *pipeline.Task, trained *pipeline.Manifest, folder string, qlora, modelIn *pipeline.Input, given *modelArg, model string) (string, error) {
-	want, err := hub.ParseRef(folder)
-	if err != nil {
-		return "", fmt.Errorf("stage %s's model: %w", qlora.Name, err)
-	}
-	commit := ""
-	for _, r := range trained.Refs {
-		if rr, err := hub.ParseRef(r.Name); err == nil && rr.Repo == want.Repo {
-			commit = r.Revision
-		}
-	}
-	if commit == "" {
-		return "", fmt.Errorf("stage %s's record names no commit of %s", qlora.Name, want.Repo)
-	}
-	switch {
-	case modelIn != nil:
-		return "", fmt.Errorf("the adapter of stage %s was trained on %s, not on stage %s's model; remove %s from needs",
-			qlora.Name, want.RepoRef(), modelIn.Name, modelIn.Name)
-	case given.hub != nil:
-		given.hub.mu.Lock()
-		r := given.hub.resolved
-		given.hub.mu.Unlock()
-		if r == nil || r.Repo != want.Repo || r.Commit != commit {
-			at := "?"
-			if r != nil {
-				at = r.Repo.String() + " at " + r.Commit
-			}
-			return "", fmt.Errorf("the adapter of stage %s was trained on %s at %s, and model: names %s: the adapter is for another base",
-				qlora.Name, want.Repo, commit, at)
-		}
-		return model, nil
-	case model != "":
-		t.Log.Warn("the adapter was trained on a Hub checkpoint; the local folder of model: is taken to be that checkpoint",
-			"trained_on", want.Repo.String()+"@"+commit, "model", model)
-		return model, nil
-	}
-	pinned := want
-	pinned.Revision = commit
-	h := &hubInput{ref: pinned, param: "the base of stage " + qlora.Name, what: hubFolder}
-	if _, err := h.resolve(ctx); err != nil {
-		return "", err
-	}
-	dirs, err := h.fetch(ctx, t)
-	if err != nil {
-		return "", err
-	}
-	return dirs[0], nil
 }
 
 // prompt is one question to answer: one turn for a single instruction,

@@ -229,13 +229,19 @@ func TestGenerateStageAnswersMTBench(t *testing.T) {
 		t.Fatalf("third run: %v", err)
 	}
 
+	// `model:` naming the very checkpoint the adapter was trained on (a
+	// model stage's entry) is that base.
+	same, err := r.run(r.spec(generateSpec(t, r.dir, "")+fmt.Sprintf(`  same: {kind: generate, needs: [questions, adapter], with: {model: %s, max_new_tokens: 2}}
+`, base)), pipeline.Options{})
+	if err != nil || stageRecord(t, same, "same").State != "computed" {
+		t.Fatalf("model: the adapter's own base: %v", err)
+	}
+
 	// Bad inputs on the same adapter: clear errors, and no entry.
 	for name, c := range map[string]struct{ stages, want string }{
 		"another base": {`  other: {kind: model, with: {preset: tiny, seed: 8, std: 0.3}}
   bad: {kind: generate, needs: [questions, adapter, other]}
-`, "trained on stage base's model, not on stage other's: the adapter is for another base"},
-		"model: for a model stage's adapter": {fmt.Sprintf(`  bad: {kind: generate, needs: [questions, adapter], with: {model: %s}}
-`, base), "trained on stage base's model; give it in needs instead of `model: "},
+`, "is another checkpoint (its model.safetensors differs): an adapter for another base"},
 	} {
 		t.Run(name, func(t *testing.T) {
 			s := r.spec(generateSpec(t, r.dir, "") + c.stages)
@@ -488,7 +494,7 @@ func TestGenerateBaseFromTheAdaptersLineage(t *testing.T) {
 
 	bad := r.spec(train + fmt.Sprintf("  questions: {kind: mt_bench, with: {paths: [%s]}}\n  answers: {kind: generate, needs: [questions, adapter], with: {model: %s}}\n", q, b))
 	_, err = r.run(bad, pipeline.Options{})
-	if err == nil || !strings.Contains(err.Error(), "the adapter is for another base") || !strings.Contains(err.Error(), "trained on "+a) {
+	if err == nil || !strings.Contains(err.Error(), "an adapter for another base") || !strings.Contains(err.Error(), "trained on "+a) {
 		t.Fatalf("another base: %v", err)
 	}
 	assertNoEntry(t, r, bad, "answers")
@@ -540,7 +546,7 @@ func TestGenerateFromTheHub(t *testing.T) {
 	pinned := strings.Replace(hubSpec, `model: "hf://google/gemma-3-tiny-it"`, fmt.Sprintf(`model: "hf://google/gemma-3-tiny-it@%s"`, c1), 1)
 	bad := r.spec(pinned + fmt.Sprintf(answers, `, model: "hf://google/gemma-3-tiny-it@main"`))
 	_, err = r.run(bad, pipeline.Options{})
-	if err == nil || !strings.Contains(err.Error(), "trained on hf://google/gemma-3-tiny-it at "+c1) || !strings.Contains(err.Error(), "the adapter is for another base") {
+	if err == nil || !strings.Contains(err.Error(), "trained on hf://google/gemma-3-tiny-it@"+c1) || !strings.Contains(err.Error(), "an adapter for another base") {
 		t.Fatalf("another commit: %v", err)
 	}
 	assertNoEntry(t, r, bad, "answers")

@@ -1,0 +1,204 @@
+package stages
+
+import (
+	"context"
+	"fmt"
+	"os"
+	"path/filepath"
+	"slices"
+
+	"gemmaft/hub"
+	"gemmaft/pipeline"
+)
+
+// checkpointFiles are the files whose digests tell one checkpoint from
+// another.
+var checkpointFiles = []string{"config.json", "model.safetensors.index.json", "model.safetensors"}
+
+// adapterBase finds the base checkpoint of the adapter of qlora stage
+// adapter, whose lineage prov describes: `model:` (model), a model stage
+// (modelIn), or the checkpoint the adapter was trained on, a folder or an
+// hf:// model at the commit training read. It checks that the base is the
+// one the adapter was trained on, where the cache still says which that
+// was. The eval and generate stages share it.
+func adapterBase(ctx context.Context, t *pipeline.Task, adapter string, prov provenance, modelIn *pipeline.Input, model *modelArg) (string, error) {
+	// What training read: its `model:` folder's files, its hf:// model at
+	// a commit, or its model stage's entry.
+	trained := map[string]string{}
+	trainedDir, trainedStage := "", ""
+	var trainedHub *hubInput
+	if q := prov.qlora; q != nil {
+		for _, f := range q.Files {
+			if slices.Contains(checkpointFiles, filepath.Base(f.Path)) {
+				trained[filepath.Base(f.Path)] = f.SHA256
+				trainedDir = filepath.Dir(f.Path)
+			}
+		}
+		var err error
+		if trainedHub, err = lineageHub(q, "model", hubFolder); err != nil {
+			return "", err
+		}
+	}
+	if len(trained) == 0 && trainedHub == nil && prov.model != nil {
+		trainedStage = prov.model.Stage
+		for _, f := range prov.model.Outputs {
+			if slices.Contains(checkpointFiles, f.Path) {
+				trained[f.Path] = f.SHA256
+			}
+		}
+	}
+	var dir string
+	have := map[string]string{}
+	switch {
+	case modelIn != nil:
+		d, err := modelIn.Dir(ctx)
+		if err != nil {
+			return "", err
+		}
+		m, err := modelIn.Lineage(ctx)
+		if err != nil {
+			return "", err
+		}
+		for _, f := range m[0].Outputs {
+			have[f.Path] = f.SHA256
+		}
+		dir = d
+	case model.set():
+		if h := model.hub; h != nil && trainedHub != nil {
+			if a, b := h.at(), trainedHub.at(); a != b {
+				return "", fmt.Errorf("the adapter of stage %s was trained on %s, and model: %s is %s: an adapter for another base",
+					adapter, b, model.param, a)
+			}
+		}
+		d, err := model.path(ctx, t)
+		if err != nil {
+			return "", err
+		}
+		dir = d
+	case trainedDir != "":
+		dir = trainedDir
+	case trainedHub != nil:
+		if _, err := trainedHub.resolve(ctx); err != nil {
+			return "", err
+		}
+		dirs, err := trainedHub.fetch(ctx, t)
+		if err != nil {
+			return "", err
+		}
+		dir = dirs[0]
+	case trainedStage != "":
+		return "", fmt.Errorf("no base model: the adapter was trained on stage %s; add it to needs", trainedStage)
+	default:
+		return "", fmt.Errorf("no base model: set `model:` to the checkpoint the adapter was trained on, or add its model stage to needs")
+	}
+	for _, name := range checkpointFiles {
+		want, ok := trained[name]
+		if !ok {
+			continue
+		}
+		got, ok := have[name]
+		if !ok {
+			path := filepath.Join(dir, name)
+			if _, err := os.Stat(path); err != nil {
+				got = "(missing)"
+			} else if got, err = fileSHA256(path); err != nil {
+				return "", err
+			}
+		}
+		if got != want {
+			from := trainedDir
+			if from == "" {
+				from = "stage " + trainedStage
+			}
+			return "", fmt.Errorf("the adapter of stage %s was trained on %s, and %s is another checkpoint (its %s differs): an adapter for another base",
+				adapter, from, dir, name)
+		}
+	}
+	return dir, nil
+}
+
+// lineageHub is the hf:// reference a cached stage read as param, pinned
+// to the commit its manifest records (what it read then); nil when the
+// parameter is not a reference.
+func lineageHub(m *pipeline.Manifest, param string, what hubWhat) (*hubInput, error) {
+	ref, _ := params(m)[param].(string)
+	if !hub.IsRef(ref) {
+		return nil, nil
+	}
+	h, err := parseHub(param, ref, what)
+	if err != nil {
+		return nil, fmt.Errorf("stage %s: %w", m.Stage, err)
+	}
+	for _, r := range m.Refs {
+		if r.Name == h.ref.RepoRef() {
+			h.ref.Revision = r.Revision
+			return h, nil
+		}
+	}
+	return nil, fmt.Errorf("stage %s read %s but its manifest records no commit for it", m.Stage, ref)
+}
+
+// at names the repository and commit a resolved reference reads.
+func (h *hubInput) at() string {
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	if h.resolved == nil {
+		return h.ref.RepoRef()
+	}
+	return h.ref.Repo.String() + "@" + h.resolved.Commit
+}
+
+// adapterTokenizer is the tokenizer.json to use with an adapter whose
+// lineage prov describes, on base: `tokenizer:` (tokPath, or tokHub on the
+// Hub), or the one the training data was tokenized with (a local file,
+// checked to be unchanged, or an hf:// one at the commit training read),
+// or else the base checkpoint's. The eval and generate stages share it.
+func adapterTokenizer(ctx context.Context, t *pipeline.Task, prov provenance, base, tokPath string, tokHub *hubInput) (string, error) {
+	fetch := func(h *hubInput) (string, error) {
+		if _, err := h.resolve(ctx); err != nil {
+			return "", err
+		}
+		files, err := h.fetch(ctx, t)
+		if err != nil {
+			return "", err
+		}
+		return files[0], nil
+	}
+	path := tokPath
+	switch {
+	case path != "":
+	case tokHub != nil:
+		p, err := fetch(tokHub)
+		if err != nil {
+			return "", err
+		}
+		path = p
+	default:
+		dir, err := trainingTokenizer(prov.tokenize)
+		if err != nil {
+			return "", err
+		}
+		if dir != "" {
+			path = filepath.Join(dir, "tokenizer.json")
+			break
+		}
+		if prov.tokenize != nil {
+			h, err := lineageHub(prov.tokenize, "tokenizer", hubFile)
+			if err != nil {
+				return "", err
+			}
+			if h != nil {
+				if path, err = fetch(h); err != nil {
+					return "", err
+				}
+				break
+			}
+		}
+		if p := filepath.Join(base, "tokenizer.json"); pipeline.CheckReadableFile(p) == nil {
+			path = p
+			break
+		}
+		return "", fmt.Errorf("no tokenizer: no tokenize stage upstream in the cache, and %s has no tokenizer.json; set `tokenizer:` to the tokenizer.json training used (or the model's)", base)
+	}
+	return path, nil
+}

@@ -8,6 +8,7 @@ import (
 	"slices"
 
 	"gemmaft/hub"
+	"gemmaft/internal/dirsum"
 	"gemmaft/pipeline"
 )
 
@@ -101,7 +102,7 @@ func adapterBase(ctx context.Context, t *pipeline.Task, adapter string, prov pro
 			path := filepath.Join(dir, name)
 			if _, err := os.Stat(path); err != nil {
 				got = "(missing)"
-			} else if got, err = fileSHA256(path); err != nil {
+			} else if got, err = dirsum.FileSum(path); err != nil {
 				return "", err
 			}
 		}

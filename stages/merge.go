@@ -2,13 +2,11 @@ package stages
 
 import (
 	"context"
-	"crypto/sha256"
-	"encoding/hex"
 	"fmt"
-	"io"
 	"os"
 	"path/filepath"
 
+	"gemmaft/internal/dirsum"
 	"gemmaft/pipeline"
 	"gemmaft/trainer"
 )
@@ -202,7 +200,7 @@ func trainingTokenizer(tokenize *pipeline.Manifest) (string, error) {
 		if filepath.Base(f.Path) != "tokenizer.json" {
 			continue
 		}
-		sum, err := fileSHA256(f.Path)
+		sum, err := dirsum.FileSum(f.Path)
 		if err != nil {
 			return "", fmt.Errorf("the tokenizer training used: %w", err)
 		}
@@ -212,17 +210,4 @@ func trainingTokenizer(tokenize *pipeline.Manifest) (string, error) {
 		return filepath.Dir(f.Path), nil
 	}
 	return "", nil
-}
-
-func fileSHA256(path string) (string, error) {
-	f, err := os.Open(path)
-	if err != nil {
-		return "", err
-	}
-	defer f.Close()
-	h := sha256.New()
-	if _, err := io.Copy(h, f); err != nil {
-		return "", err
-	}
-	return hex.EncodeToString(h.Sum(nil)), nil
 }

@@ -228,16 +228,10 @@ func maxLen(xs [][]int32) int {
 // and returns the logits at each sequence's last token in the step, in
 // sequence order.
 func (m *Model) lastLogits(a *Adapter, st *decodeState, ids, pos []int32) ([]float32, error) {
-	b := &Batch{IDs: ids, Pos: pos, SegStart: make([]int32, len(ids)), Targets: make([]int32, len(ids))}
-	for i := range b.Targets {
-		b.Targets[i] = IgnoreIndex
-	}
-	r, err := newRunner(m, a, b, 0, false)
+	xf, err := m.cachedForward(a, st, ids, pos)
 	if err != nil {
 		return nil, err
 	}
-	r.kv = st
-	xf, _, _, _, _ := r.forward(false)
 	H := m.Config.Hidden
 	var last []float32
 	for i := range st.seqOf {

@@ -48,7 +48,7 @@ func Write(dir string) error {
 		if !d.Type().IsRegular() {
 			return fmt.Errorf("%s is not a regular file", path)
 		}
-		sum, err := hashFile(path)
+		sum, err := FileSum(path)
 		if err != nil {
 			return err
 		}
@@ -83,7 +83,7 @@ func Verify(dir string) error {
 		if !ok || len(sum) != 64 || name == "" || strings.Contains(name, "..") || filepath.IsAbs(name) {
 			return fmt.Errorf("%s: malformed line %q", File, line)
 		}
-		got, err := hashFile(filepath.Join(dir, filepath.FromSlash(name)))
+		got, err := FileSum(filepath.Join(dir, filepath.FromSlash(name)))
 		if err != nil {
 			var pe *fs.PathError
 			if errors.As(err, &pe) {
@@ -113,7 +113,8 @@ func IsSetAside(dir string) bool {
 	return err == nil
 }
 
-func hashFile(path string) (string, error) {
+// FileSum is the hex sha256 of the file at path.
+func FileSum(path string) (string, error) {
 	f, err := os.Open(path)
 	if err != nil {
 		return "", err

@@ -170,7 +170,7 @@ func exportModel(spec, stage, format, typeName, out string) error {
 	if format == "hf" {
 		return doneOrFail(out, copyDir(model, out))
 	}
-	return doneOrFail(out, gguf.Gemma3(model, out, gguf.Options{Type: typ, Name: strings.TrimSuffix(filepath.Base(out), filepath.Ext(out))}))
+	return doneOrFail(out, gguf.Gemma3(model, out, gguf.Options{Type: typ, Name: strings.TrimSuffix(strings.TrimSuffix(filepath.Base(out), ".gguf"), "."+typ.String())}))
 }
 
 func doneOrFail(out string, err error) error {

@@ -114,6 +114,9 @@ def main():
     endpoint, commits = info["endpoint"], info["commits"]
     mcommit, dcommit = commits[f"model/{MODEL}"], commits[f"dataset/{DATASET}"]
     base = {k: v for k, v in os.environ.items() if not k.startswith("HF_") and k not in ("TRANSFORMERS_OFFLINE",)}
+    # The test Hub listens on a loopback address; a proxy from the
+    # environment must not see those requests (httpx does not skip loopback).
+    base["NO_PROXY"] = base["no_proxy"] = ",".join(filter(None, ["127.0.0.1", "localhost", os.environ.get("NO_PROXY", "")]))
     base["HF_HOME"] = os.path.join(work, "hfhome")
     base["PIPELINE_CACHE"] = os.path.join(work, "pipeline-cache")
     cache_a, cache_b = os.path.join(work, "cache-a"), os.path.join(work, "cache-b")

@@ -194,6 +194,7 @@ def dquantize(code, x):
     """bitsandbytes' dQuantize<0> over a float32 tensor: a seven-step binary
     search of the sorted code, then the nearer neighbour (midpoints in
     float32)."""
+    import torch
     n = x.shape
     pivot = torch.full(n, 127, dtype=torch.long, device=x.device)
     upper_pivot = torch.full(n, 255, dtype=torch.long, device=x.device)
@@ -388,7 +389,8 @@ def main():
     ap.add_argument("--out")
     ap.add_argument("--compare")
     ap.add_argument("--tol", type=float, default=1e-4)
-    a = ap.parse_args()
+    # Intermixed: MODEL_DIR may come before the options and SET after them.
+    a = ap.parse_intermixed_args()
     if a.prompts_only:
         a.model, a.set = None, a.paths
     elif len(a.paths) < 2:

@@ -360,3 +360,25 @@ func TestTokenizerPathIsAFIFO(t *testing.T) {
 		t.Errorf("exit %d\n%s", code, stderr)
 	}
 }
+
+// TestEveryFailedStageSaysWhy: two sources fail side by side on bad input;
+// the run's error names both, not only the first to fail.
+func TestEveryFailedStageSaysWhy(t *testing.T) {
+	dir := t.TempDir()
+	writeFile(t, filepath.Join(dir, "a.jsonl"), "{\"instruction\": \"x\", \"output\": \"y\"}\nnot json\n")
+	writeFile(t, filepath.Join(dir, "b.jsonl"), "[1, 2]\n")
+	writeFile(t, filepath.Join(dir, "dag.yaml"), `name: two-failures
+stages:
+  a: {kind: jsonl, with: {paths: [a.jsonl]}}
+  b: {kind: jsonl, with: {paths: [b.jsonl]}}
+`)
+	res := runCLI(t, dir, "run", "dag.yaml", "--progress", "none")
+	if res.code != 1 {
+		t.Fatalf("exit %d, want 1; stderr:\n%s", res.code, res.stderr)
+	}
+	for _, name := range []string{"a.jsonl", "b.jsonl"} {
+		if !strings.Contains(res.stderr, name) {
+			t.Errorf("stderr does not say why %s failed:\n%s", name, res.stderr)
+		}
+	}
+}

@@ -8,6 +8,7 @@ import (
 	"os"
 	"path/filepath"
 	"runtime"
+	"strings"
 	"text/tabwriter"
 	"time"
 
@@ -114,7 +115,7 @@ Exit codes: 0 success, 1 a stage failed, 2 usage or spec error, 75 busy (--no-wa
 				if len(rec.Stages) > 0 {
 					printSummary(rec)
 				}
-				return failErr(runErr)
+				return failErr(everyFailure(rec, runErr))
 			}
 			printSummary(rec)
 			if reportErr != nil {
@@ -167,6 +168,19 @@ func checkWritable(path string) error {
 	f.Close()
 	os.Remove(f.Name())
 	return nil
+}
+
+// everyFailure adds to a run's error the reasons of the other stages that
+// failed beside the first: stages run side by side, and a user fixing one
+// should not meet the next only on the following run.
+func everyFailure(rec *pipeline.RunRecord, runErr error) error {
+	errs := []error{runErr}
+	for _, s := range rec.Stages {
+		if s.State == "failed" && s.Error != "" && !strings.Contains(runErr.Error(), s.Error) {
+			errs = append(errs, fmt.Errorf("stage %s (%s): %s", s.Name, s.Kind, s.Error))
+		}
+	}
+	return errors.Join(errs...)
 }
 
 // printSummary shows, on stdout, what each stage did and where its output is.

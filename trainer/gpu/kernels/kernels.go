@@ -306,11 +306,11 @@ func (k *Kernels) Attention(c *cuda.Ctx, q, kk, v, lo, out, lse cuda.DevicePtr, 
 
 // TensorCoreAttention reports whether Attention runs on tensor cores for
 // these buffers: bf16 activations, a head dimension that is a multiple of
-// 16, rows the kernel may read 16 bytes at a time, and, until the kernel
-// has been measured against the CUDA-core one on every supported card,
-// PIPELINE_ATTENTION=tensor-cores.
+// 16 and rows the kernel may read 16 bytes at a time. PIPELINE_ATTENTION=
+// cuda-cores keeps the CUDA-core kernel, to compare the two or to rule the
+// tensor-core one out when a run misbehaves.
 func (k *Kernels) TensorCoreAttention(bufs ...cuda.DevicePtr) bool {
-	if k.Prec != BF16 || k.HeadDim%16 != 0 || os.Getenv("PIPELINE_ATTENTION") != "tensor-cores" {
+	if k.Prec != BF16 || k.HeadDim%16 != 0 || os.Getenv("PIPELINE_ATTENTION") == "cuda-cores" {
 		return false
 	}
 	for _, b := range bufs {

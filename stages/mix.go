@@ -230,7 +230,7 @@ func (s *mixStage) Run(ctx context.Context, t *pipeline.Task) error {
 	if total.Examples == 0 {
 		return fmt.Errorf("the mix took no examples: a total of %d %s is too small for the weights", s.p.Total, s.p.By)
 	}
-	t.SetStat("sources", counts)
+	t.SetStat("sources", statMap(counts))
 	t.SetStat("examples", total.Examples)
 	t.SetStat("tokens", total.Tokens)
 	t.SetStat("trained_tokens", total.TrainedTokens)

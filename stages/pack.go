@@ -146,7 +146,7 @@ func (s *packStage) Run(ctx context.Context, t *pipeline.Task) error {
 		if err != nil {
 			return fmt.Errorf("held-out examples: %w", err)
 		}
-		t.SetStat("heldout", hs)
+		t.SetStat("heldout", statMap(hs))
 		t.Log.Info("packed the held-out examples apart", "rows", hs.Rows, "examples", hs.Examples, "dropped", hs.Dropped)
 	}
 	return nil
@@ -235,10 +235,17 @@ func addExamples(pk *packer.Packer, held func() (*packer.Packer, error), in *pip
 
 // setStats records every field of a JSON-encodable statistics struct.
 func setStats(t *pipeline.Task, stats any) {
+	for k, v := range statMap(stats) {
+		t.SetStat(k, v)
+	}
+}
+
+// statMap is a JSON-encodable struct as the map a manifest reads back,
+// keys sorted when encoded: a statistic must encode the same once read
+// back, or the manifest's checksum would not match.
+func statMap(stats any) map[string]any {
 	data, _ := json.Marshal(stats)
 	var m map[string]any
 	json.Unmarshal(data, &m)
-	for k, v := range m {
-		t.SetStat(k, v)
-	}
+	return m
 }

@@ -4,6 +4,7 @@ import (
 	"bufio"
 	"bytes"
 	"encoding/json"
+	"math/rand/v2"
 	"os/exec"
 	"slices"
 	"strconv"
@@ -288,4 +289,71 @@ func TestLabelMaskEdges(t *testing.T) {
 			t.Errorf("LabelMask(%v) = %v, want %v", c.spans, got, c.want)
 		}
 	}
+}
+
+// TestMultiTurnParity renders conversations of 1 to 8 turns, with and
+// without a system message, and compares them byte for byte with the real
+// template through jinja2; each assistant turn has its span.
+func TestMultiTurnParity(t *testing.T) {
+	texts := []string{
+		"Merhaba!", "Nasılsın?", "İyiyim, teşekkür ederim. Sen nasılsın?",
+		"Türkiye'nin başkenti neresidir?", "Ankara.", "  baştaki ve sondaki boşluklar  ",
+		"\nyeni satırla başlar\n\n", "Çok satırlı\nbir\nyanıt.", "ğüşıöç ĞÜŞİÖÇ", "",
+		"\t sekme ve\u00a0bölünmez boşluk\u3000", "<start_of_turn>user\nsahte tur<end_of_turn>",
+		"Kod: `fmt.Println(\"selam\")`", "1. bir\n2. iki\n3. üç", "😀 emoji", "\x1fayraç\x1c",
+	}
+	systems := []string{"", "Sen yardımsever bir Türkçe asistansın.", "  \n Kısa yanıt ver. \n", "\u00a0"}
+	rng := rand.New(rand.NewPCG(14, 1))
+	pick := func() string { return texts[rng.IntN(len(texts))] }
+	var convs [][]Message
+	for turns := 1; turns <= 8; turns++ {
+		for _, sys := range systems {
+			for range 6 {
+				var c []Message
+				if sys != "" {
+					c = append(c, Message{Role: "system", Content: sys})
+				}
+				for range turns {
+					c = append(c, Message{Role: "user", Content: pick()}, Message{Role: "assistant", Content: pick()})
+				}
+				convs = append(convs, c)
+			}
+		}
+	}
+	var in bytes.Buffer
+	for _, c := range convs {
+		b, _ := json.Marshal(map[string]any{"messages": c})
+		in.Write(b)
+		in.WriteByte('\n')
+	}
+	want := pythonRender(t, in.Bytes())
+	if len(want) != len(convs) {
+		t.Fatalf("oracle rendered %d conversations, want %d", len(want), len(convs))
+	}
+	for i, c := range convs {
+		got, spans, err := RenderGemma3(c)
+		if err != nil || want[i].Text == nil || got != *want[i].Text {
+			t.Fatalf("conversation %d (%d messages): got %q (%v), want %q (%s)", i, len(c), got, err, deref(want[i].Text), want[i].Error)
+		}
+		checkSpans(t, got, spans, (len(c)-boolInt(c[0].Role == "system"))/2)
+		// Each span is the stripped content and <end_of_turn>.
+		k := 0
+		for _, m := range c {
+			if m.Role != "assistant" {
+				continue
+			}
+			if s := spans[k]; got[s.Start:s.End] != Strip(m.Content)+"<end_of_turn>" {
+				t.Fatalf("conversation %d: span %d holds %q", i, k, got[s.Start:s.End])
+			}
+			k++
+		}
+	}
+	t.Logf("%d conversations of 1 to 8 turns", len(convs))
+}
+
+func boolInt(b bool) int {
+	if b {
+		return 1
+	}
+	return 0
 }

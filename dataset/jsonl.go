@@ -25,12 +25,13 @@ type jsonlFile struct {
 	name  string
 	gz    bool
 	want  []string
-	rows  int64 // -1 until counted
+	conv  *convFields // for conversations
+	rows  int64       // -1 until counted
 	bytes int64
 }
 
-func openJSONL(open openFunc, path string, want []string) (*jsonlFile, error) {
-	jf := &jsonlFile{open: open, name: path, gz: strings.HasSuffix(strings.ToLower(path), ".gz"), want: want, rows: -1}
+func openJSONL(open openFunc, path string, want []string, conv *convFields) (*jsonlFile, error) {
+	jf := &jsonlFile{open: open, name: path, gz: strings.HasSuffix(strings.ToLower(path), ".gz"), want: want, conv: conv, rows: -1}
 	lr, err := jf.lines()
 	if err != nil {
 		return nil, err
@@ -139,15 +140,38 @@ func (jf *jsonlFile) parse(line []byte, lineNo int64) (record, error) {
 		return record{}, fmt.Errorf("dataset: %s: line %d: not a JSON object", jf.name, lineNo)
 	}
 	var r record
+	noField := func(name string) error {
+		keys := make([]string, 0, len(obj))
+		for k := range obj {
+			keys = append(keys, k)
+		}
+		slices.Sort(keys)
+		return fmt.Errorf("dataset: %s: line %d: no field %q; the record has fields %s", jf.name, lineNo, name, quoteList(keys))
+	}
+	if c := jf.conv; c != nil {
+		raw, ok := obj[c.list]
+		if !ok {
+			return record{}, noField(c.list)
+		}
+		if raw[0] == 'n' {
+			r.null |= 1 << nullList
+		} else {
+			msgs, err := c.parseJSONMessages(raw)
+			if err != nil {
+				return record{}, fmt.Errorf("dataset: %s: line %d, %w", jf.name, lineNo, err)
+			}
+			for _, m := range msgs {
+				if m.null {
+					r.null |= 1 << nullContent
+				}
+			}
+			r.msgs = msgs
+		}
+	}
 	for i, name := range jf.want {
 		raw, ok := obj[name]
 		if !ok {
-			keys := make([]string, 0, len(obj))
-			for k := range obj {
-				keys = append(keys, k)
-			}
-			slices.Sort(keys)
-			return record{}, fmt.Errorf("dataset: %s: line %d: no field %q; the record has fields %s", jf.name, lineNo, name, quoteList(keys))
+			return record{}, noField(name)
 		}
 		switch raw[0] {
 		case 'n': // null

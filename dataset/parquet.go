@@ -35,10 +35,14 @@ type parquetFile struct {
 	want   []string // file column names, in record order
 	leaves []int    // leaf column indices to read, deduplicated
 	bytes  int64
+	// conv, for conversations, names the list column and its fields;
+	// convJSON says the column is text holding the list as JSON.
+	conv     *convFields
+	convJSON bool
 }
 
-func openParquet(open openFunc, path string, want []string, mem memory.Allocator) (*parquetFile, error) {
-	pf := &parquetFile{open: open, name: path, mem: mem, want: want}
+func openParquet(open openFunc, path string, want []string, conv *convFields, mem memory.Allocator) (*parquetFile, error) {
+	pf := &parquetFile{open: open, name: path, mem: mem, want: want, conv: conv}
 	f, err := pf.openFile()
 	if err != nil {
 		return nil, err
@@ -62,14 +66,7 @@ func openParquet(open openFunc, path string, want []string, mem memory.Allocator
 		names = append(names, sf.Field.Name)
 	}
 	seen := map[int]bool{}
-	for _, name := range want {
-		sf, ok := byName[name]
-		if !ok {
-			return nil, fmt.Errorf("dataset: %s: no column %q; the file has columns %s", path, name, quoteList(names))
-		}
-		if !sf.IsLeaf() || !isStringType(sf.Field.Type) {
-			return nil, fmt.Errorf("dataset: %s: column %q has type %s, not string", path, name, sf.Field.Type)
-		}
+	leaf := func(sf *pqarrow.SchemaField) {
 		if !seen[sf.ColIndex] {
 			seen[sf.ColIndex] = true
 			pf.leaves = append(pf.leaves, sf.ColIndex)
@@ -78,6 +75,33 @@ func openParquet(open openFunc, path string, want []string, mem memory.Allocator
 			if cc, err := pf.meta.RowGroup(rg).ColumnChunk(sf.ColIndex); err == nil {
 				pf.bytes += cc.TotalUncompressedSize()
 			}
+		}
+	}
+	for _, name := range want {
+		sf, ok := byName[name]
+		if !ok {
+			return nil, fmt.Errorf("dataset: %s: no column %q; the file has columns %s", path, name, quoteList(names))
+		}
+		if !sf.IsLeaf() || !isStringType(sf.Field.Type) {
+			return nil, fmt.Errorf("dataset: %s: column %q has type %s, not string", path, name, sf.Field.Type)
+		}
+		leaf(sf)
+	}
+	if conv != nil {
+		sf, ok := byName[conv.list]
+		if !ok {
+			return nil, fmt.Errorf("dataset: %s: no column %q; the file has columns %s", path, conv.list, quoteList(names))
+		}
+		role, content, err := conversationLeaves(sf, conv)
+		switch {
+		case err != nil:
+			return nil, fmt.Errorf("dataset: %s: column %q: %w", path, conv.list, err)
+		case role == nil: // text holding JSON
+			pf.convJSON = true
+			leaf(sf)
+		default:
+			leaf(role)
+			leaf(content)
 		}
 	}
 	sort.Ints(pf.leaves)
@@ -121,6 +145,50 @@ func openParquetReader(f parquet.ReaderAtSeeker, meta *metadata.FileMetaData) (r
 		opts = append(opts, file.WithMetadata(meta))
 	}
 	return file.NewParquetReader(f, opts...)
+}
+
+// conversationLeaves finds the role and content fields of a conversation
+// column: a list of structs with string fields (nil, nil for a string
+// column holding the list as JSON).
+func conversationLeaves(sf *pqarrow.SchemaField, conv *convFields) (role, content *pqarrow.SchemaField, err error) {
+	if sf.IsLeaf() && isStringType(sf.Field.Type) {
+		return nil, nil, nil
+	}
+	bad := fmt.Errorf("has type %s; want a list of structs with string fields %q and %q, or text holding that list as JSON", sf.Field.Type, conv.role, conv.content)
+	switch sf.Field.Type.ID() {
+	case arrow.LIST, arrow.LARGE_LIST:
+	default:
+		return nil, nil, bad
+	}
+	if len(sf.Children) != 1 || sf.Children[0].Field.Type.ID() != arrow.STRUCT {
+		return nil, nil, bad
+	}
+	elem := &sf.Children[0]
+	for i := range elem.Children {
+		c := &elem.Children[i]
+		switch c.Field.Name {
+		case conv.role:
+			role = c
+		case conv.content:
+			content = c
+		}
+	}
+	for _, f := range []struct {
+		sf   *pqarrow.SchemaField
+		name string
+	}{{role, conv.role}, {content, conv.content}} {
+		if f.sf == nil {
+			var have []string
+			for _, c := range elem.Children {
+				have = append(have, c.Field.Name)
+			}
+			return nil, nil, fmt.Errorf("its messages have no field %q; they have %s (map names with columns:)", f.name, quoteList(have))
+		}
+		if !f.sf.IsLeaf() || !isStringType(f.sf.Field.Type) {
+			return nil, nil, fmt.Errorf("field %q of its messages has type %s, not string (only text content is supported)", f.name, f.sf.Field.Type)
+		}
+	}
+	return role, content, nil
 }
 
 func isStringType(t arrow.DataType) bool {
@@ -188,6 +256,7 @@ func (pf *parquetFile) scanRowGroup(ctx context.Context, fr *pqarrow.FileReader,
 	}
 	defer rr.Release()
 	cols := make([]stringValues, len(pf.want))
+	var conv convColumn
 	for {
 		rec, err := rr.Read()
 		if err == io.EOF {
@@ -207,6 +276,15 @@ func (pf *parquetFile) scanRowGroup(ctx context.Context, fr *pqarrow.FileReader,
 				return rows, false, fmt.Errorf("dataset: %s: column %q: %w", pf.name, name, err)
 			}
 		}
+		if pf.conv != nil {
+			idx := sc.FieldIndices(pf.conv.list)
+			if len(idx) == 0 {
+				return rows, false, fmt.Errorf("dataset: %s: row group %d: column %q missing from the decoded batch", pf.name, rg, pf.conv.list)
+			}
+			if conv, err = newConvColumn(rec.Column(idx[0]), pf.conv, pf.convJSON); err != nil {
+				return rows, false, fmt.Errorf("dataset: %s: column %q: %w", pf.name, pf.conv.list, err)
+			}
+		}
 		for i := range int(rec.NumRows()) {
 			if !want(base + rows) {
 				rows++
@@ -224,6 +302,21 @@ func (pf *parquetFile) scanRowGroup(ctx context.Context, fr *pqarrow.FileReader,
 				}
 				// Copy: the batch's buffers are reused once it is released.
 				r.v[c] = strings.Clone(v)
+			}
+			if pf.conv != nil {
+				msgs, null, err := conv.messages(i)
+				if err != nil {
+					return rows, false, fmt.Errorf("dataset: %s: row %d, %w", pf.name, fileRow+rows, err)
+				}
+				if null {
+					r.null |= 1 << nullList
+				}
+				for _, m := range msgs {
+					if m.null {
+						r.null |= 1 << nullContent
+					}
+				}
+				r.msgs = msgs
 			}
 			rows++
 			if !yield(r) {
@@ -282,4 +375,81 @@ func (v stringValues) value(i int) string {
 		return v.arr.Value(v.dict.GetValueIndex(i))
 	}
 	return v.arr.Value(i)
+}
+
+// convColumn reads the conversations of a decoded Parquet column.
+type convColumn struct {
+	conv          *convFields
+	json          stringValues // a text column holding JSON
+	isJSON        bool
+	list          array.ListLike
+	elems         *array.Struct
+	role, content stringValues
+}
+
+func newConvColumn(a arrow.Array, conv *convFields, isJSON bool) (convColumn, error) {
+	c := convColumn{conv: conv, isJSON: isJSON}
+	if isJSON {
+		var err error
+		c.json, err = newStringValues(a)
+		return c, err
+	}
+	list, ok := a.(array.ListLike)
+	if !ok {
+		return c, fmt.Errorf("decoded as %s, not a list", a.DataType())
+	}
+	elems, ok := list.ListValues().(*array.Struct)
+	if !ok {
+		return c, fmt.Errorf("decoded as %s, not a list of structs", a.DataType())
+	}
+	st := elems.DataType().(*arrow.StructType)
+	ri, ok1 := st.FieldIdx(conv.role)
+	ci, ok2 := st.FieldIdx(conv.content)
+	if !ok1 || !ok2 {
+		return c, fmt.Errorf("decoded as %s, without the fields %q and %q", a.DataType(), conv.role, conv.content)
+	}
+	var err error
+	if c.role, err = newStringValues(elems.Field(ri)); err != nil {
+		return c, err
+	}
+	if c.content, err = newStringValues(elems.Field(ci)); err != nil {
+		return c, err
+	}
+	c.list, c.elems = list, elems
+	return c, nil
+}
+
+// messages returns row i's messages, copied out of the batch; null says
+// the list itself was null.
+func (c convColumn) messages(i int) (msgs []rawMessage, null bool, err error) {
+	if c.isJSON {
+		if c.json.null(i) {
+			return nil, true, nil
+		}
+		msgs, err := c.conv.parseJSONMessages([]byte(c.json.value(i)))
+		return msgs, false, err
+	}
+	if c.list.IsNull(i) {
+		return nil, true, nil
+	}
+	start, end := c.list.ValueOffsets(i)
+	msgs = make([]rawMessage, 0, end-start)
+	for j := start; j < end; j++ {
+		k := int(j)
+		at := int(j - start)
+		if c.elems.IsNull(k) {
+			return nil, false, fmt.Errorf("column %s: message %d is null", c.conv.list, at)
+		}
+		if c.role.null(k) {
+			return nil, false, fmt.Errorf("column %s: message %d has a null %s", c.conv.list, at, c.conv.role)
+		}
+		m := rawMessage{role: strings.Clone(c.role.value(k)), content: strings.Clone(c.content.value(k)), null: c.content.null(k)}
+		for _, v := range [2]struct{ name, s string }{{c.conv.role, m.role}, {c.conv.content, m.content}} {
+			if !utf8.ValidString(v.s) {
+				return nil, false, fmt.Errorf("column %s: message %d, field %s: invalid UTF-8 at byte %d", c.conv.list, at, v.name, invalidUTF8At(v.s))
+			}
+		}
+		msgs = append(msgs, m)
+	}
+	return msgs, false, nil
 }

@@ -1,5 +1,6 @@
-// Package dataset reads Alpaca-style instruction records from Parquet and JSONL
-// files as a stream of Arrow record batches, reads the Arrow IPC files that
+// Package dataset reads instruction records (Alpaca-style, or conversations
+// in ShareGPT's or OpenAI's layout) and plain texts from Parquet, JSONL and
+// text files as a stream of Arrow record batches, reads the Arrow IPC files that
 // hold every stage's output (the engine writes them, pipeline.Output), and
 // exports those as JSON lines or Parquet.
 //
@@ -20,11 +21,14 @@ import (
 	"math/rand/v2"
 	"os"
 	"path/filepath"
+	"slices"
 	"strings"
 
 	"github.com/apache/arrow-go/v18/arrow"
 	"github.com/apache/arrow-go/v18/arrow/array"
 	"github.com/apache/arrow-go/v18/arrow/memory"
+
+	"gemmaft/chat"
 )
 
 // Column names of the record batches a Source produces.
@@ -42,6 +46,7 @@ const (
 	FormatAuto    Format = ""        // chosen by file extension
 	FormatParquet Format = "parquet" // .parquet, .pq
 	FormatJSONL   Format = "jsonl"   // .jsonl, .ndjson, .json; each optionally .gz
+	FormatText    Format = "text"    // .txt, .text, .md, each optionally .gz: one text a file (LayoutText only)
 )
 
 // Defaults for SourceOptions.
@@ -57,13 +62,26 @@ type SourceOptions struct {
 	// Format forces the format of every file; by default it follows each
 	// file's extension.
 	Format Format
-	// Columns maps our column names (instruction, input, output) to the
-	// file's names; a name not in the map is read under its own name.
+	// Layout is what the rows hold: Alpaca records (the default),
+	// conversations (LayoutShareGPT, LayoutOpenAI) or plain texts
+	// (LayoutText).
+	Layout Layout
+	// Columns maps our column names (Layout.ColumnNames: instruction, input
+	// and output; or a conversation's list and its role and content
+	// fields; or text) to the file's names; a name not in the map is read
+	// under its own name.
 	Columns map[string]string
-	// SystemColumn names a file column whose text becomes the system column.
+	// Roles maps a conversation's role names to system, user or assistant,
+	// beside DefaultRoles.
+	Roles map[string]string
+	// SystemColumn names a file column whose text becomes the system column
+	// (for conversations: a system message in front of a conversation that
+	// has none, when the text is not empty).
 	SystemColumn string
-	// SystemText, when not empty, fills the system column on every row.
-	// At most one of SystemColumn and SystemText may be set.
+	// SystemText, when not empty, fills the system column on every row
+	// (for conversations: is a system message in front of every
+	// conversation that has none). At most one of SystemColumn and
+	// SystemText may be set.
 	SystemText string
 	// Limit stops after this many rows; 0 means all rows.
 	Limit int64
@@ -107,7 +125,7 @@ const (
 // delivered (or dropped).
 type NullReport struct {
 	// Columns counts nulls by our column name (instruction, input, output,
-	// system).
+	// system; a conversation's list and, per message, its content; text).
 	Columns map[string]int64
 	// First says where the first null of each column was: "a.jsonl line
 	// 12" or "a.parquet row 7".
@@ -131,13 +149,15 @@ func (o SourceOptions) opener() openFunc {
 }
 
 // Source streams rows from a list of files as Arrow record batches with the
-// columns instruction, input, output and, when configured, system. Every value
+// columns instruction, input, output and, when configured, system (Alpaca
+// records); messages (conversations, MessagesType); or text. Every value
 // is non-null UTF-8 text; a null in the source becomes "".
 type Source struct {
 	opts   SourceOptions
 	files  []sourceFile
 	schema *arrow.Schema
-	fields int // 3, or 4 with the system column
+	slots  []string    // our names of the text columns read into record.v
+	conv   *convFields // a conversation's fields, for conversations
 
 	total      int64 // rows in all files, when known
 	totalKnown bool
@@ -150,13 +170,22 @@ type Source struct {
 	nulls NullReport
 }
 
-// record is one row's text in schema order; system is "" when unused.
+// record is one row: its text columns (Source.slots) in order, and for
+// conversations the messages as the file has them.
 type record struct {
 	v    [4]string
-	null uint8 // bit i: column i was null (and v[i] is "")
-	file int32 // index of its file in Paths
-	pos  int64 // its line (JSON lines, from 1) or row (Parquet, from 0)
+	msgs []rawMessage
+	conv []chat.Message // msgs with roles mapped, once checked
+	null uint8          // bit i < 4: text column i was null (and v[i] is ""); see nullList, nullContent
+	file int32          // index of its file in Paths
+	pos  int64          // its line (JSON lines, from 1), row (Parquet, from 0), or -1 (a whole text file)
 }
+
+// Null bits of a record beyond its text columns.
+const (
+	nullList    = 4 // the conversation list was null
+	nullContent = 5 // a message's content was null
+)
 
 // Nulls reports the null values met so far; complete once Next has
 // returned io.EOF.
@@ -165,14 +194,25 @@ func (s *Source) Nulls() NullReport { return s.nulls }
 // where names a record's place in its file, for messages.
 func (s *Source) where(r record) string {
 	name := s.opts.Paths[r.file]
-	if _, ok := s.files[r.file].(*parquetFile); ok {
+	switch s.files[r.file].(type) {
+	case *parquetFile:
 		return fmt.Sprintf("%s row %d", name, r.pos)
+	case *textFile:
+		return name
 	}
 	return fmt.Sprintf("%s line %d", name, r.pos)
 }
 
-// columnName is the name of column i of the schema.
-func (s *Source) columnName(i int) string { return s.schema.Field(i).Name }
+// nullName is our name of the column of null bit i.
+func (s *Source) nullName(i int) string {
+	switch i {
+	case nullList:
+		return s.opts.Layout.ColumnNames()[0]
+	case nullContent:
+		return s.opts.Layout.ColumnNames()[2]
+	}
+	return s.slots[i]
+}
 
 // applyNulls counts a record's nulls and applies the policy: keep reports
 // whether the row is delivered.
@@ -184,11 +224,11 @@ func (s *Source) applyNulls(r record) (keep bool, err error) {
 		s.nulls.Columns, s.nulls.First = map[string]int64{}, map[string]string{}
 	}
 	serious := false
-	for i := 0; i < s.fields; i++ {
+	for i := 0; i < 8; i++ {
 		if r.null&(1<<i) == 0 {
 			continue
 		}
-		col := s.columnName(i)
+		col := s.nullName(i)
 		s.nulls.Columns[col]++
 		if _, ok := s.nulls.First[col]; !ok {
 			s.nulls.First[col] = s.where(r)
@@ -203,8 +243,11 @@ func (s *Source) applyNulls(r record) (keep bool, err error) {
 		s.nulls.Dropped++
 		return false, nil
 	case NullsError:
-		for i := 0; i < s.fields; i++ {
-			if col := s.columnName(i); r.null&(1<<i) != 0 && col != ColInput {
+		for i := 0; i < 8; i++ {
+			if r.null&(1<<i) == 0 {
+				continue
+			}
+			if col := s.nullName(i); col != ColInput || s.opts.Layout != LayoutAlpaca {
 				return false, fmt.Errorf("dataset: %s: column %s is null (nulls: error)", s.where(r), s.fileColumn(col))
 			}
 		}
@@ -266,26 +309,62 @@ func Open(opts SourceOptions) (*Source, error) {
 	default:
 		return nil, fmt.Errorf("dataset: unknown null policy %q (want empty, drop or error)", opts.Nulls)
 	}
+	layout, err := ParseLayout(string(opts.Layout))
+	if err != nil {
+		return nil, err
+	}
+	opts.Layout = layout
+	names := layout.ColumnNames()
 	for ours := range opts.Columns {
-		if ours != ColInstruction && ours != ColInput && ours != ColOutput {
-			return nil, fmt.Errorf("dataset: cannot map column %q: the columns are %s, %s and %s (the system column has its own option)",
-				ours, ColInstruction, ColInput, ColOutput)
+		if !slices.Contains(names, ours) {
+			return nil, fmt.Errorf("dataset: cannot map column %q: the %s layout's columns are %s (the system column has its own option)",
+				ours, layoutName(layout), strings.Join(names, ", "))
 		}
 	}
+	if len(opts.Roles) > 0 && !layout.Conversational() {
+		return nil, errors.New("dataset: roles are mapped only for conversations (the sharegpt and openai layouts)")
+	}
+	if layout == LayoutText && (opts.SystemColumn != "" || opts.SystemText != "") {
+		return nil, errors.New("dataset: plain texts have no system text")
+	}
 
-	s := &Source{opts: opts, fields: 3, totalKnown: true}
-	fields := []arrow.Field{
-		{Name: ColInstruction, Type: arrow.BinaryTypes.String},
-		{Name: ColInput, Type: arrow.BinaryTypes.String},
-		{Name: ColOutput, Type: arrow.BinaryTypes.String},
+	s := &Source{opts: opts, totalKnown: true}
+	var fields []arrow.Field
+	var wanted []string // the file's text columns, read into record.v
+	switch {
+	case layout == LayoutAlpaca:
+		fields = []arrow.Field{
+			{Name: ColInstruction, Type: arrow.BinaryTypes.String},
+			{Name: ColInput, Type: arrow.BinaryTypes.String},
+			{Name: ColOutput, Type: arrow.BinaryTypes.String},
+		}
+		s.slots = []string{ColInstruction, ColInput, ColOutput}
+		if opts.SystemColumn != "" || opts.SystemText != "" {
+			fields = append(fields, arrow.Field{Name: ColSystem, Type: arrow.BinaryTypes.String})
+			s.slots = append(s.slots, ColSystem)
+		}
+	case layout.Conversational():
+		roles, err := roleMap(opts.Roles)
+		if err != nil {
+			return nil, err
+		}
+		s.conv = &convFields{list: s.fileColumn(names[0]), role: s.fileColumn(names[1]), content: s.fileColumn(names[2]), roles: roles}
+		fields = []arrow.Field{{Name: ColMessages, Type: MessagesType}}
+		if opts.SystemColumn != "" {
+			s.slots = []string{ColSystem}
+		}
+	default:
+		fields = []arrow.Field{{Name: ColText, Type: arrow.BinaryTypes.String}}
+		s.slots = []string{ColText}
 	}
-	wanted := []string{s.fileColumn(ColInstruction), s.fileColumn(ColInput), s.fileColumn(ColOutput)}
-	if opts.SystemColumn != "" || opts.SystemText != "" {
-		fields = append(fields, arrow.Field{Name: ColSystem, Type: arrow.BinaryTypes.String})
-		s.fields = 4
-	}
-	if opts.SystemColumn != "" {
-		wanted = append(wanted, opts.SystemColumn)
+	for _, ours := range s.slots {
+		if ours == ColSystem {
+			if opts.SystemColumn != "" {
+				wanted = append(wanted, opts.SystemColumn)
+			}
+			continue
+		}
+		wanted = append(wanted, s.fileColumn(ours))
 	}
 	s.schema = arrow.NewSchema(fields, nil)
 
@@ -295,12 +374,18 @@ func Open(opts SourceOptions) (*Source, error) {
 			s.closeFiles()
 			return nil, err
 		}
+		if format == FormatText && layout != LayoutText {
+			s.closeFiles()
+			return nil, fmt.Errorf("dataset: %s: a plain text file is read by a text source (one text a file), not as %s records", path, layoutName(layout))
+		}
 		var f sourceFile
 		switch format {
 		case FormatParquet:
-			f, err = openParquet(opts.opener(), path, wanted, opts.Allocator)
+			f, err = openParquet(opts.opener(), path, wanted, s.conv, opts.Allocator)
+		case FormatText:
+			f, err = openText(opts.opener(), path)
 		default:
-			f, err = openJSONL(opts.opener(), path, wanted)
+			f, err = openJSONL(opts.opener(), path, wanted, s.conv)
 		}
 		if err != nil {
 			s.closeFiles()
@@ -332,19 +417,30 @@ func Open(opts SourceOptions) (*Source, error) {
 
 // fileColumn returns the file's name for one of our columns.
 func (s *Source) fileColumn(ours string) string {
+	if ours == ColSystem && s.opts.SystemColumn != "" {
+		return s.opts.SystemColumn
+	}
 	if name, ok := s.opts.Columns[ours]; ok && name != "" {
 		return name
 	}
 	return ours
 }
 
+// layoutName is a layout's name in messages.
+func layoutName(l Layout) string {
+	if l == LayoutAlpaca {
+		return "alpaca"
+	}
+	return string(l)
+}
+
 func formatOf(path string, forced Format) (Format, error) {
 	switch forced {
-	case FormatParquet, FormatJSONL:
+	case FormatParquet, FormatJSONL, FormatText:
 		return forced, nil
 	case FormatAuto:
 	default:
-		return "", fmt.Errorf("dataset: unknown format %q (want %s or %s)", forced, FormatParquet, FormatJSONL)
+		return "", fmt.Errorf("dataset: unknown format %q (want %s, %s or %s)", forced, FormatParquet, FormatJSONL, FormatText)
 	}
 	name := strings.ToLower(filepath.Base(path))
 	name = strings.TrimSuffix(name, ".gz")
@@ -356,8 +452,10 @@ func formatOf(path string, forced Format) (Format, error) {
 		return FormatParquet, nil
 	case ".jsonl", ".ndjson", ".json":
 		return FormatJSONL, nil
+	case ".txt", ".text", ".md":
+		return FormatText, nil
 	}
-	return "", fmt.Errorf("dataset: %s: unknown file type (want .parquet, .jsonl, .ndjson or .json, optionally .gz for JSON lines)", path)
+	return "", fmt.Errorf("dataset: %s: unknown file type (want .parquet, .jsonl, .ndjson or .json, optionally .gz for JSON lines; .txt, .text or .md for plain texts)", path)
 }
 
 // countRows counts the rows of files whose row count is not in their
@@ -403,9 +501,15 @@ func (s *Source) Next(ctx context.Context) (arrow.RecordBatch, error) {
 	s.ctx = ctx
 	b := array.NewRecordBuilder(s.opts.Allocator, s.schema)
 	defer b.Release()
-	cols := make([]*array.StringBuilder, s.fields)
-	for i := range cols {
-		cols[i] = b.Field(i).(*array.StringBuilder)
+	var cols []*array.StringBuilder
+	var msgs *messagesBuilder
+	if s.conv != nil {
+		msgs = newMessagesBuilder(b.Field(0).(*array.ListBuilder))
+	} else {
+		cols = make([]*array.StringBuilder, s.schema.NumFields())
+		for i := range cols {
+			cols[i] = b.Field(i).(*array.StringBuilder)
+		}
 	}
 	n := 0
 	for n < s.opts.BatchRows {
@@ -421,6 +525,9 @@ func (s *Source) Next(ctx context.Context) (arrow.RecordBatch, error) {
 		}
 		for i, c := range cols {
 			c.Append(r.v[i])
+		}
+		if msgs != nil {
+			msgs.append(r.conv)
 		}
 		n++
 	}
@@ -453,17 +560,22 @@ func (s *Source) closeFiles() error {
 func (s *Source) rows(yield func(record, error) bool) {
 	limit := s.opts.Limit
 	emitted := int64(0)
-	var nullErr error
+	var rowErr error
 	emit := func(r record) bool {
 		keep, err := s.applyNulls(r)
 		if err != nil {
-			nullErr = err
+			rowErr = err
 			return false
 		}
 		if !keep {
 			return true
 		}
-		if s.opts.SystemText != "" {
+		if s.conv != nil {
+			if r.conv, err = s.conversation(r); err != nil {
+				rowErr = err
+				return false
+			}
+		} else if s.opts.SystemText != "" {
 			r.v[3] = s.opts.SystemText
 		}
 		if !yield(r, nil) {
@@ -482,8 +594,8 @@ func (s *Source) rows(yield func(record, error) bool) {
 				yield(record{}, err)
 				return
 			}
-			if nullErr != nil {
-				yield(record{}, nullErr)
+			if rowErr != nil {
+				yield(record{}, rowErr)
 				return
 			}
 			if stopped {
@@ -515,13 +627,59 @@ func (s *Source) rows(yield func(record, error) bool) {
 		rng.Shuffle(len(buf), func(i, j int) { buf[i], buf[j] = buf[j], buf[i] })
 		for i := range buf {
 			if !emit(buf[i]) {
-				if nullErr != nil {
-					yield(record{}, nullErr)
+				if rowErr != nil {
+					yield(record{}, rowErr)
 				}
 				return
 			}
 			buf[i] = record{} // let the text go as soon as it is delivered
 		}
+	}
+}
+
+// conversation maps a record's messages' roles, puts the system text in
+// front when the conversation has no system message, and checks the
+// turns; an error names the record.
+func (s *Source) conversation(r record) ([]chat.Message, error) {
+	msgs := make([]chat.Message, 0, len(r.msgs)+1)
+	system := s.opts.SystemText
+	if s.opts.SystemColumn != "" {
+		system = r.v[0]
+	}
+	for i, m := range r.msgs {
+		cm, err := s.conv.message(i, m)
+		if err != nil {
+			return nil, fmt.Errorf("dataset: %s: %w", s.where(r), err)
+		}
+		if i == 0 && cm.Role != "system" && system != "" {
+			msgs = append(msgs, chat.Message{Role: "system", Content: system})
+		}
+		msgs = append(msgs, cm)
+	}
+	if err := checkTurns(msgs); err != nil {
+		return nil, fmt.Errorf("dataset: %s: %w", s.where(r), err)
+	}
+	return msgs, nil
+}
+
+// messagesBuilder appends conversations to a ColMessages column.
+type messagesBuilder struct {
+	list          *array.ListBuilder
+	elem          *array.StructBuilder
+	role, content *array.StringBuilder
+}
+
+func newMessagesBuilder(lb *array.ListBuilder) *messagesBuilder {
+	st := lb.ValueBuilder().(*array.StructBuilder)
+	return &messagesBuilder{list: lb, elem: st, role: st.FieldBuilder(0).(*array.StringBuilder), content: st.FieldBuilder(1).(*array.StringBuilder)}
+}
+
+func (b *messagesBuilder) append(msgs []chat.Message) {
+	b.list.Append(true)
+	for _, m := range msgs {
+		b.elem.Append(true)
+		b.role.Append(m.Role)
+		b.content.Append(m.Content)
 	}
 }
 

@@ -10,28 +10,69 @@ import (
 	"gemmaft/tokenizer"
 )
 
-// ChatRecord is one held-out conversation, as the sources give them.
+// ChatRecord is one held-out record, as the sources give them: an Alpaca
+// record (Instruction, Input, Output and System), a conversation
+// (Messages, when not nil) or a plain text (Text, when Plain).
 type ChatRecord struct {
 	Instruction, Input, Output, System string
+	Messages                           []chat.Message
+	Text                               string
+	Plain                              bool
+}
+
+// Values of LossOptions.LossOn, as the tokenize stage names them.
+const (
+	LossOnAssistant     = "assistant"
+	LossOnLastAssistant = "last_assistant"
+	LossOnAll           = "all"
+)
+
+// LossOptions say which tokens training learned, as the tokenize stage
+// did: LossOn (LossOnAssistant when empty) for chat records, and whether
+// plain texts end with <eos>.
+type LossOptions struct {
+	LossOn string
+	EOS    bool
 }
 
 // LossRequests renders each record with the Gemma 3 chat template and
 // tokenizes it as the tokenize stage does for training (exactly one <bos>,
-// labels from the assistant turns' byte spans through the token offsets,
-// or every token when lossOnAll), and makes one request per run of
-// trained tokens: the tokens before it as the context, the run as the
-// continuation. The summed log-likelihoods of the requests are then the
-// negated summed training loss of the records. A record with nothing to
-// score (an empty text) is an error: its loss is undefined.
-func LossRequests(tok *tokenizer.Tokenizer, recs []ChatRecord, lossOnAll bool) ([]Request, []int, error) {
+// labels from the assistant turns' byte spans through the token offsets:
+// every turn's, the last one's, or every token, as opts.LossOn says; a
+// plain text is <bos>, its tokens and <eos> when opts.EOS, every token
+// learned), and makes one request per run of trained tokens (see
+// LabelRequests). A record with nothing to score (an empty text) is an
+// error: its loss is undefined.
+func LossRequests(tok *tokenizer.Tokenizer, recs []ChatRecord, opts LossOptions) ([]Request, []int, error) {
 	bos, ok := tok.ID("<bos>")
 	if !ok {
 		return nil, nil, errors.New("the tokenizer has no <bos> token; only Gemma-style tokenizers are supported")
 	}
+	eos := int32(-1)
+	if opts.EOS {
+		if eos, ok = tok.ID("<eos>"); !ok {
+			return nil, nil, errors.New("the tokenizer has no <eos> token")
+		}
+	}
+	switch opts.LossOn {
+	case "":
+		opts.LossOn = LossOnAssistant
+	case LossOnAssistant, LossOnLastAssistant, LossOnAll:
+	default:
+		return nil, nil, fmt.Errorf("unknown loss_on %q", opts.LossOn)
+	}
 	texts := make([]string, len(recs))
 	spans := make([][]chat.Span, len(recs))
 	for i, r := range recs {
-		text, sp, err := chat.RenderGemma3(chat.Alpaca(r.Instruction, r.Input, r.Output, r.System))
+		if r.Plain {
+			texts[i] = r.Text
+			continue
+		}
+		msgs := r.Messages
+		if msgs == nil {
+			msgs = chat.Alpaca(r.Instruction, r.Input, r.Output, r.System)
+		}
+		text, sp, err := chat.RenderGemma3(msgs)
 		if err != nil {
 			return nil, nil, fmt.Errorf("record %d: %w", i, err)
 		}
@@ -41,37 +82,63 @@ func LossRequests(tok *tokenizer.Tokenizer, recs []ChatRecord, lossOnAll bool) (
 				spans[i] = append(spans[i], s)
 			}
 		}
+		if opts.LossOn == LossOnLastAssistant && len(spans[i]) > 1 {
+			spans[i] = spans[i][len(spans[i])-1:]
+		}
 	}
 	// The template writes <bos> itself; the post-processor's is not added.
 	ids, offs := tok.EncodeBatchOffsets(texts, false)
-	var reqs []Request
-	var recOf []int // the record of each request
-	for i := range recs {
-		if len(ids[i]) == 0 {
+	labels := make([][]int32, len(recs))
+	for i, r := range recs {
+		if r.Plain && texts[i] == "" || len(ids[i]) == 0 {
 			return nil, nil, fmt.Errorf("record %d renders to no tokens", i)
 		}
 		if ids[i][0] != bos {
 			ids[i] = append([]int32{bos}, ids[i]...)
 			offs[i] = append([][2]int{{0, 0}}, offs[i]...)
 		}
-		trained := make([]bool, len(ids[i]))
-		if lossOnAll {
-			for j := range trained {
-				trained[j] = true
+		var trained []bool
+		switch {
+		case r.Plain:
+			if eos >= 0 {
+				ids[i] = append(ids[i], eos)
 			}
-		} else {
+		case opts.LossOn != LossOnAll:
 			trained = chat.LabelMask(offs[i], spans[i])
 		}
-		// The first token is never predicted.
-		trained[0] = false
+		labels[i] = make([]int32, len(ids[i]))
+		for j, id := range ids[i] {
+			labels[i][j] = id
+			if trained != nil && !trained[j] {
+				labels[i][j] = -100
+			}
+		}
+	}
+	return LabelRequests(ids, labels)
+}
+
+// LabelRequests makes the requests that score tokenized records as
+// training does: a token is learned where its label is not -100 (the
+// first token never is: nothing predicts it), and each run of learned
+// tokens is one request, the tokens before it as the context and the run
+// as the continuation. The summed log-likelihoods of the requests are then
+// the negated summed training loss of the records. It also returns each
+// request's record. A record with nothing learned is an error.
+func LabelRequests(ids, labels [][]int32) ([]Request, []int, error) {
+	var reqs []Request
+	var recOf []int
+	for i := range ids {
+		if len(labels[i]) != len(ids[i]) {
+			return nil, nil, fmt.Errorf("record %d: %d labels for %d tokens", i, len(labels[i]), len(ids[i]))
+		}
 		n := 0
 		for j := 1; j < len(ids[i]); {
-			if !trained[j] {
+			if labels[i][j] == -100 {
 				j++
 				continue
 			}
 			k := j
-			for k < len(ids[i]) && trained[k] {
+			for k < len(ids[i]) && labels[i][k] != -100 {
 				k++
 			}
 			reqs = append(reqs, Request{Context: ids[i][:j], Continuation: ids[i][j:k]})

@@ -17,9 +17,10 @@ const chatKindName = "chat_template"
 
 func init() { kinds[chatKindName] = chatKind{} }
 
-// chatKind renders Alpaca records as chat text with the model's template and
-// keeps the byte spans of what the model says, from which tokenize makes
-// the loss mask.
+// chatKind renders Alpaca records and conversations as chat text with the
+// model's template and keeps the byte spans of what the model says (every
+// assistant turn's content and its <end_of_turn>), from which tokenize
+// makes the loss mask.
 type chatKind struct{}
 
 type chatParams struct {
@@ -62,14 +63,80 @@ const (
 func (chatStage) Files() []string { return nil }
 
 func (chatStage) Run(ctx context.Context, t *pipeline.Task) error {
-	var row int64
+	var row, turns int64
+	conversations := false
 	err := mapBatches(ctx, t, ChatSchema, func(rec arrow.RecordBatch) (arrow.RecordBatch, error) {
 		first := row
 		row += rec.NumRows()
+		if len(rec.Schema().FieldIndices(dataset.ColMessages)) == 1 {
+			conversations = true
+			return renderConversations(t.Inputs[0], rec, first, &turns)
+		}
 		return renderBatch(t.Inputs[0], rec, first)
 	})
 	t.SetStat("records", row)
+	if conversations {
+		t.SetStat("assistant_turns", turns)
+	}
 	return err
+}
+
+// chatBuilder builds a ChatSchema batch.
+type chatBuilder struct {
+	b            *array.RecordBuilder
+	text         *array.StringBuilder
+	starts, ends *array.ListBuilder
+	sv, ev       *array.Int32Builder
+}
+
+func newChatBuilder() *chatBuilder {
+	b := array.NewRecordBuilder(memory.DefaultAllocator, ChatSchema)
+	c := &chatBuilder{b: b, text: b.Field(0).(*array.StringBuilder),
+		starts: b.Field(1).(*array.ListBuilder), ends: b.Field(2).(*array.ListBuilder)}
+	c.sv = c.starts.ValueBuilder().(*array.Int32Builder)
+	c.ev = c.ends.ValueBuilder().(*array.Int32Builder)
+	return c
+}
+
+// add appends one rendered conversation and the spans of its assistant
+// turns, returning how many there were.
+func (c *chatBuilder) add(text string, spans []chat.Span) int {
+	c.text.Append(text)
+	c.starts.Append(true)
+	c.ends.Append(true)
+	n := 0
+	for _, sp := range spans {
+		if sp.Role != "assistant" {
+			continue
+		}
+		c.sv.Append(int32(sp.Start))
+		c.ev.Append(int32(sp.End))
+		n++
+	}
+	return n
+}
+
+// renderConversations renders one batch of conversations (a messages
+// column) read from in, whose first row is the input's row firstRow.
+func renderConversations(in *pipeline.Input, rec arrow.RecordBatch, firstRow int64, turns *int64) (arrow.RecordBatch, error) {
+	i, err := columnIndex(in, rec, dataset.ColMessages, parquetKindName+" or "+jsonlKindName)
+	if err != nil {
+		return nil, err
+	}
+	col, err := dataset.NewMessagesColumn(rec.Column(i))
+	if err != nil {
+		return nil, fmt.Errorf("stage %s: %w", in.Name, err)
+	}
+	c := newChatBuilder()
+	defer c.b.Release()
+	for r := 0; r < int(rec.NumRows()); r++ {
+		text, spans, err := chat.RenderGemma3(col.Row(r))
+		if err != nil {
+			return nil, fmt.Errorf("record %d: %w", firstRow+int64(r), err)
+		}
+		*turns += int64(c.add(text, spans))
+	}
+	return c.b.NewRecordBatch(), nil
 }
 
 // renderBatch renders one batch of records read from in, whose first row
@@ -95,13 +162,8 @@ func renderBatch(in *pipeline.Input, rec arrow.RecordBatch, firstRow int64) (arr
 			return nil, err
 		}
 	}
-	b := array.NewRecordBuilder(memory.DefaultAllocator, ChatSchema)
-	defer b.Release()
-	text := b.Field(0).(*array.StringBuilder)
-	starts := b.Field(1).(*array.ListBuilder)
-	ends := b.Field(2).(*array.ListBuilder)
-	sv := starts.ValueBuilder().(*array.Int32Builder)
-	ev := ends.ValueBuilder().(*array.Int32Builder)
+	c := newChatBuilder()
+	defer c.b.Release()
 	for i := 0; i < int(rec.NumRows()); i++ {
 		sys := ""
 		if system != nil {
@@ -111,16 +173,7 @@ func renderBatch(in *pipeline.Input, rec arrow.RecordBatch, firstRow int64) (arr
 		if err != nil {
 			return nil, fmt.Errorf("record %d: %w", firstRow+int64(i), err)
 		}
-		text.Append(rendered)
-		starts.Append(true)
-		ends.Append(true)
-		for _, sp := range spans {
-			if sp.Role != "assistant" {
-				continue
-			}
-			sv.Append(int32(sp.Start))
-			ev.Append(int32(sp.End))
-		}
+		c.add(rendered, spans)
 	}
-	return b.NewRecordBatch(), nil
+	return c.b.NewRecordBatch(), nil
 }

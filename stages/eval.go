@@ -341,11 +341,11 @@ func (evalKind) CheckInputs(params any, needs []pipeline.Need) error {
 			adapters = append(adapters, n.Stage)
 		case modelKindName:
 			models = append(models, n.Stage)
-		case parquetKindName, jsonlKindName:
+		case parquetKindName, jsonlKindName, textKindName, mixKindName:
 			sources = append(sources, n.Stage)
 		default:
 			return &pipeline.ParamError{Param: "needs",
-				Msg: fmt.Sprintf("%q is a %s stage, but an eval stage reads the adapter of a qlora stage, the checkpoint of a model stage and the held-out records of parquet or jsonl stages", n.Stage, n.Kind),
+				Msg: fmt.Sprintf("%q is a %s stage, but an eval stage reads the adapter of a qlora stage, the checkpoint of a model stage and the held-out records of parquet, jsonl or text stages or of a mix stage", n.Stage, n.Kind),
 				Fix: "name the qlora stage (and a model stage, and for the loss task a source of held-out records) in needs"}
 		}
 	}
@@ -365,7 +365,7 @@ func (evalKind) CheckInputs(params any, needs []pipeline.Need) error {
 			Fix: "remove `model:`, or the model stage from needs"}
 	case hasLoss && len(sources) == 0:
 		return &pipeline.ParamError{Param: "needs", Msg: "the loss task has no held-out records",
-			Fix: "add a jsonl or parquet stage of held-out records to needs"}
+			Fix: "add a jsonl, parquet or text stage of held-out records, or the mix stage that holds some out, to needs"}
 	case !hasLoss && len(sources) > 0:
 		return &pipeline.ParamError{Param: "needs", Msg: fmt.Sprintf("stage %q gives held-out records, but the loss task is not listed", sources[0]),
 			Fix: "add loss to tasks, or remove the stage from needs"}
@@ -389,7 +389,7 @@ func evalInputsOf(t *pipeline.Task) (evalInputs, error) {
 			in.adapter = i
 		case modelKindName:
 			in.model = i
-		case parquetKindName, jsonlKindName:
+		case parquetKindName, jsonlKindName, textKindName, mixKindName:
 			in.sources = append(in.sources, i)
 		}
 	}
@@ -418,7 +418,7 @@ func (s *evalStage) Run(ctx context.Context, t *pipeline.Task) error {
 	if err != nil {
 		return err
 	}
-	tok, lossOnAll, err := s.tokenizer(ctx, t, prov, base)
+	tok, lossOpts, err := s.tokenizer(ctx, t, prov, base)
 	if err != nil {
 		return err
 	}
@@ -427,13 +427,8 @@ func (s *evalStage) Run(ctx context.Context, t *pipeline.Task) error {
 	var lossReqs []eval.Request
 	records := 0
 	if len(in.sources) > 0 {
-		recs, err := heldOut(ctx, in.sources)
-		if err != nil {
+		if lossReqs, records, err = heldOutRequests(ctx, tok, in.sources, lossOpts); err != nil {
 			return err
-		}
-		records = len(recs)
-		if lossReqs, _, err = eval.LossRequests(tok, recs, lossOnAll); err != nil {
-			return fmt.Errorf("held-out records: %w", err)
 		}
 	}
 	var prompts *eval.MCPrompts
@@ -539,12 +534,116 @@ func mcRequests(p *eval.MCPrompts) int {
 	return n
 }
 
-// heldOut reads the records of the source stages.
+// heldOutRequests reads the held-out records of the source stages (and
+// the held-out examples of mix stages, tokenized as training tokenized
+// them) and makes the requests that score them; it also returns how many
+// records there were.
+func heldOutRequests(ctx context.Context, tok *tokenizer.Tokenizer, sources []*pipeline.Input, opts eval.LossOptions) ([]eval.Request, int, error) {
+	var mixes, others []*pipeline.Input
+	for _, in := range sources {
+		if in.Kind == mixKindName {
+			mixes = append(mixes, in)
+		} else {
+			others = append(others, in)
+		}
+	}
+	var reqs []eval.Request
+	records := 0
+	if len(others) > 0 {
+		recs, err := heldOut(ctx, others)
+		if err != nil {
+			return nil, 0, err
+		}
+		if reqs, _, err = eval.LossRequests(tok, recs, opts); err != nil {
+			return nil, 0, fmt.Errorf("held-out records: %w", err)
+		}
+		records += len(recs)
+	}
+	for _, in := range mixes {
+		ids, labels, err := mixHeldOut(ctx, in)
+		if err != nil {
+			return nil, 0, err
+		}
+		r, _, err := eval.LabelRequests(ids, labels)
+		if err != nil {
+			return nil, 0, fmt.Errorf("the held-out examples of stage %s: %w", in.Name, err)
+		}
+		reqs = append(reqs, r...)
+		records += len(ids)
+	}
+	return reqs, records, nil
+}
+
+// mixHeldOut reads the held-out examples of a mix stage.
+func mixHeldOut(ctx context.Context, in *pipeline.Input) (ids, labels [][]int32, err error) {
+	err = eachBatch(ctx, in, func(rec arrow.RecordBatch) error {
+		idl, err := int32Lists(in, rec, "input_ids", mixKindName)
+		if err != nil {
+			return err
+		}
+		lab, err := int32Lists(in, rec, "labels", mixKindName)
+		if err != nil {
+			return err
+		}
+		i, err := columnIndex(in, rec, ColHeldOut, mixKindName)
+		if err != nil {
+			return err
+		}
+		held, ok := rec.Column(i).(*array.Boolean)
+		if !ok {
+			return fmt.Errorf("column %q of stage %s is %s, want bool", ColHeldOut, in.Name, rec.Column(i).DataType())
+		}
+		for r := 0; r < int(rec.NumRows()); r++ {
+			if held.Value(r) {
+				ids = append(ids, listValues(idl, r))
+				labels = append(labels, listValues(lab, r))
+			}
+		}
+		return nil
+	})
+	if err == nil && len(ids) == 0 {
+		err = fmt.Errorf("mix stage %s holds no examples out: set its heldout", in.Name)
+	}
+	return ids, labels, err
+}
+
+// listValues copies row r of a list<int32> column.
+func listValues(l *array.List, r int) []int32 {
+	a, z := l.ValueOffsets(r)
+	return slices.Clone(l.ListValues().(*array.Int32).Int32Values()[a:z])
+}
+
+// heldOut reads the records of the source stages: Alpaca records,
+// conversations or plain texts.
 func heldOut(ctx context.Context, sources []*pipeline.Input) ([]eval.ChatRecord, error) {
 	var recs []eval.ChatRecord
-	const want = parquetKindName + " or " + jsonlKindName
+	const want = parquetKindName + ", " + jsonlKindName + " or " + textKindName
 	for _, in := range sources {
 		err := eachBatch(ctx, in, func(rec arrow.RecordBatch) error {
+			schema := rec.Schema()
+			switch {
+			case len(schema.FieldIndices(dataset.ColMessages)) == 1:
+				i, _ := columnIndex(in, rec, dataset.ColMessages, want)
+				col, err := dataset.NewMessagesColumn(rec.Column(i))
+				if err != nil {
+					return fmt.Errorf("stage %s: %w", in.Name, err)
+				}
+				for r := 0; r < int(rec.NumRows()); r++ {
+					recs = append(recs, eval.ChatRecord{Messages: col.Row(r)})
+				}
+				return nil
+			case in.Kind == textKindName:
+				c, err := stringColumn(in, rec, dataset.ColText, want)
+				if err != nil {
+					return err
+				}
+				for r := 0; r < int(rec.NumRows()); r++ {
+					if c.Value(r) != "" { // left out of training too
+						recs = append(recs, eval.ChatRecord{Text: c.Value(r), Plain: true})
+					}
+				}
+				return nil
+			}
 			var cols [4]*array.String
 			for i, name := range []string{dataset.ColInstruction, dataset.ColInput, dataset.ColOutput} {
 				c, err := stringColumn(in, rec, name, want)
@@ -553,7 +652,7 @@ func heldOut(ctx context.Context, sources []*pipeline.Input) ([]eval.ChatRecord,
 				}
 				cols[i] = c
 			}
-			if len(rec.Schema().FieldIndices(dataset.ColSystem)) == 1 {
+			if len(schema.FieldIndices(dataset.ColSystem)) == 1 {
 				c, err := stringColumn(in, rec, dataset.ColSystem, want)
 				if err != nil {
 					return err
@@ -585,14 +684,18 @@ func (s *evalStage) base(ctx context.Context, t *pipeline.Task, in evalInputs, p
 }
 
 // tokenizer loads the tokenizer to use (see adapterTokenizer). It also
-// says whether training's loss covered every token (loss_on: all).
-func (s *evalStage) tokenizer(ctx context.Context, t *pipeline.Task, prov provenance, base string) (*tokenizer.Tokenizer, bool, error) {
+// says which tokens training learned (the tokenize stage's loss_on and
+// eos).
+func (s *evalStage) tokenizer(ctx context.Context, t *pipeline.Task, prov provenance, base string) (*tokenizer.Tokenizer, eval.LossOptions, error) {
 	path, err := adapterTokenizer(ctx, t, prov, base, s.tokPath, s.tokHub)
 	if err != nil {
-		return nil, false, err
+		return nil, eval.LossOptions{}, err
 	}
 	tok, err := load(t, path)
-	return tok, params(prov.tokenize)["loss_on"] == "all", err
+	p := params(prov.tokenize)
+	lossOn, _ := p["loss_on"].(string)
+	eos, _ := p["eos"].(bool)
+	return tok, eval.LossOptions{LossOn: lossOn, EOS: eos}, err
 }
 
 // evalResults is results.json: what was scored, and each model's scores.

@@ -54,7 +54,7 @@ stages:
     kind: pack
     needs: [chat]
     with: {seq_len: 64}
-`, 7, `stage "pack": needs: "chat" is a chat_template stage, but a pack stage reads the tokens of a tokenize stage`, "name a tokenize stage in needs")
+`, 7, `stage "pack": needs: "chat" is a chat_template stage, but a pack stage reads the tokens of a tokenize or mix stage`, "name a tokenize or mix stage in needs")
 }
 
 func TestTokenizeNeedsChat(t *testing.T) {
@@ -62,7 +62,7 @@ func TestTokenizeNeedsChat(t *testing.T) {
 stages:
   alpaca: {kind: jsonl, with: {paths: [a.jsonl]}}
   tokens: {kind: tokenize, needs: [alpaca], with: {tokenizer: tok.json}}
-`, 4, `"alpaca" is a jsonl stage, but a tokenize stage reads the chat text of a chat_template stage`)
+`, 4, `"alpaca" is a jsonl stage, but a tokenize stage reads the chat text of a chat_template or text stage`)
 }
 
 func TestChatNeedsRecords(t *testing.T) {

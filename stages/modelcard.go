@@ -5,6 +5,7 @@ import (
 	"encoding/json"
 	"fmt"
 	"path/filepath"
+	"sort"
 	"strings"
 	"text/template"
 
@@ -26,8 +27,8 @@ type cardParams struct {
 // provenance is what the cached entries upstream of an exported model say
 // about its making.
 type provenance struct {
-	qlora, pack, tokenize, chat, merge, model *pipeline.Manifest
-	sources                                   []*pipeline.Manifest
+	qlora, pack, tokenize, chat, merge, model, mix *pipeline.Manifest
+	sources                                        []*pipeline.Manifest
 }
 
 func provenanceOf(lineage []*pipeline.Manifest) provenance {
@@ -51,7 +52,9 @@ func provenanceOf(lineage []*pipeline.Manifest) provenance {
 			first(&p.merge, m)
 		case modelKindName:
 			first(&p.model, m)
-		case parquetKindName, jsonlKindName:
+		case mixKindName:
+			first(&p.mix, m)
+		case parquetKindName, jsonlKindName, textKindName:
 			p.sources = append(p.sources, m)
 		}
 	}
@@ -68,12 +71,16 @@ func params(m *pipeline.Manifest) map[string]any {
 }
 
 // trainingSystem is the system text every training record carried, when
-// the sources set one through `system:` and all the same.
+// the sources set one through `system:` and all the same: Alpaca records
+// only (a conversation may carry its own, and a plain text none).
 func (p provenance) trainingSystem() string {
 	sys := ""
 	for i, s := range p.sources {
 		ps := params(s)
 		if ps["system_column"] != nil && ps["system_column"] != "" {
+			return ""
+		}
+		if f, _ := ps["format"].(string); f != "" || s.Kind == textKindName {
 			return ""
 		}
 		v, _ := ps["system"].(string)
@@ -194,7 +201,23 @@ func (d *cardData) fill(p provenance) {
 		paths := params(s)["paths"]
 		add(&d.Data, "source "+s.Stage, fmt.Sprintf("%s files %v, %v records", s.Kind, paths, number(s.Stats["records"])))
 	}
-	if p.tokenize != nil {
+	if p.mix != nil {
+		st := p.mix.Stats
+		add(&d.Data, "mix", fmt.Sprintf("%v examples, %v tokens (%v trained), %v held out, weighted by %v",
+			number(st["examples"]), number(st["tokens"]), number(st["trained_tokens"]), number(st["heldout_examples"]), params(p.mix)["by"]))
+		if srcs, ok := st["sources"].(map[string]any); ok {
+			names := make([]string, 0, len(srcs))
+			for n := range srcs {
+				names = append(names, n)
+			}
+			sort.Strings(names)
+			for _, n := range names {
+				c, _ := srcs[n].(map[string]any)
+				add(&d.Data, "mix of "+n, fmt.Sprintf("%v examples (%v distinct), %v tokens, %v held out",
+					number(c["examples"]), number(c["unique"]), number(c["tokens"]), number(c["heldout"])))
+			}
+		}
+	} else if p.tokenize != nil {
 		st := p.tokenize.Stats
 		add(&d.Data, "tokens", fmt.Sprintf("%v (%v trained), %v records", number(st["tokens"]), number(st["trained_tokens"]), number(st["records"])))
 		if f, ok := st["fertility"]; ok {

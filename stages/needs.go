@@ -25,12 +25,29 @@ func (chatKind) CheckInputs(_ any, needs []pipeline.Need) error {
 	return readsKinds(chatKindName, "the records", needs, parquetKindName, jsonlKindName)
 }
 
-func (tokenizeKind) CheckInputs(_ any, needs []pipeline.Need) error {
-	return readsKinds(tokenizeKindName, "the chat text", needs, chatKindName)
+// CheckInputs: a tokenize stage reads the chat text of a chat_template
+// stage or the plain texts of a text stage; eos: ends plain texts, and
+// loss_on: last_assistant picks among a conversation's turns.
+func (tokenizeKind) CheckInputs(params any, needs []pipeline.Need) error {
+	if err := readsKinds(tokenizeKindName, "the chat text", needs, chatKindName, textKindName); err != nil {
+		return err
+	}
+	p := params.(*tokenizeParams)
+	for _, n := range needs {
+		switch {
+		case p.EOS && n.Kind != textKindName:
+			return &pipeline.ParamError{Param: "eos", Msg: fmt.Sprintf("ends plain texts, and %q is a %s stage (a chat turn ends with <end_of_turn>)", n.Stage, n.Kind),
+				Fix: "remove eos: true, or read a text stage"}
+		case p.LossOn == lossOnLastAssistant && n.Kind == textKindName:
+			return &pipeline.ParamError{Param: "loss_on", Msg: fmt.Sprintf("last_assistant picks a conversation's last turn, and %q is a text stage, trained on every token", n.Stage),
+				Fix: "remove loss_on, or read a chat_template stage"}
+		}
+	}
+	return nil
 }
 
 func (packKind) CheckInputs(_ any, needs []pipeline.Need) error {
-	return readsKinds(packKindName, "the tokens", needs, tokenizeKindName)
+	return readsKinds(packKindName, "the tokens", needs, tokenizeKindName, mixKindName)
 }
 
 // CheckInputs: a qlora stage trains on the packed rows of one pack stage,

@@ -4,9 +4,12 @@ import (
 	"context"
 	"encoding/json"
 	"fmt"
+	"os"
+	"path/filepath"
 
 	"github.com/apache/arrow-go/v18/arrow"
 	"github.com/apache/arrow-go/v18/arrow/array"
+	"github.com/apache/arrow-go/v18/arrow/ipc"
 	"github.com/apache/arrow-go/v18/arrow/memory"
 
 	"gemmaft/packer"
@@ -19,7 +22,14 @@ func init() { kinds[packKindName] = packKind{} }
 
 // packKind packs tokenized examples into rows of exactly seq_len tokens
 // (best fit decreasing, or a minimum-slack planner where it needs fewer rows).
+// A mix stage's held-out examples are packed apart, into the rows of
+// PackedHeldOutFile, so that no training row holds one.
 type packKind struct{}
+
+// PackedHeldOutFile holds, in a pack stage's entry, the packed rows of the
+// held-out examples of a mix stage (the table's schema); the qlora stage
+// computes its eval loss on them.
+const PackedHeldOutFile = "heldout.arrow"
 
 type packParams struct {
 	SeqLen int `json:"seq_len"`
@@ -77,7 +87,23 @@ func (s *packStage) Run(ctx context.Context, t *pipeline.Task) error {
 	defer pk.Close()
 
 	in := t.Inputs[0]
-	err = eachBatch(ctx, in, func(rec arrow.RecordBatch) error { return addExamples(pk, in, rec) })
+	var held *packer.Packer // for held-out examples, once one comes
+	newHeld := func() (*packer.Packer, error) {
+		if held != nil {
+			return held, nil
+		}
+		h, err := packer.New(packer.Options{SeqLen: s.p.SeqLen, PadID: s.p.PadID, Overlong: overlong,
+			Algorithm: algorithm, Seed: s.p.Seed, Dir: t.Dir})
+		if err != nil {
+			return nil, err
+		}
+		held = h
+		return held, nil
+	}
+	err = eachBatch(ctx, in, func(rec arrow.RecordBatch) error { return addExamples(pk, newHeld, in, rec) })
+	if held != nil {
+		defer held.Close()
+	}
 	if err != nil {
 		return err
 	}
@@ -115,25 +141,92 @@ func (s *packStage) Run(ctx context.Context, t *pipeline.Task) error {
 	setStats(t, stats)
 	t.Log.Info("packed", "rows", stats.Rows, "examples", stats.Examples, "efficiency", fmt.Sprintf("%.4f", stats.Efficiency),
 		"dropped", stats.Dropped, "truncated", stats.Truncated, "split", stats.Split)
+	if held != nil {
+		hs, err := writeHeldOut(ctx, held, filepath.Join(t.Dir, PackedHeldOutFile))
+		if err != nil {
+			return fmt.Errorf("held-out examples: %w", err)
+		}
+		t.SetStat("heldout", statMap(hs))
+		t.Log.Info("packed the held-out examples apart", "rows", hs.Rows, "examples", hs.Examples, "dropped", hs.Dropped)
+	}
 	return nil
 }
 
-// addExamples feeds one batch of tokenized rows, read from in, to the packer.
-func addExamples(pk *packer.Packer, in *pipeline.Input, rec arrow.RecordBatch) error {
-	ids, err := int32Lists(in, rec, packer.ColInputIDs, tokenizeKindName)
+// writeHeldOut packs the held-out examples into their own file.
+func writeHeldOut(ctx context.Context, pk *packer.Packer, path string) (packer.Stats, error) {
+	f, err := os.Create(path)
+	if err != nil {
+		return packer.Stats{}, err
+	}
+	defer f.Close()
+	w, err := ipc.NewFileWriter(f, ipc.WithSchema(packer.Schema()))
+	if err != nil {
+		return packer.Stats{}, err
+	}
+	bb := packer.NewBatchBuilder(memory.DefaultAllocator)
+	defer bb.Release()
+	flush := func() error {
+		if bb.Len() == 0 {
+			return nil
+		}
+		rec := bb.NewRecordBatch()
+		defer rec.Release()
+		return w.Write(rec)
+	}
+	stats, err := pk.Finish(func(r packer.Row) error {
+		if err := ctx.Err(); err != nil {
+			return err
+		}
+		bb.Append(r)
+		if bb.Len() == rowsPerBatch {
+			return flush()
+		}
+		return nil
+	})
+	if err != nil {
+		return stats, err
+	}
+	if err := flush(); err != nil {
+		return stats, err
+	}
+	if err := w.Close(); err != nil {
+		return stats, err
+	}
+	return stats, f.Close()
+}
+
+// addExamples feeds one batch of tokenized rows, read from in, to the
+// packer; held-out ones (a mix stage's) go to the packer held returns.
+func addExamples(pk *packer.Packer, held func() (*packer.Packer, error), in *pipeline.Input, rec arrow.RecordBatch) error {
+	const want = tokenizeKindName + " or " + mixKindName
+	ids, err := int32Lists(in, rec, packer.ColInputIDs, want)
 	if err != nil {
 		return err
 	}
-	labels, err := int32Lists(in, rec, packer.ColLabels, tokenizeKindName)
+	labels, err := int32Lists(in, rec, packer.ColLabels, want)
 	if err != nil {
 		return err
+	}
+	var heldOut *array.Boolean
+	if idx := rec.Schema().FieldIndices(ColHeldOut); len(idx) == 1 {
+		b, ok := rec.Column(idx[0]).(*array.Boolean)
+		if !ok {
+			return fmt.Errorf("column %q of stage %s is %s, want bool", ColHeldOut, in.Name, rec.Column(idx[0]).DataType())
+		}
+		heldOut = b
 	}
 	idv := ids.ListValues().(*array.Int32).Int32Values()
 	lv := labels.ListValues().(*array.Int32).Int32Values()
 	for i := 0; i < int(rec.NumRows()); i++ {
 		a, b := ids.ValueOffsets(i)
 		c, d := labels.ValueOffsets(i)
-		if err := pk.Add(idv[a:b], lv[c:d]); err != nil {
+		to := pk
+		if heldOut != nil && heldOut.Value(i) {
+			if to, err = held(); err != nil {
+				return err
+			}
+		}
+		if err := to.Add(idv[a:b], lv[c:d]); err != nil {
 			return err
 		}
 	}
@@ -142,10 +235,17 @@ func addExamples(pk *packer.Packer, in *pipeline.Input, rec arrow.RecordBatch) e
 
 // setStats records every field of a JSON-encodable statistics struct.
 func setStats(t *pipeline.Task, stats any) {
+	for k, v := range statMap(stats) {
+		t.SetStat(k, v)
+	}
+}
+
+// statMap is a JSON-encodable struct as the map a manifest reads back,
+// keys sorted when encoded: a statistic must encode the same once read
+// back, or the manifest's checksum would not match.
+func statMap(stats any) map[string]any {
 	data, _ := json.Marshal(stats)
 	var m map[string]any
 	json.Unmarshal(data, &m)
-	for k, v := range m {
-		t.SetStat(k, v)
-	}
+	return m
 }

@@ -189,6 +189,23 @@ func (s *qloraStage) Run(ctx context.Context, t *pipeline.Task) error {
 	if err != nil {
 		return err
 	}
+	// A mix stage's held-out examples, packed apart by the pack stage, are
+	// what the eval loss is computed on.
+	var heldOut trainer.Dataset
+	heldPath := filepath.Join(filepath.Dir(rowsPath), PackedHeldOutFile)
+	if _, err := os.Stat(heldPath); err == nil {
+		if s.p.EvalFraction > 0 {
+			return fmt.Errorf("the packed rows come with held-out examples (a mix stage's heldout), and eval_fraction %v would hold out training rows too; remove eval_fraction (the eval loss is computed on the held-out examples)", s.p.EvalFraction)
+		}
+		held, err := trainer.OpenPackedArrow(heldPath)
+		if err != nil {
+			return err
+		}
+		defer held.Close()
+		heldOut = held
+		t.SetStat("eval_rows", held.Len())
+		t.Log.Info("eval loss on the held-out examples", "rows", held.Len())
+	}
 	var targets []trainer.Module
 	for _, tm := range s.p.TargetModules {
 		mod, _ := trainer.ParseModule(tm)
@@ -221,7 +238,7 @@ func (s *qloraStage) Run(ctx context.Context, t *pipeline.Task) error {
 		LR: s.p.LR, Schedule: trainer.Schedule(s.p.Schedule), WarmupSteps: s.p.WarmupSteps,
 		MaxGradNorm: s.p.MaxGradNorm,
 		BatchSize:   s.p.BatchSize, GradAccum: s.p.GradAccum, Epochs: s.p.Epochs, MaxSteps: s.p.MaxSteps,
-		Seed: s.p.Seed, EvalFraction: s.p.EvalFraction, EvalEvery: s.p.EvalEvery, LogEvery: s.p.LogEvery,
+		Seed: s.p.Seed, EvalFraction: s.p.EvalFraction, EvalEvery: s.p.EvalEvery, EvalData: heldOut, LogEvery: s.p.LogEvery,
 		CheckpointEvery: s.p.CheckpointEvery, OutDir: scratch, BaseModel: s.p.Model, Log: t.Log,
 		Progress: func(p trainer.Progress) {
 			note := fmt.Sprintf("loss %.4f  lr %.2e  %.0f tok/s", p.Loss, p.LR, p.TokensPerSec)

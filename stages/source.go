@@ -6,6 +6,7 @@ import (
 	"io"
 	"io/fs"
 	"os"
+	"slices"
 	"sort"
 	"strings"
 
@@ -25,7 +26,8 @@ func init() {
 }
 
 // sourceKind reads Alpaca-style records (instruction, input, output and an
-// optional system text) from Parquet or JSON-lines files.
+// optional system text), or conversations in ShareGPT's or OpenAI's
+// layout, from Parquet or JSON-lines files.
 type sourceKind struct{ format dataset.Format }
 
 // sourceParams are the `with:` of a parquet or jsonl stage.
@@ -34,8 +36,17 @@ type sourceParams struct {
 	// hf://datasets/ORG/NAME@REV/PATH references (PATH a file or a glob
 	// over the repository's files).
 	Paths []string `json:"paths"`
-	// Columns maps instruction, input and output to the file's column names.
+	// Format is what a record holds: alpaca (instruction, input, output;
+	// the default, kept out of the key), sharegpt (a list "conversations"
+	// of {"from", "value"}) or openai (a list "messages" of {"role",
+	// "content"}).
+	Format string `json:"format,omitempty"`
+	// Columns maps instruction, input and output (or, for conversations,
+	// the list and its role and content fields) to the file's names.
 	Columns map[string]string `json:"columns,omitempty"`
+	// Roles maps a conversation's role names to system, user or assistant;
+	// human, gpt, system, user and assistant are known already.
+	Roles map[string]string `json:"roles,omitempty"`
 	// SystemColumn names a column holding a system text per record.
 	SystemColumn string `json:"system_column,omitempty"`
 	// System is a system text for every record.
@@ -57,26 +68,68 @@ func (sourceKind) Version() int       { return 1 }
 func (sourceKind) Inputs() (int, int) { return 0, 0 }
 func (sourceKind) Params() any        { return &sourceParams{} }
 
+// checkColumns checks that columns maps only the layout's names.
+func checkColumns(columns map[string]string, layout dataset.Layout) error {
+	names := layout.ColumnNames()
+	for ours := range columns {
+		if !slices.Contains(names, ours) {
+			return &pipeline.ParamError{Param: "columns", Msg: fmt.Sprintf("cannot map %q", ours),
+				Fix: fmt.Sprintf("map %s, e.g. columns: {%s: %s-turkish}", strings.Join(names, ", "), names[0], names[0])}
+		}
+	}
+	return nil
+}
+
+// canonicalColumns drops the columns mapped to their own name, the
+// default, so that writing them does not change the cache key.
+func canonicalColumns(columns map[string]string) map[string]string {
+	for ours, theirs := range columns {
+		if theirs == ours || theirs == "" {
+			delete(columns, ours)
+		}
+	}
+	if len(columns) == 0 {
+		return nil
+	}
+	return columns
+}
+
 func (p *sourceParams) Validate() error {
 	if len(p.Paths) == 0 {
 		return &pipeline.ParamError{Param: "paths", Msg: "no input files",
 			Fix: "list files or glob patterns, e.g. paths: [data/train-*.parquet]"}
 	}
-	for ours, theirs := range p.Columns {
-		switch ours {
-		case dataset.ColInstruction, dataset.ColInput, dataset.ColOutput:
-		default:
-			return &pipeline.ParamError{Param: "columns", Msg: fmt.Sprintf("cannot map %q", ours),
-				Fix: "map instruction, input and output, e.g. columns: {instruction: instruction-turkish}"}
+	layout, err := dataset.ParseLayout(p.Format)
+	if err != nil || layout == dataset.LayoutText {
+		fix := "use alpaca (instruction, input, output), sharegpt (conversations of from/value) or openai (messages of role/content)"
+		if layout == dataset.LayoutText {
+			fix = "plain texts are read by a stage of kind text"
 		}
-		// Mapping a column to its own name is the default; drop it so that
-		// writing it does not change the cache key.
-		if theirs == ours || theirs == "" {
-			delete(p.Columns, ours)
+		return &pipeline.ParamError{Param: "format", Msg: fmt.Sprintf("unknown format %q", p.Format), Fix: fix}
+	}
+	p.Format = string(layout) // alpaca is the default, kept out of the key
+	if err := checkColumns(p.Columns, layout); err != nil {
+		return err
+	}
+	p.Columns = canonicalColumns(p.Columns)
+	if len(p.Roles) > 0 && !layout.Conversational() {
+		return &pipeline.ParamError{Param: "roles", Msg: "roles are mapped only in conversations",
+			Fix: "add format: sharegpt or format: openai, or remove roles"}
+	}
+	for theirs, ours := range p.Roles {
+		switch ours {
+		case "system", "user", "assistant":
+		default:
+			return &pipeline.ParamError{Param: "roles", Msg: fmt.Sprintf("%s maps to %q", theirs, ours),
+				Fix: "map each of the file's role names to system, user or assistant, e.g. roles: {insan: user, model: assistant}"}
+		}
+		// A role known already changes nothing; keep it out of the key.
+		if dataset.DefaultRoles[theirs] == ours {
+			delete(p.Roles, theirs)
 		}
 	}
-	if len(p.Columns) == 0 {
-		p.Columns = nil
+	if len(p.Roles) == 0 {
+		p.Roles = nil
 	}
 	if p.SystemColumn != "" && p.System != "" {
 		return &pipeline.ParamError{Param: "system", Msg: "both system and system_column are set", Fix: "keep one of them"}
@@ -101,9 +154,20 @@ func (p *sourceParams) Validate() error {
 
 func (k sourceKind) Prepare(params any, dir string) (pipeline.Runner, error) {
 	p := params.(*sourceParams)
-	s := &sourceStage{format: k.format, p: p}
+	return prepareSource(dir, p.Paths, dataset.SourceOptions{
+		Format: k.format, Layout: dataset.Layout(p.Format), Columns: p.Columns, Roles: p.Roles,
+		SystemColumn: p.SystemColumn, SystemText: p.System,
+		Limit: p.Limit, Shuffle: p.Shuffle, Seed: p.Seed,
+		Nulls: dataset.NullPolicy(p.Nulls),
+	})
+}
+
+// prepareSource finds the files of paths (local ones now; those on the Hub
+// are resolved by the plan) for a stage that reads them with opts.
+func prepareSource(dir string, paths []string, opts dataset.SourceOptions) (*sourceStage, error) {
+	s := &sourceStage{opts: opts}
 	var seen []os.FileInfo
-	for _, path := range p.Paths {
+	for _, path := range paths {
 		if hub.IsRef(path) {
 			h, err := parseHub("paths", path, hubFiles)
 			if err != nil {
@@ -123,7 +187,7 @@ func (k sourceKind) Prepare(params any, dir string) (pipeline.Runner, error) {
 		for _, f := range files {
 			if err := pipeline.CheckReadableFile(f); err != nil {
 				return nil, &pipeline.ParamError{Param: "paths", Msg: err.Error(),
-					Fix: "list data files (.parquet, .jsonl, .jsonl.gz), or globs that match only files"}
+					Fix: "list data files (.parquet, .jsonl, .jsonl.gz; .txt for a text stage), or globs that match only files"}
 			}
 			fi, err := os.Stat(f)
 			if err != nil {
@@ -153,10 +217,9 @@ type sourcePart struct {
 }
 
 type sourceStage struct {
-	format dataset.Format
-	p      *sourceParams
-	parts  []sourcePart
-	local  []string // the local files, whose digests enter the key
+	opts  dataset.SourceOptions // all but the paths and how files open
+	parts []sourcePart
+	local []string // the local files, whose digests enter the key
 }
 
 func (s *sourceStage) Files() []string { return s.local }
@@ -197,13 +260,10 @@ func (s *sourceStage) Run(ctx context.Context, t *pipeline.Task) error {
 	if err != nil {
 		return err
 	}
-	src, err := dataset.Open(dataset.SourceOptions{
-		Paths: files, Format: s.format, Columns: s.p.Columns,
-		SystemColumn: s.p.SystemColumn, SystemText: s.p.System,
-		Limit: s.p.Limit, Shuffle: s.p.Shuffle, Seed: s.p.Seed,
-		Open:  func(path string) (fs.File, error) { return t.Open(path) },
-		Nulls: dataset.NullPolicy(s.p.Nulls),
-	})
+	opts := s.opts
+	opts.Paths = files
+	opts.Open = func(path string) (fs.File, error) { return t.Open(path) }
+	src, err := dataset.Open(opts)
 	if err != nil {
 		return err
 	}
@@ -231,13 +291,13 @@ func (s *sourceStage) Run(ctx context.Context, t *pipeline.Task) error {
 	}
 	t.SetStat("records", out.Rows())
 	t.SetStat("files", len(files))
-	reportNulls(t, src.Nulls(), s.p.Nulls)
+	reportNulls(t, src.Nulls(), s.opts.Layout, string(s.opts.Nulls))
 	return nil
 }
 
 // reportNulls puts the nulls a source met into the stage's statistics and
 // the log, so that no null silently becomes an empty answer.
-func reportNulls(t *pipeline.Task, rep dataset.NullReport, policy string) {
+func reportNulls(t *pipeline.Task, rep dataset.NullReport, layout dataset.Layout, policy string) {
 	if len(rep.Columns) == 0 {
 		return
 	}
@@ -251,17 +311,25 @@ func reportNulls(t *pipeline.Task, rep dataset.NullReport, policy string) {
 	for _, c := range cols {
 		parts = append(parts, fmt.Sprintf("%s %d (first: %s)", c, rep.Columns[c], rep.First[c]))
 	}
-	switch policy {
-	case string(dataset.NullsDrop):
+	alpaca := layout == dataset.LayoutAlpaca
+	switch {
+	case policy == string(dataset.NullsDrop) && alpaca:
 		t.SetStat("null_rows_dropped", rep.Dropped)
 		t.Log.Warn(fmt.Sprintf("dropped %d rows with a null instruction, output or system; nulls by column: %s (a null input reads as \"\")",
 			rep.Dropped, strings.Join(parts, ", ")))
+	case policy == string(dataset.NullsDrop):
+		t.SetStat("null_rows_dropped", rep.Dropped)
+		t.Log.Warn(fmt.Sprintf("dropped %d rows with a null value; nulls by column: %s", rep.Dropped, strings.Join(parts, ", ")))
 	default:
 		msg := "null values read as empty text: " + strings.Join(parts, ", ")
-		if len(cols) == 1 && cols[0] == dataset.ColInput {
+		if alpaca && len(cols) == 1 && cols[0] == dataset.ColInput {
 			t.Log.Info(msg) // a null input is an empty one in Alpaca data
 			return
 		}
-		t.Log.Warn(msg, "fix", "set nulls: drop in the stage's with: to drop rows with a null instruction or output, or nulls: error to stop")
+		fix := "set nulls: drop in the stage's with: to drop rows with a null instruction or output, or nulls: error to stop"
+		if !alpaca {
+			fix = "set nulls: drop in the stage's with: to drop rows with a null value, or nulls: error to stop"
+		}
+		t.Log.Warn(msg, "fix", fix)
 	}
 }

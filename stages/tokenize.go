@@ -12,6 +12,7 @@ import (
 	"github.com/apache/arrow-go/v18/arrow/memory"
 
 	"gemmaft/chat"
+	"gemmaft/dataset"
 	"gemmaft/hub"
 	"gemmaft/packer"
 	"gemmaft/pipeline"
@@ -24,7 +25,9 @@ func init() { kinds[tokenizeKindName] = tokenizeKind{} }
 
 // tokenizeKind turns chat text into token ids and labels: labels are the
 // ids where the model is trained (the assistant's content and its
-// <end_of_turn>) and -100 elsewhere.
+// <end_of_turn>, in every assistant turn or only the last) and -100
+// elsewhere. Plain texts (a text stage) are trained on every token: <bos>,
+// the text, and <eos> when asked.
 type tokenizeKind struct{}
 
 type tokenizeParams struct {
@@ -32,9 +35,21 @@ type tokenizeParams struct {
 	// reference to one (hf://ORG/NAME@REV/tokenizer.json; a reference to the
 	// repository means its tokenizer.json).
 	Tokenizer string `json:"tokenizer"`
-	// LossOn is "assistant" (train on what the model says) or "all".
+	// LossOn is "assistant" (train on what the model says, in every
+	// assistant turn), "last_assistant" (only in a conversation's last
+	// assistant turn) or "all". A plain text is trained on every token.
 	LossOn string `json:"loss_on"`
+	// EOS ends every plain text with <eos> (only for a text stage's texts;
+	// a chat turn ends with <end_of_turn>).
+	EOS bool `json:"eos,omitempty"`
 }
+
+// Values of loss_on.
+const (
+	lossOnAssistant     = "assistant"
+	lossOnLastAssistant = "last_assistant"
+	lossOnAll           = "all"
+)
 
 func (tokenizeKind) Version() int       { return 1 }
 func (tokenizeKind) Inputs() (int, int) { return 1, 1 }
@@ -44,8 +59,11 @@ func (p *tokenizeParams) Validate() error {
 	if p.Tokenizer == "" {
 		return &pipeline.ParamError{Param: "tokenizer", Msg: "missing", Fix: "give the path of the model's tokenizer.json, or hf://ORG/NAME@REV/tokenizer.json"}
 	}
-	if p.LossOn != "assistant" && p.LossOn != "all" {
-		return &pipeline.ParamError{Param: "loss_on", Msg: fmt.Sprintf("unknown value %q", p.LossOn), Fix: "use assistant or all"}
+	switch p.LossOn {
+	case lossOnAssistant, lossOnLastAssistant, lossOnAll:
+	default:
+		return &pipeline.ParamError{Param: "loss_on", Msg: fmt.Sprintf("unknown value %q", p.LossOn),
+			Fix: "use assistant (every assistant turn), last_assistant (a conversation's last one) or all"}
 	}
 	return nil
 }
@@ -143,9 +161,21 @@ func (s *tokenizeStage) Run(ctx context.Context, t *pipeline.Task) error {
 		return errors.New("the tokenizer has no <bos> token; only Gemma-style tokenizers are supported")
 	}
 	var c tokenCounts
-	err = mapBatches(ctx, t, TokensSchema, func(rec arrow.RecordBatch) (arrow.RecordBatch, error) {
-		return s.tokenizeBatch(tok, bos, t.Inputs[0], rec, &c)
-	})
+	if t.Inputs[0].Kind == textKindName {
+		eos := int32(-1)
+		if s.p.EOS {
+			if eos, ok = tok.ID("<eos>"); !ok {
+				return errors.New("the tokenizer has no <eos> token; remove eos: true")
+			}
+		}
+		err = mapBatches(ctx, t, TokensSchema, func(rec arrow.RecordBatch) (arrow.RecordBatch, error) {
+			return tokenizeTexts(tok, bos, eos, t.Inputs[0], rec, &c)
+		})
+	} else {
+		err = mapBatches(ctx, t, TokensSchema, func(rec arrow.RecordBatch) (arrow.RecordBatch, error) {
+			return s.tokenizeBatch(tok, bos, t.Inputs[0], rec, &c)
+		})
+	}
 	if err != nil {
 		return err
 	}
@@ -168,9 +198,11 @@ func (s *tokenizeStage) tokenizeBatch(tok *tokenizer.Tokenizer, bos int32, in *p
 	if err != nil {
 		return nil, err
 	}
-	// spansOf returns row i's assistant spans; nil under loss_on: all.
+	// spansOf returns row i's assistant spans (or only the last); nil
+	// under loss_on: all.
 	spansOf := func(int) []chat.Span { return nil }
-	if s.p.LossOn == "assistant" {
+	if s.p.LossOn != lossOnAll {
+		last := s.p.LossOn == lossOnLastAssistant
 		starts, err := int32Lists(in, rec, colSpanStart, chatKindName)
 		if err != nil {
 			return nil, err
@@ -184,6 +216,10 @@ func (s *tokenizeStage) tokenizeBatch(tok *tokenizer.Tokenizer, bos int32, in *p
 		spansOf = func(i int) []chat.Span {
 			a, z := starts.ValueOffsets(i)
 			e0, _ := ends.ValueOffsets(i)
+			if last && z > a {
+				e0 += z - 1 - a
+				a = z - 1
+			}
 			spans := make([]chat.Span, 0, z-a)
 			for j := a; j < z; j++ {
 				spans = append(spans, chat.Span{Role: "assistant", Start: int(sv[j]), End: int(ev[e0+j-a])})
@@ -230,6 +266,48 @@ func (s *tokenizeStage) tokenizeBatch(tok *tokenizer.Tokenizer, bos int32, in *p
 		}
 		c.records++
 		c.tokens += int64(len(ids[i]))
+		c.words += int64(len(strings.Fields(texts[i])))
+	}
+	return b.NewRecordBatch(), nil
+}
+
+// tokenizeTexts tokenizes one batch of plain texts read from in (a text
+// stage): <bos>, the text's tokens and, when eos is not -1, <eos>, every
+// token trained. An empty text is left out and counted as dropped.
+func tokenizeTexts(tok *tokenizer.Tokenizer, bos, eos int32, in *pipeline.Input, rec arrow.RecordBatch, c *tokenCounts) (arrow.RecordBatch, error) {
+	textCol, err := stringColumn(in, rec, dataset.ColText, textKindName)
+	if err != nil {
+		return nil, err
+	}
+	n := int(rec.NumRows())
+	texts := make([]string, n)
+	for i := range texts {
+		texts[i] = textCol.Value(i)
+	}
+	ids := tok.EncodeBatch(texts, false)
+	b := array.NewRecordBuilder(memory.DefaultAllocator, TokensSchema)
+	defer b.Release()
+	idsB, labB := b.Field(0).(*array.ListBuilder), b.Field(1).(*array.ListBuilder)
+	idsV, labV := idsB.ValueBuilder().(*array.Int32Builder), labB.ValueBuilder().(*array.Int32Builder)
+	for i := 0; i < n; i++ {
+		if texts[i] == "" {
+			c.dropped++
+			continue
+		}
+		row := ids[i]
+		if len(row) == 0 || row[0] != bos {
+			row = append([]int32{bos}, row...)
+		}
+		if eos >= 0 {
+			row = append(row, eos)
+		}
+		idsB.Append(true)
+		labB.Append(true)
+		idsV.AppendValues(row, nil)
+		labV.AppendValues(row, nil)
+		c.records++
+		c.tokens += int64(len(row))
+		c.trained += int64(len(row))
 		c.words += int64(len(strings.Fields(texts[i])))
 	}
 	return b.NewRecordBatch(), nil

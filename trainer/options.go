@@ -47,6 +47,10 @@ type TrainOptions struct {
 	// its loss is computed every EvalEvery steps and at the end.
 	EvalFraction float64
 	EvalEvery    int
+	// EvalData, when set, are held-out rows of their own (examples held out
+	// before packing, so that no training row holds any of them), whose
+	// loss is computed instead; EvalFraction must then be 0.
+	EvalData Dataset
 	// LogEvery writes a metrics line every so many steps (default 1) and
 	// at the last step.
 	LogEvery int
@@ -140,6 +144,10 @@ func (o *TrainOptions) defaults() error {
 		return errors.New("train: batch size, grad accumulation, epochs, max steps and warmup must not be negative")
 	case o.EvalFraction < 0 || o.EvalFraction >= 1:
 		return fmt.Errorf("train: eval fraction %v must be in [0, 1)", o.EvalFraction)
+	case o.EvalData != nil && o.EvalFraction > 0:
+		return errors.New("train: held-out rows are given, and an eval fraction would hold out training rows too; give one of them")
+	case o.EvalData != nil && o.EvalData.Len() == 0:
+		return errors.New("train: the held-out rows are empty")
 	case o.OutDir == "":
 		return errors.New("train: no output directory")
 	}
@@ -166,11 +174,19 @@ func (o *TrainOptions) fingerprint(s Session, rows int) string {
 		Backend                        string
 		Session                        SessionConfig
 		Config                         *Config
+		EvalRows                       int `json:",omitempty"`
 	}{o.LR, o.Schedule, o.WarmupSteps, o.MaxGradNorm,
 		o.BatchSize, o.GradAccum, o.Epochs, o.MaxSteps, o.Seed, o.EvalFraction, o.EvalEvery, o.LogEvery, rows,
-		s.Backend(), s.Config(), s.Model().Config})
+		s.Backend(), s.Config(), s.Model().Config, o.evalRows()})
 	h := sha256.Sum256(b)
 	return hex.EncodeToString(h[:])
+}
+
+func (o *TrainOptions) evalRows() int {
+	if o.EvalData == nil {
+		return 0
+	}
+	return o.EvalData.Len()
 }
 
 // rowPlan is the deterministic schedule of a run: which rows are held out

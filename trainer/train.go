@@ -124,11 +124,31 @@ func train(ctx context.Context, s Session, data Dataset, opts TrainOptions, p *r
 		b, err := NewBatch(rows)
 		return b, tokens, err
 	}
+	// The held-out rows: some of data's, or EvalData's own.
+	evalRows, evalBatchOf := p.eval, batchOf
+	if opts.EvalData != nil {
+		evalRows = make([]int, opts.EvalData.Len())
+		for i := range evalRows {
+			evalRows[i] = i
+		}
+		evalBatchOf = func(idx []int) (*Batch, int64, error) {
+			rows := make([]PackedRow, len(idx))
+			for i, r := range idx {
+				row, err := opts.EvalData.Row(r)
+				if err != nil {
+					return nil, 0, fmt.Errorf("held-out rows: %w", err)
+				}
+				rows[i] = row
+			}
+			b, err := NewBatch(rows)
+			return b, 0, err
+		}
+	}
 	evalLoss := func() (float64, error) {
 		var sum float64
 		var n int
-		for i := 0; i < len(p.eval); i += opts.BatchSize {
-			b, _, err := batchOf(p.eval[i:min(i+opts.BatchSize, len(p.eval))])
+		for i := 0; i < len(evalRows); i += opts.BatchSize {
+			b, _, err := evalBatchOf(evalRows[i:min(i+opts.BatchSize, len(evalRows))])
 			if err != nil {
 				return 0, err
 			}
@@ -203,7 +223,7 @@ func train(ctx context.Context, s Session, data Dataset, opts TrainOptions, p *r
 		st.LogLossSum += loss
 		st.LogSteps++
 
-		evalNow := len(p.eval) > 0 && ((opts.EvalEvery > 0 && st.Step%opts.EvalEvery == 0) || st.Step == p.total)
+		evalNow := len(evalRows) > 0 && ((opts.EvalEvery > 0 && st.Step%opts.EvalEvery == 0) || st.Step == p.total)
 		ev := math.NaN()
 		if evalNow {
 			if ev, err = evalLoss(); err != nil {

@@ -1,0 +1,331 @@
+package dataset
+
+import (
+	"encoding/json"
+	"errors"
+	"fmt"
+	"slices"
+	"sort"
+	"strings"
+	"unicode/utf8"
+
+	"github.com/apache/arrow-go/v18/arrow"
+	"github.com/apache/arrow-go/v18/arrow/array"
+
+	"gemmaft/chat"
+)
+
+// Layout is what a source's rows hold.
+type Layout string
+
+const (
+	// LayoutAlpaca rows are instruction, input and output texts, with an
+	// optional system text: the columns ColInstruction, ColInput,
+	// ColOutput and ColSystem.
+	LayoutAlpaca Layout = ""
+	// LayoutShareGPT rows hold a conversation as ShareGPT writes it: a list
+	// "conversations" of {"from", "value"} objects.
+	LayoutShareGPT Layout = "sharegpt"
+	// LayoutOpenAI rows hold a conversation as OpenAI's chat format writes
+	// it: a list "messages" of {"role", "content"} objects.
+	LayoutOpenAI Layout = "openai"
+	// LayoutText rows are one plain text each (the column ColText), for
+	// continued pretraining: a column of JSON lines or Parquet, or a whole
+	// .txt file.
+	LayoutText Layout = "text"
+)
+
+// ParseLayout reads a layout's name; "alpaca" is LayoutAlpaca.
+func ParseLayout(s string) (Layout, error) {
+	switch l := Layout(s); l {
+	case "alpaca":
+		return LayoutAlpaca, nil
+	case LayoutAlpaca, LayoutShareGPT, LayoutOpenAI, LayoutText:
+		return l, nil
+	}
+	return "", fmt.Errorf("dataset: unknown layout %q (want alpaca, sharegpt, openai or text)", s)
+}
+
+// Conversational reports whether rows of the layout are conversations.
+func (l Layout) Conversational() bool { return l == LayoutShareGPT || l == LayoutOpenAI }
+
+// Column names of the conversation and text layouts' record batches.
+const (
+	// ColMessages holds a conversation: a list of {role, content}, roles
+	// mapped to system, user and assistant.
+	ColMessages = "messages"
+	// ColText holds a plain text.
+	ColText = "text"
+)
+
+// MessagesType is the Arrow type of ColMessages.
+var MessagesType = arrow.ListOf(arrow.StructOf(
+	arrow.Field{Name: "role", Type: arrow.BinaryTypes.String},
+	arrow.Field{Name: "content", Type: arrow.BinaryTypes.String},
+))
+
+// ColumnNames are the names SourceOptions.Columns maps for a layout, in
+// the order of the file's columns: the conversation list and its
+// elements' role and content fields for conversations.
+func (l Layout) ColumnNames() []string {
+	switch l {
+	case LayoutShareGPT:
+		return []string{"conversations", "from", "value"}
+	case LayoutOpenAI:
+		return []string{ColMessages, "role", "content"}
+	case LayoutText:
+		return []string{ColText}
+	}
+	return []string{ColInstruction, ColInput, ColOutput}
+}
+
+// DefaultRoles maps the role names conversations use to ours: ShareGPT's
+// human and gpt, and system, user and assistant as they are.
+// SourceOptions.Roles adds to it.
+var DefaultRoles = map[string]string{
+	"system": "system", "user": "user", "assistant": "assistant",
+	"human": "user", "gpt": "assistant",
+}
+
+// roleMap is the roles of a conversation source: DefaultRoles with the
+// options' own.
+func roleMap(extra map[string]string) (map[string]string, error) {
+	m := make(map[string]string, len(DefaultRoles)+len(extra))
+	for k, v := range DefaultRoles {
+		m[k] = v
+	}
+	for k, v := range extra {
+		switch v {
+		case "system", "user", "assistant":
+		default:
+			return nil, fmt.Errorf("dataset: role %q maps to %q; roles map to system, user or assistant", k, v)
+		}
+		m[k] = v
+	}
+	return m, nil
+}
+
+// convFields names a conversation's fields in a file.
+type convFields struct {
+	list, role, content string
+	roles               map[string]string // the file's role names to ours
+}
+
+// rawMessage is one message as a file holds it, before its role is mapped.
+type rawMessage struct {
+	role    string
+	content string
+	null    bool     // the content was null (read as "")
+	parts   []string // the texts of a content given as a list of parts
+}
+
+// message maps a raw message's role and makes its content the text the
+// Gemma 3 template renders: a content given as a list of text parts
+// renders each part stripped, one after the other (a system message's
+// first part, unstripped, is all the template reads of it, so a system
+// message of several parts is refused rather than cut). i is the
+// message's place in the conversation, for errors.
+func (c *convFields) message(i int, m rawMessage) (chat.Message, error) {
+	role, ok := c.roles[m.role]
+	if !ok {
+		known := make([]string, 0, len(c.roles))
+		for k := range c.roles {
+			known = append(known, k)
+		}
+		sort.Strings(known)
+		return chat.Message{}, fmt.Errorf("message %d: unknown role %q (known: %s); map it with roles:, e.g. roles: {%s: user}",
+			i, m.role, strings.Join(known, ", "), m.role)
+	}
+	content := m.content
+	if m.parts != nil {
+		if role == "system" {
+			if len(m.parts) != 1 {
+				return chat.Message{}, fmt.Errorf("message %d: a system message of %d parts; the Gemma 3 template reads only the first, so give its text as one string", i, len(m.parts))
+			}
+			content = m.parts[0]
+		} else {
+			var b strings.Builder
+			for _, p := range m.parts {
+				b.WriteString(chat.Strip(p))
+			}
+			content = b.String()
+		}
+	}
+	return chat.Message{Role: role, Content: content}, nil
+}
+
+// checkTurns checks a conversation against what the Gemma 3 template
+// accepts and what training needs: an optional system message first, then
+// turns alternating user, assistant, user, …, ending with an assistant
+// turn (a last user turn would have no answer to learn).
+func checkTurns(msgs []chat.Message) error {
+	if len(msgs) == 0 {
+		return errors.New("no messages")
+	}
+	turns := msgs
+	if msgs[0].Role == "system" {
+		turns = msgs[1:]
+	}
+	if len(turns) == 0 {
+		return errors.New("only a system message: nothing to learn")
+	}
+	off := len(msgs) - len(turns)
+	for i, m := range turns {
+		want := "user"
+		if i%2 == 1 {
+			want = "assistant"
+		}
+		if m.Role == want {
+			continue
+		}
+		if m.Role == "system" {
+			return fmt.Errorf("message %d is a system message; only the first message may be one", i+off)
+		}
+		after := "the start"
+		if i > 0 {
+			after = fmt.Sprintf("message %d (%s)", i+off-1, turns[i-1].Role)
+		} else if off > 0 {
+			after = "the system message"
+		}
+		return fmt.Errorf("message %d is %s after %s, want %s: roles must alternate user/assistant/user/assistant/... after an optional system message",
+			i+off, m.Role, after, want)
+	}
+	if turns[len(turns)-1].Role != "assistant" {
+		return fmt.Errorf("the last message (%d) is a user turn with no answer to learn", len(msgs)-1)
+	}
+	return nil
+}
+
+// parseJSONMessages reads a conversation given as JSON: an array of
+// objects with the role and content fields. A content may be a string,
+// null, or a list of parts ({"type": "text", "text": ...}).
+func (c *convFields) parseJSONMessages(raw json.RawMessage) ([]rawMessage, error) {
+	var elems []map[string]json.RawMessage
+	if err := json.Unmarshal(raw, &elems); err != nil {
+		var te *json.UnmarshalTypeError
+		if errors.As(err, &te) {
+			return nil, fmt.Errorf("column %s: want a list of objects with %q and %q", c.list, c.role, c.content)
+		}
+		return nil, fmt.Errorf("column %s: %w", c.list, err)
+	}
+	out := make([]rawMessage, len(elems))
+	for i, e := range elems {
+		if e == nil {
+			return nil, fmt.Errorf("column %s: message %d is null", c.list, i)
+		}
+		role, ok := e[c.role]
+		if !ok || len(role) == 0 || role[0] != '"' {
+			return nil, fmt.Errorf("column %s: message %d has no text field %q%s", c.list, i, c.role, fieldsHint(e))
+		}
+		if err := decodeJSONString(role, &out[i].role); err != nil {
+			return nil, fmt.Errorf("column %s: message %d, field %s: %w", c.list, i, c.role, err)
+		}
+		content, ok := e[c.content]
+		if !ok {
+			return nil, fmt.Errorf("column %s: message %d has no field %q%s", c.list, i, c.content, fieldsHint(e))
+		}
+		switch content[0] {
+		case 'n':
+			out[i].null = true
+		case '"':
+			if err := decodeJSONString(content, &out[i].content); err != nil {
+				return nil, fmt.Errorf("column %s: message %d, field %s: %w", c.list, i, c.content, err)
+			}
+		case '[':
+			parts, err := textParts(content)
+			if err != nil {
+				return nil, fmt.Errorf("column %s: message %d, field %s: %w", c.list, i, c.content, err)
+			}
+			out[i].parts = parts
+		default:
+			return nil, fmt.Errorf("column %s: message %d, field %s: %s, not a string", c.list, i, c.content, jsonKind(content[0]))
+		}
+	}
+	return out, nil
+}
+
+// textParts reads a content given as a list of parts; only text parts are
+// supported (this is text fine-tuning).
+func textParts(raw json.RawMessage) ([]string, error) {
+	var parts []struct {
+		Type string  `json:"type"`
+		Text *string `json:"text"`
+	}
+	if err := json.Unmarshal(raw, &parts); err != nil {
+		return nil, fmt.Errorf("a list that is not of {\"type\", \"text\"} parts: %w", err)
+	}
+	out := make([]string, len(parts))
+	for i, p := range parts {
+		if p.Type != "text" || p.Text == nil {
+			return nil, fmt.Errorf("part %d is of type %q; only text parts are supported", i, p.Type)
+		}
+		if !utf8.ValidString(*p.Text) {
+			return nil, fmt.Errorf("part %d: invalid UTF-8", i)
+		}
+		out[i] = *p.Text
+	}
+	return out, nil
+}
+
+// decodeJSONString decodes a JSON string literal, refusing invalid UTF-8
+// and lone surrogate escapes as the JSON lines reader does for columns.
+func decodeJSONString(raw json.RawMessage, dst *string) error {
+	if !utf8.Valid(raw) {
+		return fmt.Errorf("invalid UTF-8 at byte %d", decodedOffset(raw, invalidUTF8At(string(raw))))
+	}
+	if err := json.Unmarshal(raw, dst); err != nil {
+		return err
+	}
+	if hasSurrogateEscape(raw) && strings.Count(*dst, "\uFFFD") > strings.Count(string(raw), "\uFFFD")+strings.Count(strings.ToLower(string(raw)), `\ufffd`) {
+		return errors.New("unpaired UTF-16 surrogate escape (not valid Unicode)")
+	}
+	return nil
+}
+
+func fieldsHint(e map[string]json.RawMessage) string {
+	keys := make([]string, 0, len(e))
+	for k := range e {
+		keys = append(keys, k)
+	}
+	slices.Sort(keys)
+	return "; it has " + quoteList(keys) + " (map names with columns:)"
+}
+
+// MessagesColumn reads a ColMessages column (MessagesType) row by row.
+type MessagesColumn struct {
+	list          *array.List
+	role, content *array.String
+}
+
+// NewMessagesColumn checks that a is a ColMessages column.
+func NewMessagesColumn(a arrow.Array) (*MessagesColumn, error) {
+	l, ok := a.(*array.List)
+	if !ok || !arrow.TypeEqual(a.DataType(), MessagesType) {
+		return nil, fmt.Errorf("a column of %s, not of messages (%s)", a.DataType(), MessagesType)
+	}
+	st := l.ListValues().(*array.Struct)
+	return &MessagesColumn{list: l, role: st.Field(0).(*array.String), content: st.Field(1).(*array.String)}, nil
+}
+
+// Row returns the conversation of row i.
+func (c *MessagesColumn) Row(i int) []chat.Message {
+	start, end := c.list.ValueOffsets(i)
+	out := make([]chat.Message, 0, end-start)
+	for j := int(start); j < int(end); j++ {
+		out = append(out, chat.Message{Role: c.role.Value(j), Content: c.content.Value(j)})
+	}
+	return out
+}
+
+// MessagesOf reads every conversation of a ColMessages column.
+func MessagesOf(l *array.List) [][]chat.Message {
+	c, err := NewMessagesColumn(l)
+	if err != nil {
+		panic(err)
+	}
+	out := make([][]chat.Message, l.Len())
+	for i := range out {
+		out[i] = c.Row(i)
+	}
+	return out
+}

@@ -1,0 +1,296 @@
+package dataset
+
+import (
+	"bytes"
+	"compress/gzip"
+	"context"
+	"encoding/json"
+	"io"
+	"os"
+	"path/filepath"
+	"reflect"
+	"strings"
+	"testing"
+
+	"github.com/apache/arrow-go/v18/arrow"
+	"github.com/apache/arrow-go/v18/arrow/array"
+
+	"gemmaft/chat"
+)
+
+// readConversations reads every conversation of a source.
+func readConversations(t testing.TB, opts SourceOptions) [][]chat.Message {
+	t.Helper()
+	s, err := Open(opts)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer s.Close()
+	out, err := drainConversations(s)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return out
+}
+
+func drainConversations(s *Source) ([][]chat.Message, error) {
+	var out [][]chat.Message
+	for {
+		rec, err := s.Next(context.Background())
+		if err == io.EOF {
+			return out, nil
+		}
+		if err != nil {
+			return out, err
+		}
+		if !arrow.TypeEqual(rec.Schema().Field(0).Type, MessagesType) || rec.NumCols() != 1 {
+			return nil, &schemaError{rec.Schema()}
+		}
+		out = append(out, MessagesOf(rec.Column(0).(*array.List))...)
+		rec.Release()
+	}
+}
+
+type schemaError struct{ s *arrow.Schema }
+
+func (e *schemaError) Error() string { return "unexpected schema " + e.s.String() }
+
+func writeFile(t *testing.T, name, data string) string {
+	t.Helper()
+	p := filepath.Join(t.TempDir(), name)
+	if err := os.WriteFile(p, []byte(data), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	return p
+}
+
+func msgs(pairs ...string) []chat.Message {
+	var out []chat.Message
+	for i := 0; i+1 < len(pairs); i += 2 {
+		out = append(out, chat.Message{Role: pairs[i], Content: pairs[i+1]})
+	}
+	return out
+}
+
+func TestShareGPTAndOpenAI(t *testing.T) {
+	sharegpt := writeFile(t, "s.jsonl", `{"id": 1, "conversations": [{"from": "human", "value": "Merhaba!"}, {"from": "gpt", "value": "Merhaba, nasıl yardımcı olabilirim?"}]}
+{"conversations": [{"from": "system", "value": "Kısa yanıt ver."}, {"from": "human", "value": "2+2?"}, {"from": "gpt", "value": "4"}, {"from": "human", "value": "Ya 3+3?"}, {"from": "gpt", "value": "6"}]}
+`)
+	want := [][]chat.Message{
+		msgs("user", "Merhaba!", "assistant", "Merhaba, nasıl yardımcı olabilirim?"),
+		msgs("system", "Kısa yanıt ver.", "user", "2+2?", "assistant", "4", "user", "Ya 3+3?", "assistant", "6"),
+	}
+	if got := readConversations(t, SourceOptions{Paths: []string{sharegpt}, Layout: LayoutShareGPT}); !reflect.DeepEqual(got, want) {
+		t.Errorf("sharegpt:\n got %q\nwant %q", got, want)
+	}
+
+	// A system text goes in front of conversations that have none.
+	withSys := [][]chat.Message{append(msgs("system", "Türkçe yanıtla."), want[0]...), want[1]}
+	if got := readConversations(t, SourceOptions{Paths: []string{sharegpt}, Layout: LayoutShareGPT, SystemText: "Türkçe yanıtla."}); !reflect.DeepEqual(got, withSys) {
+		t.Errorf("sharegpt with a system text:\n got %q\nwant %q", got, withSys)
+	}
+
+	// OpenAI's layout, with a content given as text parts (each stripped,
+	// as the template renders them), a null content and mapped names.
+	openai := writeFile(t, "o.jsonl", `{"msgs": [{"speaker": "kullanıcı", "text": [{"type": "text", "text": " Bir "}, {"type": "text", "text": "soru\n"}]}, {"speaker": "asistan", "text": null}], "sys": "Nazik ol."}
+{"msgs": [{"speaker": "system", "text": [{"type": "text", "text": " Sistem "}]}, {"speaker": "kullanıcı", "text": "Soru"}, {"speaker": "asistan", "text": "Cevap"}], "sys": "kullanılmaz"}
+`)
+	opts := SourceOptions{Paths: []string{openai}, Layout: LayoutOpenAI,
+		Columns:      map[string]string{"messages": "msgs", "role": "speaker", "content": "text"},
+		Roles:        map[string]string{"kullanıcı": "user", "asistan": "assistant"},
+		SystemColumn: "sys"}
+	s, err := Open(opts)
+	if err != nil {
+		t.Fatal(err)
+	}
+	got, err := drainConversations(s)
+	if err != nil {
+		t.Fatal(err)
+	}
+	want = [][]chat.Message{
+		msgs("system", "Nazik ol.", "user", "Birsoru", "assistant", ""),
+		msgs("system", " Sistem ", "user", "Soru", "assistant", "Cevap"),
+	}
+	if !reflect.DeepEqual(got, want) {
+		t.Errorf("openai:\n got %q\nwant %q", got, want)
+	}
+	if n := s.Nulls(); n.Columns["content"] != 1 || n.First["content"] != openai+" line 1" {
+		t.Errorf("nulls %+v, want one null content at line 1", n)
+	}
+	// What the source renders is what the template renders of the parts.
+	for _, c := range got {
+		if _, _, err := chat.RenderGemma3(c); err != nil {
+			t.Error(err)
+		}
+	}
+
+	// The same conversations from Parquet: a list of structs, and text
+	// holding the list as JSON.
+	structs := writeParquet(t, "c.parquet", []arrow.Field{{Name: "conversations", Type: arrow.ListOf(arrow.StructOf(
+		arrow.Field{Name: "from", Type: arrow.BinaryTypes.String, Nullable: true},
+		arrow.Field{Name: "value", Type: arrow.BinaryTypes.String, Nullable: true},
+		arrow.Field{Name: "weight", Type: arrow.PrimitiveTypes.Float64, Nullable: true},
+	)), Nullable: true}}, func(b *array.RecordBuilder) {
+		lb := b.Field(0).(*array.ListBuilder)
+		sb := lb.ValueBuilder().(*array.StructBuilder)
+		for _, conv := range [][]string{{"human", "Merhaba!", "gpt", "Merhaba, nasıl yardımcı olabilirim?"},
+			{"system", "Kısa yanıt ver.", "human", "2+2?", "gpt", "4", "human", "Ya 3+3?", "gpt", "6"}} {
+			lb.Append(true)
+			for i := 0; i < len(conv); i += 2 {
+				sb.Append(true)
+				sb.FieldBuilder(0).(*array.StringBuilder).Append(conv[i])
+				sb.FieldBuilder(1).(*array.StringBuilder).Append(conv[i+1])
+				sb.FieldBuilder(2).(*array.Float64Builder).Append(1)
+			}
+		}
+	})
+	want = [][]chat.Message{
+		msgs("user", "Merhaba!", "assistant", "Merhaba, nasıl yardımcı olabilirim?"),
+		msgs("system", "Kısa yanıt ver.", "user", "2+2?", "assistant", "4", "user", "Ya 3+3?", "assistant", "6"),
+	}
+	if got := readConversations(t, SourceOptions{Paths: []string{structs}, Layout: LayoutShareGPT}); !reflect.DeepEqual(got, want) {
+		t.Errorf("parquet structs:\n got %q\nwant %q", got, want)
+	}
+	jsonText := writeParquet(t, "j.parquet", []arrow.Field{{Name: "messages", Type: arrow.BinaryTypes.String}}, func(b *array.RecordBuilder) {
+		for _, c := range want {
+			data, _ := json.Marshal(c)
+			b.Field(0).(*array.StringBuilder).Append(string(data))
+		}
+	})
+	if got := readConversations(t, SourceOptions{Paths: []string{jsonText}, Layout: LayoutOpenAI}); !reflect.DeepEqual(got, want) {
+		t.Errorf("parquet JSON text:\n got %q\nwant %q", got, want)
+	}
+	// Shuffled and limited like any source.
+	got = readConversations(t, SourceOptions{Paths: []string{structs, sharegpt}, Layout: LayoutShareGPT, Shuffle: true, Seed: 3, Limit: 3})
+	if len(got) != 3 {
+		t.Errorf("%d conversations, want 3", len(got))
+	}
+}
+
+// TestConversationErrors: a conversation the template would refuse, or
+// one with nothing to learn, is an error naming its file and line or row.
+func TestConversationErrors(t *testing.T) {
+	cases := []struct{ line, want string }{
+		{`{"conversations": [{"from": "human", "value": "a"}, {"from": "human", "value": "b"}]}`, "message 1 is user after message 0 (user), want assistant: roles must alternate"},
+		{`{"conversations": [{"from": "gpt", "value": "önce model"}]}`, "message 0 is assistant after the start, want user"},
+		{`{"conversations": [{"from": "system", "value": "s"}, {"from": "gpt", "value": "a"}]}`, "message 1 is assistant after the system message, want user"},
+		{`{"conversations": [{"from": "human", "value": "a"}, {"from": "system", "value": "s"}]}`, "message 1 is a system message; only the first message may be one"},
+		{`{"conversations": [{"from": "human", "value": "a"}, {"from": "gpt", "value": "b"}, {"from": "human", "value": "c"}]}`, "the last message (2) is a user turn with no answer to learn"},
+		{`{"conversations": [{"from": "system", "value": "s"}]}`, "only a system message"},
+		{`{"conversations": []}`, "no messages"},
+		{`{"conversations": null}`, "no messages"},
+		{`{"conversations": [{"from": "tool", "value": "x"}]}`, `message 0: unknown role "tool"`},
+		{`{"conversations": [{"role": "user", "content": "x"}]}`, `message 0 has no text field "from"; it has "content", "role"`},
+		{`{"conversations": "metin"}`, "column conversations: want a list of objects"},
+		{`{"conversations": [{"from": "human", "value": 3}]}`, "field value: a number, not a string"},
+		{`{"conversations": [{"from": "human", "value": [{"type": "image"}]}]}`, `part 0 is of type "image"`},
+		{`{"conversations": [{"from": "system", "value": [{"type": "text", "text": "a"}, {"type": "text", "text": "b"}]}, {"from": "human", "value": "x"}, {"from": "gpt", "value": "y"}]}`, "a system message of 2 parts"},
+		{`{"chat": []}`, `no field "conversations"`},
+	}
+	for _, c := range cases {
+		good := `{"conversations": [{"from": "human", "value": "a"}, {"from": "gpt", "value": "b"}]}`
+		path := writeFile(t, "bad.jsonl", good+"\n\n"+c.line+"\n")
+		err := openOrNext(SourceOptions{Paths: []string{path}, Layout: LayoutShareGPT})
+		if err == nil || !strings.Contains(err.Error(), c.want) || !strings.Contains(err.Error(), path+" line 3") && !strings.Contains(err.Error(), path+": line 3") {
+			t.Errorf("%s:\n got %v\nwant an error naming line 3 with %q", c.line, err, c.want)
+		}
+	}
+
+	// In Parquet the row is named.
+	bad := writeParquet(t, "bad.parquet", []arrow.Field{{Name: "messages", Type: arrow.BinaryTypes.String}}, func(b *array.RecordBuilder) {
+		b.Field(0).(*array.StringBuilder).Append(`[{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]`)
+		b.Field(0).(*array.StringBuilder).Append(`[{"role": "user", "content": "a"}, {"role": "user", "content": "b"}]`)
+	})
+	if err := openOrNext(SourceOptions{Paths: []string{bad}, Layout: LayoutOpenAI}); err == nil || !strings.Contains(err.Error(), bad+" row 1: message 1 is user") {
+		t.Errorf("parquet: %v", err)
+	}
+	notList := writeParquet(t, "n.parquet", []arrow.Field{{Name: "messages", Type: arrow.PrimitiveTypes.Int64}}, func(b *array.RecordBuilder) {
+		b.Field(0).(*array.Int64Builder).Append(1)
+	})
+	if err := openOrNext(SourceOptions{Paths: []string{notList}, Layout: LayoutOpenAI}); err == nil || !strings.Contains(err.Error(), "want a list of structs") {
+		t.Errorf("a number column: %v", err)
+	}
+
+	// Nulls: drop drops the conversation, error stops at it.
+	nulls := writeFile(t, "n.jsonl", `{"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]}
+{"messages": null}
+{"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": null}]}
+`)
+	s, err := Open(SourceOptions{Paths: []string{nulls}, Layout: LayoutOpenAI, Nulls: NullsDrop})
+	if err != nil {
+		t.Fatal(err)
+	}
+	got, err := drainConversations(s)
+	if err != nil || len(got) != 1 || s.Nulls().Dropped != 2 {
+		t.Errorf("nulls: drop: %d conversations, %v, %+v", len(got), err, s.Nulls())
+	}
+	if err := openOrNext(SourceOptions{Paths: []string{nulls}, Layout: LayoutOpenAI, Nulls: NullsError}); err == nil || !strings.Contains(err.Error(), "line 2: column messages is null") {
+		t.Errorf("nulls: error: %v", err)
+	}
+
+	// Options that do not fit the layout.
+	for _, opts := range []SourceOptions{
+		{Paths: []string{nulls}, Layout: LayoutOpenAI, Columns: map[string]string{"instruction": "x"}},
+		{Paths: []string{nulls}, Layout: LayoutAlpaca, Roles: map[string]string{"a": "user"}},
+		{Paths: []string{nulls}, Layout: LayoutOpenAI, Roles: map[string]string{"a": "model"}},
+		{Paths: []string{nulls}, Layout: LayoutText, SystemText: "x"},
+		{Paths: []string{nulls}, Layout: "chatml"},
+	} {
+		if _, err := Open(opts); err == nil {
+			t.Errorf("%+v accepted", opts)
+		}
+	}
+}
+
+func TestTextLayout(t *testing.T) {
+	dir := t.TempDir()
+	write := func(name string, data []byte) string {
+		p := filepath.Join(dir, name)
+		if err := os.WriteFile(p, data, 0o644); err != nil {
+			t.Fatal(err)
+		}
+		return p
+	}
+	a := write("a.txt", []byte("\xef\xbb\xbfBirinci belge.\n\nİkinci paragraf.\n"))
+	var gz bytes.Buffer
+	zw := gzip.NewWriter(&gz)
+	zw.Write([]byte("Sıkıştırılmış belge."))
+	zw.Close()
+	b := write("b.md.gz", gz.Bytes())
+	j := write("c.jsonl", []byte(`{"body": "Satır bir."}`+"\n"+`{"body": "Satır iki."}`+"\n"))
+	p := writeParquet(t, "d.parquet", []arrow.Field{{Name: "text", Type: arrow.BinaryTypes.String}}, func(b *array.RecordBuilder) {
+		b.Field(0).(*array.StringBuilder).Append("Parquet metni.")
+	})
+	rows := readAll(t, SourceOptions{Paths: []string{a, b, p}, Layout: LayoutText})
+	want := [][]string{{"Birinci belge.\n\nİkinci paragraf.\n"}, {"Sıkıştırılmış belge."}, {"Parquet metni."}}
+	if !reflect.DeepEqual(rows, want) {
+		t.Errorf("got %q, want %q", rows, want)
+	}
+	rows = readAll(t, SourceOptions{Paths: []string{j}, Layout: LayoutText, Columns: map[string]string{"text": "body"}})
+	if !reflect.DeepEqual(rows, [][]string{{"Satır bir."}, {"Satır iki."}}) {
+		t.Errorf("jsonl text column: %q", rows)
+	}
+	s, err := Open(SourceOptions{Paths: []string{a, b}, Layout: LayoutText})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if n, known := s.Rows(); n != 2 || !known {
+		t.Errorf("rows %d (known %v), want 2", n, known)
+	}
+	s.Close()
+
+	// A text file is not an Alpaca record; a bad one names itself.
+	if _, err := Open(SourceOptions{Paths: []string{a}}); err == nil || !strings.Contains(err.Error(), "read by a text source") {
+		t.Errorf("text file as alpaca: %v", err)
+	}
+	bad := write("bad.txt", []byte("iyi\xffkötü"))
+	if err := openOrNext(SourceOptions{Paths: []string{bad}, Layout: LayoutText}); err == nil || !strings.Contains(err.Error(), "bad.txt: invalid UTF-8 at byte 3") {
+		t.Errorf("bad UTF-8: %v", err)
+	}
+	old := MaxTextFileBytes
+	MaxTextFileBytes = 8
+	defer func() { MaxTextFileBytes = old }()
+	if err := openOrNext(SourceOptions{Paths: []string{a}, Layout: LayoutText}); err == nil || !strings.Contains(err.Error(), "longer than 8 bytes") {
+		t.Errorf("too long: %v", err)
+	}
+}

@@ -517,6 +517,18 @@ func (s *evalStage) Run(ctx context.Context, t *pipeline.Task) error {
 	if err := res.write(t.Dir); err != nil {
 		return err
 	}
+	// At the adapter's last step, so that TensorBoard shows the scores at
+	// the end of the training curve of the same run.
+	var step int64
+	if prov.qlora != nil {
+		// A statistic is a number of any Go type, or float64 once read back.
+		b, _ := json.Marshal(prov.qlora.Stats["steps"])
+		json.Unmarshal(b, &step)
+	}
+	settings := append(paramRows(&s.p), [2]string{"adapter", res.Models["adapter"]}, [2]string{"base", res.Models["base"]})
+	if err := writeScoreEvents(filepath.Join(t.Dir, EventsDir), "eval", step, res.scalars(), settings, started); err != nil {
+		return fmt.Errorf("writing TensorBoard events: %w", err)
+	}
 	res.stats(t)
 	t.SetStat("eval_seconds", time.Since(started).Seconds())
 	t.SetStat("cores", runtime.GOMAXPROCS(0))
@@ -852,16 +864,26 @@ func (r *evalResults) write(dir string) error {
 // stats records the scores in the manifest: each score of each model as a
 // number (which the report charts), the per-subject accuracies and the
 // counts as maps.
-func (r *evalResults) stats(t *pipeline.Task) {
+// scalars are the scores by name (loss_adapter, acc_norm_base, ...), as
+// TensorBoard shows them under eval/.
+func (r *evalResults) scalars() map[string]float64 {
+	out := map[string]float64{}
 	for _, which := range []string{"base", "adapter"} {
 		if l := r.Loss; l != nil {
-			t.SetStat("loss_"+which, l.Scores[which].Loss)
-			t.SetStat("perplexity_"+which, l.Scores[which].Perplexity)
+			out["loss_"+which] = l.Scores[which].Loss
+			out["perplexity_"+which] = l.Scores[which].Perplexity
 		}
 		if mc := r.MultipleChoice; mc != nil {
-			t.SetStat("acc_"+which, mc.Scores[which].Acc)
-			t.SetStat("acc_norm_"+which, mc.Scores[which].AccNorm)
+			out["acc_"+which] = mc.Scores[which].Acc
+			out["acc_norm_"+which] = mc.Scores[which].AccNorm
 		}
+	}
+	return out
+}
+
+func (r *evalResults) stats(t *pipeline.Task) {
+	for name, v := range r.scalars() {
+		t.SetStat(name, v)
 	}
 	counts := map[string]any{}
 	if l := r.Loss; l != nil {

@@ -10,6 +10,8 @@ import (
 	"strings"
 	"testing"
 
+	"gemmaft/internal/tfevents/tfeventstest"
+
 	"github.com/apache/arrow-go/v18/arrow"
 	"github.com/apache/arrow-go/v18/arrow/array"
 
@@ -223,6 +225,25 @@ func TestEvalStage(t *testing.T) {
 		if sub := res.MultipleChoice.Subjects["Türkiye coğrafyası"][which]; sub.Questions != 10 {
 			t.Errorf("%s: subject has %d questions, want 10", which, sub.Questions)
 		}
+	}
+
+	// The scores as TensorBoard reads them, at the adapter's last step.
+	events, _, err := tfeventstest.ReadDir(filepath.Join(entry, EventsDir))
+	if err != nil {
+		t.Fatal(err)
+	}
+	steps := stageStats(t, rec, "adapter")["steps"]
+	sc := tfeventstest.Scalars(events)
+	for tag, want := range map[string]float64{
+		"eval/loss_base": res.Loss.Scores["base"].Loss, "eval/loss_adapter": res.Loss.Scores["adapter"].Loss,
+		"eval/acc_adapter": res.MultipleChoice.Scores["adapter"].Acc, "eval/acc_norm_base": res.MultipleChoice.Scores["base"].AccNorm,
+	} {
+		if p := sc[tag]; len(p) != 1 || p[0].Value != float32(want) || float64(p[0].Step) != steps {
+			t.Errorf("%s: %v, want %v at step %v", tag, p, want, steps)
+		}
+	}
+	if texts := tfeventstest.Texts(events)[trainer.TagSettings]; len(texts) != 1 || !strings.Contains(texts[0], "| adapter | stage ") {
+		t.Errorf("settings text %q: want the parameters and the models scored", texts)
 	}
 
 	// The letters of 0-shot question 0, from the logits.

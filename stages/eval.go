@@ -85,7 +85,7 @@ type mcParams struct {
 	Prompt string `json:"prompt"`
 }
 
-func (evalKind) Version() int       { return 1 }
+func (evalKind) Version() int       { return 2 } // 2: scores as TensorBoard events in tb/
 func (evalKind) Inputs() (int, int) { return 1, -1 }
 func (evalKind) Params() any        { return &evalParams{BatchTokens: 4096} }
 

@@ -505,3 +505,243 @@ extern "C" __global__ void __launch_bounds__(MMA_THREADS) attn_fwd_mma(const act
     }
 #endif
 }
+
+// ---------------------------------------------------------------------------
+// The backward pass on tensor cores, in the same three launches as the
+// CUDA-core kernels: delta (attn_bwd_dq_mma with want_delta), dK and dV
+// (attn_bwd_dkdv_mma, once for each), dQ (attn_bwd_dq_mma). dO is rounded
+// to bf16 as it is staged in shared memory, and P and dS are rounded to
+// bf16 as they enter an mma, as FlashAttention-2 does; sums stay float32.
+// Tiles are smaller for head dimension 256 so that a block stays within
+// the 99 KiB of shared memory of sm_86 and sm_89 cards.
+#define DQ_BK (HD > 128 ? 16 : 32)  // keys per tile of the dQ kernel
+#define KV_BKV 64                   // keys per block of the dK/dV kernel, 16 a warp
+#define KV_BQ (HD > 128 ? 16 : 32)  // queries per tile of the dK/dV kernel
+
+// Like load_tile_bf16, from float32 rows, rounding to bf16.
+__device__ __forceinline__ void load_tile_f32_bf16(bf16_t* tile, const float* x, int row0, int rows, int limit, int heads, int head) {
+    constexpr int CH = HD / 8;
+    for (int e = threadIdx.x; e < rows * CH; e += MMA_THREADS) {
+        const int r = e / CH, c = (e % CH) * 8;
+        const int t = row0 + r;
+        uint4 u = make_uint4(0, 0, 0, 0);
+        if (t < limit) {
+            const float4* p = (const float4*)(x + ((long long)t * heads + head) * HD + c);
+            const float4 a = p[0], b = p[1];
+            u = make_uint4(pack_bf16(a.x, a.y), pack_bf16(a.z, a.w), pack_bf16(b.x, b.y), pack_bf16(b.z, b.w));
+        }
+        *(uint4*)(tile + r * MMA_STRIDE + c) = u;
+    }
+}
+
+// acc[NT] += X·Y for a warp: X is 16 × (16·CHUNKS) in accumulator layout
+// (x[2·kk], x[2·kk + 1] the n-tiles of chunk kk), Y rows of `rows` (k) by
+// HD columns (n) in shared memory.
+template <int CHUNKS>
+__device__ __forceinline__ void mma_acc_rows(float (*acc)[4], const float (*x)[4], const bf16_t* rows, int lane) {
+    #pragma unroll
+    for (int kk = 0; kk < CHUNKS; kk++) {
+        const unsigned a0 = pack_bf16(x[2 * kk][0], x[2 * kk][1]);
+        const unsigned a1 = pack_bf16(x[2 * kk][2], x[2 * kk][3]);
+        const unsigned a2 = pack_bf16(x[2 * kk + 1][0], x[2 * kk + 1][1]);
+        const unsigned a3 = pack_bf16(x[2 * kk + 1][2], x[2 * kk + 1][3]);
+        #pragma unroll
+        for (int n = 0; n < HD / 8; n += 2) {
+            unsigned b0, b1, b2, b3;
+            ldsm_x4_trans(b0, b1, b2, b3, rows + (kk * 16 + ((lane >> 3) & 1) * 8 + (lane & 7)) * MMA_STRIDE + n * 8 + (lane >> 4) * 8);
+            mma_bf16(acc[n], a0, a1, a2, a3, b0, b1);
+            mma_bf16(acc[n + 1], a0, a1, a2, a3, b2, b3);
+        }
+    }
+}
+
+// s[NS] = A·Bᵀ for a warp: A is the warp's 16 rows of `a`, B's rows are
+// the 8·NS rows of `b`, both HD wide in shared memory.
+template <int NS>
+__device__ __forceinline__ void mma_rows_rowsT(float (*s)[4], const bf16_t* a, const bf16_t* b, int lane) {
+    #pragma unroll
+    for (int n = 0; n < NS; n++) s[n][0] = s[n][1] = s[n][2] = s[n][3] = 0.0f;
+    #pragma unroll
+    for (int kk = 0; kk < HD; kk += 16) {
+        unsigned a0, a1, a2, a3;
+        ldsm_x4(a0, a1, a2, a3, a + (lane & 15) * MMA_STRIDE + kk + (lane >> 4) * 8);
+        #pragma unroll
+        for (int n = 0; n < NS; n += 2) {
+            unsigned b0, b1, b2, b3;
+            ldsm_x4(b0, b1, b2, b3, b + (n * 8 + (lane >> 4) * 8 + (lane & 7)) * MMA_STRIDE + kk + ((lane >> 3) & 1) * 8);
+            mma_bf16(s[n], a0, a1, a2, a3, b0, b1);
+            mma_bf16(s[n + 1], a0, a1, a2, a3, b2, b3);
+        }
+    }
+}
+
+// The query side: 64 queries of head h a block, 16 a warp, walking key
+// tiles of DQ_BK. With want_delta it writes delta = Σ_j P_ij·dP_ij (see
+// attn_bwd_dq); without, dQ = Σ_j dS_ij·K_j.
+extern "C" __global__ void __launch_bounds__(MMA_THREADS) attn_bwd_dq_mma(const act_t* __restrict__ q, const act_t* __restrict__ k,
+                                                                          const act_t* __restrict__ v, const float* __restrict__ dout,
+                                                                          const float* __restrict__ lse, float* delta,
+                                                                          const int* __restrict__ lo, float* __restrict__ dq,
+                                                                          int tokens, int heads, int kv_heads, float scale, int want_delta) {
+#if !defined(ACT_F32) && HD % 16 == 0
+    extern __shared__ bf16_t smem_bf16[];
+    bf16_t* Qs = smem_bf16;
+    bf16_t* Ds = Qs + MMA_BQ * MMA_STRIDE; // dO
+    bf16_t* Ks = Ds + MMA_BQ * MMA_STRIDE;
+    bf16_t* Vs = Ks + DQ_BK * MMA_STRIDE;
+
+    const int q0 = blockIdx.x * MMA_BQ;
+    const int h = blockIdx.y;
+    const int g = h / (heads / kv_heads);
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    const int gr = lane >> 2, tq = lane & 3;
+    const int w0 = q0 + warp * 16;
+    load_tile_bf16(Qs, q, q0, MMA_BQ, tokens, heads, h);
+    load_tile_f32_bf16(Ds, dout, q0, MMA_BQ, tokens, heads, h);
+
+    const int qa = w0 + gr, qb = qa + 8;
+    const int loa = qa < tokens ? lo[qa] : 0x7fffffff, lob = qb < tokens ? lo[qb] : 0x7fffffff;
+    const float lsa = qa < tokens ? lse[(long long)qa * heads + h] : 0.0f;
+    const float lsb = qb < tokens ? lse[(long long)qb * heads + h] : 0.0f;
+    const float dla = qa < tokens && !want_delta ? delta[(long long)qa * heads + h] : 0.0f;
+    const float dlb = qb < tokens && !want_delta ? delta[(long long)qb * heads + h] : 0.0f;
+    constexpr int NT = HD / 8, NS = DQ_BK / 8;
+    float acc[NT][4];
+    #pragma unroll
+    for (int n = 0; n < NT; n++) acc[n][0] = acc[n][1] = acc[n][2] = acc[n][3] = 0.0f;
+    float pdpa = 0.0f, pdpb = 0.0f;
+
+    const int last = min(q0 + MMA_BQ, tokens) - 1;
+    const int wlast = min(w0 + 15, tokens - 1);
+    const int wlo = w0 < tokens ? lo[w0] : 0x7fffffff;
+    for (int k0 = lo[q0]; k0 <= last; k0 += DQ_BK) {
+        __syncthreads();
+        load_tile_bf16(Ks, k, k0, DQ_BK, tokens, kv_heads, g);
+        load_tile_bf16(Vs, v, k0, DQ_BK, tokens, kv_heads, g);
+        __syncthreads();
+        if (k0 > wlast || k0 + DQ_BK - 1 < wlo) continue;
+        float s[NS][4], dp[NS][4];
+        mma_rows_rowsT<NS>(s, Qs + warp * 16 * MMA_STRIDE, Ks, lane);  // Q·Kᵀ
+        mma_rows_rowsT<NS>(dp, Ds + warp * 16 * MMA_STRIDE, Vs, lane); // dO·Vᵀ
+        // P, then dS in its place.
+        #pragma unroll
+        for (int n = 0; n < NS; n++) {
+            #pragma unroll
+            for (int e = 0; e < 2; e++) {
+                const int kj = k0 + n * 8 + 2 * tq + e;
+                const float pa = qa < tokens && kj <= qa && kj >= loa ? expf(s[n][e] * scale - lsa) : 0.0f;
+                const float pb = qb < tokens && kj <= qb && kj >= lob ? expf(s[n][2 + e] * scale - lsb) : 0.0f;
+                pdpa += pa * dp[n][e];
+                pdpb += pb * dp[n][2 + e];
+                s[n][e] = pa * (dp[n][e] - dla) * scale;
+                s[n][2 + e] = pb * (dp[n][2 + e] - dlb) * scale;
+            }
+        }
+        if (want_delta) continue;
+        mma_acc_rows<DQ_BK / 16>(acc, s, Ks, lane); // dQ += dS·K
+    }
+    if (want_delta) {
+        // The four threads of a row add their sums in a fixed order.
+        pdpa += __shfl_xor_sync(0xffffffffu, pdpa, 1);
+        pdpb += __shfl_xor_sync(0xffffffffu, pdpb, 1);
+        pdpa += __shfl_xor_sync(0xffffffffu, pdpa, 2);
+        pdpb += __shfl_xor_sync(0xffffffffu, pdpb, 2);
+        if (tq == 0) {
+            if (qa < tokens) delta[(long long)qa * heads + h] = pdpa;
+            if (qb < tokens) delta[(long long)qb * heads + h] = pdpb;
+        }
+        return;
+    }
+    #pragma unroll
+    for (int n = 0; n < NT; n++) {
+        const int c = n * 8 + 2 * tq;
+        if (qa < tokens) *(float2*)(dq + ((long long)qa * heads + h) * HD + c) = make_float2(acc[n][0], acc[n][1]);
+        if (qb < tokens) *(float2*)(dq + ((long long)qb * heads + h) * HD + c) = make_float2(acc[n][2], acc[n][3]);
+    }
+#endif
+}
+
+// The key side: 64 keys of key head g a block, 16 a warp, summing over the
+// query heads of the group and the query tiles (KV_BQ) that see the keys.
+// Launched twice: dV = Σ Pᵀ·dO (want_dk 0), then dK = Σ dSᵀ·Q (want_dk 1);
+// each launch forms Sᵀ = K·Qᵀ again, which costs less than the registers
+// both accumulators would need at head dimension 256.
+extern "C" __global__ void __launch_bounds__(MMA_THREADS) attn_bwd_dkdv_mma(const act_t* __restrict__ q, const act_t* __restrict__ k,
+                                                                            const act_t* __restrict__ v, const float* __restrict__ dout,
+                                                                            const float* __restrict__ lse, const float* __restrict__ delta,
+                                                                            const int* __restrict__ lo, const int* __restrict__ hi,
+                                                                            float* __restrict__ dk, float* __restrict__ dv,
+                                                                            int tokens, int heads, int kv_heads, float scale, int want_dk) {
+#if !defined(ACT_F32) && HD % 16 == 0
+    extern __shared__ bf16_t smem_bf16[];
+    bf16_t* Ks = smem_bf16;
+    bf16_t* Vs = Ks + KV_BKV * MMA_STRIDE;
+    bf16_t* Qs = Vs + KV_BKV * MMA_STRIDE;
+    bf16_t* Ds = Qs + KV_BQ * MMA_STRIDE; // dO
+    float* ls = (float*)(Ds + KV_BQ * MMA_STRIDE);
+    float* dl = ls + KV_BQ;
+    int* los = (int*)(dl + KV_BQ);
+
+    const int k0 = blockIdx.x * KV_BKV;
+    const int g = blockIdx.y;
+    const int group = heads / kv_heads;
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    const int gr = lane >> 2, tq = lane & 3;
+    const int kw = k0 + warp * 16;     // the warp's first key
+    const int ka = kw + gr, kb = ka + 8; // this thread's two keys
+    load_tile_bf16(Ks, k, k0, KV_BKV, tokens, kv_heads, g);
+    if (want_dk) load_tile_bf16(Vs, v, k0, KV_BKV, tokens, kv_heads, g);
+    const int qlast = hi[min(k0 + KV_BKV, tokens) - 1];
+    const int whi = kw < tokens ? hi[min(kw + 15, tokens - 1)] : -1; // the warp's last query
+    constexpr int NT = HD / 8, NS = KV_BQ / 8;
+    float acc[NT][4];
+    #pragma unroll
+    for (int n = 0; n < NT; n++) acc[n][0] = acc[n][1] = acc[n][2] = acc[n][3] = 0.0f;
+
+    for (int h = g * group; h < (g + 1) * group; h++) {
+        for (int q0 = k0; q0 <= qlast; q0 += KV_BQ) {
+            __syncthreads();
+            load_tile_bf16(Qs, q, q0, KV_BQ, tokens, heads, h);
+            load_tile_f32_bf16(Ds, dout, q0, KV_BQ, tokens, heads, h);
+            if (threadIdx.x < KV_BQ) {
+                const int qi = q0 + threadIdx.x;
+                ls[threadIdx.x] = qi < tokens ? lse[(long long)qi * heads + h] : 0.0f;
+                dl[threadIdx.x] = qi < tokens ? delta[(long long)qi * heads + h] : 0.0f;
+                los[threadIdx.x] = qi < tokens ? lo[qi] : 0x7fffffff;
+            }
+            __syncthreads();
+            if (q0 > whi || q0 + KV_BQ - 1 < kw) continue;
+            float s[NS][4], dp[NS][4];
+            mma_rows_rowsT<NS>(s, Ks + warp * 16 * MMA_STRIDE, Qs, lane); // Sᵀ = K·Qᵀ
+            if (want_dk) mma_rows_rowsT<NS>(dp, Vs + warp * 16 * MMA_STRIDE, Ds, lane); // dPᵀ = V·dOᵀ
+            // Pᵀ, or dSᵀ, in place: rows are keys, columns queries.
+            #pragma unroll
+            for (int n = 0; n < NS; n++) {
+                #pragma unroll
+                for (int e = 0; e < 2; e++) {
+                    const int c = n * 8 + 2 * tq + e, qi = q0 + c;
+                    const bool oka = qi < tokens && ka <= qi && ka >= los[c];
+                    const bool okb = qi < tokens && kb <= qi && kb >= los[c];
+                    const float pa = oka ? expf(s[n][e] * scale - ls[c]) : 0.0f;
+                    const float pb = okb ? expf(s[n][2 + e] * scale - ls[c]) : 0.0f;
+                    if (want_dk) {
+                        s[n][e] = pa * (dp[n][e] - dl[c]) * scale;
+                        s[n][2 + e] = pb * (dp[n][2 + e] - dl[c]) * scale;
+                    } else {
+                        s[n][e] = pa;
+                        s[n][2 + e] = pb;
+                    }
+                }
+            }
+            mma_acc_rows<KV_BQ / 16>(acc, s, want_dk ? Qs : Ds, lane); // dK += dSᵀ·Q, or dV += Pᵀ·dO
+        }
+    }
+    float* out = want_dk ? dk : dv;
+    #pragma unroll
+    for (int n = 0; n < NT; n++) {
+        const int c = n * 8 + 2 * tq;
+        if (ka < tokens) *(float2*)(out + ((long long)ka * kv_heads + g) * HD + c) = make_float2(acc[n][0], acc[n][1]);
+        if (kb < tokens) *(float2*)(out + ((long long)kb * kv_heads + g) * HD + c) = make_float2(acc[n][2], acc[n][3]);
+    }
+#endif
+}

@@ -221,7 +221,19 @@ func attentionShared(headDim int) map[string]int {
 		"attn_fwd_mma":  2 * (64 + 32 + 32) * (headDim + 8),
 		"attn_bwd_dkdv": 4 * (4*16*stride + 2*16*17 + 2*16),
 		"attn_bwd_dq":   4 * (4*16*stride + 16*17 + 2*16),
+		// Tiles of attention.cu's DQ_BK keys and KV_BQ queries.
+		"attn_bwd_dq_mma":   2 * (2*64 + 2*mmaBackwardTile(headDim)) * (headDim + 8),
+		"attn_bwd_dkdv_mma": 2*(2*64+2*mmaBackwardTile(headDim))*(headDim+8) + 3*4*mmaBackwardTile(headDim),
 	}
+}
+
+// mmaBackwardTile is DQ_BK and KV_BQ of attention.cu: 16 at head
+// dimension 256, to stay within sm_86's and sm_89's shared memory.
+func mmaBackwardTile(headDim int) int {
+	if headDim > 128 {
+		return 16
+	}
+	return 32
 }
 
 // grid covers n items with blocks of 256 threads, capped: the kernels
@@ -321,12 +333,38 @@ func (k *Kernels) TensorCoreAttention(bufs ...cuda.DevicePtr) bool {
 	return true
 }
 
+// TensorCoreAttentionBackward reports whether AttentionBackward runs on
+// tensor cores: as TensorCoreAttention, and, until the kernels have been
+// measured on a GPU, only with PIPELINE_ATTENTION=tensor-cores.
+func (k *Kernels) TensorCoreAttentionBackward(bufs ...cuda.DevicePtr) bool {
+	return os.Getenv("PIPELINE_ATTENTION") == "tensor-cores" && k.TensorCoreAttention(bufs...)
+}
+
 // AttentionBackward writes dq, dk and dv (float32) from dout (float32), the
 // forward's lse, lo and hi (the last query that sees each key). delta is
 // scratch of tokens × heads floats.
 func (k *Kernels) AttentionBackward(c *cuda.Ctx, q, kk, v, dout, lse, lo, hi, delta, dq, dk, dv cuda.DevicePtr,
 	tokens, heads, kvHeads int, scale float64) error {
 	sh := attentionShared(k.HeadDim)
+	if k.TensorCoreAttentionBackward(q, kk, v, dout) {
+		rows := cuda.LaunchConfig{Grid: cuda.Dim3{X: (tokens + 63) / 64, Y: heads}, Block: cuda.Dim3{X: 128}, SharedMem: sh["attn_bwd_dq_mma"]}
+		keys := cuda.LaunchConfig{Grid: cuda.Dim3{X: (tokens + 63) / 64, Y: kvHeads}, Block: cuda.Dim3{X: 128}, SharedMem: sh["attn_bwd_dkdv_mma"]}
+		queries := func(wantDelta int32) error {
+			return k.launch(c, "attn_bwd_dq_mma", rows, q, kk, v, dout, lse, delta, lo, dq,
+				int32(tokens), int32(heads), int32(kvHeads), float32(scale), wantDelta)
+		}
+		// delta, then dV and dK, then dQ.
+		if err := queries(1); err != nil {
+			return err
+		}
+		for _, wantDK := range []int32{0, 1} {
+			if err := k.launch(c, "attn_bwd_dkdv_mma", keys, q, kk, v, dout, lse, delta, lo, hi, dk, dv,
+				int32(tokens), int32(heads), int32(kvHeads), float32(scale), wantDK); err != nil {
+				return err
+			}
+		}
+		return queries(0)
+	}
 	rows := cuda.LaunchConfig{Grid: cuda.Dim3{X: (tokens + 15) / 16, Y: heads}, Block: cuda.Dim3{X: 256}, SharedMem: sh["attn_bwd_dq"]}
 	if err := k.launch(c, "attn_bwd_dq", rows, q, kk, v, dout, lse, delta, lo, dq,
 		int32(tokens), int32(heads), int32(kvHeads), float32(scale), int32(1)); err != nil {

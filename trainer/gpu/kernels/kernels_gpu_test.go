@@ -319,30 +319,43 @@ func TestAttention(t *testing.T) {
 				trainer.Attention(out, lse, q, kk, v, lo, T, H, KV, D, scale)
 				dq, dk, dv := make([]float32, T*H*D), make([]float32, T*KV*D), make([]float32, T*KV*D)
 				trainer.AttentionBackward(dq, dk, dv, dout, out, lse, q, kk, v, lo, T, H, KV, D, scale)
-				run(t, k, func(d *dev) error {
-					qp, kp, vp, lop, hip := d.act(q), d.act(kk), d.act(v), d.i32(lo), d.i32(hi)
-					op, lp := d.alloc(int64(T*H*D)*p.Size()), d.alloc(4*int64(T*H))
-					if err := k.Attention(d.c, qp, kp, vp, lop, op, lp, T, H, KV, scale); err != nil {
-						return err
-					}
-					d.check("out", d.readAct(op, T*H*D), out, tol(p, T))
-					d.check("lse", d.readF32(lp, T*H), lse, tol(F32, T))
-					dqp, dkp, dvp, delta := d.alloc(4*int64(T*H*D)), d.alloc(4*int64(T*KV*D)), d.alloc(4*int64(T*KV*D)), d.alloc(4*int64(T*H))
-					if err := k.AttentionBackward(d.c, qp, kp, vp, d.f32(dout), lp, lop, hip, delta, dqp, dkp, dvp, T, H, KV, scale); err != nil {
-						return err
-					}
-					bt := tol(p, T*D)
-					d.check("dq", d.readF32(dqp, T*H*D), dq, bt)
-					d.check("dk", d.readF32(dkp, T*KV*D), dk, bt)
-					d.check("dv", d.readF32(dvp, T*KV*D), dv, tol(F32, T))
-					return nil
-				})
+				// bf16 runs both kernels: CUDA cores, whose dV sums float32
+				// products, and tensor cores, which round P and dO to bf16.
+				modes := map[Precision][]string{F32: {""}, BF16: {"cuda-cores", "tensor-cores"}}[p]
+				for _, mode := range modes {
+					t.Setenv("PIPELINE_ATTENTION", mode)
+					run(t, k, func(d *dev) error {
+						qp, kp, vp, lop, hip := d.act(q), d.act(kk), d.act(v), d.i32(lo), d.i32(hi)
+						doutp := d.f32(dout)
+						if got := k.TensorCoreAttentionBackward(qp, kp, vp, doutp); got != (mode == "tensor-cores") {
+							t.Fatalf("PIPELINE_ATTENTION=%q: tensor-core backward %v", mode, got)
+						}
+						op, lp := d.alloc(int64(T*H*D)*p.Size()), d.alloc(4*int64(T*H))
+						if err := k.Attention(d.c, qp, kp, vp, lop, op, lp, T, H, KV, scale); err != nil {
+							return err
+						}
+						d.check(mode+" out", d.readAct(op, T*H*D), out, tol(p, T))
+						d.check(mode+" lse", d.readF32(lp, T*H), lse, tol(F32, T))
+						dqp, dkp, dvp, delta := d.alloc(4*int64(T*H*D)), d.alloc(4*int64(T*KV*D)), d.alloc(4*int64(T*KV*D)), d.alloc(4*int64(T*H))
+						if err := k.AttentionBackward(d.c, qp, kp, vp, doutp, lp, lop, hip, delta, dqp, dkp, dvp, T, H, KV, scale); err != nil {
+							return err
+						}
+						bt, vt := tol(p, T*D), tol(F32, T)
+						if mode == "tensor-cores" {
+							vt = bt
+						}
+						d.check(mode+" dq", d.readF32(dqp, T*H*D), dq, bt)
+						d.check(mode+" dk", d.readF32(dkp, T*KV*D), dk, bt)
+						d.check(mode+" dv", d.readF32(dvp, T*KV*D), dv, vt)
+						return nil
+					})
+				}
 			})
 		}
 	}
 }
 
-// TestTensorCoreAttention: the tensor-core forward kernel against the CUDA-core one and the float64 reference at
+// TestTensorCoreAttention: the tensor-core kernels, forward and backward, against the CUDA-core ones and the float64 reference at
 // the lengths and windows of real rows: a 4096-token row of examples of
 // 100 to 1,500 tokens, on global and sliding (1,024) layers, with Gemma's
 // head dimensions and grouped heads.
@@ -365,6 +378,10 @@ func TestTensorCoreAttention(t *testing.T) {
 			scale := 1 / math.Sqrt(float64(D))
 			out, lse := make([]float32, T*H*D), make([]float32, T*H)
 			trainer.Attention(out, lse, q, kk, v, lo, T, H, KV, D, scale)
+			dout := uniform(rng, T*H*D, 1)
+			dq, dk, dv := make([]float32, T*H*D), make([]float32, T*KV*D), make([]float32, T*KV*D)
+			trainer.AttentionBackward(dq, dk, dv, dout, out, lse, q, kk, v, lo, T, H, KV, D, scale)
+			hi := lastQueries(lo)
 			run(t, k, func(d *dev) error {
 				qp, kp, vp, lop := d.act(q), d.act(kk), d.act(v), d.i32(lo)
 				t.Setenv("PIPELINE_ATTENTION", "")
@@ -383,6 +400,28 @@ func TestTensorCoreAttention(t *testing.T) {
 					d.check(mode+" lse", d.readF32(lp, T*H), lse, tol(F32, T))
 				}
 				d.check("tensor cores vs CUDA cores", outs[0], outs[1], tol(BF16, T))
+
+				// The backward pass, both ways, from the same forward.
+				op, lp := d.alloc(int64(T*H*D)*2), d.alloc(4*int64(T*H))
+				if err := k.Attention(d.c, qp, kp, vp, lop, op, lp, T, H, KV, scale); err != nil {
+					return err
+				}
+				doutp, hip := d.f32(dout), d.i32(hi)
+				var grads [2][3][]float32
+				for i, mode := range []string{"tensor-cores", "cuda-cores"} {
+					t.Setenv("PIPELINE_ATTENTION", mode)
+					dqp, dkp, dvp, delta := d.alloc(4*int64(T*H*D)), d.alloc(4*int64(T*KV*D)), d.alloc(4*int64(T*KV*D)), d.alloc(4*int64(T*H))
+					if err := k.AttentionBackward(d.c, qp, kp, vp, doutp, lp, lop, hip, delta, dqp, dkp, dvp, T, H, KV, scale); err != nil {
+						return err
+					}
+					grads[i] = [3][]float32{d.readF32(dqp, T*H*D), d.readF32(dkp, T*KV*D), d.readF32(dvp, T*KV*D)}
+					for j, want := range [][]float32{dq, dk, dv} {
+						d.check(fmt.Sprintf("%s d%c", mode, "qkv"[j]), grads[i][j], want, tol(BF16, T*D))
+					}
+				}
+				for j := range 3 {
+					d.check(fmt.Sprintf("d%c: tensor cores vs CUDA cores", "qkv"[j]), grads[0][j], grads[1][j], tol(BF16, T*D))
+				}
 				return nil
 			})
 		})

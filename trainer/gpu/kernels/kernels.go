@@ -316,11 +316,12 @@ func (k *Kernels) Attention(c *cuda.Ctx, q, kk, v, lo, out, lse cuda.DevicePtr, 
 	return k.launch(c, "attn_fwd", cfg, q, kk, v, lo, out, lse, int32(tokens), int32(heads), int32(kvHeads), float32(scale))
 }
 
-// TensorCoreAttention reports whether Attention runs on tensor cores for
-// these buffers: bf16 activations, a head dimension that is a multiple of
-// 16 and rows the kernel may read 16 bytes at a time. PIPELINE_ATTENTION=
-// cuda-cores keeps the CUDA-core kernel, to compare the two or to rule the
-// tensor-core one out when a run misbehaves.
+// TensorCoreAttention reports whether Attention and AttentionBackward run
+// on tensor cores for these buffers: bf16 activations, a head dimension
+// that is a multiple of 16 and rows the kernels may read 16 bytes at a
+// time. PIPELINE_ATTENTION=cuda-cores keeps the CUDA-core kernels, to
+// compare the two or to rule the tensor-core ones out when a run
+// misbehaves.
 func (k *Kernels) TensorCoreAttention(bufs ...cuda.DevicePtr) bool {
 	if k.Prec != BF16 || k.HeadDim%16 != 0 || os.Getenv("PIPELINE_ATTENTION") == "cuda-cores" {
 		return false
@@ -333,20 +334,13 @@ func (k *Kernels) TensorCoreAttention(bufs ...cuda.DevicePtr) bool {
 	return true
 }
 
-// TensorCoreAttentionBackward reports whether AttentionBackward runs on
-// tensor cores: as TensorCoreAttention, and, until the kernels have been
-// measured on a GPU, only with PIPELINE_ATTENTION=tensor-cores.
-func (k *Kernels) TensorCoreAttentionBackward(bufs ...cuda.DevicePtr) bool {
-	return os.Getenv("PIPELINE_ATTENTION") == "tensor-cores" && k.TensorCoreAttention(bufs...)
-}
-
 // AttentionBackward writes dq, dk and dv (float32) from dout (float32), the
 // forward's lse, lo and hi (the last query that sees each key). delta is
 // scratch of tokens × heads floats.
 func (k *Kernels) AttentionBackward(c *cuda.Ctx, q, kk, v, dout, lse, lo, hi, delta, dq, dk, dv cuda.DevicePtr,
 	tokens, heads, kvHeads int, scale float64) error {
 	sh := attentionShared(k.HeadDim)
-	if k.TensorCoreAttentionBackward(q, kk, v, dout) {
+	if k.TensorCoreAttention(q, kk, v, dout) {
 		rows := cuda.LaunchConfig{Grid: cuda.Dim3{X: (tokens + 63) / 64, Y: heads}, Block: cuda.Dim3{X: 128}, SharedMem: sh["attn_bwd_dq_mma"]}
 		keys := cuda.LaunchConfig{Grid: cuda.Dim3{X: (tokens + 63) / 64, Y: kvHeads}, Block: cuda.Dim3{X: 128}, SharedMem: sh["attn_bwd_dkdv_mma"]}
 		queries := func(wantDelta int32) error {

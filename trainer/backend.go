@@ -53,6 +53,12 @@ type SessionConfig struct {
 	// float32 to compare with the CPU reference closely. The CPU backend
 	// always computes in float32 and float64.
 	Precision string `json:"precision,omitempty"`
+	// Group, when it has more than one rank, trains with other processes
+	// (see Group): the session sums its gradients over them before each
+	// step. It changes nothing in the numbers beyond summation order, so
+	// it is no part of the resume fingerprint: a run resumes with any
+	// number of ranks.
+	Group Group `json:"-"`
 }
 
 // OptimizerConfig names the optimizer and its settings.

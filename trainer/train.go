@@ -23,6 +23,11 @@ import (
 // metrics (timings aside) and adapter are bit for bit those of an
 // uninterrupted run on the same backend and machine.
 //
+// With a Group in the session's config, each rank computes its share of
+// every step's micro-batches (and of the held-out batches), the session
+// sums the gradients over the ranks, and rank 0 alone writes the outputs
+// and checkpoints; every rank must see the checkpoint folder.
+//
 // This loop is the same for every backend: data order, gradient
 // accumulation, the learning-rate schedule, clipping, evaluation, logging,
 // checkpoints and the adapter export live here; the session computes.
@@ -34,8 +39,18 @@ func Train(ctx context.Context, s Session, data Dataset, opts TrainOptions) (*Re
 	if err != nil {
 		return nil, err
 	}
-	if err := os.MkdirAll(opts.OutDir, 0o755); err != nil {
-		return nil, err
+	g := s.Config().Group
+	rank, size := rankOf(g)
+	if size > 1 {
+		if _, ok := s.(GradientReducer); !ok {
+			return nil, fmt.Errorf("train: %d ranks on backend %s: %w", size, s.Backend(), errNoReducer)
+		}
+	}
+	// Rank 0 writes the outputs and checkpoints; the others write nothing.
+	if rank == 0 {
+		if err := os.MkdirAll(opts.OutDir, 0o755); err != nil {
+			return nil, err
+		}
 	}
 	info := s.Model()
 	fingerprint := opts.fingerprint(s, data.Len())
@@ -48,12 +63,17 @@ func Train(ctx context.Context, s Session, data Dataset, opts TrainOptions) (*Re
 		log = slog.New(slog.DiscardHandler)
 	}
 	for {
-		ck, err := loadCheckpoint(ckDir, info, fingerprint, log)
+		ck, err := loadCheckpointOnRanks(g, ckDir, info, fingerprint, log)
 		if err != nil {
 			return nil, err
 		}
 		res, err := train(ctx, s, data, opts, p, info, fingerprint, ckDir, ck, log)
 		var div *resumeDiverged
+		if ck != nil && errors.As(err, &div) && size > 1 {
+			// Setting it aside on one rank while the others read it races;
+			// a person decides.
+			return nil, fmt.Errorf("checkpoint %s: %w; remove it to start from the one before", ck.dir, div)
+		}
 		if ck != nil && errors.As(err, &div) {
 			// Resuming from it broke the run: set it aside and try the one
 			// before it, or start over. A run that diverges by itself does
@@ -66,6 +86,52 @@ func Train(ctx context.Context, s Session, data Dataset, opts TrainOptions) (*Re
 		}
 		return res, err
 	}
+}
+
+// loadCheckpointOnRanks is loadCheckpoint in a group: rank 0 looks first
+// (setting damaged checkpoints aside), then the others, and all must have
+// found the same step, which they cannot when the checkpoint folder is not
+// one they share.
+func loadCheckpointOnRanks(g Group, dir string, info *ModelInfo, fingerprint string, log *slog.Logger) (*savedRun, error) {
+	rank, size := rankOf(g)
+	if size == 1 {
+		return loadCheckpoint(dir, info, fingerprint, log)
+	}
+	var ck *savedRun
+	var err error
+	if rank == 0 {
+		ck, err = loadCheckpoint(dir, info, fingerprint, log)
+	}
+	failed := 0.0
+	if err != nil {
+		failed = 1
+	}
+	if serr := sumOver(g, &failed); serr != nil {
+		return nil, serr
+	}
+	if err != nil {
+		return nil, err
+	}
+	if failed > 0 {
+		return nil, errors.New("rank 0 could not read the checkpoints")
+	}
+	if rank != 0 {
+		if ck, err = loadCheckpoint(dir, info, fingerprint, log); err != nil {
+			return nil, err
+		}
+	}
+	step := 0.0
+	if ck != nil {
+		step = float64(ck.state.Step)
+	}
+	sum, squares := step, step*step
+	if err := sumOver(g, &sum, &squares); err != nil {
+		return nil, err
+	}
+	if float64(size)*squares != sum*sum {
+		return nil, fmt.Errorf("the ranks found different checkpoints in %s (this rank: step %d): every rank must see the same checkpoint folder", dir, int(step))
+	}
+	return ck, nil
 }
 
 // resumeDiverged: the loss became non-finite after a resume, before the
@@ -99,12 +165,19 @@ func train(ctx context.Context, s Session, data Dataset, opts TrainOptions, p *r
 			return nil, err
 		}
 	}
+	g := s.Config().Group
+	rank, size := rankOf(g)
+	writer := rank == 0
 	metricsPath := filepath.Join(opts.OutDir, MetricsFile)
-	metrics, history, err := openMetrics(metricsPath, logged)
-	if err != nil {
-		return nil, err
+	var metrics *os.File
+	var history []Metric
+	if writer {
+		var err error
+		if metrics, history, err = openMetrics(metricsPath, logged); err != nil {
+			return nil, err
+		}
+		defer metrics.Close()
 	}
-	defer metrics.Close()
 
 	// batchOf builds the batch of rows idx and counts its real (non-padding)
 	// tokens.
@@ -145,9 +218,11 @@ func train(ctx context.Context, s Session, data Dataset, opts TrainOptions, p *r
 		}
 	}
 	evalLoss := func() (float64, error) {
-		var sum float64
-		var n int
-		for i := 0; i < len(evalRows); i += opts.BatchSize {
+		var sum, n float64
+		for i, j := 0, 0; i < len(evalRows); i, j = i+opts.BatchSize, j+1 {
+			if j%size != rank {
+				continue // another rank's batch
+			}
 			b, _, err := evalBatchOf(evalRows[i:min(i+opts.BatchSize, len(evalRows))])
 			if err != nil {
 				return 0, err
@@ -156,7 +231,10 @@ func train(ctx context.Context, s Session, data Dataset, opts TrainOptions, p *r
 			if err != nil {
 				return 0, err
 			}
-			sum, n = sum+l, n+c
+			sum, n = sum+l, n+float64(c)
+		}
+		if err := sumOver(g, &sum, &n); err != nil {
+			return 0, err
 		}
 		if n == 0 {
 			return math.NaN(), nil
@@ -192,6 +270,9 @@ func train(ctx context.Context, s Session, data Dataset, opts TrainOptions, p *r
 			if normalizer == 0 {
 				break // nothing to train in this step: a zero update
 			}
+			if i%size != rank {
+				continue // another rank's micro-batch
+			}
 			if err := ctx.Err(); err != nil {
 				return nil, err
 			}
@@ -200,6 +281,14 @@ func train(ctx context.Context, s Session, data Dataset, opts TrainOptions, p *r
 				return nil, fmt.Errorf("step %d: %w", step+1, err)
 			}
 			lossSum += l
+		}
+		if size > 1 {
+			if err := sumOver(g, &lossSum); err != nil {
+				return nil, fmt.Errorf("step %d: %w", step+1, err)
+			}
+			if err := s.(GradientReducer).AllReduceGrads(); err != nil {
+				return nil, fmt.Errorf("step %d: %w", step+1, err)
+			}
 		}
 		loss := 0.0
 		if normalizer > 0 {
@@ -240,12 +329,14 @@ func train(ctx context.Context, s Session, data Dataset, opts TrainOptions, p *r
 			if evalNow {
 				line.EvalLoss = &ev
 			}
-			b, _ := json.Marshal(line)
-			b = append(b, '\n')
-			if _, err := metrics.Write(b); err != nil {
-				return nil, err
+			if writer {
+				b, _ := json.Marshal(line)
+				b = append(b, '\n')
+				if _, err := metrics.Write(b); err != nil {
+					return nil, err
+				}
+				st.MetricsBytes += int64(len(b))
 			}
-			st.MetricsBytes += int64(len(b))
 			history = append(history, line)
 			st.LogLossSum, st.LogSteps = 0, 0
 			sinceLogTokens, sinceLog = 0, time.Now()
@@ -257,7 +348,7 @@ func train(ctx context.Context, s Session, data Dataset, opts TrainOptions, p *r
 				GradNorm: gradNorm, TokensPerSec: float64(st.Tokens) / max(elapsed.Seconds(), 1e-9),
 				PeakMemory: s.PeakMemory(), Elapsed: elapsed, ETA: eta})
 		}
-		if opts.CheckpointEvery > 0 && (st.Step%opts.CheckpointEvery == 0 || st.Step == p.total) {
+		if writer && opts.CheckpointEvery > 0 && (st.Step%opts.CheckpointEvery == 0 || st.Step == p.total) {
 			logged, err := readPrefix(metrics, st.MetricsBytes)
 			if err != nil {
 				return nil, err
@@ -273,6 +364,16 @@ func train(ctx context.Context, s Session, data Dataset, opts TrainOptions, p *r
 		}
 	}
 
+	res := &Result{Steps: st.Step, EvalLoss: math.NaN(), PeakMemory: s.PeakMemory()}
+	if len(history) > 0 {
+		res.FinalLoss = history[len(history)-1].Loss
+	}
+	if st.HasEval {
+		res.EvalLoss = st.LastEval
+	}
+	if !writer {
+		return res, nil
+	}
 	a, _, err := s.State()
 	if err != nil {
 		return nil, err
@@ -285,13 +386,6 @@ func train(ctx context.Context, s Session, data Dataset, opts TrainOptions, p *r
 	if err := atomicfile.WriteFile(svgPath, LossCurveSVG(history)); err != nil {
 		return nil, err
 	}
-	res := &Result{Steps: st.Step, EvalLoss: math.NaN(), AdapterDir: adapterDir, MetricsPath: metricsPath,
-		LossCurvePath: svgPath, PeakMemory: s.PeakMemory()}
-	if len(history) > 0 {
-		res.FinalLoss = history[len(history)-1].Loss
-	}
-	if st.HasEval {
-		res.EvalLoss = st.LastEval
-	}
+	res.AdapterDir, res.MetricsPath, res.LossCurvePath = adapterDir, metricsPath, svgPath
 	return res, nil
 }

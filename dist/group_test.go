@@ -54,7 +54,6 @@ func joinAll(t *testing.T, n int, opt func(rank int) Options, ranks ...int) ([]*
 	return groups, errs
 }
 
-
 func token(tok string) func(int) Options {
 	return func(int) Options { return Options{Token: tok, JoinTimeout: 10 * time.Second} }
 }

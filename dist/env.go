@@ -39,7 +39,8 @@ func (r Rank) String() string {
 // FromEnv reads the rank from the launcher's variables through getenv
 // (os.Getenv). ok is false when none are set: a run of one process.
 // torchrun's variables win over Slurm's, as torchrun run under srun sets
-// its own.
+// its own. Under torchrun (TORCHELASTIC_RUN_ID set), whose agent holds
+// MASTER_PORT, the rendezvous is on MASTER_PORT + 1.
 func FromEnv(getenv func(string) string) (r Rank, ok bool, err error) {
 	switch {
 	case getenv("WORLD_SIZE") != "" || getenv("RANK") != "":
@@ -63,6 +64,11 @@ func FromEnv(getenv func(string) string) (r Rank, ok bool, err error) {
 		port, err := portVar(getenv)
 		if err != nil {
 			return r, true, err
+		}
+		if getenv("TORCHELASTIC_RUN_ID") != "" {
+			// torchrun's agent serves its own store on MASTER_PORT; the
+			// ranks meet on the port after it.
+			port++
 		}
 		r.Addr = net.JoinHostPort(host, strconv.Itoa(port))
 	case getenv("SLURM_NTASKS") != "" && getenv("SLURM_PROCID") != "":

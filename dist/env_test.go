@@ -26,6 +26,8 @@ func TestFromEnv(t *testing.T) {
 			Rank{Rank: 3, Size: 8, LocalRank: 1, Addr: "node07:29400", Launcher: "torchrun"}, true, ""},
 		{"torchrun, default port and local rank", envOf("RANK", "1", "WORLD_SIZE", "2", "MASTER_ADDR", "127.0.0.1"),
 			Rank{Rank: 1, Size: 2, LocalRank: 1, Addr: "127.0.0.1:29500", Launcher: "torchrun"}, true, ""},
+		{"torchrun's agent holds MASTER_PORT", envOf("RANK", "1", "WORLD_SIZE", "2", "MASTER_ADDR", "h", "MASTER_PORT", "29500", "TORCHELASTIC_RUN_ID", "none"),
+			Rank{Rank: 1, Size: 2, LocalRank: 1, Addr: "h:29501", Launcher: "torchrun"}, true, ""},
 		{"torchrun under srun wins", envOf("RANK", "0", "WORLD_SIZE", "2", "MASTER_ADDR", "a", "SLURM_PROCID", "5", "SLURM_NTASKS", "9"),
 			Rank{Rank: 0, Size: 2, Addr: "a:29500", Launcher: "torchrun"}, true, ""},
 		{"slurm", envOf("SLURM_PROCID", "5", "SLURM_NTASKS", "8", "SLURM_LOCALID", "1", "SLURM_JOB_NODELIST", "gpu[07-10,12],login1", "MASTER_PORT", "12345"),

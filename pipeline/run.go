@@ -45,13 +45,19 @@ type RunRecord struct {
 	Stages      []StageRecord `json:"stages"`
 }
 
+// ErrWrittenElsewhere, returned by a Runner, says that the stage did its
+// part and another process writes the entry: a rank other than 0 of a
+// training run on several GPUs. The engine commits nothing and records the
+// stage as "elsewhere"; nothing after it may run in this process.
+var ErrWrittenElsewhere = errors.New("the entry is written by another process")
+
 // A StageRecord is one stage's part in a run.
 type StageRecord struct {
 	Name        string          `json:"name"`
 	Kind        string          `json:"kind"`
 	KindVersion int             `json:"kind_version"`
 	Key         string          `json:"key"`
-	State       string          `json:"state"` // cached, computed, failed, canceled, not selected
+	State       string          `json:"state"` // cached, computed, elsewhere, failed, canceled, not selected
 	Reason      string          `json:"reason,omitempty"`
 	Params      json.RawMessage `json:"params"`
 	Inputs      []InputRef      `json:"inputs"`
@@ -284,7 +290,7 @@ func (x *execution) compute(ctx context.Context, todo []*Step) error {
 	streams := map[*Step][]chan arrow.RecordBatch{}
 	tasks := map[*Step]*Task{}
 	for _, st := range order {
-		t := &Task{Name: st.Node.Name, Log: x.e.log().With("stage", st.Node.Name),
+		t := &Task{Name: st.Node.Name, Key: st.Key, Log: x.e.log().With("stage", st.Node.Name),
 			scratch: x.e.Store.scratchDir(st.Key),
 			tracker: trackers[st], stats: map[string]any{}, ctx: gctx,
 			keyed: st.keyed, inputs: map[string]*inputCheck{}}
@@ -378,7 +384,19 @@ func (x *execution) computeStep(ctx context.Context, st *Step, t *Task, committe
 			return fmt.Errorf("clearing the stage's resumable state: %w", err)
 		}
 	}
-	if err := runStage(ctx, st.Node.Runner, t); err != nil {
+	if err := runStage(ctx, st.Node.Runner, t); errors.Is(err, ErrWrittenElsewhere) {
+		// Its part done, the stage leaves the entry to another process.
+		p.abort()
+		close(committed)
+		for _, ch := range t.outs {
+			close(ch)
+		}
+		x.mu.Lock()
+		r.State, r.Reason, r.Stats = "elsewhere", st.Reason, t.stats
+		x.mu.Unlock()
+		x.e.log().Info("done here; another process writes the entry", "stage", st.Node.Name, "key", ShortKey(st.Key))
+		return nil
+	} else if err != nil {
 		// A file that changed under the stage is the cause to report, even
 		// when the stage tripped over it first (say, a half-written line).
 		if ctx.Err() != nil {

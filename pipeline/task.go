@@ -28,7 +28,10 @@ const TableFile = "data.arrow"
 // A Task is what a stage's Run gets: its inputs, a place for its outputs,
 // and ways to report.
 type Task struct {
-	Name   string
+	Name string
+	// Key is the stage's cache key: what the processes computing one stage
+	// together (the ranks of a training run) must agree on.
+	Key    string
 	Inputs []*Input
 	// Dir is the entry being written. Files the stage puts here become part
 	// of its cached output; the engine hashes and commits them.

@@ -211,7 +211,15 @@ func (s *qloraStage) Run(ctx context.Context, t *pipeline.Task) error {
 		mod, _ := trainer.ParseModule(tm)
 		targets = append(targets, mod)
 	}
+	// Started as one rank of several (torchrun, Slurm, pipeline run
+	// --gpus), the stage trains together with the other ranks.
+	group, err := joinRanks(ctx, t)
+	if err != nil {
+		return err
+	}
+	defer group.Close()
 	sess, err := trainer.OpenSession(ctx, s.p.Backend, trainer.SessionConfig{
+		Group: group.trainer(),
 		Model: model, Quantize: s.p.Quantize,
 		LoRA:                  trainer.LoRAConfig{R: s.p.R, Alpha: s.p.Alpha, Dropout: s.p.Dropout, Targets: targets},
 		Optimizer:             trainer.OptimizerConfig{Name: optimizer, WeightDecay: s.p.WeightDecay},
@@ -231,6 +239,11 @@ func (s *qloraStage) Run(ctx context.Context, t *pipeline.Task) error {
 	if err != nil {
 		return err
 	}
+	// Every rank reads rank 0's checkpoints.
+	checkpoints, err := group.rank0Path(filepath.Join(scratch, trainer.CheckpointsDirName))
+	if err != nil {
+		return err
+	}
 	started := time.Now()
 	live := startLiveEvents(t, scratch, s.p, started)
 	defer live.close()
@@ -239,7 +252,7 @@ func (s *qloraStage) Run(ctx context.Context, t *pipeline.Task) error {
 		MaxGradNorm: s.p.MaxGradNorm,
 		BatchSize:   s.p.BatchSize, GradAccum: s.p.GradAccum, Epochs: s.p.Epochs, MaxSteps: s.p.MaxSteps,
 		Seed: s.p.Seed, EvalFraction: s.p.EvalFraction, EvalEvery: s.p.EvalEvery, EvalData: heldOut, LogEvery: s.p.LogEvery,
-		CheckpointEvery: s.p.CheckpointEvery, OutDir: scratch, BaseModel: s.p.Model, Log: t.Log,
+		CheckpointEvery: s.p.CheckpointEvery, OutDir: scratch, CheckpointDir: checkpoints, BaseModel: s.p.Model, Log: t.Log,
 		Progress: func(p trainer.Progress) {
 			note := fmt.Sprintf("loss %.4f  lr %.2e  %.0f tok/s", p.Loss, p.LR, p.TokensPerSec)
 			if !math.IsNaN(p.EvalLoss) {
@@ -254,6 +267,9 @@ func (s *qloraStage) Run(ctx context.Context, t *pipeline.Task) error {
 	})
 	if err != nil {
 		return err
+	}
+	if group.rank() != 0 {
+		return pipeline.ErrWrittenElsewhere
 	}
 	// The results move into the entry; checkpoints stay in the scratch
 	// folder, which the engine removes once the entry is committed.

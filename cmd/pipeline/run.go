@@ -24,6 +24,7 @@ func init() {
 		jobs     int
 		report   string
 		noWait   bool
+		gpus     int
 		progress string
 		logEvery time.Duration
 	)
@@ -46,13 +47,30 @@ exit code is 130 or 143; a second signal stops at once. --report is checked to b
 writable before anything runs, and written whole or not at all.
 
 Exit codes: 0 success, 1 a stage failed, 2 usage or spec error, 75 busy (--no-wait),
-130/143 interrupted.`,
+130/143 interrupted.
+
+Training on several GPUs: --gpus N starts N processes on this machine; torchrun,
+srun and Kubernetes training operators start them across machines, setting RANK,
+WORLD_SIZE, LOCAL_RANK, MASTER_ADDR and MASTER_PORT (or SLURM_PROCID, SLURM_NTASKS,
+SLURM_LOCALID and the job's node list), which every process reads. Each runs the same
+command: rank 0 runs the DAG and writes every entry; the others compute what the
+training stage needs in a cache folder of their own (CACHE/ranks/RANK), train their
+share of each step with rank 0, and stop there. A rank that fails or goes away stops
+the others.`,
 		Example: `  pipeline run dags/gemma12b.yaml
   pipeline run dags/gemma12b.yaml --until pack        # preprocess only
   pipeline run dags/gemma12b.yaml --force tokens      # recompute one stage
-  pipeline run dags/gemma12b.yaml --no-wait --report /var/log/pipeline/last.json`,
+  pipeline run dags/gemma12b.yaml --no-wait --report /var/log/pipeline/last.json
+  pipeline run dags/gemma12b.yaml --gpus 2            # both GPUs of this machine
+  torchrun --nnodes 2 --nproc-per-node 8 --no-python pipeline run dags/gemma27b.yaml`,
 		Args: exactArgs(1, "one spec file"),
 		RunE: func(cmd *cobra.Command, args []string) error {
+			switch {
+			case gpus < 0:
+				return usageErr(fmt.Errorf("--gpus %d: give a number of GPUs", gpus))
+			case gpus > 1:
+				return launchRanks(gpus, os.Args[1:])
+			}
 			// A report that cannot be written is found out now, not after
 			// hours of training.
 			if report != "" {
@@ -60,9 +78,28 @@ Exit codes: 0 success, 1 a stage failed, 2 usage or spec error, 75 busy (--no-wa
 					return usageErr(fmt.Errorf("--report: %w", err))
 				}
 			}
-			dag, st, err := specAndStore(args)
+			dag, err := loadSpec(args[0])
 			if err != nil {
 				return err
+			}
+			ranks, err := planRanks(dag, opts)
+			if err != nil {
+				return err
+			}
+			root := pipeline.CacheRoot(cacheFlag, dag)
+			if ranks != nil && ranks.follow {
+				if ranks.stage == "" {
+					fmt.Fprintf(os.Stderr, "%v: nothing to do; only the training stage runs on every rank\n", ranks.rank)
+					return nil
+				}
+				// Up to the training stage, in a cache of its own; rank 0
+				// reports and writes the entries.
+				opts.Until, opts.Only, report = ranks.stage, "", ""
+				root = followerCache(root, ranks.rank.Rank)
+			}
+			st, err := pipeline.OpenStore(root)
+			if err != nil {
+				return failErr(err)
 			}
 			defer st.Close()
 			log, err := newLogger()
@@ -131,6 +168,7 @@ Exit codes: 0 success, 1 a stage failed, 2 usage or spec error, 75 busy (--no-wa
 	f.IntVar(&jobs, "jobs", 0, "cores the run may use (default: all)")
 	f.StringVar(&report, "report", "", "write a JSON report of the run to this file")
 	f.BoolVar(&noWait, "no-wait", false, "exit at once (code 75) if another run of this spec holds its lock")
+	f.IntVar(&gpus, "gpus", 1, "train on this many GPUs of this machine, one process each (under torchrun, srun or a training operator, leave it out)")
 	f.StringVar(&progress, "progress", "auto", "progress display: auto (live lines on a terminal, log lines otherwise), tty, log or none")
 	f.DurationVar(&logEvery, "log-every", 30*time.Second, "interval of progress log lines when not on a terminal")
 	root.AddCommand(cmd)

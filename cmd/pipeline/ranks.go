@@ -1,0 +1,227 @@
+package main
+
+import (
+	"errors"
+	"fmt"
+	"net"
+	"os"
+	"os/exec"
+	"os/signal"
+	"path/filepath"
+	"strconv"
+	"strings"
+	"sync"
+	"syscall"
+	"time"
+
+	"gemmaft/dist"
+	"gemmaft/pipeline"
+)
+
+// Training on several GPUs: one process per GPU, each running the same
+// `pipeline run`. The launcher (torchrun, srun, a Kubernetes operator, or
+// `pipeline run --gpus N` itself) tells each its rank; rank 0 runs the DAG
+// as a single process does and writes every entry; the other ranks
+// compute, in a cache folder of their own, what the training stage needs,
+// train their share with rank 0, and stop there.
+
+// rankPlan is what this process does as one rank of several.
+type rankPlan struct {
+	rank   dist.Rank
+	stage  string // the training stage every rank runs
+	follow bool   // a rank other than 0
+}
+
+// planRanks reads the launcher's variables; nil when this process runs
+// alone.
+func planRanks(dag *pipeline.DAG, opts pipeline.Options) (*rankPlan, error) {
+	r, ok, err := dist.FromEnv(os.Getenv)
+	if err != nil {
+		return nil, usageErr(fmt.Errorf("the launcher's variables: %w", err))
+	}
+	if !ok || r.Size == 1 {
+		return nil, nil
+	}
+	var stages []string
+	for _, n := range selectedNodes(dag, opts) {
+		if n.KindName == "qlora" {
+			stages = append(stages, n.Name)
+		}
+	}
+	if len(stages) > 1 {
+		return nil, usageErr(fmt.Errorf("%d ranks train one stage at a time, and this run selects %s: add --until or --only", r.Size, strings.Join(stages, ", ")))
+	}
+	p := &rankPlan{rank: r, follow: r.Rank != 0}
+	if len(stages) == 1 {
+		p.stage = stages[0]
+	}
+	return p, nil
+}
+
+// selectedNodes are the stages a run with opts computes or finds cached.
+func selectedNodes(dag *pipeline.DAG, opts pipeline.Options) []*pipeline.Node {
+	switch {
+	case opts.Only != "":
+		if n := dag.Node(opts.Only); n != nil {
+			return []*pipeline.Node{n}
+		}
+		return nil
+	case opts.Until != "":
+		seen := map[*pipeline.Node]bool{}
+		var walk func(n *pipeline.Node)
+		walk = func(n *pipeline.Node) {
+			if n == nil || seen[n] {
+				return
+			}
+			seen[n] = true
+			for _, up := range n.Needs {
+				walk(up)
+			}
+		}
+		walk(dag.Node(opts.Until))
+		var out []*pipeline.Node
+		for _, n := range dag.Nodes {
+			if seen[n] {
+				out = append(out, n)
+			}
+		}
+		return out
+	}
+	return dag.Nodes
+}
+
+// followerCache is the cache folder of rank r other than 0: its own, so
+// that ranks never write one entry at once nor wait on one another's lock.
+func followerCache(root string, r int) string {
+	return filepath.Join(root, "ranks", strconv.Itoa(r))
+}
+
+// launchRanks runs this command as n ranks on this machine, as torchrun
+// --nproc-per-node does: the same arguments less --gpus, the environment
+// unchanged but for RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR and
+// MASTER_PORT. Rank 0 prints to stdout; the others' output goes to stderr.
+// When a rank fails, the others end through their group within moments;
+// any left after a minute are killed.
+func launchRanks(n int, args []string) error {
+	if _, ok, _ := dist.FromEnv(os.Getenv); ok {
+		return usageErr(errors.New("--gpus starts the ranks itself; under torchrun, srun or a training operator leave it out"))
+	}
+	exe, err := os.Executable()
+	if err != nil {
+		return failErr(err)
+	}
+	addr, err := freeLoopback()
+	if err != nil {
+		return failErr(fmt.Errorf("finding a port for the ranks' rendezvous: %w", err))
+	}
+	cmds := make([]*exec.Cmd, n)
+	for r := range cmds {
+		c := exec.Command(exe, withoutGPUs(args)...)
+		c.Env = rankEnv(os.Environ(), r, n, addr)
+		c.Stdin, c.Stdout, c.Stderr = nil, os.Stderr, os.Stderr
+		if r == 0 {
+			c.Stdout = os.Stdout
+		}
+		if err := c.Start(); err != nil {
+			for _, s := range cmds[:r] {
+				s.Process.Kill()
+			}
+			return failErr(fmt.Errorf("starting rank %d: %w", r, err))
+		}
+		cmds[r] = c
+	}
+	// A signal to this process goes to every rank.
+	sigs := make(chan os.Signal, 2)
+	signal.Notify(sigs, syscall.SIGINT, syscall.SIGTERM)
+	defer signal.Stop(sigs)
+	go func() {
+		for s := range sigs {
+			for _, c := range cmds {
+				c.Process.Signal(s)
+			}
+		}
+	}()
+	type exit struct {
+		rank int
+		err  error
+	}
+	exits := make(chan exit, n)
+	var wg sync.WaitGroup
+	for r, c := range cmds {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			exits <- exit{r, c.Wait()}
+		}()
+	}
+	var first *exit
+	var killer *time.Timer
+	for range n {
+		e := <-exits
+		if e.err != nil && first == nil {
+			first = &e
+			killer = time.AfterFunc(time.Minute, func() {
+				for _, c := range cmds {
+					c.Process.Kill()
+				}
+			})
+		}
+	}
+	wg.Wait()
+	if killer != nil {
+		killer.Stop()
+	}
+	if first == nil {
+		return nil
+	}
+	code := exitFailed
+	var ee *exec.ExitError
+	if errors.As(first.err, &ee) && ee.ExitCode() > 0 {
+		code = ee.ExitCode()
+	}
+	return &exitError{code, fmt.Errorf("rank %d of %d failed (%v); the others stopped with it", first.rank, n, first.err)}
+}
+
+// rankEnv is env with rank r's variables set (replacing any of the same
+// name); everything else passes unchanged, the NCCL settings included.
+func rankEnv(env []string, r, n int, addr string) []string {
+	host, port, _ := net.SplitHostPort(addr)
+	set := map[string]string{"RANK": strconv.Itoa(r), "WORLD_SIZE": strconv.Itoa(n), "LOCAL_RANK": strconv.Itoa(r),
+		"MASTER_ADDR": host, "MASTER_PORT": port}
+	out := make([]string, 0, len(env)+len(set))
+	for _, kv := range env {
+		k, _, _ := strings.Cut(kv, "=")
+		if _, ok := set[k]; !ok {
+			out = append(out, kv)
+		}
+	}
+	for _, k := range []string{"RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"} {
+		out = append(out, k+"="+set[k])
+	}
+	return out
+}
+
+// withoutGPUs drops --gpus and its value from a command line.
+func withoutGPUs(args []string) []string {
+	var out []string
+	for i := 0; i < len(args); i++ {
+		a := args[i]
+		switch {
+		case a == "--gpus" || a == "-gpus":
+			i++ // its value
+		case strings.HasPrefix(a, "--gpus=") || strings.HasPrefix(a, "-gpus="):
+		default:
+			out = append(out, a)
+		}
+	}
+	return out
+}
+
+func freeLoopback() (string, error) {
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		return "", err
+	}
+	defer ln.Close()
+	return ln.Addr().String(), nil
+}

@@ -1,0 +1,185 @@
+package main
+
+import (
+	"bufio"
+	"encoding/json"
+	"fmt"
+	"math"
+	"os"
+	"path/filepath"
+	"slices"
+	"strconv"
+	"strings"
+	"syscall"
+	"testing"
+	"time"
+
+	"gemmaft/pipeline"
+)
+
+func TestRankEnv(t *testing.T) {
+	parent := []string{"PATH=/bin", "NCCL_NVLS_ENABLE=0", "NCCL_SOCKET_IFNAME=lo", "RANK=7", "CUDA_VISIBLE_DEVICES=0,1"}
+	got := rankEnv(parent, 1, 2, "127.0.0.1:4567")
+	for _, kv := range []string{"PATH=/bin", "NCCL_NVLS_ENABLE=0", "NCCL_SOCKET_IFNAME=lo", "CUDA_VISIBLE_DEVICES=0,1",
+		"RANK=1", "WORLD_SIZE=2", "LOCAL_RANK=1", "MASTER_ADDR=127.0.0.1", "MASTER_PORT=4567"} {
+		if !slices.Contains(got, kv) {
+			t.Errorf("a spawned rank's environment lacks %s: %v", kv, got)
+		}
+	}
+	if slices.Contains(got, "RANK=7") {
+		t.Errorf("the parent's RANK reached the rank: %v", got)
+	}
+	for in, want := range map[string]string{
+		"run a.yaml --gpus 2 --until q": "run a.yaml --until q",
+		"run --gpus=4 a.yaml":           "run a.yaml",
+		"run a.yaml":                    "run a.yaml",
+	} {
+		if got := strings.Join(withoutGPUs(strings.Fields(in)), " "); got != want {
+			t.Errorf("withoutGPUs(%q) = %q, want %q", in, got, want)
+		}
+	}
+}
+
+// entryOf is the entry of stage in the cache at root (rank 0's entries).
+func entryOf(t *testing.T, root, stage string) string {
+	t.Helper()
+	ms, _ := filepath.Glob(filepath.Join(root, "entries", "*", "*", "manifest.json"))
+	for _, m := range ms {
+		man, err := pipeline.ReadManifest(filepath.Dir(m))
+		if err == nil && man.Stage == stage {
+			return filepath.Dir(m)
+		}
+	}
+	t.Fatalf("no entry of stage %s in %s", stage, root)
+	return ""
+}
+
+func lossesOf(t *testing.T, path string) []float64 {
+	t.Helper()
+	f, err := os.Open(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer f.Close()
+	var out []float64
+	sc := bufio.NewScanner(f)
+	for sc.Scan() {
+		var m struct{ Loss float64 }
+		if err := json.Unmarshal(sc.Bytes(), &m); err != nil {
+			t.Fatal(err)
+		}
+		out = append(out, m.Loss)
+	}
+	return out
+}
+
+// TestRunOnTwoRanks: `pipeline run --gpus 2` (two processes, here training
+// on the CPU) trains the adapter one process trains, writes it once, in
+// rank 0's cache, and leaves rank 1's own cache without it.
+func TestRunOnTwoRanks(t *testing.T) {
+	if testing.Short() {
+		t.Skip("trains a tiny model twice")
+	}
+	dir := t.TempDir()
+	writeFile(t, filepath.Join(dir, "spec.yaml"), lrSpec(t, "1.0e-2"))
+	one := runCLI(t, dir, "run", "spec.yaml", "--cache", filepath.Join(dir, "one"), "--progress", "none")
+	if one.code != 0 {
+		t.Fatalf("one rank: exit %d\n%s", one.code, one.stderr)
+	}
+	two := runCLI(t, dir, "run", "spec.yaml", "--cache", filepath.Join(dir, "two"), "--progress", "none", "--gpus", "2")
+	if two.code != 0 {
+		t.Fatalf("two ranks: exit %d\n%s", two.code, two.stderr)
+	}
+	if !strings.Contains(two.stdout, "adapter") || !strings.Contains(two.stdout, "computed") {
+		t.Errorf("rank 0's summary is not on stdout:\n%s", two.stdout)
+	}
+	if !strings.Contains(two.stderr, "elsewhere") {
+		t.Errorf("rank 1 does not say that rank 0 writes the adapter:\n%s", two.stderr)
+	}
+	a, b := entryOf(t, filepath.Join(dir, "one"), "adapter"), entryOf(t, filepath.Join(dir, "two"), "adapter")
+	la, lb := lossesOf(t, filepath.Join(a, "metrics.jsonl")), lossesOf(t, filepath.Join(b, "metrics.jsonl"))
+	if len(la) != len(lb) || len(la) == 0 {
+		t.Fatalf("%d metric lines on one rank, %d on two", len(la), len(lb))
+	}
+	for i := range la {
+		if math.Abs(la[i]-lb[i]) > 1e-6*la[i] {
+			t.Errorf("step %d: loss %v on one rank, %v on two", i+1, la[i], lb[i])
+		}
+	}
+	if ms, _ := filepath.Glob(filepath.Join(dir, "two", "ranks", "1", "entries", "*", "*", "adapter")); len(ms) != 0 {
+		t.Errorf("rank 1 wrote an adapter entry: %v", ms)
+	}
+	if ms, _ := filepath.Glob(filepath.Join(dir, "two", "ranks", "1", "entries", "*", "*")); len(ms) == 0 {
+		t.Error("rank 1 computed the data stages nowhere")
+	}
+	t.Logf("losses %v on one rank, %v on two", la, lb)
+}
+
+// childOf finds the rank whose environment says RANK=rank among the
+// children of pid (Linux's /proc).
+func childOf(t *testing.T, pid, rank int) int {
+	t.Helper()
+	b, err := os.ReadFile(fmt.Sprintf("/proc/%d/task/%d/children", pid, pid))
+	if err != nil {
+		t.Skipf("no /proc children list: %v", err)
+	}
+	for _, f := range strings.Fields(string(b)) {
+		child, _ := strconv.Atoi(f)
+		env, _ := os.ReadFile(fmt.Sprintf("/proc/%d/environ", child))
+		if slices.Contains(strings.Split(string(env), "\x00"), fmt.Sprintf("RANK=%d", rank)) {
+			return child
+		}
+	}
+	return 0
+}
+
+// TestKilledRankStopsTheOthers: SIGKILL to rank 1 mid-training ends rank 0
+// and the launcher within a minute, naming the rank; running again resumes
+// from rank 0's last checkpoint and finishes.
+func TestKilledRankStopsTheOthers(t *testing.T) {
+	if testing.Short() {
+		t.Skip("trains a tiny model")
+	}
+	dir := t.TempDir()
+	spec := strings.Replace(lrSpec(t, "1.0e-2"), "max_steps: 6", "max_steps: 400", 1)
+	spec = strings.Replace(spec, "checkpoint_every: 0", "checkpoint_every: 5", 1)
+	writeFile(t, filepath.Join(dir, "spec.yaml"), spec)
+	cmd, _, stderr := startCLI(t, dir, nil, "run", "spec.yaml", "--progress", "none", "--gpus", "2")
+	// Training has begun once rank 0 has written a checkpoint.
+	deadline := time.Now().Add(2 * time.Minute)
+	for {
+		if cks, _ := filepath.Glob(filepath.Join(dir, "cache", "scratch", "*", "checkpoints", "step-*")); len(cks) > 0 {
+			break
+		}
+		if time.Now().After(deadline) {
+			cmd.Process.Kill()
+			t.Fatal("no checkpoint within two minutes")
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
+	rank1 := childOf(t, cmd.Process.Pid, 1)
+	if rank1 == 0 {
+		cmd.Process.Kill()
+		t.Fatal("rank 1 is not a child of the launcher")
+	}
+	killed := time.Now()
+	if err := syscall.Kill(rank1, syscall.SIGKILL); err != nil {
+		t.Fatal(err)
+	}
+	if code := exitCode(t, cmd, time.Minute); code == 0 {
+		t.Fatal("the launcher succeeded with rank 1 killed")
+	}
+	took := time.Since(killed)
+	if !strings.Contains(stderr.String(), "rank 1 went away") || !strings.Contains(stderr.String(), "rank 1 of 2 failed") {
+		t.Errorf("the error does not name rank 1:\n%s", stderr.String())
+	}
+	t.Logf("the others stopped %v after rank 1 was killed", took.Round(time.Millisecond))
+
+	again := runCLI(t, dir, "run", "spec.yaml", "--progress", "none", "--gpus", "2")
+	if again.code != 0 {
+		t.Fatalf("running again: exit %d\n%s", again.code, again.stderr)
+	}
+	if !strings.Contains(again.stderr, "resuming from a checkpoint") {
+		t.Errorf("the second run did not resume:\n%s", again.stderr)
+	}
+}

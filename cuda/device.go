@@ -132,6 +132,20 @@ type Device struct {
 	ctx    *Ctx
 }
 
+// DeviceCount is the number of CUDA devices this process sees (after
+// CUDA_VISIBLE_DEVICES).
+func DeviceCount() (int, error) {
+	l := loadLibs()
+	if err := l.usable(); err != nil {
+		return 0, err
+	}
+	var n int32
+	if err := l.cu.cuDeviceGetCount.check(uintptr(unsafe.Pointer(&n))); err != nil {
+		return 0, err
+	}
+	return int(n), nil
+}
+
 // Open starts device ordinal: it loads the libraries if needed, retains
 // the primary context on a locked OS thread and creates the context's
 // working stream. An error wrapping ErrUnavailable means "use the CPU".

@@ -45,6 +45,7 @@ func (o *Options) defaults() {
 // Collectives are called from one goroutine.
 type Group struct {
 	rank, size int
+	localRank  int
 	peers      []*peer // at rank 0, peers[r] is rank r (nil for 0); elsewhere peers[0] is rank 0
 	opt        Options
 	failed     error // the first failure: every later collective returns it
@@ -82,7 +83,7 @@ var keepAlive = net.KeepAliveConfig{Enable: true, Idle: 10 * time.Second, Interv
 // the join timeout. A run of one rank needs no connection.
 func Join(ctx context.Context, r Rank, opt Options) (*Group, error) {
 	opt.defaults()
-	g := &Group{rank: r.Rank, size: r.Size, opt: opt}
+	g := &Group{rank: r.Rank, size: r.Size, localRank: r.LocalRank, opt: opt}
 	if r.Size <= 1 {
 		return g, nil
 	}
@@ -216,9 +217,11 @@ func (g *Group) connect(ctx context.Context, addr string) error {
 	return nil
 }
 
-// Rank and Size place this process in the group.
-func (g *Group) Rank() int { return g.rank }
-func (g *Group) Size() int { return g.size }
+// Rank and Size place this process in the group; LocalRank among the
+// ranks of its machine (the GPU it takes).
+func (g *Group) Rank() int      { return g.rank }
+func (g *Group) Size() int      { return g.size }
+func (g *Group) LocalRank() int { return g.localRank }
 
 // AllReduceSum replaces x with its sum over the ranks: rank 0 adds the
 // parts in rank order, so that every rank gets the same bits.

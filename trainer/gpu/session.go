@@ -22,7 +22,8 @@ type session struct {
 	ws    *workspace
 	owned []cuda.Buffer
 	peak  int64
-	prof  *profiler // nil unless StartProfile
+	prof  *profiler  // nil unless StartProfile
+	comm  *cuda.Comm // the gradients' all-reduce when training with other ranks
 
 	ropeCos, ropeSin [2][]float32
 }
@@ -70,7 +71,11 @@ func open(ctx context.Context, info trainer.ModelInfo, cfg trainer.SessionConfig
 	if mc.Heads%mc.KVHeads != 0 {
 		return nil, fmt.Errorf("gpu: %d heads are not a multiple of %d key/value heads", mc.Heads, mc.KVHeads)
 	}
-	dev, err := cuda.Open(0)
+	ordinal, err := deviceOf(cfg.Group)
+	if err != nil {
+		return nil, err
+	}
+	dev, err := cuda.Open(ordinal)
 	if err != nil {
 		return nil, err
 	}
@@ -97,6 +102,10 @@ func open(ctx context.Context, info trainer.ModelInfo, cfg trainer.SessionConfig
 		s.k, err = kernels.Load(c, prec, mc.HeadDim)
 		return err
 	}); err != nil {
+		return fail(err)
+	}
+	// Before the weights load: a group that cannot form fails at once.
+	if err := s.joinComm(); err != nil {
 		return fail(err)
 	}
 	if err := ctx.Err(); err != nil {
@@ -215,6 +224,9 @@ func (s *session) PeakMemory() int64 { return s.peak }
 func (s *session) Close() error {
 	if s.dev == nil {
 		return nil
+	}
+	if s.comm != nil {
+		_ = s.dev.Do(func(*cuda.Ctx) error { return s.comm.Destroy() })
 	}
 	err := s.dev.Close()
 	s.dev = nil

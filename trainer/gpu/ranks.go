@@ -1,0 +1,76 @@
+package gpu
+
+import (
+	"fmt"
+
+	"gemmaft/cuda"
+	"gemmaft/trainer"
+)
+
+// Training with other ranks: each rank's session runs on its own GPU and
+// sums its LoRA gradients with the others' through NCCL before each step.
+
+// deviceOf is the GPU a rank of g takes: its local rank among the devices
+// it sees, or the only one when the launcher gave each rank one GPU
+// (CUDA_VISIBLE_DEVICES, Slurm's --gpus-per-task).
+func deviceOf(g trainer.Group) (int, error) {
+	lr, ok := g.(interface{ LocalRank() int })
+	if g == nil || g.Size() == 1 || !ok {
+		return 0, nil
+	}
+	n, err := cuda.DeviceCount()
+	if err != nil {
+		return 0, err
+	}
+	switch {
+	case n == 1:
+		return 0, nil
+	case lr.LocalRank() < n:
+		return lr.LocalRank(), nil
+	}
+	return 0, fmt.Errorf("gpu: local rank %d, but this process sees %d GPUs: start at most one rank per GPU on each machine", lr.LocalRank(), n)
+}
+
+// joinComm forms the NCCL communicator of the session's group: rank 0
+// makes its id and sends it to the others over the group.
+func (s *session) joinComm() error {
+	g := s.cfg.Group
+	if g == nil || g.Size() == 1 {
+		return nil
+	}
+	var id cuda.NCCLUniqueID
+	if g.Rank() == 0 {
+		var err error
+		if id, err = cuda.NewNCCLUniqueID(); err != nil {
+			return fmt.Errorf("gpu: NCCL, which training on several GPUs needs: %w", err)
+		}
+	}
+	b, err := g.Broadcast(0, id.Internal[:])
+	if err != nil {
+		return err
+	}
+	if len(b) != len(id.Internal) {
+		return fmt.Errorf("gpu: rank 0 sent an NCCL id of %d bytes", len(b))
+	}
+	copy(id.Internal[:], b)
+	return s.dev.Do(func(c *cuda.Ctx) error {
+		var err error
+		s.comm, err = c.NewComm(id, g.Rank(), g.Size())
+		return err
+	})
+}
+
+// AllReduceGrads sums the LoRA gradients over the ranks, in place, in
+// float32 on the working stream (the optimizer step that follows runs on
+// it too).
+func (s *session) AllReduceGrads() error {
+	if s.comm == nil {
+		return nil
+	}
+	return s.dev.Do(func(c *cuda.Ctx) error {
+		if err := s.comm.AllReduceSumF32(c, s.lora.grad.Ptr, s.lora.total); err != nil {
+			return err
+		}
+		return s.comm.AsyncError()
+	})
+}

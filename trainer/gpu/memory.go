@@ -21,6 +21,10 @@ type MemoryPlan struct {
 	Activations int64 // one block's activations (every block's without checkpointing)
 	Work        int64 // backward temporaries, the loss chunk, batch tables
 	Runtime     int64 // CUDA context, cuBLASLt workspace, kernel modules
+	// Offload keeps the saved inputs in pinned host memory (Host bytes),
+	// three slots of them on the device.
+	Offload bool
+	Host    int64
 }
 
 // runtimeBytes is what the CUDA context, the cuBLASLt workspace and the
@@ -43,11 +47,44 @@ func (p MemoryPlan) String() string {
 	for _, x := range parts {
 		out = append(out, fmt.Sprintf("%s %.2f", x.name, gib(x.b)))
 	}
-	return strings.Join(out, ", ") + " GiB"
+	s := strings.Join(out, ", ") + " GiB"
+	if p.Offload {
+		s += fmt.Sprintf("; saved inputs offloaded to %.2f GiB of pinned host memory", gib(p.Host))
+	}
+	return s
+}
+
+// choosePlan plans the session, offloading the saved layer inputs when
+// OffloadEnv says on, or says auto and the run would not fit in free
+// bytes without. Offloading needs gradient checkpointing and more than
+// three saved inputs.
+func choosePlan(cfg *trainer.Config, sc trainer.SessionConfig, prec kernels.Precision, free int64) (MemoryPlan, error) {
+	mode, err := offloadMode()
+	if err != nil {
+		return MemoryPlan{}, err
+	}
+	plain := Plan(cfg, sc, prec)
+	can := sc.GradientCheckpointing && cfg.Layers+1 > offloadSlots
+	switch {
+	case mode == "on" && !can:
+		return plain, fmt.Errorf("%s=on: offloading the saved layer inputs needs gradient_checkpointing (and more than %d layers)", OffloadEnv, offloadSlots-1)
+	case mode == "on", mode == "auto" && can && plain.Total() > free:
+		return PlanOffloaded(cfg, sc, prec), nil
+	}
+	return plain, nil
 }
 
 // Plan computes the memory plan of a session of sc over a model of cfg.
 func Plan(cfg *trainer.Config, sc trainer.SessionConfig, prec kernels.Precision) MemoryPlan {
+	return plan(cfg, sc, prec, false)
+}
+
+// PlanOffloaded is Plan with the saved layer inputs in host memory.
+func PlanOffloaded(cfg *trainer.Config, sc trainer.SessionConfig, prec kernels.Precision) MemoryPlan {
+	return plan(cfg, sc, prec, true)
+}
+
+func plan(cfg *trainer.Config, sc trainer.SessionConfig, prec kernels.Precision, offload bool) MemoryPlan {
 	act := prec.Size()
 	var p MemoryPlan
 	sz := cuda.AllocSize
@@ -78,7 +115,11 @@ func Plan(cfg *trainer.Config, sc trainer.SessionConfig, prec kernels.Precision)
 		}
 		p.Optimizer += sz(8 * (kernels.NormPartials + 1))
 	}
-	_, specs := layoutWorkspace(cfg, sc, act, max(sc.MaxTokens, 1))
+	_, specs := layoutWorkspace(cfg, sc, act, max(sc.MaxTokens, 1), offload)
+	if offload {
+		p.Offload = true
+		p.Host = int64(cfg.Layers) * int64(max(sc.MaxTokens, 1)) * int64(cfg.Hidden) * act
+	}
 	for _, b := range specs {
 		switch b.group {
 		case groupSaved:

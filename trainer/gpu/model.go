@@ -79,7 +79,8 @@ const (
 
 // layoutWorkspace lays out the workspace for T tokens: the buffers
 // allocWorkspace allocates and Plan counts.
-func layoutWorkspace(cfg *trainer.Config, sc trainer.SessionConfig, act int64, T int) (*workspace, []bufSpec) {
+// With offload, three slots stand for the saved inputs (see offloader).
+func layoutWorkspace(cfg *trainer.Config, sc trainer.SessionConfig, act int64, T int, offload bool) (*workspace, []bufSpec) {
 	Hd, I, H, KV, D, V, R := int64(cfg.Hidden), int64(cfg.Intermediate), int64(cfg.Heads), int64(cfg.KVHeads), int64(cfg.HeadDim), int64(cfg.VocabSize), int64(sc.LoRA.R)
 	t := int64(T)
 	ws := &workspace{T: T}
@@ -92,6 +93,9 @@ func layoutWorkspace(cfg *trainer.Config, sc trainer.SessionConfig, act int64, T
 		}
 	}
 	ws.inputs = make([]cuda.Buffer, cfg.Layers+1)
+	if offload {
+		ws.inputs = make([]cuda.Buffer, offloadSlots)
+	}
 	for i := range ws.inputs {
 		add(groupSaved, t*Hd*act, &ws.inputs[i])
 	}
@@ -141,7 +145,8 @@ func layoutWorkspace(cfg *trainer.Config, sc trainer.SessionConfig, act int64, T
 
 // allocWorkspace allocates the workspace for T tokens.
 func (s *session) allocWorkspace(c *cuda.Ctx, T int) error {
-	ws, specs := layoutWorkspace(s.info.Config, s.cfg, s.k.Prec.Size(), T)
+	cfg := s.info.Config
+	ws, specs := layoutWorkspace(cfg, s.cfg, s.k.Prec.Size(), T, s.plan.Offload)
 	for _, b := range specs {
 		var err error
 		if *b.buf, err = s.alloc(c, b.bytes, b.group); err != nil {
@@ -149,6 +154,11 @@ func (s *session) allocWorkspace(c *cuda.Ctx, T int) error {
 		}
 	}
 	s.ws = ws
+	if s.plan.Offload {
+		var err error
+		s.off, err = newOffloader(c, cfg.Layers, [offloadSlots]cuda.Buffer(ws.inputs), int64(T)*int64(cfg.Hidden)*s.k.Prec.Size())
+		return err
+	}
 	return nil
 }
 
@@ -517,15 +527,29 @@ func (s *session) run(b *trainer.Batch, grad bool, normalizer float64, dropoutSe
 			return err
 		}
 		d := s.dropout(dropoutSeed, grad)
-		if err := s.k.Embed(c, ws.ids.Ptr, s.w.embed.Ptr, s.info.EmbedScale(), ws.inputs[0].Ptr, T, Hd); err != nil {
+		off := s.off
+		input := func(i int) cuda.DevicePtr { return ws.inputs[i].Ptr }
+		if off != nil {
+			input = off.forwardSlot
+			defer off.finish()
+		}
+		if err := s.k.Embed(c, ws.ids.Ptr, s.w.embed.Ptr, s.info.EmbedScale(), input(0), T, Hd); err != nil {
 			return err
 		}
 		for l := 0; l < cfg.Layers; l++ {
-			if err := s.layerForward(c, T, l, ws.inputs[l].Ptr, ws.inputs[l+1].Ptr, s.cache(l), d); err != nil {
+			if off != nil && grad {
+				if err := off.save(c, l); err != nil {
+					return err
+				}
+				if err := off.beforeWrite(c, l+1); err != nil {
+					return err
+				}
+			}
+			if err := s.layerForward(c, T, l, input(l), input(l+1), s.cache(l), d); err != nil {
 				return err
 			}
 		}
-		xL := ws.inputs[cfg.Layers].Ptr
+		xL := input(cfg.Layers)
 		if err := s.k.RMSNorm(c, xL, s.w.finalNorm.Ptr, 0, ws.xf.Ptr, ws.rstdF.Ptr, T, Hd, cfg.RMSNormEps); err != nil {
 			return err
 		}
@@ -578,14 +602,26 @@ func (s *session) run(b *trainer.Batch, grad bool, normalizer float64, dropoutSe
 		if err := s.k.RMSNormBackwardF32(c, ws.dxf.Ptr, xL, s.w.finalNorm.Ptr, ws.rstdF.Ptr, 0, ws.dout.Ptr, T, Hd); err != nil {
 			return err
 		}
+		if off != nil {
+			if err := off.startBackward(c); err != nil {
+				return err
+			}
+		}
 		for l := cfg.Layers - 1; l >= 0; l-- {
-			if s.cfg.GradientCheckpointing {
-				// Recompute the block's activations from its saved input.
-				if err := s.layerForward(c, T, l, ws.inputs[l].Ptr, ws.inputs[l+1].Ptr, s.cache(l), d); err != nil {
+			in, out := input(l), input(l+1)
+			if off != nil {
+				var err error
+				if in, out, err = off.backwardSlots(c, l); err != nil {
 					return err
 				}
 			}
-			if err := s.layerBackward(c, T, l, ws.inputs[l].Ptr, s.cache(l), d); err != nil {
+			if s.cfg.GradientCheckpointing {
+				// Recompute the block's activations from its saved input.
+				if err := s.layerForward(c, T, l, in, out, s.cache(l), d); err != nil {
+					return err
+				}
+			}
+			if err := s.layerBackward(c, T, l, in, s.cache(l), d); err != nil {
 				return err
 			}
 		}

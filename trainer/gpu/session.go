@@ -24,6 +24,7 @@ type session struct {
 	peak  int64
 	prof  *profiler  // nil unless StartProfile
 	comm  *cuda.Comm // the gradients' all-reduce when training with other ranks
+	off   *offloader // nil unless the saved layer inputs live on the host
 
 	ropeCos, ropeSin [2][]float32
 }
@@ -80,7 +81,6 @@ func open(ctx context.Context, info trainer.ModelInfo, cfg trainer.SessionConfig
 		return nil, err
 	}
 	s := &session{dev: dev, cfg: cfg, info: info}
-	s.plan = Plan(mc, cfg, prec)
 	fail := func(err error) (trainer.Session, error) {
 		s.Close()
 		return nil, err
@@ -91,6 +91,9 @@ func open(ctx context.Context, info trainer.ModelInfo, cfg trainer.SessionConfig
 		free, _, err = c.MemInfo()
 		return err
 	}); err != nil {
+		return fail(err)
+	}
+	if s.plan, err = choosePlan(mc, cfg, prec, free); err != nil {
 		return fail(err)
 	}
 	if need := s.plan.Total(); need > free {
@@ -227,6 +230,9 @@ func (s *session) Close() error {
 	}
 	if s.comm != nil {
 		_ = s.dev.Do(func(*cuda.Ctx) error { return s.comm.Destroy() })
+	}
+	if s.off != nil {
+		_ = s.dev.Do(func(c *cuda.Ctx) error { s.off.free(c); return nil })
 	}
 	err := s.dev.Close()
 	s.dev = nil

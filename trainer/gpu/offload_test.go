@@ -1,0 +1,146 @@
+package gpu
+
+import (
+	"context"
+	"strings"
+	"testing"
+
+	"gemmaft/cuda/cudatest"
+	"gemmaft/trainer"
+	"gemmaft/trainer/gpu/kernels"
+)
+
+// TestOffloadPlan: offloading takes the saved layer inputs but three off
+// the device and puts them in pinned host memory; auto offloads only a run
+// that would not fit otherwise, and only with gradient checkpointing.
+func TestOffloadPlan(t *testing.T) {
+	mc, _ := trainer.Preset("12b")
+	sc := trainer.SessionConfig{Quantize: "nf4", LoRA: trainer.LoRAConfig{R: 32, Alpha: 64, Targets: trainer.AllModules},
+		Optimizer: trainer.OptimizerConfig{Name: "adamw_8bit"}, GradientCheckpointing: true, MaxTokens: 2 * 4096}
+	if err := sc.Validate(); err != nil {
+		t.Fatal(err)
+	}
+	plain, off := Plan(mc, sc, kernels.BF16), PlanOffloaded(mc, sc, kernels.BF16)
+	input := int64(2*4096) * int64(mc.Hidden) * 2
+	if plain.Saved < int64(mc.Layers+1)*input || off.Saved > 3*input+3*(1<<21) || off.Host != int64(mc.Layers)*input {
+		t.Errorf("saved %d → %d bytes, host %d; one input is %d bytes, %d layers", plain.Saved, off.Saved, off.Host, input, mc.Layers)
+	}
+	if d := plain.Total() - off.Total(); d != plain.Saved-off.Saved {
+		t.Errorf("offloading changed more than the saved inputs: %d", d)
+	}
+	t.Logf("12B seq 4096 batch 2: %.2f GiB, offloaded %.2f GiB (%s)", gib(plain.Total()), gib(off.Total()), off)
+
+	for _, c := range []struct {
+		env      string
+		ckpt     bool
+		free     int64
+		offload  bool
+		errorHas string
+	}{
+		{"", true, plain.Total() + 1, false, ""},
+		{"auto", true, plain.Total() - 1, true, ""},
+		{"off", true, plain.Total() - 1, false, ""},
+		{"on", true, plain.Total() + 1, true, ""},
+		{"on", false, plain.Total() + 1, false, "gradient_checkpointing"},
+		{"auto", false, 1, false, ""},
+		{"yes", true, 1, false, "use auto, on or off"},
+	} {
+		t.Setenv(OffloadEnv, c.env)
+		s := sc
+		s.GradientCheckpointing = c.ckpt
+		p, err := choosePlan(mc, s, kernels.BF16, c.free)
+		if c.errorHas != "" {
+			if err == nil || !strings.Contains(err.Error(), c.errorHas) {
+				t.Errorf("%s=%q, checkpointing %v: %v, want an error saying %q", OffloadEnv, c.env, c.ckpt, err, c.errorHas)
+			}
+			continue
+		}
+		if err != nil || p.Offload != c.offload {
+			t.Errorf("%s=%q, checkpointing %v, %d bytes free: offload %v (%v), want %v", OffloadEnv, c.env, c.ckpt, c.free, p.Offload, err, c.offload)
+		}
+	}
+}
+
+// TestOffloadIsExact: with the saved inputs offloaded, losses and
+// gradients are those of the same session without, bit for bit.
+func TestOffloadIsExact(t *testing.T) {
+	cudatest.Device(t)
+	sc, _ := demoOptions()
+	sc.Model = demoModel(t)
+	sc.MaxTokens = 2 * 512
+	rows := syntheticRows(262144, 4, 512, 5)
+	a, err := trainer.NewAdapter(mustConfig(t, sc.Model), sc.LoRA, 3)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, l := range a.Layers {
+		for _, w := range l {
+			for i := range w.B {
+				w.B[i] = 0.01 * float32(i%7-3)
+			}
+		}
+	}
+	type outcome struct {
+		losses []float64
+		grads  []trainer.Param
+	}
+	run := func(mode string) outcome {
+		t.Setenv(OffloadEnv, mode)
+		s, err := trainer.OpenSession(context.Background(), "cuda", sc)
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer s.Close()
+		if got := s.(*session).plan.Offload; got != (mode == "on") {
+			t.Fatalf("%s=%s: offload %v", OffloadEnv, mode, got)
+		}
+		if err := s.SetState(a, nil); err != nil {
+			t.Fatal(err)
+		}
+		var o outcome
+		for i := 0; i < 2; i++ {
+			b, err := trainer.NewBatch(rows[2*i : 2*i+2])
+			if err != nil {
+				t.Fatal(err)
+			}
+			l, _, err := s.LossAndGrad(b, 1000, uint64(i))
+			if err != nil {
+				t.Fatal(err)
+			}
+			e, _, err := s.Loss(b)
+			if err != nil {
+				t.Fatal(err)
+			}
+			o.losses = append(o.losses, l, e)
+		}
+		g, err := s.Grads()
+		if err != nil {
+			t.Fatal(err)
+		}
+		o.grads = g.Params()
+		return o
+	}
+	plain, off := run("off"), run("on")
+	for i := range plain.losses {
+		if plain.losses[i] != off.losses[i] {
+			t.Errorf("loss %d: %v without offloading, %v with", i, plain.losses[i], off.losses[i])
+		}
+	}
+	for i := range plain.grads {
+		for j := range plain.grads[i].Data {
+			if plain.grads[i].Data[j] != off.grads[i].Data[j] {
+				t.Fatalf("%s[%d]: gradient %v without offloading, %v with", plain.grads[i].Name, j, plain.grads[i].Data[j], off.grads[i].Data[j])
+			}
+		}
+	}
+	t.Logf("losses %v, identical with the inputs offloaded", plain.losses)
+}
+
+func mustConfig(t *testing.T, dir string) *trainer.Config {
+	t.Helper()
+	ck, err := trainer.OpenCheckpoint(dir)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return ck.Config
+}

@@ -16,7 +16,7 @@ shift || true
 presets=("${@:-1b 12b}")
 tmp=$(mktemp -d)
 trap 'rm -rf "$tmp"' EXIT
-printf '%-6s %12s %12s %8s %10s %10s %8s %6s\n' preset "ours tok/s" "HF tok/s" ratio "ours GiB" "HF GiB" MFU HFU
+printf '%-6s %12s %12s %8s %10s %10s %10s %8s %6s\n' preset "ours tok/s" "HF tok/s" ratio "ours GiB" "planned" "HF GiB" MFU HFU
 for p in ${presets[@]}; do
 	batch=2
 	[ "$p" = 27b ] && batch=1
@@ -28,7 +28,7 @@ for p in ${presets[@]}; do
 import json, sys
 o, h = (json.loads(open(f).read().strip().splitlines()[-1]) for f in sys.argv[1:3])
 print(f"{o['preset']:<6} {o['tokens_per_sec']:12.0f} {h['tokens_per_sec']:12.0f} {o['tokens_per_sec']/h['tokens_per_sec']:7.2f}x "
-      f"{o['peak_gib']:10.2f} {h['peak_gib']:10.2f} {100*o['mfu']:7.1f}% {100*o['hfu']:5.1f}%")
+      f"{o['peak_gib']:10.2f} {o.get('planned_gib', 0):10.2f} {h['peak_gib']:10.2f} {100*o['mfu']:7.1f}% {100*o['hfu']:5.1f}%")
 print("  ours:", json.dumps(o))
 print("  HF:  ", json.dumps(h))
 PY

@@ -230,6 +230,11 @@ func (s *qloraStage) Run(ctx context.Context, t *pipeline.Task) error {
 		return fmt.Errorf("loading %s on backend %s: %w", model, s.p.Backend, err)
 	}
 	defer sess.Close()
+	if mp, ok := sess.(trainer.MemoryPlanner); ok {
+		bytes, detail := mp.PlannedMemory()
+		t.Log.Info("GPU memory planned", "gib", fmt.Sprintf("%.2f", float64(bytes)/(1<<30)), "plan", detail)
+		t.SetStat("planned_gpu_gib", float64(bytes)/(1<<30))
+	}
 	// The session has read the checkpoint's files by their paths: check
 	// that they were the ones the key holds before training on them.
 	if err := t.CheckFiles(s.model.files...); err != nil {

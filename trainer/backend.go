@@ -148,6 +148,13 @@ type Session interface {
 	Close() error
 }
 
+// MemoryPlanner is a Session that planned its device memory from the
+// shapes before loading: its total in bytes and what it is made of, for
+// the log before a run starts.
+type MemoryPlanner interface {
+	PlannedMemory() (bytes int64, detail string)
+}
+
 // OptimizerState is an optimizer's state as checkpoints store it: the
 // number of updates taken and named tensors (for AdamW "<param>.exp_avg"
 // and "<param>.exp_avg_sq"; for 8-bit AdamW the quantised moments and

@@ -92,6 +92,7 @@ type benchResult struct {
 	TokensPerSec float64 `json:"tokens_per_sec"`
 	StepSec      float64 `json:"step_sec"`
 	PeakGiB      float64 `json:"peak_gib"`
+	PlannedGiB   float64 `json:"planned_gib"` // the memory plan, printed before the first step
 	MFU          float64 `json:"mfu"`
 	HFU          float64 `json:"hfu"`
 	Loss         float64 `json:"loss"`
@@ -165,6 +166,12 @@ func runBench(ctx context.Context, w io.Writer, o benchOptions) error {
 		return failErr(fmt.Errorf("bench train: %w", err))
 	}
 	defer s.Close()
+	var planned int64
+	if mp, ok := s.(trainer.MemoryPlanner); ok {
+		var detail string
+		planned, detail = mp.PlannedMemory()
+		fmt.Fprintf(os.Stderr, "planned GPU memory: %.2f GiB (%s)\n", float64(planned)/(1<<30), detail)
+	}
 	a, err := trainer.NewAdapter(mc, sc.LoRA, 1)
 	if err != nil {
 		return failErr(err)
@@ -220,7 +227,7 @@ func runBench(ctx context.Context, w io.Writer, o benchOptions) error {
 	}
 	res := benchResult{Preset: o.preset, SeqLen: o.seqLen, BatchSize: o.batch,
 		TokensPerSec: float64(o.accum*o.batch*o.seqLen) / median, StepSec: median,
-		PeakGiB: float64(s.PeakMemory()) / (1 << 30), Loss: loss}
+		PeakGiB: float64(s.PeakMemory()) / (1 << 30), PlannedGiB: float64(planned) / (1 << 30), Loss: loss}
 	if res.Preset == "" {
 		res.Preset = filepath.Base(o.model)
 	}

@@ -224,6 +224,8 @@ func (s *session) notePeak() {
 
 func (s *session) PeakMemory() int64 { return s.peak }
 
+func (s *session) PlannedMemory() (int64, string) { return s.plan.Total(), s.plan.String() }
+
 func (s *session) Close() error {
 	if s.dev == nil {
 		return nil

@@ -159,3 +159,39 @@ func TestGGUFNeedsTokenizer(t *testing.T) {
 		t.Errorf("%d entries after a failed conversion", n)
 	}
 }
+
+// TestGGUFAfterATokenizerWithoutConfig: training read a tokenizer.json with
+// no tokenizer_config.json beside it, so the merged model has none either;
+// the gguf stage says where to put it and which stage to force, and doing
+// so converts.
+func TestGGUFAfterATokenizerWithoutConfig(t *testing.T) {
+	r := newTestRun(t)
+	tok := testenv.GemmaFile(t, "tokenizer.json")
+	bare := filepath.Join(r.dir, "tok")
+	if err := os.MkdirAll(bare, 0o755); err != nil {
+		t.Fatal(err)
+	}
+	b, err := os.ReadFile(tok)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := os.WriteFile(filepath.Join(bare, "tokenizer.json"), b, 0o644); err != nil {
+		t.Fatal(err)
+	}
+	spec := r.spec(strings.ReplaceAll(exportSpec(t, ""), tok, filepath.Join(bare, "tokenizer.json")))
+	_, err = r.run(spec, pipeline.Options{})
+	if err == nil || !strings.Contains(err.Error(), "put the model's tokenizer_config.json there, then run again with --force merged") ||
+		!strings.Contains(err.Error(), bare) {
+		t.Fatalf("want the missing tokenizer_config.json named with its fix, got %v", err)
+	}
+	cfg, err := os.ReadFile(filepath.Join(filepath.Dir(tok), "tokenizer_config.json"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := os.WriteFile(filepath.Join(bare, "tokenizer_config.json"), cfg, 0o644); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := r.run(spec, pipeline.Options{Force: []string{"merged"}}); err != nil {
+		t.Fatalf("after the fix the message gives: %v", err)
+	}
+}

@@ -88,7 +88,9 @@ func (s *ggufStage) Run(ctx context.Context, t *pipeline.Task) error {
 		return err
 	}
 	var lineage []*pipeline.Manifest
+	var from *pipeline.Input
 	for _, in := range t.Inputs {
+		from = in
 		if model != "" {
 			return fmt.Errorf("both `model:` and stage %s name the model to convert; give one", in.Name)
 		}
@@ -110,6 +112,9 @@ func (s *ggufStage) Run(ctx context.Context, t *pipeline.Task) error {
 	}
 	if model == "" {
 		return fmt.Errorf("nothing to convert: add a merge stage to needs or set `model:` to a checkpoint folder")
+	}
+	if err := tokenizerConfigFor(model, from, lineage); err != nil {
+		return err
 	}
 	typ, _ := gguf.ParseType(s.p.Type)
 	file := s.p.Name + "." + typ.String() + ".gguf"
@@ -148,4 +153,27 @@ func (s *ggufStage) Run(ctx context.Context, t *pipeline.Task) error {
 	t.SetStat("type", typ.String())
 	t.SetStat("bytes", st.Size())
 	return nil
+}
+
+// tokenizerConfigFor checks that the checkpoint to convert has the
+// tokenizer_config.json the GGUF's special tokens and chat template come
+// from. A merge stage copies it from the folder of the tokenizer training
+// read; where that folder lacked it, the fix is there, then a new merge.
+func tokenizerConfigFor(model string, from *pipeline.Input, lineage []*pipeline.Manifest) error {
+	if _, err := os.Stat(filepath.Join(model, "tokenizer_config.json")); err == nil {
+		return nil
+	}
+	if from == nil || from.Kind != mergeKindName {
+		return nil // the converter says what the folder lacks
+	}
+	where := "the folder of the tokenizer.json training read"
+	if tok := provenanceOf(lineage).tokenize; tok != nil {
+		for _, f := range tok.Files {
+			if filepath.Base(f.Path) == "tokenizer.json" {
+				where = filepath.Dir(f.Path)
+			}
+		}
+	}
+	return fmt.Errorf("stage %s merged a model without tokenizer_config.json (special tokens and the chat template), because %s has none: "+
+		"put the model's tokenizer_config.json there, then run again with --force %s", from.Name, where, from.Name)
 }

@@ -101,7 +101,9 @@ func diagnose() doctorReport {
 	if found.DriverVersion > 0 {
 		rep.DriverVersion = fmt.Sprintf("%d.%d", found.DriverVersion/1000, found.DriverVersion%1000/10)
 	}
-	for _, l := range found.Libraries() {
+	// NCCL matters only for training on several GPUs: missing, it is
+	// reported, and the GPU stays usable.
+	for _, l := range append(found.Libraries(), *cuda.LoadNCCL()) {
 		dl := doctorLibrary{Name: l.Name, Found: l.Found(), Path: l.Path, Via: l.Via, Version: l.Version, Tried: l.Tried}
 		if l.Err != nil {
 			dl.Error = l.Err.Error()

@@ -21,7 +21,7 @@ func TestDoctor(t *testing.T) {
 	if err := json.Unmarshal(out.Bytes(), &rep); err != nil {
 		t.Fatalf("doctor --json printed invalid JSON: %v\n%s", err, out.String())
 	}
-	if len(rep.Libraries) != 3 || rep.GPUReason == "" || rep.Trainer != "cpu" {
+	if len(rep.Libraries) != 4 || rep.Libraries[3].Name != "NCCL" || rep.GPUReason == "" || rep.Trainer != "cpu" {
 		t.Errorf("incomplete report: %+v", rep)
 	}
 	gpu := cuda.Discover().Err == nil

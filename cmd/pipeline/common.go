@@ -11,6 +11,7 @@ import (
 	"github.com/mattn/go-isatty"
 	"github.com/spf13/cobra"
 
+	"gemmaft/dist"
 	"gemmaft/pipeline"
 	"gemmaft/stages"
 )
@@ -39,13 +40,21 @@ func newLogger() (*slog.Logger, error) {
 		return nil, usageErr(fmt.Errorf("--log-level %q: want debug, info, warn or error", logLevel))
 	}
 	opts := &slog.HandlerOptions{Level: level}
+	var h slog.Handler
 	switch logFormat {
 	case "text":
-		return slog.New(slog.NewTextHandler(logSink, opts)), nil
+		h = slog.NewTextHandler(logSink, opts)
 	case "json":
-		return slog.New(slog.NewJSONHandler(logSink, opts)), nil
+		h = slog.NewJSONHandler(logSink, opts)
+	default:
+		return nil, usageErr(fmt.Errorf("--log-format %q: want text or json", logFormat))
 	}
-	return nil, usageErr(fmt.Errorf("--log-format %q: want text or json", logFormat))
+	// The ranks of a run on several GPUs share a terminal or a job log:
+	// each line says whose it is.
+	if r, ok, err := dist.FromEnv(os.Getenv); err == nil && ok && r.Size > 1 {
+		h = h.WithAttrs([]slog.Attr{slog.Int("rank", r.Rank)})
+	}
+	return slog.New(h), nil
 }
 
 // stderrIsTerminal decides between live progress lines and log lines.

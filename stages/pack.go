@@ -112,30 +112,8 @@ func (s *packStage) Run(ctx context.Context, t *pipeline.Task) error {
 	if err != nil {
 		return err
 	}
-	bb := packer.NewBatchBuilder(memory.DefaultAllocator)
-	defer bb.Release()
-	flush := func() error {
-		if bb.Len() == 0 {
-			return nil
-		}
-		rec := bb.NewRecordBatch()
-		defer rec.Release()
-		return out.Write(rec)
-	}
-	stats, err := pk.Finish(func(r packer.Row) error {
-		if err := ctx.Err(); err != nil {
-			return err
-		}
-		bb.Append(r)
-		if bb.Len() == rowsPerBatch {
-			return flush()
-		}
-		return nil
-	})
+	stats, err := finishRows(ctx, pk, out.Write)
 	if err != nil {
-		return err
-	}
-	if err := flush(); err != nil {
 		return err
 	}
 	setStats(t, stats)
@@ -152,17 +130,9 @@ func (s *packStage) Run(ctx context.Context, t *pipeline.Task) error {
 	return nil
 }
 
-// writeHeldOut packs the held-out examples into their own file.
-func writeHeldOut(ctx context.Context, pk *packer.Packer, path string) (packer.Stats, error) {
-	f, err := os.Create(path)
-	if err != nil {
-		return packer.Stats{}, err
-	}
-	defer f.Close()
-	w, err := ipc.NewFileWriter(f, ipc.WithSchema(packer.Schema()))
-	if err != nil {
-		return packer.Stats{}, err
-	}
+// finishRows packs what pk holds and writes the rows in batches of
+// rowsPerBatch.
+func finishRows(ctx context.Context, pk *packer.Packer, write func(arrow.RecordBatch) error) (packer.Stats, error) {
 	bb := packer.NewBatchBuilder(memory.DefaultAllocator)
 	defer bb.Release()
 	flush := func() error {
@@ -171,7 +141,7 @@ func writeHeldOut(ctx context.Context, pk *packer.Packer, path string) (packer.S
 		}
 		rec := bb.NewRecordBatch()
 		defer rec.Release()
-		return w.Write(rec)
+		return write(rec)
 	}
 	stats, err := pk.Finish(func(r packer.Row) error {
 		if err := ctx.Err(); err != nil {
@@ -186,7 +156,22 @@ func writeHeldOut(ctx context.Context, pk *packer.Packer, path string) (packer.S
 	if err != nil {
 		return stats, err
 	}
-	if err := flush(); err != nil {
+	return stats, flush()
+}
+
+// writeHeldOut packs the held-out examples into their own file.
+func writeHeldOut(ctx context.Context, pk *packer.Packer, path string) (packer.Stats, error) {
+	f, err := os.Create(path)
+	if err != nil {
+		return packer.Stats{}, err
+	}
+	defer f.Close()
+	w, err := ipc.NewFileWriter(f, ipc.WithSchema(packer.Schema()))
+	if err != nil {
+		return packer.Stats{}, err
+	}
+	stats, err := finishRows(ctx, pk, w.Write)
+	if err != nil {
 		return stats, err
 	}
 	if err := w.Close(); err != nil {

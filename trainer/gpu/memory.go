@@ -126,10 +126,12 @@ func plan(cfg *trainer.Config, sc trainer.SessionConfig, prec kernels.Precision,
 			p.Saved += sz(b.bytes)
 		case groupLayer:
 			p.Activations += sz(b.bytes)
-		default:
+		case groupWork:
 			p.Work += sz(b.bytes)
 		}
 	}
+	_, shared := sharedRegion(specs)
+	p.Work += sz(shared)
 	p.Runtime = runtimeBytes
 	return p
 }

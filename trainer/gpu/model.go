@@ -75,7 +75,28 @@ const (
 	groupSaved = "saved layer inputs"
 	groupLayer = "layer activations"
 	groupWork  = "backward and loss buffers"
+	// The lm_head's cross-entropy chunk is used only between the forward
+	// and the backward pass through the blocks, and the blocks' backward
+	// temporaries only inside a block: the two groups share one region.
+	groupLoss    = "loss chunk (shared)"
+	groupScratch = "block temporaries (shared)"
 )
+
+// sharedRegion lays the buffers of groupLoss and of groupScratch over one
+// region: each group's buffers one after the other from its start. It
+// returns each such buffer's offset and the region's size.
+func sharedRegion(specs []bufSpec) (map[*cuda.Buffer]int64, int64) {
+	off := map[*cuda.Buffer]int64{}
+	ends := map[string]int64{}
+	for _, b := range specs {
+		if b.group != groupLoss && b.group != groupScratch {
+			continue
+		}
+		off[b.buf] = ends[b.group]
+		ends[b.group] += cuda.AllocSize(b.bytes)
+	}
+	return off, max(ends[groupLoss], ends[groupScratch])
+}
 
 // layoutWorkspace lays out the workspace for T tokens: the buffers
 // allocWorkspace allocates and Plan counts.
@@ -122,21 +143,25 @@ func layoutWorkspace(cfg *trainer.Config, sc trainer.SessionConfig, act int64, T
 		out, in := cfg.ProjShape(m)
 		maxIn, maxW = max(maxIn, int64(in)), max(maxW, int64(out)*int64(in))
 	}
-	add(groupWork, 4*t*Hd, &ws.dout, &ws.dx1, &ws.dxn, &ws.dxf)
-	add(groupWork, t*Hd*act, &ws.dd, &ws.xf)
-	add(groupWork, 4*t*I, &ws.dact)
-	add(groupWork, 4*t*H*D, &ws.datt, &ws.dqr)
-	add(groupWork, 4*t*KV*D, &ws.dkr, &ws.dvr)
-	add(groupWork, t*H*D*act, &ws.dq)
-	add(groupWork, t*KV*D*act, &ws.dk, &ws.dv)
-	add(groupWork, 4*t*H, &ws.delta)
-	add(groupWork, t*R*act, &ws.dxa)
-	add(groupWork, t*maxIn*act, &ws.xin)
-	add(groupWork, maxW*act, &ws.wbuf)
-	add(groupWork, C*Hd*act, &ws.hc)
-	add(groupWork, 4*C*Hd, &ws.dhc)
-	add(groupWork, 4*C*V, &ws.logits)
-	add(groupWork, C*V*act, &ws.glog)
+	// dout runs through the whole backward pass, dxf from the loss chunk
+	// into it, xf from the final norm into the loss chunk.
+	add(groupWork, 4*t*Hd, &ws.dout, &ws.dxf)
+	add(groupWork, t*Hd*act, &ws.xf)
+	add(groupScratch, 4*t*Hd, &ws.dx1, &ws.dxn)
+	add(groupScratch, t*Hd*act, &ws.dd)
+	add(groupScratch, 4*t*I, &ws.dact)
+	add(groupScratch, 4*t*H*D, &ws.datt, &ws.dqr)
+	add(groupScratch, 4*t*KV*D, &ws.dkr, &ws.dvr)
+	add(groupScratch, t*H*D*act, &ws.dq)
+	add(groupScratch, t*KV*D*act, &ws.dk, &ws.dv)
+	add(groupScratch, 4*t*H, &ws.delta)
+	add(groupScratch, t*R*act, &ws.dxa)
+	add(groupScratch, t*maxIn*act, &ws.xin)
+	add(groupScratch, maxW*act, &ws.wbuf)
+	add(groupLoss, C*Hd*act, &ws.hc)
+	add(groupLoss, 4*C*Hd, &ws.dhc)
+	add(groupLoss, 4*C*V, &ws.logits)
+	add(groupLoss, C*V*act, &ws.glog)
 	add(groupWork, 8*(t+1), &ws.rowLoss)
 	add(groupWork, 4*t, &ws.rstdF, &ws.ids, &ws.idx, &ws.tgt, &ws.lo[0], &ws.lo[1], &ws.hi[0], &ws.hi[1])
 	add(groupWork, 4*t*D/2, &ws.cos[0], &ws.cos[1], &ws.sin[0], &ws.sin[1])
@@ -147,7 +172,16 @@ func layoutWorkspace(cfg *trainer.Config, sc trainer.SessionConfig, act int64, T
 func (s *session) allocWorkspace(c *cuda.Ctx, T int) error {
 	cfg := s.info.Config
 	ws, specs := layoutWorkspace(cfg, s.cfg, s.k.Prec.Size(), T, s.plan.Offload)
+	offsets, size := sharedRegion(specs)
+	shared, err := s.alloc(c, size, groupLoss+" and "+groupScratch)
+	if err != nil {
+		return err
+	}
 	for _, b := range specs {
+		if o, ok := offsets[b.buf]; ok {
+			*b.buf = cuda.Buffer{Ptr: shared.Ptr.Add(o), Size: b.bytes}
+			continue
+		}
 		var err error
 		if *b.buf, err = s.alloc(c, b.bytes, b.group); err != nil {
 			return err
@@ -155,7 +189,6 @@ func (s *session) allocWorkspace(c *cuda.Ctx, T int) error {
 	}
 	s.ws = ws
 	if s.plan.Offload {
-		var err error
 		s.off, err = newOffloader(c, cfg.Layers, [offloadSlots]cuda.Buffer(ws.inputs), int64(T)*int64(cfg.Hidden)*s.k.Prec.Size())
 		return err
 	}

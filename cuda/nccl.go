@@ -4,6 +4,7 @@ import (
 	"errors"
 	"fmt"
 	"sync"
+	"sync/atomic"
 	"unsafe"
 
 	"github.com/ebitengine/purego"
@@ -108,9 +109,11 @@ func NewNCCLUniqueID() (NCCLUniqueID, error) {
 	return id, ncclCheck("ncclGetUniqueId", nccl.ncclGetUniqueId.call(uintptr(unsafe.Pointer(&id))), 0)
 }
 
-// Comm is one rank's NCCL communicator, on its device; use it inside Do.
+// Comm is one rank's NCCL communicator, on its device; use it inside Do,
+// except Abort, which another goroutine may call to end an operation that
+// waits on a rank that went away.
 type Comm struct {
-	h          uintptr
+	h          atomic.Uintptr
 	rank, size int
 }
 
@@ -127,7 +130,9 @@ func (c *Ctx) NewComm(id NCCLUniqueID, rank, size int) (*Comm, error) {
 	if err := ncclCheck("ncclCommInitRank", uintptr(uint32(nccl.initRank(&h, int32(size), id, int32(rank)))), 0); err != nil {
 		return nil, err
 	}
-	return &Comm{h: h, rank: rank, size: size}, nil
+	m := &Comm{rank: rank, size: size}
+	m.h.Store(h)
+	return m, nil
 }
 
 // NCCL's data types and reduction.
@@ -152,8 +157,12 @@ func (m *Comm) allReduce(c *Ctx, buf DevicePtr, n int64, dtype uintptr) error {
 	if err := c.check(); err != nil {
 		return err
 	}
-	r := nccl.ncclAllReduce.call(uintptr(buf), uintptr(buf), uintptr(n), dtype, ncclSum, m.h, c.stream.handle)
-	return ncclCheck("ncclAllReduce", r, m.h)
+	h := m.h.Load()
+	if h == 0 {
+		return errors.New("nccl: the communicator was aborted")
+	}
+	r := nccl.ncclAllReduce.call(uintptr(buf), uintptr(buf), uintptr(n), dtype, ncclSum, h, c.stream.handle)
+	return ncclCheck("ncclAllReduce", r, h)
 }
 
 // BroadcastF32 copies root's n float32 values at buf to every rank's buf.
@@ -161,38 +170,44 @@ func (m *Comm) BroadcastF32(c *Ctx, buf DevicePtr, n int64, root int) error {
 	if err := c.check(); err != nil {
 		return err
 	}
-	r := nccl.ncclBroadcast.call(uintptr(buf), uintptr(buf), uintptr(n), ncclFloat32, uintptr(root), m.h, c.stream.handle)
-	return ncclCheck("ncclBroadcast", r, m.h)
+	h := m.h.Load()
+	if h == 0 {
+		return errors.New("nccl: the communicator was aborted")
+	}
+	r := nccl.ncclBroadcast.call(uintptr(buf), uintptr(buf), uintptr(n), ncclFloat32, uintptr(root), h, c.stream.handle)
+	return ncclCheck("ncclBroadcast", r, h)
 }
 
 // AsyncError reports an error NCCL met in the background (a peer that went
 // away, a network failure), which a pending operation may otherwise wait
 // on for ever.
 func (m *Comm) AsyncError() error {
+	h := m.h.Load()
+	if h == 0 {
+		return errors.New("nccl: the communicator was aborted")
+	}
 	var r int32
-	if err := ncclCheck("ncclCommGetAsyncError", nccl.ncclCommGetAsyncError.call(m.h, uintptr(unsafe.Pointer(&r))), m.h); err != nil {
+	if err := ncclCheck("ncclCommGetAsyncError", nccl.ncclCommGetAsyncError.call(h, uintptr(unsafe.Pointer(&r))), h); err != nil {
 		return err
 	}
-	return ncclCheck("the communicator", uintptr(uint32(r)), m.h)
+	return ncclCheck("the communicator", uintptr(uint32(r)), h)
 }
 
 // Abort ends the communicator at once, without waiting for the other
-// ranks, unblocking whatever waits on it.
+// ranks: NCCL's kernels stop and whatever waits on them returns.
 func (m *Comm) Abort() error {
-	if m.h == 0 {
-		return errors.New("nccl: the communicator is closed")
+	h := m.h.Swap(0)
+	if h == 0 {
+		return nil
 	}
-	err := ncclCheck("ncclCommAbort", nccl.ncclCommAbort.call(m.h), 0)
-	m.h = 0
-	return err
+	return ncclCheck("ncclCommAbort", nccl.ncclCommAbort.call(h), 0)
 }
 
 // Destroy frees the communicator once its work is done.
 func (m *Comm) Destroy() error {
-	if m.h == 0 {
+	h := m.h.Swap(0)
+	if h == 0 {
 		return nil
 	}
-	err := ncclCheck("ncclCommDestroy", nccl.ncclCommDestroy.call(m.h), 0)
-	m.h = 0
-	return err
+	return ncclCheck("ncclCommDestroy", nccl.ncclCommDestroy.call(h), 0)
 }

@@ -2,6 +2,7 @@ package gpu
 
 import (
 	"fmt"
+	"time"
 
 	"gemmaft/cuda"
 	"gemmaft/trainer"
@@ -60,17 +61,30 @@ func (s *session) joinComm() error {
 	})
 }
 
+// reduceTimeout bounds one gradient all-reduce: a rank that died inside
+// it would otherwise leave the others waiting for ever. The ranks meet
+// over the group just before, so a live group takes milliseconds.
+const reduceTimeout = 5 * time.Minute
+
 // AllReduceGrads sums the LoRA gradients over the ranks, in place, in
-// float32 on the working stream (the optimizer step that follows runs on
-// it too).
+// float32 on the working stream, and waits for the sum. Past
+// reduceTimeout the communicator is aborted and the step fails.
 func (s *session) AllReduceGrads() error {
 	if s.comm == nil {
 		return nil
 	}
-	return s.dev.Do(func(c *cuda.Ctx) error {
+	watchdog := time.AfterFunc(reduceTimeout, func() { s.comm.Abort() })
+	err := s.dev.Do(func(c *cuda.Ctx) error {
 		if err := s.comm.AllReduceSumF32(c, s.lora.grad.Ptr, s.lora.total); err != nil {
+			return err
+		}
+		if err := c.Stream().Synchronize(); err != nil {
 			return err
 		}
 		return s.comm.AsyncError()
 	})
+	if !watchdog.Stop() {
+		return fmt.Errorf("gpu: summing the gradients with the other ranks took over %v; a rank stopped answering (NCCL aborted): %v", reduceTimeout, err)
+	}
+	return err
 }

@@ -4,39 +4,39 @@ import (
 	"context"
 	"os"
 
-	"gemmaft/dist"
 	"gemmaft/pipeline"
+	"gemmaft/ranks"
 	"gemmaft/trainer"
 )
 
-// ranks is this process's part in a training run over several processes,
-// nil when it trains alone.
-type ranks struct{ g *dist.Group }
+// rankGroup is this process's part in a training run over several
+// processes; nil when it trains alone.
+type rankGroup struct{ g *ranks.Group }
 
 // joinRanks joins the other ranks of the run when the launcher's variables
-// say there are some (see package dist). Every rank must be computing the
+// say there are some (see package ranks). Every rank must be computing the
 // same stage (its key) with the same program.
-func joinRanks(ctx context.Context, t *pipeline.Task) (*ranks, error) {
-	r, ok, err := dist.FromEnv(os.Getenv)
+func joinRanks(ctx context.Context, t *pipeline.Task) (*rankGroup, error) {
+	r, ok, err := ranks.FromEnv(os.Getenv)
 	if err != nil || !ok || r.Size == 1 {
 		return nil, err
 	}
 	t.Log.Info("training with other ranks", "rank", r.Rank, "ranks", r.Size, "rendezvous", r.Addr, "launcher", r.Launcher)
-	g, err := dist.Join(ctx, r, dist.Options{Token: "stage " + pipeline.ShortKey(t.Key) + ", program " + pipeline.Version()})
+	g, err := ranks.Join(ctx, r, ranks.Options{Token: "stage " + pipeline.ShortKey(t.Key) + ", program " + pipeline.Version()})
 	if err != nil {
 		return nil, err
 	}
-	return &ranks{g}, nil
+	return &rankGroup{g}, nil
 }
 
-func (r *ranks) trainer() trainer.Group {
+func (r *rankGroup) trainer() trainer.Group {
 	if r == nil {
 		return nil
 	}
 	return r.g
 }
 
-func (r *ranks) rank() int {
+func (r *rankGroup) rank() int {
 	if r == nil {
 		return 0
 	}
@@ -45,7 +45,7 @@ func (r *ranks) rank() int {
 
 // rank0Path is path as rank 0 names it, so that every rank reads the same
 // folder (the checkpoints).
-func (r *ranks) rank0Path(path string) (string, error) {
+func (r *rankGroup) rank0Path(path string) (string, error) {
 	if r == nil {
 		return path, nil
 	}
@@ -53,7 +53,7 @@ func (r *ranks) rank0Path(path string) (string, error) {
 	return string(b), err
 }
 
-func (r *ranks) Close() error {
+func (r *rankGroup) Close() error {
 	if r == nil {
 		return nil
 	}

@@ -11,8 +11,8 @@ import (
 	"github.com/mattn/go-isatty"
 	"github.com/spf13/cobra"
 
-	"gemmaft/dist"
 	"gemmaft/pipeline"
+	"gemmaft/ranks"
 	"gemmaft/stages"
 )
 
@@ -51,7 +51,7 @@ func newLogger() (*slog.Logger, error) {
 	}
 	// The ranks of a run on several GPUs share a terminal or a job log:
 	// each line says whose it is.
-	if r, ok, err := dist.FromEnv(os.Getenv); err == nil && ok && r.Size > 1 {
+	if r, ok, err := ranks.FromEnv(os.Getenv); err == nil && ok && r.Size > 1 {
 		h = h.WithAttrs([]slog.Attr{slog.Int("rank", r.Rank)})
 	}
 	return slog.New(h), nil

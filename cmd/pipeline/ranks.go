@@ -14,8 +14,8 @@ import (
 	"syscall"
 	"time"
 
-	"gemmaft/dist"
 	"gemmaft/pipeline"
+	"gemmaft/ranks"
 )
 
 // Training on several GPUs: one process per GPU, each running the same
@@ -27,7 +27,7 @@ import (
 
 // rankPlan is what this process does as one rank of several.
 type rankPlan struct {
-	rank   dist.Rank
+	rank   ranks.Rank
 	stage  string // the training stage every rank runs
 	follow bool   // a rank other than 0
 }
@@ -35,7 +35,7 @@ type rankPlan struct {
 // planRanks reads the launcher's variables; nil when this process runs
 // alone.
 func planRanks(dag *pipeline.DAG, opts pipeline.Options) (*rankPlan, error) {
-	r, ok, err := dist.FromEnv(os.Getenv)
+	r, ok, err := ranks.FromEnv(os.Getenv)
 	if err != nil {
 		return nil, usageErr(fmt.Errorf("the launcher's variables: %w", err))
 	}
@@ -103,7 +103,7 @@ func followerCache(root string, r int) string {
 // When a rank fails, the others end through their group within moments;
 // any left after a minute are killed.
 func launchRanks(n int, args []string) error {
-	if _, ok, _ := dist.FromEnv(os.Getenv); ok {
+	if _, ok, _ := ranks.FromEnv(os.Getenv); ok {
 		return usageErr(errors.New("--gpus starts the ranks itself; under torchrun, srun or a training operator leave it out"))
 	}
 	exe, err := os.Executable()

@@ -82,20 +82,20 @@ the others.`,
 			if err != nil {
 				return err
 			}
-			ranks, err := planRanks(dag, opts)
+			rp, err := planRanks(dag, opts)
 			if err != nil {
 				return err
 			}
 			root := pipeline.CacheRoot(cacheFlag, dag)
-			if ranks != nil && ranks.follow {
-				if ranks.stage == "" {
-					fmt.Fprintf(os.Stderr, "%v: nothing to do; only the training stage runs on every rank\n", ranks.rank)
+			if rp != nil && rp.follow {
+				if rp.stage == "" {
+					fmt.Fprintf(os.Stderr, "%v: nothing to do; only the training stage runs on every rank\n", rp.rank)
 					return nil
 				}
 				// Up to the training stage, in a cache of its own; rank 0
 				// reports and writes the entries.
-				opts.Until, opts.Only, report = ranks.stage, "", ""
-				root = followerCache(root, ranks.rank.Rank)
+				opts.Until, opts.Only, report = rp.stage, "", ""
+				root = followerCache(root, rp.rank.Rank)
 			}
 			st, err := pipeline.OpenStore(root)
 			if err != nil {

@@ -14,7 +14,7 @@ import (
 
 	"gemmaft/cuda"
 	"gemmaft/cuda/cudatest"
-	"gemmaft/dist"
+	"gemmaft/ranks"
 	"gemmaft/trainer"
 	"gemmaft/trainer/backendtest"
 )
@@ -70,7 +70,7 @@ func TestDataParallelOnGPUs(t *testing.T) {
 		wg.Add(1)
 		go func() {
 			defer wg.Done()
-			g, err := dist.Join(context.Background(), dist.Rank{Rank: r, Size: 2, LocalRank: r, Addr: addr}, dist.Options{Token: "t", JoinTimeout: time.Minute})
+			g, err := ranks.Join(context.Background(), ranks.Rank{Rank: r, Size: 2, LocalRank: r, Addr: addr}, ranks.Options{Token: "t", JoinTimeout: time.Minute})
 			if err != nil {
 				errs[r] = err
 				return

@@ -1,4 +1,4 @@
-// Package dist describes and connects the ranks of a data-parallel
+// Package ranks describes and connects the ranks of a data-parallel
 // training run. Launchers start one process per GPU and tell each its
 // place in environment variables: torchrun and Kubernetes training
 // operators set RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR and
@@ -7,7 +7,7 @@
 // TCP through rank 0 (the rendezvous, and small collectives such as the
 // loss and the token counts); the gradients themselves go through NCCL on
 // the GPU.
-package dist
+package ranks
 
 import (
 	"fmt"

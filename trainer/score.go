@@ -199,25 +199,38 @@ func headLogProbs(h, E []float32, V, D int, queries []tokenQuery) []TokenLogProb
 		lmHeadLogits(logits[:n*V], hc[:n*D], E, n, V, D)
 		parallelFor(n, func(lo, hi int) {
 			for r := lo; r < hi; r++ {
-				row := logits[r*V : (r+1)*V]
 				qs := byRow[chunk[r]]
-				mx, arg := row[0], 0
-				for i, v := range row {
-					if v > mx {
-						mx, arg = v, i
-					}
-				}
-				picked := make([]float64, len(qs))
+				ids := make([]int32, len(qs))
 				for j, qi := range qs {
-					picked[j] = float64(row[queries[qi].id])
+					ids[j] = queries[qi].id
 				}
-				// As LMHeadLoss: max + log(sum exp(v - max)) - logit.
-				lse := float64(mx) + math.Log(expShift(row, mx))
-				for j, qi := range qs {
-					out[qi] = TokenLogProb{LogProb: picked[j] - lse, Greedy: int(queries[qi].id) == arg}
+				for j, lp := range TokenLogProbs(logits[r*V:(r+1)*V], ids) {
+					out[qs[j]] = lp
 				}
 			}
 		})
+	}
+	return out
+}
+
+// TokenLogProbs is the log-softmax of one position's logits at ids, and
+// whether each id is the most likely token there (the first of equals, as
+// torch's argmax picks): max + log(sum exp(v − max)) − logit, as
+// LMHeadLoss computes it. It overwrites logits (with exp(v − max)).
+func TokenLogProbs(logits []float32, ids []int32) []TokenLogProb {
+	mx, arg := logits[0], 0
+	for i, v := range logits {
+		if v > mx {
+			mx, arg = v, i
+		}
+	}
+	out := make([]TokenLogProb, len(ids))
+	for j, id := range ids {
+		out[j] = TokenLogProb{LogProb: float64(logits[id]), Greedy: int(id) == arg}
+	}
+	lse := float64(mx) + math.Log(expShift(logits, mx))
+	for j := range out {
+		out[j].LogProb -= lse
 	}
 	return out
 }

@@ -523,3 +523,67 @@ func TestReferencePromptsAgree(t *testing.T) {
 		}
 	}
 }
+
+// logitsOnCPU is a trainer.LogitSession over the CPU model, for testing
+// SessionScorer's packing where no GPU is.
+type logitsOnCPU struct {
+	trainer.Session // not called
+	m               *trainer.Model
+	a               *trainer.Adapter
+}
+
+func (c logitsOnCPU) Model() *trainer.ModelInfo { return &c.m.ModelInfo }
+
+func (c logitsOnCPU) PositionLogits(b *trainer.Batch) ([][]float32, error) {
+	all, err := c.m.Logits(c.a, b)
+	if err != nil {
+		return nil, err
+	}
+	V := c.m.Config.VocabSize
+	var out [][]float32
+	for t, tg := range b.Targets {
+		if tg != trainer.IgnoreIndex {
+			out = append(out, all[t*V:(t+1)*V])
+		}
+	}
+	return out, nil
+}
+
+// TestSessionScorerMatchesLogits: requests packed into rows of a session
+// (the GPU's way) score as the logits say, whatever the row length, and a
+// request longer than a row is refused.
+func TestSessionScorerMatchesLogits(t *testing.T) {
+	m := smallModel(t)
+	rng := rand.New(rand.NewPCG(3, 4))
+	ids := func(n int) []int32 {
+		out := make([]int32, n)
+		for i := range out {
+			out[i] = int32(rng.IntN(m.Config.VocabSize))
+		}
+		return out
+	}
+	var reqs []Request
+	for q := 0; q < 5; q++ {
+		ctx := append([]int32{2}, ids(2+rng.IntN(8))...)
+		for c := 0; c < 3; c++ {
+			reqs = append(reqs, Request{Context: ctx, Continuation: ids(1 + rng.IntN(3))})
+		}
+	}
+	for _, rowTokens := range []int{16, 64, 1000} {
+		s := &SessionScorer{Session: logitsOnCPU{m: m}, MaxTokens: rowTokens}
+		got, err := s.LogLikelihoods(context.Background(), reqs)
+		if err != nil {
+			t.Fatal(err)
+		}
+		for i, r := range reqs {
+			want, g := directLogLik(t, m, nil, r)
+			if math.Abs(got[i].LogLik-want) > 1e-5*math.Max(1, math.Abs(want)) || got[i].Greedy != g {
+				t.Errorf("rows of %d: request %d: %.8f (greedy %v), from the logits %.8f (%v)", rowTokens, i, got[i].LogLik, got[i].Greedy, want, g)
+			}
+		}
+	}
+	s := &SessionScorer{Session: logitsOnCPU{m: m}, MaxTokens: 8}
+	if _, err := s.LogLikelihoods(context.Background(), []Request{{Context: ids(6), Continuation: ids(4)}}); err == nil {
+		t.Error("a request longer than a row was scored")
+	}
+}

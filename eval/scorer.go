@@ -155,3 +155,98 @@ func idsKey(ids []int32) string {
 	}
 	return string(b)
 }
+
+// SessionScorer serves requests on a trainer session that returns logits
+// (the GPU backend's): requests are packed end to end as examples of rows
+// of up to MaxTokens tokens, and each continuation token is scored from
+// the logits at the position before it. Each request reads its whole
+// context; the GPU makes that cheaper than sharing it.
+type SessionScorer struct {
+	Session trainer.LogitSession
+	// MaxTokens is the session's micro-batch (SessionConfig.MaxTokens).
+	MaxTokens int
+	Progress  func(done, total int)
+}
+
+// MaxLength is the model's context length, or the micro-batch if shorter.
+func (s *SessionScorer) MaxLength() int {
+	return min(s.Session.Model().Config.MaxPositions, s.MaxTokens)
+}
+
+// LogLikelihoods packs the requests into rows and scores them row by row.
+func (s *SessionScorer) LogLikelihoods(ctx context.Context, reqs []Request) ([]Result, error) {
+	for i, r := range reqs {
+		if len(r.Context) == 0 || len(r.Continuation) == 0 {
+			return nil, fmt.Errorf("request %d: empty context or continuation", i)
+		}
+	}
+	if err := CheckLengths(s, reqs, func(i int) string { return fmt.Sprintf("request %d", i) }); err != nil {
+		return nil, err
+	}
+	out := make([]Result, len(reqs))
+	var row trainer.PackedRow
+	var inRow []int // the requests of row, in order
+	flush := func() error {
+		if len(inRow) == 0 {
+			return nil
+		}
+		b, err := trainer.NewBatch([]trainer.PackedRow{row})
+		if err != nil {
+			return err
+		}
+		logits, err := s.Session.PositionLogits(b)
+		if err != nil {
+			return err
+		}
+		k := 0
+		for _, ri := range inRow {
+			r := Result{Greedy: true}
+			for _, id := range reqs[ri].Continuation {
+				if k >= len(logits) {
+					return fmt.Errorf("the session returned %d positions' logits for more continuation tokens", len(logits))
+				}
+				lp := trainer.TokenLogProbs(logits[k], []int32{id})[0]
+				r.LogLik += lp.LogProb
+				r.Greedy = r.Greedy && lp.Greedy
+				k++
+			}
+			out[ri] = r
+		}
+		row, inRow = trainer.PackedRow{}, nil
+		return nil
+	}
+	for i, r := range reqs {
+		if err := ctx.Err(); err != nil {
+			return nil, err
+		}
+		n := len(r.Context) + len(r.Continuation)
+		if len(row.InputIDs)+n > s.MaxTokens {
+			if err := flush(); err != nil {
+				return nil, err
+			}
+			if s.Progress != nil {
+				s.Progress(i, len(reqs))
+			}
+		}
+		// The continuation's tokens are the labels; the context's are not.
+		for j := range n {
+			id, lab := int32(0), int32(trainer.IgnoreIndex)
+			if j < len(r.Context) {
+				id = r.Context[j]
+			} else {
+				id = r.Continuation[j-len(r.Context)]
+				lab = id
+			}
+			row.InputIDs, row.Labels, row.PositionIDs = append(row.InputIDs, id), append(row.Labels, lab), append(row.PositionIDs, int32(j))
+		}
+		row.SeqLengths = append(row.SeqLengths, int32(n))
+		inRow = append(inRow, i)
+	}
+	if err := flush(); err != nil {
+		return nil, err
+	}
+	if s.Progress != nil {
+		s.Progress(len(reqs), len(reqs))
+	}
+	return out, nil
+}

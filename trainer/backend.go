@@ -148,6 +148,15 @@ type Session interface {
 	Close() error
 }
 
+// LogitSession is a Session that returns logits: those at each position
+// of b with a target (b.Targets ≠ IgnoreIndex), in order, computed as Loss
+// computes them (no dropout, no gradients). Scorers of other devices build
+// on it.
+type LogitSession interface {
+	Session
+	PositionLogits(b *Batch) ([][]float32, error)
+}
+
 // MemoryPlanner is a Session that planned its device memory from the
 // shapes before loading: its total in bytes and what it is made of, for
 // the log before a run starts.

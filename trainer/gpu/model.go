@@ -546,6 +546,31 @@ func (s *session) layerBackward(c *cuda.Ctx, T, l int, x cuda.DevicePtr, lc *lay
 // it also accumulates the gradient of sum/normalizer into the LoRA
 // gradients. It is one Device.Do: the host waits only for the loss.
 func (s *session) run(b *trainer.Batch, grad bool, normalizer float64, dropoutSeed uint64) (float64, int, error) {
+	return s.pass(b, grad, normalizer, dropoutSeed, nil)
+}
+
+// PositionLogits runs b forward without dropout and returns the float32
+// logits at its positions with a target, in order.
+func (s *session) PositionLogits(b *trainer.Batch) ([][]float32, error) {
+	V := s.info.Config.VocabSize
+	var out [][]float32
+	_, _, err := s.pass(b, false, 1, 0, func(c *cuda.Ctx, rows int) error {
+		host := make([]float32, rows*V)
+		if err := cuda.Download(c, host, s.ws.logits.Ptr); err != nil {
+			return err
+		}
+		for r := range rows {
+			out = append(out, host[r*V:(r+1)*V:(r+1)*V])
+		}
+		return nil
+	})
+	s.notePeak()
+	return out, err
+}
+
+// pass is run's body. With logits set it stops after each chunk's lm_head
+// GEMM and hands the chunk's rows of ws.logits to it, computing no loss.
+func (s *session) pass(b *trainer.Batch, grad bool, normalizer float64, dropoutSeed uint64, logits func(c *cuda.Ctx, rows int) error) (float64, int, error) {
 	hb, err := s.prepare(b)
 	if err != nil {
 		return 0, 0, err
@@ -603,6 +628,12 @@ func (s *session) run(b *trainer.Batch, grad bool, normalizer float64, dropoutSe
 			if err := s.gemm(c, "head", nc, V, Hd, false, true, act, cuda.F32, 1, ws.hc.Ptr, s.w.embed.Ptr, 0, ws.logits.Ptr); err != nil {
 				return err
 			}
+			if logits != nil {
+				if err := logits(c, nc); err != nil {
+					return err
+				}
+				continue
+			}
 			var g cuda.DevicePtr
 			if grad {
 				g = ws.glog.Ptr
@@ -619,6 +650,9 @@ func (s *session) run(b *trainer.Batch, grad bool, normalizer float64, dropoutSe
 			if err := s.k.ScatterRows(c, ws.dhc.Ptr, idx, ws.dxf.Ptr, nc, Hd); err != nil {
 				return err
 			}
+		}
+		if logits != nil {
+			return nil
 		}
 		total := ws.rowLoss.Ptr.Add(8 * int64(T))
 		if err := s.k.SumDouble(c, ws.rowLoss.Ptr, n, total); err != nil {

@@ -3,6 +3,7 @@ package stages
 import (
 	"context"
 	"encoding/json"
+	"errors"
 	"fmt"
 	"math"
 	"os"
@@ -64,6 +65,10 @@ type evalParams struct {
 	// BatchTokens is about how many tokens one forward pass takes; the
 	// scores do not depend on it.
 	BatchTokens int `yaml:"batch_tokens" json:"-"`
+	// Backend scores on the CPU reference (cpu, the default: float32) or
+	// on the GPU (cuda, in bf16 as the training ran; auto: the GPU when
+	// one is usable). Validate resolves auto, and cpu is keyed as before.
+	Backend string `json:"backend,omitempty"`
 }
 
 // mcParams are the `multiple_choice:` of an eval stage.
@@ -116,6 +121,16 @@ func (p *evalParams) Validate() error {
 	}
 	// One order for the key, whatever order the spec lists them in.
 	sort.Strings(p.Tasks)
+	if p.Backend != "" {
+		b, _, err := trainer.ResolveBackend(p.Backend)
+		if err != nil {
+			return bad("backend", err.Error(), "use cpu, cuda, or auto (the GPU when one is usable)")
+		}
+		p.Backend = b.Name()
+		if p.Backend == "cpu" {
+			p.Backend = ""
+		}
+	}
 	if p.BatchTokens < 1 {
 		return bad("batch_tokens", "must be at least 1", "4096 suits the CPU")
 	}
@@ -454,25 +469,17 @@ func (s *evalStage) Run(ctx context.Context, t *pipeline.Task) error {
 	}
 
 	t.Report(0, 1, "models", "loading "+filepath.Base(base))
-	m, err := trainer.LoadModel(base)
+	nf4 := params(prov.qlora)["quantize"] != "none"
+	models, err := openScorers(ctx, s.p, base, filepath.Join(adapterEntry, trainer.AdapterDirName), nf4)
 	if err != nil {
+		if errors.Is(err, errAdapterFit) {
+			return fmt.Errorf("the adapter of stage %s does not fit the base %s: %w", in.adapter.Name, base, err)
+		}
 		return err
 	}
+	defer models.close()
 	if err := t.CheckFiles(s.model.files...); err != nil {
 		return err
-	}
-	adapter, err := m.LoadAdapter(filepath.Join(adapterEntry, trainer.AdapterDirName))
-	if err != nil {
-		return fmt.Errorf("the adapter of stage %s does not fit the base %s: %w", in.adapter.Name, base, err)
-	}
-	scorer := &eval.ModelScorer{Model: m, BatchTokens: s.p.BatchTokens}
-	if err := eval.CheckLengths(scorer, lossReqs, func(i int) string { return fmt.Sprintf("a held-out record (request %d)", i) }); err != nil {
-		return err
-	}
-	if prompts != nil {
-		if err := prompts.CheckLengths(scorer); err != nil {
-			return err
-		}
 	}
 
 	total := 2 * (len(lossReqs) + mcRequests(prompts))
@@ -480,20 +487,29 @@ func (s *evalStage) Run(ctx context.Context, t *pipeline.Task) error {
 	res := evalResults{Models: map[string]string{}}
 	for _, which := range []string{"base", "adapter"} {
 		if which == "adapter" {
-			scorer.Adapter = adapter
 			res.Models["adapter"] = "stage " + in.adapter.Name + " on " + base
-			if q := params(prov.qlora); q["quantize"] != "none" {
+			if nf4 {
 				// The weights the adapter was trained against.
-				if err := m.QuantizeBase(); err != nil {
-					return err
-				}
 				res.Models["adapter"] += " (NF4 round trip, as trained)"
 			}
 		} else {
 			res.Models["base"] = base
 		}
-		scorer.Progress = func(n, _ int) {
+		scorer, err := models.open(which, func(n, _ int) {
 			t.Report(int64(done+n), int64(total), "requests", "scoring the "+which)
+		})
+		if err != nil {
+			return err
+		}
+		if which == "base" {
+			if err := eval.CheckLengths(scorer, lossReqs, func(i int) string { return fmt.Sprintf("a held-out record (request %d)", i) }); err != nil {
+				return err
+			}
+			if prompts != nil {
+				if err := prompts.CheckLengths(scorer); err != nil {
+					return err
+				}
+			}
 		}
 		if lossReqs != nil {
 			l, err := eval.Loss(ctx, scorer, lossReqs, records)

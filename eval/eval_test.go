@@ -103,13 +103,7 @@ func TestScorerMatchesLogits(t *testing.T) {
 			}
 		}
 	}
-	ids := func(n int) []int32 {
-		out := make([]int32, n)
-		for i := range out {
-			out[i] = int32(rng.IntN(m.Config.VocabSize))
-		}
-		return out
-	}
+	ids := randomIDs(rng, m.Config.VocabSize)
 	var reqs []Request
 	for q := 0; q < 6; q++ {
 		ctx := append([]int32{2}, ids(3+rng.IntN(10))...)
@@ -555,13 +549,7 @@ func (c logitsOnCPU) PositionLogits(b *trainer.Batch) ([][]float32, error) {
 func TestSessionScorerMatchesLogits(t *testing.T) {
 	m := smallModel(t)
 	rng := rand.New(rand.NewPCG(3, 4))
-	ids := func(n int) []int32 {
-		out := make([]int32, n)
-		for i := range out {
-			out[i] = int32(rng.IntN(m.Config.VocabSize))
-		}
-		return out
-	}
+	ids := randomIDs(rng, m.Config.VocabSize)
 	var reqs []Request
 	for q := 0; q < 5; q++ {
 		ctx := append([]int32{2}, ids(2+rng.IntN(8))...)
@@ -585,5 +573,16 @@ func TestSessionScorerMatchesLogits(t *testing.T) {
 	s := &SessionScorer{Session: logitsOnCPU{m: m}, MaxTokens: 8}
 	if _, err := s.LogLikelihoods(context.Background(), []Request{{Context: ids(6), Continuation: ids(4)}}); err == nil {
 		t.Error("a request longer than a row was scored")
+	}
+}
+
+// randomIDs draws n token ids from rng.
+func randomIDs(rng *rand.Rand, vocab int) func(n int) []int32 {
+	return func(n int) []int32 {
+		out := make([]int32, n)
+		for i := range out {
+			out[i] = int32(rng.IntN(vocab))
+		}
+		return out
 	}
 }

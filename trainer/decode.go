@@ -140,19 +140,49 @@ func (s *decodeState) attend(r *runner, l int, out, q, k, v []float32) {
 // token per unfinished sequence per step, each attending to its own cache.
 // emit, when not nil, receives every token as it is chosen.
 func (m *Model) Generate(ctx context.Context, a *Adapter, prompts [][]int32, o GenerateOptions, emit func(seq int, tok int32)) ([][]int32, error) {
+	c := m.Config
+	st := &decodeState{}
+	for range prompts {
+		st.seqs = append(st.seqs, &kvCache{first: make([]int32, c.Layers), k: make([][]float32, c.Layers), v: make([][]float32, c.Layers)})
+	}
+	V := c.VocabSize
+	return DecodeLoop(ctx, c, prompts, o, emit, func(ids, pos []int32, seqOf []int) ([][]float32, error) {
+		st.seqOf = seqOf
+		logits, err := m.lastLogits(a, st, ids, pos)
+		if err != nil {
+			return nil, err
+		}
+		rows := make([][]float32, len(logits)/V)
+		for i := range rows {
+			rows[i] = logits[i*V : (i+1)*V]
+		}
+		return rows, nil
+	})
+}
+
+// DecodeStep runs one step of decoding: the tokens ids at positions pos,
+// token i of sequence seqOf[i] (a sequence's tokens together, in order),
+// each attending to its sequence's earlier tokens, and returns the logits
+// at each sequence's last token of the step, in the order of seqOf. The
+// first step holds whole prompts; each later one a token per unfinished
+// sequence.
+type DecodeStep func(ids, pos []int32, seqOf []int) ([][]float32, error)
+
+// DecodeLoop is decoding, whatever device runs the steps: the checks, the
+// choice of each next token (greedy or sampled, each sequence from its own
+// stream), stop tokens and MaxNewTokens.
+func DecodeLoop(ctx context.Context, c *Config, prompts [][]int32, o GenerateOptions, emit func(seq int, tok int32), step DecodeStep) ([][]int32, error) {
 	if err := o.Validate(); err != nil {
 		return nil, err
 	}
-	c := m.Config
-	st := &decodeState{}
 	var ids, pos []int32
+	var seqOf []int
 	for i, p := range prompts {
 		if len(p) == 0 {
 			return nil, fmt.Errorf("prompt %d is empty", i)
 		}
-		st.seqs = append(st.seqs, &kvCache{first: make([]int32, c.Layers), k: make([][]float32, c.Layers), v: make([][]float32, c.Layers)})
 		for j, id := range p {
-			ids, pos, st.seqOf = append(ids, id), append(pos, int32(j)), append(st.seqOf, i)
+			ids, pos, seqOf = append(ids, id), append(pos, int32(j)), append(seqOf, i)
 		}
 	}
 	if o.Streams != nil && len(o.Streams) != len(prompts) {
@@ -176,25 +206,28 @@ func (m *Model) Generate(ctx context.Context, a *Adapter, prompts [][]int32, o G
 	out := make([][]int32, len(prompts))
 	done := make([]bool, len(prompts))
 	next := make([]int32, len(prompts))
-	for step := 0; ; step++ {
+	for {
 		if err := ctx.Err(); err != nil {
 			return out, err
 		}
-		logits, err := m.lastLogits(a, st, ids, pos)
+		logits, err := step(ids, pos, seqOf)
 		if err != nil {
 			return nil, err
 		}
 		// The last token of each sequence in this step gives its next token.
 		row := 0
-		for i := range st.seqOf {
-			if i+1 < len(st.seqOf) && st.seqOf[i+1] == st.seqOf[i] {
+		for i := range seqOf {
+			if i+1 < len(seqOf) && seqOf[i+1] == seqOf[i] {
 				continue
 			}
-			s := st.seqOf[i]
-			next[s] = pick(logits[row*c.VocabSize:(row+1)*c.VocabSize], o, rngs[s])
+			if row >= len(logits) {
+				return nil, fmt.Errorf("a decoding step gave %d rows of logits for more sequences", len(logits))
+			}
+			s := seqOf[i]
+			next[s] = pick(logits[row], o, rngs[s])
 			row++
 		}
-		ids, pos, seqOf := ids[:0], pos[:0], []int{}
+		ids, pos, seqOf = nil, nil, nil
 		for s := range prompts {
 			if done[s] {
 				continue
@@ -212,7 +245,6 @@ func (m *Model) Generate(ctx context.Context, a *Adapter, prompts [][]int32, o G
 		if len(ids) == 0 {
 			return out, nil
 		}
-		st.seqOf = seqOf
 	}
 }
 

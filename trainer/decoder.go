@@ -31,6 +31,14 @@ type DecoderConfig struct {
 	// Quantize is "nf4" (the projections through NF4 and back, the base a
 	// QLoRA adapter learned to correct) or "none" (as stored; "" too).
 	Quantize string
+	// Backend decodes on the CPU reference ("" or cpu, in float32), on the
+	// GPU (cuda, in bf16), or on the GPU when one is usable (auto).
+	Backend string
+}
+
+// DecoderBackend is a Backend that decodes as well as trains.
+type DecoderBackend interface {
+	OpenDecoder(ctx context.Context, cfg DecoderConfig) (Decoder, error)
 }
 
 // Validate checks the settings.
@@ -43,15 +51,33 @@ func (c DecoderConfig) Validate() error {
 	default:
 		return fmt.Errorf("quantize %q: use nf4 or none", c.Quantize)
 	}
+	switch c.Backend {
+	case "", "cpu", "cuda", "auto":
+	default:
+		return fmt.Errorf("backend %q: use cpu, cuda or auto", c.Backend)
+	}
 	return nil
 }
 
-// OpenDecoder loads a model for decoding on the CPU reference, in float32.
-// An adapter whose tensors do not fit the checkpoint (another size or
-// architecture) is an error.
+// OpenDecoder loads a model for decoding on cfg.Backend: the CPU reference
+// in float32 by default. An adapter whose tensors do not fit the
+// checkpoint (another size or architecture) is an error.
 func OpenDecoder(cfg DecoderConfig) (Decoder, error) {
 	if err := cfg.Validate(); err != nil {
 		return nil, err
+	}
+	if cfg.Backend != "" && cfg.Backend != "cpu" {
+		b, _, err := ResolveBackend(cfg.Backend)
+		if err != nil {
+			return nil, err
+		}
+		if b.Name() != "cpu" {
+			db, ok := b.(DecoderBackend)
+			if !ok {
+				return nil, fmt.Errorf("backend %s does not decode", b.Name())
+			}
+			return db.OpenDecoder(context.Background(), cfg)
+		}
 	}
 	m, err := LoadModel(cfg.Model)
 	if err != nil {

@@ -70,3 +70,11 @@ func (b backend) Open(ctx context.Context, cfg trainer.SessionConfig) (trainer.S
 	}
 	return Open(ctx, ck, cfg)
 }
+
+// OpenDecoder loads cfg's model for decoding on the GPU, in bf16.
+func (b backend) OpenDecoder(ctx context.Context, cfg trainer.DecoderConfig) (trainer.Decoder, error) {
+	if err := b.Usable(); err != nil {
+		return nil, err
+	}
+	return openDecoder(ctx, cfg, "")
+}

@@ -443,6 +443,9 @@ func (s *session) layerForward(c *cuda.Ctx, T, l int, x, out cuda.DevicePtr, lc 
 			return s.k.QKNormRope(c, lc.k.Ptr, L.kNorm.Ptr, ws.cos[ti].Ptr, ws.sin[ti].Ptr, lc.kr.Ptr, lc.rstdK.Ptr, T, KV, D, eps)
 		},
 		func() error {
+			if s.dec != nil {
+				return s.dec.attention(s, c, T, l, ti, lc)
+			}
 			return s.k.Attention(c, lc.qr.Ptr, lc.kr.Ptr, lc.v.Ptr, ws.lo[ti].Ptr, lc.att.Ptr, lc.lse.Ptr, T, H, KV, s.attnScale())
 		},
 		func() error { return s.linear(c, T, l, trainer.OProj, lc.att.Ptr, lc.o.Ptr, lc.xa[3], d) },

@@ -25,6 +25,7 @@ type session struct {
 	prof  *profiler  // nil unless StartProfile
 	comm  *cuda.Comm // the gradients' all-reduce when training with other ranks
 	off   *offloader // nil unless the saved layer inputs live on the host
+	dec   *kvCaches  // set while a decoder's step runs
 
 	ropeCos, ropeSin [2][]float32
 }

@@ -745,3 +745,85 @@ extern "C" __global__ void __launch_bounds__(MMA_THREADS) attn_bwd_dkdv_mma(cons
     }
 #endif
 }
+
+// ---------------------------------------------------------------------------
+// Decoding with a key/value cache. Each sequence of a batch has, per layer,
+// cache_len rows of kv_heads × HD: every position on global layers, a ring
+// of the last `window` positions on sliding ones (position p in row
+// p % cache_len). Reference: trainer's decodeState.attend.
+
+// kv_store copies a step's keys (after norm and RoPE) and values into their
+// sequences' caches: token t is sequence seq[t]'s position pos[t]. Tokens
+// before from[t] are skipped: in a prompt longer than a sliding ring, they
+// would share rows with later tokens of the same launch.
+extern "C" __global__ void kv_store(const act_t* __restrict__ k, const act_t* __restrict__ v, const int* __restrict__ seq,
+                                    const int* __restrict__ pos, const int* __restrict__ from, act_t* __restrict__ kc,
+                                    act_t* __restrict__ vc, int tokens, int kv_heads, int cache_len) {
+    const long long row = (long long)kv_heads * HD;
+    const long long n = (long long)tokens * row;
+    for (long long e = (long long)blockIdx.x * blockDim.x + threadIdx.x; e < n; e += (long long)gridDim.x * blockDim.x) {
+        const int t = (int)(e / row);
+        if (pos[t] < from[t]) continue;
+        const long long dst = ((long long)seq[t] * cache_len + pos[t] % cache_len) * row + e % row;
+        kc[dst] = k[e];
+        vc[dst] = v[e];
+    }
+}
+
+#define DEC_THREADS 128
+
+// The block's maximum (is_max) or sum of v, on every thread.
+__device__ __forceinline__ float block_reduce(float v, float* red, bool is_max) {
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    v = is_max ? warp_max(v) : warp_sum(v);
+    __syncthreads(); // red's last readers are done
+    if (lane == 0) red[warp] = v;
+    __syncthreads();
+    v = red[0];
+    for (int w = 1; w < DEC_THREADS / 32; w++) v = is_max ? fmaxf(v, red[w]) : v + red[w];
+    return v;
+}
+
+// attn_cached: each query head of token t against its sequence's cache, the
+// keys at positions lo .. pos[t] (lo = pos − window + 1 on sliding layers,
+// else 0). One block per (token, head): the scores go to shared memory,
+// one float a key, become softmax weights, and each thread sums the values
+// of its columns. The token's own key is in the cache already (kv_store).
+extern "C" __global__ void __launch_bounds__(DEC_THREADS) attn_cached(const act_t* __restrict__ q, const act_t* __restrict__ kc,
+                                                                       const act_t* __restrict__ vc, const int* __restrict__ seq,
+                                                                       const int* __restrict__ pos, act_t* __restrict__ out,
+                                                                       int heads, int kv_heads, int cache_len, int window, float scale) {
+    extern __shared__ float smem[];
+    float* qs = smem;      // the query, HD floats
+    float* sc = smem + HD; // a float per key
+    __shared__ float red[DEC_THREADS / 32];
+    const int t = blockIdx.x, h = blockIdx.y, g = h / (heads / kv_heads);
+    const int tid = threadIdx.x;
+    const int p = pos[t];
+    const int lo = window > 0 ? max(0, p - window + 1) : 0;
+    const long long base = (long long)seq[t] * cache_len;
+    for (int d = tid; d < HD; d += DEC_THREADS) qs[d] = to_f32(q[((long long)t * heads + h) * HD + d]);
+    __syncthreads();
+    float mx = -INFINITY;
+    for (int j = lo + tid; j <= p; j += DEC_THREADS) {
+        const act_t* kr = kc + ((base + j % cache_len) * kv_heads + g) * HD;
+        float s = 0.0f;
+        for (int d = 0; d < HD; d++) s += qs[d] * to_f32(kr[d]);
+        s *= scale;
+        sc[j - lo] = s;
+        mx = fmaxf(mx, s);
+    }
+    mx = block_reduce(mx, red, true);
+    float sum = 0.0f;
+    for (int j = lo + tid; j <= p; j += DEC_THREADS) {
+        const float e = expf(sc[j - lo] - mx);
+        sc[j - lo] = e;
+        sum += e;
+    }
+    sum = block_reduce(sum, red, false); // its barriers also publish the weights
+    for (int d = tid; d < HD; d += DEC_THREADS) {
+        float acc = 0.0f;
+        for (int j = lo; j <= p; j++) acc += sc[j - lo] * to_f32(vc[((base + j % cache_len) * kv_heads + g) * HD + d]);
+        out[((long long)t * heads + h) * HD + d] = to_act(acc / sum);
+    }
+}

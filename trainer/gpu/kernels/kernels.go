@@ -224,8 +224,16 @@ func attentionShared(headDim int) map[string]int {
 		// Tiles of attention.cu's DQ_BK keys and KV_BQ queries.
 		"attn_bwd_dq_mma":   2 * (2*64 + 2*mmaBackwardTile(headDim)) * (headDim + 8),
 		"attn_bwd_dkdv_mma": 2*(2*64+2*mmaBackwardTile(headDim))*(headDim+8) + 3*4*mmaBackwardTile(headDim),
+		"attn_cached":       decodeShared,
 	}
 }
+
+// decodeShared is attn_cached's shared memory at most: the query and a
+// float per key, within the 99 KiB every supported card has.
+const decodeShared = 96 << 10
+
+// MaxCachedKeys is how many positions attn_cached attends to at most.
+func (k *Kernels) MaxCachedKeys() int { return decodeShared/4 - k.HeadDim }
 
 // mmaBackwardTile is DQ_BK and KV_BQ of attention.cu: 16 at head
 // dimension 256, to stay within sm_86's and sm_89's shared memory.
@@ -371,6 +379,30 @@ func (k *Kernels) AttentionBackward(c *cuda.Ctx, q, kk, v, dout, lse, lo, hi, de
 	}
 	return k.launch(c, "attn_bwd_dq", rows, q, kk, v, dout, lse, delta, lo, dq,
 		int32(tokens), int32(heads), int32(kvHeads), float32(scale), int32(0))
+}
+
+// KVStore copies a step's keys kr and values v [tokens × kvHeads × head_dim]
+// into the decoding caches kc and vc [sequences × cacheLen × kvHeads ×
+// head_dim]: token t is sequence seq[t]'s position pos[t], kept in row
+// pos % cacheLen, unless pos[t] < from[t].
+func (k *Kernels) KVStore(c *cuda.Ctx, kr, v, seq, pos, from, kc, vc cuda.DevicePtr, tokens, kvHeads, cacheLen int) error {
+	n := int64(tokens) * int64(kvHeads) * int64(k.HeadDim)
+	return k.launch(c, "kv_store", k.grid(n), kr, v, seq, pos, from, kc, vc, int32(tokens), int32(kvHeads), int32(cacheLen))
+}
+
+// AttentionCached computes out [tokens × heads × head_dim]: each token's
+// query heads against its sequence's cached keys and values, positions up
+// to its own (within window on sliding layers, 0 meaning all).
+func (k *Kernels) AttentionCached(c *cuda.Ctx, q, kc, vc, seq, pos, out cuda.DevicePtr, tokens, heads, kvHeads, cacheLen, window int, scale float64) error {
+	keys := cacheLen
+	if window > 0 {
+		keys = min(keys, window)
+	}
+	if keys > k.MaxCachedKeys() {
+		return fmt.Errorf("decoding attends to %d positions, more than the %d the kernel holds", keys, k.MaxCachedKeys())
+	}
+	cfg := cuda.LaunchConfig{Grid: cuda.Dim3{X: tokens, Y: heads}, Block: cuda.Dim3{X: 128}, SharedMem: 4 * (k.HeadDim + keys)}
+	return k.launch(c, "attn_cached", cfg, q, kc, vc, seq, pos, out, int32(heads), int32(kvHeads), int32(cacheLen), int32(window), float32(scale))
 }
 
 // GeGLU computes out = gelu_tanh(gate)·up over n activations.

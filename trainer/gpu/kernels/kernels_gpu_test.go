@@ -865,3 +865,90 @@ func TestOptimizersMatchHostBitForBit(t *testing.T) {
 		return nil
 	})
 }
+
+// TestAttentionCached: keys and values stored by kv_store (a prompt's
+// whole run in one launch, a sliding layer's ring keeping the last window
+// positions), then attn_cached for each sequence's last token, against the
+// float64 softmax over the positions the token sees.
+func TestAttentionCached(t *testing.T) {
+	for _, p := range precisions {
+		for _, sh := range []struct{ dim, heads, kv, window int }{{256, 8, 4, 0}, {256, 8, 4, 64}, {128, 4, 1, 16}} {
+			k := kernelsFor(t, p, sh.dim)
+			t.Run(fmt.Sprintf("%s/d%d_h%d_kv%d_w%d", p, sh.dim, sh.heads, sh.kv, sh.window), func(t *testing.T) {
+				rng := cudatest.Rand(t)
+				D, H, KV := sh.dim, sh.heads, sh.kv
+				lens := []int{1, 70, 300} // each sequence's positions so far
+				maxLen := 320
+				cacheLen := maxLen
+				if sh.window > 0 {
+					cacheLen = sh.window
+				}
+				var seq, pos, from []int32
+				for s, n := range lens {
+					for j := 0; j < n; j++ {
+						seq, pos = append(seq, int32(s)), append(pos, int32(j))
+						from = append(from, int32(max(0, n-cacheLen)))
+					}
+				}
+				T := len(seq)
+				kr := roundAct(p, uniform(rng, T*KV*D, 1))
+				v := roundAct(p, uniform(rng, T*KV*D, 1))
+				q := roundAct(p, uniform(rng, len(lens)*H*D, 1))
+				scale := 1 / math.Sqrt(float64(D))
+				// Reference: the last token of each sequence.
+				want := make([]float32, len(lens)*H*D)
+				first := 0
+				for s, n := range lens {
+					last := first + n - 1
+					lo := first
+					if sh.window > 0 {
+						lo = max(first, last-sh.window+1)
+					}
+					for h := 0; h < H; h++ {
+						g := h / (H / KV)
+						qv := q[(s*H+h)*D : (s*H+h+1)*D]
+						scores := make([]float64, last-lo+1)
+						mx := math.Inf(-1)
+						for j := lo; j <= last; j++ {
+							var dot float64
+							for d := 0; d < D; d++ {
+								dot += float64(qv[d]) * float64(kr[(j*KV+g)*D+d])
+							}
+							scores[j-lo] = dot * scale
+							mx = math.Max(mx, scores[j-lo])
+						}
+						var sum float64
+						for i := range scores {
+							scores[i] = math.Exp(scores[i] - mx)
+							sum += scores[i]
+						}
+						for d := 0; d < D; d++ {
+							var acc float64
+							for j := lo; j <= last; j++ {
+								acc += scores[j-lo] * float64(v[(j*KV+g)*D+d])
+							}
+							want[(s*H+h)*D+d] = float32(acc / sum)
+						}
+					}
+					first += n
+				}
+				run(t, k, func(d *dev) error {
+					kc, vc := d.alloc(int64(len(lens)*cacheLen*KV*D)*p.Size()), d.alloc(int64(len(lens)*cacheLen*KV*D)*p.Size())
+					if err := k.KVStore(d.c, d.act(kr), d.act(v), d.i32(seq), d.i32(pos), d.i32(from), kc, vc, T, KV, cacheLen); err != nil {
+						return err
+					}
+					qseq, qpos := make([]int32, len(lens)), make([]int32, len(lens))
+					for s, n := range lens {
+						qseq[s], qpos[s] = int32(s), int32(n-1)
+					}
+					out := d.alloc(int64(len(lens)*H*D) * p.Size())
+					if err := k.AttentionCached(d.c, d.act(q), kc, vc, d.i32(qseq), d.i32(qpos), out, len(lens), H, KV, cacheLen, sh.window, scale); err != nil {
+						return err
+					}
+					d.check("out", d.readAct(out, len(lens)*H*D), want, tol(p, 300))
+					return nil
+				})
+			})
+		}
+	}
+}

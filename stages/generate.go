@@ -69,6 +69,10 @@ type generateParams struct {
 	// stream of its own, so the answers do not depend on it; it stays out
 	// of the key.
 	BatchSize int `yaml:"batch_size" json:"-"`
+	// Backend decodes on the CPU reference (cpu, the default) or on the GPU
+	// (cuda; auto: the GPU when one is usable). Validate resolves auto, and
+	// cpu is keyed as before.
+	Backend string `json:"backend,omitempty"`
 }
 
 var modelIDPattern = regexp.MustCompile(`^[A-Za-z0-9][A-Za-z0-9._-]*$`)
@@ -89,6 +93,16 @@ func (p *generateParams) Validate() error {
 	}
 	if p.TopP == 0 {
 		p.TopP = 1 // both mean no nucleus cut; one spelling keeps one key
+	}
+	if p.Backend != "" {
+		b, _, err := trainer.ResolveBackend(p.Backend)
+		if err != nil {
+			return bad("backend", err.Error(), "use cpu, cuda, or auto (the GPU when one is usable)")
+		}
+		p.Backend = b.Name()
+		if p.Backend == "cpu" {
+			p.Backend = ""
+		}
 	}
 	switch {
 	case p.MaxNewTokens < 1:
@@ -244,7 +258,7 @@ func (s *generateStage) Run(ctx context.Context, t *pipeline.Task) error {
 	}
 	t.Log.Info("loading the model", "model", setup.model, "adapter", setup.adapter, "quantize", setup.quantize, "tokenizer", setup.tokenizer)
 	t.Report(0, int64(totalTurns), "turns", "loading "+what)
-	dec, err := trainer.OpenDecoder(trainer.DecoderConfig{Model: setup.model, Adapter: setup.adapter, Quantize: setup.quantize})
+	dec, err := trainer.OpenDecoder(trainer.DecoderConfig{Model: setup.model, Adapter: setup.adapter, Quantize: setup.quantize, Backend: s.p.Backend})
 	if err != nil {
 		return err
 	}

@@ -26,7 +26,7 @@ import (
 const defaultMaxNewTokens = 1024
 
 func init() {
-	var modelDir, adapterDir, quantize, system, prompt, tokPath string
+	var modelDir, adapterDir, quantize, system, prompt, tokPath, backend string
 	var maxNew, topK int
 	var temperature, topP float64
 	var seed uint64
@@ -134,7 +134,7 @@ Hugging Face cache. The model runs on the CPU reference in float32.`,
 			}
 			tty := isatty.IsTerminal(os.Stdin.Fd()) && !f.Changed("prompt")
 			began := time.Now()
-			dec, err := trainer.OpenDecoder(trainer.DecoderConfig{Model: modelDir, Adapter: adapterDir, Quantize: quantize})
+			dec, err := trainer.OpenDecoder(trainer.DecoderConfig{Model: modelDir, Adapter: adapterDir, Quantize: quantize, Backend: backend})
 			if err != nil {
 				return failErr(err)
 			}
@@ -160,6 +160,7 @@ Hugging Face cache. The model runs on the CPU reference in float32.`,
 	f.StringVar(&modelDir, "model", "", "Gemma 3 checkpoint folder (config.json, safetensors), or hf://ORG/NAME[@REV]")
 	f.StringVar(&adapterDir, "adapter", "", "PEFT LoRA adapter folder for --model, or hf://ORG/NAME[@REV]")
 	f.StringVar(&quantize, "quantize", "", "nf4: the base's projections through NF4 and back, as QLoRA trained")
+	f.StringVar(&backend, "backend", "cpu", "cpu (float32), cuda (the GPU, bf16) or auto (the GPU when one is usable)")
 	f.StringVar(&system, "system", "", "system text before the first turn")
 	f.StringVar(&prompt, "prompt", "", "answer this text and exit (- reads it from stdin)")
 	f.StringVar(&tokPath, "tokenizer", "", "tokenizer.json, or hf://ORG/NAME[@REV][/FILE] (default: the model folder's)")

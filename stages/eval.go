@@ -121,15 +121,8 @@ func (p *evalParams) Validate() error {
 	}
 	// One order for the key, whatever order the spec lists them in.
 	sort.Strings(p.Tasks)
-	if p.Backend != "" {
-		b, _, err := trainer.ResolveBackend(p.Backend)
-		if err != nil {
-			return bad("backend", err.Error(), "use cpu, cuda, or auto (the GPU when one is usable)")
-		}
-		p.Backend = b.Name()
-		if p.Backend == "cpu" {
-			p.Backend = ""
-		}
+	if err := resolveDevice(&p.Backend); err != nil {
+		return bad("backend", err.Error(), "use cpu, cuda, or auto (the GPU when one is usable)")
 	}
 	if p.BatchTokens < 1 {
 		return bad("batch_tokens", "must be at least 1", "4096 suits the CPU")

@@ -18,6 +18,25 @@ type scorers interface {
 	close()
 }
 
+// resolveDevice resolves the backend parameter of a stage that runs a
+// model without training it (eval, generate): auto becomes cuda or cpu,
+// and cpu is kept as "", so that specs without the parameter keep their
+// keys.
+func resolveDevice(backend *string) error {
+	if *backend == "" {
+		return nil
+	}
+	b, _, err := trainer.ResolveBackend(*backend)
+	if err != nil {
+		return err
+	}
+	*backend = b.Name()
+	if *backend == "cpu" {
+		*backend = ""
+	}
+	return nil
+}
+
 // errAdapterFit marks an adapter that does not fit the base.
 var errAdapterFit = errors.New("the adapter does not fit")
 

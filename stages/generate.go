@@ -94,15 +94,8 @@ func (p *generateParams) Validate() error {
 	if p.TopP == 0 {
 		p.TopP = 1 // both mean no nucleus cut; one spelling keeps one key
 	}
-	if p.Backend != "" {
-		b, _, err := trainer.ResolveBackend(p.Backend)
-		if err != nil {
-			return bad("backend", err.Error(), "use cpu, cuda, or auto (the GPU when one is usable)")
-		}
-		p.Backend = b.Name()
-		if p.Backend == "cpu" {
-			p.Backend = ""
-		}
+	if err := resolveDevice(&p.Backend); err != nil {
+		return bad("backend", err.Error(), "use cpu, cuda, or auto (the GPU when one is usable)")
 	}
 	switch {
 	case p.MaxNewTokens < 1:

@@ -147,28 +147,7 @@ func (g *decoder) Generate(ctx context.Context, prompts [][]int32, o trainer.Gen
 	first := true
 	return trainer.DecodeLoop(ctx, cfg, prompts, o, emit, func(ids, pos []int32, seqOf []int) ([][]float32, error) {
 		T := len(ids)
-		b := &trainer.Batch{IDs: ids, Pos: pos, SegStart: make([]int32, T), Targets: make([]int32, T)}
-		seq, from := make([]int32, T), make([]int32, T)
-		for i := range ids {
-			seq[i] = int32(seqOf[i])
-			if i > 0 && seqOf[i] == seqOf[i-1] {
-				b.SegStart[i] = b.SegStart[i-1]
-			} else {
-				b.SegStart[i] = int32(i)
-			}
-			b.Targets[i] = trainer.IgnoreIndex
-			if i+1 == T || seqOf[i+1] != seqOf[i] {
-				b.Targets[i] = 0 // the logits there are wanted
-			}
-		}
-		// A sequence's last position in the step decides what a ring keeps.
-		last := map[int]int32{}
-		for i := range ids {
-			last[seqOf[i]] = pos[i]
-		}
-		for i := range ids {
-			from[i] = max(0, last[seqOf[i]]-int32(window)+1)
-		}
+		b, seq, from := decodeBatch(ids, pos, seqOf, window)
 		if err := s.dev.Do(func(c *cuda.Ctx) error {
 			for _, u := range []struct {
 				dst cuda.DevicePtr
@@ -185,4 +164,32 @@ func (g *decoder) Generate(ctx context.Context, prompts [][]int32, o trainer.Gen
 		dc.prefill, first = first, false
 		return s.PositionLogits(b)
 	})
+}
+
+// decodeBatch lays out a decoding step (DecodeStep's arguments) for the
+// session: each sequence's tokens one example, a target (any) at each
+// sequence's last token so that PositionLogits returns its logits, each
+// token's sequence, and the first position a ring of window rows keeps.
+func decodeBatch(ids, pos []int32, seqOf []int, window int) (b *trainer.Batch, seq, from []int32) {
+	T := len(ids)
+	b = &trainer.Batch{IDs: ids, Pos: pos, SegStart: make([]int32, T), Targets: make([]int32, T)}
+	seq, from = make([]int32, T), make([]int32, T)
+	last := map[int]int32{} // each sequence's last position in the step
+	for i := range ids {
+		seq[i] = int32(seqOf[i])
+		last[seqOf[i]] = pos[i]
+		if i > 0 && seqOf[i] == seqOf[i-1] {
+			b.SegStart[i] = b.SegStart[i-1]
+		} else {
+			b.SegStart[i] = int32(i)
+		}
+		b.Targets[i] = trainer.IgnoreIndex
+		if i+1 == T || seqOf[i+1] != seqOf[i] {
+			b.Targets[i] = 0 // the logits there are wanted
+		}
+	}
+	for i := range ids {
+		from[i] = max(0, last[seqOf[i]]-int32(window)+1)
+	}
+	return b, seq, from
 }

@@ -68,3 +68,27 @@ func TestGreedyDecodingOnGPU(t *testing.T) {
 		}
 	}
 }
+
+// TestDecodeBatch: a prefill of two prompts and a later step laid out as
+// the session and the cache kernels read them.
+func TestDecodeBatch(t *testing.T) {
+	const I = trainer.IgnoreIndex
+	b, seq, from := decodeBatch([]int32{2, 5, 6, 7, 8, 2, 9}, []int32{0, 1, 2, 3, 4, 0, 1}, []int{0, 0, 0, 0, 0, 1, 1}, 3)
+	for _, c := range []struct {
+		what      string
+		got, want []int32
+	}{
+		{"segment starts", b.SegStart, []int32{0, 0, 0, 0, 0, 5, 5}},
+		{"targets", b.Targets, []int32{I, I, I, I, 0, I, 0}},
+		{"sequences", seq, []int32{0, 0, 0, 0, 0, 1, 1}},
+		{"first kept positions", from, []int32{2, 2, 2, 2, 2, 0, 0}},
+	} {
+		if fmt.Sprint(c.got) != fmt.Sprint(c.want) {
+			t.Errorf("prefill %s: %v, want %v", c.what, c.got, c.want)
+		}
+	}
+	b, seq, from = decodeBatch([]int32{11, 12}, []int32{5, 2}, []int{0, 1}, 3)
+	if fmt.Sprint(b.SegStart, b.Targets, seq, from) != fmt.Sprint([]int32{0, 1}, []int32{0, 0}, []int32{0, 1}, []int32{3, 0}) {
+		t.Errorf("decode step: %v %v %v %v", b.SegStart, b.Targets, seq, from)
+	}
+}

@@ -16,6 +16,8 @@ import (
 	"sort"
 	"strconv"
 	"strings"
+
+	"gemmaft/internal/atomicfile"
 )
 
 // storage is the folder of repo in the cache.
@@ -53,25 +55,15 @@ func (c *Client) writeRef(repo Repo, rev, commit string) error {
 	if rev == commit || c.cachedRef(repo, rev) == commit {
 		return nil
 	}
-	p := filepath.Join(c.storage(repo), "refs", filepath.FromSlash(rev))
-	if err := os.MkdirAll(filepath.Dir(p), 0o755); err != nil {
+	return writeCacheFile(filepath.Join(c.storage(repo), "refs", filepath.FromSlash(rev)), []byte(commit))
+}
+
+// writeCacheFile writes a small file of the cache whole or not at all.
+func writeCacheFile(path string, data []byte) error {
+	if err := os.MkdirAll(filepath.Dir(path), 0o755); err != nil {
 		return err
 	}
-	tmp, err := os.CreateTemp(filepath.Dir(p), filepath.Base(p)+".*.tmp")
-	if err != nil {
-		return err
-	}
-	_, err = tmp.WriteString(commit)
-	if cerr := tmp.Close(); err == nil {
-		err = cerr
-	}
-	if err == nil {
-		err = os.Rename(tmp.Name(), p)
-	}
-	if err != nil {
-		os.Remove(tmp.Name())
-	}
-	return err
+	return atomicfile.WriteFile(path, data)
 }
 
 // A File is one file of a repository at a commit.
@@ -146,25 +138,7 @@ func (c *Client) writeTree(repo Repo, commit string, files []File) error {
 	if err != nil {
 		return err
 	}
-	p := c.treePath(repo, commit)
-	if err := os.MkdirAll(filepath.Dir(p), 0o755); err != nil {
-		return err
-	}
-	tmp, err := os.CreateTemp(filepath.Dir(p), "*.tmp")
-	if err != nil {
-		return err
-	}
-	_, err = tmp.Write(data)
-	if cerr := tmp.Close(); err == nil {
-		err = cerr
-	}
-	if err == nil {
-		err = os.Rename(tmp.Name(), p)
-	}
-	if err != nil {
-		os.Remove(tmp.Name())
-	}
-	return err
+	return writeCacheFile(c.treePath(repo, commit), data)
 }
 
 // snapshotFiles lists what the snapshot folder of commit holds, for a cache

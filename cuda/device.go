@@ -150,15 +150,12 @@ func DeviceCount() (int, error) {
 // the primary context on a locked OS thread and creates the context's
 // working stream. An error wrapping ErrUnavailable means "use the CPU".
 func Open(ordinal int) (*Device, error) {
+	n, err := DeviceCount()
+	if err != nil {
+		return nil, err
+	}
 	l := loadLibs()
-	if err := l.usable(); err != nil {
-		return nil, err
-	}
-	var n int32
-	if err := l.cu.cuDeviceGetCount.check(uintptr(unsafe.Pointer(&n))); err != nil {
-		return nil, err
-	}
-	if ordinal < 0 || ordinal >= int(n) {
+	if ordinal < 0 || ordinal >= n {
 		if n == 0 {
 			return nil, fmt.Errorf("%w: the driver found no CUDA device", ErrUnavailable)
 		}

@@ -21,8 +21,9 @@ type MemoryPlan struct {
 	Activations int64 // one block's activations (every block's without checkpointing)
 	Work        int64 // backward temporaries, the loss chunk, batch tables
 	Runtime     int64 // CUDA context, cuBLASLt workspace, kernel modules
-	// Offload keeps the saved inputs in pinned host memory (Host bytes),
-	// three slots of them on the device.
+	// Offload is the low-memory layout: the saved inputs in pinned host
+	// memory (Host bytes), three slots of them on the device, and the loss
+	// chunk and the blocks' temporaries sharing one region.
 	Offload bool
 	Host    int64
 }

@@ -147,21 +147,27 @@ func layoutWorkspace(cfg *trainer.Config, sc trainer.SessionConfig, act int64, T
 	// into it, xf from the final norm into the loss chunk.
 	add(groupWork, 4*t*Hd, &ws.dout, &ws.dxf)
 	add(groupWork, t*Hd*act, &ws.xf)
-	add(groupScratch, 4*t*Hd, &ws.dx1, &ws.dxn)
-	add(groupScratch, t*Hd*act, &ws.dd)
-	add(groupScratch, 4*t*I, &ws.dact)
-	add(groupScratch, 4*t*H*D, &ws.datt, &ws.dqr)
-	add(groupScratch, 4*t*KV*D, &ws.dkr, &ws.dvr)
-	add(groupScratch, t*H*D*act, &ws.dq)
-	add(groupScratch, t*KV*D*act, &ws.dk, &ws.dv)
-	add(groupScratch, 4*t*H, &ws.delta)
-	add(groupScratch, t*R*act, &ws.dxa)
-	add(groupScratch, t*maxIn*act, &ws.xin)
-	add(groupScratch, maxW*act, &ws.wbuf)
-	add(groupLoss, C*Hd*act, &ws.hc)
-	add(groupLoss, 4*C*Hd, &ws.dhc)
-	add(groupLoss, 4*C*V, &ws.logits)
-	add(groupLoss, C*V*act, &ws.glog)
+	// The low-memory layout (offload) also lays the loss chunk and the
+	// block temporaries over one region.
+	scratch, loss := groupWork, groupWork
+	if offload {
+		scratch, loss = groupScratch, groupLoss
+	}
+	add(scratch, 4*t*Hd, &ws.dx1, &ws.dxn)
+	add(scratch, t*Hd*act, &ws.dd)
+	add(scratch, 4*t*I, &ws.dact)
+	add(scratch, 4*t*H*D, &ws.datt, &ws.dqr)
+	add(scratch, 4*t*KV*D, &ws.dkr, &ws.dvr)
+	add(scratch, t*H*D*act, &ws.dq)
+	add(scratch, t*KV*D*act, &ws.dk, &ws.dv)
+	add(scratch, 4*t*H, &ws.delta)
+	add(scratch, t*R*act, &ws.dxa)
+	add(scratch, t*maxIn*act, &ws.xin)
+	add(scratch, maxW*act, &ws.wbuf)
+	add(loss, C*Hd*act, &ws.hc)
+	add(loss, 4*C*Hd, &ws.dhc)
+	add(loss, 4*C*V, &ws.logits)
+	add(loss, C*V*act, &ws.glog)
 	add(groupWork, 8*(t+1), &ws.rowLoss)
 	add(groupWork, 4*t, &ws.rstdF, &ws.ids, &ws.idx, &ws.tgt, &ws.lo[0], &ws.lo[1], &ws.hi[0], &ws.hi[1])
 	add(groupWork, 4*t*D/2, &ws.cos[0], &ws.cos[1], &ws.sin[0], &ws.sin[1])
@@ -173,9 +179,12 @@ func (s *session) allocWorkspace(c *cuda.Ctx, T int) error {
 	cfg := s.info.Config
 	ws, specs := layoutWorkspace(cfg, s.cfg, s.k.Prec.Size(), T, s.plan.Offload)
 	offsets, size := sharedRegion(specs)
-	shared, err := s.alloc(c, size, groupLoss+" and "+groupScratch)
-	if err != nil {
-		return err
+	var shared cuda.Buffer
+	if size > 0 {
+		var err error
+		if shared, err = s.alloc(c, size, groupLoss+" and "+groupScratch); err != nil {
+			return err
+		}
 	}
 	for _, b := range specs {
 		if o, ok := offsets[b.buf]; ok {
@@ -189,6 +198,7 @@ func (s *session) allocWorkspace(c *cuda.Ctx, T int) error {
 	}
 	s.ws = ws
 	if s.plan.Offload {
+		var err error
 		s.off, err = newOffloader(c, cfg.Layers, [offloadSlots]cuda.Buffer(ws.inputs), int64(T)*int64(cfg.Hidden)*s.k.Prec.Size())
 		return err
 	}

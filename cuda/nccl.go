@@ -113,8 +113,7 @@ func NewNCCLUniqueID() (NCCLUniqueID, error) {
 // except Abort, which another goroutine may call to end an operation that
 // waits on a rank that went away.
 type Comm struct {
-	h          atomic.Uintptr
-	rank, size int
+	h atomic.Uintptr
 }
 
 // NewComm joins rank of size ranks to the communicator id names. Every
@@ -130,7 +129,7 @@ func (c *Ctx) NewComm(id NCCLUniqueID, rank, size int) (*Comm, error) {
 	if err := ncclCheck("ncclCommInitRank", uintptr(uint32(nccl.initRank(&h, int32(size), id, int32(rank)))), 0); err != nil {
 		return nil, err
 	}
-	m := &Comm{rank: rank, size: size}
+	m := &Comm{}
 	m.h.Store(h)
 	return m, nil
 }

@@ -11,7 +11,6 @@ import (
 	"math"
 	"net"
 	"slices"
-	"strconv"
 	"time"
 )
 
@@ -404,9 +403,4 @@ func (p *peer) read() (byte, []byte, error) {
 		return 0, nil, err
 	}
 	return h[0], body, nil
-}
-
-// String describes the group for logs.
-func (g *Group) String() string {
-	return "rank " + strconv.Itoa(g.rank) + " of " + strconv.Itoa(g.size)
 }

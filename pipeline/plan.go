@@ -166,23 +166,42 @@ func (s *Store) PlanContext(ctx context.Context, dag *DAG, opts Options) (*Plan,
 }
 
 func (p *Plan) selectSteps(opts Options) {
-	switch {
-	case opts.Only != "":
-		p.Step(opts.Only).Selected = true
-	case opts.Until != "":
-		var mark func(n *Node)
-		mark = func(n *Node) {
-			p.Step(n.Name).Selected = true
-			for _, d := range n.Needs {
-				mark(d)
-			}
+	for _, n := range p.DAG.Selected(opts) {
+		p.Step(n.Name).Selected = true
+	}
+}
+
+// Selected lists the stages a run with opts computes or finds cached, in
+// the DAG's order: --only's stage, --until's and what it needs, or all.
+func (d *DAG) Selected(opts Options) []*Node {
+	if opts.Only != "" {
+		if n := d.Node(opts.Only); n != nil {
+			return []*Node{n}
 		}
-		mark(p.DAG.Node(opts.Until))
-	default:
-		for _, st := range p.Steps {
-			st.Selected = true
+		return nil
+	}
+	if opts.Until == "" {
+		return d.Nodes
+	}
+	seen := map[*Node]bool{}
+	var mark func(n *Node)
+	mark = func(n *Node) {
+		if n == nil || seen[n] {
+			return
+		}
+		seen[n] = true
+		for _, up := range n.Needs {
+			mark(up)
 		}
 	}
+	mark(d.Node(opts.Until))
+	var out []*Node
+	for _, n := range d.Nodes {
+		if seen[n] {
+			out = append(out, n)
+		}
+	}
+	return out
 }
 
 // why explains a missing or damaged entry by comparing the step with the

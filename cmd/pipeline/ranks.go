@@ -43,7 +43,7 @@ func planRanks(dag *pipeline.DAG, opts pipeline.Options) (*rankPlan, error) {
 		return nil, nil
 	}
 	var stages []string
-	for _, n := range selectedNodes(dag, opts) {
+	for _, n := range dag.Selected(opts) {
 		if n.KindName == "qlora" {
 			stages = append(stages, n.Name)
 		}
@@ -56,38 +56,6 @@ func planRanks(dag *pipeline.DAG, opts pipeline.Options) (*rankPlan, error) {
 		p.stage = stages[0]
 	}
 	return p, nil
-}
-
-// selectedNodes are the stages a run with opts computes or finds cached.
-func selectedNodes(dag *pipeline.DAG, opts pipeline.Options) []*pipeline.Node {
-	switch {
-	case opts.Only != "":
-		if n := dag.Node(opts.Only); n != nil {
-			return []*pipeline.Node{n}
-		}
-		return nil
-	case opts.Until != "":
-		seen := map[*pipeline.Node]bool{}
-		var walk func(n *pipeline.Node)
-		walk = func(n *pipeline.Node) {
-			if n == nil || seen[n] {
-				return
-			}
-			seen[n] = true
-			for _, up := range n.Needs {
-				walk(up)
-			}
-		}
-		walk(dag.Node(opts.Until))
-		var out []*pipeline.Node
-		for _, n := range dag.Nodes {
-			if seen[n] {
-				out = append(out, n)
-			}
-		}
-		return out
-	}
-	return dag.Nodes
 }
 
 // followerCache is the cache folder of rank r other than 0: its own, so

@@ -462,12 +462,18 @@ func (s *Server) movedTo(req *http.Request) (string, bool) {
 	return loc, true
 }
 
-func (s *Server) revisionInfo(w http.ResponseWriter, req *http.Request, typ, id, rev string) {
-	r := s.access(w, req, typ, id, false)
+// repoAt finds the repository, checks the token (for its files, or its
+// metadata) and resolves rev; on failure it has answered, and c is nil.
+func (s *Server) repoAt(w http.ResponseWriter, req *http.Request, typ, id, rev string, files bool) (*Repo, *commit) {
+	r := s.access(w, req, typ, id, files)
 	if r == nil {
-		return
+		return nil, nil
 	}
-	c := s.commitOf(w, r, rev)
+	return r, s.commitOf(w, r, rev)
+}
+
+func (s *Server) revisionInfo(w http.ResponseWriter, req *http.Request, typ, id, rev string) {
+	r, c := s.repoAt(w, req, typ, id, rev, false)
 	if c == nil {
 		return
 	}
@@ -526,11 +532,7 @@ func (s *Server) entry(r *Repo, c *commit, p string, expand bool) map[string]any
 }
 
 func (s *Server) tree(w http.ResponseWriter, req *http.Request, typ, id, rev, dir string) {
-	r := s.access(w, req, typ, id, false)
-	if r == nil {
-		return
-	}
-	c := s.commitOf(w, r, rev)
+	r, c := s.repoAt(w, req, typ, id, rev, false)
 	if c == nil {
 		return
 	}
@@ -592,11 +594,7 @@ func (s *Server) tree(w http.ResponseWriter, req *http.Request, typ, id, rev, di
 }
 
 func (s *Server) pathsInfo(w http.ResponseWriter, req *http.Request, typ, id, rev string) {
-	r := s.access(w, req, typ, id, false)
-	if r == nil {
-		return
-	}
-	c := s.commitOf(w, r, rev)
+	r, c := s.repoAt(w, req, typ, id, rev, false)
 	if c == nil {
 		return
 	}
@@ -629,11 +627,7 @@ func (s *Server) resolve(w http.ResponseWriter, req *http.Request, typ, id, rev,
 		hubError(w, http.StatusMethodNotAllowed, "", "method not allowed")
 		return
 	}
-	r := s.access(w, req, typ, id, true)
-	if r == nil {
-		return
-	}
-	c := s.commitOf(w, r, rev)
+	_, c := s.repoAt(w, req, typ, id, rev, true)
 	if c == nil {
 		return
 	}

@@ -710,7 +710,17 @@ func TestPinnedAsyncCopies(t *testing.T) {
 	})
 }
 
+// TestGraphReplaysLaunches: a captured graph, replayed twice, does the
+// work twice; captured on a stream of its own (Capture) or from the
+// working stream (CaptureWorking, which leaves the working stream as it
+// was).
 func TestGraphReplaysLaunches(t *testing.T) {
+	for _, working := range []bool{false, true} {
+		t.Run(fmt.Sprintf("working=%v", working), func(t *testing.T) { testGraphReplaysLaunches(t, working) })
+	}
+}
+
+func testGraphReplaysLaunches(t *testing.T, working bool) {
 	rng := cudatest.Rand(t)
 	const n, steps = 100003, 10
 	x := cudatest.Uniform(rng, n, 1)
@@ -737,12 +747,14 @@ func TestGraphReplaysLaunches(t *testing.T) {
 		if err := cuda.Upload(c, dy.Ptr, y); err != nil {
 			return err
 		}
-		s, err := c.NewStream()
-		if err != nil {
-			return err
+		var s *cuda.Stream // nil: the working stream
+		if !working {
+			if s, err = c.NewStream(); err != nil {
+				return err
+			}
+			defer s.Destroy()
 		}
-		defer s.Destroy()
-		g, err := c.Capture(s, func() error {
+		launches := func() error {
 			for range steps {
 				cfg := cuda.Grid1D(n, 256)
 				cfg.Stream = s
@@ -751,18 +763,30 @@ func TestGraphReplaysLaunches(t *testing.T) {
 				}
 			}
 			return nil
-		})
+		}
+		before := c.Stream()
+		var g *cuda.Graph
+		if working {
+			g, err = c.CaptureWorking(launches)
+		} else {
+			g, err = c.Capture(s, launches)
+		}
 		if err != nil {
 			return err
 		}
 		defer g.Destroy()
+		if c.Stream() != before {
+			t.Error("the working stream changed")
+		}
 		for range 2 {
 			if err := g.Launch(s); err != nil {
 				return err
 			}
 		}
-		if err := s.Synchronize(); err != nil {
-			return err
+		if s != nil {
+			if err := s.Synchronize(); err != nil {
+				return err
+			}
 		}
 		return cuda.Download(c, got, dy.Ptr)
 	})

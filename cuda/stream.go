@@ -129,7 +129,12 @@ func (c *Ctx) Capture(s *Stream, f func() error) (*Graph, error) {
 	if err := c.cu.cuStreamBeginCapture.check(s.handle, threadLocal); err != nil {
 		return nil, err
 	}
-	ferr := f()
+	return c.endCapture(s, f())
+}
+
+// endCapture ends the capture on s and instantiates its graph, unless f,
+// whose error ferr is, failed.
+func (c *Ctx) endCapture(s *Stream, ferr error) (*Graph, error) {
 	var g uintptr
 	endErr := c.cu.cuStreamEndCapture.check(s.handle, uintptr(unsafe.Pointer(&g)))
 	if ferr != nil {
@@ -147,6 +152,29 @@ func (c *Ctx) Capture(s *Stream, f func() error) (*Graph, error) {
 		return nil, err
 	}
 	return &Graph{ctx: c, graph: g, exec: exec}, nil
+}
+
+// CaptureWorking records into a graph the work f queues on the working
+// stream (kernels, GEMMs and other calls given no stream), without running
+// it: the working stream is a fresh one while f runs. f must not wait for
+// the device (no Upload, Download or Synchronize).
+func (c *Ctx) CaptureWorking(f func() error) (*Graph, error) {
+	if err := c.check(); err != nil {
+		return nil, err
+	}
+	s, err := c.NewStream()
+	if err != nil {
+		return nil, err
+	}
+	defer s.Destroy()
+	working := c.stream
+	defer func() { c.stream = working }()
+	const threadLocal = 1 // CU_STREAM_CAPTURE_MODE_THREAD_LOCAL
+	if err := c.cu.cuStreamBeginCapture.check(s.handle, threadLocal); err != nil {
+		return nil, err
+	}
+	c.stream = s
+	return c.endCapture(s, f())
 }
 
 // Launch replays the graph on s (nil: the working stream).

@@ -30,18 +30,9 @@ PRESETS = {
 }
 
 
-def main():
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--preset", required=True, choices=sorted(PRESETS))
-    ap.add_argument("--rows", required=True)
-    ap.add_argument("--batch-size", type=int, default=2)
-    ap.add_argument("--steps", type=int, default=5)
-    ap.add_argument("--warmup-steps", type=int, default=2)
-    ap.add_argument("--r", type=int, default=32)
-    ap.add_argument("--alpha", type=float, default=64)
-    ap.add_argument("--lr", type=float, default=2e-4)
-    a = ap.parse_args()
-    p = dict(PRESETS[a.preset])
+def preset_config(preset):
+    """The Gemma3TextConfig of a preset, in the spelling this transformers takes."""
+    p = dict(PRESETS[preset])
     scaling = p.pop("scaling")
     n = p["num_hidden_layers"]
     rope = {"full_attention": {"rope_type": "default", "rope_theta": 1e6},
@@ -55,6 +46,21 @@ def main():
         cfg = transformers.Gemma3TextConfig(**p, rope_theta=1e6, rope_local_base_freq=1e4, max_position_embeddings=131072,
                                             rope_scaling={"rope_type": "linear", "factor": scaling} if scaling else None,
                                             layer_types=layer_types)
+    return cfg
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--preset", required=True, choices=sorted(PRESETS))
+    ap.add_argument("--rows", required=True)
+    ap.add_argument("--batch-size", type=int, default=2)
+    ap.add_argument("--steps", type=int, default=5)
+    ap.add_argument("--warmup-steps", type=int, default=2)
+    ap.add_argument("--r", type=int, default=32)
+    ap.add_argument("--alpha", type=float, default=64)
+    ap.add_argument("--lr", type=float, default=2e-4)
+    a = ap.parse_args()
+    cfg = preset_config(a.preset)
     cfg._attn_implementation = "sdpa"
     torch.manual_seed(1)
     torch.set_default_dtype(torch.bfloat16)

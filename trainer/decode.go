@@ -2,6 +2,7 @@ package trainer
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"math"
 	"math/rand/v2"
@@ -146,17 +147,17 @@ func (m *Model) Generate(ctx context.Context, a *Adapter, prompts [][]int32, o G
 		st.seqs = append(st.seqs, &kvCache{first: make([]int32, c.Layers), k: make([][]float32, c.Layers), v: make([][]float32, c.Layers)})
 	}
 	V := c.VocabSize
-	return DecodeLoop(ctx, c, prompts, o, emit, func(ids, pos []int32, seqOf []int) ([][]float32, error) {
+	return DecodeLoop(ctx, c, prompts, o, emit, func(ids, pos []int32, seqOf []int, _ bool) ([][]float32, []int32, error) {
 		st.seqOf = seqOf
 		logits, err := m.lastLogits(a, st, ids, pos)
 		if err != nil {
-			return nil, err
+			return nil, nil, err
 		}
 		rows := make([][]float32, len(logits)/V)
 		for i := range rows {
 			rows[i] = logits[i*V : (i+1)*V]
 		}
-		return rows, nil
+		return rows, nil, nil
 	})
 }
 
@@ -165,8 +166,10 @@ func (m *Model) Generate(ctx context.Context, a *Adapter, prompts [][]int32, o G
 // each attending to its sequence's earlier tokens, and returns the logits
 // at each sequence's last token of the step, in the order of seqOf. The
 // first step holds whole prompts; each later one a token per unfinished
-// sequence.
-type DecodeStep func(ids, pos []int32, seqOf []int) ([][]float32, error)
+// sequence. With greedy set, a step may return instead each sequence's most
+// likely token (the lowest id among equal logits, NaN never chosen), which
+// a device finds without sending the logits to the host.
+type DecodeStep func(ids, pos []int32, seqOf []int, greedy bool) (logits [][]float32, best []int32, err error)
 
 // DecodeLoop is decoding, whatever device runs the steps: the checks, the
 // choice of each next token (greedy or sampled, each sequence from its own
@@ -210,9 +213,12 @@ func DecodeLoop(ctx context.Context, c *Config, prompts [][]int32, o GenerateOpt
 		if err := ctx.Err(); err != nil {
 			return out, err
 		}
-		logits, err := step(ids, pos, seqOf)
+		logits, best, err := step(ids, pos, seqOf, o.Temperature == 0)
 		if err != nil {
 			return nil, err
+		}
+		if best != nil && o.Temperature != 0 {
+			return nil, errors.New("a sampling step gave tokens instead of logits")
 		}
 		// The last token of each sequence in this step gives its next token.
 		row := 0
@@ -220,11 +226,15 @@ func DecodeLoop(ctx context.Context, c *Config, prompts [][]int32, o GenerateOpt
 			if i+1 < len(seqOf) && seqOf[i+1] == seqOf[i] {
 				continue
 			}
-			if row >= len(logits) {
-				return nil, fmt.Errorf("a decoding step gave %d rows of logits for more sequences", len(logits))
-			}
 			s := seqOf[i]
-			next[s] = pick(logits[row], o, rngs[s])
+			switch {
+			case best != nil && row < len(best):
+				next[s] = best[row]
+			case best == nil && row < len(logits):
+				next[s] = pick(logits[row], o, rngs[s])
+			default:
+				return nil, fmt.Errorf("a decoding step gave %d rows for more sequences", max(len(logits), len(best)))
+			}
 			row++
 		}
 		ids, pos, seqOf = nil, nil, nil

@@ -27,6 +27,15 @@ func TestStepFLOPs(t *testing.T) {
 	if f.Forward != wantFwd || f.Backward != wantBwd || f.Recompute != wantFwd-head {
 		t.Errorf("FLOPs %+v, want forward %v, backward %v, recompute %v", f, wantFwd, wantBwd, wantFwd-head)
 	}
+	if got, want := DecodeStepBytes(c, false), 2.0*144*2+2*10*4; got != want {
+		t.Errorf("bf16 decoding step reads %v bytes, want %v", got, want)
+	}
+	if got, want := DecodeStepBytes(c, true), 144*2*(0.5+1.0/64+4.0/(64*256))+2*10*4; got != want {
+		t.Errorf("nf4 decoding step reads %v bytes, want %v", got, want)
+	}
+	if bw, ok := PeakBandwidth("NVIDIA H200"); !ok || bw != 4.8e12 {
+		t.Errorf("H200 bandwidth %v, %v", bw, ok)
+	}
 	if p, ok := PeakBF16("NVIDIA H200"); !ok || p != 989e12 {
 		t.Errorf("H200 peak %v, %v", p, ok)
 	}

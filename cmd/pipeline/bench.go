@@ -82,7 +82,7 @@ another trainer on the same batches (scripts/bench-train.sh).`,
 	f.StringVar(&o.saveRows, "save-rows", "", "write the rows used as JSON lines")
 	f.BoolVar(&o.json, "json", false, "print one JSON line")
 	f.IntVar(&gpus, "gpus", 1, "GPUs of this machine, one process each, sharing each step's micro-batches (--grad-accum a multiple of it); tokens/s are the step's, on all of them")
-	bench.AddCommand(train)
+	bench.AddCommand(train, benchGenerateCommand())
 	root.AddCommand(bench)
 }
 

@@ -30,7 +30,14 @@ type kvCaches struct {
 	// each layer type stores (a prompt longer than a ring keeps its tail).
 	seq, pos cuda.Buffer
 	from     [2]cuda.Buffer
+	best     cuda.Buffer // each sequence's most likely next token
+	part     cuda.Buffer // the cached attention's workspace
 	prefill  bool
+	// steps counts the steps run; graphs holds a captured step per number
+	// of tokens, once seen has it run once.
+	steps  int
+	seen   map[int]bool
+	graphs map[int]*cuda.Graph
 }
 
 // attention replaces block l's attention while a decoder's step runs.
@@ -47,7 +54,7 @@ func (dc *kvCaches) attention(s *session, c *cuda.Ctx, T, l, ti int, lc *layerCa
 	if cfg.LayerTypes[l] == trainer.SlidingAttention {
 		window = cfg.SlidingWindow
 	}
-	return s.k.AttentionCached(c, lc.qr.Ptr, dc.k[l].Ptr, dc.v[l].Ptr, dc.seq.Ptr, dc.pos.Ptr, lc.att.Ptr, T, H, KV, dc.cacheLen[l], window, s.attnScale())
+	return s.k.AttentionCached(c, lc.qr.Ptr, dc.k[l].Ptr, dc.v[l].Ptr, dc.seq.Ptr, dc.pos.Ptr, dc.part.Ptr, lc.att.Ptr, T, H, KV, dc.cacheLen[l], window, s.attnScale())
 }
 
 // decoder is a session used for decoding (trainer.Decoder).
@@ -87,23 +94,61 @@ func openDecoder(ctx context.Context, cfg trainer.DecoderConfig, precision strin
 		s.Close()
 		return nil, err
 	}
+	s.(*session).baseOnly = cfg.Adapter == ""
+	return &decoder{s: s.(*session)}, nil
+}
+
+// OpenRandomDecoder makes a decoder of shape mc with random weights (as
+// OpenRandom does), with no adapter, for measuring decoding speed without
+// a checkpoint on disk; quantize is "nf4" or "none".
+func OpenRandomDecoder(ctx context.Context, mc *trainer.Config, seed uint64, quantize string) (trainer.Decoder, error) {
+	if err := (backend{}).Usable(); err != nil {
+		return nil, err
+	}
+	lc := trainer.LoRAConfig{R: 1, Alpha: 1, Targets: []trainer.Module{trainer.QProj}}
+	a, err := trainer.NewAdapter(mc, lc, 0)
+	if err != nil {
+		return nil, err
+	}
+	s, err := OpenRandom(ctx, mc, seed, 0.02, trainer.SessionConfig{Quantize: quantize, LoRA: lc,
+		GradientCheckpointing: true, MaxTokens: DecodeTokens})
+	if err != nil {
+		return nil, err
+	}
+	if err := s.SetState(a, nil); err != nil {
+		s.Close()
+		return nil, err
+	}
+	s.(*session).baseOnly = true
 	return &decoder{s: s.(*session)}, nil
 }
 
 func (g *decoder) Info() *trainer.ModelInfo { return &g.s.info }
 func (g *decoder) Close() error             { return g.s.Close() }
 
-func (g *decoder) Generate(ctx context.Context, prompts [][]int32, o trainer.GenerateOptions, emit func(seq int, tok int32)) ([][]int32, error) {
+func (g *decoder) Generate(ctx context.Context, prompts [][]int32, o trainer.GenerateOptions, emit func(seq int, tok int32)) (out [][]int32, err error) {
+	err = g.withCaches(prompts, o.MaxNewTokens, func(step trainer.DecodeStep) error {
+		out, err = trainer.DecodeLoop(ctx, g.s.info.Config, prompts, o, emit, step)
+		return err
+	})
+	return out, err
+}
+
+// withCaches allocates the key/value caches for prompts and up to maxNew
+// tokens after each, and runs decode with the step that evaluates tokens
+// against them: the first call the prompts themselves, later calls the
+// sequences' next tokens.
+func (g *decoder) withCaches(prompts [][]int32, maxNew int, decode func(trainer.DecodeStep) error) error {
 	s, cfg := g.s, g.s.info.Config
 	total, longest := 0, 0
 	for _, p := range prompts {
 		total, longest = total+len(p), max(longest, len(p))
 	}
 	if total > s.ws.T {
-		return nil, fmt.Errorf("gpu: %d prompt tokens at once; the decoder takes %d (fewer prompts at a time)", total, s.ws.T)
+		return fmt.Errorf("gpu: %d prompt tokens at once; the decoder takes %d (fewer prompts at a time)", total, s.ws.T)
 	}
-	maxLen := min(longest+o.MaxNewTokens, cfg.MaxPositions)
-	dc := &kvCaches{}
+	maxLen := min(longest+maxNew, cfg.MaxPositions)
+	dc := &kvCaches{seen: map[int]bool{}, graphs: map[int]*cuda.Graph{}}
 	err := s.dev.Do(func(c *cuda.Ctx) error {
 		row := int64(cfg.KVHeads) * int64(cfg.HeadDim) * s.k.Prec.Size()
 		for _, lt := range cfg.LayerTypes {
@@ -123,15 +168,21 @@ func (g *decoder) Generate(ctx context.Context, prompts [][]int32, o trainer.Gen
 			dc.cacheLen, dc.k, dc.v = append(dc.cacheLen, n), append(dc.k, k), append(dc.v, v)
 		}
 		var err error
-		for _, b := range []*cuda.Buffer{&dc.seq, &dc.pos, &dc.from[0], &dc.from[1]} {
+		for _, b := range []*cuda.Buffer{&dc.seq, &dc.pos, &dc.from[0], &dc.from[1], &dc.best} {
 			if *b, err = c.Alloc(4 * int64(s.ws.T)); err != nil {
 				return err
 			}
 		}
-		return nil
+		if err := c.MemsetD8Async(dc.from[1].Ptr, 0, 4*int64(s.ws.T), nil); err != nil {
+			return err
+		}
+		// A step after the prompts has a token per sequence; global layers
+		// attend to the most keys.
+		dc.part, err = c.Alloc(s.k.CachedAttentionBytes(len(prompts), cfg.Heads, maxLen, 0))
+		return err
 	})
 	defer s.dev.Do(func(c *cuda.Ctx) error {
-		for _, b := range append(append(dc.k, dc.v...), dc.seq, dc.pos, dc.from[0], dc.from[1]) {
+		for _, b := range append(append(dc.k, dc.v...), dc.seq, dc.pos, dc.from[0], dc.from[1], dc.best, dc.part) {
 			if b.Ptr != 0 {
 				c.Free(b)
 			}
@@ -139,30 +190,132 @@ func (g *decoder) Generate(ctx context.Context, prompts [][]int32, o trainer.Gen
 		return nil
 	})
 	if err != nil {
-		return nil, fmt.Errorf("gpu: the decoding caches: %w", err)
+		return fmt.Errorf("gpu: the decoding caches: %w", err)
 	}
 	s.dec = dc
 	defer func() { s.dec = nil }()
+	defer dc.destroyGraphs(s)
 	window := min(cfg.SlidingWindow, maxLen)
-	first := true
-	return trainer.DecodeLoop(ctx, cfg, prompts, o, emit, func(ids, pos []int32, seqOf []int) ([][]float32, error) {
-		T := len(ids)
+	return decode(func(ids, pos []int32, seqOf []int, greedy bool) ([][]float32, []int32, error) {
 		b, seq, from := decodeBatch(ids, pos, seqOf, window)
-		if err := s.dev.Do(func(c *cuda.Ctx) error {
-			for _, u := range []struct {
-				dst cuda.DevicePtr
-				src []int32
-			}{{dc.seq.Ptr, seq}, {dc.pos.Ptr, pos}, {dc.from[0].Ptr, from}, {dc.from[1].Ptr, make([]int32, T)}} {
-				if err := cuda.Upload(c, u.dst, u.src); err != nil {
-					return err
-				}
-			}
-			return nil
-		}); err != nil {
-			return nil, err
+		return g.step(dc, b, seq, from, greedy)
+	})
+}
+
+// step evaluates one decoding step laid out by decodeBatch and returns the
+// logits of each sequence's last token, or with greedy its most likely
+// next token. The first step (the prompts) runs
+// as a forward pass; a later step runs as a CUDA graph captured the second
+// time its number of tokens comes up (the first warms the GEMM plans), so
+// that a token costs one launch instead of hundreds.
+func (g *decoder) step(dc *kvCaches, b *trainer.Batch, seq, from []int32, greedy bool) ([][]float32, []int32, error) {
+	s := g.s
+	hb, err := s.prepare(b)
+	if err != nil {
+		return nil, nil, err
+	}
+	T, n := hb.T, len(hb.idx)
+	V := s.info.Config.VocabSize
+	dc.prefill = dc.steps == 0
+	dc.steps++
+	if s.off != nil || s.prof != nil || n > s.ws.chunk {
+		// Layouts the captured step does not cover: the training pass.
+		if err := s.dev.Do(func(c *cuda.Ctx) error { return dc.upload(c, seq, b.Pos, from) }); err != nil {
+			return nil, nil, err
 		}
-		dc.prefill, first = first, false
-		return s.PositionLogits(b)
+		logits, err := s.PositionLogits(b)
+		return logits, nil, err
+	}
+	var logits [][]float32
+	var best []int32
+	err = s.dev.Do(func(c *cuda.Ctx) error {
+		up := s.uploadTokens
+		if dc.prefill {
+			up = s.upload
+		}
+		if err := up(c, hb); err != nil {
+			return err
+		}
+		if err := dc.upload(c, seq, b.Pos, from); err != nil {
+			return err
+		}
+		gr := dc.graphs[T]
+		if gr == nil && !dc.prefill && dc.seen[T] {
+			if gr, err = c.CaptureWorking(func() error { return s.decodeForward(c, T, n, dc.best.Ptr) }); err != nil {
+				return fmt.Errorf("gpu: capturing a decoding step: %w", err)
+			}
+			dc.graphs[T] = gr
+		}
+		if !dc.prefill {
+			dc.seen[T] = true
+		}
+		if gr != nil {
+			err = gr.Launch(nil)
+		} else {
+			err = s.decodeForward(c, T, n, dc.best.Ptr)
+		}
+		if err != nil {
+			return err
+		}
+		if greedy {
+			best = make([]int32, n)
+			return cuda.Download(c, best, dc.best.Ptr)
+		}
+		host := make([]float32, n*V)
+		if err := cuda.Download(c, host, s.ws.logits.Ptr); err != nil {
+			return err
+		}
+		for r := range n {
+			logits = append(logits, host[r*V:(r+1)*V:(r+1)*V])
+		}
+		return nil
+	})
+	s.notePeak()
+	return logits, best, err
+}
+
+// decodeForward queues the forward pass of the uploaded step's T tokens,
+// the lm_head at its n rows with a target into ws.logits, and each row's
+// most likely token into best; it waits for nothing, so that it can be
+// captured.
+func (s *session) decodeForward(c *cuda.Ctx, T, n int, best cuda.DevicePtr) error {
+	ws := s.ws
+	if _, err := s.forwardBlocks(c, T, func(i int) cuda.DevicePtr { return ws.inputs[i].Ptr }, nil, false); err != nil {
+		return err
+	}
+	Hd, V := s.info.Config.Hidden, s.info.Config.VocabSize
+	if err := s.k.GatherRows(c, ws.xf.Ptr, ws.idx.Ptr, ws.hc.Ptr, n, Hd); err != nil {
+		return err
+	}
+	act := s.k.Prec.GEMMType()
+	if err := s.gemm(c, "head", n, V, Hd, false, true, act, cuda.F32, 1, ws.hc.Ptr, s.w.embed.Ptr, 0, ws.logits.Ptr); err != nil {
+		return err
+	}
+	return s.k.ArgmaxRows(c, ws.logits.Ptr, n, V, best)
+}
+
+// upload copies a step's sequences, positions and the first position
+// sliding layers store (global layers store every position: their from
+// stays zero).
+func (dc *kvCaches) upload(c *cuda.Ctx, seq, pos, from []int32) error {
+	for _, u := range []struct {
+		dst cuda.DevicePtr
+		src []int32
+	}{{dc.seq.Ptr, seq}, {dc.pos.Ptr, pos}, {dc.from[0].Ptr, from}} {
+		if err := cuda.Upload(c, u.dst, u.src); err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
+// destroyGraphs releases the decoding's captured steps.
+func (dc *kvCaches) destroyGraphs(s *session) {
+	s.dev.Do(func(c *cuda.Ctx) error {
+		for _, gr := range dc.graphs {
+			gr.Destroy()
+		}
+		return nil
 	})
 }
 
@@ -193,3 +346,6 @@ func decodeBatch(ids, pos []int32, seqOf []int, window int) (b *trainer.Batch, s
 	}
 	return b, seq, from
 }
+
+// PeakMemory is the most device memory the decoder's process has held.
+func (g *decoder) PeakMemory() int64 { return g.s.PeakMemory() }

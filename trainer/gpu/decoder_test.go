@@ -2,8 +2,10 @@ package gpu
 
 import (
 	"context"
+	"encoding/binary"
 	"encoding/json"
 	"fmt"
+	"math"
 	"os"
 	"path/filepath"
 	"testing"
@@ -91,4 +93,111 @@ func TestDecodeBatch(t *testing.T) {
 	if fmt.Sprint(b.SegStart, b.Targets, seq, from) != fmt.Sprint([]int32{0, 1}, []int32{0, 0}, []int32{0, 1}, []int32{3, 0}) {
 		t.Errorf("decode step: %v %v %v %v", b.SegStart, b.Targets, seq, from)
 	}
+}
+
+// TestTeacherForcedBF16: at the 1B shape in bfloat16, the decoder's logits
+// at each step of a teacher-forced continuation (a prefill, then one token
+// a step through the caches, past the sliding window) are as close to
+// transformers' float32 logits as transformers' own bfloat16 ones are.
+// scripts/reference/bf16_logits.py writes the references into
+// GEMMAFT_BF16_LOGITS for the checkpoint and adapter in GEMMAFT_PEFT_OUT
+// (TestAdapterForPEFT's).
+func TestTeacherForcedBF16(t *testing.T) {
+	refs, out := os.Getenv("GEMMAFT_BF16_LOGITS"), os.Getenv("GEMMAFT_PEFT_OUT")
+	if refs == "" || out == "" {
+		t.Skip("GEMMAFT_BF16_LOGITS and GEMMAFT_PEFT_OUT not set")
+	}
+	cudatest.Device(t)
+	var tok struct{ Prompts, Continuations [][]int32 }
+	data, err := os.ReadFile(filepath.Join(refs, "tokens.json"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := json.Unmarshal(data, &tok); err != nil {
+		t.Fatal(err)
+	}
+	d, err := openDecoder(context.Background(), trainer.DecoderConfig{Model: filepath.Join(out, "model"),
+		Adapter: filepath.Join(out, "adapter")}, "bf16")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer d.Close()
+	V := d.Info().Config.VocabSize
+	S, N := len(tok.Prompts), len(tok.Continuations[0])
+	ours := make([]float32, S*N*V) // [sequence][step][vocabulary], as the references
+	err = d.(*decoder).withCaches(tok.Prompts, N, func(step trainer.DecodeStep) error {
+		var ids, pos []int32
+		var seqOf []int
+		for s, p := range tok.Prompts {
+			for j, id := range p {
+				ids, pos, seqOf = append(ids, id), append(pos, int32(j)), append(seqOf, s)
+			}
+		}
+		for n := 0; n < N; n++ {
+			logits, _, err := step(ids, pos, seqOf, false)
+			if err != nil {
+				return err
+			}
+			ids, pos, seqOf = nil, nil, nil
+			for s := range S {
+				copy(ours[(s*N+n)*V:], logits[s])
+				ids = append(ids, tok.Continuations[s][n])
+				pos, seqOf = append(pos, int32(len(tok.Prompts[s])+n)), append(seqOf, s)
+			}
+		}
+		return nil
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	read := func(name string) []float32 {
+		b, err := os.ReadFile(filepath.Join(refs, name))
+		if err != nil {
+			t.Fatal(err)
+		}
+		if len(b) != 4*len(ours) {
+			t.Fatalf("%s: %d bytes, want %d", name, len(b), 4*len(ours))
+		}
+		v := make([]float32, len(ours))
+		for i := range v {
+			v[i] = math.Float32frombits(binary.LittleEndian.Uint32(b[4*i:]))
+		}
+		return v
+	}
+	ref, hf := read("fp32.f32"), read("bf16.f32")
+	// Per position: the RMS of the difference over the RMS of the
+	// reference, and whether the most likely token is the same.
+	compare := func(got []float32) (worst, mean, agree float64) {
+		for p := 0; p < S*N; p++ {
+			g, r := got[p*V:(p+1)*V], ref[p*V:(p+1)*V]
+			var dd, rr float64
+			for i := range r {
+				e := float64(g[i]) - float64(r[i])
+				dd, rr = dd+e*e, rr+float64(r[i])*float64(r[i])
+			}
+			rel := math.Sqrt(dd / rr)
+			worst, mean = max(worst, rel), mean+rel/float64(S*N)
+			if argmaxOf(g) == argmaxOf(r) {
+				agree += 1 / float64(S*N)
+			}
+		}
+		return worst, mean, agree
+	}
+	ow, om, oa := compare(ours)
+	hw, hm, ha := compare(hf)
+	t.Logf("%d positions against transformers' float32: ours worst %.3g, mean %.3g, argmax agreement %.3f; transformers' bf16 worst %.3g, mean %.3g, agreement %.3f",
+		S*N, ow, om, oa, hw, hm, ha)
+	if ow > 1.5*hw || om > 1.5*hm || oa < ha-0.05 {
+		t.Errorf("the GPU decoder's bf16 logits are further from float32 than transformers' bf16 logits are")
+	}
+}
+
+func argmaxOf(v []float32) int {
+	best := 0
+	for i, x := range v {
+		if x > v[best] {
+			best = i
+		}
+	}
+	return best
 }

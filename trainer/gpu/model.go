@@ -297,30 +297,41 @@ func (s *session) ropeTables(lt trainer.LayerType, pos []int32) (cos, sin []floa
 // upload copies the batch to the workspace.
 func (s *session) upload(c *cuda.Ctx, hb *hostBatch) error {
 	ws := s.ws
-	if err := cuda.Upload(c, ws.ids.Ptr, hb.ids); err != nil {
-		return err
-	}
-	if err := cuda.Upload(c, ws.idx.Ptr, hb.idx); err != nil {
+	if err := s.uploadTokens(c, hb); err != nil {
 		return err
 	}
 	if err := cuda.Upload(c, ws.tgt.Ptr, hb.tgt); err != nil {
 		return err
 	}
 	for ti := range layerTypes {
-		for _, u := range []struct {
-			dst cuda.DevicePtr
-			src any
-		}{{ws.lo[ti].Ptr, hb.lo[ti]}, {ws.hi[ti].Ptr, hb.hi[ti]}, {ws.cos[ti].Ptr, hb.cos[ti]}, {ws.sin[ti].Ptr, hb.sin[ti]}} {
-			var err error
-			switch v := u.src.(type) {
-			case []int32:
-				err = cuda.Upload(c, u.dst, v)
-			case []float32:
-				err = cuda.Upload(c, u.dst, v)
-			}
-			if err != nil {
-				return err
-			}
+		if err := cuda.Upload(c, ws.lo[ti].Ptr, hb.lo[ti]); err != nil {
+			return err
+		}
+		if err := cuda.Upload(c, ws.hi[ti].Ptr, hb.hi[ti]); err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
+// uploadTokens copies what a forward pass reads besides the attention
+// spans and the targets: the token ids, the positions with a target and
+// the rotary tables. A decoding step after the prompts needs no more (its
+// attention reads the caches), and each upload waits for the device.
+func (s *session) uploadTokens(c *cuda.Ctx, hb *hostBatch) error {
+	ws := s.ws
+	if err := cuda.Upload(c, ws.ids.Ptr, hb.ids); err != nil {
+		return err
+	}
+	if err := cuda.Upload(c, ws.idx.Ptr, hb.idx); err != nil {
+		return err
+	}
+	for ti := range layerTypes {
+		if err := cuda.Upload(c, ws.cos[ti].Ptr, hb.cos[ti]); err != nil {
+			return err
+		}
+		if err := cuda.Upload(c, ws.sin[ti].Ptr, hb.sin[ti]); err != nil {
+			return err
 		}
 	}
 	return nil
@@ -360,7 +371,7 @@ func (s *session) linear(c *cuda.Ctx, T, layer int, mod trainer.Module, x, out c
 		return err
 	}
 	A, ok := s.lora.slot(layer, mod, false)
-	if !ok {
+	if !ok || s.baseOnly {
 		return nil
 	}
 	B, _ := s.lora.slot(layer, mod, true)
@@ -604,24 +615,8 @@ func (s *session) pass(b *trainer.Batch, grad bool, normalizer float64, dropoutS
 			input = off.forwardSlot
 			defer off.finish()
 		}
-		if err := s.k.Embed(c, ws.ids.Ptr, s.w.embed.Ptr, s.info.EmbedScale(), input(0), T, Hd); err != nil {
-			return err
-		}
-		for l := 0; l < cfg.Layers; l++ {
-			if off != nil && grad {
-				if err := off.save(c, l); err != nil {
-					return err
-				}
-				if err := off.beforeWrite(c, l+1); err != nil {
-					return err
-				}
-			}
-			if err := s.layerForward(c, T, l, input(l), input(l+1), s.cache(l), d); err != nil {
-				return err
-			}
-		}
-		xL := input(cfg.Layers)
-		if err := s.k.RMSNorm(c, xL, s.w.finalNorm.Ptr, 0, ws.xf.Ptr, ws.rstdF.Ptr, T, Hd, cfg.RMSNormEps); err != nil {
+		xL, err := s.forwardBlocks(c, T, input, d, grad)
+		if err != nil {
 			return err
 		}
 		if n == 0 {
@@ -717,6 +712,32 @@ func (s *session) pass(b *trainer.Batch, grad bool, normalizer float64, dropoutS
 		return sum, n, fmt.Errorf("the loss is %v", sum)
 	}
 	return sum, n, nil
+}
+
+// forwardBlocks queues the embedding of the uploaded batch's T tokens, the
+// blocks (block l reading input(l) and writing input(l+1)) and the final
+// norm into ws.xf, and returns the last block's output. With offload set
+// and grad, each block's input goes to the host for the backward pass.
+func (s *session) forwardBlocks(c *cuda.Ctx, T int, input func(int) cuda.DevicePtr, d *trainer.Dropout, grad bool) (cuda.DevicePtr, error) {
+	cfg, ws, off := s.info.Config, s.ws, s.off
+	if err := s.k.Embed(c, ws.ids.Ptr, s.w.embed.Ptr, s.info.EmbedScale(), input(0), T, cfg.Hidden); err != nil {
+		return 0, err
+	}
+	for l := 0; l < cfg.Layers; l++ {
+		if off != nil && grad {
+			if err := off.save(c, l); err != nil {
+				return 0, err
+			}
+			if err := off.beforeWrite(c, l+1); err != nil {
+				return 0, err
+			}
+		}
+		if err := s.layerForward(c, T, l, input(l), input(l+1), s.cache(l), d); err != nil {
+			return 0, err
+		}
+	}
+	xL := input(cfg.Layers)
+	return xL, s.k.RMSNorm(c, xL, s.w.finalNorm.Ptr, 0, ws.xf.Ptr, ws.rstdF.Ptr, T, cfg.Hidden, cfg.RMSNormEps)
 }
 
 // cache returns the activation cache of block l.

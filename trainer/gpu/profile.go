@@ -36,7 +36,9 @@ var kernelGroups = []struct{ prefix, group string }{
 	{"scatter_rows", "lm_head and cross-entropy"},
 	{"sum_double", "lm_head and cross-entropy"},
 	{"nf4_dequantize", "NF4 dequantisation"},
+	{"argmax_rows", "lm_head and cross-entropy"},
 	{"attn_", "attention"},
+	{"kv_store", "attention"},
 	{"adam", "optimizer and gradient norm"},
 	{"sq_norm", "optimizer and gradient norm"},
 	{"f32_to_act", "norms and elementwise"},
@@ -122,7 +124,7 @@ type GroupTime struct {
 // StartProfile starts timing every launch of session s (a session this
 // package opened) and clears earlier totals.
 func StartProfile(s any) error {
-	ss, ok := s.(*session)
+	ss, ok := sessionOf(s)
 	if !ok {
 		return fmt.Errorf("gpu: %T is not a GPU session", s)
 	}
@@ -133,9 +135,12 @@ func StartProfile(s any) error {
 
 // ReadProfile returns the totals since StartProfile.
 func ReadProfile(s any) (Profile, error) {
-	ss, ok := s.(*session)
+	ss, ok := sessionOf(s)
 	if !ok || ss.prof == nil {
 		return Profile{}, fmt.Errorf("gpu: no profile started")
+	}
+	if err := ss.dev.Do(ss.prof.collect); err != nil {
+		return Profile{}, err
 	}
 	var out Profile
 	for g, d := range ss.prof.total {
@@ -144,4 +149,15 @@ func ReadProfile(s any) (Profile, error) {
 	}
 	sort.Slice(out.Groups, func(i, j int) bool { return out.Groups[i].Time > out.Groups[j].Time })
 	return out, nil
+}
+
+// sessionOf returns the session of a session or a decoder.
+func sessionOf(s any) (*session, bool) {
+	switch v := s.(type) {
+	case *session:
+		return v, true
+	case *decoder:
+		return v.s, true
+	}
+	return nil, false
 }

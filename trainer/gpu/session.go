@@ -26,6 +26,9 @@ type session struct {
 	comm  *cuda.Comm // the gradients' all-reduce when training with other ranks
 	off   *offloader // nil unless the saved layer inputs live on the host
 	dec   *kvCaches  // set while a decoder's step runs
+	// baseOnly skips the LoRA products: a decoder without an adapter,
+	// whose placeholder adapter adds zero.
+	baseOnly bool
 
 	ropeCos, ropeSin [2][]float32
 }

@@ -786,44 +786,82 @@ __device__ __forceinline__ float block_reduce(float v, float* red, bool is_max) 
 
 // attn_cached: each query head of token t against its sequence's cache, the
 // keys at positions lo .. pos[t] (lo = pos − window + 1 on sliding layers,
-// else 0). One block per (token, head): the scores go to shared memory,
-// one float a key, become softmax weights, and each thread sums the values
-// of its columns. The token's own key is in the cache already (kv_store).
+// else 0), split over blocks as flash-decoding does: block (t, h, s) takes
+// the keys lo + s·DEC_CHUNK onwards, DEC_CHUNK of them, one warp a key for
+// the scores, and writes to part its unnormalised output row, its largest
+// score and its sum of weights; attn_cached_combine joins the splits. A
+// decoding step attends to few keys per head, and a block per (token,
+// head) alone would leave most of the GPU idle. Splits past pos[t] write
+// an empty record, so that the grid can be sized by the cache (and
+// captured once for every step). The token's own key is in the cache
+// already (kv_store).
+#define DEC_CHUNK 32
+
 extern "C" __global__ void __launch_bounds__(DEC_THREADS) attn_cached(const act_t* __restrict__ q, const act_t* __restrict__ kc,
                                                                        const act_t* __restrict__ vc, const int* __restrict__ seq,
-                                                                       const int* __restrict__ pos, act_t* __restrict__ out,
+                                                                       const int* __restrict__ pos, float* __restrict__ part,
                                                                        int heads, int kv_heads, int cache_len, int window, float scale) {
-    extern __shared__ float smem[];
-    float* qs = smem;      // the query, HD floats
-    float* sc = smem + HD; // a float per key
-    __shared__ float red[DEC_THREADS / 32];
-    const int t = blockIdx.x, h = blockIdx.y, g = h / (heads / kv_heads);
-    const int tid = threadIdx.x;
+    __shared__ float qs[HD];
+    __shared__ float w[DEC_CHUNK];
+    const int t = blockIdx.x, h = blockIdx.y, sp = blockIdx.z, splits = gridDim.z;
+    const int g = h / (heads / kv_heads);
+    const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
     const int p = pos[t];
     const int lo = window > 0 ? max(0, p - window + 1) : 0;
+    const int j0 = lo + sp * DEC_CHUNK, n = min(p + 1 - j0, DEC_CHUNK);
+    float* rec = part + (((long long)t * heads + h) * splits + sp) * (HD + 2);
+    if (n <= 0) {
+        if (tid == 0) rec[HD] = -INFINITY, rec[HD + 1] = 0.0f;
+        return;
+    }
     const long long base = (long long)seq[t] * cache_len;
     for (int d = tid; d < HD; d += DEC_THREADS) qs[d] = to_f32(q[((long long)t * heads + h) * HD + d]);
     __syncthreads();
-    float mx = -INFINITY;
-    for (int j = lo + tid; j <= p; j += DEC_THREADS) {
-        const act_t* kr = kc + ((base + j % cache_len) * kv_heads + g) * HD;
+    for (int i = warp; i < n; i += DEC_THREADS / 32) {
+        const act_t* kr = kc + ((base + (j0 + i) % cache_len) * kv_heads + g) * HD;
         float s = 0.0f;
-        for (int d = 0; d < HD; d++) s += qs[d] * to_f32(kr[d]);
-        s *= scale;
-        sc[j - lo] = s;
-        mx = fmaxf(mx, s);
+#pragma unroll
+        for (int d = lane; d < HD; d += 32) s += qs[d] * to_f32(kr[d]);
+        s = warp_sum(s);
+        if (lane == 0) w[i] = s * scale;
     }
-    mx = block_reduce(mx, red, true);
-    float sum = 0.0f;
-    for (int j = lo + tid; j <= p; j += DEC_THREADS) {
-        const float e = expf(sc[j - lo] - mx);
-        sc[j - lo] = e;
-        sum += e;
-    }
-    sum = block_reduce(sum, red, false); // its barriers also publish the weights
+    __syncthreads();
+    float mx = -INFINITY;
+    for (int i = 0; i < n; i++) mx = fmaxf(mx, w[i]);
+    __syncthreads(); // every thread has read the scores
+    if (tid < n) w[tid] = expf(w[tid] - mx);
+    __syncthreads();
     for (int d = tid; d < HD; d += DEC_THREADS) {
         float acc = 0.0f;
-        for (int j = lo; j <= p; j++) acc += sc[j - lo] * to_f32(vc[((base + j % cache_len) * kv_heads + g) * HD + d]);
-        out[((long long)t * heads + h) * HD + d] = to_act(acc / sum);
+        for (int i = 0; i < n; i++) acc += w[i] * to_f32(vc[((base + (j0 + i) % cache_len) * kv_heads + g) * HD + d]);
+        rec[d] = acc;
+    }
+    if (tid == 0) {
+        float sum = 0.0f;
+        for (int i = 0; i < n; i++) sum += w[i];
+        rec[HD] = mx, rec[HD + 1] = sum;
+    }
+}
+
+// attn_cached_combine: out row (t, h) from attn_cached's splits, each
+// rescaled to the largest score of all: Σ e^(m_s − m)·o_s / Σ e^(m_s − m)·l_s.
+extern "C" __global__ void __launch_bounds__(DEC_THREADS) attn_cached_combine(const float* __restrict__ part, act_t* __restrict__ out,
+                                                                               int heads, int splits) {
+    const int t = blockIdx.x, h = blockIdx.y;
+    const float* rec = part + ((long long)t * heads + h) * splits * (HD + 2);
+    float m = -INFINITY;
+    for (int s = 0; s < splits; s++) m = fmaxf(m, rec[s * (HD + 2) + HD]);
+    float l = 0.0f;
+    for (int s = 0; s < splits; s++) {
+        const float ms = rec[s * (HD + 2) + HD];
+        if (ms > -INFINITY) l += rec[s * (HD + 2) + HD + 1] * expf(ms - m);
+    }
+    for (int d = threadIdx.x; d < HD; d += DEC_THREADS) {
+        float acc = 0.0f;
+        for (int s = 0; s < splits; s++) {
+            const float ms = rec[s * (HD + 2) + HD];
+            if (ms > -INFINITY) acc += rec[s * (HD + 2) + d] * expf(ms - m);
+        }
+        out[((long long)t * heads + h) * HD + d] = to_act(acc / l);
     }
 }

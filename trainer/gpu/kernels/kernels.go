@@ -224,16 +224,8 @@ func attentionShared(headDim int) map[string]int {
 		// Tiles of attention.cu's DQ_BK keys and KV_BQ queries.
 		"attn_bwd_dq_mma":   2 * (2*64 + 2*mmaBackwardTile(headDim)) * (headDim + 8),
 		"attn_bwd_dkdv_mma": 2*(2*64+2*mmaBackwardTile(headDim))*(headDim+8) + 3*4*mmaBackwardTile(headDim),
-		"attn_cached":       decodeShared,
 	}
 }
-
-// decodeShared is attn_cached's shared memory at most: the query and a
-// float per key, within the 99 KiB every supported card has.
-const decodeShared = 96 << 10
-
-// MaxCachedKeys is how many positions attn_cached attends to at most.
-func (k *Kernels) MaxCachedKeys() int { return decodeShared/4 - k.HeadDim }
 
 // mmaBackwardTile is DQ_BK and KV_BQ of attention.cu: 16 at head
 // dimension 256, to stay within sm_86's and sm_89's shared memory.
@@ -390,19 +382,38 @@ func (k *Kernels) KVStore(c *cuda.Ctx, kr, v, seq, pos, from, kc, vc cuda.Device
 	return k.launch(c, "kv_store", k.grid(n), kr, v, seq, pos, from, kc, vc, int32(tokens), int32(kvHeads), int32(cacheLen))
 }
 
-// AttentionCached computes out [tokens × heads × head_dim]: each token's
-// query heads against its sequence's cached keys and values, positions up
-// to its own (within window on sliding layers, 0 meaning all).
-func (k *Kernels) AttentionCached(c *cuda.Ctx, q, kc, vc, seq, pos, out cuda.DevicePtr, tokens, heads, kvHeads, cacheLen, window int, scale float64) error {
+// decodeChunk is attention.cu's DEC_CHUNK: the keys one block of
+// attn_cached takes.
+const decodeChunk = 32
+
+// cachedSplits is the number of attn_cached blocks per (token, head): as
+// many as the most keys a token may attend to take.
+func cachedSplits(cacheLen, window int) int {
 	keys := cacheLen
 	if window > 0 {
 		keys = min(keys, window)
 	}
-	if keys > k.MaxCachedKeys() {
-		return fmt.Errorf("decoding attends to %d positions, more than the %d the kernel holds", keys, k.MaxCachedKeys())
+	return (keys + decodeChunk - 1) / decodeChunk
+}
+
+// CachedAttentionBytes is the float32 workspace AttentionCached needs for
+// tokens tokens: a record per (token, head, split).
+func (k *Kernels) CachedAttentionBytes(tokens, heads, cacheLen, window int) int64 {
+	return 4 * int64(tokens) * int64(heads) * int64(cachedSplits(cacheLen, window)) * int64(k.HeadDim+2)
+}
+
+// AttentionCached computes out [tokens × heads × head_dim]: each token's
+// query heads against its sequence's cached keys and values, positions up
+// to its own (within window on sliding layers, 0 meaning all), through the
+// workspace part (CachedAttentionBytes).
+func (k *Kernels) AttentionCached(c *cuda.Ctx, q, kc, vc, seq, pos, part, out cuda.DevicePtr, tokens, heads, kvHeads, cacheLen, window int, scale float64) error {
+	splits := cachedSplits(cacheLen, window)
+	cfg := cuda.LaunchConfig{Grid: cuda.Dim3{X: tokens, Y: heads, Z: splits}, Block: cuda.Dim3{X: 128}}
+	if err := k.launch(c, "attn_cached", cfg, q, kc, vc, seq, pos, part, int32(heads), int32(kvHeads), int32(cacheLen), int32(window), float32(scale)); err != nil {
+		return err
 	}
-	cfg := cuda.LaunchConfig{Grid: cuda.Dim3{X: tokens, Y: heads}, Block: cuda.Dim3{X: 128}, SharedMem: 4 * (k.HeadDim + keys)}
-	return k.launch(c, "attn_cached", cfg, q, kc, vc, seq, pos, out, int32(heads), int32(kvHeads), int32(cacheLen), int32(window), float32(scale))
+	cfg.Grid.Z = 1
+	return k.launch(c, "attn_cached_combine", cfg, part, out, int32(heads), int32(splits))
 }
 
 // GeGLU computes out = gelu_tanh(gate)·up over n activations.
@@ -435,6 +446,12 @@ func (k *Kernels) ScatterRows(c *cuda.Ctx, src, idx, dst cuda.DevicePtr, n, dim 
 // (softmax − onehot)/normalizer as activations.
 func (k *Kernels) CrossEntropy(c *cuda.Ctx, logits, targets cuda.DevicePtr, rows, vocab int, normalizer float64, loss, grad cuda.DevicePtr) error {
 	return k.launch(c, "cross_entropy", rowsOf(rows, 1024), logits, targets, int32(vocab), float32(normalizer), loss, grad)
+}
+
+// ArgmaxRows writes to best the index of each row's largest value (the
+// lowest among equals; NaN never wins), greedy decoding's choice.
+func (k *Kernels) ArgmaxRows(c *cuda.Ctx, logits cuda.DevicePtr, rows, vocab int, best cuda.DevicePtr) error {
+	return k.launch(c, "argmax_rows", rowsOf(rows, 1024), logits, int32(vocab), best)
 }
 
 // SumDouble writes the sum of n float64 values to out[0].

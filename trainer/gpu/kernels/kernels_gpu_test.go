@@ -580,6 +580,53 @@ func TestCrossEntropy(t *testing.T) {
 	}
 }
 
+// TestArgmaxRows: each row's first largest value, as the host's greedy
+// pick takes it, on random rows, rows with ties (the lowest index wins),
+// NaN (never chosen) and -Inf.
+func TestArgmaxRows(t *testing.T) {
+	k := kernelsFor(t, F32, 256)
+	rng := cudatest.Rand(t)
+	const V = 262208
+	var rows [][]float32
+	for range 4 {
+		rows = append(rows, uniform(rng, V, 8))
+	}
+	tie := uniform(rng, V, 1)
+	tie[70000], tie[5000], tie[200000] = 3, 3, 3
+	nan := uniform(rng, V, 1)
+	nan[7], nan[9] = float32(math.NaN()), 2
+	inf := make([]float32, V)
+	for i := range inf {
+		inf[i] = float32(math.Inf(-1))
+	}
+	inf[V-1] = -1e30
+	rows = append(rows, tie, nan, inf)
+	var flat []float32
+	want := make([]int32, len(rows))
+	for r, row := range rows {
+		flat = append(flat, row...)
+		for j, x := range row {
+			if x > row[want[r]] || math.IsNaN(float64(row[want[r]])) && !math.IsNaN(float64(x)) {
+				want[r] = int32(j)
+			}
+		}
+	}
+	run(t, k, func(d *dev) error {
+		best := d.alloc(4 * int64(len(rows)))
+		if err := k.ArgmaxRows(d.c, d.f32(flat), len(rows), V, best); err != nil {
+			return err
+		}
+		got := make([]int32, len(rows))
+		if err := cuda.Download(d.c, got, best); err != nil {
+			return err
+		}
+		if fmt.Sprint(got) != fmt.Sprint(want) {
+			t.Errorf("argmax %v, want %v", got, want)
+		}
+		return nil
+	})
+}
+
 func TestDropout(t *testing.T) {
 	for _, p := range precisions {
 		k := kernelsFor(t, p, 256)
@@ -942,7 +989,8 @@ func TestAttentionCached(t *testing.T) {
 						qseq[s], qpos[s] = int32(s), int32(n-1)
 					}
 					out := d.alloc(int64(len(lens)*H*D) * p.Size())
-					if err := k.AttentionCached(d.c, d.act(q), kc, vc, d.i32(qseq), d.i32(qpos), out, len(lens), H, KV, cacheLen, sh.window, scale); err != nil {
+					part := d.alloc(k.CachedAttentionBytes(len(lens), H, cacheLen, sh.window))
+					if err := k.AttentionCached(d.c, d.act(q), kc, vc, d.i32(qseq), d.i32(qpos), part, out, len(lens), H, KV, cacheLen, sh.window, scale); err != nil {
 						return err
 					}
 					d.check("out", d.readAct(out, len(lens)*H*D), want, tol(p, 300))

@@ -59,3 +59,37 @@ extern "C" __global__ void sum_double(const double* __restrict__ v, int n, doubl
     s = block_sum_double(s, scratch);
     if (threadIdx.x == 0) out[0] = s;
 }
+
+// One block per row of logits [rows × vocab]: best[r] = the row's most
+// likely token as greedy decoding takes it, the lowest index among equal
+// largest values (NaN never wins; an all-NaN row gives 0).
+extern "C" __global__ void argmax_rows(const float* __restrict__ logits, int vocab, int* __restrict__ best) {
+    __shared__ float sv[32];
+    __shared__ int si[32];
+    const int none = 0x7fffffff;
+    const float* row = logits + (long long)blockIdx.x * vocab;
+    float v = -INFINITY;
+    int i = none;
+    for (int j = threadIdx.x; j < vocab; j += blockDim.x) {
+        const float x = row[j];
+        if (x > v || (x == v && j < i)) v = x, i = j;
+    }
+    for (int off = 16; off > 0; off >>= 1) {
+        const float ov = __shfl_down_sync(0xffffffff, v, off);
+        const int oi = __shfl_down_sync(0xffffffff, i, off);
+        if (ov > v || (ov == v && oi < i)) v = ov, i = oi;
+    }
+    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+    if (lane == 0) sv[warp] = v, si[warp] = i;
+    __syncthreads();
+    if (warp != 0) return;
+    const int warps = blockDim.x / 32;
+    v = lane < warps ? sv[lane] : -INFINITY;
+    i = lane < warps ? si[lane] : none;
+    for (int off = 16; off > 0; off >>= 1) {
+        const float ov = __shfl_down_sync(0xffffffff, v, off);
+        const int oi = __shfl_down_sync(0xffffffff, i, off);
+        if (ov > v || (ov == v && oi < i)) v = ov, i = oi;
+    }
+    if (lane == 0) best[blockIdx.x] = i == none ? 0 : i;
+}

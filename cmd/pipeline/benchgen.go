@@ -1,0 +1,218 @@
+package main
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"math/rand/v2"
+	"os"
+	"path/filepath"
+	"sort"
+	"time"
+
+	"github.com/spf13/cobra"
+
+	"gemmaft/cuda"
+	"gemmaft/trainer"
+	"gemmaft/trainer/gpu"
+)
+
+// benchGenerateCommand is `pipeline bench generate`.
+func benchGenerateCommand() *cobra.Command {
+	var o benchGenOptions
+	cmd := &cobra.Command{
+		Use:   "generate (--preset 1b|4b|12b|27b | --model DIR) [flags]",
+		Short: "Time decoding: tokens/s, time to the first token, and the memory-bandwidth bound",
+		Long: `bench generate times the decoder the chat command and the generate stage use:
+--batch-size prompts of --prompt-len random tokens each, continued greedily by
+exactly --new-tokens tokens (stop tokens do not end them), --runs times after
+--warmup untimed runs. It reports tokens/s (new tokens of every sequence over the
+median run's time, prefill included), the median time to the first token, the
+peak device memory, and the bandwidth bound: the steps per second at which
+reading the weights once a step (trainer.DecodeStepBytes) takes all of the
+card's memory bandwidth, times the batch size.
+
+--preset makes a model of a released Gemma 3 size with random weights on the
+GPU; --model reads a checkpoint folder (with --adapter, a PEFT adapter too).`,
+		Example: `  pipeline bench generate --preset 1b
+  pipeline bench generate --preset 12b --batch-size 16 --json`,
+		Args: cobra.NoArgs,
+		RunE: func(cmd *cobra.Command, _ []string) error {
+			return runBenchGenerate(cmd.Context(), cmd.OutOrStdout(), o)
+		},
+	}
+	f := cmd.Flags()
+	f.StringVar(&o.preset, "preset", "", "model shape with random weights: 1b, 4b, 12b, 27b (or tiny)")
+	f.StringVar(&o.model, "model", "", "Gemma 3 checkpoint folder (or hf://ORG/NAME[@REV]) instead of a preset")
+	f.StringVar(&o.adapter, "adapter", "", "PEFT LoRA adapter folder for --model")
+	f.StringVar(&o.quantize, "quantize", "none", "base weights: none (bfloat16) or nf4")
+	f.StringVar(&o.backend, "backend", "cuda", "with --model: cuda or cpu")
+	f.IntVar(&o.batch, "batch-size", 1, "prompts decoded together")
+	f.IntVar(&o.promptLen, "prompt-len", 128, "tokens in each prompt")
+	f.IntVar(&o.newTokens, "new-tokens", 128, "tokens generated after each prompt")
+	f.IntVar(&o.runs, "runs", 3, "timed runs")
+	f.IntVar(&o.warmup, "warmup", 1, "untimed runs first")
+	f.BoolVar(&o.json, "json", false, "print one JSON line")
+	f.BoolVar(&o.profile, "profile", false, "time every kernel of the timed runs and print the device time by kernel group (on stderr; the steps run without CUDA graphs)")
+	return cmd
+}
+
+type benchGenOptions struct {
+	preset, model, adapter, quantize, backend string
+	batch, promptLen, newTokens, runs, warmup int
+	json, profile                             bool
+}
+
+// benchGenResult is bench generate's report; its JSON field names are fixed.
+type benchGenResult struct {
+	Preset       string  `json:"preset"`
+	BatchSize    int     `json:"batch_size"`
+	PromptLen    int     `json:"prompt_len"`
+	NewTokens    int     `json:"new_tokens"`
+	Quantize     string  `json:"quantize"`
+	TokensPerSec float64 `json:"tokens_per_sec"`
+	RunSec       float64 `json:"run_sec"`
+	FirstSec     float64 `json:"first_token_sec"`
+	// DecodeTokensPerSec leaves the prefill out: the steps after the first.
+	DecodeTokensPerSec float64 `json:"decode_tokens_per_sec"`
+	BoundTokensPerSec  float64 `json:"bound_tokens_per_sec"`
+	PeakGiB            float64 `json:"peak_gib"`
+	GPU                string  `json:"gpu"`
+}
+
+func runBenchGenerate(ctx context.Context, w io.Writer, o benchGenOptions) error {
+	if (o.preset == "") == (o.model == "") {
+		return usageErr(errors.New("bench generate: give one of --preset and --model"))
+	}
+	if o.batch < 1 || o.promptLen < 1 || o.newTokens < 1 || o.runs < 1 || o.warmup < 0 {
+		return usageErr(errors.New("bench generate: --batch-size, --prompt-len, --new-tokens and --runs must be positive"))
+	}
+	if o.adapter != "" && o.model == "" {
+		return usageErr(errors.New("bench generate: --adapter goes with --model"))
+	}
+	var dec trainer.Decoder
+	var err error
+	if o.preset != "" {
+		mc, err := trainer.Preset(o.preset)
+		if err != nil {
+			return usageErr(err)
+		}
+		dec, err = gpu.OpenRandomDecoder(ctx, mc, 1, o.quantize)
+		if err != nil {
+			return failErr(fmt.Errorf("bench generate: %w", err))
+		}
+	} else {
+		if o.model, err = localArg(ctx, "model", o.model, argFolder); err != nil {
+			return err
+		}
+		if o.adapter, err = localArg(ctx, "adapter", o.adapter, argFolder); err != nil {
+			return err
+		}
+		dec, err = trainer.OpenDecoder(trainer.DecoderConfig{Model: o.model, Adapter: o.adapter, Quantize: o.quantize, Backend: o.backend})
+		if err != nil {
+			return failErr(fmt.Errorf("bench generate: %w", err))
+		}
+	}
+	defer dec.Close()
+	mc := dec.Info().Config
+
+	// Prompts: <bos> and random ordinary tokens (ids past the special
+	// ones, which Gemma 3 numbers first).
+	rng := rand.New(rand.NewPCG(1, 2))
+	low := min(1000, mc.VocabSize/4)
+	prompts := make([][]int32, o.batch)
+	for i := range prompts {
+		p := []int32{2}
+		for len(p) < o.promptLen {
+			p = append(p, int32(low+rng.IntN(mc.VocabSize-low)))
+		}
+		prompts[i] = p
+	}
+	opts := trainer.GenerateOptions{MaxNewTokens: o.newTokens}
+	var runs, firsts []time.Duration
+	for r := 0; r < o.warmup+o.runs; r++ {
+		if r == o.warmup && o.profile {
+			if err := gpu.StartProfile(dec); err != nil {
+				return failErr(err)
+			}
+		}
+		start := time.Now()
+		var first time.Duration
+		out, err := dec.Generate(ctx, prompts, opts, func(seq int, _ int32) {
+			if first == 0 {
+				first = time.Since(start)
+			}
+		})
+		if err != nil {
+			return failErr(fmt.Errorf("bench generate: %w", err))
+		}
+		took := time.Since(start)
+		for i, s := range out {
+			if len(s) != o.newTokens {
+				return failErr(fmt.Errorf("bench generate: sequence %d got %d tokens, not %d", i, len(s), o.newTokens))
+			}
+		}
+		if r >= o.warmup {
+			runs, firsts = append(runs, took), append(firsts, first)
+		}
+	}
+	if o.profile {
+		p, err := gpu.ReadProfile(dec)
+		if err != nil {
+			return failErr(err)
+		}
+		var total time.Duration
+		for _, t := range runs {
+			total += t
+		}
+		fmt.Fprintf(os.Stderr, "device time %v of %v wall over %d runs:\n", p.Device.Round(time.Microsecond), total.Round(time.Microsecond), len(runs))
+		for _, g := range p.Groups {
+			fmt.Fprintf(os.Stderr, "  %-32s %10v %6d launches\n", g.Group, g.Time.Round(time.Microsecond), g.Launches)
+		}
+	}
+	med := func(ds []time.Duration) float64 {
+		s := append([]time.Duration(nil), ds...)
+		sort.Slice(s, func(i, j int) bool { return s[i] < s[j] })
+		return s[len(s)/2].Seconds()
+	}
+	res := benchGenResult{Preset: o.preset, BatchSize: o.batch, PromptLen: o.promptLen, NewTokens: o.newTokens,
+		Quantize: o.quantize, RunSec: med(runs), FirstSec: med(firsts)}
+	if res.Preset == "" {
+		res.Preset = filepath.Base(o.model)
+	}
+	res.TokensPerSec = float64(o.batch*o.newTokens) / res.RunSec
+	if o.newTokens > 1 && res.RunSec > res.FirstSec {
+		res.DecodeTokensPerSec = float64(o.batch*(o.newTokens-1)) / (res.RunSec - res.FirstSec)
+	}
+	if p, ok := dec.(interface{ PeakMemory() int64 }); ok {
+		res.PeakGiB = float64(p.PeakMemory()) / (1 << 30)
+	}
+	if rep := cuda.Discover(); len(rep.Devices) > 0 && o.backend != "cpu" {
+		res.GPU = rep.Devices[0].Name
+		if bw, ok := trainer.PeakBandwidth(res.GPU); ok {
+			res.BoundTokensPerSec = float64(o.batch) * bw / trainer.DecodeStepBytes(mc, o.quantize == "nf4")
+		}
+	}
+	if o.json {
+		b, _ := json.Marshal(res)
+		fmt.Fprintln(w, string(b))
+		return nil
+	}
+	where := res.GPU
+	if where == "" {
+		where = "the CPU"
+	}
+	fmt.Fprintf(w, "%s on %s: batch %d, %d-token prompts, %d new tokens, weights %s\n",
+		res.Preset, where, o.batch, o.promptLen, o.newTokens, o.quantize)
+	fmt.Fprintf(w, "  %.1f tokens/s (%.3f s a run, median of %d), first token after %.3f s, %.1f tokens/s after it\n",
+		res.TokensPerSec, res.RunSec, len(runs), res.FirstSec, res.DecodeTokensPerSec)
+	if res.BoundTokensPerSec > 0 {
+		fmt.Fprintf(w, "  bandwidth bound %.0f tokens/s: %.0f%% of it\n", res.BoundTokensPerSec, 100*res.DecodeTokensPerSec/res.BoundTokensPerSec)
+	}
+	if res.PeakGiB > 0 {
+		fmt.Fprintf(w, "  peak %.2f GiB\n", res.PeakGiB)
+	}
+	return nil
+}

@@ -1,0 +1,68 @@
+#!/usr/bin/env python3
+"""Hugging Face's side of scripts/bench-generate.sh: transformers' generate
+(bf16, SDPA, KV cache, greedy) on a model of a preset's shape with random
+weights, made on the GPU, continuing --batch-size prompts of --prompt-len
+random tokens by exactly --new-tokens tokens; prints one JSON line with the
+fields of `pipeline bench generate --json`.
+
+Usage: bench-generate-hf.py --preset 1b --batch-size 1 --prompt-len 128 --new-tokens 128
+"""
+import argparse
+import importlib.util
+import json
+import os
+import time
+
+import torch
+import transformers
+
+spec = importlib.util.spec_from_file_location("bench_train_hf", os.path.join(os.path.dirname(__file__), "bench-train-hf.py"))
+bench_train_hf = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(bench_train_hf)
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--preset", required=True, choices=sorted(bench_train_hf.PRESETS))
+    ap.add_argument("--batch-size", type=int, default=1)
+    ap.add_argument("--prompt-len", type=int, default=128)
+    ap.add_argument("--new-tokens", type=int, default=128)
+    ap.add_argument("--runs", type=int, default=3)
+    ap.add_argument("--warmup", type=int, default=1)
+    a = ap.parse_args()
+    cfg = bench_train_hf.preset_config(a.preset)
+    cfg._attn_implementation = "sdpa"
+    torch.manual_seed(1)
+    torch.set_default_dtype(torch.bfloat16)
+    with torch.device("cuda"):
+        model = transformers.Gemma3ForCausalLM(cfg)
+    torch.set_default_dtype(torch.float32)
+    model.eval()
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(1000, cfg.vocab_size, (a.batch_size, a.prompt_len), generator=g)
+    ids[:, 0] = 2
+    ids = ids.cuda()
+    mask = torch.ones_like(ids)
+    times = []
+    for r in range(a.warmup + a.runs):
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        with torch.no_grad():
+            out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=a.new_tokens,
+                                 min_new_tokens=a.new_tokens, do_sample=False, use_cache=True)
+        torch.cuda.synchronize()
+        assert out.shape[1] == a.prompt_len + a.new_tokens, out.shape
+        if r >= a.warmup:
+            times.append(time.perf_counter() - start)
+    free, total = torch.cuda.mem_get_info()
+    times.sort()
+    median = times[len(times) // 2]
+    print(json.dumps({"preset": a.preset, "batch_size": a.batch_size, "prompt_len": a.prompt_len,
+                      "new_tokens": a.new_tokens, "quantize": "none",
+                      "tokens_per_sec": a.batch_size * a.new_tokens / median, "run_sec": median,
+                      "peak_gib": (total - free) / 2**30, "gpu": torch.cuda.get_device_name(0),
+                      "stack": f"transformers {transformers.__version__}, torch {torch.__version__}"}))
+
+
+if __name__ == "__main__":
+    main()

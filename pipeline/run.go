@@ -26,6 +26,14 @@ type Engine struct {
 	// NoWait makes Run fail with ErrBusy instead of waiting when another run
 	// of the same DAG holds its lock.
 	NoWait bool
+	// Collective, when set, makes this run a follower of another process
+	// running the same DAG over the same cache, the one that holds the
+	// DAG's lock and records the run: rank 0 of a training on several
+	// GPUs. A follower takes no DAG lock and records nothing; it computes,
+	// or waits for and finds cached, what it needs under the entries'
+	// locks, and runs the stage named here, the one the ranks train
+	// together and rank 0 writes, without that entry's lock.
+	Collective string
 }
 
 // A RunRecord is what one run did; it is written as the run report and kept
@@ -117,7 +125,7 @@ func (e *Engine) Run(ctx context.Context, dag *DAG, opts Options) (*RunRecord, e
 		rec.Interrupted = errors.Is(err, context.Canceled)
 	}
 	rec.HashedBytes = e.Store.HashedBytes()
-	if len(rec.Stages) > 0 { // planned: worth keeping for plan's reasons and gc
+	if len(rec.Stages) > 0 && e.Collective == "" { // planned: worth keeping for plan's reasons and gc
 		if recErr := e.Store.recordRun(dag, rec); recErr != nil {
 			e.log().Warn("could not record the run", "err", recErr)
 		}
@@ -142,11 +150,13 @@ func (e *Engine) run(ctx context.Context, dag *DAG, opts Options, rec *RunRecord
 	}
 	defer gc.Unlock()
 
-	unlock, err := e.Store.lockDAG(ctx, dag, e.NoWait, e.log())
-	if err != nil {
-		return err
+	if e.Collective == "" {
+		unlock, err := e.Store.lockDAG(ctx, dag, e.NoWait, e.log())
+		if err != nil {
+			return err
+		}
+		*unlockDAG = unlock
 	}
-	*unlockDAG = unlock
 
 	plan, err := e.Store.PlanContext(ctx, dag, opts)
 	if err != nil {
@@ -180,6 +190,7 @@ type execution struct {
 	rec     *RunRecord
 	records map[*Step]*StageRecord
 	mu      sync.Mutex // guards records during execution
+	locks   map[*Step]*flock.Flock
 }
 
 func (x *execution) execute(ctx context.Context) error {
@@ -215,28 +226,36 @@ func (x *execution) execute(ctx context.Context) error {
 
 	// Take the entry locks in key order (so two DAGs sharing stages cannot
 	// deadlock), then look again: another process may have computed some.
+	// Each lock goes once its entry is committed (or has failed), so that
+	// another run waiting for an entry goes on while this one computes the
+	// rest: a follower waits so for the data its training needs.
 	sort.Slice(compute, func(i, j int) bool { return compute[i].Key < compute[j].Key })
-	var locks []*flock.Flock
+	x.locks = map[*Step]*flock.Flock{}
 	defer func() {
-		for _, l := range locks {
+		for _, l := range x.locks {
 			l.Unlock()
 		}
 	}()
 	var todo []*Step
 	for _, st := range compute {
+		if st.Node.Name == x.e.Collective {
+			todo = append(todo, st) // its entry is rank 0's to lock and write
+			continue
+		}
 		l, err := x.e.Store.lockEntry(ctx, st.Key)
 		if err != nil {
 			return err
 		}
-		locks = append(locks, l)
 		if st.Reason != "forced" {
 			if state, m, _ := x.e.Store.Check(st.Key, false); state == Valid {
+				l.Unlock()
 				st.Compute, st.State, st.Manifest, st.Reason = false, Valid, m, "cached (computed by another run)"
 				x.records[st].State, x.records[st].Reason = "cached", st.Reason
 				x.fillFromManifest(st)
 				continue
 			}
 		}
+		x.locks[st] = l
 		todo = append(todo, st)
 	}
 	for _, st := range x.plan.Steps {
@@ -290,8 +309,14 @@ func (x *execution) compute(ctx context.Context, todo []*Step) error {
 	streams := map[*Step][]chan arrow.RecordBatch{}
 	tasks := map[*Step]*Task{}
 	for _, st := range order {
+		scratch := x.e.Store.scratchDir(st.Key)
+		if st.Node.Name == x.e.Collective {
+			// Rank 0 keeps the stage's resumable state in the entry's
+			// scratch folder; a follower's is its own, removed after.
+			scratch = fmt.Sprintf("%s.follower-%d", scratch, os.Getpid())
+		}
 		t := &Task{Name: st.Node.Name, Key: st.Key, Log: x.e.log().With("stage", st.Node.Name),
-			scratch: x.e.Store.scratchDir(st.Key),
+			scratch: scratch,
 			tracker: trackers[st], stats: map[string]any{}, ctx: gctx,
 			keyed: st.keyed, inputs: map[string]*inputCheck{}}
 		for _, kf := range st.keyed {
@@ -327,6 +352,9 @@ func (x *execution) compute(ctx context.Context, todo []*Step) error {
 		t.outs = streams[st]
 		g.Go(func() error {
 			err := x.computeStep(gctx, st, t, committed[st])
+			if l := x.locks[st]; l != nil {
+				l.Unlock()
+			}
 			if err != nil {
 				t.tracker.finish(false)
 				return stageErr(st.Node, err)
@@ -364,7 +392,10 @@ func (x *execution) computeStep(ctx context.Context, st *Step, t *Task, committe
 		}
 		x.mu.Unlock()
 	}()
-	p, err := x.e.Store.begin(st.Key)
+	if st.Node.Name == x.e.Collective {
+		defer os.RemoveAll(t.scratch) // a follower's, of no use after
+	}
+	p, err := x.e.Store.begin(st.Key, st.Node.Name != x.e.Collective)
 	if err != nil {
 		return err
 	}

@@ -299,12 +299,16 @@ type pending struct {
 	dir   string
 }
 
-// begin creates the temporary folder for key's entry. The caller holds the
-// entry's lock, so leftovers of a crashed writer of the same key are stale.
-func (s *Store) begin(key string) (*pending, error) {
-	stale, _ := filepath.Glob(filepath.Join(s.Root, "tmp", key+"-*"))
-	for _, d := range stale {
-		os.RemoveAll(d)
+// begin creates the temporary folder for key's entry. With locked, the
+// caller holds the entry's lock, so leftovers of a crashed writer of the
+// same key are stale and go; a follower of a collective stage, which holds
+// no lock, leaves the writer's folder alone.
+func (s *Store) begin(key string, locked bool) (*pending, error) {
+	if locked {
+		stale, _ := filepath.Glob(filepath.Join(s.Root, "tmp", key+"-*"))
+		for _, d := range stale {
+			os.RemoveAll(d)
+		}
 	}
 	dir, err := os.MkdirTemp(filepath.Join(s.Root, "tmp"), key+"-")
 	if err != nil {

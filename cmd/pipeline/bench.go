@@ -107,6 +107,10 @@ type benchResult struct {
 	HFU          float64 `json:"hfu"`
 	Loss         float64 `json:"loss"`
 	GPU          string  `json:"gpu"`
+	// AllReduceSec is, with several ranks, the median step's time in the
+	// gradients' all-reduce, which runs after the backward pass: none of
+	// it is hidden behind computation.
+	AllReduceSec float64 `json:"allreduce_sec,omitempty"`
 }
 
 func runBench(ctx context.Context, w io.Writer, o benchOptions) error {
@@ -206,7 +210,7 @@ func runBench(ctx context.Context, w io.Writer, o benchOptions) error {
 		return failErr(err)
 	}
 
-	var times []time.Duration
+	var times, reduces []time.Duration
 	var flops trainer.FLOPs
 	var loss float64
 	next := 0
@@ -238,8 +242,12 @@ func runBench(ctx context.Context, w io.Writer, o benchOptions) error {
 				return failErr(fmt.Errorf("step %d: %w", step+1, err))
 			}
 			sum = x[0]
+			reduceStart := time.Now()
 			if err := s.(trainer.GradientReducer).AllReduceGrads(); err != nil {
 				return failErr(fmt.Errorf("step %d: %w", step+1, err))
+			}
+			if step >= o.warmup {
+				reduces = append(reduces, time.Since(reduceStart))
 			}
 		}
 		if _, err := s.Step(o.lr, 1); err != nil {
@@ -257,9 +265,7 @@ func runBench(ctx context.Context, w io.Writer, o benchOptions) error {
 		}
 		loss = sum / float64(max(normalizer, 1))
 	}
-	sorted := append([]time.Duration(nil), times...)
-	sort.Slice(sorted, func(i, j int) bool { return sorted[i] < sorted[j] })
-	median := sorted[len(sorted)/2].Seconds()
+	median := medianSec(times)
 	total := 0.0
 	for _, t := range times {
 		total += t.Seconds()
@@ -267,6 +273,9 @@ func runBench(ctx context.Context, w io.Writer, o benchOptions) error {
 	res := benchResult{Preset: o.preset, SeqLen: o.seqLen, BatchSize: o.batch,
 		TokensPerSec: float64(o.accum*o.batch*o.seqLen) / median, StepSec: median,
 		PeakGiB: float64(s.PeakMemory()) / (1 << 30), PlannedGiB: float64(planned) / (1 << 30), Loss: loss}
+	if len(reduces) > 0 {
+		res.AllReduceSec = medianSec(reduces)
+	}
 	if res.Preset == "" {
 		res.Preset = filepath.Base(o.model)
 	}
@@ -291,12 +300,22 @@ func runBench(ctx context.Context, w io.Writer, o benchOptions) error {
 	}
 	fmt.Fprintf(w, "%s on %s: seq %d, batch %d × %d accumulation\n", res.Preset, res.GPU, o.seqLen, o.batch, o.accum)
 	fmt.Fprintf(w, "  %.0f tokens/s, %.3f s a step (median of %d), peak %.2f GiB\n", res.TokensPerSec, res.StepSec, len(times), res.PeakGiB)
+	if res.AllReduceSec > 0 {
+		fmt.Fprintf(w, "  gradient all-reduce %.1f ms a step, after the backward pass (not hidden)\n", 1e3*res.AllReduceSec)
+	}
 	if res.MFU > 0 {
 		fmt.Fprintf(w, "  MFU %.1f%%, HFU %.1f%%, loss %.4f\n", 100*res.MFU, 100*res.HFU, res.Loss)
 	} else {
 		fmt.Fprintf(w, "  loss %.4f (no bf16 peak rate known for %s: no MFU)\n", res.Loss, res.GPU)
 	}
 	return nil
+}
+
+// medianSec is the median of ds in seconds.
+func medianSec(ds []time.Duration) float64 {
+	s := append([]time.Duration(nil), ds...)
+	sort.Slice(s, func(i, j int) bool { return s[i] < s[j] })
+	return s[len(s)/2].Seconds()
 }
 
 // benchRows reads --data, or packs the embedded demo records at --seq-len

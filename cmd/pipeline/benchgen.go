@@ -9,7 +9,6 @@ import (
 	"math/rand/v2"
 	"os"
 	"path/filepath"
-	"sort"
 	"time"
 
 	"github.com/spf13/cobra"
@@ -172,13 +171,8 @@ func runBenchGenerate(ctx context.Context, w io.Writer, o benchGenOptions) error
 			fmt.Fprintf(os.Stderr, "  %-32s %10v %6d launches\n", g.Group, g.Time.Round(time.Microsecond), g.Launches)
 		}
 	}
-	med := func(ds []time.Duration) float64 {
-		s := append([]time.Duration(nil), ds...)
-		sort.Slice(s, func(i, j int) bool { return s[i] < s[j] })
-		return s[len(s)/2].Seconds()
-	}
 	res := benchGenResult{Preset: o.preset, BatchSize: o.batch, PromptLen: o.promptLen, NewTokens: o.newTokens,
-		Quantize: o.quantize, RunSec: med(runs), FirstSec: med(firsts)}
+		Quantize: o.quantize, RunSec: medianSec(runs), FirstSec: medianSec(firsts)}
 	if res.Preset == "" {
 		res.Preset = filepath.Base(o.model)
 	}

@@ -7,7 +7,6 @@ import (
 	"os"
 	"os/exec"
 	"os/signal"
-	"path/filepath"
 	"strconv"
 	"strings"
 	"sync"
@@ -21,9 +20,10 @@ import (
 // Training on several GPUs: one process per GPU, each running the same
 // `pipeline run`. The launcher (torchrun, srun, a Kubernetes operator, or
 // `pipeline run --gpus N` itself) tells each its rank; rank 0 runs the DAG
-// as a single process does and writes every entry; the other ranks
-// compute, in a cache folder of their own, what the training stage needs,
-// train their share with rank 0, and stop there.
+// as a single process does; the other ranks follow it over the same cache
+// (pipeline.Engine.Collective): they wait for, or compute, the data the
+// training stage needs under the entries' locks, train their share with
+// rank 0, and stop there.
 
 // rankPlan is what this process does as one rank of several.
 type rankPlan struct {
@@ -56,12 +56,6 @@ func planRanks(dag *pipeline.DAG, opts pipeline.Options) (*rankPlan, error) {
 		p.stage = stages[0]
 	}
 	return p, nil
-}
-
-// followerCache is the cache folder of rank r other than 0: its own, so
-// that ranks never write one entry at once nor wait on one another's lock.
-func followerCache(root string, r int) string {
-	return filepath.Join(root, "ranks", strconv.Itoa(r))
 }
 
 // launchRanks runs this command as n ranks on this machine, as torchrun

@@ -74,8 +74,9 @@ func lossesOf(t *testing.T, path string) []float64 {
 }
 
 // TestRunOnTwoRanks: `pipeline run --gpus 2` (two processes, here training
-// on the CPU) trains the adapter one process trains, writes it once, in
-// rank 0's cache, and leaves rank 1's own cache without it.
+// on the CPU) trains the adapter one process trains, over one cache: every
+// entry written once, the data stages computed by one rank and found
+// cached by the other, one run recorded (rank 0's), no scratch left.
 func TestRunOnTwoRanks(t *testing.T) {
 	if testing.Short() {
 		t.Skip("trains a tiny model twice")
@@ -106,11 +107,44 @@ func TestRunOnTwoRanks(t *testing.T) {
 			t.Errorf("step %d: loss %v on one rank, %v on two", i+1, la[i], lb[i])
 		}
 	}
-	if ms, _ := filepath.Glob(filepath.Join(dir, "two", "ranks", "1", "entries", "*", "*", "adapter")); len(ms) != 0 {
-		t.Errorf("rank 1 wrote an adapter entry: %v", ms)
+	count := func(cache string) (entries int, stages map[string]int) {
+		stages = map[string]int{}
+		ms, _ := filepath.Glob(filepath.Join(cache, "entries", "*", "*", "manifest.json"))
+		for _, m := range ms {
+			if man, err := pipeline.ReadManifest(filepath.Dir(m)); err == nil {
+				stages[man.Stage]++
+			}
+		}
+		return len(ms), stages
 	}
-	if ms, _ := filepath.Glob(filepath.Join(dir, "two", "ranks", "1", "entries", "*", "*")); len(ms) == 0 {
-		t.Error("rank 1 computed the data stages nowhere")
+	n1, _ := count(filepath.Join(dir, "one"))
+	n2, per := count(filepath.Join(dir, "two"))
+	if n1 != n2 {
+		t.Errorf("%d entries from one rank, %d from two: %v", n1, n2, per)
+	}
+	for stage, n := range per {
+		if n != 1 {
+			t.Errorf("stage %s has %d entries", stage, n)
+		}
+	}
+	// Each data stage computed by one rank: the two ranks' tables (rank
+	// 1's on stderr) say "computed" once for it, "cached" once.
+	for _, stage := range []string{"alpaca", "chat", "tokens", "pack", "base"} {
+		states := map[string]int{}
+		for _, line := range strings.Split(two.stdout+"\n"+two.stderr, "\n") {
+			if f := strings.Fields(line); len(f) >= 2 && f[0] == stage {
+				states[f[1]]++
+			}
+		}
+		if states["computed"] != 1 || states["cached"] != 1 {
+			t.Errorf("stage %s: %v in the two ranks' tables, want computed once and cached once", stage, states)
+		}
+	}
+	if runs, _ := filepath.Glob(filepath.Join(dir, "two", "runs", "*", "*.json")); len(runs) != 1 {
+		t.Errorf("%d runs recorded, want rank 0's alone: %v", len(runs), runs)
+	}
+	if left, _ := filepath.Glob(filepath.Join(dir, "two", "scratch", "*")); len(left) != 0 {
+		t.Errorf("scratch left behind: %v", left)
 	}
 	t.Logf("losses %v on one rank, %v on two", la, lb)
 }

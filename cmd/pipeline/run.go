@@ -53,10 +53,11 @@ Training on several GPUs: --gpus N starts N processes on this machine; torchrun,
 srun and Kubernetes training operators start them across machines, setting RANK,
 WORLD_SIZE, LOCAL_RANK, MASTER_ADDR and MASTER_PORT (or SLURM_PROCID, SLURM_NTASKS,
 SLURM_LOCALID and the job's node list), which every process reads. Each runs the same
-command: rank 0 runs the DAG and writes every entry; the others compute what the
-training stage needs in a cache folder of their own (CACHE/ranks/RANK), train their
-share of each step with rank 0, and stop there. A rank that fails or goes away stops
-the others.`,
+command over the same cache folder: rank 0 runs the DAG, records the run and writes
+the training stage's entry; each data stage is computed once, by whichever rank
+takes its entry's lock first, and found cached by the others (a cache on a disk of
+each node computes it once a node). The other ranks then train their share of each
+step with rank 0 and stop there. A rank that fails or goes away stops the others.`,
 		Example: `  pipeline run dags/gemma12b.yaml
   pipeline run dags/gemma12b.yaml --until pack        # preprocess only
   pipeline run dags/gemma12b.yaml --force tokens      # recompute one stage
@@ -87,15 +88,16 @@ the others.`,
 				return err
 			}
 			root := pipeline.CacheRoot(cacheFlag, dag)
+			collective := ""
 			if rp != nil && rp.follow {
 				if rp.stage == "" {
 					fmt.Fprintf(os.Stderr, "%v: nothing to do; only the training stage runs on every rank\n", rp.rank)
 					return nil
 				}
-				// Up to the training stage, in a cache of its own; rank 0
-				// reports and writes the entries.
+				// Up to the training stage, in the same cache as rank 0,
+				// which reports, records the run and writes the entry.
 				opts.Until, opts.Only, report = rp.stage, "", ""
-				root = followerCache(root, rp.rank.Rank)
+				collective = rp.stage
 			}
 			st, err := pipeline.OpenStore(root)
 			if err != nil {
@@ -106,7 +108,7 @@ the others.`,
 			if err != nil {
 				return err
 			}
-			eng := &pipeline.Engine{Store: st, Log: log, NoWait: noWait}
+			eng := &pipeline.Engine{Store: st, Log: log, NoWait: noWait, Collective: collective}
 			switch progress {
 			case "auto":
 				if stderrIsTerminal() {

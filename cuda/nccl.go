@@ -142,17 +142,17 @@ const (
 )
 
 // AllReduceSumF32 sums n float32 values at buf over the ranks, in place,
-// on the context's working stream.
-func (m *Comm) AllReduceSumF32(c *Ctx, buf DevicePtr, n int64) error {
-	return m.allReduce(c, buf, n, ncclFloat32)
+// on stream s (nil: the context's working stream).
+func (m *Comm) AllReduceSumF32(c *Ctx, s *Stream, buf DevicePtr, n int64) error {
+	return m.allReduce(c, s, buf, n, ncclFloat32)
 }
 
 // AllReduceSumBF16 is AllReduceSumF32 for bfloat16 values.
-func (m *Comm) AllReduceSumBF16(c *Ctx, buf DevicePtr, n int64) error {
-	return m.allReduce(c, buf, n, ncclBfloat16)
+func (m *Comm) AllReduceSumBF16(c *Ctx, s *Stream, buf DevicePtr, n int64) error {
+	return m.allReduce(c, s, buf, n, ncclBfloat16)
 }
 
-func (m *Comm) allReduce(c *Ctx, buf DevicePtr, n int64, dtype uintptr) error {
+func (m *Comm) allReduce(c *Ctx, s *Stream, buf DevicePtr, n int64, dtype uintptr) error {
 	if err := c.check(); err != nil {
 		return err
 	}
@@ -160,7 +160,7 @@ func (m *Comm) allReduce(c *Ctx, buf DevicePtr, n int64, dtype uintptr) error {
 	if h == 0 {
 		return errors.New("nccl: the communicator was aborted")
 	}
-	r := nccl.ncclAllReduce.call(uintptr(buf), uintptr(buf), uintptr(n), dtype, ncclSum, h, c.stream.handle)
+	r := nccl.ncclAllReduce.call(uintptr(buf), uintptr(buf), uintptr(n), dtype, ncclSum, h, c.streamOr(s).handle)
 	return ncclCheck("ncclAllReduce", r, h)
 }
 

@@ -34,6 +34,27 @@ type GradientReducer interface {
 	AllReduceGrads() error
 }
 
+// OverlappingReducer is a GradientReducer that can sum each layer's
+// gradients while the backward pass goes on to earlier layers.
+// ReduceInNextBackward, called before a rank's last micro-batch of a step,
+// makes that micro-batch's backward pass start the sums, and
+// AllReduceGrads then waits for them. The ranks' collectives must match:
+// every rank calls it in the same steps.
+type OverlappingReducer interface {
+	GradientReducer
+	ReduceInNextBackward()
+}
+
+// LastOwnMicroBatch is the index of rank's last micro-batch among n, when
+// every rank has one (so that all of them may overlap their all-reduce
+// with it), and -1 otherwise.
+func LastOwnMicroBatch(n, rank, size int) int {
+	if size < 2 || n < size {
+		return -1
+	}
+	return (n-1-rank)/size*size + rank
+}
+
 // rankOf is the group's rank and size, 0 and 1 without a group.
 func rankOf(g Group) (rank, size int) {
 	if g == nil {

@@ -257,3 +257,17 @@ func TestGroupNeedsAReducer(t *testing.T) {
 		t.Errorf("2 ranks on a session without AllReduceGrads: %v", err)
 	}
 }
+
+// TestLastOwnMicroBatch: the micro-batch before which each rank starts its
+// overlapped all-reduce is its own last one, and only when every rank has
+// one (otherwise the ranks' collectives would not match).
+func TestLastOwnMicroBatch(t *testing.T) {
+	for _, c := range []struct{ n, rank, size, want int }{
+		{4, 0, 2, 2}, {4, 1, 2, 3}, {3, 0, 2, 2}, {3, 1, 2, 1}, {2, 1, 2, 1},
+		{1, 0, 2, -1}, {5, 2, 4, 2}, {8, 3, 4, 7}, {4, 0, 1, -1},
+	} {
+		if got := LastOwnMicroBatch(c.n, c.rank, c.size); got != c.want {
+			t.Errorf("LastOwnMicroBatch(%d, %d, %d) = %d, want %d", c.n, c.rank, c.size, got, c.want)
+		}
+	}
+}

@@ -266,6 +266,8 @@ func train(ctx context.Context, s Session, data Dataset, opts TrainOptions, p *r
 			stepTokens += tokens
 		}
 		var lossSum float64
+		overlap, _ := s.(OverlappingReducer)
+		last := LastOwnMicroBatch(len(batches), rank, size)
 		for i, b := range batches {
 			if normalizer == 0 {
 				break // nothing to train in this step: a zero update
@@ -275,6 +277,9 @@ func train(ctx context.Context, s Session, data Dataset, opts TrainOptions, p *r
 			}
 			if err := ctx.Err(); err != nil {
 				return nil, err
+			}
+			if i == last && overlap != nil {
+				overlap.ReduceInNextBackward()
 			}
 			l, _, err := s.LossAndGrad(b, float64(normalizer), opts.Seed^uint64(step)<<20^uint64(i))
 			if err != nil {

@@ -39,6 +39,9 @@ type loraState struct {
 	slots []loraSlot
 	index map[[3]int]int // (layer, module, isB) → slot
 	total int64
+	// layerStart[l] is the first element of layer l's tensors (they are
+	// laid out layer by layer); layerStart[layers] is total.
+	layerStart []int64
 
 	data, grad cuda.Buffer // float32
 	act        cuda.DevicePtr
@@ -91,13 +94,20 @@ func layoutLoRA(cfg *trainer.Config, lc trainer.LoRAConfig, opt trainer.Optimize
 						st.nblocks += sl.blocks
 					}
 				}
+				if len(st.layerStart) == li {
+					st.layerStart = append(st.layerStart, st.total)
+				}
 				st.index[[3]int{li, moduleIndex(m), boolIndex(isB)}] = len(st.slots)
 				st.slots = append(st.slots, sl)
 				st.total += (n + loraAlign - 1) / loraAlign * loraAlign
 				i++
 			}
 		}
+		if len(st.layerStart) == li { // a layer without adapted projections
+			st.layerStart = append(st.layerStart, st.total)
+		}
 	}
+	st.layerStart = append(st.layerStart, st.total)
 	return st, nil
 }
 

@@ -601,6 +601,12 @@ func (s *session) pass(b *trainer.Batch, grad bool, normalizer float64, dropoutS
 	}
 	n := len(hb.idx)
 	var sum float64
+	// This backward pass finishes the step's gradients: sum each layer's
+	// over the ranks as soon as it is done (ReduceInNextBackward).
+	reduce := grad && s.red != nil && s.red.next
+	if s.red != nil {
+		s.red.next = false
+	}
 	err = s.dev.Do(func(c *cuda.Ctx) error {
 		cfg := s.info.Config
 		ws, T, Hd, V := s.ws, hb.T, cfg.Hidden, cfg.VocabSize
@@ -698,6 +704,11 @@ func (s *session) pass(b *trainer.Batch, grad bool, normalizer float64, dropoutS
 			}
 			if err := s.layerBackward(c, T, l, in, s.cache(l), d); err != nil {
 				return err
+			}
+			if reduce {
+				if err := s.reduceLayer(c, l); err != nil {
+					return err
+				}
 			}
 		}
 		if s.prof != nil {

@@ -56,9 +56,53 @@ func (s *session) joinComm() error {
 	copy(id.Internal[:], b)
 	return s.dev.Do(func(c *cuda.Ctx) error {
 		var err error
-		s.comm, err = c.NewComm(id, g.Rank(), g.Size())
+		if s.comm, err = c.NewComm(id, g.Rank(), g.Size()); err != nil {
+			return err
+		}
+		s.red = &reducer{}
+		if s.red.stream, err = c.NewStream(); err != nil {
+			return err
+		}
+		s.red.done, err = c.NewEvent()
 		return err
 	})
+}
+
+// reducer sums a layer's LoRA gradients over the ranks as soon as the
+// backward pass has finished them, on a stream of its own, while the pass
+// goes on to earlier layers: during a rank's last micro-batch of a step
+// (ReduceInNextBackward), when no later micro-batch adds to them.
+type reducer struct {
+	stream *cuda.Stream
+	done   *cuda.Event // recorded after a layer's backward pass
+	next   bool        // the next backward pass reduces
+	active bool        // reductions are queued on stream
+}
+
+// ReduceInNextBackward makes the next LossAndGrad start the gradients'
+// all-reduce layer by layer (trainer.OverlappingReducer).
+func (s *session) ReduceInNextBackward() {
+	if s.red != nil {
+		s.red.next = true
+	}
+}
+
+// reduceLayer queues the all-reduce of layer l's gradients behind the
+// work queued so far on the working stream.
+func (s *session) reduceLayer(c *cuda.Ctx, l int) error {
+	r, lo := s.red, s.lora
+	off, n := lo.layerStart[l], lo.layerStart[l+1]-lo.layerStart[l]
+	if n == 0 {
+		return nil
+	}
+	if err := r.done.Record(nil); err != nil {
+		return err
+	}
+	if err := r.stream.Wait(r.done); err != nil {
+		return err
+	}
+	r.active = true
+	return s.comm.AllReduceSumF32(c, r.stream, lo.grad.Ptr.Add(4*off), n)
 }
 
 // reduceTimeout bounds one gradient all-reduce: a rank that died inside
@@ -67,7 +111,8 @@ func (s *session) joinComm() error {
 const reduceTimeout = 5 * time.Minute
 
 // AllReduceGrads sums the LoRA gradients over the ranks, in place, in
-// float32 on the working stream, and waits for the sum. Past
+// float32, and waits for the sum: the one the last backward pass queued
+// layer by layer, or else the whole buffer at once. Past
 // reduceTimeout the communicator is aborted and the step fails.
 func (s *session) AllReduceGrads() error {
 	if s.comm == nil {
@@ -75,7 +120,15 @@ func (s *session) AllReduceGrads() error {
 	}
 	watchdog := time.AfterFunc(reduceTimeout, func() { s.comm.Abort() })
 	err := s.dev.Do(func(c *cuda.Ctx) error {
-		if err := s.comm.AllReduceSumF32(c, s.lora.grad.Ptr, s.lora.total); err != nil {
+		if s.red.active {
+			// Queued layer by layer during the backward pass: wait for them.
+			s.red.active = false
+			if err := s.red.stream.Synchronize(); err != nil {
+				return err
+			}
+			return s.comm.AsyncError()
+		}
+		if err := s.comm.AllReduceSumF32(c, nil, s.lora.grad.Ptr, s.lora.total); err != nil {
 			return err
 		}
 		if err := c.Stream().Synchronize(); err != nil {

@@ -24,6 +24,7 @@ type session struct {
 	peak  int64
 	prof  *profiler  // nil unless StartProfile
 	comm  *cuda.Comm // the gradients' all-reduce when training with other ranks
+	red   *reducer   // with comm: the layer-by-layer all-reduce during a backward pass
 	off   *offloader // nil unless the saved layer inputs live on the host
 	dec   *kvCaches  // set while a decoder's step runs
 	// baseOnly skips the LoRA products: a decoder without an adapter,

@@ -238,6 +238,42 @@ func TestBenchTrainUsage(t *testing.T) {
 	}
 }
 
+// TestBenchGenerate: bench generate refuses a missing or doubled model and
+// bad sizes with exit 2; on the CPU reference it decodes exactly
+// --new-tokens for every prompt and reports them as a JSON line; a preset
+// without a GPU fails with exit 1 saying why.
+func TestBenchGenerate(t *testing.T) {
+	dir := t.TempDir()
+	model, _ := filepath.Abs("../../trainer/testdata/reference/t5_gqa/model")
+	for _, args := range [][]string{
+		{"bench", "generate"},
+		{"bench", "generate", "--preset", "1b", "--model", model},
+		{"bench", "generate", "--preset", "1b", "--new-tokens", "0"},
+		{"bench", "generate", "--preset", "1b", "--adapter", dir},
+	} {
+		if r := runCLI(t, dir, args...); r.code != 2 {
+			t.Errorf("%v: exit %d, want 2 (%s)", args, r.code, r.stderr)
+		}
+	}
+	r := runCLI(t, dir, "bench", "generate", "--model", model, "--backend", "cpu", "--batch-size", "3",
+		"--prompt-len", "20", "--new-tokens", "7", "--runs", "2", "--json")
+	if r.code != 0 {
+		t.Fatalf("on the CPU: exit %d, %s", r.code, r.stderr)
+	}
+	var res benchGenResult
+	if err := json.Unmarshal([]byte(strings.TrimSpace(r.stdout)), &res); err != nil {
+		t.Fatalf("%v: %s", err, r.stdout)
+	}
+	if res.BatchSize != 3 || res.PromptLen != 20 || res.NewTokens != 7 || res.TokensPerSec <= 0 || res.RunSec <= 0 ||
+		res.FirstSec <= 0 || res.FirstSec > res.RunSec {
+		t.Errorf("report %+v", res)
+	}
+	r = runCLI(t, dir, "bench", "generate", "--preset", "tiny")
+	if cuda.Discover().Err != nil && (r.code != 1 || !strings.Contains(r.stderr, "CUDA")) {
+		t.Errorf("a preset without a GPU: exit %d, %s", r.code, r.stderr)
+	}
+}
+
 // TestMergeAndExportRefuseExistingTargets: merge and a model export never
 // write over what is there, and say so.
 func TestMergeAndExportRefuseExistingTargets(t *testing.T) {

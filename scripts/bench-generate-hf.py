@@ -30,14 +30,9 @@ def main():
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--warmup", type=int, default=1)
     a = ap.parse_args()
-    cfg = bench_train_hf.preset_config(a.preset)
-    cfg._attn_implementation = "sdpa"
-    torch.manual_seed(1)
-    torch.set_default_dtype(torch.bfloat16)
-    with torch.device("cuda"):
-        model = transformers.Gemma3ForCausalLM(cfg)
-    torch.set_default_dtype(torch.float32)
+    model = bench_train_hf.preset_model(a.preset)
     model.eval()
+    cfg = model.config
     g = torch.Generator().manual_seed(1)
     ids = torch.randint(1000, cfg.vocab_size, (a.batch_size, a.prompt_len), generator=g)
     ids[:, 0] = 2

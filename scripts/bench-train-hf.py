@@ -49,6 +49,18 @@ def preset_config(preset):
     return cfg
 
 
+def preset_model(preset):
+    """A preset's model in bf16 on the GPU, SDPA attention, random weights (seed 1)."""
+    cfg = preset_config(preset)
+    cfg._attn_implementation = "sdpa"
+    torch.manual_seed(1)
+    torch.set_default_dtype(torch.bfloat16)
+    with torch.device("cuda"):
+        model = transformers.Gemma3ForCausalLM(cfg)
+    torch.set_default_dtype(torch.float32)
+    return model
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--preset", required=True, choices=sorted(PRESETS))
@@ -60,13 +72,7 @@ def main():
     ap.add_argument("--alpha", type=float, default=64)
     ap.add_argument("--lr", type=float, default=2e-4)
     a = ap.parse_args()
-    cfg = preset_config(a.preset)
-    cfg._attn_implementation = "sdpa"
-    torch.manual_seed(1)
-    torch.set_default_dtype(torch.bfloat16)
-    with torch.device("cuda"):
-        model = transformers.Gemma3ForCausalLM(cfg)
-    torch.set_default_dtype(torch.float32)
+    model = preset_model(a.preset)
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.config.use_cache = False
     lcfg = peft.LoraConfig(r=a.r, lora_alpha=a.alpha, lora_dropout=0.05, task_type="CAUSAL_LM",

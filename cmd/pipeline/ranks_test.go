@@ -146,6 +146,18 @@ func TestRunOnTwoRanks(t *testing.T) {
 	if left, _ := filepath.Glob(filepath.Join(dir, "two", "scratch", "*")); len(left) != 0 {
 		t.Errorf("scratch left behind: %v", left)
 	}
+	// Forcing the training stage and a data stage: both ranks train again,
+	// the data stage is rank 0's alone to recompute.
+	again := runCLI(t, dir, "run", "spec.yaml", "--cache", filepath.Join(dir, "two"), "--progress", "none", "--gpus", "2",
+		"--force", "adapter", "--force", "pack")
+	if again.code != 0 || !strings.Contains(again.stderr, "elsewhere") {
+		t.Fatalf("forced on two ranks: exit %d\n%s", again.code, again.stderr)
+	}
+	for _, line := range strings.Split(again.stderr, "\n") {
+		if f := strings.Fields(line); len(f) >= 2 && f[0] == "pack" && f[1] == "computed" && !strings.Contains(again.stdout, line) {
+			t.Errorf("rank 1 recomputed the forced data stage: %q", line)
+		}
+	}
 	t.Logf("losses %v on one rank, %v on two", la, lb)
 }
 

@@ -95,9 +95,20 @@ step with rank 0 and stop there. A rank that fails or goes away stops the others
 					return nil
 				}
 				// Up to the training stage, in the same cache as rank 0,
-				// which reports, records the run and writes the entry.
+				// which reports, records the run and writes the entry. A
+				// forced data stage is rank 0's to recompute: a follower
+				// replacing an entry rank 0 reads could pull it from
+				// under it. The training stage, forced, trains again on
+				// every rank.
 				opts.Until, opts.Only, report = rp.stage, "", ""
 				collective = rp.stage
+				forced := opts.Force
+				opts.Force = nil
+				for _, f := range forced {
+					if f == "all" || f == rp.stage {
+						opts.Force = []string{rp.stage}
+					}
+				}
 			}
 			st, err := pipeline.OpenStore(root)
 			if err != nil {

@@ -238,6 +238,17 @@ func (s *session) Close() error {
 	if s.comm != nil {
 		_ = s.dev.Do(func(*cuda.Ctx) error { return s.comm.Destroy() })
 	}
+	if s.red != nil {
+		_ = s.dev.Do(func(*cuda.Ctx) error {
+			if s.red.done != nil {
+				s.red.done.Destroy()
+			}
+			if s.red.stream != nil {
+				s.red.stream.Destroy()
+			}
+			return nil
+		})
+	}
 	if s.off != nil {
 		_ = s.dev.Do(func(c *cuda.Ctx) error { s.off.free(c); return nil })
 	}

@@ -70,8 +70,7 @@ func openDecoder(ctx context.Context, cfg trainer.DecoderConfig, precision strin
 	if err != nil {
 		return nil, err
 	}
-	// Without an adapter, a LoRA of rank 1 with B zero adds nothing.
-	lc := trainer.LoRAConfig{R: 1, Alpha: 1, Targets: []trainer.Module{trainer.QProj}}
+	lc := placeholderLoRA
 	var a *trainer.Adapter
 	if cfg.Adapter != "" {
 		if a, err = ck.ModelInfo.LoadAdapter(cfg.Adapter); err != nil {
@@ -90,12 +89,22 @@ func openDecoder(ctx context.Context, cfg trainer.DecoderConfig, precision strin
 	if err != nil {
 		return nil, err
 	}
+	return newDecoder(s, a, cfg.Adapter == "")
+}
+
+// placeholderLoRA is the adapter shape of a decoder without an adapter:
+// a session needs one, and baseOnly skips its products.
+var placeholderLoRA = trainer.LoRAConfig{R: 1, Alpha: 1, Targets: []trainer.Module{trainer.QProj}}
+
+// newDecoder gives session s the adapter a and makes it a decoder.
+func newDecoder(s trainer.Session, a *trainer.Adapter, baseOnly bool) (trainer.Decoder, error) {
 	if err := s.SetState(a, nil); err != nil {
 		s.Close()
 		return nil, err
 	}
-	s.(*session).baseOnly = cfg.Adapter == ""
-	return &decoder{s: s.(*session)}, nil
+	ss := s.(*session)
+	ss.baseOnly = baseOnly
+	return &decoder{s: ss}, nil
 }
 
 // OpenRandomDecoder makes a decoder of shape mc with random weights (as
@@ -105,22 +114,16 @@ func OpenRandomDecoder(ctx context.Context, mc *trainer.Config, seed uint64, qua
 	if err := (backend{}).Usable(); err != nil {
 		return nil, err
 	}
-	lc := trainer.LoRAConfig{R: 1, Alpha: 1, Targets: []trainer.Module{trainer.QProj}}
-	a, err := trainer.NewAdapter(mc, lc, 0)
+	a, err := trainer.NewAdapter(mc, placeholderLoRA, 0)
 	if err != nil {
 		return nil, err
 	}
-	s, err := OpenRandom(ctx, mc, seed, 0.02, trainer.SessionConfig{Quantize: quantize, LoRA: lc,
+	s, err := OpenRandom(ctx, mc, seed, 0.02, trainer.SessionConfig{Quantize: quantize, LoRA: placeholderLoRA,
 		GradientCheckpointing: true, MaxTokens: DecodeTokens})
 	if err != nil {
 		return nil, err
 	}
-	if err := s.SetState(a, nil); err != nil {
-		s.Close()
-		return nil, err
-	}
-	s.(*session).baseOnly = true
-	return &decoder{s: s.(*session)}, nil
+	return newDecoder(s, a, true)
 }
 
 func (g *decoder) Info() *trainer.ModelInfo { return &g.s.info }

@@ -58,7 +58,9 @@ without one decoding is greedy.
 weights a QLoRA adapter was trained against. The tokenizer is the model
 folder's tokenizer.json unless --tokenizer names one. --model, --adapter and
 --tokenizer may be hf://ORG/NAME[@REVISION] references, fetched into the
-Hugging Face cache. The model runs on the CPU reference in float32.`,
+Hugging Face cache. The model runs on the GPU in bf16 when one is usable
+(--backend auto, the default; cuda insists on it), else on the CPU reference
+in float32 (--backend cpu).`,
 		Example: `  pipeline chat --model hf://google/gemma-3-1b-it
   pipeline chat --model models/gemma-3-12b-it --adapter run/adapter --quantize nf4 --system "Kısa cevap ver."
   pipeline chat --model merged --temperature 0 --prompt "Türkiye'nin başkenti neresidir?"
@@ -160,7 +162,7 @@ Hugging Face cache. The model runs on the CPU reference in float32.`,
 	f.StringVar(&modelDir, "model", "", "Gemma 3 checkpoint folder (config.json, safetensors), or hf://ORG/NAME[@REV]")
 	f.StringVar(&adapterDir, "adapter", "", "PEFT LoRA adapter folder for --model, or hf://ORG/NAME[@REV]")
 	f.StringVar(&quantize, "quantize", "", "nf4: the base's projections through NF4 and back, as QLoRA trained")
-	f.StringVar(&backend, "backend", "cpu", "cpu (float32), cuda (the GPU, bf16) or auto (the GPU when one is usable)")
+	f.StringVar(&backend, "backend", "auto", "auto (the GPU when one is usable), cuda (the GPU, bf16) or cpu (float32)")
 	f.StringVar(&system, "system", "", "system text before the first turn")
 	f.StringVar(&prompt, "prompt", "", "answer this text and exit (- reads it from stdin)")
 	f.StringVar(&tokPath, "tokenizer", "", "tokenizer.json, or hf://ORG/NAME[@REV][/FILE] (default: the model folder's)")

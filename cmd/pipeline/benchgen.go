@@ -166,10 +166,7 @@ func runBenchGenerate(ctx context.Context, w io.Writer, o benchGenOptions) error
 		for _, t := range runs {
 			total += t
 		}
-		fmt.Fprintf(os.Stderr, "device time %v of %v wall over %d runs:\n", p.Device.Round(time.Microsecond), total.Round(time.Microsecond), len(runs))
-		for _, g := range p.Groups {
-			fmt.Fprintf(os.Stderr, "  %-32s %10v %6d launches\n", g.Group, g.Time.Round(time.Microsecond), g.Launches)
-		}
+		printProfile(os.Stderr, p, total)
 	}
 	res := benchGenResult{Preset: o.preset, BatchSize: o.batch, PromptLen: o.promptLen, NewTokens: o.newTokens,
 		Quantize: o.quantize, RunSec: medianSec(runs), FirstSec: medianSec(firsts)}

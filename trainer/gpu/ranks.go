@@ -105,10 +105,13 @@ func (s *session) reduceLayer(c *cuda.Ctx, l int) error {
 	return s.comm.AllReduceSumF32(c, r.stream, lo.grad.Ptr.Add(4*off), n)
 }
 
-// reduceTimeout bounds one gradient all-reduce: a rank that died inside
-// it would otherwise leave the others waiting for ever. The ranks meet
-// over the group just before, so a live group takes milliseconds.
-const reduceTimeout = 5 * time.Minute
+// reduceTimeout bounds the wait for one step's gradient all-reduce: a
+// rank that died inside it would otherwise leave the others waiting for
+// ever. The ranks meet over the group just before (a rank that died
+// earlier is found there at once), and a live all-reduce takes
+// milliseconds, the first one (NCCL connecting its peers) seconds; under
+// a minute, so that every rank of a run with a dead one ends within one.
+const reduceTimeout = 45 * time.Second
 
 // AllReduceGrads sums the LoRA gradients over the ranks, in place, in
 // float32, and waits for the sum: the one the last backward pass queued

@@ -236,7 +236,14 @@ func (s *session) Close() error {
 		return nil
 	}
 	if s.comm != nil {
-		_ = s.dev.Do(func(*cuda.Ctx) error { return s.comm.Destroy() })
+		_ = s.dev.Do(func(*cuda.Ctx) error {
+			if s.red != nil && s.red.active {
+				// Sums queued by a step that failed (another rank went
+				// away) may never complete: Destroy would wait on them.
+				return s.comm.Abort()
+			}
+			return s.comm.Destroy()
+		})
 	}
 	if s.red != nil {
 		_ = s.dev.Do(func(*cuda.Ctx) error {

@@ -26,7 +26,7 @@ import (
 func init() {
 	bench := &cobra.Command{
 		Use:   "bench",
-		Short: "Measure the trainer's speed and memory",
+		Short: "Measure training and decoding speed and memory on the GPU",
 		Args:  cobra.NoArgs,
 	}
 	var o benchOptions

@@ -31,7 +31,10 @@ exactly --new-tokens tokens (stop tokens do not end them), --runs times after
 median run's time, prefill included), the median time to the first token, the
 peak device memory, and the bandwidth bound: the steps per second at which
 reading the weights once a step (trainer.DecodeStepBytes) takes all of the
-card's memory bandwidth, times the batch size.
+card's memory bandwidth, times the batch size. With --quantize nf4 the weights
+go through NF4 and back and are stored dequantised when the GPU has the room
+(as the chat command and the generate stage do): "weights" says how they were
+read.
 
 --preset makes a model of a released Gemma 3 size with random weights on the
 GPU; --model reads a checkpoint folder (with --adapter, a PEFT adapter too).`,
@@ -66,11 +69,15 @@ type benchGenOptions struct {
 
 // benchGenResult is bench generate's report; its JSON field names are fixed.
 type benchGenResult struct {
-	Preset       string  `json:"preset"`
-	BatchSize    int     `json:"batch_size"`
-	PromptLen    int     `json:"prompt_len"`
-	NewTokens    int     `json:"new_tokens"`
-	Quantize     string  `json:"quantize"`
+	Preset    string `json:"preset"`
+	BatchSize int    `json:"batch_size"`
+	PromptLen int    `json:"prompt_len"`
+	NewTokens int    `json:"new_tokens"`
+	Quantize  string `json:"quantize"`
+	// Weights is the form decoding reads them in: on the GPU bf16 (NF4
+	// weights stored dequantised, where the device has the room) or nf4;
+	// on the CPU f32.
+	Weights      string  `json:"weights"`
 	TokensPerSec float64 `json:"tokens_per_sec"`
 	RunSec       float64 `json:"run_sec"`
 	FirstSec     float64 `json:"first_token_sec"`
@@ -180,10 +187,17 @@ func runBenchGenerate(ctx context.Context, w io.Writer, o benchGenOptions) error
 	if p, ok := dec.(interface{ PeakMemory() int64 }); ok {
 		res.PeakGiB = float64(p.PeakMemory()) / (1 << 30)
 	}
+	res.Weights = "f32" // the CPU reference's
+	if w, ok := dec.(interface{ WeightsNF4() bool }); ok {
+		res.Weights = "bf16"
+		if w.WeightsNF4() {
+			res.Weights = "nf4"
+		}
+	}
 	if rep := cuda.Discover(); len(rep.Devices) > 0 && o.backend != "cpu" {
 		res.GPU = rep.Devices[0].Name
 		if bw, ok := trainer.PeakBandwidth(res.GPU); ok {
-			res.BoundTokensPerSec = float64(o.batch) * bw / trainer.DecodeStepBytes(mc, o.quantize == "nf4")
+			res.BoundTokensPerSec = float64(o.batch) * bw / trainer.DecodeStepBytes(mc, res.Weights == "nf4")
 		}
 	}
 	if o.json {
@@ -195,8 +209,8 @@ func runBenchGenerate(ctx context.Context, w io.Writer, o benchGenOptions) error
 	if where == "" {
 		where = "the CPU"
 	}
-	fmt.Fprintf(w, "%s on %s: batch %d, %d-token prompts, %d new tokens, weights %s\n",
-		res.Preset, where, o.batch, o.promptLen, o.newTokens, o.quantize)
+	fmt.Fprintf(w, "%s on %s: batch %d, %d-token prompts, %d new tokens, --quantize %s, weights read as %s\n",
+		res.Preset, where, o.batch, o.promptLen, o.newTokens, o.quantize, res.Weights)
 	fmt.Fprintf(w, "  %.1f tokens/s (%.3f s a run, median of %d), first token after %.3f s, %.1f tokens/s after it\n",
 		res.TokensPerSec, res.RunSec, len(runs), res.FirstSec, res.DecodeTokensPerSec)
 	if res.BoundTokensPerSec > 0 {

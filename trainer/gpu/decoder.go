@@ -96,7 +96,8 @@ func openDecoder(ctx context.Context, cfg trainer.DecoderConfig, precision strin
 // a session needs one, and baseOnly skips its products.
 var placeholderLoRA = trainer.LoRAConfig{R: 1, Alpha: 1, Targets: []trainer.Module{trainer.QProj}}
 
-// newDecoder gives session s the adapter a and makes it a decoder.
+// newDecoder gives session s the adapter a and makes it a decoder, its
+// NF4 weights stored dequantised where the device has the room.
 func newDecoder(s trainer.Session, a *trainer.Adapter, baseOnly bool) (trainer.Decoder, error) {
 	if err := s.SetState(a, nil); err != nil {
 		s.Close()
@@ -104,7 +105,24 @@ func newDecoder(s trainer.Session, a *trainer.Adapter, baseOnly bool) (trainer.D
 	}
 	ss := s.(*session)
 	ss.baseOnly = baseOnly
+	if err := ss.dev.Do(func(c *cuda.Ctx) error { _, err := ss.densify(c); return err }); err != nil {
+		s.Close()
+		return nil, fmt.Errorf("gpu: storing the NF4 weights dequantised for decoding: %w", err)
+	}
 	return &decoder{s: ss}, nil
+}
+
+// WeightsNF4 reports whether decoding reads NF4 weights (dequantised at
+// every step: the device had no room for them dense) rather than dense ones.
+func (g *decoder) WeightsNF4() bool {
+	for _, l := range g.s.w.layers {
+		for _, p := range l.proj {
+			if p.nf4 {
+				return true
+			}
+		}
+	}
+	return false
 }
 
 // OpenRandomDecoder makes a decoder of shape mc with random weights (as

@@ -71,6 +71,63 @@ func TestGreedyDecodingOnGPU(t *testing.T) {
 	}
 }
 
+// TestNF4DecodingOnGPU: through the NF4 round trip (the base a QLoRA
+// adapter was trained against), the GPU decoder in its float32 test mode
+// gives the CPU reference's greedy tokens, every one, with the weights
+// stored dequantised (where the device has the room, as decoders do) and
+// dequantised at every step (where it has not).
+func TestNF4DecodingOnGPU(t *testing.T) {
+	cudatest.Device(t)
+	for _, c := range []string{"t5_gqa", "trained_qlora"} {
+		data, err := os.ReadFile(filepath.Join(refDir, "golden", c, "generate_adapter.json"))
+		if err != nil {
+			t.Fatal(err)
+		}
+		var g struct {
+			MaxNewTokens int       `json:"max_new_tokens"`
+			Stop         []int32   `json:"stop"`
+			Prompts      [][]int32 `json:"prompts"`
+		}
+		if err := json.Unmarshal(data, &g); err != nil {
+			t.Fatal(err)
+		}
+		cfg := trainer.DecoderConfig{Model: filepath.Join(refDir, c, "model"), Adapter: filepath.Join(refDir, c, "adapter"), Quantize: "nf4"}
+		o := trainer.GenerateOptions{MaxNewTokens: g.MaxNewTokens, Stop: g.Stop}
+		cpu, err := trainer.OpenDecoder(cfg)
+		if err != nil {
+			t.Fatal(err)
+		}
+		want, err := cpu.Generate(context.Background(), g.Prompts, o, nil)
+		cpu.Close()
+		if err != nil {
+			t.Fatal(err)
+		}
+		for _, dense := range []bool{true, false} {
+			t.Run(fmt.Sprintf("%s/dense=%v", c, dense), func(t *testing.T) {
+				if !dense {
+					defer func(m int64) { densifyMargin = m }(densifyMargin)
+					densifyMargin = 1 << 62 // no room: NF4 at every step
+				}
+				d, err := openDecoder(context.Background(), cfg, "fp32")
+				if err != nil {
+					t.Fatal(err)
+				}
+				defer d.Close()
+				if nf4 := d.(*decoder).WeightsNF4(); nf4 == dense {
+					t.Fatalf("weights NF4 %v, want %v", nf4, !dense)
+				}
+				got, err := d.Generate(context.Background(), g.Prompts, o, nil)
+				if err != nil {
+					t.Fatal(err)
+				}
+				if fmt.Sprint(got) != fmt.Sprint(want) {
+					t.Errorf("GPU tokens differ from the CPU reference's:\n GPU %v\n CPU %v", got, want)
+				}
+			})
+		}
+	}
+}
+
 // TestDecodeBatch: a prefill of two prompts and a later step laid out as
 // the session and the cache kernels read them.
 func TestDecodeBatch(t *testing.T) {

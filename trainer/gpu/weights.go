@@ -243,6 +243,76 @@ func (s *session) weight(c *cuda.Ctx, p *projection, scratch cuda.DevicePtr) (cu
 	return scratch, err
 }
 
+// densifyMargin is the device memory densify leaves free for what
+// decoding allocates later (key/value caches, the attention workspace).
+var densifyMargin int64 = 1 << 30
+
+// densify replaces every NF4 projection by its dequantised values, stored
+// dense, when the device has the room: a decoding step then reads each
+// weight once (2 bytes) instead of reading its NF4 form and writing and
+// reading it dense again, as the per-step dequantisation does. The values
+// are the ones that path computes. It reports whether it did; without the
+// room the weights stay NF4 and decoding is slower, not refused.
+func (s *session) densify(c *cuda.Ctx) (bool, error) {
+	act := s.k.Prec.Size()
+	var grow int64
+	for l := range s.w.layers {
+		for i := range s.w.layers[l].proj {
+			if p := &s.w.layers[l].proj[i]; p.nf4 {
+				grow += p.elements()*act - p.packed.Size - p.absmaxQ.Size - p.absmax2.Size
+			}
+		}
+	}
+	if grow == 0 {
+		return false, nil
+	}
+	if err := c.EmptyCache(); err != nil {
+		return false, err
+	}
+	free, _, err := c.MemInfo()
+	if err != nil || free < grow+densifyMargin {
+		return false, err
+	}
+	for l := range s.w.layers {
+		for i := range s.w.layers[l].proj {
+			p := &s.w.layers[l].proj[i]
+			if !p.nf4 {
+				continue
+			}
+			dense, err := s.alloc(c, p.elements()*act, "dense weights for decoding")
+			if err != nil {
+				return false, err
+			}
+			if _, err := s.weight(c, p, dense.Ptr); err != nil {
+				return false, err
+			}
+			for _, b := range []cuda.Buffer{p.packed, p.absmaxQ, p.absmax2} {
+				if err := s.release(c, b); err != nil {
+					return false, err
+				}
+			}
+			p.dense, p.nf4 = dense, false
+		}
+		// The layer's NF4 buffers back to the driver, so that the peak
+		// stays about the dense weights.
+		if err := c.EmptyCache(); err != nil {
+			return false, err
+		}
+	}
+	return true, nil
+}
+
+// release frees a buffer the session owns before the session ends.
+func (s *session) release(c *cuda.Ctx, b cuda.Buffer) error {
+	for i, o := range s.owned {
+		if o.Ptr == b.Ptr {
+			s.owned = append(s.owned[:i], s.owned[i+1:]...)
+			return c.Free(b)
+		}
+	}
+	return fmt.Errorf("gpu: releasing a buffer the session does not own")
+}
+
 // alloc allocates n bytes that live as long as the session, turning an
 // out-of-memory into an error that says what did not fit.
 func (s *session) alloc(c *cuda.Ctx, n int64, what string) (cuda.Buffer, error) {

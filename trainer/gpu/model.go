@@ -604,7 +604,7 @@ func (s *session) pass(b *trainer.Batch, grad bool, normalizer float64, dropoutS
 	// This backward pass finishes the step's gradients: sum each layer's
 	// over the ranks as soon as it is done (ReduceInNextBackward).
 	reduce := grad && s.red != nil && s.red.next
-	if s.red != nil {
+	if reduce {
 		s.red.next = false
 	}
 	err = s.dev.Do(func(c *cuda.Ctx) error {

@@ -236,7 +236,6 @@ func (g *decoder) step(dc *kvCaches, b *trainer.Batch, seq, from []int32, greedy
 		return nil, nil, err
 	}
 	T, n := hb.T, len(hb.idx)
-	V := s.info.Config.VocabSize
 	dc.prefill = dc.steps == 0
 	dc.steps++
 	if s.off != nil || s.prof != nil || n > s.ws.chunk {
@@ -282,14 +281,8 @@ func (g *decoder) step(dc *kvCaches, b *trainer.Batch, seq, from []int32, greedy
 			best = make([]int32, n)
 			return cuda.Download(c, best, dc.best.Ptr)
 		}
-		host := make([]float32, n*V)
-		if err := cuda.Download(c, host, s.ws.logits.Ptr); err != nil {
-			return err
-		}
-		for r := range n {
-			logits = append(logits, host[r*V:(r+1)*V:(r+1)*V])
-		}
-		return nil
+		logits, err = s.downloadLogits(c, n)
+		return err
 	})
 	s.notePeak()
 	return logits, best, err

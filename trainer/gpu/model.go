@@ -576,20 +576,29 @@ func (s *session) run(b *trainer.Batch, grad bool, normalizer float64, dropoutSe
 // PositionLogits runs b forward without dropout and returns the float32
 // logits at its positions with a target, in order.
 func (s *session) PositionLogits(b *trainer.Batch) ([][]float32, error) {
-	V := s.info.Config.VocabSize
 	var out [][]float32
 	_, _, err := s.pass(b, false, 1, 0, func(c *cuda.Ctx, rows int) error {
-		host := make([]float32, rows*V)
-		if err := cuda.Download(c, host, s.ws.logits.Ptr); err != nil {
-			return err
-		}
-		for r := range rows {
-			out = append(out, host[r*V:(r+1)*V:(r+1)*V])
-		}
-		return nil
+		chunk, err := s.downloadLogits(c, rows)
+		out = append(out, chunk...)
+		return err
 	})
 	s.notePeak()
 	return out, err
+}
+
+// downloadLogits copies the first rows of ws.logits to the host, a slice
+// a row.
+func (s *session) downloadLogits(c *cuda.Ctx, rows int) ([][]float32, error) {
+	V := s.info.Config.VocabSize
+	host := make([]float32, rows*V)
+	if err := cuda.Download(c, host, s.ws.logits.Ptr); err != nil {
+		return nil, err
+	}
+	out := make([][]float32, rows)
+	for r := range out {
+		out[r] = host[r*V : (r+1)*V : (r+1)*V]
+	}
+	return out, nil
 }
 
 // pass is run's body. With logits set it stops after each chunk's lm_head

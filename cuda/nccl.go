@@ -156,9 +156,9 @@ func (m *Comm) allReduce(c *Ctx, s *Stream, buf DevicePtr, n int64, dtype uintpt
 	if err := c.check(); err != nil {
 		return err
 	}
-	h := m.h.Load()
-	if h == 0 {
-		return errors.New("nccl: the communicator was aborted")
+	h, err := m.handle()
+	if err != nil {
+		return err
 	}
 	r := nccl.ncclAllReduce.call(uintptr(buf), uintptr(buf), uintptr(n), dtype, ncclSum, h, c.streamOr(s).handle)
 	return ncclCheck("ncclAllReduce", r, h)
@@ -169,21 +169,29 @@ func (m *Comm) BroadcastF32(c *Ctx, buf DevicePtr, n int64, root int) error {
 	if err := c.check(); err != nil {
 		return err
 	}
-	h := m.h.Load()
-	if h == 0 {
-		return errors.New("nccl: the communicator was aborted")
+	h, err := m.handle()
+	if err != nil {
+		return err
 	}
 	r := nccl.ncclBroadcast.call(uintptr(buf), uintptr(buf), uintptr(n), ncclFloat32, uintptr(root), h, c.stream.handle)
 	return ncclCheck("ncclBroadcast", r, h)
+}
+
+// handle is the live communicator's handle, or an error once aborted.
+func (m *Comm) handle() (uintptr, error) {
+	if h := m.h.Load(); h != 0 {
+		return h, nil
+	}
+	return 0, errors.New("nccl: the communicator was aborted")
 }
 
 // AsyncError reports an error NCCL met in the background (a peer that went
 // away, a network failure), which a pending operation may otherwise wait
 // on for ever.
 func (m *Comm) AsyncError() error {
-	h := m.h.Load()
-	if h == 0 {
-		return errors.New("nccl: the communicator was aborted")
+	h, err := m.handle()
+	if err != nil {
+		return err
 	}
 	var r int32
 	if err := ncclCheck("ncclCommGetAsyncError", nccl.ncclCommGetAsyncError.call(h, uintptr(unsafe.Pointer(&r))), h); err != nil {

@@ -129,12 +129,7 @@ func (c *Ctx) Capture(s *Stream, f func() error) (*Graph, error) {
 	if err := c.cu.cuStreamBeginCapture.check(s.handle, threadLocal); err != nil {
 		return nil, err
 	}
-	return c.endCapture(s, f())
-}
-
-// endCapture ends the capture on s and instantiates its graph, unless f,
-// whose error ferr is, failed.
-func (c *Ctx) endCapture(s *Stream, ferr error) (*Graph, error) {
+	ferr := f()
 	var g uintptr
 	endErr := c.cu.cuStreamEndCapture.check(s.handle, uintptr(unsafe.Pointer(&g)))
 	if ferr != nil {
@@ -167,14 +162,12 @@ func (c *Ctx) CaptureWorking(f func() error) (*Graph, error) {
 		return nil, err
 	}
 	defer s.Destroy()
-	working := c.stream
-	defer func() { c.stream = working }()
-	const threadLocal = 1 // CU_STREAM_CAPTURE_MODE_THREAD_LOCAL
-	if err := c.cu.cuStreamBeginCapture.check(s.handle, threadLocal); err != nil {
-		return nil, err
-	}
-	c.stream = s
-	return c.endCapture(s, f())
+	return c.Capture(s, func() error {
+		working := c.stream
+		c.stream = s
+		defer func() { c.stream = working }()
+		return f()
+	})
 }
 
 // Launch replays the graph on s (nil: the working stream).

@@ -32,11 +32,9 @@ type kvCaches struct {
 	from     [2]cuda.Buffer
 	best     cuda.Buffer // each sequence's most likely next token
 	part     cuda.Buffer // the cached attention's workspace
-	prefill  bool
-	// steps counts the steps run; graphs holds a captured step per number
-	// of tokens, once seen has it run once.
-	steps  int
-	seen   map[int]bool
+	prefill  bool // the step running is the first, the prompts
+	// graphs holds a step captured per number of tokens; nil once the
+	// number has run once, not yet captured.
 	graphs map[int]*cuda.Graph
 }
 
@@ -105,7 +103,7 @@ func newDecoder(s trainer.Session, a *trainer.Adapter, baseOnly bool) (trainer.D
 	}
 	ss := s.(*session)
 	ss.baseOnly = baseOnly
-	if err := ss.dev.Do(func(c *cuda.Ctx) error { _, err := ss.densify(c); return err }); err != nil {
+	if err := ss.dev.Do(ss.densify); err != nil {
 		s.Close()
 		return nil, fmt.Errorf("gpu: storing the NF4 weights dequantised for decoding: %w", err)
 	}
@@ -169,7 +167,7 @@ func (g *decoder) withCaches(prompts [][]int32, maxNew int, decode func(trainer.
 		return fmt.Errorf("gpu: %d prompt tokens at once; the decoder takes %d (fewer prompts at a time)", total, s.ws.T)
 	}
 	maxLen := min(longest+maxNew, cfg.MaxPositions)
-	dc := &kvCaches{seen: map[int]bool{}, graphs: map[int]*cuda.Graph{}}
+	dc := &kvCaches{prefill: true, graphs: map[int]*cuda.Graph{}}
 	err := s.dev.Do(func(c *cuda.Ctx) error {
 		row := int64(cfg.KVHeads) * int64(cfg.HeadDim) * s.k.Prec.Size()
 		for _, lt := range cfg.LayerTypes {
@@ -236,14 +234,13 @@ func (g *decoder) step(dc *kvCaches, b *trainer.Batch, seq, from []int32, greedy
 		return nil, nil, err
 	}
 	T, n := hb.T, len(hb.idx)
-	dc.prefill = dc.steps == 0
-	dc.steps++
+	defer func() { dc.prefill = false }()
 	if s.off != nil || s.prof != nil || n > s.ws.chunk {
 		// Layouts the captured step does not cover: the training pass.
 		if err := s.dev.Do(func(c *cuda.Ctx) error { return dc.upload(c, seq, b.Pos, from) }); err != nil {
 			return nil, nil, err
 		}
-		logits, err := s.PositionLogits(b)
+		logits, err := s.positionLogits(hb)
 		return logits, nil, err
 	}
 	var logits [][]float32
@@ -259,15 +256,14 @@ func (g *decoder) step(dc *kvCaches, b *trainer.Batch, seq, from []int32, greedy
 		if err := dc.upload(c, seq, b.Pos, from); err != nil {
 			return err
 		}
-		gr := dc.graphs[T]
-		if gr == nil && !dc.prefill && dc.seen[T] {
-			if gr, err = c.CaptureWorking(func() error { return s.decodeForward(c, T, n, dc.best.Ptr) }); err != nil {
-				return fmt.Errorf("gpu: capturing a decoding step: %w", err)
+		gr, seen := dc.graphs[T]
+		if !dc.prefill {
+			if seen && gr == nil {
+				if gr, err = c.CaptureWorking(func() error { return s.decodeForward(c, T, n, dc.best.Ptr) }); err != nil {
+					return fmt.Errorf("gpu: capturing a decoding step: %w", err)
+				}
 			}
 			dc.graphs[T] = gr
-		}
-		if !dc.prefill {
-			dc.seen[T] = true
 		}
 		if gr != nil {
 			err = gr.Launch(nil)
@@ -297,15 +293,10 @@ func (s *session) decodeForward(c *cuda.Ctx, T, n int, best cuda.DevicePtr) erro
 	if _, err := s.forwardBlocks(c, T, func(i int) cuda.DevicePtr { return ws.inputs[i].Ptr }, nil, false); err != nil {
 		return err
 	}
-	Hd, V := s.info.Config.Hidden, s.info.Config.VocabSize
-	if err := s.k.GatherRows(c, ws.xf.Ptr, ws.idx.Ptr, ws.hc.Ptr, n, Hd); err != nil {
+	if err := s.headLogits(c, ws.idx.Ptr, n); err != nil {
 		return err
 	}
-	act := s.k.Prec.GEMMType()
-	if err := s.gemm(c, "head", n, V, Hd, false, true, act, cuda.F32, 1, ws.hc.Ptr, s.w.embed.Ptr, 0, ws.logits.Ptr); err != nil {
-		return err
-	}
-	return s.k.ArgmaxRows(c, ws.logits.Ptr, n, V, best)
+	return s.k.ArgmaxRows(c, ws.logits.Ptr, n, s.info.Config.VocabSize, best)
 }
 
 // upload copies a step's sequences, positions and the first position
@@ -327,7 +318,9 @@ func (dc *kvCaches) upload(c *cuda.Ctx, seq, pos, from []int32) error {
 func (dc *kvCaches) destroyGraphs(s *session) {
 	s.dev.Do(func(c *cuda.Ctx) error {
 		for _, gr := range dc.graphs {
-			gr.Destroy()
+			if gr != nil {
+				gr.Destroy()
+			}
 		}
 		return nil
 	})

@@ -69,6 +69,7 @@ func layoutLoRA(cfg *trainer.Config, lc trainer.LoRAConfig, opt trainer.Optimize
 	st := &loraState{cfg: lc, index: map[[3]int]int{}, opt: opt}
 	i := 0
 	for li, mods := range proto.Layers {
+		st.layerStart = append(st.layerStart, st.total)
 		for _, m := range trainer.AllModules {
 			w, ok := mods[m]
 			if !ok {
@@ -94,17 +95,11 @@ func layoutLoRA(cfg *trainer.Config, lc trainer.LoRAConfig, opt trainer.Optimize
 						st.nblocks += sl.blocks
 					}
 				}
-				if len(st.layerStart) == li {
-					st.layerStart = append(st.layerStart, st.total)
-				}
 				st.index[[3]int{li, moduleIndex(m), boolIndex(isB)}] = len(st.slots)
 				st.slots = append(st.slots, sl)
 				st.total += (n + loraAlign - 1) / loraAlign * loraAlign
 				i++
 			}
-		}
-		if len(st.layerStart) == li { // a layer without adapted projections
-			st.layerStart = append(st.layerStart, st.total)
 		}
 	}
 	st.layerStart = append(st.layerStart, st.total)

@@ -570,14 +570,27 @@ func (s *session) layerBackward(c *cuda.Ctx, T, l int, x cuda.DevicePtr, lc *lay
 // it also accumulates the gradient of sum/normalizer into the LoRA
 // gradients. It is one Device.Do: the host waits only for the loss.
 func (s *session) run(b *trainer.Batch, grad bool, normalizer float64, dropoutSeed uint64) (float64, int, error) {
-	return s.pass(b, grad, normalizer, dropoutSeed, nil)
+	hb, err := s.prepare(b)
+	if err != nil {
+		return 0, 0, err
+	}
+	return s.pass(hb, grad, normalizer, dropoutSeed, nil)
 }
 
 // PositionLogits runs b forward without dropout and returns the float32
 // logits at its positions with a target, in order.
 func (s *session) PositionLogits(b *trainer.Batch) ([][]float32, error) {
+	hb, err := s.prepare(b)
+	if err != nil {
+		return nil, err
+	}
+	return s.positionLogits(hb)
+}
+
+// positionLogits is PositionLogits of a prepared batch.
+func (s *session) positionLogits(hb *hostBatch) ([][]float32, error) {
 	var out [][]float32
-	_, _, err := s.pass(b, false, 1, 0, func(c *cuda.Ctx, rows int) error {
+	_, _, err := s.pass(hb, false, 1, 0, func(c *cuda.Ctx, rows int) error {
 		chunk, err := s.downloadLogits(c, rows)
 		out = append(out, chunk...)
 		return err
@@ -601,13 +614,10 @@ func (s *session) downloadLogits(c *cuda.Ctx, rows int) ([][]float32, error) {
 	return out, nil
 }
 
-// pass is run's body. With logits set it stops after each chunk's lm_head
-// GEMM and hands the chunk's rows of ws.logits to it, computing no loss.
-func (s *session) pass(b *trainer.Batch, grad bool, normalizer float64, dropoutSeed uint64, logits func(c *cuda.Ctx, rows int) error) (float64, int, error) {
-	hb, err := s.prepare(b)
-	if err != nil {
-		return 0, 0, err
-	}
+// pass is run's body, for a prepared batch. With logits set it stops
+// after each chunk's lm_head GEMM and hands the chunk's rows of ws.logits
+// to it, computing no loss.
+func (s *session) pass(hb *hostBatch, grad bool, normalizer float64, dropoutSeed uint64, logits func(c *cuda.Ctx, rows int) error) (float64, int, error) {
 	n := len(hb.idx)
 	var sum float64
 	// This backward pass finishes the step's gradients: sum each layer's
@@ -616,7 +626,7 @@ func (s *session) pass(b *trainer.Batch, grad bool, normalizer float64, dropoutS
 	if reduce {
 		s.red.next = false
 	}
-	err = s.dev.Do(func(c *cuda.Ctx) error {
+	err := s.dev.Do(func(c *cuda.Ctx) error {
 		cfg := s.info.Config
 		ws, T, Hd, V := s.ws, hb.T, cfg.Hidden, cfg.VocabSize
 		act := s.k.Prec.GEMMType()
@@ -645,10 +655,7 @@ func (s *session) pass(b *trainer.Batch, grad bool, normalizer float64, dropoutS
 		for c0 := 0; c0 < n; c0 += ws.chunk {
 			nc := min(ws.chunk, n-c0)
 			idx, tgt := ws.idx.Ptr.Add(4*int64(c0)), ws.tgt.Ptr.Add(4*int64(c0))
-			if err := s.k.GatherRows(c, ws.xf.Ptr, idx, ws.hc.Ptr, nc, Hd); err != nil {
-				return err
-			}
-			if err := s.gemm(c, "head", nc, V, Hd, false, true, act, cuda.F32, 1, ws.hc.Ptr, s.w.embed.Ptr, 0, ws.logits.Ptr); err != nil {
+			if err := s.headLogits(c, idx, nc); err != nil {
 				return err
 			}
 			if logits != nil {
@@ -732,6 +739,16 @@ func (s *session) pass(b *trainer.Batch, grad bool, normalizer float64, dropoutS
 		return sum, n, fmt.Errorf("the loss is %v", sum)
 	}
 	return sum, n, nil
+}
+
+// headLogits queues the lm_head at the n rows of ws.xf that idx names:
+// their float32 logits into ws.logits.
+func (s *session) headLogits(c *cuda.Ctx, idx cuda.DevicePtr, n int) error {
+	ws, cfg := s.ws, s.info.Config
+	if err := s.k.GatherRows(c, ws.xf.Ptr, idx, ws.hc.Ptr, n, cfg.Hidden); err != nil {
+		return err
+	}
+	return s.gemm(c, "head", n, cfg.VocabSize, cfg.Hidden, false, true, s.k.Prec.GEMMType(), cuda.F32, 1, ws.hc.Ptr, s.w.embed.Ptr, 0, ws.logits.Ptr)
 }
 
 // forwardBlocks queues the embedding of the uploaded batch's T tokens, the

@@ -66,7 +66,7 @@ func newOffloader(c *cuda.Ctx, layers int, slots [offloadSlots]cuda.Buffer, byte
 		}
 		o.host = append(o.host, h)
 	}
-	for i := 0; i <= layers; i++ {
+	for i := 0; i < layers; i++ {
 		s, err := c.NewEvent()
 		if err != nil {
 			return nil, err

@@ -237,23 +237,24 @@ func (s *session) Close() error {
 	}
 	if s.comm != nil {
 		_ = s.dev.Do(func(*cuda.Ctx) error {
-			if s.red != nil && s.red.active {
-				// Sums queued by a step that failed (another rank went
-				// away) may never complete: Destroy would wait on them.
-				return s.comm.Abort()
+			r := s.red
+			if r == nil {
+				return s.comm.Destroy()
 			}
-			return s.comm.Destroy()
-		})
-	}
-	if s.red != nil {
-		_ = s.dev.Do(func(*cuda.Ctx) error {
-			if s.red.done != nil {
-				s.red.done.Destroy()
+			// Sums queued by a step that failed (another rank went away)
+			// may never complete: Destroy would wait on them.
+			end := s.comm.Destroy
+			if r.active {
+				end = s.comm.Abort
 			}
-			if s.red.stream != nil {
-				s.red.stream.Destroy()
+			err := end()
+			if r.done != nil {
+				r.done.Destroy()
 			}
-			return nil
+			if r.stream != nil {
+				r.stream.Destroy()
+			}
+			return err
 		})
 	}
 	if s.off != nil {

@@ -251,9 +251,9 @@ var densifyMargin int64 = 1 << 30
 // dense, when the device has the room: a decoding step then reads each
 // weight once (2 bytes) instead of reading its NF4 form and writing and
 // reading it dense again, as the per-step dequantisation does. The values
-// are the ones that path computes. It reports whether it did; without the
-// room the weights stay NF4 and decoding is slower, not refused.
-func (s *session) densify(c *cuda.Ctx) (bool, error) {
+// are the ones that path computes. Without the room the weights stay NF4
+// and decoding is slower, not refused.
+func (s *session) densify(c *cuda.Ctx) error {
 	act := s.k.Prec.Size()
 	var grow int64
 	for l := range s.w.layers {
@@ -264,14 +264,14 @@ func (s *session) densify(c *cuda.Ctx) (bool, error) {
 		}
 	}
 	if grow == 0 {
-		return false, nil
+		return nil
 	}
 	if err := c.EmptyCache(); err != nil {
-		return false, err
+		return err
 	}
 	free, _, err := c.MemInfo()
 	if err != nil || free < grow+densifyMargin {
-		return false, err
+		return err
 	}
 	for l := range s.w.layers {
 		for i := range s.w.layers[l].proj {
@@ -281,14 +281,14 @@ func (s *session) densify(c *cuda.Ctx) (bool, error) {
 			}
 			dense, err := s.alloc(c, p.elements()*act, "dense weights for decoding")
 			if err != nil {
-				return false, err
+				return err
 			}
 			if _, err := s.weight(c, p, dense.Ptr); err != nil {
-				return false, err
+				return err
 			}
 			for _, b := range []cuda.Buffer{p.packed, p.absmaxQ, p.absmax2} {
 				if err := s.release(c, b); err != nil {
-					return false, err
+					return err
 				}
 			}
 			p.dense, p.nf4 = dense, false
@@ -296,10 +296,10 @@ func (s *session) densify(c *cuda.Ctx) (bool, error) {
 		// The layer's NF4 buffers back to the driver, so that the peak
 		// stays about the dense weights.
 		if err := c.EmptyCache(); err != nil {
-			return false, err
+			return err
 		}
 	}
-	return true, nil
+	return nil
 }
 
 // release frees a buffer the session owns before the session ends.

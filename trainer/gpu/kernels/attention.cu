@@ -772,18 +772,6 @@ extern "C" __global__ void kv_store(const act_t* __restrict__ k, const act_t* __
 
 #define DEC_THREADS 128
 
-// The block's maximum (is_max) or sum of v, on every thread.
-__device__ __forceinline__ float block_reduce(float v, float* red, bool is_max) {
-    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-    v = is_max ? warp_max(v) : warp_sum(v);
-    __syncthreads(); // red's last readers are done
-    if (lane == 0) red[warp] = v;
-    __syncthreads();
-    v = red[0];
-    for (int w = 1; w < DEC_THREADS / 32; w++) v = is_max ? fmaxf(v, red[w]) : v + red[w];
-    return v;
-}
-
 // attn_cached: each query head of token t against its sequence's cache, the
 // keys at positions lo .. pos[t] (lo = pos − window + 1 on sliding layers,
 // else 0), split over blocks as flash-decoding does: block (t, h, s) takes

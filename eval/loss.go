@@ -8,6 +8,7 @@ import (
 
 	"gemmaft/chat"
 	"gemmaft/tokenizer"
+	"gemmaft/trainer"
 )
 
 // ChatRecord is one held-out record, as the sources give them: an Alpaca
@@ -110,7 +111,7 @@ func LossRequests(tok *tokenizer.Tokenizer, recs []ChatRecord, opts LossOptions)
 		for j, id := range ids[i] {
 			labels[i][j] = id
 			if trained != nil && !trained[j] {
-				labels[i][j] = -100
+				labels[i][j] = trainer.IgnoreIndex
 			}
 		}
 	}
@@ -133,12 +134,12 @@ func LabelRequests(ids, labels [][]int32) ([]Request, []int, error) {
 		}
 		n := 0
 		for j := 1; j < len(ids[i]); {
-			if labels[i][j] == -100 {
+			if labels[i][j] == trainer.IgnoreIndex {
 				j++
 				continue
 			}
 			k := j
-			for k < len(ids[i]) && labels[i][k] != -100 {
+			for k < len(ids[i]) && labels[i][k] != trainer.IgnoreIndex {
 				k++
 			}
 			reqs = append(reqs, Request{Context: ids[i][:j], Continuation: ids[i][j:k]})

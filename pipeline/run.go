@@ -193,6 +193,10 @@ type execution struct {
 	locks   map[*Step]*flock.Flock
 }
 
+// follows says whether this run takes part in st as a follower: the
+// collective stage, whose entry another process locks and writes.
+func (x *execution) follows(st *Step) bool { return st.Node.Name == x.e.Collective }
+
 func (x *execution) execute(ctx context.Context) error {
 	var compute []*Step
 	for _, st := range x.plan.Steps {
@@ -238,7 +242,7 @@ func (x *execution) execute(ctx context.Context) error {
 	}()
 	var todo []*Step
 	for _, st := range compute {
-		if st.Node.Name == x.e.Collective {
+		if x.follows(st) {
 			todo = append(todo, st) // its entry is rank 0's to lock and write
 			continue
 		}
@@ -310,7 +314,7 @@ func (x *execution) compute(ctx context.Context, todo []*Step) error {
 	tasks := map[*Step]*Task{}
 	for _, st := range order {
 		scratch := x.e.Store.scratchDir(st.Key)
-		if st.Node.Name == x.e.Collective {
+		if x.follows(st) {
 			// Rank 0 keeps the stage's resumable state in the entry's
 			// scratch folder; a follower's is its own, removed after.
 			scratch = fmt.Sprintf("%s.follower-%d", scratch, os.Getpid())
@@ -392,10 +396,10 @@ func (x *execution) computeStep(ctx context.Context, st *Step, t *Task, committe
 		}
 		x.mu.Unlock()
 	}()
-	if st.Node.Name == x.e.Collective {
+	if x.follows(st) {
 		defer os.RemoveAll(t.scratch) // a follower's, of no use after
 	}
-	p, err := x.e.Store.begin(st.Key, st.Node.Name != x.e.Collective)
+	p, err := x.e.Store.begin(st.Key, !x.follows(st))
 	if err != nil {
 		return err
 	}

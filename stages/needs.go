@@ -5,6 +5,7 @@ import (
 	"slices"
 	"strings"
 
+	"gemmaft/eval"
 	"gemmaft/pipeline"
 )
 
@@ -38,7 +39,7 @@ func (tokenizeKind) CheckInputs(params any, needs []pipeline.Need) error {
 		case p.EOS && n.Kind != textKindName:
 			return &pipeline.ParamError{Param: "eos", Msg: fmt.Sprintf("ends plain texts, and %q is a %s stage (a chat turn ends with <end_of_turn>)", n.Stage, n.Kind),
 				Fix: "remove eos: true, or read a text stage"}
-		case p.LossOn == lossOnLastAssistant && n.Kind == textKindName:
+		case p.LossOn == eval.LossOnLastAssistant && n.Kind == textKindName:
 			return &pipeline.ParamError{Param: "loss_on", Msg: fmt.Sprintf("last_assistant picks a conversation's last turn, and %q is a text stage, trained on every token", n.Stage),
 				Fix: "remove loss_on, or read a chat_template stage"}
 		}

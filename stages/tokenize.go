@@ -13,6 +13,7 @@ import (
 
 	"gemmaft/chat"
 	"gemmaft/dataset"
+	"gemmaft/eval"
 	"gemmaft/hub"
 	"gemmaft/packer"
 	"gemmaft/pipeline"
@@ -44,23 +45,16 @@ type tokenizeParams struct {
 	EOS bool `json:"eos,omitempty"`
 }
 
-// Values of loss_on.
-const (
-	lossOnAssistant     = "assistant"
-	lossOnLastAssistant = "last_assistant"
-	lossOnAll           = "all"
-)
-
 func (tokenizeKind) Version() int       { return 1 }
 func (tokenizeKind) Inputs() (int, int) { return 1, 1 }
-func (tokenizeKind) Params() any        { return &tokenizeParams{LossOn: "assistant"} }
+func (tokenizeKind) Params() any        { return &tokenizeParams{LossOn: eval.LossOnAssistant} }
 
 func (p *tokenizeParams) Validate() error {
 	if p.Tokenizer == "" {
 		return &pipeline.ParamError{Param: "tokenizer", Msg: "missing", Fix: "give the path of the model's tokenizer.json, or hf://ORG/NAME@REV/tokenizer.json"}
 	}
 	switch p.LossOn {
-	case lossOnAssistant, lossOnLastAssistant, lossOnAll:
+	case eval.LossOnAssistant, eval.LossOnLastAssistant, eval.LossOnAll:
 	default:
 		return &pipeline.ParamError{Param: "loss_on", Msg: fmt.Sprintf("unknown value %q", p.LossOn),
 			Fix: "use assistant (every assistant turn), last_assistant (a conversation's last one) or all"}
@@ -201,8 +195,8 @@ func (s *tokenizeStage) tokenizeBatch(tok *tokenizer.Tokenizer, bos int32, in *p
 	// spansOf returns row i's assistant spans (or only the last); nil
 	// under loss_on: all.
 	spansOf := func(int) []chat.Span { return nil }
-	if s.p.LossOn != lossOnAll {
-		last := s.p.LossOn == lossOnLastAssistant
+	if s.p.LossOn != eval.LossOnAll {
+		last := s.p.LossOn == eval.LossOnLastAssistant
 		starts, err := int32Lists(in, rec, colSpanStart, chatKindName)
 		if err != nil {
 			return nil, err

@@ -76,17 +76,25 @@ func StepFLOPs(c *Config, lora LoRAConfig, b *Batch, checkpointing bool) FLOPs {
 // PeakBF16 returns the dense bfloat16 tensor rate (FLOP/s, float32
 // accumulation) of a GPU by its name, and false for a GPU not in the table.
 func PeakBF16(device string) (float64, bool) {
-	table := []struct {
-		name string
-		peak float64
-	}{
+	return byGPUName(device, []gpuFigure{
 		{"H200", 989e12}, {"H100 PCIe", 756e12}, {"H100 NVL", 835e12}, {"H100", 989e12}, {"H800", 989e12},
 		{"GH200", 989e12}, {"A100", 312e12}, {"A800", 312e12}, {"L40S", 362e12}, {"L40", 181e12},
 		{"RTX 4090", 165e12}, {"RTX 4080", 97.5e12}, {"RTX 3090", 71e12}, {"A6000", 155e12}, {"A10", 125e12},
-	}
+	})
+}
+
+// gpuFigure is one row of a table of GPU figures by name.
+type gpuFigure struct {
+	name  string
+	value float64
+}
+
+// byGPUName returns the value of the first row whose name the device's
+// name contains (case aside): more specific names come first.
+func byGPUName(device string, table []gpuFigure) (float64, bool) {
 	for _, e := range table {
 		if strings.Contains(strings.ToUpper(device), strings.ToUpper(e.name)) {
-			return e.peak, true
+			return e.value, true
 		}
 	}
 	return 0, false
@@ -116,19 +124,10 @@ func DecodeStepBytes(c *Config, nf4 bool) float64 {
 // PeakBandwidth returns a GPU's memory bandwidth (bytes/s) by its name,
 // and false for a GPU not in the table.
 func PeakBandwidth(device string) (float64, bool) {
-	table := []struct {
-		name string
-		bw   float64
-	}{
-		{"H200", 4.8e12}, {"H100 PCIe", 2.0e12}, {"H100 NVL", 3.9e12}, {"H100", 3.35e12}, {"H800", 3.35e12},
-		{"GH200", 4.0e12}, {"A100-SXM4-80GB", 2.04e12}, {"A100 80GB", 1.94e12}, {"A100", 1.555e12},
+	return byGPUName(device, []gpuFigure{
+		{"GH200", 4.0e12}, {"H200", 4.8e12}, {"H100 PCIe", 2.0e12}, {"H100 NVL", 3.9e12}, {"H100", 3.35e12},
+		{"H800", 3.35e12}, {"A100-SXM4-80GB", 2.04e12}, {"A100 80GB", 1.94e12}, {"A100", 1.555e12},
 		{"L40S", 864e9}, {"L40", 864e9}, {"RTX 4090", 1.008e12}, {"RTX 4080", 717e9}, {"RTX 3090", 936e9},
 		{"A6000", 768e9}, {"A10", 600e9},
-	}
-	for _, e := range table {
-		if strings.Contains(strings.ToUpper(device), strings.ToUpper(e.name)) {
-			return e.bw, true
-		}
-	}
-	return 0, false
+	})
 }

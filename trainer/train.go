@@ -179,24 +179,7 @@ func train(ctx context.Context, s Session, data Dataset, opts TrainOptions, p *r
 		defer metrics.Close()
 	}
 
-	// batchOf builds the batch of rows idx and counts its real (non-padding)
-	// tokens.
-	batchOf := func(idx []int) (*Batch, int64, error) {
-		rows := make([]PackedRow, len(idx))
-		var tokens int64
-		for i, r := range idx {
-			row, err := data.Row(r)
-			if err != nil {
-				return nil, 0, err
-			}
-			rows[i] = row
-			for _, l := range row.SeqLengths {
-				tokens += int64(l)
-			}
-		}
-		b, err := NewBatch(rows)
-		return b, tokens, err
-	}
+	batchOf := func(idx []int) (*Batch, int64, error) { return batchFrom(data, idx, "") }
 	// The held-out rows: some of data's, or EvalData's own.
 	evalRows, evalBatchOf := p.eval, batchOf
 	if opts.EvalData != nil {
@@ -204,18 +187,7 @@ func train(ctx context.Context, s Session, data Dataset, opts TrainOptions, p *r
 		for i := range evalRows {
 			evalRows[i] = i
 		}
-		evalBatchOf = func(idx []int) (*Batch, int64, error) {
-			rows := make([]PackedRow, len(idx))
-			for i, r := range idx {
-				row, err := opts.EvalData.Row(r)
-				if err != nil {
-					return nil, 0, fmt.Errorf("held-out rows: %w", err)
-				}
-				rows[i] = row
-			}
-			b, err := NewBatch(rows)
-			return b, 0, err
-		}
+		evalBatchOf = func(idx []int) (*Batch, int64, error) { return batchFrom(opts.EvalData, idx, "held-out rows") }
 	}
 	evalLoss := func() (float64, error) {
 		var sum, n float64
@@ -393,4 +365,26 @@ func train(ctx context.Context, s Session, data Dataset, opts TrainOptions, p *r
 	}
 	res.AdapterDir, res.MetricsPath, res.LossCurvePath = adapterDir, metricsPath, svgPath
 	return res, nil
+}
+
+// batchFrom builds the batch of data's rows idx and counts its real
+// (non-padding) tokens; a row that cannot be read is named as one of what,
+// when given.
+func batchFrom(data Dataset, idx []int, what string) (*Batch, int64, error) {
+	rows := make([]PackedRow, len(idx))
+	var tokens int64
+	for i, r := range idx {
+		row, err := data.Row(r)
+		if err != nil && what != "" {
+			return nil, 0, fmt.Errorf("%s: %w", what, err)
+		} else if err != nil {
+			return nil, 0, err
+		}
+		rows[i] = row
+		for _, l := range row.SeqLengths {
+			tokens += int64(l)
+		}
+	}
+	b, err := NewBatch(rows)
+	return b, tokens, err
 }

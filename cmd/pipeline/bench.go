@@ -52,11 +52,8 @@ another trainer on the same batches (scripts/bench-train.sh).`,
   pipeline bench train --preset 12b --grad-accum 2 --gpus 2   # data parallel: the step's micro-batches shared`,
 		Args: cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
-			switch {
-			case gpus < 0:
-				return usageErr(fmt.Errorf("--gpus %d: give a number of GPUs", gpus))
-			case gpus > 1:
-				return launchRanks(gpus, os.Args[1:])
+			if started, err := startRanks(gpus); started {
+				return err
 			}
 			return runBench(cmd.Context(), cmd.OutOrStdout(), o)
 		},
@@ -220,6 +217,7 @@ func runBench(ctx context.Context, w io.Writer, o benchOptions) error {
 	var loss float64
 	next := 0
 	var profiled time.Duration
+	overlap, _ := s.(trainer.OverlappingReducer)
 	for step := 0; step < steps; step++ {
 		if step == o.warmup+o.steps {
 			if err := gpu.StartProfile(s); err != nil {
@@ -242,8 +240,8 @@ func runBench(ctx context.Context, w io.Writer, o benchOptions) error {
 			if i%size != rank {
 				continue
 			}
-			if r, ok := s.(trainer.OverlappingReducer); ok && i == last {
-				r.ReduceInNextBackward() // as training does
+			if overlap != nil && i == last {
+				overlap.ReduceInNextBackward() // as training does
 			}
 			l, _, err := s.LossAndGrad(b, float64(max(normalizer, 1)), uint64(step)<<20|uint64(i))
 			if err != nil {

@@ -9,7 +9,6 @@ import (
 	"os/signal"
 	"strconv"
 	"strings"
-	"sync"
 	"syscall"
 	"time"
 
@@ -27,9 +26,39 @@ import (
 
 // rankPlan is what this process does as one rank of several.
 type rankPlan struct {
-	rank   ranks.Rank
-	stage  string // the training stage every rank runs
-	follow bool   // a rank other than 0
+	rank  ranks.Rank
+	stage string // the training stage every rank runs
+}
+
+// follows says whether this rank follows rank 0.
+func (p *rankPlan) follows() bool { return p != nil && p.rank.Rank != 0 }
+
+// followerOptions turns the run's options into a follower's: up to the
+// training stage, no report (rank 0 reports, records the run and writes
+// the entry). A forced data stage is rank 0's to recompute: a follower
+// replacing an entry rank 0 reads could pull it from under it. The
+// training stage, forced, trains again on every rank.
+func (p *rankPlan) followerOptions(opts pipeline.Options) pipeline.Options {
+	forced := opts.Force
+	opts.Until, opts.Only, opts.Force = p.stage, "", nil
+	for _, f := range forced {
+		if f == "all" || f == p.stage {
+			opts.Force = []string{p.stage}
+		}
+	}
+	return opts
+}
+
+// startRanks handles --gpus: with more than one it runs the command as
+// that many ranks and reports true.
+func startRanks(gpus int) (bool, error) {
+	switch {
+	case gpus < 0:
+		return true, usageErr(fmt.Errorf("--gpus %d: give a number of GPUs", gpus))
+	case gpus > 1:
+		return true, launchRanks(gpus, os.Args[1:])
+	}
+	return false, nil
 }
 
 // planRanks reads the launcher's variables; nil when this process runs
@@ -51,7 +80,7 @@ func planRanks(dag *pipeline.DAG, opts pipeline.Options) (*rankPlan, error) {
 	if len(stages) > 1 {
 		return nil, usageErr(fmt.Errorf("%d ranks train one stage at a time, and this run selects %s: add --until or --only", r.Size, strings.Join(stages, ", ")))
 	}
-	p := &rankPlan{rank: r, follow: r.Rank != 0}
+	p := &rankPlan{rank: r}
 	if len(stages) == 1 {
 		p.stage = stages[0]
 	}
@@ -108,13 +137,8 @@ func launchRanks(n int, args []string) error {
 		err  error
 	}
 	exits := make(chan exit, n)
-	var wg sync.WaitGroup
 	for r, c := range cmds {
-		wg.Add(1)
-		go func() {
-			defer wg.Done()
-			exits <- exit{r, c.Wait()}
-		}()
+		go func() { exits <- exit{r, c.Wait()} }()
 	}
 	var first *exit
 	var killer *time.Timer
@@ -129,7 +153,6 @@ func launchRanks(n int, args []string) error {
 			})
 		}
 	}
-	wg.Wait()
 	if killer != nil {
 		killer.Stop()
 	}

@@ -66,11 +66,8 @@ step with rank 0 and stop there. A rank that fails or goes away stops the others
   torchrun --nnodes 2 --nproc-per-node 8 --no-python pipeline run dags/gemma27b.yaml`,
 		Args: exactArgs(1, "one spec file"),
 		RunE: func(cmd *cobra.Command, args []string) error {
-			switch {
-			case gpus < 0:
-				return usageErr(fmt.Errorf("--gpus %d: give a number of GPUs", gpus))
-			case gpus > 1:
-				return launchRanks(gpus, os.Args[1:])
+			if started, err := startRanks(gpus); started {
+				return err
 			}
 			// A report that cannot be written is found out now, not after
 			// hours of training.
@@ -87,32 +84,18 @@ step with rank 0 and stop there. A rank that fails or goes away stops the others
 			if err != nil {
 				return err
 			}
-			root := pipeline.CacheRoot(cacheFlag, dag)
 			collective := ""
-			if rp != nil && rp.follow {
+			if rp.follows() {
 				if rp.stage == "" {
 					fmt.Fprintf(os.Stderr, "%v: nothing to do; only the training stage runs on every rank\n", rp.rank)
 					return nil
 				}
-				// Up to the training stage, in the same cache as rank 0,
-				// which reports, records the run and writes the entry. A
-				// forced data stage is rank 0's to recompute: a follower
-				// replacing an entry rank 0 reads could pull it from
-				// under it. The training stage, forced, trains again on
-				// every rank.
-				opts.Until, opts.Only, report = rp.stage, "", ""
-				collective = rp.stage
-				forced := opts.Force
-				opts.Force = nil
-				for _, f := range forced {
-					if f == "all" || f == rp.stage {
-						opts.Force = []string{rp.stage}
-					}
-				}
+				// Over the same cache as rank 0.
+				opts, report, collective = rp.followerOptions(opts), "", rp.stage
 			}
-			st, err := pipeline.OpenStore(root)
+			st, err := openStore(dag)
 			if err != nil {
-				return failErr(err)
+				return err
 			}
 			defer st.Close()
 			log, err := newLogger()

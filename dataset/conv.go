@@ -259,16 +259,14 @@ func textParts(raw json.RawMessage) ([]string, error) {
 		if p.Type != "text" || p.Text == nil {
 			return nil, fmt.Errorf("part %d is of type %q; only text parts are supported", i, p.Type)
 		}
-		if !utf8.ValidString(*p.Text) {
-			return nil, fmt.Errorf("part %d: invalid UTF-8", i)
-		}
 		out[i] = *p.Text
 	}
 	return out, nil
 }
 
 // decodeJSONString decodes a JSON string literal, refusing invalid UTF-8
-// and lone surrogate escapes as the JSON lines reader does for columns.
+// and lone surrogate escapes (such as \ud800, which decodes to U+FFFD:
+// text that never held U+FFFD itself was not valid Unicode).
 func decodeJSONString(raw json.RawMessage, dst *string) error {
 	if !utf8.Valid(raw) {
 		return fmt.Errorf("invalid UTF-8 at byte %d", decodedOffset(raw, invalidUTF8At(string(raw))))
@@ -313,19 +311,6 @@ func (c *MessagesColumn) Row(i int) []chat.Message {
 	out := make([]chat.Message, 0, end-start)
 	for j := int(start); j < int(end); j++ {
 		out = append(out, chat.Message{Role: c.role.Value(j), Content: c.content.Value(j)})
-	}
-	return out
-}
-
-// MessagesOf reads every conversation of a ColMessages column.
-func MessagesOf(l *array.List) [][]chat.Message {
-	c, err := NewMessagesColumn(l)
-	if err != nil {
-		panic(err)
-	}
-	out := make([][]chat.Message, l.Len())
-	for i := range out {
-		out[i] = c.Row(i)
 	}
 	return out
 }

@@ -46,7 +46,7 @@ func drainConversations(s *Source) ([][]chat.Message, error) {
 		if !arrow.TypeEqual(rec.Schema().Field(0).Type, MessagesType) || rec.NumCols() != 1 {
 			return nil, &schemaError{rec.Schema()}
 		}
-		out = append(out, MessagesOf(rec.Column(0).(*array.List))...)
+		out = append(out, messagesOf(rec.Column(0).(*array.List))...)
 		rec.Release()
 	}
 }
@@ -293,4 +293,17 @@ func TestTextLayout(t *testing.T) {
 	if err := openOrNext(SourceOptions{Paths: []string{a}, Layout: LayoutText}); err == nil || !strings.Contains(err.Error(), "longer than 8 bytes") {
 		t.Errorf("too long: %v", err)
 	}
+}
+
+// messagesOf reads every conversation of a ColMessages column.
+func messagesOf(l *array.List) [][]chat.Message {
+	c, err := NewMessagesColumn(l)
+	if err != nil {
+		panic(err)
+	}
+	out := make([][]chat.Message, l.Len())
+	for i := range out {
+		out[i] = c.Row(i)
+	}
+	return out
 }

@@ -12,7 +12,6 @@ import (
 	"io/fs"
 	"slices"
 	"strings"
-	"unicode/utf8"
 
 	"gemmaft/internal/lines"
 )
@@ -154,18 +153,13 @@ func (jf *jsonlFile) parse(line []byte, lineNo int64) (record, error) {
 			return record{}, noField(c.list)
 		}
 		if raw[0] == 'n' {
-			r.null |= 1 << nullList
+			r.setMessages(nil, true)
 		} else {
 			msgs, err := c.parseJSONMessages(raw)
 			if err != nil {
 				return record{}, fmt.Errorf("dataset: %s: line %d, %w", jf.name, lineNo, err)
 			}
-			for _, m := range msgs {
-				if m.null {
-					r.null |= 1 << nullContent
-				}
-			}
-			r.msgs = msgs
+			r.setMessages(msgs, false)
 		}
 	}
 	for i, name := range jf.want {
@@ -181,18 +175,8 @@ func (jf *jsonlFile) parse(line []byte, lineNo int64) (record, error) {
 		default:
 			return record{}, fmt.Errorf("dataset: %s: line %d, column %s: %s, not a string", jf.name, lineNo, name, jsonKind(raw[0]))
 		}
-		if !utf8.Valid(raw) {
-			at := invalidUTF8At(string(raw))
-			return record{}, fmt.Errorf("dataset: %s: line %d, column %s: invalid UTF-8 at byte %d", jf.name, lineNo, name, decodedOffset(raw, at))
-		}
-		if err := json.Unmarshal(raw, &r.v[i]); err != nil {
+		if err := decodeJSONString(raw, &r.v[i]); err != nil {
 			return record{}, fmt.Errorf("dataset: %s: line %d, column %s: %w", jf.name, lineNo, name, err)
-		}
-		// A lone surrogate escape such as \ud800 decodes to U+FFFD; text
-		// that never held U+FFFD itself was not valid Unicode.
-		if hasSurrogateEscape(raw) && strings.Count(r.v[i], "\uFFFD") >
-			bytes.Count(raw, []byte("\uFFFD"))+bytes.Count(bytes.ToLower(raw), []byte(`\ufffd`)) {
-			return record{}, fmt.Errorf("dataset: %s: line %d, column %s: unpaired UTF-16 surrogate escape (not valid Unicode)", jf.name, lineNo, name)
 		}
 	}
 	return r, nil

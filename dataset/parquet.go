@@ -308,15 +308,7 @@ func (pf *parquetFile) scanRowGroup(ctx context.Context, fr *pqarrow.FileReader,
 				if err != nil {
 					return rows, false, fmt.Errorf("dataset: %s: row %d, %w", pf.name, fileRow+rows, err)
 				}
-				if null {
-					r.null |= 1 << nullList
-				}
-				for _, m := range msgs {
-					if m.null {
-						r.null |= 1 << nullContent
-					}
-				}
-				r.msgs = msgs
+				r.setMessages(msgs, null)
 			}
 			rows++
 			if !yield(r) {

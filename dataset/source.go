@@ -187,6 +187,20 @@ const (
 	nullContent = 5 // a message's content was null
 )
 
+// setMessages stores a record's conversation, noting a null list or a
+// null message content.
+func (r *record) setMessages(msgs []rawMessage, listNull bool) {
+	if listNull {
+		r.null |= 1 << nullList
+	}
+	for _, m := range msgs {
+		if m.null {
+			r.null |= 1 << nullContent
+		}
+	}
+	r.msgs = msgs
+}
+
 // Nulls reports the null values met so far; complete once Next has
 // returned io.EOF.
 func (s *Source) Nulls() NullReport { return s.nulls }
@@ -358,11 +372,8 @@ func Open(opts SourceOptions) (*Source, error) {
 		s.slots = []string{ColText}
 	}
 	for _, ours := range s.slots {
-		if ours == ColSystem {
-			if opts.SystemColumn != "" {
-				wanted = append(wanted, opts.SystemColumn)
-			}
-			continue
+		if ours == ColSystem && opts.SystemColumn == "" {
+			continue // a system text, not a column
 		}
 		wanted = append(wanted, s.fileColumn(ours))
 	}

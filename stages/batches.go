@@ -71,6 +71,20 @@ func stringColumn(in *pipeline.Input, rec arrow.RecordBatch, name, want string) 
 	return s, nil
 }
 
+// boolColumn returns the column called name of a batch read from in as
+// bools (see columnIndex for want).
+func boolColumn(in *pipeline.Input, rec arrow.RecordBatch, name, want string) (*array.Boolean, error) {
+	i, err := columnIndex(in, rec, name, want)
+	if err != nil {
+		return nil, err
+	}
+	b, ok := rec.Column(i).(*array.Boolean)
+	if !ok {
+		return nil, fmt.Errorf("column %q of stage %s is %s, want bool", name, in.Name, rec.Column(i).DataType())
+	}
+	return b, nil
+}
+
 // int32Lists returns the column called name of a batch read from in as a
 // list<int32> array (see columnIndex for want).
 func int32Lists(in *pipeline.Input, rec arrow.RecordBatch, name, want string) (*array.List, error) {

@@ -21,6 +21,7 @@ import (
 	"gemmaft/eval"
 	"gemmaft/hub"
 	"gemmaft/internal/atomicfile"
+	"gemmaft/packer"
 	"gemmaft/pipeline"
 	"gemmaft/tokenizer"
 	"gemmaft/trainer"
@@ -598,21 +599,17 @@ func heldOutRequests(ctx context.Context, tok *tokenizer.Tokenizer, sources []*p
 // mixHeldOut reads the held-out examples of a mix stage.
 func mixHeldOut(ctx context.Context, in *pipeline.Input) (ids, labels [][]int32, err error) {
 	err = eachBatch(ctx, in, func(rec arrow.RecordBatch) error {
-		idl, err := int32Lists(in, rec, "input_ids", mixKindName)
+		idl, err := int32Lists(in, rec, packer.ColInputIDs, mixKindName)
 		if err != nil {
 			return err
 		}
-		lab, err := int32Lists(in, rec, "labels", mixKindName)
+		lab, err := int32Lists(in, rec, packer.ColLabels, mixKindName)
 		if err != nil {
 			return err
 		}
-		i, err := columnIndex(in, rec, ColHeldOut, mixKindName)
+		held, err := boolColumn(in, rec, ColHeldOut, mixKindName)
 		if err != nil {
 			return err
-		}
-		held, ok := rec.Column(i).(*array.Boolean)
-		if !ok {
-			return fmt.Errorf("column %q of stage %s is %s, want bool", ColHeldOut, in.Name, rec.Column(i).DataType())
 		}
 		for r := 0; r < int(rec.NumRows()); r++ {
 			if held.Value(r) {
@@ -644,8 +641,7 @@ func heldOut(ctx context.Context, sources []*pipeline.Input) ([]eval.ChatRecord,
 			schema := rec.Schema()
 			switch {
 			case len(schema.FieldIndices(dataset.ColMessages)) == 1:
-				i, _ := columnIndex(in, rec, dataset.ColMessages, want)
-				col, err := dataset.NewMessagesColumn(rec.Column(i))
+				col, err := dataset.NewMessagesColumn(rec.Column(schema.FieldIndices(dataset.ColMessages)[0]))
 				if err != nil {
 					return fmt.Errorf("stage %s: %w", in.Name, err)
 				}
@@ -870,9 +866,6 @@ func (r *evalResults) write(dir string) error {
 	return atomicfile.WriteFile(filepath.Join(dir, EvalItemsFile), []byte(lines.String()))
 }
 
-// stats records the scores in the manifest: each score of each model as a
-// number (which the report charts), the per-subject accuracies and the
-// counts as maps.
 // scalars are the scores by name (loss_adapter, acc_norm_base, ...), as
 // TensorBoard shows them under eval/.
 func (r *evalResults) scalars() map[string]float64 {
@@ -890,6 +883,9 @@ func (r *evalResults) scalars() map[string]float64 {
 	return out
 }
 
+// stats records the scores in the manifest: each score of each model as a
+// number (which the report charts), the per-subject accuracies and the
+// counts as maps.
 func (r *evalResults) stats(t *pipeline.Task) {
 	for name, v := range r.scalars() {
 		t.SetStat(name, v)

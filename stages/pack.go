@@ -79,8 +79,9 @@ const rowsPerBatch = 64
 func (s *packStage) Run(ctx context.Context, t *pipeline.Task) error {
 	overlong, _ := packer.ParseOverlong(s.p.Overlong)
 	algorithm, _ := packer.ParseAlgorithm(s.p.Algorithm)
-	pk, err := packer.New(packer.Options{SeqLen: s.p.SeqLen, PadID: s.p.PadID, Overlong: overlong,
-		Algorithm: algorithm, Seed: s.p.Seed, Dir: t.Dir})
+	opts := packer.Options{SeqLen: s.p.SeqLen, PadID: s.p.PadID, Overlong: overlong,
+		Algorithm: algorithm, Seed: s.p.Seed, Dir: t.Dir}
+	pk, err := packer.New(opts)
 	if err != nil {
 		return err
 	}
@@ -92,8 +93,7 @@ func (s *packStage) Run(ctx context.Context, t *pipeline.Task) error {
 		if held != nil {
 			return held, nil
 		}
-		h, err := packer.New(packer.Options{SeqLen: s.p.SeqLen, PadID: s.p.PadID, Overlong: overlong,
-			Algorithm: algorithm, Seed: s.p.Seed, Dir: t.Dir})
+		h, err := packer.New(opts)
 		if err != nil {
 			return nil, err
 		}
@@ -193,12 +193,10 @@ func addExamples(pk *packer.Packer, held func() (*packer.Packer, error), in *pip
 		return err
 	}
 	var heldOut *array.Boolean
-	if idx := rec.Schema().FieldIndices(ColHeldOut); len(idx) == 1 {
-		b, ok := rec.Column(idx[0]).(*array.Boolean)
-		if !ok {
-			return fmt.Errorf("column %q of stage %s is %s, want bool", ColHeldOut, in.Name, rec.Column(idx[0]).DataType())
+	if len(rec.Schema().FieldIndices(ColHeldOut)) == 1 {
+		if heldOut, err = boolColumn(in, rec, ColHeldOut, want); err != nil {
+			return err
 		}
-		heldOut = b
 	}
 	idv := ids.ListValues().(*array.Int32).Int32Values()
 	lv := labels.ListValues().(*array.Int32).Int32Values()

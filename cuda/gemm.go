@@ -52,6 +52,9 @@ type GEMM struct {
 	LDA, LDB, LDC             int
 	Batch                     int
 	StrideA, StrideB, StrideC int64
+	// SharedA, with Batch > 1, has every product read the one A (a batch
+	// stride of 0): several weights applied to the same input.
+	SharedA bool
 }
 
 func (g GEMM) String() string {
@@ -64,6 +67,9 @@ func (g GEMM) String() string {
 	}
 	if g.Batch > 1 {
 		s += fmt.Sprintf(" batch %d", g.Batch)
+		if g.SharedA {
+			s += " shared A"
+		}
 	}
 	return s
 }
@@ -102,9 +108,11 @@ func (g GEMM) Normalized() (GEMM, error) {
 			g, g.LDA, g.LDB, g.LDC, colsA, colsB, g.N)
 	}
 	if g.Batch <= 1 {
-		g.Batch, g.StrideA, g.StrideB, g.StrideC = 1, 0, 0, 0
+		g.Batch, g.StrideA, g.StrideB, g.StrideC, g.SharedA = 1, 0, 0, 0, false
 	} else {
-		if g.StrideA == 0 {
+		if g.SharedA {
+			g.StrideA = 0
+		} else if g.StrideA == 0 {
 			g.StrideA = int64(rowsA) * int64(g.LDA)
 		}
 		if g.StrideB == 0 {

@@ -127,6 +127,8 @@ func TestGEMMAgainstCPU(t *testing.T) {
 		{"batch 3 of 45x37x29", cuda.GEMM{M: 45, N: 37, K: 29, Batch: 3}, 1, 0},
 		{"batch 5 of 17x9x32 At, padded strides", cuda.GEMM{M: 17, N: 9, K: 32, TransA: true, Batch: 5,
 			StrideA: 32*17 + 3, StrideB: 32*9 + 5, StrideC: 17*9 + 7}, 1, 0},
+		{"batch 2 of 3x96x80 Bt, shared A, apart", cuda.GEMM{M: 3, N: 96, K: 80, TransB: true, Batch: 2, SharedA: true,
+			StrideC: 3*96 + 40}, 1, 0},
 		{"padded rows 50x40x30", cuda.GEMM{M: 50, N: 40, K: 30, LDA: 37, LDB: 45, LDC: 41}, 1, 0},
 		{"accumulate 129x31x77 beta 1", cuda.GEMM{M: 129, N: 31, K: 77}, 0.5, 1},
 	}

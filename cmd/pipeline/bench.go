@@ -340,10 +340,15 @@ func runBench(ctx context.Context, w io.Writer, o benchOptions) error {
 func printProfile(w io.Writer, p gpu.Profile, wall time.Duration) {
 	fmt.Fprintf(w, "device time by kernel group (every launch timed with events, so small kernels count a little long):\n")
 	for _, g := range p.Groups {
-		fmt.Fprintf(w, "  %-32s %10.1f ms %5.1f%%  %6d launches\n", g.Group, float64(g.Time)/1e6, 100*float64(g.Time)/float64(wall), g.Launches)
+		fmt.Fprintf(w, "  %-32s %10.1f ms %5.1f%%  %6d launches\n", g.Name, float64(g.Time)/1e6, 100*float64(g.Time)/float64(wall), g.Launches)
 	}
 	fmt.Fprintf(w, "  %-32s %10.1f ms %5.1f%%  (wall %.1f ms)\n", "host gaps and idle", float64(wall-p.Device)/1e6,
 		100*float64(wall-p.Device)/float64(wall), float64(wall)/1e6)
+	fmt.Fprintf(w, "longest kernels:\n")
+	for _, k := range p.Kernels[:min(len(p.Kernels), 25)] {
+		fmt.Fprintf(w, "  %-32s %10.1f ms %5.1f%%  %6d launches, %7.1f µs each\n", k.Name, float64(k.Time)/1e6,
+			100*float64(k.Time)/float64(wall), k.Launches, float64(k.Time)/1e3/float64(k.Launches))
+	}
 }
 
 // medianSec is the median of ds in seconds.

@@ -32,7 +32,7 @@ type kvCaches struct {
 	from     [2]cuda.Buffer
 	best     cuda.Buffer // each sequence's most likely next token
 	part     cuda.Buffer // the cached attention's workspace
-	prefill  bool // the step running is the first, the prompts
+	prefill  bool        // the step running is the first, the prompts
 	// graphs holds a step captured per number of tokens; nil once the
 	// number has run once, not yet captured.
 	graphs map[int]*cuda.Graph
@@ -95,7 +95,8 @@ func openDecoder(ctx context.Context, cfg trainer.DecoderConfig, precision strin
 var placeholderLoRA = trainer.LoRAConfig{R: 1, Alpha: 1, Targets: []trainer.Module{trainer.QProj}}
 
 // newDecoder gives session s the adapter a and makes it a decoder, its
-// NF4 weights stored dequantised where the device has the room.
+// NF4 weights stored dequantised where the device has the room, and each
+// layer's k and v, gate and up weights side by side.
 func newDecoder(s trainer.Session, a *trainer.Adapter, baseOnly bool) (trainer.Decoder, error) {
 	if err := s.SetState(a, nil); err != nil {
 		s.Close()
@@ -106,6 +107,10 @@ func newDecoder(s trainer.Session, a *trainer.Adapter, baseOnly bool) (trainer.D
 	if err := ss.dev.Do(ss.densify); err != nil {
 		s.Close()
 		return nil, fmt.Errorf("gpu: storing the NF4 weights dequantised for decoding: %w", err)
+	}
+	if err := ss.dev.Do(ss.adjoin); err != nil {
+		s.Close()
+		return nil, fmt.Errorf("gpu: laying out the weights for decoding: %w", err)
 	}
 	return &decoder{s: ss}, nil
 }

@@ -270,7 +270,7 @@ func TestPresetShapes(t *testing.T) {
 			}
 			wall := times[3]
 			for _, g := range prof.Groups {
-				t.Logf("PROFILE %s step 4: %-28s %8.1f ms %5.1f%%  (%d launches)", name, g.Group, float64(g.Time)/1e6, 100*float64(g.Time)/float64(wall), g.Launches)
+				t.Logf("PROFILE %s step 4: %-28s %8.1f ms %5.1f%%  (%d launches)", name, g.Name, float64(g.Time)/1e6, 100*float64(g.Time)/float64(wall), g.Launches)
 			}
 			t.Logf("PROFILE %s step 4: %-28s %8.1f ms %5.1f%%  (wall %.1f ms, profiled)", name, "host gaps and idle",
 				float64(wall-prof.Device)/1e6, 100*float64(wall-prof.Device)/float64(wall), float64(wall)/1e6)

@@ -16,12 +16,12 @@ import (
 type profiler struct {
 	pending []timedLaunch
 	pool    []*cuda.Event
-	total   map[string]time.Duration
+	total   map[string]time.Duration // by kernel name
 	count   map[string]int
 }
 
 type timedLaunch struct {
-	group       string
+	name        string
 	start, stop *cuda.Event
 }
 
@@ -86,7 +86,7 @@ func (p *profiler) Time(c *cuda.Ctx, name string, f func() error) error {
 	if err := stop.Record(nil); err != nil {
 		return err
 	}
-	p.pending = append(p.pending, timedLaunch{groupOf(name), start, stop})
+	p.pending = append(p.pending, timedLaunch{name, start, stop})
 	return nil
 }
 
@@ -100,23 +100,25 @@ func (p *profiler) collect(c *cuda.Ctx) error {
 		if err != nil {
 			return err
 		}
-		p.total[t.group] += time.Duration(float64(ms) * float64(time.Millisecond))
-		p.count[t.group]++
+		p.total[t.name] += time.Duration(float64(ms) * float64(time.Millisecond))
+		p.count[t.name]++
 		p.pool = append(p.pool, t.start, t.stop)
 	}
 	p.pending = p.pending[:0]
 	return nil
 }
 
-// Profile is device time by kernel group since profiling started.
+// Profile is device time by kernel group, and by kernel, since profiling
+// started.
 type Profile struct {
-	Groups []GroupTime
-	Device time.Duration // the sum of the groups
+	Groups  []Timing      // by group, longest first
+	Kernels []Timing      // by kernel (GEMMs by role), longest first
+	Device  time.Duration // the sum of the groups
 }
 
-// GroupTime is one group's total device time and launches.
-type GroupTime struct {
-	Group    string
+// Timing is the total device time and launches of a group or a kernel.
+type Timing struct {
+	Name     string
 	Time     time.Duration
 	Launches int
 }
@@ -143,12 +145,29 @@ func ReadProfile(s any) (Profile, error) {
 		return Profile{}, err
 	}
 	var out Profile
-	for g, d := range ss.prof.total {
-		out.Groups = append(out.Groups, GroupTime{g, d, ss.prof.count[g]})
+	groups := map[string]*Timing{}
+	for name, d := range ss.prof.total {
+		n := ss.prof.count[name]
+		out.Kernels = append(out.Kernels, Timing{name, d, n})
+		g := groups[groupOf(name)]
+		if g == nil {
+			g = &Timing{Name: groupOf(name)}
+			groups[g.Name] = g
+		}
+		g.Time += d
+		g.Launches += n
 		out.Device += d
 	}
-	sort.Slice(out.Groups, func(i, j int) bool { return out.Groups[i].Time > out.Groups[j].Time })
+	for _, g := range groups {
+		out.Groups = append(out.Groups, *g)
+	}
+	longestFirst(out.Groups)
+	longestFirst(out.Kernels)
 	return out, nil
+}
+
+func longestFirst(ts []Timing) {
+	sort.Slice(ts, func(i, j int) bool { return ts[i].Time > ts[j].Time })
 }
 
 // sessionOf returns the session of a session or a decoder.

@@ -302,6 +302,47 @@ func (s *session) densify(c *cuda.Ctx) error {
 	return nil
 }
 
+// adjoin stores each layer's k and v weights, and its gate and up weights,
+// one after the other in one buffer where both are dense and the device has
+// the room for a pair twice over, so that linearPair computes each pair in
+// one batched GEMM. Without the room a pair stays apart: slower, not
+// refused.
+func (s *session) adjoin(c *cuda.Ctx) error {
+	size := s.k.Prec.Size()
+	pairs := [][2]trainer.Module{{trainer.KProj, trainer.VProj}, {trainer.GateProj, trainer.UpProj}}
+	for l := range s.w.layers {
+		for _, pair := range pairs {
+			p1, p2 := &s.w.layers[l].proj[moduleIndex(pair[0])], &s.w.layers[l].proj[moduleIndex(pair[1])]
+			n1, n2 := p1.elements()*size, p2.elements()*size
+			if p1.nf4 || p2.nf4 || p2.dense.Ptr == p1.dense.Ptr.Add(n1) {
+				continue
+			}
+			free, _, err := c.MemInfo()
+			if err != nil || free < 2*(n1+n2)+densifyMargin {
+				return err
+			}
+			both, err := s.alloc(c, n1+n2, "paired weights for decoding")
+			if err != nil {
+				return err
+			}
+			if err := c.CopyDtoDAsync(both.Ptr, p1.dense.Ptr, n1, c.Stream()); err != nil {
+				return err
+			}
+			if err := c.CopyDtoDAsync(both.Ptr.Add(n1), p2.dense.Ptr, n2, c.Stream()); err != nil {
+				return err
+			}
+			for _, b := range []cuda.Buffer{p1.dense, p2.dense} {
+				if err := s.release(c, b); err != nil {
+					return err
+				}
+			}
+			p1.dense = cuda.Buffer{Ptr: both.Ptr, Size: n1}
+			p2.dense = cuda.Buffer{Ptr: both.Ptr.Add(n1), Size: n2}
+		}
+	}
+	return c.EmptyCache()
+}
+
 // release frees a buffer the session owns before the session ends.
 func (s *session) release(c *cuda.Ctx, b cuda.Buffer) error {
 	for i, o := range s.owned {

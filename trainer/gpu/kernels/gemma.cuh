@@ -21,6 +21,30 @@ __device__ __forceinline__ float to_f32(act_t v) { return bf16_to_f32(v); }
 __device__ __forceinline__ act_t to_act(float v) { return f32_to_bf16(v); }
 #endif
 
+// VEC activations fill 16 bytes, the widest load. The _vec kernels move
+// whole vectors (the launcher checks the count and the alignment) and
+// compute each element as their one-element twins do.
+#define VEC (16 / (int)sizeof(act_t))
+union act_vec {
+    uint4 u;
+    act_t a[VEC];
+};
+
+// The VEC floats at p[VEC·g ...], as VEC/4 16-byte loads.
+__device__ __forceinline__ void load_f32_vec(const float* __restrict__ p, long long g, float* v) {
+    #pragma unroll
+    for (int h = 0; h < VEC / 4; h++) {
+        const float4 f = reinterpret_cast<const float4*>(p)[g * (VEC / 4) + h];
+        v[4 * h] = f.x, v[4 * h + 1] = f.y, v[4 * h + 2] = f.z, v[4 * h + 3] = f.w;
+    }
+}
+
+__device__ __forceinline__ void store_f32_vec(float* __restrict__ p, long long g, const float* v) {
+    #pragma unroll
+    for (int h = 0; h < VEC / 4; h++)
+        reinterpret_cast<float4*>(p)[g * (VEC / 4) + h] = make_float4(v[4 * h], v[4 * h + 1], v[4 * h + 2], v[4 * h + 3]);
+}
+
 // Rounding to a checkpoint's dtype (the values NF4 dequantises to are
 // rounded to the weights' own dtype, as bitsandbytes returns them).
 enum { ROUND_NONE = 0, ROUND_BF16 = 1, ROUND_F16 = 2 };

@@ -265,6 +265,23 @@ func (k *Kernels) launch(c *cuda.Ctx, name string, cfg cuda.LaunchConfig, args .
 	return c.Launch(f, cfg, args...)
 }
 
+// vec is the number of activations in 16 bytes (VEC in gemma.cuh).
+func (k *Kernels) vec() int { return 16 / int(k.Prec.Size()) }
+
+// vectors reports whether n elements at each of ptrs (0 for none) can take
+// a kernel's 16-byte path: whole vectors, every pointer 16-byte aligned.
+func (k *Kernels) vectors(n int64, ptrs ...cuda.DevicePtr) bool {
+	if n%int64(k.vec()) != 0 {
+		return false
+	}
+	for _, p := range ptrs {
+		if p%16 != 0 {
+			return false
+		}
+	}
+	return true
+}
+
 // normThreads is the block size of the row kernels: enough threads for
 // wide rows, no more than a narrow row can use.
 func normThreads(cols int) int {
@@ -274,26 +291,63 @@ func normThreads(cols int) int {
 // RMSNorm computes out = norm(x)·(1 + w), or res + that when res is not 0,
 // over rows×cols activations; rstd receives each row's reciprocal RMS.
 func (k *Kernels) RMSNorm(c *cuda.Ctx, x, w, res, out, rstd cuda.DevicePtr, rows, cols int, eps float64) error {
+	if k.vectors(int64(cols), x, w, res, out) {
+		vecs := cols / k.vec()
+		return k.launch(c, "rms_norm_fwd_vec", rowsOf(rows, normThreads(vecs)), x, w, res, out, rstd, int32(rows), int32(vecs), float32(eps))
+	}
 	return k.launch(c, "rms_norm_fwd", rowsOf(rows, normThreads(cols)), x, w, res, out, rstd, int32(rows), int32(cols), float32(eps))
+}
+
+// RMSNormPair computes mid = res + norm(x)·(1 + w1) and then
+// out = norm(mid)·(1 + w2), with their reciprocal RMS in rstd1 and rstd2:
+// RMSNorm twice, as one launch where the rows allow it.
+func (k *Kernels) RMSNormPair(c *cuda.Ctx, x, w1, res, mid, rstd1, w2, out, rstd2 cuda.DevicePtr, rows, cols int, eps float64) error {
+	if !k.vectors(int64(cols), x, w1, res, mid, w2, out) {
+		if err := k.RMSNorm(c, x, w1, res, mid, rstd1, rows, cols, eps); err != nil {
+			return err
+		}
+		return k.RMSNorm(c, mid, w2, 0, out, rstd2, rows, cols, eps)
+	}
+	vecs := cols / k.vec()
+	return k.launch(c, "rms_norm_pair_vec", rowsOf(rows, normThreads(vecs)), x, w1, res, mid, rstd1, w2, out, rstd2,
+		int32(rows), int32(vecs), float32(eps))
 }
 
 // RMSNormBackwardAct writes the input gradient of RMSNorm as activations.
 func (k *Kernels) RMSNormBackwardAct(c *cuda.Ctx, dy, x, w, rstd, dx cuda.DevicePtr, rows, cols int) error {
+	if k.vectors(int64(cols), dy, x, w, dx) {
+		vecs := cols / k.vec()
+		return k.launch(c, "rms_norm_bwd_act_vec", rowsOf(rows, normThreads(vecs)), dy, x, w, rstd, dx, int32(rows), int32(vecs))
+	}
 	return k.launch(c, "rms_norm_bwd_act", rowsOf(rows, normThreads(cols)), dy, x, w, rstd, dx, int32(rows), int32(cols))
 }
 
 // RMSNormBackwardF32 writes res + the input gradient of RMSNorm in float32
 // (res may be 0, or dx itself).
 func (k *Kernels) RMSNormBackwardF32(c *cuda.Ctx, dy, x, w, rstd, res, dx cuda.DevicePtr, rows, cols int) error {
+	if k.vectors(int64(cols), dy, x, w, res, dx) {
+		vecs := cols / k.vec()
+		return k.launch(c, "rms_norm_bwd_f32_vec", rowsOf(rows, normThreads(vecs)), dy, x, w, rstd, res, dx, int32(rows), int32(vecs))
+	}
 	return k.launch(c, "rms_norm_bwd_f32", rowsOf(rows, normThreads(cols)), dy, x, w, rstd, res, dx, int32(rows), int32(cols))
 }
 
-// QKNormRope applies the per-head RMSNorm with weight w and the rotary
-// embedding of tables cos, sin ([tokens × dim/2] float32) to x [tokens ×
-// heads × dim].
-func (k *Kernels) QKNormRope(c *cuda.Ctx, x, w, cos, sin, out, rstd cuda.DevicePtr, tokens, heads, dim int, eps float64) error {
-	rows := tokens * heads
-	return k.launch(c, "qk_norm_rope_fwd", warpRows(rows), x, w, cos, sin, out, rstd, int32(rows), int32(heads), int32(dim), float32(eps))
+// Heads is one side of QKNormRope: Heads rows of head_dim activations a
+// token at X, their norm's weight W, the output Out and each row's
+// reciprocal RMS in Rstd.
+type Heads struct {
+	X, W, Out, Rstd cuda.DevicePtr
+	Heads           int
+}
+
+// QKNormRope normalises each head of q and of k (Gemma 3's q_norm and
+// k_norm) and rotates it by RoPE at the tokens' positions (cos and sin
+// tables of tokens × dim/2), both sides in one launch; a side of 0 heads
+// is skipped.
+func (k *Kernels) QKNormRope(c *cuda.Ctx, q, kk Heads, cos, sin cuda.DevicePtr, tokens, dim int, eps float64) error {
+	qrows, krows := tokens*q.Heads, tokens*kk.Heads
+	return k.launch(c, "qk_norm_rope_fwd", warpRows(qrows+krows), q.X, q.W, q.Out, q.Rstd, int32(qrows), int32(max(q.Heads, 1)),
+		kk.X, kk.W, kk.Out, kk.Rstd, int32(krows), int32(max(kk.Heads, 1)), cos, sin, int32(dim), float32(eps))
 }
 
 // QKNormRopeBackward turns dy, the float32 gradient of QKNormRope's output,
@@ -418,12 +472,20 @@ func (k *Kernels) AttentionCached(c *cuda.Ctx, q, kc, vc, seq, pos, part, out cu
 
 // GeGLU computes out = gelu_tanh(gate)·up over n activations.
 func (k *Kernels) GeGLU(c *cuda.Ctx, gate, up, out cuda.DevicePtr, n int64) error {
+	if k.vectors(n, gate, up, out) {
+		groups := n / int64(k.vec())
+		return k.launch(c, "geglu_fwd_vec", k.grid(groups), gate, up, out, groups)
+	}
 	return k.launch(c, "geglu_fwd", k.grid(n), gate, up, out, n)
 }
 
 // GeGLUBackward writes dgate and dup (which may be gate and up) from the
 // float32 gradient dout.
 func (k *Kernels) GeGLUBackward(c *cuda.Ctx, dout, gate, up, dgate, dup cuda.DevicePtr, n int64) error {
+	if k.vectors(n, dout, gate, up, dgate, dup) {
+		groups := n / int64(k.vec())
+		return k.launch(c, "geglu_bwd_vec", k.grid(groups), dout, gate, up, dgate, dup, groups)
+	}
 	return k.launch(c, "geglu_bwd", k.grid(n), dout, gate, up, dgate, dup, n)
 }
 
@@ -461,11 +523,19 @@ func (k *Kernels) SumDouble(c *cuda.Ctx, v cuda.DevicePtr, n int, out cuda.Devic
 
 // DropoutApply writes x with dropout d of stream applied to out.
 func (k *Kernels) DropoutApply(c *cuda.Ctx, x, out cuda.DevicePtr, n int64, d trainer.Dropout, stream uint32) error {
+	if k.vectors(n, x, out) {
+		groups := n / int64(k.vec())
+		return k.launch(c, "dropout_apply_vec", k.grid(groups), x, out, groups, uint32(d.Seed), uint32(d.Seed>>32), stream, d.Threshold, d.Scale)
+	}
 	return k.launch(c, "dropout_apply", k.grid((n+3)/4), x, out, n, uint32(d.Seed), uint32(d.Seed>>32), stream, d.Threshold, d.Scale)
 }
 
 // DropoutAdd adds src through dropout d of stream to the float32 dst.
 func (k *Kernels) DropoutAdd(c *cuda.Ctx, src, dst cuda.DevicePtr, n int64, d trainer.Dropout, stream uint32) error {
+	if k.vectors(n, src, dst) {
+		groups := n / int64(k.vec())
+		return k.launch(c, "dropout_add_vec", k.grid(groups), src, dst, groups, uint32(d.Seed), uint32(d.Seed>>32), stream, d.Threshold, d.Scale)
+	}
 	return k.launch(c, "dropout_add", k.grid((n+3)/4), src, dst, n, uint32(d.Seed), uint32(d.Seed>>32), stream, d.Threshold, d.Scale)
 }
 
@@ -505,6 +575,9 @@ func (k *Kernels) NF4QuantizeBlocks(c *cuda.Ctx, src cuda.DevicePtr, dtype int, 
 // NF4Dequantize writes the n weights an NF4 tensor encodes as activations,
 // rounded to the checkpoint dtype (a Round constant).
 func (k *Kernels) NF4Dequantize(c *cuda.Ctx, packed, absmaxQ, absmax2 cuda.DevicePtr, offset float32, n int64, round int, out cuda.DevicePtr) error {
+	if n%16 == 0 && packed%8 == 0 && out%16 == 0 {
+		return k.launch(c, "nf4_dequantize16", k.grid(n/16), packed, absmaxQ, absmax2, offset, n/16, int32(round), out)
+	}
 	return k.launch(c, "nf4_dequantize", k.grid(n), packed, absmaxQ, absmax2, offset, n, int32(round), out)
 }
 

@@ -12,6 +12,7 @@ import (
 	"fmt"
 	"math"
 	"math/rand/v2"
+	"slices"
 	"sync"
 	"testing"
 
@@ -205,6 +206,21 @@ func TestRMSNorm(t *testing.T) {
 					d.check("forward", d.readAct(out, rows*cols), want, tol(p, cols))
 					d.check("forward with residual", d.readAct(out2, rows*cols), wantRes, tol(p, cols))
 					d.check("rstd", d.readF32(rs, rows), rstd, tol(F32, cols))
+					// The pair is RMSNorm with a residual and RMSNorm again on
+					// the stored result, bit for bit.
+					w2p := d.f32(uniform(rng, cols, 0.5))
+					twice, rs2 := d.alloc(int64(rows*cols)*p.Size()), d.alloc(4*int64(rows))
+					if err := k.RMSNorm(d.c, out2, w2p, 0, twice, rs2, rows, cols, eps); err != nil {
+						return err
+					}
+					mid, pair, prs1, prs2 := d.alloc(int64(rows*cols)*p.Size()), d.alloc(int64(rows*cols)*p.Size()), d.alloc(4*int64(rows)), d.alloc(4*int64(rows))
+					if err := k.RMSNormPair(d.c, xp, wp, resp, mid, prs1, w2p, pair, prs2, rows, cols, eps); err != nil {
+						return err
+					}
+					if !slices.Equal(d.readAct(mid, rows*cols), d.readAct(out2, rows*cols)) || !slices.Equal(d.readAct(pair, rows*cols), d.readAct(twice, rows*cols)) ||
+						!slices.Equal(d.readF32(prs1, rows), d.readF32(rs, rows)) || !slices.Equal(d.readF32(prs2, rows), d.readF32(rs2, rows)) {
+						return fmt.Errorf("RMSNormPair differs from RMSNorm twice")
+					}
 					dyp := d.f32(dy)
 					dxa, dxf := d.alloc(int64(rows*cols)*p.Size()), d.f32(prev)
 					if err := k.RMSNormBackwardAct(d.c, dyp, xp, wp, rs, dxa, rows, cols); err != nil {
@@ -228,35 +244,47 @@ func TestQKNormRope(t *testing.T) {
 		for _, dim := range []int{8, 16, 128, 256} {
 			t.Run(fmt.Sprintf("%s/head_dim_%d", p, dim), func(t *testing.T) {
 				rng := cudatest.Rand(t)
-				tokens, heads := 37, 3
-				n := tokens * heads * dim
-				x := roundAct(p, uniform(rng, n, 2))
-				w := uniform(rng, dim, 0.5)
+				tokens := 37
 				pos := make([]int32, tokens)
 				for i := range pos {
 					pos[i] = int32(rng.IntN(5000))
 				}
 				cos, sin := trainer.RopeTables(pos, trainer.RopeInvFreq(trainer.Rope{Theta: 1e6, Type: "linear", Factor: 8}, dim))
-				want, rstd := make([]float32, n), make([]float32, tokens*heads)
-				trainer.RMSNorm(want, x, w, rstd, tokens*heads, dim, 1e-6)
-				trainer.ApplyRope(want, cos, sin, tokens, heads, dim, false)
-				dy := uniform(rng, n, 1)
-				g := append([]float32(nil), dy...)
-				trainer.ApplyRope(g, cos, sin, tokens, heads, dim, true)
-				dx := make([]float32, n)
-				trainer.RMSNormBackward(dx, g, x, w, rstd, tokens*heads, dim)
+				// One side as the host computes it: the norm, then RoPE.
+				type side struct {
+					heads                int
+					x, w, want, rstd, dy []float32
+				}
+				newSide := func(heads int) side {
+					n := tokens * heads * dim
+					sd := side{heads: heads, x: roundAct(p, uniform(rng, n, 2)), w: uniform(rng, dim, 0.5), dy: uniform(rng, n, 1)}
+					sd.want, sd.rstd = make([]float32, n), make([]float32, tokens*heads)
+					trainer.RMSNorm(sd.want, sd.x, sd.w, sd.rstd, tokens*heads, dim, 1e-6)
+					trainer.ApplyRope(sd.want, cos, sin, tokens, heads, dim, false)
+					return sd
+				}
+				q, kv := newSide(3), newSide(2)
+				g := append([]float32(nil), q.dy...)
+				trainer.ApplyRope(g, cos, sin, tokens, q.heads, dim, true)
+				dx := make([]float32, len(q.x))
+				trainer.RMSNormBackward(dx, g, q.x, q.w, q.rstd, tokens*q.heads, dim)
 				run(t, k, func(d *dev) error {
-					xp, wp, cp, sp := d.act(x), d.f32(w), d.f32(cos), d.f32(sin)
-					out, rs := d.alloc(int64(n)*p.Size()), d.alloc(4*int64(tokens*heads))
-					if err := k.QKNormRope(d.c, xp, wp, cp, sp, out, rs, tokens, heads, dim, 1e-6); err != nil {
+					cp, sp := d.f32(cos), d.f32(sin)
+					on := func(sd side) Heads {
+						n := len(sd.x)
+						return Heads{X: d.act(sd.x), W: d.f32(sd.w), Out: d.alloc(int64(n) * p.Size()), Rstd: d.alloc(4 * int64(tokens*sd.heads)), Heads: sd.heads}
+					}
+					qh, kh := on(q), on(kv)
+					if err := k.QKNormRope(d.c, qh, kh, cp, sp, tokens, dim, 1e-6); err != nil {
 						return err
 					}
-					d.check("forward", d.readAct(out, n), want, tol(p, dim))
-					dxp := d.alloc(int64(n) * p.Size())
-					if err := k.QKNormRopeBackward(d.c, d.f32(dy), xp, wp, rs, cp, sp, dxp, tokens, heads, dim); err != nil {
+					d.check("forward q", d.readAct(qh.Out, len(q.x)), q.want, tol(p, dim))
+					d.check("forward k", d.readAct(kh.Out, len(kv.x)), kv.want, tol(p, dim))
+					dxp := d.alloc(int64(len(q.x)) * p.Size())
+					if err := k.QKNormRopeBackward(d.c, d.f32(q.dy), qh.X, qh.W, qh.Rstd, cp, sp, dxp, tokens, q.heads, dim); err != nil {
 						return err
 					}
-					d.check("backward", d.readAct(dxp, n), dx, tol(p, dim))
+					d.check("backward", d.readAct(dxp, len(q.x)), dx, tol(p, dim))
 					return nil
 				})
 			})
@@ -431,32 +459,35 @@ func TestTensorCoreAttention(t *testing.T) {
 func TestGeGLU(t *testing.T) {
 	for _, p := range precisions {
 		k := kernelsFor(t, p, 256)
-		t.Run(p.String(), func(t *testing.T) {
-			rng := cudatest.Rand(t)
-			n := 100003
-			gate := roundAct(p, uniform(rng, n, 5))
-			up := roundAct(p, uniform(rng, n, 2))
-			dout := uniform(rng, n, 1)
-			want := make([]float32, n)
-			trainer.GeGLU(want, gate, up)
-			dg, du := make([]float32, n), make([]float32, n)
-			trainer.GeGLUBackward(dg, du, dout, gate, up)
-			run(t, k, func(d *dev) error {
-				gp, upp := d.act(gate), d.act(up)
-				out := d.alloc(int64(n) * p.Size())
-				if err := k.GeGLU(d.c, gp, upp, out, int64(n)); err != nil {
-					return err
-				}
-				d.check("forward", d.readAct(out, n), want, tol(p, 1))
-				// In place, as the backward pass runs it.
-				if err := k.GeGLUBackward(d.c, d.f32(dout), gp, upp, gp, upp, int64(n)); err != nil {
-					return err
-				}
-				d.check("dgate", d.readAct(gp, n), dg, tol(p, 4))
-				d.check("dup", d.readAct(upp, n), du, tol(p, 4))
-				return nil
+		// Whole 16-byte vectors take the vector kernels; an odd count the
+		// one-element ones.
+		for _, n := range []int{100003, 100000} {
+			t.Run(fmt.Sprintf("%s/%d", p, n), func(t *testing.T) {
+				rng := cudatest.Rand(t)
+				gate := roundAct(p, uniform(rng, n, 5))
+				up := roundAct(p, uniform(rng, n, 2))
+				dout := uniform(rng, n, 1)
+				want := make([]float32, n)
+				trainer.GeGLU(want, gate, up)
+				dg, du := make([]float32, n), make([]float32, n)
+				trainer.GeGLUBackward(dg, du, dout, gate, up)
+				run(t, k, func(d *dev) error {
+					gp, upp := d.act(gate), d.act(up)
+					out := d.alloc(int64(n) * p.Size())
+					if err := k.GeGLU(d.c, gp, upp, out, int64(n)); err != nil {
+						return err
+					}
+					d.check("forward", d.readAct(out, n), want, tol(p, 1))
+					// In place, as the backward pass runs it.
+					if err := k.GeGLUBackward(d.c, d.f32(dout), gp, upp, gp, upp, int64(n)); err != nil {
+						return err
+					}
+					d.check("dgate", d.readAct(gp, n), dg, tol(p, 4))
+					d.check("dup", d.readAct(upp, n), du, tol(p, 4))
+					return nil
+				})
 			})
-		})
+		}
 	}
 }
 
@@ -630,39 +661,40 @@ func TestArgmaxRows(t *testing.T) {
 func TestDropout(t *testing.T) {
 	for _, p := range precisions {
 		k := kernelsFor(t, p, 256)
-		t.Run(p.String(), func(t *testing.T) {
-			rng := cudatest.Rand(t)
-			n := 10007
-			x := roundAct(p, uniform(rng, n, 1))
-			drop := trainer.NewDropout(0.05, rng.Uint64())
-			stream := trainer.DropoutStream(11, trainer.UpProj)
-			want := make([]float32, n)
-			add := uniform(rng, n, 1)
-			wantAdd := append([]float32(nil), add...)
-			for i := range x {
-				if drop.Keep(stream, uint64(i)) {
-					want[i] = x[i] * drop.Scale
-					wantAdd[i] += x[i] * drop.Scale
-				}
-			}
-			roundAct(p, want)
-			run(t, k, func(d *dev) error {
-				xp, out, dst := d.act(x), d.alloc(int64(n)*p.Size()), d.f32(add)
-				if err := k.DropoutApply(d.c, xp, out, int64(n), drop, stream); err != nil {
-					return err
-				}
-				if err := k.DropoutAdd(d.c, xp, dst, int64(n), drop, stream); err != nil {
-					return err
-				}
-				got, gotAdd := d.readAct(out, n), d.readF32(dst, n)
-				for i := range got {
-					if got[i] != want[i] || gotAdd[i] != wantAdd[i] {
-						return fmt.Errorf("element %d: %v and %v, want %v and %v (the masks differ)", i, got[i], gotAdd[i], want[i], wantAdd[i])
+		for _, n := range []int{10007, 10000} {
+			t.Run(fmt.Sprintf("%s/%d", p, n), func(t *testing.T) {
+				rng := cudatest.Rand(t)
+				x := roundAct(p, uniform(rng, n, 1))
+				drop := trainer.NewDropout(0.05, rng.Uint64())
+				stream := trainer.DropoutStream(11, trainer.UpProj)
+				want := make([]float32, n)
+				add := uniform(rng, n, 1)
+				wantAdd := append([]float32(nil), add...)
+				for i := range x {
+					if drop.Keep(stream, uint64(i)) {
+						want[i] = x[i] * drop.Scale
+						wantAdd[i] += x[i] * drop.Scale
 					}
 				}
-				return nil
+				roundAct(p, want)
+				run(t, k, func(d *dev) error {
+					xp, out, dst := d.act(x), d.alloc(int64(n)*p.Size()), d.f32(add)
+					if err := k.DropoutApply(d.c, xp, out, int64(n), drop, stream); err != nil {
+						return err
+					}
+					if err := k.DropoutAdd(d.c, xp, dst, int64(n), drop, stream); err != nil {
+						return err
+					}
+					got, gotAdd := d.readAct(out, n), d.readF32(dst, n)
+					for i := range got {
+						if got[i] != want[i] || gotAdd[i] != wantAdd[i] {
+							return fmt.Errorf("element %d: %v and %v, want %v and %v (the masks differ)", i, got[i], gotAdd[i], want[i], wantAdd[i])
+						}
+					}
+					return nil
+				})
 			})
-		})
+		}
 	}
 }
 
@@ -682,7 +714,7 @@ func TestNF4MatchesHost(t *testing.T) {
 	for _, p := range precisions {
 		k := kernelsFor(t, p, 256)
 		for dt, code := range dtypes {
-			for _, sh := range [][2]int{{200, 96}, {1000, 33}, {3, 5}} {
+			for _, sh := range [][2]int{{200, 96}, {256, 640}, {1000, 33}, {3, 5}} {
 				t.Run(fmt.Sprintf("%s/%s/%dx%d", p, dt, sh[0], sh[1]), func(t *testing.T) {
 					rng := cudatest.Rand(t)
 					n := sh[0] * sh[1]

@@ -5,7 +5,7 @@
 #include "gemma.cuh"
 #include "random.cuh"
 
-// out[i] = x[i]·scale where element i of stream is kept, else 0. Element i
+// out[i] = x[i]·scale where element i of stream is kept. Element i
 // is kept when the top 24 bits of its Philox word are at least threshold.
 extern "C" __global__ void dropout_apply(const act_t* __restrict__ x, act_t* __restrict__ out, long long n,
                                          unsigned int seed_lo, unsigned int seed_hi, unsigned int stream,
@@ -33,6 +33,46 @@ extern "C" __global__ void dropout_add(const act_t* __restrict__ src, float* __r
             // Product and sum rounded apart, as the host reference does.
             if (i < n && (word_of(w, k) >> 8) >= threshold) dst[i] = __fadd_rn(dst[i], __fmul_rn(to_f32(src[i]), scale));
         }
+    }
+}
+
+extern "C" __global__ void dropout_apply_vec(const uint4* __restrict__ x, uint4* __restrict__ out, long long groups,
+                                             unsigned int seed_lo, unsigned int seed_hi, unsigned int stream,
+                                             unsigned int threshold, float scale) {
+    GRID_STRIDE(g, groups) {
+        act_vec v, o;
+        v.u = x[g];
+        #pragma unroll
+        for (int h = 0; h < VEC / 4; h++) {
+            const uint4 w = random_words((unsigned long long)(g * (VEC / 4) + h), seed_lo, seed_hi, stream);
+            #pragma unroll
+            for (int k = 0; k < 4; k++) {
+                const int e = 4 * h + k;
+                o.a[e] = (word_of(w, k) >> 8) >= threshold ? to_act(__fmul_rn(to_f32(v.a[e]), scale)) : to_act(0.0f);
+            }
+        }
+        out[g] = o.u;
+    }
+}
+
+extern "C" __global__ void dropout_add_vec(const uint4* __restrict__ src, float* __restrict__ dst, long long groups,
+                                           unsigned int seed_lo, unsigned int seed_hi, unsigned int stream,
+                                           unsigned int threshold, float scale) {
+    GRID_STRIDE(g, groups) {
+        act_vec v;
+        v.u = src[g];
+        float d[VEC];
+        load_f32_vec(dst, g, d);
+        #pragma unroll
+        for (int h = 0; h < VEC / 4; h++) {
+            const uint4 w = random_words((unsigned long long)(g * (VEC / 4) + h), seed_lo, seed_hi, stream);
+            #pragma unroll
+            for (int k = 0; k < 4; k++) {
+                const int e = 4 * h + k;
+                if ((word_of(w, k) >> 8) >= threshold) d[e] = __fadd_rn(d[e], __fmul_rn(to_f32(v.a[e]), scale));
+            }
+        }
+        store_f32_vec(dst, g, d);
     }
 }
 

@@ -78,7 +78,11 @@ extern "C" __global__ void adam8_step(float* __restrict__ p, const float* __rest
                                       const long long* __restrict__ start, const int* __restrict__ len, float grad_scale,
                                       float b1, float one_minus_b1, float b2, float one_minus_b2, float step_size,
                                       float eps_scaled, float decay, int decays) {
-    __shared__ float scratch[32];
+    // The codes in shared memory: a warp's different entries of a constant
+    // array are read one address at a time (the search below reads eight).
+    __shared__ float scratch[32], dyn[256], udyn[256];
+    for (int t = threadIdx.x; t < 256; t += blockDim.x) dyn[t] = DYN_CODE[t], udyn[t] = UDYN_CODE[t];
+    __syncthreads();
     const int b = blockIdx.x;
     const int j = threadIdx.x;
     const bool live = j < len[b];
@@ -86,8 +90,8 @@ extern "C" __global__ void adam8_step(float* __restrict__ p, const float* __rest
     float m = 0.0f, v = 0.0f;
     if (live) {
         float pi = p[i];
-        m = DYN_CODE[q1[i]] * absmax1[b];
-        v = UDYN_CODE[q2[i]] * absmax2[b];
+        m = dyn[q1[i]] * absmax1[b];
+        v = udyn[q2[i]] * absmax2[b];
         adam8_element(&pi, g[i] * grad_scale, &m, &v, b1, one_minus_b1, b2, one_minus_b2, step_size, eps_scaled, decay, decays);
         p[i] = pi;
     }
@@ -98,8 +102,8 @@ extern "C" __global__ void adam8_step(float* __restrict__ p, const float* __rest
         absmax2[b] = max2;
     }
     if (live) {
-        q1[i] = quantize_moment(DYN_CODE, m, max1, true);
-        q2[i] = quantize_moment(UDYN_CODE, v, max2, false);
+        q1[i] = quantize_moment(dyn, m, max1, true);
+        q2[i] = quantize_moment(udyn, v, max2, false);
     }
 }
 

@@ -7,13 +7,11 @@
 // Reference: trainer.RMSNorm then trainer.ApplyRope.
 #include "gemma.cuh"
 
-extern "C" __global__ void qk_norm_rope_fwd(const act_t* __restrict__ x, const float* __restrict__ w,
-                                            const float* __restrict__ cosv, const float* __restrict__ sinv,
-                                            act_t* __restrict__ out, float* __restrict__ rstd,
-                                            int rows, int heads, int dim, float eps) {
-    const int lane = threadIdx.x & 31;
-    const int r = blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
-    if (r >= rows) return;
+// Row r of one side (q or k): heads rows a token, one warp a row.
+__device__ __forceinline__ void qk_norm_rope_row(const act_t* __restrict__ x, const float* __restrict__ w,
+                                                 const float* __restrict__ cosv, const float* __restrict__ sinv,
+                                                 act_t* __restrict__ out, float* __restrict__ rstd, int r, int heads,
+                                                 int dim, float eps, int lane) {
     const int half = dim / 2;
     const long long base = (long long)r * dim;
     const long long tab = (long long)(r / heads) * half;
@@ -32,6 +30,16 @@ extern "C" __global__ void qk_norm_rope_fwd(const act_t* __restrict__ x, const f
         out[base + i] = to_act(a * c - b * s);
         out[base + i + half] = to_act(b * c + a * s);
     }
+}
+
+// The q side's qrows rows, then the k side's krows, in one launch.
+extern "C" __global__ void qk_norm_rope_fwd(const act_t* q, const float* qw, act_t* qout, float* qrstd, int qrows, int qheads,
+                                            const act_t* k, const float* kw, act_t* kout, float* krstd, int krows, int kheads,
+                                            const float* __restrict__ cosv, const float* __restrict__ sinv, int dim, float eps) {
+    const int lane = threadIdx.x & 31;
+    const int r = blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
+    if (r < qrows) qk_norm_rope_row(q, qw, cosv, sinv, qout, qrstd, r, qheads, dim, eps, lane);
+    else if (r < qrows + krows) qk_norm_rope_row(k, kw, cosv, sinv, kout, krstd, r - qrows, kheads, dim, eps, lane);
 }
 
 // dy is the gradient of the rotated output; dx receives the gradient of the

@@ -245,21 +245,27 @@ func (c *convFields) parseJSONMessages(raw json.RawMessage) ([]rawMessage, error
 }
 
 // textParts reads a content given as a list of parts; only text parts are
-// supported (this is text fine-tuning).
+// supported (this is text fine-tuning). Each text goes through
+// decodeJSONString, as every other string of a conversation does.
 func textParts(raw json.RawMessage) ([]string, error) {
 	var parts []struct {
-		Type string  `json:"type"`
-		Text *string `json:"text"`
+		Type string          `json:"type"`
+		Text json.RawMessage `json:"text"`
 	}
 	if err := json.Unmarshal(raw, &parts); err != nil {
 		return nil, fmt.Errorf("a list that is not of {\"type\", \"text\"} parts: %w", err)
 	}
 	out := make([]string, len(parts))
 	for i, p := range parts {
-		if p.Type != "text" || p.Text == nil {
+		if p.Type != "text" {
 			return nil, fmt.Errorf("part %d is of type %q; only text parts are supported", i, p.Type)
 		}
-		out[i] = *p.Text
+		if len(p.Text) == 0 || p.Text[0] != '"' {
+			return nil, fmt.Errorf("part %d has no text string", i)
+		}
+		if err := decodeJSONString(p.Text, &out[i]); err != nil {
+			return nil, fmt.Errorf("part %d: %w", i, err)
+		}
 	}
 	return out, nil
 }

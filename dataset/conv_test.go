@@ -184,6 +184,9 @@ func TestConversationErrors(t *testing.T) {
 		{`{"conversations": "metin"}`, "column conversations: want a list of objects"},
 		{`{"conversations": [{"from": "human", "value": 3}]}`, "field value: a number, not a string"},
 		{`{"conversations": [{"from": "human", "value": [{"type": "image"}]}]}`, `part 0 is of type "image"`},
+		{`{"conversations": [{"from": "human", "value": [{"type": "text", "text": null}]}]}`, `part 0 has no text`},
+		{"{\"conversations\": [{\"from\": \"human\", \"value\": [{\"type\": \"text\", \"text\": \"a\xffb\"}]}]}", "part 0: invalid UTF-8 at byte 1"},
+		{`{"conversations": [{"from": "human", "value": [{"type": "text", "text": "\ud800"}]}]}`, "part 0: unpaired UTF-16 surrogate"},
 		{`{"conversations": [{"from": "system", "value": [{"type": "text", "text": "a"}, {"type": "text", "text": "b"}]}, {"from": "human", "value": "x"}, {"from": "gpt", "value": "y"}]}`, "a system message of 2 parts"},
 		{`{"chat": []}`, `no field "conversations"`},
 	}

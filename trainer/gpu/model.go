@@ -360,15 +360,16 @@ func (s *session) uploadTokens(c *cuda.Ctx, hb *hostBatch) error {
 func (s *session) gemm(c *cuda.Ctx, role string, m, n, k int, transA, transB bool, ab, outType cuda.DType,
 	alpha float32, a, b cuda.DevicePtr, beta float32, out cuda.DevicePtr) error {
 	g := cuda.GEMM{M: m, N: n, K: k, TransA: transA, TransB: transB, AType: ab, BType: ab, CType: outType}
-	return s.timed(c, func() string { return "gemm:" + role + " " + g.String() }, func() error { return c.Matmul(g, alpha, a, b, beta, out, nil) })
+	return s.matmul(c, role, g, alpha, a, b, beta, out)
 }
 
-// timed runs f, a launch, timed under name() when the session is profiled.
-func (s *session) timed(c *cuda.Ctx, name func() string, f func() error) error {
+// matmul runs g, timed under its role and shape when the session is
+// profiled.
+func (s *session) matmul(c *cuda.Ctx, role string, g cuda.GEMM, alpha float32, a, b cuda.DevicePtr, beta float32, out cuda.DevicePtr) error {
 	if s.prof == nil {
-		return f()
+		return c.Matmul(g, alpha, a, b, beta, out, nil)
 	}
-	return s.prof.Time(c, name(), f)
+	return s.prof.Time(c, "gemm:"+role+" "+g.String(), func() error { return c.Matmul(g, alpha, a, b, beta, out, nil) })
 }
 
 // dropout returns the session's dropout for a micro-batch, or nil.
@@ -414,7 +415,7 @@ func (s *session) linearPair(c *cuda.Ctx, T, layer int, m1, m2 trainer.Module, x
 	act := s.k.Prec.GEMMType()
 	g := cuda.GEMM{M: T, N: p1.out, K: p1.in, TransB: true, AType: act, BType: act, CType: act,
 		Batch: 2, SharedA: true, StrideC: int64(out2-out1) / size}
-	if err := s.timed(c, func() string { return "gemm:base " + g.String() }, func() error { return c.Matmul(g, 1, x, p1.dense.Ptr, 0, out1, nil) }); err != nil {
+	if err := s.matmul(c, "base", g, 1, x, p1.dense.Ptr, 0, out1); err != nil {
 		return err
 	}
 	if err := s.loraForward(c, T, layer, m1, x, out1, xa1, d); err != nil {

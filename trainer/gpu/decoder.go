@@ -104,6 +104,10 @@ func newDecoder(s trainer.Session, a *trainer.Adapter, baseOnly bool) (trainer.D
 	}
 	ss := s.(*session)
 	ss.baseOnly = baseOnly
+	if err := ss.dev.Do(func(c *cuda.Ctx) error { return ss.lora.keepResident(ss, c) }); err != nil {
+		s.Close()
+		return nil, fmt.Errorf("gpu: the adapter's weights for decoding: %w", err)
+	}
 	if err := ss.dev.Do(ss.densify); err != nil {
 		s.Close()
 		return nil, fmt.Errorf("gpu: storing the NF4 weights dequantised for decoding: %w", err)

@@ -44,8 +44,15 @@ type loraState struct {
 	layerStart []int64
 
 	data, grad cuda.Buffer // float32
-	act        cuda.DevicePtr
-	actBuf     cuda.Buffer // the bf16 copy the GEMMs read (bf16 mode)
+	// act holds the weights as the GEMMs read them: data itself in
+	// float32; in bf16 a converted copy, either of one layer at a time
+	// (perLayer: training, where the copy of the whole adapter would cost
+	// 2 bytes a parameter and converting a layer as its block starts costs
+	// microseconds) or of the whole adapter (decoders, which read every
+	// layer at every token).
+	act      cuda.Buffer
+	perLayer bool
+	staged   int // the layer in act when perLayer; -1 for none
 
 	opt              trainer.OptimizerConfig
 	step             int
@@ -131,12 +138,12 @@ func (st *loraState) allocate(s *session, c *cuda.Ctx) error {
 	if st.grad, err = s.alloc(c, 4*st.total, "LoRA gradients"); err != nil {
 		return err
 	}
-	st.act = st.data.Ptr
+	st.act, st.staged = st.data, -1
 	if s.k.Prec.Size() != 4 {
-		if st.actBuf, err = s.alloc(c, s.k.Prec.Size()*st.total, "LoRA weights"); err != nil {
+		if st.act, err = s.alloc(c, s.k.Prec.Size()*st.widestLayer(), "LoRA weights"); err != nil {
 			return err
 		}
-		st.act = st.actBuf.Ptr
+		st.perLayer = true
 	}
 	if st.opt.Name == "adamw" || st.hasSmall {
 		if st.m, err = s.alloc(c, 4*st.total, "optimizer state"); err != nil {
@@ -185,6 +192,50 @@ func (st *loraState) allocate(s *session, c *cuda.Ctx) error {
 	return nil
 }
 
+// widestLayer is the number of adapter elements of its largest layer.
+func (st *loraState) widestLayer() int64 {
+	var n int64
+	for l := 0; l+1 < len(st.layerStart); l++ {
+		n = max(n, st.layerStart[l+1]-st.layerStart[l])
+	}
+	return n
+}
+
+// keepResident replaces the per-layer copy by one of the whole adapter:
+// for a decoder, where converting every layer at every token would cost
+// more than the memory.
+func (st *loraState) keepResident(s *session, c *cuda.Ctx) error {
+	if !st.perLayer {
+		return nil
+	}
+	if err := s.release(c, st.act); err != nil {
+		return err
+	}
+	var err error
+	if st.act, err = s.alloc(c, s.k.Prec.Size()*st.total, "LoRA weights"); err != nil {
+		return err
+	}
+	st.perLayer = false
+	return st.refreshAct(s, c)
+}
+
+// stage makes layer l's weights readable through actPtr. A block's
+// forward and backward passes call it first; the copy of the layer last
+// staged stays valid until the weights change (refreshAct).
+func (st *loraState) stage(s *session, c *cuda.Ctx, l int) error {
+	if !st.perLayer || st.staged == l {
+		return nil
+	}
+	lo, hi := st.layerStart[l], st.layerStart[l+1]
+	if hi > lo {
+		if err := s.k.F32ToAct(c, f32At(st.data, lo), st.act.Ptr, hi-lo); err != nil {
+			return err
+		}
+	}
+	st.staged = l
+	return nil
+}
+
 // f32At returns the address of element off of a float32 buffer.
 func f32At(b cuda.Buffer, off int64) cuda.DevicePtr { return b.Ptr.Add(4 * off) }
 
@@ -192,7 +243,14 @@ func f32At(b cuda.Buffer, off int64) cuda.DevicePtr { return b.Ptr.Add(4 * off) 
 func (st *loraState) dataPtr(sl *loraSlot) cuda.DevicePtr { return f32At(st.data, sl.offset) }
 func (st *loraState) gradPtr(sl *loraSlot) cuda.DevicePtr { return f32At(st.grad, sl.offset) }
 func (st *loraState) actPtr(s *session, sl *loraSlot) cuda.DevicePtr {
-	return st.act.Add(s.k.Prec.Size() * sl.offset)
+	off := sl.offset
+	if st.perLayer {
+		if st.staged != sl.layer {
+			panic(fmt.Sprintf("gpu: LoRA weights of layer %d read while layer %d is staged", sl.layer, st.staged))
+		}
+		off -= st.layerStart[sl.layer]
+	}
+	return st.act.Ptr.Add(s.k.Prec.Size() * off)
 }
 
 // setState uploads an adapter and an optimizer state (nil: fresh), clears
@@ -222,11 +280,17 @@ func (st *loraState) setState(s *session, c *cuda.Ctx, a *trainer.Adapter, opt *
 	return st.setOptimizer(c, opt)
 }
 
+// refreshAct brings the activation copy up to date after the weights
+// changed.
 func (st *loraState) refreshAct(s *session, c *cuda.Ctx) error {
-	if st.act == st.data.Ptr {
+	switch {
+	case st.perLayer:
+		st.staged = -1
+		return nil
+	case st.act.Ptr == st.data.Ptr:
 		return nil
 	}
-	return s.k.F32ToAct(c, st.data.Ptr, st.act, st.total)
+	return s.k.F32ToAct(c, st.data.Ptr, st.act.Ptr, st.total)
 }
 
 // setOptimizer uploads an optimizer state in the layout trainer's CPU

@@ -106,7 +106,7 @@ func plan(cfg *trainer.Config, sc trainer.SessionConfig, prec kernels.Precision,
 	if st, err := layoutLoRA(cfg, sc.LoRA, sc.Optimizer); err == nil {
 		p.Adapter = 2 * sz(4*st.total)
 		if act != 4 {
-			p.Adapter += sz(act * st.total)
+			p.Adapter += sz(act * st.widestLayer()) // one layer's copy: loraState.stage
 		}
 		if sc.Optimizer.Name == "adamw" || st.hasSmall {
 			p.Optimizer += 2 * sz(4*st.total)

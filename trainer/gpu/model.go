@@ -17,9 +17,12 @@ import (
 // layerCache holds one block's activations between its forward pass and
 // its backward pass.
 type layerCache struct {
-	xn1, q, k, v, qr, kr, att, o, x1, xn2, gate, up, act, d cuda.Buffer // activations
-	rstd1, rstdQ, rstdK, lse, rstd2, rstd3, rstd4           cuda.Buffer // float32
-	xa                                                      [7]cuda.Buffer
+	xn1, q, k, v, qr, kr, att, o, x1, xn2, gate, up, act, d cuda.Buffer    // activations
+	rstd1, rstdQ, rstdK, lse, rstd2, rstd3, rstd4           cuda.Buffer    // float32
+	xa                                                      [7]cuda.Buffer // act [T × r]: x·Aᵀ of each projection
+	// mask records which inputs of each projection dropout kept in the
+	// forward pass, for the backward pass (kernels.DropoutRecord).
+	mask [7]cuda.Buffer
 	// kv holds k then v, gateUp gate then up: one allocation a pair, so
 	// that linearPair can compute a pair in one batched GEMM.
 	kv, gateUp cuda.Buffer
@@ -148,6 +151,10 @@ func layoutWorkspace(cfg *trainer.Config, sc trainer.SessionConfig, act int64, T
 		add(groupLayer, 4*t*KV, &lc.rstdK)
 		for _, m := range sc.LoRA.Targets {
 			add(groupLayer, t*R*act, &lc.xa[moduleIndex(m)])
+			if sc.LoRA.Dropout > 0 {
+				_, in := cfg.ProjShape(m)
+				add(groupLayer, kernels.MaskBytes(t*int64(in)), &lc.mask[moduleIndex(m)])
+			}
 		}
 	}
 	maxIn, maxW := int64(0), int64(0)
@@ -382,8 +389,9 @@ func (s *session) dropout(seed uint64, train bool) *trainer.Dropout {
 }
 
 // linear computes out [T × out] = x·Wᵀ plus the LoRA update
-// scale·(drop(x)·Aᵀ)·Bᵀ, keeping x·Aᵀ in xa for the backward pass.
-func (s *session) linear(c *cuda.Ctx, T, layer int, mod trainer.Module, x, out cuda.DevicePtr, xa cuda.Buffer, d *trainer.Dropout) error {
+// scale·(drop(x)·Aᵀ)·Bᵀ, keeping x·Aᵀ and the dropout mask in lc for the
+// backward pass.
+func (s *session) linear(c *cuda.Ctx, T, layer int, mod trainer.Module, x, out cuda.DevicePtr, lc *layerCache, d *trainer.Dropout) error {
 	act := s.k.Prec.GEMMType()
 	p := &s.w.layers[layer].proj[moduleIndex(mod)]
 	w, err := s.weight(c, p, s.ws.wbuf.Ptr)
@@ -393,7 +401,7 @@ func (s *session) linear(c *cuda.Ctx, T, layer int, mod trainer.Module, x, out c
 	if err := s.gemm(c, "base", T, p.out, p.in, false, true, act, act, 1, x, w, 0, out); err != nil {
 		return err
 	}
-	return s.loraForward(c, T, layer, mod, x, out, xa, d)
+	return s.loraForward(c, T, layer, mod, x, out, lc, d)
 }
 
 // linearPair is linear for two projections of one input and one shape (k
@@ -401,16 +409,16 @@ func (s *session) linear(c *cuda.Ctx, T, layer int, mod trainer.Module, x, out c
 // other, and out2 lies above out1, the frozen products are one batched
 // GEMM: for a decoding step, one launch instead of two, and a better use of
 // the bandwidth for the small ones (see adjoin).
-func (s *session) linearPair(c *cuda.Ctx, T, layer int, m1, m2 trainer.Module, x, out1, out2 cuda.DevicePtr, xa1, xa2 cuda.Buffer, d *trainer.Dropout) error {
+func (s *session) linearPair(c *cuda.Ctx, T, layer int, m1, m2 trainer.Module, x, out1, out2 cuda.DevicePtr, lc *layerCache, d *trainer.Dropout) error {
 	L := &s.w.layers[layer]
 	p1, p2 := &L.proj[moduleIndex(m1)], &L.proj[moduleIndex(m2)]
 	size := s.k.Prec.Size()
 	if p1.nf4 || p2.nf4 || p1.in != p2.in || p1.out != p2.out || p2.dense.Ptr != p1.dense.Ptr.Add(p1.elements()*size) ||
 		out2 <= out1 || int64(out2-out1)%size != 0 {
-		if err := s.linear(c, T, layer, m1, x, out1, xa1, d); err != nil {
+		if err := s.linear(c, T, layer, m1, x, out1, lc, d); err != nil {
 			return err
 		}
-		return s.linear(c, T, layer, m2, x, out2, xa2, d)
+		return s.linear(c, T, layer, m2, x, out2, lc, d)
 	}
 	act := s.k.Prec.GEMMType()
 	g := cuda.GEMM{M: T, N: p1.out, K: p1.in, TransB: true, AType: act, BType: act, CType: act,
@@ -418,15 +426,16 @@ func (s *session) linearPair(c *cuda.Ctx, T, layer int, m1, m2 trainer.Module, x
 	if err := s.matmul(c, "base", g, 1, x, p1.dense.Ptr, 0, out1); err != nil {
 		return err
 	}
-	if err := s.loraForward(c, T, layer, m1, x, out1, xa1, d); err != nil {
+	if err := s.loraForward(c, T, layer, m1, x, out1, lc, d); err != nil {
 		return err
 	}
-	return s.loraForward(c, T, layer, m2, x, out2, xa2, d)
+	return s.loraForward(c, T, layer, m2, x, out2, lc, d)
 }
 
 // loraForward adds the LoRA update of projection mod to out (when the
-// session trains or applies an adapter), keeping x·Aᵀ in xa.
-func (s *session) loraForward(c *cuda.Ctx, T, layer int, mod trainer.Module, x, out cuda.DevicePtr, xa cuda.Buffer, d *trainer.Dropout) error {
+// session trains or applies an adapter), keeping x·Aᵀ and the dropout
+// mask in lc.
+func (s *session) loraForward(c *cuda.Ctx, T, layer int, mod trainer.Module, x, out cuda.DevicePtr, lc *layerCache, d *trainer.Dropout) error {
 	A, ok := s.lora.slot(layer, mod, false)
 	if !ok || s.baseOnly {
 		return nil
@@ -434,10 +443,11 @@ func (s *session) loraForward(c *cuda.Ctx, T, layer int, mod trainer.Module, x, 
 	B, _ := s.lora.slot(layer, mod, true)
 	p := &s.w.layers[layer].proj[moduleIndex(mod)]
 	act := s.k.Prec.GEMMType()
+	xa := lc.xa[moduleIndex(mod)]
 	src := x
 	if d != nil {
 		src = s.ws.xin.Ptr
-		if err := s.k.DropoutApply(c, x, src, int64(T)*int64(p.in), *d, trainer.DropoutStream(layer, mod)); err != nil {
+		if err := s.k.DropoutRecord(c, x, src, lc.mask[moduleIndex(mod)].Ptr, int64(T)*int64(p.in), *d, trainer.DropoutStream(layer, mod)); err != nil {
 			return err
 		}
 	}
@@ -450,8 +460,9 @@ func (s *session) loraForward(c *cuda.Ctx, T, layer int, mod trainer.Module, x, 
 
 // linearBackward adds (or, without accumulate, writes) dx [T × in], the
 // float32 input gradient of linear for dy [T × out] (activations), and
-// accumulates the LoRA gradients.
-func (s *session) linearBackward(c *cuda.Ctx, T, layer int, mod trainer.Module, dy, x cuda.DevicePtr, xa cuda.Buffer,
+// accumulates the LoRA gradients. The forward pass of the same dropout
+// left x·Aᵀ and the mask in lc.
+func (s *session) linearBackward(c *cuda.Ctx, T, layer int, mod trainer.Module, dy, x cuda.DevicePtr, lc *layerCache,
 	dx cuda.DevicePtr, accumulate bool, d *trainer.Dropout) error {
 	act := s.k.Prec.GEMMType()
 	p := &s.w.layers[layer].proj[moduleIndex(mod)]
@@ -472,6 +483,7 @@ func (s *session) linearBackward(c *cuda.Ctx, T, layer int, mod trainer.Module, 
 	}
 	B, _ := s.lora.slot(layer, mod, true)
 	R, scale := s.cfg.LoRA.R, s.cfg.LoRA.Scale()
+	xa, mask := lc.xa[moduleIndex(mod)], lc.mask[moduleIndex(mod)].Ptr
 	// gradB += scale·dyᵀ·xa; dxa = scale·dy·B.
 	if err := s.gemm(c, "lora", p.out, R, T, true, false, act, cuda.F32, scale, dy, xa.Ptr, 1, s.lora.gradPtr(B)); err != nil {
 		return err
@@ -482,11 +494,10 @@ func (s *session) linearBackward(c *cuda.Ctx, T, layer int, mod trainer.Module, 
 	}
 	// gradA += dxaᵀ·drop(x).
 	src := x
-	stream := trainer.DropoutStream(layer, mod)
 	n := int64(T) * int64(p.in)
 	if d != nil {
 		src = s.ws.xin.Ptr
-		if err := s.k.DropoutApply(c, x, src, n, *d, stream); err != nil {
+		if err := s.k.DropoutReplay(c, x, src, mask, n, d.Scale); err != nil {
 			return err
 		}
 	}
@@ -500,7 +511,7 @@ func (s *session) linearBackward(c *cuda.Ctx, T, layer int, mod trainer.Module, 
 	if err := s.gemm(c, "lora", T, p.in, R, false, false, act, act, 1, dxa, s.lora.actPtr(s, A), 0, s.ws.xin.Ptr); err != nil {
 		return err
 	}
-	return s.k.DropoutAdd(c, s.ws.xin.Ptr, dx, n, *d, stream)
+	return s.k.DropoutAdd(c, s.ws.xin.Ptr, dx, mask, n, d.Scale)
 }
 
 // layerForward runs block l on x, writing its output to out and its
@@ -511,11 +522,14 @@ func (s *session) layerForward(c *cuda.Ctx, T, l int, x, out cuda.DevicePtr, lc 
 	Hd, H, KV, D := cfg.Hidden, cfg.Heads, cfg.KVHeads, cfg.HeadDim
 	ti := typeIndex(cfg.LayerTypes[l])
 	ws, eps := s.ws, cfg.RMSNormEps
+	if err := s.lora.stage(s, c, l); err != nil {
+		return fmt.Errorf("layer %d: %w", l, err)
+	}
 	steps := []func() error{
 		func() error { return s.k.RMSNorm(c, x, L.inputNorm.Ptr, 0, lc.xn1.Ptr, lc.rstd1.Ptr, T, Hd, eps) },
-		func() error { return s.linear(c, T, l, trainer.QProj, lc.xn1.Ptr, lc.q.Ptr, lc.xa[0], d) },
+		func() error { return s.linear(c, T, l, trainer.QProj, lc.xn1.Ptr, lc.q.Ptr, lc, d) },
 		func() error {
-			return s.linearPair(c, T, l, trainer.KProj, trainer.VProj, lc.xn1.Ptr, lc.k.Ptr, lc.v.Ptr, lc.xa[1], lc.xa[2], d)
+			return s.linearPair(c, T, l, trainer.KProj, trainer.VProj, lc.xn1.Ptr, lc.k.Ptr, lc.v.Ptr, lc, d)
 		},
 		func() error {
 			q := kernels.Heads{X: lc.q.Ptr, W: L.qNorm.Ptr, Out: lc.qr.Ptr, Rstd: lc.rstdQ.Ptr, Heads: H}
@@ -528,17 +542,17 @@ func (s *session) layerForward(c *cuda.Ctx, T, l int, x, out cuda.DevicePtr, lc 
 			}
 			return s.k.Attention(c, lc.qr.Ptr, lc.kr.Ptr, lc.v.Ptr, ws.lo[ti].Ptr, lc.att.Ptr, lc.lse.Ptr, T, H, KV, s.attnScale())
 		},
-		func() error { return s.linear(c, T, l, trainer.OProj, lc.att.Ptr, lc.o.Ptr, lc.xa[3], d) },
+		func() error { return s.linear(c, T, l, trainer.OProj, lc.att.Ptr, lc.o.Ptr, lc, d) },
 		func() error {
 			return s.k.RMSNormPair(c, lc.o.Ptr, L.postAttnNorm.Ptr, x, lc.x1.Ptr, lc.rstd2.Ptr, L.preFFNorm.Ptr, lc.xn2.Ptr, lc.rstd3.Ptr, T, Hd, eps)
 		},
 		func() error {
-			return s.linearPair(c, T, l, trainer.GateProj, trainer.UpProj, lc.xn2.Ptr, lc.gate.Ptr, lc.up.Ptr, lc.xa[4], lc.xa[5], d)
+			return s.linearPair(c, T, l, trainer.GateProj, trainer.UpProj, lc.xn2.Ptr, lc.gate.Ptr, lc.up.Ptr, lc, d)
 		},
 		func() error {
 			return s.k.GeGLU(c, lc.gate.Ptr, lc.up.Ptr, lc.act.Ptr, int64(T)*int64(cfg.Intermediate))
 		},
-		func() error { return s.linear(c, T, l, trainer.DownProj, lc.act.Ptr, lc.d.Ptr, lc.xa[6], d) },
+		func() error { return s.linear(c, T, l, trainer.DownProj, lc.act.Ptr, lc.d.Ptr, lc, d) },
 		func() error {
 			return s.k.RMSNorm(c, lc.d.Ptr, L.postFFNorm.Ptr, lc.x1.Ptr, out, lc.rstd4.Ptr, T, Hd, eps)
 		},
@@ -562,23 +576,26 @@ func (s *session) layerBackward(c *cuda.Ctx, T, l int, x cuda.DevicePtr, lc *lay
 	Hd, H, KV, D := cfg.Hidden, cfg.Heads, cfg.KVHeads, cfg.HeadDim
 	ti := typeIndex(cfg.LayerTypes[l])
 	ws := s.ws
+	if err := s.lora.stage(s, c, l); err != nil {
+		return fmt.Errorf("layer %d: %w", l, err)
+	}
 	steps := []func() error{
 		// out = x1 + norm(d)
 		func() error {
 			return s.k.RMSNormBackwardAct(c, ws.dout.Ptr, lc.d.Ptr, L.postFFNorm.Ptr, lc.rstd4.Ptr, ws.dd.Ptr, T, Hd)
 		},
 		func() error {
-			return s.linearBackward(c, T, l, trainer.DownProj, ws.dd.Ptr, lc.act.Ptr, lc.xa[6], ws.dact.Ptr, false, d)
+			return s.linearBackward(c, T, l, trainer.DownProj, ws.dd.Ptr, lc.act.Ptr, lc, ws.dact.Ptr, false, d)
 		},
 		// gate and up become their own gradients.
 		func() error {
 			return s.k.GeGLUBackward(c, ws.dact.Ptr, lc.gate.Ptr, lc.up.Ptr, lc.gate.Ptr, lc.up.Ptr, int64(T)*int64(cfg.Intermediate))
 		},
 		func() error {
-			return s.linearBackward(c, T, l, trainer.GateProj, lc.gate.Ptr, lc.xn2.Ptr, lc.xa[4], ws.dxn.Ptr, false, d)
+			return s.linearBackward(c, T, l, trainer.GateProj, lc.gate.Ptr, lc.xn2.Ptr, lc, ws.dxn.Ptr, false, d)
 		},
 		func() error {
-			return s.linearBackward(c, T, l, trainer.UpProj, lc.up.Ptr, lc.xn2.Ptr, lc.xa[5], ws.dxn.Ptr, true, d)
+			return s.linearBackward(c, T, l, trainer.UpProj, lc.up.Ptr, lc.xn2.Ptr, lc, ws.dxn.Ptr, true, d)
 		},
 		// x1 = x + norm(o); xn2 = norm(x1)
 		func() error {
@@ -588,7 +605,7 @@ func (s *session) layerBackward(c *cuda.Ctx, T, l int, x cuda.DevicePtr, lc *lay
 			return s.k.RMSNormBackwardAct(c, ws.dx1.Ptr, lc.o.Ptr, L.postAttnNorm.Ptr, lc.rstd2.Ptr, ws.dd.Ptr, T, Hd)
 		},
 		func() error {
-			return s.linearBackward(c, T, l, trainer.OProj, ws.dd.Ptr, lc.att.Ptr, lc.xa[3], ws.datt.Ptr, false, d)
+			return s.linearBackward(c, T, l, trainer.OProj, ws.dd.Ptr, lc.att.Ptr, lc, ws.datt.Ptr, false, d)
 		},
 		func() error {
 			return s.k.AttentionBackward(c, lc.qr.Ptr, lc.kr.Ptr, lc.v.Ptr, ws.datt.Ptr, lc.lse.Ptr,
@@ -602,13 +619,13 @@ func (s *session) layerBackward(c *cuda.Ctx, T, l int, x cuda.DevicePtr, lc *lay
 		},
 		func() error { return s.k.F32ToAct(c, ws.dvr.Ptr, ws.dv.Ptr, int64(T)*int64(KV*D)) },
 		func() error {
-			return s.linearBackward(c, T, l, trainer.QProj, ws.dq.Ptr, lc.xn1.Ptr, lc.xa[0], ws.dxn.Ptr, false, d)
+			return s.linearBackward(c, T, l, trainer.QProj, ws.dq.Ptr, lc.xn1.Ptr, lc, ws.dxn.Ptr, false, d)
 		},
 		func() error {
-			return s.linearBackward(c, T, l, trainer.KProj, ws.dk.Ptr, lc.xn1.Ptr, lc.xa[1], ws.dxn.Ptr, true, d)
+			return s.linearBackward(c, T, l, trainer.KProj, ws.dk.Ptr, lc.xn1.Ptr, lc, ws.dxn.Ptr, true, d)
 		},
 		func() error {
-			return s.linearBackward(c, T, l, trainer.VProj, ws.dv.Ptr, lc.xn1.Ptr, lc.xa[2], ws.dxn.Ptr, true, d)
+			return s.linearBackward(c, T, l, trainer.VProj, ws.dv.Ptr, lc.xn1.Ptr, lc, ws.dxn.Ptr, true, d)
 		},
 		// xn1 = norm(x); the block's input gradient is dx1 + this.
 		func() error {

@@ -521,22 +521,34 @@ func (k *Kernels) SumDouble(c *cuda.Ctx, v cuda.DevicePtr, n int, out cuda.Devic
 	return k.launch(c, "sum_double", rowsOf(1, 1024), v, int32(n), out)
 }
 
-// DropoutApply writes x with dropout d of stream applied to out.
-func (k *Kernels) DropoutApply(c *cuda.Ctx, x, out cuda.DevicePtr, n int64, d trainer.Dropout, stream uint32) error {
-	if k.vectors(n, x, out) {
-		groups := n / int64(k.vec())
-		return k.launch(c, "dropout_apply_vec", k.grid(groups), x, out, groups, uint32(d.Seed), uint32(d.Seed>>32), stream, d.Threshold, d.Scale)
+// MaskBytes is the size of the dropout mask of n elements: a bit each.
+func MaskBytes(n int64) int64 { return (n + 7) / 8 }
+
+// maskVectors reports whether the dropout kernels can move the n elements
+// at ptrs as whole 16-byte vectors, eight elements a thread.
+func (k *Kernels) maskVectors(n int64, ptrs ...cuda.DevicePtr) int32 {
+	if n%8 == 0 && k.vectors(n, ptrs...) {
+		return 1
 	}
-	return k.launch(c, "dropout_apply", k.grid((n+3)/4), x, out, n, uint32(d.Seed), uint32(d.Seed>>32), stream, d.Threshold, d.Scale)
+	return 0
 }
 
-// DropoutAdd adds src through dropout d of stream to the float32 dst.
-func (k *Kernels) DropoutAdd(c *cuda.Ctx, src, dst cuda.DevicePtr, n int64, d trainer.Dropout, stream uint32) error {
-	if k.vectors(n, src, dst) {
-		groups := n / int64(k.vec())
-		return k.launch(c, "dropout_add_vec", k.grid(groups), src, dst, groups, uint32(d.Seed), uint32(d.Seed>>32), stream, d.Threshold, d.Scale)
-	}
-	return k.launch(c, "dropout_add", k.grid((n+3)/4), src, dst, n, uint32(d.Seed), uint32(d.Seed>>32), stream, d.Threshold, d.Scale)
+// DropoutRecord writes x with dropout d of stream applied to out and the
+// elements it kept to mask (MaskBytes(n)), for DropoutReplay and DropoutAdd.
+func (k *Kernels) DropoutRecord(c *cuda.Ctx, x, out, mask cuda.DevicePtr, n int64, d trainer.Dropout, stream uint32) error {
+	return k.launch(c, "dropout_record", k.grid(MaskBytes(n)), x, out, mask, n, uint32(d.Seed), uint32(d.Seed>>32), stream,
+		d.Threshold, d.Scale, k.maskVectors(n, x, out))
+}
+
+// DropoutReplay writes x with a recorded dropout of scale applied to out.
+func (k *Kernels) DropoutReplay(c *cuda.Ctx, x, out, mask cuda.DevicePtr, n int64, scale float32) error {
+	return k.launch(c, "dropout_replay", k.grid(MaskBytes(n)), x, out, mask, n, scale, k.maskVectors(n, x, out))
+}
+
+// DropoutAdd adds src through a recorded dropout of scale to the float32
+// dst.
+func (k *Kernels) DropoutAdd(c *cuda.Ctx, src, dst, mask cuda.DevicePtr, n int64, scale float32) error {
+	return k.launch(c, "dropout_add", k.grid(MaskBytes(n)), src, dst, mask, n, scale, k.maskVectors(n, src, dst))
 }
 
 // F32ToAct converts n float32 values to activations.

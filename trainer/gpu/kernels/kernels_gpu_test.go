@@ -658,6 +658,8 @@ func TestArgmaxRows(t *testing.T) {
 	})
 }
 
+// TestDropout: the recorded mask keeps the elements the host's Philox
+// draw keeps, and the replay and the gradient read it back exactly.
 func TestDropout(t *testing.T) {
 	for _, p := range precisions {
 		k := kernelsFor(t, p, 256)
@@ -665,30 +667,39 @@ func TestDropout(t *testing.T) {
 			t.Run(fmt.Sprintf("%s/%d", p, n), func(t *testing.T) {
 				rng := cudatest.Rand(t)
 				x := roundAct(p, uniform(rng, n, 1))
+				y := roundAct(p, uniform(rng, n, 1))
 				drop := trainer.NewDropout(0.05, rng.Uint64())
 				stream := trainer.DropoutStream(11, trainer.UpProj)
-				want := make([]float32, n)
+				want, wantY := make([]float32, n), make([]float32, n)
 				add := uniform(rng, n, 1)
 				wantAdd := append([]float32(nil), add...)
 				for i := range x {
 					if drop.Keep(stream, uint64(i)) {
 						want[i] = x[i] * drop.Scale
-						wantAdd[i] += x[i] * drop.Scale
+						wantY[i] = y[i] * drop.Scale
+						wantAdd[i] += y[i] * drop.Scale
 					}
 				}
 				roundAct(p, want)
+				roundAct(p, wantY)
 				run(t, k, func(d *dev) error {
-					xp, out, dst := d.act(x), d.alloc(int64(n)*p.Size()), d.f32(add)
-					if err := k.DropoutApply(d.c, xp, out, int64(n), drop, stream); err != nil {
+					xp, yp, dst := d.act(x), d.act(y), d.f32(add)
+					out, outY := d.alloc(int64(n)*p.Size()), d.alloc(int64(n)*p.Size())
+					mask := d.alloc(MaskBytes(int64(n)))
+					if err := k.DropoutRecord(d.c, xp, out, mask, int64(n), drop, stream); err != nil {
 						return err
 					}
-					if err := k.DropoutAdd(d.c, xp, dst, int64(n), drop, stream); err != nil {
+					if err := k.DropoutReplay(d.c, yp, outY, mask, int64(n), drop.Scale); err != nil {
 						return err
 					}
-					got, gotAdd := d.readAct(out, n), d.readF32(dst, n)
+					if err := k.DropoutAdd(d.c, yp, dst, mask, int64(n), drop.Scale); err != nil {
+						return err
+					}
+					got, gotY, gotAdd := d.readAct(out, n), d.readAct(outY, n), d.readF32(dst, n)
 					for i := range got {
-						if got[i] != want[i] || gotAdd[i] != wantAdd[i] {
-							return fmt.Errorf("element %d: %v and %v, want %v and %v (the masks differ)", i, got[i], gotAdd[i], want[i], wantAdd[i])
+						if got[i] != want[i] || gotY[i] != wantY[i] || gotAdd[i] != wantAdd[i] {
+							return fmt.Errorf("element %d: %v, %v and %v, want %v, %v and %v (the masks differ)",
+								i, got[i], gotY[i], gotAdd[i], want[i], wantY[i], wantAdd[i])
 						}
 					}
 					return nil

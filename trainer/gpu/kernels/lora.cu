@@ -1,78 +1,104 @@
 // Small kernels around the LoRA products: dropout on a projection's input
-// (the same mask in the forward pass and, regenerated, in the backward
-// pass) and the copy of the float32 LoRA weights into activations for the
+// (drawn and recorded in the forward pass, replayed in the backward pass) and the copy of the float32 LoRA weights into activations for the
 // GEMMs. Reference: the dropout in trainer's linear and linearBackward.
 #include "gemma.cuh"
 #include "random.cuh"
 
-// out[i] = x[i]·scale where element i of stream is kept. Element i
-// is kept when the top 24 bits of its Philox word are at least threshold.
-extern "C" __global__ void dropout_apply(const act_t* __restrict__ x, act_t* __restrict__ out, long long n,
-                                         unsigned int seed_lo, unsigned int seed_hi, unsigned int stream,
-                                         unsigned int threshold, float scale) {
-    GRID_STRIDE(g, (n + 3) / 4) {
-        const uint4 w = random_words((unsigned long long)g, seed_lo, seed_hi, stream);
-        #pragma unroll
-        for (int k = 0; k < 4; k++) {
-            const long long i = 4 * g + k;
-            if (i < n) out[i] = (word_of(w, k) >> 8) >= threshold ? to_act(__fmul_rn(to_f32(x[i]), scale)) : to_act(0.0f);
-        }
-    }
-}
+// Dropout keeps element i of a stream when the top 24 bits of its Philox
+// word are at least threshold. The forward pass draws and records the
+// choice, one bit an element (bit j of mask[b] for element 8b + j); the
+// backward pass reads the bits instead of drawing again, for the same
+// elements at a fraction of the work. Each thread takes the eight elements
+// of one mask byte; vec says they are whole 16-byte vectors.
 
-// dst[i] += src[i]·scale where element i of stream is kept: the gradient
-// through dropout, added to a float32 gradient.
-extern "C" __global__ void dropout_add(const act_t* __restrict__ src, float* __restrict__ dst, long long n,
-                                       unsigned int seed_lo, unsigned int seed_hi, unsigned int stream,
-                                       unsigned int threshold, float scale) {
-    GRID_STRIDE(g, (n + 3) / 4) {
-        const uint4 w = random_words((unsigned long long)g, seed_lo, seed_hi, stream);
+__device__ __forceinline__ void load8_act(const act_t* __restrict__ x, long long n, long long b, int vec, float* v) {
+    if (vec) {
         #pragma unroll
-        for (int k = 0; k < 4; k++) {
-            const long long i = 4 * g + k;
-            // Product and sum rounded apart, as the host reference does.
-            if (i < n && (word_of(w, k) >> 8) >= threshold) dst[i] = __fadd_rn(dst[i], __fmul_rn(to_f32(src[i]), scale));
-        }
-    }
-}
-
-extern "C" __global__ void dropout_apply_vec(const uint4* __restrict__ x, uint4* __restrict__ out, long long groups,
-                                             unsigned int seed_lo, unsigned int seed_hi, unsigned int stream,
-                                             unsigned int threshold, float scale) {
-    GRID_STRIDE(g, groups) {
-        act_vec v, o;
-        v.u = x[g];
-        #pragma unroll
-        for (int h = 0; h < VEC / 4; h++) {
-            const uint4 w = random_words((unsigned long long)(g * (VEC / 4) + h), seed_lo, seed_hi, stream);
+        for (int h = 0; h < 8 / VEC; h++) {
+            act_vec u;
+            u.u = reinterpret_cast<const uint4*>(x)[b * (8 / VEC) + h];
             #pragma unroll
-            for (int k = 0; k < 4; k++) {
-                const int e = 4 * h + k;
-                o.a[e] = (word_of(w, k) >> 8) >= threshold ? to_act(__fmul_rn(to_f32(v.a[e]), scale)) : to_act(0.0f);
-            }
+            for (int e = 0; e < VEC; e++) v[h * VEC + e] = to_f32(u.a[e]);
         }
-        out[g] = o.u;
+        return;
+    }
+    #pragma unroll
+    for (int j = 0; j < 8; j++) v[j] = 8 * b + j < n ? to_f32(x[8 * b + j]) : 0.0f;
+}
+
+__device__ __forceinline__ void store8_act(act_t* __restrict__ x, long long n, long long b, int vec, const float* v) {
+    if (vec) {
+        #pragma unroll
+        for (int h = 0; h < 8 / VEC; h++) {
+            act_vec u;
+            #pragma unroll
+            for (int e = 0; e < VEC; e++) u.a[e] = to_act(v[h * VEC + e]);
+            reinterpret_cast<uint4*>(x)[b * (8 / VEC) + h] = u.u;
+        }
+        return;
+    }
+    #pragma unroll
+    for (int j = 0; j < 8; j++)
+        if (8 * b + j < n) x[8 * b + j] = to_act(v[j]);
+}
+
+// out = x·scale where kept, 0 elsewhere; mask records the choice.
+extern "C" __global__ void dropout_record(const act_t* __restrict__ x, act_t* __restrict__ out, unsigned char* __restrict__ mask,
+                                          long long n, unsigned int seed_lo, unsigned int seed_hi, unsigned int stream,
+                                          unsigned int threshold, float scale, int vec) {
+    GRID_STRIDE(b, (n + 7) / 8) {
+        const uint4 w0 = random_words((unsigned long long)(2 * b), seed_lo, seed_hi, stream);
+        const uint4 w1 = random_words((unsigned long long)(2 * b + 1), seed_lo, seed_hi, stream);
+        float v[8];
+        load8_act(x, n, b, vec, v);
+        unsigned int bits = 0;
+        #pragma unroll
+        for (int j = 0; j < 8; j++) {
+            const bool keep = (word_of(j < 4 ? w0 : w1, j & 3) >> 8) >= threshold;
+            bits |= (unsigned int)keep << j;
+            v[j] = keep ? __fmul_rn(v[j], scale) : 0.0f;
+        }
+        store8_act(out, n, b, vec, v);
+        mask[b] = (unsigned char)bits;
     }
 }
 
-extern "C" __global__ void dropout_add_vec(const uint4* __restrict__ src, float* __restrict__ dst, long long groups,
-                                           unsigned int seed_lo, unsigned int seed_hi, unsigned int stream,
-                                           unsigned int threshold, float scale) {
-    GRID_STRIDE(g, groups) {
-        act_vec v;
-        v.u = src[g];
-        float d[VEC];
-        load_f32_vec(dst, g, d);
+// out = x·scale where mask keeps, 0 elsewhere.
+extern "C" __global__ void dropout_replay(const act_t* __restrict__ x, act_t* __restrict__ out, const unsigned char* __restrict__ mask,
+                                          long long n, float scale, int vec) {
+    GRID_STRIDE(b, (n + 7) / 8) {
+        const unsigned int bits = mask[b];
+        float v[8];
+        load8_act(x, n, b, vec, v);
         #pragma unroll
-        for (int h = 0; h < VEC / 4; h++) {
-            const uint4 w = random_words((unsigned long long)(g * (VEC / 4) + h), seed_lo, seed_hi, stream);
+        for (int j = 0; j < 8; j++) v[j] = (bits >> j) & 1 ? __fmul_rn(v[j], scale) : 0.0f;
+        store8_act(out, n, b, vec, v);
+    }
+}
+
+// dst += src·scale where mask keeps: the gradient through dropout, added
+// to a float32 gradient (product and sum rounded apart, as the host
+// reference does).
+extern "C" __global__ void dropout_add(const act_t* __restrict__ src, float* __restrict__ dst, const unsigned char* __restrict__ mask,
+                                       long long n, float scale, int vec) {
+    GRID_STRIDE(b, (n + 7) / 8) {
+        const unsigned int bits = mask[b];
+        float v[8];
+        load8_act(src, n, b, vec, v);
+        if (vec) {
+            float4* d4 = reinterpret_cast<float4*>(dst) + 2 * b;
+            float4 lo = d4[0], hi = d4[1];
+            float d[8] = {lo.x, lo.y, lo.z, lo.w, hi.x, hi.y, hi.z, hi.w};
             #pragma unroll
-            for (int k = 0; k < 4; k++) {
-                const int e = 4 * h + k;
-                if ((word_of(w, k) >> 8) >= threshold) d[e] = __fadd_rn(d[e], __fmul_rn(to_f32(v.a[e]), scale));
-            }
+            for (int j = 0; j < 8; j++)
+                if ((bits >> j) & 1) d[j] = __fadd_rn(d[j], __fmul_rn(v[j], scale));
+            d4[0] = make_float4(d[0], d[1], d[2], d[3]);
+            d4[1] = make_float4(d[4], d[5], d[6], d[7]);
+            continue;
         }
-        store_f32_vec(dst, g, d);
+        #pragma unroll
+        for (int j = 0; j < 8; j++)
+            if (8 * b + j < n && (bits >> j) & 1) dst[8 * b + j] = __fadd_rn(dst[8 * b + j], __fmul_rn(v[j], scale));
     }
 }
 

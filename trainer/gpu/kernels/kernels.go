@@ -524,31 +524,31 @@ func (k *Kernels) SumDouble(c *cuda.Ctx, v cuda.DevicePtr, n int, out cuda.Devic
 // MaskBytes is the size of the dropout mask of n elements: a bit each.
 func MaskBytes(n int64) int64 { return (n + 7) / 8 }
 
-// maskVectors reports whether the dropout kernels can move the n elements
-// at ptrs as whole 16-byte vectors, eight elements a thread.
-func (k *Kernels) maskVectors(n int64, ptrs ...cuda.DevicePtr) int32 {
+// maskKernel is the dropout kernel name for n elements at ptrs: its _vec
+// form when they are whole 16-byte vectors, eight elements a thread.
+func (k *Kernels) maskKernel(name string, n int64, ptrs ...cuda.DevicePtr) string {
 	if n%8 == 0 && k.vectors(n, ptrs...) {
-		return 1
+		return name + "_vec"
 	}
-	return 0
+	return name
 }
 
 // DropoutRecord writes x with dropout d of stream applied to out and the
 // elements it kept to mask (MaskBytes(n)), for DropoutReplay and DropoutAdd.
 func (k *Kernels) DropoutRecord(c *cuda.Ctx, x, out, mask cuda.DevicePtr, n int64, d trainer.Dropout, stream uint32) error {
-	return k.launch(c, "dropout_record", k.grid(MaskBytes(n)), x, out, mask, n, uint32(d.Seed), uint32(d.Seed>>32), stream,
-		d.Threshold, d.Scale, k.maskVectors(n, x, out))
+	return k.launch(c, k.maskKernel("dropout_record", n, x, out), k.grid(MaskBytes(n)), x, out, mask, n,
+		uint32(d.Seed), uint32(d.Seed>>32), stream, d.Threshold, d.Scale)
 }
 
 // DropoutReplay writes x with a recorded dropout of scale applied to out.
 func (k *Kernels) DropoutReplay(c *cuda.Ctx, x, out, mask cuda.DevicePtr, n int64, scale float32) error {
-	return k.launch(c, "dropout_replay", k.grid(MaskBytes(n)), x, out, mask, n, scale, k.maskVectors(n, x, out))
+	return k.launch(c, k.maskKernel("dropout_replay", n, x, out), k.grid(MaskBytes(n)), x, out, mask, n, scale)
 }
 
 // DropoutAdd adds src through a recorded dropout of scale to the float32
 // dst.
 func (k *Kernels) DropoutAdd(c *cuda.Ctx, src, dst, mask cuda.DevicePtr, n int64, scale float32) error {
-	return k.launch(c, "dropout_add", k.grid(MaskBytes(n)), src, dst, mask, n, scale, k.maskVectors(n, src, dst))
+	return k.launch(c, k.maskKernel("dropout_add", n, src, dst), k.grid(MaskBytes(n)), src, dst, mask, n, scale)
 }
 
 // F32ToAct converts n float32 values to activations.

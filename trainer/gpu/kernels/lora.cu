@@ -9,9 +9,10 @@
 // choice, one bit an element (bit j of mask[b] for element 8b + j); the
 // backward pass reads the bits instead of drawing again, for the same
 // elements at a fraction of the work. Each thread takes the eight elements
-// of one mask byte; vec says they are whole 16-byte vectors.
+// of one mask byte.
 
-__device__ __forceinline__ void load8_act(const act_t* __restrict__ x, long long n, long long b, int vec, float* v) {
+template <bool vec>
+__device__ __forceinline__ void load8_act(const act_t* __restrict__ x, long long n, long long b, float* v) {
     if (vec) {
         #pragma unroll
         for (int h = 0; h < 8 / VEC; h++) {
@@ -26,7 +27,8 @@ __device__ __forceinline__ void load8_act(const act_t* __restrict__ x, long long
     for (int j = 0; j < 8; j++) v[j] = 8 * b + j < n ? to_f32(x[8 * b + j]) : 0.0f;
 }
 
-__device__ __forceinline__ void store8_act(act_t* __restrict__ x, long long n, long long b, int vec, const float* v) {
+template <bool vec>
+__device__ __forceinline__ void store8_act(act_t* __restrict__ x, long long n, long long b, const float* v) {
     if (vec) {
         #pragma unroll
         for (int h = 0; h < 8 / VEC; h++) {
@@ -43,14 +45,15 @@ __device__ __forceinline__ void store8_act(act_t* __restrict__ x, long long n, l
 }
 
 // out = x·scale where kept, 0 elsewhere; mask records the choice.
-extern "C" __global__ void dropout_record(const act_t* __restrict__ x, act_t* __restrict__ out, unsigned char* __restrict__ mask,
+template <bool vec>
+__device__ void dropout_record_body(const act_t* __restrict__ x, act_t* __restrict__ out, unsigned char* __restrict__ mask,
                                           long long n, unsigned int seed_lo, unsigned int seed_hi, unsigned int stream,
-                                          unsigned int threshold, float scale, int vec) {
+                                          unsigned int threshold, float scale) {
     GRID_STRIDE(b, (n + 7) / 8) {
         const uint4 w0 = random_words((unsigned long long)(2 * b), seed_lo, seed_hi, stream);
         const uint4 w1 = random_words((unsigned long long)(2 * b + 1), seed_lo, seed_hi, stream);
         float v[8];
-        load8_act(x, n, b, vec, v);
+        load8_act<vec>(x, n, b, v);
         unsigned int bits = 0;
         #pragma unroll
         for (int j = 0; j < 8; j++) {
@@ -58,33 +61,35 @@ extern "C" __global__ void dropout_record(const act_t* __restrict__ x, act_t* __
             bits |= (unsigned int)keep << j;
             v[j] = keep ? __fmul_rn(v[j], scale) : 0.0f;
         }
-        store8_act(out, n, b, vec, v);
+        store8_act<vec>(out, n, b, v);
         mask[b] = (unsigned char)bits;
     }
 }
 
 // out = x·scale where mask keeps, 0 elsewhere.
-extern "C" __global__ void dropout_replay(const act_t* __restrict__ x, act_t* __restrict__ out, const unsigned char* __restrict__ mask,
-                                          long long n, float scale, int vec) {
+template <bool vec>
+__device__ void dropout_replay_body(const act_t* __restrict__ x, act_t* __restrict__ out, const unsigned char* __restrict__ mask,
+                                          long long n, float scale) {
     GRID_STRIDE(b, (n + 7) / 8) {
         const unsigned int bits = mask[b];
         float v[8];
-        load8_act(x, n, b, vec, v);
+        load8_act<vec>(x, n, b, v);
         #pragma unroll
         for (int j = 0; j < 8; j++) v[j] = (bits >> j) & 1 ? __fmul_rn(v[j], scale) : 0.0f;
-        store8_act(out, n, b, vec, v);
+        store8_act<vec>(out, n, b, v);
     }
 }
 
 // dst += src·scale where mask keeps: the gradient through dropout, added
 // to a float32 gradient (product and sum rounded apart, as the host
 // reference does).
-extern "C" __global__ void dropout_add(const act_t* __restrict__ src, float* __restrict__ dst, const unsigned char* __restrict__ mask,
-                                       long long n, float scale, int vec) {
+template <bool vec>
+__device__ void dropout_add_body(const act_t* __restrict__ src, float* __restrict__ dst, const unsigned char* __restrict__ mask,
+                                       long long n, float scale) {
     GRID_STRIDE(b, (n + 7) / 8) {
         const unsigned int bits = mask[b];
         float v[8];
-        load8_act(src, n, b, vec, v);
+        load8_act<vec>(src, n, b, v);
         if (vec) {
             float4* d4 = reinterpret_cast<float4*>(dst) + 2 * b;
             float4 lo = d4[0], hi = d4[1];
@@ -101,6 +106,19 @@ extern "C" __global__ void dropout_add(const act_t* __restrict__ src, float* __r
             if (8 * b + j < n && (bits >> j) & 1) dst[8 * b + j] = __fadd_rn(dst[8 * b + j], __fmul_rn(v[j], scale));
     }
 }
+
+// Each kernel in two forms: _vec where the elements are whole 16-byte
+// vectors (kernels.go decides), the plain one elsewhere.
+#define RECORD_ARGS const act_t* __restrict__ x, act_t* __restrict__ out, unsigned char* __restrict__ mask, long long n, \
+    unsigned int seed_lo, unsigned int seed_hi, unsigned int stream, unsigned int threshold, float scale
+#define REPLAY_ARGS const act_t* __restrict__ x, act_t* __restrict__ out, const unsigned char* __restrict__ mask, long long n, float scale
+#define ADD_ARGS const act_t* __restrict__ src, float* __restrict__ dst, const unsigned char* __restrict__ mask, long long n, float scale
+extern "C" __global__ void dropout_record(RECORD_ARGS) { dropout_record_body<false>(x, out, mask, n, seed_lo, seed_hi, stream, threshold, scale); }
+extern "C" __global__ void dropout_record_vec(RECORD_ARGS) { dropout_record_body<true>(x, out, mask, n, seed_lo, seed_hi, stream, threshold, scale); }
+extern "C" __global__ void dropout_replay(REPLAY_ARGS) { dropout_replay_body<false>(x, out, mask, n, scale); }
+extern "C" __global__ void dropout_replay_vec(REPLAY_ARGS) { dropout_replay_body<true>(x, out, mask, n, scale); }
+extern "C" __global__ void dropout_add(ADD_ARGS) { dropout_add_body<false>(src, dst, mask, n, scale); }
+extern "C" __global__ void dropout_add_vec(ADD_ARGS) { dropout_add_body<true>(src, dst, mask, n, scale); }
 
 extern "C" __global__ void f32_to_act(const float* __restrict__ src, act_t* __restrict__ dst, long long n) {
     GRID_STRIDE(i, n) { dst[i] = to_act(src[i]); }

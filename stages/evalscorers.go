@@ -113,7 +113,7 @@ func (g *gpuScorers) open(which string, progress func(int, int)) (eval.Scorer, e
 		quantize = "nf4"
 	}
 	s, err := trainer.OpenSession(g.ctx, "cuda", trainer.SessionConfig{Model: g.base, Quantize: quantize,
-		LoRA: g.adapter.Config, GradientCheckpointing: true, MaxTokens: g.tokens})
+		LoRA: g.adapter.Config, GradientCheckpointing: true, Inference: true, MaxTokens: g.tokens})
 	if err != nil {
 		return nil, fmt.Errorf("opening %s on the GPU: %w", g.base, err)
 	}

@@ -43,8 +43,12 @@ type SessionConfig struct {
 	LoRA      LoRAConfig      `json:"lora"`
 	Optimizer OptimizerConfig `json:"optimizer"`
 	// GradientCheckpointing keeps only each layer's input through the
-	// forward pass and recomputes the layer in the backward pass.
+	// forward pass and recomputes the layer in the backward pass (the GPU
+	// backend also keeps a few small or costly results: trainer/gpu).
 	GradientCheckpointing bool `json:"gradient_checkpointing"`
+	// Inference: the session only evaluates (scores, decodes), so a GPU
+	// backend keeps nothing for a backward pass.
+	Inference bool `json:"-"`
 	// MaxTokens is the most tokens one micro-batch holds (batch size times
 	// the packed row length); a GPU backend sizes its buffers by it.
 	MaxTokens int `json:"-"`

@@ -68,7 +68,7 @@ trainer (auto: the GPU when one is usable).`,
 			for _, r := range rows {
 				maxTokens = max(maxTokens, len(r.InputIDs))
 			}
-			cfg := trainer.SessionConfig{Model: modelDir, Quantize: "none", LoRA: lora, MaxTokens: maxTokens}
+			cfg := trainer.SessionConfig{Model: modelDir, Quantize: "none", LoRA: lora, Inference: true, MaxTokens: maxTokens}
 			if quantize == "nf4" {
 				cfg.Quantize = "nf4"
 			}

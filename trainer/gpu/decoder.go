@@ -83,7 +83,7 @@ func openDecoder(ctx context.Context, cfg trainer.DecoderConfig, precision strin
 		quantize = "none"
 	}
 	s, err := Open(ctx, ck, trainer.SessionConfig{Model: cfg.Model, Quantize: quantize, LoRA: lc,
-		GradientCheckpointing: true, MaxTokens: DecodeTokens, Precision: precision})
+		GradientCheckpointing: true, Inference: true, MaxTokens: DecodeTokens, Precision: precision})
 	if err != nil {
 		return nil, err
 	}
@@ -144,7 +144,7 @@ func OpenRandomDecoder(ctx context.Context, mc *trainer.Config, seed uint64, qua
 		return nil, err
 	}
 	s, err := OpenRandom(ctx, mc, seed, 0.02, trainer.SessionConfig{Quantize: quantize, LoRA: placeholderLoRA,
-		GradientCheckpointing: true, MaxTokens: DecodeTokens})
+		GradientCheckpointing: true, Inference: true, MaxTokens: DecodeTokens})
 	if err != nil {
 		return nil, err
 	}

@@ -117,14 +117,14 @@ func plan(cfg *trainer.Config, sc trainer.SessionConfig, prec kernels.Precision,
 		p.Optimizer += sz(8 * (kernels.NormPartials + 1))
 	}
 	_, specs := layoutWorkspace(cfg, sc, act, max(sc.MaxTokens, 1), offload)
-	if offload {
-		p.Offload = true
-		p.Host = int64(cfg.Layers) * int64(max(sc.MaxTokens, 1)) * int64(cfg.Hidden) * act
-	}
+	p.Offload = offload
 	for _, b := range specs {
 		switch b.group {
 		case groupSaved:
 			p.Saved += sz(b.bytes)
+			if offload {
+				p.Host = int64(cfg.Layers) * b.bytes // each block's on the host, any slot's size
+			}
 		case groupLayer:
 			p.Activations += sz(b.bytes)
 		case groupWork:

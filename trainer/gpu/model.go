@@ -1,6 +1,7 @@
 package gpu
 
 import (
+	"errors"
 	"fmt"
 	"math"
 
@@ -17,9 +18,16 @@ import (
 // layerCache holds one block's activations between its forward pass and
 // its backward pass.
 type layerCache struct {
-	xn1, q, k, v, qr, kr, att, o, x1, xn2, gate, up, act, d cuda.Buffer    // activations
-	rstd1, rstdQ, rstdK, lse, rstd2, rstd3, rstd4           cuda.Buffer    // float32
-	xa                                                      [7]cuda.Buffer // act [T × r]: x·Aᵀ of each projection
+	xn1, q, k, v, qr, kr, att, o, x1, xn2, gate, up, act, d cuda.Buffer // activations
+	rstd1, rstdQ, rstdK, lse, rstd2, rstd3, rstd4           cuda.Buffer // float32
+	// xa[m] is projection m's x·Aᵀ, act [T × r]: in xaBuf[m], or with
+	// gradient checkpointing in the block's saved input (bindSaved), as
+	// are d and rstd4 then.
+	xa    [7]cuda.DevicePtr
+	xaBuf [7]cuda.Buffer
+	// recompute: the block runs again from its saved input (gradient
+	// checkpointing), where its forward pass left xa, d and rstd4.
+	recompute bool
 	// mask records which inputs of each projection dropout kept in the
 	// forward pass, for the backward pass (kernels.DropoutRecord).
 	mask [7]cuda.Buffer
@@ -40,7 +48,16 @@ type workspace struct {
 	T      int
 	chunk  int           // tokens of the lm_head's cross-entropy chunk
 	inputs []cuda.Buffer // inputs[l] is block l's input; inputs[L] the last block's output
-	caches []layerCache  // one with gradient checkpointing, one per block without
+	// With gradient checkpointing, an input buffer also holds what the
+	// block's forward pass saves for its recomputation and backward pass:
+	// the down projection's output and its norm's rstd at dAt and rstdAt,
+	// each adapted projection's x·Aᵀ at xaAt[m] (bytes in; 0: none). The
+	// recomputation then stops before the down projection (as costly a
+	// GEMM as gate's or up's, and its output only T × hidden, as the input
+	// is), and draws no dropout nor multiplies by A (x·Aᵀ is T × r).
+	dAt, rstdAt int64
+	xaAt        [7]int64
+	caches      []layerCache // one with gradient checkpointing, one per block without
 
 	dout, dx1, dxn cuda.Buffer // float32 [T × hidden]
 	dd             cuda.Buffer // act [T × hidden]
@@ -130,8 +147,21 @@ func layoutWorkspace(cfg *trainer.Config, sc trainer.SessionConfig, act int64, T
 	if offload {
 		ws.inputs = make([]cuda.Buffer, offloadSlots)
 	}
+	saved := t * Hd * act
+	ckpt := sc.GradientCheckpointing
+	if ckpt && !sc.Inference {
+		next := func(n int64) int64 {
+			at := (saved + 255) / 256 * 256
+			saved = at + n
+			return at
+		}
+		ws.dAt, ws.rstdAt = next(t*Hd*act), next(4*t)
+		for _, m := range sc.LoRA.Targets {
+			ws.xaAt[moduleIndex(m)] = next(t * R * act)
+		}
+	}
 	for i := range ws.inputs {
-		add(groupSaved, t*Hd*act, &ws.inputs[i])
+		add(groupSaved, saved, &ws.inputs[i])
 	}
 	caches := 1
 	if !sc.GradientCheckpointing {
@@ -140,18 +170,24 @@ func layoutWorkspace(cfg *trainer.Config, sc trainer.SessionConfig, act int64, T
 	ws.caches = make([]layerCache, caches)
 	for i := range ws.caches {
 		lc := &ws.caches[i]
-		add(groupLayer, t*Hd*act, &lc.xn1, &lc.o, &lc.x1, &lc.xn2, &lc.d)
+		add(groupLayer, t*Hd*act, &lc.xn1, &lc.o, &lc.x1, &lc.xn2)
 		add(groupLayer, t*H*D*act, &lc.q, &lc.qr, &lc.att)
 		add(groupLayer, t*KV*D*act, &lc.kr)
 		add(groupLayer, 2*t*KV*D*act, &lc.kv)
 		add(groupLayer, t*I*act, &lc.act)
 		add(groupLayer, 2*t*I*act, &lc.gateUp)
-		add(groupLayer, 4*t, &lc.rstd1, &lc.rstd2, &lc.rstd3, &lc.rstd4)
+		add(groupLayer, 4*t, &lc.rstd1, &lc.rstd2, &lc.rstd3)
+		if ws.dAt == 0 {
+			add(groupLayer, t*Hd*act, &lc.d)
+			add(groupLayer, 4*t, &lc.rstd4)
+		}
 		add(groupLayer, 4*t*H, &lc.rstdQ, &lc.lse)
 		add(groupLayer, 4*t*KV, &lc.rstdK)
 		for _, m := range sc.LoRA.Targets {
-			add(groupLayer, t*R*act, &lc.xa[moduleIndex(m)])
-			if sc.LoRA.Dropout > 0 {
+			if !ckpt || sc.Inference {
+				add(groupLayer, t*R*act, &lc.xaBuf[moduleIndex(m)])
+			}
+			if sc.LoRA.Dropout > 0 && !sc.Inference {
 				_, in := cfg.ProjShape(m)
 				add(groupLayer, kernels.MaskBytes(t*int64(in)), &lc.mask[moduleIndex(m)])
 			}
@@ -223,7 +259,7 @@ func (s *session) allocWorkspace(c *cuda.Ctx, T int) error {
 	s.ws = ws
 	if s.plan.Offload {
 		var err error
-		s.off, err = newOffloader(c, cfg.Layers, [offloadSlots]cuda.Buffer(ws.inputs), int64(T)*int64(cfg.Hidden)*s.k.Prec.Size())
+		s.off, err = newOffloader(c, cfg.Layers, [offloadSlots]cuda.Buffer(ws.inputs), ws.inputs[0].Size)
 		return err
 	}
 	return nil
@@ -444,24 +480,26 @@ func (s *session) loraForward(c *cuda.Ctx, T, layer int, mod trainer.Module, x, 
 	p := &s.w.layers[layer].proj[moduleIndex(mod)]
 	act := s.k.Prec.GEMMType()
 	xa := lc.xa[moduleIndex(mod)]
-	src := x
-	if d != nil {
-		src = s.ws.xin.Ptr
-		if err := s.k.DropoutRecord(c, x, src, lc.mask[moduleIndex(mod)].Ptr, int64(T)*int64(p.in), *d, trainer.DropoutStream(layer, mod)); err != nil {
+	R := s.cfg.LoRA.R
+	if !lc.recompute {
+		src := x
+		if d != nil {
+			src = s.ws.xin.Ptr
+			if err := s.k.DropoutRecord(c, x, src, lc.mask[moduleIndex(mod)].Ptr, int64(T)*int64(p.in), *d, trainer.DropoutStream(layer, mod)); err != nil {
+				return err
+			}
+		}
+		if err := s.gemm(c, "lora", T, R, p.in, false, true, act, act, 1, src, s.lora.actPtr(s, A), 0, xa); err != nil {
 			return err
 		}
 	}
-	R := s.cfg.LoRA.R
-	if err := s.gemm(c, "lora", T, R, p.in, false, true, act, act, 1, src, s.lora.actPtr(s, A), 0, xa.Ptr); err != nil {
-		return err
-	}
-	return s.gemm(c, "lora", T, p.out, R, false, true, act, act, s.cfg.LoRA.Scale(), xa.Ptr, s.lora.actPtr(s, B), 1, out)
+	return s.gemm(c, "lora", T, p.out, R, false, true, act, act, s.cfg.LoRA.Scale(), xa, s.lora.actPtr(s, B), 1, out)
 }
 
 // linearBackward adds (or, without accumulate, writes) dx [T × in], the
 // float32 input gradient of linear for dy [T × out] (activations), and
 // accumulates the LoRA gradients. The forward pass of the same dropout
-// left x·Aᵀ and the mask in lc.
+// left x·Aᵀ in lc (and, unless it ran from saved products, the mask).
 func (s *session) linearBackward(c *cuda.Ctx, T, layer int, mod trainer.Module, dy, x cuda.DevicePtr, lc *layerCache,
 	dx cuda.DevicePtr, accumulate bool, d *trainer.Dropout) error {
 	act := s.k.Prec.GEMMType()
@@ -485,19 +523,26 @@ func (s *session) linearBackward(c *cuda.Ctx, T, layer int, mod trainer.Module, 
 	R, scale := s.cfg.LoRA.R, s.cfg.LoRA.Scale()
 	xa, mask := lc.xa[moduleIndex(mod)], lc.mask[moduleIndex(mod)].Ptr
 	// gradB += scale·dyᵀ·xa; dxa = scale·dy·B.
-	if err := s.gemm(c, "lora", p.out, R, T, true, false, act, cuda.F32, scale, dy, xa.Ptr, 1, s.lora.gradPtr(B)); err != nil {
+	if err := s.gemm(c, "lora", p.out, R, T, true, false, act, cuda.F32, scale, dy, xa, 1, s.lora.gradPtr(B)); err != nil {
 		return err
 	}
 	dxa := s.ws.dxa.Ptr
 	if err := s.gemm(c, "lora", T, R, p.out, false, false, act, act, scale, dy, s.lora.actPtr(s, B), 0, dxa); err != nil {
 		return err
 	}
-	// gradA += dxaᵀ·drop(x).
+	// gradA += dxaᵀ·drop(x). A recomputation from saved products drew no
+	// dropout (see workspace.xaAt): the mask is drawn here, the same one.
 	src := x
 	n := int64(T) * int64(p.in)
 	if d != nil {
 		src = s.ws.xin.Ptr
-		if err := s.k.DropoutReplay(c, x, src, mask, n, d.Scale); err != nil {
+		var err error
+		if s.ws.xaAt[moduleIndex(mod)] > 0 {
+			err = s.k.DropoutRecord(c, x, src, mask, n, *d, trainer.DropoutStream(layer, mod))
+		} else {
+			err = s.k.DropoutReplay(c, x, src, mask, n, d.Scale)
+		}
+		if err != nil {
 			return err
 		}
 	}
@@ -525,6 +570,7 @@ func (s *session) layerForward(c *cuda.Ctx, T, l int, x, out cuda.DevicePtr, lc 
 	if err := s.lora.stage(s, c, l); err != nil {
 		return fmt.Errorf("layer %d: %w", l, err)
 	}
+	s.bindSaved(lc, T, x)
 	steps := []func() error{
 		func() error { return s.k.RMSNorm(c, x, L.inputNorm.Ptr, 0, lc.xn1.Ptr, lc.rstd1.Ptr, T, Hd, eps) },
 		func() error { return s.linear(c, T, l, trainer.QProj, lc.xn1.Ptr, lc.q.Ptr, lc, d) },
@@ -552,10 +598,15 @@ func (s *session) layerForward(c *cuda.Ctx, T, l int, x, out cuda.DevicePtr, lc 
 		func() error {
 			return s.k.GeGLU(c, lc.gate.Ptr, lc.up.Ptr, lc.act.Ptr, int64(T)*int64(cfg.Intermediate))
 		},
-		func() error { return s.linear(c, T, l, trainer.DownProj, lc.act.Ptr, lc.d.Ptr, lc, d) },
-		func() error {
-			return s.k.RMSNorm(c, lc.d.Ptr, L.postFFNorm.Ptr, lc.x1.Ptr, out, lc.rstd4.Ptr, T, Hd, eps)
-		},
+	}
+	// A recomputation stops here: d and rstd4 are saved, and out is the
+	// next block's input.
+	if !lc.recompute {
+		steps = append(steps,
+			func() error { return s.linear(c, T, l, trainer.DownProj, lc.act.Ptr, lc.d.Ptr, lc, d) },
+			func() error {
+				return s.k.RMSNorm(c, lc.d.Ptr, L.postFFNorm.Ptr, lc.x1.Ptr, out, lc.rstd4.Ptr, T, Hd, eps)
+			})
 	}
 	for _, f := range steps {
 		if err := f(); err != nil {
@@ -579,6 +630,7 @@ func (s *session) layerBackward(c *cuda.Ctx, T, l int, x cuda.DevicePtr, lc *lay
 	if err := s.lora.stage(s, c, l); err != nil {
 		return fmt.Errorf("layer %d: %w", l, err)
 	}
+	s.bindSaved(lc, T, x)
 	steps := []func() error{
 		// out = x1 + norm(d)
 		func() error {
@@ -692,6 +744,9 @@ func (s *session) downloadLogits(c *cuda.Ctx, rows int) ([][]float32, error) {
 // after each chunk's lm_head GEMM and hands the chunk's rows of ws.logits
 // to it, computing no loss.
 func (s *session) pass(hb *hostBatch, grad bool, normalizer float64, dropoutSeed uint64, logits func(c *cuda.Ctx, rows int) error) (float64, int, error) {
+	if grad && s.cfg.Inference {
+		return 0, 0, errors.New("gpu: a gradient from a session opened for inference (it keeps nothing for a backward pass)")
+	}
 	n := len(hb.idx)
 	var sum float64
 	// This backward pass finishes the step's gradients: sum each layer's
@@ -787,8 +842,13 @@ func (s *session) pass(hb *hostBatch, grad bool, normalizer float64, dropoutSeed
 				}
 			}
 			if s.cfg.GradientCheckpointing {
-				// Recompute the block's activations from its saved input.
-				if err := s.layerForward(c, T, l, in, out, s.cache(l), d); err != nil {
+				// Recompute the block's activations from what its forward
+				// pass saved.
+				lc := s.cache(l)
+				lc.recompute = true
+				err := s.layerForward(c, T, l, in, out, lc, d)
+				lc.recompute = false
+				if err != nil {
 					return err
 				}
 			}
@@ -836,9 +896,6 @@ func (s *session) forwardBlocks(c *cuda.Ctx, T int, input func(int) cuda.DeviceP
 	}
 	for l := 0; l < cfg.Layers; l++ {
 		if off != nil && grad {
-			if err := off.save(c, l); err != nil {
-				return 0, err
-			}
 			if err := off.beforeWrite(c, l+1); err != nil {
 				return 0, err
 			}
@@ -846,9 +903,33 @@ func (s *session) forwardBlocks(c *cuda.Ctx, T int, input func(int) cuda.DeviceP
 		if err := s.layerForward(c, T, l, input(l), input(l+1), s.cache(l), d); err != nil {
 			return 0, err
 		}
+		// The block's input buffer is complete once the block has run: it
+		// also holds what the block saves (workspace.dAt).
+		if off != nil && grad {
+			if err := off.save(c, l); err != nil {
+				return 0, err
+			}
+		}
 	}
 	xL := input(cfg.Layers)
 	return xL, s.k.RMSNorm(c, xL, s.w.finalNorm.Ptr, 0, ws.xf.Ptr, ws.rstdF.Ptr, T, cfg.Hidden, cfg.RMSNormEps)
+}
+
+// bindSaved points lc at what the block of input x saves in its input
+// buffer (workspace.dAt), or lc.xa at lc's own buffers.
+func (s *session) bindSaved(lc *layerCache, T int, x cuda.DevicePtr) {
+	if ws := s.ws; ws.dAt > 0 {
+		Hd := int64(s.info.Config.Hidden)
+		lc.d = cuda.Buffer{Ptr: x.Add(ws.dAt), Size: int64(T) * Hd * s.k.Prec.Size()}
+		lc.rstd4 = cuda.Buffer{Ptr: x.Add(ws.rstdAt), Size: 4 * int64(T)}
+	}
+	for m := range lc.xa {
+		if at := s.ws.xaAt[m]; at > 0 {
+			lc.xa[m] = x.Add(at)
+		} else {
+			lc.xa[m] = lc.xaBuf[m].Ptr
+		}
+	}
 }
 
 // cache returns the activation cache of block l.

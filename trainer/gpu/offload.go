@@ -9,14 +9,15 @@ import (
 
 // Offloading the saved layer inputs: with gradient checkpointing, the
 // input of every block is kept through the forward pass for the backward
-// pass to recompute the block from. They are the largest part of the
-// activations (2.9 GiB at 12B, seq 4096, batch 2). Offloaded, each goes to
-// pinned host memory as soon as the forward pass has written it, on a
-// stream of its own, while the next blocks compute; the backward pass
-// fetches each back one block ahead of its use. The device keeps three
-// slots: in the backward pass, the block's input, the recomputed block's
-// output, and the next block's input arriving. Only data moves: the
-// numbers are those of a run without offloading, bit for bit.
+// pass to recompute the block from, with what the block saves beside it
+// (workspace.dAt). They are the largest part of the activations (5.8 GiB
+// at 12B, seq 4096, batch 2). Offloaded, each goes to pinned host memory
+// as soon as the forward pass has run its block, on a stream of its own,
+// while the next blocks compute; the backward pass fetches each back one
+// block ahead of its use. The device keeps three slots: in the backward
+// pass, the block's input, the recomputed block's output, and the next
+// block's input arriving. Only data moves: the numbers are those of a run
+// without offloading, bit for bit.
 
 // OffloadEnv names the switch: "auto" (the default) offloads when the run
 // would not fit otherwise, "on" always (with gradient checkpointing),
@@ -95,7 +96,8 @@ func (o *offloader) beforeWrite(c *cuda.Ctx, i int) error {
 	return c.Stream().Wait(o.saved[i-offloadSlots])
 }
 
-// save copies input i to the host once the working stream has written it.
+// save copies input i to the host once the working stream has run block i
+// (which writes what it saves into the same buffer).
 func (o *offloader) save(c *cuda.Ctx, i int) error {
 	if i >= o.layers {
 		return nil // the last block's output is not needed again

@@ -525,7 +525,7 @@ func (k *Kernels) SumDouble(c *cuda.Ctx, v cuda.DevicePtr, n int, out cuda.Devic
 func MaskBytes(n int64) int64 { return (n + 7) / 8 }
 
 // maskKernel is the dropout kernel name for n elements at ptrs: its _vec
-// form when they are whole 16-byte vectors, eight elements a thread.
+// form when they are whole 16-byte vectors.
 func (k *Kernels) maskKernel(name string, n int64, ptrs ...cuda.DevicePtr) string {
 	if n%8 == 0 && k.vectors(n, ptrs...) {
 		return name + "_vec"
@@ -542,13 +542,13 @@ func (k *Kernels) DropoutRecord(c *cuda.Ctx, x, out, mask cuda.DevicePtr, n int6
 
 // DropoutReplay writes x with a recorded dropout of scale applied to out.
 func (k *Kernels) DropoutReplay(c *cuda.Ctx, x, out, mask cuda.DevicePtr, n int64, scale float32) error {
-	return k.launch(c, k.maskKernel("dropout_replay", n, x, out), k.grid(MaskBytes(n)), x, out, mask, n, scale)
+	return k.launch(c, k.maskKernel("dropout_replay", n, x, out), k.grid((MaskBytes(n)+1)/2), x, out, mask, n, scale)
 }
 
 // DropoutAdd adds src through a recorded dropout of scale to the float32
 // dst.
 func (k *Kernels) DropoutAdd(c *cuda.Ctx, src, dst, mask cuda.DevicePtr, n int64, scale float32) error {
-	return k.launch(c, k.maskKernel("dropout_add", n, src, dst), k.grid(MaskBytes(n)), src, dst, mask, n, scale)
+	return k.launch(c, k.maskKernel("dropout_add", n, src, dst), k.grid((MaskBytes(n)+1)/2), src, dst, mask, n, scale)
 }
 
 // F32ToAct converts n float32 values to activations.

@@ -44,7 +44,8 @@ __device__ __forceinline__ void store8_act(act_t* __restrict__ x, long long n, l
         if (8 * b + j < n) x[8 * b + j] = to_act(v[j]);
 }
 
-// out = x·scale where kept, 0 elsewhere; mask records the choice.
+// out = x·scale where kept, 0 elsewhere; mask records the choice. One mask
+// byte a thread: its time is the draws, and two a thread measured slower.
 template <bool vec>
 __device__ void dropout_record_body(const act_t* __restrict__ x, act_t* __restrict__ out, unsigned char* __restrict__ mask,
                                           long long n, unsigned int seed_lo, unsigned int seed_hi, unsigned int stream,
@@ -66,17 +67,33 @@ __device__ void dropout_record_body(const act_t* __restrict__ x, act_t* __restri
     }
 }
 
+// Replaying and adding: each thread takes two mask bytes an iteration, i
+// and i + half (bs), and issues the loads of both before any work: twice
+// the bytes in flight of one at a time (these kernels are bound by
+// memory), every access still contiguous across a warp.
+
 // out = x·scale where mask keeps, 0 elsewhere.
 template <bool vec>
 __device__ void dropout_replay_body(const act_t* __restrict__ x, act_t* __restrict__ out, const unsigned char* __restrict__ mask,
                                           long long n, float scale) {
-    GRID_STRIDE(b, (n + 7) / 8) {
-        const unsigned int bits = mask[b];
-        float v[8];
-        load8_act<vec>(x, n, b, v);
+    const long long bytes = (n + 7) / 8, half = (bytes + 1) / 2;
+    GRID_STRIDE(i, half) {
+        const long long bs[2] = {i, i + half < bytes ? i + half : -1};
+        float v[2][8];
+        unsigned int bits[2] = {0, 0};
         #pragma unroll
-        for (int j = 0; j < 8; j++) v[j] = (bits >> j) & 1 ? __fmul_rn(v[j], scale) : 0.0f;
-        store8_act<vec>(out, n, b, v);
+        for (int h = 0; h < 2; h++)
+            if (bs[h] >= 0) {
+                bits[h] = mask[bs[h]];
+                load8_act<vec>(x, n, bs[h], v[h]);
+            }
+        #pragma unroll
+        for (int h = 0; h < 2; h++) {
+            if (bs[h] < 0) continue;
+            #pragma unroll
+            for (int j = 0; j < 8; j++) v[h][j] = (bits[h] >> j) & 1 ? __fmul_rn(v[h][j], scale) : 0.0f;
+            store8_act<vec>(out, n, bs[h], v[h]);
+        }
     }
 }
 
@@ -86,24 +103,47 @@ __device__ void dropout_replay_body(const act_t* __restrict__ x, act_t* __restri
 template <bool vec>
 __device__ void dropout_add_body(const act_t* __restrict__ src, float* __restrict__ dst, const unsigned char* __restrict__ mask,
                                        long long n, float scale) {
-    GRID_STRIDE(b, (n + 7) / 8) {
-        const unsigned int bits = mask[b];
-        float v[8];
-        load8_act<vec>(src, n, b, v);
-        if (vec) {
-            float4* d4 = reinterpret_cast<float4*>(dst) + 2 * b;
-            float4 lo = d4[0], hi = d4[1];
-            float d[8] = {lo.x, lo.y, lo.z, lo.w, hi.x, hi.y, hi.z, hi.w};
+    const long long bytes = (n + 7) / 8, half = (bytes + 1) / 2;
+    GRID_STRIDE(i, half) {
+        const long long bs[2] = {i, i + half < bytes ? i + half : -1};
+        float v[2][8], d[2][8];
+        unsigned int bits[2] = {0, 0};
+        #pragma unroll
+        for (int h = 0; h < 2; h++) {
+            const long long b = bs[h];
+            if (b < 0) continue;
+            bits[h] = mask[b];
+            load8_act<vec>(src, n, b, v[h]);
             #pragma unroll
-            for (int j = 0; j < 8; j++)
-                if ((bits >> j) & 1) d[j] = __fadd_rn(d[j], __fmul_rn(v[j], scale));
-            d4[0] = make_float4(d[0], d[1], d[2], d[3]);
-            d4[1] = make_float4(d[4], d[5], d[6], d[7]);
-            continue;
+            for (int j = 0; j < 8; j++) d[h][j] = 0.0f;
+            if (vec) {
+                const float4* d4 = reinterpret_cast<const float4*>(dst) + 2 * b;
+                const float4 lo = d4[0], hi = d4[1];
+                d[h][0] = lo.x, d[h][1] = lo.y, d[h][2] = lo.z, d[h][3] = lo.w;
+                d[h][4] = hi.x, d[h][5] = hi.y, d[h][6] = hi.z, d[h][7] = hi.w;
+            } else {
+                #pragma unroll
+                for (int j = 0; j < 8; j++)
+                    if (8 * b + j < n) d[h][j] = dst[8 * b + j];
+            }
         }
         #pragma unroll
-        for (int j = 0; j < 8; j++)
-            if (8 * b + j < n && (bits >> j) & 1) dst[8 * b + j] = __fadd_rn(dst[8 * b + j], __fmul_rn(v[j], scale));
+        for (int h = 0; h < 2; h++) {
+            const long long b = bs[h];
+            if (b < 0) continue;
+            #pragma unroll
+            for (int j = 0; j < 8; j++)
+                if ((bits[h] >> j) & 1) d[h][j] = __fadd_rn(d[h][j], __fmul_rn(v[h][j], scale));
+            if (vec) {
+                float4* d4 = reinterpret_cast<float4*>(dst) + 2 * b;
+                d4[0] = make_float4(d[h][0], d[h][1], d[h][2], d[h][3]);
+                d4[1] = make_float4(d[h][4], d[h][5], d[h][6], d[h][7]);
+                continue;
+            }
+            #pragma unroll
+            for (int j = 0; j < 8; j++)
+                if (8 * b + j < n && (bits[h] >> j) & 1) dst[8 * b + j] = d[h][j];
+        }
     }
 }
 

@@ -68,6 +68,40 @@ func TestOffloadPlan(t *testing.T) {
 	}
 }
 
+// TestInferencePlan: a session opened for inference (decoding, scoring)
+// keeps nothing for a backward pass: its saved inputs are the inputs alone,
+// and it has no dropout masks.
+func TestInferencePlan(t *testing.T) {
+	mc, _ := trainer.Preset("4b")
+	sc := trainer.SessionConfig{Quantize: "nf4", LoRA: trainer.LoRAConfig{R: 32, Alpha: 64, Dropout: 0.05, Targets: trainer.AllModules},
+		GradientCheckpointing: true, MaxTokens: 4096}
+	if err := sc.Validate(); err != nil {
+		t.Fatal(err)
+	}
+	inf := sc
+	inf.Inference = true
+	train, eval := Plan(mc, sc, kernels.BF16), Plan(mc, inf, kernels.BF16)
+	T := int64(sc.MaxTokens)
+	input := T * int64(mc.Hidden) * 2
+	if want := int64(mc.Layers+1) * cuda.AllocSize(input); eval.Saved != want {
+		t.Errorf("inference: saved inputs %d bytes, want %d (the inputs alone)", eval.Saved, want)
+	}
+	if train.Saved <= eval.Saved {
+		t.Errorf("training: saved inputs %d bytes, no more than inference's %d", train.Saved, eval.Saved)
+	}
+	var masks int64
+	for _, m := range trainer.AllModules {
+		_, in := mc.ProjShape(m)
+		masks += cuda.AllocSize(kernels.MaskBytes(T * int64(in)))
+	}
+	// Training keeps the masks but not the block's own d, rstd4 and x·Aᵀ
+	// buffers (they live with the saved input); inference the other way.
+	own := cuda.AllocSize(input) + cuda.AllocSize(4*T) + 7*cuda.AllocSize(T*32*2)
+	if got, want := train.Activations-eval.Activations, masks-own; got != want {
+		t.Errorf("activations: training %d bytes more than inference, want %d", got, want)
+	}
+}
+
 // TestOffloadIsExact: with the saved inputs offloaded, losses and
 // gradients are those of the same session without, bit for bit.
 func TestOffloadIsExact(t *testing.T) {

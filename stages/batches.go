@@ -57,44 +57,35 @@ func columnIndex(in *pipeline.Input, rec arrow.RecordBatch, name, want string) (
 	return idx[0], nil
 }
 
-// stringColumn returns the column called name of a batch read from in as
-// utf8 text (see columnIndex for want).
+// typedColumn returns the column called name of a batch read from in as a
+// T (see columnIndex for want); typeName says what T is in the error, and
+// fits, when set, checks what the Go type does not (a list's elements).
+func typedColumn[T arrow.Array](in *pipeline.Input, rec arrow.RecordBatch, name, want, typeName string, fits func(T) bool) (T, error) {
+	var zero T
+	i, err := columnIndex(in, rec, name, want)
+	if err != nil {
+		return zero, err
+	}
+	c, ok := rec.Column(i).(T)
+	if !ok || fits != nil && !fits(c) {
+		return zero, fmt.Errorf("column %q of stage %s is %s, want %s", name, in.Name, rec.Column(i).DataType(), typeName)
+	}
+	return c, nil
+}
+
+// stringColumn returns the column called name as utf8 text.
 func stringColumn(in *pipeline.Input, rec arrow.RecordBatch, name, want string) (*array.String, error) {
-	i, err := columnIndex(in, rec, name, want)
-	if err != nil {
-		return nil, err
-	}
-	s, ok := rec.Column(i).(*array.String)
-	if !ok {
-		return nil, fmt.Errorf("column %q of stage %s is %s, want utf8", name, in.Name, rec.Column(i).DataType())
-	}
-	return s, nil
+	return typedColumn[*array.String](in, rec, name, want, "utf8", nil)
 }
 
-// boolColumn returns the column called name of a batch read from in as
-// bools (see columnIndex for want).
+// boolColumn returns the column called name as bools.
 func boolColumn(in *pipeline.Input, rec arrow.RecordBatch, name, want string) (*array.Boolean, error) {
-	i, err := columnIndex(in, rec, name, want)
-	if err != nil {
-		return nil, err
-	}
-	b, ok := rec.Column(i).(*array.Boolean)
-	if !ok {
-		return nil, fmt.Errorf("column %q of stage %s is %s, want bool", name, in.Name, rec.Column(i).DataType())
-	}
-	return b, nil
+	return typedColumn[*array.Boolean](in, rec, name, want, "bool", nil)
 }
 
-// int32Lists returns the column called name of a batch read from in as a
-// list<int32> array (see columnIndex for want).
+// int32Lists returns the column called name as a list<int32> array.
 func int32Lists(in *pipeline.Input, rec arrow.RecordBatch, name, want string) (*array.List, error) {
-	i, err := columnIndex(in, rec, name, want)
-	if err != nil {
-		return nil, err
-	}
-	l, ok := rec.Column(i).(*array.List)
-	if !ok || l.DataType().(*arrow.ListType).Elem().ID() != arrow.INT32 {
-		return nil, fmt.Errorf("column %q of stage %s is %s, want list<int32>", name, in.Name, rec.Column(i).DataType())
-	}
-	return l, nil
+	return typedColumn(in, rec, name, want, "list<int32>", func(l *array.List) bool {
+		return l.DataType().(*arrow.ListType).Elem().ID() == arrow.INT32
+	})
 }

@@ -25,9 +25,9 @@ import "strings"
 //
 // The recomputation is the GPU backend's (bench train's); the CPU
 // reference recomputes whole blocks. MFU counts forward and backward; HFU
-// adds the recomputation. The lm_head
-// is counted at the trained positions only, the ones the loss needs, so
-// the figures are conservative against tools that compute every logit.
+// adds the recomputation. The lm_head is counted at the trained positions
+// only, the ones the loss needs, so the figures are conservative against
+// tools that compute every logit.
 type FLOPs struct {
 	Forward, Backward, Recompute float64
 }

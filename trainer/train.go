@@ -375,9 +375,10 @@ func batchFrom(data Dataset, idx []int, what string) (*Batch, int64, error) {
 	var tokens int64
 	for i, r := range idx {
 		row, err := data.Row(r)
-		if err != nil && what != "" {
-			return nil, 0, fmt.Errorf("%s: %w", what, err)
-		} else if err != nil {
+		if err != nil {
+			if what != "" {
+				err = fmt.Errorf("%s: %w", what, err)
+			}
 			return nil, 0, err
 		}
 		rows[i] = row

@@ -16,6 +16,7 @@ type driverAPI struct {
 	cuEventElapsedTime, cuStreamWaitEvent                                       cfunc
 	cuModuleLoadData, cuModuleUnload, cuModuleGetFunction, cuLaunchKernel       cfunc
 	cuFuncGetParamInfo, cuFuncGetParamCount, cuFuncSetAttribute                 cfunc
+	cuFuncGetAttribute                                                          cfunc
 	cuStreamBeginCapture, cuStreamEndCapture, cuGraphInstantiate, cuGraphLaunch cfunc
 	cuGraphExecDestroy, cuGraphDestroy                                          cfunc
 }
@@ -63,6 +64,7 @@ func (a *driverAPI) table() []symbol {
 		{fn: &a.cuFuncGetParamInfo, name: "cuFuncGetParamInfo", optional: true},   // CUDA 12.4+
 		{fn: &a.cuFuncGetParamCount, name: "cuFuncGetParamCount", optional: true}, // CUDA 13+
 		{fn: &a.cuFuncSetAttribute, name: "cuFuncSetAttribute"},
+		{fn: &a.cuFuncGetAttribute, name: "cuFuncGetAttribute"},
 		{fn: &a.cuStreamBeginCapture, name: "cuStreamBeginCapture_v2"},
 		{fn: &a.cuStreamEndCapture, name: "cuStreamEndCapture"},
 		{fn: &a.cuGraphInstantiate, name: "cuGraphInstantiateWithFlags"},

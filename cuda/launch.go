@@ -79,6 +79,38 @@ func (f *Function) SetMaxDynamicSharedMemory(bytes int) error {
 	return f.m.ctx.cu.cuFuncSetAttribute.check(f.handle, maxDynamicShared, uintptr(bytes))
 }
 
+// Resources is what a compiled kernel takes from the multiprocessor, per
+// thread: what bounds how many of its blocks run at once, and whether
+// the compiler spilled registers to (slow) local memory.
+type Resources struct {
+	Registers   int // per thread
+	LocalBytes  int // per thread: spills and local arrays
+	StaticShare int // static shared memory per block, bytes
+}
+
+// Resources reads the kernel's register count and memory from the driver.
+func (f *Function) Resources() (Resources, error) {
+	if err := f.m.ctx.check(); err != nil {
+		return Resources{}, err
+	}
+	get := func(attr uintptr) (int, error) {
+		var v int32
+		err := f.m.ctx.cu.cuFuncGetAttribute.check(uintptr(unsafe.Pointer(&v)), attr, f.handle)
+		return int(v), err
+	}
+	var r Resources
+	var err error
+	// CU_FUNC_ATTRIBUTE_SHARED_SIZE_BYTES, _LOCAL_SIZE_BYTES, _NUM_REGS.
+	if r.StaticShare, err = get(1); err != nil {
+		return r, err
+	}
+	if r.LocalBytes, err = get(3); err != nil {
+		return r, err
+	}
+	r.Registers, err = get(4)
+	return r, err
+}
+
 // Dim3 is a grid or block shape; zero Y or Z mean 1.
 type Dim3 struct{ X, Y, Z int }
 

@@ -9,6 +9,7 @@ import (
 	"math/rand/v2"
 	"os"
 	"path/filepath"
+	"strconv"
 	"time"
 
 	"github.com/spf13/cobra"
@@ -32,9 +33,9 @@ median run's time, prefill included), the median time to the first token, the
 peak device memory, and the bandwidth bound: the steps per second at which
 reading the weights once a step (trainer.DecodeStepBytes) takes all of the
 card's memory bandwidth, times the batch size. With --quantize nf4 the weights
-go through NF4 and back and are stored dequantised when the GPU has the room
-(as the chat command and the generate stage do): "weights" says how they were
-read.
+are NF4 (as the chat command and the generate stage hold a QLoRA base): steps
+of at most ` + strconv.Itoa(gpu.NF4StepTokens) + ` sequences read that form directly, larger ones a dequantised copy
+stored when the GPU has the room; "weights" says which form the steps read.
 
 --preset makes a model of a released Gemma 3 size with random weights on the
 GPU; --model reads a checkpoint folder (with --adapter, a PEFT adapter too).`,
@@ -74,9 +75,9 @@ type benchGenResult struct {
 	PromptLen int    `json:"prompt_len"`
 	NewTokens int    `json:"new_tokens"`
 	Quantize  string `json:"quantize"`
-	// Weights is the form decoding reads them in: on the GPU bf16 (NF4
-	// weights stored dequantised, where the device has the room) or nf4;
-	// on the CPU f32.
+	// Weights is the form decoding steps read them in: on the GPU nf4 or
+	// bf16 (also an NF4 base's dequantised copy, at larger batches); on
+	// the CPU f32.
 	Weights      string  `json:"weights"`
 	TokensPerSec float64 `json:"tokens_per_sec"`
 	RunSec       float64 `json:"run_sec"`
@@ -188,9 +189,9 @@ func runBenchGenerate(ctx context.Context, w io.Writer, o benchGenOptions) error
 		res.PeakGiB = float64(p.PeakMemory()) / (1 << 30)
 	}
 	res.Weights = "f32" // the CPU reference's
-	if w, ok := dec.(interface{ WeightsNF4() bool }); ok {
+	if w, ok := dec.(interface{ ReadsNF4(batch int) bool }); ok {
 		res.Weights = "bf16"
-		if w.WeightsNF4() {
+		if w.ReadsNF4(o.batch) {
 			res.Weights = "nf4"
 		}
 	}

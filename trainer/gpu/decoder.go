@@ -6,6 +6,7 @@ import (
 
 	"gemmaft/cuda"
 	"gemmaft/trainer"
+	"gemmaft/trainer/gpu/kernels"
 )
 
 // Decoding on the GPU: the session's forward pass, with attention against
@@ -19,6 +20,10 @@ import (
 // DecodeTokens is the most prompt tokens one Generate call takes at once
 // (the session's micro-batch).
 const DecodeTokens = 8192
+
+// NF4StepTokens is the most sequences a decoding step may have for it to
+// read NF4 weights in that form directly (see session.nf4GEMV).
+const NF4StepTokens = kernels.NF4GEMVTokens
 
 // kvCaches are one decoding's caches: per layer, sequences × cacheLen rows
 // of keys and of values, cacheLen every position on global layers and the
@@ -95,8 +100,8 @@ func openDecoder(ctx context.Context, cfg trainer.DecoderConfig, precision strin
 var placeholderLoRA = trainer.LoRAConfig{R: 1, Alpha: 1, Targets: []trainer.Module{trainer.QProj}}
 
 // newDecoder gives session s the adapter a and makes it a decoder, its
-// NF4 weights stored dequantised where the device has the room, and each
-// layer's k and v, gate and up weights side by side.
+// NF4 weights also stored dequantised where the device has the room, and
+// each layer's dense k and v, gate and up weights side by side.
 func newDecoder(s trainer.Session, a *trainer.Adapter, baseOnly bool) (trainer.Decoder, error) {
 	if err := s.SetState(a, nil); err != nil {
 		s.Close()
@@ -119,17 +124,18 @@ func newDecoder(s trainer.Session, a *trainer.Adapter, baseOnly bool) (trainer.D
 	return &decoder{s: ss}, nil
 }
 
-// WeightsNF4 reports whether decoding reads NF4 weights (dequantised at
-// every step: the device had no room for them dense) rather than dense ones.
-func (g *decoder) WeightsNF4() bool {
+// ReadsNF4 reports whether a decoding step of batch sequences reads the
+// frozen weights in their NF4 form (directly, or dequantised at every step
+// where the device had no room for them dense) rather than dense ones.
+func (g *decoder) ReadsNF4(batch int) bool {
 	for _, l := range g.s.w.layers {
-		for _, p := range l.proj {
-			if p.nf4 {
-				return true
+		for i := range l.proj {
+			if p := &l.proj[i]; !g.s.nf4GEMV(batch, p) && p.dense.Ptr != 0 {
+				return false
 			}
 		}
 	}
-	return false
+	return true
 }
 
 // OpenRandomDecoder makes a decoder of shape mc with random weights (as

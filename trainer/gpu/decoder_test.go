@@ -74,8 +74,9 @@ func TestGreedyDecodingOnGPU(t *testing.T) {
 // TestNF4DecodingOnGPU: through the NF4 round trip (the base a QLoRA
 // adapter was trained against), the GPU decoder in its float32 test mode
 // gives the CPU reference's greedy tokens, every one, with the weights
-// stored dequantised (where the device has the room, as decoders do) and
-// dequantised at every step (where it has not).
+// also stored dequantised (where the device has the room, as decoders do)
+// and dequantised at every step (where it has not); steps of a few
+// sequences read the NF4 form directly either way.
 func TestNF4DecodingOnGPU(t *testing.T) {
 	cudatest.Device(t)
 	for _, c := range []string{"t5_gqa", "trained_qlora"} {
@@ -113,8 +114,8 @@ func TestNF4DecodingOnGPU(t *testing.T) {
 					t.Fatal(err)
 				}
 				defer d.Close()
-				if nf4 := d.(*decoder).WeightsNF4(); nf4 == dense {
-					t.Fatalf("weights NF4 %v, want %v", nf4, !dense)
+				if nf4 := d.(*decoder).ReadsNF4(len(g.Prompts)); nf4 == dense {
+					t.Fatalf("a step of %d sequences reads NF4 weights: %v, want %v", len(g.Prompts), nf4, !dense)
 				}
 				got, err := d.Generate(context.Background(), g.Prompts, o, nil)
 				if err != nil {
@@ -122,6 +123,18 @@ func TestNF4DecodingOnGPU(t *testing.T) {
 				}
 				if fmt.Sprint(got) != fmt.Sprint(want) {
 					t.Errorf("GPU tokens differ from the CPU reference's:\n GPU %v\n CPU %v", got, want)
+				}
+				// Three sequences: the steps after the prefill read the NF4
+				// form directly, whether or not the weights are also dense.
+				few := g.Prompts[:3]
+				if ss := d.(*decoder).s; !ss.nf4GEMV(len(few), &ss.w.layers[0].proj[0]) {
+					t.Fatalf("a step of %d sequences does not read the NF4 form", len(few))
+				}
+				if got, err = d.Generate(context.Background(), few, o, nil); err != nil {
+					t.Fatal(err)
+				}
+				if fmt.Sprint(got) != fmt.Sprint(want[:3]) {
+					t.Errorf("GPU tokens of three sequences differ from the CPU reference's:\n GPU %v\n CPU %v", got, want[:3])
 				}
 			})
 		}

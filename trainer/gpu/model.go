@@ -428,28 +428,47 @@ func (s *session) dropout(seed uint64, train bool) *trainer.Dropout {
 // scale·(drop(x)·Aᵀ)·Bᵀ, keeping x·Aᵀ and the dropout mask in lc for the
 // backward pass.
 func (s *session) linear(c *cuda.Ctx, T, layer int, mod trainer.Module, x, out cuda.DevicePtr, lc *layerCache, d *trainer.Dropout) error {
-	act := s.k.Prec.GEMMType()
 	p := &s.w.layers[layer].proj[moduleIndex(mod)]
-	w, err := s.weight(c, p, s.ws.wbuf.Ptr)
-	if err != nil {
-		return err
-	}
-	if err := s.gemm(c, "base", T, p.out, p.in, false, true, act, act, 1, x, w, 0, out); err != nil {
+	if err := s.frozenProduct(c, T, p, x, out); err != nil {
 		return err
 	}
 	return s.loraForward(c, T, layer, mod, x, out, lc, d)
 }
 
+// frozenProduct computes out [T × out] = x·Wᵀ for projection p: from its
+// NF4 form directly for the few tokens of a decoding step (nf4GEMV), or as
+// a GEMM over its dense or dequantised weights.
+func (s *session) frozenProduct(c *cuda.Ctx, T int, p *projection, x, out cuda.DevicePtr) error {
+	if s.nf4GEMV(T, p) {
+		return s.k.NF4GEMV(c, p.packed.Ptr, p.absmaxQ.Ptr, p.absmax2.Ptr, p.offset, s.w.round, x, T, p.out, p.in, out)
+	}
+	act := s.k.Prec.GEMMType()
+	w, err := s.weight(c, p, s.ws.wbuf.Ptr)
+	if err != nil {
+		return err
+	}
+	return s.gemm(c, "base", T, p.out, p.in, false, true, act, act, 1, x, w, 0, out)
+}
+
+// nf4GEMV reports whether p's product for T tokens reads its NF4 form
+// directly: in sessions that only infer (a training forward pass keeps
+// the dequantised GEMM its backward pass mirrors), for at most
+// kernels.NF4GEMVTokens tokens, where the weights' bytes are the cost.
+func (s *session) nf4GEMV(T int, p *projection) bool {
+	return s.cfg.Inference && p.nf4 && T <= kernels.NF4GEMVTokens && p.in%32 == 0
+}
+
 // linearPair is linear for two projections of one input and one shape (k
 // and v, gate and up). Where both weights are stored dense, one after the
-// other, and out2 lies above out1, the frozen products are one batched
-// GEMM: for a decoding step, one launch instead of two, and a better use of
-// the bandwidth for the small ones (see adjoin).
+// other, out2 lies above out1 and the step does not read the NF4 form
+// directly (nf4GEMV), the frozen products are one batched GEMM: for a
+// decoding step, one launch instead of two, and a better use of the
+// bandwidth for the small ones (see adjoin).
 func (s *session) linearPair(c *cuda.Ctx, T, layer int, m1, m2 trainer.Module, x, out1, out2 cuda.DevicePtr, lc *layerCache, d *trainer.Dropout) error {
 	L := &s.w.layers[layer]
 	p1, p2 := &L.proj[moduleIndex(m1)], &L.proj[moduleIndex(m2)]
 	size := s.k.Prec.Size()
-	if p1.nf4 || p2.nf4 || p1.in != p2.in || p1.out != p2.out || p2.dense.Ptr != p1.dense.Ptr.Add(p1.elements()*size) ||
+	if s.nf4GEMV(T, p1) || p1.dense.Ptr == 0 || p2.dense.Ptr == 0 || p1.in != p2.in || p1.out != p2.out || p2.dense.Ptr != p1.dense.Ptr.Add(p1.elements()*size) ||
 		out2 <= out1 || int64(out2-out1)%size != 0 {
 		if err := s.linear(c, T, layer, m1, x, out1, lc, d); err != nil {
 			return err

@@ -28,6 +28,7 @@ type timedLaunch struct {
 // kernelGroups names the group of each kernel name prefix.
 var kernelGroups = []struct{ prefix, group string }{
 	{"gemm:base", "GEMM, frozen projections"},
+	{"nf4_gemv", "GEMM, frozen projections"},
 	{"gemm:lora", "LoRA (GEMMs, dropout)"},
 	{"dropout_", "LoRA (GEMMs, dropout)"},
 	{"gemm:head", "lm_head and cross-entropy"},

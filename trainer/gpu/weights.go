@@ -10,15 +10,16 @@ import (
 )
 
 // projection is one frozen projection on the device: NF4 (packed codes,
-// double-quantised absmax) or, with quantize none, dense activations.
+// double-quantised absmax) or, with quantize none, dense activations. A
+// decoder may hold an NF4 projection in both forms (densify).
 type projection struct {
 	out, in int
-	nf4     bool
+	nf4     bool        // the NF4 buffers hold the weights
 	packed  cuda.Buffer // (out·in + 1)/2 bytes
 	absmaxQ cuda.Buffer // one byte per 64-block
 	absmax2 cuda.Buffer // one float32 per 256 blocks
 	offset  float32
-	dense   cuda.Buffer // out·in activations
+	dense   cuda.Buffer // out·in activations, or none (Ptr 0)
 }
 
 func (p *projection) elements() int64 { return int64(p.out) * int64(p.in) }
@@ -236,7 +237,7 @@ func (s *session) quantizeNF4(c *cuda.Ctx, p *projection, src cuda.DevicePtr, dt
 // weight returns the projection as activations [out × in]: the dense
 // weights, or the NF4 weights dequantised into scratch.
 func (s *session) weight(c *cuda.Ctx, p *projection, scratch cuda.DevicePtr) (cuda.DevicePtr, error) {
-	if !p.nf4 {
+	if p.dense.Ptr != 0 {
 		return p.dense.Ptr, nil
 	}
 	err := s.k.NF4Dequantize(c, p.packed.Ptr, p.absmaxQ.Ptr, p.absmax2.Ptr, p.offset, p.elements(), s.w.round, scratch)
@@ -247,19 +248,20 @@ func (s *session) weight(c *cuda.Ctx, p *projection, scratch cuda.DevicePtr) (cu
 // decoding allocates later (key/value caches, the attention workspace).
 var densifyMargin int64 = 1 << 30
 
-// densify replaces every NF4 projection by its dequantised values, stored
-// dense, when the device has the room: a decoding step then reads each
-// weight once (2 bytes) instead of reading its NF4 form and writing and
-// reading it dense again, as the per-step dequantisation does. The values
-// are the ones that path computes. Without the room the weights stay NF4
-// and decoding is slower, not refused.
+// densify adds to every NF4 projection its dequantised values, stored
+// dense, when the device has the room for them: a decoding step past the
+// few tokens the NF4 product takes (a prefill, a large batch) then reads
+// each weight once (2 bytes) instead of reading its NF4 form and writing
+// and reading it dense again, as the per-step dequantisation does. The
+// values are the ones that path computes. Without the room the weights
+// stay NF4 only, and those steps are slower, not refused.
 func (s *session) densify(c *cuda.Ctx) error {
 	act := s.k.Prec.Size()
 	var grow int64
 	for l := range s.w.layers {
 		for i := range s.w.layers[l].proj {
-			if p := &s.w.layers[l].proj[i]; p.nf4 {
-				grow += p.elements()*act - p.packed.Size - p.absmaxQ.Size - p.absmax2.Size
+			if p := &s.w.layers[l].proj[i]; p.dense.Ptr == 0 {
+				grow += p.elements() * act
 			}
 		}
 	}
@@ -276,7 +278,7 @@ func (s *session) densify(c *cuda.Ctx) error {
 	for l := range s.w.layers {
 		for i := range s.w.layers[l].proj {
 			p := &s.w.layers[l].proj[i]
-			if !p.nf4 {
+			if p.dense.Ptr != 0 {
 				continue
 			}
 			dense, err := s.alloc(c, p.elements()*act, "dense weights for decoding")
@@ -286,17 +288,7 @@ func (s *session) densify(c *cuda.Ctx) error {
 			if _, err := s.weight(c, p, dense.Ptr); err != nil {
 				return err
 			}
-			for _, b := range []cuda.Buffer{p.packed, p.absmaxQ, p.absmax2} {
-				if err := s.release(c, b); err != nil {
-					return err
-				}
-			}
-			p.dense, p.nf4 = dense, false
-		}
-		// The layer's NF4 buffers back to the driver, so that the peak
-		// stays about the dense weights.
-		if err := c.EmptyCache(); err != nil {
-			return err
+			p.dense = dense
 		}
 	}
 	return nil
@@ -314,7 +306,7 @@ func (s *session) adjoin(c *cuda.Ctx) error {
 		for _, pair := range pairs {
 			p1, p2 := &s.w.layers[l].proj[moduleIndex(pair[0])], &s.w.layers[l].proj[moduleIndex(pair[1])]
 			n1, n2 := p1.elements()*size, p2.elements()*size
-			if p1.nf4 || p2.nf4 || p2.dense.Ptr == p1.dense.Ptr.Add(n1) {
+			if p1.dense.Ptr == 0 || p2.dense.Ptr == 0 || p2.dense.Ptr == p1.dense.Ptr.Add(n1) {
 				continue
 			}
 			free, _, err := c.MemInfo()

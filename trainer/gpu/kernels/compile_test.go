@@ -61,7 +61,8 @@ func TestKernelNames(t *testing.T) {
 			seen[n] = true
 		}
 	}
-	for _, want := range []string{"attn_fwd", "attn_bwd_dkdv", "attn_bwd_dq", "rms_norm_fwd", "adam8_step", "nf4_dequantize"} {
+	for _, want := range []string{"attn_fwd", "attn_bwd_dkdv", "attn_bwd_dq", "rms_norm_fwd", "adam8_step", "nf4_dequantize",
+		"nf4_gemv", "nf4_gemv_mma", "stored_to_act", "random_normal_bf16"} {
 		if !seen[want] {
 			t.Errorf("kernel %s not found", want)
 		}

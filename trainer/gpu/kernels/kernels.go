@@ -155,6 +155,7 @@ type Kernels struct {
 	Timer   Timer
 	fns     map[string]*cuda.Function
 	maxGrid int
+	sms     int // the device's multiprocessors
 }
 
 // Timer times a launch: it runs f, the launch of kernel name, between
@@ -169,7 +170,7 @@ func Load(c *cuda.Ctx, p Precision, headDim int) (*Kernels, error) {
 	if err != nil {
 		return nil, err
 	}
-	k := &Kernels{Prec: p, HeadDim: headDim, fns: map[string]*cuda.Function{}, maxGrid: 16 * c.Device().Info.SMs}
+	k := &Kernels{Prec: p, HeadDim: headDim, fns: map[string]*cuda.Function{}, maxGrid: 16 * c.Device().Info.SMs, sms: c.Device().Info.SMs}
 	for _, src := range srcs {
 		m, err := c.Compile(src)
 		if err != nil {
@@ -591,6 +592,41 @@ func (k *Kernels) NF4Dequantize(c *cuda.Ctx, packed, absmaxQ, absmax2 cuda.Devic
 		return k.launch(c, "nf4_dequantize16", k.grid(n/16), packed, absmaxQ, absmax2, offset, n/16, int32(round), out)
 	}
 	return k.launch(c, "nf4_dequantize", k.grid(n), packed, absmaxQ, absmax2, offset, n, int32(round), out)
+}
+
+// NF4GEMVTokens is the most tokens NF4GEMV takes: the rows of a decoding
+// step at small batch, where reading the weights is the whole cost.
+const NF4GEMVTokens = 8 // nf4.cu: a tensor-core tile's eight columns
+
+// NF4GEMV computes out [T × rows] = x [T × in]·Wᵀ from W [rows × in] in
+// its NF4 form, without dequantising it to memory first: the weights
+// NF4Dequantize would write (rounded to the checkpoint dtype round), their
+// products summed in another order. in must be a multiple of 32 and T at
+// most NF4GEMVTokens.
+func (k *Kernels) NF4GEMV(c *cuda.Ctx, packed, absmaxQ, absmax2 cuda.DevicePtr, offset float32, round int, x cuda.DevicePtr, T, rows, in int, out cuda.DevicePtr) error {
+	if T < 1 || T > NF4GEMVTokens || in%32 != 0 || packed%16 != 0 || x%16 != 0 {
+		return fmt.Errorf("kernels: nf4_gemv takes 1 to %d tokens, rows whose length is a multiple of 32, and 16-byte aligned inputs (got %d tokens, rows of %d)",
+			NF4GEMVTokens, T, in)
+	}
+	args := []any{packed, absmaxQ, absmax2, offset, int32(round), x, int32(T), int32(rows), int32(in), out}
+	if k.Prec == BF16 {
+		// A block of NF4_MMA_WARPS warps for every 16 rows.
+		cfg := cuda.LaunchConfig{Grid: cuda.Dim3{X: (rows + 15) / 16}, Block: cuda.Dim3{X: 8 * 32}}
+		return k.launch(c, "nf4_gemv_mma", cfg, args...)
+	}
+	// Four warps a block, two rows (NF4_GEMV_ROWS) a warp; the blocks
+	// stride over the rest.
+	blocks := min((rows+7)/8, 4*k.sms)
+	return k.launch(c, "nf4_gemv", cuda.LaunchConfig{Grid: cuda.Dim3{X: blocks}, Block: cuda.Dim3{X: 128}}, args...)
+}
+
+// Resources reports what kernel name takes from a multiprocessor.
+func (k *Kernels) Resources(name string) (cuda.Resources, error) {
+	f, ok := k.fns[name]
+	if !ok {
+		return cuda.Resources{}, fmt.Errorf("kernels: no kernel %s", name)
+	}
+	return f.Resources()
 }
 
 // StoredToAct converts n stored values to activations.

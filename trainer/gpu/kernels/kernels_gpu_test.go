@@ -30,7 +30,7 @@ var (
 
 // kernelsFor returns the kernels of a precision and head dimension, loaded
 // once per test binary.
-func kernelsFor(t *testing.T, p Precision, headDim int) *Kernels {
+func kernelsFor(t testing.TB, p Precision, headDim int) *Kernels {
 	t.Helper()
 	dev := cudatest.Device(t)
 	loadedMu.Lock()
@@ -805,6 +805,77 @@ func TestNF4MatchesHost(t *testing.T) {
 	}
 }
 
+// TestNF4GEMV checks the decoding product against float64 sums over the
+// weights NF4Dequantize writes, for each checkpoint dtype's rounding, every
+// token count it takes, rows not a multiple of a warp's four and rows whose
+// pieces do not fill a warp's lanes evenly; nothing past the T rows of the
+// output is written.
+func TestNF4GEMV(t *testing.T) {
+	rounds := map[string]int{"bfloat16": RoundBF16, "float16": RoundF16, "float32": RoundNone}
+	for _, p := range precisions {
+		k := kernelsFor(t, p, 256)
+		// The bfloat16 kernel's speed rests on registers alone: a spill to
+		// local memory would cost more than the weights it reads.
+		var r cuda.Resources
+		cudatest.Do(t, func(*cuda.Ctx) (err error) { r, err = k.Resources("nf4_gemv_mma"); return err })
+		t.Logf("%s nf4_gemv_mma: %d registers, %d bytes of local memory a thread", p, r.Registers, r.LocalBytes)
+		if p == BF16 && r.LocalBytes != 0 {
+			t.Errorf("nf4_gemv_mma spills: %d bytes of local memory a thread", r.LocalBytes)
+		}
+		for dtype, round := range rounds {
+			for _, sh := range [][2]int{{37, 32}, {256, 1152}, {130, 2560}} {
+				for _, T := range []int{1, 3, NF4GEMVTokens} {
+					rows, in := sh[0], sh[1]
+					t.Run(fmt.Sprintf("%s/%s/%dx%d/T%d", p, dtype, rows, in, T), func(t *testing.T) {
+						rng := cudatest.Rand(t)
+						w := make([]float32, rows*in)
+						for i := range w {
+							w[i] = float32(rng.NormFloat64() * 0.02 * (1 + float64(i/192%5)))
+						}
+						nf, err := trainer.QuantizeNF4(w, []int{rows, in}, dtype)
+						if err != nil {
+							t.Fatal(err)
+						}
+						deq := roundAct(p, nf.Dequantize())
+						x := roundAct(p, uniform(rng, T*in, 1))
+						want := make([]float32, T*rows)
+						for tok := 0; tok < T; tok++ {
+							for o := 0; o < rows; o++ {
+								var s float64
+								for i := 0; i < in; i++ {
+									s += float64(deq[o*in+i]) * float64(x[tok*in+i])
+								}
+								want[tok*rows+o] = float32(s)
+							}
+						}
+						run(t, k, func(d *dev) error {
+							packed, aq := d.alloc(int64(len(nf.Packed))), d.alloc(int64(len(nf.AbsmaxQ)))
+							if err := cuda.Upload(d.c, packed, nf.Packed); err != nil {
+								return err
+							}
+							if err := cuda.Upload(d.c, aq, nf.AbsmaxQ); err != nil {
+								return err
+							}
+							out := d.alloc(int64((T+1)*rows) * p.Size())
+							if err := k.NF4GEMV(d.c, packed, aq, d.f32(nf.Absmax2), nf.Offset, round, d.act(x), T, rows, in, out); err != nil {
+								return err
+							}
+							got := d.readAct(out, (T+1)*rows)
+							d.check("x·Wᵀ", got[:T*rows], want, tol(p, in))
+							for i, v := range got[T*rows:] {
+								if !math.IsNaN(float64(v)) {
+									return fmt.Errorf("output element %d past the %d tokens was written (%v)", T*rows+i, T, v)
+								}
+							}
+							return nil
+						})
+					})
+				}
+			}
+		}
+	}
+}
+
 // optimizerParams are flat parameters laid out as the backend lays them:
 // tensors at offsets aligned to 256 elements.
 func optimizerParams(rng *rand.Rand, sizes []int) (params []trainer.Param, offsets []int, total int) {
@@ -1042,4 +1113,103 @@ func TestAttentionCached(t *testing.T) {
 			})
 		}
 	}
+}
+
+// BenchmarkNF4GEMV times the batch-1 decoding product of Gemma 3 12B's
+// projection shapes from the NF4 form (and the same for eight tokens)
+// beside cuBLAS's on the dense bf16 weights (the other way a decoder reads
+// them), each as the median over
+// runs of 20 back-to-back launches between two events, and reports the
+// bandwidth each draws from the bytes it must read.
+func BenchmarkNF4GEMV(b *testing.B) {
+	cudatest.Device(b)
+	k := kernelsFor(b, BF16, 256)
+	for _, sh := range [][2]int{{4096, 3840}, {2048, 3840}, {3840, 4096}, {15360, 3840}, {3840, 15360}} {
+		rows, in := sh[0], sh[1]
+		b.Run(fmt.Sprintf("%dx%d", rows, in), func(b *testing.B) {
+			cudatest.Do(b, func(c *cuda.Ctx) error {
+				n := int64(rows) * int64(in)
+				var bufs []cuda.Buffer
+				defer func() {
+					for _, buf := range bufs {
+						c.Free(buf)
+					}
+				}()
+				alloc := func(size int64) cuda.DevicePtr {
+					buf, err := c.Alloc(size)
+					if err != nil {
+						panic(err)
+					}
+					bufs = append(bufs, buf)
+					// Any finite values: the speed does not depend on them.
+					if err := c.MemsetD8Async(buf.Ptr, 0x3c, size, nil); err != nil {
+						panic(err)
+					}
+					return buf.Ptr
+				}
+				packed, aq, a2 := alloc(n/2), alloc(n/64), alloc(4*(n/64/256+1))
+				dense, x, out := alloc(2*n), alloc(2*int64(in)*NF4GEMVTokens), alloc(2*int64(rows)*NF4GEMVTokens)
+				g := cuda.GEMM{M: 1, N: rows, K: in, TransB: true, AType: cuda.BF16, BType: cuda.BF16, CType: cuda.BF16}
+				for _, op := range []struct {
+					name  string
+					bytes int64
+					run   func() error
+				}{
+					{"nf4", n/2 + n/64, func() error { return k.NF4GEMV(c, packed, aq, a2, 0, RoundBF16, x, 1, rows, in, out) }},
+					{"nf4-T8", n/2 + n/64, func() error {
+						return k.NF4GEMV(c, packed, aq, a2, 0, RoundBF16, x, NF4GEMVTokens, rows, in, out)
+					}},
+					{"cublas-bf16", 2 * n, func() error { return c.Matmul(g, 1, x, dense, 0, out, nil) }},
+				} {
+					us, err := medianLaunchMicros(c, 20, max(b.N, 5), op.run)
+					if err != nil {
+						return err
+					}
+					b.ReportMetric(us, op.name+"-µs")
+					b.ReportMetric(float64(op.bytes)/(us*1e-6)/1e9, op.name+"-GB/s")
+				}
+				return nil
+			})
+		})
+	}
+}
+
+// medianLaunchMicros is the median over runs of the device time of
+// launches back-to-back calls of op, per call, in microseconds.
+func medianLaunchMicros(c *cuda.Ctx, launches, runs int, op func() error) (float64, error) {
+	start, err := c.NewEvent()
+	if err != nil {
+		return 0, err
+	}
+	defer start.Destroy()
+	end, err := c.NewEvent()
+	if err != nil {
+		return 0, err
+	}
+	defer end.Destroy()
+	var us []float64
+	for range runs + 1 { // the first warms up
+		if err := start.Record(nil); err != nil {
+			return 0, err
+		}
+		for range launches {
+			if err := op(); err != nil {
+				return 0, err
+			}
+		}
+		if err := end.Record(nil); err != nil {
+			return 0, err
+		}
+		if err := end.Synchronize(); err != nil {
+			return 0, err
+		}
+		ms, err := end.Elapsed(start)
+		if err != nil {
+			return 0, err
+		}
+		us = append(us, float64(ms)*1e3/float64(launches))
+	}
+	us = us[1:]
+	slices.Sort(us)
+	return us[len(us)/2], nil
 }

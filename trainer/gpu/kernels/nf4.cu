@@ -77,6 +77,234 @@ extern "C" __global__ void nf4_dequantize16(const uint2* __restrict__ packed, co
     }
 }
 
+// The decoding product out [T × rows] = x·Wᵀ for the few tokens of a step
+// (T ≤ 8), reading W in its NF4 form: half a byte a weight, where the
+// dequantised GEMM reads two (and a dequantisation at every step reads half
+// a byte, writes two and reads them again). At batch 1 those bytes are what
+// a step costs. The weights are the ones nf4_dequantize writes (code·absmax
+// rounded to the checkpoint dtype, then to an activation); only the order
+// of the sums differs from the dequantised GEMM's. nf4_gemv_mma runs on
+// tensor cores with bfloat16 activations; nf4_gemv, one product at a time
+// in float32, serves the float32 test mode. Both need in to be a multiple
+// of 32: a lane's 32 weights then lie in one row and one 64-block.
+#define NF4_GEMV_PARAMS                                                                                                       \
+    const uint4 *__restrict__ packed, const unsigned char *__restrict__ absmax_q, const float *__restrict__ absmax2,          \
+        float offset, int round_mode, const act_t *__restrict__ x, int T, int rows, int in, act_t *__restrict__ out
+
+// The code of the nibble at bits [shift, shift + 4) of word, from the table
+// in shared memory: the nibble shifted straight to a byte offset.
+__device__ __forceinline__ float nf4_code_at(const float* code, unsigned int word, int shift) {
+    const unsigned int off = (shift >= 2 ? word >> (shift - 2) : word << 2) & 0x3cu;
+    return *reinterpret_cast<const float*>(reinterpret_cast<const char*>(code) + off);
+}
+
+// The two weights of the byte at bits [shift, shift + 8) of word as a
+// bfloat16 pair, the first (high nibble) in the low half as a tensor-core
+// fragment holds it. With ROUND the products are first rounded to the
+// checkpoint dtype (float16); without, the pair's conversion is the only
+// rounding (bfloat16 checkpoints, or float32 ones read as bfloat16).
+template <bool ROUND>
+__device__ __forceinline__ unsigned int nf4_bf16x2(const float* code, unsigned int word, int shift, float am, int round_mode) {
+    float first = __fmul_rn(nf4_code_at(code, word, shift + 4), am);
+    float second = __fmul_rn(nf4_code_at(code, word, shift), am);
+    if (ROUND) {
+        first = round_to(first, round_mode);
+        second = round_to(second, round_mode);
+    }
+    unsigned int pair;
+    asm("cvt.rn.bf16x2.f32 %0, %1, %2;" : "=r"(pair) : "f"(second), "f"(first));
+    return pair;
+}
+
+// The 64-block scale of the piece'th 32 weights (nf4_dequantize's).
+__device__ __forceinline__ float nf4_piece_absmax(const unsigned char* __restrict__ absmax_q, const float* __restrict__ absmax2,
+                                                  const float* dyn, float offset, long long piece) {
+    const long long b = piece / 2;
+    return __fadd_rn(__fmul_rn(dyn[absmax_q[b]], absmax2[b / 256]), offset);
+}
+
+// The code tables in shared memory: threads of a warp reading different
+// entries of a constant array are served one address at a time.
+__device__ __forceinline__ void nf4_load_tables(float* code, float* dyn) {
+    for (int i = threadIdx.x; i < 256; i += blockDim.x) {
+        dyn[i] = DYN_CODE[i];
+        if (i < 16) code[i] = NF4_CODE[i];
+    }
+    __syncthreads();
+}
+
+// nf4_gemv: a warp computes two rows, lane by lane over 32-weight pieces,
+// two pieces' loads in flight before it computes either; blocks stride
+// over the row pairs. TO_BF16 (the weights are bfloat16 values) is chosen
+// once per kernel, not in the inner loop.
+#define NF4_GEMV_ROWS 2
+#define NF4_GEMV_TOKENS 8
+template <bool TO_BF16>
+__device__ __forceinline__ void nf4_gemv_rows(const uint4* __restrict__ packed, const unsigned char* __restrict__ absmax_q,
+                                              const float* __restrict__ absmax2, float offset, int round_mode, const float* code,
+                                              const float* dyn, const act_t* __restrict__ x, int T, int rows, int in, int lane,
+                                              int row0, act_t* __restrict__ out) {
+    const int pieces = in / 32;
+    float acc[NF4_GEMV_ROWS][NF4_GEMV_TOKENS] = {};
+    for (int c0 = lane; c0 < pieces; c0 += 64) {
+        uint4 w[2][NF4_GEMV_ROWS];
+        float am[2][NF4_GEMV_ROWS];
+        #pragma unroll
+        for (int u = 0; u < 2; u++) {
+            // Past the row's end, or past the last row, a valid piece is read
+            // and not used.
+            const int c = min(c0 + 32 * u, pieces - 1);
+            #pragma unroll
+            for (int r = 0; r < NF4_GEMV_ROWS; r++) {
+                const long long piece = (long long)min(row0 + r, rows - 1) * pieces + c;
+                w[u][r] = packed[piece];
+                am[u][r] = nf4_piece_absmax(absmax_q, absmax2, dyn, offset, piece);
+            }
+        }
+        #pragma unroll
+        for (int u = 0; u < 2; u++) {
+            const int c = c0 + 32 * u;
+            if (c >= pieces) break;
+            #pragma unroll
+            for (int s = 0; s < 4; s++) { // eight weights: one 32-bit word of each row's piece
+                float wv[NF4_GEMV_ROWS][8];
+                #pragma unroll
+                for (int r = 0; r < NF4_GEMV_ROWS; r++) {
+                    const uint4 p = w[u][r];
+                    const unsigned int word = s == 0 ? p.x : s == 1 ? p.y : s == 2 ? p.z : p.w;
+                    #pragma unroll
+                    for (int j = 0; j < 4; j++) { // bytes in memory order
+                        if (TO_BF16) {
+                            const unsigned int pair = nf4_bf16x2<false>(code, word, 8 * j, am[u][r], round_mode);
+                            wv[r][2 * j] = __uint_as_float(pair << 16);
+                            wv[r][2 * j + 1] = __uint_as_float(pair & 0xffff0000u);
+                        } else {
+                            wv[r][2 * j] = to_f32(to_act(round_to(__fmul_rn(nf4_code_at(code, word, 8 * j + 4), am[u][r]), round_mode)));
+                            wv[r][2 * j + 1] = to_f32(to_act(round_to(__fmul_rn(nf4_code_at(code, word, 8 * j), am[u][r]), round_mode)));
+                        }
+                    }
+                }
+                #pragma unroll
+                for (int t = 0; t < NF4_GEMV_TOKENS; t++) {
+                    if (t >= T) break;
+                    const act_vec* xs = reinterpret_cast<const act_vec*>(x + (long long)t * in + c * 32 + s * 8);
+                    float xv[8];
+                    #pragma unroll
+                    for (int h = 0; h < 8 / VEC; h++) {
+                        const act_vec v = xs[h];
+                        #pragma unroll
+                        for (int e = 0; e < VEC; e++) xv[h * VEC + e] = to_f32(v.a[e]);
+                    }
+                    #pragma unroll
+                    for (int r = 0; r < NF4_GEMV_ROWS; r++) {
+                        #pragma unroll
+                        for (int e = 0; e < 8; e++) acc[r][t] = fmaf(wv[r][e], xv[e], acc[r][t]);
+                    }
+                }
+            }
+        }
+    }
+    #pragma unroll
+    for (int t = 0; t < NF4_GEMV_TOKENS; t++) {
+        if (t >= T) break;
+        #pragma unroll
+        for (int r = 0; r < NF4_GEMV_ROWS; r++) {
+            const float v = warp_sum(acc[r][t]);
+            if (lane == 0 && row0 + r < rows) out[(long long)t * rows + row0 + r] = to_act(v);
+        }
+    }
+}
+
+extern "C" __global__ void __launch_bounds__(128) nf4_gemv(NF4_GEMV_PARAMS) {
+    __shared__ float code[16], dyn[256];
+    nf4_load_tables(code, dyn);
+    const bool to_bf16 = round_mode == ROUND_BF16 || (sizeof(act_t) == 2 && round_mode == ROUND_NONE);
+    const int lane = threadIdx.x & 31;
+    const int warps = gridDim.x * (blockDim.x >> 5);
+    for (int row0 = (blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5)) * NF4_GEMV_ROWS; row0 < rows;
+         row0 += warps * NF4_GEMV_ROWS) {
+        if (to_bf16)
+            nf4_gemv_rows<true>(packed, absmax_q, absmax2, offset, round_mode, code, dyn, x, T, rows, in, lane, row0, out);
+        else
+            nf4_gemv_rows<false>(packed, absmax_q, absmax2, offset, round_mode, code, dyn, x, T, rows, in, lane, row0, out);
+    }
+}
+
+// nf4_gemv_mma: a block of NF4_MMA_WARPS warps takes 16 rows, its warps
+// splitting the row's 128-weight chunks between them; one mma.sync
+// multiplies the 16 rows by eight columns of x, the T ≤ 8 tokens, so a
+// step of eight costs what a step of one does. A dot product may run over
+// k in any order that W and x share: lane l (quad column c = l % 4)
+// dequantises 32 consecutive weights of rows g and g + 8 (g = l / 4) into
+// its A fragments, a byte's two weights to one register, and holds x at
+// those 32 positions for token g as its B fragments. The warps' sums meet
+// in shared memory in a fixed order.
+#define NF4_MMA_WARPS 8
+template <bool ROUND>
+__device__ __forceinline__ void nf4_mma_tile(const uint4* __restrict__ packed, const unsigned char* __restrict__ absmax_q,
+                                             const float* __restrict__ absmax2, float offset, int round_mode, const float* code,
+                                             const float* dyn, const act_t* __restrict__ x, int T, int rows, int in,
+                                             float* acc) {
+#ifndef ACT_F32
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, g = lane >> 2, c = lane & 3;
+    const long long r0 = min((int)blockIdx.x * 16 + g, rows - 1), r1 = min((int)blockIdx.x * 16 + g + 8, rows - 1);
+    const int pieces = in / 32;
+    for (int k0 = warp * 128; k0 < in; k0 += NF4_MMA_WARPS * 128) {
+        const int piece = k0 / 32 + c;
+        const bool inside = piece < pieces; // past the row's end: zero weights and x
+        const int p = inside ? piece : 0;
+        const uint4 w0 = packed[r0 * pieces + p], w1 = packed[r1 * pieces + p];
+        const float am0 = inside ? nf4_piece_absmax(absmax_q, absmax2, dyn, offset, r0 * pieces + p) : 0.0f;
+        const float am1 = inside ? nf4_piece_absmax(absmax_q, absmax2, dyn, offset, r1 * pieces + p) : 0.0f;
+        unsigned int xb[16] = {};
+        if (inside && g < T) {
+            const uint4* xs = reinterpret_cast<const uint4*>(x + (long long)g * in + (long long)p * 32);
+            #pragma unroll
+            for (int q = 0; q < 4; q++) {
+                const uint4 v = xs[q];
+                xb[4 * q] = v.x, xb[4 * q + 1] = v.y, xb[4 * q + 2] = v.z, xb[4 * q + 3] = v.w;
+            }
+        }
+        const unsigned int ws0[4] = {w0.x, w0.y, w0.z, w0.w}, ws1[4] = {w1.x, w1.y, w1.z, w1.w};
+        #pragma unroll
+        for (int m = 0; m < 8; m++) { // bytes 2m and 2m + 1: positions 4m .. 4m + 3 of the lane's 32
+            const int word = m / 2, shift = 16 * (m % 2);
+            mma_bf16(acc, nf4_bf16x2<ROUND>(code, ws0[word], shift, am0, round_mode),
+                     nf4_bf16x2<ROUND>(code, ws1[word], shift, am1, round_mode),
+                     nf4_bf16x2<ROUND>(code, ws0[word], shift + 8, am0, round_mode),
+                     nf4_bf16x2<ROUND>(code, ws1[word], shift + 8, am1, round_mode), xb[2 * m], xb[2 * m + 1]);
+        }
+    }
+#endif
+}
+
+extern "C" __global__ void __launch_bounds__(NF4_MMA_WARPS * 32) nf4_gemv_mma(NF4_GEMV_PARAMS) {
+#ifndef ACT_F32
+    __shared__ float code[16], dyn[256];
+    __shared__ float part[NF4_MMA_WARPS][32][4];
+    nf4_load_tables(code, dyn);
+    float acc[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+    if (round_mode == ROUND_F16)
+        nf4_mma_tile<true>(packed, absmax_q, absmax2, offset, round_mode, code, dyn, x, T, rows, in, acc);
+    else
+        nf4_mma_tile<false>(packed, absmax_q, absmax2, offset, round_mode, code, dyn, x, T, rows, in, acc);
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    #pragma unroll
+    for (int e = 0; e < 4; e++) part[warp][lane][e] = acc[e];
+    __syncthreads();
+    if (warp != 0) return;
+    // The accumulator fragment: rows g and g + 8, tokens 2c and 2c + 1.
+    const int g = lane >> 2, c = lane & 3;
+    #pragma unroll
+    for (int e = 0; e < 4; e++) {
+        float sum = 0.0f;
+        for (int w = 0; w < NF4_MMA_WARPS; w++) sum += part[w][lane][e];
+        const int row = blockIdx.x * 16 + g + (e >= 2 ? 8 : 0), t = 2 * c + (e & 1);
+        if (row < rows && t < T) out[(long long)t * rows + row] = to_act(sum);
+    }
+#endif
+}
+
 // A stored tensor as activations (embedding, unquantised projections).
 extern "C" __global__ void stored_to_act(const void* __restrict__ src, int dtype, long long n, act_t* __restrict__ out) {
     GRID_STRIDE(i, n) { out[i] = to_act(load_stored(src, dtype, i)); }

@@ -91,22 +91,31 @@ extern "C" __global__ void nf4_dequantize16(const uint2* __restrict__ packed, co
     const uint4 *__restrict__ packed, const unsigned char *__restrict__ absmax_q, const float *__restrict__ absmax2,          \
         float offset, int round_mode, const act_t *__restrict__ x, int T, int rows, int in, act_t *__restrict__ out
 
-// The code of the nibble at bits [shift, shift + 4) of word, from the table
-// in shared memory: the nibble shifted straight to a byte offset.
-__device__ __forceinline__ float nf4_code_at(const float* code, unsigned int word, int shift) {
-    const unsigned int off = (shift >= 2 ? word >> (shift - 2) : word << 2) & 0x3cu;
-    return *reinterpret_cast<const float*>(reinterpret_cast<const char*>(code) + off);
+// Codes are looked up four nibbles at a time: nf4_nibbles spreads a word's
+// high (or low) nibbles over its four bytes, each times four (a byte offset
+// into the table), and one byte permutation then makes a table entry's
+// shared-memory address, the table being aligned to 256 bytes.
+#define NF4_TABLE_ALIGN 256
+__device__ __forceinline__ unsigned int nf4_nibbles(unsigned int word, bool high) {
+    return (high ? word >> 2 : word << 2) & 0x3c3c3c3cu;
 }
 
-// The two weights of the byte at bits [shift, shift + 8) of word as a
+// The code at byte j of nibbles, from the table at shared address base.
+__device__ __forceinline__ float nf4_code(unsigned int base, unsigned int nibbles, int j) {
+    float v;
+    asm volatile("ld.shared.f32 %0, [%1];" : "=f"(v) : "r"(__byte_perm(nibbles, base, 0x7650 + j)));
+    return v;
+}
+
+// The two weights of byte j of a word (its nibbles hi and lo) as a
 // bfloat16 pair, the first (high nibble) in the low half as a tensor-core
 // fragment holds it. With ROUND the products are first rounded to the
 // checkpoint dtype (float16); without, the pair's conversion is the only
 // rounding (bfloat16 checkpoints, or float32 ones read as bfloat16).
 template <bool ROUND>
-__device__ __forceinline__ unsigned int nf4_bf16x2(const float* code, unsigned int word, int shift, float am, int round_mode) {
-    float first = __fmul_rn(nf4_code_at(code, word, shift + 4), am);
-    float second = __fmul_rn(nf4_code_at(code, word, shift), am);
+__device__ __forceinline__ unsigned int nf4_bf16x2(unsigned int base, unsigned int hi, unsigned int lo, int j, float am, int round_mode) {
+    float first = __fmul_rn(nf4_code(base, hi, j), am);
+    float second = __fmul_rn(nf4_code(base, lo, j), am);
     if (ROUND) {
         first = round_to(first, round_mode);
         second = round_to(second, round_mode);
@@ -123,14 +132,16 @@ __device__ __forceinline__ float nf4_piece_absmax(const unsigned char* __restric
     return __fadd_rn(__fmul_rn(dyn[absmax_q[b]], absmax2[b / 256]), offset);
 }
 
-// The code tables in shared memory: threads of a warp reading different
-// entries of a constant array are served one address at a time.
-__device__ __forceinline__ void nf4_load_tables(float* code, float* dyn) {
+// The code tables in shared memory (threads of a warp reading different
+// entries of a constant array are served one address at a time); returns
+// the NF4 table's shared address for nf4_code.
+__device__ __forceinline__ unsigned int nf4_load_tables(float* code, float* dyn) {
     for (int i = threadIdx.x; i < 256; i += blockDim.x) {
         dyn[i] = DYN_CODE[i];
         if (i < 16) code[i] = NF4_CODE[i];
     }
     __syncthreads();
+    return (unsigned int)__cvta_generic_to_shared(code);
 }
 
 // nf4_gemv: a warp computes two rows, lane by lane over 32-weight pieces,
@@ -141,7 +152,7 @@ __device__ __forceinline__ void nf4_load_tables(float* code, float* dyn) {
 #define NF4_GEMV_TOKENS 8
 template <bool TO_BF16>
 __device__ __forceinline__ void nf4_gemv_rows(const uint4* __restrict__ packed, const unsigned char* __restrict__ absmax_q,
-                                              const float* __restrict__ absmax2, float offset, int round_mode, const float* code,
+                                              const float* __restrict__ absmax2, float offset, int round_mode, unsigned int code,
                                               const float* dyn, const act_t* __restrict__ x, int T, int rows, int in, int lane,
                                               int row0, act_t* __restrict__ out) {
     const int pieces = in / 32;
@@ -172,15 +183,16 @@ __device__ __forceinline__ void nf4_gemv_rows(const uint4* __restrict__ packed, 
                 for (int r = 0; r < NF4_GEMV_ROWS; r++) {
                     const uint4 p = w[u][r];
                     const unsigned int word = s == 0 ? p.x : s == 1 ? p.y : s == 2 ? p.z : p.w;
+                    const unsigned int hi = nf4_nibbles(word, true), lo = nf4_nibbles(word, false);
                     #pragma unroll
                     for (int j = 0; j < 4; j++) { // bytes in memory order
                         if (TO_BF16) {
-                            const unsigned int pair = nf4_bf16x2<false>(code, word, 8 * j, am[u][r], round_mode);
+                            const unsigned int pair = nf4_bf16x2<false>(code, hi, lo, j, am[u][r], round_mode);
                             wv[r][2 * j] = __uint_as_float(pair << 16);
                             wv[r][2 * j + 1] = __uint_as_float(pair & 0xffff0000u);
                         } else {
-                            wv[r][2 * j] = to_f32(to_act(round_to(__fmul_rn(nf4_code_at(code, word, 8 * j + 4), am[u][r]), round_mode)));
-                            wv[r][2 * j + 1] = to_f32(to_act(round_to(__fmul_rn(nf4_code_at(code, word, 8 * j), am[u][r]), round_mode)));
+                            wv[r][2 * j] = to_f32(to_act(round_to(__fmul_rn(nf4_code(code, hi, j), am[u][r]), round_mode)));
+                            wv[r][2 * j + 1] = to_f32(to_act(round_to(__fmul_rn(nf4_code(code, lo, j), am[u][r]), round_mode)));
                         }
                     }
                 }
@@ -216,8 +228,9 @@ __device__ __forceinline__ void nf4_gemv_rows(const uint4* __restrict__ packed, 
 }
 
 extern "C" __global__ void __launch_bounds__(128) nf4_gemv(NF4_GEMV_PARAMS) {
-    __shared__ float code[16], dyn[256];
-    nf4_load_tables(code, dyn);
+    __shared__ __align__(NF4_TABLE_ALIGN) float table[16];
+    __shared__ float dyn[256];
+    const unsigned int code = nf4_load_tables(table, dyn);
     const bool to_bf16 = round_mode == ROUND_BF16 || (sizeof(act_t) == 2 && round_mode == ROUND_NONE);
     const int lane = threadIdx.x & 31;
     const int warps = gridDim.x * (blockDim.x >> 5);
@@ -242,7 +255,7 @@ extern "C" __global__ void __launch_bounds__(128) nf4_gemv(NF4_GEMV_PARAMS) {
 #define NF4_MMA_WARPS 8
 template <bool ROUND>
 __device__ __forceinline__ void nf4_mma_tile(const uint4* __restrict__ packed, const unsigned char* __restrict__ absmax_q,
-                                             const float* __restrict__ absmax2, float offset, int round_mode, const float* code,
+                                             const float* __restrict__ absmax2, float offset, int round_mode, unsigned int code,
                                              const float* dyn, const act_t* __restrict__ x, int T, int rows, int in,
                                              float* acc) {
 #ifndef ACT_F32
@@ -267,12 +280,17 @@ __device__ __forceinline__ void nf4_mma_tile(const uint4* __restrict__ packed, c
         }
         const unsigned int ws0[4] = {w0.x, w0.y, w0.z, w0.w}, ws1[4] = {w1.x, w1.y, w1.z, w1.w};
         #pragma unroll
-        for (int m = 0; m < 8; m++) { // bytes 2m and 2m + 1: positions 4m .. 4m + 3 of the lane's 32
-            const int word = m / 2, shift = 16 * (m % 2);
-            mma_bf16(acc, nf4_bf16x2<ROUND>(code, ws0[word], shift, am0, round_mode),
-                     nf4_bf16x2<ROUND>(code, ws1[word], shift, am1, round_mode),
-                     nf4_bf16x2<ROUND>(code, ws0[word], shift + 8, am0, round_mode),
-                     nf4_bf16x2<ROUND>(code, ws1[word], shift + 8, am1, round_mode), xb[2 * m], xb[2 * m + 1]);
+        for (int word = 0; word < 4; word++) {
+            const unsigned int hi0 = nf4_nibbles(ws0[word], true), lo0 = nf4_nibbles(ws0[word], false);
+            const unsigned int hi1 = nf4_nibbles(ws1[word], true), lo1 = nf4_nibbles(ws1[word], false);
+            #pragma unroll
+            for (int h = 0; h < 2; h++) { // bytes 2h and 2h + 1 of the word: positions 4m .. 4m + 3 of the lane's 32
+                const int m = 2 * word + h;
+                mma_bf16(acc, nf4_bf16x2<ROUND>(code, hi0, lo0, 2 * h, am0, round_mode),
+                         nf4_bf16x2<ROUND>(code, hi1, lo1, 2 * h, am1, round_mode),
+                         nf4_bf16x2<ROUND>(code, hi0, lo0, 2 * h + 1, am0, round_mode),
+                         nf4_bf16x2<ROUND>(code, hi1, lo1, 2 * h + 1, am1, round_mode), xb[2 * m], xb[2 * m + 1]);
+            }
         }
     }
 #endif
@@ -280,9 +298,10 @@ __device__ __forceinline__ void nf4_mma_tile(const uint4* __restrict__ packed, c
 
 extern "C" __global__ void __launch_bounds__(NF4_MMA_WARPS * 32) nf4_gemv_mma(NF4_GEMV_PARAMS) {
 #ifndef ACT_F32
-    __shared__ float code[16], dyn[256];
+    __shared__ __align__(NF4_TABLE_ALIGN) float table[16];
+    __shared__ float dyn[256];
     __shared__ float part[NF4_MMA_WARPS][32][4];
-    nf4_load_tables(code, dyn);
+    const unsigned int code = nf4_load_tables(table, dyn);
     float acc[4] = {0.0f, 0.0f, 0.0f, 0.0f};
     if (round_mode == ROUND_F16)
         nf4_mma_tile<true>(packed, absmax_q, absmax2, offset, round_mode, code, dyn, x, T, rows, in, acc);

@@ -334,6 +334,12 @@ func pick(logits []float32, o GenerateOptions, rng *rand.Rand) int32 {
 		}
 		return 0
 	})
+	return drawAmong(idx, logits, o, rng)
+}
+
+// drawAmong draws one of the candidates idx (most likely first) by their
+// probabilities after temperature, cut to top_p's mass.
+func drawAmong(idx []int, logits []float32, o GenerateOptions, rng *rand.Rand) int32 {
 	p := make([]float64, len(idx))
 	top := float64(logits[idx[0]]) / o.Temperature
 	var sum float64

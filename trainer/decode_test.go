@@ -3,7 +3,6 @@ package trainer
 import (
 	"context"
 	"fmt"
-	"math"
 	"math/rand/v2"
 	"sort"
 	"testing"
@@ -121,8 +120,9 @@ func TestDecodingStopsAndSamples(t *testing.T) {
 	}
 }
 
-// pickBySorting is pick as first written: a stable sort of the whole
-// vocabulary for every draw. pick must draw exactly the same tokens.
+// pickBySorting is pick's choice of candidates as first written: a stable
+// sort of the whole vocabulary for every draw. pick must draw exactly the
+// same tokens.
 func pickBySorting(logits []float32, o GenerateOptions, rng *rand.Rand) int32 {
 	idx := make([]int, len(logits))
 	for i := range idx {
@@ -132,35 +132,7 @@ func pickBySorting(logits []float32, o GenerateOptions, rng *rand.Rand) int32 {
 	if o.TopK > 0 && o.TopK < len(idx) {
 		idx = idx[:o.TopK]
 	}
-	p := make([]float64, len(idx))
-	top := float64(logits[idx[0]]) / o.Temperature
-	var sum float64
-	for i, id := range idx {
-		p[i] = math.Exp(float64(logits[id])/o.Temperature - top)
-		sum += p[i]
-	}
-	if o.TopP > 0 && o.TopP < 1 {
-		var cum float64
-		for i := range p {
-			cum += p[i] / sum
-			if cum >= o.TopP {
-				p, idx = p[:i+1], idx[:i+1]
-				break
-			}
-		}
-		sum = 0
-		for _, v := range p {
-			sum += v
-		}
-	}
-	u := rng.Float64() * sum
-	for i, v := range p {
-		if u < v {
-			return int32(idx[i])
-		}
-		u -= v
-	}
-	return int32(idx[len(idx)-1])
+	return drawAmong(idx, logits, o, rng)
 }
 
 // TestPickDrawsAsSortingDid: selecting the top k with a heap and sorting

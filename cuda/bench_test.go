@@ -2,10 +2,10 @@ package cuda_test
 
 // Benchmarks for scripts/bench-gpu.py, which runs PyTorch's equivalents on
 // the same GPU. Device work is timed with events around each iteration
-// after a warm-up, and the median is reported as a custom metric.
+// after a warm-up (cudatest.MedianMs), and the median is reported as a
+// custom metric.
 
 import (
-	"slices"
 	"sync"
 	"testing"
 	"time"
@@ -13,49 +13,6 @@ import (
 	"gemmaft/cuda"
 	"gemmaft/cuda/cudatest"
 )
-
-// medianMs times each of iters runs of op with events on the working
-// stream and returns the median in milliseconds.
-func medianMs(c *cuda.Ctx, warmup, iters int, op func() error) (float64, error) {
-	for range warmup {
-		if err := op(); err != nil {
-			return 0, err
-		}
-	}
-	evs := make([]*cuda.Event, iters+1)
-	for i := range evs {
-		e, err := c.NewEvent()
-		if err != nil {
-			return 0, err
-		}
-		defer e.Destroy()
-		evs[i] = e
-	}
-	if err := evs[0].Record(nil); err != nil {
-		return 0, err
-	}
-	for i := 1; i <= iters; i++ {
-		if err := op(); err != nil {
-			return 0, err
-		}
-		if err := evs[i].Record(nil); err != nil {
-			return 0, err
-		}
-	}
-	if err := evs[iters].Synchronize(); err != nil {
-		return 0, err
-	}
-	ms := make([]float64, iters)
-	for i := 1; i <= iters; i++ {
-		d, err := evs[i].Elapsed(evs[i-1])
-		if err != nil {
-			return 0, err
-		}
-		ms[i-1] = float64(d)
-	}
-	slices.Sort(ms)
-	return ms[iters/2], nil
-}
 
 var (
 	gemmOnce sync.Once
@@ -90,7 +47,7 @@ func BenchmarkMatmulBF16_8192(b *testing.B) {
 			return err
 		}
 		b.ResetTimer()
-		ms, err := medianMs(c, 5, max(b.N, 1), func() error {
+		ms, err := cudatest.MedianMs(c, 5, max(b.N, 1), func() error {
 			return c.Matmul(g, 1, bufs[0].Ptr, bufs[1].Ptr, 0, bufs[2].Ptr, nil)
 		})
 		if err != nil {
@@ -120,7 +77,7 @@ func BenchmarkCopyDtoD_1GiB(b *testing.B) {
 			return err
 		}
 		b.ResetTimer()
-		ms, err := medianMs(c, 3, max(b.N, 1), func() error {
+		ms, err := cudatest.MedianMs(c, 3, max(b.N, 1), func() error {
 			return c.CopyDtoDAsync(dst.Ptr, src.Ptr, copyBytes, nil)
 		})
 		if err != nil {
@@ -151,7 +108,7 @@ func BenchmarkLaunch(b *testing.B) {
 		cfg := cuda.LaunchConfig{Grid: cuda.Dim3{X: 1}, Block: cuda.Dim3{X: 32}}
 		var host time.Duration
 		b.ResetTimer()
-		ms, err := medianMs(c, 2, max(b.N, 1), func() error {
+		ms, err := cudatest.MedianMs(c, 2, max(b.N, 1), func() error {
 			start := time.Now()
 			for range launchesPerRep {
 				if err := c.Launch(f, cfg, cuda.DevicePtr(0), int32(1)); err != nil {
@@ -200,7 +157,7 @@ func BenchmarkLaunchGraph(b *testing.B) {
 		}
 		defer g.Destroy()
 		b.ResetTimer()
-		ms, err := medianMs(c, 2, max(b.N, 1), func() error { return g.Launch(nil) })
+		ms, err := cudatest.MedianMs(c, 2, max(b.N, 1), func() error { return g.Launch(nil) })
 		if err != nil {
 			return err
 		}

@@ -9,6 +9,7 @@ import (
 	"fmt"
 	"math"
 	"math/rand/v2"
+	"slices"
 	"sync"
 	"testing"
 	"time"
@@ -171,4 +172,48 @@ func F64FromBF16(xs []uint16) []float64 {
 		out[i] = float64(half.FromBF16(x))
 	}
 	return out
+}
+
+// MedianMs runs op warmup times, then times each of iters runs of it with
+// events on c's working stream, and returns the median in milliseconds:
+// device time, for benchmarks.
+func MedianMs(c *cuda.Ctx, warmup, iters int, op func() error) (float64, error) {
+	for range warmup {
+		if err := op(); err != nil {
+			return 0, err
+		}
+	}
+	evs := make([]*cuda.Event, iters+1)
+	for i := range evs {
+		e, err := c.NewEvent()
+		if err != nil {
+			return 0, err
+		}
+		defer e.Destroy()
+		evs[i] = e
+	}
+	if err := evs[0].Record(nil); err != nil {
+		return 0, err
+	}
+	for i := 1; i <= iters; i++ {
+		if err := op(); err != nil {
+			return 0, err
+		}
+		if err := evs[i].Record(nil); err != nil {
+			return 0, err
+		}
+	}
+	if err := evs[iters].Synchronize(); err != nil {
+		return 0, err
+	}
+	ms := make([]float64, iters)
+	for i := 1; i <= iters; i++ {
+		d, err := evs[i].Elapsed(evs[i-1])
+		if err != nil {
+			return 0, err
+		}
+		ms[i-1] = float64(d)
+	}
+	slices.Sort(ms)
+	return ms[iters/2], nil
 }

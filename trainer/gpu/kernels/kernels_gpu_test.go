@@ -1161,10 +1161,19 @@ func BenchmarkNF4GEMV(b *testing.B) {
 					}},
 					{"cublas-bf16", 2 * n, func() error { return c.Matmul(g, 1, x, dense, 0, out, nil) }},
 				} {
-					us, err := medianLaunchMicros(c, 20, max(b.N, 5), op.run)
+					const launches = 20
+					ms, err := cudatest.MedianMs(c, 1, max(b.N, 5), func() error {
+						for range launches {
+							if err := op.run(); err != nil {
+								return err
+							}
+						}
+						return nil
+					})
 					if err != nil {
 						return err
 					}
+					us := ms * 1e3 / launches
 					b.ReportMetric(us, op.name+"-µs")
 					b.ReportMetric(float64(op.bytes)/(us*1e-6)/1e9, op.name+"-GB/s")
 				}
@@ -1172,44 +1181,4 @@ func BenchmarkNF4GEMV(b *testing.B) {
 			})
 		})
 	}
-}
-
-// medianLaunchMicros is the median over runs of the device time of
-// launches back-to-back calls of op, per call, in microseconds.
-func medianLaunchMicros(c *cuda.Ctx, launches, runs int, op func() error) (float64, error) {
-	start, err := c.NewEvent()
-	if err != nil {
-		return 0, err
-	}
-	defer start.Destroy()
-	end, err := c.NewEvent()
-	if err != nil {
-		return 0, err
-	}
-	defer end.Destroy()
-	var us []float64
-	for range runs + 1 { // the first warms up
-		if err := start.Record(nil); err != nil {
-			return 0, err
-		}
-		for range launches {
-			if err := op(); err != nil {
-				return 0, err
-			}
-		}
-		if err := end.Record(nil); err != nil {
-			return 0, err
-		}
-		if err := end.Synchronize(); err != nil {
-			return 0, err
-		}
-		ms, err := end.Elapsed(start)
-		if err != nil {
-			return 0, err
-		}
-		us = append(us, float64(ms)*1e3/float64(launches))
-	}
-	us = us[1:]
-	slices.Sort(us)
-	return us[len(us)/2], nil
 }

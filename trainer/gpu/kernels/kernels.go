@@ -283,6 +283,16 @@ func (k *Kernels) vectors(n int64, ptrs ...cuda.DevicePtr) bool {
 	return true
 }
 
+// vecForm is kernel name's form for n activations at ptrs and the count
+// it takes: name_vec and n in 16-byte vectors where they are whole
+// vectors, else name and n.
+func (k *Kernels) vecForm(name string, n int64, ptrs ...cuda.DevicePtr) (string, int64) {
+	if k.vectors(n, ptrs...) {
+		return name + "_vec", n / int64(k.vec())
+	}
+	return name, n
+}
+
 // normThreads is the block size of the row kernels: enough threads for
 // wide rows, no more than a narrow row can use.
 func normThreads(cols int) int {
@@ -292,11 +302,8 @@ func normThreads(cols int) int {
 // RMSNorm computes out = norm(x)·(1 + w), or res + that when res is not 0,
 // over rows×cols activations; rstd receives each row's reciprocal RMS.
 func (k *Kernels) RMSNorm(c *cuda.Ctx, x, w, res, out, rstd cuda.DevicePtr, rows, cols int, eps float64) error {
-	if k.vectors(int64(cols), x, w, res, out) {
-		vecs := cols / k.vec()
-		return k.launch(c, "rms_norm_fwd_vec", rowsOf(rows, normThreads(vecs)), x, w, res, out, rstd, int32(rows), int32(vecs), float32(eps))
-	}
-	return k.launch(c, "rms_norm_fwd", rowsOf(rows, normThreads(cols)), x, w, res, out, rstd, int32(rows), int32(cols), float32(eps))
+	name, g := k.vecForm("rms_norm_fwd", int64(cols), x, w, res, out)
+	return k.launch(c, name, rowsOf(rows, normThreads(int(g))), x, w, res, out, rstd, int32(rows), int32(g), float32(eps))
 }
 
 // RMSNormPair computes mid = res + norm(x)·(1 + w1) and then
@@ -316,21 +323,15 @@ func (k *Kernels) RMSNormPair(c *cuda.Ctx, x, w1, res, mid, rstd1, w2, out, rstd
 
 // RMSNormBackwardAct writes the input gradient of RMSNorm as activations.
 func (k *Kernels) RMSNormBackwardAct(c *cuda.Ctx, dy, x, w, rstd, dx cuda.DevicePtr, rows, cols int) error {
-	if k.vectors(int64(cols), dy, x, w, dx) {
-		vecs := cols / k.vec()
-		return k.launch(c, "rms_norm_bwd_act_vec", rowsOf(rows, normThreads(vecs)), dy, x, w, rstd, dx, int32(rows), int32(vecs))
-	}
-	return k.launch(c, "rms_norm_bwd_act", rowsOf(rows, normThreads(cols)), dy, x, w, rstd, dx, int32(rows), int32(cols))
+	name, g := k.vecForm("rms_norm_bwd_act", int64(cols), dy, x, w, dx)
+	return k.launch(c, name, rowsOf(rows, normThreads(int(g))), dy, x, w, rstd, dx, int32(rows), int32(g))
 }
 
 // RMSNormBackwardF32 writes res + the input gradient of RMSNorm in float32
 // (res may be 0, or dx itself).
 func (k *Kernels) RMSNormBackwardF32(c *cuda.Ctx, dy, x, w, rstd, res, dx cuda.DevicePtr, rows, cols int) error {
-	if k.vectors(int64(cols), dy, x, w, res, dx) {
-		vecs := cols / k.vec()
-		return k.launch(c, "rms_norm_bwd_f32_vec", rowsOf(rows, normThreads(vecs)), dy, x, w, rstd, res, dx, int32(rows), int32(vecs))
-	}
-	return k.launch(c, "rms_norm_bwd_f32", rowsOf(rows, normThreads(cols)), dy, x, w, rstd, res, dx, int32(rows), int32(cols))
+	name, g := k.vecForm("rms_norm_bwd_f32", int64(cols), dy, x, w, res, dx)
+	return k.launch(c, name, rowsOf(rows, normThreads(int(g))), dy, x, w, rstd, res, dx, int32(rows), int32(g))
 }
 
 // Heads is one side of QKNormRope: Heads rows of head_dim activations a
@@ -473,21 +474,15 @@ func (k *Kernels) AttentionCached(c *cuda.Ctx, q, kc, vc, seq, pos, part, out cu
 
 // GeGLU computes out = gelu_tanh(gate)·up over n activations.
 func (k *Kernels) GeGLU(c *cuda.Ctx, gate, up, out cuda.DevicePtr, n int64) error {
-	if k.vectors(n, gate, up, out) {
-		groups := n / int64(k.vec())
-		return k.launch(c, "geglu_fwd_vec", k.grid(groups), gate, up, out, groups)
-	}
-	return k.launch(c, "geglu_fwd", k.grid(n), gate, up, out, n)
+	name, g := k.vecForm("geglu_fwd", n, gate, up, out)
+	return k.launch(c, name, k.grid(g), gate, up, out, g)
 }
 
 // GeGLUBackward writes dgate and dup (which may be gate and up) from the
 // float32 gradient dout.
 func (k *Kernels) GeGLUBackward(c *cuda.Ctx, dout, gate, up, dgate, dup cuda.DevicePtr, n int64) error {
-	if k.vectors(n, dout, gate, up, dgate, dup) {
-		groups := n / int64(k.vec())
-		return k.launch(c, "geglu_bwd_vec", k.grid(groups), dout, gate, up, dgate, dup, groups)
-	}
-	return k.launch(c, "geglu_bwd", k.grid(n), dout, gate, up, dgate, dup, n)
+	name, g := k.vecForm("geglu_bwd", n, dout, gate, up, dgate, dup)
+	return k.launch(c, name, k.grid(g), dout, gate, up, dgate, dup, g)
 }
 
 // Embed gathers rows of table for ids and multiplies them by scale.

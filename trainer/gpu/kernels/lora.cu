@@ -72,21 +72,32 @@ __device__ void dropout_record_body(const act_t* __restrict__ x, act_t* __restri
 // the bytes in flight of one at a time (these kernels are bound by
 // memory), every access still contiguous across a warp.
 
+// The mask bytes of iteration i over bytes mask bytes (the second -1 past
+// the end), their bits and the activations of x they cover.
+template <bool vec>
+__device__ __forceinline__ void load_mask_pair(const act_t* __restrict__ x, const unsigned char* __restrict__ mask, long long n,
+                                               long long i, long long half, long long bytes, long long* bs, unsigned int* bits,
+                                               float (*v)[8]) {
+    bs[0] = i, bs[1] = i + half < bytes ? i + half : -1;
+    #pragma unroll
+    for (int h = 0; h < 2; h++) {
+        bits[h] = 0;
+        if (bs[h] < 0) continue;
+        bits[h] = mask[bs[h]];
+        load8_act<vec>(x, n, bs[h], v[h]);
+    }
+}
+
 // out = x·scale where mask keeps, 0 elsewhere.
 template <bool vec>
 __device__ void dropout_replay_body(const act_t* __restrict__ x, act_t* __restrict__ out, const unsigned char* __restrict__ mask,
                                           long long n, float scale) {
     const long long bytes = (n + 7) / 8, half = (bytes + 1) / 2;
     GRID_STRIDE(i, half) {
-        const long long bs[2] = {i, i + half < bytes ? i + half : -1};
+        long long bs[2];
+        unsigned int bits[2];
         float v[2][8];
-        unsigned int bits[2] = {0, 0};
-        #pragma unroll
-        for (int h = 0; h < 2; h++)
-            if (bs[h] >= 0) {
-                bits[h] = mask[bs[h]];
-                load8_act<vec>(x, n, bs[h], v[h]);
-            }
+        load_mask_pair<vec>(x, mask, n, i, half, bytes, bs, bits, v);
         #pragma unroll
         for (int h = 0; h < 2; h++) {
             if (bs[h] < 0) continue;
@@ -105,15 +116,14 @@ __device__ void dropout_add_body(const act_t* __restrict__ src, float* __restric
                                        long long n, float scale) {
     const long long bytes = (n + 7) / 8, half = (bytes + 1) / 2;
     GRID_STRIDE(i, half) {
-        const long long bs[2] = {i, i + half < bytes ? i + half : -1};
+        long long bs[2];
+        unsigned int bits[2];
         float v[2][8], d[2][8];
-        unsigned int bits[2] = {0, 0};
+        load_mask_pair<vec>(src, mask, n, i, half, bytes, bs, bits, v);
         #pragma unroll
         for (int h = 0; h < 2; h++) {
             const long long b = bs[h];
             if (b < 0) continue;
-            bits[h] = mask[b];
-            load8_act<vec>(src, n, b, v[h]);
             #pragma unroll
             for (int j = 0; j < 8; j++) d[h][j] = 0.0f;
             if (vec) {

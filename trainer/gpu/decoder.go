@@ -23,7 +23,7 @@ const DecodeTokens = 8192
 
 // NF4StepTokens is the most sequences a decoding step may have for it to
 // read NF4 weights in that form directly (see session.nf4GEMV).
-const NF4StepTokens = kernels.NF4GEMVTokens
+const NF4StepTokens = kernels.GEMVTokens
 
 // kvCaches are one decoding's caches: per layer, sequences × cacheLen rows
 // of keys and of values, cacheLen every position on global layers and the

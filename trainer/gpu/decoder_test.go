@@ -12,6 +12,7 @@ import (
 
 	"gemmaft/cuda/cudatest"
 	"gemmaft/trainer"
+	"gemmaft/trainer/gpu/kernels"
 )
 
 // TestGreedyDecodingOnGPU: in the float32 test mode, the GPU decoder (its
@@ -285,6 +286,35 @@ func TestNF4ProductChoice(t *testing.T) {
 		s := &session{cfg: trainer.SessionConfig{Inference: c.inference}}
 		if got := s.nf4GEMV(c.tokens, &c.p); got != c.want {
 			t.Errorf("%s: reads NF4 directly %v, want %v", c.what, got, c.want)
+		}
+	}
+}
+
+// TestDenseProductChoice: which products from dense weights run as the
+// decoding product of our own (kernels.GEMV) instead of a cuBLAS GEMM:
+// the few tokens of a bfloat16 inference step, rows of whole 32s. A
+// training pass keeps the GEMM its backward pass mirrors, and the float32
+// test mode keeps cuBLAS's exact float32 products.
+func TestDenseProductChoice(t *testing.T) {
+	dense := projection{out: 4096, in: 3840}
+	for _, c := range []struct {
+		what      string
+		inference bool
+		prec      kernels.Precision
+		p         projection
+		tokens    int
+		want      bool
+	}{
+		{"decoding step of one", true, kernels.BF16, dense, 1, true},
+		{"decoding step of eight", true, kernels.BF16, dense, NF4StepTokens, true},
+		{"decoding step of nine", true, kernels.BF16, dense, NF4StepTokens + 1, false},
+		{"training forward pass", false, kernels.BF16, dense, 1, false},
+		{"float32 test mode", true, kernels.F32, dense, 1, false},
+		{"rows of 48", true, kernels.BF16, projection{out: 32, in: 48}, 1, false},
+	} {
+		s := &session{cfg: trainer.SessionConfig{Inference: c.inference}, k: &kernels.Kernels{Prec: c.prec}}
+		if got := s.denseGEMV(c.tokens, &c.p); got != c.want {
+			t.Errorf("%s: our decoding product %v, want %v", c.what, got, c.want)
 		}
 	}
 }

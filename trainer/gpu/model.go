@@ -447,15 +447,26 @@ func (s *session) frozenProduct(c *cuda.Ctx, T int, p *projection, x, out cuda.D
 	if err != nil {
 		return err
 	}
+	if s.denseGEMV(T, p) {
+		return s.k.GEMV(c, w, x, T, p.out, p.in, p.out, 0, out)
+	}
 	return s.gemm(c, "base", T, p.out, p.in, false, true, act, act, 1, x, w, 0, out)
+}
+
+// denseGEMV reports whether p's product for T tokens, from dense weights,
+// runs as the decoding product of our own (kernels.GEMV) rather than a
+// GEMM: in inference sessions in bfloat16, for the few tokens of a step.
+func (s *session) denseGEMV(T int, p *projection) bool {
+
+	return s.cfg.Inference && s.k.Prec == kernels.BF16 && T <= kernels.GEMVTokens && p.in%32 == 0
 }
 
 // nf4GEMV reports whether p's product for T tokens reads its NF4 form
 // directly: in sessions that only infer (a training forward pass keeps
 // the dequantised GEMM its backward pass mirrors), for at most
-// kernels.NF4GEMVTokens tokens, where the weights' bytes are the cost.
+// kernels.GEMVTokens tokens, where the weights' bytes are the cost.
 func (s *session) nf4GEMV(T int, p *projection) bool {
-	return s.cfg.Inference && p.nf4 && T <= kernels.NF4GEMVTokens && p.in%32 == 0
+	return s.cfg.Inference && p.nf4 && T <= kernels.GEMVTokens && p.in%32 == 0
 }
 
 // linearPair is linear for two projections of one input and one shape (k
@@ -475,11 +486,17 @@ func (s *session) linearPair(c *cuda.Ctx, T, layer int, m1, m2 trainer.Module, x
 		}
 		return s.linear(c, T, layer, m2, x, out2, lc, d)
 	}
-	act := s.k.Prec.GEMMType()
-	g := cuda.GEMM{M: T, N: p1.out, K: p1.in, TransB: true, AType: act, BType: act, CType: act,
-		Batch: 2, SharedA: true, StrideC: int64(out2-out1) / size}
-	if err := s.matmul(c, "base", g, 1, x, p1.dense.Ptr, 0, out1); err != nil {
-		return err
+	if s.denseGEMV(T, p1) {
+		if err := s.k.GEMV(c, p1.dense.Ptr, x, T, 2*p1.out, p1.in, p1.out, int64(out2-out1)/size, out1); err != nil {
+			return err
+		}
+	} else {
+		act := s.k.Prec.GEMMType()
+		g := cuda.GEMM{M: T, N: p1.out, K: p1.in, TransB: true, AType: act, BType: act, CType: act,
+			Batch: 2, SharedA: true, StrideC: int64(out2-out1) / size}
+		if err := s.matmul(c, "base", g, 1, x, p1.dense.Ptr, 0, out1); err != nil {
+			return err
+		}
 	}
 	if err := s.loraForward(c, T, layer, m1, x, out1, lc, d); err != nil {
 		return err

@@ -29,6 +29,7 @@ type timedLaunch struct {
 var kernelGroups = []struct{ prefix, group string }{
 	{"gemm:base", "GEMM, frozen projections"},
 	{"nf4_gemv", "GEMM, frozen projections"},
+	{"gemv_mma", "GEMM, frozen projections"},
 	{"gemm:lora", "LoRA (GEMMs, dropout)"},
 	{"dropout_", "LoRA (GEMMs, dropout)"},
 	{"gemm:head", "lm_head and cross-entropy"},

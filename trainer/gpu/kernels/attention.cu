@@ -768,15 +768,38 @@ extern "C" __global__ void kv_store(const act_t* __restrict__ k, const act_t* __
 // attn_cached: each query head of token t against its sequence's cache, the
 // keys at positions lo .. pos[t] (lo = pos − window + 1 on sliding layers,
 // else 0), split over blocks as flash-decoding does: block (t, h, s) takes
-// the keys lo + s·DEC_CHUNK onwards, DEC_CHUNK of them, one warp a key for
-// the scores, and writes to part its unnormalised output row, its largest
-// score and its sum of weights; attn_cached_combine joins the splits. A
-// decoding step attends to few keys per head, and a block per (token,
-// head) alone would leave most of the GPU idle. Splits past pos[t] write
-// an empty record, so that the grid can be sized by the cache (and
-// captured once for every step). The token's own key is in the cache
-// already (kv_store).
+// the keys lo + s·DEC_CHUNK onwards, DEC_CHUNK of them, and writes to part
+// its unnormalised output row, its largest score and its sum of weights;
+// attn_cached_combine joins the splits. A decoding step attends to few
+// keys per head, and a block per (token, head) alone would leave most of
+// the GPU idle. Splits past pos[t] write an empty record, so that the grid
+// can be sized by the cache (and captured once for every step). The
+// token's own key is in the cache already (kv_store).
+//
+// The block's time is the latency of its loads, so each thread issues all
+// of its loads of a phase before using any: for the scores, DEC_PARTS
+// threads share a key, each reading every DEC_PARTS-th group of DEC_W
+// values (a key's groups lie side by side across its threads); for the
+// output, a thread owns a group of DEC_W dimensions over every
+// DEC_KEY_SETS-th key, and the key sets' sums meet in shared memory.
 #define DEC_CHUNK 32
+#define DEC_PARTS (DEC_THREADS / DEC_CHUNK)
+#define DEC_W (HD % VEC == 0 ? VEC : 1)   // values a load: 16 bytes where a row holds whole vectors
+#define DEC_GROUPS (HD / DEC_W)           // groups of DEC_W in a row
+#define DEC_KEY_SETS (DEC_THREADS / DEC_GROUPS > 0 ? DEC_THREADS / DEC_GROUPS : 1)
+
+// The DEC_W values of row at group gi, as floats.
+__device__ __forceinline__ void dec_load(const act_t* __restrict__ row, int gi, float* v) {
+    if (DEC_W == VEC) {
+        act_vec u;
+        u.u = reinterpret_cast<const uint4*>(row)[gi];
+        #pragma unroll
+        for (int e = 0; e < DEC_W; e++) v[e] = to_f32(u.a[e]);
+    } else {
+        #pragma unroll
+        for (int e = 0; e < DEC_W; e++) v[e] = to_f32(row[gi * DEC_W + e]);
+    }
+}
 
 extern "C" __global__ void __launch_bounds__(DEC_THREADS) attn_cached(const act_t* __restrict__ q, const act_t* __restrict__ kc,
                                                                        const act_t* __restrict__ vc, const int* __restrict__ seq,
@@ -784,9 +807,10 @@ extern "C" __global__ void __launch_bounds__(DEC_THREADS) attn_cached(const act_
                                                                        int heads, int kv_heads, int cache_len, int window, float scale) {
     __shared__ float qs[HD];
     __shared__ float w[DEC_CHUNK];
+    __shared__ float sums[DEC_KEY_SETS][HD];
     const int t = blockIdx.x, h = blockIdx.y, sp = blockIdx.z, splits = gridDim.z;
     const int g = h / (heads / kv_heads);
-    const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+    const int tid = threadIdx.x;
     const int p = pos[t];
     const int lo = window > 0 ? max(0, p - window + 1) : 0;
     const int j0 = lo + sp * DEC_CHUNK, n = min(p + 1 - j0, DEC_CHUNK);
@@ -798,13 +822,29 @@ extern "C" __global__ void __launch_bounds__(DEC_THREADS) attn_cached(const act_
     const long long base = (long long)seq[t] * cache_len;
     for (int d = tid; d < HD; d += DEC_THREADS) qs[d] = to_f32(q[((long long)t * heads + h) * HD + d]);
     __syncthreads();
-    for (int i = warp; i < n; i += DEC_THREADS / 32) {
-        const act_t* kr = kc + ((base + (j0 + i) % cache_len) * kv_heads + g) * HD;
+
+    // Scores: key i = tid / DEC_PARTS, its groups part, part + DEC_PARTS, ...
+    {
+        const int i = tid / DEC_PARTS, prt = tid % DEC_PARTS;
         float s = 0.0f;
-#pragma unroll
-        for (int d = lane; d < HD; d += 32) s += qs[d] * to_f32(kr[d]);
-        s = warp_sum(s);
-        if (lane == 0) w[i] = s * scale;
+        if (i < n) {
+            const act_t* kr = kc + ((base + (j0 + i) % cache_len) * kv_heads + g) * HD;
+            constexpr int mine = (DEC_GROUPS + DEC_PARTS - 1) / DEC_PARTS;
+            float v[mine][DEC_W];
+            #pragma unroll
+            for (int m = 0; m < mine; m++)
+                if (m * DEC_PARTS + prt < DEC_GROUPS) dec_load(kr, m * DEC_PARTS + prt, v[m]);
+            #pragma unroll
+            for (int m = 0; m < mine; m++) {
+                const int gi = m * DEC_PARTS + prt;
+                if (gi >= DEC_GROUPS) continue;
+                #pragma unroll
+                for (int e = 0; e < DEC_W; e++) s += qs[gi * DEC_W + e] * v[m][e];
+            }
+        }
+        #pragma unroll
+        for (int o = DEC_PARTS / 2; o > 0; o >>= 1) s += __shfl_xor_sync(0xffffffffu, s, o);
+        if (prt == 0 && i < n) w[i] = s * scale;
     }
     __syncthreads();
     float mx = -INFINITY;
@@ -812,9 +852,34 @@ extern "C" __global__ void __launch_bounds__(DEC_THREADS) attn_cached(const act_
     __syncthreads(); // every thread has read the scores
     if (tid < n) w[tid] = expf(w[tid] - mx);
     __syncthreads();
+
+    // Output: thread (key set ks, group gi) sums keys ks, ks + DEC_KEY_SETS, ...
+    {
+        const int ks = tid / DEC_GROUPS, gi = tid % DEC_GROUPS;
+        if (ks < DEC_KEY_SETS) {
+            constexpr int mine = (DEC_CHUNK + DEC_KEY_SETS - 1) / DEC_KEY_SETS;
+            float v[mine][DEC_W];
+            #pragma unroll
+            for (int m = 0; m < mine; m++) {
+                const int i = ks + m * DEC_KEY_SETS;
+                if (i < n) dec_load(vc + ((base + (j0 + i) % cache_len) * kv_heads + g) * HD, gi, v[m]);
+            }
+            float acc[DEC_W] = {};
+            #pragma unroll
+            for (int m = 0; m < mine; m++) {
+                const int i = ks + m * DEC_KEY_SETS;
+                if (i >= n) continue;
+                #pragma unroll
+                for (int e = 0; e < DEC_W; e++) acc[e] += w[i] * v[m][e];
+            }
+            #pragma unroll
+            for (int e = 0; e < DEC_W; e++) sums[ks][gi * DEC_W + e] = acc[e];
+        }
+    }
+    __syncthreads();
     for (int d = tid; d < HD; d += DEC_THREADS) {
         float acc = 0.0f;
-        for (int i = 0; i < n; i++) acc += w[i] * to_f32(vc[((base + (j0 + i) % cache_len) * kv_heads + g) * HD + d]);
+        for (int ks = 0; ks < DEC_KEY_SETS; ks++) acc += sums[ks][d];
         rec[d] = acc;
     }
     if (tid == 0) {

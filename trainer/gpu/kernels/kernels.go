@@ -70,7 +70,7 @@ func ParsePrecision(s string) (Precision, error) {
 }
 
 // moduleFiles are the kernel files, each compiled as one module.
-var moduleFiles = []string{"norm.cu", "rope.cu", "attention.cu", "mlp.cu", "embed.cu", "loss.cu", "lora.cu", "nf4.cu", "optim.cu"}
+var moduleFiles = []string{"norm.cu", "rope.cu", "attention.cu", "mlp.cu", "embed.cu", "loss.cu", "lora.cu", "nf4.cu", "decode.cu", "optim.cu"}
 
 // CheckHeadDim reports whether the attention kernels support a head
 // dimension: a power of two from 2 to 256.
@@ -589,19 +589,20 @@ func (k *Kernels) NF4Dequantize(c *cuda.Ctx, packed, absmaxQ, absmax2 cuda.Devic
 	return k.launch(c, "nf4_dequantize", k.grid(n), packed, absmaxQ, absmax2, offset, n, int32(round), out)
 }
 
-// NF4GEMVTokens is the most tokens NF4GEMV takes: the rows of a decoding
-// step at small batch, where reading the weights is the whole cost.
-const NF4GEMVTokens = 8 // nf4.cu: a tensor-core tile's eight columns
+// GEMVTokens is the most tokens NF4GEMV and GEMV take: the rows of a
+// decoding step at small batch, where reading the weights is the whole
+// cost.
+const GEMVTokens = 8 // nf4.cu: a tensor-core tile's eight columns
 
 // NF4GEMV computes out [T × rows] = x [T × in]·Wᵀ from W [rows × in] in
 // its NF4 form, without dequantising it to memory first: the weights
 // NF4Dequantize would write (rounded to the checkpoint dtype round), their
 // products summed in another order. in must be a multiple of 32 and T at
-// most NF4GEMVTokens.
+// most GEMVTokens.
 func (k *Kernels) NF4GEMV(c *cuda.Ctx, packed, absmaxQ, absmax2 cuda.DevicePtr, offset float32, round int, x cuda.DevicePtr, T, rows, in int, out cuda.DevicePtr) error {
-	if T < 1 || T > NF4GEMVTokens || in%32 != 0 || packed%16 != 0 || x%16 != 0 {
+	if T < 1 || T > GEMVTokens || in%32 != 0 || packed%16 != 0 || x%16 != 0 {
 		return fmt.Errorf("kernels: nf4_gemv takes 1 to %d tokens, rows whose length is a multiple of 32, and 16-byte aligned inputs (got %d tokens, rows of %d)",
-			NF4GEMVTokens, T, in)
+			GEMVTokens, T, in)
 	}
 	args := []any{packed, absmaxQ, absmax2, offset, int32(round), x, int32(T), int32(rows), int32(in), out}
 	if k.Prec == BF16 {
@@ -613,6 +614,22 @@ func (k *Kernels) NF4GEMV(c *cuda.Ctx, packed, absmaxQ, absmax2 cuda.DevicePtr, 
 	// stride over the rest.
 	blocks := min((rows+7)/8, 4*k.sms)
 	return k.launch(c, "nf4_gemv", cuda.LaunchConfig{Grid: cuda.Dim3{X: blocks}, Block: cuda.Dim3{X: 128}}, args...)
+}
+
+// GEMV computes out [T × rows] = x [T × in]·Wᵀ for the few tokens of a
+// decoding step from dense activation weights W [rows × in], on tensor
+// cores (bf16 sessions only). Rows may stack matrices of partRows rows
+// each (k and v, gate and up, stored one after the other): matrix m's
+// [T × partRows] goes to out + m·partStride elements. in must be a
+// multiple of 32, T at most GEMVTokens, w and x 16-byte aligned.
+func (k *Kernels) GEMV(c *cuda.Ctx, w, x cuda.DevicePtr, T, rows, in, partRows int, partStride int64, out cuda.DevicePtr) error {
+	if k.Prec != BF16 || T < 1 || T > GEMVTokens || in%32 != 0 || w%16 != 0 || x%16 != 0 || partRows < 1 || rows%partRows != 0 {
+		return fmt.Errorf("kernels: gemv_mma takes bf16, 1 to %d tokens, rows whose length is a multiple of 32, whole stacked matrices and 16-byte aligned inputs (got %s, %d tokens, %d rows of %d in parts of %d)",
+			GEMVTokens, k.Prec, T, rows, in, partRows)
+	}
+	// A block of eight warps (GEMV_WARPS) for every 16 rows.
+	cfg := cuda.LaunchConfig{Grid: cuda.Dim3{X: (rows + 15) / 16}, Block: cuda.Dim3{X: 8 * 32}}
+	return k.launch(c, "gemv_mma", cfg, w, x, int32(T), int32(rows), int32(in), int32(partRows), partStride, out)
 }
 
 // Resources reports what kernel name takes from a multiprocessor.

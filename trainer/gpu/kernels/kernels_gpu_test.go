@@ -824,7 +824,7 @@ func TestNF4GEMV(t *testing.T) {
 		}
 		for dtype, round := range rounds {
 			for _, sh := range [][2]int{{37, 32}, {256, 1152}, {130, 2560}} {
-				for _, T := range []int{1, 3, NF4GEMVTokens} {
+				for _, T := range []int{1, 3, GEMVTokens} {
 					rows, in := sh[0], sh[1]
 					t.Run(fmt.Sprintf("%s/%s/%dx%d/T%d", p, dtype, rows, in, T), func(t *testing.T) {
 						rng := cudatest.Rand(t)
@@ -872,6 +872,67 @@ func TestNF4GEMV(t *testing.T) {
 					})
 				}
 			}
+		}
+	}
+}
+
+// TestGEMV checks the decoding product from dense weights against float64
+// sums, for uneven row counts, 1 to GEMVTokens tokens and two matrices
+// stacked (k and v, gate and up) whose outputs go to places apart; and
+// that nothing else of the output buffer is written.
+func TestGEMV(t *testing.T) {
+	k := kernelsFor(t, BF16, 256)
+	// Its speed rests on many loads in flight in registers; a spill to
+	// local memory would cost more than the weights it reads.
+	var r cuda.Resources
+	cudatest.Do(t, func(*cuda.Ctx) (err error) { r, err = k.Resources("gemv_mma"); return err })
+	t.Logf("gemv_mma: %d registers, %d bytes of local memory a thread", r.Registers, r.LocalBytes)
+	if r.LocalBytes != 0 {
+		t.Errorf("gemv_mma spills: %d bytes of local memory a thread", r.LocalBytes)
+	}
+	for _, sh := range [][3]int{{37, 32, 1}, {256, 1152, 1}, {130, 2560, 1}, {2 * 72, 1152, 2}} {
+		for _, T := range []int{1, 3, GEMVTokens} {
+			rows, in, parts := sh[0], sh[1], sh[2]
+			t.Run(fmt.Sprintf("%dx%d/parts%d/T%d", rows, in, parts, T), func(t *testing.T) {
+				rng := cudatest.Rand(t)
+				w := roundAct(BF16, uniform(rng, rows*in, 0.05))
+				x := roundAct(BF16, uniform(rng, T*in, 1))
+				partRows := rows / parts
+				stride := int64(T*partRows + 5) // a gap between the parts' outputs
+				size := int(stride)*(parts-1) + T*partRows + 5
+				want := make([]float32, size)
+				for i := range want {
+					want[i] = float32(math.NaN())
+				}
+				for tok := 0; tok < T; tok++ {
+					for o := 0; o < rows; o++ {
+						var s float64
+						for i := 0; i < in; i++ {
+							s += float64(w[o*in+i]) * float64(x[tok*in+i])
+						}
+						want[o/partRows*int(stride)+tok*partRows+o%partRows] = float32(s)
+					}
+				}
+				run(t, k, func(d *dev) error {
+					out := d.alloc(int64(size) * 2)
+					if err := k.GEMV(d.c, d.act(w), d.act(x), T, rows, in, partRows, stride, out); err != nil {
+						return err
+					}
+					got := d.readAct(out, size)
+					var gotV, wantV []float32
+					for i := range want {
+						if math.IsNaN(float64(want[i])) {
+							if !math.IsNaN(float64(got[i])) {
+								return fmt.Errorf("output element %d, outside the product, was written (%v)", i, got[i])
+							}
+							continue
+						}
+						gotV, wantV = append(gotV, got[i]), append(wantV, want[i])
+					}
+					d.check("x·Wᵀ", gotV, wantV, tol(BF16, in))
+					return nil
+				})
+			})
 		}
 	}
 }
@@ -1033,7 +1094,7 @@ func TestOptimizersMatchHostBitForBit(t *testing.T) {
 // float64 softmax over the positions the token sees.
 func TestAttentionCached(t *testing.T) {
 	for _, p := range precisions {
-		for _, sh := range []struct{ dim, heads, kv, window int }{{256, 8, 4, 0}, {256, 8, 4, 64}, {128, 4, 1, 16}} {
+		for _, sh := range []struct{ dim, heads, kv, window int }{{256, 8, 4, 0}, {256, 8, 4, 64}, {128, 4, 1, 16}, {16, 4, 2, 0}, {4, 2, 1, 16}} {
 			k := kernelsFor(t, p, sh.dim)
 			t.Run(fmt.Sprintf("%s/d%d_h%d_kv%d_w%d", p, sh.dim, sh.heads, sh.kv, sh.window), func(t *testing.T) {
 				rng := cudatest.Rand(t)
@@ -1148,7 +1209,7 @@ func BenchmarkNF4GEMV(b *testing.B) {
 					return buf.Ptr
 				}
 				packed, aq, a2 := alloc(n/2), alloc(n/64), alloc(4*(n/64/256+1))
-				dense, x, out := alloc(2*n), alloc(2*int64(in)*NF4GEMVTokens), alloc(2*int64(rows)*NF4GEMVTokens)
+				dense, x, out := alloc(2*n), alloc(2*int64(in)*GEMVTokens), alloc(2*int64(rows)*GEMVTokens)
 				g := cuda.GEMM{M: 1, N: rows, K: in, TransB: true, AType: cuda.BF16, BType: cuda.BF16, CType: cuda.BF16}
 				for _, op := range []struct {
 					name  string
@@ -1157,7 +1218,7 @@ func BenchmarkNF4GEMV(b *testing.B) {
 				}{
 					{"nf4", n/2 + n/64, func() error { return k.NF4GEMV(c, packed, aq, a2, 0, RoundBF16, x, 1, rows, in, out) }},
 					{"nf4-T8", n/2 + n/64, func() error {
-						return k.NF4GEMV(c, packed, aq, a2, 0, RoundBF16, x, NF4GEMVTokens, rows, in, out)
+						return k.NF4GEMV(c, packed, aq, a2, 0, RoundBF16, x, GEMVTokens, rows, in, out)
 					}},
 					{"cublas-bf16", 2 * n, func() error { return c.Matmul(g, 1, x, dense, 0, out, nil) }},
 				} {
@@ -1176,6 +1237,132 @@ func BenchmarkNF4GEMV(b *testing.B) {
 					us := ms * 1e3 / launches
 					b.ReportMetric(us, op.name+"-µs")
 					b.ReportMetric(float64(op.bytes)/(us*1e-6)/1e9, op.name+"-GB/s")
+				}
+				return nil
+			})
+		})
+	}
+}
+
+// BenchmarkGEMV times the decoding product from dense bf16 weights at
+// Gemma 3 1B's and 12B's projection shapes (k and v, gate and up as the
+// stacked pairs a step multiplies together), for 1 and 8 tokens, beside
+// cuBLAS's on the same weights: medians of 20 back-to-back launches, and
+// the bandwidth each draws from the weights' bytes.
+func BenchmarkGEMV(b *testing.B) {
+	cudatest.Device(b)
+	k := kernelsFor(b, BF16, 256)
+	shapes := [][2]int{{1024, 1152}, {512, 1152}, {1152, 1024}, {13824, 1152}, {1152, 6912},
+		{4096, 3840}, {3840, 4096}, {30720, 3840}, {3840, 15360}}
+	for _, sh := range shapes {
+		for _, T := range []int{1, GEMVTokens} {
+			rows, in := sh[0], sh[1]
+			b.Run(fmt.Sprintf("%dx%d/T%d", rows, in, T), func(b *testing.B) {
+				cudatest.Do(b, func(c *cuda.Ctx) error {
+					n := int64(rows) * int64(in)
+					var bufs []cuda.Buffer
+					defer func() {
+						for _, buf := range bufs {
+							c.Free(buf)
+						}
+					}()
+					alloc := func(size int64) cuda.DevicePtr {
+						buf, err := c.Alloc(size)
+						if err != nil {
+							panic(err)
+						}
+						bufs = append(bufs, buf)
+						if err := c.MemsetD8Async(buf.Ptr, 0x3c, size, nil); err != nil {
+							panic(err)
+						}
+						return buf.Ptr
+					}
+					w, x, out := alloc(2*n), alloc(2*int64(in)*GEMVTokens), alloc(2*int64(rows)*GEMVTokens)
+					g := cuda.GEMM{M: T, N: rows, K: in, TransB: true, AType: cuda.BF16, BType: cuda.BF16, CType: cuda.BF16}
+					for _, op := range []struct {
+						name string
+						run  func() error
+					}{
+						{"cublas", func() error { return c.Matmul(g, 1, x, w, 0, out, nil) }},
+						{"gemv", func() error { return k.GEMV(c, w, x, T, rows, in, rows, 0, out) }},
+					} {
+						const launches = 20
+						ms, err := cudatest.MedianMs(c, 1, max(b.N, 5), func() error {
+							for range launches {
+								if err := op.run(); err != nil {
+									return err
+								}
+							}
+							return nil
+						})
+						if err != nil {
+							return err
+						}
+						us := ms * 1e3 / launches
+						b.ReportMetric(us, op.name+"-µs")
+						b.ReportMetric(float64(2*n)/(us*1e-6)/1e9, op.name+"-GB/s")
+					}
+					return nil
+				})
+			})
+		}
+	}
+}
+
+// BenchmarkDropout times dropout's three kernels on a 12B micro-batch's
+// projection inputs (8192 tokens of 3840 and of 15360 values) beside a
+// device copy of the input (the bytes the recording kernel reads and,
+// but for the mask, writes): the ratio says how far each is from the
+// memory bound. Medians of 20 back-to-back launches.
+func BenchmarkDropout(b *testing.B) {
+	cudatest.Device(b)
+	k := kernelsFor(b, BF16, 256)
+	drop := trainer.NewDropout(0.05, 7)
+	stream := trainer.DropoutStream(3, trainer.GateProj)
+	for _, in := range []int{3840, 15360} {
+		n := int64(8192) * int64(in)
+		b.Run(fmt.Sprintf("8192x%d", in), func(b *testing.B) {
+			cudatest.Do(b, func(c *cuda.Ctx) error {
+				var bufs []cuda.Buffer
+				defer func() {
+					for _, buf := range bufs {
+						c.Free(buf)
+					}
+				}()
+				alloc := func(size int64) cuda.DevicePtr {
+					buf, err := c.Alloc(size)
+					if err != nil {
+						panic(err)
+					}
+					bufs = append(bufs, buf)
+					if err := c.MemsetD8Async(buf.Ptr, 0x3c, size, nil); err != nil {
+						panic(err)
+					}
+					return buf.Ptr
+				}
+				x, out, mask, dst := alloc(2*n), alloc(2*n), alloc(MaskBytes(n)), alloc(4*n)
+				for _, op := range []struct {
+					name string
+					run  func() error
+				}{
+					{"record", func() error { return k.DropoutRecord(c, x, out, mask, n, drop, stream) }},
+					{"replay", func() error { return k.DropoutReplay(c, x, out, mask, n, drop.Scale) }},
+					{"add", func() error { return k.DropoutAdd(c, x, dst, mask, n, drop.Scale) }},
+					{"copy", func() error { return c.CopyDtoDAsync(out, x, 2*n, nil) }},
+				} {
+					const launches = 20
+					ms, err := cudatest.MedianMs(c, 1, max(b.N, 5), func() error {
+						for range launches {
+							if err := op.run(); err != nil {
+								return err
+							}
+						}
+						return nil
+					})
+					if err != nil {
+						return err
+					}
+					b.ReportMetric(ms*1e3/launches, op.name+"-µs")
 				}
 				return nil
 			})

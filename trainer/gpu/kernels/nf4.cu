@@ -307,20 +307,7 @@ extern "C" __global__ void __launch_bounds__(NF4_MMA_WARPS * 32) nf4_gemv_mma(NF
         nf4_mma_tile<true>(packed, absmax_q, absmax2, offset, round_mode, code, dyn, x, T, rows, in, acc);
     else
         nf4_mma_tile<false>(packed, absmax_q, absmax2, offset, round_mode, code, dyn, x, T, rows, in, acc);
-    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-    #pragma unroll
-    for (int e = 0; e < 4; e++) part[warp][lane][e] = acc[e];
-    __syncthreads();
-    if (warp != 0) return;
-    // The accumulator fragment: rows g and g + 8, tokens 2c and 2c + 1.
-    const int g = lane >> 2, c = lane & 3;
-    #pragma unroll
-    for (int e = 0; e < 4; e++) {
-        float sum = 0.0f;
-        for (int w = 0; w < NF4_MMA_WARPS; w++) sum += part[w][lane][e];
-        const int row = blockIdx.x * 16 + g + (e >= 2 ? 8 : 0), t = 2 * c + (e & 1);
-        if (row < rows && t < T) out[(long long)t * rows + row] = to_act(sum);
-    }
+    gemv_mma_store<NF4_MMA_WARPS>(acc, part, T, rows, rows, 0, out);
 #endif
 }
 

@@ -10,6 +10,7 @@ import (
 	"path/filepath"
 	"testing"
 
+	"gemmaft/cuda"
 	"gemmaft/cuda/cudatest"
 	"gemmaft/trainer"
 	"gemmaft/trainer/gpu/kernels"
@@ -292,11 +293,12 @@ func TestNF4ProductChoice(t *testing.T) {
 
 // TestDenseProductChoice: which products from dense weights run as the
 // decoding product of our own (kernels.GEMV) instead of a cuBLAS GEMM:
-// the few tokens of a bfloat16 inference step, rows of whole 32s. A
+// the few tokens of a bfloat16 inference step, rows of whole 32s, weights
+// stored dense (not dequantised for the step). A
 // training pass keeps the GEMM its backward pass mirrors, and the float32
 // test mode keeps cuBLAS's exact float32 products.
 func TestDenseProductChoice(t *testing.T) {
-	dense := projection{out: 4096, in: 3840}
+	dense := projection{out: 4096, in: 3840, dense: cuda.Buffer{Ptr: 1 << 20, Size: 2 * 4096 * 3840}}
 	for _, c := range []struct {
 		what      string
 		inference bool
@@ -310,7 +312,8 @@ func TestDenseProductChoice(t *testing.T) {
 		{"decoding step of nine", true, kernels.BF16, dense, NF4StepTokens + 1, false},
 		{"training forward pass", false, kernels.BF16, dense, 1, false},
 		{"float32 test mode", true, kernels.F32, dense, 1, false},
-		{"rows of 48", true, kernels.BF16, projection{out: 32, in: 48}, 1, false},
+		{"rows of 48", true, kernels.BF16, projection{out: 32, in: 48, dense: dense.dense}, 1, false},
+		{"NF4 weights without a dense copy", true, kernels.BF16, projection{out: 4096, in: 3840, nf4: true}, 1, false},
 	} {
 		s := &session{cfg: trainer.SessionConfig{Inference: c.inference}, k: &kernels.Kernels{Prec: c.prec}}
 		if got := s.denseGEMV(c.tokens, &c.p); got != c.want {

@@ -442,23 +442,22 @@ func (s *session) frozenProduct(c *cuda.Ctx, T int, p *projection, x, out cuda.D
 	if s.nf4GEMV(T, p) {
 		return s.k.NF4GEMV(c, p.packed.Ptr, p.absmaxQ.Ptr, p.absmax2.Ptr, p.offset, s.w.round, x, T, p.out, p.in, out)
 	}
+	if s.denseGEMV(T, p) {
+		return s.k.GEMV(c, p.dense.Ptr, x, T, p.out, p.in, p.out, 0, out)
+	}
 	act := s.k.Prec.GEMMType()
 	w, err := s.weight(c, p, s.ws.wbuf.Ptr)
 	if err != nil {
 		return err
 	}
-	if s.denseGEMV(T, p) {
-		return s.k.GEMV(c, w, x, T, p.out, p.in, p.out, 0, out)
-	}
 	return s.gemm(c, "base", T, p.out, p.in, false, true, act, act, 1, x, w, 0, out)
 }
 
-// denseGEMV reports whether p's product for T tokens, from dense weights,
-// runs as the decoding product of our own (kernels.GEMV) rather than a
+// denseGEMV reports whether p's product for T tokens runs from its dense
+// weights as the decoding product of our own (kernels.GEMV) rather than a
 // GEMM: in inference sessions in bfloat16, for the few tokens of a step.
 func (s *session) denseGEMV(T int, p *projection) bool {
-
-	return s.cfg.Inference && s.k.Prec == kernels.BF16 && T <= kernels.GEMVTokens && p.in%32 == 0
+	return s.cfg.Inference && s.k.Prec == kernels.BF16 && T <= kernels.GEMVTokens && p.in%32 == 0 && p.dense.Ptr != 0
 }
 
 // nf4GEMV reports whether p's product for T tokens reads its NF4 form

@@ -212,8 +212,12 @@ func (g *decoder) withCaches(prompts [][]int32, maxNew int, decode func(trainer.
 		}
 		// A step after the prompts has a token per sequence; global layers
 		// attend to the most keys.
-		dc.part, err = c.Alloc(s.k.CachedAttentionBytes(len(prompts), cfg.Heads, maxLen, 0))
-		return err
+		size := s.k.CachedAttentionBytes(len(prompts), cfg.Heads, maxLen, 0)
+		if dc.part, err = c.Alloc(size); err != nil {
+			return err
+		}
+		return c.MemsetD8Async(dc.part.Ptr, 0, size, nil) // its counters start at zero
+
 	})
 	defer s.dev.Do(func(c *cuda.Ctx) error {
 		for _, b := range append(append(dc.k, dc.v...), dc.seq, dc.pos, dc.from[0], dc.from[1], dc.best, dc.part) {

@@ -607,7 +607,12 @@ func (s *session) layerForward(c *cuda.Ctx, T, l int, x, out cuda.DevicePtr, lc 
 	}
 	s.bindSaved(lc, T, x)
 	steps := []func() error{
-		func() error { return s.k.RMSNorm(c, x, L.inputNorm.Ptr, 0, lc.xn1.Ptr, lc.rstd1.Ptr, T, Hd, eps) },
+		func() error {
+			if s.cfg.Inference && l > 0 {
+				return nil // normed by the block before (the last step below)
+			}
+			return s.k.RMSNorm(c, x, L.inputNorm.Ptr, 0, lc.xn1.Ptr, lc.rstd1.Ptr, T, Hd, eps)
+		},
 		func() error { return s.linear(c, T, l, trainer.QProj, lc.xn1.Ptr, lc.q.Ptr, lc, d) },
 		func() error {
 			return s.linearPair(c, T, l, trainer.KProj, trainer.VProj, lc.xn1.Ptr, lc.k.Ptr, lc.v.Ptr, lc, d)
@@ -640,7 +645,18 @@ func (s *session) layerForward(c *cuda.Ctx, T, l int, x, out cuda.DevicePtr, lc 
 		steps = append(steps,
 			func() error { return s.linear(c, T, l, trainer.DownProj, lc.act.Ptr, lc.d.Ptr, lc, d) },
 			func() error {
-				return s.k.RMSNorm(c, lc.d.Ptr, L.postFFNorm.Ptr, lc.x1.Ptr, out, lc.rstd4.Ptr, T, Hd, eps)
+				if !s.cfg.Inference {
+					return s.k.RMSNorm(c, lc.d.Ptr, L.postFFNorm.Ptr, lc.x1.Ptr, out, lc.rstd4.Ptr, T, Hd, eps)
+				}
+				// A session that only infers keeps no norm's input for a
+				// backward pass: the next block's input norm (or the final
+				// one) runs in the same launch, on out as stored.
+				w2, out2, rstd2 := s.w.finalNorm.Ptr, ws.xf.Ptr, ws.rstdF.Ptr
+				if l+1 < cfg.Layers {
+					next := s.cache(l + 1)
+					w2, out2, rstd2 = s.w.layers[l+1].inputNorm.Ptr, next.xn1.Ptr, next.rstd1.Ptr
+				}
+				return s.k.RMSNormPair(c, lc.d.Ptr, L.postFFNorm.Ptr, lc.x1.Ptr, out, lc.rstd4.Ptr, w2, out2, rstd2, T, Hd, eps)
 			})
 	}
 	for _, f := range steps {
@@ -947,6 +963,9 @@ func (s *session) forwardBlocks(c *cuda.Ctx, T int, input func(int) cuda.DeviceP
 		}
 	}
 	xL := input(cfg.Layers)
+	if s.cfg.Inference {
+		return xL, nil // the last block normed it (layerForward)
+	}
 	return xL, s.k.RMSNorm(c, xL, s.w.finalNorm.Ptr, 0, ws.xf.Ptr, ws.rstdF.Ptr, T, cfg.Hidden, cfg.RMSNormEps)
 }
 

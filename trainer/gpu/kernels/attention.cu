@@ -770,9 +770,9 @@ extern "C" __global__ void kv_store(const act_t* __restrict__ k, const act_t* __
 // else 0), split over blocks as flash-decoding does: block (t, h, s) takes
 // the keys lo + s·DEC_CHUNK onwards, DEC_CHUNK of them, and writes to part
 // its unnormalised output row, its largest score and its sum of weights;
-// attn_cached_combine joins the splits. A decoding step attends to few
-// keys per head, and a block per (token, head) alone would leave most of
-// the GPU idle. Splits past pos[t] write an empty record, so that the grid
+// the last of a (token, head)'s blocks to finish joins them. A decoding
+// step attends to few keys per head, and a block per (token, head) alone
+// would leave most of the GPU idle. Splits past pos[t] write an empty record, so that the grid
 // can be sized by the cache (and captured once for every step). The
 // token's own key is in the cache already (kv_store).
 //
@@ -801,25 +801,16 @@ __device__ __forceinline__ void dec_load(const act_t* __restrict__ row, int gi, 
     }
 }
 
-extern "C" __global__ void __launch_bounds__(DEC_THREADS) attn_cached(const act_t* __restrict__ q, const act_t* __restrict__ kc,
-                                                                       const act_t* __restrict__ vc, const int* __restrict__ seq,
-                                                                       const int* __restrict__ pos, float* __restrict__ part,
-                                                                       int heads, int kv_heads, int cache_len, int window, float scale) {
+// One split's record: its unnormalised output row, largest score and sum
+// of weights.
+__device__ void attn_cached_split(const act_t* __restrict__ q, const act_t* __restrict__ kc, const act_t* __restrict__ vc,
+                                  int t, int h, int g, int seq, int j0, int n, int heads, int kv_heads, int cache_len,
+                                  float scale, float* rec) {
     __shared__ float qs[HD];
     __shared__ float w[DEC_CHUNK];
     __shared__ float sums[DEC_KEY_SETS][HD];
-    const int t = blockIdx.x, h = blockIdx.y, sp = blockIdx.z, splits = gridDim.z;
-    const int g = h / (heads / kv_heads);
     const int tid = threadIdx.x;
-    const int p = pos[t];
-    const int lo = window > 0 ? max(0, p - window + 1) : 0;
-    const int j0 = lo + sp * DEC_CHUNK, n = min(p + 1 - j0, DEC_CHUNK);
-    float* rec = part + (((long long)t * heads + h) * splits + sp) * (HD + 2);
-    if (n <= 0) {
-        if (tid == 0) rec[HD] = -INFINITY, rec[HD + 1] = 0.0f;
-        return;
-    }
-    const long long base = (long long)seq[t] * cache_len;
+    const long long base = (long long)seq * cache_len;
     for (int d = tid; d < HD; d += DEC_THREADS) qs[d] = to_f32(q[((long long)t * heads + h) * HD + d]);
     __syncthreads();
 
@@ -889,25 +880,58 @@ extern "C" __global__ void __launch_bounds__(DEC_THREADS) attn_cached(const act_
     }
 }
 
-// attn_cached_combine: out row (t, h) from attn_cached's splits, each
-// rescaled to the largest score of all: Σ e^(m_s − m)·o_s / Σ e^(m_s − m)·l_s.
-extern "C" __global__ void __launch_bounds__(DEC_THREADS) attn_cached_combine(const float* __restrict__ part, act_t* __restrict__ out,
-                                                                               int heads, int splits) {
-    const int t = blockIdx.x, h = blockIdx.y;
-    const float* rec = part + ((long long)t * heads + h) * splits * (HD + 2);
+// The splits' records of (t, h) joined into out's row, each rescaled to
+// the largest score of all: Σ e^(m_s − m)·o_s / Σ e^(m_s − m)·l_s. The
+// records were written by other blocks: read past the L1 cache.
+__device__ void attn_cached_combine(const float* rec, int splits, act_t* __restrict__ out) {
     float m = -INFINITY;
-    for (int s = 0; s < splits; s++) m = fmaxf(m, rec[s * (HD + 2) + HD]);
+    for (int s = 0; s < splits; s++) m = fmaxf(m, __ldcg(&rec[s * (HD + 2) + HD]));
     float l = 0.0f;
     for (int s = 0; s < splits; s++) {
-        const float ms = rec[s * (HD + 2) + HD];
-        if (ms > -INFINITY) l += rec[s * (HD + 2) + HD + 1] * expf(ms - m);
+        const float ms = __ldcg(&rec[s * (HD + 2) + HD]);
+        if (ms > -INFINITY) l += __ldcg(&rec[s * (HD + 2) + HD + 1]) * expf(ms - m);
     }
     for (int d = threadIdx.x; d < HD; d += DEC_THREADS) {
         float acc = 0.0f;
         for (int s = 0; s < splits; s++) {
-            const float ms = rec[s * (HD + 2) + HD];
-            if (ms > -INFINITY) acc += rec[s * (HD + 2) + d] * expf(ms - m);
+            const float ms = __ldcg(&rec[s * (HD + 2) + HD]);
+            if (ms > -INFINITY) acc += __ldcg(&rec[s * (HD + 2) + d]) * expf(ms - m);
         }
-        out[((long long)t * heads + h) * HD + d] = to_act(acc / l);
+        out[d] = to_act(acc / l);
     }
 }
+
+// part holds a counter per (token, head), then the records. The block
+// that finishes last of its (token, head)'s splits, as the counter tells,
+// joins them into out and sets the counter back to zero for the next
+// launch: one launch where a second one for the joining cost as much as
+// the attention itself.
+extern "C" __global__ void __launch_bounds__(DEC_THREADS) attn_cached(const act_t* __restrict__ q, const act_t* __restrict__ kc,
+                                                                       const act_t* __restrict__ vc, const int* __restrict__ seq,
+                                                                       const int* __restrict__ pos, unsigned int* __restrict__ part,
+                                                                       act_t* __restrict__ out, int heads, int kv_heads, int cache_len,
+                                                                       int window, float scale) {
+    __shared__ bool last;
+    const int t = blockIdx.x, h = blockIdx.y, sp = blockIdx.z, splits = gridDim.z;
+    const int p = pos[t];
+    const int lo = window > 0 ? max(0, p - window + 1) : 0;
+    const int j0 = lo + sp * DEC_CHUNK, n = min(p + 1 - j0, DEC_CHUNK);
+    unsigned int* count = part + (long long)t * heads + h;
+    float* recs = reinterpret_cast<float*>(part + (long long)gridDim.x * heads) + ((long long)t * heads + h) * splits * (HD + 2);
+    float* rec = recs + sp * (HD + 2);
+    if (n > 0)
+        attn_cached_split(q, kc, vc, t, h, h / (heads / kv_heads), seq[t], j0, n, heads, kv_heads, cache_len, scale, rec);
+    else if (threadIdx.x == 0)
+        rec[HD] = -INFINITY, rec[HD + 1] = 0.0f;
+    __threadfence(); // this block's record, visible before the count says so
+    __syncthreads();
+    if (threadIdx.x == 0) {
+        last = atomicAdd(count, 1u) == (unsigned int)splits - 1;
+        if (last) *count = 0;
+    }
+    __syncthreads();
+    if (!last) return;
+    __threadfence();
+    attn_cached_combine(recs, splits, out + ((long long)t * heads + h) * HD);
+}
+

@@ -452,24 +452,22 @@ func cachedSplits(cacheLen, window int) int {
 	return (keys + decodeChunk - 1) / decodeChunk
 }
 
-// CachedAttentionBytes is the float32 workspace AttentionCached needs for
-// tokens tokens: a record per (token, head, split).
+// CachedAttentionBytes is the workspace AttentionCached needs for tokens
+// tokens: a counter per (token, head), then a float32 record per (token,
+// head, split).
 func (k *Kernels) CachedAttentionBytes(tokens, heads, cacheLen, window int) int64 {
-	return 4 * int64(tokens) * int64(heads) * int64(cachedSplits(cacheLen, window)) * int64(k.HeadDim+2)
+	return 4 * int64(tokens) * int64(heads) * (1 + int64(cachedSplits(cacheLen, window))*int64(k.HeadDim+2))
 }
 
 // AttentionCached computes out [tokens × heads × head_dim]: each token's
 // query heads against its sequence's cached keys and values, positions up
 // to its own (within window on sliding layers, 0 meaning all), through the
-// workspace part (CachedAttentionBytes).
+// workspace part (CachedAttentionBytes for at least tokens). part's
+// counters, its first 4·tokens·heads bytes, must be zero before its first
+// use (clear it once); each launch leaves them zero.
 func (k *Kernels) AttentionCached(c *cuda.Ctx, q, kc, vc, seq, pos, part, out cuda.DevicePtr, tokens, heads, kvHeads, cacheLen, window int, scale float64) error {
-	splits := cachedSplits(cacheLen, window)
-	cfg := cuda.LaunchConfig{Grid: cuda.Dim3{X: tokens, Y: heads, Z: splits}, Block: cuda.Dim3{X: 128}}
-	if err := k.launch(c, "attn_cached", cfg, q, kc, vc, seq, pos, part, int32(heads), int32(kvHeads), int32(cacheLen), int32(window), float32(scale)); err != nil {
-		return err
-	}
-	cfg.Grid.Z = 1
-	return k.launch(c, "attn_cached_combine", cfg, part, out, int32(heads), int32(splits))
+	cfg := cuda.LaunchConfig{Grid: cuda.Dim3{X: tokens, Y: heads, Z: cachedSplits(cacheLen, window)}, Block: cuda.Dim3{X: 128}}
+	return k.launch(c, "attn_cached", cfg, q, kc, vc, seq, pos, part, out, int32(heads), int32(kvHeads), int32(cacheLen), int32(window), float32(scale))
 }
 
 // GeGLU computes out = gelu_tanh(gate)·up over n activations.

@@ -1164,11 +1164,29 @@ func TestAttentionCached(t *testing.T) {
 						qseq[s], qpos[s] = int32(s), int32(n-1)
 					}
 					out := d.alloc(int64(len(lens)*H*D) * p.Size())
+					// The counters are cleared once; each launch leaves them
+					// zero for the next, which must give the same rows.
 					part := d.alloc(k.CachedAttentionBytes(len(lens), H, cacheLen, sh.window))
-					if err := k.AttentionCached(d.c, d.act(q), kc, vc, d.i32(qseq), d.i32(qpos), part, out, len(lens), H, KV, cacheLen, sh.window, scale); err != nil {
+					counters := int64(4 * len(lens) * H)
+					if err := d.c.MemsetD8Async(part, 0, counters, nil); err != nil {
 						return err
 					}
-					d.check("out", d.readAct(out, len(lens)*H*D), want, tol(p, 300))
+					qp, seqp, posp := d.act(q), d.i32(qseq), d.i32(qpos)
+					for launch := 0; launch < 2; launch++ {
+						if err := k.AttentionCached(d.c, qp, kc, vc, seqp, posp, part, out, len(lens), H, KV, cacheLen, sh.window, scale); err != nil {
+							return err
+						}
+						d.check(fmt.Sprintf("out of launch %d", launch+1), d.readAct(out, len(lens)*H*D), want, tol(p, 300))
+						left := make([]int32, counters/4)
+						if err := cuda.Download(d.c, left, part); err != nil {
+							return err
+						}
+						for i, v := range left {
+							if v != 0 {
+								return fmt.Errorf("launch %d left counter %d at %d", launch+1, i, v)
+							}
+						}
+					}
 					return nil
 				})
 			})

@@ -11,7 +11,7 @@
 // multiple of 32.
 #include "gemma.cuh"
 
-#define GEMV_WARPS 8 // sixteen measured no faster
+#define GEMV_WARPS 8 // sixteen, or as many as even out the passes, measured slower
 
 extern "C" __global__ void __launch_bounds__(GEMV_WARPS * 32) gemv_mma(const uint4* __restrict__ w, const act_t* __restrict__ x, int T,
                                                                    int rows, int in, int part_rows, long long part_stride,

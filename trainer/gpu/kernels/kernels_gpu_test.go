@@ -1197,9 +1197,9 @@ func TestAttentionCached(t *testing.T) {
 // BenchmarkNF4GEMV times the batch-1 decoding product of Gemma 3 12B's
 // projection shapes from the NF4 form (and the same for eight tokens)
 // beside cuBLAS's on the dense bf16 weights (the other way a decoder reads
-// them), each as the median over
-// runs of 20 back-to-back launches between two events, and reports the
-// bandwidth each draws from the bytes it must read.
+// them), each as the median over runs of 32 back-to-back launches between
+// two events, over copies of the weights that overflow the L2 cache, and
+// reports the bandwidth each draws from the bytes it must read.
 func BenchmarkNF4GEMV(b *testing.B) {
 	cudatest.Device(b)
 	k := kernelsFor(b, BF16, 256)
@@ -1226,24 +1226,31 @@ func BenchmarkNF4GEMV(b *testing.B) {
 					}
 					return buf.Ptr
 				}
-				packed, aq, a2 := alloc(n/2), alloc(n/64), alloc(4*(n/64/256+1))
-				dense, x, out := alloc(2*n), alloc(2*int64(in)*GEMVTokens), alloc(2*int64(rows)*GEMVTokens)
+				// Copies enough to overflow the L2 cache, as a step's many
+				// matrices do, read in turn.
+				copies := int(min(32, max(1, (256<<20)/(2*n))))
+				type weights struct{ packed, aq, a2, dense cuda.DevicePtr }
+				ws := make([]weights, copies)
+				for i := range ws {
+					ws[i] = weights{alloc(n / 2), alloc(n / 64), alloc(4 * (n/64/256 + 1)), alloc(2 * n)}
+				}
+				x, out := alloc(2*int64(in)*GEMVTokens), alloc(2*int64(rows)*GEMVTokens)
 				g := cuda.GEMM{M: 1, N: rows, K: in, TransB: true, AType: cuda.BF16, BType: cuda.BF16, CType: cuda.BF16}
 				for _, op := range []struct {
 					name  string
 					bytes int64
-					run   func() error
+					run   func(w weights) error
 				}{
-					{"nf4", n/2 + n/64, func() error { return k.NF4GEMV(c, packed, aq, a2, 0, RoundBF16, x, 1, rows, in, out) }},
-					{"nf4-T8", n/2 + n/64, func() error {
-						return k.NF4GEMV(c, packed, aq, a2, 0, RoundBF16, x, GEMVTokens, rows, in, out)
+					{"nf4", n/2 + n/64, func(w weights) error { return k.NF4GEMV(c, w.packed, w.aq, w.a2, 0, RoundBF16, x, 1, rows, in, out) }},
+					{"nf4-T8", n/2 + n/64, func(w weights) error {
+						return k.NF4GEMV(c, w.packed, w.aq, w.a2, 0, RoundBF16, x, GEMVTokens, rows, in, out)
 					}},
-					{"cublas-bf16", 2 * n, func() error { return c.Matmul(g, 1, x, dense, 0, out, nil) }},
+					{"cublas-bf16", 2 * n, func(w weights) error { return c.Matmul(g, 1, x, w.dense, 0, out, nil) }},
 				} {
-					const launches = 20
+					const launches = 32
 					ms, err := cudatest.MedianMs(c, 1, max(b.N, 5), func() error {
-						for range launches {
-							if err := op.run(); err != nil {
+						for i := range launches {
+							if err := op.run(ws[i%copies]); err != nil {
 								return err
 							}
 						}
@@ -1295,19 +1302,26 @@ func BenchmarkGEMV(b *testing.B) {
 						}
 						return buf.Ptr
 					}
-					w, x, out := alloc(2*n), alloc(2*int64(in)*GEMVTokens), alloc(2*int64(rows)*GEMVTokens)
+					// Copies of the weights enough to overflow the L2 cache, as
+					// a step's many matrices do, read in turn.
+					copies := int(min(32, max(1, (256<<20)/(2*n))))
+					ws := make([]cuda.DevicePtr, copies)
+					for i := range ws {
+						ws[i] = alloc(2 * n)
+					}
+					x, out := alloc(2*int64(in)*GEMVTokens), alloc(2*int64(rows)*GEMVTokens)
 					g := cuda.GEMM{M: T, N: rows, K: in, TransB: true, AType: cuda.BF16, BType: cuda.BF16, CType: cuda.BF16}
 					for _, op := range []struct {
 						name string
-						run  func() error
+						run  func(w cuda.DevicePtr) error
 					}{
-						{"cublas", func() error { return c.Matmul(g, 1, x, w, 0, out, nil) }},
-						{"gemv", func() error { return k.GEMV(c, w, x, T, rows, in, rows, 0, out) }},
+						{"cublas", func(w cuda.DevicePtr) error { return c.Matmul(g, 1, x, w, 0, out, nil) }},
+						{"gemv", func(w cuda.DevicePtr) error { return k.GEMV(c, w, x, T, rows, in, rows, 0, out) }},
 					} {
-						const launches = 20
+						const launches = 32
 						ms, err := cudatest.MedianMs(c, 1, max(b.N, 5), func() error {
-							for range launches {
-								if err := op.run(); err != nil {
+							for i := range launches {
+								if err := op.run(ws[i%copies]); err != nil {
 									return err
 								}
 							}

@@ -3,9 +3,10 @@
 # (scripts/bench-generate-hf.py, bf16 weights) and `pipeline bench generate`
 # with each base form in QUANTIZE (default "none nf4": bf16 weights, and an
 # NF4 base as the generate stage holds a QLoRA one) on the same shapes,
-# greedy, 128-token prompts and 128 new tokens, at batch 1 and 16; prints a
-# row per form with transformers' number of that shape, the ratio, and ours
-# against the memory-bandwidth bound of the form the steps read.
+# greedy, 128-token prompts and 128 new tokens, at each batch size in
+# BATCHES (default "1 16"); prints a row per form with transformers' number
+# of that shape, the ratio, and ours against the memory-bandwidth bound of
+# the form the steps read.
 #
 #   scripts/bench-generate.sh [PIPELINE] [PRESETS...]      e.g. bin/gpu/pipeline 1b 12b
 set -euo pipefail
@@ -17,7 +18,7 @@ tmp=$(mktemp -d)
 trap 'rm -rf "$tmp"' EXIT
 printf '%-6s %5s %-7s %12s %12s %8s %12s %8s %9s %9s\n' preset batch weights "ours tok/s" "HF tok/s" ratio "bound tok/s" "of bound" "ours GiB" "HF GiB"
 for p in ${presets[@]}; do
-	for b in 1 16; do
+	for b in ${BATCHES:-1 16}; do
 		python3 "$here/bench-generate-hf.py" --preset "$p" --batch-size $b >"$tmp/hf.json"
 		for q in ${QUANTIZE:-none nf4}; do
 			"$pipeline" bench generate --preset "$p" --batch-size $b --quantize "$q" --json ${BENCH_FLAGS:-} >"$tmp/ours.json"

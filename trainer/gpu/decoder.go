@@ -217,7 +217,6 @@ func (g *decoder) withCaches(prompts [][]int32, maxNew int, decode func(trainer.
 			return err
 		}
 		return c.MemsetD8Async(dc.part.Ptr, 0, size, nil) // its counters start at zero
-
 	})
 	defer s.dev.Do(func(c *cuda.Ctx) error {
 		for _, b := range append(append(dc.k, dc.v...), dc.seq, dc.pos, dc.from[0], dc.from[1], dc.best, dc.part) {

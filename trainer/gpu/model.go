@@ -471,9 +471,10 @@ func (s *session) nf4GEMV(T int, p *projection) bool {
 // linearPair is linear for two projections of one input and one shape (k
 // and v, gate and up). Where both weights are stored dense, one after the
 // other, out2 lies above out1 and the step does not read the NF4 form
-// directly (nf4GEMV), the frozen products are one batched GEMM: for a
-// decoding step, one launch instead of two, and a better use of the
-// bandwidth for the small ones (see adjoin).
+// directly (nf4GEMV), the frozen products are one launch (our decoding
+// product, denseGEMV, else a batched GEMM): for a decoding step, one
+// launch instead of two, and a better use of the bandwidth for the small
+// ones (see adjoin).
 func (s *session) linearPair(c *cuda.Ctx, T, layer int, m1, m2 trainer.Module, x, out1, out2 cuda.DevicePtr, lc *layerCache, d *trainer.Dropout) error {
 	L := &s.w.layers[layer]
 	p1, p2 := &L.proj[moduleIndex(m1)], &L.proj[moduleIndex(m2)]

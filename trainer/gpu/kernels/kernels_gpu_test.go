@@ -1194,6 +1194,51 @@ func TestAttentionCached(t *testing.T) {
 	}
 }
 
+// benchMemory hands a benchmark device buffers, filled with 0x3c bytes
+// (finite in every float type: the kernels' speed does not depend on the
+// values), and frees them all.
+type benchMemory struct {
+	c    *cuda.Ctx
+	bufs []cuda.Buffer
+}
+
+func (m *benchMemory) alloc(size int64) cuda.DevicePtr {
+	buf, err := m.c.Alloc(size)
+	if err != nil {
+		panic(err)
+	}
+	m.bufs = append(m.bufs, buf)
+	if err := m.c.MemsetD8Async(buf.Ptr, 0x3c, size, nil); err != nil {
+		panic(err)
+	}
+	return buf.Ptr
+}
+
+func (m *benchMemory) free() {
+	for _, buf := range m.bufs {
+		m.c.Free(buf)
+	}
+}
+
+// l2Copies is how many copies of a matrix of size bytes, read in turn,
+// overflow the L2 cache, as a decoding step's many matrices do.
+func l2Copies(size int64) int { return int(min(32, max(1, (256<<20)/size))) }
+
+// launchMicros is the median time of one launch of op, from runs of
+// launches back-to-back launches between two events; op gets the
+// launch's index in its run.
+func launchMicros(b *testing.B, c *cuda.Ctx, launches int, op func(i int) error) (float64, error) {
+	ms, err := cudatest.MedianMs(c, 1, max(b.N, 5), func() error {
+		for i := range launches {
+			if err := op(i); err != nil {
+				return err
+			}
+		}
+		return nil
+	})
+	return ms * 1e3 / float64(launches), err
+}
+
 // BenchmarkNF4GEMV times the batch-1 decoding product of Gemma 3 12B's
 // projection shapes from the NF4 form (and the same for eight tokens)
 // beside cuBLAS's on the dense bf16 weights (the other way a decoder reads
@@ -1208,33 +1253,14 @@ func BenchmarkNF4GEMV(b *testing.B) {
 		b.Run(fmt.Sprintf("%dx%d", rows, in), func(b *testing.B) {
 			cudatest.Do(b, func(c *cuda.Ctx) error {
 				n := int64(rows) * int64(in)
-				var bufs []cuda.Buffer
-				defer func() {
-					for _, buf := range bufs {
-						c.Free(buf)
-					}
-				}()
-				alloc := func(size int64) cuda.DevicePtr {
-					buf, err := c.Alloc(size)
-					if err != nil {
-						panic(err)
-					}
-					bufs = append(bufs, buf)
-					// Any finite values: the speed does not depend on them.
-					if err := c.MemsetD8Async(buf.Ptr, 0x3c, size, nil); err != nil {
-						panic(err)
-					}
-					return buf.Ptr
-				}
-				// Copies enough to overflow the L2 cache, as a step's many
-				// matrices do, read in turn.
-				copies := int(min(32, max(1, (256<<20)/(2*n))))
+				m := benchMemory{c: c}
+				defer m.free()
 				type weights struct{ packed, aq, a2, dense cuda.DevicePtr }
-				ws := make([]weights, copies)
+				ws := make([]weights, l2Copies(2*n))
 				for i := range ws {
-					ws[i] = weights{alloc(n / 2), alloc(n / 64), alloc(4 * (n/64/256 + 1)), alloc(2 * n)}
+					ws[i] = weights{m.alloc(n / 2), m.alloc(n / 64), m.alloc(4 * (n/64/256 + 1)), m.alloc(2 * n)}
 				}
-				x, out := alloc(2*int64(in)*GEMVTokens), alloc(2*int64(rows)*GEMVTokens)
+				x, out := m.alloc(2*int64(in)*GEMVTokens), m.alloc(2*int64(rows)*GEMVTokens)
 				g := cuda.GEMM{M: 1, N: rows, K: in, TransB: true, AType: cuda.BF16, BType: cuda.BF16, CType: cuda.BF16}
 				for _, op := range []struct {
 					name  string
@@ -1247,19 +1273,10 @@ func BenchmarkNF4GEMV(b *testing.B) {
 					}},
 					{"cublas-bf16", 2 * n, func(w weights) error { return c.Matmul(g, 1, x, w.dense, 0, out, nil) }},
 				} {
-					const launches = 32
-					ms, err := cudatest.MedianMs(c, 1, max(b.N, 5), func() error {
-						for i := range launches {
-							if err := op.run(ws[i%copies]); err != nil {
-								return err
-							}
-						}
-						return nil
-					})
+					us, err := launchMicros(b, c, 32, func(i int) error { return op.run(ws[i%len(ws)]) })
 					if err != nil {
 						return err
 					}
-					us := ms * 1e3 / launches
 					b.ReportMetric(us, op.name+"-µs")
 					b.ReportMetric(float64(op.bytes)/(us*1e-6)/1e9, op.name+"-GB/s")
 				}
@@ -1272,8 +1289,9 @@ func BenchmarkNF4GEMV(b *testing.B) {
 // BenchmarkGEMV times the decoding product from dense bf16 weights at
 // Gemma 3 1B's and 12B's projection shapes (k and v, gate and up as the
 // stacked pairs a step multiplies together), for 1 and 8 tokens, beside
-// cuBLAS's on the same weights: medians of 20 back-to-back launches, and
-// the bandwidth each draws from the weights' bytes.
+// cuBLAS's on the same weights: medians of 32 back-to-back launches over
+// copies of the weights that overflow the L2 cache, and the bandwidth each
+// draws from the weights' bytes.
 func BenchmarkGEMV(b *testing.B) {
 	cudatest.Device(b)
 	k := kernelsFor(b, BF16, 256)
@@ -1285,31 +1303,13 @@ func BenchmarkGEMV(b *testing.B) {
 			b.Run(fmt.Sprintf("%dx%d/T%d", rows, in, T), func(b *testing.B) {
 				cudatest.Do(b, func(c *cuda.Ctx) error {
 					n := int64(rows) * int64(in)
-					var bufs []cuda.Buffer
-					defer func() {
-						for _, buf := range bufs {
-							c.Free(buf)
-						}
-					}()
-					alloc := func(size int64) cuda.DevicePtr {
-						buf, err := c.Alloc(size)
-						if err != nil {
-							panic(err)
-						}
-						bufs = append(bufs, buf)
-						if err := c.MemsetD8Async(buf.Ptr, 0x3c, size, nil); err != nil {
-							panic(err)
-						}
-						return buf.Ptr
-					}
-					// Copies of the weights enough to overflow the L2 cache, as
-					// a step's many matrices do, read in turn.
-					copies := int(min(32, max(1, (256<<20)/(2*n))))
-					ws := make([]cuda.DevicePtr, copies)
+					m := benchMemory{c: c}
+					defer m.free()
+					ws := make([]cuda.DevicePtr, l2Copies(2*n))
 					for i := range ws {
-						ws[i] = alloc(2 * n)
+						ws[i] = m.alloc(2 * n)
 					}
-					x, out := alloc(2*int64(in)*GEMVTokens), alloc(2*int64(rows)*GEMVTokens)
+					x, out := m.alloc(2*int64(in)*GEMVTokens), m.alloc(2*int64(rows)*GEMVTokens)
 					g := cuda.GEMM{M: T, N: rows, K: in, TransB: true, AType: cuda.BF16, BType: cuda.BF16, CType: cuda.BF16}
 					for _, op := range []struct {
 						name string
@@ -1318,19 +1318,10 @@ func BenchmarkGEMV(b *testing.B) {
 						{"cublas", func(w cuda.DevicePtr) error { return c.Matmul(g, 1, x, w, 0, out, nil) }},
 						{"gemv", func(w cuda.DevicePtr) error { return k.GEMV(c, w, x, T, rows, in, rows, 0, out) }},
 					} {
-						const launches = 32
-						ms, err := cudatest.MedianMs(c, 1, max(b.N, 5), func() error {
-							for i := range launches {
-								if err := op.run(ws[i%copies]); err != nil {
-									return err
-								}
-							}
-							return nil
-						})
+						us, err := launchMicros(b, c, 32, func(i int) error { return op.run(ws[i%len(ws)]) })
 						if err != nil {
 							return err
 						}
-						us := ms * 1e3 / launches
 						b.ReportMetric(us, op.name+"-µs")
 						b.ReportMetric(float64(2*n)/(us*1e-6)/1e9, op.name+"-GB/s")
 					}
@@ -1355,24 +1346,9 @@ func BenchmarkDropout(b *testing.B) {
 		n := int64(8192) * int64(in)
 		b.Run(fmt.Sprintf("8192x%d", in), func(b *testing.B) {
 			cudatest.Do(b, func(c *cuda.Ctx) error {
-				var bufs []cuda.Buffer
-				defer func() {
-					for _, buf := range bufs {
-						c.Free(buf)
-					}
-				}()
-				alloc := func(size int64) cuda.DevicePtr {
-					buf, err := c.Alloc(size)
-					if err != nil {
-						panic(err)
-					}
-					bufs = append(bufs, buf)
-					if err := c.MemsetD8Async(buf.Ptr, 0x3c, size, nil); err != nil {
-						panic(err)
-					}
-					return buf.Ptr
-				}
-				x, out, mask, dst := alloc(2*n), alloc(2*n), alloc(MaskBytes(n)), alloc(4*n)
+				m := benchMemory{c: c}
+				defer m.free()
+				x, out, mask, dst := m.alloc(2*n), m.alloc(2*n), m.alloc(MaskBytes(n)), m.alloc(4*n)
 				for _, op := range []struct {
 					name string
 					run  func() error
@@ -1382,19 +1358,11 @@ func BenchmarkDropout(b *testing.B) {
 					{"add", func() error { return k.DropoutAdd(c, x, dst, mask, n, drop.Scale) }},
 					{"copy", func() error { return c.CopyDtoDAsync(out, x, 2*n, nil) }},
 				} {
-					const launches = 20
-					ms, err := cudatest.MedianMs(c, 1, max(b.N, 5), func() error {
-						for range launches {
-							if err := op.run(); err != nil {
-								return err
-							}
-						}
-						return nil
-					})
+					us, err := launchMicros(b, c, 20, func(int) error { return op.run() })
 					if err != nil {
 						return err
 					}
-					b.ReportMetric(ms*1e3/launches, op.name+"-µs")
+					b.ReportMetric(us, op.name+"-µs")
 				}
 				return nil
 			})

@@ -31,13 +31,8 @@ extern "C" __global__ void __launch_bounds__(GEMV_WARPS * 32) gemv_mma(const uin
         for (int q = 0; q < 4; q++) {
             a[0][q] = w[(r0 * pieces + p) * 4 + q];
             a[1][q] = w[(r1 * pieces + p) * 4 + q];
-            b[q] = make_uint4(0u, 0u, 0u, 0u);
         }
-        if (inside && g < T) {
-            const uint4* xs = reinterpret_cast<const uint4*>(x + (long long)g * in + (long long)p * 32);
-            #pragma unroll
-            for (int q = 0; q < 4; q++) b[q] = xs[q];
-        }
+        gemv_x_piece(x, g, T, in, p, inside, b);
         if (!inside) {
             #pragma unroll
             for (int q = 0; q < 4; q++) a[0][q] = a[1][q] = make_uint4(0u, 0u, 0u, 0u);

@@ -136,6 +136,18 @@ __device__ __forceinline__ void mma_bf16(float* c, unsigned a0, unsigned a1, uns
                  : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
 }
 
+// A decoding product's B fragments (nf4.cu, decode.cu): token g's x at the
+// 32 positions of piece p (in 32s of a row of in), b[q] holding positions
+// 8q .. 8q + 7; zero for a token past T or a piece past the row's end.
+__device__ __forceinline__ void gemv_x_piece(const act_t* __restrict__ x, int g, int T, int in, int p, bool inside, uint4* b) {
+    #pragma unroll
+    for (int q = 0; q < 4; q++) b[q] = make_uint4(0u, 0u, 0u, 0u);
+    if (!inside || g >= T) return;
+    const uint4* xs = reinterpret_cast<const uint4*>(x + (long long)g * in + (long long)p * 32);
+    #pragma unroll
+    for (int q = 0; q < 4; q++) b[q] = xs[q];
+}
+
 // The end of a decoding product split over the warps of a block (nf4.cu,
 // decode.cu): each warp's 16 × 8 accumulator fragment (rows g and g + 8,
 // tokens 2c and 2c + 1 of the block's 16 rows) meets the others' in part,

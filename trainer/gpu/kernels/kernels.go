@@ -152,10 +152,9 @@ type Kernels struct {
 	Prec    Precision
 	HeadDim int
 	// Timer, when set, wraps every launch (for profiles by kernel).
-	Timer   Timer
-	fns     map[string]*cuda.Function
-	maxGrid int
-	sms     int // the device's multiprocessors
+	Timer Timer
+	fns   map[string]*cuda.Function
+	sms   int // the device's multiprocessors
 }
 
 // Timer times a launch: it runs f, the launch of kernel name, between
@@ -170,7 +169,7 @@ func Load(c *cuda.Ctx, p Precision, headDim int) (*Kernels, error) {
 	if err != nil {
 		return nil, err
 	}
-	k := &Kernels{Prec: p, HeadDim: headDim, fns: map[string]*cuda.Function{}, maxGrid: 16 * c.Device().Info.SMs, sms: c.Device().Info.SMs}
+	k := &Kernels{Prec: p, HeadDim: headDim, fns: map[string]*cuda.Function{}, sms: c.Device().Info.SMs}
 	for _, src := range srcs {
 		m, err := c.Compile(src)
 		if err != nil {
@@ -241,7 +240,7 @@ func mmaBackwardTile(headDim int) int {
 // stride over the rest.
 func (k *Kernels) grid(n int64) cuda.LaunchConfig {
 	blocks := (n + 255) / 256
-	blocks = max(1, min(blocks, int64(k.maxGrid)))
+	blocks = max(1, min(blocks, 16*int64(k.sms)))
 	return cuda.LaunchConfig{Grid: cuda.Dim3{X: int(blocks)}, Block: cuda.Dim3{X: 256}}
 }
 
@@ -604,9 +603,7 @@ func (k *Kernels) NF4GEMV(c *cuda.Ctx, packed, absmaxQ, absmax2 cuda.DevicePtr, 
 	}
 	args := []any{packed, absmaxQ, absmax2, offset, int32(round), x, int32(T), int32(rows), int32(in), out}
 	if k.Prec == BF16 {
-		// A block of NF4_MMA_WARPS warps for every 16 rows.
-		cfg := cuda.LaunchConfig{Grid: cuda.Dim3{X: (rows + 15) / 16}, Block: cuda.Dim3{X: 8 * 32}}
-		return k.launch(c, "nf4_gemv_mma", cfg, args...)
+		return k.launch(c, "nf4_gemv_mma", gemvMMAConfig(rows), args...)
 	}
 	// Four warps a block, two rows (NF4_GEMV_ROWS) a warp; the blocks
 	// stride over the rest.
@@ -625,9 +622,13 @@ func (k *Kernels) GEMV(c *cuda.Ctx, w, x cuda.DevicePtr, T, rows, in, partRows i
 		return fmt.Errorf("kernels: gemv_mma takes bf16, 1 to %d tokens, rows whose length is a multiple of 32, whole stacked matrices and 16-byte aligned inputs (got %s, %d tokens, %d rows of %d in parts of %d)",
 			GEMVTokens, k.Prec, T, rows, in, partRows)
 	}
-	// A block of eight warps (GEMV_WARPS) for every 16 rows.
-	cfg := cuda.LaunchConfig{Grid: cuda.Dim3{X: (rows + 15) / 16}, Block: cuda.Dim3{X: 8 * 32}}
-	return k.launch(c, "gemv_mma", cfg, w, x, int32(T), int32(rows), int32(in), int32(partRows), partStride, out)
+	return k.launch(c, "gemv_mma", gemvMMAConfig(rows), w, x, int32(T), int32(rows), int32(in), int32(partRows), partStride, out)
+}
+
+// gemvMMAConfig is the launch of gemv_mma and nf4_gemv_mma: a block of
+// eight warps (GEMV_WARPS, NF4_MMA_WARPS) for every 16 rows.
+func gemvMMAConfig(rows int) cuda.LaunchConfig {
+	return cuda.LaunchConfig{Grid: cuda.Dim3{X: (rows + 15) / 16}, Block: cuda.Dim3{X: 8 * 32}}
 }
 
 // Resources reports what kernel name takes from a multiprocessor.

@@ -44,6 +44,18 @@ extern "C" __global__ void nf4_dequantize(const unsigned char* __restrict__ pack
     }
 }
 
+// The code tables in shared memory (threads of a warp reading different
+// entries of a constant array are served one address at a time); returns
+// the NF4 table's shared address for nf4_code.
+__device__ __forceinline__ unsigned int nf4_load_tables(float* code, float* dyn) {
+    for (int i = threadIdx.x; i < 256; i += blockDim.x) {
+        dyn[i] = DYN_CODE[i];
+        if (i < 16) code[i] = NF4_CODE[i];
+    }
+    __syncthreads();
+    return (unsigned int)__cvta_generic_to_shared(code);
+}
+
 // The same, sixteen weights a thread: 8 packed bytes in, one absmax, 32
 // (bf16) or 64 (float32) bytes out. The codes sit in shared memory: threads
 // of a warp reading different entries of a constant array are served one
@@ -53,11 +65,7 @@ extern "C" __global__ void nf4_dequantize16(const uint2* __restrict__ packed, co
                                             const float* __restrict__ absmax2, float offset, long long groups, int round_mode,
                                             uint4* __restrict__ out) {
     __shared__ float code[16], dyn[256];
-    for (int i = threadIdx.x; i < 256; i += blockDim.x) {
-        dyn[i] = DYN_CODE[i];
-        if (i < 16) code[i] = NF4_CODE[i];
-    }
-    __syncthreads();
+    nf4_load_tables(code, dyn);
     GRID_STRIDE(g, groups) {
         const long long b = g / 4; // four groups of sixteen to a 64-block
         const float am = __fadd_rn(__fmul_rn(dyn[absmax_q[b]], absmax2[b / 256]), offset);
@@ -130,18 +138,6 @@ __device__ __forceinline__ float nf4_piece_absmax(const unsigned char* __restric
                                                   const float* dyn, float offset, long long piece) {
     const long long b = piece / 2;
     return __fadd_rn(__fmul_rn(dyn[absmax_q[b]], absmax2[b / 256]), offset);
-}
-
-// The code tables in shared memory (threads of a warp reading different
-// entries of a constant array are served one address at a time); returns
-// the NF4 table's shared address for nf4_code.
-__device__ __forceinline__ unsigned int nf4_load_tables(float* code, float* dyn) {
-    for (int i = threadIdx.x; i < 256; i += blockDim.x) {
-        dyn[i] = DYN_CODE[i];
-        if (i < 16) code[i] = NF4_CODE[i];
-    }
-    __syncthreads();
-    return (unsigned int)__cvta_generic_to_shared(code);
 }
 
 // nf4_gemv: a warp computes two rows, lane by lane over 32-weight pieces,
@@ -269,27 +265,20 @@ __device__ __forceinline__ void nf4_mma_tile(const uint4* __restrict__ packed, c
         const uint4 w0 = packed[r0 * pieces + p], w1 = packed[r1 * pieces + p];
         const float am0 = inside ? nf4_piece_absmax(absmax_q, absmax2, dyn, offset, r0 * pieces + p) : 0.0f;
         const float am1 = inside ? nf4_piece_absmax(absmax_q, absmax2, dyn, offset, r1 * pieces + p) : 0.0f;
-        unsigned int xb[16] = {};
-        if (inside && g < T) {
-            const uint4* xs = reinterpret_cast<const uint4*>(x + (long long)g * in + (long long)p * 32);
-            #pragma unroll
-            for (int q = 0; q < 4; q++) {
-                const uint4 v = xs[q];
-                xb[4 * q] = v.x, xb[4 * q + 1] = v.y, xb[4 * q + 2] = v.z, xb[4 * q + 3] = v.w;
-            }
-        }
+        uint4 b[4];
+        gemv_x_piece(x, g, T, in, p, inside, b);
         const unsigned int ws0[4] = {w0.x, w0.y, w0.z, w0.w}, ws1[4] = {w1.x, w1.y, w1.z, w1.w};
         #pragma unroll
-        for (int word = 0; word < 4; word++) {
+        for (int word = 0; word < 4; word++) { // positions 8·word .. 8·word + 7 of the lane's 32, x in b[word]
             const unsigned int hi0 = nf4_nibbles(ws0[word], true), lo0 = nf4_nibbles(ws0[word], false);
             const unsigned int hi1 = nf4_nibbles(ws1[word], true), lo1 = nf4_nibbles(ws1[word], false);
             #pragma unroll
-            for (int h = 0; h < 2; h++) { // bytes 2h and 2h + 1 of the word: positions 4m .. 4m + 3 of the lane's 32
-                const int m = 2 * word + h;
+            for (int h = 0; h < 2; h++) { // bytes 2h and 2h + 1 of the word: four positions, two x words
                 mma_bf16(acc, nf4_bf16x2<ROUND>(code, hi0, lo0, 2 * h, am0, round_mode),
                          nf4_bf16x2<ROUND>(code, hi1, lo1, 2 * h, am1, round_mode),
                          nf4_bf16x2<ROUND>(code, hi0, lo0, 2 * h + 1, am0, round_mode),
-                         nf4_bf16x2<ROUND>(code, hi1, lo1, 2 * h + 1, am1, round_mode), xb[2 * m], xb[2 * m + 1]);
+                         nf4_bf16x2<ROUND>(code, hi1, lo1, 2 * h + 1, am1, round_mode), h == 0 ? b[word].x : b[word].z,
+                         h == 0 ? b[word].y : b[word].w);
             }
         }
     }

@@ -1,6 +1,6 @@
 // Decoding products from dense bfloat16 weights: out [T × rows] = x·Wᵀ for
 // the few tokens of a decoding step (T ≤ 8), where reading W is the whole
-// cost. The layout is nf4_gemv_mma's (nf4.cu) without the codes: lane l
+// cost. On tensor cores, as nf4_gemv_mma (nf4.cu): lane l
 // (g = l / 4, c = l % 4) loads 32 consecutive weights of rows g and g + 8
 // of the block's 16 (four 16-byte loads a row, a quad's 128 bytes one
 // cache line), which are directly its A fragments, and x at the same 32
@@ -12,6 +12,18 @@
 #include "gemma.cuh"
 
 #define GEMV_WARPS 8 // sixteen, or as many as even out the passes, measured slower
+
+// gemv_mma's B fragments: token g's x at the 32 positions of piece p (in
+// 32s of a row of in), b[q] holding positions 8q .. 8q + 7; zero for a
+// token past T or a piece past the row's end.
+__device__ __forceinline__ void gemv_x_piece(const act_t* __restrict__ x, int g, int T, int in, int p, bool inside, uint4* b) {
+    #pragma unroll
+    for (int q = 0; q < 4; q++) b[q] = make_uint4(0u, 0u, 0u, 0u);
+    if (!inside || g >= T) return;
+    const uint4* xs = reinterpret_cast<const uint4*>(x + (long long)g * in + (long long)p * 32);
+    #pragma unroll
+    for (int q = 0; q < 4; q++) b[q] = xs[q];
+}
 
 extern "C" __global__ void __launch_bounds__(GEMV_WARPS * 32) gemv_mma(const uint4* __restrict__ w, const act_t* __restrict__ x, int T,
                                                                    int rows, int in, int part_rows, long long part_stride,
@@ -43,7 +55,7 @@ extern "C" __global__ void __launch_bounds__(GEMV_WARPS * 32) gemv_mma(const uin
             mma_bf16(acc, a[0][q].z, a[1][q].z, a[0][q].w, a[1][q].w, b[q].z, b[q].w);
         }
     }
-    gemv_mma_store<GEMV_WARPS>(acc, part, T, rows, part_rows, part_stride, out);
+    gemv_mma_store<GEMV_WARPS>(acc, part, T, rows, part_rows, part_stride, out, blockIdx.x);
 #endif
 }
 

@@ -136,27 +136,15 @@ __device__ __forceinline__ void mma_bf16(float* c, unsigned a0, unsigned a1, uns
                  : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
 }
 
-// A decoding product's B fragments (nf4.cu, decode.cu): token g's x at the
-// 32 positions of piece p (in 32s of a row of in), b[q] holding positions
-// 8q .. 8q + 7; zero for a token past T or a piece past the row's end.
-__device__ __forceinline__ void gemv_x_piece(const act_t* __restrict__ x, int g, int T, int in, int p, bool inside, uint4* b) {
-    #pragma unroll
-    for (int q = 0; q < 4; q++) b[q] = make_uint4(0u, 0u, 0u, 0u);
-    if (!inside || g >= T) return;
-    const uint4* xs = reinterpret_cast<const uint4*>(x + (long long)g * in + (long long)p * 32);
-    #pragma unroll
-    for (int q = 0; q < 4; q++) b[q] = xs[q];
-}
-
 // The end of a decoding product split over the warps of a block (nf4.cu,
 // decode.cu): each warp's 16 × 8 accumulator fragment (rows g and g + 8,
-// tokens 2c and 2c + 1 of the block's 16 rows) meets the others' in part,
+// tokens 2c and 2c + 1 of tile's 16 rows) meets the others' in part,
 // in a fixed order, and the first warp writes out [T × rows]; or, for
 // rows that stack several matrices of part_rows rows each, matrix m's
 // [T × part_rows] at out + m·part_stride.
 template <int WARPS>
 __device__ __forceinline__ void gemv_mma_store(const float* acc, float (*part)[32][4], int T, int rows, int part_rows,
-                                               long long part_stride, act_t* __restrict__ out) {
+                                               long long part_stride, act_t* __restrict__ out, int tile) {
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
     #pragma unroll
     for (int e = 0; e < 4; e++) part[warp][lane][e] = acc[e];
@@ -167,7 +155,7 @@ __device__ __forceinline__ void gemv_mma_store(const float* acc, float (*part)[3
     for (int e = 0; e < 4; e++) {
         float sum = 0.0f;
         for (int w = 0; w < WARPS; w++) sum += part[w][lane][e];
-        const int row = blockIdx.x * 16 + g + (e >= 2 ? 8 : 0), t = 2 * c + (e & 1);
+        const int row = tile * 16 + g + (e >= 2 ? 8 : 0), t = 2 * c + (e & 1);
         if (row < rows && t < T) out[row / part_rows * part_stride + (long long)t * part_rows + row % part_rows] = to_act(sum);
     }
 }

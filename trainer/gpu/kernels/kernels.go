@@ -592,9 +592,13 @@ func (k *Kernels) NF4Dequantize(c *cuda.Ctx, packed, absmaxQ, absmax2 cuda.Devic
 const GEMVTokens = 8 // nf4.cu: a tensor-core tile's eight columns
 
 // NF4GEMV computes out [T × rows] = x [T × in]·Wᵀ from W [rows × in] in
-// its NF4 form, without dequantising it to memory first: the weights
-// NF4Dequantize would write (rounded to the checkpoint dtype round), their
-// products summed in another order. in must be a multiple of 32 and T at
+// its NF4 form, without dequantising it to memory first. In bf16, for rows
+// whose length is a multiple of 64, it runs on tensor cores and applies
+// each 64-block's scale to the block's sum: the codes enter rounded to
+// bfloat16 where NF4Dequantize rounds every code·scale, so the two agree
+// within bfloat16's precision. Otherwise the products are those of the
+// weights NF4Dequantize would write (rounded to the checkpoint dtype
+// round), summed in another order. in must be a multiple of 32 and T at
 // most GEMVTokens.
 func (k *Kernels) NF4GEMV(c *cuda.Ctx, packed, absmaxQ, absmax2 cuda.DevicePtr, offset float32, round int, x cuda.DevicePtr, T, rows, in int, out cuda.DevicePtr) error {
 	if T < 1 || T > GEMVTokens || in%32 != 0 || packed%16 != 0 || x%16 != 0 {
@@ -602,8 +606,11 @@ func (k *Kernels) NF4GEMV(c *cuda.Ctx, packed, absmaxQ, absmax2 cuda.DevicePtr, 
 			GEMVTokens, T, in)
 	}
 	args := []any{packed, absmaxQ, absmax2, offset, int32(round), x, int32(T), int32(rows), int32(in), out}
-	if k.Prec == BF16 {
-		return k.launch(c, "nf4_gemv_mma", gemvMMAConfig(rows), args...)
+	if k.Prec == BF16 && in%64 == 0 {
+		// The blocks stride over the 16-row tiles, as many as fit at once.
+		cfg := gemvMMAConfig(rows)
+		cfg.Grid.X = min(cfg.Grid.X, nf4BlocksPerSM*k.sms)
+		return k.launch(c, "nf4_gemv_mma", cfg, args...)
 	}
 	// Four warps a block, two rows (NF4_GEMV_ROWS) a warp; the blocks
 	// stride over the rest.
@@ -624,6 +631,11 @@ func (k *Kernels) GEMV(c *cuda.Ctx, w, x cuda.DevicePtr, T, rows, in, partRows i
 	}
 	return k.launch(c, "gemv_mma", gemvMMAConfig(rows), w, x, int32(T), int32(rows), int32(in), int32(partRows), partStride, out)
 }
+
+// nf4BlocksPerSM is how many blocks of nf4_gemv_mma a multiprocessor
+// holds at once (NF4_MIN_BLOCKS, by its registers and 38 KiB of shared
+// memory).
+const nf4BlocksPerSM = 3
 
 // gemvMMAConfig is the launch of gemv_mma and nf4_gemv_mma: a block of
 // eight warps (GEMV_WARPS, NF4_MMA_WARPS) for every 16 rows.

@@ -806,10 +806,12 @@ func TestNF4MatchesHost(t *testing.T) {
 }
 
 // TestNF4GEMV checks the decoding product against float64 sums over the
-// weights NF4Dequantize writes, for each checkpoint dtype's rounding, every
-// token count it takes, rows not a multiple of a warp's four and rows whose
-// pieces do not fill a warp's lanes evenly; nothing past the T rows of the
-// output is written.
+// weights NF4Dequantize writes, and the tensor-core kernel also against
+// its own definition (nf4BlockScaled), for each checkpoint dtype's
+// rounding, every token count it takes, rows not a multiple of a warp's
+// four, rows whose 64-blocks do not fill the warps' passes evenly (an odd
+// count among them) and rows of 32 (the CUDA-core kernel); nothing past
+// the T rows of the output is written.
 func TestNF4GEMV(t *testing.T) {
 	rounds := map[string]int{"bfloat16": RoundBF16, "float16": RoundF16, "float32": RoundNone}
 	for _, p := range precisions {
@@ -823,7 +825,7 @@ func TestNF4GEMV(t *testing.T) {
 			t.Errorf("nf4_gemv_mma spills: %d bytes of local memory a thread", r.LocalBytes)
 		}
 		for dtype, round := range rounds {
-			for _, sh := range [][2]int{{37, 32}, {256, 1152}, {130, 2560}} {
+			for _, sh := range [][2]int{{37, 32}, {256, 1152}, {130, 2560}, {40, 1216}} {
 				for _, T := range []int{1, 3, GEMVTokens} {
 					rows, in := sh[0], sh[1]
 					t.Run(fmt.Sprintf("%s/%s/%dx%d/T%d", p, dtype, rows, in, T), func(t *testing.T) {
@@ -848,6 +850,12 @@ func TestNF4GEMV(t *testing.T) {
 								want[tok*rows+o] = float32(s)
 							}
 						}
+						// The tensor-core kernel's own definition: bfloat16 codes,
+						// each 64-block's sum times its scale.
+						var exact []float32
+						if p == BF16 && in%64 == 0 {
+							exact = nf4BlockScaled(nf, x, T, rows, in)
+						}
 						run(t, k, func(d *dev) error {
 							packed, aq := d.alloc(int64(len(nf.Packed))), d.alloc(int64(len(nf.AbsmaxQ)))
 							if err := cuda.Upload(d.c, packed, nf.Packed); err != nil {
@@ -862,6 +870,9 @@ func TestNF4GEMV(t *testing.T) {
 							}
 							got := d.readAct(out, (T+1)*rows)
 							d.check("x·Wᵀ", got[:T*rows], want, tol(p, in))
+							if exact != nil {
+								d.check("x·Wᵀ by 64-blocks", got[:T*rows], exact, cudatest.Tolerance{Name: "bfloat16 rounding of the output", Rel: 4e-3})
+							}
 							for i, v := range got[T*rows:] {
 								if !math.IsNaN(float64(v)) {
 									return fmt.Errorf("output element %d past the %d tokens was written (%v)", T*rows+i, T, v)
@@ -874,6 +885,35 @@ func TestNF4GEMV(t *testing.T) {
 			}
 		}
 	}
+}
+
+// nf4BlockScaled is x·Wᵀ as nf4_gemv_mma defines it, in float64: the codes
+// rounded to bfloat16, each 64-block's sum times the block's scale.
+func nf4BlockScaled(nf *trainer.NF4Tensor, x []float32, T, rows, in int) []float32 {
+	code := trainer.NF4Code()
+	for i := range code {
+		code[i] = half.FromBF16(half.BF16(code[i]))
+	}
+	scale := nf.Absmax()
+	out := make([]float32, T*rows)
+	for tok := 0; tok < T; tok++ {
+		for o := 0; o < rows; o++ {
+			var s float64
+			for b := 0; b < in/trainer.NF4BlockSize; b++ {
+				var blk float64
+				for i := b * trainer.NF4BlockSize; i < (b+1)*trainer.NF4BlockSize; i++ {
+					q := nf.Packed[(o*in+i)/2] >> 4
+					if i%2 == 1 {
+						q = nf.Packed[(o*in+i)/2] & 0xf
+					}
+					blk += float64(code[q]) * float64(x[tok*in+i])
+				}
+				s += blk * float64(scale[(o*in)/trainer.NF4BlockSize+b])
+			}
+			out[tok*rows+o] = float32(s)
+		}
+	}
+	return out
 }
 
 // TestGEMV checks the decoding product from dense weights against float64

@@ -89,12 +89,14 @@ extern "C" __global__ void nf4_dequantize16(const uint2* __restrict__ packed, co
 // (T ≤ 8), reading W in its NF4 form: half a byte a weight, where the
 // dequantised GEMM reads two (and a dequantisation at every step reads half
 // a byte, writes two and reads them again). At batch 1 those bytes are what
-// a step costs. The weights are the ones nf4_dequantize writes (code·absmax
-// rounded to the checkpoint dtype, then to an activation); only the order
-// of the sums differs from the dequantised GEMM's. nf4_gemv_mma runs on
-// tensor cores with bfloat16 activations; nf4_gemv, one product at a time
-// in float32, serves the float32 test mode. Both need in to be a multiple
-// of 32: a lane's 32 weights then lie in one row and one 64-block.
+// a step costs. nf4_gemv_mma runs on tensor cores with bfloat16
+// activations, each 64-block's scale applied to its sum (see there).
+// nf4_gemv, one product at a time in float32, uses the weights
+// nf4_dequantize writes (code·absmax rounded to the checkpoint dtype, then
+// to an activation), so only the order of the sums differs from the
+// dequantised GEMM's; it serves the float32 test mode, and rows whose
+// length is not a multiple of 64. It needs in to be a multiple of 32: a
+// lane's 32 weights then lie in one row and one 64-block.
 #define NF4_GEMV_PARAMS                                                                                                       \
     const uint4 *__restrict__ packed, const unsigned char *__restrict__ absmax_q, const float *__restrict__ absmax2,          \
         float offset, int round_mode, const act_t *__restrict__ x, int T, int rows, int in, act_t *__restrict__ out
@@ -117,26 +119,19 @@ __device__ __forceinline__ float nf4_code(unsigned int base, unsigned int nibble
 
 // The two weights of byte j of a word (its nibbles hi and lo) as a
 // bfloat16 pair, the first (high nibble) in the low half as a tensor-core
-// fragment holds it. With ROUND the products are first rounded to the
-// checkpoint dtype (float16); without, the pair's conversion is the only
-// rounding (bfloat16 checkpoints, or float32 ones read as bfloat16).
-template <bool ROUND>
-__device__ __forceinline__ unsigned int nf4_bf16x2(unsigned int base, unsigned int hi, unsigned int lo, int j, float am, int round_mode) {
-    float first = __fmul_rn(nf4_code(base, hi, j), am);
-    float second = __fmul_rn(nf4_code(base, lo, j), am);
-    if (ROUND) {
-        first = round_to(first, round_mode);
-        second = round_to(second, round_mode);
-    }
+// fragment holds it; the pair's conversion is the only rounding (bfloat16
+// checkpoints, or float32 ones read as bfloat16).
+__device__ __forceinline__ unsigned int nf4_bf16x2(unsigned int base, unsigned int hi, unsigned int lo, int j, float am) {
+    const float first = __fmul_rn(nf4_code(base, hi, j), am);
+    const float second = __fmul_rn(nf4_code(base, lo, j), am);
     unsigned int pair;
     asm("cvt.rn.bf16x2.f32 %0, %1, %2;" : "=r"(pair) : "f"(second), "f"(first));
     return pair;
 }
 
-// The 64-block scale of the piece'th 32 weights (nf4_dequantize's).
-__device__ __forceinline__ float nf4_piece_absmax(const unsigned char* __restrict__ absmax_q, const float* __restrict__ absmax2,
-                                                  const float* dyn, float offset, long long piece) {
-    const long long b = piece / 2;
+// The scale of 64-block b (nf4_dequantize's).
+__device__ __forceinline__ float nf4_block_absmax(const unsigned char* __restrict__ absmax_q, const float* __restrict__ absmax2,
+                                                  const float* dyn, float offset, long long b) {
     return __fadd_rn(__fmul_rn(dyn[absmax_q[b]], absmax2[b / 256]), offset);
 }
 
@@ -165,7 +160,7 @@ __device__ __forceinline__ void nf4_gemv_rows(const uint4* __restrict__ packed, 
             for (int r = 0; r < NF4_GEMV_ROWS; r++) {
                 const long long piece = (long long)min(row0 + r, rows - 1) * pieces + c;
                 w[u][r] = packed[piece];
-                am[u][r] = nf4_piece_absmax(absmax_q, absmax2, dyn, offset, piece);
+                am[u][r] = nf4_block_absmax(absmax_q, absmax2, dyn, offset, piece / 2);
             }
         }
         #pragma unroll
@@ -183,7 +178,7 @@ __device__ __forceinline__ void nf4_gemv_rows(const uint4* __restrict__ packed, 
                     #pragma unroll
                     for (int j = 0; j < 4; j++) { // bytes in memory order
                         if (TO_BF16) {
-                            const unsigned int pair = nf4_bf16x2<false>(code, hi, lo, j, am[u][r], round_mode);
+                            const unsigned int pair = nf4_bf16x2(code, hi, lo, j, am[u][r]);
                             wv[r][2 * j] = __uint_as_float(pair << 16);
                             wv[r][2 * j + 1] = __uint_as_float(pair & 0xffff0000u);
                         } else {
@@ -239,64 +234,140 @@ extern "C" __global__ void __launch_bounds__(128) nf4_gemv(NF4_GEMV_PARAMS) {
     }
 }
 
-// nf4_gemv_mma: a block of NF4_MMA_WARPS warps takes 16 rows, its warps
-// splitting the row's 128-weight chunks between them; one mma.sync
-// multiplies the 16 rows by eight columns of x, the T ≤ 8 tokens, so a
-// step of eight costs what a step of one does. A dot product may run over
-// k in any order that W and x share: lane l (quad column c = l % 4)
-// dequantises 32 consecutive weights of rows g and g + 8 (g = l / 4) into
-// its A fragments, a byte's two weights to one register, and holds x at
-// those 32 positions for token g as its B fragments. The warps' sums meet
-// in shared memory in a fixed order.
+// nf4_gemv_mma: a block of NF4_MMA_WARPS warps takes 16 rows at a time
+// (the blocks stride over the row tiles, so that each fills its tables
+// once), its warps splitting the rows' 64-blocks between them; one
+// mma.sync multiplies the 16 rows by eight columns of x, the T ≤ 8 tokens,
+// so a step of eight costs what a step of one does. A dot product may run
+// over k in any order that W and x share: lane l (quad column c = l % 4)
+// takes the 16 weights at 64·b + 16c of rows g and g + 8 (g = l / 4) of
+// each 64-block b, and x at those positions for token g; the quad's four
+// lanes cover the block, so four mmas sum it apart from the others and its
+// two rows' scales then multiply the sums once. A weight thus costs one
+// table look-up of its code (a byte's two weights at a time,
+// nf4_mma_tables) and no product of its own: the codes enter as bfloat16
+// values and code·scale is never rounded, where nf4_dequantize rounds each
+// weight. The two agree within bfloat16's precision (TestNF4GEMV checks
+// both), not bit for bit. Each warp loads its next pass (the next two
+// blocks, or the first two of its next tile) while it computes this one,
+// the first before the tables are filled. The warps' sums meet in shared
+// memory in a fixed order. in must be a multiple of 64, so that a 64-block
+// lies in one row.
 #define NF4_MMA_WARPS 8
-template <bool ROUND>
-__device__ __forceinline__ void nf4_mma_tile(const uint4* __restrict__ packed, const unsigned char* __restrict__ absmax_q,
-                                             const float* __restrict__ absmax2, float offset, int round_mode, unsigned int code,
-                                             const float* dyn, const act_t* __restrict__ x, int T, int rows, int in,
-                                             float* acc) {
-#ifndef ACT_F32
-    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, g = lane >> 2, c = lane & 3;
-    const long long r0 = min((int)blockIdx.x * 16 + g, rows - 1), r1 = min((int)blockIdx.x * 16 + g + 8, rows - 1);
-    const int pieces = in / 32;
-    for (int k0 = warp * 128; k0 < in; k0 += NF4_MMA_WARPS * 128) {
-        const int piece = k0 / 32 + c;
-        const bool inside = piece < pieces; // past the row's end: zero weights and x
-        const int p = inside ? piece : 0;
-        const uint4 w0 = packed[r0 * pieces + p], w1 = packed[r1 * pieces + p];
-        const float am0 = inside ? nf4_piece_absmax(absmax_q, absmax2, dyn, offset, r0 * pieces + p) : 0.0f;
-        const float am1 = inside ? nf4_piece_absmax(absmax_q, absmax2, dyn, offset, r1 * pieces + p) : 0.0f;
-        uint4 b[4];
-        gemv_x_piece(x, g, T, in, p, inside, b);
-        const unsigned int ws0[4] = {w0.x, w0.y, w0.z, w0.w}, ws1[4] = {w1.x, w1.y, w1.z, w1.w};
+#define NF4_PASS 2 // 64-blocks a warp's pass
+#define NF4_MIN_BLOCKS 3 // a multiprocessor's blocks at once (kernels.go: nf4BlocksPerSM)
+
+// nf4_mma_tables fills dyn with the absmax code and pairs with the
+// bfloat16 values of each byte's two codes, the high nibble's in the low
+// half (the first of two weights, as a fragment holds them), every entry
+// repeated once per shared-memory bank: lane l reads the copy at
+// byte·128 + 4l, in bank l, so a warp's 32 look-ups of any bytes are
+// served at once. Threads write a row's 16-byte words in a rotated order,
+// so that the threads of one store phase write different banks.
+#define NF4_PAIR_COPIES 32
+__device__ __forceinline__ void nf4_mma_tables(unsigned int* pairs, float* dyn) {
+    for (int e = threadIdx.x; e < 256; e += blockDim.x) {
+        dyn[e] = DYN_CODE[e];
+        unsigned int v;
+        asm("cvt.rn.bf16x2.f32 %0, %1, %2;" : "=r"(v) : "f"(NF4_CODE[e & 15]), "f"(NF4_CODE[e >> 4]));
+        uint4* row = reinterpret_cast<uint4*>(pairs + e * NF4_PAIR_COPIES);
         #pragma unroll
-        for (int word = 0; word < 4; word++) { // positions 8·word .. 8·word + 7 of the lane's 32, x in b[word]
-            const unsigned int hi0 = nf4_nibbles(ws0[word], true), lo0 = nf4_nibbles(ws0[word], false);
-            const unsigned int hi1 = nf4_nibbles(ws1[word], true), lo1 = nf4_nibbles(ws1[word], false);
-            #pragma unroll
-            for (int h = 0; h < 2; h++) { // bytes 2h and 2h + 1 of the word: four positions, two x words
-                mma_bf16(acc, nf4_bf16x2<ROUND>(code, hi0, lo0, 2 * h, am0, round_mode),
-                         nf4_bf16x2<ROUND>(code, hi1, lo1, 2 * h, am1, round_mode),
-                         nf4_bf16x2<ROUND>(code, hi0, lo0, 2 * h + 1, am0, round_mode),
-                         nf4_bf16x2<ROUND>(code, hi1, lo1, 2 * h + 1, am1, round_mode), h == 0 ? b[word].x : b[word].z,
-                         h == 0 ? b[word].y : b[word].w);
-            }
-        }
+        for (int i = 0; i < NF4_PAIR_COPIES / 4; i++) row[(i + e) % (NF4_PAIR_COPIES / 4)] = make_uint4(v, v, v, v);
     }
-#endif
+    __syncthreads();
 }
 
-extern "C" __global__ void __launch_bounds__(NF4_MMA_WARPS * 32) nf4_gemv_mma(NF4_GEMV_PARAMS) {
+// The pair of byte j (0..3) of word, from lane's copy (lane4 = 4·lane).
+__device__ __forceinline__ unsigned int nf4_pair(const unsigned int* pairs, unsigned int lane4, unsigned int word, int j) {
+    const unsigned int at = ((j == 0 ? word << 7 : word >> (8 * j - 7)) & 0x7f80u) | lane4; // bytes
+    return *reinterpret_cast<const unsigned int*>(reinterpret_cast<const char*>(pairs) + at);
+}
+
+// A warp's pass as loaded: its lane's codes of rows g and g + 8 in each of
+// NF4_PASS blocks, and those blocks' absmax codes and second-level scales.
+struct nf4_pass {
+    uint2 w[NF4_PASS][2];
+    unsigned char q[NF4_PASS][2];
+    float a2[NF4_PASS][2];
+};
+
+// nf4_load_pass loads the pass of blocks b0 .. b0 + NF4_PASS - 1 of rows r
+// and r + 8 of the tile at row t0 (clamped to the last row and block: a
+// valid place, whose values are not used).
+__device__ __forceinline__ nf4_pass nf4_load_pass(const uint2* __restrict__ codes, const unsigned char* __restrict__ absmax_q,
+                                                  const float* __restrict__ absmax2, int rows, int blocks, int t0, int g, int c,
+                                                  int b0) {
+    nf4_pass p;
+    #pragma unroll
+    for (int h = 0; h < NF4_PASS; h++) {
+        const int b = min(b0 + h, blocks - 1);
+        #pragma unroll
+        for (int r = 0; r < 2; r++) { // 32-bit indices: NF4GEMV takes fewer than 2³¹ 64-blocks
+            const unsigned int blk = (unsigned int)min(t0 + g + 8 * r, rows - 1) * blocks + b;
+            p.w[h][r] = codes[blk * 4 + c];
+            p.q[h][r] = absmax_q[blk];
+            p.a2[h][r] = absmax2[blk / 256];
+        }
+    }
+    return p;
+}
+
+// nf4_gemv_mma's B fragments: token g's x at the 16 positions from pos,
+// b[q] holding pos + 8q .. pos + 8q + 7; zero for a token past T.
+__device__ __forceinline__ void gemv_x16(const act_t* __restrict__ x, int g, int T, int in, int pos, uint4* b) {
+    b[0] = b[1] = make_uint4(0u, 0u, 0u, 0u);
+    if (g >= T) return;
+    const uint4* xs = reinterpret_cast<const uint4*>(x + (long long)g * in + pos);
+    b[0] = xs[0];
+    b[1] = xs[1];
+}
+
+extern "C" __global__ void __launch_bounds__(NF4_MMA_WARPS * 32, NF4_MIN_BLOCKS) nf4_gemv_mma(NF4_GEMV_PARAMS) {
 #ifndef ACT_F32
-    __shared__ __align__(NF4_TABLE_ALIGN) float table[16];
+    __shared__ __align__(16) unsigned int pairs[256 * NF4_PAIR_COPIES];
     __shared__ float dyn[256];
     __shared__ float part[NF4_MMA_WARPS][32][4];
-    const unsigned int code = nf4_load_tables(table, dyn);
-    float acc[4] = {0.0f, 0.0f, 0.0f, 0.0f};
-    if (round_mode == ROUND_F16)
-        nf4_mma_tile<true>(packed, absmax_q, absmax2, offset, round_mode, code, dyn, x, T, rows, in, acc);
-    else
-        nf4_mma_tile<false>(packed, absmax_q, absmax2, offset, round_mode, code, dyn, x, T, rows, in, acc);
-    gemv_mma_store<NF4_MMA_WARPS>(acc, part, T, rows, rows, 0, out);
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, g = lane >> 2, c = lane & 3;
+    const unsigned int lane4 = 4u * lane;
+    const int blocks = in / 64, tiles = (rows + 15) / 16; // 64-blocks a row: four uint2 of codes each, one a lane
+    const int first = NF4_PASS * warp, stride = NF4_PASS * NF4_MMA_WARPS; // a warp's passes over a row
+    const uint2* codes = reinterpret_cast<const uint2*>(packed);
+    nf4_pass cur = nf4_load_pass(codes, absmax_q, absmax2, rows, blocks, 16 * blockIdx.x, g, c, first);
+    nf4_mma_tables(pairs, dyn);
+    for (int tile = blockIdx.x; tile < tiles; tile += gridDim.x) {
+        float acc[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+        for (int b0 = first; b0 < blocks; b0 += stride) {
+            // The next pass: on along this tile, else the next tile's first.
+            const bool on = b0 + stride < blocks;
+            const nf4_pass next = nf4_load_pass(codes, absmax_q, absmax2, rows, blocks, 16 * (on ? tile : min(tile + (int)gridDim.x, tiles - 1)),
+                                                g, c, on ? b0 + stride : first);
+            #pragma unroll
+            for (int h = 0; h < NF4_PASS; h++) {
+                if (b0 + h >= blocks) break; // the same for the whole warp
+                uint4 xh[2];
+                gemv_x16(x, g, T, in, 64 * (b0 + h) + 16 * c, xh);
+                float sum[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+                #pragma unroll
+                for (int m = 0; m < 4; m++) { // bytes 2m and 2m + 1 of the lane's 8: weights 4m .. 4m + 3
+                    const unsigned int w0 = m < 2 ? cur.w[h][0].x : cur.w[h][0].y, w1 = m < 2 ? cur.w[h][1].x : cur.w[h][1].y;
+                    const int j = 2 * (m & 1);
+                    const uint4 xq = xh[m / 2];
+                    mma_bf16(sum, nf4_pair(pairs, lane4, w0, j), nf4_pair(pairs, lane4, w1, j), nf4_pair(pairs, lane4, w0, j + 1),
+                             nf4_pair(pairs, lane4, w1, j + 1), m % 2 == 0 ? xq.x : xq.z, m % 2 == 0 ? xq.y : xq.w);
+                }
+                // The rows' scales, nf4_dequantize's: rows g and g + 8.
+                const float s0 = __fadd_rn(__fmul_rn(dyn[cur.q[h][0]], cur.a2[h][0]), offset);
+                const float s1 = __fadd_rn(__fmul_rn(dyn[cur.q[h][1]], cur.a2[h][1]), offset);
+                acc[0] = fmaf(s0, sum[0], acc[0]);
+                acc[1] = fmaf(s0, sum[1], acc[1]);
+                acc[2] = fmaf(s1, sum[2], acc[2]);
+                acc[3] = fmaf(s1, sum[3], acc[3]);
+            }
+            cur = next;
+        }
+        gemv_mma_store<NF4_MMA_WARPS>(acc, part, T, rows, rows, 0, out, tile);
+        __syncthreads(); // part is read before the next tile writes it
+    }
 #endif
 }
 

@@ -110,22 +110,41 @@ const (
 	// temporaries only inside a block: the two groups share one region.
 	groupLoss    = "loss chunk (shared)"
 	groupScratch = "block temporaries (shared)"
+	// Within a block's backward pass, the MLP's gradient temporaries are
+	// done with before the attention's are first written (layerBackward):
+	// the two groups share the space after groupScratch's.
+	groupMLPGrad  = "MLP gradients (shared)"
+	groupAttnGrad = "attention gradients (shared)"
 )
 
 // sharedRegion lays the buffers of groupLoss and of groupScratch over one
-// region: each group's buffers one after the other from its start. It
-// returns each such buffer's offset and the region's size.
+// region, each group's buffers one after the other from its start, and
+// those of groupMLPGrad and groupAttnGrad both from the end of
+// groupScratch's. It returns each such buffer's offset and the region's
+// size.
 func sharedRegion(specs []bufSpec) (map[*cuda.Buffer]int64, int64) {
 	off := map[*cuda.Buffer]int64{}
 	ends := map[string]int64{}
+	start := map[string]int64{}
 	for _, b := range specs {
-		if b.group != groupLoss && b.group != groupScratch {
-			continue
+		if b.group == groupScratch {
+			ends[groupScratch] += cuda.AllocSize(b.bytes)
 		}
-		off[b.buf] = ends[b.group]
-		ends[b.group] += cuda.AllocSize(b.bytes)
 	}
-	return off, max(ends[groupLoss], ends[groupScratch])
+	start[groupMLPGrad], start[groupAttnGrad] = ends[groupScratch], ends[groupScratch]
+	ends = map[string]int64{}
+	for _, b := range specs {
+		switch b.group {
+		case groupLoss, groupScratch, groupMLPGrad, groupAttnGrad:
+			off[b.buf] = start[b.group] + ends[b.group]
+			ends[b.group] += cuda.AllocSize(b.bytes)
+		}
+	}
+	size := max(ends[groupLoss], ends[groupScratch])
+	for _, g := range []string{groupMLPGrad, groupAttnGrad} {
+		size = max(size, start[g]+ends[g])
+	}
+	return off, size
 }
 
 // layoutWorkspace lays out the workspace for T tokens: the buffers
@@ -204,18 +223,18 @@ func layoutWorkspace(cfg *trainer.Config, sc trainer.SessionConfig, act int64, T
 	add(groupWork, t*Hd*act, &ws.xf)
 	// The low-memory layout (offload) also lays the loss chunk and the
 	// block temporaries over one region.
-	scratch, loss := groupWork, groupWork
+	scratch, loss, mlpGrad, attnGrad := groupWork, groupWork, groupWork, groupWork
 	if offload {
-		scratch, loss = groupScratch, groupLoss
+		scratch, loss, mlpGrad, attnGrad = groupScratch, groupLoss, groupMLPGrad, groupAttnGrad
 	}
 	add(scratch, 4*t*Hd, &ws.dx1, &ws.dxn)
 	add(scratch, t*Hd*act, &ws.dd)
-	add(scratch, 4*t*I, &ws.dact)
-	add(scratch, 4*t*H*D, &ws.datt, &ws.dqr)
-	add(scratch, 4*t*KV*D, &ws.dkr, &ws.dvr)
-	add(scratch, t*H*D*act, &ws.dq)
-	add(scratch, t*KV*D*act, &ws.dk, &ws.dv)
-	add(scratch, 4*t*H, &ws.delta)
+	add(mlpGrad, 4*t*I, &ws.dact)
+	add(attnGrad, 4*t*H*D, &ws.datt, &ws.dqr)
+	add(attnGrad, 4*t*KV*D, &ws.dkr, &ws.dvr)
+	add(attnGrad, t*H*D*act, &ws.dq)
+	add(attnGrad, t*KV*D*act, &ws.dk, &ws.dv)
+	add(attnGrad, 4*t*H, &ws.delta)
 	add(scratch, t*R*act, &ws.dxa)
 	add(scratch, t*maxIn*act, &ws.xin)
 	add(scratch, maxW*act, &ws.wbuf)

@@ -123,26 +123,23 @@ const (
 // groupScratch's. It returns each such buffer's offset and the region's
 // size.
 func sharedRegion(specs []bufSpec) (map[*cuda.Buffer]int64, int64) {
-	off := map[*cuda.Buffer]int64{}
-	ends := map[string]int64{}
-	start := map[string]int64{}
+	var scratch int64
 	for _, b := range specs {
 		if b.group == groupScratch {
-			ends[groupScratch] += cuda.AllocSize(b.bytes)
+			scratch += cuda.AllocSize(b.bytes)
 		}
 	}
-	start[groupMLPGrad], start[groupAttnGrad] = ends[groupScratch], ends[groupScratch]
-	ends = map[string]int64{}
+	start := map[string]int64{groupLoss: 0, groupScratch: 0, groupMLPGrad: scratch, groupAttnGrad: scratch}
+	off := map[*cuda.Buffer]int64{}
+	var size int64
 	for _, b := range specs {
-		switch b.group {
-		case groupLoss, groupScratch, groupMLPGrad, groupAttnGrad:
-			off[b.buf] = start[b.group] + ends[b.group]
-			ends[b.group] += cuda.AllocSize(b.bytes)
+		at, ok := start[b.group]
+		if !ok {
+			continue
 		}
-	}
-	size := max(ends[groupLoss], ends[groupScratch])
-	for _, g := range []string{groupMLPGrad, groupAttnGrad} {
-		size = max(size, start[g]+ends[g])
+		off[b.buf] = at
+		start[b.group] = at + cuda.AllocSize(b.bytes)
+		size = max(size, start[b.group])
 	}
 	return off, size
 }

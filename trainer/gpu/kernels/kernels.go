@@ -108,6 +108,8 @@ func Sources(p Precision, headDim int) ([]cuda.Source, error) {
 		switch name {
 		case "attention.cu":
 			opts = append(opts, "-DHEAD_DIM="+strconv.Itoa(headDim))
+		case "nf4.cu":
+			opts = append(opts, "-DNF4_MIN_BLOCKS="+strconv.Itoa(nf4BlocksPerSM))
 		case "optim.cu":
 			// Bit-identical optimizer steps with the host's float32 code.
 			opts = append(opts, "--fmad=false")
@@ -633,8 +635,9 @@ func (k *Kernels) GEMV(c *cuda.Ctx, w, x cuda.DevicePtr, T, rows, in, partRows i
 }
 
 // nf4BlocksPerSM is how many blocks of nf4_gemv_mma a multiprocessor
-// holds at once (NF4_MIN_BLOCKS, by its registers and 38 KiB of shared
-// memory).
+// holds at once: its launch bound (NF4_MIN_BLOCKS, given to the compiler
+// by Sources), which holds its registers to fit, beside 38 KiB of shared
+// memory a block.
 const nf4BlocksPerSM = 3
 
 // gemvMMAConfig is the launch of gemv_mma and nf4_gemv_mma: a block of

@@ -29,6 +29,13 @@ extern "C" __global__ void nf4_quantize_blocks(const void* __restrict__ src, int
     packed[i0 / 2] = (unsigned char)((q0 << 4) | (i0 + 1 < n ? q1 : 0));
 }
 
+// A 64-block's scale from its absmax code's value, its 256-block's
+// second-level scale and the offset, as the host computes it (no fused
+// multiply-add).
+__device__ __forceinline__ float nf4_scale(float code, float absmax2, float offset) {
+    return __fadd_rn(__fmul_rn(code, absmax2), offset);
+}
+
 // out[i] = the weight NF4 encodes, rounded to the checkpoint dtype. The
 // products and the sum are kept as separate roundings (no fused
 // multiply-add), as the host computes them.
@@ -37,7 +44,7 @@ extern "C" __global__ void nf4_dequantize(const unsigned char* __restrict__ pack
                                           act_t* __restrict__ out) {
     GRID_STRIDE(i, n) {
         const long long b = i / 64;
-        const float am = __fadd_rn(__fmul_rn(DYN_CODE[absmax_q[b]], absmax2[b / 256]), offset);
+        const float am = nf4_scale(DYN_CODE[absmax_q[b]], absmax2[b / 256], offset);
         const unsigned char byte = packed[i / 2];
         const unsigned char q = (i & 1) ? (byte & 0xf) : (byte >> 4);
         out[i] = to_act(round_to(__fmul_rn(NF4_CODE[q], am), round_mode));
@@ -68,7 +75,7 @@ extern "C" __global__ void nf4_dequantize16(const uint2* __restrict__ packed, co
     nf4_load_tables(code, dyn);
     GRID_STRIDE(g, groups) {
         const long long b = g / 4; // four groups of sixteen to a 64-block
-        const float am = __fadd_rn(__fmul_rn(dyn[absmax_q[b]], absmax2[b / 256]), offset);
+        const float am = nf4_scale(dyn[absmax_q[b]], absmax2[b / 256], offset);
         const uint2 w = packed[g];
         #pragma unroll
         for (int h = 0; h < 16 / VEC; h++) {
@@ -132,7 +139,7 @@ __device__ __forceinline__ unsigned int nf4_bf16x2(unsigned int base, unsigned i
 // The scale of 64-block b (nf4_dequantize's).
 __device__ __forceinline__ float nf4_block_absmax(const unsigned char* __restrict__ absmax_q, const float* __restrict__ absmax2,
                                                   const float* dyn, float offset, long long b) {
-    return __fadd_rn(__fmul_rn(dyn[absmax_q[b]], absmax2[b / 256]), offset);
+    return nf4_scale(dyn[absmax_q[b]], absmax2[b / 256], offset);
 }
 
 // nf4_gemv: a warp computes two rows, lane by lane over 32-weight pieces,
@@ -255,7 +262,7 @@ extern "C" __global__ void __launch_bounds__(128) nf4_gemv(NF4_GEMV_PARAMS) {
 // lies in one row.
 #define NF4_MMA_WARPS 8
 #define NF4_PASS 2 // 64-blocks a warp's pass
-#define NF4_MIN_BLOCKS 3 // a multiprocessor's blocks at once (kernels.go: nf4BlocksPerSM)
+// NF4_MIN_BLOCKS, the launch bound, comes from kernels.Sources (nf4BlocksPerSM).
 
 // nf4_mma_tables fills dyn with the absmax code and pairs with the
 // bfloat16 values of each byte's two codes, the high nibble's in the low
@@ -356,8 +363,8 @@ extern "C" __global__ void __launch_bounds__(NF4_MMA_WARPS * 32, NF4_MIN_BLOCKS)
                              nf4_pair(pairs, lane4, w1, j + 1), m % 2 == 0 ? xq.x : xq.z, m % 2 == 0 ? xq.y : xq.w);
                 }
                 // The rows' scales, nf4_dequantize's: rows g and g + 8.
-                const float s0 = __fadd_rn(__fmul_rn(dyn[cur.q[h][0]], cur.a2[h][0]), offset);
-                const float s1 = __fadd_rn(__fmul_rn(dyn[cur.q[h][1]], cur.a2[h][1]), offset);
+                const float s0 = nf4_scale(dyn[cur.q[h][0]], cur.a2[h][0], offset);
+                const float s1 = nf4_scale(dyn[cur.q[h][1]], cur.a2[h][1], offset);
                 acc[0] = fmaf(s0, sum[0], acc[0]);
                 acc[1] = fmaf(s0, sum[1], acc[1]);
                 acc[2] = fmaf(s1, sum[2], acc[2]);

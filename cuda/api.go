@@ -9,6 +9,7 @@ type driverAPI struct {
 	cuDeviceGetAttribute, cuDevicePrimaryCtxRetain, cuDevicePrimaryCtxRelease   cfunc
 	cuCtxSetCurrent, cuCtxSynchronize, cuMemGetInfo                             cfunc
 	cuMemAlloc, cuMemFree, cuMemHostAlloc, cuMemFreeHost                        cfunc
+	cuMemHostGetDevicePointer                                                   cfunc
 	cuMemcpyHtoD, cuMemcpyDtoH, cuMemcpyHtoDAsync, cuMemcpyDtoHAsync            cfunc
 	cuMemcpyDtoDAsync, cuMemsetD8Async, cuMemsetD32Async                        cfunc
 	cuStreamCreate, cuStreamDestroy, cuStreamSynchronize                        cfunc
@@ -41,6 +42,7 @@ func (a *driverAPI) table() []symbol {
 		{fn: &a.cuMemFree, name: "cuMemFree_v2"},
 		{fn: &a.cuMemHostAlloc, name: "cuMemHostAlloc"},
 		{fn: &a.cuMemFreeHost, name: "cuMemFreeHost"},
+		{fn: &a.cuMemHostGetDevicePointer, name: "cuMemHostGetDevicePointer_v2"},
 		{fn: &a.cuMemcpyHtoD, name: "cuMemcpyHtoD_v2"},
 		{fn: &a.cuMemcpyDtoH, name: "cuMemcpyDtoH_v2"},
 		{fn: &a.cuMemcpyHtoDAsync, name: "cuMemcpyHtoDAsync_v2"},

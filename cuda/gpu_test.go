@@ -14,6 +14,7 @@ import (
 	"sync"
 	"testing"
 	"time"
+	"unsafe"
 
 	"gemmaft/cuda"
 	"gemmaft/cuda/cudatest"
@@ -711,6 +712,75 @@ func TestPinnedAsyncCopies(t *testing.T) {
 		return nil
 	})
 }
+
+// TestMappedHostMemory: a kernel reads and writes mapped host memory at
+// its Dev address, and a Sub view copies only its part of a buffer.
+func TestMappedHostMemory(t *testing.T) {
+	const n = 1 << 20
+	cudatest.Do(t, func(c *cuda.Ctx) error {
+		f, err := kernel(c, "elementwise.cu", "axpby_f32")
+		if err != nil {
+			return err
+		}
+		x, err := c.AllocMapped(4 * n)
+		if err != nil {
+			return err
+		}
+		defer c.FreeHost(x)
+		y, err := c.AllocMapped(4 * n)
+		if err != nil {
+			return err
+		}
+		defer c.FreeHost(y)
+		if x.Dev == 0 || y.Dev == 0 {
+			t.Fatal("a mapped buffer without a device address")
+		}
+		xs, ys := f32s(x.Bytes), f32s(y.Bytes)
+		for i := range xs {
+			xs[i], ys[i] = float32(i), float32(3*i)
+		}
+		if err := c.Launch(f, cuda.Grid1D(n, 256), float32(2), x.Dev, float32(-1), y.Dev, int64(n)); err != nil {
+			return err
+		}
+		if err := c.Synchronize(); err != nil {
+			return err
+		}
+		for i, v := range ys {
+			if v != float32(-i) {
+				t.Fatalf("y[%d] = %v after y = 2x − y in mapped memory, want %v", i, v, float32(-i))
+			}
+		}
+		// The second quarter of x through the device into the first of y.
+		d, err := c.Alloc(n)
+		if err != nil {
+			return err
+		}
+		defer c.Free(d)
+		if err := c.CopyHtoDAsync(d.Ptr, x.Sub(n, n), nil); err != nil {
+			return err
+		}
+		if err := c.CopyDtoHAsync(y.Sub(0, n), d.Ptr, nil); err != nil {
+			return err
+		}
+		if err := c.Synchronize(); err != nil {
+			return err
+		}
+		for i := 0; i < n/4; i++ {
+			if ys[i] != xs[n/4+i] {
+				t.Fatalf("y[%d] = %v after copying x's second quarter, want %v", i, ys[i], xs[n/4+i])
+			}
+		}
+		if ys[n/4] != float32(-n/4) {
+			t.Errorf("the copy of a Sub view wrote past it: y[%d] = %v", n/4, ys[n/4])
+		}
+		if err := c.FreeHost(x.Sub(0, 4)); err == nil {
+			t.Error("FreeHost of a Sub view accepted")
+		}
+		return nil
+	})
+}
+
+func f32s(b []byte) []float32 { return unsafe.Slice((*float32)(unsafe.Pointer(&b[0])), len(b)/4) }
 
 // TestGraphReplaysLaunches: a captured graph, replayed twice, does the
 // work twice; captured on a stream of its own (Capture) or from the

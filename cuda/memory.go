@@ -154,14 +154,42 @@ func (a *allocator) releaseAll(c *Ctx) {
 }
 
 // HostBuffer is page-locked host memory: copies from and to it run
-// asynchronously at full bus speed.
+// asynchronously at full bus speed. A mapped one (AllocMapped) is also
+// addressable by kernels, at Dev.
 type HostBuffer struct {
 	ptr   uintptr
 	Bytes []byte
+	Dev   DevicePtr // the kernels' address of a mapped buffer; 0 otherwise
+	view  bool      // a Sub of another buffer: not freed on its own
 }
+
+// cuMemHostAlloc flags.
+const memHostAllocDeviceMap = 0x02
 
 // AllocHost allocates n bytes of pinned host memory.
 func (c *Ctx) AllocHost(n int64) (*HostBuffer, error) {
+	return c.allocHost(n, 0)
+}
+
+// AllocMapped allocates n bytes of pinned host memory that kernels read
+// and write at h.Dev, across the bus: for data that a kernel touches once
+// a step, where keeping it in device memory would cost more than the
+// transfer.
+func (c *Ctx) AllocMapped(n int64) (*HostBuffer, error) {
+	h, err := c.allocHost(n, memHostAllocDeviceMap)
+	if err != nil {
+		return nil, err
+	}
+	var d DevicePtr
+	if err := c.cu.cuMemHostGetDevicePointer.check(uintptr(unsafe.Pointer(&d)), h.ptr, 0); err != nil {
+		c.FreeHost(h)
+		return nil, err
+	}
+	h.Dev = d
+	return h, nil
+}
+
+func (c *Ctx) allocHost(n int64, flags uintptr) (*HostBuffer, error) {
 	if err := c.check(); err != nil {
 		return nil, err
 	}
@@ -169,11 +197,22 @@ func (c *Ctx) AllocHost(n int64) (*HostBuffer, error) {
 		return nil, fmt.Errorf("cuda: AllocHost(%d): size must be positive", n)
 	}
 	var p uintptr
-	if err := c.cu.cuMemHostAlloc.check(uintptr(unsafe.Pointer(&p)), uintptr(n), 0); err != nil {
+	if err := c.cu.cuMemHostAlloc.check(uintptr(unsafe.Pointer(&p)), uintptr(n), flags); err != nil {
 		return nil, err
 	}
 	ptr := *(*unsafe.Pointer)(unsafe.Pointer(&p))
 	return &HostBuffer{ptr: p, Bytes: unsafe.Slice((*byte)(ptr), n)}, nil
+}
+
+// Sub returns the n bytes of h from byte off, for copies of part of a
+// buffer. It shares h's memory and is not freed on its own.
+func (h *HostBuffer) Sub(off, n int64) *HostBuffer {
+	b := h.Bytes[off : off+n : off+n]
+	s := &HostBuffer{ptr: h.ptr + uintptr(off), Bytes: b, view: true}
+	if h.Dev != 0 {
+		s.Dev = h.Dev.Add(off)
+	}
+	return s
 }
 
 // FreeHost releases pinned memory; h.Bytes must not be used afterwards.
@@ -184,8 +223,11 @@ func (c *Ctx) FreeHost(h *HostBuffer) error {
 	if h == nil || h.ptr == 0 {
 		return errors.New("cuda: FreeHost of a freed or nil buffer")
 	}
+	if h.view {
+		return errors.New("cuda: FreeHost of a Sub view; free the buffer it came from")
+	}
 	err := c.cu.cuMemFreeHost.check(h.ptr)
-	h.ptr, h.Bytes = 0, nil
+	h.ptr, h.Bytes, h.Dev = 0, nil, 0
 	return err
 }
 

@@ -44,6 +44,9 @@ type loraState struct {
 	layerStart []int64
 
 	data, grad cuda.Buffer // float32
+	// hg, when set, keeps grad in host memory (grad is its mapped address)
+	// and the backward pass computes each layer's in a device slot.
+	hg *hostGrads
 	// act holds the weights as the GEMMs read them: data itself in
 	// float32; in bf16 a converted copy, either of one layer at a time
 	// (perLayer: training, where the copy of the whole adapter would cost
@@ -63,7 +66,11 @@ type loraState struct {
 	blockLen         cuda.Buffer // int32 per block
 	nblocks          int
 	hasSmall         bool
-	normScratch      cuda.Buffer // float64 partial sums of the gradient norm
+	// norms holds each layer's squared gradient norm with its partial
+	// sums (NormPartials + 1 float64 values a layer): the norm is summed
+	// layer by layer, so that it comes out the same whether a layer's
+	// gradients are read in the flat buffer or in a slot.
+	norms cuda.Buffer
 }
 
 // layoutLoRA assigns every tensor of an adapter of shape lc its place.
@@ -135,7 +142,12 @@ func (st *loraState) allocate(s *session, c *cuda.Ctx) error {
 	if st.data, err = s.alloc(c, 4*st.total, "LoRA weights"); err != nil {
 		return err
 	}
-	if st.grad, err = s.alloc(c, 4*st.total, "LoRA gradients"); err != nil {
+	if s.plan.GradsOnHost {
+		if st.hg, err = newHostGrads(s, c, st.total, st.widestLayer()); err != nil {
+			return err
+		}
+		st.grad = cuda.Buffer{Ptr: st.hg.host.Dev, Size: 4 * st.total}
+	} else if st.grad, err = s.alloc(c, 4*st.total, "LoRA gradients"); err != nil {
 		return err
 	}
 	st.act, st.staged = st.data, -1
@@ -186,7 +198,7 @@ func (st *loraState) allocate(s *session, c *cuda.Ctx) error {
 			return err
 		}
 	}
-	if st.normScratch, err = s.alloc(c, 8*(kernels.NormPartials+1), "gradient norm"); err != nil {
+	if st.norms, err = s.alloc(c, 8*(kernels.NormPartials+1)*int64(len(st.layerStart)-1), "gradient norm"); err != nil {
 		return err
 	}
 	return nil
@@ -239,9 +251,15 @@ func (st *loraState) stage(s *session, c *cuda.Ctx, l int) error {
 // f32At returns the address of element off of a float32 buffer.
 func f32At(b cuda.Buffer, off int64) cuda.DevicePtr { return b.Ptr.Add(4 * off) }
 
-// dataPtr, gradPtr and actPtr locate a slot in the flat buffers.
+// dataPtr and actPtr locate a slot in the flat buffers, gradPtr where the
+// backward pass adds to its gradient.
 func (st *loraState) dataPtr(sl *loraSlot) cuda.DevicePtr { return f32At(st.data, sl.offset) }
-func (st *loraState) gradPtr(sl *loraSlot) cuda.DevicePtr { return f32At(st.grad, sl.offset) }
+func (st *loraState) gradPtr(sl *loraSlot) cuda.DevicePtr {
+	if st.hg != nil {
+		return st.hg.layerPtr(st, sl.layer, sl.offset)
+	}
+	return f32At(st.grad, sl.offset)
+}
 func (st *loraState) actPtr(s *session, sl *loraSlot) cuda.DevicePtr {
 	off := sl.offset
 	if st.perLayer {
@@ -271,7 +289,7 @@ func (st *loraState) setState(s *session, c *cuda.Ctx, a *trainer.Adapter, opt *
 	if err := cuda.Upload(c, st.data.Ptr, host); err != nil {
 		return err
 	}
-	if err := c.MemsetD8Async(st.grad.Ptr, 0, st.grad.Size, nil); err != nil {
+	if err := st.clearGrads(c); err != nil {
 		return err
 	}
 	if err := st.refreshAct(s, c); err != nil {
@@ -355,13 +373,9 @@ func (st *loraState) setOptimizer(c *cuda.Ctx, opt *trainer.OptimizerState) erro
 	return nil
 }
 
-// download returns the flat float32 buffer b (the weights or the
+// asAdapter returns the flat float32 values host (the weights or the
 // gradients) as an adapter.
-func (st *loraState) download(c *cuda.Ctx, cfg *trainer.Config, b cuda.Buffer) (*trainer.Adapter, error) {
-	host := make([]float32, st.total)
-	if err := cuda.Download(c, host, b.Ptr); err != nil {
-		return nil, err
-	}
+func (st *loraState) asAdapter(cfg *trainer.Config, host []float32) (*trainer.Adapter, error) {
 	a, err := trainer.NewAdapter(cfg, st.cfg, 0)
 	if err != nil {
 		return nil, err
@@ -374,7 +388,11 @@ func (st *loraState) download(c *cuda.Ctx, cfg *trainer.Config, b cuda.Buffer) (
 
 // state downloads the adapter and the optimizer state.
 func (st *loraState) state(c *cuda.Ctx, cfg *trainer.Config) (*trainer.Adapter, *trainer.OptimizerState, error) {
-	a, err := st.download(c, cfg, st.data)
+	host := make([]float32, st.total)
+	if err := cuda.Download(c, host, st.data.Ptr); err != nil {
+		return nil, nil, err
+	}
+	a, err := st.asAdapter(cfg, host)
 	if err != nil {
 		return nil, nil, err
 	}
@@ -435,17 +453,106 @@ func f32Tensor(name string, v []float32) safetensors.Tensor {
 	return safetensors.Tensor{Name: name, DType: safetensors.F32, Shape: []int{len(v)}, Data: b}
 }
 
+// clearGrads sets the gradients to zero: on the device at once, in host
+// memory by starting the next pass's from zero.
+func (st *loraState) clearGrads(c *cuda.Ctx) error {
+	if st.hg != nil {
+		st.hg.fresh = true
+		return nil
+	}
+	return c.MemsetD8Async(st.grad.Ptr, 0, st.grad.Size, nil)
+}
+
+// normAt is layer l's part of norms.
+func (st *loraState) normAt(l int) cuda.DevicePtr {
+	return st.norms.Ptr.Add(8 * (kernels.NormPartials + 1) * int64(l))
+}
+
+// layerNorm queues the squared norm of layer l's gradients, at g.
+func (st *loraState) layerNorm(s *session, c *cuda.Ctx, l int, g cuda.DevicePtr) error {
+	if _, n := st.rangeOf(l); n > 0 {
+		return s.k.SquaredNorm(c, g, n/4, st.normAt(l))
+	}
+	return nil
+}
+
+// beginLayerGrads and endLayerGrads bracket layer l's backward pass, and
+// endPassGrads the pass: with the gradients in host memory they bring the
+// layer's into a device slot and take them out again (hostGrads), with
+// the layer's norm.
+func (st *loraState) beginLayerGrads(c *cuda.Ctx, l int) error {
+	if st.hg == nil {
+		return nil
+	}
+	return st.hg.beginLayer(c, st, l)
+}
+
+func (st *loraState) endLayerGrads(s *session, c *cuda.Ctx, l int) error {
+	if st.hg == nil {
+		return nil
+	}
+	if err := st.layerNorm(s, c, l, st.hg.slots[slotOf(l)].Ptr); err != nil {
+		return err
+	}
+	return st.hg.endLayer(c, st, l)
+}
+
+func (st *loraState) endPassGrads() error {
+	if st.hg == nil {
+		return nil
+	}
+	return st.hg.endPass()
+}
+
+// gradValues returns the gradients.
+func (st *loraState) gradValues(c *cuda.Ctx) ([]float32, error) {
+	if st.hg != nil {
+		return st.hg.values(st.total), nil
+	}
+	g := make([]float32, st.total)
+	return g, cuda.Download(c, g, st.grad.Ptr)
+}
+
+// gradNorm returns the gradients' norm, summed layer by layer. Gradients
+// in host memory had each layer's taken at the end of its backward pass.
+func (st *loraState) gradNorm(s *session, c *cuda.Ctx) (float64, error) {
+	layers := len(st.layerStart) - 1
+	if st.hg == nil {
+		for l := 0; l < layers; l++ {
+			if err := st.layerNorm(s, c, l, f32At(st.grad, st.layerStart[l])); err != nil {
+				return 0, err
+			}
+		}
+	}
+	all := make([]float64, (kernels.NormPartials+1)*layers)
+	if err := cuda.Download(c, all, st.norms.Ptr); err != nil {
+		return 0, err
+	}
+	var ss float64
+	for l := 0; l < layers; l++ {
+		if _, n := st.rangeOf(l); n > 0 {
+			ss += all[(kernels.NormPartials+1)*l+kernels.NormPartials]
+		}
+	}
+	return math.Sqrt(ss), nil
+}
+
 // step clips the gradients to maxNorm (0: no clipping), applies the
 // optimizer and clears the gradients. It returns the norm before clipping.
 func (st *loraState) update(s *session, c *cuda.Ctx, lr, maxNorm float64) (float64, error) {
-	if err := s.k.SquaredNorm(c, st.grad.Ptr, st.total, st.normScratch.Ptr); err != nil {
+	if st.hg != nil && st.hg.fresh {
+		// No backward pass since the gradients were cleared: zero them
+		// where the optimizer reads them, and the norms with them.
+		clear(st.hg.host.Bytes)
+		st.hg.fresh = false
+		if err := c.MemsetD8Async(st.norms.Ptr, 0, st.norms.Size, nil); err != nil {
+			return 0, err
+		}
+	}
+	norm, err := st.gradNorm(s, c)
+	if err != nil {
 		return 0, err
 	}
-	var ss [1]float64
-	if err := cuda.Download(c, ss[:], st.normScratch.Ptr.Add(8*kernels.NormPartials)); err != nil {
-		return 0, err
-	}
-	norm := math.Sqrt(ss[0])
 	// The clipping rule of trainer.ClipGradNorm (torch's
 	// clip_grad_norm_): scale by max/(norm + 1e-6) when that is below one.
 	scale := float32(1)
@@ -475,14 +582,14 @@ func (st *loraState) update(s *session, c *cuda.Ctx, lr, maxNorm float64) (float
 			if !sl.small {
 				continue
 			}
-			if err := s.k.Adam8F32(c, st.dataPtr(sl), st.gradPtr(sl), f32At(st.m, sl.offset), f32At(st.v, sl.offset), sl.n, scale, k); err != nil {
+			if err := s.k.Adam8F32(c, st.dataPtr(sl), f32At(st.grad, sl.offset), f32At(st.m, sl.offset), f32At(st.v, sl.offset), sl.n, scale, k); err != nil {
 				return 0, err
 			}
 		}
 	default:
 		return 0, fmt.Errorf("optimizer %q", o.Name)
 	}
-	if err := c.MemsetD8Async(st.grad.Ptr, 0, st.grad.Size, nil); err != nil {
+	if err := st.clearGrads(c); err != nil {
 		return 0, err
 	}
 	return norm, st.refreshAct(s, c)

@@ -22,10 +22,13 @@ type MemoryPlan struct {
 	Work        int64 // backward temporaries, the loss chunk, batch tables
 	Runtime     int64 // CUDA context, cuBLASLt workspace, kernel modules
 	// Offload is the low-memory layout: the saved inputs in pinned host
-	// memory (Host bytes), three slots of them on the device, and the loss
-	// chunk and the blocks' temporaries sharing one region.
-	Offload bool
-	Host    int64
+	// memory, three slots of them on the device, and the loss chunk and
+	// the blocks' temporaries sharing one region. GradsOnHost: the LoRA
+	// gradients in pinned host memory too, three layers' on the device
+	// (hostGrads). Host is the pinned host memory of both.
+	Offload     bool
+	GradsOnHost bool
+	Host        int64
 }
 
 // runtimeBytes is what the CUDA context, the cuBLASLt workspace and the
@@ -49,16 +52,22 @@ func (p MemoryPlan) String() string {
 		out = append(out, fmt.Sprintf("%s %.2f", x.name, gib(x.b)))
 	}
 	s := strings.Join(out, ", ") + " GiB"
-	if p.Offload {
+	switch {
+	case p.GradsOnHost:
+		s += fmt.Sprintf("; saved inputs and LoRA gradients offloaded to %.2f GiB of pinned host memory", gib(p.Host))
+	case p.Offload:
 		s += fmt.Sprintf("; saved inputs offloaded to %.2f GiB of pinned host memory", gib(p.Host))
 	}
 	return s
 }
 
-// choosePlan plans the session, offloading the saved layer inputs when
-// OffloadEnv says on, or says auto and the run would not fit in free
-// bytes without. Offloading needs gradient checkpointing and more than
-// three saved inputs.
+// choosePlan plans the session in the first layout that fits in free
+// bytes, fastest first: everything on the device; the saved layer inputs
+// offloaded (the low-memory layout); the LoRA gradients offloaded as
+// well, which costs a read of them across the bus each step (1.4% of a
+// 27B step on an H200). OffloadEnv "auto" chooses so, "on" takes the
+// last, "off" the first. Offloading needs gradient checkpointing and
+// more than three saved inputs.
 func choosePlan(cfg *trainer.Config, sc trainer.SessionConfig, prec kernels.Precision, free int64) (MemoryPlan, error) {
 	mode, err := offloadMode()
 	if err != nil {
@@ -69,7 +78,12 @@ func choosePlan(cfg *trainer.Config, sc trainer.SessionConfig, prec kernels.Prec
 	switch {
 	case mode == "on" && !can:
 		return plain, fmt.Errorf("%s=on: offloading the saved layer inputs needs gradient_checkpointing (and more than %d layers)", OffloadEnv, offloadSlots-1)
-	case mode == "on", mode == "auto" && can && plain.Total() > free:
+	case mode == "on":
+		return PlanOffloaded(cfg, sc, prec), nil
+	case mode == "auto" && can && plain.Total() > free:
+		if inputs := plan(cfg, sc, prec, true, false); inputs.Total() <= free {
+			return inputs, nil
+		}
 		return PlanOffloaded(cfg, sc, prec), nil
 	}
 	return plain, nil
@@ -77,15 +91,17 @@ func choosePlan(cfg *trainer.Config, sc trainer.SessionConfig, prec kernels.Prec
 
 // Plan computes the memory plan of a session of sc over a model of cfg.
 func Plan(cfg *trainer.Config, sc trainer.SessionConfig, prec kernels.Precision) MemoryPlan {
-	return plan(cfg, sc, prec, false)
+	return plan(cfg, sc, prec, false, false)
 }
 
-// PlanOffloaded is Plan with the saved layer inputs in host memory.
+// PlanOffloaded is Plan with the saved layer inputs in host memory, and
+// the LoRA gradients too where the session has them to itself (see
+// gradsOnHost).
 func PlanOffloaded(cfg *trainer.Config, sc trainer.SessionConfig, prec kernels.Precision) MemoryPlan {
-	return plan(cfg, sc, prec, true)
+	return plan(cfg, sc, prec, true, true)
 }
 
-func plan(cfg *trainer.Config, sc trainer.SessionConfig, prec kernels.Precision, offload bool) MemoryPlan {
+func plan(cfg *trainer.Config, sc trainer.SessionConfig, prec kernels.Precision, offload, hostGrads bool) MemoryPlan {
 	act := prec.Size()
 	var p MemoryPlan
 	sz := cuda.AllocSize
@@ -103,8 +119,14 @@ func plan(cfg *trainer.Config, sc trainer.SessionConfig, prec kernels.Precision,
 			}
 		}
 	}
+	p.Offload = offload
+	p.GradsOnHost = hostGrads && gradsOnHost(sc, offload)
 	if st, err := layoutLoRA(cfg, sc.LoRA, sc.Optimizer); err == nil {
 		p.Adapter = 2 * sz(4*st.total)
+		if p.GradsOnHost {
+			p.Adapter = sz(4*st.total) + gradSlots*sz(4*max(st.widestLayer(), 1))
+			p.Host += 4 * st.total
+		}
 		if act != 4 {
 			p.Adapter += sz(act * st.widestLayer()) // one layer's copy: loraState.stage
 		}
@@ -114,22 +136,23 @@ func plan(cfg *trainer.Config, sc trainer.SessionConfig, prec kernels.Precision,
 		if st.nblocks > 0 {
 			p.Optimizer += 2*sz(st.total) + 2*sz(4*int64(st.nblocks)) + sz(8*int64(st.nblocks)) + sz(4*int64(st.nblocks))
 		}
-		p.Optimizer += sz(8 * (kernels.NormPartials + 1))
+		p.Optimizer += sz(8 * (kernels.NormPartials + 1) * int64(cfg.Layers))
 	}
 	_, specs := layoutWorkspace(cfg, sc, act, max(sc.MaxTokens, 1), offload)
-	p.Offload = offload
+	var input int64 // one saved input's bytes
 	for _, b := range specs {
 		switch b.group {
 		case groupSaved:
 			p.Saved += sz(b.bytes)
-			if offload {
-				p.Host = int64(cfg.Layers) * b.bytes // each block's on the host, any slot's size
-			}
+			input = b.bytes
 		case groupLayer:
 			p.Activations += sz(b.bytes)
 		case groupWork:
 			p.Work += sz(b.bytes)
 		}
+	}
+	if offload {
+		p.Host += int64(cfg.Layers) * input // each block's on the host
 	}
 	_, shared := sharedRegion(specs)
 	p.Work += sz(shared)

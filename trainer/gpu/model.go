@@ -909,6 +909,9 @@ func (s *session) pass(hb *hostBatch, grad bool, normalizer float64, dropoutSeed
 					return err
 				}
 			}
+			if err := s.lora.beginLayerGrads(c, l); err != nil {
+				return err
+			}
 			if s.cfg.GradientCheckpointing {
 				// Recompute the block's activations from what its forward
 				// pass saved.
@@ -923,11 +926,17 @@ func (s *session) pass(hb *hostBatch, grad bool, normalizer float64, dropoutSeed
 			if err := s.layerBackward(c, T, l, in, s.cache(l), d); err != nil {
 				return err
 			}
+			if err := s.lora.endLayerGrads(s, c, l); err != nil {
+				return err
+			}
 			if reduce {
 				if err := s.reduceLayer(c, l); err != nil {
 					return err
 				}
 			}
+		}
+		if err := s.lora.endPassGrads(); err != nil {
+			return err
 		}
 		if s.prof != nil {
 			return s.prof.collect(c)

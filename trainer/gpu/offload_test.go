@@ -12,10 +12,11 @@ import (
 )
 
 // TestOffloadPlan: the low-memory layout takes the saved layer inputs
-// (with what their blocks save beside them) but three off the device and puts them in pinned host memory, and shares one
-// region between the loss chunk and the block temporaries; auto uses it
-// only for a run that would not fit otherwise, and only with gradient
-// checkpointing.
+// (with what their blocks save beside them) but three off the device and
+// puts them in pinned host memory, shares one region between the loss
+// chunk and the block temporaries, and may keep the LoRA gradients in
+// host memory too; auto offloads only what does not fit otherwise, and
+// only with gradient checkpointing.
 func TestOffloadPlan(t *testing.T) {
 	mc, _ := trainer.Preset("12b")
 	sc := trainer.SessionConfig{Quantize: "nf4", LoRA: trainer.LoRAConfig{R: 32, Alpha: 64, Targets: trainer.AllModules},
@@ -28,29 +29,48 @@ func TestOffloadPlan(t *testing.T) {
 	// that norm's rstd, its seven x·Aᵀ products.
 	T := int64(2 * 4096)
 	input := 2*T*int64(mc.Hidden)*2 + 4*T + 7*T*32*2
-	if plain.Saved < int64(mc.Layers+1)*input || off.Saved > 3*cuda.AllocSize(input) || off.Host != int64(mc.Layers)*input {
-		t.Errorf("saved %d → %d bytes, host %d; one input is %d bytes, %d layers", plain.Saved, off.Saved, off.Host, input, mc.Layers)
+	// The gradients: 4 bytes a LoRA parameter, r 32 on every projection
+	// of every layer; on the device, three layers' of them.
+	var params, widest int64
+	for l := 0; l < mc.Layers; l++ {
+		var n int64
+		for _, m := range trainer.AllModules {
+			out, in := mc.ProjShape(m)
+			n += 32 * int64(out+in)
+		}
+		params, widest = params+n, max(widest, n)
 	}
-	if plain.Weights != off.Weights || plain.Adapter != off.Adapter || plain.Optimizer != off.Optimizer ||
-		plain.Activations != off.Activations || off.Work >= plain.Work {
-		t.Errorf("the low-memory layout should change the saved inputs and the shared work buffers only:\n%s\n%s", plain, off)
+	if plain.Saved < int64(mc.Layers+1)*input || off.Saved > 3*cuda.AllocSize(input) || off.Host != int64(mc.Layers)*input+4*params {
+		t.Errorf("saved %d → %d bytes, host %d; one input is %d bytes, %d layers, %d LoRA parameters", plain.Saved, off.Saved, off.Host, input, mc.Layers, params)
+	}
+	if got, want := plain.Adapter-off.Adapter, cuda.AllocSize(4*params)-3*cuda.AllocSize(4*widest); !off.GradsOnHost || got != want {
+		t.Errorf("the low-memory layout keeps %d fewer adapter bytes on the device (gradients on the host: %v), want %d", got, off.GradsOnHost, want)
+	}
+	if plain.Weights != off.Weights || plain.Optimizer != off.Optimizer || plain.Activations != off.Activations || off.Work >= plain.Work {
+		t.Errorf("the low-memory layout should change the saved inputs, the gradients and the shared work buffers only:\n%s\n%s", plain, off)
 	}
 	t.Logf("12B seq 4096 batch 2: %.2f GiB, offloaded %.2f GiB (%s)", gib(plain.Total()), gib(off.Total()), off)
 
+	inputs := plan(mc, sc, kernels.BF16, true, false)
+	if inputs.GradsOnHost || off.Total() >= inputs.Total() || inputs.Total() >= plain.Total() {
+		t.Errorf("offloading the inputs alone should plan between the default layout and offloading the gradients too: %.2f, %.2f, %.2f GiB", gib(plain.Total()), gib(inputs.Total()), gib(off.Total()))
+	}
 	for _, c := range []struct {
-		env      string
-		ckpt     bool
-		free     int64
-		offload  bool
-		errorHas string
+		env       string
+		ckpt      bool
+		free      int64
+		offload   bool
+		hostGrads bool
+		errorHas  string
 	}{
-		{"", true, plain.Total() + 1, false, ""},
-		{"auto", true, plain.Total() - 1, true, ""},
-		{"off", true, plain.Total() - 1, false, ""},
-		{"on", true, plain.Total() + 1, true, ""},
-		{"on", false, plain.Total() + 1, false, "gradient_checkpointing"},
-		{"auto", false, 1, false, ""},
-		{"yes", true, 1, false, "use auto, on or off"},
+		{"", true, plain.Total() + 1, false, false, ""},
+		{"auto", true, plain.Total() - 1, true, false, ""},
+		{"auto", true, inputs.Total() - 1, true, true, ""},
+		{"off", true, plain.Total() - 1, false, false, ""},
+		{"on", true, plain.Total() + 1, true, true, ""},
+		{"on", false, plain.Total() + 1, false, false, "gradient_checkpointing"},
+		{"auto", false, 1, false, false, ""},
+		{"yes", true, 1, false, false, "use auto, on or off"},
 	} {
 		t.Setenv(OffloadEnv, c.env)
 		s := sc
@@ -62,8 +82,9 @@ func TestOffloadPlan(t *testing.T) {
 			}
 			continue
 		}
-		if err != nil || p.Offload != c.offload {
-			t.Errorf("%s=%q, checkpointing %v, %d bytes free: offload %v (%v), want %v", OffloadEnv, c.env, c.ckpt, c.free, p.Offload, err, c.offload)
+		if err != nil || p.Offload != c.offload || p.GradsOnHost != c.hostGrads {
+			t.Errorf("%s=%q, checkpointing %v, %d bytes free: offload %v, gradients on the host %v (%v), want %v, %v",
+				OffloadEnv, c.env, c.ckpt, c.free, p.Offload, p.GradsOnHost, err, c.offload, c.hostGrads)
 		}
 	}
 }
@@ -102,8 +123,11 @@ func TestInferencePlan(t *testing.T) {
 	}
 }
 
-// TestOffloadIsExact: with the saved inputs offloaded, losses and
-// gradients are those of the same session without, bit for bit.
+// TestOffloadIsExact: with the saved inputs and the gradients offloaded,
+// losses, gradients (accumulated over two micro-batches, and started
+// afresh after a step), the gradient norm and the updated weights are
+// those of the same session without, bit for bit; a step before any
+// backward pass sees zero gradients in both.
 func TestOffloadIsExact(t *testing.T) {
 	cudatest.Device(t)
 	sc, _ := demoOptions()
@@ -123,24 +147,39 @@ func TestOffloadIsExact(t *testing.T) {
 	}
 	type outcome struct {
 		losses []float64
-		grads  []trainer.Param
+		grads  [][]trainer.Param
+		norm   float64
+		state  []trainer.Param
 	}
-	run := func(mode string) outcome {
+	run := func(mode, optimizer string) outcome {
 		t.Setenv(OffloadEnv, mode)
+		sc := sc
+		sc.Optimizer.Name = optimizer
 		s, err := trainer.OpenSession(context.Background(), "cuda", sc)
 		if err != nil {
 			t.Fatal(err)
 		}
 		defer s.Close()
-		if got := s.(*session).plan.Offload; got != (mode == "on") {
-			t.Fatalf("%s=%s: offload %v", OffloadEnv, mode, got)
+		if p := s.(*session).plan; p.Offload != (mode == "on") || p.GradsOnHost != (mode == "on") {
+			t.Fatalf("%s=%s: offload %v, gradients on the host %v", OffloadEnv, mode, p.Offload, p.GradsOnHost)
 		}
 		if err := s.SetState(a, nil); err != nil {
 			t.Fatal(err)
 		}
+		// A step before any backward pass sees zero gradients.
+		if norm, err := s.Step(1e-3, 1); err != nil || norm != 0 {
+			t.Fatalf("%s=%s: a step before any gradient: norm %v, %v", OffloadEnv, mode, norm, err)
+		}
 		var o outcome
-		for i := 0; i < 2; i++ {
-			b, err := trainer.NewBatch(rows[2*i : 2*i+2])
+		grads := func() {
+			g, err := s.Grads()
+			if err != nil {
+				t.Fatal(err)
+			}
+			o.grads = append(o.grads, g.Params())
+		}
+		for i := 0; i < 3; i++ {
+			b, err := trainer.NewBatch(rows[2*(i%2) : 2*(i%2)+2])
 			if err != nil {
 				t.Fatal(err)
 			}
@@ -153,28 +192,46 @@ func TestOffloadIsExact(t *testing.T) {
 				t.Fatal(err)
 			}
 			o.losses = append(o.losses, l, e)
+			if i == 1 {
+				grads()
+				if o.norm, err = s.Step(1e-3, 1); err != nil {
+					t.Fatal(err)
+				}
+			}
 		}
-		g, err := s.Grads()
+		grads()
+		st, _, err := s.State()
 		if err != nil {
 			t.Fatal(err)
 		}
-		o.grads = g.Params()
+		o.state = st.Params()
 		return o
 	}
-	plain, off := run("off"), run("on")
-	for i := range plain.losses {
-		if plain.losses[i] != off.losses[i] {
-			t.Errorf("loss %d: %v without offloading, %v with", i, plain.losses[i], off.losses[i])
-		}
-	}
-	for i := range plain.grads {
-		for j := range plain.grads[i].Data {
-			if plain.grads[i].Data[j] != off.grads[i].Data[j] {
-				t.Fatalf("%s[%d]: gradient %v without offloading, %v with", plain.grads[i].Name, j, plain.grads[i].Data[j], off.grads[i].Data[j])
+	for _, optimizer := range []string{"adamw", "adamw_8bit"} {
+		plain, off := run("off", optimizer), run("on", optimizer)
+		for i := range plain.losses {
+			if plain.losses[i] != off.losses[i] {
+				t.Errorf("loss %d: %v without offloading, %v with", i, plain.losses[i], off.losses[i])
 			}
 		}
+		same := func(what string, a, b []trainer.Param) {
+			t.Helper()
+			for i := range a {
+				for j := range a[i].Data {
+					if a[i].Data[j] != b[i].Data[j] {
+						t.Fatalf("%s %s[%d]: %v without offloading, %v with", what, a[i].Name, j, a[i].Data[j], b[i].Data[j])
+					}
+				}
+			}
+		}
+		same("accumulated gradient", plain.grads[0], off.grads[0])
+		same("gradient after the step", plain.grads[1], off.grads[1])
+		same("weight after the step", plain.state, off.state)
+		if plain.norm != off.norm || plain.norm == 0 {
+			t.Errorf("gradient norm %v without offloading, %v with", plain.norm, off.norm)
+		}
+		t.Logf("%s: losses %v, norm %v, identical with the inputs and gradients offloaded", optimizer, plain.losses, plain.norm)
 	}
-	t.Logf("losses %v, identical with the inputs offloaded", plain.losses)
 }
 
 func mustConfig(t *testing.T, dir string) *trainer.Config {

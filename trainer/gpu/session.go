@@ -176,8 +176,11 @@ func (s *session) State() (*trainer.Adapter, *trainer.OptimizerState, error) {
 func (s *session) Grads() (*trainer.Adapter, error) {
 	var g *trainer.Adapter
 	err := s.dev.Do(func(c *cuda.Ctx) error {
-		var err error
-		g, err = s.lora.download(c, s.info.Config, s.lora.grad)
+		host, err := s.lora.gradValues(c)
+		if err != nil {
+			return err
+		}
+		g, err = s.lora.asAdapter(s.info.Config, host)
 		return err
 	})
 	return g, err
@@ -259,6 +262,9 @@ func (s *session) Close() error {
 	}
 	if s.off != nil {
 		_ = s.dev.Do(func(c *cuda.Ctx) error { s.off.free(c); return nil })
+	}
+	if s.lora != nil && s.lora.hg != nil {
+		_ = s.dev.Do(func(c *cuda.Ctx) error { s.lora.hg.free(c); return nil })
 	}
 	err := s.dev.Close()
 	s.dev = nil

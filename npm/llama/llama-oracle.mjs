@@ -88,4 +88,7 @@ if (cmd === 'meta') {
   console.error('usage: llama-oracle.mjs meta|logits|tokenize|chat FILE.gguf [OUT]');
   process.exit(2);
 }
-process.exit(0);
+// Exit once stdout has taken every line: writes to a pipe that is full
+// wait in a queue, and exiting at once (which node-llama-cpp's open
+// handles otherwise prevent) would drop them.
+process.stdout.write('', () => process.exit(0));

@@ -50,14 +50,15 @@ type workspace struct {
 	inputs []cuda.Buffer // inputs[l] is block l's input; inputs[L] the last block's output
 	// With gradient checkpointing, an input buffer also holds what the
 	// block's forward pass saves for its recomputation and backward pass:
-	// the down projection's output and its norm's rstd at dAt and rstdAt,
-	// each adapted projection's x·Aᵀ at xaAt[m] (bytes in; 0: none). The
-	// recomputation then stops before the down projection (as costly a
-	// GEMM as gate's or up's, and its output only T × hidden, as the input
-	// is), and draws no dropout nor multiplies by A (x·Aᵀ is T × r).
-	dAt, rstdAt int64
-	xaAt        [7]int64
-	caches      []layerCache // one with gradient checkpointing, one per block without
+	// the o and down projections' outputs at oAt and dAt and the down
+	// projection's norm's rstd at rstdAt, each adapted projection's x·Aᵀ at
+	// xaAt[m] (bytes in; 0: none). The recomputation then skips the o
+	// projection and stops before the down projection (GEMMs whose outputs
+	// are only T × hidden, as the input is), and draws no dropout nor
+	// multiplies by A (x·Aᵀ is T × r).
+	oAt, dAt, rstdAt int64
+	xaAt             [7]int64
+	caches           []layerCache // one with gradient checkpointing, one per block without
 
 	dout, dx1, dxn cuda.Buffer // float32 [T × hidden]
 	dd             cuda.Buffer // act [T × hidden]
@@ -171,7 +172,7 @@ func layoutWorkspace(cfg *trainer.Config, sc trainer.SessionConfig, act int64, T
 			saved = at + n
 			return at
 		}
-		ws.dAt, ws.rstdAt = next(t*Hd*act), next(4*t)
+		ws.oAt, ws.dAt, ws.rstdAt = next(t*Hd*act), next(t*Hd*act), next(4*t)
 		for _, m := range sc.LoRA.Targets {
 			ws.xaAt[moduleIndex(m)] = next(t * R * act)
 		}
@@ -186,7 +187,7 @@ func layoutWorkspace(cfg *trainer.Config, sc trainer.SessionConfig, act int64, T
 	ws.caches = make([]layerCache, caches)
 	for i := range ws.caches {
 		lc := &ws.caches[i]
-		add(groupLayer, t*Hd*act, &lc.xn1, &lc.o, &lc.x1, &lc.xn2)
+		add(groupLayer, t*Hd*act, &lc.xn1, &lc.x1, &lc.xn2)
 		add(groupLayer, t*H*D*act, &lc.q, &lc.qr, &lc.att)
 		add(groupLayer, t*KV*D*act, &lc.kr)
 		add(groupLayer, 2*t*KV*D*act, &lc.kv)
@@ -194,7 +195,7 @@ func layoutWorkspace(cfg *trainer.Config, sc trainer.SessionConfig, act int64, T
 		add(groupLayer, 2*t*I*act, &lc.gateUp)
 		add(groupLayer, 4*t, &lc.rstd1, &lc.rstd2, &lc.rstd3)
 		if ws.dAt == 0 {
-			add(groupLayer, t*Hd*act, &lc.d)
+			add(groupLayer, t*Hd*act, &lc.o, &lc.d)
 			add(groupLayer, 4*t, &lc.rstd4)
 		}
 		add(groupLayer, 4*t*H, &lc.rstdQ, &lc.lse)
@@ -645,7 +646,12 @@ func (s *session) layerForward(c *cuda.Ctx, T, l int, x, out cuda.DevicePtr, lc 
 			}
 			return s.k.Attention(c, lc.qr.Ptr, lc.kr.Ptr, lc.v.Ptr, ws.lo[ti].Ptr, lc.att.Ptr, lc.lse.Ptr, T, H, KV, s.attnScale())
 		},
-		func() error { return s.linear(c, T, l, trainer.OProj, lc.att.Ptr, lc.o.Ptr, lc, d) },
+		func() error {
+			if lc.recompute && ws.oAt > 0 {
+				return nil // saved by the forward pass
+			}
+			return s.linear(c, T, l, trainer.OProj, lc.att.Ptr, lc.o.Ptr, lc, d)
+		},
 		func() error {
 			return s.k.RMSNormPair(c, lc.o.Ptr, L.postAttnNorm.Ptr, x, lc.x1.Ptr, lc.rstd2.Ptr, L.preFFNorm.Ptr, lc.xn2.Ptr, lc.rstd3.Ptr, T, Hd, eps)
 		},
@@ -981,7 +987,7 @@ func (s *session) forwardBlocks(c *cuda.Ctx, T int, input func(int) cuda.DeviceP
 			return 0, err
 		}
 		// The block's input buffer is complete once the block has run: it
-		// also holds what the block saves (workspace.dAt).
+		// also holds what the block saves (workspace.oAt).
 		if off != nil && grad {
 			if err := off.save(c, l); err != nil {
 				return 0, err
@@ -996,10 +1002,11 @@ func (s *session) forwardBlocks(c *cuda.Ctx, T int, input func(int) cuda.DeviceP
 }
 
 // bindSaved points lc at what the block of input x saves in its input
-// buffer (workspace.dAt), or lc.xa at lc's own buffers.
+// buffer (workspace.oAt), or lc.xa at lc's own buffers.
 func (s *session) bindSaved(lc *layerCache, T int, x cuda.DevicePtr) {
 	if ws := s.ws; ws.dAt > 0 {
 		Hd := int64(s.info.Config.Hidden)
+		lc.o = cuda.Buffer{Ptr: x.Add(ws.oAt), Size: int64(T) * Hd * s.k.Prec.Size()}
 		lc.d = cuda.Buffer{Ptr: x.Add(ws.dAt), Size: int64(T) * Hd * s.k.Prec.Size()}
 		lc.rstd4 = cuda.Buffer{Ptr: x.Add(ws.rstdAt), Size: 4 * int64(T)}
 	}

@@ -10,7 +10,7 @@ import (
 // Offloading the saved layer inputs: with gradient checkpointing, the
 // input of every block is kept through the forward pass for the backward
 // pass to recompute the block from, with what the block saves beside it
-// (workspace.dAt). They are the largest part of the activations (5.8 GiB
+// (workspace.oAt). They are the largest part of the activations (5.8 GiB
 // at 12B, seq 4096, batch 2). Offloaded, each goes to pinned host memory
 // as soon as the forward pass has run its block, on a stream of its own,
 // while the next blocks compute; the backward pass fetches each back one

@@ -25,10 +25,10 @@ func TestOffloadPlan(t *testing.T) {
 		t.Fatal(err)
 	}
 	plain, off := Plan(mc, sc, kernels.BF16), PlanOffloaded(mc, sc, kernels.BF16)
-	// A saved input: the block's input, its down projection's output and
-	// that norm's rstd, its seven x·Aᵀ products.
+	// A saved input: the block's input, its o and down projections'
+	// outputs, the down projection's norm's rstd, its seven x·Aᵀ products.
 	T := int64(2 * 4096)
-	input := 2*T*int64(mc.Hidden)*2 + 4*T + 7*T*32*2
+	input := 3*T*int64(mc.Hidden)*2 + 4*T + 7*T*32*2
 	// The gradients: 4 bytes a LoRA parameter, r 32 on every projection
 	// of every layer; on the device, three layers' of them.
 	var params, widest int64
@@ -115,9 +115,9 @@ func TestInferencePlan(t *testing.T) {
 		_, in := mc.ProjShape(m)
 		masks += cuda.AllocSize(kernels.MaskBytes(T * int64(in)))
 	}
-	// Training keeps the masks but not the block's own d, rstd4 and x·Aᵀ
+	// Training keeps the masks but not the block's own o, d, rstd4 and x·Aᵀ
 	// buffers (they live with the saved input); inference the other way.
-	own := cuda.AllocSize(input) + cuda.AllocSize(4*T) + 7*cuda.AllocSize(T*32*2)
+	own := 2*cuda.AllocSize(input) + cuda.AllocSize(4*T) + 7*cuda.AllocSize(T*32*2)
 	if got, want := train.Activations-eval.Activations, masks-own; got != want {
 		t.Errorf("activations: training %d bytes more than inference, want %d", got, want)
 	}

@@ -8,7 +8,11 @@
 #   scripts/bench-train.sh [PIPELINE] [PRESETS...]      e.g. bin/gpu/pipeline 1b 12b
 #
 # Batch 2 at seq 4096 (27b: batch 1), one micro-batch a step, 2 warm-up and
-# 5 timed steps. Extra flags for pipeline go in BENCH_FLAGS.
+# 5 timed steps. Ours plans within the device memory each preset is meant
+# to fit in (--gpu-memory: 1b 4 GiB, 4b 8, 12b 13, 27b 20), so it lays
+# itself out as it would on a card of that size, offloading what does not
+# fit. Extra flags for pipeline go in BENCH_FLAGS (a --gpu-memory there
+# wins).
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 pipeline=${1:-bin/pipeline}
@@ -20,8 +24,9 @@ printf '%-6s %12s %12s %8s %10s %10s %10s %8s %6s\n' preset "ours tok/s" "HF tok
 for p in ${presets[@]}; do
 	batch=2
 	[ "$p" = 27b ] && batch=1
+	case $p in 1b) mem=4 ;; 4b) mem=8 ;; 12b) mem=13 ;; 27b) mem=20 ;; *) mem=0 ;; esac
 	"$pipeline" bench train --preset "$p" --seq-len 4096 --batch-size $batch --steps 5 --warmup-steps 2 \
-		--save-rows "$tmp/rows-$p.jsonl" --json ${BENCH_FLAGS:-} >"$tmp/ours-$p.json"
+		--gpu-memory $mem --save-rows "$tmp/rows-$p.jsonl" --json ${BENCH_FLAGS:-} >"$tmp/ours-$p.json"
 	python3 "$here/bench-train-hf.py" --preset "$p" --rows "$tmp/rows-$p.jsonl" --batch-size $batch --steps 5 \
 		--warmup-steps 2 >"$tmp/hf-$p.json"
 	python3 - "$tmp/ours-$p.json" "$tmp/hf-$p.json" <<'PY'

@@ -57,6 +57,11 @@ type SessionConfig struct {
 	// float32 to compare with the CPU reference closely. The CPU backend
 	// always computes in float32 and float64.
 	Precision string `json:"precision,omitempty"`
+	// MemoryLimit, when positive, is the most device memory (bytes, as
+	// nvidia-smi counts a process's) the session may plan for, below what
+	// the device has free: a GPU backend then lays itself out as it would
+	// on a card of that size (offloading what does not fit), or refuses.
+	MemoryLimit int64 `json:"-"`
 	// Group, when it has more than one rank, trains with other processes
 	// (see Group): the session sums its gradients over them before each
 	// step. It changes nothing in the numbers beyond summation order, so

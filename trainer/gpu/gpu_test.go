@@ -56,8 +56,9 @@ func TestConformanceBF16(t *testing.T) {
 	backendtest.Run(t, refDir, openGPU("bf16"), backendtest.Tolerance{Loss: 1e-2, Cosine: 0.999, TensorCosine: 0.99, StepLoss: 0.02})
 }
 
-// TestMemoryPlanRefusesWhatCannotFit: a run far beyond the card is refused
-// before anything is loaded, with what to change.
+// TestMemoryPlanRefusesWhatCannotFit: a run far beyond the card, or beyond
+// the session's MemoryLimit, is refused before anything is loaded, with
+// what to change.
 func TestMemoryPlanRefusesWhatCannotFit(t *testing.T) {
 	cudatest.Device(t)
 	c := backendtest.TinyConfig(32)
@@ -72,6 +73,12 @@ func TestMemoryPlanRefusesWhatCannotFit(t *testing.T) {
 		t.Fatalf("an impossible run: %v", err)
 	}
 	t.Logf("refused in %v: %v", time.Since(start), err)
+	// A run the card holds, under a limit it does not fit.
+	_, err = trainer.OpenSession(context.Background(), "cuda", trainer.SessionConfig{Model: dir,
+		LoRA: trainer.LoRAConfig{R: 8, Alpha: 16, Targets: trainer.AllModules}, MaxTokens: 64, MemoryLimit: 64 << 20})
+	if err == nil || !strings.Contains(err.Error(), "the limit is 0.1 GiB") {
+		t.Fatalf("a run over MemoryLimit: %v", err)
+	}
 }
 
 // demoOptions are the demo DAG's qlora settings run for 200 steps.

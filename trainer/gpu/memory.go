@@ -65,9 +65,9 @@ func (p MemoryPlan) String() string {
 // bytes, fastest first: everything on the device; the saved layer inputs
 // offloaded (the low-memory layout); the LoRA gradients offloaded as
 // well, which costs a read of them across the bus each step (1.4% of a
-// 27B step on an H200). OffloadEnv "auto" chooses so, "on" takes the
-// last, "off" the first. Offloading needs gradient checkpointing and
-// more than three saved inputs.
+// 27B step on an H200). OffloadEnv "auto" chooses so; "off", "inputs"
+// and "on" take the first, second and last. Offloading needs gradient
+// checkpointing and more than three saved inputs.
 func choosePlan(cfg *trainer.Config, sc trainer.SessionConfig, prec kernels.Precision, free int64) (MemoryPlan, error) {
 	mode, err := offloadMode()
 	if err != nil {
@@ -75,13 +75,16 @@ func choosePlan(cfg *trainer.Config, sc trainer.SessionConfig, prec kernels.Prec
 	}
 	plain := Plan(cfg, sc, prec)
 	can := sc.GradientCheckpointing && cfg.Layers+1 > offloadSlots
+	inputs := plan(cfg, sc, prec, true, false)
 	switch {
-	case mode == "on" && !can:
-		return plain, fmt.Errorf("%s=on: offloading the saved layer inputs needs gradient_checkpointing (and more than %d layers)", OffloadEnv, offloadSlots-1)
+	case (mode == "on" || mode == "inputs") && !can:
+		return plain, fmt.Errorf("%s=%s: offloading the saved layer inputs needs gradient_checkpointing (and more than %d layers)", OffloadEnv, mode, offloadSlots-1)
 	case mode == "on":
 		return PlanOffloaded(cfg, sc, prec), nil
+	case mode == "inputs":
+		return inputs, nil
 	case mode == "auto" && can && plain.Total() > free:
-		if inputs := plan(cfg, sc, prec, true, false); inputs.Total() <= free {
+		if inputs.Total() <= free {
 			return inputs, nil
 		}
 		return PlanOffloaded(cfg, sc, prec), nil

@@ -19,9 +19,10 @@ import (
 // block's input arriving. Only data moves: the numbers are those of a run
 // without offloading, bit for bit.
 
-// OffloadEnv names the switch: "auto" (the default) offloads when the run
-// would not fit otherwise, "on" always (with gradient checkpointing),
-// "off" never.
+// OffloadEnv names the switch: "auto" (the default) offloads what the run
+// would not fit without (choosePlan), "inputs" the saved layer inputs,
+// "on" those and the LoRA gradients (the least device memory), "off"
+// nothing.
 const OffloadEnv = "PIPELINE_OFFLOAD"
 
 const offloadSlots = 3
@@ -31,10 +32,10 @@ func offloadMode() (string, error) {
 	switch m := os.Getenv(OffloadEnv); m {
 	case "", "auto":
 		return "auto", nil
-	case "on", "off":
+	case "on", "inputs", "off":
 		return m, nil
 	default:
-		return "", fmt.Errorf("%s=%q: use auto, on or off", OffloadEnv, m)
+		return "", fmt.Errorf("%s=%q: use auto, on, inputs or off", OffloadEnv, m)
 	}
 }
 

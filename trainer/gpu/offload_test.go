@@ -68,9 +68,11 @@ func TestOffloadPlan(t *testing.T) {
 		{"auto", true, inputs.Total() - 1, true, true, ""},
 		{"off", true, plain.Total() - 1, false, false, ""},
 		{"on", true, plain.Total() + 1, true, true, ""},
+		{"inputs", true, plain.Total() + 1, true, false, ""},
+		{"inputs", false, plain.Total() + 1, false, false, "gradient_checkpointing"},
 		{"on", false, plain.Total() + 1, false, false, "gradient_checkpointing"},
 		{"auto", false, 1, false, false, ""},
-		{"yes", true, 1, false, false, "use auto, on or off"},
+		{"yes", true, 1, false, false, "use auto, on, inputs or off"},
 	} {
 		t.Setenv(OffloadEnv, c.env)
 		s := sc

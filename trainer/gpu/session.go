@@ -98,13 +98,18 @@ func open(ctx context.Context, info trainer.ModelInfo, cfg trainer.SessionConfig
 	}); err != nil {
 		return fail(err)
 	}
+	room := fmt.Sprintf("%s has %.1f GiB free", dev.Info.Name, gib(free))
+	if cfg.MemoryLimit > 0 && cfg.MemoryLimit < free {
+		free = cfg.MemoryLimit
+		room = fmt.Sprintf("the limit is %.1f GiB", gib(free))
+	}
 	if s.plan, err = choosePlan(mc, cfg, prec, free); err != nil {
 		return fail(err)
 	}
 	if need := s.plan.Total(); need > free {
-		return fail(fmt.Errorf("gpu: this run needs about %.1f GiB of GPU memory (%s) but %s has %.1f GiB free; "+
+		return fail(fmt.Errorf("gpu: this run needs about %.1f GiB of GPU memory (%s) but %s; "+
 			"lower batch_size or the packed seq_len, keep gradient_checkpointing on, use quantize: nf4 and adamw_8bit, or a smaller model",
-			gib(need), s.plan, dev.Info.Name, gib(free)))
+			gib(need), s.plan, room))
 	}
 	if err := dev.Do(func(c *cuda.Ctx) error {
 		s.k, err = kernels.Load(c, prec, mc.HeadDim)

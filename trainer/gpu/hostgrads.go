@@ -84,6 +84,13 @@ func (st *loraState) rangeOf(l int) (off, n int64) {
 func (h *hostGrads) beginLayer(c *cuda.Ctx, st *loraState, l int) error {
 	sl := slotOf(l)
 	last := len(st.layerStart) - 2
+	if l == last {
+		// The first layer of a pass: nothing of a pass that failed midway
+		// may still be copying.
+		if err := h.copy.Synchronize(); err != nil {
+			return err
+		}
+	}
 	if h.fresh {
 		// The slot's previous layer (l + 3) must be out first.
 		if l+gradSlots <= last {

@@ -56,6 +56,10 @@ type qloraParams struct {
 	// GradientCheckpointing trades recomputation for memory; the numbers
 	// are the same either way.
 	GradientCheckpointing bool `yaml:"gradient_checkpointing" json:"-"`
+	// GPUMemory (GiB; 0: what the GPU has free) caps the device memory the
+	// run plans for, as on a card of that size: on a GPU shared with other
+	// work it offloads what does not fit under the cap, or refuses.
+	GPUMemory float64 `yaml:"gpu_memory" json:"-"`
 }
 
 // Version 2: dropout masks come from Philox (shared by the CPU and GPU
@@ -134,6 +138,8 @@ func (p *qloraParams) Validate() error {
 		return bad("log_every", fmt.Sprintf("%d must be at least 1", p.LogEvery), "e.g. log_every: 5")
 	case p.CheckpointEvery < 0:
 		return bad("checkpoint_every", fmt.Sprintf("%d must not be negative", p.CheckpointEvery), "0 writes no checkpoints")
+	case !(p.GPUMemory >= 0):
+		return bad("gpu_memory", fmt.Sprintf("%v must not be negative", p.GPUMemory), "GiB of GPU memory the run may use, e.g. gpu_memory: 20; 0 (the default) uses what is free")
 	}
 	if _, _, err := trainer.ResolveOptimizer(p.Optimizer); err != nil {
 		return bad("optimizer", err.Error(), "use adamw, or paged_adamw_8bit / adamw_8bit for 8-bit state")
@@ -225,6 +231,7 @@ func (s *qloraStage) Run(ctx context.Context, t *pipeline.Task) error {
 		Optimizer:             trainer.OptimizerConfig{Name: optimizer, WeightDecay: s.p.WeightDecay},
 		GradientCheckpointing: s.p.GradientCheckpointing,
 		MaxTokens:             s.p.BatchSize * len(first.InputIDs),
+		MemoryLimit:           int64(s.p.GPUMemory * (1 << 30)),
 	})
 	if err != nil {
 		return fmt.Errorf("loading %s on backend %s: %w", model, s.p.Backend, err)

@@ -323,3 +323,32 @@ func TestQLoRADamagedCheckpointIsSetAside(t *testing.T) {
 		t.Errorf("the log does not name the checkpoint set aside:\n%s", log.String())
 	}
 }
+
+// TestQLoRAKeyLeavesOutTheMachine: options that change how a run uses the
+// machine (the GPU memory cap, gradient checkpointing) and not the adapter
+// it writes stay out of the cache key; one that changes the adapter does
+// not.
+func TestQLoRAKeyLeavesOutTheMachine(t *testing.T) {
+	r := newTestRun(t)
+	key := func(spec string) string {
+		t.Helper()
+		dag, err := pipeline.Load(r.spec(spec), Registry())
+		if err != nil {
+			t.Fatal(err)
+		}
+		plan, err := r.store.Plan(dag, pipeline.Options{})
+		if err != nil {
+			t.Fatal(err)
+		}
+		return plan.Step("adapter").Key
+	}
+	base := trainSpec(t, 4)
+	machine := strings.Replace(base, "backend: cpu}", "backend: cpu, gpu_memory: 20, gradient_checkpointing: false}", 1)
+	result := strings.Replace(base, "backend: cpu}", "backend: cpu, seed: 43}", 1)
+	if machine == base || result == base {
+		t.Fatal("the spec's qlora options were not found to change")
+	}
+	if k0, k1, k2 := key(base), key(machine), key(result); k0 != k1 || k0 == k2 {
+		t.Errorf("keys: spec %s, machine options changed %s, seed changed %s", k0, k1, k2)
+	}
+}

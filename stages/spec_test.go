@@ -55,6 +55,7 @@ func TestParameterMistakes(t *testing.T) {
 		{"eval_every: -5", "eval_every: -5 must not be negative"},
 		{"epochs: -1", "epochs: -1 must not be negative"},
 		{"checkpoint_every: -1", "checkpoint_every: -1 must not be negative"},
+		{"gpu_memory: -4", "gpu_memory: -4 must not be negative"},
 		{"lr: .nan", "lr: must be a finite number, got NaN"},
 		{"alpha: .inf", "alpha: must be a finite number, got +Inf"},
 		{"max_grad_norm: .inf", "max_grad_norm: must be a finite number"},

@@ -486,16 +486,28 @@ func (s *session) nf4GEMV(T int, p *projection) bool {
 }
 
 // linearPair is linear for two projections of one input and one shape (k
-// and v, gate and up). Where both weights are stored dense, one after the
-// other, out2 lies above out1 and the step does not read the NF4 form
-// directly (nf4GEMV), the frozen products are one launch (our decoding
-// product, denseGEMV, else a batched GEMM): for a decoding step, one
-// launch instead of two, and a better use of the bandwidth for the small
-// ones (see adjoin).
+// and v, gate and up). The frozen products are one launch where a
+// decoding step reads both NF4 forms directly (nf4GEMV), or where both
+// weights are stored dense, one after the other, and out2 lies above out1
+// (our decoding product, denseGEMV, else a batched GEMM): for a decoding
+// step, one launch instead of two, and a better use of the bandwidth for
+// the small ones (see adjoin).
 func (s *session) linearPair(c *cuda.Ctx, T, layer int, m1, m2 trainer.Module, x, out1, out2 cuda.DevicePtr, lc *layerCache, d *trainer.Dropout) error {
 	L := &s.w.layers[layer]
 	p1, p2 := &L.proj[moduleIndex(m1)], &L.proj[moduleIndex(m2)]
 	size := s.k.Prec.Size()
+	if s.nf4GEMV(T, p1) && s.nf4GEMV(T, p2) && p1.in == p2.in {
+		nf4 := func(p *projection, out cuda.DevicePtr) kernels.NF4Matrix {
+			return kernels.NF4Matrix{Packed: p.packed.Ptr, AbsmaxQ: p.absmaxQ.Ptr, Absmax2: p.absmax2.Ptr, Offset: p.offset, Rows: p.out, Out: out}
+		}
+		if err := s.k.NF4GEMVPair(c, nf4(p1, out1), nf4(p2, out2), s.w.round, x, T, p1.in); err != nil {
+			return err
+		}
+		if err := s.loraForward(c, T, layer, m1, x, out1, lc, d); err != nil {
+			return err
+		}
+		return s.loraForward(c, T, layer, m2, x, out2, lc, d)
+	}
 	if s.nf4GEMV(T, p1) || p1.dense.Ptr == 0 || p2.dense.Ptr == 0 || p1.in != p2.in || p1.out != p2.out || p2.dense.Ptr != p1.dense.Ptr.Add(p1.elements()*size) ||
 		out2 <= out1 || int64(out2-out1)%size != 0 {
 		if err := s.linear(c, T, layer, m1, x, out1, lc, d); err != nil {

@@ -593,6 +593,15 @@ func (k *Kernels) NF4Dequantize(c *cuda.Ctx, packed, absmaxQ, absmax2 cuda.Devic
 // cost.
 const GEMVTokens = 8 // nf4.cu: a tensor-core tile's eight columns
 
+// NF4Matrix is a weight [Rows × in] in its NF4 form (packed codes, absmax
+// codes, second-level scales and their offset) and where its product goes.
+type NF4Matrix struct {
+	Packed, AbsmaxQ, Absmax2 cuda.DevicePtr
+	Offset                   float32
+	Rows                     int
+	Out                      cuda.DevicePtr
+}
+
 // NF4GEMV computes out [T × rows] = x [T × in]·Wᵀ from W [rows × in] in
 // its NF4 form, without dequantising it to memory first. In bf16, for rows
 // whose length is a multiple of 64, it runs on tensor cores and applies
@@ -603,21 +612,43 @@ const GEMVTokens = 8 // nf4.cu: a tensor-core tile's eight columns
 // round), summed in another order. in must be a multiple of 32 and T at
 // most GEMVTokens.
 func (k *Kernels) NF4GEMV(c *cuda.Ctx, packed, absmaxQ, absmax2 cuda.DevicePtr, offset float32, round int, x cuda.DevicePtr, T, rows, in int, out cuda.DevicePtr) error {
-	if T < 1 || T > GEMVTokens || in%32 != 0 || packed%16 != 0 || x%16 != 0 {
+	return k.NF4GEMVPair(c, NF4Matrix{packed, absmaxQ, absmax2, offset, rows, out}, NF4Matrix{}, round, x, T, in)
+}
+
+// NF4GEMVPair is NF4GEMV for two matrices of one input (k and v, gate and
+// up; b.Rows 0 for none): on tensor cores in one launch, each output as
+// NF4GEMV would write it alone.
+func (k *Kernels) NF4GEMVPair(c *cuda.Ctx, a, b NF4Matrix, round int, x cuda.DevicePtr, T, in int) error {
+	for _, m := range []NF4Matrix{a, b} {
+		if m.Rows > 0 && m.Packed%16 != 0 {
+			return fmt.Errorf("kernels: nf4_gemv takes 16-byte aligned codes")
+		}
+	}
+	if T < 1 || T > GEMVTokens || in%32 != 0 || x%16 != 0 {
 		return fmt.Errorf("kernels: nf4_gemv takes 1 to %d tokens, rows whose length is a multiple of 32, and 16-byte aligned inputs (got %d tokens, rows of %d)",
 			GEMVTokens, T, in)
 	}
-	args := []any{packed, absmaxQ, absmax2, offset, int32(round), x, int32(T), int32(rows), int32(in), out}
 	if k.Prec == BF16 && in%64 == 0 {
-		// The blocks stride over the 16-row tiles, as many as fit at once.
-		cfg := gemvMMAConfig(rows)
+		// The blocks stride over the 16-row tiles of both, as many as fit
+		// at once.
+		cfg := gemvMMAConfig(a.Rows + (b.Rows+15)/16*16)
 		cfg.Grid.X = min(cfg.Grid.X, nf4BlocksPerSM*k.sms)
-		return k.launch(c, "nf4_gemv_mma", cfg, args...)
+		return k.launch(c, "nf4_gemv_mma", cfg, a.Packed, a.AbsmaxQ, a.Absmax2, a.Offset, int32(a.Rows), a.Out,
+			b.Packed, b.AbsmaxQ, b.Absmax2, b.Offset, int32(b.Rows), b.Out, x, int32(T), int32(in))
 	}
-	// Four warps a block, two rows (NF4_GEMV_ROWS) a warp; the blocks
-	// stride over the rest.
-	blocks := min((rows+7)/8, 4*k.sms)
-	return k.launch(c, "nf4_gemv", cuda.LaunchConfig{Grid: cuda.Dim3{X: blocks}, Block: cuda.Dim3{X: 128}}, args...)
+	for _, m := range []NF4Matrix{a, b} {
+		if m.Rows == 0 {
+			continue
+		}
+		// Four warps a block, two rows (NF4_GEMV_ROWS) a warp; the blocks
+		// stride over the rest.
+		blocks := min((m.Rows+7)/8, 4*k.sms)
+		if err := k.launch(c, "nf4_gemv", cuda.LaunchConfig{Grid: cuda.Dim3{X: blocks}, Block: cuda.Dim3{X: 128}},
+			m.Packed, m.AbsmaxQ, m.Absmax2, m.Offset, int32(round), x, int32(T), int32(m.Rows), int32(in), m.Out); err != nil {
+			return err
+		}
+	}
+	return nil
 }
 
 // GEMV computes out [T × rows] = x [T × in]·Wᵀ for the few tokens of a

@@ -887,6 +887,70 @@ func TestNF4GEMV(t *testing.T) {
 	}
 }
 
+// TestNF4GEMVPair: two matrices of one input in one launch (k and v,
+// gate and up) give each output exactly as its own launch does, for row
+// counts that leave the first matrix's last tile part empty.
+func TestNF4GEMVPair(t *testing.T) {
+	for _, p := range precisions {
+		k := kernelsFor(t, p, 256)
+		for _, sh := range [][3]int{{40, 70, 1216}, {256, 128, 1152}} {
+			rows1, rows2, in := sh[0], sh[1], sh[2]
+			t.Run(fmt.Sprintf("%s/%d+%dx%d", p, rows1, rows2, in), func(t *testing.T) {
+				rng := cudatest.Rand(t)
+				quantize := func(rows int, scale float64) *trainer.NF4Tensor {
+					w := make([]float32, rows*in)
+					for i := range w {
+						w[i] = float32(rng.NormFloat64() * scale)
+					}
+					nf, err := trainer.QuantizeNF4(w, []int{rows, in}, "bfloat16")
+					if err != nil {
+						t.Fatal(err)
+					}
+					return nf
+				}
+				nf1, nf2 := quantize(rows1, 0.02), quantize(rows2, 0.05)
+				x := roundAct(p, uniform(rng, GEMVTokens*in, 1))
+				run(t, k, func(d *dev) error {
+					matrix := func(nf *trainer.NF4Tensor, rows int) (NF4Matrix, error) {
+						m := NF4Matrix{Packed: d.alloc(int64(len(nf.Packed))), AbsmaxQ: d.alloc(int64(len(nf.AbsmaxQ))), Absmax2: d.f32(nf.Absmax2),
+							Offset: nf.Offset, Rows: rows, Out: d.alloc(int64(GEMVTokens*rows) * p.Size())}
+						if err := cuda.Upload(d.c, m.Packed, nf.Packed); err != nil {
+							return m, err
+						}
+						return m, cuda.Upload(d.c, m.AbsmaxQ, nf.AbsmaxQ)
+					}
+					m1, err := matrix(nf1, rows1)
+					if err != nil {
+						return err
+					}
+					m2, err := matrix(nf2, rows2)
+					if err != nil {
+						return err
+					}
+					for _, T := range []int{1, GEMVTokens} {
+						if err := k.NF4GEMVPair(d.c, m1, m2, RoundBF16, d.act(x), T, in); err != nil {
+							return err
+						}
+						pair1, pair2 := d.readAct(m1.Out, T*rows1), d.readAct(m2.Out, T*rows2)
+						for i, m := range []NF4Matrix{m1, m2} {
+							if err := k.NF4GEMV(d.c, m.Packed, m.AbsmaxQ, m.Absmax2, m.Offset, RoundBF16, d.act(x), T, m.Rows, in, m.Out); err != nil {
+								return err
+							}
+							alone, paired := d.readAct(m.Out, T*m.Rows), [][]float32{pair1, pair2}[i]
+							for j := range alone {
+								if math.Float32bits(alone[j]) != math.Float32bits(paired[j]) {
+									return fmt.Errorf("T %d, matrix %d, element %d: %v in the pair, %v alone", T, i+1, j, paired[j], alone[j])
+								}
+							}
+						}
+					}
+					return nil
+				})
+			})
+		}
+	}
+}
+
 // nf4BlockScaled is x·Wᵀ as nf4_gemv_mma defines it, in float64: the codes
 // rounded to bfloat16, each 64-block's sum times the block's scale.
 func nf4BlockScaled(nf *trainer.NF4Tensor, x []float32, T, rows, in int) []float32 {

@@ -259,7 +259,9 @@ extern "C" __global__ void __launch_bounds__(128) nf4_gemv(NF4_GEMV_PARAMS) {
 // blocks, or the first two of its next tile) while it computes this one,
 // the first before the tables are filled. The warps' sums meet in shared
 // memory in a fixed order. in must be a multiple of 64, so that a 64-block
-// lies in one row.
+// lies in one row. It takes one matrix, or two of one input (k and v,
+// gate and up) in one launch: the tiles of the second follow those of the
+// first (rows2 = 0 for none), each tile computed as it would be alone.
 #define NF4_MMA_WARPS 8
 #define NF4_PASS 2 // 64-blocks a warp's pass
 // NF4_MIN_BLOCKS, the launch bound, comes from kernels.Sources (nf4BlocksPerSM).
@@ -329,25 +331,47 @@ __device__ __forceinline__ void gemv_x16(const act_t* __restrict__ x, int g, int
     b[1] = xs[1];
 }
 
-extern "C" __global__ void __launch_bounds__(NF4_MMA_WARPS * 32, NF4_MIN_BLOCKS) nf4_gemv_mma(NF4_GEMV_PARAMS) {
+// One matrix of nf4_gemv_mma's product.
+struct nf4_matrix {
+    const uint2* codes;
+    const unsigned char* absmax_q;
+    const float* absmax2;
+    float offset;
+    int rows, tiles;
+    act_t* out;
+};
+
+extern "C" __global__ void __launch_bounds__(NF4_MMA_WARPS * 32, NF4_MIN_BLOCKS) nf4_gemv_mma(const uint4* __restrict__ packed1, const unsigned char* __restrict__ absmax_q1, const float* __restrict__ absmax2_1,
+                 float offset1, int rows1, act_t* __restrict__ out1, const uint4* __restrict__ packed2,
+                 const unsigned char* __restrict__ absmax_q2, const float* __restrict__ absmax2_2, float offset2, int rows2,
+                 act_t* __restrict__ out2, const act_t* __restrict__ x, int T, int in) {
 #ifndef ACT_F32
     __shared__ __align__(16) unsigned int pairs[256 * NF4_PAIR_COPIES];
     __shared__ float dyn[256];
     __shared__ float part[NF4_MMA_WARPS][32][4];
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, g = lane >> 2, c = lane & 3;
     const unsigned int lane4 = 4u * lane;
-    const int blocks = in / 64, tiles = (rows + 15) / 16; // 64-blocks a row: four uint2 of codes each, one a lane
+    const int blocks = in / 64; // 64-blocks a row: four uint2 of codes each, one a lane
+    const nf4_matrix m1 = {reinterpret_cast<const uint2*>(packed1), absmax_q1, absmax2_1, offset1, rows1, (rows1 + 15) / 16, out1};
+    const nf4_matrix m2 = {reinterpret_cast<const uint2*>(packed2), absmax_q2, absmax2_2, offset2, rows2, (rows2 + 15) / 16, out2};
+    const int tiles = m1.tiles + m2.tiles;
+    // Tile t of the pair: matrix m1's t, or m2's t − m1.tiles.
+    auto matrix = [&](int t) -> const nf4_matrix& { return t < m1.tiles ? m1 : m2; };
+    auto local = [&](int t) { return t < m1.tiles ? t : t - m1.tiles; };
+    auto load = [&](int t, int b0) {
+        const nf4_matrix& m = matrix(t);
+        return nf4_load_pass(m.codes, m.absmax_q, m.absmax2, m.rows, blocks, 16 * local(t), g, c, b0);
+    };
     const int first = NF4_PASS * warp, stride = NF4_PASS * NF4_MMA_WARPS; // a warp's passes over a row
-    const uint2* codes = reinterpret_cast<const uint2*>(packed);
-    nf4_pass cur = nf4_load_pass(codes, absmax_q, absmax2, rows, blocks, 16 * blockIdx.x, g, c, first);
+    nf4_pass cur = load(min((int)blockIdx.x, tiles - 1), first);
     nf4_mma_tables(pairs, dyn);
     for (int tile = blockIdx.x; tile < tiles; tile += gridDim.x) {
+        const float offset = matrix(tile).offset;
         float acc[4] = {0.0f, 0.0f, 0.0f, 0.0f};
         for (int b0 = first; b0 < blocks; b0 += stride) {
             // The next pass: on along this tile, else the next tile's first.
             const bool on = b0 + stride < blocks;
-            const nf4_pass next = nf4_load_pass(codes, absmax_q, absmax2, rows, blocks, 16 * (on ? tile : min(tile + (int)gridDim.x, tiles - 1)),
-                                                g, c, on ? b0 + stride : first);
+            const nf4_pass next = load(on ? tile : min(tile + (int)gridDim.x, tiles - 1), on ? b0 + stride : first);
             #pragma unroll
             for (int h = 0; h < NF4_PASS; h++) {
                 if (b0 + h >= blocks) break; // the same for the whole warp
@@ -372,7 +396,8 @@ extern "C" __global__ void __launch_bounds__(NF4_MMA_WARPS * 32, NF4_MIN_BLOCKS)
             }
             cur = next;
         }
-        gemv_mma_store<NF4_MMA_WARPS>(acc, part, T, rows, rows, 0, out, tile);
+        const nf4_matrix& m = matrix(tile);
+        gemv_mma_store<NF4_MMA_WARPS>(acc, part, T, m.rows, m.rows, 0, m.out, local(tile));
         __syncthreads(); // part is read before the next tile writes it
     }
 #endif

@@ -341,10 +341,11 @@ struct nf4_matrix {
     act_t* out;
 };
 
-extern "C" __global__ void __launch_bounds__(NF4_MMA_WARPS * 32, NF4_MIN_BLOCKS) nf4_gemv_mma(const uint4* __restrict__ packed1, const unsigned char* __restrict__ absmax_q1, const float* __restrict__ absmax2_1,
-                 float offset1, int rows1, act_t* __restrict__ out1, const uint4* __restrict__ packed2,
-                 const unsigned char* __restrict__ absmax_q2, const float* __restrict__ absmax2_2, float offset2, int rows2,
-                 act_t* __restrict__ out2, const act_t* __restrict__ x, int T, int in) {
+// kernels.Kernels finds a kernel by the name on its extern "C" line.
+extern "C" __global__ void __launch_bounds__(NF4_MMA_WARPS * 32, NF4_MIN_BLOCKS) nf4_gemv_mma(
+    const uint4* __restrict__ packed1, const unsigned char* __restrict__ absmax_q1, const float* __restrict__ absmax2_1, float offset1,
+    int rows1, act_t* __restrict__ out1, const uint4* __restrict__ packed2, const unsigned char* __restrict__ absmax_q2,
+    const float* __restrict__ absmax2_2, float offset2, int rows2, act_t* __restrict__ out2, const act_t* __restrict__ x, int T, int in) {
 #ifndef ACT_F32
     __shared__ __align__(16) unsigned int pairs[256 * NF4_PAIR_COPIES];
     __shared__ float dyn[256];

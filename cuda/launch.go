@@ -119,6 +119,9 @@ type LaunchConfig struct {
 	Grid, Block Dim3
 	SharedMem   int     // dynamic shared memory per block, bytes
 	Stream      *Stream // nil: the working stream
+	// Cooperative launches every block at once or fails: a kernel whose
+	// blocks wait for each other (a grid barrier) needs it.
+	Cooperative bool
 }
 
 // Grid1D returns a launch config covering n items with blocks of
@@ -184,8 +187,14 @@ func (c *Ctx) Launch(f *Function, cfg LaunchConfig, args ...any) error {
 	if len(args) > 0 {
 		params = uintptr(unsafe.Pointer(&c.argPtrs[0]))
 	}
-	err := c.cu.cuLaunchKernel.check(f.handle, uintptr(g.X), uintptr(g.Y), uintptr(g.Z),
-		uintptr(b.X), uintptr(b.Y), uintptr(b.Z), uintptr(cfg.SharedMem), c.streamOr(cfg.Stream).handle, params, 0)
+	var err error
+	if cfg.Cooperative {
+		err = c.cu.cuLaunchCooperativeKernel.check(f.handle, uintptr(g.X), uintptr(g.Y), uintptr(g.Z),
+			uintptr(b.X), uintptr(b.Y), uintptr(b.Z), uintptr(cfg.SharedMem), c.streamOr(cfg.Stream).handle, params)
+	} else {
+		err = c.cu.cuLaunchKernel.check(f.handle, uintptr(g.X), uintptr(g.Y), uintptr(g.Z),
+			uintptr(b.X), uintptr(b.Y), uintptr(b.Z), uintptr(cfg.SharedMem), c.streamOr(cfg.Stream).handle, params, 0)
+	}
 	if err != nil {
 		return fmt.Errorf("kernel %s: %w", f.Name, err)
 	}

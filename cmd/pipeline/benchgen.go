@@ -87,6 +87,9 @@ type benchGenResult struct {
 	BoundTokensPerSec  float64 `json:"bound_tokens_per_sec"`
 	PeakGiB            float64 `json:"peak_gib"`
 	GPU                string  `json:"gpu"`
+	// TokenKernelSteps counts the steps that ran as one launch
+	// (PIPELINE_TOKEN_KERNEL=on), over every run.
+	TokenKernelSteps int `json:"token_kernel_steps,omitempty"`
 }
 
 func runBenchGenerate(ctx context.Context, w io.Writer, o benchGenOptions) error {
@@ -188,6 +191,9 @@ func runBenchGenerate(ctx context.Context, w io.Writer, o benchGenOptions) error
 	if p, ok := dec.(interface{ PeakMemory() int64 }); ok {
 		res.PeakGiB = float64(p.PeakMemory()) / (1 << 30)
 	}
+	if t, ok := dec.(interface{ TokenKernelSteps() int }); ok {
+		res.TokenKernelSteps = t.TokenKernelSteps()
+	}
 	res.Weights = "f32" // the CPU reference's
 	if w, ok := dec.(interface{ ReadsNF4(batch int) bool }); ok {
 		res.Weights = "bf16"
@@ -219,6 +225,9 @@ func runBenchGenerate(ctx context.Context, w io.Writer, o benchGenOptions) error
 	}
 	if res.PeakGiB > 0 {
 		fmt.Fprintf(w, "  peak %.2f GiB\n", res.PeakGiB)
+	}
+	if res.TokenKernelSteps > 0 {
+		fmt.Fprintf(w, "  %d steps ran as one launch each (%s=on)\n", res.TokenKernelSteps, gpu.TokenKernelEnv)
 	}
 	return nil
 }

@@ -3,6 +3,7 @@ package gpu
 import (
 	"context"
 	"fmt"
+	"os"
 
 	"gemmaft/cuda"
 	"gemmaft/trainer"
@@ -41,6 +42,94 @@ type kvCaches struct {
 	// graphs holds a step captured per number of tokens; nil once the
 	// number has run once, not yet captured.
 	graphs map[int]*cuda.Graph
+	// tok runs the steps of one token as decode_token, or is nil.
+	tok *tokenStep
+}
+
+// TokenKernelEnv set to "on" runs a decoding's steps of one token with
+// decode_token (kernels.DecodeToken), every block of the model in one
+// launch, where the model takes it (tokenShape). Off by default until
+// its speed and its agreement with the launch-per-operation steps are
+// measured on a GPU (trainer/gpu/NOTES.md).
+const TokenKernelEnv = "PIPELINE_TOKEN_KERNEL"
+
+// tokenStep is one decoding's state for decode_token.
+type tokenStep struct {
+	shape                             kernels.TokenShape
+	layers, work, records, sync, step cuda.Buffer
+}
+
+// tokenShape is the shape decode_token runs for this decoder's model with
+// caches of maxLen positions, or why it cannot: it takes dense weights
+// without an adapter's products and a session that offloads nothing.
+func (s *session) tokenShape(maxLen int) (kernels.TokenShape, error) {
+	cfg := s.info.Config
+	sh := kernels.TokenShape{Hidden: cfg.Hidden, Heads: cfg.Heads, KVHeads: cfg.KVHeads, Intermediate: cfg.Intermediate,
+		Layers: cfg.Layers, MaxKeys: maxLen, Eps: cfg.RMSNormEps, AttnScale: s.attnScale(), EmbedScale: s.info.EmbedScale()}
+	if !s.baseOnly && len(s.cfg.LoRA.Targets) > 0 {
+		return sh, fmt.Errorf("decode_token does not apply an adapter")
+	}
+	if s.off != nil {
+		return sh, fmt.Errorf("decode_token does not offload")
+	}
+	for l := range s.w.layers {
+		for i := range s.w.layers[l].proj {
+			if s.w.layers[l].proj[i].dense.Ptr == 0 {
+				return sh, fmt.Errorf("decode_token takes dense weights; layer %d's %s has none", l, trainer.AllModules[i])
+			}
+		}
+	}
+	return sh, s.k.TokenFits(sh, s.dev.Info)
+}
+
+// newTokenStep allocates decode_token's buffers for caches dc and uploads
+// its layer table.
+func (s *session) newTokenStep(c *cuda.Ctx, dc *kvCaches, sh kernels.TokenShape) (*tokenStep, error) {
+	cfg := s.info.Config
+	ts := &tokenStep{shape: sh}
+	sizes := s.k.TokenBuffers(sh)
+	table := make([]kernels.TokenLayer, cfg.Layers)
+	for l := range table {
+		L := &s.w.layers[l]
+		dense := func(m trainer.Module) cuda.DevicePtr { return L.proj[moduleIndex(m)].dense.Ptr }
+		window := 0
+		if cfg.LayerTypes[l] == trainer.SlidingAttention {
+			window = cfg.SlidingWindow
+		}
+		table[l] = kernels.TokenLayer{Q: dense(trainer.QProj), K: dense(trainer.KProj), V: dense(trainer.VProj), O: dense(trainer.OProj),
+			Gate: dense(trainer.GateProj), Up: dense(trainer.UpProj), Down: dense(trainer.DownProj),
+			InputNorm: L.inputNorm.Ptr, PostAttnNorm: L.postAttnNorm.Ptr, PreFFNorm: L.preFFNorm.Ptr, PostFFNorm: L.postFFNorm.Ptr,
+			QNorm: L.qNorm.Ptr, KNorm: L.kNorm.Ptr, KCache: dc.k[l].Ptr, VCache: dc.v[l].Ptr,
+			CacheLen: dc.cacheLen[l], Window: window, Rope: typeIndex(cfg.LayerTypes[l])}
+	}
+	encoded := kernels.EncodeTokenLayers(table)
+	for _, b := range []struct {
+		buf   *cuda.Buffer
+		bytes int64
+	}{{&ts.layers, int64(len(encoded))}, {&ts.work, sizes.Work}, {&ts.records, sizes.Records}, {&ts.sync, sizes.Sync}, {&ts.step, sizes.Step}} {
+		var err error
+		if *b.buf, err = c.Alloc(b.bytes); err != nil {
+			ts.free(c)
+			return nil, err
+		}
+	}
+	if err := cuda.Upload(c, ts.layers.Ptr, encoded); err != nil {
+		ts.free(c)
+		return nil, err
+	}
+	if err := c.MemsetD8Async(ts.sync.Ptr, 0, sizes.Sync, nil); err != nil { // the heads' counters start at zero
+		ts.free(c)
+		return nil, err
+	}
+	return ts, nil
+}
+
+func (ts *tokenStep) free(c *cuda.Ctx) {
+	for _, b := range []cuda.Buffer{ts.layers, ts.work, ts.records, ts.sync, ts.step} {
+		if b.Ptr != 0 {
+			c.Free(b)
+		}
+	}
 }
 
 // attention replaces block l's attention while a decoder's step runs.
@@ -61,7 +150,10 @@ func (dc *kvCaches) attention(s *session, c *cuda.Ctx, T, l, ti int, lc *layerCa
 }
 
 // decoder is a session used for decoding (trainer.Decoder).
-type decoder struct{ s *session }
+type decoder struct {
+	s          *session
+	tokenSteps int // the steps decode_token has run
+}
 
 // openDecoder loads cfg's model (and adapter) into a session of the given
 // precision ("" is bf16).
@@ -158,7 +250,10 @@ func OpenRandomDecoder(ctx context.Context, mc *trainer.Config, seed uint64, qua
 }
 
 func (g *decoder) Info() *trainer.ModelInfo { return &g.s.info }
-func (g *decoder) Close() error             { return g.s.Close() }
+
+// TokenKernelSteps is the number of steps decode_token has run.
+func (g *decoder) TokenKernelSteps() int { return g.tokenSteps }
+func (g *decoder) Close() error          { return g.s.Close() }
 
 func (g *decoder) Generate(ctx context.Context, prompts [][]int32, o trainer.GenerateOptions, emit func(seq int, tok int32)) (out [][]int32, err error) {
 	err = g.withCaches(prompts, o.MaxNewTokens, func(step trainer.DecodeStep) error {
@@ -216,13 +311,27 @@ func (g *decoder) withCaches(prompts [][]int32, maxNew int, decode func(trainer.
 		if dc.part, err = c.Alloc(size); err != nil {
 			return err
 		}
-		return c.MemsetD8Async(dc.part.Ptr, 0, size, nil) // its counters start at zero
+		if err := c.MemsetD8Async(dc.part.Ptr, 0, size, nil); err != nil { // its counters start at zero
+			return err
+		}
+		if os.Getenv(TokenKernelEnv) != "on" {
+			return nil
+		}
+		sh, err := s.tokenShape(maxLen)
+		if err != nil {
+			return nil // the launch-per-operation steps
+		}
+		dc.tok, err = s.newTokenStep(c, dc, sh)
+		return err
 	})
 	defer s.dev.Do(func(c *cuda.Ctx) error {
 		for _, b := range append(append(dc.k, dc.v...), dc.seq, dc.pos, dc.from[0], dc.from[1], dc.best, dc.part) {
 			if b.Ptr != 0 {
 				c.Free(b)
 			}
+		}
+		if dc.tok != nil {
+			dc.tok.free(c)
 		}
 		return nil
 	})
@@ -260,6 +369,9 @@ func (g *decoder) step(dc *kvCaches, b *trainer.Batch, seq, from []int32, greedy
 		}
 		logits, err := s.positionLogits(hb)
 		return logits, nil, err
+	}
+	if dc.tok != nil && !dc.prefill && T == 1 {
+		return g.stepToken(dc.tok, dc.best, hb, seq[0], b.Pos[0], greedy)
 	}
 	var logits [][]float32
 	var best []int32
@@ -300,6 +412,40 @@ func (g *decoder) step(dc *kvCaches, b *trainer.Batch, seq, from []int32, greedy
 	})
 	s.notePeak()
 	return logits, best, err
+}
+
+// stepToken evaluates a step of one token, sequence seq's at position pos,
+// with decode_token: one upload, the launch, the lm_head, and the logits
+// or (greedy) the most likely token back.
+func (g *decoder) stepToken(ts *tokenStep, best cuda.Buffer, hb *hostBatch, seq, pos int32, greedy bool) ([][]float32, []int32, error) {
+	s := g.s
+	var logits [][]float32
+	var picks []int32
+	err := s.dev.Do(func(c *cuda.Ctx) error {
+		if err := cuda.Upload(c, ts.step.Ptr, kernels.EncodeTokenStep(hb.ids[0], seq, pos, hb.cos, hb.sin)); err != nil {
+			return err
+		}
+		if err := s.k.DecodeToken(c, ts.shape, ts.layers.Ptr, s.w.embed.Ptr, s.w.finalNorm.Ptr, ts.step.Ptr, ts.work.Ptr,
+			ts.records.Ptr, ts.sync.Ptr, s.ws.xf.Ptr); err != nil {
+			return err
+		}
+		g.tokenSteps++
+		if err := s.logitsOf(c, s.ws.xf.Ptr, 1); err != nil {
+			return err
+		}
+		if !greedy {
+			var err error
+			logits, err = s.downloadLogits(c, 1)
+			return err
+		}
+		if err := s.k.ArgmaxRows(c, s.ws.logits.Ptr, 1, s.info.Config.VocabSize, best.Ptr); err != nil {
+			return err
+		}
+		picks = make([]int32, 1)
+		return cuda.Download(c, picks, best.Ptr)
+	})
+	s.notePeak()
+	return logits, picks, err
 }
 
 // decodeForward queues the forward pass of the uploaded step's T tokens,

@@ -6,6 +6,7 @@ import (
 	"encoding/json"
 	"fmt"
 	"math"
+	"math/rand/v2"
 	"os"
 	"path/filepath"
 	"testing"
@@ -196,32 +197,7 @@ func TestTeacherForcedBF16(t *testing.T) {
 	defer d.Close()
 	V := d.Info().Config.VocabSize
 	S, N := len(tok.Prompts), len(tok.Continuations[0])
-	ours := make([]float32, S*N*V) // [sequence][step][vocabulary], as the references
-	err = d.(*decoder).withCaches(tok.Prompts, N, func(step trainer.DecodeStep) error {
-		var ids, pos []int32
-		var seqOf []int
-		for s, p := range tok.Prompts {
-			for j, id := range p {
-				ids, pos, seqOf = append(ids, id), append(pos, int32(j)), append(seqOf, s)
-			}
-		}
-		for n := 0; n < N; n++ {
-			logits, _, err := step(ids, pos, seqOf, false)
-			if err != nil {
-				return err
-			}
-			ids, pos, seqOf = nil, nil, nil
-			for s := range S {
-				copy(ours[(s*N+n)*V:], logits[s])
-				ids = append(ids, tok.Continuations[s][n])
-				pos, seqOf = append(pos, int32(len(tok.Prompts[s])+n)), append(seqOf, s)
-			}
-		}
-		return nil
-	})
-	if err != nil {
-		t.Fatal(err)
-	}
+	ours := teacherForced(t, d.(*decoder), tok.Prompts, tok.Continuations)
 	read := func(name string) []float32 {
 		b, err := os.ReadFile(filepath.Join(refs, name))
 		if err != nil {
@@ -262,6 +238,135 @@ func TestTeacherForcedBF16(t *testing.T) {
 	if ow > 1.5*hw || om > 1.5*hm || oa < ha-0.05 {
 		t.Errorf("the GPU decoder's bf16 logits are further from float32 than transformers' bf16 logits are")
 	}
+}
+
+// teacherForced runs the prompts through d, then feeds each sequence its
+// continuation a token a step, and returns the logits of every step,
+// [sequence][step][vocabulary], as the reference scripts write them.
+func teacherForced(t *testing.T, d *decoder, prompts, continuations [][]int32) []float32 {
+	t.Helper()
+	V := d.Info().Config.VocabSize
+	S, N := len(prompts), len(continuations[0])
+	out := make([]float32, S*N*V)
+	err := d.withCaches(prompts, N, func(step trainer.DecodeStep) error {
+		var ids, pos []int32
+		var seqOf []int
+		for s, p := range prompts {
+			for j, id := range p {
+				ids, pos, seqOf = append(ids, id), append(pos, int32(j)), append(seqOf, s)
+			}
+		}
+		for n := 0; n < N; n++ {
+			logits, _, err := step(ids, pos, seqOf, false)
+			if err != nil {
+				return err
+			}
+			ids, pos, seqOf = nil, nil, nil
+			for s := range S {
+				copy(out[(s*N+n)*V:], logits[s])
+				ids = append(ids, continuations[s][n])
+				pos, seqOf = append(pos, int32(len(prompts[s])+n)), append(seqOf, s)
+			}
+		}
+		return nil
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	return out
+}
+
+// TestTokenKernelOnGPU: decoding steps of one token as decode_token
+// (PIPELINE_TOKEN_KERNEL=on). In the float32 test mode, each parity case's
+// base model decodes each prompt alone (every step after the prompt one
+// token) to transformers' greedy tokens, every one, through sliding rings
+// shorter than the prompts. In bf16 at the 1B shape (random weights, head
+// dimension 256, more rows than blocks in every product), the logits of
+// 48 teacher-forced steps after a 600-token prompt (past the 512-token
+// window) stay within bfloat16's reach of the launch-per-operation
+// steps', with the same most likely token.
+func TestTokenKernelOnGPU(t *testing.T) {
+	cudatest.Device(t)
+	t.Setenv(TokenKernelEnv, "on")
+	for _, c := range []string{"t5_gqa", "orig_mqa", "mm_f32", "trained_qlora"} {
+		t.Run("fp32/"+c, func(t *testing.T) {
+			data, err := os.ReadFile(filepath.Join(refDir, "golden", c, "generate.json"))
+			if err != nil {
+				t.Fatal(err)
+			}
+			var g struct {
+				MaxNewTokens int       `json:"max_new_tokens"`
+				Stop         []int32   `json:"stop"`
+				Prompts      [][]int32 `json:"prompts"`
+				Outputs      [][]int32 `json:"outputs"`
+			}
+			if err := json.Unmarshal(data, &g); err != nil {
+				t.Fatal(err)
+			}
+			d, err := openDecoder(context.Background(), trainer.DecoderConfig{Model: filepath.Join(refDir, c, "model")}, "fp32")
+			if err != nil {
+				t.Fatal(err)
+			}
+			defer d.Close()
+			for i, p := range g.Prompts {
+				got, err := d.Generate(context.Background(), [][]int32{p}, trainer.GenerateOptions{MaxNewTokens: g.MaxNewTokens, Stop: g.Stop}, nil)
+				if err != nil {
+					t.Fatal(err)
+				}
+				if fmt.Sprint(got[0]) != fmt.Sprint(g.Outputs[i]) {
+					t.Errorf("prompt %d (%d tokens):\n GPU %v\n HF  %v", i, len(p), got[0], g.Outputs[i])
+				}
+			}
+			if n := d.(*decoder).TokenKernelSteps(); n == 0 {
+				t.Fatalf("no step ran as decode_token")
+			}
+		})
+	}
+	t.Run("bf16/1b", func(t *testing.T) {
+		mc, err := trainer.Preset("1b")
+		if err != nil {
+			t.Fatal(err)
+		}
+		d, err := OpenRandomDecoder(context.Background(), mc, 1, "none")
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer d.Close()
+		dec := d.(*decoder)
+		rng := rand.New(rand.NewPCG(3, 4))
+		draw := func(n int) []int32 {
+			ids := make([]int32, n)
+			for i := range ids {
+				ids[i] = int32(rng.IntN(mc.VocabSize))
+			}
+			return ids
+		}
+		prompts, continuations := [][]int32{draw(600)}, [][]int32{draw(48)}
+		ours := teacherForced(t, dec, prompts, continuations)
+		if dec.TokenKernelSteps() == 0 {
+			t.Fatalf("no step ran as decode_token")
+		}
+		t.Setenv(TokenKernelEnv, "off")
+		ref := teacherForced(t, dec, prompts, continuations)
+		V, N := mc.VocabSize, len(continuations[0])
+		worst, agree := 0.0, 0
+		for n := range N {
+			g, r := ours[n*V:(n+1)*V], ref[n*V:(n+1)*V]
+			var dd, rr float64
+			for i := range r {
+				e := float64(g[i]) - float64(r[i])
+				dd, rr = dd+e*e, rr+float64(r[i])*float64(r[i])
+			}
+			worst = max(worst, math.Sqrt(dd/rr))
+			if trainer.Argmax(g) == trainer.Argmax(r) {
+				agree++
+			}
+		}
+		t.Logf("%d steps: worst relative RMS of the logits' difference %.3g, most likely token the same at %d", N, worst, agree)
+		if worst > 0.02 || agree < N-2 {
+			t.Errorf("decode_token's logits differ from the launch-per-operation steps' (worst relative RMS %.3g, argmax agreement %d of %d)", worst, agree, N)
+		}
+	})
 }
 
 // TestNF4ProductChoice: only a session that infers reads NF4 weights

@@ -977,7 +977,14 @@ func (s *session) headLogits(c *cuda.Ctx, idx cuda.DevicePtr, n int) error {
 	if err := s.k.GatherRows(c, ws.xf.Ptr, idx, ws.hc.Ptr, n, cfg.Hidden); err != nil {
 		return err
 	}
-	return s.gemm(c, "head", n, cfg.VocabSize, cfg.Hidden, false, true, s.k.Prec.GEMMType(), cuda.F32, 1, ws.hc.Ptr, s.w.embed.Ptr, 0, ws.logits.Ptr)
+	return s.logitsOf(c, ws.hc.Ptr, n)
+}
+
+// logitsOf computes ws.logits [n × vocab] (float32) = x·embedᵀ, the tied
+// lm_head, for n rows of normed activations x.
+func (s *session) logitsOf(c *cuda.Ctx, x cuda.DevicePtr, n int) error {
+	cfg := s.info.Config
+	return s.gemm(c, "head", n, cfg.VocabSize, cfg.Hidden, false, true, s.k.Prec.GEMMType(), cuda.F32, 1, x, s.w.embed.Ptr, 0, s.ws.logits.Ptr)
 }
 
 // forwardBlocks queues the embedding of the uploaded batch's T tokens, the

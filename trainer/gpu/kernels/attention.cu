@@ -880,27 +880,6 @@ __device__ void attn_cached_split(const act_t* __restrict__ q, const act_t* __re
     }
 }
 
-// The splits' records of (t, h) joined into out's row, each rescaled to
-// the largest score of all: Σ e^(m_s − m)·o_s / Σ e^(m_s − m)·l_s. The
-// records were written by other blocks: read past the L1 cache.
-__device__ void attn_cached_combine(const float* rec, int splits, act_t* __restrict__ out) {
-    float m = -INFINITY;
-    for (int s = 0; s < splits; s++) m = fmaxf(m, __ldcg(&rec[s * (HD + 2) + HD]));
-    float l = 0.0f;
-    for (int s = 0; s < splits; s++) {
-        const float ms = __ldcg(&rec[s * (HD + 2) + HD]);
-        if (ms > -INFINITY) l += __ldcg(&rec[s * (HD + 2) + HD + 1]) * expf(ms - m);
-    }
-    for (int d = threadIdx.x; d < HD; d += DEC_THREADS) {
-        float acc = 0.0f;
-        for (int s = 0; s < splits; s++) {
-            const float ms = __ldcg(&rec[s * (HD + 2) + HD]);
-            if (ms > -INFINITY) acc += __ldcg(&rec[s * (HD + 2) + d]) * expf(ms - m);
-        }
-        out[d] = to_act(acc / l);
-    }
-}
-
 // part holds a counter per (token, head), then the records. The block
 // that finishes last of its (token, head)'s splits, as the counter tells,
 // joins them into out and sets the counter back to zero for the next
@@ -932,6 +911,6 @@ extern "C" __global__ void __launch_bounds__(DEC_THREADS) attn_cached(const act_
     __syncthreads();
     if (!last) return;
     __threadfence();
-    attn_cached_combine(recs, splits, out + ((long long)t * heads + h) * HD);
+    decode_combine(recs, splits, HD, out + ((long long)t * heads + h) * HD);
 }
 

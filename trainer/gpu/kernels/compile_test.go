@@ -27,7 +27,7 @@ func TestCompileForEveryArchitecture(t *testing.T) {
 					t.Fatal(err)
 				}
 				for _, src := range srcs {
-					if hd != 256 && src.Name != "attention.cu" {
+					if hd != 256 && src.Name != "attention.cu" && src.Name != "token.cu" {
 						continue
 					}
 					if _, err := cuda.CompileForArch(src, arch); err != nil {
@@ -62,7 +62,7 @@ func TestKernelNames(t *testing.T) {
 		}
 	}
 	for _, want := range []string{"attn_fwd", "attn_bwd_dkdv", "attn_bwd_dq", "rms_norm_fwd", "adam8_step", "nf4_dequantize",
-		"nf4_gemv", "nf4_gemv_mma", "gemv_mma", "stored_to_act", "random_normal_bf16"} {
+		"nf4_gemv", "nf4_gemv_mma", "gemv_mma", "decode_token", "stored_to_act", "random_normal_bf16"} {
 		if !seen[want] {
 			t.Errorf("kernel %s not found", want)
 		}

@@ -160,5 +160,46 @@ __device__ __forceinline__ void gemv_mma_store(const float* acc, float (*part)[3
     }
 }
 
+// gelu_tanh(x) = 0.5x(1 + tanh z), z = sqrt(2/π)(x + 0.044715x³), computed
+// as x·σ(2z): the same function without the cancellation in 1 + tanh z
+// for negative x. gelu_parts returns σ(2z) and dz/dx.
+__device__ __forceinline__ void gelu_parts(float x, float* s, float* dz) {
+    const float k = 0.7978845608028654f;
+    const float c = 0.044715f;
+    const float z = k * (x + c * x * x * x);
+    *s = 1.0f / (1.0f + expf(-2.0f * z));
+    *dz = k * (1.0f + 3.0f * c * x * x);
+}
+
+// A decoding attention's split records (flash-decoding: each split of
+// the keys an unnormalised output row of hd values, its largest score and
+// its sum of weights, hd + 2 floats) joined into out's row, each rescaled
+// to the largest score of all: Σ e^(m_s − m)·o_s / Σ e^(m_s − m)·l_s. The
+// records were written by other blocks of the launch: read past the L1
+// cache.
+__device__ __forceinline__ void decode_combine(const float* rec, int splits, int hd, act_t* __restrict__ out) {
+    const int stride = hd + 2;
+    // Unrolled, so that several records' loads are in flight at once; the
+    // sums keep their order.
+    float m = -INFINITY;
+    #pragma unroll 8
+    for (int s = 0; s < splits; s++) m = fmaxf(m, __ldcg(&rec[s * stride + hd]));
+    float l = 0.0f;
+    #pragma unroll 8
+    for (int s = 0; s < splits; s++) {
+        const float ms = __ldcg(&rec[s * stride + hd]);
+        if (ms > -INFINITY) l += __ldcg(&rec[s * stride + hd + 1]) * expf(ms - m);
+    }
+    for (int d = threadIdx.x; d < hd; d += blockDim.x) {
+        float acc = 0.0f;
+        #pragma unroll 8
+        for (int s = 0; s < splits; s++) {
+            const float ms = __ldcg(&rec[s * stride + hd]);
+            if (ms > -INFINITY) acc += __ldcg(&rec[s * stride + d]) * expf(ms - m);
+        }
+        out[d] = to_act(acc / l);
+    }
+}
+
 #define GRID_STRIDE(i, n) \
     for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < (n); i += (long long)gridDim.x * blockDim.x)

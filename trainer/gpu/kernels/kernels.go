@@ -70,7 +70,7 @@ func ParsePrecision(s string) (Precision, error) {
 }
 
 // moduleFiles are the kernel files, each compiled as one module.
-var moduleFiles = []string{"norm.cu", "rope.cu", "attention.cu", "mlp.cu", "embed.cu", "loss.cu", "lora.cu", "nf4.cu", "decode.cu", "optim.cu"}
+var moduleFiles = []string{"norm.cu", "rope.cu", "attention.cu", "mlp.cu", "embed.cu", "loss.cu", "lora.cu", "nf4.cu", "decode.cu", "token.cu", "optim.cu"}
 
 // CheckHeadDim reports whether the attention kernels support a head
 // dimension: a power of two from 2 to 256.
@@ -106,7 +106,7 @@ func Sources(p Precision, headDim int) ([]cuda.Source, error) {
 			opts = append(opts, "-DACT_F32")
 		}
 		switch name {
-		case "attention.cu":
+		case "attention.cu", "token.cu":
 			opts = append(opts, "-DHEAD_DIM="+strconv.Itoa(headDim))
 		case "nf4.cu":
 			opts = append(opts, "-DNF4_MIN_BLOCKS="+strconv.Itoa(nf4BlocksPerSM))
@@ -157,6 +157,8 @@ type Kernels struct {
 	Timer Timer
 	fns   map[string]*cuda.Function
 	sms   int // the device's multiprocessors
+	// tokenShared is the shared memory decode_token may use so far.
+	tokenShared int
 }
 
 // Timer times a launch: it runs f, the launch of kernel name, between

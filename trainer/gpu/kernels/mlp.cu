@@ -2,17 +2,6 @@
 // Reference: trainer.GeGLU, trainer.GeGLUBackward.
 #include "gemma.cuh"
 
-// gelu_tanh(x) = 0.5x(1 + tanh z), z = sqrt(2/π)(x + 0.044715x³), computed
-// as x·σ(2z): the same function without the cancellation in 1 + tanh z
-// for negative x. gelu_parts returns σ(2z) and dz/dx.
-__device__ __forceinline__ void gelu_parts(float x, float* s, float* dz) {
-    const float k = 0.7978845608028654f;
-    const float c = 0.044715f;
-    const float z = k * (x + c * x * x * x);
-    *s = 1.0f / (1.0f + expf(-2.0f * z));
-    *dz = k * (1.0f + 3.0f * c * x * x);
-}
-
 // act = gelu(gate) · up, rounded to an activation once.
 extern "C" __global__ void geglu_fwd(const act_t* __restrict__ gate, const act_t* __restrict__ up, act_t* __restrict__ out, long long n) {
     GRID_STRIDE(i, n) {

@@ -1,0 +1,500 @@
+// decode_token: a decoding step of one token through every block of the
+// model in one launch, for dense weights and no adapter.
+//
+// A step of one token reads every weight once and does little else, yet
+// as a launch per operation (13 a block) it is bound by the kernels' fixed
+// costs, a few microseconds each, not by the bytes (see trainer/gpu/NOTES.md,
+// "Decoding, second pass"). Here one block per multiprocessor stays
+// resident for the whole step and the operations are phases between grid
+// barriers, five a block:
+//
+//   A  x = x1 + norm(d) (the block before's residual), xn = norm(x);
+//      q, k, v = xn·Wᵀ
+//   B  q and k norm + RoPE, the step's key and value into the cache,
+//      attention over the cache in splits of TOK_CHUNK keys (flash-decoding,
+//      as attn_cached: the last split of a head to finish joins them)
+//   C  o = att·Woᵀ
+//   D  x1 = x + norm(o), xn2 = norm(x1); act = gelu(xn2·Wgᵀ)·(xn2·Wuᵀ)
+//   E  d = act·Wdᵀ
+//
+// Every block computes the norms of the vectors it needs itself (a few
+// thousand values) rather than wait for another barrier. Each product
+// phase gives each block a contiguous slice of the rows, and before a
+// barrier each block asks the L2 cache for its slice of the next phase's
+// weights (up to prefetch bytes), so that the memory is busy while the
+// barriers and the attention wait. Values are rounded to activations
+// where the launch-per-operation path stores them, so both compute the
+// same function; sums run in another order.
+//
+// Data written by other blocks of the launch is read with __ldcg (past the
+// multiprocessor's L1, which is not coherent); weights and the cache rows
+// of earlier steps with ordinary loads. The launch must be cooperative
+// (every block resident), the barrier counter zero before it.
+#include "gemma.cuh"
+
+#define HD HEAD_DIM
+#define TOK_WARPS 16
+#define TOK_THREADS (TOK_WARPS * 32)
+#define TOK_CHUNK 32  // keys an attention split takes (attn_cached's DEC_CHUNK)
+#define TOK_UNROLL 8  // 16-byte weight loads a lane has in flight per matrix
+
+// One block of the model as decode_token reads it; kernels.TokenLayer
+// writes this layout (15 pointers, then 4 ints: 136 bytes).
+struct tok_layer {
+    const uint4 *q, *k, *v, *o, *gate, *up, *down; // [rows × in] activations
+    const float *in_norm, *post_attn, *pre_ff, *post_ff, *q_norm, *k_norm;
+    act_t *kc, *vc;      // [sequences × cache_len × kv_heads × HD]
+    int cache_len;       // rows a sequence has in the caches (a ring on sliding layers)
+    int window;          // 0 on global layers
+    int rope;            // the rotary table: 0 sliding, 1 global
+    int pad;
+};
+
+// The block's shared memory, carved from the dynamic allocation
+// (kernels.tokenSharedBytes mirrors the sizes).
+struct tok_smem {
+    float* v;     // the phase's input vector: max(hidden, heads·HD, inter)
+    float* x;     // the residual stream: hidden
+    float* part;  // partial row sums: 2·TOK_WARPS
+    float* red;   // block_sum's scratch: 32
+    float* qs;    // the head's query after norm and RoPE: HD
+    float* kn;    // the step's own key, value: HD each
+    float* vn;
+    float* w;     // a split's scores, then weights: TOK_CHUNK
+    float* sums;  // the output's partial sums: TOK_THREADS·VEC
+    int* flag;
+};
+
+__device__ __forceinline__ tok_smem tok_carve(float* dyn, int vlen, int hidden) {
+    tok_smem s;
+    s.v = dyn;
+    s.x = s.v + (vlen + 3) / 4 * 4;
+    s.part = s.x + (hidden + 3) / 4 * 4;
+    s.red = s.part + 2 * TOK_WARPS;
+    s.qs = s.red + 32;
+    s.kn = s.qs + HD;
+    s.vn = s.kn + HD;
+    s.w = s.vn + HD;
+    s.sums = s.w + TOK_CHUNK;
+    s.flag = reinterpret_cast<int*>(s.sums + TOK_THREADS * VEC);
+    return s;
+}
+
+// Waits until every block of the launch has arrived here, with what each
+// wrote before visible to all. target counts the arrivals so far.
+__device__ __forceinline__ void tok_grid_sync(unsigned int* bar, unsigned int& target) {
+    target += gridDim.x;
+    __syncthreads();
+    if (threadIdx.x == 0) {
+        __threadfence();
+        atomicAdd(bar, 1u);
+        unsigned int seen;
+        do {
+            asm volatile("ld.acquire.gpu.global.u32 %0, [%1];" : "=r"(seen) : "l"(bar) : "memory");
+        } while (seen < target);
+        __threadfence();
+    }
+    __syncthreads();
+}
+
+// n activations written in this launch (n a multiple of VEC) into dst.
+__device__ __forceinline__ void tok_load(const act_t* p, int n, float* dst) {
+    for (int g = threadIdx.x; g < n / VEC; g += blockDim.x) {
+        act_vec u;
+        u.u = __ldcg(reinterpret_cast<const uint4*>(p) + g);
+        #pragma unroll
+        for (int e = 0; e < VEC; e++) dst[g * VEC + e] = to_f32(u.a[e]);
+    }
+}
+
+// n values that are activations already, stored.
+__device__ __forceinline__ void tok_store(act_t* p, int n, const float* src) {
+    for (int g = threadIdx.x; g < n / VEC; g += blockDim.x) {
+        act_vec u;
+        #pragma unroll
+        for (int e = 0; e < VEC; e++) u.a[e] = to_act(src[g * VEC + e]);
+        reinterpret_cast<uint4*>(p)[g] = u.u;
+    }
+}
+
+// out = norm(in)·(1 + w), or with add, add + that (in place: add may be
+// out), rounded to an activation once, as rms_norm_row.
+__device__ __forceinline__ void tok_norm(const float* in, const float* __restrict__ w, int n, float eps, bool add, float* out, float* red) {
+    float ss = 0.0f;
+    for (int i = threadIdx.x; i < n; i += blockDim.x) ss += in[i] * in[i];
+    ss = block_sum(ss, red);
+    const float inv = 1.0f / sqrtf(ss / (float)n + eps);
+    for (int i = threadIdx.x; i < n; i += blockDim.x) {
+        float v = in[i] * inv * (1.0f + w[i]);
+        if (add) v += out[i];
+        out[i] = to_f32(to_act(v));
+    }
+    __syncthreads();
+}
+
+// Head row x (HD activations written in this launch) through its RMSNorm
+// and RoPE, by one warp, as qk_norm_rope_row; out(i, value) takes each
+// rounded result.
+template <typename Out>
+__device__ __forceinline__ void tok_norm_rope(const act_t* x, const float* __restrict__ w, const float* cosv, const float* sinv,
+                                              float eps, Out out) {
+    const int lane = threadIdx.x & 31, half = HD / 2;
+    float ss = 0.0f;
+    for (int i = lane; i < HD; i += 32) {
+        const float v = to_f32(__ldcg(x + i));
+        ss += v * v;
+    }
+    ss = warp_sum(ss);
+    const float inv = 1.0f / sqrtf(ss / (float)HD + eps);
+    for (int i = lane; i < half; i += 32) {
+        const float a = to_f32(__ldcg(x + i)) * inv * (1.0f + w[i]);
+        const float b = to_f32(__ldcg(x + i + half)) * inv * (1.0f + w[i + half]);
+        const float c = cosv[i], s = sinv[i];
+        out(i, to_act(a * c - b * s));
+        out(i + half, to_act(b * c + a * s));
+    }
+}
+
+// Rows [r0, r1) of NMAT products with the vector v (in floats, in a
+// multiple of VEC, in shared memory): row(m, r) is matrix m's row r.
+// Warps take a row each, or where the block has fewer rows than warps a
+// part of one, whose sums meet in a fixed order; done(r, sums) gets each
+// row's NMAT sums in one thread.
+template <int NMAT, typename Row, typename Done>
+__device__ __forceinline__ void tok_rows(Row row, int r0, int r1, int in, const float* v, float* part, Done done) {
+    const int rows = r1 - r0;
+    if (rows <= 0) return; // the same for the whole block
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    const int groups = in / VEC;
+    const int S = rows >= TOK_WARPS ? 1 : TOK_WARPS / rows;
+    for (int t = warp; t < rows * S; t += TOK_WARPS) {
+        const int r = r0 + t / S, sp = t % S;
+        const int g1 = (int)((long long)groups * (sp + 1) / S);
+        const uint4* wr[NMAT];
+        float acc[NMAT];
+        #pragma unroll
+        for (int m = 0; m < NMAT; m++) wr[m] = row(m, r), acc[m] = 0.0f;
+        for (int g = (int)((long long)groups * sp / S) + lane; g < g1; g += 32 * TOK_UNROLL) {
+            uint4 a[NMAT][TOK_UNROLL];
+            #pragma unroll
+            for (int u = 0; u < TOK_UNROLL; u++) {
+                #pragma unroll
+                for (int m = 0; m < NMAT; m++) a[m][u] = g + 32 * u < g1 ? __ldg(wr[m] + g + 32 * u) : make_uint4(0u, 0u, 0u, 0u);
+            }
+            #pragma unroll
+            for (int u = 0; u < TOK_UNROLL; u++) {
+                if (g + 32 * u >= g1) break;
+                float xv[VEC];
+                load_f32_vec(v, g + 32 * u, xv);
+                #pragma unroll
+                for (int m = 0; m < NMAT; m++) {
+                    act_vec wv;
+                    wv.u = a[m][u];
+                    #pragma unroll
+                    for (int e = 0; e < VEC; e++) acc[m] += to_f32(wv.a[e]) * xv[e];
+                }
+            }
+        }
+        #pragma unroll
+        for (int m = 0; m < NMAT; m++) acc[m] = warp_sum(acc[m]);
+        if (S == 1) {
+            if (lane == 0) done(r, acc);
+        } else if (lane == 0) {
+            #pragma unroll
+            for (int m = 0; m < NMAT; m++) part[t * NMAT + m] = acc[m];
+        }
+    }
+    if (S > 1) {
+        __syncthreads();
+        if (threadIdx.x < rows) {
+            float sums[NMAT];
+            #pragma unroll
+            for (int m = 0; m < NMAT; m++) {
+                sums[m] = 0.0f;
+                for (int sp = 0; sp < S; sp++) sums[m] += part[(threadIdx.x * S + sp) * NMAT + m];
+            }
+            done(r0 + threadIdx.x, sums);
+        }
+    }
+    __syncthreads(); // part and v are free again
+}
+
+// Asks the L2 cache for bytes at p, at most what budget has left.
+__device__ __forceinline__ void tok_prefetch(const void* p, long long bytes, long long& budget) {
+    bytes = min(bytes, budget);
+    budget -= bytes;
+    const char* c = static_cast<const char*>(p);
+    for (long long off = (long long)threadIdx.x * 128; off < bytes; off += (long long)blockDim.x * 128)
+        asm volatile("prefetch.global.L2 [%0];" ::"l"(c + off));
+}
+
+// The block's slice [r0, r1) of rows rows, the same in every phase.
+__device__ __forceinline__ void tok_slice(int rows, int& r0, int& r1) {
+    r0 = (int)((long long)rows * blockIdx.x / gridDim.x);
+    r1 = (int)((long long)rows * (blockIdx.x + 1) / gridDim.x);
+}
+
+// The block's slice of the q, k and v rows (one range over the three,
+// stacked), prefetched.
+__device__ __forceinline__ void tok_prefetch_qkv(const tok_layer& L, int qrows, int kvrows, int hidden, long long budget) {
+    int r0, r1;
+    tok_slice(qrows + 2 * kvrows, r0, r1);
+    const long long row = (long long)hidden * sizeof(act_t);
+    const uint4* w[3] = {L.q, L.k, L.v};
+    const int lo[3] = {0, qrows, qrows + kvrows}, hi[3] = {qrows, qrows + kvrows, qrows + 2 * kvrows};
+    for (int m = 0; m < 3; m++) {
+        const int a = max(r0, lo[m]), b = min(r1, hi[m]);
+        if (a < b) tok_prefetch(reinterpret_cast<const char*>(w[m]) + (a - lo[m]) * row, (b - a) * row, budget);
+    }
+}
+
+// Phase B for head-split items it = blockIdx.x, + gridDim.x, ...: see the
+// file's comment. The block with the fewest items (the last) stores the
+// step's keys and values; a split that holds the step's own position
+// takes its key and value from qkv, so no block reads a cache row this
+// launch writes.
+__device__ void tok_attention(const tok_layer& L, const act_t* qkv, act_t* att, float* recs, unsigned int* counts, int sq, int p,
+                              int heads, int kv_heads, float eps, float scale, const float* cosv, const float* sinv, tok_smem& s) {
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, tid = threadIdx.x;
+    const act_t* qh = qkv;
+    const act_t* kh = qkv + heads * HD;
+    const act_t* vh = kh + kv_heads * HD;
+    const long long row = (long long)kv_heads * HD;
+    const long long base = (long long)sq * L.cache_len;
+    if (blockIdx.x == gridDim.x - 1) {
+        const long long at = (base + p % L.cache_len) * row;
+        for (int g = warp; g < kv_heads; g += TOK_WARPS) {
+            act_t* kc = L.kc + at + (long long)g * HD;
+            tok_norm_rope(kh + g * HD, L.k_norm, cosv, sinv, eps, [&](int i, act_t v) { kc[i] = v; });
+            for (int i = lane; i < HD; i += 32) L.vc[at + (long long)g * HD + i] = __ldcg(vh + g * HD + i);
+        }
+    }
+    const int lo = L.window > 0 ? max(0, p - L.window + 1) : 0;
+    const int splits = (p + 1 - lo + TOK_CHUNK - 1) / TOK_CHUNK;
+    constexpr int G = HD / VEC;                 // 16-byte groups in a head row
+    constexpr int SETS = TOK_THREADS / G;       // key sets of the output's sums
+    for (int it = blockIdx.x; it < heads * splits; it += gridDim.x) {
+        const int h = it / splits, sp = it % splits, g = h / (heads / kv_heads);
+        const int j0 = lo + sp * TOK_CHUNK, n = min(p + 1 - j0, TOK_CHUNK);
+        const bool own = j0 + n - 1 == p; // the split holds the step's own key
+        if (warp == 0) {
+            tok_norm_rope(qh + h * HD, L.q_norm, cosv, sinv, eps, [&](int i, act_t v) { s.qs[i] = to_f32(v); });
+        } else if (warp == 1 && own) {
+            tok_norm_rope(kh + g * HD, L.k_norm, cosv, sinv, eps, [&](int i, act_t v) { s.kn[i] = to_f32(v); });
+        } else if (warp == 2 && own) {
+            for (int i = lane; i < HD; i += 32) s.vn[i] = to_f32(__ldcg(vh + g * HD + i));
+        }
+        __syncthreads();
+
+        // Scores: a warp a key, every key's loads issued before any is
+        // used.
+        {
+            constexpr int KEYS = (TOK_CHUNK + TOK_WARPS - 1) / TOK_WARPS; // keys a warp
+            constexpr int LOADS = (G + 31) / 32;                          // groups a lane
+            act_vec kv[KEYS][LOADS];
+            #pragma unroll
+            for (int k = 0; k < KEYS; k++) {
+                const int i = warp + k * TOK_WARPS, j = j0 + i;
+                const uint4* kr = reinterpret_cast<const uint4*>(L.kc + (base + j % L.cache_len) * row + (long long)g * HD);
+                #pragma unroll
+                for (int q = 0; q < LOADS; q++) {
+                    const int gi = lane + 32 * q;
+                    kv[k][q].u = i < n && j != p && gi < G ? kr[gi] : make_uint4(0u, 0u, 0u, 0u);
+                }
+            }
+            #pragma unroll
+            for (int k = 0; k < KEYS; k++) {
+                const int i = warp + k * TOK_WARPS;
+                if (i >= n) break; // the same for the whole warp
+                float acc = 0.0f;
+                if (j0 + i == p) {
+                    for (int d = lane; d < HD; d += 32) acc += s.qs[d] * s.kn[d];
+                } else {
+                    #pragma unroll
+                    for (int q = 0; q < LOADS; q++) {
+                        const int gi = lane + 32 * q;
+                        if (gi >= G) break;
+                        #pragma unroll
+                        for (int e = 0; e < VEC; e++) acc += s.qs[gi * VEC + e] * to_f32(kv[k][q].a[e]);
+                    }
+                }
+                acc = warp_sum(acc);
+                if (lane == 0) s.w[i] = acc * scale;
+            }
+        }
+        __syncthreads();
+        float mx = -INFINITY;
+        for (int i = 0; i < n; i++) mx = fmaxf(mx, s.w[i]);
+        __syncthreads(); // every thread has read the scores
+        if (tid < n) s.w[tid] = expf(s.w[tid] - mx);
+        __syncthreads();
+
+        // Output: thread (key set ks, group gi) sums keys ks, ks + SETS, ...,
+        // every load issued first.
+        {
+            constexpr int KEYS = (TOK_CHUNK + SETS - 1) / SETS; // keys a thread
+            const int ks = tid / G, gi = tid % G;
+            act_vec vv[KEYS];
+            #pragma unroll
+            for (int k = 0; k < KEYS; k++) {
+                const int i = ks + k * SETS, j = j0 + i;
+                vv[k].u = i < n && j != p ? reinterpret_cast<const uint4*>(L.vc + (base + j % L.cache_len) * row + (long long)g * HD)[gi]
+                                          : make_uint4(0u, 0u, 0u, 0u);
+            }
+            float acc[VEC] = {};
+            #pragma unroll
+            for (int k = 0; k < KEYS; k++) {
+                const int i = ks + k * SETS;
+                if (i >= n) break;
+                #pragma unroll
+                for (int e = 0; e < VEC; e++) acc[e] += s.w[i] * (j0 + i == p ? s.vn[gi * VEC + e] : to_f32(vv[k].a[e]));
+            }
+            #pragma unroll
+            for (int e = 0; e < VEC; e++) s.sums[ks * HD + gi * VEC + e] = acc[e];
+        }
+        __syncthreads();
+        float* rec = recs + ((long long)h * splits + sp) * (HD + 2);
+        for (int d = tid; d < HD; d += TOK_THREADS) {
+            float a = 0.0f;
+            for (int ks = 0; ks < SETS; ks++) a += s.sums[ks * HD + d];
+            rec[d] = a;
+        }
+        if (tid == 0) {
+            float sum = 0.0f;
+            for (int i = 0; i < n; i++) sum += s.w[i];
+            rec[HD] = mx, rec[HD + 1] = sum;
+        }
+        __threadfence(); // the record, visible before the count says so
+        __syncthreads();
+        if (tid == 0) {
+            const bool last = atomicAdd(&counts[h], 1u) == (unsigned int)splits - 1;
+            if (last) counts[h] = 0; // for the next layer's launch of this phase
+            *s.flag = last;
+        }
+        __syncthreads();
+        if (*s.flag) {
+            __threadfence();
+            decode_combine(recs + (long long)h * splits * (HD + 2), splits, HD, att + h * HD);
+        }
+        __syncthreads(); // shared memory is free for the next item
+    }
+}
+
+// step: the token's id, its sequence and its position, a pad, then the
+// rotary tables of its position, [cos | sin] of HD/2 each for the sliding
+// then the global layers. work: the activations the phases pass on (x,
+// x1, q|k|v, att, o, d, act). recs: the attention's split records,
+// heads × the most splits × (HD + 2). sync: the grid barrier's counter
+// (zero), then a counter per head (left zero). xf: the final norm's
+// output, the lm_head's input.
+extern "C" __global__ void __launch_bounds__(TOK_THREADS, 1) decode_token(
+    const tok_layer* __restrict__ layers, int n_layers, const act_t* __restrict__ embed, float embed_scale,
+    const float* __restrict__ final_norm, const int* __restrict__ step, act_t* __restrict__ work, float* __restrict__ recs,
+    unsigned int* __restrict__ sync, act_t* __restrict__ xf, int hidden, int heads, int kv_heads, int inter, float eps,
+    float attn_scale, long long prefetch) {
+    extern __shared__ float4 dyn4[];
+    const int qrows = heads * HD, kvrows = kv_heads * HD;
+    tok_smem s = tok_carve(reinterpret_cast<float*>(dyn4), max(max(hidden, qrows), inter), hidden);
+    const int id = step[0], sq = step[1], p = step[2];
+    const float* rope = reinterpret_cast<const float*>(step + 4);
+    act_t* xb = work;
+    act_t* x1b = xb + hidden;
+    act_t* qkv = x1b + hidden;
+    act_t* att = qkv + qrows + 2 * kvrows;
+    act_t* ob = att + qrows;
+    act_t* db = ob + hidden;
+    act_t* actb = db + hidden;
+    const int hv = hidden / VEC, qv = qrows / VEC, iv = inter / VEC; // 16-byte groups a row
+    unsigned int target = 0;
+    int r0, r1;
+    for (int l = 0; l < n_layers; l++) {
+        const tok_layer& L = layers[l];
+        const float* cosv = rope + L.rope * HD;
+        const float* sinv = cosv + HD / 2;
+
+        // A: the block's input, its norm, and q, k, v.
+        if (l == 0) {
+            for (int i = threadIdx.x; i < hidden; i += blockDim.x)
+                s.x[i] = to_f32(to_act(to_f32(embed[(long long)id * hidden + i]) * embed_scale));
+            __syncthreads();
+        } else {
+            tok_load(db, hidden, s.v);
+            tok_load(x1b, hidden, s.x);
+            __syncthreads();
+            tok_norm(s.v, layers[l - 1].post_ff, hidden, eps, true, s.x, s.red);
+        }
+        if (blockIdx.x == 0) tok_store(xb, hidden, s.x);
+        tok_norm(s.x, L.in_norm, hidden, eps, false, s.v, s.red);
+        tok_slice(qrows + 2 * kvrows, r0, r1);
+        tok_rows<1>(
+            [&](int, int r) {
+                return r < qrows ? L.q + (long long)r * hv : r < qrows + kvrows ? L.k + (long long)(r - qrows) * hv : L.v + (long long)(r - qrows - kvrows) * hv;
+            },
+            r0, r1, hidden, s.v, s.part, [&](int r, const float* sum) { qkv[r] = to_act(sum[0]); });
+        {
+            // The attention reads little: the o and gate/up weights
+            // arrive meanwhile.
+            long long budget = prefetch;
+            tok_slice(hidden, r0, r1);
+            tok_prefetch(L.o + (long long)r0 * qv, (long long)(r1 - r0) * qrows * sizeof(act_t), budget);
+            tok_slice(inter, r0, r1);
+            const long long half = budget / 2;
+            long long bg = half, bu = half;
+            tok_prefetch(L.gate + (long long)r0 * hv, (long long)(r1 - r0) * hidden * sizeof(act_t), bg);
+            tok_prefetch(L.up + (long long)r0 * hv, (long long)(r1 - r0) * hidden * sizeof(act_t), bu);
+        }
+        tok_grid_sync(sync, target);
+
+        // B: attention.
+        tok_attention(L, qkv, att, recs, sync + 1, sq, p, heads, kv_heads, eps, attn_scale, cosv, sinv, s);
+        tok_grid_sync(sync, target);
+
+        // C: the o projection.
+        tok_load(att, qrows, s.v);
+        __syncthreads();
+        tok_slice(hidden, r0, r1);
+        tok_rows<1>([&](int, int r) { return L.o + (long long)r * qv; }, r0, r1, qrows, s.v, s.part,
+                    [&](int r, const float* sum) { ob[r] = to_act(sum[0]); });
+        tok_grid_sync(sync, target);
+
+        // D: the residual, the MLP's norm, gate and up through GeGLU.
+        tok_load(ob, hidden, s.v);
+        tok_load(xb, hidden, s.x);
+        __syncthreads();
+        tok_norm(s.v, L.post_attn, hidden, eps, true, s.x, s.red);
+        if (blockIdx.x == 0) tok_store(x1b, hidden, s.x);
+        tok_norm(s.x, L.pre_ff, hidden, eps, false, s.v, s.red);
+        tok_slice(inter, r0, r1);
+        tok_rows<2>([&](int m, int r) { return (m == 0 ? L.gate : L.up) + (long long)r * hv; }, r0, r1, hidden, s.v, s.part,
+                    [&](int r, const float* sum) {
+                        const float g = to_f32(to_act(sum[0])), u = to_f32(to_act(sum[1]));
+                        float sg, dz;
+                        gelu_parts(g, &sg, &dz);
+                        actb[r] = to_act(g * sg * u);
+                    });
+        {
+            long long budget = prefetch;
+            tok_slice(hidden, r0, r1);
+            tok_prefetch(L.down + (long long)r0 * iv, (long long)(r1 - r0) * inter * sizeof(act_t), budget);
+        }
+        tok_grid_sync(sync, target);
+
+        // E: the down projection.
+        tok_load(actb, inter, s.v);
+        __syncthreads();
+        tok_slice(hidden, r0, r1);
+        tok_rows<1>([&](int, int r) { return L.down + (long long)r * iv; }, r0, r1, inter, s.v, s.part,
+                    [&](int r, const float* sum) { db[r] = to_act(sum[0]); });
+        if (l + 1 < n_layers) tok_prefetch_qkv(layers[l + 1], qrows, kvrows, hidden, prefetch);
+        tok_grid_sync(sync, target);
+    }
+
+    // The last block's residual and the final norm, by one block.
+    if (blockIdx.x != 0) return;
+    tok_load(db, hidden, s.v);
+    tok_load(x1b, hidden, s.x);
+    __syncthreads();
+    tok_norm(s.v, layers[n_layers - 1].post_ff, hidden, eps, true, s.x, s.red);
+    tok_norm(s.x, final_norm, hidden, eps, false, s.v, s.red);
+    tok_store(xf, hidden, s.v);
+}

@@ -1,0 +1,139 @@
+package kernels
+
+import (
+	"encoding/binary"
+	"fmt"
+	"math"
+
+	"gemmaft/cuda"
+)
+
+// TokenLayer is one block of the model as decode_token reads it.
+type TokenLayer struct {
+	Q, K, V, O, Gate, Up, Down                     cuda.DevicePtr // dense [rows × in] activations
+	InputNorm, PostAttnNorm, PreFFNorm, PostFFNorm cuda.DevicePtr // float32
+	QNorm, KNorm                                   cuda.DevicePtr
+	KCache, VCache                                 cuda.DevicePtr // [sequences × CacheLen × kv heads × head_dim]
+	CacheLen                                       int            // rows a sequence has (a ring on sliding layers)
+	Window                                         int            // 0 on global layers
+	Rope                                           int            // the rotary table: 0 sliding, 1 global
+}
+
+// tokenLayerBytes is the size of token.cu's tok_layer: 15 pointers, 4 ints.
+const tokenLayerBytes = 15*8 + 4*4
+
+// EncodeTokenLayers lays layers out as decode_token's table.
+func EncodeTokenLayers(layers []TokenLayer) []byte {
+	out := make([]byte, 0, len(layers)*tokenLayerBytes)
+	for _, l := range layers {
+		for _, p := range []cuda.DevicePtr{l.Q, l.K, l.V, l.O, l.Gate, l.Up, l.Down,
+			l.InputNorm, l.PostAttnNorm, l.PreFFNorm, l.PostFFNorm, l.QNorm, l.KNorm, l.KCache, l.VCache} {
+			out = binary.LittleEndian.AppendUint64(out, uint64(p))
+		}
+		for _, v := range []int{l.CacheLen, l.Window, l.Rope, 0} {
+			out = binary.LittleEndian.AppendUint32(out, uint32(int32(v)))
+		}
+	}
+	return out
+}
+
+// TokenShape is the model decode_token runs, and the caches' length.
+type TokenShape struct {
+	Hidden, Heads, KVHeads, Intermediate, Layers int
+	MaxKeys                                      int // the most positions a step attends to
+	Eps, AttnScale                               float64
+	EmbedScale                                   float32
+}
+
+// tokenChunk is token.cu's TOK_CHUNK: the keys one attention split takes.
+const tokenChunk = 32
+
+// tokenThreads is token.cu's TOK_THREADS.
+const tokenThreads = 512
+
+// TokenBuffers is the bytes of decode_token's device buffers for sh.
+type TokenBuffers struct {
+	Work    int64 // activations the phases pass on
+	Records int64 // the attention's split records
+	Sync    int64 // the barrier's counter and a counter per head
+	Step    int64 // the step's upload (EncodeTokenStep)
+}
+
+// TokenBuffers sizes decode_token's buffers for sh.
+func (k *Kernels) TokenBuffers(sh TokenShape) TokenBuffers {
+	hd := int64(k.HeadDim)
+	H, I := int64(sh.Hidden), int64(sh.Intermediate)
+	q, kv := int64(sh.Heads)*hd, int64(sh.KVHeads)*hd
+	splits := int64((sh.MaxKeys + tokenChunk - 1) / tokenChunk)
+	return TokenBuffers{
+		Work:    (5*H + 2*q + 2*kv + I) * k.Prec.Size(),
+		Records: 4 * int64(sh.Heads) * splits * (hd + 2),
+		Sync:    4 * int64(1+sh.Heads),
+		Step:    4 * (4 + 2*hd),
+	}
+}
+
+// EncodeTokenStep is the step decode_token reads: the token's id, its
+// sequence and its position, then the rotary tables of its position,
+// [cos | sin] of head_dim/2 values each, for sliding then global layers.
+func EncodeTokenStep(id, seq, pos int32, cos, sin [2][]float32) []uint32 {
+	out := []uint32{uint32(id), uint32(seq), uint32(pos), 0}
+	for t := range cos {
+		for _, tab := range [][]float32{cos[t], sin[t]} {
+			for _, v := range tab {
+				out = append(out, math.Float32bits(v))
+			}
+		}
+	}
+	return out
+}
+
+// tokenSharedBytes is decode_token's dynamic shared memory (tok_carve's
+// layout).
+func (k *Kernels) tokenSharedBytes(sh TokenShape) int {
+	round4 := func(n int) int { return (n + 3) / 4 * 4 }
+	v := max(sh.Hidden, sh.Heads*k.HeadDim, sh.Intermediate)
+	floats := round4(v) + round4(sh.Hidden) + 2*16 + 32 + 3*k.HeadDim + tokenChunk + tokenThreads*k.vec() + 1
+	return 4 * floats
+}
+
+// TokenFits reports why decode_token cannot run sh on device, or nil:
+// every row a whole number of 16-byte vectors, heads a multiple of the
+// key/value heads, and its shared memory within the device's.
+func (k *Kernels) TokenFits(sh TokenShape, device cuda.DeviceInfo) error {
+	v := k.vec()
+	switch {
+	case sh.Hidden%v != 0 || sh.Intermediate%v != 0 || k.HeadDim%v != 0:
+		return fmt.Errorf("decode_token takes rows of whole 16-byte vectors (hidden %d, intermediate %d, head_dim %d)", sh.Hidden, sh.Intermediate, k.HeadDim)
+	case sh.KVHeads < 1 || sh.Heads%sh.KVHeads != 0:
+		return fmt.Errorf("decode_token: %d heads over %d key/value heads", sh.Heads, sh.KVHeads)
+	case k.tokenSharedBytes(sh) > device.MaxSharedOptin:
+		return fmt.Errorf("decode_token needs %d bytes of shared memory a block, the device has %d", k.tokenSharedBytes(sh), device.MaxSharedOptin)
+	}
+	return nil
+}
+
+// DecodeToken runs one decoding step of one token through every block of
+// the model and the final norm, into xf (the lm_head's input), in one
+// cooperative launch of a block per multiprocessor: layers is the
+// EncodeTokenLayers table, step the EncodeTokenStep upload, work, records
+// and sync buffers of TokenBuffers' sizes (sync's per-head counters zero
+// before the first launch; each launch leaves them zero). Each block asks
+// the L2 cache for up to half of it, shared out, of the next phase's
+// weights ahead of that phase.
+func (k *Kernels) DecodeToken(c *cuda.Ctx, sh TokenShape, layers, embed, finalNorm, step, work, records, sync, xf cuda.DevicePtr) error {
+	shared := k.tokenSharedBytes(sh)
+	if shared > k.tokenShared {
+		if err := k.fns["decode_token"].SetMaxDynamicSharedMemory(shared); err != nil {
+			return fmt.Errorf("decode_token: %d bytes of shared memory: %w", shared, err)
+		}
+		k.tokenShared = shared
+	}
+	if err := c.MemsetD32Async(sync, 0, 1, nil); err != nil { // the barrier's counter
+		return err
+	}
+	prefetch := int64(c.Device().Info.L2Bytes) / 2 / int64(k.sms)
+	cfg := cuda.LaunchConfig{Grid: cuda.Dim3{X: k.sms}, Block: cuda.Dim3{X: tokenThreads}, SharedMem: shared, Cooperative: true}
+	return k.launch(c, "decode_token", cfg, layers, int32(sh.Layers), embed, sh.EmbedScale, finalNorm, step, work, records, sync, xf,
+		int32(sh.Hidden), int32(sh.Heads), int32(sh.KVHeads), int32(sh.Intermediate), float32(sh.Eps), float32(sh.AttnScale), prefetch)
+}

@@ -61,7 +61,8 @@ type tokenStep struct {
 
 // tokenShape is the shape decode_token runs for this decoder's model with
 // caches of maxLen positions, or why it cannot: it takes dense weights
-// without an adapter's products and a session that offloads nothing.
+// (not an NF4 base, whose steps of one token read the NF4 form), no
+// adapter's products, and a session that offloads nothing.
 func (s *session) tokenShape(maxLen int) (kernels.TokenShape, error) {
 	cfg := s.info.Config
 	sh := kernels.TokenShape{Hidden: cfg.Hidden, Heads: cfg.Heads, KVHeads: cfg.KVHeads, Intermediate: cfg.Intermediate,
@@ -74,8 +75,11 @@ func (s *session) tokenShape(maxLen int) (kernels.TokenShape, error) {
 	}
 	for l := range s.w.layers {
 		for i := range s.w.layers[l].proj {
-			if s.w.layers[l].proj[i].dense.Ptr == 0 {
-				return sh, fmt.Errorf("decode_token takes dense weights; layer %d's %s has none", l, trainer.AllModules[i])
+			p := &s.w.layers[l].proj[i]
+			if p.dense.Ptr == 0 || s.nf4GEMV(1, p) {
+				// An NF4 base's steps read the NF4 form, a quarter of the
+				// dense copy's bytes.
+				return sh, fmt.Errorf("decode_token takes dense weights; layer %d's %s is read as NF4", l, trainer.AllModules[i])
 			}
 		}
 	}

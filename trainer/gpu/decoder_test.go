@@ -9,6 +9,7 @@ import (
 	"math/rand/v2"
 	"os"
 	"path/filepath"
+	"strings"
 	"testing"
 
 	"gemmaft/cuda"
@@ -423,6 +424,55 @@ func TestDenseProductChoice(t *testing.T) {
 		s := &session{cfg: trainer.SessionConfig{Inference: c.inference}, k: &kernels.Kernels{Prec: c.prec}}
 		if got := s.denseGEMV(c.tokens, &c.p); got != c.want {
 			t.Errorf("%s: our decoding product %v, want %v", c.what, got, c.want)
+		}
+	}
+}
+
+// TestTokenKernelChoice: decode_token takes a decoder of dense weights
+// without an adapter; an adapter's products, an NF4 base (whose steps read
+// the NF4 form, a quarter of the bytes, even beside a dense copy), missing
+// dense weights and an offloading session keep the launch-per-operation
+// steps, and the reason names what stands in the way.
+func TestTokenKernelChoice(t *testing.T) {
+	mc, err := trainer.Preset("1b")
+	if err != nil {
+		t.Fatal(err)
+	}
+	dense := cuda.Buffer{Ptr: 1 << 20, Size: 1 << 20}
+	build := func(edit func(s *session)) *session {
+		s := &session{
+			dev:      &cuda.Device{Info: cuda.DeviceInfo{MaxSharedOptin: 227 << 10}},
+			k:        &kernels.Kernels{Prec: kernels.BF16, HeadDim: mc.HeadDim},
+			cfg:      trainer.SessionConfig{Inference: true, LoRA: placeholderLoRA},
+			info:     trainer.ModelInfo{Config: mc},
+			w:        &weights{layers: make([]layerWeights, mc.Layers)},
+			baseOnly: true,
+		}
+		for l := range s.w.layers {
+			for i := range s.w.layers[l].proj {
+				s.w.layers[l].proj[i] = projection{out: 1152, in: 1152, dense: dense}
+			}
+		}
+		if edit != nil {
+			edit(s)
+		}
+		return s
+	}
+	if _, err := build(nil).tokenShape(256); err != nil {
+		t.Errorf("a dense base without an adapter: %v", err)
+	}
+	for _, c := range []struct {
+		what, want string
+		edit       func(s *session)
+	}{
+		{"an adapter", "adapter", func(s *session) { s.baseOnly = false }},
+		{"an NF4 base with a dense copy", "NF4", func(s *session) { s.w.layers[3].proj[5].nf4 = true }},
+		{"no dense weights", "dense", func(s *session) { s.w.layers[0].proj[0].dense = cuda.Buffer{} }},
+		{"an offloading session", "offload", func(s *session) { s.off = &offloader{} }},
+	} {
+		_, err := build(c.edit).tokenShape(256)
+		if err == nil || !strings.Contains(err.Error(), c.want) {
+			t.Errorf("%s: %v, want an error naming %q", c.what, err, c.want)
 		}
 	}
 }

@@ -66,7 +66,7 @@ type tokenStep struct {
 func (s *session) tokenShape(maxLen int) (kernels.TokenShape, error) {
 	cfg := s.info.Config
 	sh := kernels.TokenShape{Hidden: cfg.Hidden, Heads: cfg.Heads, KVHeads: cfg.KVHeads, Intermediate: cfg.Intermediate,
-		Layers: cfg.Layers, MaxKeys: maxLen, Eps: cfg.RMSNormEps, AttnScale: s.attnScale(), EmbedScale: s.info.EmbedScale()}
+		Layers: cfg.Layers, Vocab: cfg.VocabSize, MaxKeys: maxLen, Eps: cfg.RMSNormEps, AttnScale: s.attnScale(), EmbedScale: s.info.EmbedScale()}
 	if !s.baseOnly && len(s.cfg.LoRA.Targets) > 0 {
 		return sh, fmt.Errorf("decode_token does not apply an adapter")
 	}
@@ -419,8 +419,8 @@ func (g *decoder) step(dc *kvCaches, b *trainer.Batch, seq, from []int32, greedy
 }
 
 // stepToken evaluates a step of one token, sequence seq's at position pos,
-// with decode_token: one upload, the launch, the lm_head, and the logits
-// or (greedy) the most likely token back.
+// with decode_token: one upload, the launch (the lm_head and the pick
+// included), and the logits or (greedy) the most likely token back.
 func (g *decoder) stepToken(ts *tokenStep, best cuda.Buffer, hb *hostBatch, seq, pos int32, greedy bool) ([][]float32, []int32, error) {
 	s := g.s
 	var logits [][]float32
@@ -430,19 +430,13 @@ func (g *decoder) stepToken(ts *tokenStep, best cuda.Buffer, hb *hostBatch, seq,
 			return err
 		}
 		if err := s.k.DecodeToken(c, ts.shape, ts.layers.Ptr, s.w.embed.Ptr, s.w.finalNorm.Ptr, ts.step.Ptr, ts.work.Ptr,
-			ts.records.Ptr, ts.sync.Ptr, s.ws.xf.Ptr); err != nil {
+			ts.records.Ptr, ts.sync.Ptr, s.ws.xf.Ptr, s.ws.logits.Ptr, best.Ptr); err != nil {
 			return err
 		}
 		g.tokenSteps++
-		if err := s.logitsOf(c, s.ws.xf.Ptr, 1); err != nil {
-			return err
-		}
 		if !greedy {
 			var err error
 			logits, err = s.downloadLogits(c, 1)
-			return err
-		}
-		if err := s.k.ArgmaxRows(c, s.ws.logits.Ptr, 1, s.info.Config.VocabSize, best.Ptr); err != nil {
 			return err
 		}
 		picks = make([]int32, 1)

@@ -17,6 +17,9 @@
 //   D  x1 = x + norm(o), xn2 = norm(x1); act = gelu(xn2·Wgᵀ)·(xn2·Wuᵀ)
 //   E  d = act·Wdᵀ
 //
+// and after the last block, F: the final norm and the lm_head, the logits
+// and the most likely token.
+//
 // Every block computes the norms of the vectors it needs itself (a few
 // thousand values) rather than wait for another barrier. Each product
 // phase gives each block a contiguous slice of the rows, and before a
@@ -380,18 +383,41 @@ __device__ void tok_attention(const tok_layer& L, const act_t* qkv, act_t* att, 
     }
 }
 
+// The block's largest (value, id) pair, the lowest id among equals, into
+// every thread's bv and bi.
+__device__ __forceinline__ void tok_argmax(float& bv, int& bi, tok_smem& s) {
+    for (int off = 16; off > 0; off >>= 1) {
+        const float ov = __shfl_xor_sync(0xffffffffu, bv, off);
+        const int oi = __shfl_xor_sync(0xffffffffu, bi, off);
+        if (ov > bv || (ov == bv && oi < bi)) bv = ov, bi = oi;
+    }
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    __syncthreads(); // part may still be read
+    if (lane == 0) s.part[2 * warp] = bv, reinterpret_cast<int*>(s.part)[2 * warp + 1] = bi;
+    __syncthreads();
+    bv = s.part[0], bi = reinterpret_cast<int*>(s.part)[1];
+    for (int w = 1; w < TOK_WARPS; w++) {
+        const float ov = s.part[2 * w];
+        const int oi = reinterpret_cast<int*>(s.part)[2 * w + 1];
+        if (ov > bv || (ov == bv && oi < bi)) bv = ov, bi = oi;
+    }
+    __syncthreads();
+}
+
 // step: the token's id, its sequence and its position, a pad, then the
 // rotary tables of its position, [cos | sin] of HD/2 each for the sliding
 // then the global layers. work: the activations the phases pass on (x,
 // x1, q|k|v, att, o, d, act). recs: the attention's split records,
 // heads × the most splits × (HD + 2). sync: the grid barrier's counter
-// (zero), then a counter per head (left zero). xf: the final norm's
-// output, the lm_head's input.
+// (zero), then a counter per head and one for the lm_head (left zero),
+// then a (value, id) pair per block. xf: the final norm's output, the
+// lm_head's input; logits: the step's [vocab] float32 logits; best: the
+// most likely token.
 extern "C" __global__ void __launch_bounds__(TOK_THREADS, 1) decode_token(
     const tok_layer* __restrict__ layers, int n_layers, const act_t* __restrict__ embed, float embed_scale,
     const float* __restrict__ final_norm, const int* __restrict__ step, act_t* __restrict__ work, float* __restrict__ recs,
-    unsigned int* __restrict__ sync, act_t* __restrict__ xf, int hidden, int heads, int kv_heads, int inter, float eps,
-    float attn_scale, long long prefetch) {
+    unsigned int* __restrict__ sync, act_t* __restrict__ xf, float* __restrict__ logits, int* __restrict__ best, int hidden, int heads,
+    int kv_heads, int inter, int vocab, float eps, float attn_scale, long long prefetch) {
     extern __shared__ float4 dyn4[];
     const int qrows = heads * HD, kvrows = kv_heads * HD;
     tok_smem s = tok_carve(reinterpret_cast<float*>(dyn4), max(max(hidden, qrows), inter), hidden);
@@ -485,16 +511,55 @@ extern "C" __global__ void __launch_bounds__(TOK_THREADS, 1) decode_token(
         tok_slice(hidden, r0, r1);
         tok_rows<1>([&](int, int r) { return L.down + (long long)r * iv; }, r0, r1, inter, s.v, s.part,
                     [&](int r, const float* sum) { db[r] = to_act(sum[0]); });
-        if (l + 1 < n_layers) tok_prefetch_qkv(layers[l + 1], qrows, kvrows, hidden, prefetch);
+        if (l + 1 < n_layers) {
+            tok_prefetch_qkv(layers[l + 1], qrows, kvrows, hidden, prefetch);
+        } else {
+            long long budget = prefetch;
+            tok_slice(vocab, r0, r1);
+            tok_prefetch(embed + (long long)r0 * hidden, (long long)(r1 - r0) * hidden * sizeof(act_t), budget);
+        }
         tok_grid_sync(sync, target);
     }
 
-    // The last block's residual and the final norm, by one block.
-    if (blockIdx.x != 0) return;
+    // F: the last block's residual and the final norm (every block, as in
+    // A), then the lm_head over the block's slice of the vocabulary: the
+    // logits, and the block's most likely token (the lowest id among
+    // equals, as argmax_rows); the last block to finish picks the step's.
     tok_load(db, hidden, s.v);
     tok_load(x1b, hidden, s.x);
     __syncthreads();
     tok_norm(s.v, layers[n_layers - 1].post_ff, hidden, eps, true, s.x, s.red);
     tok_norm(s.x, final_norm, hidden, eps, false, s.v, s.red);
-    tok_store(xf, hidden, s.v);
+    if (blockIdx.x == 0) tok_store(xf, hidden, s.v);
+    const int none = 0x7fffffff;
+    float bv = -INFINITY;
+    int bi = none;
+    tok_slice(vocab, r0, r1);
+    tok_rows<1>([&](int, int r) { return reinterpret_cast<const uint4*>(embed) + (long long)r * hv; }, r0, r1, hidden, s.v, s.part,
+                [&](int r, const float* sum) {
+                    logits[r] = sum[0];
+                    if (sum[0] > bv || (sum[0] == bv && r < bi)) bv = sum[0], bi = r;
+                });
+    tok_argmax(bv, bi, s);
+    unsigned int* head_count = sync + 1 + heads;
+    float* block_best = reinterpret_cast<float*>(head_count + 1); // per block: value, id
+    if (threadIdx.x == 0) {
+        block_best[2 * blockIdx.x] = bv;
+        reinterpret_cast<int*>(block_best)[2 * blockIdx.x + 1] = bi;
+        __threadfence();
+        const bool last = atomicAdd(head_count, 1u) == gridDim.x - 1;
+        if (last) *head_count = 0;
+        *s.flag = last;
+    }
+    __syncthreads();
+    if (!*s.flag) return;
+    __threadfence();
+    bv = -INFINITY, bi = none;
+    for (int b = threadIdx.x; b < gridDim.x; b += blockDim.x) {
+        const float v = __ldcg(&block_best[2 * b]);
+        const int i = __ldcg(reinterpret_cast<const int*>(block_best) + 2 * b + 1);
+        if (v > bv || (v == bv && i < bi)) bv = v, bi = i;
+    }
+    tok_argmax(bv, bi, s);
+    if (threadIdx.x == 0) *best = bi == none ? 0 : bi;
 }

@@ -40,6 +40,7 @@ func EncodeTokenLayers(layers []TokenLayer) []byte {
 // TokenShape is the model decode_token runs, and the caches' length.
 type TokenShape struct {
 	Hidden, Heads, KVHeads, Intermediate, Layers int
+	Vocab                                        int
 	MaxKeys                                      int // the most positions a step attends to
 	Eps, AttnScale                               float64
 	EmbedScale                                   float32
@@ -55,7 +56,7 @@ const tokenThreads = 512
 type TokenBuffers struct {
 	Work    int64 // activations the phases pass on
 	Records int64 // the attention's split records
-	Sync    int64 // the barrier's counter and a counter per head
+	Sync    int64 // the barrier's counter, a counter per head and the lm_head's, a pair per block
 	Step    int64 // the step's upload (EncodeTokenStep)
 }
 
@@ -68,7 +69,7 @@ func (k *Kernels) TokenBuffers(sh TokenShape) TokenBuffers {
 	return TokenBuffers{
 		Work:    (5*H + 2*q + 2*kv + I) * k.Prec.Size(),
 		Records: 4 * int64(sh.Heads) * splits * (hd + 2),
-		Sync:    4 * int64(1+sh.Heads),
+		Sync:    4 * int64(1+sh.Heads+1+2*k.sms),
 		Step:    4 * (4 + 2*hd),
 	}
 }
@@ -114,14 +115,15 @@ func (k *Kernels) TokenFits(sh TokenShape, device cuda.DeviceInfo) error {
 }
 
 // DecodeToken runs one decoding step of one token through every block of
-// the model and the final norm, into xf (the lm_head's input), in one
-// cooperative launch of a block per multiprocessor: layers is the
-// EncodeTokenLayers table, step the EncodeTokenStep upload, work, records
-// and sync buffers of TokenBuffers' sizes (sync's per-head counters zero
-// before the first launch; each launch leaves them zero). Each block asks
-// the L2 cache for up to half of it, shared out, of the next phase's
-// weights ahead of that phase.
-func (k *Kernels) DecodeToken(c *cuda.Ctx, sh TokenShape, layers, embed, finalNorm, step, work, records, sync, xf cuda.DevicePtr) error {
+// the model, the final norm (into xf) and the tied lm_head (embed), into
+// the float32 logits [vocab] and the most likely token best (the lowest id
+// among equals), in one cooperative launch of a block per
+// multiprocessor: layers is the EncodeTokenLayers table, step the
+// EncodeTokenStep upload, work, records and sync buffers of TokenBuffers'
+// sizes (sync's counters zero before the first launch; each launch leaves
+// them zero). Each block asks the L2 cache for up to half of it, shared
+// out, of the next phase's weights ahead of that phase.
+func (k *Kernels) DecodeToken(c *cuda.Ctx, sh TokenShape, layers, embed, finalNorm, step, work, records, sync, xf, logits, best cuda.DevicePtr) error {
 	shared := k.tokenSharedBytes(sh)
 	if shared > k.tokenShared {
 		if err := k.fns["decode_token"].SetMaxDynamicSharedMemory(shared); err != nil {
@@ -135,5 +137,6 @@ func (k *Kernels) DecodeToken(c *cuda.Ctx, sh TokenShape, layers, embed, finalNo
 	prefetch := int64(c.Device().Info.L2Bytes) / 2 / int64(k.sms)
 	cfg := cuda.LaunchConfig{Grid: cuda.Dim3{X: k.sms}, Block: cuda.Dim3{X: tokenThreads}, SharedMem: shared, Cooperative: true}
 	return k.launch(c, "decode_token", cfg, layers, int32(sh.Layers), embed, sh.EmbedScale, finalNorm, step, work, records, sync, xf,
-		int32(sh.Hidden), int32(sh.Heads), int32(sh.KVHeads), int32(sh.Intermediate), float32(sh.Eps), float32(sh.AttnScale), prefetch)
+		logits, best, int32(sh.Hidden), int32(sh.Heads), int32(sh.KVHeads), int32(sh.Intermediate), int32(sh.Vocab), float32(sh.Eps),
+		float32(sh.AttnScale), prefetch)
 }

@@ -67,7 +67,7 @@ func (k *Kernels) TokenBuffers(sh TokenShape) TokenBuffers {
 	q, kv := int64(sh.Heads)*hd, int64(sh.KVHeads)*hd
 	splits := int64((sh.MaxKeys + tokenChunk - 1) / tokenChunk)
 	return TokenBuffers{
-		Work:    (5*H + 2*q + 2*kv + I) * k.Prec.Size(),
+		Work:    (4*H + 2*q + 2*kv + I) * k.Prec.Size(), // x, x1, q|k|v, att, o, d, act
 		Records: 4 * int64(sh.Heads) * splits * (hd + 2),
 		Sync:    4 * int64(1+sh.Heads+1+2*k.sms),
 		Step:    4 * (4 + 2*hd),

@@ -1,6 +1,7 @@
 package gpu
 
 import (
+	"strings"
 	"testing"
 
 	"gemmaft/trainer"
@@ -24,5 +25,32 @@ func TestLoRALayerRanges(t *testing.T) {
 					sl.layer, st.layerStart[sl.layer], st.layerStart[sl.layer+1])
 			}
 		}
+	}
+}
+
+// TestLoRAFirstSwitch: PIPELINE_LORA_FIRST names the projections whose
+// update is written before the frozen product, or all of them; unset or
+// "off" keeps PEFT's order everywhere, and a name that is not a
+// projection is refused, naming it.
+func TestLoRAFirstSwitch(t *testing.T) {
+	for _, c := range []struct {
+		env  string
+		want [7]bool // trainer.AllModules order
+	}{
+		{"", [7]bool{}},
+		{"off", [7]bool{}},
+		{"gate_proj,up_proj", [7]bool{false, false, false, false, true, true, false}},
+		{"all", [7]bool{true, true, true, true, true, true, true}},
+		{"q_proj, down_proj", [7]bool{true, false, false, false, false, false, true}},
+	} {
+		t.Setenv(LoRAFirstEnv, c.env)
+		got, err := loraFirstModules()
+		if err != nil || got != c.want {
+			t.Errorf("%s=%q: %v, %v; want %v", LoRAFirstEnv, c.env, got, err, c.want)
+		}
+	}
+	t.Setenv(LoRAFirstEnv, "gate_proj,mlp")
+	if _, err := loraFirstModules(); err == nil || !strings.Contains(err.Error(), `"mlp"`) {
+		t.Errorf("an unknown projection: %v", err)
 	}
 }

@@ -446,10 +446,27 @@ func (s *session) dropout(seed uint64, train bool) *trainer.Dropout {
 // backward pass.
 func (s *session) linear(c *cuda.Ctx, T, layer int, mod trainer.Module, x, out cuda.DevicePtr, lc *layerCache, d *trainer.Dropout) error {
 	p := &s.w.layers[layer].proj[moduleIndex(mod)]
+	if s.updateFirst(T, layer, mod, p) {
+		if err := s.loraForward(c, T, layer, mod, x, out, lc, d, 0); err != nil {
+			return err
+		}
+		return s.frozenGEMM(c, T, p, x, 1, out)
+	}
 	if err := s.frozenProduct(c, T, p, x, out); err != nil {
 		return err
 	}
-	return s.loraForward(c, T, layer, mod, x, out, lc, d)
+	return s.loraForward(c, T, layer, mod, x, out, lc, d, 1)
+}
+
+// updateFirst reports whether mod's forward product writes the LoRA
+// update first (LoRAFirstEnv): a GEMM's product, not a decoding step's,
+// with an update to apply.
+func (s *session) updateFirst(T, layer int, mod trainer.Module, p *projection) bool {
+	if !s.loraFirst[moduleIndex(mod)] || s.baseOnly || s.nf4GEMV(T, p) || s.denseGEMV(T, p) {
+		return false
+	}
+	_, ok := s.lora.slot(layer, mod, false)
+	return ok
 }
 
 // frozenProduct computes out [T × out] = x·Wᵀ for projection p: from its
@@ -462,12 +479,18 @@ func (s *session) frozenProduct(c *cuda.Ctx, T int, p *projection, x, out cuda.D
 	if s.denseGEMV(T, p) {
 		return s.k.GEMV(c, p.dense.Ptr, x, T, p.out, p.in, p.out, 0, out)
 	}
+	return s.frozenGEMM(c, T, p, x, 0, out)
+}
+
+// frozenGEMM computes out = x·Wᵀ + beta·out as a GEMM over p's dense or
+// dequantised weights.
+func (s *session) frozenGEMM(c *cuda.Ctx, T int, p *projection, x cuda.DevicePtr, beta float32, out cuda.DevicePtr) error {
 	act := s.k.Prec.GEMMType()
 	w, err := s.weight(c, p, s.ws.wbuf.Ptr)
 	if err != nil {
 		return err
 	}
-	return s.gemm(c, "base", T, p.out, p.in, false, true, act, act, 1, x, w, 0, out)
+	return s.gemm(c, "base", T, p.out, p.in, false, true, act, act, 1, x, w, beta, out)
 }
 
 // denseGEMV reports whether p's product for T tokens runs from its dense
@@ -503,10 +526,10 @@ func (s *session) linearPair(c *cuda.Ctx, T, layer int, m1, m2 trainer.Module, x
 		if err := s.k.NF4GEMVPair(c, nf4(p1, out1), nf4(p2, out2), s.w.round, x, T, p1.in); err != nil {
 			return err
 		}
-		if err := s.loraForward(c, T, layer, m1, x, out1, lc, d); err != nil {
+		if err := s.loraForward(c, T, layer, m1, x, out1, lc, d, 1); err != nil {
 			return err
 		}
-		return s.loraForward(c, T, layer, m2, x, out2, lc, d)
+		return s.loraForward(c, T, layer, m2, x, out2, lc, d, 1)
 	}
 	if s.nf4GEMV(T, p1) || p1.dense.Ptr == 0 || p2.dense.Ptr == 0 || p1.in != p2.in || p1.out != p2.out || p2.dense.Ptr != p1.dense.Ptr.Add(p1.elements()*size) ||
 		out2 <= out1 || int64(out2-out1)%size != 0 {
@@ -527,16 +550,16 @@ func (s *session) linearPair(c *cuda.Ctx, T, layer int, m1, m2 trainer.Module, x
 			return err
 		}
 	}
-	if err := s.loraForward(c, T, layer, m1, x, out1, lc, d); err != nil {
+	if err := s.loraForward(c, T, layer, m1, x, out1, lc, d, 1); err != nil {
 		return err
 	}
-	return s.loraForward(c, T, layer, m2, x, out2, lc, d)
+	return s.loraForward(c, T, layer, m2, x, out2, lc, d, 1)
 }
 
-// loraForward adds the LoRA update of projection mod to out (when the
-// session trains or applies an adapter), keeping x·Aᵀ and the dropout
+// loraForward adds the LoRA update of projection mod to beta·out (when
+// the session trains or applies an adapter), keeping x·Aᵀ and the dropout
 // mask in lc.
-func (s *session) loraForward(c *cuda.Ctx, T, layer int, mod trainer.Module, x, out cuda.DevicePtr, lc *layerCache, d *trainer.Dropout) error {
+func (s *session) loraForward(c *cuda.Ctx, T, layer int, mod trainer.Module, x, out cuda.DevicePtr, lc *layerCache, d *trainer.Dropout, beta float32) error {
 	A, ok := s.lora.slot(layer, mod, false)
 	if !ok || s.baseOnly {
 		return nil
@@ -558,7 +581,7 @@ func (s *session) loraForward(c *cuda.Ctx, T, layer int, mod trainer.Module, x, 
 			return err
 		}
 	}
-	return s.gemm(c, "lora", T, p.out, R, false, true, act, act, s.cfg.LoRA.Scale(), xa, s.lora.actPtr(s, B), 1, out)
+	return s.gemm(c, "lora", T, p.out, R, false, true, act, act, s.cfg.LoRA.Scale(), xa, s.lora.actPtr(s, B), beta, out)
 }
 
 // linearBackward adds (or, without accumulate, writes) dx [T × in], the

@@ -30,6 +30,9 @@ type session struct {
 	// baseOnly skips the LoRA products: a decoder without an adapter,
 	// whose placeholder adapter adds zero.
 	baseOnly bool
+	// loraFirst marks the projections whose update is written before the
+	// frozen product (LoRAFirstEnv), in trainer.AllModules order.
+	loraFirst [7]bool
 
 	ropeCos, ropeSin [2][]float32
 }
@@ -89,6 +92,9 @@ func open(ctx context.Context, info trainer.ModelInfo, cfg trainer.SessionConfig
 	fail := func(err error) (trainer.Session, error) {
 		s.Close()
 		return nil, err
+	}
+	if s.loraFirst, err = loraFirstModules(); err != nil {
+		return fail(err)
 	}
 	var free int64
 	if err := dev.Do(func(c *cuda.Ctx) error {

@@ -60,9 +60,10 @@ type tokenStep struct {
 }
 
 // tokenShape is the shape decode_token runs for this decoder's model with
-// caches of maxLen positions, or why it cannot: it takes dense weights
-// (not an NF4 base, whose steps of one token read the NF4 form), no
-// adapter's products, and a session that offloads nothing.
+// caches of maxLen positions, or why it cannot: it takes the weights in
+// the form the launch-per-operation steps of one token read them (dense,
+// or NF4 where nf4GEMV reads that form), no adapter's products, and a
+// session that offloads nothing.
 func (s *session) tokenShape(maxLen int) (kernels.TokenShape, error) {
 	cfg := s.info.Config
 	sh := kernels.TokenShape{Hidden: cfg.Hidden, Heads: cfg.Heads, KVHeads: cfg.KVHeads, Intermediate: cfg.Intermediate,
@@ -73,13 +74,12 @@ func (s *session) tokenShape(maxLen int) (kernels.TokenShape, error) {
 	if s.off != nil {
 		return sh, fmt.Errorf("decode_token does not offload")
 	}
+	sh.NF4 = s.w.layers[0].proj[0].nf4
 	for l := range s.w.layers {
 		for i := range s.w.layers[l].proj {
 			p := &s.w.layers[l].proj[i]
-			if p.dense.Ptr == 0 || s.nf4GEMV(1, p) {
-				// An NF4 base's steps read the NF4 form, a quarter of the
-				// dense copy's bytes.
-				return sh, fmt.Errorf("decode_token takes dense weights; layer %d's %s is read as NF4", l, trainer.AllModules[i])
+			if p.nf4 != sh.NF4 || sh.NF4 && !s.nf4GEMV(1, p) || !sh.NF4 && p.dense.Ptr == 0 {
+				return sh, fmt.Errorf("decode_token takes every projection dense, or every one read as NF4; layer %d's %s is neither", l, trainer.AllModules[i])
 			}
 		}
 	}
@@ -95,13 +95,19 @@ func (s *session) newTokenStep(c *cuda.Ctx, dc *kvCaches, sh kernels.TokenShape)
 	table := make([]kernels.TokenLayer, cfg.Layers)
 	for l := range table {
 		L := &s.w.layers[l]
-		dense := func(m trainer.Module) cuda.DevicePtr { return L.proj[moduleIndex(m)].dense.Ptr }
+		mat := func(m trainer.Module) kernels.TokenMatrix {
+			p := &L.proj[moduleIndex(m)]
+			if sh.NF4 {
+				return kernels.TokenMatrix{Weights: p.packed.Ptr, AbsmaxQ: p.absmaxQ.Ptr, Absmax2: p.absmax2.Ptr, Offset: p.offset, NF4: true}
+			}
+			return kernels.TokenMatrix{Weights: p.dense.Ptr}
+		}
 		window := 0
 		if cfg.LayerTypes[l] == trainer.SlidingAttention {
 			window = cfg.SlidingWindow
 		}
-		table[l] = kernels.TokenLayer{Q: dense(trainer.QProj), K: dense(trainer.KProj), V: dense(trainer.VProj), O: dense(trainer.OProj),
-			Gate: dense(trainer.GateProj), Up: dense(trainer.UpProj), Down: dense(trainer.DownProj),
+		table[l] = kernels.TokenLayer{Q: mat(trainer.QProj), K: mat(trainer.KProj), V: mat(trainer.VProj), O: mat(trainer.OProj),
+			Gate: mat(trainer.GateProj), Up: mat(trainer.UpProj), Down: mat(trainer.DownProj),
 			InputNorm: L.inputNorm.Ptr, PostAttnNorm: L.postAttnNorm.Ptr, PreFFNorm: L.preFFNorm.Ptr, PostFFNorm: L.postFFNorm.Ptr,
 			QNorm: L.qNorm.Ptr, KNorm: L.kNorm.Ptr, KCache: dc.k[l].Ptr, VCache: dc.v[l].Ptr,
 			CacheLen: dc.cacheLen[l], Window: window, Rope: typeIndex(cfg.LayerTypes[l])}

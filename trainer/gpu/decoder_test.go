@@ -281,11 +281,10 @@ func teacherForced(t *testing.T, d *decoder, prompts, continuations [][]int32) [
 // (PIPELINE_TOKEN_KERNEL=on). In the float32 test mode, each parity case's
 // base model decodes each prompt alone (every step after the prompt one
 // token) to transformers' greedy tokens, every one, through sliding rings
-// shorter than the prompts. In bf16 at the 1B shape (random weights, head
-// dimension 256, more rows than blocks in every product), the logits of
-// 48 teacher-forced steps after a 600-token prompt (past the 512-token
-// window) stay within bfloat16's reach of the launch-per-operation
-// steps', with the same most likely token.
+// shorter than the prompts. In bf16 at the 1B and 12B shapes (random
+// weights, head dimension 256, one and eight key/value heads), dense and
+// NF4, decode_token follows the launch-per-operation steps
+// (compareTokenKernel).
 func TestTokenKernelOnGPU(t *testing.T) {
 	cudatest.Device(t)
 	t.Setenv(TokenKernelEnv, "on")
@@ -323,51 +322,69 @@ func TestTokenKernelOnGPU(t *testing.T) {
 			}
 		})
 	}
-	t.Run("bf16/1b", func(t *testing.T) {
-		mc, err := trainer.Preset("1b")
-		if err != nil {
-			t.Fatal(err)
+	for _, preset := range []string{"1b", "12b"} {
+		for _, quantize := range []string{"none", "nf4"} {
+			t.Run("bf16/"+preset+"/"+quantize, func(t *testing.T) {
+				if testing.Short() && preset != "1b" {
+					t.Skip("-short: the 1B shape only")
+				}
+				compareTokenKernel(t, preset, quantize)
+			})
 		}
-		d, err := OpenRandomDecoder(context.Background(), mc, 1, "none")
-		if err != nil {
-			t.Fatal(err)
+	}
+}
+
+// compareTokenKernel decodes a random model of a preset's shape with the
+// base weights in form quantize (with "nf4", steps of one token read that
+// form) twice, teacher-forced for 48 steps after a 600-token prompt (past
+// the 512-token window), once with decode_token and once without, and
+// requires the logits within bfloat16's reach of each other and the same
+// most likely token at all but two steps.
+func compareTokenKernel(t *testing.T, preset, quantize string) {
+	mc, err := trainer.Preset(preset)
+	if err != nil {
+		t.Fatal(err)
+	}
+	d, err := OpenRandomDecoder(context.Background(), mc, 1, quantize)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer d.Close()
+	dec := d.(*decoder)
+	rng := rand.New(rand.NewPCG(3, 4))
+	draw := func(n int) []int32 {
+		ids := make([]int32, n)
+		for i := range ids {
+			ids[i] = int32(rng.IntN(mc.VocabSize))
 		}
-		defer d.Close()
-		dec := d.(*decoder)
-		rng := rand.New(rand.NewPCG(3, 4))
-		draw := func(n int) []int32 {
-			ids := make([]int32, n)
-			for i := range ids {
-				ids[i] = int32(rng.IntN(mc.VocabSize))
-			}
-			return ids
+		return ids
+	}
+	prompts, continuations := [][]int32{draw(600)}, [][]int32{draw(48)}
+	t.Setenv(TokenKernelEnv, "on")
+	ours := teacherForced(t, dec, prompts, continuations)
+	if dec.TokenKernelSteps() == 0 {
+		t.Fatalf("no step ran as decode_token")
+	}
+	t.Setenv(TokenKernelEnv, "off")
+	ref := teacherForced(t, dec, prompts, continuations)
+	V, N := mc.VocabSize, len(continuations[0])
+	worst, agree := 0.0, 0
+	for n := range N {
+		g, r := ours[n*V:(n+1)*V], ref[n*V:(n+1)*V]
+		var dd, rr float64
+		for i := range r {
+			e := float64(g[i]) - float64(r[i])
+			dd, rr = dd+e*e, rr+float64(r[i])*float64(r[i])
 		}
-		prompts, continuations := [][]int32{draw(600)}, [][]int32{draw(48)}
-		ours := teacherForced(t, dec, prompts, continuations)
-		if dec.TokenKernelSteps() == 0 {
-			t.Fatalf("no step ran as decode_token")
+		worst = max(worst, math.Sqrt(dd/rr))
+		if trainer.Argmax(g) == trainer.Argmax(r) {
+			agree++
 		}
-		t.Setenv(TokenKernelEnv, "off")
-		ref := teacherForced(t, dec, prompts, continuations)
-		V, N := mc.VocabSize, len(continuations[0])
-		worst, agree := 0.0, 0
-		for n := range N {
-			g, r := ours[n*V:(n+1)*V], ref[n*V:(n+1)*V]
-			var dd, rr float64
-			for i := range r {
-				e := float64(g[i]) - float64(r[i])
-				dd, rr = dd+e*e, rr+float64(r[i])*float64(r[i])
-			}
-			worst = max(worst, math.Sqrt(dd/rr))
-			if trainer.Argmax(g) == trainer.Argmax(r) {
-				agree++
-			}
-		}
-		t.Logf("%d steps: worst relative RMS of the logits' difference %.3g, most likely token the same at %d", N, worst, agree)
-		if worst > 0.02 || agree < N-2 {
-			t.Errorf("decode_token's logits differ from the launch-per-operation steps' (worst relative RMS %.3g, argmax agreement %d of %d)", worst, agree, N)
-		}
-	})
+	}
+	t.Logf("%d steps: worst relative RMS of the logits' difference %.3g, most likely token the same at %d", N, worst, agree)
+	if worst > 0.02 || agree < N-2 {
+		t.Errorf("decode_token's logits differ from the launch-per-operation steps' (worst relative RMS %.3g, argmax agreement %d of %d)", worst, agree, N)
+	}
 }
 
 // TestNF4ProductChoice: only a session that infers reads NF4 weights
@@ -428,11 +445,12 @@ func TestDenseProductChoice(t *testing.T) {
 	}
 }
 
-// TestTokenKernelChoice: decode_token takes a decoder of dense weights
-// without an adapter; an adapter's products, an NF4 base (whose steps read
-// the NF4 form, a quarter of the bytes, even beside a dense copy), missing
-// dense weights and an offloading session keep the launch-per-operation
-// steps, and the reason names what stands in the way.
+// TestTokenKernelChoice: decode_token takes a decoder without an adapter
+// whose projections are all dense, or all NF4 as the steps of one token
+// read them (in bf16); an adapter's products, a mix of the two, missing
+// dense weights, NF4 in the float32 test mode and an offloading session
+// keep the launch-per-operation steps, and the reason names what stands
+// in the way.
 func TestTokenKernelChoice(t *testing.T) {
 	mc, err := trainer.Preset("1b")
 	if err != nil {
@@ -458,16 +476,27 @@ func TestTokenKernelChoice(t *testing.T) {
 		}
 		return s
 	}
-	if _, err := build(nil).tokenShape(256); err != nil {
-		t.Errorf("a dense base without an adapter: %v", err)
+	allNF4 := func(s *session) {
+		for l := range s.w.layers {
+			for i := range s.w.layers[l].proj {
+				s.w.layers[l].proj[i].nf4 = true
+			}
+		}
+	}
+	if sh, err := build(nil).tokenShape(256); err != nil || sh.NF4 {
+		t.Errorf("a dense base without an adapter: NF4 %v, %v", sh.NF4, err)
+	}
+	if sh, err := build(allNF4).tokenShape(256); err != nil || !sh.NF4 {
+		t.Errorf("an NF4 base (with a dense copy beside it) without an adapter: NF4 %v, %v", sh.NF4, err)
 	}
 	for _, c := range []struct {
 		what, want string
 		edit       func(s *session)
 	}{
 		{"an adapter", "adapter", func(s *session) { s.baseOnly = false }},
-		{"an NF4 base with a dense copy", "NF4", func(s *session) { s.w.layers[3].proj[5].nf4 = true }},
-		{"no dense weights", "dense", func(s *session) { s.w.layers[0].proj[0].dense = cuda.Buffer{} }},
+		{"one NF4 projection among dense ones", "neither", func(s *session) { s.w.layers[3].proj[5].nf4 = true }},
+		{"no dense weights", "neither", func(s *session) { s.w.layers[0].proj[0].dense = cuda.Buffer{} }},
+		{"NF4 in the float32 test mode", "bf16", func(s *session) { allNF4(s); s.k.Prec = kernels.F32 }},
 		{"an offloading session", "offload", func(s *session) { s.off = &offloader{} }},
 	} {
 		_, err := build(c.edit).tokenShape(256)

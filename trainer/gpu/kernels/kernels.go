@@ -88,7 +88,7 @@ func Sources(p Precision, headDim int) ([]cuda.Source, error) {
 		return nil, err
 	}
 	headers := map[string]string{"tables.cuh": tablesHeader()}
-	for _, h := range []string{"gemma.cuh", "random.cuh"} {
+	for _, h := range []string{"gemma.cuh", "nf4.cuh", "random.cuh"} {
 		b, err := files.ReadFile(h)
 		if err != nil {
 			return nil, err

@@ -5,6 +5,7 @@
 // (trainer.NewNF4Tensor), shared with the CPU backend.
 // Reference: trainer.QuantizeNF4, trainer.NF4Tensor.Dequantize.
 #include "gemma.cuh"
+#include "nf4.cuh"
 #include "random.cuh"
 
 // One warp per 64-block: lane l quantises elements 2l and 2l+1, which share
@@ -27,13 +28,6 @@ extern "C" __global__ void nf4_quantize_blocks(const void* __restrict__ src, int
     while (q0 < 15 && x0 > NF4_MID[q0]) q0++;
     while (q1 < 15 && x1 > NF4_MID[q1]) q1++;
     packed[i0 / 2] = (unsigned char)((q0 << 4) | (i0 + 1 < n ? q1 : 0));
-}
-
-// A 64-block's scale from its absmax code's value, its 256-block's
-// second-level scale and the offset, as the host computes it (no fused
-// multiply-add).
-__device__ __forceinline__ float nf4_scale(float code, float absmax2, float offset) {
-    return __fadd_rn(__fmul_rn(code, absmax2), offset);
 }
 
 // out[i] = the weight NF4 encodes, rounded to the checkpoint dtype. The
@@ -265,32 +259,6 @@ extern "C" __global__ void __launch_bounds__(128) nf4_gemv(NF4_GEMV_PARAMS) {
 #define NF4_MMA_WARPS 8
 #define NF4_PASS 2 // 64-blocks a warp's pass
 // NF4_MIN_BLOCKS, the launch bound, comes from kernels.Sources (nf4BlocksPerSM).
-
-// nf4_mma_tables fills dyn with the absmax code and pairs with the
-// bfloat16 values of each byte's two codes, the high nibble's in the low
-// half (the first of two weights, as a fragment holds them), every entry
-// repeated once per shared-memory bank: lane l reads the copy at
-// byte·128 + 4l, in bank l, so a warp's 32 look-ups of any bytes are
-// served at once. Threads write a row's 16-byte words in a rotated order,
-// so that the threads of one store phase write different banks.
-#define NF4_PAIR_COPIES 32
-__device__ __forceinline__ void nf4_mma_tables(unsigned int* pairs, float* dyn) {
-    for (int e = threadIdx.x; e < 256; e += blockDim.x) {
-        dyn[e] = DYN_CODE[e];
-        unsigned int v;
-        asm("cvt.rn.bf16x2.f32 %0, %1, %2;" : "=r"(v) : "f"(NF4_CODE[e & 15]), "f"(NF4_CODE[e >> 4]));
-        uint4* row = reinterpret_cast<uint4*>(pairs + e * NF4_PAIR_COPIES);
-        #pragma unroll
-        for (int i = 0; i < NF4_PAIR_COPIES / 4; i++) row[(i + e) % (NF4_PAIR_COPIES / 4)] = make_uint4(v, v, v, v);
-    }
-    __syncthreads();
-}
-
-// The pair of byte j (0..3) of word, from lane's copy (lane4 = 4·lane).
-__device__ __forceinline__ unsigned int nf4_pair(const unsigned int* pairs, unsigned int lane4, unsigned int word, int j) {
-    const unsigned int at = ((j == 0 ? word << 7 : word >> (8 * j - 7)) & 0x7f80u) | lane4; // bytes
-    return *reinterpret_cast<const unsigned int*>(reinterpret_cast<const char*>(pairs) + at);
-}
 
 // A warp's pass as loaded: its lane's codes of rows g and g + 8 in each of
 // NF4_PASS blocks, and those blocks' absmax codes and second-level scales.

@@ -34,6 +34,7 @@
 // of earlier steps with ordinary loads. The launch must be cooperative
 // (every block resident), the barrier counter zero before it.
 #include "gemma.cuh"
+#include "nf4.cuh"
 
 #define HD HEAD_DIM
 #define TOK_WARPS 16
@@ -41,10 +42,21 @@
 #define TOK_CHUNK 32  // keys an attention split takes (attn_cached's DEC_CHUNK)
 #define TOK_UNROLL 8  // 16-byte weight loads a lane has in flight per matrix
 
+// One projection: dense [rows × in] activations, or NF4 (bitsandbytes'
+// layout: packed codes, a code per 64-block for its absmax, a scale per
+// 256 blocks, an offset). kernels.TokenMatrix writes this layout (32 bytes).
+struct tok_mat {
+    const void* w;
+    const unsigned char* absmax_q;
+    const float* absmax2;
+    float offset;
+    int nf4;
+};
+
 // One block of the model as decode_token reads it; kernels.TokenLayer
-// writes this layout (15 pointers, then 4 ints: 136 bytes).
+// writes this layout (7 matrices, 8 pointers, 4 ints: 304 bytes).
 struct tok_layer {
-    const uint4 *q, *k, *v, *o, *gate, *up, *down; // [rows × in] activations
+    tok_mat q, k, v, o, gate, up, down;
     const float *in_norm, *post_attn, *pre_ff, *post_ff, *q_norm, *k_norm;
     act_t *kc, *vc;      // [sequences × cache_len × kv_heads × HD]
     int cache_len;       // rows a sequence has in the caches (a ring on sliding layers)
@@ -64,8 +76,10 @@ struct tok_smem {
     float* kn;    // the step's own key, value: HD each
     float* vn;
     float* w;     // a split's scores, then weights: TOK_CHUNK
-    float* sums;  // the output's partial sums: TOK_THREADS·VEC
+    float* sums;  // the output's partial sums: TOK_THREADS·VEC; NF4 products' partial rows
     int* flag;
+    unsigned int* pairs; // NF4 only: nf4_mma_tables' pairs, 256·NF4_PAIR_COPIES
+    float* dyn;          // and absmax codes, 256
 };
 
 __device__ __forceinline__ tok_smem tok_carve(float* dyn, int vlen, int hidden) {
@@ -80,6 +94,8 @@ __device__ __forceinline__ tok_smem tok_carve(float* dyn, int vlen, int hidden) 
     s.w = s.vn + HD;
     s.sums = s.w + TOK_CHUNK;
     s.flag = reinterpret_cast<int*>(s.sums + TOK_THREADS * VEC);
+    s.pairs = reinterpret_cast<unsigned int*>(s.sums + TOK_THREADS * VEC + 4); // 16-byte aligned
+    s.dyn = reinterpret_cast<float*>(s.pairs + 256 * NF4_PAIR_COPIES);
     return s;
 }
 
@@ -98,6 +114,12 @@ __device__ __forceinline__ void tok_grid_sync(unsigned int* bar, unsigned int& t
         __threadfence();
     }
     __syncthreads();
+}
+
+// The block's slice [r0, r1) of rows rows, the same in every phase.
+__device__ __forceinline__ void tok_slice(int rows, int& r0, int& r1) {
+    r0 = (int)((long long)rows * blockIdx.x / gridDim.x);
+    r1 = (int)((long long)rows * (blockIdx.x + 1) / gridDim.x);
 }
 
 // n activations written in this launch (n a multiple of VEC) into dst.
@@ -222,6 +244,141 @@ __device__ __forceinline__ void tok_rows(Row row, int r0, int r1, int in, const 
     __syncthreads(); // part and v are free again
 }
 
+// The NF4 form of tok_rows, on tensor cores as nf4_gemv_mma (nf4.cu): a
+// phase's rows as up to three stacked segments (q, k and v), each of NMAT
+// matrices side by side (gate and up), in tiles of 16 rows; the block
+// takes a contiguous slice of the tiles, and its warps a tile each, or
+// where it has fewer tiles than warps a range of a tile's 64-blocks,
+// whose sums meet in a fixed order. Lane (g, c) reads rows g and g + 8 of
+// a tile at positions 16c .. 16c + 15 of each 64-block; the token's x
+// (lanes g = 0; the other lanes' columns are zero) comes from v, rounded
+// to bfloat16 as stored. in must be a multiple of 64. done(r, sums) gets
+// each row's NMAT sums in one thread.
+template <int NMAT>
+struct tok_segs {
+    const tok_mat* m[3][NMAT];
+    int rows[3];
+    int count;
+};
+
+// The tile of the stacked segments at index t: its segment's matrices,
+// rows and first row in the phase's stacking, and the tile's index in
+// its segment. Constant indices only, so that sg stays in registers.
+template <int NMAT>
+__device__ __forceinline__ int tok_tile(const tok_segs<NMAT>& sg, int t, const tok_mat* (&m)[NMAT], int& rows, int& base) {
+    const int n0 = (sg.rows[0] + 15) / 16, n1 = sg.count > 1 ? (sg.rows[1] + 15) / 16 : 0;
+    const int seg = t < n0 ? 0 : t < n0 + n1 ? 1 : 2;
+    #pragma unroll
+    for (int i = 0; i < NMAT; i++) m[i] = seg == 0 ? sg.m[0][i] : seg == 1 ? sg.m[1][i] : sg.m[2][i];
+    rows = seg == 0 ? sg.rows[0] : seg == 1 ? sg.rows[1] : sg.rows[2];
+    base = seg == 0 ? 0 : seg == 1 ? sg.rows[0] : sg.rows[0] + sg.rows[1];
+    return seg == 0 ? t : seg == 1 ? t - n0 : t - n0 - n1;
+}
+
+template <int NMAT, typename Done>
+__device__ __forceinline__ void tok_rows_nf4(const tok_segs<NMAT>& sg, int in, const float* v, tok_smem& s, Done done) {
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, g = lane >> 2, c = lane & 3;
+    const unsigned int lane4 = 4u * lane;
+    constexpr int U = 4 / NMAT; // 64-blocks a lane has in flight per matrix and row
+    const int blocks = in / 64;
+    int tiles = 0;
+    #pragma unroll
+    for (int i = 0; i < 3; i++) tiles += i < sg.count ? (sg.rows[i] + 15) / 16 : 0;
+    int t0, t1;
+    tok_slice(tiles, t0, t1);
+    const int n = t1 - t0;
+    if (n <= 0) return; // the same for the whole block
+    const int S = n >= TOK_WARPS ? 1 : TOK_WARPS / n;
+    for (int task = warp; task < n * S; task += TOK_WARPS) {
+        // The task's tile, row0 .. row0 + 15 of its segment's rows.
+        const tok_mat* mats[NMAT];
+        int rows, base;
+        const int row0 = 16 * tok_tile(sg, t0 + task / S, mats, rows, base), sp = task % S;
+        const int h0 = blocks * sp / S, h1 = blocks * (sp + 1) / S;
+        const unsigned int ra = (unsigned int)min(row0 + g, rows - 1), rb = (unsigned int)min(row0 + g + 8, rows - 1);
+        float acc[NMAT][2] = {};
+        for (int h = h0; h < h1; h += U) {
+            uint2 w[NMAT][U][2];
+            unsigned char q[NMAT][U][2];
+            float a2[NMAT][U][2];
+            #pragma unroll
+            for (int m = 0; m < NMAT; m++) {
+                const tok_mat& mt = *mats[m];
+                const uint2* codes = static_cast<const uint2*>(mt.w);
+                #pragma unroll
+                for (int u = 0; u < U; u++) {
+                    const unsigned int b = (unsigned int)min(h + u, h1 - 1); // past the range: a valid block, not used
+                    const unsigned int ba = ra * blocks + b, bb = rb * blocks + b;
+                    w[m][u][0] = codes[ba * 4 + c], w[m][u][1] = codes[bb * 4 + c];
+                    q[m][u][0] = mt.absmax_q[ba], q[m][u][1] = mt.absmax_q[bb];
+                    a2[m][u][0] = mt.absmax2[ba / 256], a2[m][u][1] = mt.absmax2[bb / 256];
+                }
+            }
+            #pragma unroll
+            for (int u = 0; u < U; u++) {
+                if (h + u >= h1) break; // the same for the whole warp
+                // x at the lane's 16 positions as bfloat16 pairs; zero for g > 0.
+                unsigned int xb[8] = {0u, 0u, 0u, 0u, 0u, 0u, 0u, 0u};
+                if (g == 0) {
+                    const float* xs = v + 64 * (h + u) + 16 * c;
+                    #pragma unroll
+                    for (int e = 0; e < 8; e++)
+                        asm("cvt.rn.bf16x2.f32 %0, %1, %2;" : "=r"(xb[e]) : "f"(xs[2 * e + 1]), "f"(xs[2 * e]));
+                }
+                #pragma unroll
+                for (int m = 0; m < NMAT; m++) {
+                    float sum[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+                    #pragma unroll
+                    for (int k = 0; k < 4; k++) { // bytes 2k and 2k + 1 of the lane's 8: positions 4k .. 4k + 3
+                        const unsigned int w0 = k < 2 ? w[m][u][0].x : w[m][u][0].y, w1 = k < 2 ? w[m][u][1].x : w[m][u][1].y;
+                        const int j = 2 * (k & 1);
+                        mma_bf16(sum, nf4_pair(s.pairs, lane4, w0, j), nf4_pair(s.pairs, lane4, w1, j), nf4_pair(s.pairs, lane4, w0, j + 1),
+                                 nf4_pair(s.pairs, lane4, w1, j + 1), xb[2 * k], xb[2 * k + 1]);
+                    }
+                    const float offset = mats[m]->offset;
+                    acc[m][0] = fmaf(nf4_scale(s.dyn[q[m][u][0]], a2[m][u][0], offset), sum[0], acc[m][0]);
+                    acc[m][1] = fmaf(nf4_scale(s.dyn[q[m][u][1]], a2[m][u][1], offset), sum[2], acc[m][1]);
+                }
+            }
+        }
+        // Token 0's sums of rows g and g + 8 are in the lanes of c = 0.
+        if (c == 0) {
+            #pragma unroll
+            for (int e = 0; e < 2; e++) {
+                const int r = row0 + g + 8 * e;
+                if (S == 1) {
+                    float sums[NMAT];
+                    #pragma unroll
+                    for (int m = 0; m < NMAT; m++) sums[m] = acc[m][e];
+                    if (r < rows) done(base + r, sums);
+                } else {
+                    #pragma unroll
+                    for (int m = 0; m < NMAT; m++) s.sums[(task * 16 + g + 8 * e) * NMAT + m] = acc[m][e];
+                }
+            }
+        }
+    }
+    if (S > 1) {
+        __syncthreads();
+        if (threadIdx.x < 16 * n) {
+            const int t = threadIdx.x / 16, i = threadIdx.x % 16;
+            const tok_mat* mats[NMAT];
+            int rows, base;
+            const int r = 16 * tok_tile(sg, t0 + t, mats, rows, base) + i;
+            if (r < rows) {
+                float sums[NMAT];
+                #pragma unroll
+                for (int m = 0; m < NMAT; m++) {
+                    sums[m] = 0.0f;
+                    for (int sp = 0; sp < S; sp++) sums[m] += s.sums[((t * S + sp) * 16 + i) * NMAT + m];
+                }
+                done(base + r, sums);
+            }
+        }
+    }
+    __syncthreads(); // s.sums and v are free again
+}
+
 // Asks the L2 cache for bytes at p, at most what budget has left.
 __device__ __forceinline__ void tok_prefetch(const void* p, long long bytes, long long& budget) {
     bytes = min(bytes, budget);
@@ -231,24 +388,14 @@ __device__ __forceinline__ void tok_prefetch(const void* p, long long bytes, lon
         asm volatile("prefetch.global.L2 [%0];" ::"l"(c + off));
 }
 
-// The block's slice [r0, r1) of rows rows, the same in every phase.
-__device__ __forceinline__ void tok_slice(int rows, int& r0, int& r1) {
-    r0 = (int)((long long)rows * blockIdx.x / gridDim.x);
-    r1 = (int)((long long)rows * (blockIdx.x + 1) / gridDim.x);
-}
-
-// The block's slice of the q, k and v rows (one range over the three,
-// stacked), prefetched.
-__device__ __forceinline__ void tok_prefetch_qkv(const tok_layer& L, int qrows, int kvrows, int hidden, long long budget) {
+// The block's share of matrix m's rows rows of in weights (its slice of
+// them alone: near the rows it reads, where phases stack or tile them),
+// prefetched.
+__device__ __forceinline__ void tok_prefetch_share(const tok_mat& m, int rows, int in, long long& budget) {
     int r0, r1;
-    tok_slice(qrows + 2 * kvrows, r0, r1);
-    const long long row = (long long)hidden * sizeof(act_t);
-    const uint4* w[3] = {L.q, L.k, L.v};
-    const int lo[3] = {0, qrows, qrows + kvrows}, hi[3] = {qrows, qrows + kvrows, qrows + 2 * kvrows};
-    for (int m = 0; m < 3; m++) {
-        const int a = max(r0, lo[m]), b = min(r1, hi[m]);
-        if (a < b) tok_prefetch(reinterpret_cast<const char*>(w[m]) + (a - lo[m]) * row, (b - a) * row, budget);
-    }
+    tok_slice(rows, r0, r1);
+    const long long row = m.nf4 ? in / 2 : (long long)in * sizeof(act_t);
+    tok_prefetch(static_cast<const char*>(m.w) + r0 * row, (r1 - r0) * row, budget);
 }
 
 // Phase B for head-split items it = blockIdx.x, + gridDim.x, ...: see the
@@ -431,6 +578,9 @@ extern "C" __global__ void __launch_bounds__(TOK_THREADS, 1) decode_token(
     act_t* db = ob + hidden;
     act_t* actb = db + hidden;
     const int hv = hidden / VEC, qv = qrows / VEC, iv = inter / VEC; // 16-byte groups a row
+    const bool nf4 = layers[0].q.nf4; // every projection of the model in one form
+    if (nf4) nf4_mma_tables(s.pairs, s.dyn);
+    auto dense = [](const tok_mat& m, int r, int groups) { return static_cast<const uint4*>(m.w) + (long long)r * groups; };
     unsigned int target = 0;
     int r0, r1;
     for (int l = 0; l < n_layers; l++) {
@@ -451,23 +601,26 @@ extern "C" __global__ void __launch_bounds__(TOK_THREADS, 1) decode_token(
         }
         if (blockIdx.x == 0) tok_store(xb, hidden, s.x);
         tok_norm(s.x, L.in_norm, hidden, eps, false, s.v, s.red);
-        tok_slice(qrows + 2 * kvrows, r0, r1);
-        tok_rows<1>(
-            [&](int, int r) {
-                return r < qrows ? L.q + (long long)r * hv : r < qrows + kvrows ? L.k + (long long)(r - qrows) * hv : L.v + (long long)(r - qrows - kvrows) * hv;
-            },
-            r0, r1, hidden, s.v, s.part, [&](int r, const float* sum) { qkv[r] = to_act(sum[0]); });
+        auto to_qkv = [&](int r, const float* sum) { qkv[r] = to_act(sum[0]); };
+        if (nf4) {
+            const tok_segs<1> sg = {{{&L.q}, {&L.k}, {&L.v}}, {qrows, kvrows, kvrows}, 3};
+            tok_rows_nf4<1>(sg, hidden, s.v, s, to_qkv);
+        } else {
+            tok_slice(qrows + 2 * kvrows, r0, r1);
+            tok_rows<1>(
+                [&](int, int r) {
+                    return r < qrows ? dense(L.q, r, hv) : r < qrows + kvrows ? dense(L.k, r - qrows, hv) : dense(L.v, r - qrows - kvrows, hv);
+                },
+                r0, r1, hidden, s.v, s.part, to_qkv);
+        }
         {
             // The attention reads little: the o and gate/up weights
             // arrive meanwhile.
             long long budget = prefetch;
-            tok_slice(hidden, r0, r1);
-            tok_prefetch(L.o + (long long)r0 * qv, (long long)(r1 - r0) * qrows * sizeof(act_t), budget);
-            tok_slice(inter, r0, r1);
-            const long long half = budget / 2;
-            long long bg = half, bu = half;
-            tok_prefetch(L.gate + (long long)r0 * hv, (long long)(r1 - r0) * hidden * sizeof(act_t), bg);
-            tok_prefetch(L.up + (long long)r0 * hv, (long long)(r1 - r0) * hidden * sizeof(act_t), bu);
+            tok_prefetch_share(L.o, hidden, qrows, budget);
+            long long half = budget / 2, rest = budget - half;
+            tok_prefetch_share(L.gate, inter, hidden, half);
+            tok_prefetch_share(L.up, inter, hidden, rest);
         }
         tok_grid_sync(sync, target);
 
@@ -478,9 +631,14 @@ extern "C" __global__ void __launch_bounds__(TOK_THREADS, 1) decode_token(
         // C: the o projection.
         tok_load(att, qrows, s.v);
         __syncthreads();
-        tok_slice(hidden, r0, r1);
-        tok_rows<1>([&](int, int r) { return L.o + (long long)r * qv; }, r0, r1, qrows, s.v, s.part,
-                    [&](int r, const float* sum) { ob[r] = to_act(sum[0]); });
+        auto to_o = [&](int r, const float* sum) { ob[r] = to_act(sum[0]); };
+        if (nf4) {
+            const tok_segs<1> sg = {{{&L.o}}, {hidden}, 1};
+            tok_rows_nf4<1>(sg, qrows, s.v, s, to_o);
+        } else {
+            tok_slice(hidden, r0, r1);
+            tok_rows<1>([&](int, int r) { return dense(L.o, r, qv); }, r0, r1, qrows, s.v, s.part, to_o);
+        }
         tok_grid_sync(sync, target);
 
         // D: the residual, the MLP's norm, gate and up through GeGLU.
@@ -490,33 +648,50 @@ extern "C" __global__ void __launch_bounds__(TOK_THREADS, 1) decode_token(
         tok_norm(s.v, L.post_attn, hidden, eps, true, s.x, s.red);
         if (blockIdx.x == 0) tok_store(x1b, hidden, s.x);
         tok_norm(s.x, L.pre_ff, hidden, eps, false, s.v, s.red);
-        tok_slice(inter, r0, r1);
-        tok_rows<2>([&](int m, int r) { return (m == 0 ? L.gate : L.up) + (long long)r * hv; }, r0, r1, hidden, s.v, s.part,
-                    [&](int r, const float* sum) {
-                        const float g = to_f32(to_act(sum[0])), u = to_f32(to_act(sum[1]));
-                        float sg, dz;
-                        gelu_parts(g, &sg, &dz);
-                        actb[r] = to_act(g * sg * u);
-                    });
+        auto to_act_b = [&](int r, const float* sum) {
+            const float g = to_f32(to_act(sum[0])), u = to_f32(to_act(sum[1]));
+            float sg, dz;
+            gelu_parts(g, &sg, &dz);
+            actb[r] = to_act(g * sg * u);
+        };
+        if (nf4) {
+            const tok_segs<2> sg = {{{&L.gate, &L.up}}, {inter}, 1};
+            tok_rows_nf4<2>(sg, hidden, s.v, s, to_act_b);
+        } else {
+            tok_slice(inter, r0, r1);
+            tok_rows<2>([&](int m, int r) { return dense(m == 0 ? L.gate : L.up, r, hv); }, r0, r1, hidden, s.v, s.part, to_act_b);
+        }
         {
             long long budget = prefetch;
-            tok_slice(hidden, r0, r1);
-            tok_prefetch(L.down + (long long)r0 * iv, (long long)(r1 - r0) * inter * sizeof(act_t), budget);
+            tok_prefetch_share(L.down, hidden, inter, budget);
         }
         tok_grid_sync(sync, target);
 
         // E: the down projection.
         tok_load(actb, inter, s.v);
         __syncthreads();
-        tok_slice(hidden, r0, r1);
-        tok_rows<1>([&](int, int r) { return L.down + (long long)r * iv; }, r0, r1, inter, s.v, s.part,
-                    [&](int r, const float* sum) { db[r] = to_act(sum[0]); });
-        if (l + 1 < n_layers) {
-            tok_prefetch_qkv(layers[l + 1], qrows, kvrows, hidden, prefetch);
+        auto to_d = [&](int r, const float* sum) { db[r] = to_act(sum[0]); };
+        if (nf4) {
+            const tok_segs<1> sg = {{{&L.down}}, {hidden}, 1};
+            tok_rows_nf4<1>(sg, inter, s.v, s, to_d);
         } else {
+            tok_slice(hidden, r0, r1);
+            tok_rows<1>([&](int, int r) { return dense(L.down, r, iv); }, r0, r1, inter, s.v, s.part, to_d);
+        }
+        {
             long long budget = prefetch;
-            tok_slice(vocab, r0, r1);
-            tok_prefetch(embed + (long long)r0 * hidden, (long long)(r1 - r0) * hidden * sizeof(act_t), budget);
+            if (l + 1 < n_layers) {
+                const tok_layer& N = layers[l + 1];
+                long long third = budget / 3;
+                tok_prefetch_share(N.q, qrows, hidden, third);
+                third = budget / 3;
+                tok_prefetch_share(N.k, kvrows, hidden, third);
+                third = budget / 3;
+                tok_prefetch_share(N.v, kvrows, hidden, third);
+            } else {
+                tok_slice(vocab, r0, r1);
+                tok_prefetch(embed + (long long)r0 * hidden, (long long)(r1 - r0) * hidden * sizeof(act_t), budget);
+            }
         }
         tok_grid_sync(sync, target);
     }

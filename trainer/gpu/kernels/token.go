@@ -8,9 +8,20 @@ import (
 	"gemmaft/cuda"
 )
 
-// TokenLayer is one block of the model as decode_token reads it.
+// TokenMatrix is one projection as decode_token reads it: dense [rows ×
+// in] activations, or NF4 in bitsandbytes' layout (packed codes, a code
+// per 64-block for its absmax, a scale per 256 blocks, an offset).
+type TokenMatrix struct {
+	Weights          cuda.DevicePtr // the activations, or the packed codes
+	AbsmaxQ, Absmax2 cuda.DevicePtr // NF4 only
+	Offset           float32
+	NF4              bool
+}
+
+// TokenLayer is one block of the model as decode_token reads it: every
+// projection dense, or every one NF4.
 type TokenLayer struct {
-	Q, K, V, O, Gate, Up, Down                     cuda.DevicePtr // dense [rows × in] activations
+	Q, K, V, O, Gate, Up, Down                     TokenMatrix
 	InputNorm, PostAttnNorm, PreFFNorm, PostFFNorm cuda.DevicePtr // float32
 	QNorm, KNorm                                   cuda.DevicePtr
 	KCache, VCache                                 cuda.DevicePtr // [sequences × CacheLen × kv heads × head_dim]
@@ -19,15 +30,26 @@ type TokenLayer struct {
 	Rope                                           int            // the rotary table: 0 sliding, 1 global
 }
 
-// tokenLayerBytes is the size of token.cu's tok_layer: 15 pointers, 4 ints.
-const tokenLayerBytes = 15*8 + 4*4
+// tokenMatrixBytes and tokenLayerBytes are the sizes of token.cu's
+// tok_mat (3 pointers, a float, an int) and tok_layer (7 of them, 8
+// pointers, 4 ints).
+const (
+	tokenMatrixBytes = 3*8 + 4 + 4
+	tokenLayerBytes  = 7*tokenMatrixBytes + 8*8 + 4*4
+)
 
 // EncodeTokenLayers lays layers out as decode_token's table.
 func EncodeTokenLayers(layers []TokenLayer) []byte {
 	out := make([]byte, 0, len(layers)*tokenLayerBytes)
 	for _, l := range layers {
-		for _, p := range []cuda.DevicePtr{l.Q, l.K, l.V, l.O, l.Gate, l.Up, l.Down,
-			l.InputNorm, l.PostAttnNorm, l.PreFFNorm, l.PostFFNorm, l.QNorm, l.KNorm, l.KCache, l.VCache} {
+		for _, m := range []TokenMatrix{l.Q, l.K, l.V, l.O, l.Gate, l.Up, l.Down} {
+			for _, p := range []cuda.DevicePtr{m.Weights, m.AbsmaxQ, m.Absmax2} {
+				out = binary.LittleEndian.AppendUint64(out, uint64(p))
+			}
+			out = binary.LittleEndian.AppendUint32(out, math.Float32bits(m.Offset))
+			out = binary.LittleEndian.AppendUint32(out, uint32(boolInt(m.NF4)))
+		}
+		for _, p := range []cuda.DevicePtr{l.InputNorm, l.PostAttnNorm, l.PreFFNorm, l.PostFFNorm, l.QNorm, l.KNorm, l.KCache, l.VCache} {
 			out = binary.LittleEndian.AppendUint64(out, uint64(p))
 		}
 		for _, v := range []int{l.CacheLen, l.Window, l.Rope, 0} {
@@ -41,7 +63,8 @@ func EncodeTokenLayers(layers []TokenLayer) []byte {
 type TokenShape struct {
 	Hidden, Heads, KVHeads, Intermediate, Layers int
 	Vocab                                        int
-	MaxKeys                                      int // the most positions a step attends to
+	MaxKeys                                      int  // the most positions a step attends to
+	NF4                                          bool // the projections are NF4
 	Eps, AttnScale                               float64
 	EmbedScale                                   float32
 }
@@ -94,16 +117,28 @@ func EncodeTokenStep(id, seq, pos int32, cos, sin [2][]float32) []uint32 {
 func (k *Kernels) tokenSharedBytes(sh TokenShape) int {
 	round4 := func(n int) int { return (n + 3) / 4 * 4 }
 	v := max(sh.Hidden, sh.Heads*k.HeadDim, sh.Intermediate)
-	floats := round4(v) + round4(sh.Hidden) + 2*16 + 32 + 3*k.HeadDim + tokenChunk + tokenThreads*k.vec() + 1
+	floats := round4(v) + round4(sh.Hidden) + 2*16 + 32 + 3*k.HeadDim + tokenChunk + tokenThreads*k.vec() + 4
+	if sh.NF4 {
+		floats += 256*nf4PairCopies + 256 // nf4_mma_tables' pairs and absmax codes
+	}
 	return 4 * floats
 }
 
+// nf4PairCopies is nf4.cuh's NF4_PAIR_COPIES.
+const nf4PairCopies = 32
+
 // TokenFits reports why decode_token cannot run sh on device, or nil:
-// every row a whole number of 16-byte vectors, heads a multiple of the
+// every row a whole number of 16-byte vectors (of 64-blocks for NF4, which
+// it reads on tensor cores in bf16 only), heads a multiple of the
 // key/value heads, and its shared memory within the device's.
 func (k *Kernels) TokenFits(sh TokenShape, device cuda.DeviceInfo) error {
 	v := k.vec()
 	switch {
+	case sh.NF4 && k.Prec != BF16:
+		return fmt.Errorf("decode_token reads NF4 weights in bf16 only")
+	case sh.NF4 && (sh.Hidden%64 != 0 || sh.Heads*k.HeadDim%64 != 0 || sh.Intermediate%64 != 0):
+		return fmt.Errorf("decode_token reads NF4 rows of whole 64-blocks (hidden %d, heads × head_dim %d, intermediate %d)",
+			sh.Hidden, sh.Heads*k.HeadDim, sh.Intermediate)
 	case sh.Hidden%v != 0 || sh.Intermediate%v != 0 || k.HeadDim%v != 0:
 		return fmt.Errorf("decode_token takes rows of whole 16-byte vectors (hidden %d, intermediate %d, head_dim %d)", sh.Hidden, sh.Intermediate, k.HeadDim)
 	case sh.KVHeads < 1 || sh.Heads%sh.KVHeads != 0:

@@ -2,6 +2,7 @@ package kernels
 
 import (
 	"encoding/binary"
+	"math"
 	"regexp"
 	"strings"
 	"testing"
@@ -10,57 +11,84 @@ import (
 	"gemmaft/trainer"
 )
 
-// TestTokenLayerLayout: EncodeTokenLayers writes token.cu's tok_layer as
-// the kernel declares it, field by field: its pointers in order, then its
-// ints, and nothing the struct does not have.
+// TestTokenLayerLayout: EncodeTokenLayers writes token.cu's tok_layer and
+// tok_mat as the kernel declares them, field by field and in order.
 func TestTokenLayerLayout(t *testing.T) {
 	src, err := files.ReadFile("token.cu")
 	if err != nil {
 		t.Fatal(err)
 	}
-	body := regexp.MustCompile(`(?s)struct tok_layer \{(.*?)\};`).FindSubmatch(src)
-	if body == nil {
-		t.Fatal("token.cu: no struct tok_layer")
-	}
-	var ptrs, ints []string
-	for _, line := range strings.Split(string(body[1]), "\n") {
-		decl, _, _ := strings.Cut(line, "//")
-		decl = strings.TrimSpace(strings.TrimSuffix(strings.TrimSpace(decl), ";"))
-		if decl == "" {
-			continue
+	// fields lists a struct's declarations as "type name", in order.
+	fields := func(name string) []string {
+		body := regexp.MustCompile(`(?s)struct ` + name + ` \{(.*?)\};`).FindSubmatch(src)
+		if body == nil {
+			t.Fatalf("token.cu: no struct %s", name)
 		}
-		for _, name := range strings.Split(decl, ",") {
-			name = strings.TrimSpace(name)
-			fields := strings.Fields(name)
-			name = fields[len(fields)-1]
-			if strings.HasPrefix(name, "*") {
-				ptrs = append(ptrs, strings.TrimPrefix(name, "*"))
-			} else {
-				ints = append(ints, name)
+		var out []string
+		for _, line := range strings.Split(string(body[1]), "\n") {
+			decl, _, _ := strings.Cut(line, "//")
+			decl = strings.TrimSpace(strings.TrimSuffix(strings.TrimSpace(decl), ";"))
+			if decl == "" {
+				continue
+			}
+			names := strings.Split(decl, ",")
+			first := strings.Fields(names[0])
+			typ := strings.Join(first[:len(first)-1], " ")
+			names[0] = first[len(first)-1]
+			for _, n := range names {
+				n = strings.TrimSpace(n)
+				ty := typ
+				if strings.HasPrefix(n, "*") {
+					ty, n = typ+"*", strings.TrimPrefix(n, "*")
+				}
+				out = append(out, ty+" "+n)
 			}
 		}
+		return out
 	}
-	want := []string{"q", "k", "v", "o", "gate", "up", "down", "in_norm", "post_attn", "pre_ff", "post_ff", "q_norm", "k_norm", "kc", "vc"}
-	if strings.Join(ptrs, " ") != strings.Join(want, " ") {
-		t.Errorf("tok_layer's pointers are %v; EncodeTokenLayers writes %v", ptrs, want)
+	wantMat := "const void* w|const unsigned char* absmax_q|const float* absmax2|float offset|int nf4"
+	if got := strings.Join(fields("tok_mat"), "|"); got != wantMat {
+		t.Errorf("tok_mat is %s; EncodeTokenLayers writes %s", got, wantMat)
 	}
-	if strings.Join(ints, " ") != "cache_len window rope pad" {
-		t.Errorf("tok_layer's ints are %v; EncodeTokenLayers writes cache_len window rope pad", ints)
+	wantLayer := "tok_mat q|tok_mat k|tok_mat v|tok_mat o|tok_mat gate|tok_mat up|tok_mat down|" +
+		"const float* in_norm|const float* post_attn|const float* pre_ff|const float* post_ff|const float* q_norm|const float* k_norm|" +
+		"act_t* kc|act_t* vc|int cache_len|int window|int rope|int pad"
+	if got := strings.Join(fields("tok_layer"), "|"); got != wantLayer {
+		t.Errorf("tok_layer is %s; EncodeTokenLayers writes %s", got, wantLayer)
 	}
-	l := TokenLayer{Q: 1, K: 2, V: 3, O: 4, Gate: 5, Up: 6, Down: 7, InputNorm: 8, PostAttnNorm: 9, PreFFNorm: 10, PostFFNorm: 11,
-		QNorm: 12, KNorm: 13, KCache: 14, VCache: 15, CacheLen: 512, Window: -1, Rope: 1}
+
+	m := func(i int) TokenMatrix {
+		return TokenMatrix{Weights: cuda.DevicePtr(10 * i), AbsmaxQ: cuda.DevicePtr(10*i + 1), Absmax2: cuda.DevicePtr(10*i + 2), Offset: float32(i) / 4, NF4: i%2 == 1}
+	}
+	l := TokenLayer{Q: m(1), K: m(2), V: m(3), O: m(4), Gate: m(5), Up: m(6), Down: m(7), InputNorm: 101, PostAttnNorm: 102, PreFFNorm: 103,
+		PostFFNorm: 104, QNorm: 105, KNorm: 106, KCache: 107, VCache: 108, CacheLen: 512, Window: -1, Rope: 1}
 	b := EncodeTokenLayers([]TokenLayer{l, l})
-	if len(b) != 2*tokenLayerBytes {
-		t.Fatalf("%d bytes for two layers, want %d", len(b), 2*tokenLayerBytes)
+	if len(b) != 2*304 {
+		t.Fatalf("%d bytes for two layers, want %d", len(b), 2*304)
 	}
-	for i := range 15 {
-		if got := binary.LittleEndian.Uint64(b[tokenLayerBytes+8*i:]); got != uint64(i+1) {
-			t.Errorf("the second layer's pointer %d (%s) is %d, want %d", i, want[i], got, i+1)
+	b = b[304:] // the second layer
+	for i := range 7 {
+		at := 32 * i
+		for j := range 3 {
+			if got := binary.LittleEndian.Uint64(b[at+8*j:]); got != uint64(10*(i+1)+j) {
+				t.Errorf("matrix %d's pointer %d is %d, want %d", i, j, got, 10*(i+1)+j)
+			}
+		}
+		if got := math.Float32frombits(binary.LittleEndian.Uint32(b[at+24:])); got != float32(i+1)/4 {
+			t.Errorf("matrix %d's offset is %v", i, got)
+		}
+		if got := binary.LittleEndian.Uint32(b[at+28:]); got != uint32((i+1)%2) {
+			t.Errorf("matrix %d's nf4 is %d", i, got)
+		}
+	}
+	for j := range 8 {
+		if got := binary.LittleEndian.Uint64(b[224+8*j:]); got != uint64(101+j) {
+			t.Errorf("pointer %d after the matrices is %d, want %d", j, got, 101+j)
 		}
 	}
 	for i, v := range []int32{512, -1, 1, 0} {
-		if got := int32(binary.LittleEndian.Uint32(b[tokenLayerBytes+120+4*i:])); got != v {
-			t.Errorf("the second layer's int %d is %d, want %d", i, got, v)
+		if got := int32(binary.LittleEndian.Uint32(b[288+4*i:])); got != v {
+			t.Errorf("int %d is %d, want %d", i, got, v)
 		}
 	}
 }
@@ -76,9 +104,12 @@ func TestTokenFits(t *testing.T) {
 			t.Fatal(err)
 		}
 		k := &Kernels{Prec: BF16, HeadDim: mc.HeadDim}
-		sh := TokenShape{Hidden: mc.Hidden, Heads: mc.Heads, KVHeads: mc.KVHeads, Intermediate: mc.Intermediate, Layers: mc.Layers, MaxKeys: 4096}
-		if err := k.TokenFits(sh, h100); err != nil {
-			t.Errorf("%s: %v", preset, err)
+		for _, nf4 := range []bool{false, true} {
+			sh := TokenShape{Hidden: mc.Hidden, Heads: mc.Heads, KVHeads: mc.KVHeads, Intermediate: mc.Intermediate, Layers: mc.Layers,
+				MaxKeys: 4096, NF4: nf4}
+			if err := k.TokenFits(sh, h100); err != nil {
+				t.Errorf("%s (NF4 %v): %v", preset, nf4, err)
+			}
 		}
 	}
 	k := &Kernels{Prec: BF16, HeadDim: 256}
@@ -93,5 +124,13 @@ func TestTokenFits(t *testing.T) {
 	sh = TokenShape{Hidden: 1152, Heads: 4, KVHeads: 3, Intermediate: 6912}
 	if err := k.TokenFits(sh, h100); err == nil {
 		t.Errorf("4 heads over 3 key/value heads fit")
+	}
+	sh = TokenShape{Hidden: 1152 + 32, Heads: 4, KVHeads: 1, Intermediate: 6912, NF4: true}
+	if err := k.TokenFits(sh, h100); err == nil || !strings.Contains(err.Error(), "64-blocks") {
+		t.Errorf("NF4 rows of 1,184: %v", err)
+	}
+	sh = TokenShape{Hidden: 1152, Heads: 4, KVHeads: 1, Intermediate: 6912, NF4: true}
+	if err := (&Kernels{Prec: F32, HeadDim: 256}).TokenFits(sh, h100); err == nil || !strings.Contains(err.Error(), "bf16") {
+		t.Errorf("NF4 in the float32 test mode: %v", err)
 	}
 }

@@ -16,7 +16,7 @@ type driverAPI struct {
 	cuEventCreate, cuEventDestroy, cuEventRecord, cuEventSynchronize            cfunc
 	cuEventElapsedTime, cuStreamWaitEvent                                       cfunc
 	cuModuleLoadData, cuModuleUnload, cuModuleGetFunction, cuLaunchKernel       cfunc
-	cuLaunchCooperativeKernel                                                   cfunc
+	cuLaunchCooperativeKernel, cuOccupancyMaxActiveBlocksPerMultiprocessor      cfunc
 	cuFuncGetParamInfo, cuFuncGetParamCount, cuFuncSetAttribute                 cfunc
 	cuFuncGetAttribute                                                          cfunc
 	cuStreamBeginCapture, cuStreamEndCapture, cuGraphInstantiate, cuGraphLaunch cfunc
@@ -65,6 +65,7 @@ func (a *driverAPI) table() []symbol {
 		{fn: &a.cuModuleGetFunction, name: "cuModuleGetFunction"},
 		{fn: &a.cuLaunchKernel, name: "cuLaunchKernel"},
 		{fn: &a.cuLaunchCooperativeKernel, name: "cuLaunchCooperativeKernel"},
+		{fn: &a.cuOccupancyMaxActiveBlocksPerMultiprocessor, name: "cuOccupancyMaxActiveBlocksPerMultiprocessor"},
 		{fn: &a.cuFuncGetParamInfo, name: "cuFuncGetParamInfo", optional: true},   // CUDA 12.4+
 		{fn: &a.cuFuncGetParamCount, name: "cuFuncGetParamCount", optional: true}, // CUDA 13+
 		{fn: &a.cuFuncSetAttribute, name: "cuFuncSetAttribute"},

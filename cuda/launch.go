@@ -79,6 +79,18 @@ func (f *Function) SetMaxDynamicSharedMemory(bytes int) error {
 	return f.m.ctx.cu.cuFuncSetAttribute.check(f.handle, maxDynamicShared, uintptr(bytes))
 }
 
+// BlocksPerSM is how many blocks of blockSize threads and dynamicShared
+// bytes of dynamic shared memory one multiprocessor runs at once (0: not
+// even one; a cooperative launch needs every block resident).
+func (f *Function) BlocksPerSM(blockSize, dynamicShared int) (int, error) {
+	if err := f.m.ctx.check(); err != nil {
+		return 0, err
+	}
+	var n int32
+	err := f.m.ctx.cu.cuOccupancyMaxActiveBlocksPerMultiprocessor.check(uintptr(unsafe.Pointer(&n)), f.handle, uintptr(blockSize), uintptr(dynamicShared))
+	return int(n), err
+}
+
 // Resources is what a compiled kernel takes from the multiprocessor, per
 // thread: what bounds how many of its blocks run at once, and whether
 // the compiler spilled registers to (slow) local memory.

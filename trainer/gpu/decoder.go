@@ -328,6 +328,9 @@ func (g *decoder) withCaches(prompts [][]int32, maxNew int, decode func(trainer.
 			return nil
 		}
 		sh, err := s.tokenShape(maxLen)
+		if err == nil {
+			err = s.k.TokenResident(sh)
+		}
 		if err != nil {
 			return nil // the launch-per-operation steps
 		}

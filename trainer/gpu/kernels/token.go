@@ -124,6 +124,36 @@ func (k *Kernels) tokenSharedBytes(sh TokenShape) int {
 	return 4 * floats
 }
 
+// tokenSharedMemory lets decode_token use the shared memory sh needs and
+// returns it.
+func (k *Kernels) tokenSharedMemory(sh TokenShape) (int, error) {
+	shared := k.tokenSharedBytes(sh)
+	if shared > k.tokenShared {
+		if err := k.fns["decode_token"].SetMaxDynamicSharedMemory(shared); err != nil {
+			return 0, fmt.Errorf("decode_token: %d bytes of shared memory: %w", shared, err)
+		}
+		k.tokenShared = shared
+	}
+	return shared, nil
+}
+
+// TokenResident reports why decode_token cannot run sh with a block on
+// every multiprocessor at once (as its cooperative launch needs), or nil.
+func (k *Kernels) TokenResident(sh TokenShape) error {
+	shared, err := k.tokenSharedMemory(sh)
+	if err != nil {
+		return err
+	}
+	n, err := k.fns["decode_token"].BlocksPerSM(tokenThreads, shared)
+	if err != nil {
+		return err
+	}
+	if n < 1 {
+		return fmt.Errorf("decode_token: a multiprocessor holds no block of %d threads with %d bytes of shared memory", tokenThreads, shared)
+	}
+	return nil
+}
+
 // nf4PairCopies is nf4.cuh's NF4_PAIR_COPIES.
 const nf4PairCopies = 32
 
@@ -159,12 +189,9 @@ func (k *Kernels) TokenFits(sh TokenShape, device cuda.DeviceInfo) error {
 // them zero). Each block asks the L2 cache for up to half of it, shared
 // out, of the next phase's weights ahead of that phase.
 func (k *Kernels) DecodeToken(c *cuda.Ctx, sh TokenShape, layers, embed, finalNorm, step, work, records, sync, xf, logits, best cuda.DevicePtr) error {
-	shared := k.tokenSharedBytes(sh)
-	if shared > k.tokenShared {
-		if err := k.fns["decode_token"].SetMaxDynamicSharedMemory(shared); err != nil {
-			return fmt.Errorf("decode_token: %d bytes of shared memory: %w", shared, err)
-		}
-		k.tokenShared = shared
+	shared, err := k.tokenSharedMemory(sh)
+	if err != nil {
+		return err
 	}
 	if err := c.MemsetD32Async(sync, 0, 1, nil); err != nil { // the barrier's counter
 		return err

@@ -100,7 +100,10 @@ __device__ __forceinline__ tok_smem tok_carve(float* dyn, int vlen, int hidden) 
 }
 
 // Waits until every block of the launch has arrived here, with what each
-// wrote before visible to all. target counts the arrivals so far.
+// wrote before visible to all. target counts the arrivals so far. A
+// barrier that has not opened after some 2²² polls (seconds, where a
+// whole step takes milliseconds) will never open: the launch traps, so
+// that the host gets an error instead of a device that hangs.
 __device__ __forceinline__ void tok_grid_sync(unsigned int* bar, unsigned int& target) {
     target += gridDim.x;
     __syncthreads();
@@ -108,9 +111,11 @@ __device__ __forceinline__ void tok_grid_sync(unsigned int* bar, unsigned int& t
         __threadfence();
         atomicAdd(bar, 1u);
         unsigned int seen;
-        do {
+        for (unsigned int polls = 0;; polls++) {
             asm volatile("ld.acquire.gpu.global.u32 %0, [%1];" : "=r"(seen) : "l"(bar) : "memory");
-        } while (seen < target);
+            if (seen >= target) break;
+            if (polls == (1u << 22)) __trap();
+        }
         __threadfence();
     }
     __syncthreads();

@@ -1,5 +1,5 @@
 // decode_token: a decoding step of one token through every block of the
-// model in one launch, for dense weights and no adapter.
+// model in one launch, for dense or NF4 weights and no adapter.
 //
 // A step of one token reads every weight once and does little else, yet
 // as a launch per operation (13 a block) it is bound by the kernels' fixed
@@ -22,7 +22,8 @@
 //
 // Every block computes the norms of the vectors it needs itself (a few
 // thousand values) rather than wait for another barrier. Each product
-// phase gives each block a contiguous slice of the rows, and before a
+// phase gives each block a contiguous slice of the rows (of 16-row tiles
+// for NF4, read on tensor cores as nf4_gemv_mma reads them), and before a
 // barrier each block asks the L2 cache for its slice of the next phase's
 // weights (up to prefetch bytes), so that the memory is busy while the
 // barriers and the attention wait. Values are rounded to activations

@@ -134,3 +134,29 @@ func TestTokenFits(t *testing.T) {
 		t.Errorf("NF4 in the float32 test mode: %v", err)
 	}
 }
+
+// TestEncodeTokenStep: the step's upload is laid out as decode_token reads
+// it: the id, the sequence, the position and a pad, then for the sliding
+// layers' table and the global layers' (L.rope 0 and 1) head_dim/2
+// cosines and as many sines, at rope + L.rope·head_dim.
+func TestEncodeTokenStep(t *testing.T) {
+	cos := [2][]float32{{1, 2}, {5, 6}}
+	sin := [2][]float32{{3, 4}, {7, 8}}
+	got := EncodeTokenStep(17, 2, 300, cos, sin)
+	k := &Kernels{Prec: BF16, HeadDim: 4}
+	if want := k.TokenBuffers(TokenShape{Heads: 1, KVHeads: 1}).Step; int64(4*len(got)) != want {
+		t.Fatalf("%d bytes, TokenBuffers sizes %d", 4*len(got), want)
+	}
+	if got[0] != 17 || got[1] != 2 || got[2] != 300 || got[3] != 0 {
+		t.Errorf("header %v, want [17 2 300 0]", got[:4])
+	}
+	for rope := range 2 {
+		for i := range 2 {
+			c := math.Float32frombits(got[4+rope*4+i])
+			s := math.Float32frombits(got[4+rope*4+2+i])
+			if c != cos[rope][i] || s != sin[rope][i] {
+				t.Errorf("table %d, %d: cos %v sin %v, want %v %v", rope, i, c, s, cos[rope][i], sin[rope][i])
+			}
+		}
+	}
+}

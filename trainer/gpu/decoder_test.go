@@ -28,21 +28,8 @@ func TestGreedyDecodingOnGPU(t *testing.T) {
 	for _, precision := range []string{"fp32", "bf16"} {
 		for _, c := range []string{"t5_gqa", "orig_mqa", "mm_f32", "trained_qlora"} {
 			for _, file := range []string{"generate.json", "generate_adapter.json"} {
-				data, err := os.ReadFile(filepath.Join(refDir, "golden", c, file))
-				if err != nil {
-					t.Fatal(err)
-				}
 				t.Run(precision+"/"+c+"/"+file, func(t *testing.T) {
-					var g struct {
-						Adapter      bool      `json:"adapter"`
-						MaxNewTokens int       `json:"max_new_tokens"`
-						Stop         []int32   `json:"stop"`
-						Prompts      [][]int32 `json:"prompts"`
-						Outputs      [][]int32 `json:"outputs"`
-					}
-					if err := json.Unmarshal(data, &g); err != nil {
-						t.Fatal(err)
-					}
+					g := readGenerateGolden(t, c, file)
 					cfg := trainer.DecoderConfig{Model: filepath.Join(refDir, c, "model")}
 					if g.Adapter {
 						cfg.Adapter = filepath.Join(refDir, c, "adapter")
@@ -75,6 +62,29 @@ func TestGreedyDecodingOnGPU(t *testing.T) {
 	}
 }
 
+// generateGolden is a parity case's greedy decoding by transformers
+// (scripts/reference/generate_golden.py), with or without the case's adapter.
+type generateGolden struct {
+	Adapter      bool      `json:"adapter"`
+	MaxNewTokens int       `json:"max_new_tokens"`
+	Stop         []int32   `json:"stop"`
+	Prompts      [][]int32 `json:"prompts"`
+	Outputs      [][]int32 `json:"outputs"`
+}
+
+func readGenerateGolden(t *testing.T, c, file string) generateGolden {
+	t.Helper()
+	data, err := os.ReadFile(filepath.Join(refDir, "golden", c, file))
+	if err != nil {
+		t.Fatal(err)
+	}
+	var g generateGolden
+	if err := json.Unmarshal(data, &g); err != nil {
+		t.Fatal(err)
+	}
+	return g
+}
+
 // TestNF4DecodingOnGPU: through the NF4 round trip (the base a QLoRA
 // adapter was trained against), the GPU decoder in its float32 test mode
 // gives the CPU reference's greedy tokens, every one, with the weights
@@ -84,18 +94,7 @@ func TestGreedyDecodingOnGPU(t *testing.T) {
 func TestNF4DecodingOnGPU(t *testing.T) {
 	cudatest.Device(t)
 	for _, c := range []string{"t5_gqa", "trained_qlora"} {
-		data, err := os.ReadFile(filepath.Join(refDir, "golden", c, "generate_adapter.json"))
-		if err != nil {
-			t.Fatal(err)
-		}
-		var g struct {
-			MaxNewTokens int       `json:"max_new_tokens"`
-			Stop         []int32   `json:"stop"`
-			Prompts      [][]int32 `json:"prompts"`
-		}
-		if err := json.Unmarshal(data, &g); err != nil {
-			t.Fatal(err)
-		}
+		g := readGenerateGolden(t, c, "generate_adapter.json")
 		cfg := trainer.DecoderConfig{Model: filepath.Join(refDir, c, "model"), Adapter: filepath.Join(refDir, c, "adapter"), Quantize: "nf4"}
 		o := trainer.GenerateOptions{MaxNewTokens: g.MaxNewTokens, Stop: g.Stop}
 		cpu, err := trainer.OpenDecoder(cfg)
@@ -290,19 +289,7 @@ func TestTokenKernelOnGPU(t *testing.T) {
 	t.Setenv(TokenKernelEnv, "on")
 	for _, c := range []string{"t5_gqa", "orig_mqa", "mm_f32", "trained_qlora"} {
 		t.Run("fp32/"+c, func(t *testing.T) {
-			data, err := os.ReadFile(filepath.Join(refDir, "golden", c, "generate.json"))
-			if err != nil {
-				t.Fatal(err)
-			}
-			var g struct {
-				MaxNewTokens int       `json:"max_new_tokens"`
-				Stop         []int32   `json:"stop"`
-				Prompts      [][]int32 `json:"prompts"`
-				Outputs      [][]int32 `json:"outputs"`
-			}
-			if err := json.Unmarshal(data, &g); err != nil {
-				t.Fatal(err)
-			}
+			g := readGenerateGolden(t, c, "generate.json")
 			d, err := openDecoder(context.Background(), trainer.DecoderConfig{Model: filepath.Join(refDir, c, "model")}, "fp32")
 			if err != nil {
 				t.Fatal(err)

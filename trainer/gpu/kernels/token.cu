@@ -385,6 +385,21 @@ __device__ __forceinline__ void tok_rows_nf4(const tok_segs<NMAT>& sg, int in, c
     __syncthreads(); // s.sums and v are free again
 }
 
+// The block's rows of one matrix m [rows × in] times the phase's input in
+// s.v, dense or NF4.
+template <typename Done>
+__device__ __forceinline__ void tok_product(const tok_mat& m, int rows, int in, tok_smem& s, Done done) {
+    if (m.nf4) {
+        const tok_segs<1> sg = {{{&m}}, {rows}, 1};
+        tok_rows_nf4<1>(sg, in, s.v, s, done);
+        return;
+    }
+    int r0, r1;
+    tok_slice(rows, r0, r1);
+    const int groups = in / VEC;
+    tok_rows<1>([&](int, int r) { return static_cast<const uint4*>(m.w) + (long long)r * groups; }, r0, r1, in, s.v, s.part, done);
+}
+
 // Asks the L2 cache for bytes at p, at most what budget has left.
 __device__ __forceinline__ void tok_prefetch(const void* p, long long bytes, long long& budget) {
     bytes = min(bytes, budget);
@@ -583,7 +598,7 @@ extern "C" __global__ void __launch_bounds__(TOK_THREADS, 1) decode_token(
     act_t* ob = att + qrows;
     act_t* db = ob + hidden;
     act_t* actb = db + hidden;
-    const int hv = hidden / VEC, qv = qrows / VEC, iv = inter / VEC; // 16-byte groups a row
+    const int hv = hidden / VEC; // 16-byte groups a row
     const bool nf4 = layers[0].q.nf4; // every projection of the model in one form
     if (nf4) nf4_mma_tables(s.pairs, s.dyn);
     auto dense = [](const tok_mat& m, int r, int groups) { return static_cast<const uint4*>(m.w) + (long long)r * groups; };
@@ -637,14 +652,7 @@ extern "C" __global__ void __launch_bounds__(TOK_THREADS, 1) decode_token(
         // C: the o projection.
         tok_load(att, qrows, s.v);
         __syncthreads();
-        auto to_o = [&](int r, const float* sum) { ob[r] = to_act(sum[0]); };
-        if (nf4) {
-            const tok_segs<1> sg = {{{&L.o}}, {hidden}, 1};
-            tok_rows_nf4<1>(sg, qrows, s.v, s, to_o);
-        } else {
-            tok_slice(hidden, r0, r1);
-            tok_rows<1>([&](int, int r) { return dense(L.o, r, qv); }, r0, r1, qrows, s.v, s.part, to_o);
-        }
+        tok_product(L.o, hidden, qrows, s, [&](int r, const float* sum) { ob[r] = to_act(sum[0]); });
         tok_grid_sync(sync, target);
 
         // D: the residual, the MLP's norm, gate and up through GeGLU.
@@ -676,14 +684,7 @@ extern "C" __global__ void __launch_bounds__(TOK_THREADS, 1) decode_token(
         // E: the down projection.
         tok_load(actb, inter, s.v);
         __syncthreads();
-        auto to_d = [&](int r, const float* sum) { db[r] = to_act(sum[0]); };
-        if (nf4) {
-            const tok_segs<1> sg = {{{&L.down}}, {hidden}, 1};
-            tok_rows_nf4<1>(sg, inter, s.v, s, to_d);
-        } else {
-            tok_slice(hidden, r0, r1);
-            tok_rows<1>([&](int, int r) { return dense(L.down, r, iv); }, r0, r1, inter, s.v, s.part, to_d);
-        }
+        tok_product(L.down, hidden, inter, s, [&](int r, const float* sum) { db[r] = to_act(sum[0]); });
         {
             long long budget = prefetch;
             if (l + 1 < n_layers) {

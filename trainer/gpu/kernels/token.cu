@@ -166,10 +166,33 @@ __device__ __forceinline__ void tok_norm(const float* in, const float* __restric
 // Head row x (HD activations written in this launch) through its RMSNorm
 // and RoPE, by one warp, as qk_norm_rope_row; out(i, value) takes each
 // rounded result.
+// The row is read once, into registers, where each lane's values pair up
+// within the lane (HD a multiple of 64); other head dimensions read it
+// twice.
 template <typename Out>
 __device__ __forceinline__ void tok_norm_rope(const act_t* x, const float* __restrict__ w, const float* cosv, const float* sinv,
                                               float eps, Out out) {
     const int lane = threadIdx.x & 31, half = HD / 2;
+#if HD % 64 == 0
+    constexpr int PER = HD / 32; // values a lane: i = lane + 32k
+    float xv[PER];
+    #pragma unroll
+    for (int k = 0; k < PER; k++) xv[k] = to_f32(__ldcg(x + lane + 32 * k));
+    float ss = 0.0f;
+    #pragma unroll
+    for (int k = 0; k < PER; k++) ss += xv[k] * xv[k];
+    ss = warp_sum(ss);
+    const float inv = 1.0f / sqrtf(ss / (float)HD + eps);
+    #pragma unroll
+    for (int k = 0; k < PER / 2; k++) { // i = lane + 32k pairs with i + half, the lane's value k + PER/2
+        const int i = lane + 32 * k;
+        const float a = xv[k] * inv * (1.0f + w[i]);
+        const float b = xv[k + PER / 2] * inv * (1.0f + w[i + half]);
+        const float c = cosv[i], s = sinv[i];
+        out(i, to_act(a * c - b * s));
+        out(i + half, to_act(b * c + a * s));
+    }
+#else
     float ss = 0.0f;
     for (int i = lane; i < HD; i += 32) {
         const float v = to_f32(__ldcg(x + i));
@@ -184,6 +207,7 @@ __device__ __forceinline__ void tok_norm_rope(const act_t* x, const float* __res
         out(i, to_act(a * c - b * s));
         out(i + half, to_act(b * c + a * s));
     }
+#endif
 }
 
 // Rows [r0, r1) of NMAT products with the vector v (in floats, in a

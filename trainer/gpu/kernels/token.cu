@@ -472,6 +472,32 @@ __device__ void tok_attention(const tok_layer& L, const act_t* qkv, act_t* att, 
         const int h = it / splits, sp = it % splits, g = h / (heads / kv_heads);
         const int j0 = lo + sp * TOK_CHUNK, n = min(p + 1 - j0, TOK_CHUNK);
         const bool own = j0 + n - 1 == p; // the split holds the step's own key
+
+        // Every load of the split's keys and values (but the step's own)
+        // goes out first, while warps 0 to 2 normalise and rotate the
+        // query and the step's key: for the scores, a warp a key; for the
+        // output, thread (key set ks, group gi) takes keys ks, ks + SETS, ...
+        constexpr int KEYS = (TOK_CHUNK + TOK_WARPS - 1) / TOK_WARPS; // keys a warp
+        constexpr int LOADS = (G + 31) / 32;                          // groups a lane
+        constexpr int VKEYS = (TOK_CHUNK + SETS - 1) / SETS;          // keys a thread
+        const int ks = tid / G, gi = tid % G;
+        act_vec kv[KEYS][LOADS], vv[VKEYS];
+        #pragma unroll
+        for (int k = 0; k < KEYS; k++) {
+            const int i = warp + k * TOK_WARPS, j = j0 + i;
+            const uint4* kr = reinterpret_cast<const uint4*>(L.kc + (base + j % L.cache_len) * row + (long long)g * HD);
+            #pragma unroll
+            for (int q = 0; q < LOADS; q++) {
+                const int gq = lane + 32 * q;
+                kv[k][q].u = i < n && j != p && gq < G ? kr[gq] : make_uint4(0u, 0u, 0u, 0u);
+            }
+        }
+        #pragma unroll
+        for (int k = 0; k < VKEYS; k++) {
+            const int i = ks + k * SETS, j = j0 + i;
+            vv[k].u = i < n && j != p ? reinterpret_cast<const uint4*>(L.vc + (base + j % L.cache_len) * row + (long long)g * HD)[gi]
+                                      : make_uint4(0u, 0u, 0u, 0u);
+        }
         if (warp == 0) {
             tok_norm_rope(qh + h * HD, L.q_norm, cosv, sinv, eps, [&](int i, act_t v) { s.qs[i] = to_f32(v); });
         } else if (warp == 1 && own) {
@@ -481,41 +507,25 @@ __device__ void tok_attention(const tok_layer& L, const act_t* qkv, act_t* att, 
         }
         __syncthreads();
 
-        // Scores: a warp a key, every key's loads issued before any is
-        // used.
-        {
-            constexpr int KEYS = (TOK_CHUNK + TOK_WARPS - 1) / TOK_WARPS; // keys a warp
-            constexpr int LOADS = (G + 31) / 32;                          // groups a lane
-            act_vec kv[KEYS][LOADS];
-            #pragma unroll
-            for (int k = 0; k < KEYS; k++) {
-                const int i = warp + k * TOK_WARPS, j = j0 + i;
-                const uint4* kr = reinterpret_cast<const uint4*>(L.kc + (base + j % L.cache_len) * row + (long long)g * HD);
+        // Scores.
+        #pragma unroll
+        for (int k = 0; k < KEYS; k++) {
+            const int i = warp + k * TOK_WARPS;
+            if (i >= n) break; // the same for the whole warp
+            float acc = 0.0f;
+            if (j0 + i == p) {
+                for (int d = lane; d < HD; d += 32) acc += s.qs[d] * s.kn[d];
+            } else {
                 #pragma unroll
                 for (int q = 0; q < LOADS; q++) {
-                    const int gi = lane + 32 * q;
-                    kv[k][q].u = i < n && j != p && gi < G ? kr[gi] : make_uint4(0u, 0u, 0u, 0u);
-                }
-            }
-            #pragma unroll
-            for (int k = 0; k < KEYS; k++) {
-                const int i = warp + k * TOK_WARPS;
-                if (i >= n) break; // the same for the whole warp
-                float acc = 0.0f;
-                if (j0 + i == p) {
-                    for (int d = lane; d < HD; d += 32) acc += s.qs[d] * s.kn[d];
-                } else {
+                    const int gq = lane + 32 * q;
+                    if (gq >= G) break;
                     #pragma unroll
-                    for (int q = 0; q < LOADS; q++) {
-                        const int gi = lane + 32 * q;
-                        if (gi >= G) break;
-                        #pragma unroll
-                        for (int e = 0; e < VEC; e++) acc += s.qs[gi * VEC + e] * to_f32(kv[k][q].a[e]);
-                    }
+                    for (int e = 0; e < VEC; e++) acc += s.qs[gq * VEC + e] * to_f32(kv[k][q].a[e]);
                 }
-                acc = warp_sum(acc);
-                if (lane == 0) s.w[i] = acc * scale;
             }
+            acc = warp_sum(acc);
+            if (lane == 0) s.w[i] = acc * scale;
         }
         __syncthreads();
         float mx = -INFINITY;
@@ -524,21 +534,11 @@ __device__ void tok_attention(const tok_layer& L, const act_t* qkv, act_t* att, 
         if (tid < n) s.w[tid] = expf(s.w[tid] - mx);
         __syncthreads();
 
-        // Output: thread (key set ks, group gi) sums keys ks, ks + SETS, ...,
-        // every load issued first.
+        // Output.
         {
-            constexpr int KEYS = (TOK_CHUNK + SETS - 1) / SETS; // keys a thread
-            const int ks = tid / G, gi = tid % G;
-            act_vec vv[KEYS];
-            #pragma unroll
-            for (int k = 0; k < KEYS; k++) {
-                const int i = ks + k * SETS, j = j0 + i;
-                vv[k].u = i < n && j != p ? reinterpret_cast<const uint4*>(L.vc + (base + j % L.cache_len) * row + (long long)g * HD)[gi]
-                                          : make_uint4(0u, 0u, 0u, 0u);
-            }
             float acc[VEC] = {};
             #pragma unroll
-            for (int k = 0; k < KEYS; k++) {
+            for (int k = 0; k < VKEYS; k++) {
                 const int i = ks + k * SETS;
                 if (i >= n) break;
                 #pragma unroll

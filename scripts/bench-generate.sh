@@ -6,7 +6,9 @@
 # greedy, 128-token prompts and 128 new tokens, at each batch size in
 # BATCHES (default "1 16"); prints a row per form with transformers' number
 # of that shape, the ratio, and ours against the memory-bandwidth bound of
-# the form the steps read.
+# the form the steps read. TOKEN_KERNEL="off on" runs each form both ways
+# (PIPELINE_TOKEN_KERNEL: steps of one token as one launch); the default
+# is the pipeline's own default.
 #
 #   scripts/bench-generate.sh [PIPELINE] [PRESETS...]      e.g. bin/gpu/pipeline 1b 12b
 set -euo pipefail
@@ -16,21 +18,28 @@ shift || true
 presets=("${@:-1b 12b}")
 tmp=$(mktemp -d)
 trap 'rm -rf "$tmp"' EXIT
-printf '%-6s %5s %-7s %12s %12s %8s %12s %8s %9s %9s\n' preset batch weights "ours tok/s" "HF tok/s" ratio "bound tok/s" "of bound" "ours GiB" "HF GiB"
+printf '%-6s %5s %-7s %-6s %12s %12s %8s %12s %8s %9s %9s\n' preset batch weights launch "ours tok/s" "HF tok/s" ratio "bound tok/s" "of bound" "ours GiB" "HF GiB"
 for p in ${presets[@]}; do
 	for b in ${BATCHES:-1 16}; do
 		python3 "$here/bench-generate-hf.py" --preset "$p" --batch-size $b >"$tmp/hf.json"
 		for q in ${QUANTIZE:-none nf4}; do
-			"$pipeline" bench generate --preset "$p" --batch-size $b --quantize "$q" --json ${BENCH_FLAGS:-} >"$tmp/ours.json"
-			python3 - "$tmp/ours.json" "$tmp/hf.json" <<'PY'
+			for tk in ${TOKEN_KERNEL:-default}; do
+				if [ "$tk" = default ]; then
+					"$pipeline" bench generate --preset "$p" --batch-size $b --quantize "$q" --json ${BENCH_FLAGS:-} >"$tmp/ours.json"
+				else
+					PIPELINE_TOKEN_KERNEL=$tk "$pipeline" bench generate --preset "$p" --batch-size $b --quantize "$q" --json ${BENCH_FLAGS:-} >"$tmp/ours.json"
+				fi
+				python3 - "$tmp/ours.json" "$tmp/hf.json" <<'PY'
 import json, sys
 o, h = (json.loads(open(f).read().strip().splitlines()[-1]) for f in sys.argv[1:3])
 of = o["decode_tokens_per_sec"] / o["bound_tokens_per_sec"] if o.get("bound_tokens_per_sec") else float("nan")
-print(f"{o['preset']:<6} {o['batch_size']:5d} {o['weights']:<7} {o['tokens_per_sec']:12.1f} {h['tokens_per_sec']:12.1f} "
+launch = "one" if o.get("token_kernel_steps") else "per-op"
+print(f"{o['preset']:<6} {o['batch_size']:5d} {o['weights']:<7} {launch:<6} {o['tokens_per_sec']:12.1f} {h['tokens_per_sec']:12.1f} "
       f"{o['tokens_per_sec']/h['tokens_per_sec']:7.1f}x {o.get('bound_tokens_per_sec', 0):12.0f} {100*of:7.0f}% "
       f"{o['peak_gib']:9.2f} {h['peak_gib']:9.2f}")
 print("  ours:", json.dumps(o))
 PY
+			done
 		done
 		echo "  HF:  " "$(tail -1 "$tmp/hf.json")"
 	done

@@ -68,7 +68,7 @@ func (s *session) tokenShape(maxLen int) (kernels.TokenShape, error) {
 	cfg := s.info.Config
 	sh := kernels.TokenShape{Hidden: cfg.Hidden, Heads: cfg.Heads, KVHeads: cfg.KVHeads, Intermediate: cfg.Intermediate,
 		Layers: cfg.Layers, Vocab: cfg.VocabSize, MaxKeys: maxLen, Eps: cfg.RMSNormEps, AttnScale: s.attnScale(), EmbedScale: s.info.EmbedScale()}
-	if !s.baseOnly && len(s.cfg.LoRA.Targets) > 0 {
+	if !s.baseOnly {
 		return sh, fmt.Errorf("decode_token does not apply an adapter")
 	}
 	if s.off != nil {

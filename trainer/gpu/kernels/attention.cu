@@ -890,7 +890,7 @@ extern "C" __global__ void __launch_bounds__(DEC_THREADS) attn_cached(const act_
                                                                        const int* __restrict__ pos, unsigned int* __restrict__ part,
                                                                        act_t* __restrict__ out, int heads, int kv_heads, int cache_len,
                                                                        int window, float scale) {
-    __shared__ bool last;
+    __shared__ int last;
     const int t = blockIdx.x, h = blockIdx.y, sp = blockIdx.z, splits = gridDim.z;
     const int p = pos[t];
     const int lo = window > 0 ? max(0, p - window + 1) : 0;
@@ -902,15 +902,7 @@ extern "C" __global__ void __launch_bounds__(DEC_THREADS) attn_cached(const act_
         attn_cached_split(q, kc, vc, t, h, h / (heads / kv_heads), seq[t], j0, n, heads, kv_heads, cache_len, scale, rec);
     else if (threadIdx.x == 0)
         rec[HD] = -INFINITY, rec[HD + 1] = 0.0f;
-    __threadfence(); // this block's record, visible before the count says so
-    __syncthreads();
-    if (threadIdx.x == 0) {
-        last = atomicAdd(count, 1u) == (unsigned int)splits - 1;
-        if (last) *count = 0;
-    }
-    __syncthreads();
-    if (!last) return;
-    __threadfence();
+    if (!last_block(count, splits, &last)) return;
     decode_combine(recs, splits, HD, out + ((long long)t * heads + h) * HD);
 }
 

@@ -171,6 +171,24 @@ __device__ __forceinline__ void gelu_parts(float x, float* s, float* dz) {
     *dz = k * (1.0f + 3.0f * c * x * x);
 }
 
+// Whether this block is the last of total blocks to arrive at counter,
+// for every thread of the block (flag: an int of shared memory). The last
+// sets the counter back to zero for its next use, and sees what every
+// other block wrote before arriving.
+__device__ __forceinline__ bool last_block(unsigned int* counter, unsigned int total, int* flag) {
+    __threadfence(); // what this block wrote, visible before the count says so
+    __syncthreads();
+    if (threadIdx.x == 0) {
+        const bool last = atomicAdd(counter, 1u) == total - 1;
+        if (last) *counter = 0;
+        *flag = last;
+    }
+    __syncthreads();
+    const bool last = *flag;
+    if (last) __threadfence();
+    return last;
+}
+
 // A decoding attention's split records (flash-decoding: each split of
 // the keys an unnormalised output row of hd values, its largest score and
 // its sum of weights, hd + 2 floats) joined into out's row, each rescaled

@@ -409,19 +409,25 @@ __device__ __forceinline__ void tok_rows_nf4(const tok_segs<NMAT>& sg, int in, c
     __syncthreads(); // s.sums and v are free again
 }
 
-// The block's rows of one matrix m [rows × in] times the phase's input in
-// s.v, dense or NF4.
-template <typename Done>
-__device__ __forceinline__ void tok_product(const tok_mat& m, int rows, int in, tok_smem& s, Done done) {
-    if (m.nf4) {
-        const tok_segs<1> sg = {{{&m}}, {rows}, 1};
-        tok_rows_nf4<1>(sg, in, s.v, s, done);
+// The block's rows of a phase's product with its input in s.v: the
+// segments' matrices [rows × in], dense or NF4 (tok_rows, tok_rows_nf4),
+// their rows numbered in the segments' order.
+template <int NMAT, typename Done>
+__device__ __forceinline__ void tok_product(const tok_segs<NMAT>& sg, int in, tok_smem& s, Done done) {
+    if (sg.m[0][0]->nf4) {
+        tok_rows_nf4<NMAT>(sg, in, s.v, s, done);
         return;
     }
     int r0, r1;
-    tok_slice(rows, r0, r1);
+    tok_slice(sg.rows[0] + sg.rows[1] + sg.rows[2], r0, r1); // segments past count have no rows
     const int groups = in / VEC;
-    tok_rows<1>([&](int, int r) { return static_cast<const uint4*>(m.w) + (long long)r * groups; }, r0, r1, in, s.v, s.part, done);
+    tok_rows<NMAT>(
+        [&](int m, int r) {
+            const int a = sg.rows[0], b = a + sg.rows[1];
+            const tok_mat* mt = r < a ? sg.m[0][m] : r < b ? sg.m[1][m] : sg.m[2][m];
+            return static_cast<const uint4*>(mt->w) + (long long)(r < a ? r : r < b ? r - a : r - b) * groups;
+        },
+        r0, r1, in, s.v, s.part, done);
 }
 
 // Asks the L2 cache for bytes at p, at most what budget has left.
@@ -559,18 +565,8 @@ __device__ void tok_attention(const tok_layer& L, const act_t* qkv, act_t* att, 
             for (int i = 0; i < n; i++) sum += s.w[i];
             rec[HD] = mx, rec[HD + 1] = sum;
         }
-        __threadfence(); // the record, visible before the count says so
-        __syncthreads();
-        if (tid == 0) {
-            const bool last = atomicAdd(&counts[h], 1u) == (unsigned int)splits - 1;
-            if (last) counts[h] = 0; // for the next layer's launch of this phase
-            *s.flag = last;
-        }
-        __syncthreads();
-        if (*s.flag) {
-            __threadfence();
+        if (last_block(&counts[h], splits, s.flag))
             decode_combine(recs + (long long)h * splits * (HD + 2), splits, HD, att + h * HD);
-        }
         __syncthreads(); // shared memory is free for the next item
     }
 }
@@ -623,9 +619,7 @@ extern "C" __global__ void __launch_bounds__(TOK_THREADS, 1) decode_token(
     act_t* db = ob + hidden;
     act_t* actb = db + hidden;
     const int hv = hidden / VEC; // 16-byte groups a row
-    const bool nf4 = layers[0].q.nf4; // every projection of the model in one form
-    if (nf4) nf4_mma_tables(s.pairs, s.dyn);
-    auto dense = [](const tok_mat& m, int r, int groups) { return static_cast<const uint4*>(m.w) + (long long)r * groups; };
+    if (layers[0].q.nf4) nf4_mma_tables(s.pairs, s.dyn); // every projection of the model in one form
     unsigned int target = 0;
     int r0, r1;
     for (int l = 0; l < n_layers; l++) {
@@ -646,18 +640,8 @@ extern "C" __global__ void __launch_bounds__(TOK_THREADS, 1) decode_token(
         }
         if (blockIdx.x == 0) tok_store(xb, hidden, s.x);
         tok_norm(s.x, L.in_norm, hidden, eps, false, s.v, s.red);
-        auto to_qkv = [&](int r, const float* sum) { qkv[r] = to_act(sum[0]); };
-        if (nf4) {
-            const tok_segs<1> sg = {{{&L.q}, {&L.k}, {&L.v}}, {qrows, kvrows, kvrows}, 3};
-            tok_rows_nf4<1>(sg, hidden, s.v, s, to_qkv);
-        } else {
-            tok_slice(qrows + 2 * kvrows, r0, r1);
-            tok_rows<1>(
-                [&](int, int r) {
-                    return r < qrows ? dense(L.q, r, hv) : r < qrows + kvrows ? dense(L.k, r - qrows, hv) : dense(L.v, r - qrows - kvrows, hv);
-                },
-                r0, r1, hidden, s.v, s.part, to_qkv);
-        }
+        tok_product<1>({{{&L.q}, {&L.k}, {&L.v}}, {qrows, kvrows, kvrows}, 3}, hidden, s,
+                       [&](int r, const float* sum) { qkv[r] = to_act(sum[0]); });
         {
             // The attention reads little: the o and gate/up weights
             // arrive meanwhile.
@@ -676,7 +660,7 @@ extern "C" __global__ void __launch_bounds__(TOK_THREADS, 1) decode_token(
         // C: the o projection.
         tok_load(att, qrows, s.v);
         __syncthreads();
-        tok_product(L.o, hidden, qrows, s, [&](int r, const float* sum) { ob[r] = to_act(sum[0]); });
+        tok_product<1>({{{&L.o}}, {hidden}, 1}, qrows, s, [&](int r, const float* sum) { ob[r] = to_act(sum[0]); });
         tok_grid_sync(sync, target);
 
         // D: the residual, the MLP's norm, gate and up through GeGLU.
@@ -686,19 +670,12 @@ extern "C" __global__ void __launch_bounds__(TOK_THREADS, 1) decode_token(
         tok_norm(s.v, L.post_attn, hidden, eps, true, s.x, s.red);
         if (blockIdx.x == 0) tok_store(x1b, hidden, s.x);
         tok_norm(s.x, L.pre_ff, hidden, eps, false, s.v, s.red);
-        auto to_act_b = [&](int r, const float* sum) {
+        tok_product<2>({{{&L.gate, &L.up}}, {inter}, 1}, hidden, s, [&](int r, const float* sum) {
             const float g = to_f32(to_act(sum[0])), u = to_f32(to_act(sum[1]));
             float sg, dz;
             gelu_parts(g, &sg, &dz);
             actb[r] = to_act(g * sg * u);
-        };
-        if (nf4) {
-            const tok_segs<2> sg = {{{&L.gate, &L.up}}, {inter}, 1};
-            tok_rows_nf4<2>(sg, hidden, s.v, s, to_act_b);
-        } else {
-            tok_slice(inter, r0, r1);
-            tok_rows<2>([&](int m, int r) { return dense(m == 0 ? L.gate : L.up, r, hv); }, r0, r1, hidden, s.v, s.part, to_act_b);
-        }
+        });
         {
             long long budget = prefetch;
             tok_prefetch_share(L.down, hidden, inter, budget);
@@ -708,7 +685,7 @@ extern "C" __global__ void __launch_bounds__(TOK_THREADS, 1) decode_token(
         // E: the down projection.
         tok_load(actb, inter, s.v);
         __syncthreads();
-        tok_product(L.down, hidden, inter, s, [&](int r, const float* sum) { db[r] = to_act(sum[0]); });
+        tok_product<1>({{{&L.down}}, {hidden}, 1}, inter, s, [&](int r, const float* sum) { db[r] = to_act(sum[0]); });
         {
             long long budget = prefetch;
             if (l + 1 < n_layers) {
@@ -749,17 +726,8 @@ extern "C" __global__ void __launch_bounds__(TOK_THREADS, 1) decode_token(
     tok_argmax(bv, bi, s);
     unsigned int* head_count = sync + 1 + heads;
     float* block_best = reinterpret_cast<float*>(head_count + 1); // per block: value, id
-    if (threadIdx.x == 0) {
-        block_best[2 * blockIdx.x] = bv;
-        reinterpret_cast<int*>(block_best)[2 * blockIdx.x + 1] = bi;
-        __threadfence();
-        const bool last = atomicAdd(head_count, 1u) == gridDim.x - 1;
-        if (last) *head_count = 0;
-        *s.flag = last;
-    }
-    __syncthreads();
-    if (!*s.flag) return;
-    __threadfence();
+    if (threadIdx.x == 0) block_best[2 * blockIdx.x] = bv, reinterpret_cast<int*>(block_best)[2 * blockIdx.x + 1] = bi;
+    if (!last_block(head_count, gridDim.x, s.flag)) return;
     bv = -INFINITY, bi = none;
     for (int b = threadIdx.x; b < gridDim.x; b += blockDim.x) {
         const float v = __ldcg(&block_best[2 * b]);

@@ -7,8 +7,8 @@
 # BATCHES (default "1 16"); prints a row per form with transformers' number
 # of that shape, the ratio, and ours against the memory-bandwidth bound of
 # the form the steps read. TOKEN_KERNEL="off on" runs each form both ways
-# (PIPELINE_TOKEN_KERNEL: steps of one token as one launch); the default
-# is the pipeline's own default.
+# (PIPELINE_TOKEN_KERNEL: steps of one token as one launch, the pipeline's
+# default, or a launch per operation).
 #
 #   scripts/bench-generate.sh [PIPELINE] [PRESETS...]      e.g. bin/gpu/pipeline 1b 12b
 set -euo pipefail

@@ -345,6 +345,18 @@ func printProfile(w io.Writer, p gpu.Profile, wall time.Duration) {
 	}
 	fmt.Fprintf(w, "  %-32s %10.1f ms %5.1f%%  (wall %.1f ms)\n", "host gaps and idle", float64(wall-p.Device)/1e6,
 		100*float64(wall-p.Device)/float64(wall), float64(wall)/1e6)
+	if len(p.Token) > 0 {
+		fmt.Fprintf(w, "decode_token by phase, µs a step (the device's clock; the launches are counted above):\n")
+		fmt.Fprintf(w, "  %-32s %8s %8s %8s\n", "phase", "work", "wait", "barrier")
+		for _, t := range p.Token {
+			us := func(d time.Duration) float64 { return float64(d) / 1e3 / float64(t.Steps) }
+			fmt.Fprintf(w, "  %-32s %8.1f %8.1f %8.1f\n", t.Name, us(t.Work), us(t.Wait), us(t.Barrier))
+		}
+		fmt.Fprintf(w, "decode_token's steps on the host, µs a step:\n")
+		for _, t := range p.TokenHost {
+			fmt.Fprintf(w, "  %-32s %8.1f\n", t.Name, float64(t.Time)/1e3/float64(t.Launches))
+		}
+	}
 	fmt.Fprintf(w, "longest kernels:\n")
 	for _, k := range p.Kernels[:min(len(p.Kernels), 25)] {
 		fmt.Fprintf(w, "  %-32s %10.1f ms %5.1f%%  %6d launches, %7.1f µs each\n", k.Name, float64(k.Time)/1e6,

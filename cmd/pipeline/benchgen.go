@@ -58,7 +58,7 @@ GPU; --model reads a checkpoint folder (with --adapter, a PEFT adapter too).`,
 	f.IntVar(&o.runs, "runs", 3, "timed runs")
 	f.IntVar(&o.warmup, "warmup", 1, "untimed runs first")
 	f.BoolVar(&o.json, "json", false, "print one JSON line")
-	f.BoolVar(&o.profile, "profile", false, "time every kernel of the timed runs and print the device time by kernel group and the longest kernels (on stderr; the steps run without CUDA graphs, so slower)")
+	f.BoolVar(&o.profile, "profile", false, "time every kernel of the timed runs and print the device time by kernel group and the longest kernels, and a one-launch step by phase (on stderr; the steps run without CUDA graphs, so slower)")
 	return cmd
 }
 
@@ -88,7 +88,7 @@ type benchGenResult struct {
 	PeakGiB            float64 `json:"peak_gib"`
 	GPU                string  `json:"gpu"`
 	// TokenKernelSteps counts the steps that ran as one launch
-	// (PIPELINE_TOKEN_KERNEL=on), over every run.
+	// (decode_token; PIPELINE_TOKEN_KERNEL=off turns it off), over every run.
 	TokenKernelSteps int `json:"token_kernel_steps,omitempty"`
 }
 
@@ -227,7 +227,7 @@ func runBenchGenerate(ctx context.Context, w io.Writer, o benchGenOptions) error
 		fmt.Fprintf(w, "  peak %.2f GiB\n", res.PeakGiB)
 	}
 	if res.TokenKernelSteps > 0 {
-		fmt.Fprintf(w, "  %d steps ran as one launch each (%s=on)\n", res.TokenKernelSteps, gpu.TokenKernelEnv)
+		fmt.Fprintf(w, "  %d steps ran as one launch each (%s=off runs them a launch per operation)\n", res.TokenKernelSteps, gpu.TokenKernelEnv)
 	}
 	return nil
 }

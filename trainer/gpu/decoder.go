@@ -46,17 +46,19 @@ type kvCaches struct {
 	tok *tokenStep
 }
 
-// TokenKernelEnv set to "on" runs a decoding's steps of one token with
-// decode_token (kernels.DecodeToken), every block of the model in one
-// launch, where the model takes it (tokenShape). Off by default until
-// its speed and its agreement with the launch-per-operation steps are
-// measured on a GPU (trainer/gpu/NOTES.md).
+// TokenKernelEnv set to "off" runs a decoding's steps of one token as a
+// launch per operation; by default they run as decode_token
+// (kernels.DecodeToken), every block of the model in one launch, where
+// the model takes it (tokenShape). On the H200 that was 21% faster at
+// the 1B shape in bf16, 33% in NF4, 7% at 12B in NF4, and 1.5% slower at
+// 12B in bf16 (trainer/gpu/NOTES.md, "Decoding: one launch a token").
 const TokenKernelEnv = "PIPELINE_TOKEN_KERNEL"
 
 // tokenStep is one decoding's state for decode_token.
 type tokenStep struct {
 	shape                             kernels.TokenShape
 	layers, work, records, sync, step cuda.Buffer
+	times                             cuda.Buffer // while profiling: the launch's clock readings
 }
 
 // tokenShape is the shape decode_token runs for this decoder's model with
@@ -116,7 +118,11 @@ func (s *session) newTokenStep(c *cuda.Ctx, dc *kvCaches, sh kernels.TokenShape)
 	for _, b := range []struct {
 		buf   *cuda.Buffer
 		bytes int64
-	}{{&ts.layers, int64(len(encoded))}, {&ts.work, sizes.Work}, {&ts.records, sizes.Records}, {&ts.sync, sizes.Sync}, {&ts.step, sizes.Step}} {
+	}{{&ts.layers, int64(len(encoded))}, {&ts.work, sizes.Work}, {&ts.records, sizes.Records}, {&ts.sync, sizes.Sync}, {&ts.step, sizes.Step},
+		{&ts.times, 8 * int64(s.k.TokenTimes(sh))}} {
+		if b.buf == &ts.times && s.prof == nil {
+			continue
+		}
 		var err error
 		if *b.buf, err = c.Alloc(b.bytes); err != nil {
 			ts.free(c)
@@ -135,7 +141,7 @@ func (s *session) newTokenStep(c *cuda.Ctx, dc *kvCaches, sh kernels.TokenShape)
 }
 
 func (ts *tokenStep) free(c *cuda.Ctx) {
-	for _, b := range []cuda.Buffer{ts.layers, ts.work, ts.records, ts.sync, ts.step} {
+	for _, b := range []cuda.Buffer{ts.layers, ts.work, ts.records, ts.sync, ts.step, ts.times} {
 		if b.Ptr != 0 {
 			c.Free(b)
 		}
@@ -244,6 +250,12 @@ func (g *decoder) ReadsNF4(batch int) bool {
 // OpenRandom does), with no adapter, for measuring decoding speed without
 // a checkpoint on disk; quantize is "nf4" or "none".
 func OpenRandomDecoder(ctx context.Context, mc *trainer.Config, seed uint64, quantize string) (trainer.Decoder, error) {
+	return openRandomDecoder(ctx, mc, seed, quantize, "")
+}
+
+// openRandomDecoder is OpenRandomDecoder in a session of the given
+// precision ("" is bf16): the same seed gives the same weights in each.
+func openRandomDecoder(ctx context.Context, mc *trainer.Config, seed uint64, quantize, precision string) (trainer.Decoder, error) {
 	if err := (backend{}).Usable(); err != nil {
 		return nil, err
 	}
@@ -252,7 +264,7 @@ func OpenRandomDecoder(ctx context.Context, mc *trainer.Config, seed uint64, qua
 		return nil, err
 	}
 	s, err := OpenRandom(ctx, mc, seed, 0.02, trainer.SessionConfig{Quantize: quantize, LoRA: placeholderLoRA,
-		GradientCheckpointing: true, Inference: true, MaxTokens: DecodeTokens})
+		GradientCheckpointing: true, Inference: true, MaxTokens: DecodeTokens, Precision: precision})
 	if err != nil {
 		return nil, err
 	}
@@ -324,7 +336,7 @@ func (g *decoder) withCaches(prompts [][]int32, maxNew int, decode func(trainer.
 		if err := c.MemsetD8Async(dc.part.Ptr, 0, size, nil); err != nil { // its counters start at zero
 			return err
 		}
-		if os.Getenv(TokenKernelEnv) != "on" {
+		if os.Getenv(TokenKernelEnv) == "off" {
 			return nil
 		}
 		sh, err := s.tokenShape(maxLen)
@@ -354,6 +366,10 @@ func (g *decoder) withCaches(prompts [][]int32, maxNew int, decode func(trainer.
 	s.dec = dc
 	defer func() { s.dec = nil }()
 	defer dc.destroyGraphs(s)
+	// Nothing is allocated or freed between the steps: the memory in use
+	// after the last (graphs and caches still held) is the decoding's
+	// peak. A reading each step would cost more than a small model's step.
+	defer s.notePeak()
 	window := min(cfg.SlidingWindow, maxLen)
 	return decode(func(ids, pos []int32, seqOf []int, greedy bool) ([][]float32, []int32, error) {
 		b, seq, from := decodeBatch(ids, pos, seqOf, window)
@@ -375,6 +391,9 @@ func (g *decoder) step(dc *kvCaches, b *trainer.Batch, seq, from []int32, greedy
 	}
 	T, n := hb.T, len(hb.idx)
 	defer func() { dc.prefill = false }()
+	if dc.tok != nil && !dc.prefill && T == 1 { // profiled too: it reads its own clock
+		return g.stepToken(dc.tok, dc.best, hb, seq[0], b.Pos[0], greedy)
+	}
 	if s.off != nil || s.prof != nil || n > s.ws.chunk {
 		// Layouts the captured step does not cover: the training pass.
 		if err := s.dev.Do(func(c *cuda.Ctx) error { return dc.upload(c, seq, b.Pos, from) }); err != nil {
@@ -382,9 +401,6 @@ func (g *decoder) step(dc *kvCaches, b *trainer.Batch, seq, from []int32, greedy
 		}
 		logits, err := s.positionLogits(hb)
 		return logits, nil, err
-	}
-	if dc.tok != nil && !dc.prefill && T == 1 {
-		return g.stepToken(dc.tok, dc.best, hb, seq[0], b.Pos[0], greedy)
 	}
 	var logits [][]float32
 	var best []int32
@@ -423,7 +439,6 @@ func (g *decoder) step(dc *kvCaches, b *trainer.Batch, seq, from []int32, greedy
 		logits, err = s.downloadLogits(c, n)
 		return err
 	})
-	s.notePeak()
 	return logits, best, err
 }
 
@@ -434,24 +449,44 @@ func (g *decoder) stepToken(ts *tokenStep, best cuda.Buffer, hb *hostBatch, seq,
 	s := g.s
 	var logits [][]float32
 	var picks []int32
+	var host hostClock
+	host.start(s.prof != nil)
 	err := s.dev.Do(func(c *cuda.Ctx) error {
+		host.lap(hostCall)
 		if err := cuda.Upload(c, ts.step.Ptr, kernels.EncodeTokenStep(hb.ids[0], seq, pos, hb.cos, hb.sin)); err != nil {
 			return err
 		}
+		host.lap(hostUpload)
 		if err := s.k.DecodeToken(c, ts.shape, ts.layers.Ptr, s.w.embed.Ptr, s.w.finalNorm.Ptr, ts.step.Ptr, ts.work.Ptr,
-			ts.records.Ptr, ts.sync.Ptr, s.ws.xf.Ptr, s.ws.logits.Ptr, best.Ptr); err != nil {
+			ts.records.Ptr, ts.sync.Ptr, s.ws.xf.Ptr, s.ws.logits.Ptr, best.Ptr, ts.times.Ptr); err != nil {
 			return err
 		}
+		host.lap(hostLaunch)
+		if err := c.Stream().Synchronize(); err != nil {
+			return err
+		}
+		host.lap(hostWait)
 		g.tokenSteps++
+		if ts.times.Ptr != 0 {
+			t := make([]uint64, s.k.TokenTimes(ts.shape))
+			if err := cuda.Download(c, t, ts.times.Ptr); err != nil {
+				return err
+			}
+			s.prof.token.add(t, s.dev.Info.SMs)
+		}
 		if !greedy {
 			var err error
 			logits, err = s.downloadLogits(c, 1)
 			return err
 		}
 		picks = make([]int32, 1)
-		return cuda.Download(c, picks, best.Ptr)
+		err := cuda.Download(c, picks, best.Ptr)
+		host.lap(hostDownload)
+		return err
 	})
-	s.notePeak()
+	if s.prof != nil {
+		s.prof.token.addHost(&host)
+	}
 	return logits, picks, err
 }
 

@@ -276,14 +276,14 @@ func teacherForced(t *testing.T, d *decoder, prompts, continuations [][]int32) [
 	return out
 }
 
-// TestTokenKernelOnGPU: decoding steps of one token as decode_token
-// (PIPELINE_TOKEN_KERNEL=on). In the float32 test mode, each parity case's
+// TestTokenKernelOnGPU: decoding steps of one token as decode_token (the
+// default; the test sets it explicitly). In the float32 test mode, each parity case's
 // base model decodes each prompt alone (every step after the prompt one
 // token) to transformers' greedy tokens, every one, through sliding rings
 // shorter than the prompts. In bf16 at the 1B and 12B shapes (random
 // weights, head dimension 256, one and eight key/value heads), dense and
-// NF4, decode_token follows the launch-per-operation steps
-// (compareTokenKernel).
+// NF4, decode_token's logits are as close to float32's as the
+// launch-per-operation steps' are (compareTokenKernel).
 func TestTokenKernelOnGPU(t *testing.T) {
 	cudatest.Device(t)
 	t.Setenv(TokenKernelEnv, "on")
@@ -323,21 +323,18 @@ func TestTokenKernelOnGPU(t *testing.T) {
 
 // compareTokenKernel decodes a random model of a preset's shape with the
 // base weights in form quantize (with "nf4", steps of one token read that
-// form) twice, teacher-forced for 48 steps after a 600-token prompt (past
-// the 512-token window), once with decode_token and once without, and
-// requires the logits within bfloat16's reach of each other and the same
-// most likely token at all but two steps.
+// form) teacher-forced for 48 steps after a 600-token prompt (past the
+// 512-token window): in float32 for the reference, then in bfloat16 with
+// decode_token and without. decode_token's logits must be as close to the
+// float32 ones as the launch-per-operation steps' are (as in
+// TestTeacherForcedBF16): the two bfloat16 paths round the same values
+// but sum in other orders, so either is as far from the other as from
+// float32.
 func compareTokenKernel(t *testing.T, preset, quantize string) {
 	mc, err := trainer.Preset(preset)
 	if err != nil {
 		t.Fatal(err)
 	}
-	d, err := OpenRandomDecoder(context.Background(), mc, 1, quantize)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer d.Close()
-	dec := d.(*decoder)
 	rng := rand.New(rand.NewPCG(3, 4))
 	draw := func(n int) []int32 {
 		ids := make([]int32, n)
@@ -347,30 +344,48 @@ func compareTokenKernel(t *testing.T, preset, quantize string) {
 		return ids
 	}
 	prompts, continuations := [][]int32{draw(600)}, [][]int32{draw(48)}
-	t.Setenv(TokenKernelEnv, "on")
-	ours := teacherForced(t, dec, prompts, continuations)
-	if dec.TokenKernelSteps() == 0 {
-		t.Fatalf("no step ran as decode_token")
+	run := func(precision string, kernel ...string) [][]float32 {
+		d, err := openRandomDecoder(context.Background(), mc, 1, quantize, precision)
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer d.Close()
+		dec := d.(*decoder)
+		var out [][]float32
+		for _, k := range kernel {
+			t.Setenv(TokenKernelEnv, k)
+			out = append(out, teacherForced(t, dec, prompts, continuations))
+		}
+		if kernel[0] == "on" && dec.TokenKernelSteps() == 0 {
+			t.Fatalf("no step ran as decode_token")
+		}
+		return out
 	}
-	t.Setenv(TokenKernelEnv, "off")
-	ref := teacherForced(t, dec, prompts, continuations)
+	ref := run("fp32", "off")[0]
+	bf16 := run("", "on", "off")
 	V, N := mc.VocabSize, len(continuations[0])
-	worst, agree := 0.0, 0
-	for n := range N {
-		g, r := ours[n*V:(n+1)*V], ref[n*V:(n+1)*V]
-		var dd, rr float64
-		for i := range r {
-			e := float64(g[i]) - float64(r[i])
-			dd, rr = dd+e*e, rr+float64(r[i])*float64(r[i])
+	compare := func(got []float32) (worst, mean, agree float64) {
+		for n := range N {
+			g, r := got[n*V:(n+1)*V], ref[n*V:(n+1)*V]
+			var dd, rr float64
+			for i := range r {
+				e := float64(g[i]) - float64(r[i])
+				dd, rr = dd+e*e, rr+float64(r[i])*float64(r[i])
+			}
+			rel := math.Sqrt(dd / rr)
+			worst, mean = max(worst, rel), mean+rel/float64(N)
+			if trainer.Argmax(g) == trainer.Argmax(r) {
+				agree += 1 / float64(N)
+			}
 		}
-		worst = max(worst, math.Sqrt(dd/rr))
-		if trainer.Argmax(g) == trainer.Argmax(r) {
-			agree++
-		}
+		return worst, mean, agree
 	}
-	t.Logf("%d steps: worst relative RMS of the logits' difference %.3g, most likely token the same at %d", N, worst, agree)
-	if worst > 0.02 || agree < N-2 {
-		t.Errorf("decode_token's logits differ from the launch-per-operation steps' (worst relative RMS %.3g, argmax agreement %d of %d)", worst, agree, N)
+	ow, om, oa := compare(bf16[0])
+	pw, pm, pa := compare(bf16[1])
+	t.Logf("%d steps against float32: decode_token worst relative RMS %.3g, mean %.3g, argmax agreement %.3f; launch per operation %.3g, %.3g, %.3f",
+		N, ow, om, oa, pw, pm, pa)
+	if ow > 1.5*pw || om > 1.5*pm || oa < pa-0.05 {
+		t.Errorf("decode_token's bf16 logits are further from float32 than the launch-per-operation steps' are")
 	}
 }
 

@@ -7,6 +7,7 @@ import (
 	"time"
 
 	"gemmaft/cuda"
+	"gemmaft/trainer/gpu/kernels"
 )
 
 // profiler times every kernel launch and GEMM of a session with CUDA
@@ -18,6 +19,110 @@ type profiler struct {
 	pool    []*cuda.Event
 	total   map[string]time.Duration // by kernel name
 	count   map[string]int
+	token   tokenClock
+}
+
+// tokenClock adds up decode_token's clock readings (kernels.TokenTimes)
+// by phase: each phase's work (from a block's departure from the barrier
+// before to its arrival at the next, averaged over the blocks), the wait
+// for the slowest block (the last arrival after the average one), and the
+// barriers (the average departure after the last arrival).
+type tokenClock struct {
+	work, waits, barrier [len(kernels.TokenPhases)]time.Duration
+	steps                int
+	host                 [len(hostParts)]time.Duration
+	lastEnd              time.Time // the previous step's end, for hostBetween
+}
+
+// hostParts names the parts of a decode_token step's time on the host.
+var hostParts = [...]string{"between steps", "the call onto the device's thread", "the step's upload", "the launch",
+	"the wait for the launch", "the token's download"}
+
+const (
+	hostBetween = iota
+	hostCall
+	hostUpload
+	hostLaunch
+	hostWait
+	hostDownload
+)
+
+// hostClock times the parts of one step on the host while profiling.
+type hostClock struct {
+	on   bool
+	last time.Time
+	d    [len(hostParts)]time.Duration
+}
+
+func (h *hostClock) start(on bool) {
+	h.on = on
+	if on {
+		h.last = time.Now()
+	}
+}
+
+func (h *hostClock) lap(part int) {
+	if h.on {
+		now := time.Now()
+		h.d[part] += now.Sub(h.last)
+		h.last = now
+	}
+}
+
+// addHost adds a step's host times, and the time since the step before
+// ended.
+func (tc *tokenClock) addHost(h *hostClock) {
+	end := h.last
+	start := end
+	for _, d := range h.d {
+		start = start.Add(-d)
+	}
+	if !tc.lastEnd.IsZero() {
+		h.d[hostBetween] = start.Sub(tc.lastEnd)
+	}
+	for i, d := range h.d {
+		tc.host[i] += d
+	}
+	tc.lastEnd = end
+}
+
+// add takes one launch's readings of blocks blocks.
+func (tc *tokenClock) add(t []uint64, blocks int) {
+	per := len(t) / blocks
+	at := func(b, i int) float64 { return float64(t[b*per+i]) }
+	var work, waits, barrier [len(kernels.TokenPhases)]float64
+	// Reading i: 0 the start, then arrival 2j+1 and departure 2j+2 at
+	// barrier j, and per-1 the finish.
+	for j := 0; 2*j+1 < per; j++ {
+		arrive, from := 2*j+1, 2*j
+		phase := j % 5
+		if arrive == per-1 {
+			phase = len(work) - 1
+		}
+		var sum, last, left float64
+		for b := range blocks {
+			sum += at(b, arrive) - at(b, from)
+			last = max(last, at(b, arrive))
+		}
+		mean := 0.0
+		for b := range blocks {
+			mean += at(b, arrive) / float64(blocks)
+		}
+		work[phase] += sum / float64(blocks)
+		waits[phase] += last - mean
+		if arrive+1 < per {
+			for b := range blocks {
+				left += at(b, arrive+1) / float64(blocks)
+			}
+			barrier[phase] += left - last
+		}
+	}
+	for i := range work {
+		tc.work[i] += time.Duration(work[i])
+		tc.waits[i] += time.Duration(waits[i])
+		tc.barrier[i] += time.Duration(barrier[i])
+	}
+	tc.steps++
 }
 
 type timedLaunch struct {
@@ -116,6 +221,20 @@ type Profile struct {
 	Groups  []Timing      // by group, longest first
 	Kernels []Timing      // by kernel (GEMMs by role), longest first
 	Device  time.Duration // the sum of the groups
+	// Token splits decode_token's launches (within Kernels) by phase,
+	// where its steps ran.
+	Token []TokenPhase
+	// TokenHost is the host's time in decode_token's steps, by part.
+	TokenHost []Timing
+}
+
+// TokenPhase is a phase of decode_token over Steps steps: the blocks'
+// average work, the wait for the slowest block after it, and the
+// barrier that ends it (from the last arrival to the average departure).
+type TokenPhase struct {
+	Name                string
+	Work, Wait, Barrier time.Duration
+	Steps               int
 }
 
 // Timing is the total device time and launches of a group or a kernel.
@@ -165,6 +284,14 @@ func ReadProfile(s any) (Profile, error) {
 	}
 	longestFirst(out.Groups)
 	longestFirst(out.Kernels)
+	if tc := &ss.prof.token; tc.steps > 0 {
+		for i, name := range kernels.TokenPhases {
+			out.Token = append(out.Token, TokenPhase{name, tc.work[i], tc.waits[i], tc.barrier[i], tc.steps})
+		}
+		for i, name := range hostParts {
+			out.TokenHost = append(out.TokenHost, Timing{name, tc.host[i], tc.steps})
+		}
+	}
 	return out, nil
 }
 

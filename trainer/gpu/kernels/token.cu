@@ -23,10 +23,8 @@
 // Every block computes the norms of the vectors it needs itself (a few
 // thousand values) rather than wait for another barrier. Each product
 // phase gives each block a contiguous slice of the rows (of 16-row tiles
-// for NF4, read on tensor cores as nf4_gemv_mma reads them), and before a
-// barrier each block asks the L2 cache for its slice of the next phase's
-// weights (up to prefetch bytes), so that the memory is busy while the
-// barriers and the attention wait. Values are rounded to activations
+// for NF4, read on tensor cores as nf4_gemv_mma reads them). Values are
+// rounded to activations
 // where the launch-per-operation path stores them, so both compute the
 // same function; sums run in another order.
 //
@@ -100,15 +98,26 @@ __device__ __forceinline__ tok_smem tok_carve(float* dyn, int vlen, int hidden) 
     return s;
 }
 
+// The device's clock in nanoseconds, the same on every multiprocessor.
+__device__ __forceinline__ unsigned long long tok_now() {
+    unsigned long long t;
+    asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t));
+    return t;
+}
+
 // Waits until every block of the launch has arrived here, with what each
 // wrote before visible to all. target counts the arrivals so far. A
 // barrier that has not opened after some 2²² polls (seconds, where a
 // whole step takes milliseconds) will never open: the launch traps, so
 // that the host gets an error instead of a device that hangs.
-__device__ __forceinline__ void tok_grid_sync(unsigned int* bar, unsigned int& target) {
+//
+// With clock set (profiling), thread 0 writes the times the block arrived
+// and left there, and moves it on (tok_now).
+__device__ __forceinline__ void tok_grid_sync(unsigned int* bar, unsigned int& target, unsigned long long*& clock) {
     target += gridDim.x;
     __syncthreads();
     if (threadIdx.x == 0) {
+        if (clock) *clock++ = tok_now();
         __threadfence();
         atomicAdd(bar, 1u);
         unsigned int seen;
@@ -118,6 +127,7 @@ __device__ __forceinline__ void tok_grid_sync(unsigned int* bar, unsigned int& t
             if (polls == (1u << 22)) __trap();
         }
         __threadfence();
+        if (clock) *clock++ = tok_now();
     }
     __syncthreads();
 }
@@ -273,6 +283,7 @@ __device__ __forceinline__ void tok_rows(Row row, int r0, int r1, int in, const 
     }
     __syncthreads(); // part and v are free again
 }
+
 
 // The NF4 form of tok_rows, on tensor cores as nf4_gemv_mma (nf4.cu): a
 // phase's rows as up to three stacked segments (q, k and v), each of NMAT
@@ -430,25 +441,6 @@ __device__ __forceinline__ void tok_product(const tok_segs<NMAT>& sg, int in, to
         r0, r1, in, s.v, s.part, done);
 }
 
-// Asks the L2 cache for bytes at p, at most what budget has left.
-__device__ __forceinline__ void tok_prefetch(const void* p, long long bytes, long long& budget) {
-    bytes = min(bytes, budget);
-    budget -= bytes;
-    const char* c = static_cast<const char*>(p);
-    for (long long off = (long long)threadIdx.x * 128; off < bytes; off += (long long)blockDim.x * 128)
-        asm volatile("prefetch.global.L2 [%0];" ::"l"(c + off));
-}
-
-// The block's share of matrix m's rows rows of in weights (its slice of
-// them alone: near the rows it reads, where phases stack or tile them),
-// prefetched.
-__device__ __forceinline__ void tok_prefetch_share(const tok_mat& m, int rows, int in, long long& budget) {
-    int r0, r1;
-    tok_slice(rows, r0, r1);
-    const long long row = m.nf4 ? in / 2 : (long long)in * sizeof(act_t);
-    tok_prefetch(static_cast<const char*>(m.w) + r0 * row, (r1 - r0) * row, budget);
-}
-
 // Phase B for head-split items it = blockIdx.x, + gridDim.x, ...: see the
 // file's comment. The block with the fewest items (the last) stores the
 // step's keys and values; a split that holds the step's own position
@@ -600,12 +592,14 @@ __device__ __forceinline__ void tok_argmax(float& bv, int& bi, tok_smem& s) {
 // (zero), then a counter per head and one for the lm_head (left zero),
 // then a (value, id) pair per block. xf: the final norm's output, the
 // lm_head's input; logits: the step's [vocab] float32 logits; best: the
-// most likely token.
+// most likely token. times, when not null (profiling): per block, the
+// time it started, the times it arrived at and left each barrier, and the
+// time it finished (2 + 10·n_layers values, tok_now).
 extern "C" __global__ void __launch_bounds__(TOK_THREADS, 1) decode_token(
     const tok_layer* __restrict__ layers, int n_layers, const act_t* __restrict__ embed, float embed_scale,
     const float* __restrict__ final_norm, const int* __restrict__ step, act_t* __restrict__ work, float* __restrict__ recs,
     unsigned int* __restrict__ sync, act_t* __restrict__ xf, float* __restrict__ logits, int* __restrict__ best, int hidden, int heads,
-    int kv_heads, int inter, int vocab, float eps, float attn_scale, long long prefetch) {
+    int kv_heads, int inter, int vocab, float eps, float attn_scale, unsigned long long* __restrict__ times) {
     extern __shared__ float4 dyn4[];
     const int qrows = heads * HD, kvrows = kv_heads * HD;
     tok_smem s = tok_carve(reinterpret_cast<float*>(dyn4), max(max(hidden, qrows), inter), hidden);
@@ -622,6 +616,8 @@ extern "C" __global__ void __launch_bounds__(TOK_THREADS, 1) decode_token(
     if (layers[0].q.nf4) nf4_mma_tables(s.pairs, s.dyn); // every projection of the model in one form
     unsigned int target = 0;
     int r0, r1;
+    unsigned long long* clock = times ? times + (long long)blockIdx.x * (2 + 10 * n_layers) : nullptr;
+    if (clock && threadIdx.x == 0) *clock++ = tok_now();
     for (int l = 0; l < n_layers; l++) {
         const tok_layer& L = layers[l];
         const float* cosv = rope + L.rope * HD;
@@ -642,26 +638,17 @@ extern "C" __global__ void __launch_bounds__(TOK_THREADS, 1) decode_token(
         tok_norm(s.x, L.in_norm, hidden, eps, false, s.v, s.red);
         tok_product<1>({{{&L.q}, {&L.k}, {&L.v}}, {qrows, kvrows, kvrows}, 3}, hidden, s,
                        [&](int r, const float* sum) { qkv[r] = to_act(sum[0]); });
-        {
-            // The attention reads little: the o and gate/up weights
-            // arrive meanwhile.
-            long long budget = prefetch;
-            tok_prefetch_share(L.o, hidden, qrows, budget);
-            long long half = budget / 2, rest = budget - half;
-            tok_prefetch_share(L.gate, inter, hidden, half);
-            tok_prefetch_share(L.up, inter, hidden, rest);
-        }
-        tok_grid_sync(sync, target);
+        tok_grid_sync(sync, target, clock);
 
         // B: attention.
         tok_attention(L, qkv, att, recs, sync + 1, sq, p, heads, kv_heads, eps, attn_scale, cosv, sinv, s);
-        tok_grid_sync(sync, target);
+        tok_grid_sync(sync, target, clock);
 
         // C: the o projection.
         tok_load(att, qrows, s.v);
         __syncthreads();
         tok_product<1>({{{&L.o}}, {hidden}, 1}, qrows, s, [&](int r, const float* sum) { ob[r] = to_act(sum[0]); });
-        tok_grid_sync(sync, target);
+        tok_grid_sync(sync, target, clock);
 
         // D: the residual, the MLP's norm, gate and up through GeGLU.
         tok_load(ob, hidden, s.v);
@@ -676,32 +663,13 @@ extern "C" __global__ void __launch_bounds__(TOK_THREADS, 1) decode_token(
             gelu_parts(g, &sg, &dz);
             actb[r] = to_act(g * sg * u);
         });
-        {
-            long long budget = prefetch;
-            tok_prefetch_share(L.down, hidden, inter, budget);
-        }
-        tok_grid_sync(sync, target);
+        tok_grid_sync(sync, target, clock);
 
         // E: the down projection.
         tok_load(actb, inter, s.v);
         __syncthreads();
         tok_product<1>({{{&L.down}}, {hidden}, 1}, inter, s, [&](int r, const float* sum) { db[r] = to_act(sum[0]); });
-        {
-            long long budget = prefetch;
-            if (l + 1 < n_layers) {
-                const tok_layer& N = layers[l + 1];
-                long long third = budget / 3;
-                tok_prefetch_share(N.q, qrows, hidden, third);
-                third = budget / 3;
-                tok_prefetch_share(N.k, kvrows, hidden, third);
-                third = budget / 3;
-                tok_prefetch_share(N.v, kvrows, hidden, third);
-            } else {
-                tok_slice(vocab, r0, r1);
-                tok_prefetch(embed + (long long)r0 * hidden, (long long)(r1 - r0) * hidden * sizeof(act_t), budget);
-            }
-        }
-        tok_grid_sync(sync, target);
+        tok_grid_sync(sync, target, clock);
     }
 
     // F: the last block's residual and the final norm (every block, as in
@@ -727,6 +695,7 @@ extern "C" __global__ void __launch_bounds__(TOK_THREADS, 1) decode_token(
     unsigned int* head_count = sync + 1 + heads;
     float* block_best = reinterpret_cast<float*>(head_count + 1); // per block: value, id
     if (threadIdx.x == 0) block_best[2 * blockIdx.x] = bv, reinterpret_cast<int*>(block_best)[2 * blockIdx.x + 1] = bi;
+    if (clock && threadIdx.x == 0) *clock = tok_now();
     if (!last_block(head_count, gridDim.x, s.flag)) return;
     bv = -INFINITY, bi = none;
     for (int b = threadIdx.x; b < gridDim.x; b += blockDim.x) {

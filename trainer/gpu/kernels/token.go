@@ -186,9 +186,10 @@ func (k *Kernels) TokenFits(sh TokenShape, device cuda.DeviceInfo) error {
 // multiprocessor: layers is the EncodeTokenLayers table, step the
 // EncodeTokenStep upload, work, records and sync buffers of TokenBuffers'
 // sizes (sync's counters zero before the first launch; each launch leaves
-// them zero). Each block asks the L2 cache for up to half of it, shared
-// out, of the next phase's weights ahead of that phase.
-func (k *Kernels) DecodeToken(c *cuda.Ctx, sh TokenShape, layers, embed, finalNorm, step, work, records, sync, xf, logits, best cuda.DevicePtr) error {
+// them zero).
+//
+// times, where not 0, receives TokenTimes' clock readings of every block.
+func (k *Kernels) DecodeToken(c *cuda.Ctx, sh TokenShape, layers, embed, finalNorm, step, work, records, sync, xf, logits, best, times cuda.DevicePtr) error {
 	shared, err := k.tokenSharedMemory(sh)
 	if err != nil {
 		return err
@@ -196,9 +197,18 @@ func (k *Kernels) DecodeToken(c *cuda.Ctx, sh TokenShape, layers, embed, finalNo
 	if err := c.MemsetD32Async(sync, 0, 1, nil); err != nil { // the barrier's counter
 		return err
 	}
-	prefetch := int64(c.Device().Info.L2Bytes) / 2 / int64(k.sms)
 	cfg := cuda.LaunchConfig{Grid: cuda.Dim3{X: k.sms}, Block: cuda.Dim3{X: tokenThreads}, SharedMem: shared, Cooperative: true}
 	return k.launch(c, "decode_token", cfg, layers, int32(sh.Layers), embed, sh.EmbedScale, finalNorm, step, work, records, sync, xf,
 		logits, best, int32(sh.Hidden), int32(sh.Heads), int32(sh.KVHeads), int32(sh.Intermediate), int32(sh.Vocab), float32(sh.Eps),
-		float32(sh.AttnScale), prefetch)
+		float32(sh.AttnScale), times)
 }
+
+// TokenTimes is the number of clock readings (uint64 nanoseconds)
+// decode_token writes for sh with a times buffer: per block, in block
+// order, its start, its arrival at and departure from each of the five
+// barriers of every layer, and its finish.
+func (k *Kernels) TokenTimes(sh TokenShape) int { return k.sms * (2 + 10*sh.Layers) }
+
+// TokenPhases names decode_token's phases in the order of a layer's
+// barriers; the lm_head is the phase after the last.
+var TokenPhases = [6]string{"norms, q, k, v", "attention", "o", "norms, gate, up", "down", "final norm, lm_head, pick"}

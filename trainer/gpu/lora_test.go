@@ -29,15 +29,15 @@ func TestLoRALayerRanges(t *testing.T) {
 }
 
 // TestLoRAFirstSwitch: PIPELINE_LORA_FIRST names the projections whose
-// update is written before the frozen product, or all of them; unset or
-// "off" keeps PEFT's order everywhere, and a name that is not a
-// projection is refused, naming it.
+// update is written before the frozen product, or all of them; unset
+// means gate_proj and up_proj, "off" keeps PEFT's order everywhere, and a
+// name that is not a projection is refused, naming it.
 func TestLoRAFirstSwitch(t *testing.T) {
 	for _, c := range []struct {
 		env  string
 		want [7]bool // trainer.AllModules order
 	}{
-		{"", [7]bool{}},
+		{"", [7]bool{false, false, false, false, true, true, false}},
 		{"off", [7]bool{}},
 		{"gate_proj,up_proj", [7]bool{false, false, false, false, true, true, false}},
 		{"all", [7]bool{true, true, true, true, true, true, true}},

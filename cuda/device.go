@@ -188,7 +188,7 @@ func (d *Device) loop(l *runtimeLibs, started chan<- error) {
 	}
 	d.ctx = c
 	for {
-		if f, ok := poll(d.work, spinWait); ok {
+		if f, ok := poll(d.work, loopSpin); ok {
 			f()
 			continue
 		}
@@ -202,11 +202,24 @@ func (d *Device) loop(l *runtimeLibs, started chan<- error) {
 	}
 }
 
-// spinWait is how long each side of Do polls before parking. Parking and
-// waking a locked OS thread costs two futex round trips per Do (about 18 µs
-// on an H100 VM); polling for a short while keeps both threads awake
-// across back-to-back calls, for at most this much CPU time per call.
-const spinWait = 50 * time.Microsecond
+// Parking and waking a thread costs a futex round trip each way of a Do
+// (about 18 µs on an H100 VM, 60 µs and more on an H200 VM under a
+// decoding loop), so each side polls for a while first:
+//   - the device's thread, for the next call: back-to-back calls (a
+//     decoding step after the host has read the last one's token) find
+//     it awake;
+//   - the caller, for its call's end: long enough to cover a decoding
+//     step of one token (1.6 ms at 1B, 8 ms at 12B on an H200), whose
+//     host part, run on a 1B step, is otherwise a tenth of it. A call
+//     that takes longer (a training step) parks after this much CPU time.
+//
+// A model of Do's two threads, with a busy-waiting call of 1.5 ms and
+// 20 µs between calls, measured 164 µs of hops a call with 50 µs polls
+// and 7 µs with these.
+const (
+	loopSpin = 200 * time.Microsecond
+	callSpin = 10 * time.Millisecond
+)
 
 // poll receives from ch without blocking, retrying for about d.
 func poll[T any](ch <-chan T, d time.Duration) (T, bool) {
@@ -271,7 +284,7 @@ func (d *Device) Do(f func(c *Ctx) error) error {
 	case <-d.exited:
 		return ErrClosed
 	}
-	out, ok := poll(done, spinWait)
+	out, ok := poll(done, callSpin)
 	if !ok {
 		select {
 		case out = <-done:

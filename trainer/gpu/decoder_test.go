@@ -213,31 +213,35 @@ func TestTeacherForcedBF16(t *testing.T) {
 		return v
 	}
 	ref, hf := read("fp32.f32"), read("bf16.f32")
-	// Per position: the RMS of the difference over the RMS of the
-	// reference, and whether the most likely token is the same.
-	compare := func(got []float32) (worst, mean, agree float64) {
-		for p := 0; p < S*N; p++ {
-			g, r := got[p*V:(p+1)*V], ref[p*V:(p+1)*V]
-			var dd, rr float64
-			for i := range r {
-				e := float64(g[i]) - float64(r[i])
-				dd, rr = dd+e*e, rr+float64(r[i])*float64(r[i])
-			}
-			rel := math.Sqrt(dd / rr)
-			worst, mean = max(worst, rel), mean+rel/float64(S*N)
-			if trainer.Argmax(g) == trainer.Argmax(r) {
-				agree += 1 / float64(S*N)
-			}
-		}
-		return worst, mean, agree
-	}
-	ow, om, oa := compare(ours)
-	hw, hm, ha := compare(hf)
+	ow, om, oa := logitsDistance(ours, ref, V)
+	hw, hm, ha := logitsDistance(hf, ref, V)
 	t.Logf("%d positions against transformers' float32: ours worst %.3g, mean %.3g, argmax agreement %.3f; transformers' bf16 worst %.3g, mean %.3g, agreement %.3f",
 		S*N, ow, om, oa, hw, hm, ha)
 	if ow > 1.5*hw || om > 1.5*hm || oa < ha-0.05 {
 		t.Errorf("the GPU decoder's bf16 logits are further from float32 than transformers' bf16 logits are")
 	}
+}
+
+// logitsDistance compares got with ref, rows of v logits each: the worst
+// and the mean over the rows of the RMS of the difference over the RMS of
+// the reference, and the share of rows whose most likely token is the
+// same.
+func logitsDistance(got, ref []float32, v int) (worst, mean, agree float64) {
+	rows := len(ref) / v
+	for p := range rows {
+		g, r := got[p*v:(p+1)*v], ref[p*v:(p+1)*v]
+		var dd, rr float64
+		for i := range r {
+			e := float64(g[i]) - float64(r[i])
+			dd, rr = dd+e*e, rr+float64(r[i])*float64(r[i])
+		}
+		rel := math.Sqrt(dd / rr)
+		worst, mean = max(worst, rel), mean+rel/float64(rows)
+		if trainer.Argmax(g) == trainer.Argmax(r) {
+			agree += 1 / float64(rows)
+		}
+	}
+	return worst, mean, agree
 }
 
 // teacherForced runs the prompts through d, then feeds each sequence its
@@ -363,25 +367,9 @@ func compareTokenKernel(t *testing.T, preset, quantize string) {
 	}
 	ref := run("fp32", "off")[0]
 	bf16 := run("", "on", "off")
-	V, N := mc.VocabSize, len(continuations[0])
-	compare := func(got []float32) (worst, mean, agree float64) {
-		for n := range N {
-			g, r := got[n*V:(n+1)*V], ref[n*V:(n+1)*V]
-			var dd, rr float64
-			for i := range r {
-				e := float64(g[i]) - float64(r[i])
-				dd, rr = dd+e*e, rr+float64(r[i])*float64(r[i])
-			}
-			rel := math.Sqrt(dd / rr)
-			worst, mean = max(worst, rel), mean+rel/float64(N)
-			if trainer.Argmax(g) == trainer.Argmax(r) {
-				agree += 1 / float64(N)
-			}
-		}
-		return worst, mean, agree
-	}
-	ow, om, oa := compare(bf16[0])
-	pw, pm, pa := compare(bf16[1])
+	N := len(continuations[0])
+	ow, om, oa := logitsDistance(bf16[0], ref, mc.VocabSize)
+	pw, pm, pa := logitsDistance(bf16[1], ref, mc.VocabSize)
 	t.Logf("%d steps against float32: decode_token worst relative RMS %.3g, mean %.3g, argmax agreement %.3f; launch per operation %.3g, %.3g, %.3f",
 		N, ow, om, oa, pw, pm, pa)
 	if ow > 1.5*pw || om > 1.5*pm || oa < pa-0.05 {

@@ -462,10 +462,12 @@ func (g *decoder) stepToken(ts *tokenStep, best cuda.Buffer, hb *hostBatch, seq,
 			return err
 		}
 		host.lap(hostLaunch)
-		if err := c.Stream().Synchronize(); err != nil {
-			return err
+		if host.on { // else the download waits
+			if err := c.Stream().Synchronize(); err != nil {
+				return err
+			}
+			host.lap(hostWait)
 		}
-		host.lap(hostWait)
 		g.tokenSteps++
 		if ts.times.Ptr != 0 {
 			t := make([]uint64, s.k.TokenTimes(ts.shape))

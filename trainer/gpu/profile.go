@@ -89,32 +89,32 @@ func (tc *tokenClock) addHost(h *hostClock) {
 // add takes one launch's readings of blocks blocks.
 func (tc *tokenClock) add(t []uint64, blocks int) {
 	per := len(t) / blocks
-	at := func(b, i int) float64 { return float64(t[b*per+i]) }
+	// In nanoseconds since the first block started: the clock's own
+	// values need more bits than a float64 holds.
+	at := func(b, i int) float64 { return float64(int64(t[b*per+i] - t[0])) }
 	var work, waits, barrier [len(kernels.TokenPhases)]float64
 	// Reading i: 0 the start, then arrival 2j+1 and departure 2j+2 at
 	// barrier j, and per-1 the finish.
 	for j := 0; 2*j+1 < per; j++ {
 		arrive, from := 2*j+1, 2*j
-		phase := j % 5
+		phase := j % kernels.TokenBarriers
 		if arrive == per-1 {
 			phase = len(work) - 1
 		}
-		var sum, last, left float64
+		var worked, arrived, last, left float64
 		for b := range blocks {
-			sum += at(b, arrive) - at(b, from)
+			worked += at(b, arrive) - at(b, from)
+			arrived += at(b, arrive)
 			last = max(last, at(b, arrive))
-		}
-		mean := 0.0
-		for b := range blocks {
-			mean += at(b, arrive) / float64(blocks)
-		}
-		work[phase] += sum / float64(blocks)
-		waits[phase] += last - mean
-		if arrive+1 < per {
-			for b := range blocks {
-				left += at(b, arrive+1) / float64(blocks)
+			if arrive+1 < per {
+				left += at(b, arrive+1)
 			}
-			barrier[phase] += left - last
+		}
+		n := float64(blocks)
+		work[phase] += worked / n
+		waits[phase] += last - arrived/n
+		if arrive+1 < per {
+			barrier[phase] += left/n - last
 		}
 	}
 	for i := range work {

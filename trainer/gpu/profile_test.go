@@ -15,7 +15,7 @@ func TestTokenClock(t *testing.T) {
 	// arrives 4 ns after block 0 at each barrier, both leave 3 ns after it.
 	var readings []uint64
 	for b := range 2 {
-		at := uint64(1000)
+		at := uint64(1_764_547_200_000_000_000) // the clock counts from 1970: more bits than a float64's
 		r := []uint64{at}
 		for j := range 5 {
 			arrive := at + uint64(10*(j+1)) + uint64(4*b)

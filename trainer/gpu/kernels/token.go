@@ -207,7 +207,10 @@ func (k *Kernels) DecodeToken(c *cuda.Ctx, sh TokenShape, layers, embed, finalNo
 // decode_token writes for sh with a times buffer: per block, in block
 // order, its start, its arrival at and departure from each of the five
 // barriers of every layer, and its finish.
-func (k *Kernels) TokenTimes(sh TokenShape) int { return k.sms * (2 + 10*sh.Layers) }
+func (k *Kernels) TokenTimes(sh TokenShape) int { return k.sms * (2 + 2*TokenBarriers*sh.Layers) }
+
+// TokenBarriers is the grid barriers decode_token passes in a layer.
+const TokenBarriers = 5
 
 // TokenPhases names decode_token's phases in the order of a layer's
 // barriers; the lm_head is the phase after the last.

@@ -115,12 +115,16 @@ func (s *session) newTokenStep(c *cuda.Ctx, dc *kvCaches, sh kernels.TokenShape)
 			CacheLen: dc.cacheLen[l], Window: window, Rope: typeIndex(cfg.LayerTypes[l])}
 	}
 	encoded := kernels.EncodeTokenLayers(table)
+	var times int64 // none unless profiling
+	if s.prof != nil {
+		times = 8 * int64(s.k.TokenTimes(sh))
+	}
 	for _, b := range []struct {
 		buf   *cuda.Buffer
 		bytes int64
 	}{{&ts.layers, int64(len(encoded))}, {&ts.work, sizes.Work}, {&ts.records, sizes.Records}, {&ts.sync, sizes.Sync}, {&ts.step, sizes.Step},
-		{&ts.times, 8 * int64(s.k.TokenTimes(sh))}} {
-		if b.buf == &ts.times && s.prof == nil {
+		{&ts.times, times}} {
+		if b.bytes == 0 {
 			continue
 		}
 		var err error
@@ -469,22 +473,23 @@ func (g *decoder) stepToken(ts *tokenStep, best cuda.Buffer, hb *hostBatch, seq,
 			host.lap(hostWait)
 		}
 		g.tokenSteps++
-		if ts.times.Ptr != 0 {
-			t := make([]uint64, s.k.TokenTimes(ts.shape))
-			if err := cuda.Download(c, t, ts.times.Ptr); err != nil {
-				return err
-			}
-			s.prof.token.add(t, s.dev.Info.SMs)
-		}
-		if !greedy {
-			var err error
+		var err error
+		if greedy {
+			picks = make([]int32, 1)
+			err = cuda.Download(c, picks, best.Ptr)
+		} else {
 			logits, err = s.downloadLogits(c, 1)
+		}
+		host.lap(hostDownload)
+		if err != nil || ts.times.Ptr == 0 {
 			return err
 		}
-		picks = make([]int32, 1)
-		err := cuda.Download(c, picks, best.Ptr)
-		host.lap(hostDownload)
-		return err
+		t := make([]uint64, s.k.TokenTimes(ts.shape))
+		if err := cuda.Download(c, t, ts.times.Ptr); err != nil {
+			return err
+		}
+		s.prof.token.add(t, s.dev.Info.SMs)
+		return nil
 	})
 	if s.prof != nil {
 		s.prof.token.addHost(&host)

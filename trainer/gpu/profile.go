@@ -36,7 +36,7 @@ type tokenClock struct {
 
 // hostParts names the parts of a decode_token step's time on the host.
 var hostParts = [...]string{"between steps", "the call onto the device's thread", "the step's upload", "the launch",
-	"the wait for the launch", "the token's download"}
+	"the wait for the launch", "the token's (or logits') download"}
 
 const (
 	hostBetween = iota
@@ -49,15 +49,16 @@ const (
 
 // hostClock times the parts of one step on the host while profiling.
 type hostClock struct {
-	on   bool
-	last time.Time
-	d    [len(hostParts)]time.Duration
+	on          bool
+	begin, last time.Time
+	d           [len(hostParts)]time.Duration
 }
 
 func (h *hostClock) start(on bool) {
 	h.on = on
 	if on {
-		h.last = time.Now()
+		h.begin = time.Now()
+		h.last = h.begin
 	}
 }
 
@@ -72,18 +73,13 @@ func (h *hostClock) lap(part int) {
 // addHost adds a step's host times, and the time since the step before
 // ended.
 func (tc *tokenClock) addHost(h *hostClock) {
-	end := h.last
-	start := end
-	for _, d := range h.d {
-		start = start.Add(-d)
-	}
 	if !tc.lastEnd.IsZero() {
-		h.d[hostBetween] = start.Sub(tc.lastEnd)
+		h.d[hostBetween] = h.begin.Sub(tc.lastEnd)
 	}
 	for i, d := range h.d {
 		tc.host[i] += d
 	}
-	tc.lastEnd = end
+	tc.lastEnd = h.last
 }
 
 // add takes one launch's readings of blocks blocks.

@@ -18,7 +18,7 @@ func TestCompileForEveryArchitecture(t *testing.T) {
 	}
 	for _, arch := range []string{"sm_80", "sm_86", "sm_89", "sm_90"} {
 		for _, p := range []Precision{BF16, F32} {
-			for _, hd := range []int{256, 128, 16, 8} {
+			for _, hd := range []int{256, 128, 16, 8, 4, 2} {
 				if testing.Short() && hd != 256 {
 					continue
 				}

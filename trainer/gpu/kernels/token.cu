@@ -464,7 +464,9 @@ __device__ void tok_attention(const tok_layer& L, const act_t* qkv, act_t* att, 
     }
     const int lo = L.window > 0 ? max(0, p - L.window + 1) : 0;
     const int splits = (p + 1 - lo + TOK_CHUNK - 1) / TOK_CHUNK;
-    constexpr int G = HD / VEC;                 // 16-byte groups in a head row
+    // 16-byte groups in a head row (at least one, so that the kernel
+    // compiles for head dims below 16 bytes, which TokenFits refuses).
+    constexpr int G = HD >= VEC ? HD / VEC : 1;
     constexpr int SETS = TOK_THREADS / G;       // key sets of the output's sums
     for (int it = blockIdx.x; it < heads * splits; it += gridDim.x) {
         const int h = it / splits, sp = it % splits, g = h / (heads / kv_heads);

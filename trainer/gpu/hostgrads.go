@@ -16,8 +16,8 @@ import (
 // pass computes them into one of three device slots and copies them out
 // at once, on a stream of its own, while the pass goes on. A later
 // micro-batch of the same step brings them back into a slot one layer
-// ahead of use, to add to. The optimizer reads them where they are,
-// across the bus, once a step. The numbers are those of device-resident
+// ahead of use, to add to. The optimizer's update of a layer brings them
+// into a slot too, during the next forward pass (pendingUpdate). The numbers are those of device-resident
 // gradients, bit for bit: only where they rest between layers changes.
 
 const gradSlots = 3
@@ -134,6 +134,30 @@ func (h *hostGrads) fetch(c *cuda.Ctx, st *loraState, l int) error {
 		}
 	}
 	return h.in[sl].Record(h.copy)
+}
+
+// fetchForUpdate queues the copy of layer l's gradients into its slot for
+// a pending update (pendingUpdate), behind the work queued so far on the
+// working stream: the update of the slot's previous layer reads it there.
+func (h *hostGrads) fetchForUpdate(c *cuda.Ctx, st *loraState, l int) error {
+	if err := h.computed.Record(nil); err != nil {
+		return err
+	}
+	if err := h.copy.Wait(h.computed); err != nil {
+		return err
+	}
+	return h.fetch(c, st, l)
+}
+
+// fetched makes the working stream wait for fetchForUpdate's copy of
+// layer l and returns the address of its gradients in the flat layout:
+// element i of the layer at that address + 4i.
+func (h *hostGrads) fetched(c *cuda.Ctx, st *loraState, l int) (cuda.DevicePtr, error) {
+	sl := slotOf(l)
+	if err := c.Stream().Wait(h.in[sl]); err != nil {
+		return 0, err
+	}
+	return h.slots[sl].Ptr.Add(-4 * st.layerStart[l]), nil
 }
 
 // endLayer queues the copy of layer l's finished gradients to the host,

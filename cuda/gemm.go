@@ -150,6 +150,10 @@ type planKey struct {
 type gemmPlan struct {
 	desc, layoutA, layoutB, layoutC uintptr
 	heuristic                       [heuristicSize]byte // algo is the first 64 bytes
+	// candidates, when tuning (SetGEMMTuning), are the heuristic's first
+	// choices in its order, timed on the plan's first use outside a graph
+	// capture; heuristic is then the fastest.
+	candidates [][heuristicSize]byte
 }
 
 type blasState struct {
@@ -157,6 +161,7 @@ type blasState struct {
 	workspace   Buffer
 	plans       map[planKey]*gemmPlan
 	alpha, beta float32 // host scalars, kept off the Go stack
+	tune        gemmTuning
 }
 
 // alignment is the largest power of two dividing p, capped at 256 bytes:
@@ -296,14 +301,20 @@ func (c *Ctx) plan(key planKey) (*gemmPlan, error) {
 			return fail(err)
 		}
 	}
+	want := max(c.blas.tune.candidates, 1)
+	results := make([][heuristicSize]byte, want)
 	var returned int32
 	if err := c.blasCheck("cublasLtMatmulAlgoGetHeuristic", lt.cublasLtMatmulAlgoGetHeuristic.call(
-		c.blas.handle, p.desc, p.layoutA, p.layoutB, p.layoutC, p.layoutC, pref, 1,
-		uintptr(unsafe.Pointer(&p.heuristic[0])), uintptr(unsafe.Pointer(&returned))), g); err != nil {
+		c.blas.handle, p.desc, p.layoutA, p.layoutB, p.layoutC, p.layoutC, pref, uintptr(want),
+		uintptr(unsafe.Pointer(&results[0][0])), uintptr(unsafe.Pointer(&returned))), g); err != nil {
 		return fail(err)
 	}
 	if returned == 0 {
 		return fail(&BLASError{Call: "cublasLtMatmulAlgoGetHeuristic", Status: 15, Detail: g.String() + ": no algorithm"})
+	}
+	p.heuristic = results[0]
+	if returned > 1 {
+		p.candidates = results[:returned]
 	}
 	c.blas.plans[key] = p
 	return p, nil
@@ -334,12 +345,22 @@ func (c *Ctx) Matmul(g GEMM, alpha float32, a, b DevicePtr, beta float32, out De
 	if err != nil {
 		return err
 	}
+	if p.candidates != nil && !c.capturing {
+		if err := c.tuneGEMM(p, g, alpha, a, b, beta, out, s); err != nil {
+			return err
+		}
+	}
+	return c.matmul(p, g, &p.heuristic, alpha, a, b, beta, out, s)
+}
+
+// matmul queues one cuBLASLt call of plan p with algorithm algo.
+func (c *Ctx) matmul(p *gemmPlan, g GEMM, algo *[heuristicSize]byte, alpha float32, a, b DevicePtr, beta float32, out DevicePtr, s *Stream) error {
 	bs := c.blas
 	bs.alpha, bs.beta = alpha, beta
 	r := c.libs.lt.cublasLtMatmul.call(bs.handle, p.desc,
 		uintptr(unsafe.Pointer(&bs.alpha)), uintptr(b), p.layoutA, uintptr(a), p.layoutB,
 		uintptr(unsafe.Pointer(&bs.beta)), uintptr(out), p.layoutC, uintptr(out), p.layoutC,
-		uintptr(unsafe.Pointer(&p.heuristic[0])), uintptr(bs.workspace.Ptr), WorkspaceBytes, c.streamOr(s).handle)
+		uintptr(unsafe.Pointer(&algo[0])), uintptr(bs.workspace.Ptr), WorkspaceBytes, c.streamOr(s).handle)
 	return c.blasCheck("cublasLtMatmul", r, g)
 }
 

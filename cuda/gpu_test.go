@@ -214,6 +214,50 @@ func TestGEMMAgainstCPU(t *testing.T) {
 	}
 }
 
+// TestGEMMTuning: with tuning on, a plan's first call times several
+// algorithms on a scratch copy of the output, reports the outcome, and
+// still computes the call's own result once (here an accumulation, which
+// a stray timed run would have added to again).
+func TestGEMMTuning(t *testing.T) {
+	cudatest.Device(t)
+	g, err := cuda.GEMM{M: 1000, N: 3072, K: 32, TransB: true, AType: cuda.BF16, BType: cuda.BF16, CType: cuda.BF16}.Normalized()
+	if err != nil {
+		t.Fatal(err)
+	}
+	na, nb, nc := g.Elements()
+	rng := cudatest.Rand(t)
+	a, b, c := randomOperand(rng, cuda.BF16, na), randomOperand(rng, cuda.BF16, nb), randomOperand(rng, cuda.BF16, nc)
+	var lines []string
+	var got []float64
+	cudatest.Do(t, func(ctx *cuda.Ctx) error {
+		if err := ctx.SetGEMMTuning(8, func(l string) { lines = append(lines, l) }); err != nil {
+			return err
+		}
+		defer ctx.SetGEMMTuning(0, nil)
+		bufs := make([]cuda.Buffer, 3)
+		for i, o := range []operand{a, b, c} {
+			if bufs[i], err = o.upload(ctx); err != nil {
+				return err
+			}
+			defer ctx.Free(bufs[i])
+		}
+		if err := ctx.Matmul(g, 2, bufs[0].Ptr, bufs[1].Ptr, 1, bufs[2].Ptr, nil); err != nil {
+			return err
+		}
+		got, err = download(ctx, cuda.BF16, bufs[2].Ptr, nc)
+		return err
+	})
+	want := gemmRef(g, a.f64(), b.f64(), c.f64(), 2, 1)
+	res, err := cudatest.Compare(got, want, cudatest.BF16)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(lines) != 1 || !strings.Contains(lines[0], g.String()) {
+		t.Fatalf("tuning reported %q, want one line on %s", lines, g)
+	}
+	t.Logf("%s; relative error %.2e", lines[0], res.RelErr)
+}
+
 func TestGEMMRejectsBadShapes(t *testing.T) {
 	cudatest.Do(t, func(c *cuda.Ctx) error {
 		err := c.Matmul(cuda.GEMM{M: 4, N: 4, K: 0, AType: cuda.BF16, BType: cuda.BF16}, 1, 0, 0, 0, 0, nil)

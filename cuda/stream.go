@@ -129,7 +129,9 @@ func (c *Ctx) Capture(s *Stream, f func() error) (*Graph, error) {
 	if err := c.cu.cuStreamBeginCapture.check(s.handle, threadLocal); err != nil {
 		return nil, err
 	}
+	c.capturing = true
 	ferr := f()
+	c.capturing = false
 	var g uintptr
 	endErr := c.cu.cuStreamEndCapture.check(s.handle, uintptr(unsafe.Pointer(&g)))
 	if ferr != nil {

@@ -4,6 +4,8 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"os"
+	"strconv"
 
 	"gemmaft/cuda"
 	"gemmaft/trainer"
@@ -121,6 +123,9 @@ func open(ctx context.Context, info trainer.ModelInfo, cfg trainer.SessionConfig
 		s.k, err = kernels.Load(c, prec, mc.HeadDim)
 		return err
 	}); err != nil {
+		return fail(err)
+	}
+	if err := setGEMMTuning(dev); err != nil {
 		return fail(err)
 	}
 	// Before the weights load: a group that cannot form fails at once.
@@ -280,4 +285,25 @@ func (s *session) Close() error {
 	err := s.dev.Close()
 	s.dev = nil
 	return err
+}
+
+// GEMMTuneEnv set to a count n > 1 makes each GEMM shape time cuBLASLt's
+// first n choices of algorithm on its first use and keep the fastest,
+// each outcome reported on stderr (cuda.Ctx.SetGEMMTuning). A measurement
+// mode: the choice follows timings, so runs stop being reproducible bit
+// for bit.
+const GEMMTuneEnv = "PIPELINE_GEMM_TUNE"
+
+func setGEMMTuning(dev *cuda.Device) error {
+	v := os.Getenv(GEMMTuneEnv)
+	if v == "" {
+		return nil
+	}
+	n, err := strconv.Atoi(v)
+	if err != nil || n < 0 {
+		return fmt.Errorf("%s=%q: want the number of algorithms to time, such as 8", GEMMTuneEnv, v)
+	}
+	return dev.Do(func(c *cuda.Ctx) error {
+		return c.SetGEMMTuning(n, func(line string) { fmt.Fprintln(os.Stderr, line) })
+	})
 }

@@ -46,7 +46,19 @@ no checkpoint has to exist; --model reads a Hugging Face checkpoint folder. The 
 are --data (a pack stage's data.arrow, or JSON lines of packed rows), or by default
 the embedded demo records packed at --seq-len with the Gemma 3 tokenizer (--tokenizer),
 repeated as often as the steps need. --save-rows writes the rows used, for running
-another trainer on the same batches (scripts/bench-train.sh).`,
+another trainer on the same batches (scripts/bench-train.sh).
+
+Environment switches of the GPU trainer, for comparing its paths:
+  PIPELINE_OFFLOAD=auto|inputs|on|off     what goes to host memory (default auto: what
+                                          does not fit; inputs: the saved layer inputs;
+                                          on: those and the LoRA gradients; off: none)
+  PIPELINE_LORA_FIRST=LIST|all|off        the projections whose LoRA update is written
+                                          first (default gate_proj,up_proj; off: PEFT's
+                                          order everywhere)
+  PIPELINE_ATTENTION=cuda-cores           attention off the tensor cores
+  PIPELINE_GEMM_TUNE=n                    time cuBLASLt's first n algorithms for each
+                                          GEMM shape, keep the fastest and report both
+                                          on stderr (runs then differ in their last bits)`,
 		Example: `  pipeline bench train --preset 12b --seq-len 4096 --batch-size 2
   pipeline bench train --preset 1b --steps 10 --json
   pipeline bench train --preset 12b --grad-accum 2 --gpus 2   # data parallel: the step's micro-batches shared`,

@@ -38,7 +38,11 @@ of at most ` + strconv.Itoa(gpu.NF4StepTokens) + ` sequences read that form dire
 stored when the GPU has the room; "weights" says which form the steps read.
 
 --preset makes a model of a released Gemma 3 size with random weights on the
-GPU; --model reads a checkpoint folder (with --adapter, a PEFT adapter too).`,
+GPU; --model reads a checkpoint folder (with --adapter, a PEFT adapter too).
+
+A step of one token without an adapter runs as one launch (the JSON's
+token_kernel_steps counts them); PIPELINE_TOKEN_KERNEL=off runs it as a launch per
+operation instead, for comparison.`,
 		Example: `  pipeline bench generate --preset 1b
   pipeline bench generate --preset 12b --batch-size 16 --json`,
 		Args: cobra.NoArgs,

@@ -28,6 +28,41 @@ func TestLoRALayerRanges(t *testing.T) {
 	}
 }
 
+// TestLoRALayerBlocks: with 8-bit AdamW, layer l's state blocks are
+// [layerBlock[l], layerBlock[l+1]), which the update of one layer at a
+// time (pendingUpdate) launches over: every block of a layer's tensors
+// inside its range, the ranges back to back over all the blocks.
+func TestLoRALayerBlocks(t *testing.T) {
+	c, _ := trainer.Preset("tiny")
+	// At this rank some of the tiny model's tensors have 8-bit state and
+	// some keep float32 moments.
+	st, err := layoutLoRA(c, trainer.LoRAConfig{R: 100, Alpha: 8, Targets: trainer.AllModules}, trainer.OptimizerConfig{Name: "adamw_8bit"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	small := 0
+	for _, sl := range st.slots {
+		if sl.small {
+			small++
+		}
+	}
+	if st.nblocks == 0 || small == 0 {
+		t.Fatalf("%d blocks, %d tensors with float32 moments: want both kinds", st.nblocks, small)
+	}
+	if len(st.layerBlock) != c.Layers+1 || st.layerBlock[0] != 0 || st.layerBlock[c.Layers] != st.nblocks {
+		t.Fatalf("layer blocks %v for %d layers and %d blocks", st.layerBlock, c.Layers, st.nblocks)
+	}
+	for _, sl := range st.slots {
+		if sl.small {
+			continue
+		}
+		if sl.block < st.layerBlock[sl.layer] || sl.block+sl.blocks > st.layerBlock[sl.layer+1] {
+			t.Errorf("%s's blocks [%d, %d) are outside layer %d's [%d, %d)", sl.name, sl.block, sl.block+sl.blocks,
+				sl.layer, st.layerBlock[sl.layer], st.layerBlock[sl.layer+1])
+		}
+	}
+}
+
 // TestLoRAFirstSwitch: PIPELINE_LORA_FIRST names the projections whose
 // update is written before the frozen product, or all of them; unset
 // means gate_proj and up_proj, "off" keeps PEFT's order everywhere, and a

@@ -1,9 +1,6 @@
 package cuda
 
-import (
-	"fmt"
-	"slices"
-)
+import "fmt"
 
 // GEMM tuning is a measurement mode: cuBLASLt's heuristic names its first
 // choice of algorithm for a shape, but not always the fastest one (a
@@ -118,12 +115,17 @@ func (c *Ctx) tuneGEMM(p *gemmPlan, g GEMM, alpha float32, a, b DevicePtr, beta 
 	}
 	p.heuristic = candidates[pick]
 	if r := c.blas.tune.report; r != nil {
-		timed := slices.DeleteFunc(slices.Clone(best), func(t float64) bool { return t <= 0 })
+		timed := 0
+		for _, t := range best {
+			if t > 0 {
+				timed++
+			}
+		}
 		first := "failed"
 		if best[0] > 0 {
 			first = fmt.Sprintf("%.1f µs", best[0])
 		}
-		r(fmt.Sprintf("gemm %s: heuristic's first %s, fastest of %d timed: #%d %.1f µs", g, first, len(timed), pick, best[pick]))
+		r(fmt.Sprintf("gemm %s: heuristic's first %s, fastest of %d timed: #%d %.1f µs", g, first, timed, pick, best[pick]))
 	}
 	return nil
 }

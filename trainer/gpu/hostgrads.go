@@ -17,8 +17,9 @@ import (
 // at once, on a stream of its own, while the pass goes on. A later
 // micro-batch of the same step brings them back into a slot one layer
 // ahead of use, to add to. The optimizer's update of a layer brings them
-// into a slot too, during the next forward pass (pendingUpdate). The numbers are those of device-resident
-// gradients, bit for bit: only where they rest between layers changes.
+// into a slot too, during the next forward pass (pendingUpdate). The
+// numbers are those of device-resident gradients, bit for bit: only where
+// they rest between layers changes.
 
 const gradSlots = 3
 
@@ -140,13 +141,19 @@ func (h *hostGrads) fetch(c *cuda.Ctx, st *loraState, l int) error {
 // a pending update (pendingUpdate), behind the work queued so far on the
 // working stream: the update of the slot's previous layer reads it there.
 func (h *hostGrads) fetchForUpdate(c *cuda.Ctx, st *loraState, l int) error {
-	if err := h.computed.Record(nil); err != nil {
-		return err
-	}
-	if err := h.copy.Wait(h.computed); err != nil {
+	if err := h.behindWorking(); err != nil {
 		return err
 	}
 	return h.fetch(c, st, l)
+}
+
+// behindWorking makes the copy stream's next copies wait for the work
+// queued so far on the working stream.
+func (h *hostGrads) behindWorking() error {
+	if err := h.computed.Record(nil); err != nil {
+		return err
+	}
+	return h.copy.Wait(h.computed)
 }
 
 // fetched makes the working stream wait for fetchForUpdate's copy of
@@ -164,10 +171,7 @@ func (h *hostGrads) fetched(c *cuda.Ctx, st *loraState, l int) (cuda.DevicePtr, 
 // behind the work queued so far on the working stream.
 func (h *hostGrads) endLayer(c *cuda.Ctx, st *loraState, l int) error {
 	sl := slotOf(l)
-	if err := h.computed.Record(nil); err != nil {
-		return err
-	}
-	if err := h.copy.Wait(h.computed); err != nil {
+	if err := h.behindWorking(); err != nil {
 		return err
 	}
 	if off, n := st.rangeOf(l); n > 0 {

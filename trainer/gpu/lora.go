@@ -637,7 +637,9 @@ func (st *loraState) update(s *session, c *cuda.Ctx, lr, maxNorm float64) (float
 }
 
 // applyPending applies the pending update to layers up to l, from
-// gradients that fetchForUpdate brings into the slots a layer ahead.
+// gradients that fetchForUpdate brings into the slots a layer ahead. A
+// layer is staged only after its update (stage), so no staged copy goes
+// stale here.
 func (st *loraState) applyPending(s *session, c *cuda.Ctx, l int) error {
 	u := st.pending
 	if u == nil {
@@ -657,9 +659,6 @@ func (st *loraState) applyPending(s *session, c *cuda.Ctx, l int) error {
 		}
 		if err := st.optimize(s, c, i, i+1, g, u); err != nil {
 			return err
-		}
-		if st.staged == i {
-			st.staged = -1
 		}
 	}
 	if u.next == layers {
@@ -693,9 +692,12 @@ func (st *loraState) optimize(s *session, c *cuda.Ctx, lo, hi int, g cuda.Device
 				return err
 			}
 		}
-		for i := range st.slots {
+		for i := range st.slots { // laid out layer by layer
 			sl := &st.slots[i]
-			if !sl.small || sl.layer < lo || sl.layer >= hi {
+			if sl.layer >= hi {
+				break
+			}
+			if !sl.small || sl.layer < lo {
 				continue
 			}
 			if err := s.k.Adam8F32(c, st.dataPtr(sl), g.Add(4*sl.offset), f32At(st.m, sl.offset), f32At(st.v, sl.offset), sl.n, u.scale, u.adam8); err != nil {

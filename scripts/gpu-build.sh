@@ -34,7 +34,8 @@ done
 go build -trimpath -ldflags="-s -w" -o "$out/pipeline" ./cmd/pipeline
 # The test Hub, for scripts/reference/check_hub_cache.py.
 go build -trimpath -ldflags="-s -w" -o "$out/hubserve" ./hub/hubtest/hubserve
-cp scripts/bench-gpu.py scripts/bench-launch.cu scripts/bench-train.sh scripts/bench-train-hf.py "$out/"
+cp scripts/bench-gpu.py scripts/bench-launch.cu scripts/bench-train.sh scripts/bench-train-hf.py \
+	scripts/bench-generate.sh scripts/bench-generate-hf.py "$out/"
 
 cat >"$out/run.sh" <<'RUN'
 #!/usr/bin/env bash

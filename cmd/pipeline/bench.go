@@ -56,9 +56,6 @@ Environment switches of the GPU trainer, for comparing its paths:
                                           first (default gate_proj,up_proj; off: PEFT's
                                           order everywhere)
   PIPELINE_ATTENTION=cuda-cores           attention off the tensor cores
-  PIPELINE_ATTN_DELTA=output              the attention backward's row term from the
-                                          forward's output (default: summed over the
-                                          keys from the gradients' own P and dP)
   PIPELINE_GEMM_TUNE=n                    time cuBLASLt's first n algorithms for each
                                           GEMM shape, keep the fastest and report both
                                           on stderr (runs then differ in their last bits)`,

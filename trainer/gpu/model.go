@@ -769,7 +769,7 @@ func (s *session) layerBackward(c *cuda.Ctx, T, l int, x cuda.DevicePtr, lc *lay
 			return s.linearBackward(c, T, l, trainer.OProj, ws.dd.Ptr, lc.att.Ptr, lc, ws.datt.Ptr, false, d)
 		},
 		func() error {
-			return s.k.AttentionBackward(c, lc.qr.Ptr, lc.kr.Ptr, lc.v.Ptr, lc.att.Ptr, ws.datt.Ptr, lc.lse.Ptr,
+			return s.k.AttentionBackward(c, lc.qr.Ptr, lc.kr.Ptr, lc.v.Ptr, ws.datt.Ptr, lc.lse.Ptr,
 				ws.lo[ti].Ptr, ws.hi[ti].Ptr, ws.delta.Ptr, ws.dqr.Ptr, ws.dkr.Ptr, ws.dvr.Ptr, T, H, KV, s.attnScale())
 		},
 		func() error {

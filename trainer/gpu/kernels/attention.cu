@@ -309,25 +309,6 @@ extern "C" __global__ void __launch_bounds__(THREADS) attn_bwd_dq(const act_t* _
     }
 }
 
-// delta[r] = Σ_d dout[r, d] · out[r, d] for the rows r = token · heads +
-// head: the softmax gradient's row term formed from the forward's output,
-// as FlashAttention-2 and trainer.AttentionBackward form it, in one pass
-// over dO and O instead of the want_delta pass over the keys. O enters as
-// stored (rounded to the activations' type): see attn_bwd_dq for what that
-// costs, and kernels.AttentionDeltaEnv for the switch. A warp a row.
-extern "C" __global__ void attn_delta(const float* __restrict__ dout, const act_t* __restrict__ out, float* __restrict__ delta,
-                                      int rows) {
-    const int lane = threadIdx.x & 31;
-    const int r = blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
-    if (r >= rows) return;
-    const float* d = dout + (long long)r * HD;
-    const act_t* o = out + (long long)r * HD;
-    float s = 0.0f;
-    for (int i = lane; i < HD; i += 32) s += d[i] * to_f32(o[i]);
-    s = warp_sum(s);
-    if (lane == 0) delta[r] = s;
-}
-
 // ---------------------------------------------------------------------------
 // The forward pass on tensor cores (bf16 mma.sync m16n8k16, float32
 // accumulation), for bf16 activations and head dimensions that are a

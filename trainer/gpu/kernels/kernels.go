@@ -393,30 +393,12 @@ func (k *Kernels) TensorCoreAttention(bufs ...cuda.DevicePtr) bool {
 	return true
 }
 
-// AttentionDeltaEnv set to "output" forms the softmax gradient's row term
-// (delta) from the forward's output, Σ dO·O, in one pass over the rows, as
-// FlashAttention-2 and the CPU reference do; by default a pass over the
-// keys sums it from the same P and dP the gradients use, which keeps O's
-// rounding to the activations' type out of dP − delta at the cost of two
-// of the backward's ten tile products (NOTES, the attention's work).
-const AttentionDeltaEnv = "PIPELINE_ATTN_DELTA"
-
-// deltaFromOutput reports whether AttentionDeltaEnv asks for delta from
-// the forward's output.
-func deltaFromOutput() bool { return os.Getenv(AttentionDeltaEnv) == "output" }
-
 // AttentionBackward writes dq, dk and dv (float32) from dout (float32), the
-// forward's output out, lse, lo and hi (the last query that sees each
-// key). delta is scratch of tokens × heads floats.
-func (k *Kernels) AttentionBackward(c *cuda.Ctx, q, kk, v, out, dout, lse, lo, hi, delta, dq, dk, dv cuda.DevicePtr,
+// forward's lse, lo and hi (the last query that sees each key). delta is
+// scratch of tokens × heads floats.
+func (k *Kernels) AttentionBackward(c *cuda.Ctx, q, kk, v, dout, lse, lo, hi, delta, dq, dk, dv cuda.DevicePtr,
 	tokens, heads, kvHeads int, scale float64) error {
 	sh := attentionShared(k.HeadDim)
-	fromOutput := deltaFromOutput()
-	if fromOutput {
-		if err := k.launch(c, "attn_delta", warpRows(tokens*heads), dout, out, delta, int32(tokens*heads)); err != nil {
-			return err
-		}
-	}
 	if k.TensorCoreAttention(q, kk, v, dout) {
 		rows := cuda.LaunchConfig{Grid: cuda.Dim3{X: (tokens + 63) / 64, Y: heads}, Block: cuda.Dim3{X: 128}, SharedMem: sh["attn_bwd_dq_mma"]}
 		keys := cuda.LaunchConfig{Grid: cuda.Dim3{X: (tokens + 63) / 64, Y: kvHeads}, Block: cuda.Dim3{X: 128}, SharedMem: sh["attn_bwd_dkdv_mma"]}
@@ -425,10 +407,8 @@ func (k *Kernels) AttentionBackward(c *cuda.Ctx, q, kk, v, out, dout, lse, lo, h
 				int32(tokens), int32(heads), int32(kvHeads), float32(scale), wantDelta)
 		}
 		// delta, then dV and dK, then dQ.
-		if !fromOutput {
-			if err := queries(1); err != nil {
-				return err
-			}
+		if err := queries(1); err != nil {
+			return err
 		}
 		for _, wantDK := range []int32{0, 1} {
 			if err := k.launch(c, "attn_bwd_dkdv_mma", keys, q, kk, v, dout, lse, delta, lo, hi, dk, dv,
@@ -439,11 +419,9 @@ func (k *Kernels) AttentionBackward(c *cuda.Ctx, q, kk, v, out, dout, lse, lo, h
 		return queries(0)
 	}
 	rows := cuda.LaunchConfig{Grid: cuda.Dim3{X: (tokens + 15) / 16, Y: heads}, Block: cuda.Dim3{X: 256}, SharedMem: sh["attn_bwd_dq"]}
-	if !fromOutput {
-		if err := k.launch(c, "attn_bwd_dq", rows, q, kk, v, dout, lse, delta, lo, dq,
-			int32(tokens), int32(heads), int32(kvHeads), float32(scale), int32(1)); err != nil {
-			return err
-		}
+	if err := k.launch(c, "attn_bwd_dq", rows, q, kk, v, dout, lse, delta, lo, dq,
+		int32(tokens), int32(heads), int32(kvHeads), float32(scale), int32(1)); err != nil {
+		return err
 	}
 	cfg := cuda.LaunchConfig{Grid: cuda.Dim3{X: (tokens + 15) / 16, Y: kvHeads}, Block: cuda.Dim3{X: 256}, SharedMem: sh["attn_bwd_dkdv"]}
 	if err := k.launch(c, "attn_bwd_dkdv", cfg, q, kk, v, dout, lse, delta, lo, hi, dk, dv,

@@ -9,7 +9,6 @@ package kernels
 // for bit. Every test skips without a GPU.
 
 import (
-	"cmp"
 	"fmt"
 	"math"
 	"math/rand/v2"
@@ -365,23 +364,17 @@ func TestAttention(t *testing.T) {
 						}
 						d.check(mode+" out", d.readAct(op, T*H*D), out, tol(p, T))
 						d.check(mode+" lse", d.readF32(lp, T*H), lse, tol(F32, T))
-						// delta summed over the keys (the default), and from the
-						// forward's output (AttentionDeltaEnv).
-						for _, from := range []string{"", "output"} {
-							t.Setenv(AttentionDeltaEnv, from)
-							dqp, dkp, dvp, delta := d.alloc(4*int64(T*H*D)), d.alloc(4*int64(T*KV*D)), d.alloc(4*int64(T*KV*D)), d.alloc(4*int64(T*H))
-							if err := k.AttentionBackward(d.c, qp, kp, vp, op, doutp, lp, lop, hip, delta, dqp, dkp, dvp, T, H, KV, scale); err != nil {
-								return err
-							}
-							bt, vt := tol(p, T*D), tol(F32, T)
-							if mode == "tensor-cores" {
-								vt = bt
-							}
-							name := mode + " delta " + cmp.Or(from, "over the keys")
-							d.check(name+" dq", d.readF32(dqp, T*H*D), dq, bt)
-							d.check(name+" dk", d.readF32(dkp, T*KV*D), dk, bt)
-							d.check(name+" dv", d.readF32(dvp, T*KV*D), dv, vt)
+						dqp, dkp, dvp, delta := d.alloc(4*int64(T*H*D)), d.alloc(4*int64(T*KV*D)), d.alloc(4*int64(T*KV*D)), d.alloc(4*int64(T*H))
+						if err := k.AttentionBackward(d.c, qp, kp, vp, doutp, lp, lop, hip, delta, dqp, dkp, dvp, T, H, KV, scale); err != nil {
+							return err
 						}
+						bt, vt := tol(p, T*D), tol(F32, T)
+						if mode == "tensor-cores" {
+							vt = bt
+						}
+						d.check(mode+" dq", d.readF32(dqp, T*H*D), dq, bt)
+						d.check(mode+" dk", d.readF32(dkp, T*KV*D), dk, bt)
+						d.check(mode+" dv", d.readF32(dvp, T*KV*D), dv, vt)
 						return nil
 					})
 				}
@@ -445,18 +438,13 @@ func TestTensorCoreAttention(t *testing.T) {
 				var grads [2][3][]float32
 				for i, mode := range []string{"tensor-cores", "cuda-cores"} {
 					t.Setenv("PIPELINE_ATTENTION", mode)
-					// delta from the forward's output last: grads keeps the
-					// default's.
-					for _, from := range []string{"output", ""} {
-						t.Setenv(AttentionDeltaEnv, from)
-						dqp, dkp, dvp, delta := d.alloc(4*int64(T*H*D)), d.alloc(4*int64(T*KV*D)), d.alloc(4*int64(T*KV*D)), d.alloc(4*int64(T*H))
-						if err := k.AttentionBackward(d.c, qp, kp, vp, op, doutp, lp, lop, hip, delta, dqp, dkp, dvp, T, H, KV, scale); err != nil {
-							return err
-						}
-						grads[i] = [3][]float32{d.readF32(dqp, T*H*D), d.readF32(dkp, T*KV*D), d.readF32(dvp, T*KV*D)}
-						for j, want := range [][]float32{dq, dk, dv} {
-							d.check(fmt.Sprintf("%s delta %s d%c", mode, cmp.Or(from, "over the keys"), "qkv"[j]), grads[i][j], want, tol(BF16, T*D))
-						}
+					dqp, dkp, dvp, delta := d.alloc(4*int64(T*H*D)), d.alloc(4*int64(T*KV*D)), d.alloc(4*int64(T*KV*D)), d.alloc(4*int64(T*H))
+					if err := k.AttentionBackward(d.c, qp, kp, vp, doutp, lp, lop, hip, delta, dqp, dkp, dvp, T, H, KV, scale); err != nil {
+						return err
+					}
+					grads[i] = [3][]float32{d.readF32(dqp, T*H*D), d.readF32(dkp, T*KV*D), d.readF32(dvp, T*KV*D)}
+					for j, want := range [][]float32{dq, dk, dv} {
+						d.check(fmt.Sprintf("%s d%c", mode, "qkv"[j]), grads[i][j], want, tol(BF16, T*D))
 					}
 				}
 				for j := range 3 {

@@ -104,9 +104,13 @@ func (c *Ctx) tuneGEMM(p *gemmPlan, g GEMM, alpha float32, a, b DevicePtr, beta 
 			}
 		}
 	}
-	pick := -1
+	pick, timed := -1, 0
 	for i, t := range best {
-		if t > 0 && (pick < 0 || t < best[pick]) {
+		if t <= 0 {
+			continue
+		}
+		timed++
+		if pick < 0 || t < best[pick] {
 			pick = i
 		}
 	}
@@ -115,12 +119,6 @@ func (c *Ctx) tuneGEMM(p *gemmPlan, g GEMM, alpha float32, a, b DevicePtr, beta 
 	}
 	p.heuristic = candidates[pick]
 	if r := c.blas.tune.report; r != nil {
-		timed := 0
-		for _, t := range best {
-			if t > 0 {
-				timed++
-			}
-		}
 		first := "failed"
 		if best[0] > 0 {
 			first = fmt.Sprintf("%.1f µs", best[0])

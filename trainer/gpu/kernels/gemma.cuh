@@ -197,23 +197,44 @@ __device__ __forceinline__ bool last_block(unsigned int* counter, unsigned int t
 // cache.
 __device__ __forceinline__ void decode_combine(const float* rec, int splits, int hd, act_t* __restrict__ out) {
     const int stride = hd + 2;
-    // Unrolled, so that several records' loads are in flight at once; the
-    // sums keep their order.
-    float m = -INFINITY;
-    #pragma unroll 8
-    for (int s = 0; s < splits; s++) m = fmaxf(m, __ldcg(&rec[s * stride + hd]));
-    float l = 0.0f;
-    #pragma unroll 8
-    for (int s = 0; s < splits; s++) {
-        const float ms = __ldcg(&rec[s * stride + hd]);
-        if (ms > -INFINITY) l += __ldcg(&rec[s * stride + hd + 1]) * expf(ms - m);
+    // The first AHEAD splits' scores, sums and this thread's first
+    // output value are loaded at once, before any is used: one round trip
+    // to the L2 cache where a short context has only these. Later splits
+    // are read as they come. The sums keep their order.
+    constexpr int AHEAD = 8;
+    const int d0 = threadIdx.x;
+    float ms[AHEAD], ls[AHEAD], first[AHEAD];
+    #pragma unroll
+    for (int s = 0; s < AHEAD; s++) {
+        const bool in = s < splits;
+        ms[s] = in ? __ldcg(&rec[s * stride + hd]) : -INFINITY;
+        ls[s] = in ? __ldcg(&rec[s * stride + hd + 1]) : 0.0f;
+        first[s] = in && d0 < hd ? __ldcg(&rec[s * stride + d0]) : 0.0f;
     }
-    for (int d = threadIdx.x; d < hd; d += blockDim.x) {
+    float m = -INFINITY;
+    #pragma unroll
+    for (int s = 0; s < AHEAD; s++) m = fmaxf(m, ms[s]);
+    for (int s = AHEAD; s < splits; s++) m = fmaxf(m, __ldcg(&rec[s * stride + hd]));
+    float ws[AHEAD]; // the first splits' weights, e^(m_s − m), zero where a split had no keys
+    float l = 0.0f;
+    #pragma unroll
+    for (int s = 0; s < AHEAD; s++) {
+        ws[s] = ms[s] > -INFINITY ? expf(ms[s] - m) : 0.0f;
+        if (ms[s] > -INFINITY) l += ls[s] * ws[s];
+    }
+    for (int s = AHEAD; s < splits; s++) {
+        const float m_s = __ldcg(&rec[s * stride + hd]);
+        if (m_s > -INFINITY) l += __ldcg(&rec[s * stride + hd + 1]) * expf(m_s - m);
+    }
+    for (int d = d0; d < hd; d += blockDim.x) {
         float acc = 0.0f;
-        #pragma unroll 8
-        for (int s = 0; s < splits; s++) {
-            const float ms = __ldcg(&rec[s * stride + hd]);
-            if (ms > -INFINITY) acc += __ldcg(&rec[s * stride + d]) * expf(ms - m);
+        #pragma unroll
+        for (int s = 0; s < AHEAD; s++) {
+            if (ms[s] > -INFINITY) acc += (d == d0 ? first[s] : __ldcg(&rec[s * stride + d])) * ws[s];
+        }
+        for (int s = AHEAD; s < splits; s++) {
+            const float m_s = __ldcg(&rec[s * stride + hd]);
+            if (m_s > -INFINITY) acc += __ldcg(&rec[s * stride + d]) * expf(m_s - m);
         }
         out[d] = to_act(acc / l);
     }

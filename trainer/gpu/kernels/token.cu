@@ -74,7 +74,7 @@ struct tok_smem {
     float* qs;    // the head's query after norm and RoPE: HD
     float* kn;    // the step's own key, value: HD each
     float* vn;
-    float* w;     // a split's scores, then weights: TOK_CHUNK
+    float* w;     // a split's scores: TOK_CHUNK
     float* sums;  // the output's partial sums: TOK_THREADS·VEC; NF4 products' partial rows
     int* flag;
     unsigned int* pairs; // NF4 only: nf4_mma_tables' pairs, 256·NF4_PAIR_COPIES
@@ -528,21 +528,26 @@ __device__ void tok_attention(const tok_layer& L, const act_t* qkv, act_t* att, 
             if (lane == 0) s.w[i] = acc * scale;
         }
         __syncthreads();
-        float mx = -INFINITY;
-        for (int i = 0; i < n; i++) mx = fmaxf(mx, s.w[i]);
-        __syncthreads(); // every thread has read the scores
-        if (tid < n) s.w[tid] = expf(s.w[tid] - mx);
-        __syncthreads();
+        // Every warp takes the split's largest score and the keys' weights
+        // itself (key i's in lane i, TOK_CHUNK being a warp), so that no
+        // further barrier is needed before the output's sums.
+        static_assert(TOK_CHUNK == 32, "a split's keys are a warp's lanes");
+        const float score = lane < n ? s.w[lane] : -INFINITY;
+        const float mx = warp_max(score);
+        const float wt = lane < n ? expf(score - mx) : 0.0f;
 
         // Output.
         {
+            float wk[VKEYS]; // the thread's keys' weights, from the lanes that hold them
+            #pragma unroll
+            for (int k = 0; k < VKEYS; k++) wk[k] = __shfl_sync(0xffffffffu, wt, (ks + k * SETS) & 31);
             float acc[VEC] = {};
             #pragma unroll
             for (int k = 0; k < VKEYS; k++) {
                 const int i = ks + k * SETS;
                 if (i >= n) break;
                 #pragma unroll
-                for (int e = 0; e < VEC; e++) acc[e] += s.w[i] * (j0 + i == p ? s.vn[gi * VEC + e] : to_f32(vv[k].a[e]));
+                for (int e = 0; e < VEC; e++) acc[e] += wk[k] * (j0 + i == p ? s.vn[gi * VEC + e] : to_f32(vv[k].a[e]));
             }
             #pragma unroll
             for (int e = 0; e < VEC; e++) s.sums[ks * HD + gi * VEC + e] = acc[e];
@@ -554,11 +559,8 @@ __device__ void tok_attention(const tok_layer& L, const act_t* qkv, act_t* att, 
             for (int ks = 0; ks < SETS; ks++) a += s.sums[ks * HD + d];
             rec[d] = a;
         }
-        if (tid == 0) {
-            float sum = 0.0f;
-            for (int i = 0; i < n; i++) sum += s.w[i];
-            rec[HD] = mx, rec[HD + 1] = sum;
-        }
+        const float sum = warp_sum(wt);
+        if (tid == 0) rec[HD] = mx, rec[HD + 1] = sum;
         if (last_block(&counts[h], splits, s.flag))
             decode_combine(recs + (long long)h * splits * (HD + 2), splits, HD, att + h * HD);
         __syncthreads(); // shared memory is free for the next item

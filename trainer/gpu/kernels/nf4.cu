@@ -62,15 +62,34 @@ __device__ __forceinline__ unsigned int nf4_load_tables(float* code, float* dyn)
 // of a warp reading different entries of a constant array are served one
 // address at a time, which held the one-weight kernel above to an eighth
 // of the memory bandwidth. (Thirty-two weights a thread measured slower.)
-extern "C" __global__ void nf4_dequantize16(const uint2* __restrict__ packed, const unsigned char* __restrict__ absmax_q,
-                                            const float* __restrict__ absmax2, float offset, long long groups, int round_mode,
-                                            uint4* __restrict__ out) {
-    __shared__ float code[16], dyn[256];
-    nf4_load_tables(code, dyn);
+template <int ROUND>
+__device__ __forceinline__ void nf4_dequantize16_as(const uint2* __restrict__ packed, const unsigned char* __restrict__ absmax_q,
+                                                    const float* __restrict__ absmax2, float offset, long long groups,
+                                                    const float* code, const float* dyn, uint4* __restrict__ out) {
     GRID_STRIDE(g, groups) {
         const long long b = g / 4; // four groups of sixteen to a 64-block
         const float am = nf4_scale(dyn[absmax_q[b]], absmax2[b / 256], offset);
         const uint2 w = packed[g];
+#ifndef ACT_F32
+        if (ROUND == ROUND_BF16) {
+            // Rounded once to bfloat16 (the checkpoint's dtype and the
+            // activation's are one): the hardware's conversion of a pair,
+            // which rounds finite values as f32_to_bf16 does.
+            #pragma unroll
+            for (int h = 0; h < 2; h++) {
+                unsigned int o[4];
+                #pragma unroll
+                for (int k = 0; k < 4; k++) {
+                    const unsigned int byte = ((h == 0 ? w.x : w.y) >> (8 * k)) & 0xffu;
+                    asm("cvt.rn.bf16x2.f32 %0, %1, %2;"
+                        : "=r"(o[k])
+                        : "f"(__fmul_rn(code[byte & 0xfu], am)), "f"(__fmul_rn(code[byte >> 4], am)));
+                }
+                out[g * 2 + h] = make_uint4(o[0], o[1], o[2], o[3]);
+            }
+            continue;
+        }
+#endif
         #pragma unroll
         for (int h = 0; h < 16 / VEC; h++) {
             act_vec o;
@@ -78,12 +97,27 @@ extern "C" __global__ void nf4_dequantize16(const uint2* __restrict__ packed, co
             for (int e = 0; e < VEC; e += 2) {
                 const int j = h * VEC / 2 + e / 2; // the byte
                 const unsigned int byte = ((j < 4 ? w.x : w.y) >> (8 * (j % 4))) & 0xffu;
-                o.a[e] = to_act(round_to(__fmul_rn(code[byte >> 4], am), round_mode));
-                o.a[e + 1] = to_act(round_to(__fmul_rn(code[byte & 0xfu], am), round_mode));
+                o.a[e] = to_act(round_to(__fmul_rn(code[byte >> 4], am), ROUND));
+                o.a[e + 1] = to_act(round_to(__fmul_rn(code[byte & 0xfu], am), ROUND));
             }
             out[g * (16 / VEC) + h] = o.u;
         }
     }
+}
+
+// The rounding mode is chosen once, outside the loop: per weight, its
+// branches made the loop several times longer.
+extern "C" __global__ void nf4_dequantize16(const uint2* __restrict__ packed, const unsigned char* __restrict__ absmax_q,
+                                            const float* __restrict__ absmax2, float offset, long long groups, int round_mode,
+                                            uint4* __restrict__ out) {
+    __shared__ float code[16], dyn[256];
+    nf4_load_tables(code, dyn);
+    if (round_mode == ROUND_BF16)
+        nf4_dequantize16_as<ROUND_BF16>(packed, absmax_q, absmax2, offset, groups, code, dyn, out);
+    else if (round_mode == ROUND_F16)
+        nf4_dequantize16_as<ROUND_F16>(packed, absmax_q, absmax2, offset, groups, code, dyn, out);
+    else
+        nf4_dequantize16_as<ROUND_NONE>(packed, absmax_q, absmax2, offset, groups, code, dyn, out);
 }
 
 // The decoding product out [T × rows] = x·Wᵀ for the few tokens of a step

@@ -18,10 +18,10 @@ import "strings"
 //	backward = 2·T·P + 2·N·V·d            input gradients only: the base is frozen
 //	         + Σ_layers 8·h·H·pairs       dV, dP, dQ and dK
 //	         + Σ_adapted 4·T·r·(in + out) LoRA input and weight gradients
-//	recompute = 2·T·(P − P_down)          gradient checkpointing runs each block again
-//	          + Σ_layers 4·h·H·pairs      up to its down projection, whose output the
-//	          + Σ_adapted 2·T·r·out       forward pass saves, as it saves x·Aᵀ
-//	            (down projection aside)
+//	recompute = 2·T·(P − P_o − P_down)    gradient checkpointing runs each block again
+//	          + Σ_layers 4·h·H·pairs      up to its down projection, without the o
+//	          + Σ_adapted 2·T·r·out       projection: the forward pass saves both
+//	            (o and down aside)        outputs, as it saves x·Aᵀ
 //
 // The recomputation is the GPU backend's (bench train's); the CPU
 // reference recomputes whole blocks. MFU counts forward and backward; HFU
@@ -43,18 +43,21 @@ func (f FLOPs) Hardware() float64 { return f.Forward + f.Backward + f.Recompute 
 func StepFLOPs(c *Config, lora LoRAConfig, b *Batch, checkpointing bool) FLOPs {
 	T := float64(len(b.IDs))
 	N := float64(b.Trained())
-	var proj, adapted, down, adaptedB float64
+	// saved: the projections whose outputs the forward pass keeps, which
+	// the recomputation therefore skips.
+	saved := func(m Module) bool { return m == OProj || m == DownProj }
+	var proj, recomputed, adapted, adaptedB float64
 	for _, m := range AllModules {
 		out, in := c.ProjShape(m)
 		proj += float64(out) * float64(in)
-		if m == DownProj {
-			down = float64(out) * float64(in)
+		if !saved(m) {
+			recomputed += float64(out) * float64(in)
 		}
 	}
 	for _, m := range lora.Targets {
 		out, in := c.ProjShape(m)
 		adapted += float64(lora.R) * float64(in+out)
-		if m != DownProj {
+		if !saved(m) {
 			adaptedB += float64(lora.R) * float64(out)
 		}
 	}
@@ -79,7 +82,7 @@ func StepFLOPs(c *Config, lora LoRAConfig, b *Batch, checkpointing bool) FLOPs {
 		Backward: 2*T*proj*L + head + 8*attn + 4*T*adapted*L,
 	}
 	if checkpointing {
-		f.Recompute = 2*T*(proj-down)*L + 4*attn + 2*T*adaptedB*L
+		f.Recompute = 2*T*recomputed*L + 4*attn + 2*T*adaptedB*L
 	}
 	return f
 }

@@ -13,20 +13,21 @@ func TestStepFLOPs(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	lora := LoRAConfig{R: 1, Alpha: 1, Targets: []Module{QProj}}
+	lora := LoRAConfig{R: 1, Alpha: 1, Targets: []Module{QProj, OProj}}
 	f := StepFLOPs(c, lora, b, true)
 	// Projections per layer: q 4x4, k 2x4, v 2x4, o 4x4, gate 8x4, up 8x4, down 4x8 = 144.
 	// Trained positions: targets at 0 (label 2), 1 (label 3), 3 (label 5) = 3.
 	// Pairs: sliding (window 2) 1+2+2+1+2 = 8, global 1+2+3+1+2 = 9; h·H = 4.
-	// LoRA on q: r·(in+out) = 1·(4+4) = 8 per layer.
+	// LoRA on q and o: r·(in+out) = 1·(4+4) each, 16 per layer.
 	proj := 2.0 * 5 * 144 * 2
 	head := 2.0 * 3 * 10 * 4
 	attn := 4.0 * (8 + 9)
-	wantFwd := proj + head + 4*attn + 2*5*8*2
-	wantBwd := proj + head + 8*attn + 4*5*8*2
-	// The recomputation: the blocks without the down projection (4x8),
-	// and of the LoRA products only q's by B (r·out = 4).
-	wantRe := 2.0*5*(144-32)*2 + 4*attn + 2*5*4*2
+	wantFwd := proj + head + 4*attn + 2*5*16*2
+	wantBwd := proj + head + 8*attn + 4*5*16*2
+	// The recomputation: the blocks without the o (4x4) and down (4x8)
+	// projections, whose outputs the forward pass saves, and of the LoRA
+	// products only q's by B (r·out = 4).
+	wantRe := 2.0*5*(144-16-32)*2 + 4*attn + 2*5*4*2
 	if f.Forward != wantFwd || f.Backward != wantBwd || f.Recompute != wantRe {
 		t.Errorf("FLOPs %+v, want forward %v, backward %v, recompute %v", f, wantFwd, wantBwd, wantRe)
 	}

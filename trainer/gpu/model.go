@@ -67,7 +67,7 @@ type workspace struct {
 	dkr, dvr       cuda.Buffer // float32 [T × kv_heads·head_dim]
 	dq, dk, dv     cuda.Buffer // act
 	delta          cuda.Buffer // float32 [T × heads]
-	dxa            cuda.Buffer // act [T × r]
+	dxa            cuda.Buffer // act [3 × T × r]: a slot for each projection of a group
 	xin            cuda.Buffer // act [T × widest projection input]: dropout's output
 	wbuf           cuda.Buffer // act [largest projection]: dequantised NF4 weights
 	xf, rstdF      cuda.Buffer
@@ -233,7 +233,7 @@ func layoutWorkspace(cfg *trainer.Config, sc trainer.SessionConfig, act int64, T
 	add(attnGrad, t*H*D*act, &ws.dq)
 	add(attnGrad, t*KV*D*act, &ws.dk, &ws.dv)
 	add(attnGrad, 4*t*H, &ws.delta)
-	add(scratch, t*R*act, &ws.dxa)
+	add(scratch, 3*t*R*act, &ws.dxa) // a slot for each projection of a group (inputBackward)
 	add(scratch, t*maxIn*act, &ws.xin)
 	add(scratch, maxW*act, &ws.wbuf)
 	add(loss, C*Hd*act, &ws.hc)
@@ -584,12 +584,42 @@ func (s *session) loraForward(c *cuda.Ctx, T, layer int, mod trainer.Module, x, 
 	return s.gemm(c, "lora", T, p.out, R, false, true, act, act, s.cfg.LoRA.Scale(), xa, s.lora.actPtr(s, B), beta, out)
 }
 
-// linearBackward adds (or, without accumulate, writes) dx [T × in], the
-// float32 input gradient of linear for dy [T × out] (activations), and
-// accumulates the LoRA gradients. The forward pass of the same dropout
-// left x·Aᵀ in lc (and, unless it ran from saved products, the mask).
+// projGrad is one projection of a group that reads the same input (q, k
+// and v; gate and up; o or down alone): its module and dy, the gradient of
+// its output (activations).
+type projGrad struct {
+	mod trainer.Module
+	dy  cuda.DevicePtr
+}
+
+// inputBackward writes dx [T × in], the float32 gradient of x, the input
+// that the projections of group read, and accumulates their LoRA
+// gradients: the frozen products' parts projection by projection, then
+// the LoRA products' parts of the whole group together (loraInputGrad).
+func (s *session) inputBackward(c *cuda.Ctx, T, layer int, x cuda.DevicePtr, group []projGrad, lc *layerCache,
+	dx cuda.DevicePtr, d *trainer.Dropout) error {
+	for i, g := range group {
+		if err := s.linearBackward(c, T, layer, g.mod, g.dy, x, lc, dx, i > 0, d, s.dxaSlot(T, i)); err != nil {
+			return err
+		}
+	}
+	return s.loraInputGrad(c, T, layer, group, lc, dx, d)
+}
+
+// dxaSlot is where the i-th projection of a group keeps its dxa [T × r]
+// until loraInputGrad.
+func (s *session) dxaSlot(T, i int) cuda.DevicePtr {
+	return s.ws.dxa.Ptr.Add(int64(i) * int64(T) * int64(s.cfg.LoRA.R) * s.k.Prec.Size())
+}
+
+// linearBackward adds (or, without accumulate, writes) to dx [T × in] the
+// frozen weight's part of the float32 input gradient of linear for dy
+// [T × out] (activations), accumulates the LoRA gradients, and leaves dxa
+// (the gradient of x·Aᵀ) at dxa for loraInputGrad, which adds the LoRA
+// part of dx. The forward pass of the same dropout left x·Aᵀ in lc (and,
+// unless it ran from saved products, the mask).
 func (s *session) linearBackward(c *cuda.Ctx, T, layer int, mod trainer.Module, dy, x cuda.DevicePtr, lc *layerCache,
-	dx cuda.DevicePtr, accumulate bool, d *trainer.Dropout) error {
+	dx cuda.DevicePtr, accumulate bool, d *trainer.Dropout, dxa cuda.DevicePtr) error {
 	act := s.k.Prec.GEMMType()
 	p := &s.w.layers[layer].proj[moduleIndex(mod)]
 	w, err := s.weight(c, p, s.ws.wbuf.Ptr)
@@ -614,7 +644,6 @@ func (s *session) linearBackward(c *cuda.Ctx, T, layer int, mod trainer.Module, 
 	if err := s.gemm(c, "lora", p.out, R, T, true, false, act, cuda.F32, scale, dy, xa, 1, s.lora.gradPtr(B)); err != nil {
 		return err
 	}
-	dxa := s.ws.dxa.Ptr
 	if err := s.gemm(c, "lora", T, R, p.out, false, false, act, act, scale, dy, s.lora.actPtr(s, B), 0, dxa); err != nil {
 		return err
 	}
@@ -634,17 +663,46 @@ func (s *session) linearBackward(c *cuda.Ctx, T, layer int, mod trainer.Module, 
 			return err
 		}
 	}
-	if err := s.gemm(c, "lora", R, p.in, T, true, false, act, cuda.F32, 1, dxa, src, 1, s.lora.gradPtr(A)); err != nil {
-		return err
+	return s.gemm(c, "lora", R, p.in, T, true, false, act, cuda.F32, 1, dxa, src, 1, s.lora.gradPtr(A))
+}
+
+// loraInputGrad adds to dx the LoRA products' part of the input gradient
+// of group, whose projections' dxa linearBackward left in their slots:
+// dx += drop'(dxa·A), one projection after another. With dropout that is
+// one kernel for the whole group where it can (LoRADropoutGrad: dx read
+// and written once), else a GEMM into activations and DropoutAdd a
+// projection; without, a GEMM adding into dx.
+func (s *session) loraInputGrad(c *cuda.Ctx, T, layer int, group []projGrad, lc *layerCache, dx cuda.DevicePtr, d *trainer.Dropout) error {
+	act := s.k.Prec.GEMMType()
+	R := s.cfg.LoRA.R
+	var parts []kernels.LoRAGradPart
+	for i, g := range group {
+		if A, ok := s.lora.slot(layer, g.mod, false); ok {
+			parts = append(parts, kernels.LoRAGradPart{DXA: s.dxaSlot(T, i), A: s.lora.actPtr(s, A), Mask: lc.mask[moduleIndex(g.mod)].Ptr})
+		}
 	}
-	// dx += drop'(dxa·A).
-	if d == nil {
-		return s.gemm(c, "lora", T, p.in, R, false, false, act, cuda.F32, 1, dxa, s.lora.actPtr(s, A), 1, dx)
+	if len(parts) == 0 {
+		return nil
 	}
-	if err := s.gemm(c, "lora", T, p.in, R, false, false, act, act, 1, dxa, s.lora.actPtr(s, A), 0, s.ws.xin.Ptr); err != nil {
-		return err
+	in := s.w.layers[layer].proj[moduleIndex(group[0].mod)].in
+	if d != nil && s.k.FusesLoRADropoutGrad(in, R) {
+		return s.k.LoRADropoutGrad(c, parts, dx, T, in, R, d.Scale)
 	}
-	return s.k.DropoutAdd(c, s.ws.xin.Ptr, dx, mask, n, d.Scale)
+	for _, p := range parts {
+		if d == nil {
+			if err := s.gemm(c, "lora", T, in, R, false, false, act, cuda.F32, 1, p.DXA, p.A, 1, dx); err != nil {
+				return err
+			}
+			continue
+		}
+		if err := s.gemm(c, "lora", T, in, R, false, false, act, act, 1, p.DXA, p.A, 0, s.ws.xin.Ptr); err != nil {
+			return err
+		}
+		if err := s.k.DropoutAdd(c, s.ws.xin.Ptr, dx, p.Mask, int64(T)*int64(in), d.Scale); err != nil {
+			return err
+		}
+	}
+	return nil
 }
 
 // layerForward runs block l on x, writing its output to out and its
@@ -746,17 +804,14 @@ func (s *session) layerBackward(c *cuda.Ctx, T, l int, x cuda.DevicePtr, lc *lay
 			return s.k.RMSNormBackwardAct(c, ws.dout.Ptr, lc.d.Ptr, L.postFFNorm.Ptr, lc.rstd4.Ptr, ws.dd.Ptr, T, Hd)
 		},
 		func() error {
-			return s.linearBackward(c, T, l, trainer.DownProj, ws.dd.Ptr, lc.act.Ptr, lc, ws.dact.Ptr, false, d)
+			return s.inputBackward(c, T, l, lc.act.Ptr, []projGrad{{trainer.DownProj, ws.dd.Ptr}}, lc, ws.dact.Ptr, d)
 		},
 		// gate and up become their own gradients.
 		func() error {
 			return s.k.GeGLUBackward(c, ws.dact.Ptr, lc.gate.Ptr, lc.up.Ptr, lc.gate.Ptr, lc.up.Ptr, int64(T)*int64(cfg.Intermediate))
 		},
 		func() error {
-			return s.linearBackward(c, T, l, trainer.GateProj, lc.gate.Ptr, lc.xn2.Ptr, lc, ws.dxn.Ptr, false, d)
-		},
-		func() error {
-			return s.linearBackward(c, T, l, trainer.UpProj, lc.up.Ptr, lc.xn2.Ptr, lc, ws.dxn.Ptr, true, d)
+			return s.inputBackward(c, T, l, lc.xn2.Ptr, []projGrad{{trainer.GateProj, lc.gate.Ptr}, {trainer.UpProj, lc.up.Ptr}}, lc, ws.dxn.Ptr, d)
 		},
 		// x1 = x + norm(o); xn2 = norm(x1)
 		func() error {
@@ -766,7 +821,7 @@ func (s *session) layerBackward(c *cuda.Ctx, T, l int, x cuda.DevicePtr, lc *lay
 			return s.k.RMSNormBackwardAct(c, ws.dx1.Ptr, lc.o.Ptr, L.postAttnNorm.Ptr, lc.rstd2.Ptr, ws.dd.Ptr, T, Hd)
 		},
 		func() error {
-			return s.linearBackward(c, T, l, trainer.OProj, ws.dd.Ptr, lc.att.Ptr, lc, ws.datt.Ptr, false, d)
+			return s.inputBackward(c, T, l, lc.att.Ptr, []projGrad{{trainer.OProj, ws.dd.Ptr}}, lc, ws.datt.Ptr, d)
 		},
 		func() error {
 			return s.k.AttentionBackward(c, lc.qr.Ptr, lc.kr.Ptr, lc.v.Ptr, ws.datt.Ptr, lc.lse.Ptr,
@@ -780,13 +835,8 @@ func (s *session) layerBackward(c *cuda.Ctx, T, l int, x cuda.DevicePtr, lc *lay
 		},
 		func() error { return s.k.F32ToAct(c, ws.dvr.Ptr, ws.dv.Ptr, int64(T)*int64(KV*D)) },
 		func() error {
-			return s.linearBackward(c, T, l, trainer.QProj, ws.dq.Ptr, lc.xn1.Ptr, lc, ws.dxn.Ptr, false, d)
-		},
-		func() error {
-			return s.linearBackward(c, T, l, trainer.KProj, ws.dk.Ptr, lc.xn1.Ptr, lc, ws.dxn.Ptr, true, d)
-		},
-		func() error {
-			return s.linearBackward(c, T, l, trainer.VProj, ws.dv.Ptr, lc.xn1.Ptr, lc, ws.dxn.Ptr, true, d)
+			qkv := []projGrad{{trainer.QProj, ws.dq.Ptr}, {trainer.KProj, ws.dk.Ptr}, {trainer.VProj, ws.dv.Ptr}}
+			return s.inputBackward(c, T, l, lc.xn1.Ptr, qkv, lc, ws.dxn.Ptr, d)
 		},
 		// xn1 = norm(x); the block's input gradient is dx1 + this.
 		func() error {

@@ -133,6 +133,7 @@ var kernelGroups = []struct{ prefix, group string }{
 	{"gemv_mma", "GEMM, frozen projections"},
 	{"gemm:lora", "LoRA (GEMMs, dropout)"},
 	{"dropout_", "LoRA (GEMMs, dropout)"},
+	{"lora_", "LoRA (GEMMs, dropout)"},
 	{"gemm:head", "lm_head and cross-entropy"},
 	{"cross_entropy", "lm_head and cross-entropy"},
 	{"gather_rows", "lm_head and cross-entropy"},

@@ -1,6 +1,7 @@
 package kernels
 
 import (
+	"bytes"
 	"errors"
 	"testing"
 
@@ -30,12 +31,20 @@ func TestCompileForEveryArchitecture(t *testing.T) {
 					if hd != 256 && src.Name != "attention.cu" && src.Name != "token.cu" {
 						continue
 					}
-					if _, err := cuda.CompileForArch(src, arch); err != nil {
+					bin, err := cuda.CompileForArch(src, arch)
+					if err != nil {
 						var ne *cuda.NVRTCError
 						if errors.As(err, &ne) {
 							t.Fatalf("%s %s head_dim %d %s:\n%s", src.Name, p, hd, arch, ne.Log)
 						}
 						t.Fatalf("%s %s head_dim %d %s: %v", src.Name, p, hd, arch, err)
+					}
+					// Every kernel Load will look up by the name kernelNames
+					// reads from the source is a symbol of the module.
+					for _, name := range kernelNames(src.Code) {
+						if !bytes.Contains(bin, []byte("\x00"+name+"\x00")) {
+							t.Errorf("%s %s head_dim %d %s: no kernel %q in the module", src.Name, p, hd, arch, name)
+						}
 					}
 				}
 			}

@@ -351,7 +351,13 @@ type Heads struct {
 // is skipped.
 func (k *Kernels) QKNormRope(c *cuda.Ctx, q, kk Heads, cos, sin cuda.DevicePtr, tokens, dim int, eps float64) error {
 	qrows, krows := tokens*q.Heads, tokens*kk.Heads
-	return k.launch(c, "qk_norm_rope_fwd", warpRows(qrows+krows), q.X, q.W, q.Out, q.Rstd, int32(qrows), int32(max(q.Heads, 1)),
+	name := "qk_norm_rope_fwd"
+	// The _vec form: a lane's four elements of each half in one load, every
+	// row and table row starting 16 bytes apart.
+	if dim%8 == 0 && dim <= 256 && dim*int(k.Prec.Size())%16 == 0 && k.vectors(0, q.X, q.W, q.Out, kk.X, kk.W, kk.Out, cos, sin) {
+		name += "_vec"
+	}
+	return k.launch(c, name, warpRows(qrows+krows), q.X, q.W, q.Out, q.Rstd, int32(qrows), int32(max(q.Heads, 1)),
 		kk.X, kk.W, kk.Out, kk.Rstd, int32(krows), int32(max(kk.Heads, 1)), cos, sin, int32(dim), float32(eps))
 }
 
@@ -546,6 +552,34 @@ func (k *Kernels) DropoutReplay(c *cuda.Ctx, x, out, mask cuda.DevicePtr, n int6
 // dst.
 func (k *Kernels) DropoutAdd(c *cuda.Ctx, src, dst, mask cuda.DevicePtr, n int64, scale float32) error {
 	return k.launch(c, k.maskKernel("dropout_add", n, src, dst), k.grid((MaskBytes(n)+1)/2), src, dst, mask, n, scale)
+}
+
+// LoRAGradPart is one projection's share of LoRADropoutGrad: its dxa
+// [T × r] (the gradient of x·Aᵀ), its lora_A [r × n] as activations, and
+// the dropout mask DropoutRecord drew for its input.
+type LoRAGradPart struct{ DXA, A, Mask cuda.DevicePtr }
+
+// FusesLoRADropoutGrad reports whether LoRADropoutGrad takes inputs of
+// width n at rank r: bfloat16 activations, n a multiple of 64, r even and
+// at most 64. Elsewhere the GEMM and DropoutAdd do the same, a projection
+// at a time.
+func (k *Kernels) FusesLoRADropoutGrad(n, r int) bool {
+	return k.Prec == BF16 && n%64 == 0 && r%2 == 0 && r <= 64
+}
+
+// LoRADropoutGrad adds to the float32 dx [T × n], for each of the one to
+// three parts in order, scale (the dropout's) times its mask times dxa·A
+// rounded to activations: what the GEMM into activations and DropoutAdd
+// add, with dx read and written once for all the parts.
+func (k *Kernels) LoRADropoutGrad(c *cuda.Ctx, parts []LoRAGradPart, dx cuda.DevicePtr, T, n, r int, scale float32) error {
+	if len(parts) < 1 || len(parts) > 3 || !k.FusesLoRADropoutGrad(n, r) {
+		return fmt.Errorf("kernels: LoRADropoutGrad of %d parts at width %d, rank %d", len(parts), n, r)
+	}
+	var p [3]LoRAGradPart
+	copy(p[:], parts)
+	cfg := cuda.LaunchConfig{Grid: cuda.Dim3{X: n / 64, Y: (T + 127) / 128}, Block: cuda.Dim3{X: 256}}
+	return k.launch(c, "lora_dropout_grad", cfg, p[0].DXA, p[0].A, p[0].Mask, p[1].DXA, p[1].A, p[1].Mask,
+		p[2].DXA, p[2].A, p[2].Mask, int32(len(parts)), dx, int32(T), int32(n), int32(r), scale)
 }
 
 // F32ToAct converts n float32 values to activations.

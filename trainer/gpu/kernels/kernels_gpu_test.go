@@ -241,7 +241,9 @@ func TestRMSNorm(t *testing.T) {
 func TestQKNormRope(t *testing.T) {
 	for _, p := range precisions {
 		k := kernelsFor(t, p, 256)
-		for _, dim := range []int{8, 16, 128, 256} {
+		// 6 and 512 take the forward kernel's element form, the rest its
+		// vector form.
+		for _, dim := range []int{6, 8, 16, 128, 256, 512} {
 			t.Run(fmt.Sprintf("%s/head_dim_%d", p, dim), func(t *testing.T) {
 				rng := cudatest.Rand(t)
 				tokens := 37
@@ -708,6 +710,81 @@ func TestDropout(t *testing.T) {
 				})
 			})
 		}
+	}
+}
+
+// TestLoRADropoutGrad checks the fused gradient through the LoRA products
+// and dropout of a group against the host: for each part in order, the
+// product dxa·A rounded to bfloat16 (as the GEMM into activations rounds
+// it), scaled and added where the mask keeps (as DropoutAdd adds it).
+func TestLoRADropoutGrad(t *testing.T) {
+	k := kernelsFor(t, BF16, 256)
+	// Row counts that end inside a block's and a warp's rows; ranks of one
+	// and of several k steps, one not whole.
+	for _, c := range []struct{ T, n, r, parts int }{{1000, 192, 32, 3}, {77, 64, 8, 1}, {130, 128, 64, 2}, {256, 3840, 16, 3}} {
+		t.Run(fmt.Sprintf("T%d_n%d_r%d_parts%d", c.T, c.n, c.r, c.parts), func(t *testing.T) {
+			if !k.FusesLoRADropoutGrad(c.n, c.r) {
+				t.Fatalf("width %d, rank %d not taken", c.n, c.r)
+			}
+			rng := cudatest.Rand(t)
+			const scale = float32(1 / 0.95)
+			dx := uniform(rng, c.T*c.n, 1)
+			want := append([]float32(nil), dx...)
+			type part struct {
+				dxa, a []float32
+				mask   []uint8
+			}
+			ps := make([]part, c.parts)
+			for p := range ps {
+				ps[p].dxa = roundAct(BF16, uniform(rng, c.T*c.r, 1))
+				ps[p].a = roundAct(BF16, uniform(rng, c.r*c.n, 0.2))
+				ps[p].mask = make([]uint8, MaskBytes(int64(c.T*c.n)))
+				for i := range ps[p].mask {
+					ps[p].mask[i] = uint8(rng.Uint32())
+				}
+				for t0 := 0; t0 < c.T; t0++ {
+					for i := 0; i < c.n; i++ {
+						e := t0*c.n + i
+						if ps[p].mask[e/8]>>(e%8)&1 == 0 {
+							continue
+						}
+						var sum float64
+						for q := 0; q < c.r; q++ {
+							sum += float64(ps[p].dxa[t0*c.r+q]) * float64(ps[p].a[q*c.n+i])
+						}
+						want[e] += float32(half.RoundBF16(float32(sum)) * scale) // rounded apart, as the kernel does
+					}
+				}
+			}
+			run(t, k, func(d *dev) error {
+				dxp := d.f32(dx)
+				var parts []LoRAGradPart
+				for _, p := range ps {
+					m := d.alloc(int64(len(p.mask)))
+					if err := cuda.Upload(d.c, m, p.mask); err != nil {
+						return err
+					}
+					parts = append(parts, LoRAGradPart{DXA: d.act(p.dxa), A: d.act(p.a), Mask: m})
+				}
+				if err := k.LoRADropoutGrad(d.c, parts, dxp, c.T, c.n, c.r, scale); err != nil {
+					return err
+				}
+				got := d.readF32(dxp, len(dx))
+				// The product's float32 sum may round to the other
+				// neighbouring bfloat16 now and then; nothing else differs.
+				differ := 0
+				for i := range got {
+					if got[i] != want[i] {
+						differ++
+					}
+				}
+				if differ > len(got)/500 {
+					return fmt.Errorf("%d of %d elements differ from the host's", differ, len(got))
+				}
+				d.check("dx", got, want, cudatest.Tolerance{Name: "a bfloat16 product rounded the other way, now and then", Rel: 1e-5})
+				return nil
+			})
+		})
 	}
 }
 

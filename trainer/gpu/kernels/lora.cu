@@ -178,3 +178,104 @@ extern "C" __global__ void f32_to_act(const float* __restrict__ src, act_t* __re
 extern "C" __global__ void add_f32(const float* __restrict__ src, float* __restrict__ dst, long long n) {
     GRID_STRIDE(i, n) { dst[i] += src[i]; }
 }
+
+// The backward pass's gradient through the LoRA products and dropout of
+// up to three projections that read the same input (q, k and v; gate and
+// up; o or down alone), in one pass over dx:
+//
+//   dx [T × n] (float32) += scale · mask_p ⊙ act(dxa_p · A_p), p = 0, 1, …
+//
+// with dxa_p [T × r] and lora_A A_p [r × n] activations and mask_p
+// dropout_record's bits. It is the GEMM into activations followed by
+// dropout_add, once per projection, with the same roundings and the same
+// order of the sums, but dx is read and written once for the group and
+// the products never leave registers (they are K = r small). Each block
+// takes 128 rows × 64 columns, each warp 16 rows of them on tensor cores
+// (m16n8k16); A_p's 64 columns wait in shared memory, transposed so that
+// a fragment's pair of k is one 32-bit word. n is a multiple of 64 (a
+// row's 64 columns are 8 whole mask bytes); r is even and at most 64.
+#define LDG_MAX_R 64
+#define LDG_STRIDE (LDG_MAX_R + 8) // bf16 elements a row of sA: no bank conflicts
+struct LoRADropoutPart {
+    const bf16_t* dxa;
+    const bf16_t* a;
+    const unsigned char* mask;
+};
+
+extern "C" __global__ void __launch_bounds__(256, 2) lora_dropout_grad(const bf16_t* dxa0, const bf16_t* a0, const unsigned char* mask0, const bf16_t* dxa1, const bf16_t* a1,
+                  const unsigned char* mask1, const bf16_t* dxa2, const bf16_t* a2, const unsigned char* mask2, int parts,
+                  float* __restrict__ dx, int T, int n, int r, float scale) {
+#ifndef ACT_F32 // bfloat16 activations only (Kernels.FusesLoRADropoutGrad)
+    __shared__ __align__(16) bf16_t sA[3][64 * LDG_STRIDE];
+    const LoRADropoutPart part[3] = {{dxa0, a0, mask0}, {dxa1, a1, mask1}, {dxa2, a2, mask2}};
+    const int col0 = blockIdx.x * 64, tid = threadIdx.x;
+    const int kp = (r + 15) / 16 * 16; // r padded to whole k steps, with zeros
+    #pragma unroll
+    for (int p = 0; p < 3; p++) {
+        if (p == parts) break;
+        for (int i = tid; i < kp * 64; i += blockDim.x) {
+            const int k = i / 64, c = i % 64;
+            sA[p][c * LDG_STRIDE + k] = k < r ? part[p].a[(long long)k * n + col0 + c] : (bf16_t)0;
+        }
+    }
+
+    const int warp = tid >> 5, lane = tid & 31, g = lane >> 2, c = lane & 3;
+    const int row0 = blockIdx.y * 128 + warp * 16;
+    const int rows[2] = {row0 + g, row0 + g + 8};
+    // This thread's dx: rows g and g + 8, columns 8j + 2c and 8j + 2c + 1.
+    float d[8][4];
+    #pragma unroll
+    for (int h = 0; h < 2; h++) {
+        #pragma unroll
+        for (int j = 0; j < 8; j++) {
+            float2 v = make_float2(0.0f, 0.0f);
+            if (rows[h] < T) v = *reinterpret_cast<const float2*>(dx + (long long)rows[h] * n + col0 + 8 * j + 2 * c);
+            d[j][2 * h] = v.x, d[j][2 * h + 1] = v.y;
+        }
+    }
+    __syncthreads();
+    // p unrolled, so that part[p] and sA[p] are chosen at compile time.
+    #pragma unroll
+    for (int p = 0; p < 3; p++) {
+        if (p == parts) break;
+        uint2 bits[2] = {make_uint2(0, 0), make_uint2(0, 0)};
+        #pragma unroll
+        for (int h = 0; h < 2; h++)
+            if (rows[h] < T) bits[h] = *reinterpret_cast<const uint2*>(part[p].mask + ((long long)rows[h] * n + col0) / 8);
+        float acc[8][4];
+        #pragma unroll
+        for (int j = 0; j < 8; j++) acc[j][0] = acc[j][1] = acc[j][2] = acc[j][3] = 0.0f;
+        for (int k0 = 0; k0 < kp; k0 += 16) {
+            // dxa's fragment: rows g and g + 8, k pairs 2c and 2c + 8.
+            unsigned a[4];
+            #pragma unroll
+            for (int q = 0; q < 4; q++) {
+                const int row = rows[q & 1], k = k0 + 2 * c + (q >> 1) * 8;
+                a[q] = row < T && k < r ? *reinterpret_cast<const unsigned*>(part[p].dxa + (long long)row * r + k) : 0u;
+            }
+            #pragma unroll
+            for (int j = 0; j < 8; j++) {
+                const bf16_t* b = &sA[p][(8 * j + g) * LDG_STRIDE + k0 + 2 * c];
+                mma_bf16(acc[j], a[0], a[1], a[2], a[3], *reinterpret_cast<const unsigned*>(b),
+                         *reinterpret_cast<const unsigned*>(b + 8));
+            }
+        }
+        #pragma unroll
+        for (int j = 0; j < 8; j++)
+            #pragma unroll
+            for (int e = 0; e < 4; e++) {
+                const uint2 w = bits[e >> 1];
+                const unsigned int byte = ((j < 4 ? w.x : w.y) >> (8 * (j & 3))) & 0xffu;
+                if ((byte >> (2 * c + (e & 1))) & 1u)
+                    d[j][e] = __fadd_rn(d[j][e], __fmul_rn(to_f32(to_act(acc[j][e])), scale));
+            }
+    }
+    #pragma unroll
+    for (int h = 0; h < 2; h++) {
+        if (rows[h] >= T) continue;
+        #pragma unroll
+        for (int j = 0; j < 8; j++)
+            *reinterpret_cast<float2*>(dx + (long long)rows[h] * n + col0 + 8 * j + 2 * c) = make_float2(d[j][2 * h], d[j][2 * h + 1]);
+    }
+#endif
+}

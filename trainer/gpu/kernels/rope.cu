@@ -32,14 +32,76 @@ __device__ __forceinline__ void qk_norm_rope_row(const act_t* __restrict__ x, co
     }
 }
 
+// The same row for head_dim a multiple of 8 and at most 256, every
+// pointer 16-byte aligned: each lane loads its four elements of each half
+// once, in one load each (the loop above loads two bytes at a time and
+// reads the row twice, which held it to a third of the memory bandwidth).
+// The sum of squares adds in another order; the rest is the same.
+struct __align__(4 * sizeof(act_t)) act4 {
+    act_t v[4];
+};
+__device__ __forceinline__ void qk_norm_rope_row4(const act_t* __restrict__ x, const float* __restrict__ w,
+                                                  const float* __restrict__ cosv, const float* __restrict__ sinv,
+                                                  act_t* __restrict__ out, float* __restrict__ rstd, int r, int heads,
+                                                  int dim, float eps, int lane) {
+    const int half = dim / 2, i = 4 * lane;
+    const bool mine = i < half;
+    const long long base = (long long)r * dim;
+    const long long tab = (long long)(r / heads) * half;
+    act4 xa, xb;
+    float ss = 0.0f;
+    if (mine) {
+        xa = *reinterpret_cast<const act4*>(x + base + i);
+        xb = *reinterpret_cast<const act4*>(x + base + half + i);
+        #pragma unroll
+        for (int e = 0; e < 4; e++) ss += to_f32(xa.v[e]) * to_f32(xa.v[e]) + to_f32(xb.v[e]) * to_f32(xb.v[e]);
+    }
+    ss = warp_sum(ss);
+    const float inv = 1.0f / sqrtf(ss / (float)dim + eps);
+    if (lane == 0) rstd[r] = inv;
+    if (!mine) return;
+    const float4 wa = *reinterpret_cast<const float4*>(w + i), wb = *reinterpret_cast<const float4*>(w + half + i);
+    const float4 c4 = *reinterpret_cast<const float4*>(cosv + tab + i), s4 = *reinterpret_cast<const float4*>(sinv + tab + i);
+    const float was[4] = {wa.x, wa.y, wa.z, wa.w}, wbs[4] = {wb.x, wb.y, wb.z, wb.w};
+    const float cs[4] = {c4.x, c4.y, c4.z, c4.w}, sn[4] = {s4.x, s4.y, s4.z, s4.w};
+    act4 oa, ob;
+    #pragma unroll
+    for (int e = 0; e < 4; e++) {
+        const float a = to_f32(xa.v[e]) * inv * (1.0f + was[e]);
+        const float b = to_f32(xb.v[e]) * inv * (1.0f + wbs[e]);
+        oa.v[e] = to_act(a * cs[e] - b * sn[e]);
+        ob.v[e] = to_act(b * cs[e] + a * sn[e]);
+    }
+    *reinterpret_cast<act4*>(out + base + i) = oa;
+    *reinterpret_cast<act4*>(out + base + half + i) = ob;
+}
+
 // The q side's qrows rows, then the k side's krows, in one launch.
-extern "C" __global__ void qk_norm_rope_fwd(const act_t* q, const float* qw, act_t* qout, float* qrstd, int qrows, int qheads,
-                                            const act_t* k, const float* kw, act_t* kout, float* krstd, int krows, int kheads,
-                                            const float* __restrict__ cosv, const float* __restrict__ sinv, int dim, float eps) {
+template <bool vec>
+__device__ void qk_norm_rope_fwd_body(const act_t* q, const float* qw, act_t* qout, float* qrstd, int qrows, int qheads,
+                                      const act_t* k, const float* kw, act_t* kout, float* krstd, int krows, int kheads,
+                                      const float* __restrict__ cosv, const float* __restrict__ sinv, int dim, float eps) {
     const int lane = threadIdx.x & 31;
     const int r = blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
-    if (r < qrows) qk_norm_rope_row(q, qw, cosv, sinv, qout, qrstd, r, qheads, dim, eps, lane);
-    else if (r < qrows + krows) qk_norm_rope_row(k, kw, cosv, sinv, kout, krstd, r - qrows, kheads, dim, eps, lane);
+    const bool isq = r < qrows;
+    if (r >= qrows + krows) return;
+    const act_t* x = isq ? q : k;
+    const float* w = isq ? qw : kw;
+    act_t* out = isq ? qout : kout;
+    float* rstd = isq ? qrstd : krstd;
+    const int row = isq ? r : r - qrows, heads = isq ? qheads : kheads;
+    if (vec) qk_norm_rope_row4(x, w, cosv, sinv, out, rstd, row, heads, dim, eps, lane);
+    else qk_norm_rope_row(x, w, cosv, sinv, out, rstd, row, heads, dim, eps, lane);
+}
+
+#define QK_NORM_ROPE_ARGS const act_t* q, const float* qw, act_t* qout, float* qrstd, int qrows, int qheads, \
+    const act_t* k, const float* kw, act_t* kout, float* krstd, int krows, int kheads, \
+    const float* __restrict__ cosv, const float* __restrict__ sinv, int dim, float eps
+extern "C" __global__ void qk_norm_rope_fwd(QK_NORM_ROPE_ARGS) {
+    qk_norm_rope_fwd_body<false>(q, qw, qout, qrstd, qrows, qheads, k, kw, kout, krstd, krows, kheads, cosv, sinv, dim, eps);
+}
+extern "C" __global__ void qk_norm_rope_fwd_vec(QK_NORM_ROPE_ARGS) {
+    qk_norm_rope_fwd_body<true>(q, qw, qout, qrstd, qrows, qheads, k, kw, kout, krstd, krows, kheads, cosv, sinv, dim, eps);
 }
 
 // dy is the gradient of the rotated output; dx receives the gradient of the

@@ -685,7 +685,7 @@ func (s *session) loraInputGrad(c *cuda.Ctx, T, layer int, group []projGrad, lc 
 		return nil
 	}
 	in := s.w.layers[layer].proj[moduleIndex(group[0].mod)].in
-	if d != nil && s.k.FusesLoRADropoutGrad(in, R) {
+	if d != nil && s.k.FusesLoRADropoutGrad(parts, dx, in, R) {
 		return s.k.LoRADropoutGrad(c, parts, dx, T, in, R, d.Scale)
 	}
 	for _, p := range parts {

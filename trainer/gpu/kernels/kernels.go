@@ -559,12 +559,20 @@ func (k *Kernels) DropoutAdd(c *cuda.Ctx, src, dst, mask cuda.DevicePtr, n int64
 // the dropout mask DropoutRecord drew for its input.
 type LoRAGradPart struct{ DXA, A, Mask cuda.DevicePtr }
 
-// FusesLoRADropoutGrad reports whether LoRADropoutGrad takes inputs of
-// width n at rank r: bfloat16 activations, n a multiple of 64, r even and
-// at most 64. Elsewhere the GEMM and DropoutAdd do the same, a projection
-// at a time.
-func (k *Kernels) FusesLoRADropoutGrad(n, r int) bool {
-	return k.Prec == BF16 && n%64 == 0 && r%2 == 0 && r <= 64
+// FusesLoRADropoutGrad reports whether LoRADropoutGrad takes parts of
+// width n at rank r into dx: bfloat16 activations, n a multiple of 64, r
+// even and at most 64, and the pointers aligned as its loads need. Elsewhere
+// the GEMM and DropoutAdd do the same, a projection at a time.
+func (k *Kernels) FusesLoRADropoutGrad(parts []LoRAGradPart, dx cuda.DevicePtr, n, r int) bool {
+	if k.Prec != BF16 || n%64 != 0 || r%2 != 0 || r > 64 || len(parts) < 1 || len(parts) > 3 || dx%8 != 0 {
+		return false
+	}
+	for _, p := range parts {
+		if p.A%16 != 0 || p.DXA%4 != 0 || p.Mask%8 != 0 {
+			return false
+		}
+	}
+	return true
 }
 
 // LoRADropoutGrad adds to the float32 dx [T × n], for each of the one to
@@ -572,7 +580,7 @@ func (k *Kernels) FusesLoRADropoutGrad(n, r int) bool {
 // rounded to activations: what the GEMM into activations and DropoutAdd
 // add, with dx read and written once for all the parts.
 func (k *Kernels) LoRADropoutGrad(c *cuda.Ctx, parts []LoRAGradPart, dx cuda.DevicePtr, T, n, r int, scale float32) error {
-	if len(parts) < 1 || len(parts) > 3 || !k.FusesLoRADropoutGrad(n, r) {
+	if !k.FusesLoRADropoutGrad(parts, dx, n, r) {
 		return fmt.Errorf("kernels: LoRADropoutGrad of %d parts at width %d, rank %d", len(parts), n, r)
 	}
 	var p [3]LoRAGradPart

@@ -210,19 +210,15 @@ extern "C" __global__ void __launch_bounds__(256, 2) lora_dropout_grad(const bf1
     const LoRADropoutPart part[3] = {{dxa0, a0, mask0}, {dxa1, a1, mask1}, {dxa2, a2, mask2}};
     const int col0 = blockIdx.x * 64, tid = threadIdx.x;
     const int kp = (r + 15) / 16 * 16; // r padded to whole k steps, with zeros
-    #pragma unroll
-    for (int p = 0; p < 3; p++) {
-        if (p == parts) break;
-        for (int i = tid; i < kp * 64; i += blockDim.x) {
-            const int k = i / 64, c = i % 64;
-            sA[p][c * LDG_STRIDE + k] = k < r ? part[p].a[(long long)k * n + col0 + c] : (bf16_t)0;
-        }
-    }
-
     const int warp = tid >> 5, lane = tid & 31, g = lane >> 2, c = lane & 3;
     const int row0 = blockIdx.y * 128 + warp * 16;
     const int rows[2] = {row0 + g, row0 + g + 8};
-    // This thread's dx: rows g and g + 8, columns 8j + 2c and 8j + 2c + 1.
+    // Every load of the block's inputs is issued before the first is
+    // waited on (each round trip a block waits for costs bandwidth, at two
+    // blocks an SM): this thread's dx (rows g and g + 8, columns 8j + 2c
+    // and 8j + 2c + 1), its mask bytes, its 16-byte pieces of each A_p's
+    // 64 columns (kp rows of 8 pieces: at most two a thread), and its
+    // fragments of dxa_p.
     float d[8][4];
     #pragma unroll
     for (int h = 0; h < 2; h++) {
@@ -233,25 +229,62 @@ extern "C" __global__ void __launch_bounds__(256, 2) lora_dropout_grad(const bf1
             d[j][2 * h] = v.x, d[j][2 * h + 1] = v.y;
         }
     }
+    uint2 bits[3][2];
+    uint4 piece[3][2];
+    #pragma unroll
+    for (int p = 0; p < 3; p++) {
+        #pragma unroll
+        for (int h = 0; h < 2; h++) {
+            bits[p][h] = make_uint2(0, 0);
+            if (p < parts && rows[h] < T)
+                bits[p][h] = *reinterpret_cast<const uint2*>(part[p].mask + ((long long)rows[h] * n + col0) / 8);
+            const int i = tid + h * 256, k = i / 8;
+            piece[p][h] = make_uint4(0, 0, 0, 0);
+            if (p < parts && k < r) piece[p][h] = *reinterpret_cast<const uint4*>(part[p].a + (long long)k * n + col0 + 8 * (i % 8));
+        }
+    }
+    // dxa_p's fragments of the first two k steps (r ≤ 32 needs no more):
+    // rows g and g + 8, k pairs 2c and 2c + 8 of the step.
+    unsigned frag[3][2][4];
+    #pragma unroll
+    for (int p = 0; p < 3; p++)
+        #pragma unroll
+        for (int ks = 0; ks < 2; ks++)
+            #pragma unroll
+            for (int q = 0; q < 4; q++) {
+                const int row = rows[q & 1], k = 16 * ks + 2 * c + (q >> 1) * 8;
+                frag[p][ks][q] = p < parts && row < T && k < r ? *reinterpret_cast<const unsigned*>(part[p].dxa + (long long)row * r + k) : 0u;
+            }
+    // A_p into shared memory, transposed.
+    #pragma unroll
+    for (int p = 0; p < 3; p++) {
+        #pragma unroll
+        for (int h = 0; h < 2; h++) {
+            const int i = tid + h * 256, k = i / 8;
+            if (p >= parts || k >= kp) continue;
+            const unsigned int w[4] = {piece[p][h].x, piece[p][h].y, piece[p][h].z, piece[p][h].w};
+            #pragma unroll
+            for (int e = 0; e < 8; e++) sA[p][(8 * (i % 8) + e) * LDG_STRIDE + k] = (bf16_t)(w[e / 2] >> (16 * (e % 2)));
+        }
+    }
     __syncthreads();
     // p unrolled, so that part[p] and sA[p] are chosen at compile time.
     #pragma unroll
     for (int p = 0; p < 3; p++) {
         if (p == parts) break;
-        uint2 bits[2] = {make_uint2(0, 0), make_uint2(0, 0)};
-        #pragma unroll
-        for (int h = 0; h < 2; h++)
-            if (rows[h] < T) bits[h] = *reinterpret_cast<const uint2*>(part[p].mask + ((long long)rows[h] * n + col0) / 8);
         float acc[8][4];
         #pragma unroll
         for (int j = 0; j < 8; j++) acc[j][0] = acc[j][1] = acc[j][2] = acc[j][3] = 0.0f;
-        for (int k0 = 0; k0 < kp; k0 += 16) {
-            // dxa's fragment: rows g and g + 8, k pairs 2c and 2c + 8.
+        #pragma unroll
+        for (int ks = 0; ks < LDG_MAX_R / 16; ks++) {
+            const int k0 = 16 * ks;
+            if (k0 >= kp) break;
             unsigned a[4];
             #pragma unroll
             for (int q = 0; q < 4; q++) {
                 const int row = rows[q & 1], k = k0 + 2 * c + (q >> 1) * 8;
-                a[q] = row < T && k < r ? *reinterpret_cast<const unsigned*>(part[p].dxa + (long long)row * r + k) : 0u;
+                if (ks < 2) a[q] = frag[p][ks][q];
+                else a[q] = row < T && k < r ? *reinterpret_cast<const unsigned*>(part[p].dxa + (long long)row * r + k) : 0u;
             }
             #pragma unroll
             for (int j = 0; j < 8; j++) {
@@ -264,7 +297,7 @@ extern "C" __global__ void __launch_bounds__(256, 2) lora_dropout_grad(const bf1
         for (int j = 0; j < 8; j++)
             #pragma unroll
             for (int e = 0; e < 4; e++) {
-                const uint2 w = bits[e >> 1];
+                const uint2 w = bits[p][e >> 1];
                 const unsigned int byte = ((j < 4 ? w.x : w.y) >> (8 * (j & 3))) & 0xffu;
                 if ((byte >> (2 * c + (e & 1))) & 1u)
                     d[j][e] = __fadd_rn(d[j][e], __fmul_rn(to_f32(to_act(acc[j][e])), scale));

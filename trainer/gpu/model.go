@@ -67,7 +67,7 @@ type workspace struct {
 	dkr, dvr       cuda.Buffer // float32 [T × kv_heads·head_dim]
 	dq, dk, dv     cuda.Buffer // act
 	delta          cuda.Buffer // float32 [T × heads]
-	dxa            cuda.Buffer // act [3 × T × r]: a slot for each projection of a group
+	dxa            cuda.Buffer // act [kernels.LoRAGradParts × T × r]: a slot for each projection of a group
 	xin            cuda.Buffer // act [T × widest projection input]: dropout's output
 	wbuf           cuda.Buffer // act [largest projection]: dequantised NF4 weights
 	xf, rstdF      cuda.Buffer
@@ -233,7 +233,7 @@ func layoutWorkspace(cfg *trainer.Config, sc trainer.SessionConfig, act int64, T
 	add(attnGrad, t*H*D*act, &ws.dq)
 	add(attnGrad, t*KV*D*act, &ws.dk, &ws.dv)
 	add(attnGrad, 4*t*H, &ws.delta)
-	add(scratch, 3*t*R*act, &ws.dxa) // a slot for each projection of a group (inputBackward)
+	add(scratch, kernels.LoRAGradParts*t*R*act, &ws.dxa) // a slot for each projection of a group (inputBackward)
 	add(scratch, t*maxIn*act, &ws.xin)
 	add(scratch, maxW*act, &ws.wbuf)
 	add(loss, C*Hd*act, &ws.hc)

@@ -354,7 +354,7 @@ func (k *Kernels) QKNormRope(c *cuda.Ctx, q, kk Heads, cos, sin cuda.DevicePtr, 
 	name := "qk_norm_rope_fwd"
 	// The _vec form: a lane's four elements of each half in one load, every
 	// row and table row starting 16 bytes apart.
-	if dim%8 == 0 && dim <= 256 && dim*int(k.Prec.Size())%16 == 0 && k.vectors(0, q.X, q.W, q.Out, kk.X, kk.W, kk.Out, cos, sin) {
+	if dim%8 == 0 && dim <= 256 && k.vectors(0, q.X, q.W, q.Out, kk.X, kk.W, kk.Out, cos, sin) {
 		name += "_vec"
 	}
 	return k.launch(c, name, warpRows(qrows+krows), q.X, q.W, q.Out, q.Rstd, int32(qrows), int32(max(q.Heads, 1)),
@@ -554,6 +554,10 @@ func (k *Kernels) DropoutAdd(c *cuda.Ctx, src, dst, mask cuda.DevicePtr, n int64
 	return k.launch(c, k.maskKernel("dropout_add", n, src, dst), k.grid((MaskBytes(n)+1)/2), src, dst, mask, n, scale)
 }
 
+// LoRAGradParts is the most parts one LoRADropoutGrad takes (lora.cu's
+// lora_dropout_grad: q, k and v).
+const LoRAGradParts = 3
+
 // LoRAGradPart is one projection's share of LoRADropoutGrad: its dxa
 // [T × r] (the gradient of x·Aᵀ), its lora_A [r × n] as activations, and
 // the dropout mask DropoutRecord drew for its input.
@@ -564,7 +568,7 @@ type LoRAGradPart struct{ DXA, A, Mask cuda.DevicePtr }
 // even and at most 64, and the pointers aligned as its loads need. Elsewhere
 // the GEMM and DropoutAdd do the same, a projection at a time.
 func (k *Kernels) FusesLoRADropoutGrad(parts []LoRAGradPart, dx cuda.DevicePtr, n, r int) bool {
-	if k.Prec != BF16 || n%64 != 0 || r%2 != 0 || r > 64 || len(parts) < 1 || len(parts) > 3 || dx%8 != 0 {
+	if k.Prec != BF16 || n%64 != 0 || r%2 != 0 || r > 64 || len(parts) < 1 || len(parts) > LoRAGradParts || dx%8 != 0 {
 		return false
 	}
 	for _, p := range parts {
@@ -575,15 +579,15 @@ func (k *Kernels) FusesLoRADropoutGrad(parts []LoRAGradPart, dx cuda.DevicePtr, 
 	return true
 }
 
-// LoRADropoutGrad adds to the float32 dx [T × n], for each of the one to
-// three parts in order, scale (the dropout's) times its mask times dxa·A
+// LoRADropoutGrad adds to the float32 dx [T × n], for each of its parts in
+// order, scale (the dropout's) times its mask times dxa·A
 // rounded to activations: what the GEMM into activations and DropoutAdd
 // add, with dx read and written once for all the parts.
 func (k *Kernels) LoRADropoutGrad(c *cuda.Ctx, parts []LoRAGradPart, dx cuda.DevicePtr, T, n, r int, scale float32) error {
 	if !k.FusesLoRADropoutGrad(parts, dx, n, r) {
 		return fmt.Errorf("kernels: LoRADropoutGrad of %d parts at width %d, rank %d", len(parts), n, r)
 	}
-	var p [3]LoRAGradPart
+	var p [LoRAGradParts]LoRAGradPart
 	copy(p[:], parts)
 	cfg := cuda.LaunchConfig{Grid: cuda.Dim3{X: n / 64, Y: (T + 127) / 128}, Block: cuda.Dim3{X: 256}}
 	return k.launch(c, "lora_dropout_grad", cfg, p[0].DXA, p[0].A, p[0].Mask, p[1].DXA, p[1].A, p[1].Mask,

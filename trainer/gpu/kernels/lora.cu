@@ -194,6 +194,7 @@ extern "C" __global__ void add_f32(const float* __restrict__ src, float* __restr
 // (m16n8k16); A_p's 64 columns wait in shared memory, transposed so that
 // a fragment's pair of k is one 32-bit word. n is a multiple of 64 (a
 // row's 64 columns are 8 whole mask bytes); r is even and at most 64.
+#define LDG_PARTS 3 // kernels.LoRAGradParts
 #define LDG_MAX_R 64
 #define LDG_STRIDE (LDG_MAX_R + 8) // bf16 elements a row of sA: no bank conflicts
 struct LoRADropoutPart {
@@ -206,8 +207,8 @@ extern "C" __global__ void __launch_bounds__(256, 2) lora_dropout_grad(const bf1
                   const unsigned char* mask1, const bf16_t* dxa2, const bf16_t* a2, const unsigned char* mask2, int parts,
                   float* __restrict__ dx, int T, int n, int r, float scale) {
 #ifndef ACT_F32 // bfloat16 activations only (Kernels.FusesLoRADropoutGrad)
-    __shared__ __align__(16) bf16_t sA[3][64 * LDG_STRIDE];
-    const LoRADropoutPart part[3] = {{dxa0, a0, mask0}, {dxa1, a1, mask1}, {dxa2, a2, mask2}};
+    __shared__ __align__(16) bf16_t sA[LDG_PARTS][64 * LDG_STRIDE];
+    const LoRADropoutPart part[LDG_PARTS] = {{dxa0, a0, mask0}, {dxa1, a1, mask1}, {dxa2, a2, mask2}};
     const int col0 = blockIdx.x * 64, tid = threadIdx.x;
     const int kp = (r + 15) / 16 * 16; // r padded to whole k steps, with zeros
     const int warp = tid >> 5, lane = tid & 31, g = lane >> 2, c = lane & 3;
@@ -229,10 +230,10 @@ extern "C" __global__ void __launch_bounds__(256, 2) lora_dropout_grad(const bf1
             d[j][2 * h] = v.x, d[j][2 * h + 1] = v.y;
         }
     }
-    uint2 bits[3][2];
-    uint4 piece[3][2];
+    uint2 bits[LDG_PARTS][2];
+    uint4 piece[LDG_PARTS][2];
     #pragma unroll
-    for (int p = 0; p < 3; p++) {
+    for (int p = 0; p < LDG_PARTS; p++) {
         #pragma unroll
         for (int h = 0; h < 2; h++) {
             bits[p][h] = make_uint2(0, 0);
@@ -245,9 +246,9 @@ extern "C" __global__ void __launch_bounds__(256, 2) lora_dropout_grad(const bf1
     }
     // dxa_p's fragments of the first two k steps (r ≤ 32 needs no more):
     // rows g and g + 8, k pairs 2c and 2c + 8 of the step.
-    unsigned frag[3][2][4];
+    unsigned frag[LDG_PARTS][2][4];
     #pragma unroll
-    for (int p = 0; p < 3; p++)
+    for (int p = 0; p < LDG_PARTS; p++)
         #pragma unroll
         for (int ks = 0; ks < 2; ks++)
             #pragma unroll
@@ -257,7 +258,7 @@ extern "C" __global__ void __launch_bounds__(256, 2) lora_dropout_grad(const bf1
             }
     // A_p into shared memory, transposed.
     #pragma unroll
-    for (int p = 0; p < 3; p++) {
+    for (int p = 0; p < LDG_PARTS; p++) {
         #pragma unroll
         for (int h = 0; h < 2; h++) {
             const int i = tid + h * 256, k = i / 8;
@@ -270,7 +271,7 @@ extern "C" __global__ void __launch_bounds__(256, 2) lora_dropout_grad(const bf1
     __syncthreads();
     // p unrolled, so that part[p] and sA[p] are chosen at compile time.
     #pragma unroll
-    for (int p = 0; p < 3; p++) {
+    for (int p = 0; p < LDG_PARTS; p++) {
         if (p == parts) break;
         float acc[8][4];
         #pragma unroll

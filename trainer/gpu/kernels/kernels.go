@@ -627,11 +627,16 @@ func (k *Kernels) NF4QuantizeBlocks(c *cuda.Ctx, src cuda.DevicePtr, dtype int, 
 	return k.launch(c, "nf4_quantize_blocks", cfg, src, int32(dtype), n, packed, absmax)
 }
 
+// nf4DequantUnroll is the units of eight weights each thread of
+// nf4_dequantize8 takes a tile (nf4.cu's NF4_DQ_UNROLL).
+const nf4DequantUnroll = 4
+
 // NF4Dequantize writes the n weights an NF4 tensor encodes as activations,
 // rounded to the checkpoint dtype (a Round constant).
 func (k *Kernels) NF4Dequantize(c *cuda.Ctx, packed, absmaxQ, absmax2 cuda.DevicePtr, offset float32, n int64, round int, out cuda.DevicePtr) error {
-	if n%16 == 0 && packed%8 == 0 && out%16 == 0 {
-		return k.launch(c, "nf4_dequantize16", k.grid(n/16), packed, absmaxQ, absmax2, offset, n/16, int32(round), out)
+	if n%8 == 0 && packed%4 == 0 && out%16 == 0 {
+		units := n / 8
+		return k.launch(c, "nf4_dequantize8", k.grid((units+nf4DequantUnroll-1)/nf4DequantUnroll), packed, absmaxQ, absmax2, offset, units, int32(round), out)
 	}
 	return k.launch(c, "nf4_dequantize", k.grid(n), packed, absmaxQ, absmax2, offset, n, int32(round), out)
 }

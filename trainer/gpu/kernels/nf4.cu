@@ -57,67 +57,82 @@ __device__ __forceinline__ unsigned int nf4_load_tables(float* code, float* dyn)
     return (unsigned int)__cvta_generic_to_shared(code);
 }
 
-// The same, sixteen weights a thread: 8 packed bytes in, one absmax, 32
-// (bf16) or 64 (float32) bytes out. The codes sit in shared memory: threads
-// of a warp reading different entries of a constant array are served one
-// address at a time, which held the one-weight kernel above to an eighth
-// of the memory bandwidth. (Thirty-two weights a thread measured slower.)
+// The same, eight weights a unit: a 4-byte word of codes in, 16 bytes of
+// bfloat16 (32 of float32) out. A block takes tiles of NF4_DQ_UNROLL
+// units a thread, thread t every blockDim-th unit of the tile from t, so
+// that a warp's loads and stores each cover one contiguous span; all of a
+// tile's loads are issued before the first is used. The codes sit in
+// shared memory: threads of a warp reading different entries of a constant
+// array are served one address at a time, which held a one-weight kernel
+// to an eighth of the memory bandwidth.
+#define NF4_DQ_UNROLL 4 // kernels.nf4DequantUnroll
 template <int ROUND>
-__device__ __forceinline__ void nf4_dequantize16_as(const uint2* __restrict__ packed, const unsigned char* __restrict__ absmax_q,
-                                                    const float* __restrict__ absmax2, float offset, long long groups,
-                                                    const float* code, const float* dyn, uint4* __restrict__ out) {
-    GRID_STRIDE(g, groups) {
-        const long long b = g / 4; // four groups of sixteen to a 64-block
-        const float am = nf4_scale(dyn[absmax_q[b]], absmax2[b / 256], offset);
-        const uint2 w = packed[g];
+__device__ __forceinline__ void nf4_dequantize8_as(const unsigned int* __restrict__ packed, const unsigned char* __restrict__ absmax_q,
+                                                   const float* __restrict__ absmax2, float offset, long long units,
+                                                   const float* code, const float* dyn, uint4* __restrict__ out) {
+    const long long tile = (long long)NF4_DQ_UNROLL * blockDim.x;
+    for (long long first = blockIdx.x * tile + threadIdx.x; first < units; first += gridDim.x * tile) {
+        unsigned int w[NF4_DQ_UNROLL];
+        unsigned char q[NF4_DQ_UNROLL];
+        float a2[NF4_DQ_UNROLL];
+        #pragma unroll
+        for (int j = 0; j < NF4_DQ_UNROLL; j++) {
+            const long long u = first + j * (long long)blockDim.x;
+            if (u < units) {
+                w[j] = packed[u];
+                q[j] = absmax_q[u / 8];     // eight units to a 64-block
+                a2[j] = absmax2[u / 2048]; // 256 64-blocks to a second-level scale
+            }
+        }
+        #pragma unroll
+        for (int j = 0; j < NF4_DQ_UNROLL; j++) {
+            const long long u = first + j * (long long)blockDim.x;
+            if (u >= units) break;
+            const float am = nf4_scale(dyn[q[j]], a2[j], offset);
 #ifndef ACT_F32
-        if (ROUND == ROUND_BF16) {
-            // Rounded once to bfloat16 (the checkpoint's dtype and the
-            // activation's are one): the hardware's conversion of a pair,
-            // which rounds finite values as f32_to_bf16 does.
-            #pragma unroll
-            for (int h = 0; h < 2; h++) {
+            if (ROUND == ROUND_BF16) {
+                // Rounded once to bfloat16 (the checkpoint's dtype and the
+                // activation's are one): the hardware's conversion of a
+                // pair, which rounds finite values as f32_to_bf16 does; the
+                // first weight (high nibble) in the low half.
                 unsigned int o[4];
                 #pragma unroll
                 for (int k = 0; k < 4; k++) {
-                    const unsigned int byte = ((h == 0 ? w.x : w.y) >> (8 * k)) & 0xffu;
+                    const unsigned int byte = (w[j] >> (8 * k)) & 0xffu;
                     asm("cvt.rn.bf16x2.f32 %0, %1, %2;"
                         : "=r"(o[k])
                         : "f"(__fmul_rn(code[byte & 0xfu], am)), "f"(__fmul_rn(code[byte >> 4], am)));
                 }
-                out[g * 2 + h] = make_uint4(o[0], o[1], o[2], o[3]);
+                out[u] = make_uint4(o[0], o[1], o[2], o[3]);
+                continue;
             }
-            continue;
-        }
 #endif
-        #pragma unroll
-        for (int h = 0; h < 16 / VEC; h++) {
-            act_vec o;
+            act_vec o[8 / VEC];
             #pragma unroll
-            for (int e = 0; e < VEC; e += 2) {
-                const int j = h * VEC / 2 + e / 2; // the byte
-                const unsigned int byte = ((j < 4 ? w.x : w.y) >> (8 * (j % 4))) & 0xffu;
-                o.a[e] = to_act(round_to(__fmul_rn(code[byte >> 4], am), ROUND));
-                o.a[e + 1] = to_act(round_to(__fmul_rn(code[byte & 0xfu], am), ROUND));
+            for (int e = 0; e < 8; e++) {
+                const unsigned int byte = (w[j] >> (8 * (e / 2))) & 0xffu;
+                const unsigned int nibble = e % 2 == 0 ? byte >> 4 : byte & 0xfu;
+                o[e / VEC].a[e % VEC] = to_act(round_to(__fmul_rn(code[nibble], am), ROUND));
             }
-            out[g * (16 / VEC) + h] = o.u;
+            #pragma unroll
+            for (int h = 0; h < 8 / VEC; h++) out[u * (8 / VEC) + h] = o[h].u;
         }
     }
 }
 
 // The rounding mode is chosen once, outside the loop: per weight, its
 // branches made the loop several times longer.
-extern "C" __global__ void nf4_dequantize16(const uint2* __restrict__ packed, const unsigned char* __restrict__ absmax_q,
-                                            const float* __restrict__ absmax2, float offset, long long groups, int round_mode,
-                                            uint4* __restrict__ out) {
+extern "C" __global__ void nf4_dequantize8(const unsigned int* __restrict__ packed, const unsigned char* __restrict__ absmax_q,
+                                           const float* __restrict__ absmax2, float offset, long long units, int round_mode,
+                                           uint4* __restrict__ out) {
     __shared__ float code[16], dyn[256];
     nf4_load_tables(code, dyn);
     if (round_mode == ROUND_BF16)
-        nf4_dequantize16_as<ROUND_BF16>(packed, absmax_q, absmax2, offset, groups, code, dyn, out);
+        nf4_dequantize8_as<ROUND_BF16>(packed, absmax_q, absmax2, offset, units, code, dyn, out);
     else if (round_mode == ROUND_F16)
-        nf4_dequantize16_as<ROUND_F16>(packed, absmax_q, absmax2, offset, groups, code, dyn, out);
+        nf4_dequantize8_as<ROUND_F16>(packed, absmax_q, absmax2, offset, units, code, dyn, out);
     else
-        nf4_dequantize16_as<ROUND_NONE>(packed, absmax_q, absmax2, offset, groups, code, dyn, out);
+        nf4_dequantize8_as<ROUND_NONE>(packed, absmax_q, absmax2, offset, units, code, dyn, out);
 }
 
 // The decoding product out [T × rows] = x·Wᵀ for the few tokens of a step

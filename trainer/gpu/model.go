@@ -65,7 +65,7 @@ type workspace struct {
 	dact           cuda.Buffer // float32 [T × intermediate]
 	datt, dqr      cuda.Buffer // float32 [T × heads·head_dim]
 	dkr, dvr       cuda.Buffer // float32 [T × kv_heads·head_dim]
-	dq, dk, dv     cuda.Buffer // act
+	dqkv           cuda.Buffer // act [T × (heads + 2·kv_heads)·head_dim]: q's, k's and v's gradients side by side (qkvGrad)
 	delta          cuda.Buffer // float32 [T × heads]
 	dxa            cuda.Buffer // act [kernels.LoRAGradParts × T × r]: a slot for each projection of a group
 	xin            cuda.Buffer // act [T × widest projection input]: dropout's output
@@ -230,8 +230,7 @@ func layoutWorkspace(cfg *trainer.Config, sc trainer.SessionConfig, act int64, T
 	add(mlpGrad, 4*t*I, &ws.dact)
 	add(attnGrad, 4*t*H*D, &ws.datt, &ws.dqr)
 	add(attnGrad, 4*t*KV*D, &ws.dkr, &ws.dvr)
-	add(attnGrad, t*H*D*act, &ws.dq)
-	add(attnGrad, t*KV*D*act, &ws.dk, &ws.dv)
+	add(attnGrad, t*(H+2*KV)*D*act, &ws.dqkv)
 	add(attnGrad, 4*t*H, &ws.delta)
 	add(scratch, kernels.LoRAGradParts*t*R*act, &ws.dxa) // a slot for each projection of a group (inputBackward)
 	add(scratch, t*maxIn*act, &ws.xin)
@@ -511,10 +510,11 @@ func (s *session) nf4GEMV(T int, p *projection) bool {
 // linearPair is linear for two projections of one input and one shape (k
 // and v, gate and up). The frozen products are one launch where a
 // decoding step reads both NF4 forms directly (nf4GEMV), or where both
-// weights are stored dense, one after the other, and out2 lies above out1
-// (our decoding product, denseGEMV, else a batched GEMM): for a decoding
-// step, one launch instead of two, and a better use of the bandwidth for
-// the small ones (see adjoin).
+// weights lie one after the other, stored dense or dequantised so
+// (pairWeights), and out2 lies above out1 (our decoding product,
+// denseGEMV, else a batched GEMM): for a decoding step, one launch instead
+// of two, and a better use of the bandwidth for the small ones (see
+// adjoin); for a training step's k and v, a GEMM as wide as q's.
 func (s *session) linearPair(c *cuda.Ctx, T, layer int, m1, m2 trainer.Module, x, out1, out2 cuda.DevicePtr, lc *layerCache, d *trainer.Dropout) error {
 	L := &s.w.layers[layer]
 	p1, p2 := &L.proj[moduleIndex(m1)], &L.proj[moduleIndex(m2)]
@@ -531,12 +531,18 @@ func (s *session) linearPair(c *cuda.Ctx, T, layer int, m1, m2 trainer.Module, x
 		}
 		return s.loraForward(c, T, layer, m2, x, out2, lc, d, 1)
 	}
-	if s.nf4GEMV(T, p1) || p1.dense.Ptr == 0 || p2.dense.Ptr == 0 || p1.in != p2.in || p1.out != p2.out || p2.dense.Ptr != p1.dense.Ptr.Add(p1.elements()*size) ||
-		out2 <= out1 || int64(out2-out1)%size != 0 {
-		if err := s.linear(c, T, layer, m1, x, out1, lc, d); err != nil {
-			return err
-		}
-		return s.linear(c, T, layer, m2, x, out2, lc, d)
+	// Dequantised weights whose update comes first (LoRAFirstEnv) go apart,
+	// in that order.
+	if s.nf4GEMV(T, p1) || p1.in != p2.in || p1.out != p2.out || out2 <= out1 || int64(out2-out1)%size != 0 ||
+		p1.dense.Ptr == 0 && (s.updateFirst(T, layer, m1, p1) || s.updateFirst(T, layer, m2, p2)) {
+		return s.linearApart(c, T, layer, m1, m2, x, out1, out2, lc, d)
+	}
+	w, ok, err := s.pairWeights(c, p1, p2)
+	if err != nil {
+		return err
+	}
+	if !ok {
+		return s.linearApart(c, T, layer, m1, m2, x, out1, out2, lc, d)
 	}
 	if s.denseGEMV(T, p1) {
 		if err := s.k.GEMV(c, p1.dense.Ptr, x, T, 2*p1.out, p1.in, p1.out, int64(out2-out1)/size, out1); err != nil {
@@ -546,7 +552,7 @@ func (s *session) linearPair(c *cuda.Ctx, T, layer int, m1, m2 trainer.Module, x
 		act := s.k.Prec.GEMMType()
 		g := cuda.GEMM{M: T, N: p1.out, K: p1.in, TransB: true, AType: act, BType: act, CType: act,
 			Batch: 2, SharedA: true, StrideC: int64(out2-out1) / size}
-		if err := s.matmul(c, "base", g, 1, x, p1.dense.Ptr, 0, out1); err != nil {
+		if err := s.matmul(c, "base", g, 1, x, w, 0, out1); err != nil {
 			return err
 		}
 	}
@@ -554,6 +560,37 @@ func (s *session) linearPair(c *cuda.Ctx, T, layer int, m1, m2 trainer.Module, x
 		return err
 	}
 	return s.loraForward(c, T, layer, m2, x, out2, lc, d, 1)
+}
+
+// linearApart is linearPair's two projections one after the other.
+func (s *session) linearApart(c *cuda.Ctx, T, layer int, m1, m2 trainer.Module, x, out1, out2 cuda.DevicePtr, lc *layerCache, d *trainer.Dropout) error {
+	if err := s.linear(c, T, layer, m1, x, out1, lc, d); err != nil {
+		return err
+	}
+	return s.linear(c, T, layer, m2, x, out2, lc, d)
+}
+
+// pairWeights returns two projections' weights of one shape one after the
+// other, as linearPair's batched GEMM reads them: their dense copies where
+// they lie so, else their NF4 forms dequantised side by side into the
+// scratch when both fit there (k and v; gate and up are each as large as
+// the scratch at the Gemma 3 shapes). ok is false when neither holds.
+func (s *session) pairWeights(c *cuda.Ctx, p1, p2 *projection) (w cuda.DevicePtr, ok bool, err error) {
+	size := s.k.Prec.Size()
+	second := p1.elements() * size
+	if p1.dense.Ptr != 0 && p2.dense.Ptr != 0 {
+		return p1.dense.Ptr, p2.dense.Ptr == p1.dense.Ptr.Add(second), nil
+	}
+	if !p1.nf4 || !p2.nf4 || p1.dense.Ptr != 0 || p2.dense.Ptr != 0 || 2*second > s.ws.wbuf.Size {
+		return 0, false, nil
+	}
+	if _, err := s.weight(c, p1, s.ws.wbuf.Ptr); err != nil {
+		return 0, false, err
+	}
+	if _, err := s.weight(c, p2, s.ws.wbuf.Ptr.Add(second)); err != nil {
+		return 0, false, err
+	}
+	return s.ws.wbuf.Ptr, true, nil
 }
 
 // loraForward adds the LoRA update of projection mod to beta·out (when
@@ -586,24 +623,99 @@ func (s *session) loraForward(c *cuda.Ctx, T, layer int, mod trainer.Module, x, 
 
 // projGrad is one projection of a group that reads the same input (q, k
 // and v; gate and up; o or down alone): its module and dy, the gradient of
-// its output (activations).
+// its output (activations), whose rows lie ld activations apart (0: the
+// projection's width).
 type projGrad struct {
 	mod trainer.Module
 	dy  cuda.DevicePtr
+	ld  int
+}
+
+// qkvGrad is where the backward pass puts q's, k's and v's output
+// gradients: side by side in ws.dqkv, so that one GEMM over the three
+// stacked weights takes their frozen products' part of the input gradient
+// (stackedBackward).
+func (s *session) qkvGrad(T int) []projGrad {
+	cfg := s.info.Config
+	q, kv := cfg.Heads*cfg.HeadDim, cfg.KVHeads*cfg.HeadDim
+	ld := q + 2*kv
+	col := func(c int) cuda.DevicePtr { return s.ws.dqkv.Ptr.Add(int64(c) * s.k.Prec.Size()) }
+	return []projGrad{{trainer.QProj, col(0), ld}, {trainer.KProj, col(q), ld}, {trainer.VProj, col(q + kv), ld}}
 }
 
 // inputBackward writes dx [T × in], the float32 gradient of x, the input
 // that the projections of group read, and accumulates their LoRA
-// gradients: the frozen products' parts projection by projection, then
-// the LoRA products' parts of the whole group together (loraInputGrad).
+// gradients: the frozen products' parts (in one GEMM where
+// stackedBackward can, else projection by projection), then each
+// projection's LoRA gradients, then the LoRA products' parts of dx for
+// the whole group together (loraInputGrad).
 func (s *session) inputBackward(c *cuda.Ctx, T, layer int, x cuda.DevicePtr, group []projGrad, lc *layerCache,
 	dx cuda.DevicePtr, d *trainer.Dropout) error {
+	stacked, err := s.stackedBackward(c, T, layer, group, dx)
+	if err != nil {
+		return err
+	}
 	for i, g := range group {
-		if err := s.linearBackward(c, T, layer, g.mod, g.dy, x, lc, dx, i > 0, d, s.dxaSlot(T, i)); err != nil {
+		if !stacked {
+			p := &s.w.layers[layer].proj[moduleIndex(g.mod)]
+			w, err := s.weight(c, p, s.ws.wbuf.Ptr)
+			if err != nil {
+				return err
+			}
+			beta := float32(0)
+			if i > 0 {
+				beta = 1
+			}
+			act := s.k.Prec.GEMMType()
+			f := cuda.GEMM{M: T, N: p.in, K: p.out, LDA: g.ld, AType: act, BType: act, CType: cuda.F32}
+			if err := s.matmul(c, "base", f, 1, g.dy, w, beta, dx); err != nil {
+				return err
+			}
+		}
+		if err := s.loraBackward(c, T, layer, g, x, lc, d, s.dxaSlot(T, i)); err != nil {
 			return err
 		}
 	}
 	return s.loraInputGrad(c, T, layer, group, lc, dx, d)
+}
+
+// stackedBackward writes dx = Σ dy_i·W_i, the frozen products' part of the
+// input gradient of group, as one GEMM where it can: the group's output
+// gradients lie side by side in one matrix (dy_i's columns follow dy_{i-1}'s
+// in rows ld apart, as qkvGrad lays q's, k's and v's) and its weights,
+// NF4, dequantised one under the other into the scratch, stack to the
+// matrix the GEMM multiplies by: one product with K = Σ out_i instead of
+// one a projection (at 12B q's, k's and v's 359, 231 and 231 µs). It
+// reports whether it did.
+func (s *session) stackedBackward(c *cuda.Ctx, T, layer int, group []projGrad, dx cuda.DevicePtr) (bool, error) {
+	if len(group) < 2 {
+		return false, nil
+	}
+	size := s.k.Prec.Size()
+	L := &s.w.layers[layer]
+	ps := make([]*projection, len(group))
+	rows := 0
+	for i, g := range group {
+		p := &L.proj[moduleIndex(g.mod)]
+		if !p.nf4 || p.dense.Ptr != 0 || p.in != L.proj[moduleIndex(group[0].mod)].in || g.ld != group[0].ld || g.dy != group[0].dy.Add(int64(rows)*size) {
+			return false, nil
+		}
+		ps[i] = p
+		rows += p.out
+	}
+	if rows != group[0].ld || int64(rows)*int64(ps[0].in)*size > s.ws.wbuf.Size {
+		return false, nil
+	}
+	at := s.ws.wbuf.Ptr
+	for _, p := range ps {
+		if _, err := s.weight(c, p, at); err != nil {
+			return false, err
+		}
+		at = at.Add(p.elements() * size)
+	}
+	act := s.k.Prec.GEMMType()
+	g := cuda.GEMM{M: T, N: ps[0].in, K: rows, AType: act, BType: act, CType: cuda.F32}
+	return true, s.matmul(c, "base", g, 1, group[0].dy, s.ws.wbuf.Ptr, 0, dx)
 }
 
 // dxaSlot is where the i-th projection of a group keeps its dxa [T × r]
@@ -612,39 +724,28 @@ func (s *session) dxaSlot(T, i int) cuda.DevicePtr {
 	return s.ws.dxa.Ptr.Add(int64(i) * int64(T) * int64(s.cfg.LoRA.R) * s.k.Prec.Size())
 }
 
-// linearBackward adds (or, without accumulate, writes) to dx [T × in] the
-// frozen weight's part of the float32 input gradient of linear for dy
-// [T × out] (activations), accumulates the LoRA gradients, and leaves dxa
-// (the gradient of x·Aᵀ) at dxa for loraInputGrad, which adds the LoRA
-// part of dx. The forward pass of the same dropout left x·Aᵀ in lc (and,
+// loraBackward accumulates the LoRA gradients of projection g.mod of
+// linear for its output gradient g.dy, and leaves dxa (the gradient of
+// x·Aᵀ) at dxa for loraInputGrad, which adds the LoRA part of the input
+// gradient. The forward pass of the same dropout left x·Aᵀ in lc (and,
 // unless it ran from saved products, the mask).
-func (s *session) linearBackward(c *cuda.Ctx, T, layer int, mod trainer.Module, dy, x cuda.DevicePtr, lc *layerCache,
-	dx cuda.DevicePtr, accumulate bool, d *trainer.Dropout, dxa cuda.DevicePtr) error {
-	act := s.k.Prec.GEMMType()
-	p := &s.w.layers[layer].proj[moduleIndex(mod)]
-	w, err := s.weight(c, p, s.ws.wbuf.Ptr)
-	if err != nil {
-		return err
-	}
-	beta := float32(0)
-	if accumulate {
-		beta = 1
-	}
-	if err := s.gemm(c, "base", T, p.in, p.out, false, false, act, cuda.F32, 1, dy, w, beta, dx); err != nil {
-		return err
-	}
-	A, ok := s.lora.slot(layer, mod, false)
+func (s *session) loraBackward(c *cuda.Ctx, T, layer int, g projGrad, x cuda.DevicePtr, lc *layerCache, d *trainer.Dropout, dxa cuda.DevicePtr) error {
+	A, ok := s.lora.slot(layer, g.mod, false)
 	if !ok {
 		return nil
 	}
-	B, _ := s.lora.slot(layer, mod, true)
+	B, _ := s.lora.slot(layer, g.mod, true)
+	act := s.k.Prec.GEMMType()
+	p := &s.w.layers[layer].proj[moduleIndex(g.mod)]
 	R, scale := s.cfg.LoRA.R, s.cfg.LoRA.Scale()
-	xa, mask := lc.xa[moduleIndex(mod)], lc.mask[moduleIndex(mod)].Ptr
+	xa, mask := lc.xa[moduleIndex(g.mod)], lc.mask[moduleIndex(g.mod)].Ptr
 	// gradB += scale·dyᵀ·xa; dxa = scale·dy·B.
-	if err := s.gemm(c, "lora", p.out, R, T, true, false, act, cuda.F32, scale, dy, xa, 1, s.lora.gradPtr(B)); err != nil {
+	gradB := cuda.GEMM{M: p.out, N: R, K: T, TransA: true, LDA: g.ld, AType: act, BType: act, CType: cuda.F32}
+	if err := s.matmul(c, "lora", gradB, scale, g.dy, xa, 1, s.lora.gradPtr(B)); err != nil {
 		return err
 	}
-	if err := s.gemm(c, "lora", T, R, p.out, false, false, act, act, scale, dy, s.lora.actPtr(s, B), 0, dxa); err != nil {
+	dxaG := cuda.GEMM{M: T, N: R, K: p.out, LDA: g.ld, AType: act, BType: act, CType: act}
+	if err := s.matmul(c, "lora", dxaG, scale, g.dy, s.lora.actPtr(s, B), 0, dxa); err != nil {
 		return err
 	}
 	// gradA += dxaᵀ·drop(x). A recomputation from saved products drew no
@@ -654,8 +755,8 @@ func (s *session) linearBackward(c *cuda.Ctx, T, layer int, mod trainer.Module, 
 	if d != nil {
 		src = s.ws.xin.Ptr
 		var err error
-		if s.ws.xaAt[moduleIndex(mod)] > 0 {
-			err = s.k.DropoutRecord(c, x, src, mask, n, *d, trainer.DropoutStream(layer, mod))
+		if s.ws.xaAt[moduleIndex(g.mod)] > 0 {
+			err = s.k.DropoutRecord(c, x, src, mask, n, *d, trainer.DropoutStream(layer, g.mod))
 		} else {
 			err = s.k.DropoutReplay(c, x, src, mask, n, d.Scale)
 		}
@@ -667,7 +768,7 @@ func (s *session) linearBackward(c *cuda.Ctx, T, layer int, mod trainer.Module, 
 }
 
 // loraInputGrad adds to dx the LoRA products' part of the input gradient
-// of group, whose projections' dxa linearBackward left in their slots:
+// of group, whose projections' dxa loraBackward left in their slots:
 // dx += drop'(dxa·A), one projection after another. With dropout that is
 // one kernel for the whole group where it can (LoRADropoutGrad: dx read
 // and written once), else a GEMM into activations and DropoutAdd a
@@ -798,20 +899,21 @@ func (s *session) layerBackward(c *cuda.Ctx, T, l int, x cuda.DevicePtr, lc *lay
 		return fmt.Errorf("layer %d: %w", l, err)
 	}
 	s.bindSaved(lc, T, x)
+	qkv := s.qkvGrad(T)
 	steps := []func() error{
 		// out = x1 + norm(d)
 		func() error {
 			return s.k.RMSNormBackwardAct(c, ws.dout.Ptr, lc.d.Ptr, L.postFFNorm.Ptr, lc.rstd4.Ptr, ws.dd.Ptr, T, Hd)
 		},
 		func() error {
-			return s.inputBackward(c, T, l, lc.act.Ptr, []projGrad{{trainer.DownProj, ws.dd.Ptr}}, lc, ws.dact.Ptr, d)
+			return s.inputBackward(c, T, l, lc.act.Ptr, []projGrad{{mod: trainer.DownProj, dy: ws.dd.Ptr}}, lc, ws.dact.Ptr, d)
 		},
 		// gate and up become their own gradients.
 		func() error {
 			return s.k.GeGLUBackward(c, ws.dact.Ptr, lc.gate.Ptr, lc.up.Ptr, lc.gate.Ptr, lc.up.Ptr, int64(T)*int64(cfg.Intermediate))
 		},
 		func() error {
-			return s.inputBackward(c, T, l, lc.xn2.Ptr, []projGrad{{trainer.GateProj, lc.gate.Ptr}, {trainer.UpProj, lc.up.Ptr}}, lc, ws.dxn.Ptr, d)
+			return s.inputBackward(c, T, l, lc.xn2.Ptr, []projGrad{{mod: trainer.GateProj, dy: lc.gate.Ptr}, {mod: trainer.UpProj, dy: lc.up.Ptr}}, lc, ws.dxn.Ptr, d)
 		},
 		// x1 = x + norm(o); xn2 = norm(x1)
 		func() error {
@@ -821,23 +923,19 @@ func (s *session) layerBackward(c *cuda.Ctx, T, l int, x cuda.DevicePtr, lc *lay
 			return s.k.RMSNormBackwardAct(c, ws.dx1.Ptr, lc.o.Ptr, L.postAttnNorm.Ptr, lc.rstd2.Ptr, ws.dd.Ptr, T, Hd)
 		},
 		func() error {
-			return s.inputBackward(c, T, l, lc.att.Ptr, []projGrad{{trainer.OProj, ws.dd.Ptr}}, lc, ws.datt.Ptr, d)
+			return s.inputBackward(c, T, l, lc.att.Ptr, []projGrad{{mod: trainer.OProj, dy: ws.dd.Ptr}}, lc, ws.datt.Ptr, d)
 		},
 		func() error {
 			return s.k.AttentionBackward(c, lc.qr.Ptr, lc.kr.Ptr, lc.v.Ptr, ws.datt.Ptr, lc.lse.Ptr,
 				ws.lo[ti].Ptr, ws.hi[ti].Ptr, ws.delta.Ptr, ws.dqr.Ptr, ws.dkr.Ptr, ws.dvr.Ptr, T, H, KV, s.attnScale())
 		},
 		func() error {
-			return s.k.QKNormRopeBackward(c, ws.dqr.Ptr, lc.q.Ptr, L.qNorm.Ptr, lc.rstdQ.Ptr, ws.cos[ti].Ptr, ws.sin[ti].Ptr, ws.dq.Ptr, T, H, D)
+			q := kernels.HeadsGrad{DY: ws.dqr.Ptr, X: lc.q.Ptr, W: L.qNorm.Ptr, Rstd: lc.rstdQ.Ptr, DX: qkv[0].dy, Heads: H, LD: qkv[0].ld}
+			k := kernels.HeadsGrad{DY: ws.dkr.Ptr, X: lc.k.Ptr, W: L.kNorm.Ptr, Rstd: lc.rstdK.Ptr, DX: qkv[1].dy, Heads: KV, LD: qkv[1].ld}
+			return s.k.QKNormRopeBackward(c, q, k, ws.cos[ti].Ptr, ws.sin[ti].Ptr, T, D)
 		},
-		func() error {
-			return s.k.QKNormRopeBackward(c, ws.dkr.Ptr, lc.k.Ptr, L.kNorm.Ptr, lc.rstdK.Ptr, ws.cos[ti].Ptr, ws.sin[ti].Ptr, ws.dk.Ptr, T, KV, D)
-		},
-		func() error { return s.k.F32ToAct(c, ws.dvr.Ptr, ws.dv.Ptr, int64(T)*int64(KV*D)) },
-		func() error {
-			qkv := []projGrad{{trainer.QProj, ws.dq.Ptr}, {trainer.KProj, ws.dk.Ptr}, {trainer.VProj, ws.dv.Ptr}}
-			return s.inputBackward(c, T, l, lc.xn1.Ptr, qkv, lc, ws.dxn.Ptr, d)
-		},
+		func() error { return s.k.F32ToActRows(c, ws.dvr.Ptr, qkv[2].dy, T, KV*D, qkv[2].ld) },
+		func() error { return s.inputBackward(c, T, l, lc.xn1.Ptr, qkv, lc, ws.dxn.Ptr, d) },
 		// xn1 = norm(x); the block's input gradient is dx1 + this.
 		func() error {
 			return s.k.RMSNormBackwardF32(c, ws.dxn.Ptr, x, L.inputNorm.Ptr, lc.rstd1.Ptr, ws.dx1.Ptr, ws.dout.Ptr, T, Hd)

@@ -37,6 +37,27 @@ union act_vec {
     act_t a[VEC];
 };
 
+// Four activations in one load (8 bytes in bf16, 16 in float32).
+struct __align__(4 * sizeof(act_t)) act4 {
+    act_t v[4];
+};
+
+// Four floats stored as activations at p (aligned to four activations) in
+// one store, rounded as to_act rounds: the compiler split a store of an
+// act4 filled element by element into four two-byte stores.
+__device__ __forceinline__ void store_act4(act_t* p, float a, float b, float c, float d) {
+#ifdef ACT_F32
+    *reinterpret_cast<float4*>(p) = make_float4(a, b, c, d);
+#else
+    unsigned int lo, hi; // the first of each pair in the low half
+    asm("cvt.rn.bf16x2.f32 %0, %1, %2;" : "=r"(lo) : "f"(b), "f"(a));
+    asm("cvt.rn.bf16x2.f32 %0, %1, %2;" : "=r"(hi) : "f"(d), "f"(c));
+    // One 8-byte store: through a uint2 the compiler still chose two
+    // 4-byte stores where the halves did not land in a register pair.
+    asm volatile("st.global.v2.u32 [%0], {%1, %2};" ::"l"(__cvta_generic_to_global(p)), "r"(lo), "r"(hi) : "memory");
+#endif
+}
+
 // The VEC floats at p[VEC·g ...], as VEC/4 16-byte loads.
 __device__ __forceinline__ void load_f32_vec(const float* __restrict__ p, long long g, float* v) {
     #pragma unroll

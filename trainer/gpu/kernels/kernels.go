@@ -361,11 +361,39 @@ func (k *Kernels) QKNormRope(c *cuda.Ctx, q, kk Heads, cos, sin cuda.DevicePtr, 
 		kk.X, kk.W, kk.Out, kk.Rstd, int32(krows), int32(max(kk.Heads, 1)), cos, sin, int32(dim), float32(eps))
 }
 
-// QKNormRopeBackward turns dy, the float32 gradient of QKNormRope's output,
-// into the gradient of its input x, as activations.
-func (k *Kernels) QKNormRopeBackward(c *cuda.Ctx, dy, x, w, rstd, cos, sin, dx cuda.DevicePtr, tokens, heads, dim int) error {
-	rows := tokens * heads
-	return k.launch(c, "qk_norm_rope_bwd", warpRows(rows), dy, x, w, rstd, cos, sin, dx, int32(rows), int32(heads), int32(dim))
+// HeadsGrad is one side of QKNormRopeBackward: DY, the float32 gradient of
+// QKNormRope's output [tokens × Heads × head_dim]; the side's input X, norm
+// weight W and Rstd as QKNormRope had them; and DX, where the gradient of
+// X goes as activations, a token's row LD activations after the one before
+// (0: Heads·head_dim, packed), so that q's, k's and v's gradients can lie
+// side by side in one matrix.
+type HeadsGrad struct {
+	DY, X, W, Rstd, DX cuda.DevicePtr
+	Heads, LD          int
+}
+
+// ld is the side's row stride in DX.
+func (h HeadsGrad) ld(dim int) int {
+	if h.LD == 0 {
+		return h.Heads * dim
+	}
+	return h.LD
+}
+
+// QKNormRopeBackward turns the gradients of QKNormRope's outputs into the
+// gradients of its inputs, both sides in one launch (a side of 0 heads is
+// skipped).
+func (k *Kernels) QKNormRopeBackward(c *cuda.Ctx, q, kk HeadsGrad, cos, sin cuda.DevicePtr, tokens, dim int) error {
+	qrows, krows := tokens*q.Heads, tokens*kk.Heads
+	qld, kld := q.ld(dim), kk.ld(dim)
+	name := "qk_norm_rope_bwd"
+	// The _vec form: a lane's four elements of each half in one load and
+	// one store, every row and table row starting 16 bytes apart.
+	if dim%8 == 0 && dim <= 256 && qld%8 == 0 && kld%8 == 0 && k.vectors(0, q.DY, q.X, q.W, q.DX, kk.DY, kk.X, kk.W, kk.DX, cos, sin) {
+		name += "_vec"
+	}
+	return k.launch(c, name, warpRows(qrows+krows), q.DY, q.X, q.W, q.Rstd, q.DX, int32(qrows), int32(max(q.Heads, 1)), int32(qld),
+		kk.DY, kk.X, kk.W, kk.Rstd, kk.DX, int32(krows), int32(max(kk.Heads, 1)), int32(kld), cos, sin, int32(dim))
 }
 
 // Attention computes out [tokens × heads × dim] and lse [tokens × heads]
@@ -597,6 +625,20 @@ func (k *Kernels) LoRADropoutGrad(c *cuda.Ctx, parts []LoRAGradPart, dx cuda.Dev
 // F32ToAct converts n float32 values to activations.
 func (k *Kernels) F32ToAct(c *cuda.Ctx, src, dst cuda.DevicePtr, n int64) error {
 	return k.launch(c, "f32_to_act", k.grid(n), src, dst, n)
+}
+
+// F32ToActRows converts src [rows × cols] float32 to activations, a row
+// every ld activations of dst (ld ≥ cols).
+func (k *Kernels) F32ToActRows(c *cuda.Ctx, src, dst cuda.DevicePtr, rows, cols, ld int) error {
+	if ld < cols {
+		return fmt.Errorf("kernels: F32ToActRows: rows of %d values %d apart", cols, ld)
+	}
+	if cols%4 == 0 && ld%4 == 0 && src%16 == 0 && dst%16 == 0 {
+		n := int64(rows) * int64(cols/4)
+		return k.launch(c, "f32_to_act_rows_vec", k.grid(n), src, dst, int64(rows), int32(cols), int32(ld))
+	}
+	n := int64(rows) * int64(cols)
+	return k.launch(c, "f32_to_act_rows", k.grid(n), src, dst, int64(rows), int32(cols), int32(ld))
 }
 
 // AddF32 adds n float32 values of src to dst.

@@ -241,8 +241,8 @@ func TestRMSNorm(t *testing.T) {
 func TestQKNormRope(t *testing.T) {
 	for _, p := range precisions {
 		k := kernelsFor(t, p, 256)
-		// 6 and 512 take the forward kernel's element form, the rest its
-		// vector form.
+		// 6 and 512 take the kernels' element forms, the rest their vector
+		// forms (and 6 F32ToActRows' element form).
 		for _, dim := range []int{6, 8, 16, 128, 256, 512} {
 			t.Run(fmt.Sprintf("%s/head_dim_%d", p, dim), func(t *testing.T) {
 				rng := cudatest.Rand(t)
@@ -266,10 +266,15 @@ func TestQKNormRope(t *testing.T) {
 					return sd
 				}
 				q, kv := newSide(3), newSide(2)
-				g := append([]float32(nil), q.dy...)
-				trainer.ApplyRope(g, cos, sin, tokens, q.heads, dim, true)
-				dx := make([]float32, len(q.x))
-				trainer.RMSNormBackward(dx, g, q.x, q.w, q.rstd, tokens*q.heads, dim)
+				backward := func(sd side) []float32 {
+					g := append([]float32(nil), sd.dy...)
+					trainer.ApplyRope(g, cos, sin, tokens, sd.heads, dim, true)
+					dx := make([]float32, len(sd.x))
+					trainer.RMSNormBackward(dx, g, sd.x, sd.w, sd.rstd, tokens*sd.heads, dim)
+					return dx
+				}
+				dxq, dxk := backward(q), backward(kv)
+				dv := uniform(rng, tokens*kv.heads*dim, 1)
 				run(t, k, func(d *dev) error {
 					cp, sp := d.f32(cos), d.f32(sin)
 					on := func(sd side) Heads {
@@ -282,11 +287,38 @@ func TestQKNormRope(t *testing.T) {
 					}
 					d.check("forward q", d.readAct(qh.Out, len(q.x)), q.want, tol(p, dim))
 					d.check("forward k", d.readAct(kh.Out, len(kv.x)), kv.want, tol(p, dim))
-					dxp := d.alloc(int64(len(q.x)) * p.Size())
-					if err := k.QKNormRopeBackward(d.c, d.f32(q.dy), qh.X, qh.W, qh.Rstd, cp, sp, dxp, tokens, q.heads, dim); err != nil {
+					// The gradients packed, and side by side in one matrix as
+					// the projections' GEMM reads them (q, k, then v,
+					// converted by F32ToActRows), its rows ld apart.
+					ld := (q.heads + 2*kv.heads) * dim
+					columns := func(m []float32, from, n int) []float32 {
+						out := make([]float32, 0, tokens*n)
+						for tok := 0; tok < tokens; tok++ {
+							out = append(out, m[tok*ld+from:tok*ld+from+n]...)
+						}
+						return out
+					}
+					grad := func(sd side, h Heads, dx cuda.DevicePtr, ld int) HeadsGrad {
+						return HeadsGrad{DY: d.f32(sd.dy), X: h.X, W: h.W, Rstd: h.Rstd, DX: dx, Heads: sd.heads, LD: ld}
+					}
+					dqp, dkp := d.alloc(int64(len(q.x))*p.Size()), d.alloc(int64(len(kv.x))*p.Size())
+					if err := k.QKNormRopeBackward(d.c, grad(q, qh, dqp, 0), grad(kv, kh, dkp, 0), cp, sp, tokens, dim); err != nil {
 						return err
 					}
-					d.check("backward", d.readAct(dxp, len(q.x)), dx, tol(p, dim))
+					d.check("backward q, packed", d.readAct(dqp, len(q.x)), dxq, tol(p, dim))
+					d.check("backward k, packed", d.readAct(dkp, len(kv.x)), dxk, tol(p, dim))
+					m := d.alloc(int64(tokens*ld) * p.Size())
+					at := func(col int) cuda.DevicePtr { return m.Add(int64(col) * p.Size()) }
+					if err := k.QKNormRopeBackward(d.c, grad(q, qh, at(0), ld), grad(kv, kh, at(q.heads*dim), ld), cp, sp, tokens, dim); err != nil {
+						return err
+					}
+					if err := k.F32ToActRows(d.c, d.f32(dv), at((q.heads+kv.heads)*dim), tokens, kv.heads*dim, ld); err != nil {
+						return err
+					}
+					all := d.readAct(m, tokens*ld)
+					d.check("backward q, side by side", columns(all, 0, q.heads*dim), dxq, tol(p, dim))
+					d.check("backward k, side by side", columns(all, q.heads*dim, kv.heads*dim), dxk, tol(p, dim))
+					d.check("v converted, side by side", columns(all, (q.heads+kv.heads)*dim, kv.heads*dim), roundAct(p, dv), cudatest.Tolerance{Name: "exact"})
 					return nil
 				})
 			})

@@ -174,6 +174,25 @@ extern "C" __global__ void f32_to_act(const float* __restrict__ src, act_t* __re
     GRID_STRIDE(i, n) { dst[i] = to_act(src[i]); }
 }
 
+// src [rows × cols] float32 to activations whose rows lie ld apart in dst;
+// _vec four values a thread (cols and ld multiples of 4, both pointers
+// 16-byte aligned: kernels.go checks).
+extern "C" __global__ void f32_to_act_rows(const float* __restrict__ src, act_t* __restrict__ dst, long long rows, int cols, int ld) {
+    GRID_STRIDE(i, rows * cols) {
+        const long long r = i / cols;
+        dst[r * ld + (i - r * cols)] = to_act(src[i]);
+    }
+}
+extern "C" __global__ void f32_to_act_rows_vec(const float* __restrict__ src, act_t* __restrict__ dst, long long rows, int cols, int ld) {
+    const int fours = cols / 4;
+    GRID_STRIDE(g, rows * fours) {
+        const long long r = g / fours;
+        const int c = (int)(g - r * fours) * 4;
+        const float4 v = reinterpret_cast<const float4*>(src)[g];
+        store_act4(dst + r * ld + c, v.x, v.y, v.z, v.w);
+    }
+}
+
 // dst[i] += src[i], float32.
 extern "C" __global__ void add_f32(const float* __restrict__ src, float* __restrict__ dst, long long n) {
     GRID_STRIDE(i, n) { dst[i] += src[i]; }

@@ -38,11 +38,6 @@ __device__ __forceinline__ void online_add(float x, float& m, float& s) {
     }
 }
 
-// Four activations stored at once.
-struct alignas(4 * sizeof(act_t)) act4 {
-    act_t a[4];
-};
-
 // One block per row of logits [rows × vocab]. loss[r] = logsumexp(row) −
 // row[target]. With grad set, grad[r] = (softmax(row) − onehot(target)) /
 // normalizer, the number of trained tokens of the optimizer step. A row
@@ -77,10 +72,10 @@ extern "C" __global__ void cross_entropy(const float* __restrict__ logits, const
         for (int j = threadIdx.x; j < vocab / 4; j += blockDim.x) {
             const float4 x = reinterpret_cast<const float4*>(row)[j];
             const float v[4] = {x.x, x.y, x.z, x.w};
-            act4 g;
+            float g[4];
             #pragma unroll
-            for (int e = 0; e < 4; e++) g.a[e] = to_act(expf(v[e] - mx) * scale - (4 * j + e == tgt ? one : 0.0f));
-            reinterpret_cast<act4*>(grad + base)[j] = g;
+            for (int e = 0; e < 4; e++) g[e] = expf(v[e] - mx) * scale - (4 * j + e == tgt ? one : 0.0f);
+            store_act4(grad + base + 4 * j, g[0], g[1], g[2], g[3]);
         }
         return;
     }

@@ -37,9 +37,6 @@ __device__ __forceinline__ void qk_norm_rope_row(const act_t* __restrict__ x, co
 // once, in one load each (the loop above loads two bytes at a time and
 // reads the row twice, which held it to a third of the memory bandwidth).
 // The sum of squares adds in another order; the rest is the same.
-struct __align__(4 * sizeof(act_t)) act4 {
-    act_t v[4];
-};
 __device__ __forceinline__ void qk_norm_rope_row4(const act_t* __restrict__ x, const float* __restrict__ w,
                                                   const float* __restrict__ cosv, const float* __restrict__ sinv,
                                                   act_t* __restrict__ out, float* __restrict__ rstd, int r, int heads,
@@ -64,16 +61,16 @@ __device__ __forceinline__ void qk_norm_rope_row4(const act_t* __restrict__ x, c
     const float4 c4 = *reinterpret_cast<const float4*>(cosv + tab + i), s4 = *reinterpret_cast<const float4*>(sinv + tab + i);
     const float was[4] = {wa.x, wa.y, wa.z, wa.w}, wbs[4] = {wb.x, wb.y, wb.z, wb.w};
     const float cs[4] = {c4.x, c4.y, c4.z, c4.w}, sn[4] = {s4.x, s4.y, s4.z, s4.w};
-    act4 oa, ob;
+    float oa[4], ob[4];
     #pragma unroll
     for (int e = 0; e < 4; e++) {
         const float a = to_f32(xa.v[e]) * inv * (1.0f + was[e]);
         const float b = to_f32(xb.v[e]) * inv * (1.0f + wbs[e]);
-        oa.v[e] = to_act(a * cs[e] - b * sn[e]);
-        ob.v[e] = to_act(b * cs[e] + a * sn[e]);
+        oa[e] = a * cs[e] - b * sn[e];
+        ob[e] = b * cs[e] + a * sn[e];
     }
-    *reinterpret_cast<act4*>(out + base + i) = oa;
-    *reinterpret_cast<act4*>(out + base + half + i) = ob;
+    store_act4(out + base + i, oa[0], oa[1], oa[2], oa[3]);
+    store_act4(out + base + half + i, ob[0], ob[1], ob[2], ob[3]);
 }
 
 // The q side's qrows rows, then the k side's krows, in one launch.
@@ -104,18 +101,15 @@ extern "C" __global__ void qk_norm_rope_fwd_vec(QK_NORM_ROPE_ARGS) {
     qk_norm_rope_fwd_body<true>(q, qw, qout, qrstd, qrows, qheads, k, kw, kout, krstd, krows, kheads, cosv, sinv, dim, eps);
 }
 
-// dy is the gradient of the rotated output; dx receives the gradient of the
-// norm's input x (pre-norm), as activations for the projection's GEMM.
-extern "C" __global__ void qk_norm_rope_bwd(const float* __restrict__ dy, const act_t* __restrict__ x, const float* __restrict__ w,
-                                            const float* __restrict__ rstd, const float* __restrict__ cosv,
-                                            const float* __restrict__ sinv, act_t* __restrict__ dx,
-                                            int rows, int heads, int dim) {
-    const int lane = threadIdx.x & 31;
-    const int r = blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
-    if (r >= rows) return;
+// The backward pass of one row: dy is the gradient of the rotated output;
+// dx receives the gradient of the norm's input x (pre-norm), as
+// activations for the projection's GEMM, at dx_base (a token's rows may lie
+// apart: the GEMM may read q's, k's and v's gradients as one matrix).
+__device__ __forceinline__ void qk_norm_rope_bwd_row(const float* __restrict__ dy, const act_t* __restrict__ x, const float* __restrict__ w,
+                                                     float rs, const float* __restrict__ cosv, const float* __restrict__ sinv,
+                                                     act_t* __restrict__ dx, long long base, long long dx_base, long long tab,
+                                                     int dim, int lane) {
     const int half = dim / 2;
-    const long long base = (long long)r * dim;
-    const long long tab = (long long)(r / heads) * half;
     // The inverse rotation of dy gives the gradient of the normed values.
     float gx = 0.0f;
     for (int i = lane; i < half; i += 32) {
@@ -126,14 +120,88 @@ extern "C" __global__ void qk_norm_rope_bwd(const float* __restrict__ dy, const 
         gx += ga * to_f32(x[base + i]) + gb * to_f32(x[base + i + half]);
     }
     gx = warp_sum(gx);
-    const float rs = rstd[r];
     const float k = rs * rs * rs * gx / (float)dim;
     for (int i = lane; i < half; i += 32) {
         const float c = cosv[tab + i], s = sinv[tab + i];
         const float da = dy[base + i], db = dy[base + i + half];
         const float ga = (da * c + db * s) * (1.0f + w[i]);
         const float gb = (db * c - da * s) * (1.0f + w[i + half]);
-        dx[base + i] = to_act(rs * ga - k * to_f32(x[base + i]));
-        dx[base + i + half] = to_act(rs * gb - k * to_f32(x[base + i + half]));
+        dx[dx_base + i] = to_act(rs * ga - k * to_f32(x[base + i]));
+        dx[dx_base + i + half] = to_act(rs * gb - k * to_f32(x[base + i + half]));
     }
+}
+
+// The same for head_dim a multiple of 8 and at most 256, every pointer and
+// row 16-byte aligned: each lane loads its four elements of each half once,
+// in one load each, and keeps them for the second half of the work (the
+// loops above read the row twice, two or four bytes at a time). The sum
+// adds in another order; the rest is the same.
+__device__ __forceinline__ void qk_norm_rope_bwd_row4(const float* __restrict__ dy, const act_t* __restrict__ x, const float* __restrict__ w,
+                                                      float rs, const float* __restrict__ cosv, const float* __restrict__ sinv,
+                                                      act_t* __restrict__ dx, long long base, long long dx_base, long long tab,
+                                                      int dim, int lane) {
+    const int half = dim / 2, i = 4 * lane;
+    const bool mine = i < half;
+    float ga[4], gb[4], xa[4], xb[4];
+    float gx = 0.0f;
+    if (mine) {
+        const float4 da4 = *reinterpret_cast<const float4*>(dy + base + i), db4 = *reinterpret_cast<const float4*>(dy + base + half + i);
+        const act4 x4a = *reinterpret_cast<const act4*>(x + base + i), x4b = *reinterpret_cast<const act4*>(x + base + half + i);
+        const float4 wa = *reinterpret_cast<const float4*>(w + i), wb = *reinterpret_cast<const float4*>(w + half + i);
+        const float4 c4 = *reinterpret_cast<const float4*>(cosv + tab + i), s4 = *reinterpret_cast<const float4*>(sinv + tab + i);
+        const float da[4] = {da4.x, da4.y, da4.z, da4.w}, db[4] = {db4.x, db4.y, db4.z, db4.w};
+        const float was[4] = {wa.x, wa.y, wa.z, wa.w}, wbs[4] = {wb.x, wb.y, wb.z, wb.w};
+        const float cs[4] = {c4.x, c4.y, c4.z, c4.w}, sn[4] = {s4.x, s4.y, s4.z, s4.w};
+        #pragma unroll
+        for (int e = 0; e < 4; e++) {
+            ga[e] = (da[e] * cs[e] + db[e] * sn[e]) * (1.0f + was[e]);
+            gb[e] = (db[e] * cs[e] - da[e] * sn[e]) * (1.0f + wbs[e]);
+            xa[e] = to_f32(x4a.v[e]), xb[e] = to_f32(x4b.v[e]);
+            gx += ga[e] * xa[e] + gb[e] * xb[e];
+        }
+    }
+    gx = warp_sum(gx);
+    if (!mine) return;
+    const float k = rs * rs * rs * gx / (float)dim;
+    float oa[4], ob[4];
+    #pragma unroll
+    for (int e = 0; e < 4; e++) {
+        oa[e] = rs * ga[e] - k * xa[e];
+        ob[e] = rs * gb[e] - k * xb[e];
+    }
+    store_act4(dx + dx_base + i, oa[0], oa[1], oa[2], oa[3]);
+    store_act4(dx + dx_base + half + i, ob[0], ob[1], ob[2], ob[3]);
+}
+
+// The q side's qrows rows, then the k side's krows, in one launch.
+template <bool vec>
+__device__ void qk_norm_rope_bwd_body(const float* dq, const act_t* q, const float* qw, const float* qrstd, act_t* qdx, int qrows, int qheads,
+                                      int qld, const float* dk, const act_t* k, const float* kw, const float* krstd, act_t* kdx,
+                                      int krows, int kheads, int kld, const float* __restrict__ cosv, const float* __restrict__ sinv,
+                                      int dim) {
+    const int lane = threadIdx.x & 31;
+    const int r = blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
+    const bool isq = r < qrows;
+    if (r >= qrows + krows) return;
+    const int row = isq ? r : r - qrows, heads = isq ? qheads : kheads;
+    const int token = row / heads, head = row % heads;
+    const long long base = (long long)row * dim, dx_base = (long long)token * (isq ? qld : kld) + (long long)head * dim;
+    const long long tab = (long long)token * (dim / 2);
+    const float* dy = isq ? dq : dk;
+    const act_t* x = isq ? q : k;
+    const float* w = isq ? qw : kw;
+    const float rs = (isq ? qrstd : krstd)[row];
+    act_t* dx = isq ? qdx : kdx;
+    if (vec) qk_norm_rope_bwd_row4(dy, x, w, rs, cosv, sinv, dx, base, dx_base, tab, dim, lane);
+    else qk_norm_rope_bwd_row(dy, x, w, rs, cosv, sinv, dx, base, dx_base, tab, dim, lane);
+}
+
+#define QK_NORM_ROPE_BWD_ARGS const float* dq, const act_t* q, const float* qw, const float* qrstd, act_t* qdx, int qrows, int qheads, \
+    int qld, const float* dk, const act_t* k, const float* kw, const float* krstd, act_t* kdx, int krows, int kheads, int kld, \
+    const float* __restrict__ cosv, const float* __restrict__ sinv, int dim
+extern "C" __global__ void qk_norm_rope_bwd(QK_NORM_ROPE_BWD_ARGS) {
+    qk_norm_rope_bwd_body<false>(dq, q, qw, qrstd, qdx, qrows, qheads, qld, dk, k, kw, krstd, kdx, krows, kheads, kld, cosv, sinv, dim);
+}
+extern "C" __global__ void qk_norm_rope_bwd_vec(QK_NORM_ROPE_BWD_ARGS) {
+    qk_norm_rope_bwd_body<true>(dq, q, qw, qrstd, qdx, qrows, qheads, qld, dk, k, kw, krstd, kdx, krows, kheads, kld, cosv, sinv, dim);
 }

@@ -813,7 +813,12 @@ func TestLoRADropoutGrad(t *testing.T) {
 				if differ > len(got)/500 {
 					return fmt.Errorf("%d of %d elements differ from the host's", differ, len(got))
 				}
-				d.check("dx", got, want, cudatest.Tolerance{Name: "a bfloat16 product rounded the other way, now and then", Rel: 1e-5})
+				// Those few, each off by one bfloat16 step of a product (up
+				// to ~2 here, against dx's RMS of ~0.6), move the relative
+				// error up to sqrt(1/500)·2⁻⁸·3 ≈ 5e-4; a wrong mask bit or
+				// product moves it by orders more. (1e-5 failed on one
+				// random seed: 1.27e-5, one product rounded the other way.)
+				d.check("dx", got, want, cudatest.Tolerance{Name: "a bfloat16 product rounded the other way, now and then", Rel: 1e-3})
 				return nil
 			})
 		})

@@ -1451,6 +1451,23 @@ func (m *benchMemory) free() {
 // overflow the L2 cache, as a decoding step's many matrices do.
 func l2Copies(size int64) int { return int(min(32, max(1, (256<<20)/size))) }
 
+// nf4Weights is an n-weight NF4 tensor's buffers (packed codes, absmax
+// codes, second-level scales) and, where asked, a dense bf16 twin.
+type nf4Weights struct{ packed, aq, a2, dense cuda.DevicePtr }
+
+// nf4Copies allocates l2Copies(size) copies of an n-weight NF4 tensor's
+// buffers, size the bytes a launch reads of one.
+func (m *benchMemory) nf4Copies(n, size int64, dense bool) []nf4Weights {
+	ws := make([]nf4Weights, l2Copies(size))
+	for i := range ws {
+		ws[i] = nf4Weights{packed: m.alloc(n / 2), aq: m.alloc(n / 64), a2: m.alloc(4 * (n/64/256 + 1))}
+		if dense {
+			ws[i].dense = m.alloc(2 * n)
+		}
+	}
+	return ws
+}
+
 // launchMicros is the median time of one launch of op, from runs of
 // launches back-to-back launches between two events; op gets the
 // launch's index in its run.
@@ -1482,23 +1499,19 @@ func BenchmarkNF4GEMV(b *testing.B) {
 				n := int64(rows) * int64(in)
 				m := benchMemory{c: c}
 				defer m.free()
-				type weights struct{ packed, aq, a2, dense cuda.DevicePtr }
-				ws := make([]weights, l2Copies(2*n))
-				for i := range ws {
-					ws[i] = weights{m.alloc(n / 2), m.alloc(n / 64), m.alloc(4 * (n/64/256 + 1)), m.alloc(2 * n)}
-				}
+				ws := m.nf4Copies(n, 2*n, true)
 				x, out := m.alloc(2*int64(in)*GEMVTokens), m.alloc(2*int64(rows)*GEMVTokens)
 				g := cuda.GEMM{M: 1, N: rows, K: in, TransB: true, AType: cuda.BF16, BType: cuda.BF16, CType: cuda.BF16}
 				for _, op := range []struct {
 					name  string
 					bytes int64
-					run   func(w weights) error
+					run   func(w nf4Weights) error
 				}{
-					{"nf4", n/2 + n/64, func(w weights) error { return k.NF4GEMV(c, w.packed, w.aq, w.a2, 0, RoundBF16, x, 1, rows, in, out) }},
-					{"nf4-T8", n/2 + n/64, func(w weights) error {
+					{"nf4", n/2 + n/64, func(w nf4Weights) error { return k.NF4GEMV(c, w.packed, w.aq, w.a2, 0, RoundBF16, x, 1, rows, in, out) }},
+					{"nf4-T8", n/2 + n/64, func(w nf4Weights) error {
 						return k.NF4GEMV(c, w.packed, w.aq, w.a2, 0, RoundBF16, x, GEMVTokens, rows, in, out)
 					}},
-					{"cublas-bf16", 2 * n, func(w weights) error { return c.Matmul(g, 1, x, w.dense, 0, out, nil) }},
+					{"cublas-bf16", 2 * n, func(w nf4Weights) error { return c.Matmul(g, 1, x, w.dense, 0, out, nil) }},
 				} {
 					us, err := launchMicros(b, c, 32, func(i int) error { return op.run(ws[i%len(ws)]) })
 					if err != nil {
@@ -1612,11 +1625,7 @@ func BenchmarkNF4Dequantize(b *testing.B) {
 				n := int64(rows) * int64(in)
 				m := benchMemory{c: c}
 				defer m.free()
-				type weights struct{ packed, aq, a2 cuda.DevicePtr }
-				ws := make([]weights, l2Copies(n/2))
-				for i := range ws {
-					ws[i] = weights{m.alloc(n / 2), m.alloc(n / 64), m.alloc(4 * (n/64/256 + 1))}
-				}
+				ws := m.nf4Copies(n, n/2, false)
 				out, src := m.alloc(2*n), m.alloc(2*n)
 				for _, op := range []struct {
 					name string

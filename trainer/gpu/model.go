@@ -635,7 +635,7 @@ type projGrad struct {
 // gradients: side by side in ws.dqkv, so that one GEMM over the three
 // stacked weights takes their frozen products' part of the input gradient
 // (stackedBackward).
-func (s *session) qkvGrad(T int) []projGrad {
+func (s *session) qkvGrad() []projGrad {
 	cfg := s.info.Config
 	q, kv := cfg.Heads*cfg.HeadDim, cfg.KVHeads*cfg.HeadDim
 	ld := q + 2*kv
@@ -657,18 +657,7 @@ func (s *session) inputBackward(c *cuda.Ctx, T, layer int, x cuda.DevicePtr, gro
 	}
 	for i, g := range group {
 		if !stacked {
-			p := &s.w.layers[layer].proj[moduleIndex(g.mod)]
-			w, err := s.weight(c, p, s.ws.wbuf.Ptr)
-			if err != nil {
-				return err
-			}
-			beta := float32(0)
-			if i > 0 {
-				beta = 1
-			}
-			act := s.k.Prec.GEMMType()
-			f := cuda.GEMM{M: T, N: p.in, K: p.out, LDA: g.ld, AType: act, BType: act, CType: cuda.F32}
-			if err := s.matmul(c, "base", f, 1, g.dy, w, beta, dx); err != nil {
+			if err := s.frozenBackward(c, T, layer, g, i > 0, dx); err != nil {
 				return err
 			}
 		}
@@ -677,6 +666,23 @@ func (s *session) inputBackward(c *cuda.Ctx, T, layer int, x cuda.DevicePtr, gro
 		}
 	}
 	return s.loraInputGrad(c, T, layer, group, lc, dx, d)
+}
+
+// frozenBackward adds (or, without accumulate, writes) to dx [T × in] the
+// frozen weight's part of the float32 input gradient of g's projection.
+func (s *session) frozenBackward(c *cuda.Ctx, T, layer int, g projGrad, accumulate bool, dx cuda.DevicePtr) error {
+	p := &s.w.layers[layer].proj[moduleIndex(g.mod)]
+	w, err := s.weight(c, p, s.ws.wbuf.Ptr)
+	if err != nil {
+		return err
+	}
+	beta := float32(0)
+	if accumulate {
+		beta = 1
+	}
+	act := s.k.Prec.GEMMType()
+	f := cuda.GEMM{M: T, N: p.in, K: p.out, LDA: g.ld, AType: act, BType: act, CType: cuda.F32}
+	return s.matmul(c, "base", f, 1, g.dy, w, beta, dx)
 }
 
 // stackedBackward writes dx = Σ dy_i·W_i, the frozen products' part of the
@@ -693,17 +699,18 @@ func (s *session) stackedBackward(c *cuda.Ctx, T, layer int, group []projGrad, d
 	}
 	size := s.k.Prec.Size()
 	L := &s.w.layers[layer]
+	in := L.proj[moduleIndex(group[0].mod)].in
 	ps := make([]*projection, len(group))
 	rows := 0
 	for i, g := range group {
 		p := &L.proj[moduleIndex(g.mod)]
-		if !p.nf4 || p.dense.Ptr != 0 || p.in != L.proj[moduleIndex(group[0].mod)].in || g.ld != group[0].ld || g.dy != group[0].dy.Add(int64(rows)*size) {
+		if !p.nf4 || p.dense.Ptr != 0 || p.in != in || g.ld != group[0].ld || g.dy != group[0].dy.Add(int64(rows)*size) {
 			return false, nil
 		}
 		ps[i] = p
 		rows += p.out
 	}
-	if rows != group[0].ld || int64(rows)*int64(ps[0].in)*size > s.ws.wbuf.Size {
+	if rows != group[0].ld || int64(rows)*int64(in)*size > s.ws.wbuf.Size {
 		return false, nil
 	}
 	at := s.ws.wbuf.Ptr
@@ -714,7 +721,7 @@ func (s *session) stackedBackward(c *cuda.Ctx, T, layer int, group []projGrad, d
 		at = at.Add(p.elements() * size)
 	}
 	act := s.k.Prec.GEMMType()
-	g := cuda.GEMM{M: T, N: ps[0].in, K: rows, AType: act, BType: act, CType: cuda.F32}
+	g := cuda.GEMM{M: T, N: in, K: rows, AType: act, BType: act, CType: cuda.F32}
 	return true, s.matmul(c, "base", g, 1, group[0].dy, s.ws.wbuf.Ptr, 0, dx)
 }
 
@@ -899,7 +906,7 @@ func (s *session) layerBackward(c *cuda.Ctx, T, l int, x cuda.DevicePtr, lc *lay
 		return fmt.Errorf("layer %d: %w", l, err)
 	}
 	s.bindSaved(lc, T, x)
-	qkv := s.qkvGrad(T)
+	qkv := s.qkvGrad()
 	steps := []func() error{
 		// out = x1 + norm(d)
 		func() error {

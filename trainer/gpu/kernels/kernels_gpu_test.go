@@ -1451,6 +1451,22 @@ func (m *benchMemory) free() {
 // overflow the L2 cache, as a decoding step's many matrices do.
 func l2Copies(size int64) int { return int(min(32, max(1, (256<<20)/size))) }
 
+// benchMatrices runs body for each [rows × in] shape, as a sub-benchmark
+// (b) named by the shape, on the device, freeing after it what it
+// allocated from m.
+func benchMatrices(b *testing.B, shapes [][2]int, body func(b *testing.B, c *cuda.Ctx, m *benchMemory, rows, in int) error) {
+	for _, sh := range shapes {
+		rows, in := sh[0], sh[1]
+		b.Run(fmt.Sprintf("%dx%d", rows, in), func(b *testing.B) {
+			cudatest.Do(b, func(c *cuda.Ctx) error {
+				m := benchMemory{c: c}
+				defer m.free()
+				return body(b, c, &m, rows, in)
+			})
+		})
+	}
+}
+
 // nf4Weights is an n-weight NF4 tensor's buffers (packed codes, absmax
 // codes, second-level scales) and, where asked, a dense bf16 twin.
 type nf4Weights struct{ packed, aq, a2, dense cuda.DevicePtr }
@@ -1492,38 +1508,31 @@ func launchMicros(b *testing.B, c *cuda.Ctx, launches int, op func(i int) error)
 func BenchmarkNF4GEMV(b *testing.B) {
 	cudatest.Device(b)
 	k := kernelsFor(b, BF16, 256)
-	for _, sh := range [][2]int{{4096, 3840}, {2048, 3840}, {3840, 4096}, {15360, 3840}, {3840, 15360}} {
-		rows, in := sh[0], sh[1]
-		b.Run(fmt.Sprintf("%dx%d", rows, in), func(b *testing.B) {
-			cudatest.Do(b, func(c *cuda.Ctx) error {
-				n := int64(rows) * int64(in)
-				m := benchMemory{c: c}
-				defer m.free()
-				ws := m.nf4Copies(n, 2*n, true)
-				x, out := m.alloc(2*int64(in)*GEMVTokens), m.alloc(2*int64(rows)*GEMVTokens)
-				g := cuda.GEMM{M: 1, N: rows, K: in, TransB: true, AType: cuda.BF16, BType: cuda.BF16, CType: cuda.BF16}
-				for _, op := range []struct {
-					name  string
-					bytes int64
-					run   func(w nf4Weights) error
-				}{
-					{"nf4", n/2 + n/64, func(w nf4Weights) error { return k.NF4GEMV(c, w.packed, w.aq, w.a2, 0, RoundBF16, x, 1, rows, in, out) }},
-					{"nf4-T8", n/2 + n/64, func(w nf4Weights) error {
-						return k.NF4GEMV(c, w.packed, w.aq, w.a2, 0, RoundBF16, x, GEMVTokens, rows, in, out)
-					}},
-					{"cublas-bf16", 2 * n, func(w nf4Weights) error { return c.Matmul(g, 1, x, w.dense, 0, out, nil) }},
-				} {
-					us, err := launchMicros(b, c, 32, func(i int) error { return op.run(ws[i%len(ws)]) })
-					if err != nil {
-						return err
-					}
-					b.ReportMetric(us, op.name+"-µs")
-					b.ReportMetric(float64(op.bytes)/(us*1e-6)/1e9, op.name+"-GB/s")
-				}
-				return nil
-			})
-		})
-	}
+	benchMatrices(b, [][2]int{{4096, 3840}, {2048, 3840}, {3840, 4096}, {15360, 3840}, {3840, 15360}}, func(b *testing.B, c *cuda.Ctx, m *benchMemory, rows, in int) error {
+		n := int64(rows) * int64(in)
+		ws := m.nf4Copies(n, 2*n, true)
+		x, out := m.alloc(2*int64(in)*GEMVTokens), m.alloc(2*int64(rows)*GEMVTokens)
+		g := cuda.GEMM{M: 1, N: rows, K: in, TransB: true, AType: cuda.BF16, BType: cuda.BF16, CType: cuda.BF16}
+		for _, op := range []struct {
+			name  string
+			bytes int64
+			run   func(w nf4Weights) error
+		}{
+			{"nf4", n/2 + n/64, func(w nf4Weights) error { return k.NF4GEMV(c, w.packed, w.aq, w.a2, 0, RoundBF16, x, 1, rows, in, out) }},
+			{"nf4-T8", n/2 + n/64, func(w nf4Weights) error {
+				return k.NF4GEMV(c, w.packed, w.aq, w.a2, 0, RoundBF16, x, GEMVTokens, rows, in, out)
+			}},
+			{"cublas-bf16", 2 * n, func(w nf4Weights) error { return c.Matmul(g, 1, x, w.dense, 0, out, nil) }},
+		} {
+			us, err := launchMicros(b, c, 32, func(i int) error { return op.run(ws[i%len(ws)]) })
+			if err != nil {
+				return err
+			}
+			b.ReportMetric(us, op.name+"-µs")
+			b.ReportMetric(float64(op.bytes)/(us*1e-6)/1e9, op.name+"-GB/s")
+		}
+		return nil
+	})
 }
 
 // BenchmarkGEMV times the decoding product from dense bf16 weights at
@@ -1618,34 +1627,27 @@ func BenchmarkDropout(b *testing.B) {
 func BenchmarkNF4Dequantize(b *testing.B) {
 	cudatest.Device(b)
 	k := kernelsFor(b, BF16, 256)
-	for _, sh := range [][2]int{{4096, 3840}, {15360, 3840}} {
-		rows, in := sh[0], sh[1]
-		b.Run(fmt.Sprintf("%dx%d", rows, in), func(b *testing.B) {
-			cudatest.Do(b, func(c *cuda.Ctx) error {
-				n := int64(rows) * int64(in)
-				m := benchMemory{c: c}
-				defer m.free()
-				ws := m.nf4Copies(n, n/2, false)
-				out, src := m.alloc(2*n), m.alloc(2*n)
-				for _, op := range []struct {
-					name string
-					run  func(i int) error
-				}{
-					{"dequantize", func(i int) error {
-						w := ws[i%len(ws)]
-						return k.NF4Dequantize(c, w.packed, w.aq, w.a2, 0, n, RoundBF16, out)
-					}},
-					{"copy", func(int) error { return c.CopyDtoDAsync(out, src, 2*n, nil) }},
-				} {
-					us, err := launchMicros(b, c, 20, op.run)
-					if err != nil {
-						return err
-					}
-					b.ReportMetric(us, op.name+"-µs")
-				}
-				b.ReportMetric(float64(n/2+n/64+2*n)/1e6, "dequantize-MB")
-				return nil
-			})
-		})
-	}
+	benchMatrices(b, [][2]int{{4096, 3840}, {15360, 3840}}, func(b *testing.B, c *cuda.Ctx, m *benchMemory, rows, in int) error {
+		n := int64(rows) * int64(in)
+		ws := m.nf4Copies(n, n/2, false)
+		out, src := m.alloc(2*n), m.alloc(2*n)
+		for _, op := range []struct {
+			name string
+			run  func(i int) error
+		}{
+			{"dequantize", func(i int) error {
+				w := ws[i%len(ws)]
+				return k.NF4Dequantize(c, w.packed, w.aq, w.a2, 0, n, RoundBF16, out)
+			}},
+			{"copy", func(int) error { return c.CopyDtoDAsync(out, src, 2*n, nil) }},
+		} {
+			us, err := launchMicros(b, c, 20, op.run)
+			if err != nil {
+				return err
+			}
+			b.ReportMetric(us, op.name+"-µs")
+		}
+		b.ReportMetric(float64(n/2+n/64+2*n)/1e6, "dequantize-MB")
+		return nil
+	})
 }

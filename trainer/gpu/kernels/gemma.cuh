@@ -42,6 +42,19 @@ struct __align__(4 * sizeof(act_t)) act4 {
     act_t v[4];
 };
 
+// The four activations at p (aligned to four) as floats, in one load.
+__device__ __forceinline__ void load_act4(const act_t* p, float* v) {
+    const act4 a = *reinterpret_cast<const act4*>(p);
+    #pragma unroll
+    for (int e = 0; e < 4; e++) v[e] = to_f32(a.v[e]);
+}
+
+// The four floats at p (16-byte aligned), in one load.
+__device__ __forceinline__ void load_f32x4(const float* p, float* v) {
+    const float4 f = *reinterpret_cast<const float4*>(p);
+    v[0] = f.x, v[1] = f.y, v[2] = f.z, v[3] = f.w;
+}
+
 // Four floats stored as activations at p (aligned to four activations) in
 // one store, rounded as to_act rounds: the compiler split a store of an
 // act4 filled element by element into four two-byte stores.

@@ -45,27 +45,26 @@ __device__ __forceinline__ void qk_norm_rope_row4(const act_t* __restrict__ x, c
     const bool mine = i < half;
     const long long base = (long long)r * dim;
     const long long tab = (long long)(r / heads) * half;
-    act4 xa, xb;
+    float xa[4], xb[4];
     float ss = 0.0f;
     if (mine) {
-        xa = *reinterpret_cast<const act4*>(x + base + i);
-        xb = *reinterpret_cast<const act4*>(x + base + half + i);
+        load_act4(x + base + i, xa);
+        load_act4(x + base + half + i, xb);
         #pragma unroll
-        for (int e = 0; e < 4; e++) ss += to_f32(xa.v[e]) * to_f32(xa.v[e]) + to_f32(xb.v[e]) * to_f32(xb.v[e]);
+        for (int e = 0; e < 4; e++) ss += xa[e] * xa[e] + xb[e] * xb[e];
     }
     ss = warp_sum(ss);
     const float inv = 1.0f / sqrtf(ss / (float)dim + eps);
     if (lane == 0) rstd[r] = inv;
     if (!mine) return;
-    const float4 wa = *reinterpret_cast<const float4*>(w + i), wb = *reinterpret_cast<const float4*>(w + half + i);
-    const float4 c4 = *reinterpret_cast<const float4*>(cosv + tab + i), s4 = *reinterpret_cast<const float4*>(sinv + tab + i);
-    const float was[4] = {wa.x, wa.y, wa.z, wa.w}, wbs[4] = {wb.x, wb.y, wb.z, wb.w};
-    const float cs[4] = {c4.x, c4.y, c4.z, c4.w}, sn[4] = {s4.x, s4.y, s4.z, s4.w};
+    float was[4], wbs[4], cs[4], sn[4];
+    load_f32x4(w + i, was), load_f32x4(w + half + i, wbs);
+    load_f32x4(cosv + tab + i, cs), load_f32x4(sinv + tab + i, sn);
     float oa[4], ob[4];
     #pragma unroll
     for (int e = 0; e < 4; e++) {
-        const float a = to_f32(xa.v[e]) * inv * (1.0f + was[e]);
-        const float b = to_f32(xb.v[e]) * inv * (1.0f + wbs[e]);
+        const float a = xa[e] * inv * (1.0f + was[e]);
+        const float b = xb[e] * inv * (1.0f + wbs[e]);
         oa[e] = a * cs[e] - b * sn[e];
         ob[e] = b * cs[e] + a * sn[e];
     }
@@ -145,18 +144,15 @@ __device__ __forceinline__ void qk_norm_rope_bwd_row4(const float* __restrict__ 
     float ga[4], gb[4], xa[4], xb[4];
     float gx = 0.0f;
     if (mine) {
-        const float4 da4 = *reinterpret_cast<const float4*>(dy + base + i), db4 = *reinterpret_cast<const float4*>(dy + base + half + i);
-        const act4 x4a = *reinterpret_cast<const act4*>(x + base + i), x4b = *reinterpret_cast<const act4*>(x + base + half + i);
-        const float4 wa = *reinterpret_cast<const float4*>(w + i), wb = *reinterpret_cast<const float4*>(w + half + i);
-        const float4 c4 = *reinterpret_cast<const float4*>(cosv + tab + i), s4 = *reinterpret_cast<const float4*>(sinv + tab + i);
-        const float da[4] = {da4.x, da4.y, da4.z, da4.w}, db[4] = {db4.x, db4.y, db4.z, db4.w};
-        const float was[4] = {wa.x, wa.y, wa.z, wa.w}, wbs[4] = {wb.x, wb.y, wb.z, wb.w};
-        const float cs[4] = {c4.x, c4.y, c4.z, c4.w}, sn[4] = {s4.x, s4.y, s4.z, s4.w};
+        float da[4], db[4], was[4], wbs[4], cs[4], sn[4];
+        load_f32x4(dy + base + i, da), load_f32x4(dy + base + half + i, db);
+        load_act4(x + base + i, xa), load_act4(x + base + half + i, xb);
+        load_f32x4(w + i, was), load_f32x4(w + half + i, wbs);
+        load_f32x4(cosv + tab + i, cs), load_f32x4(sinv + tab + i, sn);
         #pragma unroll
         for (int e = 0; e < 4; e++) {
             ga[e] = (da[e] * cs[e] + db[e] * sn[e]) * (1.0f + was[e]);
             gb[e] = (db[e] * cs[e] - da[e] * sn[e]) * (1.0f + wbs[e]);
-            xa[e] = to_f32(x4a.v[e]), xb[e] = to_f32(x4b.v[e]);
             gx += ga[e] * xa[e] + gb[e] * xb[e];
         }
     }

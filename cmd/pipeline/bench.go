@@ -52,6 +52,9 @@ Environment switches of the GPU trainer, for comparing its paths:
   PIPELINE_OFFLOAD=auto|inputs|on|off     what goes to host memory (default auto: what
                                           does not fit; inputs: the saved layer inputs;
                                           on: those and the LoRA gradients; off: none)
+  PIPELINE_KEEP_WEIGHTS=auto|off          keep the dequantised q, k, v, gate and up weights
+                                          of each block's recomputation for its backward
+                                          pass (default auto: where the run still fits)
   PIPELINE_LORA_FIRST=LIST|all|off        the projections whose LoRA update is written
                                           first (default gate_proj,up_proj; off: PEFT's
                                           order everywhere)

@@ -2,6 +2,7 @@ package gpu
 
 import (
 	"fmt"
+	"os"
 	"strings"
 
 	"gemmaft/cuda"
@@ -29,6 +30,40 @@ type MemoryPlan struct {
 	Offload     bool
 	GradsOnHost bool
 	Host        int64
+	// KeptWeights: a block's recomputation dequantises its q, k, v, gate
+	// and up weights into buffers of their own (workspace.kept), where its
+	// backward pass reads them again instead of dequantising them once
+	// more (a quarter of the dequantisation a step, ~300 MB at 12B).
+	KeptWeights bool
+}
+
+// layout is how a plan places what it may take off the device or keep.
+type layout struct {
+	offload   bool // the saved inputs in host memory (MemoryPlan.Offload)
+	hostGrads bool // the LoRA gradients too, where the session may (gradsOnHost)
+	keep      bool // the recomputation's weights kept (MemoryPlan.KeptWeights), where it has them
+}
+
+// KeepWeightsEnv names the switch of MemoryPlan.KeptWeights: "auto" (the
+// default) keeps them where the run still fits, "off" never.
+const KeepWeightsEnv = "PIPELINE_KEEP_WEIGHTS"
+
+func keepWeightsMode() (string, error) {
+	switch m := os.Getenv(KeepWeightsEnv); m {
+	case "", "auto":
+		return "auto", nil
+	case "off":
+		return m, nil
+	default:
+		return "", fmt.Errorf("%s=%q: use auto or off", KeepWeightsEnv, m)
+	}
+}
+
+// keepsWeights reports whether a session of sc has weights to keep: a
+// training one with gradient checkpointing (a recomputation before each
+// block's backward pass) over an NF4 base.
+func keepsWeights(sc trainer.SessionConfig) bool {
+	return sc.GradientCheckpointing && !sc.Inference && sc.Quantize == "nf4"
 }
 
 // runtimeBytes is what the CUDA context, the cuBLASLt workspace and the
@@ -58,6 +93,9 @@ func (p MemoryPlan) String() string {
 	case p.Offload:
 		s += fmt.Sprintf("; saved inputs offloaded to %.2f GiB of pinned host memory", gib(p.Host))
 	}
+	if p.KeptWeights {
+		s += "; the recomputation's weights kept"
+	}
 	return s
 }
 
@@ -67,44 +105,68 @@ func (p MemoryPlan) String() string {
 // well, which costs a read of them across the bus each step (1.4% of a
 // 27B step on an H200). OffloadEnv "auto" chooses so; "off", "inputs"
 // and "on" take the first, second and last. Offloading needs gradient
-// checkpointing and more than three saved inputs.
+// checkpointing and more than three saved inputs. The layout chosen then
+// keeps the recomputation's weights if it still fits with them
+// (KeepWeightsEnv): they save less time than offloading costs, and the
+// same layout without them is never slower.
 func choosePlan(cfg *trainer.Config, sc trainer.SessionConfig, prec kernels.Precision, free int64) (MemoryPlan, error) {
-	mode, err := offloadMode()
+	p, l, err := chooseLayout(cfg, sc, prec, free)
 	if err != nil {
-		return MemoryPlan{}, err
+		return p, err
 	}
-	plain := Plan(cfg, sc, prec)
-	can := sc.GradientCheckpointing && cfg.Layers+1 > offloadSlots
-	inputs := plan(cfg, sc, prec, true, false)
-	switch {
-	case (mode == "on" || mode == "inputs") && !can:
-		return plain, fmt.Errorf("%s=%s: offloading the saved layer inputs needs gradient_checkpointing (and more than %d layers)", OffloadEnv, mode, offloadSlots-1)
-	case mode == "on":
-		return PlanOffloaded(cfg, sc, prec), nil
-	case mode == "inputs":
-		return inputs, nil
-	case mode == "auto" && can && plain.Total() > free:
-		if inputs.Total() <= free {
-			return inputs, nil
+	keep, err := keepWeightsMode()
+	if err != nil {
+		return p, err
+	}
+	if keep == "auto" && keepsWeights(sc) {
+		l.keep = true
+		if k := plan(cfg, sc, prec, l); k.Total() <= free {
+			return k, nil
 		}
-		return PlanOffloaded(cfg, sc, prec), nil
 	}
-	return plain, nil
+	return p, nil
 }
 
-// Plan computes the memory plan of a session of sc over a model of cfg.
+// chooseLayout is choosePlan's choice of what to offload.
+func chooseLayout(cfg *trainer.Config, sc trainer.SessionConfig, prec kernels.Precision, free int64) (MemoryPlan, layout, error) {
+	mode, err := offloadMode()
+	if err != nil {
+		return MemoryPlan{}, layout{}, err
+	}
+	plainL, inputsL, offL := layout{}, layout{offload: true}, layout{offload: true, hostGrads: true}
+	plain := plan(cfg, sc, prec, plainL)
+	can := sc.GradientCheckpointing && cfg.Layers+1 > offloadSlots
+	inputs := plan(cfg, sc, prec, inputsL)
+	switch {
+	case (mode == "on" || mode == "inputs") && !can:
+		return plain, plainL, fmt.Errorf("%s=%s: offloading the saved layer inputs needs gradient_checkpointing (and more than %d layers)", OffloadEnv, mode, offloadSlots-1)
+	case mode == "on":
+		return plan(cfg, sc, prec, offL), offL, nil
+	case mode == "inputs":
+		return inputs, inputsL, nil
+	case mode == "auto" && can && plain.Total() > free:
+		if inputs.Total() <= free {
+			return inputs, inputsL, nil
+		}
+		return plan(cfg, sc, prec, offL), offL, nil
+	}
+	return plain, plainL, nil
+}
+
+// Plan computes the memory plan of a session of sc over a model of cfg,
+// everything on the device and no weights kept.
 func Plan(cfg *trainer.Config, sc trainer.SessionConfig, prec kernels.Precision) MemoryPlan {
-	return plan(cfg, sc, prec, false, false)
+	return plan(cfg, sc, prec, layout{})
 }
 
 // PlanOffloaded is Plan with the saved layer inputs in host memory, and
 // the LoRA gradients too where the session has them to itself (see
 // gradsOnHost).
 func PlanOffloaded(cfg *trainer.Config, sc trainer.SessionConfig, prec kernels.Precision) MemoryPlan {
-	return plan(cfg, sc, prec, true, true)
+	return plan(cfg, sc, prec, layout{offload: true, hostGrads: true})
 }
 
-func plan(cfg *trainer.Config, sc trainer.SessionConfig, prec kernels.Precision, offload, hostGrads bool) MemoryPlan {
+func plan(cfg *trainer.Config, sc trainer.SessionConfig, prec kernels.Precision, l layout) MemoryPlan {
 	act := prec.Size()
 	var p MemoryPlan
 	sz := cuda.AllocSize
@@ -122,8 +184,10 @@ func plan(cfg *trainer.Config, sc trainer.SessionConfig, prec kernels.Precision,
 			}
 		}
 	}
+	offload := l.offload
 	p.Offload = offload
-	p.GradsOnHost = hostGrads && gradsOnHost(sc, offload)
+	p.GradsOnHost = l.hostGrads && gradsOnHost(sc, offload)
+	p.KeptWeights = l.keep && keepsWeights(sc)
 	if st, err := layoutLoRA(cfg, sc.LoRA, sc.Optimizer); err == nil {
 		p.Adapter = 2 * sz(4*st.total)
 		if p.GradsOnHost {
@@ -141,7 +205,7 @@ func plan(cfg *trainer.Config, sc trainer.SessionConfig, prec kernels.Precision,
 		}
 		p.Optimizer += sz(8 * (kernels.NormPartials + 1) * int64(cfg.Layers))
 	}
-	_, specs := layoutWorkspace(cfg, sc, act, max(sc.MaxTokens, 1), offload)
+	_, specs := layoutWorkspace(cfg, sc, act, max(sc.MaxTokens, 1), offload, p.KeptWeights)
 	var input int64 // one saved input's bytes
 	for _, b := range specs {
 		switch b.group {

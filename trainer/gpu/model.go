@@ -68,15 +68,27 @@ type workspace struct {
 	dqkv           cuda.Buffer // act [T × (heads + 2·kv_heads)·head_dim]: q's, k's and v's gradients side by side (qkvGrad)
 	delta          cuda.Buffer // float32 [T × heads]
 	dxa            cuda.Buffer // act [kernels.LoRAGradParts × T × r]: a slot for each projection of a group
-	xin            cuda.Buffer // act [T × widest projection input]: dropout's output
-	wbuf           cuda.Buffer // act [largest projection]: dequantised NF4 weights
-	xf, rstdF      cuda.Buffer
-	hc, dhc, dxf   cuda.Buffer
-	logits, glog   cuda.Buffer
-	rowLoss        cuda.Buffer // float64 [T + 1]
-	ids, idx, tgt  cuda.Buffer // int32 [T]
-	lo, hi         [2]cuda.Buffer
-	cos, sin       [2]cuda.Buffer
+	// xin holds dropout's output (act [T × widest projection input]) and
+	// wbuf, the same memory, dequantised NF4 weights (act [largest
+	// projection]): each is read by the GEMM queued right after it is
+	// written, and never while the other is (the stream orders them), so
+	// one buffer of the larger size serves both.
+	xin, wbuf cuda.Buffer
+	// kept holds q's, k's, v's, gate's and up's dequantised weights one
+	// under the other (keptAt[m]: module m's byte offset; -1: not kept)
+	// from a block's recomputation through its backward pass
+	// (MemoryPlan.KeptWeights); keptLayer is the block whose recomputation
+	// wrote them last (-1: none since the pass began).
+	kept          cuda.Buffer
+	keptAt        [7]int64
+	keptLayer     int
+	xf, rstdF     cuda.Buffer
+	hc, dhc, dxf  cuda.Buffer
+	logits, glog  cuda.Buffer
+	rowLoss       cuda.Buffer // float64 [T + 1]
+	ids, idx, tgt cuda.Buffer // int32 [T]
+	lo, hi        [2]cuda.Buffer
+	cos, sin      [2]cuda.Buffer
 }
 
 // Layer types by index: sliding-window layers first, then global ones.
@@ -148,10 +160,11 @@ func sharedRegion(specs []bufSpec) (map[*cuda.Buffer]int64, int64) {
 // layoutWorkspace lays out the workspace for T tokens: the buffers
 // allocWorkspace allocates and Plan counts.
 // With offload, three slots stand for the saved inputs (see offloader).
-func layoutWorkspace(cfg *trainer.Config, sc trainer.SessionConfig, act int64, T int, offload bool) (*workspace, []bufSpec) {
+// With keep, the recomputation's weights have buffers of their own (kept).
+func layoutWorkspace(cfg *trainer.Config, sc trainer.SessionConfig, act int64, T int, offload, keep bool) (*workspace, []bufSpec) {
 	Hd, I, H, KV, D, V, R := int64(cfg.Hidden), int64(cfg.Intermediate), int64(cfg.Heads), int64(cfg.KVHeads), int64(cfg.HeadDim), int64(cfg.VocabSize), int64(sc.LoRA.R)
 	t := int64(T)
-	ws := &workspace{T: T}
+	ws := &workspace{T: T, keptLayer: -1}
 	ws.chunk = int(max(1, min(t, lossChunkBytes/(V*(4+act)))))
 	C := int64(ws.chunk)
 	var specs []bufSpec
@@ -233,8 +246,23 @@ func layoutWorkspace(cfg *trainer.Config, sc trainer.SessionConfig, act int64, T
 	add(attnGrad, t*(H+2*KV)*D*act, &ws.dqkv)
 	add(attnGrad, 4*t*H, &ws.delta)
 	add(scratch, kernels.LoRAGradParts*t*R*act, &ws.dxa) // a slot for each projection of a group (inputBackward)
-	add(scratch, t*maxIn*act, &ws.xin)
-	add(scratch, maxW*act, &ws.wbuf)
+	add(scratch, max(t*maxIn, maxW)*act, &ws.xin)        // and wbuf
+	// kept lives from a block's recomputation to the end of its backward
+	// pass, as the block temporaries do; its weights lie one under the
+	// other with no gap, so that k's and v's make linearPair's pair and
+	// q's, k's and v's stackedBackward's stack.
+	var kept int64
+	for i, m := range trainer.AllModules {
+		ws.keptAt[i] = -1
+		if keep && (m == trainer.QProj || m == trainer.KProj || m == trainer.VProj || m == trainer.GateProj || m == trainer.UpProj) {
+			out, in := cfg.ProjShape(m)
+			ws.keptAt[i] = kept
+			kept += int64(out) * int64(in) * act
+		}
+	}
+	if kept > 0 {
+		add(scratch, kept, &ws.kept)
+	}
 	add(loss, C*Hd*act, &ws.hc)
 	add(loss, 4*C*Hd, &ws.dhc)
 	add(loss, 4*C*V, &ws.logits)
@@ -248,7 +276,7 @@ func layoutWorkspace(cfg *trainer.Config, sc trainer.SessionConfig, act int64, T
 // allocWorkspace allocates the workspace for T tokens.
 func (s *session) allocWorkspace(c *cuda.Ctx, T int) error {
 	cfg := s.info.Config
-	ws, specs := layoutWorkspace(cfg, s.cfg, s.k.Prec.Size(), T, s.plan.Offload)
+	ws, specs := layoutWorkspace(cfg, s.cfg, s.k.Prec.Size(), T, s.plan.Offload, s.plan.KeptWeights)
 	offsets, size := sharedRegion(specs)
 	var shared cuda.Buffer
 	if size > 0 {
@@ -272,6 +300,7 @@ func (s *session) allocWorkspace(c *cuda.Ctx, T int) error {
 		lc.k, lc.v = halves(lc.kv)
 		lc.gate, lc.up = halves(lc.gateUp)
 	}
+	ws.wbuf = ws.xin
 	s.ws = ws
 	if s.plan.Offload {
 		var err error
@@ -445,13 +474,14 @@ func (s *session) dropout(seed uint64, train bool) *trainer.Dropout {
 // backward pass.
 func (s *session) linear(c *cuda.Ctx, T, layer int, mod trainer.Module, x, out cuda.DevicePtr, lc *layerCache, d *trainer.Dropout) error {
 	p := &s.w.layers[layer].proj[moduleIndex(mod)]
+	scratch := s.scratchFor(mod, lc)
 	if s.updateFirst(T, layer, mod, p) {
 		if err := s.loraForward(c, T, layer, mod, x, out, lc, d, 0); err != nil {
 			return err
 		}
-		return s.frozenGEMM(c, T, p, x, 1, out)
+		return s.frozenGEMM(c, T, p, scratch, x, 1, out)
 	}
-	if err := s.frozenProduct(c, T, p, x, out); err != nil {
+	if err := s.frozenProduct(c, T, p, scratch, x, out); err != nil {
 		return err
 	}
 	return s.loraForward(c, T, layer, mod, x, out, lc, d, 1)
@@ -468,24 +498,45 @@ func (s *session) updateFirst(T, layer int, mod trainer.Module, p *projection) b
 	return ok
 }
 
+// scratchFor is where a forward product dequantises projection mod's
+// weights: in a recomputation, its buffer in ws.kept where the session
+// keeps them (the block's backward pass reads them there: backwardWeight),
+// else the scratch every product shares.
+func (s *session) scratchFor(mod trainer.Module, lc *layerCache) cuda.DevicePtr {
+	if at := s.ws.keptAt[moduleIndex(mod)]; lc.recompute && at >= 0 {
+		return s.ws.kept.Ptr.Add(at)
+	}
+	return s.ws.wbuf.Ptr
+}
+
+// backwardWeight returns projection mod's weights for block layer's
+// backward pass: dense, kept by the block's recomputation, or dequantised
+// into the scratch.
+func (s *session) backwardWeight(c *cuda.Ctx, layer int, mod trainer.Module, p *projection) (cuda.DevicePtr, error) {
+	if at := s.ws.keptAt[moduleIndex(mod)]; at >= 0 && s.ws.keptLayer == layer && p.dense.Ptr == 0 {
+		return s.ws.kept.Ptr.Add(at), nil
+	}
+	return s.weight(c, p, s.ws.wbuf.Ptr)
+}
+
 // frozenProduct computes out [T × out] = x·Wᵀ for projection p: from its
 // NF4 form directly for the few tokens of a decoding step (nf4GEMV), or as
-// a GEMM over its dense or dequantised weights.
-func (s *session) frozenProduct(c *cuda.Ctx, T int, p *projection, x, out cuda.DevicePtr) error {
+// a GEMM over its dense weights or its weights dequantised into scratch.
+func (s *session) frozenProduct(c *cuda.Ctx, T int, p *projection, scratch, x, out cuda.DevicePtr) error {
 	if s.nf4GEMV(T, p) {
 		return s.k.NF4GEMV(c, p.packed.Ptr, p.absmaxQ.Ptr, p.absmax2.Ptr, p.offset, s.w.round, x, T, p.out, p.in, out)
 	}
 	if s.denseGEMV(T, p) {
 		return s.k.GEMV(c, p.dense.Ptr, x, T, p.out, p.in, p.out, 0, out)
 	}
-	return s.frozenGEMM(c, T, p, x, 0, out)
+	return s.frozenGEMM(c, T, p, scratch, x, 0, out)
 }
 
-// frozenGEMM computes out = x·Wᵀ + beta·out as a GEMM over p's dense or
-// dequantised weights.
-func (s *session) frozenGEMM(c *cuda.Ctx, T int, p *projection, x cuda.DevicePtr, beta float32, out cuda.DevicePtr) error {
+// frozenGEMM computes out = x·Wᵀ + beta·out as a GEMM over p's dense
+// weights or its weights dequantised into scratch.
+func (s *session) frozenGEMM(c *cuda.Ctx, T int, p *projection, scratch, x cuda.DevicePtr, beta float32, out cuda.DevicePtr) error {
 	act := s.k.Prec.GEMMType()
-	w, err := s.weight(c, p, s.ws.wbuf.Ptr)
+	w, err := s.weight(c, p, scratch)
 	if err != nil {
 		return err
 	}
@@ -537,7 +588,7 @@ func (s *session) linearPair(c *cuda.Ctx, T, layer int, m1, m2 trainer.Module, x
 		p1.dense.Ptr == 0 && (s.updateFirst(T, layer, m1, p1) || s.updateFirst(T, layer, m2, p2)) {
 		return s.linearApart(c, T, layer, m1, m2, x, out1, out2, lc, d)
 	}
-	w, ok, err := s.pairWeights(c, p1, p2)
+	w, ok, err := s.pairWeights(c, p1, p2, s.scratchFor(m1, lc))
 	if err != nil {
 		return err
 	}
@@ -572,10 +623,13 @@ func (s *session) linearApart(c *cuda.Ctx, T, layer int, m1, m2 trainer.Module, 
 
 // pairWeights returns two projections' weights of one shape one after the
 // other, as linearPair's batched GEMM reads them: their dense copies where
-// they lie so, else their NF4 forms dequantised side by side into the
-// scratch when both fit there (k and v; gate and up are each as large as
-// the scratch at the Gemma 3 shapes). ok is false when neither holds.
-func (s *session) pairWeights(c *cuda.Ctx, p1, p2 *projection) (w cuda.DevicePtr, ok bool, err error) {
+// they lie so, else their NF4 forms dequantised side by side at scratch
+// (scratchFor the first: the shared scratch, or their kept buffers, which
+// lie so) when both fit the shared scratch (k and v; gate and up are each
+// as large as it at the Gemma 3 shapes). The rule is the shared scratch's
+// in either case, so that a recomputation computes a pair as its forward
+// pass did, bit for bit. ok is false when neither holds.
+func (s *session) pairWeights(c *cuda.Ctx, p1, p2 *projection, scratch cuda.DevicePtr) (w cuda.DevicePtr, ok bool, err error) {
 	size := s.k.Prec.Size()
 	second := p1.elements() * size
 	if p1.dense.Ptr != 0 && p2.dense.Ptr != 0 {
@@ -584,13 +638,13 @@ func (s *session) pairWeights(c *cuda.Ctx, p1, p2 *projection) (w cuda.DevicePtr
 	if !p1.nf4 || !p2.nf4 || p1.dense.Ptr != 0 || p2.dense.Ptr != 0 || 2*second > s.ws.wbuf.Size {
 		return 0, false, nil
 	}
-	if _, err := s.weight(c, p1, s.ws.wbuf.Ptr); err != nil {
+	if _, err := s.weight(c, p1, scratch); err != nil {
 		return 0, false, err
 	}
-	if _, err := s.weight(c, p2, s.ws.wbuf.Ptr.Add(second)); err != nil {
+	if _, err := s.weight(c, p2, scratch.Add(second)); err != nil {
 		return 0, false, err
 	}
-	return s.ws.wbuf.Ptr, true, nil
+	return scratch, true, nil
 }
 
 // loraForward adds the LoRA update of projection mod to beta·out (when
@@ -672,7 +726,7 @@ func (s *session) inputBackward(c *cuda.Ctx, T, layer int, x cuda.DevicePtr, gro
 // frozen weight's part of the float32 input gradient of g's projection.
 func (s *session) frozenBackward(c *cuda.Ctx, T, layer int, g projGrad, accumulate bool, dx cuda.DevicePtr) error {
 	p := &s.w.layers[layer].proj[moduleIndex(g.mod)]
-	w, err := s.weight(c, p, s.ws.wbuf.Ptr)
+	w, err := s.backwardWeight(c, layer, g.mod, p)
 	if err != nil {
 		return err
 	}
@@ -689,10 +743,11 @@ func (s *session) frozenBackward(c *cuda.Ctx, T, layer int, g projGrad, accumula
 // input gradient of group, as one GEMM where it can: the group's output
 // gradients lie side by side in one matrix (dy_i's columns follow dy_{i-1}'s
 // in rows ld apart, as qkvGrad lays q's, k's and v's) and its weights,
-// NF4, dequantised one under the other into the scratch, stack to the
-// matrix the GEMM multiplies by: one product with K = Σ out_i instead of
-// one a projection (at 12B q's, k's and v's 359, 231 and 231 µs). It
-// reports whether it did.
+// NF4, dequantised one under the other into the scratch (or kept so by
+// the block's recomputation: backwardWeight), stack to the matrix the
+// GEMM multiplies by: one product with K = Σ out_i instead of one a
+// projection (at 12B q's, k's and v's 359, 231 and 231 µs). It reports
+// whether it did.
 func (s *session) stackedBackward(c *cuda.Ctx, T, layer int, group []projGrad, dx cuda.DevicePtr) (bool, error) {
 	if len(group) < 2 {
 		return false, nil
@@ -713,16 +768,38 @@ func (s *session) stackedBackward(c *cuda.Ctx, T, layer int, group []projGrad, d
 	if rows != group[0].ld || int64(rows)*int64(in)*size > s.ws.wbuf.Size {
 		return false, nil
 	}
-	at := s.ws.wbuf.Ptr
-	for _, p := range ps {
-		if _, err := s.weight(c, p, at); err != nil {
-			return false, err
+	w, ok := s.keptStack(layer, group, ps)
+	if !ok {
+		w = s.ws.wbuf.Ptr
+		at := w
+		for _, p := range ps {
+			if _, err := s.weight(c, p, at); err != nil {
+				return false, err
+			}
+			at = at.Add(p.elements() * size)
 		}
-		at = at.Add(p.elements() * size)
 	}
 	act := s.k.Prec.GEMMType()
 	g := cuda.GEMM{M: T, N: in, K: rows, AType: act, BType: act, CType: cuda.F32}
-	return true, s.matmul(c, "base", g, 1, group[0].dy, s.ws.wbuf.Ptr, 0, dx)
+	return true, s.matmul(c, "base", g, 1, group[0].dy, w, 0, dx)
+}
+
+// keptStack returns where block layer's recomputation left group's
+// weights one under the other (ws.kept), if it did.
+func (s *session) keptStack(layer int, group []projGrad, ps []*projection) (cuda.DevicePtr, bool) {
+	ws := s.ws
+	if ws.keptLayer != layer {
+		return 0, false
+	}
+	first := ws.keptAt[moduleIndex(group[0].mod)]
+	at := first
+	for i, g := range group {
+		if first < 0 || ws.keptAt[moduleIndex(g.mod)] != at {
+			return 0, false
+		}
+		at += ps[i].elements() * s.k.Prec.Size()
+	}
+	return ws.kept.Ptr.Add(first), true
 }
 
 // dxaSlot is where the i-th projection of a group keeps its dxa [T × r]
@@ -825,6 +902,9 @@ func (s *session) layerForward(c *cuda.Ctx, T, l int, x, out cuda.DevicePtr, lc 
 		return fmt.Errorf("layer %d: %w", l, err)
 	}
 	s.bindSaved(lc, T, x)
+	if lc.recompute {
+		ws.keptLayer = -1 // until every kept weight is block l's (below)
+	}
 	steps := []func() error{
 		func() error {
 			if s.cfg.Inference && l > 0 {
@@ -887,6 +967,9 @@ func (s *session) layerForward(c *cuda.Ctx, T, l int, x, out cuda.DevicePtr, lc 
 		if err := f(); err != nil {
 			return fmt.Errorf("layer %d forward: %w", l, err)
 		}
+	}
+	if lc.recompute {
+		ws.keptLayer = l
 	}
 	return nil
 }
@@ -1027,6 +1110,7 @@ func (s *session) pass(hb *hostBatch, grad bool, normalizer float64, dropoutSeed
 			return err
 		}
 		d := s.dropout(dropoutSeed, grad)
+		ws.keptLayer = -1 // the loss chunk shares its memory, and the weights are another block's
 		off := s.off
 		input := func(i int) cuda.DevicePtr { return ws.inputs[i].Ptr }
 		if off != nil {

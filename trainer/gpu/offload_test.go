@@ -51,7 +51,7 @@ func TestOffloadPlan(t *testing.T) {
 	}
 	t.Logf("12B seq 4096 batch 2: %.2f GiB, offloaded %.2f GiB (%s)", gib(plain.Total()), gib(off.Total()), off)
 
-	inputs := plan(mc, sc, kernels.BF16, true, false)
+	inputs := plan(mc, sc, kernels.BF16, layout{offload: true})
 	if inputs.GradsOnHost || off.Total() >= inputs.Total() || inputs.Total() >= plain.Total() {
 		t.Errorf("offloading the inputs alone should plan between the default layout and offloading the gradients too: %.2f, %.2f, %.2f GiB", gib(plain.Total()), gib(inputs.Total()), gib(off.Total()))
 	}
@@ -91,6 +91,68 @@ func TestOffloadPlan(t *testing.T) {
 	}
 }
 
+// TestKeptWeightsPlan: keeping the recomputation's weights costs their
+// dequantised bytes (q, k, v, gate and up in bf16), is chosen after the
+// offloading, only where the run still fits with them, and only for a
+// training session with gradient checkpointing over an NF4 base; at 12B,
+// seq 4096, batch 2, on a 13 GiB budget they fit beside the offloaded
+// inputs.
+func TestKeptWeightsPlan(t *testing.T) {
+	mc, _ := trainer.Preset("12b")
+	sc := trainer.SessionConfig{Quantize: "nf4", LoRA: trainer.LoRAConfig{R: 32, Alpha: 64, Dropout: 0.05, Targets: trainer.AllModules},
+		Optimizer: trainer.OptimizerConfig{Name: "adamw_8bit"}, GradientCheckpointing: true, MaxTokens: 2 * 4096}
+	if err := sc.Validate(); err != nil {
+		t.Fatal(err)
+	}
+	var weights int64
+	for _, m := range []trainer.Module{trainer.QProj, trainer.KProj, trainer.VProj, trainer.GateProj, trainer.UpProj} {
+		out, in := mc.ProjShape(m)
+		weights += 2 * int64(out) * int64(in)
+	}
+	plain, kept := Plan(mc, sc, kernels.BF16), plan(mc, sc, kernels.BF16, layout{keep: true})
+	if !kept.KeptWeights || kept.Work-plain.Work != cuda.AllocSize(weights) || kept.Total()-plain.Total() != kept.Work-plain.Work {
+		t.Errorf("kept weights: %d more work bytes (kept %v), want %d", kept.Work-plain.Work, kept.KeptWeights, cuda.AllocSize(weights))
+	}
+	inputs, inputsKept := plan(mc, sc, kernels.BF16, layout{offload: true}), plan(mc, sc, kernels.BF16, layout{offload: true, keep: true})
+	if grow := inputsKept.Total() - inputs.Total(); grow <= 0 || grow > cuda.AllocSize(weights) {
+		t.Errorf("kept weights beside the offloaded inputs: %d bytes more, want (0, %d]", grow, cuda.AllocSize(weights))
+	}
+	t.Setenv(OffloadEnv, "auto")
+	for _, c := range []struct {
+		what    string
+		env     string
+		edit    func(*trainer.SessionConfig)
+		free    int64
+		offload bool
+		kept    bool
+	}{
+		{"room for them", "", nil, kept.Total(), false, true},
+		{"a byte short", "auto", nil, kept.Total() - 1, false, false},
+		{"switched off", "off", nil, kept.Total(), false, false},
+		{"no checkpointing", "", func(s *trainer.SessionConfig) { s.GradientCheckpointing = false }, kept.Total(), false, false},
+		{"a bf16 base", "", func(s *trainer.SessionConfig) { s.Quantize = "none" }, 1 << 40, false, false},
+		{"inference", "", func(s *trainer.SessionConfig) { s.Inference = true }, kept.Total(), false, false},
+		{"13 GiB", "", nil, 13 << 30, true, true},
+	} {
+		t.Setenv(KeepWeightsEnv, c.env)
+		s := sc
+		if c.edit != nil {
+			c.edit(&s)
+		}
+		p, err := choosePlan(mc, s, kernels.BF16, c.free)
+		if err != nil || p.KeptWeights != c.kept || p.Offload != c.offload {
+			t.Errorf("%s: weights kept %v, offload %v (%v), want %v, %v", c.what, p.KeptWeights, p.Offload, err, c.kept, c.offload)
+		}
+		if c.what == "13 GiB" {
+			t.Logf("12B seq 4096 batch 2 in 13 GiB: %.2f GiB (%s)", gib(p.Total()), p)
+		}
+	}
+	t.Setenv(KeepWeightsEnv, "yes")
+	if _, err := choosePlan(mc, sc, kernels.BF16, 1<<40); err == nil || !strings.Contains(err.Error(), "use auto or off") {
+		t.Errorf("%s=yes: %v, want an error saying what to use", KeepWeightsEnv, err)
+	}
+}
+
 // TestInferencePlan: a session opened for inference (decoding, scoring)
 // keeps nothing for a backward pass: its saved inputs are the inputs alone,
 // and it has no dropout masks.
@@ -126,11 +188,12 @@ func TestInferencePlan(t *testing.T) {
 }
 
 // TestOffloadIsExact: with the saved inputs and the gradients offloaded,
-// losses, gradients (accumulated over two micro-batches, and started
+// with the recomputation's weights kept for the backward pass, and with
+// both, losses, gradients (accumulated over two micro-batches, and started
 // afresh after a step), the gradient norm and the updated weights (also
 // of a step whose update is still pending, pendingUpdate, when the state
-// is read) are those of the same session without, bit for bit; a step
-// before any backward pass sees zero gradients in both.
+// is read) are those of the same session with neither, bit for bit; a
+// step before any backward pass sees zero gradients in all.
 func TestOffloadIsExact(t *testing.T) {
 	cudatest.Device(t)
 	sc, _ := demoOptions()
@@ -156,8 +219,9 @@ func TestOffloadIsExact(t *testing.T) {
 		lastNorm float64
 		state    []trainer.Param
 	}
-	run := func(mode, optimizer string) outcome {
+	run := func(mode, keep, optimizer string) outcome {
 		t.Setenv(OffloadEnv, mode)
+		t.Setenv(KeepWeightsEnv, keep)
 		sc := sc
 		sc.Optimizer.Name = optimizer
 		s, err := trainer.OpenSession(context.Background(), "cuda", sc)
@@ -165,8 +229,8 @@ func TestOffloadIsExact(t *testing.T) {
 			t.Fatal(err)
 		}
 		defer s.Close()
-		if p := s.(*session).plan; p.Offload != (mode == "on") || p.GradsOnHost != (mode == "on") {
-			t.Fatalf("%s=%s: offload %v, gradients on the host %v", OffloadEnv, mode, p.Offload, p.GradsOnHost)
+		if p := s.(*session).plan; p.Offload != (mode == "on") || p.GradsOnHost != (mode == "on") || p.KeptWeights != (keep == "auto") {
+			t.Fatalf("%s=%s, %s=%s: offload %v, gradients on the host %v, weights kept %v", OffloadEnv, mode, KeepWeightsEnv, keep, p.Offload, p.GradsOnHost, p.KeptWeights)
 		}
 		if err := s.SetState(a, nil); err != nil {
 			t.Fatal(err)
@@ -219,32 +283,39 @@ func TestOffloadIsExact(t *testing.T) {
 		return o
 	}
 	for _, optimizer := range []string{"adamw", "adamw_8bit"} {
-		plain, off := run("off", optimizer), run("on", optimizer)
-		for i := range plain.losses {
-			if plain.losses[i] != off.losses[i] {
-				t.Errorf("loss %d: %v without offloading, %v with", i, plain.losses[i], off.losses[i])
+		plain := run("off", "off", optimizer)
+		for _, c := range []struct{ offload, keep, with string }{
+			{"on", "off", "the inputs and gradients offloaded"},
+			{"off", "auto", "the weights kept"},
+			{"on", "auto", "both"},
+		} {
+			off := run(c.offload, c.keep, optimizer)
+			for i := range plain.losses {
+				if plain.losses[i] != off.losses[i] {
+					t.Errorf("loss %d: %v with neither, %v with %s", i, plain.losses[i], off.losses[i], c.with)
+				}
 			}
-		}
-		same := func(what string, a, b []trainer.Param) {
-			t.Helper()
-			for i := range a {
-				for j := range a[i].Data {
-					if a[i].Data[j] != b[i].Data[j] {
-						t.Fatalf("%s %s[%d]: %v without offloading, %v with", what, a[i].Name, j, a[i].Data[j], b[i].Data[j])
+			same := func(what string, a, b []trainer.Param) {
+				t.Helper()
+				for i := range a {
+					for j := range a[i].Data {
+						if a[i].Data[j] != b[i].Data[j] {
+							t.Fatalf("%s %s[%d]: %v with neither, %v with %s", what, a[i].Name, j, a[i].Data[j], b[i].Data[j], c.with)
+						}
 					}
 				}
 			}
+			same("accumulated gradient", plain.grads[0], off.grads[0])
+			same("gradient after the step", plain.grads[1], off.grads[1])
+			same("weight after the step", plain.state, off.state)
+			if plain.norm != off.norm || plain.norm == 0 {
+				t.Errorf("gradient norm %v with neither, %v with %s", plain.norm, off.norm, c.with)
+			}
+			if plain.lastNorm != off.lastNorm || plain.lastNorm == 0 {
+				t.Errorf("last step's gradient norm %v with neither, %v with %s", plain.lastNorm, off.lastNorm, c.with)
+			}
 		}
-		same("accumulated gradient", plain.grads[0], off.grads[0])
-		same("gradient after the step", plain.grads[1], off.grads[1])
-		same("weight after the step", plain.state, off.state)
-		if plain.norm != off.norm || plain.norm == 0 {
-			t.Errorf("gradient norm %v without offloading, %v with", plain.norm, off.norm)
-		}
-		if plain.lastNorm != off.lastNorm || plain.lastNorm == 0 {
-			t.Errorf("last step's gradient norm %v without offloading, %v with", plain.lastNorm, off.lastNorm)
-		}
-		t.Logf("%s: losses %v, norm %v, identical with the inputs and gradients offloaded", optimizer, plain.losses, plain.norm)
+		t.Logf("%s: losses %v, norm %v, identical with the inputs and gradients offloaded, the weights kept, and both", optimizer, plain.losses, plain.norm)
 	}
 }
 

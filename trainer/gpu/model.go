@@ -562,10 +562,11 @@ func (s *session) nf4GEMV(T int, p *projection) bool {
 // and v, gate and up). The frozen products are one launch where a
 // decoding step reads both NF4 forms directly (nf4GEMV), or where both
 // weights lie one after the other, stored dense or dequantised so
-// (pairWeights), and out2 lies above out1 (our decoding product,
+// (pairFits), and out2 lies above out1 (our decoding product,
 // denseGEMV, else a batched GEMM): for a decoding step, one launch instead
 // of two, and a better use of the bandwidth for the small ones (see
-// adjoin); for a training step's k and v, a GEMM as wide as q's.
+// adjoin); for a training step's k and v, a GEMM as wide as q's, and for
+// its gate and up one wave of tiles fewer.
 func (s *session) linearPair(c *cuda.Ctx, T, layer int, m1, m2 trainer.Module, x, out1, out2 cuda.DevicePtr, lc *layerCache, d *trainer.Dropout) error {
 	L := &s.w.layers[layer]
 	p1, p2 := &L.proj[moduleIndex(m1)], &L.proj[moduleIndex(m2)]
@@ -582,18 +583,31 @@ func (s *session) linearPair(c *cuda.Ctx, T, layer int, m1, m2 trainer.Module, x
 		}
 		return s.loraForward(c, T, layer, m2, x, out2, lc, d, 1)
 	}
-	// Dequantised weights whose update comes first (LoRAFirstEnv) go apart,
-	// in that order.
+	// A pair of dequantised weights whose updates come first
+	// (LoRAFirstEnv) writes them first, then adds the frozen products in
+	// the batched GEMM; a pair of which only one does goes apart. Dense
+	// pairs keep PEFT's order.
+	first1, first2 := s.updateFirst(T, layer, m1, p1), s.updateFirst(T, layer, m2, p2)
 	if s.nf4GEMV(T, p1) || p1.in != p2.in || p1.out != p2.out || out2 <= out1 || int64(out2-out1)%size != 0 ||
-		p1.dense.Ptr == 0 && (s.updateFirst(T, layer, m1, p1) || s.updateFirst(T, layer, m2, p2)) {
+		p1.dense.Ptr == 0 && first1 != first2 || !s.pairFits(p1, p2) {
 		return s.linearApart(c, T, layer, m1, m2, x, out1, out2, lc, d)
 	}
-	w, ok, err := s.pairWeights(c, p1, p2, s.scratchFor(m1, lc))
+	first := first1 && p1.dense.Ptr == 0
+	beta := float32(0)
+	if first {
+		// Before the weights are dequantised: dropout's output shares
+		// their scratch (workspace.xin).
+		if err := s.loraForward(c, T, layer, m1, x, out1, lc, d, 0); err != nil {
+			return err
+		}
+		if err := s.loraForward(c, T, layer, m2, x, out2, lc, d, 0); err != nil {
+			return err
+		}
+		beta = 1
+	}
+	w, err := s.pairWeights(c, p1, p2, s.scratchFor(m1, lc))
 	if err != nil {
 		return err
-	}
-	if !ok {
-		return s.linearApart(c, T, layer, m1, m2, x, out1, out2, lc, d)
 	}
 	if s.denseGEMV(T, p1) {
 		if err := s.k.GEMV(c, p1.dense.Ptr, x, T, 2*p1.out, p1.in, p1.out, int64(out2-out1)/size, out1); err != nil {
@@ -603,9 +617,12 @@ func (s *session) linearPair(c *cuda.Ctx, T, layer int, m1, m2 trainer.Module, x
 		act := s.k.Prec.GEMMType()
 		g := cuda.GEMM{M: T, N: p1.out, K: p1.in, TransB: true, AType: act, BType: act, CType: act,
 			Batch: 2, SharedA: true, StrideC: int64(out2-out1) / size}
-		if err := s.matmul(c, "base", g, 1, x, w, 0, out1); err != nil {
+		if err := s.matmul(c, "base", g, 1, x, w, beta, out1); err != nil {
 			return err
 		}
+	}
+	if first {
+		return nil
 	}
 	if err := s.loraForward(c, T, layer, m1, x, out1, lc, d, 1); err != nil {
 		return err
@@ -621,30 +638,34 @@ func (s *session) linearApart(c *cuda.Ctx, T, layer int, m1, m2 trainer.Module, 
 	return s.linear(c, T, layer, m2, x, out2, lc, d)
 }
 
-// pairWeights returns two projections' weights of one shape one after the
-// other, as linearPair's batched GEMM reads them: their dense copies where
-// they lie so, else their NF4 forms dequantised side by side at scratch
-// (scratchFor the first: the shared scratch, or their kept buffers, which
-// lie so) when both fit the shared scratch (k and v; gate and up are each
-// as large as it at the Gemma 3 shapes). The rule is the shared scratch's
-// in either case, so that a recomputation computes a pair as its forward
-// pass did, bit for bit. ok is false when neither holds.
-func (s *session) pairWeights(c *cuda.Ctx, p1, p2 *projection, scratch cuda.DevicePtr) (w cuda.DevicePtr, ok bool, err error) {
-	size := s.k.Prec.Size()
-	second := p1.elements() * size
+// pairFits reports whether two projections' weights of one shape can lie
+// one after the other, as linearPair's batched GEMM reads them: their
+// dense copies where they lie so, else their NF4 forms when both fit the
+// shared scratch (k and v; gate and up where the scratch is dropout's
+// output for enough tokens, workspace.xin). A recomputation, whose
+// weights may be kept elsewhere, follows the same rule, so that it
+// computes a pair as its forward pass did, bit for bit.
+func (s *session) pairFits(p1, p2 *projection) bool {
+	second := p1.elements() * s.k.Prec.Size()
 	if p1.dense.Ptr != 0 && p2.dense.Ptr != 0 {
-		return p1.dense.Ptr, p2.dense.Ptr == p1.dense.Ptr.Add(second), nil
+		return p2.dense.Ptr == p1.dense.Ptr.Add(second)
 	}
-	if !p1.nf4 || !p2.nf4 || p1.dense.Ptr != 0 || p2.dense.Ptr != 0 || 2*second > s.ws.wbuf.Size {
-		return 0, false, nil
+	return p1.nf4 && p2.nf4 && p1.dense.Ptr == 0 && p2.dense.Ptr == 0 && 2*second <= s.ws.wbuf.Size
+}
+
+// pairWeights returns the weights of a pair that pairFits: their dense
+// copies, or their NF4 forms dequantised one after the other at scratch
+// (scratchFor the first: the shared scratch, or their kept buffers, which
+// lie so).
+func (s *session) pairWeights(c *cuda.Ctx, p1, p2 *projection, scratch cuda.DevicePtr) (cuda.DevicePtr, error) {
+	if p1.dense.Ptr != 0 {
+		return p1.dense.Ptr, nil
 	}
 	if _, err := s.weight(c, p1, scratch); err != nil {
-		return 0, false, err
+		return 0, err
 	}
-	if _, err := s.weight(c, p2, scratch.Add(second)); err != nil {
-		return 0, false, err
-	}
-	return scratch, true, nil
+	_, err := s.weight(c, p2, scratch.Add(p1.elements()*s.k.Prec.Size()))
+	return scratch, err
 }
 
 // loraForward adds the LoRA update of projection mod to beta·out (when

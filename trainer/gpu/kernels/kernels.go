@@ -610,8 +610,9 @@ func (k *Kernels) FusesLoRADropoutGrad(parts []LoRAGradPart, dx cuda.DevicePtr, 
 // LoRADropoutGrad adds to the float32 dx [T × n], for each of its parts in
 // order, scale (the dropout's) times its mask times dxa·A
 // rounded to activations: what the GEMM into activations and DropoutAdd
-// add, with dx read and written once for all the parts.
-func (k *Kernels) LoRADropoutGrad(c *cuda.Ctx, parts []LoRAGradPart, dx cuda.DevicePtr, T, n, r int, scale float32) error {
+// add, with dx read and written once for all the parts. Without add it
+// writes that sum from zero and does not read dx.
+func (k *Kernels) LoRADropoutGrad(c *cuda.Ctx, parts []LoRAGradPart, dx cuda.DevicePtr, T, n, r int, scale float32, add bool) error {
 	if !k.FusesLoRADropoutGrad(parts, dx, n, r) {
 		return fmt.Errorf("kernels: LoRADropoutGrad of %d parts at width %d, rank %d", len(parts), n, r)
 	}
@@ -619,7 +620,7 @@ func (k *Kernels) LoRADropoutGrad(c *cuda.Ctx, parts []LoRAGradPart, dx cuda.Dev
 	copy(p[:], parts)
 	cfg := cuda.LaunchConfig{Grid: cuda.Dim3{X: n / 64, Y: (T + 127) / 128}, Block: cuda.Dim3{X: 256}}
 	return k.launch(c, "lora_dropout_grad", cfg, p[0].DXA, p[0].A, p[0].Mask, p[1].DXA, p[1].A, p[1].Mask,
-		p[2].DXA, p[2].A, p[2].Mask, int32(len(parts)), dx, int32(T), int32(n), int32(r), scale)
+		p[2].DXA, p[2].A, p[2].Mask, int32(len(parts)), dx, int32(T), int32(n), int32(r), scale, boolInt(add))
 }
 
 // F32ToAct converts n float32 values to activations.

@@ -753,12 +753,21 @@ func TestLoRADropoutGrad(t *testing.T) {
 	k := kernelsFor(t, BF16, 256)
 	// Row counts that end inside a block's and a warp's rows; ranks of one
 	// and of several k steps, one not whole.
-	for _, c := range []struct{ T, n, r, parts int }{{1000, 192, 32, 3}, {77, 64, 8, 1}, {130, 128, 64, 2}, {256, 3840, 16, 3}} {
-		t.Run(fmt.Sprintf("T%d_n%d_r%d_parts%d", c.T, c.n, c.r, c.parts), func(t *testing.T) {
+	// Without add, dx holds NaNs: a read of it would show in every element.
+	for _, c := range []struct {
+		T, n, r, parts int
+		add            bool
+	}{{1000, 192, 32, 3, true}, {77, 64, 8, 1, true}, {130, 128, 64, 2, true}, {256, 3840, 16, 3, true}, {1000, 192, 32, 3, false}, {77, 64, 8, 1, false}} {
+		t.Run(fmt.Sprintf("T%d_n%d_r%d_parts%d_add%v", c.T, c.n, c.r, c.parts, c.add), func(t *testing.T) {
 			rng := cudatest.Rand(t)
 			const scale = float32(1 / 0.95)
 			dx := uniform(rng, c.T*c.n, 1)
 			want := append([]float32(nil), dx...)
+			if !c.add {
+				for i := range dx {
+					dx[i], want[i] = float32(math.NaN()), 0
+				}
+			}
 			type part struct {
 				dxa, a []float32
 				mask   []uint8
@@ -798,7 +807,7 @@ func TestLoRADropoutGrad(t *testing.T) {
 				if !k.FusesLoRADropoutGrad(parts, dxp, c.n, c.r) {
 					return fmt.Errorf("width %d, rank %d not taken", c.n, c.r)
 				}
-				if err := k.LoRADropoutGrad(d.c, parts, dxp, c.T, c.n, c.r, scale); err != nil {
+				if err := k.LoRADropoutGrad(d.c, parts, dxp, c.T, c.n, c.r, scale, c.add); err != nil {
 					return err
 				}
 				got := d.readF32(dxp, len(dx))

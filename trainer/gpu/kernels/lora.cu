@@ -204,6 +204,9 @@ extern "C" __global__ void add_f32(const float* __restrict__ src, float* __restr
 //
 //   dx [T × n] (float32) += scale · mask_p ⊙ act(dxa_p · A_p), p = 0, 1, …
 //
+// or, with add 0, dx = that sum from zero, dx not read (the frozen
+// products' part added after, by a GEMM's epilogue).
+//
 // with dxa_p [T × r] and lora_A A_p [r × n] activations and mask_p
 // dropout_record's bits. It is the GEMM into activations followed by
 // dropout_add, once per projection, with the same roundings and the same
@@ -224,7 +227,7 @@ struct LoRADropoutPart {
 
 extern "C" __global__ void __launch_bounds__(256, 2) lora_dropout_grad(const bf16_t* dxa0, const bf16_t* a0, const unsigned char* mask0, const bf16_t* dxa1, const bf16_t* a1,
                   const unsigned char* mask1, const bf16_t* dxa2, const bf16_t* a2, const unsigned char* mask2, int parts,
-                  float* __restrict__ dx, int T, int n, int r, float scale) {
+                  float* __restrict__ dx, int T, int n, int r, float scale, int add) {
 #ifndef ACT_F32 // bfloat16 activations only (Kernels.FusesLoRADropoutGrad)
     __shared__ __align__(16) bf16_t sA[LDG_PARTS][64 * LDG_STRIDE];
     const LoRADropoutPart part[LDG_PARTS] = {{dxa0, a0, mask0}, {dxa1, a1, mask1}, {dxa2, a2, mask2}};
@@ -245,7 +248,7 @@ extern "C" __global__ void __launch_bounds__(256, 2) lora_dropout_grad(const bf1
         #pragma unroll
         for (int j = 0; j < 8; j++) {
             float2 v = make_float2(0.0f, 0.0f);
-            if (rows[h] < T) v = *reinterpret_cast<const float2*>(dx + (long long)rows[h] * n + col0 + 8 * j + 2 * c);
+            if (add && rows[h] < T) v = *reinterpret_cast<const float2*>(dx + (long long)rows[h] * n + col0 + 8 * j + 2 * c);
             d[j][2 * h] = v.x, d[j][2 * h + 1] = v.y;
         }
     }

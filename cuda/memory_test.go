@@ -19,6 +19,19 @@ func TestRoundSize(t *testing.T) {
 	}
 }
 
+// TestDeviceBytes: blocks under 2 MiB hold their rounded size; larger
+// ones whole 2 MiB pages.
+func TestDeviceBytes(t *testing.T) {
+	for _, tc := range []struct{ n, want int64 }{
+		{1, 512}, {1 << 20, 1 << 20}, {1<<20 + 1, 1<<20 + 1<<17}, {2 << 20, 2 << 20},
+		{2<<20 + 1, 4 << 20}, {3 << 20, 4 << 20}, {11 << 20, 12 << 20}, {1 << 30, 1 << 30},
+	} {
+		if got := DeviceBytes(tc.n); got != tc.want {
+			t.Errorf("DeviceBytes(%d) = %d, want %d", tc.n, got, tc.want)
+		}
+	}
+}
+
 func TestGEMMNormalized(t *testing.T) {
 	g, err := GEMM{M: 7, N: 5, K: 3, TransA: true, AType: BF16, BType: BF16, CType: F32, Batch: 4}.Normalized()
 	if err != nil {

@@ -781,15 +781,15 @@ func (s *session) frozenBackward(c *cuda.Ctx, T, layer int, g projGrad, accumula
 	return s.matmul(c, "base", f, 1, g.dy, w, beta, dx)
 }
 
-// stackedBackward writes (or, with accumulate, adds to) dx Σ dy_i·W_i, the frozen products' part of the
-// input gradient of group, as one GEMM where it can: the group's output
-// gradients lie side by side in one matrix (dy_i's columns follow dy_{i-1}'s
-// in rows ld apart, as qkvGrad lays q's, k's and v's) and its weights,
-// NF4, dequantised one under the other into the scratch (or kept so by
-// the block's recomputation: backwardWeight), stack to the matrix the
-// GEMM multiplies by: one product with K = Σ out_i instead of one a
-// projection (at 12B q's, k's and v's 359, 231 and 231 µs). It reports
-// whether it did.
+// stackedBackward writes dx = Σ dy_i·W_i (with accumulate, adds it to dx),
+// the frozen products' part of the input gradient of group, as one GEMM
+// where it can: the group's output gradients lie side by side in one
+// matrix (dy_i's columns follow dy_{i-1}'s in rows ld apart, as qkvGrad
+// lays q's, k's and v's) and its weights, NF4, dequantised one under the
+// other into the scratch (or kept so by the block's recomputation:
+// keptStack), stack to the matrix the GEMM multiplies by: one product with
+// K = Σ out_i instead of one a projection (at 12B q's, k's and v's 359,
+// 231 and 231 µs). It reports whether it did.
 func (s *session) stackedBackward(c *cuda.Ctx, T, layer int, group []projGrad, accumulate bool, dx cuda.DevicePtr) (bool, error) {
 	if len(group) < 2 {
 		return false, nil

@@ -76,18 +76,47 @@ func DeviceBytes(n int64) int64 {
 	return s
 }
 
+// wholeSize is AllocWhole's block size for n bytes: Alloc's below
+// devicePage, whole pages from there up.
+func wholeSize(n int64) int64 {
+	if n < devicePage {
+		return roundSize(n)
+	}
+	return (n + devicePage - 1) / devicePage * devicePage
+}
+
+// WholeBytes is the device memory that AllocWhole's block for a request of
+// n bytes holds, as DeviceBytes is Alloc's.
+func WholeBytes(n int64) int64 { return wholeSize(n) }
+
 // Alloc returns a device buffer of at least n bytes, reusing a cached block
 // when one of the same rounded size is free. When the device is out of
 // memory it frees the cache and tries once more.
 func (c *Ctx) Alloc(n int64) (Buffer, error) {
-	if err := c.check(); err != nil {
-		return Buffer{}, err
-	}
 	if n <= 0 {
 		return Buffer{}, fmt.Errorf("cuda: Alloc(%d): size must be positive", n)
 	}
+	return c.allocBlock(n, roundSize(n))
+}
+
+// AllocWhole is Alloc for a buffer held as long as its owner lives: its
+// block is rounded up to whole pages only, not to Alloc's size classes,
+// which may add an eighth (the 2 GB embedding of a Gemma 3 model would
+// take 126 MiB more) for reuses such buffers never see.
+func (c *Ctx) AllocWhole(n int64) (Buffer, error) {
+	if n <= 0 {
+		return Buffer{}, fmt.Errorf("cuda: AllocWhole(%d): size must be positive", n)
+	}
+	return c.allocBlock(n, wholeSize(n))
+}
+
+// allocBlock returns a block of size bytes (at least n) for a request of
+// n bytes, cached or new.
+func (c *Ctx) allocBlock(n, size int64) (Buffer, error) {
+	if err := c.check(); err != nil {
+		return Buffer{}, err
+	}
 	a := &c.alloc
-	size := roundSize(n)
 	a.stats.Allocs++
 	var p DevicePtr
 	if list := a.free[size]; len(list) > 0 {

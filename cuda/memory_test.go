@@ -32,6 +32,19 @@ func TestDeviceBytes(t *testing.T) {
 	}
 }
 
+// TestWholeBytes: AllocWhole's blocks take whole 2 MiB pages from 2 MiB
+// up, Alloc's sizes below.
+func TestWholeBytes(t *testing.T) {
+	for _, tc := range []struct{ n, want int64 }{
+		{1, 512}, {1<<20 + 1, 1<<20 + 1<<17}, {2 << 20, 2 << 20}, {2<<20 + 1, 4 << 20},
+		{2013757440, 2015363072}, // a Gemma 3 embedding (262,208 × 3,840 bf16): DeviceBytes 2 GiB
+	} {
+		if got := WholeBytes(tc.n); got != tc.want {
+			t.Errorf("WholeBytes(%d) = %d, want %d", tc.n, got, tc.want)
+		}
+	}
+}
+
 func TestGEMMNormalized(t *testing.T) {
 	g, err := GEMM{M: 7, N: 5, K: 3, TransA: true, AType: BF16, BType: BF16, CType: F32, Batch: 4}.Normalized()
 	if err != nil {

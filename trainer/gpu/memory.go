@@ -177,7 +177,7 @@ func PlanOffloaded(cfg *trainer.Config, sc trainer.SessionConfig, prec kernels.P
 func plan(cfg *trainer.Config, sc trainer.SessionConfig, prec kernels.Precision, l layout) MemoryPlan {
 	act := prec.Size()
 	var p MemoryPlan
-	sz := cuda.DeviceBytes
+	sz := cuda.WholeBytes // session.alloc's blocks
 	p.Weights = sz(int64(cfg.VocabSize)*int64(cfg.Hidden)*act) + sz(4*int64(cfg.Hidden))
 	for l := 0; l < cfg.Layers; l++ {
 		p.Weights += 4*sz(4*int64(cfg.Hidden)) + 2*sz(4*int64(cfg.HeadDim))

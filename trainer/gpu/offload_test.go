@@ -40,10 +40,10 @@ func TestOffloadPlan(t *testing.T) {
 		}
 		params, widest = params+n, max(widest, n)
 	}
-	if plain.Saved < int64(mc.Layers+1)*input || off.Saved > 3*cuda.DeviceBytes(input) || off.Host != int64(mc.Layers)*input+4*params {
+	if plain.Saved < int64(mc.Layers+1)*input || off.Saved > 3*cuda.WholeBytes(input) || off.Host != int64(mc.Layers)*input+4*params {
 		t.Errorf("saved %d → %d bytes, host %d; one input is %d bytes, %d layers, %d LoRA parameters", plain.Saved, off.Saved, off.Host, input, mc.Layers, params)
 	}
-	if got, want := plain.Adapter-off.Adapter, cuda.DeviceBytes(4*params)-3*cuda.DeviceBytes(4*widest); !off.GradsOnHost || got != want {
+	if got, want := plain.Adapter-off.Adapter, cuda.WholeBytes(4*params)-3*cuda.WholeBytes(4*widest); !off.GradsOnHost || got != want {
 		t.Errorf("the low-memory layout keeps %d fewer adapter bytes on the device (gradients on the host: %v), want %d", got, off.GradsOnHost, want)
 	}
 	if plain.Weights != off.Weights || plain.Optimizer != off.Optimizer || plain.Activations != off.Activations || off.Work >= plain.Work {
@@ -111,10 +111,11 @@ func TestKeptWeightsPlan(t *testing.T) {
 		weights += 2 * int64(out) * int64(in)
 	}
 	plain, kept := Plan(mc, sc, kernels.BF16), plan(mc, sc, kernels.BF16, layout{keep: true})
-	if !kept.KeptWeights || kept.Work-plain.Work != cuda.DeviceBytes(weights) || kept.Total()-plain.Total() != kept.Work-plain.Work {
-		t.Errorf("kept weights: %d more work bytes (kept %v), want %d", kept.Work-plain.Work, kept.KeptWeights, cuda.DeviceBytes(weights))
+	if !kept.KeptWeights || kept.Work-plain.Work != cuda.WholeBytes(weights) || kept.Total()-plain.Total() != kept.Work-plain.Work {
+		t.Errorf("kept weights: %d more work bytes (kept %v), want %d", kept.Work-plain.Work, kept.KeptWeights, cuda.WholeBytes(weights))
 	}
 	inputs, inputsKept := plan(mc, sc, kernels.BF16, layout{offload: true}), plan(mc, sc, kernels.BF16, layout{offload: true, keep: true})
+	// In the shared region, laid out at Alloc's steps.
 	if grow := inputsKept.Total() - inputs.Total(); grow <= 0 || grow > cuda.DeviceBytes(weights) {
 		t.Errorf("kept weights beside the offloaded inputs: %d bytes more, want (0, %d]", grow, cuda.DeviceBytes(weights))
 	}
@@ -175,7 +176,7 @@ func TestInferencePlan(t *testing.T) {
 	train, eval := Plan(mc, sc, kernels.BF16), Plan(mc, inf, kernels.BF16)
 	T := int64(sc.MaxTokens)
 	input := T * int64(mc.Hidden) * 2
-	if want := int64(mc.Layers+1) * cuda.DeviceBytes(input); eval.Saved != want {
+	if want := int64(mc.Layers+1) * cuda.WholeBytes(input); eval.Saved != want {
 		t.Errorf("inference: saved inputs %d bytes, want %d (the inputs alone)", eval.Saved, want)
 	}
 	if train.Saved <= eval.Saved {
@@ -184,11 +185,11 @@ func TestInferencePlan(t *testing.T) {
 	var masks int64
 	for _, m := range trainer.AllModules {
 		_, in := mc.ProjShape(m)
-		masks += cuda.DeviceBytes(kernels.MaskBytes(T * int64(in)))
+		masks += cuda.WholeBytes(kernels.MaskBytes(T * int64(in)))
 	}
 	// Training keeps the masks but not the block's own o, d, rstd4 and x·Aᵀ
 	// buffers (they live with the saved input); inference the other way.
-	own := 2*cuda.DeviceBytes(input) + cuda.DeviceBytes(4*T) + 7*cuda.DeviceBytes(T*32*2)
+	own := 2*cuda.WholeBytes(input) + cuda.WholeBytes(4*T) + 7*cuda.WholeBytes(T*32*2)
 	if got, want := train.Activations-eval.Activations, masks-own; got != want {
 		t.Errorf("activations: training %d bytes more than inference, want %d", got, want)
 	}

@@ -349,7 +349,7 @@ func (s *session) release(c *cuda.Ctx, b cuda.Buffer) error {
 // alloc allocates n bytes that live as long as the session, turning an
 // out-of-memory into an error that says what did not fit.
 func (s *session) alloc(c *cuda.Ctx, n int64, what string) (cuda.Buffer, error) {
-	b, err := c.Alloc(n)
+	b, err := c.AllocWhole(n)
 	if err != nil {
 		return b, s.oom(c, err, what)
 	}

@@ -644,6 +644,41 @@ func TestAllocatorCachesAndCounts(t *testing.T) {
 	})
 }
 
+// TestAllocWhole: a lasting buffer's block is its size in whole pages
+// (what memory plans count, WholeBytes), and the device's free memory falls
+// by about that much, not by Alloc's size class.
+func TestAllocWhole(t *testing.T) {
+	cudatest.Do(t, func(c *cuda.Ctx) error {
+		const n = 33<<20 + 5 // Alloc's class: 36 MiB; whole pages: 34 MiB
+		if err := c.EmptyCache(); err != nil {
+			return err
+		}
+		free0, _, err := c.MemInfo()
+		if err != nil {
+			return err
+		}
+		before := c.MemStats()
+		b, err := c.AllocWhole(n)
+		if err != nil {
+			return err
+		}
+		free1, _, err := c.MemInfo()
+		if err != nil {
+			return err
+		}
+		if got := c.MemStats().InUse - before.InUse; got != cuda.WholeBytes(n) || got != 34<<20 {
+			t.Errorf("AllocWhole(%d) holds %d bytes, want %d", n, got, cuda.WholeBytes(n))
+		}
+		if took := free0 - free1; took < 34<<20 || took > 35<<20 {
+			t.Errorf("AllocWhole(%d) took %d bytes of the device's free memory, want 34 MiB", n, took)
+		}
+		if _, err := c.AllocWhole(0); err == nil {
+			t.Error("AllocWhole(0) accepted")
+		}
+		return c.Free(b)
+	})
+}
+
 func TestCtxRefusedOutsideDo(t *testing.T) {
 	var leaked *cuda.Ctx
 	cudatest.Do(t, func(c *cuda.Ctx) error { leaked = c; return nil })

@@ -669,8 +669,8 @@ func TestAllocWhole(t *testing.T) {
 		if got := c.MemStats().InUse - before.InUse; got != cuda.WholeBytes(n) || got != 34<<20 {
 			t.Errorf("AllocWhole(%d) holds %d bytes, want %d", n, got, cuda.WholeBytes(n))
 		}
-		if took := free0 - free1; took < 34<<20 || took > 35<<20 {
-			t.Errorf("AllocWhole(%d) took %d bytes of the device's free memory, want 34 MiB", n, took)
+		if took := free0 - free1; took < 34<<20 || took >= 36<<20 {
+			t.Errorf("AllocWhole(%d) took %d bytes of the device's free memory, want 34 MiB (less than the 36 of Alloc's class)", n, took)
 		}
 		if _, err := c.AllocWhole(0); err == nil {
 			t.Error("AllocWhole(0) accepted")

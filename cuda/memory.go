@@ -64,30 +64,20 @@ func AllocSize(n int64) int64 { return roundSize(n) }
 const devicePage = 2 << 20
 
 // DeviceBytes is the device memory that Alloc's block for a request of n
-// bytes holds: AllocSize, in whole pages from devicePage up. Memory plans
-// add these up to predict what a process will hold (on an H200, the four
-// Gemma 3 training presets' plans came within 0.09 GiB of the measured
-// peak this way, where AllocSize's sums missed it by up to 0.28 GiB).
-func DeviceBytes(n int64) int64 {
-	s := roundSize(n)
-	if s >= devicePage {
-		s = (s + devicePage - 1) / devicePage * devicePage
-	}
-	return s
-}
+// bytes holds: AllocSize, mapped in whole pages from devicePage up (on an
+// H200, plans that counted blocks so came within 0.09 GiB of the
+// training presets' measured peaks, where AllocSize's sums missed them by
+// up to 0.28 GiB).
+func DeviceBytes(n int64) int64 { return WholeBytes(roundSize(n)) }
 
-// wholeSize is AllocWhole's block size for n bytes: Alloc's below
-// devicePage, whole pages from there up.
-func wholeSize(n int64) int64 {
+// WholeBytes is AllocWhole's block for a request of n bytes, and the device
+// memory it holds: Alloc's size below devicePage, whole pages from there up.
+func WholeBytes(n int64) int64 {
 	if n < devicePage {
 		return roundSize(n)
 	}
 	return (n + devicePage - 1) / devicePage * devicePage
 }
-
-// WholeBytes is the device memory that AllocWhole's block for a request of
-// n bytes holds, as DeviceBytes is Alloc's.
-func WholeBytes(n int64) int64 { return wholeSize(n) }
 
 // Alloc returns a device buffer of at least n bytes, reusing a cached block
 // when one of the same rounded size is free. When the device is out of
@@ -107,7 +97,7 @@ func (c *Ctx) AllocWhole(n int64) (Buffer, error) {
 	if n <= 0 {
 		return Buffer{}, fmt.Errorf("cuda: AllocWhole(%d): size must be positive", n)
 	}
-	return c.allocBlock(n, wholeSize(n))
+	return c.allocBlock(n, WholeBytes(n))
 }
 
 // allocBlock returns a block of size bytes (at least n) for a request of

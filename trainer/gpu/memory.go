@@ -192,9 +192,8 @@ func plan(cfg *trainer.Config, sc trainer.SessionConfig, prec kernels.Precision,
 			}
 		}
 	}
-	offload := l.offload
-	p.Offload = offload
-	p.GradsOnHost = l.hostGrads && gradsOnHost(sc, offload)
+	p.Offload = l.offload
+	p.GradsOnHost = l.hostGrads && gradsOnHost(sc, l.offload)
 	p.KeptWeights = l.keep && keepsWeights(sc)
 	if st, err := layoutLoRA(cfg, sc.LoRA, sc.Optimizer); err == nil {
 		p.Adapter = 2 * sz(4*st.total)
@@ -213,7 +212,7 @@ func plan(cfg *trainer.Config, sc trainer.SessionConfig, prec kernels.Precision,
 		}
 		p.Optimizer += sz(8 * (kernels.NormPartials + 1) * int64(cfg.Layers))
 	}
-	_, specs := layoutWorkspace(cfg, sc, act, max(sc.MaxTokens, 1), offload, p.KeptWeights)
+	_, specs := layoutWorkspace(cfg, sc, act, max(sc.MaxTokens, 1), l.offload, p.KeptWeights)
 	var input int64 // one saved input's bytes
 	for _, b := range specs {
 		switch b.group {
@@ -226,7 +225,7 @@ func plan(cfg *trainer.Config, sc trainer.SessionConfig, prec kernels.Precision,
 			p.Work += sz(b.bytes)
 		}
 	}
-	if offload {
+	if l.offload {
 		p.Host += int64(cfg.Layers) * input // each block's on the host
 	}
 	_, shared := sharedRegion(specs)

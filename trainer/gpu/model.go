@@ -254,7 +254,7 @@ func layoutWorkspace(cfg *trainer.Config, sc trainer.SessionConfig, act int64, T
 	var kept int64
 	for i, m := range trainer.AllModules {
 		ws.keptAt[i] = -1
-		if keep && (m == trainer.QProj || m == trainer.KProj || m == trainer.VProj || m == trainer.GateProj || m == trainer.UpProj) {
+		if keep && m != trainer.OProj && m != trainer.DownProj { // the recomputation's products (o's output is saved, down is not run)
 			out, in := cfg.ProjShape(m)
 			ws.keptAt[i] = kept
 			kept += int64(out) * int64(in) * act
@@ -593,7 +593,6 @@ func (s *session) linearPair(c *cuda.Ctx, T, layer int, m1, m2 trainer.Module, x
 		return s.linearApart(c, T, layer, m1, m2, x, out1, out2, lc, d)
 	}
 	first := first1 && p1.dense.Ptr == 0
-	beta := float32(0)
 	if first {
 		// Before the weights are dequantised: dropout's output shares
 		// their scratch (workspace.xin).
@@ -603,7 +602,6 @@ func (s *session) linearPair(c *cuda.Ctx, T, layer int, m1, m2 trainer.Module, x
 		if err := s.loraForward(c, T, layer, m2, x, out2, lc, d, 0); err != nil {
 			return err
 		}
-		beta = 1
 	}
 	w, err := s.pairWeights(c, p1, p2, s.scratchFor(m1, lc))
 	if err != nil {
@@ -617,7 +615,7 @@ func (s *session) linearPair(c *cuda.Ctx, T, layer int, m1, m2 trainer.Module, x
 		act := s.k.Prec.GEMMType()
 		g := cuda.GEMM{M: T, N: p1.out, K: p1.in, TransB: true, AType: act, BType: act, CType: act,
 			Batch: 2, SharedA: true, StrideC: int64(out2-out1) / size}
-		if err := s.matmul(c, "base", g, 1, x, w, beta, out1); err != nil {
+		if err := s.matmul(c, "base", g, 1, x, w, betaOf(first), out1); err != nil {
 			return err
 		}
 	}
@@ -751,11 +749,9 @@ func (s *session) inputBackward(c *cuda.Ctx, T, layer int, x cuda.DevicePtr, gro
 	if err != nil {
 		return err
 	}
-	for i, g := range group {
-		if !stacked {
-			if err := s.frozenBackward(c, T, layer, g, first || i > 0, dx); err != nil {
-				return err
-			}
+	for i := 0; i < len(group) && !stacked; i++ {
+		if err := s.frozenBackward(c, T, layer, group[i], first || i > 0, dx); err != nil {
+			return err
 		}
 	}
 	if first {
@@ -772,13 +768,17 @@ func (s *session) frozenBackward(c *cuda.Ctx, T, layer int, g projGrad, accumula
 	if err != nil {
 		return err
 	}
-	beta := float32(0)
-	if accumulate {
-		beta = 1
-	}
 	act := s.k.Prec.GEMMType()
 	f := cuda.GEMM{M: T, N: p.in, K: p.out, LDA: g.ld, AType: act, BType: act, CType: cuda.F32}
-	return s.matmul(c, "base", f, 1, g.dy, w, beta, dx)
+	return s.matmul(c, "base", f, 1, g.dy, w, betaOf(accumulate), dx)
+}
+
+// betaOf is a GEMM's beta that adds to its output (accumulate) or writes it.
+func betaOf(accumulate bool) float32 {
+	if accumulate {
+		return 1
+	}
+	return 0
 }
 
 // stackedBackward writes dx = Σ dy_i·W_i (with accumulate, adds it to dx),
@@ -823,24 +823,20 @@ func (s *session) stackedBackward(c *cuda.Ctx, T, layer int, group []projGrad, a
 	}
 	act := s.k.Prec.GEMMType()
 	g := cuda.GEMM{M: T, N: in, K: rows, AType: act, BType: act, CType: cuda.F32}
-	beta := float32(0)
-	if accumulate {
-		beta = 1
-	}
-	return true, s.matmul(c, "base", g, 1, group[0].dy, w, beta, dx)
+	return true, s.matmul(c, "base", g, 1, group[0].dy, w, betaOf(accumulate), dx)
 }
 
 // keptStack returns where block layer's recomputation left group's
 // weights one under the other (ws.kept), if it did.
 func (s *session) keptStack(layer int, group []projGrad, ps []*projection) (cuda.DevicePtr, bool) {
 	ws := s.ws
-	if ws.keptLayer != layer {
+	first := ws.keptAt[moduleIndex(group[0].mod)]
+	if ws.keptLayer != layer || first < 0 {
 		return 0, false
 	}
-	first := ws.keptAt[moduleIndex(group[0].mod)]
 	at := first
 	for i, g := range group {
-		if first < 0 || ws.keptAt[moduleIndex(g.mod)] != at {
+		if ws.keptAt[moduleIndex(g.mod)] != at {
 			return 0, false
 		}
 		at += ps[i].elements() * s.k.Prec.Size()

@@ -2,6 +2,7 @@ package gpu
 
 import (
 	"fmt"
+	"math"
 	"os"
 	"strings"
 
@@ -64,6 +65,33 @@ func keepWeightsMode() (string, error) {
 	default:
 		return "", fmt.Errorf("%s=%q: use auto or off", KeepWeightsEnv, m)
 	}
+}
+
+// LoRAFoldEnv names the switch of the gate and up pair's folded GEMM
+// (foldedPair): "auto" (the default) folds where foldsGateUp allows, "off"
+// never.
+const LoRAFoldEnv = "PIPELINE_LORA_FOLD"
+
+// foldsGateUp reports whether a session of sc folds gate's and up's LoRA B
+// products into their frozen GEMM: a training one over an NF4 base, both
+// adapted with their updates first (LoRAFirstEnv), at a LoRA scale that is
+// a power of two (s·B then exact in bfloat16).
+func foldsGateUp(sc trainer.SessionConfig) bool {
+	if sc.Inference || sc.Quantize != "nf4" || os.Getenv(LoRAFoldEnv) == "off" {
+		return false
+	}
+	if frac, _ := math.Frexp(float64(sc.LoRA.Scale())); frac != 0.5 {
+		return false
+	}
+	first, err := loraFirstModules()
+	if err != nil || !first[moduleIndex(trainer.GateProj)] || !first[moduleIndex(trainer.UpProj)] {
+		return false
+	}
+	var gate, up bool
+	for _, m := range sc.LoRA.Targets {
+		gate, up = gate || m == trainer.GateProj, up || m == trainer.UpProj
+	}
+	return gate && up
 }
 
 // keepsWeights reports whether a session of sc has weights to keep: a

@@ -79,9 +79,17 @@ type workspace struct {
 	// from a block's recomputation through its backward pass
 	// (MemoryPlan.KeptWeights); keptLayer is the block whose recomputation
 	// wrote them last (-1: none since the pass began).
-	kept          cuda.Buffer
-	keptAt        [7]int64
-	keptLayer     int
+	kept      cuda.Buffer
+	keptAt    [7]int64
+	keptLD    [7]int // the row stride of a kept weight (its width, or foldLD)
+	keptLayer int
+	// fold: gate's and up's LoRA B products go into their frozen GEMM
+	// along K (foldedPair); foldA [T × foldLD] holds its A, xn2 beside the
+	// two x·Aᵀ, and foldLD = hidden + 2r is the rows' stride there and in
+	// the widened weights.
+	fold          bool
+	foldA         cuda.Buffer
+	foldLD        int
 	xf, rstdF     cuda.Buffer
 	hc, dhc, dxf  cuda.Buffer
 	logits, glog  cuda.Buffer
@@ -247,6 +255,13 @@ func layoutWorkspace(cfg *trainer.Config, sc trainer.SessionConfig, act int64, T
 	add(attnGrad, 4*t*H, &ws.delta)
 	add(scratch, kernels.LoRAGradParts*t*R*act, &ws.dxa) // a slot for each projection of a group (inputBackward)
 	add(scratch, max(t*maxIn, maxW)*act, &ws.xin)        // and wbuf
+	// The folded pair's weights, both widened, must fit that scratch.
+	gateOut, gateIn := cfg.ProjShape(trainer.GateProj)
+	ws.foldLD = gateIn + 2*sc.LoRA.R
+	ws.fold = foldsGateUp(sc) && 2*int64(gateOut)*int64(ws.foldLD) <= max(t*maxIn, maxW) && gateIn%8 == 0 && ws.foldLD%8 == 0
+	if ws.fold {
+		add(scratch, t*int64(ws.foldLD)*act, &ws.foldA)
+	}
 	// kept lives from a block's recomputation to the end of its backward
 	// pass, as the block temporaries do; its weights lie one under the
 	// other with no gap, so that k's and v's make linearPair's pair and
@@ -256,8 +271,11 @@ func layoutWorkspace(cfg *trainer.Config, sc trainer.SessionConfig, act int64, T
 		ws.keptAt[i] = -1
 		if keep && m != trainer.OProj && m != trainer.DownProj { // the recomputation's products (o's output is saved, down is not run)
 			out, in := cfg.ProjShape(m)
-			ws.keptAt[i] = kept
-			kept += int64(out) * int64(in) * act
+			ws.keptAt[i], ws.keptLD[i] = kept, in
+			if ws.fold && (m == trainer.GateProj || m == trainer.UpProj) {
+				ws.keptLD[i] = ws.foldLD
+			}
+			kept += int64(out) * int64(ws.keptLD[i]) * act
 		}
 	}
 	if kept > 0 {
@@ -510,13 +528,15 @@ func (s *session) scratchFor(mod trainer.Module, lc *layerCache) cuda.DevicePtr 
 }
 
 // backwardWeight returns projection mod's weights for block layer's
-// backward pass: dense, kept by the block's recomputation, or dequantised
-// into the scratch.
-func (s *session) backwardWeight(c *cuda.Ctx, layer int, mod trainer.Module, p *projection) (cuda.DevicePtr, error) {
-	if at := s.ws.keptAt[moduleIndex(mod)]; at >= 0 && s.ws.keptLayer == layer && p.dense.Ptr == 0 {
-		return s.ws.kept.Ptr.Add(at), nil
+// backward pass and their rows' stride: dense, kept by the block's
+// recomputation (widened where they were folded), or dequantised into the
+// scratch.
+func (s *session) backwardWeight(c *cuda.Ctx, layer int, mod trainer.Module, p *projection) (cuda.DevicePtr, int, error) {
+	if i := moduleIndex(mod); s.ws.keptAt[i] >= 0 && s.ws.keptLayer == layer && p.dense.Ptr == 0 {
+		return s.ws.kept.Ptr.Add(s.ws.keptAt[i]), s.ws.keptLD[i], nil
 	}
-	return s.weight(c, p, s.ws.wbuf.Ptr)
+	w, err := s.weight(c, p, s.ws.wbuf.Ptr)
+	return w, p.in, err
 }
 
 // frozenProduct computes out [T × out] = x·Wᵀ for projection p: from its
@@ -588,6 +608,10 @@ func (s *session) linearPair(c *cuda.Ctx, T, layer int, m1, m2 trainer.Module, x
 	// the batched GEMM; a pair of which only one does goes apart. Dense
 	// pairs keep PEFT's order.
 	first1, first2 := s.updateFirst(T, layer, m1, p1), s.updateFirst(T, layer, m2, p2)
+	if s.ws.fold && m1 == trainer.GateProj && m2 == trainer.UpProj && first1 && first2 && p1.nf4 && p2.nf4 &&
+		p1.dense.Ptr == 0 && p2.dense.Ptr == 0 && p1.in == p2.in && p1.out == p2.out && out2 > out1 {
+		return s.foldedPair(c, T, layer, m1, m2, x, out1, out2, lc, d)
+	}
 	if s.nf4GEMV(T, p1) || p1.in != p2.in || p1.out != p2.out || out2 <= out1 || int64(out2-out1)%size != 0 ||
 		p1.dense.Ptr == 0 && first1 != first2 || !s.pairFits(p1, p2) {
 		return s.linearApart(c, T, layer, m1, m2, x, out1, out2, lc, d)
@@ -674,24 +698,77 @@ func (s *session) loraForward(c *cuda.Ctx, T, layer int, mod trainer.Module, x, 
 	if !ok || s.baseOnly {
 		return nil
 	}
+	if err := s.loraXA(c, T, layer, mod, A, x, lc, d); err != nil {
+		return err
+	}
 	B, _ := s.lora.slot(layer, mod, true)
 	p := &s.w.layers[layer].proj[moduleIndex(mod)]
 	act := s.k.Prec.GEMMType()
-	xa := lc.xa[moduleIndex(mod)]
-	R := s.cfg.LoRA.R
-	if !lc.recompute {
-		src := x
-		if d != nil {
-			src = s.ws.xin.Ptr
-			if err := s.k.DropoutRecord(c, x, src, lc.mask[moduleIndex(mod)].Ptr, int64(T)*int64(p.in), *d, trainer.DropoutStream(layer, mod)); err != nil {
-				return err
-			}
-		}
-		if err := s.gemm(c, "lora", T, R, p.in, false, true, act, act, 1, src, s.lora.actPtr(s, A), 0, xa); err != nil {
+	return s.gemm(c, "lora", T, p.out, s.cfg.LoRA.R, false, true, act, act, s.cfg.LoRA.Scale(), lc.xa[moduleIndex(mod)], s.lora.actPtr(s, B), beta, out)
+}
+
+// loraXA computes the forward pass's x·Aᵀ of projection mod (adapter slot
+// A) into lc.xa, drawing its dropout mask; a recomputation has both from
+// the forward pass.
+func (s *session) loraXA(c *cuda.Ctx, T, layer int, mod trainer.Module, A *loraSlot, x cuda.DevicePtr, lc *layerCache, d *trainer.Dropout) error {
+	if lc.recompute {
+		return nil
+	}
+	p := &s.w.layers[layer].proj[moduleIndex(mod)]
+	src := x
+	if d != nil {
+		src = s.ws.xin.Ptr
+		if err := s.k.DropoutRecord(c, x, src, lc.mask[moduleIndex(mod)].Ptr, int64(T)*int64(p.in), *d, trainer.DropoutStream(layer, mod)); err != nil {
 			return err
 		}
 	}
-	return s.gemm(c, "lora", T, p.out, R, false, true, act, act, s.cfg.LoRA.Scale(), xa, s.lora.actPtr(s, B), beta, out)
+	act := s.k.Prec.GEMMType()
+	return s.gemm(c, "lora", T, s.cfg.LoRA.R, p.in, false, true, act, act, 1, src, s.lora.actPtr(s, A), 0, lc.xa[moduleIndex(mod)])
+}
+
+// foldedPair is linearPair for gate and up when their LoRA B products
+// fold into the frozen GEMM along K (workspace.fold): with A = [x | x·A_1ᵀ |
+// x·A_2ᵀ] (ws.foldA) and the weights widened to [W_1 | s·B_1 | 0] and
+// [W_2 | 0 | s·B_2], one batched GEMM writes x·W_iᵀ + s·(x·A_iᵀ)·B_iᵀ,
+// rounded once: the update's own product, its write and its read by the
+// frozen GEMM's epilogue go, for 2r more of K. s is a power of two, so
+// s·B is exact. In a recomputation the widened weights go to their kept
+// buffers, which the backward pass then reads (rows foldLD apart).
+func (s *session) foldedPair(c *cuda.Ctx, T, layer int, m1, m2 trainer.Module, x, out1, out2 cuda.DevicePtr, lc *layerCache, d *trainer.Dropout) error {
+	L := &s.w.layers[layer]
+	p1, p2 := &L.proj[moduleIndex(m1)], &L.proj[moduleIndex(m2)]
+	size, R, K, in := s.k.Prec.Size(), s.cfg.LoRA.R, s.ws.foldLD, p1.in
+	A := s.ws.foldA.Ptr
+	// x·Aᵀ first: dropout's output shares the weights' scratch.
+	for i, m := range []trainer.Module{m1, m2} {
+		slot, _ := s.lora.slot(layer, m, false)
+		if err := s.loraXA(c, T, layer, m, slot, x, lc, d); err != nil {
+			return err
+		}
+		if err := s.k.CopyActRows(c, lc.xa[moduleIndex(m)], R, A.Add(int64(in+i*R)*size), K, T, R); err != nil {
+			return err
+		}
+	}
+	if err := s.k.CopyActRows(c, x, in, A, K, T, in); err != nil {
+		return err
+	}
+	w := s.scratchFor(m1, lc)
+	for i, p := range []*projection{p1, p2} {
+		m := []trainer.Module{m1, m2}[i]
+		at := w.Add(int64(i) * int64(p1.out) * int64(K) * size)
+		if err := s.k.NF4DequantizeRows(c, p.packed.Ptr, p.absmaxQ.Ptr, p.absmax2.Ptr, p.offset, p.out, in, K, s.w.round, at); err != nil {
+			return err
+		}
+		B, _ := s.lora.slot(layer, m, true)
+		col, zero := in+i*R, in+(1-i)*R
+		if err := s.k.FoldLoRAColumns(c, at, p.out, K, col, zero, s.lora.actPtr(s, B), R, s.cfg.LoRA.Scale()); err != nil {
+			return err
+		}
+	}
+	act := s.k.Prec.GEMMType()
+	g := cuda.GEMM{M: T, N: p1.out, K: K, TransB: true, LDA: K, LDB: K, AType: act, BType: act, CType: act,
+		Batch: 2, SharedA: true, StrideB: int64(p1.out) * int64(K), StrideC: int64(out2-out1) / size}
+	return s.matmul(c, "base", g, 1, A, w, 0, out1)
 }
 
 // projGrad is one projection of a group that reads the same input (q, k
@@ -764,12 +841,12 @@ func (s *session) inputBackward(c *cuda.Ctx, T, layer int, x cuda.DevicePtr, gro
 // frozen weight's part of the float32 input gradient of g's projection.
 func (s *session) frozenBackward(c *cuda.Ctx, T, layer int, g projGrad, accumulate bool, dx cuda.DevicePtr) error {
 	p := &s.w.layers[layer].proj[moduleIndex(g.mod)]
-	w, err := s.backwardWeight(c, layer, g.mod, p)
+	w, ld, err := s.backwardWeight(c, layer, g.mod, p)
 	if err != nil {
 		return err
 	}
 	act := s.k.Prec.GEMMType()
-	f := cuda.GEMM{M: T, N: p.in, K: p.out, LDA: g.ld, AType: act, BType: act, CType: cuda.F32}
+	f := cuda.GEMM{M: T, N: p.in, K: p.out, LDA: g.ld, LDB: ld, AType: act, BType: act, CType: cuda.F32}
 	return s.matmul(c, "base", f, 1, g.dy, w, betaOf(accumulate), dx)
 }
 
@@ -836,7 +913,7 @@ func (s *session) keptStack(layer int, group []projGrad, ps []*projection) (cuda
 	}
 	at := first
 	for i, g := range group {
-		if ws.keptAt[moduleIndex(g.mod)] != at {
+		if m := moduleIndex(g.mod); ws.keptAt[m] != at || ws.keptLD[m] != ps[i].in {
 			return 0, false
 		}
 		at += ps[i].elements() * s.k.Prec.Size()

@@ -105,9 +105,13 @@ func TestKeptWeightsPlan(t *testing.T) {
 	if err := sc.Validate(); err != nil {
 		t.Fatal(err)
 	}
+	// Gate's and up's widened where their LoRA products fold into the GEMM.
 	var weights int64
 	for _, m := range []trainer.Module{trainer.QProj, trainer.KProj, trainer.VProj, trainer.GateProj, trainer.UpProj} {
 		out, in := mc.ProjShape(m)
+		if foldsGateUp(sc) && (m == trainer.GateProj || m == trainer.UpProj) {
+			in += 2 * sc.LoRA.R
+		}
 		weights += 2 * int64(out) * int64(in)
 	}
 	plain, kept := Plan(mc, sc, kernels.BF16), plan(mc, sc, kernels.BF16, layout{keep: true})

@@ -679,9 +679,44 @@ const nf4DequantUnroll = 4
 func (k *Kernels) NF4Dequantize(c *cuda.Ctx, packed, absmaxQ, absmax2 cuda.DevicePtr, offset float32, n int64, round int, out cuda.DevicePtr) error {
 	if n%8 == 0 && packed%4 == 0 && out%16 == 0 {
 		units := n / 8
-		return k.launch(c, "nf4_dequantize8", k.grid((units+nf4DequantUnroll-1)/nf4DequantUnroll), packed, absmaxQ, absmax2, offset, units, int32(round), out)
+		return k.launch(c, "nf4_dequantize8", k.grid((units+nf4DequantUnroll-1)/nf4DequantUnroll), packed, absmaxQ, absmax2, offset, units,
+			uint32(min(units, 1<<31)), uint32(min(units, 1<<31)), int32(round), out)
 	}
 	return k.launch(c, "nf4_dequantize", k.grid(n), packed, absmaxQ, absmax2, offset, n, int32(round), out)
+}
+
+// NF4DequantizeRows is NF4Dequantize of a weight [rows × in] whose rows go
+// ld activations apart in out (ld ≥ in), leaving the columns between for
+// other values (FoldLoRAColumns). It needs in and ld multiples of 8 and
+// fewer than 2³² eight-weight units.
+func (k *Kernels) NF4DequantizeRows(c *cuda.Ctx, packed, absmaxQ, absmax2 cuda.DevicePtr, offset float32, rows, in, ld int, round int, out cuda.DevicePtr) error {
+	units := int64(rows) * int64(in) / 8
+	if in%8 != 0 || ld%8 != 0 || ld < in || units >= 1<<32 || packed%4 != 0 || out%16 != 0 {
+		return fmt.Errorf("kernels: NF4DequantizeRows: %d rows of %d weights, %d apart", rows, in, ld)
+	}
+	return k.launch(c, "nf4_dequantize8", k.grid((units+nf4DequantUnroll-1)/nf4DequantUnroll), packed, absmaxQ, absmax2, offset, units,
+		uint32(in/8), uint32(ld/8), int32(round), out)
+}
+
+// FoldLoRAColumns writes scale·b (b [rows × r], activations) into columns
+// col .. col + r - 1 of w [rows × ld] and zeros into columns zero .. zero +
+// r - 1: a dequantised weight widened along K so that one GEMM adds its
+// LoRA update (x·Aᵀ in the input's matching columns) to the frozen
+// product.
+func (k *Kernels) FoldLoRAColumns(c *cuda.Ctx, w cuda.DevicePtr, rows, ld, col, zero int, b cuda.DevicePtr, r int, scale float32) error {
+	return k.launch(c, "lora_fold_columns", k.grid(int64(rows)*int64(r)), w, int32(rows), int32(ld), int32(col), int32(zero), b, int32(r), scale)
+}
+
+// CopyActRows copies src [rows × cols] (rows srcLD activations apart) into
+// dst (rows dstLD apart).
+func (k *Kernels) CopyActRows(c *cuda.Ctx, src cuda.DevicePtr, srcLD int, dst cuda.DevicePtr, dstLD, rows, cols int) error {
+	size := k.Prec.Size()
+	whole := func(n int) bool { return int64(n)*size%16 == 0 }
+	if units := int64(rows) * int64(cols) * size / 16; whole(cols) && whole(srcLD) && whole(dstLD) && src%16 == 0 && dst%16 == 0 && units < 1<<32 {
+		u := func(n int) uint32 { return uint32(int64(n) * size / 16) }
+		return k.launch(c, "copy_rows16", k.grid(units), src, u(srcLD), dst, u(dstLD), uint32(rows), u(cols))
+	}
+	return k.launch(c, "act_copy_rows", k.grid(int64(rows)*int64(cols)), src, int32(srcLD), dst, int32(dstLD), int64(rows), int32(cols))
 }
 
 // GEMVTokens is the most tokens NF4GEMV and GEMV take: the rows of a

@@ -834,6 +834,64 @@ func TestLoRADropoutGrad(t *testing.T) {
 	}
 }
 
+// TestFoldLoRAColumns: a widened weight's LoRA columns take scale·B,
+// exactly for a power-of-two scale, and its padding columns zeros, the
+// other columns untouched; CopyActRows moves rows between strides.
+func TestFoldLoRAColumns(t *testing.T) {
+	for _, p := range precisions {
+		k := kernelsFor(t, p, 256)
+		t.Run(p.String(), func(t *testing.T) {
+			rng := cudatest.Rand(t)
+			const rows, in, r, scale = 300, 40, 8, float32(2)
+			ld := in + 2*r
+			b := roundAct(p, uniform(rng, rows*r, 1))
+			base := roundAct(p, uniform(rng, rows*ld, 1))
+			run(t, k, func(d *dev) error {
+				w := d.act(base)
+				if err := k.FoldLoRAColumns(d.c, w, rows, ld, in+r, in, d.act(b), r, scale); err != nil {
+					return err
+				}
+				got := d.readAct(w, rows*ld)
+				for row := 0; row < rows; row++ {
+					for j := 0; j < ld; j++ {
+						want := base[row*ld+j]
+						switch {
+						case j >= in && j < in+r:
+							want = 0
+						case j >= in+r:
+							want = scale * b[row*r+j-in-r]
+						}
+						if got[row*ld+j] != want {
+							return fmt.Errorf("row %d, column %d: %v, want %v", row, j, got[row*ld+j], want)
+						}
+					}
+				}
+				// Widths of whole 16-byte units and not.
+				for _, cols := range []int{in, in - 3} {
+					src := roundAct(p, uniform(rng, rows*cols, 1))
+					dst := d.act(base)
+					if err := k.CopyActRows(d.c, d.act(src), cols, dst, ld, rows, cols); err != nil {
+						return err
+					}
+					got = d.readAct(dst, rows*ld)
+					for row := 0; row < rows; row++ {
+						for j := 0; j < ld; j++ {
+							want := base[row*ld+j]
+							if j < cols {
+								want = src[row*cols+j]
+							}
+							if got[row*ld+j] != want {
+								return fmt.Errorf("%d copied columns: row %d, column %d: %v, want %v", cols, row, j, got[row*ld+j], want)
+							}
+						}
+					}
+				}
+				return nil
+			})
+		})
+	}
+}
+
 // storedBytes encodes v as a checkpoint tensor of dtype dt.
 func storedBytes(t *testing.T, dt safetensors.DType, v []float32) []byte {
 	b, err := safetensors.EncodeFloat32(dt, v)
@@ -912,6 +970,31 @@ func TestNF4MatchesHost(t *testing.T) {
 						for i := range got {
 							if got[i] != want[i] {
 								return fmt.Errorf("weight %d: %v, host %v", i, got[i], want[i])
+							}
+						}
+						// Rows 16 apart more than their length: the same
+						// values, the columns between untouched.
+						if rows, in := sh[0], sh[1]; in%8 == 0 {
+							ld := in + 16
+							sentinel := make([]float32, rows*ld)
+							for i := range sentinel {
+								sentinel[i] = 7
+							}
+							wide := d.act(sentinel)
+							if err := k.NF4DequantizeRows(d.c, packed, aq, a2p, off, rows, in, ld, rounds[dt], wide); err != nil {
+								return err
+							}
+							gw := d.readAct(wide, rows*ld)
+							for r := 0; r < rows; r++ {
+								for j := 0; j < ld; j++ {
+									w := float32(7)
+									if j < in {
+										w = want[r*in+j]
+									}
+									if gw[r*ld+j] != w {
+										return fmt.Errorf("rows %d apart: row %d, column %d: %v, want %v", ld, r, j, gw[r*ld+j], w)
+									}
+								}
 							}
 						}
 						// Stored tensors converted as they are.

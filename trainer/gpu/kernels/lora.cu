@@ -193,6 +193,43 @@ extern "C" __global__ void f32_to_act_rows_vec(const float* __restrict__ src, ac
     }
 }
 
+// The columns a weight's LoRA update folds into (the gate and up pair's
+// GEMM along K, kernels.FoldLoRAColumns): for each of the rows of w
+// (activations, rows ld apart), columns col .. col + r - 1 take scale·b
+// (b [rows × r], lora_B) and columns zero .. zero + r - 1 zeros.
+extern "C" __global__ void lora_fold_columns(act_t* __restrict__ w, int rows, int ld, int col, int zero,
+                                             const act_t* __restrict__ b, int r, float scale) {
+    GRID_STRIDE(i, (long long)rows * r) {
+        const long long row = i / r;
+        const int j = (int)(i - row * r);
+        w[row * ld + col + j] = to_act(__fmul_rn(to_f32(b[i]), scale));
+        w[row * ld + zero + j] = to_act(0.0f);
+    }
+}
+
+// dst [rows × cols] (rows dst_ld apart) = src [rows × cols] (rows src_ld
+// apart), activations.
+extern "C" __global__ void act_copy_rows(const act_t* __restrict__ src, int src_ld, act_t* __restrict__ dst, int dst_ld,
+                                         long long rows, int cols) {
+    GRID_STRIDE(i, rows * cols) {
+        const long long row = i / cols;
+        const int c = (int)(i - row * cols);
+        dst[row * dst_ld + c] = src[row * src_ld + c];
+    }
+}
+
+// act_copy_rows in 16-byte units (a row's bytes and both strides whole
+// units): one load and one store a unit, the row found by a 32-bit
+// division.
+extern "C" __global__ void copy_rows16(const uint4* __restrict__ src, unsigned src_ld, uint4* __restrict__ dst, unsigned dst_ld,
+                                       unsigned rows, unsigned cols) {
+    const unsigned n = rows * cols;
+    for (unsigned i = blockIdx.x * blockDim.x + threadIdx.x; i < n; i += gridDim.x * blockDim.x) {
+        const unsigned row = i / cols, c = i - row * cols;
+        dst[(size_t)row * dst_ld + c] = src[(size_t)row * src_ld + c];
+    }
+}
+
 // dst[i] += src[i], float32.
 extern "C" __global__ void add_f32(const float* __restrict__ src, float* __restrict__ dst, long long n) {
     GRID_STRIDE(i, n) { dst[i] += src[i]; }

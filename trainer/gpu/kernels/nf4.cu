@@ -66,9 +66,12 @@ __device__ __forceinline__ unsigned int nf4_load_tables(float* code, float* dyn)
 // array are served one address at a time, which held a one-weight kernel
 // to an eighth of the memory bandwidth.
 #define NF4_DQ_UNROLL 4 // kernels.nf4DequantUnroll
+// A weight's row of row_units units lands ld_units units apart in out
+// (ld_units == row_units: one after the other).
 template <int ROUND>
 __device__ __forceinline__ void nf4_dequantize8_as(const unsigned int* __restrict__ packed, const unsigned char* __restrict__ absmax_q,
                                                    const float* __restrict__ absmax2, float offset, long long units,
+                                                   unsigned row_units, unsigned ld_units,
                                                    const float* code, const float* dyn, uint4* __restrict__ out) {
     const long long tile = (long long)NF4_DQ_UNROLL * blockDim.x;
     for (long long first = blockIdx.x * tile + threadIdx.x; first < units; first += gridDim.x * tile) {
@@ -89,6 +92,7 @@ __device__ __forceinline__ void nf4_dequantize8_as(const unsigned int* __restric
             const long long u = first + j * (long long)blockDim.x;
             if (u >= units) break;
             const float am = nf4_scale(dyn[q[j]], a2[j], offset);
+            const long long at = row_units == ld_units ? u : (long long)((unsigned)u / row_units) * ld_units + (unsigned)u % row_units;
 #ifndef ACT_F32
             if (ROUND == ROUND_BF16) {
                 // Rounded once to bfloat16 (the checkpoint's dtype and the
@@ -103,7 +107,7 @@ __device__ __forceinline__ void nf4_dequantize8_as(const unsigned int* __restric
                         : "=r"(o[k])
                         : "f"(__fmul_rn(code[byte & 0xfu], am)), "f"(__fmul_rn(code[byte >> 4], am)));
                 }
-                out[u] = make_uint4(o[0], o[1], o[2], o[3]);
+                out[at] = make_uint4(o[0], o[1], o[2], o[3]);
                 continue;
             }
 #endif
@@ -115,7 +119,7 @@ __device__ __forceinline__ void nf4_dequantize8_as(const unsigned int* __restric
                 o[e / VEC].a[e % VEC] = to_act(round_to(__fmul_rn(code[nibble], am), ROUND));
             }
             #pragma unroll
-            for (int h = 0; h < 8 / VEC; h++) out[u * (8 / VEC) + h] = o[h].u;
+            for (int h = 0; h < 8 / VEC; h++) out[at * (8 / VEC) + h] = o[h].u;
         }
     }
 }
@@ -123,16 +127,16 @@ __device__ __forceinline__ void nf4_dequantize8_as(const unsigned int* __restric
 // The rounding mode is chosen once, outside the loop: per weight, its
 // branches made the loop several times longer.
 extern "C" __global__ void nf4_dequantize8(const unsigned int* __restrict__ packed, const unsigned char* __restrict__ absmax_q,
-                                           const float* __restrict__ absmax2, float offset, long long units, int round_mode,
-                                           uint4* __restrict__ out) {
+                                           const float* __restrict__ absmax2, float offset, long long units, unsigned row_units,
+                                           unsigned ld_units, int round_mode, uint4* __restrict__ out) {
     __shared__ float code[16], dyn[256];
     nf4_load_tables(code, dyn);
     if (round_mode == ROUND_BF16)
-        nf4_dequantize8_as<ROUND_BF16>(packed, absmax_q, absmax2, offset, units, code, dyn, out);
+        nf4_dequantize8_as<ROUND_BF16>(packed, absmax_q, absmax2, offset, units, row_units, ld_units, code, dyn, out);
     else if (round_mode == ROUND_F16)
-        nf4_dequantize8_as<ROUND_F16>(packed, absmax_q, absmax2, offset, units, code, dyn, out);
+        nf4_dequantize8_as<ROUND_F16>(packed, absmax_q, absmax2, offset, units, row_units, ld_units, code, dyn, out);
     else
-        nf4_dequantize8_as<ROUND_NONE>(packed, absmax_q, absmax2, offset, units, code, dyn, out);
+        nf4_dequantize8_as<ROUND_NONE>(packed, absmax_q, absmax2, offset, units, row_units, ld_units, code, dyn, out);
 }
 
 // The decoding product out [T × rows] = x·Wᵀ for the few tokens of a step

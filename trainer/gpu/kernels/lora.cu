@@ -4,8 +4,8 @@
 #include "gemma.cuh"
 #include "random.cuh"
 
-// Dropout keeps element i of a stream when the top 24 bits of its Philox
-// word are at least threshold. The forward pass draws and records the
+// Dropout keeps element i of a stream when its 16 bits of the Philox
+// words (trainer.Dropout) are at least threshold: one draw serves eight. The forward pass draws and records the
 // choice, one bit an element (bit j of mask[b] for element 8b + j); the
 // backward pass reads the bits instead of drawing again, for the same
 // elements at a fraction of the work. Each thread takes the eight elements
@@ -51,14 +51,13 @@ __device__ void dropout_record_body(const act_t* __restrict__ x, act_t* __restri
                                           long long n, unsigned int seed_lo, unsigned int seed_hi, unsigned int stream,
                                           unsigned int threshold, float scale) {
     GRID_STRIDE(b, (n + 7) / 8) {
-        const uint4 w0 = random_words((unsigned long long)(2 * b), seed_lo, seed_hi, stream);
-        const uint4 w1 = random_words((unsigned long long)(2 * b + 1), seed_lo, seed_hi, stream);
+        const uint4 w = random_words((unsigned long long)b, seed_lo, seed_hi, stream);
         float v[8];
         load8_act<vec>(x, n, b, v);
         unsigned int bits = 0;
         #pragma unroll
         for (int j = 0; j < 8; j++) {
-            const bool keep = (word_of(j < 4 ? w0 : w1, j & 3) >> 8) >= threshold;
+            const bool keep = ((word_of(w, j >> 1) >> (16 * (j & 1))) & 0xffffu) >= threshold;
             bits |= (unsigned int)keep << j;
             v[j] = keep ? __fmul_rn(v[j], scale) : 0.0f;
         }

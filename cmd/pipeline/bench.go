@@ -58,6 +58,9 @@ Environment switches of the GPU trainer, for comparing its paths:
   PIPELINE_LORA_FIRST=LIST|all|off        the projections whose LoRA update is written
                                           first (default gate_proj,up_proj; off: PEFT's
                                           order everywhere)
+  PIPELINE_LORA_FOLD=auto|off             gate's and up's LoRA B products inside their
+                                          frozen GEMM, along K (default auto: NF4 base,
+                                          both updates first, alpha/r a power of two)
   PIPELINE_ATTENTION=cuda-cores           attention off the tensor cores
   PIPELINE_GEMM_TUNE=n                    time cuBLASLt's first n algorithms for each
                                           GEMM shape, keep the fastest and report both

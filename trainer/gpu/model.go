@@ -736,11 +736,12 @@ func (s *session) loraXA(c *cuda.Ctx, T, layer int, mod trainer.Module, A *loraS
 // buffers, which the backward pass then reads (rows foldLD apart).
 func (s *session) foldedPair(c *cuda.Ctx, T, layer int, m1, m2 trainer.Module, x, out1, out2 cuda.DevicePtr, lc *layerCache, d *trainer.Dropout) error {
 	L := &s.w.layers[layer]
-	p1, p2 := &L.proj[moduleIndex(m1)], &L.proj[moduleIndex(m2)]
+	mods := [2]trainer.Module{m1, m2}
+	p1 := &L.proj[moduleIndex(m1)]
 	size, R, K, in := s.k.Prec.Size(), s.cfg.LoRA.R, s.ws.foldLD, p1.in
 	A := s.ws.foldA.Ptr
 	// x·Aᵀ first: dropout's output shares the weights' scratch.
-	for i, m := range []trainer.Module{m1, m2} {
+	for i, m := range mods {
 		slot, _ := s.lora.slot(layer, m, false)
 		if err := s.loraXA(c, T, layer, m, slot, x, lc, d); err != nil {
 			return err
@@ -753,14 +754,14 @@ func (s *session) foldedPair(c *cuda.Ctx, T, layer int, m1, m2 trainer.Module, x
 		return err
 	}
 	w := s.scratchFor(m1, lc)
-	for i, p := range []*projection{p1, p2} {
-		m := []trainer.Module{m1, m2}[i]
-		at := w.Add(int64(i) * int64(p1.out) * int64(K) * size)
+	for i, m := range mods {
+		p := &L.proj[moduleIndex(m)]
+		at := w.Add(int64(i) * int64(p.out) * int64(K) * size)
 		if err := s.k.NF4DequantizeRows(c, p.packed.Ptr, p.absmaxQ.Ptr, p.absmax2.Ptr, p.offset, p.out, in, K, s.w.round, at); err != nil {
 			return err
 		}
 		B, _ := s.lora.slot(layer, m, true)
-		col, zero := in+i*R, in+(1-i)*R
+		col, zero := in+i*R, in+(1-i)*R // its own update's columns, and the other's
 		if err := s.k.FoldLoRAColumns(c, at, p.out, K, col, zero, s.lora.actPtr(s, B), R, s.cfg.LoRA.Scale()); err != nil {
 			return err
 		}

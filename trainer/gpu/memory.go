@@ -4,6 +4,7 @@ import (
 	"fmt"
 	"math"
 	"os"
+	"slices"
 	"strings"
 
 	"gemmaft/cuda"
@@ -56,15 +57,18 @@ type layout struct {
 // default) keeps them where the run still fits, "off" never.
 const KeepWeightsEnv = "PIPELINE_KEEP_WEIGHTS"
 
-func keepWeightsMode() (string, error) {
-	switch m := os.Getenv(KeepWeightsEnv); m {
-	case "", "auto":
-		return "auto", nil
-	case "off":
-		return m, nil
-	default:
-		return "", fmt.Errorf("%s=%q: use auto or off", KeepWeightsEnv, m)
+func keepWeightsMode() (string, error) { return envSwitch(KeepWeightsEnv, "auto", "off") }
+
+// envSwitch reads the switch name, one of modes; unset, it is the first.
+func envSwitch(name string, modes ...string) (string, error) {
+	m := os.Getenv(name)
+	if m == "" {
+		return modes[0], nil
 	}
+	if slices.Contains(modes, m) {
+		return m, nil
+	}
+	return "", fmt.Errorf("%s=%q: use %s or %s", name, m, strings.Join(modes[:len(modes)-1], ", "), modes[len(modes)-1])
 }
 
 // LoRAFoldEnv names the switch of the gate and up pair's folded GEMM

@@ -683,11 +683,19 @@ func (s *session) pairWeights(c *cuda.Ctx, p1, p2 *projection, scratch cuda.Devi
 	if p1.dense.Ptr != 0 {
 		return p1.dense.Ptr, nil
 	}
-	if _, err := s.weight(c, p1, scratch); err != nil {
-		return 0, err
+	return scratch, s.dequantizeStacked(c, scratch, p1, p2)
+}
+
+// dequantizeStacked dequantises the NF4 weights of ps one under the other
+// from at.
+func (s *session) dequantizeStacked(c *cuda.Ctx, at cuda.DevicePtr, ps ...*projection) error {
+	for _, p := range ps {
+		if _, err := s.weight(c, p, at); err != nil {
+			return err
+		}
+		at = at.Add(p.elements() * s.k.Prec.Size())
 	}
-	_, err := s.weight(c, p2, scratch.Add(p1.elements()*s.k.Prec.Size()))
-	return scratch, err
+	return nil
 }
 
 // loraForward adds the LoRA update of projection mod to beta·out (when
@@ -891,12 +899,8 @@ func (s *session) stackedBackward(c *cuda.Ctx, T, layer int, group []projGrad, a
 	w, ok := s.keptStack(layer, group, ps)
 	if !ok {
 		w = s.ws.wbuf.Ptr
-		at := w
-		for _, p := range ps {
-			if _, err := s.weight(c, p, at); err != nil {
-				return false, err
-			}
-			at = at.Add(p.elements() * size)
+		if err := s.dequantizeStacked(c, w, ps...); err != nil {
+			return false, err
 		}
 	}
 	act := s.k.Prec.GEMMType()

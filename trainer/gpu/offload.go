@@ -2,7 +2,6 @@ package gpu
 
 import (
 	"fmt"
-	"os"
 
 	"gemmaft/cuda"
 )
@@ -28,16 +27,7 @@ const OffloadEnv = "PIPELINE_OFFLOAD"
 const offloadSlots = 3
 
 // offloadMode reads OffloadEnv.
-func offloadMode() (string, error) {
-	switch m := os.Getenv(OffloadEnv); m {
-	case "", "auto":
-		return "auto", nil
-	case "on", "inputs", "off":
-		return m, nil
-	default:
-		return "", fmt.Errorf("%s=%q: use auto, on, inputs or off", OffloadEnv, m)
-	}
-}
+func offloadMode() (string, error) { return envSwitch(OffloadEnv, "auto", "on", "inputs", "off") }
 
 // offloader holds the host copies and the slots' bookkeeping.
 type offloader struct {

@@ -678,9 +678,10 @@ const nf4DequantUnroll = 4
 // rounded to the checkpoint dtype (a Round constant).
 func (k *Kernels) NF4Dequantize(c *cuda.Ctx, packed, absmaxQ, absmax2 cuda.DevicePtr, offset float32, n int64, round int, out cuda.DevicePtr) error {
 	if n%8 == 0 && packed%4 == 0 && out%16 == 0 {
+		// One row of all the units: the kernel then writes them in order.
 		units := n / 8
-		return k.launch(c, "nf4_dequantize8", k.grid((units+nf4DequantUnroll-1)/nf4DequantUnroll), packed, absmaxQ, absmax2, offset, units,
-			uint32(min(units, 1<<31)), uint32(min(units, 1<<31)), int32(round), out)
+		row := uint32(min(units, 1<<31))
+		return k.nf4Dequantize8(c, packed, absmaxQ, absmax2, offset, units, row, row, round, out)
 	}
 	return k.launch(c, "nf4_dequantize", k.grid(n), packed, absmaxQ, absmax2, offset, n, int32(round), out)
 }
@@ -694,8 +695,14 @@ func (k *Kernels) NF4DequantizeRows(c *cuda.Ctx, packed, absmaxQ, absmax2 cuda.D
 	if in%8 != 0 || ld%8 != 0 || ld < in || units >= 1<<32 || packed%4 != 0 || out%16 != 0 {
 		return fmt.Errorf("kernels: NF4DequantizeRows: %d rows of %d weights, %d apart", rows, in, ld)
 	}
+	return k.nf4Dequantize8(c, packed, absmaxQ, absmax2, offset, units, uint32(in/8), uint32(ld/8), round, out)
+}
+
+// nf4Dequantize8 launches nf4_dequantize8 over units of eight weights,
+// rows of rowUnits units going ldUnits units apart in out.
+func (k *Kernels) nf4Dequantize8(c *cuda.Ctx, packed, absmaxQ, absmax2 cuda.DevicePtr, offset float32, units int64, rowUnits, ldUnits uint32, round int, out cuda.DevicePtr) error {
 	return k.launch(c, "nf4_dequantize8", k.grid((units+nf4DequantUnroll-1)/nf4DequantUnroll), packed, absmaxQ, absmax2, offset, units,
-		uint32(in/8), uint32(ld/8), int32(round), out)
+		rowUnits, ldUnits, int32(round), out)
 }
 
 // FoldLoRAColumns writes scale·b (b [rows × r], activations) into columns

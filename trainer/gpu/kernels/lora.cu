@@ -5,11 +5,11 @@
 #include "random.cuh"
 
 // Dropout keeps element i of a stream when its 16 bits of the Philox
-// words (trainer.Dropout) are at least threshold: one draw serves eight. The forward pass draws and records the
-// choice, one bit an element (bit j of mask[b] for element 8b + j); the
-// backward pass reads the bits instead of drawing again, for the same
-// elements at a fraction of the work. Each thread takes the eight elements
-// of one mask byte.
+// words (trainer.Dropout) are at least threshold: one draw serves eight.
+// The forward pass draws and records the choice, one bit an element (bit j
+// of mask[b] for element 8b + j); the backward pass reads the bits instead
+// of drawing again, for the same elements at a fraction of the work. Each
+// thread takes the eight elements of one mask byte.
 
 template <bool vec>
 __device__ __forceinline__ void load8_act(const act_t* __restrict__ x, long long n, long long b, float* v) {

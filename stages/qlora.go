@@ -64,8 +64,9 @@ type qloraParams struct {
 
 // Version 2: dropout masks come from Philox (shared by the CPU and GPU
 // backends), 8-bit AdamW runs as 8-bit AdamW, and the key holds the
-// resolved backend.
-func (qloraKind) Version() int       { return 2 }
+// resolved backend. Version 3: dropout draws 16 bits an element
+// (trainer.Dropout), so the same run drops other elements.
+func (qloraKind) Version() int       { return 3 }
 func (qloraKind) Inputs() (int, int) { return 1, 2 }
 func (qloraKind) Params() any {
 	var targets []string

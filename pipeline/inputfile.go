@@ -9,6 +9,7 @@ import (
 	"io"
 	"io/fs"
 	"os"
+	"slices"
 	"sync"
 )
 
@@ -120,6 +121,32 @@ func (t *Task) CheckFiles(paths ...string) error {
 		c.mu.Unlock()
 	}
 	return nil
+}
+
+// FilesWithDigest lists the input files of this run's plan, of any stage,
+// whose content has the SHA-256 digest sum now, in the plan's order. It
+// serves a stage that needs a file an upstream manifest names: the manifest
+// holds the path of the run that computed the entry, perhaps in another
+// checkout sharing the cache and since removed, while keys hold digests
+// only, so the same content is to be found among this run's files.
+func (t *Task) FilesWithDigest(sum string) []string {
+	if t.plan == nil {
+		return nil
+	}
+	var out []string
+	for _, st := range t.plan.Steps {
+		for _, kf := range st.keyed {
+			if kf.sha != sum || slices.Contains(out, kf.path) {
+				continue
+			}
+			// The plan's digest may be stale by now; the stat cache
+			// says cheaply whether it still holds.
+			if now, _, _, err := t.plan.store.stats.digestState(kf.path); err == nil && now == sum {
+				out = append(out, kf.path)
+			}
+		}
+	}
+	return out
 }
 
 // fence checks that the file at the check's path is still in the state it

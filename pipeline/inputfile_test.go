@@ -2,6 +2,7 @@ package pipeline
 
 import (
 	"context"
+	"crypto/sha256"
 	"errors"
 	"fmt"
 	"os"
@@ -155,5 +156,70 @@ func TestUnchangedInputsPass(t *testing.T) {
 	spec := e.write("s.yaml", "name: s\nstages:\n  src: {kind: chunks, with: {file: data.txt, random: true}}\n")
 	if _, err := e.runWith(spec, hookDisplay(func() { replaceFile(t, data, "aaaabbbbcccc") })); err != nil {
 		t.Fatalf("same content in a new file: %v", err)
+	}
+}
+
+// findKind records, as its statistic "found", what Task.FilesWithDigest
+// lists for the digest its parameter names.
+type findKind struct{}
+
+type findParams struct {
+	Digest string `json:"digest"`
+}
+
+func (findKind) Version() int       { return 1 }
+func (findKind) Inputs() (int, int) { return 0, 0 }
+func (findKind) Params() any        { return &findParams{} }
+func (findKind) Prepare(params any, dir string) (Runner, error) {
+	return findStage{params.(*findParams)}, nil
+}
+
+type findStage struct{ p *findParams }
+
+func (findStage) Files() []string { return nil }
+func (s findStage) Run(ctx context.Context, t *Task) error {
+	t.SetStat("found", t.FilesWithDigest(s.p.Digest))
+	return nil
+}
+
+// TestFilesWithDigest: a stage finds the input files of the whole plan
+// (other stages' ones too) by content, in the plan's order, and not a file
+// that no longer holds that content.
+func TestFilesWithDigest(t *testing.T) {
+	e := newTestEnv(t)
+	e.reg.Register("find", findKind{})
+	a, b := e.write("a.txt", "same"), e.write("b.txt", "same")
+	e.write("c.txt", "other")
+	sum := sha256.Sum256([]byte("same"))
+	spec := e.write("spec.yaml", fmt.Sprintf(`name: find
+stages:
+  a: {kind: gen, with: {file: a.txt}}
+  c: {kind: gen, with: {file: c.txt}}
+  b: {kind: gen, with: {file: b.txt}}
+  find: {kind: find, with: {digest: %x}}
+`, sum))
+	found := func(rec *RunRecord) string {
+		for _, s := range rec.Stages {
+			if s.Name == "find" {
+				return fmt.Sprint(s.Stats["found"])
+			}
+		}
+		return "no stage find"
+	}
+	rec, err := (&Engine{Store: e.store}).Run(context.Background(), e.load(spec), Options{Only: "find"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if got, want := found(rec), fmt.Sprint([]string{a, b}); got != want {
+		t.Errorf("found %s, want %s", got, want)
+	}
+	// b changes after the plan hashed it: only a holds the content now.
+	eng := &Engine{Store: e.store, Progress: hookDisplay(func() { replaceFile(t, b, "changed") })}
+	rec, err = eng.Run(context.Background(), e.load(spec), Options{Only: "find", Force: []string{"find"}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if got, want := found(rec), fmt.Sprint([]string{a}); got != want {
+		t.Errorf("after b changed: found %s, want %s", got, want)
 	}
 }

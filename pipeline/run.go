@@ -320,7 +320,7 @@ func (x *execution) compute(ctx context.Context, todo []*Step) error {
 			scratch = fmt.Sprintf("%s.follower-%d", scratch, os.Getpid())
 		}
 		t := &Task{Name: st.Node.Name, Key: st.Key, Log: x.e.log().With("stage", st.Node.Name),
-			scratch: scratch,
+			scratch: scratch, plan: x.plan,
 			tracker: trackers[st], stats: map[string]any{}, ctx: gctx,
 			keyed: st.keyed, inputs: map[string]*inputCheck{}}
 		for _, kf := range st.keyed {

@@ -44,6 +44,7 @@ type Task struct {
 	outs    []chan arrow.RecordBatch
 	keyed   []*keyedFile           // the files of the key, as hashed
 	inputs  map[string]*inputCheck // by path, what the stage read of them
+	plan    *Plan                  // the run's, for FilesWithDigest
 
 	mu    sync.Mutex
 	out   *Output

@@ -29,11 +29,18 @@ func adapterBase(ctx context.Context, t *pipeline.Task, adapter string, prov pro
 	trainedDir, trainedStage := "", ""
 	var trainedHub *hubInput
 	if q := prov.qlora; q != nil {
+		var files []pipeline.FileRef
 		for _, f := range q.Files {
 			if slices.Contains(checkpointFiles, filepath.Base(f.Path)) {
 				trained[filepath.Base(f.Path)] = f.SHA256
 				trainedDir = filepath.Dir(f.Path)
+				files = append(files, f)
 			}
+		}
+		// The folder may have been another checkout's; this run's copy
+		// of the same files is as good.
+		if dir := inputDir(t, files...); dir != "" {
+			trainedDir = dir
 		}
 		var err error
 		if trainedHub, err = lineageHub(q, "model", hubFolder); err != nil {
@@ -106,6 +113,10 @@ func adapterBase(ctx context.Context, t *pipeline.Task, adapter string, prov pro
 				return "", err
 			}
 		}
+		if got == "(missing)" && dir == trainedDir && !model.set() {
+			return "", fmt.Errorf("the adapter of stage %s was trained on the checkpoint in %s, which is gone (no %s there, sha256 %s), and no input file of this run is that checkpoint; set `model:` to a copy of it",
+				adapter, dir, name, want)
+		}
 		if got != want {
 			from := trainedDir
 			if from == "" {
@@ -116,6 +127,30 @@ func adapterBase(ctx context.Context, t *pipeline.Task, adapter string, prov pro
 		}
 	}
 	return dir, nil
+}
+
+// inputDir is a folder among this run's input files that holds every one
+// of files (recorded by an upstream manifest), by name and content: the
+// recorded folder when it is among them; "" when none holds them all.
+func inputDir(t *pipeline.Task, files ...pipeline.FileRef) string {
+	var dirs []string
+	for i, f := range files {
+		var here []string
+		for _, p := range t.FilesWithDigest(f.SHA256) {
+			d := filepath.Dir(p)
+			if filepath.Base(p) == filepath.Base(f.Path) && (i == 0 || slices.Contains(dirs, d)) {
+				here = append(here, d)
+			}
+		}
+		dirs = here
+	}
+	if len(dirs) == 0 {
+		return ""
+	}
+	if recorded := filepath.Dir(files[0].Path); slices.Contains(dirs, recorded) {
+		return recorded
+	}
+	return dirs[0]
 }
 
 // lineageHub is the hf:// reference a cached stage read as param, pinned
@@ -175,7 +210,7 @@ func adapterTokenizer(ctx context.Context, t *pipeline.Task, prov provenance, ba
 		}
 		path = p
 	default:
-		dir, err := trainingTokenizer(prov.tokenize)
+		dir, err := trainingTokenizer(t, prov.tokenize)
 		if err != nil {
 			return "", err
 		}

@@ -113,7 +113,7 @@ func (s *ggufStage) Run(ctx context.Context, t *pipeline.Task) error {
 	if model == "" {
 		return fmt.Errorf("nothing to convert: add a merge stage to needs or set `model:` to a checkpoint folder")
 	}
-	if err := tokenizerConfigFor(model, from, lineage); err != nil {
+	if err := tokenizerConfigFor(t, model, from, lineage); err != nil {
 		return err
 	}
 	typ, _ := gguf.ParseType(s.p.Type)
@@ -159,7 +159,7 @@ func (s *ggufStage) Run(ctx context.Context, t *pipeline.Task) error {
 // tokenizer_config.json the GGUF's special tokens and chat template come
 // from. A merge stage copies it from the folder of the tokenizer training
 // read; where that folder lacked it, the fix is there, then a new merge.
-func tokenizerConfigFor(model string, from *pipeline.Input, lineage []*pipeline.Manifest) error {
+func tokenizerConfigFor(t *pipeline.Task, model string, from *pipeline.Input, lineage []*pipeline.Manifest) error {
 	if _, err := os.Stat(filepath.Join(model, "tokenizer_config.json")); err == nil {
 		return nil
 	}
@@ -171,6 +171,9 @@ func tokenizerConfigFor(model string, from *pipeline.Input, lineage []*pipeline.
 		for _, f := range tok.Files {
 			if filepath.Base(f.Path) == "tokenizer.json" {
 				where = filepath.Dir(f.Path)
+				if dir := inputDir(t, f); dir != "" {
+					where = dir // this run's copy, as merge took it
+				}
 			}
 		}
 	}

@@ -2,7 +2,9 @@ package stages
 
 import (
 	"context"
+	"errors"
 	"fmt"
+	"io/fs"
 	"os"
 	"path/filepath"
 
@@ -127,7 +129,7 @@ func (s *mergeStage) Run(ctx context.Context, t *pipeline.Task) error {
 	}
 	// The base's own tokenizer ships when it has one; a model stage's random
 	// checkpoint has none, and the tokenize stage's is the one training used.
-	tokDir, err := trainingTokenizer(provenanceOf(lineage).tokenize)
+	tokDir, err := trainingTokenizer(t, provenanceOf(lineage).tokenize)
 	if err != nil {
 		return err
 	}
@@ -191,8 +193,11 @@ func listFiles(dir string) ([]cardFile, int64, error) {
 }
 
 // trainingTokenizer is the folder of the tokenizer.json a tokenize stage
-// used, checked to hold the same file still; "" without such a stage.
-func trainingTokenizer(tokenize *pipeline.Manifest) (string, error) {
+// used, checked to hold the same file still; "" without such a stage. The
+// manifest names the file where the run that tokenized found it, which may
+// have been another checkout sharing the cache: the same file (by digest)
+// among this run's inputs is taken first, the recorded path then.
+func trainingTokenizer(t *pipeline.Task, tokenize *pipeline.Manifest) (string, error) {
 	if tokenize == nil {
 		return "", nil
 	}
@@ -200,11 +205,17 @@ func trainingTokenizer(tokenize *pipeline.Manifest) (string, error) {
 		if filepath.Base(f.Path) != "tokenizer.json" {
 			continue
 		}
-		sum, err := dirsum.FileSum(f.Path)
-		if err != nil {
-			return "", fmt.Errorf("the tokenizer training used: %w", err)
+		if dir := inputDir(t, f); dir != "" {
+			return dir, nil
 		}
-		if sum != f.SHA256 {
+		sum, err := dirsum.FileSum(f.Path)
+		switch {
+		case errors.Is(err, fs.ErrNotExist):
+			return "", fmt.Errorf("the tokenizer training used is gone: stage %s tokenized the training data with %s (sha256 %s), which no longer exists, and no input file of this run has that content; point stage %s's tokenizer at a copy of that file",
+				tokenize.Stage, f.Path, f.SHA256, tokenize.Stage)
+		case err != nil:
+			return "", fmt.Errorf("the tokenizer training used: %w", err)
+		case sum != f.SHA256:
 			return "", fmt.Errorf("%s changed since stage %s tokenized the training data; the merged model would ship another tokenizer", f.Path, tokenize.Stage)
 		}
 		return filepath.Dir(f.Path), nil

@@ -87,7 +87,7 @@ func Sources(p Precision, headDim int) ([]cuda.Source, error) {
 	if err := CheckHeadDim(headDim); err != nil {
 		return nil, err
 	}
-	headers := map[string]string{"tables.cuh": tablesHeader()}
+	headers := map[string]string{"tables.cuh": TablesHeader()}
 	for _, h := range []string{"gemma.cuh", "nf4.cuh", "random.cuh"} {
 		b, err := files.ReadFile(h)
 		if err != nil {
@@ -119,9 +119,11 @@ func Sources(p Precision, headDim int) ([]cuda.Source, error) {
 	return out, nil
 }
 
-// tablesHeader declares the NF4 code, its decision midpoints and the two
-// 8-bit dynamic codes as constant arrays of exact float literals.
-func tablesHeader() string {
+// TablesHeader is tables.cuh, which the kernels #include: the NF4 code,
+// its decision midpoints and the two 8-bit dynamic codes as constant
+// arrays of exact float literals. Exported for standalone CUDA programs
+// built with nvcc against these kernels (scripts/cudaheaders).
+func TablesHeader() string {
 	var b strings.Builder
 	b.WriteString("// Generated from package trainer's tables; do not edit.\n#pragma once\n")
 	array := func(name string, vals []float32) {

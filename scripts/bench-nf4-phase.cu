@@ -1,0 +1,393 @@
+// A product phase of decode_token (trainer/gpu/kernels/token.cu) from NF4
+// weights, alone and in variants, to find what bounds it. Each launch is
+// decode_token's shape: one block of 512 threads per multiprocessor, 128
+// registers, the phases separated by a grid barrier, each "layer" reading
+// another copy of the weights so that they come from memory, not the L2.
+// Every variant computes the same function as the first, which is the
+// kernel's loop as written; the output counts the rows that differ.
+//
+//   go run ./scripts/cudaheaders /tmp/hdr     # where Go is
+//   nvcc -O3 -std=c++17 -arch=sm_90 -I/tmp/hdr -Icuda/kernels -Itrainer/gpu/kernels \
+//        -DHEAD_DIM=256 -o bench-nf4-phase scripts/bench-nf4-phase.cu && ./bench-nf4-phase
+//
+// Variants:
+//   current       token.cu's loop: bitsandbytes' layout, a byte's table
+//                 address by shift and mask, x converted a 64-block at a time
+//   prmt+x        a byte's address by one prmt (a table of 64 copies, 64 KB),
+//                 x as bfloat16 fragments built once a phase
+//   +prefetch     prmt+x with the next pass's loads issued before this one's sums
+//   absmax tiles  prmt+x, the absmax codes repacked per 16-row tile (a lane's
+//                 two rows in one 16-bit load)
+//   tiles         prmt+x, codes and absmax codes repacked per tile: a lane's
+//                 two rows of a 64-block are 16 contiguous bytes, a warp's
+//                 load 512 contiguous bytes
+//   loads         current's loads alone, no arithmetic
+//   tile loads    tiles' loads alone
+#include <algorithm>
+#include <cstdio>
+#include <cstdlib>
+#include <vector>
+#include <cuda_runtime.h>
+#include "gemma.cuh"
+#include "nf4.cuh"
+
+#define WARPS 16
+#define THREADS (WARPS * 32)
+
+enum { CURRENT, PRMT_X, PREFETCH, ABSMAX_TILES, TILES, LOADS, TILE_LOADS, VARIANTS };
+static const char* names[VARIANTS] = {"current", "prmt+x", "+prefetch", "absmax tiles", "tiles", "loads", "tile loads"};
+
+struct matrix {
+    const uint2* codes;          // bitsandbytes: row-major, 32 bytes a 64-block
+    const unsigned char* aq;     // a code per 64-block
+    const float* a2;             // a scale per 256 64-blocks
+    const uint4* tile_codes;     // [tile][64-block][lane]: rows g and g + 8, 8 bytes each
+    const unsigned short* tile_aq; // [tile][64-block][g]: rows g and g + 8
+    float offset;
+};
+
+__device__ __forceinline__ void grid_sync(unsigned* bar, unsigned& target) {
+    target += gridDim.x;
+    __syncthreads();
+    if (threadIdx.x == 0) {
+        __threadfence();
+        atomicAdd(bar, 1u);
+        unsigned seen;
+        do asm volatile("ld.acquire.gpu.global.u32 %0, [%1];" : "=r"(seen) : "l"(bar) : "memory");
+        while (seen < target);
+        __threadfence();
+    }
+    __syncthreads();
+}
+
+// Byte J of word through the 64-copy table: tl is the table's shared
+// address (64 KB aligned) plus 4·lane, so prmt writes the byte into bits
+// 8..15 of it.
+template <int J>
+__device__ __forceinline__ unsigned lookup_prmt(unsigned tl, unsigned word) {
+    unsigned at, v;
+    asm("prmt.b32 %0, %1, %2, %3;" : "=r"(at) : "r"(word), "r"(tl), "n"(0x7604 | (J << 4)));
+    asm volatile("ld.shared.u32 %0, [%1];" : "=r"(v) : "r"(at));
+    return v;
+}
+
+template <int V, int NMAT, int U>
+__device__ __forceinline__ void phase(const matrix* mats, int rows, int in, const float* xs, const uint4* xf, const unsigned* pairs,
+                                      unsigned tl, const float* dyn, float* sums, act_t* out) {
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, g = lane >> 2, c = lane & 3;
+    const unsigned lane4 = 4u * lane;
+    const int blocks = in / 64, tiles = (rows + 15) / 16;
+    const int t0 = (int)((long long)tiles * blockIdx.x / gridDim.x), t1 = (int)((long long)tiles * (blockIdx.x + 1) / gridDim.x);
+    const int n = t1 - t0;
+    if (n <= 0) return;
+    const int S = n >= WARPS ? 1 : WARPS / n;
+    for (int task = warp; task < n * S; task += WARPS) {
+        const int tile = t0 + task / S, row0 = 16 * tile, sp = task % S;
+        const int h0 = blocks * sp / S, h1 = blocks * (sp + 1) / S;
+        const unsigned ra = (unsigned)min(row0 + g, rows - 1), rb = (unsigned)min(row0 + g + 8, rows - 1);
+        float acc[NMAT][2] = {};
+        unsigned mix = 0;
+        struct pass {
+            uint2 w[NMAT][U][2];
+            unsigned char q[NMAT][U][2];
+            float a2[NMAT][U][2];
+        };
+        auto load = [&](int h, pass& P) {
+            #pragma unroll
+            for (int m = 0; m < NMAT; m++) {
+                #pragma unroll
+                for (int u = 0; u < U; u++) {
+                    const unsigned b = (unsigned)min(h + u, h1 - 1);
+                    const unsigned ba = ra * blocks + b, bb = rb * blocks + b, tb = (unsigned)tile * blocks + b;
+                    if (V == TILES || V == TILE_LOADS) {
+                        const uint4 v = mats[m].tile_codes[tb * 32 + lane];
+                        P.w[m][u][0] = make_uint2(v.x, v.y), P.w[m][u][1] = make_uint2(v.z, v.w);
+                    } else {
+                        P.w[m][u][0] = mats[m].codes[ba * 4 + c], P.w[m][u][1] = mats[m].codes[bb * 4 + c];
+                    }
+                    if (V == TILES || V == TILE_LOADS || V == ABSMAX_TILES) {
+                        const unsigned short q = mats[m].tile_aq[tb * 8 + g];
+                        P.q[m][u][0] = q & 0xff, P.q[m][u][1] = q >> 8;
+                    } else {
+                        P.q[m][u][0] = mats[m].aq[ba], P.q[m][u][1] = mats[m].aq[bb];
+                    }
+                    P.a2[m][u][0] = mats[m].a2[ba / 256], P.a2[m][u][1] = mats[m].a2[bb / 256];
+                }
+            }
+        };
+        auto compute = [&](int h, const pass& P) {
+            if constexpr (V == LOADS || V == TILE_LOADS) {
+                #pragma unroll
+                for (int m = 0; m < NMAT; m++)
+                    #pragma unroll
+                    for (int u = 0; u < U; u++)
+                        mix ^= P.w[m][u][0].x ^ P.w[m][u][0].y ^ P.w[m][u][1].x ^ P.w[m][u][1].y ^ P.q[m][u][0] ^ P.q[m][u][1] ^
+                               __float_as_uint(P.a2[m][u][0]) ^ __float_as_uint(P.a2[m][u][1]);
+                return;
+            } else {
+                #pragma unroll
+                for (int u = 0; u < U; u++) {
+                    if (h + u >= h1) break;
+                    unsigned xb[8] = {0u, 0u, 0u, 0u, 0u, 0u, 0u, 0u};
+                    if (V != CURRENT) {
+                        if (g == 0) {
+                            const uint4 a = xf[((h + u) * 4 + c) * 2], b = xf[((h + u) * 4 + c) * 2 + 1];
+                            xb[0] = a.x, xb[1] = a.y, xb[2] = a.z, xb[3] = a.w, xb[4] = b.x, xb[5] = b.y, xb[6] = b.z, xb[7] = b.w;
+                        }
+                    } else if (g == 0) {
+                        const float* x = xs + 64 * (h + u) + 16 * c;
+                        #pragma unroll
+                        for (int e = 0; e < 8; e++) asm("cvt.rn.bf16x2.f32 %0, %1, %2;" : "=r"(xb[e]) : "f"(x[2 * e + 1]), "f"(x[2 * e]));
+                    }
+                    #pragma unroll
+                    for (int m = 0; m < NMAT; m++) {
+                        float sum[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+                        #pragma unroll
+                        for (int k = 0; k < 4; k++) {
+                            const unsigned w0 = k < 2 ? P.w[m][u][0].x : P.w[m][u][0].y, w1 = k < 2 ? P.w[m][u][1].x : P.w[m][u][1].y;
+                            const int j = 2 * (k & 1);
+                            if (V == CURRENT)
+                                mma_bf16(sum, nf4_pair(pairs, lane4, w0, j), nf4_pair(pairs, lane4, w1, j), nf4_pair(pairs, lane4, w0, j + 1),
+                                         nf4_pair(pairs, lane4, w1, j + 1), xb[2 * k], xb[2 * k + 1]);
+                            else if (j == 0)
+                                mma_bf16(sum, lookup_prmt<0>(tl, w0), lookup_prmt<0>(tl, w1), lookup_prmt<1>(tl, w0), lookup_prmt<1>(tl, w1),
+                                         xb[2 * k], xb[2 * k + 1]);
+                            else
+                                mma_bf16(sum, lookup_prmt<2>(tl, w0), lookup_prmt<2>(tl, w1), lookup_prmt<3>(tl, w0), lookup_prmt<3>(tl, w1),
+                                         xb[2 * k], xb[2 * k + 1]);
+                        }
+                        const float offset = mats[m].offset;
+                        acc[m][0] = fmaf(nf4_scale(dyn[P.q[m][u][0]], P.a2[m][u][0], offset), sum[0], acc[m][0]);
+                        acc[m][1] = fmaf(nf4_scale(dyn[P.q[m][u][1]], P.a2[m][u][1], offset), sum[2], acc[m][1]);
+                    }
+                }
+            }
+        };
+        if (V == PREFETCH) {
+            pass cur, next;
+            load(h0, cur);
+            for (int h = h0; h < h1; h += U) {
+                if (h + U < h1) load(h + U, next);
+                compute(h, cur);
+                cur = next;
+            }
+        } else {
+            for (int h = h0; h < h1; h += U) {
+                pass P;
+                load(h, P);
+                compute(h, P);
+            }
+        }
+        if (V == LOADS || V == TILE_LOADS) acc[0][0] = __uint_as_float(mix & 0x3fffffffu);
+        if (c == 0) {
+            #pragma unroll
+            for (int e = 0; e < 2; e++) {
+                const int r = row0 + g + 8 * e;
+                if (S == 1) {
+                    if (r < rows) out[r] = to_act(NMAT == 2 ? acc[0][e] * acc[NMAT - 1][e] : acc[0][e]);
+                } else {
+                    #pragma unroll
+                    for (int m = 0; m < NMAT; m++) sums[(task * 16 + g + 8 * e) * NMAT + m] = acc[m][e];
+                }
+            }
+        }
+    }
+    if (S > 1) {
+        __syncthreads();
+        if (threadIdx.x < 16 * n) {
+            const int t = threadIdx.x / 16, i = threadIdx.x % 16, r = 16 * (t0 + t) + i;
+            if (r < rows) {
+                float s[NMAT];
+                #pragma unroll
+                for (int m = 0; m < NMAT; m++) {
+                    s[m] = 0.0f;
+                    for (int sp = 0; sp < S; sp++) s[m] += sums[((t * S + sp) * 16 + i) * NMAT + m];
+                }
+                out[r] = to_act(NMAT == 2 ? s[0] * s[NMAT - 1] : s[0]);
+            }
+        }
+    }
+    __syncthreads();
+}
+
+// Shared memory: the pair table (current: 32 KB at the start; the others:
+// 64 KB at the first 64 KB-aligned shared address), the absmax code's
+// values, x (floats for current, fragments for the others), the partial sums.
+static size_t shared_bytes(int v, int in) {
+    return (v == CURRENT ? 32768 : 131072) + 1024 + (v == CURRENT ? (size_t)in * 4 : (size_t)in * 2) + THREADS * 8 * 4;
+}
+
+template <int V, int NMAT, int U>
+__global__ void __launch_bounds__(THREADS, 1)
+    layers_kernel(const matrix* all, int copies, int rows, int in, const float* x, int layers, act_t* out, unsigned* bar) {
+    extern __shared__ float4 smem[];
+    char* base = reinterpret_cast<char*>(smem);
+    const unsigned sbase = (unsigned)__cvta_generic_to_shared(base), talign = (sbase + 0xffffu) & ~0xffffu;
+    unsigned* pairs = reinterpret_cast<unsigned*>(base + (V == CURRENT ? 0 : talign - sbase));
+    float* dyn = reinterpret_cast<float*>(reinterpret_cast<char*>(pairs) + (V == CURRENT ? 32768 : 65536));
+    float* xs = dyn + 256;
+    uint4* xf = reinterpret_cast<uint4*>(xs);
+    float* sums = V == CURRENT ? xs + in : reinterpret_cast<float*>(xf + in / 8);
+    if (V == CURRENT) {
+        nf4_mma_tables(pairs, dyn);
+    } else {
+        for (int e = threadIdx.x; e < 256; e += blockDim.x) dyn[e] = DYN_CODE[e];
+        for (int i = threadIdx.x; i < 256 * 32; i += blockDim.x) {
+            const int e = i / 32;
+            unsigned v;
+            asm("cvt.rn.bf16x2.f32 %0, %1, %2;" : "=r"(v) : "f"(NF4_CODE[e & 15]), "f"(NF4_CODE[e >> 4]));
+            pairs[e * 64 + i % 32] = v;
+        }
+        __syncthreads();
+    }
+    const unsigned tl = talign + 4u * (threadIdx.x & 31);
+    unsigned target = 0;
+    for (int l = 0; l < layers; l++) {
+        // The phase's input, read as decode_token reads it, every phase.
+        if (V == CURRENT) {
+            for (int i = threadIdx.x; i < in; i += blockDim.x) xs[i] = __ldcg(x + i);
+        } else {
+            for (int i = threadIdx.x; i < in / 8; i += blockDim.x) {
+                float p[8];
+                #pragma unroll
+                for (int e = 0; e < 8; e++) p[e] = __ldcg(x + 8 * i + e);
+                uint4 u;
+                asm("cvt.rn.bf16x2.f32 %0, %1, %2;" : "=r"(u.x) : "f"(p[1]), "f"(p[0]));
+                asm("cvt.rn.bf16x2.f32 %0, %1, %2;" : "=r"(u.y) : "f"(p[3]), "f"(p[2]));
+                asm("cvt.rn.bf16x2.f32 %0, %1, %2;" : "=r"(u.z) : "f"(p[5]), "f"(p[4]));
+                asm("cvt.rn.bf16x2.f32 %0, %1, %2;" : "=r"(u.w) : "f"(p[7]), "f"(p[6]));
+                xf[i] = u;
+            }
+        }
+        __syncthreads();
+        phase<V, NMAT, U>(all + (l % copies) * NMAT, rows, in, xs, xf, pairs, tl, dyn, sums, out);
+        grid_sync(bar, target);
+    }
+}
+
+#define CHECK(x)                                                                  \
+    do {                                                                          \
+        cudaError_t e_ = (x);                                                     \
+        if (e_ != cudaSuccess) {                                                  \
+            std::fprintf(stderr, "%s: %s\n", #x, cudaGetErrorString(e_));        \
+            std::exit(1);                                                         \
+        }                                                                         \
+    } while (0)
+
+struct args {
+    const matrix* mats;
+    int copies, rows, in;
+    const float* x;
+    act_t* out;
+    unsigned* bar;
+    int sms;
+};
+static const int LAYERS = 96;
+
+// µs a phase: the best of three timed launches of LAYERS phases (after one
+// untimed).
+template <int V, int NMAT>
+static float run(const args& a) {
+    constexpr int U = 4 / NMAT;
+    auto k = layers_kernel<V, NMAT, U>;
+    const size_t smem = shared_bytes(V, a.in);
+    CHECK(cudaFuncSetAttribute(k, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem));
+    cudaEvent_t e0, e1;
+    CHECK(cudaEventCreate(&e0));
+    CHECK(cudaEventCreate(&e1));
+    float best = 1e30f;
+    for (int rep = 0; rep < 4; rep++) {
+        CHECK(cudaMemset(a.bar, 0, 4));
+        CHECK(cudaEventRecord(e0));
+        k<<<a.sms, THREADS, smem>>>(a.mats, a.copies, a.rows, a.in, a.x, LAYERS, a.out, a.bar);
+        CHECK(cudaEventRecord(e1));
+        CHECK(cudaEventSynchronize(e1));
+        float ms;
+        CHECK(cudaEventElapsedTime(&ms, e0, e1));
+        if (rep > 0 && ms < best) best = ms;
+    }
+    return best * 1000.0f / LAYERS;
+}
+
+template <int NMAT>
+static float run_variant(int v, const args& a) {
+    switch (v) {
+    case CURRENT: return run<CURRENT, NMAT>(a);
+    case PRMT_X: return run<PRMT_X, NMAT>(a);
+    case PREFETCH: return run<PREFETCH, NMAT>(a);
+    case ABSMAX_TILES: return run<ABSMAX_TILES, NMAT>(a);
+    case TILES: return run<TILES, NMAT>(a);
+    case LOADS: return run<LOADS, NMAT>(a);
+    default: return run<TILE_LOADS, NMAT>(a);
+    }
+}
+
+template <typename T>
+static T* upload(const std::vector<T>& h) {
+    T* d;
+    CHECK(cudaMalloc(&d, h.size() * sizeof(T)));
+    CHECK(cudaMemcpy(d, h.data(), h.size() * sizeof(T), cudaMemcpyHostToDevice));
+    return d;
+}
+
+int main() {
+    int sms;
+    CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, 0));
+    struct shape {
+        const char* name;
+        int nmat, rows, in, copies;
+    } shapes[] = {
+        {"12B q+k+v", 1, 8192, 3840, 8},   {"12B o", 1, 3840, 4096, 16}, {"12B gate+up", 2, 15360, 3840, 4},
+        {"12B down", 1, 3840, 15360, 8},   {"1B q+k+v", 1, 1536, 1152, 32}, {"1B gate+up", 2, 6912, 1152, 8},
+        {"1B down", 1, 1152, 6912, 16},
+    };
+    std::printf("µs a phase (TB/s of NF4 bytes) on %d multiprocessors; ! marks outputs that differ from current's\n", sms);
+    std::printf("%-12s %8s", "phase", "MB");
+    for (int v = 0; v < VARIANTS; v++) std::printf(" %17s", names[v]);
+    std::printf("\n");
+    srand(1);
+    for (const shape& s : shapes) {
+        const int blocks = s.in / 64, tiles = (s.rows + 15) / 16;
+        const long long nblk = (long long)s.rows * blocks;
+        std::vector<matrix> h(s.copies * s.nmat);
+        for (matrix& m : h) {
+            std::vector<uint2> codes(nblk * 4);
+            std::vector<unsigned char> aq(nblk);
+            std::vector<float> a2((nblk + 255) / 256);
+            for (uint2& w : codes) w = make_uint2((unsigned)rand() * 2654435761u, (unsigned)rand() * 2246822519u);
+            for (unsigned char& q : aq) q = (unsigned char)rand();
+            for (float& v : a2) v = 0.001f * (1 + rand() % 100);
+            std::vector<uint4> tc((size_t)tiles * blocks * 32);
+            std::vector<unsigned short> ta((size_t)tiles * blocks * 8);
+            for (int t = 0; t < tiles; t++)
+                for (int b = 0; b < blocks; b++)
+                    for (int l = 0; l < 32; l++) {
+                        const int g = l >> 2, c = l & 3;
+                        const long long ra = std::min(16 * t + g, s.rows - 1), rb = std::min(16 * t + g + 8, s.rows - 1);
+                        const uint2 wa = codes[(ra * blocks + b) * 4 + c], wb = codes[(rb * blocks + b) * 4 + c];
+                        tc[((size_t)t * blocks + b) * 32 + l] = make_uint4(wa.x, wa.y, wb.x, wb.y);
+                        if (c == 0) ta[((size_t)t * blocks + b) * 8 + g] = aq[ra * blocks + b] | aq[rb * blocks + b] << 8;
+                    }
+            m = {upload(codes), upload(aq), upload(a2), upload(tc), upload(ta), 0.0001f};
+        }
+        std::vector<float> hx(s.in);
+        for (float& v : hx) v = (rand() % 2001 - 1000) / 1000.0f;
+        args a = {upload(h), s.copies, s.rows, s.in, upload(hx), nullptr, nullptr, sms};
+        CHECK(cudaMalloc(&a.out, s.rows * sizeof(act_t)));
+        CHECK(cudaMalloc(&a.bar, 4));
+        const double mb = s.nmat * (nblk * 33.0 + nblk / 256 * 4.0) / 1e6;
+        std::printf("%-12s %8.2f", s.name, mb);
+        std::vector<act_t> ref(s.rows), got(s.rows);
+        for (int v = 0; v < VARIANTS; v++) {
+            const float us = s.nmat == 1 ? run_variant<1>(v, a) : run_variant<2>(v, a);
+            CHECK(cudaMemcpy(v == CURRENT ? ref.data() : got.data(), a.out, s.rows * sizeof(act_t), cudaMemcpyDeviceToHost));
+            int differ = 0;
+            if (v != CURRENT && v != LOADS && v != TILE_LOADS)
+                for (int r = 0; r < s.rows; r++) differ += got[r] != ref[r];
+            std::printf(" %7.2f (%4.2f)%s ", us, mb / us, differ ? "!" : " ");
+        }
+        std::printf("\n");
+        std::fflush(stdout);
+    }
+    return 0;
+}

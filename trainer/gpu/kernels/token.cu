@@ -69,6 +69,7 @@ struct tok_layer {
 struct tok_smem {
     float* v;     // the phase's input vector: max(hidden, heads·HD, inter)
     float* x;     // the residual stream: hidden
+    float* nw;    // the phase's two norm weights: hidden each
     float* part;  // partial row sums: 2·TOK_WARPS
     float* red;   // block_sum's scratch: 32
     float* qs;    // the head's query after norm and RoPE: HD
@@ -85,7 +86,8 @@ __device__ __forceinline__ tok_smem tok_carve(float* dyn, int vlen, int hidden) 
     tok_smem s;
     s.v = dyn;
     s.x = s.v + (vlen + 3) / 4 * 4;
-    s.part = s.x + (hidden + 3) / 4 * 4;
+    s.nw = s.x + (hidden + 3) / 4 * 4;
+    s.part = s.nw + 2 * ((hidden + 3) / 4 * 4);
     s.red = s.part + 2 * TOK_WARPS;
     s.qs = s.red + 32;
     s.kn = s.qs + HD;
@@ -145,6 +147,31 @@ __device__ __forceinline__ void tok_load(const act_t* p, int n, float* dst) {
         u.u = __ldcg(reinterpret_cast<const uint4*>(p) + g);
         #pragma unroll
         for (int e = 0; e < VEC; e++) dst[g * VEC + e] = to_f32(u.a[e]);
+    }
+}
+
+// A phase's inputs: two activation vectors written in this launch (a into
+// da, b into db) and the weights of the two norms it applies (w1, w2 into
+// nw, one after the other), n values each (a multiple of VEC), with every
+// load in flight at once. The norm weights come from memory (a token reads
+// each layer's once, after the L2 has held a few other layers' products);
+// read inside tok_norm, each was a round trip of its own on every
+// block's path through the phase.
+__device__ __forceinline__ void tok_load_inputs(const act_t* a, float* da, const act_t* b, float* db, const float* __restrict__ w1,
+                                                const float* __restrict__ w2, int n, float* nw) {
+    for (int g = threadIdx.x; g < n / VEC; g += blockDim.x) {
+        act_vec ua, ub;
+        ua.u = __ldcg(reinterpret_cast<const uint4*>(a) + g);
+        ub.u = __ldcg(reinterpret_cast<const uint4*>(b) + g);
+        float4 f1[VEC / 4], f2[VEC / 4];
+        #pragma unroll
+        for (int h = 0; h < VEC / 4; h++)
+            f1[h] = reinterpret_cast<const float4*>(w1)[g * (VEC / 4) + h], f2[h] = reinterpret_cast<const float4*>(w2)[g * (VEC / 4) + h];
+        #pragma unroll
+        for (int e = 0; e < VEC; e++) da[g * VEC + e] = to_f32(ua.a[e]), db[g * VEC + e] = to_f32(ub.a[e]);
+        #pragma unroll
+        for (int h = 0; h < VEC / 4; h++)
+            reinterpret_cast<float4*>(nw)[g * (VEC / 4) + h] = f1[h], reinterpret_cast<float4*>(nw + n)[g * (VEC / 4) + h] = f2[h];
     }
 }
 
@@ -629,17 +656,18 @@ extern "C" __global__ void __launch_bounds__(TOK_THREADS, 1) decode_token(
 
         // A: the block's input, its norm, and q, k, v.
         if (l == 0) {
-            for (int i = threadIdx.x; i < hidden; i += blockDim.x)
+            for (int i = threadIdx.x; i < hidden; i += blockDim.x) {
                 s.x[i] = to_f32(to_act(to_f32(embed[(long long)id * hidden + i]) * embed_scale));
+                s.nw[hidden + i] = L.in_norm[i];
+            }
             __syncthreads();
         } else {
-            tok_load(db, hidden, s.v);
-            tok_load(x1b, hidden, s.x);
+            tok_load_inputs(db, s.v, x1b, s.x, layers[l - 1].post_ff, L.in_norm, hidden, s.nw);
             __syncthreads();
-            tok_norm(s.v, layers[l - 1].post_ff, hidden, eps, true, s.x, s.red);
+            tok_norm(s.v, s.nw, hidden, eps, true, s.x, s.red);
         }
         if (blockIdx.x == 0) tok_store(xb, hidden, s.x);
-        tok_norm(s.x, L.in_norm, hidden, eps, false, s.v, s.red);
+        tok_norm(s.x, s.nw + hidden, hidden, eps, false, s.v, s.red);
         tok_product<1>({{{&L.q}, {&L.k}, {&L.v}}, {qrows, kvrows, kvrows}, 3}, hidden, s,
                        [&](int r, const float* sum) { qkv[r] = to_act(sum[0]); });
         tok_grid_sync(sync, target, clock);
@@ -655,12 +683,11 @@ extern "C" __global__ void __launch_bounds__(TOK_THREADS, 1) decode_token(
         tok_grid_sync(sync, target, clock);
 
         // D: the residual, the MLP's norm, gate and up through GeGLU.
-        tok_load(ob, hidden, s.v);
-        tok_load(xb, hidden, s.x);
+        tok_load_inputs(ob, s.v, xb, s.x, L.post_attn, L.pre_ff, hidden, s.nw);
         __syncthreads();
-        tok_norm(s.v, L.post_attn, hidden, eps, true, s.x, s.red);
+        tok_norm(s.v, s.nw, hidden, eps, true, s.x, s.red);
         if (blockIdx.x == 0) tok_store(x1b, hidden, s.x);
-        tok_norm(s.x, L.pre_ff, hidden, eps, false, s.v, s.red);
+        tok_norm(s.x, s.nw + hidden, hidden, eps, false, s.v, s.red);
         tok_product<2>({{{&L.gate, &L.up}}, {inter}, 1}, hidden, s, [&](int r, const float* sum) {
             const float g = to_f32(to_act(sum[0])), u = to_f32(to_act(sum[1]));
             float sg, dz;
@@ -680,11 +707,10 @@ extern "C" __global__ void __launch_bounds__(TOK_THREADS, 1) decode_token(
     // A), then the lm_head over the block's slice of the vocabulary: the
     // logits, and the block's most likely token (the lowest id among
     // equals, as argmax_rows); the last block to finish picks the step's.
-    tok_load(db, hidden, s.v);
-    tok_load(x1b, hidden, s.x);
+    tok_load_inputs(db, s.v, x1b, s.x, layers[n_layers - 1].post_ff, final_norm, hidden, s.nw);
     __syncthreads();
-    tok_norm(s.v, layers[n_layers - 1].post_ff, hidden, eps, true, s.x, s.red);
-    tok_norm(s.x, final_norm, hidden, eps, false, s.v, s.red);
+    tok_norm(s.v, s.nw, hidden, eps, true, s.x, s.red);
+    tok_norm(s.x, s.nw + hidden, hidden, eps, false, s.v, s.red);
     if (blockIdx.x == 0) tok_store(xf, hidden, s.v);
     const int none = 0x7fffffff;
     float bv = -INFINITY;

@@ -75,6 +75,7 @@ struct tok_smem {
     float* qs;    // the head's query after norm and RoPE: HD
     float* kn;    // the step's own key, value: HD each
     float* vn;
+    float* qkn;   // the layer's q and k norm weights: HD each (loaded in A for B)
     float* w;     // a split's scores: TOK_CHUNK
     float* sums;  // the output's partial sums: TOK_THREADS·VEC; NF4 products' partial rows
     int* flag;
@@ -92,7 +93,8 @@ __device__ __forceinline__ tok_smem tok_carve(float* dyn, int vlen, int hidden) 
     s.qs = s.red + 32;
     s.kn = s.qs + HD;
     s.vn = s.kn + HD;
-    s.w = s.vn + HD;
+    s.qkn = s.vn + HD;
+    s.w = s.qkn + 2 * HD;
     s.sums = s.w + TOK_CHUNK;
     s.flag = reinterpret_cast<int*>(s.sums + TOK_THREADS * VEC);
     s.pairs = reinterpret_cast<unsigned int*>(s.sums + TOK_THREADS * VEC + 4); // 16-byte aligned
@@ -485,7 +487,7 @@ __device__ void tok_attention(const tok_layer& L, const act_t* qkv, act_t* att, 
         const long long at = (base + p % L.cache_len) * row;
         for (int g = warp; g < kv_heads; g += TOK_WARPS) {
             act_t* kc = L.kc + at + (long long)g * HD;
-            tok_norm_rope(kh + g * HD, L.k_norm, cosv, sinv, eps, [&](int i, act_t v) { kc[i] = v; });
+            tok_norm_rope(kh + g * HD, s.qkn + HD, cosv, sinv, eps, [&](int i, act_t v) { kc[i] = v; });
             for (int i = lane; i < HD; i += 32) L.vc[at + (long long)g * HD + i] = __ldcg(vh + g * HD + i);
         }
     }
@@ -526,9 +528,9 @@ __device__ void tok_attention(const tok_layer& L, const act_t* qkv, act_t* att, 
                                       : make_uint4(0u, 0u, 0u, 0u);
         }
         if (warp == 0) {
-            tok_norm_rope(qh + h * HD, L.q_norm, cosv, sinv, eps, [&](int i, act_t v) { s.qs[i] = to_f32(v); });
+            tok_norm_rope(qh + h * HD, s.qkn, cosv, sinv, eps, [&](int i, act_t v) { s.qs[i] = to_f32(v); });
         } else if (warp == 1 && own) {
-            tok_norm_rope(kh + g * HD, L.k_norm, cosv, sinv, eps, [&](int i, act_t v) { s.kn[i] = to_f32(v); });
+            tok_norm_rope(kh + g * HD, s.qkn + HD, cosv, sinv, eps, [&](int i, act_t v) { s.kn[i] = to_f32(v); });
         } else if (warp == 2 && own) {
             for (int i = lane; i < HD; i += 32) s.vn[i] = to_f32(__ldcg(vh + g * HD + i));
         }
@@ -654,7 +656,16 @@ extern "C" __global__ void __launch_bounds__(TOK_THREADS, 1) decode_token(
         const float* cosv = rope + L.rope * HD;
         const float* sinv = cosv + HD / 2;
 
-        // A: the block's input, its norm, and q, k, v.
+        // A: the block's input, its norm, and q, k, v. The q and k norms'
+        // weights, which phase B applies on its critical path, are loaded
+        // here with A's inputs.
+        constexpr int QKN = (2 * HD + TOK_THREADS - 1) / TOK_THREADS; // values a thread
+        float qkn[QKN];
+        #pragma unroll
+        for (int k = 0; k < QKN; k++) {
+            const int i = threadIdx.x + k * TOK_THREADS;
+            qkn[k] = i < HD ? L.q_norm[i] : i < 2 * HD ? L.k_norm[i - HD] : 0.0f;
+        }
         if (l == 0) {
             for (int i = threadIdx.x; i < hidden; i += blockDim.x) {
                 s.x[i] = to_f32(to_act(to_f32(embed[(long long)id * hidden + i]) * embed_scale));
@@ -668,6 +679,11 @@ extern "C" __global__ void __launch_bounds__(TOK_THREADS, 1) decode_token(
         }
         if (blockIdx.x == 0) tok_store(xb, hidden, s.x);
         tok_norm(s.x, s.nw + hidden, hidden, eps, false, s.v, s.red);
+        #pragma unroll
+        for (int k = 0; k < QKN; k++) {
+            const int i = threadIdx.x + k * TOK_THREADS;
+            if (i < 2 * HD) s.qkn[i] = qkn[k];
+        }
         tok_product<1>({{{&L.q}, {&L.k}, {&L.v}}, {qrows, kvrows, kvrows}, 3}, hidden, s,
                        [&](int r, const float* sum) { qkv[r] = to_act(sum[0]); });
         tok_grid_sync(sync, target, clock);

@@ -117,7 +117,7 @@ func EncodeTokenStep(id, seq, pos int32, cos, sin [2][]float32) []uint32 {
 func (k *Kernels) tokenSharedBytes(sh TokenShape) int {
 	round4 := func(n int) int { return (n + 3) / 4 * 4 }
 	v := max(sh.Hidden, sh.Heads*k.HeadDim, sh.Intermediate)
-	floats := round4(v) + 3*round4(sh.Hidden) + 2*16 + 32 + 3*k.HeadDim + tokenChunk + tokenThreads*k.vec() + 4
+	floats := round4(v) + 3*round4(sh.Hidden) + 2*16 + 32 + 5*k.HeadDim + tokenChunk + tokenThreads*k.vec() + 4
 	if sh.NF4 {
 		floats += 256*nf4PairCopies + 256 // nf4_mma_tables' pairs and absmax codes
 	}

@@ -76,6 +76,23 @@ func wantStates(t *testing.T, rec *pipeline.RunRecord, states map[string]string)
 	}
 }
 
+// afterRemovedCheckout runs the spec of checkout a up to its adapter,
+// removes a, and runs checkout b's in full on the same cache.
+func afterRemovedCheckout(t *testing.T, r *testRun, a, b string) *pipeline.RunRecord {
+	t.Helper()
+	if _, err := r.run(a, pipeline.Options{Until: "adapter"}); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.RemoveAll(filepath.Dir(a)); err != nil {
+		t.Fatal(err)
+	}
+	rec, err := r.run(b, pipeline.Options{})
+	if err != nil {
+		t.Fatalf("running the second checkout after the first was removed: %v", err)
+	}
+	return rec
+}
+
 // TestMergeAfterAnotherCheckoutTokenized: two checkouts share a cache; the
 // first trains, and is deleted; the second's merge stage, computed anew,
 // ships the second checkout's copy of the tokenizer the cached tokenize
@@ -86,16 +103,7 @@ func TestMergeAfterAnotherCheckoutTokenized(t *testing.T) {
 	spec := checkoutSpec(t) + "  merged: {kind: merge, needs: [adapter, base]}\n"
 	a := checkout(t, r, "a", spec, checkoutFiles(t, nil))
 	b := checkout(t, r, "b", spec, checkoutFiles(t, nil))
-	if _, err := r.run(a, pipeline.Options{Until: "adapter"}); err != nil {
-		t.Fatal(err)
-	}
-	if err := os.RemoveAll(filepath.Dir(a)); err != nil {
-		t.Fatal(err)
-	}
-	rec, err := r.run(b, pipeline.Options{})
-	if err != nil {
-		t.Fatalf("merging in the second checkout: %v", err)
-	}
+	rec := afterRemovedCheckout(t, r, a, b)
 	wantStates(t, rec, map[string]string{"tokens": "cached", "adapter": "cached", "merged": "computed"})
 	m, err := pipeline.ReadManifest(stageEntry(t, rec, "tokens"))
 	if err != nil {
@@ -138,16 +146,7 @@ func TestGenerateAfterAnotherCheckoutTrained(t *testing.T) {
 	files := checkoutFiles(t, map[string]string{"model": model, "q.jsonl": q})
 	a := checkout(t, r, "a", spec, files)
 	b := checkout(t, r, "b", spec, files)
-	if _, err := r.run(a, pipeline.Options{Until: "adapter"}); err != nil {
-		t.Fatal(err)
-	}
-	if err := os.RemoveAll(filepath.Dir(a)); err != nil {
-		t.Fatal(err)
-	}
-	rec, err := r.run(b, pipeline.Options{})
-	if err != nil {
-		t.Fatalf("generating in the second checkout: %v", err)
-	}
+	rec := afterRemovedCheckout(t, r, a, b)
 	wantStates(t, rec, map[string]string{"tokens": "cached", "adapter": "cached", "answers": "computed"})
 	if rows := readAnswers(t, r, rec); len(rows) != 3 {
 		t.Errorf("%d answered questions, want 3", len(rows))

@@ -105,15 +105,16 @@ func adapterBase(ctx context.Context, t *pipeline.Task, adapter string, prov pro
 			continue
 		}
 		got, ok := have[name]
+		missing := false
 		if !ok {
 			path := filepath.Join(dir, name)
 			if _, err := os.Stat(path); err != nil {
-				got = "(missing)"
+				missing = true
 			} else if got, err = dirsum.FileSum(path); err != nil {
 				return "", err
 			}
 		}
-		if got == "(missing)" && dir == trainedDir && !model.set() {
+		if missing && dir == trainedDir && !model.set() {
 			return "", fmt.Errorf("the adapter of stage %s was trained on the checkpoint in %s, which is gone (no %s there, sha256 %s), and no input file of this run is that checkpoint; set `model:` to a copy of it",
 				adapter, dir, name, want)
 		}

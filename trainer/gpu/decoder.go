@@ -100,7 +100,9 @@ func (s *session) newTokenStep(c *cuda.Ctx, dc *kvCaches, sh kernels.TokenShape)
 		mat := func(m trainer.Module) kernels.TokenMatrix {
 			p := &L.proj[moduleIndex(m)]
 			if sh.NF4 {
-				return kernels.TokenMatrix{Weights: p.packed.Ptr, AbsmaxQ: p.absmaxQ.Ptr, Absmax2: p.absmax2.Ptr, Offset: p.offset, NF4: true}
+				tc, ta := p.tileParts()
+				return kernels.TokenMatrix{Weights: p.packed.Ptr, AbsmaxQ: p.absmaxQ.Ptr, Absmax2: p.absmax2.Ptr, Offset: p.offset, NF4: true,
+					TileCodes: tc, TileAbsmaxQ: ta}
 			}
 			return kernels.TokenMatrix{Weights: p.dense.Ptr}
 		}
@@ -232,6 +234,10 @@ func newDecoder(s trainer.Session, a *trainer.Adapter, baseOnly bool) (trainer.D
 	if err := ss.dev.Do(ss.adjoin); err != nil {
 		s.Close()
 		return nil, fmt.Errorf("gpu: laying out the weights for decoding: %w", err)
+	}
+	if err := ss.dev.Do(ss.tileNF4); err != nil {
+		s.Close()
+		return nil, fmt.Errorf("gpu: the NF4 weights in decoding order: %w", err)
 	}
 	return &decoder{s: ss}, nil
 }

@@ -20,6 +20,7 @@ type projection struct {
 	absmax2 cuda.Buffer // one float32 per 256 blocks
 	offset  float32
 	dense   cuda.Buffer // out·in activations, or none (Ptr 0)
+	tiles   cuda.Buffer // NF4: codes, then absmax codes, per 16-row tile for decode_token (tileNF4), or none
 }
 
 func (p *projection) elements() int64 { return int64(p.out) * int64(p.in) }
@@ -292,6 +293,65 @@ func (s *session) densify(c *cuda.Ctx) error {
 		}
 	}
 	return nil
+}
+
+// NF4TilesEnv names the switch of tileNF4: "auto" (the default) stores the
+// copies where the device has the room, "off" never.
+const NF4TilesEnv = "PIPELINE_NF4_TILES"
+
+// tileNF4 gives every NF4 projection of a decoder without an adapter a
+// copy of its codes and absmax codes in the order decode_token reads them
+// (kernels.NF4RepackTiles), where the device has the room: a warp then
+// loads a 64-block's 16 rows as 512 contiguous bytes, where bitsandbytes'
+// layout gives it 32 bytes from each row (trainer/gpu/NOTES.md, "the NF4
+// phase alone"). The copy is half a byte a weight; training, the
+// dequantisation and the steps of several tokens keep reading the original.
+func (s *session) tileNF4(c *cuda.Ctx) error {
+	if mode, err := envSwitch(NF4TilesEnv, "auto", "off"); err != nil || mode == "off" {
+		return err
+	}
+	if !s.baseOnly || s.k.Prec != kernels.BF16 {
+		return nil // decode_token does not run, or reads no NF4
+	}
+	var grow int64
+	for l := range s.w.layers {
+		for i := range s.w.layers[l].proj {
+			p := &s.w.layers[l].proj[i]
+			if !p.nf4 || p.in%64 != 0 {
+				return nil
+			}
+			codes, absmax := kernels.NF4TileBytes(p.out, p.in)
+			grow += codes + absmax
+		}
+	}
+	free, _, err := c.MemInfo()
+	if err != nil || free < grow+densifyMargin {
+		return err
+	}
+	for l := range s.w.layers {
+		for i := range s.w.layers[l].proj {
+			p := &s.w.layers[l].proj[i]
+			codes, absmax := kernels.NF4TileBytes(p.out, p.in)
+			b, err := s.alloc(c, codes+absmax, "NF4 weights in decoding order")
+			if err != nil {
+				return err
+			}
+			if err := s.k.NF4RepackTiles(c, p.packed.Ptr, p.absmaxQ.Ptr, p.out, p.in, b.Ptr, b.Ptr.Add(codes)); err != nil {
+				return err
+			}
+			p.tiles = b
+		}
+	}
+	return nil
+}
+
+// tileParts are p.tiles' codes and absmax codes; 0, 0 without them.
+func (p *projection) tileParts() (codes, absmaxQ cuda.DevicePtr) {
+	if p.tiles.Ptr == 0 {
+		return 0, 0
+	}
+	n, _ := kernels.NF4TileBytes(p.out, p.in)
+	return p.tiles.Ptr, p.tiles.Ptr.Add(n)
 }
 
 // adjoin stores each layer's k and v weights, and its gate and up weights,

@@ -707,6 +707,25 @@ func (k *Kernels) nf4Dequantize8(c *cuda.Ctx, packed, absmaxQ, absmax2 cuda.Devi
 		rowUnits, ldUnits, int32(round), out)
 }
 
+// NF4TileBytes is the size of NF4RepackTiles' two outputs for a weight
+// [rows × in]: the codes (512 bytes a 16-row tile and 64-block) and the
+// absmax codes (16 bytes).
+func NF4TileBytes(rows, in int) (codes, absmaxQ int64) {
+	n := int64((rows+15)/16) * int64(in/64)
+	return 512 * n, 16 * n
+}
+
+// NF4RepackTiles writes an NF4 weight [rows × in] (in a multiple of 64)
+// again in the order decode_token reads it (nf4_tile_repack): its codes
+// into tileCodes and its absmax codes into tileAbsmaxQ (NF4TileBytes).
+func (k *Kernels) NF4RepackTiles(c *cuda.Ctx, packed, absmaxQ cuda.DevicePtr, rows, in int, tileCodes, tileAbsmaxQ cuda.DevicePtr) error {
+	if in%64 != 0 || rows < 1 || packed%8 != 0 || tileCodes%16 != 0 || tileAbsmaxQ%2 != 0 {
+		return fmt.Errorf("kernels: NF4RepackTiles: %d rows of %d weights (whole 64-blocks, aligned buffers)", rows, in)
+	}
+	codes, _ := NF4TileBytes(rows, in)
+	return k.launch(c, "nf4_tile_repack", k.grid(codes/16), packed, absmaxQ, int32(rows), int32(in), tileCodes, tileAbsmaxQ)
+}
+
 // FoldLoRAColumns writes scale·b (b [rows × r], activations) into columns
 // col .. col + r - 1 of w [rows × ld] and zeros into columns zero .. zero +
 // r - 1: a dequantised weight widened along K so that one GEMM adds its

@@ -9,6 +9,7 @@ package kernels
 // for bit. Every test skips without a GPU.
 
 import (
+	"bytes"
 	"fmt"
 	"math"
 	"math/rand/v2"
@@ -1742,4 +1743,76 @@ func BenchmarkNF4Dequantize(b *testing.B) {
 		b.ReportMetric(float64(n/2+n/64+2*n)/1e6, "dequantize-MB")
 		return nil
 	})
+}
+
+// TestNF4RepackTiles: nf4_tile_repack writes each 16-row tile's 64-blocks
+// as decode_token reads them (lane g·4 + c: rows g and g + 8 at positions
+// 16c .. 16c + 15; the absmax codes of rows g and g + 8 side by side),
+// rows past the last repeating it, by the byte against the same order
+// taken on the host.
+func TestNF4RepackTiles(t *testing.T) {
+	k := kernelsFor(t, BF16, 256)
+	for _, sh := range [][2]int{{37, 64}, {16, 128}, {130, 2560}} {
+		rows, in := sh[0], sh[1]
+		t.Run(fmt.Sprintf("%dx%d", rows, in), func(t *testing.T) {
+			rng := cudatest.Rand(t)
+			w := make([]float32, rows*in)
+			for i := range w {
+				w[i] = float32(rng.NormFloat64())
+			}
+			nf, err := trainer.QuantizeNF4(w, []int{rows, in}, "bfloat16")
+			if err != nil {
+				t.Fatal(err)
+			}
+			blocks, tiles := in/64, (rows+15)/16
+			wantCodes := make([]uint8, 0, tiles*blocks*512)
+			wantAbsmax := make([]uint8, 0, tiles*blocks*16)
+			for tile := range tiles {
+				for b := range blocks {
+					row := func(r int) int { return min(16*tile+r, rows-1) }
+					for lane := range 32 {
+						g, c := lane/4, lane%4
+						for _, r := range []int{row(g), row(g + 8)} {
+							at := (r*blocks+b)*32 + 8*c
+							wantCodes = append(wantCodes, nf.Packed[at:at+8]...)
+						}
+					}
+					for g := range 8 {
+						wantAbsmax = append(wantAbsmax, nf.AbsmaxQ[row(g)*blocks+b], nf.AbsmaxQ[row(g+8)*blocks+b])
+					}
+				}
+			}
+			codes, absmax := NF4TileBytes(rows, in)
+			if codes != int64(len(wantCodes)) || absmax != int64(len(wantAbsmax)) {
+				t.Fatalf("NF4TileBytes: %d and %d bytes, want %d and %d", codes, absmax, len(wantCodes), len(wantAbsmax))
+			}
+			run(t, k, func(d *dev) error {
+				packed, aq := d.alloc(int64(len(nf.Packed))), d.alloc(int64(len(nf.AbsmaxQ)))
+				if err := cuda.Upload(d.c, packed, nf.Packed); err != nil {
+					return err
+				}
+				if err := cuda.Upload(d.c, aq, nf.AbsmaxQ); err != nil {
+					return err
+				}
+				tc, ta := d.alloc(codes), d.alloc(absmax)
+				if err := k.NF4RepackTiles(d.c, packed, aq, rows, in, tc, ta); err != nil {
+					return err
+				}
+				gotCodes, gotAbsmax := make([]uint8, codes), make([]uint8, absmax)
+				if err := cuda.Download(d.c, gotCodes, tc); err != nil {
+					return err
+				}
+				if err := cuda.Download(d.c, gotAbsmax, ta); err != nil {
+					return err
+				}
+				if !bytes.Equal(gotCodes, wantCodes) {
+					t.Error("the tiles' codes differ from the host's order")
+				}
+				if !bytes.Equal(gotAbsmax, wantAbsmax) {
+					t.Error("the tiles' absmax codes differ from the host's order")
+				}
+				return nil
+			})
+		})
+	}
 }

@@ -425,6 +425,29 @@ extern "C" __global__ void __launch_bounds__(NF4_MMA_WARPS * 32, NF4_MIN_BLOCKS)
 #endif
 }
 
+// nf4_tile_repack rewrites an NF4 weight [rows × in] (bitsandbytes'
+// layout, in a multiple of 64) in the order decode_token reads it: per
+// tile of 16 rows and per 64-block, lane l = (g, c)'s 16 bytes, the codes
+// of rows g and g + 8 at positions 16c .. 16c + 15, so that a warp's load
+// of a 64-block is 512 contiguous bytes (in bitsandbytes' layout it is 32
+// bytes from each of 16 rows); and per tile and 64-block the absmax codes
+// of rows g and g + 8 side by side. Rows past the last repeat the last
+// row, as the reads clamp them. See trainer/gpu/NOTES.md, "the NF4 phase
+// alone".
+extern "C" __global__ void nf4_tile_repack(const uint2* __restrict__ codes, const unsigned char* __restrict__ absmax_q, int rows, int in,
+                                           uint4* __restrict__ tile_codes, unsigned short* __restrict__ tile_aq) {
+    const int blocks = in / 64, tiles = (rows + 15) / 16;
+    GRID_STRIDE(i, (long long)tiles * blocks * 32) {
+        const int lane = (int)(i % 32), g = lane >> 2, c = lane & 3;
+        const long long tb = i / 32; // tile · blocks + 64-block
+        const int b = (int)(tb % blocks), t = (int)(tb / blocks);
+        const long long ra = min(16 * t + g, rows - 1), rb = min(16 * t + g + 8, rows - 1);
+        const uint2 wa = codes[(ra * blocks + b) * 4 + c], wb = codes[(rb * blocks + b) * 4 + c];
+        tile_codes[i] = make_uint4(wa.x, wa.y, wb.x, wb.y);
+        if (c == 0) tile_aq[tb * 8 + g] = (unsigned short)(absmax_q[ra * blocks + b] | absmax_q[rb * blocks + b] << 8);
+    }
+}
+
 // A stored tensor as activations (embedding, unquantised projections).
 extern "C" __global__ void stored_to_act(const void* __restrict__ src, int dtype, long long n, act_t* __restrict__ out) {
     GRID_STRIDE(i, n) { out[i] = to_act(load_stored(src, dtype, i)); }

@@ -43,17 +43,21 @@
 
 // One projection: dense [rows × in] activations, or NF4 (bitsandbytes'
 // layout: packed codes, a code per 64-block for its absmax, a scale per
-// 256 blocks, an offset). kernels.TokenMatrix writes this layout (32 bytes).
+// 256 blocks, an offset; and, where the decoder made it, the codes and
+// absmax codes again in nf4_tile_repack's order, which tok_rows_nf4 then
+// reads instead). kernels.TokenMatrix writes this layout (48 bytes).
 struct tok_mat {
     const void* w;
     const unsigned char* absmax_q;
     const float* absmax2;
     float offset;
     int nf4;
+    const uint4* tile_codes;
+    const unsigned short* tile_aq;
 };
 
 // One block of the model as decode_token reads it; kernels.TokenLayer
-// writes this layout (7 matrices, 8 pointers, 4 ints: 304 bytes).
+// writes this layout (7 matrices, 8 pointers, 4 ints: 416 bytes).
 struct tok_layer {
     tok_mat q, k, v, o, gate, up, down;
     const float *in_norm, *post_attn, *pre_ff, *post_ff, *q_norm, *k_norm;
@@ -363,7 +367,7 @@ __device__ __forceinline__ void tok_rows_nf4(const tok_segs<NMAT>& sg, int in, c
         // The task's tile, row0 .. row0 + 15 of its segment's rows.
         const tok_mat* mats[NMAT];
         int rows, base;
-        const int row0 = 16 * tok_tile(sg, t0 + task / S, mats, rows, base), sp = task % S;
+        const int tile = tok_tile(sg, t0 + task / S, mats, rows, base), row0 = 16 * tile, sp = task % S;
         const int h0 = blocks * sp / S, h1 = blocks * (sp + 1) / S;
         const unsigned int ra = (unsigned int)min(row0 + g, rows - 1), rb = (unsigned int)min(row0 + g + 8, rows - 1);
         float acc[NMAT][2] = {};
@@ -379,8 +383,16 @@ __device__ __forceinline__ void tok_rows_nf4(const tok_segs<NMAT>& sg, int in, c
                 for (int u = 0; u < U; u++) {
                     const unsigned int b = (unsigned int)min(h + u, h1 - 1); // past the range: a valid block, not used
                     const unsigned int ba = ra * blocks + b, bb = rb * blocks + b;
-                    w[m][u][0] = codes[ba * 4 + c], w[m][u][1] = codes[bb * 4 + c];
-                    q[m][u][0] = mt.absmax_q[ba], q[m][u][1] = mt.absmax_q[bb];
+                    if (mt.tile_codes) { // one 16-byte load a lane, 512 contiguous bytes a warp
+                        const unsigned int tb = (unsigned int)tile * blocks + b;
+                        const uint4 v = mt.tile_codes[tb * 32 + lane];
+                        w[m][u][0] = make_uint2(v.x, v.y), w[m][u][1] = make_uint2(v.z, v.w);
+                        const unsigned short aq = mt.tile_aq[tb * 8 + g];
+                        q[m][u][0] = (unsigned char)(aq & 0xff), q[m][u][1] = (unsigned char)(aq >> 8);
+                    } else {
+                        w[m][u][0] = codes[ba * 4 + c], w[m][u][1] = codes[bb * 4 + c];
+                        q[m][u][0] = mt.absmax_q[ba], q[m][u][1] = mt.absmax_q[bb];
+                    }
                     a2[m][u][0] = mt.absmax2[ba / 256], a2[m][u][1] = mt.absmax2[bb / 256];
                 }
             }

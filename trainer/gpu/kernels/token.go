@@ -10,12 +10,15 @@ import (
 
 // TokenMatrix is one projection as decode_token reads it: dense [rows ×
 // in] activations, or NF4 in bitsandbytes' layout (packed codes, a code
-// per 64-block for its absmax, a scale per 256 blocks, an offset).
+// per 64-block for its absmax, a scale per 256 blocks, an offset), with,
+// where the decoder made them, its codes and absmax codes per 16-row tile
+// (NF4RepackTiles), which decode_token then reads instead.
 type TokenMatrix struct {
-	Weights          cuda.DevicePtr // the activations, or the packed codes
-	AbsmaxQ, Absmax2 cuda.DevicePtr // NF4 only
-	Offset           float32
-	NF4              bool
+	Weights                cuda.DevicePtr // the activations, or the packed codes
+	AbsmaxQ, Absmax2       cuda.DevicePtr // NF4 only
+	Offset                 float32
+	NF4                    bool
+	TileCodes, TileAbsmaxQ cuda.DevicePtr // NF4: NF4RepackTiles' copy, or 0
 }
 
 // TokenLayer is one block of the model as decode_token reads it: every
@@ -31,10 +34,10 @@ type TokenLayer struct {
 }
 
 // tokenMatrixBytes and tokenLayerBytes are the sizes of token.cu's
-// tok_mat (3 pointers, a float, an int) and tok_layer (7 of them, 8
-// pointers, 4 ints).
+// tok_mat (3 pointers, a float, an int, 2 pointers) and tok_layer (7 of
+// them, 8 pointers, 4 ints).
 const (
-	tokenMatrixBytes = 3*8 + 4 + 4
+	tokenMatrixBytes = 3*8 + 4 + 4 + 2*8
 	tokenLayerBytes  = 7*tokenMatrixBytes + 8*8 + 4*4
 )
 
@@ -48,6 +51,8 @@ func EncodeTokenLayers(layers []TokenLayer) []byte {
 			}
 			out = binary.LittleEndian.AppendUint32(out, math.Float32bits(m.Offset))
 			out = binary.LittleEndian.AppendUint32(out, uint32(boolInt(m.NF4)))
+			out = binary.LittleEndian.AppendUint64(out, uint64(m.TileCodes))
+			out = binary.LittleEndian.AppendUint64(out, uint64(m.TileAbsmaxQ))
 		}
 		for _, p := range []cuda.DevicePtr{l.InputNorm, l.PostAttnNorm, l.PreFFNorm, l.PostFFNorm, l.QNorm, l.KNorm, l.KCache, l.VCache} {
 			out = binary.LittleEndian.AppendUint64(out, uint64(p))

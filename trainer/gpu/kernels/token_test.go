@@ -46,7 +46,7 @@ func TestTokenLayerLayout(t *testing.T) {
 		}
 		return out
 	}
-	wantMat := "const void* w|const unsigned char* absmax_q|const float* absmax2|float offset|int nf4"
+	wantMat := "const void* w|const unsigned char* absmax_q|const float* absmax2|float offset|int nf4|const uint4* tile_codes|const unsigned short* tile_aq"
 	if got := strings.Join(fields("tok_mat"), "|"); got != wantMat {
 		t.Errorf("tok_mat is %s; EncodeTokenLayers writes %s", got, wantMat)
 	}
@@ -58,17 +58,18 @@ func TestTokenLayerLayout(t *testing.T) {
 	}
 
 	m := func(i int) TokenMatrix {
-		return TokenMatrix{Weights: cuda.DevicePtr(10 * i), AbsmaxQ: cuda.DevicePtr(10*i + 1), Absmax2: cuda.DevicePtr(10*i + 2), Offset: float32(i) / 4, NF4: i%2 == 1}
+		return TokenMatrix{Weights: cuda.DevicePtr(10 * i), AbsmaxQ: cuda.DevicePtr(10*i + 1), Absmax2: cuda.DevicePtr(10*i + 2), Offset: float32(i) / 4, NF4: i%2 == 1,
+			TileCodes: cuda.DevicePtr(10*i + 3), TileAbsmaxQ: cuda.DevicePtr(10*i + 4)}
 	}
 	l := TokenLayer{Q: m(1), K: m(2), V: m(3), O: m(4), Gate: m(5), Up: m(6), Down: m(7), InputNorm: 101, PostAttnNorm: 102, PreFFNorm: 103,
 		PostFFNorm: 104, QNorm: 105, KNorm: 106, KCache: 107, VCache: 108, CacheLen: 512, Window: -1, Rope: 1}
 	b := EncodeTokenLayers([]TokenLayer{l, l})
-	if len(b) != 2*304 {
-		t.Fatalf("%d bytes for two layers, want %d", len(b), 2*304)
+	if len(b) != 2*416 {
+		t.Fatalf("%d bytes for two layers, want %d", len(b), 2*416)
 	}
-	b = b[304:] // the second layer
+	b = b[416:] // the second layer
 	for i := range 7 {
-		at := 32 * i
+		at := 48 * i
 		for j := range 3 {
 			if got := binary.LittleEndian.Uint64(b[at+8*j:]); got != uint64(10*(i+1)+j) {
 				t.Errorf("matrix %d's pointer %d is %d, want %d", i, j, got, 10*(i+1)+j)
@@ -80,14 +81,19 @@ func TestTokenLayerLayout(t *testing.T) {
 		if got := binary.LittleEndian.Uint32(b[at+28:]); got != uint32((i+1)%2) {
 			t.Errorf("matrix %d's nf4 is %d", i, got)
 		}
+		for j := range 2 {
+			if got := binary.LittleEndian.Uint64(b[at+32+8*j:]); got != uint64(10*(i+1)+3+j) {
+				t.Errorf("matrix %d's tile pointer %d is %d, want %d", i, j, got, 10*(i+1)+3+j)
+			}
+		}
 	}
 	for j := range 8 {
-		if got := binary.LittleEndian.Uint64(b[224+8*j:]); got != uint64(101+j) {
+		if got := binary.LittleEndian.Uint64(b[336+8*j:]); got != uint64(101+j) {
 			t.Errorf("pointer %d after the matrices is %d, want %d", j, got, 101+j)
 		}
 	}
 	for i, v := range []int32{512, -1, 1, 0} {
-		if got := int32(binary.LittleEndian.Uint32(b[288+4*i:])); got != v {
+		if got := int32(binary.LittleEndian.Uint32(b[400+4*i:])); got != v {
 			t.Errorf("int %d is %d, want %d", i, got, v)
 		}
 	}

@@ -324,6 +324,9 @@ func (s *session) tileNF4(c *cuda.Ctx) error {
 			grow += codes + absmax
 		}
 	}
+	if err := c.EmptyCache(); err != nil {
+		return err
+	}
 	free, _, err := c.MemInfo()
 	if err != nil || free < grow+densifyMargin {
 		return err

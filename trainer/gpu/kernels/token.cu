@@ -126,15 +126,13 @@ __device__ __forceinline__ void tok_grid_sync(unsigned int* bar, unsigned int& t
     __syncthreads();
     if (threadIdx.x == 0) {
         if (clock) *clock++ = tok_now();
-        __threadfence();
-        atomicAdd(bar, 1u);
+        asm volatile("red.release.gpu.global.add.u32 [%0], 1;" ::"l"(bar) : "memory");
         unsigned int seen;
         for (unsigned int polls = 0;; polls++) {
             asm volatile("ld.acquire.gpu.global.u32 %0, [%1];" : "=r"(seen) : "l"(bar) : "memory");
             if (seen >= target) break;
             if (polls == (1u << 22)) __trap();
         }
-        __threadfence();
         if (clock) *clock++ = tok_now();
     }
     __syncthreads();
@@ -349,7 +347,7 @@ __device__ __forceinline__ int tok_tile(const tok_segs<NMAT>& sg, int t, const t
     return seg == 0 ? t : seg == 1 ? t - n0 : t - n0 - n1;
 }
 
-template <int NMAT, typename Done>
+template <int NMAT, bool TILED, typename Done>
 __device__ __forceinline__ void tok_rows_nf4(const tok_segs<NMAT>& sg, int in, const float* v, tok_smem& s, Done done) {
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, g = lane >> 2, c = lane & 3;
     const unsigned int lane4 = 4u * lane;
@@ -383,7 +381,7 @@ __device__ __forceinline__ void tok_rows_nf4(const tok_segs<NMAT>& sg, int in, c
                 for (int u = 0; u < U; u++) {
                     const unsigned int b = (unsigned int)min(h + u, h1 - 1); // past the range: a valid block, not used
                     const unsigned int ba = ra * blocks + b, bb = rb * blocks + b;
-                    if (mt.tile_codes) { // one 16-byte load a lane, 512 contiguous bytes a warp
+                    if constexpr (TILED) { // one 16-byte load a lane, 512 contiguous bytes a warp
                         const unsigned int tb = (unsigned int)tile * blocks + b;
                         const uint4 v = mt.tile_codes[tb * 32 + lane];
                         w[m][u][0] = make_uint2(v.x, v.y), w[m][u][1] = make_uint2(v.z, v.w);
@@ -466,8 +464,11 @@ __device__ __forceinline__ void tok_rows_nf4(const tok_segs<NMAT>& sg, int in, c
 // their rows numbered in the segments' order.
 template <int NMAT, typename Done>
 __device__ __forceinline__ void tok_product(const tok_segs<NMAT>& sg, int in, tok_smem& s, Done done) {
-    if (sg.m[0][0]->nf4) {
-        tok_rows_nf4<NMAT>(sg, in, s.v, s, done);
+    if (sg.m[0][0]->nf4) { // a decoder tiles all its NF4 matrices or none
+        if (sg.m[0][0]->tile_codes)
+            tok_rows_nf4<NMAT, true>(sg, in, s.v, s, done);
+        else
+            tok_rows_nf4<NMAT, false>(sg, in, s.v, s, done);
         return;
     }
     int r0, r1;

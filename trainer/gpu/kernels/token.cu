@@ -117,10 +117,11 @@ __device__ __forceinline__ unsigned long long tok_now() {
 // wrote before visible to all: thread 0 arrives with a release (after the
 // block's __syncthreads, it covers the whole block's writes) and polls
 // with acquires, which is all the ordering needed; two full fences around
-// them cost ~0.2 µs a barrier (1B: 27 µs a token). target counts the arrivals so far. A
-// barrier that has not opened after some 2²² polls (seconds, where a
-// whole step takes milliseconds) will never open: the launch traps, so
-// that the host gets an error instead of a device that hangs.
+// them cost ~0.2 µs a barrier (1B: 27 µs a token). target counts the
+// arrivals so far. A barrier that has not opened after some 2²² polls
+// (seconds, where a whole step takes milliseconds) will never open: the
+// launch traps, so that the host gets an error instead of a device that
+// hangs.
 //
 // With clock set (profiling), thread 0 writes the times the block arrived
 // and left there, and moves it on (tok_now).

@@ -4,12 +4,14 @@ import (
 	"context"
 	"fmt"
 	"os"
+	"path"
 	"path/filepath"
 	"slices"
 
 	"gemmaft/hub"
 	"gemmaft/internal/dirsum"
 	"gemmaft/pipeline"
+	"gemmaft/trainer"
 )
 
 // checkpointFiles are the files whose digests tell one checkpoint from
@@ -185,6 +187,52 @@ func (h *hubInput) at() string {
 	return h.ref.Repo.String() + "@" + h.resolved.Commit
 }
 
+// hubTrainingTokenizer is the tokenizer.json a tokenize stage read by an
+// hf:// reference, fetched (or found in the cache) at the commit training
+// read; "" when the stage read a local file, or there is no such stage.
+// With siblings, the tokenizer files beside it in the repository come too
+// (trainer.TokenizerFiles: tokenizer_config.json holds the special tokens
+// and the chat template), for a model folder that ships them.
+func hubTrainingTokenizer(ctx context.Context, t *pipeline.Task, tokenize *pipeline.Manifest, siblings bool) (string, error) {
+	if tokenize == nil {
+		return "", nil
+	}
+	h, err := lineageHub(tokenize, "tokenizer", hubFile)
+	if err != nil || h == nil {
+		return "", err
+	}
+	if _, err := h.resolve(ctx); err != nil {
+		return "", err
+	}
+	files, err := h.fetch(ctx, t)
+	if err != nil {
+		return "", err
+	}
+	if !siblings {
+		return files[0], nil
+	}
+	h.mu.Lock()
+	c, r := h.client, h.resolved
+	h.mu.Unlock()
+	listed, err := c.List(ctx, r)
+	if err != nil {
+		return "", fmt.Errorf("%s: %w", h.param, err)
+	}
+	var more []string
+	for _, name := range trainer.TokenizerFiles {
+		p := path.Join(path.Dir(h.ref.Path), name)
+		if p != h.ref.Path && slices.ContainsFunc(listed, func(f hub.File) bool { return f.Path == p }) {
+			more = append(more, p)
+		}
+	}
+	if len(more) > 0 {
+		if _, err := c.Fetch(ctx, r, more, hub.FetchOptions{Log: t.Log}); err != nil {
+			return "", fmt.Errorf("the tokenizer files to ship beside %s: %w", h.ref, err)
+		}
+	}
+	return files[0], nil
+}
+
 // adapterTokenizer is the tokenizer.json to use with an adapter whose
 // lineage prov describes, on base: `tokenizer:` (tokPath, or tokHub on the
 // Hub), or the one the training data was tokenized with (a local file,
@@ -219,17 +267,8 @@ func adapterTokenizer(ctx context.Context, t *pipeline.Task, prov provenance, ba
 			path = filepath.Join(dir, "tokenizer.json")
 			break
 		}
-		if prov.tokenize != nil {
-			h, err := lineageHub(prov.tokenize, "tokenizer", hubFile)
-			if err != nil {
-				return "", err
-			}
-			if h != nil {
-				if path, err = fetch(h); err != nil {
-					return "", err
-				}
-				break
-			}
+		if path, err = hubTrainingTokenizer(ctx, t, prov.tokenize, false); err != nil || path != "" {
+			return path, err
 		}
 		if p := filepath.Join(base, "tokenizer.json"); pipeline.CheckReadableFile(p) == nil {
 			path = p

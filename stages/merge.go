@@ -133,6 +133,15 @@ func (s *mergeStage) Run(ctx context.Context, t *pipeline.Task) error {
 	if err != nil {
 		return err
 	}
+	if tokDir == "" {
+		tok, err := hubTrainingTokenizer(ctx, t, provenanceOf(lineage).tokenize, true)
+		if err != nil {
+			return err
+		}
+		if tok != "" {
+			tokDir = filepath.Dir(tok)
+		}
+	}
 	out := filepath.Join(t.Dir, MergedModelDir)
 	t.Report(0, 1, "models", "merging "+filepath.Base(model))
 	err = trainer.MergeAdapter(model, filepath.Join(adapterEntry, trainer.AdapterDirName), out, trainer.MergeOptions{

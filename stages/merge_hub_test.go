@@ -1,0 +1,56 @@
+package stages
+
+import (
+	"bytes"
+	"os"
+	"path/filepath"
+	"strings"
+	"testing"
+
+	"gemmaft/internal/testenv"
+	"gemmaft/pipeline"
+)
+
+// TestMergeHubTokenizer: training data tokenized with an hf:// tokenizer,
+// an adapter on a model stage's checkpoint (which has no tokenizer): the
+// merge stage ships the tokenizer training read and the tokenizer files
+// beside it in the repository, at the commit training read; with the Hub
+// gone, from the cache.
+func TestMergeHubTokenizer(t *testing.T) {
+	f := newHubFixture(t)
+	r := newTestRun(t)
+	tok := testenv.GemmaFile(t, "tokenizer.json")
+	spec := strings.Replace(trainSpec(t, 2), tok, "hf://google/gemma-3-tiny-it/tokenizer.json", 1) +
+		"  merged: {kind: merge, needs: [adapter, base]}\n"
+	check := func(rec *pipeline.RunRecord) {
+		t.Helper()
+		for _, name := range []string{"tokenizer.json", "tokenizer_config.json"} {
+			got, _ := os.ReadFile(filepath.Join(stageEntry(t, rec, "merged"), MergedModelDir, name))
+			want, err := os.ReadFile(testenv.GemmaFile(t, name))
+			if err != nil {
+				t.Fatal(err)
+			}
+			if !bytes.Equal(got, want) {
+				t.Errorf("the merged folder's %s is not the Hub's that training read (%d bytes, want %d)", name, len(got), len(want))
+			}
+		}
+	}
+	rec, err := r.run(r.spec(spec), pipeline.Options{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	check(rec)
+
+	// The Hub gone, the branch moved on there: another merge of the same
+	// adapter reads the cache at the commit training read.
+	f.model.Commit("main", map[string][]byte{"tokenizer.json": []byte("{}")})
+	f.srv.Close()
+	t.Setenv("HF_HUB_OFFLINE", "1")
+	spec = strings.Replace(spec, "{kind: merge, needs: [adapter, base]}", "{kind: merge, needs: [adapter, base], with: {max_shard_gb: 1}}", 1)
+	rec, err = r.run(r.spec(spec), pipeline.Options{})
+	if err != nil {
+		t.Fatalf("merging offline: %v", err)
+	}
+	wantStates(t, rec, map[string]string{"tokens": "cached", "adapter": "cached", "merged": "computed"})
+	check(rec)
+}

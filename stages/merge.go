@@ -128,12 +128,13 @@ func (s *mergeStage) Run(ctx context.Context, t *pipeline.Task) error {
 		base = trainer.MergeOriginal
 	}
 	// The base's own tokenizer ships when it has one; a model stage's random
-	// checkpoint has none, and the tokenize stage's is the one training used.
+	// checkpoint has none, and the tokenize stage's is the one training used
+	// (an hf:// one fetched only then).
 	tokDir, err := trainingTokenizer(t, provenanceOf(lineage).tokenize)
 	if err != nil {
 		return err
 	}
-	if tokDir == "" {
+	if _, err := os.Stat(filepath.Join(model, "tokenizer.json")); err != nil && tokDir == "" {
 		tok, err := hubTrainingTokenizer(ctx, t, provenanceOf(lineage).tokenize, true)
 		if err != nil {
 			return err

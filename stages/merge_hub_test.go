@@ -9,6 +9,7 @@ import (
 
 	"gemmaft/internal/testenv"
 	"gemmaft/pipeline"
+	"gemmaft/trainer"
 )
 
 // TestMergeHubTokenizer: training data tokenized with an hf:// tokenizer,
@@ -53,4 +54,46 @@ func TestMergeHubTokenizer(t *testing.T) {
 	}
 	wantStates(t, rec, map[string]string{"tokens": "cached", "adapter": "cached", "merged": "computed"})
 	check(rec)
+}
+
+// TestMergeHubTokenizerBaseHasOne: with a base that has its own tokenizer,
+// the merge ships the base's and does not ask the Hub for the files beside
+// the training tokenizer, which training never fetched: offline, it works.
+func TestMergeHubTokenizerBaseHasOne(t *testing.T) {
+	f := newHubFixture(t)
+	r := newTestRun(t)
+	model := filepath.Join(r.dir, "model")
+	cfg, err := trainer.Preset("tiny")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := trainer.WriteRandomCheckpoint(model, cfg, trainer.InitOptions{Seed: 7, Std: 0.3}); err != nil {
+		t.Fatal(err)
+	}
+	own, err := os.ReadFile(testenv.GemmaFile(t, "tokenizer.json"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := os.WriteFile(filepath.Join(model, "tokenizer.json"), own, 0o644); err != nil {
+		t.Fatal(err)
+	}
+	spec := strings.Replace(trainSpec(t, 2), testenv.GemmaFile(t, "tokenizer.json"), "hf://google/gemma-3-tiny-it/tokenizer.json", 1)
+	spec = strings.Replace(spec, "  base: {kind: model, with: {preset: tiny, seed: 7, std: 0.3}}\n", "", 1)
+	spec = strings.Replace(spec, "needs: [pack, base]", "needs: [pack]", 1)
+	spec = strings.Replace(spec, "with: {r: 4,", "with: {model: "+model+", quantize: none, r: 4,", 1)
+	spec += "  merged: {kind: merge, needs: [adapter], with: {model: " + model + "}}\n"
+	path := r.spec(spec)
+	if _, err := r.run(path, pipeline.Options{Until: "adapter"}); err != nil {
+		t.Fatal(err)
+	}
+	f.srv.Close()
+	t.Setenv("HF_HUB_OFFLINE", "1")
+	rec, err := r.run(path, pipeline.Options{})
+	if err != nil {
+		t.Fatalf("merging offline into a base with its own tokenizer: %v", err)
+	}
+	got, _ := os.ReadFile(filepath.Join(stageEntry(t, rec, "merged"), MergedModelDir, "tokenizer.json"))
+	if !bytes.Equal(got, own) {
+		t.Errorf("the merged folder's tokenizer.json is not the base's own")
+	}
 }

@@ -269,11 +269,7 @@ func (s *session) densify(c *cuda.Ctx) error {
 	if grow == 0 {
 		return nil
 	}
-	if err := c.EmptyCache(); err != nil {
-		return err
-	}
-	free, _, err := c.MemInfo()
-	if err != nil || free < grow+densifyMargin {
+	if ok, err := hasRoom(c, grow); !ok {
 		return err
 	}
 	for l := range s.w.layers {
@@ -293,6 +289,17 @@ func (s *session) densify(c *cuda.Ctx) error {
 		}
 	}
 	return nil
+}
+
+// hasRoom reports whether the device can take grow more bytes and still
+// keep densifyMargin free, once the allocator has handed its cached blocks
+// back: the test of densify and tileNF4, whose copies only speed decoding.
+func hasRoom(c *cuda.Ctx, grow int64) (bool, error) {
+	if err := c.EmptyCache(); err != nil {
+		return false, err
+	}
+	free, _, err := c.MemInfo()
+	return err == nil && free >= grow+densifyMargin, err
 }
 
 // NF4TilesEnv names the switch of tileNF4: "auto" (the default) stores the
@@ -324,11 +331,7 @@ func (s *session) tileNF4(c *cuda.Ctx) error {
 			grow += codes + absmax
 		}
 	}
-	if err := c.EmptyCache(); err != nil {
-		return err
-	}
-	free, _, err := c.MemInfo()
-	if err != nil || free < grow+densifyMargin {
+	if ok, err := hasRoom(c, grow); !ok {
 		return err
 	}
 	for l := range s.w.layers {

@@ -132,6 +132,15 @@ func (d *dev) f32(v []float32) cuda.DevicePtr {
 	return p
 }
 
+// u8 uploads bytes (NF4 codes, absmax codes).
+func (d *dev) u8(v []byte) cuda.DevicePtr {
+	p := d.alloc(int64(len(v)))
+	if err := cuda.Upload(d.c, p, v); err != nil {
+		panic(err)
+	}
+	return p
+}
+
 func (d *dev) i32(v []int32) cuda.DevicePtr {
 	p := d.alloc(4 * int64(len(v)))
 	if err := cuda.Upload(d.c, p, v); err != nil {
@@ -1073,13 +1082,7 @@ func TestNF4GEMV(t *testing.T) {
 							exact = nf4BlockScaled(nf, x, T, rows, in)
 						}
 						run(t, k, func(d *dev) error {
-							packed, aq := d.alloc(int64(len(nf.Packed))), d.alloc(int64(len(nf.AbsmaxQ)))
-							if err := cuda.Upload(d.c, packed, nf.Packed); err != nil {
-								return err
-							}
-							if err := cuda.Upload(d.c, aq, nf.AbsmaxQ); err != nil {
-								return err
-							}
+							packed, aq := d.u8(nf.Packed), d.u8(nf.AbsmaxQ)
 							out := d.alloc(int64((T+1)*rows) * p.Size())
 							if err := k.NF4GEMV(d.c, packed, aq, d.f32(nf.Absmax2), nf.Offset, round, d.act(x), T, rows, in, out); err != nil {
 								return err
@@ -1127,22 +1130,11 @@ func TestNF4GEMVPair(t *testing.T) {
 				nf1, nf2 := quantize(rows1, 0.02), quantize(rows2, 0.05)
 				x := roundAct(p, uniform(rng, GEMVTokens*in, 1))
 				run(t, k, func(d *dev) error {
-					matrix := func(nf *trainer.NF4Tensor, rows int) (NF4Matrix, error) {
-						m := NF4Matrix{Packed: d.alloc(int64(len(nf.Packed))), AbsmaxQ: d.alloc(int64(len(nf.AbsmaxQ))), Absmax2: d.f32(nf.Absmax2),
+					matrix := func(nf *trainer.NF4Tensor, rows int) NF4Matrix {
+						return NF4Matrix{Packed: d.u8(nf.Packed), AbsmaxQ: d.u8(nf.AbsmaxQ), Absmax2: d.f32(nf.Absmax2),
 							Offset: nf.Offset, Rows: rows, Out: d.alloc(int64(GEMVTokens*rows) * p.Size())}
-						if err := cuda.Upload(d.c, m.Packed, nf.Packed); err != nil {
-							return m, err
-						}
-						return m, cuda.Upload(d.c, m.AbsmaxQ, nf.AbsmaxQ)
 					}
-					m1, err := matrix(nf1, rows1)
-					if err != nil {
-						return err
-					}
-					m2, err := matrix(nf2, rows2)
-					if err != nil {
-						return err
-					}
+					m1, m2 := matrix(nf1, rows1), matrix(nf2, rows2)
 					for _, T := range []int{1, GEMVTokens} {
 						if err := k.NF4GEMVPair(d.c, m1, m2, RoundBF16, d.act(x), T, in); err != nil {
 							return err
@@ -1787,13 +1779,7 @@ func TestNF4RepackTiles(t *testing.T) {
 				t.Fatalf("NF4TileBytes: %d and %d bytes, want %d and %d", codes, absmax, len(wantCodes), len(wantAbsmax))
 			}
 			run(t, k, func(d *dev) error {
-				packed, aq := d.alloc(int64(len(nf.Packed))), d.alloc(int64(len(nf.AbsmaxQ)))
-				if err := cuda.Upload(d.c, packed, nf.Packed); err != nil {
-					return err
-				}
-				if err := cuda.Upload(d.c, aq, nf.AbsmaxQ); err != nil {
-					return err
-				}
+				packed, aq := d.u8(nf.Packed), d.u8(nf.AbsmaxQ)
 				tc, ta := d.alloc(codes), d.alloc(absmax)
 				if err := k.NF4RepackTiles(d.c, packed, aq, rows, in, tc, ta); err != nil {
 					return err

@@ -134,7 +134,7 @@ func (s *mergeStage) Run(ctx context.Context, t *pipeline.Task) error {
 	if err != nil {
 		return err
 	}
-	if _, err := os.Stat(filepath.Join(model, "tokenizer.json")); err != nil && tokDir == "" {
+	if tokDir == "" && !trainer.ShipsOwnTokenizer(model) {
 		tok, err := hubTrainingTokenizer(ctx, t, provenanceOf(lineage).tokenize, true)
 		if err != nil {
 			return err

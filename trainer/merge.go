@@ -220,10 +220,18 @@ func (c *Checkpoint) tensorNames() []string {
 	return names
 }
 
+// ShipsOwnTokenizer reports whether a merge into base ships base's own
+// tokenizer files (it has tokenizer.json), so that MergeOptions.TokenizerDir
+// goes unread.
+func ShipsOwnTokenizer(base string) bool {
+	_, err := os.Stat(filepath.Join(base, "tokenizer.json"))
+	return err == nil
+}
+
 // tokenizerSource is the folder whose tokenizer files ship with a merged
 // model: the base's own when it has tokenizer.json, else dir.
 func tokenizerSource(base, dir string) (string, error) {
-	if _, err := os.Stat(filepath.Join(base, "tokenizer.json")); err == nil {
+	if ShipsOwnTokenizer(base) {
 		return base, nil
 	}
 	if dir == "" {

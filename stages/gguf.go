@@ -167,14 +167,10 @@ func tokenizerConfigFor(t *pipeline.Task, model string, from *pipeline.Input, li
 		return nil // the converter says what the folder lacks
 	}
 	where := "the folder of the tokenizer.json training read"
-	if tok := provenanceOf(lineage).tokenize; tok != nil {
-		for _, f := range tok.Files {
-			if filepath.Base(f.Path) == "tokenizer.json" {
-				where = filepath.Dir(f.Path)
-				if dir := inputDir(t, f); dir != "" {
-					where = dir // this run's copy, as merge took it
-				}
-			}
+	if f, ok := tokenizerRecord(provenanceOf(lineage).tokenize); ok {
+		where = filepath.Dir(f.Path)
+		if dir := inputDir(t, f); dir != "" {
+			where = dir // this run's copy, as merge took it
 		}
 	}
 	return fmt.Errorf("stage %s merged a model without tokenizer_config.json (special tokens and the chat template), because %s has none: "+

@@ -208,27 +208,35 @@ func listFiles(dir string) ([]cardFile, int64, error) {
 // have been another checkout sharing the cache: the same file (by digest)
 // among this run's inputs is taken first, the recorded path then.
 func trainingTokenizer(t *pipeline.Task, tokenize *pipeline.Manifest) (string, error) {
-	if tokenize == nil {
+	f, ok := tokenizerRecord(tokenize)
+	if !ok {
 		return "", nil
 	}
-	for _, f := range tokenize.Files {
-		if filepath.Base(f.Path) != "tokenizer.json" {
-			continue
-		}
-		if dir := inputDir(t, f); dir != "" {
-			return dir, nil
-		}
-		sum, err := dirsum.FileSum(f.Path)
-		switch {
-		case errors.Is(err, fs.ErrNotExist):
-			return "", fmt.Errorf("the tokenizer training used is gone: stage %s tokenized the training data with %s (sha256 %s), which no longer exists, and no input file of this run has that content; point stage %s's tokenizer at a copy of that file",
-				tokenize.Stage, f.Path, f.SHA256, tokenize.Stage)
-		case err != nil:
-			return "", fmt.Errorf("the tokenizer training used: %w", err)
-		case sum != f.SHA256:
-			return "", fmt.Errorf("%s changed since stage %s tokenized the training data; the merged model would ship another tokenizer", f.Path, tokenize.Stage)
-		}
-		return filepath.Dir(f.Path), nil
+	if dir := inputDir(t, f); dir != "" {
+		return dir, nil
 	}
-	return "", nil
+	sum, err := dirsum.FileSum(f.Path)
+	switch {
+	case errors.Is(err, fs.ErrNotExist):
+		return "", fmt.Errorf("the tokenizer training used is gone: stage %s tokenized the training data with %s (sha256 %s), which no longer exists, and no input file of this run has that content; point stage %s's tokenizer at a copy of that file",
+			tokenize.Stage, f.Path, f.SHA256, tokenize.Stage)
+	case err != nil:
+		return "", fmt.Errorf("the tokenizer training used: %w", err)
+	case sum != f.SHA256:
+		return "", fmt.Errorf("%s changed since stage %s tokenized the training data; the merged model would ship another tokenizer", f.Path, tokenize.Stage)
+	}
+	return filepath.Dir(f.Path), nil
+}
+
+// tokenizerRecord is the local tokenizer.json a tokenize stage's manifest
+// records, if it read one (not an hf:// reference).
+func tokenizerRecord(tokenize *pipeline.Manifest) (pipeline.FileRef, bool) {
+	if tokenize != nil {
+		for _, f := range tokenize.Files {
+			if filepath.Base(f.Path) == "tokenizer.json" {
+				return f, true
+			}
+		}
+	}
+	return pipeline.FileRef{}, false
 }

@@ -544,7 +544,7 @@ func (s *session) backwardWeight(c *cuda.Ctx, layer int, mod trainer.Module, p *
 // a GEMM over its dense weights or its weights dequantised into scratch.
 func (s *session) frozenProduct(c *cuda.Ctx, T int, p *projection, scratch, x, out cuda.DevicePtr) error {
 	if s.nf4GEMV(T, p) {
-		return s.k.NF4GEMV(c, p.packed.Ptr, p.absmaxQ.Ptr, p.absmax2.Ptr, p.offset, s.w.round, x, T, p.out, p.in, out)
+		return s.k.NF4GEMVPair(c, p.nf4Matrix(out), kernels.NF4Matrix{}, s.w.round, x, T, p.in)
 	}
 	if s.denseGEMV(T, p) {
 		return s.k.GEMV(c, p.dense.Ptr, x, T, p.out, p.in, p.out, 0, out)
@@ -592,10 +592,7 @@ func (s *session) linearPair(c *cuda.Ctx, T, layer int, m1, m2 trainer.Module, x
 	p1, p2 := &L.proj[moduleIndex(m1)], &L.proj[moduleIndex(m2)]
 	size := s.k.Prec.Size()
 	if s.nf4GEMV(T, p1) && s.nf4GEMV(T, p2) && p1.in == p2.in {
-		nf4 := func(p *projection, out cuda.DevicePtr) kernels.NF4Matrix {
-			return kernels.NF4Matrix{Packed: p.packed.Ptr, AbsmaxQ: p.absmaxQ.Ptr, Absmax2: p.absmax2.Ptr, Offset: p.offset, Rows: p.out, Out: out}
-		}
-		if err := s.k.NF4GEMVPair(c, nf4(p1, out1), nf4(p2, out2), s.w.round, x, T, p1.in); err != nil {
+		if err := s.k.NF4GEMVPair(c, p1.nf4Matrix(out1), p2.nf4Matrix(out2), s.w.round, x, T, p1.in); err != nil {
 			return err
 		}
 		if err := s.loraForward(c, T, layer, m1, x, out1, lc, d, 1); err != nil {

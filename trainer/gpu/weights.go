@@ -306,19 +306,19 @@ func hasRoom(c *cuda.Ctx, grow int64) (bool, error) {
 // copies where the device has the room, "off" never.
 const NF4TilesEnv = "PIPELINE_NF4_TILES"
 
-// tileNF4 gives every NF4 projection of a decoder without an adapter a
-// copy of its codes and absmax codes in the order decode_token reads them
+// tileNF4 gives every NF4 projection of a decoder a copy of its codes and
+// absmax codes in the order decode_token and nf4_gemv_mma_tiled read them
 // (kernels.NF4RepackTiles), where the device has the room: a warp then
 // loads a 64-block's 16 rows as 512 contiguous bytes, where bitsandbytes'
 // layout gives it 32 bytes from each row (trainer/gpu/NOTES.md, "the NF4
-// phase alone"). The copy is half a byte a weight; training, the
-// dequantisation and the steps of several tokens keep reading the original.
+// phase alone"). The copy is half a byte a weight; training and the
+// dequantisation keep reading the original.
 func (s *session) tileNF4(c *cuda.Ctx) error {
 	if mode, err := envSwitch(NF4TilesEnv, "auto", "off"); err != nil || mode == "off" {
 		return err
 	}
-	if !s.baseOnly || s.k.Prec != kernels.BF16 {
-		return nil // decode_token does not run, or reads no NF4
+	if s.k.Prec != kernels.BF16 {
+		return nil // neither reader runs in float32
 	}
 	var grow int64
 	for l := range s.w.layers {
@@ -349,6 +349,13 @@ func (s *session) tileNF4(c *cuda.Ctx) error {
 		}
 	}
 	return nil
+}
+
+// nf4Matrix is p's NF4 form for kernels.NF4GEMVPair, its product into out.
+func (p *projection) nf4Matrix(out cuda.DevicePtr) kernels.NF4Matrix {
+	tc, ta := p.tileParts()
+	return kernels.NF4Matrix{Packed: p.packed.Ptr, AbsmaxQ: p.absmaxQ.Ptr, Absmax2: p.absmax2.Ptr, Offset: p.offset, Rows: p.out, Out: out,
+		TileCodes: tc, TileAbsmaxQ: ta}
 }
 
 // tileParts are p.tiles' codes and absmax codes; 0, 0 without them.

@@ -71,7 +71,7 @@ func TestKernelNames(t *testing.T) {
 		}
 	}
 	for _, want := range []string{"attn_fwd", "attn_bwd_dkdv", "attn_bwd_dq", "rms_norm_fwd", "adam8_step", "nf4_dequantize",
-		"nf4_gemv", "nf4_gemv_mma", "nf4_tile_repack", "gemv_mma", "decode_token", "stored_to_act", "random_normal_bf16"} {
+		"nf4_gemv", "nf4_gemv_mma", "nf4_gemv_mma_tiled", "nf4_tile_repack", "gemv_mma", "decode_token", "stored_to_act", "random_normal_bf16"} {
 		if !seen[want] {
 			t.Errorf("kernel %s not found", want)
 		}

@@ -754,11 +754,14 @@ const GEMVTokens = 8 // nf4.cu: a tensor-core tile's eight columns
 
 // NF4Matrix is a weight [Rows × in] in its NF4 form (packed codes, absmax
 // codes, second-level scales and their offset) and where its product goes.
+// TileCodes and TileAbsmaxQ, where not 0, are NF4RepackTiles' copy of the
+// codes, which NF4GEMVPair then reads instead (the same products).
 type NF4Matrix struct {
 	Packed, AbsmaxQ, Absmax2 cuda.DevicePtr
 	Offset                   float32
 	Rows                     int
 	Out                      cuda.DevicePtr
+	TileCodes, TileAbsmaxQ   cuda.DevicePtr
 }
 
 // NF4GEMV computes out [T × rows] = x [T × in]·Wᵀ from W [rows × in] in
@@ -771,7 +774,7 @@ type NF4Matrix struct {
 // round), summed in another order. in must be a multiple of 32 and T at
 // most GEMVTokens.
 func (k *Kernels) NF4GEMV(c *cuda.Ctx, packed, absmaxQ, absmax2 cuda.DevicePtr, offset float32, round int, x cuda.DevicePtr, T, rows, in int, out cuda.DevicePtr) error {
-	return k.NF4GEMVPair(c, NF4Matrix{packed, absmaxQ, absmax2, offset, rows, out}, NF4Matrix{}, round, x, T, in)
+	return k.NF4GEMVPair(c, NF4Matrix{Packed: packed, AbsmaxQ: absmaxQ, Absmax2: absmax2, Offset: offset, Rows: rows, Out: out}, NF4Matrix{}, round, x, T, in)
 }
 
 // NF4GEMVPair is NF4GEMV for two matrices of one input (k and v, gate and
@@ -792,6 +795,10 @@ func (k *Kernels) NF4GEMVPair(c *cuda.Ctx, a, b NF4Matrix, round int, x cuda.Dev
 		// at once.
 		cfg := gemvMMAConfig(a.Rows + (b.Rows+15)/16*16)
 		cfg.Grid.X = min(cfg.Grid.X, nf4BlocksPerSM*k.sms)
+		if a.TileCodes != 0 && (b.Rows == 0 || b.TileCodes != 0) {
+			return k.launch(c, "nf4_gemv_mma_tiled", cfg, a.TileCodes, a.TileAbsmaxQ, a.Absmax2, a.Offset, int32(a.Rows), a.Out,
+				b.TileCodes, b.TileAbsmaxQ, b.Absmax2, b.Offset, int32(b.Rows), b.Out, x, int32(T), int32(in))
+		}
 		return k.launch(c, "nf4_gemv_mma", cfg, a.Packed, a.AbsmaxQ, a.Absmax2, a.Offset, int32(a.Rows), a.Out,
 			b.Packed, b.AbsmaxQ, b.Absmax2, b.Offset, int32(b.Rows), b.Out, x, int32(T), int32(in))
 	}

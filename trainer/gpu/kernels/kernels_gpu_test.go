@@ -1108,7 +1108,8 @@ func TestNF4GEMV(t *testing.T) {
 
 // TestNF4GEMVPair: two matrices of one input in one launch (k and v,
 // gate and up) give each output exactly as its own launch does, for row
-// counts that leave the first matrix's last tile part empty.
+// counts that leave the first matrix's last tile part empty; and in bf16
+// the same again from NF4RepackTiles' copies (nf4_gemv_mma_tiled).
 func TestNF4GEMVPair(t *testing.T) {
 	for _, p := range precisions {
 		k := kernelsFor(t, p, 256)
@@ -1148,6 +1149,30 @@ func TestNF4GEMVPair(t *testing.T) {
 							for j := range alone {
 								if math.Float32bits(alone[j]) != math.Float32bits(paired[j]) {
 									return fmt.Errorf("T %d, matrix %d, element %d: %v in the pair, %v alone", T, i+1, j, paired[j], alone[j])
+								}
+							}
+						}
+						if p != BF16 {
+							continue // no tensor-core product, no tile copy to read
+						}
+						// From NF4RepackTiles' copies: the same products, bit for bit.
+						tiled := []NF4Matrix{m1, m2}
+						for i := range tiled {
+							m := &tiled[i]
+							codes, absmax := NF4TileBytes(m.Rows, in)
+							m.TileCodes, m.TileAbsmaxQ = d.alloc(codes), d.alloc(absmax)
+							if err := k.NF4RepackTiles(d.c, m.Packed, m.AbsmaxQ, m.Rows, in, m.TileCodes, m.TileAbsmaxQ); err != nil {
+								return err
+							}
+						}
+						if err := k.NF4GEMVPair(d.c, tiled[0], tiled[1], RoundBF16, d.act(x), T, in); err != nil {
+							return err
+						}
+						for i, m := range tiled {
+							got, want := d.readAct(m.Out, T*m.Rows), [][]float32{pair1, pair2}[i]
+							for j := range got {
+								if math.Float32bits(got[j]) != math.Float32bits(want[j]) {
+									return fmt.Errorf("T %d, matrix %d, element %d: %v from the tile copy, %v from the codes", T, i+1, j, got[j], want[j])
 								}
 							}
 						}

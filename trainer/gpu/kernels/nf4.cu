@@ -342,6 +342,27 @@ __device__ __forceinline__ nf4_pass nf4_load_pass(const uint2* __restrict__ code
     return p;
 }
 
+// nf4_load_pass from nf4_tile_repack's copy of tile t: a lane's two rows
+// of a 64-block in one 16-byte load, their absmax codes in one 16-bit
+// load. The second-level scales come from the rows' blocks as before.
+__device__ __forceinline__ nf4_pass nf4_load_pass_tiled(const uint4* __restrict__ tile_codes, const unsigned short* __restrict__ tile_aq,
+                                                        const float* __restrict__ absmax2, int rows, int blocks, int t, int g, int lane,
+                                                        int b0) {
+    nf4_pass p;
+    #pragma unroll
+    for (int h = 0; h < NF4_PASS; h++) {
+        const int b = min(b0 + h, blocks - 1);
+        const unsigned int tb = (unsigned int)t * blocks + b;
+        const uint4 v = tile_codes[tb * 32 + lane];
+        const unsigned short q = tile_aq[tb * 8 + g];
+        p.w[h][0] = make_uint2(v.x, v.y), p.w[h][1] = make_uint2(v.z, v.w);
+        p.q[h][0] = (unsigned char)(q & 0xff), p.q[h][1] = (unsigned char)(q >> 8);
+        #pragma unroll
+        for (int r = 0; r < 2; r++) p.a2[h][r] = absmax2[((unsigned int)min(16 * t + g + 8 * r, rows - 1) * blocks + b) / 256];
+    }
+    return p;
+}
+
 // nf4_gemv_mma's B fragments: token g's x at the 16 positions from pos,
 // b[q] holding pos + 8q .. pos + 8q + 7; zero for a token past T.
 __device__ __forceinline__ void gemv_x16(const act_t* __restrict__ x, int g, int T, int in, int pos, uint4* b) {
@@ -360,13 +381,15 @@ struct nf4_matrix {
     float offset;
     int rows, tiles;
     act_t* out;
+    const uint4* tile_codes; // nf4_tile_repack's copy (nf4_gemv_mma_tiled)
+    const unsigned short* tile_aq;
 };
 
-// kernels.Kernels finds a kernel by the name on its extern "C" line.
-extern "C" __global__ void __launch_bounds__(NF4_MMA_WARPS * 32, NF4_MIN_BLOCKS) nf4_gemv_mma(
-    const uint4* __restrict__ packed1, const unsigned char* __restrict__ absmax_q1, const float* __restrict__ absmax2_1, float offset1,
-    int rows1, act_t* __restrict__ out1, const uint4* __restrict__ packed2, const unsigned char* __restrict__ absmax_q2,
-    const float* __restrict__ absmax2_2, float offset2, int rows2, act_t* __restrict__ out2, const act_t* __restrict__ x, int T, int in) {
+// The body of nf4_gemv_mma (bitsandbytes' layout) and nf4_gemv_mma_tiled
+// (nf4_tile_repack's copies, read where the decoder stored them): the
+// same arithmetic, other loads. Two kernels rather than a branch per load.
+template <bool TILED>
+__device__ __forceinline__ void nf4_gemv_mma_body(const nf4_matrix& m1, const nf4_matrix& m2, const act_t* __restrict__ x, int T, int in) {
 #ifndef ACT_F32
     __shared__ __align__(16) unsigned int pairs[256 * NF4_PAIR_COPIES];
     __shared__ float dyn[256];
@@ -374,15 +397,16 @@ extern "C" __global__ void __launch_bounds__(NF4_MMA_WARPS * 32, NF4_MIN_BLOCKS)
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, g = lane >> 2, c = lane & 3;
     const unsigned int lane4 = 4u * lane;
     const int blocks = in / 64; // 64-blocks a row: four uint2 of codes each, one a lane
-    const nf4_matrix m1 = {reinterpret_cast<const uint2*>(packed1), absmax_q1, absmax2_1, offset1, rows1, (rows1 + 15) / 16, out1};
-    const nf4_matrix m2 = {reinterpret_cast<const uint2*>(packed2), absmax_q2, absmax2_2, offset2, rows2, (rows2 + 15) / 16, out2};
     const int tiles = m1.tiles + m2.tiles;
     // Tile t of the pair: matrix m1's t, or m2's t − m1.tiles.
     auto matrix = [&](int t) -> const nf4_matrix& { return t < m1.tiles ? m1 : m2; };
     auto local = [&](int t) { return t < m1.tiles ? t : t - m1.tiles; };
     auto load = [&](int t, int b0) {
         const nf4_matrix& m = matrix(t);
-        return nf4_load_pass(m.codes, m.absmax_q, m.absmax2, m.rows, blocks, 16 * local(t), g, c, b0);
+        if constexpr (TILED)
+            return nf4_load_pass_tiled(m.tile_codes, m.tile_aq, m.absmax2, m.rows, blocks, local(t), g, lane, b0);
+        else
+            return nf4_load_pass(m.codes, m.absmax_q, m.absmax2, m.rows, blocks, 16 * local(t), g, c, b0);
     };
     const int first = NF4_PASS * warp, stride = NF4_PASS * NF4_MMA_WARPS; // a warp's passes over a row
     nf4_pass cur = load(min((int)blockIdx.x, tiles - 1), first);
@@ -423,6 +447,27 @@ extern "C" __global__ void __launch_bounds__(NF4_MMA_WARPS * 32, NF4_MIN_BLOCKS)
         __syncthreads(); // part is read before the next tile writes it
     }
 #endif
+}
+
+// kernels.Kernels finds a kernel by the name on its extern "C" line.
+extern "C" __global__ void __launch_bounds__(NF4_MMA_WARPS * 32, NF4_MIN_BLOCKS) nf4_gemv_mma(
+    const uint4* __restrict__ packed1, const unsigned char* __restrict__ absmax_q1, const float* __restrict__ absmax2_1, float offset1,
+    int rows1, act_t* __restrict__ out1, const uint4* __restrict__ packed2, const unsigned char* __restrict__ absmax_q2,
+    const float* __restrict__ absmax2_2, float offset2, int rows2, act_t* __restrict__ out2, const act_t* __restrict__ x, int T, int in) {
+    const nf4_matrix m1 = {reinterpret_cast<const uint2*>(packed1), absmax_q1, absmax2_1, offset1, rows1, (rows1 + 15) / 16, out1, nullptr, nullptr};
+    const nf4_matrix m2 = {reinterpret_cast<const uint2*>(packed2), absmax_q2, absmax2_2, offset2, rows2, (rows2 + 15) / 16, out2, nullptr, nullptr};
+    nf4_gemv_mma_body<false>(m1, m2, x, T, in);
+}
+
+// nf4_gemv_mma reading each matrix's tile copy (tile_codes, tile_aq) and
+// its second-level scales.
+extern "C" __global__ void __launch_bounds__(NF4_MMA_WARPS * 32, NF4_MIN_BLOCKS) nf4_gemv_mma_tiled(
+    const uint4* __restrict__ tile_codes1, const unsigned short* __restrict__ tile_aq1, const float* __restrict__ absmax2_1, float offset1,
+    int rows1, act_t* __restrict__ out1, const uint4* __restrict__ tile_codes2, const unsigned short* __restrict__ tile_aq2,
+    const float* __restrict__ absmax2_2, float offset2, int rows2, act_t* __restrict__ out2, const act_t* __restrict__ x, int T, int in) {
+    const nf4_matrix m1 = {nullptr, nullptr, absmax2_1, offset1, rows1, (rows1 + 15) / 16, out1, tile_codes1, tile_aq1};
+    const nf4_matrix m2 = {nullptr, nullptr, absmax2_2, offset2, rows2, (rows2 + 15) / 16, out2, tile_codes2, tile_aq2};
+    nf4_gemv_mma_body<true>(m1, m2, x, T, in);
 }
 
 // nf4_tile_repack rewrites an NF4 weight [rows × in] (bitsandbytes'

@@ -42,9 +42,10 @@ GPU; --model reads a checkpoint folder (with --adapter, a PEFT adapter too).
 
 A step of one token without an adapter runs as one launch (the JSON's
 token_kernel_steps counts them); PIPELINE_TOKEN_KERNEL=off runs it as a launch per
-operation instead, for comparison. With an NF4 base, that launch reads a copy of the
-codes stored per 16-row tile where the GPU has the room (half a byte a weight more);
-PIPELINE_NF4_TILES=off leaves it out.`,
+operation instead, for comparison. With an NF4 base, that launch and every other step
+of up to 8 sequences (with an adapter too) read a copy of the codes stored per 16-row
+tile where the GPU has the room (half a byte a weight more); PIPELINE_NF4_TILES=off
+leaves it out.`,
 		Example: `  pipeline bench generate --preset 1b
   pipeline bench generate --preset 12b --batch-size 16 --json`,
 		Args: cobra.NoArgs,

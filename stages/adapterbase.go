@@ -4,7 +4,6 @@ import (
 	"context"
 	"fmt"
 	"os"
-	"path"
 	"path/filepath"
 	"slices"
 
@@ -208,25 +207,8 @@ func hubTrainingTokenizer(ctx context.Context, t *pipeline.Task, tokenize *pipel
 	if err != nil {
 		return "", err
 	}
-	if !siblings {
-		return files[0], nil
-	}
-	h.mu.Lock()
-	c, r := h.client, h.resolved
-	h.mu.Unlock()
-	listed, err := c.List(ctx, r)
-	if err != nil {
-		return "", fmt.Errorf("%s: %w", h.param, err)
-	}
-	var more []string
-	for _, name := range trainer.TokenizerFiles {
-		p := path.Join(path.Dir(h.ref.Path), name)
-		if p != h.ref.Path && slices.ContainsFunc(listed, func(f hub.File) bool { return f.Path == p }) {
-			more = append(more, p)
-		}
-	}
-	if len(more) > 0 {
-		if _, err := c.Fetch(ctx, r, more, hub.FetchOptions{Log: t.Log}); err != nil {
+	if siblings {
+		if err := h.fetchBeside(ctx, t, trainer.TokenizerFiles); err != nil {
 			return "", fmt.Errorf("the tokenizer files to ship beside %s: %w", h.ref, err)
 		}
 	}

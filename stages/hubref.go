@@ -4,6 +4,7 @@ import (
 	"context"
 	"fmt"
 	"os"
+	"path"
 	"path/filepath"
 	"slices"
 	"strings"
@@ -152,6 +153,34 @@ func (h *hubInput) fetch(ctx context.Context, t *pipeline.Task) ([]string, error
 		out[i] = filepath.Join(dir, filepath.FromSlash(f))
 	}
 	return out, nil
+}
+
+// fetchBeside downloads (or finds in the cache) the files of names that
+// the repository holds in the referenced file's folder at the resolved
+// commit, the referenced file aside; it says nothing of names it lacks.
+func (h *hubInput) fetchBeside(ctx context.Context, t *pipeline.Task, names []string) error {
+	h.mu.Lock()
+	c, r := h.client, h.resolved
+	h.mu.Unlock()
+	if r == nil {
+		return fmt.Errorf("%s: %s was not resolved before the run", h.param, h.ref)
+	}
+	listed, err := c.List(ctx, r)
+	if err != nil {
+		return err
+	}
+	var more []string
+	for _, name := range names {
+		p := path.Join(path.Dir(h.ref.Path), name)
+		if p != h.ref.Path && slices.ContainsFunc(listed, func(f hub.File) bool { return f.Path == p }) {
+			more = append(more, p)
+		}
+	}
+	if len(more) == 0 {
+		return nil
+	}
+	_, err = c.Fetch(ctx, r, more, hub.FetchOptions{Log: t.Log})
+	return err
 }
 
 // resolveAll resolves hub inputs, naming each repository and commit once.

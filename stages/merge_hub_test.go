@@ -12,6 +12,12 @@ import (
 	"gemmaft/trainer"
 )
 
+// hubTokenizerTrainSpec is trainSpec with the training tokenizer read
+// from the test Hub by an hf:// reference.
+func hubTokenizerTrainSpec(t *testing.T) string {
+	return strings.Replace(trainSpec(t, 2), testenv.GemmaFile(t, "tokenizer.json"), "hf://google/gemma-3-tiny-it/tokenizer.json", 1)
+}
+
 // TestMergeHubTokenizer: training data tokenized with an hf:// tokenizer,
 // an adapter on a model stage's checkpoint (which has no tokenizer): the
 // merge stage ships the tokenizer training read and the tokenizer files
@@ -20,9 +26,7 @@ import (
 func TestMergeHubTokenizer(t *testing.T) {
 	f := newHubFixture(t)
 	r := newTestRun(t)
-	tok := testenv.GemmaFile(t, "tokenizer.json")
-	spec := strings.Replace(trainSpec(t, 2), tok, "hf://google/gemma-3-tiny-it/tokenizer.json", 1) +
-		"  merged: {kind: merge, needs: [adapter, base]}\n"
+	spec := hubTokenizerTrainSpec(t) + "  merged: {kind: merge, needs: [adapter, base]}\n"
 	check := func(rec *pipeline.RunRecord) {
 		t.Helper()
 		for _, name := range []string{"tokenizer.json", "tokenizer_config.json"} {
@@ -77,8 +81,7 @@ func TestMergeHubTokenizerBaseHasOne(t *testing.T) {
 	if err := os.WriteFile(filepath.Join(model, "tokenizer.json"), own, 0o644); err != nil {
 		t.Fatal(err)
 	}
-	spec := strings.Replace(trainSpec(t, 2), testenv.GemmaFile(t, "tokenizer.json"), "hf://google/gemma-3-tiny-it/tokenizer.json", 1)
-	spec = strings.Replace(spec, "  base: {kind: model, with: {preset: tiny, seed: 7, std: 0.3}}\n", "", 1)
+	spec := strings.Replace(hubTokenizerTrainSpec(t), "  base: {kind: model, with: {preset: tiny, seed: 7, std: 0.3}}\n", "", 1)
 	spec = strings.Replace(spec, "needs: [pack, base]", "needs: [pack]", 1)
 	spec = strings.Replace(spec, "with: {r: 4,", "with: {model: "+model+", quantize: none, r: 4,", 1)
 	spec += "  merged: {kind: merge, needs: [adapter], with: {model: " + model + "}}\n"

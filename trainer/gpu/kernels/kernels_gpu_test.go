@@ -1136,13 +1136,28 @@ func TestNF4GEMVPair(t *testing.T) {
 							Offset: nf.Offset, Rows: rows, Out: d.alloc(int64(GEMVTokens*rows) * p.Size())}
 					}
 					m1, m2 := matrix(nf1, rows1), matrix(nf2, rows2)
+					xd := d.act(x)
+					// In bf16, the same matrices again from NF4RepackTiles' copies
+					// (no tensor-core product, no tile copy to read in float32).
+					var tiled []NF4Matrix
+					if p == BF16 {
+						tiled = []NF4Matrix{m1, m2}
+						for i := range tiled {
+							m := &tiled[i]
+							codes, absmax := NF4TileBytes(m.Rows, in)
+							m.TileCodes, m.TileAbsmaxQ = d.alloc(codes), d.alloc(absmax)
+							if err := k.NF4RepackTiles(d.c, m.Packed, m.AbsmaxQ, m.Rows, in, m.TileCodes, m.TileAbsmaxQ); err != nil {
+								return err
+							}
+						}
+					}
 					for _, T := range []int{1, GEMVTokens} {
-						if err := k.NF4GEMVPair(d.c, m1, m2, RoundBF16, d.act(x), T, in); err != nil {
+						if err := k.NF4GEMVPair(d.c, m1, m2, RoundBF16, xd, T, in); err != nil {
 							return err
 						}
 						pair1, pair2 := d.readAct(m1.Out, T*rows1), d.readAct(m2.Out, T*rows2)
 						for i, m := range []NF4Matrix{m1, m2} {
-							if err := k.NF4GEMV(d.c, m.Packed, m.AbsmaxQ, m.Absmax2, m.Offset, RoundBF16, d.act(x), T, m.Rows, in, m.Out); err != nil {
+							if err := k.NF4GEMV(d.c, m.Packed, m.AbsmaxQ, m.Absmax2, m.Offset, RoundBF16, xd, T, m.Rows, in, m.Out); err != nil {
 								return err
 							}
 							alone, paired := d.readAct(m.Out, T*m.Rows), [][]float32{pair1, pair2}[i]
@@ -1152,20 +1167,11 @@ func TestNF4GEMVPair(t *testing.T) {
 								}
 							}
 						}
-						if p != BF16 {
-							continue // no tensor-core product, no tile copy to read
+						if tiled == nil {
+							continue
 						}
-						// From NF4RepackTiles' copies: the same products, bit for bit.
-						tiled := []NF4Matrix{m1, m2}
-						for i := range tiled {
-							m := &tiled[i]
-							codes, absmax := NF4TileBytes(m.Rows, in)
-							m.TileCodes, m.TileAbsmaxQ = d.alloc(codes), d.alloc(absmax)
-							if err := k.NF4RepackTiles(d.c, m.Packed, m.AbsmaxQ, m.Rows, in, m.TileCodes, m.TileAbsmaxQ); err != nil {
-								return err
-							}
-						}
-						if err := k.NF4GEMVPair(d.c, tiled[0], tiled[1], RoundBF16, d.act(x), T, in); err != nil {
+						// From the tile copies: the same products, bit for bit.
+						if err := k.NF4GEMVPair(d.c, tiled[0], tiled[1], RoundBF16, xd, T, in); err != nil {
 							return err
 						}
 						for i, m := range tiled {

@@ -313,55 +313,10 @@ extern "C" __global__ void __launch_bounds__(128) nf4_gemv(NF4_GEMV_PARAMS) {
 #define NF4_PASS 2 // 64-blocks a warp's pass
 // NF4_MIN_BLOCKS, the launch bound, comes from kernels.Sources (nf4BlocksPerSM).
 
-// A warp's pass as loaded: its lane's codes of rows g and g + 8 in each of
-// NF4_PASS blocks, and those blocks' absmax codes and second-level scales.
+// A warp's pass as loaded: its lane's two rows of NF4_PASS 64-blocks.
 struct nf4_pass {
-    uint2 w[NF4_PASS][2];
-    unsigned char q[NF4_PASS][2];
-    float a2[NF4_PASS][2];
+    nf4_block b[NF4_PASS];
 };
-
-// nf4_load_pass loads the pass of blocks b0 .. b0 + NF4_PASS - 1 of rows r
-// and r + 8 of the tile at row t0 (clamped to the last row and block: a
-// valid place, whose values are not used).
-__device__ __forceinline__ nf4_pass nf4_load_pass(const uint2* __restrict__ codes, const unsigned char* __restrict__ absmax_q,
-                                                  const float* __restrict__ absmax2, int rows, int blocks, int t0, int g, int c,
-                                                  int b0) {
-    nf4_pass p;
-    #pragma unroll
-    for (int h = 0; h < NF4_PASS; h++) {
-        const int b = min(b0 + h, blocks - 1);
-        #pragma unroll
-        for (int r = 0; r < 2; r++) { // 32-bit indices: NF4GEMV takes fewer than 2³¹ 64-blocks
-            const unsigned int blk = (unsigned int)min(t0 + g + 8 * r, rows - 1) * blocks + b;
-            p.w[h][r] = codes[blk * 4 + c];
-            p.q[h][r] = absmax_q[blk];
-            p.a2[h][r] = absmax2[blk / 256];
-        }
-    }
-    return p;
-}
-
-// nf4_load_pass from nf4_tile_repack's copy of tile t: a lane's two rows
-// of a 64-block in one 16-byte load, their absmax codes in one 16-bit
-// load. The second-level scales come from the rows' blocks as before.
-__device__ __forceinline__ nf4_pass nf4_load_pass_tiled(const uint4* __restrict__ tile_codes, const unsigned short* __restrict__ tile_aq,
-                                                        const float* __restrict__ absmax2, int rows, int blocks, int t, int g, int lane,
-                                                        int b0) {
-    nf4_pass p;
-    #pragma unroll
-    for (int h = 0; h < NF4_PASS; h++) {
-        const int b = min(b0 + h, blocks - 1);
-        const unsigned int tb = (unsigned int)t * blocks + b;
-        const uint4 v = tile_codes[tb * 32 + lane];
-        const unsigned short q = tile_aq[tb * 8 + g];
-        p.w[h][0] = make_uint2(v.x, v.y), p.w[h][1] = make_uint2(v.z, v.w);
-        p.q[h][0] = (unsigned char)(q & 0xff), p.q[h][1] = (unsigned char)(q >> 8);
-        #pragma unroll
-        for (int r = 0; r < 2; r++) p.a2[h][r] = absmax2[((unsigned int)min(16 * t + g + 8 * r, rows - 1) * blocks + b) / 256];
-    }
-    return p;
-}
 
 // nf4_gemv_mma's B fragments: token g's x at the 16 positions from pos,
 // b[q] holding pos + 8q .. pos + 8q + 7; zero for a token past T.
@@ -401,12 +356,18 @@ __device__ __forceinline__ void nf4_gemv_mma_body(const nf4_matrix& m1, const nf
     // Tile t of the pair: matrix m1's t, or m2's t − m1.tiles.
     auto matrix = [&](int t) -> const nf4_matrix& { return t < m1.tiles ? m1 : m2; };
     auto local = [&](int t) { return t < m1.tiles ? t : t - m1.tiles; };
+    // The pass of blocks b0 .. b0 + NF4_PASS - 1 of tile t (clamped to the
+    // last block: a valid place, whose values are not used).
     auto load = [&](int t, int b0) {
         const nf4_matrix& m = matrix(t);
-        if constexpr (TILED)
-            return nf4_load_pass_tiled(m.tile_codes, m.tile_aq, m.absmax2, m.rows, blocks, local(t), g, lane, b0);
-        else
-            return nf4_load_pass(m.codes, m.absmax_q, m.absmax2, m.rows, blocks, 16 * local(t), g, c, b0);
+        const int lt = local(t);
+        const unsigned int ra = min(16 * lt + g, m.rows - 1), rb = min(16 * lt + g + 8, m.rows - 1);
+        nf4_pass p;
+        #pragma unroll
+        for (int h = 0; h < NF4_PASS; h++)
+            p.b[h] = nf4_load_block<TILED>(m.codes, m.absmax_q, m.tile_codes, m.tile_aq, m.absmax2, ra, rb, blocks, lt, g, c, lane,
+                                           min(b0 + h, blocks - 1));
+        return p;
     };
     const int first = NF4_PASS * warp, stride = NF4_PASS * NF4_MMA_WARPS; // a warp's passes over a row
     nf4_pass cur = load(min((int)blockIdx.x, tiles - 1), first);
@@ -426,15 +387,16 @@ __device__ __forceinline__ void nf4_gemv_mma_body(const nf4_matrix& m1, const nf
                 float sum[4] = {0.0f, 0.0f, 0.0f, 0.0f};
                 #pragma unroll
                 for (int m = 0; m < 4; m++) { // bytes 2m and 2m + 1 of the lane's 8: weights 4m .. 4m + 3
-                    const unsigned int w0 = m < 2 ? cur.w[h][0].x : cur.w[h][0].y, w1 = m < 2 ? cur.w[h][1].x : cur.w[h][1].y;
+                    const uint2 wa = cur.b[h].w[0], wb = cur.b[h].w[1];
+                    const unsigned int w0 = m < 2 ? wa.x : wa.y, w1 = m < 2 ? wb.x : wb.y;
                     const int j = 2 * (m & 1);
                     const uint4 xq = xh[m / 2];
                     mma_bf16(sum, nf4_pair(pairs, lane4, w0, j), nf4_pair(pairs, lane4, w1, j), nf4_pair(pairs, lane4, w0, j + 1),
                              nf4_pair(pairs, lane4, w1, j + 1), m % 2 == 0 ? xq.x : xq.z, m % 2 == 0 ? xq.y : xq.w);
                 }
                 // The rows' scales, nf4_dequantize's: rows g and g + 8.
-                const float s0 = nf4_scale(dyn[cur.q[h][0]], cur.a2[h][0], offset);
-                const float s1 = nf4_scale(dyn[cur.q[h][1]], cur.a2[h][1], offset);
+                const float s0 = nf4_scale(dyn[cur.b[h].q[0]], cur.b[h].a2[0], offset);
+                const float s1 = nf4_scale(dyn[cur.b[h].q[1]], cur.b[h].a2[1], offset);
                 acc[0] = fmaf(s0, sum[0], acc[0]);
                 acc[1] = fmaf(s0, sum[1], acc[1]);
                 acc[2] = fmaf(s1, sum[2], acc[2]);

@@ -1,7 +1,7 @@
 // NF4 helpers shared by the decoding products (nf4.cu's nf4_gemv_mma and
-// token.cu's decode_token): a 64-block's scale, and the shared-memory
-// table that turns a byte of two codes into a tensor-core fragment's
-// bfloat16 pair.
+// token.cu's decode_token): a 64-block's loads and scale, and the
+// shared-memory table that turns a byte of two codes into a tensor-core
+// fragment's bfloat16 pair.
 #pragma once
 #include "gemma.cuh"
 
@@ -36,4 +36,38 @@ __device__ __forceinline__ void nf4_mma_tables(unsigned int* pairs, float* dyn) 
 __device__ __forceinline__ unsigned int nf4_pair(const unsigned int* pairs, unsigned int lane4, unsigned int word, int j) {
     const unsigned int at = ((j == 0 ? word << 7 : word >> (8 * j - 7)) & 0x7f80u) | lane4; // bytes
     return *reinterpret_cast<const unsigned int*>(reinterpret_cast<const char*>(pairs) + at);
+}
+
+// One 64-block of the two rows a lane (g, c) of a 16-row tile reads: the
+// rows' codes (the lane's 8 bytes of each), absmax codes and second-level
+// scales. ra and rb are the tile's rows g and g + 8, clamped to the last
+// row (a valid place, whose values are not used). TILED takes the codes and
+// absmax codes from nf4_tile_repack's copy of tile t, one 16-byte and one
+// 16-bit load a lane; otherwise from bitsandbytes' layout. The
+// second-level scales come from the rows' blocks in both.
+struct nf4_block {
+    uint2 w[2];
+    unsigned char q[2];
+    float a2[2];
+};
+
+template <bool TILED>
+__device__ __forceinline__ nf4_block nf4_load_block(const uint2* __restrict__ codes, const unsigned char* __restrict__ absmax_q,
+                                                    const uint4* __restrict__ tile_codes, const unsigned short* __restrict__ tile_aq,
+                                                    const float* __restrict__ absmax2, unsigned int ra, unsigned int rb, int blocks,
+                                                    int t, int g, int c, int lane, unsigned int b) {
+    nf4_block k; // 32-bit indices: the decoders take fewer than 2³¹ 64-blocks a matrix
+    const unsigned int ba = ra * blocks + b, bb = rb * blocks + b;
+    if constexpr (TILED) {
+        const unsigned int tb = (unsigned int)t * blocks + b;
+        const uint4 v = tile_codes[tb * 32 + lane];
+        const unsigned short q = tile_aq[tb * 8 + g];
+        k.w[0] = make_uint2(v.x, v.y), k.w[1] = make_uint2(v.z, v.w);
+        k.q[0] = (unsigned char)(q & 0xff), k.q[1] = (unsigned char)(q >> 8);
+    } else {
+        k.w[0] = codes[ba * 4 + c], k.w[1] = codes[bb * 4 + c];
+        k.q[0] = absmax_q[ba], k.q[1] = absmax_q[bb];
+    }
+    k.a2[0] = absmax2[ba / 256], k.a2[1] = absmax2[bb / 256];
+    return k;
 }

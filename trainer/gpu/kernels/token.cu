@@ -374,29 +374,14 @@ __device__ __forceinline__ void tok_rows_nf4(const tok_segs<NMAT>& sg, int in, c
         const unsigned int ra = (unsigned int)min(row0 + g, rows - 1), rb = (unsigned int)min(row0 + g + 8, rows - 1);
         float acc[NMAT][2] = {};
         for (int h = h0; h < h1; h += U) {
-            uint2 w[NMAT][U][2];
-            unsigned char q[NMAT][U][2];
-            float a2[NMAT][U][2];
+            nf4_block blk[NMAT][U];
             #pragma unroll
             for (int m = 0; m < NMAT; m++) {
                 const tok_mat& mt = *mats[m];
-                const uint2* codes = static_cast<const uint2*>(mt.w);
                 #pragma unroll
-                for (int u = 0; u < U; u++) {
-                    const unsigned int b = (unsigned int)min(h + u, h1 - 1); // past the range: a valid block, not used
-                    const unsigned int ba = ra * blocks + b, bb = rb * blocks + b;
-                    if constexpr (TILED) { // one 16-byte load a lane, 512 contiguous bytes a warp
-                        const unsigned int tb = (unsigned int)tile * blocks + b;
-                        const uint4 v = mt.tile_codes[tb * 32 + lane];
-                        w[m][u][0] = make_uint2(v.x, v.y), w[m][u][1] = make_uint2(v.z, v.w);
-                        const unsigned short aq = mt.tile_aq[tb * 8 + g];
-                        q[m][u][0] = (unsigned char)(aq & 0xff), q[m][u][1] = (unsigned char)(aq >> 8);
-                    } else {
-                        w[m][u][0] = codes[ba * 4 + c], w[m][u][1] = codes[bb * 4 + c];
-                        q[m][u][0] = mt.absmax_q[ba], q[m][u][1] = mt.absmax_q[bb];
-                    }
-                    a2[m][u][0] = mt.absmax2[ba / 256], a2[m][u][1] = mt.absmax2[bb / 256];
-                }
+                for (int u = 0; u < U; u++) // past the range: a valid block, not used
+                    blk[m][u] = nf4_load_block<TILED>(static_cast<const uint2*>(mt.w), mt.absmax_q, mt.tile_codes, mt.tile_aq,
+                                                      mt.absmax2, ra, rb, blocks, tile, g, c, lane, (unsigned int)min(h + u, h1 - 1));
             }
             #pragma unroll
             for (int u = 0; u < U; u++) {
@@ -414,14 +399,15 @@ __device__ __forceinline__ void tok_rows_nf4(const tok_segs<NMAT>& sg, int in, c
                     float sum[4] = {0.0f, 0.0f, 0.0f, 0.0f};
                     #pragma unroll
                     for (int k = 0; k < 4; k++) { // bytes 2k and 2k + 1 of the lane's 8: positions 4k .. 4k + 3
-                        const unsigned int w0 = k < 2 ? w[m][u][0].x : w[m][u][0].y, w1 = k < 2 ? w[m][u][1].x : w[m][u][1].y;
+                        const uint2 wa = blk[m][u].w[0], wb = blk[m][u].w[1];
+                        const unsigned int w0 = k < 2 ? wa.x : wa.y, w1 = k < 2 ? wb.x : wb.y;
                         const int j = 2 * (k & 1);
                         mma_bf16(sum, nf4_pair(s.pairs, lane4, w0, j), nf4_pair(s.pairs, lane4, w1, j), nf4_pair(s.pairs, lane4, w0, j + 1),
                                  nf4_pair(s.pairs, lane4, w1, j + 1), xb[2 * k], xb[2 * k + 1]);
                     }
                     const float offset = mats[m]->offset;
-                    acc[m][0] = fmaf(nf4_scale(s.dyn[q[m][u][0]], a2[m][u][0], offset), sum[0], acc[m][0]);
-                    acc[m][1] = fmaf(nf4_scale(s.dyn[q[m][u][1]], a2[m][u][1], offset), sum[2], acc[m][1]);
+                    acc[m][0] = fmaf(nf4_scale(s.dyn[blk[m][u].q[0]], blk[m][u].a2[0], offset), sum[0], acc[m][0]);
+                    acc[m][1] = fmaf(nf4_scale(s.dyn[blk[m][u].q[1]], blk[m][u].a2[1], offset), sum[2], acc[m][1]);
                 }
             }
         }

@@ -1106,6 +1106,17 @@ func TestNF4GEMV(t *testing.T) {
 	}
 }
 
+// firstBitDiff is the first index where a and b (of one length) differ in
+// any bit, or -1.
+func firstBitDiff(a, b []float32) int {
+	for i := range a {
+		if math.Float32bits(a[i]) != math.Float32bits(b[i]) {
+			return i
+		}
+	}
+	return -1
+}
+
 // TestNF4GEMVPair: two matrices of one input in one launch (k and v,
 // gate and up) give each output exactly as its own launch does, for row
 // counts that leave the first matrix's last tile part empty; and in bf16
@@ -1161,10 +1172,8 @@ func TestNF4GEMVPair(t *testing.T) {
 								return err
 							}
 							alone, paired := d.readAct(m.Out, T*m.Rows), [][]float32{pair1, pair2}[i]
-							for j := range alone {
-								if math.Float32bits(alone[j]) != math.Float32bits(paired[j]) {
-									return fmt.Errorf("T %d, matrix %d, element %d: %v in the pair, %v alone", T, i+1, j, paired[j], alone[j])
-								}
+							if j := firstBitDiff(alone, paired); j >= 0 {
+								return fmt.Errorf("T %d, matrix %d, element %d: %v in the pair, %v alone", T, i+1, j, paired[j], alone[j])
 							}
 						}
 						if tiled == nil {
@@ -1176,10 +1185,8 @@ func TestNF4GEMVPair(t *testing.T) {
 						}
 						for i, m := range tiled {
 							got, want := d.readAct(m.Out, T*m.Rows), [][]float32{pair1, pair2}[i]
-							for j := range got {
-								if math.Float32bits(got[j]) != math.Float32bits(want[j]) {
-									return fmt.Errorf("T %d, matrix %d, element %d: %v from the tile copy, %v from the codes", T, i+1, j, got[j], want[j])
-								}
+							if j := firstBitDiff(got, want); j >= 0 {
+								return fmt.Errorf("T %d, matrix %d, element %d: %v from the tile copy, %v from the codes", T, i+1, j, got[j], want[j])
 							}
 						}
 					}

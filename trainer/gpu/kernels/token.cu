@@ -117,19 +117,22 @@ __device__ __forceinline__ unsigned long long tok_now() {
 // wrote before visible to all: thread 0 arrives with a release (after the
 // block's __syncthreads, it covers the whole block's writes) and polls
 // with acquires, which is all the ordering needed; two full fences around
-// them cost ~0.2 µs a barrier (1B: 27 µs a token). target counts the
-// arrivals so far. A barrier that has not opened after some 2²² polls
-// (seconds, where a whole step takes milliseconds) will never open: the
-// launch traps, so that the host gets an error instead of a device that
-// hangs.
+// them cost ~0.2 µs a barrier (1B: 27 µs a token). n counts the
+// barriers so far, this one included. A barrier that has not opened after
+// some 2²² polls (seconds, where a whole step takes milliseconds) will
+// never open: the launch traps, so that the host gets an error instead of
+// a device that hangs.
 //
-// With clock set (profiling), thread 0 writes the times the block arrived
-// and left there, and moves it on (tok_now).
-__device__ __forceinline__ void tok_grid_sync(unsigned int* bar, unsigned int& target, unsigned long long*& clock) {
-    target += gridDim.x;
+// With times set (profiling), thread 0 writes there the times the block
+// arrived and left (tok_now): its readings 2n - 1 and 2n, reading 0 being
+// the launch's start. Both the count and the place come from the layer's
+// index, not from state carried through the phases, where the kernel has
+// no register to spare.
+__device__ __forceinline__ void tok_grid_sync(unsigned int* bar, unsigned int n, unsigned long long* times) {
+    const unsigned int target = n * gridDim.x;
     __syncthreads();
     if (threadIdx.x == 0) {
-        if (clock) *clock++ = tok_now();
+        if (times) times[2 * n - 1] = tok_now();
         asm volatile("red.release.gpu.global.add.u32 [%0], 1;" ::"l"(bar) : "memory");
         unsigned int seen;
         for (unsigned int polls = 0;; polls++) {
@@ -137,12 +140,19 @@ __device__ __forceinline__ void tok_grid_sync(unsigned int* bar, unsigned int& t
             if (seen >= target) break;
             if (polls == (1u << 22)) __trap();
         }
-        if (clock) *clock++ = tok_now();
+        if (times) times[2 * n] = tok_now();
     }
     __syncthreads();
 }
 
 // The block's slice [r0, r1) of rows rows, the same in every phase.
+//
+// Integer divisions by values known only at run time are chains of some
+// twenty dependent instructions, and those at a phase's start lie on every
+// block's path through it; the phases keep them off that path where they
+// can (the warps' split of a row only where there is one, the attention's
+// cache rows by a subtraction). The slice's 64-bit ones take a 32-bit path
+// at run time; made 32-bit here, they cost the lm_head 48 bytes of spills.
 __device__ __forceinline__ void tok_slice(int rows, int& r0, int& r1) {
     r0 = (int)((long long)rows * blockIdx.x / gridDim.x);
     r1 = (int)((long long)rows * (blockIdx.x + 1) / gridDim.x);
@@ -268,13 +278,13 @@ __device__ __forceinline__ void tok_rows(Row row, int r0, int r1, int in, const 
     const int groups = in / VEC;
     const int S = rows >= TOK_WARPS ? 1 : TOK_WARPS / rows;
     for (int t = warp; t < rows * S; t += TOK_WARPS) {
-        const int r = r0 + t / S, sp = t % S;
-        const int g1 = (int)((long long)groups * (sp + 1) / S);
+        const int r = r0 + (S == 1 ? t : t / S), sp = S == 1 ? 0 : t % S;
+        const int g1 = S == 1 ? groups : groups * (sp + 1) / S;
         const uint4* wr[NMAT];
         float acc[NMAT];
         #pragma unroll
         for (int m = 0; m < NMAT; m++) wr[m] = row(m, r), acc[m] = 0.0f;
-        for (int g = (int)((long long)groups * sp / S) + lane; g < g1; g += 32 * TOK_UNROLL) {
+        for (int g = (S == 1 ? 0 : groups * sp / S) + lane; g < g1; g += 32 * TOK_UNROLL) {
             uint4 a[NMAT][TOK_UNROLL];
             #pragma unroll
             for (int u = 0; u < TOK_UNROLL; u++) {
@@ -369,8 +379,9 @@ __device__ __forceinline__ void tok_rows_nf4(const tok_segs<NMAT>& sg, int in, c
         // The task's tile, row0 .. row0 + 15 of its segment's rows.
         const tok_mat* mats[NMAT];
         int rows, base;
-        const int tile = tok_tile(sg, t0 + task / S, mats, rows, base), row0 = 16 * tile, sp = task % S;
-        const int h0 = blocks * sp / S, h1 = blocks * (sp + 1) / S;
+        const int sp = S == 1 ? 0 : task % S;
+        const int tile = tok_tile(sg, t0 + (S == 1 ? task : task / S), mats, rows, base), row0 = 16 * tile;
+        const int h0 = S == 1 ? 0 : blocks * sp / S, h1 = S == 1 ? blocks : blocks * (sp + 1) / S;
         const unsigned int ra = (unsigned int)min(row0 + g, rows - 1), rb = (unsigned int)min(row0 + g + 8, rows - 1);
         float acc[NMAT][2] = {};
         for (int h = h0; h < h1; h += U) {
@@ -479,7 +490,8 @@ __device__ __forceinline__ void tok_product(const tok_segs<NMAT>& sg, int in, to
 // takes its key and value from qkv, so no block reads a cache row this
 // launch writes.
 __device__ void tok_attention(const tok_layer& L, const act_t* qkv, act_t* att, float* recs, unsigned int* counts, int sq, int p,
-                              int heads, int kv_heads, float eps, float scale, const float* cosv, const float* sinv, tok_smem& s) {
+                              int heads, int kv_heads, int group, float eps, float scale, const float* cosv, const float* sinv,
+                              tok_smem& s) {
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, tid = threadIdx.x;
     const act_t* qh = qkv;
     const act_t* kh = qkv + heads * HD;
@@ -501,8 +513,13 @@ __device__ void tok_attention(const tok_layer& L, const act_t* qkv, act_t* att, 
     constexpr int G = HD >= VEC ? HD / VEC : 1;
     constexpr int SETS = TOK_THREADS / G;       // key sets of the output's sums
     for (int it = blockIdx.x; it < heads * splits; it += gridDim.x) {
-        const int h = it / splits, sp = it % splits, g = h / (heads / kv_heads);
+        const int h = it / splits, sp = it - h * splits, g = h / group;
         const int j0 = lo + sp * TOK_CHUNK, n = min(p + 1 - j0, TOK_CHUNK);
+        // Key j0 + i's row in the cache, for i < n: the split's keys lie in
+        // the window, which the cache holds whole, so one subtraction wraps
+        // them (the only division is j0's).
+        const int jc = j0 % L.cache_len;
+        auto cached = [&](int i) { return base + (jc + i >= L.cache_len ? jc + i - L.cache_len : jc + i); };
         const bool own = j0 + n - 1 == p; // the split holds the step's own key
 
         // Every load of the split's keys and values (but the step's own)
@@ -517,7 +534,7 @@ __device__ void tok_attention(const tok_layer& L, const act_t* qkv, act_t* att, 
         #pragma unroll
         for (int k = 0; k < KEYS; k++) {
             const int i = warp + k * TOK_WARPS, j = j0 + i;
-            const uint4* kr = reinterpret_cast<const uint4*>(L.kc + (base + j % L.cache_len) * row + (long long)g * HD);
+            const uint4* kr = reinterpret_cast<const uint4*>(L.kc + cached(i) * row + (long long)g * HD);
             #pragma unroll
             for (int q = 0; q < LOADS; q++) {
                 const int gq = lane + 32 * q;
@@ -527,7 +544,7 @@ __device__ void tok_attention(const tok_layer& L, const act_t* qkv, act_t* att, 
         #pragma unroll
         for (int k = 0; k < VKEYS; k++) {
             const int i = ks + k * SETS, j = j0 + i;
-            vv[k].u = i < n && j != p ? reinterpret_cast<const uint4*>(L.vc + (base + j % L.cache_len) * row + (long long)g * HD)[gi]
+            vv[k].u = i < n && j != p ? reinterpret_cast<const uint4*>(L.vc + cached(i) * row + (long long)g * HD)[gi]
                                       : make_uint4(0u, 0u, 0u, 0u);
         }
         if (warp == 0) {
@@ -637,7 +654,7 @@ extern "C" __global__ void __launch_bounds__(TOK_THREADS, 1) decode_token(
     unsigned int* __restrict__ sync, act_t* __restrict__ xf, float* __restrict__ logits, int* __restrict__ best, int hidden, int heads,
     int kv_heads, int inter, int vocab, float eps, float attn_scale, unsigned long long* __restrict__ times) {
     extern __shared__ float4 dyn4[];
-    const int qrows = heads * HD, kvrows = kv_heads * HD;
+    const int qrows = heads * HD, kvrows = kv_heads * HD, group = heads / kv_heads; // query heads a key head
     tok_smem s = tok_carve(reinterpret_cast<float*>(dyn4), max(max(hidden, qrows), inter), hidden);
     const int id = step[0], sq = step[1], p = step[2];
     const float* rope = reinterpret_cast<const float*>(step + 4);
@@ -650,10 +667,9 @@ extern "C" __global__ void __launch_bounds__(TOK_THREADS, 1) decode_token(
     act_t* actb = db + hidden;
     const int hv = hidden / VEC; // 16-byte groups a row
     if (layers[0].q.nf4) nf4_mma_tables(s.pairs, s.dyn); // every projection of the model in one form
-    unsigned int target = 0;
     int r0, r1;
-    unsigned long long* clock = times ? times + (long long)blockIdx.x * (2 + 10 * n_layers) : nullptr;
-    if (clock && threadIdx.x == 0) *clock++ = tok_now();
+    unsigned long long* clock = times ? times + (long long)blockIdx.x * (2 + 10 * n_layers) : nullptr; // the block's readings
+    if (clock && threadIdx.x == 0) clock[0] = tok_now();
     for (int l = 0; l < n_layers; l++) {
         const tok_layer& L = layers[l];
         const float* cosv = rope + L.rope * HD;
@@ -689,17 +705,17 @@ extern "C" __global__ void __launch_bounds__(TOK_THREADS, 1) decode_token(
         }
         tok_product<1>({{{&L.q}, {&L.k}, {&L.v}}, {qrows, kvrows, kvrows}, 3}, hidden, s,
                        [&](int r, const float* sum) { qkv[r] = to_act(sum[0]); });
-        tok_grid_sync(sync, target, clock);
+        tok_grid_sync(sync, 5 * l + 1, clock);
 
         // B: attention.
-        tok_attention(L, qkv, att, recs, sync + 1, sq, p, heads, kv_heads, eps, attn_scale, cosv, sinv, s);
-        tok_grid_sync(sync, target, clock);
+        tok_attention(L, qkv, att, recs, sync + 1, sq, p, heads, kv_heads, group, eps, attn_scale, cosv, sinv, s);
+        tok_grid_sync(sync, 5 * l + 2, clock);
 
         // C: the o projection.
         tok_load(att, qrows, s.v);
         __syncthreads();
         tok_product<1>({{{&L.o}}, {hidden}, 1}, qrows, s, [&](int r, const float* sum) { ob[r] = to_act(sum[0]); });
-        tok_grid_sync(sync, target, clock);
+        tok_grid_sync(sync, 5 * l + 3, clock);
 
         // D: the residual, the MLP's norm, gate and up through GeGLU.
         tok_load_inputs(ob, s.v, xb, s.x, L.post_attn, L.pre_ff, hidden, s.nw);
@@ -713,13 +729,13 @@ extern "C" __global__ void __launch_bounds__(TOK_THREADS, 1) decode_token(
             gelu_parts(g, &sg, &dz);
             actb[r] = to_act(g * sg * u);
         });
-        tok_grid_sync(sync, target, clock);
+        tok_grid_sync(sync, 5 * l + 4, clock);
 
         // E: the down projection.
         tok_load(actb, inter, s.v);
         __syncthreads();
         tok_product<1>({{{&L.down}}, {hidden}, 1}, inter, s, [&](int r, const float* sum) { db[r] = to_act(sum[0]); });
-        tok_grid_sync(sync, target, clock);
+        tok_grid_sync(sync, 5 * l + 5, clock);
     }
 
     // F: the last block's residual and the final norm (every block, as in
@@ -754,7 +770,7 @@ extern "C" __global__ void __launch_bounds__(TOK_THREADS, 1) decode_token(
     unsigned int* head_count = sync + 1 + heads;
     float* block_best = reinterpret_cast<float*>(head_count + 1); // per block: value, id
     if (threadIdx.x == 0) block_best[2 * blockIdx.x] = bv, reinterpret_cast<int*>(block_best)[2 * blockIdx.x + 1] = bi;
-    if (clock && threadIdx.x == 0) *clock = tok_now();
+    if (clock && threadIdx.x == 0) clock[1 + 10 * n_layers] = tok_now();
     if (!last_block(head_count, gridDim.x, s.flag)) return;
     bv = -INFINITY, bi = none;
     for (int b = threadIdx.x; b < gridDim.x; b += blockDim.x) {

@@ -24,9 +24,15 @@
 // thousand values) rather than wait for another barrier. Each product
 // phase gives each block a contiguous slice of the rows (of 16-row tiles
 // for NF4, read on tensor cores as nf4_gemv_mma reads them). Values are
-// rounded to activations
-// where the launch-per-operation path stores them, so both compute the
-// same function; sums run in another order.
+// rounded to activations where the launch-per-operation path stores them,
+// so both compute the same function; sums run in another order.
+//
+// A phase's time is mostly the latency of the path through it, so what
+// lies before its first loads counts: integer divisions by run-time values
+// (chains of some twenty dependent instructions) are kept off that path
+// where the shape allows, and the kernel keeps everything in registers
+// (512 threads at 128 registers: it runs at the register file's edge, and
+// a spill is reloaded on some phase's path).
 //
 // Data written by other blocks of the launch is read with __ldcg (past the
 // multiprocessor's L1, which is not coherent); weights and the cache rows
@@ -145,14 +151,9 @@ __device__ __forceinline__ void tok_grid_sync(unsigned int* bar, unsigned int n,
     __syncthreads();
 }
 
-// The block's slice [r0, r1) of rows rows, the same in every phase.
-//
-// Integer divisions by values known only at run time are chains of some
-// twenty dependent instructions, and those at a phase's start lie on every
-// block's path through it; the phases keep them off that path where they
-// can (the warps' split of a row only where there is one, the attention's
-// cache rows by a subtraction). The slice's 64-bit ones take a 32-bit path
-// at run time; made 32-bit here, they cost the lm_head 48 bytes of spills.
+// The block's slice [r0, r1) of rows rows, the same in every phase. Its
+// 64-bit divisions take a 32-bit path at run time; written in 32 bits,
+// they changed the register allocation so that the lm_head's loop spilled.
 __device__ __forceinline__ void tok_slice(int rows, int& r0, int& r1) {
     r0 = (int)((long long)rows * blockIdx.x / gridDim.x);
     r1 = (int)((long long)rows * (blockIdx.x + 1) / gridDim.x);

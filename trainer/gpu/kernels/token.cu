@@ -46,6 +46,8 @@
 #define TOK_THREADS (TOK_WARPS * 32)
 #define TOK_CHUNK 32  // keys an attention split takes (attn_cached's DEC_CHUNK)
 #define TOK_UNROLL 8  // 16-byte weight loads a lane has in flight per matrix
+#define TOK_PHASES 5  // grid barriers a block of the model (A to E); kernels.TokenBarriers
+#define TOK_READINGS(n_layers) (2 + 2 * TOK_PHASES * (n_layers)) // a block's clock readings: start, each barrier's two, end
 
 // One projection: dense [rows × in] activations, or NF4 (bitsandbytes'
 // layout: packed codes, a code per 64-block for its absmax, a scale per
@@ -648,7 +650,7 @@ __device__ __forceinline__ void tok_argmax(float& bv, int& bi, tok_smem& s) {
 // lm_head's input; logits: the step's [vocab] float32 logits; best: the
 // most likely token. times, when not null (profiling): per block, the
 // time it started, the times it arrived at and left each barrier, and the
-// time it finished (2 + 10·n_layers values, tok_now).
+// time it finished (TOK_READINGS values, tok_now).
 extern "C" __global__ void __launch_bounds__(TOK_THREADS, 1) decode_token(
     const tok_layer* __restrict__ layers, int n_layers, const act_t* __restrict__ embed, float embed_scale,
     const float* __restrict__ final_norm, const int* __restrict__ step, act_t* __restrict__ work, float* __restrict__ recs,
@@ -669,7 +671,7 @@ extern "C" __global__ void __launch_bounds__(TOK_THREADS, 1) decode_token(
     const int hv = hidden / VEC; // 16-byte groups a row
     if (layers[0].q.nf4) nf4_mma_tables(s.pairs, s.dyn); // every projection of the model in one form
     int r0, r1;
-    unsigned long long* clock = times ? times + (long long)blockIdx.x * (2 + 10 * n_layers) : nullptr; // the block's readings
+    unsigned long long* clock = times ? times + (long long)blockIdx.x * TOK_READINGS(n_layers) : nullptr; // the block's readings
     if (clock && threadIdx.x == 0) clock[0] = tok_now();
     for (int l = 0; l < n_layers; l++) {
         const tok_layer& L = layers[l];
@@ -706,17 +708,17 @@ extern "C" __global__ void __launch_bounds__(TOK_THREADS, 1) decode_token(
         }
         tok_product<1>({{{&L.q}, {&L.k}, {&L.v}}, {qrows, kvrows, kvrows}, 3}, hidden, s,
                        [&](int r, const float* sum) { qkv[r] = to_act(sum[0]); });
-        tok_grid_sync(sync, 5 * l + 1, clock);
+        tok_grid_sync(sync, TOK_PHASES * l + 1, clock);
 
         // B: attention.
         tok_attention(L, qkv, att, recs, sync + 1, sq, p, heads, kv_heads, group, eps, attn_scale, cosv, sinv, s);
-        tok_grid_sync(sync, 5 * l + 2, clock);
+        tok_grid_sync(sync, TOK_PHASES * l + 2, clock);
 
         // C: the o projection.
         tok_load(att, qrows, s.v);
         __syncthreads();
         tok_product<1>({{{&L.o}}, {hidden}, 1}, qrows, s, [&](int r, const float* sum) { ob[r] = to_act(sum[0]); });
-        tok_grid_sync(sync, 5 * l + 3, clock);
+        tok_grid_sync(sync, TOK_PHASES * l + 3, clock);
 
         // D: the residual, the MLP's norm, gate and up through GeGLU.
         tok_load_inputs(ob, s.v, xb, s.x, L.post_attn, L.pre_ff, hidden, s.nw);
@@ -730,13 +732,13 @@ extern "C" __global__ void __launch_bounds__(TOK_THREADS, 1) decode_token(
             gelu_parts(g, &sg, &dz);
             actb[r] = to_act(g * sg * u);
         });
-        tok_grid_sync(sync, 5 * l + 4, clock);
+        tok_grid_sync(sync, TOK_PHASES * l + 4, clock);
 
         // E: the down projection.
         tok_load(actb, inter, s.v);
         __syncthreads();
         tok_product<1>({{{&L.down}}, {hidden}, 1}, inter, s, [&](int r, const float* sum) { db[r] = to_act(sum[0]); });
-        tok_grid_sync(sync, 5 * l + 5, clock);
+        tok_grid_sync(sync, TOK_PHASES * l + 5, clock);
     }
 
     // F: the last block's residual and the final norm (every block, as in
@@ -771,7 +773,7 @@ extern "C" __global__ void __launch_bounds__(TOK_THREADS, 1) decode_token(
     unsigned int* head_count = sync + 1 + heads;
     float* block_best = reinterpret_cast<float*>(head_count + 1); // per block: value, id
     if (threadIdx.x == 0) block_best[2 * blockIdx.x] = bv, reinterpret_cast<int*>(block_best)[2 * blockIdx.x + 1] = bi;
-    if (clock && threadIdx.x == 0) clock[1 + 10 * n_layers] = tok_now();
+    if (clock && threadIdx.x == 0) clock[TOK_READINGS(n_layers) - 1] = tok_now();
     if (!last_block(head_count, gridDim.x, s.flag)) return;
     bv = -INFINITY, bi = none;
     for (int b = threadIdx.x; b < gridDim.x; b += blockDim.x) {

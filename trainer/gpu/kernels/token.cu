@@ -131,16 +131,17 @@ __device__ __forceinline__ unsigned long long tok_now() {
 // never open: the launch traps, so that the host gets an error instead of
 // a device that hangs.
 //
-// With times set (profiling), thread 0 writes there the times the block
-// arrived and left (tok_now): its readings 2n - 1 and 2n, reading 0 being
-// the launch's start. Both the count and the place come from the layer's
-// index, not from state carried through the phases, where the kernel has
-// no register to spare.
-__device__ __forceinline__ void tok_grid_sync(unsigned int* bar, unsigned int n, unsigned long long* times) {
+// With clock set (profiling: the block's readings in decode_token's
+// times), thread 0 writes there the times the block arrived and left
+// (tok_now): its readings 2n - 1 and 2n, reading 0 being the launch's
+// start. Both the count and the place come from the layer's index, not
+// from state carried through the phases, where the kernel has no register
+// to spare.
+__device__ __forceinline__ void tok_grid_sync(unsigned int* bar, unsigned int n, unsigned long long* clock) {
     const unsigned int target = n * gridDim.x;
     __syncthreads();
     if (threadIdx.x == 0) {
-        if (times) times[2 * n - 1] = tok_now();
+        if (clock) clock[2 * n - 1] = tok_now();
         asm volatile("red.release.gpu.global.add.u32 [%0], 1;" ::"l"(bar) : "memory");
         unsigned int seen;
         for (unsigned int polls = 0;; polls++) {
@@ -148,7 +149,7 @@ __device__ __forceinline__ void tok_grid_sync(unsigned int* bar, unsigned int n,
             if (seen >= target) break;
             if (polls == (1u << 22)) __trap();
         }
-        if (times) times[2 * n] = tok_now();
+        if (clock) clock[2 * n] = tok_now();
     }
     __syncthreads();
 }

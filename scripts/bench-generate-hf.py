@@ -1,11 +1,12 @@
 #!/usr/bin/env python3
 """Hugging Face's side of scripts/bench-generate.sh: transformers' generate
-(bf16, SDPA, KV cache, greedy) on a model of a preset's shape with random
-weights, made on the GPU, continuing --batch-size prompts of --prompt-len
-random tokens by exactly --new-tokens tokens; prints one JSON line with the
-fields of `pipeline bench generate --json`.
+(bf16, SDPA, KV cache; greedy, or with --temperature sampled from --top-k
+and --top-p) on a model of a preset's shape with random weights, made on
+the GPU, continuing --batch-size prompts of --prompt-len random tokens by
+exactly --new-tokens tokens; prints one JSON line with the fields of
+`pipeline bench generate --json`.
 
-Usage: bench-generate-hf.py --preset 1b --batch-size 1 --prompt-len 128 --new-tokens 128
+Usage: bench-generate-hf.py --preset 1b --batch-size 1 --prompt-len 128 --new-tokens 128 [--temperature 1 --top-k 64 --top-p 0.95]
 """
 import argparse
 import importlib.util
@@ -29,7 +30,13 @@ def main():
     ap.add_argument("--new-tokens", type=int, default=128)
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--warmup", type=int, default=1)
+    ap.add_argument("--temperature", type=float, default=0.0, help="0 decodes greedily")
+    ap.add_argument("--top-k", type=int, default=0, help="with --temperature: 0 keeps all")
+    ap.add_argument("--top-p", type=float, default=1.0, help="with --temperature: 1 keeps all")
     a = ap.parse_args()
+    sampling = {"do_sample": False}
+    if a.temperature > 0:
+        sampling = {"do_sample": True, "temperature": a.temperature, "top_k": a.top_k, "top_p": a.top_p}
     model = bench_train_hf.preset_model(a.preset)
     model.eval()
     cfg = model.config
@@ -44,7 +51,7 @@ def main():
         start = time.perf_counter()
         with torch.no_grad():
             out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=a.new_tokens,
-                                 min_new_tokens=a.new_tokens, do_sample=False, use_cache=True)
+                                 min_new_tokens=a.new_tokens, use_cache=True, **sampling)
         torch.cuda.synchronize()
         assert out.shape[1] == a.prompt_len + a.new_tokens, out.shape
         if r >= a.warmup:
@@ -54,6 +61,7 @@ def main():
     median = times[len(times) // 2]
     print(json.dumps({"preset": a.preset, "batch_size": a.batch_size, "prompt_len": a.prompt_len,
                       "new_tokens": a.new_tokens, "quantize": "none",
+                      **({"temperature": a.temperature, "top_k": a.top_k, "top_p": a.top_p} if a.temperature > 0 else {}),
                       "tokens_per_sec": a.batch_size * a.new_tokens / median, "run_sec": median,
                       "peak_gib": (total - free) / 2**30, "gpu": torch.cuda.get_device_name(0),
                       "stack": f"transformers {transformers.__version__}, torch {torch.__version__}"}))

@@ -8,7 +8,9 @@
 # of that shape, the ratio, and ours against the memory-bandwidth bound of
 # the form the steps read. TOKEN_KERNEL="off on" runs each form both ways
 # (PIPELINE_TOKEN_KERNEL: steps of one token as one launch, the pipeline's
-# default, or a launch per operation).
+# default, or a launch per operation). SAMPLE="TEMPERATURE TOP_K TOP_P"
+# (e.g. "1 64 0.95", Gemma 3's generation_config.json) has both sides
+# sample instead of decoding greedily.
 #
 #   scripts/bench-generate.sh [PIPELINE] [PRESETS...]      e.g. bin/gpu/pipeline 1b 12b
 set -euo pipefail
@@ -16,18 +18,23 @@ here=$(cd "$(dirname "$0")" && pwd)
 pipeline=${1:-bin/pipeline}
 shift || true
 presets=("${@:-1b 12b}")
+sample="" # both sides take the same flags
+if [ -n "${SAMPLE:-}" ]; then
+	read -r temperature top_k top_p <<<"$SAMPLE"
+	sample="--temperature $temperature --top-k $top_k --top-p $top_p"
+fi
 tmp=$(mktemp -d)
 trap 'rm -rf "$tmp"' EXIT
 printf '%-6s %5s %-7s %-6s %12s %12s %8s %12s %8s %9s %9s\n' preset batch weights launch "ours tok/s" "HF tok/s" ratio "bound tok/s" "of bound" "ours GiB" "HF GiB"
 for p in ${presets[@]}; do
 	for b in ${BATCHES:-1 16}; do
-		python3 "$here/bench-generate-hf.py" --preset "$p" --batch-size $b >"$tmp/hf.json"
+		python3 "$here/bench-generate-hf.py" --preset "$p" --batch-size $b $sample >"$tmp/hf.json"
 		for q in ${QUANTIZE:-none nf4}; do
 			for tk in ${TOKEN_KERNEL:-default}; do
 				if [ "$tk" = default ]; then
-					"$pipeline" bench generate --preset "$p" --batch-size $b --quantize "$q" --json ${BENCH_FLAGS:-} >"$tmp/ours.json"
+					"$pipeline" bench generate --preset "$p" --batch-size $b --quantize "$q" --json $sample ${BENCH_FLAGS:-} >"$tmp/ours.json"
 				else
-					PIPELINE_TOKEN_KERNEL=$tk "$pipeline" bench generate --preset "$p" --batch-size $b --quantize "$q" --json ${BENCH_FLAGS:-} >"$tmp/ours.json"
+					PIPELINE_TOKEN_KERNEL=$tk "$pipeline" bench generate --preset "$p" --batch-size $b --quantize "$q" --json $sample ${BENCH_FLAGS:-} >"$tmp/ours.json"
 				fi
 				python3 - "$tmp/ours.json" "$tmp/hf.json" <<'PY'
 import json, sys

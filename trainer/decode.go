@@ -147,29 +147,57 @@ func (m *Model) Generate(ctx context.Context, a *Adapter, prompts [][]int32, o G
 		st.seqs = append(st.seqs, &kvCache{first: make([]int32, c.Layers), k: make([][]float32, c.Layers), v: make([][]float32, c.Layers)})
 	}
 	V := c.VocabSize
-	return DecodeLoop(ctx, c, prompts, o, emit, func(ids, pos []int32, seqOf []int, _ bool) ([][]float32, []int32, error) {
+	return DecodeLoop(ctx, c, prompts, o, emit, func(ids, pos []int32, seqOf []int, _ StepWant) (StepResult, error) {
 		st.seqOf = seqOf
 		logits, err := m.lastLogits(a, st, ids, pos)
 		if err != nil {
-			return nil, nil, err
+			return StepResult{}, err
 		}
 		rows := make([][]float32, len(logits)/V)
 		for i := range rows {
 			rows[i] = logits[i*V : (i+1)*V]
 		}
-		return rows, nil, nil
+		return StepResult{Logits: rows}, nil
 	})
 }
 
 // DecodeStep runs one step of decoding: the tokens ids at positions pos,
 // token i of sequence seqOf[i] (a sequence's tokens together, in order),
-// each attending to its sequence's earlier tokens, and returns the logits
-// at each sequence's last token of the step, in the order of seqOf. The
-// first step holds whole prompts; each later one a token per unfinished
-// sequence. With greedy set, a step may return instead each sequence's most
-// likely token (the lowest id among equal logits, NaN never chosen), which
-// a device finds without sending the logits to the host.
-type DecodeStep func(ids, pos []int32, seqOf []int, greedy bool) (logits [][]float32, best []int32, err error)
+// each attending to its sequence's earlier tokens, and returns for each
+// sequence's last token of the step, in the order of seqOf, what want asks
+// for: its logits, or a form of them a device can hand over in fewer bytes
+// (StepResult). The first step holds whole prompts; each later one a token
+// per unfinished sequence.
+type DecodeStep func(ids, pos []int32, seqOf []int, want StepWant) (StepResult, error)
+
+// StepWant is what DecodeLoop needs of a step's logits.
+type StepWant struct {
+	// Greedy: the most likely token is enough (StepResult.Best).
+	Greedy bool
+	// TopK, when positive (sampling from the TopK most likely), allows
+	// Candidates that hold those TopK.
+	TopK int
+}
+
+// StepResult is a step's outcome per sequence, in one of three forms:
+// Logits, the whole vocabulary's; Best (only when the step wanted
+// Greedy), the most likely token, the lowest id among equal logits, NaN
+// never chosen; Candidates (only when it wanted TopK), each sequence's
+// likeliest tokens.
+type StepResult struct {
+	Logits     [][]float32
+	Best       []int32
+	Candidates []Candidates
+}
+
+// Candidates are some of a sequence's next tokens with their logits, in any
+// order: at least the TopK first in pick's order (higher logit, then lower
+// id), so that a draw among the top k of them is the draw among the top k
+// of the whole vocabulary.
+type Candidates struct {
+	IDs    []int32
+	Logits []float32
+}
 
 // DecodeLoop is decoding, whatever device runs the steps: the checks, the
 // choice of each next token (greedy or sampled, each sequence from its own
@@ -213,12 +241,16 @@ func DecodeLoop(ctx context.Context, c *Config, prompts [][]int32, o GenerateOpt
 		if err := ctx.Err(); err != nil {
 			return out, err
 		}
-		logits, best, err := step(ids, pos, seqOf, o.Temperature == 0)
+		want := StepWant{Greedy: o.Temperature == 0}
+		if !want.Greedy {
+			want.TopK = o.TopK
+		}
+		res, err := step(ids, pos, seqOf, want)
 		if err != nil {
 			return nil, err
 		}
-		if best != nil && o.Temperature != 0 {
-			return nil, errors.New("a sampling step gave tokens instead of logits")
+		if res.Best != nil && !want.Greedy || res.Candidates != nil && want.TopK == 0 {
+			return nil, errors.New("a decoding step gave another form of logits than asked for")
 		}
 		// The last token of each sequence in this step gives its next token.
 		row := 0
@@ -228,12 +260,14 @@ func DecodeLoop(ctx context.Context, c *Config, prompts [][]int32, o GenerateOpt
 			}
 			s := seqOf[i]
 			switch {
-			case best != nil && row < len(best):
-				next[s] = best[row]
-			case best == nil && row < len(logits):
-				next[s] = pick(logits[row], o, rngs[s])
+			case res.Best != nil && row < len(res.Best):
+				next[s] = res.Best[row]
+			case res.Candidates != nil && row < len(res.Candidates):
+				next[s] = pickAmong(res.Candidates[row], o, rngs[s])
+			case res.Best == nil && res.Candidates == nil && row < len(res.Logits):
+				next[s] = pick(res.Logits[row], o, rngs[s])
 			default:
-				return nil, fmt.Errorf("a decoding step gave %d rows for more sequences", max(len(logits), len(best)))
+				return nil, fmt.Errorf("a decoding step gave %d rows for more sequences", max(len(res.Logits), len(res.Best), len(res.Candidates)))
 			}
 			row++
 		}
@@ -325,6 +359,38 @@ func pick(logits []float32, o GenerateOptions, rng *rand.Rand) int32 {
 			idx[i] = i
 		}
 	}
+	sortBy(idx, before)
+	vals := make([]float32, len(idx))
+	for i, id := range idx {
+		vals[i] = logits[id]
+	}
+	return int32(idx[draw(vals, o, rng)])
+}
+
+// pickAmong is pick's draw with top_k from candidates that hold the top k:
+// the same order, the same k, the same draw.
+func pickAmong(c Candidates, o GenerateOptions, rng *rand.Rand) int32 {
+	idx := make([]int, len(c.IDs))
+	for i := range idx {
+		idx[i] = i
+	}
+	sortBy(idx, func(a, b int) bool {
+		if c.Logits[a] != c.Logits[b] {
+			return c.Logits[a] > c.Logits[b]
+		}
+		return c.IDs[a] < c.IDs[b]
+	})
+	if len(idx) > o.TopK {
+		idx = idx[:o.TopK]
+	}
+	vals := make([]float32, len(idx))
+	for i, j := range idx {
+		vals[i] = c.Logits[j]
+	}
+	return c.IDs[idx[draw(vals, o, rng)]]
+}
+
+func sortBy(idx []int, before func(a, b int) bool) {
 	slices.SortFunc(idx, func(a, b int) int {
 		switch {
 		case before(a, b):
@@ -334,17 +400,17 @@ func pick(logits []float32, o GenerateOptions, rng *rand.Rand) int32 {
 		}
 		return 0
 	})
-	return drawAmong(idx, logits, o, rng)
 }
 
-// drawAmong draws one of the candidates idx (most likely first) by their
-// probabilities after temperature, cut to top_p's mass.
-func drawAmong(idx []int, logits []float32, o GenerateOptions, rng *rand.Rand) int32 {
-	p := make([]float64, len(idx))
-	top := float64(logits[idx[0]]) / o.Temperature
+// draw returns the position of one of the candidates' logits vals (most
+// likely first), drawn by their probabilities after temperature, cut to
+// top_p's mass.
+func draw(vals []float32, o GenerateOptions, rng *rand.Rand) int {
+	p := make([]float64, len(vals))
+	top := float64(vals[0]) / o.Temperature
 	var sum float64
-	for i, id := range idx {
-		p[i] = math.Exp(float64(logits[id])/o.Temperature - top)
+	for i, v := range vals {
+		p[i] = math.Exp(float64(v)/o.Temperature - top)
 		sum += p[i]
 	}
 	if o.TopP > 0 && o.TopP < 1 {
@@ -354,7 +420,7 @@ func drawAmong(idx []int, logits []float32, o GenerateOptions, rng *rand.Rand) i
 		for i := range p {
 			cum += p[i] / sum
 			if cum >= o.TopP {
-				p, idx = p[:i+1], idx[:i+1]
+				p = p[:i+1]
 				break
 			}
 		}
@@ -366,11 +432,11 @@ func drawAmong(idx []int, logits []float32, o GenerateOptions, rng *rand.Rand) i
 	u := rng.Float64() * sum
 	for i, v := range p {
 		if u < v {
-			return int32(idx[i])
+			return i
 		}
 		u -= v
 	}
-	return int32(idx[len(idx)-1])
+	return len(p) - 1
 }
 
 // topKIndices returns the k indices of logits that come first in the

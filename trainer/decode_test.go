@@ -132,7 +132,11 @@ func pickBySorting(logits []float32, o GenerateOptions, rng *rand.Rand) int32 {
 	if o.TopK > 0 && o.TopK < len(idx) {
 		idx = idx[:o.TopK]
 	}
-	return drawAmong(idx, logits, o, rng)
+	vals := make([]float32, len(idx))
+	for i, id := range idx {
+		vals[i] = logits[id]
+	}
+	return int32(idx[draw(vals, o, rng)])
 }
 
 // TestPickDrawsAsSortingDid: selecting the top k with a heap and sorting
@@ -180,5 +184,49 @@ func TestStreamsNameTheDraws(t *testing.T) {
 	o.Streams = []uint64{0, 1}
 	if _, err := m.Generate(context.Background(), a, ps, o, nil); err == nil {
 		t.Error("two streams for three prompts were taken")
+	}
+}
+
+// TestCandidatesDrawAsLogitsDo: a draw among candidates that hold the top
+// k (in any order, with other tokens beside them, as a device hands them
+// over) is the draw pick makes from the whole vocabulary, ties and all.
+func TestCandidatesDrawAsLogitsDo(t *testing.T) {
+	rng := rand.New(rand.NewPCG(3, 4))
+	for trial := range 60 {
+		n := 1 + rng.IntN(3000)
+		logits := make([]float32, n)
+		for i := range logits {
+			logits[i] = float32(rng.IntN(12)) / 3
+		}
+		k := []int{1, 2, 5, 64, n, n + 3}[trial%6]
+		o := GenerateOptions{MaxNewTokens: 1, Temperature: []float64{0.3, 1, 2}[trial%3], TopK: k, TopP: []float64{0, 0.5, 0.95, 1}[trial%4]}
+		// The top k by pick's order, then some others, shuffled.
+		top := topKIndices(logits, min(k, n), func(a, b int) bool {
+			if logits[a] != logits[b] {
+				return logits[a] > logits[b]
+			}
+			return a < b
+		})
+		in := map[int]bool{}
+		for _, id := range top {
+			in[id] = true
+		}
+		for range rng.IntN(20) {
+			in[rng.IntN(n)] = true
+		}
+		var c Candidates
+		for id := range in {
+			c.IDs, c.Logits = append(c.IDs, int32(id)), append(c.Logits, logits[id])
+		}
+		rng.Shuffle(len(c.IDs), func(i, j int) {
+			c.IDs[i], c.IDs[j] = c.IDs[j], c.IDs[i]
+			c.Logits[i], c.Logits[j] = c.Logits[j], c.Logits[i]
+		})
+		a, b := rand.New(rand.NewPCG(uint64(trial), 1)), rand.New(rand.NewPCG(uint64(trial), 1))
+		for d := range 50 {
+			if got, want := pickAmong(c, o, a), pick(logits, o, b); got != want {
+				t.Fatalf("trial %d (n %d, %+v) draw %d: candidates drew %d, the logits %d", trial, n, o, d, got, want)
+			}
+		}
 	}
 }

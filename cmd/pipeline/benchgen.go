@@ -26,8 +26,8 @@ func benchGenerateCommand() *cobra.Command {
 		Use:   "generate (--preset 1b|4b|12b|27b | --model DIR) [flags]",
 		Short: "Time decoding: tokens/s, time to the first token, and the memory-bandwidth bound",
 		Long: `bench generate times the decoder the chat command and the generate stage use:
---batch-size prompts of --prompt-len random tokens each, continued greedily by
-exactly --new-tokens tokens (stop tokens do not end them), --runs times after
+--batch-size prompts of --prompt-len random tokens each, continued by exactly
+--new-tokens tokens (stop tokens do not end them), --runs times after
 --warmup untimed runs. It reports tokens/s (new tokens of every sequence over the
 median run's time, prefill included), the median time to the first token, the
 peak device memory, and the bandwidth bound: the steps per second at which
@@ -36,6 +36,12 @@ card's memory bandwidth, times the batch size. With --quantize nf4 the weights
 are NF4 (as the chat command and the generate stage hold a QLoRA base): steps
 of at most ` + strconv.Itoa(gpu.NF4StepTokens) + ` sequences read that form directly, larger ones a dequantised copy
 stored when the GPU has the room; "weights" says which form the steps read.
+
+Decoding is greedy unless --temperature is given; then tokens are drawn as the
+chat command draws them, from the --top-k most likely (Gemma 3's
+generation_config.json: 64), then --top-p's share (0.95), with --seed. A step
+that samples from the top k hands the host each sequence's likeliest tokens,
+not its logits (1 MB a sequence at Gemma's vocabulary).
 
 --preset makes a model of a released Gemma 3 size with random weights on the
 GPU; --model reads a checkpoint folder (with --adapter, a PEFT adapter too).
@@ -47,7 +53,8 @@ of up to 8 sequences (with an adapter too) read a copy of the codes stored per 1
 tile where the GPU has the room (half a byte a weight more); PIPELINE_NF4_TILES=off
 leaves it out.`,
 		Example: `  pipeline bench generate --preset 1b
-  pipeline bench generate --preset 12b --batch-size 16 --json`,
+  pipeline bench generate --preset 12b --batch-size 16 --json
+  pipeline bench generate --preset 1b --temperature 1 --top-k 64 --top-p 0.95`,
 		Args: cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
 			return runBenchGenerate(cmd.Context(), cmd.OutOrStdout(), o)
@@ -64,6 +71,10 @@ leaves it out.`,
 	f.IntVar(&o.newTokens, "new-tokens", 128, "tokens generated after each prompt")
 	f.IntVar(&o.runs, "runs", 3, "timed runs")
 	f.IntVar(&o.warmup, "warmup", 1, "untimed runs first")
+	f.Float64Var(&o.sample.Temperature, "temperature", 0, "sampling temperature; 0 decodes greedily")
+	f.IntVar(&o.sample.TopK, "top-k", 0, "with --temperature: sample from the k most likely tokens; 0 keeps all")
+	f.Float64Var(&o.sample.TopP, "top-p", 0, "with --temperature: then from the smallest set whose probability reaches p; 0 or 1 keeps all")
+	f.Uint64Var(&o.sample.Seed, "seed", 1, "with --temperature: the seed of the draws")
 	f.BoolVar(&o.json, "json", false, "print one JSON line")
 	f.BoolVar(&o.profile, "profile", false, "time every kernel of the timed runs and print the device time by kernel group and the longest kernels, and a one-launch step by phase (on stderr; the steps run without CUDA graphs, so slower)")
 	return cmd
@@ -72,6 +83,7 @@ leaves it out.`,
 type benchGenOptions struct {
 	preset, model, adapter, quantize, backend string
 	batch, promptLen, newTokens, runs, warmup int
+	sample                                    trainer.GenerateOptions // its sampling fields
 	json, profile                             bool
 }
 
@@ -82,6 +94,10 @@ type benchGenResult struct {
 	PromptLen int    `json:"prompt_len"`
 	NewTokens int    `json:"new_tokens"`
 	Quantize  string `json:"quantize"`
+	// Temperature, TopK and TopP are the sampling's (all zero: greedy).
+	Temperature float64 `json:"temperature,omitempty"`
+	TopK        int     `json:"top_k,omitempty"`
+	TopP        float64 `json:"top_p,omitempty"`
 	// Weights is the form decoding steps read them in: on the GPU nf4 or
 	// bf16 (also an NF4 base's dequantised copy, at larger batches); on
 	// the CPU f32.
@@ -108,6 +124,11 @@ func runBenchGenerate(ctx context.Context, w io.Writer, o benchGenOptions) error
 	}
 	if o.adapter != "" && o.model == "" {
 		return usageErr(errors.New("bench generate: --adapter goes with --model"))
+	}
+	opts := o.sample
+	opts.MaxNewTokens = o.newTokens
+	if err := opts.Validate(); err != nil {
+		return usageErr(fmt.Errorf("bench generate: %w", err))
 	}
 	var dec trainer.Decoder
 	var err error
@@ -147,7 +168,6 @@ func runBenchGenerate(ctx context.Context, w io.Writer, o benchGenOptions) error
 		}
 		prompts[i] = p
 	}
-	opts := trainer.GenerateOptions{MaxNewTokens: o.newTokens}
 	var runs, firsts []time.Duration
 	for r := 0; r < o.warmup+o.runs; r++ {
 		if r == o.warmup && o.profile {
@@ -188,6 +208,9 @@ func runBenchGenerate(ctx context.Context, w io.Writer, o benchGenOptions) error
 	}
 	res := benchGenResult{Preset: o.preset, BatchSize: o.batch, PromptLen: o.promptLen, NewTokens: o.newTokens,
 		Quantize: o.quantize, RunSec: medianSec(runs), FirstSec: medianSec(firsts)}
+	if opts.Temperature != 0 {
+		res.Temperature, res.TopK, res.TopP = opts.Temperature, opts.TopK, opts.TopP
+	}
 	if res.Preset == "" {
 		res.Preset = filepath.Base(o.model)
 	}
@@ -223,8 +246,12 @@ func runBenchGenerate(ctx context.Context, w io.Writer, o benchGenOptions) error
 	if where == "" {
 		where = "the CPU"
 	}
-	fmt.Fprintf(w, "%s on %s: batch %d, %d-token prompts, %d new tokens, --quantize %s, weights read as %s\n",
-		res.Preset, where, o.batch, o.promptLen, o.newTokens, o.quantize, res.Weights)
+	decoding := "greedy"
+	if opts.Temperature != 0 {
+		decoding = fmt.Sprintf("sampled (temperature %g, top-k %d, top-p %g)", opts.Temperature, opts.TopK, opts.TopP)
+	}
+	fmt.Fprintf(w, "%s on %s: batch %d, %d-token prompts, %d new tokens %s, --quantize %s, weights read as %s\n",
+		res.Preset, where, o.batch, o.promptLen, o.newTokens, decoding, o.quantize, res.Weights)
 	fmt.Fprintf(w, "  %.1f tokens/s (%.3f s a run, median of %d), first token after %.3f s, %.1f tokens/s after it\n",
 		res.TokensPerSec, res.RunSec, len(runs), res.FirstSec, res.DecodeTokensPerSec)
 	if res.BoundTokensPerSec > 0 {

@@ -240,9 +240,10 @@ func TestBenchTrainUsage(t *testing.T) {
 }
 
 // TestBenchGenerate: bench generate refuses a missing or doubled model and
-// bad sizes with exit 2; on the CPU reference it decodes exactly
-// --new-tokens for every prompt and reports them as a JSON line; a preset
-// without a GPU fails with exit 1 saying why.
+// bad sizes or sampling options with exit 2; on the CPU reference it
+// decodes exactly --new-tokens for every prompt, greedily or sampled, and
+// reports them as a JSON line; a preset without a GPU fails with exit 1
+// saying why.
 func TestBenchGenerate(t *testing.T) {
 	dir := t.TempDir()
 	model, _ := filepath.Abs("../../trainer/testdata/reference/t5_gqa/model")
@@ -251,6 +252,8 @@ func TestBenchGenerate(t *testing.T) {
 		{"bench", "generate", "--preset", "1b", "--model", model},
 		{"bench", "generate", "--preset", "1b", "--new-tokens", "0"},
 		{"bench", "generate", "--preset", "1b", "--adapter", dir},
+		{"bench", "generate", "--preset", "1b", "--temperature", "-1"},
+		{"bench", "generate", "--preset", "1b", "--temperature", "1", "--top-p", "2"},
 	} {
 		if r := runCLI(t, dir, args...); r.code != 2 {
 			t.Errorf("%v: exit %d, want 2 (%s)", args, r.code, r.stderr)
@@ -266,8 +269,17 @@ func TestBenchGenerate(t *testing.T) {
 		t.Fatalf("%v: %s", err, r.stdout)
 	}
 	if res.BatchSize != 3 || res.PromptLen != 20 || res.NewTokens != 7 || res.TokensPerSec <= 0 || res.RunSec <= 0 ||
-		res.FirstSec <= 0 || res.FirstSec > res.RunSec {
+		res.FirstSec <= 0 || res.FirstSec > res.RunSec || res.Temperature != 0 {
 		t.Errorf("report %+v", res)
+	}
+	r = runCLI(t, dir, "bench", "generate", "--model", model, "--backend", "cpu", "--new-tokens", "5", "--runs", "1",
+		"--temperature", "0.8", "--top-k", "20", "--top-p", "0.9", "--json")
+	res = benchGenResult{}
+	if err := json.Unmarshal([]byte(strings.TrimSpace(r.stdout)), &res); r.code != 0 || err != nil {
+		t.Fatalf("sampled on the CPU: exit %d, %v, %s", r.code, err, r.stderr)
+	}
+	if res.NewTokens != 5 || res.Temperature != 0.8 || res.TopK != 20 || res.TopP != 0.9 {
+		t.Errorf("sampled report %+v", res)
 	}
 	r = runCLI(t, dir, "bench", "generate", "--preset", "tiny")
 	if cuda.Discover().Err != nil && (r.code != 1 || !strings.Contains(r.stderr, "CUDA")) {

@@ -3,6 +3,7 @@ package gpu
 import (
 	"context"
 	"fmt"
+	"math"
 	"os"
 
 	"gemmaft/cuda"
@@ -44,7 +45,23 @@ type kvCaches struct {
 	graphs map[int]*cuda.Graph
 	// tok runs the steps of one token as decode_token, or is nil.
 	tok *tokenStep
+	// top holds sampling's candidates (kernels.TopCandidates) where the
+	// decoding samples from the top k, or is nil.
+	top *topBuffers
 }
+
+// topBuffers are a decoding's room for sampling's candidates: a record of
+// topCapacity candidates and the chunks' maxima for each sequence.
+type topBuffers struct {
+	maxima, records cuda.Buffer
+}
+
+// topCapacity is the most candidates of a sequence a sampling step hands
+// over (8 KB); a step with more (logits with many ties at the top, or
+// rows without k finite values) hands over its logits instead. A
+// threshold from k of 1,024 chunks' maxima leaves about k candidates on
+// random logits.
+const topCapacity = 1024
 
 // TokenKernelEnv set to "off" runs a decoding's steps of one token as a
 // launch per operation; by default they run as decode_token
@@ -175,6 +192,11 @@ func (dc *kvCaches) attention(s *session, c *cuda.Ctx, T, l, ti int, lc *layerCa
 type decoder struct {
 	s          *session
 	tokenSteps int // the steps decode_token has run
+	// wholeLogits has sampling steps hand over every logit rather than
+	// candidates (tests compare the two); candidateSteps counts the steps
+	// that handed over candidates.
+	wholeLogits    bool
+	candidateSteps int
 }
 
 // openDecoder loads cfg's model (and adapter) into a session of the given
@@ -288,7 +310,11 @@ func (g *decoder) TokenKernelSteps() int { return g.tokenSteps }
 func (g *decoder) Close() error          { return g.s.Close() }
 
 func (g *decoder) Generate(ctx context.Context, prompts [][]int32, o trainer.GenerateOptions, emit func(seq int, tok int32)) (out [][]int32, err error) {
-	err = g.withCaches(prompts, o.MaxNewTokens, func(step trainer.DecodeStep) error {
+	topK := 0
+	if o.Temperature != 0 && !g.wholeLogits {
+		topK = o.TopK
+	}
+	err = g.withCaches(prompts, o.MaxNewTokens, topK, func(step trainer.DecodeStep) error {
 		out, err = trainer.DecodeLoop(ctx, g.s.info.Config, prompts, o, emit, step)
 		return err
 	})
@@ -296,10 +322,10 @@ func (g *decoder) Generate(ctx context.Context, prompts [][]int32, o trainer.Gen
 }
 
 // withCaches allocates the key/value caches for prompts and up to maxNew
-// tokens after each, and runs decode with the step that evaluates tokens
-// against them: the first call the prompts themselves, later calls the
-// sequences' next tokens.
-func (g *decoder) withCaches(prompts [][]int32, maxNew int, decode func(trainer.DecodeStep) error) error {
+// tokens after each (and, with topK, room for sampling's candidates), and
+// runs decode with the step that evaluates tokens against them: the first
+// call the prompts themselves, later calls the sequences' next tokens.
+func (g *decoder) withCaches(prompts [][]int32, maxNew, topK int, decode func(trainer.DecodeStep) error) error {
 	s, cfg := g.s, g.s.info.Config
 	total, longest := 0, 0
 	for _, p := range prompts {
@@ -346,6 +372,15 @@ func (g *decoder) withCaches(prompts [][]int32, maxNew int, decode func(trainer.
 		if err := c.MemsetD8Async(dc.part.Ptr, 0, size, nil); err != nil { // its counters start at zero
 			return err
 		}
+		if _, chunks := kernels.TopChunking(cfg.VocabSize); topK > 0 && topK <= chunks {
+			dc.top = &topBuffers{}
+			if dc.top.maxima, err = c.Alloc(4 * int64(len(prompts)) * kernels.TopChunks); err != nil {
+				return err
+			}
+			if dc.top.records, err = c.Alloc(4 * int64(len(prompts)) * int64(kernels.TopRecordWords(topCapacity))); err != nil {
+				return err
+			}
+		}
 		if os.Getenv(TokenKernelEnv) == "off" {
 			return nil
 		}
@@ -368,6 +403,13 @@ func (g *decoder) withCaches(prompts [][]int32, maxNew int, decode func(trainer.
 		if dc.tok != nil {
 			dc.tok.free(c)
 		}
+		if dc.top != nil {
+			for _, b := range []cuda.Buffer{dc.top.maxima, dc.top.records} {
+				if b.Ptr != 0 {
+					c.Free(b)
+				}
+			}
+		}
 		return nil
 	})
 	if err != nil {
@@ -381,39 +423,37 @@ func (g *decoder) withCaches(prompts [][]int32, maxNew int, decode func(trainer.
 	// peak. A reading each step would cost more than a small model's step.
 	defer s.notePeak()
 	window := min(cfg.SlidingWindow, maxLen)
-	return decode(func(ids, pos []int32, seqOf []int, greedy bool) ([][]float32, []int32, error) {
+	return decode(func(ids, pos []int32, seqOf []int, want trainer.StepWant) (trainer.StepResult, error) {
 		b, seq, from := decodeBatch(ids, pos, seqOf, window)
-		return g.step(dc, b, seq, from, greedy)
+		return g.step(dc, b, seq, from, want)
 	})
 }
 
-// step evaluates one decoding step laid out by decodeBatch and returns the
-// logits of each sequence's last token, or with greedy its most likely
-// next token. The first step (the prompts) runs
-// as a forward pass; a later step runs as a CUDA graph captured the second
-// time its number of tokens comes up (the first warms the GEMM plans), so
-// that a token costs one launch instead of hundreds.
-func (g *decoder) step(dc *kvCaches, b *trainer.Batch, seq, from []int32, greedy bool) ([][]float32, []int32, error) {
+// step evaluates one decoding step laid out by decodeBatch and returns for
+// each sequence's last token what want asks for (handOver). The first step
+// (the prompts) runs as a forward pass; a later step runs as a CUDA graph
+// captured the second time its number of tokens comes up (the first warms
+// the GEMM plans), so that a token costs one launch instead of hundreds.
+func (g *decoder) step(dc *kvCaches, b *trainer.Batch, seq, from []int32, want trainer.StepWant) (trainer.StepResult, error) {
 	s := g.s
 	hb, err := s.prepare(b)
 	if err != nil {
-		return nil, nil, err
+		return trainer.StepResult{}, err
 	}
 	T, n := hb.T, len(hb.idx)
 	defer func() { dc.prefill = false }()
 	if dc.tok != nil && !dc.prefill && T == 1 { // profiled too: it reads its own clock
-		return g.stepToken(dc.tok, dc.best, hb, seq[0], b.Pos[0], greedy)
+		return g.stepToken(dc, hb, seq[0], b.Pos[0], want)
 	}
 	if s.off != nil || s.prof != nil || n > s.ws.chunk {
 		// Layouts the captured step does not cover: the training pass.
 		if err := s.dev.Do(func(c *cuda.Ctx) error { return dc.upload(c, seq, b.Pos, from) }); err != nil {
-			return nil, nil, err
+			return trainer.StepResult{}, err
 		}
 		logits, err := s.positionLogits(hb)
-		return logits, nil, err
+		return trainer.StepResult{Logits: logits}, err
 	}
-	var logits [][]float32
-	var best []int32
+	var res trainer.StepResult
 	err = s.dev.Do(func(c *cuda.Ctx) error {
 		up := s.uploadTokens
 		if dc.prefill {
@@ -442,23 +482,64 @@ func (g *decoder) step(dc *kvCaches, b *trainer.Batch, seq, from []int32, greedy
 		if err != nil {
 			return err
 		}
-		if greedy {
-			best = make([]int32, n)
-			return cuda.Download(c, best, dc.best.Ptr)
-		}
-		logits, err = s.downloadLogits(c, n)
+		res, err = g.handOver(c, dc, n, want)
 		return err
 	})
-	return logits, best, err
+	return res, err
+}
+
+// handOver downloads what want asks of a step's n rows of logits (in
+// ws.logits; their most likely tokens in dc.best): with Greedy the most
+// likely tokens; with TopK each row's candidates (kernels.TopCandidates),
+// where the decoding has room for them and no row has more than
+// topCapacity; else the logits, 1 MB a row at Gemma's vocabulary, which
+// the host then searches for the top k.
+func (g *decoder) handOver(c *cuda.Ctx, dc *kvCaches, n int, want trainer.StepWant) (trainer.StepResult, error) {
+	s := g.s
+	if want.Greedy {
+		best := make([]int32, n)
+		err := cuda.Download(c, best, dc.best.Ptr)
+		return trainer.StepResult{Best: best}, err
+	}
+	V := s.info.Config.VocabSize
+	if _, chunks := kernels.TopChunking(V); dc.top != nil && want.TopK > 0 && want.TopK <= chunks {
+		if err := s.k.TopCandidates(c, s.ws.logits.Ptr, n, V, want.TopK, dc.top.maxima.Ptr, topCapacity, dc.top.records.Ptr); err != nil {
+			return trainer.StepResult{}, err
+		}
+		words := kernels.TopRecordWords(topCapacity)
+		recs := make([]uint32, n*words)
+		if err := cuda.Download(c, recs, dc.top.records.Ptr); err != nil {
+			return trainer.StepResult{}, err
+		}
+		cands := make([]trainer.Candidates, n)
+		for r := range cands {
+			rec := recs[r*words : (r+1)*words]
+			count := int(rec[0])
+			if count > topCapacity {
+				cands = nil
+				break
+			}
+			ids, vals := rec[2:2+count], rec[2+topCapacity:2+topCapacity+count]
+			cands[r] = trainer.Candidates{IDs: make([]int32, count), Logits: make([]float32, count)}
+			for i := range count {
+				cands[r].IDs[i], cands[r].Logits[i] = int32(ids[i]), math.Float32frombits(vals[i])
+			}
+		}
+		if cands != nil {
+			g.candidateSteps++
+			return trainer.StepResult{Candidates: cands}, nil
+		}
+	}
+	logits, err := s.downloadLogits(c, n)
+	return trainer.StepResult{Logits: logits}, err
 }
 
 // stepToken evaluates a step of one token, sequence seq's at position pos,
 // with decode_token: one upload, the launch (the lm_head and the pick
-// included), and the logits or (greedy) the most likely token back.
-func (g *decoder) stepToken(ts *tokenStep, best cuda.Buffer, hb *hostBatch, seq, pos int32, greedy bool) ([][]float32, []int32, error) {
-	s := g.s
-	var logits [][]float32
-	var picks []int32
+// included), and what want asks for back (handOver).
+func (g *decoder) stepToken(dc *kvCaches, hb *hostBatch, seq, pos int32, want trainer.StepWant) (trainer.StepResult, error) {
+	s, ts := g.s, dc.tok
+	var res trainer.StepResult
 	var host hostClock
 	host.start(s.prof != nil)
 	err := s.dev.Do(func(c *cuda.Ctx) error {
@@ -468,7 +549,7 @@ func (g *decoder) stepToken(ts *tokenStep, best cuda.Buffer, hb *hostBatch, seq,
 		}
 		host.lap(hostUpload)
 		if err := s.k.DecodeToken(c, ts.shape, ts.layers.Ptr, s.w.embed.Ptr, s.w.finalNorm.Ptr, ts.step.Ptr, ts.work.Ptr,
-			ts.records.Ptr, ts.sync.Ptr, s.ws.xf.Ptr, s.ws.logits.Ptr, best.Ptr, ts.times.Ptr); err != nil {
+			ts.records.Ptr, ts.sync.Ptr, s.ws.xf.Ptr, s.ws.logits.Ptr, dc.best.Ptr, ts.times.Ptr); err != nil {
 			return err
 		}
 		host.lap(hostLaunch)
@@ -480,12 +561,7 @@ func (g *decoder) stepToken(ts *tokenStep, best cuda.Buffer, hb *hostBatch, seq,
 		}
 		g.tokenSteps++
 		var err error
-		if greedy {
-			picks = make([]int32, 1)
-			err = cuda.Download(c, picks, best.Ptr)
-		} else {
-			logits, err = s.downloadLogits(c, 1)
-		}
+		res, err = g.handOver(c, dc, 1, want)
 		host.lap(hostDownload)
 		if err != nil || ts.times.Ptr == 0 {
 			return err
@@ -500,7 +576,7 @@ func (g *decoder) stepToken(ts *tokenStep, best cuda.Buffer, hb *hostBatch, seq,
 	if s.prof != nil {
 		s.prof.token.addHost(&host)
 	}
-	return logits, picks, err
+	return res, err
 }
 
 // decodeForward queues the forward pass of the uploaded step's T tokens,

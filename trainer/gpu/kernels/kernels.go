@@ -549,6 +549,44 @@ func (k *Kernels) ArgmaxRows(c *cuda.Ctx, logits cuda.DevicePtr, rows, vocab int
 	return k.launch(c, "argmax_rows", rowsOf(rows, 1024), logits, int32(vocab), best)
 }
 
+// TopChunks is the most chunks top_chunk_max cuts a row into (TOP_CHUNKS
+// in loss.cu), so the largest k TopCandidates takes.
+const TopChunks = 1024
+
+// TopChunking is how TopCandidates cuts a row of vocab logits: chunks of
+// length values (a multiple of 32), chunks of them. k may be at most chunks.
+func TopChunking(vocab int) (length, chunks int) {
+	length = max(32, ((vocab+TopChunks-1)/TopChunks+31)/32*32)
+	return length, (vocab + length - 1) / length
+}
+
+// TopRecordWords is the size in 4-byte words of a row's record from
+// TopCandidates with room for capacity candidates.
+func TopRecordWords(capacity int) int { return 2 + 2*capacity }
+
+// TopCandidates writes, for each row of logits [rows × vocab], a record
+// into out (TopRecordWords(capacity) words a row): the number of
+// candidates n, the threshold, then the candidates' indices and their
+// values (float32), each of capacity slots; every logit at or above the
+// threshold is a candidate, at least the row's k largest among them, and
+// where n exceeds capacity only capacity of them are written. maxima is
+// rows × TopChunks float32 of scratch. The order of the candidates within
+// a record may change from run to run; the set does not.
+func (k *Kernels) TopCandidates(c *cuda.Ctx, logits cuda.DevicePtr, rows, vocab, topK int, maxima cuda.DevicePtr, capacity int, out cuda.DevicePtr) error {
+	length, chunks := TopChunking(vocab)
+	if topK < 1 || topK > chunks {
+		return fmt.Errorf("kernels: top %d of %d logits: k must be 1 to %d", topK, vocab, chunks)
+	}
+	warps := cuda.LaunchConfig{Grid: cuda.Dim3{X: (chunks + 7) / 8, Y: rows}, Block: cuda.Dim3{X: 256}}
+	if err := k.launch(c, "top_chunk_max", warps, logits, int32(vocab), int32(length), int32(chunks), maxima); err != nil {
+		return err
+	}
+	if err := k.launch(c, "top_threshold", rowsOf(rows, TopChunks), maxima, int32(chunks), int32(topK), int32(capacity), out); err != nil {
+		return err
+	}
+	return k.launch(c, "top_collect", warps, logits, int32(vocab), int32(length), int32(chunks), maxima, int32(capacity), out)
+}
+
 // SumDouble writes the sum of n float64 values to out[0].
 func (k *Kernels) SumDouble(c *cuda.Ctx, v cuda.DevicePtr, n int, out cuda.DevicePtr) error {
 	return k.launch(c, "sum_double", rowsOf(1, 1024), v, int32(n), out)

@@ -10,6 +10,7 @@ package kernels
 
 import (
 	"bytes"
+	"cmp"
 	"fmt"
 	"math"
 	"math/rand/v2"
@@ -700,6 +701,109 @@ func TestArgmaxRows(t *testing.T) {
 		}
 		return nil
 	})
+}
+
+// TestTopCandidates: each row's candidates are exactly its logits at or
+// above the threshold, the k-th largest of its chunks' maxima (as the host
+// computes it), so they hold the row's k largest, ties at the threshold
+// included; NaN is never a candidate; a row with more than the capacity
+// says so. Rows of Gemma's vocabulary and of one that leaves a short last
+// chunk, random, with ties at the top, with NaN, and nearly all -Inf.
+func TestTopCandidates(t *testing.T) {
+	k := kernelsFor(t, F32, 256)
+	const capacity = 1024
+	for _, V := range []int{262144, 262208, 128} {
+		length, chunks := TopChunking(V)
+		for _, topK := range []int{1, 4, 64, chunks} {
+			if topK > chunks || topK == 4 && chunks == 4 {
+				continue
+			}
+			t.Run(fmt.Sprintf("V%d/k%d", V, topK), func(t *testing.T) {
+				rng := cudatest.Rand(t)
+				var rows [][]float32
+				for range 3 {
+					rows = append(rows, uniform(rng, V, 4))
+				}
+				ties := uniform(rng, V, 4)
+				for range min(100, V/2) {
+					ties[rng.IntN(V)] = 5
+				}
+				nan := uniform(rng, V, 4)
+				for range 50 {
+					nan[rng.IntN(V)] = float32(math.NaN())
+				}
+				nan[3] = float32(math.NaN())
+				inf := make([]float32, V)
+				for i := range inf {
+					inf[i] = float32(math.Inf(-1))
+				}
+				inf[V/2] = 1
+				rows = append(rows, ties, nan, inf)
+				var flat []float32
+				for _, r := range rows {
+					flat = append(flat, r...)
+				}
+				words := TopRecordWords(capacity)
+				recs := make([]uint32, len(rows)*words)
+				run(t, k, func(d *dev) error {
+					out := d.alloc(4 * int64(len(recs)))
+					if err := k.TopCandidates(d.c, d.f32(flat), len(rows), V, topK, d.alloc(4*int64(len(rows))*TopChunks), capacity, out); err != nil {
+						return err
+					}
+					return cuda.Download(d.c, recs, out)
+				})
+				for r, row := range rows {
+					rec := recs[r*words : (r+1)*words]
+					// The threshold from the chunks' maxima, NaN skipped.
+					maxima := make([]float32, chunks)
+					for c := range maxima {
+						maxima[c] = float32(math.Inf(-1))
+						for j := c * length; j < min(V, (c+1)*length); j++ {
+							if row[j] > maxima[c] {
+								maxima[c] = row[j]
+							}
+						}
+					}
+					slices.SortFunc(maxima, func(a, b float32) int { return cmp.Compare(b, a) })
+					thr := maxima[topK-1]
+					want := map[int32]bool{}
+					for j, x := range row {
+						if x >= thr {
+							want[int32(j)] = true
+						}
+					}
+					if got := math.Float32frombits(rec[1]); got != thr {
+						t.Errorf("row %d: threshold %v, want %v", r, got, thr)
+					}
+					count := int(rec[0])
+					if count != len(want) {
+						t.Errorf("row %d: %d candidates, want %d", r, count, len(want))
+						continue
+					}
+					if count > capacity {
+						continue // reported; the records hold only some
+					}
+					if count < topK {
+						t.Errorf("row %d: %d candidates for the top %d", r, count, topK)
+					}
+					seen := map[int32]bool{}
+					for i := range count {
+						id, v := int32(rec[2+i]), math.Float32frombits(rec[2+capacity+i])
+						if !want[id] || seen[id] || math.Float32bits(v) != math.Float32bits(row[id]) {
+							t.Errorf("row %d: candidate %d (%v) is not one of the row's, or repeats (row's value %v)", r, id, v, row[id])
+							break
+						}
+						seen[id] = true
+					}
+				}
+				// With k > 1 the row of -Inf has a threshold of -Inf: every
+				// value is a candidate.
+				if n := int(recs[5*words]); topK > 1 && V > capacity && n <= capacity {
+					t.Errorf("the row of -Inf gave %d candidates, not more than the capacity", n)
+				}
+			})
+		}
+	}
 }
 
 // TestDropout: the recorded mask keeps the elements the host's Philox

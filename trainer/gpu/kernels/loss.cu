@@ -128,3 +128,81 @@ extern "C" __global__ void argmax_rows(const float* __restrict__ logits, int voc
     }
     if (lane == 0) best[blockIdx.x] = i == none ? 0 : i;
 }
+
+// Sampling's candidates (top_chunk_max, top_threshold, top_collect): of
+// each row of logits [rows × vocab], at least its k largest values with
+// their indices, so that a draw among the top k reads kilobytes of the row
+// instead of all of it. The row is cut into at most TOP_CHUNKS chunks of
+// len values (a multiple of 32; kernels.TopChunking). t, the k-th largest
+// of the chunks' maxima, is reached by at least k logits (one in each of k
+// chunks), and a logit below t is not among the k largest (those k lie
+// above it): every logit at or above t is a candidate, ties included. NaN
+// is never one.
+//
+// A row's record in out: [count, t, indices[cap], values[cap]], count the
+// number of candidates (more than cap: only cap of them are written).
+#define TOP_CHUNKS 1024
+
+// A warp a chunk (blockIdx.y the row): its largest value, NaN skipped
+// (-INFINITY for none), into maxima[row × TOP_CHUNKS + chunk].
+extern "C" __global__ void top_chunk_max(const float* __restrict__ logits, int vocab, int len, int chunks, float* __restrict__ maxima) {
+    const int row = blockIdx.y, c = blockIdx.x * (blockDim.x / 32) + threadIdx.x / 32, lane = threadIdx.x % 32;
+    if (c >= chunks) return; // the whole warp
+    const float* x = logits + (long long)row * vocab;
+    const int end = min(vocab, (c + 1) * len);
+    float m = -INFINITY;
+    for (int j = c * len + lane; j < end; j += 32) m = fmaxf(m, x[j]);
+    for (int off = 16; off > 0; off >>= 1) m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, off));
+    if (lane == 0) maxima[(long long)row * TOP_CHUNKS + c] = m;
+}
+
+// A block of TOP_CHUNKS threads a row: the row's maxima sorted, largest
+// first (a bitonic sort), t the k-th (1 ≤ k ≤ chunks), and the row's
+// record reset to no candidates at t.
+extern "C" __global__ void top_threshold(const float* __restrict__ maxima, int chunks, int k, int cap, int* __restrict__ out) {
+    __shared__ float v[TOP_CHUNKS];
+    const int row = blockIdx.x, i = threadIdx.x;
+    v[i] = i < chunks ? maxima[(long long)row * TOP_CHUNKS + i] : -INFINITY;
+    __syncthreads();
+    for (int size = 2; size <= TOP_CHUNKS; size <<= 1) {
+        for (int stride = size / 2; stride > 0; stride >>= 1) {
+            const int j = i ^ stride;
+            if (j > i) { // runs of size alternate in direction, so that they merge into the next size
+                const float a = v[i], b = v[j];
+                if ((i & size) == 0 ? a < b : a > b) v[i] = b, v[j] = a;
+            }
+            __syncthreads();
+        }
+    }
+    if (i == 0) {
+        int* rec = out + (long long)row * (2 + 2 * cap);
+        rec[0] = 0;
+        reinterpret_cast<float*>(rec)[1] = v[k - 1];
+    }
+}
+
+// A warp a chunk (blockIdx.y the row), after top_threshold: each logit at
+// or above the row's t appended to its record. A chunk whose maximum is
+// below t has none and reads no further. The order of a record's
+// candidates depends on the warps' timing; the set does not.
+extern "C" __global__ void top_collect(const float* __restrict__ logits, int vocab, int len, int chunks, const float* __restrict__ maxima, int cap,
+                                       int* __restrict__ out) {
+    const int row = blockIdx.y, c = blockIdx.x * (blockDim.x / 32) + threadIdx.x / 32, lane = threadIdx.x % 32;
+    if (c >= chunks) return; // the whole warp
+    int* rec = out + (long long)row * (2 + 2 * cap);
+    const float t = reinterpret_cast<const float*>(rec)[1];
+    if (!(maxima[(long long)row * TOP_CHUNKS + c] >= t)) return;
+    const float* x = logits + (long long)row * vocab;
+    const int end = min(vocab, (c + 1) * len);
+    for (int j0 = c * len; j0 < end; j0 += 32) {
+        const int j = j0 + lane;
+        const float xv = j < end ? x[j] : 0.0f;
+        const bool hit = j < end && xv >= t;
+        const unsigned int hits = __ballot_sync(0xffffffffu, hit);
+        if (hits == 0u) continue;
+        int at = 0;
+        if (lane == 0) at = atomicAdd(rec, __popc(hits));
+        at = __shfl_sync(0xffffffffu, at, 0) + __popc(hits & ((1u << lane) - 1u));
+        if (hit && at < cap) rec[2 + at] = j, reinterpret_cast<float*>(rec)[2 + cap + at] = xv;
+    }
+}

@@ -46,7 +46,7 @@ not its logits (1 MB a sequence at Gemma's vocabulary).
 --preset makes a model of a released Gemma 3 size with random weights on the
 GPU; --model reads a checkpoint folder (with --adapter, a PEFT adapter too).
 
-A step of one token without an adapter runs as one launch (the JSON's
+A step of one token runs as one launch, with an adapter too (the JSON's
 token_kernel_steps counts them); PIPELINE_TOKEN_KERNEL=off runs it as a launch per
 operation instead, for comparison. With an NF4 base, that launch and every other step
 of up to 8 sequences (with an adapter too) read a copy of the codes stored per 16-row

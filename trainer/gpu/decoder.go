@@ -76,19 +76,20 @@ type tokenStep struct {
 	shape                             kernels.TokenShape
 	layers, work, records, sync, step cuda.Buffer
 	times                             cuda.Buffer // while profiling: the launch's clock readings
+	loras, xa                         cuda.Buffer // with an adapter: its table, and x·Aᵀ
 }
 
 // tokenShape is the shape decode_token runs for this decoder's model with
 // caches of maxLen positions, or why it cannot: it takes the weights in
 // the form the launch-per-operation steps of one token read them (dense,
-// or NF4 where nf4GEMV reads that form), no adapter's products, and a
-// session that offloads nothing.
+// or NF4 where nf4GEMV reads that form), the adapter's products where
+// there is one (decode_token_lora), and a session that offloads nothing.
 func (s *session) tokenShape(maxLen int) (kernels.TokenShape, error) {
 	cfg := s.info.Config
 	sh := kernels.TokenShape{Hidden: cfg.Hidden, Heads: cfg.Heads, KVHeads: cfg.KVHeads, Intermediate: cfg.Intermediate,
 		Layers: cfg.Layers, Vocab: cfg.VocabSize, MaxKeys: maxLen, Eps: cfg.RMSNormEps, AttnScale: s.attnScale(), EmbedScale: s.info.EmbedScale()}
 	if !s.baseOnly {
-		return sh, fmt.Errorf("decode_token does not apply an adapter")
+		sh.LoRARank, sh.LoRAScale = s.cfg.LoRA.R, float32(s.cfg.LoRA.Scale())
 	}
 	if s.off != nil {
 		return sh, fmt.Errorf("decode_token does not offload")
@@ -134,15 +135,28 @@ func (s *session) newTokenStep(c *cuda.Ctx, dc *kvCaches, sh kernels.TokenShape)
 			CacheLen: dc.cacheLen[l], Window: window, Rope: typeIndex(cfg.LayerTypes[l])}
 	}
 	encoded := kernels.EncodeTokenLayers(table)
-	var times int64 // none unless profiling
-	if s.prof != nil {
+	var loras []byte
+	if sh.LoRARank > 0 {
+		adapter := make([][7]kernels.TokenLoRA, cfg.Layers)
+		for l := range adapter {
+			for i, m := range trainer.AllModules {
+				if A, ok := s.lora.slot(l, m, false); ok {
+					B, _ := s.lora.slot(l, m, true)
+					adapter[l][i] = kernels.TokenLoRA{A: s.lora.actPtr(s, A), B: s.lora.actPtr(s, B)}
+				}
+			}
+		}
+		loras = kernels.EncodeTokenLoRA(adapter)
+	}
+	var times int64 // none unless profiling, and decode_token_lora reads no clock
+	if s.prof != nil && sh.LoRARank == 0 {
 		times = 8 * int64(s.k.TokenTimes(sh))
 	}
 	for _, b := range []struct {
 		buf   *cuda.Buffer
 		bytes int64
 	}{{&ts.layers, int64(len(encoded))}, {&ts.work, sizes.Work}, {&ts.records, sizes.Records}, {&ts.sync, sizes.Sync}, {&ts.step, sizes.Step},
-		{&ts.times, times}} {
+		{&ts.times, times}, {&ts.loras, int64(len(loras))}, {&ts.xa, sizes.XA}} {
 		if b.bytes == 0 {
 			continue
 		}
@@ -152,9 +166,17 @@ func (s *session) newTokenStep(c *cuda.Ctx, dc *kvCaches, sh kernels.TokenShape)
 			return nil, err
 		}
 	}
-	if err := cuda.Upload(c, ts.layers.Ptr, encoded); err != nil {
-		ts.free(c)
-		return nil, err
+	for _, u := range []struct {
+		at  cuda.DevicePtr
+		src []byte
+	}{{ts.layers.Ptr, encoded}, {ts.loras.Ptr, loras}} {
+		if len(u.src) == 0 {
+			continue
+		}
+		if err := cuda.Upload(c, u.at, u.src); err != nil {
+			ts.free(c)
+			return nil, err
+		}
 	}
 	if err := c.MemsetD8Async(ts.sync.Ptr, 0, sizes.Sync, nil); err != nil { // the heads' counters start at zero
 		ts.free(c)
@@ -164,7 +186,7 @@ func (s *session) newTokenStep(c *cuda.Ctx, dc *kvCaches, sh kernels.TokenShape)
 }
 
 func (ts *tokenStep) free(c *cuda.Ctx) {
-	for _, b := range []cuda.Buffer{ts.layers, ts.work, ts.records, ts.sync, ts.step, ts.times} {
+	for _, b := range []cuda.Buffer{ts.layers, ts.work, ts.records, ts.sync, ts.step, ts.times, ts.loras, ts.xa} {
 		if b.Ptr != 0 {
 			c.Free(b)
 		}
@@ -282,25 +304,29 @@ func (g *decoder) ReadsNF4(batch int) bool {
 // OpenRandom does), with no adapter, for measuring decoding speed without
 // a checkpoint on disk; quantize is "nf4" or "none".
 func OpenRandomDecoder(ctx context.Context, mc *trainer.Config, seed uint64, quantize string) (trainer.Decoder, error) {
-	return openRandomDecoder(ctx, mc, seed, quantize, "")
+	return openRandomDecoder(ctx, mc, seed, quantize, "", nil)
 }
 
 // openRandomDecoder is OpenRandomDecoder in a session of the given
-// precision ("" is bf16): the same seed gives the same weights in each.
-func openRandomDecoder(ctx context.Context, mc *trainer.Config, seed uint64, quantize, precision string) (trainer.Decoder, error) {
+// precision ("" is bf16), applying adapter a where it is not nil: the same
+// seed gives the same weights in each.
+func openRandomDecoder(ctx context.Context, mc *trainer.Config, seed uint64, quantize, precision string, a *trainer.Adapter) (trainer.Decoder, error) {
 	if err := (backend{}).Usable(); err != nil {
 		return nil, err
 	}
-	a, err := trainer.NewAdapter(mc, placeholderLoRA, 0)
-	if err != nil {
-		return nil, err
+	baseOnly := a == nil
+	if baseOnly {
+		var err error
+		if a, err = trainer.NewAdapter(mc, placeholderLoRA, 0); err != nil {
+			return nil, err
+		}
 	}
-	s, err := OpenRandom(ctx, mc, seed, 0.02, trainer.SessionConfig{Quantize: quantize, LoRA: placeholderLoRA,
+	s, err := OpenRandom(ctx, mc, seed, 0.02, trainer.SessionConfig{Quantize: quantize, LoRA: a.Config,
 		GradientCheckpointing: true, Inference: true, MaxTokens: DecodeTokens, Precision: precision})
 	if err != nil {
 		return nil, err
 	}
-	return newDecoder(s, a, true)
+	return newDecoder(s, a, baseOnly)
 }
 
 func (g *decoder) Info() *trainer.ModelInfo { return &g.s.info }
@@ -549,7 +575,7 @@ func (g *decoder) stepToken(dc *kvCaches, hb *hostBatch, seq, pos int32, want tr
 		}
 		host.lap(hostUpload)
 		if err := s.k.DecodeToken(c, ts.shape, ts.layers.Ptr, s.w.embed.Ptr, s.w.finalNorm.Ptr, ts.step.Ptr, ts.work.Ptr,
-			ts.records.Ptr, ts.sync.Ptr, s.ws.xf.Ptr, s.ws.logits.Ptr, dc.best.Ptr, ts.times.Ptr); err != nil {
+			ts.records.Ptr, ts.sync.Ptr, s.ws.xf.Ptr, s.ws.logits.Ptr, dc.best.Ptr, ts.times.Ptr, ts.loras.Ptr, ts.xa.Ptr); err != nil {
 			return err
 		}
 		host.lap(hostLaunch)

@@ -293,37 +293,71 @@ func TestTokenKernelOnGPU(t *testing.T) {
 	cudatest.Device(t)
 	t.Setenv(TokenKernelEnv, "on")
 	for _, c := range []string{"t5_gqa", "orig_mqa", "mm_f32", "trained_qlora"} {
-		t.Run("fp32/"+c, func(t *testing.T) {
-			g := readGenerateGolden(t, c, "generate.json")
-			d, err := openDecoder(context.Background(), trainer.DecoderConfig{Model: filepath.Join(refDir, c, "model")}, "fp32")
-			if err != nil {
-				t.Fatal(err)
-			}
-			defer d.Close()
-			for i, p := range g.Prompts {
-				got, err := d.Generate(context.Background(), [][]int32{p}, trainer.GenerateOptions{MaxNewTokens: g.MaxNewTokens, Stop: g.Stop}, nil)
+		for _, file := range []string{"generate.json", "generate_adapter.json"} {
+			t.Run("fp32/"+c+"/"+file, func(t *testing.T) {
+				g := readGenerateGolden(t, c, file)
+				cfg := trainer.DecoderConfig{Model: filepath.Join(refDir, c, "model")}
+				if g.Adapter {
+					cfg.Adapter = filepath.Join(refDir, c, "adapter")
+				}
+				d, err := openDecoder(context.Background(), cfg, "fp32")
 				if err != nil {
 					t.Fatal(err)
 				}
-				if fmt.Sprint(got[0]) != fmt.Sprint(g.Outputs[i]) {
-					t.Errorf("prompt %d (%d tokens):\n GPU %v\n HF  %v", i, len(p), got[0], g.Outputs[i])
+				defer d.Close()
+				for i, p := range g.Prompts {
+					got, err := d.Generate(context.Background(), [][]int32{p}, trainer.GenerateOptions{MaxNewTokens: g.MaxNewTokens, Stop: g.Stop}, nil)
+					if err != nil {
+						t.Fatal(err)
+					}
+					if fmt.Sprint(got[0]) != fmt.Sprint(g.Outputs[i]) {
+						t.Errorf("prompt %d (%d tokens):\n GPU %v\n HF  %v", i, len(p), got[0], g.Outputs[i])
+					}
 				}
-			}
-			if n := d.(*decoder).TokenKernelSteps(); n == 0 {
-				t.Fatalf("no step ran as decode_token")
-			}
-		})
-	}
-	for _, preset := range []string{"1b", "12b"} {
-		for _, quantize := range []string{"none", "nf4"} {
-			t.Run("bf16/"+preset+"/"+quantize, func(t *testing.T) {
-				if testing.Short() && preset != "1b" {
-					t.Skip("-short: the 1B shape only")
+				if n := d.(*decoder).TokenKernelSteps(); n == 0 {
+					t.Fatalf("no step ran as decode_token")
 				}
-				compareTokenKernel(t, preset, quantize)
 			})
 		}
 	}
+	for _, preset := range []string{"1b", "12b"} {
+		for _, quantize := range []string{"none", "nf4"} {
+			for _, adapter := range []bool{false, true} {
+				name := "bf16/" + preset + "/" + quantize
+				if adapter {
+					name += "/adapter"
+				}
+				t.Run(name, func(t *testing.T) {
+					if testing.Short() && preset != "1b" {
+						t.Skip("-short: the 1B shape only")
+					}
+					compareTokenKernel(t, preset, quantize, adapter)
+				})
+			}
+		}
+	}
+}
+
+// randomAdapter is an adapter of rank 16 for mc with B drawn too (PEFT
+// starts it at zero, which would leave the updates out of a comparison),
+// on every projection but gate, so that the kernels also meet one
+// without.
+func randomAdapter(t *testing.T, mc *trainer.Config) *trainer.Adapter {
+	t.Helper()
+	lc := trainer.LoRAConfig{R: 16, Alpha: 32, Targets: []trainer.Module{trainer.QProj, trainer.KProj, trainer.VProj, trainer.OProj, trainer.UpProj, trainer.DownProj}}
+	a, err := trainer.NewAdapter(mc, lc, 7)
+	if err != nil {
+		t.Fatal(err)
+	}
+	rng := rand.New(rand.NewPCG(7, 8))
+	for _, mods := range a.Layers {
+		for _, w := range mods {
+			for i := range w.B {
+				w.B[i] = float32(rng.NormFloat64() * 0.002)
+			}
+		}
+	}
+	return a
 }
 
 // TestSampledDecodingOnGPU: sampling from the top k with the candidates
@@ -339,7 +373,7 @@ func TestSampledDecodingOnGPU(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	d, err := openRandomDecoder(context.Background(), mc, 5, "none", "")
+	d, err := openRandomDecoder(context.Background(), mc, 5, "none", "", nil)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -398,14 +432,15 @@ func compareSampling(t *testing.T, g *decoder, prompts [][]int32, o trainer.Gene
 
 // compareTokenKernel decodes a random model of a preset's shape with the
 // base weights in form quantize (with "nf4", steps of one token read that
-// form) teacher-forced for 48 steps after a 600-token prompt (past the
+// form), and with adapter a random adapter (decode_token_lora),
+// teacher-forced for 48 steps after a 600-token prompt (past the
 // 512-token window): in float32 for the reference, then in bfloat16 with
 // decode_token and without. decode_token's logits must be as close to the
 // float32 ones as the launch-per-operation steps' are (as in
 // TestTeacherForcedBF16): the two bfloat16 paths round the same values
 // but sum in other orders, so either is as far from the other as from
 // float32.
-func compareTokenKernel(t *testing.T, preset, quantize string) {
+func compareTokenKernel(t *testing.T, preset, quantize string, adapter bool) {
 	mc, err := trainer.Preset(preset)
 	if err != nil {
 		t.Fatal(err)
@@ -420,7 +455,11 @@ func compareTokenKernel(t *testing.T, preset, quantize string) {
 	}
 	prompts, continuations := [][]int32{draw(600)}, [][]int32{draw(48)}
 	run := func(precision string, kernel ...string) [][]float32 {
-		d, err := openRandomDecoder(context.Background(), mc, 1, quantize, precision)
+		var a *trainer.Adapter
+		if adapter {
+			a = randomAdapter(t, mc)
+		}
+		d, err := openRandomDecoder(context.Background(), mc, 1, quantize, precision, a)
 		if err != nil {
 			t.Fatal(err)
 		}
@@ -547,14 +586,20 @@ func TestTokenKernelChoice(t *testing.T) {
 	if sh, err := build(nil).tokenShape(256); err != nil || sh.NF4 {
 		t.Errorf("a dense base without an adapter: NF4 %v, %v", sh.NF4, err)
 	}
-	if sh, err := build(allNF4).tokenShape(256); err != nil || !sh.NF4 {
-		t.Errorf("an NF4 base (with a dense copy beside it) without an adapter: NF4 %v, %v", sh.NF4, err)
+	if sh, err := build(allNF4).tokenShape(256); err != nil || !sh.NF4 || sh.LoRARank != 0 {
+		t.Errorf("an NF4 base (with a dense copy beside it) without an adapter: NF4 %v, rank %d, %v", sh.NF4, sh.LoRARank, err)
+	}
+	withAdapter := func(s *session) {
+		s.baseOnly = false
+		s.cfg.LoRA = trainer.LoRAConfig{R: 16, Alpha: 32, Targets: trainer.AllModules}
+	}
+	if sh, err := build(withAdapter).tokenShape(256); err != nil || sh.LoRARank != 16 || sh.LoRAScale != 2 {
+		t.Errorf("an adapter of rank 16, alpha 32: rank %d, scale %v, %v (decode_token_lora)", sh.LoRARank, sh.LoRAScale, err)
 	}
 	for _, c := range []struct {
 		what, want string
 		edit       func(s *session)
 	}{
-		{"an adapter", "adapter", func(s *session) { s.baseOnly = false }},
 		{"one NF4 projection among dense ones", "neither", func(s *session) { s.w.layers[3].proj[5].nf4 = true }},
 		{"no dense weights", "neither", func(s *session) { s.w.layers[0].proj[0].dense = cuda.Buffer{} }},
 		{"NF4 in the float32 test mode", "bf16", func(s *session) { allNF4(s); s.k.Prec = kernels.F32 }},

@@ -159,8 +159,9 @@ type Kernels struct {
 	Timer Timer
 	fns   map[string]*cuda.Function
 	sms   int // the device's multiprocessors
-	// tokenShared is the shared memory decode_token may use so far.
-	tokenShared int
+	// tokenShared is the shared memory decode_token and
+	// decode_token_lora may use so far.
+	tokenShared map[string]int
 }
 
 // Timer times a launch: it runs f, the launch of kernel name, between
@@ -175,7 +176,7 @@ func Load(c *cuda.Ctx, p Precision, headDim int) (*Kernels, error) {
 	if err != nil {
 		return nil, err
 	}
-	k := &Kernels{Prec: p, HeadDim: headDim, fns: map[string]*cuda.Function{}, sms: c.Device().Info.SMs}
+	k := &Kernels{Prec: p, HeadDim: headDim, fns: map[string]*cuda.Function{}, sms: c.Device().Info.SMs, tokenShared: map[string]int{}}
 	for _, src := range srcs {
 		m, err := c.Compile(src)
 		if err != nil {

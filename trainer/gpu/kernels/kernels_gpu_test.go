@@ -1330,20 +1330,23 @@ func nf4BlockScaled(nf *trainer.NF4Tensor, x []float32, T, rows, in int) []float
 	return out
 }
 
-// TestTokenKernelRegisters checks that decode_token keeps everything in
-// registers at Gemma 3's head dims. It runs at the register file's edge
-// (512 threads a block, 128 registers a thread), and a spill there is paid
+// TestTokenKernelRegisters checks that decode_token and decode_token_lora
+// keep everything in registers at Gemma 3's head dims. They run at the
+// register file's edge (512 threads a block, 128 registers a thread), and a
+// spill there is paid
 // at every reload on a phase's path: a build with 48 bytes of local
 // memory in the lm_head's loop lost the speed its change had gained
 // (trainer/gpu/NOTES.md, "divisions off the phases' paths").
 func TestTokenKernelRegisters(t *testing.T) {
 	for _, hd := range []int{256, 128} {
 		k := kernelsFor(t, BF16, hd)
-		var r cuda.Resources
-		cudatest.Do(t, func(*cuda.Ctx) (err error) { r, err = k.Resources("decode_token"); return err })
-		t.Logf("head dim %d decode_token: %d registers, %d bytes of local memory a thread", hd, r.Registers, r.LocalBytes)
-		if r.LocalBytes != 0 {
-			t.Errorf("head dim %d: decode_token spills: %d bytes of local memory a thread", hd, r.LocalBytes)
+		for _, name := range []string{"decode_token", "decode_token_lora"} {
+			var r cuda.Resources
+			cudatest.Do(t, func(*cuda.Ctx) (err error) { r, err = k.Resources(name); return err })
+			t.Logf("head dim %d %s: %d registers, %d bytes of local memory a thread", hd, name, r.Registers, r.LocalBytes)
+			if r.LocalBytes != 0 {
+				t.Errorf("head dim %d: %s spills: %d bytes of local memory a thread", hd, name, r.LocalBytes)
+			}
 		}
 	}
 }

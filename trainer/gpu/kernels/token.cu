@@ -1,5 +1,6 @@
 // decode_token: a decoding step of one token through every block of the
-// model in one launch, for dense or NF4 weights and no adapter.
+// model in one launch, for dense or NF4 weights; decode_token_lora (at the
+// end) is the same step with an adapter.
 //
 // A step of one token reads every weight once and does little else, yet
 // as a launch per operation (13 a block) it is bound by the kernels' fixed
@@ -93,6 +94,7 @@ struct tok_smem {
     int* flag;
     unsigned int* pairs; // NF4 only: nf4_mma_tables' pairs, 256·NF4_PAIR_COPIES
     float* dyn;          // and absmax codes, 256
+    float* xa;           // decode_token_lora only: a phase's x·Aᵀ, 3·rank
 };
 
 __device__ __forceinline__ tok_smem tok_carve(float* dyn, int vlen, int hidden) {
@@ -111,6 +113,7 @@ __device__ __forceinline__ tok_smem tok_carve(float* dyn, int vlen, int hidden) 
     s.flag = reinterpret_cast<int*>(s.sums + TOK_THREADS * VEC);
     s.pairs = reinterpret_cast<unsigned int*>(s.sums + TOK_THREADS * VEC + 4); // 16-byte aligned
     s.dyn = reinterpret_cast<float*>(s.pairs + 256 * NF4_PAIR_COPIES);
+    s.xa = s.dyn + 256;
     return s;
 }
 
@@ -620,6 +623,45 @@ __device__ void tok_attention(const tok_layer& L, const act_t* qkv, act_t* att, 
     }
 }
 
+// One projection's adapter as decode_token_lora reads it: A [rank × in]
+// and B [rows × rank], activations, or none (null) for a projection the
+// adapter leaves alone. kernels.EncodeTokenLoRA writes this layout, seven
+// a layer in the order of tok_layer's matrices.
+struct tok_lora {
+    const act_t* a;
+    const act_t* b;
+};
+
+// The LoRA half-phase before a product phase of decode_token_lora: the
+// rows of x·Aᵀ of the phase's N projections (v, in floats, the phase's
+// input, which every block holds), rank a projection, into xa as
+// activations, as the launch per operation's GEMM rounds them; a block a
+// row. The phase reads them after the next barrier.
+template <int N>
+__device__ __forceinline__ void tok_lora_xa(const tok_lora* lo, const float* v, int in, int rank, act_t* xa, float* red) {
+    for (int j = blockIdx.x; j < N * rank; j += gridDim.x) {
+        const int m = j / rank;
+        const act_t* a = lo[m].a;
+        if (a == nullptr) continue; // the same for the whole block
+        const act_t* row = a + (long long)(j - m * rank) * in;
+        float acc = 0.0f;
+        for (int i = threadIdx.x; i < in; i += blockDim.x) acc += to_f32(row[i]) * v[i];
+        acc = block_sum(acc, red);
+        if (threadIdx.x == 0) xa[j] = to_act(acc);
+    }
+}
+
+// A product's row with its adapter's update, as the launch per operation
+// computes it: the product rounded, then scale·(x·Aᵀ)·B_rowᵀ added in
+// float32 and the sum rounded (PEFT's order). b null: the product alone.
+__device__ __forceinline__ act_t tok_lora_out(float sum, const act_t* b, int row, const float* xa, int rank, float scale) {
+    if (b == nullptr) return to_act(sum);
+    const act_t* br = b + (long long)row * rank;
+    float t = 0.0f;
+    for (int k = 0; k < rank; k++) t += to_f32(br[k]) * xa[k];
+    return to_act(to_f32(to_act(sum)) + scale * t);
+}
+
 // The block's largest (value, id) pair, the lowest id among equals, into
 // every thread's bv and bi.
 __device__ __forceinline__ void tok_argmax(float& bv, int& bi, tok_smem& s) {
@@ -641,6 +683,17 @@ __device__ __forceinline__ void tok_argmax(float& bv, int& bi, tok_smem& s) {
     __syncthreads();
 }
 
+// decode_token_lora's half-phase before a product phase whose input is
+// in s.v (in values): x·Aᵀ of its N projections (tok_lora_xa), the grid
+// barrier n, and the rows into s.xa.
+template <int N>
+__device__ __forceinline__ void lora_half_phase(const tok_lora* lo, tok_smem& s, int in, int rank, act_t* xa, unsigned int* sync, int n) {
+    tok_lora_xa<N>(lo, s.v, in, rank, xa, s.red);
+    tok_grid_sync(sync, n, nullptr);
+    for (int i = threadIdx.x; i < N * rank; i += blockDim.x) s.xa[i] = to_f32(__ldcg(xa + i));
+    __syncthreads();
+}
+
 // step: the token's id, its sequence and its position, a pad, then the
 // rotary tables of its position, [cos | sin] of HD/2 each for the sliding
 // then the global layers. work: the activations the phases pass on (x,
@@ -652,11 +705,24 @@ __device__ __forceinline__ void tok_argmax(float& bv, int& bi, tok_smem& s) {
 // most likely token. times, when not null (profiling): per block, the
 // time it started, the times it arrived at and left each barrier, and the
 // time it finished (TOK_READINGS values, tok_now).
-extern "C" __global__ void __launch_bounds__(TOK_THREADS, 1) decode_token(
-    const tok_layer* __restrict__ layers, int n_layers, const act_t* __restrict__ embed, float embed_scale,
-    const float* __restrict__ final_norm, const int* __restrict__ step, act_t* __restrict__ work, float* __restrict__ recs,
-    unsigned int* __restrict__ sync, act_t* __restrict__ xf, float* __restrict__ logits, int* __restrict__ best, int hidden, int heads,
-    int kv_heads, int inter, int vocab, float eps, float attn_scale, unsigned long long* __restrict__ times) {
+//
+// decode_token_lora is the same step with an adapter (loras: seven
+// tok_lora a layer; rank, scale; xa: 3·rank activations): before each
+// product phase a half-phase computes x·Aᵀ of its projections, and the
+// product adds the update to each row it writes (tok_lora_out), nine
+// barriers a layer. It writes no clock readings.
+template <bool LORA>
+__device__ __forceinline__ void decode_token_body(const tok_layer* __restrict__ layers, int n_layers, const act_t* __restrict__ embed,
+                                                  float embed_scale, const float* __restrict__ final_norm, const int* __restrict__ step,
+                                                  act_t* __restrict__ work, float* __restrict__ recs, unsigned int* __restrict__ sync,
+                                                  act_t* __restrict__ xf, float* __restrict__ logits, int* __restrict__ best, int hidden,
+                                                  int heads, int kv_heads, int inter, int vocab, float eps, float attn_scale,
+                                                  unsigned long long* __restrict__ times, const tok_lora* __restrict__ loras, int rank,
+                                                  float lora_scale, act_t* __restrict__ xa) {
+    // A layer's barriers: with an adapter, one before each product phase
+    // (its x·Aᵀ) as well.
+    constexpr int P = LORA ? 2 * TOK_PHASES - 1 : TOK_PHASES;
+    constexpr int bA = LORA ? 2 : 1, bB = LORA ? 3 : 2, bC = LORA ? 5 : 3, bD = LORA ? 7 : 4, bE = LORA ? 9 : 5;
     extern __shared__ float4 dyn4[];
     const int qrows = heads * HD, kvrows = kv_heads * HD, group = heads / kv_heads; // query heads a key head
     tok_smem s = tok_carve(reinterpret_cast<float*>(dyn4), max(max(hidden, qrows), inter), hidden);
@@ -672,7 +738,7 @@ extern "C" __global__ void __launch_bounds__(TOK_THREADS, 1) decode_token(
     const int hv = hidden / VEC; // 16-byte groups a row
     if (layers[0].q.nf4) nf4_mma_tables(s.pairs, s.dyn); // every projection of the model in one form
     int r0, r1;
-    unsigned long long* clock = times ? times + (long long)blockIdx.x * TOK_READINGS(n_layers) : nullptr; // the block's readings
+    unsigned long long* clock = !LORA && times ? times + (long long)blockIdx.x * TOK_READINGS(n_layers) : nullptr; // the block's readings
     if (clock && threadIdx.x == 0) clock[0] = tok_now();
     for (int l = 0; l < n_layers; l++) {
         const tok_layer& L = layers[l];
@@ -707,19 +773,30 @@ extern "C" __global__ void __launch_bounds__(TOK_THREADS, 1) decode_token(
             const int i = threadIdx.x + k * TOK_THREADS;
             if (i < 2 * HD) s.qkn[i] = qkn[k];
         }
-        tok_product<1>({{{&L.q}, {&L.k}, {&L.v}}, {qrows, kvrows, kvrows}, 3}, hidden, s,
-                       [&](int r, const float* sum) { qkv[r] = to_act(sum[0]); });
-        tok_grid_sync(sync, TOK_PHASES * l + 1, clock);
+        const tok_lora* lo = LORA ? loras + 7 * l : nullptr; // q, k, v, o, gate, up, down
+        if (LORA) lora_half_phase<3>(lo, s, hidden, rank, xa, sync, P * l + bA - 1);
+        tok_product<1>({{{&L.q}, {&L.k}, {&L.v}}, {qrows, kvrows, kvrows}, 3}, hidden, s, [&](int r, const float* sum) {
+            if (!LORA) {
+                qkv[r] = to_act(sum[0]);
+                return;
+            }
+            const int m = r < qrows ? 0 : r < qrows + kvrows ? 1 : 2, r0 = m == 0 ? 0 : m == 1 ? qrows : qrows + kvrows;
+            qkv[r] = tok_lora_out(sum[0], lo[m].b, r - r0, s.xa + m * rank, rank, lora_scale);
+        });
+        tok_grid_sync(sync, P * l + bA, clock);
 
         // B: attention.
         tok_attention(L, qkv, att, recs, sync + 1, sq, p, heads, kv_heads, group, eps, attn_scale, cosv, sinv, s);
-        tok_grid_sync(sync, TOK_PHASES * l + 2, clock);
+        tok_grid_sync(sync, P * l + bB, clock);
 
         // C: the o projection.
         tok_load(att, qrows, s.v);
         __syncthreads();
-        tok_product<1>({{{&L.o}}, {hidden}, 1}, qrows, s, [&](int r, const float* sum) { ob[r] = to_act(sum[0]); });
-        tok_grid_sync(sync, TOK_PHASES * l + 3, clock);
+        if (LORA) lora_half_phase<1>(lo + 3, s, qrows, rank, xa, sync, P * l + bC - 1);
+        tok_product<1>({{{&L.o}}, {hidden}, 1}, qrows, s, [&](int r, const float* sum) {
+            ob[r] = LORA ? tok_lora_out(sum[0], lo[3].b, r, s.xa, rank, lora_scale) : to_act(sum[0]);
+        });
+        tok_grid_sync(sync, P * l + bC, clock);
 
         // D: the residual, the MLP's norm, gate and up through GeGLU.
         tok_load_inputs(ob, s.v, xb, s.x, L.post_attn, L.pre_ff, hidden, s.nw);
@@ -727,19 +804,24 @@ extern "C" __global__ void __launch_bounds__(TOK_THREADS, 1) decode_token(
         tok_norm(s.v, s.nw, hidden, eps, true, s.x, s.red);
         if (blockIdx.x == 0) tok_store(x1b, hidden, s.x);
         tok_norm(s.x, s.nw + hidden, hidden, eps, false, s.v, s.red);
+        if (LORA) lora_half_phase<2>(lo + 4, s, hidden, rank, xa, sync, P * l + bD - 1);
         tok_product<2>({{{&L.gate, &L.up}}, {inter}, 1}, hidden, s, [&](int r, const float* sum) {
-            const float g = to_f32(to_act(sum[0])), u = to_f32(to_act(sum[1]));
+            const float g = to_f32(LORA ? tok_lora_out(sum[0], lo[4].b, r, s.xa, rank, lora_scale) : to_act(sum[0]));
+            const float u = to_f32(LORA ? tok_lora_out(sum[1], lo[5].b, r, s.xa + rank, rank, lora_scale) : to_act(sum[1]));
             float sg, dz;
             gelu_parts(g, &sg, &dz);
             actb[r] = to_act(g * sg * u);
         });
-        tok_grid_sync(sync, TOK_PHASES * l + 4, clock);
+        tok_grid_sync(sync, P * l + bD, clock);
 
         // E: the down projection.
         tok_load(actb, inter, s.v);
         __syncthreads();
-        tok_product<1>({{{&L.down}}, {hidden}, 1}, inter, s, [&](int r, const float* sum) { db[r] = to_act(sum[0]); });
-        tok_grid_sync(sync, TOK_PHASES * l + 5, clock);
+        if (LORA) lora_half_phase<1>(lo + 6, s, inter, rank, xa, sync, P * l + bE - 1);
+        tok_product<1>({{{&L.down}}, {hidden}, 1}, inter, s, [&](int r, const float* sum) {
+            db[r] = LORA ? tok_lora_out(sum[0], lo[6].b, r, s.xa, rank, lora_scale) : to_act(sum[0]);
+        });
+        tok_grid_sync(sync, P * l + bE, clock);
     }
 
     // F: the last block's residual and the final norm (every block, as in
@@ -784,4 +866,23 @@ extern "C" __global__ void __launch_bounds__(TOK_THREADS, 1) decode_token(
     }
     tok_argmax(bv, bi, s);
     if (threadIdx.x == 0) *best = bi == none ? 0 : bi;
+}
+
+extern "C" __global__ void __launch_bounds__(TOK_THREADS, 1) decode_token(
+    const tok_layer* __restrict__ layers, int n_layers, const act_t* __restrict__ embed, float embed_scale,
+    const float* __restrict__ final_norm, const int* __restrict__ step, act_t* __restrict__ work, float* __restrict__ recs,
+    unsigned int* __restrict__ sync, act_t* __restrict__ xf, float* __restrict__ logits, int* __restrict__ best, int hidden, int heads,
+    int kv_heads, int inter, int vocab, float eps, float attn_scale, unsigned long long* __restrict__ times) {
+    decode_token_body<false>(layers, n_layers, embed, embed_scale, final_norm, step, work, recs, sync, xf, logits, best, hidden, heads,
+                             kv_heads, inter, vocab, eps, attn_scale, times, nullptr, 0, 0.0f, nullptr);
+}
+
+extern "C" __global__ void __launch_bounds__(TOK_THREADS, 1) decode_token_lora(
+    const tok_layer* __restrict__ layers, int n_layers, const act_t* __restrict__ embed, float embed_scale,
+    const float* __restrict__ final_norm, const int* __restrict__ step, act_t* __restrict__ work, float* __restrict__ recs,
+    unsigned int* __restrict__ sync, act_t* __restrict__ xf, float* __restrict__ logits, int* __restrict__ best, int hidden, int heads,
+    int kv_heads, int inter, int vocab, float eps, float attn_scale, unsigned long long* __restrict__ times,
+    const tok_lora* __restrict__ loras, int rank, float lora_scale, act_t* __restrict__ xa) {
+    decode_token_body<true>(layers, n_layers, embed, embed_scale, final_norm, step, work, recs, sync, xf, logits, best, hidden, heads,
+                            kv_heads, inter, vocab, eps, attn_scale, times, loras, rank, lora_scale, xa);
 }

@@ -64,6 +64,24 @@ func EncodeTokenLayers(layers []TokenLayer) []byte {
 	return out
 }
 
+// TokenLoRA is one projection's adapter as decode_token_lora reads it
+// (token.cu's tok_lora): A [rank × in] and B [rows × rank], activations,
+// or both 0 where the adapter leaves the projection alone.
+type TokenLoRA struct{ A, B cuda.DevicePtr }
+
+// EncodeTokenLoRA lays each layer's adapter out as decode_token_lora's
+// table: q, k, v, o, gate, up, down (the order of trainer.AllModules).
+func EncodeTokenLoRA(layers [][7]TokenLoRA) []byte {
+	out := make([]byte, 0, 16*7*len(layers))
+	for _, l := range layers {
+		for _, m := range l {
+			out = binary.LittleEndian.AppendUint64(out, uint64(m.A))
+			out = binary.LittleEndian.AppendUint64(out, uint64(m.B))
+		}
+	}
+	return out
+}
+
 // TokenShape is the model decode_token runs, and the caches' length.
 type TokenShape struct {
 	Hidden, Heads, KVHeads, Intermediate, Layers int
@@ -72,6 +90,18 @@ type TokenShape struct {
 	NF4                                          bool // the projections are NF4
 	Eps, AttnScale                               float64
 	EmbedScale                                   float32
+	// LoRARank, when positive, runs decode_token_lora: an adapter of that
+	// rank, its update scaled by LoRAScale.
+	LoRARank  int
+	LoRAScale float32
+}
+
+// tokenKernel is the kernel that runs sh.
+func tokenKernel(sh TokenShape) string {
+	if sh.LoRARank > 0 {
+		return "decode_token_lora"
+	}
+	return "decode_token"
 }
 
 // tokenChunk is token.cu's TOK_CHUNK: the keys one attention split takes.
@@ -86,6 +116,7 @@ type TokenBuffers struct {
 	Records int64 // the attention's split records
 	Sync    int64 // the barrier's counter, a counter per head and the lm_head's, a pair per block
 	Step    int64 // the step's upload (EncodeTokenStep)
+	XA      int64 // with an adapter: a phase's x·Aᵀ, three projections' at most
 }
 
 // TokenBuffers sizes decode_token's buffers for sh.
@@ -99,6 +130,7 @@ func (k *Kernels) TokenBuffers(sh TokenShape) TokenBuffers {
 		Records: 4 * int64(sh.Heads) * splits * (hd + 2),
 		Sync:    4 * int64(1+sh.Heads+1+2*k.sms),
 		Step:    4 * (4 + 2*hd),
+		XA:      3 * int64(sh.LoRARank) * k.Prec.Size(),
 	}
 }
 
@@ -123,38 +155,41 @@ func (k *Kernels) tokenSharedBytes(sh TokenShape) int {
 	round4 := func(n int) int { return (n + 3) / 4 * 4 }
 	v := max(sh.Hidden, sh.Heads*k.HeadDim, sh.Intermediate)
 	floats := round4(v) + 3*round4(sh.Hidden) + 2*16 + 32 + 5*k.HeadDim + tokenChunk + tokenThreads*k.vec() + 4
-	if sh.NF4 {
-		floats += 256*nf4PairCopies + 256 // nf4_mma_tables' pairs and absmax codes
+	if sh.NF4 || sh.LoRARank > 0 {
+		floats += 256*nf4PairCopies + 256 // nf4_mma_tables' pairs and absmax codes (carved before x·Aᵀ)
 	}
+	floats += 3 * sh.LoRARank
 	return 4 * floats
 }
 
-// tokenSharedMemory lets decode_token use the shared memory sh needs and
+// tokenSharedMemory lets sh's kernel use the shared memory sh needs and
 // returns it.
 func (k *Kernels) tokenSharedMemory(sh TokenShape) (int, error) {
-	shared := k.tokenSharedBytes(sh)
-	if shared > k.tokenShared {
-		if err := k.fns["decode_token"].SetMaxDynamicSharedMemory(shared); err != nil {
-			return 0, fmt.Errorf("decode_token: %d bytes of shared memory: %w", shared, err)
+	name, shared := tokenKernel(sh), k.tokenSharedBytes(sh)
+	if shared > k.tokenShared[name] {
+		if err := k.fns[name].SetMaxDynamicSharedMemory(shared); err != nil {
+			return 0, fmt.Errorf("%s: %d bytes of shared memory: %w", name, shared, err)
 		}
-		k.tokenShared = shared
+		k.tokenShared[name] = shared
 	}
 	return shared, nil
 }
 
-// TokenResident reports why decode_token cannot run sh with a block on
-// every multiprocessor at once (as its cooperative launch needs), or nil.
+// TokenResident reports why decode_token (decode_token_lora with an
+// adapter) cannot run sh with a block on every multiprocessor at once (as
+// its cooperative launch needs), or nil.
 func (k *Kernels) TokenResident(sh TokenShape) error {
 	shared, err := k.tokenSharedMemory(sh)
 	if err != nil {
 		return err
 	}
-	n, err := k.fns["decode_token"].BlocksPerSM(tokenThreads, shared)
+	name := tokenKernel(sh)
+	n, err := k.fns[name].BlocksPerSM(tokenThreads, shared)
 	if err != nil {
 		return err
 	}
 	if n < 1 {
-		return fmt.Errorf("decode_token: a multiprocessor holds no block of %d threads with %d bytes of shared memory", tokenThreads, shared)
+		return fmt.Errorf("%s: a multiprocessor holds no block of %d threads with %d bytes of shared memory", name, tokenThreads, shared)
 	}
 	return nil
 }
@@ -193,8 +228,10 @@ func (k *Kernels) TokenFits(sh TokenShape, device cuda.DeviceInfo) error {
 // sizes (sync's counters zero before the first launch; each launch leaves
 // them zero).
 //
-// times, where not 0, receives TokenTimes' clock readings of every block.
-func (k *Kernels) DecodeToken(c *cuda.Ctx, sh TokenShape, layers, embed, finalNorm, step, work, records, sync, xf, logits, best, times cuda.DevicePtr) error {
+// times, where not 0, receives TokenTimes' clock readings of every block
+// (not with an adapter). With sh.LoRARank, loras is the EncodeTokenLoRA
+// table and xa a buffer of TokenBuffers' XA bytes.
+func (k *Kernels) DecodeToken(c *cuda.Ctx, sh TokenShape, layers, embed, finalNorm, step, work, records, sync, xf, logits, best, times, loras, xa cuda.DevicePtr) error {
 	shared, err := k.tokenSharedMemory(sh)
 	if err != nil {
 		return err
@@ -203,9 +240,13 @@ func (k *Kernels) DecodeToken(c *cuda.Ctx, sh TokenShape, layers, embed, finalNo
 		return err
 	}
 	cfg := cuda.LaunchConfig{Grid: cuda.Dim3{X: k.sms}, Block: cuda.Dim3{X: tokenThreads}, SharedMem: shared, Cooperative: true}
-	return k.launch(c, "decode_token", cfg, layers, int32(sh.Layers), embed, sh.EmbedScale, finalNorm, step, work, records, sync, xf,
+	args := []any{layers, int32(sh.Layers), embed, sh.EmbedScale, finalNorm, step, work, records, sync, xf,
 		logits, best, int32(sh.Hidden), int32(sh.Heads), int32(sh.KVHeads), int32(sh.Intermediate), int32(sh.Vocab), float32(sh.Eps),
-		float32(sh.AttnScale), times)
+		float32(sh.AttnScale), times}
+	if sh.LoRARank > 0 {
+		args = append(args, loras, int32(sh.LoRARank), sh.LoRAScale, xa)
+	}
+	return k.launch(c, tokenKernel(sh), cfg, args...)
 }
 
 // TokenTimes is the number of clock readings (uint64 nanoseconds)

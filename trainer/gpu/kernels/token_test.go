@@ -97,6 +97,28 @@ func TestTokenLayerLayout(t *testing.T) {
 			t.Errorf("int %d is %d, want %d", i, got, v)
 		}
 	}
+
+	// decode_token_lora's table: tok_lora (A, B) for q, k, v, o, gate, up,
+	// down, layer after layer.
+	if got, want := strings.Join(fields("tok_lora"), "|"), "const act_t* a|const act_t* b"; got != want {
+		t.Errorf("tok_lora is %s; EncodeTokenLoRA writes %s", got, want)
+	}
+	var table [2][7]TokenLoRA
+	for l := range table {
+		for i := range table[l] {
+			table[l][i] = TokenLoRA{A: cuda.DevicePtr(100*l + 2*i + 1), B: cuda.DevicePtr(100*l + 2*i + 2)}
+		}
+	}
+	lb := EncodeTokenLoRA(table[:])
+	if len(lb) != 2*7*16 {
+		t.Fatalf("%d bytes of LoRA table for two layers, want %d", len(lb), 2*7*16)
+	}
+	for k := range 2 * 7 * 2 {
+		l, rest := k/14, k%14
+		if got, want := binary.LittleEndian.Uint64(lb[8*k:]), uint64(100*l+rest+1); got != want {
+			t.Errorf("LoRA table word %d is %d, want %d", k, got, want)
+		}
+	}
 }
 
 // TestTokenFits: decode_token takes the released Gemma 3 shapes on an

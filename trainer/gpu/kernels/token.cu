@@ -780,8 +780,8 @@ __device__ __forceinline__ void decode_token_body(const tok_layer* __restrict__ 
                 qkv[r] = to_act(sum[0]);
                 return;
             }
-            const int m = r < qrows ? 0 : r < qrows + kvrows ? 1 : 2, r0 = m == 0 ? 0 : m == 1 ? qrows : qrows + kvrows;
-            qkv[r] = tok_lora_out(sum[0], lo[m].b, r - r0, s.xa + m * rank, rank, lora_scale);
+            const int m = r < qrows ? 0 : r < qrows + kvrows ? 1 : 2, first = m == 0 ? 0 : m == 1 ? qrows : qrows + kvrows;
+            qkv[r] = tok_lora_out(sum[0], lo[m].b, r - first, s.xa + m * rank, rank, lora_scale);
         });
         tok_grid_sync(sync, P * l + bA, clock);
 

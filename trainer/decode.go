@@ -335,52 +335,57 @@ func Argmax(logits []float32) int {
 
 // pick chooses the next token from logits: the most likely (the lowest id
 // among equals) when decoding greedily, else a draw after temperature,
-// top-k and top-p.
+// top-k and top-p (pickAmong, from the top_k most likely or from all).
 func pick(logits []float32, o GenerateOptions, rng *rand.Rand) int32 {
 	if o.Temperature == 0 {
 		return int32(Argmax(logits))
 	}
-	// Candidates most likely first, the lower id first among equals (the
-	// order a stable sort by logit gives). With top_k only those k are
-	// selected and sorted: sorting a 262k vocabulary for every token would
-	// cost more than the model's step.
-	before := func(a, b int) bool {
-		if logits[a] != logits[b] {
-			return logits[a] > logits[b]
-		}
-		return a < b
-	}
+	// With top_k only those k are selected to be sorted: sorting a 262k
+	// vocabulary for every token would cost more than the model's step.
 	var idx []int
 	if o.TopK > 0 && o.TopK < len(logits) {
-		idx = topKIndices(logits, o.TopK, before)
+		idx = topKIndices(logits, o.TopK, func(a, b int) bool { return likelier(logits[a], logits[b], a, b) })
 	} else {
 		idx = make([]int, len(logits))
 		for i := range idx {
 			idx[i] = i
 		}
 	}
-	sortBy(idx, before)
-	vals := make([]float32, len(idx))
+	c := Candidates{IDs: make([]int32, len(idx)), Logits: make([]float32, len(idx))}
 	for i, id := range idx {
-		vals[i] = logits[id]
+		c.IDs[i], c.Logits[i] = int32(id), logits[id]
 	}
-	return int32(idx[draw(vals, o, rng)])
+	return pickAmong(c, o, rng)
 }
 
-// pickAmong is pick's draw with top_k from candidates that hold the top k:
-// the same order, the same k, the same draw.
+// likelier reports whether token a (logit va) comes before token b (vb)
+// among a draw's candidates: the higher logit first, the lower id among
+// equals (the order a stable sort by logit gives).
+func likelier(va, vb float32, a, b int) bool {
+	if va != vb {
+		return va > vb
+	}
+	return a < b
+}
+
+// pickAmong draws from candidates that hold the top_k (pick's, or a
+// step's Candidates): sorted by likelier, cut to top_k where it is set,
+// then drawn.
 func pickAmong(c Candidates, o GenerateOptions, rng *rand.Rand) int32 {
 	idx := make([]int, len(c.IDs))
 	for i := range idx {
 		idx[i] = i
 	}
-	sortBy(idx, func(a, b int) bool {
-		if c.Logits[a] != c.Logits[b] {
-			return c.Logits[a] > c.Logits[b]
+	slices.SortFunc(idx, func(a, b int) int {
+		switch {
+		case likelier(c.Logits[a], c.Logits[b], int(c.IDs[a]), int(c.IDs[b])):
+			return -1
+		case likelier(c.Logits[b], c.Logits[a], int(c.IDs[b]), int(c.IDs[a])):
+			return 1
 		}
-		return c.IDs[a] < c.IDs[b]
+		return 0
 	})
-	if len(idx) > o.TopK {
+	if o.TopK > 0 && len(idx) > o.TopK {
 		idx = idx[:o.TopK]
 	}
 	vals := make([]float32, len(idx))
@@ -388,18 +393,6 @@ func pickAmong(c Candidates, o GenerateOptions, rng *rand.Rand) int32 {
 		vals[i] = c.Logits[j]
 	}
 	return c.IDs[idx[draw(vals, o, rng)]]
-}
-
-func sortBy(idx []int, before func(a, b int) bool) {
-	slices.SortFunc(idx, func(a, b int) int {
-		switch {
-		case before(a, b):
-			return -1
-		case before(b, a):
-			return 1
-		}
-		return 0
-	})
 }
 
 // draw returns the position of one of the candidates' logits vals (most

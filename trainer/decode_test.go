@@ -139,18 +139,24 @@ func pickBySorting(logits []float32, o GenerateOptions, rng *rand.Rand) int32 {
 	return int32(idx[draw(vals, o, rng)])
 }
 
+// tiedLogits is a row of 1 to 3,000 logits of few distinct values, so that
+// ties are everywhere.
+func tiedLogits(rng *rand.Rand) []float32 {
+	logits := make([]float32, 1+rng.IntN(3000))
+	for i := range logits {
+		logits[i] = float32(rng.IntN(12)) / 3
+	}
+	return logits
+}
+
 // TestPickDrawsAsSortingDid: selecting the top k with a heap and sorting
 // with ties broken by id draws the very tokens a stable sort of the whole
 // vocabulary drew, ties and all.
 func TestPickDrawsAsSortingDid(t *testing.T) {
 	rng := rand.New(rand.NewPCG(1, 2))
 	for trial := range 40 {
-		n := 1 + rng.IntN(3000)
-		logits := make([]float32, n)
-		for i := range logits {
-			// Few distinct values, so that ties are everywhere.
-			logits[i] = float32(rng.IntN(12)) / 3
-		}
+		logits := tiedLogits(rng)
+		n := len(logits)
 		o := GenerateOptions{MaxNewTokens: 1, Temperature: []float64{0.3, 1, 2}[trial%3],
 			TopK: []int{0, 1, 5, 64, n, n + 3}[trial%6], TopP: []float64{0, 0.5, 0.95, 1}[trial%4]}
 		a, b := rand.New(rand.NewPCG(uint64(trial), 0)), rand.New(rand.NewPCG(uint64(trial), 0))
@@ -193,20 +199,12 @@ func TestStreamsNameTheDraws(t *testing.T) {
 func TestCandidatesDrawAsLogitsDo(t *testing.T) {
 	rng := rand.New(rand.NewPCG(3, 4))
 	for trial := range 60 {
-		n := 1 + rng.IntN(3000)
-		logits := make([]float32, n)
-		for i := range logits {
-			logits[i] = float32(rng.IntN(12)) / 3
-		}
+		logits := tiedLogits(rng)
+		n := len(logits)
 		k := []int{1, 2, 5, 64, n, n + 3}[trial%6]
 		o := GenerateOptions{MaxNewTokens: 1, Temperature: []float64{0.3, 1, 2}[trial%3], TopK: k, TopP: []float64{0, 0.5, 0.95, 1}[trial%4]}
 		// The top k by pick's order, then some others, shuffled.
-		top := topKIndices(logits, min(k, n), func(a, b int) bool {
-			if logits[a] != logits[b] {
-				return logits[a] > logits[b]
-			}
-			return a < b
-		})
+		top := topKIndices(logits, min(k, n), func(a, b int) bool { return likelier(logits[a], logits[b], a, b) })
 		in := map[int]bool{}
 		for _, id := range top {
 			in[id] = true

@@ -45,15 +45,10 @@ type kvCaches struct {
 	graphs map[int]*cuda.Graph
 	// tok runs the steps of one token as decode_token, or is nil.
 	tok *tokenStep
-	// top holds sampling's candidates (kernels.TopCandidates) where the
-	// decoding samples from the top k, or is nil.
-	top *topBuffers
-}
-
-// topBuffers are a decoding's room for sampling's candidates: a record of
-// topCapacity candidates and the chunks' maxima for each sequence.
-type topBuffers struct {
-	maxima, records cuda.Buffer
+	// Sampling's candidates (kernels.TopCandidates), where the decoding
+	// samples from a top k the kernel takes, else none: per sequence, a
+	// record of topCapacity and the chunks' maxima.
+	topRecords, topMaxima cuda.Buffer
 }
 
 // topCapacity is the most candidates of a sequence a sampling step hands
@@ -399,11 +394,10 @@ func (g *decoder) withCaches(prompts [][]int32, maxNew, topK int, decode func(tr
 			return err
 		}
 		if _, chunks := kernels.TopChunking(cfg.VocabSize); topK > 0 && topK <= chunks {
-			dc.top = &topBuffers{}
-			if dc.top.maxima, err = c.Alloc(4 * int64(len(prompts)) * kernels.TopChunks); err != nil {
+			if dc.topMaxima, err = c.Alloc(4 * int64(len(prompts)) * kernels.TopChunks); err != nil {
 				return err
 			}
-			if dc.top.records, err = c.Alloc(4 * int64(len(prompts)) * int64(kernels.TopRecordWords(topCapacity))); err != nil {
+			if dc.topRecords, err = c.Alloc(4 * int64(len(prompts)) * int64(kernels.TopRecordWords(topCapacity))); err != nil {
 				return err
 			}
 		}
@@ -421,20 +415,13 @@ func (g *decoder) withCaches(prompts [][]int32, maxNew, topK int, decode func(tr
 		return err
 	})
 	defer s.dev.Do(func(c *cuda.Ctx) error {
-		for _, b := range append(append(dc.k, dc.v...), dc.seq, dc.pos, dc.from[0], dc.from[1], dc.best, dc.part) {
+		for _, b := range append(append(dc.k, dc.v...), dc.seq, dc.pos, dc.from[0], dc.from[1], dc.best, dc.part, dc.topMaxima, dc.topRecords) {
 			if b.Ptr != 0 {
 				c.Free(b)
 			}
 		}
 		if dc.tok != nil {
 			dc.tok.free(c)
-		}
-		if dc.top != nil {
-			for _, b := range []cuda.Buffer{dc.top.maxima, dc.top.records} {
-				if b.Ptr != 0 {
-					c.Free(b)
-				}
-			}
 		}
 		return nil
 	})
@@ -517,9 +504,9 @@ func (g *decoder) step(dc *kvCaches, b *trainer.Batch, seq, from []int32, want t
 // handOver downloads what want asks of a step's n rows of logits (in
 // ws.logits; their most likely tokens in dc.best): with Greedy the most
 // likely tokens; with TopK each row's candidates (kernels.TopCandidates),
-// where the decoding has room for them and no row has more than
-// topCapacity; else the logits, 1 MB a row at Gemma's vocabulary, which
-// the host then searches for the top k.
+// where the decoding has room for them (withCaches made it for this top k)
+// and no row has more than topCapacity; else the logits, 1 MB a row at
+// Gemma's vocabulary, which the host then searches for the top k.
 func (g *decoder) handOver(c *cuda.Ctx, dc *kvCaches, n int, want trainer.StepWant) (trainer.StepResult, error) {
 	s := g.s
 	if want.Greedy {
@@ -528,13 +515,13 @@ func (g *decoder) handOver(c *cuda.Ctx, dc *kvCaches, n int, want trainer.StepWa
 		return trainer.StepResult{Best: best}, err
 	}
 	V := s.info.Config.VocabSize
-	if _, chunks := kernels.TopChunking(V); dc.top != nil && want.TopK > 0 && want.TopK <= chunks {
-		if err := s.k.TopCandidates(c, s.ws.logits.Ptr, n, V, want.TopK, dc.top.maxima.Ptr, topCapacity, dc.top.records.Ptr); err != nil {
+	if dc.topRecords.Ptr != 0 && want.TopK > 0 {
+		if err := s.k.TopCandidates(c, s.ws.logits.Ptr, n, V, want.TopK, dc.topMaxima.Ptr, topCapacity, dc.topRecords.Ptr); err != nil {
 			return trainer.StepResult{}, err
 		}
 		words := kernels.TopRecordWords(topCapacity)
 		recs := make([]uint32, n*words)
-		if err := cuda.Download(c, recs, dc.top.records.Ptr); err != nil {
+		if err := cuda.Download(c, recs, dc.topRecords.Ptr); err != nil {
 			return trainer.StepResult{}, err
 		}
 		cands := make([]trainer.Candidates, n)

@@ -44,7 +44,9 @@ that samples from the top k hands the host each sequence's likeliest tokens,
 not its logits (1 MB a sequence at Gemma's vocabulary).
 
 --preset makes a model of a released Gemma 3 size with random weights on the
-GPU; --model reads a checkpoint folder (with --adapter, a PEFT adapter too).
+GPU, with --lora-rank an adapter on all seven projections too (initialised as
+PEFT does, B zero: the tokens are the base's, the work an adapter's); --model
+reads a checkpoint folder (with --adapter, a PEFT adapter too).
 
 A step of one token runs as one launch, with an adapter too (the JSON's
 token_kernel_steps counts them); PIPELINE_TOKEN_KERNEL=off runs it as a launch per
@@ -54,7 +56,8 @@ tile where the GPU has the room (half a byte a weight more); PIPELINE_NF4_TILES=
 leaves it out.`,
 		Example: `  pipeline bench generate --preset 1b
   pipeline bench generate --preset 12b --batch-size 16 --json
-  pipeline bench generate --preset 1b --temperature 1 --top-k 64 --top-p 0.95`,
+  pipeline bench generate --preset 1b --temperature 1 --top-k 64 --top-p 0.95
+  pipeline bench generate --preset 12b --quantize nf4 --lora-rank 16`,
 		Args: cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
 			return runBenchGenerate(cmd.Context(), cmd.OutOrStdout(), o)
@@ -64,6 +67,7 @@ leaves it out.`,
 	f.StringVar(&o.preset, "preset", "", "model shape with random weights: 1b, 4b, 12b, 27b (or tiny)")
 	f.StringVar(&o.model, "model", "", "Gemma 3 checkpoint folder (or hf://ORG/NAME[@REV]) instead of a preset")
 	f.StringVar(&o.adapter, "adapter", "", "PEFT LoRA adapter folder for --model")
+	f.IntVar(&o.loraRank, "lora-rank", 0, "with --preset: an adapter of this rank (alpha twice it) on all seven projections")
 	f.StringVar(&o.quantize, "quantize", "none", "base weights: none (bfloat16) or nf4")
 	f.StringVar(&o.backend, "backend", "cuda", "with --model: cuda or cpu")
 	f.IntVar(&o.batch, "batch-size", 1, "prompts decoded together")
@@ -83,6 +87,7 @@ leaves it out.`,
 type benchGenOptions struct {
 	preset, model, adapter, quantize, backend string
 	batch, promptLen, newTokens, runs, warmup int
+	loraRank                                  int
 	sample                                    trainer.GenerateOptions // its sampling fields
 	json, profile                             bool
 }
@@ -94,6 +99,7 @@ type benchGenResult struct {
 	PromptLen int    `json:"prompt_len"`
 	NewTokens int    `json:"new_tokens"`
 	Quantize  string `json:"quantize"`
+	LoRARank  int    `json:"lora_rank,omitempty"`
 	// Temperature, TopK and TopP are the sampling's (all zero: greedy).
 	Temperature float64 `json:"temperature,omitempty"`
 	TopK        int     `json:"top_k,omitempty"`
@@ -125,6 +131,9 @@ func runBenchGenerate(ctx context.Context, w io.Writer, o benchGenOptions) error
 	if o.adapter != "" && o.model == "" {
 		return usageErr(errors.New("bench generate: --adapter goes with --model"))
 	}
+	if o.loraRank < 0 || o.loraRank > 0 && o.preset == "" {
+		return usageErr(errors.New("bench generate: --lora-rank is a positive rank, with --preset"))
+	}
 	opts := o.sample
 	opts.MaxNewTokens = o.newTokens
 	if err := opts.Validate(); err != nil {
@@ -137,7 +146,14 @@ func runBenchGenerate(ctx context.Context, w io.Writer, o benchGenOptions) error
 		if err != nil {
 			return usageErr(err)
 		}
-		dec, err = gpu.OpenRandomDecoder(ctx, mc, 1, o.quantize)
+		var a *trainer.Adapter
+		if o.loraRank > 0 {
+			lc := trainer.LoRAConfig{R: o.loraRank, Alpha: 2 * float64(o.loraRank), Targets: trainer.AllModules}
+			if a, err = trainer.NewAdapter(mc, lc, 1); err != nil {
+				return usageErr(fmt.Errorf("bench generate: %w", err))
+			}
+		}
+		dec, err = gpu.OpenRandomDecoder(ctx, mc, 1, o.quantize, a)
 		if err != nil {
 			return failErr(fmt.Errorf("bench generate: %w", err))
 		}
@@ -207,7 +223,7 @@ func runBenchGenerate(ctx context.Context, w io.Writer, o benchGenOptions) error
 		printProfile(os.Stderr, p, total)
 	}
 	res := benchGenResult{Preset: o.preset, BatchSize: o.batch, PromptLen: o.promptLen, NewTokens: o.newTokens,
-		Quantize: o.quantize, RunSec: medianSec(runs), FirstSec: medianSec(firsts)}
+		Quantize: o.quantize, LoRARank: o.loraRank, RunSec: medianSec(runs), FirstSec: medianSec(firsts)}
 	if opts.Temperature != 0 {
 		res.Temperature, res.TopK, res.TopP = opts.Temperature, opts.TopK, opts.TopP
 	}

@@ -240,7 +240,7 @@ func TestBenchTrainUsage(t *testing.T) {
 }
 
 // TestBenchGenerate: bench generate refuses a missing or doubled model and
-// bad sizes or sampling options with exit 2; on the CPU reference it
+// bad sizes, sampling options or adapter ranks with exit 2; on the CPU reference it
 // decodes exactly --new-tokens for every prompt, greedily or sampled, and
 // reports them as a JSON line; a preset without a GPU fails with exit 1
 // saying why.
@@ -254,6 +254,8 @@ func TestBenchGenerate(t *testing.T) {
 		{"bench", "generate", "--preset", "1b", "--adapter", dir},
 		{"bench", "generate", "--preset", "1b", "--temperature", "-1"},
 		{"bench", "generate", "--preset", "1b", "--temperature", "1", "--top-p", "2"},
+		{"bench", "generate", "--model", model, "--lora-rank", "8"},
+		{"bench", "generate", "--preset", "1b", "--lora-rank", "-1"},
 	} {
 		if r := runCLI(t, dir, args...); r.code != 2 {
 			t.Errorf("%v: exit %d, want 2 (%s)", args, r.code, r.stderr)

@@ -296,10 +296,11 @@ func (g *decoder) ReadsNF4(batch int) bool {
 }
 
 // OpenRandomDecoder makes a decoder of shape mc with random weights (as
-// OpenRandom does), with no adapter, for measuring decoding speed without
-// a checkpoint on disk; quantize is "nf4" or "none".
-func OpenRandomDecoder(ctx context.Context, mc *trainer.Config, seed uint64, quantize string) (trainer.Decoder, error) {
-	return openRandomDecoder(ctx, mc, seed, quantize, "", nil)
+// OpenRandom does), with adapter a where it is not nil, for measuring
+// decoding speed without a checkpoint on disk; quantize is "nf4" or
+// "none".
+func OpenRandomDecoder(ctx context.Context, mc *trainer.Config, seed uint64, quantize string, a *trainer.Adapter) (trainer.Decoder, error) {
+	return openRandomDecoder(ctx, mc, seed, quantize, "", a)
 }
 
 // openRandomDecoder is OpenRandomDecoder in a session of the given

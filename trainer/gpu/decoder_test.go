@@ -363,6 +363,76 @@ func randomAdapter(t *testing.T, mc *trainer.Config) *trainer.Adapter {
 	return a
 }
 
+// TestSampledDecodingOnGPU: sampling from the top k with the candidates
+// each step hands over (kernels.TopCandidates) draws the very tokens that
+// sampling from every logit draws, on the same decoder. At the 1B shape
+// (Gemma's vocabulary, bf16): one sequence (steps of one token through
+// decode_token) and three (a step per batch); on a parity case's model in
+// float32 (a vocabulary of 128 in 4 chunks): k up to the chunks and past
+// them, where the step hands over the logits.
+func TestSampledDecodingOnGPU(t *testing.T) {
+	cudatest.Device(t)
+	mc, err := trainer.Preset("1b")
+	if err != nil {
+		t.Fatal(err)
+	}
+	d, err := openRandomDecoder(context.Background(), mc, 5, "none", "", nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer d.Close()
+	rng := rand.New(rand.NewPCG(5, 6))
+	draw := func(n int) []int32 {
+		ids := make([]int32, n)
+		for i := range ids {
+			ids[i] = int32(rng.IntN(mc.VocabSize))
+		}
+		return ids
+	}
+	for _, prompts := range [][][]int32{{draw(40)}, {draw(30), draw(7), draw(52)}} {
+		for _, o := range []trainer.GenerateOptions{
+			{Temperature: 1, TopK: 64, TopP: 0.95}, {Temperature: 0.7, TopK: 5}, {Temperature: 1.5, TopK: 200, TopP: 0.9},
+		} {
+			o.MaxNewTokens, o.Seed = 24, 9
+			compareSampling(t, d.(*decoder), prompts, o, true)
+		}
+	}
+	tiny, err := openDecoder(context.Background(), trainer.DecoderConfig{Model: filepath.Join(refDir, "t5_gqa", "model")}, "fp32")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer tiny.Close()
+	ps := [][]int32{{2, 17, 40, 9}, {2, 5}}
+	for _, k := range []int{1, 3, 4, 5, 0} {
+		compareSampling(t, tiny.(*decoder), ps, trainer.GenerateOptions{MaxNewTokens: 16, Temperature: 2, TopK: k, Seed: 3}, k > 0 && k <= 4)
+	}
+}
+
+// compareSampling decodes prompts with o twice on g, its sampling steps
+// handing over candidates, then every logit, and fails unless both drew
+// the same tokens and (with candidates set) candidates were handed over.
+func compareSampling(t *testing.T, g *decoder, prompts [][]int32, o trainer.GenerateOptions, candidates bool) {
+	t.Helper()
+	before := g.candidateSteps
+	got, err := g.Generate(context.Background(), prompts, o, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	steps := g.candidateSteps - before
+	g.wholeLogits = true
+	want, err := g.Generate(context.Background(), prompts, o, nil)
+	g.wholeLogits = false
+	if err != nil {
+		t.Fatal(err)
+	}
+	if fmt.Sprint(got) != fmt.Sprint(want) {
+		t.Errorf("%d prompts, %+v: candidates drew\n %v\nthe logits\n %v", len(prompts), o, got, want)
+	}
+	if candidates != (steps > 0) {
+		t.Errorf("%d prompts, %+v: %d steps handed over candidates", len(prompts), o, steps)
+	}
+}
+
 // compareTokenKernel decodes a random model of a preset's shape with the
 // base weights in form quantize (with "nf4", steps of one token read that
 // form), and with adapter a random adapter (decode_token_lora),

@@ -143,8 +143,8 @@ func (s *session) newTokenStep(c *cuda.Ctx, dc *kvCaches, sh kernels.TokenShape)
 		}
 		loras = kernels.EncodeTokenLoRA(adapter)
 	}
-	var times int64 // none unless profiling, and decode_token_lora reads no clock
-	if s.prof != nil && sh.LoRARank == 0 {
+	var times int64 // none unless profiling
+	if s.prof != nil {
 		times = 8 * int64(s.k.TokenTimes(sh))
 	}
 	for _, b := range []struct {

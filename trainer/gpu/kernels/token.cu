@@ -95,9 +95,10 @@ struct tok_smem {
     unsigned int* pairs; // NF4 only: nf4_mma_tables' pairs, 256·NF4_PAIR_COPIES
     float* dyn;          // and absmax codes, 256
     float* xa;           // decode_token_lora only: a phase's x·Aᵀ, 3·rank
+    float* dsums;        // and the block's row sums of a phase (tok_product's DEFER)
 };
 
-__device__ __forceinline__ tok_smem tok_carve(float* dyn, int vlen, int hidden) {
+__device__ __forceinline__ tok_smem tok_carve(float* dyn, int vlen, int hidden, int rank) {
     tok_smem s;
     s.v = dyn;
     s.x = s.v + (vlen + 3) / 4 * 4;
@@ -114,6 +115,7 @@ __device__ __forceinline__ tok_smem tok_carve(float* dyn, int vlen, int hidden) 
     s.pairs = reinterpret_cast<unsigned int*>(s.sums + TOK_THREADS * VEC + 4); // 16-byte aligned
     s.dyn = reinterpret_cast<float*>(s.pairs + 256 * NF4_PAIR_COPIES);
     s.xa = s.dyn + 256;
+    s.dsums = s.xa + 3 * rank;
     return s;
 }
 
@@ -277,8 +279,19 @@ __device__ __forceinline__ void tok_norm_rope(const act_t* x, const float* __res
 // Warps take a row each, or where the block has fewer rows than warps a
 // part of one, whose sums meet in a fixed order; done(r, sums) gets each
 // row's NMAT sums in one thread.
-template <int NMAT, typename Row, typename Done>
-__device__ __forceinline__ void tok_rows(Row row, int r0, int r1, int in, const float* v, float* part, Done done) {
+//
+// DEFER (decode_token_lora) keeps the sums in dbuf (NMAT a row of the
+// block's) instead, and once every row's are there calls ready() in every
+// thread, then done for the rows a thread each: the adapter's update of a
+// row needs x·Aᵀ, which other blocks compute while this one streams its
+// weights, and the rows then take their B rows' loads all at once.
+struct tok_no_ready {
+    __device__ void operator()() const {}
+};
+
+template <int NMAT, bool DEFER = false, typename Row, typename Done, typename Ready = tok_no_ready>
+__device__ __forceinline__ void tok_rows(Row row, int r0, int r1, int in, const float* v, float* part, Done done, float* dbuf = nullptr,
+                                         Ready ready = Ready()) {
     const int rows = r1 - r0;
     if (rows <= 0) return; // the same for the whole block
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
@@ -315,7 +328,14 @@ __device__ __forceinline__ void tok_rows(Row row, int r0, int r1, int in, const 
         #pragma unroll
         for (int m = 0; m < NMAT; m++) acc[m] = warp_sum(acc[m]);
         if (S == 1) {
-            if (lane == 0) done(r, acc);
+            if (lane == 0) {
+                if (DEFER) {
+                    #pragma unroll
+                    for (int m = 0; m < NMAT; m++) dbuf[(r - r0) * NMAT + m] = acc[m];
+                } else {
+                    done(r, acc);
+                }
+            }
         } else if (lane == 0) {
             #pragma unroll
             for (int m = 0; m < NMAT; m++) part[t * NMAT + m] = acc[m];
@@ -330,8 +350,18 @@ __device__ __forceinline__ void tok_rows(Row row, int r0, int r1, int in, const 
                 sums[m] = 0.0f;
                 for (int sp = 0; sp < S; sp++) sums[m] += part[(threadIdx.x * S + sp) * NMAT + m];
             }
-            done(r0 + threadIdx.x, sums);
+            if (DEFER) {
+                #pragma unroll
+                for (int m = 0; m < NMAT; m++) dbuf[threadIdx.x * NMAT + m] = sums[m];
+            } else {
+                done(r0 + threadIdx.x, sums);
+            }
         }
+    }
+    if (DEFER) {
+        __syncthreads();
+        ready();
+        for (int i = threadIdx.x; i < rows; i += blockDim.x) done(r0 + i, dbuf + i * NMAT);
     }
     __syncthreads(); // part and v are free again
 }
@@ -368,8 +398,9 @@ __device__ __forceinline__ int tok_tile(const tok_segs<NMAT>& sg, int t, const t
     return seg == 0 ? t : seg == 1 ? t - n0 : t - n0 - n1;
 }
 
-template <int NMAT, bool TILED, typename Done>
-__device__ __forceinline__ void tok_rows_nf4(const tok_segs<NMAT>& sg, int in, const float* v, tok_smem& s, Done done) {
+template <int NMAT, bool TILED, bool DEFER, typename Done, typename Ready>
+__device__ __forceinline__ void tok_rows_nf4(const tok_segs<NMAT>& sg, int in, const float* v, tok_smem& s, Done done, float* dbuf,
+                                             Ready ready) {
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, g = lane >> 2, c = lane & 3;
     const unsigned int lane4 = 4u * lane;
     constexpr int U = 4 / NMAT; // 64-blocks a lane has in flight per matrix and row
@@ -434,7 +465,10 @@ __device__ __forceinline__ void tok_rows_nf4(const tok_segs<NMAT>& sg, int in, c
             #pragma unroll
             for (int e = 0; e < 2; e++) {
                 const int r = row0 + g + 8 * e;
-                if (S == 1) {
+                if (S == 1 && DEFER) {
+                    #pragma unroll
+                    for (int m = 0; m < NMAT; m++) dbuf[(base + r - 16 * t0) * NMAT + m] = acc[m][e];
+                } else if (S == 1) {
                     float sums[NMAT];
                     #pragma unroll
                     for (int m = 0; m < NMAT; m++) sums[m] = acc[m][e];
@@ -460,9 +494,20 @@ __device__ __forceinline__ void tok_rows_nf4(const tok_segs<NMAT>& sg, int in, c
                     sums[m] = 0.0f;
                     for (int sp = 0; sp < S; sp++) sums[m] += s.sums[((t * S + sp) * 16 + i) * NMAT + m];
                 }
-                done(base + r, sums);
+                if (DEFER) {
+                    #pragma unroll
+                    for (int m = 0; m < NMAT; m++) dbuf[(base + r - 16 * t0) * NMAT + m] = sums[m];
+                } else {
+                    done(base + r, sums);
+                }
             }
         }
+    }
+    if (DEFER) { // the segments are whole tiles (TokenFits), so the block's rows are 16·t0 ..
+        __syncthreads();
+        ready();
+        const int total = sg.rows[0] + (sg.count > 1 ? sg.rows[1] : 0) + (sg.count > 2 ? sg.rows[2] : 0);
+        for (int i = threadIdx.x; i < min(16 * t1, total) - 16 * t0; i += blockDim.x) done(16 * t0 + i, dbuf + i * NMAT);
     }
     __syncthreads(); // s.sums and v are free again
 }
@@ -470,25 +515,28 @@ __device__ __forceinline__ void tok_rows_nf4(const tok_segs<NMAT>& sg, int in, c
 // The block's rows of a phase's product with its input in s.v: the
 // segments' matrices [rows × in], dense or NF4 (tok_rows, tok_rows_nf4),
 // their rows numbered in the segments' order.
-template <int NMAT, typename Done>
-__device__ __forceinline__ void tok_product(const tok_segs<NMAT>& sg, int in, tok_smem& s, Done done) {
+//
+// DEFER: done runs after every sum of the block's rows and ready() (see
+// tok_rows), the sums kept in s.dsums.
+template <int NMAT, bool DEFER = false, typename Done, typename Ready = tok_no_ready>
+__device__ __forceinline__ void tok_product(const tok_segs<NMAT>& sg, int in, tok_smem& s, Done done, Ready ready = Ready()) {
     if (sg.m[0][0]->nf4) { // a decoder tiles all its NF4 matrices or none
         if (sg.m[0][0]->tile_codes)
-            tok_rows_nf4<NMAT, true>(sg, in, s.v, s, done);
+            tok_rows_nf4<NMAT, true, DEFER>(sg, in, s.v, s, done, s.dsums, ready);
         else
-            tok_rows_nf4<NMAT, false>(sg, in, s.v, s, done);
+            tok_rows_nf4<NMAT, false, DEFER>(sg, in, s.v, s, done, s.dsums, ready);
         return;
     }
     int r0, r1;
     tok_slice(sg.rows[0] + sg.rows[1] + sg.rows[2], r0, r1); // segments past count have no rows
     const int groups = in / VEC;
-    tok_rows<NMAT>(
+    tok_rows<NMAT, DEFER>(
         [&](int m, int r) {
             const int a = sg.rows[0], b = a + sg.rows[1];
             const tok_mat* mt = r < a ? sg.m[0][m] : r < b ? sg.m[1][m] : sg.m[2][m];
             return static_cast<const uint4*>(mt->w) + (long long)(r < a ? r : r < b ? r - a : r - b) * groups;
         },
-        r0, r1, in, s.v, s.part, done);
+        r0, r1, in, s.v, s.part, done, s.dsums, ready);
 }
 
 // Phase B for head-split items it = blockIdx.x, + gridDim.x, ...: see the
@@ -636,16 +684,48 @@ struct tok_lora {
 // rows of x·Aᵀ of the phase's N projections (v, in floats, the phase's
 // input, which every block holds), rank a projection, into xa as
 // activations, as the launch per operation's GEMM rounds them; a block a
-// row. The phase reads them after the next barrier.
+// row. The product reads them once every block has written its rows
+// (tok_lora_start, tok_lora_ready). The row is read in
+// 16-byte loads, all of a thread's in flight at once (TOK_XA_LOADS of
+// them cover rows of up to 32,768 values in bf16, 16,384 in float32; a
+// longer row's rest follows), so that a row costs one round trip to
+// memory: at 12B, element by element, the down projection's row of 15,360
+// took several.
+#define TOK_XA_LOADS 8
 template <int N>
 __device__ __forceinline__ void tok_lora_xa(const tok_lora* lo, const float* v, int in, int rank, act_t* xa, float* red) {
+    const int groups = in / VEC;
     for (int j = blockIdx.x; j < N * rank; j += gridDim.x) {
         const int m = j / rank;
         const act_t* a = lo[m].a;
         if (a == nullptr) continue; // the same for the whole block
-        const act_t* row = a + (long long)(j - m * rank) * in;
+        const uint4* row = reinterpret_cast<const uint4*>(a + (long long)(j - m * rank) * in);
+        uint4 w[TOK_XA_LOADS];
+        #pragma unroll
+        for (int k = 0; k < TOK_XA_LOADS; k++) {
+            const int g = threadIdx.x + k * TOK_THREADS;
+            w[k] = g < groups ? __ldg(row + g) : make_uint4(0u, 0u, 0u, 0u);
+        }
         float acc = 0.0f;
-        for (int i = threadIdx.x; i < in; i += blockDim.x) acc += to_f32(row[i]) * v[i];
+        #pragma unroll
+        for (int k = 0; k < TOK_XA_LOADS; k++) {
+            const int g = threadIdx.x + k * TOK_THREADS;
+            if (g >= groups) break;
+            float xv[VEC];
+            load_f32_vec(v, g, xv);
+            act_vec wv;
+            wv.u = w[k];
+            #pragma unroll
+            for (int e = 0; e < VEC; e++) acc += to_f32(wv.a[e]) * xv[e];
+        }
+        for (int g = threadIdx.x + TOK_XA_LOADS * TOK_THREADS; g < groups; g += TOK_THREADS) {
+            float xv[VEC];
+            load_f32_vec(v, g, xv);
+            act_vec wv;
+            wv.u = __ldg(row + g);
+            #pragma unroll
+            for (int e = 0; e < VEC; e++) acc += to_f32(wv.a[e]) * xv[e];
+        }
         acc = block_sum(acc, red);
         if (threadIdx.x == 0) xa[j] = to_act(acc);
     }
@@ -683,13 +763,35 @@ __device__ __forceinline__ void tok_argmax(float& bv, int& bi, tok_smem& s) {
     __syncthreads();
 }
 
-// decode_token_lora's half-phase before a product phase whose input is
-// in s.v (in values): x·Aᵀ of its N projections (tok_lora_xa), the grid
-// barrier n, and the rows into s.xa.
+// decode_token_lora's x·Aᵀ for a product phase whose input is in s.v
+// (in values): the block's rows of it (tok_lora_xa), then its arrival at
+// the adapter's counter ctr, which counts every block's arrivals over the
+// launch, so that the product can start at once and wait for x·Aᵀ only
+// where it adds the update (tok_lora_ready).
 template <int N>
-__device__ __forceinline__ void lora_half_phase(const tok_lora* lo, tok_smem& s, int in, int rank, act_t* xa, unsigned int* sync, int n) {
+__device__ __forceinline__ void tok_lora_start(const tok_lora* lo, tok_smem& s, int in, int rank, act_t* xa, unsigned int* ctr) {
     tok_lora_xa<N>(lo, s.v, in, rank, xa, s.red);
-    tok_grid_sync(sync, n, nullptr);
+    // Thread 0 wrote the block's rows (block_sum leaves the sum there);
+    // its release orders them before the arrival.
+    if (threadIdx.x == 0) asm volatile("red.release.gpu.global.add.u32 [%0], 1;" ::"l"(ctr) : "memory");
+}
+
+// Waits, in every thread of the block, until every block has arrived at
+// ctr n times (its nth x·Aᵀ written), then reads the N·rank values of x·Aᵀ
+// into s.xa. As tok_grid_sync: thread 0's acquire polls, and a launch
+// whose counter never gets there traps.
+template <int N>
+__device__ __forceinline__ void tok_lora_ready(tok_smem& s, const act_t* xa, int rank, const unsigned int* ctr, unsigned int n) {
+    if (threadIdx.x == 0) {
+        const unsigned int target = n * gridDim.x;
+        unsigned int seen;
+        for (unsigned int polls = 0;; polls++) {
+            asm volatile("ld.acquire.gpu.global.u32 %0, [%1];" : "=r"(seen) : "l"(ctr) : "memory");
+            if (seen >= target) break;
+            if (polls == (1u << 22)) __trap();
+        }
+    }
+    __syncthreads();
     for (int i = threadIdx.x; i < N * rank; i += blockDim.x) s.xa[i] = to_f32(__ldcg(xa + i));
     __syncthreads();
 }
@@ -707,10 +809,11 @@ __device__ __forceinline__ void lora_half_phase(const tok_lora* lo, tok_smem& s,
 // time it finished (TOK_READINGS values, tok_now).
 //
 // decode_token_lora is the same step with an adapter (loras: seven
-// tok_lora a layer; rank, scale; xa: 3·rank activations): before each
-// product phase a half-phase computes x·Aᵀ of its projections, and the
-// product adds the update to each row it writes (tok_lora_out), nine
-// barriers a layer. It writes no clock readings.
+// tok_lora a layer; rank, scale; xa: 3·rank activations; sync holds one
+// more counter, after the pairs): each product phase starts with the
+// blocks' rows of x·Aᵀ of its projections (tok_lora_start), and adds the
+// update to its rows (tok_lora_out) once every block's are written
+// (tok_lora_ready): the same five barriers a layer.
 template <bool LORA>
 __device__ __forceinline__ void decode_token_body(const tok_layer* __restrict__ layers, int n_layers, const act_t* __restrict__ embed,
                                                   float embed_scale, const float* __restrict__ final_norm, const int* __restrict__ step,
@@ -719,13 +822,10 @@ __device__ __forceinline__ void decode_token_body(const tok_layer* __restrict__ 
                                                   int heads, int kv_heads, int inter, int vocab, float eps, float attn_scale,
                                                   unsigned long long* __restrict__ times, const tok_lora* __restrict__ loras, int rank,
                                                   float lora_scale, act_t* __restrict__ xa) {
-    // A layer's barriers: with an adapter, one before each product phase
-    // (its x·Aᵀ) as well.
-    constexpr int P = LORA ? 2 * TOK_PHASES - 1 : TOK_PHASES;
-    constexpr int bA = LORA ? 2 : 1, bB = LORA ? 3 : 2, bC = LORA ? 5 : 3, bD = LORA ? 7 : 4, bE = LORA ? 9 : 5;
+    constexpr int P = TOK_PHASES, bA = 1, bB = 2, bC = 3, bD = 4, bE = 5; // a layer's barriers
     extern __shared__ float4 dyn4[];
     const int qrows = heads * HD, kvrows = kv_heads * HD, group = heads / kv_heads; // query heads a key head
-    tok_smem s = tok_carve(reinterpret_cast<float*>(dyn4), max(max(hidden, qrows), inter), hidden);
+    tok_smem s = tok_carve(reinterpret_cast<float*>(dyn4), max(max(hidden, qrows), inter), hidden, rank);
     const int id = step[0], sq = step[1], p = step[2];
     const float* rope = reinterpret_cast<const float*>(step + 4);
     act_t* xb = work;
@@ -738,7 +838,8 @@ __device__ __forceinline__ void decode_token_body(const tok_layer* __restrict__ 
     const int hv = hidden / VEC; // 16-byte groups a row
     if (layers[0].q.nf4) nf4_mma_tables(s.pairs, s.dyn); // every projection of the model in one form
     int r0, r1;
-    unsigned long long* clock = !LORA && times ? times + (long long)blockIdx.x * TOK_READINGS(n_layers) : nullptr; // the block's readings
+    unsigned int* lora_count = sync + 2 + heads + 2 * gridDim.x; // after the blocks' pairs
+    unsigned long long* clock = times ? times + (long long)blockIdx.x * TOK_READINGS(n_layers) : nullptr; // the block's readings
     if (clock && threadIdx.x == 0) clock[0] = tok_now();
     for (int l = 0; l < n_layers; l++) {
         const tok_layer& L = layers[l];
@@ -774,15 +875,18 @@ __device__ __forceinline__ void decode_token_body(const tok_layer* __restrict__ 
             if (i < 2 * HD) s.qkn[i] = qkn[k];
         }
         const tok_lora* lo = LORA ? loras + 7 * l : nullptr; // q, k, v, o, gate, up, down
-        if (LORA) lora_half_phase<3>(lo, s, hidden, rank, xa, sync, P * l + bA - 1);
-        tok_product<1>({{{&L.q}, {&L.k}, {&L.v}}, {qrows, kvrows, kvrows}, 3}, hidden, s, [&](int r, const float* sum) {
-            if (!LORA) {
-                qkv[r] = to_act(sum[0]);
-                return;
-            }
-            const int m = r < qrows ? 0 : r < qrows + kvrows ? 1 : 2, first = m == 0 ? 0 : m == 1 ? qrows : qrows + kvrows;
-            qkv[r] = tok_lora_out(sum[0], lo[m].b, r - first, s.xa + m * rank, rank, lora_scale);
-        });
+        if (LORA) tok_lora_start<3>(lo, s, hidden, rank, xa, lora_count);
+        tok_product<1, LORA>(
+            {{{&L.q}, {&L.k}, {&L.v}}, {qrows, kvrows, kvrows}, 3}, hidden, s,
+            [&](int r, const float* sum) {
+                if (!LORA) {
+                    qkv[r] = to_act(sum[0]);
+                    return;
+                }
+                const int m = r < qrows ? 0 : r < qrows + kvrows ? 1 : 2, first = m == 0 ? 0 : m == 1 ? qrows : qrows + kvrows;
+                qkv[r] = tok_lora_out(sum[0], lo[m].b, r - first, s.xa + m * rank, rank, lora_scale);
+            },
+            [&]() { tok_lora_ready<3>(s, xa, rank, lora_count, 4 * l + 1); });
         tok_grid_sync(sync, P * l + bA, clock);
 
         // B: attention.
@@ -792,10 +896,11 @@ __device__ __forceinline__ void decode_token_body(const tok_layer* __restrict__ 
         // C: the o projection.
         tok_load(att, qrows, s.v);
         __syncthreads();
-        if (LORA) lora_half_phase<1>(lo + 3, s, qrows, rank, xa, sync, P * l + bC - 1);
-        tok_product<1>({{{&L.o}}, {hidden}, 1}, qrows, s, [&](int r, const float* sum) {
-            ob[r] = LORA ? tok_lora_out(sum[0], lo[3].b, r, s.xa, rank, lora_scale) : to_act(sum[0]);
-        });
+        if (LORA) tok_lora_start<1>(lo + 3, s, qrows, rank, xa, lora_count);
+        tok_product<1, LORA>(
+            {{{&L.o}}, {hidden}, 1}, qrows, s,
+            [&](int r, const float* sum) { ob[r] = LORA ? tok_lora_out(sum[0], lo[3].b, r, s.xa, rank, lora_scale) : to_act(sum[0]); },
+            [&]() { tok_lora_ready<1>(s, xa, rank, lora_count, 4 * l + 2); });
         tok_grid_sync(sync, P * l + bC, clock);
 
         // D: the residual, the MLP's norm, gate and up through GeGLU.
@@ -804,23 +909,27 @@ __device__ __forceinline__ void decode_token_body(const tok_layer* __restrict__ 
         tok_norm(s.v, s.nw, hidden, eps, true, s.x, s.red);
         if (blockIdx.x == 0) tok_store(x1b, hidden, s.x);
         tok_norm(s.x, s.nw + hidden, hidden, eps, false, s.v, s.red);
-        if (LORA) lora_half_phase<2>(lo + 4, s, hidden, rank, xa, sync, P * l + bD - 1);
-        tok_product<2>({{{&L.gate, &L.up}}, {inter}, 1}, hidden, s, [&](int r, const float* sum) {
-            const float g = to_f32(LORA ? tok_lora_out(sum[0], lo[4].b, r, s.xa, rank, lora_scale) : to_act(sum[0]));
-            const float u = to_f32(LORA ? tok_lora_out(sum[1], lo[5].b, r, s.xa + rank, rank, lora_scale) : to_act(sum[1]));
-            float sg, dz;
-            gelu_parts(g, &sg, &dz);
-            actb[r] = to_act(g * sg * u);
-        });
+        if (LORA) tok_lora_start<2>(lo + 4, s, hidden, rank, xa, lora_count);
+        tok_product<2, LORA>(
+            {{{&L.gate, &L.up}}, {inter}, 1}, hidden, s,
+            [&](int r, const float* sum) {
+                const float g = to_f32(LORA ? tok_lora_out(sum[0], lo[4].b, r, s.xa, rank, lora_scale) : to_act(sum[0]));
+                const float u = to_f32(LORA ? tok_lora_out(sum[1], lo[5].b, r, s.xa + rank, rank, lora_scale) : to_act(sum[1]));
+                float sg, dz;
+                gelu_parts(g, &sg, &dz);
+                actb[r] = to_act(g * sg * u);
+            },
+            [&]() { tok_lora_ready<2>(s, xa, rank, lora_count, 4 * l + 3); });
         tok_grid_sync(sync, P * l + bD, clock);
 
         // E: the down projection.
         tok_load(actb, inter, s.v);
         __syncthreads();
-        if (LORA) lora_half_phase<1>(lo + 6, s, inter, rank, xa, sync, P * l + bE - 1);
-        tok_product<1>({{{&L.down}}, {hidden}, 1}, inter, s, [&](int r, const float* sum) {
-            db[r] = LORA ? tok_lora_out(sum[0], lo[6].b, r, s.xa, rank, lora_scale) : to_act(sum[0]);
-        });
+        if (LORA) tok_lora_start<1>(lo + 6, s, inter, rank, xa, lora_count);
+        tok_product<1, LORA>(
+            {{{&L.down}}, {hidden}, 1}, inter, s,
+            [&](int r, const float* sum) { db[r] = LORA ? tok_lora_out(sum[0], lo[6].b, r, s.xa, rank, lora_scale) : to_act(sum[0]); },
+            [&]() { tok_lora_ready<1>(s, xa, rank, lora_count, 4 * l + 4); });
         tok_grid_sync(sync, P * l + bE, clock);
     }
 
@@ -858,6 +967,7 @@ __device__ __forceinline__ void decode_token_body(const tok_layer* __restrict__ 
     if (threadIdx.x == 0) block_best[2 * blockIdx.x] = bv, reinterpret_cast<int*>(block_best)[2 * blockIdx.x + 1] = bi;
     if (clock && threadIdx.x == 0) clock[TOK_READINGS(n_layers) - 1] = tok_now();
     if (!last_block(head_count, gridDim.x, s.flag)) return;
+    if (LORA && threadIdx.x == 0) *lora_count = 0; // every block is past its last wait
     bv = -INFINITY, bi = none;
     for (int b = threadIdx.x; b < gridDim.x; b += blockDim.x) {
         const float v = __ldcg(&block_best[2 * b]);

@@ -114,7 +114,7 @@ const tokenThreads = 512
 type TokenBuffers struct {
 	Work    int64 // activations the phases pass on
 	Records int64 // the attention's split records
-	Sync    int64 // the barrier's counter, a counter per head and the lm_head's, a pair per block
+	Sync    int64 // the barrier's counter, a counter per head and the lm_head's, a pair per block, the adapter's counter
 	Step    int64 // the step's upload (EncodeTokenStep)
 	XA      int64 // with an adapter: a phase's x·Aᵀ, three projections' at most
 }
@@ -128,7 +128,7 @@ func (k *Kernels) TokenBuffers(sh TokenShape) TokenBuffers {
 	return TokenBuffers{
 		Work:    (4*H + 2*q + 2*kv + I) * k.Prec.Size(), // x, x1, q|k|v, att, o, d, act
 		Records: 4 * int64(sh.Heads) * splits * (hd + 2),
-		Sync:    4 * int64(1+sh.Heads+1+2*k.sms),
+		Sync:    4 * int64(1+sh.Heads+1+2*k.sms+1),
 		Step:    4 * (4 + 2*hd),
 		XA:      3 * int64(sh.LoRARank) * k.Prec.Size(),
 	}
@@ -158,8 +158,35 @@ func (k *Kernels) tokenSharedBytes(sh TokenShape) int {
 	if sh.NF4 || sh.LoRARank > 0 {
 		floats += 256*nf4PairCopies + 256 // nf4_mma_tables' pairs and absmax codes (carved before x·Aᵀ)
 	}
-	floats += 3 * sh.LoRARank
+	if sh.LoRARank > 0 {
+		floats += 3*sh.LoRARank + k.tokenDeferredSums(sh) // x·Aᵀ, a phase's row sums
+	}
 	return 4 * floats
+}
+
+// tokenDeferredSums is the most row sums a block of decode_token_lora
+// keeps for one product phase (tok_product's DEFER): its share of q, k
+// and v stacked, of o's or down's rows, or of gate's and up's side by
+// side, as tok_product splits rows (dense) or 16-row tiles (NF4) over the
+// blocks.
+func (k *Kernels) tokenDeferredSums(sh TokenShape) int {
+	ceil := func(a, b int) int { return (a + b - 1) / b }
+	blocks := max(k.sms, 1) // a block a multiprocessor (unknown: one)
+	share := func(segments ...int) int { // the most rows (NF4: of whole tiles) a block takes
+		n := 0
+		for _, rows := range segments {
+			if sh.NF4 {
+				rows = 16 * ceil(rows, 16) // a segment's tiles
+			}
+			n += rows
+		}
+		if sh.NF4 {
+			return 16 * ceil(n/16, blocks)
+		}
+		return ceil(n, blocks)
+	}
+	q, kv := sh.Heads*k.HeadDim, sh.KVHeads*k.HeadDim
+	return max(share(q, kv, kv), share(sh.Hidden), 2*share(sh.Intermediate))
 }
 
 // tokenSharedMemory lets sh's kernel use the shared memory sh needs and
@@ -211,6 +238,10 @@ func (k *Kernels) TokenFits(sh TokenShape, device cuda.DeviceInfo) error {
 			sh.Hidden, sh.Heads*k.HeadDim, sh.Intermediate)
 	case sh.Hidden%v != 0 || sh.Intermediate%v != 0 || k.HeadDim%v != 0:
 		return fmt.Errorf("decode_token takes rows of whole 16-byte vectors (hidden %d, intermediate %d, head_dim %d)", sh.Hidden, sh.Intermediate, k.HeadDim)
+	case sh.NF4 && sh.LoRARank > 0 && sh.KVHeads*k.HeadDim%16 != 0:
+		// decode_token_lora keeps a phase's sums by stacked row, which
+		// for q, k and v is the tiles' order only where each is whole tiles.
+		return fmt.Errorf("decode_token_lora reads NF4 k and v of whole 16-row tiles (key/value heads × head_dim %d)", sh.KVHeads*k.HeadDim)
 	case sh.KVHeads < 1 || sh.Heads%sh.KVHeads != 0:
 		return fmt.Errorf("decode_token: %d heads over %d key/value heads", sh.Heads, sh.KVHeads)
 	case k.tokenSharedBytes(sh) > device.MaxSharedOptin:
@@ -228,9 +259,9 @@ func (k *Kernels) TokenFits(sh TokenShape, device cuda.DeviceInfo) error {
 // sizes (sync's counters zero before the first launch; each launch leaves
 // them zero).
 //
-// times, where not 0, receives TokenTimes' clock readings of every block
-// (not with an adapter). With sh.LoRARank, loras is the EncodeTokenLoRA
-// table and xa a buffer of TokenBuffers' XA bytes.
+// times, where not 0, receives TokenTimes' clock readings of every block.
+// With sh.LoRARank, loras is the EncodeTokenLoRA table and xa a buffer of
+// TokenBuffers' XA bytes.
 func (k *Kernels) DecodeToken(c *cuda.Ctx, sh TokenShape, layers, embed, finalNorm, step, work, records, sync, xf, logits, best, times, loras, xa cuda.DevicePtr) error {
 	shared, err := k.tokenSharedMemory(sh)
 	if err != nil {

@@ -122,8 +122,10 @@ func TestTokenLayerLayout(t *testing.T) {
 }
 
 // TestTokenFits: decode_token takes the released Gemma 3 shapes on an
-// H100's shared memory, and refuses rows that are not whole 16-byte
-// vectors and shared memory the device does not have, saying which.
+// H100's shared memory (with an adapter of rank 64 too), and refuses rows
+// that are not whole 16-byte vectors, shared memory the device does not
+// have, and with an NF4 base and an adapter k and v of part of a tile,
+// saying which.
 func TestTokenFits(t *testing.T) {
 	h100 := cuda.DeviceInfo{MaxSharedOptin: 227 << 10}
 	for _, preset := range []string{"1b", "4b", "12b", "27b"} {
@@ -131,12 +133,14 @@ func TestTokenFits(t *testing.T) {
 		if err != nil {
 			t.Fatal(err)
 		}
-		k := &Kernels{Prec: BF16, HeadDim: mc.HeadDim}
+		k := &Kernels{Prec: BF16, HeadDim: mc.HeadDim, sms: 132}
 		for _, nf4 := range []bool{false, true} {
-			sh := TokenShape{Hidden: mc.Hidden, Heads: mc.Heads, KVHeads: mc.KVHeads, Intermediate: mc.Intermediate, Layers: mc.Layers,
-				MaxKeys: 4096, NF4: nf4}
-			if err := k.TokenFits(sh, h100); err != nil {
-				t.Errorf("%s (NF4 %v): %v", preset, nf4, err)
+			for _, rank := range []int{0, 64} {
+				sh := TokenShape{Hidden: mc.Hidden, Heads: mc.Heads, KVHeads: mc.KVHeads, Intermediate: mc.Intermediate, Layers: mc.Layers,
+					MaxKeys: 4096, NF4: nf4, LoRARank: rank}
+				if err := k.TokenFits(sh, h100); err != nil {
+					t.Errorf("%s (NF4 %v, rank %d): %v", preset, nf4, rank, err)
+				}
 			}
 		}
 	}
@@ -160,6 +164,14 @@ func TestTokenFits(t *testing.T) {
 	sh = TokenShape{Hidden: 1152, Heads: 4, KVHeads: 1, Intermediate: 6912, NF4: true}
 	if err := (&Kernels{Prec: F32, HeadDim: 256}).TokenFits(sh, h100); err == nil || !strings.Contains(err.Error(), "bf16") {
 		t.Errorf("NF4 in the float32 test mode: %v", err)
+	}
+	sh = TokenShape{Hidden: 128, Heads: 8, KVHeads: 1, Intermediate: 256, NF4: true} // k and v of 8 rows
+	if err := (&Kernels{Prec: BF16, HeadDim: 8}).TokenFits(sh, h100); err != nil {
+		t.Errorf("NF4 k and v of 8 rows without an adapter: %v", err)
+	}
+	sh.LoRARank = 8
+	if err := (&Kernels{Prec: BF16, HeadDim: 8}).TokenFits(sh, h100); err == nil || !strings.Contains(err.Error(), "16-row tiles") {
+		t.Errorf("NF4 k and v of 8 rows with an adapter: %v", err)
 	}
 }
 

@@ -126,15 +126,31 @@ __device__ __forceinline__ unsigned long long tok_now() {
     return t;
 }
 
+// A counter that blocks of the launch arrive at (tok_arrive: a release
+// add, ordering the thread's writes before it) and wait on (tok_wait_count:
+// acquire polls until it reaches target). A count that does not come after
+// some 2²² polls (seconds, where a whole step takes milliseconds) never
+// will: the launch traps, so that the host gets an error instead of a
+// device that hangs.
+__device__ __forceinline__ void tok_arrive(unsigned int* counter) {
+    asm volatile("red.release.gpu.global.add.u32 [%0], 1;" ::"l"(counter) : "memory");
+}
+
+__device__ __forceinline__ void tok_wait_count(const unsigned int* counter, unsigned int target) {
+    unsigned int seen;
+    for (unsigned int polls = 0;; polls++) {
+        asm volatile("ld.acquire.gpu.global.u32 %0, [%1];" : "=r"(seen) : "l"(counter) : "memory");
+        if (seen >= target) break;
+        if (polls == (1u << 22)) __trap();
+    }
+}
+
 // Waits until every block of the launch has arrived here, with what each
 // wrote before visible to all: thread 0 arrives with a release (after the
 // block's __syncthreads, it covers the whole block's writes) and polls
 // with acquires, which is all the ordering needed; two full fences around
 // them cost ~0.2 µs a barrier (1B: 27 µs a token). n counts the
-// barriers so far, this one included. A barrier that has not opened after
-// some 2²² polls (seconds, where a whole step takes milliseconds) will
-// never open: the launch traps, so that the host gets an error instead of
-// a device that hangs.
+// barriers so far, this one included; it traps as tok_wait_count does.
 //
 // With clock set (profiling: the block's readings in decode_token's
 // times), thread 0 writes there the times the block arrived and left
@@ -147,13 +163,8 @@ __device__ __forceinline__ void tok_grid_sync(unsigned int* bar, unsigned int n,
     __syncthreads();
     if (threadIdx.x == 0) {
         if (clock) clock[2 * n - 1] = tok_now();
-        asm volatile("red.release.gpu.global.add.u32 [%0], 1;" ::"l"(bar) : "memory");
-        unsigned int seen;
-        for (unsigned int polls = 0;; polls++) {
-            asm volatile("ld.acquire.gpu.global.u32 %0, [%1];" : "=r"(seen) : "l"(bar) : "memory");
-            if (seen >= target) break;
-            if (polls == (1u << 22)) __trap();
-        }
+        tok_arrive(bar);
+        tok_wait_count(bar, target);
         if (clock) clock[2 * n] = tok_now();
     }
     __syncthreads();
@@ -773,24 +784,16 @@ __device__ __forceinline__ void tok_lora_start(const tok_lora* lo, tok_smem& s, 
     tok_lora_xa<N>(lo, s.v, in, rank, xa, s.red);
     // Thread 0 wrote the block's rows (block_sum leaves the sum there);
     // its release orders them before the arrival.
-    if (threadIdx.x == 0) asm volatile("red.release.gpu.global.add.u32 [%0], 1;" ::"l"(ctr) : "memory");
+    if (threadIdx.x == 0) tok_arrive(ctr);
 }
 
 // Waits, in every thread of the block, until every block has arrived at
 // ctr n times (its nth x·Aᵀ written), then reads the N·rank values of x·Aᵀ
-// into s.xa. As tok_grid_sync: thread 0's acquire polls, and a launch
-// whose counter never gets there traps.
+// into s.xa. As tok_grid_sync: thread 0 polls (tok_wait_count), then the
+// block reads.
 template <int N>
 __device__ __forceinline__ void tok_lora_ready(tok_smem& s, const act_t* xa, int rank, const unsigned int* ctr, unsigned int n) {
-    if (threadIdx.x == 0) {
-        const unsigned int target = n * gridDim.x;
-        unsigned int seen;
-        for (unsigned int polls = 0;; polls++) {
-            asm volatile("ld.acquire.gpu.global.u32 %0, [%1];" : "=r"(seen) : "l"(ctr) : "memory");
-            if (seen >= target) break;
-            if (polls == (1u << 22)) __trap();
-        }
-    }
+    if (threadIdx.x == 0) tok_wait_count(ctr, n * gridDim.x);
     __syncthreads();
     for (int i = threadIdx.x; i < N * rank; i += blockDim.x) s.xa[i] = to_f32(__ldcg(xa + i));
     __syncthreads();

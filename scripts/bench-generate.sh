@@ -10,7 +10,8 @@
 # (PIPELINE_TOKEN_KERNEL: steps of one token as one launch, the pipeline's
 # default, or a launch per operation). SAMPLE="TEMPERATURE TOP_K TOP_P"
 # (e.g. "1 64 0.95", Gemma 3's generation_config.json) has both sides
-# sample instead of decoding greedily.
+# sample instead of decoding greedily. LORA_RANK=N puts an adapter of rank N on
+# all seven projections on both sides (PEFT on transformers').
 #
 #   scripts/bench-generate.sh [PIPELINE] [PRESETS...]      e.g. bin/gpu/pipeline 1b 12b
 set -euo pipefail
@@ -22,6 +23,9 @@ sample="" # both sides take the same flags
 if [ -n "${SAMPLE:-}" ]; then
 	read -r temperature top_k top_p <<<"$SAMPLE"
 	sample="--temperature $temperature --top-k $top_k --top-p $top_p"
+fi
+if [ -n "${LORA_RANK:-}" ]; then
+	sample="$sample --lora-rank $LORA_RANK"
 fi
 tmp=$(mktemp -d)
 trap 'rm -rf "$tmp"' EXIT

@@ -691,17 +691,16 @@ struct tok_lora {
     const act_t* b;
 };
 
-// The LoRA half-phase before a product phase of decode_token_lora: the
-// rows of x·Aᵀ of the phase's N projections (v, in floats, the phase's
-// input, which every block holds), rank a projection, into xa as
-// activations, as the launch per operation's GEMM rounds them; a block a
-// row. The product reads them once every block has written its rows
-// (tok_lora_start, tok_lora_ready). The row is read in
-// 16-byte loads, all of a thread's in flight at once (TOK_XA_LOADS of
-// them cover rows of up to 32,768 values in bf16, 16,384 in float32; a
-// longer row's rest follows), so that a row costs one round trip to
-// memory: at 12B, element by element, the down projection's row of 15,360
-// took several.
+// x·Aᵀ for a product phase of decode_token_lora: the rows of the phase's
+// N projections (rank each) over v, the phase's input (in floats, which
+// every block holds), into xa as activations, as the launch per
+// operation's GEMM rounds them; a block a row. The product reads them once
+// every block has written its rows (tok_lora_start, tok_lora_ready). A row
+// is read in 16-byte loads, all of a thread's in flight at once
+// (TOK_XA_LOADS of them cover rows of up to 32,768 values in bf16, 16,384
+// in float32; a longer row's rest follows), so that it costs one round
+// trip to memory: at 12B, element by element, the down projection's row
+// of 15,360 took several.
 #define TOK_XA_LOADS 8
 template <int N>
 __device__ __forceinline__ void tok_lora_xa(const tok_lora* lo, const float* v, int in, int rank, act_t* xa, float* red) {

@@ -171,7 +171,7 @@ func (k *Kernels) tokenSharedBytes(sh TokenShape) int {
 // blocks.
 func (k *Kernels) tokenDeferredSums(sh TokenShape) int {
 	ceil := func(a, b int) int { return (a + b - 1) / b }
-	blocks := max(k.sms, 1) // a block a multiprocessor (unknown: one)
+	blocks := max(k.sms, 1)              // a block a multiprocessor (unknown: one)
 	share := func(segments ...int) int { // the most rows (NF4: of whole tiles) a block takes
 		n := 0
 		for _, rows := range segments {

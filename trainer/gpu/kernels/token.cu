@@ -702,6 +702,17 @@ struct tok_lora {
 // trip to memory: at 12B, element by element, the down projection's row
 // of 15,360 took several.
 #define TOK_XA_LOADS 8
+
+// acc += the 16-byte group w of A times v's group g, element by element.
+__device__ __forceinline__ void tok_xa_group(float& acc, uint4 w, const float* v, int g) {
+    float xv[VEC];
+    load_f32_vec(v, g, xv);
+    act_vec wv;
+    wv.u = w;
+    #pragma unroll
+    for (int e = 0; e < VEC; e++) acc += to_f32(wv.a[e]) * xv[e];
+}
+
 template <int N>
 __device__ __forceinline__ void tok_lora_xa(const tok_lora* lo, const float* v, int in, int rank, act_t* xa, float* red) {
     const int groups = in / VEC;
@@ -721,21 +732,9 @@ __device__ __forceinline__ void tok_lora_xa(const tok_lora* lo, const float* v, 
         for (int k = 0; k < TOK_XA_LOADS; k++) {
             const int g = threadIdx.x + k * TOK_THREADS;
             if (g >= groups) break;
-            float xv[VEC];
-            load_f32_vec(v, g, xv);
-            act_vec wv;
-            wv.u = w[k];
-            #pragma unroll
-            for (int e = 0; e < VEC; e++) acc += to_f32(wv.a[e]) * xv[e];
+            tok_xa_group(acc, w[k], v, g);
         }
-        for (int g = threadIdx.x + TOK_XA_LOADS * TOK_THREADS; g < groups; g += TOK_THREADS) {
-            float xv[VEC];
-            load_f32_vec(v, g, xv);
-            act_vec wv;
-            wv.u = __ldg(row + g);
-            #pragma unroll
-            for (int e = 0; e < VEC; e++) acc += to_f32(wv.a[e]) * xv[e];
-        }
+        for (int g = threadIdx.x + TOK_XA_LOADS * TOK_THREADS; g < groups; g += TOK_THREADS) tok_xa_group(acc, __ldg(row + g), v, g);
         acc = block_sum(acc, red);
         if (threadIdx.x == 0) xa[j] = to_act(acc);
     }

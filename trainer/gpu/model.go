@@ -68,6 +68,7 @@ type workspace struct {
 	dqkv           cuda.Buffer // act [T × (heads + 2·kv_heads)·head_dim]: q's, k's and v's gradients side by side (qkvGrad)
 	delta          cuda.Buffer // float32 [T × heads]
 	dxa            cuda.Buffer // act [kernels.LoRAGradParts × T × r]: a slot for each projection of a group
+	loraPart       cuda.Buffer // float32: kernels.LoRAFew's partial sums (sessions that infer with an adapter)
 	// xin holds dropout's output (act [T × widest projection input]) and
 	// wbuf, the same memory, dequantised NF4 weights (act [largest
 	// projection]): each is read by the GEMM queued right after it is
@@ -255,6 +256,9 @@ func layoutWorkspace(cfg *trainer.Config, sc trainer.SessionConfig, act int64, T
 	add(attnGrad, 4*t*H, &ws.delta)
 	add(scratch, kernels.LoRAGradParts*t*R*act, &ws.dxa) // a slot for each projection of a group (inputBackward)
 	add(scratch, max(t*maxIn, maxW)*act, &ws.xin)        // and wbuf
+	if sc.Inference && len(sc.LoRA.Targets) > 0 {
+		add(groupWork, kernels.LoRAFewPartBytes(int(maxIn), int(R)), &ws.loraPart)
+	}
 	// The folded pair's weights, both widened, must fit that scratch.
 	gateOut, gateIn := cfg.ProjShape(trainer.GateProj)
 	ws.foldLD = gateIn + 2*sc.LoRA.R
@@ -506,10 +510,10 @@ func (s *session) linear(c *cuda.Ctx, T, layer int, mod trainer.Module, x, out c
 }
 
 // updateFirst reports whether mod's forward product writes the LoRA
-// update first (LoRAFirstEnv): a GEMM's product, not a decoding step's,
-// with an update to apply.
+// update first (LoRAFirstEnv): a GEMM's product, not a decoding step's
+// (whose update LoRAFew adds after it), with an update to apply.
 func (s *session) updateFirst(T, layer int, mod trainer.Module, p *projection) bool {
-	if !s.loraFirst[moduleIndex(mod)] || s.baseOnly || s.nf4GEMV(T, p) || s.denseGEMV(T, p) {
+	if !s.loraFirst[moduleIndex(mod)] || s.baseOnly || s.nf4GEMV(T, p) || s.denseGEMV(T, p) || s.loraFew(T, nil) {
 		return false
 	}
 	_, ok := s.lora.slot(layer, mod, false)
@@ -595,10 +599,7 @@ func (s *session) linearPair(c *cuda.Ctx, T, layer int, m1, m2 trainer.Module, x
 		if err := s.k.NF4GEMVPair(c, p1.nf4Matrix(out1), p2.nf4Matrix(out2), s.w.round, x, T, p1.in); err != nil {
 			return err
 		}
-		if err := s.loraForward(c, T, layer, m1, x, out1, lc, d, 1); err != nil {
-			return err
-		}
-		return s.loraForward(c, T, layer, m2, x, out2, lc, d, 1)
+		return s.loraForwardPair(c, T, layer, m1, m2, x, out1, out2, lc, d)
 	}
 	// A pair of dequantised weights whose updates come first
 	// (LoRAFirstEnv) writes them first, then adds the frozen products in
@@ -643,10 +644,7 @@ func (s *session) linearPair(c *cuda.Ctx, T, layer int, m1, m2 trainer.Module, x
 	if first {
 		return nil
 	}
-	if err := s.loraForward(c, T, layer, m1, x, out1, lc, d, 1); err != nil {
-		return err
-	}
-	return s.loraForward(c, T, layer, m2, x, out2, lc, d, 1)
+	return s.loraForwardPair(c, T, layer, m1, m2, x, out1, out2, lc, d)
 }
 
 // linearApart is linearPair's two projections one after the other.
@@ -703,6 +701,9 @@ func (s *session) loraForward(c *cuda.Ctx, T, layer int, mod trainer.Module, x, 
 	if !ok || s.baseOnly {
 		return nil
 	}
+	if beta == 1 && s.loraFew(T, d) {
+		return s.loraFewUpdate(c, T, layer, x, []trainer.Module{mod}, []cuda.DevicePtr{out})
+	}
 	if err := s.loraXA(c, T, layer, mod, A, x, lc, d); err != nil {
 		return err
 	}
@@ -710,6 +711,47 @@ func (s *session) loraForward(c *cuda.Ctx, T, layer int, mod trainer.Module, x, 
 	p := &s.w.layers[layer].proj[moduleIndex(mod)]
 	act := s.k.Prec.GEMMType()
 	return s.gemm(c, "lora", T, p.out, s.cfg.LoRA.R, false, true, act, act, s.cfg.LoRA.Scale(), lc.xa[moduleIndex(mod)], s.lora.actPtr(s, B), beta, out)
+}
+
+// loraForwardPair adds the updates of two projections of input x to
+// their products, out1 and out2: in one LoRAFew for a decoding step's
+// few tokens.
+func (s *session) loraForwardPair(c *cuda.Ctx, T, layer int, m1, m2 trainer.Module, x, out1, out2 cuda.DevicePtr, lc *layerCache, d *trainer.Dropout) error {
+	if s.loraFew(T, d) {
+		return s.loraFewUpdate(c, T, layer, x, []trainer.Module{m1, m2}, []cuda.DevicePtr{out1, out2})
+	}
+	if err := s.loraForward(c, T, layer, m1, x, out1, lc, d, 1); err != nil {
+		return err
+	}
+	return s.loraForward(c, T, layer, m2, x, out2, lc, d, 1)
+}
+
+// loraFew reports whether a step of T tokens adds its adapter's updates
+// with kernels.LoRAFew: in a session that infers with an adapter, for the
+// few tokens of a decoding step, where two GEMMs a projection cost more
+// than the products they add to.
+func (s *session) loraFew(T int, d *trainer.Dropout) bool {
+	return s.cfg.Inference && !s.baseOnly && d == nil && s.ws.loraPart.Ptr != 0 && kernels.LoRAFewFits(T, s.cfg.LoRA.R)
+}
+
+// loraFewUpdate adds the updates of the adapted projections among mods, of
+// one input x, to their outputs outs (beside mods), with kernels.LoRAFew.
+func (s *session) loraFewUpdate(c *cuda.Ctx, T, layer int, x cuda.DevicePtr, mods []trainer.Module, outs []cuda.DevicePtr) error {
+	var ps []kernels.LoRAProduct
+	in := 0
+	for i, m := range mods {
+		A, ok := s.lora.slot(layer, m, false)
+		if !ok {
+			continue
+		}
+		B, _ := s.lora.slot(layer, m, true)
+		ps = append(ps, kernels.LoRAProduct{A: s.lora.actPtr(s, A), B: s.lora.actPtr(s, B), Out: outs[i], Rows: B.rows})
+		in = A.cols
+	}
+	if len(ps) == 0 {
+		return nil
+	}
+	return s.k.LoRAFew(c, x, T, in, s.cfg.LoRA.R, s.cfg.LoRA.Scale(), ps, s.ws.loraPart.Ptr)
 }
 
 // loraXA computes the forward pass's x·Aᵀ of projection mod (adapter slot

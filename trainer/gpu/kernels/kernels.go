@@ -870,6 +870,77 @@ func (k *Kernels) GEMV(c *cuda.Ctx, w, x cuda.DevicePtr, T, rows, in, partRows i
 	return k.launch(c, "gemv_mma", gemvMMAConfig(rows), w, x, int32(T), int32(rows), int32(in), int32(partRows), partStride, out)
 }
 
+// LoRAFewTokens is the most tokens LoRAFew takes (decode.cu's
+// LORA_FEW_TOKENS).
+const LoRAFewTokens = 16
+
+// loraFewSpan is how many 16-byte groups of a row of A one block of
+// lora_xa_few sums (one a thread): a longer row is cut into spans, so
+// that a group's few rows of A still spread over the whole GPU.
+const loraFewSpan = 256
+
+// LoRAProduct is one projection's share of LoRAFew: its adapter's A
+// [rank × in] and B [Rows × rank] as activations, and its product's output
+// Out [T × Rows], to which the update is added.
+type LoRAProduct struct {
+	A, B, Out cuda.DevicePtr
+	Rows      int
+}
+
+// LoRAFewPartBytes is the scratch LoRAFew needs for rows of A up to in
+// long at the given rank, in either precision: float32 partial sums of
+// x·Aᵀ, a set for each span of a row (float32 activations have the most).
+func LoRAFewPartBytes(in, rank int) int64 {
+	spans := (in/4 + loraFewSpan - 1) / loraFewSpan
+	return int64(spans) * 3 * int64(rank) * LoRAFewTokens * 4
+}
+
+// LoRAFewFits reports whether LoRAFew takes T tokens at the given rank:
+// x·Aᵀ of a group (at most 3·T·rank values) must fit the 48 KiB of shared
+// memory every block may take.
+func LoRAFewFits(T, rank int) bool {
+	return T >= 1 && T <= LoRAFewTokens && rank >= 1 && 3*T*rank*4 <= 48<<10
+}
+
+func (k *Kernels) loraFewSplits(in int) int {
+	groups := in / k.vec()
+	return (groups + loraFewSpan - 1) / loraFewSpan
+}
+
+// LoRAFew adds the adapter's updates of up to three projections of one
+// input x [T × in] to their outputs, for the few tokens of a decoding
+// step: out += scale·(x·Aᵀ)·Bᵀ with x·Aᵀ rounded to activations, as the
+// GEMMs of longer steps compute it, in two launches for the group where
+// those take two GEMMs a projection. part holds LoRAFewPartBytes(in,
+// rank).
+func (k *Kernels) LoRAFew(c *cuda.Ctx, x cuda.DevicePtr, T, in, rank int, scale float32, ps []LoRAProduct, part cuda.DevicePtr) error {
+	if !LoRAFewFits(T, rank) || len(ps) < 1 || len(ps) > 3 || in%k.vec() != 0 || x%16 != 0 {
+		return fmt.Errorf("kernels: lora_few takes 1 to %d tokens, ranks up to %d at that, 1 to 3 projections, rows of whole 16-byte groups and a 16-byte aligned input (got %d tokens, rank %d, %d projections, rows of %d)",
+			LoRAFewTokens, (48<<10)/(12*max(T, 1)), T, rank, len(ps), in)
+	}
+	var p [3]LoRAProduct
+	total := 0
+	for i, q := range ps {
+		if q.A%16 != 0 || q.Rows < 1 {
+			return fmt.Errorf("kernels: lora_few's projection %d: A must be 16-byte aligned and the output at least a row (%d rows)", i, q.Rows)
+		}
+		p[i] = q
+		total += q.Rows
+	}
+	splits, n := k.loraFewSplits(in), len(ps)
+	xa := cuda.LaunchConfig{Grid: cuda.Dim3{X: n * rank, Y: splits}, Block: cuda.Dim3{X: 256}}
+	if err := k.launch(c, "lora_xa_few", xa, x, int32(T), int32(in), int32(rank), p[0].A, p[1].A, p[2].A, int32(loraFewSpan), part); err != nil {
+		return err
+	}
+	vec := rank%k.vec() == 0
+	for _, q := range ps {
+		vec = vec && q.B%16 == 0
+	}
+	b := cuda.LaunchConfig{Grid: cuda.Dim3{X: (T*total + 255) / 256}, Block: cuda.Dim3{X: 256}, SharedMem: n * T * rank * 4}
+	return k.launch(c, "lora_b_few", b, part, int32(splits), int32(T), int32(rank), int32(n), p[0].B, p[1].B, p[2].B,
+		p[0].Out, p[1].Out, p[2].Out, int32(p[0].Rows), int32(p[1].Rows), int32(p[2].Rows), scale, boolInt(vec))
+}
+
 // nf4BlocksPerSM is how many blocks of nf4_gemv_mma a multiprocessor
 // holds at once: its launch bound (NF4_MIN_BLOCKS, given to the compiler
 // by Sources), which holds its registers to fit, beside 38 KiB of shared

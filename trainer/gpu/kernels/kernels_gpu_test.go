@@ -1965,3 +1965,71 @@ func TestNF4RepackTiles(t *testing.T) {
 		})
 	}
 }
+
+// TestLoRAFew: a decoding step's adapter updates, up to three projections
+// of one input at once, equal out + scale·round(x·Aᵀ)·Bᵀ computed on the
+// host, for rows of A cut into one span or several, every token count up
+// to LoRAFewTokens, and outputs of different heights; nothing past an
+// output is written.
+func TestLoRAFew(t *testing.T) {
+	type shape struct {
+		in, rank int
+		rows     []int
+	}
+	shapes := []shape{{1152, 16, []int{1024}}, {3840, 8, []int{256, 259}}, {2048, 16, []int{512, 96, 96}}, {9216, 32, []int{64}}, {1152, 6, []int{100, 37}}}
+	for _, p := range precisions {
+		k := kernelsFor(t, p, 256)
+		for _, sh := range shapes {
+			for _, T := range []int{1, 5, LoRAFewTokens} {
+				t.Run(fmt.Sprintf("%s/in%d/r%d/%dproj/T%d", p, sh.in, sh.rank, len(sh.rows), T), func(t *testing.T) {
+					rng := cudatest.Rand(t)
+					const scale = 2
+					x := roundAct(p, uniform(rng, T*sh.in, 1))
+					run(t, k, func(d *dev) error {
+						var ps []LoRAProduct
+						var wants, outs0 [][]float32
+						for _, rows := range sh.rows {
+							A := roundAct(p, uniform(rng, sh.rank*sh.in, 0.05))
+							B := roundAct(p, uniform(rng, rows*sh.rank, 0.1))
+							out0 := roundAct(p, uniform(rng, T*rows+7, 0.5)) // 7 past the output
+							want := make([]float32, T*rows)
+							for tok := 0; tok < T; tok++ {
+								xa := make([]float64, sh.rank)
+								for j := range xa {
+									var s float64
+									for i := 0; i < sh.in; i++ {
+										s += float64(A[j*sh.in+i]) * float64(x[tok*sh.in+i])
+									}
+									xa[j] = float64(roundAct(p, []float32{float32(s)})[0])
+								}
+								for o := 0; o < rows; o++ {
+									var u float64
+									for j := range xa {
+										u += float64(B[o*sh.rank+j]) * xa[j]
+									}
+									want[tok*rows+o] = float32(float64(out0[tok*rows+o]) + scale*u)
+								}
+							}
+							ps = append(ps, LoRAProduct{A: d.act(A), B: d.act(B), Out: d.act(out0), Rows: rows})
+							wants, outs0 = append(wants, want), append(outs0, out0)
+						}
+						part := d.alloc(LoRAFewPartBytes(sh.in, sh.rank))
+						if err := k.LoRAFew(d.c, d.act(x), T, sh.in, sh.rank, scale, ps, part); err != nil {
+							return err
+						}
+						for i, q := range ps {
+							got := d.readAct(q.Out, T*q.Rows+7)
+							d.check(fmt.Sprintf("projection %d", i), got[:T*q.Rows], wants[i], tol(p, sh.in))
+							for e := T * q.Rows; e < len(got); e++ {
+								if got[e] != outs0[i][e] {
+									return fmt.Errorf("projection %d: element %d, past the output, changed from %v to %v", i, e, outs0[i][e], got[e])
+								}
+							}
+						}
+						return nil
+					})
+				})
+			}
+		}
+	}
+}

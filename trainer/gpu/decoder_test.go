@@ -614,3 +614,37 @@ func TestTokenKernelChoice(t *testing.T) {
 		}
 	}
 }
+
+// TestLoRAFewChoice: which steps add their adapter's updates with
+// kernels.LoRAFew rather than two GEMMs a projection: the few tokens of a
+// step in a session that infers with an adapter, at a rank whose x·Aᵀ fits
+// the kernel's shared memory. A training pass (and its dropout) keeps the
+// GEMMs its backward pass reads x·Aᵀ from.
+func TestLoRAFewChoice(t *testing.T) {
+	drop := trainer.NewDropout(0.05, 1)
+	for _, c := range []struct {
+		what      string
+		inference bool
+		baseOnly  bool
+		rank      int
+		tokens    int
+		d         *trainer.Dropout
+		want      bool
+	}{
+		{"decoding step of one", true, false, 16, 1, nil, true},
+		{"decoding step of sixteen", true, false, 16, kernels.LoRAFewTokens, nil, true},
+		{"decoding step of seventeen", true, false, 16, kernels.LoRAFewTokens + 1, nil, false},
+		{"a prompt's prefill", true, false, 16, 128, nil, false},
+		{"rank 256", true, false, 256, kernels.LoRAFewTokens, nil, true},
+		{"rank 512", true, false, 512, kernels.LoRAFewTokens, nil, false},
+		{"no adapter", true, true, 1, 1, nil, false},
+		{"training forward pass", false, false, 16, 8, nil, false},
+		{"training with dropout", false, false, 16, 8, &drop, false},
+	} {
+		s := &session{cfg: trainer.SessionConfig{Inference: c.inference, LoRA: trainer.LoRAConfig{R: c.rank}}, baseOnly: c.baseOnly,
+			ws: &workspace{loraPart: cuda.Buffer{Ptr: 1 << 20, Size: 1 << 20}}}
+		if got := s.loraFew(c.tokens, c.d); got != c.want {
+			t.Errorf("%s: LoRAFew %v, want %v", c.what, got, c.want)
+		}
+	}
+}

@@ -59,7 +59,6 @@ extern "C" __global__ void __launch_bounds__(GEMV_WARPS * 32) gemv_mma(const uin
 #endif
 }
 
-
 // An adapter's updates for the few tokens of a decoding step (T ≤
 // LORA_FEW_TOKENS), for up to three projections of one input x [T × in]
 // (k and v, gate and up, or one alone): out_m [T × rows_m] +=
@@ -70,11 +69,13 @@ extern "C" __global__ void __launch_bounds__(GEMV_WARPS * 32) gemv_mma(const uin
 // microseconds on a handful of multiprocessors, this is two launches for
 // the group: lora_xa_few spreads A's rows, cut into column spans, over the
 // whole GPU, and lora_b_few sums their partial sums in span order (the
-// same result whatever the grid), then gives each thread one row of out.
+// same result whatever the grid), then gives each thread one element of the
+// outputs.
 #define LORA_FEW_TOKENS 16
 #define LORA_FEW_THREADS 256
 
-// The A (m = 0, 1, 2) of a group, as the launches take them.
+// The m-th (0, 1, 2) of a group's three A's or B's, as the launches take
+// them.
 __device__ __forceinline__ const act_t* lora_pick(int m, const act_t* p0, const act_t* p1, const act_t* p2) {
     return m == 0 ? p0 : m == 1 ? p1 : p2;
 }
@@ -121,12 +122,12 @@ extern "C" __global__ void __launch_bounds__(LORA_FEW_THREADS) lora_xa_few(const
     }
 }
 
-// x·Aᵀ from lora_xa_few's splits partial sums into shared memory (every
+// x·Aᵀ from lora_xa_few's partial sums (spans of them) into shared memory (every
 // block the same), then each thread one element of the outputs: token t,
 // row r of the stacked outputs (rows0 + rows1 + rows2 of them), so that
 // every element's update is one round trip, all of them at once. vec: B's
 // rows are whole 16-byte groups (rank a multiple of VEC), read so.
-extern "C" __global__ void __launch_bounds__(LORA_FEW_THREADS) lora_b_few(const float* __restrict__ part, int splits, int T, int rank, int n,
+extern "C" __global__ void __launch_bounds__(LORA_FEW_THREADS) lora_b_few(const float* __restrict__ part, int spans, int T, int rank, int n,
                                                                        const act_t* __restrict__ b0, const act_t* __restrict__ b1,
                                                                        const act_t* __restrict__ b2, act_t* __restrict__ out0,
                                                                        act_t* __restrict__ out1, act_t* __restrict__ out2, int rows0,
@@ -136,7 +137,7 @@ extern "C" __global__ void __launch_bounds__(LORA_FEW_THREADS) lora_b_few(const 
     for (int i = threadIdx.x; i < cells; i += blockDim.x) {
         const int j = i / T, t = i - j * T, m = j / rank, k = j - m * rank;
         float sum = 0.0f;
-        for (int s = 0; s < splits; s++) sum += part[(long long)s * cells + i];
+        for (int s = 0; s < spans; s++) sum += part[(long long)s * cells + i];
         xa[(m * T + t) * rank + k] = to_f32(to_act(sum));
     }
     __syncthreads();
@@ -147,7 +148,7 @@ extern "C" __global__ void __launch_bounds__(LORA_FEW_THREADS) lora_b_few(const 
     int r = (int)(i - (long long)t * total), m = 0, rows = rows0;
     if (r >= rows0) r -= rows0, m = 1, rows = rows1;
     if (m == 1 && r >= rows1) r -= rows1, m = 2, rows = rows2;
-    const act_t* b = (m == 0 ? b0 : m == 1 ? b1 : b2) + (long long)r * rank;
+    const act_t* b = lora_pick(m, b0, b1, b2) + (long long)r * rank;
     act_t* o = (m == 0 ? out0 : m == 1 ? out1 : out2) + (long long)t * rows + r;
     const float* v = xa + (m * T + t) * rank;
     float u = 0.0f;

@@ -902,7 +902,7 @@ func LoRAFewFits(T, rank int) bool {
 	return T >= 1 && T <= LoRAFewTokens && rank >= 1 && 3*T*rank*4 <= 48<<10
 }
 
-func (k *Kernels) loraFewSplits(in int) int {
+func (k *Kernels) loraFewSpans(in int) int {
 	groups := in / k.vec()
 	return (groups + loraFewSpan - 1) / loraFewSpan
 }
@@ -927,8 +927,8 @@ func (k *Kernels) LoRAFew(c *cuda.Ctx, x cuda.DevicePtr, T, in, rank int, scale 
 		p[i] = q
 		total += q.Rows
 	}
-	splits, n := k.loraFewSplits(in), len(ps)
-	xa := cuda.LaunchConfig{Grid: cuda.Dim3{X: n * rank, Y: splits}, Block: cuda.Dim3{X: 256}}
+	spans, n := k.loraFewSpans(in), len(ps)
+	xa := cuda.LaunchConfig{Grid: cuda.Dim3{X: n * rank, Y: spans}, Block: cuda.Dim3{X: 256}}
 	if err := k.launch(c, "lora_xa_few", xa, x, int32(T), int32(in), int32(rank), p[0].A, p[1].A, p[2].A, int32(loraFewSpan), part); err != nil {
 		return err
 	}
@@ -937,7 +937,7 @@ func (k *Kernels) LoRAFew(c *cuda.Ctx, x cuda.DevicePtr, T, in, rank int, scale 
 		vec = vec && q.B%16 == 0
 	}
 	b := cuda.LaunchConfig{Grid: cuda.Dim3{X: (T*total + 255) / 256}, Block: cuda.Dim3{X: 256}, SharedMem: n * T * rank * 4}
-	return k.launch(c, "lora_b_few", b, part, int32(splits), int32(T), int32(rank), int32(n), p[0].B, p[1].B, p[2].B,
+	return k.launch(c, "lora_b_few", b, part, int32(spans), int32(T), int32(rank), int32(n), p[0].B, p[1].B, p[2].B,
 		p[0].Out, p[1].Out, p[2].Out, int32(p[0].Rows), int32(p[1].Rows), int32(p[2].Rows), scale, boolInt(vec))
 }
 

@@ -891,20 +891,24 @@ type LoRAProduct struct {
 // long at the given rank, in either precision: float32 partial sums of
 // x·Aᵀ, a set for each span of a row (float32 activations have the most).
 func LoRAFewPartBytes(in, rank int) int64 {
-	spans := (in/4 + loraFewSpan - 1) / loraFewSpan
-	return int64(spans) * 3 * int64(rank) * LoRAFewTokens * 4
+	return int64(loraFewSpans(in, 4)) * 3 * int64(rank) * LoRAFewTokens * 4
 }
+
+// loraFewSpans is how many spans a row of in activations, vec to 16
+// bytes, is cut into.
+func loraFewSpans(in, vec int) int {
+	return (in/vec + loraFewSpan - 1) / loraFewSpan
+}
+
+// loraFewShared is the shared memory every block may take without asking:
+// lora_b_few's x·Aᵀ of a group must fit it.
+const loraFewShared = 48 << 10
 
 // LoRAFewFits reports whether LoRAFew takes T tokens at the given rank:
-// x·Aᵀ of a group (at most 3·T·rank values) must fit the 48 KiB of shared
-// memory every block may take.
+// x·Aᵀ of a group (at most 3·T·rank float32 values) must fit
+// loraFewShared.
 func LoRAFewFits(T, rank int) bool {
-	return T >= 1 && T <= LoRAFewTokens && rank >= 1 && 3*T*rank*4 <= 48<<10
-}
-
-func (k *Kernels) loraFewSpans(in int) int {
-	groups := in / k.vec()
-	return (groups + loraFewSpan - 1) / loraFewSpan
+	return T >= 1 && T <= LoRAFewTokens && rank >= 1 && 3*T*rank*4 <= loraFewShared
 }
 
 // LoRAFew adds the adapter's updates of up to three projections of one
@@ -916,7 +920,7 @@ func (k *Kernels) loraFewSpans(in int) int {
 func (k *Kernels) LoRAFew(c *cuda.Ctx, x cuda.DevicePtr, T, in, rank int, scale float32, ps []LoRAProduct, part cuda.DevicePtr) error {
 	if !LoRAFewFits(T, rank) || len(ps) < 1 || len(ps) > 3 || in%k.vec() != 0 || x%16 != 0 {
 		return fmt.Errorf("kernels: lora_few takes 1 to %d tokens, ranks up to %d at that, 1 to 3 projections, rows of whole 16-byte groups and a 16-byte aligned input (got %d tokens, rank %d, %d projections, rows of %d)",
-			LoRAFewTokens, (48<<10)/(12*max(T, 1)), T, rank, len(ps), in)
+			LoRAFewTokens, loraFewShared/(12*max(T, 1)), T, rank, len(ps), in)
 	}
 	var p [3]LoRAProduct
 	total := 0
@@ -927,7 +931,7 @@ func (k *Kernels) LoRAFew(c *cuda.Ctx, x cuda.DevicePtr, T, in, rank int, scale 
 		p[i] = q
 		total += q.Rows
 	}
-	spans, n := k.loraFewSpans(in), len(ps)
+	spans, n := loraFewSpans(in, k.vec()), len(ps)
 	xa := cuda.LaunchConfig{Grid: cuda.Dim3{X: n * rank, Y: spans}, Block: cuda.Dim3{X: 256}}
 	if err := k.launch(c, "lora_xa_few", xa, x, int32(T), int32(in), int32(rank), p[0].A, p[1].A, p[2].A, int32(loraFewSpan), part); err != nil {
 		return err

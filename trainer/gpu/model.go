@@ -495,6 +495,9 @@ func (s *session) dropout(seed uint64, train bool) *trainer.Dropout {
 // scale·(drop(x)·Aᵀ)·Bᵀ, keeping x·Aᵀ and the dropout mask in lc for the
 // backward pass.
 func (s *session) linear(c *cuda.Ctx, T, layer int, mod trainer.Module, x, out cuda.DevicePtr, lc *layerCache, d *trainer.Dropout) error {
+	if s.loraFew(T, d) {
+		return s.linearFew(c, T, layer, x, []trainer.Module{mod}, []cuda.DevicePtr{out})
+	}
 	p := &s.w.layers[layer].proj[moduleIndex(mod)]
 	scratch := s.scratchFor(mod, lc)
 	if s.updateFirst(T, layer, mod, p) {
@@ -510,10 +513,10 @@ func (s *session) linear(c *cuda.Ctx, T, layer int, mod trainer.Module, x, out c
 }
 
 // updateFirst reports whether mod's forward product writes the LoRA
-// update first (LoRAFirstEnv): a GEMM's product, not a decoding step's
-// (whose update LoRAFew adds after it), with an update to apply.
+// update first (LoRAFirstEnv): a GEMM's product, not a decoding step's,
+// with an update to apply.
 func (s *session) updateFirst(T, layer int, mod trainer.Module, p *projection) bool {
-	if !s.loraFirst[moduleIndex(mod)] || s.baseOnly || s.nf4GEMV(T, p) || s.denseGEMV(T, p) || s.loraFew(T, nil) {
+	if !s.loraFirst[moduleIndex(mod)] || s.baseOnly || s.nf4GEMV(T, p) || s.denseGEMV(T, p) {
 		return false
 	}
 	_, ok := s.lora.slot(layer, mod, false)
@@ -584,67 +587,124 @@ func (s *session) nf4GEMV(T int, p *projection) bool {
 
 // linearPair is linear for two projections of one input and one shape (k
 // and v, gate and up). The frozen products are one launch where a
-// decoding step reads both NF4 forms directly (nf4GEMV), or where both
+// decoding step reads both NF4 forms directly (nf4Pair), or where both
 // weights lie one after the other, stored dense or dequantised so
-// (pairFits), and out2 lies above out1 (our decoding product,
-// denseGEMV, else a batched GEMM): for a decoding step, one launch instead
-// of two, and a better use of the bandwidth for the small ones (see
-// adjoin); for a training step's k and v, a GEMM as wide as q's, and for
-// its gate and up one wave of tiles fewer.
+// (pairable): for a decoding step, one launch instead of two, and a better
+// use of the bandwidth for the small ones (see adjoin); for a training
+// step's k and v, a GEMM as wide as q's, and for its gate and up one wave
+// of tiles fewer.
 func (s *session) linearPair(c *cuda.Ctx, T, layer int, m1, m2 trainer.Module, x, out1, out2 cuda.DevicePtr, lc *layerCache, d *trainer.Dropout) error {
+	if s.loraFew(T, d) {
+		return s.linearFew(c, T, layer, x, []trainer.Module{m1, m2}, []cuda.DevicePtr{out1, out2})
+	}
 	L := &s.w.layers[layer]
 	p1, p2 := &L.proj[moduleIndex(m1)], &L.proj[moduleIndex(m2)]
-	size := s.k.Prec.Size()
-	if s.nf4GEMV(T, p1) && s.nf4GEMV(T, p2) && p1.in == p2.in {
+	first := false
+	if s.nf4Pair(T, p1, p2) {
 		if err := s.k.NF4GEMVPair(c, p1.nf4Matrix(out1), p2.nf4Matrix(out2), s.w.round, x, T, p1.in); err != nil {
 			return err
 		}
-		return s.loraForwardPair(c, T, layer, m1, m2, x, out1, out2, lc, d)
-	}
-	// A pair of dequantised weights whose updates come first
-	// (LoRAFirstEnv) writes them first, then adds the frozen products in
-	// the batched GEMM; a pair of which only one does goes apart. Dense
-	// pairs keep PEFT's order.
-	first1, first2 := s.updateFirst(T, layer, m1, p1), s.updateFirst(T, layer, m2, p2)
-	if s.ws.fold && m1 == trainer.GateProj && m2 == trainer.UpProj && first1 && first2 && p1.nf4 && p2.nf4 &&
-		p1.dense.Ptr == 0 && p2.dense.Ptr == 0 && p1.in == p2.in && p1.out == p2.out && out2 > out1 {
-		return s.foldedPair(c, T, layer, m1, m2, x, out1, out2, lc, d)
-	}
-	if s.nf4GEMV(T, p1) || p1.in != p2.in || p1.out != p2.out || out2 <= out1 || int64(out2-out1)%size != 0 ||
-		p1.dense.Ptr == 0 && first1 != first2 || !s.pairFits(p1, p2) {
-		return s.linearApart(c, T, layer, m1, m2, x, out1, out2, lc, d)
-	}
-	first := first1 && p1.dense.Ptr == 0
-	if first {
-		// Before the weights are dequantised: dropout's output shares
-		// their scratch (workspace.xin).
-		if err := s.loraForward(c, T, layer, m1, x, out1, lc, d, 0); err != nil {
-			return err
-		}
-		if err := s.loraForward(c, T, layer, m2, x, out2, lc, d, 0); err != nil {
-			return err
-		}
-	}
-	w, err := s.pairWeights(c, p1, p2, s.scratchFor(m1, lc))
-	if err != nil {
-		return err
-	}
-	if s.denseGEMV(T, p1) {
-		if err := s.k.GEMV(c, p1.dense.Ptr, x, T, 2*p1.out, p1.in, p1.out, int64(out2-out1)/size, out1); err != nil {
-			return err
-		}
 	} else {
-		act := s.k.Prec.GEMMType()
-		g := cuda.GEMM{M: T, N: p1.out, K: p1.in, TransB: true, AType: act, BType: act, CType: act,
-			Batch: 2, SharedA: true, StrideC: int64(out2-out1) / size}
-		if err := s.matmul(c, "base", g, 1, x, w, betaOf(first), out1); err != nil {
+		// A pair of dequantised weights whose updates come first
+		// (LoRAFirstEnv) writes them first, then adds the frozen products
+		// in the batched GEMM; a pair of which only one does goes apart.
+		// Dense pairs keep PEFT's order.
+		first1, first2 := s.updateFirst(T, layer, m1, p1), s.updateFirst(T, layer, m2, p2)
+		if s.ws.fold && m1 == trainer.GateProj && m2 == trainer.UpProj && first1 && first2 && p1.nf4 && p2.nf4 &&
+			p1.dense.Ptr == 0 && p2.dense.Ptr == 0 && p1.in == p2.in && p1.out == p2.out && out2 > out1 {
+			return s.foldedPair(c, T, layer, m1, m2, x, out1, out2, lc, d)
+		}
+		if !s.pairable(T, p1, p2, out1, out2) || p1.dense.Ptr == 0 && first1 != first2 {
+			return s.linearApart(c, T, layer, m1, m2, x, out1, out2, lc, d)
+		}
+		first = first1 && p1.dense.Ptr == 0
+		if first {
+			// Before the weights are dequantised: dropout's output shares
+			// their scratch (workspace.xin).
+			if err := s.loraForward(c, T, layer, m1, x, out1, lc, d, 0); err != nil {
+				return err
+			}
+			if err := s.loraForward(c, T, layer, m2, x, out2, lc, d, 0); err != nil {
+				return err
+			}
+		}
+		if err := s.pairProduct(c, T, p1, p2, x, out1, out2, s.scratchFor(m1, lc), betaOf(first)); err != nil {
 			return err
 		}
 	}
 	if first {
 		return nil
 	}
-	return s.loraForwardPair(c, T, layer, m1, m2, x, out1, out2, lc, d)
+	if err := s.loraForward(c, T, layer, m1, x, out1, lc, d, 1); err != nil {
+		return err
+	}
+	return s.loraForward(c, T, layer, m2, x, out2, lc, d, 1)
+}
+
+// nf4Pair reports whether a pair's frozen products are one NF4GEMVPair:
+// both read from their NF4 forms (nf4GEMV), over inputs of one length.
+func (s *session) nf4Pair(T int, p1, p2 *projection) bool {
+	return s.nf4GEMV(T, p1) && s.nf4GEMV(T, p2) && p1.in == p2.in
+}
+
+// pairable reports whether a pair of one shape, not read from its NF4
+// forms, takes pairProduct: its weights lie one after the other
+// (pairFits), and out2 lies above out1 at a whole number of elements.
+func (s *session) pairable(T int, p1, p2 *projection, out1, out2 cuda.DevicePtr) bool {
+	return !s.nf4GEMV(T, p1) && p1.in == p2.in && p1.out == p2.out && out2 > out1 &&
+		int64(out2-out1)%s.k.Prec.Size() == 0 && s.pairFits(p1, p2)
+}
+
+// pairProduct computes a pairable pair's frozen products plus beta times
+// their outputs in one launch: our decoding product over their dense
+// copies (denseGEMV), else a batched GEMM over the weights pairWeights
+// gives.
+func (s *session) pairProduct(c *cuda.Ctx, T int, p1, p2 *projection, x, out1, out2, scratch cuda.DevicePtr, beta float32) error {
+	w, err := s.pairWeights(c, p1, p2, scratch)
+	if err != nil {
+		return err
+	}
+	size := s.k.Prec.Size()
+	if s.denseGEMV(T, p1) {
+		return s.k.GEMV(c, p1.dense.Ptr, x, T, 2*p1.out, p1.in, p1.out, int64(out2-out1)/size, out1)
+	}
+	act := s.k.Prec.GEMMType()
+	g := cuda.GEMM{M: T, N: p1.out, K: p1.in, TransB: true, AType: act, BType: act, CType: act,
+		Batch: 2, SharedA: true, StrideC: int64(out2-out1) / size}
+	return s.matmul(c, "base", g, 1, x, w, beta, out1)
+}
+
+// linearFew computes a decoding step's frozen products of projections
+// mods, which share input x (q, k and v; gate and up; o or down alone),
+// then adds their adapter's updates with one kernels.LoRAFew: two
+// launches for the group, where the GEMMs take two a projection. The last
+// two of a group of two or three are a pair (k and v, gate and up), one
+// product launch where nf4Pair or pairable allows.
+func (s *session) linearFew(c *cuda.Ctx, T, layer int, x cuda.DevicePtr, mods []trainer.Module, outs []cuda.DevicePtr) error {
+	L := &s.w.layers[layer]
+	n := len(mods)
+	lone := n // products computed alone
+	if n >= 2 {
+		p1, p2 := &L.proj[moduleIndex(mods[n-2])], &L.proj[moduleIndex(mods[n-1])]
+		switch {
+		case s.nf4Pair(T, p1, p2):
+			if err := s.k.NF4GEMVPair(c, p1.nf4Matrix(outs[n-2]), p2.nf4Matrix(outs[n-1]), s.w.round, x, T, p1.in); err != nil {
+				return err
+			}
+			lone = n - 2
+		case s.pairable(T, p1, p2, outs[n-2], outs[n-1]):
+			if err := s.pairProduct(c, T, p1, p2, x, outs[n-2], outs[n-1], s.ws.wbuf.Ptr, 0); err != nil {
+				return err
+			}
+			lone = n - 2
+		}
+	}
+	for i := range lone {
+		if err := s.frozenProduct(c, T, &L.proj[moduleIndex(mods[i])], s.ws.wbuf.Ptr, x, outs[i]); err != nil {
+			return err
+		}
+	}
+	return s.loraFewUpdate(c, T, layer, x, mods, outs)
 }
 
 // linearApart is linearPair's two projections one after the other.
@@ -701,9 +761,6 @@ func (s *session) loraForward(c *cuda.Ctx, T, layer int, mod trainer.Module, x, 
 	if !ok || s.baseOnly {
 		return nil
 	}
-	if beta == 1 && s.loraFew(T, d) {
-		return s.loraFewUpdate(c, T, layer, x, []trainer.Module{mod}, []cuda.DevicePtr{out})
-	}
 	if err := s.loraXA(c, T, layer, mod, A, x, lc, d); err != nil {
 		return err
 	}
@@ -711,19 +768,6 @@ func (s *session) loraForward(c *cuda.Ctx, T, layer int, mod trainer.Module, x, 
 	p := &s.w.layers[layer].proj[moduleIndex(mod)]
 	act := s.k.Prec.GEMMType()
 	return s.gemm(c, "lora", T, p.out, s.cfg.LoRA.R, false, true, act, act, s.cfg.LoRA.Scale(), lc.xa[moduleIndex(mod)], s.lora.actPtr(s, B), beta, out)
-}
-
-// loraForwardPair adds the updates of two projections of input x to
-// their products, out1 and out2: in one LoRAFew for a decoding step's
-// few tokens.
-func (s *session) loraForwardPair(c *cuda.Ctx, T, layer int, m1, m2 trainer.Module, x, out1, out2 cuda.DevicePtr, lc *layerCache, d *trainer.Dropout) error {
-	if s.loraFew(T, d) {
-		return s.loraFewUpdate(c, T, layer, x, []trainer.Module{m1, m2}, []cuda.DevicePtr{out1, out2})
-	}
-	if err := s.loraForward(c, T, layer, m1, x, out1, lc, d, 1); err != nil {
-		return err
-	}
-	return s.loraForward(c, T, layer, m2, x, out2, lc, d, 1)
 }
 
 // loraFew reports whether a step of T tokens adds its adapter's updates
@@ -1060,10 +1104,7 @@ func (s *session) layerForward(c *cuda.Ctx, T, l int, x, out cuda.DevicePtr, lc 
 			}
 			return s.k.RMSNorm(c, x, L.inputNorm.Ptr, 0, lc.xn1.Ptr, lc.rstd1.Ptr, T, Hd, eps)
 		},
-		func() error { return s.linear(c, T, l, trainer.QProj, lc.xn1.Ptr, lc.q.Ptr, lc, d) },
-		func() error {
-			return s.linearPair(c, T, l, trainer.KProj, trainer.VProj, lc.xn1.Ptr, lc.k.Ptr, lc.v.Ptr, lc, d)
-		},
+		func() error { return s.qkv(c, T, l, lc, d) },
 		func() error {
 			q := kernels.Heads{X: lc.q.Ptr, W: L.qNorm.Ptr, Out: lc.qr.Ptr, Rstd: lc.rstdQ.Ptr, Heads: H}
 			k := kernels.Heads{X: lc.k.Ptr, W: L.kNorm.Ptr, Out: lc.kr.Ptr, Rstd: lc.rstdK.Ptr, Heads: KV}
@@ -1120,6 +1161,21 @@ func (s *session) layerForward(c *cuda.Ctx, T, l int, x, out cuda.DevicePtr, lc 
 		ws.keptLayer = l
 	}
 	return nil
+}
+
+// qkv computes block l's q, k and v from its normed input: q alone and k
+// and v as a pair, or, for a decoding step with an adapter (loraFew), the
+// three products and then their updates in one group.
+func (s *session) qkv(c *cuda.Ctx, T, l int, lc *layerCache, d *trainer.Dropout) error {
+	x := lc.xn1.Ptr
+	if s.loraFew(T, d) {
+		mods := []trainer.Module{trainer.QProj, trainer.KProj, trainer.VProj}
+		return s.linearFew(c, T, l, x, mods, []cuda.DevicePtr{lc.q.Ptr, lc.k.Ptr, lc.v.Ptr})
+	}
+	if err := s.linear(c, T, l, trainer.QProj, x, lc.q.Ptr, lc, d); err != nil {
+		return err
+	}
+	return s.linearPair(c, T, l, trainer.KProj, trainer.VProj, x, lc.k.Ptr, lc.v.Ptr, lc, d)
 }
 
 func (s *session) attnScale() float64 { return 1 / math.Sqrt(s.info.Config.QueryPreAttnScalar) }

@@ -3,7 +3,9 @@ package trainer
 import (
 	"context"
 	"fmt"
+	"math"
 	"math/rand/v2"
+	"slices"
 	"sort"
 	"testing"
 )
@@ -120,9 +122,9 @@ func TestDecodingStopsAndSamples(t *testing.T) {
 	}
 }
 
-// pickBySorting is pick's choice of candidates as first written: a stable
-// sort of the whole vocabulary for every draw. pick must draw exactly the
-// same tokens.
+// pickBySorting is pick as first written: a stable sort of the whole
+// vocabulary for every draw, and drawAll. pick must draw exactly the same
+// tokens.
 func pickBySorting(logits []float32, o GenerateOptions, rng *rand.Rand) int32 {
 	idx := make([]int, len(logits))
 	for i := range idx {
@@ -136,17 +138,119 @@ func pickBySorting(logits []float32, o GenerateOptions, rng *rand.Rand) int32 {
 	for i, id := range idx {
 		vals[i] = logits[id]
 	}
-	return int32(idx[draw(vals, o, rng)])
+	return int32(idx[drawAll(vals, o, rng)])
+}
+
+// drawAll is draw as first written: every weight's exponential, then the
+// sums over all of them.
+func drawAll(vals []float32, o GenerateOptions, rng *rand.Rand) int {
+	p := make([]float64, len(vals))
+	top := float64(vals[0]) / o.Temperature
+	var sum float64
+	for i, v := range vals {
+		p[i] = math.Exp(float64(v)/o.Temperature - top)
+		sum += p[i]
+	}
+	if o.TopP > 0 && o.TopP < 1 {
+		var cum float64
+		for i := range p {
+			cum += p[i] / sum
+			if cum >= o.TopP {
+				p = p[:i+1]
+				break
+			}
+		}
+		sum = 0
+		for _, v := range p {
+			sum += v
+		}
+	}
+	u := rng.Float64() * sum
+	for i, v := range p {
+		if u < v {
+			return i
+		}
+		u -= v
+	}
+	return len(p) - 1
 }
 
 // tiedLogits is a row of 1 to 3,000 logits of few distinct values, so that
-// ties are everywhere.
+// ties are everywhere: negative and positive, zeros of both signs, and in
+// every third row values far apart, so that most weights leave draw's sum
+// unchanged.
 func tiedLogits(rng *rand.Rand) []float32 {
 	logits := make([]float32, 1+rng.IntN(3000))
+	spread := float32(1)
+	if rng.IntN(3) == 0 {
+		spread = 40
+	}
 	for i := range logits {
-		logits[i] = float32(rng.IntN(12)) / 3
+		logits[i] = spread * float32(rng.IntN(12)-6) / 3
+		if logits[i] == 0 && rng.IntN(2) == 0 {
+			logits[i] = float32(math.Copysign(0, -1))
+		}
 	}
 	return logits
+}
+
+// TestDrawSumsAllWeights: the sum of a draw's weights that stops at the
+// first weight leaving it unchanged is, bit for bit, the sum of every
+// weight in the same order.
+func TestDrawSumsAllWeights(t *testing.T) {
+	rng := rand.New(rand.NewPCG(7, 8))
+	stopped := 0
+	for trial := range 300 {
+		logits := tiedLogits(rng)
+		order := likelierOrder(logits)
+		vals := make([]float32, len(order))
+		for i, id := range order {
+			vals[i] = logits[id]
+		}
+		temperature := []float64{0.3, 0.7, 1, 2}[trial%4]
+		w := weights{vals: vals, temperature: temperature, top: float64(vals[0]) / temperature}
+		var want float64
+		for _, v := range vals {
+			want += math.Exp(float64(v)/temperature - float64(vals[0])/temperature)
+		}
+		if got := w.sum(len(vals)); got != want {
+			t.Fatalf("trial %d (%d logits, temperature %v): sum %v, every weight's %v", trial, len(vals), temperature, got, want)
+		}
+		if len(w.p) < len(vals) {
+			stopped++
+		}
+	}
+	if stopped == 0 {
+		t.Error("no sum stopped before the last weight: the test does not reach what it checks")
+	}
+}
+
+// TestLikelierOrder: the radix sort orders every token as a stable sort by
+// descending logit does, ties, signed zeros and all, at Gemma's vocabulary.
+func TestLikelierOrder(t *testing.T) {
+	rng := rand.New(rand.NewPCG(5, 6))
+	for trial := range 20 {
+		var logits []float32
+		if trial%2 == 0 {
+			logits = tiedLogits(rng)
+		} else {
+			logits = make([]float32, 262144)
+			for i := range logits {
+				logits[i] = float32(rng.NormFloat64() * 4)
+				if rng.IntN(50) == 0 {
+					logits[i] = float32(rng.IntN(5) - 2) // ties among the normal values
+				}
+			}
+		}
+		want := make([]int32, len(logits))
+		for i := range want {
+			want[i] = int32(i)
+		}
+		sort.SliceStable(want, func(a, b int) bool { return logits[want[a]] > logits[want[b]] })
+		if got := likelierOrder(logits); !slices.Equal(got, want) {
+			t.Fatalf("trial %d (%d logits): the radix order differs from a stable sort's", trial, len(logits))
+		}
+	}
 }
 
 // TestPickDrawsAsSortingDid: selecting the top k with a heap and sorting
@@ -226,5 +330,25 @@ func TestCandidatesDrawAsLogitsDo(t *testing.T) {
 				t.Fatalf("trial %d (n %d, %+v) draw %d: candidates drew %d, the logits %d", trial, n, o, d, got, want)
 			}
 		}
+	}
+}
+
+// BenchmarkPick times one draw from Gemma's vocabulary (262,144 logits of
+// a normal spread) as the host makes it for each sequence of a sampling
+// step that hands over whole logits.
+func BenchmarkPick(b *testing.B) {
+	rng := rand.New(rand.NewPCG(1, 2))
+	logits := make([]float32, 262144)
+	for i := range logits {
+		logits[i] = float32(rng.NormFloat64() * 3)
+	}
+	for _, o := range []GenerateOptions{
+		{Temperature: 0.7}, {Temperature: 0.7, TopP: 0.95}, {Temperature: 1, TopK: 64, TopP: 0.95},
+	} {
+		b.Run(fmt.Sprintf("top_k=%d,top_p=%v", o.TopK, o.TopP), func(b *testing.B) {
+			for b.Loop() {
+				pick(logits, o, rng)
+			}
+		})
 	}
 }

@@ -375,25 +375,31 @@ func likelierOrder(logits []float32) []int32 {
 	// key<<32 | id, where key's ascending order is the logits' descending
 	// order; only the keys' 32 bits are sorted on.
 	a := make([]uint64, len(logits))
+	var count [4][256]int // each byte of the keys, counted in one pass
 	for i, v := range logits {
-		a[i] = uint64(descendingKey(v))<<32 | uint64(i)
+		k := descendingKey(v)
+		a[i] = uint64(k)<<32 | uint64(i)
+		count[0][k&0xff]++
+		count[1][k>>8&0xff]++
+		count[2][k>>16&0xff]++
+		count[3][k>>24]++
 	}
 	b := make([]uint64, len(a))
-	for shift := 32; shift < 64; shift += 8 {
-		var count [257]int
-		for _, x := range a {
-			count[x>>shift&0xff+1]++
-		}
-		if count[a[0]>>shift&0xff+1] == len(a) {
+	for pass := range count {
+		c := &count[pass]
+		shift := 32 + 8*pass
+		if c[a[0]>>shift&0xff] == len(a) {
 			continue // one digit throughout: the pass would leave the order as it is
 		}
-		for d := 1; d < len(count); d++ {
-			count[d] += count[d-1]
+		at := 0 // each digit's first place
+		for d, n := range c {
+			c[d] = at
+			at += n
 		}
 		for _, x := range a {
 			d := x >> shift & 0xff
-			b[count[d]] = x
-			count[d]++
+			b[c[d]] = x
+			c[d]++
 		}
 		a, b = b, a
 	}
@@ -468,7 +474,7 @@ func pickAmong(c Candidates, o GenerateOptions, rng *rand.Rand) int32 {
 // negligible tail. The cut and the walk compute the weights they reach,
 // so the draw is the one every weight computed would give.
 func draw(vals []float32, o GenerateOptions, rng *rand.Rand) int {
-	w := weights{vals: vals, temperature: o.Temperature, top: float64(vals[0]) / o.Temperature}
+	w := weights{vals: vals, temperature: o.Temperature, top: float64(vals[0]) / o.Temperature, p: make([]float64, 0, len(vals))}
 	n := len(vals)
 	sum := w.sum(n)
 	if o.TopP > 0 && o.TopP < 1 {

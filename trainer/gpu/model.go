@@ -601,7 +601,7 @@ func (s *session) linearPair(c *cuda.Ctx, T, layer int, m1, m2 trainer.Module, x
 	p1, p2 := &L.proj[moduleIndex(m1)], &L.proj[moduleIndex(m2)]
 	first := false
 	if s.nf4Pair(T, p1, p2) {
-		if err := s.k.NF4GEMVPair(c, p1.nf4Matrix(out1), p2.nf4Matrix(out2), s.w.round, x, T, p1.in); err != nil {
+		if err := s.nf4PairProduct(c, T, p1, p2, x, out1, out2); err != nil {
 			return err
 		}
 	} else {
@@ -641,10 +641,16 @@ func (s *session) linearPair(c *cuda.Ctx, T, layer int, m1, m2 trainer.Module, x
 	return s.loraForward(c, T, layer, m2, x, out2, lc, d, 1)
 }
 
-// nf4Pair reports whether a pair's frozen products are one NF4GEMVPair:
-// both read from their NF4 forms (nf4GEMV), over inputs of one length.
+// nf4Pair reports whether a pair's frozen products are one NF4GEMVPair
+// (nf4PairProduct): both read from their NF4 forms (nf4GEMV), over inputs
+// of one length.
 func (s *session) nf4Pair(T int, p1, p2 *projection) bool {
 	return s.nf4GEMV(T, p1) && s.nf4GEMV(T, p2) && p1.in == p2.in
+}
+
+// nf4PairProduct computes an nf4Pair's frozen products in one launch.
+func (s *session) nf4PairProduct(c *cuda.Ctx, T int, p1, p2 *projection, x, out1, out2 cuda.DevicePtr) error {
+	return s.k.NF4GEMVPair(c, p1.nf4Matrix(out1), p2.nf4Matrix(out2), s.w.round, x, T, p1.in)
 }
 
 // pairable reports whether a pair of one shape, not read from its NF4
@@ -688,7 +694,7 @@ func (s *session) linearFew(c *cuda.Ctx, T, layer int, x cuda.DevicePtr, mods []
 		p1, p2 := &L.proj[moduleIndex(mods[n-2])], &L.proj[moduleIndex(mods[n-1])]
 		switch {
 		case s.nf4Pair(T, p1, p2):
-			if err := s.k.NF4GEMVPair(c, p1.nf4Matrix(outs[n-2]), p2.nf4Matrix(outs[n-1]), s.w.round, x, T, p1.in); err != nil {
+			if err := s.nf4PairProduct(c, T, p1, p2, x, outs[n-2], outs[n-1]); err != nil {
 				return err
 			}
 			lone = n - 2

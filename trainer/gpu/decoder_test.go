@@ -485,8 +485,15 @@ func compareTokenKernel(t *testing.T, preset, quantize string, adapter bool) {
 	pw, pm, pa := logitsDistance(bf16[1], ref, mc.VocabSize)
 	t.Logf("%d steps against float32: decode_token worst relative RMS %.3g, mean %.3g, argmax agreement %.3f; launch per operation %.3g, %.3g, %.3f",
 		N, ow, om, oa, pw, pm, pa)
-	if ow > 1.5*pw || om > 1.5*pm || oa < pa-0.05 {
-		t.Errorf("decode_token's bf16 logits are further from float32 than the launch-per-operation steps' are")
+	// The argmax agreements are shares of N steps, each a near tie or not
+	// as the random weights fall: the allowance is two standard errors of
+	// the difference of two such shares. At 200 positions and agreement
+	// 0.95 that is 0.044, about TestTeacherForcedBF16's 0.05; at 48 steps
+	// it is about four steps.
+	p := (oa + pa) / 2
+	allow := max(2*math.Sqrt(2*p*(1-p)/float64(N)), 1/float64(N))
+	if ow > 1.5*pw || om > 1.5*pm || oa < pa-allow {
+		t.Errorf("decode_token's bf16 logits are further from float32 than the launch-per-operation steps' are (argmax allowance %.3f)", allow)
 	}
 }
 

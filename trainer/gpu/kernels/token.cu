@@ -382,7 +382,7 @@ __device__ __forceinline__ void tok_rows(Row row, int r0, int r1, int in, const 
 // phase's rows as up to three stacked segments (q, k and v), each of NMAT
 // matrices side by side (gate and up), in tiles of 16 rows; the block
 // takes a contiguous slice of the tiles, and its warps a tile each, or
-// where it has fewer tiles than warps a range of a tile's 64-blocks,
+// where it has fewer tiles than warps every S-th of a tile's 64-blocks,
 // whose sums meet in a fixed order. Lane (g, c) reads rows g and g + 8 of
 // a tile at positions 16c .. 16c + 15 of each 64-block; the token's x
 // (lanes g = 0; the other lanes' columns are zero) comes from v, rounded
@@ -430,26 +430,29 @@ __device__ __forceinline__ void tok_rows_nf4(const tok_segs<NMAT>& sg, int in, c
         int rows, base;
         const int sp = S == 1 ? 0 : task % S;
         const int tile = tok_tile(sg, t0 + (S == 1 ? task : task / S), mats, rows, base), row0 = 16 * tile;
-        const int h0 = S == 1 ? 0 : blocks * sp / S, h1 = S == 1 ? blocks : blocks * (sp + 1) / S;
         const unsigned int ra = (unsigned int)min(row0 + g, rows - 1), rb = (unsigned int)min(row0 + g + 8, rows - 1);
         float acc[NMAT][2] = {};
-        for (int h = h0; h < h1; h += U) {
+        // The task's 64-blocks sp, sp + S, ...: the tile's S warps read S
+        // consecutive ones at a time (contiguous ranges, one a warp, ran
+        // ~10% slower where S > 1: scripts/bench-nf4-phase.cu).
+        for (int h = sp; h < blocks; h += S * U) {
             nf4_block blk[NMAT][U];
             #pragma unroll
             for (int m = 0; m < NMAT; m++) {
                 const tok_mat& mt = *mats[m];
                 #pragma unroll
-                for (int u = 0; u < U; u++) // past the range: a valid block, not used
+                for (int u = 0; u < U; u++) // past the end: a valid block, not used
                     blk[m][u] = nf4_load_block<TILED>(static_cast<const uint2*>(mt.w), mt.absmax_q, mt.tile_codes, mt.tile_aq,
-                                                      mt.absmax2, ra, rb, blocks, tile, g, c, lane, (unsigned int)min(h + u, h1 - 1));
+                                                      mt.absmax2, ra, rb, blocks, tile, g, c, lane, (unsigned int)min(h + u * S, blocks - 1));
             }
             #pragma unroll
             for (int u = 0; u < U; u++) {
-                if (h + u >= h1) break; // the same for the whole warp
+                const int hu = h + u * S;
+                if (hu >= blocks) break; // the same for the whole warp
                 // x at the lane's 16 positions as bfloat16 pairs; zero for g > 0.
                 unsigned int xb[8] = {0u, 0u, 0u, 0u, 0u, 0u, 0u, 0u};
                 if (g == 0) {
-                    const float* xs = v + 64 * (h + u) + 16 * c;
+                    const float* xs = v + 64 * hu + 16 * c;
                     #pragma unroll
                     for (int e = 0; e < 8; e++)
                         asm("cvt.rn.bf16x2.f32 %0, %1, %2;" : "=r"(xb[e]) : "f"(xs[2 * e + 1]), "f"(xs[2 * e]));

@@ -358,56 +358,81 @@ func pick(logits []float32, o GenerateOptions, rng *rand.Rand) int32 {
 		}
 		return pickAmong(c, o, rng)
 	}
-	order := likelierOrder(logits)
-	vals := make([]float32, len(order))
-	for i, id := range order {
-		vals[i] = logits[id]
-	}
-	return order[draw(vals, o, rng)]
+	return pickFromAll(logits, o, rng)
 }
 
-// likelierOrder returns every token id of logits in likelier's order, by
-// a stable radix sort of the logits' bits over the ids in ascending order
-// (so that equal logits keep the lower id first). A comparison sort of a
-// 262k vocabulary took a tenth of a second, every token of every sequence
-// that samples without a top_k.
+// pickFromAll draws from every token of logits, in likelierOrder.
+func pickFromAll(logits []float32, o GenerateOptions, rng *rand.Rand) int32 {
+	sc := fullScratch.Get().(*fullDraw)
+	defer fullScratch.Put(sc)
+	pairs := sc.order(logits)
+	sc.vals = slices.Grow(sc.vals[:0], len(pairs))
+	for _, x := range pairs {
+		sc.vals = append(sc.vals, logits[uint32(x)])
+	}
+	sc.p = slices.Grow(sc.p[:0], len(pairs))
+	return int32(uint32(pairs[drawInto(sc.vals, o, rng, sc.p)]))
+}
+
+// fullDraw holds the buffers of a draw from every logit (8 MB at Gemma's
+// vocabulary), kept between draws: allocated anew for each, their zeroing
+// and the pages' first touch took some 15% of a draw.
+type fullDraw struct {
+	keys, tmp []uint64
+	vals      []float32
+	p         []float64
+}
+
+var fullScratch = sync.Pool{New: func() any { return new(fullDraw) }}
+
+// likelierOrder returns every token id of logits in likelier's order.
 func likelierOrder(logits []float32) []int32 {
-	// key<<32 | id, where key's ascending order is the logits' descending
-	// order; only the keys' 32 bits are sorted on.
-	a := make([]uint64, len(logits))
-	var count [4][256]int // each byte of the keys, counted in one pass
-	for i, v := range logits {
-		k := descendingKey(v)
-		a[i] = uint64(k)<<32 | uint64(i)
-		count[0][k&0xff]++
-		count[1][k>>8&0xff]++
-		count[2][k>>16&0xff]++
-		count[3][k>>24]++
-	}
-	b := make([]uint64, len(a))
-	for pass := range count {
-		c := &count[pass]
-		shift := 32 + 8*pass
-		if c[a[0]>>shift&0xff] == len(a) {
-			continue // one digit throughout: the pass would leave the order as it is
-		}
-		at := 0 // each digit's first place
-		for d, n := range c {
-			c[d] = at
-			at += n
-		}
-		for _, x := range a {
-			d := x >> shift & 0xff
-			b[c[d]] = x
-			c[d]++
-		}
-		a, b = b, a
-	}
-	order := make([]int32, len(a))
-	for i, x := range a {
+	pairs := new(fullDraw).order(logits)
+	order := make([]int32, len(pairs))
+	for i, x := range pairs {
 		order[i] = int32(uint32(x))
 	}
 	return order
+}
+
+// order sorts every token of logits in likelier's order into d's buffers
+// and returns them as key<<32 | id, where key's ascending order is the
+// logits' descending order: a stable radix sort of the keys, three digits
+// of 11 bits, over the ids in ascending order, so that equal logits keep
+// the lower id first. A comparison sort of a 262k vocabulary took a tenth
+// of a second, every token of every sequence that samples without a top_k.
+func (d *fullDraw) order(logits []float32) []uint64 {
+	const bits = 11
+	a := slices.Grow(d.keys[:0], len(logits))[:len(logits)]
+	b := slices.Grow(d.tmp[:0], len(logits))[:len(logits)]
+	var count [3][1 << bits]int // each digit of the keys, counted in one pass
+	for i, v := range logits {
+		k := descendingKey(v)
+		a[i] = uint64(k)<<32 | uint64(i)
+		count[0][k&(1<<bits-1)]++
+		count[1][k>>bits&(1<<bits-1)]++
+		count[2][k>>(2*bits)]++
+	}
+	for pass := range count {
+		c := &count[pass]
+		shift := 32 + bits*pass
+		if len(a) == 0 || c[a[0]>>shift&(1<<bits-1)] == len(a) {
+			continue // one digit throughout: the pass would leave the order as it is
+		}
+		at := 0 // each digit's first place
+		for dg, n := range c {
+			c[dg] = at
+			at += n
+		}
+		for _, x := range a {
+			dg := x >> shift & (1<<bits - 1)
+			b[c[dg]] = x
+			c[dg]++
+		}
+		a, b = b, a
+	}
+	d.keys, d.tmp = a, b
+	return a
 }
 
 // descendingKey maps a logit to a key whose ascending order is the
@@ -474,7 +499,13 @@ func pickAmong(c Candidates, o GenerateOptions, rng *rand.Rand) int32 {
 // negligible tail. The cut and the walk compute the weights they reach,
 // so the draw is the one every weight computed would give.
 func draw(vals []float32, o GenerateOptions, rng *rand.Rand) int {
-	w := weights{vals: vals, temperature: o.Temperature, top: float64(vals[0]) / o.Temperature, p: make([]float64, 0, len(vals))}
+	return drawInto(vals, o, rng, make([]float64, 0, len(vals)))
+}
+
+// drawInto is draw with the weights' buffer p (empty, its capacity
+// len(vals)).
+func drawInto(vals []float32, o GenerateOptions, rng *rand.Rand, p []float64) int {
+	w := weights{vals: vals, temperature: o.Temperature, top: float64(vals[0]) / o.Temperature, p: p}
 	n := len(vals)
 	sum := w.sum(n)
 	if o.TopP > 0 && o.TopP < 1 {
@@ -510,10 +541,36 @@ type weights struct {
 }
 
 func (w *weights) at(i int) float64 {
-	for len(w.p) <= i {
-		w.p = append(w.p, math.Exp(float64(w.vals[len(w.p)])/w.temperature-w.top))
+	if i >= len(w.p) {
+		w.extend(i + 1)
 	}
 	return w.p[i]
+}
+
+// extend computes the weights up to at least the first n, in steps that
+// double (a sum that stops early computes at most about twice the
+// weights it adds), each long step spread over the cores: at Gemma's
+// vocabulary the exponentials are most of a draw from every logit.
+func (w *weights) extend(n int) {
+	from := len(w.p)
+	to := min(len(w.vals), max(n, 2*from, 256))
+	w.p = slices.Grow(w.p, to-from)[:to]
+	p, vals := w.p[from:to], w.vals[from:to]
+	const span = 1 << 14
+	fill := func(lo, hi int) {
+		for i := lo; i < hi; i++ {
+			p[i] = math.Exp(float64(vals[i])/w.temperature - w.top)
+		}
+	}
+	if len(p) < 2*span {
+		fill(0, len(p))
+		return
+	}
+	var spans sync.WaitGroup
+	for lo := 0; lo < len(p); lo += span {
+		spans.Go(func() { fill(lo, min(lo+span, len(p))) })
+	}
+	spans.Wait()
 }
 
 // sum is the first n weights' sum in order, up to the first weight that

@@ -200,8 +200,14 @@ func tiedLogits(rng *rand.Rand) []float32 {
 func TestDrawSumsAllWeights(t *testing.T) {
 	rng := rand.New(rand.NewPCG(7, 8))
 	stopped := 0
-	for trial := range 300 {
+	for trial := range 302 {
 		logits := tiedLogits(rng)
+		if trial >= 300 { // Gemma's vocabulary: weights computed in spans on several cores
+			logits = make([]float32, 262144)
+			for i := range logits {
+				logits[i] = float32(rng.NormFloat64() * 2)
+			}
+		}
 		order := likelierOrder(logits)
 		vals := make([]float32, len(order))
 		for i, id := range order {
@@ -210,13 +216,16 @@ func TestDrawSumsAllWeights(t *testing.T) {
 		temperature := []float64{0.3, 0.7, 1, 2}[trial%4]
 		w := weights{vals: vals, temperature: temperature, top: float64(vals[0]) / temperature}
 		var want float64
-		for _, v := range vals {
-			want += math.Exp(float64(v)/temperature - float64(vals[0])/temperature)
+		still := false // a weight after one that left the sum unchanged
+		for i, v := range vals {
+			e := math.Exp(float64(v)/temperature - float64(vals[0])/temperature)
+			still = still || want+e == want && i < len(vals)-1
+			want += e
 		}
 		if got := w.sum(len(vals)); got != want {
 			t.Fatalf("trial %d (%d logits, temperature %v): sum %v, every weight's %v", trial, len(vals), temperature, got, want)
 		}
-		if len(w.p) < len(vals) {
+		if still {
 			stopped++
 		}
 	}
@@ -267,6 +276,24 @@ func TestPickDrawsAsSortingDid(t *testing.T) {
 		for draw := range 50 {
 			if got, want := pick(logits, o, a), pickBySorting(logits, o, b); got != want {
 				t.Fatalf("trial %d (n %d, %+v) draw %d: %d, sorting drew %d", trial, n, o, draw, got, want)
+			}
+		}
+	}
+	// At Gemma's vocabulary, where the weights are computed in spans on
+	// several cores.
+	logits := make([]float32, 262144)
+	for i := range logits {
+		logits[i] = float32(rng.NormFloat64() * 3)
+		if rng.IntN(50) == 0 {
+			logits[i] = float32(rng.IntN(5) - 2)
+		}
+	}
+	for i, o := range []GenerateOptions{{Temperature: 0.7}, {Temperature: 1, TopP: 0.95}, {Temperature: 2, TopP: 0.5}} {
+		o.MaxNewTokens = 1
+		a, b := rand.New(rand.NewPCG(uint64(i), 9)), rand.New(rand.NewPCG(uint64(i), 9))
+		for draw := range 4 {
+			if got, want := pick(logits, o, a), pickBySorting(logits, o, b); got != want {
+				t.Fatalf("262,144 logits, %+v, draw %d: %d, sorting drew %d", o, draw, got, want)
 			}
 		}
 	}

@@ -81,6 +81,25 @@ __device__ __forceinline__ unsigned lookup_prmt(unsigned tl, unsigned word) {
     return v;
 }
 
+// The block's rows of tiles t0 .. t0 + n from each row's partial sums in
+// sums[((t·parts + p)·16 + i)·NMAT + m] (tile t, part p, row i of the
+// tile), joined in part order.
+template <int NMAT>
+__device__ __forceinline__ void join_parts(const float* sums, int parts, int n, int t0, int rows, act_t* out) {
+    if (threadIdx.x < 16 * n) {
+        const int t = threadIdx.x / 16, i = threadIdx.x % 16, r = 16 * (t0 + t) + i;
+        if (r < rows) {
+            float s[NMAT];
+            #pragma unroll
+            for (int m = 0; m < NMAT; m++) {
+                s[m] = 0.0f;
+                for (int p = 0; p < parts; p++) s[m] += sums[((t * parts + p) * 16 + i) * NMAT + m];
+            }
+            out[r] = to_act(NMAT == 2 ? s[0] * s[NMAT - 1] : s[0]);
+        }
+    }
+}
+
 template <int V, int NMAT, int U>
 __device__ __forceinline__ void phase(const matrix* mats, int rows, int in, const float* xs, const uint4* xf, const unsigned* pairs,
                                       unsigned tl, const float* dyn, float* sums, act_t* out) {
@@ -209,18 +228,7 @@ __device__ __forceinline__ void phase(const matrix* mats, int rows, int in, cons
     }
     if (S > 1) {
         __syncthreads();
-        if (threadIdx.x < 16 * n) {
-            const int t = threadIdx.x / 16, i = threadIdx.x % 16, r = 16 * (t0 + t) + i;
-            if (r < rows) {
-                float s[NMAT];
-                #pragma unroll
-                for (int m = 0; m < NMAT; m++) {
-                    s[m] = 0.0f;
-                    for (int sp = 0; sp < S; sp++) s[m] += sums[((t * S + sp) * 16 + i) * NMAT + m];
-                }
-                out[r] = to_act(NMAT == 2 ? s[0] * s[NMAT - 1] : s[0]);
-            }
-        }
+        join_parts<NMAT>(sums, S, n, t0, rows, out);
     }
     __syncthreads();
 }
@@ -307,18 +315,7 @@ __device__ __forceinline__ void phase_block(const matrix* mats, int rows, int in
     if constexpr (V == BLOCK_LOADS) cur = 0, acc[0][0] = __uint_as_float(mix & 0x3fffffffu); // kept: it is stored
     leave();
     __syncthreads();
-    if (threadIdx.x < 16 * n) {
-        const int t = threadIdx.x / 16, i = threadIdx.x % 16, r = 16 * (t0 + t) + i;
-        if (r < rows) {
-            float s[NMAT];
-            #pragma unroll
-            for (int m = 0; m < NMAT; m++) {
-                s[m] = 0.0f;
-                for (int wp = 0; wp < WARPS; wp++) s[m] += sums[((t * WARPS + wp) * 16 + i) * NMAT + m];
-            }
-            out[r] = to_act(NMAT == 2 ? s[0] * s[NMAT - 1] : s[0]);
-        }
-    }
+    join_parts<NMAT>(sums, WARPS, n, t0, rows, out);
     __syncthreads();
 }
 

@@ -351,7 +351,7 @@ func pick(logits []float32, o GenerateOptions, rng *rand.Rand) int32 {
 	if o.TopK > 0 && o.TopK < len(logits) {
 		// Only those k are selected to be sorted: sorting a 262k
 		// vocabulary for every token would cost more than the model's step.
-		idx := topKIndices(logits, o.TopK, func(a, b int) bool { return likelier(logits[a], logits[b], a, b) })
+		idx := likeliestK(logits, o.TopK)
 		c := Candidates{IDs: make([]int32, len(idx)), Logits: make([]float32, len(idx))}
 		for i, id := range idx {
 			c.IDs[i], c.Logits[i] = int32(id), logits[id]
@@ -587,11 +587,13 @@ func (w *weights) sum(n int) float64 {
 	return sum
 }
 
-// topKIndices returns the k indices of logits that come first in the
-// order before defines, in no particular order: a heap of the k best so
-// far, its worst at the root.
-func topKIndices(logits []float32, k int, before func(a, b int) bool) []int {
+// likeliestK returns the indices of the k tokens of logits that come
+// first in likelier's order, in no particular order: a heap of the k best
+// so far, its worst at the root. A logit below the root's cannot enter, so
+// most of a large vocabulary costs one comparison each.
+func likeliestK(logits []float32, k int) []int {
 	h := make([]int, 0, k)
+	before := func(a, b int) bool { return likelier(logits[a], logits[b], a, b) }
 	down := func(i int) {
 		for {
 			w, l, r := i, 2*i+1, 2*i+2
@@ -608,7 +610,7 @@ func topKIndices(logits []float32, k int, before func(a, b int) bool) []int {
 			i = w
 		}
 	}
-	for i := range logits {
+	for i, v := range logits {
 		switch {
 		case len(h) < k:
 			h = append(h, i)
@@ -620,6 +622,9 @@ func topKIndices(logits []float32, k int, before func(a, b int) bool) []int {
 				h[p], h[c] = h[c], h[p]
 				c = p
 			}
+		case v < logits[h[0]]:
+			// below the root: not likelier (a NaN on either side is not
+			// below, and goes on to before)
 		case before(i, h[0]):
 			h[0] = i
 			down(0)

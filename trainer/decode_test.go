@@ -335,7 +335,7 @@ func TestCandidatesDrawAsLogitsDo(t *testing.T) {
 		k := []int{1, 2, 5, 64, n, n + 3}[trial%6]
 		o := GenerateOptions{MaxNewTokens: 1, Temperature: []float64{0.3, 1, 2}[trial%3], TopK: k, TopP: []float64{0, 0.5, 0.95, 1}[trial%4]}
 		// The top k by pick's order, then some others, shuffled.
-		top := topKIndices(logits, min(k, n), func(a, b int) bool { return likelier(logits[a], logits[b], a, b) })
+		top := likeliestK(logits, min(k, n))
 		in := map[int]bool{}
 		for _, id := range top {
 			in[id] = true

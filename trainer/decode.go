@@ -342,8 +342,7 @@ func Argmax(logits []float32) int {
 
 // pick chooses the next token from logits: the most likely (the lowest id
 // among equals) when decoding greedily, else a draw after temperature,
-// top-k and top-p (pickAmong, from the top_k most likely; or from all, in
-// likelierOrder).
+// top-k and top-p (pickAmong, from the top_k most likely; or pickFromAll).
 func pick(logits []float32, o GenerateOptions, rng *rand.Rand) int32 {
 	if o.Temperature == 0 {
 		return int32(Argmax(logits))
@@ -361,7 +360,7 @@ func pick(logits []float32, o GenerateOptions, rng *rand.Rand) int32 {
 	return pickFromAll(logits, o, rng)
 }
 
-// pickFromAll draws from every token of logits, in likelierOrder.
+// pickFromAll draws from every token of logits, in likelier's order.
 func pickFromAll(logits []float32, o GenerateOptions, rng *rand.Rand) int32 {
 	sc := fullScratch.Get().(*fullDraw)
 	defer fullScratch.Put(sc)
@@ -384,16 +383,6 @@ type fullDraw struct {
 }
 
 var fullScratch = sync.Pool{New: func() any { return new(fullDraw) }}
-
-// likelierOrder returns every token id of logits in likelier's order.
-func likelierOrder(logits []float32) []int32 {
-	pairs := new(fullDraw).order(logits)
-	order := make([]int32, len(pairs))
-	for i, x := range pairs {
-		order[i] = int32(uint32(x))
-	}
-	return order
-}
 
 // order sorts every token of logits in likelier's order into d's buffers
 // and returns them as key<<32 | id, where key's ascending order is the

@@ -122,6 +122,17 @@ func TestDecodingStopsAndSamples(t *testing.T) {
 	}
 }
 
+// likelierOrder returns every token id of logits in the order a draw
+// from all of them takes (fullDraw.order's ids).
+func likelierOrder(logits []float32) []int32 {
+	pairs := new(fullDraw).order(logits)
+	order := make([]int32, len(pairs))
+	for i, x := range pairs {
+		order[i] = int32(uint32(x))
+	}
+	return order
+}
+
 // pickBySorting is pick as first written: a stable sort of the whole
 // vocabulary for every draw, and drawAll. pick must draw exactly the same
 // tokens.

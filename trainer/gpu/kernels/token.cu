@@ -433,8 +433,8 @@ __device__ __forceinline__ void tok_rows_nf4(const tok_segs<NMAT>& sg, int in, c
         const unsigned int ra = (unsigned int)min(row0 + g, rows - 1), rb = (unsigned int)min(row0 + g + 8, rows - 1);
         float acc[NMAT][2] = {};
         // The task's 64-blocks sp, sp + S, ...: the tile's S warps read S
-        // consecutive ones at a time (contiguous ranges, one a warp, ran
-        // ~10% slower where S > 1: scripts/bench-nf4-phase.cu).
+        // consecutive ones at a time (contiguous ranges, one a warp, made
+        // a 12B NF4 token 6% slower: trainer/gpu/NOTES.md).
         for (int h = sp; h < blocks; h += S * U) {
             nf4_block blk[NMAT][U];
             #pragma unroll

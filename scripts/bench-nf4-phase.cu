@@ -111,6 +111,36 @@ __device__ __forceinline__ void join_parts(const float* sums, int parts, int n, 
     }
 }
 
+// A task's sums of its tile's rows g and g + 8 (in the lanes of c = 0):
+// the rows' outputs where the tile is one task's (S = 1), else its part in
+// sums for join_parts.
+template <int NMAT>
+__device__ __forceinline__ void task_sums(const float (&acc)[NMAT][2], int S, int task, int row0, int rows, float* sums, act_t* out) {
+    const int lane = threadIdx.x & 31, g = lane >> 2;
+    if ((lane & 3) != 0) return;
+    #pragma unroll
+    for (int e = 0; e < 2; e++) {
+        const int r = row0 + g + 8 * e;
+        if (S == 1) {
+            if (r < rows) out[r] = to_act(NMAT == 2 ? acc[0][e] * acc[NMAT - 1][e] : acc[0][e]);
+        } else {
+            #pragma unroll
+            for (int m = 0; m < NMAT; m++) sums[(task * 16 + g + 8 * e) * NMAT + m] = acc[m][e];
+        }
+    }
+}
+
+// The end of a phase of tiles split S ways: the parts joined, then the
+// block's shared memory free again.
+template <int NMAT>
+__device__ __forceinline__ void end_phase(const float* sums, int S, int n, int t0, int rows, act_t* out) {
+    if (S > 1) {
+        __syncthreads();
+        join_parts<NMAT>(sums, S, n, t0, rows, out);
+    }
+    __syncthreads();
+}
+
 template <int V, int NMAT, int U>
 __device__ __forceinline__ void phase(const matrix* mats, int rows, int in, const float* xs, const uint4* xf, const unsigned* pairs,
                                       unsigned tl, const float* dyn, float* sums, act_t* out) {
@@ -224,24 +254,9 @@ __device__ __forceinline__ void phase(const matrix* mats, int rows, int in, cons
             }
         }
         if (V == LOADS || V == TILE_LOADS) acc[0][0] = __uint_as_float(mix & 0x3fffffffu);
-        if (c == 0) {
-            #pragma unroll
-            for (int e = 0; e < 2; e++) {
-                const int r = row0 + g + 8 * e;
-                if (S == 1) {
-                    if (r < rows) out[r] = to_act(NMAT == 2 ? acc[0][e] * acc[NMAT - 1][e] : acc[0][e]);
-                } else {
-                    #pragma unroll
-                    for (int m = 0; m < NMAT; m++) sums[(task * 16 + g + 8 * e) * NMAT + m] = acc[m][e];
-                }
-            }
-        }
+        task_sums<NMAT>(acc, S, task, row0, rows, sums, out);
     }
-    if (S > 1) {
-        __syncthreads();
-        join_parts<NMAT>(sums, S, n, t0, rows, out);
-    }
-    __syncthreads();
+    end_phase<NMAT>(sums, S, n, t0, rows, out);
 }
 
 // The tile copy in the block's order: the block's tiles t0 .. t1 are one
@@ -465,24 +480,9 @@ __device__ __forceinline__ void phase_token(const matrix* mats, int rows, int in
             }
             cp_wait<0>();
         }
-        if (c == 0) {
-            #pragma unroll
-            for (int e = 0; e < 2; e++) {
-                const int r = row0 + g + 8 * e;
-                if (S == 1) {
-                    if (r < rows) out[r] = to_act(NMAT == 2 ? acc[0][e] * acc[NMAT - 1][e] : acc[0][e]);
-                } else {
-                    #pragma unroll
-                    for (int m = 0; m < NMAT; m++) sums[(task * 16 + g + 8 * e) * NMAT + m] = acc[m][e];
-                }
-            }
-        }
+        task_sums<NMAT>(acc, S, task, row0, rows, sums, out);
     }
-    if (S > 1) {
-        __syncthreads();
-        join_parts<NMAT>(sums, S, n, t0, rows, out);
-    }
-    __syncthreads();
+    end_phase<NMAT>(sums, S, n, t0, rows, out);
 }
 
 // Shared memory: the pair table (current: 32 KB at the start; the others:

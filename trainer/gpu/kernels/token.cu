@@ -92,6 +92,7 @@ struct tok_smem {
     float* w;     // a split's scores: TOK_CHUNK
     float* sums;  // the output's partial sums: TOK_THREADS·VEC; NF4 products' partial rows
     int* flag;
+    tok_layer* layer;    // the layer table's entries of this layer and the next (tok_layer_fetch)
     unsigned int* pairs; // NF4 only: nf4_mma_tables' pairs, 256·NF4_PAIR_COPIES
     float* dyn;          // and absmax codes, 256
     float* xa;           // decode_token_lora only: a phase's x·Aᵀ, 3·rank
@@ -112,7 +113,8 @@ __device__ __forceinline__ tok_smem tok_carve(float* dyn, int vlen, int hidden, 
     s.w = s.qkn + 2 * HD;
     s.sums = s.w + TOK_CHUNK;
     s.flag = reinterpret_cast<int*>(s.sums + TOK_THREADS * VEC);
-    s.pairs = reinterpret_cast<unsigned int*>(s.sums + TOK_THREADS * VEC + 4); // 16-byte aligned
+    s.layer = reinterpret_cast<tok_layer*>(s.sums + TOK_THREADS * VEC + 4); // 16-byte aligned
+    s.pairs = reinterpret_cast<unsigned int*>(s.layer + 2);
     s.dyn = reinterpret_cast<float*>(s.pairs + 256 * NF4_PAIR_COPIES);
     s.xa = s.dyn + 256;
     s.dsums = s.xa + 3 * rank;
@@ -168,6 +170,29 @@ __device__ __forceinline__ void tok_grid_sync(unsigned int* bar, unsigned int n,
         if (clock) clock[2 * n] = tok_now();
     }
     __syncthreads();
+}
+
+// Layer l's entry of the layer table, copied into slot (l & 1) of the
+// block's two by cp.async (26 threads, 16 bytes each): the next layer's
+// is fetched during a layer's attention and waited for (tok_layer_wait,
+// then a barrier) before the layer's last grid barrier, so that no
+// phase's first weight loads wait on an L2 round trip for the pointers
+// (each grid barrier's acquire empties the L1).
+#define TOK_LAYER_WORDS ((int)(sizeof(tok_layer) / 16))
+static_assert(sizeof(tok_layer) % 16 == 0, "the layer table is copied in 16-byte words");
+
+__device__ __forceinline__ void tok_layer_fetch(const tok_layer* layers, int l, tok_layer* slots) {
+    if (threadIdx.x < TOK_LAYER_WORDS) {
+        const unsigned int dst = (unsigned int)__cvta_generic_to_shared(reinterpret_cast<uint4*>(slots + (l & 1)) + threadIdx.x);
+        const uint4* src = reinterpret_cast<const uint4*>(layers + l) + threadIdx.x;
+        asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n\tcp.async.commit_group;" ::"r"(dst), "l"(src) : "memory");
+    }
+}
+
+// Waits for this thread's copies of tok_layer_fetch; a barrier after it
+// makes the entry visible to the block.
+__device__ __forceinline__ void tok_layer_wait() {
+    if (threadIdx.x < TOK_LAYER_WORDS) asm volatile("cp.async.wait_all;" ::: "memory");
 }
 
 // The block's slice [r0, r1) of rows rows, the same in every phase. Its
@@ -840,13 +865,16 @@ __device__ __forceinline__ void decode_token_body(const tok_layer* __restrict__ 
     act_t* db = ob + hidden;
     act_t* actb = db + hidden;
     const int hv = hidden / VEC; // 16-byte groups a row
-    if (layers[0].q.nf4) nf4_mma_tables(s.pairs, s.dyn); // every projection of the model in one form
+    tok_layer_fetch(layers, 0, s.layer);
+    tok_layer_wait();
+    __syncthreads();
+    if (s.layer[0].q.nf4) nf4_mma_tables(s.pairs, s.dyn); // every projection of the model in one form
     int r0, r1;
     unsigned int* lora_count = sync + 2 + heads + 2 * gridDim.x; // after the blocks' pairs
     unsigned long long* clock = times ? times + (long long)blockIdx.x * TOK_READINGS(n_layers) : nullptr; // the block's readings
     if (clock && threadIdx.x == 0) clock[0] = tok_now();
     for (int l = 0; l < n_layers; l++) {
-        const tok_layer& L = layers[l];
+        const tok_layer& L = s.layer[l & 1];
         const float* cosv = rope + L.rope * HD;
         const float* sinv = cosv + HD / 2;
 
@@ -867,7 +895,7 @@ __device__ __forceinline__ void decode_token_body(const tok_layer* __restrict__ 
             }
             __syncthreads();
         } else {
-            tok_load_inputs(db, s.v, x1b, s.x, layers[l - 1].post_ff, L.in_norm, hidden, s.nw);
+            tok_load_inputs(db, s.v, x1b, s.x, s.layer[(l - 1) & 1].post_ff, L.in_norm, hidden, s.nw);
             __syncthreads();
             tok_norm(s.v, s.nw, hidden, eps, true, s.x, s.red);
         }
@@ -893,7 +921,8 @@ __device__ __forceinline__ void decode_token_body(const tok_layer* __restrict__ 
             [&]() { tok_lora_ready<3>(s, xa, rank, lora_count, 4 * l + 1); });
         tok_grid_sync(sync, P * l + bA, clock);
 
-        // B: attention.
+        // B: attention, and the next layer's entry on its way.
+        if (l + 1 < n_layers) tok_layer_fetch(layers, l + 1, s.layer);
         tok_attention(L, qkv, att, recs, sync + 1, sq, p, heads, kv_heads, group, eps, attn_scale, cosv, sinv, s);
         tok_grid_sync(sync, P * l + bB, clock);
 
@@ -934,6 +963,7 @@ __device__ __forceinline__ void decode_token_body(const tok_layer* __restrict__ 
             {{{&L.down}}, {hidden}, 1}, inter, s,
             [&](int r, const float* sum) { db[r] = LORA ? tok_lora_out(sum[0], lo[6].b, r, s.xa, rank, lora_scale) : to_act(sum[0]); },
             [&]() { tok_lora_ready<1>(s, xa, rank, lora_count, 4 * l + 4); });
+        tok_layer_wait(); // the barrier's __syncthreads shows the next layer's entry to the block
         tok_grid_sync(sync, P * l + bE, clock);
     }
 
@@ -941,7 +971,7 @@ __device__ __forceinline__ void decode_token_body(const tok_layer* __restrict__ 
     // A), then the lm_head over the block's slice of the vocabulary: the
     // logits, and the block's most likely token (the lowest id among
     // equals, as argmax_rows); the last block to finish picks the step's.
-    tok_load_inputs(db, s.v, x1b, s.x, layers[n_layers - 1].post_ff, final_norm, hidden, s.nw);
+    tok_load_inputs(db, s.v, x1b, s.x, s.layer[(n_layers - 1) & 1].post_ff, final_norm, hidden, s.nw);
     __syncthreads();
     tok_norm(s.v, s.nw, hidden, eps, true, s.x, s.red);
     tok_norm(s.x, s.nw + hidden, hidden, eps, false, s.v, s.red);

@@ -155,6 +155,7 @@ func (k *Kernels) tokenSharedBytes(sh TokenShape) int {
 	round4 := func(n int) int { return (n + 3) / 4 * 4 }
 	v := max(sh.Hidden, sh.Heads*k.HeadDim, sh.Intermediate)
 	floats := round4(v) + 3*round4(sh.Hidden) + 2*16 + 32 + 5*k.HeadDim + tokenChunk + tokenThreads*k.vec() + 4
+	floats += 2 * tokenLayerBytes / 4 // the layer table's entries of this layer and the next
 	if sh.NF4 || sh.LoRARank > 0 {
 		floats += 256*nf4PairCopies + 256 // nf4_mma_tables' pairs and absmax codes (carved before x·Aᵀ)
 	}

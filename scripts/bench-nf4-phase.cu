@@ -38,6 +38,11 @@
 //                 while the warp sums, and no registers held for them
 //   token prmt    token with a byte's table offset by one prmt (a row of the
 //                 table every 256 bytes, 64 KB anywhere in shared memory)
+//   token flat    token without a branch in a pass: a 64-block past the end
+//                 is read (clamped) and scaled by zero instead of a break,
+//                 and x's loads are predicated on g = 0 instead of branched
+//                 around, so that a pass is one basic block whose units'
+//                 chains (look-ups, four mma, the scale) may interleave
 #include <algorithm>
 #include <cmath>
 #include <cstdio>
@@ -52,10 +57,11 @@
 #define THREADS (WARPS * 32)
 
 enum { CURRENT, PRMT_X, PREFETCH, ABSMAX_TILES, TILES, LOADS, TILE_LOADS, BLOCK_ORDER, BLOCK_LOADS, STRIDED_TILES, TOKEN, RING4, RING8,
-       TOKEN_PRMT, VARIANTS };
+       TOKEN_PRMT, TOKEN_FLAT, VARIANTS };
 static const char* names[VARIANTS] = {"current", "prmt+x", "+prefetch", "absmax tiles", "tiles", "loads", "tile loads",
-                                      "block order", "block loads", "strided tiles", "token", "ring 4", "ring 8", "token prmt"};
-static bool table32(int v) { return v == CURRENT || v == TOKEN || v == RING4 || v == RING8 || v == TOKEN_PRMT; } // current's table, x as floats
+                                      "block order", "block loads", "strided tiles", "token", "ring 4", "ring 8", "token prmt",
+                                      "token flat"};
+static bool table32(int v) { return v == CURRENT || v == TOKEN || v == RING4 || v == RING8 || v == TOKEN_PRMT || v == TOKEN_FLAT; } // current's table, x as floats
 static int ring_steps(int v, int nmat) { return v == RING4 ? 4 / nmat : v == RING8 ? 8 / nmat : 0; }
 
 struct matrix {
@@ -372,8 +378,8 @@ __device__ __forceinline__ unsigned pair256(const unsigned* pairs, unsigned lane
 // as many of {absmax code word, row a's scale, row b's scale, unused}, at
 // ring + warp·D·NMAT·64 (uint4s); each lane reads back only what it
 // copied, so its own wait_group is all the ordering it needs. PRMT: the
-// table's addresses by pair256 (token prmt).
-template <int NMAT, int D, bool PRMT = false>
+// table's addresses by pair256 (token prmt). FLAT: token flat.
+template <int NMAT, int D, bool PRMT = false, bool FLAT = false>
 __device__ __forceinline__ void phase_token(const matrix* mats, int rows, int in, const float* xs, const unsigned* pairs, const float* dyn,
                                             float* sums, act_t* out, uint4* ring) {
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, g = lane >> 2, c = lane & 3;
@@ -390,9 +396,21 @@ __device__ __forceinline__ void phase_token(const matrix* mats, int rows, int in
         const int tile = t0 + task / S, row0 = 16 * tile, sp = task % S;
         const unsigned ra = (unsigned)min(row0 + g, rows - 1), rb = (unsigned)min(row0 + g + 8, rows - 1);
         float acc[NMAT][2] = {};
-        auto sum_block = [&](int b, const uint4 (&w)[NMAT], const unsigned (&q)[NMAT], const float (&a2)[NMAT][2]) {
+        auto sum_block = [&](int b, const uint4 (&w)[NMAT], const unsigned (&q)[NMAT], const float (&a2)[NMAT][2], bool real = true) {
             unsigned xb[8] = {0u, 0u, 0u, 0u, 0u, 0u, 0u, 0u};
-            if (g == 0) {
+            if (FLAT) {
+                const unsigned at = (unsigned)__cvta_generic_to_shared(xs + 64 * b + 16 * c);
+                float f[16];
+                #pragma unroll
+                for (int k = 0; k < 4; k++) {
+                    f[4 * k] = f[4 * k + 1] = f[4 * k + 2] = f[4 * k + 3] = 0.0f;
+                    asm volatile("{\n\t.reg .pred p;\n\tsetp.eq.u32 p, %4, 0;\n\t@p ld.shared.v4.f32 {%0, %1, %2, %3}, [%5];\n\t}"
+                                 : "+f"(f[4 * k]), "+f"(f[4 * k + 1]), "+f"(f[4 * k + 2]), "+f"(f[4 * k + 3])
+                                 : "r"(g), "r"(at + 16u * k));
+                }
+                #pragma unroll
+                for (int e = 0; e < 8; e++) asm("cvt.rn.bf16x2.f32 %0, %1, %2;" : "=r"(xb[e]) : "f"(f[2 * e + 1]), "f"(f[2 * e]));
+            } else if (g == 0) {
                 const float* x = xs + 64 * b + 16 * c;
                 #pragma unroll
                 for (int e = 0; e < 8; e++) asm("cvt.rn.bf16x2.f32 %0, %1, %2;" : "=r"(xb[e]) : "f"(x[2 * e + 1]), "f"(x[2 * e]));
@@ -415,8 +433,9 @@ __device__ __forceinline__ void phase_token(const matrix* mats, int rows, int in
                                  nf4_pair(pairs, lane4, w0, j + 1), nf4_pair(pairs, lane4, w1, j + 1), xb[2 * k], xb[2 * k + 1]);
                 }
                 const float offset = mats[m].offset;
-                acc[m][0] = fmaf(nf4_scale(dyn[q[m] & 0xff], a2[m][0], offset), sum[0], acc[m][0]);
-                acc[m][1] = fmaf(nf4_scale(dyn[(q[m] >> 8) & 0xff], a2[m][1], offset), sum[2], acc[m][1]);
+                const float s0 = nf4_scale(dyn[q[m] & 0xff], a2[m][0], offset), s1 = nf4_scale(dyn[(q[m] >> 8) & 0xff], a2[m][1], offset);
+                acc[m][0] = fmaf(real ? s0 : 0.0f, sum[0], acc[m][0]);
+                acc[m][1] = fmaf(real ? s1 : 0.0f, sum[2], acc[m][1]);
             }
         };
         if constexpr (D == 0) {
@@ -435,13 +454,13 @@ __device__ __forceinline__ void phase_token(const matrix* mats, int rows, int in
                     }
                 #pragma unroll
                 for (int u = 0; u < U; u++) {
-                    if (h + u * S >= blocks) break;
+                    if (!FLAT && h + u * S >= blocks) break;
                     uint4 wu[NMAT];
                     unsigned qu[NMAT];
                     float au[NMAT][2];
                     #pragma unroll
                     for (int m = 0; m < NMAT; m++) wu[m] = w[m][u], qu[m] = q[m][u], au[m][0] = a2[m][u][0], au[m][1] = a2[m][u][1];
-                    sum_block(h + u * S, wu, qu, au);
+                    sum_block(min(h + u * S, blocks - 1), wu, qu, au, h + u * S < blocks);
                 }
             }
         } else {
@@ -500,7 +519,7 @@ __global__ void __launch_bounds__(THREADS, 1)
     extern __shared__ float4 smem[];
     char* base = reinterpret_cast<char*>(smem);
     const unsigned sbase = (unsigned)__cvta_generic_to_shared(base), talign = (sbase + 0xffffu) & ~0xffffu;
-    constexpr bool T32 = V == CURRENT || V == TOKEN || V == RING4 || V == RING8 || V == TOKEN_PRMT;
+    constexpr bool T32 = V == CURRENT || V == TOKEN || V == RING4 || V == RING8 || V == TOKEN_PRMT || V == TOKEN_FLAT;
     unsigned* pairs = reinterpret_cast<unsigned*>(base + (T32 ? 0 : talign - sbase));
     float* dyn = reinterpret_cast<float*>(reinterpret_cast<char*>(pairs) + (T32 && V != TOKEN_PRMT ? 32768 : 65536));
     float* xs = dyn + 256;
@@ -550,6 +569,8 @@ __global__ void __launch_bounds__(THREADS, 1)
         __syncthreads();
         if constexpr (V == TOKEN_PRMT)
             phase_token<NMAT, 0, true>(all + (l % copies) * NMAT, rows, in, xs, pairs, dyn, sums, out, ring);
+        else if constexpr (V == TOKEN_FLAT)
+            phase_token<NMAT, 0, false, true>(all + (l % copies) * NMAT, rows, in, xs, pairs, dyn, sums, out, ring);
         else if constexpr (V == TOKEN || V == RING4 || V == RING8)
             phase_token<NMAT, V == RING4 ? 4 / NMAT : V == RING8 ? 8 / NMAT : 0>(all + (l % copies) * NMAT, rows, in, xs, pairs, dyn, sums, out,
                                                                               ring);
@@ -627,6 +648,7 @@ static float run_variant(int v, const args& a) {
     case RING4: return run<RING4, NMAT>(a);
     case RING8: return run<RING8, NMAT>(a);
     case TOKEN_PRMT: return run<TOKEN_PRMT, NMAT>(a);
+    case TOKEN_FLAT: return run<TOKEN_FLAT, NMAT>(a);
     default: return run<BLOCK_LOADS, NMAT>(a);
     }
 }
@@ -709,7 +731,7 @@ int main() {
             int differ = 0;
             // Block order sums in another order: it differs where the
             // bfloat16 outputs differ by more than a rounding or two.
-            if (v == BLOCK_ORDER || v == STRIDED_TILES || v == TOKEN || v == RING4 || v == RING8 || v == TOKEN_PRMT)
+            if (v == BLOCK_ORDER || v == STRIDED_TILES || v == TOKEN || v == RING4 || v == RING8 || v == TOKEN_PRMT || v == TOKEN_FLAT)
                 for (int r = 0; r < s.rows; r++) {
                     const float a = host_f32(got[r]), b = host_f32(ref[r]);
                     differ += std::fabs(a - b) > 1.6e-2f * std::fabs(b) + 1e-6f;

@@ -43,6 +43,13 @@
 //                 and x's loads are predicated on g = 0 instead of branched
 //                 around, so that a pass is one basic block whose units'
 //                 chains (look-ups, four mma, the scale) may interleave
+//   token pf start, token pf end
+//                 token, with the first two passes' bytes of the next
+//                 layer's slice of each of the block's tiles asked of the
+//                 L2 (prefetch.global.L2::evict_last, a line a thread) at
+//                 the phase's start or at its end (before the barrier): a
+//                 phase whose first passes hit the L2, as decode_token's
+//                 would if each phase prefetched the next one's start
 #include <algorithm>
 #include <cmath>
 #include <cstdio>
@@ -57,11 +64,12 @@
 #define THREADS (WARPS * 32)
 
 enum { CURRENT, PRMT_X, PREFETCH, ABSMAX_TILES, TILES, LOADS, TILE_LOADS, BLOCK_ORDER, BLOCK_LOADS, STRIDED_TILES, TOKEN, RING4, RING8,
-       TOKEN_PRMT, TOKEN_FLAT, VARIANTS };
+       TOKEN_PRMT, TOKEN_FLAT, TOKEN_PF_START, TOKEN_PF_END, VARIANTS };
 static const char* names[VARIANTS] = {"current", "prmt+x", "+prefetch", "absmax tiles", "tiles", "loads", "tile loads",
                                       "block order", "block loads", "strided tiles", "token", "ring 4", "ring 8", "token prmt",
-                                      "token flat"};
-static bool table32(int v) { return v == CURRENT || v == TOKEN || v == RING4 || v == RING8 || v == TOKEN_PRMT || v == TOKEN_FLAT; } // current's table, x as floats
+                                      "token flat", "token pf start", "token pf end"};
+static bool token_loop(int v) { return v == TOKEN || v == TOKEN_PRMT || v == TOKEN_FLAT || v == TOKEN_PF_START || v == TOKEN_PF_END; }
+static bool table32(int v) { return v == CURRENT || v == RING4 || v == RING8 || token_loop(v); } // current's table, x as floats
 static int ring_steps(int v, int nmat) { return v == RING4 ? 4 / nmat : v == RING8 ? 8 / nmat : 0; }
 
 struct matrix {
@@ -373,15 +381,32 @@ __device__ __forceinline__ unsigned pair256(const unsigned* pairs, unsigned lane
     return *reinterpret_cast<const unsigned*>(reinterpret_cast<const char*>(pairs) + at);
 }
 
+// Asks the L2 for the first `first` 64-blocks of each of tiles t0 ..
+// t0 + n - 1 of the NMAT matrices at m (their codes and absmax codes in
+// the tile layout, each tile's contiguous), to be kept (evict_last): a
+// 128-byte line a thread at a time.
+template <int NMAT>
+__device__ __forceinline__ void prefetch_tiles(const matrix* m, int t0, int n, int blocks, int first) {
+    const int code_lines = first * 4, lines = code_lines + (first + 7) / 8; // 512 and 16 bytes a 64-block
+    for (int i = threadIdx.x; i < n * NMAT * lines; i += blockDim.x) {
+        const int line = i % lines, tm = i / lines, mat = tm % NMAT;
+        const size_t tb = (size_t)(t0 + tm / NMAT) * blocks;
+        const char* at = line < code_lines ? reinterpret_cast<const char*>(m[mat].tile_codes + tb * 32) + 128 * line
+                                           : reinterpret_cast<const char*>(m[mat].tile_aq + tb * 8) + 128 * (line - code_lines);
+        asm volatile("prefetch.global.L2::evict_last [%0];" ::"l"(at));
+    }
+}
+
 // decode_token's loop (token), or the same with a ring of D steps ahead
 // (D > 0): the warp's ring is [D][NMAT][32] 16-byte slots of codes, then
 // as many of {absmax code word, row a's scale, row b's scale, unused}, at
 // ring + warp·D·NMAT·64 (uint4s); each lane reads back only what it
 // copied, so its own wait_group is all the ordering it needs. PRMT: the
 // table's addresses by pair256 (token prmt). FLAT: token flat.
-template <int NMAT, int D, bool PRMT = false, bool FLAT = false>
+// PF: 1 token pf start, 2 token pf end, prefetching next's tiles.
+template <int NMAT, int D, bool PRMT = false, bool FLAT = false, int PF = 0>
 __device__ __forceinline__ void phase_token(const matrix* mats, int rows, int in, const float* xs, const unsigned* pairs, const float* dyn,
-                                            float* sums, act_t* out, uint4* ring) {
+                                            float* sums, act_t* out, uint4* ring, const matrix* next = nullptr) {
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, g = lane >> 2, c = lane & 3;
     const unsigned lane4 = 4u * lane;
     constexpr int U = 4 / NMAT;
@@ -392,6 +417,9 @@ __device__ __forceinline__ void phase_token(const matrix* mats, int rows, int in
     const int S = n >= WARPS ? 1 : WARPS / n;
     uint4* wring = ring + warp * (D > 0 ? D : 1) * NMAT * 64;
     const unsigned sring = (unsigned)__cvta_generic_to_shared(wring) + 16u * lane;
+    // The first two passes of every warp of a tile: its first 2·S·U 64-blocks.
+    auto prefetch = [&]() { prefetch_tiles<NMAT>(next, t0, n, blocks, min(blocks, 2 * S * U)); };
+    if (PF == 1) prefetch();
     for (int task = warp; task < n * S; task += WARPS) {
         const int tile = t0 + task / S, row0 = 16 * tile, sp = task % S;
         const unsigned ra = (unsigned)min(row0 + g, rows - 1), rb = (unsigned)min(row0 + g + 8, rows - 1);
@@ -501,6 +529,7 @@ __device__ __forceinline__ void phase_token(const matrix* mats, int rows, int in
         }
         task_sums<NMAT>(acc, S, task, row0, rows, sums, out);
     }
+    if (PF == 2) prefetch();
     end_phase<NMAT>(sums, S, n, t0, rows, out);
 }
 
@@ -519,7 +548,8 @@ __global__ void __launch_bounds__(THREADS, 1)
     extern __shared__ float4 smem[];
     char* base = reinterpret_cast<char*>(smem);
     const unsigned sbase = (unsigned)__cvta_generic_to_shared(base), talign = (sbase + 0xffffu) & ~0xffffu;
-    constexpr bool T32 = V == CURRENT || V == TOKEN || V == RING4 || V == RING8 || V == TOKEN_PRMT || V == TOKEN_FLAT;
+    constexpr bool T32 = V == CURRENT || V == TOKEN || V == RING4 || V == RING8 || V == TOKEN_PRMT || V == TOKEN_FLAT || V == TOKEN_PF_START ||
+                         V == TOKEN_PF_END;
     unsigned* pairs = reinterpret_cast<unsigned*>(base + (T32 ? 0 : talign - sbase));
     float* dyn = reinterpret_cast<float*>(reinterpret_cast<char*>(pairs) + (T32 && V != TOKEN_PRMT ? 32768 : 65536));
     float* xs = dyn + 256;
@@ -571,6 +601,9 @@ __global__ void __launch_bounds__(THREADS, 1)
             phase_token<NMAT, 0, true>(all + (l % copies) * NMAT, rows, in, xs, pairs, dyn, sums, out, ring);
         else if constexpr (V == TOKEN_FLAT)
             phase_token<NMAT, 0, false, true>(all + (l % copies) * NMAT, rows, in, xs, pairs, dyn, sums, out, ring);
+        else if constexpr (V == TOKEN_PF_START || V == TOKEN_PF_END)
+            phase_token<NMAT, 0, false, false, V == TOKEN_PF_START ? 1 : 2>(all + (l % copies) * NMAT, rows, in, xs, pairs, dyn, sums, out,
+                                                                          ring, all + ((l + 1) % copies) * NMAT);
         else if constexpr (V == TOKEN || V == RING4 || V == RING8)
             phase_token<NMAT, V == RING4 ? 4 / NMAT : V == RING8 ? 8 / NMAT : 0>(all + (l % copies) * NMAT, rows, in, xs, pairs, dyn, sums, out,
                                                                               ring);
@@ -649,6 +682,8 @@ static float run_variant(int v, const args& a) {
     case RING8: return run<RING8, NMAT>(a);
     case TOKEN_PRMT: return run<TOKEN_PRMT, NMAT>(a);
     case TOKEN_FLAT: return run<TOKEN_FLAT, NMAT>(a);
+    case TOKEN_PF_START: return run<TOKEN_PF_START, NMAT>(a);
+    case TOKEN_PF_END: return run<TOKEN_PF_END, NMAT>(a);
     default: return run<BLOCK_LOADS, NMAT>(a);
     }
 }
@@ -731,7 +766,7 @@ int main() {
             int differ = 0;
             // Block order sums in another order: it differs where the
             // bfloat16 outputs differ by more than a rounding or two.
-            if (v == BLOCK_ORDER || v == STRIDED_TILES || v == TOKEN || v == RING4 || v == RING8 || v == TOKEN_PRMT || v == TOKEN_FLAT)
+            if (v == BLOCK_ORDER || v == STRIDED_TILES || v == RING4 || v == RING8 || token_loop(v))
                 for (int r = 0; r < s.rows; r++) {
                     const float a = host_f32(got[r]), b = host_f32(ref[r]);
                     differ += std::fabs(a - b) > 1.6e-2f * std::fabs(b) + 1e-6f;

@@ -8,8 +8,10 @@
 #   scripts/ab-build.sh main .          # here: bin/ab/builds.tar.xz and bin/ab/ab-generate.sh
 #   bin/ab/ab-generate.sh               # there, from a copy of the repository that holds bin/ab
 #
+# With the last revision's builds go its decoding tests (trainer/gpu and
+# its kernels package, as test binaries), which ab-generate.sh runs first.
 # The builds are packed with xz: builds of nearby revisions share most of
-# their bytes, so four of them fit the device's carry limit.
+# their bytes, so four of them and the tests fit the device's carry limit.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 [ $# -ge 2 ] || {
@@ -38,6 +40,9 @@ for rev in "$@"; do
 	(cd "$src" && go build -trimpath -ldflags="-s -w" -o "$tmp/builds/$name" ./cmd/pipeline)
 	echo "$name" >>"$tmp/builds/names.txt"
 done
+echo "building the tests of $rev" >&2
+(cd "$src" && go test -c -trimpath -ldflags="-s -w" -o "$tmp/builds/gpu.test" ./trainer/gpu &&
+	go test -c -trimpath -ldflags="-s -w" -o "$tmp/builds/kernels.test" ./trainer/gpu/kernels)
 tar -C "$tmp" -cf - builds | xz -T0 --lzma2=preset=2,dict=192MiB >"$out/builds.tar.xz"
 cp scripts/ab-generate.sh "$out/"
 ls -l "$out" >&2

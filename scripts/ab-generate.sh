@@ -3,7 +3,11 @@
 # scripts/ab-build.sh packed beside this script, the builds alternating
 # within each round so that the card's drift reaches all of them alike,
 # and prints each build's tokens/s by run, their median, and the median's
-# ratio to the first build's (the baseline).
+# ratio to the first build's (the baseline). First, unless TESTS=0, the
+# last build's decoding tests: its registers (TestTokenKernelRegisters),
+# then TESTS_RUN's GPU tests (default: the one-launch step, NF4 and
+# greedy decoding against transformers), run from the repository's
+# package folders as go test runs them.
 #
 #   bin/ab/ab-generate.sh
 #   ROUNDS=3 BATCH=16 CONFIGS="--preset 12b --quantize nf4;--preset 1b" bin/ab/ab-generate.sh
@@ -23,6 +27,14 @@ log=${AB_LOG:-$tmp/runs.tsv}
 : >"$log"
 IFS=';' read -ra configs <<<"${CONFIGS:---preset 12b --quantize nf4;--preset 12b;--preset 1b --quantize nf4;--preset 1b}"
 command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=name,memory.total,driver_version,power.limit --format=csv,noheader
+repo=$(cd "$here/../.." && pwd)
+if [ "${TESTS:-1}" != 0 ] && [ -x "$tmp/builds/gpu.test" ]; then
+	echo "tests of ${builds[-1]}:"
+	(cd "$repo/trainer/gpu/kernels" && "$tmp/builds/kernels.test" -test.run '^TestTokenKernelRegisters$' -test.v 2>&1 | grep -E 'registers|^(--- |ok|FAIL|PASS)')
+	(cd "$repo/trainer/gpu" && timeout "${TESTS_TIMEOUT:-300}" "$tmp/builds/gpu.test" -test.v \
+		-test.run "${TESTS_RUN:-^(TestTokenKernelOnGPU|TestNF4DecodingOnGPU|TestGreedyDecodingOnGPU)\$}" 2>&1 |
+		grep -E 'relative RMS|new tokens as|^(--- |ok|FAIL|PASS|panic)|Error') || echo "tests: exit status $?"
+fi
 for config in "${configs[@]}"; do
 	for round in $(seq "${ROUNDS:-2}"); do
 		for b in "${builds[@]}"; do

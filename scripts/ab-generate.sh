@@ -58,13 +58,10 @@ for line in open(log):
     runs.setdefault(config, {}).setdefault(build, []).append(tps)
 print(f"{'configuration':34} {'build':28} {'tokens/s by run':30} {'median':>9} {'vs base':>8}")
 for config, by in runs.items():
-    medians = {}
+    medians = {b: statistics.median(ok) if (ok := [float(v) for v in by.get(b, []) if v != "failed"]) else None for b in builds}
+    base = medians[builds[0]]
     for b in builds:
-        got = by.get(b, [])
-        ok = [float(v) for v in got if v != "failed"]
-        medians[b] = statistics.median(ok) if ok else None
-        base = medians[builds[0]]
-        shown = ", ".join(v if v == "failed" else f"{float(v):.1f}" for v in got)
+        shown = ", ".join(v if v == "failed" else f"{float(v):.1f}" for v in by.get(b, []))
         med = f"{medians[b]:.1f}" if medians[b] else "-"
         ratio = f"{medians[b] / base:.3f}" if medians[b] and base else "-"
         print(f"{config:34} {b:28} {shown:30} {med:>9} {ratio:>8}")

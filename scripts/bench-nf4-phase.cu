@@ -68,8 +68,10 @@ enum { CURRENT, PRMT_X, PREFETCH, ABSMAX_TILES, TILES, LOADS, TILE_LOADS, BLOCK_
 static const char* names[VARIANTS] = {"current", "prmt+x", "+prefetch", "absmax tiles", "tiles", "loads", "tile loads",
                                       "block order", "block loads", "strided tiles", "token", "ring 4", "ring 8", "token prmt",
                                       "token flat", "token pf start", "token pf end"};
-static bool token_loop(int v) { return v == TOKEN || v == TOKEN_PRMT || v == TOKEN_FLAT || v == TOKEN_PF_START || v == TOKEN_PF_END; }
-static bool table32(int v) { return v == CURRENT || v == RING4 || v == RING8 || token_loop(v); } // current's table, x as floats
+__host__ __device__ constexpr bool token_loop(int v) {
+    return v == TOKEN || v == TOKEN_PRMT || v == TOKEN_FLAT || v == TOKEN_PF_START || v == TOKEN_PF_END;
+}
+__host__ __device__ constexpr bool table32(int v) { return v == CURRENT || v == RING4 || v == RING8 || token_loop(v); } // current's table, x as floats
 static int ring_steps(int v, int nmat) { return v == RING4 ? 4 / nmat : v == RING8 ? 8 / nmat : 0; }
 
 struct matrix {
@@ -548,8 +550,7 @@ __global__ void __launch_bounds__(THREADS, 1)
     extern __shared__ float4 smem[];
     char* base = reinterpret_cast<char*>(smem);
     const unsigned sbase = (unsigned)__cvta_generic_to_shared(base), talign = (sbase + 0xffffu) & ~0xffffu;
-    constexpr bool T32 = V == CURRENT || V == TOKEN || V == RING4 || V == RING8 || V == TOKEN_PRMT || V == TOKEN_FLAT || V == TOKEN_PF_START ||
-                         V == TOKEN_PF_END;
+    constexpr bool T32 = table32(V);
     unsigned* pairs = reinterpret_cast<unsigned*>(base + (T32 ? 0 : talign - sbase));
     float* dyn = reinterpret_cast<float*>(reinterpret_cast<char*>(pairs) + (T32 && V != TOKEN_PRMT ? 32768 : 65536));
     float* xs = dyn + 256;

@@ -30,7 +30,7 @@ command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=name,memory.total,dri
 repo=$(cd "$here/../.." && pwd)
 if [ "${TESTS:-1}" != 0 ] && [ -x "$tmp/builds/gpu.test" ]; then
 	echo "tests of ${builds[-1]}:"
-	(cd "$repo/trainer/gpu/kernels" && "$tmp/builds/kernels.test" -test.run '^TestTokenKernelRegisters$' -test.v 2>&1 | grep -E 'registers|^(--- |ok|FAIL|PASS)')
+	(cd "$repo/trainer/gpu/kernels" && "$tmp/builds/kernels.test" -test.run '^TestTokenKernelRegisters$' -test.v 2>&1 | grep -E 'registers|^(--- |ok|FAIL|PASS)') || echo "registers: exit status $?"
 	(cd "$repo/trainer/gpu" && timeout "${TESTS_TIMEOUT:-300}" "$tmp/builds/gpu.test" -test.v \
 		-test.run "${TESTS_RUN:-^(TestTokenKernelOnGPU|TestNF4DecodingOnGPU|TestGreedyDecodingOnGPU)\$}" 2>&1 |
 		grep -E 'relative RMS|new tokens as|^(--- |ok|FAIL|PASS|panic)|Error') || echo "tests: exit status $?"

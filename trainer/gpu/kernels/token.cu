@@ -47,6 +47,11 @@
 #define TOK_THREADS (TOK_WARPS * 32)
 #define TOK_CHUNK 32  // keys an attention split takes (attn_cached's DEC_CHUNK)
 #define TOK_UNROLL 8  // 16-byte weight loads a lane has in flight per matrix
+// tok_rows_nf4's flat passes and x rounded to bfloat16 once a phase (XH),
+// at head dim 256; at 128 (27B) the device's compiler spilled decode_token
+// with them (8 bytes a thread) and they were not timed, so its loop keeps
+// the earlier form there.
+#define TOK_FLAT_XH (HD >= 256)
 #define TOK_PHASES 5  // grid barriers a block of the model (A to E); kernels.TokenBarriers
 #define TOK_READINGS(n_layers) (2 + 2 * TOK_PHASES * (n_layers)) // a block's clock readings: start, each barrier's two, end
 
@@ -434,12 +439,45 @@ __device__ __forceinline__ int tok_tile(const tok_segs<NMAT>& sg, int t, const t
     return seg == 0 ? t : seg == 1 ? t - n0 : t - n0 - n1;
 }
 
-template <int NMAT, bool TILED, bool DEFER, typename Done, typename Ready>
+// A lane's 16 values of x at xs (shared memory) as bfloat16 pairs, or
+// zeros where !load: the loads predicated rather than branched around, so
+// that the pass around them stays one basic block.
+__device__ __forceinline__ void tok_x_bf16(const float* xs, bool load, unsigned int (&xb)[8]) {
+    const unsigned int at = (unsigned int)__cvta_generic_to_shared(xs);
+    float f[16];
+    #pragma unroll
+    for (int k = 0; k < 4; k++) {
+        f[4 * k] = f[4 * k + 1] = f[4 * k + 2] = f[4 * k + 3] = 0.0f;
+        asm volatile("{\n\t.reg .pred p;\n\tsetp.ne.u32 p, %4, 0;\n\t@p ld.shared.v4.f32 {%0, %1, %2, %3}, [%5];\n\t}"
+                     : "+f"(f[4 * k]), "+f"(f[4 * k + 1]), "+f"(f[4 * k + 2]), "+f"(f[4 * k + 3])
+                     : "r"((unsigned int)load), "r"(at + 16u * k));
+    }
+    #pragma unroll
+    for (int e = 0; e < 8; e++) asm("cvt.rn.bf16x2.f32 %0, %1, %2;" : "=r"(xb[e]) : "f"(f[2 * e + 1]), "f"(f[2 * e]));
+}
+
+// The same from x already rounded, at shared address at.
+__device__ __forceinline__ void tok_xh_bf16(unsigned int at, bool load, unsigned int (&xb)[8]) {
+    #pragma unroll
+    for (int k = 0; k < 2; k++)
+        asm volatile("{\n\t.reg .pred p;\n\tsetp.ne.u32 p, %4, 0;\n\t@p ld.shared.v4.u32 {%0, %1, %2, %3}, [%5];\n\t}"
+                     : "+r"(xb[4 * k]), "+r"(xb[4 * k + 1]), "+r"(xb[4 * k + 2]), "+r"(xb[4 * k + 3])
+                     : "r"((unsigned int)load), "r"(at + 16u * k));
+}
+
+template <int NMAT, bool TILED, bool DEFER, bool XH, typename Done, typename Ready>
 __device__ __forceinline__ void tok_rows_nf4(const tok_segs<NMAT>& sg, int in, const float* v, tok_smem& s, Done done, float* dbuf,
                                              Ready ready) {
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, g = lane >> 2, c = lane & 3;
     const unsigned int lane4 = 4u * lane;
     constexpr int U = 4 / NMAT; // 64-blocks a lane has in flight per matrix and row
+    // FLAT: a whole pass without branches (x's loads predicated, see
+    // tok_x_bf16), so that its units' chains of look-ups and mma may
+    // interleave; the tail's pass stops at the last 64-block instead
+    // (clamped and zero-scaled, its units past the end cost a 1B token 7%).
+    // decode_token_lora's DEFER form keeps the branches, as flat it needed
+    // a stack.
+    constexpr bool FLAT = !DEFER && TOK_FLAT_XH;
     const int blocks = in / 64;
     int tiles = 0;
     #pragma unroll
@@ -449,6 +487,18 @@ __device__ __forceinline__ void tok_rows_nf4(const tok_segs<NMAT>& sg, int in, c
     const int n = t1 - t0;
     if (n <= 0) return; // the same for the whole block
     const int S = n >= TOK_WARPS ? 1 : TOK_WARPS / n;
+    // XH: x rounded to bfloat16 once, after v in s.v (where tok_carve left
+    // room), so that a unit loads its lanes' fragments instead of
+    // converting them (down's input fills s.v, so down converts).
+    const unsigned int xh = (unsigned int)__cvta_generic_to_shared(v + in);
+    if (XH) {
+        for (int i = threadIdx.x; i < in / 2; i += blockDim.x) {
+            unsigned int p;
+            asm("cvt.rn.bf16x2.f32 %0, %1, %2;" : "=r"(p) : "f"(v[2 * i + 1]), "f"(v[2 * i]));
+            reinterpret_cast<unsigned int*>(s.v + in)[i] = p; // v is s.v
+        }
+        __syncthreads();
+    }
     for (int task = warp; task < n * S; task += TOK_WARPS) {
         // The task's tile, row0 .. row0 + 15 of its segment's rows.
         const tok_mat* mats[NMAT];
@@ -470,13 +520,16 @@ __device__ __forceinline__ void tok_rows_nf4(const tok_segs<NMAT>& sg, int in, c
                     blk[m][u] = nf4_load_block<TILED>(static_cast<const uint2*>(mt.w), mt.absmax_q, mt.tile_codes, mt.tile_aq,
                                                       mt.absmax2, ra, rb, blocks, tile, g, c, lane, (unsigned int)min(h + u * S, blocks - 1));
             }
-            #pragma unroll
-            for (int u = 0; u < U; u++) {
+            // Unit u of the pass: x at the lane's 16 positions as bfloat16
+            // pairs (zero for g > 0), the products, the scales.
+            auto unit = [&](int u, bool flat) { // flat: a constant where called
                 const int hu = h + u * S;
-                if (hu >= blocks) break; // the same for the whole warp
-                // x at the lane's 16 positions as bfloat16 pairs; zero for g > 0.
                 unsigned int xb[8] = {0u, 0u, 0u, 0u, 0u, 0u, 0u, 0u};
-                if (g == 0) {
+                if (XH) {
+                    tok_xh_bf16(xh + 2u * (64 * hu + 16 * c), g == 0, xb);
+                } else if (flat) {
+                    tok_x_bf16(v + 64 * hu + 16 * c, g == 0, xb);
+                } else if (g == 0) {
                     const float* xs = v + 64 * hu + 16 * c;
                     #pragma unroll
                     for (int e = 0; e < 8; e++)
@@ -496,6 +549,16 @@ __device__ __forceinline__ void tok_rows_nf4(const tok_segs<NMAT>& sg, int in, c
                     const float offset = mats[m]->offset;
                     acc[m][0] = fmaf(nf4_scale(s.dyn[blk[m][u].q[0]], blk[m][u].a2[0], offset), sum[0], acc[m][0]);
                     acc[m][1] = fmaf(nf4_scale(s.dyn[blk[m][u].q[1]], blk[m][u].a2[1], offset), sum[2], acc[m][1]);
+                }
+            };
+            if (FLAT && h + (U - 1) * S < blocks) { // a whole pass, the same for the whole warp
+                #pragma unroll
+                for (int u = 0; u < U; u++) unit(u, true);
+            } else {
+                #pragma unroll
+                for (int u = 0; u < U; u++) {
+                    if (h + u * S >= blocks) break; // the same for the whole warp
+                    unit(u, false);
                 }
             }
         }
@@ -557,13 +620,13 @@ __device__ __forceinline__ void tok_rows_nf4(const tok_segs<NMAT>& sg, int in, c
 //
 // DEFER: done runs after every sum of the block's rows and ready() (see
 // tok_rows), the sums kept in s.dsums.
-template <int NMAT, bool DEFER = false, typename Done, typename Ready = tok_no_ready>
+template <int NMAT, bool DEFER = false, bool XH = false, typename Done, typename Ready = tok_no_ready>
 __device__ __forceinline__ void tok_product(const tok_segs<NMAT>& sg, int in, tok_smem& s, Done done, Ready ready = Ready()) {
     if (sg.m[0][0]->nf4) { // a decoder tiles all its NF4 matrices or none
         if (sg.m[0][0]->tile_codes)
-            tok_rows_nf4<NMAT, true, DEFER>(sg, in, s.v, s, done, s.dsums, ready);
+            tok_rows_nf4<NMAT, true, DEFER, XH>(sg, in, s.v, s, done, s.dsums, ready);
         else
-            tok_rows_nf4<NMAT, false, DEFER>(sg, in, s.v, s, done, s.dsums, ready);
+            tok_rows_nf4<NMAT, false, DEFER, XH>(sg, in, s.v, s, done, s.dsums, ready);
         return;
     }
     int r0, r1;
@@ -854,7 +917,9 @@ __device__ __forceinline__ void decode_token_body(const tok_layer* __restrict__ 
     constexpr int P = TOK_PHASES, bA = 1, bB = 2, bC = 3, bD = 4, bE = 5; // a layer's barriers
     extern __shared__ float4 dyn4[];
     const int qrows = heads * HD, kvrows = kv_heads * HD, group = heads / kv_heads; // query heads a key head
-    tok_smem s = tok_carve(reinterpret_cast<float*>(dyn4), max(max(hidden, qrows), inter), hidden, rank);
+    // s.v holds a phase's input and, but for down's, its bfloat16 copy.
+    const int vlen = max(max(max(hidden, qrows), inter), max(2 * hidden, (3 * qrows + 1) / 2));
+    tok_smem s = tok_carve(reinterpret_cast<float*>(dyn4), vlen, hidden, rank);
     const int id = step[0], sq = step[1], p = step[2];
     const float* rope = reinterpret_cast<const float*>(step + 4);
     act_t* xb = work;
@@ -908,7 +973,7 @@ __device__ __forceinline__ void decode_token_body(const tok_layer* __restrict__ 
         }
         const tok_lora* lo = LORA ? loras + 7 * l : nullptr; // q, k, v, o, gate, up, down
         if (LORA) tok_lora_start<3>(lo, s, hidden, rank, xa, lora_count);
-        tok_product<1, LORA>(
+        tok_product<1, LORA, TOK_FLAT_XH>(
             {{{&L.q}, {&L.k}, {&L.v}}, {qrows, kvrows, kvrows}, 3}, hidden, s,
             [&](int r, const float* sum) {
                 if (!LORA) {
@@ -930,7 +995,7 @@ __device__ __forceinline__ void decode_token_body(const tok_layer* __restrict__ 
         tok_load(att, qrows, s.v);
         __syncthreads();
         if (LORA) tok_lora_start<1>(lo + 3, s, qrows, rank, xa, lora_count);
-        tok_product<1, LORA>(
+        tok_product<1, LORA, TOK_FLAT_XH>(
             {{{&L.o}}, {hidden}, 1}, qrows, s,
             [&](int r, const float* sum) { ob[r] = LORA ? tok_lora_out(sum[0], lo[3].b, r, s.xa, rank, lora_scale) : to_act(sum[0]); },
             [&]() { tok_lora_ready<1>(s, xa, rank, lora_count, 4 * l + 2); });
@@ -943,7 +1008,7 @@ __device__ __forceinline__ void decode_token_body(const tok_layer* __restrict__ 
         if (blockIdx.x == 0) tok_store(x1b, hidden, s.x);
         tok_norm(s.x, s.nw + hidden, hidden, eps, false, s.v, s.red);
         if (LORA) tok_lora_start<2>(lo + 4, s, hidden, rank, xa, lora_count);
-        tok_product<2, LORA>(
+        tok_product<2, LORA, TOK_FLAT_XH>(
             {{{&L.gate, &L.up}}, {inter}, 1}, hidden, s,
             [&](int r, const float* sum) {
                 const float g = to_f32(LORA ? tok_lora_out(sum[0], lo[4].b, r, s.xa, rank, lora_scale) : to_act(sum[0]));

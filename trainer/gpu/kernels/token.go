@@ -153,7 +153,8 @@ func EncodeTokenStep(id, seq, pos int32, cos, sin [2][]float32) []uint32 {
 // layout).
 func (k *Kernels) tokenSharedBytes(sh TokenShape) int {
 	round4 := func(n int) int { return (n + 3) / 4 * 4 }
-	v := max(sh.Hidden, sh.Heads*k.HeadDim, sh.Intermediate)
+	q := sh.Heads * k.HeadDim
+	v := max(sh.Hidden, q, sh.Intermediate, 2*sh.Hidden, (3*q+1)/2) // a phase's input, and but for down's its bfloat16 copy after it
 	floats := round4(v) + 3*round4(sh.Hidden) + 2*16 + 32 + 5*k.HeadDim + tokenChunk + tokenThreads*k.vec() + 4
 	floats += 2 * tokenLayerBytes / 4 // the layer table's entries of this layer and the next
 	if sh.NF4 || sh.LoRARank > 0 {

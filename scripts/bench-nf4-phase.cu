@@ -226,9 +226,7 @@ __device__ __forceinline__ void phase(const matrix* mats, int rows, int in, cons
                             xb[0] = a.x, xb[1] = a.y, xb[2] = a.z, xb[3] = a.w, xb[4] = b.x, xb[5] = b.y, xb[6] = b.z, xb[7] = b.w;
                         }
                     } else if (g == 0) {
-                        const float* x = xs + 64 * hh + 16 * c;
-                        #pragma unroll
-                        for (int e = 0; e < 8; e++) asm("cvt.rn.bf16x2.f32 %0, %1, %2;" : "=r"(xb[e]) : "f"(x[2 * e + 1]), "f"(x[2 * e]));
+                        nf4_x_pairs(xs + 64 * hh + 16 * c, xb);
                     }
                     #pragma unroll
                     for (int m = 0; m < NMAT; m++) {
@@ -429,21 +427,9 @@ __device__ __forceinline__ void phase_token(const matrix* mats, int rows, int in
         auto sum_block = [&](int b, const uint4 (&w)[NMAT], const unsigned (&q)[NMAT], const float (&a2)[NMAT][2], bool real = true) {
             unsigned xb[8] = {0u, 0u, 0u, 0u, 0u, 0u, 0u, 0u};
             if (FLAT) {
-                const unsigned at = (unsigned)__cvta_generic_to_shared(xs + 64 * b + 16 * c);
-                float f[16];
-                #pragma unroll
-                for (int k = 0; k < 4; k++) {
-                    f[4 * k] = f[4 * k + 1] = f[4 * k + 2] = f[4 * k + 3] = 0.0f;
-                    asm volatile("{\n\t.reg .pred p;\n\tsetp.eq.u32 p, %4, 0;\n\t@p ld.shared.v4.f32 {%0, %1, %2, %3}, [%5];\n\t}"
-                                 : "+f"(f[4 * k]), "+f"(f[4 * k + 1]), "+f"(f[4 * k + 2]), "+f"(f[4 * k + 3])
-                                 : "r"(g), "r"(at + 16u * k));
-                }
-                #pragma unroll
-                for (int e = 0; e < 8; e++) asm("cvt.rn.bf16x2.f32 %0, %1, %2;" : "=r"(xb[e]) : "f"(f[2 * e + 1]), "f"(f[2 * e]));
+                nf4_x_pairs_if(xs + 64 * b + 16 * c, g == 0, xb);
             } else if (g == 0) {
-                const float* x = xs + 64 * b + 16 * c;
-                #pragma unroll
-                for (int e = 0; e < 8; e++) asm("cvt.rn.bf16x2.f32 %0, %1, %2;" : "=r"(xb[e]) : "f"(x[2 * e + 1]), "f"(x[2 * e]));
+                nf4_x_pairs(xs + 64 * b + 16 * c, xb);
             }
             #pragma unroll
             for (int m = 0; m < NMAT; m++) {

@@ -38,6 +38,29 @@ __device__ __forceinline__ unsigned int nf4_pair(const unsigned int* pairs, unsi
     return *reinterpret_cast<const unsigned int*>(reinterpret_cast<const char*>(pairs) + at);
 }
 
+// A lane's 16 values of x (its positions of a 64-block) as the mma's
+// bfloat16 pairs, the first of each pair in the low half.
+__device__ __forceinline__ void nf4_x_pairs(const float* x, unsigned int (&xb)[8]) {
+    #pragma unroll
+    for (int e = 0; e < 8; e++) asm("cvt.rn.bf16x2.f32 %0, %1, %2;" : "=r"(xb[e]) : "f"(x[2 * e + 1]), "f"(x[2 * e]));
+}
+
+// The same from xs in shared memory, or zeros where !load: the loads
+// predicated rather than branched around, so that the code around them
+// can stay one basic block.
+__device__ __forceinline__ void nf4_x_pairs_if(const float* xs, bool load, unsigned int (&xb)[8]) {
+    const unsigned int at = (unsigned int)__cvta_generic_to_shared(xs);
+    float f[16];
+    #pragma unroll
+    for (int k = 0; k < 4; k++) {
+        f[4 * k] = f[4 * k + 1] = f[4 * k + 2] = f[4 * k + 3] = 0.0f;
+        asm volatile("{\n\t.reg .pred p;\n\tsetp.ne.u32 p, %4, 0;\n\t@p ld.shared.v4.f32 {%0, %1, %2, %3}, [%5];\n\t}"
+                     : "+f"(f[4 * k]), "+f"(f[4 * k + 1]), "+f"(f[4 * k + 2]), "+f"(f[4 * k + 3])
+                     : "r"((unsigned int)load), "r"(at + 16u * k));
+    }
+    nf4_x_pairs(f, xb);
+}
+
 // One 64-block of the two rows a lane (g, c) of a 16-row tile reads: the
 // rows' codes (the lane's 8 bytes of each), absmax codes and second-level
 // scales. ra and rb are the tile's rows g and g + 8, clamped to the last

@@ -439,24 +439,8 @@ __device__ __forceinline__ int tok_tile(const tok_segs<NMAT>& sg, int t, const t
     return seg == 0 ? t : seg == 1 ? t - n0 : t - n0 - n1;
 }
 
-// A lane's 16 values of x at xs (shared memory) as bfloat16 pairs, or
-// zeros where !load: the loads predicated rather than branched around, so
-// that the pass around them stays one basic block.
-__device__ __forceinline__ void tok_x_bf16(const float* xs, bool load, unsigned int (&xb)[8]) {
-    const unsigned int at = (unsigned int)__cvta_generic_to_shared(xs);
-    float f[16];
-    #pragma unroll
-    for (int k = 0; k < 4; k++) {
-        f[4 * k] = f[4 * k + 1] = f[4 * k + 2] = f[4 * k + 3] = 0.0f;
-        asm volatile("{\n\t.reg .pred p;\n\tsetp.ne.u32 p, %4, 0;\n\t@p ld.shared.v4.f32 {%0, %1, %2, %3}, [%5];\n\t}"
-                     : "+f"(f[4 * k]), "+f"(f[4 * k + 1]), "+f"(f[4 * k + 2]), "+f"(f[4 * k + 3])
-                     : "r"((unsigned int)load), "r"(at + 16u * k));
-    }
-    #pragma unroll
-    for (int e = 0; e < 8; e++) asm("cvt.rn.bf16x2.f32 %0, %1, %2;" : "=r"(xb[e]) : "f"(f[2 * e + 1]), "f"(f[2 * e]));
-}
-
-// The same from x already rounded, at shared address at.
+// nf4_x_pairs_if's fragments from x already rounded to bfloat16, at shared
+// address at.
 __device__ __forceinline__ void tok_xh_bf16(unsigned int at, bool load, unsigned int (&xb)[8]) {
     #pragma unroll
     for (int k = 0; k < 2; k++)
@@ -472,7 +456,7 @@ __device__ __forceinline__ void tok_rows_nf4(const tok_segs<NMAT>& sg, int in, c
     const unsigned int lane4 = 4u * lane;
     constexpr int U = 4 / NMAT; // 64-blocks a lane has in flight per matrix and row
     // FLAT: a whole pass without branches (x's loads predicated, see
-    // tok_x_bf16), so that its units' chains of look-ups and mma may
+    // nf4_x_pairs_if), so that its units' chains of look-ups and mma may
     // interleave; the tail's pass stops at the last 64-block instead
     // (clamped and zero-scaled, its units past the end cost a 1B token 7%).
     // decode_token_lora's DEFER form keeps the branches, as flat it needed
@@ -528,12 +512,9 @@ __device__ __forceinline__ void tok_rows_nf4(const tok_segs<NMAT>& sg, int in, c
                 if (XH) {
                     tok_xh_bf16(xh + 2u * (64 * hu + 16 * c), g == 0, xb);
                 } else if (flat) {
-                    tok_x_bf16(v + 64 * hu + 16 * c, g == 0, xb);
+                    nf4_x_pairs_if(v + 64 * hu + 16 * c, g == 0, xb);
                 } else if (g == 0) {
-                    const float* xs = v + 64 * hu + 16 * c;
-                    #pragma unroll
-                    for (int e = 0; e < 8; e++)
-                        asm("cvt.rn.bf16x2.f32 %0, %1, %2;" : "=r"(xb[e]) : "f"(xs[2 * e + 1]), "f"(xs[2 * e]));
+                    nf4_x_pairs(v + 64 * hu + 16 * c, xb);
                 }
                 #pragma unroll
                 for (int m = 0; m < NMAT; m++) {

@@ -869,8 +869,10 @@ __device__ __forceinline__ void tok_lora_ready(tok_smem& s, const act_t* xa, int
     __syncthreads();
 }
 
-// step: the token's id, its sequence and its position, a pad, then the
-// rotary tables of its position, [cos | sin] of HD/2 each for the sliding
+// step: the token's id, its sequence and its position, a flag (not 0:
+// the token is the one the launch before picked, read from best, so that
+// a greedy decoding queues a step before the host has seen its token),
+// then the rotary tables of its position, [cos | sin] of HD/2 each for the sliding
 // then the global layers. work: the activations the phases pass on (x,
 // x1, q|k|v, att, o, d, act). recs: the attention's split records,
 // heads × the most splits × (HD + 2). sync: the grid barrier's counter
@@ -901,7 +903,7 @@ __device__ __forceinline__ void decode_token_body(const tok_layer* __restrict__ 
     // s.v holds a phase's input and, but for down's, its bfloat16 copy.
     const int vlen = max(max(max(hidden, qrows), inter), max(2 * hidden, (3 * qrows + 1) / 2));
     tok_smem s = tok_carve(reinterpret_cast<float*>(dyn4), vlen, hidden, rank);
-    const int id = step[0], sq = step[1], p = step[2];
+    const int id = step[3] ? *best : step[0], sq = step[1], p = step[2]; // best is written after the last barrier
     const float* rope = reinterpret_cast<const float*>(step + 4);
     act_t* xb = work;
     act_t* x1b = xb + hidden;

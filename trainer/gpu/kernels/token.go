@@ -135,10 +135,17 @@ func (k *Kernels) TokenBuffers(sh TokenShape) TokenBuffers {
 }
 
 // EncodeTokenStep is the step decode_token reads: the token's id, its
-// sequence and its position, then the rotary tables of its position,
-// [cos | sin] of head_dim/2 values each, for sliding then global layers.
-func EncodeTokenStep(id, seq, pos int32, cos, sin [2][]float32) []uint32 {
-	out := []uint32{uint32(id), uint32(seq), uint32(pos), 0}
+// sequence and its position, whether the token is instead the one the
+// launch before picked (read from best on the device: a greedy decoding
+// can then queue a step before the host has seen its token), then the
+// rotary tables of its position, [cos | sin] of head_dim/2 values each,
+// for sliding then global layers.
+func EncodeTokenStep(id, seq, pos int32, picked bool, cos, sin [2][]float32) []uint32 {
+	flag := uint32(0)
+	if picked {
+		flag = 1
+	}
+	out := []uint32{uint32(id), uint32(seq), uint32(pos), flag}
 	for t := range cos {
 		for _, tab := range [][]float32{cos[t], sin[t]} {
 			for _, v := range tab {

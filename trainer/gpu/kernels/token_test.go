@@ -182,13 +182,16 @@ func TestTokenFits(t *testing.T) {
 func TestEncodeTokenStep(t *testing.T) {
 	cos := [2][]float32{{1, 2}, {5, 6}}
 	sin := [2][]float32{{3, 4}, {7, 8}}
-	got := EncodeTokenStep(17, 2, 300, cos, sin)
+	got := EncodeTokenStep(17, 2, 300, false, cos, sin)
 	k := &Kernels{Prec: BF16, HeadDim: 4}
 	if want := k.TokenBuffers(TokenShape{Heads: 1, KVHeads: 1}).Step; int64(4*len(got)) != want {
 		t.Fatalf("%d bytes, TokenBuffers sizes %d", 4*len(got), want)
 	}
 	if got[0] != 17 || got[1] != 2 || got[2] != 300 || got[3] != 0 {
 		t.Errorf("header %v, want [17 2 300 0]", got[:4])
+	}
+	if picked := EncodeTokenStep(17, 2, 300, true, cos, sin); picked[3] != 1 {
+		t.Errorf("a step of the last pick: flag %d, want 1", picked[3])
 	}
 	for rope := range 2 {
 		for i := range 2 {

@@ -254,8 +254,9 @@ func (dc *kvCaches) attention(s *session, c *cuda.Ctx, T, l, ti int, lc *layerCa
 
 // decoder is a session used for decoding (trainer.Decoder).
 type decoder struct {
-	s          *session
-	tokenSteps int // the steps decode_token has run
+	s           *session
+	tokenSteps  int // the steps decode_token has run
+	aheadMissed int // steps queued ahead whose token the loop did not feed
 	// wholeLogits has sampling steps hand over every logit rather than
 	// candidates (tests compare the two); candidateSteps counts the steps
 	// that handed over candidates.
@@ -631,6 +632,7 @@ func (g *decoder) stepToken(dc *kvCaches, hb *hostBatch, seq, pos int32, want tr
 				return err
 			}
 			q = nil
+			g.aheadMissed++
 		}
 		if q == nil {
 			var err error

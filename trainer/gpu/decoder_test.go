@@ -338,6 +338,72 @@ func TestTokenKernelOnGPU(t *testing.T) {
 	}
 }
 
+// TestTokenStepsQueuedAhead: a greedy step of one token queues the next
+// position's step with its own pick as the token; fed another token
+// instead, the decoder waits for that step and runs the token's own,
+// which rewrites the cache rows the queued one wrote. Teacher-forced with
+// random tokens at the 1B shape (nearly every queued step the wrong one),
+// the picks must equal the argmax of the same steps' logits, which
+// queue nothing.
+func TestTokenStepsQueuedAhead(t *testing.T) {
+	cudatest.Device(t)
+	t.Setenv(TokenKernelEnv, "on")
+	mc, err := trainer.Preset("1b")
+	if err != nil {
+		t.Fatal(err)
+	}
+	d, err := openRandomDecoder(context.Background(), mc, 1, "none", "", nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer d.Close()
+	g := d.(*decoder)
+	rng := rand.New(rand.NewPCG(5, 6))
+	draw := func(n int) []int32 {
+		ids := make([]int32, n)
+		for i := range ids {
+			ids[i] = int32(rng.IntN(mc.VocabSize))
+		}
+		return ids
+	}
+	prompt, continuation := draw(40), draw(24)
+	forced := func(want trainer.StepWant) []int32 {
+		var picks []int32
+		err := g.withCaches([][]int32{prompt}, len(continuation), 0, func(step trainer.DecodeStep) error {
+			ids, pos, seqOf := prompt, make([]int32, len(prompt)), make([]int, len(prompt))
+			for j := range pos {
+				pos[j] = int32(j)
+			}
+			for n := range continuation {
+				res, err := step(ids, pos, seqOf, want)
+				if err != nil {
+					return err
+				}
+				if want.Greedy {
+					picks = append(picks, res.Best[0])
+				} else {
+					picks = append(picks, int32(trainer.Argmax(res.Logits[0])))
+				}
+				ids, pos, seqOf = continuation[n:n+1], []int32{int32(len(prompt) + n)}, []int{0}
+			}
+			return nil
+		})
+		if err != nil {
+			t.Fatal(err)
+		}
+		return picks
+	}
+	greedy := forced(trainer.StepWant{Greedy: true})
+	if g.aheadMissed == 0 {
+		t.Fatal("no step was queued ahead and then passed over")
+	}
+	ref := forced(trainer.StepWant{})
+	if fmt.Sprint(greedy) != fmt.Sprint(ref) {
+		t.Errorf("picks with steps queued ahead\n %v\nthe logits' argmax without\n %v", greedy, ref)
+	}
+	t.Logf("%d picks equal; %d steps queued ahead were passed over", len(ref), g.aheadMissed)
+}
+
 // randomAdapter is an adapter of rank 16 for mc with B drawn too (PEFT
 // starts it at zero, which would leave the updates out of a comparison),
 // on every projection but gate, so that the kernels also meet one

@@ -6,7 +6,7 @@
 # ratio to the first build's (the baseline). First, unless TESTS=0, the
 # last build's decoding tests: its registers (TestTokenKernelRegisters),
 # then TESTS_RUN's GPU tests (default: the one-launch step, NF4 and
-# greedy decoding against transformers), run from the repository's
+# greedy decoding against transformers, greedy steps queued ahead), run from the repository's
 # package folders as go test runs them.
 #
 #   bin/ab/ab-generate.sh
@@ -32,7 +32,7 @@ if [ "${TESTS:-1}" != 0 ] && [ -x "$tmp/builds/gpu.test" ]; then
 	echo "tests of ${builds[-1]}:"
 	(cd "$repo/trainer/gpu/kernels" && "$tmp/builds/kernels.test" -test.run '^TestTokenKernelRegisters$' -test.v 2>&1 | grep -E 'registers|^(--- |ok|FAIL|PASS)') || echo "registers: exit status $?"
 	(cd "$repo/trainer/gpu" && timeout "${TESTS_TIMEOUT:-300}" "$tmp/builds/gpu.test" -test.v \
-		-test.run "${TESTS_RUN:-^(TestTokenKernelOnGPU|TestNF4DecodingOnGPU|TestGreedyDecodingOnGPU)\$}" 2>&1 |
+		-test.run "${TESTS_RUN:-^(TestTokenKernelOnGPU|TestNF4DecodingOnGPU|TestGreedyDecodingOnGPU|TestTokenStepsQueuedAhead)\$}" 2>&1 |
 		grep -E 'relative RMS|new tokens as|^(--- |ok|FAIL|PASS|panic)|Error') || echo "tests: exit status $?"
 fi
 for config in "${configs[@]}"; do

@@ -77,11 +77,11 @@ type tokenStep struct {
 	// A launch's step record (EncodeTokenStep) and its pick go through one
 	// of two slots, in pinned memory and on the device, so that a launch
 	// can be queued while the one before runs: step holds two records,
-	// stepHost their copies on the host, bestHost two picks, picked[i] is
-	// recorded after slot i's pick is copied.
+	// stepHost their copies on the host, bestHost two picks, pickCopied[i]
+	// is recorded after slot i's pick is copied.
 	step               cuda.Buffer
 	stepHost, bestHost *cuda.HostBuffer
-	picked             [2]*cuda.Event
+	pickCopied         [2]*cuda.Event
 	stepBytes          int64
 	launches           int // slot launches%2 is the next
 	// ahead is the step of the last pick, queued before the host asked
@@ -189,9 +189,9 @@ func (s *session) newTokenStep(c *cuda.Ctx, dc *kvCaches, sh kernels.TokenShape)
 	if ts.stepHost, err = c.AllocHost(2 * sizes.Step); err == nil {
 		ts.bestHost, err = c.AllocHost(2 * 4)
 	}
-	for i := range ts.picked {
+	for i := range ts.pickCopied {
 		if err == nil {
-			ts.picked[i], err = c.NewEvent()
+			ts.pickCopied[i], err = c.NewEvent()
 		}
 	}
 	if err != nil {
@@ -228,7 +228,7 @@ func (ts *tokenStep) free(c *cuda.Ctx) {
 			c.FreeHost(h)
 		}
 	}
-	for _, e := range ts.picked {
+	for _, e := range ts.pickCopied {
 		if e != nil {
 			e.Destroy()
 		}
@@ -628,7 +628,7 @@ func (g *decoder) stepToken(dc *kvCaches, hb *hostBatch, seq, pos int32, want tr
 		if q != nil && (q.seq != seq || q.pos != pos || q.id != hb.ids[0]) {
 			// Not the step queued ahead: this one runs after it (and
 			// rewrites any cache rows it wrote), once its slot is free.
-			if err := ts.picked[q.slot].Synchronize(); err != nil {
+			if err := ts.pickCopied[q.slot].Synchronize(); err != nil {
 				return err
 			}
 			q = nil
@@ -641,7 +641,7 @@ func (g *decoder) stepToken(dc *kvCaches, hb *hostBatch, seq, pos int32, want tr
 			}
 		}
 		if ahead {
-			next, err := g.launchToken(c, dc, 0, seq, pos+1, true, nextCos, nextSin, true, nil)
+			next, err := g.launchToken(c, dc, 0, seq, pos+1, true, nextCos, nextSin, true, &host)
 			if err != nil {
 				return err
 			}
@@ -656,7 +656,7 @@ func (g *decoder) stepToken(dc *kvCaches, hb *hostBatch, seq, pos int32, want tr
 		g.tokenSteps++
 		var err error
 		if want.Greedy {
-			if err = ts.picked[q.slot].Synchronize(); err == nil {
+			if err = ts.pickCopied[q.slot].Synchronize(); err == nil {
 				pick := int32(binary.LittleEndian.Uint32(ts.bestHost.Bytes[4*q.slot:]))
 				res = trainer.StepResult{Best: []int32{pick}}
 				if ts.ahead != nil {
@@ -684,37 +684,33 @@ func (g *decoder) stepToken(dc *kvCaches, hb *hostBatch, seq, pos int32, want tr
 }
 
 // launchToken queues decode_token for sequence seq's token id (or, with
-// picked, the token the launch before picked) at position pos, whose
+// fromPick, the token the launch before picked) at position pos, whose
 // rotary tables are cos and sin, in the next slot: the record's copy, the
-// launch, and with pick the pick's copy back, which ts.picked[slot]
-// marks. host, where not nil, times the copy and the launch.
-func (g *decoder) launchToken(c *cuda.Ctx, dc *kvCaches, id, seq, pos int32, picked bool, cos, sin [2][]float32, pick bool, host *hostClock) (*queuedToken, error) {
+// launch, and with copyPick the pick's copy back, which
+// ts.pickCopied[slot] marks. host times the copy and the launch.
+func (g *decoder) launchToken(c *cuda.Ctx, dc *kvCaches, id, seq, pos int32, fromPick bool, cos, sin [2][]float32, copyPick bool, host *hostClock) (*queuedToken, error) {
 	s, ts := g.s, dc.tok
 	slot := ts.launches % 2
 	ts.launches++
 	rec := ts.stepHost.Sub(int64(slot)*ts.stepBytes, ts.stepBytes)
-	for i, w := range kernels.EncodeTokenStep(id, seq, pos, picked, cos, sin) {
+	for i, w := range kernels.EncodeTokenStep(id, seq, pos, fromPick, cos, sin) {
 		binary.LittleEndian.PutUint32(rec.Bytes[4*i:], w)
 	}
 	step := ts.step.Ptr.Add(int64(slot) * ts.stepBytes)
 	if err := c.CopyHtoDAsync(step, rec, nil); err != nil {
 		return nil, err
 	}
-	if host != nil {
-		host.lap(hostUpload)
-	}
+	host.lap(hostUpload)
 	if err := s.k.DecodeToken(c, ts.shape, ts.layers.Ptr, s.w.embed.Ptr, s.w.finalNorm.Ptr, step, ts.work.Ptr,
 		ts.records.Ptr, ts.sync.Ptr, s.ws.xf.Ptr, s.ws.logits.Ptr, dc.best.Ptr, ts.times.Ptr, ts.loras.Ptr, ts.xa.Ptr); err != nil {
 		return nil, err
 	}
-	if host != nil {
-		host.lap(hostLaunch)
-	}
-	if pick {
+	host.lap(hostLaunch)
+	if copyPick {
 		if err := c.CopyDtoHAsync(ts.bestHost.Sub(4*int64(slot), 4), dc.best.Ptr, nil); err != nil {
 			return nil, err
 		}
-		if err := ts.picked[slot].Record(nil); err != nil {
+		if err := ts.pickCopied[slot].Record(nil); err != nil {
 			return nil, err
 		}
 	}

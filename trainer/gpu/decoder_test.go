@@ -252,6 +252,20 @@ func teacherForced(t *testing.T, d *decoder, prompts, continuations [][]int32) [
 	V := d.Info().Config.VocabSize
 	S, N := len(prompts), len(continuations[0])
 	out := make([]float32, S*N*V)
+	forceSteps(t, d, prompts, continuations, trainer.StepWant{}, func(n int, res trainer.StepResult) {
+		for s := range S {
+			copy(out[(s*N+n)*V:], res.Logits[s])
+		}
+	})
+	return out
+}
+
+// forceSteps runs the prompts through d, then feeds each sequence its
+// continuation a token a step (its last token never), asking each step
+// for want, and hands step n's result to got.
+func forceSteps(t *testing.T, d *decoder, prompts, continuations [][]int32, want trainer.StepWant, got func(n int, res trainer.StepResult)) {
+	t.Helper()
+	N := len(continuations[0])
 	err := d.withCaches(prompts, N, 0, func(step trainer.DecodeStep) error {
 		var ids, pos []int32
 		var seqOf []int
@@ -261,14 +275,13 @@ func teacherForced(t *testing.T, d *decoder, prompts, continuations [][]int32) [
 			}
 		}
 		for n := 0; n < N; n++ {
-			res, err := step(ids, pos, seqOf, trainer.StepWant{})
+			res, err := step(ids, pos, seqOf, want)
 			if err != nil {
 				return err
 			}
-			logits := res.Logits
+			got(n, res)
 			ids, pos, seqOf = nil, nil, nil
-			for s := range S {
-				copy(out[(s*N+n)*V:], logits[s])
+			for s := range prompts {
 				ids = append(ids, continuations[s][n])
 				pos, seqOf = append(pos, int32(len(prompts[s])+n)), append(seqOf, s)
 			}
@@ -278,7 +291,17 @@ func teacherForced(t *testing.T, d *decoder, prompts, continuations [][]int32) [
 	if err != nil {
 		t.Fatal(err)
 	}
-	return out
+}
+
+// randomTokens draws n token ids below vocab from rng at each call.
+func randomTokens(rng *rand.Rand, vocab int) func(n int) []int32 {
+	return func(n int) []int32 {
+		ids := make([]int32, n)
+		for i := range ids {
+			ids[i] = int32(rng.IntN(vocab))
+		}
+		return ids
+	}
 }
 
 // TestTokenKernelOnGPU: decoding steps of one token as decode_token (the
@@ -358,39 +381,17 @@ func TestTokenStepsQueuedAhead(t *testing.T) {
 	}
 	defer d.Close()
 	g := d.(*decoder)
-	rng := rand.New(rand.NewPCG(5, 6))
-	draw := func(n int) []int32 {
-		ids := make([]int32, n)
-		for i := range ids {
-			ids[i] = int32(rng.IntN(mc.VocabSize))
-		}
-		return ids
-	}
-	prompt, continuation := draw(40), draw(24)
+	draw := randomTokens(rand.New(rand.NewPCG(5, 6)), mc.VocabSize)
+	prompts, continuations := [][]int32{draw(40)}, [][]int32{draw(24)}
 	forced := func(want trainer.StepWant) []int32 {
 		var picks []int32
-		err := g.withCaches([][]int32{prompt}, len(continuation), 0, func(step trainer.DecodeStep) error {
-			ids, pos, seqOf := prompt, make([]int32, len(prompt)), make([]int, len(prompt))
-			for j := range pos {
-				pos[j] = int32(j)
+		forceSteps(t, g, prompts, continuations, want, func(_ int, res trainer.StepResult) {
+			if want.Greedy {
+				picks = append(picks, res.Best[0])
+			} else {
+				picks = append(picks, int32(trainer.Argmax(res.Logits[0])))
 			}
-			for n := range continuation {
-				res, err := step(ids, pos, seqOf, want)
-				if err != nil {
-					return err
-				}
-				if want.Greedy {
-					picks = append(picks, res.Best[0])
-				} else {
-					picks = append(picks, int32(trainer.Argmax(res.Logits[0])))
-				}
-				ids, pos, seqOf = continuation[n:n+1], []int32{int32(len(prompt) + n)}, []int{0}
-			}
-			return nil
 		})
-		if err != nil {
-			t.Fatal(err)
-		}
 		return picks
 	}
 	greedy := forced(trainer.StepWant{Greedy: true})
@@ -447,14 +448,7 @@ func TestSampledDecodingOnGPU(t *testing.T) {
 		t.Fatal(err)
 	}
 	defer d.Close()
-	rng := rand.New(rand.NewPCG(5, 6))
-	draw := func(n int) []int32 {
-		ids := make([]int32, n)
-		for i := range ids {
-			ids[i] = int32(rng.IntN(mc.VocabSize))
-		}
-		return ids
-	}
+	draw := randomTokens(rand.New(rand.NewPCG(5, 6)), mc.VocabSize)
 	for _, prompts := range [][][]int32{{draw(40)}, {draw(30), draw(7), draw(52)}} {
 		for _, o := range []trainer.GenerateOptions{
 			{Temperature: 1, TopK: 64, TopP: 0.95}, {Temperature: 0.7, TopK: 5}, {Temperature: 1.5, TopK: 200, TopP: 0.9},
@@ -514,14 +508,7 @@ func compareTokenKernel(t *testing.T, preset, quantize string, adapter bool) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	rng := rand.New(rand.NewPCG(3, 4))
-	draw := func(n int) []int32 {
-		ids := make([]int32, n)
-		for i := range ids {
-			ids[i] = int32(rng.IntN(mc.VocabSize))
-		}
-		return ids
-	}
+	draw := randomTokens(rand.New(rand.NewPCG(3, 4)), mc.VocabSize)
 	prompts, continuations := [][]int32{draw(600)}, [][]int32{draw(48)}
 	run := func(precision string, kernel ...string) [][]float32 {
 		var a *trainer.Adapter

@@ -308,10 +308,10 @@ func randomTokens(rng *rand.Rand, vocab int) func(n int) []int32 {
 // default; the test sets it explicitly). In the float32 test mode, each parity case's
 // base model decodes each prompt alone (every step after the prompt one
 // token) to transformers' greedy tokens, every one, through sliding rings
-// shorter than the prompts. In bf16 at the 1B and 12B shapes (random
-// weights, head dimension 256, one and eight key/value heads), dense and
-// NF4, decode_token's logits are as close to float32's as the
-// launch-per-operation steps' are (compareTokenKernel).
+// shorter than the prompts. In bf16 at the 1B, 12B and 27B shapes (random
+// weights; head dimension 256 with one and eight key/value heads, 128 with
+// sixteen), dense and NF4, decode_token's logits are as close to float32's
+// as the launch-per-operation steps' are (compareTokenKernel).
 func TestTokenKernelOnGPU(t *testing.T) {
 	cudatest.Device(t)
 	t.Setenv(TokenKernelEnv, "on")
@@ -343,18 +343,30 @@ func TestTokenKernelOnGPU(t *testing.T) {
 			})
 		}
 	}
-	for _, preset := range []string{"1b", "12b"} {
+	// 27B is the one head dimension of 128, decode_token's other build;
+	// eight of its 62 layers (one global) keep the float32 model small.
+	for _, shape := range []struct {
+		preset string
+		layers int // 0: all
+	}{{"1b", 0}, {"12b", 0}, {"27b", 8}} {
 		for _, quantize := range []string{"none", "nf4"} {
 			for _, adapter := range []bool{false, true} {
-				name := "bf16/" + preset + "/" + quantize
+				name := "bf16/" + shape.preset + "/" + quantize
 				if adapter {
 					name += "/adapter"
 				}
 				t.Run(name, func(t *testing.T) {
-					if testing.Short() && preset != "1b" {
+					if testing.Short() && shape.preset != "1b" {
 						t.Skip("-short: the 1B shape only")
 					}
-					compareTokenKernel(t, preset, quantize, adapter)
+					mc, err := trainer.Preset(shape.preset)
+					if err != nil {
+						t.Fatal(err)
+					}
+					if shape.layers > 0 {
+						mc.Layers, mc.LayerTypes = shape.layers, mc.LayerTypes[:shape.layers]
+					}
+					compareTokenKernel(t, mc, quantize, adapter)
 				})
 			}
 		}
@@ -493,7 +505,7 @@ func compareSampling(t *testing.T, g *decoder, prompts [][]int32, o trainer.Gene
 	}
 }
 
-// compareTokenKernel decodes a random model of a preset's shape with the
+// compareTokenKernel decodes a random model of shape mc with the
 // base weights in form quantize (with "nf4", steps of one token read that
 // form), and with adapter a random adapter (decode_token_lora),
 // teacher-forced for 48 steps after a 600-token prompt (past the
@@ -503,11 +515,7 @@ func compareSampling(t *testing.T, g *decoder, prompts [][]int32, o trainer.Gene
 // TestTeacherForcedBF16): the two bfloat16 paths round the same values
 // but sum in other orders, so either is as far from the other as from
 // float32.
-func compareTokenKernel(t *testing.T, preset, quantize string, adapter bool) {
-	mc, err := trainer.Preset(preset)
-	if err != nil {
-		t.Fatal(err)
-	}
+func compareTokenKernel(t *testing.T, mc *trainer.Config, quantize string, adapter bool) {
 	draw := randomTokens(rand.New(rand.NewPCG(3, 4)), mc.VocabSize)
 	prompts, continuations := [][]int32{draw(600)}, [][]int32{draw(48)}
 	run := func(precision string, kernel ...string) [][]float32 {

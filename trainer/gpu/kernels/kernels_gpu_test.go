@@ -1333,10 +1333,12 @@ func nf4BlockScaled(nf *trainer.NF4Tensor, x []float32, T, rows, in int) []float
 // TestTokenKernelRegisters checks that decode_token and decode_token_lora
 // keep everything in registers at Gemma 3's head dims. They run at the
 // register file's edge (512 threads a block, 128 registers a thread), and a
-// spill there is paid
-// at every reload on a phase's path: a build with 48 bytes of local
-// memory in the lm_head's loop lost the speed its change had gained
-// (trainer/gpu/NOTES.md, "divisions off the phases' paths").
+// spill there is paid at every reload on a phase's path: a build with 48
+// bytes of local memory in the lm_head's loop lost the speed its change
+// had gained (trainer/gpu/NOTES.md, "divisions off the phases' paths").
+// The one allowance is decode_token's 8 bytes at head dim 128, measured:
+// with them (flat passes and XH) a 27B NF4 token is 5.9% faster than
+// without them and the spill ("flat passes and XH at head dim 128").
 func TestTokenKernelRegisters(t *testing.T) {
 	for _, hd := range []int{256, 128} {
 		k := kernelsFor(t, BF16, hd)
@@ -1344,8 +1346,12 @@ func TestTokenKernelRegisters(t *testing.T) {
 			var r cuda.Resources
 			cudatest.Do(t, func(*cuda.Ctx) (err error) { r, err = k.Resources(name); return err })
 			t.Logf("head dim %d %s: %d registers, %d bytes of local memory a thread", hd, name, r.Registers, r.LocalBytes)
-			if r.LocalBytes != 0 {
-				t.Errorf("head dim %d: %s spills: %d bytes of local memory a thread", hd, name, r.LocalBytes)
+			allowed := 0
+			if hd == 128 && name == "decode_token" {
+				allowed = 8
+			}
+			if r.LocalBytes > allowed {
+				t.Errorf("head dim %d: %s spills: %d bytes of local memory a thread (%d allowed)", hd, name, r.LocalBytes, allowed)
 			}
 		}
 	}

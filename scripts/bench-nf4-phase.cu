@@ -576,8 +576,8 @@ __device__ __forceinline__ void bulk_copy(unsigned to, const void* from, unsigne
 // time as phase_block does. gs counts the kernel's steps over all its
 // phases, so that stage and parity carry from one phase to the next.
 // Thread 0 copies: the first BSTAGES - 1 steps at the start, then at step i
-// step i + BSTAGES - 1 into the stage step i - 1 used, once every warp has
-// read it.
+// those up to i + BSTAGES - 1 not yet asked for, each into the stage its
+// step less BSTAGES used, once every warp has read it.
 template <int V, int NMAT>
 __device__ __forceinline__ void phase_bulk(const matrix* mats, int rows, int in, const float* xs, const unsigned* pairs, const float* dyn,
                                            float* sums, act_t* out, unsigned ring, float* a2s, unsigned& gs, unsigned& issued,
@@ -637,7 +637,8 @@ __device__ __forceinline__ void phase_bulk(const matrix* mats, int rows, int in,
         for (int m = 0; m < NMAT; m++) acc[m][0] = acc[m][1] = 0.0f;
     };
     for (int i = 0; i < steps; i++) {
-        if (threadIdx.x == 0 && (i + BSTAGES - 1 < steps || (next && i + BSTAGES - 1 < 2 * steps))) issue(i + BSTAGES - 1);
+        if (threadIdx.x == 0) // up to BSTAGES - 1 steps ahead, into the next phase's where there is one
+            for (int t = i + 1; t < min(i + BSTAGES, next ? 2 * steps : steps); t++) issue(t);
         const unsigned q = gs + (unsigned)i, st = q % BSTAGES, stage = ring + st * BSTAGE_BYTES;
         const unsigned u0 = (unsigned)i * UPS;
         mbar_wait(full + 8 * st, (q / BSTAGES) & 1);

@@ -287,6 +287,22 @@ __device__ __forceinline__ void phase(const matrix* mats, int rows, int in, cons
     end_phase<NMAT>(sums, S, n, t0, rows, out);
 }
 
+// Block order's step to another tile: the warp's sums of tile cur (the
+// lanes of c = 0 hold rows g and g + 8) into its slot of that tile, where
+// join_parts meets them in warp order, and acc zeroed for the next tile.
+template <int NMAT>
+__device__ __forceinline__ void leave_tile(float (&acc)[NMAT][2], int cur, float* sums) {
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, g = lane >> 2, c = lane & 3;
+    if (cur >= 0 && c == 0) {
+        #pragma unroll
+        for (int e = 0; e < 2; e++)
+            #pragma unroll
+            for (int m = 0; m < NMAT; m++) sums[((cur * WARPS + warp) * 16 + g + 8 * e) * NMAT + m] = acc[m][e];
+    }
+    #pragma unroll
+    for (int m = 0; m < NMAT; m++) acc[m][0] = acc[m][1] = 0.0f;
+}
+
 // The tile copy in the block's order: the block's tiles t0 .. t1 are one
 // run of n·blocks 64-blocks in each matrix's copy, and at step k warp w
 // reads the run's 64-block k·16·U + u·16 + w (u < U). A warp's 64-blocks
@@ -307,16 +323,7 @@ __device__ __forceinline__ void phase_block(const matrix* mats, int rows, int in
     float acc[NMAT][2] = {};
     int cur = -1; // the block's tile acc holds
     unsigned mix = 0;
-    auto leave = [&]() {
-        if (cur >= 0 && c == 0) {
-            #pragma unroll
-            for (int e = 0; e < 2; e++)
-                #pragma unroll
-                for (int m = 0; m < NMAT; m++) sums[((cur * WARPS + warp) * 16 + g + 8 * e) * NMAT + m] = acc[m][e];
-        }
-        #pragma unroll
-        for (int m = 0; m < NMAT; m++) acc[m][0] = acc[m][1] = 0.0f;
-    };
+    auto leave = [&]() { leave_tile<NMAT>(acc, cur, sums); };
     for (unsigned k = warp; k < run; k += WARPS * U) {
         uint4 w[NMAT][U];
         unsigned short q[NMAT][U];
@@ -626,16 +633,7 @@ __device__ __forceinline__ void phase_bulk(const matrix* mats, int rows, int in,
     float acc[NMAT][2] = {};
     int cur = -1; // the block's tile acc holds
     unsigned mix = 0;
-    auto leave = [&]() {
-        if (cur >= 0 && c == 0) {
-            #pragma unroll
-            for (int e = 0; e < 2; e++)
-                #pragma unroll
-                for (int m = 0; m < NMAT; m++) sums[((cur * WARPS + warp) * 16 + g + 8 * e) * NMAT + m] = acc[m][e];
-        }
-        #pragma unroll
-        for (int m = 0; m < NMAT; m++) acc[m][0] = acc[m][1] = 0.0f;
-    };
+    auto leave = [&]() { leave_tile<NMAT>(acc, cur, sums); };
     for (int i = 0; i < steps; i++) {
         if (threadIdx.x == 0) // up to BSTAGES - 1 steps ahead, into the next phase's where there is one
             for (int t = i + 1; t < min(i + BSTAGES, next ? 2 * steps : steps); t++) issue(t);

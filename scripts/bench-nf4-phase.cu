@@ -402,6 +402,29 @@ __device__ __forceinline__ unsigned pair256(const unsigned* pairs, unsigned lane
     return *reinterpret_cast<const unsigned*>(reinterpret_cast<const char*>(pairs) + at);
 }
 
+// A unit's products in the tile layout: w holds the lane's rows g
+// (x, y) and g + 8 (z, w), 8 codes a word; xb the lane's x as bfloat16
+// pairs. Four mma, their table look-ups from current's table or (PRMT)
+// pair256's.
+template <bool PRMT>
+__device__ __forceinline__ void tile_unit(const unsigned* pairs, unsigned lane4, const uint4& w, const unsigned (&xb)[8], float (&sum)[4]) {
+    sum[0] = sum[1] = sum[2] = sum[3] = 0.0f;
+    #pragma unroll
+    for (int k = 0; k < 4; k++) {
+        const unsigned w0 = k < 2 ? w.x : w.y, w1 = k < 2 ? w.z : w.w;
+        const int j = 2 * (k & 1);
+        if (PRMT && j == 0)
+            mma_bf16(sum, pair256<0>(pairs, lane4, w0), pair256<0>(pairs, lane4, w1), pair256<1>(pairs, lane4, w0),
+                     pair256<1>(pairs, lane4, w1), xb[2 * k], xb[2 * k + 1]);
+        else if (PRMT)
+            mma_bf16(sum, pair256<2>(pairs, lane4, w0), pair256<2>(pairs, lane4, w1), pair256<3>(pairs, lane4, w0),
+                     pair256<3>(pairs, lane4, w1), xb[2 * k], xb[2 * k + 1]);
+        else
+            mma_bf16(sum, nf4_pair(pairs, lane4, w0, j), nf4_pair(pairs, lane4, w1, j), nf4_pair(pairs, lane4, w0, j + 1),
+                     nf4_pair(pairs, lane4, w1, j + 1), xb[2 * k], xb[2 * k + 1]);
+    }
+}
+
 // Asks the L2 for the first `first` 64-blocks of each of tiles t0 ..
 // t0 + n - 1 of the NMAT matrices at m (their codes and absmax codes in
 // the tile layout, each tile's contiguous), to be kept (evict_last): a
@@ -454,21 +477,8 @@ __device__ __forceinline__ void phase_token(const matrix* mats, int rows, int in
             }
             #pragma unroll
             for (int m = 0; m < NMAT; m++) {
-                float sum[4] = {0.0f, 0.0f, 0.0f, 0.0f};
-                #pragma unroll
-                for (int k = 0; k < 4; k++) {
-                    const unsigned w0 = k < 2 ? w[m].x : w[m].y, w1 = k < 2 ? w[m].z : w[m].w;
-                    const int j = 2 * (k & 1);
-                    if (PRMT && j == 0)
-                        mma_bf16(sum, pair256<0>(pairs, lane4, w0), pair256<0>(pairs, lane4, w1), pair256<1>(pairs, lane4, w0),
-                                 pair256<1>(pairs, lane4, w1), xb[2 * k], xb[2 * k + 1]);
-                    else if (PRMT)
-                        mma_bf16(sum, pair256<2>(pairs, lane4, w0), pair256<2>(pairs, lane4, w1), pair256<3>(pairs, lane4, w0),
-                                 pair256<3>(pairs, lane4, w1), xb[2 * k], xb[2 * k + 1]);
-                    else
-                        mma_bf16(sum, nf4_pair(pairs, lane4, w0, j), nf4_pair(pairs, lane4, w1, j),
-                                 nf4_pair(pairs, lane4, w0, j + 1), nf4_pair(pairs, lane4, w1, j + 1), xb[2 * k], xb[2 * k + 1]);
-                }
+                float sum[4];
+                tile_unit<PRMT>(pairs, lane4, w[m], xb, sum);
                 const float offset = mats[m].offset;
                 const float s0 = nf4_scale(dyn[q[m] & 0xff], a2[m][0], offset), s1 = nf4_scale(dyn[(q[m] >> 8) & 0xff], a2[m][1], offset);
                 acc[m][0] = fmaf(real ? s0 : 0.0f, sum[0], acc[m][0]);
@@ -667,14 +677,8 @@ __device__ __forceinline__ void phase_bulk(const matrix* mats, int rows, int in,
                 if (g == 0) nf4_x_pairs(xs + 64 * b + 16 * c, xb);
                 #pragma unroll
                 for (int m = 0; m < NMAT; m++) {
-                    float sum[4] = {0.0f, 0.0f, 0.0f, 0.0f};
-                    #pragma unroll
-                    for (int kk = 0; kk < 4; kk++) {
-                        const unsigned w0 = kk < 2 ? w[m].x : w[m].y, w1 = kk < 2 ? w[m].z : w[m].w;
-                        const int jj = 2 * (kk & 1);
-                        mma_bf16(sum, nf4_pair(pairs, lane4, w0, jj), nf4_pair(pairs, lane4, w1, jj), nf4_pair(pairs, lane4, w0, jj + 1),
-                                 nf4_pair(pairs, lane4, w1, jj + 1), xb[2 * kk], xb[2 * kk + 1]);
-                    }
+                    float sum[4];
+                    tile_unit<false>(pairs, lane4, w[m], xb, sum);
                     const float offset = mats[m].offset;
                     const float a2a = a2s[m * BA2 + (ra * blocks + b) / 256 - lo], a2b = a2s[m * BA2 + (rb * blocks + b) / 256 - lo];
                     acc[m][0] = fmaf(nf4_scale(dyn[qa[m] & 0xff], a2a, offset), sum[0], acc[m][0]);

@@ -716,3 +716,28 @@ func TestLoRAFewChoice(t *testing.T) {
 		}
 	}
 }
+
+// TestRopeTablesGrow: the rotary tables extended a few positions at a
+// time, as prefill and then each decoding step extend them, hold the
+// values trainer.RopeTables gives for all positions at once.
+func TestRopeTablesGrow(t *testing.T) {
+	mc, err := trainer.Preset("1b")
+	if err != nil {
+		t.Fatal(err)
+	}
+	s := &session{info: trainer.ModelInfo{Config: mc}}
+	for _, lt := range layerTypes {
+		for _, p := range []int32{4, 5, 6, 11} { // a prompt's last position, then steps
+			s.ropeTables(lt, []int32{0, p})
+		}
+		cos, sin := s.ropeTables(lt, []int32{3})
+		all := make([]int32, 12)
+		for i := range all {
+			all[i] = int32(i)
+		}
+		wantCos, wantSin := trainer.RopeTables(all, trainer.RopeInvFreq(mc.Rope[lt], mc.HeadDim))
+		if fmt.Sprint(cos) != fmt.Sprint(wantCos) || fmt.Sprint(sin) != fmt.Sprint(wantSin) {
+			t.Errorf("%s: tables grown by steps differ from the tables of all 12 positions", lt)
+		}
+	}
+}

@@ -402,8 +402,10 @@ func lastQueries(lo []int32) []int32 {
 }
 
 // ropeTables returns a layer type's cos and sin for positions 0 .. the
-// largest of pos, extending the cached tables as needed. The values are
-// trainer.RopeTables', so both backends rotate by the same float32 angles.
+// largest of pos, extending the cached tables as needed: by the new
+// positions only, as a decoding asks for one more each step. The values
+// are trainer.RopeTables', so both backends rotate by the same float32
+// angles.
 func (s *session) ropeTables(lt trainer.LayerType, pos []int32) (cos, sin []float32) {
 	half := s.info.Config.HeadDim / 2
 	need := 0
@@ -412,11 +414,12 @@ func (s *session) ropeTables(lt trainer.LayerType, pos []int32) (cos, sin []floa
 	}
 	ti := typeIndex(lt)
 	if have := len(s.ropeCos[ti]) / half; have < need {
-		all := make([]int32, need)
-		for i := range all {
-			all[i] = int32(i)
+		more := make([]int32, need-have)
+		for i := range more {
+			more[i] = int32(have + i)
 		}
-		s.ropeCos[ti], s.ropeSin[ti] = trainer.RopeTables(all, trainer.RopeInvFreq(s.info.Config.Rope[lt], s.info.Config.HeadDim))
+		c, sn := trainer.RopeTables(more, trainer.RopeInvFreq(s.info.Config.Rope[lt], s.info.Config.HeadDim))
+		s.ropeCos[ti], s.ropeSin[ti] = append(s.ropeCos[ti], c...), append(s.ropeSin[ti], sn...)
 	}
 	return s.ropeCos[ti], s.ropeSin[ti]
 }

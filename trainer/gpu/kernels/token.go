@@ -140,9 +140,9 @@ func (k *Kernels) TokenBuffers(sh TokenShape) TokenBuffers {
 // can then queue a step before the host has seen its token), then the
 // rotary tables of its position, [cos | sin] of head_dim/2 values each,
 // for sliding then global layers.
-func EncodeTokenStep(id, seq, pos int32, picked bool, cos, sin [2][]float32) []uint32 {
+func EncodeTokenStep(id, seq, pos int32, fromPick bool, cos, sin [2][]float32) []uint32 {
 	flag := uint32(0)
-	if picked {
+	if fromPick {
 		flag = 1
 	}
 	out := []uint32{uint32(id), uint32(seq), uint32(pos), flag}

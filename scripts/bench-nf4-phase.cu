@@ -556,8 +556,11 @@ __device__ __forceinline__ void phase_token(const matrix* mats, int rows, int in
 // stage the units' codes ([matrix][unit][512 bytes]) then their absmax
 // code words ([matrix][unit][16 bytes]); after the stages, the stages'
 // mbarriers (full: the copy's bytes have landed; empty: every warp has
-// read the stage) and room for the block's second-level scales.
+// read the stage) and room for the block's second-level scales. Build
+// with -DBSTAGES=8 (or more) for a deeper ring: more bytes in flight.
+#ifndef BSTAGES
 #define BSTAGES 4
+#endif
 #define BUNITS 32
 #define BSTAGE_BYTES (BUNITS * 528)
 #define BA2 128 // second-level scales a matrix a block can need

@@ -711,7 +711,7 @@ static size_t shared_bytes(int v, int in, int nmat) {
 
 template <int V, int NMAT, int U>
 __global__ void __launch_bounds__(THREADS, 1)
-    layers_kernel(const matrix* all, int copies, int rows, int in, const float* x, int layers, act_t* out, unsigned* bar) {
+    layers_kernel(const matrix* all, int copies, int rows, int in, const act_t* x, int layers, act_t* out, unsigned* bar) {
     extern __shared__ float4 smem[];
     char* base = reinterpret_cast<char*>(smem);
     const unsigned sbase = (unsigned)__cvta_generic_to_shared(base), talign = (sbase + 0xffffu) & ~0xffffu;
@@ -760,20 +760,17 @@ __global__ void __launch_bounds__(THREADS, 1)
         __syncthreads();
     }
     for (int l = 0; l < layers; l++) {
-        // The phase's input, read as decode_token reads it, every phase.
-        if (T32) {
-            for (int i = threadIdx.x; i < in; i += blockDim.x) xs[i] = __ldcg(x + i);
-        } else {
-            for (int i = threadIdx.x; i < in / 8; i += blockDim.x) {
-                float p[8];
+        // The phase's input, activations written by the phase before, read
+        // as decode_token's tok_load reads them: 16 bytes a load, as floats
+        // (current's family) or as the bfloat16 fragments they already are.
+        for (int g = threadIdx.x; g < in / VEC; g += blockDim.x) {
+            act_vec u;
+            u.u = __ldcg(reinterpret_cast<const uint4*>(x) + g);
+            if (T32) {
                 #pragma unroll
-                for (int e = 0; e < 8; e++) p[e] = __ldcg(x + 8 * i + e);
-                uint4 u;
-                asm("cvt.rn.bf16x2.f32 %0, %1, %2;" : "=r"(u.x) : "f"(p[1]), "f"(p[0]));
-                asm("cvt.rn.bf16x2.f32 %0, %1, %2;" : "=r"(u.y) : "f"(p[3]), "f"(p[2]));
-                asm("cvt.rn.bf16x2.f32 %0, %1, %2;" : "=r"(u.z) : "f"(p[5]), "f"(p[4]));
-                asm("cvt.rn.bf16x2.f32 %0, %1, %2;" : "=r"(u.w) : "f"(p[7]), "f"(p[6]));
-                xf[i] = u;
+                for (int e = 0; e < VEC; e++) xs[g * VEC + e] = to_f32(u.a[e]);
+            } else {
+                xf[g] = u.u;
             }
         }
         __syncthreads();
@@ -810,7 +807,7 @@ __global__ void __launch_bounds__(THREADS, 1)
 struct args {
     const matrix* mats;
     int copies, rows, in;
-    const float* x;
+    const act_t* x;
     act_t* out;
     unsigned* bar;
     int sms;
@@ -881,6 +878,13 @@ static float host_f32(act_t h) {
     return f;
 }
 
+// f rounded to bfloat16, to nearest, ties to even (f is finite here).
+static act_t host_act(float f) {
+    unsigned u;
+    std::memcpy(&u, &f, 4);
+    return (act_t)((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
+}
+
 template <typename T>
 static T* upload(const std::vector<T>& h) {
     T* d;
@@ -933,8 +937,8 @@ int main() {
                     }
             m = {upload(codes), upload(aq), upload(a2), upload(tc), upload(ta), 0.0001f};
         }
-        std::vector<float> hx(s.in);
-        for (float& v : hx) v = (rand() % 2001 - 1000) / 1000.0f;
+        std::vector<act_t> hx(s.in);
+        for (act_t& v : hx) v = host_act((rand() % 2001 - 1000) / 1000.0f);
         args a = {upload(h), s.copies, s.rows, s.in, upload(hx), nullptr, nullptr, sms};
         CHECK(cudaMalloc(&a.out, s.rows * sizeof(act_t)));
         CHECK(cudaMalloc(&a.bar, 4));

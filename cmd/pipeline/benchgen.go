@@ -30,7 +30,9 @@ func benchGenerateCommand() *cobra.Command {
 --new-tokens tokens (stop tokens do not end them), --runs times after
 --warmup untimed runs. It reports tokens/s (new tokens of every sequence over the
 median run's time, prefill included), the median time to the first token, the
-peak device memory, and the bandwidth bound: the steps per second at which
+first run's tokens/s (the session's first decoding: its one-time costs, and what
+grows with the longest context yet, are paid there, as a chat's first answer
+pays them; the warm-up runs hide them from the median), the peak device memory, and the bandwidth bound: the steps per second at which
 reading the weights once a step (trainer.DecodeStepBytes) takes all of the
 card's memory bandwidth, times the batch size. With --quantize nf4 the weights
 are NF4 (as the chat command and the generate stage hold a QLoRA base): steps
@@ -113,9 +115,12 @@ type benchGenResult struct {
 	FirstSec     float64 `json:"first_token_sec"`
 	// DecodeTokensPerSec leaves the prefill out: the steps after the first.
 	DecodeTokensPerSec float64 `json:"decode_tokens_per_sec"`
-	BoundTokensPerSec  float64 `json:"bound_tokens_per_sec"`
-	PeakGiB            float64 `json:"peak_gib"`
-	GPU                string  `json:"gpu"`
+	// FirstRunTokensPerSec is the session's first run's (a warm-up run
+	// unless --warmup 0): what `pipeline chat --prompt` pays.
+	FirstRunTokensPerSec float64 `json:"first_run_tokens_per_sec"`
+	BoundTokensPerSec    float64 `json:"bound_tokens_per_sec"`
+	PeakGiB              float64 `json:"peak_gib"`
+	GPU                  string  `json:"gpu"`
 	// TokenKernelSteps counts the steps that ran as one launch
 	// (decode_token; PIPELINE_TOKEN_KERNEL=off turns it off), over every run.
 	TokenKernelSteps int `json:"token_kernel_steps,omitempty"`
@@ -185,6 +190,7 @@ func runBenchGenerate(ctx context.Context, w io.Writer, o benchGenOptions) error
 		prompts[i] = p
 	}
 	var runs, firsts []time.Duration
+	var firstRun time.Duration
 	for r := 0; r < o.warmup+o.runs; r++ {
 		if r == o.warmup && o.profile {
 			if err := gpu.StartProfile(dec); err != nil {
@@ -206,6 +212,9 @@ func runBenchGenerate(ctx context.Context, w io.Writer, o benchGenOptions) error
 			if len(s) != o.newTokens {
 				return failErr(fmt.Errorf("bench generate: sequence %d got %d tokens, not %d", i, len(s), o.newTokens))
 			}
+		}
+		if r == 0 {
+			firstRun = took
 		}
 		if r >= o.warmup {
 			runs, firsts = append(runs, took), append(firsts, first)
@@ -231,6 +240,7 @@ func runBenchGenerate(ctx context.Context, w io.Writer, o benchGenOptions) error
 		res.Preset = filepath.Base(o.model)
 	}
 	res.TokensPerSec = float64(o.batch*o.newTokens) / res.RunSec
+	res.FirstRunTokensPerSec = float64(o.batch*o.newTokens) / firstRun.Seconds()
 	if o.newTokens > 1 && res.RunSec > res.FirstSec {
 		res.DecodeTokensPerSec = float64(o.batch*(o.newTokens-1)) / (res.RunSec - res.FirstSec)
 	}
@@ -270,6 +280,7 @@ func runBenchGenerate(ctx context.Context, w io.Writer, o benchGenOptions) error
 		res.Preset, where, o.batch, o.promptLen, o.newTokens, decoding, o.quantize, res.Weights)
 	fmt.Fprintf(w, "  %.1f tokens/s (%.3f s a run, median of %d), first token after %.3f s, %.1f tokens/s after it\n",
 		res.TokensPerSec, res.RunSec, len(runs), res.FirstSec, res.DecodeTokensPerSec)
+	fmt.Fprintf(w, "  the session's first run: %.1f tokens/s (its one-time costs included)\n", res.FirstRunTokensPerSec)
 	if res.BoundTokensPerSec > 0 {
 		fmt.Fprintf(w, "  bandwidth bound %.0f tokens/s: %.0f%% of it\n", res.BoundTokensPerSec, 100*res.DecodeTokensPerSec/res.BoundTokensPerSec)
 	}

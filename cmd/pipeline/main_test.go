@@ -271,7 +271,7 @@ func TestBenchGenerate(t *testing.T) {
 		t.Fatalf("%v: %s", err, r.stdout)
 	}
 	if res.BatchSize != 3 || res.PromptLen != 20 || res.NewTokens != 7 || res.TokensPerSec <= 0 || res.RunSec <= 0 ||
-		res.FirstSec <= 0 || res.FirstSec > res.RunSec || res.Temperature != 0 {
+		res.FirstSec <= 0 || res.FirstSec > res.RunSec || res.FirstRunTokensPerSec <= 0 || res.Temperature != 0 {
 		t.Errorf("report %+v", res)
 	}
 	r = runCLI(t, dir, "bench", "generate", "--model", model, "--backend", "cpu", "--new-tokens", "5", "--runs", "1",

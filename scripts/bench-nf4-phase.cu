@@ -63,6 +63,16 @@
 //                 last steps the block asks for the next phase's first ones
 //                 (the weights do not wait on the token), so that the next
 //                 phase starts on bytes already in flight or landed
+//   token even    token's work with the phase's (tile, 64-block) units split
+//                 evenly over the blocks, where token gives each block whole
+//                 tiles (12B down and o: 240 tiles on 132 blocks, 108 of
+//                 them with two): warp w of a block takes its units w,
+//                 w + 16, ..., whatever tile each is in. Its sums are not
+//                 joined by tile (what a real split would add: the warps'
+//                 parts in shared memory, two blocks' parts of a straddled
+//                 tile by whoever reads the output), so its outputs are not
+//                 the phase's and are not compared: a bound on what
+//                 balancing the blocks could gain
 #include <algorithm>
 #include <cmath>
 #include <cstdio>
@@ -77,12 +87,13 @@
 #define THREADS (WARPS * 32)
 
 enum { CURRENT, PRMT_X, PREFETCH, ABSMAX_TILES, TILES, LOADS, TILE_LOADS, BLOCK_ORDER, BLOCK_LOADS, STRIDED_TILES, TOKEN, RING4, RING8,
-       TOKEN_PRMT, TOKEN_FLAT, TOKEN_PF_START, TOKEN_PF_END, BULK, BULK_LOADS, BULK_AHEAD, VARIANTS };
+       TOKEN_PRMT, TOKEN_FLAT, TOKEN_PF_START, TOKEN_PF_END, BULK, BULK_LOADS, BULK_AHEAD, TOKEN_EVEN, VARIANTS };
 static const char* names[VARIANTS] = {"current", "prmt+x", "+prefetch", "absmax tiles", "tiles", "loads", "tile loads",
                                       "block order", "block loads", "strided tiles", "token", "ring 4", "ring 8", "token prmt",
-                                      "token flat", "token pf start", "token pf end", "bulk ring", "bulk loads", "bulk ahead"};
+                                      "token flat", "token pf start", "token pf end", "bulk ring", "bulk loads", "bulk ahead",
+                                      "token even"};
 __host__ __device__ constexpr bool token_loop(int v) {
-    return v == TOKEN || v == TOKEN_PRMT || v == TOKEN_FLAT || v == TOKEN_PF_START || v == TOKEN_PF_END;
+    return v == TOKEN || v == TOKEN_PRMT || v == TOKEN_FLAT || v == TOKEN_PF_START || v == TOKEN_PF_END || v == TOKEN_EVEN;
 }
 __host__ __device__ constexpr bool bulk(int v) { return v == BULK || v == BULK_LOADS || v == BULK_AHEAD; }
 __host__ __device__ constexpr bool table32(int v) { return v == CURRENT || v == RING4 || v == RING8 || token_loop(v) || bulk(v); } // current's table, x as floats
@@ -552,6 +563,65 @@ __device__ __forceinline__ void phase_token(const matrix* mats, int rows, int in
     end_phase<NMAT>(sums, S, n, t0, rows, out);
 }
 
+// token even (see the variants above): token's loads and sums over the
+// block's even share of the phase's units, the tile and 64-block of each
+// stepped along rather than divided out, and one output a warp.
+template <int NMAT>
+__device__ __forceinline__ void phase_even(const matrix* mats, int rows, int in, const float* xs, const unsigned* pairs, const float* dyn,
+                                           act_t* out) {
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, g = lane >> 2, c = lane & 3;
+    const unsigned lane4 = 4u * lane;
+    constexpr int U = 4 / NMAT;
+    const int blocks = in / 64, tiles = (rows + 15) / 16;
+    const long long total = (long long)tiles * blocks;
+    const int u0 = (int)(total * blockIdx.x / gridDim.x), u1 = (int)(total * (blockIdx.x + 1) / gridDim.x);
+    // The warp's next unit u0 + warp as (tile, 64-block); a step of WARPS
+    // units crosses at most one tile's end (every shape has blocks >= WARPS).
+    int tile = (u0 + warp) / blocks, b = (u0 + warp) - tile * blocks;
+    float acc[NMAT][2] = {};
+    for (int u = u0 + warp; u < u1; u += WARPS * U) {
+        uint4 w[NMAT][U];
+        unsigned q[NMAT][U];
+        float a2[NMAT][U][2];
+        int bu[U];
+        #pragma unroll
+        for (int k = 0; k < U; k++) {
+            const bool real = u + k * WARPS < u1;
+            const int tk = real ? tile : (u1 - 1) / blocks, bk = real ? b : (u1 - 1) - tk * blocks;
+            const unsigned ra = (unsigned)min(16 * tk + g, rows - 1), rb = (unsigned)min(16 * tk + g + 8, rows - 1);
+            const unsigned tb = (unsigned)tk * blocks + bk;
+            bu[k] = bk;
+            #pragma unroll
+            for (int m = 0; m < NMAT; m++) {
+                w[m][k] = mats[m].tile_codes[tb * 32 + lane];
+                q[m][k] = mats[m].tile_aq[tb * 8 + g];
+                a2[m][k][0] = mats[m].a2[(ra * blocks + bk) / 256], a2[m][k][1] = mats[m].a2[(rb * blocks + bk) / 256];
+            }
+            b += WARPS;
+            if (b >= blocks) b -= blocks, tile++;
+        }
+        #pragma unroll
+        for (int k = 0; k < U; k++) {
+            if (u + k * WARPS >= u1) break;
+            unsigned xb[8] = {0u, 0u, 0u, 0u, 0u, 0u, 0u, 0u};
+            if (g == 0) nf4_x_pairs(xs + 64 * bu[k] + 16 * c, xb);
+            #pragma unroll
+            for (int m = 0; m < NMAT; m++) {
+                float sum[4];
+                tile_unit<false>(pairs, lane4, w[m][k], xb, sum);
+                const float offset = mats[m].offset;
+                acc[m][0] = fmaf(nf4_scale(dyn[q[m][k] & 0xff], a2[m][k][0], offset), sum[0], acc[m][0]);
+                acc[m][1] = fmaf(nf4_scale(dyn[(q[m][k] >> 8) & 0xff], a2[m][k][1], offset), sum[2], acc[m][1]);
+            }
+        }
+    }
+    if (lane == 0) {
+        const float s = acc[0][0] + acc[0][1];
+        out[(blockIdx.x * WARPS + warp) % rows] = to_act(NMAT == 2 ? s * (acc[NMAT - 1][0] + acc[NMAT - 1][1]) : s);
+    }
+    __syncthreads();
+}
+
 // The bulk ring: BSTAGES stages of BUNITS (64-block, matrix) units, each
 // stage the units' codes ([matrix][unit][512 bytes]) then their absmax
 // code words ([matrix][unit][16 bytes]); after the stages, the stages'
@@ -781,6 +851,8 @@ __global__ void __launch_bounds__(THREADS, 1)
             phase_token<NMAT, 0, true>(all + (l % copies) * NMAT, rows, in, xs, pairs, dyn, sums, out, ring);
         else if constexpr (V == TOKEN_FLAT)
             phase_token<NMAT, 0, false, true>(all + (l % copies) * NMAT, rows, in, xs, pairs, dyn, sums, out, ring);
+        else if constexpr (V == TOKEN_EVEN)
+            phase_even<NMAT>(all + (l % copies) * NMAT, rows, in, xs, pairs, dyn, out);
         else if constexpr (V == TOKEN_PF_START || V == TOKEN_PF_END)
             phase_token<NMAT, 0, false, false, V == TOKEN_PF_START ? 1 : 2>(all + (l % copies) * NMAT, rows, in, xs, pairs, dyn, sums, out,
                                                                           ring, all + ((l + 1) % copies) * NMAT);
@@ -864,6 +936,7 @@ static float run_variant(int v, const args& a) {
     case TOKEN_FLAT: return run<TOKEN_FLAT, NMAT>(a);
     case TOKEN_PF_START: return run<TOKEN_PF_START, NMAT>(a);
     case TOKEN_PF_END: return run<TOKEN_PF_END, NMAT>(a);
+    case TOKEN_EVEN: return run<TOKEN_EVEN, NMAT>(a);
     case BULK: return run<BULK, NMAT>(a);
     case BULK_LOADS: return run<BULK_LOADS, NMAT>(a);
     case BULK_AHEAD: return run<BULK_AHEAD, NMAT>(a);
@@ -956,12 +1029,14 @@ int main() {
             int differ = 0;
             // Block order sums in another order: it differs where the
             // bfloat16 outputs differ by more than a rounding or two.
-            if (v == BLOCK_ORDER || v == STRIDED_TILES || v == RING4 || v == RING8 || token_loop(v) || v == BULK || v == BULK_AHEAD)
+            // Token even's outputs are not the phase's (its sums are not
+            // joined by tile): not compared.
+            if (v != TOKEN_EVEN && (v == BLOCK_ORDER || v == STRIDED_TILES || v == RING4 || v == RING8 || token_loop(v) || v == BULK || v == BULK_AHEAD))
                 for (int r = 0; r < s.rows; r++) {
                     const float a = host_f32(got[r]), b = host_f32(ref[r]);
                     differ += std::fabs(a - b) > 1.6e-2f * std::fabs(b) + 1e-6f;
                 }
-            else if (v != CURRENT && v != LOADS && v != TILE_LOADS && v != BLOCK_LOADS && v != BULK_LOADS)
+            else if (v != CURRENT && v != LOADS && v != TILE_LOADS && v != BLOCK_LOADS && v != BULK_LOADS && v != TOKEN_EVEN)
                 for (int r = 0; r < s.rows; r++) differ += got[r] != ref[r];
             std::printf(" %7.2f (%4.2f)%s ", us, mb / us, differ ? "!" : " ");
         }

@@ -30,11 +30,12 @@ func benchGenerateCommand() *cobra.Command {
 --new-tokens tokens (stop tokens do not end them), --runs times after
 --warmup untimed runs. It reports tokens/s (new tokens of every sequence over the
 median run's time, prefill included), the median time to the first token, the
-first run's tokens/s (the session's first decoding: its one-time costs, and what
-grows with the longest context yet, are paid there, as a chat's first answer
-pays them; the warm-up runs hide them from the median), the peak device memory, and the bandwidth bound: the steps per second at which
-reading the weights once a step (trainer.DecodeStepBytes) takes all of the
-card's memory bandwidth, times the batch size. With --quantize nf4 the weights
+first run's tokens/s (the session's first decoding, which pays its one-time
+costs and whatever grows with the longest context yet, as a chat's first answer
+does; the warm-up runs keep them out of the median), the peak device memory,
+and the bandwidth bound: the steps per second at which reading the weights once
+a step (trainer.DecodeStepBytes) takes all of the card's memory bandwidth,
+times the batch size. With --quantize nf4 the weights
 are NF4 (as the chat command and the generate stage hold a QLoRA base): steps
 of at most ` + strconv.Itoa(gpu.NF4StepTokens) + ` sequences read that form directly, larger ones a dequantised copy
 stored when the GPU has the room; "weights" says which form the steps read.

@@ -418,7 +418,10 @@ func (s *session) ropeTables(lt trainer.LayerType, pos []int32) (cos, sin []floa
 		for i := range more {
 			more[i] = int32(have + i)
 		}
-		c, sn := trainer.RopeTables(more, trainer.RopeInvFreq(s.info.Config.Rope[lt], s.info.Config.HeadDim))
+		if s.ropeInv[ti] == nil {
+			s.ropeInv[ti] = trainer.RopeInvFreq(s.info.Config.Rope[lt], s.info.Config.HeadDim)
+		}
+		c, sn := trainer.RopeTables(more, s.ropeInv[ti])
 		s.ropeCos[ti], s.ropeSin[ti] = append(s.ropeCos[ti], c...), append(s.ropeSin[ti], sn...)
 	}
 	return s.ropeCos[ti], s.ropeSin[ti]

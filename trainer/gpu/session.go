@@ -36,7 +36,9 @@ type session struct {
 	// frozen product (LoRAFirstEnv), in trainer.AllModules order.
 	loraFirst [7]bool
 
-	ropeCos, ropeSin [2][]float32
+	// The rotary tables of the positions so far, by layer type, and the
+	// inverse frequencies they are grown from.
+	ropeCos, ropeSin, ropeInv [2][]float32
 }
 
 // Open loads the checkpoint onto GPU 0 and allocates everything a session

@@ -10,6 +10,10 @@
 //   nvcc -O3 -std=c++17 -arch=sm_90 -I/tmp/hdr -Icuda/kernels -Itrainer/gpu/kernels \
 //        -DHEAD_DIM=256 -o bench-nf4-phase scripts/bench-nf4-phase.cu && ./bench-nf4-phase
 //
+// -DNF4P_WARPS=24 builds it with 24 warps a block instead of 16 (the
+// registers then capped at 80, 64 at 32 warps), to ask what more warps
+// a multiprocessor would give the loop.
+//
 // Variants:
 //   current       token.cu's loop: bitsandbytes' layout, a byte's table
 //                 address by shift and mask, x converted a 64-block at a time
@@ -83,7 +87,11 @@
 #include "gemma.cuh"
 #include "nf4.cuh"
 
+#ifdef NF4P_WARPS
+#define WARPS NF4P_WARPS
+#else
 #define WARPS 16
+#endif
 #define THREADS (WARPS * 32)
 
 enum { CURRENT, PRMT_X, PREFETCH, ABSMAX_TILES, TILES, LOADS, TILE_LOADS, BLOCK_ORDER, BLOCK_LOADS, STRIDED_TILES, TOKEN, RING4, RING8,

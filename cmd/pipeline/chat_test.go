@@ -136,6 +136,23 @@ func TestChatCommand(t *testing.T) {
 			t.Errorf("%v: exit %d, want 2\n%s", args, r.code, r.stderr)
 		}
 	}
+	// Paths that are not there, or not what the flag takes, are named before
+	// anything loads.
+	for _, c := range []struct {
+		args []string
+		code int
+		want string
+	}{
+		{[]string{"chat", "--model", filepath.Join(dir, "missing"), "--prompt", q}, 1, "--model " + filepath.Join(dir, "missing") + ": no such folder"},
+		{[]string{"chat", "--model", model, "--adapter", filepath.Join(dir, "missing"), "--prompt", q}, 1, "--adapter " + filepath.Join(dir, "missing") + ": no such folder"},
+		{[]string{"chat", "--model", model, "--tokenizer", filepath.Join(dir, "missing.json"), "--prompt", q}, 1, "--tokenizer " + filepath.Join(dir, "missing.json") + ": no such file"},
+		{[]string{"chat", "--model", filepath.Join(model, "config.json"), "--prompt", q}, 2, "is a file, not a folder"},
+		{[]string{"chat", "--model", model, "--tokenizer", model, "--prompt", q}, 2, "is a folder, not a tokenizer.json file"},
+	} {
+		if r := runCLI(t, dir, c.args...); r.code != c.code || !strings.Contains(r.stderr, c.want) {
+			t.Errorf("%v: exit %d, want %d saying %q\n%s", c.args, r.code, c.code, c.want, r.stderr)
+		}
+	}
 
 	// An adapter made for a model of four layers, on one of six.
 	other := tinyChatModel(t, filepath.Join(dir, "other"), 4)

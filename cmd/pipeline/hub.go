@@ -3,7 +3,9 @@ package main
 import (
 	"context"
 	"encoding/json"
+	"errors"
 	"fmt"
+	"io/fs"
 	"os"
 	"strings"
 	"text/tabwriter"
@@ -30,7 +32,7 @@ const (
 // local file or folder returned; anything else is returned as it is.
 func localArg(ctx context.Context, flag, arg string, kind argKind) (string, error) {
 	if !hub.IsRef(arg) {
-		return arg, nil
+		return arg, checkLocalArg(flag, arg, kind)
 	}
 	ref, err := hub.ParseRef(arg)
 	if err != nil {
@@ -58,6 +60,31 @@ func localArg(ctx context.Context, flag, arg string, kind argKind) (string, erro
 		return "", usageErr(fmt.Errorf("--%s %s names %d files; name one", flag, arg, len(paths)))
 	}
 	return paths[0], nil
+}
+
+// checkLocalArg says, before anything is loaded, that a local path given
+// for flag does not exist (a failure, as for any input file) or is a file
+// where a folder is wanted or the reverse (a usage error), rather than
+// letting the first file opened inside it fail.
+func checkLocalArg(flag, arg string, kind argKind) error {
+	if arg == "" {
+		return nil
+	}
+	fi, err := os.Stat(arg)
+	wantDir := kind != argTokenizer
+	switch {
+	case errors.Is(err, fs.ErrNotExist) && wantDir:
+		return failErr(fmt.Errorf("--%s %s: no such folder", flag, arg))
+	case errors.Is(err, fs.ErrNotExist):
+		return failErr(fmt.Errorf("--%s %s: no such file", flag, arg))
+	case err != nil:
+		return failErr(fmt.Errorf("--%s: %w", flag, err))
+	case wantDir && !fi.IsDir():
+		return usageErr(fmt.Errorf("--%s %s is a file, not a folder", flag, arg))
+	case !wantDir && fi.IsDir():
+		return usageErr(fmt.Errorf("--%s %s is a folder, not a tokenizer.json file", flag, arg))
+	}
+	return nil
 }
 
 // fetchRef resolves and fetches ref, showing the download as progress the

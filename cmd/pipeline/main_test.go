@@ -296,7 +296,9 @@ func TestMergeAndExportRefuseExistingTargets(t *testing.T) {
 	if r := runCLI(t, dir, "merge", "--model", "m"); r.code != 2 || !strings.Contains(r.stderr, "--adapter and --out are required") {
 		t.Errorf("merge without --adapter: %d %s", r.code, r.stderr)
 	}
-	os.MkdirAll(filepath.Join(dir, "out"), 0o755)
+	for _, d := range []string{"m", "a", "out"} {
+		os.MkdirAll(filepath.Join(dir, d), 0o755)
+	}
 	if r := runCLI(t, dir, "merge", "--model", "m", "--adapter", "a", "--out", "out"); r.code != 1 || !strings.Contains(r.stderr, "out already exists") {
 		t.Errorf("merge onto an existing folder: %d %s", r.code, r.stderr)
 	}

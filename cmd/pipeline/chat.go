@@ -37,8 +37,9 @@ func init() {
 applied when --adapter is given: each turn is rendered with the Gemma 3 chat
 template, the whole conversation so far included, and the answer is printed as
 it is generated. --system puts a system text before the first turn, as the
-template does. An answer ends at <end_of_turn> or <eos>, or after
---max-new-tokens.
+template does. An answer ends at <end_of_turn> or <eos> (or another id the
+model folder's generation_config.json lists as eos_token_id), or after
+--max-new-tokens, which is then said on stderr.
 
 On a terminal, type a message and press Enter; /reset starts a new
 conversation, /exit (or Ctrl-D) leaves, Ctrl-C stops an answer. Without a
@@ -141,7 +142,11 @@ in float32 (--backend cpu).`,
 				return failErr(err)
 			}
 			defer dec.Close()
-			gen, err := converse.New(dec, tok)
+			var eos []int32 // what transformers' generate stops at, beside Gemma 3's own
+			if gc != nil {
+				eos = gc.EOS
+			}
+			gen, err := converse.New(dec, tok, eos...)
 			if err != nil {
 				return failErr(err)
 			}
@@ -152,7 +157,10 @@ in float32 (--backend cpu).`,
 					modelDir, c.Layers, c.Hidden, time.Since(began).Seconds(), samplingNote(opts))
 			}
 			if f.Changed("prompt") {
-				_, err := s.answer(cmd.Context(), question)
+				end, err := s.answer(cmd.Context(), question)
+				if err == nil && end == answerCut {
+					fmt.Fprintln(os.Stderr, s.cutNote())
+				}
 				return err
 			}
 			return s.loop(cmd.Context(), cmd.InOrStdin(), tty)
@@ -190,10 +198,25 @@ type chatSession struct {
 	conv converse.Conversation
 }
 
+// How an answer ended.
+type answerEnd int
+
+const (
+	answerDone    answerEnd = iota // at <end_of_turn> or <eos>
+	answerCut                      // at the most new tokens
+	answerStopped                  // by Ctrl-C
+)
+
+// cutNote says that an answer ran into the new-token limit, and how to
+// raise it: a cut answer otherwise reads like a finished one.
+func (s *chatSession) cutNote() string {
+	return fmt.Sprintf("(cut at %d new tokens; --max-new-tokens allows more)", s.opts.MaxNewTokens)
+}
+
 // answer asks text as the conversation's next turn, prints the answer as
 // it comes and keeps it in the conversation. Ctrl-C stops the answer; what
 // was said so far stays.
-func (s *chatSession) answer(ctx context.Context, text string) (stopped bool, err error) {
+func (s *chatSession) answer(ctx context.Context, text string) (end answerEnd, err error) {
 	conv := s.conv
 	conv.Turns = append(conv.Turns[:len(conv.Turns):len(conv.Turns)], text)
 	ctx, cancel := signal.NotifyContext(ctx, os.Interrupt)
@@ -220,17 +243,20 @@ func (s *chatSession) answer(ctx context.Context, text string) (stopped bool, er
 		if printed < len(reply) {
 			io.WriteString(s.out, reply[printed:])
 		}
+		if !replies[0].Stopped {
+			end = answerCut
+		}
 	case ctx.Err() != nil && errors.Is(err, context.Canceled):
-		stopped, reply = true, chat.Strip(raw.String())
+		end, reply = answerStopped, chat.Strip(raw.String())
 	case errors.As(err, &ce):
-		return false, failErr(fmt.Errorf("chat: %w; /reset starts a new conversation", ce))
+		return answerDone, failErr(fmt.Errorf("chat: %w; /reset starts a new conversation", ce))
 	default:
-		return false, failErr(err)
+		return answerDone, failErr(err)
 	}
 	fmt.Fprintln(s.out)
 	s.conv.Turns = conv.Turns
 	s.conv.Answers = append(s.conv.Answers, reply)
-	return stopped, nil
+	return end, nil
 }
 
 // loop reads turns from in until it ends: typed at a prompt on a terminal,
@@ -261,7 +287,7 @@ func (s *chatSession) loop(ctx context.Context, in io.Reader, tty bool) error {
 			}
 			continue
 		}
-		stopped, err := s.answer(ctx, line)
+		end, err := s.answer(ctx, line)
 		if err != nil {
 			if tty {
 				fmt.Fprintln(os.Stderr, "pipeline:", err)
@@ -269,8 +295,13 @@ func (s *chatSession) loop(ctx context.Context, in io.Reader, tty bool) error {
 			}
 			return err
 		}
-		if stopped && tty {
+		switch {
+		case end == answerStopped && tty:
 			fmt.Fprintln(s.out, "(stopped)")
+		case end == answerCut && tty:
+			fmt.Fprintln(s.out, s.cutNote())
+		case end == answerCut:
+			fmt.Fprintln(os.Stderr, s.cutNote())
 		}
 	}
 }

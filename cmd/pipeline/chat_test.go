@@ -3,9 +3,12 @@ package main
 import (
 	"bytes"
 	"context"
+	"fmt"
 	"os"
 	"os/exec"
 	"path/filepath"
+	"slices"
+	"strconv"
 	"strings"
 	"testing"
 
@@ -95,6 +98,49 @@ func TestChatCommand(t *testing.T) {
 	if r.code != 0 || r.stdout != want+"\n" {
 		t.Errorf("chat --prompt -: exit %d, stdout %q, want %q\n%s", r.code, r.stdout, want, r.stderr)
 	}
+
+	// An answer cut at the limit says so on stderr (stdout stays the
+	// answer); one that reached <end_of_turn> does not.
+	for _, n := range []int{1, 2, 3, 4, 6, 12, 40} {
+		rs, err := gen.Reply(context.Background(), []converse.Conversation{{Turns: []string{q}}}, trainer.GenerateOptions{MaxNewTokens: n}, nil)
+		if err != nil {
+			t.Fatal(err)
+		}
+		r := runCLI(t, dir, "chat", "--model", model, "--prompt", q, "--max-new-tokens", strconv.Itoa(n))
+		note := fmt.Sprintf("(cut at %d new tokens; --max-new-tokens allows more)", n)
+		if r.code != 0 || r.stdout != rs[0].Text+"\n" || strings.Contains(r.stderr, note) == rs[0].Stopped {
+			t.Errorf("--max-new-tokens %d: exit %d, stdout %q, stderr %q; the answer ended at a stop token: %v", n, r.code, r.stdout, r.stderr, rs[0].Stopped)
+		}
+	}
+	// generation_config.json's eos_token_id ends an answer too, as in
+	// transformers' generate: here the first token of the greedy answer
+	// that differs from the ones before it, after at least one.
+	cut, err := gen.Reply(context.Background(), []converse.Conversation{{Turns: []string{q}}}, trainer.GenerateOptions{MaxNewTokens: 12}, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	at := 1
+	for at < len(cut[0].Tokens) && slices.Contains(cut[0].Tokens[:at], cut[0].Tokens[at]) {
+		at++
+	}
+	if at == len(cut[0].Tokens) {
+		t.Fatalf("the greedy answer repeats one token: %v", cut[0].Tokens)
+	}
+	stop := cut[0].Tokens[at]
+	writeFile(t, filepath.Join(model, "generation_config.json"), fmt.Sprintf(`{"eos_token_id": [1, 106, %d]}`, stop))
+	g3, err := converse.New(dec, tok, stop)
+	if err != nil {
+		t.Fatal(err)
+	}
+	ended, err := g3.Reply(context.Background(), []converse.Conversation{{Turns: []string{q}}}, trainer.GenerateOptions{MaxNewTokens: 12}, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	r = runCLI(t, dir, "chat", "--model", model, "--prompt", q, "--max-new-tokens", "12")
+	if !ended[0].Stopped || len(ended[0].Tokens) != at+1 || r.code != 0 || r.stdout != ended[0].Text+"\n" || strings.Contains(r.stderr, "cut at") {
+		t.Errorf("eos_token_id %d in generation_config.json: exit %d, stdout %q (want %q), stderr %q", stop, r.code, r.stdout, ended[0].Text, r.stderr)
+	}
+	os.Remove(filepath.Join(model, "generation_config.json"))
 
 	// Without a terminal, each line is the next turn of one conversation.
 	r = runCLIStdin(t, dir, q+"\n\nPeki en kalabalık şehri?\n", "chat", "--model", model, "--max-new-tokens", "12")

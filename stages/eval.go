@@ -409,7 +409,6 @@ func evalInputsOf(t *pipeline.Task) (evalInputs, error) {
 }
 
 func (s *evalStage) Run(ctx context.Context, t *pipeline.Task) error {
-	started := time.Now()
 	in, err := evalInputsOf(t)
 	if err != nil {
 		return err
@@ -432,6 +431,9 @@ func (s *evalStage) Run(ctx context.Context, t *pipeline.Task) error {
 		return err
 	}
 
+	// The clock starts once the adapter's entry is there (the stage may
+	// have waited for training to finish), so eval_seconds is the eval's.
+	started := time.Now()
 	// Everything is read, tokenized and checked before the model loads.
 	var lossReqs []eval.Request
 	records := 0

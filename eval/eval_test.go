@@ -449,6 +449,8 @@ func TestReadQuestionsErrors(t *testing.T) {
 		{"no choices", `{"question": "Q?", "answer": "A"}`, nil, "no choices"},
 		{"one choice", `{"question": "Q?", "choices": ["a"], "answer": "A"}`, nil, "at least 2"},
 		{"empty choice", `{"question": "Q?", "choices": ["a", " "], "answer": "A"}`, nil, "choice B is empty"},
+		{"gap in the columns", `{"question": "Q?", "A": "a", "B": "b", "C": "", "D": "d", "answer": "B"}`, nil, "x.jsonl:1: choice C is empty but choice D after it is not"},
+		{"null in the columns", `{"question": "Q?", "A": "a", "B": null, "C": "c", "answer": "A"}`, nil, "choice B is empty but choice C after it is not"},
 		{"choices not a list", `{"question": "Q?", "choices": "a, b", "answer": "A"}`, nil, "not a list"},
 		{"not json", `question: Q?`, nil, "x.jsonl:1: not a JSON object"},
 		{"empty file", ``, nil, "no questions"},

@@ -155,15 +155,26 @@ func (r row) question(col func(string) string, columns map[string]string) (Quest
 			q.Choices = append(q.Choices, s)
 		}
 	} else {
+		// Sets with fewer choices than columns leave the last ones empty;
+		// an empty one before a filled one is a gap, not the end, and
+		// scoring the question without the later choices would be wrong.
+		gap := -1
 		for i := 0; i < MaxChoices; i++ {
 			s, ok, err := r.str(col(Letter(i)))
 			if err != nil {
 				return q, err
 			}
-			if !ok || s == "" {
-				break
+			switch {
+			case !ok || s == "":
+				if gap < 0 {
+					gap = i
+				}
+			case gap >= 0:
+				return q, fmt.Errorf("choice %s is empty but choice %s after it is not; the choices are the columns %s, %s, … with no gap",
+					Letter(gap), Letter(i), col("A"), col("B"))
+			default:
+				q.Choices = append(q.Choices, s)
 			}
-			q.Choices = append(q.Choices, s)
 		}
 		if len(q.Choices) == 0 {
 			return q, fmt.Errorf("no choices: neither a list column %q nor columns %q, %q, … (map them with columns: {choices: NAME} or {A: NAME, B: NAME, …})",

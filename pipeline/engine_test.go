@@ -342,7 +342,10 @@ func TestStatCacheAvoidsRehash(t *testing.T) {
 	}
 }
 
-func TestFailureCancelsAndLeavesNoEntry(t *testing.T) {
+// TestFailureLeavesNoEntry: a stage that fails (or panics) writes no
+// entry and no temporary folder; the input it streamed from is still
+// committed whole.
+func TestFailureLeavesNoEntry(t *testing.T) {
 	defer goleak.VerifyNone(t)
 	for _, panics := range []bool{false, true} {
 		e := newTestEnv(t)
@@ -372,12 +375,59 @@ stages:
 			t.Errorf("record: ok=%v bad=%s", rec.OK, stateOfStage(rec, "bad"))
 		}
 		keys, _ := e.store.Keys()
-		if len(keys) != 0 {
-			t.Errorf("failed run left %d entries", len(keys))
+		if len(keys) != 1 || stateOfStage(rec, "src") != "computed" {
+			t.Errorf("failed run left %d entries, src %s; want src's alone", len(keys), stateOfStage(rec, "src"))
+		}
+		for _, k := range keys {
+			if state, m, _ := e.store.Check(k, true); state != Valid || m.Stage != "src" || m.Rows != 100000 {
+				t.Errorf("entry %s: %v, %+v", ShortKey(k), state, m)
+			}
 		}
 		tmp, _ := os.ReadDir(filepath.Join(e.store.Root, "tmp"))
 		if len(tmp) != 0 {
 			t.Errorf("failed run left %d temporary folders", len(tmp))
+		}
+	}
+}
+
+// TestFailureSparesIndependentStages: a failing stage cancels the stages
+// that need it, and no others: a long stage beside it (training, say) runs
+// to the end and is cached, and the run fails naming the one stage.
+func TestFailureSparesIndependentStages(t *testing.T) {
+	defer goleak.VerifyNone(t)
+	e := newTestEnv(t)
+	spec := e.write("keep.yaml", `name: keep
+stages:
+  long: {kind: gen, with: {rows: 40, batch: 1, delay_ms: 25}}
+  longer: {kind: count, needs: [long]}
+  src: {kind: gen, with: {rows: 100, batch: 10, tags: [other]}}
+  bad: {kind: fail, needs: [src], with: {after_batches: 1}}
+  after: {kind: count, needs: [bad]}
+`)
+	rec, err := e.run(spec, Options{})
+	if err == nil || !errors.Is(err, errPlanned) || !strings.Contains(err.Error(), "stage bad (fail)") || strings.Contains(err.Error(), "stage after") {
+		t.Fatalf("want the failure of bad alone, got %v", err)
+	}
+	for stage, want := range map[string]string{"long": "computed", "longer": "computed", "src": "computed", "bad": "failed", "after": "canceled"} {
+		if got := stateOfStage(rec, stage); got != want {
+			t.Errorf("%s: %s, want %s", stage, got, want)
+		}
+	}
+	if rec.OK {
+		t.Error("the run is recorded as ok")
+	}
+	keys, _ := e.store.Keys()
+	if len(keys) != 3 {
+		t.Errorf("%d entries, want long's, longer's and src's", len(keys))
+	}
+	// The next run computes only what failed and what needs it.
+	plan, err := e.store.Plan(e.load(spec), Options{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, st := range plan.Steps {
+		if want := st.Node.Name == "bad" || st.Node.Name == "after"; st.Compute != want {
+			t.Errorf("next run: %s compute %v", st.Node.Name, st.Compute)
 		}
 	}
 }

@@ -10,12 +10,12 @@ import (
 	"runtime/debug"
 	"sort"
 	"strconv"
+	"strings"
 	"sync"
 	"time"
 
 	"github.com/apache/arrow-go/v18/arrow"
 	"github.com/gofrs/flock"
-	"golang.org/x/sync/errgroup"
 )
 
 // An Engine runs plans against a store.
@@ -289,8 +289,12 @@ func (x *execution) fillFromManifest(st *Step) {
 // computed in this run reads it from a bounded channel as it is produced;
 // every other input is read from its committed entry, which breaks the
 // deadlock a diamond of bounded channels would allow.
+//
+// A step that fails cancels the steps that depend on it and no others, as
+// make -k does: hours of training beside it still reach the cache when a
+// question file is malformed. The run then fails with every such error. A
+// signal (ctx) still stops every step.
 func (x *execution) compute(ctx context.Context, todo []*Step) error {
-	g, gctx := errgroup.WithContext(ctx)
 	computing := map[*Step]bool{}
 	for _, st := range todo {
 		computing[st] = true
@@ -310,9 +314,17 @@ func (x *execution) compute(ctx context.Context, todo []*Step) error {
 			trackers[st] = newTracker(st.Node.Name, st.Node.KindName)
 		}
 	}
-	streams := map[*Step][]chan arrow.RecordBatch{}
+	stepCtx := map[*Step]context.Context{}
+	cancel := map[*Step]context.CancelCauseFunc{}
+	finished := map[*Step]chan struct{}{} // closed when the step's goroutine ends
+	for _, st := range order {
+		stepCtx[st], cancel[st] = context.WithCancelCause(ctx)
+		finished[st] = make(chan struct{})
+	}
+	streams := map[*Step][]stream{}
 	tasks := map[*Step]*Task{}
 	for _, st := range order {
+		gctx := stepCtx[st]
 		scratch := x.e.Store.scratchDir(st.Key)
 		if x.follows(st) {
 			// Rank 0 keeps the stage's resumable state in the entry's
@@ -331,7 +343,7 @@ func (x *execution) compute(ctx context.Context, todo []*Step) error {
 			in := &Input{Name: d.Name, Kind: d.KindName, store: x.e.Store, dir: x.e.Store.EntryDir(up.Key), committed: committed[up], tracker: t.tracker, ctx: gctx}
 			if computing[up] && len(st.Node.Needs) == 1 {
 				in.ch = make(chan arrow.RecordBatch, 4)
-				streams[up] = append(streams[up], in.ch)
+				streams[up] = append(streams[up], stream{ch: in.ch, gone: finished[st]})
 			}
 			if computing[up] {
 				in.upstream = trackers[up]
@@ -351,33 +363,94 @@ func (x *execution) compute(ctx context.Context, todo []*Step) error {
 		stop := x.e.Progress.Start(ts)
 		defer stop()
 	}
+	var (
+		wg     sync.WaitGroup
+		mu     sync.Mutex
+		failed []error // the steps' own failures, in the order they came
+	)
 	for _, st := range order {
 		st, t := st, tasks[st]
 		t.outs = streams[st]
-		g.Go(func() error {
-			err := x.computeStep(gctx, st, t, committed[st])
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			defer close(finished[st])
+			defer cancel[st](nil)
+			err := x.computeStep(stepCtx[st], st, t, committed[st])
 			if l := x.locks[st]; l != nil {
 				l.Unlock()
 			}
-			if err != nil {
-				t.tracker.finish(false)
-				return stageErr(st.Node, err)
+			if err == nil {
+				t.tracker.finish(true)
+				return
 			}
-			t.tracker.finish(true)
-			return nil
-		})
+			t.tracker.finish(false)
+			if stepCtx[st].Err() != nil {
+				return // stopped by a signal or by a failure it depends on
+			}
+			var stopped []string
+			for _, d := range x.dependents(st) {
+				if c := cancel[d]; c != nil {
+					c(&upstreamFailed{stage: st.Node.Name})
+					stopped = append(stopped, d.Node.Name)
+				}
+			}
+			// Said now: the run goes on with the other stages, maybe for hours.
+			x.e.log().Error("failed", "stage", st.Node.Name, "err", err, "canceled", strings.Join(stopped, ","))
+			mu.Lock()
+			failed = append(failed, stageErr(st.Node, err))
+			mu.Unlock()
+		}()
 	}
-	err := g.Wait()
+	wg.Wait()
 	for _, st := range order {
 		r := x.records[st]
 		if r.State == "not selected" {
 			r.State = "canceled"
 		}
 	}
-	if err != nil && ctx.Err() != nil {
+	if ctx.Err() != nil {
 		return fmt.Errorf("run interrupted: %w", context.Cause(ctx))
 	}
-	return err
+	return errors.Join(failed...)
+}
+
+// upstreamFailed is the cause with which a step is canceled when a step it
+// depends on failed. It is a cancellation, so the step is recorded as
+// canceled, not failed.
+type upstreamFailed struct{ stage string }
+
+func (e *upstreamFailed) Error() string { return "stage " + e.stage + " failed" }
+func (e *upstreamFailed) Unwrap() error { return context.Canceled }
+
+// stream is one streaming consumer of a step's rows; gone is closed when
+// the consumer has stopped, after which its batches are dropped rather
+// than block the producer.
+type stream struct {
+	ch   chan arrow.RecordBatch
+	gone <-chan struct{}
+}
+
+// dependents returns every step that needs st, directly or through others.
+func (x *execution) dependents(st *Step) []*Step {
+	var out []*Step
+	seen := map[*Step]bool{st: true}
+	for changed := true; changed; {
+		changed = false
+		for _, s := range x.plan.Steps {
+			if seen[s] {
+				continue
+			}
+			for _, d := range s.Node.Needs {
+				if seen[x.plan.Step(d.Name)] {
+					seen[s], changed = true, true
+					out = append(out, s)
+					break
+				}
+			}
+		}
+	}
+	return out
 }
 
 // computeStep runs one stage into a pending entry and commits it.
@@ -423,8 +496,8 @@ func (x *execution) computeStep(ctx context.Context, st *Step, t *Task, committe
 		// Its part done, the stage leaves the entry to another process.
 		p.abort()
 		close(committed)
-		for _, ch := range t.outs {
-			close(ch)
+		for _, o := range t.outs {
+			close(o.ch)
 		}
 		x.mu.Lock()
 		r.State, r.Reason, r.Stats = "elsewhere", st.Reason, t.stats
@@ -475,8 +548,8 @@ func (x *execution) computeStep(ctx context.Context, st *Step, t *Task, committe
 	}
 	os.RemoveAll(t.scratch)
 	close(committed)
-	for _, ch := range t.outs {
-		close(ch)
+	for _, o := range t.outs {
+		close(o.ch)
 	}
 	x.mu.Lock()
 	r.State, r.Reason, r.Entry, r.Rows, r.Stats = "computed", st.Reason, x.e.Store.EntryDir(st.Key), m.Rows, m.Stats

@@ -41,7 +41,7 @@ type Task struct {
 	scratch string
 	tracker *Tracker
 	ctx     context.Context
-	outs    []chan arrow.RecordBatch
+	outs    []stream
 	keyed   []*keyedFile           // the files of the key, as hashed
 	inputs  map[string]*inputCheck // by path, what the stage read of them
 	plan    *Plan                  // the run's, for FilesWithDigest
@@ -122,10 +122,12 @@ func (o *Output) Write(rec arrow.RecordBatch) error {
 	tr := o.task.tracker
 	tr.rowsOut.Add(rec.NumRows())
 	tr.bytes.Store(o.counter.n)
-	for _, ch := range o.task.outs {
+	for _, s := range o.task.outs {
 		rec.Retain()
 		select {
-		case ch <- rec:
+		case s.ch <- rec:
+		case <-s.gone: // the consumer stopped (it failed): nobody reads
+			rec.Release()
 		case <-o.task.ctx.Done():
 			rec.Release()
 			return context.Cause(o.task.ctx)

@@ -91,7 +91,7 @@ type mcParams struct {
 	Prompt string `json:"prompt"`
 }
 
-func (evalKind) Version() int       { return 2 } // 2: scores as TensorBoard events in tb/
+func (evalKind) Version() int       { return 3 } // 2: scores as TensorBoard events in tb/; 3: a gap among the A, B, … columns is an error, no longer the end of the choices
 func (evalKind) Inputs() (int, int) { return 1, -1 }
 func (evalKind) Params() any        { return &evalParams{BatchTokens: 4096} }
 

@@ -66,6 +66,11 @@ func OpenDecoder(cfg DecoderConfig) (Decoder, error) {
 	if err := cfg.Validate(); err != nil {
 		return nil, err
 	}
+	if cfg.Adapter != "" {
+		if err := CheckAdapterDir(cfg.Adapter); err != nil { // before the base loads
+			return nil, err
+		}
+	}
 	if cfg.Backend != "" && cfg.Backend != "cpu" {
 		b, _, err := ResolveBackend(cfg.Backend)
 		if err != nil {

@@ -2,7 +2,9 @@ package trainer
 
 import (
 	"encoding/json"
+	"errors"
 	"fmt"
+	"io/fs"
 	"os"
 	"path/filepath"
 	"strings"
@@ -106,10 +108,28 @@ func (m *ModelInfo) SaveAdapter(dir string, a *Adapter, baseModel string) error 
 	return atomicfile.WriteFile(filepath.Join(dir, AdapterConfigFile), b)
 }
 
+// CheckAdapterDir says whether dir looks like a PEFT adapter folder,
+// before a base model is loaded for it. A qlora stage's entry holds its
+// adapter one folder down, a common slip that the error names.
+func CheckAdapterDir(dir string) error {
+	_, err := os.Stat(filepath.Join(dir, AdapterConfigFile))
+	if err == nil || !errors.Is(err, fs.ErrNotExist) {
+		return err
+	}
+	if _, err := os.Stat(filepath.Join(dir, AdapterDirName, AdapterConfigFile)); err == nil {
+		return fmt.Errorf("%s holds no %s, but %s does: a qlora stage's entry keeps its adapter there",
+			dir, AdapterConfigFile, filepath.Join(dir, AdapterDirName))
+	}
+	return fmt.Errorf("%s holds no %s: a PEFT adapter folder has %s and %s", dir, AdapterConfigFile, AdapterConfigFile, AdapterWeightsFile)
+}
+
 // LoadAdapter reads a PEFT LoRA adapter from dir and checks that it was
 // made for m: every key must name one of m's layers and projections under
 // the prefix PEFT uses for m's checkpoint, with shapes m implies.
 func (m *ModelInfo) LoadAdapter(dir string) (*Adapter, error) {
+	if err := CheckAdapterDir(dir); err != nil {
+		return nil, err
+	}
 	cb, err := os.ReadFile(filepath.Join(dir, AdapterConfigFile))
 	if err != nil {
 		return nil, err

@@ -221,6 +221,16 @@ func TestChatCommand(t *testing.T) {
 	if r.code != 0 || r.stdout == "" {
 		t.Errorf("adapter on its own model: exit %d %q\n%s", r.code, r.stdout, r.stderr)
 	}
+	// The folder above an adapter (a qlora entry's layout), and a folder
+	// that is no adapter, are named for what they are.
+	r = runCLI(t, dir, "chat", "--model", other, "--adapter", dir, "--prompt", q)
+	if r.code != 1 || !strings.Contains(r.stderr, "holds no adapter_config.json, but "+filepath.Join(dir, "adapter")+" does") {
+		t.Errorf("the folder above the adapter: exit %d\n%s", r.code, r.stderr)
+	}
+	r = runCLI(t, dir, "chat", "--model", other, "--adapter", other, "--prompt", q)
+	if r.code != 1 || !strings.Contains(r.stderr, other+" holds no adapter_config.json: a PEFT adapter folder has") {
+		t.Errorf("a model as the adapter: exit %d\n%s", r.code, r.stderr)
+	}
 }
 
 // TestChatFromTheHub: --model and --tokenizer may name repositories on the

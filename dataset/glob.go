@@ -21,6 +21,9 @@ func ExpandGlobs(base string, patterns []string) ([]string, error) {
 		if err != nil {
 			return nil, fmt.Errorf("dataset: bad pattern %q: %w", pattern, err)
 		}
+		if len(matches) == 0 && full == pattern {
+			return nil, fmt.Errorf("dataset: no file matches %q", pattern)
+		}
 		if len(matches) == 0 {
 			return nil, fmt.Errorf("dataset: no file matches %q (in %s)", pattern, base)
 		}

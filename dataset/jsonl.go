@@ -207,8 +207,13 @@ func decodedOffset(raw []byte, at int) int {
 	return len(prefix)
 }
 
+// jsonKind names the kind of a JSON value by its first byte, for errors.
 func jsonKind(first byte) string {
 	switch first {
+	case '"':
+		return "a string"
+	case 'n':
+		return "null"
 	case '{':
 		return "an object"
 	case '[':

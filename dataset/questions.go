@@ -99,8 +99,12 @@ func ReadQuestions(paths []string, limit int64, open func(path string) (fs.File,
 func parseQuestion(line []byte) (Question, error) {
 	var obj map[string]json.RawMessage
 	if err := json.Unmarshal(line, &obj); err != nil || obj == nil {
-		if err == nil {
+		var se *json.SyntaxError
+		switch {
+		case err == nil:
 			err = errors.New("null")
+		case errors.As(err, &se):
+			err = fmt.Errorf("%v (at byte %d of the line)", err, se.Offset)
 		}
 		return Question{}, fmt.Errorf("not a JSON object: %v", err)
 	}
@@ -136,8 +140,15 @@ func parseQuestion(line []byte) (Question, error) {
 	if !utf8.Valid(raw) {
 		return q, fmt.Errorf("question %v: %s is not valid UTF-8", q.ID, ColTurns)
 	}
-	if err := json.Unmarshal(raw, &q.Turns); err != nil {
-		return q, fmt.Errorf("question %v: %s is not a list of strings", q.ID, ColTurns)
+	var turns []json.RawMessage
+	if err := json.Unmarshal(raw, &turns); err != nil {
+		return q, fmt.Errorf("question %v: %s is %s, not a list of strings", q.ID, ColTurns, jsonKind(raw[0]))
+	}
+	q.Turns = make([]string, len(turns))
+	for i, t := range turns {
+		if err := json.Unmarshal(t, &q.Turns[i]); err != nil || string(t) == "null" {
+			return q, fmt.Errorf("question %v: turn %d of %s is %s, not a string", q.ID, i+1, ColTurns, jsonKind(t[0]))
+		}
 	}
 	if len(q.Turns) == 0 {
 		return q, fmt.Errorf("question %v: %s is empty", q.ID, ColTurns)

@@ -410,12 +410,12 @@ func TestReadQuestionsLayouts(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if len(qs) != 2 || qs[0].Answer != 0 || qs[0].Subject != "genel" || len(qs[0].Choices) != 3 || qs[1].Answer != 1 || qs[1].Subject != "" || qs[1].Where != "a.jsonl:3" {
+	if len(qs) != 2 || qs[0].Answer != 0 || qs[0].Subject != "genel" || len(qs[0].Choices) != 3 || qs[1].Answer != 1 || qs[1].Subject != "" || qs[1].Where != jl+":3" {
 		t.Errorf("read %+v", qs)
 	}
 	// A .json file may hold one array (as TurkishMMLU's files do).
 	arr := writeFile(t, dir, "c.json", ` [{"question": "Q?", "choices": ["a", "b", "c", "d", "e"], "answer": "E"}]`)
-	if qs, err = ReadQuestions([]string{arr}, nil); err != nil || len(qs) != 1 || qs[0].Answer != 4 || qs[0].Where != "c.json item 0" {
+	if qs, err = ReadQuestions([]string{arr}, nil); err != nil || len(qs) != 1 || qs[0].Answer != 4 || qs[0].Where != arr+" item 0" {
 		t.Errorf("JSON array: %+v, %v", qs, err)
 	}
 	pq := filepath.Join(dir, "b.parquet")

@@ -10,7 +10,6 @@ import (
 	"fmt"
 	"io"
 	"os"
-	"path/filepath"
 	"strconv"
 	"strings"
 	"unicode/utf8"
@@ -29,7 +28,8 @@ type Question struct {
 	Choices  []string `json:"choices"`
 	// Answer is the index of the right choice.
 	Answer int `json:"answer"`
-	// Where says where the question was read ("set.jsonl:12").
+	// Where says where the question was read ("data/set.jsonl:12"), the path
+	// as given, so that a test set and a dev set of one name are told apart.
 	Where string `json:"-"`
 }
 
@@ -289,18 +289,17 @@ func readJSONLRows(f io.Reader, path string) ([]row, error) {
 	}
 	br := bufio.NewReaderSize(src, 64<<10)
 	if first, err := firstByte(br); err == nil && first == '[' {
-		return readJSONArray(br, filepath.Base(path))
+		return readJSONArray(br, path)
 	}
 	sc := bufio.NewScanner(br)
 	sc.Buffer(make([]byte, 64<<10), 64<<20)
 	var rows []row
-	base := filepath.Base(path)
 	for line := 1; sc.Scan(); line++ {
 		b := bytes.TrimSpace(sc.Bytes())
 		if len(b) == 0 {
 			continue
 		}
-		where := fmt.Sprintf("%s:%d", base, line)
+		where := fmt.Sprintf("%s:%d", path, line)
 		if !utf8.Valid(b) {
 			return nil, fmt.Errorf("%s: not UTF-8", where)
 		}
@@ -339,16 +338,16 @@ func firstByte(br *bufio.Reader) (byte, error) {
 
 // readJSONArray reads a .json file holding one array of objects (what
 // the Hugging Face hub often serves as .json).
-func readJSONArray(r io.Reader, base string) ([]row, error) {
+func readJSONArray(r io.Reader, path string) ([]row, error) {
 	dec := json.NewDecoder(r)
 	dec.UseNumber()
 	var vs []map[string]any
 	if err := dec.Decode(&vs); err != nil {
-		return nil, fmt.Errorf("%s: not a JSON array of objects: %w", base, err)
+		return nil, fmt.Errorf("%s: not a JSON array of objects: %w", path, err)
 	}
 	rows := make([]row, len(vs))
 	for i, v := range vs {
-		rows[i] = row{where: fmt.Sprintf("%s item %d", base, i), values: v}
+		rows[i] = row{where: fmt.Sprintf("%s item %d", path, i), values: v}
 	}
 	return rows, nil
 }
@@ -370,9 +369,8 @@ func readParquetRows(f File, path string) ([]row, error) {
 	defer tbl.Release()
 	n := int(tbl.NumRows())
 	rows := make([]row, n)
-	base := filepath.Base(path)
 	for i := range rows {
-		rows[i] = row{where: fmt.Sprintf("%s row %d", base, i), values: map[string]any{}}
+		rows[i] = row{where: fmt.Sprintf("%s row %d", path, i), values: map[string]any{}}
 	}
 	for c := 0; c < int(tbl.NumCols()); c++ {
 		column := tbl.Column(c)
@@ -382,7 +380,7 @@ func readParquetRows(f File, path string) ([]row, error) {
 			for j := 0; j < chunk.Len(); j, i = j+1, i+1 {
 				v, err := arrowValue(chunk, j)
 				if err != nil {
-					return nil, fmt.Errorf("%s row %d: column %q: %w", base, i, name, err)
+					return nil, fmt.Errorf("%s row %d: column %q: %w", path, i, name, err)
 				}
 				rows[i].values[name] = v
 			}

@@ -195,10 +195,10 @@ func (evalKind) Prepare(params any, dir string) (pipeline.Runner, error) {
 	}
 	format, _ := eval.ParseFormat(mc.Prompt)
 	s.mc = eval.MCOptions{Shots: mc.Shots, Format: format}
-	if s.set, err = setParts(dir, mc.Paths); err != nil {
+	if s.set, err = setParts(dir, "paths", mc.Paths); err != nil {
 		return nil, err
 	}
-	if s.dev, err = setParts(dir, mc.Dev); err != nil {
+	if s.dev, err = setParts(dir, "dev", mc.Dev); err != nil {
 		return nil, err
 	}
 	for _, parts := range [][]setPart{s.set, s.dev} {
@@ -236,8 +236,8 @@ type setPart struct {
 	hub   *hubInput
 }
 
-// setParts reads the paths (or dev) of multiple_choice.
-func setParts(dir string, paths []string) ([]setPart, error) {
+// setParts reads the paths (or dev: which) of multiple_choice.
+func setParts(dir, which string, paths []string) ([]setPart, error) {
 	var parts []setPart
 	for _, path := range paths {
 		if hub.IsRef(path) {
@@ -254,8 +254,8 @@ func setParts(dir string, paths []string) ([]setPart, error) {
 		}
 		files, err := dataset.ExpandGlobs(dir, []string{pattern})
 		if err != nil {
-			return nil, &pipeline.ParamError{Param: "multiple_choice", Msg: err.Error(),
-				Fix: "paths and dev are relative to the spec's folder, or hf://datasets/ORG/NAME@REV/PATH"}
+			return nil, &pipeline.ParamError{Param: "multiple_choice", Msg: which + ": " + err.Error(),
+				Fix: "a relative path starts at the spec's folder; files on the Hub are hf://datasets/ORG/NAME@REV/PATH"}
 		}
 		for _, f := range files {
 			if err := pipeline.CheckReadableFile(f); err != nil {

@@ -101,13 +101,13 @@ func (p *generateParams) Validate() error {
 	case p.MaxNewTokens < 1:
 		return bad("max_new_tokens", "must be at least 1", "FastChat's MT-Bench answers take up to 1024")
 	case p.Temperature < 0 || math.IsNaN(p.Temperature) || math.IsInf(p.Temperature, 0):
-		return bad("temperature", fmt.Sprintf("%v must be 0 (greedy) or positive", p.Temperature), "")
+		return bad("temperature", fmt.Sprintf("%v must be 0 (greedy) or positive", p.Temperature), "0 decodes greedily; Gemma 3 ships sampling at 1")
 	case p.TopK < 0:
 		return bad("top_k", "must not be negative", "0 keeps every token")
 	case p.TopP < 0 || p.TopP > 1 || math.IsNaN(p.TopP):
 		return bad("top_p", fmt.Sprintf("%v must be in (0, 1]", p.TopP), "1 keeps every token")
 	case p.BatchSize < 1:
-		return bad("batch_size", "must be at least 1", "")
+		return bad("batch_size", "must be at least 1", "questions decoded together (8 by default); the answers do not depend on it")
 	case !modelIDPattern.MatchString(p.ModelID):
 		return bad("model_id", fmt.Sprintf("%q is not a file name", p.ModelID), "letters, digits, '.', '_' and '-'")
 	}

@@ -168,6 +168,7 @@ type loader struct {
 	kinds     *Registry
 	errs      SpecErrors
 	withs     map[string]ast.Node // each stage's `with:` node, for locating parameter errors
+	broken    map[string]bool     // stages written but in error: needing one is no second error
 	cacheLine int
 }
 
@@ -296,9 +297,11 @@ func (l *loader) load(src []byte) *DAG {
 	byName := map[string]*Node{}
 	needNodes := map[*Node][]ast.Node{}
 	var order []*Node
+	l.broken = map[string]bool{}
 	for _, mv := range stageEntries {
 		n := l.stage(mv, needNodes)
 		if n == nil {
+			l.broken[keyOf(mv)] = true
 			continue
 		}
 		if byName[n.Name] != nil {
@@ -421,14 +424,7 @@ func (l *loader) decodeError(n *Node, with ast.Node, err error) *SpecError {
 		}
 		return e
 	case errors.As(err, &typeErr):
-		param := "a parameter"
-		if fields, ok := entries(with); ok {
-			for _, f := range fields {
-				if tk := f.Value.GetToken(); tk != nil && tk.Position.Line == e.Line && tk.Position.Column == e.Col {
-					param = keyOf(f)
-				}
-			}
-		}
+		param, _ := l.paramAt(with, e)
 		got := ""
 		if tk := typeErr.Token; tk != nil {
 			got = fmt.Sprintf(", got %q", tk.Value)
@@ -440,11 +436,40 @@ func (l *loader) decodeError(n *Node, with ast.Node, err error) *SpecError {
 		}
 		return e
 	}
+	// A scalar where a list or a mapping belongs is no TypeError to go-yaml.
+	param, value := l.paramAt(with, e)
+	switch {
+	case param == "a parameter":
+	case strings.Contains(err.Error(), "where sequence is expected"):
+		e.Msg = fmt.Sprintf("stage %q: %s must be a list", n.Name, param)
+		e.Fix = fmt.Sprintf("write a list, e.g. %s: [%s]", param[strings.LastIndex(param, ".")+1:], value)
+		return e
+	case strings.Contains(err.Error(), "where mapping is expected"):
+		e.Msg = fmt.Sprintf("stage %q: %s must be a mapping", n.Name, param)
+		e.Fix = "write a mapping of names to values, {name: value, …}"
+		return e
+	}
 	e.Msg = fmt.Sprintf("stage %q: %s", n.Name, e.Msg)
 	if e.Line == 0 {
 		e.Line = n.Line
 	}
 	return e
+}
+
+// paramAt names the parameter of with (multiple_choice.paths, for one
+// nested in another) whose value stands where e points, or says "a
+// parameter"; value is the value's text.
+func (l *loader) paramAt(with ast.Node, e *SpecError) (param, value string) {
+	fields, _ := entries(with)
+	for _, f := range fields {
+		if tk := f.Value.GetToken(); tk != nil && tk.Position.Line == e.Line && tk.Position.Column == e.Col {
+			return keyOf(f), tk.Value
+		}
+		if p, v := l.paramAt(f.Value, e); p != "a parameter" {
+			return keyOf(f) + "." + p, v
+		}
+	}
+	return "a parameter", ""
 }
 
 func describeType(t reflect.Type) string {
@@ -511,6 +536,8 @@ func (l *loader) resolveNeeds(order []*Node, byName map[string]*Node, needNodes 
 			}
 			d := byName[dep]
 			switch {
+			case d == nil && l.broken[dep]:
+				// Its own error is reported.
 			case d == nil:
 				fix := "stages in this spec: " + strings.Join(names(order), ", ")
 				if s := closest(dep, names(order)); s != "" {

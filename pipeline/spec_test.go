@@ -48,6 +48,8 @@ func TestSpecErrors(t *testing.T) {
 			[]string{"fix the YAML syntax"}},
 		{"duplicate stage", "name: x\nstages:\n  a: {kind: gen}\n  a: {kind: gen}\n", 4,
 			[]string{"a"}},
+		{"scalar for a list", "name: x\nstages:\n  a:\n    kind: gen\n    with: {tags: nightly}\n", 5,
+			[]string{`stage "a": tags must be a list`, "e.g. tags: [nightly]"}},
 		{"no stages", "name: x\n", 1, []string{"missing `stages:`"}},
 		{"bad stage name", "name: x\nstages:\n  1a: {kind: gen}\n", 3, []string{`bad stage name "1a"`}},
 	}
@@ -85,6 +87,18 @@ func TestSpecReportsAllErrors(t *testing.T) {
 	errs, ok := err.(SpecErrors)
 	if !ok || len(errs) != 2 || errs[0].Line != 3 || errs[1].Line != 4 {
 		t.Fatalf("want two errors on lines 3 and 4, got %v", err)
+	}
+}
+
+// TestSpecNeedsOfABrokenStage: a stage in error is reported once; the
+// stages that need it do not add "not defined".
+func TestSpecNeedsOfABrokenStage(t *testing.T) {
+	e := newTestEnv(t)
+	path := e.write("bad.yaml", "name: x\nstages:\n  a: {kind: gen, with: {tags: nightly}}\n  b: {kind: double, needs: [a]}\n  c: {kind: gne}\n  d: {kind: count, needs: [c]}\n")
+	_, err := Load(path, e.reg)
+	errs, ok := err.(SpecErrors)
+	if !ok || len(errs) != 2 || errs[0].Line != 3 || errs[1].Line != 5 {
+		t.Fatalf("want the errors of a and c alone, got %v", err)
 	}
 }
 

@@ -396,7 +396,11 @@ func (x *execution) compute(ctx context.Context, todo []*Step) error {
 				}
 			}
 			// Said now: the run goes on with the other stages, maybe for hours.
-			x.e.log().Error("failed", "stage", st.Node.Name, "err", err, "canceled", strings.Join(stopped, ","))
+			attrs := []any{"stage", st.Node.Name, "err", err}
+			if len(stopped) > 0 {
+				attrs = append(attrs, "canceled", strings.Join(stopped, ","))
+			}
+			x.e.log().Error("failed", attrs...)
 			mu.Lock()
 			failed = append(failed, stageErr(st.Node, err))
 			mu.Unlock()
@@ -410,7 +414,7 @@ func (x *execution) compute(ctx context.Context, todo []*Step) error {
 		}
 	}
 	if ctx.Err() != nil {
-		return fmt.Errorf("run interrupted: %w", context.Cause(ctx))
+		return errors.Join(append([]error{fmt.Errorf("run interrupted: %w", context.Cause(ctx))}, failed...)...)
 	}
 	return errors.Join(failed...)
 }

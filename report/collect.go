@@ -59,13 +59,13 @@ type Report struct {
 
 // A Run is one recorded run.
 type Run struct {
-	Rec                      *pipeline.RunRecord
-	Label                    string // when it started, as the page names it
-	Tick                     string // the same, shorter, for a chart's axis
-	Index                    int    // 0 is the oldest shown
-	Computed, Cached, Failed int
-	Scores                   map[string]float64
-	TrainLoss, EvalLoss      float64 // of the first training stage; NaN if none
+	Rec                                *pipeline.RunRecord
+	Label                              string // when it started, as the page names it
+	Tick                               string // the same, shorter, for a chart's axis
+	Index                              int    // 0 is the oldest shown
+	Computed, Cached, Failed, Canceled int
+	Scores                             map[string]float64
+	TrainLoss, EvalLoss                float64 // of the first training stage; NaN if none
 }
 
 // StageRow is one stage of the last run.
@@ -140,6 +140,8 @@ func Collect(st *pipeline.Store, dag *pipeline.DAG, n int) (*Report, error) {
 				run.Cached++
 			case "failed":
 				run.Failed++
+			case "canceled":
+				run.Canceled++
 			}
 			if s.State != "computed" && s.State != "cached" {
 				continue

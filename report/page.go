@@ -10,7 +10,7 @@ const pageTemplate = `<!DOCTYPE html>
 <meta name="viewport" content="width=device-width, initial-scale=1">
 <meta http-equiv="Content-Security-Policy" content="default-src 'none'; style-src 'unsafe-inline'; img-src data:">
 <meta name="generator" content="pipeline {{.Program}}">
-<title>{{.DAG}}: {{if .Runs}}{{if .Last.Rec.OK}}ok{{else}}FAILED{{end}} {{.Last.Label}}{{else}}no runs{{end}}</title>
+<title>{{.DAG}}: {{if .Runs}}{{if .Last.Rec.OK}}ok{{else if .Last.Rec.Interrupted}}INTERRUPTED{{else}}FAILED{{end}} {{.Last.Label}}{{else}}no runs{{end}}</title>
 <style>
 :root{color-scheme:light dark;--fg:#1f2328;--muted:#59636e;--bg:#fff;--card:#f6f8fa;--line:#d1d9e0;--ok:#1a7f37;--bad:#cf222e;--hit:#dafbe1;--miss:#ddf4ff;--fail:#ffebe9;--off:#eff2f5;--edge:#818b98}
 @media (prefers-color-scheme:dark){:root{--fg:#e6edf3;--muted:#9198a1;--bg:#0d1117;--card:#151b23;--line:#3d444d;--ok:#3fb950;--bad:#f85149;--hit:#12361f;--miss:#0c2d4b;--fail:#4b1113;--off:#212830;--edge:#9198a1}}
@@ -70,8 +70,8 @@ footer{margin-top:2.5em;font-size:.9rem;color:var(--muted)}
 <header>
 <h1>{{.DAG}} <span class="muted">· pipeline report</span></h1>
 {{- if .Runs}}{{with .Last}}
-<p id="verdict">Last run {{when .Rec.Started}}: {{if .Rec.OK}}<span class="badge ok">ok</span>{{else}}<span class="badge failed">FAILED</span>{{end}} in {{dur .Rec.Seconds}}
-· {{.Computed}} computed · {{.Cached}} cached{{if .Failed}} · {{.Failed}} failed{{end}}</p>
+<p id="verdict">Last run {{when .Rec.Started}}: {{if .Rec.OK}}<span class="badge ok">ok</span>{{else if .Rec.Interrupted}}<span class="badge failed">INTERRUPTED</span>{{else}}<span class="badge failed">FAILED</span>{{end}} in {{dur .Rec.Seconds}}
+· {{.Computed}} computed · {{.Cached}} cached{{if .Failed}} · {{.Failed}} failed{{end}}{{if .Canceled}} · {{.Canceled}} canceled{{end}}</p>
 {{- if .Rec.Error}}
 <pre id="run-error">{{.Rec.Error}}</pre>
 {{- end}}{{end}}
@@ -181,7 +181,7 @@ footer{margin-top:2.5em;font-size:.9rem;color:var(--muted)}
 <thead><tr><th>started</th><th>result</th><th class="num">took</th><th class="num">computed</th><th class="num">cached</th><th class="num">train loss</th><th class="num">eval loss</th><th>error</th></tr></thead>
 <tbody>
 {{- range .Runs}}
-<tr class="{{if .Rec.OK}}state-cached{{else}}state-failed{{end}}"><td title="{{iso .Rec.Started}}">{{.Label}}</td><td>{{if .Rec.OK}}ok{{else}}<b>failed</b>{{end}}</td><td class="num">{{dur .Rec.Seconds}}</td><td class="num">{{.Computed}}</td><td class="num">{{.Cached}}</td><td class="num">{{loss .TrainLoss}}</td><td class="num">{{loss .EvalLoss}}</td><td class="wrap">{{clip .Rec.Error 200}}</td></tr>
+<tr class="{{if .Rec.OK}}state-cached{{else}}state-failed{{end}}"><td title="{{iso .Rec.Started}}">{{.Label}}</td><td>{{if .Rec.OK}}ok{{else if .Rec.Interrupted}}<b>interrupted</b>{{else}}<b>failed</b>{{end}}</td><td class="num">{{dur .Rec.Seconds}}</td><td class="num">{{.Computed}}</td><td class="num">{{.Cached}}</td><td class="num">{{loss .TrainLoss}}</td><td class="num">{{loss .EvalLoss}}</td><td class="wrap">{{clip .Rec.Error 200}}</td></tr>
 {{- end}}
 </tbody></table></div>
 </section>

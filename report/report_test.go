@@ -43,6 +43,14 @@ func (f *fixture) record(ok bool, errText string, stages ...pipeline.StageRecord
 	f.n++
 	rec := &pipeline.RunRecord{DAG: f.dag.Name, Spec: f.dag.Path, Started: started, Finished: started.Add(90 * time.Minute),
 		Seconds: 5400, OK: ok, Error: errText, Cache: f.st.Root, Stages: stages}
+	f.write(rec)
+	return rec
+}
+
+// write stores rec as the engine records a run.
+func (f *fixture) write(rec *pipeline.RunRecord) {
+	f.t.Helper()
+	started := rec.Started
 	sum := sha256.Sum256([]byte(f.dag.Path))
 	dir := filepath.Join(f.st.Root, "runs", hex.EncodeToString(sum[:8]))
 	os.MkdirAll(dir, 0o755)
@@ -50,7 +58,6 @@ func (f *fixture) record(ok bool, errText string, stages ...pipeline.StageRecord
 	if err := os.WriteFile(filepath.Join(dir, fmt.Sprintf("%020d-1.json", started.UnixNano())), data, 0o644); err != nil {
 		f.t.Fatal(err)
 	}
-	return rec
 }
 
 // metrics writes a metrics.jsonl of steps lines into dir, loss falling
@@ -239,6 +246,25 @@ func TestReportFailedLastRun(t *testing.T) {
 	}
 	if !strings.Contains(p.Text, "The last run has no qlora stage") || !strings.Contains(p.Text, "No eval results") {
 		t.Error("missing training and eval sections say nothing")
+	}
+}
+
+// TestReportInterruptedRun: a run stopped by a signal is called
+// interrupted, not failed, and its canceled stages are counted.
+func TestReportInterruptedRun(t *testing.T) {
+	f := newFixture(t, "nightly")
+	f.record(true, "", dataStages("computed", 0.9, 0)...)
+	stages := dataStages("cached", 0.9, 0)
+	stages[2].State, stages[2].Error = "canceled", "interrupted by SIGINT"
+	rec := f.record(false, "run interrupted: interrupted by SIGINT", stages...)
+	rec.Interrupted = true
+	f.write(rec)
+	_, p, _ := render(t, f, 5)
+	if !strings.Contains(p.Title, "INTERRUPTED") || strings.Contains(p.Title, "FAILED") || !strings.Contains(p.Text, "1 canceled") {
+		t.Errorf("an interrupted last run: title %q\n%s", p.Title, p.Text)
+	}
+	if res := p.Tables["runs-table"].Column("result"); fmt.Sprint(res) != "[interrupted ok]" && fmt.Sprint(res) != "[ok interrupted]" {
+		t.Errorf("results %q", res)
 	}
 }
 

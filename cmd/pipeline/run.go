@@ -35,8 +35,9 @@ func init() {
 its parameters (defaults filled in), the keys of its inputs and the digests of the
 files it reads; a stage whose key is cached is not computed again.
 
-Stages stream rows to each other as they compute. A failure stops the run, names the
-stage and the cause, and leaves no partial cache entry.
+Stages stream rows to each other as they compute. A stage that fails leaves no
+partial cache entry and cancels the stages that need it; the others run to the end
+and are cached. The run then exits 1, naming each failed stage and its cause.
 
 If another run of the same SPEC holds its lock (an overlapping cron job), run waits
 for it to finish and then uses what it computed; with --no-wait it exits at once

@@ -105,7 +105,7 @@ func (p *generateParams) Validate() error {
 	case p.TopK < 0:
 		return bad("top_k", "must not be negative", "0 keeps every token")
 	case p.TopP < 0 || p.TopP > 1 || math.IsNaN(p.TopP):
-		return bad("top_p", fmt.Sprintf("%v must be in (0, 1]", p.TopP), "1 keeps every token")
+		return bad("top_p", fmt.Sprintf("%v must be in [0, 1]", p.TopP), "1 (or 0) keeps every token")
 	case p.BatchSize < 1:
 		return bad("batch_size", "must be at least 1", "questions decoded together (8 by default); the answers do not depend on it")
 	case !modelIDPattern.MatchString(p.ModelID):

@@ -21,11 +21,12 @@ func ExpandGlobs(base string, patterns []string) ([]string, error) {
 		if err != nil {
 			return nil, fmt.Errorf("dataset: bad pattern %q: %w", pattern, err)
 		}
-		if len(matches) == 0 && full == pattern {
-			return nil, fmt.Errorf("dataset: no file matches %q", pattern)
-		}
 		if len(matches) == 0 {
-			return nil, fmt.Errorf("dataset: no file matches %q (in %s)", pattern, base)
+			where := ""
+			if full != pattern { // relative: say where it was looked for
+				where = fmt.Sprintf(" (in %s)", base)
+			}
+			return nil, fmt.Errorf("dataset: no file matches %q%s", pattern, where)
 		}
 		slices.Sort(matches)
 		paths = append(paths, matches...)

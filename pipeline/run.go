@@ -324,7 +324,7 @@ func (x *execution) compute(ctx context.Context, todo []*Step) error {
 	streams := map[*Step][]stream{}
 	tasks := map[*Step]*Task{}
 	for _, st := range order {
-		gctx := stepCtx[st]
+		sctx := stepCtx[st]
 		scratch := x.e.Store.scratchDir(st.Key)
 		if x.follows(st) {
 			// Rank 0 keeps the stage's resumable state in the entry's
@@ -333,14 +333,14 @@ func (x *execution) compute(ctx context.Context, todo []*Step) error {
 		}
 		t := &Task{Name: st.Node.Name, Key: st.Key, Log: x.e.log().With("stage", st.Node.Name),
 			scratch: scratch, plan: x.plan,
-			tracker: trackers[st], stats: map[string]any{}, ctx: gctx,
+			tracker: trackers[st], stats: map[string]any{}, ctx: sctx,
 			keyed: st.keyed, inputs: map[string]*inputCheck{}}
 		for _, kf := range st.keyed {
 			t.inputs[kf.path] = &inputCheck{kf: kf}
 		}
 		for _, d := range st.Node.Needs {
 			up := x.plan.Step(d.Name)
-			in := &Input{Name: d.Name, Kind: d.KindName, store: x.e.Store, dir: x.e.Store.EntryDir(up.Key), committed: committed[up], tracker: t.tracker, ctx: gctx}
+			in := &Input{Name: d.Name, Kind: d.KindName, store: x.e.Store, dir: x.e.Store.EntryDir(up.Key), committed: committed[up], tracker: t.tracker, ctx: sctx}
 			if computing[up] && len(st.Node.Needs) == 1 {
 				in.ch = make(chan arrow.RecordBatch, 4)
 				streams[up] = append(streams[up], stream{ch: in.ch, gone: finished[st]})

@@ -424,7 +424,10 @@ func (l *loader) decodeError(n *Node, with ast.Node, err error) *SpecError {
 		}
 		return e
 	case errors.As(err, &typeErr):
-		param, _ := l.paramAt(with, e)
+		param := "a parameter"
+		if p, _ := paramAt(with, e.Line, e.Col); p != "" {
+			param = p
+		}
 		got := ""
 		if tk := typeErr.Token; tk != nil {
 			got = fmt.Sprintf(", got %q", tk.Value)
@@ -437,9 +440,9 @@ func (l *loader) decodeError(n *Node, with ast.Node, err error) *SpecError {
 		return e
 	}
 	// A scalar where a list or a mapping belongs is no TypeError to go-yaml.
-	param, value := l.paramAt(with, e)
+	param, value := paramAt(with, e.Line, e.Col)
 	switch {
-	case param == "a parameter":
+	case param == "":
 	case strings.Contains(err.Error(), "where sequence is expected"):
 		e.Msg = fmt.Sprintf("stage %q: %s must be a list", n.Name, param)
 		e.Fix = fmt.Sprintf("write a list, e.g. %s: [%s]", param[strings.LastIndex(param, ".")+1:], value)
@@ -457,19 +460,19 @@ func (l *loader) decodeError(n *Node, with ast.Node, err error) *SpecError {
 }
 
 // paramAt names the parameter of with (multiple_choice.paths, for one
-// nested in another) whose value stands where e points, or says "a
-// parameter"; value is the value's text.
-func (l *loader) paramAt(with ast.Node, e *SpecError) (param, value string) {
+// nested in another) whose value stands at line and col, with the value's
+// text; "" when none does.
+func paramAt(with ast.Node, line, col int) (param, value string) {
 	fields, _ := entries(with)
 	for _, f := range fields {
-		if tk := f.Value.GetToken(); tk != nil && tk.Position.Line == e.Line && tk.Position.Column == e.Col {
+		if tk := f.Value.GetToken(); tk != nil && tk.Position.Line == line && tk.Position.Column == col {
 			return keyOf(f), tk.Value
 		}
-		if p, v := l.paramAt(f.Value, e); p != "a parameter" {
+		if p, v := paramAt(f.Value, line, col); p != "" {
 			return keyOf(f) + "." + p, v
 		}
 	}
-	return "a parameter", ""
+	return "", ""
 }
 
 func describeType(t reflect.Type) string {

@@ -127,10 +127,12 @@ func CheckAdapterDir(dir string) error {
 // made for m: every key must name one of m's layers and projections under
 // the prefix PEFT uses for m's checkpoint, with shapes m implies.
 func (m *ModelInfo) LoadAdapter(dir string) (*Adapter, error) {
-	if err := CheckAdapterDir(dir); err != nil {
-		return nil, err
-	}
 	cb, err := os.ReadFile(filepath.Join(dir, AdapterConfigFile))
+	if errors.Is(err, fs.ErrNotExist) {
+		if cerr := CheckAdapterDir(dir); cerr != nil {
+			return nil, cerr // what the folder is instead
+		}
+	}
 	if err != nil {
 		return nil, err
 	}

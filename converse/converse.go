@@ -73,20 +73,45 @@ var StopTokens = []string{"<end_of_turn>", "<eos>"}
 // New returns a Generator that stops answers at <end_of_turn> and <eos>
 // (and at extra ids, such as a generation_config.json's eos_token_id).
 func New(dec trainer.Decoder, tok *tokenizer.Tokenizer, extraStop ...int32) (*Generator, error) {
-	g := &Generator{dec: dec, tok: tok}
-	for _, s := range StopTokens {
-		id, ok := tok.ID(s)
-		if !ok {
-			return nil, fmt.Errorf("converse: the tokenizer has no %s token; is it Gemma 3's?", s)
-		}
-		g.stop = append(g.stop, id)
+	stop, err := stopIDs(tok)
+	if err != nil {
+		return nil, fmt.Errorf("converse: %w", err)
 	}
+	g := &Generator{dec: dec, tok: tok, stop: stop}
 	for _, id := range extraStop {
 		if !g.isStop(id) {
 			g.stop = append(g.stop, id)
 		}
 	}
 	return g, nil
+}
+
+func stopIDs(tok *tokenizer.Tokenizer) ([]int32, error) {
+	var ids []int32
+	for _, s := range StopTokens {
+		id, ok := tok.ID(s)
+		if !ok {
+			return nil, fmt.Errorf("the tokenizer has no %s token; is it Gemma 3's?", s)
+		}
+		ids = append(ids, id)
+	}
+	return ids, nil
+}
+
+// CheckTokenizer says whether tok can serve a model of vocab ids: it has
+// Gemma 3's stop tokens, and its vocabulary fits the model's embedding
+// (added tokens past it may remain: Encode refuses a prompt that holds
+// one). A caller that loads the model afterwards learns of a wrong
+// tokenizer before the minutes a large checkpoint takes, rather than at
+// some later prompt.
+func CheckTokenizer(tok *tokenizer.Tokenizer, vocab int) error {
+	if _, err := stopIDs(tok); err != nil {
+		return err
+	}
+	if n := tok.ModelVocabSize(); n > vocab {
+		return fmt.Errorf("the tokenizer's vocabulary has %d tokens, the model's %d: is it this model's tokenizer?", n, vocab)
+	}
+	return nil
 }
 
 func (g *Generator) isStop(id int32) bool {
@@ -120,6 +145,17 @@ func (g *Generator) Encode(prompt string) ([]int32, error) {
 		}
 	}
 	return ids, nil
+}
+
+// PromptTokens is the length of a conversation rendered for its answer,
+// in tokens.
+func (g *Generator) PromptTokens(c Conversation) (int, error) {
+	text, err := c.Prompt()
+	if err != nil {
+		return 0, err
+	}
+	ids, err := g.Encode(text)
+	return len(ids), err
 }
 
 // Reply is the model's answer to a conversation's last turn.

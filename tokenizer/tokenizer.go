@@ -53,6 +53,13 @@ type Tokenizer struct {
 // VocabSize is one more than the largest token id, added tokens included.
 func (t *Tokenizer) VocabSize() int { return len(t.tokens) }
 
+// ModelVocabSize is the number of ids the model's vocabulary takes (the
+// BPE pieces, not the added tokens after them). A checkpoint's embedding
+// has at least these rows: Gemma 3 1B's has exactly 262,144, one fewer
+// than VocabSize, as its last added token (<image_soft_token>) is for
+// images, which the text model never sees.
+func (t *Tokenizer) ModelVocabSize() int { return t.modelSize }
+
 // Token returns the string of a token id, and false for an unknown id.
 func (t *Tokenizer) Token(id int32) (string, bool) {
 	if id < 0 || int(id) >= len(t.tokens) || (t.tokens[id] == "" && !t.inVocab[id]) {

@@ -24,6 +24,7 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"io/fs"
 	"os"
 	"path/filepath"
 	"sort"
@@ -106,6 +107,11 @@ type textConfigJSON struct {
 // LoadConfig reads dir/config.json.
 func LoadConfig(dir string) (*Config, error) {
 	b, err := os.ReadFile(filepath.Join(dir, "config.json"))
+	if errors.Is(err, fs.ErrNotExist) {
+		if hint := notACheckpoint(dir); hint != "" {
+			return nil, fmt.Errorf("%s holds no config.json: %s", dir, hint)
+		}
+	}
 	if err != nil {
 		return nil, err
 	}
@@ -114,6 +120,30 @@ func LoadConfig(dir string) (*Config, error) {
 		return nil, fmt.Errorf("%s: %w", filepath.Join(dir, "config.json"), err)
 	}
 	return c, nil
+}
+
+// notACheckpoint says what a folder without config.json holds instead,
+// where that is something a checkpoint is often confused with: an adapter,
+// a stage's entry with the adapter or the checkpoint one folder down.
+func notACheckpoint(dir string) string {
+	has := func(parts ...string) bool {
+		_, err := os.Stat(filepath.Join(append([]string{dir}, parts...)...))
+		return err == nil
+	}
+	switch {
+	case has(AdapterConfigFile):
+		return "it is a PEFT adapter; give the base checkpoint it was made for, and the adapter apart"
+	case has(AdapterDirName, AdapterConfigFile):
+		return fmt.Sprintf("it holds an adapter in %s; give the base checkpoint it was made for, and the adapter apart",
+			filepath.Join(dir, AdapterDirName))
+	}
+	ents, _ := os.ReadDir(dir)
+	for _, e := range ents {
+		if e.IsDir() && has(e.Name(), "config.json") {
+			return fmt.Sprintf("%s does: the checkpoint is one folder down", filepath.Join(dir, e.Name()))
+		}
+	}
+	return ""
 }
 
 // ParseConfig decodes a Gemma 3 config.json. Fields the file leaves out take

@@ -84,19 +84,22 @@ func OpenDecoder(cfg DecoderConfig) (Decoder, error) {
 			return db.OpenDecoder(context.Background(), cfg)
 		}
 	}
-	m, err := LoadModel(cfg.Model)
+	ck, err := OpenCheckpoint(cfg.Model)
 	if err != nil {
 		return nil, err
 	}
-	if cfg.Quantize == "nf4" {
-		if err := m.QuantizeBase(); err != nil {
-			return nil, fmt.Errorf("%s: quantising to NF4: %w", cfg.Model, err)
+	d := &cpuDecoder{}
+	if cfg.Adapter != "" { // read and checked before the weights, which take minutes at 12B
+		if d.a, err = ck.LoadAdapter(cfg.Adapter); err != nil {
+			return nil, fmt.Errorf("adapter for %s: %w", cfg.Model, err)
 		}
 	}
-	d := &cpuDecoder{m: m}
-	if cfg.Adapter != "" {
-		if d.a, err = m.LoadAdapter(cfg.Adapter); err != nil {
-			return nil, fmt.Errorf("adapter for %s: %w", cfg.Model, err)
+	if d.m, err = ck.Load(); err != nil {
+		return nil, err
+	}
+	if cfg.Quantize == "nf4" {
+		if err := d.m.QuantizeBase(); err != nil {
+			return nil, fmt.Errorf("%s: quantising to NF4: %w", cfg.Model, err)
 		}
 	}
 	return d, nil

@@ -113,7 +113,10 @@ func (m *ModelInfo) SaveAdapter(dir string, a *Adapter, baseModel string) error 
 // adapter one folder down, a common slip that the error names.
 func CheckAdapterDir(dir string) error {
 	_, err := os.Stat(filepath.Join(dir, AdapterConfigFile))
-	if err == nil || !errors.Is(err, fs.ErrNotExist) {
+	if err == nil {
+		return checkAdapterWeights(dir)
+	}
+	if !errors.Is(err, fs.ErrNotExist) {
 		return err
 	}
 	if _, err := os.Stat(filepath.Join(dir, AdapterDirName, AdapterConfigFile)); err == nil {
@@ -121,6 +124,20 @@ func CheckAdapterDir(dir string) error {
 			dir, AdapterConfigFile, filepath.Join(dir, AdapterDirName))
 	}
 	return fmt.Errorf("%s holds no %s: a PEFT adapter folder has %s and %s", dir, AdapterConfigFile, AdapterConfigFile, AdapterWeightsFile)
+}
+
+// checkAdapterWeights says whether dir holds the adapter's tensors in the
+// one format read here.
+func checkAdapterWeights(dir string) error {
+	_, err := os.Stat(filepath.Join(dir, AdapterWeightsFile))
+	if !errors.Is(err, fs.ErrNotExist) {
+		return err
+	}
+	if _, berr := os.Stat(filepath.Join(dir, "adapter_model.bin")); berr == nil {
+		return fmt.Errorf("%s holds adapter_model.bin (PyTorch's pickle), not %s: save the adapter with safe_serialization=True, PEFT's default",
+			dir, AdapterWeightsFile)
+	}
+	return fmt.Errorf("%s holds %s but no %s", dir, AdapterConfigFile, AdapterWeightsFile)
 }
 
 // LoadAdapter reads a PEFT LoRA adapter from dir and checks that it was
@@ -161,6 +178,9 @@ func (m *ModelInfo) LoadAdapter(dir string) (*Adapter, error) {
 	if err := lc.Validate(); err != nil {
 		return nil, fmt.Errorf("%s: %w", dir, err)
 	}
+	if err := checkAdapterWeights(dir); err != nil {
+		return nil, err
+	}
 	path := filepath.Join(dir, AdapterWeightsFile)
 	f, err := safetensors.Open(path)
 	if err != nil {
@@ -188,6 +208,10 @@ func (m *ModelInfo) LoadAdapter(dir string) (*Adapter, error) {
 					return nil, fmt.Errorf("%s: tensor %s missing: the adapter was not made for this model (%d layers, %s checkpoint)", path, name, m.Config.Layers, m.Config.Architecture)
 				}
 				if !equalShape(info.Shape, part.shape) {
+					if r, ok := otherRank(info.Shape, part.shape, part.name == ".lora_A.weight"); ok {
+						return nil, fmt.Errorf("%s: tensor %s has rank %d, but %s says r %d: the adapter's files disagree",
+							path, name, r, AdapterConfigFile, lc.R)
+					}
 					return nil, fmt.Errorf("%s: tensor %s has shape %v, this model needs %v: the adapter was made for another model", path, name, info.Shape, part.shape)
 				}
 				_, data, err := f.Float32(name)
@@ -214,6 +238,18 @@ func (m *ModelInfo) LoadAdapter(dir string) (*Adapter, error) {
 		}
 	}
 	return a, nil
+}
+
+// otherRank says whether a LoRA tensor of shape got differs from want
+// only in its rank (A is [r × in], B is [out × r]), and what that rank is.
+func otherRank(got, want []int, isA bool) (int, bool) {
+	if len(got) != 2 || len(want) != 2 {
+		return 0, false
+	}
+	if isA {
+		return got[0], got[1] == want[1]
+	}
+	return got[1], got[0] == want[0]
 }
 
 // multimodalTargetPrefix begins the target_modules regex written for

@@ -333,9 +333,13 @@ func LoadModel(dir string) (*Model, error) {
 	if err != nil {
 		return nil, err
 	}
-	cfg := ck.Config
-	m := &Model{ModelInfo: ck.ModelInfo, Layers: make([]Layer, cfg.Layers)}
-	err = ck.Each(func(t WeightTensor) error {
+	return ck.Load()
+}
+
+// Load reads the checkpoint's weights into a Model in float32.
+func (ck *Checkpoint) Load() (*Model, error) {
+	m := &Model{ModelInfo: ck.ModelInfo, Layers: make([]Layer, ck.Config.Layers)}
+	err := ck.Each(func(t WeightTensor) error {
 		data, err := t.Float32()
 		if err != nil {
 			return err
@@ -344,7 +348,7 @@ func LoadModel(dir string) (*Model, error) {
 		return nil
 	})
 	if err != nil {
-		return nil, fmt.Errorf("%s: %w", dir, err)
+		return nil, fmt.Errorf("%s: %w", ck.Dir, err)
 	}
 	return m, nil
 }

@@ -2,6 +2,8 @@ package trainer
 
 import (
 	"encoding/binary"
+	"errors"
+	"io/fs"
 	"math"
 	"os"
 	"path/filepath"
@@ -174,6 +176,87 @@ func TestAdapterRoundTripAndMismatch(t *testing.T) {
 	om := tinyModel(t, other)
 	if _, err := om.LoadAdapter(dir); err == nil || !strings.Contains(err.Error(), "another model") {
 		t.Errorf("adapter for 7 layers loaded into 6: %v", err)
+	}
+}
+
+// TestAdapterFilesNamed: an adapter whose files disagree, or whose
+// tensors are not in safetensors, is named for that, not for the model;
+// and OpenDecoder reads the adapter before the base's weights.
+func TestAdapterFilesNamed(t *testing.T) {
+	c := tinyConfig()
+	dir := t.TempDir()
+	model := filepath.Join(dir, "model")
+	if err := WriteRandomCheckpoint(model, c, InitOptions{Seed: 3}); err != nil {
+		t.Fatal(err)
+	}
+	ck, err := OpenCheckpoint(model)
+	if err != nil {
+		t.Fatal(err)
+	}
+	a, _ := NewAdapter(c, LoRAConfig{R: 4, Alpha: 8, Targets: []Module{QProj, DownProj}}, 1)
+	ad := filepath.Join(dir, "adapter")
+	if err := ck.SaveAdapter(ad, a, model); err != nil {
+		t.Fatal(err)
+	}
+	cfgPath := filepath.Join(ad, AdapterConfigFile)
+	cfg, err := os.ReadFile(cfgPath)
+	if err != nil {
+		t.Fatal(err)
+	}
+	os.WriteFile(cfgPath, []byte(strings.Replace(string(cfg), `"r": 4`, `"r": 8`, 1)), 0o644)
+	if _, err := ck.LoadAdapter(ad); err == nil || !strings.Contains(err.Error(), "has rank 4, but adapter_config.json says r 8: the adapter's files disagree") {
+		t.Errorf("r 8 over rank-4 tensors: %v", err)
+	}
+	os.WriteFile(cfgPath, cfg, 0o644)
+	os.Rename(filepath.Join(ad, AdapterWeightsFile), filepath.Join(ad, "adapter_model.bin"))
+	if _, err := ck.LoadAdapter(ad); err == nil || !strings.Contains(err.Error(), "holds adapter_model.bin (PyTorch's pickle), not adapter_model.safetensors") {
+		t.Errorf("a pickled adapter: %v", err)
+	}
+	// A NaN in the base's last weight, which only reading the weights
+	// finds: the adapter's error comes first, as it is read before them.
+	w := filepath.Join(model, "model.safetensors")
+	b, err := os.ReadFile(w)
+	if err != nil {
+		t.Fatal(err)
+	}
+	copy(b[len(b)-4:], []byte{0xff, 0xff, 0xff, 0xff})
+	os.WriteFile(w, b, 0o644)
+	if _, err := OpenDecoder(DecoderConfig{Model: model}); err == nil || !strings.Contains(err.Error(), "non-finite") {
+		t.Fatalf("the base alone: %v", err)
+	}
+	if _, err := OpenDecoder(DecoderConfig{Model: model, Adapter: ad}); err == nil || !strings.Contains(err.Error(), "adapter_model.bin") {
+		t.Errorf("a bad adapter on a base that would not load: %v", err)
+	}
+	os.Rename(filepath.Join(ad, "adapter_model.bin"), filepath.Join(ad, AdapterWeightsFile))
+	os.WriteFile(cfgPath, []byte(strings.Replace(string(cfg), `"r": 4`, `"r": 8`, 1)), 0o644)
+	if _, err := OpenDecoder(DecoderConfig{Model: model, Adapter: ad}); err == nil || !strings.Contains(err.Error(), "the adapter's files disagree") {
+		t.Errorf("an adapter whose files disagree, on a base that would not load: %v", err)
+	}
+}
+
+// TestLoadConfigSaysWhatTheFolderIs: a folder given for a checkpoint that
+// holds an adapter, or the checkpoint one folder down, is named so.
+func TestLoadConfigSaysWhatTheFolderIs(t *testing.T) {
+	dir := t.TempDir()
+	model := filepath.Join(dir, "entry", "model")
+	if err := WriteRandomCheckpoint(model, tinyConfig(), InitOptions{Seed: 1}); err != nil {
+		t.Fatal(err)
+	}
+	for _, p := range []string{filepath.Join(dir, "ad", AdapterConfigFile), filepath.Join(dir, "qlora", AdapterDirName, AdapterConfigFile)} {
+		os.MkdirAll(filepath.Dir(p), 0o755)
+		os.WriteFile(p, []byte("{}"), 0o644)
+	}
+	for folder, want := range map[string]string{
+		filepath.Join(dir, "entry"): model + " does: the checkpoint is one folder down",
+		filepath.Join(dir, "ad"):    "it is a PEFT adapter",
+		filepath.Join(dir, "qlora"): "it holds an adapter in " + filepath.Join(dir, "qlora", AdapterDirName),
+	} {
+		if _, err := LoadConfig(folder); err == nil || !strings.Contains(err.Error(), folder+" holds no config.json: "+want) {
+			t.Errorf("%s: %v, want %q", folder, err, want)
+		}
+	}
+	if _, err := LoadConfig(dir); !errors.Is(err, fs.ErrNotExist) {
+		t.Errorf("a folder of nothing known: %v", err)
 	}
 }
 

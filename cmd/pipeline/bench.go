@@ -6,6 +6,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"math"
 	"os"
 	"path/filepath"
 	"sort"
@@ -27,7 +28,21 @@ func init() {
 	bench := &cobra.Command{
 		Use:   "bench",
 		Short: "Measure training and decoding speed and memory on the GPU",
-		Args:  cobra.NoArgs,
+		// A parent without RunE prints its help for any argument and
+		// succeeds, so that a misspelt subcommand would look like a run.
+		Args:                       cobra.ArbitraryArgs,
+		SuggestionsMinimumDistance: 2,
+		FParseErrWhitelist:         cobra.FParseErrWhitelist{UnknownFlags: true}, // a subcommand's flags, after a misspelt name
+		RunE: func(cmd *cobra.Command, args []string) error {
+			if len(args) == 0 {
+				return cmd.Help()
+			}
+			msg := fmt.Sprintf("unknown command %q for \"pipeline bench\"", args[0])
+			if s := cmd.SuggestionsFor(args[0]); len(s) > 0 {
+				msg += fmt.Sprintf("; did you mean %q?", s[0])
+			}
+			return usageErr(errors.New(msg + " (pipeline bench --help lists them)"))
+		},
 	}
 	var o benchOptions
 	var gpus int
@@ -137,9 +152,18 @@ func runBench(ctx context.Context, w io.Writer, o benchOptions) error {
 	if o.seqLen < 2 || o.batch < 1 || o.accum < 1 || o.steps < 1 || o.warmup < 0 || o.gpuMemory < 0 {
 		return usageErr(errors.New("bench train: --seq-len, --batch-size, --grad-accum and --steps must be positive, --gpu-memory not negative"))
 	}
+	if !(o.lr > 0 && !math.IsInf(o.lr, 0)) {
+		return usageErr(fmt.Errorf("bench train: --lr %v: must be positive", o.lr))
+	}
 	optimizer, _, err := trainer.ResolveOptimizer(o.optimizer)
 	if err != nil {
 		return usageErr(err)
+	}
+	var mc *trainer.Config
+	if o.preset != "" {
+		if mc, err = trainer.Preset(o.preset); err != nil {
+			return usageErr(err)
+		}
 	}
 	if o.model, err = localArg(ctx, "model", o.model, argFolder); err != nil {
 		return err
@@ -201,11 +225,7 @@ func runBench(ctx context.Context, w io.Writer, o benchOptions) error {
 	}
 
 	var s trainer.Session
-	var mc *trainer.Config
 	if o.preset != "" {
-		if mc, err = trainer.Preset(o.preset); err != nil {
-			return usageErr(err)
-		}
 		s, err = gpu.OpenRandom(ctx, mc, 1, 0.02, sc)
 	} else {
 		s, err = trainer.OpenSession(ctx, "cuda", sc)

@@ -72,7 +72,7 @@ leaves it out.`,
 	f.StringVar(&o.adapter, "adapter", "", "PEFT LoRA adapter folder for --model")
 	f.IntVar(&o.loraRank, "lora-rank", 0, "with --preset: an adapter of this rank (alpha twice it) on all seven projections")
 	f.StringVar(&o.quantize, "quantize", "none", "base weights: none (bfloat16) or nf4")
-	f.StringVar(&o.backend, "backend", "cuda", "with --model: cuda or cpu")
+	f.StringVar(&o.backend, "backend", "cuda", "with --model: cuda, cpu, or auto (the GPU when one is usable)")
 	f.IntVar(&o.batch, "batch-size", 1, "prompts decoded together")
 	f.IntVar(&o.promptLen, "prompt-len", 128, "tokens in each prompt")
 	f.IntVar(&o.newTokens, "new-tokens", 128, "tokens generated after each prompt")
@@ -131,8 +131,27 @@ func runBenchGenerate(ctx context.Context, w io.Writer, o benchGenOptions) error
 	if (o.preset == "") == (o.model == "") {
 		return usageErr(errors.New("bench generate: give one of --preset and --model"))
 	}
-	if o.batch < 1 || o.promptLen < 1 || o.newTokens < 1 || o.runs < 1 || o.warmup < 0 {
+	if o.batch < 1 || o.promptLen < 1 || o.newTokens < 1 || o.runs < 1 {
 		return usageErr(errors.New("bench generate: --batch-size, --prompt-len, --new-tokens and --runs must be positive"))
+	}
+	if o.warmup < 0 {
+		return usageErr(fmt.Errorf("bench generate: --warmup %d: must not be negative", o.warmup))
+	}
+	switch o.quantize {
+	case "none", "nf4":
+	default:
+		return usageErr(fmt.Errorf("bench generate: --quantize %q: want none or nf4", o.quantize))
+	}
+	switch o.backend {
+	case "cuda", "cpu", "auto":
+	default:
+		return usageErr(fmt.Errorf("bench generate: --backend %q: want cuda, cpu or auto", o.backend))
+	}
+	if o.preset != "" && o.backend == "cpu" {
+		return usageErr(errors.New("bench generate: --preset makes its model on the GPU; --backend cpu goes with --model"))
+	}
+	if o.profile && o.backend == "cpu" {
+		return usageErr(errors.New("bench generate: --profile times GPU kernels; it does not go with --backend cpu"))
 	}
 	if o.adapter != "" && o.model == "" {
 		return usageErr(errors.New("bench generate: --adapter goes with --model"))
@@ -264,8 +283,21 @@ func runBenchGenerate(ctx context.Context, w io.Writer, o benchGenOptions) error
 			res.BoundTokensPerSec = float64(o.batch) * bw / trainer.DecodeStepBytes(mc, res.Weights == "nf4")
 		}
 	}
+	out := &checkedWriter{w: w}
+	if err := printBenchGen(out, res, o, opts, len(runs)); err != nil || out.err != nil {
+		return failErr(fmt.Errorf("bench generate: writing the results: %w", errors.Join(err, out.err)))
+	}
+	return nil
+}
+
+// printBenchGen writes bench generate's report: one JSON line, or lines
+// for people.
+func printBenchGen(w io.Writer, res benchGenResult, o benchGenOptions, opts trainer.GenerateOptions, runs int) error {
 	if o.json {
-		b, _ := json.Marshal(res)
+		b, err := json.Marshal(res)
+		if err != nil {
+			return err
+		}
 		fmt.Fprintln(w, string(b))
 		return nil
 	}
@@ -280,7 +312,7 @@ func runBenchGenerate(ctx context.Context, w io.Writer, o benchGenOptions) error
 	fmt.Fprintf(w, "%s on %s: batch %d, %d-token prompts, %d new tokens %s, --quantize %s, weights read as %s\n",
 		res.Preset, where, o.batch, o.promptLen, o.newTokens, decoding, o.quantize, res.Weights)
 	fmt.Fprintf(w, "  %.1f tokens/s (%.3f s a run, median of %d), first token after %.3f s, %.1f tokens/s after it\n",
-		res.TokensPerSec, res.RunSec, len(runs), res.FirstSec, res.DecodeTokensPerSec)
+		res.TokensPerSec, res.RunSec, runs, res.FirstSec, res.DecodeTokensPerSec)
 	fmt.Fprintf(w, "  the session's first run: %.1f tokens/s (its one-time costs included)\n", res.FirstRunTokensPerSec)
 	if res.BoundTokensPerSec > 0 {
 		fmt.Fprintf(w, "  bandwidth bound %.0f tokens/s: %.0f%% of it\n", res.BoundTokensPerSec, 100*res.DecodeTokensPerSec/res.BoundTokensPerSec)

@@ -6,6 +6,8 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"math"
+	"math/rand/v2"
 	"os"
 	"os/signal"
 	"path/filepath"
@@ -39,18 +41,21 @@ template, the whole conversation so far included, and the answer is printed as
 it is generated. --system puts a system text before the first turn, as the
 template does. An answer ends at <end_of_turn> or <eos> (or another id the
 model folder's generation_config.json lists as eos_token_id), or after
---max-new-tokens, which is then said on stderr.
+--max-new-tokens, or where the conversation fills the model's context; a cut
+answer says so (on stderr without a terminal).
 
 On a terminal, type a message and press Enter; /reset starts a new
 conversation, /exit (or Ctrl-D) leaves, Ctrl-C stops an answer. Without a
-terminal, each line of stdin is the next turn of one conversation.
---prompt TEXT answers TEXT alone and exits (--prompt - reads it from stdin):
-for scripts. The answer goes to stdout, white space stripped as the template
-strips a turn.
+terminal, each line of stdin is the next turn of one conversation (/reset
+and /exit too). --prompt TEXT answers TEXT alone and exits (--prompt - reads
+it from stdin): for scripts. The answer goes to stdout, white space stripped
+as the template strips a turn. For a script, Ctrl-C or SIGTERM ends the
+command once the answer so far is printed, with status 130 or 143.
 
 Sampling: --temperature 0 decodes greedily (the same answer every time);
 otherwise tokens are drawn at that temperature from the --top-k most likely,
-then from the smallest set whose probability reaches --top-p, with --seed.
+then from the smallest set whose probability reaches --top-p, with --seed
+(a new one each run unless given).
 Where a flag is not given, the model folder's generation_config.json decides
 (Gemma 3 ships do_sample with top_k 64 and top_p 0.95 at temperature 1), and
 without one decoding is greedy.
@@ -76,6 +81,15 @@ in float32 (--backend cpu).`,
 			default:
 				return usageErr(fmt.Errorf("chat: --quantize %q: want nf4 or none", quantize))
 			}
+			switch backend {
+			case "auto", "cpu", "cuda":
+			default:
+				return usageErr(fmt.Errorf("chat: --backend %q: want auto, cpu or cuda", backend))
+			}
+			f := cmd.Flags()
+			if err := checkSamplingFlags(f.Changed, maxNew, temperature, topK, topP); err != nil {
+				return usageErr(fmt.Errorf("chat: %w", err))
+			}
 			var err error
 			for _, a := range []struct {
 				flag string
@@ -86,16 +100,19 @@ in float32 (--backend cpu).`,
 					return err
 				}
 			}
+			cfg, err := trainer.LoadConfig(modelDir)
+			if err != nil {
+				return failErr(fmt.Errorf("chat: --model: %w", err))
+			}
 			gc, err := converse.ReadGenerationConfig(modelDir)
 			if err != nil {
 				return failErr(err)
 			}
-			opts := trainer.GenerateOptions{MaxNewTokens: defaultMaxNewTokens, Seed: seed}
+			opts := trainer.GenerateOptions{MaxNewTokens: defaultMaxNewTokens}
 			opts.Temperature, opts.TopK, opts.TopP = gc.Sampling()
 			if gc != nil && gc.MaxNewTokens > 0 {
 				opts.MaxNewTokens = gc.MaxNewTokens
 			}
-			f := cmd.Flags()
 			if f.Changed("temperature") {
 				opts.Temperature = temperature
 			}
@@ -108,8 +125,12 @@ in float32 (--backend cpu).`,
 			if f.Changed("max-new-tokens") {
 				opts.MaxNewTokens = maxNew
 			}
-			if err := opts.Validate(); err != nil {
-				return usageErr(fmt.Errorf("chat: %w", err))
+			if err := opts.Validate(); err != nil { // the flags passed: the file's value
+				return failErr(fmt.Errorf("chat: %s: %w (the flags override what it sets)", filepath.Join(modelDir, "generation_config.json"), err))
+			}
+			opts.Seed = seed
+			if !f.Changed("seed") {
+				opts.Seed = rand.Uint64() // a new answer each run, as transformers samples
 			}
 			if tokPath == "" {
 				tokPath = filepath.Join(modelDir, "tokenizer.json")
@@ -135,7 +156,19 @@ in float32 (--backend cpu).`,
 			if err != nil {
 				return failErr(err)
 			}
+			if err := converse.CheckTokenizer(tok, cfg.VocabSize); err != nil {
+				return failErr(fmt.Errorf("chat: %s: %w", tokPath, err))
+			}
 			tty := isatty.IsTerminal(os.Stdin.Fd()) && !f.Changed("prompt")
+			// On a terminal Ctrl-C stops an answer and the conversation goes
+			// on; for a script it stops the command, the answer so far
+			// printed, with 130 as its status.
+			ctx := cmd.Context()
+			if !tty {
+				var stop func()
+				ctx, stop = signalContext(2 * time.Second)
+				defer stop()
+			}
 			began := time.Now()
 			dec, err := trainer.OpenDecoder(trainer.DecoderConfig{Model: modelDir, Adapter: adapterDir, Quantize: quantize, Backend: backend})
 			if err != nil {
@@ -150,20 +183,20 @@ in float32 (--backend cpu).`,
 			if err != nil {
 				return failErr(err)
 			}
-			s := &chatSession{gen: gen, opts: opts, out: cmd.OutOrStdout(), conv: converse.Conversation{System: system}}
+			s := &chatSession{gen: gen, opts: opts, out: &checkedWriter{w: cmd.OutOrStdout()}, tty: tty, conv: converse.Conversation{System: system}}
 			if tty {
 				c := dec.Info().Config
 				fmt.Fprintf(os.Stderr, "loaded %s (%d layers, hidden %d) in %.1fs; %s. /reset starts over, /exit leaves.\n",
 					modelDir, c.Layers, c.Hidden, time.Since(began).Seconds(), samplingNote(opts))
 			}
 			if f.Changed("prompt") {
-				end, err := s.answer(cmd.Context(), question)
-				if err == nil && end == answerCut {
-					fmt.Fprintln(os.Stderr, s.cutNote())
+				end, err := s.answer(ctx, question)
+				if err == nil && end != answerDone {
+					fmt.Fprintln(os.Stderr, s.cutNote(end))
 				}
 				return err
 			}
-			return s.loop(cmd.Context(), cmd.InOrStdin(), tty)
+			return s.loop(ctx, cmd.InOrStdin())
 		},
 	}
 	f := cmd.Flags()
@@ -177,9 +210,28 @@ in float32 (--backend cpu).`,
 	f.IntVar(&maxNew, "max-new-tokens", 0, "most tokens in an answer (default: generation_config.json's max_new_tokens, else 1024)")
 	f.Float64Var(&temperature, "temperature", 0, "sampling temperature; 0 decodes greedily (default: generation_config.json's; greedy without one)")
 	f.IntVar(&topK, "top-k", 0, "sample from the k most likely tokens; 0 keeps all (default: generation_config.json's)")
-	f.Float64Var(&topP, "top-p", 0, "then from the smallest set whose probability reaches p; 1 keeps all (default: generation_config.json's)")
-	f.Uint64Var(&seed, "seed", 0, "seed of the draws when sampling")
+	f.Float64Var(&topP, "top-p", 0, "then from the smallest set whose probability reaches p, in (0, 1]; 1 keeps all (default: generation_config.json's)")
+	f.Uint64Var(&seed, "seed", 0, "seed of the draws when sampling (default: a new one each run, shown on a terminal)")
 	root.AddCommand(cmd)
+}
+
+// checkSamplingFlags checks the decoding flags that were given, by their
+// names, before anything loads.
+func checkSamplingFlags(changed func(flag string) bool, maxNew int, temperature float64, topK int, topP float64) error {
+	switch {
+	case changed("max-new-tokens") && maxNew < 1:
+		return fmt.Errorf("--max-new-tokens %d: must be at least 1", maxNew)
+	case changed("temperature") && !(temperature >= 0 && !math.IsInf(temperature, 0)):
+		return fmt.Errorf("--temperature %v: must be 0 (greedy) or positive", temperature)
+	case changed("top-k") && topK < 0:
+		return fmt.Errorf("--top-k %d: must not be negative (0 keeps every token)", topK)
+	case changed("top-p") && topP == 0:
+		// transformers keeps the most likely token alone at top_p 0.
+		return errors.New("--top-p 0 would keep only the most likely token: that is --top-k 1 (or --temperature 0, greedy); 1 keeps all")
+	case changed("top-p") && !(topP > 0 && topP <= 1):
+		return fmt.Errorf("--top-p %v: must be in (0, 1]", topP)
+	}
+	return nil
 }
 
 func samplingNote(o trainer.GenerateOptions) string {
@@ -194,8 +246,26 @@ func samplingNote(o trainer.GenerateOptions) string {
 type chatSession struct {
 	gen  *converse.Generator
 	opts trainer.GenerateOptions
-	out  io.Writer
+	out  *checkedWriter
+	tty  bool // a conversation on a terminal, rather than a script's input
 	conv converse.Conversation
+}
+
+// checkedWriter keeps the first error of its writes, so that an answer
+// that could not be written (a full disk) fails the command rather than
+// vanish.
+type checkedWriter struct {
+	w   io.Writer
+	err error
+}
+
+func (c *checkedWriter) Write(p []byte) (int, error) {
+	if c.err != nil {
+		return 0, c.err
+	}
+	n, err := c.w.Write(p)
+	c.err = err
+	return n, err
 }
 
 // How an answer ended.
@@ -204,29 +274,59 @@ type answerEnd int
 const (
 	answerDone    answerEnd = iota // at <end_of_turn> or <eos>
 	answerCut                      // at the most new tokens
+	answerFull                     // at the end of the model's context
 	answerStopped                  // by Ctrl-C
 )
 
-// cutNote says that an answer ran into the new-token limit, and how to
-// raise it: a cut answer otherwise reads like a finished one.
-func (s *chatSession) cutNote() string {
+// cutNote says that an answer ran into a limit, and what to do about it:
+// a cut answer otherwise reads like a finished one.
+func (s *chatSession) cutNote(end answerEnd) string {
+	switch end {
+	case answerFull:
+		note := fmt.Sprintf("(cut at the end of the model's context, %d positions", s.gen.Context())
+		if s.tty {
+			note += "; /reset starts a new conversation"
+		}
+		return note + ")"
+	case answerStopped:
+		return "(stopped)"
+	}
 	return fmt.Sprintf("(cut at %d new tokens; --max-new-tokens allows more)", s.opts.MaxNewTokens)
 }
 
 // answer asks text as the conversation's next turn, prints the answer as
-// it comes and keeps it in the conversation. Ctrl-C stops the answer; what
-// was said so far stays.
+// it comes and keeps it in the conversation. On a terminal Ctrl-C stops
+// the answer and what was said so far stays; otherwise a canceled ctx is
+// the command's end, the answer so far printed.
 func (s *chatSession) answer(ctx context.Context, text string) (end answerEnd, err error) {
 	conv := s.conv
 	conv.Turns = append(conv.Turns[:len(conv.Turns):len(conv.Turns)], text)
-	ctx, cancel := signal.NotifyContext(ctx, os.Interrupt)
-	defer cancel()
+	if s.tty {
+		var cancel func()
+		ctx, cancel = signal.NotifyContext(ctx, os.Interrupt)
+		defer cancel()
+	}
+	o := s.opts
+	o.Seed += uint64(len(s.conv.Turns)) // each turn its own draws
+	// An answer may take what the context has left: transformers' generate
+	// stops there too.
+	n, err := s.gen.PromptTokens(conv)
+	if err != nil {
+		return answerDone, failErr(fmt.Errorf("chat: %w", err))
+	}
+	if room := s.gen.Context() - n; room < 1 {
+		msg := fmt.Sprintf("chat: the conversation is %d tokens long, beyond the model's context of %d positions", n, s.gen.Context())
+		if s.tty {
+			msg += "; /reset starts a new conversation"
+		}
+		return answerDone, failErr(errors.New(msg))
+	} else if room < o.MaxNewTokens {
+		o.MaxNewTokens = room
+	}
 	// The answer is printed stripped as the template strips it, so that
 	// what a script reads is what the next turn's prompt holds.
 	var raw strings.Builder
 	printed := 0
-	o := s.opts
-	o.Seed += uint64(len(s.conv.Turns)) // each turn its own draws
 	replies, err := s.gen.Reply(ctx, []converse.Conversation{conv}, o, func(_ int, piece string) {
 		raw.WriteString(piece)
 		now := chat.Strip(raw.String())
@@ -235,7 +335,6 @@ func (s *chatSession) answer(ctx context.Context, text string) (end answerEnd, e
 			printed = len(now)
 		}
 	})
-	var ce *converse.ContextError
 	var reply string
 	switch {
 	case err == nil:
@@ -245,15 +344,25 @@ func (s *chatSession) answer(ctx context.Context, text string) (end answerEnd, e
 		}
 		if !replies[0].Stopped {
 			end = answerCut
+			if o.MaxNewTokens < s.opts.MaxNewTokens {
+				end = answerFull
+			}
 		}
 	case ctx.Err() != nil && errors.Is(err, context.Canceled):
 		end, reply = answerStopped, chat.Strip(raw.String())
-	case errors.As(err, &ce):
-		return answerDone, failErr(fmt.Errorf("chat: %w; /reset starts a new conversation", ce))
+		if !s.tty {
+			if printed > 0 {
+				fmt.Fprintln(s.out)
+			}
+			return end, context.Cause(ctx) // the command's end: 130 or 143
+		}
 	default:
 		return answerDone, failErr(err)
 	}
 	fmt.Fprintln(s.out)
+	if s.out.err != nil {
+		return end, failErr(fmt.Errorf("chat: writing the answer: %w", s.out.err))
+	}
 	s.conv.Turns = conv.Turns
 	s.conv.Answers = append(s.conv.Answers, reply)
 	return end, nil
@@ -261,16 +370,20 @@ func (s *chatSession) answer(ctx context.Context, text string) (end answerEnd, e
 
 // loop reads turns from in until it ends: typed at a prompt on a terminal,
 // else one a line.
-func (s *chatSession) loop(ctx context.Context, in io.Reader, tty bool) error {
+func (s *chatSession) loop(ctx context.Context, in io.Reader) error {
+	const longest = 16 << 20
 	sc := bufio.NewScanner(in)
-	sc.Buffer(make([]byte, 64<<10), 16<<20)
+	sc.Buffer(make([]byte, 64<<10), longest)
 	for {
-		if tty {
+		if s.tty {
 			fmt.Fprint(s.out, "\n> ")
 		}
 		if !sc.Scan() {
-			if tty {
+			if s.tty {
 				fmt.Fprintln(s.out)
+			}
+			if errors.Is(sc.Err(), bufio.ErrTooLong) {
+				return failErr(fmt.Errorf("chat: a line of input is longer than %d MiB", longest>>20))
 			}
 			return sc.Err()
 		}
@@ -282,26 +395,25 @@ func (s *chatSession) loop(ctx context.Context, in io.Reader, tty bool) error {
 			return nil
 		case "/reset":
 			s.conv = converse.Conversation{System: s.conv.System}
-			if tty {
+			if s.tty {
 				fmt.Fprintln(s.out, "(a new conversation)")
 			}
 			continue
 		}
 		end, err := s.answer(ctx, line)
 		if err != nil {
-			if tty {
+			if s.tty && s.out.err == nil {
 				fmt.Fprintln(os.Stderr, "pipeline:", err)
 				continue
 			}
 			return err
 		}
 		switch {
-		case end == answerStopped && tty:
-			fmt.Fprintln(s.out, "(stopped)")
-		case end == answerCut && tty:
-			fmt.Fprintln(s.out, s.cutNote())
-		case end == answerCut:
-			fmt.Fprintln(os.Stderr, s.cutNote())
+		case end == answerDone:
+		case s.tty:
+			fmt.Fprintln(s.out, s.cutNote(end))
+		default:
+			fmt.Fprintln(os.Stderr, s.cutNote(end))
 		}
 	}
 }

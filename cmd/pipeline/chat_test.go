@@ -10,7 +10,9 @@ import (
 	"slices"
 	"strconv"
 	"strings"
+	"sync"
 	"testing"
+	"time"
 
 	"gemmaft/converse"
 	"gemmaft/hub/hubtest"
@@ -170,13 +172,19 @@ func TestChatCommand(t *testing.T) {
 		}
 	}
 
+	notok := filepath.Join(dir, "notok")
+	cfgJSON, err := os.ReadFile(filepath.Join(model, "config.json"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	writeFile(t, filepath.Join(notok, "config.json"), string(cfgJSON))
 	for _, args := range [][]string{
 		{"chat", "--prompt", q},
 		{"chat", "--model", model, "--quantize", "int8", "--prompt", q},
 		{"chat", "--model", model, "--top-p", "2", "--prompt", q},
 		{"chat", "--model", model, "--max-new-tokens", "0", "--prompt", q},
 		{"chat", "--model", model, "--prompt", "  "},
-		{"chat", "--model", dir, "--prompt", q}, // no tokenizer.json there
+		{"chat", "--model", notok, "--prompt", q}, // no tokenizer.json there
 	} {
 		if r := runCLI(t, dir, args...); r.code != 2 {
 			t.Errorf("%v: exit %d, want 2\n%s", args, r.code, r.stderr)
@@ -193,6 +201,7 @@ func TestChatCommand(t *testing.T) {
 		{[]string{"chat", "--model", model, "--adapter", filepath.Join(dir, "missing"), "--prompt", q}, 1, "--adapter " + filepath.Join(dir, "missing") + ": no such folder"},
 		{[]string{"chat", "--model", model, "--tokenizer", filepath.Join(dir, "missing.json"), "--prompt", q}, 1, "--tokenizer " + filepath.Join(dir, "missing.json") + ": no such file"},
 		{[]string{"chat", "--model", filepath.Join(model, "config.json"), "--prompt", q}, 2, "is a file, not a folder"},
+		{[]string{"chat", "--model", dir, "--prompt", q}, 1, dir + " holds no config.json: " + model + " does: the checkpoint is one folder down"},
 		{[]string{"chat", "--model", model, "--tokenizer", model, "--prompt", q}, 2, "is a folder, not a tokenizer.json file"},
 	} {
 		if r := runCLI(t, dir, c.args...); r.code != c.code || !strings.Contains(r.stderr, c.want) {
@@ -261,5 +270,180 @@ func TestChatFromTheHub(t *testing.T) {
 		"--prompt", q, "--max-new-tokens", "6")
 	if local.code != 0 || remote.code != 0 || local.stdout != remote.stdout {
 		t.Errorf("from the Hub: %d %q %s; local %q", remote.code, remote.stdout, remote.stderr, local.stdout)
+	}
+}
+
+// firstBytes is a child's stdout that says when something came. (Not a
+// bytes.Buffer by embedding: io.Copy would use its ReadFrom, not Write.)
+type firstBytes struct {
+	buf   bytes.Buffer
+	once  sync.Once
+	begun chan struct{}
+}
+
+func (f *firstBytes) Write(p []byte) (int, error) {
+	f.once.Do(func() { close(f.begun) })
+	return f.buf.Write(p)
+}
+
+func (f *firstBytes) String() string { return f.buf.String() }
+
+// TestChatEnds: for a script, SIGINT ends the command (status 130) once the
+// answer so far is printed, piped or with --prompt; an answer that the
+// model's context cuts says so, and a conversation past it is refused
+// without a terminal's /reset hint; an answer that cannot be written fails.
+func TestChatEnds(t *testing.T) {
+	dir := t.TempDir()
+	model := tinyChatModel(t, filepath.Join(dir, "model"), 6)
+	tok, err := tokenizer.LoadFile(filepath.Join(model, "tokenizer.json"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	dec, err := trainer.OpenDecoder(trainer.DecoderConfig{Model: model})
+	if err != nil {
+		t.Fatal(err)
+	}
+	gen, err := converse.New(dec, tok)
+	if err != nil {
+		t.Fatal(err)
+	}
+	const q = "Türkiye'nin başkenti neresidir?"
+	long, err := gen.Reply(context.Background(), []converse.Conversation{{Turns: []string{q}}}, trainer.GenerateOptions{MaxNewTokens: 300}, nil)
+	if err != nil || long[0].Stopped {
+		t.Fatalf("the greedy answer should run past 300 tokens: %v %+v", err, long)
+	}
+	for name, c := range map[string]struct {
+		stdin string
+		args  []string
+	}{
+		"--prompt": {"", []string{"--prompt", q}},
+		"piped":    {q + "\n" + q + "\n", nil},
+	} {
+		args := append([]string{"chat", "--model", model, "--max-new-tokens", "100000"}, c.args...)
+		cmd := exec.Command(os.Args[0], args...)
+		cmd.Env = append(os.Environ(), "PIPELINE_CLI=1")
+		out, errb := &firstBytes{begun: make(chan struct{})}, &bytes.Buffer{}
+		cmd.Stdin, cmd.Stdout, cmd.Stderr = strings.NewReader(c.stdin), out, errb
+		if err := cmd.Start(); err != nil {
+			t.Fatal(err)
+		}
+		select { // the answer has begun
+		case <-out.begun:
+		case <-time.After(time.Minute):
+			t.Errorf("%s: no answer after a minute", name)
+		}
+		cmd.Process.Signal(os.Interrupt)
+		code := exitCode(t, cmd, time.Minute)
+		if code != 130 || strings.Count(out.String(), "\n") != 1 || !strings.HasSuffix(out.String(), "\n") ||
+			!strings.HasPrefix(long[0].Text, strings.TrimSpace(out.String())[:1]) {
+			t.Errorf("%s, SIGINT during the answer: exit %d, stdout %q, stderr %s", name, code, out.String(), errb.String())
+		}
+	}
+
+	// The context: 48 positions.
+	small := filepath.Join(dir, "small")
+	if err := os.CopyFS(small, os.DirFS(model)); err != nil {
+		t.Fatal(err)
+	}
+	cfg, err := os.ReadFile(filepath.Join(model, "config.json"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	writeFile(t, filepath.Join(small, "config.json"), strings.Replace(string(cfg), `"max_position_embeddings": 131072`, `"max_position_embeddings": 48`, 1))
+	n, err := gen.PromptTokens(converse.Conversation{Turns: []string{q}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	want, err := gen.Reply(context.Background(), []converse.Conversation{{Turns: []string{q}}}, trainer.GenerateOptions{MaxNewTokens: 48 - n}, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	r := runCLI(t, dir, "chat", "--model", small, "--prompt", q, "--max-new-tokens", "100")
+	if r.code != 0 || r.stdout != want[0].Text+"\n" || !strings.Contains(r.stderr, "(cut at the end of the model's context, 48 positions)") {
+		t.Errorf("an answer the context cuts: exit %d, stdout %q (want %q), stderr %s", r.code, r.stdout, want[0].Text, r.stderr)
+	}
+	r = runCLI(t, dir, "chat", "--model", small, "--prompt", strings.Repeat(q+" ", 8))
+	if r.code != 1 || !strings.Contains(r.stderr, "beyond the model's context of 48 positions") || strings.Contains(r.stderr, "/reset") {
+		t.Errorf("a prompt past the context: exit %d, %s", r.code, r.stderr)
+	}
+
+	if _, err := os.Stat("/dev/full"); err == nil {
+		full, err := os.OpenFile("/dev/full", os.O_WRONLY, 0)
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer full.Close()
+		cmd := exec.Command(os.Args[0], "chat", "--model", model, "--prompt", q, "--max-new-tokens", "3")
+		cmd.Env = append(os.Environ(), "PIPELINE_CLI=1")
+		cmd.Stdout = full
+		var errb bytes.Buffer
+		cmd.Stderr = &errb
+		err = cmd.Run()
+		if ee, ok := err.(*exec.ExitError); !ok || ee.ExitCode() != 1 || !strings.Contains(errb.String(), "writing the answer") {
+			t.Errorf("stdout on a full disk: %v, %s", err, errb.String())
+		}
+	}
+}
+
+// TestChatChecksFirst: flags, generation_config.json's values and the
+// tokenizer are checked by name before the model loads; without --seed
+// each run samples anew.
+func TestChatChecksFirst(t *testing.T) {
+	dir := t.TempDir()
+	model := tinyChatModel(t, filepath.Join(dir, "model"), 2)
+	const q = "Merhaba!"
+	for _, c := range []struct {
+		args []string
+		want string
+	}{
+		{[]string{"--top-p", "0"}, "--top-p 0 would keep only the most likely token"},
+		{[]string{"--top-p", "1.5"}, "--top-p 1.5: must be in (0, 1]"},
+		{[]string{"--temperature", "-1"}, "--temperature -1: must be 0 (greedy) or positive"},
+		{[]string{"--top-k", "-2"}, "--top-k -2: must not be negative"},
+		{[]string{"--backend", "gpu"}, `--backend "gpu": want auto, cpu or cuda`},
+	} {
+		r := runCLI(t, dir, append([]string{"chat", "--model", model, "--prompt", q}, c.args...)...)
+		if r.code != 2 || !strings.Contains(r.stderr, c.want) {
+			t.Errorf("%v: exit %d, want 2 saying %q: %s", c.args, r.code, c.want, r.stderr)
+		}
+	}
+
+	gcPath := filepath.Join(model, "generation_config.json")
+	writeFile(t, gcPath, `{"do_sample": true, "top_p": 2}`)
+	r := runCLI(t, dir, "chat", "--model", model, "--prompt", q, "--max-new-tokens", "2")
+	if r.code != 1 || !strings.Contains(r.stderr, gcPath+": top_p 2") {
+		t.Errorf("top_p 2 in generation_config.json: exit %d, %s", r.code, r.stderr)
+	}
+	if r := runCLI(t, dir, "chat", "--model", model, "--prompt", q, "--max-new-tokens", "2", "--top-p", "0.9"); r.code != 0 {
+		t.Errorf("--top-p over the file's: exit %d, %s", r.code, r.stderr)
+	}
+	writeFile(t, gcPath, `{"do_sample": true, "top_k": 64, "top_p": 0.95}`)
+	a := runCLI(t, dir, "chat", "--model", model, "--prompt", q, "--max-new-tokens", "12")
+	b := runCLI(t, dir, "chat", "--model", model, "--prompt", q, "--max-new-tokens", "12")
+	if a.code != 0 || b.code != 0 || a.stdout == b.stdout {
+		t.Errorf("two sampled runs without --seed: %q and %q (%s %s)", a.stdout, b.stdout, a.stderr, b.stderr)
+	}
+	os.Remove(gcPath)
+
+	// A tokenizer without Gemma 3's turn tokens, and one whose vocabulary
+	// the model's embedding lacks.
+	data, err := os.ReadFile(filepath.Join(model, "tokenizer.json"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	other := filepath.Join(dir, "other.json")
+	writeFile(t, other, strings.ReplaceAll(string(data), "<end_of_turn>", "<end_of_talk>"))
+	r = runCLI(t, dir, "chat", "--model", model, "--tokenizer", other, "--prompt", q)
+	if r.code != 1 || !strings.Contains(r.stderr, "the tokenizer has no <end_of_turn> token") {
+		t.Errorf("a tokenizer without <end_of_turn>: exit %d, %s", r.code, r.stderr)
+	}
+	cfg, err := os.ReadFile(filepath.Join(model, "config.json"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	writeFile(t, filepath.Join(model, "config.json"), strings.Replace(string(cfg), `"vocab_size": 262144`, `"vocab_size": 200000`, 1))
+	r = runCLI(t, dir, "chat", "--model", model, "--prompt", q)
+	if r.code != 1 || !strings.Contains(r.stderr, "the tokenizer's vocabulary has 262144 tokens, the model's 200000") {
+		t.Errorf("a model of a smaller vocabulary: exit %d, %s", r.code, r.stderr)
 	}
 }

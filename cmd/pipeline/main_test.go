@@ -226,6 +226,9 @@ func TestBenchTrainUsage(t *testing.T) {
 		{"bench", "train", "--preset", "1b", "--steps", "0"},
 		{"bench", "train", "--preset", "1b", "--optimizer", "sgd"},
 		{"bench", "train", "--preset", "1b", "--gpu-memory", "-1"},
+		{"bench", "train", "--preset", "1b", "--lr", "-1"},
+		{"bench", "train", "--preset", "2b"},
+		{"bench", "train", "--preset", "1b", "--gpus", "0"},
 	} {
 		if r := runCLI(t, dir, args...); r.code != 2 {
 			t.Errorf("%v: exit %d, want 2 (%s)", args, r.code, r.stderr)
@@ -256,10 +259,22 @@ func TestBenchGenerate(t *testing.T) {
 		{"bench", "generate", "--preset", "1b", "--temperature", "1", "--top-p", "2"},
 		{"bench", "generate", "--model", model, "--lora-rank", "8"},
 		{"bench", "generate", "--preset", "1b", "--lora-rank", "-1"},
+		{"bench", "generate", "--preset", "1b", "--quantize", "q4"},
+		{"bench", "generate", "--preset", "1b", "--backend", "cpu"},
+		{"bench", "generate", "--model", model, "--backend", "gpu"},
+		{"bench", "generate", "--model", model, "--backend", "cpu", "--profile"},
+		{"bench", "generate", "--model", model, "--warmup", "-1"},
 	} {
 		if r := runCLI(t, dir, args...); r.code != 2 {
 			t.Errorf("%v: exit %d, want 2 (%s)", args, r.code, r.stderr)
 		}
+	}
+	// A misspelt subcommand is an error, not bench's help.
+	if r := runCLI(t, dir, "bench", "genrate", "--preset", "1b"); r.code != 2 || !strings.Contains(r.stderr, `did you mean "generate"?`) {
+		t.Errorf("bench genrate: exit %d, %s", r.code, r.stderr)
+	}
+	if r := runCLI(t, dir, "bench"); r.code != 0 || !strings.Contains(r.stdout, "generate") {
+		t.Errorf("bench alone: exit %d, %s", r.code, r.stdout)
 	}
 	r := runCLI(t, dir, "bench", "generate", "--model", model, "--backend", "cpu", "--batch-size", "3",
 		"--prompt-len", "20", "--new-tokens", "7", "--runs", "2", "--json")

@@ -53,8 +53,8 @@ func (p *rankPlan) followerOptions(opts pipeline.Options) pipeline.Options {
 // that many ranks and reports true.
 func startRanks(gpus int) (bool, error) {
 	switch {
-	case gpus < 0:
-		return true, usageErr(fmt.Errorf("--gpus %d: give a number of GPUs", gpus))
+	case gpus < 1:
+		return true, usageErr(fmt.Errorf("--gpus %d: give a number of GPUs, at least 1", gpus))
 	case gpus > 1:
 		return true, launchRanks(gpus, os.Args[1:])
 	}

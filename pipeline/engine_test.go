@@ -686,3 +686,75 @@ func TestForceReplacesWithoutWindow(t *testing.T) {
 		t.Errorf("left in tmp: %v", ents)
 	}
 }
+
+// TestTwinStagesComputeOnce: two stages of one kind, parameters and inputs
+// have one key; the run computes the entry once and serves both (it used
+// to wait forever on the entry's lock, taken twice), streams included, and
+// a failure of the one cancels what needs the other.
+func TestTwinStagesComputeOnce(t *testing.T) {
+	defer goleak.VerifyNone(t)
+	e := newTestEnv(t)
+	spec := e.write("twins.yaml", `name: twins
+stages:
+  src: {kind: gen, with: {rows: 500, batch: 7}}
+  a: {kind: double, needs: [src]}
+  b: {kind: double, needs: [src]}
+  c: {kind: double, needs: [src]}
+  after_b: {kind: count, needs: [b]}
+`)
+	done := make(chan struct{})
+	var rec *RunRecord
+	go func() {
+		defer close(done)
+		rec = e.mustRun(spec, Options{})
+	}()
+	select {
+	case <-done:
+	case <-time.After(30 * time.Second):
+		t.Fatal("the run with twin stages did not finish")
+	}
+	computed, served := 0, 0
+	for _, st := range rec.Stages {
+		switch {
+		case st.Name == "a" || st.Name == "b" || st.Name == "c":
+			if st.State == "computed" {
+				computed++
+			} else if st.State == "cached" && strings.HasPrefix(st.Reason, "the same entry as stage ") && st.Rows == 500 {
+				served++
+			}
+		case st.State != "computed":
+			t.Errorf("%s: %s", st.Name, st.State)
+		}
+	}
+	if computed != 1 || served != 2 {
+		t.Errorf("a, b, c: %d computed and %d served, want 1 and 2: %+v", computed, served, rec.Stages)
+	}
+	if keys, _ := e.store.Keys(); len(keys) != 3 {
+		t.Errorf("%d entries, want src's, the doubled rows' and after_b's", len(keys))
+	}
+
+	bad := e.write("badtwins.yaml", `name: badtwins
+stages:
+  src: {kind: gen, with: {rows: 100, batch: 10, tags: [twins]}}
+  x: {kind: fail, needs: [src], with: {after_batches: 1}}
+  y: {kind: fail, needs: [src], with: {after_batches: 1}}
+  after_x: {kind: count, needs: [x]}
+  after_y: {kind: count, needs: [y]}
+`)
+	rec, err := e.run(bad, Options{})
+	if err == nil {
+		t.Fatal("the failing twins succeeded")
+	}
+	failed, canceled := 0, 0
+	for _, st := range rec.Stages {
+		switch st.State {
+		case "failed":
+			failed++
+		case "canceled":
+			canceled++
+		}
+	}
+	if failed != 1 || canceled != 3 || strings.Count(err.Error(), "stage x (fail)")+strings.Count(err.Error(), "stage y (fail)") != 1 {
+		t.Errorf("%d failed, %d canceled (want 1 and 3: the twin and both counts); %v", failed, canceled, err)
+	}
+}

@@ -191,6 +191,10 @@ type execution struct {
 	records map[*Step]*StageRecord
 	mu      sync.Mutex // guards records during execution
 	locks   map[*Step]*flock.Flock
+	// twins maps a step to the step of the run that computes its entry:
+	// stages of one kind, parameters and inputs have one key, and the
+	// entry is computed once (taking its lock twice would wait forever).
+	twins map[*Step]*Step
 }
 
 // follows says whether this run takes part in st as a follower: the
@@ -233,7 +237,16 @@ func (x *execution) execute(ctx context.Context) error {
 	// Each lock goes once its entry is committed (or has failed), so that
 	// another run waiting for an entry goes on while this one computes the
 	// rest: a follower waits so for the data its training needs.
-	sort.Slice(compute, func(i, j int) bool { return compute[i].Key < compute[j].Key })
+	sort.SliceStable(compute, func(i, j int) bool { return compute[i].Key < compute[j].Key })
+	x.twins = map[*Step]*Step{}
+	for i := 1; i < len(compute); i++ {
+		if prev := compute[i-1]; compute[i].Key == prev.Key {
+			if first := x.twins[prev]; first != nil {
+				prev = first
+			}
+			x.twins[compute[i]] = prev
+		}
+	}
 	x.locks = map[*Step]*flock.Flock{}
 	defer func() {
 		for _, l := range x.locks {
@@ -242,6 +255,16 @@ func (x *execution) execute(ctx context.Context) error {
 	}()
 	var todo []*Step
 	for _, st := range compute {
+		if first := x.twins[st]; first != nil {
+			if !first.Compute { // another run computed it
+				st.Compute, st.State, st.Manifest, st.Reason = false, Valid, first.Manifest, first.Reason
+				x.records[st].State, x.records[st].Reason = "cached", st.Reason
+				x.fillFromManifest(st)
+				continue
+			}
+			todo = append(todo, st)
+			continue
+		}
 		if x.follows(st) {
 			todo = append(todo, st) // its entry is rank 0's to lock and write
 			continue
@@ -341,7 +364,7 @@ func (x *execution) compute(ctx context.Context, todo []*Step) error {
 		for _, d := range st.Node.Needs {
 			up := x.plan.Step(d.Name)
 			in := &Input{Name: d.Name, Kind: d.KindName, store: x.e.Store, dir: x.e.Store.EntryDir(up.Key), committed: committed[up], tracker: t.tracker, ctx: sctx}
-			if computing[up] && len(st.Node.Needs) == 1 {
+			if computing[up] && x.twins[up] == nil && x.twins[st] == nil && len(st.Node.Needs) == 1 {
 				in.ch = make(chan arrow.RecordBatch, 4)
 				streams[up] = append(streams[up], stream{ch: in.ch, gone: finished[st]})
 			}
@@ -376,6 +399,16 @@ func (x *execution) compute(ctx context.Context, todo []*Step) error {
 			defer wg.Done()
 			defer close(finished[st])
 			defer cancel[st](nil)
+			if first := x.twins[st]; first != nil {
+				if err := x.awaitTwin(stepCtx[st], st, first, t, finished[first], committed[st]); err != nil && stepCtx[st].Err() == nil {
+					for _, d := range x.dependents(st) {
+						if c := cancel[d]; c != nil {
+							c(&upstreamFailed{stage: first.Node.Name})
+						}
+					}
+				}
+				return
+			}
 			err := x.computeStep(stepCtx[st], st, t, committed[st])
 			if l := x.locks[st]; l != nil {
 				l.Unlock()
@@ -455,6 +488,38 @@ func (x *execution) dependents(st *Step) []*Step {
 		}
 	}
 	return out
+}
+
+// awaitTwin stands for st, whose entry first computes in this run (see
+// execution.twins): once first is done, st is served its entry, or is
+// canceled with first's failure.
+func (x *execution) awaitTwin(ctx context.Context, st, first *Step, t *Task, done <-chan struct{}, committed chan struct{}) error {
+	t.tracker.start()
+	r := x.records[st]
+	select {
+	case <-done:
+	case <-ctx.Done():
+		t.tracker.finish(false)
+		x.mu.Lock()
+		r.State = "canceled"
+		x.mu.Unlock()
+		return context.Cause(ctx)
+	}
+	x.mu.Lock()
+	fr := x.records[first]
+	ok := fr.State == "computed"
+	if ok {
+		r.State, r.Reason, r.Entry, r.Rows, r.Stats, r.Bytes = "cached", "the same entry as stage "+first.Node.Name, fr.Entry, fr.Rows, fr.Stats, fr.Bytes
+	} else {
+		r.State, r.Error = "canceled", "stage "+first.Node.Name+", which computes the same entry, did not"
+	}
+	x.mu.Unlock()
+	t.tracker.finish(ok)
+	if !ok {
+		return &upstreamFailed{stage: first.Node.Name}
+	}
+	close(committed)
+	return nil
 }
 
 // computeStep runs one stage into a pending entry and commits it.

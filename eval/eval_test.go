@@ -223,6 +223,19 @@ func TestPicksHandBuilt(t *testing.T) {
 	if s := subjects["t"]; s.Questions != 2 || s.Acc != 1 || s.AccNorm != 0.5 {
 		t.Errorf("subject t %+v, want acc 1, acc_norm 0.5", s)
 	}
+	// Questions without a subject beside ones with have a row of their
+	// own, so that the rows account for every question; a set without
+	// subjects has no rows.
+	items[1].Subject = ""
+	if _, subjects := Summarize(items); len(subjects) != 3 || subjects[NoSubject].Questions != 1 || subjects["t"].Questions != 1 {
+		t.Errorf("one question of t without a subject: %+v", subjects)
+	}
+	for i := range items {
+		items[i].Subject = ""
+	}
+	if _, subjects := Summarize(items); len(subjects) != 0 {
+		t.Errorf("no subjects: %+v", subjects)
+	}
 }
 
 // TestPromptFormat: the prompts are lm-evaluation-harness's mmlu and
@@ -469,6 +482,37 @@ func TestReadQuestionsErrors(t *testing.T) {
 	}
 }
 
+// TestShotsPassOverTheQuestion: where the dev split holds the question
+// being scored, its shots are the next dev questions, never itself; a
+// subject with no other dev question is an error saying so.
+func TestShotsPassOverTheQuestion(t *testing.T) {
+	q := func(s, text string) Question {
+		return Question{Subject: s, Question: text, Choices: []string{"a", "b"}, Where: "set.jsonl:1"}
+	}
+	set := []Question{q("x", "1"), q("x", "2"), q("x", "3"), q("y", "4"), q("y", "5")}
+	shots, err := Shots(set, MCOptions{Shots: 1, Dev: set})
+	if err != nil {
+		t.Fatal(err)
+	}
+	for i, want := range []string{"2", "1", "1", "5", "4"} {
+		if len(shots[i]) != 1 || shots[i][0].Question != want {
+			t.Errorf("question %s: shots %v, want %s", set[i].Question, shots[i], want)
+		}
+	}
+	if _, err := Shots(set, MCOptions{Shots: 2, Dev: set}); err == nil || !strings.Contains(err.Error(), `2-shot needs 2 dev questions of subject "y", the dev split has 2, one of them the question itself`) {
+		t.Errorf("2-shot from a subject of 2: %v", err)
+	}
+	// Other choices make another question.
+	other := q("y", "4")
+	other.Choices = []string{"a", "c"}
+	if shots, err := Shots([]Question{q("y", "4")}, MCOptions{Shots: 1, Dev: []Question{other}}); err != nil || shots[0][0].Choices[1] != "c" {
+		t.Errorf("the same text with other choices: %v %v", shots, err)
+	}
+	if _, err := Shots([]Question{q("", "6")}, MCOptions{Shots: 1, Dev: set}); err == nil || !strings.Contains(err.Error(), "questions without a subject (set.jsonl:1 has none; the dev split's 5 all have one)") {
+		t.Errorf("a question without a subject, a dev split with them: %v", err)
+	}
+}
+
 // TestReferencePromptsAgree: scripts/reference/mc_reference.py, the
 // transformers implementation run on the GPU machine, builds the same
 // prompts and continuations as this package, for the demo set 1-shot and
@@ -478,13 +522,14 @@ func TestReferencePromptsAgree(t *testing.T) {
 	root := testenv.RepoRoot(t)
 	dir := filepath.Join(root, "dataset", "demo")
 	test, _ := ReadQuestions([]string{filepath.Join(dir, "mc-tr-test.jsonl")}, nil)
-	dev, _ := ReadQuestions([]string{filepath.Join(dir, "mc-tr-dev.jsonl")}, nil)
 	for _, c := range []struct {
 		format Format
 		shots  int
-	}{{FormatMMLU, 1}, {FormatTurkishMMLU, 2}} {
+		dev    string
+	}{{FormatMMLU, 1, "mc-tr-dev.jsonl"}, {FormatTurkishMMLU, 2, "mc-tr-dev.jsonl"}, {FormatMMLU, 2, "mc-tr-test.jsonl"}} {
+		dev, _ := ReadQuestions([]string{filepath.Join(dir, c.dev)}, nil)
 		cmd := exec.Command("python3", "scripts/reference/mc_reference.py", "--prompts-only", filepath.Join(dir, "mc-tr-test.jsonl"),
-			"--dev", filepath.Join(dir, "mc-tr-dev.jsonl"), "--shots", fmt.Sprint(c.shots), "--prompt", c.format.Name)
+			"--dev", filepath.Join(dir, c.dev), "--shots", fmt.Sprint(c.shots), "--prompt", c.format.Name)
 		cmd.Dir = root
 		out, err := cmd.Output()
 		if err != nil {

@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"slices"
 	"sort"
 	"strings"
 
@@ -147,7 +148,10 @@ type MCPrompts struct {
 }
 
 // Shots picks each question's shots: the first opts.Shots dev questions of
-// its subject.
+// its subject, passing over the question itself (the same text and
+// choices) where the dev split holds it, as lm-evaluation-harness does
+// when the shots come from the split being scored: a shot that is the
+// question, answer included, would give the answer away.
 func Shots(qs []Question, opts MCOptions) ([][]Question, error) {
 	out := make([][]Question, len(qs))
 	if opts.Shots <= 0 {
@@ -159,16 +163,38 @@ func Shots(qs []Question, opts MCOptions) ([][]Question, error) {
 	}
 	for i, q := range qs {
 		pool := bySubject[q.Subject]
-		if len(pool) < opts.Shots {
+		var shots []Question
+		for _, d := range pool {
+			if len(shots) == opts.Shots {
+				break
+			}
+			if !sameQuestion(d, q) {
+				shots = append(shots, d)
+			}
+		}
+		if len(shots) < opts.Shots {
 			subject := fmt.Sprintf("subject %q", q.Subject)
 			if q.Subject == "" {
 				subject = "questions without a subject"
+				if len(pool) == 0 && len(opts.Dev) > 0 {
+					subject += fmt.Sprintf(" (%s has none; the dev split's %d all have one)", q.Where, len(opts.Dev))
+				}
 			}
-			return nil, fmt.Errorf("%d-shot needs %d dev questions of %s, the dev split has %d", opts.Shots, opts.Shots, subject, len(pool))
+			n := fmt.Sprintf("has %d", len(pool))
+			if len(pool) > len(shots) {
+				n += ", one of them the question itself"
+			}
+			return nil, fmt.Errorf("%d-shot needs %d dev questions of %s, the dev split %s", opts.Shots, opts.Shots, subject, n)
 		}
-		out[i] = pool[:opts.Shots]
+		out[i] = shots
 	}
 	return out, nil
+}
+
+// sameQuestion says whether a and b ask the same thing with the same
+// choices.
+func sameQuestion(a, b Question) bool {
+	return a.Question == b.Question && slices.Equal(a.Choices, b.Choices)
 }
 
 // BuildMC makes the requests of every question.
@@ -328,6 +354,10 @@ type MCScores struct {
 	AccNorm   float64 `json:"acc_norm"`
 }
 
+// NoSubject names, among the subjects of a set where some questions have
+// one, the questions that have none.
+const NoSubject = "(no subject)"
+
 // Summarize is the accuracy over all items and per subject (subjects
 // sorted by name; none when no item has a subject).
 func Summarize(items []MCItem) (all MCScores, subjects map[string]MCScores) {
@@ -341,14 +371,20 @@ func Summarize(items []MCItem) (all MCScores, subjects map[string]MCScores) {
 		}
 	}
 	by := map[string]*MCScores{}
+	var none MCScores
 	for _, it := range items {
 		add(&all, it)
-		if it.Subject != "" {
-			if by[it.Subject] == nil {
-				by[it.Subject] = &MCScores{}
-			}
-			add(by[it.Subject], it)
+		if it.Subject == "" {
+			add(&none, it)
+			continue
 		}
+		if by[it.Subject] == nil {
+			by[it.Subject] = &MCScores{}
+		}
+		add(by[it.Subject], it)
+	}
+	if len(by) > 0 && none.Questions > 0 { // so that the subjects' rows account for every question
+		by[NoSubject] = &none
 	}
 	norm := func(s *MCScores) {
 		if s.Questions > 0 {

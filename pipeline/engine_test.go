@@ -758,3 +758,31 @@ stages:
 		t.Errorf("%d failed, %d canceled (want 1 and 3: the twin and both counts); %v", failed, canceled, err)
 	}
 }
+
+// TestWaitSecondsApart: a stage that reads the committed entries of stages
+// computing beside it records the time it waited for them apart from its
+// own; one fed by a stream waits on nothing.
+func TestWaitSecondsApart(t *testing.T) {
+	defer goleak.VerifyNone(t)
+	e := newTestEnv(t)
+	spec := e.write("wait.yaml", `name: wait
+stages:
+  slow: {kind: gen, with: {rows: 20, batch: 1, delay_ms: 25}}
+  fast: {kind: gen, with: {rows: 5, batch: 5, tags: [fast]}}
+  both: {kind: concat, needs: [slow, fast]}
+  streamed: {kind: double, needs: [slow]}
+`)
+	rec := e.mustRun(spec, Options{})
+	for _, st := range rec.Stages {
+		switch st.Name {
+		case "both":
+			if st.WaitSeconds < 0.3 || st.WaitSeconds > st.Seconds {
+				t.Errorf("both waited %.3fs of %.3fs, want most of slow's ~0.5s", st.WaitSeconds, st.Seconds)
+			}
+		default:
+			if st.WaitSeconds != 0 {
+				t.Errorf("%s waited %.3fs", st.Name, st.WaitSeconds)
+			}
+		}
+	}
+}

@@ -75,8 +75,11 @@ type StageRecord struct {
 	Rows        int64           `json:"rows"`
 	Bytes       int64           `json:"bytes"`
 	Seconds     float64         `json:"seconds"`
-	Stats       map[string]any  `json:"stats,omitempty"`
-	Error       string          `json:"error,omitempty"`
+	// WaitSeconds is the part of Seconds the stage spent waiting for
+	// inputs that other stages of the run were computing.
+	WaitSeconds float64        `json:"wait_seconds,omitempty"`
+	Stats       map[string]any `json:"stats,omitempty"`
+	Error       string         `json:"error,omitempty"`
 }
 
 // withoutNotes drops what a run said about how it resolved refs, which is
@@ -530,6 +533,9 @@ func (x *execution) computeStep(ctx context.Context, st *Step, t *Task, committe
 	defer func() {
 		x.mu.Lock()
 		r.Seconds = time.Since(started).Seconds()
+		for _, in := range t.Inputs {
+			r.WaitSeconds += time.Duration(in.waited.Load()).Seconds()
+		}
 		if err != nil {
 			r.State, r.Error = "failed", err.Error()
 			if errors.Is(err, context.Canceled) {

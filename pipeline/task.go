@@ -13,6 +13,8 @@ import (
 	"os"
 	"path/filepath"
 	"sync"
+	"sync/atomic"
+	"time"
 
 	"github.com/apache/arrow-go/v18/arrow"
 	"github.com/apache/arrow-go/v18/arrow/ipc"
@@ -180,6 +182,8 @@ type Input struct {
 
 	table *dataset.IPCReader // the committed entry's table, once opened
 	eof   bool
+
+	waited atomic.Int64 // nanoseconds spent waiting for the entry's commit
 }
 
 // Next returns the next batch of the input, or io.EOF after the last. The
@@ -257,6 +261,13 @@ func (in *Input) Dir(ctx context.Context) (string, error) {
 		}()
 		in.ch, in.eof = nil, false
 	}
+	select {
+	case <-in.committed:
+		return in.dir, nil
+	default:
+	}
+	began := time.Now()
+	defer func() { in.waited.Add(int64(time.Since(began))) }()
 	select {
 	case <-in.committed:
 		return in.dir, nil

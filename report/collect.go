@@ -191,11 +191,13 @@ func scoresOf(s pipeline.StageRecord) []score {
 	var out []score
 	switch {
 	case s.Kind == trainKind:
+		// Named apart from an eval stage's held-out loss, which is of
+		// other records.
 		if v, ok := num(s.Stats["eval_loss"]); ok {
-			out = append(out, score{s.Name + " eval loss", v})
+			out = append(out, score{s.Name + ": loss on its eval rows", v})
 		}
 		if v, ok := num(s.Stats["final_loss"]); ok {
-			out = append(out, score{s.Name + " train loss", v})
+			out = append(out, score{s.Name + ": final train loss", v})
 		}
 	case isEval(s.Kind):
 		names := make([]string, 0, len(s.Stats))
@@ -205,11 +207,22 @@ func scoresOf(s pipeline.StageRecord) []score {
 		sort.Strings(names)
 		for _, k := range names {
 			if v, ok := num(s.Stats[k]); ok && !notScores[k] {
-				out = append(out, score{s.Name + " " + strings.ReplaceAll(k, "_", " "), v})
+				out = append(out, score{s.Name + ": " + scoreLabel(k), v})
 			}
 		}
 	}
 	return out
+}
+
+// scoreLabel reads an eval statistic's name for people: loss_adapter is
+// "loss (adapter)", acc_norm_base "acc norm (base)".
+func scoreLabel(stat string) string {
+	for _, model := range []string{"base", "adapter"} {
+		if name, ok := strings.CutSuffix(stat, "_"+model); ok {
+			return strings.ReplaceAll(name, "_", " ") + " (" + model + ")"
+		}
+	}
+	return strings.ReplaceAll(stat, "_", " ")
 }
 
 func isEval(kind string) bool { return strings.HasPrefix(kind, evalKind) }

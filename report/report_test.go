@@ -185,13 +185,13 @@ func TestReportNights(t *testing.T) {
 	}
 	// Eval: the eval stage's scores (not its row count), the adapter's losses.
 	ev := p.Tables["eval-table"]
-	if want := []string{"run", "adapter eval loss", "adapter train loss", "trmmlu accuracy"}; fmt.Sprint(ev.Head) != fmt.Sprint(want) {
+	if want := []string{"run", "adapter: loss on its eval rows", "adapter: final train loss", "trmmlu: accuracy"}; fmt.Sprint(ev.Head) != fmt.Sprint(want) {
 		t.Errorf("eval table head %q, want %q", ev.Head, want)
 	}
-	if acc := ev.Column("trmmlu accuracy"); len(acc) != 4 || acc[0] != "0.44 +0.03" || acc[1] != "—" || acc[3] != "0.41" {
+	if acc := ev.Column("trmmlu: accuracy"); len(acc) != 4 || acc[0] != "0.44 +0.03" || acc[1] != "—" || acc[3] != "0.41" {
 		t.Errorf("accuracy column %q", acc)
 	}
-	if tr := p.Charts["trend:trmmlu accuracy"]; tr.Points != 3 {
+	if tr := p.Charts["trend:trmmlu: accuracy"]; tr.Points != 3 {
 		t.Errorf("accuracy trend has %d points, want 3 (the failed night has none)", tr.Points)
 	}
 	// Data: the last run's figures, and the trend.
@@ -295,10 +295,10 @@ func TestTrendTicksThinOut(t *testing.T) {
 		f.record(true, "", evalStage("computed", 0.3+float64(i)/100))
 	}
 	_, p, raw := render(t, f, 14)
-	if tr := p.Charts["trend:trmmlu accuracy"]; tr.Points != 14 {
+	if tr := p.Charts["trend:trmmlu: accuracy"]; tr.Points != 14 {
 		t.Errorf("%d points, want 14", tr.Points)
 	}
-	svg := raw[strings.Index(raw, `data-chart="trend:trmmlu accuracy"`):]
+	svg := raw[strings.Index(raw, `data-chart="trend:trmmlu: accuracy"`):]
 	svg = svg[:strings.Index(svg, "</svg>")]
 	// x ticks are the ones drawn under the frame (y ticks are end-anchored).
 	if n := strings.Count(svg, `class="tick" x=`) - strings.Count(svg, `text-anchor="end"`); n > 7 {

@@ -5,6 +5,7 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"maps"
 	"math"
 	"os"
 	"path/filepath"
@@ -91,7 +92,7 @@ type mcParams struct {
 	Prompt string `json:"prompt"`
 }
 
-func (evalKind) Version() int       { return 3 } // 2: scores as TensorBoard events in tb/; 3: a gap among the A, B, … columns is an error, no longer the end of the choices
+func (evalKind) Version() int       { return 4 } // 2: scores as TensorBoard events in tb/; 3: a gap among the A, B, … columns is an error, no longer the end of the choices; 4: a question is never its own shot; questions without a subject beside ones with have their own row
 func (evalKind) Inputs() (int, int) { return 1, -1 }
 func (evalKind) Params() any        { return &evalParams{BatchTokens: 4096} }
 
@@ -526,6 +527,9 @@ func (s *evalStage) Run(ctx context.Context, t *pipeline.Task) error {
 			res.MultipleChoice.ItemsPerSecond[which] = float64(len(items)) / time.Since(t0).Seconds()
 		}
 	}
+	if err := res.checkFinite(); err != nil {
+		return err
+	}
 	if err := res.write(t.Dir); err != nil {
 		return err
 	}
@@ -866,6 +870,20 @@ func (r *evalResults) write(dir string) error {
 		lines.WriteByte('\n')
 	}
 	return atomicfile.WriteFile(filepath.Join(dir, EvalItemsFile), []byte(lines.String()))
+}
+
+// checkFinite refuses scores that are not numbers, which results.json and
+// the manifest cannot hold: a NaN loss says that a model's weights hold
+// values that are not finite; an infinite perplexity, a loss past what exp
+// can take.
+func (r *evalResults) checkFinite() error {
+	sc := r.scalars()
+	for _, name := range slices.Sorted(maps.Keys(sc)) { // the loss before its perplexity
+		if v := sc[name]; math.IsNaN(v) || math.IsInf(v, 0) {
+			return fmt.Errorf("%s is %v, which results.json cannot hold: a model whose weights are not finite, or a loss too large to exponentiate", name, v)
+		}
+	}
+	return nil
 }
 
 // scalars are the scores by name (loss_adapter, acc_norm_base, ...), as

@@ -15,6 +15,7 @@ import (
 	"github.com/apache/arrow-go/v18/arrow"
 	"github.com/apache/arrow-go/v18/arrow/array"
 
+	"gemmaft/eval"
 	"gemmaft/internal/testenv"
 	"gemmaft/pipeline"
 	"gemmaft/tokenizer"
@@ -468,5 +469,27 @@ func TestEvalBadInput(t *testing.T) {
 	}
 	if n := r.evalEntries(); n != 1 {
 		t.Errorf("%d eval entries after a good run", n)
+	}
+}
+
+// TestEvalScoresMustBeNumbers: a NaN loss or an infinite perplexity is the
+// stage's error, naming the score, rather than a results.json that cannot
+// be written after all the scoring.
+func TestEvalScoresMustBeNumbers(t *testing.T) {
+	for _, c := range []struct {
+		adapter eval.LossResult
+		want    string
+	}{
+		{eval.LossResult{Loss: math.NaN(), Perplexity: math.NaN()}, "loss_adapter is NaN"},
+		{eval.LossResult{Loss: 720, Perplexity: math.Exp(720)}, "perplexity_adapter is +Inf"},
+	} {
+		r := &evalResults{Loss: &lossResults{Scores: map[string]eval.LossResult{"base": {Loss: 12, Perplexity: math.Exp(12)}, "adapter": c.adapter}}}
+		if err := r.checkFinite(); err == nil || !strings.Contains(err.Error(), c.want) {
+			t.Errorf("%+v: %v, want %q", c.adapter, err, c.want)
+		}
+	}
+	r := &evalResults{Loss: &lossResults{Scores: map[string]eval.LossResult{"base": {Loss: 12, Perplexity: math.Exp(12)}, "adapter": {Loss: 11, Perplexity: math.Exp(11)}}}}
+	if err := r.checkFinite(); err != nil {
+		t.Error(err)
 	}
 }

@@ -91,9 +91,6 @@ func (p *generateParams) Validate() error {
 		return bad("quantize", fmt.Sprintf("unknown %q", p.Quantize),
 			"use auto (nf4 for an adapter trained on an NF4 base), nf4 or none")
 	}
-	if p.TopP == 0 {
-		p.TopP = 1 // both mean no nucleus cut; one spelling keeps one key
-	}
 	if err := resolveDevice(&p.Backend); err != nil {
 		return bad("backend", err.Error(), "use cpu, cuda, or auto (the GPU when one is usable)")
 	}
@@ -104,8 +101,10 @@ func (p *generateParams) Validate() error {
 		return bad("temperature", fmt.Sprintf("%v must be 0 (greedy) or positive", p.Temperature), "0 decodes greedily; Gemma 3 ships sampling at 1")
 	case p.TopK < 0:
 		return bad("top_k", "must not be negative", "0 keeps every token")
+	case p.TopP == 0: // transformers keeps the most likely token alone there; the decoders read 0 as no cut
+		return bad("top_p", "0 would keep only the most likely token", "top_k: 1 says that; 1 keeps every token")
 	case p.TopP < 0 || p.TopP > 1 || math.IsNaN(p.TopP):
-		return bad("top_p", fmt.Sprintf("%v must be in [0, 1]", p.TopP), "1 (or 0) keeps every token")
+		return bad("top_p", fmt.Sprintf("%v must be in (0, 1]", p.TopP), "1 keeps every token")
 	case p.BatchSize < 1:
 		return bad("batch_size", "must be at least 1", "questions decoded together (8 by default); the answers do not depend on it")
 	case !modelIDPattern.MatchString(p.ModelID):

@@ -431,7 +431,8 @@ stages:
 		"{quantize: int8}":           `quantize: unknown "int8"`,
 		"{max_new_tokens: 0}":        "max_new_tokens: must be at least 1",
 		"{temperature: -1}":          "temperature: -1 must be 0 (greedy) or positive",
-		"{temperature: 1, top_p: 2}": "top_p: 2 must be in [0, 1]",
+		"{temperature: 1, top_p: 2}": "top_p: 2 must be in (0, 1]",
+		"{temperature: 1, top_p: 0}": "top_p: 0 would keep only the most likely token",
 		"{model: nowhere}":           "model: ",
 	} {
 		spec := r.spec(fmt.Sprintf("name: p\nstages:\n  questions: {kind: mt_bench, with: {paths: [%s]}}\n  answers: {kind: generate, needs: [questions], with: %s}\n", q, with))

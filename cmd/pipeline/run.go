@@ -229,6 +229,9 @@ func printSummary(rec *pipeline.RunRecord) {
 		secs := "-"
 		if s.State != "cached" {
 			secs = fmt.Sprintf("%.2f", s.Seconds)
+			if s.WaitSeconds >= 0.5 { // a stage that waited on another's entry: its own time apart
+				secs = fmt.Sprintf("%.2f (%.2f waiting)", s.Seconds, s.WaitSeconds)
+			}
 		}
 		fmt.Fprintf(w, "%s\t%s\t%d\t%s\t%s\n", s.Name, s.State, s.Rows, secs, s.Entry)
 	}

@@ -24,7 +24,7 @@ The prompts are lm-evaluation-harness's (see eval/mc.go): for acc the `mmlu`
 task's lettered prompt with " A", " B", ... as continuations, for acc_norm
 the `mmlu_continuation` task's "Question: ...\\nAnswer:" with " " + each
 choice's text, normalised by its UTF-8 length; shots are the first K dev
-questions of the same subject; `--prompt turkishmmlu` is the harness's
+questions of the same subject, the scored question itself passed over; `--prompt turkishmmlu` is the harness's
 TurkishMMLU layout ("Soru: ...\\nCevap:"). Contexts and continuations are
 tokenized as the harness's `_encode_pair` does.
 
@@ -406,7 +406,10 @@ def main():
         raise SystemExit("--shots needs --dev")
     texts = []
     for q in qs:
-        shots = [d for d in dev if d["subject"] == q["subject"]][:a.shots]
+        # The harness leaves the scored document out of its shots when they
+        # come from the split being scored.
+        same = lambda d: d["question"] == q["question"] and d["choices"] == q["choices"]
+        shots = [d for d in dev if d["subject"] == q["subject"] and not same(d)][:a.shots]
         if len(shots) < a.shots:
             raise SystemExit(f"{a.shots}-shot needs {a.shots} dev questions of subject {q['subject']!r}")
         texts.append(contexts(a.prompt, q, shots))

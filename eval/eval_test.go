@@ -457,7 +457,7 @@ func TestReadQuestionsErrors(t *testing.T) {
 		{"letter outside", `{"question": "Q?", "choices": ["a", "b", "c", "d"], "answer": "E"}`, nil, `answer "E" is outside the 4 choices (A to D)`},
 		{"index outside", `{"question": "Q?", "choices": ["a", "b"], "answer": 2}`, nil, "answer 2 is outside the 2 choices (indices 0 to 1)"},
 		{"negative index", `{"question": "Q?", "choices": ["a", "b"], "answer": -1}`, nil, "answer -1 is outside"},
-		{"not a letter", `{"question": "Q?", "choices": ["a", "b"], "answer": "1"}`, nil, `answer "1" is not a letter`},
+		{"not a letter", `{"question": "Q?", "choices": ["a", "b"], "answer": "1"}`, nil, `answer "1" is a number written as text: an index is a JSON integer (0 for A)`},
 		{"no question", `{"choices": ["a", "b"], "answer": "A"}`, nil, `no question (column "question")`},
 		{"no choices", `{"question": "Q?", "answer": "A"}`, nil, "no choices"},
 		{"one choice", `{"question": "Q?", "choices": ["a"], "answer": "A"}`, nil, "at least 2"},

@@ -219,6 +219,10 @@ func parseAnswer(v any, n int) (int, error) {
 				return i, nil
 			}
 		}
+		if _, err := strconv.Atoi(s); err == nil {
+			// "1" may count from 0 or from 1: the set has to say.
+			return 0, fmt.Errorf("answer %q is a number written as text: an index is a JSON integer (0 for A), a letter a string (\"A\" to \"%s\")", a, last)
+		}
 		return 0, fmt.Errorf("answer %q is not a letter (A to %s) nor an index (an integer from 0)", a, last)
 	case json.Number:
 		i, err := strconv.ParseInt(string(a), 10, 64)

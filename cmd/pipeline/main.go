@@ -30,8 +30,9 @@ var root = &cobra.Command{
 	Use:   "pipeline",
 	Short: "Run cached data and fine-tuning DAGs for Gemma 3",
 	Long: `pipeline runs a declarative DAG of stages (data sources, chat templating,
-tokenizing, packing, QLoRA training), caching each stage's output under the
-content hash of everything that produced it.
+tokenizing, packing, QLoRA training, evaluation, generation, merging, GGUF
+export), caching each stage's output under the content hash of everything that
+produced it. The README's table lists the stage kinds and their parameters.
 
 Exit codes: 0 success, 1 a stage or check failed, 2 usage or spec error,
 75 another run holds the DAG's lock and --no-wait was given, 130 or 143

@@ -140,6 +140,9 @@ in float32 (--backend cpu).`,
 			}
 			var question string
 			if prompt == "-" {
+				if isatty.IsTerminal(os.Stdin.Fd()) {
+					fmt.Fprintln(os.Stderr, "chat: reading the prompt from the terminal; Ctrl-D ends it")
+				}
 				b, err := io.ReadAll(cmd.InOrStdin())
 				if err != nil {
 					return failErr(err)

@@ -110,7 +110,7 @@ func TestReportThreeLearningRates(t *testing.T) {
 			}
 		}
 		// The trend: one eval loss per run.
-		if tr := page.Charts["trend:adapter eval loss"]; tr.Points != 3 {
+		if tr := page.Charts["trend:adapter: loss on its eval rows"]; tr.Points != 3 {
 			t.Errorf("eval loss trend has %d points, want 3", tr.Points)
 		}
 		if rows := page.Tables["eval-table"].Rows; len(rows) != 3 {
@@ -190,14 +190,14 @@ func TestReportThreeLearningRates(t *testing.T) {
 		for _, v := range r.Views {
 			t.Logf("%s: %gpx wide (page %gpx), smallest text %gpx, smallest chart text %.1fpx, DAG %.0fpx; screenshot %s",
 				v.Name, v.InnerWidth, v.ScrollWidth, v.MinTextPx, v.MinChartTextPx, v.DAGWidth, v.Screenshot)
-			for _, c := range []string{"loss:adapter", "eval-loss:adapter", "lr:adapter", "throughput:adapter", "trend:adapter eval loss", "trend:adapter train loss"} {
+			for _, c := range []string{"loss:adapter", "eval-loss:adapter", "lr:adapter", "throughput:adapter", "trend:adapter: loss on its eval rows", "trend:adapter: final train loss"} {
 				ch, ok := v.Charts[c]
 				if !ok || ch.Width < 200 || ch.Height < 100 || ch.Width > v.InnerWidth {
 					t.Errorf("%s: chart %s laid out %vx%v (viewport %v)", v.Name, c, ch.Width, ch.Height, v.InnerWidth)
 				}
 			}
-			if v.Charts["loss:adapter"].Series != 3 || v.Charts["trend:adapter eval loss"].Points != 3 {
-				t.Errorf("%s: loss series %d, trend points %d; want 3 and 3", v.Name, v.Charts["loss:adapter"].Series, v.Charts["trend:adapter eval loss"].Points)
+			if v.Charts["loss:adapter"].Series != 3 || v.Charts["trend:adapter: loss on its eval rows"].Points != 3 {
+				t.Errorf("%s: loss series %d, trend points %d; want 3 and 3", v.Name, v.Charts["loss:adapter"].Series, v.Charts["trend:adapter: loss on its eval rows"].Points)
 			}
 			for id, rows := range map[string]int{"stages": 6, "eval-table": 3, "data-table": 4, "data-trend": 3, "runs-table": 3} {
 				if tb := v.Tables[id]; tb.Rows != rows || !tb.Visible {

@@ -63,6 +63,13 @@ leaves it out.`,
   pipeline bench generate --preset 12b --quantize nf4 --lora-rank 16`,
 		Args: cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
+			if o.sample.Temperature == 0 {
+				for _, name := range []string{"top-k", "top-p", "seed"} {
+					if cmd.Flags().Changed(name) {
+						return usageErr(fmt.Errorf("bench generate: --%s applies only when sampling: give --temperature too", name))
+					}
+				}
+			}
 			return runBenchGenerate(cmd.Context(), cmd.OutOrStdout(), o)
 		},
 	}

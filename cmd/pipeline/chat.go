@@ -125,6 +125,17 @@ in float32 (--backend cpu).`,
 			if f.Changed("max-new-tokens") {
 				opts.MaxNewTokens = maxNew
 			}
+			if opts.Temperature == 0 {
+				for _, name := range []string{"top-k", "top-p", "seed"} {
+					switch {
+					case !f.Changed(name):
+					case f.Changed("temperature"):
+						return usageErr(fmt.Errorf("chat: --%s applies only when sampling, and --temperature 0 decodes greedily", name))
+					default:
+						fmt.Fprintf(os.Stderr, "chat: --%s is unused: decoding is greedy, as the model folder has no generation_config.json that samples; --temperature samples\n", name)
+					}
+				}
+			}
 			if err := opts.Validate(); err != nil { // the flags passed: the file's value
 				return failErr(fmt.Errorf("chat: %s: %w (the flags override what it sets)", filepath.Join(modelDir, "generation_config.json"), err))
 			}

@@ -401,6 +401,7 @@ func TestChatChecksFirst(t *testing.T) {
 		{[]string{"--temperature", "-1"}, "--temperature -1: must be 0 (greedy) or positive"},
 		{[]string{"--top-k", "-2"}, "--top-k -2: must not be negative"},
 		{[]string{"--backend", "gpu"}, `--backend "gpu": want auto, cpu or cuda`},
+		{[]string{"--temperature", "0", "--top-k", "5"}, "--top-k applies only when sampling, and --temperature 0 decodes greedily"},
 	} {
 		r := runCLI(t, dir, append([]string{"chat", "--model", model, "--prompt", q}, c.args...)...)
 		if r.code != 2 || !strings.Contains(r.stderr, c.want) {

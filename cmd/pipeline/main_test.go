@@ -264,6 +264,7 @@ func TestBenchGenerate(t *testing.T) {
 		{"bench", "generate", "--model", model, "--backend", "gpu"},
 		{"bench", "generate", "--model", model, "--backend", "cpu", "--profile"},
 		{"bench", "generate", "--model", model, "--warmup", "-1"},
+		{"bench", "generate", "--model", model, "--top-k", "5"},
 	} {
 		if r := runCLI(t, dir, args...); r.code != 2 {
 			t.Errorf("%v: exit %d, want 2 (%s)", args, r.code, r.stderr)

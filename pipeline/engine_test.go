@@ -702,6 +702,15 @@ stages:
   c: {kind: double, needs: [src]}
   after_b: {kind: count, needs: [b]}
 `)
+	plan, err := e.store.Plan(e.load(spec), Options{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, st := range plan.Steps {
+		if (st.Node.Name == "b" || st.Node.Name == "c") && st.Reason != "the same entry as stage a, computed once" {
+			t.Errorf("plan: %s %q", st.Node.Name, st.Reason)
+		}
+	}
 	done := make(chan struct{})
 	var rec *RunRecord
 	go func() {
@@ -741,7 +750,7 @@ stages:
   after_x: {kind: count, needs: [x]}
   after_y: {kind: count, needs: [y]}
 `)
-	rec, err := e.run(bad, Options{})
+	rec, err = e.run(bad, Options{})
 	if err == nil {
 		t.Fatal("the failing twins succeeded")
 	}

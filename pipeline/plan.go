@@ -149,6 +149,7 @@ func (s *Store) PlanContext(ctx context.Context, dag *DAG, opts Options) (*Plan,
 	for _, f := range opts.Force {
 		forced[f] = true
 	}
+	first := map[string]*Step{} // of each key computed: its first stage, which computes it for all
 	for _, st := range plan.Steps {
 		if !st.Selected {
 			continue
@@ -158,8 +159,13 @@ func (s *Store) PlanContext(ctx context.Context, dag *DAG, opts Options) (*Plan,
 			st.Compute, st.Reason = true, "forced"
 		case st.State == Valid:
 			st.Reason = "cached"
+		case first[st.Key] != nil:
+			st.Compute, st.Reason = true, "the same entry as stage "+first[st.Key].Node.Name+", computed once"
 		default:
 			st.Compute, st.Reason = true, plan.why(st)
+		}
+		if st.Compute && first[st.Key] == nil {
+			first[st.Key] = st
 		}
 	}
 	return plan, nil

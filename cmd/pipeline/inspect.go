@@ -119,7 +119,8 @@ func printResults(w io.Writer, entry string) {
 		return
 	}
 	var r struct {
-		Table *struct {
+		Models map[string]string `json:"models"` // what "base" and "adapter" ran on
+		Table  *struct {
 			Columns []string `json:"columns"`
 			Rows    [][]any  `json:"rows"`
 		} `json:"table"`
@@ -164,6 +165,11 @@ func printResults(w io.Writer, entry string) {
 			}
 		}
 		fmt.Fprintln(w, b.String())
+	}
+	for _, m := range []string{"base", "adapter"} {
+		if what := r.Models[m]; what != "" {
+			fmt.Fprintf(w, "%s: %s\n", m, what)
+		}
 	}
 }
 

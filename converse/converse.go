@@ -147,17 +147,6 @@ func (g *Generator) Encode(prompt string) ([]int32, error) {
 	return ids, nil
 }
 
-// PromptTokens is the length of a conversation rendered for its answer,
-// in tokens.
-func (g *Generator) PromptTokens(c Conversation) (int, error) {
-	text, err := c.Prompt()
-	if err != nil {
-		return 0, err
-	}
-	ids, err := g.Encode(text)
-	return len(ids), err
-}
-
 // Reply is the model's answer to a conversation's last turn.
 type Reply struct {
 	// Text is the answer: the new tokens decoded without special tokens,

@@ -65,6 +65,28 @@ func (e *testEnv) mustRun(spec string, opts Options) *RunRecord {
 	return rec
 }
 
+// mustRunWithin is mustRun, failing the test (a deadlock, most likely)
+// when the run takes longer than limit.
+func (e *testEnv) mustRunWithin(spec string, opts Options, limit time.Duration) *RunRecord {
+	e.t.Helper()
+	done := make(chan struct{})
+	var rec *RunRecord
+	var err error
+	go func() {
+		defer close(done)
+		rec, err = e.run(spec, opts)
+	}()
+	select {
+	case <-done:
+	case <-time.After(limit):
+		e.t.Fatalf("%s did not finish within %v: deadlock", spec, limit)
+	}
+	if err != nil {
+		e.t.Fatalf("run: %v", err)
+	}
+	return rec
+}
+
 func stateOfStage(rec *RunRecord, name string) string {
 	for _, s := range rec.Stages {
 		if s.Name == name {
@@ -443,17 +465,7 @@ stages:
   both: {kind: concat, needs: [a, b]}
   after: {kind: double, needs: [both], with: {delay_ms: 1}}
 `)
-	done := make(chan struct{})
-	var rec *RunRecord
-	go func() {
-		defer close(done)
-		rec = e.mustRun(spec, Options{})
-	}()
-	select {
-	case <-done:
-	case <-time.After(30 * time.Second):
-		t.Fatal("diamond DAG did not finish: deadlock")
-	}
+	rec := e.mustRunWithin(spec, Options{}, 30*time.Second)
 	is, _ := readTable(t, e.store, keyOfStage(rec, "both"))
 	if len(is) != 10000 || is[4999] != 9998 || is[9999] != 14997 {
 		t.Fatalf("concat: %d rows", len(is))
@@ -711,17 +723,7 @@ stages:
 			t.Errorf("plan: %s %q", st.Node.Name, st.Reason)
 		}
 	}
-	done := make(chan struct{})
-	var rec *RunRecord
-	go func() {
-		defer close(done)
-		rec = e.mustRun(spec, Options{})
-	}()
-	select {
-	case <-done:
-	case <-time.After(30 * time.Second):
-		t.Fatal("the run with twin stages did not finish")
-	}
+	rec := e.mustRunWithin(spec, Options{}, 30*time.Second)
 	computed, served := 0, 0
 	for _, st := range rec.Stages {
 		switch {

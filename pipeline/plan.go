@@ -36,6 +36,10 @@ type Step struct {
 	Selected bool       // part of this run (see Options.Until and Only)
 	Compute  bool       // will be computed
 	Reason   string     // why it will be computed, or why it is cached
+	// Twin is the earlier step that computes this one's entry: stages of
+	// one kind, parameters and inputs have one key, and the entry is
+	// computed once (a run that locked it twice would wait forever).
+	Twin *Step
 
 	keyed []*keyedFile // Files as hashed, for checking what the stage reads
 }
@@ -149,7 +153,7 @@ func (s *Store) PlanContext(ctx context.Context, dag *DAG, opts Options) (*Plan,
 	for _, f := range opts.Force {
 		forced[f] = true
 	}
-	first := map[string]*Step{} // of each key computed: its first stage, which computes it for all
+	first := map[string]*Step{} // of each key computed: its first step, which computes it for all
 	for _, st := range plan.Steps {
 		if !st.Selected {
 			continue
@@ -164,8 +168,10 @@ func (s *Store) PlanContext(ctx context.Context, dag *DAG, opts Options) (*Plan,
 		default:
 			st.Compute, st.Reason = true, plan.why(st)
 		}
-		if st.Compute && first[st.Key] == nil {
-			first[st.Key] = st
+		if st.Compute {
+			if st.Twin = first[st.Key]; st.Twin == nil {
+				first[st.Key] = st
+			}
 		}
 	}
 	return plan, nil

@@ -194,10 +194,6 @@ type execution struct {
 	records map[*Step]*StageRecord
 	mu      sync.Mutex // guards records during execution
 	locks   map[*Step]*flock.Flock
-	// twins maps a step to the step of the run that computes its entry:
-	// stages of one kind, parameters and inputs have one key, and the
-	// entry is computed once (taking its lock twice would wait forever).
-	twins map[*Step]*Step
 }
 
 // follows says whether this run takes part in st as a follower: the
@@ -240,16 +236,8 @@ func (x *execution) execute(ctx context.Context) error {
 	// Each lock goes once its entry is committed (or has failed), so that
 	// another run waiting for an entry goes on while this one computes the
 	// rest: a follower waits so for the data its training needs.
+	// (A twin comes after the step it waits for: the sort is stable.)
 	sort.SliceStable(compute, func(i, j int) bool { return compute[i].Key < compute[j].Key })
-	x.twins = map[*Step]*Step{}
-	for i := 1; i < len(compute); i++ {
-		if prev := compute[i-1]; compute[i].Key == prev.Key {
-			if first := x.twins[prev]; first != nil {
-				prev = first
-			}
-			x.twins[compute[i]] = prev
-		}
-	}
 	x.locks = map[*Step]*flock.Flock{}
 	defer func() {
 		for _, l := range x.locks {
@@ -258,7 +246,7 @@ func (x *execution) execute(ctx context.Context) error {
 	}()
 	var todo []*Step
 	for _, st := range compute {
-		if first := x.twins[st]; first != nil {
+		if first := st.Twin; first != nil {
 			if !first.Compute { // another run computed it
 				st.Compute, st.State, st.Manifest, st.Reason = false, Valid, first.Manifest, first.Reason
 				x.records[st].State, x.records[st].Reason = "cached", st.Reason
@@ -367,7 +355,7 @@ func (x *execution) compute(ctx context.Context, todo []*Step) error {
 		for _, d := range st.Node.Needs {
 			up := x.plan.Step(d.Name)
 			in := &Input{Name: d.Name, Kind: d.KindName, store: x.e.Store, dir: x.e.Store.EntryDir(up.Key), committed: committed[up], tracker: t.tracker, ctx: sctx}
-			if computing[up] && x.twins[up] == nil && x.twins[st] == nil && len(st.Node.Needs) == 1 {
+			if computing[up] && up.Twin == nil && st.Twin == nil && len(st.Node.Needs) == 1 {
 				in.ch = make(chan arrow.RecordBatch, 4)
 				streams[up] = append(streams[up], stream{ch: in.ch, gone: finished[st]})
 			}
@@ -402,7 +390,7 @@ func (x *execution) compute(ctx context.Context, todo []*Step) error {
 			defer wg.Done()
 			defer close(finished[st])
 			defer cancel[st](nil)
-			if first := x.twins[st]; first != nil {
+			if first := st.Twin; first != nil {
 				if err := x.awaitTwin(stepCtx[st], st, first, t, finished[first], committed[st]); err != nil && stepCtx[st].Err() == nil {
 					for _, d := range x.dependents(st) {
 						if c := cancel[d]; c != nil {
@@ -494,7 +482,7 @@ func (x *execution) dependents(st *Step) []*Step {
 }
 
 // awaitTwin stands for st, whose entry first computes in this run (see
-// execution.twins): once first is done, st is served its entry, or is
+// Step.Twin): once first is done, st is served its entry, or is
 // canceled with first's failure.
 func (x *execution) awaitTwin(ctx context.Context, st, first *Step, t *Task, done <-chan struct{}, committed chan struct{}) error {
 	t.tracker.start()

@@ -322,33 +322,28 @@ func (s *chatSession) answer(ctx context.Context, text string) (end answerEnd, e
 	}
 	o := s.opts
 	o.Seed += uint64(len(s.conv.Turns)) // each turn its own draws
-	// An answer may take what the context has left: transformers' generate
-	// stops there too.
-	n, err := s.gen.PromptTokens(conv)
-	if err != nil {
-		return answerDone, failErr(fmt.Errorf("chat: %w", err))
-	}
-	if room := s.gen.Context() - n; room < 1 {
-		msg := fmt.Sprintf("chat: the conversation is %d tokens long, beyond the model's context of %d positions", n, s.gen.Context())
-		if s.tty {
-			msg += "; /reset starts a new conversation"
-		}
-		return answerDone, failErr(errors.New(msg))
-	} else if room < o.MaxNewTokens {
-		o.MaxNewTokens = room
-	}
 	// The answer is printed stripped as the template strips it, so that
 	// what a script reads is what the next turn's prompt holds.
 	var raw strings.Builder
 	printed := 0
-	replies, err := s.gen.Reply(ctx, []converse.Conversation{conv}, o, func(_ int, piece string) {
+	emit := func(_ int, piece string) {
 		raw.WriteString(piece)
 		now := chat.Strip(raw.String())
 		if len(now) > printed {
 			io.WriteString(s.out, now[printed:])
 			printed = len(now)
 		}
-	})
+	}
+	convs := []converse.Conversation{conv}
+	replies, err := s.gen.Reply(ctx, convs, o, emit)
+	// An answer may take what the context has left, as transformers'
+	// generate does: Reply refuses, before decoding, one that might not
+	// fit, and says how long the prompt is.
+	var ce *converse.ContextError
+	if errors.As(err, &ce) && ce.PromptTokens < ce.Context {
+		o.MaxNewTokens = ce.Context - ce.PromptTokens
+		replies, err = s.gen.Reply(ctx, convs, o, emit)
+	}
 	var reply string
 	switch {
 	case err == nil:
@@ -370,6 +365,12 @@ func (s *chatSession) answer(ctx context.Context, text string) (end answerEnd, e
 			}
 			return end, context.Cause(ctx) // the command's end: 130 or 143
 		}
+	case errors.As(err, &ce):
+		msg := "chat: " + ce.Error()
+		if s.tty {
+			msg += "; /reset starts a new conversation"
+		}
+		return answerDone, failErr(errors.New(msg))
 	default:
 		return answerDone, failErr(err)
 	}

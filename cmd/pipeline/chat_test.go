@@ -41,6 +41,25 @@ func tinyChatModel(t *testing.T, dir string, layers int) string {
 	return dir
 }
 
+// tinyGenerator loads model on the CPU reference, as the chat command does
+// without a GPU, with its tokenizer.
+func tinyGenerator(t *testing.T, model string) (*tokenizer.Tokenizer, trainer.Decoder, *converse.Generator) {
+	t.Helper()
+	tok, err := tokenizer.LoadFile(filepath.Join(model, "tokenizer.json"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	dec, err := trainer.OpenDecoder(trainer.DecoderConfig{Model: model})
+	if err != nil {
+		t.Fatal(err)
+	}
+	gen, err := converse.New(dec, tok)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return tok, dec, gen
+}
+
 // runCLIStdin is runCLI with stdin.
 func runCLIStdin(t *testing.T, dir, stdin string, args ...string) cliResult {
 	t.Helper()
@@ -68,18 +87,7 @@ func runCLIStdin(t *testing.T, dir, stdin string, args ...string) cliResult {
 func TestChatCommand(t *testing.T) {
 	dir := t.TempDir()
 	model := tinyChatModel(t, filepath.Join(dir, "model"), 6)
-	tok, err := tokenizer.LoadFile(filepath.Join(model, "tokenizer.json"))
-	if err != nil {
-		t.Fatal(err)
-	}
-	dec, err := trainer.OpenDecoder(trainer.DecoderConfig{Model: model})
-	if err != nil {
-		t.Fatal(err)
-	}
-	gen, err := converse.New(dec, tok)
-	if err != nil {
-		t.Fatal(err)
-	}
+	tok, dec, gen := tinyGenerator(t, model)
 	answer := func(c converse.Conversation, o trainer.GenerateOptions) string {
 		t.Helper()
 		r, err := gen.Reply(context.Background(), []converse.Conversation{c}, o, nil)
@@ -295,18 +303,7 @@ func (f *firstBytes) String() string { return f.buf.String() }
 func TestChatEnds(t *testing.T) {
 	dir := t.TempDir()
 	model := tinyChatModel(t, filepath.Join(dir, "model"), 6)
-	tok, err := tokenizer.LoadFile(filepath.Join(model, "tokenizer.json"))
-	if err != nil {
-		t.Fatal(err)
-	}
-	dec, err := trainer.OpenDecoder(trainer.DecoderConfig{Model: model})
-	if err != nil {
-		t.Fatal(err)
-	}
-	gen, err := converse.New(dec, tok)
-	if err != nil {
-		t.Fatal(err)
-	}
+	_, _, gen := tinyGenerator(t, model)
 	const q = "Türkiye'nin başkenti neresidir?"
 	long, err := gen.Reply(context.Background(), []converse.Conversation{{Turns: []string{q}}}, trainer.GenerateOptions{MaxNewTokens: 300}, nil)
 	if err != nil || long[0].Stopped {
@@ -350,11 +347,15 @@ func TestChatEnds(t *testing.T) {
 		t.Fatal(err)
 	}
 	writeFile(t, filepath.Join(small, "config.json"), strings.Replace(string(cfg), `"max_position_embeddings": 131072`, `"max_position_embeddings": 48`, 1))
-	n, err := gen.PromptTokens(converse.Conversation{Turns: []string{q}})
+	text, err := converse.Conversation{Turns: []string{q}}.Prompt()
 	if err != nil {
 		t.Fatal(err)
 	}
-	want, err := gen.Reply(context.Background(), []converse.Conversation{{Turns: []string{q}}}, trainer.GenerateOptions{MaxNewTokens: 48 - n}, nil)
+	ids, err := gen.Encode(text)
+	if err != nil {
+		t.Fatal(err)
+	}
+	want, err := gen.Reply(context.Background(), []converse.Conversation{{Turns: []string{q}}}, trainer.GenerateOptions{MaxNewTokens: 48 - len(ids)}, nil)
 	if err != nil {
 		t.Fatal(err)
 	}

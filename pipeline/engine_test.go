@@ -1,8 +1,10 @@
 package pipeline
 
 import (
+	"bytes"
 	"context"
 	"errors"
+	"log/slog"
 	"os"
 	"path/filepath"
 	"strings"
@@ -795,5 +797,38 @@ stages:
 				t.Errorf("%s waited %.3fs", st.Name, st.WaitSeconds)
 			}
 		}
+	}
+}
+
+// TestProgressSaysWaiting: while a stage waits for another's entry, its
+// progress says which, instead of the rows it has read so far as work.
+func TestProgressSaysWaiting(t *testing.T) {
+	defer goleak.VerifyNone(t)
+	e := newTestEnv(t)
+	spec := e.write("wait.yaml", `name: wait
+stages:
+  slow: {kind: gen, with: {rows: 20, batch: 1, delay_ms: 25}}
+  fast: {kind: gen, with: {rows: 5, batch: 5, tags: [fast]}}
+  both: {kind: concat, needs: [slow, fast]}
+`)
+	var logs bytes.Buffer
+	log := slog.New(slog.NewTextHandler(&logs, nil))
+	eng := &Engine{Store: e.store, Progress: LogDisplay{Log: log, Every: 20 * time.Millisecond}}
+	if _, err := eng.Run(context.Background(), e.load(spec), Options{}); err != nil {
+		t.Fatal(err)
+	}
+	var waiting, working int
+	for _, line := range strings.Split(logs.String(), "\n") {
+		switch {
+		case strings.Contains(line, "stage=both waiting_for=slow"):
+			waiting++
+		case strings.Contains(line, "waiting_for"):
+			t.Errorf("only both waits, and for slow: %s", line)
+		case strings.Contains(line, "stage=slow rows="):
+			working++
+		}
+	}
+	if waiting == 0 || working == 0 {
+		t.Errorf("%d lines of both waiting for slow, %d of slow's rows; want both:\n%s", waiting, working, logs.String())
 	}
 }

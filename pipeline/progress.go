@@ -23,6 +23,7 @@ type Tracker struct {
 	endNs                  atomic.Int64
 	done, failed           atomic.Bool
 	inputs                 []*Input
+	waitingFor             atomic.Pointer[string] // the stage whose entry it waits for
 
 	// A stage whose work is not rows (training steps) reports its own units.
 	mu                  sync.Mutex
@@ -56,6 +57,14 @@ func (t *Tracker) Report(done, total int64, unit, note string) {
 
 func (t *Tracker) start() { t.startNs.Store(time.Now().UnixNano()) }
 
+// waitFor marks the stage as waiting for stage name's entry until the
+// returned func is called, so that a display does not show its rows read
+// so far as work in progress.
+func (t *Tracker) waitFor(name string) (done func()) {
+	t.waitingFor.Store(&name)
+	return func() { t.waitingFor.Store(nil) }
+}
+
 func (t *Tracker) finish(ok bool) {
 	t.endNs.Store(time.Now().UnixNano())
 	t.failed.Store(!ok)
@@ -70,9 +79,12 @@ type Progress struct {
 	Note    string // the stage's own words, e.g. the current loss
 	Bytes   int64
 	Elapsed time.Duration
-	Running bool
-	Done    bool
-	Failed  bool
+	// WaitingFor names the stage whose entry a running stage waits for
+	// before it can go on; "" while it works.
+	WaitingFor string
+	Running    bool
+	Done       bool
+	Failed     bool
 }
 
 // Rate is rows per second so far.
@@ -129,11 +141,17 @@ func (t *Tracker) Snapshot() Progress {
 		p.Elapsed = time.Duration(end - s)
 		p.Running = !p.Done
 	}
+	if w := t.waitingFor.Load(); w != nil && p.Running {
+		p.WaitingFor = *w
+	}
 	return p
 }
 
 // String is the one-line form shared by the terminal and log displays.
 func (p Progress) String() string {
+	if p.WaitingFor != "" {
+		return "waiting for stage " + p.WaitingFor
+	}
 	if p.Unit == "bytes" {
 		s := HumanBytes(p.Rows)
 		if p.Total >= 0 {
@@ -326,6 +344,10 @@ func (d LogDisplay) Start(ts []*Tracker) func() {
 						continue
 					}
 					args := []any{"stage", t.Name, s.Unit, s.Rows, s.Unit + "_per_s", s.Rate(), "bytes", s.Bytes}
+					if s.WaitingFor != "" {
+						d.Log.Info("progress", "stage", t.Name, "waiting_for", s.WaitingFor)
+						continue
+					}
 					if s.Note != "" {
 						args = append(args, "note", s.Note)
 					}

@@ -268,6 +268,7 @@ func (in *Input) Dir(ctx context.Context) (string, error) {
 	}
 	began := time.Now()
 	defer func() { in.waited.Add(int64(time.Since(began))) }()
+	defer in.tracker.waitFor(in.Name)()
 	select {
 	case <-in.committed:
 		return in.dir, nil

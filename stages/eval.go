@@ -819,11 +819,23 @@ func (r *evalResults) table() *resultsTable {
 	return t
 }
 
+// round6 keeps six significant digits, and no more than six decimals: a
+// table of scores, not of the float's noise (a random model's perplexity
+// in the hundreds of thousands has no use for its decimals).
 func round6(v float64) float64 {
-	if math.IsNaN(v) || math.IsInf(v, 0) {
+	if v == 0 || math.IsNaN(v) || math.IsInf(v, 0) {
 		return v
 	}
-	return math.Round(v*1e6) / 1e6
+	decimals := 6
+	if whole := int(math.Floor(math.Log10(math.Abs(v)))) + 1; whole > 0 {
+		decimals = max(6-whole, 0)
+	}
+	scale := math.Pow(10, float64(decimals))
+	r := math.Round(v*scale) / scale
+	if r == 0 {
+		return 0 // not -0, which JSON would show
+	}
+	return r
 }
 
 // write writes results.json and, with multiple choice, items.jsonl.

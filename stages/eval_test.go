@@ -493,3 +493,20 @@ func TestEvalScoresMustBeNumbers(t *testing.T) {
 		t.Error(err)
 	}
 }
+
+// TestScoresRounded: the table keeps six significant digits and at most
+// six decimals.
+func TestScoresRounded(t *testing.T) {
+	for _, c := range []struct{ in, want float64 }{
+		{484442.0830312, 484442},
+		{1234567.89, 1234568},
+		{13.09873412, 13.0987},
+		{0.531254321, 0.531254},
+		{-0.0000004, 0},
+		{-2.51234567, -2.51235},
+	} {
+		if got := round6(c.in); got != c.want || math.Signbit(got) != math.Signbit(c.want) {
+			t.Errorf("round6(%v) = %v, want %v", c.in, got, c.want)
+		}
+	}
+}

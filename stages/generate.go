@@ -236,9 +236,16 @@ func (s *generateStage) Run(ctx context.Context, t *pipeline.Task) error {
 		return err
 	}
 	prompts, intIDs := setup.prompts, setup.intIDs
-	totalTurns := 0
+	totalTurns, uncategorized := 0, 0
 	for _, q := range prompts {
 		totalTurns += len(q.Turns)
+		if q.Category == "" {
+			uncategorized++
+		}
+	}
+	if uncategorized > 0 {
+		// The answers are fine without one; judging them is not.
+		t.Log.Warn("questions without a category: FastChat's judge reads each question's category from its question file", "questions", uncategorized, "of", len(prompts))
 	}
 	tok, err := load(t, setup.tokenizer)
 	if err != nil {

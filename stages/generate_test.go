@@ -5,6 +5,7 @@ import (
 	"context"
 	"encoding/json"
 	"fmt"
+	"log/slog"
 	"os"
 	"path/filepath"
 	"slices"
@@ -93,6 +94,8 @@ func readAnswers(t *testing.T, r *testRun, rec *pipeline.RunRecord) []answerRow 
 // do not depend on the batch size, and that a second run is cached.
 func TestGenerateStageAnswersMTBench(t *testing.T) {
 	r := newTestRun(t)
+	var logs bytes.Buffer
+	r.log = slog.New(slog.NewTextHandler(&logs, nil))
 	spec := r.spec(generateSpec(t, r.dir, ", batch_size: 2"))
 	started := time.Now()
 	rec, err := r.run(spec, pipeline.Options{})
@@ -103,6 +106,9 @@ func TestGenerateStageAnswersMTBench(t *testing.T) {
 	rows := readAnswers(t, r, rec)
 	if len(rows) != 3 || rows[0].id != 81 || rows[1].id != 82 || rows[2].id != 83 || rows[1].category != "math" {
 		t.Fatalf("table: %+v", rows)
+	}
+	if strings.Contains(logs.String(), "without a category") {
+		t.Errorf("every question has a category, yet: %s", logs.String())
 	}
 	for _, row := range rows {
 		if len(row.answers) != len(row.turns) || len(row.tokens) != len(row.turns) || len(row.truncated) != len(row.turns) {
@@ -308,6 +314,8 @@ func TestTurnConversation(t *testing.T) {
 // source's.
 func TestGenerateSingleQuestions(t *testing.T) {
 	r := newTestRun(t)
+	var logs bytes.Buffer
+	r.log = slog.New(slog.NewTextHandler(&logs, nil))
 	tok := testenv.GemmaFile(t, "tokenizer.json")
 	src := filepath.Join(r.dir, "src.jsonl")
 	os.WriteFile(src, []byte(`{"instruction": "Topla", "input": "2 ve 3", "output": "5"}
@@ -326,6 +334,10 @@ stages:
 	rows := readAnswers(t, r, rec)
 	if len(rows) != 2 || rows[0].id != 1 || rows[1].id != 2 || fmt.Sprint(rows[0].turns) != "[Topla\n\n2 ve 3]" || fmt.Sprint(rows[1].turns) != "[Bir renk söyle]" {
 		t.Fatalf("rows: %+v", rows)
+	}
+	// Instructions have no category, which FastChat's judge needs: said.
+	if !strings.Contains(logs.String(), `level=WARN msg="questions without a category`) || !strings.Contains(logs.String(), "questions=2 of=2") {
+		t.Errorf("no warning of the missing categories: %s", logs.String())
 	}
 	st := stageRecord(t, rec, "answers")
 	if fmt.Sprintf("%v %v", st.Stats["quantize"], st.Stats["adapter"]) != "none false" {

@@ -3,6 +3,7 @@ package stages
 import (
 	"context"
 	"io"
+	"log/slog"
 	"os"
 	"path/filepath"
 	"testing"
@@ -21,6 +22,7 @@ type testRun struct {
 	t     testing.TB
 	dir   string
 	store *pipeline.Store
+	log   *slog.Logger // the runs' logger; nil: none
 }
 
 func newTestRun(t testing.TB) *testRun {
@@ -48,7 +50,7 @@ func (r *testRun) run(spec string, opts pipeline.Options) (*pipeline.RunRecord, 
 	if err != nil {
 		return nil, err
 	}
-	return (&pipeline.Engine{Store: r.store}).Run(context.Background(), dag, opts)
+	return (&pipeline.Engine{Store: r.store, Log: r.log}).Run(context.Background(), dag, opts)
 }
 
 // table opens the cached table of a stage in a run record.

@@ -832,3 +832,16 @@ stages:
 		t.Errorf("%d lines of both waiting for slow, %d of slow's rows; want both:\n%s", waiting, working, logs.String())
 	}
 }
+
+// TestRateLeavesOutWaiting: a stage that waited two hours for training and
+// then answered 10 questions in 10 s has an ETA from its 1 question a
+// second, not from the two hours.
+func TestRateLeavesOutWaiting(t *testing.T) {
+	p := Progress{Rows: 10, Total: 20, Elapsed: 2*time.Hour + 10*time.Second, Waited: 2 * time.Hour, Running: true}
+	if r := p.Rate(); r != 1 {
+		t.Errorf("rate %v, want 1", r)
+	}
+	if eta, ok := p.ETA(); !ok || eta != 10*time.Second {
+		t.Errorf("ETA %v %v, want 10s", eta, ok)
+	}
+}

@@ -79,6 +79,7 @@ type Progress struct {
 	Note    string // the stage's own words, e.g. the current loss
 	Bytes   int64
 	Elapsed time.Duration
+	Waited  time.Duration // of Elapsed, spent waiting for other stages' entries
 	// WaitingFor names the stage whose entry a running stage waits for
 	// before it can go on; "" while it works.
 	WaitingFor string
@@ -87,12 +88,14 @@ type Progress struct {
 	Failed     bool
 }
 
-// Rate is rows per second so far.
+// Rate is rows per second so far, over the time the stage worked (not
+// the time it waited for other stages' entries).
 func (p Progress) Rate() float64 {
-	if p.Elapsed <= 0 {
+	working := p.Elapsed - p.Waited
+	if working <= 0 {
 		return 0
 	}
-	return float64(p.Rows) / p.Elapsed.Seconds()
+	return float64(p.Rows) / working.Seconds()
 }
 
 // ETA estimates the time left, when the total is known.
@@ -143,6 +146,9 @@ func (t *Tracker) Snapshot() Progress {
 	}
 	if w := t.waitingFor.Load(); w != nil && p.Running {
 		p.WaitingFor = *w
+	}
+	for _, in := range t.inputs {
+		p.Waited += time.Duration(in.waited.Load())
 	}
 	return p
 }

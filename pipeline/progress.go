@@ -349,11 +349,11 @@ func (d LogDisplay) Start(ts []*Tracker) func() {
 					if !s.Running {
 						continue
 					}
-					args := []any{"stage", t.Name, s.Unit, s.Rows, s.Unit + "_per_s", s.Rate(), "bytes", s.Bytes}
 					if s.WaitingFor != "" {
 						d.Log.Info("progress", "stage", t.Name, "waiting_for", s.WaitingFor)
 						continue
 					}
+					args := []any{"stage", t.Name, s.Unit, s.Rows, s.Unit + "_per_s", s.Rate(), "bytes", s.Bytes}
 					if s.Note != "" {
 						args = append(args, "note", s.Note)
 					}

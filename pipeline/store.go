@@ -153,6 +153,10 @@ type FileRef struct {
 
 const manifestName = "manifest.json"
 
+// IsEntryFile says whether name, at the top of an entry, is the cache's own
+// record rather than what the stage wrote (an export leaves it out).
+func IsEntryFile(name string) bool { return name == manifestName }
+
 func (m *Manifest) checksum() (string, error) {
 	c := *m
 	c.Checksum = ""

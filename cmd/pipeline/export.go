@@ -7,6 +7,7 @@ import (
 	"io"
 	"os"
 	"path/filepath"
+	"slices"
 	"strings"
 	"time"
 
@@ -31,11 +32,17 @@ the Arrow IPC file itself. PATH (a file, or - for standard output) appears only 
 complete.
 
 Models, from a merge or model stage (a Hugging Face checkpoint): --format hf copies
-the checkpoint folder to PATH; --format gguf converts it to a GGUF file for
-llama.cpp and Ollama, of --type q8_0 (default), q4_0, f16 or bf16. A gguf stage's
-file is copied as it is. A model's PATH must not exist, and appears only when
-complete. A failure or an interrupt leaves PATH as it was and no temporary file
-behind.`,
+the checkpoint folder to PATH; --format gguf converts it, tokenizer included, to
+a GGUF file for llama.cpp and Ollama, of --type q8_0 (default), q4_0, f16, bf16 or
+f32, named (general.name) for PATH less its .TYPE.gguf. A model stage's random
+checkpoint has no tokenizer: export it with --format hf. A gguf stage's file is
+copied as it is (a --type must then be its own). A model's PATH must not exist,
+and appears only when complete.
+
+Without --format, PATH's extension says it (.jsonl, .parquet, .arrow, .gguf), and
+else the stage's kind: JSON lines for a table, hf for a model; a --format that
+PATH's extension contradicts is refused. A failure or an interrupt leaves PATH as
+it was and no temporary file behind.`,
 		Example: `  pipeline export dags/gemma12b.yaml pack --format parquet --out packed.parquet
   pipeline export dags/demo.yaml chat --format jsonl --out - | head
   pipeline export dags/gemma12b.yaml merged --format gguf --type q4_0 --out tr.q4_0.gguf
@@ -45,8 +52,44 @@ behind.`,
 			if out == "" {
 				return usageErr(errors.New("--out is required (a file, or - for standard output)"))
 			}
+			named := formatOfName(out)
+			if format != "" && named != "" && named != format {
+				return usageErr(fmt.Errorf("--out %s is named for --format %s, not %s: rename it, or leave --format out", out, named, format))
+			}
+			if format == "" {
+				format = named
+			}
+			if format != "" && !slices.Contains([]string{"jsonl", "parquet", "arrow", "gguf", "hf"}, format) {
+				return usageErr(fmt.Errorf("--format %q: want jsonl, parquet, arrow, gguf or hf", format))
+			}
+			if cmd.Flags().Changed("type") && format != "" && format != "gguf" {
+				return usageErr(fmt.Errorf("--type is the type of a GGUF file; --format %s has none", format))
+			}
+			typ, err := gguf.ParseType(ggufType)
+			if err != nil {
+				return usageErr(fmt.Errorf("--type: %w", err))
+			}
 			if format == "gguf" || format == "hf" {
-				return exportModel(args[0], args[1], format, ggufType, out)
+				if err := modelOutFree(out); err != nil {
+					return err
+				}
+			}
+			entry, m, err := cachedEntry(args[0], args[1])
+			if err != nil {
+				return err
+			}
+			if format == "" { // a name that says nothing: the stage's kind does
+				switch m.Kind {
+				case "merge", "model":
+					format = "hf"
+				case "gguf":
+					format = "gguf"
+				default:
+					format = "jsonl"
+				}
+			}
+			if format == "gguf" || format == "hf" {
+				return exportModel(entry, m, args[1], format, typ, cmd.Flags().Changed("type"), out)
 			}
 			var write func(w io.Writer, table string) error
 			switch format {
@@ -56,16 +99,13 @@ behind.`,
 				write = func(w io.Writer, table string) error { _, err := dataset.ExportParquet(w, table); return err }
 			case "arrow":
 				write = copyFile
-			default:
-				return usageErr(fmt.Errorf("--format %q: want jsonl, parquet, arrow, gguf or hf", format))
-			}
-			entry, _, err := cachedEntry(args[0], args[1])
-			if err != nil {
-				return err
 			}
 			table := filepath.Join(entry, pipeline.TableFile)
 			if _, err := os.Stat(table); err != nil {
-				return failErr(fmt.Errorf("stage %s has no table to export (its entry holds files: %s)", args[1], entry))
+				return usageErr(fmt.Errorf("stage %s (%s) holds no table, so not --format %s; a model exports with --format hf or gguf", args[1], m.Kind, format))
+			}
+			if fi, err := os.Stat(out); err == nil && fi.IsDir() {
+				return usageErr(fmt.Errorf("--out %s is a folder; a table exports to a file", out))
 			}
 			ctx, stop := signalContext(2 * time.Second)
 			defer stop()
@@ -82,7 +122,7 @@ behind.`,
 			return nil
 		},
 	}
-	cmd.Flags().StringVar(&format, "format", "jsonl", "jsonl, parquet, arrow (tables); gguf, hf (models)")
+	cmd.Flags().StringVar(&format, "format", "", "jsonl, parquet, arrow (tables); gguf, hf (models); by default as --out's name says, else jsonl for a table, hf for a model")
 	cmd.Flags().StringVar(&out, "out", "", "output file (or folder for hf), or - for a table on standard output")
 	cmd.Flags().StringVar(&ggufType, "type", "q8_0", "GGUF type: q8_0, q4_0, f16, bf16 or f32")
 	root.AddCommand(cmd)
@@ -105,8 +145,6 @@ func exportTo(ctx context.Context, path string, write func(w io.Writer) error) e
 	if err != nil {
 		return fmt.Errorf("--out: %w", err)
 	}
-	tmp := p.TempName()
-	defer atInterrupt(func() { os.Remove(tmp) })()
 	if err := write(ctxWriter{ctx, p}); err != nil {
 		p.Abort()
 		return err
@@ -131,21 +169,30 @@ func (c ctxWriter) Write(b []byte) (int, error) {
 	return c.w.Write(b)
 }
 
-// exportModel writes the checkpoint of a merge or model stage (or a gguf
-// stage's file) to out, which must not exist.
-func exportModel(spec, stage, format, typeName, out string) error {
-	typ, err := gguf.ParseType(typeName)
-	if err != nil {
-		return usageErr(fmt.Errorf("--type: %w", err))
-	}
+// formatOfName is the export format a file name asks for by its
+// extension, "" when it names none.
+func formatOfName(out string) string {
 	if out == "-" {
-		return usageErr(errors.New("a model cannot go to standard output; give --out a path"))
+		return "jsonl"
 	}
-	if _, err := os.Lstat(out); err == nil {
-		return failErr(fmt.Errorf("%s already exists; remove it or choose another --out", out))
+	switch strings.ToLower(filepath.Ext(out)) {
+	case ".jsonl", ".json":
+		return "jsonl"
+	case ".parquet":
+		return "parquet"
+	case ".arrow", ".ipc":
+		return "arrow"
+	case ".gguf":
+		return "gguf"
 	}
-	entry, m, err := cachedEntry(spec, stage)
-	if err != nil {
+	return ""
+}
+
+// exportModel writes the checkpoint of a merge or model stage (or a gguf
+// stage's file) to out, which must not exist. typeGiven says --type was
+// given, which a gguf stage's file must then be of.
+func exportModel(entry string, m *pipeline.Manifest, stage, format string, typ gguf.Type, typeGiven bool, out string) error {
+	if err := modelOutFree(out); err != nil {
 		return err
 	}
 	model := entry
@@ -157,6 +204,9 @@ func exportModel(spec, stage, format, typeName, out string) error {
 		if format != "gguf" {
 			return usageErr(fmt.Errorf("stage %s holds a GGUF file; export it with --format gguf", stage))
 		}
+		if has, _ := m.Stats["type"].(string); typeGiven && has != typ.String() {
+			return usageErr(fmt.Errorf("stage %s's GGUF file is %s, not --type %s: export it as it is (leave --type out), or convert its merge stage", stage, has, typ))
+		}
 		files, _ := filepath.Glob(filepath.Join(entry, "*.gguf"))
 		if len(files) != 1 {
 			return failErr(fmt.Errorf("stage %s: %d GGUF files in %s", stage, len(files), entry))
@@ -167,10 +217,22 @@ func exportModel(spec, stage, format, typeName, out string) error {
 	default:
 		return usageErr(fmt.Errorf("stage %s is of kind %s; models export from merge, model or gguf stages", stage, m.Kind))
 	}
+	defer exitAtSignal()()
 	if format == "hf" {
 		return doneOrFail(out, copyDir(model, out))
 	}
 	return doneOrFail(out, gguf.Gemma3(model, out, gguf.Options{Type: typ, Name: strings.TrimSuffix(strings.TrimSuffix(filepath.Base(out), ".gguf"), "."+typ.String())}))
+}
+
+// modelOutFree checks that a model's --out is a path that does not exist.
+func modelOutFree(out string) error {
+	if out == "-" {
+		return usageErr(errors.New("a model cannot go to standard output; give --out a path"))
+	}
+	if _, err := os.Lstat(out); err == nil {
+		return failErr(fmt.Errorf("%s already exists; remove it or choose another --out", out))
+	}
+	return nil
 }
 
 func doneOrFail(out string, err error) error {
@@ -190,8 +252,8 @@ func copyDir(from, out string) error {
 	}
 	return atomicfile.Dir(out, func(tmp string) error {
 		for _, e := range ents {
-			if !e.Type().IsRegular() {
-				continue
+			if !e.Type().IsRegular() || pipeline.IsEntryFile(e.Name()) {
+				continue // the cache's own files are not the checkpoint's
 			}
 			src := filepath.Join(from, e.Name())
 			if err := atomicfile.Write(filepath.Join(tmp, e.Name()), func(w io.Writer) error { return copyFile(w, src) }); err != nil {

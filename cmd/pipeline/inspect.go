@@ -61,9 +61,14 @@ HTML report of the last runs.`,
 	root.AddCommand(cmd)
 }
 
-// cachedEntry finds the current, valid entry of one stage of a spec.
+// cachedEntry finds the current, valid entry of one stage of a spec, in
+// a cache that exists (a mistyped --cache is not made a new, empty one).
 func cachedEntry(spec, stage string) (string, *pipeline.Manifest, error) {
-	dag, st, err := specAndStore([]string{spec})
+	dag, err := loadSpec(spec)
+	if err != nil {
+		return "", nil, err
+	}
+	st, err := openExistingStore(dag)
 	if err != nil {
 		return "", nil, err
 	}

@@ -3,6 +3,7 @@ package main
 import (
 	"bytes"
 	"encoding/json"
+	"fmt"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -23,6 +24,9 @@ import (
 func TestMain(m *testing.M) {
 	if os.Getenv("PIPELINE_CLI") != "" {
 		os.Exit(execute(os.Args[1:]))
+	}
+	if out := os.Getenv("PIPELINE_TEST_FILL_FOREVER"); out != "" {
+		os.Exit(fillForever(out))
 	}
 	os.Exit(m.Run())
 }
@@ -161,6 +165,57 @@ func TestRunPlanInspectExport(t *testing.T) {
 	r = runCLI(t, dir, "export", spec, "alpaca", "--format", "xml", "--out", out)
 	if r.code != 2 {
 		t.Errorf("bad --format: exit %d", r.code)
+	}
+	// Without --format the name says it; a --format it contradicts, a
+	// --type for a table or a folder for a file are usage errors.
+	named := filepath.Join(dir, "named.parquet")
+	r = runCLI(t, dir, "export", spec, "alpaca", "--out", named)
+	if got, _ := os.ReadFile(named); r.code != 0 || !bytes.HasPrefix(got, []byte("PAR1")) {
+		t.Errorf("--out named.parquet: exit %d, %.20q\n%s", r.code, got, r.stderr)
+	}
+	for _, args := range [][]string{
+		{"--format", "jsonl", "--out", filepath.Join(dir, "x.parquet")},
+		{"--type", "q4_0", "--out", filepath.Join(dir, "x.jsonl")},
+		{"--format", "arrow", "--out", filepath.Join(dir, "dags")},
+	} {
+		r = runCLI(t, dir, append([]string{"export", spec, "alpaca"}, args...)...)
+		if r.code != 2 {
+			t.Errorf("export %v: exit %d\n%s", args, r.code, r.stderr)
+		}
+	}
+	if _, err := os.Stat(filepath.Join(dir, "x.parquet")); err == nil {
+		t.Error("a refused export wrote its --out")
+	}
+}
+
+// TestExportModelFolder: a model stage exports to a folder of the
+// checkpoint's files (not the cache's manifest), by --format hf or by the
+// stage's kind, to "out/" as a shell completes it, leaving a folder the
+// user called out.tmp alone.
+func TestExportModelFolder(t *testing.T) {
+	dir := t.TempDir()
+	writeFile(t, filepath.Join(dir, "s.yaml"), "name: s\nstages:\n  base: {kind: model, with: {preset: tiny}}\n")
+	if r := runCLI(t, dir, "run", "s.yaml"); r.code != 0 {
+		t.Fatalf("run: %d %s", r.code, r.stderr)
+	}
+	writeFile(t, filepath.Join(dir, "b.tmp", "notes.txt"), "mine")
+	for _, args := range [][]string{{"--out", "a"}, {"--format", "hf", "--out", "b/"}} {
+		r := runCLI(t, dir, append([]string{"export", "s.yaml", "base"}, args...)...)
+		out := filepath.Join(dir, strings.TrimSuffix(args[len(args)-1], "/"))
+		var names []string
+		ents, _ := os.ReadDir(out)
+		for _, e := range ents {
+			names = append(names, e.Name())
+		}
+		if r.code != 0 || fmt.Sprint(names) != "[config.json model.safetensors]" {
+			t.Errorf("export %v: exit %d, %v\n%s", args, r.code, names, r.stderr)
+		}
+	}
+	if b, err := os.ReadFile(filepath.Join(dir, "b.tmp", "notes.txt")); err != nil || string(b) != "mine" {
+		t.Errorf("b.tmp/notes.txt: %q %v", b, err)
+	}
+	if l := leftovers(t, dir); len(l) != 0 {
+		t.Errorf("left %v", l)
 	}
 }
 
@@ -317,6 +372,9 @@ func TestMergeAndExportRefuseExistingTargets(t *testing.T) {
 	}
 	if r := runCLI(t, dir, "merge", "--model", "m", "--adapter", "a", "--out", "out"); r.code != 1 || !strings.Contains(r.stderr, "out already exists") {
 		t.Errorf("merge onto an existing folder: %d %s", r.code, r.stderr)
+	}
+	if r := runCLI(t, dir, "merge", "--model", "m", "--adapter", "a", "--out", "new"); r.code != 2 || !strings.Contains(r.stderr, "give --tokenizer DIR") {
+		t.Errorf("merge from a base without a tokenizer: %d %s", r.code, r.stderr)
 	}
 	writeFile(t, filepath.Join(dir, "s.yaml"), "name: s\nstages:\n  base: {kind: model, with: {preset: tiny}}\n")
 	writeFile(t, filepath.Join(dir, "m.gguf"), "keep")

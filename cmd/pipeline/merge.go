@@ -18,8 +18,8 @@ func init() {
 		Short: "Merge a LoRA adapter into its base checkpoint",
 		Long: `merge writes --model with the PEFT LoRA adapter --adapter merged into it as a new
 Hugging Face checkpoint folder --out (which must not exist): bf16 safetensors in
-shards of at most --max-shard-gb with model.safetensors.index.json, the base's
-config.json and generation_config.json, and its tokenizer files with the chat
+shards of at most --max-shard-gb (with model.safetensors.index.json when there
+are several), the base's config.json and generation_config.json, and its tokenizer files with the chat
 template. A multimodal checkpoint keeps its vision tower. Tensors stream one at a
 time, so a 27B merge needs a few GiB of memory.
 
@@ -29,7 +29,8 @@ training optimised. --base original merges into the weights as stored, which is
 right for an adapter trained without quantisation (qlora's quantize: none).
 
 --tokenizer names a folder with tokenizer.json when --model has none.
-In a DAG, the merge stage kind does the same from a qlora stage.`,
+In a DAG, the merge stage kind does the same from a qlora stage, and adds a
+model card (README.md) and the Gemma NOTICE.`,
 		Example: `  pipeline merge --model models/gemma-3-12b-it --adapter run/adapter --out gemma3-12b-tr`,
 		Args:    cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
@@ -53,6 +54,13 @@ In a DAG, the merge stage kind does the same from a qlora stage.`,
 					return err
 				}
 			}
+			if err := modelOutFree(out); err != nil {
+				return err
+			}
+			if tokDir == "" && !trainer.ShipsOwnTokenizer(modelDir) {
+				return usageErr(fmt.Errorf("merge: %s has no tokenizer.json; give --tokenizer DIR, the folder of the tokenizer the adapter was trained with", modelDir))
+			}
+			defer exitAtSignal()()
 			err = trainer.MergeAdapter(modelDir, adapterDir, out, trainer.MergeOptions{
 				Base: mb, TokenizerDir: tokDir, MaxShardBytes: int64(shardGB * 1e9)})
 			if err != nil {

@@ -14,6 +14,7 @@ import (
 	"testing"
 	"time"
 
+	"gemmaft/internal/atomicfile"
 	"gemmaft/internal/testenv"
 )
 
@@ -256,6 +257,17 @@ func TestVerifyAndGCNeedAnExistingCache(t *testing.T) {
 		}
 	}
 	// A folder that is not a cache is not turned into one.
+	// Nor do the commands that read one stage's entry.
+	writeFile(t, filepath.Join(dir, "s.yaml"), "name: s\nstages:\n  base: {kind: model, with: {preset: tiny}}\n")
+	for _, args := range [][]string{{"inspect", "s.yaml", "base", "--cache", typo}, {"export", "s.yaml", "base", "--out", "m", "--cache", typo}} {
+		r := runCLI(t, dir, args...)
+		if r.code != 2 || !strings.Contains(r.stderr, "cache "+typo+" does not exist") {
+			t.Errorf("%v: exit %d\n%s", args, r.code, r.stderr)
+		}
+		if _, err := os.Stat(typo); err == nil {
+			t.Errorf("%v created %s", args, typo)
+		}
+	}
 	r := runCLI(t, dir, "gc", "--cache", dir)
 	if r.code != 2 || !strings.Contains(r.stderr, "is not a pipeline cache") {
 		t.Errorf("gc on a plain folder: exit %d\n%s", r.code, r.stderr)
@@ -381,4 +393,50 @@ stages:
 			t.Errorf("stderr does not say why %s failed:\n%s", name, res.stderr)
 		}
 	}
+}
+
+// TestWorkWithoutContextInterrupted: SIGINT or SIGTERM during work that
+// watches no context (merge and GGUF conversion, under exitAtSignal)
+// exits 130 or 143 at once and leaves no temporary file behind.
+func TestWorkWithoutContextInterrupted(t *testing.T) {
+	for sig, code := range map[syscall.Signal]int{syscall.SIGINT: 130, syscall.SIGTERM: 143} {
+		dir := t.TempDir()
+		cmd := exec.Command(os.Args[0])
+		cmd.Env = append(os.Environ(), "PIPELINE_TEST_FILL_FOREVER="+filepath.Join(dir, "model"))
+		var stderr bytes.Buffer
+		cmd.Stderr = &stderr
+		if err := cmd.Start(); err != nil {
+			t.Fatal(err)
+		}
+		deadline := time.Now().Add(20 * time.Second)
+		for len(leftovers(t, dir)) == 0 {
+			if time.Now().After(deadline) {
+				cmd.Process.Kill()
+				t.Fatalf("the fill never started: %s", &stderr)
+			}
+			time.Sleep(5 * time.Millisecond)
+		}
+		time.Sleep(50 * time.Millisecond) // its file written, the handler in place
+		cmd.Process.Signal(sig)
+		if got := exitCode(t, cmd, 10*time.Second); got != code {
+			t.Errorf("%v: exit %d, want %d\n%s", sig, got, code, &stderr)
+		}
+		if l := leftovers(t, dir); len(l) != 0 {
+			t.Errorf("%v: left %v", sig, l)
+		}
+	}
+}
+
+// fillForever is what TestWorkWithoutContextInterrupted interrupts: a
+// folder filled under exitAtSignal, whose fill never ends.
+func fillForever(out string) int {
+	defer exitAtSignal()()
+	err := atomicfile.Dir(out, func(dir string) error {
+		if err := os.WriteFile(filepath.Join(dir, "model.safetensors"), make([]byte, 1<<20), 0o644); err != nil {
+			return err
+		}
+		select {}
+	})
+	fmt.Fprintln(os.Stderr, err)
+	return 1
 }

@@ -9,14 +9,16 @@ import (
 	"sync/atomic"
 	"syscall"
 	"time"
+
+	"gemmaft/internal/atomicfile"
 )
 
 // Interrupts. The first SIGINT or SIGTERM cancels the command's context:
 // `run` stops its stages, records the run and prints the table so far;
 // `tokenize` and `export` stop writing and discard their unfinished output.
 // A command still busy after a grace period (blocked reading a terminal or
-// a pipe, say), or a second signal, makes the process run the registered
-// cleanups (removing temporary files) and exit at once. Either way the exit
+// a pipe, say), or a second signal, makes the process remove the temporary
+// files of its unfinished writes and exit at once. Either way the exit
 // code is 128 + the signal's number, 130 for SIGINT and 143 for SIGTERM,
 // as shells report it, so that cron and systemd can tell an interruption
 // from a failure.
@@ -25,32 +27,9 @@ import (
 // while none has.
 var interrupted atomic.Int32
 
-var (
-	cleanupMu sync.Mutex
-	cleanups  = map[*int]func(){}
-)
-
-// atInterrupt registers fn to run before the process exits on a signal;
-// the returned function unregisters it.
-func atInterrupt(fn func()) (remove func()) {
-	key := new(int)
-	cleanupMu.Lock()
-	cleanups[key] = fn
-	cleanupMu.Unlock()
-	return func() {
-		cleanupMu.Lock()
-		delete(cleanups, key)
-		cleanupMu.Unlock()
-	}
-}
-
-func runCleanups() {
-	cleanupMu.Lock()
-	defer cleanupMu.Unlock()
-	for _, fn := range cleanups {
-		fn()
-	}
-}
+// runCleanups removes what an interrupted command leaves half-written:
+// the temporary files and folders of its writes in progress.
+func runCleanups() { atomicfile.RemovePending() }
 
 // signalContext returns a context canceled by the first SIGINT or SIGTERM,
 // and a stop function that restores the default handling. grace is how
@@ -89,6 +68,14 @@ func signalContext(grace time.Duration) (context.Context, func()) {
 			cancel(nil)
 		})
 	}
+}
+
+// exitAtSignal is signalContext for commands whose work watches no
+// context (a merge, a GGUF conversion): the first signal removes their
+// unfinished output and exits at once.
+func exitAtSignal() (stop func()) {
+	_, stop = signalContext(0)
+	return stop
 }
 
 // interruptCode is the exit code of a command interrupted by a signal, or

@@ -86,8 +86,6 @@ was. A line longer than --max-line-bytes is an error.`,
 			if err != nil {
 				return failErr(fmt.Errorf("--out: %w", err))
 			}
-			tmp := out.TempName()
-			defer atInterrupt(func() { os.Remove(tmp) })()
 			if err := tokenizeLines(ctx, tk, in, out, addSpecial, offsets, maxLine); err != nil {
 				out.Abort()
 				return failErr(err)

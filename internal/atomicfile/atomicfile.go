@@ -4,38 +4,66 @@ package atomicfile
 
 import (
 	"bufio"
+	"errors"
 	"io"
 	"os"
 	"path/filepath"
+	"sync"
 )
+
+// pending holds the temporary files and folders of writes in progress, so
+// that a process about to exit on a signal can remove them (RemovePending).
+var pending sync.Map // path → struct{}
+
+func track(tmp string) (untrack func()) {
+	pending.Store(tmp, struct{}{})
+	return func() { pending.Delete(tmp) }
+}
+
+// RemovePending removes the temporary files and folders of every write
+// still in progress, for a process that is about to exit without
+// finishing them (on a signal): nothing half-written is left behind.
+func RemovePending() {
+	pending.Range(func(k, _ any) bool {
+		os.RemoveAll(k.(string))
+		return true
+	})
+}
 
 // A Pending is a file being written in place of another: a temporary file
 // in the same folder that appears at its path only on Commit. Abort (or a
 // failed Commit) removes it and leaves the path as it was.
 type Pending struct {
-	path string
-	f    *os.File
-	w    *bufio.Writer
-	done bool
+	path    string
+	f       *os.File
+	w       *bufio.Writer
+	done    bool
+	untrack func()
 }
 
 // Create starts writing a file to replace path. Writes are buffered.
 func Create(path string) (*Pending, error) {
 	tmp, err := os.CreateTemp(filepath.Dir(path), "."+filepath.Base(path)+".tmp*")
 	if err != nil {
-		return nil, err
+		return nil, namePath(path, err)
 	}
 	if err := tmp.Chmod(0o644); err != nil {
 		tmp.Close()
 		os.Remove(tmp.Name())
 		return nil, err
 	}
-	return &Pending{path: path, f: tmp, w: bufio.NewWriterSize(tmp, 1<<20)}, nil
+	return &Pending{path: path, f: tmp, w: bufio.NewWriterSize(tmp, 1<<20), untrack: track(tmp.Name())}, nil
 }
 
-// TempName is the temporary file's path, for a cleanup that must run
-// without the Pending (a signal handler about to exit).
-func (p *Pending) TempName() string { return p.f.Name() }
+// namePath has an error about a temporary file name the path it stands
+// for, which is what the caller knows.
+func namePath(path string, err error) error {
+	var pe *os.PathError
+	if errors.As(err, &pe) {
+		err = pe.Err
+	}
+	return &os.PathError{Op: "create", Path: path, Err: err}
+}
 
 // Write appends to the pending file.
 func (p *Pending) Write(b []byte) (int, error) { return p.w.Write(b) }
@@ -47,6 +75,7 @@ func (p *Pending) Commit() error {
 		return os.ErrClosed
 	}
 	p.done = true
+	defer p.untrack()
 	err := p.w.Flush()
 	if err == nil {
 		err = p.f.Sync()
@@ -72,6 +101,7 @@ func (p *Pending) Abort() {
 	p.done = true
 	p.f.Close()
 	os.Remove(p.f.Name())
+	p.untrack()
 }
 
 // Write creates or replaces path with what write produces: it writes a
@@ -108,19 +138,28 @@ func SyncDir(dir string) error {
 }
 
 // Dir creates the folder path, which must not exist, with what fill writes
-// into it: fill works in a temporary folder beside path, which is synced
-// and renamed to path only when fill succeeds, so path appears complete or
-// not at all.
+// into it: fill works in a temporary folder beside path (a name of its own,
+// never one a user may hold), which is synced and renamed to path only when
+// fill succeeds, so path appears complete or not at all. Missing parent
+// folders are created.
 func Dir(path string, fill func(dir string) error) error {
+	path = filepath.Clean(path) // "out/" as a shell completes it
 	if _, err := os.Lstat(path); err == nil {
 		return &os.PathError{Op: "create", Path: path, Err: os.ErrExist}
 	}
-	tmp := path + ".tmp"
-	os.RemoveAll(tmp) // what an interrupted attempt left
-	if err := os.MkdirAll(tmp, 0o755); err != nil {
+	parent := filepath.Dir(path)
+	if err := os.MkdirAll(parent, 0o755); err != nil {
 		return err
 	}
+	tmp, err := os.MkdirTemp(parent, "."+filepath.Base(path)+".tmp*")
+	if err != nil {
+		return namePath(path, err)
+	}
+	defer track(tmp)()
 	defer os.RemoveAll(tmp) // a no-op once renamed
+	if err := os.Chmod(tmp, 0o755); err != nil {
+		return err
+	}
 	if err := fill(tmp); err != nil {
 		return err
 	}
@@ -130,5 +169,5 @@ func Dir(path string, fill func(dir string) error) error {
 	if err := os.Rename(tmp, path); err != nil {
 		return err
 	}
-	return SyncDir(filepath.Dir(path))
+	return SyncDir(parent)
 }

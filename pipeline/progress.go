@@ -4,6 +4,7 @@ import (
 	"fmt"
 	"io"
 	"log/slog"
+	"math"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -350,10 +351,12 @@ func (d LogDisplay) Start(ts []*Tracker) func() {
 						continue
 					}
 					if s.WaitingFor != "" {
-						d.Log.Info("progress", "stage", t.Name, "waiting_for", s.WaitingFor)
-						continue
+						continue // not computing yet; the log says so once it does
 					}
-					args := []any{"stage", t.Name, s.Unit, s.Rows, s.Unit + "_per_s", s.Rate(), "bytes", s.Bytes}
+					args := []any{"stage", t.Name, s.Unit, s.Rows, s.Unit + "_per_s", math.Round(s.Rate()*10) / 10}
+					if s.Bytes > 0 {
+						args = append(args, "bytes", s.Bytes)
+					}
 					if s.Note != "" {
 						args = append(args, "note", s.Note)
 					}

@@ -882,3 +882,34 @@ func TestRateLeavesOutWaiting(t *testing.T) {
 		t.Errorf("ETA %v %v, want 10s", eta, ok)
 	}
 }
+
+// TestGCWaitsSaying: gc waits for the runs that hold the cache and says
+// so; a dry run, which removes nothing, does not wait.
+func TestGCWaitsSaying(t *testing.T) {
+	e := newTestEnv(t)
+	e.write("data.txt", "v1")
+	e.mustRun(e.write("chain.yaml", chainSpec), Options{})
+	run := e.store.gcLock() // what a run holds
+	if ok, err := run.TryRLock(); !ok || err != nil {
+		t.Fatal(ok, err)
+	}
+	defer run.Unlock()
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+	defer cancel()
+	if _, err := e.store.GC(ctx, GCOptions{KeepLast: 0, DryRun: true}); err != nil {
+		t.Fatalf("dry run beside a run: %v", err)
+	}
+	var logs bytes.Buffer
+	ctx, cancel = context.WithTimeout(context.Background(), 300*time.Millisecond)
+	defer cancel()
+	_, err := e.store.GC(ctx, GCOptions{KeepLast: 0, Log: slog.New(slog.NewTextHandler(&logs, nil))})
+	if err == nil || !strings.Contains(err.Error(), "waiting for the runs using cache") {
+		t.Errorf("gc beside a run: %v", err)
+	}
+	if !strings.Contains(logs.String(), "waiting for the runs using this cache to finish") {
+		t.Errorf("gc waited without a word: %q", logs.String())
+	}
+	if keys, _ := e.store.Keys(); len(keys) != 3 {
+		t.Errorf("%d entries left, want the 3 the run made", len(keys))
+	}
+}

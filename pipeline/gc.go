@@ -4,6 +4,7 @@ import (
 	"context"
 	"fmt"
 	"io/fs"
+	"log/slog"
 	"os"
 	"path/filepath"
 	"strings"
@@ -19,7 +20,10 @@ type GCOptions struct {
 	// OlderThan, when positive, removes only entries unused for at least
 	// this long.
 	OlderThan time.Duration
-	DryRun    bool
+	// DryRun only says what would go; it waits for no run.
+	DryRun bool
+	// Log, when set, hears that gc waits for running DAGs.
+	Log *slog.Logger
 }
 
 // GCResult lists what gc removed (or would remove, in a dry run).
@@ -29,12 +33,25 @@ type GCResult struct {
 	Kept    int
 }
 
-// GC removes cache entries no recent run uses. It waits for running DAGs
-// to finish, and they wait for it, so no entry disappears under a run.
+// GC removes cache entries no recent run uses. It waits until no run holds
+// the cache, and runs that start while it removes wait for it, so no entry
+// disappears under a run. A dry run takes the runs' shared hold instead: it
+// removes nothing.
 func (s *Store) GC(ctx context.Context, opts GCOptions) (*GCResult, error) {
 	lock := s.gcLock()
-	if _, err := lock.TryLockContext(ctx, 100*time.Millisecond); err != nil {
+	take, wait := lock.TryLock, lock.TryLockContext
+	if opts.DryRun {
+		take, wait = lock.TryRLock, lock.TryRLockContext
+	}
+	if ok, err := take(); err != nil {
 		return nil, err
+	} else if !ok {
+		if opts.Log != nil {
+			opts.Log.Info("waiting for the runs using this cache to finish", "cache", s.Root)
+		}
+		if _, err := wait(ctx, 100*time.Millisecond); err != nil {
+			return nil, fmt.Errorf("waiting for the runs using cache %s: %w", s.Root, err)
+		}
 	}
 	defer lock.Unlock()
 

@@ -22,8 +22,9 @@ func init() {
 		Long: `Remove cache entries that no recent run uses, and leftovers of interrupted runs.
 
 An entry is kept when one of the last --keep-last runs of any DAG used it, or, with
---older-than, when it was used more recently than that. gc waits for running DAGs to
-finish, and runs started meanwhile wait for gc.`,
+--older-than, when it was used more recently than that. gc waits (saying so) until
+no run uses the cache, and a run that starts while gc removes entries waits for it;
+--dry-run waits for no run.`,
 		Example: `  pipeline gc                              # keep what the last 3 runs of each DAG used
   pipeline gc --keep-last 1 --older-than 30d --dry-run`,
 		Args: exactArgs(0, "no arguments"),
@@ -41,6 +42,9 @@ finish, and runs started meanwhile wait for gc.`,
 			}
 			st, err := openExistingStore(nil)
 			if err != nil {
+				return err
+			}
+			if opts.Log, err = newLogger(); err != nil {
 				return err
 			}
 			ctx, stop := signalContext(5 * time.Second)

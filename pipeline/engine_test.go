@@ -208,6 +208,10 @@ func TestUntilAndOnly(t *testing.T) {
 	if err == nil || !IsSpecError(err) || !strings.Contains(err.Error(), "needs \"src\", which is not cached") {
 		t.Fatalf("--only with an uncached input: %v", err)
 	}
+	// Refused before anything ran, it is not the DAG's last run.
+	if runs := fresh.store.Runs(fresh.load(spec), 10); len(runs) != 0 {
+		t.Errorf("the refused run was recorded: %+v", runs[0])
+	}
 }
 
 // TestPlanReasonsForMissingEntries: a stage never computed says so, even

@@ -128,7 +128,9 @@ func (e *Engine) Run(ctx context.Context, dag *DAG, opts Options) (*RunRecord, e
 		rec.Interrupted = errors.Is(err, context.Canceled)
 	}
 	rec.HashedBytes = e.Store.HashedBytes()
-	if len(rec.Stages) > 0 && e.Collective == "" { // planned: worth keeping for plan's reasons and gc
+	// A run that was planned is worth keeping for plan's reasons and gc;
+	// one refused as a usage error before anything ran is not a run.
+	if len(rec.Stages) > 0 && e.Collective == "" && !IsSpecError(err) {
 		if recErr := e.Store.recordRun(dag, rec); recErr != nil {
 			e.log().Warn("could not record the run", "err", recErr)
 		}

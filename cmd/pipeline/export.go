@@ -104,8 +104,10 @@ it was and no temporary file behind.`,
 			if _, err := os.Stat(table); err != nil {
 				return usageErr(fmt.Errorf("stage %s (%s) holds no table, so not --format %s; a model exports with --format hf or gguf", args[1], m.Kind, format))
 			}
-			if fi, err := os.Stat(out); err == nil && fi.IsDir() {
-				return usageErr(fmt.Errorf("--out %s is a folder; a table exports to a file", out))
+			if out != "-" {
+				if err := checkWritable(out, args[1]+"."+format); err != nil {
+					return usageErr(fmt.Errorf("--out: %w", err))
+				}
 			}
 			ctx, stop := signalContext(2 * time.Second)
 			defer stop()

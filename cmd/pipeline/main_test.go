@@ -103,6 +103,16 @@ func TestSpecErrorsExit2(t *testing.T) {
 	if r := runCLI(t, dir, "run", "x.yaml", "--jobz", "3"); r.code != 2 {
 		t.Errorf("unknown flag: exit %d", r.code)
 	}
+	// Bad flag values are refused before the cache is touched.
+	for _, flag := range [][]string{{"--jobs", "-3"}, {"--log-every", "0s"}, {"--log-every", "-5s"}, {"--progress", "bogus"}} {
+		r := runCLI(t, dir, append([]string{"run", "x.yaml"}, flag...)...)
+		if r.code != 2 || !strings.Contains(r.stderr, flag[0]) {
+			t.Errorf("%v: exit %d\n%s", flag, r.code, r.stderr)
+		}
+	}
+	if _, err := os.Stat(filepath.Join(dir, "cache")); err == nil {
+		t.Error("a refused run made the cache")
+	}
 	if r := runCLI(t, dir, "frobnicate"); r.code != 2 {
 		t.Errorf("unknown command: exit %d", r.code)
 	}

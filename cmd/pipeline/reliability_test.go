@@ -181,6 +181,11 @@ func TestReportPathCheckedFirst(t *testing.T) {
 		if r.code != 2 || !strings.Contains(r.stderr, "--report: ") || !strings.Contains(r.stderr, want) {
 			t.Errorf("--report %s: exit %d\n%s", report, r.code, r.stderr)
 		}
+		// The HTML report's --out, the same.
+		r = runCLI(t, dir, "report", spec, "--out", report)
+		if r.code != 2 || !strings.Contains(r.stderr, "--out: ") || !strings.Contains(r.stderr, want) {
+			t.Errorf("report --out %s: exit %d\n%s", report, r.code, r.stderr)
+		}
 		if _, err := os.Stat(filepath.Join(dir, "cache")); err == nil {
 			if entries, _ := filepath.Glob(filepath.Join(dir, "cache", "entries", "*", "*")); len(entries) != 0 {
 				t.Errorf("--report %s: the run ran", report)

@@ -46,6 +46,11 @@ is in progress. Write it after each nightly run, next to the JSON report:
 			if runs < 1 {
 				return usageErr(fmt.Errorf("--runs %d: want at least 1", runs))
 			}
+			if out != "-" {
+				if err := checkWritable(out, "report.html"); err != nil {
+					return usageErr(fmt.Errorf("--out: %w", err))
+				}
+			}
 			dag, st, err := specAndStore(args)
 			if err != nil {
 				return err

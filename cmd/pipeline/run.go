@@ -8,6 +8,7 @@ import (
 	"os"
 	"path/filepath"
 	"runtime"
+	"slices"
 	"strings"
 	"text/tabwriter"
 	"time"
@@ -67,13 +68,22 @@ step with rank 0 and stop there. A rank that fails or goes away stops the others
   torchrun --nnodes 2 --nproc-per-node 8 --no-python pipeline run dags/gemma27b.yaml`,
 		Args: exactArgs(1, "one spec file"),
 		RunE: func(cmd *cobra.Command, args []string) error {
+			if jobs < 0 {
+				return usageErr(errors.New("--jobs must be at least 1 (or 0, the default: every core)"))
+			}
+			if logEvery <= 0 {
+				return usageErr(fmt.Errorf("--log-every %v: want a positive interval, e.g. 30s", logEvery))
+			}
+			if !slices.Contains([]string{"auto", "tty", "log", "none"}, progress) {
+				return usageErr(fmt.Errorf("--progress %q: want auto, tty, log or none", progress))
+			}
 			if started, err := startRanks(gpus); started {
 				return err
 			}
 			// A report that cannot be written is found out now, not after
 			// hours of training.
 			if report != "" {
-				if err := checkWritable(report); err != nil {
+				if err := checkWritable(report, "report.json"); err != nil {
 					return usageErr(fmt.Errorf("--report: %w", err))
 				}
 			}
@@ -115,12 +125,6 @@ step with rank 0 and stop there. A rank that fails or goes away stops the others
 				eng.Progress = pipeline.TTYDisplay{W: os.Stderr, Logs: logSink}
 			case "log":
 				eng.Progress = pipeline.LogDisplay{Log: log, Every: logEvery}
-			case "none":
-			default:
-				return usageErr(fmt.Errorf("--progress %q: want auto, tty, log or none", progress))
-			}
-			if jobs < 0 {
-				return usageErr(errors.New("--jobs must be positive"))
 			}
 			if jobs > 0 {
 				// Stages parallelise with goroutines; this bounds the cores they use.
@@ -181,8 +185,9 @@ func writeReport(path string, rec *pipeline.RunRecord) error {
 }
 
 // checkWritable says why a file could not be written at path: its folder
-// is missing or not writable, or path is a folder.
-func checkWritable(path string) error {
+// is missing or not writable, or path is a folder (in which a file called
+// like would do).
+func checkWritable(path, like string) error {
 	dir := filepath.Dir(path)
 	fi, err := os.Stat(dir)
 	switch {
@@ -194,7 +199,7 @@ func checkWritable(path string) error {
 		return fmt.Errorf("%s is not a folder", dir)
 	}
 	if fi, err := os.Stat(path); err == nil && fi.IsDir() {
-		return fmt.Errorf("%s is a folder; give a file name, e.g. %s", path, filepath.Join(path, "report.json"))
+		return fmt.Errorf("%s is a folder; give a file name, e.g. %s", path, filepath.Join(path, like))
 	}
 	f, err := os.CreateTemp(dir, ".pipeline-write-test-*")
 	if err != nil {

@@ -174,9 +174,6 @@ func (c ctxWriter) Write(b []byte) (int, error) {
 // formatOfName is the export format a file name asks for by its
 // extension, "" when it names none.
 func formatOfName(out string) string {
-	if out == "-" {
-		return "jsonl"
-	}
 	switch strings.ToLower(filepath.Ext(out)) {
 	case ".jsonl", ".json":
 		return "jsonl"

@@ -183,6 +183,10 @@ func TestRunPlanInspectExport(t *testing.T) {
 	if got, _ := os.ReadFile(named); r.code != 0 || !bytes.HasPrefix(got, []byte("PAR1")) {
 		t.Errorf("--out named.parquet: exit %d, %.20q\n%s", r.code, got, r.stderr)
 	}
+	r = runCLI(t, dir, "export", spec, "alpaca", "--format", "parquet", "--out", "-")
+	if r.code != 0 || !strings.HasPrefix(r.stdout, "PAR1") {
+		t.Errorf("parquet to standard output: exit %d\n%s", r.code, r.stderr)
+	}
 	for _, args := range [][]string{
 		{"--format", "jsonl", "--out", filepath.Join(dir, "x.parquet")},
 		{"--type", "q4_0", "--out", filepath.Join(dir, "x.jsonl")},

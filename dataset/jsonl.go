@@ -20,17 +20,20 @@ import (
 // (by the .gz extension). Blank lines are ignored. Rows are named by their
 // 1-based line number, as editors show them.
 type jsonlFile struct {
-	open  openFunc
-	name  string
-	gz    bool
-	want  []string
-	conv  *convFields // for conversations
-	rows  int64       // -1 until counted
-	bytes int64
+	open openFunc
+	name string
+	gz   bool
+	want []string
+	// optional is the field of want whose absence from a record reads as
+	// null: an Alpaca record without an input, as many datasets write them.
+	optional string
+	conv     *convFields // for conversations
+	rows     int64       // -1 until counted
+	bytes    int64
 }
 
-func openJSONL(open openFunc, path string, want []string, conv *convFields) (*jsonlFile, error) {
-	jf := &jsonlFile{open: open, name: path, gz: strings.HasSuffix(strings.ToLower(path), ".gz"), want: want, conv: conv, rows: -1}
+func openJSONL(open openFunc, path string, want []string, optional string, conv *convFields) (*jsonlFile, error) {
+	jf := &jsonlFile{open: open, name: path, gz: strings.HasSuffix(strings.ToLower(path), ".gz"), want: want, optional: optional, conv: conv, rows: -1}
 	lr, err := jf.lines()
 	if err != nil {
 		return nil, err
@@ -164,6 +167,10 @@ func (jf *jsonlFile) parse(line []byte, lineNo int64) (record, error) {
 	}
 	for i, name := range jf.want {
 		raw, ok := obj[name]
+		if !ok && name == jf.optional {
+			r.null |= 1 << i
+			continue
+		}
 		if !ok {
 			return record{}, noField(name)
 		}

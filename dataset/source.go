@@ -396,7 +396,11 @@ func Open(opts SourceOptions) (*Source, error) {
 		case FormatText:
 			f, err = openText(opts.opener(), path)
 		default:
-			f, err = openJSONL(opts.opener(), path, wanted, s.conv)
+			optional := ""
+			if layout == LayoutAlpaca {
+				optional = s.fileColumn(ColInput)
+			}
+			f, err = openJSONL(opts.opener(), path, wanted, optional, s.conv)
 		}
 		if err != nil {
 			s.closeFiles()

@@ -423,7 +423,7 @@ func TestBadInput(t *testing.T) {
 
 	emptyJSONL := writeFile("empty.jsonl", []byte("\n\n"))
 	jsonlNumber := writeFile("number.jsonl", []byte(`{"instruction":"a","input":"","output":"b"}`+"\n"+`{"instruction":"a","input":"","output":42}`+"\n"))
-	jsonlMissing := writeFile("missing.jsonl", []byte(`{"instruction":"a","output":"b"}`+"\n"))
+	jsonlMissing := writeFile("missing.jsonl", []byte(`{"instruction":"a","input":""}`+"\n"))
 	jsonlUTF8 := writeFile("utf8.jsonl", []byte(`{"instruction":"a","input":"","output":"b"}`+"\n\n"+`{"instruction":"a","input":"","output":"ş\ta`+"\xc3"+`"}`+"\n"))
 	jsonlSurrogate := writeFile("surrogate.jsonl", []byte(`{"instruction":"a","input":"\ud83d","output":"b \ufffd ok"}`+"\n"))
 	jsonlSyntax := writeFile("syntax.jsonl", []byte(`{"instruction":"a","input":"","output":"b"}`+"\n"+`{"instruction":"a",`+"\n"))
@@ -446,7 +446,7 @@ func TestBadInput(t *testing.T) {
 		{"empty Parquet", SourceOptions{Paths: []string{emptyParquet}}, []string{"empty.parquet", "no rows"}},
 		{"empty JSONL", SourceOptions{Paths: []string{emptyJSONL}}, []string{"empty.jsonl", "no rows"}},
 		{"non-string JSONL value", SourceOptions{Paths: []string{jsonlNumber}}, []string{"number.jsonl: line 2, column output: a number, not a string"}},
-		{"missing JSONL field", SourceOptions{Paths: []string{jsonlMissing}}, []string{"missing.jsonl: line 1", `no field "input"`, `"instruction", "output"`}},
+		{"missing JSONL field", SourceOptions{Paths: []string{jsonlMissing}}, []string{"missing.jsonl: line 1", `no field "output"`, `"input", "instruction"`}},
 		{"invalid UTF-8 in JSONL", SourceOptions{Paths: []string{jsonlUTF8}}, []string{"utf8.jsonl: line 3, column output: invalid UTF-8 at byte 4"}},
 		{"lone surrogate in JSONL", SourceOptions{Paths: []string{jsonlSurrogate}}, []string{"surrogate.jsonl: line 1, column input: unpaired UTF-16 surrogate"}},
 		{"invalid JSON", SourceOptions{Paths: []string{jsonlSyntax}}, []string{"syntax.jsonl: line 2: invalid JSON"}},
@@ -619,5 +619,16 @@ func TestJSONLLineIsBounded(t *testing.T) {
 	err := openOrNext(SourceOptions{Paths: []string{path}})
 	if err == nil || !strings.Contains(err.Error(), path+": line 2 is longer than 1 KiB") {
 		t.Fatalf("%v", err)
+	}
+}
+
+// TestJSONLWithoutInput: an Alpaca record may leave its input out, as many
+// datasets write them; it reads as an empty input.
+func TestJSONLWithoutInput(t *testing.T) {
+	path := filepath.Join(t.TempDir(), "noinput.jsonl")
+	os.WriteFile(path, []byte(`{"instruction":"a","output":"b"}`+"\n"+`{"instruction":"c","input":"d","output":"e"}`+"\n"), 0o644)
+	got := readAll(t, SourceOptions{Paths: []string{path}})
+	if fmt.Sprint(got) != "[[a  b] [c d e]]" {
+		t.Errorf("rows %q", got)
 	}
 }

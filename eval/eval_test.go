@@ -633,3 +633,18 @@ func randomIDs(rng *rand.Rand, vocab int) func(n int) []int32 {
 		return out
 	}
 }
+
+// TestMappedSubjectMissing: a question without the mapped subject column,
+// or with a null there, is scored under NoSubject, as with the default
+// column.
+func TestMappedSubjectMissing(t *testing.T) {
+	dir := t.TempDir()
+	set := writeFile(t, dir, "set.jsonl", `{"q": "Bir?", "choices": ["a", "b"], "answer": "A", "bolum": "tarih"}
+{"q": "İki?", "choices": ["a", "b"], "answer": "B"}
+{"q": "Üç?", "choices": ["a", "b"], "answer": "B", "bolum": null}
+`)
+	qs, err := ReadQuestions([]string{set}, map[string]string{"question": "q", "subject": "bolum"})
+	if err != nil || len(qs) != 3 || qs[0].Subject != "tarih" || qs[1].Subject != "" || qs[2].Subject != "" {
+		t.Fatalf("%+v, %v", qs, err)
+	}
+}

@@ -132,13 +132,10 @@ func (r row) question(col func(string) string, columns map[string]string) (Quest
 		return q, fmt.Errorf("no question (column %q)%s", col(ColQuestion), r.mapHint(ColQuestion, columns))
 	}
 	q.Question = text
-	if c, present := columns[ColSubject]; present || r.has(col(ColSubject)) {
-		s, ok, err := r.str(col(ColSubject))
+	if r.has(col(ColSubject)) { // a question without one is scored under NoSubject
+		s, _, err := r.str(col(ColSubject))
 		if err != nil {
 			return q, err
-		}
-		if !ok && present {
-			return q, fmt.Errorf("no subject (column %q)", c)
 		}
 		q.Subject = s
 	}

@@ -118,7 +118,12 @@ func (s *packStage) Run(ctx context.Context, t *pipeline.Task) error {
 	}
 	setStats(t, stats)
 	t.Log.Info("packed", "rows", stats.Rows, "examples", stats.Examples, "efficiency", fmt.Sprintf("%.4f", stats.Efficiency),
-		"dropped", stats.Dropped, "truncated", stats.Truncated, "split", stats.Split)
+		"dropped", stats.Dropped, "truncated", stats.Truncated, "split", stats.Split, "untrained", stats.SkippedUntrained)
+	if lost := stats.Dropped + stats.SkippedUntrained; lost > 0 {
+		// Examples that will not be trained on are worth a word above INFO.
+		t.Log.Warn("examples left out of the packed rows", "longer_than_seq_len", stats.Dropped, "no_trained_token", stats.SkippedUntrained,
+			"of", stats.ExamplesIn, "fix", "raise seq_len, or overlong: split")
+	}
 	if held != nil {
 		hs, err := writeHeldOut(ctx, held, filepath.Join(t.Dir, PackedHeldOutFile))
 		if err != nil {

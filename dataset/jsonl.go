@@ -10,6 +10,7 @@ import (
 	"fmt"
 	"io"
 	"io/fs"
+	"path/filepath"
 	"slices"
 	"strings"
 
@@ -130,6 +131,10 @@ func (jf *jsonlFile) scan(ctx context.Context, file int32, base int64, want func
 // parse decodes one line into a record. Only the mapped fields are checked;
 // other fields may hold anything.
 func (jf *jsonlFile) parse(line []byte, lineNo int64) (record, error) {
+	if t := bytes.TrimSpace(line); len(t) > 0 && t[0] == '[' {
+		return record{}, fmt.Errorf("dataset: %s: line %d: a JSON array, not JSON lines (one object a line): convert it, e.g. jq -c '.[]' %s > %s.jsonl",
+			jf.name, lineNo, filepath.Base(jf.name), strings.TrimSuffix(filepath.Base(jf.name), filepath.Ext(jf.name)))
+	}
 	var obj map[string]json.RawMessage
 	if err := json.Unmarshal(line, &obj); err != nil {
 		var typeErr *json.UnmarshalTypeError

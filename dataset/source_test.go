@@ -632,3 +632,24 @@ func TestJSONLWithoutInput(t *testing.T) {
 		t.Errorf("rows %q", got)
 	}
 }
+
+// TestJSONArrayNamed: the alpaca_data.json layout (one JSON array) is named
+// with the conversion, not called invalid JSON.
+func TestJSONArrayNamed(t *testing.T) {
+	dir := t.TempDir()
+	for name, content := range map[string]string{
+		"one.json":    `[{"instruction":"a","input":"","output":"b"}]`,
+		"pretty.json": "[\n  {\"instruction\": \"a\", \"input\": \"\", \"output\": \"b\"}\n]\n",
+	} {
+		path := filepath.Join(dir, name)
+		os.WriteFile(path, []byte(content), 0o644)
+		s, err := Open(SourceOptions{Paths: []string{path}})
+		if err == nil {
+			_, err = drain(s)
+			s.Close()
+		}
+		if err == nil || !strings.Contains(err.Error(), "a JSON array, not JSON lines") || !strings.Contains(err.Error(), "jq -c") {
+			t.Errorf("%s: %v", name, err)
+		}
+	}
+}

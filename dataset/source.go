@@ -378,6 +378,10 @@ func Open(opts SourceOptions) (*Source, error) {
 		wanted = append(wanted, s.fileColumn(ours))
 	}
 	s.schema = arrow.NewSchema(fields, nil)
+	optional := "" // the JSON field a record may leave out
+	if layout == LayoutAlpaca {
+		optional = s.fileColumn(ColInput)
+	}
 
 	for _, path := range opts.Paths {
 		format, err := formatOf(path, opts.Format)
@@ -396,10 +400,6 @@ func Open(opts SourceOptions) (*Source, error) {
 		case FormatText:
 			f, err = openText(opts.opener(), path)
 		default:
-			optional := ""
-			if layout == LayoutAlpaca {
-				optional = s.fileColumn(ColInput)
-			}
 			f, err = openJSONL(opts.opener(), path, wanted, optional, s.conv)
 		}
 		if err != nil {

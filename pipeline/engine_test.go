@@ -778,19 +778,23 @@ stages:
 	}
 }
 
+// waitSpec has a stage, both, that reads the committed entries of a slow
+// stage computing beside it, and one, streamed, that is fed its stream.
+const waitSpec = `name: wait
+stages:
+  slow: {kind: gen, with: {rows: 20, batch: 1, delay_ms: 25}}
+  fast: {kind: gen, with: {rows: 5, batch: 5, tags: [fast]}}
+  both: {kind: concat, needs: [slow, fast]}
+  streamed: {kind: double, needs: [slow]}
+`
+
 // TestWaitSecondsApart: a stage that reads the committed entries of stages
 // computing beside it records the time it waited for them apart from its
 // own; one fed by a stream waits on nothing.
 func TestWaitSecondsApart(t *testing.T) {
 	defer goleak.VerifyNone(t)
 	e := newTestEnv(t)
-	spec := e.write("wait.yaml", `name: wait
-stages:
-  slow: {kind: gen, with: {rows: 20, batch: 1, delay_ms: 25}}
-  fast: {kind: gen, with: {rows: 5, batch: 5, tags: [fast]}}
-  both: {kind: concat, needs: [slow, fast]}
-  streamed: {kind: double, needs: [slow]}
-`)
+	spec := e.write("wait.yaml", waitSpec)
 	rec := e.mustRun(spec, Options{})
 	for _, st := range rec.Stages {
 		switch st.Name {
@@ -812,12 +816,7 @@ stages:
 func TestProgressSaysWaiting(t *testing.T) {
 	defer goleak.VerifyNone(t)
 	e := newTestEnv(t)
-	spec := e.write("wait.yaml", `name: wait
-stages:
-  slow: {kind: gen, with: {rows: 20, batch: 1, delay_ms: 25}}
-  fast: {kind: gen, with: {rows: 5, batch: 5, tags: [fast]}}
-  both: {kind: concat, needs: [slow, fast]}
-`)
+	spec := e.write("wait.yaml", waitSpec)
 	var logs bytes.Buffer
 	log := slog.New(slog.NewTextHandler(&logs, nil))
 	var mu sync.Mutex

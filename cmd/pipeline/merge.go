@@ -19,8 +19,8 @@ func init() {
 		Long: `merge writes --model with the PEFT LoRA adapter --adapter merged into it as a new
 Hugging Face checkpoint folder --out (which must not exist): bf16 safetensors in
 shards of at most --max-shard-gb (with model.safetensors.index.json when there
-are several), the base's config.json and generation_config.json, and its tokenizer files with the chat
-template. A multimodal checkpoint keeps its vision tower. Tensors stream one at a
+are several), the base's config.json and generation_config.json, and its
+tokenizer files with the chat template. A multimodal checkpoint keeps its vision tower. Tensors stream one at a
 time, so a 27B merge needs a few GiB of memory.
 
 --base dequantized (the default) merges into the NF4 round trip of the weights:

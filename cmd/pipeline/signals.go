@@ -27,10 +27,6 @@ import (
 // while none has.
 var interrupted atomic.Int32
 
-// runCleanups removes what an interrupted command leaves half-written:
-// the temporary files and folders of its writes in progress.
-func runCleanups() { atomicfile.RemovePending() }
-
 // signalContext returns a context canceled by the first SIGINT or SIGTERM,
 // and a stop function that restores the default handling. grace is how
 // long the command may take to stop by itself.
@@ -56,7 +52,7 @@ func signalContext(grace time.Duration) (context.Context, func()) {
 		case <-done:
 			return
 		}
-		runCleanups()
+		atomicfile.RemovePending() // what the command leaves half-written
 		fmt.Fprintf(os.Stderr, "pipeline: stopped by %s\n", signalName(sig))
 		os.Exit(128 + int(num))
 	}()

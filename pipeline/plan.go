@@ -32,6 +32,7 @@ type Step struct {
 	Refs     []Ref      // what the stage's references name now
 	State    EntryState // of the cache entry now
 	Damage   error      // why the entry is damaged
+	Unkeyed  error      // why a lenient plan could not key the stage
 	Manifest *Manifest  // of a valid entry
 	Selected bool       // part of this run (see Options.Until and Only)
 	Compute  bool       // will be computed
@@ -84,6 +85,14 @@ func (s *Store) Plan(dag *DAG, opts Options) (*Plan, error) {
 
 // PlanContext is Plan with a context for resolving references.
 func (s *Store) PlanContext(ctx context.Context, dag *DAG, opts Options) (*Plan, error) {
+	return s.plan(ctx, dag, opts, false)
+}
+
+// plan is PlanContext. A lenient plan (status's) keys what it can: a stage
+// its kind could not prepare, whose files or references fail, or that
+// reads such a stage has no key and says why in Unkeyed, instead of
+// failing the plan.
+func (s *Store) plan(ctx context.Context, dag *DAG, opts Options, lenient bool) (*Plan, error) {
 	if opts.Until != "" && opts.Only != "" {
 		return nil, &SpecError{File: dag.Path, Msg: "--until and --only exclude each other", Fix: "give one of them"}
 	}
@@ -96,9 +105,27 @@ func (s *Store) PlanContext(ctx context.Context, dag *DAG, opts Options) (*Plan,
 			return nil, &SpecError{File: dag.Path, Msg: fmt.Sprintf("no stage called %q", name), Fix: fix}
 		}
 	}
-	refs, err := resolveRefs(ctx, dag)
-	if err != nil {
+	// Only the stages the run needs are keyed: those it selects and what
+	// they read. The others' files are not hashed nor their references
+	// resolved, so that preprocessing alone runs without the model.
+	keyed := dag.keyed(opts)
+	if err := unprepared(keyed); err != nil && !lenient {
 		return nil, err
+	}
+	var prepared []*Node
+	for _, n := range keyed {
+		if n.Unprepared == nil {
+			prepared = append(prepared, n)
+		}
+	}
+	refs, refErrs := resolveRefs(ctx, prepared)
+	if len(refErrs) > 0 && !lenient {
+		// The first stage's: stages that name one model fail alike.
+		for _, n := range prepared {
+			if err := refErrs[n]; err != nil {
+				return nil, err
+			}
+		}
 	}
 	plan := &Plan{DAG: dag, store: s, lastRun: s.lastRun(dag)}
 	steps := map[*Node]*Step{}
@@ -106,30 +133,20 @@ func (s *Store) PlanContext(ctx context.Context, dag *DAG, opts Options) (*Plan,
 		st := &Step{Node: n}
 		steps[n] = st
 		plan.Steps = append(plan.Steps, st)
-		km := keyMaterial{Kind: n.KindName, Version: n.Kind.Version(), Params: n.Canon, Inputs: []string{}, Files: []string{}}
-		for _, d := range n.Needs {
-			st.Inputs = append(st.Inputs, InputRef{Stage: d.Name, Key: steps[d].Key})
-			km.Inputs = append(km.Inputs, steps[d].Key)
-		}
-		for _, f := range n.Runner.Files() {
-			sum, state, trusted, err := s.stats.digestState(f)
-			if err != nil {
-				return nil, stageErr(n, fmt.Errorf("input file: %w", err))
+		if !slices.Contains(keyed, n) {
+			// Not keyed, but its files are the run's to find by
+			// content (Task.FilesWithDigest) where they exist.
+			if n.Runner != nil {
+				s.hashFiles(st)
 			}
-			st.Files = append(st.Files, FileRef{Path: f, Size: state.Size, SHA256: sum})
-			st.keyed = append(st.keyed, &keyedFile{path: f, sha: sum, state: state, trusted: trusted})
-			km.Files = append(km.Files, sum)
+			continue
 		}
-		st.Refs = refs[n]
-		for _, r := range st.Refs {
-			km.Refs = append(km.Refs, r.Name+" "+r.Revision)
+		if err := s.key(st, steps, refs[n], refErrs[n]); err != nil {
+			if !lenient {
+				return nil, err
+			}
+			st.Unkeyed = err
 		}
-		var buf bytes.Buffer
-		if err := jsonEncoder(&buf).Encode(km); err != nil {
-			return nil, err
-		}
-		sum := sha256.Sum256(buf.Bytes())
-		st.Key = hex.EncodeToString(sum[:])
 	}
 	plan.selectSteps(opts)
 	// Entries looked at: the steps that run, and the inputs they read.
@@ -143,7 +160,7 @@ func (s *Store) PlanContext(ctx context.Context, dag *DAG, opts Options) (*Plan,
 		}
 	}
 	for _, st := range plan.Steps {
-		if !matters[st.Node] {
+		if !matters[st.Node] || st.Key == "" {
 			continue
 		}
 		state, m, err := s.Check(st.Key, false)
@@ -155,7 +172,7 @@ func (s *Store) PlanContext(ctx context.Context, dag *DAG, opts Options) (*Plan,
 	}
 	first := map[string]*Step{} // of each key computed: its first step, which computes it for all
 	for _, st := range plan.Steps {
-		if !st.Selected {
+		if !st.Selected || st.Unkeyed != nil {
 			continue
 		}
 		switch {
@@ -177,6 +194,58 @@ func (s *Store) PlanContext(ctx context.Context, dag *DAG, opts Options) (*Plan,
 	return plan, nil
 }
 
+// key computes the key of st, whose inputs' steps are done, from what its
+// stage reads: the inputs' keys, its files' digests, its references'
+// revisions (refs, or refErr when they failed to resolve).
+func (s *Store) key(st *Step, steps map[*Node]*Step, refs []Ref, refErr error) error {
+	n := st.Node
+	switch {
+	case n.Unprepared != nil:
+		return n.Unprepared
+	case refErr != nil:
+		return refErr
+	}
+	km := keyMaterial{Kind: n.KindName, Version: n.Kind.Version(), Params: n.Canon, Inputs: []string{}, Files: []string{}}
+	for _, d := range n.Needs {
+		if steps[d].Key == "" {
+			return stageErr(n, fmt.Errorf("it reads stage %s, which has no key", d.Name))
+		}
+		st.Inputs = append(st.Inputs, InputRef{Stage: d.Name, Key: steps[d].Key})
+		km.Inputs = append(km.Inputs, steps[d].Key)
+	}
+	if err := s.hashFiles(st); err != nil {
+		return err
+	}
+	for _, f := range st.Files {
+		km.Files = append(km.Files, f.SHA256)
+	}
+	st.Refs = refs
+	for _, r := range refs {
+		km.Refs = append(km.Refs, r.Name+" "+r.Revision)
+	}
+	var buf bytes.Buffer
+	if err := jsonEncoder(&buf).Encode(km); err != nil {
+		return err
+	}
+	sum := sha256.Sum256(buf.Bytes())
+	st.Key = hex.EncodeToString(sum[:])
+	return nil
+}
+
+// hashFiles digests the files st's stage reads (through the stat cache)
+// into st.Files, as far as the first that fails.
+func (s *Store) hashFiles(st *Step) error {
+	for _, f := range st.Node.Runner.Files() {
+		sum, state, trusted, err := s.stats.digestState(f)
+		if err != nil {
+			return stageErr(st.Node, fmt.Errorf("input file: %w", err))
+		}
+		st.Files = append(st.Files, FileRef{Path: f, Size: state.Size, SHA256: sum})
+		st.keyed = append(st.keyed, &keyedFile{path: f, sha: sum, state: state, trusted: trusted})
+	}
+	return nil
+}
+
 func (p *Plan) selectSteps(opts Options) {
 	for _, n := range p.DAG.Selected(opts) {
 		p.Step(n.Name).Selected = true
@@ -186,19 +255,34 @@ func (p *Plan) selectSteps(opts Options) {
 // Selected lists the stages a run with opts computes or finds cached, in
 // the DAG's order: --only's stage, --until's and what it needs, or all.
 func (d *DAG) Selected(opts Options) []*Node {
-	if opts.Only != "" {
+	switch {
+	case opts.Only != "":
 		if n := d.Node(opts.Only); n != nil {
 			return []*Node{n}
 		}
 		return nil
+	case opts.Until != "":
+		if n := d.Node(opts.Until); n != nil {
+			return d.upstream(n)
+		}
+		return nil
 	}
-	if opts.Until == "" {
-		return d.Nodes
-	}
+	return d.Nodes
+}
+
+// keyed lists the stages whose keys a run with opts needs, in the DAG's
+// order: those it selects, and the stages they read.
+func (d *DAG) keyed(opts Options) []*Node {
+	return d.upstream(d.Selected(opts)...)
+}
+
+// upstream lists the given stages and every stage they read, transitively,
+// in the DAG's order.
+func (d *DAG) upstream(nodes ...*Node) []*Node {
 	seen := map[*Node]bool{}
 	var mark func(n *Node)
 	mark = func(n *Node) {
-		if n == nil || seen[n] {
+		if seen[n] {
 			return
 		}
 		seen[n] = true
@@ -206,7 +290,9 @@ func (d *DAG) Selected(opts Options) []*Node {
 			mark(up)
 		}
 	}
-	mark(d.Node(opts.Until))
+	for _, n := range nodes {
+		mark(n)
+	}
 	var out []*Node
 	for _, n := range d.Nodes {
 		if seen[n] {
@@ -273,30 +359,32 @@ func (p *Plan) lastEntry(stage string) *StageRecord {
 	return nil
 }
 
-// resolveRefs resolves the references of every stage that has some, all
-// at once (each may ask a server).
-func resolveRefs(ctx context.Context, dag *DAG) (map[*Node][]Ref, error) {
-	out := map[*Node][]Ref{}
+// resolveRefs resolves the references of the nodes that have some, all at
+// once (each may ask a server), and says which failed and why.
+func resolveRefs(ctx context.Context, nodes []*Node) (map[*Node][]Ref, map[*Node]error) {
+	out, failed := map[*Node][]Ref{}, map[*Node]error{}
 	var mu sync.Mutex
-	g, gctx := errgroup.WithContext(ctx)
+	var g errgroup.Group
 	g.SetLimit(8)
-	for _, n := range dag.Nodes {
+	for _, n := range nodes {
 		r, ok := n.Runner.(Resolver)
 		if !ok {
 			continue
 		}
 		g.Go(func() error {
-			refs, err := r.Resolve(gctx)
-			if err != nil {
-				return stageErr(n, err)
-			}
+			refs, err := r.Resolve(ctx)
 			mu.Lock()
-			out[n] = refs
-			mu.Unlock()
+			defer mu.Unlock()
+			if err != nil {
+				failed[n] = stageErr(n, err)
+			} else {
+				out[n] = refs
+			}
 			return nil
 		})
 	}
-	return out, g.Wait()
+	g.Wait()
+	return out, failed
 }
 
 // movedRefs says which references name something else than they did.

@@ -21,6 +21,10 @@ import (
 // A DAG is a parsed, validated spec whose stages (its Nodes) are ready to
 // plan: every stage's parameters are decoded into its kind's typed struct,
 // defaults filled in, and its Runner prepared with its input files resolved.
+// A stage its kind could not prepare (a file missing, a glob matching
+// nothing) keeps the error in place of its Runner: only a plan that needs
+// the stage fails on it, so `--until pack` runs without the model a later
+// stage trains.
 type DAG struct {
 	Name  string
 	Path  string  // absolute path of the spec file
@@ -38,8 +42,11 @@ type Node struct {
 	Params   any    // pointer to the kind's parameter struct
 	Canon    []byte // canonical JSON of Params: part of the key
 	Needs    []*Node
-	Runner   Runner
-	Line     int // line of the stage in the spec, for messages
+	Runner   Runner // nil when Unprepared
+	Line     int    // line of the stage in the spec, for messages
+	// Unprepared is why the kind could not prepare the stage's Runner,
+	// reported by the plans that need the stage.
+	Unprepared *SpecError
 
 	needsLine int // line of its `needs:`, 0 when it has none
 }
@@ -105,8 +112,9 @@ func IsSpecError(err error) bool {
 
 var stageNameRE = regexp.MustCompile(`^[A-Za-z][A-Za-z0-9_-]*$`)
 
-// Load reads, decodes and validates the spec at path. Every problem found is
-// returned together as SpecErrors, before anything runs.
+// Load reads, decodes and validates the spec at path. Every problem of the
+// spec itself is returned together as SpecErrors, before anything runs;
+// those of the world its stages read (see DAG) wait for the plan.
 func Load(path string, kinds *Registry) (*DAG, error) {
 	abs, err := filepath.Abs(path)
 	if err != nil {
@@ -151,15 +159,31 @@ func Load(path string, kinds *Registry) (*DAG, error) {
 	for _, n := range dag.Nodes {
 		st, err := n.Kind.Prepare(n.Params, dag.Dir)
 		if err != nil {
-			l.errs = append(l.errs, l.paramError(n, err))
+			n.Unprepared = l.paramError(n, err)
 			continue
 		}
 		n.Runner = st
 	}
-	if len(l.errs) > 0 {
-		return nil, l.errs
-	}
 	return dag, nil
+}
+
+// Check returns, as SpecErrors, why the kinds could not prepare the stages
+// a run with opts needs, or nil when they all could; Plan checks it first.
+func (d *DAG) Check(opts Options) error { return unprepared(d.keyed(opts)) }
+
+// unprepared returns, as SpecErrors, why the kinds could not prepare the
+// given stages, or nil when they all could.
+func unprepared(nodes []*Node) error {
+	var errs SpecErrors
+	for _, n := range nodes {
+		if n.Unprepared != nil {
+			errs = append(errs, n.Unprepared)
+		}
+	}
+	if len(errs) == 0 {
+		return nil
+	}
+	return errs
 }
 
 type loader struct {

@@ -1,6 +1,7 @@
 package pipeline
 
 import (
+	"context"
 	"fmt"
 	"os"
 	"path/filepath"
@@ -57,9 +58,14 @@ func TestSpecErrors(t *testing.T) {
 		t.Run(c.name, func(t *testing.T) {
 			e := newTestEnv(t)
 			path := e.write("bad.yaml", c.spec)
-			_, err := Load(path, e.reg)
+			dag, err := Load(path, e.reg)
 			if err == nil {
-				t.Fatal("spec loaded without error")
+				// What the stages read is checked by the plan that
+				// needs them (a run of all stages here).
+				_, err = e.store.Plan(dag, Options{})
+			}
+			if err == nil {
+				t.Fatal("spec planned without error")
 			}
 			if !IsSpecError(err) {
 				t.Fatalf("not a spec error: %T %v", err, err)
@@ -77,6 +83,57 @@ func TestSpecErrors(t *testing.T) {
 				}
 			}
 		})
+	}
+}
+
+// TestPlanNeedsOnlyWhatItRuns: a stage whose file is missing fails the
+// plans that need it, not those of the stages before it (preprocessing
+// without the model a later stage trains), and status says why it has no
+// key instead of failing.
+func TestPlanNeedsOnlyWhatItRuns(t *testing.T) {
+	e := newTestEnv(t)
+	spec := e.write("spec.yaml", `name: x
+stages:
+  data: {kind: gen, with: {rows: 3}}
+  model: {kind: gen, with: {file: nowhere.txt}}
+  train: {kind: concat, needs: [data, model]}
+  after: {kind: double, needs: [train]}
+`)
+	dag := e.load(spec)
+	for _, opts := range []Options{{}, {Until: "train"}, {Only: "after"}} {
+		_, err := e.store.Plan(dag, opts)
+		if !IsSpecError(err) || !strings.Contains(err.Error(), "nowhere.txt") {
+			t.Errorf("plan %+v: %v, want the missing file", opts, err)
+		}
+	}
+	plan, err := e.store.Plan(dag, Options{Until: "data"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, st := range plan.Steps {
+		if (st.Key != "") != (st.Node.Name == "data") {
+			t.Errorf("stage %s: key %q", st.Node.Name, st.Key)
+		}
+	}
+	if _, err := (&Engine{Store: e.store}).Run(context.Background(), dag, Options{Until: "data"}); err != nil {
+		t.Fatal(err)
+	}
+	status, err := e.store.Status(dag)
+	if err != nil {
+		t.Fatal(err)
+	}
+	var states []string
+	for _, s := range status.Stages {
+		states = append(states, s.Name+" "+s.State)
+		if (s.Unavailable != nil) != (s.State == "unavailable") {
+			t.Errorf("stage %s %s: %v", s.Name, s.State, s.Unavailable)
+		}
+	}
+	if want := "[data cached model unavailable train unavailable after unavailable]"; fmt.Sprint(states) != want {
+		t.Errorf("status %v, want %s", states, want)
+	}
+	if err := status.Stages[3].Unavailable; err == nil || !strings.Contains(err.Error(), "train") {
+		t.Errorf("after unavailable: %v, want train named", err)
 	}
 }
 
@@ -187,9 +244,14 @@ func TestSpecMistakes(t *testing.T) {
 		t.Run(c.name, func(t *testing.T) {
 			e := newTestEnv(t)
 			path := e.write("bad.yaml", c.spec)
-			_, err := Load(path, e.reg)
+			dag, err := Load(path, e.reg)
 			if err == nil {
-				t.Fatal("spec loaded without error")
+				// What the stages read is checked by the plan that
+				// needs them (a run of all stages here).
+				_, err = e.store.Plan(dag, Options{})
+			}
+			if err == nil {
+				t.Fatal("spec planned without error")
 			}
 			if !IsSpecError(err) {
 				t.Fatalf("not a spec error: %T %v", err, err)

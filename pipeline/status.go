@@ -1,5 +1,7 @@
 package pipeline
 
+import "context"
+
 // Status is the state of a DAG's outputs in a store.
 type Status struct {
 	RunningBy string // who holds the DAG's lock now ("" when nobody)
@@ -14,15 +16,19 @@ type Status struct {
 // StageStatus is one stage's current output.
 type StageStatus struct {
 	Name, Kind, Key string
-	State           string // cached, missing, damaged
+	State           string // cached, missing, damaged, unavailable
 	Damage          error
-	Manifest        *Manifest
-	Size            int64
+	// Unavailable is why the stage has no key now: a file or model it
+	// reads is missing, a reference cannot be resolved offline, or it
+	// reads such a stage. Preprocessing runs without those (--until).
+	Unavailable error
+	Manifest    *Manifest
+	Size        int64
 }
 
 // Status looks at every stage's current entry without running anything.
 func (s *Store) Status(dag *DAG) (*Status, error) {
-	plan, err := s.Plan(dag, Options{})
+	plan, err := s.plan(context.Background(), dag, Options{}, true)
 	if err != nil {
 		return nil, err
 	}
@@ -30,13 +36,15 @@ func (s *Store) Status(dag *DAG) (*Status, error) {
 	out.RunningBy, out.Unfinished = s.lockHolder(dag)
 	for _, st := range plan.Steps {
 		ss := StageStatus{Name: st.Node.Name, Kind: st.Node.KindName, Key: st.Key, Manifest: st.Manifest, Damage: st.Damage}
-		switch st.State {
-		case Valid:
+		switch {
+		case st.Unkeyed != nil:
+			ss.State, ss.Unavailable = "unavailable", st.Unkeyed
+		case st.State == Valid:
 			ss.State = "cached"
 			for _, o := range st.Manifest.Outputs {
 				ss.Size += o.Size
 			}
-		case Damaged:
+		case st.State == Damaged:
 			ss.State = "damaged"
 		default:
 			ss.State = "missing"

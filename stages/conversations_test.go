@@ -347,7 +347,7 @@ func TestNewOptionsKeepKeys(t *testing.T) {
 	demo := demoFile(t, "alpaca-tr-demo.jsonl")
 	tok := testenv.GemmaFile(t, "tokenizer.json")
 	load := func(with, tokWith string) *pipeline.DAG {
-		dag, err := pipeline.Load(r.spec(fmt.Sprintf(`name: keys
+		dag, err := loadSpec(r.spec(fmt.Sprintf(`name: keys
 stages:
   alpaca: {kind: jsonl, with: {paths: [%s], system: "Sen yardımsever bir Türkçe asistansın."%s}}
   chat: {kind: chat_template, needs: [alpaca]}
@@ -375,7 +375,7 @@ stages:
 		}
 	}
 	// Roles known already are left out too.
-	dag, err := pipeline.Load(r.spec(fmt.Sprintf(`name: keys
+	dag, err := loadSpec(r.spec(fmt.Sprintf(`name: keys
 stages:
   conv: {kind: jsonl, with: {paths: [%s], format: sharegpt, roles: {human: user, gpt: assistant}}}
 `, demo)), Registry())

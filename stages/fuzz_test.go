@@ -50,7 +50,7 @@ func FuzzLoadSpec(f *testing.F) {
 		}
 		done := make(chan result, 1)
 		go func() {
-			dag, err := pipeline.Load(path, reg)
+			dag, err := loadSpec(path, reg)
 			done <- result{dag, err}
 		}()
 		var r result

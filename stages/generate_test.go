@@ -263,7 +263,7 @@ func TestGenerateStageAnswersMTBench(t *testing.T) {
 // assertNoEntry checks that a stage of spec has no cache entry.
 func assertNoEntry(t *testing.T, r *testRun, spec, stage string) {
 	t.Helper()
-	dag, err := pipeline.Load(spec, Registry())
+	dag, err := loadSpec(spec, Registry())
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -431,7 +431,7 @@ stages:
   chat: {kind: chat_template, needs: [alpaca]}
   base: {kind: model}
 `, q, q) + stages)
-		_, err := pipeline.Load(spec, Registry())
+		_, err := loadSpec(spec, Registry())
 		if err == nil || !strings.Contains(err.Error(), want) || !strings.Contains(err.Error(), `stage "bad"`) {
 			t.Errorf("%s: %v, want %q", stages, err, want)
 		}
@@ -448,7 +448,7 @@ stages:
 		"{model: nowhere}":           "model: ",
 	} {
 		spec := r.spec(fmt.Sprintf("name: p\nstages:\n  questions: {kind: mt_bench, with: {paths: [%s]}}\n  answers: {kind: generate, needs: [questions], with: %s}\n", q, with))
-		_, err := pipeline.Load(spec, Registry())
+		_, err := loadSpec(spec, Registry())
 		if err == nil || !strings.Contains(err.Error(), want) {
 			t.Errorf("%s: %v, want %q", with, err, want)
 		}

@@ -46,7 +46,7 @@ func (r *testRun) spec(content string) string {
 
 // run loads and runs spec; load errors are returned as they are.
 func (r *testRun) run(spec string, opts pipeline.Options) (*pipeline.RunRecord, error) {
-	dag, err := pipeline.Load(spec, Registry())
+	dag, err := loadSpec(spec, Registry())
 	if err != nil {
 		return nil, err
 	}
@@ -128,4 +128,18 @@ func stringBatch(names []string, rows ...[]string) arrow.RecordBatch {
 		}
 	}
 	return b.NewRecordBatch()
+}
+
+// loadSpec loads the spec at path as a run of all its stages plans it:
+// every stage prepared, what each reads found (pipeline.Load leaves that
+// to the plans that need the stage).
+func loadSpec(path string, reg *pipeline.Registry) (*pipeline.DAG, error) {
+	dag, err := pipeline.Load(path, reg)
+	if err != nil {
+		return nil, err
+	}
+	if err := dag.Check(pipeline.Options{}); err != nil {
+		return nil, err
+	}
+	return dag, nil
 }

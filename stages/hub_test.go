@@ -190,7 +190,7 @@ func TestHubDAG(t *testing.T) {
 	// the tokenizer and model, at the same commit, keep their keys.
 	shard := parquetBytes(t, stringBatch([]string{"instruction", "input", "output"}, []string{"Merhaba de.", "", "Merhaba!"}))
 	moved := f.data.Commit("main", map[string][]byte{"data/train-00002-of-00003.parquet": shard})
-	dag, err := pipeline.Load(spec, Registry())
+	dag, err := loadSpec(spec, Registry())
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -234,7 +234,7 @@ func TestHubErrors(t *testing.T) {
 		{strings.Replace(hubSpec, "/data/train-*.parquet", "", 1), "names no file"},
 	} {
 		spec := r.spec(c.spec)
-		dag, err := pipeline.Load(spec, Registry())
+		dag, err := loadSpec(spec, Registry())
 		if err == nil {
 			_, err = r.store.Plan(dag, pipeline.Options{})
 		}
@@ -244,7 +244,7 @@ func TestHubErrors(t *testing.T) {
 	}
 	// Gated: the plan fails at once, saying how to get in.
 	f.model.SetGated(true)
-	dag, err := pipeline.Load(r.spec(hubSpec), Registry())
+	dag, err := loadSpec(r.spec(hubSpec), Registry())
 	if err != nil {
 		t.Fatal(err)
 	}

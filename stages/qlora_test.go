@@ -29,7 +29,7 @@ func TestMain(m *testing.M) {
 		st, err := pipeline.OpenStore(os.Getenv("STAGES_TEST_CACHE"))
 		if err == nil {
 			var dag *pipeline.DAG
-			if dag, err = pipeline.Load(spec, Registry()); err == nil {
+			if dag, err = loadSpec(spec, Registry()); err == nil {
 				_, err = (&pipeline.Engine{Store: st}).Run(context.Background(), dag, pipeline.Options{})
 			}
 		}
@@ -90,7 +90,7 @@ func readMetrics(t *testing.T, path string) []metricLine {
 
 func adapterEntry(t *testing.T, st *pipeline.Store, spec string) string {
 	t.Helper()
-	dag, err := pipeline.Load(spec, Registry())
+	dag, err := loadSpec(spec, Registry())
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -277,7 +277,7 @@ func TestQLoRADamagedCheckpointIsSetAside(t *testing.T) {
 
 	r := newTestRun(t)
 	path := r.spec(spec)
-	dag, err := pipeline.Load(path, Registry())
+	dag, err := loadSpec(path, Registry())
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -332,7 +332,7 @@ func TestQLoRAKeyLeavesOutTheMachine(t *testing.T) {
 	r := newTestRun(t)
 	key := func(spec string) string {
 		t.Helper()
-		dag, err := pipeline.Load(r.spec(spec), Registry())
+		dag, err := loadSpec(r.spec(spec), Registry())
 		if err != nil {
 			t.Fatal(err)
 		}

@@ -37,7 +37,7 @@ func loadErr(t *testing.T, spec string) (path string, err error) {
 	os.WriteFile(filepath.Join(r.dir, "a.jsonl"), []byte(`{"instruction": "Selam ver", "input": "", "output": "Merhaba."}`+"\n"), 0o644)
 	os.WriteFile(filepath.Join(r.dir, "tok.json"), []byte("{}"), 0o644)
 	path = r.spec(spec)
-	_, err = pipeline.Load(path, Registry())
+	_, err = loadSpec(path, Registry())
 	return path, err
 }
 
@@ -141,7 +141,7 @@ func TestSourcePathMistakes(t *testing.T) {
 	}
 	for paths, want := range cases {
 		path := r.spec("name: x\nstages:\n  a:\n    kind: jsonl\n    with:\n      paths: " + paths + "\n")
-		_, err := pipeline.Load(path, Registry())
+		_, err := loadSpec(path, Registry())
 		if err == nil || !pipeline.IsSpecError(err) || !strings.HasPrefix(err.Error(), path+":6:") || !strings.Contains(err.Error(), want) {
 			t.Errorf("paths: %s: %v, want a spec error at line 6 saying %q", paths, err, want)
 		}
@@ -149,7 +149,7 @@ func TestSourcePathMistakes(t *testing.T) {
 	// ~ is the home folder.
 	t.Setenv("HOME", r.dir)
 	path := r.spec("name: x\nstages:\n  a: {kind: jsonl, with: {paths: [~/a.jsonl]}}\n  t: {kind: tokenize, needs: [c], with: {tokenizer: ~/a.jsonl}}\n  c: {kind: chat_template, needs: [a]}\n")
-	dag, err := pipeline.Load(path, Registry())
+	dag, err := loadSpec(path, Registry())
 	if err != nil {
 		t.Fatalf("~ in paths: %v", err)
 	}
@@ -158,7 +158,7 @@ func TestSourcePathMistakes(t *testing.T) {
 	}
 	// A tokenizer that is a folder says so.
 	path = r.spec("name: x\nstages:\n  a: {kind: jsonl, with: {paths: [a.jsonl]}}\n  c: {kind: chat_template, needs: [a]}\n  t: {kind: tokenize, needs: [c], with: {tokenizer: folder.jsonl}}\n")
-	if _, err := pipeline.Load(path, Registry()); err == nil || !strings.HasPrefix(err.Error(), path+":5:") || !strings.Contains(err.Error(), "is a folder") {
+	if _, err := loadSpec(path, Registry()); err == nil || !strings.HasPrefix(err.Error(), path+":5:") || !strings.Contains(err.Error(), "is a folder") {
 		t.Errorf("tokenizer folder: %v", err)
 	}
 	_ = strconv.Itoa

@@ -22,7 +22,7 @@ func (h hookDisplay) Start([]*pipeline.Tracker) func() { h(); return func() {} }
 
 // runHooked runs spec with hook called between planning and computing.
 func (r *testRun) runHooked(spec string, hook func()) (*pipeline.RunRecord, error) {
-	dag, err := pipeline.Load(spec, Registry())
+	dag, err := loadSpec(spec, Registry())
 	if err != nil {
 		return nil, err
 	}

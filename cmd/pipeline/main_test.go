@@ -14,6 +14,7 @@ import (
 
 	"gemmaft/cuda"
 	"gemmaft/internal/dirsum"
+	"gemmaft/internal/testenv"
 	"gemmaft/pipeline"
 	"gemmaft/trainer"
 )
@@ -68,6 +69,32 @@ const sampleJSONL = `{"instruction": "Türkiye'nin başkenti neresidir?", "input
 {"instruction": "Bir renk söyle", "input": "", "output": "Mavi."}
 `
 
+// TestPreprocessWithoutModel: `run --until` the data stages of a DAG whose
+// training stage names a model this machine does not have runs them; the
+// whole DAG is refused, naming the model.
+func TestPreprocessWithoutModel(t *testing.T) {
+	dir := t.TempDir()
+	writeFile(t, filepath.Join(dir, "data.jsonl"), sampleJSONL)
+	spec := filepath.Join(dir, "d.yaml")
+	writeFile(t, spec, `name: x
+stages:
+  alpaca: {kind: jsonl, with: {paths: [data.jsonl]}}
+  chat: {kind: chat_template, needs: [alpaca], with: {template: gemma3}}
+  tokens: {kind: tokenize, needs: [chat], with: {tokenizer: `+testenv.GemmaFile(t, "tokenizer.json")+`}}
+  pack: {kind: pack, needs: [tokens], with: {seq_len: 64}}
+  adapter: {kind: qlora, needs: [pack], with: {model: ../models/gemma-3-12b-it}}
+`)
+	if r := runCLI(t, dir, "run", spec, "--until", "pack"); r.code != 0 {
+		t.Fatalf("run --until pack: exit %d\n%s", r.code, r.stderr)
+	}
+	if r := runCLI(t, dir, "status", spec); r.code != 0 || !strings.Contains(r.stdout, "adapter is unavailable") || !strings.Contains(r.stdout, "gemma-3-12b-it does not exist") {
+		t.Errorf("status: exit %d\n%s%s", r.code, r.stdout, r.stderr)
+	}
+	if r := runCLI(t, dir, "run", spec); r.code != 2 || !strings.Contains(r.stderr, "gemma-3-12b-it does not exist") {
+		t.Errorf("run: exit %d\n%s", r.code, r.stderr)
+	}
+}
+
 func TestSpecErrorsExit2(t *testing.T) {
 	dir := t.TempDir()
 	writeFile(t, filepath.Join(dir, "data.jsonl"), sampleJSONL)
@@ -86,8 +113,23 @@ func TestSpecErrorsExit2(t *testing.T) {
 		t.Run(name, func(t *testing.T) {
 			spec := filepath.Join(dir, strings.ReplaceAll(name, " ", "_")+".yaml")
 			writeFile(t, spec, c.spec)
+			if err := os.RemoveAll(filepath.Join(dir, "cache")); err != nil {
+				t.Fatal(err) // status makes it
+			}
 			for _, cmd := range []string{"run", "plan", "status"} {
 				r := runCLI(t, dir, cmd, spec)
+				if cmd != "status" {
+					if _, err := os.Stat(filepath.Join(dir, "cache")); err == nil {
+						t.Fatalf("a refused %s made the cache", cmd)
+					}
+				}
+				if cmd == "status" && name == "missing file" {
+					// Status shows what it can: the stage, unavailable, and why.
+					if r.code != 0 || !strings.Contains(r.stdout, "unavailable") || !strings.Contains(r.stdout, c.want) {
+						t.Errorf("status: exit %d\n%s%s", r.code, r.stdout, r.stderr)
+					}
+					continue
+				}
 				if r.code != 2 {
 					t.Errorf("%s: exit %d, want 2\n%s", cmd, r.code, r.stderr)
 				}
@@ -103,7 +145,11 @@ func TestSpecErrorsExit2(t *testing.T) {
 	if r := runCLI(t, dir, "run", "x.yaml", "--jobz", "3"); r.code != 2 {
 		t.Errorf("unknown flag: exit %d", r.code)
 	}
-	// Bad flag values are refused before the cache is touched.
+	// Bad flag values are refused before the cache is touched (status
+	// made it above).
+	if err := os.RemoveAll(filepath.Join(dir, "cache")); err != nil {
+		t.Fatal(err)
+	}
 	for _, flag := range [][]string{{"--jobs", "-3"}, {"--log-every", "0s"}, {"--log-every", "-5s"}, {"--progress", "bogus"}} {
 		r := runCLI(t, dir, append([]string{"run", "x.yaml"}, flag...)...)
 		if r.code != 2 || !strings.Contains(r.stderr, flag[0]) {

@@ -28,7 +28,14 @@ kind's version changed, the entry is damaged, forced).`,
   pipeline plan dags/gemma12b.yaml --until pack --json`,
 		Args: exactArgs(1, "one spec file"),
 		RunE: func(cmd *cobra.Command, args []string) error {
-			dag, st, err := specAndStore(args)
+			dag, err := loadSpec(args[0])
+			if err != nil {
+				return err
+			}
+			if err := dag.Check(opts); err != nil {
+				return usageErr(err)
+			}
+			st, err := openStore(dag)
 			if err != nil {
 				return err
 			}
@@ -66,7 +73,11 @@ kind's version changed, the entry is damaged, forced).`,
 			w := tabwriter.NewWriter(os.Stdout, 0, 4, 2, ' ', 0)
 			fmt.Fprintln(w, "STAGE\tKIND\tKEY\tACTION\tWHY")
 			for _, r := range rows {
-				fmt.Fprintf(w, "%s\t%s\t%s\t%s\t%s\n", r.Stage, r.Kind, pipeline.ShortKey(r.Key), r.Action, r.Why)
+				key := pipeline.ShortKey(r.Key)
+				if key == "" {
+					key = "-" // a stage the plan does not need is not keyed
+				}
+				fmt.Fprintf(w, "%s\t%s\t%s\t%s\t%s\n", r.Stage, r.Kind, key, r.Action, r.Why)
 			}
 			if err := w.Flush(); err != nil {
 				return err

@@ -91,6 +91,11 @@ step with rank 0 and stop there. A rank that fails or goes away stops the others
 			if err != nil {
 				return err
 			}
+			// A file or model the run needs and cannot have is found
+			// before the cache is opened or locked.
+			if err := dag.Check(opts); err != nil {
+				return usageErr(err)
+			}
 			rp, err := planRanks(dag, opts)
 			if err != nil {
 				return err

@@ -65,16 +65,27 @@ events of the training stages, and the command that writes the HTML report.`,
 				if e.Damage != nil {
 					state += " (" + e.Damage.Error() + ")"
 				}
-				fmt.Fprintf(w, "%s\t%s\t%s\t%s\t%s\t%s\t%s\n", e.Name, e.Kind, state, rows, size, when, pipeline.ShortKey(e.Key))
+				key := pipeline.ShortKey(e.Key)
+				if key == "" {
+					key = "-"
+				}
+				fmt.Fprintf(w, "%s\t%s\t%s\t%s\t%s\t%s\t%s\n", e.Name, e.Kind, state, rows, size, when, key)
 			}
 			if err := w.Flush(); err != nil {
 				return err
 			}
+			for _, e := range s.Stages {
+				if e.Unavailable != nil {
+					fmt.Printf("\n%s is unavailable: %v\n", e.Name, e.Unavailable)
+				}
+			}
 			var entries []watched
 			for _, e := range s.Stages {
-				if e.State == "cached" {
+				switch {
+				case e.Key == "":
+				case e.State == "cached":
 					entries = append(entries, watched{stage: e.Name, dir: st.EntryDir(e.Key)})
-				} else {
+				default:
 					entries = append(entries, watched{stage: e.Name, dir: st.ScratchDir(e.Key), live: true})
 				}
 			}

@@ -87,31 +87,22 @@ func (s *ggufStage) Run(ctx context.Context, t *pipeline.Task) error {
 	if err != nil {
 		return err
 	}
+	// The model is `model:` or the one stage in needs (CheckInputs).
 	var lineage []*pipeline.Manifest
 	var from *pipeline.Input
 	for _, in := range t.Inputs {
 		from = in
-		if model != "" {
-			return fmt.Errorf("both `model:` and stage %s name the model to convert; give one", in.Name)
-		}
 		dir, err := in.Dir(ctx)
 		if err != nil {
 			return err
 		}
-		switch in.Kind {
-		case mergeKindName:
+		model = dir
+		if in.Kind == mergeKindName {
 			model = filepath.Join(dir, MergedModelDir)
-		case modelKindName:
-			model = dir
-		default:
-			return fmt.Errorf("needs stage %s of kind %s; a gguf stage converts a merge or model stage's checkpoint", in.Name, in.Kind)
 		}
 		if lineage, err = in.Lineage(ctx); err != nil {
 			return err
 		}
-	}
-	if model == "" {
-		return fmt.Errorf("nothing to convert: add a merge stage to needs or set `model:` to a checkpoint folder")
 	}
 	if err := tokenizerConfigFor(t, model, from, lineage); err != nil {
 		return err

@@ -25,7 +25,7 @@ func wrongInput(t *testing.T, spec string, line int, want ...string) {
 	}
 	os.WriteFile(filepath.Join(r.dir, "tok.json"), []byte("{}"), 0o644)
 	path := r.spec(spec)
-	_, err := pipeline.Load(path, Registry())
+	_, err := loadSpec(path, Registry())
 	if err == nil {
 		t.Fatal("loaded with an input of the wrong kind")
 	}
@@ -95,4 +95,28 @@ stages:
 	wrongInput(t, head+"  adapter: {kind: qlora, needs: [pack], with: {backend: cpu}}\n", 9, "no base model", "add a model stage to needs")
 	wrongInput(t, head+"  adapter: {kind: qlora, needs: [pack, pack2], with: {backend: cpu}}\n  pack2: {kind: pack, needs: [tokens]}\n", 9, "two pack stages (pack, pack2)")
 	wrongInput(t, head+"  adapter: {kind: qlora, needs: [base], with: {backend: cpu}}\n", 9, "no pack stage")
+}
+
+// TestMergeAndGGUFInputsByKind: a merge stage takes one qlora stage and one
+// base, a gguf stage one checkpoint; other wiring is a spec error, not a
+// failure once training is done.
+func TestMergeAndGGUFInputsByKind(t *testing.T) {
+	const head = `name: wrong-input
+stages:
+  alpaca: {kind: jsonl, with: {paths: [a.jsonl]}}
+  chat: {kind: chat_template, needs: [alpaca]}
+  tokens: {kind: tokenize, needs: [chat], with: {tokenizer: tok.json}}
+  pack: {kind: pack, needs: [tokens], with: {seq_len: 64}}
+  base: {kind: model, with: {preset: tiny}}
+  adapter: {kind: qlora, needs: [pack, base], with: {backend: cpu}}
+  adapter2: {kind: qlora, needs: [pack, base], with: {backend: cpu, r: 4}}
+`
+	wrongInput(t, head+"  merged: {kind: merge, needs: [pack, base]}\n", 10, `"pack" is a pack stage, but a merge stage reads the adapter of a qlora stage and the checkpoint of a model stage`)
+	wrongInput(t, head+"  merged: {kind: merge, needs: [base]}\n", 10, "no adapter", "add the qlora stage")
+	wrongInput(t, head+"  merged: {kind: merge, needs: [adapter, adapter2]}\n", 10, "two qlora stages (adapter, adapter2)")
+	wrongInput(t, head+"  merged: {kind: merge, needs: [adapter]}\n", 10, "no base model")
+	wrongInput(t, head+"  merged: {kind: merge, needs: [adapter, base], with: {model: m}}\n", 10, "two base models")
+	wrongInput(t, head+"  q: {kind: gguf, needs: [adapter]}\n", 10, `"adapter" is a qlora stage, but a gguf stage reads the checkpoint of a merge or model stage`)
+	wrongInput(t, head+"  q: {kind: gguf}\n", 10, "nothing to convert")
+	wrongInput(t, head+"  q: {kind: gguf, needs: [base], with: {model: m}}\n", 10, "two models to convert")
 }

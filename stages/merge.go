@@ -81,37 +81,21 @@ func (s *mergeStage) Resolve(ctx context.Context) ([]pipeline.Ref, error) {
 }
 
 func (s *mergeStage) Run(ctx context.Context, t *pipeline.Task) error {
-	modelFrom := "model: " + s.model.param
 	model, err := s.model.path(ctx, t)
 	if err != nil {
 		return err
 	}
+	// One adapter, and the base from `model:` or one model stage
+	// (CheckInputs).
 	var adapter *pipeline.Input
 	for _, in := range t.Inputs {
-		switch in.Kind {
-		case "qlora":
-			if adapter != nil {
-				return fmt.Errorf("two qlora stages in needs (%s is the second); a merge stage merges one adapter", in.Name)
-			}
+		if in.Kind != modelKindName {
 			adapter = in
-		case modelKindName:
-			if model != "" {
-				return fmt.Errorf("two base models (%s, and stage %s); give either `model:` or one model stage", modelFrom, in.Name)
-			}
-			dir, err := in.Dir(ctx)
-			if err != nil {
-				return err
-			}
-			model = dir
-		default:
-			return fmt.Errorf("needs stage %s of kind %s; a merge stage takes a qlora stage and the base (a model stage, or `model:`)", in.Name, in.Kind)
+			continue
 		}
-	}
-	if adapter == nil {
-		return fmt.Errorf("no adapter: add the qlora stage to needs")
-	}
-	if model == "" {
-		return fmt.Errorf("no base model: set `model:` to the checkpoint folder the adapter was trained on, or add its model stage to needs")
+		if model, err = in.Dir(ctx); err != nil {
+			return err
+		}
 	}
 	adapterEntry, err := adapter.Dir(ctx)
 	if err != nil {

@@ -87,3 +87,52 @@ func (qloraKind) CheckInputs(params any, needs []pipeline.Need) error {
 	}
 	return nil
 }
+
+// CheckInputs: a merge stage merges the adapter of one qlora stage into its
+// base, which one model stage or `model:` names.
+func (mergeKind) CheckInputs(params any, needs []pipeline.Need) error {
+	p := params.(*mergeParams)
+	needsErr := func(msg, fix string) error { return &pipeline.ParamError{Param: "needs", Msg: msg, Fix: fix} }
+	var adapters, models []string
+	for _, n := range needs {
+		switch n.Kind {
+		case "qlora":
+			adapters = append(adapters, n.Stage)
+		case modelKindName:
+			models = append(models, n.Stage)
+		default:
+			return needsErr(fmt.Sprintf("%q is a %s stage, but a merge stage reads the adapter of a qlora stage and the checkpoint of a model stage", n.Stage, n.Kind),
+				"name the qlora stage (and its model stage, unless `model:` names the checkpoint folder) in needs")
+		}
+	}
+	switch {
+	case len(adapters) == 0:
+		return needsErr("no adapter", "add the qlora stage to needs")
+	case len(adapters) > 1:
+		return needsErr(fmt.Sprintf("two qlora stages (%s): a merge stage merges one adapter", strings.Join(adapters, ", ")), "keep one in needs")
+	case len(models) == 1 && p.Model != "":
+		return &pipeline.ParamError{Param: "model", Msg: fmt.Sprintf("names %s, and model stage %q is in needs: two base models", p.Model, models[0]),
+			Fix: "remove `model:`, or the model stage from needs"}
+	case len(models) == 0 && p.Model == "":
+		return needsErr("no base model", "set `model:` to the checkpoint folder the adapter was trained on, or add its model stage to needs")
+	}
+	return nil
+}
+
+// CheckInputs: a gguf stage converts the checkpoint of a merge or model
+// stage, or the folder `model:` names: one of them.
+func (ggufKind) CheckInputs(params any, needs []pipeline.Need) error {
+	p := params.(*ggufParams)
+	if err := readsKinds(ggufKindName, "the checkpoint", needs, mergeKindName, modelKindName); err != nil {
+		return err
+	}
+	switch {
+	case len(needs) > 0 && p.Model != "":
+		return &pipeline.ParamError{Param: "model", Msg: fmt.Sprintf("names %s, and stage %q is in needs: two models to convert", p.Model, needs[0].Stage),
+			Fix: "remove `model:`, or the stage from needs"}
+	case len(needs) == 0 && p.Model == "":
+		return &pipeline.ParamError{Param: "needs", Msg: "nothing to convert",
+			Fix: "add a merge stage to needs, or set `model:` to a checkpoint folder"}
+	}
+	return nil
+}

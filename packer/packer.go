@@ -276,11 +276,14 @@ func (p *Packer) write(ids, labels []int32, explicit bool) error {
 	return nil
 }
 
+// ErrNothingToPack is Finish's error when no example was left to pack.
+var ErrNothingToPack = errors.New("packer: nothing to pack")
+
 // Finish plans the rows with the chosen algorithm, then builds each row from
 // the spill file and passes it to emit, in an order shuffled by the seed so
 // that training does not see rows sorted by how full they are. The Row's
 // slices are reused: emit must copy what it keeps. Finish closes the Packer.
-// Having no example to pack is an error.
+// Having no example to pack is an error, ErrNothingToPack.
 func (p *Packer) Finish(emit func(Row) error) (Stats, error) {
 	if p.finished {
 		return p.stats, errors.New("packer: Finish called twice")
@@ -292,8 +295,8 @@ func (p *Packer) Finish(emit func(Row) error) (Stats, error) {
 	}
 	if len(p.examples) == 0 {
 		st := p.stats
-		return st, fmt.Errorf("packer: nothing to pack: of %d examples, %d were empty, %d longer than seq_len %d were dropped and %d had no trained label",
-			st.ExamplesIn, st.SkippedEmpty, st.Dropped, p.opts.SeqLen, st.SkippedUntrained)
+		return st, fmt.Errorf("%w: of %d examples, %d were empty, %d longer than seq_len %d were dropped and %d had no trained label",
+			ErrNothingToPack, st.ExamplesIn, st.SkippedEmpty, st.Dropped, p.opts.SeqLen, st.SkippedUntrained)
 	}
 
 	lengths := make([]int32, len(p.examples))

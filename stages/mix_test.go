@@ -1,8 +1,12 @@
 package stages
 
 import (
+	"bytes"
 	"encoding/json"
+	"errors"
 	"fmt"
+	"io/fs"
+	"log/slog"
 	"math"
 	"os"
 	"path/filepath"
@@ -174,6 +178,66 @@ func TestPlanMixHeldOutAndSeed(t *testing.T) {
 	srcs := mixSources([]string{"a"}, []int{1}, []float64{1}, flat)
 	if err := planMix(srcs, &mixParams{By: mixByExamples, HeldOut: 0.5}); err == nil || !strings.Contains(err.Error(), "leaves none to train on") {
 		t.Errorf("holding out the only example: %v", err)
+	}
+}
+
+// TestPackHeldOutAllDropped: when every held-out example is longer than
+// seq_len, pack writes the training rows with a warning and no held-out
+// file (the training stage then has no eval loss), instead of failing.
+func TestPackHeldOutAllDropped(t *testing.T) {
+	r := newTestRun(t)
+	var logs bytes.Buffer
+	r.log = slog.New(slog.NewTextHandler(&logs, nil))
+	var records strings.Builder
+	for i := range 10 {
+		out := "Merhaba."
+		if i >= 5 {
+			out = strings.Repeat("Bu uzun bir cevaptır. ", 60)
+		}
+		fmt.Fprintf(&records, `{"instruction": "Soru %d", "input": "", "output": %q}`+"\n", i, out)
+	}
+	data := filepath.Join(r.dir, "data.jsonl")
+	if err := os.WriteFile(data, []byte(records.String()), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	// A seed whose one held-out example is among the long ones.
+	seed := -1
+	for s := range 100 {
+		srcs := mixSources([]string{"tokens"}, []int{10}, []float64{1}, func(int, int) int32 { return 3 })
+		if err := planMix(srcs, &mixParams{By: mixByExamples, HeldOut: 0.1, Seed: uint64(s)}); err != nil {
+			t.Fatal(err)
+		}
+		if i := slices.Index(srcs[0].heldout, true); i >= 5 {
+			seed = s
+			break
+		}
+	}
+	if seed < 0 {
+		t.Fatal("no seed holds out a long example")
+	}
+	rec, err := r.run(r.spec(fmt.Sprintf(`name: heldout
+stages:
+  alpaca: {kind: jsonl, with: {paths: [%s]}}
+  chat: {kind: chat_template, needs: [alpaca]}
+  tokens: {kind: tokenize, needs: [chat], with: {tokenizer: %s}}
+  mix: {kind: mix, needs: [tokens], with: {heldout: 0.1, seed: %d}}
+  pack: {kind: pack, needs: [mix], with: {seq_len: 128, overlong: drop}}
+`, data, testenv.GemmaFile(t, "tokenizer.json"), seed)), pipeline.Options{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	dir := stageDir(t, r, rec, "pack")
+	if n := len(packedExamples(t, filepath.Join(dir, pipeline.TableFile))); n != 5 {
+		t.Errorf("%d examples in the training rows, want the 5 short ones", n)
+	}
+	if _, err := os.Stat(filepath.Join(dir, PackedHeldOutFile)); !errors.Is(err, fs.ErrNotExist) {
+		t.Errorf("a held-out file without a held-out example: %v", err)
+	}
+	if h := stageStats(t, rec, "pack")["heldout"].(map[string]any); h["dropped"].(float64) != 1 {
+		t.Errorf("held-out statistics %v, want the one dropped", h)
+	}
+	if !strings.Contains(logs.String(), "no held-out example was packed") {
+		t.Errorf("no warning:\n%s", logs.String())
 	}
 }
 

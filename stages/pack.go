@@ -3,6 +3,7 @@ package stages
 import (
 	"context"
 	"encoding/json"
+	"errors"
 	"fmt"
 	"os"
 	"path/filepath"
@@ -126,11 +127,18 @@ func (s *packStage) Run(ctx context.Context, t *pipeline.Task) error {
 	}
 	if held != nil {
 		hs, err := writeHeldOut(ctx, held, filepath.Join(t.Dir, PackedHeldOutFile))
-		if err != nil {
+		switch {
+		case errors.Is(err, packer.ErrNothingToPack):
+			// The training rows stand; training goes on without an eval loss.
+			t.Log.Warn("no held-out example was packed: the training stage will have no eval loss",
+				"longer_than_seq_len", hs.Dropped, "no_trained_token", hs.SkippedUntrained, "of", hs.ExamplesIn, "fix", "raise seq_len, or overlong: split")
+			t.SetStat("heldout", statMap(hs))
+		case err != nil:
 			return fmt.Errorf("held-out examples: %w", err)
+		default:
+			t.SetStat("heldout", statMap(hs))
+			t.Log.Info("packed the held-out examples apart", "rows", hs.Rows, "examples", hs.Examples, "dropped", hs.Dropped)
 		}
-		t.SetStat("heldout", statMap(hs))
-		t.Log.Info("packed the held-out examples apart", "rows", hs.Rows, "examples", hs.Examples, "dropped", hs.Dropped)
 	}
 	return nil
 }
@@ -164,13 +172,19 @@ func finishRows(ctx context.Context, pk *packer.Packer, write func(arrow.RecordB
 	return stats, flush()
 }
 
-// writeHeldOut packs the held-out examples into their own file.
-func writeHeldOut(ctx context.Context, pk *packer.Packer, path string) (packer.Stats, error) {
+// writeHeldOut packs the held-out examples into their own file, or leaves
+// none.
+func writeHeldOut(ctx context.Context, pk *packer.Packer, path string) (_ packer.Stats, err error) {
 	f, err := os.Create(path)
 	if err != nil {
 		return packer.Stats{}, err
 	}
-	defer f.Close()
+	defer func() {
+		f.Close()
+		if err != nil {
+			os.Remove(path)
+		}
+	}()
 	w, err := ipc.NewFileWriter(f, ipc.WithSchema(packer.Schema()))
 	if err != nil {
 		return packer.Stats{}, err

@@ -167,6 +167,103 @@ func TestShareGPTAndOpenAI(t *testing.T) {
 	}
 }
 
+// TestParquetTextParts: OpenAI messages whose content is a list of text
+// parts, as Hugging Face datasets store them in Parquet (a list of structs
+// with type and text, and other fields, null), read as the same
+// conversations from JSON lines read; other parts are refused, naming the
+// row.
+func TestParquetTextParts(t *testing.T) {
+	type part struct{ typ, text string } // text "<null>": null
+	type message struct {
+		role  string
+		parts []part // nil: a null content
+	}
+	convs := [][]message{
+		{{"system", []part{{"text", " Kısa yanıtla. "}}}, {"user", []part{{"text", " Bir "}, {"text", "soru\n"}}}, {"assistant", []part{{"text", "Cevap."}}}},
+		{{"user", []part{{"text", "Selam"}}}, {"assistant", nil}},
+		{{"user", []part{}}, {"assistant", []part{{"text", "Boş soru."}}}},
+	}
+	partType := arrow.StructOf(
+		arrow.Field{Name: "image", Type: arrow.BinaryTypes.String, Nullable: true},
+		arrow.Field{Name: "text", Type: arrow.BinaryTypes.String, Nullable: true},
+		arrow.Field{Name: "type", Type: arrow.BinaryTypes.String, Nullable: true},
+	)
+	fields := []arrow.Field{{Name: "messages", Type: arrow.ListOf(arrow.StructOf(
+		arrow.Field{Name: "content", Type: arrow.ListOf(partType), Nullable: true},
+		arrow.Field{Name: "role", Type: arrow.BinaryTypes.String, Nullable: true},
+	)), Nullable: true}}
+	write := func(convs [][]message) string {
+		return writeParquet(t, "parts.parquet", fields, func(b *array.RecordBuilder) {
+			lb := b.Field(0).(*array.ListBuilder)
+			mb := lb.ValueBuilder().(*array.StructBuilder)
+			cb := mb.FieldBuilder(0).(*array.ListBuilder)
+			pb := cb.ValueBuilder().(*array.StructBuilder)
+			for _, conv := range convs {
+				lb.Append(true)
+				for _, m := range conv {
+					mb.Append(true)
+					mb.FieldBuilder(1).(*array.StringBuilder).Append(m.role)
+					if m.parts == nil {
+						cb.AppendNull()
+						continue
+					}
+					cb.Append(true)
+					for _, p := range m.parts {
+						pb.Append(true)
+						pb.FieldBuilder(0).AppendNull()
+						if p.text == "<null>" {
+							pb.FieldBuilder(1).AppendNull()
+						} else {
+							pb.FieldBuilder(1).(*array.StringBuilder).Append(p.text)
+						}
+						pb.FieldBuilder(2).(*array.StringBuilder).Append(p.typ)
+					}
+				}
+			}
+		})
+	}
+	// The same conversations as JSON lines.
+	var lines strings.Builder
+	for _, conv := range convs {
+		var ms []map[string]any
+		for _, m := range conv {
+			var content any
+			if m.parts != nil {
+				ps := []map[string]any{}
+				for _, p := range m.parts {
+					ps = append(ps, map[string]any{"type": p.typ, "text": p.text})
+				}
+				content = ps
+			}
+			ms = append(ms, map[string]any{"role": m.role, "content": content})
+		}
+		data, _ := json.Marshal(map[string]any{"messages": ms})
+		lines.Write(append(data, '\n'))
+	}
+	jsonl := writeFile(t, "parts.jsonl", lines.String())
+	want := readConversations(t, SourceOptions{Paths: []string{jsonl}, Layout: LayoutOpenAI})
+	if len(want) != 3 || want[0][1].Content != "Birsoru" {
+		t.Fatalf("the JSON lines read as %q", want)
+	}
+	got := readConversations(t, SourceOptions{Paths: []string{write(convs)}, Layout: LayoutOpenAI})
+	if !reflect.DeepEqual(got, want) {
+		t.Errorf("parquet parts:\n got %q\nwant %q", got, want)
+	}
+
+	for _, c := range []struct {
+		part part
+		want string
+	}{
+		{part{"image", "<null>"}, `part 0 is of type "image"; only text parts are supported`},
+		{part{"text", "<null>"}, "part 0 has no text string"},
+	} {
+		bad := write([][]message{convs[1], {{"user", []part{c.part}}, {"assistant", []part{{"text", "b"}}}}})
+		if err := openOrNext(SourceOptions{Paths: []string{bad}, Layout: LayoutOpenAI}); err == nil || !strings.Contains(err.Error(), bad+": row 1, column messages: message 0, field content: "+c.want) {
+			t.Errorf("%v: %v, want row 1 and %q", c.part, err, c.want)
+		}
+	}
+}
+
 // TestConversationErrors: a conversation the template would refuse, or
 // one with nothing to learn, is an error naming its file and line or row.
 func TestConversationErrors(t *testing.T) {

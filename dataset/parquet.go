@@ -92,16 +92,17 @@ func openParquet(open openFunc, path string, want []string, conv *convFields, me
 		if !ok {
 			return nil, fmt.Errorf("dataset: %s: no column %q; the file has columns %s", path, conv.list, quoteList(names))
 		}
-		role, content, err := conversationLeaves(sf, conv)
+		leaves, err := conversationLeaves(sf, conv)
 		switch {
 		case err != nil:
 			return nil, fmt.Errorf("dataset: %s: column %q: %w", path, conv.list, err)
-		case role == nil: // text holding JSON
+		case leaves == nil: // text holding JSON
 			pf.convJSON = true
 			leaf(sf)
 		default:
-			leaf(role)
-			leaf(content)
+			for _, l := range leaves {
+				leaf(l)
+			}
 		}
 	}
 	sort.Ints(pf.leaves)
@@ -147,10 +148,55 @@ func openParquetReader(f parquet.ReaderAtSeeker, meta *metadata.FileMetaData) (r
 	return file.NewParquetReader(f, opts...)
 }
 
-// conversationLeaves finds the role and content fields of a conversation
-// column: a list of structs with string fields (nil, nil for a string
-// column holding the list as JSON).
-func conversationLeaves(sf *pqarrow.SchemaField, conv *convFields) (role, content *pqarrow.SchemaField, err error) {
+// conversationLeaves finds the leaves of a conversation column: a list of
+// structs with a string role and a content that is a string or a list of
+// text parts (structs with string fields "type" and "text", as Hugging Face
+// datasets store OpenAI's parts); none for a string column holding the
+// list as JSON.
+func conversationLeaves(sf *pqarrow.SchemaField, conv *convFields) (leaves []*pqarrow.SchemaField, err error) {
+	role, content, err := conversationFields(sf, conv)
+	if err != nil || role == nil {
+		return nil, err
+	}
+	if isStringType(content.Field.Type) {
+		return []*pqarrow.SchemaField{role, content}, nil
+	}
+	typ, text := textPartFields(content)
+	return []*pqarrow.SchemaField{role, typ, text}, nil
+}
+
+// textPartFields returns the type and text fields of a content given as a
+// list of parts, or nil, nil when it is not one.
+func textPartFields(content *pqarrow.SchemaField) (typ, text *pqarrow.SchemaField) {
+	switch content.Field.Type.ID() {
+	case arrow.LIST, arrow.LARGE_LIST:
+	default:
+		return nil, nil
+	}
+	if len(content.Children) != 1 || content.Children[0].Field.Type.ID() != arrow.STRUCT {
+		return nil, nil
+	}
+	for i := range content.Children[0].Children {
+		c := &content.Children[0].Children[i]
+		if !c.IsLeaf() || !isStringType(c.Field.Type) {
+			continue
+		}
+		switch c.Field.Name {
+		case "type":
+			typ = c
+		case "text":
+			text = c
+		}
+	}
+	if typ == nil || text == nil {
+		return nil, nil
+	}
+	return typ, text
+}
+
+// conversationFields finds the role and content fields of a conversation
+// column (nil, nil for a string column holding the list as JSON).
+func conversationFields(sf *pqarrow.SchemaField, conv *convFields) (role, content *pqarrow.SchemaField, err error) {
 	if sf.IsLeaf() && isStringType(sf.Field.Type) {
 		return nil, nil, nil
 	}
@@ -184,8 +230,13 @@ func conversationLeaves(sf *pqarrow.SchemaField, conv *convFields) (role, conten
 			}
 			return nil, nil, fmt.Errorf("its messages have no field %q; they have %s (map names with columns:)", f.name, quoteList(have))
 		}
+		if f.sf == content {
+			if typ, _ := textPartFields(content); typ != nil {
+				continue
+			}
+		}
 		if !f.sf.IsLeaf() || !isStringType(f.sf.Field.Type) {
-			return nil, nil, fmt.Errorf("field %q of its messages has type %s, not string (only text content is supported)", f.name, f.sf.Field.Type)
+			return nil, nil, fmt.Errorf("field %q of its messages has type %s, not string or a list of text parts (only text content is supported)", f.name, f.sf.Field.Type)
 		}
 	}
 	return role, content, nil
@@ -377,6 +428,10 @@ type convColumn struct {
 	list          array.ListLike
 	elems         *array.Struct
 	role, content stringValues
+	// A content given as a list of text parts: the lists, and their
+	// parts' type and text.
+	parts              array.ListLike
+	partType, partText stringValues
 }
 
 func newConvColumn(a arrow.Array, conv *convFields, isJSON bool) (convColumn, error) {
@@ -404,11 +459,59 @@ func newConvColumn(a arrow.Array, conv *convFields, isJSON bool) (convColumn, er
 	if c.role, err = newStringValues(elems.Field(ri)); err != nil {
 		return c, err
 	}
-	if c.content, err = newStringValues(elems.Field(ci)); err != nil {
-		return c, err
-	}
 	c.list, c.elems = list, elems
-	return c, nil
+	if parts, ok := elems.Field(ci).(array.ListLike); ok {
+		return c, c.setParts(parts)
+	}
+	c.content, err = newStringValues(elems.Field(ci))
+	return c, err
+}
+
+// setParts reads contents given as lists of text parts.
+func (c *convColumn) setParts(parts array.ListLike) error {
+	st, ok := parts.ListValues().(*array.Struct)
+	if !ok {
+		return fmt.Errorf("content decoded as %s, not a list of parts", parts.DataType())
+	}
+	ti, ok1 := st.DataType().(*arrow.StructType).FieldIdx("type")
+	xi, ok2 := st.DataType().(*arrow.StructType).FieldIdx("text")
+	if !ok1 || !ok2 {
+		return fmt.Errorf("content decoded as %s, without the fields \"type\" and \"text\"", parts.DataType())
+	}
+	var err error
+	if c.partType, err = newStringValues(st.Field(ti)); err != nil {
+		return err
+	}
+	if c.partText, err = newStringValues(st.Field(xi)); err != nil {
+		return err
+	}
+	c.parts = parts
+	return nil
+}
+
+// contentParts returns the texts of message k's content, given as a list
+// of parts (nil for a null list), checked as the JSON reader checks them.
+func (c convColumn) contentParts(k int) ([]string, error) {
+	if c.parts.IsNull(k) {
+		return nil, nil
+	}
+	start, end := c.parts.ValueOffsets(k)
+	out := make([]string, 0, end-start)
+	for j := start; j < end; j++ {
+		at := int(j - start)
+		if typ := c.partType.value(int(j)); typ != "text" {
+			return nil, fmt.Errorf("part %d is of type %q; only text parts are supported", at, typ)
+		}
+		if c.partText.null(int(j)) {
+			return nil, fmt.Errorf("part %d has no text string", at)
+		}
+		text := c.partText.value(int(j))
+		if !utf8.ValidString(text) {
+			return nil, fmt.Errorf("part %d: invalid UTF-8 at byte %d", at, invalidUTF8At(text))
+		}
+		out = append(out, strings.Clone(text))
+	}
+	return out, nil
 }
 
 // messages returns row i's messages, copied out of the batch; null says
@@ -435,7 +538,17 @@ func (c convColumn) messages(i int) (msgs []rawMessage, null bool, err error) {
 		if c.role.null(k) {
 			return nil, false, fmt.Errorf("column %s: message %d has a null %s", c.conv.list, at, c.conv.role)
 		}
-		m := rawMessage{role: strings.Clone(c.role.value(k)), content: strings.Clone(c.content.value(k)), null: c.content.null(k)}
+		var m rawMessage
+		if c.parts != nil {
+			parts, err := c.contentParts(k)
+			if err != nil {
+				return nil, false, fmt.Errorf("column %s: message %d, field %s: %w", c.conv.list, at, c.conv.content, err)
+			}
+			m = rawMessage{parts: parts, null: parts == nil}
+		} else {
+			m = rawMessage{content: strings.Clone(c.content.value(k)), null: c.content.null(k)}
+		}
+		m.role = strings.Clone(c.role.value(k))
 		for _, v := range [2]struct{ name, s string }{{c.conv.role, m.role}, {c.conv.content, m.content}} {
 			if !utf8.ValidString(v.s) {
 				return nil, false, fmt.Errorf("column %s: message %d, field %s: invalid UTF-8 at byte %d", c.conv.list, at, v.name, invalidUTF8At(v.s))

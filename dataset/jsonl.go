@@ -10,7 +10,6 @@ import (
 	"fmt"
 	"io"
 	"io/fs"
-	"path/filepath"
 	"slices"
 	"strings"
 
@@ -19,12 +18,16 @@ import (
 
 // jsonlFile is a file of JSON objects, one per line, plain or gzip-compressed
 // (by the .gz extension). Blank lines are ignored. Rows are named by their
-// 1-based line number, as editors show them.
+// 1-based line number, as editors show them. A file holding one JSON array
+// of objects (alpaca_data.json's layout, which Hugging Face datasets reads
+// too) is read element by element, rows named by their 0-based index, as
+// jq's .[i] finds them.
 type jsonlFile struct {
-	open openFunc
-	name string
-	gz   bool
-	want []string
+	open  openFunc
+	name  string
+	gz    bool
+	array bool // one JSON array, not JSON lines
+	want  []string
 	// optional is the field of want whose absence from a record reads as
 	// null: an Alpaca record without an input, as many datasets write them.
 	optional string
@@ -39,10 +42,19 @@ func openJSONL(open openFunc, path string, want []string, optional string, conv 
 	if err != nil {
 		return nil, err
 	}
-	defer lr.close()
+	line, err := lr.next()
+	lr.close()
+	if err == nil && line[0] == '[' {
+		jf.array = true
+	}
 	// Check the mapping on the first record, so that a wrong column name
 	// fails before anything runs.
-	line, err := lr.next()
+	rr, err := jf.records()
+	if err != nil {
+		return nil, err
+	}
+	defer rr.close()
+	first, err := rr.next()
 	if err == io.EOF {
 		jf.rows = 0
 		return jf, nil
@@ -50,10 +62,75 @@ func openJSONL(open openFunc, path string, want []string, optional string, conv 
 	if err != nil {
 		return nil, err
 	}
-	if _, err := jf.parse(line, lr.line); err != nil {
+	if _, err := jf.parse(first, rr.at()); err != nil {
 		return nil, err
 	}
 	return jf, nil
+}
+
+// A recordReader yields the records of a JSON file: its lines, or the
+// elements of the array it holds.
+type recordReader interface {
+	// next returns the next record's JSON; it is valid until the next call.
+	next() ([]byte, error)
+	at() int64 // the last record's line (1-based) or element (0-based)
+	close()
+}
+
+func (jf *jsonlFile) records() (recordReader, error) {
+	lr, err := jf.lines()
+	switch {
+	case err != nil:
+		return nil, err
+	case !jf.array:
+		return lr, nil
+	}
+	if b, _ := lr.r.Peek(3); string(b) == "\xef\xbb\xbf" { // a UTF-8 byte order mark
+		lr.r.Discard(3)
+	}
+	ar := &arrayReader{lr: lr, dec: json.NewDecoder(lr.r), index: -1}
+	if tok, err := ar.dec.Token(); err != nil || tok != json.Delim('[') {
+		lr.close()
+		return nil, fmt.Errorf("dataset: %s: not a JSON array: %v", jf.name, err)
+	}
+	return ar, nil
+}
+
+// where names the place of a record: "line 3", or "element 2" in an array.
+func (jf *jsonlFile) where(at int64) string {
+	if jf.array {
+		return fmt.Sprintf("element %d", at)
+	}
+	return fmt.Sprintf("line %d", at)
+}
+
+// arrayReader yields the elements of a file holding one JSON array.
+type arrayReader struct {
+	lr    *lineReader // for the file and its decompression
+	dec   *json.Decoder
+	raw   json.RawMessage
+	index int64
+}
+
+func (ar *arrayReader) at() int64 { return ar.index }
+func (ar *arrayReader) close()    { ar.lr.close() }
+
+func (ar *arrayReader) next() ([]byte, error) {
+	if !ar.dec.More() {
+		if _, err := ar.dec.Token(); err != nil { // the closing ]
+			return nil, fmt.Errorf("dataset: %s: after element %d: %w", ar.lr.name, ar.index, err)
+		}
+		if _, err := ar.dec.Token(); err != io.EOF {
+			return nil, fmt.Errorf("dataset: %s: data after the JSON array", ar.lr.name)
+		}
+		return nil, io.EOF
+	}
+	ar.raw = ar.raw[:0]
+	if err := ar.dec.Decode(&ar.raw); err != nil {
+		return nil, fmt.Errorf("dataset: %s: element %d: invalid JSON: %w", ar.lr.name, ar.index+1, err)
+	}
+	ar.index++
+	return ar.raw, nil
 }
 
 func (jf *jsonlFile) path() string   { return jf.name }
@@ -72,14 +149,14 @@ func (jf *jsonlFile) count() error {
 	if jf.rows >= 0 && jf.bytes > 0 {
 		return nil
 	}
-	lr, err := jf.lines()
+	rr, err := jf.records()
 	if err != nil {
 		return err
 	}
-	defer lr.close()
+	defer rr.close()
 	var rows, size int64
 	for {
-		line, err := lr.next()
+		line, err := rr.next()
 		if err == io.EOF {
 			break
 		}
@@ -94,18 +171,18 @@ func (jf *jsonlFile) count() error {
 }
 
 func (jf *jsonlFile) scan(ctx context.Context, file int32, base int64, want func(int64) bool, yield func(record) bool) (rows int64, stopped bool, err error) {
-	lr, err := jf.lines()
+	rr, err := jf.records()
 	if err != nil {
 		return 0, false, err
 	}
-	defer lr.close()
+	defer rr.close()
 	for {
 		if rows%1024 == 0 {
 			if err := ctx.Err(); err != nil {
 				return rows, false, err
 			}
 		}
-		line, err := lr.next()
+		line, err := rr.next()
 		if err == io.EOF {
 			return rows, false, nil
 		}
@@ -116,11 +193,11 @@ func (jf *jsonlFile) scan(ctx context.Context, file int32, base int64, want func
 			rows++
 			continue
 		}
-		r, err := jf.parse(line, lr.line)
+		r, err := jf.parse(line, rr.at())
 		if err != nil {
 			return rows, false, err
 		}
-		r.file, r.pos = file, lr.line
+		r.file, r.pos = file, rr.at()
 		rows++
 		if !yield(r) {
 			return rows, true, nil
@@ -128,23 +205,20 @@ func (jf *jsonlFile) scan(ctx context.Context, file int32, base int64, want func
 	}
 }
 
-// parse decodes one line into a record. Only the mapped fields are checked;
-// other fields may hold anything.
-func (jf *jsonlFile) parse(line []byte, lineNo int64) (record, error) {
-	if t := bytes.TrimSpace(line); len(t) > 0 && t[0] == '[' {
-		return record{}, fmt.Errorf("dataset: %s: line %d: a JSON array, not JSON lines (one object a line): convert it, e.g. jq -c '.[]' %s > %s.jsonl",
-			jf.name, lineNo, filepath.Base(jf.name), strings.TrimSuffix(filepath.Base(jf.name), filepath.Ext(jf.name)))
-	}
+// parse decodes one record, at line or element at, into a record. Only the
+// mapped fields are checked; other fields may hold anything.
+func (jf *jsonlFile) parse(line []byte, at int64) (record, error) {
+	where := jf.where(at)
 	var obj map[string]json.RawMessage
 	if err := json.Unmarshal(line, &obj); err != nil {
 		var typeErr *json.UnmarshalTypeError
 		if errors.As(err, &typeErr) {
-			return record{}, fmt.Errorf("dataset: %s: line %d: not a JSON object", jf.name, lineNo)
+			return record{}, fmt.Errorf("dataset: %s: %s: not a JSON object", jf.name, where)
 		}
-		return record{}, fmt.Errorf("dataset: %s: line %d: invalid JSON: %w", jf.name, lineNo, err)
+		return record{}, fmt.Errorf("dataset: %s: %s: invalid JSON: %w", jf.name, where, err)
 	}
 	if obj == nil {
-		return record{}, fmt.Errorf("dataset: %s: line %d: not a JSON object", jf.name, lineNo)
+		return record{}, fmt.Errorf("dataset: %s: %s: not a JSON object", jf.name, where)
 	}
 	var r record
 	noField := func(name string) error {
@@ -153,7 +227,7 @@ func (jf *jsonlFile) parse(line []byte, lineNo int64) (record, error) {
 			keys = append(keys, k)
 		}
 		slices.Sort(keys)
-		return fmt.Errorf("dataset: %s: line %d: no field %q; the record has fields %s", jf.name, lineNo, name, quoteList(keys))
+		return fmt.Errorf("dataset: %s: %s: no field %q; the record has fields %s", jf.name, where, name, quoteList(keys))
 	}
 	if c := jf.conv; c != nil {
 		raw, ok := obj[c.list]
@@ -165,7 +239,7 @@ func (jf *jsonlFile) parse(line []byte, lineNo int64) (record, error) {
 		} else {
 			msgs, err := c.parseJSONMessages(raw)
 			if err != nil {
-				return record{}, fmt.Errorf("dataset: %s: line %d, %w", jf.name, lineNo, err)
+				return record{}, fmt.Errorf("dataset: %s: %s, %w", jf.name, where, err)
 			}
 			r.setMessages(msgs, false)
 		}
@@ -185,10 +259,10 @@ func (jf *jsonlFile) parse(line []byte, lineNo int64) (record, error) {
 			continue
 		case '"':
 		default:
-			return record{}, fmt.Errorf("dataset: %s: line %d, column %s: %s, not a string", jf.name, lineNo, name, jsonKind(raw[0]))
+			return record{}, fmt.Errorf("dataset: %s: %s, column %s: %s, not a string", jf.name, where, name, jsonKind(raw[0]))
 		}
 		if err := decodeJSONString(raw, &r.v[i]); err != nil {
-			return record{}, fmt.Errorf("dataset: %s: line %d, column %s: %w", jf.name, lineNo, name, err)
+			return record{}, fmt.Errorf("dataset: %s: %s, column %s: %w", jf.name, where, name, err)
 		}
 	}
 	return r, nil
@@ -268,6 +342,8 @@ func (jf *jsonlFile) lines() (*lineReader, error) {
 	lr.r = bufio.NewReaderSize(src, 64<<10)
 	return lr, nil
 }
+
+func (lr *lineReader) at() int64 { return lr.line }
 
 func (lr *lineReader) close() {
 	if lr.gz != nil {

@@ -208,11 +208,13 @@ func (s *Source) Nulls() NullReport { return s.nulls }
 // where names a record's place in its file, for messages.
 func (s *Source) where(r record) string {
 	name := s.opts.Paths[r.file]
-	switch s.files[r.file].(type) {
+	switch f := s.files[r.file].(type) {
 	case *parquetFile:
 		return fmt.Sprintf("%s row %d", name, r.pos)
 	case *textFile:
 		return name
+	case *jsonlFile:
+		return name + " " + f.where(r.pos)
 	}
 	return fmt.Sprintf("%s line %d", name, r.pos)
 }

@@ -1,6 +1,8 @@
 package dataset
 
 import (
+	"bytes"
+	"compress/gzip"
 	"context"
 	"crypto/sha256"
 	"errors"
@@ -9,6 +11,7 @@ import (
 	"math/rand/v2"
 	"os"
 	"path/filepath"
+	"reflect"
 	"slices"
 	"strings"
 	"testing"
@@ -633,23 +636,66 @@ func TestJSONLWithoutInput(t *testing.T) {
 	}
 }
 
-// TestJSONArrayNamed: the alpaca_data.json layout (one JSON array) is named
-// with the conversion, not called invalid JSON.
-func TestJSONArrayNamed(t *testing.T) {
+// TestJSONArray: a file holding one JSON array of records (the
+// alpaca_data.json layout), compact, pretty-printed or gzipped, reads as
+// the same records the JSON lines give; its errors name the element, as
+// jq's .[i] finds it.
+func TestJSONArray(t *testing.T) {
 	dir := t.TempDir()
-	for name, content := range map[string]string{
-		"one.json":    `[{"instruction":"a","input":"","output":"b"}]`,
-		"pretty.json": "[\n  {\"instruction\": \"a\", \"input\": \"\", \"output\": \"b\"}\n]\n",
-	} {
+	write := func(name string, data []byte) string {
 		path := filepath.Join(dir, name)
-		os.WriteFile(path, []byte(content), 0o644)
+		if err := os.WriteFile(path, data, 0o644); err != nil {
+			t.Fatal(err)
+		}
+		return path
+	}
+	lines := `{"instruction": "Başkent?", "input": "", "output": "Ankara."}
+{"instruction": "Topla", "input": "2 ve 3", "output": "5"}
+{"instruction": "Renk söyle", "output": "Mavi."}
+`
+	want := readAll(t, SourceOptions{Paths: []string{write("a.jsonl", []byte(lines))}})
+	elems := strings.Split(strings.TrimSpace(lines), "\n")
+	var gz bytes.Buffer
+	zw := gzip.NewWriter(&gz)
+	zw.Write([]byte("[" + strings.Join(elems, ",") + "]"))
+	zw.Close()
+	for name, data := range map[string][]byte{
+		"compact.json":    []byte("[" + strings.Join(elems, ",") + "]"),
+		"pretty.json":     []byte("\xef\xbb\xbf[\n  " + strings.Join(elems, ",\n  ") + "\n]\n"),
+		"gzipped.json.gz": gz.Bytes(),
+	} {
+		if got := readAll(t, SourceOptions{Paths: []string{write(name, data)}}); !reflect.DeepEqual(got, want) {
+			t.Errorf("%s: %q, want %q", name, got, want)
+		}
+	}
+	nulls := write("nulls.json", []byte(`[{"instruction": "a", "input": "", "output": "b"}, {"instruction": null, "input": "", "output": "c"}]`))
+	s, err := Open(SourceOptions{Paths: []string{nulls}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := drain(s); err != nil {
+		t.Fatal(err)
+	}
+	if n := s.Nulls(); n.First["instruction"] != nulls+" element 1" {
+		t.Errorf("a null named %+v, want element 1", n)
+	}
+	s.Close()
+
+	for content, msg := range map[string]string{
+		`[{"instruction": "a", "input": "", "output": "b"}, 3]`:                                              "element 1: not a JSON object",
+		`[{"instruction": "a", "input": "", "output": "b"}, {"instruction": "a"}]`:                           `element 1: no field "output"`,
+		`[{"instruction": "a", "input": "", "output": "b"}, {"instruction": 1, "input": "", "output": "b"}]`: "element 1, column instruction: a number, not a string",
+		`[{"instruction": "a", "input": "", "output": "b"}, {"instruction": "a", `:                           "element 1: invalid JSON",
+		`[{"instruction": "a", "input": "", "output": "b"}] {"instruction": "x"}`:                            "data after the JSON array",
+	} {
+		path := write("bad.json", []byte(content))
 		s, err := Open(SourceOptions{Paths: []string{path}})
 		if err == nil {
 			_, err = drain(s)
 			s.Close()
 		}
-		if err == nil || !strings.Contains(err.Error(), "a JSON array, not JSON lines") || !strings.Contains(err.Error(), "jq -c") {
-			t.Errorf("%s: %v", name, err)
+		if err == nil || !strings.Contains(err.Error(), path+": "+msg) {
+			t.Errorf("%s: %v, want %q", content, err, msg)
 		}
 	}
 }

@@ -12,6 +12,7 @@
 package dataset
 
 import (
+	"bytes"
 	"context"
 	"errors"
 	"fmt"
@@ -473,6 +474,35 @@ func formatOf(path string, forced Format) (Format, error) {
 		return FormatText, nil
 	}
 	return "", fmt.Errorf("dataset: %s: unknown file type (want .parquet, .jsonl, .ndjson or .json, optionally .gz for JSON lines; .txt, .text or .md for plain texts)", path)
+}
+
+// SniffFormat says which format a file's first bytes show: Parquet (its
+// magic), JSON lines or a JSON array ('{' or '[' first, past a byte order
+// mark and spaces), or "" when they show neither (plain text, gzip, empty).
+// It tells a file given to the wrong kind of stage from a corrupt one.
+func SniffFormat(open func(string) (fs.File, error), path string) (Format, error) {
+	if open == nil {
+		open = func(name string) (fs.File, error) { return os.Open(name) }
+	}
+	f, err := open(path)
+	if err != nil {
+		return "", err
+	}
+	defer f.Close()
+	head := make([]byte, 512)
+	n, err := io.ReadFull(f, head)
+	if err != nil && err != io.ErrUnexpectedEOF && err != io.EOF {
+		return "", err
+	}
+	head = head[:n]
+	if bytes.HasPrefix(head, []byte("PAR1")) {
+		return FormatParquet, nil
+	}
+	head = bytes.TrimLeft(bytes.TrimPrefix(head, []byte("\xef\xbb\xbf")), " \t\r\n")
+	if len(head) > 0 && (head[0] == '{' || head[0] == '[') {
+		return FormatJSONL, nil
+	}
+	return "", nil
 }
 
 // countRows counts the rows of files whose row count is not in their

@@ -189,6 +189,9 @@ func prepareSource(dir string, paths []string, opts dataset.SourceOptions) (*sou
 				return nil, &pipeline.ParamError{Param: "paths", Msg: err.Error(),
 					Fix: "list data files (.parquet, .jsonl, .jsonl.gz; .txt for a text stage), or globs that match only files"}
 			}
+			if err := checkFormat(f, opts.Format); err != nil {
+				return nil, err
+			}
 			fi, err := os.Stat(f)
 			if err != nil {
 				return nil, &pipeline.ParamError{Param: "paths", Msg: err.Error()}
@@ -207,6 +210,23 @@ func prepareSource(dir string, paths []string, opts dataset.SourceOptions) (*sou
 		s.parts = append(s.parts, sourcePart{files: files})
 	}
 	return s, nil
+}
+
+// checkFormat refuses a file whose first bytes show another format than the
+// one its stage reads (a Parquet file in a jsonl stage, JSON in a parquet
+// one), which would otherwise fail the run as a corrupt file.
+func checkFormat(path string, want dataset.Format) error {
+	got, err := dataset.SniffFormat(nil, path)
+	if err != nil {
+		return &pipeline.ParamError{Param: "paths", Msg: err.Error()}
+	}
+	switch {
+	case want == dataset.FormatParquet && got == dataset.FormatJSONL:
+		return &pipeline.ParamError{Param: "paths", Msg: path + " holds JSON, not Parquet", Fix: "read it with kind: " + jsonlKindName}
+	case want == dataset.FormatJSONL && got == dataset.FormatParquet:
+		return &pipeline.ParamError{Param: "paths", Msg: path + " is a Parquet file, not JSON lines", Fix: "read it with kind: " + parquetKindName}
+	}
+	return nil
 }
 
 // A sourcePart is what one entry of paths gives: local files, or the

@@ -163,3 +163,30 @@ func TestSourcePathMistakes(t *testing.T) {
 	}
 	_ = strconv.Itoa
 }
+
+// TestSourceKindAndFileDisagree: a Parquet file in a jsonl stage, or JSON
+// lines in a parquet stage, is a spec error saying which kind reads it,
+// not a corrupt file once the run reaches it.
+func TestSourceKindAndFileDisagree(t *testing.T) {
+	r := newTestRun(t)
+	jsonl := filepath.Join(r.dir, "a.jsonl")
+	os.WriteFile(jsonl, []byte("\xef\xbb\xbf  "+`{"instruction": "a", "input": "", "output": "b"}`+"\n"), 0o644)
+	parquet := filepath.Join(r.dir, "a.parquet")
+	writeParquet(t, parquet, stringBatch([]string{"instruction", "input", "output"}, []string{"a", "", "b"}))
+	for _, c := range []struct{ kind, path, want string }{
+		{"parquet", jsonl, jsonl + " holds JSON, not Parquet\n\tfix: read it with kind: jsonl"},
+		{"jsonl", parquet, parquet + " is a Parquet file, not JSON lines\n\tfix: read it with kind: parquet"},
+	} {
+		path := r.spec("name: x\nstages:\n  a:\n    kind: " + c.kind + "\n    with:\n      paths: [" + c.path + "]\n")
+		_, err := loadSpec(path, Registry())
+		if err == nil || !pipeline.IsSpecError(err) || !strings.HasPrefix(err.Error(), path+":6:") || !strings.Contains(err.Error(), c.want) {
+			t.Errorf("%s stage reading %s: %v, want %q", c.kind, filepath.Base(c.path), err, c.want)
+		}
+	}
+	// Each read by its own kind, it loads.
+	for kind, p := range map[string]string{"jsonl": jsonl, "parquet": parquet} {
+		if _, err := loadSpec(r.spec("name: x\nstages:\n  a: {kind: "+kind+", with: {paths: ["+p+"]}}\n"), Registry()); err != nil {
+			t.Errorf("%s: %v", kind, err)
+		}
+	}
+}

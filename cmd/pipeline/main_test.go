@@ -323,6 +323,12 @@ func TestVerifyReportsDamage(t *testing.T) {
 	if r := runCLI(t, dir, "plan", spec); !strings.Contains(r.stdout, "damaged") {
 		t.Errorf("plan does not say why: %s", r.stdout)
 	}
+	// Status says damaged, and gives no size: the files are not what the
+	// manifest lists.
+	r = runCLI(t, dir, "status", spec)
+	if line := regexp.MustCompile(`(?m)^src .*$`).FindString(r.stdout); !strings.Contains(line, "damaged") || strings.Contains(line, "B ") {
+		t.Errorf("status of a damaged entry: %q\n%s", line, r.stdout)
+	}
 	if r := runCLI(t, dir, "run", spec); r.code != 0 || !strings.Contains(r.stdout, "computed") {
 		t.Fatalf("run after damage: %d %s", r.code, r.stdout)
 	}

@@ -58,8 +58,10 @@ events of the training stages, and the command that writes the HTML report.`,
 				rows, size, when := "-", "-", "-"
 				if e.Manifest != nil {
 					rows = fmt.Sprint(e.Manifest.Rows)
-					size = pipeline.HumanBytes(e.Size)
 					when = e.Manifest.Finished.Local().Format(time.DateTime)
+				}
+				if e.State == "cached" { // a damaged entry's files are not what its manifest says
+					size = pipeline.HumanBytes(e.Size)
 				}
 				state := e.State
 				if e.Damage != nil {

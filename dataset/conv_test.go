@@ -275,7 +275,7 @@ func TestConversationErrors(t *testing.T) {
 		{`{"conversations": [{"from": "human", "value": "a"}, {"from": "gpt", "value": "b"}, {"from": "human", "value": "c"}]}`, "the last message (2) is a user turn with no answer to learn"},
 		{`{"conversations": [{"from": "system", "value": "s"}]}`, "only a system message"},
 		{`{"conversations": []}`, "no messages"},
-		{`{"conversations": null}`, "no messages"},
+		{`{"conversations": null}`, "column conversations is null: no messages; nulls: drop skips such records"},
 		{`{"conversations": [{"from": "tool", "value": "x"}]}`, `message 0: unknown role "tool"`},
 		{`{"conversations": [{"role": "user", "content": "x"}]}`, `message 0 has no text field "from"; it has "content", "role"`},
 		{`{"conversations": "metin"}`, "column conversations: want a list of objects"},

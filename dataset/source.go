@@ -704,6 +704,11 @@ func (s *Source) conversation(r record) ([]chat.Message, error) {
 		msgs = append(msgs, cm)
 	}
 	if err := checkTurns(msgs); err != nil {
+		if r.null&(1<<nullList) != 0 {
+			// The default policy reads a null as empty, and an empty
+			// conversation cannot be trained on: say how to skip them.
+			return nil, fmt.Errorf("dataset: %s: column %s is null: %w; nulls: drop skips such records", s.where(r), s.nullName(nullList), err)
+		}
 		return nil, fmt.Errorf("dataset: %s: %w", s.where(r), err)
 	}
 	return msgs, nil

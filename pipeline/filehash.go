@@ -72,6 +72,7 @@ type statCache struct {
 	hashedBytes atomic.Int64
 }
 
+// openStatCache reads the stat cache kept in file; "" keeps it in memory.
 func openStatCache(file string) *statCache {
 	c := &statCache{file: file, entries: map[string]statEntry{}, changed: map[string]statEntry{}}
 	if data, err := os.ReadFile(file); err == nil {
@@ -173,7 +174,7 @@ func (c *statCache) Save() error {
 	changed := c.changed
 	c.changed = map[string]statEntry{}
 	c.mu.Unlock()
-	if len(changed) == 0 {
+	if len(changed) == 0 || c.file == "" { // "": a store that only looks
 		return nil
 	}
 	lock := flock.New(c.file + ".lock")

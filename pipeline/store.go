@@ -99,6 +99,23 @@ func OpenExistingStore(root string) (*Store, error) {
 	return OpenStore(abs)
 }
 
+// LookAtStore opens the store at root for a command that only looks at it
+// (plan, status, report): an existing cache as OpenExistingStore opens it;
+// a missing one as an empty store that creates and saves nothing, so that
+// looking through a mistyped --cache leaves no new cache behind. exists
+// says which.
+func LookAtStore(root string) (st *Store, exists bool, err error) {
+	abs, err := filepath.Abs(root)
+	if err != nil {
+		return nil, false, err
+	}
+	if _, err := os.Stat(abs); errors.Is(err, fs.ErrNotExist) {
+		return &Store{Root: abs, stats: openStatCache("")}, false, nil
+	}
+	st, err = OpenExistingStore(abs)
+	return st, err == nil, err
+}
+
 // Close saves what the store learned about file digests.
 func (s *Store) Close() error { return s.stats.Save() }
 

@@ -79,6 +79,20 @@ func openStore(dag *pipeline.DAG) (*pipeline.Store, error) {
 	return st, nil
 }
 
+// lookAtStore opens the cache for a command that shows what it holds (plan,
+// status, report): a cache that does not exist is shown empty, with a
+// note, and not created.
+func lookAtStore(dag *pipeline.DAG) (*pipeline.Store, error) {
+	st, exists, err := pipeline.LookAtStore(pipeline.CacheRoot(cacheFlag, dag))
+	if err != nil {
+		return nil, usageErr(err)
+	}
+	if !exists {
+		fmt.Fprintf(os.Stderr, "pipeline: cache %s does not exist yet: nothing has run with it (check --cache, $%s or the spec's cache:)\n", st.Root, pipeline.CacheEnv)
+	}
+	return st, nil
+}
+
 // openExistingStore opens the cache for a command that only looks at it:
 // a cache that does not exist is a usage error (a mistyped --cache), not a
 // new empty cache.
@@ -88,20 +102,6 @@ func openExistingStore(dag *pipeline.DAG) (*pipeline.Store, error) {
 		return nil, usageErr(err)
 	}
 	return st, nil
-}
-
-// specAndStore loads the spec named by the command's first argument and
-// opens its store.
-func specAndStore(args []string) (*pipeline.DAG, *pipeline.Store, error) {
-	dag, err := loadSpec(args[0])
-	if err != nil {
-		return nil, nil, err
-	}
-	st, err := openStore(dag)
-	if err != nil {
-		return nil, nil, err
-	}
-	return dag, st, nil
 }
 
 // specOrFailErr gives an error of Store.Plan or Store.Status its exit code:

@@ -95,6 +95,30 @@ stages:
 	}
 }
 
+// TestLookingMakesNoCache: plan, status and report of a spec never run,
+// or through a mistyped --cache, show an empty cache and say it does not
+// exist, without creating it.
+func TestLookingMakesNoCache(t *testing.T) {
+	dir := t.TempDir()
+	writeFile(t, filepath.Join(dir, "data.jsonl"), sampleJSONL)
+	spec := filepath.Join(dir, "s.yaml")
+	writeFile(t, spec, "name: s\nstages:\n  src: {kind: jsonl, with: {paths: [data.jsonl]}}\n")
+	for _, args := range [][]string{{"plan", spec}, {"status", spec}, {"report", spec, "--out", "-"}, {"plan", spec, "--cache", filepath.Join(dir, "typo")}} {
+		r := runCLI(t, dir, args...)
+		if r.code != 0 || !strings.Contains(r.stderr, "does not exist yet: nothing has run with it") {
+			t.Errorf("%v: exit %d\n%s", args, r.code, r.stderr)
+		}
+		for _, c := range []string{"cache", "typo"} {
+			if _, err := os.Stat(filepath.Join(dir, c)); err == nil {
+				t.Fatalf("%v made %s", args, c)
+			}
+		}
+	}
+	if r := runCLI(t, dir, "status", spec); !strings.Contains(r.stdout, "missing") {
+		t.Errorf("status of a cache never made:\n%s", r.stdout)
+	}
+}
+
 func TestSpecErrorsExit2(t *testing.T) {
 	dir := t.TempDir()
 	writeFile(t, filepath.Join(dir, "data.jsonl"), sampleJSONL)
@@ -113,15 +137,10 @@ func TestSpecErrorsExit2(t *testing.T) {
 		t.Run(name, func(t *testing.T) {
 			spec := filepath.Join(dir, strings.ReplaceAll(name, " ", "_")+".yaml")
 			writeFile(t, spec, c.spec)
-			if err := os.RemoveAll(filepath.Join(dir, "cache")); err != nil {
-				t.Fatal(err) // status makes it
-			}
 			for _, cmd := range []string{"run", "plan", "status"} {
 				r := runCLI(t, dir, cmd, spec)
-				if cmd != "status" {
-					if _, err := os.Stat(filepath.Join(dir, "cache")); err == nil {
-						t.Fatalf("a refused %s made the cache", cmd)
-					}
+				if _, err := os.Stat(filepath.Join(dir, "cache")); err == nil {
+					t.Fatalf("%s made the cache", cmd)
 				}
 				if cmd == "status" && name == "missing file" {
 					// Status shows what it can: the stage, unavailable, and why.
@@ -145,11 +164,7 @@ func TestSpecErrorsExit2(t *testing.T) {
 	if r := runCLI(t, dir, "run", "x.yaml", "--jobz", "3"); r.code != 2 {
 		t.Errorf("unknown flag: exit %d", r.code)
 	}
-	// Bad flag values are refused before the cache is touched (status
-	// made it above).
-	if err := os.RemoveAll(filepath.Join(dir, "cache")); err != nil {
-		t.Fatal(err)
-	}
+	// Bad flag values are refused before the cache is touched.
 	for _, flag := range [][]string{{"--jobs", "-3"}, {"--log-every", "0s"}, {"--log-every", "-5s"}, {"--progress", "bogus"}} {
 		r := runCLI(t, dir, append([]string{"run", "x.yaml"}, flag...)...)
 		if r.code != 2 || !strings.Contains(r.stderr, flag[0]) {

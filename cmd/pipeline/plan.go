@@ -35,7 +35,7 @@ kind's version changed, the entry is damaged, forced).`,
 			if err := dag.Check(opts); err != nil {
 				return usageErr(err)
 			}
-			st, err := openStore(dag)
+			st, err := lookAtStore(dag)
 			if err != nil {
 				return err
 			}

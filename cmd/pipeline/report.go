@@ -51,7 +51,11 @@ is in progress. Write it after each nightly run, next to the JSON report:
 					return usageErr(fmt.Errorf("--out: %w", err))
 				}
 			}
-			dag, st, err := specAndStore(args)
+			dag, err := loadSpec(args[0])
+			if err != nil {
+				return err
+			}
+			st, err := lookAtStore(dag)
 			if err != nil {
 				return err
 			}

@@ -21,7 +21,11 @@ progress now; how the last run ended; and where to watch the runs: the TensorBoa
 events of the training stages, and the command that writes the HTML report.`,
 		Args: exactArgs(1, "one spec file"),
 		RunE: func(cmd *cobra.Command, args []string) error {
-			dag, st, err := specAndStore(args)
+			dag, err := loadSpec(args[0])
+			if err != nil {
+				return err
+			}
+			st, err := lookAtStore(dag)
 			if err != nil {
 				return err
 			}

@@ -205,9 +205,9 @@ func TestChatCommand(t *testing.T) {
 		code int
 		want string
 	}{
-		{[]string{"chat", "--model", filepath.Join(dir, "missing"), "--prompt", q}, 1, "--model " + filepath.Join(dir, "missing") + ": no such folder"},
-		{[]string{"chat", "--model", model, "--adapter", filepath.Join(dir, "missing"), "--prompt", q}, 1, "--adapter " + filepath.Join(dir, "missing") + ": no such folder"},
-		{[]string{"chat", "--model", model, "--tokenizer", filepath.Join(dir, "missing.json"), "--prompt", q}, 1, "--tokenizer " + filepath.Join(dir, "missing.json") + ": no such file"},
+		{[]string{"chat", "--model", filepath.Join(dir, "missing"), "--prompt", q}, 2, "--model " + filepath.Join(dir, "missing") + ": no such folder"},
+		{[]string{"chat", "--model", model, "--adapter", filepath.Join(dir, "missing"), "--prompt", q}, 2, "--adapter " + filepath.Join(dir, "missing") + ": no such folder"},
+		{[]string{"chat", "--model", model, "--tokenizer", filepath.Join(dir, "missing.json"), "--prompt", q}, 2, "--tokenizer " + filepath.Join(dir, "missing.json") + ": no such file"},
 		{[]string{"chat", "--model", filepath.Join(model, "config.json"), "--prompt", q}, 2, "is a file, not a folder"},
 		{[]string{"chat", "--model", dir, "--prompt", q}, 1, dir + " holds no config.json: " + model + " does: the checkpoint is one folder down"},
 		{[]string{"chat", "--model", model, "--tokenizer", model, "--prompt", q}, 2, "is a folder, not a tokenizer.json file"},

@@ -74,9 +74,9 @@ func checkLocalArg(flag, arg string, kind argKind) error {
 	wantDir := kind != argTokenizer
 	switch {
 	case errors.Is(err, fs.ErrNotExist) && wantDir:
-		return failErr(fmt.Errorf("--%s %s: no such folder", flag, arg))
+		return usageErr(fmt.Errorf("--%s %s: no such folder", flag, arg))
 	case errors.Is(err, fs.ErrNotExist):
-		return failErr(fmt.Errorf("--%s %s: no such file", flag, arg))
+		return usageErr(fmt.Errorf("--%s %s: no such file", flag, arg))
 	case err != nil:
 		return failErr(fmt.Errorf("--%s: %w", flag, err))
 	case wantDir && !fi.IsDir():

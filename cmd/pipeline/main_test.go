@@ -165,7 +165,7 @@ func TestSpecErrorsExit2(t *testing.T) {
 		t.Errorf("unknown flag: exit %d", r.code)
 	}
 	// Bad flag values are refused before the cache is touched.
-	for _, flag := range [][]string{{"--jobs", "-3"}, {"--log-every", "0s"}, {"--log-every", "-5s"}, {"--progress", "bogus"}} {
+	for _, flag := range [][]string{{"--jobs", "-3"}, {"--log-every", "0s"}, {"--log-every", "-5s"}, {"--progress", "bogus"}, {"--report", "-"}} {
 		r := runCLI(t, dir, append([]string{"run", "x.yaml"}, flag...)...)
 		if r.code != 2 || !strings.Contains(r.stderr, flag[0]) {
 			t.Errorf("%v: exit %d\n%s", flag, r.code, r.stderr)

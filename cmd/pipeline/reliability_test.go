@@ -373,7 +373,7 @@ func TestTokenizerPathIsAFIFO(t *testing.T) {
 		t.Skip("no named pipes here:", err)
 	}
 	cmd, _, stderr := startCLI(t, dir, nil, "tokenize", "--tokenizer", fifo)
-	if code := exitCode(t, cmd, 20*time.Second); code != 1 || !strings.Contains(stderr.String(), "is a named pipe") {
+	if code := exitCode(t, cmd, 20*time.Second); code != exitUsage || !strings.Contains(stderr.String(), "is a named pipe") {
 		t.Errorf("exit %d\n%s", code, stderr)
 	}
 }

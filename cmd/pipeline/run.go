@@ -82,6 +82,9 @@ step with rank 0 and stop there. A rank that fails or goes away stops the others
 			}
 			// A report that cannot be written is found out now, not after
 			// hours of training.
+			if report == "-" {
+				return usageErr(errors.New("--report -: the run's table goes to standard output; give the report a file, e.g. --report last.json"))
+			}
 			if report != "" {
 				if err := checkWritable(report, "report.json"); err != nil {
 					return usageErr(fmt.Errorf("--report: %w", err))

@@ -2,6 +2,7 @@ package main
 
 import (
 	"bufio"
+	"bytes"
 	"context"
 	"encoding/json"
 	"errors"
@@ -40,7 +41,12 @@ the text.
 
 --out appears only complete: on an error or an interrupt it is left as it
 was. A line longer than --max-line-bytes is an error.`,
-		Args: cobra.NoArgs,
+		Args: func(_ *cobra.Command, args []string) error {
+			if len(args) > 0 {
+				return usageErr(fmt.Errorf("tokenize takes no arguments (got %q): read a file with --in FILE", args[0]))
+			}
+			return nil
+		},
 		RunE: func(cmd *cobra.Command, _ []string) error {
 			if tokPath == "" {
 				return usageErr(errors.New("tokenize: --tokenizer is required"))
@@ -54,7 +60,13 @@ was. A line longer than --max-line-bytes is an error.`,
 			}
 			// A named pipe or a folder would block or fail obscurely.
 			if err := pipeline.CheckReadableFile(tokPath); err != nil {
-				return failErr(fmt.Errorf("--tokenizer: %w", err))
+				return usageErr(fmt.Errorf("--tokenizer: %w", err))
+			}
+			// An --out that cannot be written is found out before the work.
+			if outPath != "" && outPath != "-" {
+				if err := checkWritable(outPath, "ids.jsonl"); err != nil {
+					return usageErr(fmt.Errorf("--out: %w", err))
+				}
 			}
 			tk, err := tokenizer.LoadFile(tokPath)
 			if err != nil {
@@ -63,7 +75,7 @@ was. A line longer than --max-line-bytes is an error.`,
 			in := io.Reader(os.Stdin)
 			if inPath != "" && inPath != "-" {
 				if err := pipeline.CheckReadableFile(inPath); err != nil && !isPipe(inPath) {
-					return failErr(err)
+					return usageErr(fmt.Errorf("--in: %w", err))
 				}
 				f, err := os.Open(inPath)
 				if err != nil {
@@ -172,17 +184,11 @@ func tokenizeLines(ctx context.Context, tk *tokenizer.Tokenizer, r io.Reader, w 
 			}
 			return err
 		}
-		line := lr.Line()
-		var rec struct {
-			Text *string `json:"text"`
+		text, err := lineText(raw)
+		if err != nil {
+			return fmt.Errorf("input line %d: %w", lr.Line(), err)
 		}
-		if jerr := json.Unmarshal(raw, &rec); jerr != nil {
-			return fmt.Errorf("input line %d: %w", line, jerr)
-		}
-		if rec.Text == nil {
-			return fmt.Errorf("input line %d: no \"text\" string", line)
-		}
-		texts = append(texts, *rec.Text)
+		texts = append(texts, text)
 		if len(texts) == tokenizeBatch {
 			if err := flush(); err != nil {
 				return err
@@ -193,4 +199,42 @@ func tokenizeLines(ctx context.Context, tk *tokenizer.Tokenizer, r io.Reader, w 
 		return err
 	}
 	return bw.Flush()
+}
+
+// lineText is the text of one input line, {"text": "..."}. A blank line is
+// an error: output line i answers input line i.
+func lineText(raw []byte) (string, error) {
+	if len(bytes.TrimSpace(raw)) == 0 {
+		return "", errors.New(`blank; every line is a {"text": ...} object (output line i holds the ids of input line i)`)
+	}
+	var rec map[string]json.RawMessage
+	if err := json.Unmarshal(raw, &rec); err != nil || rec == nil {
+		return "", errors.New(`not a JSON object; want {"text": "..."}`)
+	}
+	v, ok := rec["text"]
+	if !ok {
+		return "", errors.New(`no "text" field`)
+	}
+	var text string
+	if err := json.Unmarshal(v, &text); err != nil || v[0] != '"' {
+		return "", fmt.Errorf(`"text" is %s, not a string`, jsonKindOf(v))
+	}
+	return text, nil
+}
+
+// jsonKindOf names the kind of a JSON value, for messages.
+func jsonKindOf(v json.RawMessage) string {
+	switch v[0] {
+	case '"':
+		return "a string"
+	case '{':
+		return "an object"
+	case '[':
+		return "an array"
+	case 't', 'f':
+		return "a boolean"
+	case 'n':
+		return "null"
+	}
+	return "a number"
 }

@@ -88,7 +88,9 @@ func TestTokenizeCommandErrors(t *testing.T) {
 		code int
 	}{
 		{[]string{"tokenize", "--tokenizer", "", "--in", bad, "--out", out}, exitUsage},
-		{[]string{"tokenize", "--tokenizer", filepath.Join(dir, "missing.json"), "--in", bad, "--out", out}, exitFailed},
+		{[]string{"tokenize", "--tokenizer", filepath.Join(dir, "missing.json"), "--in", bad, "--out", out}, exitUsage},
+		{[]string{"tokenize", "--tokenizer", tokPath, "--in", filepath.Join(dir, "missing.jsonl"), "--out", out}, exitUsage},
+		{[]string{"tokenize", "--tokenizer", tokPath, "--in", bad, "--out", dir}, exitUsage},
 		{[]string{"tokenize", "--tokenizer", tokPath, "--in", bad, "--out", out}, exitFailed},
 		{[]string{"tokenize", "--tokenizer", tokPath, "--in", notJSON, "--out", out}, exitFailed},
 		{[]string{"tokenize", "--tokenizer", tokPath, "extra-arg"}, exitUsage},
@@ -98,5 +100,28 @@ func TestTokenizeCommandErrors(t *testing.T) {
 		if code := execute(c.args); code != c.code {
 			t.Errorf("%v: exit %d, want %d", c.args, code, c.code)
 		}
+	}
+}
+
+// TestTokenizeLineErrors: a bad input line is named with what is wrong in
+// the user's terms.
+func TestTokenizeLineErrors(t *testing.T) {
+	tokPath := testenv.GemmaFile(t, "tokenizer.json")
+	dir := t.TempDir()
+	for input, want := range map[string]string{
+		"{\"text\":\"a\"}\n\n{\"text\":\"b\"}\n": `input line 2: blank; every line is a {"text": ...} object`,
+		"{\"text\":5}\n":                         `input line 1: "text" is a number, not a string`,
+		"{\"txt\":\"a\"}\n":                      `input line 1: no "text" field`,
+		"[1]\n":                                  `input line 1: not a JSON object`,
+	} {
+		in := filepath.Join(dir, "in.jsonl")
+		writeFile(t, in, input)
+		r := runCLI(t, dir, "tokenize", "--tokenizer", tokPath, "--in", in)
+		if r.code != exitFailed || !strings.Contains(r.stderr, want) {
+			t.Errorf("%q: exit %d, %s; want %q", input, r.code, r.stderr, want)
+		}
+	}
+	if r := runCLI(t, dir, "tokenize", "--tokenizer", tokPath, "in.jsonl"); r.code != exitUsage || !strings.Contains(r.stderr, "read a file with --in FILE") {
+		t.Errorf("an argument: exit %d, %s", r.code, r.stderr)
 	}
 }

@@ -194,6 +194,24 @@ func (s *Store) plan(ctx context.Context, dag *DAG, opts Options, lenient bool) 
 	return plan, nil
 }
 
+// CheckInputs says, as a SpecError, when a stage the plan computes reads
+// one it neither computes nor finds cached (--only): the run would fail.
+func (p *Plan) CheckInputs() error {
+	for _, st := range p.Steps {
+		if !st.Compute {
+			continue
+		}
+		for _, d := range st.Node.Needs {
+			if in := p.Step(d.Name); !in.Compute && in.State != Valid {
+				return &SpecError{File: p.DAG.Path, Line: st.Node.Line,
+					Msg: fmt.Sprintf("stage %q needs %q, which is not cached", st.Node.Name, d.Name),
+					Fix: fmt.Sprintf("run with --until %s first, or without --only", d.Name)}
+			}
+		}
+	}
+	return nil
+}
+
 // key computes the key of st, whose inputs' steps are done, from what its
 // stage reads: the inputs' keys, its files' digests, its references'
 // revisions (refs, or refErr when they failed to resolve).

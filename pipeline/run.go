@@ -167,6 +167,9 @@ func (e *Engine) run(ctx context.Context, dag *DAG, opts Options, rec *RunRecord
 	if err != nil {
 		return err
 	}
+	if err := plan.CheckInputs(); err != nil {
+		return err
+	}
 	for _, st := range plan.Steps {
 		for _, r := range st.Refs {
 			if r.Note != "" && st.Selected {
@@ -222,17 +225,6 @@ func (x *execution) execute(ctx context.Context) error {
 		}
 		return nil
 	}
-	for _, st := range compute {
-		for _, d := range st.Node.Needs {
-			in := x.plan.Step(d.Name)
-			if !in.Compute && in.State != Valid {
-				return &SpecError{File: x.plan.DAG.Path, Line: st.Node.Line,
-					Msg: fmt.Sprintf("stage %q needs %q, which is not cached", st.Node.Name, d.Name),
-					Fix: fmt.Sprintf("run with --until %s first, or without --only", d.Name)}
-			}
-		}
-	}
-
 	// Take the entry locks in key order (so two DAGs sharing stages cannot
 	// deadlock), then look again: another process may have computed some.
 	// Each lock goes once its entry is committed (or has failed), so that

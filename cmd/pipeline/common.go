@@ -79,6 +79,16 @@ func openStore(dag *pipeline.DAG) (*pipeline.Store, error) {
 	return st, nil
 }
 
+// specArgs is how a command suggested to the user names the spec: its
+// path, and the --cache given to this command, so that the suggestion acts
+// on the same cache.
+func specArgs(spec string) string {
+	if cacheFlag != "" {
+		return spec + " --cache " + cacheFlag
+	}
+	return spec
+}
+
 // lookAtStore opens the cache for a command that shows what it holds (plan,
 // status, report): a cache that does not exist is shown empty, with a
 // note, and not created.

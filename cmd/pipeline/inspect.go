@@ -82,9 +82,9 @@ func cachedEntry(spec, stage string) (string, *pipeline.Manifest, error) {
 	case pipeline.Valid:
 		return st.EntryDir(step.Key), step.Manifest, nil
 	case pipeline.Damaged:
-		return "", nil, failErr(fmt.Errorf("stage %s: cache entry %s is damaged (%w); run `pipeline run %s --until %s` to recompute it", stage, pipeline.ShortKey(step.Key), step.Damage, spec, stage))
+		return "", nil, failErr(fmt.Errorf("stage %s: cache entry %s is damaged (%w); run `pipeline run %s --until %s` to recompute it", stage, pipeline.ShortKey(step.Key), step.Damage, specArgs(spec), stage))
 	}
-	return "", nil, failErr(fmt.Errorf("stage %s is not cached (%s); run `pipeline run %s --until %s` first", stage, step.Reason, spec, stage))
+	return "", nil, failErr(fmt.Errorf("stage %s is not cached (%s); run `pipeline run %s --until %s` first", stage, step.Reason, specArgs(spec), stage))
 }
 
 func printManifest(w io.Writer, entry string, m *pipeline.Manifest) {

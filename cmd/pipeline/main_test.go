@@ -119,6 +119,20 @@ func TestLookingMakesNoCache(t *testing.T) {
 	}
 }
 
+// TestPlanOnlyAsRun: plan --only refuses, as run --only does, a stage
+// whose input is not cached.
+func TestPlanOnlyAsRun(t *testing.T) {
+	dir := t.TempDir()
+	writeFile(t, filepath.Join(dir, "data.jsonl"), sampleJSONL)
+	spec := filepath.Join(dir, "s.yaml")
+	writeFile(t, spec, "name: s\nstages:\n  src: {kind: jsonl, with: {paths: [data.jsonl]}}\n  chat: {kind: chat_template, needs: [src]}\n")
+	for _, cmd := range []string{"plan", "run"} {
+		if r := runCLI(t, dir, cmd, spec, "--only", "chat"); r.code != 2 || !strings.Contains(r.stderr, `stage "chat" needs "src", which is not cached`) {
+			t.Errorf("%s --only chat: exit %d\n%s", cmd, r.code, r.stderr)
+		}
+	}
+}
+
 func TestSpecErrorsExit2(t *testing.T) {
 	dir := t.TempDir()
 	writeFile(t, filepath.Join(dir, "data.jsonl"), sampleJSONL)

@@ -41,6 +41,9 @@ kind's version changed, the entry is damaged, forced).`,
 			}
 			defer st.Close()
 			plan, err := st.Plan(dag, opts)
+			if err == nil {
+				err = plan.CheckInputs()
+			}
 			if err != nil {
 				return specOrFailErr(err)
 			}

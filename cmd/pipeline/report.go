@@ -123,5 +123,5 @@ func printWatch(w io.Writer, spec string, entries []watched, named bool) {
 			fmt.Fprintf(w, "events    %stensorboard --logdir %s\n", name, d)
 		}
 	}
-	fmt.Fprintf(w, "report    pipeline report %s --out report.html\n", spec)
+	fmt.Fprintf(w, "report    pipeline report %s --out report.html\n", specArgs(spec))
 }

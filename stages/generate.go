@@ -306,6 +306,7 @@ func (s *generateStage) Run(ctx context.Context, t *pipeline.Task) error {
 	enc := json.NewEncoder(aw)
 	enc.SetEscapeHTML(false)
 
+	t.Report(0, int64(totalTurns), "turns", "answering")
 	started := time.Now()
 	var doneTurns, newTokens, truncated int
 	for lo := 0; lo < len(prompts); lo += s.p.BatchSize {

@@ -61,7 +61,14 @@ type kvCache struct {
 type decodeState struct {
 	seqs  []*kvCache
 	seqOf []int
+	// ctx, when set, stops a long step (a prompt of many thousand tokens
+	// takes minutes on a CPU) between layers and within the attention; the
+	// step then returns ctx's error.
+	ctx context.Context
 }
+
+// canceled reports whether the step should stop.
+func (s *decodeState) canceled() bool { return s.ctx != nil && s.ctx.Err() != nil }
 
 // attend appends the step's keys and values to each token's sequence and
 // computes each token's attention over its sequence's cache (positions up
@@ -87,6 +94,9 @@ func (s *decodeState) attend(r *runner, l int, out, q, k, v []float32) {
 	group := H / KV
 	parallelFor(len(s.seqOf), func(lo, hi int) {
 		for i := lo; i < hi; i++ {
+			if i%64 == 0 && s.canceled() {
+				return
+			}
 			kc := s.seqs[s.seqOf[i]]
 			p := r.b.Pos[i]
 			from := kc.first[l]
@@ -143,7 +153,7 @@ func (s *decodeState) attend(r *runner, l int, out, q, k, v []float32) {
 // emit, when not nil, receives every token as it is chosen.
 func (m *Model) Generate(ctx context.Context, a *Adapter, prompts [][]int32, o GenerateOptions, emit func(seq int, tok int32)) ([][]int32, error) {
 	c := m.Config
-	st := &decodeState{}
+	st := &decodeState{ctx: ctx}
 	for range prompts {
 		st.seqs = append(st.seqs, &kvCache{first: make([]int32, c.Layers), k: make([][]float32, c.Layers), v: make([][]float32, c.Layers)})
 	}

@@ -2,6 +2,7 @@ package trainer
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"math"
 	"math/rand/v2"
@@ -208,6 +209,35 @@ func tiedLogits(rng *rand.Rand) []float32 {
 // TestDrawSumsAllWeights: the sum of a draw's weights that stops at the
 // first weight leaving it unchanged is, bit for bit, the sum of every
 // weight in the same order.
+// canceledAfter is a context that reports itself canceled from its n-th
+// Err on: it cancels at a chosen point of a computation, without timing.
+type canceledAfter struct {
+	context.Context
+	n     int
+	calls int
+}
+
+func (c *canceledAfter) Err() error {
+	if c.calls++; c.calls >= c.n {
+		return context.Canceled
+	}
+	return nil
+}
+
+// TestDecodingStopsWithinAStep: a context canceled while a step runs (a
+// long prompt) stops the step itself, not only the loop after it: no
+// token comes, and the error is the context's.
+func TestDecodingStopsWithinAStep(t *testing.T) {
+	m, a := decodeModel(t)
+	ps := prompts(m.Config.VocabSize, 40, 33)
+	ctx := &canceledAfter{Context: context.Background(), n: 2} // the loop's first check passes
+	var emitted int
+	_, err := m.Generate(ctx, a, ps, GenerateOptions{MaxNewTokens: 4}, func(int, int32) { emitted++ })
+	if !errors.Is(err, context.Canceled) || emitted != 0 {
+		t.Errorf("canceled in the first step: %v, %d tokens", err, emitted)
+	}
+}
+
 func TestDrawSumsAllWeights(t *testing.T) {
 	rng := rand.New(rand.NewPCG(7, 8))
 	stopped := 0

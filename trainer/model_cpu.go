@@ -345,6 +345,9 @@ func (r *runner) forward(keep bool) (xf, x, rstd []float32, inputs [][]float32, 
 	}
 	var lc layerCache
 	for l := 0; l < c.Layers; l++ {
+		if r.kv != nil && r.kv.canceled() {
+			break // the caller returns the context's error
+		}
 		if keep {
 			inputs[l] = x
 		}

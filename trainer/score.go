@@ -151,6 +151,9 @@ func (m *Model) cachedForward(a *Adapter, st *decodeState, ids, pos []int32) ([]
 	}
 	r.kv = st
 	xf, _, _, _, _ := r.forward(false)
+	if st.canceled() {
+		return nil, st.ctx.Err()
+	}
 	return xf, nil
 }
 

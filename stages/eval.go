@@ -199,6 +199,7 @@ func (evalKind) Prepare(params any, dir string) (pipeline.Runner, error) {
 	if s.set, err = setParts(dir, "paths", mc.Paths); err != nil {
 		return nil, err
 	}
+	// The dev split may be the set itself: a question is never its own shot.
 	if s.dev, err = setParts(dir, "dev", mc.Dev); err != nil {
 		return nil, err
 	}
@@ -237,9 +238,11 @@ type setPart struct {
 	hub   *hubInput
 }
 
-// setParts reads the paths (or dev: which) of multiple_choice.
+// setParts reads the paths (or dev: which) of multiple_choice, each local
+// file once.
 func setParts(dir, which string, paths []string) ([]setPart, error) {
 	var parts []setPart
+	seen := fileSet{param: "multiple_choice", what: which + ": "}
 	for _, path := range paths {
 		if hub.IsRef(path) {
 			h, err := parseHub("multiple_choice", path, hubFiles)
@@ -261,6 +264,9 @@ func setParts(dir, which string, paths []string) ([]setPart, error) {
 		for _, f := range files {
 			if err := pipeline.CheckReadableFile(f); err != nil {
 				return nil, &pipeline.ParamError{Param: "multiple_choice", Msg: err.Error(), Fix: "list question files (.jsonl, .json, .parquet)"}
+			}
+			if err := seen.add(f); err != nil {
+				return nil, err
 			}
 		}
 		parts = append(parts, setPart{files: files})

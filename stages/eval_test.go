@@ -393,6 +393,7 @@ func TestEvalBadInput(t *testing.T) {
 	outside := write("outside.jsonl", `{"question": "Hangisi meyvedir?", "choices": ["elma", "taş", "demir", "cam"], "answer": "E"}`+"\n")
 	long := write("long.jsonl", `{"question": "`+strings.Repeat("Bu soru çok uzun bir sorudur. ", 40)+`Hangisi meyvedir?", "choices": ["elma", "taş"], "answer": "A"}`+"\n")
 	noDev := write("nodev.jsonl", `{"subject": "tarih", "question": "Soru?", "choices": ["a", "b"], "answer": 0}`+"\n")
+	oneDev := write("onedev.jsonl", `{"subject": "tarih", "question": "Başka soru?", "choices": ["a", "b"], "answer": 1}`+"\n")
 
 	if _, err := r.run(r.spec(train), pipeline.Options{}); err != nil {
 		t.Fatal(err)
@@ -437,8 +438,12 @@ func TestEvalBadInput(t *testing.T) {
 		{"task without a set", evalStage("adapter", "{tasks: [multiple_choice]}"), []string{"multiple_choice needs its question set"}},
 		{"shots without dev", evalStage("adapter", "{tasks: [multiple_choice], multiple_choice: {paths: ["+good+"], shots: 2}}"),
 			[]string{"2-shot needs a dev split"}},
-		{"too few dev questions", evalStage("adapter", "{tasks: [multiple_choice], multiple_choice: {paths: ["+noDev+"], dev: ["+noDev+"], shots: 2}}"),
+		{"too few dev questions", evalStage("adapter", "{tasks: [multiple_choice], multiple_choice: {paths: ["+noDev+"], dev: ["+oneDev+"], shots: 2}}"),
 			[]string{`2-shot needs 2 dev questions of subject "tarih", the dev split has 1`}},
+		{"a file twice", evalStage("adapter", "{tasks: [multiple_choice], multiple_choice: {paths: ["+good+", "+good+"]}}"),
+			[]string{"multiple_choice: paths: " + good + " is listed twice"}},
+		{"a dev file twice", evalStage("adapter", "{tasks: [multiple_choice], multiple_choice: {paths: ["+noDev+"], dev: ["+oneDev+", "+oneDev+"], shots: 2}}"),
+			[]string{"multiple_choice: dev: " + oneDev + " is listed twice"}},
 	} {
 		t.Run(c.name, func(t *testing.T) {
 			rec, err := r.run(r.spec(c.spec), pipeline.Options{})

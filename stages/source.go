@@ -166,7 +166,7 @@ func (k sourceKind) Prepare(params any, dir string) (pipeline.Runner, error) {
 // are resolved by the plan) for a stage that reads them with opts.
 func prepareSource(dir string, paths []string, opts dataset.SourceOptions) (*sourceStage, error) {
 	s := &sourceStage{opts: opts}
-	var seen []os.FileInfo
+	seen := fileSet{param: "paths"}
 	for _, path := range paths {
 		if hub.IsRef(path) {
 			h, err := parseHub("paths", path, hubFiles)
@@ -192,24 +192,39 @@ func prepareSource(dir string, paths []string, opts dataset.SourceOptions) (*sou
 			if err := checkFormat(f, opts.Format); err != nil {
 				return nil, err
 			}
-			fi, err := os.Stat(f)
-			if err != nil {
-				return nil, &pipeline.ParamError{Param: "paths", Msg: err.Error()}
+			if err := seen.add(f); err != nil {
+				return nil, err
 			}
-			// Reading a file twice would repeat its records: almost always
-			// two patterns that overlap (a glob and a name, or a link).
-			for j, prev := range seen {
-				if os.SameFile(prev, fi) {
-					return nil, &pipeline.ParamError{Param: "paths", Msg: fmt.Sprintf("%s is listed twice (also as %s): its records would be read twice", f, s.local[j]),
-						Fix: "list each file once; check for a glob that also matches a file named on its own"}
-				}
-			}
-			seen = append(seen, fi)
 			s.local = append(s.local, f)
 		}
 		s.parts = append(s.parts, sourcePart{files: files})
 	}
 	return s, nil
+}
+
+// fileSet gathers the local files of a parameter listing paths, refusing
+// a file listed twice: almost always two patterns that overlap (a glob and
+// a name, or a link), and its records would be read twice.
+type fileSet struct {
+	param string // the parameter, where its errors are placed
+	what  string // what the paths are within it ("dev: "), for messages
+	files []string
+	infos []os.FileInfo
+}
+
+func (fs *fileSet) add(f string) error {
+	fi, err := os.Stat(f)
+	if err != nil {
+		return &pipeline.ParamError{Param: fs.param, Msg: err.Error()}
+	}
+	for j, prev := range fs.infos {
+		if os.SameFile(prev, fi) {
+			return &pipeline.ParamError{Param: fs.param, Msg: fmt.Sprintf("%s%s is listed twice (also as %s): its records would be read twice", fs.what, f, fs.files[j]),
+				Fix: "list each file once; check for a glob that also matches a file named on its own"}
+		}
+	}
+	fs.files, fs.infos = append(fs.files, f), append(fs.infos, fi)
+	return nil
 }
 
 // checkFormat refuses a file whose first bytes show another format than the

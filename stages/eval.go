@@ -445,6 +445,9 @@ func (s *evalStage) Run(ctx context.Context, t *pipeline.Task) error {
 	var lossReqs []eval.Request
 	records := 0
 	if len(in.sources) > 0 {
+		if err := warnTrainedOn(ctx, t, in.sources, lineage); err != nil {
+			return err
+		}
 		if lossReqs, records, err = heldOutRequests(ctx, tok, in.sources, lossOpts); err != nil {
 			return err
 		}
@@ -566,6 +569,29 @@ func mcRequests(p *eval.MCPrompts) int {
 		n += len(p.Letters[i]) + len(p.Texts[i])
 	}
 	return n
+}
+
+// warnTrainedOn warns when a source of held-out records is one the adapter
+// was trained on (the same entry in its lineage): its loss is then a
+// training loss. A mix stage's held-out examples were kept out of training.
+func warnTrainedOn(ctx context.Context, t *pipeline.Task, sources []*pipeline.Input, lineage []*pipeline.Manifest) error {
+	for _, in := range sources {
+		if in.Kind == mixKindName {
+			continue
+		}
+		own, err := in.Lineage(ctx)
+		if err != nil {
+			return err
+		}
+		for _, m := range lineage {
+			if m.Key == own[0].Key {
+				t.Log.Warn("the held-out records are records the adapter was trained on: the loss task's score is a training loss",
+					"stage", in.Name, "trained_through", m.Stage, "fix", "hold records out with a mix stage's heldout, or read a source the training did not")
+				break
+			}
+		}
+	}
+	return nil
 }
 
 // heldOutRequests reads the held-out records of the source stages (and

@@ -2,8 +2,10 @@ package stages
 
 import (
 	"bufio"
+	"bytes"
 	"encoding/json"
 	"fmt"
+	"log/slog"
 	"math"
 	"os"
 	"path/filepath"
@@ -474,6 +476,34 @@ func TestEvalBadInput(t *testing.T) {
 	}
 	if n := r.evalEntries(); n != 1 {
 		t.Errorf("%d eval entries after a good run", n)
+	}
+}
+
+// TestEvalWarnsOfTrainingRecords: a loss task whose held-out source is
+// the adapter's own training source warns that its score is a training
+// loss; a source the training did not read does not.
+func TestEvalWarnsOfTrainingRecords(t *testing.T) {
+	r := newTestRun(t)
+	var logs bytes.Buffer
+	r.log = slog.New(slog.NewTextHandler(&logs, nil))
+	held := filepath.Join(r.dir, "held.jsonl")
+	if err := os.WriteFile(held, []byte(`{"instruction": "Selam ver.", "input": "", "output": "Merhaba!"}`+"\n"), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	train := trainSpec(t, 1) + "  held: {kind: jsonl, with: {paths: [" + held + "]}}\n"
+	const warning = "the held-out records are records the adapter was trained on"
+	for _, c := range []struct {
+		source string
+		warned bool
+	}{{"held", false}, {"alpaca", true}} {
+		logs.Reset()
+		spec := train + "  eval: {kind: eval, needs: [adapter, base, " + c.source + "], with: {tasks: [loss]}}\n"
+		if _, err := r.run(r.spec(spec), pipeline.Options{}); err != nil {
+			t.Fatal(err)
+		}
+		if got := strings.Contains(logs.String(), warning); got != c.warned {
+			t.Errorf("held-out stage %s: warned %v, want %v\n%s", c.source, got, c.warned, logs.String())
+		}
 	}
 }
 

@@ -3,6 +3,7 @@ package main
 import (
 	"bufio"
 	"context"
+	"encoding/json"
 	"errors"
 	"fmt"
 	"io"
@@ -11,6 +12,7 @@ import (
 	"os"
 	"os/signal"
 	"path/filepath"
+	"slices"
 	"strings"
 	"time"
 
@@ -19,6 +21,7 @@ import (
 
 	"gemmaft/chat"
 	"gemmaft/converse"
+	"gemmaft/pipeline"
 	"gemmaft/tokenizer"
 	"gemmaft/trainer"
 )
@@ -61,7 +64,10 @@ Where a flag is not given, the model folder's generation_config.json decides
 without one decoding is greedy.
 
 --quantize nf4 passes the base's projections through NF4 and back first: the
-weights a QLoRA adapter was trained against. The tokenizer is the model
+weights a QLoRA adapter was trained against. An adapter given as a qlora stage's
+entry (its adapter/ folder) that trained on NF4 gets it by default, as the
+generate stage does, and its base is checked where the cache knows it (another
+model stage's checkpoint, or a merge that holds the adapter already, is refused). The tokenizer is the model
 folder's tokenizer.json unless --tokenizer names one. --model, --adapter and
 --tokenizer may be hf://ORG/NAME[@REVISION] references, fetched into the
 Hugging Face cache. The model runs on the GPU in bf16 when one is usable
@@ -183,6 +189,16 @@ in float32 (--backend cpu).`,
 				ctx, stop = signalContext(2 * time.Second)
 				defer stop()
 			}
+			if adapterDir != "" {
+				nf4, err := checkCachedAdapter(modelDir, adapterDir)
+				if err != nil {
+					return usageErr(fmt.Errorf("chat: %w", err))
+				}
+				if nf4 && quantize == "" {
+					quantize = "nf4"
+					fmt.Fprintln(os.Stderr, "chat: the adapter was trained on the NF4 base (a qlora stage's quantize: nf4); decoding through NF4 as generate does (--quantize none for the original weights)")
+				}
+			}
 			began := time.Now()
 			dec, err := trainer.OpenDecoder(trainer.DecoderConfig{Model: modelDir, Adapter: adapterDir, Quantize: quantize, Backend: backend})
 			if err != nil {
@@ -216,7 +232,7 @@ in float32 (--backend cpu).`,
 	f := cmd.Flags()
 	f.StringVar(&modelDir, "model", "", "Gemma 3 checkpoint folder (config.json, safetensors), or hf://ORG/NAME[@REV]")
 	f.StringVar(&adapterDir, "adapter", "", "PEFT LoRA adapter folder for --model, or hf://ORG/NAME[@REV]")
-	f.StringVar(&quantize, "quantize", "", "nf4: the base's projections through NF4 and back, as QLoRA trained")
+	f.StringVar(&quantize, "quantize", "", "nf4: the base's projections through NF4 and back, as QLoRA trained; none: the checkpoint's weights (default: nf4 for a qlora entry's adapter that trained on NF4, else none)")
 	f.StringVar(&backend, "backend", "auto", "auto (the GPU when one is usable), cuda (the GPU, bf16) or cpu (float32)")
 	f.StringVar(&system, "system", "", "system text before the first turn")
 	f.StringVar(&prompt, "prompt", "", "answer this text and exit (- reads it from stdin)")
@@ -431,4 +447,39 @@ func (s *chatSession) loop(ctx context.Context, in io.Reader) error {
 			fmt.Fprintln(os.Stderr, s.cutNote(end))
 		}
 	}
+}
+
+// checkCachedAdapter reads what the cache knows of an adapter given as a
+// qlora stage's entry's adapter/ (nothing is known of other folders): whether it
+// trained on an NF4 base, and whether the model is a cache entry it
+// cannot go on: a model stage's checkpoint it was not trained on, or a
+// merge that holds this very adapter already.
+func checkCachedAdapter(modelDir, adapterDir string) (trainedNF4 bool, err error) {
+	am, err := pipeline.ReadManifest(filepath.Dir(adapterDir)) // the entry's adapter/
+	if err != nil || am.Kind != "qlora" {
+		return false, nil
+	}
+	var p struct {
+		Quantize string `json:"quantize"`
+	}
+	_ = json.Unmarshal(am.Params, &p)
+	trainedNF4 = p.Quantize == "nf4"
+	trainedOnFolder := slices.ContainsFunc(am.Files, func(f pipeline.FileRef) bool { return filepath.Base(f.Path) == "config.json" })
+	// The model's own entry: a model stage's folder, or a merge's model/.
+	mm, err := pipeline.ReadManifest(modelDir)
+	if err != nil {
+		if mm, err = pipeline.ReadManifest(filepath.Dir(modelDir)); err != nil || mm.Kind != "merge" {
+			return trainedNF4, nil
+		}
+	}
+	has := func(ins []pipeline.InputRef, key string) bool {
+		return slices.ContainsFunc(ins, func(in pipeline.InputRef) bool { return in.Key == key })
+	}
+	switch {
+	case mm.Kind == "merge" && has(mm.Inputs, am.Key):
+		return false, fmt.Errorf("--model %s is stage %s's merge of this adapter: its weights hold the adapter already; chat with --model alone", modelDir, mm.Stage)
+	case mm.Kind == "model" && !trainedOnFolder && !has(am.Inputs, mm.Key):
+		return false, fmt.Errorf("--adapter %s was trained on another checkpoint than model stage %s's entry %s: an adapter for another base", adapterDir, mm.Stage, modelDir)
+	}
+	return trainedNF4, nil
 }

@@ -250,6 +250,49 @@ func TestChatCommand(t *testing.T) {
 	}
 }
 
+// TestChatWithCachedEntries: an adapter given as a qlora stage's entry
+// decodes through NF4 when it trained so, as the generate stage does; its
+// base checked where the cache knows it: another model stage's checkpoint,
+// or a merge that holds the adapter already, is refused.
+func TestChatWithCachedEntries(t *testing.T) {
+	tok := testenv.GemmaFile(t, "tokenizer.json")
+	demo := filepath.Join(testenv.RepoRoot(t), "dataset", "demo", "alpaca-tr-demo.jsonl")
+	dir := t.TempDir()
+	spec := filepath.Join(dir, "s.yaml")
+	writeFile(t, spec, fmt.Sprintf(`name: s
+stages:
+  alpaca: {kind: jsonl, with: {paths: [%s], limit: 8}}
+  chat: {kind: chat_template, needs: [alpaca]}
+  tokens: {kind: tokenize, needs: [chat], with: {tokenizer: %s}}
+  pack: {kind: pack, needs: [tokens], with: {seq_len: 128}}
+  base: {kind: model, with: {preset: tiny, seed: 1}}
+  other: {kind: model, with: {preset: tiny, seed: 2}}
+  adapter: {kind: qlora, needs: [pack, base], with: {r: 2, alpha: 4, batch_size: 1, grad_accum: 1, max_steps: 1, backend: cpu}}
+  merged: {kind: merge, needs: [adapter, base]}
+`, demo, tok))
+	if r := runCLI(t, dir, "run", spec, "--progress", "none"); r.code != 0 {
+		t.Fatalf("run: %d\n%s", r.code, r.stderr)
+	}
+	root := filepath.Join(dir, "cache")
+	adapter := filepath.Join(entryOf(t, root, "adapter"), "adapter")
+	chatWith := func(model string, extra ...string) cliResult {
+		return runCLI(t, dir, append([]string{"chat", "--model", model, "--adapter", adapter, "--tokenizer", tok, "--backend", "cpu", "--prompt", "Merhaba", "--max-new-tokens", "2"}, extra...)...)
+	}
+	r := chatWith(entryOf(t, root, "base"))
+	if r.code != 0 || !strings.Contains(r.stderr, "decoding through NF4") {
+		t.Errorf("on its base: exit %d\n%s", r.code, r.stderr)
+	}
+	if r := chatWith(entryOf(t, root, "base"), "--quantize", "none"); r.code != 0 || strings.Contains(r.stderr, "NF4") {
+		t.Errorf("--quantize none: exit %d\n%s", r.code, r.stderr)
+	}
+	if r := chatWith(entryOf(t, root, "other")); r.code != 2 || !strings.Contains(r.stderr, "an adapter for another base") {
+		t.Errorf("on another model stage's checkpoint: exit %d\n%s", r.code, r.stderr)
+	}
+	if r := chatWith(filepath.Join(entryOf(t, root, "merged"), "model")); r.code != 2 || !strings.Contains(r.stderr, "its weights hold the adapter already") {
+		t.Errorf("on its own merge: exit %d\n%s", r.code, r.stderr)
+	}
+}
+
 // TestChatFromTheHub: --model and --tokenizer may name repositories on the
 // Hub; the answer is the one of the same files on disk.
 func TestChatFromTheHub(t *testing.T) {

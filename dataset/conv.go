@@ -238,7 +238,7 @@ func (c *convFields) parseJSONMessages(raw json.RawMessage) ([]rawMessage, error
 			}
 			out[i].parts = parts
 		default:
-			return nil, fmt.Errorf("column %s: message %d, field %s: %s, not a string", c.list, i, c.content, jsonKind(content[0]))
+			return nil, fmt.Errorf("column %s: message %d, field %s: %s, not a string", c.list, i, c.content, JSONKind(content[0]))
 		}
 	}
 	return out, nil

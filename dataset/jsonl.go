@@ -38,14 +38,8 @@ type jsonlFile struct {
 
 func openJSONL(open openFunc, path string, want []string, optional string, conv *convFields) (*jsonlFile, error) {
 	jf := &jsonlFile{open: open, name: path, gz: strings.HasSuffix(strings.ToLower(path), ".gz"), want: want, optional: optional, conv: conv, rows: -1}
-	lr, err := jf.lines()
-	if err != nil {
+	if err := jf.detectArray(); err != nil {
 		return nil, err
-	}
-	line, err := lr.next()
-	lr.close()
-	if err == nil && line[0] == '[' {
-		jf.array = true
 	}
 	// Check the mapping on the first record, so that a wrong column name
 	// fails before anything runs.
@@ -66,6 +60,19 @@ func openJSONL(open openFunc, path string, want []string, optional string, conv 
 		return nil, err
 	}
 	return jf, nil
+}
+
+// detectArray sets jf.array when the file's first non-blank line starts a
+// JSON array.
+func (jf *jsonlFile) detectArray() error {
+	lr, err := jf.lines()
+	if err != nil {
+		return err
+	}
+	defer lr.close()
+	line, err := lr.next()
+	jf.array = err == nil && line[0] == '['
+	return nil
 }
 
 // A recordReader yields the records of a JSON file: its lines, or the
@@ -259,7 +266,7 @@ func (jf *jsonlFile) parse(line []byte, at int64) (record, error) {
 			continue
 		case '"':
 		default:
-			return record{}, fmt.Errorf("dataset: %s: %s, column %s: %s, not a string", jf.name, where, name, jsonKind(raw[0]))
+			return record{}, fmt.Errorf("dataset: %s: %s, column %s: %s, not a string", jf.name, where, name, JSONKind(raw[0]))
 		}
 		if err := decodeJSONString(raw, &r.v[i]); err != nil {
 			return record{}, fmt.Errorf("dataset: %s: %s, column %s: %w", jf.name, where, name, err)
@@ -293,8 +300,8 @@ func decodedOffset(raw []byte, at int) int {
 	return len(prefix)
 }
 
-// jsonKind names the kind of a JSON value by its first byte, for errors.
-func jsonKind(first byte) string {
+// JSONKind names the kind of a JSON value by its first byte, for errors.
+func JSONKind(first byte) string {
 	switch first {
 	case '"':
 		return "a string"

@@ -36,7 +36,7 @@ type Question struct {
 	Turns    []string
 }
 
-// ReadQuestions reads MT-Bench question files: JSON lines (optionally .gz)
+// ReadQuestions reads MT-Bench question files: JSON lines, or one JSON array (optionally .gz),
 // of {"question_id", "category", "turns": [...]}; other fields (MT-Bench's
 // reference answers) are ignored. Every question needs an id and at least
 // one non-empty turn; ids are all integers or all strings, and unique
@@ -51,7 +51,10 @@ func ReadQuestions(paths []string, limit int64, open func(path string) (fs.File,
 	var idKind, idKindAt string
 	for _, path := range paths {
 		jf := &jsonlFile{open: SourceOptions{Open: open}.opener(), name: path, gz: strings.HasSuffix(strings.ToLower(path), ".gz")}
-		lr, err := jf.lines()
+		if err := jf.detectArray(); err != nil {
+			return nil, err
+		}
+		lr, err := jf.records()
 		if err != nil {
 			return nil, err
 		}
@@ -64,7 +67,7 @@ func ReadQuestions(paths []string, limit int64, open func(path string) (fs.File,
 				lr.close()
 				return nil, err
 			}
-			at := fmt.Sprintf("%s: line %d", path, lr.line)
+			at := path + ": " + jf.where(lr.at())
 			q, err := parseQuestion(line)
 			if err != nil {
 				lr.close()
@@ -100,11 +103,14 @@ func parseQuestion(line []byte) (Question, error) {
 	var obj map[string]json.RawMessage
 	if err := json.Unmarshal(line, &obj); err != nil || obj == nil {
 		var se *json.SyntaxError
+		var te *json.UnmarshalTypeError
 		switch {
 		case err == nil:
 			err = errors.New("null")
 		case errors.As(err, &se):
 			err = fmt.Errorf("%v (at byte %d of the line)", err, se.Offset)
+		case errors.As(err, &te):
+			return Question{}, fmt.Errorf("%s, not a JSON object", JSONKind(line[0]))
 		}
 		return Question{}, fmt.Errorf("not a JSON object: %v", err)
 	}
@@ -142,12 +148,12 @@ func parseQuestion(line []byte) (Question, error) {
 	}
 	var turns []json.RawMessage
 	if err := json.Unmarshal(raw, &turns); err != nil {
-		return q, fmt.Errorf("question %v: %s is %s, not a list of strings", q.ID, ColTurns, jsonKind(raw[0]))
+		return q, fmt.Errorf("question %v: %s is %s, not a list of strings", q.ID, ColTurns, JSONKind(raw[0]))
 	}
 	q.Turns = make([]string, len(turns))
 	for i, t := range turns {
 		if err := json.Unmarshal(t, &q.Turns[i]); err != nil || string(t) == "null" {
-			return q, fmt.Errorf("question %v: turn %d of %s is %s, not a string", q.ID, i+1, ColTurns, jsonKind(t[0]))
+			return q, fmt.Errorf("question %v: turn %d of %s is %s, not a string", q.ID, i+1, ColTurns, JSONKind(t[0]))
 		}
 	}
 	if len(q.Turns) == 0 {

@@ -14,6 +14,7 @@ import (
 
 	"github.com/spf13/cobra"
 
+	"gemmaft/dataset"
 	"gemmaft/internal/atomicfile"
 	"gemmaft/internal/lines"
 	"gemmaft/pipeline"
@@ -217,24 +218,7 @@ func lineText(raw []byte) (string, error) {
 	}
 	var text string
 	if err := json.Unmarshal(v, &text); err != nil || v[0] != '"' {
-		return "", fmt.Errorf(`"text" is %s, not a string`, jsonKindOf(v))
+		return "", fmt.Errorf(`"text" is %s, not a string`, dataset.JSONKind(v[0]))
 	}
 	return text, nil
-}
-
-// jsonKindOf names the kind of a JSON value, for messages.
-func jsonKindOf(v json.RawMessage) string {
-	switch v[0] {
-	case '"':
-		return "a string"
-	case '{':
-		return "an object"
-	case '[':
-		return "an array"
-	case 't', 'f':
-		return "a boolean"
-	case 'n':
-		return "null"
-	}
-	return "a number"
 }

@@ -98,13 +98,19 @@ func Version() string {
 	if !ok {
 		return "unknown"
 	}
-	v := bi.Main.Version
+	var rev, dirty string
 	for _, s := range bi.Settings {
-		if s.Key == "vcs.revision" && len(s.Value) >= 12 {
-			v += "+" + s.Value[:12]
+		switch {
+		case s.Key == "vcs.revision" && len(s.Value) >= 12:
+			rev = "+" + s.Value[:12]
+		case s.Key == "vcs.modified" && s.Value == "true":
+			dirty = "-dirty" // built from a checkout with changes not committed
 		}
 	}
-	return v
+	if rev == "" {
+		dirty = ""
+	}
+	return bi.Main.Version + rev + dirty
 }
 
 // Run runs dag: it takes the DAG's lock, plans, computes what is not cached

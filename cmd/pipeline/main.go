@@ -13,6 +13,8 @@ import (
 
 	"github.com/spf13/cobra"
 
+	"gemmaft/pipeline"
+
 	// The GPU trainer registers itself as the qlora stage's "cuda" backend.
 	_ "gemmaft/trainer/gpu"
 )
@@ -39,6 +41,7 @@ Exit codes: 0 success, 1 a stage or check failed, 2 usage or spec error,
 interrupted by SIGINT or SIGTERM.`,
 	SilenceUsage:  true,
 	SilenceErrors: true,
+	Version:       pipeline.Version(), // --version; manifests and reports record it too
 }
 
 // exitError carries an exit code out of a command.

@@ -188,6 +188,9 @@ func TestSpecErrorsExit2(t *testing.T) {
 	if _, err := os.Stat(filepath.Join(dir, "cache")); err == nil {
 		t.Error("a refused run made the cache")
 	}
+	if r := runCLI(t, dir, "--version"); r.code != 0 || !strings.HasPrefix(r.stdout, "pipeline version ") || r.stdout != "pipeline version "+pipeline.Version()+"\n" {
+		t.Errorf("--version: exit %d %q", r.code, r.stdout)
+	}
 	if r := runCLI(t, dir, "frobnicate"); r.code != 2 {
 		t.Errorf("unknown command: exit %d", r.code)
 	}

@@ -291,6 +291,11 @@ stages:
 	if r := chatWith(filepath.Join(entryOf(t, root, "merged"), "model")); r.code != 2 || !strings.Contains(r.stderr, "its weights hold the adapter already") {
 		t.Errorf("on its own merge: exit %d\n%s", r.code, r.stderr)
 	}
+	// The same entry given to export, which has no format for an adapter,
+	// says where its files are and what exports a model.
+	if r := runCLI(t, dir, "export", spec, "adapter", "--out", "a"); r.code != 2 || !strings.Contains(r.stderr, "holds neither a table nor a model to export: its files are in "+entryOf(t, root, "adapter")+"; a merge stage") {
+		t.Errorf("export of the adapter: exit %d\n%s", r.code, r.stderr)
+	}
 }
 
 // TestChatFromTheHub: --model and --tokenizer may name repositories on the

@@ -78,6 +78,14 @@ it was and no temporary file behind.`,
 			if err != nil {
 				return err
 			}
+			isModel := slices.Contains([]string{"merge", "model", "gguf"}, m.Kind)
+			if _, err := os.Stat(filepath.Join(entry, pipeline.TableFile)); err != nil && !isModel {
+				hint := ""
+				if m.Kind == "qlora" {
+					hint = "; a merge stage merges the adapter into its base, which exports with --format hf or gguf"
+				}
+				return usageErr(fmt.Errorf("stage %s (%s) holds neither a table nor a model to export: its files are in %s%s", args[1], m.Kind, entry, hint))
+			}
 			if format == "" { // a name that says nothing: the stage's kind does
 				switch m.Kind {
 				case "merge", "model":
@@ -199,6 +207,9 @@ func exportModel(entry string, m *pipeline.Manifest, stage, format string, typ g
 	case "merge":
 		model = filepath.Join(entry, stages.MergedModelDir)
 	case "model":
+		if _, err := os.Stat(filepath.Join(entry, "tokenizer.json")); err != nil && format == "gguf" {
+			return usageErr(fmt.Errorf("stage %s's random checkpoint has no tokenizer, which a GGUF file holds: export it with --format hf", stage))
+		}
 	case "gguf":
 		if format != "gguf" {
 			return usageErr(fmt.Errorf("stage %s holds a GGUF file; export it with --format gguf", stage))

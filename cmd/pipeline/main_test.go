@@ -306,6 +306,11 @@ func TestExportModelFolder(t *testing.T) {
 	if b, err := os.ReadFile(filepath.Join(dir, "b.tmp", "notes.txt")); err != nil || string(b) != "mine" {
 		t.Errorf("b.tmp/notes.txt: %q %v", b, err)
 	}
+	// A random checkpoint has no tokenizer for a GGUF file: said before
+	// anything is written.
+	if r := runCLI(t, dir, "export", "s.yaml", "base", "--out", "b.gguf"); r.code != 2 || !strings.Contains(r.stderr, "random checkpoint has no tokenizer") {
+		t.Errorf("a model stage as GGUF: exit %d\n%s", r.code, r.stderr)
+	}
 	if l := leftovers(t, dir); len(l) != 0 {
 		t.Errorf("left %v", l)
 	}

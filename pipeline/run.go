@@ -599,7 +599,8 @@ func (x *execution) computeStep(ctx context.Context, st *Step, t *Task, committe
 	}
 	m := &Manifest{
 		Key: st.Key, Stage: st.Node.Name, Kind: st.Node.KindName, KindVersion: st.Node.Kind.Version(),
-		Params: st.Node.Canon, Inputs: st.Inputs, Files: st.Files, Refs: withoutNotes(st.Refs), Stats: t.stats,
+		// Empty lists, not nulls, for those who read manifests as JSON.
+		Params: st.Node.Canon, Inputs: nonNil(st.Inputs), Files: nonNil(st.Files), Refs: withoutNotes(st.Refs), Stats: t.stats,
 		Started: started.UTC(), Finished: time.Now().UTC(), Program: Version(),
 	}
 	m.Seconds = m.Finished.Sub(m.Started).Seconds()
@@ -633,4 +634,12 @@ func runStage(ctx context.Context, r Runner, t *Task) (err error) {
 		}
 	}()
 	return r.Run(ctx, t)
+}
+
+// nonNil is s, or an empty slice in place of nil (which JSON writes null).
+func nonNil[T any](s []T) []T {
+	if s == nil {
+		return []T{}
+	}
+	return s
 }

@@ -35,6 +35,9 @@ the command that opens its TensorBoard events; and the command that writes the
 HTML report of the last runs.`,
 		Args: exactArgs(2, "a spec file and a stage name"),
 		RunE: func(cmd *cobra.Command, args []string) error {
+			if rows < 0 {
+				return usageErr(fmt.Errorf("--rows %d: want 0 (none) or more", rows))
+			}
 			entry, m, err := cachedEntry(args[0], args[1])
 			if err != nil {
 				return err

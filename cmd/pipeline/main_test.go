@@ -230,6 +230,13 @@ func TestRunPlanInspectExport(t *testing.T) {
 	if r.code != 0 || !strings.Contains(r.stdout, `"system": "Kısa cevap ver."`) || !strings.Contains(r.stdout, "rows      3") {
 		t.Fatalf("inspect: %d\n%s%s", r.code, r.stdout, r.stderr)
 	}
+	// The manifest as JSON: a source has no inputs, an empty list.
+	if r := runCLI(t, dir, "inspect", spec, "alpaca", "--json"); r.code != 0 || !strings.Contains(r.stdout, `"inputs": []`) {
+		t.Errorf("inspect --json: %d\n%s", r.code, r.stdout)
+	}
+	if r := runCLI(t, dir, "inspect", spec, "alpaca", "--rows", "-1"); r.code != 2 || !strings.Contains(r.stderr, "--rows -1") {
+		t.Errorf("inspect --rows -1: %d\n%s", r.code, r.stderr)
+	}
 	out := filepath.Join(dir, "out.jsonl")
 	r = runCLI(t, dir, "export", spec, "alpaca", "--format", "jsonl", "--out", out)
 	got, _ := os.ReadFile(out)

@@ -98,7 +98,7 @@ func (p *generateParams) Validate() error {
 	case p.MaxNewTokens < 1:
 		return bad("max_new_tokens", "must be at least 1", "FastChat's MT-Bench answers take up to 1024")
 	case p.Temperature < 0 || math.IsNaN(p.Temperature) || math.IsInf(p.Temperature, 0):
-		return bad("temperature", fmt.Sprintf("%v must be 0 (greedy) or positive", p.Temperature), "0 decodes greedily; Gemma 3 ships sampling at 1")
+		return bad("temperature", fmt.Sprintf("%v must be 0 (greedy) or a positive finite number", p.Temperature), "0 decodes greedily; Gemma 3 ships sampling at 1")
 	case p.TopK < 0:
 		return bad("top_k", "must not be negative", "0 keeps every token")
 	case p.TopP == 0: // transformers keeps the most likely token alone there; the decoders read 0 as no cut

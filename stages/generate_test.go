@@ -442,7 +442,7 @@ stages:
 		"{model_id: a/b}":            `model_id: "a/b" is not a file name`,
 		"{quantize: int8}":           `quantize: unknown "int8"`,
 		"{max_new_tokens: 0}":        "max_new_tokens: must be at least 1",
-		"{temperature: -1}":          "temperature: -1 must be 0 (greedy) or positive",
+		"{temperature: -1}":          "temperature: -1 must be 0 (greedy) or a positive finite number",
 		"{temperature: 1, top_p: 2}": "top_p: 2 must be in (0, 1]",
 		"{temperature: 1, top_p: 0}": "top_p: 0 would keep only the most likely token",
 		"{model: nowhere}":           "model: ",

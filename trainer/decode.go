@@ -39,7 +39,7 @@ func (o GenerateOptions) Validate() error {
 	case o.MaxNewTokens < 1:
 		return fmt.Errorf("max_new_tokens %d: must be at least 1", o.MaxNewTokens)
 	case o.Temperature < 0 || math.IsNaN(o.Temperature) || math.IsInf(o.Temperature, 0):
-		return fmt.Errorf("temperature %v: must be 0 (greedy) or positive", o.Temperature)
+		return fmt.Errorf("temperature %v: must be 0 (greedy) or a positive finite number", o.Temperature)
 	case o.TopK < 0:
 		return fmt.Errorf("top_k %d: must not be negative", o.TopK)
 	case o.TopP < 0 || o.TopP > 1 || math.IsNaN(o.TopP):

@@ -252,7 +252,7 @@ func checkSamplingFlags(changed func(flag string) bool, maxNew int, temperature 
 	case changed("max-new-tokens") && maxNew < 1:
 		return fmt.Errorf("--max-new-tokens %d: must be at least 1", maxNew)
 	case changed("temperature") && !(temperature >= 0 && !math.IsInf(temperature, 0)):
-		return fmt.Errorf("--temperature %v: must be 0 (greedy) or positive", temperature)
+		return fmt.Errorf("--temperature %v: must be 0 (greedy) or a positive finite number", temperature)
 	case changed("top-k") && topK < 0:
 		return fmt.Errorf("--top-k %d: must not be negative (0 keeps every token)", topK)
 	case changed("top-p") && topP == 0:

@@ -447,10 +447,13 @@ func TestChatChecksFirst(t *testing.T) {
 	}{
 		{[]string{"--top-p", "0"}, "--top-p 0 would keep only the most likely token"},
 		{[]string{"--top-p", "1.5"}, "--top-p 1.5: must be in (0, 1]"},
-		{[]string{"--temperature", "-1"}, "--temperature -1: must be 0 (greedy) or positive"},
+		{[]string{"--temperature", "-1"}, "--temperature -1: must be 0 (greedy) or a positive finite number"},
 		{[]string{"--top-k", "-2"}, "--top-k -2: must not be negative"},
 		{[]string{"--backend", "gpu"}, `--backend "gpu": want auto, cpu or cuda`},
 		{[]string{"--temperature", "0", "--top-k", "5"}, "--top-k applies only when sampling, and --temperature 0 decodes greedily"},
+		{[]string{"--temperature", "inf"}, "--temperature +Inf: must be 0 (greedy) or a positive finite number"},
+		{[]string{"--seed", "-1"}, `invalid argument "-1" for "--seed" flag: want a whole number, 0 or more`},
+		{[]string{"--max-new-tokens", "many"}, `invalid argument "many" for "--max-new-tokens" flag: want a whole number`},
 	} {
 		r := runCLI(t, dir, append([]string{"chat", "--model", model, "--prompt", q}, c.args...)...)
 		if r.code != 2 || !strings.Contains(r.stderr, c.want) {

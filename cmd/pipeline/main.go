@@ -10,6 +10,7 @@ import (
 	"errors"
 	"fmt"
 	"os"
+	"regexp"
 
 	"github.com/spf13/cobra"
 
@@ -64,8 +65,26 @@ func failErr(err error) error { return &exitError{exitFailed, err} }
 var started bool
 
 func init() {
-	root.SetFlagErrorFunc(func(_ *cobra.Command, err error) error { return usageErr(err) })
+	root.SetFlagErrorFunc(func(_ *cobra.Command, err error) error { return usageErr(plainFlagErr(err)) })
 	root.PersistentPreRun = func(*cobra.Command, []string) { started = true }
+}
+
+// strconvErr is the parser's part of a bad flag value's error:
+// `strconv.ParseUint: parsing "-1": invalid syntax`.
+var strconvErr = regexp.MustCompile(`strconv\.Parse(Uint|Int|Float|Bool): parsing "[^"]*": (invalid syntax|value out of range)`)
+
+// plainFlagErr says what a bad flag value should be, in place of the
+// parser's words.
+func plainFlagErr(err error) error {
+	msg := strconvErr.ReplaceAllStringFunc(err.Error(), func(m string) string {
+		sub := strconvErr.FindStringSubmatch(m)
+		if sub[2] == "value out of range" {
+			return "out of range"
+		}
+		return map[string]string{"Uint": "want a whole number, 0 or more", "Int": "want a whole number",
+			"Float": "want a number", "Bool": "want true or false"}[sub[1]]
+	})
+	return errors.New(msg)
 }
 
 func main() {

@@ -314,7 +314,7 @@ func TestBuildMCTokens(t *testing.T) {
 	}
 	// Shots come from the question's subject only.
 	if _, err := BuildMC(tok, qs, MCOptions{Shots: 1, Dev: []Question{{Subject: "tarih", Question: "?", Choices: []string{"a", "b"}}}}); err == nil ||
-		!strings.Contains(err.Error(), `dev questions of subject "coğrafya"`) {
+		!strings.Contains(err.Error(), `1-shot needs 1 dev question of subject "coğrafya"`) {
 		t.Errorf("shots from another subject: %v", err)
 	}
 }

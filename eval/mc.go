@@ -184,7 +184,11 @@ func Shots(qs []Question, opts MCOptions) ([][]Question, error) {
 			if len(pool) > len(shots) {
 				n += ", one of them the question itself"
 			}
-			return nil, fmt.Errorf("%d-shot needs %d dev questions of %s, the dev split %s", opts.Shots, opts.Shots, subject, n)
+			questions := "questions"
+			if opts.Shots == 1 {
+				questions = "question"
+			}
+			return nil, fmt.Errorf("%d-shot needs %d dev %s of %s, the dev split %s", opts.Shots, opts.Shots, questions, subject, n)
 		}
 		out[i] = shots
 	}

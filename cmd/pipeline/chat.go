@@ -169,6 +169,9 @@ in float32 (--backend cpu).`,
 				question = prompt
 			}
 			if f.Changed("prompt") && chat.Strip(question) == "" {
+				if prompt == "-" {
+					return usageErr(errors.New("chat: --prompt -: standard input held no text"))
+				}
 				return usageErr(errors.New("chat: --prompt is empty"))
 			}
 
@@ -214,10 +217,14 @@ in float32 (--backend cpu).`,
 				return failErr(err)
 			}
 			s := &chatSession{gen: gen, opts: opts, out: &checkedWriter{w: cmd.OutOrStdout()}, tty: tty, conv: converse.Conversation{System: system}}
-			if tty {
+			switch {
+			case tty:
 				c := dec.Info().Config
 				fmt.Fprintf(os.Stderr, "loaded %s (%d layers, hidden %d) in %.1fs; %s. /reset starts over, /exit leaves.\n",
 					modelDir, c.Layers, c.Hidden, time.Since(began).Seconds(), samplingNote(opts))
+			case opts.Temperature > 0 && !f.Changed("seed"):
+				// A script's sampled answer can be had again.
+				fmt.Fprintf(os.Stderr, "chat: sampling with seed %d (--seed %d draws the same again)\n", opts.Seed, opts.Seed)
 			}
 			if f.Changed("prompt") {
 				end, err := s.answer(ctx, question)

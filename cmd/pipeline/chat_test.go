@@ -7,6 +7,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"regexp"
 	"slices"
 	"strconv"
 	"strings"
@@ -107,6 +108,19 @@ func TestChatCommand(t *testing.T) {
 	r = runCLIStdin(t, dir, q+"\n", "chat", "--model", model, "--prompt", "-", "--max-new-tokens", "12", "--system", "Kısa cevap ver.")
 	if r.code != 0 || r.stdout != want+"\n" {
 		t.Errorf("chat --prompt -: exit %d, stdout %q, want %q\n%s", r.code, r.stdout, want, r.stderr)
+	}
+	if r := runCLIStdin(t, dir, "\n", "chat", "--model", model, "--prompt", "-"); r.code != 2 || !strings.Contains(r.stderr, "standard input held no text") {
+		t.Errorf("chat --prompt - with nothing on stdin: exit %d\n%s", r.code, r.stderr)
+	}
+	// A script that samples without --seed is told the seed it drew, and
+	// that seed draws the same answer again.
+	r = runCLI(t, dir, "chat", "--model", model, "--prompt", q, "--max-new-tokens", "6", "--temperature", "1")
+	seed := regexp.MustCompile(`sampling with seed (\d+)`).FindStringSubmatch(r.stderr)
+	if r.code != 0 || seed == nil {
+		t.Fatalf("sampling without --seed: exit %d\n%s", r.code, r.stderr)
+	}
+	if again := runCLI(t, dir, "chat", "--model", model, "--prompt", q, "--max-new-tokens", "6", "--temperature", "1", "--seed", seed[1]); again.stdout != r.stdout {
+		t.Errorf("--seed %s drew %q, the first run %q", seed[1], again.stdout, r.stdout)
 	}
 
 	// An answer cut at the limit says so on stderr (stdout stays the

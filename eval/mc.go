@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"math"
 	"slices"
 	"sort"
 	"strings"
@@ -351,11 +352,25 @@ func Predict(letters, choices []float64, bytes []int) (pred, predNorm int) {
 	return pred, predNorm
 }
 
-// MCScores are accuracies over a set of questions.
+// MCScores are accuracies over a set of questions, with their standard
+// errors as lm-evaluation-harness reports them (acc_stderr: the sample
+// standard deviation of the 0/1 scores over the square root of their
+// count; 0 for fewer than two questions, where it is undefined).
 type MCScores struct {
-	Questions int     `json:"questions"`
-	Acc       float64 `json:"acc"`
-	AccNorm   float64 `json:"acc_norm"`
+	Questions     int     `json:"questions"`
+	Acc           float64 `json:"acc"`
+	AccStderr     float64 `json:"acc_stderr"`
+	AccNorm       float64 `json:"acc_norm"`
+	AccNormStderr float64 `json:"acc_norm_stderr"`
+}
+
+// meanStderr is the standard error of the mean p of n scores of 0 or 1:
+// their sample variance, n/(n-1)·p(1-p), over n.
+func meanStderr(p float64, n int) float64 {
+	if n < 2 {
+		return 0
+	}
+	return math.Sqrt(p * (1 - p) / float64(n-1))
 }
 
 // NoSubject names, among the subjects of a set where some questions have
@@ -395,6 +410,7 @@ func Summarize(items []MCItem) (all MCScores, subjects map[string]MCScores) {
 			s.Acc /= float64(s.Questions)
 			s.AccNorm /= float64(s.Questions)
 		}
+		s.AccStderr, s.AccNormStderr = meanStderr(s.Acc, s.Questions), meanStderr(s.AccNorm, s.Questions)
 	}
 	norm(&all)
 	subjects = map[string]MCScores{}

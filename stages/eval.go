@@ -836,7 +836,9 @@ func (r *evalResults) table() *resultsTable {
 	}
 	if mc := r.MultipleChoice; mc != nil {
 		row("acc", mc.Scores["base"].Acc, mc.Scores["adapter"].Acc)
+		t.Rows = append(t.Rows, []any{"acc_stderr", round6(mc.Scores["base"].AccStderr), round6(mc.Scores["adapter"].AccStderr), ""})
 		row("acc_norm", mc.Scores["base"].AccNorm, mc.Scores["adapter"].AccNorm)
+		t.Rows = append(t.Rows, []any{"acc_norm_stderr", round6(mc.Scores["base"].AccNormStderr), round6(mc.Scores["adapter"].AccNormStderr), ""})
 		names := make([]string, 0, len(mc.Subjects))
 		for n := range mc.Subjects {
 			names = append(names, n)

@@ -64,9 +64,11 @@ type evalResultsFile struct {
 		Questions int `json:"questions"`
 		Shots     int `json:"shots"`
 		Scores    map[string]struct {
-			Questions int     `json:"questions"`
-			Acc       float64 `json:"acc"`
-			AccNorm   float64 `json:"acc_norm"`
+			Questions     int     `json:"questions"`
+			Acc           float64 `json:"acc"`
+			AccStderr     float64 `json:"acc_stderr"`
+			AccNorm       float64 `json:"acc_norm"`
+			AccNormStderr float64 `json:"acc_norm_stderr"`
 		} `json:"scores"`
 		Subjects map[string]map[string]struct {
 			Questions int     `json:"questions"`
@@ -317,8 +319,19 @@ func TestEvalStage(t *testing.T) {
 			t.Errorf("no statistic %s: %v", k, stats)
 		}
 	}
-	if fmt.Sprint(res.Table.Columns) != "[score base adapter change]" || len(res.Table.Rows) != 6 || res.Table.Rows[0][0] != "loss" {
+	if fmt.Sprint(res.Table.Columns) != "[score base adapter change]" || len(res.Table.Rows) != 8 || res.Table.Rows[0][0] != "loss" {
 		t.Errorf("table %v %v", res.Table.Columns, res.Table.Rows)
+	}
+	// Standard errors as lm-evaluation-harness computes them: the sample
+	// standard deviation of the 0/1 scores over the square root of n.
+	for _, which := range []string{"base", "adapter"} {
+		sc := res.MultipleChoice.Scores[which]
+		for _, c := range [][2]float64{{sc.Acc, sc.AccStderr}, {sc.AccNorm, sc.AccNormStderr}} {
+			n := float64(sc.Questions)
+			if want := math.Sqrt(n/(n-1)*c[0]*(1-c[0])) / math.Sqrt(n); math.Abs(c[1]-want) > 1e-12 {
+				t.Errorf("%s: stderr %v of mean %v over %v, want %v", which, c[1], c[0], n, want)
+			}
+		}
 	}
 	if !strings.Contains(res.Models["adapter"], "NF4") {
 		t.Errorf("models %v: the adapter should be said to run on the NF4 base", res.Models)

@@ -2,11 +2,14 @@ package stages
 
 import (
 	"bufio"
+	"bytes"
 	"context"
 	"crypto/sha256"
 	"encoding/json"
 	"errors"
 	"fmt"
+	"io"
+	"io/fs"
 	"math"
 	"math/big"
 	"os"
@@ -306,13 +309,34 @@ func (s *generateStage) Run(ctx context.Context, t *pipeline.Task) error {
 	enc := json.NewEncoder(aw)
 	enc.SetEscapeHTML(false)
 
+	// Batches answered by an interrupted attempt at this entry are kept:
+	// the same key, so the same questions, batches and draws.
+	done, err := openAnswered(t, len(prompts))
+	if err != nil {
+		return err
+	}
+	defer done.close()
+	if n := len(done.answers); n > 0 {
+		t.Log.Info("resuming: questions answered by the last attempt are kept", "questions", n)
+	}
 	t.Report(0, int64(totalTurns), "turns", "answering")
 	started := time.Now()
 	var doneTurns, newTokens, truncated int
 	for lo := 0; lo < len(prompts); lo += s.p.BatchSize {
 		batch := prompts[lo:min(lo+s.p.BatchSize, len(prompts))]
-		answers := make([]generated, len(batch))
-		for turn := 0; ; turn++ {
+		answers, ok := done.batch(lo, len(batch))
+		if ok {
+			for _, a := range answers {
+				doneTurns += len(a.texts)
+				for k, n := range a.tokens {
+					newTokens += int(n)
+					if a.truncated[k] {
+						truncated++
+					}
+				}
+			}
+		}
+		for turn := 0; !ok; turn++ {
 			var convs []converse.Conversation
 			var which []int
 			for i, q := range batch {
@@ -351,6 +375,11 @@ func (s *generateStage) Run(ctx context.Context, t *pipeline.Task) error {
 			doneTurns += len(convs)
 			rate := float64(newTokens) / time.Since(started).Seconds()
 			t.Report(int64(doneTurns), int64(totalTurns), "turns", fmt.Sprintf("%.1f tokens/s", rate))
+		}
+		if !ok {
+			if err := done.add(lo, answers); err != nil {
+				return err
+			}
 		}
 		rec := answerRecord(schema, batch, answers)
 		err := out.Write(rec)
@@ -603,6 +632,89 @@ type generated struct {
 	tokens    []int32
 	truncated []bool
 }
+
+// answered keeps, in the stage's scratch folder, the answers of each batch
+// as it is done, one JSON line per question, so that an interrupted stage
+// (a signal, a lost machine) resumes after its last whole batch.
+type answered struct {
+	f       *os.File
+	answers map[int]generated // by question index
+}
+
+type answeredLine struct {
+	Question  int      `json:"question"`
+	Texts     []string `json:"texts"`
+	Tokens    []int32  `json:"tokens"`
+	Truncated []bool   `json:"truncated"`
+}
+
+const answeredFile = "answered.jsonl"
+
+func openAnswered(t *pipeline.Task, questions int) (*answered, error) {
+	dir, err := t.Scratch()
+	if err != nil {
+		return nil, err
+	}
+	path := filepath.Join(dir, answeredFile)
+	a := &answered{answers: map[int]generated{}}
+	data, err := os.ReadFile(path)
+	if err != nil && !errors.Is(err, fs.ErrNotExist) {
+		return nil, err
+	}
+	valid := 0 // bytes of whole lines: a torn last line is dropped
+	for _, line := range bytes.SplitAfter(data, []byte("\n")) {
+		var l answeredLine
+		if !bytes.HasSuffix(line, []byte("\n")) || json.Unmarshal(line, &l) != nil ||
+			l.Question < 0 || l.Question >= questions || len(l.Tokens) != len(l.Texts) || len(l.Truncated) != len(l.Texts) {
+			break
+		}
+		a.answers[l.Question] = generated{texts: l.Texts, tokens: l.Tokens, truncated: l.Truncated}
+		valid += len(line)
+	}
+	if a.f, err = os.OpenFile(path, os.O_RDWR|os.O_CREATE, 0o644); err != nil {
+		return nil, err
+	}
+	if err := a.f.Truncate(int64(valid)); err != nil {
+		a.f.Close()
+		return nil, err
+	}
+	if _, err := a.f.Seek(int64(valid), io.SeekStart); err != nil {
+		a.f.Close()
+		return nil, err
+	}
+	return a, nil
+}
+
+// batch returns the answers of the n questions from lo, when all were kept.
+func (a *answered) batch(lo, n int) ([]generated, bool) {
+	out := make([]generated, n)
+	for i := range out {
+		g, ok := a.answers[lo+i]
+		if !ok {
+			return make([]generated, n), false
+		}
+		out[i] = g
+	}
+	return out, true
+}
+
+// add keeps a batch's answers, synced, before the stage goes on.
+func (a *answered) add(lo int, answers []generated) error {
+	var buf bytes.Buffer
+	enc := json.NewEncoder(&buf)
+	enc.SetEscapeHTML(false)
+	for i, g := range answers {
+		if err := enc.Encode(answeredLine{Question: lo + i, Texts: g.texts, Tokens: g.tokens, Truncated: g.truncated}); err != nil {
+			return err
+		}
+	}
+	if _, err := a.f.Write(buf.Bytes()); err != nil {
+		return err
+	}
+	return a.f.Sync()
+}
+
+func (a *answered) close() { a.f.Close() }
 
 // answerSchema is the generate stage's table: the questions and, turn by
 // turn, the model's answers, their length in tokens (the stop token

@@ -369,6 +369,64 @@ stages:
 	}
 }
 
+// TestGenerateResumes: a stage interrupted after some batches keeps their
+// answers (the scratch folder's answered.jsonl, a torn last line dropped)
+// and answers the rest as an uninterrupted run would.
+func TestGenerateResumes(t *testing.T) {
+	tok := testenv.GemmaFile(t, "tokenizer.json")
+	dir := t.TempDir()
+	src := filepath.Join(dir, "src.jsonl")
+	os.WriteFile(src, []byte(`{"instruction": "Topla", "input": "2 ve 3", "output": "5"}
+{"instruction": "Bir renk söyle", "input": "", "output": "Mavi."}
+{"instruction": "Bir sayı söyle", "input": "", "output": "7"}
+`), 0o644)
+	spec := fmt.Sprintf(`name: resume
+stages:
+  alpaca: {kind: jsonl, with: {paths: [%s]}}
+  base: {kind: model, with: {preset: tiny, seed: 2, std: 0.3}}
+  answers: {kind: generate, needs: [alpaca, base], with: {tokenizer: %s, max_new_tokens: 4, temperature: 0.8, seed: 5, batch_size: 1}}
+`, src, tok)
+	whole := newTestRun(t)
+	rec, err := whole.run(whole.spec(spec), pipeline.Options{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	want := readAnswers(t, whole, rec)
+
+	r := newTestRun(t)
+	var logs bytes.Buffer
+	r.log = slog.New(slog.NewTextHandler(&logs, nil))
+	path := r.spec(spec)
+	dag, err := loadSpec(path, Registry())
+	if err != nil {
+		t.Fatal(err)
+	}
+	plan, err := r.store.Plan(dag, pipeline.Options{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	scratch := r.store.ScratchDir(plan.Step("answers").Key)
+	os.MkdirAll(scratch, 0o755)
+	kept := `{"question": 0, "texts": ["KEPT"], "tokens": [1], "truncated": [false]}` + "\n" + `{"question": 1, "te`
+	if err := os.WriteFile(filepath.Join(scratch, answeredFile), []byte(kept), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	rec, err = r.run(path, pipeline.Options{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	got := readAnswers(t, r, rec)
+	if len(got) != 3 || fmt.Sprint(got[0].answers) != "[KEPT]" || fmt.Sprint(got[1].answers, got[2].answers) != fmt.Sprint(want[1].answers, want[2].answers) {
+		t.Errorf("resumed %+v\nwhole %+v", got, want)
+	}
+	if !strings.Contains(logs.String(), "resuming: questions answered by the last attempt are kept") || !strings.Contains(logs.String(), "questions=1") {
+		t.Errorf("no word of the resume:\n%s", logs.String())
+	}
+	if _, err := os.Stat(scratch); err == nil {
+		t.Error("the scratch folder outlived the entry")
+	}
+}
+
 // TestGenerateBeyondTheContext: a question whose prompt and answer cannot
 // fit the model's context fails before anything is decoded, naming the
 // question; a later turn that outgrows it, once earlier answers are in,

@@ -85,6 +85,13 @@ Environment switches of the GPU trainer, for comparing its paths:
   pipeline bench train --preset 12b --grad-accum 2 --gpus 2   # data parallel: the step's micro-batches shared`,
 		Args: cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
+			// Flags are checked once, before any rank starts.
+			if err := o.checkFlags(); err != nil {
+				return err
+			}
+			if gpus > 1 && o.accum%gpus != 0 {
+				return usageErr(fmt.Errorf("bench train: --grad-accum %d is not a multiple of --gpus %d", o.accum, gpus))
+			}
 			if started, err := startRanks(gpus); started {
 				return err
 			}
@@ -145,7 +152,8 @@ type benchResult struct {
 	AllReduceSec float64 `json:"allreduce_sec,omitempty"`
 }
 
-func runBench(ctx context.Context, w io.Writer, o benchOptions) error {
+// checkFlags refuses flags that cannot make a benchmark.
+func (o benchOptions) checkFlags() error {
 	if (o.preset == "") == (o.model == "") {
 		return usageErr(errors.New("bench train: give one of --preset and --model"))
 	}
@@ -154,6 +162,13 @@ func runBench(ctx context.Context, w io.Writer, o benchOptions) error {
 	}
 	if !(o.lr > 0 && !math.IsInf(o.lr, 0)) {
 		return usageErr(fmt.Errorf("bench train: --lr %v: must be positive", o.lr))
+	}
+	return nil
+}
+
+func runBench(ctx context.Context, w io.Writer, o benchOptions) error {
+	if err := o.checkFlags(); err != nil {
+		return err
 	}
 	optimizer, _, err := trainer.ResolveOptimizer(o.optimizer)
 	if err != nil {

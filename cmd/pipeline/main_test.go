@@ -399,6 +399,10 @@ func TestBenchTrainUsage(t *testing.T) {
 			t.Errorf("%v: exit %d, want 2 (%s)", args, r.code, r.stderr)
 		}
 	}
+	// Checked once, before ranks start: the message comes once.
+	if r := runCLI(t, dir, "bench", "train", "--preset", "1b", "--gpus", "2"); r.code != 2 || strings.Count(r.stderr, "--grad-accum 1 is not a multiple of --gpus 2") != 1 || strings.Contains(r.stderr, "rank") {
+		t.Errorf("--gpus 2 with --grad-accum 1: exit %d\n%s", r.code, r.stderr)
+	}
 	rows := filepath.Join(dir, "rows.jsonl")
 	writeFile(t, rows, `{"input_ids": [1, 2, 3, 4], "labels": [-100, 2, 3, 4], "seq_lengths": [4]}`+"\n")
 	r := runCLI(t, dir, "bench", "train", "--preset", "tiny", "--seq-len", "4", "--data", rows, "--steps", "1", "--warmup-steps", "0")

@@ -71,12 +71,7 @@ func planRanks(dag *pipeline.DAG, opts pipeline.Options) (*rankPlan, error) {
 	if !ok || r.Size == 1 {
 		return nil, nil
 	}
-	var stages []string
-	for _, n := range dag.Selected(opts) {
-		if n.KindName == "qlora" {
-			stages = append(stages, n.Name)
-		}
-	}
+	stages := qloraStages(dag, opts)
 	if len(stages) > 1 {
 		return nil, usageErr(fmt.Errorf("%d ranks train one stage at a time, and this run selects %s: add --until or --only", r.Size, strings.Join(stages, ", ")))
 	}
@@ -85,6 +80,17 @@ func planRanks(dag *pipeline.DAG, opts pipeline.Options) (*rankPlan, error) {
 		p.stage = stages[0]
 	}
 	return p, nil
+}
+
+// qloraStages names the training stages a run with opts selects.
+func qloraStages(dag *pipeline.DAG, opts pipeline.Options) []string {
+	var out []string
+	for _, n := range dag.Selected(opts) {
+		if n.KindName == "qlora" {
+			out = append(out, n.Name)
+		}
+	}
+	return out
 }
 
 // launchRanks runs this command as n ranks on this machine, as torchrun

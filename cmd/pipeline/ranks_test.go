@@ -87,6 +87,11 @@ func TestRunOnTwoRanks(t *testing.T) {
 	if one.code != 0 {
 		t.Fatalf("one rank: exit %d\n%s", one.code, one.stderr)
 	}
+	// Preprocessing alone trains nothing: one process, said so.
+	if r := runCLI(t, dir, "run", "spec.yaml", "--cache", filepath.Join(dir, "pre"), "--progress", "none", "--gpus", "2", "--until", "pack"); r.code != 0 ||
+		!strings.Contains(r.stderr, "--gpus 2: this run trains nothing; it runs as one process") || strings.Contains(r.stderr, "rank 1") {
+		t.Errorf("--gpus 2 --until pack: exit %d\n%s", r.code, r.stderr)
+	}
 	two := runCLI(t, dir, "run", "spec.yaml", "--cache", filepath.Join(dir, "two"), "--progress", "none", "--gpus", "2")
 	if two.code != 0 {
 		t.Fatalf("two ranks: exit %d\n%s", two.code, two.stderr)

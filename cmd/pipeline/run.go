@@ -77,9 +77,6 @@ step with rank 0 and stop there. A rank that fails or goes away stops the others
 			if !slices.Contains([]string{"auto", "tty", "log", "none"}, progress) {
 				return usageErr(fmt.Errorf("--progress %q: want auto, tty, log or none", progress))
 			}
-			if started, err := startRanks(gpus); started {
-				return err
-			}
 			// A report that cannot be written is found out now, not after
 			// hours of training.
 			if report == "-" {
@@ -98,6 +95,20 @@ step with rank 0 and stop there. A rank that fails or goes away stops the others
 			// before the cache is opened or locked.
 			if err := dag.Check(opts); err != nil {
 				return usageErr(err)
+			}
+			// Several GPUs share a training stage; a run that trains
+			// nothing runs alone. Checked before any rank starts.
+			if gpus > 1 {
+				switch trains := qloraStages(dag, opts); {
+				case len(trains) == 0:
+					fmt.Fprintf(os.Stderr, "pipeline: --gpus %d: this run trains nothing; it runs as one process\n", gpus)
+					gpus = 1
+				case len(trains) > 1:
+					return usageErr(fmt.Errorf("--gpus %d: the ranks train one stage at a time, and this run selects %s: add --until or --only", gpus, strings.Join(trains, ", ")))
+				}
+			}
+			if started, err := startRanks(gpus); started {
+				return err
 			}
 			rp, err := planRanks(dag, opts)
 			if err != nil {

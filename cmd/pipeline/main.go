@@ -7,10 +7,13 @@
 package main
 
 import (
+	"context"
 	"errors"
 	"fmt"
 	"os"
 	"regexp"
+	"strings"
+	"syscall"
 
 	"github.com/spf13/cobra"
 
@@ -87,6 +90,16 @@ func plainFlagErr(err error) error {
 	return errors.New(msg)
 }
 
+// stoppedErr is err as a command interrupted with exit code code (0: not
+// interrupted) reports it: work stopped at the signal says which signal,
+// not "context canceled".
+func stoppedErr(err error, code int) error {
+	if m, ok := strings.CutSuffix(err.Error(), context.Canceled.Error()); ok && code > 128 {
+		return errors.New(m + "stopped by " + signalName(syscall.Signal(code-128)))
+	}
+	return err
+}
+
 func main() {
 	os.Exit(execute(os.Args[1:]))
 }
@@ -97,8 +110,9 @@ func execute(args []string) int {
 	if err == nil {
 		return exitOK
 	}
-	fmt.Fprintln(os.Stderr, "pipeline:", err)
-	if code := interruptCode(); code != 0 {
+	code := interruptCode()
+	fmt.Fprintln(os.Stderr, "pipeline:", stoppedErr(err, code))
+	if code != 0 {
 		return code // 130 for SIGINT, 143 for SIGTERM
 	}
 	var ee *exitError

@@ -2,7 +2,9 @@ package main
 
 import (
 	"bytes"
+	"context"
 	"encoding/json"
+	"errors"
 	"fmt"
 	"os"
 	"os/exec"
@@ -598,5 +600,25 @@ func TestVerifyChecksCheckpoints(t *testing.T) {
 	}
 	if _, err := os.Stat(ck); !os.IsNotExist(err) {
 		t.Errorf("damaged checkpoint still there: %v", err)
+	}
+}
+
+// TestStoppedErr: work a signal stopped names the signal, not the
+// context's "context canceled"; other errors, and errors without a
+// signal, are left as they are.
+func TestStoppedErr(t *testing.T) {
+	for _, c := range []struct {
+		err  error
+		code int
+		want string
+	}{
+		{context.Canceled, 130, "stopped by SIGINT"},
+		{fmt.Errorf("waiting for the runs using cache /c: %w", context.Canceled), 143, "waiting for the runs using cache /c: stopped by SIGTERM"},
+		{context.Canceled, 0, "context canceled"},
+		{errors.New("no such file"), 130, "no such file"},
+	} {
+		if got := stoppedErr(c.err, c.code).Error(); got != c.want {
+			t.Errorf("%v, exit %d: %q, want %q", c.err, c.code, got, c.want)
+		}
 	}
 }

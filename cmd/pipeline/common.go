@@ -89,6 +89,20 @@ func specArgs(spec string) string {
 	return spec
 }
 
+// warnUnselectedForce says which --force stages a run with opts does not
+// select (--until, --only), whose --force then does nothing.
+func warnUnselectedForce(dag *pipeline.DAG, opts pipeline.Options) {
+	selected := map[string]bool{}
+	for _, n := range dag.Selected(opts) {
+		selected[n.Name] = true
+	}
+	for _, name := range opts.Force {
+		if name != "all" && dag.Node(name) != nil && !selected[name] {
+			fmt.Fprintf(os.Stderr, "pipeline: --force %s does nothing: stage %s is not part of this run\n", name, name)
+		}
+	}
+}
+
 // lookAtStore opens the cache for a command that shows what it holds (plan,
 // status, report): a cache that does not exist is shown empty, with a
 // note, and not created.

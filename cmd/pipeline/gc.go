@@ -3,6 +3,8 @@ package main
 import (
 	"errors"
 	"fmt"
+	"os"
+	"strings"
 	"time"
 
 	"github.com/spf13/cobra"
@@ -37,6 +39,10 @@ no run uses the cache, and a run that starts while gc removes entries waits for 
 				d, err := parseAge(olderThan)
 				if err != nil {
 					return usageErr(fmt.Errorf("--older-than: %w", err))
+				}
+				if strings.HasSuffix(olderThan, "m") && d < time.Hour {
+					// As durations go, m is minutes; a month is 30d.
+					fmt.Fprintf(os.Stderr, "gc: --older-than %s is %v (minutes); a month is 30d\n", olderThan, d)
 				}
 				opts.OlderThan = d
 			}

@@ -132,6 +132,13 @@ func TestPlanOnlyAsRun(t *testing.T) {
 		if r := runCLI(t, dir, cmd, spec, "--only", "chat"); r.code != 2 || !strings.Contains(r.stderr, `stage "chat" needs "src", which is not cached`) {
 			t.Errorf("%s --only chat: exit %d\n%s", cmd, r.code, r.stderr)
 		}
+		// A --force the selection leaves out is said to do nothing.
+		if r := runCLI(t, dir, cmd, spec, "--until", "src", "--force", "chat"); r.code != 0 || !strings.Contains(r.stderr, "--force chat does nothing: stage chat is not part of this run") {
+			t.Errorf("%s --until src --force chat: exit %d\n%s", cmd, r.code, r.stderr)
+		}
+	}
+	if r := runCLI(t, dir, "gc", "--older-than", "1m", "--dry-run"); r.code != 0 || !strings.Contains(r.stderr, "(minutes); a month is 30d") {
+		t.Errorf("gc --older-than 1m: exit %d\n%s", r.code, r.stderr)
 	}
 }
 

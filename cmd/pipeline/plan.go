@@ -35,6 +35,7 @@ kind's version changed, the entry is damaged, forced).`,
 			if err := dag.Check(opts); err != nil {
 				return usageErr(err)
 			}
+			warnUnselectedForce(dag, opts)
 			st, err := lookAtStore(dag)
 			if err != nil {
 				return err

@@ -96,6 +96,7 @@ step with rank 0 and stop there. A rank that fails or goes away stops the others
 			if err := dag.Check(opts); err != nil {
 				return usageErr(err)
 			}
+			warnUnselectedForce(dag, opts)
 			// Several GPUs share a training stage; a run that trains
 			// nothing runs alone. Checked before any rank starts.
 			if gpus > 1 {

@@ -47,7 +47,8 @@ it was and no temporary file behind.`,
   pipeline export dags/demo.yaml chat --format jsonl --out - | head
   pipeline export dags/gemma12b.yaml merged --format gguf --type q4_0 --out tr.q4_0.gguf
   pipeline export dags/gemma12b.yaml merged --format hf --out ./gemma3-12b-tr`,
-		Args: exactArgs(2, "a spec file and a stage name"),
+		Args:              exactArgs(2, "a spec file and a stage name"),
+		ValidArgsFunction: stageArg,
 		RunE: func(cmd *cobra.Command, args []string) error {
 			if out == "" {
 				return usageErr(errors.New("--out is required (a file, or - for standard output)"))
@@ -135,6 +136,8 @@ it was and no temporary file behind.`,
 	cmd.Flags().StringVar(&format, "format", "", "jsonl, parquet, arrow (tables); gguf, hf (models); by default as --out's name says, else jsonl for a table, hf for a model")
 	cmd.Flags().StringVar(&out, "out", "", "output file (or folder for hf), or - for a table on standard output")
 	cmd.Flags().StringVar(&ggufType, "type", "q8_0", "GGUF type: q8_0, q4_0, f16, bf16 or f32")
+	completeValues(cmd, "format", "jsonl", "parquet", "arrow", "gguf", "hf")
+	completeValues(cmd, "type", "q8_0", "q4_0", "f16", "bf16", "f32")
 	root.AddCommand(cmd)
 }
 

@@ -33,7 +33,8 @@ func init() {
 files read and written), its statistics and its first rows; for a training stage,
 the command that opens its TensorBoard events; and the command that writes the
 HTML report of the last runs.`,
-		Args: exactArgs(2, "a spec file and a stage name"),
+		Args:              exactArgs(2, "a spec file and a stage name"),
+		ValidArgsFunction: stageArg,
 		RunE: func(cmd *cobra.Command, args []string) error {
 			if rows < 0 {
 				return usageErr(fmt.Errorf("--rows %d: want 0 (none) or more", rows))

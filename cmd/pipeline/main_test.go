@@ -629,3 +629,22 @@ func TestStoppedErr(t *testing.T) {
 		}
 	}
 }
+
+// TestCompletion: the shell completes a spec's stage names, for the
+// commands' stage argument and the flags that name stages, and the values
+// of flags that take a fixed set.
+func TestCompletion(t *testing.T) {
+	dir := t.TempDir()
+	writeFile(t, filepath.Join(dir, "data.jsonl"), sampleJSONL)
+	spec := filepath.Join(dir, "s.yaml")
+	writeFile(t, spec, "name: s\nstages:\n  src: {kind: jsonl, with: {paths: [data.jsonl]}}\n  chat: {kind: chat_template, needs: [src]}\n")
+	for _, args := range [][]string{{"inspect", spec, ""}, {"export", spec, ""}, {"run", spec, "--until", ""}, {"plan", spec, "--force", ""}} {
+		r := runCLI(t, dir, append([]string{"__complete"}, args...)...)
+		if r.code != 0 || !strings.HasPrefix(r.stdout, "src\tjsonl\nchat\tchat_template\n") {
+			t.Errorf("%v: exit %d\n%s", args, r.code, r.stdout)
+		}
+	}
+	if r := runCLI(t, dir, "__complete", "run", spec, "--progress", ""); !strings.HasPrefix(r.stdout, "auto\ntty\nlog\nnone\n") {
+		t.Errorf("--progress: %s", r.stdout)
+	}
+}

@@ -26,7 +26,8 @@ computed, parameters changed, a file's content changed, an input changed, the
 kind's version changed, the entry is damaged, forced).`,
 		Example: `  pipeline plan dags/gemma12b.yaml
   pipeline plan dags/gemma12b.yaml --until pack --json`,
-		Args: exactArgs(1, "one spec file"),
+		Args:              exactArgs(1, "one spec file"),
+		ValidArgsFunction: specArg,
 		RunE: func(cmd *cobra.Command, args []string) error {
 			dag, err := loadSpec(args[0])
 			if err != nil {
@@ -95,6 +96,7 @@ kind's version changed, the entry is damaged, forced).`,
 	f.StringVar(&opts.Only, "only", "", "plan only this stage")
 	f.StringArrayVar(&opts.Force, "force", nil, "plan as if this stage were forced (repeatable; \"all\")")
 	f.BoolVar(&asJSON, "json", false, "print JSON with full keys")
+	completeStageFlags(cmd, "until", "only", "force")
 	root.AddCommand(cmd)
 }
 

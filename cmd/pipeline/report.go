@@ -38,7 +38,8 @@ is in progress. Write it after each nightly run, next to the JSON report:
   pipeline run SPEC --report last-run.json; pipeline report SPEC --out last-run.html`,
 		Example: `  pipeline report dags/gemma12b.yaml --out /var/log/gemmaft/last-run.html
   pipeline report dags/demo.yaml --runs 3 --out -        # to stdout`,
-		Args: exactArgs(1, "one spec file"),
+		Args:              exactArgs(1, "one spec file"),
+		ValidArgsFunction: specArg,
 		RunE: func(cmd *cobra.Command, args []string) error {
 			if out == "" {
 				return usageErr(errors.New("--out is required: the HTML file to write (- for stdout)"))

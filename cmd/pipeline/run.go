@@ -66,7 +66,8 @@ step with rank 0 and stop there. A rank that fails or goes away stops the others
   pipeline run dags/gemma12b.yaml --no-wait --report /var/log/pipeline/last.json
   pipeline run dags/gemma12b.yaml --gpus 2            # both GPUs of this machine
   torchrun --nnodes 2 --nproc-per-node 8 --no-python pipeline run dags/gemma27b.yaml`,
-		Args: exactArgs(1, "one spec file"),
+		Args:              exactArgs(1, "one spec file"),
+		ValidArgsFunction: specArg,
 		RunE: func(cmd *cobra.Command, args []string) error {
 			if jobs < 0 {
 				return usageErr(errors.New("--jobs must be at least 1 (or 0, the default: every core)"))
@@ -192,6 +193,8 @@ step with rank 0 and stop there. A rank that fails or goes away stops the others
 	f.IntVar(&gpus, "gpus", 1, "train on this many GPUs of this machine, one process each (under torchrun, srun or a training operator, leave it out)")
 	f.StringVar(&progress, "progress", "auto", "progress display: auto (live lines on a terminal, log lines otherwise), tty, log or none")
 	f.DurationVar(&logEvery, "log-every", 30*time.Second, "interval of progress log lines when not on a terminal")
+	completeStageFlags(cmd, "until", "only", "force")
+	completeValues(cmd, "progress", "auto", "tty", "log", "none")
 	root.AddCommand(cmd)
 }
 

@@ -19,7 +19,8 @@ func init() {
 damaged, with its rows, size and when it was computed; whether a run of SPEC is in
 progress now; how the last run ended; and where to watch the runs: the TensorBoard
 events of the training stages, and the command that writes the HTML report.`,
-		Args: exactArgs(1, "one spec file"),
+		Args:              exactArgs(1, "one spec file"),
+		ValidArgsFunction: specArg,
 		RunE: func(cmd *cobra.Command, args []string) error {
 			dag, err := loadSpec(args[0])
 			if err != nil {

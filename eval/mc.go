@@ -290,7 +290,11 @@ func (p *MCPrompts) CheckLengths(s Scorer) error {
 type MCItem struct {
 	Index   int    `json:"index"`
 	Subject string `json:"subject,omitempty"`
-	Answer  int    `json:"answer"`
+	// Question and Choices are the question as the set holds it, for
+	// whoever reads why a pick was right or wrong.
+	Question string   `json:"question"`
+	Choices  []string `json:"choices"`
+	Answer   int      `json:"answer"`
 	// LetterLogLik[j] is the log-likelihood of " " + letter j after the
 	// lettered prompt; ChoiceLogLik[j] that of " " + choice j after the
 	// continuation prompt, and ChoiceBytes[j] the choice's UTF-8 length.
@@ -318,7 +322,7 @@ func ScoreMC(ctx context.Context, s Scorer, p *MCPrompts) ([]MCItem, error) {
 	items := make([]MCItem, len(p.Questions))
 	k := 0
 	for i, q := range p.Questions {
-		it := MCItem{Index: i, Subject: q.Subject, Answer: q.Answer}
+		it := MCItem{Index: i, Subject: q.Subject, Question: q.Question, Choices: q.Choices, Answer: q.Answer}
 		for range q.Choices {
 			it.LetterLogLik = append(it.LetterLogLik, res[k].LogLik)
 			k++

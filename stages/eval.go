@@ -885,8 +885,9 @@ func (r *evalResults) write(dir string) error {
 	if r.items == nil {
 		return nil
 	}
-	// One line a question: what it is, then each model's log-likelihoods
-	// and picks (letters), as scripts/reference/mc_reference.py prints them.
+	// One line a question: what it is (its text and choices too), then
+	// each model's log-likelihoods and picks (letters), as
+	// scripts/reference/mc_reference.py prints them.
 	type scores struct {
 		LetterLogLik []float64 `json:"letter_loglik"`
 		ChoiceLogLik []float64 `json:"choice_loglik"`
@@ -898,10 +899,13 @@ func (r *evalResults) write(dir string) error {
 		line := struct {
 			Index       int               `json:"index"`
 			Subject     string            `json:"subject,omitempty"`
+			Question    string            `json:"question"`
+			Choices     []string          `json:"choices"`
 			Answer      string            `json:"answer"`
 			ChoiceBytes []int             `json:"choice_bytes"`
 			Models      map[string]scores `json:"models"`
-		}{Index: it.Index, Subject: it.Subject, Answer: eval.Letter(it.Answer), ChoiceBytes: it.ChoiceBytes, Models: map[string]scores{}}
+		}{Index: it.Index, Subject: it.Subject, Question: it.Question, Choices: it.Choices, Answer: eval.Letter(it.Answer),
+			ChoiceBytes: it.ChoiceBytes, Models: map[string]scores{}}
 		for _, which := range []string{"base", "adapter"} {
 			if items := r.items[which]; i < len(items) {
 				m := items[i]

@@ -82,10 +82,12 @@ type evalResultsFile struct {
 }
 
 type evalItem struct {
-	Index       int    `json:"index"`
-	Subject     string `json:"subject"`
-	Answer      string `json:"answer"`
-	ChoiceBytes []int  `json:"choice_bytes"`
+	Index       int      `json:"index"`
+	Subject     string   `json:"subject"`
+	Question    string   `json:"question"`
+	Choices     []string `json:"choices"`
+	Answer      string   `json:"answer"`
+	ChoiceBytes []int    `json:"choice_bytes"`
 	Models      map[string]struct {
 		LetterLogLik []float64 `json:"letter_loglik"`
 		ChoiceLogLik []float64 `json:"choice_loglik"`
@@ -194,6 +196,19 @@ func TestEvalStage(t *testing.T) {
 	}
 	if res.Loss.Scores["base"].Loss == res.Loss.Scores["adapter"].Loss {
 		t.Error("the base and the adapter have the same loss")
+	}
+
+	// Each item holds its question and choices, the lengths its acc_norm
+	// divided by theirs.
+	for _, it := range items {
+		if it.Question == "" || len(it.Choices) != len(it.ChoiceBytes) {
+			t.Fatalf("item %d: question %q, %d choices for %d lengths", it.Index, it.Question, len(it.Choices), len(it.ChoiceBytes))
+		}
+		for j, c := range it.Choices {
+			if len(c) != it.ChoiceBytes[j] {
+				t.Errorf("item %d choice %d: %q is %d bytes, not %d", it.Index, j, c, len(c), it.ChoiceBytes[j])
+			}
+		}
 	}
 
 	// acc and acc_norm from the reported log-likelihoods.

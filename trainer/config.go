@@ -108,9 +108,11 @@ type textConfigJSON struct {
 func LoadConfig(dir string) (*Config, error) {
 	b, err := os.ReadFile(filepath.Join(dir, "config.json"))
 	if errors.Is(err, fs.ErrNotExist) {
-		if hint := notACheckpoint(dir); hint != "" {
-			return nil, fmt.Errorf("%s holds no config.json: %s", dir, hint)
+		hint := notACheckpoint(dir)
+		if hint == "" {
+			hint = "a Hugging Face checkpoint folder holds config.json, safetensors weights and tokenizer.json"
 		}
+		return nil, &noConfigError{dir: dir, hint: hint}
 	}
 	if err != nil {
 		return nil, err
@@ -121,6 +123,13 @@ func LoadConfig(dir string) (*Config, error) {
 	}
 	return c, nil
 }
+
+// noConfigError is LoadConfig's error for a folder without config.json: an
+// fs.ErrNotExist that says what the folder is instead.
+type noConfigError struct{ dir, hint string }
+
+func (e *noConfigError) Error() string { return e.dir + " holds no config.json: " + e.hint }
+func (e *noConfigError) Unwrap() error { return fs.ErrNotExist }
 
 // notACheckpoint says what a folder without config.json holds instead,
 // where that is something a checkpoint is often confused with: an adapter,

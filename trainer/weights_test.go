@@ -255,7 +255,7 @@ func TestLoadConfigSaysWhatTheFolderIs(t *testing.T) {
 			t.Errorf("%s: %v, want %q", folder, err, want)
 		}
 	}
-	if _, err := LoadConfig(dir); !errors.Is(err, fs.ErrNotExist) {
+	if _, err := LoadConfig(dir); !errors.Is(err, fs.ErrNotExist) || !strings.Contains(err.Error(), dir+" holds no config.json: a Hugging Face checkpoint folder holds") {
 		t.Errorf("a folder of nothing known: %v", err)
 	}
 }

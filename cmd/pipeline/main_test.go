@@ -496,6 +496,13 @@ func TestMergeAndExportRefuseExistingTargets(t *testing.T) {
 	if r := runCLI(t, dir, "merge", "--model", "m", "--adapter", "a", "--out", "out"); r.code != 1 || !strings.Contains(r.stderr, "out already exists") {
 		t.Errorf("merge onto an existing folder: %d %s", r.code, r.stderr)
 	}
+	if r := runCLI(t, dir, "merge", "--model", "m", "--adapter", "a", "--out", "new"); r.code != 2 || !strings.Contains(r.stderr, "m holds no config.json") {
+		t.Errorf("merge from a folder that is no checkpoint: %d %s", r.code, r.stderr)
+	}
+	cfg, _ := trainer.Preset("tiny")
+	if err := trainer.WriteRandomCheckpoint(filepath.Join(dir, "m"), cfg, trainer.InitOptions{Seed: 1}); err != nil {
+		t.Fatal(err)
+	}
 	if r := runCLI(t, dir, "merge", "--model", "m", "--adapter", "a", "--out", "new"); r.code != 2 || !strings.Contains(r.stderr, "give --tokenizer DIR") {
 		t.Errorf("merge from a base without a tokenizer: %d %s", r.code, r.stderr)
 	}

@@ -57,6 +57,11 @@ model card (README.md) and the Gemma NOTICE.`,
 			if err := modelOutFree(out); err != nil {
 				return err
 			}
+			// A folder that is no checkpoint is said so before its lack
+			// of a tokenizer.
+			if _, err := trainer.LoadConfig(modelDir); err != nil {
+				return usageErr(fmt.Errorf("merge: --model: %w", err))
+			}
 			if tokDir == "" && !trainer.ShipsOwnTokenizer(modelDir) {
 				return usageErr(fmt.Errorf("merge: %s has no tokenizer.json; give --tokenizer DIR, the folder of the tokenizer the adapter was trained with", modelDir))
 			}

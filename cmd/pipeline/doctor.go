@@ -4,6 +4,7 @@ import (
 	"encoding/json"
 	"fmt"
 	"io"
+	"regexp"
 	"runtime"
 	"runtime/debug"
 	"strings"
@@ -164,15 +165,26 @@ func (r doctorReport) print(w io.Writer) {
 		p("driver         supports CUDA %s\n", r.DriverVersion)
 	}
 	p("\nCUDA libraries\n")
+	searched := "" // where the missing ones were looked for: said once
 	for _, l := range r.Libraries {
-		if l.Found {
+		switch m := notFound.FindStringSubmatch(l.Error); {
+		case l.Found:
 			p("  %-12s %-8s %s (%s)\n", l.Name, l.Version, l.Path, l.Via)
-		} else {
+		case m != nil:
+			p("  %-12s missing  (%s)\n", l.Name, m[3])
+			searched = m[2]
+		default:
 			p("  %-12s missing  %s\n", l.Name, strings.TrimPrefix(l.Error, cuda.ErrUnavailable.Error()+": "))
 		}
 		for _, t := range l.Tried {
 			p("  %-12s          skipped %s\n", "", t)
 		}
+	}
+	if searched != "" {
+		p("  searched %s; set PIPELINE_CUDA_LIBS to the folder holding the missing ones\n", searched)
+	}
+	brief := func(reason string) string { // the search is said above
+		return notFoundParen.ReplaceAllString(strings.TrimPrefix(reason, cuda.ErrUnavailable.Error()+": "), "")
 	}
 	p("\nDevices\n")
 	if len(r.Devices) == 0 {
@@ -198,7 +210,15 @@ func (r doctorReport) print(w io.Writer) {
 	if r.GPU == "usable" {
 		p("\ngpu            usable: %s\n", r.GPUReason)
 	} else {
-		p("\ngpu            unavailable: %s\n", strings.TrimPrefix(r.GPUReason, cuda.ErrUnavailable.Error()+": "))
+		p("\ngpu            unavailable: %s\n", brief(r.GPUReason))
 	}
-	p("training       %s: %s\n", r.Trainer, r.TrainerReason)
+	p("training       %s: %s\n", r.Trainer, brief(r.TrainerReason))
 }
+
+// notFound is cuda's error for a library it did not find: the library,
+// where it looked, and the file it looked for. notFoundParen is its
+// parenthesis.
+var (
+	notFound      = regexp.MustCompile(`^(?:.*: )?(.+?) not found \(searched (.*); set PIPELINE_CUDA_LIBS to a folder holding ([^\s)]+)\)$`)
+	notFoundParen = regexp.MustCompile(` \(searched [^()]*; set PIPELINE_CUDA_LIBS to a folder holding [^\s)]+\)`)
+)

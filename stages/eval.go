@@ -155,7 +155,7 @@ func (p *evalParams) Validate() error {
 		return bad("multiple_choice", "limit must not be negative", "0 scores every question")
 	}
 	if err := eval.CheckColumns(mc.Columns); err != nil {
-		return bad("multiple_choice", "columns: "+err.Error(), "")
+		return bad("multiple_choice", "columns: "+err.Error(), "map our name to the file's: columns: {question: soru, answer: cevap, subject: bolum}")
 	}
 	for ours, theirs := range mc.Columns {
 		// Mapping a column to its own name is the default.

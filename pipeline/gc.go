@@ -31,6 +31,11 @@ type GCResult struct {
 	Removed []string
 	Freed   int64
 	Kept    int
+	// RunsActive says, of a dry run, that runs used the cache as it
+	// looked: the entries they compute are not in a run record yet, so the
+	// dry run counts them removable where gc would wait for the runs and
+	// keep them.
+	RunsActive bool
 }
 
 // GC removes cache entries no recent run uses. It waits until no run holds
@@ -40,8 +45,15 @@ type GCResult struct {
 func (s *Store) GC(ctx context.Context, opts GCOptions) (*GCResult, error) {
 	lock := s.gcLock()
 	take, wait := lock.TryLock, lock.TryLockContext
+	runsActive := false
 	if opts.DryRun {
 		take, wait = lock.TryRLock, lock.TryRLockContext
+		if ok, err := lock.TryLock(); err == nil {
+			runsActive = !ok
+			if ok {
+				lock.Unlock()
+			}
+		}
 	}
 	if ok, err := take(); err != nil {
 		return nil, err
@@ -78,7 +90,7 @@ func (s *Store) GC(ctx context.Context, opts GCOptions) (*GCResult, error) {
 	if err != nil {
 		return nil, err
 	}
-	res := &GCResult{}
+	res := &GCResult{RunsActive: runsActive}
 	cutoff := time.Now().Add(-opts.OlderThan)
 	for _, k := range keys {
 		fi, err := os.Stat(s.EntryDir(k))

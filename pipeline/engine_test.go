@@ -579,6 +579,27 @@ func TestGC(t *testing.T) {
 	}
 }
 
+// TestGCKeepsWhatPartialRunsLeftOut: runs that stop before a stage
+// (--until, as nightly preprocessing does) record no key for it; gc keeps
+// the entry it last had, so the last training survives them.
+func TestGCKeepsWhatPartialRunsLeftOut(t *testing.T) {
+	e := newTestEnv(t)
+	e.write("data.txt", "v1")
+	spec := e.write("chain.yaml", chainSpec)
+	full := e.mustRun(spec, Options{})
+	e.mustRun(spec, Options{Until: "src"})
+	e.mustRun(spec, Options{Until: "src"})
+	res, err := e.store.GC(context.Background(), GCOptions{KeepLast: 2})
+	if err != nil || len(res.Removed) != 0 {
+		t.Fatalf("gc --keep-last 2 after two partial runs removed %v (%v)", res.Removed, err)
+	}
+	for _, s := range full.Stages {
+		if st, _, _ := e.store.Check(s.Key, false); st != Valid {
+			t.Errorf("entry of %s removed", s.Name)
+		}
+	}
+}
+
 func TestScratchSurvivesFailedAttempts(t *testing.T) {
 	e := newTestEnv(t)
 	spec := e.write("resume.yaml", "name: resume\nstages:\n  train: {kind: resume}\n")

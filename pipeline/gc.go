@@ -70,11 +70,13 @@ func (s *Store) GC(ctx context.Context, opts GCOptions) (*GCResult, error) {
 	protected := map[string]bool{}
 	dags, _ := os.ReadDir(filepath.Join(s.Root, "runs"))
 	for _, d := range dags {
-		recs := s.runRecords(d.Name())
-		if len(recs) > opts.KeepLast {
-			recs = recs[len(recs)-opts.KeepLast:]
+		all := s.runRecords(d.Name())
+		kept := all
+		if len(kept) > opts.KeepLast {
+			kept = kept[len(kept)-opts.KeepLast:]
 		}
-		for _, f := range recs {
+		unkeyed := map[string]bool{} // stages a kept run left out (--until), with no key
+		for _, f := range kept {
 			r := readRunRecord(f)
 			if r == nil {
 				continue
@@ -82,6 +84,23 @@ func (s *Store) GC(ctx context.Context, opts GCOptions) (*GCResult, error) {
 			for _, st := range r.Stages {
 				if st.Key != "" {
 					protected[st.Key] = true
+				} else {
+					unkeyed[st.Name] = true
+				}
+			}
+		}
+		// Such a stage keeps the entry it last had: the newest key any run
+		// recorded for it (nightly preprocessing must not cost the weekly
+		// training its adapter).
+		for i := len(all) - 1; i >= 0 && len(unkeyed) > 0; i-- {
+			r := readRunRecord(all[i])
+			if r == nil {
+				continue
+			}
+			for _, st := range r.Stages {
+				if unkeyed[st.Name] && st.Key != "" {
+					protected[st.Key] = true
+					delete(unkeyed, st.Name)
 				}
 			}
 		}

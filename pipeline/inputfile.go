@@ -123,8 +123,9 @@ func (t *Task) CheckFiles(paths ...string) error {
 	return nil
 }
 
-// FilesWithDigest lists the input files of this run's plan, of any stage,
-// whose content has the SHA-256 digest sum now, in the plan's order. It
+// FilesWithDigest lists the input files of this run's plan, of any stage it
+// keys (those it runs and what they read), whose content has the SHA-256
+// digest sum now, in the plan's order. It
 // serves a stage that needs a file an upstream manifest names: the manifest
 // holds the path of the run that computed the entry, perhaps in another
 // checkout sharing the cache and since removed, while keys hold digests

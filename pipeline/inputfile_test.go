@@ -206,7 +206,7 @@ stages:
 		}
 		return "no stage find"
 	}
-	rec, err := (&Engine{Store: e.store}).Run(context.Background(), e.load(spec), Options{Only: "find"})
+	rec, err := (&Engine{Store: e.store}).Run(context.Background(), e.load(spec), Options{})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -215,7 +215,7 @@ stages:
 	}
 	// b changes after the plan hashed it: only a holds the content now.
 	eng := &Engine{Store: e.store, Progress: hookDisplay(func() { replaceFile(t, b, "changed") })}
-	rec, err = eng.Run(context.Background(), e.load(spec), Options{Only: "find", Force: []string{"find"}})
+	rec, err = eng.Run(context.Background(), e.load(spec), Options{Force: []string{"find"}})
 	if err != nil {
 		t.Fatal(err)
 	}

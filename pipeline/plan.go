@@ -134,11 +134,6 @@ func (s *Store) plan(ctx context.Context, dag *DAG, opts Options, lenient bool) 
 		steps[n] = st
 		plan.Steps = append(plan.Steps, st)
 		if !slices.Contains(keyed, n) {
-			// Not keyed, but its files are the run's to find by
-			// content (Task.FilesWithDigest) where they exist.
-			if n.Runner != nil {
-				s.hashFiles(st)
-			}
 			continue
 		}
 		if err := s.key(st, steps, refs[n], refErrs[n]); err != nil {

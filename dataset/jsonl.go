@@ -62,17 +62,30 @@ func openJSONL(open openFunc, path string, want []string, optional string, conv 
 	return jf, nil
 }
 
-// detectArray sets jf.array when the file's first non-blank line starts a
-// JSON array.
+// detectArray sets jf.array when the file's first byte past a byte order
+// mark and white space starts a JSON array.
 func (jf *jsonlFile) detectArray() error {
 	lr, err := jf.lines()
 	if err != nil {
 		return err
 	}
 	defer lr.close()
-	line, err := lr.next()
-	jf.array = err == nil && line[0] == '['
-	return nil
+	if b, _ := lr.r.Peek(3); string(b) == "\xef\xbb\xbf" { // a UTF-8 byte order mark
+		lr.r.Discard(3)
+	}
+	for {
+		c, err := lr.r.ReadByte()
+		switch {
+		case err == io.EOF:
+			return nil
+		case err != nil:
+			return fmt.Errorf("dataset: %s: %w", jf.name, err)
+		case c == ' ' || c == '\t' || c == '\r' || c == '\n':
+			continue
+		}
+		jf.array = c == '['
+		return nil
+	}
 }
 
 // A recordReader yields the records of a JSON file: its lines, or the
@@ -390,11 +403,11 @@ func (lr *lineReader) next() ([]byte, error) {
 			return nil, io.EOF
 		}
 		lr.line++
-		line := bytes.TrimSpace(lr.buf)
-		if len(line) > 0 {
-			if lr.line == 1 {
-				line = bytes.TrimPrefix(line, []byte("\xef\xbb\xbf")) // a UTF-8 byte order mark
-			}
+		line := lr.buf
+		if lr.line == 1 {
+			line = bytes.TrimPrefix(line, []byte("\xef\xbb\xbf")) // a UTF-8 byte order mark
+		}
+		if line = bytes.TrimSpace(line); len(line) > 0 {
 			return line, nil
 		}
 	}

@@ -668,6 +668,18 @@ func TestJSONArray(t *testing.T) {
 			t.Errorf("%s: %q, want %q", name, got, want)
 		}
 	}
+	// A byte order mark alone on the first line; an array on one line
+	// longer than a line may be.
+	if got := readAll(t, SourceOptions{Paths: []string{write("bom.jsonl", []byte("\xef\xbb\xbf\n"+lines))}}); !reflect.DeepEqual(got, want) {
+		t.Errorf("a BOM line first: %q, want %q", got, want)
+	}
+	saved := maxLineBytes
+	maxLineBytes = 64
+	if got := readAll(t, SourceOptions{Paths: []string{write("long.json", []byte("["+strings.Join(elems, ",")+"]"))}}); !reflect.DeepEqual(got, want) {
+		t.Errorf("an array on one long line: %q, want %q", got, want)
+	}
+	maxLineBytes = saved
+
 	nulls := write("nulls.json", []byte(`[{"instruction": "a", "input": "", "output": "b"}, {"instruction": null, "input": "", "output": "c"}]`))
 	s, err := Open(SourceOptions{Paths: []string{nulls}})
 	if err != nil {

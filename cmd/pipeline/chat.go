@@ -462,6 +462,7 @@ func (s *chatSession) loop(ctx context.Context, in io.Reader) error {
 // cannot go on: a model stage's checkpoint it was not trained on, or a
 // merge that holds this very adapter already.
 func checkCachedAdapter(modelDir, adapterDir string) (trainedNF4 bool, err error) {
+	modelDir, adapterDir = filepath.Clean(modelDir), filepath.Clean(adapterDir) // "adapter/" as a shell completes it
 	am, err := pipeline.ReadManifest(filepath.Dir(adapterDir)) // the entry's adapter/
 	if err != nil || am.Kind != "qlora" {
 		return false, nil
@@ -471,7 +472,6 @@ func checkCachedAdapter(modelDir, adapterDir string) (trainedNF4 bool, err error
 	}
 	_ = json.Unmarshal(am.Params, &p)
 	trainedNF4 = p.Quantize == "nf4"
-	trainedOnFolder := slices.ContainsFunc(am.Files, func(f pipeline.FileRef) bool { return filepath.Base(f.Path) == "config.json" })
 	// The model's own entry: a model stage's folder, or a merge's model/.
 	mm, err := pipeline.ReadManifest(modelDir)
 	if err != nil {
@@ -485,8 +485,29 @@ func checkCachedAdapter(modelDir, adapterDir string) (trainedNF4 bool, err error
 	switch {
 	case mm.Kind == "merge" && has(mm.Inputs, am.Key):
 		return false, fmt.Errorf("--model %s is stage %s's merge of this adapter: its weights hold the adapter already; chat with --model alone", modelDir, mm.Stage)
-	case mm.Kind == "model" && !trainedOnFolder && !has(am.Inputs, mm.Key):
+	case mm.Kind == "model" && !has(am.Inputs, mm.Key) && !sameCheckpoint(am.Files, mm.Outputs):
 		return false, fmt.Errorf("--adapter %s was trained on another checkpoint than model stage %s's entry %s: an adapter for another base", adapterDir, mm.Stage, modelDir)
 	}
 	return trainedNF4, nil
+}
+
+// sameCheckpoint says whether the checkpoint files training read (by their
+// names) are, by digest, those a model stage wrote: false when training
+// read none of them.
+func sameCheckpoint(read, wrote []pipeline.FileRef) bool {
+	written := map[string]string{}
+	for _, f := range wrote {
+		written[filepath.Base(f.Path)] = f.SHA256
+	}
+	matched := false
+	for _, f := range read {
+		switch name := filepath.Base(f.Path); name {
+		case "config.json", "model.safetensors", "model.safetensors.index.json":
+			if written[name] != f.SHA256 {
+				return false
+			}
+			matched = true
+		}
+	}
+	return matched
 }

@@ -283,7 +283,13 @@ stages:
   other: {kind: model, with: {preset: tiny, seed: 2}}
   adapter: {kind: qlora, needs: [pack, base], with: {r: 2, alpha: 4, batch_size: 1, grad_accum: 1, max_steps: 1, backend: cpu}}
   merged: {kind: merge, needs: [adapter, base]}
+  onfolder: {kind: qlora, needs: [pack], with: {model: ckpt, r: 2, alpha: 4, batch_size: 1, grad_accum: 1, max_steps: 1, backend: cpu}}
 `, demo, tok))
+	// The folder onfolder trains on: base's checkpoint, written apart.
+	cfg, _ := trainer.Preset("tiny")
+	if err := trainer.WriteRandomCheckpoint(filepath.Join(dir, "ckpt"), cfg, trainer.InitOptions{Seed: 1}); err != nil {
+		t.Fatal(err)
+	}
 	if r := runCLI(t, dir, "run", spec, "--progress", "none"); r.code != 0 {
 		t.Fatalf("run: %d\n%s", r.code, r.stderr)
 	}
@@ -295,6 +301,18 @@ stages:
 	r := chatWith(entryOf(t, root, "base"))
 	if r.code != 0 || !strings.Contains(r.stderr, "decoding through NF4") {
 		t.Errorf("on its base: exit %d\n%s", r.code, r.stderr)
+	}
+	// As a shell completes the folder.
+	if r := runCLI(t, dir, "chat", "--model", entryOf(t, root, "base")+"/", "--adapter", adapter+"/", "--tokenizer", tok, "--backend", "cpu", "--prompt", "Merhaba", "--max-new-tokens", "2"); r.code != 0 || !strings.Contains(r.stderr, "decoding through NF4") {
+		t.Errorf("folders ending in /: exit %d\n%s", r.code, r.stderr)
+	}
+	// An adapter trained on a folder: known by the checkpoint's digests.
+	onFolder := filepath.Join(entryOf(t, root, "onfolder"), "adapter")
+	for model, ok := range map[string]bool{entryOf(t, root, "base"): true, entryOf(t, root, "other"): false} {
+		r := runCLI(t, dir, "chat", "--model", model, "--adapter", onFolder, "--tokenizer", tok, "--backend", "cpu", "--prompt", "Merhaba", "--max-new-tokens", "2")
+		if ok != (r.code == 0) || !ok && !strings.Contains(r.stderr, "an adapter for another base") {
+			t.Errorf("a folder's adapter on %s: exit %d\n%s", model, r.code, r.stderr)
+		}
 	}
 	if r := chatWith(entryOf(t, root, "base"), "--quantize", "none"); r.code != 0 || strings.Contains(r.stderr, "NF4") {
 		t.Errorf("--quantize none: exit %d\n%s", r.code, r.stderr)

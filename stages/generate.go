@@ -317,19 +317,20 @@ func (s *generateStage) Run(ctx context.Context, t *pipeline.Task) error {
 	}
 	defer done.close()
 	if n := len(done.answers); n > 0 {
-		t.Log.Info("resuming: questions answered by the last attempt are kept", "questions", n)
+		t.Log.Info("resuming: the last attempt answered some questions; their whole batches are kept", "questions", n)
 	}
 	t.Report(0, int64(totalTurns), "turns", "answering")
 	started := time.Now()
-	var doneTurns, newTokens, truncated int
+	// keptTokens are the kept batches': out of this attempt's rate.
+	var doneTurns, newTokens, keptTokens, truncated int
 	for lo := 0; lo < len(prompts); lo += s.p.BatchSize {
 		batch := prompts[lo:min(lo+s.p.BatchSize, len(prompts))]
-		answers, ok := done.batch(lo, len(batch))
+		answers, ok := done.batch(lo, batch)
 		if ok {
 			for _, a := range answers {
 				doneTurns += len(a.texts)
 				for k, n := range a.tokens {
-					newTokens += int(n)
+					keptTokens += int(n)
 					if a.truncated[k] {
 						truncated++
 					}
@@ -402,9 +403,9 @@ func (s *generateStage) Run(ctx context.Context, t *pipeline.Task) error {
 	secs := time.Since(started).Seconds()
 	t.SetStat("questions", len(prompts))
 	t.SetStat("turns", totalTurns)
-	t.SetStat("new_tokens", newTokens)
+	t.SetStat("new_tokens", newTokens+keptTokens)
 	t.SetStat("truncated_turns", truncated)
-	t.SetStat("tokens_per_second", float64(newTokens)/secs)
+	t.SetStat("tokens_per_second", float64(newTokens)/secs) // this attempt's
 	t.SetStat("generate_seconds", secs)
 	t.SetStat("model_id", s.p.ModelID)
 	t.SetStat("quantize", setup.quantize)
@@ -685,13 +686,14 @@ func openAnswered(t *pipeline.Task, questions int) (*answered, error) {
 	return a, nil
 }
 
-// batch returns the answers of the n questions from lo, when all were kept.
-func (a *answered) batch(lo, n int) ([]generated, bool) {
-	out := make([]generated, n)
-	for i := range out {
+// batch returns the answers of the questions of batch, the first at lo,
+// when all were kept whole (an answer a turn).
+func (a *answered) batch(lo int, batch []prompt) ([]generated, bool) {
+	out := make([]generated, len(batch))
+	for i, q := range batch {
 		g, ok := a.answers[lo+i]
-		if !ok {
-			return make([]generated, n), false
+		if !ok || len(g.texts) != len(q.Turns) {
+			return make([]generated, len(batch)), false
 		}
 		out[i] = g
 	}

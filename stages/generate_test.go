@@ -407,7 +407,10 @@ stages:
 	}
 	scratch := r.store.ScratchDir(plan.Step("answers").Key)
 	os.MkdirAll(scratch, 0o755)
-	kept := `{"question": 0, "texts": ["KEPT"], "tokens": [1], "truncated": [false]}` + "\n" + `{"question": 1, "te`
+	// Question 0 kept; question 2's line has two answers for its one turn,
+	// so it is answered again; the torn last line is dropped.
+	kept := `{"question": 0, "texts": ["KEPT"], "tokens": [1], "truncated": [false]}` + "\n" +
+		`{"question": 2, "texts": ["A", "B"], "tokens": [1, 1], "truncated": [false, false]}` + "\n" + `{"question": 1, "te`
 	if err := os.WriteFile(filepath.Join(scratch, answeredFile), []byte(kept), 0o644); err != nil {
 		t.Fatal(err)
 	}
@@ -419,7 +422,7 @@ stages:
 	if len(got) != 3 || fmt.Sprint(got[0].answers) != "[KEPT]" || fmt.Sprint(got[1].answers, got[2].answers) != fmt.Sprint(want[1].answers, want[2].answers) {
 		t.Errorf("resumed %+v\nwhole %+v", got, want)
 	}
-	if !strings.Contains(logs.String(), "resuming: questions answered by the last attempt are kept") || !strings.Contains(logs.String(), "questions=1") {
+	if !strings.Contains(logs.String(), "resuming: the last attempt answered some questions; their whole batches are kept") {
 		t.Errorf("no word of the resume:\n%s", logs.String())
 	}
 	if _, err := os.Stat(scratch); err == nil {

@@ -463,7 +463,7 @@ func (s *chatSession) loop(ctx context.Context, in io.Reader) error {
 // merge that holds this very adapter already.
 func checkCachedAdapter(modelDir, adapterDir string) (trainedNF4 bool, err error) {
 	modelDir, adapterDir = filepath.Clean(modelDir), filepath.Clean(adapterDir) // "adapter/" as a shell completes it
-	am, err := pipeline.ReadManifest(filepath.Dir(adapterDir)) // the entry's adapter/
+	am, err := pipeline.ReadManifest(filepath.Dir(adapterDir))                  // the entry's adapter/
 	if err != nil || am.Kind != "qlora" {
 		return false, nil
 	}

@@ -68,7 +68,7 @@ no run uses the cache, and a run that starts while gc removes entries waits for 
 			}
 			fmt.Printf("%s %d entries (%s), kept %d\n", verb, len(res.Removed), pipeline.HumanBytes(res.Freed), res.Kept)
 			if res.RunsActive {
-				fmt.Fprintln(os.Stderr, "gc: runs are using this cache now: what they compute is not in a run record yet and shows above as removable; gc itself waits for them and keeps it")
+				fmt.Fprintln(os.Stderr, "gc: runs (or another gc) are using this cache now: what runs compute is not in a run record yet and shows above as removable; gc itself waits for them and keeps it")
 			}
 			return nil
 		},

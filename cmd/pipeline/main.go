@@ -94,10 +94,16 @@ func plainFlagErr(err error) error {
 // interrupted) reports it: work stopped at the signal says which signal,
 // not "context canceled".
 func stoppedErr(err error, code int) error {
-	if m, ok := strings.CutSuffix(err.Error(), context.Canceled.Error()); ok && code > 128 {
-		return errors.New(m + "stopped by " + signalName(syscall.Signal(code-128)))
+	if code <= 128 {
+		return err
 	}
-	return err
+	lines := strings.Split(err.Error(), "\n") // errors.Join's, one a stage
+	for i, l := range lines {
+		if m, ok := strings.CutSuffix(l, context.Canceled.Error()); ok {
+			lines[i] = m + "stopped by " + signalName(syscall.Signal(code-128))
+		}
+	}
+	return errors.New(strings.Join(lines, "\n"))
 }
 
 func main() {

@@ -629,6 +629,7 @@ func TestStoppedErr(t *testing.T) {
 		{context.Canceled, 130, "stopped by SIGINT"},
 		{fmt.Errorf("waiting for the runs using cache /c: %w", context.Canceled), 143, "waiting for the runs using cache /c: stopped by SIGTERM"},
 		{context.Canceled, 0, "context canceled"},
+		{errors.Join(fmt.Errorf("stage a: %w", context.Canceled), errors.New("stage b: bad row")), 130, "stage a: stopped by SIGINT\nstage b: bad row"},
 		{errors.New("no such file"), 130, "no such file"},
 	} {
 		if got := stoppedErr(c.err, c.code).Error(); got != c.want {

@@ -17,6 +17,7 @@ import (
 
 	"gemmaft/internal/atomicfile"
 	"gemmaft/pipeline"
+	"gemmaft/ranks"
 )
 
 func init() {
@@ -97,7 +98,6 @@ step with rank 0 and stop there. A rank that fails or goes away stops the others
 			if err := dag.Check(opts); err != nil {
 				return usageErr(err)
 			}
-			warnUnselectedForce(dag, opts)
 			// Several GPUs share a training stage; a run that trains
 			// nothing runs alone. Checked before any rank starts.
 			if gpus > 1 {
@@ -111,6 +111,9 @@ step with rank 0 and stop there. A rank that fails or goes away stops the others
 			}
 			if started, err := startRanks(gpus); started {
 				return err
+			}
+			if r, ok, _ := ranks.FromEnv(os.Getenv); !ok || r.Rank == 0 { // once, not once a rank
+				warnUnselectedForce(dag, opts)
 			}
 			rp, err := planRanks(dag, opts)
 			if err != nil {

@@ -928,8 +928,14 @@ func TestGCWaitsSaying(t *testing.T) {
 	defer run.Unlock()
 	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
 	defer cancel()
-	// It says that runs are on, whose new entries it cannot tell apart.
-	if res, err := e.store.GC(ctx, GCOptions{KeepLast: 0, DryRun: true}); err != nil || !res.RunsActive {
+	// It says that runs are on, and keeps what they made since the last
+	// record (here one entry, made after it), as gc, waiting, would.
+	keys, _ := e.store.Keys()
+	later := time.Now().Add(time.Minute)
+	if err := os.Chtimes(e.store.EntryDir(keys[0]), later, later); err != nil {
+		t.Fatal(err)
+	}
+	if res, err := e.store.GC(ctx, GCOptions{KeepLast: 0, DryRun: true}); err != nil || !res.RunsActive || res.Kept != 1 || len(res.Removed) != 2 {
 		t.Fatalf("dry run beside a run: %+v %v", res, err)
 	}
 	var logs bytes.Buffer

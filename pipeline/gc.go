@@ -32,9 +32,8 @@ type GCResult struct {
 	Freed   int64
 	Kept    int
 	// RunsActive says, of a dry run, that runs used the cache as it
-	// looked: the entries they compute are not in a run record yet, so the
-	// dry run counts them removable where gc would wait for the runs and
-	// keep them.
+	// looked: the entries made since the last recorded run are then kept,
+	// as gc, which waits for the runs, would keep them.
 	RunsActive bool
 }
 
@@ -68,9 +67,15 @@ func (s *Store) GC(ctx context.Context, opts GCOptions) (*GCResult, error) {
 	defer lock.Unlock()
 
 	protected := map[string]bool{}
+	var lastRecorded time.Time // the newest end of a recorded run
 	dags, _ := os.ReadDir(filepath.Join(s.Root, "runs"))
 	for _, d := range dags {
 		all := s.runRecords(d.Name())
+		if len(all) > 0 {
+			if r := readRunRecord(all[len(all)-1]); r != nil && r.Finished.After(lastRecorded) {
+				lastRecorded = r.Finished
+			}
+		}
 		kept := all
 		if len(kept) > opts.KeepLast {
 			kept = kept[len(kept)-opts.KeepLast:]
@@ -116,7 +121,10 @@ func (s *Store) GC(ctx context.Context, opts GCOptions) (*GCResult, error) {
 		if err != nil {
 			continue
 		}
-		if protected[k] || (opts.OlderThan > 0 && fi.ModTime().After(cutoff)) {
+		// A dry run beside runs keeps what they made since the last
+		// record, as gc, which waits for them, would keep it.
+		inUse := runsActive && fi.ModTime().After(lastRecorded)
+		if protected[k] || inUse || (opts.OlderThan > 0 && fi.ModTime().After(cutoff)) {
 			res.Kept++
 			continue
 		}

@@ -66,9 +66,13 @@ no run uses the cache, and a run that starts while gc removes entries waits for 
 			for _, k := range res.Removed {
 				fmt.Printf("%s %s\n", verb, k)
 			}
-			fmt.Printf("%s %d entries (%s), kept %d\n", verb, len(res.Removed), pipeline.HumanBytes(res.Freed), res.Kept)
+			entries := "entries"
+			if len(res.Removed) == 1 {
+				entries = "entry"
+			}
+			fmt.Printf("%s %d %s (%s), kept %d\n", verb, len(res.Removed), entries, pipeline.HumanBytes(res.Freed), res.Kept)
 			if res.RunsActive {
-				fmt.Fprintln(os.Stderr, "gc: runs (or another gc) are using this cache now: what runs compute is not in a run record yet and shows above as removable; gc itself waits for them and keeps it")
+				fmt.Fprintln(os.Stderr, "gc: runs (or another gc) are using this cache now: the entries made since the last recorded run are kept, as gc, which waits for the runs, would keep them")
 			}
 			return nil
 		},

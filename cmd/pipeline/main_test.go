@@ -385,7 +385,7 @@ func TestVerifyReportsDamage(t *testing.T) {
 	if r := runCLI(t, dir, "run", spec); r.code != 0 || !strings.Contains(r.stdout, "computed") {
 		t.Fatalf("run after damage: %d %s", r.code, r.stdout)
 	}
-	if r := runCLI(t, dir, "gc", "--keep-last", "0", "--dry-run"); r.code != 0 || !strings.Contains(r.stdout, "would remove 1 entries") {
+	if r := runCLI(t, dir, "gc", "--keep-last", "0", "--dry-run"); r.code != 0 || !strings.Contains(r.stdout, "would remove 1 entry") {
 		t.Fatalf("gc dry run: %d %s %s", r.code, r.stdout, r.stderr)
 	}
 }

@@ -235,6 +235,11 @@ func (jf *jsonlFile) parse(line []byte, at int64) (record, error) {
 		if errors.As(err, &typeErr) {
 			return record{}, fmt.Errorf("dataset: %s: %s: not a JSON object", jf.name, where)
 		}
+		if se := (*json.SyntaxError)(nil); at == 1 && !jf.array && errors.As(err, &se) && se.Offset == int64(len(line)) {
+			// The first line ends inside its object: one object over
+			// several lines, not JSON lines.
+			return record{}, fmt.Errorf("dataset: %s: %s: invalid JSON: %w (a record over several lines? JSON lines hold one object a line: jq -c . converts)", jf.name, where, err)
+		}
 		return record{}, fmt.Errorf("dataset: %s: %s: invalid JSON: %w", jf.name, where, err)
 	}
 	if obj == nil {

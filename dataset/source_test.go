@@ -699,6 +699,7 @@ func TestJSONArray(t *testing.T) {
 		`[{"instruction": "a", "input": "", "output": "b"}, {"instruction": 1, "input": "", "output": "b"}]`: "element 1, column instruction: a number, not a string",
 		`[{"instruction": "a", "input": "", "output": "b"}, {"instruction": "a", `:                           "element 1: invalid JSON",
 		`[{"instruction": "a", "input": "", "output": "b"}] {"instruction": "x"}`:                            "data after the JSON array",
+		"{\n  \"instruction\": \"a\",\n  \"input\": \"\",\n  \"output\": \"b\"\n}\n":                         "line 1: invalid JSON: unexpected end of JSON input (a record over several lines?",
 	} {
 		path := write("bad.json", []byte(content))
 		s, err := Open(SourceOptions{Paths: []string{path}})

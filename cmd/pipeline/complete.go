@@ -28,6 +28,15 @@ func specStages(_ *cobra.Command, args []string, _ string) ([]string, cobra.Shel
 	return names, cobra.ShellCompDirectiveNoFileComp
 }
 
+// forceStages completes --force: a stage, or all.
+func forceStages(cmd *cobra.Command, args []string, toComplete string) ([]string, cobra.ShellCompDirective) {
+	names, dir := specStages(cmd, args, toComplete)
+	if len(names) > 0 {
+		names = append(names, "all\tevery stage")
+	}
+	return names, dir
+}
+
 // stageArg completes a command's arguments: the spec file, then a stage.
 func stageArg(cmd *cobra.Command, args []string, toComplete string) ([]string, cobra.ShellCompDirective) {
 	if len(args) == 0 {
@@ -39,11 +48,12 @@ func stageArg(cmd *cobra.Command, args []string, toComplete string) ([]string, c
 	return nil, cobra.ShellCompDirectiveNoFileComp
 }
 
-// completeStageFlags completes flags that name stages.
-func completeStageFlags(cmd *cobra.Command, flags ...string) {
-	for _, f := range flags {
-		_ = cmd.RegisterFlagCompletionFunc(f, specStages)
-	}
+// completeStageFlags completes --until, --only and --force, which name
+// stages.
+func completeStageFlags(cmd *cobra.Command) {
+	_ = cmd.RegisterFlagCompletionFunc("until", specStages)
+	_ = cmd.RegisterFlagCompletionFunc("only", specStages)
+	_ = cmd.RegisterFlagCompletionFunc("force", forceStages)
 }
 
 // completeValues completes a flag from a fixed set of values.

@@ -652,6 +652,9 @@ func TestCompletion(t *testing.T) {
 			t.Errorf("%v: exit %d\n%s", args, r.code, r.stdout)
 		}
 	}
+	if r := runCLI(t, dir, "__complete", "run", spec, "--force", ""); !strings.Contains(r.stdout, "all\tevery stage\n") {
+		t.Errorf("--force: %s", r.stdout)
+	}
 	if r := runCLI(t, dir, "__complete", "run", spec, "--progress", ""); !strings.HasPrefix(r.stdout, "auto\ntty\nlog\nnone\n") {
 		t.Errorf("--progress: %s", r.stdout)
 	}

@@ -96,7 +96,7 @@ kind's version changed, the entry is damaged, forced).`,
 	f.StringVar(&opts.Only, "only", "", "plan only this stage")
 	f.StringArrayVar(&opts.Force, "force", nil, "plan as if this stage were forced (repeatable; \"all\")")
 	f.BoolVar(&asJSON, "json", false, "print JSON with full keys")
-	completeStageFlags(cmd, "until", "only", "force")
+	completeStageFlags(cmd)
 	root.AddCommand(cmd)
 }
 

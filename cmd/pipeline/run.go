@@ -196,7 +196,7 @@ step with rank 0 and stop there. A rank that fails or goes away stops the others
 	f.IntVar(&gpus, "gpus", 1, "train on this many GPUs of this machine, one process each (under torchrun, srun or a training operator, leave it out)")
 	f.StringVar(&progress, "progress", "auto", "progress display: auto (live lines on a terminal, log lines otherwise), tty, log or none")
 	f.DurationVar(&logEvery, "log-every", 30*time.Second, "interval of progress log lines when not on a terminal")
-	completeStageFlags(cmd, "until", "only", "force")
+	completeStageFlags(cmd)
 	completeValues(cmd, "progress", "auto", "tty", "log", "none")
 	root.AddCommand(cmd)
 }

@@ -121,6 +121,11 @@ func TestTokenizeLineErrors(t *testing.T) {
 			t.Errorf("%q: exit %d, %s; want %q", input, r.code, r.stderr, want)
 		}
 	}
+	in := filepath.Join(dir, "bom.jsonl")
+	writeFile(t, in, "\xef\xbb\xbf{\"text\":\"a\"}\n")
+	if r := runCLI(t, dir, "tokenize", "--tokenizer", tokPath, "--in", in); r.code != 0 || !strings.HasPrefix(r.stdout, `{"ids":[`) {
+		t.Errorf("a byte order mark first: exit %d %q\n%s", r.code, r.stdout, r.stderr)
+	}
 	if r := runCLI(t, dir, "tokenize", "--tokenizer", tokPath, "in.jsonl"); r.code != exitUsage || !strings.Contains(r.stderr, "read a file with --in FILE") {
 		t.Errorf("an argument: exit %d, %s", r.code, r.stderr)
 	}

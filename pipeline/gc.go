@@ -70,22 +70,20 @@ func (s *Store) GC(ctx context.Context, opts GCOptions) (*GCResult, error) {
 	var lastRecorded time.Time // the newest end of a recorded run
 	dags, _ := os.ReadDir(filepath.Join(s.Root, "runs"))
 	for _, d := range dags {
-		all := s.runRecords(d.Name())
-		if len(all) > 0 {
-			if r := readRunRecord(all[len(all)-1]); r != nil && r.Finished.After(lastRecorded) {
-				lastRecorded = r.Finished
+		// Each record read once, newest first.
+		var recs []*RunRecord
+		files := s.runRecords(d.Name())
+		for i := len(files) - 1; i >= 0; i-- {
+			if r := readRunRecord(files[i]); r != nil {
+				recs = append(recs, r)
 			}
 		}
-		kept := all
-		if len(kept) > opts.KeepLast {
-			kept = kept[len(kept)-opts.KeepLast:]
+		if len(recs) > 0 && recs[0].Finished.After(lastRecorded) {
+			lastRecorded = recs[0].Finished
 		}
+		kept := recs[:min(opts.KeepLast, len(recs))]
 		unkeyed := map[string]bool{} // stages a kept run left out (--until), with no key
-		for _, f := range kept {
-			r := readRunRecord(f)
-			if r == nil {
-				continue
-			}
+		for _, r := range kept {
 			for _, st := range r.Stages {
 				if st.Key != "" {
 					protected[st.Key] = true
@@ -97,10 +95,9 @@ func (s *Store) GC(ctx context.Context, opts GCOptions) (*GCResult, error) {
 		// Such a stage keeps the entry it last had: the newest key any run
 		// recorded for it (nightly preprocessing must not cost the weekly
 		// training its adapter).
-		for i := len(all) - 1; i >= 0 && len(unkeyed) > 0; i-- {
-			r := readRunRecord(all[i])
-			if r == nil {
-				continue
+		for _, r := range recs {
+			if len(unkeyed) == 0 {
+				break
 			}
 			for _, st := range r.Stages {
 				if unkeyed[st.Name] && st.Key != "" {

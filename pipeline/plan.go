@@ -112,8 +112,10 @@ func (s *Store) plan(ctx context.Context, dag *DAG, opts Options, lenient bool) 
 	if err := unprepared(keyed); err != nil && !lenient {
 		return nil, err
 	}
+	isKeyed := map[*Node]bool{}
 	var prepared []*Node
 	for _, n := range keyed {
+		isKeyed[n] = true
 		if n.Unprepared == nil {
 			prepared = append(prepared, n)
 		}
@@ -133,7 +135,7 @@ func (s *Store) plan(ctx context.Context, dag *DAG, opts Options, lenient bool) 
 		st := &Step{Node: n}
 		steps[n] = st
 		plan.Steps = append(plan.Steps, st)
-		if !slices.Contains(keyed, n) {
+		if !isKeyed[n] {
 			continue
 		}
 		if err := s.key(st, steps, refs[n], refErrs[n]); err != nil {

@@ -260,3 +260,54 @@ func adapterTokenizer(ctx context.Context, t *pipeline.Task, prov provenance, ba
 	}
 	return path, nil
 }
+
+// CheckCachedAdapter reads what the cache knows of an adapter given as a
+// qlora stage's entry's adapter/ folder (nothing is known of other
+// folders), for chat, which takes folders: whether it trained on an NF4
+// base, and whether the model is a cache entry it cannot go on: a model
+// stage's checkpoint it was not trained on, or a merge that holds this
+// very adapter already.
+func CheckCachedAdapter(modelDir, adapterDir string) (trainedNF4 bool, err error) {
+	modelDir, adapterDir = filepath.Clean(modelDir), filepath.Clean(adapterDir) // "adapter/" as a shell completes it
+	am, err := pipeline.ReadManifest(filepath.Dir(adapterDir))                  // the entry's adapter/
+	if err != nil || am.Kind != "qlora" {
+		return false, nil
+	}
+	trainedNF4 = params(am)["quantize"] == "nf4"
+	// The model's own entry: a model stage's folder, or a merge's model/.
+	mm, err := pipeline.ReadManifest(modelDir)
+	if err != nil {
+		if mm, err = pipeline.ReadManifest(filepath.Dir(modelDir)); err != nil || mm.Kind != mergeKindName {
+			return trainedNF4, nil
+		}
+	}
+	has := func(ins []pipeline.InputRef, key string) bool {
+		return slices.ContainsFunc(ins, func(in pipeline.InputRef) bool { return in.Key == key })
+	}
+	switch {
+	case mm.Kind == mergeKindName && has(mm.Inputs, am.Key):
+		return false, fmt.Errorf("--model %s is stage %s's merge of this adapter: its weights hold the adapter already; chat with --model alone", modelDir, mm.Stage)
+	case mm.Kind == modelKindName && !has(am.Inputs, mm.Key) && !sameCheckpoint(am.Files, mm.Outputs):
+		return false, fmt.Errorf("--adapter %s was trained on another checkpoint than model stage %s's entry %s: an adapter for another base", adapterDir, mm.Stage, modelDir)
+	}
+	return trainedNF4, nil
+}
+
+// sameCheckpoint says whether the checkpointFiles training read are, by
+// digest, those a model stage wrote: false when training read none.
+func sameCheckpoint(read, wrote []pipeline.FileRef) bool {
+	written := map[string]string{}
+	for _, f := range wrote {
+		written[filepath.Base(f.Path)] = f.SHA256
+	}
+	matched := false
+	for _, f := range read {
+		if name := filepath.Base(f.Path); slices.Contains(checkpointFiles, name) {
+			if written[name] != f.SHA256 {
+				return false
+			}
+			matched = true
+		}
+	}
+	return matched
+}

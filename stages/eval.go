@@ -377,8 +377,7 @@ func (evalKind) CheckInputs(params any, needs []pipeline.Need) error {
 		return &pipeline.ParamError{Param: "needs", Msg: fmt.Sprintf("two model stages (%s): an adapter has one base", strings.Join(models, ", ")),
 			Fix: "keep the model stage the adapter was trained on"}
 	case len(models) == 1 && p.Model != "":
-		return &pipeline.ParamError{Param: "model", Msg: fmt.Sprintf("names %s, and model stage %q is in needs: two base models", p.Model, models[0]),
-			Fix: "remove `model:`, or the model stage from needs"}
+		return twoBases(p.Model, models[0])
 	case hasLoss && len(sources) == 0:
 		return &pipeline.ParamError{Param: "needs", Msg: "the loss task has no held-out records",
 			Fix: "add a jsonl, parquet or text stage of held-out records, or the mix stage that holds some out, to needs"}

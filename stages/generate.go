@@ -201,8 +201,7 @@ func (generateKind) CheckInputs(params any, needs []pipeline.Need) error {
 		return needsErr(fmt.Sprintf("merge stage %q holds a whole model, its adapter merged in, and a qlora or model stage or `model:` names another", byKind[mergeKindName][0]),
 			"give either the merge stage, or the qlora stage with its base")
 	case model && p.Model != "":
-		return &pipeline.ParamError{Param: "model", Msg: fmt.Sprintf("names %s, and model stage %q is in needs: two base models", p.Model, byKind[modelKindName][0]),
-			Fix: "remove `model:`, or the model stage from needs"}
+		return twoBases(p.Model, byKind[modelKindName][0])
 	case !qlora && !merge && !model && p.Model == "":
 		return needsErr("no model", "add a qlora, merge or model stage to needs, or set `model:` to a checkpoint folder")
 	}

@@ -79,8 +79,7 @@ func (qloraKind) CheckInputs(params any, needs []pipeline.Need) error {
 		return &pipeline.ParamError{Param: "needs", Msg: fmt.Sprintf("two model stages (%s): a qlora stage trains one base model", strings.Join(models, ", ")),
 			Fix: "keep one model stage in needs"}
 	case len(models) == 1 && p.Model != "":
-		return &pipeline.ParamError{Param: "model", Msg: fmt.Sprintf("names %s, and model stage %q is in needs: two base models", p.Model, models[0]),
-			Fix: "remove `model:`, or the model stage from needs"}
+		return twoBases(p.Model, models[0])
 	case len(models) == 0 && p.Model == "":
 		return &pipeline.ParamError{Param: "needs", Msg: "no base model",
 			Fix: "set `model:` to a checkpoint folder, or add a model stage to needs"}
@@ -111,8 +110,7 @@ func (mergeKind) CheckInputs(params any, needs []pipeline.Need) error {
 	case len(adapters) > 1:
 		return needsErr(fmt.Sprintf("two qlora stages (%s): a merge stage merges one adapter", strings.Join(adapters, ", ")), "keep one in needs")
 	case len(models) == 1 && p.Model != "":
-		return &pipeline.ParamError{Param: "model", Msg: fmt.Sprintf("names %s, and model stage %q is in needs: two base models", p.Model, models[0]),
-			Fix: "remove `model:`, or the model stage from needs"}
+		return twoBases(p.Model, models[0])
 	case len(models) == 0 && p.Model == "":
 		return needsErr("no base model", "set `model:` to the checkpoint folder the adapter was trained on, or add its model stage to needs")
 	}
@@ -135,4 +133,11 @@ func (ggufKind) CheckInputs(params any, needs []pipeline.Need) error {
 			Fix: "add a merge stage to needs, or set `model:` to a checkpoint folder"}
 	}
 	return nil
+}
+
+// twoBases is the error of a stage whose `model:` names a base while a
+// model stage among its needs names another.
+func twoBases(model, stage string) error {
+	return &pipeline.ParamError{Param: "model", Msg: fmt.Sprintf("names %s, and model stage %q is in needs: two base models", model, stage),
+		Fix: "remove `model:`, or the model stage from needs"}
 }

@@ -3,7 +3,6 @@ package main
 import (
 	"bufio"
 	"context"
-	"encoding/json"
 	"errors"
 	"fmt"
 	"io"
@@ -12,7 +11,6 @@ import (
 	"os"
 	"os/signal"
 	"path/filepath"
-	"slices"
 	"strings"
 	"time"
 
@@ -21,7 +19,7 @@ import (
 
 	"gemmaft/chat"
 	"gemmaft/converse"
-	"gemmaft/pipeline"
+	"gemmaft/stages"
 	"gemmaft/tokenizer"
 	"gemmaft/trainer"
 )
@@ -193,7 +191,7 @@ in float32 (--backend cpu).`,
 				defer stop()
 			}
 			if adapterDir != "" {
-				nf4, err := checkCachedAdapter(modelDir, adapterDir)
+				nf4, err := stages.CheckCachedAdapter(modelDir, adapterDir)
 				if err != nil {
 					return usageErr(fmt.Errorf("chat: %w", err))
 				}
@@ -454,60 +452,4 @@ func (s *chatSession) loop(ctx context.Context, in io.Reader) error {
 			fmt.Fprintln(os.Stderr, s.cutNote(end))
 		}
 	}
-}
-
-// checkCachedAdapter reads what the cache knows of an adapter given as a
-// qlora stage's entry's adapter/ (nothing is known of other folders): whether it
-// trained on an NF4 base, and whether the model is a cache entry it
-// cannot go on: a model stage's checkpoint it was not trained on, or a
-// merge that holds this very adapter already.
-func checkCachedAdapter(modelDir, adapterDir string) (trainedNF4 bool, err error) {
-	modelDir, adapterDir = filepath.Clean(modelDir), filepath.Clean(adapterDir) // "adapter/" as a shell completes it
-	am, err := pipeline.ReadManifest(filepath.Dir(adapterDir))                  // the entry's adapter/
-	if err != nil || am.Kind != "qlora" {
-		return false, nil
-	}
-	var p struct {
-		Quantize string `json:"quantize"`
-	}
-	_ = json.Unmarshal(am.Params, &p)
-	trainedNF4 = p.Quantize == "nf4"
-	// The model's own entry: a model stage's folder, or a merge's model/.
-	mm, err := pipeline.ReadManifest(modelDir)
-	if err != nil {
-		if mm, err = pipeline.ReadManifest(filepath.Dir(modelDir)); err != nil || mm.Kind != "merge" {
-			return trainedNF4, nil
-		}
-	}
-	has := func(ins []pipeline.InputRef, key string) bool {
-		return slices.ContainsFunc(ins, func(in pipeline.InputRef) bool { return in.Key == key })
-	}
-	switch {
-	case mm.Kind == "merge" && has(mm.Inputs, am.Key):
-		return false, fmt.Errorf("--model %s is stage %s's merge of this adapter: its weights hold the adapter already; chat with --model alone", modelDir, mm.Stage)
-	case mm.Kind == "model" && !has(am.Inputs, mm.Key) && !sameCheckpoint(am.Files, mm.Outputs):
-		return false, fmt.Errorf("--adapter %s was trained on another checkpoint than model stage %s's entry %s: an adapter for another base", adapterDir, mm.Stage, modelDir)
-	}
-	return trainedNF4, nil
-}
-
-// sameCheckpoint says whether the checkpoint files training read (by their
-// names) are, by digest, those a model stage wrote: false when training
-// read none of them.
-func sameCheckpoint(read, wrote []pipeline.FileRef) bool {
-	written := map[string]string{}
-	for _, f := range wrote {
-		written[filepath.Base(f.Path)] = f.SHA256
-	}
-	matched := false
-	for _, f := range read {
-		switch name := filepath.Base(f.Path); name {
-		case "config.json", "model.safetensors", "model.safetensors.index.json":
-			if written[name] != f.SHA256 {
-				return false
-			}
-			matched = true
-		}
-	}
-	return matched
 }

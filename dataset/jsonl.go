@@ -70,9 +70,7 @@ func (jf *jsonlFile) detectArray() error {
 		return err
 	}
 	defer lr.close()
-	if b, _ := lr.r.Peek(3); string(b) == "\xef\xbb\xbf" { // a UTF-8 byte order mark
-		lr.r.Discard(3)
-	}
+	skipBOM(lr.r)
 	for {
 		c, err := lr.r.ReadByte()
 		switch {
@@ -85,6 +83,16 @@ func (jf *jsonlFile) detectArray() error {
 		}
 		jf.array = c == '['
 		return nil
+	}
+}
+
+// utf8BOM is the byte order mark editors on Windows start UTF-8 files with.
+var utf8BOM = []byte("\xef\xbb\xbf")
+
+// skipBOM reads past a byte order mark at r's start.
+func skipBOM(r *bufio.Reader) {
+	if b, _ := r.Peek(len(utf8BOM)); bytes.Equal(b, utf8BOM) {
+		r.Discard(len(utf8BOM))
 	}
 }
 
@@ -105,9 +113,7 @@ func (jf *jsonlFile) records() (recordReader, error) {
 	case !jf.array:
 		return lr, nil
 	}
-	if b, _ := lr.r.Peek(3); string(b) == "\xef\xbb\xbf" { // a UTF-8 byte order mark
-		lr.r.Discard(3)
-	}
+	skipBOM(lr.r)
 	ar := &arrayReader{lr: lr, dec: json.NewDecoder(lr.r), index: -1}
 	if tok, err := ar.dec.Token(); err != nil || tok != json.Delim('[') {
 		lr.close()
@@ -410,7 +416,7 @@ func (lr *lineReader) next() ([]byte, error) {
 		lr.line++
 		line := lr.buf
 		if lr.line == 1 {
-			line = bytes.TrimPrefix(line, []byte("\xef\xbb\xbf")) // a UTF-8 byte order mark
+			line = bytes.TrimPrefix(line, utf8BOM)
 		}
 		if line = bytes.TrimSpace(line); len(line) > 0 {
 			return line, nil

@@ -168,16 +168,12 @@ func conversationLeaves(sf *pqarrow.SchemaField, conv *convFields) (leaves []*pq
 // textPartFields returns the type and text fields of a content given as a
 // list of parts, or nil, nil when it is not one.
 func textPartFields(content *pqarrow.SchemaField) (typ, text *pqarrow.SchemaField) {
-	switch content.Field.Type.ID() {
-	case arrow.LIST, arrow.LARGE_LIST:
-	default:
+	elem := structElem(content)
+	if elem == nil {
 		return nil, nil
 	}
-	if len(content.Children) != 1 || content.Children[0].Field.Type.ID() != arrow.STRUCT {
-		return nil, nil
-	}
-	for i := range content.Children[0].Children {
-		c := &content.Children[0].Children[i]
+	for i := range elem.Children {
+		c := &elem.Children[i]
 		if !c.IsLeaf() || !isStringType(c.Field.Type) {
 			continue
 		}
@@ -194,22 +190,29 @@ func textPartFields(content *pqarrow.SchemaField) (typ, text *pqarrow.SchemaFiel
 	return typ, text
 }
 
+// structElem is the element of a list of structs, or nil when sf is not one.
+func structElem(sf *pqarrow.SchemaField) *pqarrow.SchemaField {
+	switch sf.Field.Type.ID() {
+	case arrow.LIST, arrow.LARGE_LIST:
+	default:
+		return nil
+	}
+	if len(sf.Children) != 1 || sf.Children[0].Field.Type.ID() != arrow.STRUCT {
+		return nil
+	}
+	return &sf.Children[0]
+}
+
 // conversationFields finds the role and content fields of a conversation
 // column (nil, nil for a string column holding the list as JSON).
 func conversationFields(sf *pqarrow.SchemaField, conv *convFields) (role, content *pqarrow.SchemaField, err error) {
 	if sf.IsLeaf() && isStringType(sf.Field.Type) {
 		return nil, nil, nil
 	}
-	bad := fmt.Errorf("has type %s; want a list of structs with string fields %q and %q, or text holding that list as JSON", sf.Field.Type, conv.role, conv.content)
-	switch sf.Field.Type.ID() {
-	case arrow.LIST, arrow.LARGE_LIST:
-	default:
-		return nil, nil, bad
+	elem := structElem(sf)
+	if elem == nil {
+		return nil, nil, fmt.Errorf("has type %s; want a list of structs with string fields %q and %q, or text holding that list as JSON", sf.Field.Type, conv.role, conv.content)
 	}
-	if len(sf.Children) != 1 || sf.Children[0].Field.Type.ID() != arrow.STRUCT {
-		return nil, nil, bad
-	}
-	elem := &sf.Children[0]
 	for i := range elem.Children {
 		c := &elem.Children[i]
 		switch c.Field.Name {

@@ -498,7 +498,7 @@ func SniffFormat(open func(string) (fs.File, error), path string) (Format, error
 	if bytes.HasPrefix(head, []byte("PAR1")) {
 		return FormatParquet, nil
 	}
-	head = bytes.TrimLeft(bytes.TrimPrefix(head, []byte("\xef\xbb\xbf")), " \t\r\n")
+	head = bytes.TrimLeft(bytes.TrimPrefix(head, utf8BOM), " \t\r\n")
 	if len(head) > 0 && (head[0] == '{' || head[0] == '[') {
 		return FormatJSONL, nil
 	}

@@ -166,10 +166,8 @@ func (o benchOptions) checkFlags() error {
 	return nil
 }
 
+// runBench runs the benchmark of flags checkFlags has passed.
 func runBench(ctx context.Context, w io.Writer, o benchOptions) error {
-	if err := o.checkFlags(); err != nil {
-		return err
-	}
 	optimizer, _, err := trainer.ResolveOptimizer(o.optimizer)
 	if err != nil {
 		return usageErr(err)

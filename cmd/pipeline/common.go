@@ -89,6 +89,15 @@ func specArgs(spec string) string {
 	return spec
 }
 
+// keyColumn is a key as tables show it: short, or "-" for a stage the
+// plan did not key.
+func keyColumn(key string) string {
+	if key == "" {
+		return "-"
+	}
+	return pipeline.ShortKey(key)
+}
+
 // warnUnselectedForce says which --force stages a run with opts does not
 // select (--until, --only), whose --force then does nothing.
 func warnUnselectedForce(dag *pipeline.DAG, opts pipeline.Options) {

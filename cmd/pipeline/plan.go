@@ -78,11 +78,7 @@ kind's version changed, the entry is damaged, forced).`,
 			w := tabwriter.NewWriter(os.Stdout, 0, 4, 2, ' ', 0)
 			fmt.Fprintln(w, "STAGE\tKIND\tKEY\tACTION\tWHY")
 			for _, r := range rows {
-				key := pipeline.ShortKey(r.Key)
-				if key == "" {
-					key = "-" // a stage the plan does not need is not keyed
-				}
-				fmt.Fprintf(w, "%s\t%s\t%s\t%s\t%s\n", r.Stage, r.Kind, key, r.Action, r.Why)
+				fmt.Fprintf(w, "%s\t%s\t%s\t%s\t%s\n", r.Stage, r.Kind, keyColumn(r.Key), r.Action, r.Why)
 			}
 			if err := w.Flush(); err != nil {
 				return err

@@ -72,11 +72,7 @@ events of the training stages, and the command that writes the HTML report.`,
 				if e.Damage != nil {
 					state += " (" + e.Damage.Error() + ")"
 				}
-				key := pipeline.ShortKey(e.Key)
-				if key == "" {
-					key = "-"
-				}
-				fmt.Fprintf(w, "%s\t%s\t%s\t%s\t%s\t%s\t%s\n", e.Name, e.Kind, state, rows, size, when, key)
+				fmt.Fprintf(w, "%s\t%s\t%s\t%s\t%s\t%s\t%s\n", e.Name, e.Kind, state, rows, size, when, keyColumn(e.Key))
 			}
 			if err := w.Flush(); err != nil {
 				return err

@@ -115,9 +115,30 @@ func load(spec libSpec, cands []candidate, table []symbol, accept func() error) 
 		}
 		return lib
 	}
-	lib.Err = fmt.Errorf("%w: %s not found (searched %s, the system loader, CUDA's folders and pip nvidia-* wheels; set %s to a folder holding %s)",
-		ErrUnavailable, spec.name, LibsEnv, LibsEnv, spec.sonames[0])
+	lib.Err = &NotFoundError{Name: spec.name, File: spec.sonames[0]}
 	return lib
+}
+
+// Searched is where libraries are looked for, in order.
+const Searched = LibsEnv + ", the system loader, CUDA's folders and pip nvidia-* wheels"
+
+// A NotFoundError is a library's error when no candidate loaded: an
+// ErrUnavailable naming the file looked for.
+type NotFoundError struct {
+	Name string // "CUDA driver"
+	File string // the file looked for: libcuda.so.1
+}
+
+func (e *NotFoundError) Error() string {
+	return ErrUnavailable.Error() + ": " + e.Name + " not found" + SearchHint(e.File)
+}
+
+func (e *NotFoundError) Unwrap() error { return ErrUnavailable }
+
+// SearchHint is a NotFoundError's parenthesis: where the search went, and
+// how to point it at file.
+func SearchHint(file string) string {
+	return fmt.Sprintf(" (searched %s; set %s to a folder holding %s)", Searched, LibsEnv, file)
 }
 
 var errNoDLSupport = errors.New("loading libraries at run time is implemented for Linux only")

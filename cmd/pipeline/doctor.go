@@ -2,9 +2,9 @@ package main
 
 import (
 	"encoding/json"
+	"errors"
 	"fmt"
 	"io"
-	"regexp"
 	"runtime"
 	"runtime/debug"
 	"strings"
@@ -60,6 +60,7 @@ type doctorLibrary struct {
 	Version string   `json:"version,omitempty"`
 	Tried   []string `json:"tried,omitempty"`
 	Error   string   `json:"error,omitempty"`
+	File    string   `json:"file,omitempty"` // looked for and not found
 }
 
 type doctorDevice struct {
@@ -108,6 +109,10 @@ func diagnose() doctorReport {
 		dl := doctorLibrary{Name: l.Name, Found: l.Found(), Path: l.Path, Via: l.Via, Version: l.Version, Tried: l.Tried}
 		if l.Err != nil {
 			dl.Error = l.Err.Error()
+		}
+		var nf *cuda.NotFoundError
+		if errors.As(l.Err, &nf) {
+			dl.File = nf.File
 		}
 		rep.Libraries = append(rep.Libraries, dl)
 	}
@@ -165,14 +170,14 @@ func (r doctorReport) print(w io.Writer) {
 		p("driver         supports CUDA %s\n", r.DriverVersion)
 	}
 	p("\nCUDA libraries\n")
-	searched := "" // where the missing ones were looked for: said once
+	var hints []string // of the missing libraries: where the search went, said once
 	for _, l := range r.Libraries {
-		switch m := notFound.FindStringSubmatch(l.Error); {
+		switch {
 		case l.Found:
 			p("  %-12s %-8s %s (%s)\n", l.Name, l.Version, l.Path, l.Via)
-		case m != nil:
-			p("  %-12s missing  (%s)\n", l.Name, m[3])
-			searched = m[2]
+		case l.File != "":
+			p("  %-12s missing  (%s)\n", l.Name, l.File)
+			hints = append(hints, cuda.SearchHint(l.File))
 		default:
 			p("  %-12s missing  %s\n", l.Name, strings.TrimPrefix(l.Error, cuda.ErrUnavailable.Error()+": "))
 		}
@@ -180,11 +185,15 @@ func (r doctorReport) print(w io.Writer) {
 			p("  %-12s          skipped %s\n", "", t)
 		}
 	}
-	if searched != "" {
-		p("  searched %s; set PIPELINE_CUDA_LIBS to the folder holding the missing ones\n", searched)
+	if len(hints) > 0 {
+		p("  searched %s; set %s to the folder holding the missing ones\n", cuda.Searched, cuda.LibsEnv)
 	}
 	brief := func(reason string) string { // the search is said above
-		return notFoundParen.ReplaceAllString(strings.TrimPrefix(reason, cuda.ErrUnavailable.Error()+": "), "")
+		reason = strings.TrimPrefix(reason, cuda.ErrUnavailable.Error()+": ")
+		for _, h := range hints {
+			reason = strings.ReplaceAll(reason, h, "")
+		}
+		return reason
 	}
 	p("\nDevices\n")
 	if len(r.Devices) == 0 {
@@ -214,11 +223,3 @@ func (r doctorReport) print(w io.Writer) {
 	}
 	p("training       %s: %s\n", r.Trainer, brief(r.TrainerReason))
 }
-
-// notFound is cuda's error for a library it did not find: the library,
-// where it looked, and the file it looked for. notFoundParen is its
-// parenthesis.
-var (
-	notFound      = regexp.MustCompile(`^(?:.*: )?(.+?) not found \(searched (.*); set PIPELINE_CUDA_LIBS to a folder holding ([^\s)]+)\)$`)
-	notFoundParen = regexp.MustCompile(` \(searched [^()]*; set PIPELINE_CUDA_LIBS to a folder holding [^\s)]+\)`)
-)

@@ -48,7 +48,7 @@ func TestDoctorSaysTheSearchOnce(t *testing.T) {
 		GPUReason:     "CUDA unavailable: CUDA driver not found (" + search + "; set PIPELINE_CUDA_LIBS to a folder holding libcuda.so.1)",
 		TrainerReason: "the GPU is not usable (CUDA unavailable: CUDA driver not found (" + search + "; set PIPELINE_CUDA_LIBS to a folder holding libcuda.so.1)); training on the CPU"}
 	for _, l := range [][2]string{{"CUDA driver", "libcuda.so.1"}, {"NVRTC", "libnvrtc.so.13"}} {
-		rep.Libraries = append(rep.Libraries, doctorLibrary{Name: l[0],
+		rep.Libraries = append(rep.Libraries, doctorLibrary{Name: l[0], File: l[1],
 			Error: "CUDA unavailable: " + l[0] + " not found (" + search + "; set PIPELINE_CUDA_LIBS to a folder holding " + l[1] + ")"})
 	}
 	var out bytes.Buffer

@@ -3,6 +3,7 @@ package stages
 import (
 	"bytes"
 	"encoding/json"
+	"errors"
 	"fmt"
 	"io/fs"
 	"os"
@@ -139,6 +140,16 @@ func TestHubDAG(t *testing.T) {
 		if s := stageRecord(t, rec, name); len(s.Refs) != 1 || s.Refs[0].Revision != mcommit || s.State != "computed" {
 			t.Errorf("%s: %s refs %+v", name, s.State, s.Refs)
 		}
+	}
+	// The adapter names its base as AutoPeftModelForCausalLM loads it: the
+	// repository id at the commit training read, not the hf:// reference.
+	var ac struct {
+		Base     string  `json:"base_model_name_or_path"`
+		Revision *string `json:"revision"`
+	}
+	data, err := os.ReadFile(filepath.Join(r.store.EntryDir(stageRecord(t, rec, "adapter").Key), "adapter", "adapter_config.json"))
+	if err := errors.Join(err, json.Unmarshal(data, &ac)); err != nil || ac.Base != "google/gemma-3-tiny-it" || ac.Revision == nil || *ac.Revision != mcommit {
+		t.Errorf("adapter_config.json names its base %q at %v, want google/gemma-3-tiny-it at %s (%v)", ac.Base, ac.Revision, mcommit, err)
 	}
 	snap := filepath.Join(f.cache, "datasets--malhajar--alpaca-gpt4-tr", "snapshots", dcommit, "data", "train-00001-of-00002.parquet")
 	if _, err := os.Stat(snap); err != nil {

@@ -12,6 +12,7 @@ import (
 
 	"gemmaft/hub"
 	"gemmaft/pipeline"
+	"gemmaft/trainer"
 )
 
 // What an hf:// reference of a parameter names.
@@ -237,6 +238,23 @@ func modelParam(model, specDir, fix string) (modelArg, error) {
 }
 
 func (m *modelArg) set() bool { return m.param != "" }
+
+// peftBase is how an adapter trained on the model names it: a Hub model
+// by its repository id at the commit the plan resolved (which the key
+// holds), a folder as the spec writes it (never a path into the cache or
+// one resolved against where the spec lies, which the key does not hold).
+func (m *modelArg) peftBase() trainer.BaseModel {
+	if m.hub == nil {
+		return trainer.BaseModel{NameOrPath: m.param}
+	}
+	m.hub.mu.Lock()
+	defer m.hub.mu.Unlock()
+	b := trainer.BaseModel{NameOrPath: m.hub.ref.ID, Revision: m.hub.ref.Revision}
+	if m.hub.resolved != nil {
+		b.Revision = m.hub.resolved.Commit
+	}
+	return b
+}
 
 // path is the local checkpoint folder, fetched first for an hf:// model.
 func (m *modelArg) path(ctx context.Context, t *pipeline.Task) (string, error) {

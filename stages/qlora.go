@@ -23,11 +23,9 @@ type qloraKind struct{}
 // usual QLoRA values as defaults. Fields tagged json:"-" change how the run
 // uses the machine, not its result, and so stay out of the cache key.
 type qloraParams struct {
-	// Model is a checkpoint folder; leave it empty when a model stage is
-	// among the needs. The adapter's base_model_name_or_path is this value
-	// as the spec writes it (empty for a model stage), never a path into
-	// the cache or one resolved against where the spec lies, so that the
-	// entry depends on nothing its key does not hold.
+	// Model is a checkpoint folder or an hf:// reference; leave it empty
+	// when a model stage is among the needs (the adapter then names no
+	// base). modelArg.peftBase says how the adapter names it.
 	Model         string   `json:"model,omitempty"`
 	R             int      `json:"r"`
 	Alpha         float64  `json:"alpha"`
@@ -65,8 +63,10 @@ type qloraParams struct {
 // Version 2: dropout masks come from Philox (shared by the CPU and GPU
 // backends), 8-bit AdamW runs as 8-bit AdamW, and the key holds the
 // resolved backend. Version 3: dropout draws 16 bits an element
-// (trainer.Dropout), so the same run drops other elements.
-func (qloraKind) Version() int       { return 3 }
+// (trainer.Dropout), so the same run drops other elements. Version 4: an
+// hf:// base is named in adapter_config.json by its repository id and
+// commit, which PEFT's AutoPeftModelForCausalLM can load.
+func (qloraKind) Version() int       { return 4 }
 func (qloraKind) Inputs() (int, int) { return 1, 2 }
 func (qloraKind) Params() any {
 	var targets []string
@@ -265,7 +265,7 @@ func (s *qloraStage) Run(ctx context.Context, t *pipeline.Task) error {
 		MaxGradNorm: s.p.MaxGradNorm,
 		BatchSize:   s.p.BatchSize, GradAccum: s.p.GradAccum, Epochs: s.p.Epochs, MaxSteps: s.p.MaxSteps,
 		Seed: s.p.Seed, EvalFraction: s.p.EvalFraction, EvalEvery: s.p.EvalEvery, EvalData: heldOut, LogEvery: s.p.LogEvery,
-		CheckpointEvery: s.p.CheckpointEvery, OutDir: scratch, CheckpointDir: checkpoints, BaseModel: s.p.Model, Log: t.Log,
+		CheckpointEvery: s.p.CheckpointEvery, OutDir: scratch, CheckpointDir: checkpoints, BaseModel: s.model.peftBase(), Log: t.Log,
 		Progress: func(p trainer.Progress) {
 			note := fmt.Sprintf("loss %.4f  lr %.2e  %.0f tok/s", p.Loss, p.LR, p.TokensPerSec)
 			if !math.IsNaN(p.EvalLoss) {

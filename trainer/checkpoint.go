@@ -103,7 +103,7 @@ func saveCheckpoint(dir string, info *ModelInfo, st trainState, a *Adapter, opt 
 	defer os.RemoveAll(tmp)
 	// Checkpoints name no base model: they never leave the checkpoint
 	// folder, and a path would tie them to where the run happened.
-	if err := info.SaveAdapter(tmp, a, ""); err != nil {
+	if err := info.SaveAdapter(tmp, a, BaseModel{}); err != nil {
 		return err
 	}
 	if err := safetensors.WriteFile(filepath.Join(tmp, optimizerFile), opt.Tensors,

@@ -148,7 +148,7 @@ func TestDivergedResumeIsSetAside(t *testing.T) {
 			}
 		}
 	}
-	if err := m.SaveAdapter(ck, a, ""); err != nil {
+	if err := m.SaveAdapter(ck, a, BaseModel{}); err != nil {
 		t.Fatal(err)
 	}
 	if err := dirsum.Write(ck); err != nil {

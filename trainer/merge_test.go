@@ -30,7 +30,7 @@ func TestMergeAdapter(t *testing.T) {
 	a, _ := NewAdapter(c, LoRAConfig{R: 4, Alpha: 8, Targets: []Module{QProj, VProj, DownProj}}, 3)
 	randomizeB(a, 4)
 	adapter := filepath.Join(dir, "adapter")
-	if err := m.SaveAdapter(adapter, a, "base"); err != nil {
+	if err := m.SaveAdapter(adapter, a, BaseModel{NameOrPath: "base"}); err != nil {
 		t.Fatal(err)
 	}
 	tok := filepath.Join(dir, "tok")

@@ -63,8 +63,8 @@ type TrainOptions struct {
 	// may lie outside OutDir, so a run can resume into a fresh OutDir: each
 	// checkpoint carries the metrics written so far.
 	CheckpointDir string
-	// BaseModel is recorded in the adapter's base_model_name_or_path.
-	BaseModel string
+	// BaseModel is recorded in the adapter's adapter_config.json.
+	BaseModel BaseModel
 	// Progress, when set, is called after every optimizer step.
 	Progress func(Progress)
 	// Log, when set, receives what a person should know: a resume, and a

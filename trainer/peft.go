@@ -58,10 +58,19 @@ type adapterConfigJSON struct {
 	Revision            *string        `json:"revision"`
 }
 
+// BaseModel names the checkpoint an adapter was trained on, as PEFT's
+// adapter_config.json records it: AutoPeftModelForCausalLM loads
+// base_model_name_or_path at revision, so a Hub model is its repository id
+// with the commit, never an hf:// reference, which it cannot resolve.
+type BaseModel struct {
+	NameOrPath string // a repository id (ORG/NAME) or a folder; "" when unknown
+	Revision   string // a Hub commit; "" for a folder
+}
+
 // SaveAdapter writes a in PEFT's format into dir: adapter_model.safetensors
 // with the key names PEFT uses for m's checkpoint, in float32, and
-// adapter_config.json. baseModel is recorded as base_model_name_or_path.
-func (m *ModelInfo) SaveAdapter(dir string, a *Adapter, baseModel string) error {
+// adapter_config.json naming base.
+func (m *ModelInfo) SaveAdapter(dir string, a *Adapter, base BaseModel) error {
 	if err := os.MkdirAll(dir, 0o755); err != nil {
 		return err
 	}
@@ -96,10 +105,13 @@ func (m *ModelInfo) SaveAdapter(dir string, a *Adapter, baseModel string) error 
 		targets = multimodalTargetPrefix + strings.Join(names, "|") + ")"
 	}
 	cfg := adapterConfigJSON{
-		PeftType: "LORA", TaskType: "CAUSAL_LM", BaseModelNameOrPath: baseModel,
+		PeftType: "LORA", TaskType: "CAUSAL_LM", BaseModelNameOrPath: base.NameOrPath,
 		R: a.Config.R, LoraAlpha: a.Config.Alpha, LoraDropout: a.Config.Dropout,
 		TargetModules: targets, Bias: "none", InferenceMode: true, InitLoraWeights: true,
 		RankPattern: map[string]int{}, AlphaPattern: map[string]int{},
+	}
+	if base.Revision != "" {
+		cfg.Revision = &base.Revision
 	}
 	b, err := json.MarshalIndent(cfg, "", "  ")
 	if err != nil {

@@ -52,7 +52,7 @@ func trainOptions(out string) TrainOptions {
 	return TrainOptions{
 		LR: 2e-2, Schedule: ScheduleCosine, WarmupSteps: 2, MaxGradNorm: 1,
 		BatchSize: 2, GradAccum: 2, Epochs: 2, Seed: 42,
-		EvalFraction: 0.1, EvalEvery: 4, LogEvery: 1, CheckpointEvery: 1, OutDir: out, BaseModel: "tiny",
+		EvalFraction: 0.1, EvalEvery: 4, LogEvery: 1, CheckpointEvery: 1, OutDir: out, BaseModel: BaseModel{NameOrPath: "tiny"},
 	}
 }
 

@@ -148,7 +148,7 @@ func TestAdapterRoundTripAndMismatch(t *testing.T) {
 	a, _ := NewAdapter(c, LoRAConfig{R: 2, Alpha: 4, Dropout: 0.1, Targets: []Module{QProj, DownProj}}, 1)
 	randomizeB(a, 2)
 	dir := t.TempDir()
-	if err := m.SaveAdapter(dir, a, "base"); err != nil {
+	if err := m.SaveAdapter(dir, a, BaseModel{NameOrPath: "base"}); err != nil {
 		t.Fatal(err)
 	}
 	f, err := safetensors.Open(filepath.Join(dir, AdapterWeightsFile))
@@ -195,7 +195,7 @@ func TestAdapterFilesNamed(t *testing.T) {
 	}
 	a, _ := NewAdapter(c, LoRAConfig{R: 4, Alpha: 8, Targets: []Module{QProj, DownProj}}, 1)
 	ad := filepath.Join(dir, "adapter")
-	if err := ck.SaveAdapter(ad, a, model); err != nil {
+	if err := ck.SaveAdapter(ad, a, BaseModel{NameOrPath: model}); err != nil {
 		t.Fatal(err)
 	}
 	cfgPath := filepath.Join(ad, AdapterConfigFile)

@@ -241,7 +241,7 @@ func TestChatCommand(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if err := ck.SaveAdapter(filepath.Join(dir, "adapter"), a, other); err != nil {
+	if err := ck.SaveAdapter(filepath.Join(dir, "adapter"), a, trainer.BaseModel{NameOrPath: other}); err != nil {
 		t.Fatal(err)
 	}
 	r = runCLI(t, dir, "chat", "--model", model, "--adapter", filepath.Join(dir, "adapter"), "--prompt", q)

@@ -113,7 +113,7 @@ func TestAdapterForPEFT(t *testing.T) {
 	s := openGPU("bf16")(t, sc)
 	defer s.Close()
 	res, err := trainer.Train(context.Background(), s, trainer.Rows(rows), trainer.TrainOptions{LR: 2e-3, BatchSize: 2, GradAccum: 1,
-		Epochs: 1, MaxSteps: 20, Seed: 5, LogEvery: 5, OutDir: filepath.Join(out, "train"), BaseModel: model})
+		Epochs: 1, MaxSteps: 20, Seed: 5, LogEvery: 5, OutDir: filepath.Join(out, "train"), BaseModel: trainer.BaseModel{NameOrPath: model}})
 	if err != nil {
 		t.Fatal(err)
 	}

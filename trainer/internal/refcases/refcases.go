@@ -134,7 +134,7 @@ func writeCase(dir string, c refCase, seed uint64) error {
 			}
 		}
 	}
-	if err := m.SaveAdapter(filepath.Join(dir, "adapter"), a, "model"); err != nil {
+	if err := m.SaveAdapter(filepath.Join(dir, "adapter"), a, trainer.BaseModel{NameOrPath: "model"}); err != nil {
 		return err
 	}
 	f, err := os.Create(filepath.Join(dir, "batch.jsonl"))
@@ -197,7 +197,7 @@ func trainAdapter(dir string, m *trainer.Model, c refCase) error {
 		return err
 	}
 	res, err := trainer.Train(context.Background(), s, trainer.Rows(rows), trainer.TrainOptions{
-		LR: 2e-2, BatchSize: 1, GradAccum: 2, Epochs: 2, Seed: 9, OutDir: out, BaseModel: "model",
+		LR: 2e-2, BatchSize: 1, GradAccum: 2, Epochs: 2, Seed: 9, OutDir: out, BaseModel: trainer.BaseModel{NameOrPath: "model"},
 	})
 	if err != nil {
 		return err

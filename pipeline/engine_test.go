@@ -582,6 +582,52 @@ func TestGC(t *testing.T) {
 // TestGCKeepsWhatPartialRunsLeftOut: runs that stop before a stage
 // (--until, as nightly preprocessing does) record no key for it; gc keeps
 // the entry it last had, so the last training survives them.
+// TestGCLeftovers: gc removes what killed runs left, says how much, and a
+// dry run says the same and removes nothing; a training's checkpoints go
+// only after a week in which nothing in them changed, however long ago
+// the training began (one resumed night after night kept checkpoints
+// seconds old in a folder made eight days before, and lost them).
+func TestGCLeftovers(t *testing.T) {
+	e := newTestEnv(t)
+	root := e.store.Root
+	weekAgo := time.Now().Add(-8 * 24 * time.Hour)
+	write := func(p string, n int) {
+		if err := os.MkdirAll(filepath.Dir(p), 0o755); err != nil {
+			t.Fatal(err)
+		}
+		if err := os.WriteFile(p, make([]byte, n), 0o644); err != nil {
+			t.Fatal(err)
+		}
+	}
+	resumed := filepath.Join(root, "scratch", strings.Repeat("a", 64))
+	write(filepath.Join(resumed, "checkpoints", "step-25", "adapter.safetensors"), 1000)
+	os.Chtimes(resumed, weekAgo, weekAgo)
+	abandoned := filepath.Join(root, "scratch", strings.Repeat("b", 64))
+	write(filepath.Join(abandoned, "checkpoints", "step-5", "adapter.safetensors"), 2000)
+	for _, p := range []string{filepath.Join(abandoned, "checkpoints", "step-5", "adapter.safetensors"), filepath.Join(abandoned, "checkpoints", "step-5"), filepath.Join(abandoned, "checkpoints"), abandoned} {
+		os.Chtimes(p, weekAgo, weekAgo)
+	}
+	half := filepath.Join(root, "tmp", "entry-123")
+	write(filepath.Join(half, "data.arrow"), 3000)
+
+	for _, dry := range []bool{true, false} {
+		res, err := e.store.GC(context.Background(), GCOptions{KeepLast: 3, DryRun: dry})
+		if err != nil {
+			t.Fatal(err)
+		}
+		slices.Sort(res.Leftovers)
+		if want := []string{abandoned, half}; !slices.Equal(res.Leftovers, want) || res.LeftoverBytes != 5000 {
+			t.Errorf("dry run %v: leftovers %v (%d bytes), want %v (5000)", dry, res.Leftovers, res.LeftoverBytes, want)
+		}
+		for _, p := range []string{resumed, abandoned, half} {
+			_, err := os.Stat(p)
+			if gone := err != nil; gone != (!dry && p != resumed) {
+				t.Errorf("dry run %v: %s gone %v", dry, p, gone)
+			}
+		}
+	}
+}
+
 func TestGCKeepsWhatPartialRunsLeftOut(t *testing.T) {
 	e := newTestEnv(t)
 	e.write("data.txt", "v1")

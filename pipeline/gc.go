@@ -35,6 +35,10 @@ type GCResult struct {
 	// looked: the entries made since the last recorded run are then kept,
 	// as gc, which waits for the runs, would keep them.
 	RunsActive bool
+	// Leftovers is what killed runs left: unfinished outputs in tmp/ and
+	// trainings' checkpoints untouched for a week; LeftoverBytes their size.
+	Leftovers     []string
+	LeftoverBytes int64
 }
 
 // GC removes cache entries no recent run uses. It waits until no run holds
@@ -134,8 +138,17 @@ func (s *Store) GC(ctx context.Context, opts GCOptions) (*GCResult, error) {
 		res.Removed = append(res.Removed, k)
 		res.Freed += size
 	}
+	if !runsActive { // beside runs, tmp/ holds their outputs in progress
+		res.Leftovers = s.leftovers()
+		for _, p := range res.Leftovers {
+			res.LeftoverBytes += dirSize(p)
+		}
+	}
 	if !opts.DryRun {
-		s.removeStaleTemps()
+		for _, p := range res.Leftovers {
+			os.RemoveAll(p)
+		}
+		s.removeStaleLocks()
 		if err := s.stats.Save(); err != nil {
 			return res, err
 		}
@@ -143,20 +156,45 @@ func (s *Store) GC(ctx context.Context, opts GCOptions) (*GCResult, error) {
 	return res, nil
 }
 
-// removeStaleTemps deletes folders in tmp/ left by crashed writers, and
-// scratch state older than a week. gc holds the store's exclusive lock, so
-// no writer is alive.
-func (s *Store) removeStaleTemps() {
+// scratchWeek is how long a training's checkpoints (scratch/KEY) stay
+// after they last changed: a training resumed night after night keeps them
+// however long ago it began; one whose spec changed goes a week later.
+const scratchWeek = 7 * 24 * time.Hour
+
+// leftovers lists what killed runs left: every folder in tmp/ (gc holds
+// the store's exclusive lock, so no writer is alive) and each scratch
+// folder in which nothing changed for scratchWeek.
+func (s *Store) leftovers() []string {
+	var out []string
 	scratch, _ := os.ReadDir(filepath.Join(s.Root, "scratch"))
 	for _, e := range scratch {
-		if fi, err := e.Info(); err == nil && time.Since(fi.ModTime()) > 7*24*time.Hour {
-			os.RemoveAll(filepath.Join(s.Root, "scratch", e.Name()))
+		p := filepath.Join(s.Root, "scratch", e.Name())
+		if time.Since(lastChange(p)) > scratchWeek {
+			out = append(out, p)
 		}
 	}
 	ents, _ := os.ReadDir(filepath.Join(s.Root, "tmp"))
 	for _, e := range ents {
-		os.RemoveAll(filepath.Join(s.Root, "tmp", e.Name()))
+		out = append(out, filepath.Join(s.Root, "tmp", e.Name()))
 	}
+	return out
+}
+
+// lastChange is the newest modification time of anything under dir.
+func lastChange(dir string) time.Time {
+	var newest time.Time
+	filepath.Walk(dir, func(_ string, fi os.FileInfo, err error) error {
+		if err == nil && fi.ModTime().After(newest) {
+			newest = fi.ModTime()
+		}
+		return nil
+	})
+	return newest
+}
+
+// removeStaleLocks deletes the lock files of entries (gc holds the store's
+// exclusive lock, so nobody holds them).
+func (s *Store) removeStaleLocks() {
 	locks, _ := os.ReadDir(filepath.Join(s.Root, "locks"))
 	for _, l := range locks {
 		if strings.HasSuffix(l.Name(), ".lock") && len(l.Name()) == 64+len(".lock") {

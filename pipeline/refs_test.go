@@ -7,6 +7,7 @@ import (
 	"errors"
 	"log/slog"
 	"os"
+	"slices"
 	"strings"
 	"sync"
 	"testing"
@@ -136,8 +137,8 @@ func TestRefs(t *testing.T) {
 
 	// Moving back finds the first entry.
 	r.set(strings.Repeat("a", 40), "")
-	rec = e.mustRun(spec, Options{})
-	if rec.Stages[0].Key != key || rec.Stages[0].State != "cached" {
+	good := e.mustRun(spec, Options{})
+	if rec = good; rec.Stages[0].Key != key || rec.Stages[0].State != "cached" {
 		t.Errorf("moved back: %+v", rec.Stages[0])
 	}
 
@@ -147,5 +148,27 @@ func TestRefs(t *testing.T) {
 	r.mu.Unlock()
 	if _, err := e.store.Plan(e.load(spec), Options{}); err == nil || !strings.Contains(err.Error(), "stage src") {
 		t.Errorf("unresolvable: %v", err)
+	}
+	// A run it stops is recorded as failed (status and report show the
+	// night, not the one before), and gc keeps the entries it last had.
+	rec, err = (&Engine{Store: e.store}).Run(context.Background(), e.load(spec), Options{})
+	if err == nil {
+		t.Fatal("a run with an unresolvable reference succeeded")
+	}
+	last := e.store.lastRun(e.load(spec))
+	if last == nil || last.OK || !strings.Contains(last.Error, "no such repository") || len(last.Stages) != 2 || last.Stages[0].State != "canceled" || last.Stages[0].Key != "" {
+		t.Errorf("the failed run's record: %+v", last)
+	}
+	res, err := e.store.GC(context.Background(), GCOptions{KeepLast: 1})
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, st := range good.Stages {
+		if slices.Contains(res.Removed, st.Key) {
+			t.Errorf("gc --keep-last 1 after the failed run removed %s's entry of the last good run", st.Name)
+		}
+	}
+	if len(res.Removed) != 2 {
+		t.Errorf("gc removed %d entries, want the 2 of the moved branch", len(res.Removed))
 	}
 }

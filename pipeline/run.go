@@ -147,6 +147,49 @@ func (e *Engine) Run(ctx context.Context, dag *DAG, opts Options) (*RunRecord, e
 	return rec, err
 }
 
+// RecordUnstarted records a run of dag that the stages it selects stopped
+// or read stopped before it began (cause: a data file gone, a model folder
+// missing), so
+// that status and report say that the run failed instead of showing the
+// one before it, and returns the record (for --report). Its stages have no
+// keys: gc keeps, for each, the entry it last had.
+func (s *Store) RecordUnstarted(dag *DAG, opts Options, cause error) (*RunRecord, error) {
+	rec := UnstartedRecord(dag, opts, cause, s.Root)
+	return rec, s.recordRun(dag, rec)
+}
+
+// UnstartedRecord is the record of a run of dag that did not begin, over
+// the cache at root.
+func UnstartedRecord(dag *DAG, opts Options, cause error, root string) *RunRecord {
+	now := time.Now().UTC()
+	return &RunRecord{DAG: dag.Name, Spec: dag.Path, Started: now, Finished: now, Error: cause.Error(),
+		Program: Version(), Cache: root, Stages: unstarted(dag, opts)}
+}
+
+// unstarted are the stage records of a run that did not begin: the stages
+// it selects canceled, those their kind could not prepare failed.
+func unstarted(dag *DAG, opts Options) []StageRecord {
+	selected, keyed := map[*Node]bool{}, map[*Node]bool{}
+	for _, n := range dag.Selected(opts) {
+		selected[n] = true
+	}
+	for _, n := range dag.keyed(opts) {
+		keyed[n] = true
+	}
+	out := make([]StageRecord, 0, len(dag.Nodes))
+	for _, n := range dag.Nodes {
+		r := StageRecord{Name: n.Name, Kind: n.KindName, KindVersion: n.Kind.Version(), Params: n.Canon, State: "not selected"}
+		switch {
+		case keyed[n] && n.Unprepared != nil:
+			r.State, r.Error = "failed", n.Unprepared.Msg
+		case selected[n]:
+			r.State = "canceled"
+		}
+		out = append(out, r)
+	}
+	return out
+}
+
 func (e *Engine) log() *slog.Logger {
 	if e.Log == nil {
 		return slog.New(slog.DiscardHandler)
@@ -170,10 +213,13 @@ func (e *Engine) run(ctx context.Context, dag *DAG, opts Options, rec *RunRecord
 	}
 
 	plan, err := e.Store.PlanContext(ctx, dag, opts)
-	if err != nil {
-		return err
+	if err == nil {
+		err = plan.CheckInputs()
 	}
-	if err := plan.CheckInputs(); err != nil {
+	if err != nil {
+		if !IsSpecError(err) && ctx.Err() == nil {
+			rec.Stages = unstarted(dag, opts) // recorded: the night failed
+		}
 		return err
 	}
 	for _, st := range plan.Steps {

@@ -24,9 +24,12 @@ func init() {
 		Long: `Remove cache entries that no recent run uses, and leftovers of interrupted runs.
 
 An entry is kept when one of the last --keep-last runs of any DAG used it, or, with
---older-than, when it was used more recently than that. gc waits (saying so) until
-no run uses the cache, and a run that starts while gc removes entries waits for it;
---dry-run waits for no run.`,
+--older-than, when it was used more recently than that. A stage those runs did not
+reach (left out by --until, or a run stopped before it began) keeps the entry it
+last had. Leftovers are the unfinished outputs of killed runs (tmp/) and training
+checkpoints in which nothing changed for a week (scratch/). gc waits (saying so)
+until no run uses the cache, and a run that starts while gc removes entries waits
+for it; --dry-run waits for no run.`,
 		Example: `  pipeline gc                              # keep what the last 3 runs of each DAG used
   pipeline gc --keep-last 1 --older-than 30d --dry-run`,
 		Args: exactArgs(0, "no arguments"),
@@ -71,6 +74,9 @@ no run uses the cache, and a run that starts while gc removes entries waits for 
 				entries = "entry"
 			}
 			fmt.Printf("%s %d %s (%s), kept %d\n", verb, len(res.Removed), entries, pipeline.HumanBytes(res.Freed), res.Kept)
+			if len(res.Leftovers) > 0 {
+				fmt.Printf("%s %s left by runs that were killed (tmp/, and checkpoints unchanged for a week in scratch/)\n", verb, pipeline.HumanBytes(res.LeftoverBytes))
+			}
 			if res.RunsActive {
 				fmt.Fprintln(os.Stderr, "gc: runs (or another gc) are using this cache now: the entries made since the last recorded run are kept, as gc, which waits for the runs, would keep them")
 			}

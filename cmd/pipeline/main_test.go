@@ -97,6 +97,66 @@ stages:
 	}
 }
 
+// TestUnstartedRunIsRecorded: a nightly run that a missing data file stops
+// before it begins says so where nights are watched: --report, status and
+// the run history (the record of the night before used to stand), and gc
+// still keeps what the last good run made. A spec never run leaves its
+// report and no cache.
+func TestUnstartedRunIsRecorded(t *testing.T) {
+	dir := t.TempDir()
+	data := filepath.Join(dir, "data.jsonl")
+	writeFile(t, data, sampleJSONL)
+	spec := filepath.Join(dir, "s.yaml")
+	writeFile(t, spec, "name: s\nstages:\n  src: {kind: jsonl, with: {paths: [data.jsonl]}}\n  chat: {kind: chat_template, needs: [src]}\n")
+	report := filepath.Join(dir, "last.json")
+	readReport := func() pipeline.RunRecord {
+		t.Helper()
+		var rec pipeline.RunRecord
+		b, err := os.ReadFile(report)
+		if err := errors.Join(err, json.Unmarshal(b, &rec)); err != nil {
+			t.Fatal(err)
+		}
+		return rec
+	}
+	// Never run, no cache: the report only.
+	other := t.TempDir()
+	if r := runCLI(t, other, "run", spec, "--report", report, "--cache", filepath.Join(other, "c")); r.code != 0 {
+		t.Fatalf("first run: exit %d\n%s", r.code, r.stderr)
+	}
+	os.Remove(data)
+	if r := runCLI(t, dir, "run", spec, "--report", report); r.code != 2 || !strings.Contains(r.stderr, `no file matches "data.jsonl"`) {
+		t.Fatalf("run without its data: exit %d\n%s", r.code, r.stderr)
+	}
+	if rec := readReport(); rec.OK || !strings.Contains(rec.Error, `no file matches "data.jsonl"`) {
+		t.Errorf("report of a run without a cache: %+v", rec)
+	}
+	if _, err := os.Stat(filepath.Join(dir, "cache")); err == nil {
+		t.Error("a run that did not begin made a cache")
+	}
+
+	writeFile(t, data, sampleJSONL)
+	if r := runCLI(t, dir, "run", spec, "--report", report); r.code != 0 || !readReport().OK {
+		t.Fatalf("run: exit %d\n%s", r.code, r.stderr)
+	}
+	os.Remove(data)
+	if r := runCLI(t, dir, "run", spec, "--report", report); r.code != 2 {
+		t.Fatalf("run without its data: exit %d\n%s", r.code, r.stderr)
+	}
+	rec := readReport()
+	if rec.OK || !strings.Contains(rec.Error, `no file matches "data.jsonl"`) || len(rec.Stages) != 2 || rec.Stages[0].State != "failed" || rec.Stages[1].State != "canceled" {
+		t.Errorf("report: %+v", rec)
+	}
+	if r := runCLI(t, dir, "status", spec); !strings.Contains(r.stdout, "last run: ") || !strings.Contains(r.stdout, `FAILED: `+spec) {
+		t.Errorf("status after the night without data:\n%s", r.stdout)
+	}
+	if r := runCLI(t, dir, "report", spec, "--out", "-"); !strings.Contains(r.stdout, `no file matches &#34;data.jsonl&#34;`) {
+		t.Errorf("the HTML report does not show the failure:\n%.2000s", r.stdout)
+	}
+	if r := runCLI(t, dir, "gc", "--keep-last", "1"); r.code != 0 || !strings.Contains(r.stdout, "removed 0 entries") {
+		t.Errorf("gc --keep-last 1 after the failed night: exit %d\n%s%s", r.code, r.stdout, r.stderr)
+	}
+}
+
 // TestLookingMakesNoCache: plan, status and report of a spec never run,
 // or through a mistyped --cache, show an empty cache and say it does not
 // exist, without creating it.

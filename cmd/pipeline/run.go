@@ -96,6 +96,7 @@ step with rank 0 and stop there. A rank that fails or goes away stops the others
 			// A file or model the run needs and cannot have is found
 			// before the cache is opened or locked.
 			if err := dag.Check(opts); err != nil {
+				recordUnstarted(dag, opts, report, err)
 				return usageErr(err)
 			}
 			// Several GPUs share a training stage; a run that trains
@@ -199,6 +200,37 @@ step with rank 0 and stop there. A rank that fails or goes away stops the others
 	completeStageFlags(cmd)
 	completeValues(cmd, "progress", "auto", "tty", "log", "none")
 	root.AddCommand(cmd)
+}
+
+// recordUnstarted keeps a run that its stages stopped before it began (a
+// data file gone, a model not downloaded) where nightly runs are watched:
+// in --report, and in the cache's run history when the cache exists, so
+// that status and report say that the night failed. A cache is not made
+// for it: a first try of a spec with a typo leaves nothing behind.
+func recordUnstarted(dag *pipeline.DAG, opts pipeline.Options, report string, cause error) {
+	if r, ok, _ := ranks.FromEnv(os.Getenv); ok && r.Rank != 0 {
+		return // rank 0 records it
+	}
+	st, exists, err := pipeline.LookAtStore(pipeline.CacheRoot(cacheFlag, dag))
+	var rec *pipeline.RunRecord
+	if err == nil && exists {
+		rec, err = st.RecordUnstarted(dag, opts, cause)
+		st.Close()
+		if err != nil {
+			fmt.Fprintf(os.Stderr, "pipeline: could not record the run: %v\n", err)
+		}
+	} else {
+		root := ""
+		if st != nil {
+			root = st.Root
+		}
+		rec = pipeline.UnstartedRecord(dag, opts, cause, root)
+	}
+	if report != "" {
+		if err := writeReport(report, rec); err != nil {
+			fmt.Fprintf(os.Stderr, "pipeline: could not write the report %s: %v\n", report, err)
+		}
+	}
 }
 
 // writeReport writes the run's record to path, whole or not at all.

@@ -7,6 +7,8 @@ import (
 	"slices"
 	"strconv"
 	"strings"
+
+	"gemmaft/internal/userdir"
 )
 
 // LibsEnv names the override variable: a list of folders, separated by
@@ -55,7 +57,7 @@ type fsView struct {
 }
 
 func realFS() fsView {
-	home, _ := os.UserHomeDir()
+	home, _ := userdir.Home()
 	return fsView{
 		getenv: os.Getenv,
 		glob:   filepath.Glob,

@@ -14,6 +14,7 @@ import (
 	"unsafe"
 
 	"gemmaft/internal/atomicfile"
+	"gemmaft/internal/userdir"
 )
 
 // KernelCacheEnv overrides the folder where compiled kernels are kept.
@@ -39,7 +40,7 @@ func DefaultKernelCacheDir() (string, error) {
 	if d := os.Getenv(KernelCacheEnv); d != "" {
 		return d, nil
 	}
-	base, err := os.UserCacheDir()
+	base, err := userdir.Cache()
 	if err != nil {
 		return "", fmt.Errorf("cuda: no folder for the kernel cache (set %s): %w", KernelCacheEnv, err)
 	}

@@ -11,6 +11,8 @@ import (
 	"strconv"
 	"strings"
 	"time"
+
+	"gemmaft/internal/userdir"
 )
 
 // DefaultEndpoint is the Hub itself.
@@ -52,10 +54,9 @@ type Client struct {
 func FromEnv() *Client {
 	home := os.Getenv("HF_HOME")
 	if home == "" {
-		cache := os.Getenv("XDG_CACHE_HOME")
-		if cache == "" {
-			h, _ := os.UserHomeDir()
-			cache = filepath.Join(h, ".cache")
+		cache, err := userdir.Cache() // $XDG_CACHE_HOME, else ~/.cache
+		if err != nil {
+			cache = os.TempDir() // no home folder at all: rare, and said by no error here
 		}
 		home = filepath.Join(cache, "huggingface")
 	}
@@ -127,7 +128,7 @@ func cleanToken(t string) string {
 
 func expandHome(p string) string {
 	if p == "~" || strings.HasPrefix(p, "~/") {
-		if h, err := os.UserHomeDir(); err == nil {
+		if h, err := userdir.Home(); err == nil {
 			return filepath.Join(h, p[1:])
 		}
 	}

@@ -9,6 +9,8 @@ import (
 	"path/filepath"
 	"strings"
 	"syscall"
+
+	"gemmaft/internal/userdir"
 )
 
 // ExpandHome replaces a leading "~" or "~user" in p with that home folder,
@@ -23,7 +25,7 @@ func ExpandHome(p string) (string, error) {
 	}
 	var home string
 	if name == "" {
-		h, err := os.UserHomeDir()
+		h, err := userdir.Home()
 		if err != nil {
 			return p, fmt.Errorf("cannot expand ~ in %q: %w", p, err)
 		}

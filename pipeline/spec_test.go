@@ -206,8 +206,8 @@ stages:
 			t.Errorf("cache %q, want %q", dag.Cache, want)
 		}
 		t.Setenv(CacheEnv, "~/from-env")
-		if got, want := CacheRoot("", dag), filepath.Join(home, "from-env"); got != want {
-			t.Errorf("$%s: %q, want %q", CacheEnv, got, want)
+		if got, err := CacheRoot("", dag); err != nil || got != filepath.Join(home, "from-env") {
+			t.Errorf("$%s: %q (%v), want %q", CacheEnv, got, err, filepath.Join(home, "from-env"))
 		}
 	})
 }

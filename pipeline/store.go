@@ -18,6 +18,7 @@ import (
 	"github.com/gofrs/flock"
 
 	"gemmaft/internal/atomicfile"
+	"gemmaft/internal/userdir"
 )
 
 // A Store is the content-addressed cache: one folder per stage output,
@@ -42,23 +43,27 @@ const CacheEnv = "PIPELINE_CACHE"
 // CacheRoot picks the cache folder: flag (a --cache option; "" when not
 // given), then $PIPELINE_CACHE, then the spec's `cache:` (dag may be nil),
 // then pipeline/ in the user's cache folder (~/.cache/pipeline on Linux).
-func CacheRoot(flag string, dag *DAG) string {
+// It fails only when none is given and the user has no home folder: a
+// cache in a temporary folder would vanish, and commands run by hand would
+// not find it.
+func CacheRoot(flag string, dag *DAG) (string, error) {
 	// A ~ reaches here unexpanded from --cache=~/x and from crontab
 	// variables; an unknown ~user is left for OpenStore to report.
 	switch {
 	case flag != "":
 		p, _ := ExpandHome(flag)
-		return p
+		return p, nil
 	case os.Getenv(CacheEnv) != "":
 		p, _ := ExpandHome(os.Getenv(CacheEnv))
-		return p
+		return p, nil
 	case dag != nil && dag.Cache != "":
-		return dag.Cache
+		return dag.Cache, nil
 	}
-	if d, err := os.UserCacheDir(); err == nil {
-		return filepath.Join(d, "pipeline")
+	d, err := userdir.Cache()
+	if err != nil {
+		return "", fmt.Errorf("no cache folder: %w; give --cache, $%s or the spec's cache:", err, CacheEnv)
 	}
-	return filepath.Join(os.TempDir(), "pipeline-cache")
+	return filepath.Join(d, "pipeline"), nil
 }
 
 // OpenStore opens (creating if needed) the store at root.

@@ -72,7 +72,11 @@ func loadSpec(path string) (*pipeline.DAG, error) {
 }
 
 func openStore(dag *pipeline.DAG) (*pipeline.Store, error) {
-	st, err := pipeline.OpenStore(pipeline.CacheRoot(cacheFlag, dag))
+	root, err := pipeline.CacheRoot(cacheFlag, dag)
+	if err != nil {
+		return nil, usageErr(err)
+	}
+	st, err := pipeline.OpenStore(root)
 	if err != nil {
 		return nil, failErr(err)
 	}
@@ -116,7 +120,11 @@ func warnUnselectedForce(dag *pipeline.DAG, opts pipeline.Options) {
 // status, report): a cache that does not exist is shown empty, with a
 // note, and not created.
 func lookAtStore(dag *pipeline.DAG) (*pipeline.Store, error) {
-	st, exists, err := pipeline.LookAtStore(pipeline.CacheRoot(cacheFlag, dag))
+	root, err := pipeline.CacheRoot(cacheFlag, dag)
+	if err != nil {
+		return nil, usageErr(err)
+	}
+	st, exists, err := pipeline.LookAtStore(root)
 	if err != nil {
 		return nil, usageErr(err)
 	}
@@ -130,7 +138,11 @@ func lookAtStore(dag *pipeline.DAG) (*pipeline.Store, error) {
 // a cache that does not exist is a usage error (a mistyped --cache), not a
 // new empty cache.
 func openExistingStore(dag *pipeline.DAG) (*pipeline.Store, error) {
-	st, err := pipeline.OpenExistingStore(pipeline.CacheRoot(cacheFlag, dag))
+	root, err := pipeline.CacheRoot(cacheFlag, dag)
+	if err != nil {
+		return nil, usageErr(err)
+	}
+	st, err := pipeline.OpenExistingStore(root)
 	if err != nil {
 		return nil, usageErr(err)
 	}

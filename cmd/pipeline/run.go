@@ -211,7 +211,12 @@ func recordUnstarted(dag *pipeline.DAG, opts pipeline.Options, report string, ca
 	if r, ok, _ := ranks.FromEnv(os.Getenv); ok && r.Rank != 0 {
 		return // rank 0 records it
 	}
-	st, exists, err := pipeline.LookAtStore(pipeline.CacheRoot(cacheFlag, dag))
+	var st *pipeline.Store
+	exists := false
+	root, err := pipeline.CacheRoot(cacheFlag, dag)
+	if err == nil {
+		st, exists, err = pipeline.LookAtStore(root)
+	}
 	var rec *pipeline.RunRecord
 	if err == nil && exists {
 		rec, err = st.RecordUnstarted(dag, opts, cause)
@@ -220,7 +225,6 @@ func recordUnstarted(dag *pipeline.DAG, opts pipeline.Options, report string, ca
 			fmt.Fprintf(os.Stderr, "pipeline: could not record the run: %v\n", err)
 		}
 	} else {
-		root := ""
 		if st != nil {
 			root = st.Root
 		}

@@ -14,6 +14,7 @@ import (
 	"time"
 
 	"github.com/apache/arrow-go/v18/arrow/array"
+	"github.com/gofrs/flock"
 	"go.uber.org/goleak"
 
 	"gemmaft/internal/dirsum"
@@ -582,6 +583,70 @@ func TestGC(t *testing.T) {
 // TestGCKeepsWhatPartialRunsLeftOut: runs that stop before a stage
 // (--until, as nightly preprocessing does) record no key for it; gc keeps
 // the entry it last had, so the last training survives them.
+// lockedBuffer is a log sink the run writes to from its goroutines while
+// the test reads it.
+type lockedBuffer struct {
+	mu  sync.Mutex
+	buf bytes.Buffer
+}
+
+func (b *lockedBuffer) Write(p []byte) (int, error) {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	return b.buf.Write(p)
+}
+
+func (b *lockedBuffer) String() string {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	return b.buf.String()
+}
+
+// testSignal is a signal's cancellation cause, as the CLI's is.
+type testSignal struct{}
+
+func (testSignal) Error() string        { return "interrupted by SIGTERM" }
+func (testSignal) Is(target error) bool { return target == context.Canceled }
+
+// TestWaitingForAnEntrySaysSo: a run whose stage another run is computing
+// (another spec sharing it, or this spec by another path) says that it
+// waits, where a wait of hours used to be silent; interrupted there, it
+// says by what, and counts the stage as canceled.
+func TestWaitingForAnEntrySaysSo(t *testing.T) {
+	e := newTestEnv(t)
+	dag := e.load(e.write("spec.yaml", "name: w\nstages:\n  src: {kind: gen, with: {rows: 3}}\n"))
+	plan, err := e.store.Plan(dag, Options{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	other := flock.New(filepath.Join(e.store.Root, "locks", plan.Step("src").Key+".lock"))
+	if err := other.Lock(); err != nil {
+		t.Fatal(err)
+	}
+	defer other.Unlock()
+
+	var logs lockedBuffer
+	ctx, cancel := context.WithCancelCause(context.Background())
+	eng := &Engine{Store: e.store, Log: slog.New(slog.NewTextHandler(&logs, nil))}
+	var rec *RunRecord
+	done := make(chan struct{})
+	go func() { rec, err = eng.Run(ctx, dag, Options{}); close(done) }()
+	for deadline := time.Now().Add(10 * time.Second); !strings.Contains(logs.String(), "waiting for another run computing this stage's entry"); {
+		if time.Now().After(deadline) {
+			t.Fatalf("the run does not say that it waits:\n%s", logs.String())
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+	cancel(testSignal{})
+	<-done
+	if err == nil || !strings.Contains(err.Error(), "stage src") || !strings.Contains(err.Error(), "interrupted by SIGTERM") {
+		t.Errorf("error %v", err)
+	}
+	if !rec.Interrupted || rec.Stages[0].State != "canceled" {
+		t.Errorf("record: interrupted %v, stage %s", rec.Interrupted, rec.Stages[0].State)
+	}
+}
+
 // TestGCLeftovers: gc removes what killed runs left, says how much, and a
 // dry run says the same and removes nothing; a training's checkpoints go
 // only after a week in which nothing in them changed, however long ago

@@ -306,8 +306,13 @@ func (x *execution) execute(ctx context.Context) error {
 			todo = append(todo, st) // its entry is rank 0's to lock and write
 			continue
 		}
-		l, err := x.e.Store.lockEntry(ctx, st.Key)
+		l, err := x.e.Store.lockEntry(ctx, st.Key, st.Node.Name, x.e.log())
 		if err != nil {
+			for _, c := range compute {
+				if r := x.records[c]; r.State == "not selected" {
+					r.State = "canceled"
+				}
+			}
 			return err
 		}
 		if st.Reason != "forced" {

@@ -9,6 +9,7 @@ import (
 	"errors"
 	"fmt"
 	"io/fs"
+	"log/slog"
 	"os"
 	"path/filepath"
 	"sort"
@@ -457,10 +458,20 @@ func dirsUnder(root string) []string {
 
 // lockEntry takes the exclusive lock of key's entry, waiting while another
 // process holds it.
-func (s *Store) lockEntry(ctx context.Context, key string) (*flock.Flock, error) {
+func (s *Store) lockEntry(ctx context.Context, key, stage string, log *slog.Logger) (*flock.Flock, error) {
 	l := flock.New(filepath.Join(s.Root, "locks", key+".lock"))
-	if _, err := l.TryLockContext(ctx, 50*time.Millisecond); err != nil {
-		return nil, fmt.Errorf("locking cache entry %s: %w", ShortKey(key), err)
+	ok, err := l.TryLock()
+	if err == nil && !ok {
+		// Another run (of another spec, or of this one by another path)
+		// computes the same entry: say so, or a wait of hours is silent.
+		log.Info("waiting for another run computing this stage's entry", "stage", stage, "entry", ShortKey(key))
+		_, err = l.TryLockContext(ctx, 50*time.Millisecond)
+		if err != nil && ctx.Err() != nil {
+			err = context.Cause(ctx) // "interrupted by SIGTERM"
+		}
+	}
+	if err != nil {
+		return nil, fmt.Errorf("stage %s: locking cache entry %s: %w", stage, ShortKey(key), err)
 	}
 	return l, nil
 }

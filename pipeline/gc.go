@@ -111,6 +111,11 @@ func (s *Store) GC(ctx context.Context, opts GCOptions) (*GCResult, error) {
 			}
 		}
 	}
+	if opts.KeepLast > 0 {
+		for _, k := range s.killedRunsKeys() {
+			protected[k] = true
+		}
+	}
 	keys, err := s.Keys()
 	if err != nil {
 		return nil, err

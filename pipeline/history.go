@@ -24,6 +24,8 @@ import (
 //
 //	locks/dag-<id>.lock     held (flock) by the run of the DAG in progress
 //	locks/dag-<id>.holder   who holds it: "pid 123 on host since …"
+//	locks/dag-<id>.keys     the keys of the entries that run planned, a line
+//	                        each, which gc keeps should the run be killed
 //	runs/<id>/*.json        a RunRecord per run, newest last, the last 100 kept
 //
 // The lock makes overlapping runs of one spec (cron jobs) take turns; the
@@ -98,9 +100,36 @@ func (s *Store) lockDAG(ctx context.Context, dag *DAG, noWait bool, log *slog.Lo
 	host, _ := os.Hostname()
 	_ = atomicfile.WriteFile(base+".holder", []byte(fmt.Sprintf("pid %d on %s since %s\n", os.Getpid(), host, time.Now().Format(time.RFC3339))))
 	return func() {
+		os.Remove(base + ".keys")
 		os.Remove(base + ".holder")
 		l.Unlock()
 	}, nil
+}
+
+// notePlannedKeys writes, beside the holder note, the keys of the entries
+// the run of dag planned: a run killed before it is recorded (SIGKILL, the
+// OOM killer) names no entry in the history, and gc would remove what it
+// computed, costing the next night all of it again.
+func (s *Store) notePlannedKeys(dag *DAG, plan *Plan) {
+	var b strings.Builder
+	for _, st := range plan.Steps {
+		if st.Key != "" {
+			b.WriteString(st.Key + "\n")
+		}
+	}
+	_ = atomicfile.WriteFile(s.dagLockBase(dag)+".keys", []byte(b.String()))
+}
+
+// killedRunsKeys are the keys that runs killed before they were recorded
+// planned (see notePlannedKeys). gc calls it once no run is alive.
+func (s *Store) killedRunsKeys() []string {
+	var keys []string
+	files, _ := filepath.Glob(filepath.Join(s.Root, "locks", "dag-*.keys"))
+	for _, f := range files {
+		data, _ := os.ReadFile(f)
+		keys = append(keys, strings.Fields(string(data))...)
+	}
+	return keys
 }
 
 // lockHolder says who runs dag now (running), or, when nobody does, which

@@ -281,9 +281,21 @@ func TestStatusAfterKill(t *testing.T) {
 		}
 		time.Sleep(5 * time.Millisecond)
 	}
-	time.Sleep(50 * time.Millisecond)
+	// ... and has committed an entry of its own.
+	before, _ := st.Keys()
+	for keys, _ := st.Keys(); len(keys) == len(before); keys, _ = st.Keys() {
+		if time.Now().After(deadline) {
+			t.Fatal("the child committed no entry")
+		}
+		time.Sleep(5 * time.Millisecond)
+	}
 	cmd.Process.Signal(syscall.SIGKILL)
 	cmd.Wait()
+	// gc keeps what the killed run made (its run is in no record), which
+	// the next run would otherwise compute again.
+	if res, err := st.GC(context.Background(), GCOptions{KeepLast: 1}); err != nil || len(res.Removed) != 0 {
+		t.Errorf("gc after the kill removed %v (%v)", res.Removed, err)
+	}
 	s, err := st.Status(dag)
 	if err != nil {
 		t.Fatal(err)
@@ -301,6 +313,9 @@ func TestStatusAfterKill(t *testing.T) {
 	}
 	if s, _ := st.Status(dag); s.Unfinished != "" {
 		t.Errorf("after a run that finished: unfinished %q", s.Unfinished)
+	}
+	if k := st.killedRunsKeys(); len(k) != 0 {
+		t.Errorf("a run that finished left its planned keys: %v", k)
 	}
 	// A failed run is recorded, not unfinished.
 	e.write("data.txt", "x")

@@ -222,6 +222,9 @@ func (e *Engine) run(ctx context.Context, dag *DAG, opts Options, rec *RunRecord
 		}
 		return err
 	}
+	if e.Collective == "" {
+		e.Store.notePlannedKeys(dag, plan)
+	}
 	for _, st := range plan.Steps {
 		for _, r := range st.Refs {
 			if r.Note != "" && st.Selected {

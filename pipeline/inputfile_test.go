@@ -57,6 +57,9 @@ func (e *testEnv) wantChanged(err error, path string) {
 	if !errors.As(err, &ce) || ce.Path != path {
 		e.t.Fatalf("want the stage failed on %s changing, got %v", path, err)
 	}
+	if n := strings.Count(err.Error(), "changed after it was hashed"); n != 1 {
+		e.t.Errorf("the change is told %d times: %v", n, err)
+	}
 	if keys, _ := e.store.Keys(); len(keys) != 0 {
 		e.t.Fatalf("entries committed: %v", keys)
 	}

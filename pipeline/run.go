@@ -628,6 +628,9 @@ func (x *execution) computeStep(ctx context.Context, st *Step, t *Task, committe
 			return err
 		}
 		if changed := t.verifyInputs(false); changed != nil {
+			if errors.As(err, new(*InputChangedError)) {
+				return err // what the stage failed with says it already
+			}
 			return fmt.Errorf("%w\n\t(the stage failed with: %v)", changed, err)
 		}
 		return err

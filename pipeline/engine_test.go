@@ -578,11 +578,24 @@ func TestGC(t *testing.T) {
 			t.Errorf("entry of %s from the last run was removed", s.Name)
 		}
 	}
+
+	// A spec renamed or deleted keeps its entries until its last run is
+	// --older-than old, not for ever.
+	aged := GCOptions{KeepLast: 3, OlderThan: time.Nanosecond}
+	if res, err := e.store.GC(context.Background(), aged); err != nil || len(res.Removed) != 0 {
+		t.Fatalf("gc of a spec still there removed %v (%v)", res.Removed, err)
+	}
+	if err := os.Rename(spec, spec+".old"); err != nil {
+		t.Fatal(err)
+	}
+	if res, err := e.store.GC(context.Background(), GCOptions{KeepLast: 3}); err != nil || len(res.Removed) != 0 {
+		t.Fatalf("gc without --older-than removed %v (%v)", res.Removed, err)
+	}
+	if res, err := e.store.GC(context.Background(), aged); err != nil || len(res.Removed) != 3 {
+		t.Fatalf("gc --older-than of a spec gone removed %v (%v), want its 3 entries", res.Removed, err)
+	}
 }
 
-// TestGCKeepsWhatPartialRunsLeftOut: runs that stop before a stage
-// (--until, as nightly preprocessing does) record no key for it; gc keeps
-// the entry it last had, so the last training survives them.
 // lockedBuffer is a log sink the run writes to from its goroutines while
 // the test reads it.
 type lockedBuffer struct {
@@ -693,6 +706,9 @@ func TestGCLeftovers(t *testing.T) {
 	}
 }
 
+// TestGCKeepsWhatPartialRunsLeftOut: runs that stop before a stage
+// (--until, as nightly preprocessing does) record no key for it; gc keeps
+// the entry it last had, so the last training survives them.
 func TestGCKeepsWhatPartialRunsLeftOut(t *testing.T) {
 	e := newTestEnv(t)
 	e.write("data.txt", "v1")

@@ -2,6 +2,7 @@ package pipeline
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"io/fs"
 	"log/slog"
@@ -71,6 +72,7 @@ func (s *Store) GC(ctx context.Context, opts GCOptions) (*GCResult, error) {
 	defer lock.Unlock()
 
 	protected := map[string]bool{}
+	cutoff := time.Now().Add(-opts.OlderThan)
 	var lastRecorded time.Time // the newest end of a recorded run
 	dags, _ := os.ReadDir(filepath.Join(s.Root, "runs"))
 	for _, d := range dags {
@@ -84,6 +86,15 @@ func (s *Store) GC(ctx context.Context, opts GCOptions) (*GCResult, error) {
 		}
 		if len(recs) > 0 && recs[0].Finished.After(lastRecorded) {
 			lastRecorded = recs[0].Finished
+		}
+		// A spec renamed or deleted is run no more: with --older-than, its
+		// runs stop keeping entries once the last is that old, or they
+		// would keep them for ever.
+		if opts.OlderThan > 0 && len(recs) > 0 && recs[0].Finished.Before(cutoff) && specGone(recs[0].Spec) {
+			if opts.Log != nil {
+				opts.Log.Info("the spec of these runs is gone: they keep no entries", "spec", recs[0].Spec, "last run", recs[0].Finished.Local().Format(time.DateTime))
+			}
+			continue
 		}
 		kept := recs[:min(opts.KeepLast, len(recs))]
 		unkeyed := map[string]bool{} // stages a kept run left out (--until), with no key
@@ -121,7 +132,6 @@ func (s *Store) GC(ctx context.Context, opts GCOptions) (*GCResult, error) {
 		return nil, err
 	}
 	res := &GCResult{RunsActive: runsActive}
-	cutoff := time.Now().Add(-opts.OlderThan)
 	for _, k := range keys {
 		fi, err := os.Stat(s.EntryDir(k))
 		if err != nil {
@@ -159,6 +169,12 @@ func (s *Store) GC(ctx context.Context, opts GCOptions) (*GCResult, error) {
 		}
 	}
 	return res, nil
+}
+
+// specGone says whether the spec file at path no longer exists.
+func specGone(path string) bool {
+	_, err := os.Stat(path)
+	return errors.Is(err, fs.ErrNotExist)
 }
 
 // scratchWeek is how long a training's checkpoints (scratch/KEY) stay

@@ -4,6 +4,7 @@ import (
 	"fmt"
 	"log/slog"
 	"os"
+	"slices"
 	"strconv"
 	"strings"
 	"time"
@@ -28,6 +29,34 @@ func init() {
 	pf.StringVar(&cacheFlag, "cache", "", "cache folder (default: $"+pipeline.CacheEnv+", else the spec's cache:, else ~/.cache/pipeline)")
 	pf.StringVar(&logLevel, "log-level", "info", "log level: debug, info, warn or error")
 	pf.StringVar(&logFormat, "log-format", "text", "log format: text or json")
+}
+
+// cacheCommands are the commands that read or write the cache. --cache is
+// a flag of the root (scripts write `pipeline --cache DIR run ...`); the
+// other commands leave it out of their help and say that it does nothing.
+var cacheCommands = []string{"run", "plan", "status", "report", "verify", "gc", "inspect", "export"}
+
+func usesCache(cmd *cobra.Command) bool {
+	return cmd == root || (cmd.Parent() == root && slices.Contains(cacheCommands, cmd.Name()))
+}
+
+func init() {
+	help := root.HelpFunc()
+	root.SetHelpFunc(func(cmd *cobra.Command, args []string) {
+		if f := root.PersistentFlags().Lookup("cache"); !usesCache(cmd) {
+			f.Hidden = true
+			defer func() { f.Hidden = false }()
+		}
+		help(cmd, args)
+	})
+}
+
+// warnCacheUnused says that a --cache given to a command that uses no
+// cache does nothing.
+func warnCacheUnused(cmd *cobra.Command) {
+	if !usesCache(cmd) && cmd.Flags().Changed("cache") {
+		fmt.Fprintf(os.Stderr, "pipeline: %s uses no cache: --cache does nothing here\n", cmd.CommandPath())
+	}
 }
 
 // logSink carries the log to stderr, around a live progress display.

@@ -69,7 +69,10 @@ var started bool
 
 func init() {
 	root.SetFlagErrorFunc(func(_ *cobra.Command, err error) error { return usageErr(plainFlagErr(err)) })
-	root.PersistentPreRun = func(*cobra.Command, []string) { started = true }
+	root.PersistentPreRun = func(cmd *cobra.Command, _ []string) {
+		started = true
+		warnCacheUnused(cmd)
+	}
 }
 
 // strconvErr is the parser's part of a bad flag value's error:

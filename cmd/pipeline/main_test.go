@@ -157,6 +157,29 @@ func TestUnstartedRunIsRecorded(t *testing.T) {
 	}
 }
 
+// TestCacheFlagWhereUsed: --cache shows in the help of the commands that
+// use the cache and not in the others', where giving it is said to do
+// nothing.
+func TestCacheFlagWhereUsed(t *testing.T) {
+	dir := t.TempDir()
+	for _, c := range []string{"run", "plan", "status", "report", "verify", "gc", "inspect", "export"} {
+		if r := runCLI(t, dir, c, "--help"); !strings.Contains(r.stdout, "--cache") {
+			t.Errorf("%s --help does not show --cache", c)
+		}
+	}
+	for _, c := range [][]string{{"tokenize"}, {"chat"}, {"loss"}, {"merge"}, {"doctor"}, {"bench", "train"}} {
+		if r := runCLI(t, dir, append(c, "--help")...); strings.Contains(r.stdout, "--cache") || !strings.Contains(r.stdout, "--log-level") {
+			t.Errorf("%v --help:\n%s", c, r.stdout)
+		}
+	}
+	if r := runCLI(t, dir, "--cache", filepath.Join(dir, "c"), "doctor"); !strings.Contains(r.stderr, "pipeline doctor uses no cache: --cache does nothing here") {
+		t.Errorf("doctor --cache:\n%s", r.stderr)
+	}
+	if r := runCLI(t, dir, "--cache", filepath.Join(dir, "c"), "gc"); strings.Contains(r.stderr, "does nothing") {
+		t.Errorf("gc --cache:\n%s", r.stderr)
+	}
+}
+
 // TestLookingMakesNoCache: plan, status and report of a spec never run,
 // or through a mistyped --cache, show an empty cache and say it does not
 // exist, without creating it.

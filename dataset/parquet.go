@@ -33,6 +33,7 @@ type parquetFile struct {
 	meta   *metadata.FileMetaData
 	mem    memory.Allocator
 	want   []string // file column names, in record order
+	absent []bool   // of want: an optional column the file does not have, read as ""
 	leaves []int    // leaf column indices to read, deduplicated
 	bytes  int64
 	// conv, for conversations, names the list column and its fields;
@@ -41,8 +42,11 @@ type parquetFile struct {
 	convJSON bool
 }
 
-func openParquet(open openFunc, path string, want []string, conv *convFields, mem memory.Allocator) (*parquetFile, error) {
-	pf := &parquetFile{open: open, name: path, mem: mem, want: want, conv: conv}
+// openParquet opens the Parquet file at path to read the columns want;
+// optional, when not "", is one of them that the file may lack (Alpaca's
+// input), which then reads as "" as a JSON record without the field does.
+func openParquet(open openFunc, path string, want []string, optional string, conv *convFields, mem memory.Allocator) (*parquetFile, error) {
+	pf := &parquetFile{open: open, name: path, mem: mem, want: want, absent: make([]bool, len(want)), conv: conv}
 	f, err := pf.openFile()
 	if err != nil {
 		return nil, err
@@ -77,8 +81,12 @@ func openParquet(open openFunc, path string, want []string, conv *convFields, me
 			}
 		}
 	}
-	for _, name := range want {
+	for i, name := range want {
 		sf, ok := byName[name]
+		if !ok && name == optional {
+			pf.absent[i] = true
+			continue
+		}
 		if !ok {
 			return nil, fmt.Errorf("dataset: %s: no column %q; the file has columns %s", path, name, quoteList(names))
 		}
@@ -321,6 +329,10 @@ func (pf *parquetFile) scanRowGroup(ctx context.Context, fr *pqarrow.FileReader,
 		}
 		sc := rec.Schema()
 		for i, name := range pf.want {
+			if pf.absent[i] {
+				cols[i] = noValues
+				continue
+			}
 			idx := sc.FieldIndices(name)
 			if len(idx) == 0 {
 				return rows, false, fmt.Errorf("dataset: %s: row group %d: column %q missing from the decoded batch", pf.name, rg, name)
@@ -394,6 +406,14 @@ type stringValues struct {
 	dict *array.Dictionary
 	null func(int) bool
 }
+
+// noValues are the values of a column the file does not have: "" in
+// every row, none of them null.
+var noValues = stringValues{arr: emptyStrings{}, null: func(int) bool { return false }}
+
+type emptyStrings struct{}
+
+func (emptyStrings) Value(int) string { return "" }
 
 func newStringValues(a arrow.Array) (stringValues, error) {
 	switch c := a.(type) {

@@ -399,7 +399,13 @@ func Open(opts SourceOptions) (*Source, error) {
 		var f sourceFile
 		switch format {
 		case FormatParquet:
-			f, err = openParquet(opts.opener(), path, wanted, s.conv, opts.Allocator)
+			// A Parquet file may lack the input column, not one the
+			// spec's columns: names (a typo would read as no input).
+			pqOptional := ""
+			if optional == ColInput {
+				pqOptional = optional
+			}
+			f, err = openParquet(opts.opener(), path, wanted, pqOptional, s.conv, opts.Allocator)
 		case FormatText:
 			f, err = openText(opts.opener(), path)
 		default:

@@ -311,6 +311,26 @@ func TestParquetNullsBecomeEmpty(t *testing.T) {
 	}
 }
 
+// TestParquetWithoutInput: a Parquet file of instructions and outputs only
+// reads with no input, as JSON lines without the field do (it used to be
+// refused, and nothing in a spec could say otherwise); an input column the
+// spec names and the file lacks is still an error.
+func TestParquetWithoutInput(t *testing.T) {
+	fields := []arrow.Field{alpacaFields[0], alpacaFields[2]}
+	path := writeParquet(t, "io.parquet", fields, func(b *array.RecordBuilder) {
+		b.Field(0).(*array.StringBuilder).AppendValues([]string{"Bir", "Üç"}, nil)
+		b.Field(1).(*array.StringBuilder).AppendValues([]string{"iki", "dört"}, nil)
+	})
+	rows := readAll(t, SourceOptions{Paths: []string{path}})
+	if want := [][]string{{"Bir", "", "iki"}, {"Üç", "", "dört"}}; !slices.EqualFunc(rows, want, slices.Equal) {
+		t.Errorf("got %q, want %q", rows, want)
+	}
+	_, err := Open(SourceOptions{Paths: []string{path}, Columns: map[string]string{ColInput: "context"}})
+	if err == nil || !strings.Contains(err.Error(), `no column "context"`) {
+		t.Errorf("an input column the file lacks: %v", err)
+	}
+}
+
 // TestNullsAreCountedAndConfigurable: nulls read as "" (by default), drop
 // their row, or fail, and are counted with where the first of each column
 // was, in Parquet and in JSON lines. A null input is Alpaca's "no input":

@@ -80,11 +80,11 @@ func (l Layout) ColumnNames() []string {
 }
 
 // DefaultRoles maps the role names conversations use to ours: ShareGPT's
-// human and gpt, and system, user and assistant as they are.
-// SourceOptions.Roles adds to it.
+// human and gpt, Gemma's own model, and system, user and assistant as they
+// are, in any case (Human, GPT). SourceOptions.Roles adds to it.
 var DefaultRoles = map[string]string{
 	"system": "system", "user": "user", "assistant": "assistant",
-	"human": "user", "gpt": "assistant",
+	"human": "user", "gpt": "assistant", "model": "assistant",
 }
 
 // roleMap is the roles of a conversation source: DefaultRoles with the
@@ -125,16 +125,25 @@ type rawMessage struct {
 // first part, unstripped, is all the template reads of it, so a system
 // message of several parts is refused rather than cut). i is the
 // message's place in the conversation, for errors.
-func (c *convFields) message(i int, m rawMessage) (chat.Message, error) {
+// prev is the role of the message before it ("" for the first), which
+// says, of a role name not known, which role it likely is.
+func (c *convFields) message(i int, m rawMessage, prev string) (chat.Message, error) {
 	role, ok := c.roles[m.role]
+	if !ok {
+		role, ok = DefaultRoles[strings.ToLower(m.role)]
+	}
 	if !ok {
 		known := make([]string, 0, len(c.roles))
 		for k := range c.roles {
 			known = append(known, k)
 		}
 		sort.Strings(known)
-		return chat.Message{}, fmt.Errorf("message %d: unknown role %q (known: %s); map it with roles:, e.g. roles: {%s: user}",
-			i, m.role, strings.Join(known, ", "), m.role)
+		likely := "user"
+		if prev == "user" {
+			likely = "assistant" // it answers the user
+		}
+		return chat.Message{}, fmt.Errorf("message %d: unknown role %q (known: %s); map it with roles:, e.g. roles: {%s: %s}",
+			i, m.role, strings.Join(known, ", "), m.role, likely)
 	}
 	content := m.content
 	if m.parts != nil {

@@ -8,6 +8,7 @@ import (
 	"io"
 	"os"
 	"path/filepath"
+	"slices"
 	"reflect"
 	"strings"
 	"testing"
@@ -264,6 +265,21 @@ func TestParquetTextParts(t *testing.T) {
 	}
 }
 
+// TestRoleNamesInAnyCase: ShareGPT dumps that write Human and GPT, and
+// data in Gemma's own role name (model), read without a roles: mapping.
+func TestRoleNamesInAnyCase(t *testing.T) {
+	path := writeFile(t, "c.jsonl", `{"conversations": [{"from": "System", "value": "s"}, {"from": "Human", "value": "a"}, {"from": "GPT", "value": "b"}, {"from": "user", "value": "c"}, {"from": "model", "value": "d"}]}`+"\n")
+	var roles []string
+	for _, m := range readConversations(t, SourceOptions{Paths: []string{path}, Layout: LayoutShareGPT}) {
+		for _, msg := range m {
+			roles = append(roles, msg.Role)
+		}
+	}
+	if !slices.Equal(roles, []string{"system", "user", "assistant", "user", "assistant"}) {
+		t.Errorf("roles %v", roles)
+	}
+}
+
 // TestConversationErrors: a conversation the template would refuse, or
 // one with nothing to learn, is an error naming its file and line or row.
 func TestConversationErrors(t *testing.T) {
@@ -285,7 +301,11 @@ func TestConversationErrors(t *testing.T) {
 		{"{\"conversations\": [{\"from\": \"human\", \"value\": [{\"type\": \"text\", \"text\": \"a\xffb\"}]}]}", "part 0: invalid UTF-8 at byte 1"},
 		{`{"conversations": [{"from": "human", "value": [{"type": "text", "text": "\ud800"}]}]}`, "part 0: unpaired UTF-16 surrogate"},
 		{`{"conversations": [{"from": "system", "value": [{"type": "text", "text": "a"}, {"type": "text", "text": "b"}]}, {"from": "human", "value": "x"}, {"from": "gpt", "value": "y"}]}`, "a system message of 2 parts"},
-		{`{"chat": []}`, `no field "conversations"`},
+		{`{"chat": []}`, `no field "conversations"; the record has fields "chat"; name the record's field with columns:, e.g. columns: {conversations: chat}`},
+		{`{"messages": []}`, `no field "conversations"; the record has fields "messages"; an OpenAI-style record: set format: openai`},
+		{`{"instruction": "a", "output": "b"}`, `an Alpaca record: leave format out`},
+		{`{"conversations": [{"from": "human", "value": "a"}, {"from": "bot", "value": "b"}]}`, `unknown role "bot" (known: assistant, gpt, human, model, system, user); map it with roles:, e.g. roles: {bot: assistant}`},
+		{`{"conversations": [{"from": "soran", "value": "a"}, {"from": "gpt", "value": "b"}]}`, `map it with roles:, e.g. roles: {soran: user}`},
 	}
 	for _, c := range cases {
 		good := `{"conversations": [{"from": "human", "value": "a"}, {"from": "gpt", "value": "b"}]}`

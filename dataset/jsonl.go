@@ -231,6 +231,40 @@ func (jf *jsonlFile) scan(ctx context.Context, file int32, base int64, want func
 	}
 }
 
+// fieldHint says, of a record without the field name, what in the spec
+// reads it: the format its fields have, or a columns: mapping to one of
+// them.
+func fieldHint(keys []string, name string, conv bool) string {
+	switch {
+	case slices.Contains(keys, "conversations"):
+		return "; a ShareGPT record: set format: sharegpt"
+	case slices.Contains(keys, ColMessages):
+		return "; an OpenAI-style record: set format: openai"
+	case conv && slices.Contains(keys, ColInstruction):
+		return "; an Alpaca record: leave format out (alpaca is the default)"
+	case len(keys) == 0:
+		return ""
+	}
+	// The field people most often call it otherwise, else the first.
+	guess := keys[0]
+	for _, k := range keys {
+		if slices.Contains(likelyNames[name], strings.ToLower(k)) {
+			guess = k
+			break
+		}
+	}
+	return fmt.Sprintf("; name the record's field with columns:, e.g. columns: {%s: %s}", name, guess)
+}
+
+// likelyNames are other names datasets give the fields of a layout.
+var likelyNames = map[string][]string{
+	ColInstruction:  {"prompt", "question", "query", "instruction_tr", "soru", "talimat"},
+	ColOutput:       {"response", "answer", "completion", "output_tr", "cevap", "yanit", "yanıt"},
+	ColInput:        {"context", "girdi"},
+	"conversations": {"conversation", "dialog", "dialogue", "turns", "chat"},
+	ColMessages:     {"conversation", "dialog", "dialogue", "turns", "chat"},
+}
+
 // parse decodes one record, at line or element at, into a record. Only the
 // mapped fields are checked; other fields may hold anything.
 func (jf *jsonlFile) parse(line []byte, at int64) (record, error) {
@@ -258,7 +292,7 @@ func (jf *jsonlFile) parse(line []byte, at int64) (record, error) {
 			keys = append(keys, k)
 		}
 		slices.Sort(keys)
-		return fmt.Errorf("dataset: %s: %s: no field %q; the record has fields %s", jf.name, where, name, quoteList(keys))
+		return fmt.Errorf("dataset: %s: %s: no field %q; the record has fields %s%s", jf.name, where, name, quoteList(keys), fieldHint(keys, name, jf.conv != nil))
 	}
 	if c := jf.conv; c != nil {
 		raw, ok := obj[c.list]

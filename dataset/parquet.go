@@ -88,7 +88,7 @@ func openParquet(open openFunc, path string, want []string, optional string, con
 			continue
 		}
 		if !ok {
-			return nil, fmt.Errorf("dataset: %s: no column %q; the file has columns %s", path, name, quoteList(names))
+			return nil, fmt.Errorf("dataset: %s: no column %q; the file has columns %s%s", path, name, quoteList(names), fieldHint(names, name, conv != nil))
 		}
 		if !sf.IsLeaf() || !isStringType(sf.Field.Type) {
 			return nil, fmt.Errorf("dataset: %s: column %q has type %s, not string", path, name, sf.Field.Type)
@@ -98,7 +98,7 @@ func openParquet(open openFunc, path string, want []string, optional string, con
 	if conv != nil {
 		sf, ok := byName[conv.list]
 		if !ok {
-			return nil, fmt.Errorf("dataset: %s: no column %q; the file has columns %s", path, conv.list, quoteList(names))
+			return nil, fmt.Errorf("dataset: %s: no column %q; the file has columns %s%s", path, conv.list, quoteList(names), fieldHint(names, conv.list, true))
 		}
 		leaves, err := conversationLeaves(sf, conv)
 		switch {

@@ -700,7 +700,11 @@ func (s *Source) conversation(r record) ([]chat.Message, error) {
 		system = r.v[0]
 	}
 	for i, m := range r.msgs {
-		cm, err := s.conv.message(i, m)
+		prev := ""
+		if len(msgs) > 0 {
+			prev = msgs[len(msgs)-1].Role
+		}
+		cm, err := s.conv.message(i, m, prev)
 		if err != nil {
 			return nil, fmt.Errorf("dataset: %s: %w", s.where(r), err)
 		}

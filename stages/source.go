@@ -121,7 +121,7 @@ func (p *sourceParams) Validate() error {
 		case "system", "user", "assistant":
 		default:
 			return &pipeline.ParamError{Param: "roles", Msg: fmt.Sprintf("%s maps to %q", theirs, ours),
-				Fix: "map each of the file's role names to system, user or assistant, e.g. roles: {insan: user, model: assistant}"}
+				Fix: "map each of the file's role names to system, user or assistant, e.g. roles: {insan: user, asistan: assistant}"}
 		}
 		// A role known already changes nothing; keep it out of the key.
 		if dataset.DefaultRoles[theirs] == ours {

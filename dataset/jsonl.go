@@ -34,6 +34,9 @@ type jsonlFile struct {
 	conv     *convFields // for conversations
 	rows     int64       // -1 until counted
 	bytes    int64
+	// system says that the first record has a system text that want does
+	// not read (see Source.UnreadSystem).
+	system bool
 }
 
 func openJSONL(open openFunc, path string, want []string, optional string, conv *convFields) (*jsonlFile, error) {
@@ -59,8 +62,17 @@ func openJSONL(open openFunc, path string, want []string, optional string, conv 
 	if _, err := jf.parse(first, rr.at()); err != nil {
 		return nil, err
 	}
+	if !slices.Contains(want, ColSystem) {
+		var rec map[string]json.RawMessage
+		if json.Unmarshal(first, &rec) == nil {
+			var text string
+			jf.system = json.Unmarshal(rec[ColSystem], &text) == nil && strings.TrimSpace(text) != ""
+		}
+	}
 	return jf, nil
 }
+
+func (jf *jsonlFile) unreadSystem() bool { return jf.system }
 
 // detectArray sets jf.array when the file's first byte past a byte order
 // mark and white space starts a JSON array.

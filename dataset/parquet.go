@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"io"
 	"io/fs"
+	"slices"
 	"sort"
 	"strings"
 	"unicode/utf8"
@@ -34,6 +35,7 @@ type parquetFile struct {
 	mem    memory.Allocator
 	want   []string // file column names, in record order
 	absent []bool   // of want: an optional column the file does not have, read as ""
+	system bool     // the file has a system column that want does not read
 	leaves []int    // leaf column indices to read, deduplicated
 	bytes  int64
 	// conv, for conversations, names the list column and its fields;
@@ -114,8 +116,12 @@ func openParquet(open openFunc, path string, want []string, optional string, con
 		}
 	}
 	sort.Ints(pf.leaves)
+	_, hasSystem := byName[ColSystem]
+	pf.system = hasSystem && !slices.Contains(want, ColSystem)
 	return pf, nil
 }
+
+func (pf *parquetFile) unreadSystem() bool { return pf.system }
 
 // parquetSource is what the Parquet reader needs of a file.
 type parquetSource interface {

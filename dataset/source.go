@@ -273,6 +273,19 @@ func (s *Source) applyNulls(r record) (keep bool, err error) {
 }
 
 // sourceFile is one opened and validated input file.
+// UnreadSystem lists the files whose records have a system text (a
+// "system" field or column) that the source does not read: without
+// SystemColumn it is silently left out of every conversation.
+func (s *Source) UnreadSystem() []string {
+	var out []string
+	for _, f := range s.files {
+		if u, ok := f.(interface{ unreadSystem() bool }); ok && u.unreadSystem() {
+			out = append(out, f.path())
+		}
+	}
+	return out
+}
+
 type sourceFile interface {
 	path() string
 	// numRows returns the number of rows, or -1 when unknown.

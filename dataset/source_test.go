@@ -311,6 +311,36 @@ func TestParquetNullsBecomeEmpty(t *testing.T) {
 	}
 }
 
+// TestUnreadSystem: records with a system text of their own, which a
+// source without system_column leaves out of every conversation, are
+// named; read, they are not.
+func TestUnreadSystem(t *testing.T) {
+	jl := writeFile(t, "s.jsonl", `{"system": "Kısa yanıt ver.", "instruction": "Bir", "output": "iki"}`+"\n")
+	conv := writeFile(t, "c.jsonl", `{"system": "Kısa yanıt ver.", "conversations": [{"from": "human", "value": "a"}, {"from": "gpt", "value": "b"}]}`+"\n")
+	plain := writeFile(t, "p.jsonl", `{"system": "", "instruction": "Bir", "output": "iki"}`+"\n")
+	pq := writeParquet(t, "s.parquet", append(slices.Clone(alpacaFields), arrow.Field{Name: "system", Type: arrow.BinaryTypes.String}), func(b *array.RecordBuilder) {
+		appendStrings(b, [3]string{"Bir", "", "iki"})
+		b.Field(3).(*array.StringBuilder).Append("Kısa yanıt ver.")
+	})
+	for _, c := range []struct {
+		opts SourceOptions
+		want []string
+	}{
+		{SourceOptions{Paths: []string{jl, plain, pq}}, []string{jl, pq}},
+		{SourceOptions{Paths: []string{conv}, Layout: LayoutShareGPT}, []string{conv}},
+		{SourceOptions{Paths: []string{jl, pq}, SystemColumn: "system"}, nil},
+	} {
+		s, err := Open(c.opts)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if got := s.UnreadSystem(); !slices.Equal(got, c.want) {
+			t.Errorf("%v: unread %v, want %v", c.opts.Paths, got, c.want)
+		}
+		s.Close()
+	}
+}
+
 // TestParquetWithoutInput: a Parquet file of instructions and outputs only
 // reads with no input, as JSON lines without the field do (it used to be
 // refused, and nothing in a spec could say otherwise); an input column the

@@ -303,6 +303,14 @@ func (s *sourceStage) Run(ctx context.Context, t *pipeline.Task) error {
 		return err
 	}
 	defer src.Close()
+	if unread := src.UnreadSystem(); len(unread) > 0 {
+		fix := "system_column: system reads each record's own"
+		if s.opts.SystemText != "" {
+			fix += " (in place of system:)"
+		}
+		t.Log.Warn(fmt.Sprintf("the records of %s have a system text that this source leaves out of their conversations", strings.Join(unread, ", ")), "fix", fix)
+		t.SetStat("unread_system", len(unread))
+	}
 	if n, ok := src.Rows(); ok {
 		t.SetTotal(n)
 	}

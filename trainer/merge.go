@@ -73,6 +73,12 @@ func MergeAdapter(baseDir, adapterDir, out string, opts MergeOptions) error {
 	if err != nil {
 		return err
 	}
+	// Tensors are copied as they are stored: those the model reads are
+	// checked first, as every loader checks them, so that no merge writes
+	// a checkpoint that nothing can load.
+	if err := ck.CheckTensors(); err != nil {
+		return fmt.Errorf("merge: the base: %w", err)
+	}
 	a, err := ck.LoadAdapter(adapterDir)
 	if err != nil {
 		return fmt.Errorf("merge: the adapter in %s: %w", adapterDir, err)
@@ -82,7 +88,9 @@ func MergeAdapter(baseDir, adapterDir, out string, opts MergeOptions) error {
 		return err
 	}
 	projections := map[string]WeightTensor{}
+	textModel := map[string]bool{} // the tensors the model reads
 	for _, t := range ck.Config.WeightTensors() {
+		textModel[ck.Prefix+t.Name] = true
 		if t.Layer >= 0 && isModule(t.Role) {
 			projections[ck.Prefix+t.Name] = t
 		}
@@ -137,6 +145,11 @@ func MergeAdapter(baseDir, adapterDir, out string, opts MergeOptions) error {
 				info, raw, err := read(name)
 				if err != nil {
 					return err
+				}
+				if textModel[name] {
+					if err := checkFinite(ck.shards[name], name, info.DType, raw); err != nil {
+						return err
+					}
 				}
 				if !transform && info.DType == safetensors.BF16 {
 					_, err := wr.Write(raw)

@@ -8,6 +8,7 @@ import (
 	"testing"
 
 	"gemmaft/internal/half"
+	"gemmaft/trainer/safetensors"
 )
 
 // TestMergeAdapter merges a trained-looking adapter into a tiny checkpoint
@@ -117,6 +118,81 @@ func TestMergeAdapter(t *testing.T) {
 	for _, p := range []string{"x", "y", "x.tmp", "y.tmp"} {
 		if _, err := os.Stat(filepath.Join(dir, p)); err == nil {
 			t.Errorf("%s left behind after a failed merge", p)
+		}
+	}
+}
+
+// TestMergeRefusesABrokenBase: a base whose weights the config does not
+// describe (a tensor missing, another shape) or that holds a NaN is
+// refused, naming the tensor, and no folder is written: merge used to copy
+// such tensors as they were and write a checkpoint that nothing loads.
+func TestMergeRefusesABrokenBase(t *testing.T) {
+	c := tinyConfig()
+	c.DType = "bfloat16"
+	dir := t.TempDir()
+	good := filepath.Join(dir, "good")
+	if err := WriteRandomCheckpoint(good, c, InitOptions{Seed: 7, Std: 0.2}); err != nil {
+		t.Fatal(err)
+	}
+	m, err := LoadModel(good)
+	if err != nil {
+		t.Fatal(err)
+	}
+	a, _ := NewAdapter(c, LoRAConfig{R: 4, Alpha: 8, Targets: []Module{QProj, DownProj}}, 3)
+	adapter := filepath.Join(dir, "adapter")
+	if err := m.SaveAdapter(adapter, a, BaseModel{NameOrPath: "good"}); err != nil {
+		t.Fatal(err)
+	}
+	tok := filepath.Join(dir, "tok")
+	os.MkdirAll(tok, 0o755)
+	os.WriteFile(filepath.Join(tok, "tokenizer.json"), []byte(`{"added_tokens": [{"id": 1, "content": "<eos>"}, {"id": 5, "content": "<end_of_turn>"}]}`), 0o644)
+
+	// broken rewrites good's weights, changing the named tensor.
+	broken := func(name string, change func(*safetensors.Tensor) bool) string {
+		out := filepath.Join(dir, strings.ReplaceAll(name, ".", "_"))
+		os.MkdirAll(out, 0o755)
+		cfg, _ := os.ReadFile(filepath.Join(good, "config.json"))
+		os.WriteFile(filepath.Join(out, "config.json"), cfg, 0o644)
+		f, err := safetensors.Open(filepath.Join(good, "model.safetensors"))
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer f.Close()
+		var ts []safetensors.Tensor
+		for _, info := range f.Header.Tensors {
+			_, raw, _ := f.Raw(info.Name)
+			tn := safetensors.Tensor{Name: info.Name, DType: info.DType, Shape: info.Shape, Data: append([]byte(nil), raw...)}
+			if strings.HasSuffix(info.Name, "."+name) && !change(&tn) {
+				continue
+			}
+			ts = append(ts, tn)
+		}
+		if err := safetensors.WriteFile(filepath.Join(out, "model.safetensors"), ts, nil); err != nil {
+			t.Fatal(err)
+		}
+		return out
+	}
+	for _, c := range []struct {
+		base, want string
+	}{
+		{broken("layers.1.mlp.down_proj.weight", func(*safetensors.Tensor) bool { return false }), "layers.1.mlp.down_proj.weight missing"},
+		{broken("layers.0.input_layernorm.weight", func(tn *safetensors.Tensor) bool {
+			tn.Shape, tn.Data = []int{tn.Shape[0] / 2}, tn.Data[:len(tn.Data)/2]
+			return true
+		}), "layers.0.input_layernorm.weight has shape"},
+		{broken("norm.weight", func(tn *safetensors.Tensor) bool {
+			tn.Data[0], tn.Data[1] = 0xc0, 0x7f // a bf16 NaN
+			return true
+		}), "norm.weight holds a non-finite value"},
+	} {
+		out := filepath.Join(dir, "merged")
+		err := MergeAdapter(c.base, adapter, out, MergeOptions{TokenizerDir: tok})
+		if err == nil || !strings.Contains(err.Error(), c.want) {
+			t.Errorf("%s: %v, want %q", filepath.Base(c.base), err, c.want)
+		}
+		if _, err := os.Stat(out); err == nil {
+			t.Errorf("%s: a folder was written", filepath.Base(c.base))
+			os.RemoveAll(out)
 		}
 	}
 }

@@ -311,19 +311,73 @@ func (c *Checkpoint) Read(spec WeightTensor) (WeightTensor, error) {
 	if err != nil {
 		return spec, fmt.Errorf("%s: index names %s but the shard lacks it: %w", path, name, err)
 	}
+	if err := checkTensorInfo(path, name, info, spec); err != nil {
+		return spec, err
+	}
+	if err := checkFinite(path, name, info.DType, raw); err != nil {
+		return spec, err
+	}
+	spec.DType, spec.Raw = info.DType, raw
+	return spec, nil
+}
+
+// CheckTensors checks, from the files' headers alone, that every tensor
+// Config.WeightTensors lists is there with its shape and a floating-point
+// type, as Read checks each: a consumer that copies the checkpoint's
+// tensors without reading them through Read (a merge) checks so before it
+// writes anything.
+func (c *Checkpoint) CheckTensors() error {
+	files := map[string]*safetensors.File{}
+	defer func() {
+		for _, f := range files {
+			f.Close()
+		}
+	}()
+	for _, spec := range c.Config.WeightTensors() {
+		name := c.Prefix + spec.Name
+		path, ok := c.shards[name]
+		if !ok {
+			return fmt.Errorf("%s: tensor %s missing: the config (%d layers) does not match the weights", c.Dir, name, c.Config.Layers)
+		}
+		f := files[path]
+		if f == nil {
+			var err error
+			if f, err = safetensors.Open(path); err != nil {
+				return err
+			}
+			files[path] = f
+		}
+		info, ok := f.Header.Lookup(name)
+		if !ok {
+			return fmt.Errorf("%s: index names %s but the shard lacks it", path, name)
+		}
+		if err := checkTensorInfo(path, name, info, spec); err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
+// checkTensorInfo checks a stored tensor's header against what the config
+// implies for it.
+func checkTensorInfo(path, name string, info safetensors.TensorInfo, spec WeightTensor) error {
 	if !equalShape(info.Shape, spec.Shape) {
-		return spec, fmt.Errorf("%s: tensor %s has shape %v, the config implies %v: config and weights do not match", path, name, info.Shape, spec.Shape)
+		return fmt.Errorf("%s: tensor %s has shape %v, the config implies %v: config and weights do not match", path, name, info.Shape, spec.Shape)
 	}
 	switch info.DType {
 	case safetensors.BF16, safetensors.F16, safetensors.F32:
 	default:
-		return spec, fmt.Errorf("%s: tensor %s is stored as %s; weights must be BF16, F16 or F32", path, name, info.DType)
+		return fmt.Errorf("%s: tensor %s is stored as %s; weights must be BF16, F16 or F32", path, name, info.DType)
 	}
-	if i := safetensors.FirstNonFinite(info.DType, raw); i >= 0 {
-		return spec, fmt.Errorf("%s: tensor %s holds a non-finite value at element %d", path, name, i)
+	return nil
+}
+
+// checkFinite refuses a tensor holding a NaN or an infinity.
+func checkFinite(path, name string, dtype safetensors.DType, raw []byte) error {
+	if i := safetensors.FirstNonFinite(dtype, raw); i >= 0 {
+		return fmt.Errorf("%s: tensor %s holds a non-finite value at element %d", path, name, i)
 	}
-	spec.DType, spec.Raw = info.DType, raw
-	return spec, nil
+	return nil
 }
 
 // LoadModel reads config.json and the safetensors weights in dir into a

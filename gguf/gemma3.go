@@ -215,7 +215,14 @@ func vocabulary(dir string, rows int) ([]KV, error) {
 	// the vocabulary stops at the embedding, as the SentencePiece model
 	// llama.cpp's converter reads does.
 	n := min(tok.VocabSize(), rows)
-	if rows-n > 1024 {
+	mismatch := rows-n > 1024
+	for id := n; id < tok.VocabSize() && !mismatch; id++ {
+		// Only special tokens may lack a row; a text token would be cut
+		// from the vocabulary the file carries.
+		k := tok.Kind(int32(id))
+		mismatch = k != tokenizer.Control && k != tokenizer.UserDefined
+	}
+	if mismatch {
 		return nil, fmt.Errorf("%s: %d tokens for an embedding of %d rows: tokenizer and model do not match", path, tok.VocabSize(), rows)
 	}
 	scores := tok.MergeScores()

@@ -505,3 +505,20 @@ func TestLlamaCppChatTemplate(t *testing.T) {
 		}
 	}
 }
+
+// TestVocabularyMustMatchTheEmbedding: a tokenizer with text tokens past
+// the embedding's rows is refused (the file used to carry the vocabulary
+// cut to the rows); Gemma 3's <image_soft_token>, one special token past
+// the 1B's rows, is not.
+func TestVocabularyMustMatchTheEmbedding(t *testing.T) {
+	dir := checkpoint(t, "tiny")
+	c, err := trainer.LoadConfig(dir)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for rows, refused := range map[int]bool{1000: true, 262144: false} {
+		if _, err := vocabulary(dir, rows); refused != (err != nil && strings.Contains(err.Error(), "tokenizer and model do not match")) {
+			t.Errorf("%d rows (the model has %d): %v", rows, c.VocabSize, err)
+		}
+	}
+}

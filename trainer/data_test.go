@@ -140,7 +140,7 @@ func TestReadPackedRowsErrors(t *testing.T) {
 	c := tinyConfig()
 	m := tinyModel(t, c)
 	b, _ := NewBatch([]PackedRow{{InputIDs: []int32{1, 500}, Labels: []int32{-100, 2}, SeqLengths: []int32{2}}})
-	if _, _, err := m.Loss(nil, b); err == nil || !strings.Contains(err.Error(), "outside the vocabulary") {
+	if _, _, err := m.Loss(nil, b); err == nil || !strings.Contains(err.Error(), "outside the model's vocabulary") {
 		t.Errorf("token id beyond the vocabulary: %v", err)
 	}
 }

@@ -91,10 +91,10 @@ func (b *Batch) validate(c *Config) error {
 	}
 	for i, id := range b.IDs {
 		if id < 0 || int(id) >= c.VocabSize {
-			return fmt.Errorf("token %d: id %d outside the vocabulary [0, %d)", i, id, c.VocabSize)
+			return fmt.Errorf("token %d: id %d outside the model's vocabulary [0, %d): were the rows tokenized with another model's tokenizer?", i, id, c.VocabSize)
 		}
 		if t := b.Targets[i]; t != IgnoreIndex && (t < 0 || int(t) >= c.VocabSize) {
-			return fmt.Errorf("token %d: label %d outside the vocabulary [0, %d)", i, t, c.VocabSize)
+			return fmt.Errorf("token %d: label %d outside the model's vocabulary [0, %d): were the rows tokenized with another model's tokenizer?", i, t, c.VocabSize)
 		}
 		if b.Pos[i] < 0 {
 			return fmt.Errorf("token %d: negative position %d", i, b.Pos[i])

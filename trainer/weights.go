@@ -4,9 +4,11 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"maps"
 	"math"
 	"os"
 	"path/filepath"
+	"slices"
 	"sort"
 	"strings"
 
@@ -185,7 +187,15 @@ var textPrefixes = []string{"model.", "language_model.model.", "model.language_m
 // safetensors file (shard) holding it.
 func shardsOf(dir string) (map[string]string, error) {
 	idx := filepath.Join(dir, "model.safetensors.index.json")
-	if b, err := os.ReadFile(idx); err == nil {
+	single := filepath.Join(dir, "model.safetensors")
+	if !fileExists(single) { // transformers reads model.safetensors first
+		b, err := os.ReadFile(idx)
+		if err != nil {
+			if errors.Is(err, os.ErrNotExist) {
+				return nil, fmt.Errorf("%s: no model.safetensors or model.safetensors.index.json", dir)
+			}
+			return nil, err
+		}
 		var index struct {
 			WeightMap map[string]string `json:"weight_map"`
 		}
@@ -204,12 +214,8 @@ func shardsOf(dir string) (map[string]string, error) {
 		}
 		return out, nil
 	}
-	single := filepath.Join(dir, "model.safetensors")
 	f, err := safetensors.Open(single)
 	if err != nil {
-		if errors.Is(err, os.ErrNotExist) {
-			return nil, fmt.Errorf("%s: no model.safetensors or model.safetensors.index.json", dir)
-		}
 		return nil, err
 	}
 	defer f.Close()
@@ -218,6 +224,37 @@ func shardsOf(dir string) (map[string]string, error) {
 		out[t.Name] = single
 	}
 	return out, nil
+}
+
+// WeightFiles lists the files that hold dir's weights, as transformers
+// reads them: model.safetensors, else model.safetensors.index.json and the
+// shards it names, in name order. What tells one checkpoint from another
+// is these files' content with config.json's: two checkpoints of one
+// architecture have the same index.
+func WeightFiles(dir string) ([]string, error) {
+	if single := filepath.Join(dir, "model.safetensors"); fileExists(single) {
+		return []string{single}, nil
+	}
+	shards, err := shardsOf(dir)
+	if err != nil {
+		return nil, err
+	}
+	files := map[string]bool{filepath.Join(dir, "model.safetensors.index.json"): true}
+	for _, f := range shards {
+		files[f] = true
+	}
+	return slices.Sorted(maps.Keys(files)), nil
+}
+
+func fileExists(path string) bool {
+	_, err := os.Stat(path)
+	return err == nil
+}
+
+// IsCheckpointFile says whether a file of that name is one WeightFiles
+// lists or config.json.
+func IsCheckpointFile(name string) bool {
+	return name == "config.json" || name == "model.safetensors.index.json" || strings.HasSuffix(name, ".safetensors")
 }
 
 // Checkpoint is an opened Hugging Face checkpoint folder: its config, the

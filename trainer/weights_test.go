@@ -3,11 +3,13 @@ package trainer
 import (
 	"encoding/binary"
 	"errors"
+	"fmt"
 	"io/fs"
 	"math"
 	"os"
 	"path/filepath"
 	"reflect"
+	"slices"
 	"strings"
 	"testing"
 
@@ -47,6 +49,20 @@ func TestShardedAndPrefixedCheckpointsLoadAlike(t *testing.T) {
 		if !reflect.DeepEqual(a.Embed, b.Embed) || !reflect.DeepEqual(a.Layers, b.Layers) || !reflect.DeepEqual(a.FinalNorm, b.FinalNorm) {
 			t.Errorf("%s: weights differ from the single-file checkpoint", dir)
 		}
+	}
+	// The files that hold the weights: the single file, else the index and
+	// its shards. A single file beside an index is what transformers reads.
+	if files, err := WeightFiles(single); err != nil || !slices.Equal(files, []string{filepath.Join(single, "model.safetensors")}) {
+		t.Errorf("single-file weights %v (%v)", files, err)
+	}
+	files, err := WeightFiles(sharded)
+	if err != nil || len(files) < 3 || files[0] != filepath.Join(sharded, "model-00001-of-"+fmt.Sprintf("%05d", len(files)-1)+".safetensors") || files[len(files)-1] != filepath.Join(sharded, "model.safetensors.index.json") {
+		t.Errorf("sharded weights %v (%v)", files, err)
+	}
+	idx, _ := os.ReadFile(filepath.Join(sharded, "model.safetensors.index.json"))
+	os.WriteFile(filepath.Join(single, "model.safetensors.index.json"), idx, 0o644) // names shards single lacks
+	if both, err := LoadModel(single); err != nil || !reflect.DeepEqual(a.Embed, both.Embed) {
+		t.Errorf("a single file beside an index: %v", err)
 	}
 	m, _ := LoadModel(mm)
 	if m.Prefix != "language_model.model." || !m.Config.Multimodal {
@@ -129,6 +145,7 @@ func TestBadCheckpoints(t *testing.T) {
 			os.WriteFile(weights(dir), []byte(strings.ReplaceAll(string(b), "model.embed_tokens", "model.embed_tokenz")), 0o644)
 		}, "not a Gemma 3 checkpoint"},
 		"shard escapes": {func(t *testing.T, dir string) {
+			os.Remove(weights(dir)) // an index beside model.safetensors goes unread, as in transformers
 			os.WriteFile(filepath.Join(dir, "model.safetensors.index.json"), []byte(`{"weight_map": {"model.embed_tokens.weight": "../x.safetensors"}}`), 0o644)
 		}, "leaves the checkpoint"},
 	}

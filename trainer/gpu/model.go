@@ -356,14 +356,14 @@ func (s *session) prepare(b *trainer.Batch) (*hostBatch, error) {
 	hb := &hostBatch{T: T, ids: b.IDs}
 	for i, id := range b.IDs {
 		if id < 0 || int(id) >= cfg.VocabSize {
-			return nil, fmt.Errorf("token %d: id %d outside the vocabulary [0, %d)", i, id, cfg.VocabSize)
+			return nil, fmt.Errorf("token %d: id %d outside the model's vocabulary [0, %d): were the rows tokenized with another model's tokenizer?", i, id, cfg.VocabSize)
 		}
 		if b.Pos[i] < 0 {
 			return nil, fmt.Errorf("token %d: negative position %d", i, b.Pos[i])
 		}
 		if t := b.Targets[i]; t != trainer.IgnoreIndex {
 			if t < 0 || int(t) >= cfg.VocabSize {
-				return nil, fmt.Errorf("token %d: label %d outside the vocabulary [0, %d)", i, t, cfg.VocabSize)
+				return nil, fmt.Errorf("token %d: label %d outside the model's vocabulary [0, %d): were the rows tokenized with another model's tokenizer?", i, t, cfg.VocabSize)
 			}
 			hb.idx = append(hb.idx, int32(i))
 			hb.tgt = append(hb.tgt, t)

@@ -3,19 +3,15 @@ package stages
 import (
 	"context"
 	"fmt"
+	"maps"
 	"os"
 	"path/filepath"
 	"slices"
 
 	"gemmaft/hub"
-	"gemmaft/internal/dirsum"
 	"gemmaft/pipeline"
 	"gemmaft/trainer"
 )
-
-// checkpointFiles are the files whose digests tell one checkpoint from
-// another.
-var checkpointFiles = []string{"config.json", "model.safetensors.index.json", "model.safetensors"}
 
 // adapterBase finds the base checkpoint of the adapter of qlora stage
 // adapter, whose lineage prov describes: `model:` (model), a model stage
@@ -32,7 +28,7 @@ func adapterBase(ctx context.Context, t *pipeline.Task, adapter string, prov pro
 	if q := prov.qlora; q != nil {
 		var files []pipeline.FileRef
 		for _, f := range q.Files {
-			if slices.Contains(checkpointFiles, filepath.Base(f.Path)) {
+			if trainer.IsCheckpointFile(filepath.Base(f.Path)) {
 				trained[filepath.Base(f.Path)] = f.SHA256
 				trainedDir = filepath.Dir(f.Path)
 				files = append(files, f)
@@ -51,7 +47,7 @@ func adapterBase(ctx context.Context, t *pipeline.Task, adapter string, prov pro
 	if len(trained) == 0 && trainedHub == nil && prov.model != nil {
 		trainedStage = prov.model.Stage
 		for _, f := range prov.model.Outputs {
-			if slices.Contains(checkpointFiles, f.Path) {
+			if trainer.IsCheckpointFile(f.Path) {
 				trained[f.Path] = f.SHA256
 			}
 		}
@@ -100,18 +96,15 @@ func adapterBase(ctx context.Context, t *pipeline.Task, adapter string, prov pro
 	default:
 		return "", fmt.Errorf("no base model: set `model:` to the checkpoint the adapter was trained on, or add its model stage to needs")
 	}
-	for _, name := range checkpointFiles {
-		want, ok := trained[name]
-		if !ok {
-			continue
-		}
+	for _, name := range slices.Sorted(maps.Keys(trained)) {
+		want := trained[name]
 		got, ok := have[name]
 		missing := false
 		if !ok {
 			path := filepath.Join(dir, name)
 			if _, err := os.Stat(path); err != nil {
 				missing = true
-			} else if got, err = dirsum.FileSum(path); err != nil {
+			} else if got, err = t.FileDigest(path); err != nil {
 				return "", err
 			}
 		}
@@ -293,7 +286,7 @@ func CheckCachedAdapter(modelDir, adapterDir string) (trainedNF4 bool, err error
 	return trainedNF4, nil
 }
 
-// sameCheckpoint says whether the checkpointFiles training read are, by
+// sameCheckpoint says whether the checkpoint files training read are, by
 // digest, those a model stage wrote: false when training read none.
 func sameCheckpoint(read, wrote []pipeline.FileRef) bool {
 	written := map[string]string{}
@@ -302,7 +295,7 @@ func sameCheckpoint(read, wrote []pipeline.FileRef) bool {
 	}
 	matched := false
 	for _, f := range read {
-		if name := filepath.Base(f.Path); slices.Contains(checkpointFiles, name) {
+		if name := filepath.Base(f.Path); trainer.IsCheckpointFile(name) {
 			if written[name] != f.SHA256 {
 				return false
 			}

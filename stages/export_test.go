@@ -108,6 +108,75 @@ func TestMergeAndGGUFStages(t *testing.T) {
 	}
 }
 
+// TestShardedBase: a sharded checkpoint is known by its shards' content,
+// not only by its index, which every checkpoint of its architecture shares:
+// another model's shards copied over the first change the training stage's
+// key (the adapter of the first used to be served as cached), and an
+// adapter is refused by a merge, an eval or a generate stage on the other.
+func TestShardedBase(t *testing.T) {
+	r := newTestRun(t)
+	c, _ := trainer.Preset("tiny")
+	write := func(name string, seed uint64) string {
+		dir := filepath.Join(r.dir, name)
+		if err := trainer.WriteRandomCheckpoint(dir, c, trainer.InitOptions{Seed: seed, Std: 0.3, MaxShardBytes: 200_000}); err != nil {
+			t.Fatal(err)
+		}
+		return dir
+	}
+	base, other := write("base", 7), write("other", 8)
+	index := func(dir string) string {
+		b, err := os.ReadFile(filepath.Join(dir, "model.safetensors.index.json"))
+		if err != nil {
+			t.Fatal(err)
+		}
+		return string(b)
+	}
+	if index(base) != index(other) {
+		t.Fatal("the two checkpoints' indexes differ; the test needs them alike")
+	}
+	train := strings.Replace(trainSpec(t, 1), "  base: {kind: model, with: {preset: tiny, seed: 7, std: 0.3}}\n", "", 1)
+	train = strings.Replace(train, "needs: [pack, base]\n    with: {", "needs: [pack]\n    with: {model: "+base+", ", 1)
+	spec := r.spec(train)
+	key := func() string {
+		dag, err := loadSpec(spec, Registry())
+		if err != nil {
+			t.Fatal(err)
+		}
+		plan, err := r.store.Plan(dag, pipeline.Options{})
+		if err != nil {
+			t.Fatal(err)
+		}
+		return plan.Step("adapter").Key
+	}
+	if _, err := r.run(spec, pipeline.Options{}); err != nil {
+		t.Fatal(err)
+	}
+	trained := key()
+
+	for name, stage := range map[string]string{
+		"merge":    "  merged: {kind: merge, needs: [adapter], with: {model: " + other + "}}\n",
+		"eval":     "  held: {kind: jsonl, with: {paths: [" + filepath.Join(testenv.RepoRoot(t), "dataset", "demo", "alpaca-tr-heldout.jsonl") + "]}}\n  eval: {kind: eval, needs: [adapter, held], with: {tasks: [loss], model: " + other + "}}\n",
+		"generate": "  answers: {kind: generate, needs: [alpaca, adapter], with: {model: " + other + ", max_new_tokens: 2}}\n",
+	} {
+		_, err := r.run(r.spec(train+stage), pipeline.Options{})
+		if err == nil || !strings.Contains(err.Error(), "an adapter for another base") || !strings.Contains(err.Error(), "model-0000") {
+			t.Errorf("%s on another sharded checkpoint: %v", name, err)
+		}
+	}
+
+	// The other model's shards copied over the first's.
+	shards, _ := filepath.Glob(filepath.Join(other, "model-*.safetensors"))
+	for _, sh := range shards {
+		b, _ := os.ReadFile(sh)
+		if err := os.WriteFile(filepath.Join(base, filepath.Base(sh)), b, 0o644); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if key() == trained {
+		t.Error("other shards under the same index kept the training stage's key")
+	}
+}
+
 // TestMergeRefusesAnotherBase: merging the adapter into a checkpoint of
 // another shape fails, saying so, and leaves no entry behind.
 func TestMergeRefusesAnotherBase(t *testing.T) {

@@ -269,9 +269,11 @@ func (m *modelArg) path(ctx context.Context, t *pipeline.Task) (string, error) {
 }
 
 // keyedCheckpointFiles are the files of a checkpoint whose content enters
-// the key: config.json, and the weights index of a sharded checkpoint or
-// the single weights file (re-hashing tens of gigabytes of shards is what
-// the stat cache avoids, but their index already names what they hold).
+// the key: config.json and the weights (trainer.WeightFiles), shards and
+// all: the index of a sharded checkpoint is the same for every checkpoint
+// of its architecture (an -it and a -pt model, a retrained one copied over
+// the first). A shard is hashed once; later plans find its digest by its
+// unchanged size, times and inode.
 func keyedCheckpointFiles(dir string) ([]string, error) {
 	fi, err := os.Stat(dir)
 	if err != nil {
@@ -287,14 +289,20 @@ func keyedCheckpointFiles(dir string) ([]string, error) {
 	if err := pipeline.CheckReadableFile(cfg); err != nil {
 		return nil, err
 	}
-	for _, w := range []string{"model.safetensors.index.json", "model.safetensors"} {
-		p := filepath.Join(dir, w)
-		if _, err := os.Lstat(p); err == nil {
+	for _, w := range []string{"model.safetensors", "model.safetensors.index.json"} {
+		if _, err := os.Lstat(filepath.Join(dir, w)); err != nil {
+			continue
+		}
+		weights, err := trainer.WeightFiles(dir)
+		if err != nil {
+			return nil, err
+		}
+		for _, p := range weights {
 			if err := pipeline.CheckReadableFile(p); err != nil {
 				return nil, err
 			}
-			return []string{cfg, p}, nil
 		}
+		return append([]string{cfg}, weights...), nil
 	}
 	return nil, fmt.Errorf("%s has no model.safetensors or model.safetensors.index.json", dir)
 }

@@ -81,20 +81,14 @@ func (s *mergeStage) Resolve(ctx context.Context) ([]pipeline.Ref, error) {
 }
 
 func (s *mergeStage) Run(ctx context.Context, t *pipeline.Task) error {
-	model, err := s.model.path(ctx, t)
-	if err != nil {
-		return err
-	}
 	// One adapter, and the base from `model:` or one model stage
 	// (CheckInputs).
-	var adapter *pipeline.Input
+	var adapter, modelIn *pipeline.Input
 	for _, in := range t.Inputs {
-		if in.Kind != modelKindName {
+		if in.Kind == modelKindName {
+			modelIn = in
+		} else {
 			adapter = in
-			continue
-		}
-		if model, err = in.Dir(ctx); err != nil {
-			return err
 		}
 	}
 	adapterEntry, err := adapter.Dir(ctx)
@@ -102,6 +96,13 @@ func (s *mergeStage) Run(ctx context.Context, t *pipeline.Task) error {
 		return err
 	}
 	lineage, err := adapter.Lineage(ctx)
+	if err != nil {
+		return err
+	}
+	// The base must be the checkpoint the adapter was trained on, as eval
+	// and generate check: merged into another, it makes a model nobody
+	// trained.
+	model, err := adapterBase(ctx, t, adapter.Name, provenanceOf(lineage), modelIn, &s.model)
 	if err != nil {
 		return err
 	}

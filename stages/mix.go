@@ -242,7 +242,26 @@ func (s *mixStage) Run(ctx context.Context, t *pipeline.Task) error {
 		names = append(names, fmt.Sprintf("%s %d (%.1f%%, %d held out)", in.Name, c.Examples, 100*c.Share, c.HeldOut))
 	}
 	t.Log.Info("mixed", "examples", total.Examples, "tokens", total.Tokens, "held_out", total.HeldOut, "by_source", strings.Join(names, ", "))
+	warnUnusedMix(t, s.p, counts, total)
 	return nil
+}
+
+// warnUnusedMix says when the mix leaves most of a source unused (weights
+// without a total take the largest mix that repeats nothing, which the
+// smallest source's share bounds) or holds out more than it trains on
+// (heldout is a share of each source, not of the mix).
+func warnUnusedMix(t *pipeline.Task, p *mixParams, counts map[string]*MixCounts, total MixCounts) {
+	for _, in := range t.Inputs {
+		c := counts[in.Name]
+		if left := c.Available - c.HeldOut; p.Total == 0 && p.Weights != nil && c.Unique < left/2 {
+			t.Log.Warn(fmt.Sprintf("the mix takes %d of the %d examples of %s: the weights bound the largest mix that repeats nothing by the smallest source's share", c.Unique, left, in.Name),
+				"fix", "set total to repeat the smaller sources and take more of this one")
+		}
+	}
+	if total.HeldOut > total.Examples {
+		t.Log.Warn(fmt.Sprintf("%d examples are held out and %d train: heldout is a share of each source's examples, not of the mix", total.HeldOut, total.Examples),
+			"fix", "lower heldout, or set total")
+	}
 }
 
 // sameTokenizer checks that every input was tokenized with the same

@@ -329,10 +329,30 @@ stages:
 // that never enter a training row but are packed apart, all of them.
 func TestMixStage(t *testing.T) {
 	r := newTestRun(t)
+	var logs bytes.Buffer
+	r.log = slog.New(slog.NewTextHandler(&logs, nil))
 	rec, err := r.run(r.spec(mixSpec(t, `{weights: {atok: 2, ctok: 1, ttok: 1}, heldout: 0.1, seed: 3}`)), pipeline.Options{})
 	if err != nil {
 		t.Fatal(err)
 	}
+	// Most of atok and ctok goes unused, and more is held out than trains:
+	// both are said.
+	for _, want := range []string{"the mix takes 22 of the 116 examples of atok", "the mix takes 11 of the 50 examples of ctok"} {
+		if !strings.Contains(logs.String(), want) {
+			t.Errorf("the log does not say %q:\n%s", want, logs.String())
+		}
+	}
+	if strings.Contains(logs.String(), "examples of ttok") || strings.Contains(logs.String(), "held out and") {
+		t.Errorf("ttok, wholly used, or the held-out share is warned of:\n%s", logs.String())
+	}
+	logs.Reset()
+	if _, err := r.run(r.spec(mixSpec(t, `{weights: {atok: 1, ctok: 1, ttok: 6}, heldout: 0.4}`)), pipeline.Options{}); err != nil {
+		t.Fatal(err)
+	}
+	if !strings.Contains(logs.String(), "examples are held out and") {
+		t.Errorf("more held out than trained on, not said:\n%s", logs.String())
+	}
+	r.log = nil
 	rows := readMix(t, r, rec, "mix")
 	st := stageStats(t, rec, "mix")
 	sources := st["sources"].(map[string]any)

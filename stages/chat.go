@@ -3,6 +3,7 @@ package stages
 import (
 	"context"
 	"fmt"
+	"strings"
 
 	"github.com/apache/arrow-go/v18/arrow"
 	"github.com/apache/arrow-go/v18/arrow/array"
@@ -63,22 +64,40 @@ const (
 func (chatStage) Files() []string { return nil }
 
 func (chatStage) Run(ctx context.Context, t *pipeline.Task) error {
-	var row, turns int64
+	var row int64
+	var n renderCounts
 	conversations := false
 	err := mapBatches(ctx, t, ChatSchema, func(rec arrow.RecordBatch) (arrow.RecordBatch, error) {
 		first := row
 		row += rec.NumRows()
 		if len(rec.Schema().FieldIndices(dataset.ColMessages)) == 1 {
 			conversations = true
-			return renderConversations(t.Inputs[0], rec, first, &turns)
+			return renderConversations(t.Inputs[0], rec, first, &n)
 		}
-		return renderBatch(t.Inputs[0], rec, first)
+		return renderBatch(t.Inputs[0], rec, first, &n)
 	})
 	t.SetStat("records", row)
 	if conversations {
-		t.SetStat("assistant_turns", turns)
+		t.SetStat("assistant_turns", n.turns)
+	}
+	t.SetStat("empty_answers", n.empty)
+	if n.empty > 0 {
+		// An empty answer trains the model to close its turn at once.
+		what := fmt.Sprintf("%d answers are", n.empty)
+		if n.empty == 1 {
+			what = "1 answer is"
+		}
+		t.Log.Warn(fmt.Sprintf("%s empty (or white space): each trains only on <end_of_turn>, teaching the model to answer nothing; the first is record %d", what, n.firstEmpty),
+			"fix", "remove such records from the source")
 	}
 	return err
+}
+
+// renderCounts are what a chat_template stage counts as it renders.
+type renderCounts struct {
+	turns      int64 // assistant turns
+	empty      int64 // of which empty or white space
+	firstEmpty int64 // the record of the first empty one
 }
 
 // chatBuilder builds a ChatSchema batch.
@@ -98,27 +117,31 @@ func newChatBuilder() *chatBuilder {
 	return c
 }
 
-// add appends one rendered conversation and the spans of its assistant
-// turns, returning how many there were.
-func (c *chatBuilder) add(text string, spans []chat.Span) int {
+// add appends one rendered conversation, record row, and the spans of its
+// assistant turns, counting them into n.
+func (c *chatBuilder) add(text string, spans []chat.Span, row int64, n *renderCounts) {
 	c.text.Append(text)
 	c.starts.Append(true)
 	c.ends.Append(true)
-	n := 0
 	for _, sp := range spans {
 		if sp.Role != "assistant" {
 			continue
 		}
 		c.sv.Append(int32(sp.Start))
 		c.ev.Append(int32(sp.End))
-		n++
+		n.turns++
+		if answer, _ := strings.CutSuffix(strings.TrimRight(text[sp.Start:sp.End], "\n"), "<end_of_turn>"); strings.TrimSpace(answer) == "" {
+			if n.empty == 0 {
+				n.firstEmpty = row
+			}
+			n.empty++
+		}
 	}
-	return n
 }
 
 // renderConversations renders one batch of conversations (a messages
 // column) read from in, whose first row is the input's row firstRow.
-func renderConversations(in *pipeline.Input, rec arrow.RecordBatch, firstRow int64, turns *int64) (arrow.RecordBatch, error) {
+func renderConversations(in *pipeline.Input, rec arrow.RecordBatch, firstRow int64, n *renderCounts) (arrow.RecordBatch, error) {
 	i, err := columnIndex(in, rec, dataset.ColMessages, parquetKindName+" or "+jsonlKindName)
 	if err != nil {
 		return nil, err
@@ -134,14 +157,14 @@ func renderConversations(in *pipeline.Input, rec arrow.RecordBatch, firstRow int
 		if err != nil {
 			return nil, fmt.Errorf("record %d: %w", firstRow+int64(r), err)
 		}
-		*turns += int64(c.add(text, spans))
+		c.add(text, spans, firstRow+int64(r), n)
 	}
 	return c.b.NewRecordBatch(), nil
 }
 
 // renderBatch renders one batch of records read from in, whose first row
 // is the input's row firstRow.
-func renderBatch(in *pipeline.Input, rec arrow.RecordBatch, firstRow int64) (arrow.RecordBatch, error) {
+func renderBatch(in *pipeline.Input, rec arrow.RecordBatch, firstRow int64, n *renderCounts) (arrow.RecordBatch, error) {
 	const sources = parquetKindName + " or " + jsonlKindName
 	col := func(name string) (*array.String, error) { return stringColumn(in, rec, name, sources) }
 	inst, err := col(dataset.ColInstruction)
@@ -173,7 +196,7 @@ func renderBatch(in *pipeline.Input, rec arrow.RecordBatch, firstRow int64) (arr
 		if err != nil {
 			return nil, fmt.Errorf("record %d: %w", firstRow+int64(i), err)
 		}
-		c.add(rendered, spans)
+		c.add(rendered, spans, firstRow+int64(i), n)
 	}
 	return c.b.NewRecordBatch(), nil
 }

@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"encoding/json"
 	"fmt"
+	"log/slog"
 	"os"
 	"path/filepath"
 	"slices"
@@ -270,6 +271,46 @@ stages:
 	t.Logf("%d conversations (turns: %v), %d tokens, %d trained on every assistant turn, %d on the last", len(convs), turnsOf, total, trained, trainedLast)
 	if rec.Stages[1].Stats["assistant_turns"] == nil {
 		t.Errorf("chat stage statistics %v lack assistant_turns", rec.Stages[1].Stats)
+	}
+}
+
+// TestEmptyAnswersAreCounted: answers that are empty or white space, in
+// Alpaca records and in conversations, are counted and warned of (each
+// trains the model to close its turn at once); others are not.
+func TestEmptyAnswersAreCounted(t *testing.T) {
+	r := newTestRun(t)
+	var logs bytes.Buffer
+	r.log = slog.New(slog.NewTextHandler(&logs, nil))
+	write := func(name, content string) string {
+		p := filepath.Join(r.dir, name)
+		if err := os.WriteFile(p, []byte(content), 0o644); err != nil {
+			t.Fatal(err)
+		}
+		return p
+	}
+	alpaca := write("a.jsonl", `{"instruction": "Soru", "output": "Cevap"}
+{"instruction": "Soru 2", "output": " \n "}
+{"instruction": "Soru 3", "output": ""}
+`)
+	convs := write("c.jsonl", `{"conversations": [{"from": "human", "value": "a"}, {"from": "gpt", "value": ""}, {"from": "human", "value": "b"}, {"from": "gpt", "value": "c"}]}
+`)
+	rec, err := r.run(r.spec(fmt.Sprintf(`name: e
+stages:
+  a: {kind: jsonl, with: {paths: [%s]}}
+  achat: {kind: chat_template, needs: [a]}
+  c: {kind: jsonl, with: {paths: [%s], format: sharegpt}}
+  cchat: {kind: chat_template, needs: [c]}
+`, alpaca, convs)), pipeline.Options{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if a, c := stageStats(t, rec, "achat")["empty_answers"], stageStats(t, rec, "cchat")["empty_answers"]; a != 2.0 || c != 1.0 {
+		t.Errorf("empty answers: %v in the Alpaca records, %v in the conversations; want 2 and 1", a, c)
+	}
+	for _, want := range []string{"2 answers are empty (or white space)", "the first is record 1", "1 answer is empty"} {
+		if !strings.Contains(logs.String(), want) {
+			t.Errorf("the log does not say %q:\n%s", want, logs.String())
+		}
 	}
 }
 

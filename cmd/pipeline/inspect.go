@@ -23,8 +23,10 @@ import (
 
 func init() {
 	var (
-		rows   int
-		asJSON bool
+		rows    int
+		asJSON  bool
+		decode  bool
+		tokPath string
 	)
 	cmd := &cobra.Command{
 		Use:   "inspect SPEC STAGE",
@@ -32,16 +34,32 @@ func init() {
 		Long: `Show the cached output of STAGE in SPEC: its manifest (key, parameters, inputs,
 files read and written), its statistics and its first rows; for a training stage,
 the command that opens its TensorBoard events; and the command that writes the
-HTML report of the last runs.`,
+HTML report of the last runs.
+
+With --decode, the rows of a tokenize, mix or pack stage are shown as the text their
+tokens stand for, the trained tokens (those with labels) between ⟦ and ⟧ and a
+packed row's examples one after another: what the chat template made of each record
+and what the loss reads. The tokenizer is the one the spec's tokenize stage names,
+or --tokenizer.`,
 		Args:              exactArgs(2, "a spec file and a stage name"),
 		ValidArgsFunction: stageArg,
 		RunE: func(cmd *cobra.Command, args []string) error {
 			if rows < 0 {
 				return usageErr(fmt.Errorf("--rows %d: want 0 (none) or more", rows))
 			}
+			if tokPath != "" && !decode {
+				return usageErr(errors.New("--tokenizer is the tokenizer of --decode; give --decode too"))
+			}
 			entry, m, err := cachedEntry(args[0], args[1])
 			if err != nil {
 				return err
+			}
+			if decode {
+				tk, err := decodeTokenizer(cmd.Context(), args[0], args[1], tokPath)
+				if err != nil {
+					return err
+				}
+				return printDecoded(os.Stdout, entry, rows, tk)
 			}
 			if asJSON {
 				data, err := os.ReadFile(filepath.Join(entry, "manifest.json"))
@@ -62,6 +80,8 @@ HTML report of the last runs.`,
 	}
 	cmd.Flags().IntVar(&rows, "rows", 3, "how many rows of the table to show")
 	cmd.Flags().BoolVar(&asJSON, "json", false, "print the manifest as JSON and nothing else")
+	cmd.Flags().BoolVar(&decode, "decode", false, "show the rows of a tokenize, mix or pack stage as text, the trained tokens between ⟦ ⟧")
+	cmd.Flags().StringVar(&tokPath, "tokenizer", "", "the tokenizer.json (or hf://) of --decode (default: the spec's tokenize stage's)")
 	root.AddCommand(cmd)
 }
 

@@ -97,6 +97,41 @@ stages:
 	}
 }
 
+// TestInspectDecode: inspect --decode shows token and packed rows as the
+// text the chat template made, the trained tokens (the answers and their
+// <end_of_turn>) between the marks and nothing else, a packed row's
+// examples one by one; stages without token rows are refused.
+func TestInspectDecode(t *testing.T) {
+	dir := t.TempDir()
+	writeFile(t, filepath.Join(dir, "data.jsonl"), sampleJSONL)
+	spec := filepath.Join(dir, "d.yaml")
+	writeFile(t, spec, `name: x
+stages:
+  alpaca: {kind: jsonl, with: {paths: [data.jsonl]}}
+  chat: {kind: chat_template, needs: [alpaca]}
+  tokens: {kind: tokenize, needs: [chat], with: {tokenizer: `+testenv.GemmaFile(t, "tokenizer.json")+`}}
+  pack: {kind: pack, needs: [tokens], with: {seq_len: 128}}
+`)
+	if r := runCLI(t, dir, "run", spec); r.code != 0 {
+		t.Fatalf("run: exit %d\n%s", r.code, r.stderr)
+	}
+	r := runCLI(t, dir, "inspect", spec, "tokens", "--decode", "--rows", "1")
+	want := "<bos><start_of_turn>user\nTürkiye'nin başkenti neresidir?<end_of_turn>\n<start_of_turn>model\n⟦Ankara.<end_of_turn>⟧\n"
+	if r.code != 0 || !strings.Contains(r.stdout, want) || strings.Count(r.stdout, "⟦") != 1 {
+		t.Errorf("inspect tokens --decode: exit %d\n%s%s\nwant %q", r.code, r.stdout, r.stderr, want)
+	}
+	r = runCLI(t, dir, "inspect", spec, "pack", "--decode")
+	if r.code != 0 || !strings.Contains(r.stdout, "3 examples") || !strings.Contains(r.stdout, "─── example 3") || !strings.Contains(r.stdout, "⟦Mavi.<end_of_turn>⟧") {
+		t.Errorf("inspect pack --decode: exit %d\n%s%s", r.code, r.stdout, r.stderr)
+	}
+	if r := runCLI(t, dir, "inspect", spec, "chat", "--decode"); r.code != 2 || !strings.Contains(r.stderr, "reads no tokenize stage") {
+		t.Errorf("inspect chat --decode: exit %d\n%s", r.code, r.stderr)
+	}
+	if r := runCLI(t, dir, "inspect", spec, "pack", "--tokenizer", "x.json"); r.code != 2 || !strings.Contains(r.stderr, "give --decode too") {
+		t.Errorf("--tokenizer without --decode: exit %d\n%s", r.code, r.stderr)
+	}
+}
+
 // TestUnstartedRunIsRecorded: a nightly run that a missing data file stops
 // before it begins says so where nights are watched: --report, status and
 // the run history (the record of the night before used to stand), and gc

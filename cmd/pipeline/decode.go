@@ -1,0 +1,197 @@
+package main
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"os"
+	"path/filepath"
+	"slices"
+
+	"github.com/apache/arrow-go/v18/arrow"
+	"github.com/apache/arrow-go/v18/arrow/array"
+
+	"gemmaft/dataset"
+	"gemmaft/hub"
+	"gemmaft/packer"
+	"gemmaft/pipeline"
+	"gemmaft/tokenizer"
+)
+
+// inspect --decode: a row of token ids, as a person checks it, is the text
+// they stand for with the trained tokens marked, one packed example after
+// another: what the chat template made and what the loss reads.
+
+// Marks around the tokens a row trains on.
+const trainedOpen, trainedClose = "⟦", "⟧"
+
+// decodeTokenizer is the tokenizer to decode stage's rows with: tokPath
+// when given, else the one the nearest tokenize stage upstream names.
+func decodeTokenizer(ctx context.Context, spec, stage, tokPath string) (*tokenizer.Tokenizer, error) {
+	if tokPath == "" {
+		dag, err := loadSpec(spec)
+		if err != nil {
+			return nil, err
+		}
+		if tokPath, err = upstreamTokenizer(dag, stage); err != nil {
+			return nil, err
+		}
+	}
+	path, err := localArg(ctx, "tokenizer", tokPath, argTokenizer)
+	if err != nil {
+		return nil, err
+	}
+	tk, err := tokenizer.LoadFile(path)
+	if err != nil {
+		return nil, failErr(err)
+	}
+	return tk, nil
+}
+
+// upstreamTokenizer is the tokenizer parameter of the tokenize stage that
+// stage is or reads (the first one, breadth first: a mix's inputs share
+// theirs), resolved as the stage resolves it.
+func upstreamTokenizer(dag *pipeline.DAG, stage string) (string, error) {
+	queue := []*pipeline.Node{dag.Node(stage)}
+	for len(queue) > 0 {
+		n := queue[0]
+		queue = queue[1:]
+		if n.KindName == "tokenize" {
+			var p struct {
+				Tokenizer string `json:"tokenizer"`
+			}
+			if err := json.Unmarshal(n.Canon, &p); err != nil {
+				return "", failErr(fmt.Errorf("stage %s: %w", n.Name, err))
+			}
+			if hub.IsRef(p.Tokenizer) {
+				return p.Tokenizer, nil
+			}
+			return pipeline.ResolvePath(dag.Dir, p.Tokenizer)
+		}
+		queue = append(queue, n.Needs...)
+	}
+	return "", usageErr(fmt.Errorf("--decode: stage %s reads no tokenize stage; give the tokenizer with --tokenizer", stage))
+}
+
+// printDecoded shows the first n rows of the entry's table decoded with
+// tk: token rows (a tokenize or mix stage's) as one example each, packed
+// rows as the examples their seq_lengths delimit, then their padding.
+func printDecoded(w io.Writer, entry string, n int, tk *tokenizer.Tokenizer) error {
+	path := filepath.Join(entry, pipeline.TableFile)
+	r, err := dataset.OpenIPC(path)
+	if errors.Is(err, os.ErrNotExist) {
+		return usageErr(errors.New("--decode: this stage holds no table"))
+	}
+	if err != nil {
+		return failErr(err)
+	}
+	defer r.Close()
+	s := r.Schema()
+	if len(s.FieldIndices(packer.ColInputIDs)) != 1 || len(s.FieldIndices(packer.ColLabels)) != 1 {
+		return usageErr(fmt.Errorf("--decode: this stage's rows hold no %s and %s (a tokenize, mix or pack stage's do)", packer.ColInputIDs, packer.ColLabels))
+	}
+	for row := 0; row < n; {
+		rec, err := r.Next()
+		if err == io.EOF {
+			return nil
+		}
+		if err != nil {
+			return failErr(err)
+		}
+		ids := int32List(rec, packer.ColInputIDs)
+		labels := int32List(rec, packer.ColLabels)
+		lengths := int32List(rec, packer.ColSeqLengths) // nil: not packed
+		for i := 0; i < int(rec.NumRows()) && row < n; i++ {
+			id, lab := values(ids, i), values(labels, i)
+			spans := []int32{int32(len(id))}
+			if lengths != nil {
+				spans = values(lengths, i)
+			}
+			if err := printRow(w, tk, row, id, lab, spans); err != nil {
+				rec.Release()
+				return failErr(err)
+			}
+			row++
+		}
+		rec.Release()
+	}
+	return nil
+}
+
+// printRow writes one row: a header, each example's text, the padding.
+func printRow(w io.Writer, tk *tokenizer.Tokenizer, row int, ids, labels, lengths []int32) error {
+	trained := 0
+	for _, l := range labels {
+		if l != packer.IgnoreIndex {
+			trained++
+		}
+	}
+	used := 0
+	for _, l := range lengths {
+		used += int(l)
+	}
+	fmt.Fprintf(w, "\n═══ row %d: %d tokens, %d trained", row, len(ids), trained)
+	if len(lengths) > 1 || used < len(ids) {
+		fmt.Fprintf(w, ", %d examples, %d of padding", len(lengths), len(ids)-used)
+	}
+	fmt.Fprintln(w)
+	at := 0
+	for k, l := range lengths {
+		if len(lengths) > 1 {
+			fmt.Fprintf(w, "─── example %d (%d tokens)\n", k+1, l)
+		}
+		text, err := markedText(tk, ids[at:at+int(l)], labels[at:at+int(l)])
+		if err != nil {
+			return err
+		}
+		fmt.Fprintln(w, text)
+		at += int(l)
+	}
+	return nil
+}
+
+// markedText decodes ids, the runs of trained tokens between the marks.
+func markedText(tk *tokenizer.Tokenizer, ids, labels []int32) (string, error) {
+	var out []byte
+	for start := 0; start < len(ids); {
+		on := labels[start] != packer.IgnoreIndex
+		end := start
+		for end < len(ids) && (labels[end] != packer.IgnoreIndex) == on {
+			end++
+		}
+		text, err := tk.Decode(ids[start:end], false)
+		if err != nil {
+			return "", err
+		}
+		if on {
+			text = trainedOpen + text + trainedClose
+		}
+		out = append(out, text...)
+		start = end
+	}
+	return string(out), nil
+}
+
+// int32List is rec's list-of-int32 column name, nil when it has none.
+func int32List(rec arrow.RecordBatch, name string) *array.List {
+	idx := rec.Schema().FieldIndices(name)
+	if len(idx) != 1 {
+		return nil
+	}
+	l, ok := rec.Column(idx[0]).(*array.List)
+	if !ok {
+		return nil
+	}
+	if _, ok := l.ListValues().(*array.Int32); !ok {
+		return nil
+	}
+	return l
+}
+
+// values is row i of an int32 list column.
+func values(l *array.List, i int) []int32 {
+	a, b := l.ValueOffsets(i)
+	return slices.Clone(l.ListValues().(*array.Int32).Int32Values()[a:b])
+}

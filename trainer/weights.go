@@ -288,6 +288,17 @@ func OpenCheckpoint(dir string) (*Checkpoint, error) {
 	if prefix == "" {
 		return nil, fmt.Errorf("%s: no embed_tokens.weight under any of the prefixes %v: not a Gemma 3 checkpoint", dir, textPrefixes)
 	}
+	// Weights of more layers than the config has would be left out of
+	// the model unsaid (transformers warns of them): config and weights
+	// do not match.
+	for name := range shards {
+		var layer int
+		if rest, ok := strings.CutPrefix(name, prefix+"layers."); ok {
+			if _, err := fmt.Sscanf(rest, "%d.", &layer); err == nil && layer >= cfg.Layers {
+				return nil, fmt.Errorf("%s: the weights hold layer %d (%s) and config.json has %d layers: config and weights do not match", dir, layer, name, cfg.Layers)
+			}
+		}
+	}
 	return &Checkpoint{ModelInfo: ModelInfo{Config: cfg, Prefix: prefix}, Dir: dir, shards: shards}, nil
 }
 

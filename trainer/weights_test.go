@@ -136,6 +136,10 @@ func TestBadCheckpoints(t *testing.T) {
 			rewriteConfig(t, dir, `"num_hidden_layers": 7`, `"num_hidden_layers": 8`)
 			rewriteConfig(t, dir, `"full_attention",`, `"full_attention", "sliding_attention",`)
 		}, "does not match"},
+		"fewer layers in the config": {func(t *testing.T, dir string) {
+			rewriteConfig(t, dir, `"num_hidden_layers": 7`, `"num_hidden_layers": 6`)
+			rewriteConfig(t, dir, `"sliding_attention",`, ``)
+		}, "the weights hold layer 6"},
 		"other hidden size": {func(t *testing.T, dir string) {
 			rewriteConfig(t, dir, `"hidden_size": 32`, `"hidden_size": 64`)
 		}, "do not match"},

@@ -265,6 +265,39 @@ func TestParquetTextParts(t *testing.T) {
 	}
 }
 
+// TestDropInvalidConversations: with DropInvalid, the conversations the
+// template refuses are dropped and counted, the first few named; without,
+// the first stops the source, saying how to drop them.
+func TestDropInvalidConversations(t *testing.T) {
+	path := writeFile(t, "c.jsonl", `{"conversations": [{"from": "human", "value": "a"}, {"from": "gpt", "value": "b"}]}
+{"conversations": [{"from": "human", "value": "a"}, {"from": "human", "value": "b"}]}
+{"conversations": [{"from": "gpt", "value": "önce model"}]}
+{"conversations": [{"from": "human", "value": "c"}, {"from": "gpt", "value": "d"}]}
+{"conversations": [{"from": "tool", "value": "x"}]}
+{"conversations": [{"from": "human", "value": "soru"}]}
+`)
+	convs := readConversations(t, SourceOptions{Paths: []string{path}, Layout: LayoutShareGPT, DropInvalid: true, Limit: 2})
+	if len(convs) != 2 || convs[1][0].Content != "c" {
+		t.Fatalf("got %v, want the two valid conversations", convs)
+	}
+	s, err := Open(SourceOptions{Paths: []string{path}, Layout: LayoutShareGPT, DropInvalid: true})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer s.Close()
+	if _, err := drainConversations(s); err != nil {
+		t.Fatal(err)
+	}
+	inv := s.Invalid()
+	if inv.Dropped != 4 || len(inv.First) != 3 || !strings.Contains(inv.First[0], path+" line 2: message 1 is user") || !strings.Contains(inv.First[2], `unknown role "tool"`) {
+		t.Errorf("report %+v", inv)
+	}
+	err = openOrNext(SourceOptions{Paths: []string{path}, Layout: LayoutShareGPT})
+	if err == nil || !strings.Contains(err.Error(), "line 2: message 1 is user") || !strings.Contains(err.Error(), "invalid: drop drops such conversations") {
+		t.Errorf("without DropInvalid: %v", err)
+	}
+}
+
 // TestRoleNamesInAnyCase: ShareGPT dumps that write Human and GPT, and
 // data in Gemma's own role name (model), read without a roles: mapping.
 func TestRoleNamesInAnyCase(t *testing.T) {

@@ -106,6 +106,10 @@ type SourceOptions struct {
 	// is Alpaca's "no input" and still reads as ""), NullsError fails on it.
 	// Either way Source.Nulls counts them.
 	Nulls NullPolicy
+	// DropInvalid drops, and counts, each conversation the chat template
+	// would refuse (roles out of turn, an unknown role, nothing to learn)
+	// instead of failing on the first: real ShareGPT dumps hold a few.
+	DropInvalid bool
 	// Open, when set (and FS is not), opens each of Paths instead of
 	// os.Open, every time the file is read; for Parquet the file must also
 	// be an io.ReaderAt and an io.Seeker. The pipeline opens files through
@@ -168,7 +172,8 @@ type Source struct {
 	next  func() (record, error, bool)
 	stop  func()
 	done  bool
-	nulls NullReport
+	nulls   NullReport
+	invalid InvalidReport
 }
 
 // record is one row: its text columns (Source.slots) in order, and for
@@ -205,6 +210,15 @@ func (r *record) setMessages(msgs []rawMessage, listNull bool) {
 // Nulls reports the null values met so far; complete once Next has
 // returned io.EOF.
 func (s *Source) Nulls() NullReport { return s.nulls }
+
+// InvalidReport counts the conversations SourceOptions.DropInvalid dropped.
+type InvalidReport struct {
+	Dropped int64
+	First   []string // why the first few were, with where they are
+}
+
+// Invalid reports the conversations the source dropped as invalid.
+func (s *Source) Invalid() InvalidReport { return s.invalid }
 
 // where names a record's place in its file, for messages.
 func (s *Source) where(r record) string {
@@ -637,8 +651,14 @@ func (s *Source) rows(yield func(record, error) bool) {
 			return true
 		}
 		if s.conv != nil {
-			if r.conv, err = s.conversation(r); err != nil {
-				rowErr = err
+			if r.conv, err = s.conversation(r); err != nil && s.opts.DropInvalid {
+				if s.invalid.Dropped++; len(s.invalid.First) < 3 {
+					s.invalid.First = append(s.invalid.First, strings.TrimPrefix(err.Error(), "dataset: "))
+				}
+				return true
+			}
+			if err != nil {
+				rowErr = fmt.Errorf("%w\n\t(invalid: drop drops such conversations and counts them)", err)
 				return false
 			}
 		} else if s.opts.SystemText != "" {

@@ -274,6 +274,39 @@ stages:
 	}
 }
 
+// TestInvalidConversationsDropped: invalid: drop drops the conversations
+// the template refuses, counting and naming them; a source left with none
+// fails; Alpaca records take no such policy.
+func TestInvalidConversationsDropped(t *testing.T) {
+	r := newTestRun(t)
+	var logs bytes.Buffer
+	r.log = slog.New(slog.NewTextHandler(&logs, nil))
+	path := filepath.Join(r.dir, "c.jsonl")
+	os.WriteFile(path, []byte(`{"conversations": [{"from": "human", "value": "a"}, {"from": "gpt", "value": "b"}]}
+{"conversations": [{"from": "human", "value": "a"}, {"from": "human", "value": "b"}]}
+`), 0o644)
+	spec := func(with string) string {
+		return r.spec(fmt.Sprintf("name: i\nstages:\n  c: {kind: jsonl, with: {paths: [%s], %s}}\n", path, with))
+	}
+	rec, err := r.run(spec("format: sharegpt, invalid: drop"), pipeline.Options{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if st := stageStats(t, rec, "c"); st["records"] != 1.0 || st["invalid_dropped"] != 1.0 {
+		t.Errorf("statistics %v", st)
+	}
+	if !strings.Contains(logs.String(), "dropped 1 conversation the chat template refuses; the first: "+path+" line 2: message 1 is user") {
+		t.Errorf("log:\n%s", logs.String())
+	}
+	os.WriteFile(path, []byte(`{"conversations": [{"from": "gpt", "value": "b"}]}`+"\n"), 0o644)
+	if _, err := r.run(spec("format: sharegpt, invalid: drop"), pipeline.Options{}); err == nil || !strings.Contains(err.Error(), "every conversation was invalid (1)") {
+		t.Errorf("all invalid: %v", err)
+	}
+	if _, err := r.run(spec("invalid: drop"), pipeline.Options{}); err == nil || !strings.Contains(err.Error(), "this source reads Alpaca records") {
+		t.Errorf("Alpaca records: %v", err)
+	}
+}
+
 // TestEmptyAnswersAreCounted: answers that are empty or white space, in
 // Alpaca records and in conversations, are counted and warned of (each
 // trains the model to close its turn at once); others are not.

@@ -62,6 +62,10 @@ type sourceParams struct {
 	// input is Alpaca's "no input"), or error. Nulls are counted and
 	// reported either way.
 	Nulls string `json:"nulls,omitempty"`
+	// Invalid is what a conversation the chat template refuses (roles out
+	// of turn, an unknown role, nothing to learn) does: error (the
+	// default) stops the stage at the first; drop drops and counts them.
+	Invalid string `json:"invalid,omitempty"`
 }
 
 func (sourceKind) Version() int       { return 1 }
@@ -145,6 +149,19 @@ func (p *sourceParams) Validate() error {
 		return &pipeline.ParamError{Param: "nulls", Msg: fmt.Sprintf("unknown policy %q", p.Nulls),
 			Fix: "use empty (a null reads as \"\"), drop (the row) or error"}
 	}
+	switch p.Invalid {
+	case "error":
+		p.Invalid = "" // the default: writing it leaves the key as it was
+	case "":
+	case "drop":
+		if !layout.Conversational() {
+			return &pipeline.ParamError{Param: "invalid", Msg: "drops conversations, and this source reads Alpaca records",
+				Fix: "add format: sharegpt or format: openai, or remove invalid"}
+		}
+	default:
+		return &pipeline.ParamError{Param: "invalid", Msg: fmt.Sprintf("unknown policy %q", p.Invalid),
+			Fix: "use error (stop at the first conversation the template refuses) or drop (drop and count them)"}
+	}
 	if p.Seed != 0 && !p.Shuffle {
 		return &pipeline.ParamError{Param: "seed", Msg: "orders the records only when they are shuffled, and shuffle is false",
 			Fix: "add shuffle: true, or remove seed"}
@@ -158,7 +175,7 @@ func (k sourceKind) Prepare(params any, dir string) (pipeline.Runner, error) {
 		Format: k.format, Layout: dataset.Layout(p.Format), Columns: p.Columns, Roles: p.Roles,
 		SystemColumn: p.SystemColumn, SystemText: p.System,
 		Limit: p.Limit, Shuffle: p.Shuffle, Seed: p.Seed,
-		Nulls: dataset.NullPolicy(p.Nulls),
+		Nulls: dataset.NullPolicy(p.Nulls), DropInvalid: p.Invalid == "drop",
 	})
 }
 
@@ -335,6 +352,17 @@ func (s *sourceStage) Run(ctx context.Context, t *pipeline.Task) error {
 	t.SetStat("records", out.Rows())
 	t.SetStat("files", len(files))
 	reportNulls(t, src.Nulls(), s.opts.Layout, string(s.opts.Nulls))
+	if inv := src.Invalid(); inv.Dropped > 0 {
+		t.SetStat("invalid_dropped", inv.Dropped)
+		if out.Rows() == 0 {
+			return fmt.Errorf("every conversation was invalid (%d); the first: %s", inv.Dropped, inv.First[0])
+		}
+		what := fmt.Sprintf("%d conversations", inv.Dropped)
+		if inv.Dropped == 1 {
+			what = "1 conversation"
+		}
+		t.Log.Warn(fmt.Sprintf("dropped %s the chat template refuses; the first: %s", what, strings.Join(inv.First, "; ")))
+	}
 	return nil
 }
 

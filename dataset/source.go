@@ -168,10 +168,10 @@ type Source struct {
 	totalKnown bool
 	textBytes  int64 // approximate text size of all rows, for shuffle passes
 
-	ctx   context.Context
-	next  func() (record, error, bool)
-	stop  func()
-	done  bool
+	ctx     context.Context
+	next    func() (record, error, bool)
+	stop    func()
+	done    bool
 	nulls   NullReport
 	invalid InvalidReport
 }

@@ -175,6 +175,11 @@ func (m *ModelInfo) LoadAdapter(dir string) (*Adapter, error) {
 	if ac.UseDora || ac.UseRSLora || ac.FanInFanOut || (ac.Bias != "" && ac.Bias != "none") || len(ac.RankPattern) > 0 || len(ac.AlphaPattern) > 0 {
 		return nil, fmt.Errorf("%s: DoRA, rsLoRA, fan_in_fan_out, biases and rank/alpha patterns are not supported", dir)
 	}
+	// An adapter of some layers only, or one that saves whole modules,
+	// would otherwise fail as made for another model.
+	if len(ac.LayersToTransform) > 0 || len(ac.ModulesToSave) > 0 {
+		return nil, fmt.Errorf("%s: layers_to_transform and modules_to_save are not supported (an adapter of every layer's projections is)", dir)
+	}
 	lc := LoRAConfig{R: ac.R, Alpha: ac.LoraAlpha, Dropout: ac.LoraDropout}
 	names, err := targetNames(ac.TargetModules)
 	if err != nil {

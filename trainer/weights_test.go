@@ -9,6 +9,7 @@ import (
 	"os"
 	"path/filepath"
 	"reflect"
+	"regexp"
 	"slices"
 	"strings"
 	"testing"
@@ -198,6 +199,26 @@ func TestAdapterRoundTripAndMismatch(t *testing.T) {
 	if _, err := om.LoadAdapter(dir); err == nil || !strings.Contains(err.Error(), "another model") {
 		t.Errorf("adapter for 7 layers loaded into 6: %v", err)
 	}
+	// PEFT options an adapter of every layer's projections does not have
+	// are named, not taken for another model.
+	cfgPath := filepath.Join(dir, AdapterConfigFile)
+	saved, _ := os.ReadFile(cfgPath)
+	for field, want := range map[string]string{
+		`"use_dora": true`:               "DoRA",
+		`"layers_to_transform": [0, 1]`:  "layers_to_transform and modules_to_save are not supported",
+		`"modules_to_save": ["lm_head"]`: "layers_to_transform and modules_to_save are not supported",
+	} {
+		name := strings.SplitN(field, ":", 2)[0]
+		edited := regexp.MustCompile(name+`: [^,\n]*(\[[^\]]*\])?`).ReplaceAllString(string(saved), field)
+		if edited == string(saved) {
+			t.Fatalf("adapter_config.json has no %s", name)
+		}
+		os.WriteFile(cfgPath, []byte(edited), 0o644)
+		if _, err := m.LoadAdapter(dir); err == nil || !strings.Contains(err.Error(), want) {
+			t.Errorf("%s: %v, want %q", field, err, want)
+		}
+	}
+	os.WriteFile(cfgPath, saved, 0o644)
 }
 
 // TestAdapterFilesNamed: an adapter whose files disagree, or whose

@@ -9,6 +9,7 @@ import (
 	"runtime"
 	"time"
 
+	"gemmaft/hub"
 	"gemmaft/pipeline"
 	"gemmaft/trainer"
 )
@@ -58,15 +59,19 @@ type qloraParams struct {
 	// run plans for, as on a card of that size: on a GPU shared with other
 	// work it offloads what does not fit under the cap, or refuses.
 	GPUMemory float64 `yaml:"gpu_memory" json:"-"`
+	// HubBaseNaming marks, in the key only, an adapter of an hf:// base:
+	// its adapter_config.json names the base by repository id and commit,
+	// where earlier versions wrote the reference as given, which PEFT's
+	// AutoPeftModelForCausalLM cannot load. Those adapters are trained
+	// again; the keys of the others stay as they were. No spec sets it.
+	HubBaseNaming string `yaml:"-" json:"hub_base_naming,omitempty"`
 }
 
 // Version 2: dropout masks come from Philox (shared by the CPU and GPU
 // backends), 8-bit AdamW runs as 8-bit AdamW, and the key holds the
 // resolved backend. Version 3: dropout draws 16 bits an element
-// (trainer.Dropout), so the same run drops other elements. Version 4: an
-// hf:// base is named in adapter_config.json by its repository id and
-// commit, which PEFT's AutoPeftModelForCausalLM can load.
-func (qloraKind) Version() int       { return 4 }
+// (trainer.Dropout), so the same run drops other elements.
+func (qloraKind) Version() int       { return 3 }
 func (qloraKind) Inputs() (int, int) { return 1, 2 }
 func (qloraKind) Params() any {
 	var targets []string
@@ -83,6 +88,10 @@ func (qloraKind) Params() any {
 
 func (p *qloraParams) Validate() error {
 	bad := func(param, msg, fix string) error { return &pipeline.ParamError{Param: param, Msg: msg, Fix: fix} }
+	p.HubBaseNaming = ""
+	if hub.IsRef(p.Model) {
+		p.HubBaseNaming = "repository id and commit"
+	}
 	var targets []trainer.Module
 	seen := map[trainer.Module]bool{}
 	for _, t := range p.TargetModules {

@@ -17,9 +17,9 @@ import (
 	"testing"
 	"time"
 
-	"gemmaft/pipeline"
-
 	"gemmaft/internal/testenv"
+	"gemmaft/pipeline"
+	"gemmaft/trainer"
 )
 
 // TestMain lets a test run a spec in a child process (this binary again,
@@ -350,5 +350,61 @@ func TestQLoRAKeyLeavesOutTheMachine(t *testing.T) {
 	}
 	if k0, k1, k2 := key(base), key(machine), key(result); k0 != k1 || k0 == k2 {
 		t.Errorf("keys: spec %s, machine options changed %s, seed changed %s", k0, k1, k2)
+	}
+}
+
+// TestHubBaseNamingInTheKey: an adapter of an hf:// base, whose
+// adapter_config.json now names it by repository id and commit, has a key
+// of its own (the adapters that named it otherwise are trained again);
+// other adapters keep theirs, and no spec sets the mark.
+func TestHubBaseNamingInTheKey(t *testing.T) {
+	dir := t.TempDir()
+	os.WriteFile(filepath.Join(dir, "d.jsonl"), []byte(`{"instruction": "a", "output": "b"}`+"\n"), 0o644)
+	chain := "name: s\nstages:\n  src: {kind: jsonl, with: {paths: [d.jsonl]}}\n  chat: {kind: chat_template, needs: [src]}\n" +
+		"  tokens: {kind: tokenize, needs: [chat], with: {tokenizer: " + testenv.GemmaFile(t, "tokenizer.json") + "}}\n  pack: {kind: pack, needs: [tokens]}\n"
+	load := func(model string) *pipeline.DAG {
+		t.Helper()
+		p := filepath.Join(dir, "s.yaml")
+		os.WriteFile(p, []byte(chain+"  adapter: {kind: qlora, needs: [pack], with: {model: "+model+"}}\n"), 0o644)
+		dag, err := loadSpec(p, Registry())
+		if err != nil {
+			t.Fatal(err)
+		}
+		return dag
+	}
+	if c := string(load("hf://google/gemma-3-1b-it").Node("adapter").Canon); !strings.Contains(c, `"hub_base_naming"`) {
+		t.Errorf("an hf:// base's parameters lack the mark: %s", c)
+	}
+	c, _ := trainer.Preset("tiny")
+	if err := trainer.WriteRandomCheckpoint(filepath.Join(dir, "model"), c, trainer.InitOptions{Seed: 1}); err != nil {
+		t.Fatal(err)
+	}
+	if c := string(load("model").Node("adapter").Canon); strings.Contains(c, "hub_base_naming") {
+		t.Errorf("a folder's parameters hold the mark: %s", c)
+	}
+	p := filepath.Join(dir, "t.yaml")
+	os.WriteFile(p, []byte(chain+"  adapter: {kind: qlora, needs: [pack], with: {model: m, hub_base_naming: x}}\n"), 0o644)
+	if _, err := loadSpec(p, Registry()); err == nil || !strings.Contains(err.Error(), `unknown parameter "hub_base_naming"`) {
+		t.Errorf("a spec set the mark: %v", err)
+	}
+}
+
+// TestDanglingWeightsLink: a checkpoint whose model.safetensors links to a
+// file that is not there (a download into the Hugging Face cache that
+// never finished) is named for that, not as a folder without weights.
+func TestDanglingWeightsLink(t *testing.T) {
+	dir := filepath.Join(t.TempDir(), "model")
+	c, _ := trainer.Preset("tiny")
+	if err := trainer.WriteRandomCheckpoint(dir, c, trainer.InitOptions{Seed: 1}); err != nil {
+		t.Fatal(err)
+	}
+	weights := filepath.Join(dir, "model.safetensors")
+	os.Remove(weights)
+	if err := os.Symlink(filepath.Join(dir, "blobs", "abc"), weights); err != nil {
+		t.Fatal(err)
+	}
+	_, err := keyedCheckpointFiles(dir)
+	if err == nil || !strings.Contains(err.Error(), "model.safetensors") || strings.Contains(err.Error(), "no model.safetensors or") {
+		t.Errorf("dangling link: %v", err)
 	}
 }

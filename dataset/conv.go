@@ -130,7 +130,7 @@ type rawMessage struct {
 func (c *convFields) message(i int, m rawMessage, prev string) (chat.Message, error) {
 	role, ok := c.roles[m.role]
 	if !ok {
-		role, ok = DefaultRoles[strings.ToLower(m.role)]
+		role, ok = c.roles[strings.ToLower(m.role)]
 	}
 	if !ok {
 		known := make([]string, 0, len(c.roles))

@@ -311,6 +311,17 @@ func TestRoleNamesInAnyCase(t *testing.T) {
 	if !slices.Equal(roles, []string{"system", "user", "assistant", "user", "assistant"}) {
 		t.Errorf("roles %v", roles)
 	}
+	// The spec's own role names too.
+	path = writeFile(t, "b.jsonl", `{"conversations": [{"from": "Soran", "value": "a"}, {"from": "Bot", "value": "b"}]}`+"\n")
+	roles = nil
+	for _, m := range readConversations(t, SourceOptions{Paths: []string{path}, Layout: LayoutShareGPT, Roles: map[string]string{"soran": "user", "bot": "assistant"}}) {
+		for _, msg := range m {
+			roles = append(roles, msg.Role)
+		}
+	}
+	if !slices.Equal(roles, []string{"user", "assistant"}) {
+		t.Errorf("the spec's roles in another case: %v", roles)
+	}
 }
 
 // TestConversationErrors: a conversation the template would refuse, or

@@ -594,6 +594,11 @@ func TestGC(t *testing.T) {
 	if res, err := e.store.GC(context.Background(), aged); err != nil || len(res.Removed) != 3 {
 		t.Fatalf("gc --older-than of a spec gone removed %v (%v), want its 3 entries", res.Removed, err)
 	}
+	// A spec whose folder is not here (a file system not mounted, another
+	// machine sharing the cache) is not gone.
+	if specGone(filepath.Join(e.dir, "not-mounted", "chain.yaml")) || !specGone(spec) {
+		t.Error("specGone tells a missing folder from a missing spec wrongly")
+	}
 }
 
 // lockedBuffer is a log sink the run writes to from its goroutines while

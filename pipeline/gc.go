@@ -171,8 +171,13 @@ func (s *Store) GC(ctx context.Context, opts GCOptions) (*GCResult, error) {
 	return res, nil
 }
 
-// specGone says whether the spec file at path no longer exists.
+// specGone says whether the spec file at path no longer exists while its
+// folder does: a spec on a file system not mounted here, or on another
+// machine sharing the cache, is not gone.
 func specGone(path string) bool {
+	if _, err := os.Stat(filepath.Dir(path)); err != nil {
+		return false
+	}
 	_, err := os.Stat(path)
 	return errors.Is(err, fs.ErrNotExist)
 }
@@ -201,11 +206,16 @@ func (s *Store) leftovers() []string {
 	return out
 }
 
-// lastChange is the newest modification time of anything under dir.
+// lastChange is the newest modification time of anything under dir; now
+// when some of it cannot be read (so that it is kept).
 func lastChange(dir string) time.Time {
 	var newest time.Time
 	filepath.Walk(dir, func(_ string, fi os.FileInfo, err error) error {
-		if err == nil && fi.ModTime().After(newest) {
+		switch {
+		case err != nil:
+			newest = time.Now()
+			return filepath.SkipAll
+		case fi.ModTime().After(newest):
 			newest = fi.ModTime()
 		}
 		return nil

@@ -100,7 +100,6 @@ func (s *Store) lockDAG(ctx context.Context, dag *DAG, noWait bool, log *slog.Lo
 	host, _ := os.Hostname()
 	_ = atomicfile.WriteFile(base+".holder", []byte(fmt.Sprintf("pid %d on %s since %s\n", os.Getpid(), host, time.Now().Format(time.RFC3339))))
 	return func() {
-		os.Remove(base + ".keys")
 		os.Remove(base + ".holder")
 		l.Unlock()
 	}, nil
@@ -118,6 +117,13 @@ func (s *Store) notePlannedKeys(dag *DAG, plan *Plan) {
 		}
 	}
 	_ = atomicfile.WriteFile(s.dagLockBase(dag)+".keys", []byte(b.String()))
+}
+
+// forgetPlannedKeys removes the keys notePlannedKeys wrote, once the run
+// that wrote them is recorded (the record names them); a run that did not
+// write them leaves those of a killed one before it.
+func (s *Store) forgetPlannedKeys(dag *DAG) {
+	os.Remove(s.dagLockBase(dag) + ".keys")
 }
 
 // killedRunsKeys are the keys that runs killed before they were recorded

@@ -14,6 +14,7 @@ import (
 
 	"github.com/apache/arrow-go/v18/arrow/array"
 	"github.com/apache/arrow-go/v18/arrow/memory"
+	"github.com/gofrs/flock"
 )
 
 // remote is a moving reference for the tests: a name and what it names now.
@@ -151,6 +152,10 @@ func TestRefs(t *testing.T) {
 	}
 	// A run it stops is recorded as failed (status and report show the
 	// night, not the one before), and gc keeps the entries it last had.
+	// What a run killed before it planned stays noted: this run never
+	// came to note its own.
+	killed := strings.Repeat("k", 64)
+	os.WriteFile(e.store.dagLockBase(e.load(spec))+".keys", []byte(killed+"\n"), 0o644)
 	rec, err = (&Engine{Store: e.store}).Run(context.Background(), e.load(spec), Options{})
 	if err == nil {
 		t.Fatal("a run with an unresolvable reference succeeded")
@@ -170,5 +175,32 @@ func TestRefs(t *testing.T) {
 	}
 	if len(res.Removed) != 2 {
 		t.Errorf("gc removed %d entries, want the 2 of the moved branch", len(res.Removed))
+	}
+	if k := e.store.killedRunsKeys(); !slices.Equal(k, []string{killed}) {
+		t.Errorf("the killed run's keys after a run that failed to plan: %v", k)
+	}
+	// A run recorded after planning takes their place.
+	r.mu.Lock()
+	r.err = nil
+	r.mu.Unlock()
+	e.mustRun(spec, Options{})
+	if k := e.store.killedRunsKeys(); len(k) != 0 {
+		t.Errorf("planned keys left after a recorded run: %v", k)
+	}
+
+	// Nothing is recorded of a run refused while another run of the DAG
+	// holds its lock: it would sort as that run's record.
+	dag := e.load(spec)
+	other := flock.New(e.store.dagLockBase(dag) + ".lock")
+	if err := other.Lock(); err != nil {
+		t.Fatal(err)
+	}
+	before := len(e.store.runRecords(dagID(dag)))
+	if _, err := e.store.RecordUnstarted(dag, Options{}, errors.New("no data")); err != nil || len(e.store.runRecords(dagID(dag))) != before {
+		t.Errorf("recorded beside a running run (%v)", err)
+	}
+	other.Unlock()
+	if _, err := e.store.RecordUnstarted(dag, Options{}, errors.New("no data")); err != nil || len(e.store.runRecords(dagID(dag))) != before+1 {
+		t.Errorf("not recorded (%v)", err)
 	}
 }

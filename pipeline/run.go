@@ -125,7 +125,8 @@ func (e *Engine) Run(ctx context.Context, dag *DAG, opts Options) (*RunRecord, e
 			unlock()
 		}
 	}()
-	err := e.run(ctx, dag, opts, rec, &unlock)
+	noted := false // this run wrote its planned keys
+	err := e.run(ctx, dag, opts, rec, &unlock, &noted)
 	rec.Finished = time.Now().UTC()
 	rec.Seconds = rec.Finished.Sub(rec.Started).Seconds()
 	rec.OK = err == nil
@@ -139,6 +140,8 @@ func (e *Engine) Run(ctx context.Context, dag *DAG, opts Options) (*RunRecord, e
 	if len(rec.Stages) > 0 && e.Collective == "" && !IsSpecError(err) {
 		if recErr := e.Store.recordRun(dag, rec); recErr != nil {
 			e.log().Warn("could not record the run", "err", recErr)
+		} else if noted {
+			e.Store.forgetPlannedKeys(dag)
 		}
 	}
 	if saveErr := e.Store.stats.Save(); saveErr != nil && err == nil {
@@ -153,8 +156,15 @@ func (e *Engine) Run(ctx context.Context, dag *DAG, opts Options) (*RunRecord, e
 // that status and report say that the run failed instead of showing the
 // one before it, and returns the record (for --report). Its stages have no
 // keys: gc keeps, for each, the entry it last had.
+// While another run of dag holds its lock, nothing is recorded: records
+// sort by their start, and this one would pass for the last of that run.
 func (s *Store) RecordUnstarted(dag *DAG, opts Options, cause error) (*RunRecord, error) {
 	rec := UnstartedRecord(dag, opts, cause, s.Root)
+	l := flock.New(s.dagLockBase(dag) + ".lock")
+	if ok, err := l.TryLock(); err != nil || !ok {
+		return rec, err
+	}
+	defer l.Unlock()
 	return rec, s.recordRun(dag, rec)
 }
 
@@ -197,7 +207,7 @@ func (e *Engine) log() *slog.Logger {
 	return e.Log
 }
 
-func (e *Engine) run(ctx context.Context, dag *DAG, opts Options, rec *RunRecord, unlockDAG *func()) error {
+func (e *Engine) run(ctx context.Context, dag *DAG, opts Options, rec *RunRecord, unlockDAG *func(), noted *bool) error {
 	gc := e.Store.gcLock()
 	if _, err := gc.TryRLockContext(ctx, 100*time.Millisecond); err != nil {
 		return fmt.Errorf("waiting for gc to finish: %w", err)
@@ -224,6 +234,7 @@ func (e *Engine) run(ctx context.Context, dag *DAG, opts Options, rec *RunRecord
 	}
 	if e.Collective == "" {
 		e.Store.notePlannedKeys(dag, plan)
+		*noted = true
 	}
 	for _, st := range plan.Steps {
 		for _, r := range st.Refs {
@@ -311,6 +322,9 @@ func (x *execution) execute(ctx context.Context) error {
 		}
 		l, err := x.e.Store.lockEntry(ctx, st.Key, st.Node.Name, x.e.log())
 		if err != nil {
+			if ctx.Err() == nil { // the lock itself failed, not a signal
+				x.records[st].State, x.records[st].Error = "failed", err.Error()
+			}
 			for _, c := range compute {
 				if r := x.records[c]; r.State == "not selected" {
 					r.State = "canceled"

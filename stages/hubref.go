@@ -293,6 +293,9 @@ func keyedCheckpointFiles(dir string) ([]string, error) {
 		if _, err := os.Lstat(filepath.Join(dir, w)); err != nil {
 			continue
 		}
+		if err := pipeline.CheckReadableFile(filepath.Join(dir, w)); err != nil {
+			return nil, err // a link to a blob a download never finished, say
+		}
 		weights, err := trainer.WeightFiles(dir)
 		if err != nil {
 			return nil, err

@@ -72,6 +72,15 @@ func (sourceKind) Version() int       { return 1 }
 func (sourceKind) Inputs() (int, int) { return 0, 0 }
 func (sourceKind) Params() any        { return &sourceParams{} }
 
+// keyNeutralRoles are the role mappings kept out of a source's key: those
+// dataset.DefaultRoles held when keys were first made. A mapping it has
+// since gained (model) stays in the key of the specs that write it, so
+// that their entries keep their keys.
+var keyNeutralRoles = map[string]string{
+	"system": "system", "user": "user", "assistant": "assistant",
+	"human": "user", "gpt": "assistant",
+}
+
 // checkColumns checks that columns maps only the layout's names.
 func checkColumns(columns map[string]string, layout dataset.Layout) error {
 	names := layout.ColumnNames()
@@ -128,7 +137,7 @@ func (p *sourceParams) Validate() error {
 				Fix: "map each of the file's role names to system, user or assistant, e.g. roles: {insan: user, asistan: assistant}"}
 		}
 		// A role known already changes nothing; keep it out of the key.
-		if dataset.DefaultRoles[theirs] == ours {
+		if keyNeutralRoles[theirs] == ours {
 			delete(p.Roles, theirs)
 		}
 	}

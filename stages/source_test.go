@@ -203,3 +203,21 @@ func TestSourceNullsReported(t *testing.T) {
 		t.Errorf("bad policy: %v", err)
 	}
 }
+
+// TestRolesKeptInTheKey: a role mapping the defaults have gained since
+// keys were first made (model: assistant) stays in the key of the specs
+// that write it, so that their entries keep their keys; the older defaults
+// stay out of it.
+func TestRolesKeptInTheKey(t *testing.T) {
+	dir := t.TempDir()
+	os.WriteFile(filepath.Join(dir, "c.jsonl"), []byte(`{"conversations": [{"from": "human", "value": "a"}, {"from": "gpt", "value": "b"}]}`+"\n"), 0o644)
+	p := filepath.Join(dir, "s.yaml")
+	os.WriteFile(p, []byte("name: s\nstages:\n  c: {kind: jsonl, with: {paths: [c.jsonl], format: sharegpt, roles: {model: assistant, human: user}}}\n"), 0o644)
+	dag, err := loadSpec(p, Registry())
+	if err != nil {
+		t.Fatal(err)
+	}
+	if c := string(dag.Node("c").Canon); !strings.Contains(c, `"roles":{"model":"assistant"}`) || strings.Contains(c, `"human"`) {
+		t.Errorf("canonical parameters %s", c)
+	}
+}

@@ -103,11 +103,19 @@ func printDecoded(w io.Writer, entry string, n int, tk *tokenizer.Tokenizer) err
 		ids := int32List(rec, packer.ColInputIDs)
 		labels := int32List(rec, packer.ColLabels)
 		lengths := int32List(rec, packer.ColSeqLengths) // nil: not packed
+		if ids == nil || labels == nil {
+			rec.Release()
+			return usageErr(fmt.Errorf("--decode: this stage's %s and %s are not lists of int32", packer.ColInputIDs, packer.ColLabels))
+		}
 		for i := 0; i < int(rec.NumRows()) && row < n; i++ {
 			id, lab := values(ids, i), values(labels, i)
 			spans := []int32{int32(len(id))}
 			if lengths != nil {
 				spans = values(lengths, i)
+			}
+			if !fits(spans, len(id)) || len(lab) != len(id) {
+				rec.Release()
+				return failErr(fmt.Errorf("row %d: its seq_lengths or labels do not match its %d tokens (a damaged table?)", row, len(id)))
 			}
 			if err := printRow(w, tk, row, id, lab, spans); err != nil {
 				rec.Release()
@@ -172,6 +180,18 @@ func markedText(tk *tokenizer.Tokenizer, ids, labels []int32) (string, error) {
 		start = end
 	}
 	return string(out), nil
+}
+
+// fits says whether lengths, none negative, add up to at most n.
+func fits(lengths []int32, n int) bool {
+	sum := 0
+	for _, l := range lengths {
+		if l < 0 {
+			return false
+		}
+		sum += int(l)
+	}
+	return sum <= n
 }
 
 // int32List is rec's list-of-int32 column name, nil when it has none.

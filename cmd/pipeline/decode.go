@@ -15,6 +15,7 @@ import (
 
 	"gemmaft/dataset"
 	"gemmaft/hub"
+	"gemmaft/internal/dirsum"
 	"gemmaft/packer"
 	"gemmaft/pipeline"
 	"gemmaft/tokenizer"
@@ -27,15 +28,20 @@ import (
 // Marks around the tokens a row trains on.
 const trainedOpen, trainedClose = "⟦", "⟧"
 
-// decodeTokenizer is the tokenizer to decode stage's rows with: tokPath
-// when given, else the one the nearest tokenize stage upstream names.
-func decodeTokenizer(ctx context.Context, spec, stage, tokPath string) (*tokenizer.Tokenizer, error) {
+// decodeTokenizer is the tokenizer to decode the rows of the entry whose
+// manifest is m with: tokPath when given, else the one that made them.
+func decodeTokenizer(ctx context.Context, spec string, m *pipeline.Manifest, tokPath string) (*tokenizer.Tokenizer, error) {
 	if tokPath == "" {
 		dag, err := loadSpec(spec)
 		if err != nil {
 			return nil, err
 		}
-		if tokPath, err = upstreamTokenizer(dag, stage); err != nil {
+		st, err := openExistingStore(dag)
+		if err != nil {
+			return nil, err
+		}
+		defer st.Close()
+		if tokPath, err = recordedTokenizer(st, m); err != nil {
 			return nil, err
 		}
 	}
@@ -50,29 +56,56 @@ func decodeTokenizer(ctx context.Context, spec, stage, tokPath string) (*tokeniz
 	return tk, nil
 }
 
-// upstreamTokenizer is the tokenizer parameter of the tokenize stage that
-// stage is or reads (the first one, breadth first: a mix's inputs share
-// theirs), resolved as the stage resolves it.
-func upstreamTokenizer(dag *pipeline.DAG, stage string) (string, error) {
-	queue := []*pipeline.Node{dag.Node(stage)}
+// recordedTokenizer is the tokenizer that made the rows of the entry whose
+// manifest is m, as the nearest tokenize stage upstream recorded it (breadth
+// first: a mix's inputs share theirs): an hf:// one at the commit it read,
+// a file checked to hold the same bytes still.
+func recordedTokenizer(st *pipeline.Store, m *pipeline.Manifest) (string, error) {
+	queue := []*pipeline.Manifest{m}
 	for len(queue) > 0 {
-		n := queue[0]
+		cur := queue[0]
 		queue = queue[1:]
-		if n.KindName == "tokenize" {
-			var p struct {
-				Tokenizer string `json:"tokenizer"`
+		if cur.Kind != "tokenize" {
+			for _, in := range cur.Inputs {
+				up, err := pipeline.ReadManifest(st.EntryDir(in.Key))
+				if err != nil {
+					return "", failErr(fmt.Errorf("stage %s's input %s: %w", cur.Stage, in.Stage, err))
+				}
+				queue = append(queue, up)
 			}
-			if err := json.Unmarshal(n.Canon, &p); err != nil {
-				return "", failErr(fmt.Errorf("stage %s: %w", n.Name, err))
-			}
-			if hub.IsRef(p.Tokenizer) {
-				return p.Tokenizer, nil
-			}
-			return pipeline.ResolvePath(dag.Dir, p.Tokenizer)
+			continue
 		}
-		queue = append(queue, n.Needs...)
+		var p struct {
+			Tokenizer string `json:"tokenizer"`
+		}
+		if err := json.Unmarshal(cur.Params, &p); err != nil {
+			return "", failErr(fmt.Errorf("stage %s: %w", cur.Stage, err))
+		}
+		if hub.IsRef(p.Tokenizer) {
+			ref, err := hub.ParseRef(p.Tokenizer)
+			if err != nil {
+				return "", failErr(fmt.Errorf("stage %s: %w", cur.Stage, err))
+			}
+			if ref.Path == "" {
+				ref.Path = "tokenizer.json"
+			}
+			for _, r := range cur.Refs {
+				if r.Name == ref.RepoRef() {
+					ref.Revision = r.Revision // what it read, not what the branch names now
+				}
+			}
+			return ref.String(), nil
+		}
+		if len(cur.Files) != 1 {
+			return "", failErr(fmt.Errorf("stage %s records %d files, not its tokenizer's one; give --tokenizer", cur.Stage, len(cur.Files)))
+		}
+		f := cur.Files[0]
+		if sum, err := dirsum.FileSum(f.Path); err != nil || sum != f.SHA256 {
+			return "", usageErr(fmt.Errorf("--decode: %s, the tokenizer stage %s read, is gone or has changed since; give the one it was with --tokenizer", f.Path, cur.Stage))
+		}
+		return f.Path, nil
 	}
-	return "", usageErr(fmt.Errorf("--decode: stage %s reads no tokenize stage; give the tokenizer with --tokenizer", stage))
+	return "", usageErr(fmt.Errorf("--decode: stage %s reads no tokenize stage; give the tokenizer with --tokenizer", m.Stage))
 }
 
 // printDecoded shows the first n rows of the entry's table decoded with

@@ -73,6 +73,10 @@ stages:
 	if res := runCLI(t, dir, "run", spec); res.code != 0 {
 		t.Fatalf("run: %d %s", res.code, res.stderr)
 	}
+	// The rows decode with the tokenizer that made them, at its commit.
+	if res := runCLI(t, dir, "inspect", spec, "tokens", "--decode", "--rows", "1"); res.code != 0 || !strings.Contains(res.stdout, "⟦Ankara.<end_of_turn>⟧") {
+		t.Errorf("inspect --decode of rows an hf:// tokenizer made: %d\n%s%s", res.code, res.stdout, res.stderr)
+	}
 	old := data.Head("main")
 	moved := data.Commit("main", map[string][]byte{"train.jsonl": []byte(sampleJSONL + `{"instruction": "Yeni", "input": "", "output": "Evet."}` + "\n")})
 	res = runCLI(t, dir, "plan", spec)

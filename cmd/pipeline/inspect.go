@@ -39,8 +39,8 @@ HTML report of the last runs.
 With --decode, the rows of a tokenize, mix or pack stage are shown as the text their
 tokens stand for, the trained tokens (those with labels) between ⟦ and ⟧ and a
 packed row's examples one after another: what the chat template made of each record
-and what the loss reads. The tokenizer is the one the spec's tokenize stage names,
-or --tokenizer.`,
+and what the loss reads. The tokenizer is the one that made the rows (an hf:// one at
+the commit it read), or --tokenizer.`,
 		Args:              exactArgs(2, "a spec file and a stage name"),
 		ValidArgsFunction: stageArg,
 		RunE: func(cmd *cobra.Command, args []string) error {
@@ -55,7 +55,7 @@ or --tokenizer.`,
 				return err
 			}
 			if decode {
-				tk, err := decodeTokenizer(cmd.Context(), args[0], args[1], tokPath)
+				tk, err := decodeTokenizer(cmd.Context(), args[0], m, tokPath)
 				if err != nil {
 					return err
 				}
@@ -81,7 +81,7 @@ or --tokenizer.`,
 	cmd.Flags().IntVar(&rows, "rows", 3, "how many rows of the table to show")
 	cmd.Flags().BoolVar(&asJSON, "json", false, "print the manifest as JSON and nothing else")
 	cmd.Flags().BoolVar(&decode, "decode", false, "show the rows of a tokenize, mix or pack stage as text, the trained tokens between ⟦ ⟧")
-	cmd.Flags().StringVar(&tokPath, "tokenizer", "", "the tokenizer.json (or hf://) of --decode (default: the spec's tokenize stage's)")
+	cmd.Flags().StringVar(&tokPath, "tokenizer", "", "the tokenizer.json (or hf://) of --decode (default: the one that made the rows)")
 	root.AddCommand(cmd)
 }
 

@@ -22,8 +22,12 @@ type StageStatus struct {
 	// reads is missing, a reference cannot be resolved offline, or it
 	// reads such a stage. Preprocessing runs without those (--until).
 	Unavailable error
-	Manifest    *Manifest
-	Size        int64
+	// Why is, of a missing entry, what the plan says of it: not computed
+	// yet, or what changed since the one it had (an input file, a
+	// parameter, an input stage).
+	Why      string
+	Manifest *Manifest
+	Size     int64
 }
 
 // Status looks at every stage's current entry without running anything.
@@ -47,7 +51,7 @@ func (s *Store) Status(dag *DAG) (*Status, error) {
 		case st.State == Damaged:
 			ss.State = "damaged"
 		default:
-			ss.State = "missing"
+			ss.State, ss.Why = "missing", st.Reason
 		}
 		out.Stages = append(out.Stages, ss)
 	}

@@ -173,6 +173,11 @@ func TestUnstartedRunIsRecorded(t *testing.T) {
 	if r := runCLI(t, dir, "run", spec, "--report", report); r.code != 0 || !readReport().OK {
 		t.Fatalf("run: exit %d\n%s", r.code, r.stderr)
 	}
+	// status says why an entry is missing, as plan does.
+	writeFile(t, data, sampleJSONL+`{"instruction": "Yeni", "input": "", "output": "Evet."}`+"\n")
+	if r := runCLI(t, dir, "status", spec); !strings.Contains(r.stdout, "src is missing: file content changed: "+data) || !strings.Contains(r.stdout, "chat is missing: input src changed") {
+		t.Errorf("status after the data changed:\n%s", r.stdout)
+	}
 	os.Remove(data)
 	if r := runCLI(t, dir, "run", spec, "--report", report); r.code != 2 {
 		t.Fatalf("run without its data: exit %d\n%s", r.code, r.stderr)

@@ -78,8 +78,11 @@ events of the training stages, and the command that writes the HTML report.`,
 				return err
 			}
 			for _, e := range s.Stages {
-				if e.Unavailable != nil {
+				switch {
+				case e.Unavailable != nil:
 					fmt.Printf("\n%s is unavailable: %v\n", e.Name, e.Unavailable)
+				case e.State == "missing" && e.Why != "":
+					fmt.Printf("\n%s is missing: %s\n", e.Name, e.Why)
 				}
 			}
 			var entries []watched

@@ -54,9 +54,15 @@ type Client struct {
 func FromEnv() *Client {
 	home := os.Getenv("HF_HOME")
 	if home == "" {
-		cache, err := userdir.Cache() // $XDG_CACHE_HOME, else ~/.cache
-		if err != nil {
-			cache = os.TempDir() // no home folder at all: rare, and said by no error here
+		// $XDG_CACHE_HOME as given (a relative one too, as
+		// huggingface_hub takes it), else ~/.cache.
+		cache := os.Getenv("XDG_CACHE_HOME")
+		if cache == "" {
+			h, err := userdir.Home()
+			if err != nil {
+				h = os.TempDir() // no home folder at all: rare, and said by no error here
+			}
+			cache = filepath.Join(h, ".cache")
 		}
 		home = filepath.Join(cache, "huggingface")
 	}

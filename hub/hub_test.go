@@ -585,6 +585,12 @@ func TestFromEnv(t *testing.T) {
 	if c.CacheDir != filepath.Join(home, ".cache", "huggingface", "hub") || c.Endpoint != hub.DefaultEndpoint || c.Token != "" || c.Offline {
 		t.Errorf("defaults: %+v", c)
 	}
+	// $XDG_CACHE_HOME as huggingface_hub takes it, relative too.
+	t.Setenv("XDG_CACHE_HOME", "rel-cache")
+	if c := hub.FromEnv(); c.CacheDir != filepath.Join("rel-cache", "huggingface", "hub") {
+		t.Errorf("relative XDG_CACHE_HOME: %s", c.CacheDir)
+	}
+	t.Setenv("XDG_CACHE_HOME", "")
 	t.Setenv("HF_HOME", filepath.Join(home, "hf"))
 	os.MkdirAll(filepath.Join(home, "hf"), 0o755)
 	os.WriteFile(filepath.Join(home, "hf", "token"), []byte("hf_fromfile\n"), 0o600)

@@ -289,23 +289,14 @@ func keyedCheckpointFiles(dir string) ([]string, error) {
 	if err := pipeline.CheckReadableFile(cfg); err != nil {
 		return nil, err
 	}
-	for _, w := range []string{"model.safetensors", "model.safetensors.index.json"} {
-		if _, err := os.Lstat(filepath.Join(dir, w)); err != nil {
-			continue
-		}
-		if err := pipeline.CheckReadableFile(filepath.Join(dir, w)); err != nil {
+	weights, err := trainer.WeightFiles(dir)
+	if err != nil {
+		return nil, err
+	}
+	for _, p := range weights {
+		if err := pipeline.CheckReadableFile(p); err != nil {
 			return nil, err // a link to a blob a download never finished, say
 		}
-		weights, err := trainer.WeightFiles(dir)
-		if err != nil {
-			return nil, err
-		}
-		for _, p := range weights {
-			if err := pipeline.CheckReadableFile(p); err != nil {
-				return nil, err
-			}
-		}
-		return append([]string{cfg}, weights...), nil
 	}
-	return nil, fmt.Errorf("%s has no model.safetensors or model.safetensors.index.json", dir)
+	return append([]string{cfg}, weights...), nil
 }

@@ -192,7 +192,7 @@ func shardsOf(dir string) (map[string]string, error) {
 		b, err := os.ReadFile(idx)
 		if err != nil {
 			if errors.Is(err, os.ErrNotExist) {
-				return nil, fmt.Errorf("%s: no model.safetensors or model.safetensors.index.json", dir)
+				return nil, fmt.Errorf("%s has no model.safetensors or model.safetensors.index.json", dir)
 			}
 			return nil, err
 		}
@@ -246,8 +246,11 @@ func WeightFiles(dir string) ([]string, error) {
 	return slices.Sorted(maps.Keys(files)), nil
 }
 
+// fileExists says whether path is there, as a link too: a model.safetensors
+// linking to a blob a download never finished is that checkpoint's weights,
+// to be named as missing, not passed over for an index.
 func fileExists(path string) bool {
-	_, err := os.Stat(path)
+	_, err := os.Lstat(path)
 	return err == nil
 }
 

@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"io"
 	"os"
+	"slices"
 
 	"github.com/apache/arrow-go/v18/arrow"
 	"github.com/apache/arrow-go/v18/arrow/array"
@@ -141,4 +142,11 @@ func (r *IPCReader) Batch(i int) (rec arrow.RecordBatch, err error) {
 func (r *IPCReader) Close() error {
 	r.r.Close()
 	return r.f.Close()
+}
+
+// Int32Row copies row i of a list<int32> column: an example's token ids,
+// labels or a packed row's example lengths.
+func Int32Row(l *array.List, i int) []int32 {
+	a, z := l.ValueOffsets(i)
+	return slices.Clone(l.ListValues().(*array.Int32).Int32Values()[a:z])
 }

@@ -15,6 +15,7 @@ import (
 	"github.com/apache/arrow-go/v18/arrow"
 	"github.com/apache/arrow-go/v18/arrow/array"
 
+	"gemmaft/dataset"
 	"gemmaft/internal/testenv"
 	"gemmaft/pipeline"
 )
@@ -61,7 +62,7 @@ func readChat(t *testing.T, r *testRun, rec *pipeline.RunRecord, stage string) [
 		text := b.Column(0).(*array.String)
 		st, en := b.Column(1).(*array.List), b.Column(2).(*array.List)
 		for i := 0; i < int(b.NumRows()); i++ {
-			rows = append(rows, chatRow{text.Value(i), listAt(st, i), listAt(en, i)})
+			rows = append(rows, chatRow{text.Value(i), dataset.Int32Row(st, i), dataset.Int32Row(en, i)})
 		}
 	})
 	return rows
@@ -72,15 +73,10 @@ func readTokens(t *testing.T, r *testRun, rec *pipeline.RunRecord, stage string)
 	forEach(t, r.table(rec, stage), func(b arrow.RecordBatch) {
 		ids, labels := b.Column(0).(*array.List), b.Column(1).(*array.List)
 		for i := 0; i < int(b.NumRows()); i++ {
-			rows = append(rows, tokenRow{listAt(ids, i), listAt(labels, i)})
+			rows = append(rows, tokenRow{dataset.Int32Row(ids, i), dataset.Int32Row(labels, i)})
 		}
 	})
 	return rows
-}
-
-func listAt(l *array.List, i int) []int32 {
-	a, z := l.ValueOffsets(i)
-	return slices.Clone(l.ListValues().(*array.Int32).Int32Values()[a:z])
 }
 
 func dataChainSpec(parquetGlob, tokenizer, system string) string {
@@ -225,7 +221,7 @@ func checkPacked(t *testing.T, r *testRun, rec *pipeline.RunRecord, tokens []tok
 		ids, labels := b.Column(0).(*array.List), b.Column(1).(*array.List)
 		pos, lens := b.Column(2).(*array.List), b.Column(3).(*array.List)
 		for i := 0; i < int(b.NumRows()); i++ {
-			id, lab, ps, ls := listAt(ids, i), listAt(labels, i), listAt(pos, i), listAt(lens, i)
+			id, lab, ps, ls := dataset.Int32Row(ids, i), dataset.Int32Row(labels, i), dataset.Int32Row(pos, i), dataset.Int32Row(lens, i)
 			if len(id) != seqLen || len(lab) != seqLen || len(ps) != seqLen {
 				t.Fatalf("row of %d/%d/%d tokens", len(id), len(lab), len(ps))
 			}
@@ -304,7 +300,7 @@ stages:
 		forEach(t, r.table(rec, "pack"), func(b arrow.RecordBatch) {
 			lens := b.Column(3).(*array.List)
 			for i := 0; i < int(b.NumRows()); i++ {
-				for _, n := range listAt(lens, i) {
+				for _, n := range dataset.Int32Row(lens, i) {
 					if n > 96 {
 						t.Fatalf("%s: an example of %d tokens in a row of 96", policy, n)
 					}

@@ -650,8 +650,8 @@ func mixHeldOut(ctx context.Context, in *pipeline.Input) (ids, labels [][]int32,
 		}
 		for r := 0; r < int(rec.NumRows()); r++ {
 			if held.Value(r) {
-				ids = append(ids, listValues(idl, r))
-				labels = append(labels, listValues(lab, r))
+				ids = append(ids, dataset.Int32Row(idl, r))
+				labels = append(labels, dataset.Int32Row(lab, r))
 			}
 		}
 		return nil
@@ -660,12 +660,6 @@ func mixHeldOut(ctx context.Context, in *pipeline.Input) (ids, labels [][]int32,
 		err = fmt.Errorf("mix stage %s holds no examples out: set its heldout", in.Name)
 	}
 	return ids, labels, err
-}
-
-// listValues copies row r of a list<int32> column.
-func listValues(l *array.List, r int) []int32 {
-	a, z := l.ValueOffsets(r)
-	return slices.Clone(l.ListValues().(*array.Int32).Int32Values()[a:z])
 }
 
 // heldOut reads the records of the source stages: Alpaca records,

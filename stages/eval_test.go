@@ -17,6 +17,7 @@ import (
 	"github.com/apache/arrow-go/v18/arrow"
 	"github.com/apache/arrow-go/v18/arrow/array"
 
+	"gemmaft/dataset"
 	"gemmaft/eval"
 	"gemmaft/internal/testenv"
 	"gemmaft/pipeline"
@@ -168,7 +169,7 @@ func TestEvalStage(t *testing.T) {
 	forEach(t, r.table(rec, "heldtokens"), func(b arrow.RecordBatch) {
 		ids, labels := b.Column(0).(*array.List), b.Column(1).(*array.List)
 		for i := 0; i < int(b.NumRows()); i++ {
-			in, lab := listAt(ids, i), listAt(labels, i)
+			in, lab := dataset.Int32Row(ids, i), dataset.Int32Row(labels, i)
 			rows = append(rows, trainer.PackedRow{InputIDs: in, Labels: lab, SeqLengths: []int32{int32(len(in))}})
 		}
 	})

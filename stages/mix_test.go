@@ -254,7 +254,7 @@ func readMix(t *testing.T, r *testRun, rec *pipeline.RunRecord, stage string) []
 		ids, labels := b.Column(0).(*array.List), b.Column(1).(*array.List)
 		src, held := b.Column(2).(*array.String), b.Column(3).(*array.Boolean)
 		for i := 0; i < int(b.NumRows()); i++ {
-			rows = append(rows, mixRow{listAt(ids, i), listAt(labels, i), src.Value(i), held.Value(i)})
+			rows = append(rows, mixRow{dataset.Int32Row(ids, i), dataset.Int32Row(labels, i), src.Value(i), held.Value(i)})
 		}
 	})
 	return rows
@@ -270,7 +270,7 @@ func packedExamples(t *testing.T, path string) [][]int32 {
 	forEach(t, rd, func(b arrow.RecordBatch) {
 		ids, lens := b.Column(0).(*array.List), b.Column(3).(*array.List)
 		for i := 0; i < int(b.NumRows()); i++ {
-			id, ls := listAt(ids, i), listAt(lens, i)
+			id, ls := dataset.Int32Row(ids, i), dataset.Int32Row(lens, i)
 			at := 0
 			for _, n := range ls {
 				out = append(out, id[at:at+int(n)])

@@ -144,8 +144,7 @@ func packedRow(rec arrow.RecordBatch, idx [4]int, r int) (PackedRow, error) {
 		if col.IsNull(r) {
 			return PackedRow{}, fmt.Errorf("%s is null", packedNames[i])
 		}
-		lo, hi := col.ValueOffsets(r)
-		vals[i] = slices.Clone(col.ListValues().(*array.Int32).Int32Values()[lo:hi])
+		vals[i] = dataset.Int32Row(col, r)
 	}
 	row := PackedRow{InputIDs: vals[0], Labels: vals[1], PositionIDs: vals[2], SeqLengths: vals[3]}
 	return row, row.check()

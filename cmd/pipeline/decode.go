@@ -8,7 +8,6 @@ import (
 	"io"
 	"os"
 	"path/filepath"
-	"slices"
 
 	"github.com/apache/arrow-go/v18/arrow"
 	"github.com/apache/arrow-go/v18/arrow/array"
@@ -141,10 +140,10 @@ func printDecoded(w io.Writer, entry string, n int, tk *tokenizer.Tokenizer) err
 			return usageErr(fmt.Errorf("--decode: this stage's %s and %s are not lists of int32", packer.ColInputIDs, packer.ColLabels))
 		}
 		for i := 0; i < int(rec.NumRows()) && row < n; i++ {
-			id, lab := values(ids, i), values(labels, i)
+			id, lab := dataset.Int32Row(ids, i), dataset.Int32Row(labels, i)
 			spans := []int32{int32(len(id))}
 			if lengths != nil {
-				spans = values(lengths, i)
+				spans = dataset.Int32Row(lengths, i)
 			}
 			if !fits(spans, len(id)) || len(lab) != len(id) {
 				rec.Release()
@@ -241,10 +240,4 @@ func int32List(rec arrow.RecordBatch, name string) *array.List {
 		return nil
 	}
 	return l
-}
-
-// values is row i of an int32 list column.
-func values(l *array.List, i int) []int32 {
-	a, b := l.ValueOffsets(i)
-	return slices.Clone(l.ListValues().(*array.Int32).Int32Values()[a:b])
 }

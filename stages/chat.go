@@ -83,11 +83,7 @@ func (chatStage) Run(ctx context.Context, t *pipeline.Task) error {
 	t.SetStat("empty_answers", n.empty)
 	if n.empty > 0 {
 		// An empty answer trains the model to close its turn at once.
-		what := fmt.Sprintf("%d answers are", n.empty)
-		if n.empty == 1 {
-			what = "1 answer is"
-		}
-		t.Log.Warn(fmt.Sprintf("%s empty (or white space): each trains only on <end_of_turn>, teaching the model to answer nothing; the first is record %d", what, n.firstEmpty),
+		t.Log.Warn(fmt.Sprintf("%s empty (or white space): each trains only on <end_of_turn>, teaching the model to answer nothing; the first is record %d", counted(n.empty, "answer is", "answers are"), n.firstEmpty),
 			"fix", "remove such records from the source")
 	}
 	return err

@@ -366,11 +366,7 @@ func (s *sourceStage) Run(ctx context.Context, t *pipeline.Task) error {
 		if out.Rows() == 0 {
 			return fmt.Errorf("every conversation was invalid (%d); the first: %s", inv.Dropped, inv.First[0])
 		}
-		what := fmt.Sprintf("%d conversations", inv.Dropped)
-		if inv.Dropped == 1 {
-			what = "1 conversation"
-		}
-		t.Log.Warn(fmt.Sprintf("dropped %s the chat template refuses; the first: %s", what, strings.Join(inv.First, "; ")))
+		t.Log.Warn(fmt.Sprintf("dropped %s the chat template refuses; the first: %s", counted(inv.Dropped, "conversation", "conversations"), strings.Join(inv.First, "; ")))
 	}
 	return nil
 }

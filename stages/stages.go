@@ -3,7 +3,11 @@
 // trainer) into the engine's Kind and Runner interfaces.
 package stages
 
-import "gemmaft/pipeline"
+import (
+	"fmt"
+
+	"gemmaft/pipeline"
+)
 
 // Registry returns a registry holding every stage kind.
 func Registry() *pipeline.Registry {
@@ -16,3 +20,11 @@ func Registry() *pipeline.Registry {
 
 // kinds is filled by each kind's file.
 var kinds = map[string]pipeline.Kind{}
+
+// counted is n with the words for one or many: "1 answer is", "3 answers are".
+func counted(n int64, one, many string) string {
+	if n == 1 {
+		return "1 " + one
+	}
+	return fmt.Sprintf("%d %s", n, many)
+}

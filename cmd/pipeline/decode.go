@@ -124,40 +124,26 @@ func printDecoded(w io.Writer, entry string, n int, tk *tokenizer.Tokenizer) err
 	if len(s.FieldIndices(packer.ColInputIDs)) != 1 || len(s.FieldIndices(packer.ColLabels)) != 1 {
 		return usageErr(fmt.Errorf("--decode: this stage's rows hold no %s and %s (a tokenize, mix or pack stage's do)", packer.ColInputIDs, packer.ColLabels))
 	}
-	for row := 0; row < n; {
-		rec, err := r.Next()
-		if err == io.EOF {
-			return nil
-		}
-		if err != nil {
-			return failErr(err)
-		}
+	return firstRows(r, n, func(rec arrow.RecordBatch, i, row int) error {
 		ids := int32List(rec, packer.ColInputIDs)
 		labels := int32List(rec, packer.ColLabels)
 		lengths := int32List(rec, packer.ColSeqLengths) // nil: not packed
 		if ids == nil || labels == nil {
-			rec.Release()
 			return usageErr(fmt.Errorf("--decode: this stage's %s and %s are not lists of int32", packer.ColInputIDs, packer.ColLabels))
 		}
-		for i := 0; i < int(rec.NumRows()) && row < n; i++ {
-			id, lab := dataset.Int32Row(ids, i), dataset.Int32Row(labels, i)
-			spans := []int32{int32(len(id))}
-			if lengths != nil {
-				spans = dataset.Int32Row(lengths, i)
-			}
-			if !fits(spans, len(id)) || len(lab) != len(id) {
-				rec.Release()
-				return failErr(fmt.Errorf("row %d: its seq_lengths or labels do not match its %d tokens (a damaged table?)", row, len(id)))
-			}
-			if err := printRow(w, tk, row, id, lab, spans); err != nil {
-				rec.Release()
-				return failErr(err)
-			}
-			row++
+		id, lab := dataset.Int32Row(ids, i), dataset.Int32Row(labels, i)
+		spans := []int32{int32(len(id))}
+		if lengths != nil {
+			spans = dataset.Int32Row(lengths, i)
 		}
-		rec.Release()
-	}
-	return nil
+		if !fits(spans, len(id)) || len(lab) != len(id) {
+			return failErr(fmt.Errorf("row %d: its seq_lengths or labels do not match its %d tokens (a damaged table?)", row, len(id)))
+		}
+		if err := printRow(w, tk, row, id, lab, spans); err != nil {
+			return failErr(err)
+		}
+		return nil
+	})
 }
 
 // printRow writes one row: a header, each example's text, the padding.

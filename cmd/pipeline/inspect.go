@@ -215,7 +215,27 @@ func printRows(w io.Writer, entry string, n int) error {
 	}
 	defer r.Close()
 	fmt.Fprintf(w, "\nschema    %s\n", schemaLine(r.Schema()))
-	for shown := 0; shown < n; {
+	return firstRows(r, n, func(rec arrow.RecordBatch, i, _ int) error {
+		var buf bytes.Buffer
+		buf.WriteByte('{')
+		for c, col := range rec.Columns() {
+			if c > 0 {
+				buf.WriteString(", ")
+			}
+			buf.Write(displayJSON(rec.ColumnName(c)))
+			buf.WriteString(": ")
+			buf.Write(displayJSON(shorten(col.GetOneForMarshal(i))))
+		}
+		buf.WriteString("}\n")
+		w.Write(buf.Bytes())
+		return nil
+	})
+}
+
+// firstRows calls fn with each of the first n rows of the table r reads:
+// its batch, its place in the batch, its place in the table.
+func firstRows(r *dataset.IPCReader, n int, fn func(rec arrow.RecordBatch, i, row int) error) error {
+	for row := 0; row < n; {
 		rec, err := r.Next()
 		if err == io.EOF {
 			return nil
@@ -223,20 +243,12 @@ func printRows(w io.Writer, entry string, n int) error {
 		if err != nil {
 			return failErr(err)
 		}
-		for i := 0; i < int(rec.NumRows()) && shown < n; i++ {
-			var buf bytes.Buffer
-			buf.WriteByte('{')
-			for c, col := range rec.Columns() {
-				if c > 0 {
-					buf.WriteString(", ")
-				}
-				buf.Write(displayJSON(rec.ColumnName(c)))
-				buf.WriteString(": ")
-				buf.Write(displayJSON(shorten(col.GetOneForMarshal(i))))
+		for i := 0; i < int(rec.NumRows()) && row < n; i++ {
+			if err := fn(rec, i, row); err != nil {
+				rec.Release()
+				return err
 			}
-			buf.WriteString("}\n")
-			w.Write(buf.Bytes())
-			shown++
+			row++
 		}
 		rec.Release()
 	}

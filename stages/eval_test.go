@@ -409,8 +409,7 @@ func TestEvalBadInput(t *testing.T) {
 	if err := trainer.WriteRandomCheckpoint(smaller, c2, trainer.InitOptions{Seed: 7}); err != nil {
 		t.Fatal(err)
 	}
-	train := strings.Replace(trainSpec(t, 1), "  base: {kind: model, with: {preset: tiny, seed: 7, std: 0.3}}\n", "", 1)
-	train = strings.Replace(train, "needs: [pack, base]\n    with: {", "needs: [pack]\n    with: {model: "+short+", ", 1)
+	train := trainSpecOn(t, 1, short)
 	write := func(name, content string) string {
 		p := filepath.Join(r.dir, name)
 		if err := os.WriteFile(p, []byte(content), 0o644); err != nil {

@@ -134,20 +134,9 @@ func TestShardedBase(t *testing.T) {
 	if index(base) != index(other) {
 		t.Fatal("the two checkpoints' indexes differ; the test needs them alike")
 	}
-	train := strings.Replace(trainSpec(t, 1), "  base: {kind: model, with: {preset: tiny, seed: 7, std: 0.3}}\n", "", 1)
-	train = strings.Replace(train, "needs: [pack, base]\n    with: {", "needs: [pack]\n    with: {model: "+base+", ", 1)
+	train := trainSpecOn(t, 1, base)
 	spec := r.spec(train)
-	key := func() string {
-		dag, err := loadSpec(spec, Registry())
-		if err != nil {
-			t.Fatal(err)
-		}
-		plan, err := r.store.Plan(dag, pipeline.Options{})
-		if err != nil {
-			t.Fatal(err)
-		}
-		return plan.Step("adapter").Key
-	}
+	key := func() string { return r.plan(spec).Step("adapter").Key }
 	if _, err := r.run(spec, pipeline.Options{}); err != nil {
 		t.Fatal(err)
 	}

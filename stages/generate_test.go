@@ -263,15 +263,7 @@ func TestGenerateStageAnswersMTBench(t *testing.T) {
 // assertNoEntry checks that a stage of spec has no cache entry.
 func assertNoEntry(t *testing.T, r *testRun, spec, stage string) {
 	t.Helper()
-	dag, err := loadSpec(spec, Registry())
-	if err != nil {
-		t.Fatal(err)
-	}
-	plan, err := r.store.Plan(dag, pipeline.Options{})
-	if err != nil {
-		t.Fatal(err)
-	}
-	if s := plan.Step(stage); s.State == pipeline.Valid {
+	if s := r.plan(spec).Step(stage); s.State == pipeline.Valid {
 		t.Errorf("stage %s has an entry after failing", stage)
 	}
 }
@@ -397,15 +389,7 @@ stages:
 	var logs bytes.Buffer
 	r.log = slog.New(slog.NewTextHandler(&logs, nil))
 	path := r.spec(spec)
-	dag, err := loadSpec(path, Registry())
-	if err != nil {
-		t.Fatal(err)
-	}
-	plan, err := r.store.Plan(dag, pipeline.Options{})
-	if err != nil {
-		t.Fatal(err)
-	}
-	scratch := r.store.ScratchDir(plan.Step("answers").Key)
+	scratch := r.store.ScratchDir(r.plan(path).Step("answers").Key)
 	os.MkdirAll(scratch, 0o755)
 	// Question 0 kept; question 2's line has two answers for its one turn,
 	// so it is answered again; the torn last line is dropped.

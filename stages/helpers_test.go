@@ -53,6 +53,20 @@ func (r *testRun) run(spec string, opts pipeline.Options) (*pipeline.RunRecord, 
 	return (&pipeline.Engine{Store: r.store, Log: r.log}).Run(context.Background(), dag, opts)
 }
 
+// plan loads spec and plans the whole DAG over the run's cache.
+func (r *testRun) plan(spec string) *pipeline.Plan {
+	r.t.Helper()
+	dag, err := loadSpec(spec, Registry())
+	if err != nil {
+		r.t.Fatal(err)
+	}
+	plan, err := r.store.Plan(dag, pipeline.Options{})
+	if err != nil {
+		r.t.Fatal(err)
+	}
+	return plan
+}
+
 // table opens the cached table of a stage in a run record.
 func (r *testRun) table(rec *pipeline.RunRecord, stage string) *dataset.IPCReader {
 	r.t.Helper()

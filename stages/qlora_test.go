@@ -62,6 +62,13 @@ stages:
 `, demo, tok, steps)
 }
 
+// trainSpecOn is trainSpec training on the checkpoint folder model in
+// place of its model stage.
+func trainSpecOn(t *testing.T, steps int, model string) string {
+	spec := strings.Replace(trainSpec(t, steps), "  base: {kind: model, with: {preset: tiny, seed: 7, std: 0.3}}\n", "", 1)
+	return strings.Replace(spec, "needs: [pack, base]\n    with: {", "needs: [pack]\n    with: {model: "+model+", ", 1)
+}
+
 type metricLine struct {
 	Step     int     `json:"step"`
 	Loss     float64 `json:"loss"`
@@ -332,15 +339,7 @@ func TestQLoRAKeyLeavesOutTheMachine(t *testing.T) {
 	r := newTestRun(t)
 	key := func(spec string) string {
 		t.Helper()
-		dag, err := loadSpec(r.spec(spec), Registry())
-		if err != nil {
-			t.Fatal(err)
-		}
-		plan, err := r.store.Plan(dag, pipeline.Options{})
-		if err != nil {
-			t.Fatal(err)
-		}
-		return plan.Step("adapter").Key
+		return r.plan(r.spec(spec)).Step("adapter").Key
 	}
 	base := trainSpec(t, 4)
 	machine := strings.Replace(base, "backend: cpu}", "backend: cpu, gpu_memory: 20, gradient_checkpointing: false}", 1)

@@ -150,14 +150,13 @@ func (e *Engine) Run(ctx context.Context, dag *DAG, opts Options) (*RunRecord, e
 	return rec, err
 }
 
-// RecordUnstarted records a run of dag that the stages it selects stopped
-// or read stopped before it began (cause: a data file gone, a model folder
-// missing), so
-// that status and report say that the run failed instead of showing the
-// one before it, and returns the record (for --report). Its stages have no
-// keys: gc keeps, for each, the entry it last had.
-// While another run of dag holds its lock, nothing is recorded: records
-// sort by their start, and this one would pass for the last of that run.
+// RecordUnstarted records a run of dag that the stages it selects, or
+// those they read, stopped before it began (cause: a data file gone, a
+// model folder missing), so that status and report say that the run failed
+// instead of showing the one before it, and returns the record (for
+// --report). Its stages have no keys: gc keeps, for each, the entry it last
+// had. While another run of dag holds its lock, nothing is recorded:
+// records sort by their start, and this one would pass for that run's.
 func (s *Store) RecordUnstarted(dag *DAG, opts Options, cause error) (*RunRecord, error) {
 	rec := UnstartedRecord(dag, opts, cause, s.Root)
 	l := flock.New(s.dagLockBase(dag) + ".lock")

@@ -230,7 +230,7 @@ func TestPlanReasonsForMissingEntries(t *testing.T) {
 		}
 		return plan.Step(stage).Reason
 	}
-	const never, removed = "not computed yet", "cache entry missing (removed by gc or by hand)"
+	const never, removed = "no earlier entry", "cache entry missing (removed by gc or by hand)"
 
 	if got := why("total"); got != never {
 		t.Errorf("before any run: total %q, want %q", got, never)

@@ -325,7 +325,7 @@ func (p *Plan) why(st *Step) string {
 	}
 	prev := p.lastEntry(st.Node.Name)
 	if prev == nil {
-		return "not computed yet"
+		return "no earlier entry"
 	}
 	if prev.Key == st.Key {
 		return "cache entry missing (removed by gc or by hand)"

@@ -335,7 +335,7 @@ func TestRunPlanInspectExport(t *testing.T) {
 	writeFile(t, spec, "name: src\nstages:\n  alpaca: {kind: jsonl, with: {paths: [../data/*.jsonl], system: \"Kısa cevap ver.\"}}\n")
 
 	r := runCLI(t, dir, "plan", spec)
-	if r.code != 0 || !strings.Contains(r.stdout, "compute") || !strings.Contains(r.stdout, "not computed yet") {
+	if r.code != 0 || !strings.Contains(r.stdout, "compute") || !strings.Contains(r.stdout, "no earlier entry") {
 		t.Fatalf("plan before run: %d\n%s%s", r.code, r.stdout, r.stderr)
 	}
 	report := filepath.Join(dir, "report.json")

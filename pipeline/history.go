@@ -72,8 +72,9 @@ func (s *Store) dagLockBase(dag *DAG) string {
 }
 
 // lockDAG takes the lock of dag, waiting for another run of it unless
-// noWait, and notes who holds it. The returned function releases it.
-func (s *Store) lockDAG(ctx context.Context, dag *DAG, noWait bool, log *slog.Logger) (func(), error) {
+// noWait, and notes who holds it. The returned function releases it, and
+// removes the note unless keepNote (the run could not be recorded).
+func (s *Store) lockDAG(ctx context.Context, dag *DAG, noWait bool, log *slog.Logger) (func(keepNote bool), error) {
 	base := s.dagLockBase(dag)
 	l := flock.New(base + ".lock")
 	ok, err := l.TryLock()
@@ -92,15 +93,17 @@ func (s *Store) lockDAG(ctx context.Context, dag *DAG, noWait bool, log *slog.Lo
 	}
 	// The note stays only while the run lives: a run that ends, however it
 	// fails, removes it before it lets go of the lock, so a note without a
-	// lock holder is a run that was killed (SIGKILL, the OOM killer) or
-	// whose machine stopped.
+	// lock holder is a run that was killed (SIGKILL, the OOM killer), whose
+	// machine stopped, or whose record could not be written.
 	if old, err := os.ReadFile(base + ".holder"); err == nil && !s.recorded(dag, string(old)) {
-		log.Warn("the previous run of this DAG did not finish (killed, out of memory, or its machine stopped)", "spec", dag.Path, "run", strings.TrimSpace(string(old)))
+		log.Warn("the previous run of this DAG did not finish (killed, out of memory, its machine stopped, or its record could not be written)", "spec", dag.Path, "run", strings.TrimSpace(string(old)))
 	}
 	host, _ := os.Hostname()
 	_ = atomicfile.WriteFile(base+".holder", []byte(fmt.Sprintf("pid %d on %s since %s\n", os.Getpid(), host, time.Now().Format(time.RFC3339))))
-	return func() {
-		os.Remove(base + ".holder")
+	return func(keepNote bool) {
+		if !keepNote {
+			os.Remove(base + ".holder")
+		}
 		l.Unlock()
 	}, nil
 }

@@ -325,3 +325,41 @@ func TestStatusAfterKill(t *testing.T) {
 		t.Errorf("after a failed run: unfinished %q, last %+v", s.Unfinished, s.Last)
 	}
 }
+
+// TestStatusAfterLostRecord: a run whose record cannot be written (a full
+// disk) is reported by status as not finished, not hidden behind the run
+// before it, and the next run that is recorded clears that.
+func TestStatusAfterLostRecord(t *testing.T) {
+	e := newTestEnv(t)
+	e.write("data.txt", "a-")
+	spec := e.write("two.yaml", "name: two\nstages:\n  src: {kind: gen, with: {rows: 3, file: data.txt}}\n")
+	dag := e.load(spec)
+	e.mustRun(spec, Options{})
+
+	// The records' folder made a file: the record cannot be written.
+	runs := filepath.Join(e.store.Root, "runs", dagID(dag))
+	if err := os.RemoveAll(runs); err != nil {
+		t.Fatal(err)
+	}
+	e.write("runs-blocker", "")
+	if err := os.Rename(filepath.Join(e.dir, "runs-blocker"), runs); err != nil {
+		t.Fatal(err)
+	}
+	e.write("data.txt", "b-")
+	e.mustRun(spec, Options{})
+	s, err := e.store.Status(dag)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if want := fmt.Sprintf("pid %d on ", os.Getpid()); !strings.HasPrefix(s.Unfinished, want) {
+		t.Fatalf("after a run whose record was lost: unfinished %q, want %q...", s.Unfinished, want)
+	}
+
+	if err := os.Remove(runs); err != nil {
+		t.Fatal(err)
+	}
+	e.mustRun(spec, Options{})
+	if s, _ := e.store.Status(dag); s.Unfinished != "" || s.Last == nil || !s.Last.OK {
+		t.Errorf("after a run that was recorded: unfinished %q, last %+v", s.Unfinished, s.Last)
+	}
+}

@@ -119,10 +119,14 @@ func (e *Engine) Run(ctx context.Context, dag *DAG, opts Options) (*RunRecord, e
 	rec := &RunRecord{DAG: dag.Name, Spec: dag.Path, Started: time.Now().UTC(), Program: Version(), Cache: e.Store.Root}
 	// The DAG's lock is let go only after the run is recorded, so that a
 	// run is either recorded or, killed, still named by its lock's note.
-	var unlock func()
+	var unlock func(keepNote bool)
+	unrecorded := false // the run's record could not be written
 	defer func() {
 		if unlock != nil {
-			unlock()
+			// A run whose record is lost (a full disk) keeps its holder
+			// note, so that status says it did not finish instead of
+			// showing the run before it.
+			unlock(unrecorded)
 		}
 	}()
 	noted := false // this run wrote its planned keys
@@ -139,7 +143,8 @@ func (e *Engine) Run(ctx context.Context, dag *DAG, opts Options) (*RunRecord, e
 	// one refused as a usage error before anything ran is not a run.
 	if len(rec.Stages) > 0 && e.Collective == "" && !IsSpecError(err) {
 		if recErr := e.Store.recordRun(dag, rec); recErr != nil {
-			e.log().Warn("could not record the run", "err", recErr)
+			e.log().Warn("could not record the run; status will say that it did not finish", "err", recErr)
+			unrecorded = true
 		} else if noted {
 			e.Store.forgetPlannedKeys(dag)
 		}
@@ -206,7 +211,7 @@ func (e *Engine) log() *slog.Logger {
 	return e.Log
 }
 
-func (e *Engine) run(ctx context.Context, dag *DAG, opts Options, rec *RunRecord, unlockDAG *func(), noted *bool) error {
+func (e *Engine) run(ctx context.Context, dag *DAG, opts Options, rec *RunRecord, unlockDAG *func(keepNote bool), noted *bool) error {
 	gc := e.Store.gcLock()
 	if _, err := gc.TryRLockContext(ctx, 100*time.Millisecond); err != nil {
 		return fmt.Errorf("waiting for gc to finish: %w", err)

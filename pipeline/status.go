@@ -6,8 +6,9 @@ import "context"
 type Status struct {
 	RunningBy string // who holds the DAG's lock now ("" when nobody)
 	// Unfinished names the last run when it did not finish ("pid 123 on
-	// host since …"): it was killed (SIGKILL, the OOM killer) or its machine
-	// stopped, so it left no record; Last is the run before it.
+	// host since …"): it was killed (SIGKILL, the OOM killer), its machine
+	// stopped, or its record could not be written (a full disk); Last is
+	// the run before it.
 	Unfinished string
 	Last       *RunRecord // the last run that ended, or nil
 	Stages     []StageStatus
@@ -22,8 +23,8 @@ type StageStatus struct {
 	// reads is missing, a reference cannot be resolved offline, or it
 	// reads such a stage. Preprocessing runs without those (--until).
 	Unavailable error
-	// Why is, of a missing entry, what the plan says of it: not computed
-	// yet, or what changed since the one it had (an input file, a
+	// Why is, of a missing entry, what the plan says of it: no earlier
+	// entry, or what changed since the one it had (an input file, a
 	// parameter, an input stage).
 	Why      string
 	Manifest *Manifest

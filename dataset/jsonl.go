@@ -82,7 +82,7 @@ func (jf *jsonlFile) detectArray() error {
 		return err
 	}
 	defer lr.close()
-	skipBOM(lr.r)
+	lines.SkipBOM(lr.r)
 	for {
 		c, err := lr.r.ReadByte()
 		switch {
@@ -95,16 +95,6 @@ func (jf *jsonlFile) detectArray() error {
 		}
 		jf.array = c == '['
 		return nil
-	}
-}
-
-// utf8BOM is the byte order mark editors on Windows start UTF-8 files with.
-var utf8BOM = []byte("\xef\xbb\xbf")
-
-// skipBOM reads past a byte order mark at r's start.
-func skipBOM(r *bufio.Reader) {
-	if b, _ := r.Peek(len(utf8BOM)); bytes.Equal(b, utf8BOM) {
-		r.Discard(len(utf8BOM))
 	}
 }
 
@@ -125,7 +115,7 @@ func (jf *jsonlFile) records() (recordReader, error) {
 	case !jf.array:
 		return lr, nil
 	}
-	skipBOM(lr.r)
+	lines.SkipBOM(lr.r)
 	ar := &arrayReader{lr: lr, dec: json.NewDecoder(lr.r), index: -1}
 	if tok, err := ar.dec.Token(); err != nil || tok != json.Delim('[') {
 		lr.close()
@@ -462,7 +452,7 @@ func (lr *lineReader) next() ([]byte, error) {
 		lr.line++
 		line := lr.buf
 		if lr.line == 1 {
-			line = bytes.TrimPrefix(line, utf8BOM)
+			line = bytes.TrimPrefix(line, []byte(lines.BOM))
 		}
 		if line = bytes.TrimSpace(line); len(line) > 0 {
 			return line, nil

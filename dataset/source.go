@@ -30,6 +30,7 @@ import (
 	"github.com/apache/arrow-go/v18/arrow/memory"
 
 	"gemmaft/chat"
+	"gemmaft/internal/lines"
 )
 
 // Column names of the record batches a Source produces.
@@ -531,7 +532,7 @@ func SniffFormat(open func(string) (fs.File, error), path string) (Format, error
 	if bytes.HasPrefix(head, []byte("PAR1")) {
 		return FormatParquet, nil
 	}
-	head = bytes.TrimLeft(bytes.TrimPrefix(head, utf8BOM), " \t\r\n")
+	head = bytes.TrimLeft(bytes.TrimPrefix(head, []byte(lines.BOM)), " \t\r\n")
 	if len(head) > 0 && (head[0] == '{' || head[0] == '[') {
 		return FormatJSONL, nil
 	}

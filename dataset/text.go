@@ -8,6 +8,8 @@ import (
 	"io"
 	"strings"
 	"unicode/utf8"
+
+	"gemmaft/internal/lines"
 )
 
 // MaxTextFileBytes bounds a plain text file read whole (a variable for
@@ -83,7 +85,7 @@ func (tf *textFile) read() (string, error) {
 	if int64(len(data)) > MaxTextFileBytes {
 		return "", fmt.Errorf("dataset: %s: longer than %d bytes; split it into several files, or give its paragraphs as rows of JSON lines", tf.name, MaxTextFileBytes)
 	}
-	data = bytes.TrimPrefix(data, utf8BOM)
+	data = bytes.TrimPrefix(data, []byte(lines.BOM))
 	if !utf8.Valid(data) {
 		return "", fmt.Errorf("dataset: %s: invalid UTF-8 at byte %d", tf.name, invalidUTF8At(string(data)))
 	}

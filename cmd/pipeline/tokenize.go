@@ -185,9 +185,6 @@ func tokenizeLines(ctx context.Context, tk *tokenizer.Tokenizer, r io.Reader, w 
 			}
 			return err
 		}
-		if lr.Line() == 1 {
-			raw = bytes.TrimPrefix(raw, []byte("\xef\xbb\xbf")) // a UTF-8 byte order mark, as editors on Windows write it
-		}
 		text, err := lineText(raw)
 		if err != nil {
 			return fmt.Errorf("input line %d: %w", lr.Line(), err)

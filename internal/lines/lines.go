@@ -9,6 +9,16 @@ import (
 	"io"
 )
 
+// BOM is the byte order mark editors on Windows start UTF-8 files with.
+const BOM = "\xef\xbb\xbf"
+
+// SkipBOM reads past a byte order mark at r's start.
+func SkipBOM(r *bufio.Reader) {
+	if b, _ := r.Peek(len(BOM)); string(b) == BOM {
+		r.Discard(len(BOM))
+	}
+}
+
 // DefaultMax is the longest line readers accept unless told otherwise:
 // far beyond any record of instruction data or packed row, far below what
 // would hurt the machine.
@@ -55,8 +65,12 @@ func NewReader(r io.Reader, max int) *Reader {
 
 // Next returns the next line without its newline, valid until the next
 // call, or io.EOF after the last. A last line without a newline is a line.
-// A line longer than the bound is a *TooLongError.
+// A line longer than the bound is a *TooLongError. A byte order mark
+// before the first line is not part of it.
 func (r *Reader) Next() ([]byte, error) {
+	if r.line == 0 {
+		SkipBOM(r.r)
+	}
 	r.buf = r.buf[:0]
 	for {
 		chunk, err := r.r.ReadSlice('\n')

@@ -42,6 +42,20 @@ func TestLines(t *testing.T) {
 	}
 }
 
+// TestByteOrderMark: a byte order mark before the first line is not part
+// of it; one further on is the line's.
+func TestByteOrderMark(t *testing.T) {
+	r := NewReader(strings.NewReader(BOM+"{}\n"+BOM+"x\n"), 0)
+	first, _ := r.Next()
+	if string(first) != "{}" {
+		t.Errorf("first line %q", first)
+	}
+	second, _ := r.Next()
+	if string(second) != BOM+"x" {
+		t.Errorf("second line %q", second)
+	}
+}
+
 // TestEndlessLineIsBounded: a stream without newlines stops at the bound
 // (it used to be read into memory without end).
 func TestEndlessLineIsBounded(t *testing.T) {

@@ -453,7 +453,12 @@ func TestReadQuestionsErrors(t *testing.T) {
 		want          string
 	}{
 		{"no answer column", `{"question": "Q?", "choices": ["a", "b"]}`, nil, `x.jsonl:1: no answer (column "answer"); map the file's column with columns: {answer: NAME}`},
-		{"mapped answer missing", `{"question": "Q?", "choices": ["a", "b"], "answer": "A"}`, map[string]string{"answer": "cevap"}, `no answer (column "cevap")`},
+		{"mapped answer missing", `{"question": "Q?", "choices": ["a", "b"], "cevap": "A"}
+{"question": "Q2?", "choices": ["a", "b"], "answer": "A"}`, map[string]string{"answer": "cevap"}, `x.jsonl:2: no answer (column "cevap")`},
+		{"mapped column in no row", `{"question": "Q?", "choices": ["a", "b"], "answer": "A", "bolum": "tarih"}`, map[string]string{"subject": "bölüm"},
+			`x.jsonl: columns maps subject to "bölüm", which no row has (its columns: answer, bolum, choices, question)`},
+		{"null choice", `{"question": "Q?", "choices": ["a", null], "answer": "A"}`, nil, `choice B of column "choices" is null, not a text`},
+		{"fractional index", `{"question": "Q?", "choices": ["a", "b"], "answer": 1.5}`, nil, "answer 1.5 is not an integer index"},
 		{"letter outside", `{"question": "Q?", "choices": ["a", "b", "c", "d"], "answer": "E"}`, nil, `answer "E" is outside the 4 choices (A to D)`},
 		{"index outside", `{"question": "Q?", "choices": ["a", "b"], "answer": 2}`, nil, "answer 2 is outside the 2 choices (indices 0 to 1)"},
 		{"negative index", `{"question": "Q?", "choices": ["a", "b"], "answer": -1}`, nil, "answer -1 is outside"},
@@ -646,5 +651,38 @@ func TestMappedSubjectMissing(t *testing.T) {
 	qs, err := ReadQuestions([]string{set}, map[string]string{"question": "q", "subject": "bolum"})
 	if err != nil || len(qs) != 3 || qs[0].Subject != "tarih" || qs[1].Subject != "" || qs[2].Subject != "" {
 		t.Fatalf("%+v, %v", qs, err)
+	}
+}
+
+// TestReadQuestionsAsWritten: a set as tools write it reads as it means: a
+// byte order mark before the first line (Windows editors), CRLF line ends,
+// and integer answers stored as floats (pandas, once a value is missing).
+func TestReadQuestionsAsWritten(t *testing.T) {
+	dir := t.TempDir()
+	jl := writeFile(t, dir, "bom.jsonl", "\xef\xbb\xbf{\"question\": \"Q?\", \"choices\": [\"a\", \"b\"], \"answer\": \"B\"}\r\n{\"question\": \"R?\", \"choices\": [\"a\", \"b\"], \"answer\": 1.0}\r\n")
+	qs, err := ReadQuestions([]string{jl}, nil)
+	if err != nil || len(qs) != 2 || qs[0].Answer != 1 || qs[1].Answer != 1 || qs[1].Where != jl+":2" {
+		t.Errorf("JSONL with a byte order mark: %+v, %v", qs, err)
+	}
+	arr := writeFile(t, dir, "bom.json", "\xef\xbb\xbf[{\"question\": \"Q?\", \"choices\": [\"a\", \"b\"], \"answer\": \"B\"}]")
+	if qs, err := ReadQuestions([]string{arr}, nil); err != nil || len(qs) != 1 || qs[0].Answer != 1 {
+		t.Errorf("JSON array with a byte order mark: %+v, %v", qs, err)
+	}
+
+	b := array.NewFloat64Builder(memory.DefaultAllocator)
+	defer b.Release()
+	b.AppendValues([]float64{1, 2.5}, nil)
+	col := b.NewFloat64Array()
+	defer col.Release()
+	v, err := arrowValue(col, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if i, err := parseAnswer(v, 3); err != nil || i != 1 {
+		t.Errorf("Parquet answer 1.0: %d, %v", i, err)
+	}
+	v, _ = arrowValue(col, 1)
+	if _, err := parseAnswer(v, 3); err == nil || !strings.Contains(err.Error(), "answer 2.5 is not an integer index") {
+		t.Errorf("Parquet answer 2.5: %v", err)
 	}
 }

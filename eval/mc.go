@@ -144,6 +144,7 @@ type MCOptions struct {
 // and scored for each model.
 type MCPrompts struct {
 	Questions []Question
+	Shots     int // the dev questions before each one
 	// Letters[i] and Texts[i] are question i's requests: one per choice.
 	Letters, Texts [][]Request
 }
@@ -242,7 +243,7 @@ func BuildMC(tok *tokenizer.Tokenizer, qs []Question, opts MCOptions) (*MCPrompt
 			ids[i] = append([]int32{bos}, ids[i]...)
 		}
 	}
-	p := &MCPrompts{Questions: qs, Letters: make([][]Request, len(qs)), Texts: make([][]Request, len(qs))}
+	p := &MCPrompts{Questions: qs, Shots: opts.Shots, Letters: make([][]Request, len(qs)), Texts: make([][]Request, len(qs))}
 	pair := func(q Question, first int, choice func(j int) string) ([]Request, error) {
 		ctx := ids[first]
 		var reqs []Request
@@ -277,8 +278,12 @@ func (p *MCPrompts) CheckLengths(s Scorer) error {
 		}{{"lettered prompt (acc)", p.Letters[i]}, {"continuation prompt (acc_norm)", p.Texts[i]}} {
 			for j, r := range set.reqs {
 				if n := len(r.Context) + len(r.Continuation); n > max {
-					return fmt.Errorf("%s: the %s with choice %s is %d tokens long, more than the model's context of %d tokens (fewer shots make it shorter)",
-						q.Where, set.name, Letter(j), n, max)
+					hint := ""
+					if p.Shots > 0 {
+						hint = " (fewer shots make it shorter)"
+					}
+					return fmt.Errorf("%s: the %s with choice %s is %d tokens long, more than the model's context of %d tokens%s",
+						q.Where, set.name, Letter(j), n, max, hint)
 				}
 			}
 		}

@@ -9,7 +9,9 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"math"
 	"os"
+	"sort"
 	"strconv"
 	"strings"
 	"unicode/utf8"
@@ -19,6 +21,8 @@ import (
 	"github.com/apache/arrow-go/v18/arrow/memory"
 	"github.com/apache/arrow-go/v18/parquet/file"
 	"github.com/apache/arrow-go/v18/parquet/pqarrow"
+
+	"gemmaft/internal/lines"
 )
 
 // Question is one multiple-choice question.
@@ -103,16 +107,67 @@ func ReadQuestionsFrom(open func(path string) (File, error), paths []string, col
 		if len(rows) == 0 {
 			return nil, fmt.Errorf("%s: no questions", path)
 		}
+		if err := checkMapped(rows, columns, path); err != nil {
+			return nil, err
+		}
 		for _, r := range rows {
 			q, err := r.question(col, columns)
 			if err != nil {
-				return nil, fmt.Errorf("%s: %w", r.where, err)
+				return nil, &RowError{Where: r.where, Err: err}
 			}
 			q.Where = r.where
 			out = append(out, q)
 		}
 	}
 	return out, nil
+}
+
+// A RowError is a question the set holds that cannot be scored as it is:
+// a field missing, empty or of another type, an answer outside its choices.
+type RowError struct {
+	Where string // "data/set.jsonl:12", "set.parquet row 3"
+	Err   error
+}
+
+func (e *RowError) Error() string { return e.Where + ": " + e.Err.Error() }
+func (e *RowError) Unwrap() error { return e.Err }
+
+// checkMapped reports a column that columns names on purpose but that no
+// row of a file has: a misspelt optional one (subject, a letter) would
+// otherwise be read as absent.
+func checkMapped(rows []row, columns map[string]string, path string) error {
+	ours := make([]string, 0, len(columns))
+	for k := range columns {
+		ours = append(ours, k)
+	}
+	sort.Strings(ours)
+	for _, k := range ours {
+		name := columns[k]
+		if name == "" {
+			continue
+		}
+		found := false
+		for _, r := range rows {
+			if _, ok := r.values[name]; ok {
+				found = true
+				break
+			}
+		}
+		if !found {
+			return fmt.Errorf("%s: columns maps %s to %q, which no row has (its columns: %s)", path, k, name, strings.Join(rows[0].names(), ", "))
+		}
+	}
+	return nil
+}
+
+// names lists a row's columns, sorted.
+func (r row) names() []string {
+	out := make([]string, 0, len(r.values))
+	for k := range r.values {
+		out = append(out, k)
+	}
+	sort.Strings(out)
+	return out
 }
 
 // row is one record of a set file: values are strings, json.Number,
@@ -147,7 +202,7 @@ func (r row) question(col func(string) string, columns map[string]string) (Quest
 		for i, v := range list {
 			s, ok := v.(string)
 			if !ok {
-				return q, fmt.Errorf("choice %d of column %q is %v, not a text", i, col(ColChoices), v)
+				return q, fmt.Errorf("choice %s of column %q is %s, not a text", Letter(i), col(ColChoices), jsonText(v))
 			}
 			q.Choices = append(q.Choices, s)
 		}
@@ -224,14 +279,29 @@ func parseAnswer(v any, n int) (int, error) {
 	case json.Number:
 		i, err := strconv.ParseInt(string(a), 10, 64)
 		if err != nil {
-			return 0, fmt.Errorf("answer %s is not an integer index", a)
+			// 1.0: a column of integers that pandas stored as floats
+			// (it does once one value is missing).
+			f, ferr := strconv.ParseFloat(string(a), 64)
+			if ferr != nil || f != math.Trunc(f) || math.Abs(f) > 1<<31 {
+				return 0, fmt.Errorf("answer %s is not an integer index", a)
+			}
+			i = int64(f)
 		}
 		if i < 0 || i >= int64(n) {
 			return 0, fmt.Errorf("answer %d is outside the %d choices (indices 0 to %d)", i, n, n-1)
 		}
 		return int(i), nil
 	}
-	return 0, fmt.Errorf("answer %v is not a letter nor an index", v)
+	return 0, fmt.Errorf("answer %s is not a letter nor an index", jsonText(v))
+}
+
+// jsonText writes a value as JSON would, for messages: null, true, 3.
+func jsonText(v any) string {
+	b, err := json.Marshal(v)
+	if err != nil {
+		return fmt.Sprint(v)
+	}
+	return string(b)
 }
 
 func (r row) has(name string) bool {
@@ -247,7 +317,7 @@ func (r row) str(name string) (string, bool, error) {
 	}
 	s, isStr := v.(string)
 	if !isStr {
-		return "", false, fmt.Errorf("column %q holds %v, not a text", name, v)
+		return "", false, fmt.Errorf("column %q holds %s, not a text", name, jsonText(v))
 	}
 	return s, true, nil
 }
@@ -275,7 +345,7 @@ func readRows(open func(string) (File, error), path string) ([]row, error) {
 		strings.HasSuffix(name, ".json"), strings.HasSuffix(name, ".json.gz"):
 		return readJSONLRows(f, path)
 	}
-	return nil, fmt.Errorf("%s: unknown format: give a .jsonl (or .jsonl.gz) or .parquet file", path)
+	return nil, fmt.Errorf("%s: unknown format: give a .jsonl, .ndjson or .json file (each may be gzipped: .gz) or a .parquet file", path)
 }
 
 func readJSONLRows(f io.Reader, path string) ([]row, error) {
@@ -289,18 +359,25 @@ func readJSONLRows(f io.Reader, path string) ([]row, error) {
 		src = gz
 	}
 	br := bufio.NewReaderSize(src, 64<<10)
+	lines.SkipBOM(br)
 	if first, err := firstByte(br); err == nil && first == '[' {
 		return readJSONArray(br, path)
 	}
-	sc := bufio.NewScanner(br)
-	sc.Buffer(make([]byte, 64<<10), 64<<20)
+	lr := lines.NewReader(br, 0)
 	var rows []row
-	for line := 1; sc.Scan(); line++ {
-		b := bytes.TrimSpace(sc.Bytes())
+	for {
+		line, err := lr.Next()
+		if err == io.EOF {
+			break
+		}
+		if err != nil {
+			return nil, fmt.Errorf("%s: %w", path, err)
+		}
+		b := bytes.TrimSpace(line)
 		if len(b) == 0 {
 			continue
 		}
-		where := fmt.Sprintf("%s:%d", path, line)
+		where := fmt.Sprintf("%s:%d", path, lr.Line())
 		if !utf8.Valid(b) {
 			return nil, fmt.Errorf("%s: not UTF-8", where)
 		}
@@ -314,9 +391,6 @@ func readJSONLRows(f io.Reader, path string) ([]row, error) {
 			return nil, fmt.Errorf("%s: more than one JSON value on the line", where)
 		}
 		rows = append(rows, row{where: where, values: v})
-	}
-	if err := sc.Err(); err != nil {
-		return nil, fmt.Errorf("%s: %w", path, err)
 	}
 	return rows, nil
 }
@@ -407,6 +481,10 @@ func arrowValue(a arrow.Array, i int) (any, error) {
 		return string(x.Value(i)), nil
 	case *array.Int8, *array.Int16, *array.Int32, *array.Int64, *array.Uint8, *array.Uint16, *array.Uint32, *array.Uint64:
 		return json.Number(fmt.Sprint(x.GetOneForMarshal(i))), nil
+	case *array.Float32:
+		return json.Number(strconv.FormatFloat(float64(x.Value(i)), 'g', -1, 32)), nil
+	case *array.Float64:
+		return json.Number(strconv.FormatFloat(x.Value(i), 'g', -1, 64)), nil
 	case array.ListLike:
 		lo, hi := x.ValueOffsets(i)
 		var out []any

@@ -225,10 +225,16 @@ func (evalKind) Prepare(params any, dir string) (pipeline.Runner, error) {
 
 // setFix says what to do about a question set's error.
 func setFix(err error) string {
-	if strings.Contains(err.Error(), "-shot needs") {
+	var row *eval.RowError
+	switch {
+	case strings.Contains(err.Error(), "-shot needs"):
 		return "add dev questions for every subject, or fewer shots"
+	case strings.Contains(err.Error(), "which no row has"):
+		return "give columns: the file's own column name"
+	case errors.As(err, &row):
+		return "a question needs question, choices (a list, or columns A, B, C, …) and answer (a letter or a 0-based index); map other names with columns:"
 	}
-	return "a question needs question, choices (a list, or columns A, B, C, …) and answer (a letter or a 0-based index); map other names with columns:"
+	return ""
 }
 
 // A setPart is one entry of a question set's paths: local files, or the

@@ -8,6 +8,7 @@ import (
 	"io"
 	"os"
 	"path/filepath"
+	"slices"
 	"sort"
 	"strconv"
 	"strings"
@@ -116,7 +117,9 @@ func printManifest(w io.Writer, entry string, m *pipeline.Manifest) {
 	fmt.Fprintf(w, "key       %s\n", m.Key)
 	fmt.Fprintf(w, "entry     %s\n", entry)
 	fmt.Fprintf(w, "computed  %s in %.2fs by pipeline %s\n", m.Finished.Local().Format(time.DateTime), m.Seconds, m.Program)
-	fmt.Fprintf(w, "rows      %d\n", m.Rows)
+	if hasTable(m) { // an adapter, a checkpoint or scores have no rows
+		fmt.Fprintf(w, "rows      %d\n", m.Rows)
+	}
 	var params bytes.Buffer
 	json.Compact(&params, m.Params)
 	fmt.Fprintf(w, "params    %s\n", params.String())
@@ -200,6 +203,11 @@ func printResults(w io.Writer, entry string) {
 			fmt.Fprintf(w, "%s: %s\n", m, what)
 		}
 	}
+}
+
+// hasTable reports whether the entry holds a table.
+func hasTable(m *pipeline.Manifest) bool {
+	return slices.ContainsFunc(m.Outputs, func(o pipeline.FileRef) bool { return o.Path == pipeline.TableFile })
 }
 
 // printRows shows the first n rows of the entry's table as JSON objects,

@@ -148,6 +148,9 @@ func TestReportThreeLearningRates(t *testing.T) {
 			if !strings.Contains(res.stdout, "report    pipeline report "+spec+" --out report.html") {
 				t.Errorf("%s does not point to the report:\n%s", args[0], res.stdout)
 			}
+			if args[0] == "inspect" && strings.Contains(res.stdout, "rows      ") {
+				t.Errorf("inspect shows rows of an adapter, which has no table:\n%s", res.stdout)
+			}
 		}
 	})
 

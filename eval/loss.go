@@ -75,7 +75,7 @@ func LossRequests(tok *tokenizer.Tokenizer, recs []ChatRecord, opts LossOptions)
 		}
 		text, sp, err := chat.RenderGemma3(msgs)
 		if err != nil {
-			return nil, nil, fmt.Errorf("record %d: %w", i, err)
+			return nil, nil, &RecordError{i, err}
 		}
 		texts[i] = text
 		for _, s := range sp {
@@ -92,7 +92,7 @@ func LossRequests(tok *tokenizer.Tokenizer, recs []ChatRecord, opts LossOptions)
 	labels := make([][]int32, len(recs))
 	for i, r := range recs {
 		if r.Plain && texts[i] == "" || len(ids[i]) == 0 {
-			return nil, nil, fmt.Errorf("record %d renders to no tokens", i)
+			return nil, nil, &RecordError{i, errors.New("renders to no tokens")}
 		}
 		if ids[i][0] != bos {
 			ids[i] = append([]int32{bos}, ids[i]...)
@@ -130,7 +130,7 @@ func LabelRequests(ids, labels [][]int32) ([]Request, []int, error) {
 	var recOf []int
 	for i := range ids {
 		if len(labels[i]) != len(ids[i]) {
-			return nil, nil, fmt.Errorf("record %d: %d labels for %d tokens", i, len(labels[i]), len(ids[i]))
+			return nil, nil, &RecordError{i, fmt.Errorf("%d labels for %d tokens", len(labels[i]), len(ids[i]))}
 		}
 		n := 0
 		for j := 1; j < len(ids[i]); {
@@ -148,11 +148,21 @@ func LabelRequests(ids, labels [][]int32) ([]Request, []int, error) {
 			j = k
 		}
 		if n == 0 {
-			return nil, nil, fmt.Errorf("record %d has no tokens to score (an empty answer?)", i)
+			return nil, nil, &RecordError{i, errors.New("has no tokens to score (an empty answer?)")}
 		}
 	}
 	return reqs, recOf, nil
 }
+
+// A RecordError is what is wrong with one record of LossRequests or
+// LabelRequests, by its index, for the caller to name its place.
+type RecordError struct {
+	Record int
+	Err    error
+}
+
+func (e *RecordError) Error() string { return fmt.Sprintf("record %d: %v", e.Record, e.Err) }
+func (e *RecordError) Unwrap() error { return e.Err }
 
 // LossResult is the loss of a set of records.
 type LossResult struct {

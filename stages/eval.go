@@ -448,12 +448,13 @@ func (s *evalStage) Run(ctx context.Context, t *pipeline.Task) error {
 	started := time.Now()
 	// Everything is read, tokenized and checked before the model loads.
 	var lossReqs []eval.Request
+	var lossWhat func(req int) string // names a request's record
 	records := 0
 	if len(in.sources) > 0 {
 		if err := warnTrainedOn(ctx, t, in.sources, lineage); err != nil {
 			return err
 		}
-		if lossReqs, records, err = heldOutRequests(ctx, tok, in.sources, lossOpts); err != nil {
+		if lossReqs, records, lossWhat, err = heldOutRequests(ctx, tok, in.sources, lossOpts); err != nil {
 			return err
 		}
 	}
@@ -513,7 +514,7 @@ func (s *evalStage) Run(ctx context.Context, t *pipeline.Task) error {
 			return err
 		}
 		if which == "base" {
-			if err := eval.CheckLengths(scorer, lossReqs, func(i int) string { return fmt.Sprintf("a held-out record (request %d)", i) }); err != nil {
+			if err := eval.CheckLengths(scorer, lossReqs, lossWhat); err != nil {
 				return err
 			}
 			if prompts != nil {
@@ -602,8 +603,9 @@ func warnTrainedOn(ctx context.Context, t *pipeline.Task, sources []*pipeline.In
 // heldOutRequests reads the held-out records of the source stages (and
 // the held-out examples of mix stages, tokenized as training tokenized
 // them) and makes the requests that score them; it also returns how many
-// records there were.
-func heldOutRequests(ctx context.Context, tok *tokenizer.Tokenizer, sources []*pipeline.Input, opts eval.LossOptions) ([]eval.Request, int, error) {
+// records there were, and names the record of each request ("row 12 of
+// stage heldout") for messages.
+func heldOutRequests(ctx context.Context, tok *tokenizer.Tokenizer, sources []*pipeline.Input, opts eval.LossOptions) ([]eval.Request, int, func(req int) string, error) {
 	var mixes, others []*pipeline.Input
 	for _, in := range sources {
 		if in.Kind == mixKindName {
@@ -613,30 +615,48 @@ func heldOutRequests(ctx context.Context, tok *tokenizer.Tokenizer, sources []*p
 		}
 	}
 	var reqs []eval.Request
+	var names []string // of each request's record
 	records := 0
-	if len(others) > 0 {
-		recs, err := heldOut(ctx, others)
-		if err != nil {
-			return nil, 0, err
+	// placed says which record an error of LossRequests or LabelRequests is.
+	placed := func(err error, name func(rec int) string) error {
+		var re *eval.RecordError
+		if errors.As(err, &re) {
+			return fmt.Errorf("held-out %s: %w", name(re.Record), re.Err)
 		}
-		if reqs, _, err = eval.LossRequests(tok, recs, opts); err != nil {
-			return nil, 0, fmt.Errorf("held-out records: %w", err)
+		return err
+	}
+	if len(others) > 0 {
+		recs, where, err := heldOut(ctx, others)
+		if err != nil {
+			return nil, 0, nil, err
+		}
+		r, recOf, err := eval.LossRequests(tok, recs, opts)
+		if err != nil {
+			return nil, 0, nil, placed(err, func(i int) string { return where[i] })
+		}
+		reqs = r
+		for _, i := range recOf {
+			names = append(names, where[i])
 		}
 		records += len(recs)
 	}
 	for _, in := range mixes {
 		ids, labels, err := mixHeldOut(ctx, in)
 		if err != nil {
-			return nil, 0, err
+			return nil, 0, nil, err
 		}
-		r, _, err := eval.LabelRequests(ids, labels)
+		example := func(i int) string { return fmt.Sprintf("example %d of stage %s", i, in.Name) }
+		r, recOf, err := eval.LabelRequests(ids, labels)
 		if err != nil {
-			return nil, 0, fmt.Errorf("the held-out examples of stage %s: %w", in.Name, err)
+			return nil, 0, nil, placed(err, example)
 		}
 		reqs = append(reqs, r...)
+		for _, i := range recOf {
+			names = append(names, example(i))
+		}
 		records += len(ids)
 	}
-	return reqs, records, nil
+	return reqs, records, func(i int) string { return "the held-out " + names[i] }, nil
 }
 
 // mixHeldOut reads the held-out examples of a mix stage.
@@ -669,12 +689,20 @@ func mixHeldOut(ctx context.Context, in *pipeline.Input) (ids, labels [][]int32,
 }
 
 // heldOut reads the records of the source stages: Alpaca records,
-// conversations or plain texts.
-func heldOut(ctx context.Context, sources []*pipeline.Input) ([]eval.ChatRecord, error) {
+// conversations or plain texts, and where each is ("row 3 of stage
+// heldout": the row of the stage's table, which inspect and export show).
+func heldOut(ctx context.Context, sources []*pipeline.Input) ([]eval.ChatRecord, []string, error) {
 	var recs []eval.ChatRecord
+	var where []string
 	const want = parquetKindName + ", " + jsonlKindName + " or " + textKindName
 	for _, in := range sources {
+		first := 0 // the table's row of the batch's first
+		add := func(r eval.ChatRecord, i int) {
+			recs = append(recs, r)
+			where = append(where, fmt.Sprintf("row %d of stage %s", first+i, in.Name))
+		}
 		err := eachBatch(ctx, in, func(rec arrow.RecordBatch) error {
+			defer func() { first += int(rec.NumRows()) }()
 			schema := rec.Schema()
 			switch {
 			case len(schema.FieldIndices(dataset.ColMessages)) == 1:
@@ -682,8 +710,8 @@ func heldOut(ctx context.Context, sources []*pipeline.Input) ([]eval.ChatRecord,
 				if err != nil {
 					return fmt.Errorf("stage %s: %w", in.Name, err)
 				}
-				for r := 0; r < int(rec.NumRows()); r++ {
-					recs = append(recs, eval.ChatRecord{Messages: col.Row(r)})
+				for i := 0; i < int(rec.NumRows()); i++ {
+					add(eval.ChatRecord{Messages: col.Row(i)}, i)
 				}
 				return nil
 			case in.Kind == textKindName:
@@ -691,9 +719,9 @@ func heldOut(ctx context.Context, sources []*pipeline.Input) ([]eval.ChatRecord,
 				if err != nil {
 					return err
 				}
-				for r := 0; r < int(rec.NumRows()); r++ {
-					if c.Value(r) != "" { // left out of training too
-						recs = append(recs, eval.ChatRecord{Text: c.Value(r), Plain: true})
+				for i := 0; i < int(rec.NumRows()); i++ {
+					if c.Value(i) != "" { // left out of training too
+						add(eval.ChatRecord{Text: c.Value(i), Plain: true}, i)
 					}
 				}
 				return nil
@@ -718,18 +746,18 @@ func heldOut(ctx context.Context, sources []*pipeline.Input) ([]eval.ChatRecord,
 				if cols[3] != nil {
 					r.System = cols[3].Value(i)
 				}
-				recs = append(recs, r)
+				add(r, i)
 			}
 			return nil
 		})
 		if err != nil {
-			return nil, err
+			return nil, nil, err
 		}
 	}
 	if len(recs) == 0 {
-		return nil, fmt.Errorf("the held-out stages (%s) have no records", sources[0].Name)
+		return nil, nil, fmt.Errorf("the held-out stages (%s) have no records", sources[0].Name)
 	}
-	return recs, nil
+	return recs, where, nil
 }
 
 // base finds the adapter's base checkpoint (see adapterBase).

@@ -422,6 +422,8 @@ func TestEvalBadInput(t *testing.T) {
 	noAnswer := write("noanswer.jsonl", `{"question": "Hangisi meyvedir?", "choices": ["elma", "taş"]}`+"\n")
 	outside := write("outside.jsonl", `{"question": "Hangisi meyvedir?", "choices": ["elma", "taş", "demir", "cam"], "answer": "E"}`+"\n")
 	long := write("long.jsonl", `{"question": "`+strings.Repeat("Bu soru çok uzun bir sorudur. ", 40)+`Hangisi meyvedir?", "choices": ["elma", "taş"], "answer": "A"}`+"\n")
+	longHeld := write("longheld.jsonl", `{"instruction": "Selam ver.", "input": "", "output": "Merhaba!"}`+"\n"+
+		`{"instruction": "`+strings.Repeat("Bu soru çok uzun bir sorudur. ", 40)+`", "input": "", "output": "Evet."}`+"\n")
 	noDev := write("nodev.jsonl", `{"subject": "tarih", "question": "Soru?", "choices": ["a", "b"], "answer": 0}`+"\n")
 	oneDev := write("onedev.jsonl", `{"subject": "tarih", "question": "Başka soru?", "choices": ["a", "b"], "answer": 1}`+"\n")
 
@@ -445,6 +447,8 @@ func TestEvalBadInput(t *testing.T) {
 			[]string{"outside.jsonl:1", `answer "E" is outside the 4 choices (A to D)`}},
 		{"longer than the context", evalStage("adapter", "{tasks: [multiple_choice], multiple_choice: {paths: ["+long+"]}}"),
 			[]string{"long.jsonl:1", "more than the model's context of 160 tokens"}},
+		{"a held-out record longer than the context", strings.Replace(evalStage("adapter, held", "{tasks: [loss]}"), held, longHeld, 1),
+			[]string{"the held-out row 1 of stage held is", "more than the model's context of 160 tokens"}},
 		{"another base (another shape)", evalStage("adapter", "{tasks: [multiple_choice], model: "+smaller+", multiple_choice: {paths: ["+good+"]}}"),
 			[]string{"an adapter for another base", "config.json differs"}},
 		{"another base (other weights)", evalStage("adapter", "{tasks: [multiple_choice], model: "+other+", multiple_choice: {paths: ["+good+"]}}"),

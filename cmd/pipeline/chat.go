@@ -284,6 +284,10 @@ type chatSession struct {
 	out  *checkedWriter
 	tty  bool // a conversation on a terminal, rather than a script's input
 	conv converse.Conversation
+	// asked counts the answers asked for in the session, /reset or not:
+	// each draws with its own seed, so that asking again after /reset
+	// gives another answer, and the same input with --seed the same ones.
+	asked uint64
 }
 
 // checkedWriter keeps the first error of its writes, so that an answer
@@ -342,7 +346,8 @@ func (s *chatSession) answer(ctx context.Context, text string) (end answerEnd, e
 		defer cancel()
 	}
 	o := s.opts
-	o.Seed += uint64(len(s.conv.Turns)) // each turn its own draws
+	o.Seed += s.asked
+	s.asked++
 	// The answer is printed stripped as the template strips it, so that
 	// what a script reads is what the next turn's prompt holds.
 	var raw strings.Builder

@@ -182,6 +182,14 @@ func TestChatCommand(t *testing.T) {
 	if want := answer(converse.Conversation{Turns: []string{q}}, sampled); r.code != 0 || r.stdout != want+"\n" || r2.stdout != r.stdout {
 		t.Errorf("sampled with generation_config.json: %q then %q, want %q\n%s", r.stdout, r2.stdout, want, r.stderr)
 	}
+	// Asked again after /reset, the same question draws anew.
+	r = runCLIStdin(t, dir, q+"\n/reset\n"+q+"\n", "chat", "--model", model, "--max-new-tokens", "12", "--seed", "9")
+	again := sampled
+	again.Seed++
+	want1, want2 := answer(converse.Conversation{Turns: []string{q}}, sampled), answer(converse.Conversation{Turns: []string{q}}, again)
+	if r.code != 0 || r.stdout != want1+"\n"+want2+"\n" || want1 == want2 {
+		t.Errorf("asked again after /reset: %q, want %q then %q\n%s", r.stdout, want1, want2, r.stderr)
+	}
 	r = runCLI(t, dir, "chat", "--model", model, "--prompt", q, "--max-new-tokens", "12", "--temperature", "0")
 	if r.code != 0 || r.stdout != first+"\n" {
 		t.Errorf("--temperature 0 over a sampling config: %q, want %q", r.stdout, first)

@@ -289,6 +289,13 @@ func TestGenerationConfig(t *testing.T) {
 	if temp, _, _ := gc.Sampling(); temp != 0 || fmt.Sprint(gc.EOS) != "[1]" {
 		t.Errorf("greedy file: temperature %v eos %v", temp, gc.EOS)
 	}
+	// top_p 0 keeps the most likely token alone, as transformers' top-p
+	// filter keeps at least one token: top_k 1, not an uncut draw.
+	os.WriteFile(filepath.Join(dir, "generation_config.json"), []byte(`{"do_sample": true, "top_k": 64, "top_p": 0.0}`), 0o644)
+	gc, _ = ReadGenerationConfig(dir)
+	if temp, k, p := gc.Sampling(); temp != 1 || k != 1 || p != 1 {
+		t.Errorf("top_p 0: %v %v %v, want 1 1 1", temp, k, p)
+	}
 	os.WriteFile(filepath.Join(dir, "generation_config.json"), []byte(`{"eos_token_id": "x"}`), 0o644)
 	if _, err := ReadGenerationConfig(dir); err == nil {
 		t.Error("a string eos_token_id was read")

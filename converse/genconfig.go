@@ -71,6 +71,9 @@ func (gc *GenerationConfig) Sampling() (temperature float64, topK int, topP floa
 	}
 	if gc.TopP != nil {
 		topP = *gc.TopP
+		if topP == 0 { // transformers then keeps the most likely token alone
+			topK, topP = 1, 1
+		}
 	}
 	return temperature, topK, topP
 }

@@ -75,7 +75,12 @@ in float32 (--backend cpu).`,
   pipeline chat --model models/gemma-3-12b-it --adapter run/adapter --quantize nf4 --system "Kısa cevap ver."
   pipeline chat --model merged --temperature 0 --prompt "Türkiye'nin başkenti neresidir?"
   echo "Bir haiku yaz." | pipeline chat --model merged --prompt -`,
-		Args: cobra.NoArgs,
+		Args: func(cmd *cobra.Command, args []string) error {
+			if len(args) > 0 {
+				return usageErr(fmt.Errorf("chat takes no arguments: to ask one question, --prompt %q", strings.Join(args, " ")))
+			}
+			return nil
+		},
 		RunE: func(cmd *cobra.Command, _ []string) error {
 			if modelDir == "" {
 				return usageErr(errors.New("chat: --model is required"))

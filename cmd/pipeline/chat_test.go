@@ -233,6 +233,7 @@ func TestChatCommand(t *testing.T) {
 		{[]string{"chat", "--model", filepath.Join(model, "config.json"), "--prompt", q}, 2, "is a file, not a folder"},
 		{[]string{"chat", "--model", dir, "--prompt", q}, 1, dir + " holds no config.json: " + model + " does: the checkpoint is one folder down"},
 		{[]string{"chat", "--model", model, "--tokenizer", model, "--prompt", q}, 2, "is a folder, not a tokenizer.json file"},
+		{[]string{"chat", "--model", model, "Merhaba", "dünya"}, 2, `chat takes no arguments: to ask one question, --prompt "Merhaba dünya"`},
 	} {
 		if r := runCLI(t, dir, c.args...); r.code != c.code || !strings.Contains(r.stderr, c.want) {
 			t.Errorf("%v: exit %d, want %d saying %q\n%s", c.args, r.code, c.code, c.want, r.stderr)

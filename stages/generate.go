@@ -274,19 +274,30 @@ func (s *generateStage) Run(ctx context.Context, t *pipeline.Task) error {
 		return err
 	}
 	opts := trainer.GenerateOptions{MaxNewTokens: s.p.MaxNewTokens, Temperature: s.p.Temperature, TopK: s.p.TopK, TopP: s.p.TopP, Seed: s.p.Seed}
-	// Every first turn must fit before hours go into the others; later
-	// turns are checked as their prompts come to be.
+	// Every first turn must fit before hours go into the others, and so
+	// must every last turn after empty earlier answers (the shortest they
+	// can be); later turns are checked again as their prompts come to be.
 	for _, q := range prompts {
-		text, err := turnConversation(q, nil).Prompt()
-		if err != nil {
-			return fmt.Errorf("question %v: %w", q.ID, err)
+		turns := []int{0}
+		if n := len(q.Turns); n > 1 {
+			turns = append(turns, n-1)
 		}
-		ids, err := gen.Encode(text)
-		if err != nil {
-			return fmt.Errorf("question %v: %w", q.ID, err)
-		}
-		if len(ids)+opts.MaxNewTokens > gen.Context() {
-			return contextErr(q, 0, &converse.ContextError{PromptTokens: len(ids), MaxNewTokens: opts.MaxNewTokens, Context: gen.Context()})
+		for _, turn := range turns {
+			text, err := turnConversation(q, make([]string, turn)).Prompt()
+			if err != nil {
+				return fmt.Errorf("question %v: %w", q.ID, err)
+			}
+			ids, err := gen.Encode(text)
+			if err != nil {
+				return fmt.Errorf("question %v: %w", q.ID, err)
+			}
+			if len(ids)+opts.MaxNewTokens > gen.Context() {
+				note := ""
+				if turn > 0 {
+					note = " with every earlier answer empty"
+				}
+				return contextErr(q, turn, &converse.ContextError{PromptTokens: len(ids), MaxNewTokens: opts.MaxNewTokens, Context: gen.Context()}, note)
+			}
 		}
 	}
 
@@ -357,7 +368,7 @@ func (s *generateStage) Run(ctx context.Context, t *pipeline.Task) error {
 			replies, err := gen.Reply(ctx, convs, o, nil)
 			var ce *converse.ContextError
 			if errors.As(err, &ce) {
-				return contextErr(batch[which[ce.Conversation]], turn, ce)
+				return contextErr(batch[which[ce.Conversation]], turn, ce, "")
 			}
 			if err != nil {
 				return err
@@ -413,8 +424,14 @@ func (s *generateStage) Run(ctx context.Context, t *pipeline.Task) error {
 	return nil
 }
 
-func contextErr(q prompt, turn int, ce *converse.ContextError) error {
-	return fmt.Errorf("question %v, turn %d: %w; shorten the question or lower max_new_tokens", q.ID, turn+1, ce)
+// contextErr says which turn does not fit and what would make it fit;
+// note qualifies the prompt ("with every earlier answer empty").
+func contextErr(q prompt, turn int, ce *converse.ContextError, note string) error {
+	fix := "shorten the question or lower max_new_tokens"
+	if ce.PromptTokens >= ce.Context {
+		fix = "shorten the question"
+	}
+	return fmt.Errorf("question %v, turn %d%s: %w; %s", q.ID, turn+1, note, ce, fix)
 }
 
 // setup tells the stage's needs apart and resolves the model, adapter,

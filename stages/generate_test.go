@@ -416,8 +416,9 @@ stages:
 
 // TestGenerateBeyondTheContext: a question whose prompt and answer cannot
 // fit the model's context fails before anything is decoded, naming the
-// question; a later turn that outgrows it, once earlier answers are in,
-// fails naming the turn. Neither leaves an entry.
+// question, and so does a later turn that could not fit even after empty
+// earlier answers; one that outgrows it once the answers are in fails
+// naming the turn. None leaves an entry.
 func TestGenerateBeyondTheContext(t *testing.T) {
 	r := newTestRun(t)
 	model := filepath.Join(r.dir, "short")
@@ -432,12 +433,16 @@ func TestGenerateBeyondTheContext(t *testing.T) {
 	data, _ := os.ReadFile(testenv.GemmaFile(t, "tokenizer.json"))
 	os.WriteFile(filepath.Join(model, "tokenizer.json"), data, 0o644)
 	long := strings.Repeat("Çok uzun bir soru cümlesi bu. ", 12)
-	for name, c := range map[string]struct{ questions, want string }{
+	for name, c := range map[string]struct{ questions, want, fix string }{
 		"first turn": {`{"question_id": 1, "turns": ["Kısa soru?"]}
 {"question_id": 2, "turns": ["` + long + `"]}
-`, "question 2, turn 1: the prompt is"},
-		"later turn": {`{"question_id": 7, "turns": ["Kısa soru?", "` + long[:120] + `"]}
-`, "question 7, turn 2: the prompt is"},
+`, "question 2, turn 1: the prompt is", "; shorten the question"},
+		// Even after an empty first answer it cannot fit: said up front.
+		"later turn, before any answer": {`{"question_id": 7, "turns": ["Kısa soru?", "` + long[:120] + `"]}
+`, "question 7, turn 2 with every earlier answer empty: the prompt is", "lower max_new_tokens"},
+		// It fits after an empty answer, not after the model's own.
+		"later turn, after its answer": {`{"question_id": 8, "turns": ["Kısa soru?", "` + long[:50] + `"]}
+`, "question 8, turn 2: the prompt is", "lower max_new_tokens"},
 	} {
 		t.Run(name, func(t *testing.T) {
 			q := filepath.Join(r.dir, "q.jsonl")
@@ -449,7 +454,7 @@ stages:
 `, q, model))
 			_, err := r.run(spec, pipeline.Options{})
 			if err == nil || !strings.Contains(err.Error(), c.want) || !strings.Contains(err.Error(), "beyond the model's context of 64") ||
-				!strings.Contains(err.Error(), "lower max_new_tokens") {
+				!strings.Contains(err.Error(), c.fix) {
 				t.Fatalf("error: %v", err)
 			}
 			assertNoEntry(t, r, spec, "answers")

@@ -238,6 +238,8 @@ func (jf *jsonlFile) scan(ctx context.Context, file int32, base int64, want func
 // them.
 func fieldHint(keys []string, name string, conv bool) string {
 	switch {
+	case slices.Contains(keys, ColQuestionID) && slices.Contains(keys, ColTurns):
+		return "; MT-Bench questions, which a stage of kind mt_bench reads for a generate stage"
 	case slices.Contains(keys, "conversations"):
 		return "; a ShareGPT record: set format: sharegpt"
 	case slices.Contains(keys, ColMessages):

@@ -1,6 +1,8 @@
 package dataset
 
 import (
+	"bytes"
+	"context"
 	"encoding/json"
 	"errors"
 	"fmt"
@@ -14,6 +16,7 @@ import (
 	"github.com/apache/arrow-go/v18/arrow"
 	"github.com/apache/arrow-go/v18/arrow/array"
 	"github.com/apache/arrow-go/v18/arrow/memory"
+	"github.com/apache/arrow-go/v18/parquet/pqarrow"
 )
 
 // Column names of a question table: the fields of MT-Bench's
@@ -36,12 +39,14 @@ type Question struct {
 	Turns    []string
 }
 
-// ReadQuestions reads MT-Bench question files: JSON lines, or one JSON array (optionally .gz),
-// of {"question_id", "category", "turns": [...]}; other fields (MT-Bench's
-// reference answers) are ignored. Every question needs an id and at least
-// one non-empty turn; ids are all integers or all strings, and unique
-// across the files. limit > 0 stops after that many questions. open, when
-// not nil, opens the files (as SourceOptions.Open does) instead of os.Open.
+// ReadQuestions reads MT-Bench question files: JSON lines, or one JSON
+// array (optionally .gz), of {"question_id", "category", "turns": [...]},
+// or Parquet files of those columns (turns a list of strings); other fields
+// (MT-Bench's reference answers) are ignored. Every question needs an id
+// and at least one non-empty turn; ids are all integers or all strings, and
+// unique across the files. limit > 0 stops after that many questions.
+// open, when not nil, opens the files (as SourceOptions.Open does) instead
+// of os.Open.
 func ReadQuestions(paths []string, limit int64, open func(path string) (fs.File, error)) ([]Question, error) {
 	if len(paths) == 0 {
 		return nil, errors.New("dataset: no question files")
@@ -49,54 +54,122 @@ func ReadQuestions(paths []string, limit int64, open func(path string) (fs.File,
 	var out []Question
 	seen := map[any]string{} // id → where it was first seen
 	var idKind, idKindAt string
-	for _, path := range paths {
-		jf := &jsonlFile{open: SourceOptions{Open: open}.opener(), name: path, gz: strings.HasSuffix(strings.ToLower(path), ".gz")}
-		if err := jf.detectArray(); err != nil {
-			return nil, err
-		}
-		lr, err := jf.records()
+	// add reads one record, at names its place; it returns false once the
+	// limit is reached.
+	add := func(record []byte, at string) (bool, error) {
+		q, err := parseQuestion(record)
 		if err != nil {
+			return false, fmt.Errorf("dataset: %s: %w", at, err)
+		}
+		kind := "an integer"
+		if _, ok := q.ID.(string); ok {
+			kind = "a string"
+		}
+		if idKind == "" {
+			idKind, idKindAt = kind, at
+		} else if kind != idKind {
+			return false, fmt.Errorf("dataset: %s: question_id is %s, but at %s it is %s; FastChat matches answers to questions by id, so keep one type",
+				at, kind, idKindAt, idKind)
+		}
+		if first, dup := seen[q.ID]; dup {
+			return false, fmt.Errorf("dataset: %s: question_id %v again (first at %s)", at, q.ID, first)
+		}
+		seen[q.ID] = at
+		out = append(out, q)
+		return limit <= 0 || int64(len(out)) < limit, nil
+	}
+	opener := SourceOptions{Open: open}.opener()
+	for _, path := range paths {
+		if limit > 0 && int64(len(out)) >= limit {
+			break
+		}
+		format, err := SniffFormat(opener, path)
+		if err != nil {
+			return nil, fmt.Errorf("dataset: %w", err)
+		}
+		read := readJSONQuestions
+		if format == FormatParquet {
+			read = readParquetQuestions
+		}
+		if err := read(opener, path, add); err != nil {
 			return nil, err
 		}
-		for limit <= 0 || int64(len(out)) < limit {
-			line, err := lr.next()
-			if err == io.EOF {
-				break
-			}
-			if err != nil {
-				lr.close()
-				return nil, err
-			}
-			at := path + ": " + jf.where(lr.at())
-			q, err := parseQuestion(line)
-			if err != nil {
-				lr.close()
-				return nil, fmt.Errorf("dataset: %s: %w", at, err)
-			}
-			kind := "an integer"
-			if _, ok := q.ID.(string); ok {
-				kind = "a string"
-			}
-			if idKind == "" {
-				idKind, idKindAt = kind, at
-			} else if kind != idKind {
-				lr.close()
-				return nil, fmt.Errorf("dataset: %s: question_id is %s, but at %s it is %s; FastChat matches answers to questions by id, so keep one type",
-					at, kind, idKindAt, idKind)
-			}
-			if first, dup := seen[q.ID]; dup {
-				lr.close()
-				return nil, fmt.Errorf("dataset: %s: question_id %v again (first at %s)", at, q.ID, first)
-			}
-			seen[q.ID] = at
-			out = append(out, q)
-		}
-		lr.close()
 	}
 	if len(out) == 0 {
 		return nil, fmt.Errorf("dataset: %s: no questions", strings.Join(paths, ", "))
 	}
 	return out, nil
+}
+
+// readJSONQuestions passes each record of a JSON lines or JSON array file
+// to add, until add says stop.
+func readJSONQuestions(open openFunc, path string, add func(record []byte, at string) (bool, error)) error {
+	jf := &jsonlFile{open: open, name: path, gz: strings.HasSuffix(strings.ToLower(path), ".gz")}
+	if err := jf.detectArray(); err != nil {
+		return err
+	}
+	lr, err := jf.records()
+	if err != nil {
+		return err
+	}
+	defer lr.close()
+	for {
+		line, err := lr.next()
+		if err == io.EOF {
+			return nil
+		}
+		if err != nil {
+			return err
+		}
+		if more, err := add(line, path+": "+jf.where(lr.at())); err != nil || !more {
+			return err
+		}
+	}
+}
+
+// readParquetQuestions passes each row of a Parquet file to add, as the
+// JSON object of its columns (question sets are small: read whole).
+func readParquetQuestions(open openFunc, path string, add func(record []byte, at string) (bool, error)) error {
+	pf := &parquetFile{open: open, name: path}
+	f, err := pf.openFile()
+	if err != nil {
+		return err
+	}
+	defer f.Close()
+	rdr, err := openParquetReader(f, nil)
+	if err != nil {
+		return fmt.Errorf("dataset: %s: not a readable Parquet file (corrupt or truncated?): %w", path, err)
+	}
+	defer rdr.Close()
+	fr, err := pqarrow.NewFileReader(rdr, pqarrow.ArrowReadProperties{}, memory.DefaultAllocator)
+	if err != nil {
+		return fmt.Errorf("dataset: %s: reading the Parquet schema: %w", path, err)
+	}
+	tbl, err := fr.ReadTable(context.Background())
+	if err != nil {
+		return fmt.Errorf("dataset: %s: %w", path, err)
+	}
+	defer tbl.Release()
+	tr := array.NewTableReader(tbl, 1024)
+	defer tr.Release()
+	row := 0
+	var buf bytes.Buffer
+	for tr.Next() {
+		buf.Reset()
+		if err := array.RecordToJSON(tr.RecordBatch(), &buf); err != nil {
+			return fmt.Errorf("dataset: %s: %w", path, err)
+		}
+		if buf.Len() == 0 {
+			continue
+		}
+		for _, line := range bytes.Split(bytes.TrimSuffix(buf.Bytes(), []byte("\n")), []byte("\n")) {
+			if more, err := add(line, fmt.Sprintf("%s: row %d", path, row)); err != nil || !more {
+				return err
+			}
+			row++
+		}
+	}
+	return tr.Err()
 }
 
 func parseQuestion(line []byte) (Question, error) {

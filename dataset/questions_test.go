@@ -8,6 +8,7 @@ import (
 	"strings"
 	"testing"
 
+	"github.com/apache/arrow-go/v18/arrow"
 	"github.com/apache/arrow-go/v18/arrow/array"
 )
 
@@ -135,5 +136,51 @@ func TestDemoQuestions(t *testing.T) {
 		if !strings.Contains(text.String(), letter) {
 			t.Errorf("the questions never use %q", letter)
 		}
+	}
+}
+
+// TestReadQuestionsParquet: MT-Bench questions as a Parquet file (turns a
+// list column, as datasets on the Hub store them) read as the same
+// questions JSON lines give; a bad row is named by its number.
+func TestReadQuestionsParquet(t *testing.T) {
+	fields := []arrow.Field{
+		{Name: "question_id", Type: arrow.PrimitiveTypes.Int64},
+		{Name: "category", Type: arrow.BinaryTypes.String, Nullable: true},
+		{Name: "turns", Type: arrow.ListOf(arrow.BinaryTypes.String)},
+		{Name: "reference", Type: arrow.ListOf(arrow.BinaryTypes.String), Nullable: true},
+	}
+	write := func(name string, rows [][]string) string {
+		return writeParquet(t, name, fields, func(b *array.RecordBuilder) {
+			for i, turns := range rows {
+				b.Field(0).(*array.Int64Builder).Append(int64(81 + i))
+				if i == 1 {
+					b.Field(1).(*array.StringBuilder).AppendNull()
+				} else {
+					b.Field(1).(*array.StringBuilder).Append("writing")
+				}
+				lb := b.Field(2).(*array.ListBuilder)
+				lb.Append(true)
+				for _, turn := range turns {
+					lb.ValueBuilder().(*array.StringBuilder).Append(turn)
+				}
+				b.Field(3).(*array.ListBuilder).AppendNull()
+			}
+		})
+	}
+	pq := write("q.parquet", [][]string{{"Bir şiir yaz.", "Kısalt."}, {"<b>2+2</b> & 3?"}})
+	qs, err := ReadQuestions([]string{pq}, 0, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	want := []Question{{ID: int64(81), Category: "writing", Turns: []string{"Bir şiir yaz.", "Kısalt."}}, {ID: int64(82), Turns: []string{"<b>2+2</b> & 3?"}}}
+	if fmt.Sprint(qs) != fmt.Sprint(want) {
+		t.Errorf("read %v, want %v", qs, want)
+	}
+	if qs, err := ReadQuestions([]string{pq}, 1, nil); err != nil || len(qs) != 1 {
+		t.Errorf("limit 1: %v, %v", qs, err)
+	}
+	bad := write("bad.parquet", [][]string{{"Bir şiir yaz."}, {}})
+	if _, err := ReadQuestions([]string{bad}, 0, nil); err == nil || !strings.Contains(err.Error(), bad+": row 1: question 82: turns is empty") {
+		t.Errorf("a question without turns: %v", err)
 	}
 }

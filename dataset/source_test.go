@@ -500,6 +500,8 @@ func TestBadInput(t *testing.T) {
 		{"empty JSONL", SourceOptions{Paths: []string{emptyJSONL}}, []string{"empty.jsonl", "no rows"}},
 		{"non-string JSONL value", SourceOptions{Paths: []string{jsonlNumber}}, []string{"number.jsonl: line 2, column output: a number, not a string"}},
 		{"missing JSONL field", SourceOptions{Paths: []string{jsonlMissing}}, []string{"missing.jsonl: line 1", `no field "output"`, `"input", "instruction"`}},
+		{"MT-Bench questions", SourceOptions{Paths: []string{writeFile("question.jsonl", []byte(`{"question_id": 81, "category": "writing", "turns": ["a", "b"]}`+"\n"))}},
+			[]string{"question.jsonl: line 1", `no field "instruction"`, "MT-Bench questions, which a stage of kind mt_bench reads"}},
 		{"invalid UTF-8 in JSONL", SourceOptions{Paths: []string{jsonlUTF8}}, []string{"utf8.jsonl: line 3, column output: invalid UTF-8 at byte 4"}},
 		{"lone surrogate in JSONL", SourceOptions{Paths: []string{jsonlSurrogate}}, []string{"surrogate.jsonl: line 1, column input: unpaired UTF-16 surrogate"}},
 		{"invalid JSON", SourceOptions{Paths: []string{jsonlSyntax}}, []string{"syntax.jsonl: line 2: invalid JSON"}},

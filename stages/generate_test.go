@@ -17,6 +17,7 @@ import (
 	"github.com/apache/arrow-go/v18/arrow/array"
 
 	"gemmaft/converse"
+	"gemmaft/dataset"
 	"gemmaft/internal/testenv"
 	"gemmaft/pipeline"
 	"gemmaft/tokenizer"
@@ -502,6 +503,31 @@ stages:
 		if err == nil || !strings.Contains(err.Error(), want) {
 			t.Errorf("%s: %v, want %q", with, err, want)
 		}
+	}
+	// The same questions as Parquet (a list column of turns) make the same
+	// table.
+	os.WriteFile(q, []byte(mtQuestions), 0o644)
+	table := func(path string) []byte {
+		rec, err := r.run(r.spec(fmt.Sprintf("name: p\nstages:\n  questions: {kind: mt_bench, with: {paths: [%s]}}\n", path)), pipeline.Options{})
+		if err != nil {
+			t.Fatalf("%s: %v", path, err)
+		}
+		data, err := os.ReadFile(filepath.Join(stageRecord(t, rec, "questions").Entry, pipeline.TableFile))
+		if err != nil {
+			t.Fatal(err)
+		}
+		return data
+	}
+	qs, err := dataset.ReadQuestions([]string{q}, 0, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	rec := dataset.QuestionsRecord(qs, nil)
+	pq := filepath.Join(r.dir, "question.parquet")
+	writeParquet(t, pq, rec)
+	rec.Release()
+	if !bytes.Equal(table(q), table(pq)) {
+		t.Error("the questions read from Parquet differ from those of JSON lines")
 	}
 	// An MT-Bench file without turns fails in its own stage.
 	os.WriteFile(q, []byte(`{"question_id": 1, "category": "x", "prompt": ["a"]}`+"\n"), 0o644)

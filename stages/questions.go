@@ -13,7 +13,7 @@ const questionsKindName = "mt_bench"
 func init() { kinds[questionsKindName] = questionsKind{} }
 
 // questionsKind reads MT-Bench question files (question_id, category,
-// turns): multi-turn questions for a generate stage.
+// turns; JSON lines or Parquet): multi-turn questions for a generate stage.
 type questionsKind struct{}
 
 type questionsParams struct {
@@ -41,9 +41,10 @@ func (p *questionsParams) Validate() error {
 
 func (questionsKind) Prepare(params any, dir string) (pipeline.Runner, error) {
 	p := params.(*questionsParams)
-	// The paths are found as a jsonl source finds its files: globs, and
-	// hf:// references fetched at the commit the plan resolved.
-	r, err := sourceKind{format: dataset.FormatJSONL}.Prepare(&sourceParams{Paths: p.Paths}, dir)
+	// The paths are found as a source finds its files: globs, and hf://
+	// references fetched at the commit the plan resolved; JSON or Parquet
+	// (no format to check).
+	r, err := sourceKind{}.Prepare(&sourceParams{Paths: p.Paths}, dir)
 	if err != nil {
 		return nil, err
 	}

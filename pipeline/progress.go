@@ -30,7 +30,14 @@ type Tracker struct {
 	mu                  sync.Mutex
 	unit, note          string
 	unitDone, unitTotal int64
+	// The count's clock: when it started (see Report) and last moved, and
+	// the count then.
+	unitStart, unitMoved time.Time
+	unitBase             int64
 }
+
+// clock is the time of a stage's own count (a variable for tests).
+var clock = time.Now
 
 func newTracker(name, kind string) *Tracker {
 	t := &Tracker{Name: name, Kind: kind}
@@ -49,10 +56,18 @@ func (t *Tracker) Start() { t.start() }
 // Finish marks the tracked work as done, or failed.
 func (t *Tracker) Finish(ok bool) { t.finish(ok) }
 
-// Report sets the progress of work counted in units other than rows.
+// Report sets the progress of work counted in units other than rows. A
+// report of none done, or of another unit, starts the count's clock, so
+// that its rate leaves out what came before (a model loading).
 func (t *Tracker) Report(done, total int64, unit, note string) {
+	now := clock()
 	t.mu.Lock()
 	defer t.mu.Unlock()
+	if done == 0 || unit != t.unit {
+		t.unitStart, t.unitMoved, t.unitBase = now, now, done
+	} else if done != t.unitDone {
+		t.unitMoved = now
+	}
 	t.unitDone, t.unitTotal, t.unit, t.note = done, total, unit, note
 }
 
@@ -81,6 +96,12 @@ type Progress struct {
 	Bytes   int64
 	Elapsed time.Duration
 	Waited  time.Duration // of Elapsed, spent waiting for other stages' entries
+	// Counted, for a stage's own units, is how many were counted since the
+	// count's clock started, CountedFor the time from then to the count's
+	// last move, and Stale the time since; units come in steps (a batch of
+	// answers), so the rate is taken over the steps' time.
+	Counted           int64
+	CountedFor, Stale time.Duration
 	// WaitingFor names the stage whose entry a running stage waits for
 	// before it can go on; "" while it works.
 	WaitingFor string
@@ -90,8 +111,12 @@ type Progress struct {
 }
 
 // Rate is rows per second so far, over the time the stage worked (not
-// the time it waited for other stages' entries).
+// the time it waited for other stages' entries); for a stage's own units,
+// over the time of the count's steps (see Counted).
 func (p Progress) Rate() float64 {
+	if p.CountedFor > 0 {
+		return float64(p.Counted) / p.CountedFor.Seconds()
+	}
 	working := p.Elapsed - p.Waited
 	if working <= 0 {
 		return 0
@@ -105,7 +130,7 @@ func (p Progress) ETA() (time.Duration, bool) {
 	if p.Total < 0 || r <= 0 || p.Done {
 		return 0, false
 	}
-	left := float64(p.Total-p.Rows) / r
+	left := float64(p.Total-p.Rows)/r - p.Stale.Seconds()
 	if left < 0 {
 		left = 0
 	}
@@ -117,9 +142,13 @@ func (t *Tracker) Snapshot() Progress {
 	p := Progress{Total: t.total.Load(), Bytes: t.bytes.Load(), Done: t.done.Load(), Failed: t.failed.Load(), Unit: "rows"}
 	t.mu.Lock()
 	unit, note, unitDone, unitTotal := t.unit, t.note, t.unitDone, t.unitTotal
+	counted, countedFor, stale := t.unitDone-t.unitBase, t.unitMoved.Sub(t.unitStart), clock().Sub(t.unitMoved)
 	t.mu.Unlock()
 	if unit != "" {
 		p.Unit, p.Note, p.Rows, p.Total = unit, note, unitDone, unitTotal
+		if !p.Done {
+			p.Counted, p.CountedFor, p.Stale = counted, countedFor, stale
+		}
 	} else if len(t.inputs) > 0 {
 		p.Rows = t.rowsIn.Load()
 		if p.Total < 0 {
@@ -250,6 +279,14 @@ func (s *LogSink) route(via io.Writer) {
 	s.mu.Unlock()
 }
 
+// barPercent is how full a running stage's bar is. A bar at 100 is
+// complete and stops moving, so only the stage's end fills it: a stage
+// may count something else next (the rows it read, then the turns it
+// answers).
+func barPercent(p Progress) int64 {
+	return min(99, p.Rows*100/max(p.Total, 1))
+}
+
 func (d TTYDisplay) Start(ts []*Tracker) func() {
 	p := mpb.New(mpb.WithOutput(d.W), mpb.WithRefreshRate(150*time.Millisecond), mpb.WithWidth(30))
 	d.Logs.route(p)
@@ -286,7 +323,7 @@ func (d TTYDisplay) Start(ts []*Tracker) func() {
 			for i, t := range ts {
 				s := t.Snapshot()
 				if s.Total > 0 {
-					bars[i].SetCurrent(min(100, s.Rows*100/max(s.Total, 1)))
+					bars[i].SetCurrent(barPercent(s))
 				}
 				if s.Done {
 					if !s.Failed {

@@ -23,13 +23,14 @@ import (
 func init() {
 	var format, out, ggufType string
 	cmd := &cobra.Command{
-		Use:   "export SPEC STAGE --format jsonl|parquet|arrow|gguf|hf --out PATH",
+		Use:   "export SPEC STAGE --format jsonl|parquet|arrow|mt-bench|gguf|hf --out PATH",
 		Short: "Write a stage's cached table or model out for other tools",
 		Long: `Write the cached output of STAGE to PATH. The stage must be cached; run it first.
 
 Tables: as JSON lines (one object per row, lists as JSON arrays), as Parquet, or as
 the Arrow IPC file itself. PATH (a file, or - for standard output) appears only when
-complete.
+complete. A generate stage's answers also export with --format mt-bench as FastChat's
+answer file (model_answer/MODEL_ID.jsonl), for its judge.
 
 Models, from a merge or model stage (a Hugging Face checkpoint): --format hf copies
 the checkpoint folder to PATH; --format gguf converts it, tokenizer included, to
@@ -44,6 +45,7 @@ else the stage's kind: JSON lines for a table, hf for a model; a --format that
 PATH's extension contradicts is refused. A failure or an interrupt leaves PATH as
 it was and no temporary file behind.`,
 		Example: `  pipeline export dags/gemma12b.yaml pack --format parquet --out packed.parquet
+  pipeline export dags/gemma12b.yaml answers --format mt-bench --out data/mt_bench/model_answer/tr-12b.jsonl
   pipeline export dags/demo.yaml chat --format jsonl --out - | head
   pipeline export dags/gemma12b.yaml merged --format gguf --type q4_0 --out tr.q4_0.gguf
   pipeline export dags/gemma12b.yaml merged --format hf --out ./gemma3-12b-tr`,
@@ -54,14 +56,17 @@ it was and no temporary file behind.`,
 				return usageErr(errors.New("--out is required (a file, or - for standard output)"))
 			}
 			named := formatOfName(out)
+			if format == "mt-bench" && named == "jsonl" {
+				named = format // FastChat's answer file is JSON lines
+			}
 			if format != "" && named != "" && named != format {
 				return usageErr(fmt.Errorf("--out %s is named for --format %s, not %s: rename it, or leave --format out", out, named, format))
 			}
 			if format == "" {
 				format = named
 			}
-			if format != "" && !slices.Contains([]string{"jsonl", "parquet", "arrow", "gguf", "hf"}, format) {
-				return usageErr(fmt.Errorf("--format %q: want jsonl, parquet, arrow, gguf or hf", format))
+			if format != "" && !slices.Contains([]string{"jsonl", "parquet", "arrow", "mt-bench", "gguf", "hf"}, format) {
+				return usageErr(fmt.Errorf("--format %q: want jsonl, parquet, arrow, mt-bench, gguf or hf", format))
 			}
 			if cmd.Flags().Changed("type") && format != "" && format != "gguf" {
 				return usageErr(fmt.Errorf("--type is the type of a GGUF file; --format %s has none", format))
@@ -100,8 +105,15 @@ it was and no temporary file behind.`,
 			if format == "gguf" || format == "hf" {
 				return exportModel(entry, m, args[1], format, typ, cmd.Flags().Changed("type"), out)
 			}
+			table := filepath.Join(entry, pipeline.TableFile)
 			var write func(w io.Writer, table string) error
 			switch format {
+			case "mt-bench":
+				answers, _ := m.Stats["answer_file"].(string)
+				if m.Kind != "generate" || answers == "" {
+					return usageErr(fmt.Errorf("stage %s (%s) holds no answers: --format mt-bench exports a generate stage's", args[1], m.Kind))
+				}
+				table, write = filepath.Join(entry, answers), copyFile
 			case "jsonl":
 				write = func(w io.Writer, table string) error { _, err := dataset.ExportJSONL(w, table); return err }
 			case "parquet":
@@ -109,12 +121,15 @@ it was and no temporary file behind.`,
 			case "arrow":
 				write = copyFile
 			}
-			table := filepath.Join(entry, pipeline.TableFile)
 			if _, err := os.Stat(table); err != nil {
 				return usageErr(fmt.Errorf("stage %s (%s) holds no table, so not --format %s; a model exports with --format hf or gguf", args[1], m.Kind, format))
 			}
 			if out != "-" {
-				if err := checkWritable(out, args[1]+"."+format); err != nil {
+				like := args[1] + "." + format
+				if format == "mt-bench" {
+					like = filepath.Base(table) // MODEL_ID.jsonl, as the judge finds it
+				}
+				if err := checkWritable(out, like); err != nil {
 					return usageErr(fmt.Errorf("--out: %w", err))
 				}
 			}
@@ -133,10 +148,10 @@ it was and no temporary file behind.`,
 			return nil
 		},
 	}
-	cmd.Flags().StringVar(&format, "format", "", "jsonl, parquet, arrow (tables); gguf, hf (models); by default as --out's name says, else jsonl for a table, hf for a model")
+	cmd.Flags().StringVar(&format, "format", "", "jsonl, parquet, arrow (tables); mt-bench (a generate stage's answer file); gguf, hf (models); by default as --out's name says, else jsonl for a table, hf for a model")
 	cmd.Flags().StringVar(&out, "out", "", "output file (or folder for hf), or - for a table on standard output")
 	cmd.Flags().StringVar(&ggufType, "type", "q8_0", "GGUF type: q8_0, q4_0, f16, bf16 or f32")
-	completeValues(cmd, "format", "jsonl", "parquet", "arrow", "gguf", "hf")
+	completeValues(cmd, "format", "jsonl", "parquet", "arrow", "mt-bench", "gguf", "hf")
 	completeValues(cmd, "type", "q8_0", "q4_0", "f16", "bf16", "f32")
 	root.AddCommand(cmd)
 }

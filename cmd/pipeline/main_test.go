@@ -455,6 +455,48 @@ func TestExportModelFolder(t *testing.T) {
 	}
 }
 
+// TestExportAnswerFile: a generate stage's answers export as FastChat's
+// answer file, byte for byte the one its entry holds; other stages and
+// other file types are refused.
+func TestExportAnswerFile(t *testing.T) {
+	dir := t.TempDir()
+	writeFile(t, filepath.Join(dir, "q.jsonl"), `{"question_id": 81, "category": "writing", "turns": ["Bir şiir yaz.", "Kısalt."]}`+"\n")
+	writeFile(t, filepath.Join(dir, "s.yaml"), fmt.Sprintf(`name: s
+stages:
+  base: {kind: model, with: {preset: tiny}}
+  questions: {kind: mt_bench, with: {paths: [q.jsonl]}}
+  answers: {kind: generate, needs: [questions, base], with: {tokenizer: %s, max_new_tokens: 2, model_id: tr-tiny}}
+`, testenv.GemmaFile(t, "tokenizer.json")))
+	if r := runCLI(t, dir, "run", "s.yaml"); r.code != 0 {
+		t.Fatalf("run: %d %s", r.code, r.stderr)
+	}
+	os.MkdirAll(filepath.Join(dir, "model_answer"), 0o755)
+	if r := runCLI(t, dir, "export", "s.yaml", "answers", "--format", "mt-bench", "--out", "model_answer/tr-tiny.jsonl"); r.code != 0 {
+		t.Fatalf("export: %d %s", r.code, r.stderr)
+	}
+	got, _ := os.ReadFile(filepath.Join(dir, "model_answer", "tr-tiny.jsonl"))
+	entries, _ := filepath.Glob(filepath.Join(dir, "cache", "entries", "*", "*", "model_answer", "tr-tiny.jsonl"))
+	if len(entries) != 1 {
+		t.Fatalf("answer files in the cache: %v", entries)
+	}
+	want, _ := os.ReadFile(entries[0])
+	if len(want) == 0 || !bytes.Equal(got, want) || !strings.Contains(string(got), `"question_id":81`) {
+		t.Errorf("exported %q, the entry holds %q", got, want)
+	}
+	for _, c := range []struct {
+		args []string
+		want string
+	}{
+		{[]string{"questions", "--format", "mt-bench", "--out", "x.jsonl"}, "stage questions (mt_bench) holds no answers"},
+		{[]string{"answers", "--format", "mt-bench", "--out", "x.parquet"}, "named for --format parquet"},
+		{[]string{"answers", "--format", "mt-bench", "--out", "model_answer"}, "model_answer/tr-tiny.jsonl"},
+	} {
+		if r := runCLI(t, dir, append([]string{"export", "s.yaml"}, c.args...)...); r.code != 2 || !strings.Contains(r.stderr, c.want) {
+			t.Errorf("export %v: exit %d, want 2 saying %q\n%s", c.args, r.code, c.want, r.stderr)
+		}
+	}
+}
+
 func TestBadDataFailsWithExit1(t *testing.T) {
 	dir := t.TempDir()
 	writeFile(t, filepath.Join(dir, "bad.jsonl"), "{\"instruction\": \"a\", \"output\": \"b\"}\n{not json\n")

@@ -443,6 +443,16 @@ func (l *loader) decodeError(n *Node, with ast.Node, err error) *SpecError {
 	case errors.As(err, &unknown):
 		field := strings.TrimSuffix(strings.TrimPrefix(unknown.Message, `unknown field "`), `"`)
 		e.Msg = fmt.Sprintf("stage %q: unknown parameter %q for kind %s", n.Name, field, n.KindName)
+		// Inside a parameter's own mapping (multiple_choice: {…}), say
+		// that mapping's names.
+		if path := keyPathAt(with, e.Line, e.Col); strings.Contains(path, ".") {
+			parent := path[:strings.LastIndex(path, ".")]
+			if names := nestedParamNames(n.Params, parent); names != nil {
+				known = names
+				e.Msg = fmt.Sprintf("stage %q: unknown parameter %q", n.Name, path)
+				e.Fix = "parameters of " + parent + ": " + strings.Join(known, ", ")
+			}
+		}
 		if c := closest(field, known); c != "" {
 			e.Fix = fmt.Sprintf("did you mean %q? %s", c, e.Fix)
 		}
@@ -497,6 +507,47 @@ func paramAt(with ast.Node, line, col int) (param, value string) {
 		}
 	}
 	return "", ""
+}
+
+// keyPathAt is the dotted path of the parameter whose name is written at
+// line and col ("multiple_choice.shots").
+func keyPathAt(with ast.Node, line, col int) string {
+	fields, _ := entries(with)
+	for _, f := range fields {
+		if tk := f.Key.GetToken(); tk != nil && tk.Position.Line == line && tk.Position.Column == col {
+			return keyOf(f)
+		}
+		if p := keyPathAt(f.Value, line, col); p != "" {
+			return keyOf(f) + "." + p
+		}
+	}
+	return ""
+}
+
+// nestedParamNames lists the names of the mapping parameter path
+// ("multiple_choice") of params holds, or nil if it is none.
+func nestedParamNames(params any, path string) []string {
+	t := reflect.TypeOf(params)
+	for _, name := range strings.Split(path, ".") {
+		for t.Kind() == reflect.Pointer {
+			t = t.Elem()
+		}
+		if t.Kind() != reflect.Struct {
+			return nil
+		}
+		f, ok := paramField(reflect.New(t).Interface(), name)
+		if !ok {
+			return nil
+		}
+		t = f.Type
+	}
+	for t.Kind() == reflect.Pointer {
+		t = t.Elem()
+	}
+	if t.Kind() != reflect.Struct {
+		return nil
+	}
+	return paramNames(reflect.New(t).Interface())
 }
 
 func describeType(t reflect.Type) string {

@@ -105,6 +105,17 @@ func TestOtherKindsRefuseNonFinite(t *testing.T) {
 	}
 }
 
+// TestUnknownNestedParameter: a name a parameter's own mapping does not
+// know (multiple_choice: {num_fewshot: 5}) is said with that mapping's
+// names, not the stage's.
+func TestUnknownNestedParameter(t *testing.T) {
+	path, err := loadErr(t, "name: x\nstages:\n  base: {kind: model, with: {preset: tiny}}\n  ev:\n    kind: eval\n    needs: [base]\n    with:\n      tasks: [multiple_choice]\n      multiple_choice: {paths: [a.jsonl], shot: 5}\n")
+	if err == nil || !strings.HasPrefix(err.Error(), path+":9:") || !strings.Contains(err.Error(), `unknown parameter "multiple_choice.shot"`) ||
+		!strings.Contains(err.Error(), `did you mean "shots"? parameters of multiple_choice: paths, dev, shots, columns, limit, prompt`) {
+		t.Fatalf("shot inside multiple_choice: %v", err)
+	}
+}
+
 // TestCUDAWithoutGPU: backend: cuda where no GPU backend is usable is a
 // spec error at that line, before anything runs.
 func TestCUDAWithoutGPU(t *testing.T) {

@@ -8,6 +8,7 @@ import (
 	"io"
 	"log/slog"
 	"net/http"
+	"net/url"
 	"os"
 	"path"
 	"path/filepath"
@@ -16,6 +17,7 @@ import (
 	"strings"
 	"sync"
 	"sync/atomic"
+	"syscall"
 	"time"
 
 	"github.com/gofrs/flock"
@@ -366,26 +368,45 @@ func (c *Client) fetchFile(ctx context.Context, r *Resolved, f File, report func
 		os.Remove(blob)
 	}
 	log.Info("downloading", "file", r.RepoRef()+"/"+f.Path, "size", meta.size)
-	for attempt := 0; ; attempt++ {
-		err := c.download(ctx, meta, blob+".incomplete", report)
-		if err == nil {
-			err = verifyBlob(blob+".incomplete", meta.etag, meta.size)
-			if err == nil {
-				break
+	partial := blob + ".incomplete"
+	for refreshed, restarted := false, false; ; {
+		err := c.download(ctx, meta, partial, report)
+		if errors.Is(err, ErrRefused) && !refreshed {
+			// The storage address the Hub signed has expired (a download
+			// resumed later): ask the Hub for a new one, keeping the bytes.
+			refreshed = true
+			log.Warn("the file's storage refused the download; asking the Hub for a new address", "file", f.Path, "why", err.Error())
+			fresh, err := c.head(ctx, r, f.Path)
+			if err != nil {
+				return err
 			}
+			if fresh.etag != meta.etag || fresh.size != meta.size {
+				return &Error{Kind: ErrUnreachable, Msg: fmt.Sprintf("%s answered for %s/%s a file other than before (ETag %s, was %s)", c.Endpoint, r.RepoRef(), f.Path, fresh.etag, meta.etag)}
+			}
+			meta = fresh
+			continue
 		}
-		if !errors.Is(err, ErrCorrupt) || attempt > 0 {
+		if errors.Is(err, ErrRefused) {
+			return &Error{Kind: ErrRefused, Err: err, Msg: fmt.Sprintf("%s/%s: %v; the bytes so far are kept for the next attempt", r.RepoRef(), f.Path, err)}
+		}
+		if err == nil {
+			err = verifyBlob(partial, meta.etag, meta.size)
+		}
+		if err == nil {
+			break
+		}
+		if !errors.Is(err, ErrCorrupt) || restarted {
 			return err
 		}
 		// A download that does not hash to its name starts over, once.
+		restarted = true
 		log.Warn("download did not match its hash; starting it over", "file", f.Path, "why", err.Error())
-		fi, _ := os.Stat(blob + ".incomplete")
-		if fi != nil {
+		if fi, _ := os.Stat(partial); fi != nil {
 			report(-fi.Size())
 		}
-		os.Remove(blob + ".incomplete")
+		os.Remove(partial)
 	}
-	if err := os.Rename(blob+".incomplete", blob); err != nil {
+	if err := os.Rename(partial, blob); err != nil {
 		return err
 	}
 	return linkPointer(pointer, blob)
@@ -490,6 +511,13 @@ func (c *Client) download(ctx context.Context, meta *fileMeta, partial string, r
 		if ctx.Err() != nil {
 			return context.Cause(ctx)
 		}
+		if we := (*writeError)(nil); errors.As(err, &we) {
+			msg := we.err.Error() // write PATH: what failed
+			if errors.Is(we.err, syscall.ENOSPC) {
+				msg += ": free space there, or set HF_HUB_CACHE to a disk with room; the bytes so far are kept"
+			}
+			return errors.New(msg)
+		}
 		var he *Error
 		if errors.As(err, &he) && !errors.Is(err, ErrUnreachable) {
 			return err // refused: retrying will not help
@@ -514,6 +542,21 @@ func (c *Client) download(ctx context.Context, meta *fileMeta, partial string, r
 }
 
 var errRestart = errors.New("server ignored the range; restart")
+
+// A writeError is a download that could not be written here (a full
+// disk): no retry helps.
+type writeError struct{ err error }
+
+func (e *writeError) Error() string { return e.err.Error() }
+func (e *writeError) Unwrap() error { return e.err }
+
+// unsigned is u without its query, which for a storage address holds the
+// signature that grants access: not for logs.
+func unsigned(u *url.URL) string {
+	v := *u
+	v.RawQuery, v.User = "", nil
+	return v.String()
+}
 
 // getRange GETs meta's location from offset on and appends to f, returning
 // the bytes written.
@@ -548,9 +591,9 @@ func (c *Client) getRange(ctx context.Context, meta *fileMeta, f *os.File, offse
 	case resp.StatusCode == http.StatusRequestedRangeNotSatisfiable:
 		return 0, errRestart
 	case resp.StatusCode == http.StatusTooManyRequests || resp.StatusCode >= 500:
-		return 0, &Error{Kind: ErrUnreachable, Msg: fmt.Sprintf("GET %s: %s", req.URL.Redacted(), resp.Status)}
+		return 0, &Error{Kind: ErrUnreachable, Msg: fmt.Sprintf("GET %s: %s", unsigned(req.URL), resp.Status)}
 	default:
-		return 0, &Error{Kind: ErrCorrupt, Msg: fmt.Sprintf("GET %s: %s: the file's storage refused it; try again", req.URL.Redacted(), resp.Status)}
+		return 0, &Error{Kind: ErrRefused, Msg: fmt.Sprintf("the file's storage refused it (GET %s: %s)", unsigned(req.URL), resp.Status)}
 	}
 	// A body that stops arriving is cut after IdleTimeout, and retried.
 	idle := c.IdleTimeout
@@ -566,7 +609,7 @@ func (c *Client) getRange(ctx context.Context, meta *fileMeta, f *os.File, offse
 		if k > 0 {
 			timer.Reset(idle)
 			if _, err := f.Write(buf[:k]); err != nil {
-				return n, err
+				return n, &writeError{err}
 			}
 			n += int64(k)
 			report(int64(k))

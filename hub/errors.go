@@ -18,6 +18,7 @@ var (
 	ErrUnreachable      = errors.New("hub unreachable")
 	ErrNotCached        = errors.New("not in the cache")
 	ErrCorrupt          = errors.New("download corrupted")
+	ErrRefused          = errors.New("storage refused the download")
 )
 
 // An Error says what failed and what to do about it.

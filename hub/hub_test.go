@@ -607,3 +607,82 @@ func TestFromEnv(t *testing.T) {
 		t.Errorf("HF_TOKEN, HF_HUB_CACHE: %+v", c)
 	}
 }
+
+// TestStorageRefusal: storage that refuses a download resumed later (its
+// signed address expired) gets a new address from the Hub, and the bytes
+// already there are kept; refused again, the error names the file, keeps
+// the bytes and does not print the signature.
+func TestStorageRefusal(t *testing.T) {
+	f := newFixture(t)
+	ctx := context.Background()
+	ref := mustRef(t, "hf://google/gemma-3-tiny-it/model.safetensors")
+	weights := f.files["model.safetensors"]
+	// cut leaves a first run's 100,000 bytes in the cache, as a run that
+	// lost its connection does.
+	cut := func() (*hub.Client, string) {
+		cache := t.TempDir()
+		c := f.client(t, cache)
+		c.Retries = 0
+		f.srv.CutNext(100_000)
+		if _, _, err := c.Local(ctx, ref, hub.FetchOptions{}); !errors.Is(err, hub.ErrUnreachable) {
+			t.Fatalf("cut download with no retries: %v", err)
+		}
+		return c, filepath.Join(cache, "models--google--gemma-3-tiny-it", "blobs", sha(weights)+".incomplete")
+	}
+
+	c, _ := cut()
+	f.srv.FailStorageNext(http.StatusForbidden, 1)
+	f.srv.ResetRequests()
+	_, paths, err := c.Local(ctx, ref, hub.FetchOptions{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if b, _ := os.ReadFile(paths[0]); !bytes.Equal(b, weights) {
+		t.Fatal("the download differs")
+	}
+	var asked []string
+	for _, r := range f.srv.Requests() {
+		asked = append(asked, fmt.Sprintf("%s %s %s %d", r.Method, r.Host, r.Range, r.Status))
+	}
+	if want := "GET hub  200 HEAD hub  302 GET storage bytes=100000- 403 HEAD hub  302 GET storage bytes=100000- 206"; strings.Join(asked, " ") != want {
+		t.Errorf("requests %q, want %q", asked, want)
+	}
+
+	c, partial := cut()
+	f.srv.FailStorageNext(http.StatusForbidden, 10)
+	_, _, err = c.Local(ctx, ref, hub.FetchOptions{})
+	if !errors.Is(err, hub.ErrRefused) || !strings.Contains(err.Error(), "google/gemma-3-tiny-it@main/model.safetensors") || strings.Contains(err.Error(), "sig=") {
+		t.Errorf("refused again: %v", err)
+	}
+	if fi, err := os.Stat(partial); err != nil || fi.Size() != 100_000 {
+		t.Errorf("the bytes so far: %v %v", fi, err)
+	}
+	f.srv.ClearFailures()
+}
+
+// TestDiskFull: a download that cannot be written stops at once, saying
+// so, instead of retrying and blaming the network.
+func TestDiskFull(t *testing.T) {
+	if _, err := os.Stat("/dev/full"); err != nil {
+		t.Skip("no /dev/full")
+	}
+	f := newFixture(t)
+	cache := t.TempDir()
+	c := f.client(t, cache)
+	c.Retries = 3
+	c.Backoff, c.MaxBackoff = time.Second, time.Second
+	weights := f.files["model.safetensors"]
+	blobs := filepath.Join(cache, "models--google--gemma-3-tiny-it", "blobs")
+	os.MkdirAll(blobs, 0o755)
+	if err := os.Symlink("/dev/full", filepath.Join(blobs, sha(weights)+".incomplete")); err != nil {
+		t.Fatal(err)
+	}
+	start := time.Now()
+	_, _, err := c.Local(context.Background(), mustRef(t, "hf://google/gemma-3-tiny-it/model.safetensors"), hub.FetchOptions{})
+	if err == nil || !strings.Contains(err.Error(), "no space left on device") || !strings.Contains(err.Error(), "HF_HUB_CACHE") || errors.Is(err, hub.ErrUnreachable) {
+		t.Errorf("disk full: %v", err)
+	}
+	if d := time.Since(start); d > 900*time.Millisecond {
+		t.Errorf("took %v: retried", d)
+	}
+}

@@ -57,17 +57,18 @@ type Server struct {
 
 	hub, storage *httptest.Server
 
-	mu       sync.Mutex
-	repos    map[string]*Repo // by type/id
-	renamed  map[string]string
-	tokens   map[string]map[string]bool // token -> repos granted (by key)
-	blobs    map[string][]byte          // LFS content by sha256
-	pageSize int
-	cut      int64 // cut the next file body after this many bytes (0: never)
-	corrupt  int   // flip a byte of the next this many file bodies
-	fail     []int // statuses for the next requests
-	log      []Request
-	clock    time.Time
+	mu          sync.Mutex
+	repos       map[string]*Repo // by type/id
+	renamed     map[string]string
+	tokens      map[string]map[string]bool // token -> repos granted (by key)
+	blobs       map[string][]byte          // LFS content by sha256
+	pageSize    int
+	cut         int64 // cut the next file body after this many bytes (0: never)
+	corrupt     int   // flip a byte of the next this many file bodies
+	fail        []int // statuses for the next requests
+	storageFail []int // statuses for the next requests to the storage host
+	log         []Request
+	clock       time.Time
 }
 
 // New starts a server. Close it when done.
@@ -224,6 +225,16 @@ func (s *Server) CorruptNext() { s.mu.Lock(); s.corrupt++; s.mu.Unlock() }
 // ClearFailures drops the failures FailNext asked for that are left.
 func (s *Server) ClearFailures() { s.mu.Lock(); s.fail = nil; s.mu.Unlock() }
 
+// FailStorageNext answers the next n requests to the storage host with
+// status (a signed address that expired: 403).
+func (s *Server) FailStorageNext(status, n int) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	for range n {
+		s.storageFail = append(s.storageFail, status)
+	}
+}
+
 // FailNext answers the next n requests (to either host) with status.
 func (s *Server) FailNext(status, n int) {
 	s.mu.Lock()
@@ -292,13 +303,18 @@ func (s *Server) begin(host string, w http.ResponseWriter, req *http.Request) (*
 	i := len(s.log)
 	s.log = append(s.log, Request{Host: host, Method: req.Method, Path: req.URL.Path, Range: req.Header.Get("Range"), Auth: req.Header.Get("Authorization")})
 	var fail int
-	if len(s.fail) > 0 {
+	switch {
+	case len(s.fail) > 0:
 		fail, s.fail = s.fail[0], s.fail[1:]
+	case host == "storage" && len(s.storageFail) > 0:
+		fail, s.storageFail = s.storageFail[0], s.storageFail[1:]
 	}
 	s.mu.Unlock()
 	done := func() {
 		s.mu.Lock()
-		s.log[i].Status = rec.status
+		if i < len(s.log) { // not forgotten by ResetRequests meanwhile
+			s.log[i].Status = rec.status
+		}
 		s.mu.Unlock()
 	}
 	if fail != 0 {

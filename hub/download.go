@@ -31,6 +31,8 @@ type Resolved struct {
 	// Note is set when the commit was not asked of the Hub but read from the
 	// cache's refs/ (offline, or the Hub unreachable): it says so.
 	Note string
+	// unasked is why the Hub could not be asked, when it could not.
+	unasked error
 }
 
 // Resolve finds the commit ref's revision names now. A commit id names
@@ -60,6 +62,7 @@ func (c *Client) Resolve(ctx context.Context, ref Ref) (*Resolved, error) {
 	if fallsBack(err) {
 		if r.Commit = c.cachedRef(ref.Repo, ref.Revision); r.Commit != "" {
 			r.Note = fmt.Sprintf("%v; %s is taken to be commit %s, as the cache's refs/%s says", err, ref.RepoRef(), ShortCommit(r.Commit), ref.Revision)
+			r.unasked = err
 			return r, nil
 		}
 	}
@@ -330,13 +333,13 @@ func (c *Client) fetchFile(ctx context.Context, r *Resolved, f File, report func
 		}
 		os.Remove(pointer)
 	}
-	if c.Offline || r.Note != "" {
-		why := "HF_HUB_OFFLINE is set"
-		if r.Note != "" {
-			why = "the Hub could not be asked"
-		}
-		return &Error{Kind: ErrNotCached, Msg: fmt.Sprintf("%s and %s/%s (commit %s) is not in the cache %s: run once online to download it",
-			why, r.RepoRef(), f.Path, ShortCommit(r.Commit), c.CacheDir)}
+	if c.Offline {
+		return &Error{Kind: ErrNotCached, Msg: fmt.Sprintf("HF_HUB_OFFLINE is set and %s/%s (commit %s) is not in the cache %s: unset HF_HUB_OFFLINE to download it",
+			r.RepoRef(), f.Path, ShortCommit(r.Commit), c.CacheDir)}
+	}
+	if r.unasked != nil {
+		return &Error{Kind: ErrNotCached, Err: r.unasked, Msg: fmt.Sprintf("%s/%s (commit %s) is not in the cache %s, and the Hub could not be asked for it: %v",
+			r.RepoRef(), f.Path, ShortCommit(r.Commit), c.CacheDir, r.unasked)}
 	}
 	meta, err := c.head(ctx, r, f.Path)
 	if err != nil {

@@ -518,7 +518,7 @@ func TestOffline(t *testing.T) {
 		t.Errorf("offline made requests: %+v", rq)
 	}
 	_, _, err = off.Local(ctx, mustRef(t, "hf://google/gemma-3-tiny-it/README.md"), hub.FetchOptions{})
-	if !errors.Is(err, hub.ErrNotCached) || !strings.Contains(err.Error(), "run once online") {
+	if !errors.Is(err, hub.ErrNotCached) || !strings.Contains(err.Error(), "HF_HUB_OFFLINE is set and") || !strings.Contains(err.Error(), "unset HF_HUB_OFFLINE to download it") {
 		t.Errorf("offline, file not cached: %v", err)
 	}
 	_, err = off.Resolve(ctx, mustRef(t, "hf://datasets/malhajar/alpaca-gpt4-tr"))
@@ -540,6 +540,11 @@ func TestOffline(t *testing.T) {
 	}
 	if _, err := c.Fetch(ctx, r, []string{"config.json"}, hub.FetchOptions{}); err != nil {
 		t.Errorf("Hub gone, cached file: %v", err)
+	}
+	// A file not cached says why the Hub could not give it.
+	_, err = c.Fetch(ctx, r, []string{"README.md"}, hub.FetchOptions{})
+	if !errors.Is(err, hub.ErrNotCached) || !errors.Is(err, hub.ErrUnreachable) || !strings.Contains(err.Error(), "the Hub could not be asked for it: cannot reach") {
+		t.Errorf("Hub gone, file not cached: %v", err)
 	}
 	_, err = c.Resolve(ctx, mustRef(t, "hf://datasets/malhajar/alpaca-gpt4-tr"))
 	if !errors.Is(err, hub.ErrUnreachable) || !strings.Contains(err.Error(), "HF_HUB_OFFLINE=1") {

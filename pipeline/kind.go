@@ -61,7 +61,9 @@ type Ref struct {
 
 // A Resolver is a Runner that reads through Refs. Plan calls Resolve before
 // computing the stage's key (so Files may be empty for what the refs
-// name); Run reads what the last Resolve resolved.
+// name); Run reads what the last Resolve resolved. A *ParamError from
+// Resolve says that what the parameter names is not there (no such
+// repository, revision or file): a spec error, at that parameter.
 type Resolver interface {
 	Resolve(ctx context.Context) ([]Ref, error)
 }

@@ -6,6 +6,7 @@ import (
 	"crypto/sha256"
 	"encoding/hex"
 	"encoding/json"
+	"errors"
 	"fmt"
 	"path/filepath"
 	"slices"
@@ -120,7 +121,7 @@ func (s *Store) plan(ctx context.Context, dag *DAG, opts Options, lenient bool) 
 			prepared = append(prepared, n)
 		}
 	}
-	refs, refErrs := resolveRefs(ctx, prepared)
+	refs, refErrs := resolveRefs(ctx, dag.Path, prepared)
 	if len(refErrs) > 0 && !lenient {
 		// The first stage's: stages that name one model fail alike.
 		for _, n := range prepared {
@@ -376,7 +377,7 @@ func (p *Plan) lastEntry(stage string) *StageRecord {
 
 // resolveRefs resolves the references of the nodes that have some, all at
 // once (each may ask a server), and says which failed and why.
-func resolveRefs(ctx context.Context, nodes []*Node) (map[*Node][]Ref, map[*Node]error) {
+func resolveRefs(ctx context.Context, spec string, nodes []*Node) (map[*Node][]Ref, map[*Node]error) {
 	out, failed := map[*Node][]Ref{}, map[*Node]error{}
 	var mu sync.Mutex
 	var g errgroup.Group
@@ -390,9 +391,17 @@ func resolveRefs(ctx context.Context, nodes []*Node) (map[*Node][]Ref, map[*Node
 			refs, err := r.Resolve(ctx)
 			mu.Lock()
 			defer mu.Unlock()
-			if err != nil {
+			var pe *ParamError
+			switch {
+			case errors.As(err, &pe):
+				// What a parameter names is not there: the spec's error,
+				// placed at the parameter.
+				e := paramSpecError(spec, n, err)
+				e.Unresolved = true
+				failed[n] = e
+			case err != nil:
 				failed[n] = stageErr(n, err)
-			} else {
+			default:
 				out[n] = refs
 			}
 			return nil

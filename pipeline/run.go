@@ -141,7 +141,7 @@ func (e *Engine) Run(ctx context.Context, dag *DAG, opts Options) (*RunRecord, e
 	rec.HashedBytes = e.Store.HashedBytes()
 	// A run that was planned is worth keeping for plan's reasons and gc;
 	// one refused as a usage error before anything ran is not a run.
-	if len(rec.Stages) > 0 && e.Collective == "" && !IsSpecError(err) {
+	if len(rec.Stages) > 0 && e.Collective == "" && (!IsSpecError(err) || isUnresolved(err)) {
 		if recErr := e.Store.recordRun(dag, rec); recErr != nil {
 			e.log().Warn("could not record the run; status will say that it did not finish", "err", recErr)
 			unrecorded = true
@@ -231,7 +231,7 @@ func (e *Engine) run(ctx context.Context, dag *DAG, opts Options, rec *RunRecord
 		err = plan.CheckInputs()
 	}
 	if err != nil {
-		if !IsSpecError(err) && ctx.Err() == nil {
+		if (!IsSpecError(err) || isUnresolved(err)) && ctx.Err() == nil {
 			rec.Stages = unstarted(dag, opts) // recorded: the night failed
 		}
 		return err

@@ -48,7 +48,8 @@ type Node struct {
 	// reported by the plans that need the stage.
 	Unprepared *SpecError
 
-	needsLine int // line of its `needs:`, 0 when it has none
+	needsLine int      // line of its `needs:`, 0 when it has none
+	with      ast.Node // its `with:`, for placing parameter errors
 }
 
 // Node returns the stage called name, or nil.
@@ -69,6 +70,9 @@ type SpecError struct {
 	Msg  string
 	Fix  string
 	Err  error // the cause, when there is one (for errors.Is and errors.As)
+	// Unresolved says that what the spec names was not found where the
+	// plan looked (a repository on the Hub): a run it stops is recorded.
+	Unresolved bool
 }
 
 func (e *SpecError) Error() string {
@@ -100,6 +104,13 @@ func (es SpecErrors) Error() string {
 		msgs[i] = e.Error()
 	}
 	return strings.Join(msgs, "\n")
+}
+
+// isUnresolved reports whether err is a spec error for something the spec
+// names that was not found (see SpecError.Unresolved).
+func isUnresolved(err error) bool {
+	var one *SpecError
+	return errors.As(err, &one) && one.Unresolved
 }
 
 // IsSpecError reports whether err is a problem of the spec (exit code 2)
@@ -191,8 +202,7 @@ type loader struct {
 	src       []byte
 	kinds     *Registry
 	errs      SpecErrors
-	withs     map[string]ast.Node // each stage's `with:` node, for locating parameter errors
-	broken    map[string]bool     // stages written but in error: needing one is no second error
+	broken    map[string]bool // stages written but in error: needing one is no second error
 	cacheLine int
 }
 
@@ -317,7 +327,6 @@ func (l *loader) load(src []byte) *DAG {
 		return nil
 	}
 
-	l.withs = map[string]ast.Node{}
 	byName := map[string]*Node{}
 	needNodes := map[*Node][]ast.Node{}
 	var order []*Node
@@ -403,7 +412,7 @@ func (l *loader) stage(mv *ast.MappingValueNode, needNodes map[*Node][]ast.Node)
 	n.Kind = kind
 	n.Params = kind.Params()
 	if !isNull(withNode) {
-		l.withs[name] = withNode
+		n.with = withNode
 		if !l.checkWholeNumbers(n, withNode) {
 			return nil
 		}
@@ -578,12 +587,18 @@ type ParamError struct {
 	Param string // the parameter's name as written in the spec
 	Msg   string
 	Fix   string
+	Err   error // the cause, when there is one
 }
 
 func (e *ParamError) Error() string { return e.Param + ": " + e.Msg }
+func (e *ParamError) Unwrap() error { return e.Err }
 
-func (l *loader) paramError(n *Node, err error) *SpecError {
-	e := &SpecError{File: l.file, Line: n.Line, Msg: fmt.Sprintf("stage %q: %s", n.Name, err), Err: err}
+func (l *loader) paramError(n *Node, err error) *SpecError { return paramSpecError(l.file, n, err) }
+
+// paramSpecError places err, an error of stage n of the spec file, at the
+// parameter a *ParamError names (or at the stage).
+func paramSpecError(file string, n *Node, err error) *SpecError {
+	e := &SpecError{File: file, Line: n.Line, Msg: fmt.Sprintf("stage %q: %s", n.Name, err), Err: err}
 	var pe *ParamError
 	if errors.As(err, &pe) {
 		e.Msg = fmt.Sprintf("stage %q: %s: %s", n.Name, pe.Param, pe.Msg)
@@ -591,7 +606,7 @@ func (l *loader) paramError(n *Node, err error) *SpecError {
 		if pe.Param == "needs" && n.needsLine > 0 {
 			e.Line = n.needsLine
 		}
-		if fields, ok := entries(l.withs[n.Name]); ok {
+		if fields, ok := entries(n.with); ok {
 			for _, f := range fields {
 				if keyOf(f) == pe.Param {
 					e.Line = f.Key.GetToken().Position.Line

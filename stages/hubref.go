@@ -2,6 +2,7 @@ package stages
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"os"
 	"path"
@@ -79,14 +80,14 @@ func (h *hubInput) resolve(ctx context.Context) (pipeline.Ref, error) {
 	c := hub.FromEnv()
 	r, err := c.Resolve(ctx, h.ref)
 	if err != nil {
-		return pipeline.Ref{}, fmt.Errorf("%s: %w", h.param, err)
+		return pipeline.Ref{}, h.err(err)
 	}
 	files, err := h.list(ctx, c, r)
 	if err != nil {
 		if c.Offline || r.Note != "" {
 			files = nil // told at run time, if the run needs them
 		} else {
-			return pipeline.Ref{}, fmt.Errorf("%s: %w", h.param, err)
+			return pipeline.Ref{}, h.err(err)
 		}
 	}
 	h.mu.Lock()
@@ -94,6 +95,22 @@ func (h *hubInput) resolve(ctx context.Context) (pipeline.Ref, error) {
 	h.mu.Unlock()
 	return pipeline.Ref{Name: r.RepoRef(), Revision: r.Commit, Note: r.Note}, nil
 }
+
+// err says of a failed resolution which parameter it was; what the Hub
+// says is not there (a repository, a revision, a file, a checkpoint) is
+// the spec's error, at that parameter, as a missing local file is.
+func (h *hubInput) err(err error) error {
+	var notThere *notCheckpoint
+	if errors.Is(err, hub.ErrRepoNotFound) || errors.Is(err, hub.ErrRevisionNotFound) || errors.Is(err, hub.ErrEntryNotFound) || errors.As(err, &notThere) {
+		return &pipeline.ParamError{Param: h.param, Msg: err.Error(), Err: err}
+	}
+	return fmt.Errorf("%s: %w", h.param, err)
+}
+
+// A notCheckpoint is a repository named as a checkpoint that holds none.
+type notCheckpoint struct{ msg string }
+
+func (e *notCheckpoint) Error() string { return e.msg }
 
 // list finds and checks what the reference names at r's commit.
 func (h *hubInput) list(ctx context.Context, c *hub.Client, r *hub.Resolved) ([]string, error) {
@@ -105,10 +122,10 @@ func (h *hubInput) list(ctx context.Context, c *hub.Client, r *hub.Resolved) ([]
 	switch h.what {
 	case hubFolder:
 		if !slices.Contains(files, "config.json") {
-			return nil, fmt.Errorf("%s has no config.json: not a Hugging Face checkpoint", r.RepoRef())
+			return nil, &notCheckpoint{fmt.Sprintf("%s has no config.json: not a Hugging Face checkpoint", r.RepoRef())}
 		}
 		if !slices.Contains(files, "model.safetensors") && !slices.Contains(files, "model.safetensors.index.json") {
-			return nil, fmt.Errorf("%s has no model.safetensors or model.safetensors.index.json (only safetensors weights are read)", r.RepoRef())
+			return nil, &notCheckpoint{fmt.Sprintf("%s has no model.safetensors or model.safetensors.index.json (only safetensors weights are read)", r.RepoRef())}
 		}
 		probe = "config.json"
 	default:

@@ -88,6 +88,28 @@ stages:
 		t.Fatalf("run after the move: %d %s", res.code, res.stderr)
 	}
 
+	// What a reference names and the Hub does not have is the spec's error
+	// (exit 2, at the parameter), as a missing local file is; a run it
+	// stops is recorded as failed.
+	good, _ := os.ReadFile(spec)
+	for _, c := range []struct{ from, to, want string }{
+		{"acme/tr-mini/*.jsonl", "acme/tr-mini/test-*.jsonl", `no file of hf://datasets/acme/tr-mini@main matches "test-*.jsonl"`},
+		{"acme/tr-mini/*.jsonl", "acme/tr-nope/*.jsonl", "no dataset repository acme/tr-nope"},
+		{"gemma-3-tok@main", "gemma-3-tok@v9", `has no revision "v9"`},
+	} {
+		writeFile(t, spec, strings.Replace(string(good), c.from, c.to, 1))
+		for _, cmd := range []string{"plan", "run"} {
+			res := runCLI(t, dir, cmd, spec)
+			if res.code != 2 || !strings.Contains(res.stderr, "pipeline: "+spec+":") || !strings.Contains(res.stderr, c.want) {
+				t.Errorf("%s with %s: exit %d, want 2 at the spec's line saying %q\n%s", cmd, c.to, res.code, c.want, res.stderr)
+			}
+		}
+		if res := runCLI(t, dir, "status", spec); !strings.Contains(res.stdout, "FAILED: ") || !strings.Contains(res.stdout, c.want) {
+			t.Errorf("status after a run with %s:\n%s", c.to, res.stdout)
+		}
+	}
+	writeFile(t, spec, string(good))
+
 	// Offline, and with the Hub gone: everything cached, and said so.
 	t.Setenv("HF_HUB_OFFLINE", "1")
 	srv.Close()

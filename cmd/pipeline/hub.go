@@ -51,6 +51,9 @@ func localArg(ctx context.Context, flag, arg string, kind argKind) (string, erro
 		if ref.Path == "" {
 			ref.Path = "tokenizer.json"
 		}
+		if strings.ContainsAny(ref.Path, "*?[") { // said before anything downloads
+			return "", usageErr(fmt.Errorf("--%s %s names several files; name one", flag, arg))
+		}
 	}
 	_, paths, err := fetchRef(ctx, ref, only)
 	if err != nil {

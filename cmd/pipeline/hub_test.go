@@ -62,6 +62,11 @@ func TestHubCLI(t *testing.T) {
 	if local.code != 0 || remote.code != 0 || local.stdout != remote.stdout {
 		t.Errorf("tokenize from the Hub: %d %q %s; local %q", remote.code, remote.stdout, remote.stderr, local.stdout)
 	}
+	// A glob names several files: refused before anything downloads.
+	srv.ResetRequests()
+	if res := runCLI(t, dir, "tokenize", "--tokenizer", "hf://google/gemma-3-tok/*.json", "--in", in); res.code != 2 || !strings.Contains(res.stderr, "names several files; name one") || len(srv.Requests()) != 0 {
+		t.Errorf("a glob for --tokenizer: %d %s, %d requests", res.code, res.stderr, len(srv.Requests()))
+	}
 
 	spec := filepath.Join(dir, "hub.yaml")
 	writeFile(t, spec, `name: hub

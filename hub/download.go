@@ -260,16 +260,23 @@ func (c *Client) Fetch(ctx context.Context, r *Resolved, paths []string, opts Fe
 		byPath[f.Path] = f
 	}
 	var want []File
-	var total int64
+	var total, cached int64
 	for _, p := range paths {
 		f, ok := byPath[p]
 		if !ok {
 			return "", &Error{Kind: ErrEntryNotFound, Msg: fmt.Sprintf("%s has no file %q at commit %s", r.RepoRef(), p, ShortCommit(r.Commit))}
 		}
 		want = append(want, f)
-		if !c.present(r, f) {
+		if c.present(r, f) {
+			cached += f.Size
+		} else {
 			total += f.Size
 		}
+	}
+	if cached >= checkNoteBytes {
+		// Every cached file is hashed before use (a damaged one is fetched
+		// again): seconds for a model of tens of gigabytes.
+		log.Info("checking the files already in the Hugging Face cache", "repo", r.RepoRef(), "gib", fmt.Sprintf("%.1f", float64(cached)/(1<<30)))
 	}
 	var done atomic.Int64
 	var mu sync.Mutex
@@ -302,6 +309,10 @@ func (c *Client) Fetch(ctx context.Context, r *Resolved, paths []string, opts Fe
 	}
 	return c.SnapshotDir(r.Repo, r.Commit), nil
 }
+
+// checkNoteBytes is how many cached bytes make Fetch say that it checks
+// them (a variable for tests).
+var checkNoteBytes int64 = 1 << 30
 
 // present says whether f's pointer exists (unchecked).
 func (c *Client) present(r *Resolved, f File) bool {

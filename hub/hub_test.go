@@ -9,6 +9,7 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"log/slog"
 	"net/http"
 	"os"
 	"path/filepath"
@@ -689,5 +690,25 @@ func TestDiskFull(t *testing.T) {
 	}
 	if d := time.Since(start); d > 900*time.Millisecond {
 		t.Errorf("took %v: retried", d)
+	}
+}
+
+// TestCheckingCachedFilesSaid: files taken from the cache are hashed
+// first, which takes seconds for a large model; that is said, not silent.
+func TestCheckingCachedFilesSaid(t *testing.T) {
+	f := newFixture(t)
+	c := f.client(t, t.TempDir())
+	ctx := context.Background()
+	ref := mustRef(t, "hf://google/gemma-3-tiny-it")
+	if _, _, err := c.Local(ctx, ref, hub.FetchOptions{}); err != nil {
+		t.Fatal(err)
+	}
+	defer hub.SetCheckNoteBytes(100_000)()
+	var logs bytes.Buffer
+	if _, _, err := c.Local(ctx, ref, hub.FetchOptions{Log: slog.New(slog.NewTextHandler(&logs, nil))}); err != nil {
+		t.Fatal(err)
+	}
+	if !strings.Contains(logs.String(), `msg="checking the files already in the Hugging Face cache" repo=hf://google/gemma-3-tiny-it@main`) {
+		t.Errorf("log: %s", logs.String())
 	}
 }

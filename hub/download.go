@@ -17,7 +17,6 @@ import (
 	"strings"
 	"sync"
 	"sync/atomic"
-	"syscall"
 	"time"
 
 	"github.com/gofrs/flock"
@@ -390,6 +389,9 @@ func (c *Client) fetchFile(ctx context.Context, r *Resolved, f File, report func
 			// resumed later): ask the Hub for a new one, keeping the bytes.
 			refreshed = true
 			log.Warn("the file's storage refused the download; asking the Hub for a new address", "file", f.Path, "why", err.Error())
+			if fi, _ := os.Stat(partial); fi != nil {
+				report(-fi.Size()) // download reports the bytes there again
+			}
 			fresh, err := c.head(ctx, r, f.Path)
 			if err != nil {
 				return err
@@ -526,11 +528,10 @@ func (c *Client) download(ctx context.Context, meta *fileMeta, partial string, r
 			return context.Cause(ctx)
 		}
 		if we := (*writeError)(nil); errors.As(err, &we) {
-			msg := we.err.Error() // write PATH: what failed
-			if errors.Is(we.err, syscall.ENOSPC) {
-				msg += ": free space there, or set HF_HUB_CACHE to a disk with room; the bytes so far are kept"
+			if diskFull(we.err) {
+				return fmt.Errorf("%w: free space there, or set HF_HUB_CACHE to a disk with room; the bytes so far are kept", we.err)
 			}
-			return errors.New(msg)
+			return we.err
 		}
 		var he *Error
 		if errors.As(err, &he) && !errors.Is(err, ErrUnreachable) {
@@ -591,6 +592,9 @@ func (c *Client) getRange(ctx context.Context, meta *fileMeta, f *os.File, offse
 	}
 	resp, err := c.HTTP.Do(req)
 	if err != nil {
+		if ue := (*url.Error)(nil); errors.As(err, &ue) {
+			ue.URL = unsigned(req.URL)
+		}
 		return 0, err
 	}
 	defer resp.Body.Close()

@@ -11,9 +11,11 @@ import (
 	"fmt"
 	"log/slog"
 	"net/http"
+	"net/url"
 	"os"
 	"path/filepath"
 	"strings"
+	"syscall"
 	"testing"
 	"time"
 
@@ -639,9 +641,13 @@ func TestStorageRefusal(t *testing.T) {
 	c, _ := cut()
 	f.srv.FailStorageNext(http.StatusForbidden, 1)
 	f.srv.ResetRequests()
-	_, paths, err := c.Local(ctx, ref, hub.FetchOptions{})
+	var last, total int64
+	_, paths, err := c.Local(ctx, ref, hub.FetchOptions{Progress: func(d, tot int64) { last, total = d, tot }})
 	if err != nil {
 		t.Fatal(err)
+	}
+	if last != int64(len(weights)) || total != int64(len(weights)) {
+		t.Errorf("progress ended at %d of %d, want %d of it", last, total, len(weights))
 	}
 	if b, _ := os.ReadFile(paths[0]); !bytes.Equal(b, weights) {
 		t.Fatal("the download differs")
@@ -685,7 +691,7 @@ func TestDiskFull(t *testing.T) {
 	}
 	start := time.Now()
 	_, _, err := c.Local(context.Background(), mustRef(t, "hf://google/gemma-3-tiny-it/model.safetensors"), hub.FetchOptions{})
-	if err == nil || !strings.Contains(err.Error(), "no space left on device") || !strings.Contains(err.Error(), "HF_HUB_CACHE") || errors.Is(err, hub.ErrUnreachable) {
+	if err == nil || !errors.Is(err, syscall.ENOSPC) || !strings.Contains(err.Error(), "HF_HUB_CACHE") || errors.Is(err, hub.ErrUnreachable) {
 		t.Errorf("disk full: %v", err)
 	}
 	if d := time.Since(start); d > 900*time.Millisecond {
@@ -710,5 +716,38 @@ func TestCheckingCachedFilesSaid(t *testing.T) {
 	}
 	if !strings.Contains(logs.String(), `msg="checking the files already in the Hugging Face cache" repo=hf://google/gemma-3-tiny-it@main`) {
 		t.Errorf("log: %s", logs.String())
+	}
+}
+
+// failStorage is a transport whose connections to the storage host fail.
+type failStorage struct {
+	host string
+	next http.RoundTripper
+}
+
+func (f failStorage) RoundTrip(req *http.Request) (*http.Response, error) {
+	if req.URL.Host == f.host {
+		return nil, errors.New("connection reset by peer")
+	}
+	return f.next.RoundTrip(req)
+}
+
+// TestStorageUnreachable: a storage host that cannot be reached is said
+// without the signature of its address.
+func TestStorageUnreachable(t *testing.T) {
+	f := newFixture(t)
+	c := f.client(t, t.TempDir())
+	storage, err := url.Parse(f.srv.StorageURL)
+	if err != nil {
+		t.Fatal(err)
+	}
+	next := c.HTTP.Transport
+	if next == nil {
+		next = http.DefaultTransport
+	}
+	c.HTTP.Transport = failStorage{host: storage.Host, next: next}
+	_, _, err = c.Local(context.Background(), mustRef(t, "hf://google/gemma-3-tiny-it/model.safetensors"), hub.FetchOptions{})
+	if err == nil || !strings.Contains(err.Error(), "connection reset by peer") || strings.Contains(err.Error(), "sig=") {
+		t.Errorf("storage unreachable: %v", err)
 	}
 }

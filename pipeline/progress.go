@@ -60,10 +60,21 @@ func (t *Tracker) Finish(ok bool) { t.finish(ok) }
 // report of none done, or of another unit, starts the count's clock, so
 // that its rate leaves out what came before (a model loading).
 func (t *Tracker) Report(done, total int64, unit, note string) {
+	t.report(done, total, unit, note, false)
+}
+
+// StartCount is Report that starts the count's clock at done: what is
+// counted from now on is timed from now (work kept from an earlier
+// attempt counted in, a model loaded before).
+func (t *Tracker) StartCount(done, total int64, unit, note string) {
+	t.report(done, total, unit, note, true)
+}
+
+func (t *Tracker) report(done, total int64, unit, note string, restart bool) {
 	now := clock()
 	t.mu.Lock()
 	defer t.mu.Unlock()
-	if done == 0 || unit != t.unit {
+	if restart || done == 0 || unit != t.unit {
 		t.unitStart, t.unitMoved, t.unitBase = now, now, done
 	} else if done != t.unitDone {
 		t.unitMoved = now
@@ -96,10 +107,12 @@ type Progress struct {
 	Bytes   int64
 	Elapsed time.Duration
 	Waited  time.Duration // of Elapsed, spent waiting for other stages' entries
-	// Counted, for a stage's own units, is how many were counted since the
-	// count's clock started, CountedFor the time from then to the count's
-	// last move, and Stale the time since; units come in steps (a batch of
-	// answers), so the rate is taken over the steps' time.
+	// Counting says that Rows are a stage's own units, timed by their own
+	// clock: Counted is how many were counted since it started, CountedFor
+	// the time from then to the count's last move, and Stale the time
+	// since; units come in steps (a batch of answers), so the rate is
+	// taken over the steps' time.
+	Counting          bool
 	Counted           int64
 	CountedFor, Stale time.Duration
 	// WaitingFor names the stage whose entry a running stage waits for
@@ -114,7 +127,10 @@ type Progress struct {
 // the time it waited for other stages' entries); for a stage's own units,
 // over the time of the count's steps (see Counted).
 func (p Progress) Rate() float64 {
-	if p.CountedFor > 0 {
+	if p.Counting {
+		if p.CountedFor <= 0 {
+			return 0 // nothing counted on this clock yet
+		}
 		return float64(p.Counted) / p.CountedFor.Seconds()
 	}
 	working := p.Elapsed - p.Waited
@@ -130,8 +146,14 @@ func (p Progress) ETA() (time.Duration, bool) {
 	if p.Total < 0 || r <= 0 || p.Done {
 		return 0, false
 	}
-	left := float64(p.Total-p.Rows)/r - p.Stale.Seconds()
-	if left < 0 {
+	todo := float64(p.Total - p.Rows)
+	left := todo/r - p.Stale.Seconds()
+	switch {
+	case left >= 0:
+	case p.Counting && p.Counted > 0 && todo > 0:
+		// Overdue (a stall): at the rate the stall brings it down to.
+		left = todo / (float64(p.Counted) / (p.CountedFor + p.Stale).Seconds())
+	default:
 		left = 0
 	}
 	return time.Duration(left * float64(time.Second)), true
@@ -147,7 +169,7 @@ func (t *Tracker) Snapshot() Progress {
 	if unit != "" {
 		p.Unit, p.Note, p.Rows, p.Total = unit, note, unitDone, unitTotal
 		if !p.Done {
-			p.Counted, p.CountedFor, p.Stale = counted, countedFor, stale
+			p.Counting, p.Counted, p.CountedFor, p.Stale = true, counted, countedFor, stale
 		}
 	} else if len(t.inputs) > 0 {
 		p.Rows = t.rowsIn.Load()

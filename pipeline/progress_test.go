@@ -33,6 +33,29 @@ func TestUnitRate(t *testing.T) {
 		t.Errorf("ETA 30 s later %v, want 2m30s", eta)
 	}
 
+	// A stall past the expected time: the ETA grows with it, at the rate
+	// the stall brings the count down to, instead of sitting at zero.
+	at = at.Add(10 * time.Minute)
+	if eta, _ := tr.Snapshot().ETA(); eta != 90*(20+30+600)*time.Second/10 {
+		t.Errorf("ETA after a 10-minute stall %v, want %v", eta, 90*(20+30+600)*time.Second/10)
+	}
+
+	// Work kept from an earlier attempt (700 of 800 turns) is counted in
+	// but not timed: the rate is what this attempt does.
+	tr = newTracker("answers", "generate")
+	tr.Start()
+	tr.Report(0, 800, "turns", "loading")
+	at = at.Add(time.Minute)
+	tr.StartCount(700, 800, "turns", "answering")
+	if p := tr.Snapshot(); p.Rate() != 0 {
+		t.Errorf("rate %v before anything was counted on the clock, want 0 (no ETA yet)", p.Rate())
+	}
+	at = at.Add(60 * time.Second)
+	tr.Report(716, 800, "turns", "")
+	if eta, _ := tr.Snapshot().ETA(); eta != 315*time.Second {
+		t.Errorf("resumed: ETA %v, want 5m15s (84 turns at 16 a minute)", eta)
+	}
+
 	// A count that starts above zero (steps resumed at 40) is timed from
 	// there, for what it counts since.
 	tr = newTracker("adapter", "qlora")

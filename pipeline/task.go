@@ -79,6 +79,13 @@ func (t *Task) Report(done, total int64, unit, note string) {
 	t.tracker.Report(done, total, unit, note)
 }
 
+// StartCount is Report that starts the count's clock at done, so that the
+// rate and ETA time only what is counted from now on (see
+// Tracker.StartCount).
+func (t *Task) StartCount(done, total int64, unit, note string) {
+	t.tracker.StartCount(done, total, unit, note)
+}
+
 // Output starts the stage's table with the given schema. Every stage that
 // produces rows calls it once, before its first row, even for an empty table.
 func (t *Task) Output(schema *arrow.Schema) (*Output, error) {

@@ -326,10 +326,16 @@ func (s *generateStage) Run(ctx context.Context, t *pipeline.Task) error {
 		return err
 	}
 	defer done.close()
+	kept := 0 // turns
+	for _, g := range done.answers {
+		kept += len(g.texts)
+	}
 	if n := len(done.answers); n > 0 {
 		t.Log.Info("resuming: the last attempt answered some questions; their whole batches are kept", "questions", n)
 	}
-	t.Report(0, int64(totalTurns), "turns", "answering")
+	// The rate and ETA time this attempt's answers, not the model's loading
+	// nor the kept ones.
+	t.StartCount(int64(kept), int64(totalTurns), "turns", "answering")
 	started := time.Now()
 	// keptTokens are the kept batches': out of this attempt's rate.
 	var doneTurns, newTokens, keptTokens, truncated int

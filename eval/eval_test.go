@@ -654,6 +654,23 @@ func TestMappedSubjectMissing(t *testing.T) {
 	}
 }
 
+// TestMappedColumnsOfTheWholeSet: a mapped subject that some file of the
+// set has is fine (a file without subjects scores under NoSubject), and a
+// mapped choice column no row has ends the choices before it.
+func TestMappedColumnsOfTheWholeSet(t *testing.T) {
+	dir := t.TempDir()
+	a := writeFile(t, dir, "a.jsonl", `{"soru": "Bir?", "o1": "x", "o2": "y", "cevap": "A"}`+"\n")
+	b := writeFile(t, dir, "b.jsonl", `{"soru": "İki?", "o1": "x", "o2": "y", "cevap": "B", "bolum": "tarih"}`+"\n")
+	cols := map[string]string{"question": "soru", "answer": "cevap", "subject": "bolum", "A": "o1", "B": "o2", "C": "o3"}
+	qs, err := ReadQuestions([]string{a, b}, cols)
+	if err != nil || len(qs) != 2 || len(qs[0].Choices) != 2 || qs[0].Subject != "" || qs[1].Subject != "tarih" {
+		t.Fatalf("%+v, %v", qs, err)
+	}
+	if _, err := ReadQuestions([]string{a}, cols); err == nil || !strings.Contains(err.Error(), `columns maps subject to "bolum", which no row has (its columns: cevap, o1, o2, soru)`) {
+		t.Errorf("a mapped subject no file has: %v", err)
+	}
+}
+
 // TestReadQuestionsAsWritten: a set as tools write it reads as it means: a
 // byte order mark before the first line (Windows editors), CRLF line ends,
 // and integer answers stored as floats (pandas, once a value is missing).

@@ -9,8 +9,10 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"maps"
 	"math"
 	"os"
+	"slices"
 	"sort"
 	"strconv"
 	"strings"
@@ -99,6 +101,8 @@ func ReadQuestionsFrom(open func(path string) (File, error), paths []string, col
 		return ours
 	}
 	var out []Question
+	seen := map[string]bool{} // the files' columns
+	var first []string        // the first file's, for messages
 	for _, path := range paths {
 		rows, err := readRows(open, path)
 		if err != nil {
@@ -107,8 +111,13 @@ func ReadQuestionsFrom(open func(path string) (File, error), paths []string, col
 		if len(rows) == 0 {
 			return nil, fmt.Errorf("%s: no questions", path)
 		}
-		if err := checkMapped(rows, columns, path); err != nil {
-			return nil, err
+		if first == nil {
+			first = rows[0].names()
+		}
+		for _, r := range rows {
+			for k := range r.values {
+				seen[k] = true
+			}
 		}
 		for _, r := range rows {
 			q, err := r.question(col, columns)
@@ -118,6 +127,9 @@ func ReadQuestionsFrom(open func(path string) (File, error), paths []string, col
 			q.Where = r.where
 			out = append(out, q)
 		}
+	}
+	if err := checkMapped(seen, columns, paths, first); err != nil {
+		return nil, err
 	}
 	return out, nil
 }
@@ -133,29 +145,19 @@ func (e *RowError) Error() string { return e.Where + ": " + e.Err.Error() }
 func (e *RowError) Unwrap() error { return e.Err }
 
 // checkMapped reports a column that columns names on purpose but that no
-// row of a file has: a misspelt optional one (subject, a letter) would
-// otherwise be read as absent.
-func checkMapped(rows []row, columns map[string]string, path string) error {
-	ours := make([]string, 0, len(columns))
-	for k := range columns {
-		ours = append(ours, k)
-	}
-	sort.Strings(ours)
-	for _, k := range ours {
-		name := columns[k]
-		if name == "" {
+// row of the files has: a misspelt subject would otherwise be read as
+// absent. (A choice column may be missing: the choices end before it.)
+func checkMapped(seen map[string]bool, columns map[string]string, paths, first []string) error {
+	for _, ours := range slices.Sorted(maps.Keys(columns)) {
+		name := columns[ours]
+		if name == "" || seen[name] || len(ours) == 1 && ours[0] >= 'A' && ours[0] <= 'Z' {
 			continue
 		}
-		found := false
-		for _, r := range rows {
-			if _, ok := r.values[name]; ok {
-				found = true
-				break
-			}
+		where := "its columns"
+		if len(paths) > 1 {
+			where = "the columns of " + paths[0]
 		}
-		if !found {
-			return fmt.Errorf("%s: columns maps %s to %q, which no row has (its columns: %s)", path, k, name, strings.Join(rows[0].names(), ", "))
-		}
+		return fmt.Errorf("%s: columns maps %s to %q, which no row has (%s: %s)", strings.Join(paths, ", "), ours, name, where, strings.Join(first, ", "))
 	}
 	return nil
 }

@@ -434,7 +434,9 @@ func (s *generateStage) Run(ctx context.Context, t *pipeline.Task) error {
 // note qualifies the prompt ("with every earlier answer empty").
 func contextErr(q prompt, turn int, ce *converse.ContextError, note string) error {
 	fix := "shorten the question or lower max_new_tokens"
-	if ce.PromptTokens >= ce.Context {
+	if ce.PromptTokens >= ce.Context && (turn == 0 || note != "") {
+		// No answer of the model's is in the prompt: max_new_tokens
+		// would not shorten it.
 		fix = "shorten the question"
 	}
 	return fmt.Errorf("question %v, turn %d%s: %w; %s", q.ID, turn+1, note, ce, fix)

@@ -293,8 +293,12 @@ func TestGenerationConfig(t *testing.T) {
 	// filter keeps at least one token: top_k 1, not an uncut draw.
 	os.WriteFile(filepath.Join(dir, "generation_config.json"), []byte(`{"do_sample": true, "top_k": 64, "top_p": 0.0}`), 0o644)
 	gc, _ = ReadGenerationConfig(dir)
-	if temp, k, p := gc.Sampling(); temp != 1 || k != 1 || p != 1 {
+	temp, k, p := gc.Sampling()
+	if k, p = TopPZero(k, p); temp != 1 || k != 1 || p != 1 {
 		t.Errorf("top_p 0: %v %v %v, want 1 1 1", temp, k, p)
+	}
+	if k, p := TopPZero(64, 0.9); k != 64 || p != 0.9 {
+		t.Errorf("top_p 0.9: %v %v", k, p)
 	}
 	os.WriteFile(filepath.Join(dir, "generation_config.json"), []byte(`{"eos_token_id": "x"}`), 0o644)
 	if _, err := ReadGenerationConfig(dir); err == nil {

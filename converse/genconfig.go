@@ -57,7 +57,8 @@ func ReadGenerationConfig(dir string) (*GenerationConfig, error) {
 // temperature 0 (greedy) unless it samples, as transformers' generate
 // decodes greedily when do_sample is false; transformers' defaults
 // (temperature 1, top_k 50, top_p 1) where it samples and leaves one out.
-// A nil config decodes greedily.
+// A nil config decodes greedily. A top_p of 0 is returned as it is: the
+// caller applies it after its own settings (see TopPZero).
 func (gc *GenerationConfig) Sampling() (temperature float64, topK int, topP float64) {
 	if gc == nil || !gc.DoSample {
 		return 0, 0, 1
@@ -71,9 +72,16 @@ func (gc *GenerationConfig) Sampling() (temperature float64, topK int, topP floa
 	}
 	if gc.TopP != nil {
 		topP = *gc.TopP
-		if topP == 0 { // transformers then keeps the most likely token alone
-			topK, topP = 1, 1
-		}
 	}
 	return temperature, topK, topP
+}
+
+// TopPZero gives top_p 0 the meaning transformers gives it, the most
+// likely token alone (its top-p filter keeps at least one), as top_k 1:
+// GenerateOptions reads a top_p of 0 as no cut.
+func TopPZero(topK int, topP float64) (int, float64) {
+	if topP == 0 {
+		return 1, 1
+	}
+	return topK, topP
 }

@@ -134,6 +134,7 @@ in float32 (--backend cpu).`,
 			if f.Changed("max-new-tokens") {
 				opts.MaxNewTokens = maxNew
 			}
+			opts.TopK, opts.TopP = converse.TopPZero(opts.TopK, opts.TopP) // the file's top_p 0, after the flags
 			if opts.Temperature == 0 {
 				for _, name := range []string{"top-k", "top-p", "seed"} {
 					switch {

@@ -190,6 +190,16 @@ func TestChatCommand(t *testing.T) {
 	if r.code != 0 || r.stdout != want1+"\n"+want2+"\n" || want1 == want2 {
 		t.Errorf("asked again after /reset: %q, want %q then %q\n%s", r.stdout, want1, want2, r.stderr)
 	}
+	// top_p 0 in the file keeps the most likely token alone, as
+	// transformers does; --top-p overrides it.
+	writeFile(t, filepath.Join(model, "generation_config.json"), `{"do_sample": true, "top_k": 64, "top_p": 0.0, "eos_token_id": [1, 106]}`)
+	if r := runCLI(t, dir, "chat", "--model", model, "--prompt", q, "--max-new-tokens", "12", "--seed", "9"); r.code != 0 || r.stdout != first+"\n" {
+		t.Errorf("top_p 0 in generation_config.json: %q, want the greedy %q\n%s", r.stdout, first, r.stderr)
+	}
+	if r := runCLI(t, dir, "chat", "--model", model, "--prompt", q, "--max-new-tokens", "12", "--seed", "9", "--top-p", "0.95"); r.code != 0 || r.stdout != want1+"\n" {
+		t.Errorf("--top-p 0.95 over the file's top_p 0: %q, want %q\n%s", r.stdout, want1, r.stderr)
+	}
+	writeFile(t, filepath.Join(model, "generation_config.json"), `{"do_sample": true, "top_k": 64, "top_p": 0.95, "eos_token_id": [1, 106]}`)
 	r = runCLI(t, dir, "chat", "--model", model, "--prompt", q, "--max-new-tokens", "12", "--temperature", "0")
 	if r.code != 0 || r.stdout != first+"\n" {
 		t.Errorf("--temperature 0 over a sampling config: %q, want %q", r.stdout, first)

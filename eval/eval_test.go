@@ -681,6 +681,10 @@ func TestReadQuestionsAsWritten(t *testing.T) {
 	if err != nil || len(qs) != 2 || qs[0].Answer != 1 || qs[1].Answer != 1 || qs[1].Where != jl+":2" {
 		t.Errorf("JSONL with a byte order mark: %+v, %v", qs, err)
 	}
+	blank := writeFile(t, dir, "blank.jsonl", "\n\n{\"question\": \"Q?\", \"choices\": [\"a\", \"b\"], \"answer\": \"B\"}\n")
+	if qs, err := ReadQuestions([]string{blank}, nil); err != nil || len(qs) != 1 || qs[0].Where != blank+":3" {
+		t.Errorf("a file starting with blank lines: %+v, %v (want line 3)", qs, err)
+	}
 	arr := writeFile(t, dir, "bom.json", "\xef\xbb\xbf[{\"question\": \"Q?\", \"choices\": [\"a\", \"b\"], \"answer\": \"B\"}]")
 	if qs, err := ReadQuestions([]string{arr}, nil); err != nil || len(qs) != 1 || qs[0].Answer != 1 {
 		t.Errorf("JSON array with a byte order mark: %+v, %v", qs, err)

@@ -397,19 +397,19 @@ func readJSONLRows(f io.Reader, path string) ([]row, error) {
 	return rows, nil
 }
 
-// firstByte peeks at the first byte that is not white space.
+// firstByte peeks at the first byte that is not white space, reading
+// nothing: the lines are counted from the file's first.
 func firstByte(br *bufio.Reader) (byte, error) {
-	for {
-		b, err := br.Peek(1)
-		if err != nil {
+	for i := 1; ; i++ {
+		b, err := br.Peek(i)
+		if len(b) < i {
 			return 0, err
 		}
-		switch b[0] {
+		switch b[i-1] {
 		case ' ', '\t', '\r', '\n':
-			br.ReadByte()
 			continue
 		}
-		return b[0], nil
+		return b[i-1], nil
 	}
 }
 

@@ -62,6 +62,9 @@ func Train(ctx context.Context, s Session, data Dataset, opts TrainOptions) (*Re
 	if log == nil {
 		log = slog.New(slog.DiscardHandler)
 	}
+	if rank == 0 {
+		warnUnused(log, p, opts)
+	}
 	for {
 		ck, err := loadCheckpointOnRanks(g, ckDir, info, fingerprint, log)
 		if err != nil {
@@ -388,4 +391,19 @@ func batchFrom(data Dataset, idx []int, what string) (*Batch, int64, error) {
 	}
 	b, err := NewBatch(rows)
 	return b, tokens, err
+}
+
+// warnUnused says which settings the plan of rows leaves without effect,
+// where transformers' Trainer would act on them: max_steps past the
+// epochs (it loops over the data again; here the epochs bound the run),
+// and eval_every with nothing held out (it refuses).
+func warnUnused(log *slog.Logger, p *rowPlan, o TrainOptions) {
+	if o.MaxSteps > p.stepsPerEpoch*o.Epochs {
+		log.Warn("max_steps is more than the epochs give: training stops when they end", "max_steps", o.MaxSteps,
+			"epochs", o.Epochs, "steps", p.total, "fix", fmt.Sprintf("raise epochs to %d to train %d steps", (o.MaxSteps+p.stepsPerEpoch-1)/p.stepsPerEpoch, o.MaxSteps))
+	}
+	if o.EvalEvery > 0 && len(p.eval) == 0 && o.EvalData == nil {
+		log.Warn("eval_every has nothing to evaluate: no rows are held out", "eval_every", o.EvalEvery,
+			"fix", "set eval_fraction, or hold examples out with a mix stage's heldout")
+	}
 }

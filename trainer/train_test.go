@@ -6,6 +6,7 @@ import (
 	"encoding/json"
 	"encoding/xml"
 	"fmt"
+	"log/slog"
 	"math/rand/v2"
 	"os"
 	"path/filepath"
@@ -240,4 +241,38 @@ func TestResumeAfterSIGKILL(t *testing.T) {
 		t.Error("adapter differs from the uninterrupted run's")
 	}
 	t.Logf("%d kills, %d metric lines identical", kills, len(got))
+}
+
+// TestWarnUnused: settings the plan leaves without effect are said, where
+// transformers' Trainer would act on them; those that take effect are not.
+func TestWarnUnused(t *testing.T) {
+	said := func(rows int, o TrainOptions) string {
+		t.Helper()
+		if err := o.defaults(); err != nil {
+			t.Fatal(err)
+		}
+		p, err := makeRowPlan(rows, &o)
+		if err != nil {
+			t.Fatal(err)
+		}
+		var logs bytes.Buffer
+		warnUnused(slog.New(slog.NewTextHandler(&logs, nil)), p, o)
+		return logs.String()
+	}
+	// 45 rows, batches of 2, 4 a step: 6 steps an epoch.
+	base := TrainOptions{BatchSize: 2, GradAccum: 4, Epochs: 1, LR: 1e-3, OutDir: t.TempDir()}
+	o := base
+	o.MaxSteps = 10
+	if got := said(45, o); !strings.Contains(got, "max_steps is more than the epochs give") || !strings.Contains(got, "steps=6") || !strings.Contains(got, `fix="raise epochs to 2 to train 10 steps"`) {
+		t.Errorf("max_steps 10 of 6: %s", got)
+	}
+	o = base
+	o.EvalEvery = 2
+	if got := said(45, o); !strings.Contains(got, "eval_every has nothing to evaluate") {
+		t.Errorf("eval_every without held-out rows: %s", got)
+	}
+	o.EvalFraction, o.MaxSteps = 0.1, 3
+	if got := said(45, o); got != "" {
+		t.Errorf("settings that take effect: %s", got)
+	}
 }

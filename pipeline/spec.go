@@ -452,6 +452,12 @@ func (l *loader) decodeError(n *Node, with ast.Node, err error) *SpecError {
 	case errors.As(err, &unknown):
 		field := strings.TrimSuffix(strings.TrimPrefix(unknown.Message, `unknown field "`), `"`)
 		e.Msg = fmt.Sprintf("stage %q: unknown parameter %q for kind %s", n.Name, field, n.KindName)
+		if ps, ok := n.Kind.(ParamSynonyms); ok {
+			if ours, ok := ps.Synonyms()[field]; ok {
+				e.Fix = fmt.Sprintf("%s is called %s here; %s", field, ours, e.Fix)
+				return e
+			}
+		}
 		// Inside a parameter's own mapping (multiple_choice: {…}), say
 		// that mapping's names.
 		if path := keyPathAt(with, e.Line, e.Col); strings.Contains(path, ".") {
@@ -829,6 +835,13 @@ func canonicalJSON(v any) ([]byte, error) {
 		return nil, err
 	}
 	return bytes.TrimRight(buf.Bytes(), "\n"), nil
+}
+
+// A ParamSynonyms is a Kind whose parameters other tools name otherwise
+// (transformers' learning_rate is a qlora stage's lr): a spec that uses
+// one of those names is told the name used here.
+type ParamSynonyms interface {
+	Synonyms() map[string]string // their name → ours
 }
 
 // An InputChecker is a Kind that reads only some kinds of input stages (a

@@ -71,6 +71,34 @@ type qloraParams struct {
 // backends), 8-bit AdamW runs as 8-bit AdamW, and the key holds the
 // resolved backend. Version 3: dropout draws 16 bits an element
 // (trainer.Dropout), so the same run drops other elements.
+// Synonyms are the names transformers' TrainingArguments, TRL, PEFT and
+// Axolotl give the parameters, for the spec error of a spec written with
+// them.
+func (qloraKind) Synonyms() map[string]string {
+	return map[string]string{
+		"learning_rate":               "lr",
+		"gradient_accumulation_steps": "grad_accum",
+		"per_device_train_batch_size": "batch_size",
+		"micro_batch_size":            "batch_size",
+		"num_train_epochs":            "epochs",
+		"num_epochs":                  "epochs",
+		"lr_scheduler_type":           "schedule",
+		"lr_scheduler":                "schedule",
+		"warmup_ratio":                "warmup_steps (a number of steps)",
+		"lora_r":                      "r",
+		"lora_alpha":                  "alpha",
+		"lora_dropout":                "dropout",
+		"lora_target_modules":         "target_modules",
+		"logging_steps":               "log_every",
+		"eval_steps":                  "eval_every",
+		"save_steps":                  "checkpoint_every",
+		"val_set_size":                "eval_fraction",
+		"optim":                       "optimizer",
+		"load_in_4bit":                "quantize (nf4)",
+		"base_model":                  "model",
+	}
+}
+
 func (qloraKind) Version() int       { return 3 }
 func (qloraKind) Inputs() (int, int) { return 1, 2 }
 func (qloraKind) Params() any {
@@ -92,12 +120,17 @@ func (p *qloraParams) Validate() error {
 	if hub.IsRef(p.Model) {
 		p.HubBaseNaming = "repository id and commit"
 	}
+	if len(p.TargetModules) == 1 && p.TargetModules[0] == "all-linear" {
+		// PEFT's name for every linear layer of the decoder: the seven
+		// projections, written out so that the key is the default's.
+		p.TargetModules = qloraKind{}.Params().(*qloraParams).TargetModules
+	}
 	var targets []trainer.Module
 	seen := map[trainer.Module]bool{}
 	for _, t := range p.TargetModules {
 		m, err := trainer.ParseModule(t)
 		if err != nil {
-			return bad("target_modules", err.Error(), "choose among q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj")
+			return bad("target_modules", err.Error(), "choose among q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj, or [all-linear] for all seven")
 		}
 		if seen[m] {
 			return bad("target_modules", fmt.Sprintf("%s is listed twice", m), "list each projection once")

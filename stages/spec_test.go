@@ -70,6 +70,9 @@ func TestParameterMistakes(t *testing.T) {
 		{"target_modules: []", "target_modules: is empty"},
 		{"target_modules: [q_proj, q_proj]", "target_modules: q_proj is listed twice"},
 		{"grad_accum: 0", "grad_accum: 0 must be at least 1"},
+		{"gradient_accumulation_steps: 4", `unknown parameter "gradient_accumulation_steps" for kind qlora
+	fix: gradient_accumulation_steps is called grad_accum here; parameters of kind qlora:`},
+		{"learning_rate: 1.0e-4", "unknown parameter \"learning_rate\" for kind qlora\n\tfix: learning_rate is called lr here"},
 	}
 	for _, c := range cases {
 		t.Run(c.param, func(t *testing.T) {
@@ -90,6 +93,24 @@ func TestParameterMistakes(t *testing.T) {
 				t.Errorf("no fix: %v", err)
 			}
 		})
+	}
+}
+
+// TestAllLinear: target_modules: [all-linear], PEFT's name, is the seven
+// projections, the default, and keys as the default does.
+func TestAllLinear(t *testing.T) {
+	r := newTestRun(t)
+	os.WriteFile(filepath.Join(r.dir, "a.jsonl"), []byte(`{"instruction": "Selam ver", "input": "", "output": "Merhaba."}`+"\n"), 0o644)
+	os.WriteFile(filepath.Join(r.dir, "tok.json"), []byte("{}"), 0o644)
+	canon := func(param string) string {
+		dag, err := loadSpec(r.spec(strings.Replace(validationSpec, "PARAM", param, 1)), Registry())
+		if err != nil {
+			t.Fatalf("%s: %v", param, err)
+		}
+		return string(dag.Node("adapter").Canon)
+	}
+	if a, b := canon("target_modules: [all-linear]"), canon("r: 32"); a != b {
+		t.Errorf("all-linear keys as %s, the default as %s", a, b)
 	}
 }
 

@@ -625,6 +625,7 @@ func paramSpecError(file string, n *Node, err error) *SpecError {
 }
 
 func (l *loader) resolveNeeds(order []*Node, byName map[string]*Node, needNodes map[*Node][]ast.Node) {
+	var checked []*Node // whose inputs their kind checks
 	for _, n := range order {
 		seen := map[string]bool{}
 		for _, nn := range needNodes[n] {
@@ -670,8 +671,13 @@ func (l *loader) resolveNeeds(order []*Node, byName map[string]*Node, needNodes 
 			}
 			l.errs = append(l.errs, &SpecError{File: l.file, Line: n.Line, Msg: fmt.Sprintf("stage %q (kind %s) has %d input stage(s)", n.Name, n.KindName, got), Fix: fix})
 		default:
-			l.checkInputKinds(n, len(needNodes[n]))
+			checked = append(checked, n)
 		}
+	}
+	// Once every stage's needs are resolved, so that a kind sees its
+	// inputs' own inputs too.
+	for _, n := range checked {
+		l.checkInputKinds(n, len(needNodes[n]))
 	}
 	if !l.hasErrors() {
 		if cycle := findCycle(order); cycle != nil {
@@ -857,6 +863,7 @@ type InputChecker interface {
 type Need struct {
 	Stage string // its name
 	Kind  string // its kind
+	Needs []Need // its own inputs (their Needs empty)
 }
 
 // checkInputKinds asks n's kind whether it can read its inputs, once every
@@ -872,6 +879,9 @@ func (l *loader) checkInputKinds(n *Node, written int) {
 			return // reported already
 		}
 		needs[i] = Need{Stage: d.Name, Kind: d.KindName}
+		for _, dd := range d.Needs {
+			needs[i].Needs = append(needs[i].Needs, Need{Stage: dd.Name, Kind: dd.KindName})
+		}
 	}
 	if err := ic.CheckInputs(n.Params, needs); err != nil {
 		l.errs = append(l.errs, l.paramError(n, err))

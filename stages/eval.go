@@ -391,7 +391,7 @@ func (evalKind) CheckInputs(params any, needs []pipeline.Need) error {
 		return &pipeline.ParamError{Param: "needs", Msg: fmt.Sprintf("stage %q gives held-out records, but the loss task is not listed", sources[0]),
 			Fix: "add loss to tasks, or remove the stage from needs"}
 	}
-	return nil
+	return missingTrainedBase(needs, p.Model)
 }
 
 // evalInputs are an eval stage's needs, told apart by kind (CheckInputs

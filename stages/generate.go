@@ -205,7 +205,7 @@ func (generateKind) CheckInputs(params any, needs []pipeline.Need) error {
 	case !qlora && !merge && !model && p.Model == "":
 		return needsErr("no model", "add a qlora, merge or model stage to needs, or set `model:` to a checkpoint folder")
 	}
-	return nil
+	return missingTrainedBase(needs, p.Model)
 }
 
 type generateStage struct {

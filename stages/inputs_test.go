@@ -119,4 +119,13 @@ stages:
 	wrongInput(t, head+"  q: {kind: gguf, needs: [adapter]}\n", 10, `"adapter" is a qlora stage, but a gguf stage reads the checkpoint of a merge or model stage`)
 	wrongInput(t, head+"  q: {kind: gguf}\n", 10, "nothing to convert")
 	wrongInput(t, head+"  q: {kind: gguf, needs: [base], with: {model: m}}\n", 10, "two models to convert")
+	// An adapter trained on a model stage, scored or asked without it: the
+	// base would be missed only once training is done. Its stage may come
+	// later in the file.
+	mc := "  ev: {kind: eval, needs: [adapter], with: {tasks: [multiple_choice], multiple_choice: {paths: [a.jsonl]}}}\n"
+	wrongInput(t, head+mc, 10, "no base model: the adapter of stage adapter was trained on model stage base", "add base to needs")
+	wrongInput(t, strings.Replace(head, "  adapter: {kind: qlora, needs: [pack, base], with: {backend: cpu}}\n", "", 1)+mc+
+		"  adapter: {kind: qlora, needs: [pack, base], with: {backend: cpu}}\n", 9, "no base model: the adapter of stage adapter was trained on model stage base")
+	wrongInput(t, head+"  questions: {kind: mt_bench, with: {paths: [a.jsonl]}}\n  answers: {kind: generate, needs: [questions, adapter]}\n", 11,
+		"no base model: the adapter of stage adapter was trained on model stage base")
 }

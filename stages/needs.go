@@ -141,3 +141,31 @@ func twoBases(model, stage string) error {
 	return &pipeline.ParamError{Param: "model", Msg: fmt.Sprintf("names %s, and model stage %q is in needs: two base models", model, stage),
 		Fix: "remove `model:`, or the model stage from needs"}
 }
+
+// missingTrainedBase reports an adapter (a qlora stage among needs)
+// trained on a model stage that needs leaves out, with no `model:` naming
+// the base either: the stage would find no base only once the training
+// had run. (An adapter trained on a folder or an hf:// model names its
+// base itself.)
+func missingTrainedBase(needs []pipeline.Need, model string) error {
+	if model != "" {
+		return nil
+	}
+	for _, n := range needs {
+		if n.Kind == modelKindName {
+			return nil
+		}
+	}
+	for _, n := range needs {
+		if n.Kind != "qlora" {
+			continue
+		}
+		for _, in := range n.Needs {
+			if in.Kind == modelKindName {
+				return &pipeline.ParamError{Param: "needs", Msg: fmt.Sprintf("no base model: the adapter of stage %s was trained on model stage %s", n.Stage, in.Stage),
+					Fix: fmt.Sprintf("add %s to needs", in.Stage)}
+			}
+		}
+	}
+	return nil
+}

@@ -95,7 +95,7 @@ func (s *Store) PlanContext(ctx context.Context, dag *DAG, opts Options) (*Plan,
 // failing the plan.
 func (s *Store) plan(ctx context.Context, dag *DAG, opts Options, lenient bool) (*Plan, error) {
 	if opts.Until != "" && opts.Only != "" {
-		return nil, &SpecError{File: dag.Path, Msg: "--until and --only exclude each other", Fix: "give one of them"}
+		return nil, &SpecError{File: dag.File, Msg: "--until and --only exclude each other", Fix: "give one of them"}
 	}
 	for _, name := range append(append([]string{}, opts.Force...), opts.Until, opts.Only) {
 		if name != "" && name != "all" && dag.Node(name) == nil {
@@ -103,7 +103,7 @@ func (s *Store) plan(ctx context.Context, dag *DAG, opts Options, lenient bool) 
 			if c := closest(name, names(dag.Nodes)); c != "" {
 				fix = fmt.Sprintf("did you mean %q? %s", c, fix)
 			}
-			return nil, &SpecError{File: dag.Path, Msg: fmt.Sprintf("no stage called %q", name), Fix: fix}
+			return nil, &SpecError{File: dag.File, Msg: fmt.Sprintf("no stage called %q", name), Fix: fix}
 		}
 	}
 	// Only the stages the run needs are keyed: those it selects and what
@@ -121,7 +121,7 @@ func (s *Store) plan(ctx context.Context, dag *DAG, opts Options, lenient bool) 
 			prepared = append(prepared, n)
 		}
 	}
-	refs, refErrs := resolveRefs(ctx, dag.Path, prepared)
+	refs, refErrs := resolveRefs(ctx, dag.File, prepared)
 	if len(refErrs) > 0 && !lenient {
 		// The first stage's: stages that name one model fail alike.
 		for _, n := range prepared {

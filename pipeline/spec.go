@@ -28,6 +28,7 @@ import (
 type DAG struct {
 	Name  string
 	Path  string  // absolute path of the spec file
+	File  string  // its path as given, for messages
 	Dir   string  // folder relative paths in the spec are resolved against
 	Cache string  // the spec's `cache:` folder, absolute; "" when unset
 	Nodes []*Node // in topological order; ties keep the spec's order
@@ -159,7 +160,7 @@ func Load(path string, kinds *Registry) (*DAG, error) {
 		sort.SliceStable(l.errs, func(i, j int) bool { return l.errs[i].Line < l.errs[j].Line })
 		return nil, l.errs
 	}
-	dag.Path = abs
+	dag.Path, dag.File = abs, path
 	dag.Dir = filepath.Dir(abs)
 	if dag.Cache != "" {
 		if dag.Cache, err = ResolvePath(dag.Dir, dag.Cache); err != nil {

@@ -304,6 +304,11 @@ func TestSpecErrorsExit2(t *testing.T) {
 			}
 		})
 	}
+	// The plan's own errors name the spec as it was given, as the loader's do.
+	writeFile(t, filepath.Join(dir, "ok.yaml"), "name: x\nstages:\n  a: {kind: jsonl, with: {paths: [data.jsonl]}}\n")
+	if r := runCLI(t, dir, "plan", "ok.yaml", "--until", "b"); r.code != 2 || !strings.Contains(r.stderr, "\npipeline: ok.yaml: no stage called \"b\"") {
+		t.Errorf("--until b: exit %d\n%s", r.code, r.stderr)
+	}
 	if r := runCLI(t, dir, "run"); r.code != 2 {
 		t.Errorf("run without a spec: exit %d", r.code)
 	}

@@ -38,15 +38,18 @@ type qloraParams struct {
 	LR            float64  `json:"lr"`
 	Schedule      string   `json:"schedule"`
 	WarmupSteps   int      `json:"warmup_steps"`
-	WeightDecay   float64  `json:"weight_decay"`
-	MaxGradNorm   float64  `json:"max_grad_norm"`
-	Epochs        int      `json:"epochs"`
-	MaxSteps      int      `json:"max_steps"`
-	Optimizer     string   `json:"optimizer"`
-	Seed          uint64   `json:"seed"`
-	EvalFraction  float64  `json:"eval_fraction"`
-	EvalEvery     int      `json:"eval_every"`
-	LogEvery      int      `json:"log_every"`
+	// WarmupRatio is left out of the key when unset, as before it was a
+	// parameter.
+	WarmupRatio  float64 `json:"warmup_ratio,omitempty"`
+	WeightDecay  float64 `json:"weight_decay"`
+	MaxGradNorm  float64 `json:"max_grad_norm"`
+	Epochs       int     `json:"epochs"`
+	MaxSteps     int     `json:"max_steps"`
+	Optimizer    string  `json:"optimizer"`
+	Seed         uint64  `json:"seed"`
+	EvalFraction float64 `json:"eval_fraction"`
+	EvalEvery    int     `json:"eval_every"`
+	LogEvery     int     `json:"log_every"`
 	// Backend is resolved by Validate ("auto" becomes cpu or cuda), so the
 	// key names the backend that computes the adapter.
 	Backend string `json:"backend"`
@@ -84,7 +87,6 @@ func (qloraKind) Synonyms() map[string]string {
 		"num_epochs":                  "epochs",
 		"lr_scheduler_type":           "schedule",
 		"lr_scheduler":                "schedule",
-		"warmup_ratio":                "warmup_steps (a number of steps)",
 		"lora_r":                      "r",
 		"lora_alpha":                  "alpha",
 		"lora_dropout":                "dropout",
@@ -169,6 +171,10 @@ func (p *qloraParams) Validate() error {
 		return bad("epochs", "0 epochs and no max_steps would train nothing", "set epochs: 1, or max_steps")
 	case p.WarmupSteps < 0:
 		return bad("warmup_steps", fmt.Sprintf("%d must not be negative", p.WarmupSteps), "0 starts at the full learning rate")
+	case !(p.WarmupRatio >= 0 && p.WarmupRatio <= 1):
+		return bad("warmup_ratio", fmt.Sprintf("%v must be in [0, 1]", p.WarmupRatio), "a share of the run's steps, e.g. warmup_ratio: 0.03")
+	case p.WarmupRatio > 0 && p.WarmupSteps > 0:
+		return bad("warmup_ratio", "is given with warmup_steps", "give one: warmup_steps counts steps, warmup_ratio a share of the run's")
 	case p.WeightDecay < 0:
 		return bad("weight_decay", fmt.Sprintf("%v must not be negative", p.WeightDecay), "AdamW usually takes 0 to 0.1")
 	case p.MaxGradNorm < 0:
@@ -303,7 +309,7 @@ func (s *qloraStage) Run(ctx context.Context, t *pipeline.Task) error {
 	live := startLiveEvents(t, scratch, s.p, started)
 	defer live.close()
 	res, err := trainer.Train(ctx, sess, rows, trainer.TrainOptions{
-		LR: s.p.LR, Schedule: trainer.Schedule(s.p.Schedule), WarmupSteps: s.p.WarmupSteps,
+		LR: s.p.LR, Schedule: trainer.Schedule(s.p.Schedule), WarmupSteps: s.p.WarmupSteps, WarmupRatio: s.p.WarmupRatio,
 		MaxGradNorm: s.p.MaxGradNorm,
 		BatchSize:   s.p.BatchSize, GradAccum: s.p.GradAccum, Epochs: s.p.Epochs, MaxSteps: s.p.MaxSteps,
 		Seed: s.p.Seed, EvalFraction: s.p.EvalFraction, EvalEvery: s.p.EvalEvery, EvalData: heldOut, LogEvery: s.p.LogEvery,

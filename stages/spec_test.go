@@ -72,6 +72,8 @@ func TestParameterMistakes(t *testing.T) {
 		{"grad_accum: 0", "grad_accum: 0 must be at least 1"},
 		{"gradient_accumulation_steps: 4", `unknown parameter "gradient_accumulation_steps" for kind qlora
 	fix: gradient_accumulation_steps is called grad_accum here; parameters of kind qlora:`},
+		{"warmup_ratio: 1.5", "warmup_ratio: 1.5 must be in [0, 1]"},
+		{"warmup_ratio: 0.1\n      warmup_steps: 2", "warmup_ratio: is given with warmup_steps"},
 		{"learning_rate: 1.0e-4", "unknown parameter \"learning_rate\" for kind qlora\n\tfix: learning_rate is called lr here"},
 	}
 	for _, c := range cases {
@@ -111,6 +113,11 @@ func TestAllLinear(t *testing.T) {
 	}
 	if a, b := canon("target_modules: [all-linear]"), canon("r: 32"); a != b {
 		t.Errorf("all-linear keys as %s, the default as %s", a, b)
+	}
+	// warmup_ratio, unset, leaves the keys of adapters trained before it was
+	// a parameter as they were.
+	if strings.Contains(canon("r: 32"), "warmup_ratio") || !strings.Contains(canon("warmup_ratio: 0.03"), `"warmup_ratio":0.03`) {
+		t.Errorf("warmup_ratio in the key: %s", canon("r: 32"))
 	}
 }
 

@@ -34,6 +34,10 @@ type TrainOptions struct {
 	LR          float64
 	Schedule    Schedule
 	WarmupSteps int
+	// WarmupRatio, when set, gives the warmup as that share of the run's
+	// steps, rounded up, as transformers' warmup_ratio does (WarmupSteps
+	// is then 0).
+	WarmupRatio float64
 	// MaxGradNorm clips the global gradient norm; 0 disables clipping.
 	MaxGradNorm float64
 	// BatchSize rows per micro-batch (default 1), GradAccum micro-batches
@@ -142,6 +146,10 @@ func (o *TrainOptions) defaults() error {
 		return fmt.Errorf("train: learning rate %v must be positive", o.LR)
 	case o.BatchSize < 0 || o.GradAccum < 0 || o.Epochs < 0 || o.MaxSteps < 0 || o.WarmupSteps < 0:
 		return errors.New("train: batch size, grad accumulation, epochs, max steps and warmup must not be negative")
+	case !(o.WarmupRatio >= 0 && o.WarmupRatio <= 1):
+		return fmt.Errorf("train: warmup ratio %v must be in [0, 1]", o.WarmupRatio)
+	case o.WarmupRatio > 0 && o.WarmupSteps > 0:
+		return errors.New("train: give warmup steps or a warmup ratio, not both")
 	case o.EvalFraction < 0 || o.EvalFraction >= 1:
 		return fmt.Errorf("train: eval fraction %v must be in [0, 1)", o.EvalFraction)
 	case o.EvalData != nil && o.EvalFraction > 0:

@@ -39,6 +39,9 @@ func Train(ctx context.Context, s Session, data Dataset, opts TrainOptions) (*Re
 	if err != nil {
 		return nil, err
 	}
+	if opts.WarmupRatio > 0 {
+		opts.WarmupSteps = int(math.Ceil(opts.WarmupRatio * float64(p.total)))
+	}
 	g := s.Config().Group
 	rank, size := rankOf(g)
 	if size > 1 {

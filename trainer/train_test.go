@@ -276,3 +276,39 @@ func TestWarnUnused(t *testing.T) {
 		t.Errorf("settings that take effect: %s", got)
 	}
 }
+
+// TestWarmupRatio: a warmup ratio is that share of the run's steps,
+// rounded up as transformers rounds it (0.2 of 12 steps: 3), and trains as
+// that many warmup steps do.
+func TestWarmupRatio(t *testing.T) {
+	c := tinyConfig()
+	m := tinyModel(t, c)
+	run := func(steps int, ratio float64) []Metric {
+		opts := trainOptions(t.TempDir())
+		opts.WarmupSteps, opts.WarmupRatio, opts.EvalFraction, opts.EvalEvery, opts.CheckpointEvery = steps, ratio, 0, 0, 0
+		res, err := Train(context.Background(), openCPU(t, m, sessionConfig()), trainRows(c.VocabSize, 24, 16, 1), opts)
+		if err != nil {
+			t.Fatal(err)
+		}
+		return readMetrics(t, res.MetricsPath)
+	}
+	byRatio, bySteps := run(0, 0.2), run(3, 0)
+	numbers := func(ms []Metric) string {
+		var b strings.Builder
+		for _, m := range ms {
+			fmt.Fprintf(&b, "%d %v %v; ", m.Step, m.LR, m.Loss)
+		}
+		return b.String()
+	}
+	if len(byRatio) != 12 || numbers(byRatio) != numbers(bySteps) {
+		t.Errorf("warmup_ratio 0.2: %s\nwarmup_steps 3: %s", numbers(byRatio), numbers(bySteps))
+	}
+	if byRatio[2].LR >= byRatio[3].LR {
+		t.Errorf("learning rates %v, %v: warmup should end at step 4", byRatio[2].LR, byRatio[3].LR)
+	}
+	opts := trainOptions(t.TempDir())
+	opts.WarmupRatio = 0.1
+	if _, err := Train(context.Background(), openCPU(t, m, sessionConfig()), trainRows(c.VocabSize, 24, 16, 1), opts); err == nil || !strings.Contains(err.Error(), "not both") {
+		t.Errorf("steps and ratio both: %v", err)
+	}
+}

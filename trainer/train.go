@@ -66,7 +66,7 @@ func Train(ctx context.Context, s Session, data Dataset, opts TrainOptions) (*Re
 		log = slog.New(slog.DiscardHandler)
 	}
 	if rank == 0 {
-		warnUnused(log, p, opts)
+		warnUnused(log, p, opts, size)
 	}
 	for {
 		ck, err := loadCheckpointOnRanks(g, ckDir, info, fingerprint, log)
@@ -399,8 +399,14 @@ func batchFrom(data Dataset, idx []int, what string) (*Batch, int64, error) {
 // warnUnused says which settings the plan of rows leaves without effect,
 // where transformers' Trainer would act on them: max_steps past the
 // epochs (it loops over the data again; here the epochs bound the run),
-// and eval_every with nothing held out (it refuses).
-func warnUnused(log *slog.Logger, p *rowPlan, o TrainOptions) {
+// eval_every with nothing held out (it refuses), and ranks beyond
+// grad_accum (a step's micro-batches are shared among the ranks, so those
+// have none; transformers multiplies the batch by the ranks instead).
+func warnUnused(log *slog.Logger, p *rowPlan, o TrainOptions, ranks int) {
+	if ranks > o.GradAccum {
+		log.Warn("more ranks than micro-batches a step: some ranks have nothing to train", "ranks", ranks, "grad_accum", o.GradAccum,
+			"fix", fmt.Sprintf("set grad_accum to a multiple of %d (the effective batch is batch_size × grad_accum whatever the ranks)", ranks))
+	}
 	if o.MaxSteps > p.stepsPerEpoch*o.Epochs {
 		log.Warn("max_steps is more than the epochs give: training stops when they end", "max_steps", o.MaxSteps,
 			"epochs", o.Epochs, "steps", p.total, "fix", fmt.Sprintf("raise epochs to %d to train %d steps", (o.MaxSteps+p.stepsPerEpoch-1)/p.stepsPerEpoch, o.MaxSteps))

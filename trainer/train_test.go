@@ -246,7 +246,7 @@ func TestResumeAfterSIGKILL(t *testing.T) {
 // TestWarnUnused: settings the plan leaves without effect are said, where
 // transformers' Trainer would act on them; those that take effect are not.
 func TestWarnUnused(t *testing.T) {
-	said := func(rows int, o TrainOptions) string {
+	said := func(rows int, o TrainOptions, ranks ...int) string {
 		t.Helper()
 		if err := o.defaults(); err != nil {
 			t.Fatal(err)
@@ -256,7 +256,11 @@ func TestWarnUnused(t *testing.T) {
 			t.Fatal(err)
 		}
 		var logs bytes.Buffer
-		warnUnused(slog.New(slog.NewTextHandler(&logs, nil)), p, o)
+		size := 1
+		if len(ranks) > 0 {
+			size = ranks[0]
+		}
+		warnUnused(slog.New(slog.NewTextHandler(&logs, nil)), p, o, size)
 		return logs.String()
 	}
 	// 45 rows, batches of 2, 4 a step: 6 steps an epoch.
@@ -274,6 +278,12 @@ func TestWarnUnused(t *testing.T) {
 	o.EvalFraction, o.MaxSteps = 0.1, 3
 	if got := said(45, o); got != "" {
 		t.Errorf("settings that take effect: %s", got)
+	}
+	if got := said(45, o, 8); !strings.Contains(got, "more ranks than micro-batches a step") || !strings.Contains(got, "a multiple of 8") {
+		t.Errorf("8 ranks, grad_accum 4: %s", got)
+	}
+	if got := said(45, o, 4); got != "" {
+		t.Errorf("4 ranks, grad_accum 4: %s", got)
 	}
 }
 

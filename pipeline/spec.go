@@ -16,6 +16,8 @@ import (
 	"github.com/goccy/go-yaml"
 	"github.com/goccy/go-yaml/ast"
 	"github.com/goccy/go-yaml/parser"
+
+	"gemmaft/internal/lines"
 )
 
 // A DAG is a parsed, validated spec whose stages (its Nodes) are ready to
@@ -153,7 +155,7 @@ func Load(path string, kinds *Registry) (*DAG, error) {
 			Fix: "check the path; specs are YAML files such as dags/demo.yaml"}
 	}
 	// Editors on Windows start UTF-8 files with a byte order mark.
-	src = bytes.TrimPrefix(src, []byte("\xef\xbb\xbf"))
+	src = bytes.TrimPrefix(src, []byte(lines.BOM))
 	l := &loader{file: path, kinds: kinds, src: src}
 	dag := l.load(src)
 	if len(l.errs) > 0 {

@@ -515,57 +515,46 @@ func (l *loader) decodeError(n *Node, with ast.Node, err error) *SpecError {
 // nested in another) whose value stands at line and col, with the value's
 // text; "" when none does.
 func paramAt(with ast.Node, line, col int) (param, value string) {
+	return pathAt(with, line, col, false)
+}
+
+// keyPathAt is the dotted path of the parameter whose name is written at
+// line and col ("multiple_choice.shots").
+func keyPathAt(with ast.Node, line, col int) string {
+	p, _ := pathAt(with, line, col, true)
+	return p
+}
+
+// pathAt finds the parameter whose name (atKey) or value stands at line
+// and col: its dotted path, and the text there.
+func pathAt(with ast.Node, line, col int, atKey bool) (path, text string) {
 	fields, _ := entries(with)
 	for _, f := range fields {
-		if tk := f.Value.GetToken(); tk != nil && tk.Position.Line == line && tk.Position.Column == col {
+		n := f.Value
+		if atKey {
+			n = f.Key
+		}
+		if tk := n.GetToken(); tk != nil && tk.Position.Line == line && tk.Position.Column == col {
 			return keyOf(f), tk.Value
 		}
-		if p, v := paramAt(f.Value, line, col); p != "" {
+		if p, v := pathAt(f.Value, line, col, atKey); p != "" {
 			return keyOf(f) + "." + p, v
 		}
 	}
 	return "", ""
 }
 
-// keyPathAt is the dotted path of the parameter whose name is written at
-// line and col ("multiple_choice.shots").
-func keyPathAt(with ast.Node, line, col int) string {
-	fields, _ := entries(with)
-	for _, f := range fields {
-		if tk := f.Key.GetToken(); tk != nil && tk.Position.Line == line && tk.Position.Column == col {
-			return keyOf(f)
-		}
-		if p := keyPathAt(f.Value, line, col); p != "" {
-			return keyOf(f) + "." + p
-		}
-	}
-	return ""
-}
-
 // nestedParamNames lists the names of the mapping parameter path
 // ("multiple_choice") of params holds, or nil if it is none.
 func nestedParamNames(params any, path string) []string {
-	t := reflect.TypeOf(params)
 	for _, name := range strings.Split(path, ".") {
-		for t.Kind() == reflect.Pointer {
-			t = t.Elem()
-		}
-		if t.Kind() != reflect.Struct {
-			return nil
-		}
-		f, ok := paramField(reflect.New(t).Interface(), name)
+		f, ok := paramField(params, name)
 		if !ok {
 			return nil
 		}
-		t = f.Type
+		params = reflect.New(f.Type).Interface()
 	}
-	for t.Kind() == reflect.Pointer {
-		t = t.Elem()
-	}
-	if t.Kind() != reflect.Struct {
-		return nil
-	}
-	return paramNames(reflect.New(t).Interface())
+	return paramNames(params)
 }
 
 func describeType(t reflect.Type) string {

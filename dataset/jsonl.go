@@ -82,7 +82,6 @@ func (jf *jsonlFile) detectArray() error {
 		return err
 	}
 	defer lr.close()
-	lines.SkipBOM(lr.r)
 	for {
 		c, err := lr.r.ReadByte()
 		switch {
@@ -115,7 +114,6 @@ func (jf *jsonlFile) records() (recordReader, error) {
 	case !jf.array:
 		return lr, nil
 	}
-	lines.SkipBOM(lr.r)
 	ar := &arrayReader{lr: lr, dec: json.NewDecoder(lr.r), index: -1}
 	if tok, err := ar.dec.Token(); err != nil || tok != json.Delim('[') {
 		lr.close()
@@ -409,6 +407,7 @@ func (jf *jsonlFile) lines() (*lineReader, error) {
 		src = lr.gz
 	}
 	lr.r = bufio.NewReaderSize(src, 64<<10)
+	lines.SkipBOM(lr.r) // as editors on Windows write it
 	return lr, nil
 }
 
@@ -452,11 +451,7 @@ func (lr *lineReader) next() ([]byte, error) {
 			return nil, io.EOF
 		}
 		lr.line++
-		line := lr.buf
-		if lr.line == 1 {
-			line = bytes.TrimPrefix(line, []byte(lines.BOM))
-		}
-		if line = bytes.TrimSpace(line); len(line) > 0 {
+		if line := bytes.TrimSpace(lr.buf); len(line) > 0 {
 			return line, nil
 		}
 	}

@@ -13,7 +13,6 @@ import (
 	"math"
 	"os"
 	"slices"
-	"sort"
 	"strconv"
 	"strings"
 	"unicode/utf8"
@@ -112,14 +111,12 @@ func ReadQuestionsFrom(open func(path string) (File, error), paths []string, col
 			return nil, fmt.Errorf("%s: no questions", path)
 		}
 		if first == nil {
-			first = rows[0].names()
+			first = slices.Sorted(maps.Keys(rows[0].values))
 		}
 		for _, r := range rows {
 			for k := range r.values {
 				seen[k] = true
 			}
-		}
-		for _, r := range rows {
 			q, err := r.question(col, columns)
 			if err != nil {
 				return nil, &RowError{Where: r.where, Err: err}
@@ -160,16 +157,6 @@ func checkMapped(seen map[string]bool, columns map[string]string, paths, first [
 		return fmt.Errorf("%s: columns maps %s to %q, which no row has (%s: %s)", strings.Join(paths, ", "), ours, name, where, strings.Join(first, ", "))
 	}
 	return nil
-}
-
-// names lists a row's columns, sorted.
-func (r row) names() []string {
-	out := make([]string, 0, len(r.values))
-	for k := range r.values {
-		out = append(out, k)
-	}
-	sort.Strings(out)
-	return out
 }
 
 // row is one record of a set file: values are strings, json.Number,

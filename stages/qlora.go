@@ -103,13 +103,19 @@ func (qloraKind) Synonyms() map[string]string {
 
 func (qloraKind) Version() int       { return 3 }
 func (qloraKind) Inputs() (int, int) { return 1, 2 }
-func (qloraKind) Params() any {
+
+// allTargets names the seven projections, the default target_modules.
+func allTargets() []string {
 	var targets []string
 	for _, m := range trainer.AllModules {
 		targets = append(targets, string(m))
 	}
+	return targets
+}
+
+func (qloraKind) Params() any {
 	return &qloraParams{
-		R: 32, Alpha: 64, Dropout: 0.05, TargetModules: targets, Quantize: "nf4",
+		R: 32, Alpha: 64, Dropout: 0.05, TargetModules: allTargets(), Quantize: "nf4",
 		BatchSize: 2, GradAccum: 4, LR: 2e-4, Schedule: string(trainer.ScheduleLinear), MaxGradNorm: 1.0,
 		Epochs: 1, Optimizer: "adamw", Seed: 42, LogEvery: 5, Backend: "auto",
 		CheckpointEvery: 50, GradientCheckpointing: true,
@@ -125,7 +131,7 @@ func (p *qloraParams) Validate() error {
 	if len(p.TargetModules) == 1 && p.TargetModules[0] == "all-linear" {
 		// PEFT's name for every linear layer of the decoder: the seven
 		// projections, written out so that the key is the default's.
-		p.TargetModules = qloraKind{}.Params().(*qloraParams).TargetModules
+		p.TargetModules = allTargets()
 	}
 	var targets []trainer.Module
 	seen := map[trainer.Module]bool{}

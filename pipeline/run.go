@@ -141,7 +141,7 @@ func (e *Engine) Run(ctx context.Context, dag *DAG, opts Options) (*RunRecord, e
 	rec.HashedBytes = e.Store.HashedBytes()
 	// A run that was planned is worth keeping for plan's reasons and gc;
 	// one refused as a usage error before anything ran is not a run.
-	if len(rec.Stages) > 0 && e.Collective == "" && (!IsSpecError(err) || isUnresolved(err)) {
+	if len(rec.Stages) > 0 && e.Collective == "" && recordable(err) {
 		if recErr := e.Store.recordRun(dag, rec); recErr != nil {
 			e.log().Warn("could not record the run; status will say that it did not finish", "err", recErr)
 			unrecorded = true
@@ -154,6 +154,12 @@ func (e *Engine) Run(ctx context.Context, dag *DAG, opts Options) (*RunRecord, e
 	}
 	return rec, err
 }
+
+// recordable says whether a run that ended with err is kept in the
+// history: one refused as a usage or spec error before anything ran is
+// not a run, unless what the spec names was not found (a night whose
+// input is gone failed).
+func recordable(err error) bool { return !IsSpecError(err) || isUnresolved(err) }
 
 // RecordUnstarted records a run of dag that the stages it selects, or
 // those they read, stopped before it began (cause: a data file gone, a
@@ -231,7 +237,7 @@ func (e *Engine) run(ctx context.Context, dag *DAG, opts Options, rec *RunRecord
 		err = plan.CheckInputs()
 	}
 	if err != nil {
-		if (!IsSpecError(err) || isUnresolved(err)) && ctx.Err() == nil {
+		if recordable(err) && ctx.Err() == nil {
 			rec.Stages = unstarted(dag, opts) // recorded: the night failed
 		}
 		return err

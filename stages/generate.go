@@ -292,11 +292,7 @@ func (s *generateStage) Run(ctx context.Context, t *pipeline.Task) error {
 				return fmt.Errorf("question %v: %w", q.ID, err)
 			}
 			if len(ids)+opts.MaxNewTokens > gen.Context() {
-				note := ""
-				if turn > 0 {
-					note = " with every earlier answer empty"
-				}
-				return contextErr(q, turn, &converse.ContextError{PromptTokens: len(ids), MaxNewTokens: opts.MaxNewTokens, Context: gen.Context()}, note)
+				return contextErr(q, turn, &converse.ContextError{PromptTokens: len(ids), MaxNewTokens: opts.MaxNewTokens, Context: gen.Context()}, true)
 			}
 		}
 	}
@@ -374,7 +370,7 @@ func (s *generateStage) Run(ctx context.Context, t *pipeline.Task) error {
 			replies, err := gen.Reply(ctx, convs, o, nil)
 			var ce *converse.ContextError
 			if errors.As(err, &ce) {
-				return contextErr(batch[which[ce.Conversation]], turn, ce, "")
+				return contextErr(batch[which[ce.Conversation]], turn, ce, false)
 			}
 			if err != nil {
 				return err
@@ -431,10 +427,14 @@ func (s *generateStage) Run(ctx context.Context, t *pipeline.Task) error {
 }
 
 // contextErr says which turn does not fit and what would make it fit;
-// note qualifies the prompt ("with every earlier answer empty").
-func contextErr(q prompt, turn int, ce *converse.ContextError, note string) error {
-	fix := "shorten the question or lower max_new_tokens"
-	if ce.PromptTokens >= ce.Context && (turn == 0 || note != "") {
+// upFront says that the check came before any answer, with every earlier
+// answer taken as empty.
+func contextErr(q prompt, turn int, ce *converse.ContextError, upFront bool) error {
+	note, fix := "", "shorten the question or lower max_new_tokens"
+	if upFront && turn > 0 {
+		note = " with every earlier answer empty"
+	}
+	if ce.PromptTokens >= ce.Context && (turn == 0 || upFront) {
 		// No answer of the model's is in the prompt: max_new_tokens
 		// would not shorten it.
 		fix = "shorten the question"

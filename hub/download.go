@@ -382,6 +382,13 @@ func (c *Client) fetchFile(ctx context.Context, r *Resolved, f File, report func
 	}
 	log.Info("downloading", "file", r.RepoRef()+"/"+f.Path, "size", meta.size)
 	partial := blob + ".incomplete"
+	// unreport takes the partial file's bytes back out of the progress:
+	// each download reports those it finds there.
+	unreport := func() {
+		if fi, _ := os.Stat(partial); fi != nil {
+			report(-fi.Size())
+		}
+	}
 	for refreshed, restarted := false, false; ; {
 		err := c.download(ctx, meta, partial, report)
 		if errors.Is(err, ErrRefused) && !refreshed {
@@ -389,9 +396,7 @@ func (c *Client) fetchFile(ctx context.Context, r *Resolved, f File, report func
 			// resumed later): ask the Hub for a new one, keeping the bytes.
 			refreshed = true
 			log.Warn("the file's storage refused the download; asking the Hub for a new address", "file", f.Path, "why", err.Error())
-			if fi, _ := os.Stat(partial); fi != nil {
-				report(-fi.Size()) // download reports the bytes there again
-			}
+			unreport()
 			fresh, err := c.head(ctx, r, f.Path)
 			if err != nil {
 				return err
@@ -417,9 +422,7 @@ func (c *Client) fetchFile(ctx context.Context, r *Resolved, f File, report func
 		// A download that does not hash to its name starts over, once.
 		restarted = true
 		log.Warn("download did not match its hash; starting it over", "file", f.Path, "why", err.Error())
-		if fi, _ := os.Stat(partial); fi != nil {
-			report(-fi.Size())
-		}
+		unreport()
 		os.Remove(partial)
 	}
 	if err := os.Rename(partial, blob); err != nil {

@@ -29,17 +29,9 @@ const trainedOpen, trainedClose = "⟦", "⟧"
 
 // decodeTokenizer is the tokenizer to decode the rows of the entry whose
 // manifest is m with: tokPath when given, else the one that made them.
-func decodeTokenizer(ctx context.Context, spec string, m *pipeline.Manifest, tokPath string) (*tokenizer.Tokenizer, error) {
+func decodeTokenizer(ctx context.Context, st *pipeline.Store, m *pipeline.Manifest, tokPath string) (*tokenizer.Tokenizer, error) {
 	if tokPath == "" {
-		dag, err := loadSpec(spec)
-		if err != nil {
-			return nil, err
-		}
-		st, err := openExistingStore(dag)
-		if err != nil {
-			return nil, err
-		}
-		defer st.Close()
+		var err error
 		if tokPath, err = recordedTokenizer(st, m); err != nil {
 			return nil, err
 		}
@@ -84,9 +76,6 @@ func recordedTokenizer(st *pipeline.Store, m *pipeline.Manifest) (string, error)
 			ref, err := hub.ParseRef(p.Tokenizer)
 			if err != nil {
 				return "", failErr(fmt.Errorf("stage %s: %w", cur.Stage, err))
-			}
-			if ref.Path == "" {
-				ref.Path = "tokenizer.json"
 			}
 			for _, r := range cur.Refs {
 				if r.Name == ref.RepoRef() {

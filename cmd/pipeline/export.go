@@ -80,10 +80,11 @@ it was and no temporary file behind.`,
 					return err
 				}
 			}
-			entry, m, err := cachedEntry(args[0], args[1])
+			entry, m, st, err := cachedEntry(args[0], args[1])
 			if err != nil {
 				return err
 			}
+			st.Close()
 			isModel := slices.Contains([]string{"merge", "model", "gguf"}, m.Kind)
 			if _, err := os.Stat(filepath.Join(entry, pipeline.TableFile)); err != nil && !isModel {
 				hint := ""

@@ -51,12 +51,13 @@ the commit it read), or --tokenizer.`,
 			if tokPath != "" && !decode {
 				return usageErr(errors.New("--tokenizer is the tokenizer of --decode; give --decode too"))
 			}
-			entry, m, err := cachedEntry(args[0], args[1])
+			entry, m, st, err := cachedEntry(args[0], args[1])
 			if err != nil {
 				return err
 			}
+			defer st.Close()
 			if decode {
-				tk, err := decodeTokenizer(cmd.Context(), args[0], m, tokPath)
+				tk, err := decodeTokenizer(cmd.Context(), st, m, tokPath)
 				if err != nil {
 					return err
 				}
@@ -87,29 +88,33 @@ the commit it read), or --tokenizer.`,
 }
 
 // cachedEntry finds the current, valid entry of one stage of a spec, in
-// a cache that exists (a mistyped --cache is not made a new, empty one).
-func cachedEntry(spec, stage string) (string, *pipeline.Manifest, error) {
+// a cache that exists (a mistyped --cache is not made a new, empty one),
+// and returns it with the store, which the caller closes.
+func cachedEntry(spec, stage string) (string, *pipeline.Manifest, *pipeline.Store, error) {
 	dag, err := loadSpec(spec)
 	if err != nil {
-		return "", nil, err
+		return "", nil, nil, err
 	}
 	st, err := openExistingStore(dag)
 	if err != nil {
-		return "", nil, err
+		return "", nil, nil, err
 	}
-	defer st.Close()
 	plan, err := st.Plan(dag, pipeline.Options{Only: stage})
 	if err != nil {
-		return "", nil, specOrFailErr(err)
+		st.Close()
+		return "", nil, nil, specOrFailErr(err)
 	}
 	step := plan.Step(stage)
 	switch step.State {
 	case pipeline.Valid:
-		return st.EntryDir(step.Key), step.Manifest, nil
+		return st.EntryDir(step.Key), step.Manifest, st, nil
 	case pipeline.Damaged:
-		return "", nil, failErr(fmt.Errorf("stage %s: cache entry %s is damaged (%w); run `pipeline run %s --until %s` to recompute it", stage, pipeline.ShortKey(step.Key), step.Damage, specArgs(spec), stage))
+		err = failErr(fmt.Errorf("stage %s: cache entry %s is damaged (%w); run `pipeline run %s --until %s` to recompute it", stage, pipeline.ShortKey(step.Key), step.Damage, specArgs(spec), stage))
+	default:
+		err = failErr(fmt.Errorf("stage %s is not cached (%s); run `pipeline run %s --until %s` first", stage, step.Reason, specArgs(spec), stage))
 	}
-	return "", nil, failErr(fmt.Errorf("stage %s is not cached (%s); run `pipeline run %s --until %s` first", stage, step.Reason, specArgs(spec), stage))
+	st.Close()
+	return "", nil, nil, err
 }
 
 func printManifest(w io.Writer, entry string, m *pipeline.Manifest) {

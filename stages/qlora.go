@@ -27,9 +27,12 @@ type qloraParams struct {
 	// Model is a checkpoint folder or an hf:// reference; leave it empty
 	// when a model stage is among the needs (the adapter then names no
 	// base). modelArg.peftBase says how the adapter names it.
-	Model         string   `json:"model,omitempty"`
-	R             int      `json:"r"`
-	Alpha         float64  `json:"alpha"`
+	Model string  `json:"model,omitempty"`
+	R     int     `json:"r"`
+	Alpha float64 `json:"alpha"`
+	// RSLoRA scales the update by alpha / √r instead of alpha / r; left
+	// out of the key when unset, as before it was a parameter.
+	RSLoRA        bool     `json:"rslora,omitempty"`
 	Dropout       float64  `json:"dropout"`
 	TargetModules []string `json:"target_modules"`
 	Quantize      string   `json:"quantize"`
@@ -90,6 +93,8 @@ func (qloraKind) Synonyms() map[string]string {
 		"lora_r":                      "r",
 		"lora_alpha":                  "alpha",
 		"lora_dropout":                "dropout",
+		"use_rslora":                  "rslora",
+		"peft_use_rslora":             "rslora",
 		"lora_target_modules":         "target_modules",
 		"logging_steps":               "log_every",
 		"eval_steps":                  "eval_every",
@@ -157,7 +162,7 @@ func (p *qloraParams) Validate() error {
 	case len(targets) == 0:
 		return bad("target_modules", "is empty: nothing would be trained", "list projections, e.g. [q_proj, v_proj], or leave target_modules out for all seven")
 	}
-	if err := (trainer.LoRAConfig{R: p.R, Alpha: p.Alpha, Dropout: p.Dropout, Targets: targets}).Validate(); err != nil {
+	if err := p.lora(targets).Validate(); err != nil {
 		return bad("target_modules", err.Error(), "")
 	}
 	switch {
@@ -209,6 +214,11 @@ func (p *qloraParams) Validate() error {
 		return bad("schedule", err.Error(), "use constant, linear or cosine")
 	}
 	return nil
+}
+
+// lora is the adapter's shape the parameters give, over targets.
+func (p *qloraParams) lora(targets []trainer.Module) trainer.LoRAConfig {
+	return trainer.LoRAConfig{R: p.R, Alpha: p.Alpha, Dropout: p.Dropout, Targets: targets, RSLoRA: p.RSLoRA}
 }
 
 func (qloraKind) Prepare(params any, dir string) (pipeline.Runner, error) {
@@ -282,7 +292,7 @@ func (s *qloraStage) Run(ctx context.Context, t *pipeline.Task) error {
 	sess, err := trainer.OpenSession(ctx, s.p.Backend, trainer.SessionConfig{
 		Group: group.trainer(),
 		Model: model, Quantize: s.p.Quantize,
-		LoRA:                  trainer.LoRAConfig{R: s.p.R, Alpha: s.p.Alpha, Dropout: s.p.Dropout, Targets: targets},
+		LoRA:                  s.p.lora(targets),
 		Optimizer:             trainer.OptimizerConfig{Name: optimizer, WeightDecay: s.p.WeightDecay},
 		GradientCheckpointing: s.p.GradientCheckpointing,
 		MaxTokens:             s.p.BatchSize * len(first.InputIDs),

@@ -155,6 +155,24 @@ func TestQLoRAStageTrains(t *testing.T) {
 	}
 }
 
+// TestQLoRARSLoRA: rslora: true trains a rank-stabilised adapter, and its
+// adapter_config.json says so, as PEFT reads it (use_rslora: its scale is
+// alpha / √r; trainer's parity case rslora_gqa holds the numbers to PEFT's).
+func TestQLoRARSLoRA(t *testing.T) {
+	r := newTestRun(t)
+	spec := r.spec(strings.Replace(trainSpec(t, 1), "backend: cpu}", "backend: cpu, rslora: true}", 1))
+	if _, err := r.run(spec, pipeline.Options{}); err != nil {
+		t.Fatal(err)
+	}
+	var cfg struct {
+		UseRSLora bool `json:"use_rslora"`
+	}
+	data, _ := os.ReadFile(filepath.Join(adapterEntry(t, r.store, spec), "adapter", "adapter_config.json"))
+	if err := json.Unmarshal(data, &cfg); err != nil || !cfg.UseRSLora {
+		t.Errorf("adapter_config.json: %s (%v)", data, err)
+	}
+}
+
 // TestQLoRAResumesAfterKill kills the training run at random moments and
 // checks that the finished adapter and metrics are those of a run that was
 // never interrupted.

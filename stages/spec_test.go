@@ -75,6 +75,7 @@ func TestParameterMistakes(t *testing.T) {
 		{"warmup_ratio: 1.5", "warmup_ratio: 1.5 must be in [0, 1]"},
 		{"warmup_ratio: 0.1\n      warmup_steps: 2", "warmup_ratio: is given with warmup_steps"},
 		{"learning_rate: 1.0e-4", "unknown parameter \"learning_rate\" for kind qlora\n\tfix: learning_rate is called lr here"},
+		{"use_rslora: true", "unknown parameter \"use_rslora\" for kind qlora\n\tfix: use_rslora is called rslora here"},
 	}
 	for _, c := range cases {
 		t.Run(c.param, func(t *testing.T) {
@@ -118,6 +119,10 @@ func TestAllLinear(t *testing.T) {
 	// a parameter as they were.
 	if strings.Contains(canon("r: 32"), "warmup_ratio") || !strings.Contains(canon("warmup_ratio: 0.03"), `"warmup_ratio":0.03`) {
 		t.Errorf("warmup_ratio in the key: %s", canon("r: 32"))
+	}
+	// So does rslora.
+	if strings.Contains(canon("r: 32"), "rslora") || !strings.Contains(canon("rslora: true"), `"rslora":true`) {
+		t.Errorf("rslora in the key: %s", canon("r: 32"))
 	}
 }
 

@@ -28,7 +28,7 @@ type generateGolden struct {
 func TestGreedyDecodingMatchesTransformers(t *testing.T) {
 	ref := filepath.Join("testdata", "reference")
 	found := 0
-	for _, c := range []string{"t5_gqa", "orig_mqa", "mm_f32", "trained_qlora"} {
+	for _, c := range []string{"t5_gqa", "orig_mqa", "mm_f32", "trained_qlora", "rslora_gqa"} {
 		for _, file := range []string{"generate.json", "generate_adapter.json"} {
 			path := filepath.Join(ref, "golden", c, file)
 			data, err := os.ReadFile(path)

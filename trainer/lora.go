@@ -14,10 +14,21 @@ type LoRAConfig struct {
 	Alpha   float64
 	Dropout float64
 	Targets []Module
+	// RSLoRA scales the update by alpha / √r (rank-stabilised LoRA, PEFT's
+	// use_rslora), so that a higher rank does not shrink it. Left out of
+	// the JSON when false: a run's resume fingerprint marshals the config,
+	// and checkpoints written before the option must still resume.
+	RSLoRA bool `json:",omitempty"`
 }
 
-// Scale is alpha / r.
-func (c LoRAConfig) Scale() float32 { return float32(c.Alpha / float64(c.R)) }
+// Scale is alpha / r, or alpha / √r with RSLoRA, computed in float64 as
+// PEFT computes its scaling.
+func (c LoRAConfig) Scale() float32 {
+	if c.RSLoRA {
+		return float32(c.Alpha / math.Sqrt(float64(c.R)))
+	}
+	return float32(c.Alpha / float64(c.R))
+}
 
 // Validate checks the settings.
 func (c LoRAConfig) Validate() error {

@@ -107,7 +107,7 @@ func (m *ModelInfo) SaveAdapter(dir string, a *Adapter, base BaseModel) error {
 	cfg := adapterConfigJSON{
 		PeftType: "LORA", TaskType: "CAUSAL_LM", BaseModelNameOrPath: base.NameOrPath,
 		R: a.Config.R, LoraAlpha: a.Config.Alpha, LoraDropout: a.Config.Dropout,
-		TargetModules: targets, Bias: "none", InferenceMode: true, InitLoraWeights: true,
+		TargetModules: targets, Bias: "none", InferenceMode: true, InitLoraWeights: true, UseRSLora: a.Config.RSLoRA,
 		RankPattern: map[string]int{}, AlphaPattern: map[string]int{},
 	}
 	if base.Revision != "" {
@@ -172,15 +172,15 @@ func (m *ModelInfo) LoadAdapter(dir string) (*Adapter, error) {
 	if ac.PeftType != "LORA" {
 		return nil, fmt.Errorf("%s: peft_type %q is not LORA", dir, ac.PeftType)
 	}
-	if ac.UseDora || ac.UseRSLora || ac.FanInFanOut || (ac.Bias != "" && ac.Bias != "none") || len(ac.RankPattern) > 0 || len(ac.AlphaPattern) > 0 {
-		return nil, fmt.Errorf("%s: DoRA, rsLoRA, fan_in_fan_out, biases and rank/alpha patterns are not supported", dir)
+	if ac.UseDora || ac.FanInFanOut || (ac.Bias != "" && ac.Bias != "none") || len(ac.RankPattern) > 0 || len(ac.AlphaPattern) > 0 {
+		return nil, fmt.Errorf("%s: DoRA, fan_in_fan_out, biases and rank/alpha patterns are not supported", dir)
 	}
 	// An adapter of some layers only, or one that saves whole modules,
 	// would otherwise fail as made for another model.
 	if len(ac.LayersToTransform) > 0 || len(ac.ModulesToSave) > 0 {
 		return nil, fmt.Errorf("%s: layers_to_transform and modules_to_save are not supported (an adapter of every layer's projections is)", dir)
 	}
-	lc := LoRAConfig{R: ac.R, Alpha: ac.LoraAlpha, Dropout: ac.LoraDropout}
+	lc := LoRAConfig{R: ac.R, Alpha: ac.LoraAlpha, Dropout: ac.LoraDropout, RSLoRA: ac.UseRSLora}
 	names, err := targetNames(ac.TargetModules)
 	if err != nil {
 		return nil, fmt.Errorf("%s: %w", dir, err)

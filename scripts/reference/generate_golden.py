@@ -24,7 +24,7 @@ Usage:
                      [--max-new-tokens 64] [--attn eager|sdpa] [--stop ID ...]
 
 For the tiny parity cases (on a machine with torch, transformers and peft):
-  for c in t5_gqa orig_mqa mm_f32 trained_qlora; do
+  for c in t5_gqa orig_mqa mm_f32 trained_qlora rslora_gqa; do
     d=trainer/testdata/reference
     python3 scripts/reference/generate_golden.py $d/$c/model trainer/testdata/generate_prompts.json $d/golden/$c/generate.json
     python3 scripts/reference/generate_golden.py $d/$c/model --adapter $d/$c/adapter \\

@@ -26,7 +26,7 @@ import (
 func TestGreedyDecodingOnGPU(t *testing.T) {
 	cudatest.Device(t)
 	for _, precision := range []string{"fp32", "bf16"} {
-		for _, c := range []string{"t5_gqa", "orig_mqa", "mm_f32", "trained_qlora"} {
+		for _, c := range []string{"t5_gqa", "orig_mqa", "mm_f32", "trained_qlora", "rslora_gqa"} {
 			for _, file := range []string{"generate.json", "generate_adapter.json"} {
 				t.Run(precision+"/"+c+"/"+file, func(t *testing.T) {
 					g := readGenerateGolden(t, c, file)
@@ -315,7 +315,7 @@ func randomTokens(rng *rand.Rand, vocab int) func(n int) []int32 {
 func TestTokenKernelOnGPU(t *testing.T) {
 	cudatest.Device(t)
 	t.Setenv(TokenKernelEnv, "on")
-	for _, c := range []string{"t5_gqa", "orig_mqa", "mm_f32", "trained_qlora"} {
+	for _, c := range []string{"t5_gqa", "orig_mqa", "mm_f32", "trained_qlora", "rslora_gqa"} {
 		for _, file := range []string{"generate.json", "generate_adapter.json"} {
 			t.Run("fp32/"+c+"/"+file, func(t *testing.T) {
 				g := readGenerateGolden(t, c, file)

@@ -110,6 +110,17 @@ var cases = []refCase{
 		rows:   [][]int32{{9, 7}, {16}, {5, 5, 6}, {12}}, seqLen: 16,
 		trained: true,
 	},
+	{
+		// Rank-stabilised LoRA: PEFT scales by alpha / √r (16 / √8 ≈ 5.66,
+		// where alpha / r would give 2).
+		Name: "rslora_gqa", LR: 1e-2, WeightDecay: 0.05, Beta1: 0.9, Beta2: 0.999, Eps: 1e-8, ClipFrac: 0.5,
+		config: func() *trainer.Config {
+			return shape(88, 32, 48, 7, 4, 2, 16, 16, 4, "bfloat16")
+		},
+		format: trainer.FormatTransformers5,
+		lora:   trainer.LoRAConfig{R: 8, Alpha: 16, RSLoRA: true, Targets: []trainer.Module{trainer.QProj, trainer.KProj, trainer.VProj, trainer.OProj, trainer.DownProj}},
+		rows:   [][]int32{{6, 8}, {14}, {4, 10}}, seqLen: 14,
+	},
 }
 
 func writeCase(dir string, c refCase, seed uint64) error {

@@ -94,6 +94,13 @@ func checkLocalArg(flag, arg string, kind argKind) error {
 // way runs show their stages, and logging how the revision was resolved
 // when that is worth saying (offline).
 func fetchRef(ctx context.Context, ref hub.Ref, only []string) (*hub.Resolved, []string, error) {
+	if !watchesSignals(ctx) {
+		// A command that handles no signals itself (fetch, merge, eval's
+		// arguments) still stops a download with a word and status 130.
+		var stop func()
+		ctx, stop = signalContext(5 * time.Second)
+		defer stop()
+	}
 	log, err := newLogger()
 	if err != nil {
 		return nil, nil, err
@@ -114,6 +121,9 @@ func fetchRef(ctx context.Context, ref hub.Ref, only []string) (*hub.Resolved, [
 	})
 	tr.Finish(err == nil)
 	stop()
+	if errors.Is(err, context.Canceled) {
+		return nil, nil, fmt.Errorf("%s: %w; the bytes downloaded so far are kept, and the next download of it resumes from there", ref, err)
+	}
 	if err != nil {
 		return nil, nil, err
 	}

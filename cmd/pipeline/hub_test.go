@@ -1,11 +1,15 @@
 package main
 
 import (
+	"bytes"
 	"encoding/json"
+	"fmt"
 	"os"
 	"path/filepath"
 	"strings"
+	"syscall"
 	"testing"
+	"time"
 
 	"gemmaft/hub/hubtest"
 	"gemmaft/internal/testenv"
@@ -156,5 +160,58 @@ func TestHubCLIGated(t *testing.T) {
 	res = runCLI(t, dir, "merge", "--model", "hf://google/gemma-3-nope", "--adapter", "a", "--out", filepath.Join(dir, "out"))
 	if res.code != 1 || !strings.Contains(res.stderr, "no model repository google/gemma-3-nope") {
 		t.Errorf("wrong name: %d %s", res.code, res.stderr)
+	}
+}
+
+// TestFetchInterrupted: SIGINT during a download exits 130, says that the
+// bytes so far are kept, and the next fetch asks only for the rest.
+func TestFetchInterrupted(t *testing.T) {
+	srv := hubtest.New()
+	defer srv.Close()
+	dir := t.TempDir()
+	cache := filepath.Join(dir, "hf")
+	t.Setenv("HF_ENDPOINT", srv.URL)
+	t.Setenv("HF_HUB_CACHE", cache)
+	t.Setenv("HF_HOME", filepath.Join(dir, "hfhome"))
+	t.Setenv("HF_TOKEN", "")
+	t.Setenv("HF_HUB_OFFLINE", "")
+	weights := bytes.Repeat([]byte("gemma3 "), 40_000)
+	srv.AddRepo("model", "acme/big").Commit("main", map[string][]byte{"model.safetensors": weights})
+	const sent = 100_000
+	srv.StallNext(sent)
+
+	cmd, _, stderr := startCLI(t, dir, nil, "fetch", "hf://acme/big/model.safetensors")
+	deadline := time.Now().Add(20 * time.Second)
+	for {
+		parts, _ := filepath.Glob(filepath.Join(cache, "models--acme--big", "blobs", "*.incomplete"))
+		if len(parts) == 1 {
+			if fi, err := os.Stat(parts[0]); err == nil && fi.Size() == sent {
+				break
+			}
+		}
+		if time.Now().After(deadline) {
+			cmd.Process.Kill()
+			t.Fatalf("the download never reached %d bytes: %s", sent, stderr)
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+	cmd.Process.Signal(syscall.SIGINT)
+	if code := exitCode(t, cmd, 10*time.Second); code != 130 || !strings.Contains(stderr.String(), "the bytes downloaded so far are kept") {
+		t.Fatalf("interrupted fetch: exit %d\n%s", code, stderr)
+	}
+
+	srv.ResetRequests()
+	res := runCLI(t, dir, "fetch", "hf://acme/big/model.safetensors")
+	if res.code != 0 {
+		t.Fatalf("second fetch: %d %s", res.code, res.stderr)
+	}
+	var ranges []string
+	for _, r := range srv.Requests() {
+		if r.Host == "storage" {
+			ranges = append(ranges, r.Range)
+		}
+	}
+	if want := fmt.Sprintf("bytes=%d-", sent); len(ranges) != 1 || ranges[0] != want {
+		t.Errorf("second fetch asked the storage for %q, want [%s]", ranges, want)
 	}
 }

@@ -31,7 +31,7 @@ var interrupted atomic.Int32
 // and a stop function that restores the default handling. grace is how
 // long the command may take to stop by itself.
 func signalContext(grace time.Duration) (context.Context, func()) {
-	ctx, cancel := context.WithCancelCause(context.Background())
+	ctx, cancel := context.WithCancelCause(context.WithValue(context.Background(), signalsKey{}, true))
 	ch := make(chan os.Signal, 2)
 	signal.Notify(ch, os.Interrupt, syscall.SIGTERM)
 	done := make(chan struct{})
@@ -65,6 +65,12 @@ func signalContext(grace time.Duration) (context.Context, func()) {
 		})
 	}
 }
+
+// signalsKey marks a context that signalContext made.
+type signalsKey struct{}
+
+// watchesSignals reports whether ctx is canceled by a signal.
+func watchesSignals(ctx context.Context) bool { return ctx.Value(signalsKey{}) != nil }
 
 // exitAtSignal is signalContext for commands whose work watches no
 // context (a merge, a GGUF conversion): the first signal removes their

@@ -64,6 +64,7 @@ type Server struct {
 	blobs       map[string][]byte          // LFS content by sha256
 	pageSize    int
 	cut         int64 // cut the next file body after this many bytes (0: never)
+	stall       int64 // hold the next file body after this many bytes (0: never)
 	corrupt     int   // flip a byte of the next this many file bodies
 	fail        []int // statuses for the next requests
 	storageFail []int // statuses for the next requests to the storage host
@@ -218,6 +219,11 @@ func (s *Server) SetPageSize(n int) { s.mu.Lock(); s.pageSize = n; s.mu.Unlock()
 // CutNext makes the next file body (from either host) stop after n bytes,
 // the connection dropped, as a network failure mid-download does.
 func (s *Server) CutNext(n int64) { s.mu.Lock(); s.cut = n; s.mu.Unlock() }
+
+// StallNext makes the next file body stop after n bytes with the
+// connection kept open, until the client goes away: a download a user
+// interrupts.
+func (s *Server) StallNext(n int64) { s.mu.Lock(); s.stall = n; s.mu.Unlock() }
 
 // CorruptNext flips a byte of the next file body served.
 func (s *Server) CorruptNext() { s.mu.Lock(); s.corrupt++; s.mu.Unlock() }
@@ -717,8 +723,8 @@ func (s *Server) serveBody(w http.ResponseWriter, req *http.Request, b []byte, e
 	}
 	body := b[start:end]
 	s.mu.Lock()
-	cut, corrupt := s.cut, s.corrupt > 0
-	s.cut = 0
+	cut, stall, corrupt := s.cut, s.stall, s.corrupt > 0
+	s.cut, s.stall = 0, 0
 	if corrupt {
 		s.corrupt--
 	}
@@ -733,6 +739,14 @@ func (s *Server) serveBody(w http.ResponseWriter, req *http.Request, b []byte, e
 			f.Flush()
 		}
 		panic(http.ErrAbortHandler) // drop the connection mid-body
+	}
+	if stall > 0 && stall < int64(len(body)) {
+		w.Write(body[:stall])
+		if f, ok := w.(http.Flusher); ok {
+			f.Flush()
+		}
+		<-req.Context().Done()
+		return
 	}
 	w.Write(body)
 }

@@ -100,6 +100,26 @@ func mustRef(t *testing.T, s string) hub.Ref {
 	return r
 }
 
+// TestOneFile: a reference to the repository names its fallback file, one
+// to a file names that file, and a glob is not one file.
+func TestOneFile(t *testing.T) {
+	for in, want := range map[string]string{
+		"hf://google/gemma-3-1b-it":                    "hf://google/gemma-3-1b-it@main/tokenizer.json",
+		"hf://google/gemma-3-1b-it@v1/tok/custom.json": "hf://google/gemma-3-1b-it@v1/tok/custom.json",
+		"hf://google/gemma-3-1b-it/*.json":             "",
+		"hf://google/gemma-3-1b-it/tokenizer.jso[n]":   "",
+	} {
+		ref, err := hub.ParseRef(in)
+		if err != nil {
+			t.Fatal(err)
+		}
+		one, ok := ref.OneFile("tokenizer.json")
+		if ok != (want != "") || ok && one.String() != want {
+			t.Errorf("%s: %s, %v; want %q", in, one, ok, want)
+		}
+	}
+}
+
 func TestParseRef(t *testing.T) {
 	for _, c := range []struct {
 		in                 string

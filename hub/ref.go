@@ -157,6 +157,17 @@ func ParseRef(s string) (Ref, error) {
 	return r, nil
 }
 
+// OneFile is r as the reference to one file: fallback when r names only
+// the repository (a tokenizer is the repository's tokenizer.json). It is
+// false when r names a glob, which callers refuse before anything
+// downloads.
+func (r Ref) OneFile(fallback string) (Ref, bool) {
+	if r.Path == "" {
+		r.Path = fallback
+	}
+	return r, !strings.ContainsAny(r.Path, "*?[")
+}
+
 // RepoRef is the reference without its path: the repository at the
 // revision, as plans name it.
 func (r Ref) RepoRef() string {

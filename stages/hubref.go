@@ -8,7 +8,6 @@ import (
 	"path"
 	"path/filepath"
 	"slices"
-	"strings"
 	"sync"
 
 	"gemmaft/hub"
@@ -47,10 +46,8 @@ func parseHub(param, s string, what hubWhat) (*hubInput, error) {
 	}
 	switch what {
 	case hubFile:
-		if ref.Path == "" {
-			ref.Path = "tokenizer.json" // the repository's own tokenizer
-		}
-		if strings.ContainsAny(ref.Path, "*?[") {
+		var one bool
+		if ref, one = ref.OneFile("tokenizer.json"); !one {
 			return nil, &pipeline.ParamError{Param: param, Msg: fmt.Sprintf("%s names several files", s), Fix: "name one file, e.g. hf://ORG/NAME@REV/tokenizer.json"}
 		}
 	case hubFolder:

@@ -48,10 +48,8 @@ func localArg(ctx context.Context, flag, arg string, kind argKind) (string, erro
 			return "", usageErr(fmt.Errorf("--%s %s: name the repository (hf://ORG/NAME@REVISION), not a file in it", flag, arg))
 		}
 	case argTokenizer:
-		if ref.Path == "" {
-			ref.Path = "tokenizer.json"
-		}
-		if strings.ContainsAny(ref.Path, "*?[") { // said before anything downloads
+		var one bool
+		if ref, one = ref.OneFile("tokenizer.json"); !one {
 			return "", usageErr(fmt.Errorf("--%s %s names several files; name one", flag, arg))
 		}
 	}

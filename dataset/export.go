@@ -28,11 +28,7 @@ func ExportJSONL(w io.Writer, path string) (int64, error) {
 	}
 	defer r.Close()
 	bw := bufio.NewWriterSize(w, 1<<20)
-	enc := newJSONEncoder()
-	keys := make([][]byte, r.Schema().NumFields())
-	for i, f := range r.Schema().Fields() {
-		keys[i] = append(enc.appendString(nil, f.Name), ':')
-	}
+	enc := newRowEncoder(r.Schema())
 	var rows int64
 	var line []byte
 	for {
@@ -44,15 +40,7 @@ func ExportJSONL(w io.Writer, path string) (int64, error) {
 			return rows, err
 		}
 		for i := range int(rec.NumRows()) {
-			line = append(line[:0], '{')
-			for c, col := range rec.Columns() {
-				if c > 0 {
-					line = append(line, ',')
-				}
-				line = append(line, keys[c]...)
-				line = enc.appendValue(line, col, i)
-			}
-			line = append(line, '}', '\n')
+			line = append(enc.appendRow(line[:0], rec, i), '\n')
 			if _, err := bw.Write(line); err != nil {
 				rec.Release()
 				return rows, err
@@ -62,6 +50,33 @@ func ExportJSONL(w io.Writer, path string) (int64, error) {
 		rec.Release()
 	}
 	return rows, bw.Flush()
+}
+
+// rowEncoder appends the rows of records of one schema as JSON objects,
+// the keys in schema order.
+type rowEncoder struct {
+	enc  *jsonEncoder
+	keys [][]byte // each field's name as a JSON string, and the colon
+}
+
+func newRowEncoder(schema *arrow.Schema) *rowEncoder {
+	r := &rowEncoder{enc: newJSONEncoder(), keys: make([][]byte, schema.NumFields())}
+	for i, f := range schema.Fields() {
+		r.keys[i] = append(r.enc.appendString(nil, f.Name), ':')
+	}
+	return r
+}
+
+func (r *rowEncoder) appendRow(dst []byte, rec arrow.RecordBatch, i int) []byte {
+	dst = append(dst, '{')
+	for c, col := range rec.Columns() {
+		if c > 0 {
+			dst = append(dst, ',')
+		}
+		dst = append(dst, r.keys[c]...)
+		dst = r.enc.appendValue(dst, col, i)
+	}
+	return append(dst, '}')
 }
 
 // jsonEncoder appends Arrow values as JSON.

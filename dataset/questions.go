@@ -1,7 +1,6 @@
 package dataset
 
 import (
-	"bytes"
 	"context"
 	"encoding/json"
 	"errors"
@@ -152,17 +151,12 @@ func readParquetQuestions(open openFunc, path string, add func(record []byte, at
 	defer tbl.Release()
 	tr := array.NewTableReader(tbl, 1024)
 	defer tr.Release()
+	enc := newRowEncoder(tbl.Schema())
 	row := 0
-	var buf bytes.Buffer
 	for tr.Next() {
-		buf.Reset()
-		if err := array.RecordToJSON(tr.RecordBatch(), &buf); err != nil {
-			return fmt.Errorf("dataset: %s: %w", path, err)
-		}
-		if buf.Len() == 0 {
-			continue
-		}
-		for _, line := range bytes.Split(bytes.TrimSuffix(buf.Bytes(), []byte("\n")), []byte("\n")) {
+		rec := tr.RecordBatch()
+		for i := range int(rec.NumRows()) {
+			line := enc.appendRow(nil, rec, i) // add may keep it
 			if more, err := add(line, fmt.Sprintf("%s: row %d", path, row)); err != nil || !more {
 				return err
 			}

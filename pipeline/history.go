@@ -96,7 +96,7 @@ func (s *Store) lockDAG(ctx context.Context, dag *DAG, noWait bool, log *slog.Lo
 	// lock holder is a run that was killed (SIGKILL, the OOM killer), whose
 	// machine stopped, or whose record could not be written.
 	if old, err := os.ReadFile(base + ".holder"); err == nil && !s.recorded(dag, string(old)) {
-		log.Warn("the previous run of this DAG did not finish (killed, out of memory, its machine stopped, or its record could not be written)", "spec", dag.Path, "run", strings.TrimSpace(string(old)))
+		log.Warn("the previous run of this DAG did not finish: "+UnfinishedCauses, "spec", dag.Path, "run", strings.TrimSpace(string(old)))
 	}
 	host, _ := os.Hostname()
 	_ = atomicfile.WriteFile(base+".holder", []byte(fmt.Sprintf("pid %d on %s since %s\n", os.Getpid(), host, time.Now().Format(time.RFC3339))))

@@ -14,6 +14,9 @@ type Status struct {
 	Stages     []StageStatus
 }
 
+// UnfinishedCauses is what stops a run before it can record how it ended.
+const UnfinishedCauses = "killed (SIGKILL, out of memory), its machine stopped, or its record could not be written (disk full)"
+
 // StageStatus is one stage's current output.
 type StageStatus struct {
 	Name, Kind, Key string

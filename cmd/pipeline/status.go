@@ -41,7 +41,7 @@ events of the training stages, and the command that writes the HTML report.`,
 			}
 			last := "last run"
 			if s.Unfinished != "" {
-				fmt.Printf("last run: DID NOT FINISH: %s; it was killed (SIGKILL, out of memory), its machine stopped, or its record could not be written (disk full)\n", s.Unfinished)
+				fmt.Printf("last run: DID NOT FINISH: %s; it was %s\n", s.Unfinished, pipeline.UnfinishedCauses)
 				last = "last finished run"
 			}
 			if s.Last != nil {

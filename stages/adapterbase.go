@@ -2,6 +2,7 @@ package stages
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"maps"
 	"os"
@@ -18,8 +19,9 @@ import (
 // (modelIn), or the checkpoint the adapter was trained on, a folder or an
 // hf:// model at the commit training read. It checks that the base is the
 // one the adapter was trained on, where the cache still says which that
-// was. The eval and generate stages share it.
-func adapterBase(ctx context.Context, t *pipeline.Task, adapter string, prov provenance, modelIn *pipeline.Input, model *modelArg) (string, error) {
+// was, unless other (other_base) asks for the base given whatever it is.
+// The eval, generate and merge stages share it.
+func adapterBase(ctx context.Context, t *pipeline.Task, adapter string, prov provenance, modelIn *pipeline.Input, model *modelArg, other bool) (string, error) {
 	// What training read: its `model:` folder's files, its hf:// model at
 	// a commit, or its model stage's entry.
 	trained := map[string]string{}
@@ -69,10 +71,10 @@ func adapterBase(ctx context.Context, t *pipeline.Task, adapter string, prov pro
 		}
 		dir = d
 	case model.set():
-		if h := model.hub; h != nil && trainedHub != nil {
+		if h := model.hub; h != nil && trainedHub != nil && !other {
 			if a, b := h.at(), trainedHub.at(); a != b {
-				return "", fmt.Errorf("the adapter of stage %s was trained on %s, and model: %s is %s: an adapter for another base",
-					adapter, b, model.param, a)
+				return "", &otherBaseError{fmt.Sprintf("the adapter of stage %s was trained on %s, and model: %s is %s: an adapter for another base",
+					adapter, b, model.param, a)}
 			}
 		}
 		d, err := model.path(ctx, t)
@@ -117,11 +119,31 @@ func adapterBase(ctx context.Context, t *pipeline.Task, adapter string, prov pro
 			if from == "" {
 				from = "stage " + trainedStage
 			}
-			return "", fmt.Errorf("the adapter of stage %s was trained on %s, and %s is another checkpoint (its %s differs): an adapter for another base",
-				adapter, from, dir, name)
+			if other {
+				t.Log.Warn("applying the adapter to another base than the one it was trained on, as other_base asks",
+					"adapter", adapter, "trained_on", from, "base", dir)
+				break
+			}
+			return "", &otherBaseError{fmt.Sprintf("the adapter of stage %s was trained on %s, and %s is another checkpoint (its %s differs): an adapter for another base",
+				adapter, from, dir, name)}
 		}
 	}
 	return dir, nil
+}
+
+// otherBaseError: the base given is not the checkpoint the adapter was
+// trained on.
+type otherBaseError struct{ msg string }
+
+func (e *otherBaseError) Error() string { return e.msg }
+
+// otherBaseHint adds, to an otherBaseError of a stage that has the
+// parameter, how to apply the adapter there all the same.
+func otherBaseHint(err error) error {
+	if oe := (*otherBaseError)(nil); errors.As(err, &oe) {
+		return fmt.Errorf("%w; if that base is meant, other_base: true applies the adapter to it", err)
+	}
+	return err
 }
 
 // inputDir is a folder among this run's input files that holds every one

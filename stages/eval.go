@@ -59,6 +59,11 @@ type evalParams struct {
 	// Model is the base checkpoint folder, when neither a model stage among
 	// the needs nor the adapter's training names it.
 	Model string `json:"model,omitempty"`
+	// OtherBase applies the adapter to the base that `model:` or a model
+	// stage among the needs names even where it is not the checkpoint the
+	// adapter was trained on (an adapter trained on -pt, scored on -it);
+	// the shapes must still fit. Left out of the key when unset.
+	OtherBase bool `yaml:"other_base" json:"other_base,omitempty"`
 	// Tokenizer is a tokenizer.json, when the adapter's lineage has no
 	// tokenize stage (the one training used is the default).
 	Tokenizer string `json:"tokenizer,omitempty"`
@@ -390,6 +395,9 @@ func (evalKind) CheckInputs(params any, needs []pipeline.Need) error {
 	case !hasLoss && len(sources) > 0:
 		return &pipeline.ParamError{Param: "needs", Msg: fmt.Sprintf("stage %q gives held-out records, but the loss task is not listed", sources[0]),
 			Fix: "add loss to tasks, or remove the stage from needs"}
+	}
+	if err := otherBaseGiven(needs, p.Model, p.OtherBase); err != nil {
+		return err
 	}
 	return missingTrainedBase(needs, p.Model)
 }
@@ -762,7 +770,8 @@ func heldOut(ctx context.Context, sources []*pipeline.Input) ([]eval.ChatRecord,
 
 // base finds the adapter's base checkpoint (see adapterBase).
 func (s *evalStage) base(ctx context.Context, t *pipeline.Task, in evalInputs, prov provenance) (string, error) {
-	return adapterBase(ctx, t, in.adapter.Name, prov, in.model, &s.model)
+	dir, err := adapterBase(ctx, t, in.adapter.Name, prov, in.model, &s.model, s.p.OtherBase)
+	return dir, otherBaseHint(err)
 }
 
 // tokenizer loads the tokenizer to use (see adapterTokenizer). It also

@@ -452,7 +452,11 @@ func TestEvalBadInput(t *testing.T) {
 		{"another base (another shape)", evalStage("adapter", "{tasks: [multiple_choice], model: "+smaller+", multiple_choice: {paths: ["+good+"]}}"),
 			[]string{"an adapter for another base", "config.json differs"}},
 		{"another base (other weights)", evalStage("adapter", "{tasks: [multiple_choice], model: "+other+", multiple_choice: {paths: ["+good+"]}}"),
-			[]string{"an adapter for another base", "model.safetensors differs"}},
+			[]string{"an adapter for another base", "model.safetensors differs", "other_base: true applies the adapter to it"}},
+		{"another shape, with other_base", evalStage("adapter", "{tasks: [multiple_choice], model: "+smaller+", other_base: true, multiple_choice: {paths: ["+good+"]}}"),
+			[]string{"has shape [4 64], this model needs [4 32]"}},
+		{"other_base naming no base", evalStage("adapter", "{tasks: [multiple_choice], other_base: true, multiple_choice: {paths: ["+good+"]}}"),
+			[]string{"other_base: names no base itself"}},
 		{"no held-out records", evalStage("adapter", "{tasks: [loss]}"),
 			[]string{"needs: the loss task has no held-out records"}},
 		{"records without the loss task", evalStage("adapter, held", "{tasks: [multiple_choice], multiple_choice: {paths: ["+good+"]}}"),
@@ -508,6 +512,15 @@ func TestEvalBadInput(t *testing.T) {
 	}
 	if n := r.evalEntries(); n != 1 {
 		t.Errorf("%d eval entries after a good run", n)
+	}
+	// other_base: true scores the adapter on the other checkpoint, saying so.
+	var logs bytes.Buffer
+	r.log = slog.New(slog.NewTextHandler(&logs, nil))
+	if _, err := r.run(r.spec(evalStage("adapter", "{tasks: [multiple_choice], model: "+other+", other_base: true, multiple_choice: {paths: ["+good+"]}}")), pipeline.Options{}); err != nil {
+		t.Fatalf("other_base: %v", err)
+	}
+	if n := r.evalEntries(); n != 2 || !strings.Contains(logs.String(), "applying the adapter to another base") {
+		t.Errorf("other_base: %d eval entries, log:\n%s", n, logs.String())
 	}
 }
 

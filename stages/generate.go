@@ -50,6 +50,11 @@ type generateParams struct {
 	// Model is a base checkpoint folder, when no model or merge stage is
 	// among the needs and the qlora stage's lineage does not name one.
 	Model string `json:"model,omitempty"`
+	// OtherBase applies the adapter to the base that `model:` or a model
+	// stage among the needs names even where it is not the checkpoint the
+	// adapter was trained on (an adapter trained on -pt, scored on -it);
+	// the shapes must still fit. Left out of the key when unset.
+	OtherBase bool `yaml:"other_base" json:"other_base,omitempty"`
 	// Tokenizer is a tokenizer.json; by default the one training used
 	// (the qlora stage's tokenize stage), else the model folder's.
 	Tokenizer string `json:"tokenizer,omitempty"`
@@ -204,6 +209,9 @@ func (generateKind) CheckInputs(params any, needs []pipeline.Need) error {
 		return twoBases(p.Model, byKind[modelKindName][0])
 	case !qlora && !merge && !model && p.Model == "":
 		return needsErr("no model", "add a qlora, merge or model stage to needs, or set `model:` to a checkpoint folder")
+	}
+	if err := otherBaseGiven(needs, p.Model, p.OtherBase); err != nil {
+		return err
 	}
 	return missingTrainedBase(needs, p.Model)
 }
@@ -494,8 +502,8 @@ func (s *generateStage) setup(ctx context.Context, t *pipeline.Task) (*generateS
 			return nil, err
 		}
 		prov = provenanceOf(lineage)
-		if st.model, err = adapterBase(ctx, t, qlora.Name, prov, modelIn, &s.model); err != nil {
-			return nil, err
+		if st.model, err = adapterBase(ctx, t, qlora.Name, prov, modelIn, &s.model, s.p.OtherBase); err != nil {
+			return nil, otherBaseHint(err)
 		}
 		if st.quantize == "auto" && params(prov.qlora)["quantize"] == "nf4" {
 			st.quantize = "nf4"

@@ -248,16 +248,28 @@ func TestGenerateStageAnswersMTBench(t *testing.T) {
 	for name, c := range map[string]struct{ stages, want string }{
 		"another base": {`  other: {kind: model, with: {preset: tiny, seed: 8, std: 0.3}}
   bad: {kind: generate, needs: [questions, adapter, other]}
-`, "is another checkpoint (its model.safetensors differs): an adapter for another base"},
+`, "is another checkpoint (its model.safetensors differs): an adapter for another base; if that base is meant, other_base: true"},
+		"other_base with no adapter": {`  bad: {kind: generate, needs: [questions], with: {model: ` + base + `, other_base: true}}
+`, "other_base: applies a qlora stage's adapter to another base, and no qlora stage is in needs"},
 	} {
 		t.Run(name, func(t *testing.T) {
 			s := r.spec(generateSpec(t, r.dir, "") + c.stages)
 			_, err := r.run(s, pipeline.Options{})
-			if err == nil || !strings.Contains(err.Error(), "stage bad (generate)") || !strings.Contains(err.Error(), c.want) {
+			named := err != nil && (strings.Contains(err.Error(), "stage bad (generate)") || strings.Contains(err.Error(), `stage "bad"`))
+			if !named || !strings.Contains(err.Error(), c.want) {
 				t.Fatalf("error %v, want %q", err, c.want)
 			}
-			assertNoEntry(t, r, s, "bad")
+			if !pipeline.IsSpecError(err) { // a spec refused is never planned
+				assertNoEntry(t, r, s, "bad")
+			}
 		})
+	}
+	// other_base: true answers with the adapter on that other checkpoint.
+	other, err := r.run(r.spec(generateSpec(t, r.dir, "")+`  other: {kind: model, with: {preset: tiny, seed: 8, std: 0.3}}
+  good: {kind: generate, needs: [questions, adapter, other], with: {other_base: true, max_new_tokens: 2}}
+`), pipeline.Options{})
+	if err != nil || stageRecord(t, other, "good").State != "computed" {
+		t.Fatalf("other_base: %v", err)
 	}
 }
 

@@ -102,7 +102,7 @@ func (s *mergeStage) Run(ctx context.Context, t *pipeline.Task) error {
 	// The base must be the checkpoint the adapter was trained on, as eval
 	// and generate check: merged into another, it makes a model nobody
 	// trained.
-	model, err := adapterBase(ctx, t, adapter.Name, provenanceOf(lineage), modelIn, &s.model)
+	model, err := adapterBase(ctx, t, adapter.Name, provenanceOf(lineage), modelIn, &s.model, false)
 	if err != nil {
 		return err
 	}

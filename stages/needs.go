@@ -142,6 +142,28 @@ func twoBases(model, stage string) error {
 		Fix: "remove `model:`, or the model stage from needs"}
 }
 
+// otherBaseGiven checks other_base: it names no base itself, so `model:`
+// or a model stage among needs must, for a qlora stage's adapter.
+func otherBaseGiven(needs []pipeline.Need, model string, other bool) error {
+	if !other {
+		return nil
+	}
+	adapter, base := false, model != ""
+	for _, n := range needs {
+		adapter = adapter || n.Kind == "qlora"
+		base = base || n.Kind == modelKindName
+	}
+	switch {
+	case !adapter:
+		return &pipeline.ParamError{Param: "other_base", Msg: "applies a qlora stage's adapter to another base, and no qlora stage is in needs",
+			Fix: "remove other_base"}
+	case !base:
+		return &pipeline.ParamError{Param: "other_base", Msg: "names no base itself",
+			Fix: "set `model:` to the checkpoint to apply the adapter to, or add its model stage to needs"}
+	}
+	return nil
+}
+
 // missingTrainedBase reports an adapter (a qlora stage among needs)
 // trained on a model stage that needs leaves out, with no `model:` naming
 // the base either: the stage would find no base only once the training

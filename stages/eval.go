@@ -492,7 +492,7 @@ func (s *evalStage) Run(ctx context.Context, t *pipeline.Task) error {
 	nf4 := params(prov.qlora)["quantize"] != "none"
 	models, err := openScorers(ctx, s.p, base, filepath.Join(adapterEntry, trainer.AdapterDirName), nf4)
 	if err != nil {
-		if errors.Is(err, errAdapterFit) {
+		if fe := (*adapterFitError)(nil); errors.As(err, &fe) {
 			return fmt.Errorf("the adapter of stage %s does not fit the base %s: %w", in.adapter.Name, base, err)
 		}
 		return err

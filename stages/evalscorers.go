@@ -2,7 +2,6 @@ package stages
 
 import (
 	"context"
-	"errors"
 	"fmt"
 
 	"gemmaft/eval"
@@ -37,8 +36,12 @@ func resolveDevice(backend *string) error {
 	return nil
 }
 
-// errAdapterFit marks an adapter that does not fit the base.
-var errAdapterFit = errors.New("the adapter does not fit")
+// adapterFitError: the adapter does not fit the base (its shapes, its
+// projections), as err says.
+type adapterFitError struct{ err error }
+
+func (e *adapterFitError) Error() string { return e.err.Error() }
+func (e *adapterFitError) Unwrap() error { return e.err }
 
 func openScorers(ctx context.Context, p *evalParams, base, adapterDir string, nf4 bool) (scorers, error) {
 	if p.Backend == "cuda" {
@@ -48,7 +51,7 @@ func openScorers(ctx context.Context, p *evalParams, base, adapterDir string, nf
 		}
 		a, err := ck.ModelInfo.LoadAdapter(adapterDir)
 		if err != nil {
-			return nil, fmt.Errorf("%w: %v", errAdapterFit, err)
+			return nil, &adapterFitError{err}
 		}
 		return &gpuScorers{ctx: ctx, base: base, cfg: ck.Config, adapter: a, nf4: nf4, tokens: p.BatchTokens}, nil
 	}
@@ -58,7 +61,7 @@ func openScorers(ctx context.Context, p *evalParams, base, adapterDir string, nf
 	}
 	a, err := m.LoadAdapter(adapterDir)
 	if err != nil {
-		return nil, fmt.Errorf("%w: %v", errAdapterFit, err)
+		return nil, &adapterFitError{err}
 	}
 	return &cpuScorers{m: m, adapter: a, nf4: nf4, tokens: p.BatchTokens}, nil
 }

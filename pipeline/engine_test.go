@@ -732,6 +732,31 @@ func TestGCKeepsWhatPartialRunsLeftOut(t *testing.T) {
 	}
 }
 
+// TestGCKeepsWhatFailedRunsLost: runs whose stages failed (or were
+// canceled by a failure) recorded keys with no entries; the entries the
+// last good run made for those stages stay, whatever --keep-last says.
+func TestGCKeepsWhatFailedRunsLost(t *testing.T) {
+	e := newTestEnv(t)
+	e.write("data.txt", "v1")
+	spec := e.write("chain.yaml", chainSpec)
+	good := e.mustRun(spec, Options{})
+	e.write("chain.yaml", strings.Replace(chainSpec, "kind: double", "kind: fail\n    with: {after_batches: 1}", 1))
+	for range 2 {
+		if _, err := e.run(spec, Options{}); err == nil {
+			t.Fatal("the failing run succeeded")
+		}
+	}
+	res, err := e.store.GC(context.Background(), GCOptions{KeepLast: 2})
+	if err != nil || len(res.Removed) != 0 {
+		t.Fatalf("gc --keep-last 2 after two failed runs removed %v (%v)", res.Removed, err)
+	}
+	for _, s := range good.Stages {
+		if st, _, _ := e.store.Check(s.Key, false); st != Valid {
+			t.Errorf("entry of %s removed", s.Name)
+		}
+	}
+}
+
 func TestScratchSurvivesFailedAttempts(t *testing.T) {
 	e := newTestEnv(t)
 	spec := e.write("resume.yaml", "name: resume\nstages:\n  train: {kind: resume}\n")

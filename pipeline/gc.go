@@ -97,27 +97,30 @@ func (s *Store) GC(ctx context.Context, opts GCOptions) (*GCResult, error) {
 			continue
 		}
 		kept := recs[:min(opts.KeepLast, len(recs))]
-		unkeyed := map[string]bool{} // stages a kept run left out (--until), with no key
+		// Stages a kept run made no entry for: left out (--until), failed,
+		// or canceled by a failure before them.
+		noEntry := map[string]bool{}
 		for _, r := range kept {
 			for _, st := range r.Stages {
 				if st.Key != "" {
 					protected[st.Key] = true
-				} else {
-					unkeyed[st.Name] = true
+				}
+				if !st.hasEntry() {
+					noEntry[st.Name] = true
 				}
 			}
 		}
-		// Such a stage keeps the entry it last had: the newest key any run
+		// Such a stage keeps the entry it last had: the newest any run
 		// recorded for it (nightly preprocessing must not cost the weekly
-		// training its adapter).
+		// training its adapter, nor three failed nights the last good one).
 		for _, r := range recs {
-			if len(unkeyed) == 0 {
+			if len(noEntry) == 0 {
 				break
 			}
 			for _, st := range r.Stages {
-				if unkeyed[st.Name] && st.Key != "" {
+				if noEntry[st.Name] && st.hasEntry() {
 					protected[st.Key] = true
-					delete(unkeyed, st.Name)
+					delete(noEntry, st.Name)
 				}
 			}
 		}

@@ -82,6 +82,12 @@ type StageRecord struct {
 	Error       string         `json:"error,omitempty"`
 }
 
+// hasEntry says whether the run left the stage an entry under its key: one
+// it found cached or computed, or another process wrote.
+func (r StageRecord) hasEntry() bool {
+	return r.Key != "" && (r.State == "cached" || r.State == "computed" || r.State == "elsewhere")
+}
+
 // withoutNotes drops what a run said about how it resolved refs, which is
 // no part of an entry.
 func withoutNotes(refs []Ref) []Ref {

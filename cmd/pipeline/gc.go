@@ -26,8 +26,8 @@ func init() {
 An entry is kept when one of the last --keep-last runs of any DAG used it, or, with
 --older-than, when it was used more recently than that (with --older-than, the runs
 of a spec that no longer exists keep nothing once the last is that old). A stage
-those runs did not reach (left out by --until, or a run stopped before it began)
-keeps the entry it last had, and what a run killed before it was recorded (SIGKILL,
+those runs made no entry for (left out by --until, failed, canceled by a failure,
+or in a run stopped before it began) keeps the entry it last had, and what a run killed before it was recorded (SIGKILL,
 the OOM killer) planned stays until that DAG runs again. Leftovers are the
 unfinished outputs of killed runs (tmp/) and training checkpoints in which nothing
 changed for a week (scratch/). gc waits (saying so) until no run uses the cache,

@@ -59,6 +59,21 @@ type Ref struct {
 	Note     string `json:"note,omitempty"` // how it was resolved, when worth saying (offline, say)
 }
 
+// An UpstreamFiler is a Runner whose output carries files found beside
+// the files of stages upstream of it: a merge ships the settings and chat
+// template of the tokenizer folder whose tokenizer.json its lineage's
+// tokenize stage read. Plan hands it every upstream stage's Files and adds
+// the paths it names (those that exist) to its own, in its key.
+type UpstreamFiler interface {
+	UpstreamFiles(upstream []UpstreamStage) []string
+}
+
+// UpstreamStage is a stage upstream of an UpstreamFiler, nearest first.
+type UpstreamStage struct {
+	Name, Kind string
+	Files      []string
+}
+
 // A Resolver is a Runner that reads through Refs. Plan calls Resolve before
 // computing the stage's key (so Files may be empty for what the refs
 // name); Run reads what the last Resolve resolved. A *ParamError from

@@ -248,10 +248,40 @@ func (s *Store) key(st *Step, steps map[*Node]*Step, refs []Ref, refErr error) e
 	return nil
 }
 
+// stageFiles are the files n's stage reads: its Runner's, and, from an
+// UpstreamFiler, those it names beside its upstream stages' files.
+func stageFiles(n *Node) []string {
+	files := n.Runner.Files()
+	uf, ok := n.Runner.(UpstreamFiler)
+	if !ok {
+		return files
+	}
+	var up []UpstreamStage
+	seen := map[*Node]bool{}
+	for next := n.Needs; len(next) > 0; { // breadth first: nearest first
+		var after []*Node
+		for _, d := range next {
+			if seen[d] || d.Runner == nil {
+				continue
+			}
+			seen[d] = true
+			up = append(up, UpstreamStage{Name: d.Name, Kind: d.KindName, Files: d.Runner.Files()})
+			after = append(after, d.Needs...)
+		}
+		next = after
+	}
+	for _, f := range uf.UpstreamFiles(up) {
+		if !slices.Contains(files, f) {
+			files = append(files, f)
+		}
+	}
+	return files
+}
+
 // hashFiles digests the files st's stage reads (through the stat cache)
 // into st.Files, as far as the first that fails.
 func (s *Store) hashFiles(st *Step) error {
-	for _, f := range st.Node.Runner.Files() {
+	for _, f := range stageFiles(st.Node) {
 		sum, state, trusted, err := s.stats.digestState(f)
 		if err != nil {
 			return stageErr(st.Node, fmt.Errorf("input file: %w", err))

@@ -108,6 +108,45 @@ func TestMergeAndGGUFStages(t *testing.T) {
 	}
 }
 
+// TestMergeKeysTheTokenizerFolder: the tokenizer files a merge ships come
+// from the folder of the tokenizer training read; one edited there (the
+// chat template in tokenizer_config.json) makes a new merge, while the
+// adapter stays cached.
+func TestMergeKeysTheTokenizerFolder(t *testing.T) {
+	r := newTestRun(t)
+	tok := filepath.Join(r.dir, "tok")
+	os.MkdirAll(tok, 0o755)
+	for _, name := range []string{"tokenizer.json", "tokenizer_config.json"} {
+		b, err := os.ReadFile(testenv.GemmaFile(t, name))
+		if err != nil {
+			t.Fatal(err)
+		}
+		os.WriteFile(filepath.Join(tok, name), b, 0o644)
+	}
+	spec := r.spec(strings.Replace(exportSpec(t, ""), testenv.GemmaFile(t, "tokenizer.json"), filepath.Join(tok, "tokenizer.json"), 1))
+	if _, err := r.run(spec, pipeline.Options{Until: "merged"}); err != nil {
+		t.Fatal(err)
+	}
+	cfg := filepath.Join(tok, "tokenizer_config.json")
+	b, _ := os.ReadFile(cfg)
+	edited := bytes.Replace(b, []byte("<start_of_turn>"), []byte("<start_of_turn> "), 1)
+	if bytes.Equal(edited, b) {
+		t.Fatal("no chat template to edit")
+	}
+	os.WriteFile(cfg, edited, 0o644)
+	plan := r.plan(spec)
+	if plan.Step("adapter").State != pipeline.Valid || plan.Step("merged").State == pipeline.Valid {
+		t.Fatalf("after the template changed: adapter %v, merged %v", plan.Step("adapter").State, plan.Step("merged").State)
+	}
+	rec, err := r.run(spec, pipeline.Options{Until: "merged"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if got, _ := os.ReadFile(filepath.Join(stageEntry(t, rec, "merged"), MergedModelDir, "tokenizer_config.json")); !bytes.Equal(got, edited) {
+		t.Error("the merged folder ships the tokenizer_config.json of before the edit")
+	}
+}
+
 // TestShardedBase: a sharded checkpoint is known by its shards' content,
 // not only by its index, which every checkpoint of its architecture shares:
 // another model's shards copied over the first change the training stage's

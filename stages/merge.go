@@ -7,6 +7,7 @@ import (
 	"io/fs"
 	"os"
 	"path/filepath"
+	"slices"
 
 	"gemmaft/internal/dirsum"
 	"gemmaft/pipeline"
@@ -75,6 +76,36 @@ type mergeStage struct {
 }
 
 func (s *mergeStage) Files() []string { return s.model.files }
+
+// UpstreamFiles are the files that ship with the merged model beside its
+// weights, from folders whose other files alone are keyed: the tokenizer
+// files and generation_config.json of the base folder (`model:`, or the
+// one training read), and the tokenizer files beside the tokenizer.json
+// the tokenize stage read. An edited chat template is then a new merge,
+// not yesterday's served from the cache.
+func (s *mergeStage) UpstreamFiles(upstream []pipeline.UpstreamStage) []string {
+	var dirs []string
+	if len(s.model.files) > 0 {
+		dirs = append(dirs, filepath.Dir(s.model.files[0]))
+	}
+	for _, st := range upstream {
+		for _, f := range st.Files {
+			if st.Kind == "qlora" && filepath.Base(f) == "config.json" || st.Kind == tokenizeKindName && filepath.Base(f) == "tokenizer.json" {
+				dirs = append(dirs, filepath.Dir(f))
+			}
+		}
+	}
+	var files []string
+	for _, dir := range dirs {
+		for _, name := range append(slices.Clone(trainer.TokenizerFiles), "generation_config.json") {
+			p := filepath.Join(dir, name)
+			if fi, err := os.Stat(p); err == nil && fi.Mode().IsRegular() && !slices.Contains(files, p) {
+				files = append(files, p)
+			}
+		}
+	}
+	return files
+}
 
 func (s *mergeStage) Resolve(ctx context.Context) ([]pipeline.Ref, error) {
 	return resolveAll(ctx, s.model.hub)

@@ -21,6 +21,13 @@ func (s *Store) RunningBy(dag *DAG) string {
 	return running
 }
 
+// Unfinished names dag's last run when it did not finish and left no
+// record ("pid 123 on host since …"; see UnfinishedCauses), "" otherwise.
+func (s *Store) Unfinished(dag *DAG) string {
+	_, unfinished := s.lockHolder(dag)
+	return unfinished
+}
+
 // ScratchDir is the folder where the stage of key keeps its resumable
 // state (a training run's checkpoints and the metrics logged so far) until
 // its entry is committed.

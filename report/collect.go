@@ -48,6 +48,9 @@ type Report struct {
 	Program          string
 	Generated        time.Time
 	RunningBy        string
+	// Unfinished names the last run when it did not finish and left no
+	// record: Runs then begin with the run before it.
+	Unfinished string
 	// Runs are the last runs, newest first.
 	Runs      []*Run
 	Stages    []StageRow // the last run's stages, in DAG order
@@ -127,7 +130,7 @@ type DataTrendCol struct {
 // Collect reads the last n runs of dag from st (all kept runs when n <= 0).
 func Collect(st *pipeline.Store, dag *pipeline.DAG, n int) (*Report, error) {
 	r := &Report{DAG: dag.Name, Spec: dag.Path, Cache: st.Root, Program: pipeline.Version(),
-		Generated: time.Now(), RunningBy: st.RunningBy(dag)}
+		Generated: time.Now(), RunningBy: st.RunningBy(dag), Unfinished: st.Unfinished(dag)}
 	recs := st.Runs(dag, n)
 	for i, rec := range recs {
 		run := &Run{Rec: rec, Index: len(recs) - 1 - i, Scores: map[string]float64{}, TrainLoss: math.NaN(), EvalLoss: math.NaN()}

@@ -212,8 +212,9 @@ func duration(s float64) string {
 }
 
 var funcs = template.FuncMap{
-	"dur":   duration,
-	"count": func(v any) string { f, _ := num(v); return count(f) },
+	"unfinishedCauses": func() string { return pipeline.UnfinishedCauses },
+	"dur":              duration,
+	"count":            func(v any) string { f, _ := num(v); return count(f) },
 	"opt": func(p *float64) string {
 		if p == nil {
 			return "—"

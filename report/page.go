@@ -10,7 +10,7 @@ const pageTemplate = `<!DOCTYPE html>
 <meta name="viewport" content="width=device-width, initial-scale=1">
 <meta http-equiv="Content-Security-Policy" content="default-src 'none'; style-src 'unsafe-inline'; img-src data:">
 <meta name="generator" content="pipeline {{.Program}}">
-<title>{{.DAG}}: {{if .Runs}}{{if .Last.Rec.OK}}ok{{else if .Last.Rec.Interrupted}}INTERRUPTED{{else}}FAILED{{end}} {{.Last.Label}}{{else}}no runs{{end}}</title>
+<title>{{.DAG}}: {{if .Unfinished}}DID NOT FINISH{{else if .Runs}}{{if .Last.Rec.OK}}ok{{else if .Last.Rec.Interrupted}}INTERRUPTED{{else}}FAILED{{end}} {{.Last.Label}}{{else}}no runs{{end}}</title>
 <style>
 :root{color-scheme:light dark;--fg:#1f2328;--muted:#59636e;--bg:#fff;--card:#f6f8fa;--line:#d1d9e0;--ok:#1a7f37;--bad:#cf222e;--hit:#dafbe1;--miss:#ddf4ff;--fail:#ffebe9;--off:#eff2f5;--edge:#818b98}
 @media (prefers-color-scheme:dark){:root{--fg:#e6edf3;--muted:#9198a1;--bg:#0d1117;--card:#151b23;--line:#3d444d;--ok:#3fb950;--bad:#f85149;--hit:#12361f;--miss:#0c2d4b;--fail:#4b1113;--off:#212830;--edge:#9198a1}}
@@ -69,8 +69,11 @@ footer{margin-top:2.5em;font-size:.9rem;color:var(--muted)}
 <main>
 <header>
 <h1>{{.DAG}} <span class="muted">· pipeline report</span></h1>
+{{- if .Unfinished}}
+<p id="unfinished">Last run: <span class="badge failed">DID NOT FINISH</span> ({{.Unfinished}}): it was {{unfinishedCauses}}.</p>
+{{- end}}
 {{- if .Runs}}{{with .Last}}
-<p id="verdict">Last run {{when .Rec.Started}}: {{if .Rec.OK}}<span class="badge ok">ok</span>{{else if .Rec.Interrupted}}<span class="badge failed">INTERRUPTED</span>{{else}}<span class="badge failed">FAILED</span>{{end}} in {{dur .Rec.Seconds}}
+<p id="verdict">Last {{if $.Unfinished}}finished {{end}}run {{when .Rec.Started}}: {{if .Rec.OK}}<span class="badge ok">ok</span>{{else if .Rec.Interrupted}}<span class="badge failed">INTERRUPTED</span>{{else}}<span class="badge failed">FAILED</span>{{end}} in {{dur .Rec.Seconds}}
 · {{.Computed}} computed · {{.Cached}} cached{{if .Failed}} · {{.Failed}} failed{{end}}{{if .Canceled}} · {{.Canceled}} canceled{{end}}</p>
 {{- if .Rec.Error}}
 <pre id="run-error">{{.Rec.Error}}</pre>

@@ -308,6 +308,15 @@ func TestStatusSaysKilledRunDidNotFinish(t *testing.T) {
 	if !strings.Contains(r.stdout, "last run: DID NOT FINISH: pid 999999 on host") || !strings.Contains(r.stdout, "last finished run: ") {
 		t.Errorf("status after a killed run:\n%s", r.stdout)
 	}
+	// The report's title and headline say so too (a page mailed by
+	// ExecStopPost= after the OOM killer).
+	page := filepath.Join(dir, "report.html")
+	r = runCLI(t, dir, "report", spec, "--out", page)
+	html, _ := os.ReadFile(page)
+	if r.code != 0 || !strings.Contains(string(html), "<title>s: DID NOT FINISH</title>") ||
+		!strings.Contains(string(html), "DID NOT FINISH</span> (pid 999999 on host") || !strings.Contains(string(html), "Last finished run ") {
+		t.Errorf("report after a killed run: %d %s\n%s", r.code, r.stderr, html)
+	}
 	r = runCLI(t, dir, "run", spec)
 	if r.code != 0 || !strings.Contains(r.stderr, "the previous run of this DAG did not finish") {
 		t.Errorf("run after a killed run: %d\n%s", r.code, r.stderr)

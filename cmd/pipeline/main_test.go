@@ -195,6 +195,18 @@ func TestUnstartedRunIsRecorded(t *testing.T) {
 	if r := runCLI(t, dir, "gc", "--keep-last", "1"); r.code != 0 || !strings.Contains(r.stdout, "removed 0 entries") {
 		t.Errorf("gc --keep-last 1 after the failed night: exit %d\n%s%s", r.code, r.stdout, r.stderr)
 	}
+	// A spec that does not load replaces the report too.
+	writeFile(t, data, sampleJSONL)
+	if r := runCLI(t, dir, "run", spec, "--report", report); r.code != 0 || !readReport().OK {
+		t.Fatalf("run: exit %d\n%s", r.code, r.stderr)
+	}
+	writeFile(t, spec, "name: s\nstages:\n  src: {kind: jsonl, with: {pathz: [data.jsonl]}}\n")
+	if r := runCLI(t, dir, "run", spec, "--report", report); r.code != 2 {
+		t.Fatalf("run of a broken spec: exit %d\n%s", r.code, r.stderr)
+	}
+	if rec := readReport(); rec.OK || rec.Spec != spec || !strings.Contains(rec.Error, `unknown parameter "pathz"`) {
+		t.Errorf("report of a broken spec: %+v", rec)
+	}
 }
 
 // TestCacheFlagWhereUsed: --cache shows in the help of the commands that

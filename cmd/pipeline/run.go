@@ -91,6 +91,13 @@ step with rank 0 and stop there. A rank that fails or goes away stops the others
 			}
 			dag, err := loadSpec(args[0])
 			if err != nil {
+				if report != "" { // not yesterday's report saying ok
+					now := time.Now().UTC()
+					rec := &pipeline.RunRecord{Spec: args[0], Started: now, Finished: now, Error: err.Error(), Program: pipeline.Version(), Stages: []pipeline.StageRecord{}}
+					if werr := writeReport(report, rec); werr != nil {
+						fmt.Fprintf(os.Stderr, "pipeline: could not write the report %s: %v\n", report, werr)
+					}
+				}
 				return err
 			}
 			// A file or model the run needs and cannot have is found

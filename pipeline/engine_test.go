@@ -1071,6 +1071,38 @@ func TestRateLeavesOutWaiting(t *testing.T) {
 
 // TestGCWaitsSaying: gc waits for the runs that hold the cache and says
 // so; a dry run, which removes nothing, does not wait.
+// TestRunWaitsForGCSaying: a run finding gc at work on its cache says that
+// it waits for it, and with NoWait does not wait (busy, as when another run
+// holds the DAG).
+func TestRunWaitsForGCSaying(t *testing.T) {
+	e := newTestEnv(t)
+	e.write("data.txt", "v1")
+	spec := e.write("chain.yaml", chainSpec)
+	gc := e.store.gcLock() // what gc holds
+	if ok, err := gc.TryLock(); !ok || err != nil {
+		t.Fatal(ok, err)
+	}
+	eng := &Engine{Store: e.store, NoWait: true}
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	if _, err := eng.Run(ctx, e.load(spec), Options{}); !IsBusy(err) || !strings.Contains(err.Error(), "gc is cleaning this cache") {
+		t.Fatalf("NoWait beside gc: %v", err)
+	}
+	var logs lockedBuffer
+	eng = &Engine{Store: e.store, Log: slog.New(slog.NewTextHandler(&logs, nil))}
+	done := make(chan error, 1)
+	go func() { _, err := eng.Run(context.Background(), e.load(spec), Options{}); done <- err }()
+	for deadline := time.Now().Add(10 * time.Second); !strings.Contains(logs.String(), "waiting for gc to finish"); time.Sleep(10 * time.Millisecond) {
+		if time.Now().After(deadline) {
+			t.Fatalf("the run waits without a word: %q", logs.String())
+		}
+	}
+	gc.Unlock()
+	if err := <-done; err != nil {
+		t.Fatalf("the run after gc: %v", err)
+	}
+}
+
 func TestGCWaitsSaying(t *testing.T) {
 	e := newTestEnv(t)
 	e.write("data.txt", "v1")

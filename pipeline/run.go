@@ -225,8 +225,18 @@ func (e *Engine) log() *slog.Logger {
 
 func (e *Engine) run(ctx context.Context, dag *DAG, opts Options, rec *RunRecord, unlockDAG *func(keepNote bool), noted *bool) error {
 	gc := e.Store.gcLock()
-	if _, err := gc.TryRLockContext(ctx, 100*time.Millisecond); err != nil {
-		return fmt.Errorf("waiting for gc to finish: %w", err)
+	ok, err := gc.TryRLock()
+	if err != nil {
+		return fmt.Errorf("the cache's gc lock: %w", err)
+	}
+	if !ok {
+		if e.NoWait {
+			return fmt.Errorf("%s: %w", e.Store.Root, errGCBusy)
+		}
+		e.log().Info("waiting for gc to finish cleaning the cache", "cache", e.Store.Root)
+		if _, err := gc.TryRLockContext(ctx, 100*time.Millisecond); err != nil {
+			return fmt.Errorf("waiting for gc to finish: %w", err)
+		}
 	}
 	defer gc.Unlock()
 

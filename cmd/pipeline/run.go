@@ -200,7 +200,7 @@ step with rank 0 and stop there. A rank that fails or goes away stops the others
 	f.StringArrayVar(&opts.Force, "force", nil, "recompute this stage even if cached (repeatable; \"all\" for every stage)")
 	f.IntVar(&jobs, "jobs", 0, "cores the run may use (default: all)")
 	f.StringVar(&report, "report", "", "write a JSON report of the run to this file")
-	f.BoolVar(&noWait, "no-wait", false, "exit at once (code 75) if another run of this spec holds its lock")
+	f.BoolVar(&noWait, "no-wait", false, "exit at once (code 75) if another run of this spec holds its lock, or gc is cleaning the cache")
 	f.IntVar(&gpus, "gpus", 1, "train on this many GPUs of this machine, one process each (under torchrun, srun or a training operator, leave it out)")
 	f.StringVar(&progress, "progress", "auto", "progress display: auto (live lines on a terminal, log lines otherwise), tty, log or none")
 	f.DurationVar(&logEvery, "log-every", 30*time.Second, "interval of progress log lines when not on a terminal")

@@ -19,6 +19,7 @@ import (
 	"io"
 	"math"
 	"sort"
+	"strings"
 
 	"gemmaft/internal/atomicfile"
 )
@@ -38,9 +39,10 @@ const (
 	BF16 Type = 30
 )
 
-// ParseType reads a type as users write it: f32, f16, bf16, q8_0, q4_0.
+// ParseType reads a type as users write it: f32, f16, bf16, q8_0, q4_0,
+// in either case (llama.cpp's tools write Q8_0).
 func ParseType(s string) (Type, error) {
-	switch s {
+	switch strings.ToLower(s) {
 	case "f32":
 		return F32, nil
 	case "f16":
@@ -51,6 +53,9 @@ func ParseType(s string) (Type, error) {
 		return Q8_0, nil
 	case "q4_0":
 		return Q4_0, nil
+	}
+	if l := strings.ToLower(s); strings.Contains(l, "_k") || strings.HasPrefix(l, "iq") {
+		return 0, fmt.Errorf("gguf: %s is one of llama.cpp's k- or i-quants, which are not written here: write q8_0 (or f16), then llama.cpp's llama-quantize turns that file into %s", s, s)
 	}
 	return 0, fmt.Errorf("gguf: unknown type %q (f32, f16, bf16, q8_0, q4_0)", s)
 }

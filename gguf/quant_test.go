@@ -3,6 +3,7 @@ package gguf
 import (
 	"math"
 	"math/rand/v2"
+	"strings"
 	"testing"
 
 	"gemmaft/internal/half"
@@ -103,5 +104,21 @@ func TestEncodeFloatTypes(t *testing.T) {
 	}
 	if _, err := Encode(nil, Q8_0, make([]float32, 31)); err == nil {
 		t.Error("31 values encoded as q8_0 without an error")
+	}
+}
+
+// TestParseType: types as llama.cpp's tools write them (upper case) read
+// as ours; a k-quant is refused naming the tool that makes it.
+func TestParseType(t *testing.T) {
+	for in, want := range map[string]Type{"q8_0": Q8_0, "Q8_0": Q8_0, "Q4_0": Q4_0, "F16": F16, "bf16": BF16, "f32": F32} {
+		if got, err := ParseType(in); err != nil || got != want {
+			t.Errorf("%s: %v %v, want %v", in, got, err, want)
+		}
+	}
+	if _, err := ParseType("Q4_K_M"); err == nil || !strings.Contains(err.Error(), "llama-quantize turns that file into Q4_K_M") {
+		t.Errorf("Q4_K_M: %v", err)
+	}
+	if _, err := ParseType("q5"); err == nil || !strings.Contains(err.Error(), `unknown type "q5"`) {
+		t.Errorf("q5: %v", err)
 	}
 }

@@ -6,6 +6,7 @@ import (
 	"os"
 	"path/filepath"
 	"regexp"
+	"strings"
 
 	"gemmaft/gguf"
 	"gemmaft/internal/atomicfile"
@@ -43,10 +44,12 @@ func (ggufKind) Inputs() (int, int) { return 0, 1 }
 func (ggufKind) Params() any        { return &ggufParams{Type: "q8_0", Name: "model"} }
 
 func (p *ggufParams) Validate() error {
-	if _, err := gguf.ParseType(p.Type); err != nil {
-		return &pipeline.ParamError{Param: "type", Msg: fmt.Sprintf("unknown %q", p.Type),
+	typ, err := gguf.ParseType(p.Type)
+	if err != nil {
+		return &pipeline.ParamError{Param: "type", Msg: strings.TrimPrefix(err.Error(), "gguf: "),
 			Fix: "use q8_0 (near-lossless, half of bf16's size), q4_0 (a quarter), f16 or bf16"}
 	}
+	p.Type = typ.String() // Q8_0 keys as q8_0
 	if !ggufName.MatchString(p.Name) {
 		return &pipeline.ParamError{Param: "name", Msg: fmt.Sprintf("%q is not a file name", p.Name), Fix: "letters, digits, '.', '_' and '-'"}
 	}

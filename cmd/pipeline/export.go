@@ -40,9 +40,10 @@ checkpoint has no tokenizer: export it with --format hf. A gguf stage's file is
 copied as it is (a --type must then be its own). A model's PATH must not exist,
 and appears only when complete.
 
-Without --format, PATH's extension says it (.jsonl, .parquet, .arrow, .gguf), and
-else the stage's kind: JSON lines for a table, hf for a model; a --format that
-PATH's extension contradicts is refused. A failure or an interrupt leaves PATH as
+Without --format, PATH's extension says it (.jsonl, .parquet, .arrow, .gguf), or
+--type (gguf), and else the stage's kind: JSON lines for a table, hf for a model; a
+--format that PATH's extension contradicts is refused. A PATH named NAME.TYPE.gguf
+gives the type when --type is left out, and must agree with it otherwise. A failure or an interrupt leaves PATH as
 it was and no temporary file behind.`,
 		Example: `  pipeline export dags/gemma12b.yaml pack --format parquet --out packed.parquet
   pipeline export dags/gemma12b.yaml answers --format mt-bench --out data/mt_bench/model_answer/tr-12b.jsonl
@@ -62,18 +63,29 @@ it was and no temporary file behind.`,
 			if format != "" && named != "" && named != format {
 				return usageErr(fmt.Errorf("--out %s is named for --format %s, not %s: rename it, or leave --format out", out, named, format))
 			}
+			typeGiven := cmd.Flags().Changed("type")
 			if format == "" {
 				format = named
+			}
+			if format == "" && typeGiven {
+				format = "gguf" // only a GGUF file has a type
 			}
 			if format != "" && !slices.Contains([]string{"jsonl", "parquet", "arrow", "mt-bench", "gguf", "hf"}, format) {
 				return usageErr(fmt.Errorf("--format %q: want jsonl, parquet, arrow, mt-bench, gguf or hf", format))
 			}
-			if cmd.Flags().Changed("type") && format != "" && format != "gguf" {
+			if typeGiven && format != "gguf" {
 				return usageErr(fmt.Errorf("--type is the type of a GGUF file; --format %s has none", format))
 			}
 			typ, err := gguf.ParseType(ggufType)
 			if err != nil {
 				return usageErr(fmt.Errorf("--type: %w", err))
+			}
+			// NAME.TYPE.gguf names the type too.
+			if nt, ok := typeOfName(out); ok && format == "gguf" {
+				if typeGiven && nt != typ {
+					return usageErr(fmt.Errorf("--out %s is named for type %s, not --type %s: rename it, or leave --type out", out, nt, typ))
+				}
+				typ, typeGiven = nt, true
 			}
 			if format == "gguf" || format == "hf" {
 				if err := modelOutFree(out); err != nil {
@@ -104,7 +116,7 @@ it was and no temporary file behind.`,
 				}
 			}
 			if format == "gguf" || format == "hf" {
-				return exportModel(entry, m, args[1], format, typ, cmd.Flags().Changed("type"), out)
+				return exportModel(entry, m, args[1], format, typ, typeGiven, out)
 			}
 			table := filepath.Join(entry, pipeline.TableFile)
 			var write func(w io.Writer, table string) error
@@ -151,7 +163,7 @@ it was and no temporary file behind.`,
 	}
 	cmd.Flags().StringVar(&format, "format", "", "jsonl, parquet, arrow (tables); mt-bench (a generate stage's answer file); gguf, hf (models); by default as --out's name says, else jsonl for a table, hf for a model")
 	cmd.Flags().StringVar(&out, "out", "", "output file (or folder for hf), or - for a table on standard output")
-	cmd.Flags().StringVar(&ggufType, "type", "q8_0", "GGUF type: q8_0, q4_0, f16, bf16 or f32")
+	cmd.Flags().StringVar(&ggufType, "type", "q8_0", "GGUF type: q8_0, q4_0, f16, bf16 or f32 (Q8_0 too); by default as --out NAME.TYPE.gguf says, else q8_0")
 	completeValues(cmd, "format", "jsonl", "parquet", "arrow", "mt-bench", "gguf", "hf")
 	completeValues(cmd, "type", "q8_0", "q4_0", "f16", "bf16", "f32")
 	root.AddCommand(cmd)
@@ -214,6 +226,20 @@ func formatOfName(out string) string {
 	return ""
 }
 
+// typeOfName is the GGUF type a file named NAME.TYPE.gguf says.
+func typeOfName(out string) (gguf.Type, bool) {
+	base := filepath.Base(out)
+	if !strings.EqualFold(filepath.Ext(base), ".gguf") {
+		return 0, false
+	}
+	ext := filepath.Ext(strings.TrimSuffix(base, filepath.Ext(base)))
+	if ext == "" {
+		return 0, false
+	}
+	t, err := gguf.ParseType(ext[1:])
+	return t, err == nil
+}
+
 // exportModel writes the checkpoint of a merge or model stage (or a gguf
 // stage's file) to out, which must not exist. typeGiven says --type was
 // given, which a gguf stage's file must then be of.
@@ -250,7 +276,14 @@ func exportModel(entry string, m *pipeline.Manifest, stage, format string, typ g
 	if format == "hf" {
 		return doneOrFail(out, copyDir(model, out))
 	}
-	return doneOrFail(out, gguf.Gemma3(model, out, gguf.Options{Type: typ, Name: strings.TrimSuffix(strings.TrimSuffix(filepath.Base(out), ".gguf"), "."+typ.String())}))
+	name := filepath.Base(out)
+	if strings.EqualFold(filepath.Ext(name), ".gguf") {
+		name = strings.TrimSuffix(name, filepath.Ext(name))
+	}
+	if _, ok := typeOfName(out); ok {
+		name = strings.TrimSuffix(name, filepath.Ext(name))
+	}
+	return doneOrFail(out, gguf.Gemma3(model, out, gguf.Options{Type: typ, Name: name}))
 }
 
 // modelOutFree checks that a model's --out is a path that does not exist.

@@ -467,8 +467,32 @@ func TestExportModelFolder(t *testing.T) {
 	if r := runCLI(t, dir, "export", "s.yaml", "base", "--out", "b.gguf"); r.code != 2 || !strings.Contains(r.stderr, "random checkpoint has no tokenizer") {
 		t.Errorf("a model stage as GGUF: exit %d\n%s", r.code, r.stderr)
 	}
+	// --type asks for a GGUF file whatever --out is called (it used to
+	// write the folder, ignoring --type), and a NAME.TYPE.gguf must agree.
+	for _, args := range [][]string{{"--type", "q4_0", "--out", "c"}, {"--type", "Q8_0", "--out", "c.q8_0.gguf"}, {"--out", "c.Q4_0.gguf"}} {
+		if r := runCLI(t, dir, append([]string{"export", "s.yaml", "base"}, args...)...); r.code != 2 || !strings.Contains(r.stderr, "random checkpoint has no tokenizer") {
+			t.Errorf("export %v: exit %d\n%s", args, r.code, r.stderr)
+		}
+	}
+	if r := runCLI(t, dir, "export", "s.yaml", "base", "--type", "q8_0", "--out", "c.q4_0.gguf"); r.code != 2 || !strings.Contains(r.stderr, "is named for type q4_0, not --type q8_0") {
+		t.Errorf("a name for another type: exit %d\n%s", r.code, r.stderr)
+	}
 	if l := leftovers(t, dir); len(l) != 0 {
 		t.Errorf("left %v", l)
+	}
+	if _, err := os.Stat(filepath.Join(dir, "c")); err == nil {
+		t.Error("export --type wrote a folder")
+	}
+}
+
+// TestTypeOfName: NAME.TYPE.gguf names its type; other names name none.
+func TestTypeOfName(t *testing.T) {
+	for name, want := range map[string]string{"tr.q4_0.gguf": "q4_0", "out/tr-12b.Q8_0.GGUF": "q8_0", "tr.bf16.gguf": "bf16",
+		"tr.gguf": "", "tr.q4_k_m.gguf": "", "tr.q4_0": "", "v1.2.gguf": ""} {
+		typ, ok := typeOfName(name)
+		if got := map[bool]string{true: typ.String()}[ok]; got != want {
+			t.Errorf("%s: %q, want %q", name, got, want)
+		}
 	}
 }
 

@@ -119,6 +119,7 @@ stages:
 	wrongInput(t, head+"  q: {kind: gguf, needs: [adapter]}\n", 10, `"adapter" is a qlora stage, but a gguf stage reads the checkpoint of a merge or model stage`)
 	wrongInput(t, head+"  q: {kind: gguf}\n", 10, "nothing to convert")
 	wrongInput(t, head+"  q: {kind: gguf, needs: [base], with: {model: m}}\n", 10, "two models to convert")
+	wrongInput(t, head+"  q: {kind: gguf, needs: [base]}\n", 10, `model stage "base" writes a random checkpoint without a tokenizer`, "convert a merge stage's model")
 	// An adapter trained on a model stage, scored or asked without it: the
 	// base would be missed only once training is done. Its stage may come
 	// later in the file.

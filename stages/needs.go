@@ -132,6 +132,12 @@ func (ggufKind) CheckInputs(params any, needs []pipeline.Need) error {
 		return &pipeline.ParamError{Param: "needs", Msg: "nothing to convert",
 			Fix: "add a merge stage to needs, or set `model:` to a checkpoint folder"}
 	}
+	for _, n := range needs {
+		if n.Kind == modelKindName { // it would fail only once run
+			return &pipeline.ParamError{Param: "needs", Msg: fmt.Sprintf("model stage %q writes a random checkpoint without a tokenizer, which a GGUF file holds", n.Stage),
+				Fix: "convert a merge stage's model (it ships the tokenizer training used), or set `model:` to a checkpoint folder with tokenizer.json"}
+		}
+	}
 	return nil
 }
 

@@ -1,12 +1,10 @@
 package gguf
 
 import (
-	"encoding/json"
 	"fmt"
-	"os"
-	"path/filepath"
-	"sort"
 	"strings"
+
+	"gemmaft/converse"
 )
 
 // OllamaTemplate is the TEMPLATE of the Modelfile we write: Ollama's Go
@@ -73,27 +71,21 @@ func Modelfile(o ModelfileOptions) (string, error) {
 	return b.String(), nil
 }
 
-// samplingDefaults reads temperature, top_k and top_p from the folder's
-// generation_config.json, when it sets them.
+// samplingDefaults are the temperature, top_k and top_p with which
+// transformers' generate decodes by the folder's generation_config.json
+// (converse.Sampling: greedy unless do_sample, transformers' defaults for
+// what a sampling config leaves out), so that Ollama, whose own defaults
+// differ (temperature 0.8, top_k 40), answers as transformers and `pipeline
+// chat` do. A folder without the file leaves Ollama's.
 func samplingDefaults(dir string) ([]string, error) {
-	path := filepath.Join(dir, "generation_config.json")
-	b, err := os.ReadFile(path)
-	if os.IsNotExist(err) {
-		return nil, nil
-	}
-	if err != nil {
+	gc, err := converse.ReadGenerationConfig(dir)
+	if err != nil || gc == nil {
 		return nil, err
 	}
-	var gc map[string]any
-	if err := json.Unmarshal(b, &gc); err != nil {
-		return nil, fmt.Errorf("%s: %w", path, err)
+	temperature, topK, topP := gc.Sampling()
+	if temperature == 0 {
+		return []string{"temperature 0"}, nil
 	}
-	var out []string
-	for _, k := range []string{"temperature", "top_k", "top_p"} {
-		if v, ok := gc[k].(float64); ok {
-			out = append(out, fmt.Sprintf("%s %v", k, v))
-		}
-	}
-	sort.Strings(out)
-	return out, nil
+	topK, topP = converse.TopPZero(topK, topP)
+	return []string{fmt.Sprintf("temperature %v", temperature), fmt.Sprintf("top_k %d", topK), fmt.Sprintf("top_p %v", topP)}, nil
 }

@@ -59,7 +59,8 @@ func TestOllamaTemplateRendersAsTraining(t *testing.T) {
 
 func TestModelfile(t *testing.T) {
 	dir := t.TempDir()
-	os.WriteFile(filepath.Join(dir, "generation_config.json"), []byte(`{"top_k": 64, "top_p": 0.95, "eos_token_id": [1, 106]}`), 0o644)
+	// Gemma 3's: it samples, and leaves the temperature at transformers' 1.
+	os.WriteFile(filepath.Join(dir, "generation_config.json"), []byte(`{"do_sample": true, "top_k": 64, "top_p": 0.95, "eos_token_id": [1, 106]}`), 0o644)
 	mf, err := Modelfile(ModelfileOptions{GGUF: "tr.q8_0.gguf", System: "Sen yardımsever bir asistansın.", ModelDir: dir})
 	if err != nil {
 		t.Fatal(err)
@@ -71,10 +72,16 @@ func TestModelfile(t *testing.T) {
 		"PARAMETER stop \"<end_of_turn>\"\n",
 		"PARAMETER top_k 64\n",
 		"PARAMETER top_p 0.95\n",
+		"PARAMETER temperature 1\n",
 	} {
 		if !strings.Contains(mf, want) {
 			t.Errorf("Modelfile lacks %q:\n%s", want, mf)
 		}
+	}
+	// Without do_sample transformers decodes greedily; so does Ollama then.
+	os.WriteFile(filepath.Join(dir, "generation_config.json"), []byte(`{"top_k": 64, "eos_token_id": [1, 106]}`), 0o644)
+	if mf, err := Modelfile(ModelfileOptions{GGUF: "m.gguf", ModelDir: dir}); err != nil || !strings.Contains(mf, "PARAMETER temperature 0\n") || strings.Contains(mf, "top_k") {
+		t.Errorf("a greedy config: %v\n%s", err, mf)
 	}
 	if _, err := Modelfile(ModelfileOptions{GGUF: "m.gguf", System: `say """hi"""`}); err == nil {
 		t.Error("a system text with \"\"\" was written into a Modelfile")

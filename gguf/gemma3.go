@@ -1,6 +1,7 @@
 package gguf
 
 import (
+	"context"
 	"encoding/json"
 	"errors"
 	"fmt"
@@ -30,8 +31,9 @@ type Options struct {
 // multimodal Hugging Face folder with its tokenizer) into the GGUF file out,
 // which must not exist. A multimodal checkpoint's vision tower is left out:
 // llama.cpp reads it from a separate projector file. Tensors are read and
-// written one at a time.
-func Gemma3(modelDir, out string, opts Options) error {
+// written one at a time; a canceled ctx stops it between them, leaving
+// nothing.
+func Gemma3(ctx context.Context, modelDir, out string, opts Options) error {
 	if _, err := os.Stat(out); err == nil {
 		return fmt.Errorf("gguf: %s already exists", out)
 	}
@@ -92,6 +94,9 @@ func Gemma3(modelDir, out string, opts Options) error {
 		}
 		tensors = append(tensors, Tensor{Name: name, Shape: spec.Shape, Type: typ,
 			Write: func(w io.Writer) error {
+				if err := ctx.Err(); err != nil {
+					return err
+				}
 				t, err := ck.Read(spec)
 				if err != nil {
 					return err

@@ -3,8 +3,10 @@ package gguf
 import (
 	"bufio"
 	"bytes"
+	"context"
 	"encoding/binary"
 	"encoding/json"
+	"errors"
 	"fmt"
 	"math"
 	"os"
@@ -47,7 +49,7 @@ func checkpoint(t *testing.T, preset string) string {
 func convert(t *testing.T, dir string, typ Type) string {
 	t.Helper()
 	out := filepath.Join(t.TempDir(), filepath.Base(dir)+"."+typ.String()+".gguf")
-	if err := Gemma3(dir, out, Options{Type: typ}); err != nil {
+	if err := Gemma3(context.Background(), dir, out, Options{Type: typ}); err != nil {
 		t.Fatal(err)
 	}
 	return out
@@ -520,5 +522,20 @@ func TestVocabularyMustMatchTheEmbedding(t *testing.T) {
 		if _, err := vocabulary(dir, rows); refused != (err != nil && strings.Contains(err.Error(), "tokenizer and model do not match")) {
 			t.Errorf("%d rows (the model has %d): %v", rows, c.VocabSize, err)
 		}
+	}
+}
+
+// TestGemma3Canceled: a conversion whose context is canceled stops and
+// leaves neither the file nor a temporary one.
+func TestGemma3Canceled(t *testing.T) {
+	dir := checkpoint(t, "tiny")
+	outDir := t.TempDir()
+	ctx, cancel := context.WithCancel(context.Background())
+	cancel()
+	if err := Gemma3(ctx, dir, filepath.Join(outDir, "m.q8_0.gguf"), Options{Type: Q8_0}); !errors.Is(err, context.Canceled) {
+		t.Fatalf("canceled conversion: %v", err)
+	}
+	if ents, _ := os.ReadDir(outDir); len(ents) != 0 {
+		t.Errorf("left %v", ents)
 	}
 }

@@ -113,7 +113,7 @@ func (s *ggufStage) Run(ctx context.Context, t *pipeline.Task) error {
 	typ, _ := gguf.ParseType(s.p.Type)
 	file := s.p.Name + "." + typ.String() + ".gguf"
 	t.Report(0, 1, "files", "converting to "+file)
-	if err := gguf.Gemma3(model, filepath.Join(t.Dir, file), gguf.Options{Type: typ, Name: s.p.Name}); err != nil {
+	if err := gguf.Gemma3(ctx, model, filepath.Join(t.Dir, file), gguf.Options{Type: typ, Name: s.p.Name}); err != nil {
 		return err
 	}
 	t.Report(1, 1, "files", "converted")

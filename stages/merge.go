@@ -161,7 +161,7 @@ func (s *mergeStage) Run(ctx context.Context, t *pipeline.Task) error {
 	}
 	out := filepath.Join(t.Dir, MergedModelDir)
 	t.Report(0, 1, "models", "merging "+filepath.Base(model))
-	err = trainer.MergeAdapter(model, filepath.Join(adapterEntry, trainer.AdapterDirName), out, trainer.MergeOptions{
+	err = trainer.MergeAdapter(ctx, model, filepath.Join(adapterEntry, trainer.AdapterDirName), out, trainer.MergeOptions{
 		Base: base, TokenizerDir: tokDir, MaxShardBytes: int64(s.p.MaxShardGB * 1e9),
 	})
 	if err != nil {

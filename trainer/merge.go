@@ -1,6 +1,7 @@
 package trainer
 
 import (
+	"context"
 	"encoding/binary"
 	"encoding/json"
 	"errors"
@@ -55,8 +56,8 @@ var TokenizerFiles = []string{"tokenizer.json", "tokenizer_config.json", "specia
 // W + (alpha/r)·B·A. Tensors are read, merged and written one at a time,
 // so memory holds about two copies of the largest projection in float32.
 // The folder appears only complete: it is written under a temporary name
-// and renamed.
-func MergeAdapter(baseDir, adapterDir, out string, opts MergeOptions) error {
+// and renamed. A canceled ctx stops it between tensors, leaving nothing.
+func MergeAdapter(ctx context.Context, baseDir, adapterDir, out string, opts MergeOptions) error {
 	if opts.Base == "" {
 		opts.Base = MergeDequantized
 	}
@@ -142,6 +143,9 @@ func MergeAdapter(baseDir, adapterDir, out string, opts MergeOptions) error {
 		transform := w != nil || (isProj && opts.Base == MergeDequantized)
 		tensors = append(tensors, safetensors.StreamTensor{Name: name, DType: safetensors.BF16, Shape: info.Shape,
 			Write: func(wr io.Writer) error {
+				if err := ctx.Err(); err != nil {
+					return err
+				}
 				info, raw, err := read(name)
 				if err != nil {
 					return err

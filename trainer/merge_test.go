@@ -1,6 +1,8 @@
 package trainer
 
 import (
+	"context"
+	"errors"
 	"math"
 	"os"
 	"path/filepath"
@@ -41,7 +43,7 @@ func TestMergeAdapter(t *testing.T) {
 	for _, mode := range []MergeBase{MergeDequantized, MergeOriginal} {
 		t.Run(string(mode), func(t *testing.T) {
 			out := filepath.Join(dir, "merged-"+string(mode))
-			if err := MergeAdapter(base, adapter, out, MergeOptions{Base: mode, TokenizerDir: tok}); err != nil {
+			if err := MergeAdapter(context.Background(), base, adapter, out, MergeOptions{Base: mode, TokenizerDir: tok}); err != nil {
 				t.Fatal(err)
 			}
 			merged, err := LoadModel(out)
@@ -101,7 +103,7 @@ func TestMergeAdapter(t *testing.T) {
 		})
 	}
 	// Errors: an existing target, another base's adapter, no tokenizer.
-	if err := MergeAdapter(base, adapter, filepath.Join(dir, "merged-original"), MergeOptions{TokenizerDir: tok}); err == nil || !strings.Contains(err.Error(), "exists") {
+	if err := MergeAdapter(context.Background(), base, adapter, filepath.Join(dir, "merged-original"), MergeOptions{TokenizerDir: tok}); err == nil || !strings.Contains(err.Error(), "exists") {
 		t.Errorf("existing target: %v", err)
 	}
 	other := tinyConfig()
@@ -109,13 +111,19 @@ func TestMergeAdapter(t *testing.T) {
 	other.LayerTypes = append(other.LayerTypes, SlidingAttention)
 	otherBase := filepath.Join(dir, "other")
 	WriteRandomCheckpoint(otherBase, other, InitOptions{Seed: 1})
-	if err := MergeAdapter(otherBase, adapter, filepath.Join(dir, "x"), MergeOptions{TokenizerDir: tok}); err == nil || !strings.Contains(err.Error(), "adapter") {
+	if err := MergeAdapter(context.Background(), otherBase, adapter, filepath.Join(dir, "x"), MergeOptions{TokenizerDir: tok}); err == nil || !strings.Contains(err.Error(), "adapter") {
 		t.Errorf("adapter for another base: %v", err)
 	}
-	if err := MergeAdapter(base, adapter, filepath.Join(dir, "y"), MergeOptions{}); err == nil || !strings.Contains(err.Error(), "tokenizer") {
+	if err := MergeAdapter(context.Background(), base, adapter, filepath.Join(dir, "y"), MergeOptions{}); err == nil || !strings.Contains(err.Error(), "tokenizer") {
 		t.Errorf("no tokenizer: %v", err)
 	}
-	for _, p := range []string{"x", "y", "x.tmp", "y.tmp"} {
+	// A canceled merge (Ctrl-C in a run) stops and leaves nothing.
+	canceled, cancel := context.WithCancel(context.Background())
+	cancel()
+	if err := MergeAdapter(canceled, base, adapter, filepath.Join(dir, "z"), MergeOptions{TokenizerDir: tok}); !errors.Is(err, context.Canceled) {
+		t.Errorf("canceled merge: %v", err)
+	}
+	for _, p := range []string{"x", "y", "z", "x.tmp", "y.tmp", "z.tmp"} {
 		if _, err := os.Stat(filepath.Join(dir, p)); err == nil {
 			t.Errorf("%s left behind after a failed merge", p)
 		}
@@ -186,7 +194,7 @@ func TestMergeRefusesABrokenBase(t *testing.T) {
 		}), "norm.weight holds a non-finite value"},
 	} {
 		out := filepath.Join(dir, "merged")
-		err := MergeAdapter(c.base, adapter, out, MergeOptions{TokenizerDir: tok})
+		err := MergeAdapter(context.Background(), c.base, adapter, out, MergeOptions{TokenizerDir: tok})
 		if err == nil || !strings.Contains(err.Error(), c.want) {
 			t.Errorf("%s: %v, want %q", filepath.Base(c.base), err, c.want)
 		}

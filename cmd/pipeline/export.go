@@ -272,9 +272,10 @@ func exportModel(entry string, m *pipeline.Manifest, stage, format string, typ g
 	default:
 		return usageErr(fmt.Errorf("stage %s is of kind %s; models export from merge, model or gguf stages", stage, m.Kind))
 	}
-	defer exitAtSignal()()
+	ctx, stop := signalContext(10 * time.Second)
+	defer stop()
 	if format == "hf" {
-		return doneOrFail(out, copyDir(model, out))
+		return doneOrFail(out, copyDir(ctx, model, out))
 	}
 	name := filepath.Base(out)
 	if strings.EqualFold(filepath.Ext(name), ".gguf") {
@@ -283,7 +284,7 @@ func exportModel(entry string, m *pipeline.Manifest, stage, format string, typ g
 	if _, ok := typeOfName(out); ok {
 		name = strings.TrimSuffix(name, filepath.Ext(name))
 	}
-	return doneOrFail(out, gguf.Gemma3(model, out, gguf.Options{Type: typ, Name: name}))
+	return doneOrFail(out, gguf.Gemma3(ctx, model, out, gguf.Options{Type: typ, Name: name}))
 }
 
 // modelOutFree checks that a model's --out is a path that does not exist.
@@ -306,8 +307,8 @@ func doneOrFail(out string, err error) error {
 }
 
 // copyDir copies the files of a checkpoint folder (no subfolders) to out,
-// which appears only complete.
-func copyDir(from, out string) error {
+// which appears only complete; a canceled ctx stops it, leaving nothing.
+func copyDir(ctx context.Context, from, out string) error {
 	ents, err := os.ReadDir(from)
 	if err != nil {
 		return err
@@ -318,7 +319,7 @@ func copyDir(from, out string) error {
 				continue // the cache's own files are not the checkpoint's
 			}
 			src := filepath.Join(from, e.Name())
-			if err := atomicfile.Write(filepath.Join(tmp, e.Name()), func(w io.Writer) error { return copyFile(w, src) }); err != nil {
+			if err := atomicfile.Write(filepath.Join(tmp, e.Name()), func(w io.Writer) error { return copyFile(ctxWriter{ctx, w}, src) }); err != nil {
 				return err
 			}
 		}

@@ -4,6 +4,7 @@ import (
 	"errors"
 	"fmt"
 	"os"
+	"time"
 
 	"github.com/spf13/cobra"
 
@@ -65,8 +66,9 @@ model card (README.md) and the Gemma NOTICE.`,
 			if tokDir == "" && !trainer.ShipsOwnTokenizer(modelDir) {
 				return usageErr(fmt.Errorf("merge: %s has no tokenizer.json; give --tokenizer DIR, the folder of the tokenizer the adapter was trained with", modelDir))
 			}
-			defer exitAtSignal()()
-			err = trainer.MergeAdapter(modelDir, adapterDir, out, trainer.MergeOptions{
+			ctx, stop := signalContext(10 * time.Second)
+			defer stop()
+			err = trainer.MergeAdapter(ctx, modelDir, adapterDir, out, trainer.MergeOptions{
 				Base: mb, TokenizerDir: tokDir, MaxShardBytes: int64(shardGB * 1e9)})
 			if err != nil {
 				return failErr(err)

@@ -413,8 +413,8 @@ stages:
 }
 
 // TestWorkWithoutContextInterrupted: SIGINT or SIGTERM during work that
-// watches no context (merge and GGUF conversion, under exitAtSignal)
-// exits 130 or 143 at once and leaves no temporary file behind.
+// does not stop by itself (blocked) exits 130 or 143 once the grace is
+// over and leaves no temporary file behind.
 func TestWorkWithoutContextInterrupted(t *testing.T) {
 	for sig, code := range map[syscall.Signal]int{syscall.SIGINT: 130, syscall.SIGTERM: 143} {
 		dir := t.TempDir()
@@ -445,9 +445,10 @@ func TestWorkWithoutContextInterrupted(t *testing.T) {
 }
 
 // fillForever is what TestWorkWithoutContextInterrupted interrupts: a
-// folder filled under exitAtSignal, whose fill never ends.
+// folder whose fill never ends, with no grace to stop in.
 func fillForever(out string) int {
-	defer exitAtSignal()()
+	_, stop := signalContext(0)
+	defer stop()
 	err := atomicfile.Dir(out, func(dir string) error {
 		if err := os.WriteFile(filepath.Join(dir, "model.safetensors"), make([]byte, 1<<20), 0o644); err != nil {
 			return err

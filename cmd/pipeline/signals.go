@@ -72,14 +72,6 @@ type signalsKey struct{}
 // watchesSignals reports whether ctx is canceled by a signal.
 func watchesSignals(ctx context.Context) bool { return ctx.Value(signalsKey{}) != nil }
 
-// exitAtSignal is signalContext for commands whose work watches no
-// context (a merge, a GGUF conversion): the first signal removes their
-// unfinished output and exits at once.
-func exitAtSignal() (stop func()) {
-	_, stop = signalContext(0)
-	return stop
-}
-
 // interruptCode is the exit code of a command interrupted by a signal, or
 // 0 when no signal came.
 func interruptCode() int {

@@ -2,6 +2,7 @@ package main
 
 import (
 	"fmt"
+	"golang.org/x/term"
 	"log/slog"
 	"os"
 	"slices"
@@ -86,9 +87,15 @@ func newLogger() (*slog.Logger, error) {
 	return slog.New(h), nil
 }
 
-// stderrIsTerminal decides between live progress lines and log lines.
+// stderrIsTerminal decides between live progress lines and log lines: a
+// terminal that reports no size (a pseudo-terminal of `script` or a CI
+// runner, say) would show no live line, so it gets the log lines.
 func stderrIsTerminal() bool {
-	return isatty.IsTerminal(os.Stderr.Fd()) || isatty.IsCygwinTerminal(os.Stderr.Fd())
+	if !isatty.IsTerminal(os.Stderr.Fd()) && !isatty.IsCygwinTerminal(os.Stderr.Fd()) {
+		return false
+	}
+	w, h, err := term.GetSize(int(os.Stderr.Fd()))
+	return err == nil && w > 0 && h > 0
 }
 
 // loadSpec loads a DAG with every stage kind; spec problems exit 2.

@@ -458,3 +458,26 @@ func fillForever(out string) int {
 	fmt.Fprintln(os.Stderr, err)
 	return 1
 }
+
+// TestRunOnTerminalWithoutSize: on a terminal that reports no size (the
+// pseudo-terminal of `script`, a CI runner's), where a live display shows
+// nothing, a run logs its progress lines instead.
+func TestRunOnTerminalWithoutSize(t *testing.T) {
+	scriptBin, err := exec.LookPath("script")
+	if err != nil {
+		t.Skip("no script(1) to give the run a terminal")
+	}
+	dir := t.TempDir()
+	writeFile(t, filepath.Join(dir, "a.jsonl"), strings.Repeat(sampleJSONL, 20000)) // long enough to report on
+	writeFile(t, filepath.Join(dir, "s.yaml"), "name: s\nstages:\n  src: {kind: jsonl, with: {paths: [a.jsonl]}}\n  chat: {kind: chat_template, needs: [src]}\n")
+	cmd := exec.Command(scriptBin, "-qec", "stty cols 0 rows 0; "+os.Args[0]+" run s.yaml --log-every 1ms", "/dev/null")
+	cmd.Dir = dir
+	cmd.Env = append(os.Environ(), "PIPELINE_CLI=1", "PIPELINE_CACHE="+filepath.Join(dir, "cache"))
+	out, err := cmd.CombinedOutput()
+	if err != nil {
+		t.Fatalf("%v\n%s", err, out)
+	}
+	if !strings.Contains(string(out), "msg=progress stage=") {
+		t.Errorf("no progress lines on a terminal without a size:\n%s", out)
+	}
+}

@@ -2,6 +2,7 @@ package dataset
 
 import (
 	"fmt"
+	"os"
 	"path/filepath"
 	"slices"
 )
@@ -9,7 +10,8 @@ import (
 // ExpandGlobs expands shell patterns (filepath.Match syntax) relative to base,
 // in the order given; the matches of each pattern are sorted, so shards such
 // as train-00000-of-00002.parquet come in order. A pattern that matches
-// nothing is an error, as is a malformed one. Absolute patterns ignore base.
+// nothing is an error, as is a malformed one, unless it names an existing
+// file as it is written. Absolute patterns ignore base.
 func ExpandGlobs(base string, patterns []string) ([]string, error) {
 	var paths []string
 	for _, pattern := range patterns {
@@ -18,6 +20,11 @@ func ExpandGlobs(base string, patterns []string) ([]string, error) {
 			full = filepath.Join(base, pattern)
 		}
 		matches, err := filepath.Glob(full)
+		if _, serr := os.Stat(full); len(matches) == 0 && serr == nil {
+			// A file whose name holds [, * or ?, given as it is: the
+			// pattern matches nothing else, and shells keep it too.
+			matches, err = []string{full}, nil
+		}
 		if err != nil {
 			return nil, fmt.Errorf("dataset: bad pattern %q: %w", pattern, err)
 		}

@@ -550,6 +550,12 @@ func TestExpandGlobs(t *testing.T) {
 	}
 	if _, err := ExpandGlobs(dir, []string{"[a"}); err == nil {
 		t.Error("malformed pattern accepted")
+	} // A file named with the pattern characters, given as it is.
+	for _, name := range []string{"veri ş[2024].jsonl", "[a"} {
+		os.WriteFile(filepath.Join(dir, name), nil, 0o644)
+		if got, err := ExpandGlobs(dir, []string{name}); err != nil || len(got) != 1 || filepath.Base(got[0]) != name {
+			t.Errorf("%s as it is: %v %v", name, got, err)
+		}
 	}
 }
 

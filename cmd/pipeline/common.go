@@ -9,6 +9,7 @@ import (
 	"strconv"
 	"strings"
 	"time"
+	"unicode"
 
 	"github.com/mattn/go-isatty"
 	"github.com/spf13/cobra"
@@ -124,9 +125,22 @@ func openStore(dag *pipeline.DAG) (*pipeline.Store, error) {
 // on the same cache.
 func specArgs(spec string) string {
 	if cacheFlag != "" {
-		return spec + " --cache " + cacheFlag
+		return shellQuote(spec) + " --cache " + shellQuote(cacheFlag)
 	}
-	return spec
+	return shellQuote(spec)
+}
+
+// shellQuote writes s as a POSIX shell word, so that a suggested command
+// pastes as it is: quoted when it holds a space or another character the
+// shell would read (letters of any script are fine).
+func shellQuote(s string) string {
+	plain := func(r rune) bool {
+		return unicode.IsLetter(r) || unicode.IsDigit(r) || strings.ContainsRune("_-./:=@%+,", r)
+	}
+	if s != "" && strings.IndexFunc(s, func(r rune) bool { return !plain(r) }) < 0 {
+		return s
+	}
+	return "'" + strings.ReplaceAll(s, "'", `'\''`) + "'"
 }
 
 // keyColumn is a key as tables show it: short, or "-" for a stage the

@@ -865,3 +865,26 @@ func TestCompletion(t *testing.T) {
 		t.Errorf("--progress: %s", r.stdout)
 	}
 }
+
+// TestShellQuote: a suggested command pastes into a shell as it is.
+func TestShellQuote(t *testing.T) {
+	for in, want := range map[string]string{
+		"dags/gemma12b.yaml":          "dags/gemma12b.yaml",
+		"Çalışma/öğrenme_şeması.yaml": "Çalışma/öğrenme_şeması.yaml",
+		"Çalışma Dizini/ş2.yaml":      "'Çalışma Dizini/ş2.yaml'",
+		"it's.yaml":                   `'it'\''s.yaml'`,
+		"a;rm -rf x":                  "'a;rm -rf x'",
+		"":                            "''",
+	} {
+		if got := shellQuote(in); got != want {
+			t.Errorf("%q: %s, want %s", in, got, want)
+		}
+		if in == "" {
+			continue
+		}
+		out, err := exec.Command("sh", "-c", "printf %s "+shellQuote(in)).Output()
+		if err != nil || string(out) != in {
+			t.Errorf("sh reads %s as %q (%v)", shellQuote(in), out, err)
+		}
+	}
+}

@@ -121,7 +121,7 @@ func printWatch(w io.Writer, spec string, entries []watched, named bool) {
 			if e.live {
 				name = e.stage + " (in progress or interrupted): "
 			}
-			fmt.Fprintf(w, "events    %stensorboard --logdir %s\n", name, d)
+			fmt.Fprintf(w, "events    %stensorboard --logdir %s\n", name, shellQuote(d))
 		}
 	}
 	fmt.Fprintf(w, "report    pipeline report %s --out report.html\n", specArgs(spec))

@@ -765,6 +765,11 @@ func TestScratchSurvivesFailedAttempts(t *testing.T) {
 			t.Fatalf("attempt %d: %v", i, err)
 		}
 	}
+	// The plan says that the next attempt resumes.
+	plan, err := e.store.Plan(e.load(spec), Options{})
+	if err != nil || !strings.Contains(plan.Step("train").Reason, "it resumes from what an interrupted attempt kept") {
+		t.Errorf("plan after two interrupted attempts: %q (%v)", plan.Step("train").Reason, err)
+	}
 	rec := e.mustRun(spec, Options{})
 	got, _ := os.ReadFile(filepath.Join(e.store.EntryDir(keyOfStage(rec, "train")), "attempts.txt"))
 	if string(got) != "3" {

@@ -8,6 +8,7 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"os"
 	"path/filepath"
 	"slices"
 	"sort"
@@ -182,6 +183,9 @@ func (s *Store) plan(ctx context.Context, dag *DAG, opts Options, lenient bool) 
 			st.Compute, st.Reason = true, "the same entry as stage "+first[st.Key].Node.Name+", computed once"
 		default:
 			st.Compute, st.Reason = true, plan.why(st)
+			if ents, _ := os.ReadDir(s.scratchDir(st.Key)); len(ents) > 0 {
+				st.Reason += "; it resumes from what an interrupted attempt kept"
+			}
 		}
 		if st.Compute {
 			if st.Twin = first[st.Key]; st.Twin == nil {

@@ -277,14 +277,7 @@ func exportModel(entry string, m *pipeline.Manifest, stage, format string, typ g
 	if format == "hf" {
 		return doneOrFail(out, copyDir(ctx, model, out))
 	}
-	name := filepath.Base(out)
-	if strings.EqualFold(filepath.Ext(name), ".gguf") {
-		name = strings.TrimSuffix(name, filepath.Ext(name))
-	}
-	if _, ok := typeOfName(out); ok {
-		name = strings.TrimSuffix(name, filepath.Ext(name))
-	}
-	return doneOrFail(out, gguf.Gemma3(ctx, model, out, gguf.Options{Type: typ, Name: name}))
+	return doneOrFail(out, gguf.Gemma3(ctx, model, out, gguf.Options{Type: typ, Name: ggufName(out)}))
 }
 
 // modelOutFree checks that a model's --out is a path that does not exist.

@@ -15,6 +15,7 @@ import (
 	"testing"
 
 	"gemmaft/cuda"
+	"gemmaft/gguf"
 	"gemmaft/internal/dirsum"
 	"gemmaft/internal/testenv"
 	"gemmaft/pipeline"
@@ -886,5 +887,53 @@ func TestShellQuote(t *testing.T) {
 		if err != nil || string(out) != in {
 			t.Errorf("sh reads %s as %q (%v)", shellQuote(in), out, err)
 		}
+	}
+}
+
+// TestGGUFCommand: pipeline gguf converts a checkpoint folder as the gguf
+// package does, the type and general.name taken from NAME.TYPE.gguf; bad
+// arguments are refused before anything is written, and merge refuses a
+// .gguf --out, naming the command that makes one.
+func TestGGUFCommand(t *testing.T) {
+	dir := t.TempDir()
+	model := filepath.Join(dir, "m")
+	cfg, _ := trainer.Preset("tiny")
+	if err := trainer.WriteRandomCheckpoint(model, cfg, trainer.InitOptions{Seed: 1}); err != nil {
+		t.Fatal(err)
+	}
+	for _, f := range []string{"tokenizer.json", "tokenizer_config.json"} {
+		b, err := os.ReadFile(testenv.GemmaFile(t, f))
+		if err != nil {
+			t.Fatal(err)
+		}
+		writeFile(t, filepath.Join(model, f), string(b))
+	}
+	if r := runCLI(t, dir, "gguf", "--model", "m", "--out", "tr-demo.Q4_0.gguf"); r.code != 0 {
+		t.Fatalf("gguf: exit %d\n%s", r.code, r.stderr)
+	}
+	want := filepath.Join(t.TempDir(), "x.gguf")
+	if err := gguf.Gemma3(context.Background(), model, want, gguf.Options{Type: gguf.Q4_0, Name: "tr-demo"}); err != nil {
+		t.Fatal(err)
+	}
+	got, _ := os.ReadFile(filepath.Join(dir, "tr-demo.Q4_0.gguf"))
+	if w, _ := os.ReadFile(want); !bytes.Equal(got, w) {
+		t.Error("pipeline gguf wrote another file than a q4_0 conversion named tr-demo")
+	}
+	for args, msg := range map[string]string{
+		"--model m --out a.gguf --type q4_k_m":    "llama-quantize",
+		"--model m --out a.q8_0.gguf --type q4_0": "is named for type q8_0, not --type q4_0",
+		"--model m --out a.bin":                   "name the file NAME.gguf",
+		"--model m --out tr-demo.Q4_0.gguf":       "already exists",
+		"--out a.gguf":                            "--model and --out are required",
+	} {
+		if r := runCLI(t, dir, append([]string{"gguf"}, strings.Fields(args)...)...); r.code == 0 || !strings.Contains(r.stderr, msg) {
+			t.Errorf("gguf %s: exit %d\n%s", args, r.code, r.stderr)
+		}
+	}
+	if r := runCLI(t, dir, "merge", "--model", "m", "--adapter", "a", "--out", "m.q4_0.gguf"); r.code != 2 || !strings.Contains(r.stderr, "pipeline gguf --model FOLDER") {
+		t.Errorf("merge --out a .gguf: exit %d\n%s", r.code, r.stderr)
+	}
+	if l := leftovers(t, dir); len(l) != 0 {
+		t.Errorf("left %v", l)
 	}
 }

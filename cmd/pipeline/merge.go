@@ -4,6 +4,8 @@ import (
 	"errors"
 	"fmt"
 	"os"
+	"path/filepath"
+	"strings"
 	"time"
 
 	"github.com/spf13/cobra"
@@ -37,6 +39,9 @@ model card (README.md) and the Gemma NOTICE.`,
 		RunE: func(cmd *cobra.Command, _ []string) error {
 			if modelDir == "" || adapterDir == "" || out == "" {
 				return usageErr(errors.New("merge: --model, --adapter and --out are required"))
+			}
+			if strings.EqualFold(filepath.Ext(out), ".gguf") {
+				return usageErr(fmt.Errorf("merge: --out %s: merge writes a Hugging Face checkpoint folder; merge into a folder, then convert it with pipeline gguf --model FOLDER --out %s", out, out))
 			}
 			mb := trainer.MergeBase(base)
 			if mb != trainer.MergeDequantized && mb != trainer.MergeOriginal {

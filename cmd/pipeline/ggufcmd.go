@@ -1,0 +1,94 @@
+package main
+
+import (
+	"errors"
+	"fmt"
+	"os"
+	"path/filepath"
+	"strings"
+	"time"
+
+	"github.com/spf13/cobra"
+
+	"gemmaft/gguf"
+)
+
+func init() {
+	var modelDir, out, typeName, name string
+	cmd := &cobra.Command{
+		Use:   "gguf --model DIR --out NAME.TYPE.gguf [--type q8_0|q4_0|f16|bf16|f32]",
+		Short: "Convert a Gemma 3 checkpoint folder to a GGUF file for llama.cpp and Ollama",
+		Long: `gguf converts the Hugging Face checkpoint folder --model (a merged model, from
+pipeline merge or another tool's merge, with its tokenizer.json) to the GGUF file
+--out (which must not exist), as a gguf stage does in a DAG: llama.cpp's gemma3
+layout, the tokenizer and chat template inside, a multimodal checkpoint's text
+model only.
+
+--type is q8_0 (the default: near-lossless, half of bf16's size), q4_0 (a
+quarter; the embedding stays q8_0), f16, bf16 or f32; an --out named
+NAME.TYPE.gguf gives the type when --type is left out. llama.cpp's k-quants
+(q4_k_m, ...) are made from a q8_0 or f16 file with its llama-quantize.
+general.name is --name, by default --out's NAME. The file appears only
+complete; an interrupt leaves nothing.`,
+		Example: `  pipeline gguf --model gemma3-12b-tr --out gemma3-12b-tr.q8_0.gguf
+  pipeline gguf --model gemma3-12b-tr --type q4_0 --out tr.gguf --name gemma3-12b-tr`,
+		Args: cobra.NoArgs,
+		RunE: func(cmd *cobra.Command, _ []string) error {
+			if modelDir == "" || out == "" {
+				return usageErr(errors.New("gguf: --model and --out are required"))
+			}
+			typ, err := gguf.ParseType(typeName)
+			if err != nil {
+				return usageErr(fmt.Errorf("--type: %w", err))
+			}
+			if nt, ok := typeOfName(out); ok {
+				if cmd.Flags().Changed("type") && nt != typ {
+					return usageErr(fmt.Errorf("--out %s is named for type %s, not --type %s: rename it, or leave --type out", out, nt, typ))
+				}
+				typ = nt
+			}
+			if !strings.EqualFold(filepath.Ext(out), ".gguf") {
+				return usageErr(fmt.Errorf("--out %s: name the file NAME.gguf (or NAME.%s.gguf)", out, typ))
+			}
+			if modelDir, err = localArg(cmd.Context(), "model", modelDir, argFolder); err != nil {
+				return err
+			}
+			if err := modelOutFree(out); err != nil {
+				return err
+			}
+			if err := checkWritable(out, "model.gguf"); err != nil {
+				return usageErr(fmt.Errorf("--out: %w", err))
+			}
+			if name == "" {
+				name = ggufName(out)
+			}
+			ctx, stop := signalContext(10 * time.Second)
+			defer stop()
+			if err := gguf.Gemma3(ctx, modelDir, out, gguf.Options{Type: typ, Name: name}); err != nil {
+				return failErr(err)
+			}
+			fmt.Fprintf(os.Stderr, "wrote %s (%s)\n", out, typ)
+			return nil
+		},
+	}
+	f := cmd.Flags()
+	f.StringVar(&modelDir, "model", "", "checkpoint folder with tokenizer.json, or hf://ORG/NAME[@REV]")
+	f.StringVar(&out, "out", "", "the GGUF file to write (must not exist)")
+	f.StringVar(&typeName, "type", "q8_0", "q8_0, q4_0, f16, bf16 or f32 (Q8_0 too); by default as --out NAME.TYPE.gguf says, else q8_0")
+	f.StringVar(&name, "name", "", "general.name (default: --out's NAME)")
+	completeValues(cmd, "type", "q8_0", "q4_0", "f16", "bf16", "f32")
+	root.AddCommand(cmd)
+}
+
+// ggufName is general.name for a file called out: its name less .gguf and
+// a .TYPE before it.
+func ggufName(out string) string {
+	name := filepath.Base(out)
+	if strings.EqualFold(filepath.Ext(name), ".gguf") {
+		name = strings.TrimSuffix(name, filepath.Ext(name))
+	}
+	if _, ok := typeOfName(out); ok {
+		name = strings.TrimSuffix(name, filepath.Ext(name))
+	}
+	return name
+}

@@ -35,6 +35,17 @@ func (m *ModelInfo) PEFTPrefix() string {
 	return "base_model.model.model.language_model."
 }
 
+// legacyPEFTPrefix is the prefix adapters of a multimodal checkpoint have
+// when PEFT ran with transformers 4.51 or older, which named the text
+// decoder language_model.model.*; "" for a text-only checkpoint, whose
+// names did not change.
+func (m *ModelInfo) legacyPEFTPrefix() string {
+	if m.Prefix == "model." {
+		return ""
+	}
+	return "base_model.model.language_model.model."
+}
+
 // adapterConfigJSON is the subset of PEFT's LoraConfig we write and read.
 type adapterConfigJSON struct {
 	PeftType            string         `json:"peft_type"`
@@ -181,7 +192,25 @@ func (m *ModelInfo) LoadAdapter(dir string) (*Adapter, error) {
 		return nil, fmt.Errorf("%s: layers_to_transform and modules_to_save are not supported (an adapter of every layer's projections is)", dir)
 	}
 	lc := LoRAConfig{R: ac.R, Alpha: ac.LoraAlpha, Dropout: ac.LoraDropout, RSLoRA: ac.UseRSLora}
+	if err := checkAdapterWeights(dir); err != nil {
+		return nil, err
+	}
+	path := filepath.Join(dir, AdapterWeightsFile)
+	f, err := safetensors.Open(path)
+	if err != nil {
+		return nil, err
+	}
+	defer f.Close()
+	prefix := m.peftPrefix()
+	if legacy := m.legacyPEFTPrefix(); legacy != "" && !hasKeyPrefix(f, prefix) && hasKeyPrefix(f, legacy) {
+		prefix = legacy
+	}
 	names, err := targetNames(ac.TargetModules)
+	if errors.Is(err, errForeignRegex) {
+		// Another tool's regex (Unsloth writes one for multimodal
+		// models): the file says which projections it adapted.
+		names, err = fileTargets(f, prefix)
+	}
 	if err != nil {
 		return nil, fmt.Errorf("%s: %w", dir, err)
 	}
@@ -195,18 +224,8 @@ func (m *ModelInfo) LoadAdapter(dir string) (*Adapter, error) {
 	if err := lc.Validate(); err != nil {
 		return nil, fmt.Errorf("%s: %w", dir, err)
 	}
-	if err := checkAdapterWeights(dir); err != nil {
-		return nil, err
-	}
-	path := filepath.Join(dir, AdapterWeightsFile)
-	f, err := safetensors.Open(path)
-	if err != nil {
-		return nil, err
-	}
-	defer f.Close()
 	a := &Adapter{Config: lc, Layers: make([]map[Module]*LoRAWeights, m.Config.Layers)}
 	want := map[string]bool{}
-	prefix := m.peftPrefix()
 	for li := range a.Layers {
 		a.Layers[li] = map[Module]*LoRAWeights{}
 		for _, mod := range lc.Targets {
@@ -222,7 +241,11 @@ func (m *ModelInfo) LoadAdapter(dir string) (*Adapter, error) {
 				want[name] = true
 				info, ok := f.Header.Lookup(name)
 				if !ok {
-					return nil, fmt.Errorf("%s: tensor %s missing: the adapter was not made for this model (%d layers, %s checkpoint)", path, name, m.Config.Layers, m.Config.Architecture)
+					hint := ""
+					if !hasKeyPrefix(f, prefix) && len(f.Header.Tensors) > 0 {
+						hint = fmt.Sprintf("; its keys begin %q, this model's %q", keyStem(f.Header.Tensors[0].Name), prefix)
+					}
+					return nil, fmt.Errorf("%s: tensor %s missing: the adapter was not made for this model (%d layers, %s checkpoint)%s", path, name, m.Config.Layers, m.Config.Architecture, hint)
 				}
 				if !equalShape(info.Shape, part.shape) {
 					if r, ok := otherRank(info.Shape, part.shape, part.name == ".lora_A.weight"); ok {
@@ -273,8 +296,57 @@ func otherRank(got, want []int, isA bool) (int, bool) {
 // multimodal checkpoints: `.*language_model.*\.(q_proj|v_proj)`.
 const multimodalTargetPrefix = `.*language_model.*\.(`
 
+// errForeignRegex: target_modules is a regex other than the one SaveAdapter
+// writes.
+var errForeignRegex = errors.New("target_modules is a regex")
+
+// hasKeyPrefix says whether a tensor of f begins with prefix.
+func hasKeyPrefix(f *safetensors.File, prefix string) bool {
+	for _, t := range f.Header.Tensors {
+		if strings.HasPrefix(t.Name, prefix) {
+			return true
+		}
+	}
+	return false
+}
+
+// keyStem is a LoRA tensor's name up to its layer number, for messages.
+func keyStem(name string) string {
+	if i := strings.Index(name, "layers."); i >= 0 {
+		return name[:i+len("layers.")]
+	}
+	return name
+}
+
+// fileTargets are the projections whose LoRA tensors f holds under prefix,
+// in AllModules' order.
+func fileTargets(f *safetensors.File, prefix string) ([]string, error) {
+	seen := map[string]bool{}
+	for _, t := range f.Header.Tensors {
+		rest, ok := strings.CutPrefix(t.Name, prefix+"layers.")
+		if !ok {
+			continue
+		}
+		parts := strings.Split(rest, ".") // N, self_attn|mlp, q_proj, lora_A, weight
+		if len(parts) == 5 {
+			seen[parts[2]] = true
+		}
+	}
+	var names []string
+	for _, m := range AllModules {
+		if seen[string(m)] {
+			names = append(names, string(m))
+		}
+	}
+	if len(names) == 0 {
+		return nil, fmt.Errorf("%s: no LoRA tensors of the text model's projections (under %q)", AdapterWeightsFile, prefix+"layers.")
+	}
+	return names, nil
+}
+
 // targetNames reads target_modules: a list of module names, or the
-// language-model regex SaveAdapter writes for multimodal checkpoints.
+// language-model regex SaveAdapter writes for multimodal checkpoints;
+// another regex is errForeignRegex.
 func targetNames(v any) ([]string, error) {
 	switch t := v.(type) {
 	case []any:
@@ -291,7 +363,7 @@ func targetNames(v any) ([]string, error) {
 		if strings.HasPrefix(t, multimodalTargetPrefix) && strings.HasSuffix(t, ")") {
 			return strings.Split(t[len(multimodalTargetPrefix):len(t)-1], "|"), nil
 		}
-		return nil, fmt.Errorf("target_modules regex %q is not supported (give a list of module names)", t)
+		return nil, fmt.Errorf("%w (%q)", errForeignRegex, t)
 	}
 	return nil, fmt.Errorf("target_modules must be a list of module names, got %v", v)
 }

@@ -2,6 +2,7 @@ package trainer
 
 import (
 	"encoding/binary"
+	"encoding/json"
 	"errors"
 	"fmt"
 	"io/fs"
@@ -362,5 +363,80 @@ func TestVisionWeightsIgnored(t *testing.T) {
 	}
 	if m.Prefix != "language_model.model." || len(m.Layers) != c.Layers {
 		t.Errorf("prefix %q, %d layers", m.Prefix, len(m.Layers))
+	}
+}
+
+// TestAdapterFromOtherTools: adapters of a multimodal Gemma 3 as other
+// tools save them load as the same adapter: Unsloth's target_modules regex
+// (the file says which projections it adapted), and the key prefix PEFT
+// wrote under transformers 4.51 and older (language_model.model.layers).
+func TestAdapterFromOtherTools(t *testing.T) {
+	ref := filepath.Join("testdata", "reference", "mm_f32")
+	m, err := LoadModel(filepath.Join(ref, "model"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	want, err := m.LoadAdapter(filepath.Join(ref, "adapter"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	copyAdapter := func(rename func(string) string, targets string) string {
+		dir := t.TempDir()
+		cfg, _ := os.ReadFile(filepath.Join(ref, "adapter", AdapterConfigFile))
+		var ac map[string]any
+		json.Unmarshal(cfg, &ac)
+		ac["target_modules"] = targets
+		cfg, _ = json.Marshal(ac)
+		os.WriteFile(filepath.Join(dir, AdapterConfigFile), cfg, 0o644)
+		f, err := safetensors.Open(filepath.Join(ref, "adapter", AdapterWeightsFile))
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer f.Close()
+		var ts []safetensors.Tensor
+		for _, info := range f.Header.Tensors {
+			_, raw, err := f.Raw(info.Name)
+			if err != nil {
+				t.Fatal(err)
+			}
+			ts = append(ts, safetensors.Tensor{Name: rename(info.Name), DType: info.DType, Shape: info.Shape, Data: raw})
+		}
+		if err := safetensors.WriteFile(filepath.Join(dir, AdapterWeightsFile), ts, map[string]string{"format": "pt"}); err != nil {
+			t.Fatal(err)
+		}
+		return dir
+	}
+	same := func(s string) string { return s }
+	legacy := func(s string) string {
+		return strings.Replace(s, "base_model.model.model.language_model.", "base_model.model.language_model.model.", 1)
+	}
+	const unsloth = `(?:.*?(?:language|text).*?(?:self_attn|attention|attn|mlp|feed_forward|ffn|dense).*?(?:k_proj|o_proj|gate_proj).*?)`
+	for name, dir := range map[string]string{
+		"Unsloth's regex":                   copyAdapter(same, unsloth),
+		"transformers 4.51's keys":          copyAdapter(legacy, `.*language_model.*\.(k_proj|o_proj|gate_proj)`),
+		"transformers 4.51's keys, a regex": copyAdapter(legacy, unsloth),
+	} {
+		got, err := m.LoadAdapter(dir)
+		if err != nil {
+			t.Errorf("%s: %v", name, err)
+			continue
+		}
+		if !reflect.DeepEqual(got.Config, want.Config) {
+			t.Errorf("%s: config %+v, want %+v", name, got.Config, want.Config)
+		}
+		for i, p := range want.Params() {
+			if !reflect.DeepEqual(p.Data, got.Params()[i].Data) {
+				t.Errorf("%s: %s differs", name, p.Name)
+			}
+		}
+	}
+	// Keys of another layout are named beside the model's.
+	other := copyAdapter(func(s string) string { return strings.Replace(s, "model.language_model.", "model.text_model.", 1) }, unsloth)
+	if _, err := m.LoadAdapter(other); err == nil || !strings.Contains(err.Error(), `no LoRA tensors of the text model's projections (under "base_model.model.model.language_model.layers.")`) {
+		t.Errorf("another layout: %v", err)
+	}
+	other = copyAdapter(func(s string) string { return strings.Replace(s, "model.language_model.", "model.text_model.", 1) }, `.*language_model.*\.(k_proj|o_proj|gate_proj)`)
+	if _, err := m.LoadAdapter(other); err == nil || !strings.Contains(err.Error(), `its keys begin "base_model.model.model.text_model.layers.", this model's "base_model.model.model.language_model."`) {
+		t.Errorf("another layout, listed targets: %v", err)
 	}
 }

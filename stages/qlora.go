@@ -52,7 +52,12 @@ type qloraParams struct {
 	Seed         uint64  `json:"seed"`
 	EvalFraction float64 `json:"eval_fraction"`
 	EvalEvery    int     `json:"eval_every"`
-	LogEvery     int     `json:"log_every"`
+	// EarlyStoppingPatience ends training after that many evaluations
+	// without a better held-out loss (by more than the threshold), keeping
+	// the best evaluation's adapter. Left out of the key when unset.
+	EarlyStoppingPatience  int     `yaml:"early_stopping_patience" json:"early_stopping_patience,omitempty"`
+	EarlyStoppingThreshold float64 `yaml:"early_stopping_threshold" json:"early_stopping_threshold,omitempty"`
+	LogEvery               int     `json:"log_every"`
 	// Backend is resolved by Validate ("auto" becomes cpu or cuda), so the
 	// key names the backend that computes the adapter.
 	Backend string `json:"backend"`
@@ -190,6 +195,14 @@ func (p *qloraParams) Validate() error {
 		return bad("weight_decay", fmt.Sprintf("%v must not be negative", p.WeightDecay), "AdamW usually takes 0 to 0.1")
 	case p.MaxGradNorm < 0:
 		return bad("max_grad_norm", fmt.Sprintf("%v must not be negative", p.MaxGradNorm), "1 is usual; 0 turns clipping off")
+	case p.EarlyStoppingPatience < 0:
+		return bad("early_stopping_patience", fmt.Sprintf("%d must not be negative", p.EarlyStoppingPatience), "evaluations without improvement before training stops, e.g. 3; 0 never stops early")
+	case p.EarlyStoppingThreshold < 0:
+		return bad("early_stopping_threshold", fmt.Sprintf("%v must not be negative", p.EarlyStoppingThreshold), "the least drop of the held-out loss that counts as better, e.g. 0.001; 0 counts any")
+	case p.EarlyStoppingThreshold > 0 && p.EarlyStoppingPatience == 0:
+		return bad("early_stopping_threshold", "is given without early_stopping_patience", "set early_stopping_patience, e.g. 3")
+	case p.EarlyStoppingPatience > 0 && p.EvalEvery == 0:
+		return bad("early_stopping_patience", "needs evaluations during training", "set eval_every, e.g. eval_every: 50, and hold rows out (eval_fraction, or a mix stage's heldout)")
 	case p.EvalEvery < 0:
 		return bad("eval_every", fmt.Sprintf("%d must not be negative", p.EvalEvery), "0 evaluates only at the end (with eval_fraction set)")
 	case p.EvalFraction < 0 || p.EvalFraction >= 1:
@@ -329,6 +342,7 @@ func (s *qloraStage) Run(ctx context.Context, t *pipeline.Task) error {
 		MaxGradNorm: s.p.MaxGradNorm,
 		BatchSize:   s.p.BatchSize, GradAccum: s.p.GradAccum, Epochs: s.p.Epochs, MaxSteps: s.p.MaxSteps,
 		Seed: s.p.Seed, EvalFraction: s.p.EvalFraction, EvalEvery: s.p.EvalEvery, EvalData: heldOut, LogEvery: s.p.LogEvery,
+		EarlyStoppingPatience: s.p.EarlyStoppingPatience, EarlyStoppingThreshold: s.p.EarlyStoppingThreshold,
 		CheckpointEvery: s.p.CheckpointEvery, OutDir: scratch, CheckpointDir: checkpoints, BaseModel: s.model.peftBase(), Log: t.Log,
 		Progress: func(p trainer.Progress) {
 			note := fmt.Sprintf("loss %.4f  lr %.2e  %.0f tok/s", p.Loss, p.LR, p.TokensPerSec)
@@ -362,6 +376,10 @@ func (s *qloraStage) Run(ctx context.Context, t *pipeline.Task) error {
 	t.SetStat("final_loss", res.FinalLoss)
 	if !math.IsNaN(res.EvalLoss) {
 		t.SetStat("eval_loss", res.EvalLoss)
+	}
+	if res.BestStep > 0 {
+		t.SetStat("best_step", res.BestStep)
+		t.SetStat("stopped_early", res.StoppedEarly)
 	}
 	t.SetStat("rows", rows.Len())
 	t.SetStat("backend", s.p.Backend)

@@ -173,6 +173,22 @@ func TestQLoRARSLoRA(t *testing.T) {
 	}
 }
 
+// TestQLoRAEarlyStopping: early_stopping_patience ends training and the
+// manifest says where and which step's adapter the entry holds.
+func TestQLoRAEarlyStopping(t *testing.T) {
+	r := newTestRun(t)
+	spec := r.spec(strings.Replace(trainSpec(t, 6), "backend: cpu}",
+		"backend: cpu, eval_fraction: 0.2, eval_every: 1, early_stopping_patience: 1, early_stopping_threshold: 100}", 1))
+	rec, err := r.run(spec, pipeline.Options{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	st := stageRecord(t, rec, "adapter").Stats
+	if fmt.Sprint(st["steps"], st["best_step"], st["stopped_early"]) != "2 1 true" {
+		t.Errorf("stats %v", st)
+	}
+}
+
 // TestQLoRAResumesAfterKill kills the training run at random moments and
 // checks that the finished adapter and metrics are those of a run that was
 // never interrupted.

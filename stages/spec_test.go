@@ -75,6 +75,9 @@ func TestParameterMistakes(t *testing.T) {
 		{"warmup_ratio: 1.5", "warmup_ratio: 1.5 must be in [0, 1]"},
 		{"warmup_ratio: 0.1\n      warmup_steps: 2", "warmup_ratio: is given with warmup_steps"},
 		{"learning_rate: 1.0e-4", "unknown parameter \"learning_rate\" for kind qlora\n\tfix: learning_rate is called lr here"},
+		{"early_stopping_patience: 3", "early_stopping_patience: needs evaluations during training"},
+		{"early_stopping_threshold: 0.01", "early_stopping_threshold: is given without early_stopping_patience"},
+		{"early_stopping_patience: -1", "early_stopping_patience: -1 must not be negative"},
 		{"use_rslora: true", "unknown parameter \"use_rslora\" for kind qlora\n\tfix: use_rslora is called rslora here"},
 	}
 	for _, c := range cases {

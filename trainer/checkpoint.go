@@ -29,7 +29,16 @@ type trainState struct {
 	Tokens       int64   `json:"tokens"`
 	LastEval     float64 `json:"last_eval"`
 	HasEval      bool    `json:"has_eval"`
+	// Early stopping: the best held-out loss so far, its step, and the
+	// evaluations since without an improvement. The best step's adapter
+	// is kept in the checkpoint's best/ when it is not the checkpoint's own.
+	BestEval float64 `json:"best_eval,omitempty"`
+	BestStep int     `json:"best_step,omitempty"`
+	BadEvals int     `json:"bad_evals,omitempty"`
 }
+
+// bestDir holds, in a checkpoint, the adapter of the best evaluation.
+const bestDir = "best"
 
 // openMetrics (re)creates metrics.jsonl holding the lines a resumed
 // checkpoint had logged (lines written after it by the interrupted run are
@@ -91,7 +100,7 @@ const (
 	setAsidePrefix  = "damaged-"
 )
 
-func saveCheckpoint(dir string, info *ModelInfo, st trainState, a *Adapter, opt *OptimizerState, metrics []byte) error {
+func saveCheckpoint(dir string, info *ModelInfo, st trainState, a, best *Adapter, opt *OptimizerState, metrics []byte) error {
 	if err := os.MkdirAll(dir, 0o755); err != nil {
 		return err
 	}
@@ -105,6 +114,11 @@ func saveCheckpoint(dir string, info *ModelInfo, st trainState, a *Adapter, opt 
 	// folder, and a path would tie them to where the run happened.
 	if err := info.SaveAdapter(tmp, a, BaseModel{}); err != nil {
 		return err
+	}
+	if best != nil && st.BestStep != st.Step {
+		if err := info.SaveAdapter(filepath.Join(tmp, bestDir), best, BaseModel{}); err != nil {
+			return err
+		}
 	}
 	if err := safetensors.WriteFile(filepath.Join(tmp, optimizerFile), opt.Tensors,
 		map[string]string{"step": fmt.Sprint(opt.Step), "optimizer": opt.Name}); err != nil {
@@ -160,6 +174,7 @@ type savedRun struct {
 	dir       string
 	state     trainState
 	adapter   *Adapter
+	best      *Adapter // the best evaluation's adapter (early stopping), or nil
 	optimizer *OptimizerState
 	metrics   []byte
 }
@@ -232,6 +247,14 @@ func readCheckpoint(ck string, info *ModelInfo, fingerprint string) (*savedRun, 
 	}
 	if run.adapter, err = info.LoadAdapter(ck); err != nil {
 		return nil, err
+	}
+	switch {
+	case run.state.BestStep == run.state.Step:
+		run.best = run.adapter
+	case run.state.BestStep > 0:
+		if run.best, err = info.LoadAdapter(filepath.Join(ck, bestDir)); err != nil {
+			return nil, fmt.Errorf("the best evaluation's adapter: %w", err)
+		}
 	}
 	f, err := safetensors.Open(filepath.Join(ck, optimizerFile))
 	if err != nil {

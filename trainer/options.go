@@ -51,6 +51,13 @@ type TrainOptions struct {
 	// its loss is computed every EvalEvery steps and at the end.
 	EvalFraction float64
 	EvalEvery    int
+	// EarlyStoppingPatience, when positive, ends training once the
+	// held-out loss has not improved by more than EarlyStoppingThreshold
+	// for that many evaluations in a row, and the adapter written is the
+	// one of the best evaluation: transformers' EarlyStoppingCallback with
+	// load_best_model_at_end. It needs EvalEvery and held-out rows.
+	EarlyStoppingPatience  int
+	EarlyStoppingThreshold float64
 	// EvalData, when set, are held-out rows of their own (examples held out
 	// before packing, so that no training row holds any of them), whose
 	// loss is computed instead; EvalFraction must then be 0.
@@ -107,9 +114,16 @@ type Metric struct {
 
 // Result summarises a finished run.
 type Result struct {
-	Steps         int
-	FinalLoss     float64 // last logged training loss
-	EvalLoss      float64 // NaN without a held-out split
+	Steps     int
+	FinalLoss float64 // last logged training loss
+	// EvalLoss is the held-out loss of the adapter written: the last
+	// evaluation's, or with early stopping the best's; NaN without a
+	// held-out split.
+	EvalLoss float64
+	// BestStep is the step whose adapter was written, with early
+	// stopping; StoppedEarly says that it ended the run.
+	BestStep      int
+	StoppedEarly  bool
 	AdapterDir    string
 	MetricsPath   string
 	LossCurvePath string
@@ -156,6 +170,10 @@ func (o *TrainOptions) defaults() error {
 		return errors.New("train: held-out rows are given, and an eval fraction would hold out training rows too; give one of them")
 	case o.EvalData != nil && o.EvalData.Len() == 0:
 		return errors.New("train: the held-out rows are empty")
+	case o.EarlyStoppingPatience < 0 || o.EarlyStoppingThreshold < 0:
+		return errors.New("train: early stopping's patience and threshold must not be negative")
+	case o.EarlyStoppingPatience > 0 && (o.EvalEvery == 0 || o.EvalFraction == 0 && o.EvalData == nil):
+		return errors.New("train: early stopping needs evaluations: held-out rows and an eval interval")
 	case o.OutDir == "":
 		return errors.New("train: no output directory")
 	}
@@ -182,10 +200,12 @@ func (o *TrainOptions) fingerprint(s Session, rows int) string {
 		Backend                        string
 		Session                        SessionConfig
 		Config                         *Config
-		EvalRows                       int `json:",omitempty"`
+		EvalRows                       int     `json:",omitempty"`
+		Patience                       int     `json:",omitempty"`
+		Threshold                      float64 `json:",omitempty"`
 	}{o.LR, o.Schedule, o.WarmupSteps, o.MaxGradNorm,
 		o.BatchSize, o.GradAccum, o.Epochs, o.MaxSteps, o.Seed, o.EvalFraction, o.EvalEvery, o.LogEvery, rows,
-		s.Backend(), s.Config(), s.Model().Config, o.evalRows()})
+		s.Backend(), s.Config(), s.Model().Config, o.evalRows(), o.EarlyStoppingPatience, o.EarlyStoppingThreshold})
 	h := sha256.Sum256(b)
 	return hex.EncodeToString(h[:])
 }

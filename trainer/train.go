@@ -156,11 +156,12 @@ func (e *resumeDiverged) Error() string {
 func train(ctx context.Context, s Session, data Dataset, opts TrainOptions, p *rowPlan, info *ModelInfo, fingerprint, ckDir string, ck *savedRun, log *slog.Logger) (*Result, error) {
 	st := trainState{Fingerprint: fingerprint}
 	var logged []byte
+	var best *Adapter // the best evaluation's adapter, with early stopping
 	if ck != nil {
 		if err := s.SetState(ck.adapter, ck.optimizer); err != nil {
 			return nil, fmt.Errorf("resuming from %s: %w", ck.dir, err)
 		}
-		st, logged = ck.state, ck.metrics
+		st, logged, best = ck.state, ck.metrics, ck.best
 		log.Info("resuming from a checkpoint", "checkpoint", ck.dir, "step", st.Step)
 	} else {
 		a, err := NewAdapter(info.Config, s.Config().LoRA, opts.Seed)
@@ -225,7 +226,9 @@ func train(ctx context.Context, s Session, data Dataset, opts TrainOptions, p *r
 	savedSinceResume := false
 	var sinceLogTokens int64
 	sinceLog := time.Now()
-	for st.Step < p.total {
+	patience := opts.EarlyStoppingPatience
+	stopped := func() bool { return patience > 0 && st.BadEvals >= patience }
+	for st.Step < p.total && !stopped() {
 		if err := ctx.Err(); err != nil {
 			return nil, err
 		}
@@ -302,6 +305,17 @@ func train(ctx context.Context, s Session, data Dataset, opts TrainOptions, p *r
 				return nil, err
 			}
 			st.LastEval, st.HasEval = ev, true
+			if patience > 0 {
+				if best == nil || ev < st.BestEval-opts.EarlyStoppingThreshold {
+					if best, _, err = s.State(); err != nil {
+						return nil, err
+					}
+					st.BestEval, st.BestStep, st.BadEvals = ev, st.Step, 0
+				} else if st.BadEvals++; stopped() {
+					log.Info("stopping early: the held-out loss has not improved for "+fmt.Sprint(patience)+" evaluations",
+						"step", st.Step, "best_step", st.BestStep, "best_eval_loss", st.BestEval)
+				}
+			}
 		}
 		elapsed := time.Since(start)
 		if st.Step%opts.LogEvery == 0 || st.Step == p.total || evalNow {
@@ -331,7 +345,7 @@ func train(ctx context.Context, s Session, data Dataset, opts TrainOptions, p *r
 				GradNorm: gradNorm, TokensPerSec: float64(st.Tokens) / max(elapsed.Seconds(), 1e-9),
 				PeakMemory: s.PeakMemory(), Elapsed: elapsed, ETA: eta})
 		}
-		if writer && opts.CheckpointEvery > 0 && (st.Step%opts.CheckpointEvery == 0 || st.Step == p.total) {
+		if writer && opts.CheckpointEvery > 0 && (st.Step%opts.CheckpointEvery == 0 || st.Step == p.total || stopped()) {
 			logged, err := readPrefix(metrics, st.MetricsBytes)
 			if err != nil {
 				return nil, err
@@ -340,7 +354,7 @@ func train(ctx context.Context, s Session, data Dataset, opts TrainOptions, p *r
 			if err != nil {
 				return nil, err
 			}
-			if err := saveCheckpoint(ckDir, info, st, a, opt, logged); err != nil {
+			if err := saveCheckpoint(ckDir, info, st, a, best, opt, logged); err != nil {
 				return nil, err
 			}
 			savedSinceResume = true
@@ -360,6 +374,12 @@ func train(ctx context.Context, s Session, data Dataset, opts TrainOptions, p *r
 	a, _, err := s.State()
 	if err != nil {
 		return nil, err
+	}
+	if best != nil { // the best evaluation's adapter, as load_best_model_at_end
+		a, res.EvalLoss, res.BestStep, res.StoppedEarly = best, st.BestEval, st.BestStep, stopped()
+		if st.BestStep != st.Step {
+			log.Info("the adapter written is that of the best held-out loss", "step", st.BestStep, "eval_loss", st.BestEval)
+		}
 	}
 	adapterDir := filepath.Join(opts.OutDir, AdapterDirName)
 	if err := info.SaveAdapter(adapterDir, a, opts.BaseModel); err != nil {

@@ -5,6 +5,7 @@ import (
 	"context"
 	"encoding/json"
 	"encoding/xml"
+	"errors"
 	"fmt"
 	"log/slog"
 	"math/rand/v2"
@@ -320,5 +321,73 @@ func TestWarmupRatio(t *testing.T) {
 	opts.WarmupRatio = 0.1
 	if _, err := Train(context.Background(), openCPU(t, m, sessionConfig()), trainRows(c.VocabSize, 24, 16, 1), opts); err == nil || !strings.Contains(err.Error(), "not both") {
 		t.Errorf("steps and ratio both: %v", err)
+	}
+}
+
+// TestEarlyStopping: with early stopping the run ends once the held-out
+// loss has not improved for patience evaluations, and the adapter written
+// is the best evaluation's, as transformers' EarlyStoppingCallback with
+// load_best_model_at_end leaves it; a run interrupted after its best step
+// resumes to the same adapter. A threshold no loss can beat makes the
+// first evaluation the best.
+func TestEarlyStopping(t *testing.T) {
+	c := tinyConfig()
+	rows := trainRows(c.VocabSize, 24, 16, 1)
+	opts := func(out string) TrainOptions {
+		o := trainOptions(out)
+		o.Schedule, o.WarmupSteps, o.EvalEvery = ScheduleConstant, 0, 1
+		return o
+	}
+	// The adapter after one step.
+	one := opts(t.TempDir())
+	one.MaxSteps = 1
+	first, err := Train(context.Background(), openCPU(t, tinyModel(t, c), sessionConfig()), rows, one)
+	if err != nil {
+		t.Fatal(err)
+	}
+	want, _ := os.ReadFile(filepath.Join(first.AdapterDir, AdapterWeightsFile))
+
+	early := opts(t.TempDir())
+	early.EarlyStoppingPatience, early.EarlyStoppingThreshold = 2, 100
+	res, err := Train(context.Background(), openCPU(t, tinyModel(t, c), sessionConfig()), rows, early)
+	if err != nil {
+		t.Fatal(err)
+	}
+	got, _ := os.ReadFile(filepath.Join(res.AdapterDir, AdapterWeightsFile))
+	if res.Steps != 3 || !res.StoppedEarly || res.BestStep != 1 || !bytes.Equal(got, want) {
+		t.Errorf("early stopping: %d steps, stopped %v, best step %d, the step-1 adapter written: %v", res.Steps, res.StoppedEarly, res.BestStep, bytes.Equal(got, want))
+	}
+	if ms := readMetrics(t, res.MetricsPath); len(ms) != 3 || ms[0].EvalLoss == nil || res.EvalLoss != *ms[0].EvalLoss {
+		t.Errorf("metrics %d lines; eval loss %v, want the first evaluation's", len(ms), res.EvalLoss)
+	}
+
+	// Interrupted at step 2 (its checkpoint holds step 1's adapter as the
+	// best), then resumed: the same end.
+	out := t.TempDir()
+	resumed := opts(out)
+	resumed.EarlyStoppingPatience, resumed.EarlyStoppingThreshold = 2, 100
+	ctx, cancel := context.WithCancel(context.Background())
+	resumed.Progress = func(p Progress) {
+		if p.Step == 2 {
+			cancel()
+		}
+	}
+	if _, err := Train(ctx, openCPU(t, tinyModel(t, c), sessionConfig()), rows, resumed); !errors.Is(err, context.Canceled) {
+		t.Fatalf("interrupted run: %v", err)
+	}
+	resumed.Progress = nil
+	res, err = Train(context.Background(), openCPU(t, tinyModel(t, c), sessionConfig()), rows, resumed)
+	if err != nil {
+		t.Fatal(err)
+	}
+	got, _ = os.ReadFile(filepath.Join(res.AdapterDir, AdapterWeightsFile))
+	if res.Steps != 3 || res.BestStep != 1 || !bytes.Equal(got, want) {
+		t.Errorf("resumed: %d steps, best step %d, the step-1 adapter written: %v", res.Steps, res.BestStep, bytes.Equal(got, want))
+	}
+
+	bad := opts(t.TempDir())
+	bad.EarlyStoppingPatience, bad.EvalEvery = 2, 0
+	if _, err := Train(context.Background(), openCPU(t, tinyModel(t, c), sessionConfig()), rows, bad); err == nil || !strings.Contains(err.Error(), "early stopping needs evaluations") {
+		t.Errorf("early stopping without evaluations: %v", err)
 	}
 }

@@ -10,6 +10,7 @@ import (
 	"fmt"
 	"io"
 	"io/fs"
+	"maps"
 	"slices"
 	"strings"
 
@@ -37,6 +38,9 @@ type jsonlFile struct {
 	// system says that the first record has a system text that want does
 	// not read (see Source.UnreadSystem).
 	system bool
+	// input is the first record's field that looks like the input, when
+	// the record has no field for it (see Source.UnreadInput).
+	input string
 }
 
 func openJSONL(open openFunc, path string, want []string, optional string, conv *convFields) (*jsonlFile, error) {
@@ -62,17 +66,21 @@ func openJSONL(open openFunc, path string, want []string, optional string, conv 
 	if _, err := jf.parse(first, rr.at()); err != nil {
 		return nil, err
 	}
-	if !slices.Contains(want, ColSystem) {
-		var rec map[string]json.RawMessage
-		if json.Unmarshal(first, &rec) == nil {
+	var rec map[string]json.RawMessage
+	if json.Unmarshal(first, &rec) == nil {
+		if !slices.Contains(want, ColSystem) {
 			var text string
 			jf.system = json.Unmarshal(rec[ColSystem], &text) == nil && strings.TrimSpace(text) != ""
+		}
+		if _, has := rec[optional]; optional != "" && !has {
+			jf.input = unreadInput(slices.Sorted(maps.Keys(rec)), want)
 		}
 	}
 	return jf, nil
 }
 
-func (jf *jsonlFile) unreadSystem() bool { return jf.system }
+func (jf *jsonlFile) unreadSystem() bool  { return jf.system }
+func (jf *jsonlFile) unreadInput() string { return jf.input }
 
 // detectArray sets jf.array when the file's first byte past a byte order
 // mark and white space starts a JSON array.
@@ -247,15 +255,38 @@ func fieldHint(keys []string, name string, conv bool) string {
 	case len(keys) == 0:
 		return ""
 	}
-	// The field people most often call it otherwise, else the first.
-	guess := keys[0]
+	return fmt.Sprintf("; name the record's field with columns:, e.g. columns: {%s: %s}", name, likelyField(keys, name))
+}
+
+// likelyField is the field of keys most likely to be name's: one named
+// with it (output-turkish), else one people often call it otherwise,
+// else the first.
+func likelyField(keys []string, name string) string {
 	for _, k := range keys {
-		if slices.Contains(likelyNames[name], strings.ToLower(k)) {
-			guess = k
-			break
+		if strings.Contains(strings.ToLower(k), name) {
+			return k
 		}
 	}
-	return fmt.Sprintf("; name the record's field with columns:, e.g. columns: {%s: %s}", name, guess)
+	for _, k := range keys {
+		if slices.Contains(likelyNames[name], strings.ToLower(k)) {
+			return k
+		}
+	}
+	return keys[0]
+}
+
+// unreadInput is the field of keys that looks like an Alpaca record's
+// input when the source reads none (its input field is not among keys),
+// "" when none does: a Dolly record's context, an input-turkish left
+// unmapped.
+func unreadInput(keys, want []string) string {
+	for _, k := range keys {
+		l := strings.ToLower(k)
+		if (strings.Contains(l, ColInput) && !strings.Contains(l, "ids") || slices.Contains(likelyNames[ColInput], l)) && !slices.Contains(want, k) {
+			return k
+		}
+	}
+	return ""
 }
 
 // likelyNames are other names datasets give the fields of a layout.

@@ -36,6 +36,7 @@ type parquetFile struct {
 	want   []string // file column names, in record order
 	absent []bool   // of want: an optional column the file does not have, read as ""
 	system bool     // the file has a system column that want does not read
+	input  string   // a column that looks like the input, when the file has no input column
 	leaves []int    // leaf column indices to read, deduplicated
 	bytes  int64
 	// conv, for conversations, names the list column and its fields;
@@ -118,10 +119,14 @@ func openParquet(open openFunc, path string, want []string, optional string, con
 	sort.Ints(pf.leaves)
 	_, hasSystem := byName[ColSystem]
 	pf.system = hasSystem && !slices.Contains(want, ColSystem)
+	if i := slices.Index(want, optional); i >= 0 && pf.absent[i] {
+		pf.input = unreadInput(names, want)
+	}
 	return pf, nil
 }
 
-func (pf *parquetFile) unreadSystem() bool { return pf.system }
+func (pf *parquetFile) unreadSystem() bool  { return pf.system }
+func (pf *parquetFile) unreadInput() string { return pf.input }
 
 // parquetSource is what the Parquet reader needs of a file.
 type parquetSource interface {

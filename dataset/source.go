@@ -301,6 +301,19 @@ func (s *Source) UnreadSystem() []string {
 	return out
 }
 
+// UnreadInput maps the files whose records have no input field but one
+// that looks like it (a Dolly record's context, an input-turkish left
+// unmapped) to that field: without a mapping it is silently left out.
+func (s *Source) UnreadInput() map[string]string {
+	out := map[string]string{}
+	for _, f := range s.files {
+		if u, ok := f.(interface{ unreadInput() string }); ok && u.unreadInput() != "" {
+			out[f.path()] = u.unreadInput()
+		}
+	}
+	return out
+}
+
 type sourceFile interface {
 	path() string
 	// numRows returns the number of rows, or -1 when unknown.

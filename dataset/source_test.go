@@ -8,6 +8,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"maps"
 	"math/rand/v2"
 	"os"
 	"path/filepath"
@@ -338,6 +339,38 @@ func TestUnreadSystem(t *testing.T) {
 			t.Errorf("%v: unread %v, want %v", c.opts.Paths, got, c.want)
 		}
 		s.Close()
+	}
+}
+
+// TestUnreadInput: records without an input field but with one that looks
+// like it (Dolly's context, an unmapped input-turkish) are named with it;
+// mapped, or without such a field, they are not.
+func TestUnreadInput(t *testing.T) {
+	dolly := writeFile(t, "d.jsonl", `{"instruction": "Özetle.", "context": "Uzun bir metin.", "response": "Kısa."}`+"\n")
+	plain := writeFile(t, "p.jsonl", `{"instruction": "Bir", "output": "iki", "input_ids": [1, 2]}`+"\n")
+	tr := []arrow.Field{{Name: "instruction-turkish", Type: arrow.BinaryTypes.String}, {Name: "input-turkish", Type: arrow.BinaryTypes.String}, {Name: "output-turkish", Type: arrow.BinaryTypes.String}}
+	pq := writeParquet(t, "tr.parquet", tr, func(b *array.RecordBuilder) { appendStrings(b, [3]string{"Bir", "girdi", "iki"}) })
+	for _, c := range []struct {
+		opts SourceOptions
+		want map[string]string
+	}{
+		{SourceOptions{Paths: []string{dolly}, Columns: map[string]string{"output": "response"}}, map[string]string{dolly: "context"}},
+		{SourceOptions{Paths: []string{dolly}, Columns: map[string]string{"output": "response", "input": "context"}}, map[string]string{}},
+		{SourceOptions{Paths: []string{plain}}, map[string]string{}},
+		{SourceOptions{Paths: []string{pq}, Columns: map[string]string{"instruction": "instruction-turkish", "output": "output-turkish"}}, map[string]string{pq: "input-turkish"}},
+	} {
+		s, err := Open(c.opts)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if got := s.UnreadInput(); !maps.Equal(got, c.want) {
+			t.Errorf("%v %v: unread input %v, want %v", c.opts.Paths, c.opts.Columns, got, c.want)
+		}
+		s.Close()
+	}
+	// The column hint of a missing output names the file's output column.
+	if _, err := Open(SourceOptions{Paths: []string{pq}, Columns: map[string]string{"instruction": "instruction-turkish"}}); err == nil || !strings.Contains(err.Error(), "columns: {output: output-turkish}") {
+		t.Errorf("a missing output's hint: %v", err)
 	}
 }
 

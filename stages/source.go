@@ -5,6 +5,7 @@ import (
 	"fmt"
 	"io"
 	"io/fs"
+	"maps"
 	"os"
 	"slices"
 	"sort"
@@ -336,6 +337,12 @@ func (s *sourceStage) Run(ctx context.Context, t *pipeline.Task) error {
 		}
 		t.Log.Warn(fmt.Sprintf("the records of %s have a system text that this source leaves out of their conversations", strings.Join(unread, ", ")), "fix", fix)
 		t.SetStat("unread_system", len(unread))
+	}
+	for _, file := range slices.Sorted(maps.Keys(src.UnreadInput())) {
+		col := src.UnreadInput()[file]
+		t.Log.Warn(fmt.Sprintf("%s has no input field, and its %q looks like one: it is not read", file, col),
+			"fix", fmt.Sprintf("columns: {input: %s} reads it as the input", col))
+		t.SetStat("unread_input", col)
 	}
 	if n, ok := src.Rows(); ok {
 		t.SetTotal(n)

@@ -97,6 +97,12 @@ it was and no temporary file behind.`,
 				return err
 			}
 			st.Close()
+			if out != "-" {
+				// As merge does: FastChat's model_answer/ need not exist yet.
+				if err := os.MkdirAll(filepath.Dir(out), 0o755); err != nil {
+					return usageErr(fmt.Errorf("--out: %w", err))
+				}
+			}
 			isModel := slices.Contains([]string{"merge", "model", "gguf"}, m.Kind)
 			if _, err := os.Stat(filepath.Join(entry, pipeline.TableFile)); err != nil && !isModel {
 				hint := ""

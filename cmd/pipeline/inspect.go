@@ -57,6 +57,9 @@ the commit it read), or --tokenizer.`,
 			}
 			defer st.Close()
 			if decode {
+				if !slices.Contains([]string{"tokenize", "mix", "pack"}, m.Kind) {
+					return usageErr(fmt.Errorf("--decode shows token rows, a tokenize, mix or pack stage's; stage %s is a %s stage: inspect it without --decode", args[1], m.Kind))
+				}
 				tk, err := decodeTokenizer(cmd.Context(), st, m, tokPath)
 				if err != nil {
 					return err

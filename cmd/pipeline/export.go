@@ -99,7 +99,7 @@ it was and no temporary file behind.`,
 			st.Close()
 			if out != "-" {
 				// As merge does: FastChat's model_answer/ need not exist yet.
-				if err := os.MkdirAll(filepath.Dir(out), 0o755); err != nil {
+				if err := os.MkdirAll(filepath.Dir(filepath.Clean(out)), 0o755); err != nil {
 					return usageErr(fmt.Errorf("--out: %w", err))
 				}
 			}

@@ -83,8 +83,9 @@ func (chatStage) Run(ctx context.Context, t *pipeline.Task) error {
 	t.SetStat("empty_answers", n.empty)
 	if n.empty > 0 {
 		// An empty answer trains the model to close its turn at once.
-		t.Log.Warn(fmt.Sprintf("%s empty (or white space): each trains only on <end_of_turn>, teaching the model to answer nothing; the first is record %d", counted(n.empty, "answer is", "answers are"), n.firstEmpty),
-			"fix", "remove such records from the source")
+		t.Log.Warn(fmt.Sprintf("%s empty (or white space): each trains only on <end_of_turn>, teaching the model to answer nothing; the first is in row %d of stage %s (pipeline inspect SPEC %s --rows %d shows it last)",
+			counted(n.empty, "answer is", "answers are"), n.firstEmpty+1, t.Inputs[0].Name, t.Inputs[0].Name, n.firstEmpty+1),
+			"fix", "remove such records from the data")
 	}
 	return err
 }

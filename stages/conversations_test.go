@@ -340,7 +340,7 @@ stages:
 	if a, c := stageStats(t, rec, "achat")["empty_answers"], stageStats(t, rec, "cchat")["empty_answers"]; a != 2.0 || c != 1.0 {
 		t.Errorf("empty answers: %v in the Alpaca records, %v in the conversations; want 2 and 1", a, c)
 	}
-	for _, want := range []string{"2 answers are empty (or white space)", "the first is record 1", "1 answer is empty"} {
+	for _, want := range []string{"2 answers are empty (or white space)", "the first is in row 2 of stage a (pipeline inspect SPEC a --rows 2 shows it last)", "1 answer is empty"} {
 		if !strings.Contains(logs.String(), want) {
 			t.Errorf("the log does not say %q:\n%s", want, logs.String())
 		}

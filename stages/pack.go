@@ -123,7 +123,7 @@ func (s *packStage) Run(ctx context.Context, t *pipeline.Task) error {
 	if lost := stats.Dropped + stats.SkippedUntrained; lost > 0 {
 		// Examples that will not be trained on are worth a word above INFO.
 		t.Log.Warn("examples left out of the packed rows", "longer_than_seq_len", stats.Dropped, "no_trained_token", stats.SkippedUntrained,
-			"of", stats.ExamplesIn, "fix", "raise seq_len, or overlong: split")
+			"of", stats.ExamplesIn, "fix", "raise seq_len (overlong: split suits plain texts, not conversations: its pieces train without their prompt)")
 	}
 	if held != nil {
 		hs, err := writeHeldOut(ctx, held, filepath.Join(t.Dir, PackedHeldOutFile))
@@ -131,7 +131,7 @@ func (s *packStage) Run(ctx context.Context, t *pipeline.Task) error {
 		case errors.Is(err, packer.ErrNothingToPack):
 			// The training rows stand; training goes on without an eval loss.
 			t.Log.Warn("no held-out example was packed: the training stage will have no eval loss",
-				"longer_than_seq_len", hs.Dropped, "no_trained_token", hs.SkippedUntrained, "of", hs.ExamplesIn, "fix", "raise seq_len, or overlong: split")
+				"longer_than_seq_len", hs.Dropped, "no_trained_token", hs.SkippedUntrained, "of", hs.ExamplesIn, "fix", "raise seq_len (overlong: split suits plain texts, not conversations: its pieces train without their prompt)")
 			t.SetStat("heldout", statMap(hs))
 		case err != nil:
 			return fmt.Errorf("held-out examples: %w", err)

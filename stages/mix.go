@@ -2,6 +2,7 @@ package stages
 
 import (
 	"context"
+	"encoding/binary"
 	"fmt"
 	"hash/fnv"
 	"io"
@@ -205,8 +206,9 @@ func (s *mixStage) Run(ctx context.Context, t *pipeline.Task) error {
 	}
 	counts := map[string]*MixCounts{}
 	var total MixCounts
+	seen := &heldOutSeen{trained: map[uint64]bool{}}
 	for i, in := range t.Inputs {
-		c, err := writeMixed(ctx, in, srcs[i], out)
+		c, err := writeMixed(ctx, in, srcs[i], out, seen)
 		if err != nil {
 			return err
 		}
@@ -243,7 +245,47 @@ func (s *mixStage) Run(ctx context.Context, t *pipeline.Task) error {
 	}
 	t.Log.Info("mixed", "examples", total.Examples, "tokens", total.Tokens, "held_out", total.HeldOut, "by_source", strings.Join(names, ", "))
 	warnUnusedMix(t, s.p, counts, total)
+	if n := seen.alsoTrained(); n > 0 {
+		t.Log.Warn(fmt.Sprintf("%d of the %d held-out examples also train (the same tokens: duplicate records): their eval loss is partly a training loss", n, total.HeldOut),
+			"fix", "remove the duplicates from the data")
+	}
+	if total.HeldOut > 0 {
+		t.SetStat("heldout_also_trained", seen.alsoTrained())
+	}
 	return nil
+}
+
+// heldOutSeen collects the held-out examples and the trained ones by the
+// hash of their tokens, to find held-out examples that train all the
+// same: the data's duplicates, which make the eval loss a training loss.
+type heldOutSeen struct {
+	held    []uint64
+	trained map[uint64]bool
+}
+
+func (h *heldOutSeen) add(ids []int32, heldOut bool) {
+	f := fnv.New64a()
+	var b [4]byte
+	for _, id := range ids {
+		binary.LittleEndian.PutUint32(b[:], uint32(id))
+		f.Write(b[:])
+	}
+	if heldOut {
+		h.held = append(h.held, f.Sum64())
+	} else {
+		h.trained[f.Sum64()] = true
+	}
+}
+
+// alsoTrained counts the held-out examples whose tokens also train.
+func (h *heldOutSeen) alsoTrained() int {
+	n := 0
+	for _, x := range h.held {
+		if h.trained[x] {
+			n++
+		}
+	}
+	return n
 }
 
 // warnUnusedMix says when the mix leaves most of a source unused (weights
@@ -429,7 +471,7 @@ func nameSeed(name string) uint64 {
 // writeMixed writes one input's examples as its plan says: each held-out
 // example once, marked, and every other as many times as it is taken, in
 // the input's order.
-func writeMixed(ctx context.Context, in *pipeline.Input, src *mixSource, out *pipeline.Output) (*MixCounts, error) {
+func writeMixed(ctx context.Context, in *pipeline.Input, src *mixSource, out *pipeline.Output, seen *heldOutSeen) (*MixCounts, error) {
 	path, err := in.TablePath(ctx)
 	if err != nil {
 		return nil, err
@@ -452,7 +494,7 @@ func writeMixed(ctx context.Context, in *pipeline.Input, src *mixSource, out *pi
 		if err != nil {
 			return nil, fmt.Errorf("reading the table of stage %s: %w", in.Name, err)
 		}
-		batch, err := mixBatch(in, rec, src, row, c)
+		batch, err := mixBatch(in, rec, src, row, c, seen)
 		row += int(rec.NumRows())
 		rec.Release()
 		if err != nil {
@@ -472,7 +514,7 @@ func writeMixed(ctx context.Context, in *pipeline.Input, src *mixSource, out *pi
 
 // mixBatch is one batch of an input's table as the mix writes it; first
 // is the batch's first row in the input.
-func mixBatch(in *pipeline.Input, rec arrow.RecordBatch, src *mixSource, first int, c *MixCounts) (arrow.RecordBatch, error) {
+func mixBatch(in *pipeline.Input, rec arrow.RecordBatch, src *mixSource, first int, c *MixCounts, seen *heldOutSeen) (arrow.RecordBatch, error) {
 	ids, err := int32Lists(in, rec, packer.ColInputIDs, tokenizeKindName)
 	if err != nil {
 		return nil, err
@@ -498,6 +540,9 @@ func mixBatch(in *pipeline.Input, rec arrow.RecordBatch, src *mixSource, first i
 		n := 1
 		if !src.heldout[j] {
 			n = int(src.count[j])
+		}
+		if src.heldout[j] || n > 0 {
+			seen.add(idv[a:z], src.heldout[j])
 		}
 		trained := int64(0)
 		for _, l := range lv[la:lz] {

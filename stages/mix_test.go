@@ -549,3 +549,35 @@ func readEvalResults(t *testing.T, entry string) (evalResultsFile, error) {
 	}
 	return res, json.Unmarshal(data, &res)
 }
+
+// TestMixHeldOutDuplicates: held-out examples whose tokens also train
+// (duplicate records) are counted and warned of; without duplicates, none.
+func TestMixHeldOutDuplicates(t *testing.T) {
+	r := newTestRun(t)
+	var logs bytes.Buffer
+	r.log = slog.New(slog.NewTextHandler(&logs, nil))
+	var lines []string
+	for i := range 10 {
+		lines = append(lines, fmt.Sprintf(`{"instruction": "Soru %d?", "input": "", "output": "Cevap %d."}`, i, i))
+	}
+	for name, data := range map[string]string{"dup": strings.Join(append(lines, lines...), "\n"), "uniq": strings.Join(lines, "\n")} {
+		path := filepath.Join(r.dir, name+".jsonl")
+		os.WriteFile(path, []byte(data+"\n"), 0o644)
+		logs.Reset()
+		rec, err := r.run(r.spec(fmt.Sprintf(`name: %s
+stages:
+  src: {kind: jsonl, with: {paths: [%s]}}
+  chat: {kind: chat_template, needs: [src]}
+  tok: {kind: tokenize, needs: [chat], with: {tokenizer: %s}}
+  mix: {kind: mix, needs: [tok], with: {heldout: 0.3, seed: 1}}
+`, name, path, testenv.GemmaFile(t, "tokenizer.json"))), pipeline.Options{})
+		if err != nil {
+			t.Fatal(err)
+		}
+		n := stageStats(t, rec, "mix")["heldout_also_trained"]
+		warned := strings.Contains(logs.String(), "held-out examples also train")
+		if name == "dup" && (n == 0.0 || !warned) || name == "uniq" && (n != 0.0 || warned) {
+			t.Errorf("%s: heldout_also_trained %v, warned %v\n%s", name, n, warned, logs.String())
+		}
+	}
+}

@@ -13,6 +13,7 @@ import (
 	"maps"
 	"slices"
 	"strings"
+	"sync/atomic"
 
 	"gemmaft/internal/lines"
 )
@@ -35,16 +36,18 @@ type jsonlFile struct {
 	conv     *convFields // for conversations
 	rows     int64       // -1 until counted
 	bytes    int64
-	// system says that the first record has a system text that want does
-	// not read (see Source.UnreadSystem).
-	system bool
+	// system says that a record read so far has a system text that want
+	// does not read (see Source.UnreadSystem); readsSystem that want does.
+	system      atomic.Bool
+	readsSystem bool
 	// input is the first record's field that looks like the input, when
 	// the record has no field for it (see Source.UnreadInput).
 	input string
 }
 
 func openJSONL(open openFunc, path string, want []string, optional string, conv *convFields) (*jsonlFile, error) {
-	jf := &jsonlFile{open: open, name: path, gz: strings.HasSuffix(strings.ToLower(path), ".gz"), want: want, optional: optional, conv: conv, rows: -1}
+	jf := &jsonlFile{open: open, name: path, gz: strings.HasSuffix(strings.ToLower(path), ".gz"), want: want, optional: optional, conv: conv, rows: -1,
+		readsSystem: slices.Contains(want, ColSystem)}
 	if err := jf.detectArray(); err != nil {
 		return nil, err
 	}
@@ -68,10 +71,6 @@ func openJSONL(open openFunc, path string, want []string, optional string, conv 
 	}
 	var rec map[string]json.RawMessage
 	if json.Unmarshal(first, &rec) == nil {
-		if !slices.Contains(want, ColSystem) {
-			var text string
-			jf.system = json.Unmarshal(rec[ColSystem], &text) == nil && strings.TrimSpace(text) != ""
-		}
 		if _, has := rec[optional]; optional != "" && !has {
 			jf.input = unreadInput(slices.Sorted(maps.Keys(rec)), want)
 		}
@@ -79,7 +78,7 @@ func openJSONL(open openFunc, path string, want []string, optional string, conv 
 	return jf, nil
 }
 
-func (jf *jsonlFile) unreadSystem() bool  { return jf.system }
+func (jf *jsonlFile) unreadSystem() bool  { return jf.system.Load() }
 func (jf *jsonlFile) unreadInput() string { return jf.input }
 
 // detectArray sets jf.array when the file's first byte past a byte order
@@ -317,6 +316,12 @@ func (jf *jsonlFile) parse(line []byte, at int64) (record, error) {
 	}
 	if obj == nil {
 		return record{}, fmt.Errorf("dataset: %s: %s: not a JSON object", jf.name, where)
+	}
+	if raw, ok := obj[ColSystem]; ok && !jf.readsSystem && !jf.system.Load() {
+		var text string
+		if json.Unmarshal(raw, &text) == nil && strings.TrimSpace(text) != "" {
+			jf.system.Store(true)
+		}
 	}
 	var r record
 	noField := func(name string) error {

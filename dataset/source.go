@@ -290,7 +290,9 @@ func (s *Source) applyNulls(r record) (keep bool, err error) {
 // sourceFile is one opened and validated input file.
 // UnreadSystem lists the files whose records have a system text (a
 // "system" field or column) that the source does not read: without
-// SystemColumn it is silently left out of every conversation.
+// SystemColumn it is silently left out of every conversation. For JSON
+// lines it knows the records read so far: all of them once Next has
+// returned io.EOF.
 func (s *Source) UnreadSystem() []string {
 	var out []string
 	for _, f := range s.files {

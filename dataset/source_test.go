@@ -319,6 +319,8 @@ func TestUnreadSystem(t *testing.T) {
 	jl := writeFile(t, "s.jsonl", `{"system": "Kısa yanıt ver.", "instruction": "Bir", "output": "iki"}`+"\n")
 	conv := writeFile(t, "c.jsonl", `{"system": "Kısa yanıt ver.", "conversations": [{"from": "human", "value": "a"}, {"from": "gpt", "value": "b"}]}`+"\n")
 	plain := writeFile(t, "p.jsonl", `{"system": "", "instruction": "Bir", "output": "iki"}`+"\n")
+	// The system text in a later record only, found as the records are read.
+	later := writeFile(t, "l.jsonl", `{"instruction": "Bir", "output": "iki"}`+"\n"+`{"system": "Kısa yanıt ver.", "instruction": "Üç", "output": "dört"}`+"\n")
 	pq := writeParquet(t, "s.parquet", append(slices.Clone(alpacaFields), arrow.Field{Name: "system", Type: arrow.BinaryTypes.String}), func(b *array.RecordBuilder) {
 		appendStrings(b, [3]string{"Bir", "", "iki"})
 		b.Field(3).(*array.StringBuilder).Append("Kısa yanıt ver.")
@@ -330,10 +332,18 @@ func TestUnreadSystem(t *testing.T) {
 		{SourceOptions{Paths: []string{jl, plain, pq}}, []string{jl, pq}},
 		{SourceOptions{Paths: []string{conv}, Layout: LayoutShareGPT}, []string{conv}},
 		{SourceOptions{Paths: []string{jl, pq}, SystemColumn: "system"}, nil},
+		{SourceOptions{Paths: []string{later, plain}}, []string{later}},
 	} {
 		s, err := Open(c.opts)
 		if err != nil {
 			t.Fatal(err)
+		}
+		for {
+			rec, err := s.Next(context.Background())
+			if err != nil {
+				break
+			}
+			rec.Release()
 		}
 		if got := s.UnreadSystem(); !slices.Equal(got, c.want) {
 			t.Errorf("%v: unread %v, want %v", c.opts.Paths, got, c.want)

@@ -330,14 +330,6 @@ func (s *sourceStage) Run(ctx context.Context, t *pipeline.Task) error {
 		return err
 	}
 	defer src.Close()
-	if unread := src.UnreadSystem(); len(unread) > 0 {
-		fix := "system_column: system reads each record's own"
-		if s.opts.SystemText != "" {
-			fix += " (in place of system:)"
-		}
-		t.Log.Warn(fmt.Sprintf("the records of %s have a system text that this source leaves out of their conversations", strings.Join(unread, ", ")), "fix", fix)
-		t.SetStat("unread_system", len(unread))
-	}
 	for _, file := range slices.Sorted(maps.Keys(src.UnreadInput())) {
 		col := src.UnreadInput()[file]
 		t.Log.Warn(fmt.Sprintf("%s has no input field, and its %q looks like one: it is not read", file, col),
@@ -367,6 +359,16 @@ func (s *sourceStage) Run(ctx context.Context, t *pipeline.Task) error {
 	}
 	t.SetStat("records", out.Rows())
 	t.SetStat("files", len(files))
+	// Known once every record is read: JSON lines may carry a system
+	// text in later records only.
+	if unread := src.UnreadSystem(); len(unread) > 0 {
+		fix := "system_column: system reads each record's own"
+		if s.opts.SystemText != "" {
+			fix += " (in place of system:)"
+		}
+		t.Log.Warn(fmt.Sprintf("the records of %s have a system text that this source leaves out of their conversations", strings.Join(unread, ", ")), "fix", fix)
+		t.SetStat("unread_system", len(unread))
+	}
 	reportNulls(t, src.Nulls(), s.opts.Layout, string(s.opts.Nulls))
 	if inv := src.Invalid(); inv.Dropped > 0 {
 		t.SetStat("invalid_dropped", inv.Dropped)

@@ -30,9 +30,9 @@ type jsonlFile struct {
 	gz    bool
 	array bool // one JSON array, not JSON lines
 	want  []string
-	// optional is the field of want whose absence from a record reads as
-	// null: an Alpaca record without an input, as many datasets write them.
-	optional string
+	// optional are the fields of want whose absence from a record reads
+	// as null.
+	optional optionalFields
 	conv     *convFields // for conversations
 	rows     int64       // -1 until counted
 	bytes    int64
@@ -45,7 +45,16 @@ type jsonlFile struct {
 	input string
 }
 
-func openJSONL(open openFunc, path string, want []string, optional string, conv *convFields) (*jsonlFile, error) {
+// optionalFields are the fields a JSON record may leave out: an Alpaca
+// record's input, as many datasets write them, and the system column, as
+// datasets give only some records a system text; "" where there is none.
+type optionalFields struct{ input, system string }
+
+func (o optionalFields) has(name string) bool {
+	return name != "" && (name == o.input || name == o.system)
+}
+
+func openJSONL(open openFunc, path string, want []string, optional optionalFields, conv *convFields) (*jsonlFile, error) {
 	jf := &jsonlFile{open: open, name: path, gz: strings.HasSuffix(strings.ToLower(path), ".gz"), want: want, optional: optional, conv: conv, rows: -1,
 		readsSystem: slices.Contains(want, ColSystem)}
 	if err := jf.detectArray(); err != nil {
@@ -71,7 +80,7 @@ func openJSONL(open openFunc, path string, want []string, optional string, conv 
 	}
 	var rec map[string]json.RawMessage
 	if json.Unmarshal(first, &rec) == nil {
-		if _, has := rec[optional]; optional != "" && !has {
+		if _, has := rec[optional.input]; optional.input != "" && !has {
 			jf.input = unreadInput(slices.Sorted(maps.Keys(rec)), want)
 		}
 	}
@@ -349,7 +358,7 @@ func (jf *jsonlFile) parse(line []byte, at int64) (record, error) {
 	}
 	for i, name := range jf.want {
 		raw, ok := obj[name]
-		if !ok && name == jf.optional {
+		if !ok && jf.optional.has(name) {
 			r.null |= 1 << i
 			continue
 		}

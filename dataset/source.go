@@ -82,8 +82,8 @@ type SourceOptions struct {
 	SystemColumn string
 	// SystemText, when not empty, fills the system column on every row
 	// (for conversations: is a system message in front of every
-	// conversation that has none). At most one of SystemColumn and
-	// SystemText may be set.
+	// conversation that has none); beside SystemColumn, on the rows whose
+	// column is empty, null or (JSON) missing.
 	SystemText string
 	// Limit stops after this many rows; 0 means all rows.
 	Limit int64
@@ -249,6 +249,10 @@ func (s *Source) nullName(i int) string {
 // applyNulls counts a record's nulls and applies the policy: keep reports
 // whether the row is delivered.
 func (s *Source) applyNulls(r record) (keep bool, err error) {
+	if i := slices.Index(s.slots, ColSystem); i >= 0 && s.opts.SystemText != "" {
+		// A record without its own system text takes the default.
+		r.null &^= 1 << i
+	}
 	if r.null == 0 {
 		return true, nil
 	}
@@ -361,9 +365,6 @@ func Open(opts SourceOptions) (*Source, error) {
 	if opts.Allocator == nil {
 		opts.Allocator = memory.NewGoAllocator()
 	}
-	if opts.SystemColumn != "" && opts.SystemText != "" {
-		return nil, errors.New("dataset: set either a system column or a system text, not both")
-	}
 	switch opts.Nulls {
 	case NullsEmpty, NullsDrop, NullsError:
 	default:
@@ -424,10 +425,11 @@ func Open(opts SourceOptions) (*Source, error) {
 		wanted = append(wanted, s.fileColumn(ours))
 	}
 	s.schema = arrow.NewSchema(fields, nil)
-	optional := "" // the JSON field a record may leave out
+	var optional optionalFields // the JSON fields a record may leave out
 	if layout == LayoutAlpaca {
-		optional = s.fileColumn(ColInput)
+		optional.input = s.fileColumn(ColInput)
 	}
+	optional.system = opts.SystemColumn
 
 	for _, path := range opts.Paths {
 		format, err := formatOf(path, opts.Format)
@@ -445,8 +447,8 @@ func Open(opts SourceOptions) (*Source, error) {
 			// A Parquet file may lack the input column, not one the
 			// spec's columns: names (a typo would read as no input).
 			pqOptional := ""
-			if optional == ColInput {
-				pqOptional = optional
+			if optional.input == ColInput {
+				pqOptional = optional.input
 			}
 			f, err = openParquet(opts.opener(), path, wanted, pqOptional, s.conv, opts.Allocator)
 		case FormatText:
@@ -677,8 +679,8 @@ func (s *Source) rows(yield func(record, error) bool) {
 				rowErr = fmt.Errorf("%w\n\t(invalid: drop drops such conversations and counts them)", err)
 				return false
 			}
-		} else if s.opts.SystemText != "" {
-			r.v[3] = s.opts.SystemText
+		} else if s.opts.SystemText != "" && r.v[3] == "" {
+			r.v[3] = s.opts.SystemText // every record's, or the default of those without their own
 		}
 		if !yield(r, nil) {
 			return false
@@ -745,7 +747,7 @@ func (s *Source) rows(yield func(record, error) bool) {
 func (s *Source) conversation(r record) ([]chat.Message, error) {
 	msgs := make([]chat.Message, 0, len(r.msgs)+1)
 	system := s.opts.SystemText
-	if s.opts.SystemColumn != "" {
+	if s.opts.SystemColumn != "" && r.v[0] != "" {
 		system = r.v[0]
 	}
 	for i, m := range r.msgs {

@@ -250,8 +250,31 @@ func TestSystemColumnAndText(t *testing.T) {
 	if len(rows) != 2 || rows[0][3] != "Türkçe yanıtla." || rows[1][3] != "Türkçe yanıtla." {
 		t.Errorf("system text: got %q", rows)
 	}
-	if _, err := Open(SourceOptions{Paths: []string{path}, SystemColumn: "sys", SystemText: "x"}); err == nil {
-		t.Error("both system column and system text accepted")
+	// Both: the text is the default of records without their own, null
+	// or (in JSON) missing, which are then no nulls to report.
+	os.WriteFile(path, []byte(data+`{"instruction":"Bir.","input":"","output":"İki."}`+"\n"), 0o644)
+	s, err := Open(SourceOptions{Paths: []string{path}, SystemColumn: "sys", SystemText: "Türkçe yanıtla.", Nulls: NullsError})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer s.Close()
+	var got []string
+	for {
+		rec, err := s.Next(context.Background())
+		if err == io.EOF {
+			break
+		}
+		if err != nil {
+			t.Fatal(err)
+		}
+		col := rec.Column(3).(*array.String)
+		for i := range col.Len() {
+			got = append(got, col.Value(i))
+		}
+		rec.Release()
+	}
+	if !slices.Equal(got, []string{"Kibar ol.", "Türkçe yanıtla.", "Türkçe yanıtla."}) || len(s.Nulls().Columns) != 1 {
+		t.Errorf("system column with a default: %q, nulls %v (want the input's alone)", got, s.Nulls().Columns)
 	}
 }
 

@@ -145,9 +145,6 @@ func (p *sourceParams) Validate() error {
 	if len(p.Roles) == 0 {
 		p.Roles = nil
 	}
-	if p.SystemColumn != "" && p.System != "" {
-		return &pipeline.ParamError{Param: "system", Msg: "both system and system_column are set", Fix: "keep one of them"}
-	}
 	if p.Limit < 0 {
 		return &pipeline.ParamError{Param: "limit", Msg: "must not be negative", Fix: "0 reads every record"}
 	}

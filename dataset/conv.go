@@ -7,6 +7,7 @@ import (
 	"slices"
 	"sort"
 	"strings"
+	"sync/atomic"
 	"unicode/utf8"
 
 	"github.com/apache/arrow-go/v18/arrow"
@@ -109,6 +110,10 @@ func roleMap(extra map[string]string) (map[string]string, error) {
 type convFields struct {
 	list, role, content string
 	roles               map[string]string // the file's role names to ours
+	// unweighted counts the messages (JSON) marked weight 0 or false,
+	// Axolotl's switch for a turn not to train, which is not read here:
+	// they train as every other.
+	unweighted atomic.Int64
 }
 
 // rawMessage is one message as a file holds it, before its role is mapped.
@@ -228,6 +233,9 @@ func (c *convFields) parseJSONMessages(raw json.RawMessage) ([]rawMessage, error
 		}
 		if err := decodeJSONString(role, &out[i].role); err != nil {
 			return nil, fmt.Errorf("column %s: message %d, field %s: %w", c.list, i, c.role, err)
+		}
+		if w, ok := e["weight"]; ok && (string(w) == "0" || string(w) == "false" || string(w) == "0.0") {
+			c.unweighted.Add(1)
 		}
 		content, ok := e[c.content]
 		if !ok {

@@ -320,6 +320,16 @@ func (s *Source) UnreadInput() map[string]string {
 	return out
 }
 
+// Unweighted is the number of messages read so far marked weight 0 (or
+// false), Axolotl's switch for a turn not to train, which this source does
+// not read: they train as the others do.
+func (s *Source) Unweighted() int64 {
+	if s.conv == nil {
+		return 0
+	}
+	return s.conv.unweighted.Load()
+}
+
 type sourceFile interface {
 	path() string
 	// numRows returns the number of rows, or -1 when unknown.
@@ -479,6 +489,9 @@ func Open(opts SourceOptions) (*Source, error) {
 	if s.totalKnown && s.total == 0 {
 		s.closeFiles()
 		return nil, fmt.Errorf("dataset: %s: no rows", strings.Join(opts.Paths, ", "))
+	}
+	if s.conv != nil {
+		s.conv.unweighted.Store(0) // the first records' checks above are no reading
 	}
 	s.next, s.stop = iter.Pull2(s.rows)
 	return s, nil

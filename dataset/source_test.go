@@ -836,3 +836,24 @@ func TestJSONArray(t *testing.T) {
 		}
 	}
 }
+
+// TestUnweighted: messages marked weight 0 (Axolotl's switch for a turn not
+// to train), which are not read, are counted.
+func TestUnweighted(t *testing.T) {
+	path := writeFile(t, "w.jsonl", `{"conversations": [{"from": "human", "value": "a", "weight": 0}, {"from": "gpt", "value": "b", "weight": 0}, {"from": "human", "value": "c"}, {"from": "gpt", "value": "d", "weight": 1}]}`+"\n")
+	s, err := Open(SourceOptions{Paths: []string{path}, Layout: LayoutShareGPT})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer s.Close()
+	for {
+		rec, err := s.Next(context.Background())
+		if err != nil {
+			break
+		}
+		rec.Release()
+	}
+	if n := s.Unweighted(); n != 2 {
+		t.Errorf("%d messages counted with weight 0, want 2", n)
+	}
+}

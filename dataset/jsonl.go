@@ -46,7 +46,8 @@ type jsonlFile struct {
 }
 
 // optionalFields are the fields a JSON record may leave out: an Alpaca
-// record's input, as many datasets write them, and the system column, as
+// record's input, read as a null one, as many datasets write them, and the
+// system column, read as "" (no null for the null policy to drop), as
 // datasets give only some records a system text; "" where there is none.
 type optionalFields struct{ input, system string }
 
@@ -359,8 +360,10 @@ func (jf *jsonlFile) parse(line []byte, at int64) (record, error) {
 	for i, name := range jf.want {
 		raw, ok := obj[name]
 		if !ok && jf.optional.has(name) {
-			r.null |= 1 << i
-			continue
+			if name == jf.optional.input {
+				r.null |= 1 << i // as a null input, which Alpaca data often has
+			}
+			continue // a record without a system text of its own: ""
 		}
 		if !ok {
 			return record{}, noField(name)

@@ -276,6 +276,12 @@ func TestSystemColumnAndText(t *testing.T) {
 	if !slices.Equal(got, []string{"Kibar ol.", "Türkçe yanıtla.", "Türkçe yanıtla."}) || len(s.Nulls().Columns) != 1 {
 		t.Errorf("system column with a default: %q, nulls %v (want the input's alone)", got, s.Nulls().Columns)
 	}
+	// Without a default, a record without the field has no system text: no
+	// null for nulls: drop to drop (an explicit null still is one).
+	rows = readAll(t, SourceOptions{Paths: []string{path}, SystemColumn: "sys", Nulls: NullsDrop})
+	if len(rows) != 2 || rows[1][0] != "Bir." || rows[1][3] != "" {
+		t.Errorf("system column, nulls: drop: got %q, want the first and the last record", rows)
+	}
 }
 
 // writeParquet writes one record batch built from cols to a Parquet file.

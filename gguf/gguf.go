@@ -15,6 +15,7 @@ package gguf
 import (
 	"bufio"
 	"encoding/binary"
+	"errors"
 	"fmt"
 	"io"
 	"math"
@@ -39,6 +40,9 @@ const (
 	BF16 Type = 30
 )
 
+// ErrNotWritten: a type llama.cpp knows that this package does not write.
+var ErrNotWritten = errors.New("which are not written here")
+
 // ParseType reads a type as users write it: f32, f16, bf16, q8_0, q4_0,
 // in either case (llama.cpp's tools write Q8_0).
 func ParseType(s string) (Type, error) {
@@ -55,7 +59,7 @@ func ParseType(s string) (Type, error) {
 		return Q4_0, nil
 	}
 	if l := strings.ToLower(s); strings.Contains(l, "_k") || strings.HasPrefix(l, "iq") {
-		return 0, fmt.Errorf("gguf: %s is one of llama.cpp's k- or i-quants, which are not written here: write q8_0 (or f16), then llama.cpp's llama-quantize turns that file into %s", s, s)
+		return 0, fmt.Errorf("gguf: %s is one of llama.cpp's k- or i-quants, %w: write q8_0 (or f16), then llama.cpp's llama-quantize turns that file into %s", s, ErrNotWritten, s)
 	}
 	return 0, fmt.Errorf("gguf: unknown type %q (f32, f16, bf16, q8_0, q4_0)", s)
 }

@@ -767,7 +767,7 @@ func TestScratchSurvivesFailedAttempts(t *testing.T) {
 	}
 	// The plan says that the next attempt resumes.
 	plan, err := e.store.Plan(e.load(spec), Options{})
-	if err != nil || !strings.Contains(plan.Step("train").Reason, "it resumes from what an interrupted attempt kept") {
+	if err != nil || !strings.Contains(plan.Step("train").Reason, "an interrupted attempt's state is kept, to resume from where the stage can") {
 		t.Errorf("plan after two interrupted attempts: %q (%v)", plan.Step("train").Reason, err)
 	}
 	rec := e.mustRun(spec, Options{})

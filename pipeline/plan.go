@@ -184,7 +184,7 @@ func (s *Store) plan(ctx context.Context, dag *DAG, opts Options, lenient bool) 
 		default:
 			st.Compute, st.Reason = true, plan.why(st)
 			if ents, _ := os.ReadDir(s.scratchDir(st.Key)); len(ents) > 0 {
-				st.Reason += "; it resumes from what an interrupted attempt kept"
+				st.Reason += "; an interrupted attempt's state is kept, to resume from where the stage can"
 			}
 		}
 		if st.Compute {
@@ -401,7 +401,7 @@ func (p *Plan) lastEntry(stage string) *StageRecord {
 	for _, r := range p.history {
 		for i := range r.Stages {
 			s := &r.Stages[i]
-			if s.Name == stage && s.Key != "" && (s.State == "computed" || s.State == "cached") {
+			if s.Name == stage && s.hasEntry() {
 				return s
 			}
 		}

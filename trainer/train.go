@@ -306,11 +306,18 @@ func train(ctx context.Context, s Session, data Dataset, opts TrainOptions, p *r
 			}
 			st.LastEval, st.HasEval = ev, true
 			if patience > 0 {
-				if best == nil || ev < st.BestEval-opts.EarlyStoppingThreshold {
+				// As transformers: any better loss is the new best (the
+				// checkpoint load_best_model_at_end takes), but only one
+				// better by more than the threshold resets the count.
+				improved := best == nil || ev < st.BestEval-opts.EarlyStoppingThreshold
+				if best == nil || ev < st.BestEval {
 					if best, _, err = s.State(); err != nil {
 						return nil, err
 					}
-					st.BestEval, st.BestStep, st.BadEvals = ev, st.Step, 0
+					st.BestEval, st.BestStep = ev, st.Step
+				}
+				if improved {
+					st.BadEvals = 0
 				} else if st.BadEvals++; stopped() {
 					log.Info("stopping early: the held-out loss has not improved for "+fmt.Sprint(patience)+" evaluations",
 						"step", st.Step, "best_step", st.BestStep, "best_eval_loss", st.BestEval)
@@ -376,7 +383,7 @@ func train(ctx context.Context, s Session, data Dataset, opts TrainOptions, p *r
 		return nil, err
 	}
 	if best != nil { // the best evaluation's adapter, as load_best_model_at_end
-		a, res.EvalLoss, res.BestStep, res.StoppedEarly = best, st.BestEval, st.BestStep, stopped()
+		a, res.EvalLoss, res.BestStep, res.StoppedEarly = best, st.BestEval, st.BestStep, stopped() && st.Step < p.total
 		if st.BestStep != st.Step {
 			log.Info("the adapter written is that of the best held-out loss", "step", st.BestStep, "eval_loss", st.BestEval)
 		}

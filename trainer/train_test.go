@@ -324,69 +324,99 @@ func TestWarmupRatio(t *testing.T) {
 	}
 }
 
+// scriptedEval is a session whose held-out loss after its n-th step is
+// losses[n-1] (its training is the CPU session's), so that a test chooses
+// where the best evaluation falls; from is the step it resumes after.
+type scriptedEval struct {
+	Session
+	losses []float64
+	step   int
+}
+
+func (s *scriptedEval) Step(lr, maxNorm float64) (float64, error) {
+	s.step++
+	return s.Session.Step(lr, maxNorm)
+}
+
+func (s *scriptedEval) Loss(b *Batch) (float64, int, error) {
+	_, n, err := s.Session.Loss(b)
+	return s.losses[s.step-1] * float64(n), n, err
+}
+
 // TestEarlyStopping: with early stopping the run ends once the held-out
-// loss has not improved for patience evaluations, and the adapter written
-// is the best evaluation's, as transformers' EarlyStoppingCallback with
-// load_best_model_at_end leaves it; a run interrupted after its best step
-// resumes to the same adapter. A threshold no loss can beat makes the
-// first evaluation the best.
+// loss has not improved by more than the threshold for patience
+// evaluations, and the adapter written is the best evaluation's, as
+// transformers' EarlyStoppingCallback with load_best_model_at_end leaves
+// it: a better loss that does not beat the threshold is the new best all
+// the same, without resetting the count. A run interrupted after its best
+// step resumes from its checkpoint to the same adapter.
 func TestEarlyStopping(t *testing.T) {
 	c := tinyConfig()
 	rows := trainRows(c.VocabSize, 24, 16, 1)
 	opts := func(out string) TrainOptions {
 		o := trainOptions(out)
 		o.Schedule, o.WarmupSteps, o.EvalEvery = ScheduleConstant, 0, 1
+		o.EarlyStoppingPatience, o.EarlyStoppingThreshold = 3, 0.1
 		return o
 	}
-	// The adapter after one step.
-	one := opts(t.TempDir())
-	one.MaxSteps = 1
-	first, err := Train(context.Background(), openCPU(t, tinyModel(t, c), sessionConfig()), rows, one)
+	losses := []float64{5.0, 4.95, 4.99, 5.01, 5.02, 5.03}
+	session := func(from int) Session {
+		return &scriptedEval{Session: openCPU(t, tinyModel(t, c), sessionConfig()), losses: losses, step: from}
+	}
+	// The adapter after two steps, the best evaluation's.
+	two := opts(t.TempDir())
+	two.MaxSteps, two.EarlyStoppingPatience, two.EarlyStoppingThreshold = 2, 0, 0
+	first, err := Train(context.Background(), openCPU(t, tinyModel(t, c), sessionConfig()), rows, two)
 	if err != nil {
 		t.Fatal(err)
 	}
 	want, _ := os.ReadFile(filepath.Join(first.AdapterDir, AdapterWeightsFile))
 
-	early := opts(t.TempDir())
-	early.EarlyStoppingPatience, early.EarlyStoppingThreshold = 2, 100
-	res, err := Train(context.Background(), openCPU(t, tinyModel(t, c), sessionConfig()), rows, early)
+	res, err := Train(context.Background(), session(0), rows, opts(t.TempDir()))
 	if err != nil {
 		t.Fatal(err)
 	}
 	got, _ := os.ReadFile(filepath.Join(res.AdapterDir, AdapterWeightsFile))
-	if res.Steps != 3 || !res.StoppedEarly || res.BestStep != 1 || !bytes.Equal(got, want) {
-		t.Errorf("early stopping: %d steps, stopped %v, best step %d, the step-1 adapter written: %v", res.Steps, res.StoppedEarly, res.BestStep, bytes.Equal(got, want))
-	}
-	if ms := readMetrics(t, res.MetricsPath); len(ms) != 3 || ms[0].EvalLoss == nil || res.EvalLoss != *ms[0].EvalLoss {
-		t.Errorf("metrics %d lines; eval loss %v, want the first evaluation's", len(ms), res.EvalLoss)
+	if res.Steps != 4 || !res.StoppedEarly || res.BestStep != 2 || res.EvalLoss != 4.95 || !bytes.Equal(got, want) {
+		t.Errorf("early stopping: %d steps, stopped %v, best step %d (eval loss %v), the step-2 adapter written: %v",
+			res.Steps, res.StoppedEarly, res.BestStep, res.EvalLoss, bytes.Equal(got, want))
 	}
 
-	// Interrupted at step 2 (its checkpoint holds step 1's adapter as the
-	// best), then resumed: the same end.
-	out := t.TempDir()
-	resumed := opts(out)
-	resumed.EarlyStoppingPatience, resumed.EarlyStoppingThreshold = 2, 100
+	// Interrupted at step 3 (its checkpoint holds step 2's adapter as the
+	// best), then resumed from that checkpoint: the same end.
+	resumed := opts(t.TempDir())
 	ctx, cancel := context.WithCancel(context.Background())
 	resumed.Progress = func(p Progress) {
-		if p.Step == 2 {
+		if p.Step == 3 {
 			cancel()
 		}
 	}
-	if _, err := Train(ctx, openCPU(t, tinyModel(t, c), sessionConfig()), rows, resumed); !errors.Is(err, context.Canceled) {
+	if _, err := Train(ctx, session(0), rows, resumed); !errors.Is(err, context.Canceled) {
 		t.Fatalf("interrupted run: %v", err)
 	}
-	resumed.Progress = nil
-	res, err = Train(context.Background(), openCPU(t, tinyModel(t, c), sessionConfig()), rows, resumed)
+	var logs bytes.Buffer
+	resumed.Progress, resumed.Log = nil, slog.New(slog.NewTextHandler(&logs, nil))
+	res, err = Train(context.Background(), session(3), rows, resumed)
 	if err != nil {
 		t.Fatal(err)
 	}
 	got, _ = os.ReadFile(filepath.Join(res.AdapterDir, AdapterWeightsFile))
-	if res.Steps != 3 || res.BestStep != 1 || !bytes.Equal(got, want) {
-		t.Errorf("resumed: %d steps, best step %d, the step-1 adapter written: %v", res.Steps, res.BestStep, bytes.Equal(got, want))
+	if !strings.Contains(logs.String(), "resuming from a checkpoint") || strings.Contains(logs.String(), "set aside") {
+		t.Errorf("the run did not resume from its checkpoint:\n%s", logs.String())
+	}
+	if res.Steps != 4 || res.BestStep != 2 || !bytes.Equal(got, want) {
+		t.Errorf("resumed: %d steps, best step %d, the step-2 adapter written: %v", res.Steps, res.BestStep, bytes.Equal(got, want))
+	}
+
+	// The last step's evaluation ending the count is no early stop.
+	last := opts(t.TempDir())
+	last.MaxSteps = 4
+	if res, err := Train(context.Background(), session(0), rows, last); err != nil || res.StoppedEarly || res.BestStep != 2 {
+		t.Errorf("patience spent at the last step: stopped early %v, best step %d (%v)", res.StoppedEarly, res.BestStep, err)
 	}
 
 	bad := opts(t.TempDir())
-	bad.EarlyStoppingPatience, bad.EvalEvery = 2, 0
+	bad.EvalEvery = 0
 	if _, err := Train(context.Background(), openCPU(t, tinyModel(t, c), sessionConfig()), rows, bad); err == nil || !strings.Contains(err.Error(), "early stopping needs evaluations") {
 		t.Errorf("early stopping without evaluations: %v", err)
 	}

@@ -80,12 +80,10 @@ it was and no temporary file behind.`,
 			if err != nil {
 				return usageErr(fmt.Errorf("--type: %w", err))
 			}
-			// NAME.TYPE.gguf names the type too.
-			if nt, ok := typeOfName(out); ok && format == "gguf" {
-				if typeGiven && nt != typ {
-					return usageErr(fmt.Errorf("--out %s is named for type %s, not --type %s: rename it, or leave --type out", out, nt, typ))
+			if format == "gguf" { // NAME.TYPE.gguf names the type too
+				if typ, typeGiven, err = ggufOutType(out, typ, typeGiven); err != nil {
+					return err
 				}
-				typ, typeGiven = nt, true
 			}
 			if format == "gguf" || format == "hf" {
 				if err := modelOutFree(out); err != nil {
@@ -97,12 +95,6 @@ it was and no temporary file behind.`,
 				return err
 			}
 			st.Close()
-			if out != "-" {
-				// As merge does: FastChat's model_answer/ need not exist yet.
-				if err := os.MkdirAll(filepath.Dir(filepath.Clean(out)), 0o755); err != nil {
-					return usageErr(fmt.Errorf("--out: %w", err))
-				}
-			}
 			isModel := slices.Contains([]string{"merge", "model", "gguf"}, m.Kind)
 			if _, err := os.Stat(filepath.Join(entry, pipeline.TableFile)); err != nil && !isModel {
 				hint := ""
@@ -122,6 +114,9 @@ it was and no temporary file behind.`,
 				}
 			}
 			if format == "gguf" || format == "hf" {
+				if err := makeOutDir(out); err != nil {
+					return err
+				}
 				return exportModel(entry, m, args[1], format, typ, typeGiven, out)
 			}
 			table := filepath.Join(entry, pipeline.TableFile)
@@ -147,6 +142,9 @@ it was and no temporary file behind.`,
 				like := args[1] + "." + format
 				if format == "mt-bench" {
 					like = filepath.Base(table) // MODEL_ID.jsonl, as the judge finds it
+				}
+				if err := makeOutDir(out); err != nil {
+					return err
 				}
 				if err := checkWritable(out, like); err != nil {
 					return usageErr(fmt.Errorf("--out: %w", err))
@@ -216,6 +214,15 @@ func (c ctxWriter) Write(b []byte) (int, error) {
 	return c.w.Write(b)
 }
 
+// makeOutDir makes --out's folder, as merge does: FastChat's
+// model_answer/ need not exist yet.
+func makeOutDir(out string) error {
+	if err := os.MkdirAll(filepath.Dir(filepath.Clean(out)), 0o755); err != nil {
+		return failErr(fmt.Errorf("--out: %w", err))
+	}
+	return nil
+}
+
 // formatOfName is the export format a file name asks for by its
 // extension, "" when it names none.
 func formatOfName(out string) string {
@@ -232,18 +239,38 @@ func formatOfName(out string) string {
 	return ""
 }
 
-// typeOfName is the GGUF type a file named NAME.TYPE.gguf says.
-func typeOfName(out string) (gguf.Type, bool) {
+// typeOfName is the GGUF type a file named NAME.TYPE.gguf says; an error
+// when TYPE is one llama.cpp knows and this tool does not write (a
+// q4_k_m named file would otherwise hold q8_0).
+func typeOfName(out string) (gguf.Type, bool, error) {
 	base := filepath.Base(out)
 	if !strings.EqualFold(filepath.Ext(base), ".gguf") {
-		return 0, false
+		return 0, false, nil
 	}
 	ext := filepath.Ext(strings.TrimSuffix(base, filepath.Ext(base)))
 	if ext == "" {
-		return 0, false
+		return 0, false, nil
 	}
 	t, err := gguf.ParseType(ext[1:])
-	return t, err == nil
+	if errors.Is(err, gguf.ErrNotWritten) {
+		return 0, false, fmt.Errorf("--out %s: %w", out, err)
+	}
+	return t, err == nil, nil
+}
+
+// ggufOutType is the type of the GGUF file out, from --type (typ, given
+// or not) and from a NAME.TYPE.gguf name, which must agree.
+func ggufOutType(out string, typ gguf.Type, given bool) (gguf.Type, bool, error) {
+	nt, ok, err := typeOfName(out)
+	switch {
+	case err != nil:
+		return 0, false, usageErr(err)
+	case !ok:
+		return typ, given, nil
+	case given && nt != typ:
+		return 0, false, usageErr(fmt.Errorf("--out %s is named for type %s, not --type %s: rename it, or leave --type out", out, nt, typ))
+	}
+	return nt, true, nil
 }
 
 // exportModel writes the checkpoint of a merge or model stage (or a gguf

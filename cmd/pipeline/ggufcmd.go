@@ -41,23 +41,21 @@ complete; an interrupt leaves nothing.`,
 			if err != nil {
 				return usageErr(fmt.Errorf("--type: %w", err))
 			}
-			if nt, ok := typeOfName(out); ok {
-				if cmd.Flags().Changed("type") && nt != typ {
-					return usageErr(fmt.Errorf("--out %s is named for type %s, not --type %s: rename it, or leave --type out", out, nt, typ))
-				}
-				typ = nt
+			if typ, _, err = ggufOutType(out, typ, cmd.Flags().Changed("type")); err != nil {
+				return err
 			}
 			if !strings.EqualFold(filepath.Ext(out), ".gguf") {
 				return usageErr(fmt.Errorf("--out %s: name the file NAME.gguf (or NAME.%s.gguf)", out, typ))
 			}
-			if modelDir, err = localArg(cmd.Context(), "model", modelDir, argFolder); err != nil {
-				return err
-			}
+			// --out is checked before an hf:// model downloads.
 			if err := modelOutFree(out); err != nil {
 				return err
 			}
 			if err := checkWritable(out, "model.gguf"); err != nil {
 				return usageErr(fmt.Errorf("--out: %w", err))
+			}
+			if modelDir, err = localArg(cmd.Context(), "model", modelDir, argFolder); err != nil {
+				return err
 			}
 			if name == "" {
 				name = ggufName(out)
@@ -87,7 +85,7 @@ func ggufName(out string) string {
 	if strings.EqualFold(filepath.Ext(name), ".gguf") {
 		name = strings.TrimSuffix(name, filepath.Ext(name))
 	}
-	if _, ok := typeOfName(out); ok {
+	if _, ok, _ := typeOfName(out); ok {
 		name = strings.TrimSuffix(name, filepath.Ext(name))
 	}
 	return name

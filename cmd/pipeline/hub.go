@@ -96,7 +96,7 @@ func fetchRef(ctx context.Context, ref hub.Ref, only []string) (*hub.Resolved, [
 		// A command that handles no signals itself (fetch, merge, eval's
 		// arguments) still stops a download with a word and status 130.
 		var stop func()
-		ctx, stop = signalContext(5 * time.Second)
+		ctx, stop = signalContextFrom(ctx, 5*time.Second)
 		defer stop()
 	}
 	log, err := newLogger()

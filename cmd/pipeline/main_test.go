@@ -486,13 +486,18 @@ func TestExportModelFolder(t *testing.T) {
 	}
 }
 
-// TestTypeOfName: NAME.TYPE.gguf names its type; other names name none.
+// TestTypeOfName: NAME.TYPE.gguf names its type; other names name none,
+// and a k-quant's name is refused (the file would hold another type).
 func TestTypeOfName(t *testing.T) {
 	for name, want := range map[string]string{"tr.q4_0.gguf": "q4_0", "out/tr-12b.Q8_0.GGUF": "q8_0", "tr.bf16.gguf": "bf16",
-		"tr.gguf": "", "tr.q4_k_m.gguf": "", "tr.q4_0": "", "v1.2.gguf": ""} {
-		typ, ok := typeOfName(name)
-		if got := map[bool]string{true: typ.String()}[ok]; got != want {
-			t.Errorf("%s: %q, want %q", name, got, want)
+		"tr.gguf": "", "tr.q4_0": "", "v1.2.gguf": "", "tr.q4_k_m.gguf": "error", "tr.IQ2_XS.gguf": "error"} {
+		typ, ok, err := typeOfName(name)
+		got := map[bool]string{true: typ.String()}[ok]
+		if err != nil {
+			got = "error"
+		}
+		if got != want {
+			t.Errorf("%s: %q (%v), want %q", name, got, err, want)
 		}
 	}
 }
@@ -925,6 +930,7 @@ func TestGGUFCommand(t *testing.T) {
 		"--model m --out a.bin":                   "name the file NAME.gguf",
 		"--model m --out tr-demo.Q4_0.gguf":       "already exists",
 		"--out a.gguf":                            "--model and --out are required",
+		"--model m --out a.q4_k_m.gguf":           "llama-quantize turns that file into q4_k_m",
 	} {
 		if r := runCLI(t, dir, append([]string{"gguf"}, strings.Fields(args)...)...); r.code == 0 || !strings.Contains(r.stderr, msg) {
 			t.Errorf("gguf %s: exit %d\n%s", args, r.code, r.stderr)

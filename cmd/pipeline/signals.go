@@ -31,7 +31,13 @@ var interrupted atomic.Int32
 // and a stop function that restores the default handling. grace is how
 // long the command may take to stop by itself.
 func signalContext(grace time.Duration) (context.Context, func()) {
-	ctx, cancel := context.WithCancelCause(context.WithValue(context.Background(), signalsKey{}, true))
+	return signalContextFrom(context.Background(), grace)
+}
+
+// signalContextFrom is signalContext under parent, whose cancellation and
+// deadline it keeps.
+func signalContextFrom(parent context.Context, grace time.Duration) (context.Context, func()) {
+	ctx, cancel := context.WithCancelCause(context.WithValue(parent, signalsKey{}, true))
 	ch := make(chan os.Signal, 2)
 	signal.Notify(ch, os.Interrupt, syscall.SIGTERM)
 	done := make(chan struct{})

@@ -17,6 +17,7 @@ import (
 	"gemmaft/internal/dirsum"
 	"gemmaft/packer"
 	"gemmaft/pipeline"
+	"gemmaft/stages"
 	"gemmaft/tokenizer"
 )
 
@@ -128,15 +129,33 @@ func printDecoded(w io.Writer, entry string, n int, tk *tokenizer.Tokenizer) err
 		if !fits(spans, len(id)) || len(lab) != len(id) {
 			return failErr(fmt.Errorf("row %d: its seq_lengths or labels do not match its %d tokens (a damaged table?)", row, len(id)))
 		}
-		if err := printRow(w, tk, row, id, lab, spans); err != nil {
+		if err := printRow(w, tk, row, id, lab, spans, mixNote(rec, i)); err != nil {
 			return failErr(err)
 		}
 		return nil
 	})
 }
 
+// mixNote is how a mix stage's row says where it comes from: its source,
+// and whether it is held out of training (its marks then show what the
+// eval loss scores); "" for other tables.
+func mixNote(rec arrow.RecordBatch, i int) string {
+	note := ""
+	if c := rec.Schema().FieldIndices(stages.ColSource); len(c) == 1 {
+		if src, ok := rec.Column(c[0]).(*array.String); ok {
+			note = ", from " + src.Value(i)
+		}
+	}
+	if c := rec.Schema().FieldIndices(stages.ColHeldOut); len(c) == 1 {
+		if held, ok := rec.Column(c[0]).(*array.Boolean); ok && held.Value(i) {
+			note += ", held out of training"
+		}
+	}
+	return note
+}
+
 // printRow writes one row: a header, each example's text, the padding.
-func printRow(w io.Writer, tk *tokenizer.Tokenizer, row int, ids, labels, lengths []int32) error {
+func printRow(w io.Writer, tk *tokenizer.Tokenizer, row int, ids, labels, lengths []int32, note string) error {
 	trained := 0
 	for _, l := range labels {
 		if l != packer.IgnoreIndex {
@@ -151,7 +170,7 @@ func printRow(w io.Writer, tk *tokenizer.Tokenizer, row int, ids, labels, length
 	if len(lengths) > 1 || used < len(ids) {
 		fmt.Fprintf(w, ", %d examples, %d of padding", len(lengths), len(ids)-used)
 	}
-	fmt.Fprintln(w)
+	fmt.Fprintln(w, note)
 	at := 0
 	for k, l := range lengths {
 		if len(lengths) > 1 {

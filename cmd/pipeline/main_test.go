@@ -112,9 +112,14 @@ stages:
   chat: {kind: chat_template, needs: [alpaca]}
   tokens: {kind: tokenize, needs: [chat], with: {tokenizer: `+testenv.GemmaFile(t, "tokenizer.json")+`}}
   pack: {kind: pack, needs: [tokens], with: {seq_len: 128}}
+  mix: {kind: mix, needs: [tokens], with: {heldout: 0.5, seed: 1}}
 `)
 	if r := runCLI(t, dir, "run", spec); r.code != 0 {
 		t.Fatalf("run: exit %d\n%s", r.code, r.stderr)
+	}
+	// A mix's rows say their source, and which are held out of training.
+	if r := runCLI(t, dir, "inspect", spec, "mix", "--decode", "--rows", "3"); r.code != 0 || strings.Count(r.stdout, "trained, from tokens") != 3 || !strings.Contains(r.stdout, "from tokens, held out of training\n") {
+		t.Errorf("inspect mix --decode: exit %d\n%s%s", r.code, r.stdout, r.stderr)
 	}
 	r := runCLI(t, dir, "inspect", spec, "tokens", "--decode", "--rows", "1")
 	want := "<bos><start_of_turn>user\nTürkiye'nin başkenti neresidir?<end_of_turn>\n<start_of_turn>model\n⟦Ankara.<end_of_turn>⟧\n"

@@ -15,21 +15,28 @@ import (
 	"gemmaft/internal/testenv"
 )
 
+// testHub starts a test Hub and points the environment at it, with the
+// Hugging Face cache (hf/) and HF_HOME in a new folder, which it returns.
+func testHub(t *testing.T) (*hubtest.Server, string) {
+	srv := hubtest.New()
+	t.Cleanup(srv.Close)
+	dir := t.TempDir()
+	t.Setenv("HF_ENDPOINT", srv.URL)
+	t.Setenv("HF_HUB_CACHE", filepath.Join(dir, "hf"))
+	t.Setenv("HF_HOME", filepath.Join(dir, "hfhome"))
+	t.Setenv("HF_TOKEN", "")
+	t.Setenv("HF_HUB_OFFLINE", "")
+	return srv, dir
+}
+
 // TestHubCLI: commands take hf:// references: fetch fills the Hugging Face
 // cache, tokenize reads a tokenizer from the Hub, a spec of hf://
 // references runs, its plan says when a branch moved, and with
 // HF_HUB_OFFLINE=1 a cached run needs no Hub; a gated model's error says
 // what to do.
 func TestHubCLI(t *testing.T) {
-	srv := hubtest.New()
-	defer srv.Close()
-	dir := t.TempDir()
+	srv, dir := testHub(t)
 	cache := filepath.Join(dir, "hf")
-	t.Setenv("HF_ENDPOINT", srv.URL)
-	t.Setenv("HF_HUB_CACHE", cache)
-	t.Setenv("HF_HOME", filepath.Join(dir, "hfhome"))
-	t.Setenv("HF_TOKEN", "")
-	t.Setenv("HF_HUB_OFFLINE", "")
 
 	tokFiles := map[string][]byte{}
 	for _, n := range []string{"tokenizer.json", "tokenizer_config.json"} {
@@ -142,14 +149,7 @@ stages:
 
 // TestHubCLIGated: a gated model without a token fails with what to do.
 func TestHubCLIGated(t *testing.T) {
-	srv := hubtest.New()
-	defer srv.Close()
-	dir := t.TempDir()
-	t.Setenv("HF_ENDPOINT", srv.URL)
-	t.Setenv("HF_HUB_CACHE", filepath.Join(dir, "hf"))
-	t.Setenv("HF_HOME", filepath.Join(dir, "hfhome"))
-	t.Setenv("HF_TOKEN", "")
-	t.Setenv("HF_HUB_OFFLINE", "")
+	srv, dir := testHub(t)
 	gated := srv.AddRepo("model", "google/gemma-3-gated")
 	gated.SetGated(true)
 	gated.Commit("main", map[string][]byte{"config.json": []byte("{}"), "model.safetensors": []byte("x")})
@@ -166,15 +166,8 @@ func TestHubCLIGated(t *testing.T) {
 // TestFetchInterrupted: SIGINT during a download exits 130, says that the
 // bytes so far are kept, and the next fetch asks only for the rest.
 func TestFetchInterrupted(t *testing.T) {
-	srv := hubtest.New()
-	defer srv.Close()
-	dir := t.TempDir()
+	srv, dir := testHub(t)
 	cache := filepath.Join(dir, "hf")
-	t.Setenv("HF_ENDPOINT", srv.URL)
-	t.Setenv("HF_HUB_CACHE", cache)
-	t.Setenv("HF_HOME", filepath.Join(dir, "hfhome"))
-	t.Setenv("HF_TOKEN", "")
-	t.Setenv("HF_HUB_OFFLINE", "")
 	weights := bytes.Repeat([]byte("gemma3 "), 40_000)
 	srv.AddRepo("model", "acme/big").Commit("main", map[string][]byte{"model.safetensors": weights})
 	const sent = 100_000

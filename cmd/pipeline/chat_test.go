@@ -16,7 +16,6 @@ import (
 	"time"
 
 	"gemmaft/converse"
-	"gemmaft/hub/hubtest"
 	"gemmaft/internal/testenv"
 	"gemmaft/tokenizer"
 	"gemmaft/trainer"
@@ -352,14 +351,7 @@ stages:
 // TestChatFromTheHub: --model and --tokenizer may name repositories on the
 // Hub; the answer is the one of the same files on disk.
 func TestChatFromTheHub(t *testing.T) {
-	srv := hubtest.New()
-	defer srv.Close()
-	dir := t.TempDir()
-	t.Setenv("HF_ENDPOINT", srv.URL)
-	t.Setenv("HF_HUB_CACHE", filepath.Join(dir, "hf"))
-	t.Setenv("HF_HOME", filepath.Join(dir, "hfhome"))
-	t.Setenv("HF_TOKEN", "")
-	t.Setenv("HF_HUB_OFFLINE", "")
+	srv, dir := testHub(t)
 	model := tinyChatModel(t, filepath.Join(dir, "model"), 6)
 	files := map[string][]byte{}
 	ents, _ := os.ReadDir(model)

@@ -22,6 +22,7 @@ import (
 
 func init() {
 	var format, out, ggufType string
+	var heldOut bool
 	cmd := &cobra.Command{
 		Use:   "export SPEC STAGE --format jsonl|parquet|arrow|mt-bench|gguf|hf --out PATH",
 		Short: "Write a stage's cached table or model out for other tools",
@@ -73,6 +74,9 @@ it was and no temporary file behind.`,
 			if format != "" && !slices.Contains([]string{"jsonl", "parquet", "arrow", "mt-bench", "gguf", "hf"}, format) {
 				return usageErr(fmt.Errorf("--format %q: want jsonl, parquet, arrow, mt-bench, gguf or hf", format))
 			}
+			if heldOut && !slices.Contains([]string{"", "jsonl", "parquet", "arrow"}, format) {
+				return usageErr(fmt.Errorf("--heldout exports a pack stage's held-out rows as a table; --format %s is not one", format))
+			}
 			if typeGiven && format != "gguf" {
 				return usageErr(fmt.Errorf("--type is the type of a GGUF file; --format %s has none", format))
 			}
@@ -120,6 +124,12 @@ it was and no temporary file behind.`,
 				return exportModel(entry, m, args[1], format, typ, typeGiven, out)
 			}
 			table := filepath.Join(entry, pipeline.TableFile)
+			if heldOut {
+				if _, err := os.Stat(filepath.Join(entry, stages.PackedHeldOutFile)); m.Kind != "pack" || err != nil {
+					return usageErr(fmt.Errorf("--heldout: stage %s (%s) holds no held-out rows; a pack stage after a mix stage with heldout does", args[1], m.Kind))
+				}
+				table = filepath.Join(entry, stages.PackedHeldOutFile)
+			}
 			var write func(w io.Writer, table string) error
 			switch format {
 			case "mt-bench":
@@ -167,6 +177,7 @@ it was and no temporary file behind.`,
 	}
 	cmd.Flags().StringVar(&format, "format", "", "jsonl, parquet, arrow (tables); mt-bench (a generate stage's answer file); gguf, hf (models); by default as --out's name says, else jsonl for a table, hf for a model")
 	cmd.Flags().StringVar(&out, "out", "", "output file (or folder for hf), or - for a table on standard output")
+	cmd.Flags().BoolVar(&heldOut, "heldout", false, "a pack stage's held-out rows (packed apart from a mix stage's heldout examples) instead of its training rows")
 	cmd.Flags().StringVar(&ggufType, "type", "q8_0", "GGUF type: q8_0, q4_0, f16, bf16 or f32 (Q8_0 too); by default as --out NAME.TYPE.gguf says, else q8_0")
 	completeValues(cmd, "format", "jsonl", "parquet", "arrow", "mt-bench", "gguf", "hf")
 	completeValues(cmd, "type", "q8_0", "q4_0", "f16", "bf16", "f32")

@@ -491,6 +491,37 @@ func TestExportModelFolder(t *testing.T) {
 	}
 }
 
+// TestExportHeldOut: a pack stage after a mix stage with heldout exports
+// its held-out rows with --heldout; a stage without any refuses.
+func TestExportHeldOut(t *testing.T) {
+	dir := t.TempDir()
+	writeFile(t, filepath.Join(dir, "data.jsonl"), sampleJSONL)
+	spec := filepath.Join(dir, "h.yaml")
+	writeFile(t, spec, `name: h
+stages:
+  alpaca: {kind: jsonl, with: {paths: [data.jsonl]}}
+  chat: {kind: chat_template, needs: [alpaca]}
+  tokens: {kind: tokenize, needs: [chat], with: {tokenizer: `+testenv.GemmaFile(t, "tokenizer.json")+`}}
+  mix: {kind: mix, needs: [tokens], with: {heldout: 0.5, seed: 1}}
+  pack: {kind: pack, needs: [mix], with: {seq_len: 128}}
+`)
+	if r := runCLI(t, dir, "run", spec); r.code != 0 {
+		t.Fatalf("run: exit %d\n%s", r.code, r.stderr)
+	}
+	held, train := filepath.Join(dir, "held.jsonl"), filepath.Join(dir, "train.jsonl")
+	r1, r2 := runCLI(t, dir, "export", spec, "pack", "--heldout", "--out", held), runCLI(t, dir, "export", spec, "pack", "--out", train)
+	h, _ := os.ReadFile(held)
+	tr, _ := os.ReadFile(train)
+	if r1.code != 0 || r2.code != 0 || len(h) == 0 || bytes.Equal(h, tr) || !strings.Contains(string(h), `"input_ids":[`) {
+		t.Errorf("export pack --heldout: exit %d %d\n%s%s", r1.code, r2.code, r1.stderr, h)
+	}
+	for _, args := range [][]string{{"tokens", "--heldout", "--out", "x.jsonl"}, {"pack", "--heldout", "--format", "gguf", "--out", "x.gguf"}} {
+		if r := runCLI(t, dir, append([]string{"export", spec}, args...)...); r.code != 2 || !strings.Contains(r.stderr, "--heldout") {
+			t.Errorf("export %v: exit %d\n%s", args, r.code, r.stderr)
+		}
+	}
+}
+
 // TestTypeOfName: NAME.TYPE.gguf names its type; other names name none,
 // and a k-quant's name is refused (the file would hold another type).
 func TestTypeOfName(t *testing.T) {

@@ -290,6 +290,9 @@ func (s *qloraStage) Run(ctx context.Context, t *pipeline.Task) error {
 		t.SetStat("eval_rows", held.Len())
 		t.Log.Info("eval loss on the held-out examples", "rows", held.Len())
 	}
+	if s.p.EarlyStoppingPatience > 0 && heldOut == nil && s.p.EvalFraction == 0 { // said before the model loads
+		return fmt.Errorf("early_stopping_patience: nothing is held out to evaluate; set eval_fraction (e.g. 0.05), or hold examples out with a mix stage's heldout")
+	}
 	var targets []trainer.Module
 	for _, tm := range s.p.TargetModules {
 		mod, _ := trainer.ParseModule(tm)

@@ -187,6 +187,11 @@ func TestQLoRAEarlyStopping(t *testing.T) {
 	if b := fmt.Sprint(st["best_step"]); fmt.Sprint(st["steps"], st["stopped_early"]) != "2 true" || b != "1" && b != "2" {
 		t.Errorf("stats %v", st)
 	}
+	// Nothing held out: said by the stage, before the model loads.
+	spec = r.spec(strings.Replace(trainSpec(t, 6), "backend: cpu}", "backend: cpu, eval_every: 1, early_stopping_patience: 1}", 1))
+	if _, err := r.run(spec, pipeline.Options{}); err == nil || !strings.Contains(err.Error(), "early_stopping_patience: nothing is held out to evaluate; set eval_fraction") {
+		t.Errorf("early stopping without held-out rows: %v", err)
+	}
 }
 
 // TestQLoRAResumesAfterKill kills the training run at random moments and

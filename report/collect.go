@@ -104,7 +104,12 @@ type Curve struct {
 	Events  string // tb/ folder, when there is one
 	Color   string
 	Params  map[string]any
-	inputs  map[string]string
+	// BestStep, with early stopping, is the step whose adapter the entry
+	// holds, BestEval its held-out loss.
+	BestStep     int
+	BestEval     float64
+	StoppedEarly bool
+	inputs       map[string]string
 }
 
 // DataRow is one data stage of the last run, with its key figures.
@@ -302,6 +307,11 @@ func trainings(st *pipeline.Store, runs []*Run) []*Training {
 			if c == nil {
 				c = &Curve{Key: rec.Key, State: rec.State, inputs: map[string]string{}}
 				json.Unmarshal(rec.Params, &c.Params)
+				if b, ok := num(rec.Stats["best_step"]); ok {
+					c.BestStep = int(b)
+					c.BestEval, _ = num(rec.Stats["eval_loss"])
+					c.StoppedEarly, _ = rec.Stats["stopped_early"].(bool)
+				}
 				for _, in := range rec.Inputs {
 					c.inputs[in.Stage] = in.Key
 				}
@@ -316,6 +326,9 @@ func trainings(st *pipeline.Store, runs []*Run) []*Training {
 		for i, c := range tr.Curves {
 			c.Color = palette[i%len(palette)]
 			loadCurve(st, c)
+			if c.Note == "" && c.StoppedEarly {
+				c.Note = fmt.Sprintf("stopped early; the adapter is step %d's, the best held-out loss", c.BestStep)
+			}
 			for _, m := range c.Metrics {
 				if m.EvalLoss != nil && !math.IsNaN(*m.EvalLoss) {
 					tr.HasEval = true

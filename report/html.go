@@ -110,6 +110,9 @@ func (c *Curve) FinalLoss() string {
 }
 
 func (c *Curve) EvalLoss() string {
+	if c.BestStep > 0 { // the adapter's: the best evaluation's, not the last
+		return fmt.Sprintf("%.4f (step %d)", c.BestEval, c.BestStep)
+	}
 	for i := len(c.Metrics) - 1; i >= 0; i-- {
 		if e := c.Metrics[i].EvalLoss; e != nil && !math.IsNaN(*e) {
 			return fmt.Sprintf("%.4f", *e)

@@ -305,3 +305,24 @@ func TestTrendTicksThinOut(t *testing.T) {
 		t.Errorf("%d run labels on the axis: they overlap", n)
 	}
 }
+
+// TestReportEarlyStopping: an adapter that early stopping chose shows the
+// best evaluation's held-out loss and step, not the last evaluation's, and
+// says that it stopped early.
+func TestReportEarlyStopping(t *testing.T) {
+	f := newFixture(t, "nightly")
+	f.metrics(f.st.EntryDir(key('a')), 6, 2.0, 1)
+	a := adapter(key('a'), "computed", 2e-4, 1.55)
+	a.Stats["best_step"], a.Stats["stopped_early"] = 4.0, true
+	f.record(true, "", append(dataStages("computed", 0.95, 3), a)...)
+	r, p, _ := render(t, f, 10)
+	if ev := p.Tables["curves:adapter"].Column("eval loss"); fmt.Sprint(ev) != "[1.5500 (step 4)]" {
+		t.Errorf("eval loss column %q, want the best evaluation's", ev)
+	}
+	if legend := p.Legend["adapter"]; len(legend) != 1 || !strings.Contains(legend[0], "stopped early; the adapter is step 4's") {
+		t.Errorf("legend %q", legend)
+	}
+	if c := r.Trainings[0].Curves[0]; c.BestStep != 4 || !c.StoppedEarly {
+		t.Errorf("curve %+v", c)
+	}
+}

@@ -341,10 +341,20 @@ stages:
 	if r := chatWith(filepath.Join(entryOf(t, root, "merged"), "model")); r.code != 2 || !strings.Contains(r.stderr, "its weights hold the adapter already") {
 		t.Errorf("on its own merge: exit %d\n%s", r.code, r.stderr)
 	}
-	// The same entry given to export, which has no format for an adapter,
-	// says where its files are and what exports a model.
-	if r := runCLI(t, dir, "export", spec, "adapter", "--out", "a"); r.code != 2 || !strings.Contains(r.stderr, "holds neither a table nor a model to export: its files are in "+entryOf(t, root, "adapter")+"; a merge stage") {
-		t.Errorf("export of the adapter: exit %d\n%s", r.code, r.stderr)
+	// The adapter exports as its PEFT folder, file for file; not as GGUF.
+	out := filepath.Join(dir, "tr-adapter")
+	if r := runCLI(t, dir, "export", spec, "adapter", "--out", out); r.code != 0 {
+		t.Fatalf("export adapter: %d\n%s", r.code, r.stderr)
+	}
+	for _, name := range []string{trainer.AdapterConfigFile, trainer.AdapterWeightsFile} {
+		got, _ := os.ReadFile(filepath.Join(out, name))
+		want, _ := os.ReadFile(filepath.Join(adapter, name))
+		if len(want) == 0 || !bytes.Equal(got, want) {
+			t.Errorf("exported %s differs from the entry's", name)
+		}
+	}
+	if r := runCLI(t, dir, "export", spec, "adapter", "--out", "a.gguf"); r.code != 2 || !strings.Contains(r.stderr, "holds a PEFT adapter, which exports with --format hf") {
+		t.Errorf("export adapter as GGUF: %d\n%s", r.code, r.stderr)
 	}
 }
 

@@ -18,6 +18,7 @@ import (
 	"gemmaft/internal/atomicfile"
 	"gemmaft/pipeline"
 	"gemmaft/stages"
+	"gemmaft/trainer"
 )
 
 func init() {
@@ -34,7 +35,8 @@ complete. A generate stage's answers also export with --format mt-bench as FastC
 answer file (model_answer/MODEL_ID.jsonl), for its judge.
 
 Models, from a merge or model stage (a Hugging Face checkpoint): --format hf copies
-the checkpoint folder to PATH; --format gguf converts it, tokenizer included, to
+the checkpoint folder to PATH (a qlora stage's: its PEFT adapter folder, as
+PeftModel.from_pretrained and the Hub take it); --format gguf converts it, tokenizer included, to
 a GGUF file for llama.cpp and Ollama, of --type q8_0 (default), q4_0, f16, bf16 or
 f32, named (general.name) for PATH less its .TYPE.gguf. A model stage's random
 checkpoint has no tokenizer: export it with --format hf. A gguf stage's file is
@@ -99,17 +101,13 @@ it was and no temporary file behind.`,
 				return err
 			}
 			st.Close()
-			isModel := slices.Contains([]string{"merge", "model", "gguf"}, m.Kind)
+			isModel := slices.Contains([]string{"merge", "model", "gguf", "qlora"}, m.Kind)
 			if _, err := os.Stat(filepath.Join(entry, pipeline.TableFile)); err != nil && !isModel {
-				hint := ""
-				if m.Kind == "qlora" {
-					hint = "; a merge stage merges the adapter into its base, which exports with --format hf or gguf"
-				}
-				return usageErr(fmt.Errorf("stage %s (%s) holds neither a table nor a model to export: its files are in %s%s", args[1], m.Kind, entry, hint))
+				return usageErr(fmt.Errorf("stage %s (%s) holds neither a table nor a model to export: its files are in %s", args[1], m.Kind, entry))
 			}
 			if format == "" { // a name that says nothing: the stage's kind does
 				switch m.Kind {
-				case "merge", "model":
+				case "merge", "model", "qlora":
 					format = "hf"
 				case "gguf":
 					format = "gguf"
@@ -295,6 +293,11 @@ func exportModel(entry string, m *pipeline.Manifest, stage, format string, typ g
 	switch m.Kind {
 	case "merge":
 		model = filepath.Join(entry, stages.MergedModelDir)
+	case "qlora":
+		if format != "hf" {
+			return usageErr(fmt.Errorf("stage %s holds a PEFT adapter, which exports with --format hf; a merge stage merges it into its base, which exports as GGUF", stage))
+		}
+		model = filepath.Join(entry, trainer.AdapterDirName)
 	case "model":
 		if _, err := os.Stat(filepath.Join(entry, "tokenizer.json")); err != nil && format == "gguf" {
 			return usageErr(fmt.Errorf("stage %s's random checkpoint has no tokenizer, which a GGUF file holds: export it with --format hf", stage))
@@ -314,7 +317,7 @@ func exportModel(entry string, m *pipeline.Manifest, stage, format string, typ g
 		defer stop()
 		return doneOrFail(out, exportTo(ctx, out, func(w io.Writer) error { return copyFile(w, files[0]) }))
 	default:
-		return usageErr(fmt.Errorf("stage %s is of kind %s; models export from merge, model or gguf stages", stage, m.Kind))
+		return usageErr(fmt.Errorf("stage %s is of kind %s; models export from merge, model, gguf or qlora (the adapter) stages", stage, m.Kind))
 	}
 	ctx, stop := signalContext(10 * time.Second)
 	defer stop()

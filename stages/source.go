@@ -327,8 +327,9 @@ func (s *sourceStage) Run(ctx context.Context, t *pipeline.Task) error {
 		return err
 	}
 	defer src.Close()
-	for _, file := range slices.Sorted(maps.Keys(src.UnreadInput())) {
-		col := src.UnreadInput()[file]
+	unreadInput := src.UnreadInput()
+	for _, file := range slices.Sorted(maps.Keys(unreadInput)) {
+		col := unreadInput[file]
 		t.Log.Warn(fmt.Sprintf("%s has no input field, and its %q looks like one: it is not read", file, col),
 			"fix", fmt.Sprintf("columns: {input: %s} reads it as the input", col))
 		t.SetStat("unread_input", col)

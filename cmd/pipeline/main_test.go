@@ -98,20 +98,29 @@ stages:
 	}
 }
 
+// tokensSpec writes sampleJSONL and a spec that reads it through the chat
+// template and the Gemma 3 tokenizer (stage tokens), then stages, into dir,
+// and returns the spec's path.
+func tokensSpec(t *testing.T, dir, stages string) string {
+	t.Helper()
+	writeFile(t, filepath.Join(dir, "data.jsonl"), sampleJSONL)
+	spec := filepath.Join(dir, "s.yaml")
+	writeFile(t, spec, `name: x
+stages:
+  alpaca: {kind: jsonl, with: {paths: [data.jsonl]}}
+  chat: {kind: chat_template, needs: [alpaca]}
+  tokens: {kind: tokenize, needs: [chat], with: {tokenizer: `+testenv.GemmaFile(t, "tokenizer.json")+`}}
+`+stages)
+	return spec
+}
+
 // TestInspectDecode: inspect --decode shows token and packed rows as the
 // text the chat template made, the trained tokens (the answers and their
 // <end_of_turn>) between the marks and nothing else, a packed row's
 // examples one by one; stages without token rows are refused.
 func TestInspectDecode(t *testing.T) {
 	dir := t.TempDir()
-	writeFile(t, filepath.Join(dir, "data.jsonl"), sampleJSONL)
-	spec := filepath.Join(dir, "d.yaml")
-	writeFile(t, spec, `name: x
-stages:
-  alpaca: {kind: jsonl, with: {paths: [data.jsonl]}}
-  chat: {kind: chat_template, needs: [alpaca]}
-  tokens: {kind: tokenize, needs: [chat], with: {tokenizer: `+testenv.GemmaFile(t, "tokenizer.json")+`}}
-  pack: {kind: pack, needs: [tokens], with: {seq_len: 128}}
+	spec := tokensSpec(t, dir, `  pack: {kind: pack, needs: [tokens], with: {seq_len: 128}}
   mix: {kind: mix, needs: [tokens], with: {heldout: 0.5, seed: 1}}
 `)
 	if r := runCLI(t, dir, "run", spec); r.code != 0 {
@@ -495,14 +504,7 @@ func TestExportModelFolder(t *testing.T) {
 // its held-out rows with --heldout; a stage without any refuses.
 func TestExportHeldOut(t *testing.T) {
 	dir := t.TempDir()
-	writeFile(t, filepath.Join(dir, "data.jsonl"), sampleJSONL)
-	spec := filepath.Join(dir, "h.yaml")
-	writeFile(t, spec, `name: h
-stages:
-  alpaca: {kind: jsonl, with: {paths: [data.jsonl]}}
-  chat: {kind: chat_template, needs: [alpaca]}
-  tokens: {kind: tokenize, needs: [chat], with: {tokenizer: `+testenv.GemmaFile(t, "tokenizer.json")+`}}
-  mix: {kind: mix, needs: [tokens], with: {heldout: 0.5, seed: 1}}
+	spec := tokensSpec(t, dir, `  mix: {kind: mix, needs: [tokens], with: {heldout: 0.5, seed: 1}}
   pack: {kind: pack, needs: [mix], with: {seq_len: 128}}
 `)
 	if r := runCLI(t, dir, "run", spec); r.code != 0 {

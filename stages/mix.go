@@ -261,15 +261,16 @@ func (s *mixStage) Run(ctx context.Context, t *pipeline.Task) error {
 type heldOutSeen struct {
 	held    []uint64
 	trained map[uint64]bool
+	buf     []byte // an example's tokens as bytes, reused
 }
 
 func (h *heldOutSeen) add(ids []int32, heldOut bool) {
-	f := fnv.New64a()
-	var b [4]byte
+	h.buf = h.buf[:0]
 	for _, id := range ids {
-		binary.LittleEndian.PutUint32(b[:], uint32(id))
-		f.Write(b[:])
+		h.buf = binary.LittleEndian.AppendUint32(h.buf, uint32(id))
 	}
+	f := fnv.New64a()
+	f.Write(h.buf)
 	if heldOut {
 		h.held = append(h.held, f.Sum64())
 	} else {

@@ -18,11 +18,10 @@ import (
 
 // Options configures Gemma3.
 type Options struct {
-	// Type is the file's type: f32, f16, bf16, q8_0 or q4_0. Norm weights
-	// are always f32. Under q4_0 the embedding, which Gemma 3 ties to the
-	// output head, is q8_0, as llama.cpp's quantiser keeps the head at a
-	// higher precision than the blocks.
-	Type Type
+	// Type is the file's type (q8_0, q4_k_m, f16, …); its tensors' types
+	// follow from it as llama.cpp's quantiser gives them (FileType's
+	// tensorType).
+	Type FileType
 	// Name is general.name (default: the model folder's name).
 	Name string
 }
@@ -51,7 +50,7 @@ func Gemma3(ctx context.Context, modelDir, out string, opts Options) error {
 	kvs := []KV{
 		{"general.architecture", "gemma3"},
 		{"general.name", opts.Name},
-		{"general.file_type", opts.Type.FileType()},
+		{"general.file_type", uint32(opts.Type)},
 		{"general.quantization_version", uint32(2)},
 		{"gemma3.context_length", uint32(c.MaxPositions)},
 		{"gemma3.embedding_length", uint32(c.Hidden)},
@@ -80,13 +79,7 @@ func Gemma3(ctx context.Context, modelDir, out string, opts Options) error {
 		if err != nil {
 			return err
 		}
-		typ := F32
-		if len(spec.Shape) == 2 {
-			typ = opts.Type
-			if typ == Q4_0 && spec.Role == trainer.RoleEmbed {
-				typ = Q8_0
-			}
-		}
+		typ := opts.Type.tensorType(spec, c.Layers)
 		shift := float32(0)
 		if strings.HasSuffix(spec.Name, "norm.weight") {
 			// Gemma's RMSNorm scales by 1 + w; llama.cpp's by its weight.

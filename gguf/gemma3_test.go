@@ -29,7 +29,14 @@ func checkpoint(t *testing.T, preset string) string {
 	if err != nil {
 		t.Fatal(err)
 	}
-	dir := filepath.Join(t.TempDir(), preset)
+	return checkpointOf(t, c, preset)
+}
+
+// checkpointOf writes a random checkpoint of shape c in a folder called
+// name, with the real Gemma 3 tokenizer files beside it.
+func checkpointOf(t *testing.T, c *trainer.Config, name string) string {
+	t.Helper()
+	dir := filepath.Join(t.TempDir(), name)
 	// Norm weights drawn away from zero exercise the 1 + w shift.
 	if err := trainer.WriteRandomCheckpoint(dir, c, trainer.InitOptions{Seed: 3, Std: 0.125, NormStd: 0.5}); err != nil {
 		t.Fatal(err)
@@ -46,7 +53,7 @@ func checkpoint(t *testing.T, preset string) string {
 	return dir
 }
 
-func convert(t *testing.T, dir string, typ Type) string {
+func convert(t *testing.T, dir string, typ FileType) string {
 	t.Helper()
 	out := filepath.Join(t.TempDir(), filepath.Base(dir)+"."+typ.String()+".gguf")
 	if err := Gemma3(context.Background(), dir, out, Options{Type: typ}); err != nil {
@@ -90,7 +97,7 @@ func jsonLines[T any](t *testing.T, b []byte) []T {
 func TestMetadataAsLlamaCppReadsIt(t *testing.T) {
 	testenv.LlamaOracle(t)
 	dir := checkpoint(t, "tiny")
-	path := convert(t, dir, Q4_0)
+	path := convert(t, dir, MostlyQ4_0)
 	var got struct {
 		Metadata map[string]any
 		Tensors  []struct {
@@ -279,11 +286,11 @@ func referenceLogits(t *testing.T, m *trainer.Model, ps []prompt) [][]float32 {
 	return res
 }
 
-// asStored replaces the model's matrices by what a file of type typ holds
-// (Encode then Decode), so that the reference computes with the weights
-// llama.cpp reads, and returns the largest relative RMS error that storing
-// put on any matrix.
-func asStored(t *testing.T, m *trainer.Model, typ Type) float64 {
+// asStored replaces the model's matrices by what a file of type ft holds
+// (Encode then Decode, each in its tensor's type), so that the reference
+// computes with the weights llama.cpp reads, and returns the largest
+// relative RMS error that storing put on any matrix.
+func asStored(t *testing.T, m *trainer.Model, ft FileType) float64 {
 	t.Helper()
 	worst := 0.0
 	round := func(v []float32, typ Type) {
@@ -303,14 +310,11 @@ func asStored(t *testing.T, m *trainer.Model, typ Type) float64 {
 		worst = max(worst, math.Sqrt(num/den))
 		copy(v, y)
 	}
-	embed := typ
-	if typ == Q4_0 {
-		embed = Q8_0
-	}
-	round(m.Embed, embed)
-	for _, l := range m.Layers {
-		for _, p := range l.Proj {
-			round(p.W, typ)
+	c := m.Config
+	round(m.Embed, ft.tensorType(trainer.WeightTensor{Role: trainer.RoleEmbed, Layer: -1, Shape: []int{c.VocabSize, c.Hidden}}, c.Layers))
+	for i, l := range m.Layers {
+		for mod, p := range l.Proj {
+			round(p.W, ft.tensorType(trainer.WeightTensor{Role: string(mod), Layer: i, Shape: []int{p.Out, p.In}}, c.Layers))
 		}
 	}
 	return worst
@@ -340,12 +344,18 @@ func relError(a, b [][]float32, vocab int) (rel, argmaxAgree float64) {
 // activationRounding is the relative error llama.cpp's CPU matrix
 // products put on their inputs for a file of each type: with float16
 // weights the activations are rounded to float16, with bfloat16 weights to
-// bfloat16, with q8_0 and q4_0 weights they are quantised to q8_0 blocks
-// (an error up to max|x|/254 per element, about 2⁻⁷ of a block's RMS). Its
-// GELU reads its input through a float16 table, so nothing is finer than
-// float16's 2⁻¹¹, not even a float32 file.
-var activationRounding = map[Type]float64{
-	F32: 0x1p-11, F16: 0x1p-11, BF16: 0x1p-8, Q8_0: 0x1p-7, Q4_0: 0x1p-7,
+// bfloat16, with quantised weights they are quantised to q8_0 blocks (q8_K
+// for the k-quants: an error up to max|x|/254 per element, about 2⁻⁷ of a
+// block's RMS). Its GELU reads its input through a float16 table, so
+// nothing is finer than float16's 2⁻¹¹, not even a float32 file.
+func activationRounding(ft FileType) float64 {
+	switch ft {
+	case AllF32, MostlyF16:
+		return 0x1p-11
+	case MostlyBF16:
+		return 0x1p-8
+	}
+	return 0x1p-7
 }
 
 // checkLogits converts the preset's random checkpoint to each type and
@@ -357,7 +367,7 @@ var activationRounding = map[Type]float64{
 // Against our CPU reference computing with the weights as stored, u is the
 // activation rounding; against the checkpoint itself, u also holds the
 // weights' own storage error, measured on the matrices.
-func checkLogits(t *testing.T, preset string, n int, types ...Type) {
+func checkLogits(t *testing.T, preset string, n int, types ...FileType) {
 	dir := checkpoint(t, preset)
 	tok, err := tokenizer.LoadFile(filepath.Join(dir, "tokenizer.json"))
 	if err != nil {
@@ -381,7 +391,7 @@ func checkLogits(t *testing.T, preset string, n int, types ...Type) {
 			got := llamaLogits(t, convert(t, dir, typ), ps, v)
 
 			layers := math.Sqrt(7 * float64(m.Config.Layers))
-			u := activationRounding[typ]
+			u := activationRounding(typ)
 			rel, agree := relError(got, storedLogits, v)
 			relCk, agreeCk := relError(got, checkpointLogits, v)
 			t.Logf("%s %s: vs the stored weights: relative error %.3g (bound %.3g), same argmax %.0f%%; "+
@@ -401,7 +411,7 @@ func checkLogits(t *testing.T, preset string, n int, types ...Type) {
 // type and its logits meet the bounds.
 func TestLlamaCppLogits(t *testing.T) {
 	testenv.LlamaOracle(t)
-	checkLogits(t, "tiny", 40, F32, F16, BF16, Q8_0, Q4_0)
+	checkLogits(t, "tiny", 40, AllF32, MostlyF16, MostlyBF16, MostlyQ8_0, MostlyQ4_0, MostlyQ4_K_M, MostlyQ5_K_M)
 }
 
 // TestLlamaCppLogits1B: the same at the 1B shape (a 2 GB random
@@ -411,7 +421,7 @@ func TestLlamaCppLogits1B(t *testing.T) {
 	if testing.Short() {
 		t.Skip("writes and converts a 1B checkpoint")
 	}
-	checkLogits(t, "1b", 24, Q8_0)
+	checkLogits(t, "1b", 24, MostlyQ8_0)
 }
 
 // TestLlamaCppTokenizer: llama.cpp's tokenizer, reading the vocabulary,
@@ -441,7 +451,7 @@ func TestLlamaCppTokenizer(t *testing.T) {
 	for _, s := range texts {
 		json.NewEncoder(&in).Encode(map[string]string{"text": s})
 	}
-	got := jsonLines[struct{ IDs []int32 }](t, oracle(t, in.Bytes(), "tokenize", convert(t, dir, Q8_0)))
+	got := jsonLines[struct{ IDs []int32 }](t, oracle(t, in.Bytes(), "tokenize", convert(t, dir, MostlyQ8_0)))
 	if len(got) != len(texts) {
 		t.Fatalf("%d results for %d texts", len(got), len(texts))
 	}
@@ -493,7 +503,7 @@ func TestLlamaCppChatTemplate(t *testing.T) {
 	got := jsonLines[struct {
 		Text string
 		IDs  []int32
-	}](t, oracle(t, in.Bytes(), "chat", convert(t, dir, Q8_0)))
+	}](t, oracle(t, in.Bytes(), "chat", convert(t, dir, MostlyQ8_0)))
 	if len(got) != 2 {
 		t.Fatalf("%d results", len(got))
 	}
@@ -532,7 +542,7 @@ func TestGemma3Canceled(t *testing.T) {
 	outDir := t.TempDir()
 	ctx, cancel := context.WithCancel(context.Background())
 	cancel()
-	if err := Gemma3(ctx, dir, filepath.Join(outDir, "m.q8_0.gguf"), Options{Type: Q8_0}); !errors.Is(err, context.Canceled) {
+	if err := Gemma3(ctx, dir, filepath.Join(outDir, "m.q8_0.gguf"), Options{Type: MostlyQ8_0}); !errors.Is(err, context.Canceled) {
 		t.Fatalf("canceled conversion: %v", err)
 	}
 	if ents, _ := os.ReadDir(outDir); len(ents) != 0 {

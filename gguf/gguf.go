@@ -15,12 +15,10 @@ package gguf
 import (
 	"bufio"
 	"encoding/binary"
-	"errors"
 	"fmt"
 	"io"
 	"math"
 	"sort"
-	"strings"
 
 	"gemmaft/internal/atomicfile"
 )
@@ -36,92 +34,51 @@ const (
 	F32  Type = 0
 	F16  Type = 1
 	Q4_0 Type = 2
+	Q5_0 Type = 6
+	Q5_1 Type = 7
 	Q8_0 Type = 8
+	Q4_K Type = 12
+	Q5_K Type = 13
+	Q6_K Type = 14
 	BF16 Type = 30
 )
 
-// ErrNotWritten: a type llama.cpp knows that this package does not write.
-var ErrNotWritten = errors.New("which are not written here")
-
-// ParseType reads a type as users write it: f32, f16, bf16, q8_0, q4_0,
-// in either case (llama.cpp's tools write Q8_0).
-func ParseType(s string) (Type, error) {
-	switch strings.ToLower(s) {
-	case "f32":
-		return F32, nil
-	case "f16":
-		return F16, nil
-	case "bf16":
-		return BF16, nil
-	case "q8_0":
-		return Q8_0, nil
-	case "q4_0":
-		return Q4_0, nil
-	}
-	if l := strings.ToLower(s); strings.Contains(l, "_k") || strings.HasPrefix(l, "iq") {
-		return 0, fmt.Errorf("gguf: %s is one of llama.cpp's k- or i-quants, %w: write q8_0 (or f16), then llama.cpp's llama-quantize turns that file into %s", s, ErrNotWritten, s)
-	}
-	return 0, fmt.Errorf("gguf: unknown type %q (f32, f16, bf16, q8_0, q4_0)", s)
+// typeInfo is a type's name and block: how many values a block holds and
+// its bytes (ggml's type_traits).
+var typeInfo = map[Type]struct {
+	name          string
+	values, bytes int
+}{
+	F32:  {"f32", 1, 4},
+	F16:  {"f16", 1, 2},
+	BF16: {"bf16", 1, 2},
+	Q4_0: {"q4_0", 32, 2 + 16},
+	Q5_0: {"q5_0", 32, 2 + 4 + 16},
+	Q5_1: {"q5_1", 32, 2 + 2 + 4 + 16},
+	Q8_0: {"q8_0", 32, 2 + 32},
+	Q4_K: {"q4_K", superBlock, 2 + 2 + 12 + 128},
+	Q5_K: {"q5_K", superBlock, 2 + 2 + 12 + 32 + 128},
+	Q6_K: {"q6_K", superBlock, 128 + 64 + 16 + 2},
 }
 
 func (t Type) String() string {
-	switch t {
-	case F32:
-		return "f32"
-	case F16:
-		return "f16"
-	case BF16:
-		return "bf16"
-	case Q8_0:
-		return "q8_0"
-	case Q4_0:
-		return "q4_0"
+	if i, ok := typeInfo[t]; ok {
+		return i.name
 	}
 	return fmt.Sprintf("type%d", uint32(t))
 }
 
 // blockSize is how many elements one block of the type holds, and
 // blockBytes its bytes.
-func (t Type) blockSize() int {
-	if t == Q8_0 || t == Q4_0 {
-		return 32
-	}
-	return 1
-}
+func (t Type) blockSize() int { return max(1, typeInfo[t].values) }
 
-func (t Type) blockBytes() int {
-	switch t {
-	case F32:
-		return 4
-	case F16, BF16:
-		return 2
-	case Q8_0:
-		return 2 + 32
-	case Q4_0:
-		return 2 + 16
-	}
-	return 0
-}
+func (t Type) blockBytes() int { return typeInfo[t].bytes }
+
+// quantized says whether the type stores blocks of codes and scales.
+func (t Type) quantized() bool { return t.blockSize() > 1 }
 
 // Bytes is the size of n elements of the type (n a multiple of the block).
 func (t Type) Bytes(n int64) int64 { return n / int64(t.blockSize()) * int64(t.blockBytes()) }
-
-// FileType is llama.cpp's general.file_type for a file mostly of type t.
-func (t Type) FileType() uint32 {
-	switch t {
-	case F32:
-		return 0
-	case F16:
-		return 1
-	case Q4_0:
-		return 2
-	case Q8_0:
-		return 7
-	case BF16:
-		return 32
-	}
-	return 0
-}
 
 // Metadata value types.
 const (

@@ -107,18 +107,26 @@ func TestEncodeFloatTypes(t *testing.T) {
 	}
 }
 
-// TestParseType: types as llama.cpp's tools write them (upper case) read
-// as ours; a k-quant is refused naming the tool that makes it.
-func TestParseType(t *testing.T) {
-	for in, want := range map[string]Type{"q8_0": Q8_0, "Q8_0": Q8_0, "Q4_0": Q4_0, "F16": F16, "bf16": BF16, "f32": F32} {
-		if got, err := ParseType(in); err != nil || got != want {
+// TestParseFileType: types as llama.cpp's tools write them (upper case)
+// read as ours; its types not written here are refused naming the tool
+// that makes them.
+func TestParseFileType(t *testing.T) {
+	for in, want := range map[string]FileType{"q8_0": MostlyQ8_0, "Q8_0": MostlyQ8_0, "Q4_0": MostlyQ4_0, "F16": MostlyF16,
+		"bf16": MostlyBF16, "f32": AllF32, "Q4_K_M": MostlyQ4_K_M, "q4_k_s": MostlyQ4_K_S, "Q5_K_M": MostlyQ5_K_M,
+		"q5_k_s": MostlyQ5_K_S, "Q6_K": MostlyQ6_K, "q5_0": MostlyQ5_0, "Q5_1": MostlyQ5_1} {
+		if got, err := ParseFileType(in); err != nil || got != want {
 			t.Errorf("%s: %v %v, want %v", in, got, err, want)
 		}
 	}
-	if _, err := ParseType("Q4_K_M"); err == nil || !strings.Contains(err.Error(), "llama-quantize turns that file into Q4_K_M") {
-		t.Errorf("Q4_K_M: %v", err)
-	}
-	if _, err := ParseType("q5"); err == nil || !strings.Contains(err.Error(), `unknown type "q5"`) {
-		t.Errorf("q5: %v", err)
+	for in, want := range map[string]string{
+		"Q3_K_M": "llama-quantize turns that file into Q3_K_M",
+		"IQ2_XS": "llama-quantize turns that file into IQ2_XS",
+		"q4_1":   "llama-quantize turns that file into q4_1",
+		"Q4_K":   "llama-quantize names the mixes Q4_K_m and Q4_K_s",
+		"q5":     `unknown type "q5" (q8_0, q6_k, q5_k_m`,
+	} {
+		if _, err := ParseFileType(in); err == nil || !strings.Contains(err.Error(), want) {
+			t.Errorf("%s: %v, want an error saying %q", in, err, want)
+		}
 	}
 }

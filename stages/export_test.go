@@ -23,7 +23,7 @@ func exportSpec(t *testing.T, extra string) string {
   gguf:
     kind: gguf
     needs: [merged]
-    with: {type: q4_0, name: tr-demo, language: [tr]}
+    with: {type: Q4_K_M, name: tr-demo, language: [tr]}
 ` + extra
 }
 
@@ -78,17 +78,17 @@ func TestMergeAndGGUFStages(t *testing.T) {
 	}
 
 	g := stageEntry(t, rec, "gguf")
-	if st, err := os.Stat(filepath.Join(g, "tr-demo.q4_0.gguf")); err != nil || st.Size() < 1<<20 {
+	if st, err := os.Stat(filepath.Join(g, "tr-demo.q4_k_m.gguf")); err != nil || st.Size() < 1<<20 {
 		t.Fatalf("GGUF file: %v", err)
 	}
 	mf, _ := os.ReadFile(filepath.Join(g, "Modelfile"))
-	for _, w := range []string{"FROM ./tr-demo.q4_0.gguf\n", "SYSTEM \"\"\"Sen yardımsever bir asistansın.\"\"\"", "PARAMETER stop \"<end_of_turn>\""} {
+	for _, w := range []string{"FROM ./tr-demo.q4_k_m.gguf\n", "SYSTEM \"\"\"Sen yardımsever bir asistansın.\"\"\"", "PARAMETER stop \"<end_of_turn>\""} {
 		if !strings.Contains(string(mf), w) {
 			t.Errorf("Modelfile lacks %q:\n%s", w, mf)
 		}
 	}
 	card, _ = os.ReadFile(filepath.Join(g, "README.md"))
-	for _, w := range []string{"- gguf\n", "tr-demo.q4_0.gguf", "ollama create tr-demo -f Modelfile", "| r | 4 |"} {
+	for _, w := range []string{"- gguf\n", "tr-demo.q4_k_m.gguf", "ollama create tr-demo -f Modelfile", "| r | 4 |"} {
 		if !strings.Contains(string(card), w) {
 			t.Errorf("GGUF model card lacks %q:\n%s", w, card)
 		}

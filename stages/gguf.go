@@ -26,7 +26,8 @@ type ggufParams struct {
 	// Model is a checkpoint folder to convert, when no merge or model stage
 	// is among the needs.
 	Model string `json:"model,omitempty"`
-	// Type is f16, bf16, q8_0 or q4_0 (f32 too).
+	// Type is a llama.cpp file type this package writes: q8_0, q4_k_m,
+	// f16, … (gguf.FileTypeNames).
 	Type string `json:"type"`
 	// Name is the model's name: the file's general.name and its file name.
 	Name string `json:"name"`
@@ -39,15 +40,17 @@ type ggufParams struct {
 
 var ggufName = regexp.MustCompile(`^[A-Za-z0-9][A-Za-z0-9._-]*$`)
 
-func (ggufKind) Version() int       { return 1 }
+// Version 2: files are typed tensor by tensor as llama-quantize types them
+// (a q4_0 file's embedding is q6_K where its rows fill q6_K blocks).
+func (ggufKind) Version() int       { return 2 }
 func (ggufKind) Inputs() (int, int) { return 0, 1 }
 func (ggufKind) Params() any        { return &ggufParams{Type: "q8_0", Name: "model"} }
 
 func (p *ggufParams) Validate() error {
-	typ, err := gguf.ParseType(p.Type)
+	typ, err := gguf.ParseFileType(p.Type)
 	if err != nil {
 		return &pipeline.ParamError{Param: "type", Msg: strings.TrimPrefix(err.Error(), "gguf: "),
-			Fix: "use q8_0 (near-lossless, half of bf16's size), q4_0 (a quarter), f16 or bf16"}
+			Fix: "use q8_0 (near-lossless, half of bf16's size), q6_k, q5_k_m, q4_k_m (under a third), f16 or bf16"}
 	}
 	p.Type = typ.String() // Q8_0 keys as q8_0
 	if !ggufName.MatchString(p.Name) {
@@ -110,7 +113,7 @@ func (s *ggufStage) Run(ctx context.Context, t *pipeline.Task) error {
 	if err := tokenizerConfigFor(t, model, from, lineage); err != nil {
 		return err
 	}
-	typ, _ := gguf.ParseType(s.p.Type)
+	typ, _ := gguf.ParseFileType(s.p.Type)
 	file := s.p.Name + "." + typ.String() + ".gguf"
 	t.Report(0, 1, "files", "converting to "+file)
 	if err := gguf.Gemma3(ctx, model, filepath.Join(t.Dir, file), gguf.Options{Type: typ, Name: s.p.Name}); err != nil {

@@ -37,8 +37,9 @@ answer file (model_answer/MODEL_ID.jsonl), for its judge.
 Models, from a merge or model stage (a Hugging Face checkpoint): --format hf copies
 the checkpoint folder to PATH (a qlora stage's: its PEFT adapter folder, as
 PeftModel.from_pretrained and the Hub take it); --format gguf converts it, tokenizer included, to
-a GGUF file for llama.cpp and Ollama, of --type q8_0 (default), q4_0, f16, bf16 or
-f32, named (general.name) for PATH less its .TYPE.gguf. A model stage's random
+a GGUF file for llama.cpp and Ollama, of --type q8_0 (default), q6_k, q5_k_m,
+q4_k_m, q4_0, f16 or any other pipeline gguf --help lists, as llama-quantize would
+write it, named (general.name) for PATH less its .TYPE.gguf. A model stage's random
 checkpoint has no tokenizer: export it with --format hf. A gguf stage's file is
 copied as it is (a --type must then be its own). A model's PATH must not exist,
 and appears only when complete.
@@ -51,7 +52,7 @@ it was and no temporary file behind.`,
 		Example: `  pipeline export dags/gemma12b.yaml pack --format parquet --out packed.parquet
   pipeline export dags/gemma12b.yaml answers --format mt-bench --out data/mt_bench/model_answer/tr-12b.jsonl
   pipeline export dags/demo.yaml chat --format jsonl --out - | head
-  pipeline export dags/gemma12b.yaml merged --format gguf --type q4_0 --out tr.q4_0.gguf
+  pipeline export dags/gemma12b.yaml merged --format gguf --out tr.Q4_K_M.gguf
   pipeline export dags/gemma12b.yaml merged --format hf --out ./gemma3-12b-tr`,
 		Args:              exactArgs(2, "a spec file and a stage name"),
 		ValidArgsFunction: stageArg,
@@ -82,7 +83,7 @@ it was and no temporary file behind.`,
 			if typeGiven && format != "gguf" {
 				return usageErr(fmt.Errorf("--type is the type of a GGUF file; --format %s has none", format))
 			}
-			typ, err := gguf.ParseType(ggufType)
+			typ, err := gguf.ParseFileType(ggufType)
 			if err != nil {
 				return usageErr(fmt.Errorf("--type: %w", err))
 			}
@@ -176,9 +177,9 @@ it was and no temporary file behind.`,
 	cmd.Flags().StringVar(&format, "format", "", "jsonl, parquet, arrow (tables); mt-bench (a generate stage's answer file); gguf, hf (models); by default as --out's name says, else jsonl for a table, hf for a model")
 	cmd.Flags().StringVar(&out, "out", "", "output file (or folder for hf), or - for a table on standard output")
 	cmd.Flags().BoolVar(&heldOut, "heldout", false, "a pack stage's held-out rows (packed apart from a mix stage's heldout examples) instead of its training rows")
-	cmd.Flags().StringVar(&ggufType, "type", "q8_0", "GGUF type: q8_0, q4_0, f16, bf16 or f32 (Q8_0 too); by default as --out NAME.TYPE.gguf says, else q8_0")
+	cmd.Flags().StringVar(&ggufType, "type", "q8_0", "GGUF type: q8_0, q6_k, q5_k_m, q5_k_s, q4_k_m, q4_k_s, q5_1, q5_0, q4_0, f16, bf16 or f32 (Q4_K_M too); by default as --out NAME.TYPE.gguf says, else q8_0")
 	completeValues(cmd, "format", "jsonl", "parquet", "arrow", "mt-bench", "gguf", "hf")
-	completeValues(cmd, "type", "q8_0", "q4_0", "f16", "bf16", "f32")
+	completeValues(cmd, "type", gguf.FileTypeNames()...)
 	root.AddCommand(cmd)
 }
 
@@ -250,8 +251,8 @@ func formatOfName(out string) string {
 
 // typeOfName is the GGUF type a file named NAME.TYPE.gguf says; an error
 // when TYPE is one llama.cpp knows and this tool does not write (a
-// q4_k_m named file would otherwise hold q8_0).
-func typeOfName(out string) (gguf.Type, bool, error) {
+// q3_k_m named file would otherwise hold q8_0).
+func typeOfName(out string) (gguf.FileType, bool, error) {
 	base := filepath.Base(out)
 	if !strings.EqualFold(filepath.Ext(base), ".gguf") {
 		return 0, false, nil
@@ -260,7 +261,7 @@ func typeOfName(out string) (gguf.Type, bool, error) {
 	if ext == "" {
 		return 0, false, nil
 	}
-	t, err := gguf.ParseType(ext[1:])
+	t, err := gguf.ParseFileType(ext[1:])
 	if errors.Is(err, gguf.ErrNotWritten) {
 		return 0, false, fmt.Errorf("--out %s: %w", out, err)
 	}
@@ -269,7 +270,7 @@ func typeOfName(out string) (gguf.Type, bool, error) {
 
 // ggufOutType is the type of the GGUF file out, from --type (typ, given
 // or not) and from a NAME.TYPE.gguf name, which must agree.
-func ggufOutType(out string, typ gguf.Type, given bool) (gguf.Type, bool, error) {
+func ggufOutType(out string, typ gguf.FileType, given bool) (gguf.FileType, bool, error) {
 	nt, ok, err := typeOfName(out)
 	switch {
 	case err != nil:
@@ -285,7 +286,7 @@ func ggufOutType(out string, typ gguf.Type, given bool) (gguf.Type, bool, error)
 // exportModel writes the checkpoint of a merge or model stage (or a gguf
 // stage's file) to out, which must not exist. typeGiven says --type was
 // given, which a gguf stage's file must then be of.
-func exportModel(entry string, m *pipeline.Manifest, stage, format string, typ gguf.Type, typeGiven bool, out string) error {
+func exportModel(entry string, m *pipeline.Manifest, stage, format string, typ gguf.FileType, typeGiven bool, out string) error {
 	if err := modelOutFree(out); err != nil {
 		return err
 	}

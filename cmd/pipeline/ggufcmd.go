@@ -16,7 +16,7 @@ import (
 func init() {
 	var modelDir, out, typeName, name string
 	cmd := &cobra.Command{
-		Use:   "gguf --model DIR --out NAME.TYPE.gguf [--type q8_0|q4_0|f16|bf16|f32]",
+		Use:   "gguf --model DIR --out NAME.TYPE.gguf [--type q8_0|q4_k_m|...]",
 		Short: "Convert a Gemma 3 checkpoint folder to a GGUF file for llama.cpp and Ollama",
 		Long: `gguf converts the Hugging Face checkpoint folder --model (a merged model, from
 pipeline merge or another tool's merge, with its tokenizer.json) to the GGUF file
@@ -24,20 +24,24 @@ pipeline merge or another tool's merge, with its tokenizer.json) to the GGUF fil
 layout, the tokenizer and chat template inside, a multimodal checkpoint's text
 model only.
 
---type is q8_0 (the default: near-lossless, half of bf16's size), q4_0 (a
-quarter; the embedding stays q8_0), f16, bf16 or f32; an --out named
-NAME.TYPE.gguf gives the type when --type is left out. llama.cpp's k-quants
-(q4_k_m, ...) are made from a q8_0 or f16 file with its llama-quantize.
-general.name is --name, by default --out's NAME. The file appears only
-complete; an interrupt leaves nothing.`,
+--type is one of llama-quantize's types: q8_0 (the default: near-lossless,
+53% of bf16's size), q6_k (41%), q5_k_m (36%), q5_k_s, q4_k_m (30%, Ollama's
+usual choice), q4_k_s, q5_1, q5_0, q4_0 (28%), or f16, bf16, f32. Each tensor
+gets the type and the bytes llama-quantize would give it without an importance
+matrix: the k-quant mixes keep the embedding (tied to the output head) at q6_K,
+and the _m mixes attn_v and ffn_down of an eighth of the layers at each end and
+every third between. An --out named NAME.TYPE.gguf gives the type when --type is
+left out. llama.cpp's 2- and 3-bit and i-quants are made from a q8_0 or f16 file
+with its llama-quantize. general.name is --name, by default --out's NAME. The
+file appears only complete; an interrupt leaves nothing.`,
 		Example: `  pipeline gguf --model gemma3-12b-tr --out gemma3-12b-tr.q8_0.gguf
-  pipeline gguf --model gemma3-12b-tr --type q4_0 --out tr.gguf --name gemma3-12b-tr`,
+  pipeline gguf --model gemma3-12b-tr --type q4_k_m --out tr.gguf --name gemma3-12b-tr`,
 		Args: cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
 			if modelDir == "" || out == "" {
 				return usageErr(errors.New("gguf: --model and --out are required"))
 			}
-			typ, err := gguf.ParseType(typeName)
+			typ, err := gguf.ParseFileType(typeName)
 			if err != nil {
 				return usageErr(fmt.Errorf("--type: %w", err))
 			}
@@ -72,9 +76,9 @@ complete; an interrupt leaves nothing.`,
 	f := cmd.Flags()
 	f.StringVar(&modelDir, "model", "", "checkpoint folder with tokenizer.json, or hf://ORG/NAME[@REV]")
 	f.StringVar(&out, "out", "", "the GGUF file to write (must not exist)")
-	f.StringVar(&typeName, "type", "q8_0", "q8_0, q4_0, f16, bf16 or f32 (Q8_0 too); by default as --out NAME.TYPE.gguf says, else q8_0")
+	f.StringVar(&typeName, "type", "q8_0", "q8_0, q6_k, q5_k_m, q5_k_s, q4_k_m, q4_k_s, q5_1, q5_0, q4_0, f16, bf16 or f32 (Q4_K_M too); by default as --out NAME.TYPE.gguf says, else q8_0")
 	f.StringVar(&name, "name", "", "general.name (default: --out's NAME)")
-	completeValues(cmd, "type", "q8_0", "q4_0", "f16", "bf16", "f32")
+	completeValues(cmd, "type", gguf.FileTypeNames()...)
 	root.AddCommand(cmd)
 }
 

@@ -525,10 +525,11 @@ func TestExportHeldOut(t *testing.T) {
 }
 
 // TestTypeOfName: NAME.TYPE.gguf names its type; other names name none,
-// and a k-quant's name is refused (the file would hold another type).
+// and the name of a type not written here is refused (the file would hold
+// another type).
 func TestTypeOfName(t *testing.T) {
 	for name, want := range map[string]string{"tr.q4_0.gguf": "q4_0", "out/tr-12b.Q8_0.GGUF": "q8_0", "tr.bf16.gguf": "bf16",
-		"tr.gguf": "", "tr.q4_0": "", "v1.2.gguf": "", "tr.q4_k_m.gguf": "error", "tr.IQ2_XS.gguf": "error"} {
+		"tr.Q4_K_M.gguf": "q4_k_m", "tr.gguf": "", "tr.q4_0": "", "v1.2.gguf": "", "tr.q3_k_m.gguf": "error", "tr.IQ2_XS.gguf": "error"} {
 		typ, ok, err := typeOfName(name)
 		got := map[bool]string{true: typ.String()}[ok]
 		if err != nil {
@@ -955,20 +956,32 @@ func TestGGUFCommand(t *testing.T) {
 		t.Fatalf("gguf: exit %d\n%s", r.code, r.stderr)
 	}
 	want := filepath.Join(t.TempDir(), "x.gguf")
-	if err := gguf.Gemma3(context.Background(), model, want, gguf.Options{Type: gguf.Q4_0, Name: "tr-demo"}); err != nil {
+	if err := gguf.Gemma3(context.Background(), model, want, gguf.Options{Type: gguf.MostlyQ4_0, Name: "tr-demo"}); err != nil {
 		t.Fatal(err)
 	}
 	got, _ := os.ReadFile(filepath.Join(dir, "tr-demo.Q4_0.gguf"))
 	if w, _ := os.ReadFile(want); !bytes.Equal(got, w) {
 		t.Error("pipeline gguf wrote another file than a q4_0 conversion named tr-demo")
 	}
+	// A k-quant mix by its name, as llama-quantize users write it.
+	if r := runCLI(t, dir, "gguf", "--model", "m", "--out", "tr.Q4_K_M.gguf"); r.code != 0 || !strings.Contains(r.stderr, "(q4_k_m)") {
+		t.Fatalf("gguf: exit %d\n%s", r.code, r.stderr)
+	}
+	want = filepath.Join(t.TempDir(), "k.gguf")
+	if err := gguf.Gemma3(context.Background(), model, want, gguf.Options{Type: gguf.MostlyQ4_K_M, Name: "tr"}); err != nil {
+		t.Fatal(err)
+	}
+	got, _ = os.ReadFile(filepath.Join(dir, "tr.Q4_K_M.gguf"))
+	if w, _ := os.ReadFile(want); !bytes.Equal(got, w) {
+		t.Error("pipeline gguf wrote another file than a q4_k_m conversion named tr")
+	}
 	for args, msg := range map[string]string{
-		"--model m --out a.gguf --type q4_k_m":    "llama-quantize",
+		"--model m --out a.gguf --type q3_k_m":    "llama-quantize",
 		"--model m --out a.q8_0.gguf --type q4_0": "is named for type q8_0, not --type q4_0",
 		"--model m --out a.bin":                   "name the file NAME.gguf",
 		"--model m --out tr-demo.Q4_0.gguf":       "already exists",
 		"--out a.gguf":                            "--model and --out are required",
-		"--model m --out a.q4_k_m.gguf":           "llama-quantize turns that file into q4_k_m",
+		"--model m --out a.q3_k_m.gguf":           "llama-quantize turns that file into q3_k_m",
 	} {
 		if r := runCLI(t, dir, append([]string{"gguf"}, strings.Fields(args)...)...); r.code == 0 || !strings.Contains(r.stderr, msg) {
 			t.Errorf("gguf %s: exit %d\n%s", args, r.code, r.stderr)

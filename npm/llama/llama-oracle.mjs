@@ -20,11 +20,33 @@
 //       conversation ending in a user turn gets the generation prompt; one
 //       ending in a model turn is left open after the answer, ready to be
 //       continued.
+//   node llama-oracle.mjs quantize FILE.gguf OUT.gguf FTYPE
+//       llama.cpp's own quantiser (llama_model_quantize, what llama-quantize
+//       runs, no importance matrix) turns FILE into OUT of llama_ftype FTYPE
+//       (a number: 15 is Q4_K_M), through koffi: node-llama-cpp's addon does
+//       not expose it.
+//   node llama-oracle.mjs tensors FILE.gguf
+//       {"fileType": general.file_type, "tensors": [{"name", "type",
+//       "sha256"}, ...]}: each tensor's ggml type and the digest of its
+//       data, in the file's order.
 import fs from 'node:fs';
+import path from 'node:path';
+import crypto from 'node:crypto';
+import {fileURLToPath} from 'node:url';
 import {getLlama, JinjaTemplateChatWrapper, LlamaText} from 'node-llama-cpp';
 import {gguf} from '@huggingface/gguf';
 
 const [cmd, file, out] = process.argv.slice(2);
+
+// tensorBytes is a tensor's size by ggml's block sizes (ggml.c's
+// type_traits: elements a block, bytes a block).
+function tensorBytes(t) {
+  const blocks = {0: [1, 4], 1: [1, 2], 30: [1, 2], 2: [32, 18], 3: [32, 20], 6: [32, 22], 7: [32, 24], 8: [32, 34],
+    10: [256, 84], 11: [256, 110], 12: [256, 144], 13: [256, 176], 14: [256, 210]};
+  const [elems, bytes] = blocks[t.dtype] ?? (() => { throw new Error(`${t.name}: ggml type ${t.dtype} not known here`); })();
+  const n = t.shape.map(Number).reduce((a, b) => a * b, 1);
+  return n / elems * bytes;
+}
 
 // stdinLines reads stdin to its end (a pipe Go writes into may not be
 // ready yet, which a synchronous read reports as EAGAIN).
@@ -84,8 +106,41 @@ if (cmd === 'meta') {
     const ids = LlamaText(contextText).tokenize(model.tokenizer);
     process.stdout.write(JSON.stringify({text: model.detokenize(ids, true), ids: Array.from(ids)}) + '\n');
   }
+} else if (cmd === 'quantize') {
+  const {default: koffi} = await import('koffi');
+  const bins = fileURLToPath(new URL('node_modules/@node-llama-cpp/linux-x64/bins/linux-x64/', import.meta.url));
+  const name = fs.readdirSync(bins).find((f) => /^libllama\.v.*\.so$/.test(f));
+  const lib = koffi.load(path.join(bins, name));
+  // llama.h's llama_model_quantize_params of the release node-llama-cpp
+  // pins (package-lock.json); a new release may change it.
+  const Params = koffi.struct('llama_model_quantize_params', {
+    nthread: 'int32', ftype: 'int32', output_tensor_type: 'int32', token_embedding_type: 'int32',
+    allow_requantize: 'bool', quantize_output_tensor: 'bool', only_copy: 'bool', pure: 'bool',
+    keep_split: 'bool', dry_run: 'bool',
+    imatrix: 'void *', kv_overrides: 'void *', tt_overrides: 'void *', prune_layers: 'void *',
+    max_buf_size: 'size_t',
+  });
+  const defaults = lib.func('llama_model_quantize_default_params', Params, []);
+  const quantize = lib.func('llama_model_quantize', 'uint32', ['str', 'str', koffi.pointer(Params)]);
+  const params = defaults();
+  params.ftype = Number(process.argv[5]);
+  params.nthread = 2;
+  if (quantize(file, out, params) !== 0) {
+    console.error(`llama_model_quantize ${file} -> ${out} (ftype ${params.ftype}) failed`);
+    process.exit(1);
+  }
+} else if (cmd === 'tensors') {
+  const {metadata, tensorInfos, tensorDataOffset} = await gguf(file, {allowLocalFile: true});
+  const fd = fs.openSync(file, 'r');
+  const tensors = tensorInfos.map((t) => {
+    const n = tensorBytes(t);
+    const buf = Buffer.alloc(n);
+    if (fs.readSync(fd, buf, 0, n, Number(tensorDataOffset) + Number(t.offset)) !== n) throw new Error(`${t.name}: the file ends inside it`);
+    return {name: t.name, type: t.dtype, sha256: crypto.createHash('sha256').update(buf).digest('hex')};
+  });
+  process.stdout.write(JSON.stringify({fileType: metadata['general.file_type'], tensors}) + '\n');
 } else {
-  console.error('usage: llama-oracle.mjs meta|logits|tokenize|chat FILE.gguf [OUT]');
+  console.error('usage: llama-oracle.mjs meta|logits|tokenize|chat|quantize|tensors FILE.gguf [OUT] [FTYPE]');
   process.exit(2);
 }
 // Exit once stdout has taken every line: writes to a pipe that is full

@@ -461,6 +461,12 @@ func (l *loader) decodeError(n *Node, with ast.Node, err error) *SpecError {
 				return e
 			}
 		}
+		if pn, ok := n.Kind.(ParamNotes); ok {
+			if note, ok := pn.ParamNotes()[field]; ok {
+				e.Fix = fmt.Sprintf("%s: %s; %s", field, note, e.Fix)
+				return e
+			}
+		}
 		// Inside a parameter's own mapping (multiple_choice: {…}), say
 		// that mapping's names.
 		if path := keyPathAt(with, e.Line, e.Col); strings.Contains(path, ".") {
@@ -840,6 +846,13 @@ func canonicalJSON(v any) ([]byte, error) {
 // one of those names is told the name used here.
 type ParamSynonyms interface {
 	Synonyms() map[string]string // their name → ours
+}
+
+// A ParamNotes is a Kind with notes on other tools' parameters that have
+// no one name here (TRL's packing is the pack stage's whole work): a spec
+// that uses one is told where its setting went.
+type ParamNotes interface {
+	ParamNotes() map[string]string // their name → what stands for it here
 }
 
 // An InputChecker is a Kind that reads only some kinds of input stages (a

@@ -44,6 +44,17 @@ type packParams struct {
 	Seed      uint64 `json:"seed"`
 }
 
+// Synonyms are TRL's and Axolotl's names for the row length, and
+// ParamNotes their switches for packing, which is this stage's whole work.
+func (packKind) Synonyms() map[string]string {
+	return map[string]string{"max_seq_length": "seq_len", "max_length": "seq_len", "sequence_len": "seq_len"}
+}
+
+func (packKind) ParamNotes() map[string]string {
+	always := "this stage always packs examples into rows of seq_len tokens (overlong says what happens to longer ones)"
+	return map[string]string{"packing": always, "sample_packing": always}
+}
+
 func (packKind) Version() int       { return 1 }
 func (packKind) Inputs() (int, int) { return 1, 1 }
 func (packKind) Params() any {

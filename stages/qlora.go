@@ -2,6 +2,7 @@ package stages
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"math"
 	"os"
@@ -108,6 +109,26 @@ func (qloraKind) Synonyms() map[string]string {
 		"optim":                       "optimizer",
 		"load_in_4bit":                "quantize (nf4)",
 		"base_model":                  "model",
+		"random_state":                "seed",
+		"use_gradient_checkpointing":  "gradient_checkpointing",
+	}
+}
+
+// ParamNotes say where the settings of TRL, transformers and Unsloth that
+// have no one name here went.
+func (qloraKind) ParamNotes() map[string]string {
+	length := "the pack stage's seq_len is the length of the packed rows"
+	precision := "precision is the backend's: bfloat16 on the GPU, float32 on the CPU"
+	return map[string]string{
+		"max_seq_length":   length,
+		"max_length":       length,
+		"sequence_len":     length,
+		"packing":          "rows are always packed, by the pack stage",
+		"sample_packing":   "rows are always packed, by the pack stage",
+		"bf16":             precision,
+		"fp16":             precision,
+		"tf32":             precision,
+		"save_total_limit": "checkpoints (checkpoint_every) serve to resume and are removed once the stage completes; the entry keeps the final adapter (with early stopping, the best)",
 	}
 }
 
@@ -179,12 +200,13 @@ func (p *qloraParams) Validate() error {
 		return bad("grad_accum", fmt.Sprintf("%d must be at least 1", p.GradAccum), "micro-batches per optimizer step, e.g. grad_accum: 4 (1 accumulates nothing)")
 	case !(p.LR > 0):
 		return bad("lr", fmt.Sprintf("%v must be positive", p.LR), "QLoRA usually takes 1e-4 to 2e-4")
-	case p.Epochs < 0:
-		return bad("epochs", fmt.Sprintf("%d must not be negative", p.Epochs), "passes over the data, e.g. epochs: 1")
+	case p.Epochs < 1:
+		// transformers lets max_steps override the epochs; here they bound
+		// it, so 0 cannot stand for "as many as max_steps needs".
+		return bad("epochs", fmt.Sprintf("%d must be at least 1", p.Epochs),
+			"passes over the data, e.g. epochs: 1; max_steps ends training early but not past the epochs (the run says which epochs reach it)")
 	case p.MaxSteps < 0:
 		return bad("max_steps", fmt.Sprintf("%d must not be negative", p.MaxSteps), "0 (the default) trains for the given epochs")
-	case p.Epochs == 0 && p.MaxSteps == 0:
-		return bad("epochs", "0 epochs and no max_steps would train nothing", "set epochs: 1, or max_steps")
 	case p.WarmupSteps < 0:
 		return bad("warmup_steps", fmt.Sprintf("%d must not be negative", p.WarmupSteps), "0 starts at the full learning rate")
 	case !(p.WarmupRatio >= 0 && p.WarmupRatio <= 1):
@@ -223,8 +245,16 @@ func (p *qloraParams) Validate() error {
 		return bad("backend", err.Error(), fix)
 	}
 	p.Backend = b.Name()
-	if _, err := trainer.LRFactor(trainer.Schedule(p.Schedule), 0, 0, 1); err != nil {
-		return bad("schedule", err.Error(), "use constant, linear or cosine")
+	if p.Schedule == "constant_with_warmup" {
+		// transformers' name for what constant is here: a warmup, then
+		// the full rate.
+		p.Schedule = string(trainer.ScheduleConstant)
+	}
+	if _, err := trainer.LRFactor(trainer.Schedule(p.Schedule), 0, 0, 1); err != nil || p.Schedule == "" {
+		if p.Schedule == "" {
+			err = errors.New("is empty")
+		}
+		return bad("schedule", err.Error(), "use linear (the default: leave schedule out), cosine, or constant (after warmup_steps, transformers' constant_with_warmup)")
 	}
 	return nil
 }

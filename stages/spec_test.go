@@ -53,7 +53,16 @@ func TestParameterMistakes(t *testing.T) {
 		{"warmup_steps: -2", "warmup_steps: -2 must not be negative"},
 		{"weight_decay: -0.1", "weight_decay: -0.1 must not be negative"},
 		{"eval_every: -5", "eval_every: -5 must not be negative"},
-		{"epochs: -1", "epochs: -1 must not be negative"},
+		{"epochs: -1", "epochs: -1 must be at least 1"},
+		// transformers' max_steps overrides the epochs; here the epochs
+		// bound it, so 0 is refused rather than read as 1.
+		{"epochs: 0\n      max_steps: 7", "epochs: 0 must be at least 1\n\tfix: passes over the data, e.g. epochs: 1; max_steps ends training early but not past the epochs"},
+		{`schedule: ""`, "schedule: is empty\n\tfix: use linear (the default: leave schedule out)"},
+		{"schedule: cosine_with_restarts", "schedule: "},
+		{"max_seq_length: 2048", "unknown parameter \"max_seq_length\" for kind qlora\n\tfix: max_seq_length: the pack stage's seq_len is the length of the packed rows"},
+		{"packing: true", "unknown parameter \"packing\" for kind qlora\n\tfix: packing: rows are always packed, by the pack stage"},
+		{"bf16: true", "unknown parameter \"bf16\" for kind qlora\n\tfix: bf16: precision is the backend's"},
+		{"random_state: 3407", "unknown parameter \"random_state\" for kind qlora\n\tfix: random_state is called seed here"},
 		{"checkpoint_every: -1", "checkpoint_every: -1 must not be negative"},
 		{"gpu_memory: -4", "gpu_memory: -4 must not be negative"},
 		{"lr: .nan", "lr: must be a finite number, got NaN"},
@@ -99,6 +108,40 @@ func TestParameterMistakes(t *testing.T) {
 				t.Errorf("no fix: %v", err)
 			}
 		})
+	}
+}
+
+// TestPackSynonyms: TRL's and Axolotl's names for the pack stage's row
+// length and for packing itself are pointed at what stands for them.
+func TestPackSynonyms(t *testing.T) {
+	for param, want := range map[string]string{
+		"max_seq_length: 2048": "max_seq_length is called seq_len here",
+		"sequence_len: 2048":   "sequence_len is called seq_len here",
+		"sample_packing: true": "sample_packing: this stage always packs examples into rows of seq_len tokens",
+	} {
+		spec := strings.Replace(validationSpec, "with: {seq_len: 64}", "with: {"+param+"}", 1)
+		spec = strings.Replace(spec, "PARAM", "r: 32", 1)
+		if _, err := loadErr(t, spec); err == nil || !strings.Contains(err.Error(), want) {
+			t.Errorf("%s: %v, want %q", param, err, want)
+		}
+	}
+}
+
+// TestConstantWithWarmup: transformers' constant_with_warmup is what
+// constant is here, and keys as it does.
+func TestConstantWithWarmup(t *testing.T) {
+	r := newTestRun(t)
+	os.WriteFile(filepath.Join(r.dir, "a.jsonl"), []byte(`{"instruction": "Selam ver", "input": "", "output": "Merhaba."}`+"\n"), 0o644)
+	os.WriteFile(filepath.Join(r.dir, "tok.json"), []byte("{}"), 0o644)
+	canon := func(param string) string {
+		dag, err := loadSpec(r.spec(strings.Replace(validationSpec, "PARAM", param, 1)), Registry())
+		if err != nil {
+			t.Fatalf("%s: %v", param, err)
+		}
+		return string(dag.Node("adapter").Canon)
+	}
+	if a, b := canon("schedule: constant_with_warmup"), canon("schedule: constant"); a != b {
+		t.Errorf("constant_with_warmup keys as %s, constant as %s", a, b)
 	}
 }
 

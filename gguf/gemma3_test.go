@@ -230,14 +230,14 @@ func prompts(t *testing.T, tok *tokenizer.Tokenizer, n int) []prompt {
 
 // llamaLogits evaluates each prompt in llama.cpp from position 0 and
 // returns its logits at the prompt's positions, [len(At)×vocab] per prompt.
-func llamaLogits(t *testing.T, path string, ps []prompt, vocab int) [][]float32 {
+func llamaLogits(t *testing.T, path string, ps []prompt, vocab int, lora ...string) [][]float32 {
 	t.Helper()
 	var in bytes.Buffer
 	for _, p := range ps {
 		json.NewEncoder(&in).Encode(p)
 	}
 	out := filepath.Join(t.TempDir(), "logits.f32")
-	oracle(t, in.Bytes(), "logits", path, out)
+	oracle(t, in.Bytes(), append([]string{"logits", path, out}, lora...)...)
 	raw, err := os.ReadFile(out)
 	if err != nil {
 		t.Fatal(err)
@@ -262,9 +262,9 @@ func llamaLogits(t *testing.T, path string, ps []prompt, vocab int) [][]float32 
 	return res
 }
 
-// referenceLogits runs our CPU reference model on each prompt and keeps
-// the logits at the prompt's positions.
-func referenceLogits(t *testing.T, m *trainer.Model, ps []prompt) [][]float32 {
+// referenceLogits runs our CPU reference model (with adapter a, when not
+// nil) on each prompt and keeps the logits at the prompt's positions.
+func referenceLogits(t *testing.T, m *trainer.Model, ps []prompt, a *trainer.Adapter) [][]float32 {
 	t.Helper()
 	v := m.Config.VocabSize
 	var res [][]float32
@@ -273,7 +273,7 @@ func referenceLogits(t *testing.T, m *trainer.Model, ps []prompt) [][]float32 {
 		if err != nil {
 			t.Fatal(err)
 		}
-		l, err := m.Logits(nil, b)
+		l, err := m.Logits(a, b)
 		if err != nil {
 			t.Fatal(err)
 		}
@@ -385,9 +385,9 @@ func checkLogits(t *testing.T, preset string, n int, types ...FileType) {
 			// checkpoint's bfloat16 (33.94 → 34.0 for the 1B).
 			m.Config.DType = "float32"
 			v := m.Config.VocabSize
-			checkpointLogits := referenceLogits(t, m, ps)
+			checkpointLogits := referenceLogits(t, m, ps, nil)
 			weightErr := asStored(t, m, typ)
-			storedLogits := referenceLogits(t, m, ps)
+			storedLogits := referenceLogits(t, m, ps, nil)
 			got := llamaLogits(t, convert(t, dir, typ), ps, v)
 
 			layers := math.Sqrt(7 * float64(m.Config.Layers))

@@ -296,7 +296,9 @@ func exportModel(entry string, m *pipeline.Manifest, stage, format string, typ g
 		model = filepath.Join(entry, stages.MergedModelDir)
 	case "qlora":
 		if format != "hf" {
-			return usageErr(fmt.Errorf("stage %s holds a PEFT adapter, which exports with --format hf; a merge stage merges it into its base, which exports as GGUF", stage))
+			return usageErr(fmt.Errorf("stage %s holds a PEFT adapter, which exports with --format hf; for llama.cpp, "+
+				"pipeline gguf --model BASE --adapter %s --out NAME.gguf writes it as a GGUF LoRA adapter (BASE the model it trained on), "+
+				"and a merge stage merges it into its base, which exports as GGUF", stage, shellQuote(filepath.Join(entry, trainer.AdapterDirName))))
 		}
 		model = filepath.Join(entry, trainer.AdapterDirName)
 	case "model":

@@ -14,9 +14,9 @@ import (
 )
 
 func init() {
-	var modelDir, out, typeName, name string
+	var modelDir, adapterDir, out, typeName, name string
 	cmd := &cobra.Command{
-		Use:   "gguf --model DIR --out NAME.TYPE.gguf [--type q8_0|q4_k_m|...]",
+		Use:   "gguf --model DIR [--adapter DIR] --out NAME.TYPE.gguf [--type q8_0|q4_k_m|...]",
 		Short: "Convert a Gemma 3 checkpoint folder to a GGUF file for llama.cpp and Ollama",
 		Long: `gguf converts the Hugging Face checkpoint folder --model (a merged model, from
 pipeline merge or another tool's merge, with its tokenizer.json) to the GGUF file
@@ -33,9 +33,21 @@ and the _m mixes attn_v and ffn_down of an eighth of the layers at each end and
 every third between. An --out named NAME.TYPE.gguf gives the type when --type is
 left out. llama.cpp's 2- and 3-bit and i-quants are made from a q8_0 or f16 file
 with its llama-quantize. general.name is --name, by default --out's NAME. The
-file appears only complete; an interrupt leaves nothing.`,
+file appears only complete; an interrupt leaves nothing.
+
+With --adapter, a PEFT LoRA adapter folder (this tool's, or PEFT's or
+Unsloth's) made for --model, --out is the adapter as a GGUF LoRA file, as
+llama.cpp's convert_lora_to_gguf.py writes it, in f32 (the default), f16 or
+bf16: llama.cpp applies it to a GGUF of that base (llama-cli -m BASE.gguf
+--lora ADAPTER.gguf; llama-server --lora loads several and switches between
+them), so a retrained adapter ships without a new model file. A
+rank-stabilised adapter is written with the alpha that gives llama.cpp its
+scale. Under QLoRA the adapter was trained against the NF4 base; applied to a
+q8_0 or f16 GGUF of the original weights it computes what PEFT computes on
+them.`,
 		Example: `  pipeline gguf --model gemma3-12b-tr --out gemma3-12b-tr.q8_0.gguf
-  pipeline gguf --model gemma3-12b-tr --type q4_k_m --out tr.gguf --name gemma3-12b-tr`,
+  pipeline gguf --model gemma3-12b-tr --type q4_k_m --out tr.gguf --name gemma3-12b-tr
+  pipeline gguf --model hf://google/gemma-3-12b-it --adapter tr-adapter --out tr-lora.f16.gguf`,
 		Args: cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
 			if modelDir == "" || out == "" {
@@ -45,8 +57,17 @@ file appears only complete; an interrupt leaves nothing.`,
 			if err != nil {
 				return usageErr(fmt.Errorf("--type: %w", err))
 			}
-			if typ, _, err = ggufOutType(out, typ, cmd.Flags().Changed("type")); err != nil {
+			given := cmd.Flags().Changed("type")
+			if typ, given, err = ggufOutType(out, typ, given); err != nil {
 				return err
+			}
+			if adapterDir != "" {
+				switch {
+				case !given:
+					typ = gguf.AllF32
+				case typ != gguf.AllF32 && typ != gguf.MostlyF16 && typ != gguf.MostlyBF16:
+					return usageErr(fmt.Errorf("--type %s: a LoRA adapter is written in f32, f16 or bf16 (llama.cpp applies it to a base of any type)", typ))
+				}
 			}
 			if !strings.EqualFold(filepath.Ext(out), ".gguf") {
 				return usageErr(fmt.Errorf("--out %s: name the file NAME.gguf (or NAME.%s.gguf)", out, typ))
@@ -61,11 +82,23 @@ file appears only complete; an interrupt leaves nothing.`,
 			if modelDir, err = localArg(cmd.Context(), "model", modelDir, argFolder); err != nil {
 				return err
 			}
+			if adapterDir != "" {
+				if adapterDir, err = localArg(cmd.Context(), "adapter", adapterDir, argFolder); err != nil {
+					return err
+				}
+			}
 			if name == "" {
 				name = ggufName(out)
 			}
 			ctx, stop := signalContext(10 * time.Second)
 			defer stop()
+			if adapterDir != "" {
+				if err := gguf.Gemma3LoRA(ctx, modelDir, adapterDir, out, gguf.LoRAOptions{Type: typ, Name: name}); err != nil {
+					return failErr(err)
+				}
+				fmt.Fprintf(os.Stderr, "wrote %s (a LoRA adapter, %s): llama-cli -m BASE.gguf --lora %s\n", out, typ, shellQuote(out))
+				return nil
+			}
 			if err := gguf.Gemma3(ctx, modelDir, out, gguf.Options{Type: typ, Name: name}); err != nil {
 				return failErr(err)
 			}
@@ -74,7 +107,8 @@ file appears only complete; an interrupt leaves nothing.`,
 		},
 	}
 	f := cmd.Flags()
-	f.StringVar(&modelDir, "model", "", "checkpoint folder with tokenizer.json, or hf://ORG/NAME[@REV]")
+	f.StringVar(&modelDir, "model", "", "checkpoint folder with tokenizer.json, or hf://ORG/NAME[@REV]; with --adapter, the base it was made for")
+	f.StringVar(&adapterDir, "adapter", "", "a PEFT LoRA adapter folder (or hf://ORG/NAME[@REV]) to write as a GGUF LoRA adapter instead of a model")
 	f.StringVar(&out, "out", "", "the GGUF file to write (must not exist)")
 	f.StringVar(&typeName, "type", "q8_0", "q8_0, q6_k, q5_k_m, q5_k_s, q4_k_m, q4_k_s, q5_1, q5_0, q4_0, f16, bf16 or f32 (Q4_K_M too); by default as --out NAME.TYPE.gguf says, else q8_0")
 	f.StringVar(&name, "name", "", "general.name (default: --out's NAME)")

@@ -990,6 +990,36 @@ func TestGGUFCommand(t *testing.T) {
 	if r := runCLI(t, dir, "merge", "--model", "m", "--adapter", "a", "--out", "m.q4_0.gguf"); r.code != 2 || !strings.Contains(r.stderr, "pipeline gguf --model FOLDER") {
 		t.Errorf("merge --out a .gguf: exit %d\n%s", r.code, r.stderr)
 	}
+
+	// --adapter: the PEFT adapter as a GGUF LoRA file, f32 unless the name
+	// or --type says f16 or bf16; other types refused.
+	ck, err := trainer.OpenCheckpoint(model)
+	if err != nil {
+		t.Fatal(err)
+	}
+	a, err := trainer.NewAdapter(ck.Config, trainer.LoRAConfig{R: 2, Alpha: 4, Targets: trainer.AllModules}, 1)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := ck.SaveAdapter(filepath.Join(dir, "ad"), a, trainer.BaseModel{NameOrPath: model}); err != nil {
+		t.Fatal(err)
+	}
+	for out, typ := range map[string]gguf.FileType{"tr-lora.gguf": gguf.AllF32, "tr-lora.F16.gguf": gguf.MostlyF16} {
+		if r := runCLI(t, dir, "gguf", "--model", "m", "--adapter", "ad", "--out", out); r.code != 0 || !strings.Contains(r.stderr, "--lora "+out) {
+			t.Fatalf("gguf --adapter: exit %d\n%s", r.code, r.stderr)
+		}
+		want := filepath.Join(t.TempDir(), "lora.gguf")
+		if err := gguf.Gemma3LoRA(context.Background(), model, filepath.Join(dir, "ad"), want, gguf.LoRAOptions{Type: typ, Name: "tr-lora"}); err != nil {
+			t.Fatal(err)
+		}
+		got, _ := os.ReadFile(filepath.Join(dir, out))
+		if w, _ := os.ReadFile(want); !bytes.Equal(got, w) {
+			t.Errorf("pipeline gguf --adapter --out %s wrote another file than a %s LoRA named tr-lora", out, typ)
+		}
+	}
+	if r := runCLI(t, dir, "gguf", "--model", "m", "--adapter", "ad", "--out", "x.gguf", "--type", "q8_0"); r.code != 2 || !strings.Contains(r.stderr, "a LoRA adapter is written in f32, f16 or bf16") {
+		t.Errorf("gguf --adapter --type q8_0: exit %d\n%s", r.code, r.stderr)
+	}
 	if l := leftovers(t, dir); len(l) != 0 {
 		t.Errorf("left %v", l)
 	}

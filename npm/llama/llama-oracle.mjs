@@ -4,9 +4,10 @@
 //   node llama-oracle.mjs meta FILE.gguf
 //       prints {"metadata": {...}, "tensors": [{"name", "shape", "dtype"}]}
 //       as @huggingface/gguf reads them (token arrays as their length).
-//   node llama-oracle.mjs logits FILE.gguf OUT.f32
+//   node llama-oracle.mjs logits FILE.gguf OUT.f32 [LORA.gguf]
 //       reads {"ids": [...], "at": [...]} lines on stdin; for each line,
-//       evaluates the ids from position 0 in a fresh context and appends the
+//       evaluates the ids from position 0 in a fresh context (with the GGUF
+//       LoRA adapter LORA applied at scale 1, when given) and appends the
 //       logits at the positions listed in "at" (len(at) × vocabulary
 //       float32, little-endian) to OUT.f32.
 //   node llama-oracle.mjs tokenize FILE.gguf
@@ -76,8 +77,10 @@ if (cmd === 'meta') {
   for (const {ids, at} of await stdinLines()) {
     // A float32 KV cache: llama.cpp's default float16 one would round keys and
     // values on top of what the file's own type does.
+    const lora = process.argv[5];
     const context = await model.createContext({contextSize: Math.max(256, ids.length + 8), sequences: 1, threads: 2,
-      experimentalKvCacheKeyType: 'F32', experimentalKvCacheValueType: 'F32'});
+      experimentalKvCacheKeyType: 'F32', experimentalKvCacheValueType: 'F32',
+      ...(lora ? {lora: {adapters: [{filePath: lora}]}} : {})});
     const seq = context.getSequence();
     const want = new Set(at);
     const res = await seq.controlledEvaluate(ids.map((id, t) => (want.has(t) ? [id, {generateNext: {logits: true}}] : id)));

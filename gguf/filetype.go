@@ -3,6 +3,7 @@ package gguf
 import (
 	"errors"
 	"fmt"
+	"slices"
 	"strings"
 
 	"gemmaft/trainer"
@@ -64,10 +65,15 @@ func FileTypeNames() []string {
 // write.
 var ErrNotWritten = errors.New("which are not written here")
 
-// notWritten are llama-quantize's other types: the 2- and 3-bit k-quants,
-// q4_1, and the i-quants and ternary types (most of which need an
-// importance matrix).
-var notWritten = []string{"q2_k", "q2_k_s", "q3_k", "q3_k_s", "q3_k_m", "q3_k_l", "q4_1", "q4_k", "q5_k", "iq", "tq", "mxfp4"}
+// notWritten are llama-quantize's other types: the 1-, 2- and 3-bit
+// ones, q4_1, the i-quants (most of which need an importance matrix), the
+// ternary and the MoE types.
+var notWritten = []string{"q1_0", "q2_0", "q4_1", "mxfp4_moe", "iq2_xxs", "iq2_xs", "iq2_s", "iq2_m", "iq1_s", "iq1_m",
+	"tq1_0", "tq2_0", "q2_k", "q2_k_s", "iq3_xxs", "iq3_s", "iq3_m", "q3_k", "iq3_xs", "q3_k_s", "q3_k_m", "q3_k_l",
+	"iq4_nl", "iq4_xs"}
+
+// aliases are llama-quantize's other names for the mixes.
+var aliases = map[string]FileType{"q4_k": MostlyQ4_K_M, "q5_k": MostlyQ5_K_M}
 
 // ParseFileType reads a file type as users write it, in either case
 // (llama.cpp's tools write Q4_K_M).
@@ -78,14 +84,12 @@ func ParseFileType(s string) (FileType, error) {
 			return f.ft, nil
 		}
 	}
-	for _, n := range notWritten {
-		if l == n || (len(n) == 2 && strings.HasPrefix(l, n)) {
-			hint := "write q8_0 (or f16), then llama.cpp's llama-quantize turns that file into " + s
-			if l == "q4_k" || l == "q5_k" {
-				hint = fmt.Sprintf("llama-quantize names the mixes %s_m and %s_s", s, s)
-			}
-			return 0, fmt.Errorf("gguf: %s is one of llama.cpp's types %w: %s", s, ErrNotWritten, hint)
-		}
+	if ft, ok := aliases[l]; ok {
+		return ft, nil
+	}
+	if slices.Contains(notWritten, l) {
+		return 0, fmt.Errorf("gguf: %s is one of llama.cpp's types %w: write q8_0 (or f16), then llama.cpp's llama-quantize turns that file into %s",
+			s, ErrNotWritten, s)
 	}
 	return 0, fmt.Errorf("gguf: unknown type %q (%s)", s, strings.Join(FileTypeNames(), ", "))
 }
@@ -114,8 +118,8 @@ func (ft FileType) base() Type {
 // Gemma 3 ties to the output head, takes the head's q6_K (q8_0 under
 // q8_0, or where its rows do not fill a q6_K block); the *_k_m mixes give
 // attn_v and ffn_down q6_K in the first and last eighth of the layers and
-// every third between; *_k_s gives the first four attn_v and the first
-// eighth's ffn_down one step more. A type whose blocks do not fit a row
+// every third between; q4_k_s gives the first four attn_v and the first
+// eighth's ffn_down q5_K. A type whose blocks do not fit a row
 // falls back to a 32-value one, as there. llama.cpp counts attn_v and
 // ffn_down tensors in layer order, one a layer, so its counters are the
 // layer index here.

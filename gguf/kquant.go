@@ -14,7 +14,8 @@ import (
 // needs every float32 operation in the same order with the same rounding,
 // so products that feed a sum are converted to float32 explicitly: Go may
 // otherwise fuse a*b+c into one rounding (on arm64, for one), and ggml's
-// reference build does not.
+// reference build does not. The same holds for a product handed to
+// nearestInt, whose inlined addition would otherwise fuse with it.
 
 // superBlock is the number of values in a k-quant block (ggml's QK_K).
 const superBlock = 256
@@ -119,7 +120,7 @@ func fitScaleMin(nmax int, x, weights []float32, L, aux []uint8, rmin, rdelta fl
 	scale := 1 / iscale
 	var best float32
 	for i, v := range x {
-		L[i] = uint8(clampInt(nearestInt(iscale*(v-lo)), 0, nmax))
+		L[i] = uint8(clampInt(nearestInt(float32(iscale*(v-lo))), 0, nmax))
 		diff := float32(scale*float32(L[i])) + lo - v
 		best += float32(weights[i] * float32(diff*diff))
 	}
@@ -127,7 +128,7 @@ func fitScaleMin(nmax int, x, weights []float32, L, aux []uint8, rmin, rdelta fl
 		iscale = (rmin + float32(rdelta*float32(is)) + float32(nmax)) / (hi - lo)
 		var sumL, sumL2, sumXL float32
 		for i, v := range x {
-			l := clampInt(nearestInt(iscale*(v-lo)), 0, nmax)
+			l := clampInt(nearestInt(float32(iscale*(v-lo))), 0, nmax)
 			aux[i] = uint8(l)
 			wl := float32(weights[i] * float32(l))
 			sumL += wl
@@ -196,8 +197,8 @@ func appendKWithMin(dst []byte, x []float32, nmax int) []byte {
 	// with their top two bits in the spare bits of bytes 0–7.
 	var packed [12]byte
 	for j := 0; j < 8; j++ {
-		ls := min(63, uint8(nearestInt(invScale*scales[j])))
-		lm := min(63, uint8(nearestInt(invMin*mins[j])))
+		ls := min(63, uint8(nearestInt(float32(invScale*scales[j]))))
+		lm := min(63, uint8(nearestInt(float32(invMin*mins[j]))))
 		if j < 4 {
 			packed[j], packed[j+4] = ls, lm
 		} else {
@@ -213,7 +214,7 @@ func appendKWithMin(dst []byte, x []float32, nmax int) []byte {
 		if gd == 0 {
 			continue
 		}
-		dm := half.FromF16(dmin) * float32(m)
+		dm := float32(half.FromF16(dmin) * float32(m))
 		for i := 32 * j; i < 32*j+32; i++ {
 			L[i] = uint8(clampInt(nearestInt((x[i]+dm)/gd), 0, nmax))
 		}
@@ -266,7 +267,7 @@ func fitScale(nmax int, x []float32, L []int8) float32 {
 	sums := func(iscale float32, store bool) (float32, float32) {
 		var sumLX, sumL2 float32
 		for i, v := range x {
-			l := clampInt(nearestInt(iscale*v), -nmax, nmax-1)
+			l := clampInt(nearestInt(float32(iscale*v)), -nmax, nmax-1)
 			if store {
 				L[i] = int8(l + nmax)
 			}
@@ -318,7 +319,7 @@ func appendQ6K(dst []byte, x []float32) []byte {
 	d := half.F16(1 / iscale)
 	var sc [16]int8
 	for ib := range sc {
-		sc[ib] = int8(min(127, nearestInt(iscale*scales[ib])))
+		sc[ib] = int8(min(127, nearestInt(float32(iscale*scales[ib]))))
 	}
 	for j := 0; j < 16; j++ {
 		gd := half.FromF16(d) * float32(sc[j])

@@ -113,17 +113,19 @@ func TestEncodeFloatTypes(t *testing.T) {
 func TestParseFileType(t *testing.T) {
 	for in, want := range map[string]FileType{"q8_0": MostlyQ8_0, "Q8_0": MostlyQ8_0, "Q4_0": MostlyQ4_0, "F16": MostlyF16,
 		"bf16": MostlyBF16, "f32": AllF32, "Q4_K_M": MostlyQ4_K_M, "q4_k_s": MostlyQ4_K_S, "Q5_K_M": MostlyQ5_K_M,
-		"q5_k_s": MostlyQ5_K_S, "Q6_K": MostlyQ6_K, "q5_0": MostlyQ5_0, "Q5_1": MostlyQ5_1} {
+		"q5_k_s": MostlyQ5_K_S, "Q6_K": MostlyQ6_K, "q5_0": MostlyQ5_0, "Q5_1": MostlyQ5_1,
+		"Q4_K": MostlyQ4_K_M, "q5_k": MostlyQ5_K_M} { // llama-quantize's aliases
 		if got, err := ParseFileType(in); err != nil || got != want {
 			t.Errorf("%s: %v %v, want %v", in, got, err, want)
 		}
 	}
 	for in, want := range map[string]string{
-		"Q3_K_M": "llama-quantize turns that file into Q3_K_M",
-		"IQ2_XS": "llama-quantize turns that file into IQ2_XS",
-		"q4_1":   "llama-quantize turns that file into q4_1",
-		"Q4_K":   "llama-quantize names the mixes Q4_K_m and Q4_K_s",
-		"q5":     `unknown type "q5" (q8_0, q6_k, q5_k_m`,
+		"Q3_K_M":    "llama-quantize turns that file into Q3_K_M",
+		"IQ2_XS":    "llama-quantize turns that file into IQ2_XS",
+		"q4_1":      "llama-quantize turns that file into q4_1",
+		"MXFP4_MOE": "llama-quantize turns that file into MXFP4_MOE",
+		"iqra":      `unknown type "iqra"`,
+		"q5":        `unknown type "q5" (q8_0, q6_k, q5_k_m`,
 	} {
 		if _, err := ParseFileType(in); err == nil || !strings.Contains(err.Error(), want) {
 			t.Errorf("%s: %v, want an error saying %q", in, err, want)

@@ -26,11 +26,13 @@ model only.
 
 --type is one of llama-quantize's types: q8_0 (the default: near-lossless,
 53% of bf16's size), q6_k (41%), q5_k_m (36%), q5_k_s, q4_k_m (30%, Ollama's
-usual choice), q4_k_s, q5_1, q5_0, q4_0 (28%), or f16, bf16, f32. Each tensor
+usual choice), q4_k_s, q5_1, q5_0, q4_0 (28%), or f16, bf16, f32 (the sizes
+are the 4B's and larger; q4_k and q5_k read as their _m mixes). Each tensor
 gets the type and the bytes llama-quantize would give it without an importance
-matrix: the k-quant mixes keep the embedding (tied to the output head) at q6_K,
-and the _m mixes attn_v and ffn_down of an eighth of the layers at each end and
-every third between. An --out named NAME.TYPE.gguf gives the type when --type is
+matrix: the embedding (tied to the output head) q6_K, and in the _m mixes
+attn_v and ffn_down of an eighth of the layers at each end and every third
+between; where a k-quant's 256-value blocks do not fit a row (the 1B's 1152)
+a 32-value type stands in, and the embedding is q8_0. An --out named NAME.TYPE.gguf gives the type when --type is
 left out. llama.cpp's 2- and 3-bit and i-quants are made from a q8_0 or f16 file
 with its llama-quantize. general.name is --name, by default --out's NAME. The
 file appears only complete; an interrupt leaves nothing.

@@ -77,6 +77,9 @@ type qloraParams struct {
 	// AutoPeftModelForCausalLM cannot load. Those adapters are trained
 	// again; the keys of the others stay as they were. No spec sets it.
 	HubBaseNaming string `yaml:"-" json:"hub_base_naming,omitempty"`
+	// backendNote is what backend: auto chose and why, said when the stage
+	// runs (the key holds the chosen backend).
+	backendNote string
 }
 
 // Version 2: dropout masks come from Philox (shared by the CPU and GPU
@@ -239,12 +242,12 @@ func (p *qloraParams) Validate() error {
 	if _, _, err := trainer.ResolveOptimizer(p.Optimizer); err != nil {
 		return bad("optimizer", err.Error(), "use adamw, or paged_adamw_8bit / adamw_8bit for 8-bit state")
 	}
-	b, _, err := trainer.ResolveBackend(p.Backend)
+	b, note, err := trainer.ResolveBackend(p.Backend)
 	if err != nil {
 		fix := "use backend: auto (the GPU when one is usable, else the CPU) or cpu"
 		return bad("backend", err.Error(), fix)
 	}
-	p.Backend = b.Name()
+	p.Backend, p.backendNote = b.Name(), note
 	if p.Schedule == "constant_with_warmup" {
 		// transformers' name for what constant is here: a warmup, then
 		// the full rate.
@@ -292,6 +295,15 @@ func (s *qloraStage) Run(ctx context.Context, t *pipeline.Task) error {
 	optimizer, note, _ := trainer.ResolveOptimizer(s.p.Optimizer)
 	if note != "" {
 		t.Log.Info(note)
+	}
+	if s.p.backendNote != "" {
+		t.Log.Info(s.p.backendNote)
+	}
+	if c, err := trainer.LoadConfig(model); err == nil && s.p.Backend == "cpu" && c.Hidden >= 1024 {
+		// The CPU backend is the reference: fine for the tiny demo model,
+		// days for a real Gemma 3.
+		t.Log.Warn(fmt.Sprintf("training a model of hidden size %d on the CPU, minutes or more a step at Gemma 3 sizes; "+
+			"on a machine with a GPU set backend: cuda, which fails at once where the GPU is not usable", c.Hidden))
 	}
 	// Rows are read from the pack stage's file as training reaches them.
 	rows, err := trainer.OpenPackedArrow(rowsPath)

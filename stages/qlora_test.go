@@ -446,3 +446,17 @@ func TestDanglingWeightsLink(t *testing.T) {
 		t.Errorf("dangling link: %v", err)
 	}
 }
+
+// TestAutoBackendSaysWhich: backend: auto says which backend it chose, and
+// why, when the stage runs (the key holds only the choice).
+func TestAutoBackendSaysWhich(t *testing.T) {
+	r := newTestRun(t)
+	var logs bytes.Buffer
+	r.log = slog.New(slog.NewTextHandler(&logs, nil))
+	if _, err := r.run(r.spec(strings.Replace(trainSpec(t, 1), "backend: cpu", "backend: auto", 1)), pipeline.Options{}); err != nil {
+		t.Fatal(err)
+	}
+	if !strings.Contains(logs.String(), "auto: ") || !strings.Contains(logs.String(), "training on the") {
+		t.Errorf("the log does not say which backend auto chose:\n%s", logs.String())
+	}
+}

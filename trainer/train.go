@@ -222,7 +222,7 @@ func train(ctx context.Context, s Session, data Dataset, opts TrainOptions, p *r
 	}
 
 	start := time.Now()
-	startStep := st.Step
+	startStep, startTokens := st.Step, st.Tokens // a resumed run's rate counts from here
 	savedSinceResume := false
 	var sinceLogTokens int64
 	sinceLog := time.Now()
@@ -349,7 +349,7 @@ func train(ctx context.Context, s Session, data Dataset, opts TrainOptions, p *r
 			done := st.Step - startStep
 			eta := time.Duration(float64(elapsed) / float64(done) * float64(p.total-st.Step))
 			opts.Progress(Progress{Step: st.Step, TotalSteps: p.total, Loss: loss, EvalLoss: ev, LR: lr,
-				GradNorm: gradNorm, TokensPerSec: float64(st.Tokens) / max(elapsed.Seconds(), 1e-9),
+				GradNorm: gradNorm, TokensPerSec: float64(st.Tokens-startTokens) / max(elapsed.Seconds(), 1e-9),
 				PeakMemory: s.PeakMemory(), Elapsed: elapsed, ETA: eta})
 		}
 		if writer && opts.CheckpointEvery > 0 && (st.Step%opts.CheckpointEvery == 0 || st.Step == p.total || stopped()) {

@@ -9,6 +9,7 @@ import (
 	"fmt"
 	"log/slog"
 	"math/rand/v2"
+	"math"
 	"os"
 	"path/filepath"
 	"strings"
@@ -372,10 +373,14 @@ func TestEarlyStopping(t *testing.T) {
 	}
 	want, _ := os.ReadFile(filepath.Join(first.AdapterDir, AdapterWeightsFile))
 
-	res, err := Train(context.Background(), session(0), rows, opts(t.TempDir()))
+	whole := opts(t.TempDir())
+	tokensAt := map[int]float64{} // the tokens trained by a step, as the progress's rate gives them
+	whole.Progress = func(p Progress) { tokensAt[p.Step] = p.TokensPerSec * p.Elapsed.Seconds() }
+	res, err := Train(context.Background(), session(0), rows, whole)
 	if err != nil {
 		t.Fatal(err)
 	}
+	stepTokens := tokensAt[4] - tokensAt[3]
 	got, _ := os.ReadFile(filepath.Join(res.AdapterDir, AdapterWeightsFile))
 	if res.Steps != 4 || !res.StoppedEarly || res.BestStep != 2 || res.EvalLoss != 4.95 || !bytes.Equal(got, want) {
 		t.Errorf("early stopping: %d steps, stopped %v, best step %d (eval loss %v), the step-2 adapter written: %v",
@@ -395,10 +400,21 @@ func TestEarlyStopping(t *testing.T) {
 		t.Fatalf("interrupted run: %v", err)
 	}
 	var logs bytes.Buffer
-	resumed.Progress, resumed.Log = nil, slog.New(slog.NewTextHandler(&logs, nil))
+	var resumedTokens float64
+	resumed.Progress = func(p Progress) {
+		if p.Step == 4 {
+			resumedTokens = p.TokensPerSec * p.Elapsed.Seconds()
+		}
+	}
+	resumed.Log = slog.New(slog.NewTextHandler(&logs, nil))
 	res, err = Train(context.Background(), session(3), rows, resumed)
 	if err != nil {
 		t.Fatal(err)
+	}
+	// The resumed run's rate counts its own tokens (step 4's by step 4),
+	// not the checkpoint's too over its own time.
+	if math.Abs(resumedTokens-stepTokens) > 1e-6*stepTokens || stepTokens <= 0 {
+		t.Errorf("the resumed run's rate × time is %g tokens at its first step, want step 4's %g", resumedTokens, stepTokens)
 	}
 	got, _ = os.ReadFile(filepath.Join(res.AdapterDir, AdapterWeightsFile))
 	if !strings.Contains(logs.String(), "resuming from a checkpoint") || strings.Contains(logs.String(), "set aside") {

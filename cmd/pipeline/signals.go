@@ -52,11 +52,23 @@ func signalContextFrom(parent context.Context, grace time.Duration) (context.Con
 		interrupted.Store(num)
 		fmt.Fprintf(os.Stderr, "pipeline: %s: stopping (again to stop at once)\n", signalName(sig))
 		cancel(signalCause{sig})
-		select {
-		case <-ch:
-		case <-time.After(grace):
-		case <-done:
-			return
+		first, timer := time.Now(), time.NewTimer(grace)
+		defer timer.Stop()
+	wait:
+		for {
+			select {
+			case <-ch:
+				// One signal delivered twice at once (coreutils' timeout
+				// signals the process and then its group) is one request.
+				if time.Since(first) < sameSignal {
+					continue
+				}
+				break wait
+			case <-timer.C:
+				break wait
+			case <-done:
+				return
+			}
 		}
 		atomicfile.RemovePending() // what the command leaves half-written
 		fmt.Fprintf(os.Stderr, "pipeline: stopped by %s\n", signalName(sig))
@@ -71,6 +83,10 @@ func signalContextFrom(parent context.Context, grace time.Duration) (context.Con
 		})
 	}
 }
+
+// sameSignal is how soon after a first signal a second counts as the same
+// delivery, not a second request: far below a person's double press.
+const sameSignal = 200 * time.Millisecond
 
 // signalsKey marks a context that signalContext made.
 type signalsKey struct{}

@@ -263,6 +263,9 @@ func fieldHint(keys []string, name string, conv bool) string {
 		return "; an Alpaca record: leave format out (alpaca is the default)"
 	case len(keys) == 0:
 		return ""
+	case !conv && !slices.Contains([]string{ColInstruction, ColInput, ColOutput, ColSystem}, name):
+		// Not a role's own name: a field columns: names, misspelt.
+		return fmt.Sprintf("; columns: maps a role to one of these fields (columns: {ROLE: FIELD}) and names %q", name)
 	}
 	return fmt.Sprintf("; name the record's field with columns:, e.g. columns: {%s: %s}", name, likelyField(keys, name))
 }
@@ -360,10 +363,10 @@ func (jf *jsonlFile) parse(line []byte, at int64) (record, error) {
 	for i, name := range jf.want {
 		raw, ok := obj[name]
 		if !ok && jf.optional.has(name) {
-			if name == jf.optional.input {
-				r.null |= 1 << i // as a null input, which Alpaca data often has
-			}
-			continue // a record without a system text of its own: ""
+			// No input (Alpaca's instructions without one), or no system
+			// text of its own: "", and not a null, which is counted as
+			// something the data holds.
+			continue
 		}
 		if !ok {
 			return record{}, noField(name)

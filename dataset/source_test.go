@@ -413,6 +413,12 @@ func TestUnreadInput(t *testing.T) {
 	if _, err := Open(SourceOptions{Paths: []string{pq}, Columns: map[string]string{"instruction": "instruction-turkish"}}); err == nil || !strings.Contains(err.Error(), "columns: {output: output-turkish}") {
 		t.Errorf("a missing output's hint: %v", err)
 	}
+	// A field columns: names and the file lacks is a typo there, not a
+	// role to map (the hint was columns: {instrucion: instruction-turkish}).
+	if _, err := Open(SourceOptions{Paths: []string{pq}, Columns: map[string]string{"instruction": "instrucion-turkish", "output": "output-turkish"}}); err == nil ||
+		!strings.Contains(err.Error(), `columns: maps a role to one of these fields (columns: {ROLE: FIELD}) and names "instrucion-turkish"`) {
+		t.Errorf("a misspelt mapped column's hint: %v", err)
+	}
 }
 
 // TestParquetWithoutInput: a Parquet file of instructions and outputs only
@@ -479,6 +485,17 @@ func TestNullsAreCountedAndConfigurable(t *testing.T) {
 		if err == nil || !strings.Contains(err.Error(), where[1]+": column output is null") {
 			t.Errorf("%s error: %v", path, err)
 		}
+	}
+	// A record without an input field has no input, and no null to count.
+	os.WriteFile(jl, []byte(`{"instruction": "Bir", "output": "iki"}`+"\n"), 0o644)
+	s, err := Open(SourceOptions{Paths: []string{jl}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	rows, err := drain(s)
+	s.Close()
+	if err != nil || !slices.EqualFunc(rows, [][]string{{"Bir", "", "iki"}}, slices.Equal) || len(s.Nulls().Columns) != 0 {
+		t.Errorf("no input field: %q %v, nulls %+v", rows, err, s.Nulls())
 	}
 }
 

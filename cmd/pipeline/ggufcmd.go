@@ -78,6 +78,9 @@ them.`,
 			if err := modelOutFree(out); err != nil {
 				return err
 			}
+			if err := makeOutDir(out); err != nil { // as export makes its --out's
+				return err
+			}
 			if err := checkWritable(out, "model.gguf"); err != nil {
 				return usageErr(fmt.Errorf("--out: %w", err))
 			}

@@ -963,15 +963,16 @@ func TestGGUFCommand(t *testing.T) {
 	if w, _ := os.ReadFile(want); !bytes.Equal(got, w) {
 		t.Error("pipeline gguf wrote another file than a q4_0 conversion named tr-demo")
 	}
-	// A k-quant mix by its name, as llama-quantize users write it.
-	if r := runCLI(t, dir, "gguf", "--model", "m", "--out", "tr.Q4_K_M.gguf"); r.code != 0 || !strings.Contains(r.stderr, "(q4_k_m)") {
+	// A k-quant mix by its name, as llama-quantize users write it, into a
+	// folder made for it (as export makes its --out's).
+	if r := runCLI(t, dir, "gguf", "--model", "m", "--out", "k/tr.Q4_K_M.gguf"); r.code != 0 || !strings.Contains(r.stderr, "(q4_k_m)") {
 		t.Fatalf("gguf: exit %d\n%s", r.code, r.stderr)
 	}
 	want = filepath.Join(t.TempDir(), "k.gguf")
 	if err := gguf.Gemma3(context.Background(), model, want, gguf.Options{Type: gguf.MostlyQ4_K_M, Name: "tr"}); err != nil {
 		t.Fatal(err)
 	}
-	got, _ = os.ReadFile(filepath.Join(dir, "tr.Q4_K_M.gguf"))
+	got, _ = os.ReadFile(filepath.Join(dir, "k", "tr.Q4_K_M.gguf"))
 	if w, _ := os.ReadFile(want); !bytes.Equal(got, w) {
 		t.Error("pipeline gguf wrote another file than a q4_k_m conversion named tr")
 	}

@@ -15,7 +15,7 @@ type Status struct {
 }
 
 // UnfinishedCauses is what stops a run before it can record how it ended.
-const UnfinishedCauses = "killed (SIGKILL, out of memory, or stopped at once by a second Ctrl-C or SIGTERM), its machine stopped, or its record could not be written (disk full)"
+const UnfinishedCauses = "killed (SIGKILL, out of memory, or stopped at once by a second Ctrl-C or SIGTERM, or by a first whose stages did not end within 30 s), its machine stopped, or its record could not be written (disk full)"
 
 // StageStatus is one stage's current output.
 type StageStatus struct {

@@ -224,13 +224,45 @@ func train(ctx context.Context, s Session, data Dataset, opts TrainOptions, p *r
 	start := time.Now()
 	startStep, startTokens := st.Step, st.Tokens // a resumed run's rate counts from here
 	savedSinceResume := false
+	savedStep := st.Step // the step the newest checkpoint holds (none at 0: nothing to lose)
+	checkpoint := func() error {
+		logged, err := readPrefix(metrics, st.MetricsBytes)
+		if err != nil {
+			return err
+		}
+		a, opt, err := s.State()
+		if err != nil {
+			return err
+		}
+		if err := saveCheckpoint(ckDir, info, st, a, best, opt, logged); err != nil {
+			return err
+		}
+		savedSinceResume, savedStep = true, st.Step
+		return nil
+	}
+	// stop ends a run whose context is done (Ctrl-C, SIGTERM) with a
+	// checkpoint of the steps done since the last one, so that the next
+	// run resumes from them, as plan and status say it will: at 50 steps a
+	// checkpoint, an interrupt lost up to 49 steps. The state is that of
+	// the last whole step; a step's partial gradients are not kept. One
+	// process only: ranks would have to agree on the step.
+	stop := func(err error) error {
+		if writer && size == 1 && opts.CheckpointEvery > 0 && st.Step > savedStep {
+			if cerr := checkpoint(); cerr != nil {
+				log.Warn("stopped without a checkpoint of the last steps", "step", st.Step, "err", cerr)
+			} else {
+				log.Info("stopped; the next run resumes from here", "step", st.Step)
+			}
+		}
+		return err
+	}
 	var sinceLogTokens int64
 	sinceLog := time.Now()
 	patience := opts.EarlyStoppingPatience
 	stopped := func() bool { return patience > 0 && st.BadEvals >= patience }
 	for st.Step < p.total && !stopped() {
 		if err := ctx.Err(); err != nil {
-			return nil, err
+			return nil, stop(err)
 		}
 		step := st.Step
 		micro := p.stepRows(opts.Seed, step, &opts)
@@ -257,7 +289,7 @@ func train(ctx context.Context, s Session, data Dataset, opts TrainOptions, p *r
 				continue // another rank's micro-batch
 			}
 			if err := ctx.Err(); err != nil {
-				return nil, err
+				return nil, stop(err)
 			}
 			if i == last && overlap != nil {
 				overlap.ReduceInNextBackward()
@@ -353,18 +385,9 @@ func train(ctx context.Context, s Session, data Dataset, opts TrainOptions, p *r
 				PeakMemory: s.PeakMemory(), Elapsed: elapsed, ETA: eta})
 		}
 		if writer && opts.CheckpointEvery > 0 && (st.Step%opts.CheckpointEvery == 0 || st.Step == p.total || stopped()) {
-			logged, err := readPrefix(metrics, st.MetricsBytes)
-			if err != nil {
+			if err := checkpoint(); err != nil {
 				return nil, err
 			}
-			a, opt, err := s.State()
-			if err != nil {
-				return nil, err
-			}
-			if err := saveCheckpoint(ckDir, info, st, a, best, opt, logged); err != nil {
-				return nil, err
-			}
-			savedSinceResume = true
 		}
 	}
 

@@ -437,3 +437,45 @@ func TestEarlyStopping(t *testing.T) {
 		t.Errorf("early stopping without evaluations: %v", err)
 	}
 }
+
+// TestInterruptKeepsSteps: a run stopped between checkpoints (Ctrl-C at
+// step 3 of checkpoints every 10) saves the steps done, and the next run
+// resumes from them to the adapter an uninterrupted run writes.
+func TestInterruptKeepsSteps(t *testing.T) {
+	c := tinyConfig()
+	rows := trainRows(c.VocabSize, 24, 16, 1)
+	opts := func(out string) TrainOptions {
+		o := trainOptions(out)
+		o.MaxSteps, o.CheckpointEvery, o.EvalFraction, o.EvalEvery = 5, 10, 0, 0
+		return o
+	}
+	whole, err := Train(context.Background(), openCPU(t, tinyModel(t, c), sessionConfig()), rows, opts(t.TempDir()))
+	if err != nil {
+		t.Fatal(err)
+	}
+	want, _ := os.ReadFile(filepath.Join(whole.AdapterDir, AdapterWeightsFile))
+
+	o := opts(t.TempDir())
+	ctx, cancel := context.WithCancel(context.Background())
+	o.Progress = func(p Progress) {
+		if p.Step == 3 {
+			cancel()
+		}
+	}
+	if _, err := Train(ctx, openCPU(t, tinyModel(t, c), sessionConfig()), rows, o); !errors.Is(err, context.Canceled) {
+		t.Fatalf("interrupted run: %v", err)
+	}
+	var logs bytes.Buffer
+	o.Progress, o.Log = nil, slog.New(slog.NewTextHandler(&logs, nil))
+	res, err := Train(context.Background(), openCPU(t, tinyModel(t, c), sessionConfig()), rows, o)
+	if err != nil {
+		t.Fatal(err)
+	}
+	got, _ := os.ReadFile(filepath.Join(res.AdapterDir, AdapterWeightsFile))
+	if !strings.Contains(logs.String(), "resuming from a checkpoint") || !strings.Contains(logs.String(), "step=3") {
+		t.Errorf("the run did not resume from step 3:\n%s", logs.String())
+	}
+	if res.Steps != 5 || !bytes.Equal(got, want) {
+		t.Errorf("resumed: %d steps, the uninterrupted run's adapter: %v", res.Steps, bytes.Equal(got, want))
+	}
+}

@@ -347,6 +347,9 @@ func (s *qloraStage) Run(ctx context.Context, t *pipeline.Task) error {
 		return err
 	}
 	defer group.Close()
+	// Loading a 12B checkpoint takes minutes; the progress says so rather
+	// than counting rows nobody reads yet.
+	t.Report(0, -1, "steps", "loading "+filepath.Base(model)+" on "+s.p.Backend)
 	sess, err := trainer.OpenSession(ctx, s.p.Backend, trainer.SessionConfig{
 		Group: group.trainer(),
 		Model: model, Quantize: s.p.Quantize,

@@ -910,6 +910,20 @@ func paramField(p any, name string) (reflect.StructField, bool) {
 	return reflect.StructField{}, false
 }
 
+func isUintKind(k reflect.Kind) bool {
+	switch k {
+	case reflect.Uint, reflect.Uint8, reflect.Uint16, reflect.Uint32, reflect.Uint64:
+		return true
+	}
+	return false
+}
+
+// hasParam says whether params has a parameter called name.
+func hasParam(params any, name string) bool {
+	_, ok := paramField(params, name)
+	return ok
+}
+
 func isIntKind(k reflect.Kind) bool {
 	switch k {
 	case reflect.Int, reflect.Int8, reflect.Int16, reflect.Int32, reflect.Int64,
@@ -927,7 +941,7 @@ func (l *loader) checkWholeNumbers(n *Node, with ast.Node) bool {
 		return true
 	}
 	good := true
-	check := func(param string, v ast.Node) {
+	check := func(param string, v ast.Node, unsigned bool) {
 		var got string
 		switch t := v.(type) {
 		case *ast.FloatNode:
@@ -937,12 +951,26 @@ func (l *loader) checkWholeNumbers(n *Node, with ast.Node) bool {
 			got = t.GetToken().Value
 		case *ast.InfinityNode, *ast.NanNode:
 			got = v.GetToken().Value
+		case *ast.IntegerNode:
+			// Decoding would fail with the YAML library's overflow text.
+			if tk := t.GetToken().Value; unsigned && strings.HasPrefix(tk, "-") {
+				good = false
+				l.errAt(v, fmt.Sprintf("write a whole number of 0 or more, e.g. %s: 0", param),
+					"stage %q: %s must not be negative, got %s", n.Name, param, tk)
+			}
+			return
 		default:
 			return
 		}
 		good = false
-		l.errAt(v, fmt.Sprintf("write a whole number, e.g. %s: %.0f", param, wholeHint(v)),
-			"stage %q: %s must be a whole number, got %s", n.Name, param, got)
+		fix := fmt.Sprintf("write a whole number, e.g. %s: %.0f", param, wholeHint(v))
+		if f, ok := v.(*ast.FloatNode); ok && f.Value > 0 && f.Value < 1 && strings.HasSuffix(param, "_steps") {
+			// warmup_steps: 0.03 is transformers' warmup_ratio.
+			if ratio := strings.TrimSuffix(param, "_steps") + "_ratio"; hasParam(n.Params, ratio) {
+				fix += fmt.Sprintf(", or give the share of the run's steps as %s: %s", ratio, got)
+			}
+		}
+		l.errAt(v, fix, "stage %q: %s must be a whole number, got %s", n.Name, param, got)
 	}
 	for _, f := range fields {
 		sf, ok := paramField(n.Params, keyOf(f))
@@ -952,11 +980,11 @@ func (l *loader) checkWholeNumbers(n *Node, with ast.Node) bool {
 		t := sf.Type
 		switch {
 		case isIntKind(t.Kind()):
-			check(keyOf(f), f.Value)
+			check(keyOf(f), f.Value, isUintKind(t.Kind()))
 		case (t.Kind() == reflect.Slice || t.Kind() == reflect.Array) && isIntKind(t.Elem().Kind()):
 			if seq, ok := f.Value.(*ast.SequenceNode); ok {
 				for _, v := range seq.Values {
-					check(keyOf(f), v)
+					check(keyOf(f), v, isUintKind(t.Elem().Kind()))
 				}
 			}
 		}

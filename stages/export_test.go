@@ -2,11 +2,13 @@ package stages
 
 import (
 	"bytes"
+	"context"
 	"os"
 	"path/filepath"
 	"strings"
 	"testing"
 
+	"gemmaft/gguf"
 	"gemmaft/internal/testenv"
 	"gemmaft/pipeline"
 	"gemmaft/trainer"
@@ -290,5 +292,42 @@ func TestGGUFAfterATokenizerWithoutConfig(t *testing.T) {
 	}
 	if _, err := r.run(spec, pipeline.Options{Force: []string{"merged"}}); err != nil {
 		t.Fatalf("after the fix the message gives: %v", err)
+	}
+}
+
+// TestGGUFLoRAStage: a gguf_lora stage writes the qlora stage's adapter as
+// the GGUF LoRA file gguf.Gemma3LoRA makes of it for its base; a stage that
+// reads no adapter, or asks for a model's type, is a spec error.
+func TestGGUFLoRAStage(t *testing.T) {
+	r := newTestRun(t)
+	spec := trainSpec(t, 2) + `  lora:
+    kind: gguf_lora
+    needs: [adapter, base]
+    with: {type: F16, name: tr-adapter}
+`
+	rec, err := r.run(r.spec(spec), pipeline.Options{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	got, err := os.ReadFile(filepath.Join(stageEntry(t, rec, "lora"), "tr-adapter.f16.gguf"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	want := filepath.Join(t.TempDir(), "want.gguf")
+	adapter := filepath.Join(stageEntry(t, rec, "adapter"), trainer.AdapterDirName)
+	if err := gguf.Gemma3LoRA(context.Background(), stageEntry(t, rec, "base"), adapter, want, gguf.LoRAOptions{Type: gguf.MostlyF16, Name: "tr-adapter"}); err != nil {
+		t.Fatal(err)
+	}
+	if w, _ := os.ReadFile(want); !bytes.Equal(got, w) {
+		t.Error("the stage's file is not the adapter's GGUF LoRA file")
+	}
+	for with, msg := range map[string]string{
+		"needs: [pack, base]\n    with: {type: f16}": `"pack" is a pack stage, but a gguf_lora stage reads the adapter of a qlora stage`,
+		"needs: [adapter, base]\n    with: {type: q8_0}": "type: q8_0 is a model's type; a LoRA adapter is written in f32, f16 or bf16",
+	} {
+		bad := trainSpec(t, 2) + "  lora:\n    kind: gguf_lora\n    " + with + "\n"
+		if _, err := loadSpec(r.spec(bad), Registry()); err == nil || !strings.Contains(err.Error(), msg) {
+			t.Errorf("%s: %v", with, err)
+		}
 	}
 }

@@ -90,7 +90,18 @@ func (qloraKind) CheckInputs(params any, needs []pipeline.Need) error {
 // CheckInputs: a merge stage merges the adapter of one qlora stage into its
 // base, which one model stage or `model:` names.
 func (mergeKind) CheckInputs(params any, needs []pipeline.Need) error {
-	p := params.(*mergeParams)
+	return adapterNeeds(mergeKindName, params.(*mergeParams).Model, needs)
+}
+
+// CheckInputs: a gguf_lora stage reads what a merge stage reads.
+func (ggufLoRAKind) CheckInputs(params any, needs []pipeline.Need) error {
+	return adapterNeeds(ggufLoRAKindName, params.(*ggufLoRAParams).Model, needs)
+}
+
+// adapterNeeds checks the needs of a stage of kind self that reads one
+// qlora stage's adapter and its base: the base from model (`model:`) or
+// one model stage.
+func adapterNeeds(self, model string, needs []pipeline.Need) error {
 	needsErr := func(msg, fix string) error { return &pipeline.ParamError{Param: "needs", Msg: msg, Fix: fix} }
 	var adapters, models []string
 	for _, n := range needs {
@@ -100,7 +111,7 @@ func (mergeKind) CheckInputs(params any, needs []pipeline.Need) error {
 		case modelKindName:
 			models = append(models, n.Stage)
 		default:
-			return needsErr(fmt.Sprintf("%q is a %s stage, but a merge stage reads the adapter of a qlora stage and the checkpoint of a model stage", n.Stage, n.Kind),
+			return needsErr(fmt.Sprintf("%q is a %s stage, but a %s stage reads the adapter of a qlora stage and the checkpoint of a model stage", n.Stage, n.Kind, self),
 				"name the qlora stage (and its model stage, unless `model:` names the checkpoint folder) in needs")
 		}
 	}
@@ -108,10 +119,10 @@ func (mergeKind) CheckInputs(params any, needs []pipeline.Need) error {
 	case len(adapters) == 0:
 		return needsErr("no adapter", "add the qlora stage to needs")
 	case len(adapters) > 1:
-		return needsErr(fmt.Sprintf("two qlora stages (%s): a merge stage merges one adapter", strings.Join(adapters, ", ")), "keep one in needs")
-	case len(models) == 1 && p.Model != "":
-		return twoBases(p.Model, models[0])
-	case len(models) == 0 && p.Model == "":
+		return needsErr(fmt.Sprintf("two qlora stages (%s): a %s stage reads one adapter", strings.Join(adapters, ", "), self), "keep one in needs")
+	case len(models) == 1 && model != "":
+		return twoBases(model, models[0])
+	case len(models) == 0 && model == "":
 		return needsErr("no base model", "set `model:` to the checkpoint folder the adapter was trained on, or add its model stage to needs")
 	}
 	return nil

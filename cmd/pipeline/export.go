@@ -297,7 +297,7 @@ func exportModel(entry string, m *pipeline.Manifest, stage, format string, typ g
 	case "qlora":
 		if format != "hf" {
 			return usageErr(fmt.Errorf("stage %s holds a PEFT adapter, which exports with --format hf; for llama.cpp, "+
-				"pipeline gguf --model BASE --adapter %s --out NAME.gguf writes it as a GGUF LoRA adapter (BASE the model it trained on), "+
+				"pipeline gguf --model BASE --adapter %s --out NAME.gguf writes it as a GGUF LoRA adapter (BASE the model it trained on; in a DAG, a gguf_lora stage), "+
 				"and a merge stage merges it into its base, which exports as GGUF", stage, shellQuote(filepath.Join(entry, trainer.AdapterDirName))))
 		}
 		model = filepath.Join(entry, trainer.AdapterDirName)
@@ -305,7 +305,7 @@ func exportModel(entry string, m *pipeline.Manifest, stage, format string, typ g
 		if _, err := os.Stat(filepath.Join(entry, "tokenizer.json")); err != nil && format == "gguf" {
 			return usageErr(fmt.Errorf("stage %s's random checkpoint has no tokenizer, which a GGUF file holds: export it with --format hf", stage))
 		}
-	case "gguf":
+	case "gguf", "gguf_lora":
 		if format != "gguf" {
 			return usageErr(fmt.Errorf("stage %s holds a GGUF file; export it with --format gguf", stage))
 		}
@@ -320,7 +320,7 @@ func exportModel(entry string, m *pipeline.Manifest, stage, format string, typ g
 		defer stop()
 		return doneOrFail(out, exportTo(ctx, out, func(w io.Writer) error { return copyFile(w, files[0]) }))
 	default:
-		return usageErr(fmt.Errorf("stage %s is of kind %s; models export from merge, model, gguf or qlora (the adapter) stages", stage, m.Kind))
+		return usageErr(fmt.Errorf("stage %s is of kind %s; models export from merge, model, gguf, gguf_lora or qlora (the adapter) stages", stage, m.Kind))
 	}
 	ctx, stop := signalContext(10 * time.Second)
 	defer stop()

@@ -322,7 +322,7 @@ func TestGGUFLoRAStage(t *testing.T) {
 		t.Error("the stage's file is not the adapter's GGUF LoRA file")
 	}
 	for with, msg := range map[string]string{
-		"needs: [pack, base]\n    with: {type: f16}": `"pack" is a pack stage, but a gguf_lora stage reads the adapter of a qlora stage`,
+		"needs: [pack, base]\n    with: {type: f16}":     `"pack" is a pack stage, but a gguf_lora stage reads the adapter of a qlora stage`,
 		"needs: [adapter, base]\n    with: {type: q8_0}": "type: q8_0 is a model's type; a LoRA adapter is written in f32, f16 or bf16",
 	} {
 		bad := trainSpec(t, 2) + "  lora:\n    kind: gguf_lora\n    " + with + "\n"

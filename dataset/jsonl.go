@@ -43,21 +43,25 @@ type jsonlFile struct {
 	// input is the first record's field that looks like the input, when
 	// the record has no field for it (see Source.UnreadInput).
 	input string
+	// mapped are the fields columns: names, for the hint of one missing.
+	mapped []string
 }
 
 // optionalFields are the fields a JSON record may leave out: an Alpaca
-// record's input, read as a null one, as many datasets write them, and the
-// system column, read as "" (no null for the null policy to drop), as
-// datasets give only some records a system text; "" where there is none.
+// record's input, read as "" (as a null one where columns: names the
+// field, so that a misspelt name shows in the null counts), as many
+// datasets leave it out, and the system column, read as "" (no null for
+// the null policy to drop), as datasets give only some records a system
+// text; "" where there is none.
 type optionalFields struct{ input, system string }
 
 func (o optionalFields) has(name string) bool {
 	return name != "" && (name == o.input || name == o.system)
 }
 
-func openJSONL(open openFunc, path string, want []string, optional optionalFields, conv *convFields) (*jsonlFile, error) {
+func openJSONL(open openFunc, path string, want []string, optional optionalFields, conv *convFields, mapped []string) (*jsonlFile, error) {
 	jf := &jsonlFile{open: open, name: path, gz: strings.HasSuffix(strings.ToLower(path), ".gz"), want: want, optional: optional, conv: conv, rows: -1,
-		readsSystem: slices.Contains(want, ColSystem)}
+		readsSystem: slices.Contains(want, ColSystem), mapped: mapped}
 	if err := jf.detectArray(); err != nil {
 		return nil, err
 	}
@@ -250,8 +254,8 @@ func (jf *jsonlFile) scan(ctx context.Context, file int32, base int64, want func
 
 // fieldHint says, of a record without the field name, what in the spec
 // reads it: the format its fields have, or a columns: mapping to one of
-// them.
-func fieldHint(keys []string, name string, conv bool) string {
+// them; mapped says that columns: named it (misspelt, then).
+func fieldHint(keys []string, name string, conv, mapped bool) string {
 	switch {
 	case slices.Contains(keys, ColQuestionID) && slices.Contains(keys, ColTurns):
 		return "; MT-Bench questions, which a stage of kind mt_bench reads for a generate stage"
@@ -263,8 +267,7 @@ func fieldHint(keys []string, name string, conv bool) string {
 		return "; an Alpaca record: leave format out (alpaca is the default)"
 	case len(keys) == 0:
 		return ""
-	case !conv && !slices.Contains([]string{ColInstruction, ColInput, ColOutput, ColSystem}, name):
-		// Not a role's own name: a field columns: names, misspelt.
+	case mapped:
 		return fmt.Sprintf("; columns: maps a role to one of these fields (columns: {ROLE: FIELD}) and names %q", name)
 	}
 	return fmt.Sprintf("; name the record's field with columns:, e.g. columns: {%s: %s}", name, likelyField(keys, name))
@@ -343,7 +346,7 @@ func (jf *jsonlFile) parse(line []byte, at int64) (record, error) {
 			keys = append(keys, k)
 		}
 		slices.Sort(keys)
-		return fmt.Errorf("dataset: %s: %s: no field %q; the record has fields %s%s", jf.name, where, name, quoteList(keys), fieldHint(keys, name, jf.conv != nil))
+		return fmt.Errorf("dataset: %s: %s: no field %q; the record has fields %s%s", jf.name, where, name, quoteList(keys), fieldHint(keys, name, jf.conv != nil, slices.Contains(jf.mapped, name)))
 	}
 	if c := jf.conv; c != nil {
 		raw, ok := obj[c.list]
@@ -365,7 +368,11 @@ func (jf *jsonlFile) parse(line []byte, at int64) (record, error) {
 		if !ok && jf.optional.has(name) {
 			// No input (Alpaca's instructions without one), or no system
 			// text of its own: "", and not a null, which is counted as
-			// something the data holds.
+			// something the data holds; but a field columns: names and
+			// the record lacks counts, so that a misspelt name shows.
+			if name == jf.optional.input && slices.Contains(jf.mapped, name) {
+				r.null |= 1 << i
+			}
 			continue
 		}
 		if !ok {

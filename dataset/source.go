@@ -19,6 +19,7 @@ import (
 	"io"
 	"io/fs"
 	"iter"
+	"maps"
 	"math/rand/v2"
 	"os"
 	"path/filepath"
@@ -460,11 +461,11 @@ func Open(opts SourceOptions) (*Source, error) {
 			if optional.input == ColInput {
 				pqOptional = optional.input
 			}
-			f, err = openParquet(opts.opener(), path, wanted, pqOptional, s.conv, opts.Allocator)
+			f, err = openParquet(opts.opener(), path, wanted, pqOptional, s.conv, opts.Allocator, slices.Collect(maps.Values(opts.Columns)))
 		case FormatText:
 			f, err = openText(opts.opener(), path)
 		default:
-			f, err = openJSONL(opts.opener(), path, wanted, optional, s.conv)
+			f, err = openJSONL(opts.opener(), path, wanted, optional, s.conv, slices.Collect(maps.Values(opts.Columns)))
 		}
 		if err != nil {
 			s.closeFiles()

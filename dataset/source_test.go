@@ -486,6 +486,14 @@ func TestNullsAreCountedAndConfigurable(t *testing.T) {
 			t.Errorf("%s error: %v", path, err)
 		}
 	}
+	// A field columns: names for the input and the records lack counts as
+	// a null input (a misspelt name would otherwise go unseen).
+	os.WriteFile(jl, []byte(`{"instruction": "Bir", "output": "iki"}`+"\n"), 0o644)
+	if s, err := Open(SourceOptions{Paths: []string{jl}, Columns: map[string]string{ColInput: "contxt"}}); err != nil {
+		t.Fatal(err)
+	} else if _, err := drain(s); err != nil || s.Nulls().Columns[ColInput] != 1 {
+		t.Errorf("a mapped input the records lack: %v, nulls %+v", err, s.Nulls())
+	}
 	// A record without an input field has no input, and no null to count.
 	os.WriteFile(jl, []byte(`{"instruction": "Bir", "output": "iki"}`+"\n"), 0o644)
 	s, err := Open(SourceOptions{Paths: []string{jl}})

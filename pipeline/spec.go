@@ -946,6 +946,11 @@ func (l *loader) checkWholeNumbers(n *Node, with ast.Node) bool {
 		switch t := v.(type) {
 		case *ast.FloatNode:
 			if t.Value == math.Trunc(t.Value) && math.Abs(t.Value) < 1<<53 {
+				if unsigned && t.Value < 0 {
+					good = false
+					l.errAt(v, fmt.Sprintf("write a whole number of 0 or more, e.g. %s: 0", param),
+						"stage %q: %s must not be negative, got %s", n.Name, param, t.GetToken().Value)
+				}
 				return
 			}
 			got = t.GetToken().Value
@@ -953,7 +958,7 @@ func (l *loader) checkWholeNumbers(n *Node, with ast.Node) bool {
 			got = v.GetToken().Value
 		case *ast.IntegerNode:
 			// Decoding would fail with the YAML library's overflow text.
-			if tk := t.GetToken().Value; unsigned && strings.HasPrefix(tk, "-") {
+			if tk := t.GetToken().Value; unsigned && strings.HasPrefix(tk, "-") && strings.Trim(tk[1:], "0_") != "" {
 				good = false
 				l.errAt(v, fmt.Sprintf("write a whole number of 0 or more, e.g. %s: 0", param),
 					"stage %q: %s must not be negative, got %s", n.Name, param, tk)

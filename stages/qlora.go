@@ -349,7 +349,8 @@ func (s *qloraStage) Run(ctx context.Context, t *pipeline.Task) error {
 	defer group.Close()
 	// Loading a 12B checkpoint takes minutes; the progress says so rather
 	// than counting rows nobody reads yet.
-	t.Report(0, -1, "steps", "loading "+filepath.Base(model)+" on "+s.p.Backend)
+	// (A unit of its own: the steps' clock starts with the first step.)
+	t.Report(0, 1, "models", "loading "+filepath.Base(model)+" on "+s.p.Backend)
 	sess, err := trainer.OpenSession(ctx, s.p.Backend, trainer.SessionConfig{
 		Group: group.trainer(),
 		Model: model, Quantize: s.p.Quantize,

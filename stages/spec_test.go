@@ -63,6 +63,7 @@ func TestParameterMistakes(t *testing.T) {
 		{"packing: true", "unknown parameter \"packing\" for kind qlora\n\tfix: packing: rows are always packed, by the pack stage"},
 		{"bf16: true", "unknown parameter \"bf16\" for kind qlora\n\tfix: bf16: precision is the backend's"},
 		{"seed: -1", "seed must not be negative, got -1\n\tfix: write a whole number of 0 or more, e.g. seed: 0"},
+		{"seed: -1.0", "seed must not be negative, got -1.0"},
 		{"warmup_steps: 0.03", "warmup_steps must be a whole number, got 0.03\n\tfix: write a whole number, e.g. warmup_steps: 0, or give the share of the run's steps as warmup_ratio: 0.03"},
 		{"random_state: 3407", "unknown parameter \"random_state\" for kind qlora\n\tfix: random_state is called seed here"},
 		{"checkpoint_every: -1", "checkpoint_every: -1 must not be negative"},

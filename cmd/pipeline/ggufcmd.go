@@ -49,7 +49,7 @@ q8_0 or f16 GGUF of the original weights it computes what PEFT computes on
 them.`,
 		Example: `  pipeline gguf --model gemma3-12b-tr --out gemma3-12b-tr.q8_0.gguf
   pipeline gguf --model gemma3-12b-tr --type q4_k_m --out tr.gguf --name gemma3-12b-tr
-  pipeline gguf --model hf://google/gemma-3-12b-it --adapter tr-adapter --out tr-lora.f16.gguf`,
+  pipeline gguf --model gemma-3-12b-it --adapter tr-adapter --out tr-lora.f16.gguf`,
 		Args: cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
 			if modelDir == "" || out == "" {

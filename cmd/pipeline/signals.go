@@ -57,10 +57,10 @@ func signalContextFrom(parent context.Context, grace time.Duration) (context.Con
 	wait:
 		for {
 			select {
-			case <-ch:
+			case again := <-ch:
 				// One signal delivered twice at once (coreutils' timeout
 				// signals the process and then its group) is one request.
-				if time.Since(first) < sameSignal {
+				if again == sig && time.Since(first) < sameSignal {
 					continue
 				}
 				break wait

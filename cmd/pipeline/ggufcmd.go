@@ -17,7 +17,7 @@ func init() {
 	var modelDir, adapterDir, out, typeName, name string
 	cmd := &cobra.Command{
 		Use:   "gguf --model DIR [--adapter DIR] --out NAME.TYPE.gguf [--type q8_0|q4_k_m|...]",
-		Short: "Convert a Gemma 3 checkpoint folder to a GGUF file for llama.cpp and Ollama",
+		Short: "Convert a Gemma 3 checkpoint folder, or a LoRA adapter, to a GGUF file for llama.cpp and Ollama",
 		Long: `gguf converts the Hugging Face checkpoint folder --model (a merged model, from
 pipeline merge or another tool's merge, with its tokenizer.json) to the GGUF file
 --out (which must not exist), as a gguf stage does in a DAG: llama.cpp's gemma3
@@ -40,7 +40,8 @@ file appears only complete; an interrupt leaves nothing.
 With --adapter, a PEFT LoRA adapter folder (this tool's, or PEFT's or
 Unsloth's) made for --model, --out is the adapter as a GGUF LoRA file, as
 llama.cpp's convert_lora_to_gguf.py writes it, in f32 (the default), f16 or
-bf16: llama.cpp applies it to a GGUF of that base (llama-cli -m BASE.gguf
+bf16 (of an hf:// base only its config and weight index are fetched): llama.cpp
+applies it to a GGUF of that base (llama-cli -m BASE.gguf
 --lora ADAPTER.gguf; llama-server --lora loads several and switches between
 them), so a retrained adapter ships without a new model file. A
 rank-stabilised adapter is written with the alpha that gives llama.cpp its
@@ -49,7 +50,7 @@ q8_0 or f16 GGUF of the original weights it computes what PEFT computes on
 them.`,
 		Example: `  pipeline gguf --model gemma3-12b-tr --out gemma3-12b-tr.q8_0.gguf
   pipeline gguf --model gemma3-12b-tr --type q4_k_m --out tr.gguf --name gemma3-12b-tr
-  pipeline gguf --model gemma-3-12b-it --adapter tr-adapter --out tr-lora.f16.gguf`,
+  pipeline gguf --model hf://google/gemma-3-12b-it --adapter tr-adapter --out tr-lora.f16.gguf`,
 		Args: cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
 			if modelDir == "" || out == "" {
@@ -84,7 +85,11 @@ them.`,
 			if err := checkWritable(out, "model.gguf"); err != nil {
 				return usageErr(fmt.Errorf("--out: %w", err))
 			}
-			if modelDir, err = localArg(cmd.Context(), "model", modelDir, argFolder); err != nil {
+			kind := argFolder
+			if adapterDir != "" {
+				kind = argShapes // an adapter's base: its weights are not read
+			}
+			if modelDir, err = localArg(cmd.Context(), "model", modelDir, kind); err != nil {
 				return err
 			}
 			if adapterDir != "" {

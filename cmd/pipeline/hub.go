@@ -7,6 +7,7 @@ import (
 	"fmt"
 	"io/fs"
 	"os"
+	"path/filepath"
 	"strings"
 	"text/tabwriter"
 	"time"
@@ -25,6 +26,7 @@ const (
 	argFolder       argKind = iota // a checkpoint or adapter folder: the repository
 	argTokenizer                   // a tokenizer.json (the repository's own when no path is given)
 	argTokenizerDir                // a folder holding a tokenizer's files: the repository
+	argShapes                      // a checkpoint of which only the shapes are read: its config and weight index
 )
 
 // localArg returns arg as a local path: an hf:// reference is resolved and
@@ -40,9 +42,12 @@ func localArg(ctx context.Context, flag, arg string, kind argKind) (string, erro
 	}
 	var only []string
 	switch kind {
-	case argFolder, argTokenizerDir:
-		if kind == argTokenizerDir {
+	case argFolder, argTokenizerDir, argShapes:
+		switch kind {
+		case argTokenizerDir:
 			only = trainer.TokenizerFiles
+		case argShapes:
+			only = []string{"config.json", "model.safetensors.index.json"}
 		}
 		if ref.Path != "" {
 			return "", usageErr(fmt.Errorf("--%s %s: name the repository (hf://ORG/NAME@REVISION), not a file in it", flag, arg))
@@ -59,6 +64,12 @@ func localArg(ctx context.Context, flag, arg string, kind argKind) (string, erro
 	}
 	if len(paths) != 1 {
 		return "", usageErr(fmt.Errorf("--%s %s names %d files; name one", flag, arg, len(paths)))
+	}
+	if _, err := os.Stat(filepath.Join(paths[0], "model.safetensors.index.json")); kind == argShapes && err != nil {
+		// One weights file and no index: its header holds the tensor names.
+		if _, paths, err = fetchRef(ctx, ref, []string{"model.safetensors"}); err != nil {
+			return "", failErr(fmt.Errorf("--%s: %w", flag, err))
+		}
 	}
 	return paths[0], nil
 }

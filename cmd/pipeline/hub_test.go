@@ -2,6 +2,7 @@ package main
 
 import (
 	"bytes"
+	"encoding/binary"
 	"encoding/json"
 	"fmt"
 	"os"
@@ -13,6 +14,7 @@ import (
 
 	"gemmaft/hub/hubtest"
 	"gemmaft/internal/testenv"
+	"gemmaft/trainer"
 )
 
 // testHub starts a test Hub and points the environment at it, with the
@@ -207,4 +209,96 @@ func TestFetchInterrupted(t *testing.T) {
 	if want := fmt.Sprintf("bytes=%d-", sent); len(ranges) != 1 || ranges[0] != want {
 		t.Errorf("second fetch asked the storage for %q, want [%s]", ranges, want)
 	}
+}
+
+// TestGGUFAdapterReadsTheBaseShapesOnly: pipeline gguf --adapter with an
+// hf:// base fetches its config and weight index, not its weights (a 12B
+// base is 24 GB), and writes the file a local base gives; a base of one
+// weights file and no index fetches that file, whose header names the
+// tensors.
+func TestGGUFAdapterReadsTheBaseShapesOnly(t *testing.T) {
+	srv, dir := testHub(t)
+	model := filepath.Join(dir, "m")
+	cfg, _ := trainer.Preset("tiny")
+	if err := trainer.WriteRandomCheckpoint(model, cfg, trainer.InitOptions{Seed: 1}); err != nil {
+		t.Fatal(err)
+	}
+	ck, err := trainer.OpenCheckpoint(model)
+	if err != nil {
+		t.Fatal(err)
+	}
+	a, err := trainer.NewAdapter(ck.Config, trainer.LoRAConfig{R: 2, Alpha: 4, Targets: trainer.AllModules}, 1)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := ck.SaveAdapter(filepath.Join(dir, "ad"), a, trainer.BaseModel{NameOrPath: "acme/base"}); err != nil {
+		t.Fatal(err)
+	}
+	want := filepath.Join(dir, "local.gguf")
+	if r := runCLI(t, dir, "gguf", "--model", "m", "--adapter", "ad", "--out", want, "--name", "ad"); r.code != 0 {
+		t.Fatalf("local base: %d %s", r.code, r.stderr)
+	}
+	read := func(name string) []byte {
+		b, err := os.ReadFile(filepath.Join(model, name))
+		if err != nil {
+			t.Fatal(err)
+		}
+		return b
+	}
+	weights := read("model.safetensors")
+	keys, err := safetensorsKeys(weights)
+	if err != nil {
+		t.Fatal(err)
+	}
+	index := map[string]any{"metadata": map[string]any{}, "weight_map": keys}
+	ib, _ := json.Marshal(index)
+	sharded := srv.AddRepo("model", "acme/base")
+	sharded.Commit("main", map[string][]byte{"config.json": read("config.json"), "model.safetensors.index.json": ib,
+		"model-00001-of-00001.safetensors": weights})
+	single := srv.AddRepo("model", "acme/single")
+	single.Commit("main", map[string][]byte{"config.json": read("config.json"), "model.safetensors": weights})
+
+	for repo, weightsFile := range map[string]string{"acme/base": "model-00001-of-00001.safetensors", "acme/single": "model.safetensors"} {
+		srv.ResetRequests()
+		out := filepath.Join(dir, strings.ReplaceAll(repo, "/", "-")+".gguf")
+		if r := runCLI(t, dir, "gguf", "--model", "hf://"+repo, "--adapter", "ad", "--out", out, "--name", "ad"); r.code != 0 {
+			t.Fatalf("%s: %d %s", repo, r.code, r.stderr)
+		}
+		fetched := false
+		for _, req := range srv.Requests() {
+			fetched = fetched || strings.HasSuffix(req.Path, "/"+weightsFile)
+		}
+		if got, w := readAll(t, out), readAll(t, want); !bytes.Equal(got, w) {
+			t.Errorf("%s: another file than the local base's", repo)
+		}
+		if wantFetch := repo == "acme/single"; fetched != wantFetch {
+			t.Errorf("%s: the weights fetched: %v, want %v", repo, fetched, wantFetch)
+		}
+	}
+}
+
+func readAll(t *testing.T, path string) []byte {
+	t.Helper()
+	b, err := os.ReadFile(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return b
+}
+
+// safetensorsKeys maps each tensor of a safetensors file to the one shard
+// of a sharded copy of it.
+func safetensorsKeys(b []byte) (map[string]string, error) {
+	n := binary.LittleEndian.Uint64(b)
+	var h map[string]json.RawMessage
+	if err := json.Unmarshal(b[8:8+n], &h); err != nil {
+		return nil, err
+	}
+	keys := map[string]string{}
+	for k := range h {
+		if k != "__metadata__" {
+			keys[k] = "model-00001-of-00001.safetensors"
+		}
+	}
+	return keys, nil
 }

@@ -43,8 +43,9 @@ type jsonlFile struct {
 	// input is the first record's field that looks like the input, when
 	// the record has no field for it (see Source.UnreadInput).
 	input string
-	// mapped are the fields columns: names, for the hint of one missing.
-	mapped []string
+	// named are the fields the spec names, with the parameter that names
+	// them (columns:, system_column), for the hint of one missing.
+	named map[string]string
 }
 
 // optionalFields are the fields a JSON record may leave out: an Alpaca
@@ -59,9 +60,9 @@ func (o optionalFields) has(name string) bool {
 	return name != "" && (name == o.input || name == o.system)
 }
 
-func openJSONL(open openFunc, path string, want []string, optional optionalFields, conv *convFields, mapped []string) (*jsonlFile, error) {
+func openJSONL(open openFunc, path string, want []string, optional optionalFields, conv *convFields, named map[string]string) (*jsonlFile, error) {
 	jf := &jsonlFile{open: open, name: path, gz: strings.HasSuffix(strings.ToLower(path), ".gz"), want: want, optional: optional, conv: conv, rows: -1,
-		readsSystem: slices.Contains(want, ColSystem), mapped: mapped}
+		readsSystem: slices.Contains(want, ColSystem), named: named}
 	if err := jf.detectArray(); err != nil {
 		return nil, err
 	}
@@ -254,8 +255,8 @@ func (jf *jsonlFile) scan(ctx context.Context, file int32, base int64, want func
 
 // fieldHint says, of a record without the field name, what in the spec
 // reads it: the format its fields have, or a columns: mapping to one of
-// them; mapped says that columns: named it (misspelt, then).
-func fieldHint(keys []string, name string, conv, mapped bool) string {
+// them; by is the parameter that named it, if one did (misspelt, then).
+func fieldHint(keys []string, name string, conv bool, by string) string {
 	switch {
 	case slices.Contains(keys, ColQuestionID) && slices.Contains(keys, ColTurns):
 		return "; MT-Bench questions, which a stage of kind mt_bench reads for a generate stage"
@@ -267,8 +268,10 @@ func fieldHint(keys []string, name string, conv, mapped bool) string {
 		return "; an Alpaca record: leave format out (alpaca is the default)"
 	case len(keys) == 0:
 		return ""
-	case mapped:
+	case by == "columns:":
 		return fmt.Sprintf("; columns: maps a role to one of these fields (columns: {ROLE: FIELD}) and names %q", name)
+	case by != "":
+		return fmt.Sprintf("; %s names %q: name one of these fields, or leave %s out", by, name, by)
 	}
 	return fmt.Sprintf("; name the record's field with columns:, e.g. columns: {%s: %s}", name, likelyField(keys, name))
 }
@@ -346,7 +349,7 @@ func (jf *jsonlFile) parse(line []byte, at int64) (record, error) {
 			keys = append(keys, k)
 		}
 		slices.Sort(keys)
-		return fmt.Errorf("dataset: %s: %s: no field %q; the record has fields %s%s", jf.name, where, name, quoteList(keys), fieldHint(keys, name, jf.conv != nil, slices.Contains(jf.mapped, name)))
+		return fmt.Errorf("dataset: %s: %s: no field %q; the record has fields %s%s", jf.name, where, name, quoteList(keys), fieldHint(keys, name, jf.conv != nil, jf.named[name]))
 	}
 	if c := jf.conv; c != nil {
 		raw, ok := obj[c.list]
@@ -370,7 +373,7 @@ func (jf *jsonlFile) parse(line []byte, at int64) (record, error) {
 			// text of its own: "", and not a null, which is counted as
 			// something the data holds; but a field columns: names and
 			// the record lacks counts, so that a misspelt name shows.
-			if name == jf.optional.input && slices.Contains(jf.mapped, name) {
+			if name == jf.optional.input && jf.named[name] != "" {
 				r.null |= 1 << i
 			}
 			continue

@@ -48,7 +48,7 @@ type parquetFile struct {
 // openParquet opens the Parquet file at path to read the columns want;
 // optional, when not "", is one of them that the file may lack (Alpaca's
 // input), which then reads as "" as a JSON record without the field does.
-func openParquet(open openFunc, path string, want []string, optional string, conv *convFields, mem memory.Allocator, mapped []string) (*parquetFile, error) {
+func openParquet(open openFunc, path string, want []string, optional string, conv *convFields, mem memory.Allocator, named map[string]string) (*parquetFile, error) {
 	pf := &parquetFile{open: open, name: path, mem: mem, want: want, absent: make([]bool, len(want)), conv: conv}
 	f, err := pf.openFile()
 	if err != nil {
@@ -91,7 +91,7 @@ func openParquet(open openFunc, path string, want []string, optional string, con
 			continue
 		}
 		if !ok {
-			return nil, fmt.Errorf("dataset: %s: no column %q; the file has columns %s%s", path, name, quoteList(names), fieldHint(names, name, conv != nil, slices.Contains(mapped, name)))
+			return nil, fmt.Errorf("dataset: %s: no column %q; the file has columns %s%s", path, name, quoteList(names), fieldHint(names, name, conv != nil, named[name]))
 		}
 		if !sf.IsLeaf() || !isStringType(sf.Field.Type) {
 			return nil, fmt.Errorf("dataset: %s: column %q has type %s, not string", path, name, sf.Field.Type)
@@ -101,7 +101,7 @@ func openParquet(open openFunc, path string, want []string, optional string, con
 	if conv != nil {
 		sf, ok := byName[conv.list]
 		if !ok {
-			return nil, fmt.Errorf("dataset: %s: no column %q; the file has columns %s%s", path, conv.list, quoteList(names), fieldHint(names, conv.list, true, false))
+			return nil, fmt.Errorf("dataset: %s: no column %q; the file has columns %s%s", path, conv.list, quoteList(names), fieldHint(names, conv.list, true, named[conv.list]))
 		}
 		leaves, err := conversationLeaves(sf, conv)
 		switch {

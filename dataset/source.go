@@ -19,7 +19,6 @@ import (
 	"io"
 	"io/fs"
 	"iter"
-	"maps"
 	"math/rand/v2"
 	"os"
 	"path/filepath"
@@ -441,6 +440,13 @@ func Open(opts SourceOptions) (*Source, error) {
 		optional.input = s.fileColumn(ColInput)
 	}
 	optional.system = opts.SystemColumn
+	named := map[string]string{} // the fields the spec names, by the parameter naming them
+	for _, field := range opts.Columns {
+		named[field] = "columns:"
+	}
+	if opts.SystemColumn != "" {
+		named[opts.SystemColumn] = "system_column"
+	}
 
 	for _, path := range opts.Paths {
 		format, err := formatOf(path, opts.Format)
@@ -461,11 +467,11 @@ func Open(opts SourceOptions) (*Source, error) {
 			if optional.input == ColInput {
 				pqOptional = optional.input
 			}
-			f, err = openParquet(opts.opener(), path, wanted, pqOptional, s.conv, opts.Allocator, slices.Collect(maps.Values(opts.Columns)))
+			f, err = openParquet(opts.opener(), path, wanted, pqOptional, s.conv, opts.Allocator, named)
 		case FormatText:
 			f, err = openText(opts.opener(), path)
 		default:
-			f, err = openJSONL(opts.opener(), path, wanted, optional, s.conv, slices.Collect(maps.Values(opts.Columns)))
+			f, err = openJSONL(opts.opener(), path, wanted, optional, s.conv, named)
 		}
 		if err != nil {
 			s.closeFiles()

@@ -419,6 +419,11 @@ func TestUnreadInput(t *testing.T) {
 		!strings.Contains(err.Error(), `columns: maps a role to one of these fields (columns: {ROLE: FIELD}) and names "instrucion-turkish"`) {
 		t.Errorf("a misspelt mapped column's hint: %v", err)
 	}
+	// A system_column the file lacks is that parameter's, not columns:'s.
+	if _, err := Open(SourceOptions{Paths: []string{pq}, Columns: map[string]string{"instruction": "instruction-turkish", "output": "output-turkish"}, SystemColumn: "sys_prompt"}); err == nil ||
+		!strings.Contains(err.Error(), `system_column names "sys_prompt": name one of these fields, or leave system_column out`) {
+		t.Errorf("a missing system column's hint: %v", err)
+	}
 }
 
 // TestParquetWithoutInput: a Parquet file of instructions and outputs only

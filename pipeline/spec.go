@@ -504,6 +504,9 @@ func (l *loader) decodeError(n *Node, with ast.Node, err error) *SpecError {
 	case strings.Contains(err.Error(), "where sequence is expected"):
 		e.Msg = fmt.Sprintf("stage %q: %s must be a list", n.Name, param)
 		e.Fix = fmt.Sprintf("write a list, e.g. %s: [%s]", param[strings.LastIndex(param, ".")+1:], value)
+		if value == "" || strings.ContainsAny(value, "{}[]") { // a mapping, not one value to wrap
+			e.Fix = fmt.Sprintf("write a list of values, %s: [a, b]", param[strings.LastIndex(param, ".")+1:])
+		}
 		return e
 	case strings.Contains(err.Error(), "where mapping is expected"):
 		e.Msg = fmt.Sprintf("stage %q: %s must be a mapping", n.Name, param)

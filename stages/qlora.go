@@ -35,7 +35,7 @@ type qloraParams struct {
 	// out of the key when unset, as before it was a parameter.
 	RSLoRA        bool     `json:"rslora,omitempty"`
 	Dropout       float64  `json:"dropout"`
-	TargetModules []string `json:"target_modules"`
+	TargetModules moduleList `json:"target_modules"`
 	Quantize      string   `json:"quantize"`
 	BatchSize     int      `json:"batch_size"`
 	GradAccum     int      `json:"grad_accum"`
@@ -137,6 +137,24 @@ func (qloraKind) ParamNotes() map[string]string {
 
 func (qloraKind) Version() int       { return 3 }
 func (qloraKind) Inputs() (int, int) { return 1, 2 }
+
+// moduleList is target_modules: a list, or one name as PEFT also takes
+// it (target_modules="all-linear"); a list either way in the key.
+type moduleList []string
+
+func (l *moduleList) UnmarshalYAML(unmarshal func(any) error) error {
+	var one string
+	if err := unmarshal(&one); err == nil {
+		*l = moduleList{one}
+		return nil
+	}
+	var many []string
+	if err := unmarshal(&many); err != nil {
+		return err
+	}
+	*l = many
+	return nil
+}
 
 // allTargets names the seven projections, the default target_modules.
 func allTargets() []string {

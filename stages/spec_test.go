@@ -64,6 +64,7 @@ func TestParameterMistakes(t *testing.T) {
 		{"bf16: true", "unknown parameter \"bf16\" for kind qlora\n\tfix: bf16: precision is the backend's"},
 		{"seed: -1", "seed must not be negative, got -1\n\tfix: write a whole number of 0 or more, e.g. seed: 0"},
 		{"seed: -1.0", "seed must not be negative, got -1.0"},
+		{"target_modules: {a: b}", "target_modules must be a list\n\tfix: write a list of values, target_modules: [a, b]"},
 		{"warmup_steps: 0.03", "warmup_steps must be a whole number, got 0.03\n\tfix: write a whole number, e.g. warmup_steps: 0, or give the share of the run's steps as warmup_ratio: 0.03"},
 		{"random_state: 3407", "unknown parameter \"random_state\" for kind qlora\n\tfix: random_state is called seed here"},
 		{"checkpoint_every: -1", "checkpoint_every: -1 must not be negative"},
@@ -163,6 +164,14 @@ func TestAllLinear(t *testing.T) {
 	}
 	if a, b := canon("target_modules: [all-linear]"), canon("r: 32"); a != b {
 		t.Errorf("all-linear keys as %s, the default as %s", a, b)
+	}
+	// PEFT's string form, target_modules="all-linear", and one module
+	// written alone, read as the lists they stand for.
+	if a, b := canon("target_modules: all-linear"), canon("r: 32"); a != b {
+		t.Errorf("target_modules: all-linear keys as %s, the default as %s", a, b)
+	}
+	if a, b := canon("target_modules: q_proj"), canon("target_modules: [q_proj]"); a != b {
+		t.Errorf("target_modules: q_proj keys as %s, [q_proj] as %s", a, b)
 	}
 	// warmup_ratio, unset, leaves the keys of adapters trained before it was
 	// a parameter as they were.

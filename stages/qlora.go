@@ -33,15 +33,15 @@ type qloraParams struct {
 	Alpha float64 `json:"alpha"`
 	// RSLoRA scales the update by alpha / √r instead of alpha / r; left
 	// out of the key when unset, as before it was a parameter.
-	RSLoRA        bool     `json:"rslora,omitempty"`
-	Dropout       float64  `json:"dropout"`
+	RSLoRA        bool       `json:"rslora,omitempty"`
+	Dropout       float64    `json:"dropout"`
 	TargetModules moduleList `json:"target_modules"`
-	Quantize      string   `json:"quantize"`
-	BatchSize     int      `json:"batch_size"`
-	GradAccum     int      `json:"grad_accum"`
-	LR            float64  `json:"lr"`
-	Schedule      string   `json:"schedule"`
-	WarmupSteps   int      `json:"warmup_steps"`
+	Quantize      string     `json:"quantize"`
+	BatchSize     int        `json:"batch_size"`
+	GradAccum     int        `json:"grad_accum"`
+	LR            float64    `json:"lr"`
+	Schedule      string     `json:"schedule"`
+	WarmupSteps   int        `json:"warmup_steps"`
 	// WarmupRatio is left out of the key when unset, as before it was a
 	// parameter.
 	WarmupRatio  float64 `json:"warmup_ratio,omitempty"`

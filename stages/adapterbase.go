@@ -326,3 +326,27 @@ func sameCheckpoint(read, wrote []pipeline.FileRef) bool {
 	}
 	return matched
 }
+
+// adapterInputs reads the inputs of a stage that takes one qlora stage's
+// adapter and its base (merge, gguf_lora; adapterNeeds checked their
+// needs): the adapter's entry folder, its lineage, and the base from
+// `model:` (model) or a model stage, which must be the checkpoint the
+// adapter was trained on (adapterBase).
+func adapterInputs(ctx context.Context, t *pipeline.Task, model *modelArg) (entry string, lineage []*pipeline.Manifest, base string, err error) {
+	var adapter, modelIn *pipeline.Input
+	for _, in := range t.Inputs {
+		if in.Kind == modelKindName {
+			modelIn = in
+		} else {
+			adapter = in
+		}
+	}
+	if entry, err = adapter.Dir(ctx); err != nil {
+		return "", nil, "", err
+	}
+	if lineage, err = adapter.Lineage(ctx); err != nil {
+		return "", nil, "", err
+	}
+	base, err = adapterBase(ctx, t, adapter.Name, provenanceOf(lineage), modelIn, model, false)
+	return entry, lineage, base, err
+}

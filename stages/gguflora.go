@@ -73,27 +73,9 @@ func (s *ggufLoRAStage) Resolve(ctx context.Context) ([]pipeline.Ref, error) {
 }
 
 func (s *ggufLoRAStage) Run(ctx context.Context, t *pipeline.Task) error {
-	// One adapter, and the base from `model:` or one model stage
-	// (CheckInputs).
-	var adapter, modelIn *pipeline.Input
-	for _, in := range t.Inputs {
-		if in.Kind == modelKindName {
-			modelIn = in
-		} else {
-			adapter = in
-		}
-	}
-	entry, err := adapter.Dir(ctx)
-	if err != nil {
-		return err
-	}
-	lineage, err := adapter.Lineage(ctx)
-	if err != nil {
-		return err
-	}
-	// The base must be the one the adapter was trained on, as merge
-	// checks: llama.cpp would apply the file to a GGUF of it.
-	base, err := adapterBase(ctx, t, adapter.Name, provenanceOf(lineage), modelIn, &s.model, false)
+	// llama.cpp applies the file to a GGUF of the base, which must be the
+	// one the adapter was trained on.
+	entry, _, base, err := adapterInputs(ctx, t, &s.model)
 	if err != nil {
 		return err
 	}

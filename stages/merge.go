@@ -112,28 +112,9 @@ func (s *mergeStage) Resolve(ctx context.Context) ([]pipeline.Ref, error) {
 }
 
 func (s *mergeStage) Run(ctx context.Context, t *pipeline.Task) error {
-	// One adapter, and the base from `model:` or one model stage
-	// (CheckInputs).
-	var adapter, modelIn *pipeline.Input
-	for _, in := range t.Inputs {
-		if in.Kind == modelKindName {
-			modelIn = in
-		} else {
-			adapter = in
-		}
-	}
-	adapterEntry, err := adapter.Dir(ctx)
-	if err != nil {
-		return err
-	}
-	lineage, err := adapter.Lineage(ctx)
-	if err != nil {
-		return err
-	}
-	// The base must be the checkpoint the adapter was trained on, as eval
-	// and generate check: merged into another, it makes a model nobody
-	// trained.
-	model, err := adapterBase(ctx, t, adapter.Name, provenanceOf(lineage), modelIn, &s.model, false)
+	// Merged into another base than its own, the adapter would make a
+	// model nobody trained.
+	adapterEntry, lineage, model, err := adapterInputs(ctx, t, &s.model)
 	if err != nil {
 		return err
 	}

@@ -131,19 +131,25 @@ func TestPackSynonyms(t *testing.T) {
 	}
 }
 
-// TestConstantWithWarmup: transformers' constant_with_warmup is what
-// constant is here, and keys as it does.
-func TestConstantWithWarmup(t *testing.T) {
+// adapterCanon returns what the adapter stage of validationSpec keys, its
+// first parameter replaced.
+func adapterCanon(t *testing.T) func(param string) string {
 	r := newTestRun(t)
 	os.WriteFile(filepath.Join(r.dir, "a.jsonl"), []byte(`{"instruction": "Selam ver", "input": "", "output": "Merhaba."}`+"\n"), 0o644)
 	os.WriteFile(filepath.Join(r.dir, "tok.json"), []byte("{}"), 0o644)
-	canon := func(param string) string {
+	return func(param string) string {
 		dag, err := loadSpec(r.spec(strings.Replace(validationSpec, "PARAM", param, 1)), Registry())
 		if err != nil {
 			t.Fatalf("%s: %v", param, err)
 		}
 		return string(dag.Node("adapter").Canon)
 	}
+}
+
+// TestConstantWithWarmup: transformers' constant_with_warmup is what
+// constant is here, and keys as it does.
+func TestConstantWithWarmup(t *testing.T) {
+	canon := adapterCanon(t)
 	if a, b := canon("schedule: constant_with_warmup"), canon("schedule: constant"); a != b {
 		t.Errorf("constant_with_warmup keys as %s, constant as %s", a, b)
 	}
@@ -152,16 +158,7 @@ func TestConstantWithWarmup(t *testing.T) {
 // TestAllLinear: target_modules: [all-linear], PEFT's name, is the seven
 // projections, the default, and keys as the default does.
 func TestAllLinear(t *testing.T) {
-	r := newTestRun(t)
-	os.WriteFile(filepath.Join(r.dir, "a.jsonl"), []byte(`{"instruction": "Selam ver", "input": "", "output": "Merhaba."}`+"\n"), 0o644)
-	os.WriteFile(filepath.Join(r.dir, "tok.json"), []byte("{}"), 0o644)
-	canon := func(param string) string {
-		dag, err := loadSpec(r.spec(strings.Replace(validationSpec, "PARAM", param, 1)), Registry())
-		if err != nil {
-			t.Fatalf("%s: %v", param, err)
-		}
-		return string(dag.Node("adapter").Canon)
-	}
+	canon := adapterCanon(t)
 	if a, b := canon("target_modules: [all-linear]"), canon("r: 32"); a != b {
 		t.Errorf("all-linear keys as %s, the default as %s", a, b)
 	}

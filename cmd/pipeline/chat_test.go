@@ -301,6 +301,7 @@ stages:
   other: {kind: model, with: {preset: tiny, seed: 2}}
   adapter: {kind: qlora, needs: [pack, base], with: {r: 2, alpha: 4, batch_size: 1, grad_accum: 1, max_steps: 1, backend: cpu}}
   merged: {kind: merge, needs: [adapter, base]}
+  lora: {kind: gguf_lora, needs: [adapter, base], with: {name: tr-lora}}
   onfolder: {kind: qlora, needs: [pack], with: {model: ckpt, r: 2, alpha: 4, batch_size: 1, grad_accum: 1, max_steps: 1, backend: cpu}}
 `, demo, tok))
 	// The folder onfolder trains on: base's checkpoint, written apart.
@@ -355,6 +356,17 @@ stages:
 	}
 	if r := runCLI(t, dir, "export", spec, "adapter", "--out", "a.gguf"); r.code != 2 || !strings.Contains(r.stderr, "holds a PEFT adapter, which exports with --format hf") {
 		t.Errorf("export adapter as GGUF: %d\n%s", r.code, r.stderr)
+	}
+	// A gguf_lora stage's file exports as it is, by a .gguf name or none.
+	for _, name := range []string{"lora.gguf", "lora-copy"} {
+		if r := runCLI(t, dir, "export", spec, "lora", "--out", name); r.code != 0 {
+			t.Fatalf("export lora --out %s: %d\n%s", name, r.code, r.stderr)
+		}
+		got, _ := os.ReadFile(filepath.Join(dir, name))
+		want, _ := os.ReadFile(filepath.Join(entryOf(t, root, "lora"), "tr-lora.f32.gguf"))
+		if len(want) == 0 || !bytes.Equal(got, want) {
+			t.Errorf("export lora --out %s: not the stage's file", name)
+		}
 	}
 }
 

@@ -102,7 +102,7 @@ it was and no temporary file behind.`,
 				return err
 			}
 			st.Close()
-			isModel := slices.Contains([]string{"merge", "model", "gguf", "qlora"}, m.Kind)
+			isModel := slices.Contains([]string{"merge", "model", "gguf", "gguf_lora", "qlora"}, m.Kind)
 			if _, err := os.Stat(filepath.Join(entry, pipeline.TableFile)); err != nil && !isModel {
 				return usageErr(fmt.Errorf("stage %s (%s) holds neither a table nor a model to export: its files are in %s", args[1], m.Kind, entry))
 			}
@@ -110,7 +110,7 @@ it was and no temporary file behind.`,
 				switch m.Kind {
 				case "merge", "model", "qlora":
 					format = "hf"
-				case "gguf":
+				case "gguf", "gguf_lora":
 					format = "gguf"
 				default:
 					format = "jsonl"
@@ -310,7 +310,11 @@ func exportModel(entry string, m *pipeline.Manifest, stage, format string, typ g
 			return usageErr(fmt.Errorf("stage %s holds a GGUF file; export it with --format gguf", stage))
 		}
 		if has, _ := m.Stats["type"].(string); typeGiven && has != typ.String() {
-			return usageErr(fmt.Errorf("stage %s's GGUF file is %s, not --type %s: export it as it is (leave --type out), or convert its merge stage", stage, has, typ))
+			other := "convert its merge stage"
+			if m.Kind == "gguf_lora" {
+				other = "set the stage's type"
+			}
+			return usageErr(fmt.Errorf("stage %s's GGUF file is %s, not --type %s: export it as it is (leave --type out), or %s", stage, has, typ, other))
 		}
 		files, _ := filepath.Glob(filepath.Join(entry, "*.gguf"))
 		if len(files) != 1 {

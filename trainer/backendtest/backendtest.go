@@ -34,6 +34,11 @@ type Tolerance struct {
 	// (every LoRA tensor's, as one vector) with the golden one;
 	// TensorCosine: the least of each tensor's on its own.
 	Cosine, TensorCosine float64
+	// CaseCosine, for a parity case whose golden gradient even the
+	// reference stack cannot reach at this precision, holds the bounds
+	// that stack reaches ({whole, tensor}), in place of Cosine and
+	// TensorCosine.
+	CaseCosine map[string][2]float64
 	// StepLoss: difference of each training step's loss from the CPU
 	// reference's over the same run, relative to the loss (absolute below a
 	// loss of 1, where a model that memorises its rows has little left to
@@ -83,6 +88,10 @@ func referenceCases(t *testing.T, refDir string, open Opener, tol Tolerance) {
 	}
 	for _, rc := range cases {
 		t.Run(rc.Name, func(t *testing.T) {
+			tol := tol
+			if c, ok := tol.CaseCosine[rc.Name]; ok {
+				tol.Cosine, tol.TensorCosine = c[0], c[1]
+			}
 			ck, err := trainer.OpenCheckpoint(rc.Model())
 			if err != nil {
 				t.Fatal(err)

@@ -53,7 +53,13 @@ func TestConformanceFP32(t *testing.T) {
 // (LoRA in float32) reach 0.9879 to 0.9975 for their worst tensor on the
 // same cases (scripts/reference/bf16_grads.py, NOTES.md).
 func TestConformanceBF16(t *testing.T) {
-	backendtest.Run(t, refDir, openGPU("bf16"), backendtest.Tolerance{Loss: 1e-2, Cosine: 0.999, TensorCosine: 0.99, StepLoss: 0.02})
+	// rslora_gqa's update is scaled by alpha / √r ≈ 5.66, which bf16
+	// follows less closely: transformers + PEFT themselves in bf16 reach a
+	// whole-gradient cosine of 0.994828 and a worst tensor of 0.990294 on
+	// it (scripts/reference/bf16_grads.py, H200), under the bounds the
+	// other cases meet, so the case is held to what that stack reaches.
+	backendtest.Run(t, refDir, openGPU("bf16"), backendtest.Tolerance{Loss: 1e-2, Cosine: 0.999, TensorCosine: 0.99, StepLoss: 0.02,
+		CaseCosine: map[string][2]float64{"rslora_gqa": {0.994828, 0.990294}}})
 }
 
 // TestMemoryPlanRefusesWhatCannotFit: a run far beyond the card, or beyond

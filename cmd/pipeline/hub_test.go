@@ -223,17 +223,7 @@ func TestGGUFAdapterReadsTheBaseShapesOnly(t *testing.T) {
 	if err := trainer.WriteRandomCheckpoint(model, cfg, trainer.InitOptions{Seed: 1}); err != nil {
 		t.Fatal(err)
 	}
-	ck, err := trainer.OpenCheckpoint(model)
-	if err != nil {
-		t.Fatal(err)
-	}
-	a, err := trainer.NewAdapter(ck.Config, trainer.LoRAConfig{R: 2, Alpha: 4, Targets: trainer.AllModules}, 1)
-	if err != nil {
-		t.Fatal(err)
-	}
-	if err := ck.SaveAdapter(filepath.Join(dir, "ad"), a, trainer.BaseModel{NameOrPath: "acme/base"}); err != nil {
-		t.Fatal(err)
-	}
+	saveAdapter(t, model, filepath.Join(dir, "ad"), "acme/base")
 	want := filepath.Join(dir, "local.gguf")
 	if r := runCLI(t, dir, "gguf", "--model", "m", "--adapter", "ad", "--out", want, "--name", "ad"); r.code != 0 {
 		t.Fatalf("local base: %d %s", r.code, r.stderr)

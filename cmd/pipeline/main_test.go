@@ -994,17 +994,7 @@ func TestGGUFCommand(t *testing.T) {
 
 	// --adapter: the PEFT adapter as a GGUF LoRA file, f32 unless the name
 	// or --type says f16 or bf16; other types refused.
-	ck, err := trainer.OpenCheckpoint(model)
-	if err != nil {
-		t.Fatal(err)
-	}
-	a, err := trainer.NewAdapter(ck.Config, trainer.LoRAConfig{R: 2, Alpha: 4, Targets: trainer.AllModules}, 1)
-	if err != nil {
-		t.Fatal(err)
-	}
-	if err := ck.SaveAdapter(filepath.Join(dir, "ad"), a, trainer.BaseModel{NameOrPath: model}); err != nil {
-		t.Fatal(err)
-	}
+	saveAdapter(t, model, filepath.Join(dir, "ad"), model)
 	for out, typ := range map[string]gguf.FileType{"tr-lora.gguf": gguf.AllF32, "tr-lora.F16.gguf": gguf.MostlyF16} {
 		if r := runCLI(t, dir, "gguf", "--model", "m", "--adapter", "ad", "--out", out); r.code != 0 || !strings.Contains(r.stderr, "--lora "+out) {
 			t.Fatalf("gguf --adapter: exit %d\n%s", r.code, r.stderr)
@@ -1023,5 +1013,22 @@ func TestGGUFCommand(t *testing.T) {
 	}
 	if l := leftovers(t, dir); len(l) != 0 {
 		t.Errorf("left %v", l)
+	}
+}
+
+// saveAdapter writes a rank-2 PEFT adapter of every projection for the
+// checkpoint in model into dir, naming base as its base.
+func saveAdapter(t *testing.T, model, dir, base string) {
+	t.Helper()
+	ck, err := trainer.OpenCheckpoint(model)
+	if err != nil {
+		t.Fatal(err)
+	}
+	a, err := trainer.NewAdapter(ck.Config, trainer.LoRAConfig{R: 2, Alpha: 4, Targets: trainer.AllModules}, 1)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := ck.SaveAdapter(dir, a, trainer.BaseModel{NameOrPath: base}); err != nil {
+		t.Fatal(err)
 	}
 }

@@ -2,7 +2,9 @@
 // passes: the Hugging Face parity cases (loss, LoRA gradients, one clipped
 // AdamW step), agreement with the CPU reference over a training run (both
 // optimizers, dropout on), bit-for-bit determinism, resuming an interrupted
-// run, gradient checkpointing changing nothing, and a state round trip.
+// run (after a checkpoint, and between checkpoints as Ctrl-C stops one),
+// early stopping writing the best evaluation's adapter, gradient
+// checkpointing changing nothing, and a state round trip.
 // The CPU reference runs it in trainer's tests, the GPU backend in
 // trainer/gpu's, each with tolerances that fit its arithmetic.
 package backendtest
@@ -58,7 +60,10 @@ func Run(t *testing.T, refDir string, open Opener, tol Tolerance) {
 		}
 	})
 	t.Run("Deterministic", func(t *testing.T) { deterministic(t, open) })
-	t.Run("Resume", func(t *testing.T) { resume(t, open) })
+	t.Run("Resume", func(t *testing.T) { resume(t, open, 1) })
+	// Stopped between checkpoints (Ctrl-C): the stop's own checkpoint.
+	t.Run("ResumeBetweenCheckpoints", func(t *testing.T) { resume(t, open, 1000) })
+	t.Run("EarlyStoppingKeepsBest", func(t *testing.T) { earlyStopping(t, open) })
 	t.Run("CheckpointingChangesNothing", func(t *testing.T) { checkpointing(t, open) })
 	t.Run("StateRoundTrip", func(t *testing.T) { stateRoundTrip(t, open) })
 }
@@ -351,14 +356,17 @@ func deterministic(t *testing.T, open Opener) {
 	}
 }
 
-// resume stops a run after a few steps, as a kill right after a checkpoint
-// would, resumes it into a fresh output folder, and compares with an
-// uninterrupted run.
-func resume(t *testing.T, open Opener) {
+// resume stops a run after a few steps, resumes it into a fresh output
+// folder, and compares with an uninterrupted run. With a checkpoint every
+// step the stop is a kill right after a checkpoint; with checkpoints
+// further apart than the run, only the checkpoint a stopped run saves
+// carries the steps over.
+func resume(t *testing.T, open Opener, checkpointEvery int) {
 	c := TinyConfig(32)
 	model := tinyModel(t, c)
 	rows := Rows(c.VocabSize, 24, 16, 3)
 	sc, opts := runConfig(model, "adamw", 4)
+	opts.CheckpointEvery = checkpointEvery
 	s := open(t, sc)
 	defer s.Close()
 	want := train(t, s, rows, opts, filepath.Join(t.TempDir(), "whole"))
@@ -381,7 +389,16 @@ func resume(t *testing.T, open Opener) {
 	}
 	o := opts
 	o.CheckpointDir = ckDir
+	firstStep := 0
+	o.Progress = func(p trainer.Progress) {
+		if firstStep == 0 {
+			firstStep = p.Step
+		}
+	}
 	got := train(t, s, rows, o, filepath.Join(t.TempDir(), "resumed"))
+	if firstStep != 8 {
+		t.Errorf("the last run's first step is %d, want 8: it did not resume after step 7", firstStep)
+	}
 	ga, _ := os.ReadFile(filepath.Join(got.AdapterDir, trainer.AdapterWeightsFile))
 	wa, _ := os.ReadFile(filepath.Join(want.AdapterDir, trainer.AdapterWeightsFile))
 	if !bytes.Equal(ga, wa) {
@@ -391,6 +408,58 @@ func resume(t *testing.T, open Opener) {
 	wm, _ := json.Marshal(ReadMetrics(t, want.MetricsPath))
 	if !bytes.Equal(gm, wm) {
 		t.Errorf("metrics differ after resuming:\n%s\nuninterrupted:\n%s", gm, wm)
+	}
+}
+
+// scriptedEval is a session whose held-out loss after its n-th step is
+// losses[n-1], so that a test chooses where the best evaluation falls; its
+// training is the backend's own.
+type scriptedEval struct {
+	trainer.Session
+	losses []float64
+	step   int
+}
+
+func (s *scriptedEval) Step(lr, maxNorm float64) (float64, error) {
+	s.step++
+	return s.Session.Step(lr, maxNorm)
+}
+
+func (s *scriptedEval) Loss(b *trainer.Batch) (float64, int, error) {
+	_, n, err := s.Session.Loss(b)
+	return s.losses[s.step-1] * float64(n), n, err
+}
+
+// earlyStopping: held-out losses 5.0, 4.95, 4.99 with a patience of 2 and
+// a threshold of 0.1 stop the run after step 3 with step 2's adapter
+// written (the best loss, though not better by the threshold), which must
+// be the same bytes as a run that ends at step 2: the backend's state
+// taken at the best step is not changed by the step after it. The
+// schedule is constant, so that the two runs' rates agree.
+func earlyStopping(t *testing.T, open Opener) {
+	c := TinyConfig(32)
+	model := tinyModel(t, c)
+	rows := Rows(c.VocabSize, 24, 16, 6)
+	sc, opts := runConfig(model, "adamw", 4)
+	opts.Schedule, opts.WarmupSteps, opts.EvalEvery, opts.CheckpointEvery = trainer.ScheduleConstant, 0, 1, 0
+	stopping := opts
+	stopping.EarlyStoppingPatience, stopping.EarlyStoppingThreshold = 2, 0.1
+	s := open(t, sc)
+	defer s.Close()
+	scripted := &scriptedEval{Session: s, losses: []float64{5.0, 4.95, 4.99, 5.01}}
+	res := train(t, scripted, rows, stopping, filepath.Join(t.TempDir(), "stopped"))
+	if !res.StoppedEarly || res.Steps != 3 || res.BestStep != 2 {
+		t.Fatalf("stopped early %v after %d steps, best step %d; want a stop after 3, best step 2", res.StoppedEarly, res.Steps, res.BestStep)
+	}
+	plain := opts
+	plain.MaxSteps = 2
+	s2 := open(t, sc)
+	defer s2.Close()
+	want := train(t, s2, rows, plain, filepath.Join(t.TempDir(), "plain"))
+	ga, _ := os.ReadFile(filepath.Join(res.AdapterDir, trainer.AdapterWeightsFile))
+	wa, _ := os.ReadFile(filepath.Join(want.AdapterDir, trainer.AdapterWeightsFile))
+	if len(ga) == 0 || !bytes.Equal(ga, wa) {
+		t.Error("the early-stopped run's adapter is not step 2's (its best evaluation's)")
 	}
 }
 

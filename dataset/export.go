@@ -11,22 +11,47 @@ import (
 
 	"github.com/apache/arrow-go/v18/arrow"
 	"github.com/apache/arrow-go/v18/arrow/array"
+	"github.com/apache/arrow-go/v18/arrow/ipc"
 	"github.com/apache/arrow-go/v18/parquet"
 	"github.com/apache/arrow-go/v18/parquet/compress"
 	"github.com/apache/arrow-go/v18/parquet/pqarrow"
 )
 
-// ExportJSONL writes the rows of the Arrow IPC file at path to w as JSON
-// lines: one object per row with the keys in schema order, strings as JSON
-// strings (HTML characters such as "<" left as they are, since chat text is
-// full of them), lists as arrays and nulls as null. It returns the number of
-// rows written.
-func ExportJSONL(w io.Writer, path string) (int64, error) {
-	r, err := OpenIPC(path)
+// Records is a stream of record batches of one schema, as an IPCReader
+// reads them: Next returns io.EOF after the last, and the caller releases
+// each batch.
+type Records interface {
+	Schema() *arrow.Schema
+	Next() (arrow.RecordBatch, error)
+}
+
+// Converted is r with each batch passed through convert, of schema s.
+func Converted(r Records, s *arrow.Schema, convert func(arrow.RecordBatch) (arrow.RecordBatch, error)) Records {
+	return converted{r, s, convert}
+}
+
+type converted struct {
+	r       Records
+	s       *arrow.Schema
+	convert func(arrow.RecordBatch) (arrow.RecordBatch, error)
+}
+
+func (c converted) Schema() *arrow.Schema { return c.s }
+
+func (c converted) Next() (arrow.RecordBatch, error) {
+	rec, err := c.r.Next()
 	if err != nil {
-		return 0, err
+		return nil, err
 	}
-	defer r.Close()
+	defer rec.Release()
+	return c.convert(rec)
+}
+
+// ExportJSONL writes the rows of r to w as JSON lines: one object per row
+// with the keys in schema order, strings as JSON strings (HTML characters
+// such as "<" left as they are, since chat text is full of them), lists as
+// arrays and nulls as null. It returns the number of rows written.
+func ExportJSONL(w io.Writer, r Records) (int64, error) {
 	bw := bufio.NewWriterSize(w, 1<<20)
 	enc := newRowEncoder(r.Schema())
 	var rows int64
@@ -169,22 +194,17 @@ func appendFloat(dst []byte, v float64, bits int) []byte {
 	return strconv.AppendFloat(dst, v, 'g', -1, bits)
 }
 
-// ExportParquet writes the rows of the Arrow IPC file at path to w as a
-// Snappy-compressed Parquet file, one row group per record batch, with the
-// Arrow schema stored so that Arrow readers get the same types back. It
-// returns the number of rows written.
-func ExportParquet(w io.Writer, path string) (int64, error) {
-	r, err := OpenIPC(path)
-	if err != nil {
-		return 0, err
-	}
-	defer r.Close()
+// ExportParquet writes the rows of r to w as a Snappy-compressed Parquet
+// file, one row group per record batch, with the Arrow schema stored so
+// that Arrow readers get the same types back. It returns the number of
+// rows written.
+func ExportParquet(w io.Writer, r Records) (int64, error) {
 	props := parquet.NewWriterProperties(parquet.WithCompression(compress.Codecs.Snappy))
 	// The Parquet writer closes a sink that is an io.Closer; the caller owns w.
 	sink := struct{ io.Writer }{w}
 	fw, err := pqarrow.NewFileWriter(r.Schema(), sink, props, pqarrow.NewArrowWriterProperties(pqarrow.WithStoreSchema()))
 	if err != nil {
-		return 0, fmt.Errorf("dataset: %s: %w", path, err)
+		return 0, fmt.Errorf("dataset: writing Parquet: %w", err)
 	}
 	var rows int64
 	for {
@@ -206,6 +226,37 @@ func ExportParquet(w io.Writer, path string) (int64, error) {
 	}
 	if err := fw.Close(); err != nil {
 		return rows, fmt.Errorf("dataset: writing Parquet: %w", err)
+	}
+	return rows, nil
+}
+
+// ExportIPC writes the rows of r to w as an Arrow IPC file. It returns the
+// number of rows written.
+func ExportIPC(w io.Writer, r Records) (int64, error) {
+	fw, err := ipc.NewFileWriter(w, ipc.WithSchema(r.Schema()))
+	if err != nil {
+		return 0, fmt.Errorf("dataset: writing Arrow IPC: %w", err)
+	}
+	var rows int64
+	for {
+		rec, err := r.Next()
+		if err == io.EOF {
+			break
+		}
+		if err != nil {
+			fw.Close()
+			return rows, err
+		}
+		err = fw.Write(rec)
+		rows += rec.NumRows()
+		rec.Release()
+		if err != nil {
+			fw.Close()
+			return rows, fmt.Errorf("dataset: writing Arrow IPC: %w", err)
+		}
+	}
+	if err := fw.Close(); err != nil {
+		return rows, fmt.Errorf("dataset: writing Arrow IPC: %w", err)
 	}
 	return rows, nil
 }

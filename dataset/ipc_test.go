@@ -130,7 +130,7 @@ func TestIPCRoundTrip(t *testing.T) {
 func TestExportJSONL(t *testing.T) {
 	path, texts, tokens := writeTestIPC(t)
 	var buf bytes.Buffer
-	n, err := ExportJSONL(&buf, path)
+	n, err := ExportJSONL(&buf, openIPC(t, path))
 	if err != nil || n != 3 {
 		t.Fatalf("ExportJSONL: %d rows, %v", n, err)
 	}
@@ -173,7 +173,7 @@ func TestExportParquet(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	n, err := ExportParquet(f, path)
+	n, err := ExportParquet(f, openIPC(t, path))
 	if err != nil || n != 3 {
 		t.Fatalf("ExportParquet: %d rows, %v", n, err)
 	}
@@ -238,4 +238,14 @@ func TestCorruptIPCOffsets(t *testing.T) {
 	if _, err := r.Next(); err == nil || !strings.Contains(err.Error(), "batch 0: corrupt data") {
 		t.Errorf("Next on damaged offsets: %v", err)
 	}
+}
+
+func openIPC(t *testing.T, path string) *IPCReader {
+	t.Helper()
+	r, err := OpenIPC(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { r.Close() })
+	return r
 }

@@ -75,6 +75,9 @@ func ReadPackedJSONL(r io.Reader) ([]PackedRow, error) {
 		var vals [4][]int32
 		for name, v := range raw {
 			i := slices.Index(packedNames[:], name)
+			if name == packer.ColAttentionMask {
+				continue // an export's; the masks come from seq_lengths
+			}
 			if i < 0 {
 				return nil, fmt.Errorf("line %d: unknown field %q (packed rows have %s)", line, name, strings.Join(packedNames[:], ", "))
 			}

@@ -145,6 +145,33 @@ func TestReadPackedRowsErrors(t *testing.T) {
 	}
 }
 
+// TestExportedPackedRows: a packed row as export writes it for other
+// trainers (attention_mask added, the padding a last seq_lengths entry)
+// reads back and trains as the cache's row does: the same loss.
+func TestExportedPackedRows(t *testing.T) {
+	cached := `{"input_ids": [2, 5, 7, 9, 2, 8, 0, 0, 0], "labels": [-100, 5, 7, 9, -100, 8, -100, -100, -100], "position_ids": [0, 1, 2, 3, 0, 1, 0, 1, 2], "seq_lengths": [4, 2]}`
+	exported := `{"input_ids": [2, 5, 7, 9, 2, 8, 0, 0, 0], "labels": [-100, 5, 7, 9, -100, 8, -100, -100, -100], "attention_mask": [1, 1, 1, 1, 1, 1, 0, 0, 0], "position_ids": [0, 1, 2, 3, 0, 1, 0, 1, 2], "seq_lengths": [4, 2, 3]}`
+	m := tinyModel(t, tinyConfig())
+	var loss [2]float64
+	var trained [2]int
+	for i, line := range []string{cached, exported} {
+		rows, err := ReadPackedJSONL(strings.NewReader(line))
+		if err != nil {
+			t.Fatalf("%s: %v", line, err)
+		}
+		b, err := NewBatch(rows)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if loss[i], trained[i], err = m.Loss(nil, b); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if loss[0] != loss[1] || trained[0] != trained[1] || trained[0] != 4 {
+		t.Errorf("exported row: loss %v over %d tokens, the cache's %v over %d", loss[1], trained[1], loss[0], trained[0])
+	}
+}
+
 // FuzzPackedRows feeds arbitrary JSON lines through the reader, NewBatch and
 // the batch checks a model runs before touching its weights: errors are
 // fine, panics are not.

@@ -1,6 +1,7 @@
 package main
 
 import (
+	"compress/gzip"
 	"context"
 	"errors"
 	"fmt"
@@ -16,6 +17,7 @@ import (
 	"gemmaft/dataset"
 	"gemmaft/gguf"
 	"gemmaft/internal/atomicfile"
+	"gemmaft/packer"
 	"gemmaft/pipeline"
 	"gemmaft/stages"
 	"gemmaft/trainer"
@@ -29,9 +31,14 @@ func init() {
 		Short: "Write a stage's cached table or model out for other tools",
 		Long: `Write the cached output of STAGE to PATH. The stage must be cached; run it first.
 
-Tables: as JSON lines (one object per row, lists as JSON arrays), as Parquet, or as
-the Arrow IPC file itself. PATH (a file, or - for standard output) appears only when
-complete. A generate stage's answers also export with --format mt-bench as FastChat's
+Tables: as JSON lines (one object per row, lists as JSON arrays; gzipped when PATH
+ends in .jsonl.gz), as Parquet, or as an Arrow IPC file. Rows of token ids (tokenize,
+mix and pack stages) are written as other trainers read them: with an attention_mask
+column (1 on the examples' tokens, 0 on a packed row's padding), as Axolotl's
+pre-tokenized sets have it, and with a packed row's padding as the last entry of its
+seq_lengths, so that they sum to the row's length, as TRL's collator reads them (in the
+cache they list the examples alone). PATH (a file, or - for standard output) appears
+only when complete. A generate stage's answers also export with --format mt-bench as FastChat's
 answer file (model_answer/MODEL_ID.jsonl), for its judge.
 
 Models, from a merge or model stage (a Hugging Face checkpoint): --format hf copies
@@ -44,9 +51,10 @@ checkpoint has no tokenizer: export it with --format hf. A gguf stage's file is
 copied as it is (a --type must then be its own). A model's PATH must not exist,
 and appears only when complete.
 
-Without --format, PATH's extension says it (.jsonl, .parquet, .arrow, .gguf), or
---type (gguf), and else the stage's kind: JSON lines for a table, hf for a model; a
---format that PATH's extension contradicts is refused. A PATH named NAME.TYPE.gguf
+Without --format, PATH's extension says it (.jsonl, .jsonl.gz, .parquet, .arrow, .gguf),
+or --type (gguf), and else the stage's kind: JSON lines for a table, hf for a model; a
+--format that PATH's extension contradicts is refused, and so is a table's PATH whose
+extension names no format (x.csv) unless --format says one. A PATH named NAME.TYPE.gguf
 gives the type when --type is left out, and must agree with it otherwise. A failure or an interrupt leaves PATH as
 it was and no temporary file behind.`,
 		Example: `  pipeline export dags/gemma12b.yaml pack --format parquet --out packed.parquet
@@ -60,7 +68,13 @@ it was and no temporary file behind.`,
 			if out == "" {
 				return usageErr(errors.New("--out is required (a file, or - for standard output)"))
 			}
-			named := formatOfName(out)
+			named, gzipped := formatOfName(out)
+			notGzipped := func(format string) error {
+				return usageErr(fmt.Errorf("--out %s: only JSON lines are written gzipped (NAME.jsonl.gz), not %s", out, format))
+			}
+			if gzipped && named != "" && named != "jsonl" {
+				return notGzipped(named)
+			}
 			if format == "mt-bench" && named == "jsonl" {
 				named = format // FastChat's answer file is JSON lines
 			}
@@ -106,6 +120,10 @@ it was and no temporary file behind.`,
 			if _, err := os.Stat(filepath.Join(entry, pipeline.TableFile)); err != nil && !isModel {
 				return usageErr(fmt.Errorf("stage %s (%s) holds neither a table nor a model to export: its files are in %s", args[1], m.Kind, entry))
 			}
+			if format == "" && !gzipped && !isModel && out != "-" && filepath.Ext(out) != "" {
+				// x.csv written as JSON lines would surprise whoever opens it.
+				return usageErr(fmt.Errorf("--out %s: %q names no format export writes (.jsonl, .jsonl.gz, .parquet, .arrow); give --format to write it anyway", out, filepath.Ext(out)))
+			}
 			if format == "" { // a name that says nothing: the stage's kind does
 				switch m.Kind {
 				case "merge", "model", "qlora":
@@ -115,6 +133,9 @@ it was and no temporary file behind.`,
 				default:
 					format = "jsonl"
 				}
+			}
+			if gzipped && format != "jsonl" {
+				return notGzipped(format)
 			}
 			if format == "gguf" || format == "hf" {
 				if err := makeOutDir(out); err != nil {
@@ -129,20 +150,13 @@ it was and no temporary file behind.`,
 				}
 				table = filepath.Join(entry, stages.PackedHeldOutFile)
 			}
-			var write func(w io.Writer, table string) error
-			switch format {
-			case "mt-bench":
+			write := func(w io.Writer, table string) error { return exportTable(w, table, format, gzipped) }
+			if format == "mt-bench" {
 				answers, _ := m.Stats["answer_file"].(string)
 				if m.Kind != "generate" || answers == "" {
 					return usageErr(fmt.Errorf("stage %s (%s) holds no answers: --format mt-bench exports a generate stage's", args[1], m.Kind))
 				}
 				table, write = filepath.Join(entry, answers), copyFile
-			case "jsonl":
-				write = func(w io.Writer, table string) error { _, err := dataset.ExportJSONL(w, table); return err }
-			case "parquet":
-				write = func(w io.Writer, table string) error { _, err := dataset.ExportParquet(w, table); return err }
-			case "arrow":
-				write = copyFile
 			}
 			if _, err := os.Stat(table); err != nil {
 				return usageErr(fmt.Errorf("stage %s (%s) holds no table, so not --format %s; a model exports with --format hf or gguf", args[1], m.Kind, format))
@@ -181,6 +195,39 @@ it was and no temporary file behind.`,
 	completeValues(cmd, "format", "jsonl", "parquet", "arrow", "mt-bench", "gguf", "hf")
 	completeValues(cmd, "type", gguf.FileTypeNames()...)
 	root.AddCommand(cmd)
+}
+
+// exportTable writes the Arrow IPC file table to w as format (jsonl,
+// parquet or arrow), gzipped (JSON lines only) if asked, with rows of token
+// ids as other trainers read them (packer.ExportView).
+func exportTable(w io.Writer, table, format string, gzipped bool) error {
+	r, err := dataset.OpenIPC(table)
+	if err != nil {
+		return err
+	}
+	defer r.Close()
+	var rows dataset.Records = r
+	if s, convert, ok := packer.ExportView(r.Schema()); ok {
+		rows = dataset.Converted(r, s, convert)
+	} else if format == "arrow" {
+		return copyFile(w, table)
+	}
+	switch format {
+	case "parquet":
+		_, err = dataset.ExportParquet(w, rows)
+	case "arrow":
+		_, err = dataset.ExportIPC(w, rows)
+	default:
+		if !gzipped {
+			_, err = dataset.ExportJSONL(w, rows)
+			return err
+		}
+		zw := gzip.NewWriter(w)
+		if _, err = dataset.ExportJSONL(zw, rows); err == nil {
+			err = zw.Close()
+		}
+	}
+	return err
 }
 
 func copyFile(w io.Writer, path string) error {
@@ -234,9 +281,16 @@ func makeOutDir(out string) error {
 }
 
 // formatOfName is the export format a file name asks for by its
-// extension, "" when it names none.
-func formatOfName(out string) string {
-	switch strings.ToLower(filepath.Ext(out)) {
+// extension, "" when it names none, and whether the name ends in .gz.
+func formatOfName(out string) (format string, gzipped bool) {
+	if strings.EqualFold(filepath.Ext(out), ".gz") {
+		out, gzipped = strings.TrimSuffix(out, filepath.Ext(out)), true
+	}
+	return formatOfExt(filepath.Ext(out)), gzipped
+}
+
+func formatOfExt(ext string) string {
+	switch strings.ToLower(ext) {
 	case ".jsonl", ".json":
 		return "jsonl"
 	case ".parquet":

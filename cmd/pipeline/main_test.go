@@ -2,14 +2,18 @@ package main
 
 import (
 	"bytes"
+	"compress/gzip"
 	"context"
 	"encoding/json"
 	"errors"
 	"fmt"
+	"gemmaft/dataset"
+	"io"
 	"os"
 	"os/exec"
 	"path/filepath"
 	"regexp"
+	"slices"
 	"strconv"
 	"strings"
 	"testing"
@@ -521,6 +525,128 @@ func TestExportHeldOut(t *testing.T) {
 		if r := runCLI(t, dir, append([]string{"export", spec}, args...)...); r.code != 2 || !strings.Contains(r.stderr, "--heldout") {
 			t.Errorf("export %v: exit %d\n%s", args, r.code, r.stderr)
 		}
+	}
+}
+
+// TestExportForOtherTrainers: token rows export as TRL and Axolotl read
+// them, in every table format: an attention_mask (1 on the examples'
+// tokens, 0 on a packed row's padding), and a packed row's seq_lengths
+// summing to its length, so that the position_ids TRL's collator rebuilds
+// from them are the row's own. NAME.jsonl.gz is gzipped; a name of no
+// format export writes is refused.
+func TestExportForOtherTrainers(t *testing.T) {
+	dir := t.TempDir()
+	spec := tokensSpec(t, dir, "  pack: {kind: pack, needs: [tokens], with: {seq_len: 128}}\n")
+	if r := runCLI(t, dir, "run", spec); r.code != 0 {
+		t.Fatalf("run: exit %d\n%s", r.code, r.stderr)
+	}
+	export := func(stage, out string) []byte {
+		t.Helper()
+		path := filepath.Join(dir, out)
+		if r := runCLI(t, dir, "export", spec, stage, "--out", path); r.code != 0 {
+			t.Fatalf("export %s --out %s: exit %d\n%s", stage, out, r.code, r.stderr)
+		}
+		b, _ := os.ReadFile(path)
+		return b
+	}
+	type row struct {
+		InputIDs      []int32 `json:"input_ids"`
+		Labels        []int32 `json:"labels"`
+		AttentionMask []int8  `json:"attention_mask"`
+		PositionIDs   []int32 `json:"position_ids"`
+		SeqLengths    []int32 `json:"seq_lengths"`
+	}
+	rows := func(jsonl []byte) []row {
+		var out []row
+		for _, line := range strings.Split(strings.TrimSpace(string(jsonl)), "\n") {
+			var r row
+			if err := json.Unmarshal([]byte(line), &r); err != nil {
+				t.Fatalf("%v: %s", err, line)
+			}
+			out = append(out, r)
+		}
+		return out
+	}
+
+	packed := export("pack", "pack.jsonl")
+	padded := 0
+	for i, r := range rows(packed) {
+		n := len(r.InputIDs)
+		sum := int32(0)
+		for _, l := range r.SeqLengths {
+			sum += l
+		}
+		// TRL's get_position_ids_from_packed_seq_lengths: 0, 1, … within
+		// each length, restarting at each boundary.
+		var rebuilt []int32
+		for _, l := range r.SeqLengths {
+			for j := range l {
+				rebuilt = append(rebuilt, j)
+			}
+		}
+		if int(sum) != n || !slices.Equal(rebuilt, r.PositionIDs) {
+			t.Errorf("row %d: seq_lengths %v sum to %d of %d tokens; positions rebuilt from them differ from position_ids", i, r.SeqLengths, sum, n)
+		}
+		zeros := n - slices.Index(r.AttentionMask, 0)
+		if !slices.Contains(r.AttentionMask, 0) {
+			zeros = 0
+		}
+		if zeros > 0 {
+			padded++
+			if last := r.SeqLengths[len(r.SeqLengths)-1]; int(last) != zeros || slices.Contains(r.AttentionMask[n-zeros:], 1) {
+				t.Errorf("row %d: attention_mask %v, the padding (last seq_lengths entry) %d long", i, r.AttentionMask, last)
+			}
+			for j := n - zeros; j < n; j++ {
+				if r.Labels[j] != -100 {
+					t.Errorf("row %d: token %d is padding to the mask but trained", i, j)
+				}
+			}
+		}
+		if len(r.AttentionMask) != n {
+			t.Errorf("row %d: %d mask entries for %d tokens", i, len(r.AttentionMask), n)
+		}
+	}
+	if padded == 0 {
+		t.Fatalf("no packed row has padding; the check saw nothing:\n%s", packed)
+	}
+	// Axolotl's pre-tokenized columns, in that order; every token attended.
+	tokens := export("tokens", "tokens.jsonl")
+	if !bytes.HasPrefix(tokens, []byte(`{"input_ids":[`)) || !bytes.Contains(tokens, []byte(`],"labels":[`)) || !bytes.Contains(tokens, []byte(`],"attention_mask":[`)) {
+		t.Errorf("tokens export: %.200s", tokens)
+	}
+	for i, r := range rows(tokens) {
+		if len(r.AttentionMask) != len(r.InputIDs) || slices.Contains(r.AttentionMask, 0) {
+			t.Errorf("token row %d: attention_mask %v", i, r.AttentionMask)
+		}
+	}
+	// The Arrow file holds the same rows.
+	export("pack", "pack.arrow")
+	rd, err := dataset.OpenIPC(filepath.Join(dir, "pack.arrow"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	var fromArrow bytes.Buffer
+	_, err = dataset.ExportJSONL(&fromArrow, rd)
+	rd.Close()
+	if err != nil || !bytes.Equal(fromArrow.Bytes(), packed) {
+		t.Errorf("the Arrow export's rows differ from the JSON lines' (%v)", err)
+	}
+	// Gzipped JSON lines, read back by a jsonl source as it reads .gz.
+	zr, err := gzip.NewReader(bytes.NewReader(export("pack", "pack.jsonl.gz")))
+	if err != nil {
+		t.Fatalf("pack.jsonl.gz: %v", err)
+	}
+	unzipped, _ := io.ReadAll(zr)
+	if !bytes.Equal(unzipped, packed) {
+		t.Error("pack.jsonl.gz does not hold the JSON lines export")
+	}
+	for _, out := range []string{"pack.csv", "pack.parquet.gz"} {
+		if r := runCLI(t, dir, "export", spec, "pack", "--out", filepath.Join(dir, out)); r.code != 2 || !strings.Contains(r.stderr, out) {
+			t.Errorf("export --out %s: exit %d\n%s", out, r.code, r.stderr)
+		}
+	}
+	if r := runCLI(t, dir, "export", spec, "pack", "--format", "jsonl", "--out", filepath.Join(dir, "pack.csv")); r.code != 0 {
+		t.Errorf("--format jsonl --out pack.csv: exit %d\n%s", r.code, r.stderr)
 	}
 }
 

@@ -231,7 +231,7 @@ func (c *convFields) parseJSONMessages(raw json.RawMessage) ([]rawMessage, error
 		if !ok || len(role) == 0 || role[0] != '"' {
 			return nil, fmt.Errorf("column %s: message %d has no text field %q%s", c.list, i, c.role, fieldsHint(e))
 		}
-		if err := decodeJSONString(role, &out[i].role); err != nil {
+		if err := DecodeJSONString(role, &out[i].role); err != nil {
 			return nil, fmt.Errorf("column %s: message %d, field %s: %w", c.list, i, c.role, err)
 		}
 		if w, ok := e["weight"]; ok && (string(w) == "0" || string(w) == "false" || string(w) == "0.0") {
@@ -245,7 +245,7 @@ func (c *convFields) parseJSONMessages(raw json.RawMessage) ([]rawMessage, error
 		case 'n':
 			out[i].null = true
 		case '"':
-			if err := decodeJSONString(content, &out[i].content); err != nil {
+			if err := DecodeJSONString(content, &out[i].content); err != nil {
 				return nil, fmt.Errorf("column %s: message %d, field %s: %w", c.list, i, c.content, err)
 			}
 		case '[':
@@ -263,7 +263,7 @@ func (c *convFields) parseJSONMessages(raw json.RawMessage) ([]rawMessage, error
 
 // textParts reads a content given as a list of parts; only text parts are
 // supported (this is text fine-tuning). Each text goes through
-// decodeJSONString, as every other string of a conversation does.
+// DecodeJSONString, as every other string of a conversation does.
 func textParts(raw json.RawMessage) ([]string, error) {
 	var parts []struct {
 		Type string          `json:"type"`
@@ -280,17 +280,17 @@ func textParts(raw json.RawMessage) ([]string, error) {
 		if len(p.Text) == 0 || p.Text[0] != '"' {
 			return nil, fmt.Errorf("part %d has no text string", i)
 		}
-		if err := decodeJSONString(p.Text, &out[i]); err != nil {
+		if err := DecodeJSONString(p.Text, &out[i]); err != nil {
 			return nil, fmt.Errorf("part %d: %w", i, err)
 		}
 	}
 	return out, nil
 }
 
-// decodeJSONString decodes a JSON string literal, refusing invalid UTF-8
+// DecodeJSONString decodes a JSON string literal, refusing invalid UTF-8
 // and lone surrogate escapes (such as \ud800, which decodes to U+FFFD:
 // text that never held U+FFFD itself was not valid Unicode).
-func decodeJSONString(raw json.RawMessage, dst *string) error {
+func DecodeJSONString(raw json.RawMessage, dst *string) error {
 	if !utf8.Valid(raw) {
 		return fmt.Errorf("invalid UTF-8 at byte %d", decodedOffset(raw, invalidUTF8At(string(raw))))
 	}

@@ -389,7 +389,7 @@ func (jf *jsonlFile) parse(line []byte, at int64) (record, error) {
 		default:
 			return record{}, fmt.Errorf("dataset: %s: %s, column %s: %s, not a string", jf.name, where, name, JSONKind(raw[0]))
 		}
-		if err := decodeJSONString(raw, &r.v[i]); err != nil {
+		if err := DecodeJSONString(raw, &r.v[i]); err != nil {
 			return record{}, fmt.Errorf("dataset: %s: %s, column %s: %w", jf.name, where, name, err)
 		}
 	}

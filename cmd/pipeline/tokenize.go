@@ -216,9 +216,13 @@ func lineText(raw []byte) (string, error) {
 	if !ok {
 		return "", errors.New(`no "text" field`)
 	}
-	var text string
-	if err := json.Unmarshal(v, &text); err != nil || v[0] != '"' {
+	if v[0] != '"' {
 		return "", fmt.Errorf(`"text" is %s, not a string`, dataset.JSONKind(v[0]))
+	}
+	// Invalid UTF-8 would be read as U+FFFD, and offsets past the line.
+	var text string
+	if err := dataset.DecodeJSONString(v, &text); err != nil {
+		return "", fmt.Errorf(`"text": %w`, err)
 	}
 	return text, nil
 }

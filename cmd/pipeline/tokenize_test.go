@@ -109,10 +109,12 @@ func TestTokenizeLineErrors(t *testing.T) {
 	tokPath := testenv.GemmaFile(t, "tokenizer.json")
 	dir := t.TempDir()
 	for input, want := range map[string]string{
-		"{\"text\":\"a\"}\n\n{\"text\":\"b\"}\n": `input line 2: blank; every line is a {"text": ...} object`,
-		"{\"text\":5}\n":                         `input line 1: "text" is a number, not a string`,
-		"{\"txt\":\"a\"}\n":                      `input line 1: no "text" field`,
-		"[1]\n":                                  `input line 1: not a JSON object`,
+		"{\"text\":\"a\"}\n\n{\"text\":\"b\"}\n":   `input line 2: blank; every line is a {"text": ...} object`,
+		"{\"text\":5}\n":                           `input line 1: "text" is a number, not a string`,
+		"{\"txt\":\"a\"}\n":                        `input line 1: no "text" field`,
+		"[1]\n":                                    `input line 1: not a JSON object`,
+		"{\"text\":\"a\"}\n{\"text\":\"a\xff\"}\n": `input line 2: "text": invalid UTF-8 at byte 1`,
+		"{\"text\":\"\\ud800\"}\n":                 `input line 1: "text": unpaired UTF-16 surrogate`,
 	} {
 		in := filepath.Join(dir, "in.jsonl")
 		writeFile(t, in, input)

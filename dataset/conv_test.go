@@ -345,9 +345,7 @@ func TestConversationErrors(t *testing.T) {
 		{"{\"conversations\": [{\"from\": \"human\", \"value\": [{\"type\": \"text\", \"text\": \"a\xffb\"}]}]}", "part 0: invalid UTF-8 at byte 1"},
 		{`{"conversations": [{"from": "human", "value": [{"type": "text", "text": "\ud800"}]}]}`, "part 0: unpaired UTF-16 surrogate"},
 		{`{"conversations": [{"from": "system", "value": [{"type": "text", "text": "a"}, {"type": "text", "text": "b"}]}, {"from": "human", "value": "x"}, {"from": "gpt", "value": "y"}]}`, "a system message of 2 parts"},
-		{`{"chat": []}`, `no field "conversations"; the record has fields "chat"; name the record's field with columns:, e.g. columns: {conversations: chat}`},
-		{`{"messages": []}`, `no field "conversations"; the record has fields "messages"; an OpenAI-style record: set format: openai`},
-		{`{"instruction": "a", "output": "b"}`, `an Alpaca record: leave format out`},
+		{`{"chat": []}`, `no field "conversations", which the file's first record has; this record has fields "chat": mend or remove it`},
 		{`{"conversations": [{"from": "human", "value": "a"}, {"from": "bot", "value": "b"}]}`, `unknown role "bot" (known: assistant, gpt, human, model, system, user); map it with roles:, e.g. roles: {bot: assistant}`},
 		{`{"conversations": [{"from": "soran", "value": "a"}, {"from": "gpt", "value": "b"}]}`, `map it with roles:, e.g. roles: {soran: user}`},
 	}
@@ -357,6 +355,17 @@ func TestConversationErrors(t *testing.T) {
 		err := openOrNext(SourceOptions{Paths: []string{path}, Layout: LayoutShareGPT})
 		if err == nil || !strings.Contains(err.Error(), c.want) || !strings.Contains(err.Error(), path+" line 3") && !strings.Contains(err.Error(), path+": line 3") {
 			t.Errorf("%s:\n got %v\nwant an error naming line 3 with %q", c.line, err, c.want)
+		}
+	}
+	// A file whose first record lacks the list: what in the spec reads it.
+	for line, want := range map[string]string{
+		`{"chat": []}`:                        `no field "conversations"; the record has fields "chat"; name the record's field with columns:, e.g. columns: {conversations: chat}`,
+		`{"messages": []}`:                    `no field "conversations"; the record has fields "messages"; an OpenAI-style record: set format: openai`,
+		`{"instruction": "a", "output": "b"}`: `an Alpaca record: leave format out`,
+	} {
+		path := writeFile(t, "first.jsonl", line+"\n")
+		if err := openOrNext(SourceOptions{Paths: []string{path}, Layout: LayoutShareGPT}); err == nil || !strings.Contains(err.Error(), want) || !strings.Contains(err.Error(), path+": line 1") {
+			t.Errorf("%s:\n got %v\nwant an error naming line 1 with %q", line, err, want)
 		}
 	}
 

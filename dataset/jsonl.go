@@ -16,6 +16,7 @@ import (
 	"sync/atomic"
 
 	"gemmaft/internal/lines"
+	"gemmaft/internal/spell"
 )
 
 // jsonlFile is a file of JSON objects, one per line, plain or gzip-compressed
@@ -46,6 +47,8 @@ type jsonlFile struct {
 	// named are the fields the spec names, with the parameter that names
 	// them (columns:, system_column), for the hint of one missing.
 	named map[string]string
+	// firstAt is where the file's first record is, which open checks.
+	firstAt int64
 }
 
 // optionalFields are the fields a JSON record may leave out: an Alpaca
@@ -81,7 +84,8 @@ func openJSONL(open openFunc, path string, want []string, optional optionalField
 	if err != nil {
 		return nil, err
 	}
-	if _, err := jf.parse(first, rr.at()); err != nil {
+	jf.firstAt = rr.at()
+	if _, err := jf.parse(first, jf.firstAt); err != nil {
 		return nil, err
 	}
 	var rec map[string]json.RawMessage
@@ -255,8 +259,11 @@ func (jf *jsonlFile) scan(ctx context.Context, file int32, base int64, want func
 
 // fieldHint says, of a record without the field name, what in the spec
 // reads it: the format its fields have, or a columns: mapping to one of
-// them; by is the parameter that named it, if one did (misspelt, then).
-func fieldHint(keys []string, name string, conv bool, by string) string {
+// them; by is the parameter that named it, if one did (misspelt, then);
+// read are the fields the source reads for other roles, which the hint
+// does not offer.
+func fieldHint(keys []string, name string, conv bool, by string, read []string) string {
+	free := slices.DeleteFunc(slices.Clone(keys), func(k string) bool { return slices.Contains(read, k) })
 	switch {
 	case slices.Contains(keys, ColQuestionID) && slices.Contains(keys, ColTurns):
 		return "; MT-Bench questions, which a stage of kind mt_bench reads for a generate stage"
@@ -268,18 +275,26 @@ func fieldHint(keys []string, name string, conv bool, by string) string {
 		return "; an Alpaca record: leave format out (alpaca is the default)"
 	case len(keys) == 0:
 		return ""
+	case by != "" && spell.Closest(name, free) != "":
+		return fmt.Sprintf("; %s names %q: did you mean %q?", by, name, spell.Closest(name, free))
 	case by == "columns:":
 		return fmt.Sprintf("; columns: maps a role to one of these fields (columns: {ROLE: FIELD}) and names %q", name)
 	case by != "":
 		return fmt.Sprintf("; %s names %q: name one of these fields, or leave %s out", by, name, by)
 	}
-	return fmt.Sprintf("; name the record's field with columns:, e.g. columns: {%s: %s}", name, likelyField(keys, name))
+	if f := likelyField(free, name); f != "" {
+		return fmt.Sprintf("; name the record's field with columns:, e.g. columns: {%s: %s}", name, f)
+	}
+	return fmt.Sprintf("; name the record's field with columns: {%s: FIELD}", name)
 }
 
-// likelyField is the field of keys most likely to be name's: one named
-// with it (output-turkish), else one people often call it otherwise,
-// else the first.
+// likelyField is the field of keys most likely to be name's: one spelt
+// nearly as it (instrucion), one named with it (output-turkish), else one
+// people often call it otherwise; "" when none looks like it.
 func likelyField(keys []string, name string) string {
+	if c := spell.Closest(name, keys); c != "" {
+		return c
+	}
 	for _, k := range keys {
 		if strings.Contains(strings.ToLower(k), name) {
 			return k
@@ -290,7 +305,7 @@ func likelyField(keys []string, name string) string {
 			return k
 		}
 	}
-	return keys[0]
+	return ""
 }
 
 // unreadInput is the field of keys that looks like an Alpaca record's
@@ -349,7 +364,12 @@ func (jf *jsonlFile) parse(line []byte, at int64) (record, error) {
 			keys = append(keys, k)
 		}
 		slices.Sort(keys)
-		return fmt.Errorf("dataset: %s: %s: no field %q; the record has fields %s%s", jf.name, where, name, quoteList(keys), fieldHint(keys, name, jf.conv != nil, jf.named[name]))
+		if at != jf.firstAt {
+			// The file's first record has it (the stage opened): this
+			// record is the odd one, not the mapping.
+			return fmt.Errorf("dataset: %s: %s: no field %q, which the file's first record has; this record has fields %s: mend or remove it", jf.name, where, name, quoteList(keys))
+		}
+		return fmt.Errorf("dataset: %s: %s: no field %q; the record has fields %s%s", jf.name, where, name, quoteList(keys), fieldHint(keys, name, jf.conv != nil, jf.named[name], jf.want))
 	}
 	if c := jf.conv; c != nil {
 		raw, ok := obj[c.list]

@@ -91,7 +91,7 @@ func openParquet(open openFunc, path string, want []string, optional string, con
 			continue
 		}
 		if !ok {
-			return nil, fmt.Errorf("dataset: %s: no column %q; the file has columns %s%s", path, name, quoteList(names), fieldHint(names, name, conv != nil, named[name]))
+			return nil, fmt.Errorf("dataset: %s: no column %q; the file has columns %s%s", path, name, quoteList(names), fieldHint(names, name, conv != nil, named[name], want))
 		}
 		if !sf.IsLeaf() || !isStringType(sf.Field.Type) {
 			return nil, fmt.Errorf("dataset: %s: column %q has type %s, not string", path, name, sf.Field.Type)
@@ -101,7 +101,7 @@ func openParquet(open openFunc, path string, want []string, optional string, con
 	if conv != nil {
 		sf, ok := byName[conv.list]
 		if !ok {
-			return nil, fmt.Errorf("dataset: %s: no column %q; the file has columns %s%s", path, conv.list, quoteList(names), fieldHint(names, conv.list, true, named[conv.list]))
+			return nil, fmt.Errorf("dataset: %s: no column %q; the file has columns %s%s", path, conv.list, quoteList(names), fieldHint(names, conv.list, true, named[conv.list], want))
 		}
 		leaves, err := conversationLeaves(sf, conv)
 		switch {

@@ -414,10 +414,15 @@ func TestUnreadInput(t *testing.T) {
 		t.Errorf("a missing output's hint: %v", err)
 	}
 	// A field columns: names and the file lacks is a typo there, not a
-	// role to map (the hint was columns: {instrucion: instruction-turkish}).
+	// role to map (the hint was columns: {instrucion: instruction-turkish}):
+	// the nearest name, else the form of the mapping.
 	if _, err := Open(SourceOptions{Paths: []string{pq}, Columns: map[string]string{"instruction": "instrucion-turkish", "output": "output-turkish"}}); err == nil ||
-		!strings.Contains(err.Error(), `columns: maps a role to one of these fields (columns: {ROLE: FIELD}) and names "instrucion-turkish"`) {
+		!strings.Contains(err.Error(), `columns: names "instrucion-turkish": did you mean "instruction-turkish"?`) {
 		t.Errorf("a misspelt mapped column's hint: %v", err)
+	}
+	if _, err := Open(SourceOptions{Paths: []string{pq}, Columns: map[string]string{"instruction": "soru", "output": "output-turkish"}}); err == nil ||
+		!strings.Contains(err.Error(), `columns: maps a role to one of these fields (columns: {ROLE: FIELD}) and names "soru"`) {
+		t.Errorf("a mapped column far from every name: %v", err)
 	}
 	// A system_column the file lacks is that parameter's, not columns:'s.
 	if _, err := Open(SourceOptions{Paths: []string{pq}, Columns: map[string]string{"instruction": "instruction-turkish", "output": "output-turkish"}, SystemColumn: "sys_prompt"}); err == nil ||
@@ -603,7 +608,12 @@ func TestBadInput(t *testing.T) {
 		{"empty Parquet", SourceOptions{Paths: []string{emptyParquet}}, []string{"empty.parquet", "no rows"}},
 		{"empty JSONL", SourceOptions{Paths: []string{emptyJSONL}}, []string{"empty.jsonl", "no rows"}},
 		{"non-string JSONL value", SourceOptions{Paths: []string{jsonlNumber}}, []string{"number.jsonl: line 2, column output: a number, not a string"}},
-		{"missing JSONL field", SourceOptions{Paths: []string{jsonlMissing}}, []string{"missing.jsonl: line 1", `no field "output"`, `"input", "instruction"`}},
+		{"missing JSONL field", SourceOptions{Paths: []string{jsonlMissing}}, []string{"missing.jsonl: line 1", `no field "output"`, `"input", "instruction"`,
+			"columns: {output: FIELD}"}}, // not input, which is read as the input
+		{"misspelt JSONL field", SourceOptions{Paths: []string{writeFile("typo.jsonl", []byte(`{"instrucion": "a", "input": "", "output": "b"}`+"\n"))}},
+			[]string{"typo.jsonl: line 1", `no field "instruction"`, "columns: {instruction: instrucion}"}},
+		{"a later record without a field", SourceOptions{Paths: []string{writeFile("later.jsonl", []byte(`{"instruction": "a", "output": "b"}`+"\n"+`{"instruction": "c", "output": "d"}`+"\n"+`{"instruction": "e"}`+"\n"))}},
+			[]string{"later.jsonl: line 3", `no field "output", which the file's first record has; this record has fields "instruction": mend or remove it`}},
 		{"MT-Bench questions", SourceOptions{Paths: []string{writeFile("question.jsonl", []byte(`{"question_id": 81, "category": "writing", "turns": ["a", "b"]}`+"\n"))}},
 			[]string{"question.jsonl: line 1", `no field "instruction"`, "MT-Bench questions, which a stage of kind mt_bench reads"}},
 		{"invalid UTF-8 in JSONL", SourceOptions{Paths: []string{jsonlUTF8}}, []string{"utf8.jsonl: line 3, column output: invalid UTF-8 at byte 4"}},

@@ -16,6 +16,8 @@ import (
 	"sync"
 
 	"golang.org/x/sync/errgroup"
+
+	"gemmaft/internal/spell"
 )
 
 // Options select what a run does.
@@ -101,7 +103,7 @@ func (s *Store) plan(ctx context.Context, dag *DAG, opts Options, lenient bool) 
 	for _, name := range append(append([]string{}, opts.Force...), opts.Until, opts.Only) {
 		if name != "" && name != "all" && dag.Node(name) == nil {
 			fix := "stages: " + strings.Join(names(dag.Nodes), ", ")
-			if c := closest(name, names(dag.Nodes)); c != "" {
+			if c := spell.Closest(name, names(dag.Nodes)); c != "" {
 				fix = fmt.Sprintf("did you mean %q? %s", c, fix)
 			}
 			return nil, &SpecError{File: dag.File, Msg: fmt.Sprintf("no stage called %q", name), Fix: fix}

@@ -18,6 +18,7 @@ import (
 	"github.com/goccy/go-yaml/parser"
 
 	"gemmaft/internal/lines"
+	"gemmaft/internal/spell"
 )
 
 // A DAG is a parsed, validated spec whose stages (its Nodes) are ready to
@@ -406,7 +407,7 @@ func (l *loader) stage(mv *ast.MappingValueNode, needNodes map[*Node][]ast.Node)
 	kind, ok := l.kinds.Lookup(n.KindName)
 	if !ok {
 		fix := "known kinds: " + strings.Join(l.kinds.Names(), ", ")
-		if s := closest(n.KindName, l.kinds.Names()); s != "" {
+		if s := spell.Closest(n.KindName, l.kinds.Names()); s != "" {
 			fix = fmt.Sprintf("did you mean %q? %s", s, fix)
 		}
 		l.errAt(kindNode, fix, "stage %q: unknown kind %q", name, n.KindName)
@@ -477,7 +478,7 @@ func (l *loader) decodeError(n *Node, with ast.Node, err error) *SpecError {
 				e.Fix = "parameters of " + parent + ": " + strings.Join(known, ", ")
 			}
 		}
-		if c := closest(field, known); c != "" {
+		if c := spell.Closest(field, known); c != "" {
 			e.Fix = fmt.Sprintf("did you mean %q? %s", c, e.Fix)
 		}
 		return e
@@ -641,7 +642,7 @@ func (l *loader) resolveNeeds(order []*Node, byName map[string]*Node, needNodes 
 				// Its own error is reported.
 			case d == nil:
 				fix := "stages in this spec: " + strings.Join(names(order), ", ")
-				if s := closest(dep, names(order)); s != "" {
+				if s := spell.Closest(dep, names(order)); s != "" {
 					fix = fmt.Sprintf("did you mean %q? %s", s, fix)
 				}
 				l.errAt(nn, fix, "stage %q needs %q, which is not defined", n.Name, dep)
@@ -799,37 +800,6 @@ func specName(f reflect.StructField) (name string, ok bool) {
 		name = strings.ToLower(f.Name)
 	}
 	return name, true
-}
-
-// closest returns the candidate within edit distance 2 of s, if any.
-func closest(s string, candidates []string) string {
-	best, bestD := "", 3
-	for _, c := range candidates {
-		if d := editDistance(s, c); d < bestD {
-			best, bestD = c, d
-		}
-	}
-	return best
-}
-
-func editDistance(a, b string) int {
-	prev := make([]int, len(b)+1)
-	cur := make([]int, len(b)+1)
-	for j := range prev {
-		prev[j] = j
-	}
-	for i := 1; i <= len(a); i++ {
-		cur[0] = i
-		for j := 1; j <= len(b); j++ {
-			cost := 1
-			if a[i-1] == b[j-1] {
-				cost = 0
-			}
-			cur[j] = min(prev[j]+1, cur[j-1]+1, prev[j-1]+cost)
-		}
-		prev, cur = cur, prev
-	}
-	return prev[len(b)]
 }
 
 // canonicalJSON encodes params deterministically: struct fields in

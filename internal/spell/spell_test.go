@@ -1,0 +1,23 @@
+package spell
+
+import "testing"
+
+func TestClosest(t *testing.T) {
+	for _, c := range []struct {
+		s    string
+		want string
+	}{
+		{"instrucion", "instruction"}, // a letter left out
+		{"ouptut", "output"},          // two swapped: distance 2
+		{"instruction-turksh", "instruction-turkish"},
+		{"answer", ""}, // nothing near
+		{"input", "input"},
+	} {
+		if got := Closest(c.s, []string{"instruction", "input", "output", "instruction-turkish"}); got != c.want {
+			t.Errorf("Closest(%q) = %q, want %q", c.s, got, c.want)
+		}
+	}
+	if d := Distance("kitten", "sitting"); d != 3 {
+		t.Errorf("Distance(kitten, sitting) = %d, want 3", d)
+	}
+}

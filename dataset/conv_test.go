@@ -259,8 +259,8 @@ func TestParquetTextParts(t *testing.T) {
 		{part{"text", "<null>"}, "part 0 has no text string"},
 	} {
 		bad := write([][]message{convs[1], {{"user", []part{c.part}}, {"assistant", []part{{"text", "b"}}}}})
-		if err := openOrNext(SourceOptions{Paths: []string{bad}, Layout: LayoutOpenAI}); err == nil || !strings.Contains(err.Error(), bad+": row 1, column messages: message 0, field content: "+c.want) {
-			t.Errorf("%v: %v, want row 1 and %q", c.part, err, c.want)
+		if err := openOrNext(SourceOptions{Paths: []string{bad}, Layout: LayoutOpenAI}); err == nil || !strings.Contains(err.Error(), bad+": row index 1, column messages: message 0, field content: "+c.want) {
+			t.Errorf("%v: %v, want row index 1 and %q", c.part, err, c.want)
 		}
 	}
 }
@@ -374,7 +374,7 @@ func TestConversationErrors(t *testing.T) {
 		b.Field(0).(*array.StringBuilder).Append(`[{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]`)
 		b.Field(0).(*array.StringBuilder).Append(`[{"role": "user", "content": "a"}, {"role": "user", "content": "b"}]`)
 	})
-	if err := openOrNext(SourceOptions{Paths: []string{bad}, Layout: LayoutOpenAI}); err == nil || !strings.Contains(err.Error(), bad+" row 1: message 1 is user") {
+	if err := openOrNext(SourceOptions{Paths: []string{bad}, Layout: LayoutOpenAI}); err == nil || !strings.Contains(err.Error(), bad+" row index 1: message 1 is user") {
 		t.Errorf("parquet: %v", err)
 	}
 	notList := writeParquet(t, "n.parquet", []arrow.Field{{Name: "messages", Type: arrow.PrimitiveTypes.Int64}}, func(b *array.RecordBuilder) {

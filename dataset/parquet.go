@@ -374,7 +374,7 @@ func (pf *parquetFile) scanRowGroup(ctx context.Context, fr *pqarrow.FileReader,
 				}
 				v := col.value(i)
 				if !utf8.ValidString(v) {
-					return rows, false, fmt.Errorf("dataset: %s: row %d, column %s: invalid UTF-8 at byte %d",
+					return rows, false, fmt.Errorf("dataset: %s: row index %d, column %s: invalid UTF-8 at byte %d",
 						pf.name, fileRow+rows, pf.want[c], invalidUTF8At(v))
 				}
 				// Copy: the batch's buffers are reused once it is released.
@@ -383,7 +383,7 @@ func (pf *parquetFile) scanRowGroup(ctx context.Context, fr *pqarrow.FileReader,
 			if pf.conv != nil {
 				msgs, null, err := conv.messages(i)
 				if err != nil {
-					return rows, false, fmt.Errorf("dataset: %s: row %d, %w", pf.name, fileRow+rows, err)
+					return rows, false, fmt.Errorf("dataset: %s: row index %d, %w", pf.name, fileRow+rows, err)
 				}
 				r.setMessages(msgs, null)
 			}

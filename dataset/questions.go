@@ -157,7 +157,7 @@ func readParquetQuestions(open openFunc, path string, add func(record []byte, at
 		rec := tr.RecordBatch()
 		for i := range int(rec.NumRows()) {
 			line := enc.appendRow(nil, rec, i) // add may keep it
-			if more, err := add(line, fmt.Sprintf("%s: row %d", path, row)); err != nil || !more {
+			if more, err := add(line, fmt.Sprintf("%s: row index %d", path, row)); err != nil || !more {
 				return err
 			}
 			row++

@@ -180,7 +180,7 @@ func TestReadQuestionsParquet(t *testing.T) {
 		t.Errorf("limit 1: %v, %v", qs, err)
 	}
 	bad := write("bad.parquet", [][]string{{"Bir şiir yaz."}, {}})
-	if _, err := ReadQuestions([]string{bad}, 0, nil); err == nil || !strings.Contains(err.Error(), bad+": row 1: question 82: turns is empty") {
+	if _, err := ReadQuestions([]string{bad}, 0, nil); err == nil || !strings.Contains(err.Error(), bad+": row index 1: question 82: turns is empty") {
 		t.Errorf("a question without turns: %v", err)
 	}
 }

@@ -226,7 +226,7 @@ func (s *Source) where(r record) string {
 	name := s.opts.Paths[r.file]
 	switch f := s.files[r.file].(type) {
 	case *parquetFile:
-		return fmt.Sprintf("%s row %d", name, r.pos)
+		return fmt.Sprintf("%s row index %d", name, r.pos)
 	case *textFile:
 		return name
 	case *jsonlFile:

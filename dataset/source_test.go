@@ -464,7 +464,7 @@ func TestNullsAreCountedAndConfigurable(t *testing.T) {
 {"instruction": "Üç", "input": "dört", "output": null}
 {"instruction": "beş", "input": "altı", "output": "yedi"}
 `), 0o644)
-	for path, where := range map[string][2]string{pq: {pq + " row 0", pq + " row 1"}, jl: {jl + " line 1", jl + " line 2"}} {
+	for path, where := range map[string][2]string{pq: {pq + " row index 0", pq + " row index 1"}, jl: {jl + " line 1", jl + " line 2"}} {
 		s, err := Open(SourceOptions{Paths: []string{path}})
 		if err != nil {
 			t.Fatal(err)
@@ -604,7 +604,7 @@ func TestBadInput(t *testing.T) {
 		{"mapped column absent", SourceOptions{Paths: []string{good}, Columns: map[string]string{ColOutput: "cevap"}}, []string{`no column "cevap"`, `"output"`}},
 		{"unknown mapping key", SourceOptions{Paths: []string{good}, Columns: map[string]string{"answer": "output"}}, []string{`"answer"`}},
 		{"non-string Parquet column", SourceOptions{Paths: []string{intColumn}}, []string{"int.parquet", `column "output" has type int64, not string`}},
-		{"invalid UTF-8 in Parquet", SourceOptions{Paths: []string{badUTF8}}, []string{"utf8.parquet: row 2, column output: invalid UTF-8 at byte 4"}},
+		{"invalid UTF-8 in Parquet", SourceOptions{Paths: []string{badUTF8}}, []string{"utf8.parquet: row index 2, column output: invalid UTF-8 at byte 4"}},
 		{"empty Parquet", SourceOptions{Paths: []string{emptyParquet}}, []string{"empty.parquet", "no rows"}},
 		{"empty JSONL", SourceOptions{Paths: []string{emptyJSONL}}, []string{"empty.jsonl", "no rows"}},
 		{"non-string JSONL value", SourceOptions{Paths: []string{jsonlNumber}}, []string{"number.jsonl: line 2, column output: a number, not a string"}},

@@ -434,7 +434,7 @@ func readParquetRows(f File, path string) ([]row, error) {
 	n := int(tbl.NumRows())
 	rows := make([]row, n)
 	for i := range rows {
-		rows[i] = row{where: fmt.Sprintf("%s row %d", path, i), values: map[string]any{}}
+		rows[i] = row{where: fmt.Sprintf("%s row index %d", path, i), values: map[string]any{}}
 	}
 	for c := 0; c < int(tbl.NumCols()); c++ {
 		column := tbl.Column(c)
@@ -444,7 +444,7 @@ func readParquetRows(f File, path string) ([]row, error) {
 			for j := 0; j < chunk.Len(); j, i = j+1, i+1 {
 				v, err := arrowValue(chunk, j)
 				if err != nil {
-					return nil, fmt.Errorf("%s row %d: column %q: %w", path, i, name, err)
+					return nil, fmt.Errorf("%s row index %d: column %q: %w", path, i, name, err)
 				}
 				rows[i].values[name] = v
 			}

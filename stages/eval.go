@@ -698,7 +698,7 @@ func mixHeldOut(ctx context.Context, in *pipeline.Input) (ids, labels [][]int32,
 
 // heldOut reads the records of the source stages: Alpaca records,
 // conversations or plain texts, and where each is ("row 3 of stage
-// heldout": the row of the stage's table, which inspect and export show).
+// heldout": the table's third row, which inspect --rows 3 shows last).
 func heldOut(ctx context.Context, sources []*pipeline.Input) ([]eval.ChatRecord, []string, error) {
 	var recs []eval.ChatRecord
 	var where []string
@@ -707,7 +707,7 @@ func heldOut(ctx context.Context, sources []*pipeline.Input) ([]eval.ChatRecord,
 		first := 0 // the table's row of the batch's first
 		add := func(r eval.ChatRecord, i int) {
 			recs = append(recs, r)
-			where = append(where, fmt.Sprintf("row %d of stage %s", first+i, in.Name))
+			where = append(where, fmt.Sprintf("row %d of stage %s", first+i+1, in.Name)) // as inspect --rows N shows it last
 		}
 		err := eachBatch(ctx, in, func(rec arrow.RecordBatch) error {
 			defer func() { first += int(rec.NumRows()) }()

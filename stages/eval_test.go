@@ -448,7 +448,7 @@ func TestEvalBadInput(t *testing.T) {
 		{"longer than the context", evalStage("adapter", "{tasks: [multiple_choice], multiple_choice: {paths: ["+long+"]}}"),
 			[]string{"long.jsonl:1", "more than the model's context of 160 tokens"}},
 		{"a held-out record longer than the context", strings.Replace(evalStage("adapter, held", "{tasks: [loss]}"), held, longHeld, 1),
-			[]string{"the held-out row 1 of stage held is", "more than the model's context of 160 tokens"}},
+			[]string{"the held-out row 2 of stage held is", "more than the model's context of 160 tokens"}},
 		{"another base (another shape)", evalStage("adapter", "{tasks: [multiple_choice], model: "+smaller+", multiple_choice: {paths: ["+good+"]}}"),
 			[]string{"an adapter for another base", "config.json differs"}},
 		{"another base (other weights)", evalStage("adapter", "{tasks: [multiple_choice], model: "+other+", multiple_choice: {paths: ["+good+"]}}"),

@@ -102,7 +102,9 @@ func (s *Store) lockDAG(ctx context.Context, dag *DAG, noWait bool, log *slog.Lo
 		log.Warn("the previous run of this DAG did not finish: "+UnfinishedCauses, "spec", dag.Path, "run", strings.TrimSpace(string(old)))
 	}
 	host, _ := os.Hostname()
-	_ = atomicfile.WriteFile(base+".holder", []byte(fmt.Sprintf("pid %d on %s since %s\n", os.Getpid(), host, time.Now().Format(time.RFC3339))))
+	if err := atomicfile.WriteFile(base+".holder", []byte(fmt.Sprintf("pid %d on %s since %s\n", os.Getpid(), host, time.Now().Format(time.RFC3339)))); err != nil {
+		log.Warn("cannot write to the cache: this run may go unrecorded, and status then shows the run before it as the last", "cache", s.Root, "err", err)
+	}
 	return func(keepNote bool) {
 		if !keepNote {
 			os.Remove(base + ".holder")

@@ -1,9 +1,11 @@
 package pipeline
 
 import (
+	"bytes"
 	"context"
 	"encoding/json"
 	"fmt"
+	"log/slog"
 	"math/rand/v2"
 	"os"
 	"os/exec"
@@ -354,6 +356,25 @@ func TestStatusAfterLostRecord(t *testing.T) {
 	if want := fmt.Sprintf("pid %d on ", os.Getpid()); !strings.HasPrefix(s.Unfinished, want) {
 		t.Fatalf("after a run whose record was lost: unfinished %q, want %q...", s.Unfinished, want)
 	}
+
+	// Nor can the holder note be written (a disk full before the run
+	// began): the warnings say so, not that status will show the run.
+	holder := e.store.dagLockBase(dag) + ".holder"
+	os.Remove(holder)
+	if err := os.MkdirAll(filepath.Join(holder, "blocker"), 0o755); err != nil {
+		t.Fatal(err)
+	}
+	var logs bytes.Buffer
+	e.write("data.txt", "c-")
+	eng := &Engine{Store: e.store, Log: slog.New(slog.NewTextHandler(&logs, nil))}
+	if _, err := eng.Run(context.Background(), e.load(spec), Options{}); err != nil {
+		t.Fatal(err)
+	}
+	if !strings.Contains(logs.String(), "cannot write to the cache") || !strings.Contains(logs.String(), "could not record the run, nor note it: status shows the run before it") ||
+		strings.Contains(logs.String(), "status will say that it did not finish") {
+		t.Errorf("a run neither noted nor recorded:\n%s", logs.String())
+	}
+	os.RemoveAll(holder)
 
 	if err := os.Remove(runs); err != nil {
 		t.Fatal(err)

@@ -149,7 +149,11 @@ func (e *Engine) Run(ctx context.Context, dag *DAG, opts Options) (*RunRecord, e
 	// one refused as a usage error before anything ran is not a run.
 	if len(rec.Stages) > 0 && e.Collective == "" && recordable(err) {
 		if recErr := e.Store.recordRun(dag, rec); recErr != nil {
-			e.log().Warn("could not record the run; status will say that it did not finish", "err", recErr)
+			if fi, err := os.Stat(e.Store.dagLockBase(dag) + ".holder"); err == nil && fi.Mode().IsRegular() {
+				e.log().Warn("could not record the run; status will say that it did not finish", "err", recErr)
+			} else {
+				e.log().Warn("could not record the run, nor note it: status shows the run before it as the last", "err", recErr)
+			}
 			unrecorded = true
 		} else if noted {
 			e.Store.forgetPlannedKeys(dag)

@@ -3,6 +3,7 @@ package pipeline
 import (
 	"bytes"
 	"context"
+	"encoding/json"
 	"errors"
 	"log/slog"
 	"os"
@@ -1090,8 +1091,13 @@ func TestRunWaitsForGCSaying(t *testing.T) {
 	eng := &Engine{Store: e.store, NoWait: true}
 	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
 	defer cancel()
-	if _, err := eng.Run(ctx, e.load(spec), Options{}); !IsBusy(err) || !strings.Contains(err.Error(), "gc is cleaning this cache") {
+	rec, err := eng.Run(ctx, e.load(spec), Options{})
+	if !IsBusy(err) || !strings.Contains(err.Error(), "gc is cleaning this cache") {
 		t.Fatalf("NoWait beside gc: %v", err)
+	}
+	// Its report lists no stages as a list, as other reports do.
+	if b, _ := json.Marshal(rec); !strings.Contains(string(b), `"stages":[]`) {
+		t.Errorf("a busy run's record: %s", b)
 	}
 	var logs lockedBuffer
 	eng = &Engine{Store: e.store, Log: slog.New(slog.NewTextHandler(&logs, nil))}

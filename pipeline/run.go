@@ -137,6 +137,9 @@ func (e *Engine) Run(ctx context.Context, dag *DAG, opts Options) (*RunRecord, e
 	}()
 	noted := false // this run wrote its planned keys
 	err := e.run(ctx, dag, opts, rec, &unlock, &noted)
+	if rec.Stages == nil {
+		rec.Stages = []StageRecord{} // a busy run's report: "stages": [], as every other one
+	}
 	rec.Finished = time.Now().UTC()
 	rec.Seconds = rec.Finished.Sub(rec.Started).Seconds()
 	rec.OK = err == nil

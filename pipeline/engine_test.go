@@ -664,6 +664,32 @@ func TestWaitingForAnEntrySaysSo(t *testing.T) {
 	if !rec.Interrupted || rec.Stages[0].State != "canceled" {
 		t.Errorf("record: interrupted %v, stage %s", rec.Interrupted, rec.Stages[0].State)
 	}
+	// With NoWait the run does not wait: busy, as for the DAG's lock.
+	eng = &Engine{Store: e.store, NoWait: true}
+	ctx, stop := context.WithTimeout(context.Background(), 10*time.Second)
+	defer stop()
+	if _, err := eng.Run(ctx, dag, Options{}); !IsBusy(err) || !strings.Contains(err.Error(), "stage src: another run is computing this stage's entry") {
+		t.Errorf("NoWait with the entry locked: %v", err)
+	}
+}
+
+// TestLinkedFolderIsTheSameDAG: a spec reached through a linked folder is
+// the DAG of its real path (one lock, one history), and its relative
+// paths lead where the kernel takes folder/../data.
+func TestLinkedFolderIsTheSameDAG(t *testing.T) {
+	e := newTestEnv(t)
+	e.write("data.txt", "x")
+	os.Mkdir(filepath.Join(e.dir, "dags"), 0o755)
+	spec := e.write(filepath.Join("dags", "s.yaml"), "name: s\nstages:\n  src: {kind: gen, with: {rows: 3, file: ../data.txt}}\n")
+	link := filepath.Join(t.TempDir(), "dagslink")
+	if err := os.Symlink(filepath.Dir(spec), link); err != nil {
+		t.Fatal(err)
+	}
+	real, viaLink := e.load(spec), e.load(filepath.Join(link, "s.yaml"))
+	if dagID(real) != dagID(viaLink) || viaLink.Dir != real.Dir {
+		t.Errorf("through the link: DAG %s in %s; directly %s in %s", dagID(viaLink), viaLink.Dir, dagID(real), real.Dir)
+	}
+	e.mustRun(filepath.Join(link, "s.yaml"), Options{}) // ../data.txt found
 }
 
 // TestGCLeftovers: gc removes what killed runs left, says how much, and a

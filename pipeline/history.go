@@ -63,10 +63,16 @@ func (e *BusyError) Error() string {
 func (e *BusyError) Unwrap() error { return ErrBusy }
 
 // IsBusy reports whether err means another run holds the DAG's lock.
-func IsBusy(err error) bool { return errors.Is(err, ErrBusy) || errors.Is(err, errGCBusy) }
+func IsBusy(err error) bool {
+	return errors.Is(err, ErrBusy) || errors.Is(err, errGCBusy) || errors.Is(err, errEntryBusy)
+}
 
 // errGCBusy: gc holds the cache (with NoWait, the run does not wait).
 var errGCBusy = errors.New("gc is cleaning this cache; run again once it is done")
+
+// errEntryBusy: another run (of another spec sharing the stage) computes
+// an entry this run needs (with NoWait, the run does not wait for it).
+var errEntryBusy = errors.New("another run is computing this stage's entry; run again once it is done")
 
 // dagLockBase is the path, less its extension, of dag's lock (".lock") and
 // of the note naming its holder (".holder").

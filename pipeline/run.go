@@ -23,8 +23,9 @@ type Engine struct {
 	Store    *Store
 	Log      *slog.Logger
 	Progress Display // nil: no progress display
-	// NoWait makes Run fail with ErrBusy instead of waiting when another run
-	// of the same DAG holds its lock.
+	// NoWait makes Run fail with a busy error (IsBusy) instead of waiting
+	// when another run of the same DAG holds its lock, gc the cache, or
+	// another run computes an entry this one needs.
 	NoWait bool
 	// Collective, when set, makes this run a follower of another process
 	// running the same DAG over the same cache, the one that holds the
@@ -353,7 +354,7 @@ func (x *execution) execute(ctx context.Context) error {
 			todo = append(todo, st) // its entry is rank 0's to lock and write
 			continue
 		}
-		l, err := x.e.Store.lockEntry(ctx, st.Key, st.Node.Name, x.e.log())
+		l, err := x.e.Store.lockEntry(ctx, st.Key, st.Node.Name, x.e.NoWait, x.e.log())
 		if err != nil {
 			if ctx.Err() == nil { // the lock itself failed, not a signal
 				x.records[st].State, x.records[st].Error = "failed", err.Error()

@@ -457,10 +457,13 @@ func dirsUnder(root string) []string {
 }
 
 // lockEntry takes the exclusive lock of key's entry, waiting while another
-// process holds it.
-func (s *Store) lockEntry(ctx context.Context, key, stage string, log *slog.Logger) (*flock.Flock, error) {
+// process holds it, or failing busy if noWait.
+func (s *Store) lockEntry(ctx context.Context, key, stage string, noWait bool, log *slog.Logger) (*flock.Flock, error) {
 	l := flock.New(filepath.Join(s.Root, "locks", key+".lock"))
 	ok, err := l.TryLock()
+	if err == nil && !ok && noWait {
+		return nil, fmt.Errorf("stage %s: %w", stage, errEntryBusy)
+	}
 	if err == nil && !ok {
 		// Another run (of another spec, or of this one by another path)
 		// computes the same entry: say so, or a wait of hours is silent.

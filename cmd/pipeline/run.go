@@ -43,7 +43,8 @@ and are cached. The run then exits 1, naming each failed stage and its cause.
 
 If another run of the same SPEC holds its lock (an overlapping cron job), run waits
 for it to finish and then uses what it computed; with --no-wait it exits at once
-with code 75.
+with code 75, as it does on reaching a stage whose entry a run of another spec is
+computing.
 
 On SIGINT or SIGTERM the running stages stop, the table so far is printed and the
 exit code is 130 or 143; a second signal stops at once. --report is checked to be
@@ -200,7 +201,7 @@ step with rank 0 and stop there. A rank that fails or goes away stops the others
 	f.StringArrayVar(&opts.Force, "force", nil, "recompute this stage even if cached (repeatable; \"all\" for every stage)")
 	f.IntVar(&jobs, "jobs", 0, "cores the run may use (default: all)")
 	f.StringVar(&report, "report", "", "write a JSON report of the run to this file")
-	f.BoolVar(&noWait, "no-wait", false, "exit at once (code 75) if another run of this spec holds its lock, or gc is cleaning the cache")
+	f.BoolVar(&noWait, "no-wait", false, "exit at once (code 75) if another run of this spec holds its lock or computes an entry this run needs, or gc is cleaning the cache")
 	f.IntVar(&gpus, "gpus", 1, "train on this many GPUs of this machine, one process each (under torchrun, srun or a training operator, leave it out)")
 	f.StringVar(&progress, "progress", "auto", "progress display: auto (live lines on a terminal, log lines otherwise), tty, log or none")
 	f.DurationVar(&logEvery, "log-every", 30*time.Second, "interval of progress log lines when not on a terminal")

@@ -57,7 +57,7 @@ func init() {
 // cache does nothing.
 func warnCacheUnused(cmd *cobra.Command) {
 	if !usesCache(cmd) && cmd.Flags().Changed("cache") {
-		fmt.Fprintf(os.Stderr, "pipeline: %s uses no cache: --cache does nothing here\n", cmd.CommandPath())
+		notice(slog.LevelWarn, fmt.Sprintf("pipeline: %s uses no cache: --cache does nothing here", cmd.CommandPath()))
 	}
 }
 
@@ -161,7 +161,7 @@ func warnUnselectedForce(dag *pipeline.DAG, opts pipeline.Options) {
 	}
 	for _, name := range opts.Force {
 		if name != "all" && dag.Node(name) != nil && !selected[name] {
-			fmt.Fprintf(os.Stderr, "pipeline: --force %s does nothing: stage %s is not part of this run\n", name, name)
+			notice(slog.LevelWarn, fmt.Sprintf("pipeline: --force %s does nothing: stage %s is not part of this run", name, name))
 		}
 	}
 }
@@ -179,7 +179,7 @@ func lookAtStore(dag *pipeline.DAG) (*pipeline.Store, error) {
 		return nil, usageErr(err)
 	}
 	if !exists {
-		fmt.Fprintf(os.Stderr, "pipeline: cache %s does not exist yet: nothing has run with it (check --cache, $%s or the spec's cache:)\n", st.Root, pipeline.CacheEnv)
+		notice(slog.LevelWarn, fmt.Sprintf("pipeline: cache %s does not exist yet: nothing has run with it (check --cache, $%s or the spec's cache:)", st.Root, pipeline.CacheEnv))
 	}
 	return st, nil
 }

@@ -6,6 +6,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"log/slog"
 	"os"
 	"path/filepath"
 	"slices"
@@ -184,7 +185,7 @@ it was and no temporary file behind.`,
 			if err := exportTo(ctx, out, func(w io.Writer) error { return write(w, table) }); err != nil {
 				return failErr(err)
 			}
-			fmt.Fprintf(os.Stderr, "wrote %s\n", out)
+			notice(slog.LevelInfo, "wrote "+out)
 			return nil
 		},
 	}
@@ -403,7 +404,7 @@ func doneOrFail(out string, err error) error {
 	if err != nil {
 		return failErr(err)
 	}
-	fmt.Fprintf(os.Stderr, "wrote %s\n", out)
+	notice(slog.LevelInfo, "wrote "+out)
 	return nil
 }
 

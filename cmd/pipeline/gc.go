@@ -3,7 +3,7 @@ package main
 import (
 	"errors"
 	"fmt"
-	"os"
+	"log/slog"
 	"strings"
 	"time"
 
@@ -48,7 +48,7 @@ no run.`,
 				}
 				if strings.HasSuffix(olderThan, "m") && d < time.Hour {
 					// As durations go, m is minutes; a month is 30d.
-					fmt.Fprintf(os.Stderr, "gc: --older-than %s is %v (minutes); a month is 30d\n", olderThan, d)
+					notice(slog.LevelWarn, fmt.Sprintf("gc: --older-than %s is %v (minutes); a month is 30d", olderThan, d))
 				}
 				opts.OlderThan = d
 			}
@@ -81,7 +81,7 @@ no run.`,
 				fmt.Printf("%s %s left by runs that were killed (tmp/, and checkpoints unchanged for a week in scratch/)\n", verb, pipeline.HumanBytes(res.LeftoverBytes))
 			}
 			if res.RunsActive {
-				fmt.Fprintln(os.Stderr, "gc: runs (or another gc) are using this cache now: the entries made since the last recorded run are kept, as gc, which waits for the runs, would keep them")
+				notice(slog.LevelInfo, "gc: runs (or another gc) are using this cache now: the entries made since the last recorded run are kept, as gc, which waits for the runs, would keep them")
 			}
 			return nil
 		},

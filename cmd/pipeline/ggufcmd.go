@@ -3,7 +3,7 @@ package main
 import (
 	"errors"
 	"fmt"
-	"os"
+	"log/slog"
 	"path/filepath"
 	"strings"
 	"time"
@@ -106,13 +106,13 @@ them.`,
 				if err := gguf.Gemma3LoRA(ctx, modelDir, adapterDir, out, gguf.LoRAOptions{Type: typ, Name: name}); err != nil {
 					return failErr(err)
 				}
-				fmt.Fprintf(os.Stderr, "wrote %s (a LoRA adapter, %s): llama-cli -m BASE.gguf --lora %s\n", out, typ, shellQuote(out))
+				notice(slog.LevelInfo, fmt.Sprintf("wrote %s (a LoRA adapter, %s): llama-cli -m BASE.gguf --lora %s", out, typ, shellQuote(out)))
 				return nil
 			}
 			if err := gguf.Gemma3(ctx, modelDir, out, gguf.Options{Type: typ, Name: name}); err != nil {
 				return failErr(err)
 			}
-			fmt.Fprintf(os.Stderr, "wrote %s (%s)\n", out, typ)
+			notice(slog.LevelInfo, fmt.Sprintf("wrote %s (%s)", out, typ))
 			return nil
 		},
 	}

@@ -9,7 +9,7 @@ package main
 import (
 	"context"
 	"errors"
-	"fmt"
+	"log/slog"
 	"os"
 	"regexp"
 	"strings"
@@ -120,7 +120,7 @@ func execute(args []string) int {
 		return exitOK
 	}
 	code := interruptCode()
-	fmt.Fprintln(os.Stderr, "pipeline:", stoppedErr(err, code))
+	notice(slog.LevelError, "pipeline: "+stoppedErr(err, code).Error())
 	if code != 0 {
 		return code // 130 for SIGINT, 143 for SIGTERM
 	}

@@ -3,7 +3,7 @@ package main
 import (
 	"errors"
 	"fmt"
-	"os"
+	"log/slog"
 	"path/filepath"
 	"strings"
 	"time"
@@ -78,7 +78,7 @@ model card (README.md) and the Gemma NOTICE.`,
 			if err != nil {
 				return failErr(err)
 			}
-			fmt.Fprintf(os.Stderr, "wrote %s\n", out)
+			notice(slog.LevelInfo, "wrote "+out)
 			return nil
 		},
 	}

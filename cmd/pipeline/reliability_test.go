@@ -3,6 +3,7 @@ package main
 import (
 	"bytes"
 	"context"
+	"encoding/json"
 	"errors"
 	"fmt"
 	"io"
@@ -346,9 +347,14 @@ stages:
 	for _, c := range []struct {
 		sig  syscall.Signal
 		code int
-	}{{syscall.SIGINT, 130}, {syscall.SIGTERM, 143}} {
+		json bool // --log-format json: every line of stderr a JSON record
+	}{{syscall.SIGINT, 130, false}, {syscall.SIGTERM, 143, false}, {syscall.SIGTERM, 143, true}} {
 		report := filepath.Join(dir, "report.json")
-		cmd, stdout, stderr := startCLI(t, dir, nil, "run", spec, "--progress", "none", "--report", report)
+		args := []string{"run", spec, "--progress", "none", "--report", report}
+		if c.json {
+			args = append(args, "--log-format", "json")
+		}
+		cmd, stdout, stderr := startCLI(t, dir, nil, args...)
 		deadline := time.Now().Add(60 * time.Second)
 		for {
 			if m, _ := filepath.Glob(filepath.Join(dir, "cache", "scratch", "*")); len(m) > 0 {
@@ -372,6 +378,20 @@ stages:
 		data, _ := os.ReadFile(report)
 		if !bytes.Contains(data, []byte(`"interrupted": true`)) {
 			t.Errorf("%v: the report does not say interrupted:\n%s", c.sig, data)
+		}
+		if !c.json {
+			continue
+		}
+		var msgs []string
+		for _, line := range strings.Split(strings.TrimSpace(stderr.String()), "\n") {
+			var rec struct{ Level, Msg string }
+			if err := json.Unmarshal([]byte(line), &rec); err != nil || rec.Level == "" {
+				t.Errorf("--log-format json: a line that is not a log record: %q", line)
+			}
+			msgs = append(msgs, rec.Msg)
+		}
+		if all := strings.Join(msgs, "\n"); !strings.Contains(all, "SIGTERM: stopping") || !strings.Contains(all, "run interrupted: interrupted by SIGTERM") {
+			t.Errorf("--log-format json: the stop and the error are not among the records:\n%s", stderr)
 		}
 	}
 }

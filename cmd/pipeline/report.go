@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"log/slog"
 	"os"
 	"path/filepath"
 
@@ -79,7 +80,7 @@ is in progress. Write it after each nightly run, next to the JSON report:
 			if err := atomicfile.WriteFile(out, buf.Bytes()); err != nil {
 				return failErr(err)
 			}
-			fmt.Fprintf(os.Stderr, "wrote %s (%d runs)\n", out, len(r.Runs))
+			notice(slog.LevelInfo, fmt.Sprintf("wrote %s (%d runs)", out, len(r.Runs)))
 			return nil
 		},
 	}

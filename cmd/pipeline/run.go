@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"io/fs"
+	"log/slog"
 	"os"
 	"path/filepath"
 	"runtime"
@@ -96,7 +97,7 @@ step with rank 0 and stop there. A rank that fails or goes away stops the others
 					now := time.Now().UTC()
 					rec := &pipeline.RunRecord{Spec: args[0], Started: now, Finished: now, Error: err.Error(), Program: pipeline.Version(), Stages: []pipeline.StageRecord{}}
 					if werr := writeReport(report, rec); werr != nil {
-						fmt.Fprintf(os.Stderr, "pipeline: could not write the report %s: %v\n", report, werr)
+						notice(slog.LevelError, fmt.Sprintf("pipeline: could not write the report %s: %v", report, werr))
 					}
 				}
 				return err
@@ -112,7 +113,7 @@ step with rank 0 and stop there. A rank that fails or goes away stops the others
 			if gpus > 1 {
 				switch trains := qloraStages(dag, opts); {
 				case len(trains) == 0:
-					fmt.Fprintf(os.Stderr, "pipeline: --gpus %d: this run trains nothing; it runs as one process\n", gpus)
+					notice(slog.LevelWarn, fmt.Sprintf("pipeline: --gpus %d: this run trains nothing; it runs as one process", gpus))
 					gpus = 1
 				case len(trains) > 1:
 					return usageErr(fmt.Errorf("--gpus %d: the ranks train one stage at a time, and this run selects %s: add --until or --only", gpus, strings.Join(trains, ", ")))
@@ -131,7 +132,7 @@ step with rank 0 and stop there. A rank that fails or goes away stops the others
 			collective := ""
 			if rp.follows() {
 				if rp.stage == "" {
-					fmt.Fprintf(os.Stderr, "%v: nothing to do; only the training stage runs on every rank\n", rp.rank)
+					notice(slog.LevelInfo, fmt.Sprintf("%v: nothing to do; only the training stage runs on every rank", rp.rank))
 					return nil
 				}
 				// Over the same cache as rank 0.
@@ -230,7 +231,7 @@ func recordUnstarted(dag *pipeline.DAG, opts pipeline.Options, report string, ca
 		rec, err = st.RecordUnstarted(dag, opts, cause)
 		st.Close()
 		if err != nil {
-			fmt.Fprintf(os.Stderr, "pipeline: could not record the run: %v\n", err)
+			notice(slog.LevelError, fmt.Sprintf("pipeline: could not record the run: %v", err))
 		}
 	} else {
 		if st != nil {
@@ -240,7 +241,7 @@ func recordUnstarted(dag *pipeline.DAG, opts pipeline.Options, report string, ca
 	}
 	if report != "" {
 		if err := writeReport(report, rec); err != nil {
-			fmt.Fprintf(os.Stderr, "pipeline: could not write the report %s: %v\n", report, err)
+			notice(slog.LevelError, fmt.Sprintf("pipeline: could not write the report %s: %v", report, err))
 		}
 	}
 }

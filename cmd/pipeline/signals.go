@@ -3,6 +3,7 @@ package main
 import (
 	"context"
 	"fmt"
+	"log/slog"
 	"os"
 	"os/signal"
 	"sync"
@@ -50,7 +51,7 @@ func signalContextFrom(parent context.Context, grace time.Duration) (context.Con
 		}
 		num := int32(sig.(syscall.Signal))
 		interrupted.Store(num)
-		fmt.Fprintf(os.Stderr, "pipeline: %s: stopping (again to stop at once)\n", signalName(sig))
+		notice(slog.LevelWarn, fmt.Sprintf("pipeline: %s: stopping (again to stop at once)", signalName(sig)))
 		cancel(signalCause{sig})
 		first, timer := time.Now(), time.NewTimer(grace)
 		defer timer.Stop()
@@ -71,7 +72,7 @@ func signalContextFrom(parent context.Context, grace time.Duration) (context.Con
 			}
 		}
 		atomicfile.RemovePending() // what the command leaves half-written
-		fmt.Fprintf(os.Stderr, "pipeline: stopped by %s\n", signalName(sig))
+		notice(slog.LevelWarn, "pipeline: stopped by "+signalName(sig))
 		os.Exit(128 + int(num))
 	}()
 	var once sync.Once

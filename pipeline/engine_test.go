@@ -794,7 +794,7 @@ func TestScratchSurvivesFailedAttempts(t *testing.T) {
 	}
 	// The plan says that the next attempt resumes.
 	plan, err := e.store.Plan(e.load(spec), Options{})
-	if err != nil || !strings.Contains(plan.Step("train").Reason, "an interrupted attempt's state is kept, to resume from where the stage can") {
+	if err != nil || !strings.Contains(plan.Step("train").Reason, "it resumes an interrupted attempt (2 attempts made)") {
 		t.Errorf("plan after two interrupted attempts: %q (%v)", plan.Step("train").Reason, err)
 	}
 	rec := e.mustRun(spec, Options{})

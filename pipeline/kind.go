@@ -83,6 +83,18 @@ type Resolver interface {
 	Resolve(ctx context.Context) ([]Ref, error)
 }
 
+// A Resumer is a Runner that keeps state in its scratch folder (see
+// Task.Scratch) to resume an interrupted attempt from. Plan asks it what
+// that state holds, so that it says where the next attempt resumes, and
+// says nothing of a folder that holds no state to resume from (a
+// checkpoint the disk had no room for).
+type Resumer interface {
+	// ResumePoint says what the state in scratch resumes from
+	// ("checkpoint of step 120"), "" when nothing there can be resumed
+	// from.
+	ResumePoint(scratch string) string
+}
+
 // A Registry maps kind names to kinds.
 type Registry struct {
 	mu    sync.RWMutex

@@ -313,6 +313,14 @@ func (resumeKind) Prepare(any, string) (Runner, error) {
 type resumeStage struct{}
 
 func (resumeStage) Files() []string { return nil }
+
+// ResumePoint: the attempts counted so far, if any.
+func (resumeStage) ResumePoint(scratch string) string {
+	if data, _ := os.ReadFile(filepath.Join(scratch, "attempts")); len(data) > 0 {
+		return fmt.Sprintf("%d attempts made", len(data))
+	}
+	return ""
+}
 func (resumeStage) Run(ctx context.Context, t *Task) error {
 	dir, err := t.Scratch()
 	if err != nil {

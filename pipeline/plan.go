@@ -8,7 +8,6 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
-	"os"
 	"path/filepath"
 	"slices"
 	"sort"
@@ -185,8 +184,10 @@ func (s *Store) plan(ctx context.Context, dag *DAG, opts Options, lenient bool) 
 			st.Compute, st.Reason = true, "the same entry as stage "+first[st.Key].Node.Name+", computed once"
 		default:
 			st.Compute, st.Reason = true, plan.why(st)
-			if ents, _ := os.ReadDir(s.scratchDir(st.Key)); len(ents) > 0 {
-				st.Reason += "; an interrupted attempt's state is kept, to resume from where the stage can"
+			if r, ok := st.Node.Runner.(Resumer); ok {
+				if at := r.ResumePoint(s.scratchDir(st.Key)); at != "" {
+					st.Reason += "; it resumes an interrupted attempt (" + at + ")"
+				}
 			}
 		}
 		if st.Compute {

@@ -240,6 +240,16 @@ type generateSetup struct {
 	tokenizer string // tokenizer.json
 }
 
+// ResumePoint counts the questions an interrupted attempt answered (its
+// whole lines; the resume reads them as it does).
+func (s *generateStage) ResumePoint(scratch string) string {
+	data, _ := os.ReadFile(filepath.Join(scratch, answeredFile))
+	if n := bytes.Count(data, []byte("\n")); n > 0 {
+		return counted(int64(n), "question", "questions") + " answered"
+	}
+	return ""
+}
+
 func (s *generateStage) Run(ctx context.Context, t *pipeline.Task) error {
 	setup, err := s.setup(ctx, t)
 	if err != nil {

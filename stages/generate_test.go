@@ -411,6 +411,9 @@ stages:
 	if err := os.WriteFile(filepath.Join(scratch, answeredFile), []byte(kept), 0o644); err != nil {
 		t.Fatal(err)
 	}
+	if reason := r.plan(path).Step("answers").Reason; !strings.Contains(reason, "it resumes an interrupted attempt (2 questions answered)") {
+		t.Errorf("plan: %q", reason)
+	}
 	rec, err = r.run(path, pipeline.Options{})
 	if err != nil {
 		t.Fatal(err)

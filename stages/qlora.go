@@ -305,6 +305,14 @@ func (s *qloraStage) Resolve(ctx context.Context) ([]pipeline.Ref, error) {
 	return resolveAll(ctx, s.model.hub)
 }
 
+// ResumePoint names the newest checkpoint an interrupted attempt left.
+func (s *qloraStage) ResumePoint(scratch string) string {
+	if step := trainer.NewestCheckpointStep(filepath.Join(scratch, trainer.CheckpointsDirName)); step > 0 {
+		return fmt.Sprintf("checkpoint of step %d", step)
+	}
+	return ""
+}
+
 func (s *qloraStage) Run(ctx context.Context, t *pipeline.Task) error {
 	model, rowsPath, err := s.inputs(ctx, t)
 	if err != nil {

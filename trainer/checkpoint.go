@@ -9,6 +9,7 @@ import (
 	"os"
 	"path/filepath"
 	"sort"
+	"strconv"
 	"strings"
 	"time"
 
@@ -167,6 +168,18 @@ func checkpointNames(dir string) []string {
 	}
 	sort.Strings(names) // fixed-width step numbers
 	return names
+}
+
+// NewestCheckpointStep is the step of the newest complete checkpoint in
+// dir (a run's CheckpointDir), 0 when it holds none. It reads names only:
+// the run checks the checkpoint before it resumes from it.
+func NewestCheckpointStep(dir string) int {
+	names := checkpointNames(dir)
+	if len(names) == 0 {
+		return 0
+	}
+	step, _ := strconv.Atoi(strings.TrimPrefix(names[len(names)-1], stepPrefix))
+	return step
 }
 
 // savedRun is a checkpoint read back: where to resume from.

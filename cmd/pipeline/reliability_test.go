@@ -10,6 +10,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"regexp"
 	"slices"
 	"strings"
 	"syscall"
@@ -393,6 +394,19 @@ stages:
 		if all := strings.Join(msgs, "\n"); !strings.Contains(all, "SIGTERM: stopping") || !strings.Contains(all, "run interrupted: interrupted by SIGTERM") {
 			t.Errorf("--log-format json: the stop and the error are not among the records:\n%s", stderr)
 		}
+	}
+	// plan names the checkpoint the next run resumes from, and promises
+	// nothing where the attempt left no checkpoint (a full disk).
+	r := runCLI(t, dir, "plan", spec)
+	if !regexp.MustCompile(`it resumes an interrupted attempt \(checkpoint of step \d+\)`).MatchString(r.stdout) {
+		t.Errorf("plan after the interrupts:\n%s%s", r.stdout, r.stderr)
+	}
+	checkpoints, _ := filepath.Glob(filepath.Join(dir, "cache", "scratch", "*", "checkpoints"))
+	for _, c := range checkpoints {
+		os.RemoveAll(c)
+	}
+	if r := runCLI(t, dir, "plan", spec); len(checkpoints) == 0 || strings.Contains(r.stdout, "resumes") {
+		t.Errorf("plan with no checkpoint left (%d removed):\n%s%s", len(checkpoints), r.stdout, r.stderr)
 	}
 }
 

@@ -1012,6 +1012,12 @@ func TestWaitSecondsApart(t *testing.T) {
 			if st.WaitSeconds < 0.3 || st.WaitSeconds > st.Seconds {
 				t.Errorf("both waited %.3fs of %.3fs, want most of slow's ~0.5s", st.WaitSeconds, st.Seconds)
 			}
+			// The entry's manifest keeps the wait apart too, for the
+			// report of the nights it is cached.
+			m, err := ReadManifest(e.store.EntryDir(st.Key))
+			if err != nil || m.WaitSeconds < 0.3 || m.WaitSeconds > m.Seconds {
+				t.Errorf("both's manifest: waited %.3fs of %.3fs (%v)", m.WaitSeconds, m.Seconds, err)
+			}
 		default:
 			if st.WaitSeconds != 0 {
 				t.Errorf("%s waited %.3fs", st.Name, st.WaitSeconds)

@@ -709,6 +709,9 @@ func (x *execution) computeStep(ctx context.Context, st *Step, t *Task, committe
 		Started: started.UTC(), Finished: time.Now().UTC(), Program: Version(),
 	}
 	m.Seconds = m.Finished.Sub(m.Started).Seconds()
+	for _, in := range t.Inputs {
+		m.WaitSeconds += time.Duration(in.waited.Load()).Seconds()
+	}
 	if t.out != nil {
 		m.Rows = t.out.rows
 	}

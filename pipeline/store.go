@@ -154,7 +154,11 @@ type Manifest struct {
 	Started     time.Time       `json:"started"`
 	Finished    time.Time       `json:"finished"`
 	Seconds     float64         `json:"seconds"`
-	Program     string          `json:"program"`
+	// WaitSeconds is the part of Seconds spent waiting for inputs that
+	// other stages of the run were computing: the stage's own time is the
+	// difference.
+	WaitSeconds float64 `json:"wait_seconds,omitempty"`
+	Program     string  `json:"program"`
 	// Checksum is the sha256 of this manifest's compact JSON with Checksum
 	// empty, so an edited or torn manifest is caught like any output file.
 	Checksum string `json:"checksum"`

@@ -75,13 +75,19 @@ type Run struct {
 type StageRow struct {
 	pipeline.StageRecord
 	Cache string // hit, miss, or "" when not part of the run
-	// ComputedAt and ComputeSeconds come from a cached entry's manifest.
+	// ComputedAt and ComputeSeconds come from a cached entry's manifest:
+	// when it was computed, and in how long, less the time it waited for
+	// its inputs.
 	ComputedAt     time.Time
 	ComputeSeconds float64
 	Depth, Column  int // place in the drawing
 	Needs          []string
 	Events         string // the entry's tb/ folder, when it has one
 }
+
+// OwnSeconds is the time the stage took in the last run, less the time it
+// waited for inputs other stages were computing.
+func (r StageRow) OwnSeconds() float64 { return r.Seconds - r.WaitSeconds }
 
 // A Training is one training stage's adapters across the runs shown.
 type Training struct {
@@ -272,7 +278,7 @@ func stageRows(st *pipeline.Store, rec *pipeline.RunRecord) []StageRow {
 			dir := st.EntryDir(s.Key)
 			if s.State == "cached" {
 				if m, err := pipeline.ReadManifest(dir); err == nil {
-					row.ComputedAt, row.ComputeSeconds = m.Finished, m.Seconds
+					row.ComputedAt, row.ComputeSeconds = m.Finished, m.Seconds-m.WaitSeconds
 				}
 			}
 			if isDir(filepath.Join(dir, eventsDir)) {

@@ -97,7 +97,7 @@ footer{margin-top:2.5em;font-size:.9rem;color:var(--muted)}
 <tbody>
 {{- range .Stages}}
 <tr class="{{stateClass .State}}" data-stage="{{.Name}}"><td>{{.Name}}</td><td>{{.Kind}}</td><td>{{.State}}</td><td>{{if .Cache}}{{.Cache}}{{else}}—{{end}}</td><td class="num">{{if .Rows}}{{count .Rows}}{{else}}—{{end}}</td>
-<td class="num">{{if eq .State "cached"}}{{if .ComputeSeconds}}<span class="muted" title="the time it took when computed, {{iso .ComputedAt}}">({{dur .ComputeSeconds}})</span>{{else}}—{{end}}{{else if eq .State "not selected"}}—{{else}}{{dur .Seconds}}{{end}}</td>
+<td class="num">{{if eq .State "cached"}}{{if .ComputeSeconds}}<span class="muted" title="the time it took when computed, {{iso .ComputedAt}}">({{dur .ComputeSeconds}})</span>{{else}}—{{end}}{{else if eq .State "not selected"}}—{{else if ge .WaitSeconds 0.5}}<span title="{{dur .Seconds}} with {{dur .WaitSeconds}} waiting for its inputs">{{dur .OwnSeconds}}</span>{{else}}{{dur .Seconds}}{{end}}</td>
 <td class="wrap">{{.Reason}}{{if .Error}}<br><b>{{clip .Error 300}}</b>{{end}}</td><td><code title="{{.Key}}">{{short .Key}}</code></td></tr>
 {{- end}}
 </tbody></table></div>

@@ -326,3 +326,15 @@ func TestReportEarlyStopping(t *testing.T) {
 		t.Errorf("curve %+v", c)
 	}
 }
+
+// TestReportStageTimeLessWaiting: a stage's time is its own, less what it
+// waited for inputs other stages computed (a merge waiting on training
+// took two minutes by the clock and one second of its own).
+func TestReportStageTimeLessWaiting(t *testing.T) {
+	f := newFixture(t, "gemma3-12b-tr")
+	f.record(true, "", pipeline.StageRecord{Name: "merged", Kind: "merge", Key: key('m'), State: "computed", Seconds: 112.3, WaitSeconds: 111.4})
+	_, _, raw := render(t, f, 10)
+	if !strings.Contains(raw, `title="1 m 52 s with 1 m 51 s waiting for its inputs">0.90 s<`) {
+		t.Errorf("the stage's time is not its own:\n%s", raw)
+	}
+}

@@ -81,11 +81,27 @@ func (chatStage) Run(ctx context.Context, t *pipeline.Task) error {
 		t.SetStat("assistant_turns", n.turns)
 	}
 	t.SetStat("empty_answers", n.empty)
+	t.SetStat("empty_prompts", n.emptyPrompts)
+	t.SetStat("control_token_records", n.control)
+	in := t.Inputs[0].Name
+	where := func(row int64) string {
+		return fmt.Sprintf("the first is in row %d of stage %s (pipeline inspect SPEC %s --rows %d shows it last)", row+1, in, in, row+1)
+	}
 	if n.empty > 0 {
 		// An empty answer trains the model to close its turn at once.
-		t.Log.Warn(fmt.Sprintf("%s empty (or white space): each trains only on <end_of_turn>, teaching the model to answer nothing; the first is in row %d of stage %s (pipeline inspect SPEC %s --rows %d shows it last)",
-			counted(n.empty, "answer is", "answers are"), n.firstEmpty+1, t.Inputs[0].Name, t.Inputs[0].Name, n.firstEmpty+1),
+		t.Log.Warn(fmt.Sprintf("%s empty (or white space): each trains only on <end_of_turn>, teaching the model to answer nothing; %s",
+			counted(n.empty, "answer is", "answers are"), where(n.firstEmpty)),
 			"fix", "remove such records from the data")
+	}
+	if n.emptyPrompts > 0 {
+		t.Log.Warn(fmt.Sprintf("%s an empty (or white space) question: the model learns to answer nothing in particular; %s",
+			counted(n.emptyPrompts, "record has", "records have"), where(n.firstEmptyPrompt)),
+			"fix", "remove such records, or map the field that holds the question with columns:")
+	}
+	if n.control > 0 {
+		t.Log.Warn(fmt.Sprintf("%s the text of a Gemma 3 control token (%s) in a message: the tokenizer reads it as the token, as transformers' does, so the record can open or close turns of its own; %s",
+			counted(n.control, "record holds", "records hold"), strings.Join(controlTokens, ", "), where(n.firstControl)),
+			"fix", "remove or rewrite such records")
 	}
 	return err
 }
@@ -95,6 +111,41 @@ type renderCounts struct {
 	turns      int64 // assistant turns
 	empty      int64 // of which empty or white space
 	firstEmpty int64 // the record of the first empty one
+	// Records with an empty (or white space) user turn, and with control
+	// tokens' text in a message, and the first of each.
+	emptyPrompts, firstEmptyPrompt int64
+	control, firstControl          int64
+}
+
+// controlTokens are the Gemma 3 control tokens whose text a message may
+// hold: the tokenizer reads it as the token itself, as transformers'
+// does, so that a record can open and close turns of its own.
+var controlTokens = []string{"<start_of_turn>", "<end_of_turn>", "<bos>", "<eos>", "<pad>"}
+
+// check counts into n what record row's messages hold that the model
+// should not be trained on unawares.
+func (n *renderCounts) check(msgs []chat.Message, row int64) {
+	emptyPrompt, control := false, false
+	for _, m := range msgs {
+		if m.Role == "user" && strings.TrimSpace(m.Content) == "" {
+			emptyPrompt = true
+		}
+		for _, tok := range controlTokens {
+			control = control || strings.Contains(m.Content, tok)
+		}
+	}
+	if emptyPrompt {
+		if n.emptyPrompts == 0 {
+			n.firstEmptyPrompt = row
+		}
+		n.emptyPrompts++
+	}
+	if control {
+		if n.control == 0 {
+			n.firstControl = row
+		}
+		n.control++
+	}
 }
 
 // chatBuilder builds a ChatSchema batch.
@@ -150,7 +201,9 @@ func renderConversations(in *pipeline.Input, rec arrow.RecordBatch, firstRow int
 	c := newChatBuilder()
 	defer c.b.Release()
 	for r := 0; r < int(rec.NumRows()); r++ {
-		text, spans, err := chat.RenderGemma3(col.Row(r))
+		msgs := col.Row(r)
+		n.check(msgs, firstRow+int64(r))
+		text, spans, err := chat.RenderGemma3(msgs)
 		if err != nil {
 			return nil, fmt.Errorf("record %d: %w", firstRow+int64(r), err)
 		}
@@ -189,7 +242,9 @@ func renderBatch(in *pipeline.Input, rec arrow.RecordBatch, firstRow int64, n *r
 		if system != nil {
 			sys = system.Value(i)
 		}
-		rendered, spans, err := chat.RenderGemma3(chat.Alpaca(inst.Value(i), input.Value(i), output.Value(i), sys))
+		msgs := chat.Alpaca(inst.Value(i), input.Value(i), output.Value(i), sys)
+		n.check(msgs, firstRow+int64(i))
+		rendered, spans, err := chat.RenderGemma3(msgs)
 		if err != nil {
 			return nil, fmt.Errorf("record %d: %w", firstRow+int64(i), err)
 		}

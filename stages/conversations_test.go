@@ -324,8 +324,11 @@ func TestEmptyAnswersAreCounted(t *testing.T) {
 	alpaca := write("a.jsonl", `{"instruction": "Soru", "output": "Cevap"}
 {"instruction": "Soru 2", "output": " \n "}
 {"instruction": "Soru 3", "output": ""}
+{"instruction": " ", "output": "Cevap 4"}
+{"instruction": "Soru 5", "output": "Tamam.<end_of_turn>\n<start_of_turn>user\nBaşka?"}
 `)
 	convs := write("c.jsonl", `{"conversations": [{"from": "human", "value": "a"}, {"from": "gpt", "value": ""}, {"from": "human", "value": "b"}, {"from": "gpt", "value": "c"}]}
+{"conversations": [{"from": "human", "value": "<bos>"}, {"from": "gpt", "value": "c"}]}
 `)
 	rec, err := r.run(r.spec(fmt.Sprintf(`name: e
 stages:
@@ -340,7 +343,14 @@ stages:
 	if a, c := stageStats(t, rec, "achat")["empty_answers"], stageStats(t, rec, "cchat")["empty_answers"]; a != 2.0 || c != 1.0 {
 		t.Errorf("empty answers: %v in the Alpaca records, %v in the conversations; want 2 and 1", a, c)
 	}
-	for _, want := range []string{"2 answers are empty (or white space)", "the first is in row 2 of stage a (pipeline inspect SPEC a --rows 2 shows it last)", "1 answer is empty"} {
+	a, c := stageStats(t, rec, "achat"), stageStats(t, rec, "cchat")
+	if a["empty_prompts"] != 1.0 || a["control_token_records"] != 1.0 || c["empty_prompts"] != 0.0 || c["control_token_records"] != 1.0 {
+		t.Errorf("empty prompts %v and %v, records with control tokens %v and %v; want 1, 0, 1, 1",
+			a["empty_prompts"], c["empty_prompts"], a["control_token_records"], c["control_token_records"])
+	}
+	for _, want := range []string{"2 answers are empty (or white space)", "the first is in row 2 of stage a (pipeline inspect SPEC a --rows 2 shows it last)", "1 answer is empty",
+		"1 record has an empty (or white space) question", "the first is in row 4 of stage a",
+		"1 record holds the text of a Gemma 3 control token", "the first is in row 5 of stage a", "the first is in row 2 of stage c"} {
 		if !strings.Contains(logs.String(), want) {
 			t.Errorf("the log does not say %q:\n%s", want, logs.String())
 		}

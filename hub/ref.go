@@ -90,6 +90,27 @@ type Ref struct {
 	Path     string // a file, a glob or "" (the repository), without a leading slash
 }
 
+// fileExts are the extensions of files a path names, not a repository.
+var fileExts = map[string]bool{"json": true, "jsonl": true, "gz": true, "parquet": true, "arrow": true, "safetensors": true,
+	"gguf": true, "yaml": true, "yml": true, "txt": true, "md": true, "csv": true, "model": true}
+
+// repoIDLike is a path written as a Hub repository's id: ORG/NAME.
+var repoIDLike = regexp.MustCompile(`^[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9][A-Za-z0-9_.-]*$`)
+
+// RefFor is the hf:// reference a local path that does not exist was
+// most likely meant as (google/gemma-3-1b-it, written as transformers
+// takes it), with file appended when one is wanted ("tokenizer.json"), or
+// "" when the path does not look like a repository's id.
+func RefFor(path, file string) string {
+	if !repoIDLike.MatchString(path) || strings.HasSuffix(path, "..") || fileExts[strings.ToLower(path[strings.LastIndex(path, ".")+1:])] {
+		return ""
+	}
+	if file != "" {
+		return Prefix + path + "/" + file
+	}
+	return Prefix + path
+}
+
 // IsRef says whether s is written as an hf:// reference.
 func IsRef(s string) bool { return strings.HasPrefix(s, Prefix) }
 

@@ -158,8 +158,11 @@ func (generateKind) Prepare(params any, dir string) (pipeline.Runner, error) {
 			return nil, &pipeline.ParamError{Param: "tokenizer", Msg: err.Error(), Fix: "write the path in full"}
 		}
 		if err := pipeline.CheckReadableFile(path); err != nil {
-			return nil, &pipeline.ParamError{Param: "tokenizer", Msg: err.Error(),
-				Fix: "give the path of the model's tokenizer.json, relative to the spec's folder, or hf://ORG/NAME@REV/tokenizer.json"}
+			fix := "give the path of the model's tokenizer.json, relative to the spec's folder, or hf://ORG/NAME@REV/tokenizer.json"
+			if ref := hub.RefFor(p.Tokenizer, "tokenizer.json"); ref != "" {
+				fix = "a tokenizer on the Hugging Face Hub is written tokenizer: " + ref
+			}
+			return nil, &pipeline.ParamError{Param: "tokenizer", Msg: err.Error(), Fix: fix}
 		}
 		s.tokenizer = path
 		s.files = append(s.files, path)

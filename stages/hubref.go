@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"io/fs"
 	"os"
 	"path"
 	"path/filepath"
@@ -239,13 +240,18 @@ func modelParam(model, specDir, fix string) (modelArg, error) {
 		m.hub = h
 		return m, err
 	}
+	written := model
 	model, err := pipeline.ResolvePath(specDir, model)
 	if err != nil {
 		return m, &pipeline.ParamError{Param: "model", Msg: err.Error(), Fix: "write the path in full"}
 	}
 	files, err := keyedCheckpointFiles(model)
 	if err != nil {
-		return m, &pipeline.ParamError{Param: "model", Msg: err.Error(), Fix: fix + ", or to hf://ORG/NAME@REVISION on the Hugging Face Hub"}
+		fix += ", or to hf://ORG/NAME@REVISION on the Hugging Face Hub"
+		if _, serr := os.Stat(model); errors.Is(serr, fs.ErrNotExist) && hub.RefFor(written, "") != "" {
+			fix = "a model on the Hugging Face Hub is written model: " + hub.RefFor(written, "")
+		}
+		return m, &pipeline.ParamError{Param: "model", Msg: err.Error(), Fix: fix}
 	}
 	m.dir, m.files = model, files
 	return m, nil

@@ -289,3 +289,27 @@ func TestSourceKindAndFileDisagree(t *testing.T) {
 		}
 	}
 }
+
+// TestRepositoryIDsAsPaths: a model or tokenizer written as a Hub
+// repository's id, as transformers takes it, is a missing local path
+// whose fix is its hf:// form.
+func TestRepositoryIDsAsPaths(t *testing.T) {
+	for old, repl := range map[string]string{
+		"tokenizer: tok.json": "tokenizer: google/gemma-3-1b-it",
+		"      PARAM":         "      model: google/gemma-3-1b-it",
+	} {
+		spec := strings.Replace(validationSpec, old, repl, 1)
+		if strings.Contains(repl, "model") {
+			spec = strings.Replace(spec, "needs: [pack, base]", "needs: [pack]", 1)
+		}
+		spec = strings.Replace(spec, "      PARAM\n", "", 1)
+		_, err := loadErr(t, spec)
+		want := "a tokenizer on the Hugging Face Hub is written tokenizer: hf://google/gemma-3-1b-it/tokenizer.json"
+		if strings.Contains(repl, "model") {
+			want = "a model on the Hugging Face Hub is written model: hf://google/gemma-3-1b-it"
+		}
+		if err == nil || !strings.Contains(err.Error(), want) {
+			t.Errorf("%s: %v", repl, err)
+		}
+	}
+}

@@ -74,6 +74,15 @@ func localArg(ctx context.Context, flag, arg string, kind argKind) (string, erro
 	return paths[0], nil
 }
 
+// hubHint is how a missing path written as a Hub repository's id is
+// given on the Hub, or "".
+func hubHint(flag, arg, file string) string {
+	if ref := hub.RefFor(arg, file); ref != "" {
+		return fmt.Sprintf("; on the Hugging Face Hub that is --%s %s", flag, ref)
+	}
+	return ""
+}
+
 // checkLocalArg says, before anything is loaded, that a local path given
 // for flag does not exist (a failure, as for any input file) or is a file
 // where a folder is wanted or the reverse (a usage error), rather than
@@ -86,9 +95,9 @@ func checkLocalArg(flag, arg string, kind argKind) error {
 	wantDir := kind != argTokenizer
 	switch {
 	case errors.Is(err, fs.ErrNotExist) && wantDir:
-		return usageErr(fmt.Errorf("--%s %s: no such folder", flag, arg))
+		return usageErr(fmt.Errorf("--%s %s: no such folder%s", flag, arg, hubHint(flag, arg, "")))
 	case errors.Is(err, fs.ErrNotExist):
-		return usageErr(fmt.Errorf("--%s %s: no such file", flag, arg))
+		return usageErr(fmt.Errorf("--%s %s: no such file%s", flag, arg, hubHint(flag, arg, "tokenizer.json")))
 	case err != nil:
 		return failErr(fmt.Errorf("--%s: %w", flag, err))
 	case wantDir && !fi.IsDir():

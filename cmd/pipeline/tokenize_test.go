@@ -101,6 +101,11 @@ func TestTokenizeCommandErrors(t *testing.T) {
 			t.Errorf("%v: exit %d, want %d", c.args, code, c.code)
 		}
 	}
+	// A repository's id, as transformers takes it, names the hf:// form.
+	r := runCLI(t, dir, "tokenize", "--tokenizer", "google/gemma-3-1b-it", "--in", bad)
+	if r.code != exitUsage || !strings.Contains(r.stderr, "no such file; on the Hugging Face Hub that is --tokenizer hf://google/gemma-3-1b-it/tokenizer.json") {
+		t.Errorf("--tokenizer google/gemma-3-1b-it: exit %d\n%s", r.code, r.stderr)
+	}
 }
 
 // TestTokenizeLineErrors: a bad input line is named with what is wrong in

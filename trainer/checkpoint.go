@@ -36,6 +36,9 @@ type trainState struct {
 	BestEval float64 `json:"best_eval,omitempty"`
 	BestStep int     `json:"best_step,omitempty"`
 	BadEvals int     `json:"bad_evals,omitempty"`
+	// ElapsedSec is the training's time up to the checkpoint, over every
+	// attempt, from which a resumed run's metrics count on.
+	ElapsedSec float64 `json:"elapsed_sec,omitempty"`
 }
 
 // bestDir holds, in a checkpoint, the adapter of the best evaluation.

@@ -59,8 +59,9 @@ func ReadMetrics(path string) ([]Metric, error) {
 // dir: every metrics line becomes the scalars of its step (the peak GPU
 // memory only where a device was used, the eval loss where it was
 // computed), and settings, Markdown, the text shown under TagSettings.
-// Events are stamped start + elapsed_sec, never going back in time (a
-// resumed run counts its elapsed time from the resume).
+// Events are stamped start + elapsed_sec, never going back in time (a run
+// resumed from a checkpoint that kept no elapsed time, an older build's,
+// counts from the resume).
 func WriteEvents(dir string, history []Metric, settings string, start time.Time) error {
 	w, err := tfevents.Create(dir, start)
 	if err != nil {

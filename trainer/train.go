@@ -223,6 +223,9 @@ func train(ctx context.Context, s Session, data Dataset, opts TrainOptions, p *r
 
 	start := time.Now()
 	startStep, startTokens := st.Step, st.Tokens // a resumed run's rate counts from here
+	// The metrics' elapsed time goes on from the checkpoint's: a resumed
+	// run's curve against time is the training's, not this attempt's.
+	elapsedBefore := time.Duration(st.ElapsedSec * float64(time.Second))
 	savedSinceResume := false
 	savedStep := st.Step // the step the newest checkpoint holds (none at 0: nothing to lose)
 	checkpoint := func() error {
@@ -234,6 +237,7 @@ func train(ctx context.Context, s Session, data Dataset, opts TrainOptions, p *r
 		if err != nil {
 			return err
 		}
+		st.ElapsedSec = (elapsedBefore + time.Since(start)).Seconds()
 		if err := saveCheckpoint(ckDir, info, st, a, best, opt, logged); err != nil {
 			return err
 		}
@@ -361,7 +365,7 @@ func train(ctx context.Context, s Session, data Dataset, opts TrainOptions, p *r
 			rate := float64(sinceLogTokens) / max(time.Since(sinceLog).Seconds(), 1e-9)
 			line := Metric{Step: st.Step, Epoch: float64(st.Step) / float64(p.stepsPerEpoch),
 				Loss: st.LogLossSum / float64(st.LogSteps), LR: lr, GradNorm: gradNorm, Tokens: st.Tokens,
-				TokensPerSec: rate, ElapsedSec: elapsed.Seconds(), PeakGPUGiB: float64(s.PeakMemory()) / (1 << 30)}
+				TokensPerSec: rate, ElapsedSec: (elapsedBefore + elapsed).Seconds(), PeakGPUGiB: float64(s.PeakMemory()) / (1 << 30)}
 			if evalNow {
 				line.EvalLoss = &ev
 			}

@@ -478,4 +478,17 @@ func TestInterruptKeepsSteps(t *testing.T) {
 	if res.Steps != 5 || !bytes.Equal(got, want) {
 		t.Errorf("resumed: %d steps, the uninterrupted run's adapter: %v", res.Steps, bytes.Equal(got, want))
 	}
+	// The metrics' elapsed time goes on across the resume.
+	data, _ := os.ReadFile(res.MetricsPath)
+	prev := -1.0
+	for _, line := range strings.Split(strings.TrimSpace(string(data)), "\n") {
+		var m Metric
+		if err := json.Unmarshal([]byte(line), &m); err != nil {
+			t.Fatal(err)
+		}
+		if m.ElapsedSec < prev {
+			t.Errorf("step %d: elapsed_sec %v, before it %v: the time started over at the resume", m.Step, m.ElapsedSec, prev)
+		}
+		prev = m.ElapsedSec
+	}
 }

@@ -5,6 +5,8 @@ import (
 	"context"
 	"encoding/json"
 	"errors"
+	"fmt"
+	"io/fs"
 	"log/slog"
 	"os"
 	"path/filepath"
@@ -1182,5 +1184,19 @@ func TestGCWaitsSaying(t *testing.T) {
 	}
 	if keys, _ := e.store.Keys(); len(keys) != 3 {
 		t.Errorf("%d entries left, want the 3 the run made", len(keys))
+	}
+}
+
+// TestLockPermissionHint: a lock the user may not open (a cache another
+// user's cron job made) says whose the cache is and what to do.
+func TestLockPermissionHint(t *testing.T) {
+	e := newTestEnv(t)
+	err := fmt.Errorf("the cache's gc lock: %w%s", &fs.PathError{Op: "open", Path: "gc.lock", Err: fs.ErrPermission},
+		e.store.permissionHint(&fs.PathError{Op: "open", Path: "gc.lock", Err: fs.ErrPermission}))
+	if !strings.Contains(err.Error(), "is another user's: run as that user, or give this one a cache of its own with --cache or $PIPELINE_CACHE") {
+		t.Errorf("%v", err)
+	}
+	if h := e.store.permissionHint(errors.New("disk on fire")); h != "" {
+		t.Errorf("a hint for another error: %q", h)
 	}
 }

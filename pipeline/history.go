@@ -88,7 +88,7 @@ func (s *Store) lockDAG(ctx context.Context, dag *DAG, noWait bool, log *slog.Lo
 	l := flock.New(base + ".lock")
 	ok, err := l.TryLock()
 	if err != nil {
-		return nil, fmt.Errorf("locking DAG %s: %w", dag.Path, err)
+		return nil, fmt.Errorf("locking DAG %s: %w%s", dag.Path, err, s.permissionHint(err))
 	}
 	if !ok {
 		holder, _ := os.ReadFile(base + ".holder")

@@ -235,7 +235,7 @@ func (e *Engine) run(ctx context.Context, dag *DAG, opts Options, rec *RunRecord
 	gc := e.Store.gcLock()
 	ok, err := gc.TryRLock()
 	if err != nil {
-		return fmt.Errorf("the cache's gc lock: %w", err)
+		return fmt.Errorf("the cache's gc lock: %w%s", err, e.Store.permissionHint(err))
 	}
 	if !ok {
 		if e.NoWait {

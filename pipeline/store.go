@@ -478,9 +478,18 @@ func (s *Store) lockEntry(ctx context.Context, key, stage string, noWait bool, l
 		}
 	}
 	if err != nil {
-		return nil, fmt.Errorf("stage %s: locking cache entry %s: %w", stage, ShortKey(key), err)
+		return nil, fmt.Errorf("stage %s: locking cache entry %s: %w%s", stage, ShortKey(key), err, s.permissionHint(err))
 	}
 	return l, nil
+}
+
+// permissionHint says, of an error opening a lock in the cache, what to do
+// when the cache is another user's (a cron job's, say).
+func (s *Store) permissionHint(err error) string {
+	if !errors.Is(err, fs.ErrPermission) {
+		return ""
+	}
+	return fmt.Sprintf(" (the cache %s is another user's: run as that user, or give this one a cache of its own with --cache or $%s)", s.Root, CacheEnv)
 }
 
 // gcLock is held shared by every run and exclusively by gc, so gc never

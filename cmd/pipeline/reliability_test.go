@@ -300,6 +300,9 @@ func TestStatusSaysKilledRunDidNotFinish(t *testing.T) {
 	if r := runCLI(t, dir, "status", spec); r.code != 0 || strings.Contains(r.stdout, "DID NOT FINISH") || !strings.Contains(r.stdout, "last run: ") {
 		t.Fatalf("status after a finished run:\n%s", r.stdout)
 	}
+	if r := runCLI(t, dir, "status", spec, "--check"); r.code != 0 {
+		t.Errorf("status --check after a finished run: exit %d\n%s", r.code, r.stderr)
+	}
 	locks, _ := filepath.Glob(filepath.Join(dir, "cache", "locks", "dag-*.lock"))
 	if len(locks) != 1 {
 		t.Fatalf("locks %v", locks)
@@ -309,6 +312,10 @@ func TestStatusSaysKilledRunDidNotFinish(t *testing.T) {
 	r := runCLI(t, dir, "status", spec)
 	if !strings.Contains(r.stdout, "last run: DID NOT FINISH: pid 999999 on host") || !strings.Contains(r.stdout, "last finished run: ") {
 		t.Errorf("status after a killed run:\n%s", r.stdout)
+	}
+	// A health check says so by its exit code.
+	if r := runCLI(t, dir, "status", spec, "--check"); r.code != exitFailed || !strings.Contains(r.stderr, "status --check: the last run did not finish") {
+		t.Errorf("status --check after a killed run: exit %d\n%s", r.code, r.stderr)
 	}
 	// The report's title and headline say so too (a page mailed by
 	// ExecStopPost= after the OOM killer).

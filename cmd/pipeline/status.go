@@ -1,6 +1,7 @@
 package main
 
 import (
+	"errors"
 	"fmt"
 	"os"
 	"text/tabwriter"
@@ -12,13 +13,19 @@ import (
 )
 
 func init() {
+	var check bool
 	cmd := &cobra.Command{
 		Use:   "status SPEC",
 		Short: "Show the state of each stage's cached output and of the last run",
 		Long: `Show, for each stage of SPEC, whether its current output is cached, missing or
 damaged, with its rows, size and when it was computed; whether a run of SPEC is in
 progress now; how the last run ended; and where to watch the runs: the TensorBoard
-events of the training stages, and the command that writes the HTML report.`,
+events of the training stages, and the command that writes the HTML report.
+
+With --check it exits 1 (after printing the same) when the last run failed, was
+interrupted or did not finish, when none is recorded, or when a stage's entry is
+damaged: a health check for monitoring (the exit code of the cron job itself says
+the same of each run).`,
 		Args:              exactArgs(1, "one spec file"),
 		ValidArgsFunction: specArg,
 		RunE: func(cmd *cobra.Command, args []string) error {
@@ -97,8 +104,40 @@ events of the training stages, and the command that writes the HTML report.`,
 			}
 			fmt.Println()
 			printWatch(os.Stdout, args[0], entries, true)
+			if check {
+				return failErrIf(unhealthy(s))
+			}
 			return nil
 		},
 	}
+	cmd.Flags().BoolVar(&check, "check", false, "exit 1 when the last run did not end well (or none is recorded), or an entry is damaged")
 	root.AddCommand(cmd)
+}
+
+// unhealthy says what status --check finds wrong with s, or nil.
+func unhealthy(s *pipeline.Status) error {
+	switch {
+	case s.Unfinished != "":
+		return errors.New("status --check: the last run did not finish")
+	case s.Last == nil:
+		return errors.New("status --check: no run is recorded")
+	case s.Last.Interrupted:
+		return errors.New("status --check: the last run was interrupted")
+	case !s.Last.OK:
+		return errors.New("status --check: the last run failed")
+	}
+	for _, e := range s.Stages {
+		if e.Damage != nil {
+			return fmt.Errorf("status --check: stage %s's entry is damaged", e.Name)
+		}
+	}
+	return nil
+}
+
+// failErrIf is failErr(err), nil when err is.
+func failErrIf(err error) error {
+	if err == nil {
+		return nil
+	}
+	return failErr(err)
 }

@@ -30,8 +30,12 @@ type GCOptions struct {
 // GCResult lists what gc removed (or would remove, in a dry run).
 type GCResult struct {
 	Removed []string
-	Freed   int64
-	Kept    int
+	// RemovedWhat says, of each of Removed, which stage made the entry
+	// and when ("stage tokens (tokenize), computed 2026-11-02 03:10"),
+	// "" where its manifest did not say.
+	RemovedWhat []string
+	Freed       int64
+	Kept        int
 	// RunsActive says, of a dry run, that runs used the cache as it
 	// looked: the entries made since the last recorded run are then kept,
 	// as gc, which waits for the runs, would keep them.
@@ -148,12 +152,16 @@ func (s *Store) GC(ctx context.Context, opts GCOptions) (*GCResult, error) {
 			continue
 		}
 		size := dirSize(s.EntryDir(k))
+		what := ""
+		if m, err := ReadManifest(s.EntryDir(k)); err == nil {
+			what = fmt.Sprintf("stage %s (%s), computed %s", m.Stage, m.Kind, m.Finished.Local().Format("2006-01-02 15:04"))
+		}
 		if !opts.DryRun {
 			if err := s.Remove(k); err != nil {
 				return res, fmt.Errorf("removing %s: %w", ShortKey(k), err)
 			}
 		}
-		res.Removed = append(res.Removed, k)
+		res.Removed, res.RemovedWhat = append(res.Removed, k), append(res.RemovedWhat, what)
 		res.Freed += size
 	}
 	if !runsActive { // beside runs, tmp/ holds their outputs in progress

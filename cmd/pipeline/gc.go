@@ -69,8 +69,12 @@ no run.`,
 			if dryRun {
 				verb = "would remove"
 			}
-			for _, k := range res.Removed {
-				fmt.Printf("%s %s\n", verb, k)
+			for i, k := range res.Removed {
+				if what := res.RemovedWhat[i]; what != "" {
+					fmt.Printf("%s %s: %s\n", verb, pipeline.ShortKey(k), what)
+				} else {
+					fmt.Printf("%s %s\n", verb, k)
+				}
 			}
 			entries := "entries"
 			if len(res.Removed) == 1 {

@@ -762,7 +762,9 @@ func TestVerifyReportsDamage(t *testing.T) {
 	if r := runCLI(t, dir, "run", spec); r.code != 0 || !strings.Contains(r.stdout, "computed") {
 		t.Fatalf("run after damage: %d %s", r.code, r.stdout)
 	}
-	if r := runCLI(t, dir, "gc", "--keep-last", "0", "--dry-run"); r.code != 0 || !strings.Contains(r.stdout, "would remove 1 entry") {
+	// Each entry gc would remove is named by the stage that made it.
+	if r := runCLI(t, dir, "gc", "--keep-last", "0", "--dry-run"); r.code != 0 || !strings.Contains(r.stdout, "would remove 1 entry") ||
+		!regexp.MustCompile(`would remove [0-9a-f]{12}: stage src \(jsonl\), computed \d{4}-\d\d-\d\d \d\d:\d\d`).MatchString(r.stdout) {
 		t.Fatalf("gc dry run: %d %s %s", r.code, r.stdout, r.stderr)
 	}
 }

@@ -1109,8 +1109,6 @@ func TestRateLeavesOutWaiting(t *testing.T) {
 	}
 }
 
-// TestGCWaitsSaying: gc waits for the runs that hold the cache and says
-// so; a dry run, which removes nothing, does not wait.
 // TestRunWaitsForGCSaying: a run finding gc at work on its cache says that
 // it waits for it, and with NoWait does not wait (busy, as when another run
 // holds the DAG).
@@ -1148,6 +1146,9 @@ func TestRunWaitsForGCSaying(t *testing.T) {
 	}
 }
 
+// TestGCWaitsSaying: gc waits for the runs that hold the cache and says
+// so, or with NoWait does not wait; a dry run, which removes nothing, does
+// not wait.
 func TestGCWaitsSaying(t *testing.T) {
 	e := newTestEnv(t)
 	e.write("data.txt", "v1")
@@ -1181,6 +1182,10 @@ func TestGCWaitsSaying(t *testing.T) {
 	}
 	if !strings.Contains(logs.String(), "waiting for the runs using this cache to finish") {
 		t.Errorf("gc waited without a word: %q", logs.String())
+	}
+	// With NoWait it does not wait: busy, as a run with NoWait is.
+	if _, err := e.store.GC(context.Background(), GCOptions{KeepLast: 0, NoWait: true}); !IsBusy(err) || !strings.Contains(err.Error(), "runs are using this cache") {
+		t.Errorf("gc with NoWait beside a run: %v", err)
 	}
 	if keys, _ := e.store.Keys(); len(keys) != 3 {
 		t.Errorf("%d entries left, want the 3 the run made", len(keys))

@@ -23,6 +23,9 @@ type GCOptions struct {
 	OlderThan time.Duration
 	// DryRun only says what would go; it waits for no run.
 	DryRun bool
+	// NoWait makes GC fail busy (IsBusy) instead of waiting for the runs
+	// using the cache.
+	NoWait bool
 	// Log, when set, hears that gc waits for running DAGs.
 	Log *slog.Logger
 }
@@ -66,6 +69,9 @@ func (s *Store) GC(ctx context.Context, opts GCOptions) (*GCResult, error) {
 	if ok, err := take(); err != nil {
 		return nil, err
 	} else if !ok {
+		if opts.NoWait {
+			return nil, fmt.Errorf("%s: %w", s.Root, errCacheInUse)
+		}
 		if opts.Log != nil {
 			opts.Log.Info("waiting for the runs using this cache to finish", "cache", s.Root)
 		}

@@ -64,11 +64,15 @@ func (e *BusyError) Unwrap() error { return ErrBusy }
 
 // IsBusy reports whether err means another run holds the DAG's lock.
 func IsBusy(err error) bool {
-	return errors.Is(err, ErrBusy) || errors.Is(err, errGCBusy) || errors.Is(err, errEntryBusy)
+	return errors.Is(err, ErrBusy) || errors.Is(err, errGCBusy) || errors.Is(err, errEntryBusy) || errors.Is(err, errCacheInUse)
 }
 
 // errGCBusy: gc holds the cache (with NoWait, the run does not wait).
 var errGCBusy = errors.New("gc is cleaning this cache; run again once it is done")
+
+// errCacheInUse: runs use the cache gc would clean (with NoWait, gc does
+// not wait for them).
+var errCacheInUse = errors.New("runs are using this cache; gc again once they are done")
 
 // errEntryBusy: another run (of another spec sharing the stage) computes
 // an entry this run needs (with NoWait, the run does not wait for it).

@@ -17,6 +17,7 @@ func init() {
 		keepLast  int
 		olderThan string
 		dryRun    bool
+		noWait    bool
 	)
 	cmd := &cobra.Command{
 		Use:   "gc",
@@ -30,9 +31,9 @@ those runs made no entry for (left out by --until, failed, canceled by a failure
 or in a run stopped before it began) keeps the entry it last had, and what a run killed before it was recorded (SIGKILL,
 the OOM killer) planned stays until that DAG runs again. Leftovers are the
 unfinished outputs of killed runs (tmp/) and training checkpoints in which nothing
-changed for a week (scratch/). gc waits (saying so) until no run uses the cache,
-and a run that starts while gc removes entries waits for it; --dry-run waits for
-no run.`,
+changed for a week (scratch/). gc waits (saying so) until no run uses the cache
+(with --no-wait it exits at once with code 75 instead), and a run that starts while
+gc removes entries waits for it; --dry-run waits for no run.`,
 		Example: `  pipeline gc                              # keep what the last 3 runs of each DAG used
   pipeline gc --keep-last 1 --older-than 30d --dry-run`,
 		Args: exactArgs(0, "no arguments"),
@@ -40,7 +41,7 @@ no run.`,
 			if keepLast < 0 {
 				return usageErr(errors.New("--keep-last must not be negative"))
 			}
-			opts := pipeline.GCOptions{KeepLast: keepLast, DryRun: dryRun}
+			opts := pipeline.GCOptions{KeepLast: keepLast, DryRun: dryRun, NoWait: noWait}
 			if olderThan != "" {
 				d, err := parseAge(olderThan)
 				if err != nil {
@@ -62,6 +63,9 @@ no run.`,
 			ctx, stop := signalContext(5 * time.Second)
 			defer stop()
 			res, err := st.GC(ctx, opts)
+			if pipeline.IsBusy(err) {
+				return &exitError{exitLockBusy, err}
+			}
 			if err != nil {
 				return failErr(err)
 			}
@@ -94,5 +98,6 @@ no run.`,
 	f.IntVar(&keepLast, "keep-last", 3, "keep the entries used by each DAG's last N runs")
 	f.StringVar(&olderThan, "older-than", "", "remove only entries unused for this long (e.g. 12h, 30d, 2w)")
 	f.BoolVar(&dryRun, "dry-run", false, "only say what would be removed")
+	f.BoolVar(&noWait, "no-wait", false, "exit at once (code 75) if runs are using the cache, instead of waiting for them")
 	root.AddCommand(cmd)
 }

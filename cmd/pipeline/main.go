@@ -41,8 +41,9 @@ export), caching each stage's output under the content hash of everything that
 produced it. The README's table lists the stage kinds and their parameters.
 
 Exit codes: 0 success, 1 a stage or check failed (or a model's --out exists
-already), 2 usage or spec error, 75 another run holds the DAG's lock (or gc
-the cache) and --no-wait was given, 130 or 143 interrupted by SIGINT or SIGTERM.`,
+already), 2 usage or spec error, 75 busy and --no-wait was given (another run
+holds the DAG's lock or computes an entry the run needs, gc holds the cache, or,
+for gc, runs use it), 130 or 143 interrupted by SIGINT or SIGTERM.`,
 	SilenceUsage:  true,
 	SilenceErrors: true,
 	Version:       pipeline.Version(), // --version; manifests and reports record it too

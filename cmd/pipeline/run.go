@@ -180,6 +180,9 @@ step with rank 0 and stop there. A rank that fails or goes away stops the others
 			if runErr != nil {
 				switch {
 				case pipeline.IsBusy(runErr):
+					if len(rec.Stages) > 0 { // a stage another spec's run computes: what ran before it
+						printSummary(rec)
+					}
 					return &exitError{exitLockBusy, runErr}
 				case pipeline.IsSpecError(runErr):
 					return usageErr(runErr)

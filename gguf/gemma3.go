@@ -24,6 +24,9 @@ type Options struct {
 	Type FileType
 	// Name is general.name (default: the model folder's name).
 	Name string
+	// Progress, when set, hears after each tensor written how many of
+	// how many are done: a 12B conversion takes minutes.
+	Progress func(done, total int)
 }
 
 // Gemma3 converts the Gemma 3 checkpoint in modelDir (a text-only or
@@ -74,7 +77,9 @@ func Gemma3(ctx context.Context, modelDir, out string, opts Options) error {
 	kvs = append(kvs, vocab...)
 
 	var tensors []Tensor
-	for _, spec := range c.WeightTensors() {
+	specs := c.WeightTensors()
+	written := 0
+	for _, spec := range specs {
 		name, err := tensorName(spec)
 		if err != nil {
 			return err
@@ -94,7 +99,13 @@ func Gemma3(ctx context.Context, modelDir, out string, opts Options) error {
 				if err != nil {
 					return err
 				}
-				return writeConverted(w, t, typ, shift)
+				if err := writeConverted(w, t, typ, shift); err != nil {
+					return err
+				}
+				if written++; opts.Progress != nil {
+					opts.Progress(written, len(specs))
+				}
+				return nil
 			}})
 	}
 	return WriteFile(out, kvs, tensors)

@@ -8,6 +8,7 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"io"
 	"math"
 	"os"
 	"os/exec"
@@ -547,5 +548,41 @@ func TestGemma3Canceled(t *testing.T) {
 	}
 	if ents, _ := os.ReadDir(outDir); len(ents) != 0 {
 		t.Errorf("left %v", ents)
+	}
+}
+
+// TestGemma3Progress: the conversion says after each tensor how many of
+// how many are written, ending with all of them, as many as the file has;
+// canceled midway, it stops there.
+func TestGemma3Progress(t *testing.T) {
+	dir := checkpoint(t, "tiny")
+	var seen [][2]int
+	out := filepath.Join(t.TempDir(), "m.q8_0.gguf")
+	if err := Gemma3(context.Background(), dir, out, Options{Type: MostlyQ8_0, Progress: func(done, total int) { seen = append(seen, [2]int{done, total}) }}); err != nil {
+		t.Fatal(err)
+	}
+	head := make([]byte, 16) // magic, version, then the tensor count
+	f, err := os.Open(out)
+	if err != nil {
+		t.Fatal(err)
+	}
+	_, err = io.ReadFull(f, head)
+	f.Close()
+	if err != nil {
+		t.Fatal(err)
+	}
+	n := int(binary.LittleEndian.Uint64(head[8:]))
+	if len(seen) != n || seen[0] != [2]int{1, n} || seen[n-1] != [2]int{n, n} {
+		t.Errorf("progress %v for %d tensors", seen, n)
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	calls := 0
+	err = Gemma3(ctx, dir, filepath.Join(t.TempDir(), "m.gguf"), Options{Type: MostlyQ8_0, Progress: func(done, _ int) {
+		if calls++; done == 3 {
+			cancel()
+		}
+	}})
+	if !errors.Is(err, context.Canceled) || calls != 3 {
+		t.Errorf("canceled after 3 tensors: %d more heard, %v", calls-3, err)
 	}
 }

@@ -115,11 +115,11 @@ func (s *ggufStage) Run(ctx context.Context, t *pipeline.Task) error {
 	}
 	typ, _ := gguf.ParseFileType(s.p.Type)
 	file := s.p.Name + "." + typ.String() + ".gguf"
-	t.Report(0, 1, "files", "converting to "+file)
-	if err := gguf.Gemma3(ctx, model, filepath.Join(t.Dir, file), gguf.Options{Type: typ, Name: s.p.Name}); err != nil {
+	t.Report(0, 0, "tensors", "converting to "+file)
+	progress := func(done, total int) { t.Report(int64(done), int64(total), "tensors", "converting to "+file) }
+	if err := gguf.Gemma3(ctx, model, filepath.Join(t.Dir, file), gguf.Options{Type: typ, Name: s.p.Name, Progress: progress}); err != nil {
 		return err
 	}
-	t.Report(1, 1, "files", "converted")
 	p := provenanceOf(lineage)
 	mf, err := gguf.Modelfile(gguf.ModelfileOptions{GGUF: file, System: p.trainingSystem(), ModelDir: model})
 	if err != nil {

@@ -386,7 +386,7 @@ func exportModel(entry string, m *pipeline.Manifest, stage, format string, typ g
 	if format == "hf" {
 		return doneOrFail(out, copyDir(ctx, model, out))
 	}
-	return doneOrFail(out, gguf.Gemma3(ctx, model, out, gguf.Options{Type: typ, Name: ggufName(out)}))
+	return doneOrFail(out, convertGGUF(ctx, model, out, gguf.Options{Type: typ, Name: ggufName(out)}))
 }
 
 // modelOutFree checks that a model's --out is a path that does not exist.

@@ -1,6 +1,7 @@
 package main
 
 import (
+	"context"
 	"errors"
 	"fmt"
 	"log/slog"
@@ -11,6 +12,7 @@ import (
 	"github.com/spf13/cobra"
 
 	"gemmaft/gguf"
+	"gemmaft/pipeline"
 )
 
 func init() {
@@ -109,7 +111,7 @@ them.`,
 				notice(slog.LevelInfo, fmt.Sprintf("wrote %s (a LoRA adapter, %s): llama-cli -m BASE.gguf --lora %s", out, typ, shellQuote(out)))
 				return nil
 			}
-			if err := gguf.Gemma3(ctx, modelDir, out, gguf.Options{Type: typ, Name: name}); err != nil {
+			if err := convertGGUF(ctx, modelDir, out, gguf.Options{Type: typ, Name: name}); err != nil {
 				return failErr(err)
 			}
 			notice(slog.LevelInfo, fmt.Sprintf("wrote %s (%s)", out, typ))
@@ -137,4 +139,13 @@ func ggufName(out string) string {
 		name = strings.TrimSuffix(name, filepath.Ext(name))
 	}
 	return name
+}
+
+// convertGGUF converts a checkpoint folder to a GGUF file, showing the
+// tensors written.
+func convertGGUF(ctx context.Context, modelDir, out string, opts gguf.Options) error {
+	return showProgress(filepath.Base(out), "gguf", func(tr *pipeline.Tracker) error {
+		opts.Progress = func(done, total int) { tr.Report(int64(done), int64(total), "tensors", "") }
+		return gguf.Gemma3(ctx, modelDir, out, opts)
+	})
 }

@@ -123,22 +123,17 @@ func fetchRef(ctx context.Context, ref hub.Ref, only []string) (*hub.Resolved, [
 	if err != nil {
 		return nil, nil, err
 	}
-	c := hub.FromEnv()
-	tr := pipeline.NewTracker(ref.RepoRef(), "fetch")
-	var display pipeline.Display = pipeline.LogDisplay{Log: log, Every: 30 * time.Second}
-	if stderrIsTerminal() {
-		display = pipeline.TTYDisplay{W: os.Stderr, Logs: logSink}
-	}
-	tr.Start()
-	tr.Report(0, -1, "bytes", "resolving")
-	stop := display.Start([]*pipeline.Tracker{tr})
-	res, paths, err := c.Local(ctx, ref, hub.FetchOptions{
-		Log:      log,
-		Only:     only,
-		Progress: func(done, total int64) { tr.Report(done, total, "bytes", "") },
+	var res *hub.Resolved
+	var paths []string
+	err = showProgress(ref.RepoRef(), "fetch", func(tr *pipeline.Tracker) error {
+		tr.Report(0, -1, "bytes", "resolving")
+		res, paths, err = hub.FromEnv().Local(ctx, ref, hub.FetchOptions{
+			Log:      log,
+			Only:     only,
+			Progress: func(done, total int64) { tr.Report(done, total, "bytes", "") },
+		})
+		return err
 	})
-	tr.Finish(err == nil)
-	stop()
 	if errors.Is(err, context.Canceled) {
 		return nil, nil, fmt.Errorf("%s: %w; the bytes downloaded so far are kept, and the next download of it resumes from there", ref, err)
 	}
@@ -149,6 +144,27 @@ func fetchRef(ctx context.Context, ref hub.Ref, only []string) (*hub.Resolved, [
 		log.Warn(res.Note)
 	}
 	return res, paths, nil
+}
+
+// showProgress runs work, which reports to its tracker, with the progress
+// shown as runs show their stages: a live line on a terminal, log lines
+// every 30 s elsewhere.
+func showProgress(name, kind string, work func(tr *pipeline.Tracker) error) error {
+	log, err := newLogger()
+	if err != nil {
+		return err
+	}
+	tr := pipeline.NewTracker(name, kind)
+	var display pipeline.Display = pipeline.LogDisplay{Log: log, Every: 30 * time.Second}
+	if stderrIsTerminal() {
+		display = pipeline.TTYDisplay{W: os.Stderr, Logs: logSink}
+	}
+	tr.Start()
+	stop := display.Start([]*pipeline.Tracker{tr})
+	err = work(tr)
+	tr.Finish(err == nil)
+	stop()
+	return err
 }
 
 func init() {

@@ -133,6 +133,7 @@ type Stats struct {
 	SplitPieces      int64   `json:"split_pieces"`      // pieces made from them
 	SkippedEmpty     int64   `json:"skipped_empty"`     // examples without tokens
 	SkippedUntrained int64   `json:"skipped_untrained"` // examples or pieces without a trained label
+	Longest          int64   `json:"longest"`           // tokens of the longest example given, for choosing SeqLen
 }
 
 // Spilled tokens take 4 bytes each: the id, with bit 31 set when the token's
@@ -214,6 +215,7 @@ func (p *Packer) Add(inputIDs, labels []int32) error {
 	}
 	p.stats.ExamplesIn++
 	p.stats.TokensIn += int64(len(inputIDs))
+	p.stats.Longest = max(p.stats.Longest, int64(len(inputIDs)))
 	n := len(inputIDs)
 	if n == 0 {
 		p.stats.SkippedEmpty++

@@ -468,6 +468,7 @@ func checkRows(t *testing.T, opts Options, examples []genExample, rows []copiedR
 	want.Efficiency = float64(real) / float64(want.Slots)
 	for _, e := range examples {
 		want.TokensIn += int64(len(e.ids))
+		want.Longest = max(want.Longest, int64(len(e.ids)))
 	}
 	if stats != want {
 		t.Fatalf("stats\n%+v\nwant\n%+v", stats, want)

@@ -134,7 +134,7 @@ func (s *packStage) Run(ctx context.Context, t *pipeline.Task) error {
 	if lost := stats.Dropped + stats.SkippedUntrained; lost > 0 {
 		// Examples that will not be trained on are worth a word above INFO.
 		t.Log.Warn("examples left out of the packed rows", "longer_than_seq_len", stats.Dropped, "no_trained_token", stats.SkippedUntrained,
-			"of", stats.ExamplesIn, "fix", "raise seq_len (overlong: split suits plain texts, not conversations: its pieces train without their prompt)")
+			"of", stats.ExamplesIn, "longest", stats.Longest, "fix", "raise seq_len (overlong: split suits plain texts, not conversations: its pieces train without their prompt)")
 	}
 	if held != nil {
 		hs, err := writeHeldOut(ctx, held, filepath.Join(t.Dir, PackedHeldOutFile))

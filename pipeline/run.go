@@ -6,6 +6,7 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"math"
 	"os"
 	"runtime/debug"
 	"sort"
@@ -150,8 +151,13 @@ func (e *Engine) Run(ctx context.Context, dag *DAG, opts Options) (*RunRecord, e
 	}
 	rec.HashedBytes = e.Store.HashedBytes()
 	// A run that was planned is worth keeping for plan's reasons and gc;
-	// one refused as a usage error before anything ran is not a run.
-	if len(rec.Stages) > 0 && e.Collective == "" && recordable(err) {
+	// one refused as a usage error before anything ran is not a run, nor
+	// one that found an entry it needs busy (NoWait), as one that finds
+	// the DAG's lock held is not.
+	if IsBusy(err) && noted {
+		e.Store.forgetPlannedKeys(dag)
+	}
+	if len(rec.Stages) > 0 && e.Collective == "" && recordable(err) && !IsBusy(err) {
 		if recErr := e.Store.recordRun(dag, rec); recErr != nil {
 			if fi, err := os.Stat(e.Store.dagLockBase(dag) + ".holder"); err == nil && fi.Mode().IsRegular() {
 				e.log().Warn("could not record the run; status will say that it did not finish", "err", recErr)
@@ -356,7 +362,10 @@ func (x *execution) execute(ctx context.Context) error {
 		}
 		l, err := x.e.Store.lockEntry(ctx, st.Key, st.Node.Name, x.e.NoWait, x.e.log())
 		if err != nil {
-			if ctx.Err() == nil { // the lock itself failed, not a signal
+			switch {
+			case IsBusy(err): // NoWait: not a failure, a run not made
+				x.records[st].State, x.records[st].Error = "canceled", err.Error()
+			case ctx.Err() == nil: // the lock itself failed, not a signal
 				x.records[st].State, x.records[st].Error = "failed", err.Error()
 			}
 			for _, c := range compute {
@@ -702,6 +711,16 @@ func (x *execution) computeStep(ctx context.Context, st *Step, t *Task, committe
 		}
 		known[TableFile] = sum
 	}
+	// The time it waited for inputs other stages computed, apart, for the
+	// report of the nights it is cached: a statistic, which a manifest's
+	// older readers keep as they found it.
+	waited := 0.0
+	for _, in := range t.Inputs {
+		waited += time.Duration(in.waited.Load()).Seconds()
+	}
+	if waited >= 0.01 {
+		t.SetStat(WaitSecondsStat, math.Floor(waited*100)/100)
+	}
 	m := &Manifest{
 		Key: st.Key, Stage: st.Node.Name, Kind: st.Node.KindName, KindVersion: st.Node.Kind.Version(),
 		// Empty lists, not nulls, for those who read manifests as JSON.
@@ -709,9 +728,6 @@ func (x *execution) computeStep(ctx context.Context, st *Step, t *Task, committe
 		Started: started.UTC(), Finished: time.Now().UTC(), Program: Version(),
 	}
 	m.Seconds = m.Finished.Sub(m.Started).Seconds()
-	for _, in := range t.Inputs {
-		m.WaitSeconds += time.Duration(in.waited.Load()).Seconds()
-	}
 	if t.out != nil {
 		m.Rows = t.out.rows
 	}

@@ -154,14 +154,28 @@ type Manifest struct {
 	Started     time.Time       `json:"started"`
 	Finished    time.Time       `json:"finished"`
 	Seconds     float64         `json:"seconds"`
-	// WaitSeconds is the part of Seconds spent waiting for inputs that
-	// other stages of the run were computing: the stage's own time is the
-	// difference.
-	WaitSeconds float64 `json:"wait_seconds,omitempty"`
-	Program     string  `json:"program"`
+	Program     string          `json:"program"`
 	// Checksum is the sha256 of this manifest's compact JSON with Checksum
 	// empty, so an edited or torn manifest is caught like any output file.
 	Checksum string `json:"checksum"`
+}
+
+// WaitSecondsStat is the statistic of a computed entry's manifest holding
+// the part of its Seconds spent waiting for inputs other stages of the run
+// computed (absent when it waited for none): the stage's own time is the
+// difference.
+const WaitSecondsStat = "wait_seconds"
+
+// WaitSeconds is m's WaitSecondsStat, 0 when it has none.
+func (m *Manifest) WaitSeconds() float64 {
+	switch v := m.Stats[WaitSecondsStat].(type) {
+	case float64:
+		return v
+	case json.Number: // as ReadManifest decodes numbers
+		f, _ := v.Float64()
+		return f
+	}
+	return 0
 }
 
 // InputRef names an upstream stage and the key of its output.
@@ -484,12 +498,13 @@ func (s *Store) lockEntry(ctx context.Context, key, stage string, noWait bool, l
 }
 
 // permissionHint says, of an error opening a lock in the cache, what to do
-// when the cache is another user's (a cron job's, say).
+// when this user may not write there: most often the cache is another
+// user's (a cron job's).
 func (s *Store) permissionHint(err error) string {
 	if !errors.Is(err, fs.ErrPermission) {
 		return ""
 	}
-	return fmt.Sprintf(" (the cache %s is another user's: run as that user, or give this one a cache of its own with --cache or $%s)", s.Root, CacheEnv)
+	return fmt.Sprintf(" (this user may not write in the cache %s, another user's most likely: run as its owner, or give this one a cache of its own with --cache or $%s)", s.Root, CacheEnv)
 }
 
 // gcLock is held shared by every run and exclusively by gc, so gc never

@@ -197,7 +197,7 @@ type score struct {
 
 // notScores are statistics of an eval stage that describe the run, not
 // the model.
-var notScores = map[string]bool{"cores": true, "rows": true, "steps": true, "seconds": true, "train_seconds": true, "eval_seconds": true}
+var notScores = map[string]bool{"cores": true, "rows": true, "steps": true, "seconds": true, "train_seconds": true, "eval_seconds": true, pipeline.WaitSecondsStat: true}
 
 // scoresOf are a stage's eval results: a training stage's held-out and
 // final training loss, every numeric statistic of an eval stage.
@@ -278,7 +278,7 @@ func stageRows(st *pipeline.Store, rec *pipeline.RunRecord) []StageRow {
 			dir := st.EntryDir(s.Key)
 			if s.State == "cached" {
 				if m, err := pipeline.ReadManifest(dir); err == nil {
-					row.ComputedAt, row.ComputeSeconds = m.Finished, m.Seconds-m.WaitSeconds
+					row.ComputedAt, row.ComputeSeconds = m.Finished, m.Seconds-m.WaitSeconds()
 				}
 			}
 			if isDir(filepath.Join(dir, eventsDir)) {

@@ -332,9 +332,14 @@ func TestReportEarlyStopping(t *testing.T) {
 // took two minutes by the clock and one second of its own).
 func TestReportStageTimeLessWaiting(t *testing.T) {
 	f := newFixture(t, "gemma3-12b-tr")
-	f.record(true, "", pipeline.StageRecord{Name: "merged", Kind: "merge", Key: key('m'), State: "computed", Seconds: 112.3, WaitSeconds: 111.4})
-	_, _, raw := render(t, f, 10)
+	ev := evalStage("computed", 0.41)
+	ev.Stats[pipeline.WaitSecondsStat] = 300.0 // waited for the merge
+	f.record(true, "", pipeline.StageRecord{Name: "merged", Kind: "merge", Key: key('m'), State: "computed", Seconds: 112.3, WaitSeconds: 111.4}, ev)
+	r, _, raw := render(t, f, 10)
 	if !strings.Contains(raw, `title="1 m 52 s with 1 m 51 s waiting for its inputs">0.90 s<`) {
 		t.Errorf("the stage's time is not its own:\n%s", raw)
+	}
+	if fmt.Sprint(r.Scores) != "[trmmlu: accuracy]" { // the wait is no score
+		t.Errorf("scores %q", r.Scores)
 	}
 }

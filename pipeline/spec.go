@@ -135,13 +135,6 @@ func Load(path string, kinds *Registry) (*DAG, error) {
 	if err != nil {
 		return nil, err
 	}
-	// The spec's folder as it is on disk: reached through a link it is
-	// the same DAG (one lock, one history), and its relative paths lead
-	// where the kernel takes "folder/../data". A linked spec file keeps
-	// its own folder.
-	if dir, err := filepath.EvalSymlinks(filepath.Dir(abs)); err == nil {
-		abs = filepath.Join(dir, filepath.Base(abs))
-	}
 	// A named pipe would block the read below, and a folder reads as an
 	// unhelpful error: say what the path is.
 	if err := CheckReadableFile(abs); err != nil {

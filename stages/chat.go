@@ -120,7 +120,8 @@ type renderCounts struct {
 // controlTokens are the Gemma 3 control tokens whose text a message may
 // hold: the tokenizer reads it as the token itself, as transformers'
 // does, so that a record can open and close turns of its own.
-var controlTokens = []string{"<start_of_turn>", "<end_of_turn>", "<bos>", "<eos>", "<pad>"}
+var controlTokens = []string{"<start_of_turn>", "<end_of_turn>", "<bos>", "<eos>", "<pad>", "<unk>", "<mask>",
+	"<start_of_image>", "<end_of_image>", "<image_soft_token>"}
 
 // check counts into n what record row's messages hold that the model
 // should not be trained on unawares.
@@ -205,7 +206,7 @@ func renderConversations(in *pipeline.Input, rec arrow.RecordBatch, firstRow int
 		n.check(msgs, firstRow+int64(r))
 		text, spans, err := chat.RenderGemma3(msgs)
 		if err != nil {
-			return nil, fmt.Errorf("record %d: %w", firstRow+int64(r), err)
+			return nil, fmt.Errorf("row %d of stage %s: %w", firstRow+int64(r)+1, in.Name, err)
 		}
 		c.add(text, spans, firstRow+int64(r), n)
 	}
@@ -246,7 +247,7 @@ func renderBatch(in *pipeline.Input, rec arrow.RecordBatch, firstRow int64, n *r
 		n.check(msgs, firstRow+int64(i))
 		rendered, spans, err := chat.RenderGemma3(msgs)
 		if err != nil {
-			return nil, fmt.Errorf("record %d: %w", firstRow+int64(i), err)
+			return nil, fmt.Errorf("row %d of stage %s: %w", firstRow+int64(i)+1, in.Name, err)
 		}
 		c.add(rendered, spans, firstRow+int64(i), n)
 	}

@@ -27,6 +27,7 @@ func writeTrainEvents(t *pipeline.Task, p *qloraParams, model string, rows int, 
 	if err != nil {
 		return err
 	}
+	started = trainingStart(history, started, time.Now())
 	settings := paramRows(p)
 	settings = append(settings,
 		[2]string{"gradient_checkpointing", fmt.Sprint(p.GradientCheckpointing)},
@@ -41,6 +42,20 @@ func writeTrainEvents(t *pipeline.Task, p *qloraParams, model string, rows int, 
 		return fmt.Errorf("writing TensorBoard events: %w", err)
 	}
 	return nil
+}
+
+// trainingStart is when the training whose metrics are history began: the
+// attempt's start, or, for an attempt that resumed a checkpoint (whose
+// elapsed time goes on from the checkpoint's), as long before now as the
+// last metric's elapsed time, so that start + elapsed stamps no event
+// later than now.
+func trainingStart(history []trainer.Metric, attempt, now time.Time) time.Time {
+	if n := len(history); n > 0 {
+		if s := now.Add(-time.Duration(history[n-1].ElapsedSec * float64(time.Second))); s.Before(attempt) {
+			return s
+		}
+	}
+	return attempt
 }
 
 // writeScoreEvents writes scores (an evaluation's results, by name) as

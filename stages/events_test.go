@@ -98,3 +98,22 @@ func TestScoreEvents(t *testing.T) {
 		t.Error("no settings text")
 	}
 }
+
+// TestTrainingStartAfterAResume: an attempt that resumed a checkpoint
+// stamps its events from when the training began, not from its own start,
+// so that none is stamped later than its end.
+func TestTrainingStartAfterAResume(t *testing.T) {
+	now := time.Unix(1_800_000_000, 0)
+	attempt := now.Add(-time.Hour) // this attempt trained an hour, after two before it
+	resumed := []trainer.Metric{{Step: 1, ElapsedSec: 60}, {Step: 9, ElapsedSec: 3 * 3600}}
+	if got, want := trainingStart(resumed, attempt, now), now.Add(-3*time.Hour); !got.Equal(want) {
+		t.Errorf("after a resume: %v, want %v", got, want)
+	}
+	fresh := []trainer.Metric{{Step: 1, ElapsedSec: 60}, {Step: 9, ElapsedSec: 3590}}
+	if got := trainingStart(fresh, attempt, now); !got.Equal(attempt) {
+		t.Errorf("one attempt: %v, want its start %v", got, attempt)
+	}
+	if got := trainingStart(nil, attempt, now); !got.Equal(attempt) {
+		t.Errorf("no metrics: %v", got)
+	}
+}

@@ -159,9 +159,7 @@ func (generateKind) Prepare(params any, dir string) (pipeline.Runner, error) {
 		}
 		if err := pipeline.CheckReadableFile(path); err != nil {
 			fix := "give the path of the model's tokenizer.json, relative to the spec's folder, or hf://ORG/NAME@REV/tokenizer.json"
-			if ref := hub.RefFor(p.Tokenizer, "tokenizer.json"); ref != "" {
-				fix = "a tokenizer on the Hugging Face Hub is written tokenizer: " + ref
-			}
+			fix = withHubHint(fix, "tokenizer", p.Tokenizer, path, "tokenizer.json")
 			return nil, &pipeline.ParamError{Param: "tokenizer", Msg: err.Error(), Fix: fix}
 		}
 		s.tokenizer = path

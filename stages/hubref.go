@@ -247,10 +247,7 @@ func modelParam(model, specDir, fix string) (modelArg, error) {
 	}
 	files, err := keyedCheckpointFiles(model)
 	if err != nil {
-		fix += ", or to hf://ORG/NAME@REVISION on the Hugging Face Hub"
-		if _, serr := os.Stat(model); errors.Is(serr, fs.ErrNotExist) && hub.RefFor(written, "") != "" {
-			fix = "a model on the Hugging Face Hub is written model: " + hub.RefFor(written, "")
-		}
+		fix = withHubHint(fix+", or to hf://ORG/NAME@REVISION on the Hugging Face Hub", "model", written, model, "")
 		return m, &pipeline.ParamError{Param: "model", Msg: err.Error(), Fix: fix}
 	}
 	m.dir, m.files = model, files
@@ -258,6 +255,20 @@ func modelParam(model, specDir, fix string) (modelArg, error) {
 }
 
 func (m *modelArg) set() bool { return m.param != "" }
+
+// withHubHint adds to fix, for a parameter whose path (as written, and
+// resolved) does not exist but is written as a Hub repository's id
+// (google/gemma-3-1b-it, as transformers takes it), its hf:// form, naming
+// file in it when one is wanted.
+func withHubHint(fix, param, written, path, file string) string {
+	if _, err := os.Stat(path); !errors.Is(err, fs.ErrNotExist) {
+		return fix
+	}
+	if ref := hub.RefFor(written, file); ref != "" {
+		return fix + "; on the Hugging Face Hub it is " + param + ": " + ref
+	}
+	return fix
+}
 
 // peftBase is how an adapter trained on the model names it: a Hub model
 // by its repository id at the commit the plan resolved (which the key

@@ -304,9 +304,9 @@ func TestRepositoryIDsAsPaths(t *testing.T) {
 		}
 		spec = strings.Replace(spec, "      PARAM\n", "", 1)
 		_, err := loadErr(t, spec)
-		want := "a tokenizer on the Hugging Face Hub is written tokenizer: hf://google/gemma-3-1b-it/tokenizer.json"
+		want := "relative to the spec's folder; on the Hugging Face Hub it is tokenizer: hf://google/gemma-3-1b-it/tokenizer.json"
 		if strings.Contains(repl, "model") {
-			want = "a model on the Hugging Face Hub is written model: hf://google/gemma-3-1b-it"
+			want = "on the Hugging Face Hub it is model: hf://google/gemma-3-1b-it"
 		}
 		if err == nil || !strings.Contains(err.Error(), want) {
 			t.Errorf("%s: %v", repl, err)

@@ -80,9 +80,7 @@ func (tokenizeKind) Prepare(params any, dir string) (pipeline.Runner, error) {
 		if strings.Contains(path, "node_modules") {
 			fix = "paths are relative to the spec's folder; for the demo's Gemma 3 tokenizer, point at the repository's npm/node_modules/… (scripts/npm-deps.sh installs it)"
 		}
-		if ref := hub.RefFor(p.Tokenizer, "tokenizer.json"); ref != "" {
-			fix = "a tokenizer on the Hugging Face Hub is written tokenizer: " + ref
-		}
+		fix = withHubHint(fix, "tokenizer", p.Tokenizer, path, "tokenizer.json")
 		return nil, &pipeline.ParamError{Param: "tokenizer", Msg: err.Error(), Fix: fix}
 	}
 	return &tokenizeStage{p: p, path: path}, nil

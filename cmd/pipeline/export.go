@@ -121,9 +121,14 @@ it was and no temporary file behind.`,
 			if _, err := os.Stat(filepath.Join(entry, pipeline.TableFile)); err != nil && !isModel {
 				return usageErr(fmt.Errorf("stage %s (%s) holds neither a table nor a model to export: its files are in %s", args[1], m.Kind, entry))
 			}
-			if format == "" && !gzipped && !isModel && out != "-" && filepath.Ext(out) != "" {
-				// x.csv written as JSON lines would surprise whoever opens it.
-				return usageErr(fmt.Errorf("--out %s: %q names no format export writes (.jsonl, .jsonl.gz, .parquet, .arrow); give --format to write it anyway", out, filepath.Ext(out)))
+			inner := out // the name less its .gz, whose extension says the format
+			if gzipped {
+				inner = strings.TrimSuffix(out, filepath.Ext(out))
+			}
+			if ext := filepath.Ext(inner); format == "" && !isModel && out != "-" && ext != "" {
+				// x.csv (or x.csv.gz) written as JSON lines would surprise
+				// whoever opens it.
+				return usageErr(fmt.Errorf("--out %s: %q names no format export writes (.jsonl, .jsonl.gz, .parquet, .arrow); give --format to write it anyway", out, ext))
 			}
 			if format == "" { // a name that says nothing: the stage's kind does
 				switch m.Kind {

@@ -640,7 +640,7 @@ func TestExportForOtherTrainers(t *testing.T) {
 	if !bytes.Equal(unzipped, packed) {
 		t.Error("pack.jsonl.gz does not hold the JSON lines export")
 	}
-	for _, out := range []string{"pack.csv", "pack.parquet.gz"} {
+	for _, out := range []string{"pack.csv", "pack.parquet.gz", "pack.csv.gz"} {
 		if r := runCLI(t, dir, "export", spec, "pack", "--out", filepath.Join(dir, out)); r.code != 2 || !strings.Contains(r.stderr, out) {
 			t.Errorf("export --out %s: exit %d\n%s", out, r.code, r.stderr)
 		}

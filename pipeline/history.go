@@ -7,6 +7,7 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"io/fs"
 	"log/slog"
 	"os"
 	"path/filepath"
@@ -24,8 +25,9 @@ import (
 //
 //	locks/dag-<id>.lock     held (flock) by the run of the DAG in progress
 //	locks/dag-<id>.holder   who holds it: "pid 123 on host since …"
-//	locks/dag-<id>.keys     the keys of the entries that run planned, a line
-//	                        each, which gc keeps should the run be killed
+//	locks/dag-<id>.keys     that run as planned (a RunRecord whose stages have
+//	                        not run), which gc and the next run read should
+//	                        the run be killed
 //	runs/<id>/*.json        a RunRecord per run, newest last, the last 100 kept
 //
 // The lock makes overlapping runs of one spec (cron jobs) take turns; the
@@ -110,6 +112,9 @@ func (s *Store) lockDAG(ctx context.Context, dag *DAG, noWait bool, log *slog.Lo
 	// machine stopped, or whose record could not be written.
 	if old, err := os.ReadFile(base + ".holder"); err == nil && !s.recorded(dag, string(old)) {
 		log.Warn("the previous run of this DAG did not finish: "+UnfinishedCauses, "spec", dag.Path, "run", strings.TrimSpace(string(old)))
+		if err := s.recordUnfinished(dag, string(old)); err != nil {
+			log.Warn("could not record the run that did not finish", "err", err)
+		}
 	}
 	host, _ := os.Hostname()
 	if err := atomicfile.WriteFile(base+".holder", []byte(fmt.Sprintf("pid %d on %s since %s\n", os.Getpid(), host, time.Now().Format(time.RFC3339)))); err != nil {
@@ -123,37 +128,145 @@ func (s *Store) lockDAG(ctx context.Context, dag *DAG, noWait bool, log *slog.Lo
 	}, nil
 }
 
-// notePlannedKeys writes, beside the holder note, the keys of the entries
-// the run of dag planned: a run killed before it is recorded (SIGKILL, the
-// OOM killer) names no entry in the history, and gc would remove what it
-// computed, costing the next night all of it again.
-func (s *Store) notePlannedKeys(dag *DAG, plan *Plan) {
-	var b strings.Builder
-	for _, st := range plan.Steps {
-		if st.Key != "" {
-			b.WriteString(st.Key + "\n")
+// notePlannedRun writes, beside the holder note, the run of dag as
+// planned (rec, whose stages have not run; plan says which are selected).
+// A run killed before it is recorded (SIGKILL, the OOM killer) leaves it
+// behind: gc keeps the entries it names, which the next night would
+// otherwise compute again, and the next run of dag records the killed one
+// from it (recordUnfinished), so the history has the night, not a gap.
+func (s *Store) notePlannedRun(dag *DAG, plan *Plan, rec *RunRecord) {
+	planned := *rec
+	planned.Stages = append([]StageRecord(nil), rec.Stages...)
+	for i, st := range plan.Steps {
+		if st.Selected {
+			planned.Stages[i].State = "canceled" // until its entry says otherwise
 		}
 	}
-	_ = atomicfile.WriteFile(s.dagLockBase(dag)+".keys", []byte(b.String()))
+	data, err := json.Marshal(&planned)
+	if err == nil {
+		_ = atomicfile.WriteFile(s.dagLockBase(dag)+".keys", data)
+	}
 }
 
-// forgetPlannedKeys removes the keys notePlannedKeys wrote, once the run
-// that wrote them is recorded (the record names them); a run that did not
-// write them leaves those of a killed one before it.
-func (s *Store) forgetPlannedKeys(dag *DAG) {
+// forgetPlannedRun removes what notePlannedRun wrote, once the run that
+// wrote it is recorded; a run that did not write it leaves that of a
+// killed one before it.
+func (s *Store) forgetPlannedRun(dag *DAG) {
 	os.Remove(s.dagLockBase(dag) + ".keys")
 }
 
+// plannedRun reads the run notePlannedRun noted for the lock at base, nil
+// when there is none. An older version noted the keys alone, a line each:
+// they come back as stages with a key and nothing else.
+func plannedRun(base string) *RunRecord {
+	data, err := os.ReadFile(base + ".keys")
+	if err != nil {
+		return nil
+	}
+	rec := &RunRecord{}
+	if json.Unmarshal(data, rec) != nil {
+		rec = &RunRecord{}
+		for _, k := range strings.Fields(string(data)) {
+			rec.Stages = append(rec.Stages, StageRecord{Key: k})
+		}
+	}
+	return rec
+}
+
 // killedRunsKeys are the keys that runs killed before they were recorded
-// planned (see notePlannedKeys). gc calls it once no run is alive.
+// planned (see notePlannedRun). gc calls it once no run is alive.
 func (s *Store) killedRunsKeys() []string {
 	var keys []string
 	files, _ := filepath.Glob(filepath.Join(s.Root, "locks", "dag-*.keys"))
 	for _, f := range files {
-		data, _ := os.ReadFile(f)
-		keys = append(keys, strings.Fields(string(data))...)
+		if rec := plannedRun(strings.TrimSuffix(f, ".keys")); rec != nil {
+			for _, st := range rec.Stages {
+				if st.Key != "" {
+					keys = append(keys, st.Key)
+				}
+			}
+		}
 	}
 	return keys
+}
+
+// recordUnfinished records the run of dag that a holder note outlived
+// (note: "pid 123 on host since …"; see lockDAG) as the run that did not
+// finish, from the plan it noted: each selected stage whose entry it wrote
+// is computed, one whose entry was there before is cached, and the rest
+// are canceled. Its end is the last it wrote (an entry, or a file in a
+// stage's scratch folder), or when it took the lock.
+func (s *Store) recordUnfinished(dag *DAG, note string) error {
+	pid, since, ok := parseHolderNote(note)
+	if !ok {
+		return nil
+	}
+	base := s.dagLockBase(dag)
+	rec := plannedRun(base)
+	if rec == nil || rec.Started.IsZero() || rec.Started.After(since.Add(time.Second)) {
+		// No plan noted, or another run's: the night as the note has it.
+		rec = &RunRecord{Started: since}
+	}
+	rec.DAG, rec.Spec, rec.Cache = dag.Name, dag.Path, s.Root
+	rec.OK, rec.Interrupted = false, false
+	rec.Error = "did not finish: it was " + UnfinishedCauses
+	rec.Finished = since
+	for i := range rec.Stages {
+		st := &rec.Stages[i]
+		if st.State != "canceled" || st.Key == "" {
+			continue
+		}
+		m, err := ReadManifest(s.EntryDir(st.Key))
+		switch {
+		case err != nil:
+			st.Error = "the run ended before this stage finished"
+			if t := lastWritten(s.scratchDir(st.Key)); t.After(rec.Finished) {
+				rec.Finished = t // a training's checkpoints and metrics
+			}
+		case m.Started.Before(rec.Started):
+			st.State = "cached"
+		default:
+			st.State, st.Seconds, st.Rows, st.Stats = "computed", m.Seconds, m.Rows, m.Stats
+			for _, o := range m.Outputs {
+				st.Bytes += o.Size
+			}
+			if m.Finished.After(rec.Finished) {
+				rec.Finished = m.Finished
+			}
+		}
+	}
+	rec.Seconds = rec.Finished.Sub(rec.Started).Seconds()
+	if err := s.writeRunRecord(dag, rec, pid); err != nil {
+		return err
+	}
+	s.forgetPlannedRun(dag) // the record names its keys now, for gc too
+	return nil
+}
+
+// lastWritten is when a file under dir was last written, zero when none
+// was.
+func lastWritten(dir string) time.Time {
+	var last time.Time
+	filepath.WalkDir(dir, func(_ string, d fs.DirEntry, err error) error {
+		if err == nil && !d.IsDir() {
+			if fi, err := d.Info(); err == nil && fi.ModTime().After(last) {
+				last = fi.ModTime()
+			}
+		}
+		return nil
+	})
+	return last
+}
+
+// parseHolderNote reads a lock's holder note ("pid 123 on host since
+// 2006-01-02T15:04:05Z").
+func parseHolderNote(note string) (pid int, since time.Time, ok bool) {
+	var host, at string
+	if _, err := fmt.Sscanf(strings.TrimSpace(note), "pid %d on %s since %s", &pid, &host, &at); err != nil {
+		return 0, time.Time{}, false
+	}
+	since, err := time.Parse(time.RFC3339, at)
+	return pid, since, err == nil
 }
 
 // lockHolder says who runs dag now (running), or, when nobody does, which
@@ -184,6 +297,11 @@ func (s *Store) lockHolder(dag *DAG) (running, unfinished string) {
 
 // recordRun keeps the run's record under runs/<dag-id>/, pruning old ones.
 func (s *Store) recordRun(dag *DAG, rec *RunRecord) error {
+	return s.writeRunRecord(dag, rec, os.Getpid())
+}
+
+// writeRunRecord keeps the record of a run by process pid.
+func (s *Store) writeRunRecord(dag *DAG, rec *RunRecord, pid int) error {
 	dir := filepath.Join(s.Root, "runs", dagID(dag))
 	if err := os.MkdirAll(dir, 0o755); err != nil {
 		return err
@@ -192,7 +310,7 @@ func (s *Store) recordRun(dag *DAG, rec *RunRecord) error {
 	if err != nil {
 		return err
 	}
-	name := fmt.Sprintf("%020d-%d.json", rec.Started.UnixNano(), os.Getpid())
+	name := fmt.Sprintf("%020d-%d.json", rec.Started.UnixNano(), pid)
 	if err := atomicfile.WriteFile(filepath.Join(dir, name), data); err != nil {
 		return err
 	}
@@ -255,13 +373,8 @@ func (s *Store) recorded(dag *DAG, note string) bool {
 	if note == "" {
 		return true
 	}
-	var pid int
-	var host, since string
-	if _, err := fmt.Sscanf(note, "pid %d on %s since %s", &pid, &host, &since); err != nil {
-		return false
-	}
-	started, err := time.Parse(time.RFC3339, since)
-	if err != nil {
+	pid, started, ok := parseHolderNote(note)
+	if !ok {
 		return false
 	}
 	// The run that wrote the note is the newest recorded one if any: same

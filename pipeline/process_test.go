@@ -319,6 +319,30 @@ func TestStatusAfterKill(t *testing.T) {
 	if k := st.killedRunsKeys(); len(k) != 0 {
 		t.Errorf("a run that finished left its planned keys: %v", k)
 	}
+	// ... and records the killed run as the night it was: what it computed
+	// before the kill, and the rest not done.
+	runs := st.Runs(dag, 0)
+	if len(runs) != 3 || !runs[0].OK || runs[2] == nil || !runs[2].OK {
+		t.Fatalf("%d runs recorded, want the first, the killed one and the last", len(runs))
+	}
+	killed, computed := runs[1], 0
+	if killed.OK || !strings.Contains(killed.Error, "did not finish: it was killed") || killed.Finished.Before(killed.Started) ||
+		!killed.Started.After(runs[2].Finished) || !killed.Finished.Before(runs[0].Started) {
+		t.Errorf("the killed run's record: ok %v, %q, %v to %v", killed.OK, killed.Error, killed.Started, killed.Finished)
+	}
+	for _, s := range killed.Stages {
+		_, err := ReadManifest(st.EntryDir(s.Key))
+		switch {
+		case s.State == "computed" && err == nil:
+			computed++
+		case s.State == "canceled" && s.Error != "":
+		default:
+			t.Errorf("killed run's stage %s: %s (%v)", s.Name, s.State, err)
+		}
+	}
+	if computed == 0 || len(killed.Stages) != 5 {
+		t.Errorf("the killed run computed %d of %d stages, want the entry it committed", computed, len(killed.Stages))
+	}
 	// A failed run is recorded, not unfinished.
 	e.write("data.txt", "x")
 	os.WriteFile(spec, []byte("name: slow\nstages:\n  src: {kind: gen, with: {rows: 3, file: data.txt}}\n  f: {kind: fail, needs: [src]}\n"), 0o644)

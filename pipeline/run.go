@@ -155,7 +155,7 @@ func (e *Engine) Run(ctx context.Context, dag *DAG, opts Options) (*RunRecord, e
 	// one that found an entry it needs busy (NoWait), as one that finds
 	// the DAG's lock held is not.
 	if IsBusy(err) && noted {
-		e.Store.forgetPlannedKeys(dag)
+		e.Store.forgetPlannedRun(dag)
 	}
 	if len(rec.Stages) > 0 && e.Collective == "" && recordable(err) && !IsBusy(err) {
 		if recErr := e.Store.recordRun(dag, rec); recErr != nil {
@@ -166,7 +166,7 @@ func (e *Engine) Run(ctx context.Context, dag *DAG, opts Options) (*RunRecord, e
 			}
 			unrecorded = true
 		} else if noted {
-			e.Store.forgetPlannedKeys(dag)
+			e.Store.forgetPlannedRun(dag)
 		}
 	}
 	if saveErr := e.Store.stats.Save(); saveErr != nil && err == nil {
@@ -272,10 +272,6 @@ func (e *Engine) run(ctx context.Context, dag *DAG, opts Options, rec *RunRecord
 		}
 		return err
 	}
-	if e.Collective == "" {
-		e.Store.notePlannedKeys(dag, plan)
-		*noted = true
-	}
 	for _, st := range plan.Steps {
 		for _, r := range st.Refs {
 			if r.Note != "" && st.Selected {
@@ -292,6 +288,10 @@ func (e *Engine) run(ctx context.Context, dag *DAG, opts Options, rec *RunRecord
 	}
 	for i, st := range plan.Steps {
 		x.records[st] = &rec.Stages[i]
+	}
+	if e.Collective == "" {
+		e.Store.notePlannedRun(dag, plan, rec)
+		*noted = true
 	}
 	return x.execute(ctx)
 }

@@ -157,7 +157,7 @@ func (s *Store) forgetPlannedRun(dag *DAG) {
 
 // plannedRun reads the run notePlannedRun noted for the lock at base, nil
 // when there is none. An older version noted the keys alone, a line each:
-// they come back as stages with a key and nothing else.
+// they come back as selected stages with a key and nothing else.
 func plannedRun(base string) *RunRecord {
 	data, err := os.ReadFile(base + ".keys")
 	if err != nil {
@@ -167,7 +167,7 @@ func plannedRun(base string) *RunRecord {
 	if json.Unmarshal(data, rec) != nil {
 		rec = &RunRecord{}
 		for _, k := range strings.Fields(string(data)) {
-			rec.Stages = append(rec.Stages, StageRecord{Key: k})
+			rec.Stages = append(rec.Stages, StageRecord{Key: k, State: "canceled"})
 		}
 	}
 	return rec

@@ -2,6 +2,7 @@ package stages
 
 import (
 	"context"
+	"crypto/sha256"
 	"fmt"
 	"strings"
 
@@ -26,6 +27,10 @@ type chatKind struct{}
 
 type chatParams struct {
 	Template string `json:"template"`
+	// Dedupe drops each record that renders word for word as an earlier
+	// one did (Axolotl's dataset_exact_deduplication); without it they are
+	// counted and warned of.
+	Dedupe bool `json:"dedupe,omitempty"`
 }
 
 func (chatKind) Version() int       { return 1 }
@@ -40,10 +45,10 @@ func (p *chatParams) Validate() error {
 }
 
 func (chatKind) Prepare(params any, _ string) (pipeline.Runner, error) {
-	return chatStage{}, nil
+	return chatStage{dedupe: params.(*chatParams).Dedupe}, nil
 }
 
-type chatStage struct{}
+type chatStage struct{ dedupe bool }
 
 // ChatSchema is the table a chat_template stage writes: the rendered text
 // and, for each assistant turn, the byte span [start, end) of its content
@@ -63,9 +68,9 @@ const (
 
 func (chatStage) Files() []string { return nil }
 
-func (chatStage) Run(ctx context.Context, t *pipeline.Task) error {
+func (s chatStage) Run(ctx context.Context, t *pipeline.Task) error {
 	var row int64
-	var n renderCounts
+	n := renderCounts{seen: map[[sha256.Size]byte]int64{}, dropDuplicates: s.dedupe}
 	conversations := false
 	err := mapBatches(ctx, t, ChatSchema, func(rec arrow.RecordBatch) (arrow.RecordBatch, error) {
 		first := row
@@ -83,6 +88,7 @@ func (chatStage) Run(ctx context.Context, t *pipeline.Task) error {
 	t.SetStat("empty_answers", n.empty)
 	t.SetStat("empty_prompts", n.emptyPrompts)
 	t.SetStat("control_token_records", n.control)
+	t.SetStat("duplicate_records", n.duplicates)
 	in := t.Inputs[0].Name
 	where := func(row int64) string {
 		return fmt.Sprintf("the first is in row %d of stage %s (pipeline inspect SPEC %s --rows %d shows it last)", row+1, in, in, row+1)
@@ -103,10 +109,21 @@ func (chatStage) Run(ctx context.Context, t *pipeline.Task) error {
 			counted(n.control, "record holds", "records hold"), strings.Join(controlTokens, ", "), where(n.firstControl)),
 			"fix", "remove or rewrite such records")
 	}
+	if n.duplicates > 0 {
+		msg := fmt.Sprintf("%s word for word as an earlier one: row %d of stage %s repeats row %d",
+			counted(n.duplicates, "record renders", "records render"), n.firstDuplicate[0]+1, in, n.firstDuplicate[1]+1)
+		if s.dedupe {
+			t.Log.Info(msg+"; dedupe left them out", "records", row-n.duplicates)
+		} else {
+			t.Log.Warn(msg+": the model trains on each copy, as often as it repeats, and a copy held out for evaluation is one it trained on",
+				"fix", "with: {dedupe: true} in this stage drops them")
+		}
+	}
 	return err
 }
 
-// renderCounts are what a chat_template stage counts as it renders.
+// renderCounts are what a chat_template stage counts as it renders, and
+// the rendered texts it has seen, to find records that repeat.
 type renderCounts struct {
 	turns      int64 // assistant turns
 	empty      int64 // of which empty or white space
@@ -115,6 +132,27 @@ type renderCounts struct {
 	// tokens' text in a message, and the first of each.
 	emptyPrompts, firstEmptyPrompt int64
 	control, firstControl          int64
+
+	seen           map[[sha256.Size]byte]int64 // a text's digest: its first row
+	dropDuplicates bool
+	duplicates     int64
+	firstDuplicate [2]int64 // its row and the row it repeats
+}
+
+// repeated reports whether text, rendered from record row, is that of an
+// earlier record, and counts it.
+func (n *renderCounts) repeated(text string, row int64) bool {
+	sum := sha256.Sum256([]byte(text))
+	first, ok := n.seen[sum]
+	if !ok {
+		n.seen[sum] = row
+		return false
+	}
+	if n.duplicates == 0 {
+		n.firstDuplicate = [2]int64{row, first}
+	}
+	n.duplicates++
+	return true
 }
 
 // controlTokens are the Gemma 3 control tokens whose text a message may
@@ -203,11 +241,14 @@ func renderConversations(in *pipeline.Input, rec arrow.RecordBatch, firstRow int
 	defer c.b.Release()
 	for r := 0; r < int(rec.NumRows()); r++ {
 		msgs := col.Row(r)
-		n.check(msgs, firstRow+int64(r))
 		text, spans, err := chat.RenderGemma3(msgs)
 		if err != nil {
 			return nil, fmt.Errorf("row %d of stage %s: %w", firstRow+int64(r)+1, in.Name, err)
 		}
+		if n.repeated(text, firstRow+int64(r)) && n.dropDuplicates {
+			continue
+		}
+		n.check(msgs, firstRow+int64(r))
 		c.add(text, spans, firstRow+int64(r), n)
 	}
 	return c.b.NewRecordBatch(), nil
@@ -244,11 +285,14 @@ func renderBatch(in *pipeline.Input, rec arrow.RecordBatch, firstRow int64, n *r
 			sys = system.Value(i)
 		}
 		msgs := chat.Alpaca(inst.Value(i), input.Value(i), output.Value(i), sys)
-		n.check(msgs, firstRow+int64(i))
 		rendered, spans, err := chat.RenderGemma3(msgs)
 		if err != nil {
 			return nil, fmt.Errorf("row %d of stage %s: %w", firstRow+int64(i)+1, in.Name, err)
 		}
+		if n.repeated(rendered, firstRow+int64(i)) && n.dropDuplicates {
+			continue
+		}
+		n.check(msgs, firstRow+int64(i))
 		c.add(rendered, spans, firstRow+int64(i), n)
 	}
 	return c.b.NewRecordBatch(), nil

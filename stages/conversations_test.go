@@ -357,6 +357,64 @@ stages:
 	}
 }
 
+// TestDuplicateRecords: records that render word for word as an earlier
+// one are counted and warned of, naming the first and what it repeats;
+// with dedupe they are left out, in conversations as in Alpaca records.
+// Records that differ in a field the template renders apart (the input)
+// are not duplicates.
+func TestDuplicateRecords(t *testing.T) {
+	r := newTestRun(t)
+	var logs bytes.Buffer
+	r.log = slog.New(slog.NewTextHandler(&logs, nil))
+	alpaca := filepath.Join(r.dir, "a.jsonl")
+	os.WriteFile(alpaca, []byte(`{"instruction": "Soru", "output": "Cevap"}
+{"instruction": "Soru", "input": "ek", "output": "Cevap"}
+{"instruction": "Soru", "output": "Cevap"}
+{"instruction": "Başka", "output": "Cevap"}
+{"instruction": "Soru", "input": "ek", "output": "Cevap"}
+`), 0o644)
+	convs := filepath.Join(r.dir, "c.jsonl")
+	os.WriteFile(convs, []byte(`{"conversations": [{"from": "human", "value": "a"}, {"from": "gpt", "value": "b"}]}
+{"conversations": [{"from": "human", "value": "a"}, {"from": "gpt", "value": "b"}]}
+`), 0o644)
+	spec := func(dedupe string) string {
+		return r.spec(fmt.Sprintf(`name: d
+stages:
+  a: {kind: jsonl, with: {paths: [%s]}}
+  achat: {kind: chat_template, needs: [a]%s}
+  c: {kind: jsonl, with: {paths: [%s], format: sharegpt}}
+  cchat: {kind: chat_template, needs: [c]%s}
+`, alpaca, dedupe, convs, dedupe))
+	}
+	rec, err := r.run(spec(""), pipeline.Options{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	a, c := stageStats(t, rec, "achat"), stageStats(t, rec, "cchat")
+	if a["duplicate_records"] != 2.0 || c["duplicate_records"] != 1.0 || stageRows(rec, "achat") != 5 {
+		t.Errorf("duplicates %v and %v in %d rows; want 2 and 1 in all 5", a["duplicate_records"], c["duplicate_records"], stageRows(rec, "achat"))
+	}
+	if want := "2 records render word for word as an earlier one: row 3 of stage a repeats row 1"; !strings.Contains(logs.String(), want) || !strings.Contains(logs.String(), "dedupe: true") {
+		t.Errorf("the log does not say %q:\n%s", want, logs.String())
+	}
+	rec, err = r.run(spec(", with: {dedupe: true}"), pipeline.Options{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if stageRows(rec, "achat") != 3 || stageRows(rec, "cchat") != 1 || stageStats(t, rec, "achat")["duplicate_records"] != 2.0 {
+		t.Errorf("dedupe kept %d and %d rows; want 3 and 1", stageRows(rec, "achat"), stageRows(rec, "cchat"))
+	}
+}
+
+func stageRows(rec *pipeline.RunRecord, name string) int64 {
+	for _, s := range rec.Stages {
+		if s.Name == name {
+			return s.Rows
+		}
+	}
+	return -1
+}
+
 // TestOpenAIContentParts: contents given as lists of text parts render as
 // the template renders them from the file's own messages.
 func TestOpenAIContentParts(t *testing.T) {

@@ -310,6 +310,9 @@ type TokenizerConfig struct {
 func readTokenizerConfig(dir string) (TokenizerConfig, error) {
 	path := filepath.Join(dir, "tokenizer_config.json")
 	b, err := os.ReadFile(path)
+	if errors.Is(err, fs.ErrNotExist) {
+		return TokenizerConfig{}, fmt.Errorf("%s has no tokenizer_config.json, whose special tokens and chat template a GGUF carries: copy the base model's there", dir)
+	}
 	if err != nil {
 		return TokenizerConfig{}, fmt.Errorf("the tokenizer's config: %w", err)
 	}

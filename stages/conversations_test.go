@@ -536,8 +536,10 @@ func TestTextStage(t *testing.T) {
 	testenv.NeedTool(t, "node")
 	tok := testenv.GemmaFile(t, "tokenizer.json")
 	r := newTestRun(t)
+	var logs bytes.Buffer
+	r.log = slog.New(slog.NewTextHandler(&logs, nil))
 	jsonl := filepath.Join(r.dir, "texts.jsonl")
-	os.WriteFile(jsonl, []byte(`{"body": "Kısa bir metin."}
+	os.WriteFile(jsonl, []byte(`{"body": "Kısa bir metin.", "system": "Kısa yanıt ver."}
 {"body": ""}
 {"body": "  Boşluklarla başlayan\nve biten bir metin.  "}
 `), 0o644)
@@ -587,6 +589,9 @@ stages:
 				t.Errorf("%s: text %d: not one <bos>", stage, i)
 			}
 		}
+	}
+	if strings.Contains(logs.String(), "system text") { // the text source reads body alone
+		t.Errorf("a text source warned of the file's other columns:\n%s", logs.String())
 	}
 	check("tokens", all, false)
 	check("eos", []string{"Kısa bir metin.", "  Boşluklarla başlayan\nve biten bir metin.  "}, true)

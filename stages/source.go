@@ -363,8 +363,9 @@ func (s *sourceStage) Run(ctx context.Context, t *pipeline.Task) error {
 		t.SetStat("unread_weights", n)
 	}
 	// Known once every record is read: JSON lines may carry a system
-	// text in later records only.
-	if unread := src.UnreadSystem(); len(unread) > 0 {
+	// text in later records only. A text source reads its one column and
+	// makes no conversations: the file's other columns are not its.
+	if unread := src.UnreadSystem(); len(unread) > 0 && s.opts.Layout != dataset.LayoutText {
 		fix := "system_column: system reads each record's own"
 		if s.opts.SystemText != "" {
 			fix += " (in place of system:)"

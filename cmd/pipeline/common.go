@@ -28,7 +28,7 @@ var (
 
 func init() {
 	pf := root.PersistentFlags()
-	pf.StringVar(&cacheFlag, "cache", "", "cache folder (default: $"+pipeline.CacheEnv+", else the spec's cache:, else ~/.cache/pipeline)")
+	pf.StringVar(&cacheFlag, "cache", "", "cache folder (default: $"+pipeline.CacheEnv+", else the spec's cache:, else $XDG_CACHE_HOME/pipeline, else ~/.cache/pipeline)")
 	pf.StringVar(&logLevel, "log-level", "info", "log level: debug, info, warn or error")
 	pf.StringVar(&logFormat, "log-format", "text", "log format: text or json")
 }

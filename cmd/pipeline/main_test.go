@@ -1123,6 +1123,22 @@ func TestGGUFCommand(t *testing.T) {
 	// --adapter: the PEFT adapter as a GGUF LoRA file, f32 unless the name
 	// or --type says f16 or bf16; other types refused.
 	saveAdapter(t, model, filepath.Join(dir, "ad"), model)
+
+	// A merge whose --tokenizer holds tokenizer.json alone says what the
+	// folder lacks; gguf, refusing it, says what to copy there.
+	bare, tok := filepath.Join(dir, "bare"), filepath.Join(dir, "tok")
+	os.MkdirAll(tok, 0o755)
+	os.Rename(filepath.Join(model, "tokenizer_config.json"), filepath.Join(dir, "tokenizer_config.json"))
+	os.Rename(filepath.Join(model, "tokenizer.json"), filepath.Join(tok, "tokenizer.json"))
+	r := runCLI(t, dir, "merge", "--model", "m", "--adapter", "ad", "--tokenizer", "tok", "--out", "bare")
+	os.Rename(filepath.Join(dir, "tokenizer_config.json"), filepath.Join(model, "tokenizer_config.json"))
+	os.Rename(filepath.Join(tok, "tokenizer.json"), filepath.Join(model, "tokenizer.json"))
+	if r.code != 0 || !strings.Contains(r.stderr, "bare has no tokenizer_config.json") {
+		t.Errorf("merge with a tokenizer folder of tokenizer.json alone: exit %d\n%s", r.code, r.stderr)
+	}
+	if r := runCLI(t, dir, "gguf", "--model", bare, "--out", "bare.gguf"); r.code == 0 || !strings.Contains(r.stderr, "has no tokenizer_config.json, whose special tokens and chat template a GGUF carries") {
+		t.Errorf("gguf of a folder without tokenizer_config.json: exit %d\n%s", r.code, r.stderr)
+	}
 	for out, typ := range map[string]gguf.FileType{"tr-lora.gguf": gguf.AllF32, "tr-lora.F16.gguf": gguf.MostlyF16} {
 		if r := runCLI(t, dir, "gguf", "--model", "m", "--adapter", "ad", "--out", out); r.code != 0 || !strings.Contains(r.stderr, "--lora "+out) {
 			t.Fatalf("gguf --adapter: exit %d\n%s", r.code, r.stderr)

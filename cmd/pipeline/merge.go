@@ -4,6 +4,7 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"os"
 	"path/filepath"
 	"strings"
 	"time"
@@ -79,6 +80,10 @@ model card (README.md) and the Gemma NOTICE.`,
 				return failErr(err)
 			}
 			notice(slog.LevelInfo, "wrote "+out)
+			if _, err := os.Stat(filepath.Join(out, "tokenizer_config.json")); err != nil {
+				// What --tokenizer named held tokenizer.json alone.
+				notice(slog.LevelWarn, fmt.Sprintf("pipeline: warning: %s has no tokenizer_config.json (special tokens and the chat template), which apply_chat_template and pipeline gguf need: copy the base model's into it", out))
+			}
 			return nil
 		},
 	}

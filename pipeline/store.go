@@ -125,6 +125,19 @@ func LookAtStore(root string) (st *Store, exists bool, err error) {
 // Close saves what the store learned about file digests.
 func (s *Store) Close() error { return s.stats.Save() }
 
+// FileDigest is the SHA-256 digest of the file at path, through the
+// store's record of file states (see Task.FileDigest): a checkpoint
+// unchanged since it was last hashed is not read again. Close keeps what
+// it learned.
+func (s *Store) FileDigest(path string) (string, error) {
+	abs, err := filepath.Abs(path)
+	if err != nil {
+		return "", err
+	}
+	sum, _, err := s.stats.Digest(abs)
+	return sum, err
+}
+
 // scratchDir is the resumable-state folder of key's stage.
 func (s *Store) scratchDir(key string) string {
 	return filepath.Join(s.Root, "scratch", key)

@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"io/fs"
 	"maps"
 	"os"
 	"path/filepath"
@@ -279,10 +280,11 @@ func adapterTokenizer(ctx context.Context, t *pipeline.Task, prov provenance, ba
 // CheckCachedAdapter reads what the cache knows of an adapter given as a
 // qlora stage's entry's adapter/ folder (nothing is known of other
 // folders), for chat, which takes folders: whether it trained on an NF4
-// base, and whether the model is a cache entry it cannot go on: a model
-// stage's checkpoint it was not trained on, or a merge that holds this
-// very adapter already.
-func CheckCachedAdapter(modelDir, adapterDir string) (trainedNF4 bool, err error) {
+// base, and whether the model is one it cannot go on: a merge that holds
+// this very adapter already, or, unless otherBase, a checkpoint other than
+// the one it was trained on (a model stage's entry, or any folder, whose
+// checkpoint files' digests differ from those training read).
+func CheckCachedAdapter(modelDir, adapterDir string, otherBase bool) (trainedNF4 bool, err error) {
 	modelDir, adapterDir = filepath.Clean(modelDir), filepath.Clean(adapterDir) // "adapter/" as a shell completes it
 	am, err := pipeline.ReadManifest(filepath.Dir(adapterDir))                  // the entry's adapter/
 	if err != nil || am.Kind != "qlora" {
@@ -293,7 +295,10 @@ func CheckCachedAdapter(modelDir, adapterDir string) (trainedNF4 bool, err error
 	mm, err := pipeline.ReadManifest(modelDir)
 	if err != nil {
 		if mm, err = pipeline.ReadManifest(filepath.Dir(modelDir)); err != nil || mm.Kind != mergeKindName {
-			return trainedNF4, nil
+			if otherBase {
+				return trainedNF4, nil
+			}
+			return trainedNF4, checkTrainedBase(modelDir, adapterDir, am)
 		}
 	}
 	has := func(ins []pipeline.InputRef, key string) bool {
@@ -302,10 +307,58 @@ func CheckCachedAdapter(modelDir, adapterDir string) (trainedNF4 bool, err error
 	switch {
 	case mm.Kind == mergeKindName && has(mm.Inputs, am.Key):
 		return false, fmt.Errorf("--model %s is stage %s's merge of this adapter: its weights hold the adapter already; chat with --model alone", modelDir, mm.Stage)
-	case mm.Kind == modelKindName && !has(am.Inputs, mm.Key) && !sameCheckpoint(am.Files, mm.Outputs):
-		return false, fmt.Errorf("--adapter %s was trained on another checkpoint than model stage %s's entry %s: an adapter for another base", adapterDir, mm.Stage, modelDir)
+	case mm.Kind == modelKindName && !has(am.Inputs, mm.Key) && !sameCheckpoint(am.Files, mm.Outputs) && !otherBase:
+		return false, fmt.Errorf("--adapter %s was trained on another checkpoint than model stage %s's entry %s: an adapter for another base (--other-base applies it all the same)", adapterDir, mm.Stage, modelDir)
 	}
 	return trainedNF4, nil
+}
+
+// checkTrainedBase checks that the checkpoint in modelDir, a folder outside
+// the cache, is the one the adapter of qlora entry am (in adapterDir) was
+// trained on, by the digests of its checkpoint files: those of the folder
+// training read, or of the model stage it trained on. A base training read
+// from the Hub, or one the cache no longer describes, is not checked. The
+// digests go through the adapter's cache's record of file states, so a
+// large checkpoint is read once.
+func checkTrainedBase(modelDir, adapterDir string, am *pipeline.Manifest) error {
+	store, err := pipeline.OpenExistingStore(filepath.Dir(filepath.Dir(filepath.Dir(filepath.Dir(filepath.Clean(adapterDir)))))) // CACHE/entries/ab/KEY/adapter
+	if err != nil {
+		return nil // not in a cache after all: nothing is known
+	}
+	defer store.Close()
+	trained := map[string]string{}
+	from := ""
+	for _, f := range am.Files {
+		if name := filepath.Base(f.Path); trainer.IsCheckpointFile(name) {
+			trained[name], from = f.SHA256, filepath.Dir(f.Path)
+		}
+	}
+	if len(trained) == 0 {
+		for _, in := range am.Inputs {
+			mm, err := pipeline.ReadManifest(store.EntryDir(in.Key))
+			if err != nil || mm.Kind != modelKindName {
+				continue
+			}
+			for _, f := range mm.Outputs {
+				if trainer.IsCheckpointFile(filepath.Base(f.Path)) {
+					trained[filepath.Base(f.Path)] = f.SHA256
+				}
+			}
+			from = "model stage " + mm.Stage + "'s checkpoint"
+		}
+	}
+	for _, name := range slices.Sorted(maps.Keys(trained)) {
+		sum, err := store.FileDigest(filepath.Join(modelDir, name))
+		if errors.Is(err, fs.ErrNotExist) {
+			sum = "" // a checkpoint without that file: another one
+		} else if err != nil {
+			return err
+		}
+		if sum != trained[name] {
+			return fmt.Errorf("--adapter %s was trained on %s, and --model %s is another checkpoint (its %s differs): an adapter for another base; --other-base applies it all the same", adapterDir, from, modelDir, name)
+		}
+	}
+	return nil
 }
 
 // sameCheckpoint says whether the checkpoint files training read are, by

@@ -30,6 +30,7 @@ const defaultMaxNewTokens = 1024
 
 func init() {
 	var modelDir, adapterDir, quantize, system, prompt, tokPath, backend string
+	var otherBase bool
 	var maxNew, topK int
 	var temperature, topP float64
 	var seed uint64
@@ -197,7 +198,7 @@ in float32 (--backend cpu).`,
 				defer stop()
 			}
 			if adapterDir != "" {
-				nf4, err := stages.CheckCachedAdapter(modelDir, adapterDir)
+				nf4, err := stages.CheckCachedAdapter(modelDir, adapterDir, otherBase)
 				if err != nil {
 					return usageErr(fmt.Errorf("chat: %w", err))
 				}
@@ -243,6 +244,7 @@ in float32 (--backend cpu).`,
 	f := cmd.Flags()
 	f.StringVar(&modelDir, "model", "", "Gemma 3 checkpoint folder (config.json, safetensors), or hf://ORG/NAME[@REV]")
 	f.StringVar(&adapterDir, "adapter", "", "PEFT LoRA adapter folder for --model, or hf://ORG/NAME[@REV]")
+	f.BoolVar(&otherBase, "other-base", false, "apply an adapter of the cache to --model even where that is not the checkpoint it was trained on")
 	f.StringVar(&quantize, "quantize", "", "nf4: the base's projections through NF4 and back, as QLoRA trained; none: the checkpoint's weights (default: nf4 for a qlora entry's adapter that trained on NF4, else none)")
 	f.StringVar(&backend, "backend", "auto", "auto (the GPU when one is usable), cuda (the GPU, bf16) or cpu (float32)")
 	f.StringVar(&system, "system", "", "system text before the first turn")

@@ -342,6 +342,27 @@ stages:
 	if r := chatWith(filepath.Join(entryOf(t, root, "merged"), "model")); r.code != 2 || !strings.Contains(r.stderr, "its weights hold the adapter already") {
 		t.Errorf("on its own merge: exit %d\n%s", r.code, r.stderr)
 	}
+	// Copies of the checkpoints outside the cache: known by their digests
+	// too, unless --other-base asks for the base given.
+	for _, stage := range []string{"base", "other"} {
+		copyCheckpoint(t, entryOf(t, root, stage), filepath.Join(dir, stage+"-copy"))
+	}
+	for _, c := range []struct {
+		model, adapter string
+		extra          []string
+		ok             bool
+	}{
+		{"base-copy", adapter, nil, true},
+		{"other-copy", adapter, nil, false},
+		{"other-copy", adapter, []string{"--other-base"}, true},
+		{"ckpt", onFolder, nil, true},
+		{"other-copy", onFolder, nil, false},
+	} {
+		r := runCLI(t, dir, append([]string{"chat", "--model", c.model, "--adapter", c.adapter, "--tokenizer", tok, "--backend", "cpu", "--prompt", "Merhaba", "--max-new-tokens", "2"}, c.extra...)...)
+		if c.ok != (r.code == 0) || !c.ok && (r.code != 2 || !strings.Contains(r.stderr, "is another checkpoint (its model.safetensors differs): an adapter for another base; --other-base")) {
+			t.Errorf("%s's adapter on %s %v: exit %d\n%s", filepath.Base(filepath.Dir(c.adapter)), c.model, c.extra, r.code, r.stderr)
+		}
+	}
 	// The adapter exports as its PEFT folder, file for file; not as GGUF.
 	out := filepath.Join(dir, "tr-adapter")
 	if r := runCLI(t, dir, "export", spec, "adapter", "--out", out); r.code != 0 {
@@ -563,5 +584,24 @@ func TestChatChecksFirst(t *testing.T) {
 	r = runCLI(t, dir, "chat", "--model", model, "--prompt", q)
 	if r.code != 1 || !strings.Contains(r.stderr, "the tokenizer's vocabulary has 262144 tokens, the model's 200000") {
 		t.Errorf("a model of a smaller vocabulary: exit %d, %s", r.code, r.stderr)
+	}
+}
+
+// copyCheckpoint copies the checkpoint files of a model stage's entry into
+// a new folder, as a user copies a model out of the cache.
+func copyCheckpoint(t *testing.T, entry, dst string) {
+	t.Helper()
+	names, _ := filepath.Glob(filepath.Join(entry, "*.json"))
+	weights, _ := filepath.Glob(filepath.Join(entry, "*.safetensors"))
+	os.MkdirAll(dst, 0o755)
+	for _, src := range append(names, weights...) {
+		if filepath.Base(src) == "manifest.json" {
+			continue
+		}
+		b, err := os.ReadFile(src)
+		if err != nil {
+			t.Fatal(err)
+		}
+		writeFile(t, filepath.Join(dst, filepath.Base(src)), string(b))
 	}
 }

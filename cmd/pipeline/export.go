@@ -18,6 +18,7 @@ import (
 	"gemmaft/dataset"
 	"gemmaft/gguf"
 	"gemmaft/internal/atomicfile"
+	"gemmaft/internal/spell"
 	"gemmaft/packer"
 	"gemmaft/pipeline"
 	"gemmaft/stages"
@@ -69,6 +70,15 @@ it was and no temporary file behind.`,
 			if out == "" {
 				return usageErr(errors.New("--out is required (a file, or - for standard output)"))
 			}
+			formats := []string{"jsonl", "parquet", "arrow", "mt-bench", "gguf", "hf"}
+			format = strings.ToLower(format) // MT-Bench, as FastChat writes it
+			if format != "" && !slices.Contains(formats, format) {
+				hint := ""
+				if near := spell.Closest(format, formats); near != "" {
+					hint = fmt.Sprintf(" (did you mean %s?)", near)
+				}
+				return usageErr(fmt.Errorf("--format %q: want jsonl, parquet, arrow, mt-bench, gguf or hf%s", format, hint))
+			}
 			named, gzipped := formatOfName(out)
 			notGzipped := func(format string) error {
 				return usageErr(fmt.Errorf("--out %s: only JSON lines are written gzipped (NAME.jsonl.gz), not %s", out, format))
@@ -88,9 +98,6 @@ it was and no temporary file behind.`,
 			}
 			if format == "" && typeGiven {
 				format = "gguf" // only a GGUF file has a type
-			}
-			if format != "" && !slices.Contains([]string{"jsonl", "parquet", "arrow", "mt-bench", "gguf", "hf"}, format) {
-				return usageErr(fmt.Errorf("--format %q: want jsonl, parquet, arrow, mt-bench, gguf or hf", format))
 			}
 			if heldOut && !slices.Contains([]string{"", "jsonl", "parquet", "arrow"}, format) {
 				return usageErr(fmt.Errorf("--heldout exports a pack stage's held-out rows as a table; --format %s is not one", format))

@@ -640,6 +640,13 @@ func TestExportForOtherTrainers(t *testing.T) {
 	if !bytes.Equal(unzipped, packed) {
 		t.Error("pack.jsonl.gz does not hold the JSON lines export")
 	}
+	// A misspelt format is named as such, whatever --out says.
+	if r := runCLI(t, dir, "export", spec, "pack", "--format", "jsnl", "--out", filepath.Join(dir, "x.jsonl")); r.code != 2 || !strings.Contains(r.stderr, `--format "jsnl": want jsonl, parquet, arrow, mt-bench, gguf or hf (did you mean jsonl?)`) {
+		t.Errorf("export --format jsnl: exit %d\n%s", r.code, r.stderr)
+	}
+	if r := runCLI(t, dir, "export", spec, "pack", "--format", "JSONL", "--out", filepath.Join(dir, "upper.jsonl")); r.code != 0 {
+		t.Errorf("export --format JSONL: exit %d\n%s", r.code, r.stderr)
+	}
 	for _, out := range []string{"pack.csv", "pack.parquet.gz", "pack.csv.gz"} {
 		if r := runCLI(t, dir, "export", spec, "pack", "--out", filepath.Join(dir, out)); r.code != 2 || !strings.Contains(r.stderr, out) {
 			t.Errorf("export --out %s: exit %d\n%s", out, r.code, r.stderr)

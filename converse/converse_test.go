@@ -289,6 +289,19 @@ func TestGenerationConfig(t *testing.T) {
 	if temp, _, _ := gc.Sampling(); temp != 0 || fmt.Sprint(gc.EOS) != "[1]" {
 		t.Errorf("greedy file: temperature %v eos %v", temp, gc.EOS)
 	}
+	// A caller's temperature samples with transformers' filters where the
+	// file gives none (top_k 50), and with the file's where it does.
+	if k, p := gc.Filters(); k != 50 || p != 1 {
+		t.Errorf("greedy file's filters: %v %v, want 50 1", k, p)
+	}
+	if k, p := (*GenerationConfig)(nil).Filters(); k != 50 || p != 1 {
+		t.Errorf("no config's filters: %v %v, want 50 1", k, p)
+	}
+	os.WriteFile(filepath.Join(dir, "generation_config.json"), []byte(`{"do_sample": false, "top_k": 40, "top_p": 0.9}`), 0o644)
+	gc, _ = ReadGenerationConfig(dir)
+	if k, p := gc.Filters(); k != 40 || p != 0.9 {
+		t.Errorf("greedy file with filters: %v %v, want 40 0.9", k, p)
+	}
 	// top_p 0 keeps the most likely token alone, as transformers' top-p
 	// filter keeps at least one token: top_k 1, not an uncut draw.
 	os.WriteFile(filepath.Join(dir, "generation_config.json"), []byte(`{"do_sample": true, "top_k": 64, "top_p": 0.0}`), 0o644)

@@ -63,9 +63,21 @@ func (gc *GenerationConfig) Sampling() (temperature float64, topK int, topP floa
 	if gc == nil || !gc.DoSample {
 		return 0, 0, 1
 	}
-	temperature, topK, topP = 1, 50, 1
+	temperature = 1
 	if gc.Temperature != nil {
 		temperature = *gc.Temperature
+	}
+	topK, topP = gc.Filters()
+	return temperature, topK, topP
+}
+
+// Filters are the top_k and top_p that sampling takes from gc, whether or
+// not gc samples itself (a caller's temperature may ask for sampling), with
+// transformers' defaults (50, 1) for what gc leaves out.
+func (gc *GenerationConfig) Filters() (topK int, topP float64) {
+	topK, topP = 50, 1
+	if gc == nil {
+		return topK, topP
 	}
 	if gc.TopK != nil {
 		topK = *gc.TopK
@@ -73,7 +85,7 @@ func (gc *GenerationConfig) Sampling() (temperature float64, topK int, topP floa
 	if gc.TopP != nil {
 		topP = *gc.TopP
 	}
-	return temperature, topK, topP
+	return topK, topP
 }
 
 // TopPZero gives top_p 0 the meaning transformers gives it, the most

@@ -60,7 +60,8 @@ then from the smallest set whose probability reaches --top-p, with --seed
 (a new one each run unless given).
 Where a flag is not given, the model folder's generation_config.json decides
 (Gemma 3 ships do_sample with top_k 64 and top_p 0.95 at temperature 1), and
-without one decoding is greedy.
+without one decoding is greedy; where --temperature samples and the file does
+not, top_k and top_p are the file's, else transformers' 50 and 1.
 
 --quantize nf4 passes the base's projections through NF4 and back first: the
 weights a QLoRA adapter was trained against. An adapter given as a qlora stage's
@@ -124,6 +125,11 @@ in float32 (--backend cpu).`,
 				opts.MaxNewTokens = gc.MaxNewTokens
 			}
 			if f.Changed("temperature") {
+				if opts.Temperature == 0 {
+					// Sampling the file does not: its filters, or
+					// transformers' defaults (top_k 50), not every token.
+					opts.TopK, opts.TopP = gc.Filters()
+				}
 				opts.Temperature = temperature
 			}
 			if f.Changed("top-k") {
@@ -252,7 +258,7 @@ in float32 (--backend cpu).`,
 	f.StringVar(&tokPath, "tokenizer", "", "tokenizer.json, or hf://ORG/NAME[@REV][/FILE] (default: the model folder's)")
 	f.IntVar(&maxNew, "max-new-tokens", 0, "most tokens in an answer (default: generation_config.json's max_new_tokens, else 1024)")
 	f.Float64Var(&temperature, "temperature", 0, "sampling temperature; 0 decodes greedily (default: generation_config.json's; greedy without one)")
-	f.IntVar(&topK, "top-k", 0, "sample from the k most likely tokens; 0 keeps all (default: generation_config.json's)")
+	f.IntVar(&topK, "top-k", 0, "sample from the k most likely tokens; 0 keeps all (default: generation_config.json's, else 50 as transformers)")
 	f.Float64Var(&topP, "top-p", 0, "then from the smallest set whose probability reaches p, in (0, 1]; 1 keeps all (default: generation_config.json's)")
 	f.Uint64Var(&seed, "seed", 0, "seed of the draws when sampling (default: a new one each run, shown on a terminal)")
 	root.AddCommand(cmd)

@@ -15,6 +15,7 @@ import (
 	"os"
 	"path/filepath"
 	"regexp"
+	"slices"
 	"strings"
 	"time"
 
@@ -386,7 +387,7 @@ func (s *generateStage) Run(ctx context.Context, t *pipeline.Task) error {
 			for _, i := range which {
 				o.Streams = append(o.Streams, uint64(lo+i)<<20|uint64(turn))
 			}
-			replies, err := gen.Reply(ctx, convs, o, nil)
+			replies, err := replyWithinContext(ctx, gen, convs, o)
 			var ce *converse.ContextError
 			if errors.As(err, &ce) {
 				return contextErr(batch[which[ce.Conversation]], turn, ce, false)
@@ -445,6 +446,36 @@ func (s *generateStage) Run(ctx context.Context, t *pipeline.Task) error {
 	return nil
 }
 
+// replyWithinContext answers convs as gen.Reply does, except that a turn
+// whose prompt, grown by the model's own earlier answers, leaves less room
+// than max_new_tokens is answered in the room left, as chat and
+// transformers' generate do, and so marked truncated (no stop ended it),
+// where Reply would refuse the batch. Each conversation keeps its stream,
+// so the answers are those of any batching.
+func replyWithinContext(ctx context.Context, gen *converse.Generator, convs []converse.Conversation, o trainer.GenerateOptions) ([]converse.Reply, error) {
+	replies, err := gen.Reply(ctx, convs, o, nil)
+	var ce *converse.ContextError
+	if !errors.As(err, &ce) || ce.PromptTokens >= ce.Context {
+		return replies, err
+	}
+	i := ce.Conversation
+	alone, rest := o, o
+	alone.MaxNewTokens = ce.Context - ce.PromptTokens
+	if len(o.Streams) == len(convs) {
+		alone.Streams = o.Streams[i : i+1]
+		rest.Streams = slices.Concat(o.Streams[:i], o.Streams[i+1:])
+	}
+	cut, err := gen.Reply(ctx, convs[i:i+1], alone, nil)
+	if err != nil {
+		return nil, err
+	}
+	others, err := replyWithinContext(ctx, gen, slices.Concat(convs[:i], convs[i+1:]), rest)
+	if err != nil {
+		return nil, err
+	}
+	return slices.Insert(others, i, cut[0]), nil
+}
+
 // contextErr says which turn does not fit and what would make it fit;
 // upFront says that the check came before any answer, with every earlier
 // answer taken as empty.
@@ -453,10 +484,14 @@ func contextErr(q prompt, turn int, ce *converse.ContextError, upFront bool) err
 	if upFront && turn > 0 {
 		note = " with every earlier answer empty"
 	}
-	if ce.PromptTokens >= ce.Context && (turn == 0 || upFront) {
+	switch {
+	case ce.PromptTokens >= ce.Context && (turn == 0 || upFront):
 		// No answer of the model's is in the prompt: max_new_tokens
 		// would not shorten it.
 		fix = "shorten the question"
+	case !upFront:
+		// The model's own earlier answers filled the context.
+		fix = "lower max_new_tokens, which the model's earlier answers in the prompt took, or shorten the questions"
 	}
 	return fmt.Errorf("question %v, turn %d%s: %w; %s", q.ID, turn+1, note, ce, fix)
 }

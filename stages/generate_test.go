@@ -433,8 +433,10 @@ stages:
 // TestGenerateBeyondTheContext: a question whose prompt and answer cannot
 // fit the model's context fails before anything is decoded, naming the
 // question, and so does a later turn that could not fit even after empty
-// earlier answers; one that outgrows it once the answers are in fails
-// naming the turn. None leaves an entry.
+// earlier answers; none leaves an entry. One that outgrows it once the
+// model's answers are in is answered in the room left, marked truncated,
+// as chat answers it, and the other questions of its batch as they are
+// answered alone.
 func TestGenerateBeyondTheContext(t *testing.T) {
 	r := newTestRun(t)
 	model := filepath.Join(r.dir, "short")
@@ -456,9 +458,6 @@ func TestGenerateBeyondTheContext(t *testing.T) {
 		// Even after an empty first answer it cannot fit: said up front.
 		"later turn, before any answer": {`{"question_id": 7, "turns": ["Kısa soru?", "` + long[:120] + `"]}
 `, "question 7, turn 2 with every earlier answer empty: the prompt is", "; shorten the question or lower max_new_tokens"},
-		// It fits after an empty answer, not after the model's own.
-		"later turn, after its answer": {`{"question_id": 8, "turns": ["Kısa soru?", "` + long[:50] + `"]}
-`, "question 8, turn 2: the prompt is", "; shorten the question or lower max_new_tokens"},
 	} {
 		t.Run(name, func(t *testing.T) {
 			q := filepath.Join(r.dir, "q.jsonl")
@@ -475,6 +474,29 @@ stages:
 			}
 			assertNoEntry(t, r, spec, "answers")
 		})
+	}
+	// Question 8's second turn fits after an empty answer, not after the
+	// model's own: its answer is cut where the context ends.
+	q := filepath.Join(r.dir, "q.jsonl")
+	answer := func(questions string) []answerRow {
+		os.WriteFile(q, []byte(questions), 0o644)
+		rec, err := r.run(r.spec(fmt.Sprintf(`name: short
+stages:
+  questions: {kind: mt_bench, with: {paths: [%s]}}
+  answers: {kind: generate, needs: [questions], with: {model: %s, max_new_tokens: 20}}
+`, q, model)), pipeline.Options{})
+		if err != nil {
+			t.Fatal(err)
+		}
+		return readAnswers(t, r, rec)
+	}
+	short := `{"question_id": 9, "turns": ["Merhaba", "Nasılsın?"]}` + "\n"
+	both := answer(`{"question_id": 8, "turns": ["Kısa soru?", "` + long[:50] + `"]}` + "\n" + short)
+	if len(both) != 2 || len(both[0].truncated) != 2 || !both[0].truncated[1] || both[0].tokens[1] >= 20 || both[0].tokens[1] == 0 {
+		t.Fatalf("question 8: %+v", both)
+	}
+	if alone := answer(short); fmt.Sprint(alone[0].answers) != fmt.Sprint(both[1].answers) {
+		t.Errorf("question 9 beside a cut one: %q; alone: %q", both[1].answers, alone[0].answers)
 	}
 }
 

@@ -113,7 +113,7 @@ in float32 (--backend cpu).`,
 			}
 			cfg, err := trainer.LoadConfig(modelDir)
 			if err != nil {
-				return failErr(fmt.Errorf("chat: --model: %w", err))
+				return usageErr(fmt.Errorf("chat: --model: %w", err))
 			}
 			gc, err := converse.ReadGenerationConfig(modelDir)
 			if err != nil {

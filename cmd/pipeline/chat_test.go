@@ -240,7 +240,7 @@ func TestChatCommand(t *testing.T) {
 		{[]string{"chat", "--model", model, "--adapter", filepath.Join(dir, "missing"), "--prompt", q}, 2, "--adapter " + filepath.Join(dir, "missing") + ": no such folder"},
 		{[]string{"chat", "--model", model, "--tokenizer", filepath.Join(dir, "missing.json"), "--prompt", q}, 2, "--tokenizer " + filepath.Join(dir, "missing.json") + ": no such file"},
 		{[]string{"chat", "--model", filepath.Join(model, "config.json"), "--prompt", q}, 2, "is a file, not a folder"},
-		{[]string{"chat", "--model", dir, "--prompt", q}, 1, dir + " holds no config.json: " + model + " does: the checkpoint is one folder down"},
+		{[]string{"chat", "--model", dir, "--prompt", q}, 2, dir + " holds no config.json: " + model + " does: the checkpoint is one folder down"},
 		{[]string{"chat", "--model", model, "--tokenizer", model, "--prompt", q}, 2, "is a folder, not a tokenizer.json file"},
 		{[]string{"chat", "--model", model, "Merhaba", "dünya"}, 2, `chat takes no arguments: to ask one question, --prompt "Merhaba dünya"`},
 	} {

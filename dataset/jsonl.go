@@ -151,7 +151,7 @@ func (jf *jsonlFile) records() (recordReader, error) {
 // where names the place of a record: "line 3", or "element 2" in an array.
 func (jf *jsonlFile) where(at int64) string {
 	if jf.array {
-		return fmt.Sprintf("element %d", at)
+		return fmt.Sprintf("element .[%d]", at) // as jq numbers them, from 0
 	}
 	return fmt.Sprintf("line %d", at)
 }
@@ -170,7 +170,7 @@ func (ar *arrayReader) close()    { ar.lr.close() }
 func (ar *arrayReader) next() ([]byte, error) {
 	if !ar.dec.More() {
 		if _, err := ar.dec.Token(); err != nil { // the closing ]
-			return nil, fmt.Errorf("dataset: %s: after element %d: %w", ar.lr.name, ar.index, err)
+			return nil, fmt.Errorf("dataset: %s: after element .[%d]: %w", ar.lr.name, ar.index, err)
 		}
 		if _, err := ar.dec.Token(); err != io.EOF {
 			return nil, fmt.Errorf("dataset: %s: data after the JSON array", ar.lr.name)
@@ -179,7 +179,7 @@ func (ar *arrayReader) next() ([]byte, error) {
 	}
 	ar.raw = ar.raw[:0]
 	if err := ar.dec.Decode(&ar.raw); err != nil {
-		return nil, fmt.Errorf("dataset: %s: element %d: invalid JSON: %w", ar.lr.name, ar.index+1, err)
+		return nil, fmt.Errorf("dataset: %s: element .[%d]: invalid JSON: %w", ar.lr.name, ar.index+1, err)
 	}
 	ar.index++
 	return ar.raw, nil

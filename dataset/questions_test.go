@@ -63,7 +63,7 @@ func TestReadQuestions(t *testing.T) {
 		t.Errorf("a JSON array: %v %v, want %v", got, err, qs[:2])
 	}
 	bad := writeText(t, dir, "bad.json", `[{"question_id": 1, "turns": ["a"]}, {"question_id": 1, "turns": ["b"]}]`)
-	if _, err := ReadQuestions([]string{bad}, 0, nil); err == nil || !strings.Contains(err.Error(), bad+": element 1: question_id 1 again (first at "+bad+": element 0)") {
+	if _, err := ReadQuestions([]string{bad}, 0, nil); err == nil || !strings.Contains(err.Error(), bad+": element .[1]: question_id 1 again (first at "+bad+": element .[0])") {
 		t.Errorf("a repeated id in an array: %v", err)
 	}
 
@@ -92,7 +92,7 @@ func TestReadQuestionsErrors(t *testing.T) {
 		"bad literal":   {`{"question_id": 1, "turns": [hello]}`, "(at byte 30 of the line)"},
 		"empty turns":   {`{"question_id": 1, "turns": []}`, "turns is empty"},
 		"empty turn":    {`{"question_id": 1, "turns": ["a", " "]}`, "turn 2 is empty"},
-		"not an object": {`[1, 2]`, "element 0: a number, not a JSON object"},
+		"not an object": {`[1, 2]`, "element .[0]: a number, not a JSON object"},
 		"a string line": {`"soru"`, "line 1: a string, not a JSON object"},
 		"duplicate id":  {"{\"question_id\": 3, \"turns\": [\"a\"]}\n{\"question_id\": 3, \"turns\": [\"b\"]}", "line 2: question_id 3 again (first at"},
 		"mixed ids":     {"{\"question_id\": 3, \"turns\": [\"a\"]}\n{\"question_id\": \"4\", \"turns\": [\"b\"]}", "question_id is a string, but at"},

@@ -860,16 +860,16 @@ func TestJSONArray(t *testing.T) {
 	if _, err := drain(s); err != nil {
 		t.Fatal(err)
 	}
-	if n := s.Nulls(); n.First["instruction"] != nulls+" element 1" {
-		t.Errorf("a null named %+v, want element 1", n)
+	if n := s.Nulls(); n.First["instruction"] != nulls+" element .[1]" {
+		t.Errorf("a null named %+v, want element .[1]", n)
 	}
 	s.Close()
 
 	for content, msg := range map[string]string{
-		`[{"instruction": "a", "input": "", "output": "b"}, 3]`:                                              "element 1: not a JSON object",
-		`[{"instruction": "a", "input": "", "output": "b"}, {"instruction": "a"}]`:                           `element 1: no field "output"`,
-		`[{"instruction": "a", "input": "", "output": "b"}, {"instruction": 1, "input": "", "output": "b"}]`: "element 1, column instruction: a number, not a string",
-		`[{"instruction": "a", "input": "", "output": "b"}, {"instruction": "a", `:                           "element 1: invalid JSON",
+		`[{"instruction": "a", "input": "", "output": "b"}, 3]`:                                              "element .[1]: not a JSON object",
+		`[{"instruction": "a", "input": "", "output": "b"}, {"instruction": "a"}]`:                           `element .[1]: no field "output"`,
+		`[{"instruction": "a", "input": "", "output": "b"}, {"instruction": 1, "input": "", "output": "b"}]`: "element .[1], column instruction: a number, not a string",
+		`[{"instruction": "a", "input": "", "output": "b"}, {"instruction": "a", `:                           "element .[1]: invalid JSON",
 		`[{"instruction": "a", "input": "", "output": "b"}] {"instruction": "x"}`:                            "data after the JSON array",
 		"{\n  \"instruction\": \"a\",\n  \"input\": \"\",\n  \"output\": \"b\"\n}\n":                         "line 1: invalid JSON: unexpected end of JSON input (a record over several lines?",
 	} {

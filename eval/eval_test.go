@@ -428,7 +428,7 @@ func TestReadQuestionsLayouts(t *testing.T) {
 	}
 	// A .json file may hold one array (as TurkishMMLU's files do).
 	arr := writeFile(t, dir, "c.json", ` [{"question": "Q?", "choices": ["a", "b", "c", "d", "e"], "answer": "E"}]`)
-	if qs, err = ReadQuestions([]string{arr}, nil); err != nil || len(qs) != 1 || qs[0].Answer != 4 || qs[0].Where != arr+" item 0" {
+	if qs, err = ReadQuestions([]string{arr}, nil); err != nil || len(qs) != 1 || qs[0].Answer != 4 || qs[0].Where != arr+" element .[0]" {
 		t.Errorf("JSON array: %+v, %v", qs, err)
 	}
 	pq := filepath.Join(dir, "b.parquet")

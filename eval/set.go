@@ -411,7 +411,7 @@ func readJSONArray(r io.Reader, path string) ([]row, error) {
 	}
 	rows := make([]row, len(vs))
 	for i, v := range vs {
-		rows[i] = row{where: fmt.Sprintf("%s item %d", path, i), values: v}
+		rows[i] = row{where: fmt.Sprintf("%s element .[%d]", path, i), values: v}
 	}
 	return rows, nil
 }

@@ -223,7 +223,7 @@ func (r row) question(col func(string) string, columns map[string]string) (Quest
 		}
 	}
 	if len(q.Choices) < 2 {
-		return q, fmt.Errorf("%d choice; a question needs at least 2", len(q.Choices))
+		return q, fmt.Errorf("%s; a question needs 2 or more", [...]string{"no choice", "one choice"}[len(q.Choices)])
 	}
 	if len(q.Choices) > MaxChoices {
 		return q, fmt.Errorf("%d choices; at most %d (A to Z)", len(q.Choices), MaxChoices)

@@ -211,6 +211,11 @@ func (generateKind) CheckInputs(params any, needs []pipeline.Need) error {
 		return twoBases(p.Model, byKind[modelKindName][0])
 	case !qlora && !merge && !model && p.Model == "":
 		return needsErr("no model", "add a qlora, merge or model stage to needs, or set `model:` to a checkpoint folder")
+	case model && !qlora && p.Tokenizer == "":
+		// No training to take the tokenizer from, and a model stage's
+		// random-init checkpoint ships none.
+		return &pipeline.ParamError{Param: "tokenizer", Msg: fmt.Sprintf("model stage %q writes no tokenizer, and no qlora stage in needs says which one training used", byKind[modelKindName][0]),
+			Fix: "set tokenizer: to the model's tokenizer.json (a file, or hf://ORG/NAME@REV/tokenizer.json)"}
 	}
 	if err := otherBaseGiven(needs, p.Model, p.OtherBase); err != nil {
 		return err

@@ -509,6 +509,7 @@ func TestGenerateParamErrors(t *testing.T) {
 		"  bad: {kind: generate, needs: [chat, base]}\n":                                                      `needs: "chat" is a chat_template stage, but a generate stage reads questions`,
 		"  bad: {kind: generate, needs: [questions, alpaca, base]}\n":                                         "needs: two sources of questions (questions, alpaca)",
 		"  bad: {kind: generate, needs: [questions]}\n":                                                       "needs: no model",
+		"  bad: {kind: generate, needs: [questions, base]}\n":                                                 `tokenizer: model stage "base" writes no tokenizer`,
 		"  bad: {kind: generate, needs: [questions, base], with: {model: m}}\n":                               "model: names m, and model stage \"base\" is in needs",
 		"  merged: {kind: merge, needs: [base]}\n  bad: {kind: generate, needs: [questions, merged, base]}\n": `merge stage "merged" holds a whole model`,
 	} {

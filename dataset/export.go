@@ -206,28 +206,7 @@ func ExportParquet(w io.Writer, r Records) (int64, error) {
 	if err != nil {
 		return 0, fmt.Errorf("dataset: writing Parquet: %w", err)
 	}
-	var rows int64
-	for {
-		rec, err := r.Next()
-		if err == io.EOF {
-			break
-		}
-		if err != nil {
-			fw.Close()
-			return rows, err
-		}
-		err = fw.Write(rec)
-		rows += rec.NumRows()
-		rec.Release()
-		if err != nil {
-			fw.Close()
-			return rows, fmt.Errorf("dataset: writing Parquet: %w", err)
-		}
-	}
-	if err := fw.Close(); err != nil {
-		return rows, fmt.Errorf("dataset: writing Parquet: %w", err)
-	}
-	return rows, nil
+	return writeBatches(fw, r, "Parquet")
 }
 
 // ExportIPC writes the rows of r to w as an Arrow IPC file. It returns the
@@ -237,6 +216,18 @@ func ExportIPC(w io.Writer, r Records) (int64, error) {
 	if err != nil {
 		return 0, fmt.Errorf("dataset: writing Arrow IPC: %w", err)
 	}
+	return writeBatches(fw, r, "Arrow IPC")
+}
+
+// batchWriter is a file writer of record batches: Parquet's or Arrow IPC's.
+type batchWriter interface {
+	Write(arrow.RecordBatch) error
+	Close() error
+}
+
+// writeBatches writes every batch of r with fw and closes it, returning
+// the rows written; format names the file's format in errors.
+func writeBatches(fw batchWriter, r Records, format string) (int64, error) {
 	var rows int64
 	for {
 		rec, err := r.Next()
@@ -252,11 +243,11 @@ func ExportIPC(w io.Writer, r Records) (int64, error) {
 		rec.Release()
 		if err != nil {
 			fw.Close()
-			return rows, fmt.Errorf("dataset: writing Arrow IPC: %w", err)
+			return rows, fmt.Errorf("dataset: writing %s: %w", format, err)
 		}
 	}
 	if err := fw.Close(); err != nil {
-		return rows, fmt.Errorf("dataset: writing Arrow IPC: %w", err)
+		return rows, fmt.Errorf("dataset: writing %s: %w", format, err)
 	}
 	return rows, nil
 }

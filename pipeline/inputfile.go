@@ -130,16 +130,15 @@ func (t *Task) CheckFiles(paths ...string) error {
 // checkpoint of tens of gigabytes unchanged since it was last hashed is
 // not read again.
 func (t *Task) FileDigest(path string) (string, error) {
-	abs, err := filepath.Abs(path)
-	if err != nil {
-		return "", err
-	}
 	if t.plan == nil {
+		abs, err := filepath.Abs(path)
+		if err != nil {
+			return "", err
+		}
 		sum, _, err := hashFile(abs)
 		return sum, err
 	}
-	sum, _, err := t.plan.store.stats.Digest(abs)
-	return sum, err
+	return t.plan.store.FileDigest(path)
 }
 
 // FilesWithDigest lists the input files of this run's plan, of any stage it

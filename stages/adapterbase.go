@@ -48,12 +48,7 @@ func adapterBase(ctx context.Context, t *pipeline.Task, adapter string, prov pro
 		}
 	}
 	if len(trained) == 0 && trainedHub == nil && prov.model != nil {
-		trainedStage = prov.model.Stage
-		for _, f := range prov.model.Outputs {
-			if trainer.IsCheckpointFile(f.Path) {
-				trained[f.Path] = f.SHA256
-			}
-		}
+		trainedStage, trained = prov.model.Stage, checkpointDigests(prov.model.Outputs)
 	}
 	var dir string
 	have := map[string]string{}
@@ -326,25 +321,17 @@ func checkTrainedBase(modelDir, adapterDir string, am *pipeline.Manifest) error 
 		return nil // not in a cache after all: nothing is known
 	}
 	defer store.Close()
-	trained := map[string]string{}
-	from := ""
+	trained, from := checkpointDigests(am.Files), ""
 	for _, f := range am.Files {
-		if name := filepath.Base(f.Path); trainer.IsCheckpointFile(name) {
-			trained[name], from = f.SHA256, filepath.Dir(f.Path)
+		if trainer.IsCheckpointFile(filepath.Base(f.Path)) {
+			from = filepath.Dir(f.Path)
 		}
 	}
 	if len(trained) == 0 {
 		for _, in := range am.Inputs {
-			mm, err := pipeline.ReadManifest(store.EntryDir(in.Key))
-			if err != nil || mm.Kind != modelKindName {
-				continue
+			if mm, err := pipeline.ReadManifest(store.EntryDir(in.Key)); err == nil && mm.Kind == modelKindName {
+				trained, from = checkpointDigests(mm.Outputs), "model stage "+mm.Stage+"'s checkpoint"
 			}
-			for _, f := range mm.Outputs {
-				if trainer.IsCheckpointFile(filepath.Base(f.Path)) {
-					trained[filepath.Base(f.Path)] = f.SHA256
-				}
-			}
-			from = "model stage " + mm.Stage + "'s checkpoint"
 		}
 	}
 	for _, name := range slices.Sorted(maps.Keys(trained)) {
@@ -364,20 +351,25 @@ func checkTrainedBase(modelDir, adapterDir string, am *pipeline.Manifest) error 
 // sameCheckpoint says whether the checkpoint files training read are, by
 // digest, those a model stage wrote: false when training read none.
 func sameCheckpoint(read, wrote []pipeline.FileRef) bool {
-	written := map[string]string{}
-	for _, f := range wrote {
-		written[filepath.Base(f.Path)] = f.SHA256
-	}
-	matched := false
-	for _, f := range read {
-		if name := filepath.Base(f.Path); trainer.IsCheckpointFile(name) {
-			if written[name] != f.SHA256 {
-				return false
-			}
-			matched = true
+	r, w := checkpointDigests(read), checkpointDigests(wrote)
+	for name, sum := range r {
+		if w[name] != sum {
+			return false
 		}
 	}
-	return matched
+	return len(r) > 0
+}
+
+// checkpointDigests maps the checkpoint files among files (by base name:
+// config.json, the safetensors and their index) to their digests.
+func checkpointDigests(files []pipeline.FileRef) map[string]string {
+	out := map[string]string{}
+	for _, f := range files {
+		if name := filepath.Base(f.Path); trainer.IsCheckpointFile(name) {
+			out[name] = f.SHA256
+		}
+	}
+	return out
 }
 
 // adapterInputs reads the inputs of a stage that takes one qlora stage's

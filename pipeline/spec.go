@@ -2,6 +2,8 @@ package pipeline
 
 import (
 	"bytes"
+	"encoding"
+	"encoding/json"
 	"errors"
 	"fmt"
 	"io/fs"
@@ -160,7 +162,10 @@ func Load(path string, kinds *Registry) (*DAG, error) {
 	l := &loader{file: path, kinds: kinds, src: src}
 	dag := l.load(src)
 	if len(l.errs) > 0 {
-		sort.SliceStable(l.errs, func(i, j int) bool { return l.errs[i].Line < l.errs[j].Line })
+		sort.SliceStable(l.errs, func(i, j int) bool {
+			a, b := l.errs[i], l.errs[j]
+			return a.Line < b.Line || a.Line == b.Line && a.Col < b.Col
+		})
 		return nil, l.errs
 	}
 	dag.Path, dag.File = abs, path
@@ -417,7 +422,8 @@ func (l *loader) stage(mv *ast.MappingValueNode, needNodes map[*Node][]ast.Node)
 	n.Params = kind.Params()
 	if !isNull(withNode) {
 		n.with = withNode
-		if !l.checkWholeNumbers(n, withNode) {
+		namesGood := l.checkParamNames(n, withNode)
+		if !l.checkWholeNumbers(n, withNode) || !namesGood {
 			return nil
 		}
 		if err := nodeToValue(withNode, n.Params, yaml.DisallowUnknownField()); err != nil {
@@ -454,34 +460,16 @@ func (l *loader) decodeError(n *Node, with ast.Node, err error) *SpecError {
 	var typeErr *yaml.TypeError
 	switch {
 	case errors.As(err, &unknown):
+		// checkParamNames reports these first; go-yaml's own error is the
+		// backstop for a name it finds elsewhere.
 		field := strings.TrimSuffix(strings.TrimPrefix(unknown.Message, `unknown field "`), `"`)
-		e.Msg = fmt.Sprintf("stage %q: unknown parameter %q for kind %s", n.Name, field, n.KindName)
-		if ps, ok := n.Kind.(ParamSynonyms); ok {
-			if ours, ok := ps.Synonyms()[field]; ok {
-				e.Fix = fmt.Sprintf("%s is called %s here; %s", field, ours, e.Fix)
-				return e
-			}
+		path := keyPathAt(with, e.Line, e.Col)
+		if path == "" {
+			path = field
 		}
-		if pn, ok := n.Kind.(ParamNotes); ok {
-			if note, ok := pn.ParamNotes()[field]; ok {
-				e.Fix = fmt.Sprintf("%s: %s; %s", field, note, e.Fix)
-				return e
-			}
-		}
-		// Inside a parameter's own mapping (multiple_choice: {…}), say
-		// that mapping's names.
-		if path := keyPathAt(with, e.Line, e.Col); strings.Contains(path, ".") {
-			parent := path[:strings.LastIndex(path, ".")]
-			if names := nestedParamNames(n.Params, parent); names != nil {
-				known = names
-				e.Msg = fmt.Sprintf("stage %q: unknown parameter %q", n.Name, path)
-				e.Fix = "parameters of " + parent + ": " + strings.Join(known, ", ")
-			}
-		}
-		if c := spell.Closest(field, known); c != "" {
-			e.Fix = fmt.Sprintf("did you mean %q? %s", c, e.Fix)
-		}
-		return e
+		u := l.unknownParam(n, path)
+		u.Line, u.Col, u.Err = e.Line, e.Col, err
+		return u
 	case errors.As(err, &typeErr):
 		param := "a parameter"
 		if p, _ := paramAt(with, e.Line, e.Col); p != "" {
@@ -509,6 +497,10 @@ func (l *loader) decodeError(n *Node, with ast.Node, err error) *SpecError {
 			e.Fix = fmt.Sprintf("write a list of values, %s: [a, b]", param[strings.LastIndex(param, ".")+1:])
 		}
 		return e
+	case strings.Contains(err.Error(), "overflow"):
+		e.Msg = fmt.Sprintf("stage %q: %s: %s is too large", n.Name, param, value)
+		e.Fix = "write a number that fits in 64 bits"
+		return e
 	case strings.Contains(err.Error(), "where mapping is expected"):
 		e.Msg = fmt.Sprintf("stage %q: %s must be a mapping", n.Name, param)
 		e.Fix = "write a mapping of names to values, {name: value, …}"
@@ -519,6 +511,106 @@ func (l *loader) decodeError(n *Node, with ast.Node, err error) *SpecError {
 		e.Line = n.Line
 	}
 	return e
+}
+
+// checkParamNames reports every name in with, and in the mappings of its
+// nested parameters (multiple_choice: {…}), that the kind has no parameter
+// for, in the order written: a spec carried over from another tool shows
+// all its foreign names at once, not one per try.
+func (l *loader) checkParamNames(n *Node, with ast.Node) bool {
+	good := true
+	walkParams(with, reflect.TypeOf(n.Params), "", func(path string, f *ast.MappingValueNode, _ *reflect.StructField) {
+		good = false
+		e := l.unknownParam(n, path)
+		if tk := f.Key.GetToken(); tk != nil {
+			e.Line, e.Col = tk.Position.Line, tk.Position.Column
+		}
+		l.errs = append(l.errs, e)
+	}, nil)
+	return good
+}
+
+// unknownParam is the error for a parameter path ("lora_r",
+// "multiple_choice.num_fewshot") that stage n's kind does not have: our
+// name where another tool's is used, else the nearest known name.
+func (l *loader) unknownParam(n *Node, path string) *SpecError {
+	field, parent := path, ""
+	if i := strings.LastIndex(path, "."); i >= 0 {
+		parent, field = path[:i], path[i+1:]
+	}
+	e := &SpecError{File: l.file, Line: n.Line}
+	known := paramNames(n.Params)
+	if parent == "" {
+		e.Msg = fmt.Sprintf("stage %q: unknown parameter %q for kind %s", n.Name, field, n.KindName)
+		e.Fix = "parameters of kind " + n.KindName + ": " + strings.Join(known, ", ")
+	} else {
+		known = nestedParamNames(n.Params, parent)
+		e.Msg = fmt.Sprintf("stage %q: unknown parameter %q", n.Name, path)
+		e.Fix = "parameters of " + parent + ": " + strings.Join(known, ", ")
+	}
+	if ps, ok := n.Kind.(ParamSynonyms); ok {
+		if ours, ok := ps.Synonyms()[path]; ok {
+			e.Fix = fmt.Sprintf("%s is called %s here", field, ours)
+			return e
+		}
+	}
+	if pn, ok := n.Kind.(ParamNotes); ok {
+		if note, ok := pn.ParamNotes()[path]; ok {
+			e.Fix = fmt.Sprintf("%s: %s", field, note)
+			return e
+		}
+	}
+	if c := spell.Closest(field, known); c != "" {
+		e.Fix = fmt.Sprintf("did you mean %q? %s", c, e.Fix)
+	}
+	return e
+}
+
+// walkParams calls unknown for each entry of the mapping with (and of the
+// mappings of its struct-typed parameters, recursively) that type t has no
+// field for, and known, when not nil, for the others, with the entry's
+// dotted path.
+func walkParams(with ast.Node, t reflect.Type, prefix string, unknown, known func(path string, f *ast.MappingValueNode, sf *reflect.StructField)) {
+	fields, ok := entries(with)
+	if !ok {
+		return
+	}
+	for _, f := range fields {
+		path := prefix + keyOf(f)
+		sf, ok := typeField(t, keyOf(f))
+		if !ok {
+			unknown(path, f, nil)
+			continue
+		}
+		if known != nil {
+			known(path, f, &sf)
+		}
+		if st := nestedStruct(sf.Type); st != nil {
+			walkParams(f.Value, st, path+".", unknown, known)
+		}
+	}
+}
+
+// nestedStruct is the struct type a parameter of type t holds as a mapping
+// of named fields (a struct, or a pointer to one, that decodes field by
+// field), or nil.
+func nestedStruct(t reflect.Type) reflect.Type {
+	for t.Kind() == reflect.Pointer {
+		t = t.Elem()
+	}
+	if t.Kind() != reflect.Struct {
+		return nil
+	}
+	p := reflect.PointerTo(t)
+	for _, custom := range []reflect.Type{
+		reflect.TypeFor[yaml.BytesUnmarshaler](), reflect.TypeFor[yaml.InterfaceUnmarshaler](),
+		reflect.TypeFor[encoding.TextUnmarshaler](), reflect.TypeFor[json.Unmarshaler](),
+	} {
+		if p.Implements(custom) {
+			return nil
+		}
+	}
+	return t
 }
 
 // paramAt names the parameter of with (multiple_choice.paths, for one
@@ -868,7 +960,12 @@ func (l *loader) checkInputKinds(n *Node, written int) {
 
 // paramField finds the field of a params struct that the spec calls name.
 func paramField(p any, name string) (reflect.StructField, bool) {
-	t := reflect.TypeOf(p)
+	return typeField(reflect.TypeOf(p), name)
+}
+
+// typeField is the field of struct type t (or of the struct t points to)
+// that a spec calls name.
+func typeField(t reflect.Type, name string) (reflect.StructField, bool) {
 	for t.Kind() == reflect.Pointer {
 		t = t.Elem()
 	}
@@ -909,19 +1006,16 @@ func isIntKind(k reflect.Kind) bool {
 // checkWholeNumbers refuses a fractional value for an integer parameter
 // (`seq_len: 100.7`), which decoding would silently truncate.
 func (l *loader) checkWholeNumbers(n *Node, with ast.Node) bool {
-	fields, ok := entries(with)
-	if !ok {
-		return true
-	}
 	good := true
 	check := func(param string, v ast.Node, unsigned bool) {
+		name := param[strings.LastIndex(param, ".")+1:] // as written in its mapping
 		var got string
 		switch t := v.(type) {
 		case *ast.FloatNode:
 			if t.Value == math.Trunc(t.Value) && math.Abs(t.Value) < 1<<53 {
 				if unsigned && t.Value < 0 {
 					good = false
-					l.errAt(v, fmt.Sprintf("write a whole number of 0 or more, e.g. %s: 0", param),
+					l.errAt(v, fmt.Sprintf("write a whole number of 0 or more, e.g. %s: 0", name),
 						"stage %q: %s must not be negative, got %s", n.Name, param, t.GetToken().Value)
 				}
 				return
@@ -933,7 +1027,7 @@ func (l *loader) checkWholeNumbers(n *Node, with ast.Node) bool {
 			// Decoding would fail with the YAML library's overflow text.
 			if tk := t.GetToken().Value; unsigned && strings.HasPrefix(tk, "-") && strings.Trim(tk[1:], "0_") != "" {
 				good = false
-				l.errAt(v, fmt.Sprintf("write a whole number of 0 or more, e.g. %s: 0", param),
+				l.errAt(v, fmt.Sprintf("write a whole number of 0 or more, e.g. %s: 0", name),
 					"stage %q: %s must not be negative, got %s", n.Name, param, tk)
 			}
 			return
@@ -941,7 +1035,7 @@ func (l *loader) checkWholeNumbers(n *Node, with ast.Node) bool {
 			return
 		}
 		good = false
-		fix := fmt.Sprintf("write a whole number, e.g. %s: %.0f", param, wholeHint(v))
+		fix := fmt.Sprintf("write a whole number, e.g. %s: %.0f", name, wholeHint(v))
 		if f, ok := v.(*ast.FloatNode); ok && f.Value > 0 && f.Value < 1 && strings.HasSuffix(param, "_steps") {
 			// warmup_steps: 0.03 is transformers' warmup_ratio.
 			if ratio := strings.TrimSuffix(param, "_steps") + "_ratio"; hasParam(n.Params, ratio) {
@@ -950,23 +1044,20 @@ func (l *loader) checkWholeNumbers(n *Node, with ast.Node) bool {
 		}
 		l.errAt(v, fix, "stage %q: %s must be a whole number, got %s", n.Name, param, got)
 	}
-	for _, f := range fields {
-		sf, ok := paramField(n.Params, keyOf(f))
-		if !ok {
-			continue
-		}
-		t := sf.Type
-		switch {
-		case isIntKind(t.Kind()):
-			check(keyOf(f), f.Value, isUintKind(t.Kind()))
-		case (t.Kind() == reflect.Slice || t.Kind() == reflect.Array) && isIntKind(t.Elem().Kind()):
-			if seq, ok := f.Value.(*ast.SequenceNode); ok {
-				for _, v := range seq.Values {
-					check(keyOf(f), v, isUintKind(t.Elem().Kind()))
+	walkParams(with, reflect.TypeOf(n.Params), "", func(string, *ast.MappingValueNode, *reflect.StructField) {},
+		func(path string, f *ast.MappingValueNode, sf *reflect.StructField) {
+			t := sf.Type
+			switch {
+			case isIntKind(t.Kind()):
+				check(path, f.Value, isUintKind(t.Kind()))
+			case (t.Kind() == reflect.Slice || t.Kind() == reflect.Array) && isIntKind(t.Elem().Kind()):
+				if seq, ok := f.Value.(*ast.SequenceNode); ok {
+					for _, v := range seq.Values {
+						check(path, v, isUintKind(t.Elem().Kind()))
+					}
 				}
 			}
-		}
-	}
+		})
 	return good
 }
 

@@ -33,6 +33,11 @@ type chatParams struct {
 	Dedupe bool `json:"dedupe,omitempty"`
 }
 
+// Synonyms are Axolotl's names for the stage's switches.
+func (chatKind) Synonyms() map[string]string {
+	return map[string]string{"dataset_exact_deduplication": "dedupe", "chat_template": "template"}
+}
+
 func (chatKind) Version() int       { return 1 }
 func (chatKind) Inputs() (int, int) { return 1, 1 }
 func (chatKind) Params() any        { return &chatParams{Template: "gemma3"} }

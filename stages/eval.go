@@ -97,6 +97,25 @@ type mcParams struct {
 	Prompt string `json:"prompt"`
 }
 
+// Synonyms and ParamNotes map lm-evaluation-harness's names for the
+// multiple-choice settings.
+func (evalKind) Synonyms() map[string]string {
+	return map[string]string{
+		"multiple_choice.num_fewshot": "shots", "multiple_choice.n_shot": "shots",
+		"multiple_choice.dev_split": "dev", "multiple_choice.doc_to_choice": "columns",
+	}
+}
+
+func (evalKind) ParamNotes() map[string]string {
+	inMC := func(p string) string { return "it is a setting of the question set: multiple_choice: {" + p + ": N}" }
+	return map[string]string{
+		"num_fewshot": inMC("shots"),
+		"shots":       inMC("shots"),
+		"limit":       inMC("limit"),
+		"batch_size":  "batch_tokens is about how many tokens one forward pass takes (the scores do not depend on it)",
+	}
+}
+
 func (evalKind) Version() int       { return 4 } // 2: scores as TensorBoard events in tb/; 3: a gap among the A, B, … columns is an error, no longer the end of the choices; 4: a question is never its own shot; questions without a subject beside ones with have their own row
 func (evalKind) Inputs() (int, int) { return 1, -1 }
 func (evalKind) Params() any        { return &evalParams{BatchTokens: 4096} }
@@ -119,7 +138,11 @@ func (p *evalParams) Validate() error {
 		switch task {
 		case taskLoss, taskMultipleChoice:
 		default:
-			return bad("tasks", fmt.Sprintf("unknown task %q", task), "use loss and/or multiple_choice")
+			fix := "use loss and/or multiple_choice"
+			if strings.Contains(strings.ToLower(task), "mmlu") {
+				fix = "an MMLU-style set is the multiple_choice task: tasks: [multiple_choice] with multiple_choice: {paths: [...], prompt: mmlu or turkishmmlu}"
+			}
+			return bad("tasks", fmt.Sprintf("unknown task %q", task), fix)
 		}
 		if seen[task] {
 			return bad("tasks", fmt.Sprintf("%s is listed twice", task), "")

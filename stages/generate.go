@@ -86,6 +86,20 @@ type generateParams struct {
 
 var modelIDPattern = regexp.MustCompile(`^[A-Za-z0-9][A-Za-z0-9._-]*$`)
 
+// Synonyms and ParamNotes map the names of transformers' generate and
+// FastChat's answer script.
+func (generateKind) Synonyms() map[string]string {
+	return map[string]string{"max_tokens": "max_new_tokens", "max_new_token": "max_new_tokens", "model_path": "model", "system_prompt": "system"}
+}
+
+func (generateKind) ParamNotes() map[string]string {
+	return map[string]string{
+		"do_sample":  "temperature: 0 decodes greedily, a positive temperature samples",
+		"max_length": "max_new_tokens bounds each answer; the prompt's length is the question's",
+		"num_beams":  "decoding is greedy or sampled, without beam search",
+	}
+}
+
 func (generateKind) Version() int       { return 1 }
 func (generateKind) Inputs() (int, int) { return 1, 3 }
 func (generateKind) Params() any {

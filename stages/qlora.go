@@ -123,15 +123,17 @@ func (qloraKind) ParamNotes() map[string]string {
 	length := "the pack stage's seq_len is the length of the packed rows"
 	precision := "precision is the backend's: bfloat16 on the GPU, float32 on the CPU"
 	return map[string]string{
-		"max_seq_length":   length,
-		"max_length":       length,
-		"sequence_len":     length,
-		"packing":          "rows are always packed, by the pack stage",
-		"sample_packing":   "rows are always packed, by the pack stage",
-		"bf16":             precision,
-		"fp16":             precision,
-		"tf32":             precision,
-		"save_total_limit": "checkpoints (checkpoint_every) serve to resume and are removed once the stage completes; the entry keeps the final adapter (with early stopping, the best)",
+		"max_seq_length":      length,
+		"max_length":          length,
+		"sequence_len":        length,
+		"packing":             "rows are always packed, by the pack stage",
+		"sample_packing":      "rows are always packed, by the pack stage",
+		"bf16":                precision,
+		"fp16":                precision,
+		"tf32":                precision,
+		"eval_strategy":       "eval_every: N scores the eval_fraction held out every N steps",
+		"evaluation_strategy": "eval_every: N scores the eval_fraction held out every N steps",
+		"save_total_limit":    "checkpoints (checkpoint_every) serve to resume and are removed once the stage completes; the entry keeps the final adapter (with early stopping, the best)",
 	}
 }
 

@@ -77,6 +77,7 @@ func TestParameterMistakes(t *testing.T) {
 		{"r: 8.5", "r must be a whole number, got 8.5"},
 		{"batch_size: 2.5", "batch_size must be a whole number, got 2.5"},
 		{"max_steps: 1e400", "max_steps must be a whole number"},
+		{"max_steps: 99999999999999999999", "max_steps: 99999999999999999999 is too large\n\tfix: write a number that fits in 64 bits"},
 		{"r: 0", "r: 0 must be in [1, 65536]"},
 		{"alpha: 0", "alpha: 0 must be positive"},
 		{"dropout: 1", "dropout: 1 must be in [0, 1)"},
@@ -84,7 +85,7 @@ func TestParameterMistakes(t *testing.T) {
 		{"target_modules: [q_proj, q_proj]", "target_modules: q_proj is listed twice"},
 		{"grad_accum: 0", "grad_accum: 0 must be at least 1"},
 		{"gradient_accumulation_steps: 4", `unknown parameter "gradient_accumulation_steps" for kind qlora
-	fix: gradient_accumulation_steps is called grad_accum here; parameters of kind qlora:`},
+	fix: gradient_accumulation_steps is called grad_accum here`},
 		{"warmup_ratio: 1.5", "warmup_ratio: 1.5 must be in [0, 1]"},
 		{"warmup_ratio: 0.1\n      warmup_steps: 2", "warmup_ratio: is given with warmup_steps"},
 		{"learning_rate: 1.0e-4", "unknown parameter \"learning_rate\" for kind qlora\n\tfix: learning_rate is called lr here"},
@@ -112,6 +113,44 @@ func TestParameterMistakes(t *testing.T) {
 				t.Errorf("no fix: %v", err)
 			}
 		})
+	}
+}
+
+// TestEveryParameterMistake: a spec carried over from another tool gets
+// every foreign name and every fraction in one message, in the order
+// written, each at its line; nested mappings (multiple_choice: {…}) are
+// checked as the stage's own parameters are.
+func TestEveryParameterMistake(t *testing.T) {
+	spec := strings.Replace(validationSpec, "PARAM", "learning_rate: 1.0e-4\n      r: 8.5\n      lora_alpha: 32\n      num_train_epochs: 2", 1)
+	spec += `  eval:
+    kind: eval
+    needs: [adapter]
+    with:
+      tasks: [multiple_choice]
+      multiple_choice: {paths: [a.jsonl], limit: 0.5, num_fewshot: 2}
+`
+	for range 3 { // go-yaml's own check named one name, a different one from run to run
+		path, err := loadErr(t, spec)
+		if err == nil {
+			t.Fatal("loaded")
+		}
+		want := []string{
+			path + `:12:7: stage "adapter": unknown parameter "learning_rate" for kind qlora` + "\n\tfix: learning_rate is called lr here",
+			path + `:13:10: stage "adapter": r must be a whole number, got 8.5`,
+			path + `:14:7: stage "adapter": unknown parameter "lora_alpha" for kind qlora` + "\n\tfix: lora_alpha is called alpha here",
+			path + `:15:7: stage "adapter": unknown parameter "num_train_epochs" for kind qlora`,
+			path + `:22:50: stage "eval": multiple_choice.limit must be a whole number, got 0.5` + "\n\tfix: write a whole number, e.g. limit: 1",
+			path + `:22:55: stage "eval": unknown parameter "multiple_choice.num_fewshot"` + "\n\tfix: num_fewshot is called shots here",
+		}
+		msg := err.Error()
+		at := 0
+		for _, w := range want {
+			i := strings.Index(msg[at:], w)
+			if i < 0 {
+				t.Fatalf("message lacks %q after byte %d:\n%s", w, at, msg)
+			}
+			at += i + len(w)
+		}
 	}
 }
 

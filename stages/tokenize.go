@@ -45,6 +45,20 @@ type tokenizeParams struct {
 	EOS bool `json:"eos,omitempty"`
 }
 
+// ParamNotes say what stands here for the switches with which Axolotl,
+// TRL and Unsloth choose the tokens the loss is taken on.
+func (tokenizeKind) ParamNotes() map[string]string {
+	lossOn := "loss_on chooses the tokens trained on: assistant (the default: the answers), last_assistant, or all (the prompts too)"
+	return map[string]string{
+		"train_on_inputs":         lossOn,
+		"assistant_only_loss":     lossOn,
+		"completion_only_loss":    lossOn,
+		"train_on_responses_only": lossOn,
+		"roles_to_train":          lossOn,
+		"add_eos_token":           "eos: true ends each plain text with <eos>; a chat turn always ends with <end_of_turn>",
+	}
+}
+
 func (tokenizeKind) Version() int       { return 1 }
 func (tokenizeKind) Inputs() (int, int) { return 1, 1 }
 func (tokenizeKind) Params() any        { return &tokenizeParams{LossOn: eval.LossOnAssistant} }

@@ -230,6 +230,12 @@ func TestPicksHandBuilt(t *testing.T) {
 	if _, subjects := Summarize(items); len(subjects) != 3 || subjects[NoSubject].Questions != 1 || subjects["t"].Questions != 1 {
 		t.Errorf("one question of t without a subject: %+v", subjects)
 	}
+	// A set that spells the row's name out as a subject adds to the row,
+	// not replaces it.
+	items[0].Subject = NoSubject
+	if _, subjects := Summarize(items); len(subjects) != 2 || subjects[NoSubject].Questions != 2 {
+		t.Errorf("a subject called %q beside one without: %+v", NoSubject, subjects)
+	}
 	for i := range items {
 		items[i].Subject = ""
 	}

@@ -402,7 +402,7 @@ func Summarize(items []MCItem) (all MCScores, subjects map[string]MCScores) {
 	var none MCScores
 	for _, it := range items {
 		add(&all, it)
-		if it.Subject == "" {
+		if it.Subject == "" || it.Subject == NoSubject { // a set may spell it out
 			add(&none, it)
 			continue
 		}

@@ -152,9 +152,10 @@ in float32 (--backend cpu).`,
 						fmt.Fprintf(os.Stderr, "chat: --%s is unused: decoding is greedy, as the model folder has no generation_config.json that samples; --temperature samples\n", name)
 					}
 				}
+				opts.TopK, opts.TopP = 0, 0 // greedy reads neither, whatever the file sets
 			}
 			if err := opts.Validate(); err != nil { // the flags passed: the file's value
-				return failErr(fmt.Errorf("chat: %s: %w (the flags override what it sets)", filepath.Join(modelDir, "generation_config.json"), err))
+				return failErr(fmt.Errorf("chat: %s: %w (--temperature, --top-k, --top-p and --max-new-tokens override what it sets)", filepath.Join(modelDir, "generation_config.json"), err))
 			}
 			opts.Seed = seed
 			if !f.Changed("seed") {
@@ -186,12 +187,18 @@ in float32 (--backend cpu).`,
 				return usageErr(errors.New("chat: --prompt is empty"))
 			}
 
+			// A --tokenizer that is not this model's is a bad argument; the
+			// model folder's own, a broken download.
+			badTokenizer := func(err error) error { return failErr(fmt.Errorf("chat: %w", err)) }
+			if f.Changed("tokenizer") {
+				badTokenizer = func(err error) error { return usageErr(fmt.Errorf("chat: --tokenizer: %w", err)) }
+			}
 			tok, err := tokenizer.LoadFile(tokPath)
 			if err != nil {
-				return failErr(err)
+				return badTokenizer(err)
 			}
 			if err := converse.CheckTokenizer(tok, cfg.VocabSize); err != nil {
-				return failErr(fmt.Errorf("chat: %s: %w", tokPath, err))
+				return badTokenizer(fmt.Errorf("%s: %w", tokPath, err))
 			}
 			tty := isatty.IsTerminal(os.Stdin.Fd()) && !f.Changed("prompt")
 			// On a terminal Ctrl-C stops an answer and the conversation goes
@@ -204,6 +211,9 @@ in float32 (--backend cpu).`,
 				defer stop()
 			}
 			if adapterDir != "" {
+				if err := trainer.CheckAdapterDir(adapterDir); err != nil {
+					return usageErr(fmt.Errorf("chat: --adapter: %w", err))
+				}
 				nf4, err := stages.CheckCachedAdapter(modelDir, adapterDir, otherBase)
 				if err != nil {
 					return usageErr(fmt.Errorf("chat: %w", err))

@@ -242,6 +242,7 @@ func TestChatCommand(t *testing.T) {
 		{[]string{"chat", "--model", filepath.Join(model, "config.json"), "--prompt", q}, 2, "is a file, not a folder"},
 		{[]string{"chat", "--model", dir, "--prompt", q}, 2, dir + " holds no config.json: " + model + " does: the checkpoint is one folder down"},
 		{[]string{"chat", "--model", model, "--tokenizer", model, "--prompt", q}, 2, "is a folder, not a tokenizer.json file"},
+		{[]string{"chat", "--model", model, "--tokenizer", filepath.Join(model, "config.json"), "--prompt", q}, 2, "--tokenizer: "},
 		{[]string{"chat", "--model", model, "Merhaba", "dünya"}, 2, `chat takes no arguments: to ask one question, --prompt "Merhaba dünya"`},
 	} {
 		if r := runCLI(t, dir, c.args...); r.code != c.code || !strings.Contains(r.stderr, c.want) {
@@ -273,11 +274,11 @@ func TestChatCommand(t *testing.T) {
 	// The folder above an adapter (a qlora entry's layout), and a folder
 	// that is no adapter, are named for what they are.
 	r = runCLI(t, dir, "chat", "--model", other, "--adapter", dir, "--prompt", q)
-	if r.code != 1 || !strings.Contains(r.stderr, "holds no adapter_config.json, but "+filepath.Join(dir, "adapter")+" does") {
+	if r.code != 2 || !strings.Contains(r.stderr, "holds no adapter_config.json, but "+filepath.Join(dir, "adapter")+" does") {
 		t.Errorf("the folder above the adapter: exit %d\n%s", r.code, r.stderr)
 	}
 	r = runCLI(t, dir, "chat", "--model", other, "--adapter", other, "--prompt", q)
-	if r.code != 1 || !strings.Contains(r.stderr, other+" holds no adapter_config.json: a PEFT adapter folder has") {
+	if r.code != 2 || !strings.Contains(r.stderr, other+" holds no adapter_config.json: a PEFT adapter folder has") {
 		t.Errorf("a model as the adapter: exit %d\n%s", r.code, r.stderr)
 	}
 }
@@ -556,6 +557,9 @@ func TestChatChecksFirst(t *testing.T) {
 	if r := runCLI(t, dir, "chat", "--model", model, "--prompt", q, "--max-new-tokens", "2", "--top-p", "0.9"); r.code != 0 {
 		t.Errorf("--top-p over the file's: exit %d, %s", r.code, r.stderr)
 	}
+	if r := runCLI(t, dir, "chat", "--model", model, "--prompt", q, "--max-new-tokens", "2", "--temperature", "0"); r.code != 0 {
+		t.Errorf("--temperature 0 (greedy reads no top_p): exit %d, %s", r.code, r.stderr)
+	}
 	writeFile(t, gcPath, `{"do_sample": true, "top_k": 64, "top_p": 0.95}`)
 	a := runCLI(t, dir, "chat", "--model", model, "--prompt", q, "--max-new-tokens", "12")
 	b := runCLI(t, dir, "chat", "--model", model, "--prompt", q, "--max-new-tokens", "12")
@@ -573,7 +577,7 @@ func TestChatChecksFirst(t *testing.T) {
 	other := filepath.Join(dir, "other.json")
 	writeFile(t, other, strings.ReplaceAll(string(data), "<end_of_turn>", "<end_of_talk>"))
 	r = runCLI(t, dir, "chat", "--model", model, "--tokenizer", other, "--prompt", q)
-	if r.code != 1 || !strings.Contains(r.stderr, "the tokenizer has no <end_of_turn> token") {
+	if r.code != 2 || !strings.Contains(r.stderr, "the tokenizer has no <end_of_turn> token") {
 		t.Errorf("a tokenizer without <end_of_turn>: exit %d, %s", r.code, r.stderr)
 	}
 	cfg, err := os.ReadFile(filepath.Join(model, "config.json"))

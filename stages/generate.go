@@ -313,9 +313,10 @@ func (s *generateStage) Run(ctx context.Context, t *pipeline.Task) error {
 		return err
 	}
 	opts := trainer.GenerateOptions{MaxNewTokens: s.p.MaxNewTokens, Temperature: s.p.Temperature, TopK: s.p.TopK, TopP: s.p.TopP, Seed: s.p.Seed}
-	// Every first turn must fit before hours go into the others, and so
-	// must every last turn after empty earlier answers (the shortest they
-	// can be); later turns are checked again as their prompts come to be.
+	// Every first turn's prompt must fit before hours go into the others,
+	// and so must every last turn's after empty earlier answers (the
+	// shortest they can be). A prompt that fits with less room than
+	// max_new_tokens is answered in the room left (replyWithinContext).
 	for _, q := range prompts {
 		turns := []int{0}
 		if n := len(q.Turns); n > 1 {
@@ -330,7 +331,7 @@ func (s *generateStage) Run(ctx context.Context, t *pipeline.Task) error {
 			if err != nil {
 				return fmt.Errorf("question %v: %w", q.ID, err)
 			}
-			if len(ids)+opts.MaxNewTokens > gen.Context() {
+			if len(ids) >= gen.Context() {
 				return contextErr(q, turn, &converse.ContextError{PromptTokens: len(ids), MaxNewTokens: opts.MaxNewTokens, Context: gen.Context()}, true)
 			}
 		}

@@ -430,13 +430,13 @@ stages:
 	}
 }
 
-// TestGenerateBeyondTheContext: a question whose prompt and answer cannot
-// fit the model's context fails before anything is decoded, naming the
-// question, and so does a later turn that could not fit even after empty
-// earlier answers; none leaves an entry. One that outgrows it once the
-// model's answers are in is answered in the room left, marked truncated,
-// as chat answers it, and the other questions of its batch as they are
-// answered alone.
+// TestGenerateBeyondTheContext: a question whose prompt cannot fit the
+// model's context fails before anything is decoded, naming the question,
+// and so does a later turn that could not fit even after empty earlier
+// answers; none leaves an entry. A turn whose prompt fits with less room
+// than max_new_tokens, the first or one grown by the model's own answers,
+// is answered in the room left, marked truncated, as chat answers it, and
+// the other questions of its batch as they are answered alone.
 func TestGenerateBeyondTheContext(t *testing.T) {
 	r := newTestRun(t)
 	model := filepath.Join(r.dir, "short")
@@ -456,8 +456,8 @@ func TestGenerateBeyondTheContext(t *testing.T) {
 {"question_id": 2, "turns": ["` + long + `"]}
 `, "question 2, turn 1: the prompt is", "; shorten the question"}, // max_new_tokens would not help
 		// Even after an empty first answer it cannot fit: said up front.
-		"later turn, before any answer": {`{"question_id": 7, "turns": ["Kısa soru?", "` + long[:120] + `"]}
-`, "question 7, turn 2 with every earlier answer empty: the prompt is", "; shorten the question or lower max_new_tokens"},
+		"later turn, before any answer": {`{"question_id": 7, "turns": ["Kısa soru?", "` + long + `"]}
+`, "question 7, turn 2 with every earlier answer empty: the prompt is", "; shorten the question"},
 	} {
 		t.Run(name, func(t *testing.T) {
 			q := filepath.Join(r.dir, "q.jsonl")
@@ -497,6 +497,11 @@ stages:
 	}
 	if alone := answer(short); fmt.Sprint(alone[0].answers) != fmt.Sprint(both[1].answers) {
 		t.Errorf("question 9 beside a cut one: %q; alone: %q", both[1].answers, alone[0].answers)
+	}
+	// Question 10's only turn leaves fewer than max_new_tokens positions.
+	first := answer(`{"question_id": 10, "turns": ["` + long[:150] + `"]}` + "\n")
+	if len(first) != 1 || !first[0].truncated[0] || first[0].tokens[0] >= 20 || first[0].tokens[0] == 0 {
+		t.Fatalf("question 10: %+v", first)
 	}
 }
 

@@ -237,7 +237,7 @@ in float32 (--backend cpu).`,
 			if err != nil {
 				return failErr(err)
 			}
-			s := &chatSession{gen: gen, opts: opts, out: &checkedWriter{w: cmd.OutOrStdout()}, tty: tty, conv: converse.Conversation{System: system}}
+			s := &chatSession{gen: gen, opts: opts, out: &checkedWriter{w: cmd.OutOrStdout()}, tty: tty, once: f.Changed("prompt"), conv: converse.Conversation{System: system}}
 			switch {
 			case tty:
 				c := dec.Info().Config
@@ -307,6 +307,7 @@ type chatSession struct {
 	opts trainer.GenerateOptions
 	out  *checkedWriter
 	tty  bool // a conversation on a terminal, rather than a script's input
+	once bool // --prompt: one question, no conversation to start over
 	conv converse.Conversation
 	// asked counts the answers asked for in the session, /reset or not:
 	// each draws with its own seed, so that asking again after /reset
@@ -341,16 +342,25 @@ const (
 	answerStopped                  // by Ctrl-C
 )
 
+// resetHint says how to start over when the conversation fills the
+// model's context: the same /reset on a terminal and in a script's input.
+func (s *chatSession) resetHint() string {
+	switch {
+	case s.once:
+		return ""
+	case s.tty:
+		return "; /reset starts a new conversation"
+	}
+	return "; a line /reset in the input starts a new conversation"
+}
+
 // cutNote says that an answer ran into a limit, and what to do about it:
 // a cut answer otherwise reads like a finished one.
 func (s *chatSession) cutNote(end answerEnd) string {
 	switch end {
 	case answerFull:
 		note := fmt.Sprintf("(cut at the end of the model's context, %d positions", s.gen.Context())
-		if s.tty {
-			note += "; /reset starts a new conversation"
-		}
-		return note + ")"
+		return note + s.resetHint() + ")"
 	case answerStopped:
 		return "(stopped)"
 	}
@@ -416,11 +426,7 @@ func (s *chatSession) answer(ctx context.Context, text string) (end answerEnd, e
 			return end, context.Cause(ctx) // the command's end: 130 or 143
 		}
 	case errors.As(err, &ce):
-		msg := "chat: " + ce.Error()
-		if s.tty {
-			msg += "; /reset starts a new conversation"
-		}
-		return answerDone, failErr(errors.New(msg))
+		return answerDone, failErr(errors.New("chat: " + ce.Error() + s.resetHint()))
 	default:
 		return answerDone, failErr(err)
 	}

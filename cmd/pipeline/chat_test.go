@@ -502,6 +502,17 @@ func TestChatEnds(t *testing.T) {
 	if r.code != 1 || !strings.Contains(r.stderr, "beyond the model's context of 48 positions") || strings.Contains(r.stderr, "/reset") {
 		t.Errorf("a prompt past the context: exit %d, %s", r.code, r.stderr)
 	}
+	// A script's conversation that fills the context is told of the
+	// /reset line, which starts the next one afresh.
+	piped := func(stdin string) cliResult {
+		return runCLIStdin(t, dir, stdin, "chat", "--model", small, "--max-new-tokens", "100")
+	}
+	if r := piped(q + "\n" + q + "\n"); r.code != 1 || !strings.Contains(r.stderr, "beyond the model's context of 48 positions; a line /reset in the input starts a new conversation") {
+		t.Errorf("a script's second turn past the context: exit %d, %s", r.code, r.stderr)
+	}
+	if r := piped(q + "\n/reset\n" + q + "\n"); r.code != 0 || r.stdout != want[0].Text+"\n"+want[0].Text+"\n" {
+		t.Errorf("a script's /reset: exit %d, stdout %q, %s", r.code, r.stdout, r.stderr)
+	}
 
 	if _, err := os.Stat("/dev/full"); err == nil {
 		full, err := os.OpenFile("/dev/full", os.O_WRONLY, 0)

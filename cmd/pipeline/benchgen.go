@@ -41,8 +41,10 @@ of at most ` + strconv.Itoa(gpu.NF4StepTokens) + ` sequences read that form dire
 stored when the GPU has the room; "weights" says which form the steps read.
 
 Decoding is greedy unless --temperature is given; then tokens are drawn as the
-chat command draws them, from the --top-k most likely (Gemma 3's
-generation_config.json: 64), then --top-p's share (0.95), with --seed. A step
+chat command draws them, from the --top-k most likely, then --top-p's share,
+with --seed. Both keep every token unless given, the slow path (the host sorts
+the whole vocabulary each step); Gemma 3's generation_config.json samples with
+--top-k 64 --top-p 0.95. A step
 that samples from the top k hands the host each sequence's likeliest tokens,
 not its logits (1 MB a sequence at Gemma's vocabulary).
 

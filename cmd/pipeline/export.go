@@ -105,6 +105,9 @@ it was and no temporary file behind.`,
 			if typeGiven && format != "gguf" {
 				return usageErr(fmt.Errorf("--type is the type of a GGUF file; --format %s has none", format))
 			}
+			if ggufType == "" {
+				ggufType = "q8_0" // or what --out's name says
+			}
 			typ, err := gguf.ParseFileType(ggufType)
 			if err != nil {
 				return usageErr(fmt.Errorf("--type: %w", err))
@@ -204,7 +207,7 @@ it was and no temporary file behind.`,
 	cmd.Flags().StringVar(&format, "format", "", "jsonl, parquet, arrow (tables); mt-bench (a generate stage's answer file); gguf, hf (models); by default as --out's name says, else jsonl for a table, hf for a model")
 	cmd.Flags().StringVar(&out, "out", "", "output file (or folder for hf), or - for a table on standard output")
 	cmd.Flags().BoolVar(&heldOut, "heldout", false, "a pack stage's held-out rows (packed apart from a mix stage's heldout examples) instead of its training rows")
-	cmd.Flags().StringVar(&ggufType, "type", "q8_0", "GGUF type: q8_0, q6_k, q5_k_m, q5_k_s, q4_k_m, q4_k_s, q5_1, q5_0, q4_0, f16, bf16 or f32 (Q4_K_M too); by default as --out NAME.TYPE.gguf says, else q8_0")
+	cmd.Flags().StringVar(&ggufType, "type", "", "GGUF type: q8_0, q6_k, q5_k_m, q5_k_s, q4_k_m, q4_k_s, q5_1, q5_0, q4_0, f16, bf16 or f32 (Q4_K_M too); by default as --out NAME.TYPE.gguf says, else q8_0")
 	completeValues(cmd, "format", "jsonl", "parquet", "arrow", "mt-bench", "gguf", "hf")
 	completeValues(cmd, "type", gguf.FileTypeNames()...)
 	root.AddCommand(cmd)

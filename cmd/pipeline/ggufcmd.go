@@ -58,6 +58,9 @@ them.`,
 			if modelDir == "" || out == "" {
 				return usageErr(errors.New("gguf: --model and --out are required"))
 			}
+			if typeName == "" {
+				typeName = "q8_0" // or what --out's name says
+			}
 			typ, err := gguf.ParseFileType(typeName)
 			if err != nil {
 				return usageErr(fmt.Errorf("--type: %w", err))
@@ -122,7 +125,7 @@ them.`,
 	f.StringVar(&modelDir, "model", "", "checkpoint folder with tokenizer.json, or hf://ORG/NAME[@REV]; with --adapter, the base it was made for")
 	f.StringVar(&adapterDir, "adapter", "", "a PEFT LoRA adapter folder (or hf://ORG/NAME[@REV]) to write as a GGUF LoRA adapter instead of a model")
 	f.StringVar(&out, "out", "", "the GGUF file to write (must not exist)")
-	f.StringVar(&typeName, "type", "q8_0", "q8_0, q6_k, q5_k_m, q5_k_s, q4_k_m, q4_k_s, q5_1, q5_0, q4_0, f16, bf16 or f32 (Q4_K_M too); by default as --out NAME.TYPE.gguf says, else q8_0")
+	f.StringVar(&typeName, "type", "", "q8_0, q6_k, q5_k_m, q5_k_s, q4_k_m, q4_k_s, q5_1, q5_0, q4_0, f16, bf16 or f32 (Q4_K_M too); by default as --out NAME.TYPE.gguf says, else q8_0 for a model and f32 for --adapter")
 	f.StringVar(&name, "name", "", "general.name (default: --out's NAME)")
 	completeValues(cmd, "type", gguf.FileTypeNames()...)
 	root.AddCommand(cmd)

@@ -18,6 +18,7 @@ import (
 	"github.com/spf13/cobra"
 
 	"gemmaft/pipeline"
+	"gemmaft/stages"
 
 	// The GPU trainer registers itself as the qlora stage's "cuda" backend.
 	_ "gemmaft/trainer/gpu"
@@ -38,7 +39,12 @@ var root = &cobra.Command{
 	Long: `pipeline runs a declarative DAG of stages (data sources, chat templating,
 tokenizing, packing, QLoRA training, evaluation, generation, merging, GGUF
 export), caching each stage's output under the content hash of everything that
-produced it. The README's table lists the stage kinds and their parameters.
+produced it. The stage kinds:
+
+` + indentedList(stages.Registry().Names(), 78) + `
+
+The README's table gives each kind's inputs, output and parameters; a spec
+naming a parameter its kind does not have is told the kind's parameters.
 
 Exit codes: 0 success, 1 a stage or check failed (or a model's --out exists
 already), 2 usage or spec error, 75 busy and --no-wait was given (another run
@@ -133,4 +139,30 @@ func execute(args []string) int {
 		return exitUsage
 	}
 	return exitFailed
+}
+
+// indentedList lays names out comma-separated in lines of at most width
+// columns, each indented by two spaces.
+func indentedList(names []string, width int) string {
+	var b strings.Builder
+	line := 0
+	for i, n := range names {
+		if i < len(names)-1 {
+			n += ","
+		}
+		if line > 0 && line+1+len(n) > width {
+			b.WriteString("\n")
+			line = 0
+		}
+		if line == 0 {
+			b.WriteString("  ")
+			line = 2
+		} else {
+			b.WriteString(" ")
+			line++
+		}
+		b.WriteString(n)
+		line += len(n)
+	}
+	return b.String()
 }

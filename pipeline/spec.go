@@ -931,9 +931,10 @@ type InputChecker interface {
 
 // A Need is one input stage of a stage, as CheckInputs sees it.
 type Need struct {
-	Stage string // its name
-	Kind  string // its kind
-	Needs []Need // its own inputs (their Needs empty)
+	Stage  string // its name
+	Kind   string // its kind
+	Params any    // its parameters, decoded and validated: what its kind's Params returned
+	Needs  []Need // its own inputs (their Needs empty)
 }
 
 // checkInputKinds asks n's kind whether it can read its inputs, once every
@@ -948,9 +949,9 @@ func (l *loader) checkInputKinds(n *Node, written int) {
 		if d.Kind == nil {
 			return // reported already
 		}
-		needs[i] = Need{Stage: d.Name, Kind: d.KindName}
+		needs[i] = Need{Stage: d.Name, Kind: d.KindName, Params: d.Params}
 		for _, dd := range d.Needs {
-			needs[i].Needs = append(needs[i].Needs, Need{Stage: dd.Name, Kind: dd.KindName})
+			needs[i].Needs = append(needs[i].Needs, Need{Stage: dd.Name, Kind: dd.KindName, Params: dd.Params})
 		}
 	}
 	if err := ic.CheckInputs(n.Params, needs); err != nil {

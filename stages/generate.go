@@ -194,6 +194,11 @@ func (generateKind) CheckInputs(params any, needs []pipeline.Need) error {
 	for _, n := range needs {
 		switch n.Kind {
 		case questionsKindName, jsonlKindName, parquetKindName:
+			if sp, ok := n.Params.(*sourceParams); ok && dataset.Layout(sp.Format) != dataset.LayoutAlpaca {
+				return &pipeline.ParamError{Param: "needs",
+					Msg: fmt.Sprintf("%q reads %s conversations, but a generate stage asks instructions (a jsonl or parquet stage's instruction and input) or MT-Bench questions (an %s stage)", n.Stage, sp.Format, questionsKindName),
+					Fix: "name a source of instructions, or write the questions as MT-Bench's question.jsonl ({\"question_id\": 1, \"turns\": [...]}) for an " + questionsKindName + " stage"}
+			}
 			sources = append(sources, n.Stage)
 		case "qlora", mergeKindName, modelKindName:
 			byKind[n.Kind] = append(byKind[n.Kind], n.Stage)

@@ -511,12 +511,13 @@ func TestGenerateParamErrors(t *testing.T) {
 	os.WriteFile(q, []byte(mtQuestions), 0o644)
 	// Wiring a generate stage cannot answer with is a spec error.
 	for stages, want := range map[string]string{
-		"  bad: {kind: generate, needs: [chat, base]}\n":                                                      `needs: "chat" is a chat_template stage, but a generate stage reads questions`,
-		"  bad: {kind: generate, needs: [questions, alpaca, base]}\n":                                         "needs: two sources of questions (questions, alpaca)",
-		"  bad: {kind: generate, needs: [questions]}\n":                                                       "needs: no model",
-		"  bad: {kind: generate, needs: [questions, base]}\n":                                                 `tokenizer: model stage "base" writes no tokenizer`,
-		"  bad: {kind: generate, needs: [questions, base], with: {model: m}}\n":                               "model: names m, and model stage \"base\" is in needs",
-		"  merged: {kind: merge, needs: [base]}\n  bad: {kind: generate, needs: [questions, merged, base]}\n": `merge stage "merged" holds a whole model`,
+		"  bad: {kind: generate, needs: [chat, base]}\n":                                                                    `needs: "chat" is a chat_template stage, but a generate stage reads questions`,
+		"  bad: {kind: generate, needs: [questions, alpaca, base]}\n":                                                       "needs: two sources of questions (questions, alpaca)",
+		"  bad: {kind: generate, needs: [questions]}\n":                                                                     "needs: no model",
+		"  conv: {kind: jsonl, with: {paths: [q.jsonl], format: sharegpt}}\n  bad: {kind: generate, needs: [conv, base]}\n": `needs: "conv" reads sharegpt conversations, but a generate stage asks instructions`,
+		"  bad: {kind: generate, needs: [questions, base]}\n":                                                               `tokenizer: model stage "base" writes no tokenizer`,
+		"  bad: {kind: generate, needs: [questions, base], with: {model: m}}\n":                                             "model: names m, and model stage \"base\" is in needs",
+		"  merged: {kind: merge, needs: [base]}\n  bad: {kind: generate, needs: [questions, merged, base]}\n":               `merge stage "merged" holds a whole model`,
 	} {
 		spec := r.spec(fmt.Sprintf(`name: w
 stages:

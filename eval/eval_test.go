@@ -480,6 +480,9 @@ func TestReadQuestionsErrors(t *testing.T) {
 		{"not json", `question: Q?`, nil, "x.jsonl:1: not a JSON object"},
 		{"empty file", ``, nil, "no questions"},
 		{"unknown mapping", `{"question": "Q?", "choices": ["a", "b"], "answer": "A"}`, map[string]string{"soru": "q"}, `cannot map "soru"`},
+		{"empty question", `{"question": " ", "choices": ["a", "b"], "answer": "A"}`, nil, `x.jsonl:1: the question (column "question") is empty`},
+		{"two names to one column", `{"soru": "Q?", "choices": ["a", "b"], "answer": "A"}`, map[string]string{"question": "soru", "answer": "soru"}, `answer and question are both mapped to "soru"`},
+		{"choices as a list and as letters", `{"question": "Q?", "opts": ["a", "b"], "s1": "a", "answer": "A"}`, map[string]string{"choices": "opts", "A": "s1"}, "choices and A are both mapped"},
 	} {
 		t.Run(c.name, func(t *testing.T) {
 			p := writeFile(t, dir, "x.jsonl", c.content)

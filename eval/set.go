@@ -53,19 +53,45 @@ const MaxChoices = 26
 // Letter is the answer letter of choice i: A, B, C, …
 func Letter(i int) string { return string(rune('A' + i)) }
 
-// CheckColumns reports a Columns key that names none of a set's columns.
+// CheckColumns reports a Columns key that names none of a set's columns,
+// two keys mapped to one file column, and choices mapped both as a list
+// and as letters.
 func CheckColumns(columns map[string]string) error {
-	for ours := range columns {
-		switch ours {
-		case ColQuestion, ColChoices, ColAnswer, ColSubject:
-			continue
+	ours := slices.Sorted(maps.Keys(columns)) // one message, whatever the map's order
+	byTheirs := map[string]string{}
+	letters := ""
+	for _, c := range ours {
+		switch {
+		case c == ColQuestion, c == ColChoices, c == ColAnswer, c == ColSubject:
+		case len(c) == 1 && c[0] >= 'A' && c[0] <= 'Z':
+			if letters == "" {
+				letters = c
+			}
+		default:
+			return fmt.Errorf("cannot map %q: the columns are question, choices (a list) or A, B, C, … (one per choice), answer and subject", c)
 		}
-		if len(ours) == 1 && ours[0] >= 'A' && ours[0] <= 'Z' {
-			continue
+		theirs := columns[c]
+		if other, ok := byTheirs[theirs]; ok && theirs != "" {
+			return fmt.Errorf("%s and %s are both mapped to %q: each names a column of its own", other, c, theirs)
 		}
-		return fmt.Errorf("cannot map %q: the columns are question, choices (a list) or A, B, C, … (one per choice), answer and subject", ours)
+		byTheirs[theirs] = c
+	}
+	if _, list := columns[ColChoices]; list && letters != "" {
+		return fmt.Errorf("choices and %s are both mapped: the choices are one list column (choices) or a column per letter (A, B, …), not both", letters)
 	}
 	return nil
+}
+
+// A setError is a question's flaw with what to do about it.
+type setError struct{ msg, fix string }
+
+func (e *setError) Error() string { return e.msg }
+
+// Fix says what would mend the question.
+func (e *setError) Fix() string { return e.fix }
+
+func flaw(fix, format string, args ...any) error {
+	return &setError{msg: fmt.Sprintf(format, args...), fix: fix}
 }
 
 // ReadQuestions reads multiple-choice questions from JSONL (optionally
@@ -172,8 +198,11 @@ func (r row) question(col func(string) string, columns map[string]string) (Quest
 	if err != nil {
 		return q, err
 	}
-	if !ok || strings.TrimSpace(text) == "" {
+	if !ok {
 		return q, fmt.Errorf("no question (column %q)%s", col(ColQuestion), r.mapHint(ColQuestion, columns))
+	}
+	if strings.TrimSpace(text) == "" {
+		return q, flaw("write the question, or leave the row out", "the question (column %q) is empty", col(ColQuestion))
 	}
 	q.Question = text
 	if r.has(col(ColSubject)) { // a question without one is scored under NoSubject
@@ -223,14 +252,14 @@ func (r row) question(col func(string) string, columns map[string]string) (Quest
 		}
 	}
 	if len(q.Choices) < 2 {
-		return q, fmt.Errorf("%s; a question needs 2 or more", [...]string{"no choice", "one choice"}[len(q.Choices)])
+		return q, flaw("give the question 2 or more choices, or leave it out", "%s; a question needs 2 or more", [...]string{"no choice", "one choice"}[len(q.Choices)])
 	}
 	if len(q.Choices) > MaxChoices {
 		return q, fmt.Errorf("%d choices; at most %d (A to Z)", len(q.Choices), MaxChoices)
 	}
 	for i, c := range q.Choices {
 		if strings.TrimSpace(c) == "" {
-			return q, fmt.Errorf("choice %s is empty", Letter(i))
+			return q, flaw("write the choice, or leave the question out", "choice %s is empty", Letter(i))
 		}
 	}
 	a, ok := r.values[col(ColAnswer)]
@@ -244,6 +273,7 @@ func (r row) question(col func(string) string, columns map[string]string) (Quest
 // parseAnswer reads an answer: a letter (A, b, …) or an integer index.
 func parseAnswer(v any, n int) (int, error) {
 	last := Letter(n - 1)
+	fix := fmt.Sprintf("write the answer as the letter of one of the %d choices (\"A\" to \"%s\") or its index (0 to %d)", n, last, n-1)
 	switch a := v.(type) {
 	case string:
 		s := strings.TrimSpace(a)
@@ -255,16 +285,16 @@ func parseAnswer(v any, n int) (int, error) {
 			if c >= 'A' && c <= 'Z' {
 				i := int(c - 'A')
 				if i >= n {
-					return 0, fmt.Errorf("answer %q is outside the %d choices (A to %s)", a, n, last)
+					return 0, flaw(fix, "answer %q is outside the %d choices (A to %s)", a, n, last)
 				}
 				return i, nil
 			}
 		}
 		if _, err := strconv.Atoi(s); err == nil {
 			// "1" may count from 0 or from 1: the set has to say.
-			return 0, fmt.Errorf("answer %q is a number written as text: an index is a JSON integer (0 for A), a letter a string (\"A\" to \"%s\")", a, last)
+			return 0, flaw(fix, "answer %q is a number written as text: an index is a JSON integer (0 for A), a letter a string (\"A\" to \"%s\")", a, last)
 		}
-		return 0, fmt.Errorf("answer %q is not a letter (A to %s) nor an index (an integer from 0)", a, last)
+		return 0, flaw(fix, "answer %q is not a letter (A to %s) nor an index (an integer from 0)", a, last)
 	case json.Number:
 		i, err := strconv.ParseInt(string(a), 10, 64)
 		if err != nil {
@@ -272,16 +302,16 @@ func parseAnswer(v any, n int) (int, error) {
 			// (it does once one value is missing).
 			f, ferr := strconv.ParseFloat(string(a), 64)
 			if ferr != nil || f != math.Trunc(f) || math.Abs(f) > 1<<31 {
-				return 0, fmt.Errorf("answer %s is not an integer index", a)
+				return 0, flaw(fix, "answer %s is not an integer index", a)
 			}
 			i = int64(f)
 		}
 		if i < 0 || i >= int64(n) {
-			return 0, fmt.Errorf("answer %d is outside the %d choices (indices 0 to %d)", i, n, n-1)
+			return 0, flaw(fix, "answer %d is outside the %d choices (indices 0 to %d)", i, n, n-1)
 		}
 		return int(i), nil
 	}
-	return 0, fmt.Errorf("answer %s is not a letter nor an index", jsonText(v))
+	return 0, flaw(fix, "answer %s is not a letter nor an index", jsonText(v))
 }
 
 // jsonText writes a value as JSON would, for messages: null, true, 3.

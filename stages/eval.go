@@ -254,7 +254,10 @@ func (evalKind) Prepare(params any, dir string) (pipeline.Runner, error) {
 // setFix says what to do about a question set's error.
 func setFix(err error) string {
 	var row *eval.RowError
+	var mend interface{ Fix() string }
 	switch {
+	case errors.As(err, &mend):
+		return mend.Fix()
 	case strings.Contains(err.Error(), "-shot needs"):
 		return "add dev questions for every subject, or fewer shots"
 	case strings.Contains(err.Error(), "which no row has"):

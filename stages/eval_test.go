@@ -444,7 +444,7 @@ func TestEvalBadInput(t *testing.T) {
 		{"no answer column", evalStage("adapter", "{tasks: [multiple_choice], multiple_choice: {paths: ["+noAnswer+"]}}"),
 			[]string{"noanswer.jsonl:1", `no answer (column "answer")`, "multiple_choice"}},
 		{"answer outside the choices", evalStage("adapter", "{tasks: [multiple_choice], multiple_choice: {paths: ["+outside+"]}}"),
-			[]string{"outside.jsonl:1", `answer "E" is outside the 4 choices (A to D)`}},
+			[]string{"outside.jsonl:1", `answer "E" is outside the 4 choices (A to D)`, `fix: write the answer as the letter of one of the 4 choices ("A" to "D") or its index (0 to 3)`}},
 		{"longer than the context", evalStage("adapter", "{tasks: [multiple_choice], multiple_choice: {paths: ["+long+"]}}"),
 			[]string{"long.jsonl:1", "more than the model's context of 160 tokens"}},
 		{"a held-out record longer than the context", strings.Replace(evalStage("adapter, held", "{tasks: [loss]}"), held, longHeld, 1),

@@ -531,6 +531,8 @@ stages:
 			t.Errorf("%s: %v, want %q", stages, err, want)
 		}
 	}
+	os.MkdirAll(filepath.Join(r.dir, "ad"), 0o755)
+	os.WriteFile(filepath.Join(r.dir, "ad", "adapter_config.json"), []byte("{}"), 0o644)
 	for with, want := range map[string]string{
 		"{top_k: 64}":                "top_k: applies only when sampling, and temperature is 0 (greedy)",
 		"{seed: 3}":                  "seed: applies only when sampling",
@@ -541,6 +543,7 @@ stages:
 		"{temperature: 1, top_p: 2}": "top_p: 2 must be in (0, 1]",
 		"{temperature: 1, top_p: 0}": "top_p: 0 would keep only the most likely token",
 		"{model: nowhere}":           "model: ",
+		"{model: ad}":                "ad holds no config.json: it is a PEFT adapter; give the base checkpoint",
 	} {
 		spec := r.spec(fmt.Sprintf("name: p\nstages:\n  questions: {kind: mt_bench, with: {paths: [%s]}}\n  answers: {kind: generate, needs: [questions], with: %s}\n", q, with))
 		_, err := loadSpec(spec, Registry())

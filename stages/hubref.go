@@ -315,6 +315,9 @@ func keyedCheckpointFiles(dir string) ([]string, error) {
 	}
 	cfg := filepath.Join(dir, "config.json")
 	if _, err := os.Lstat(cfg); err != nil {
+		if _, err := trainer.LoadConfig(dir); err != nil {
+			return nil, err // says what the folder holds instead: an adapter, say
+		}
 		return nil, fmt.Errorf("%s has no config.json", dir)
 	}
 	if err := pipeline.CheckReadableFile(cfg); err != nil {

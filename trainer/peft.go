@@ -243,7 +243,7 @@ func (m *ModelInfo) LoadAdapter(dir string) (*Adapter, error) {
 				if !ok {
 					hint := ""
 					if !hasKeyPrefix(f, prefix) && len(f.Header.Tensors) > 0 {
-						hint = fmt.Sprintf("; its keys begin %q, this model's %q", keyStem(f.Header.Tensors[0].Name), prefix)
+						hint = fmt.Sprintf("; the adapter's keys begin %q, where an adapter of this model's begin %q", keyStem(f.Header.Tensors[0].Name), prefix)
 					}
 					return nil, fmt.Errorf("%s: tensor %s missing: the adapter was not made for this model (%d layers, %s checkpoint)%s", path, name, m.Config.Layers, m.Config.Architecture, hint)
 				}

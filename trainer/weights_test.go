@@ -436,7 +436,7 @@ func TestAdapterFromOtherTools(t *testing.T) {
 		t.Errorf("another layout: %v", err)
 	}
 	other = copyAdapter(func(s string) string { return strings.Replace(s, "model.language_model.", "model.text_model.", 1) }, `.*language_model.*\.(k_proj|o_proj|gate_proj)`)
-	if _, err := m.LoadAdapter(other); err == nil || !strings.Contains(err.Error(), `its keys begin "base_model.model.model.text_model.layers.", this model's "base_model.model.model.language_model."`) {
+	if _, err := m.LoadAdapter(other); err == nil || !strings.Contains(err.Error(), `the adapter's keys begin "base_model.model.model.text_model.layers.", where an adapter of this model's begin "base_model.model.model.language_model."`) {
 		t.Errorf("another layout, listed targets: %v", err)
 	}
 }

@@ -5,6 +5,7 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"log/slog"
 	"maps"
 	"math"
 	"os"
@@ -488,7 +489,7 @@ func (s *evalStage) Run(ctx context.Context, t *pipeline.Task) error {
 		if err := warnTrainedOn(ctx, t, in.sources, lineage); err != nil {
 			return err
 		}
-		if lossReqs, records, lossWhat, err = heldOutRequests(ctx, tok, in.sources, lossOpts); err != nil {
+		if lossReqs, records, lossWhat, err = heldOutRequests(ctx, t.Log, tok, in.sources, lossOpts); err != nil {
 			return err
 		}
 	}
@@ -634,12 +635,34 @@ func warnTrainedOn(ctx context.Context, t *pipeline.Task, sources []*pipeline.In
 	return nil
 }
 
+// warnEmptyAnswers warns of held-out records whose answer is empty: each
+// is scored on <end_of_turn> alone, a score of how readily the model says
+// nothing, which pulls the mean loss away from what the answers measure.
+func warnEmptyAnswers(log *slog.Logger, recs []eval.ChatRecord, where []string) {
+	n, first := int64(0), -1
+	for i, r := range recs {
+		empty := !r.Plain && r.Messages == nil && strings.TrimSpace(r.Output) == ""
+		for _, m := range r.Messages {
+			empty = empty || m.Role == "assistant" && strings.TrimSpace(m.Content) == ""
+		}
+		if empty {
+			if n++; first < 0 {
+				first = i
+			}
+		}
+	}
+	if n > 0 {
+		log.Warn(fmt.Sprintf("%s an empty (or white space) answer, scored on <end_of_turn> alone; the first is the held-out %s",
+			counted(n, "record has", "records have"), where[first]), "fix", "remove such records from the held-out data")
+	}
+}
+
 // heldOutRequests reads the held-out records of the source stages (and
 // the held-out examples of mix stages, tokenized as training tokenized
 // them) and makes the requests that score them; it also returns how many
 // records there were, and names the record of each request ("row 12 of
 // stage heldout") for messages.
-func heldOutRequests(ctx context.Context, tok *tokenizer.Tokenizer, sources []*pipeline.Input, opts eval.LossOptions) ([]eval.Request, int, func(req int) string, error) {
+func heldOutRequests(ctx context.Context, log *slog.Logger, tok *tokenizer.Tokenizer, sources []*pipeline.Input, opts eval.LossOptions) ([]eval.Request, int, func(req int) string, error) {
 	var mixes, others []*pipeline.Input
 	for _, in := range sources {
 		if in.Kind == mixKindName {
@@ -664,6 +687,7 @@ func heldOutRequests(ctx context.Context, tok *tokenizer.Tokenizer, sources []*p
 		if err != nil {
 			return nil, 0, nil, err
 		}
+		warnEmptyAnswers(log, recs, where)
 		r, recOf, err := eval.LossRequests(tok, recs, opts)
 		if err != nil {
 			return nil, 0, nil, placed(err, func(i int) string { return where[i] })

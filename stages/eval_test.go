@@ -526,7 +526,8 @@ func TestEvalBadInput(t *testing.T) {
 
 // TestEvalWarnsOfTrainingRecords: a loss task whose held-out source is
 // the adapter's own training source warns that its score is a training
-// loss; a source the training did not read does not.
+// loss; a source the training did not read does not. Empty answers are
+// warned of too.
 func TestEvalWarnsOfTrainingRecords(t *testing.T) {
 	r := newTestRun(t)
 	var logs bytes.Buffer
@@ -549,6 +550,15 @@ func TestEvalWarnsOfTrainingRecords(t *testing.T) {
 		if got := strings.Contains(logs.String(), warning); got != c.warned {
 			t.Errorf("held-out stage %s: warned %v, want %v\n%s", c.source, got, c.warned, logs.String())
 		}
+	}
+	// A held-out record without an answer is scored, and warned of.
+	logs.Reset()
+	os.WriteFile(held, []byte(`{"instruction": "Selam ver.", "input": "", "output": "Merhaba!"}`+"\n"+`{"instruction": "Bir şey söyle.", "input": "", "output": " "}`+"\n"), 0o644)
+	if _, err := r.run(r.spec(train+"  eval: {kind: eval, needs: [adapter, base, held], with: {tasks: [loss]}}\n"), pipeline.Options{}); err != nil {
+		t.Fatal(err)
+	}
+	if !strings.Contains(logs.String(), "1 record has an empty (or white space) answer, scored on <end_of_turn> alone; the first is the held-out row 2 of stage held") {
+		t.Errorf("an empty held-out answer: %s", logs.String())
 	}
 }
 

@@ -7,6 +7,7 @@ import (
 	"fmt"
 	"io"
 	"io/fs"
+	"math"
 	"slices"
 	"strconv"
 	"strings"
@@ -197,7 +198,12 @@ func parseQuestion(line []byte) (Question, error) {
 	default:
 		n, err := strconv.ParseInt(string(raw), 10, 64)
 		if err != nil {
-			return q, fmt.Errorf("%s %s is neither an integer nor a string", ColQuestionID, raw)
+			// 81.0: an integer column pandas wrote as floats.
+			f, ferr := strconv.ParseFloat(string(raw), 64)
+			if ferr != nil || f != math.Trunc(f) || math.Abs(f) >= 1<<53 {
+				return q, fmt.Errorf("%s %s is neither an integer nor a string", ColQuestionID, raw)
+			}
+			n = int64(f)
 		}
 		q.ID = n
 	}
@@ -303,6 +309,11 @@ func QuestionIDAt(col arrow.Array, i int) (any, error) {
 		return c.Value(i), nil
 	case *array.Int32:
 		return int64(c.Value(i)), nil
+	case *array.Float64: // integers pandas wrote as floats
+		if f := c.Value(i); f == math.Trunc(f) && math.Abs(f) < 1<<53 {
+			return int64(f), nil
+		}
+		return nil, fmt.Errorf("%s %v is not a whole number", ColQuestionID, c.Value(i))
 	case *array.String:
 		return c.Value(i), nil
 	case *array.LargeString:

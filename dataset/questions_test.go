@@ -67,6 +67,12 @@ func TestReadQuestions(t *testing.T) {
 		t.Errorf("a repeated id in an array: %v", err)
 	}
 
+	// pandas writes an integer column with a gap as floats.
+	f := writeText(t, dir, "f.jsonl", `{"question_id": 81.0, "turns": ["a"]}`+"\n")
+	if qs, err := ReadQuestions([]string{f}, 0, nil); err != nil || qs[0].ID != int64(81) {
+		t.Errorf("question_id 81.0: %v %v", qs, err)
+	}
+
 	s := writeText(t, dir, "s.jsonl", `{"question_id": "tr-1", "category": "reasoning", "turns": ["a", "b"]}`+"\n")
 	qs, err = ReadQuestions([]string{s}, 0, nil)
 	if err != nil || qs[0].ID != "tr-1" {

@@ -910,14 +910,14 @@ func canonicalJSON(v any) ([]byte, error) {
 // (transformers' learning_rate is a qlora stage's lr): a spec that uses
 // one of those names is told the name used here.
 type ParamSynonyms interface {
-	Synonyms() map[string]string // their name → ours
+	Synonyms() map[string]string // their name → ours; inside a mapping parameter, its path: "multiple_choice.num_fewshot"
 }
 
 // A ParamNotes is a Kind with notes on other tools' parameters that have
 // no one name here (TRL's packing is the pack stage's whole work): a spec
 // that uses one is told where its setting went.
 type ParamNotes interface {
-	ParamNotes() map[string]string // their name → what stands for it here
+	ParamNotes() map[string]string // their name (or path, as for Synonyms) → what stands for it here
 }
 
 // An InputChecker is a Kind that reads only some kinds of input stages (a

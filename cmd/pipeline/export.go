@@ -259,7 +259,7 @@ func copyFile(w io.Writer, path string) error {
 // exportTo writes path whole or not at all: on an error, a canceled ctx or
 // a signal, the temporary file is removed and path is left as it was.
 func exportTo(ctx context.Context, path string, write func(w io.Writer) error) error {
-	p, err := atomicfile.Create(path)
+	p, err := atomicfile.CreateOutput(path)
 	if err != nil {
 		return fmt.Errorf("--out: %w", err)
 	}

@@ -11,7 +11,6 @@ import (
 
 	"github.com/spf13/cobra"
 
-	"gemmaft/internal/atomicfile"
 	"gemmaft/report"
 	"gemmaft/stages"
 )
@@ -77,7 +76,7 @@ is in progress. Write it after each nightly run, next to the JSON report:
 			if abs, err := filepath.Abs(out); err == nil {
 				out = abs
 			}
-			if err := atomicfile.WriteFile(out, buf.Bytes()); err != nil {
+			if err := writeOutput(out, buf.Bytes()); err != nil {
 				return failErr(err)
 			}
 			notice(slog.LevelInfo, fmt.Sprintf("wrote %s (%d runs)", out, len(r.Runs)))

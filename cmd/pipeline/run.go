@@ -255,7 +255,22 @@ func writeReport(path string, rec *pipeline.RunRecord) error {
 	if err != nil {
 		return err
 	}
-	return atomicfile.WriteFile(path, append(data, '\n'))
+	return writeOutput(path, append(data, '\n'))
+}
+
+// writeOutput writes data to a path the user named (--out, --report),
+// whole or not at all; a device or a FIFO there is written in place
+// (atomicfile.CreateOutput).
+func writeOutput(path string, data []byte) error {
+	p, err := atomicfile.CreateOutput(path)
+	if err != nil {
+		return err
+	}
+	if _, err := p.Write(data); err != nil {
+		p.Abort()
+		return err
+	}
+	return p.Commit()
 }
 
 // checkWritable says why a file could not be written at path: its folder

@@ -95,7 +95,7 @@ was. A line longer than --max-line-bytes is an error.`,
 				}
 				return nil
 			}
-			out, err := atomicfile.Create(outPath)
+			out, err := atomicfile.CreateOutput(outPath)
 			if err != nil {
 				return failErr(fmt.Errorf("--out: %w", err))
 			}

@@ -6,6 +6,7 @@ import (
 	"bufio"
 	"errors"
 	"io"
+	"io/fs"
 	"os"
 	"path/filepath"
 	"sync"
@@ -39,6 +40,7 @@ type Pending struct {
 	w       *bufio.Writer
 	done    bool
 	untrack func()
+	inPlace bool // f is path itself (CreateOutput of a device or FIFO)
 }
 
 // Create starts writing a file to replace path. Writes are buffered.
@@ -53,6 +55,42 @@ func Create(path string) (*Pending, error) {
 		return nil, err
 	}
 	return &Pending{path: path, f: tmp, w: bufio.NewWriterSize(tmp, 1<<20), untrack: track(tmp.Name())}, nil
+}
+
+// CreateOutput is Create for a path a user named as a command's output.
+// A symbolic link is followed and its target replaced, keeping the link;
+// an existing file keeps its permissions. A path that is no regular file
+// (/dev/stdout, /dev/null, a FIFO) cannot be replaced without destroying
+// it: it is opened and written in place, as a shell's redirection writes
+// it, and Abort cannot take back what was written there.
+func CreateOutput(path string) (*Pending, error) {
+	if target, err := filepath.EvalSymlinks(path); err == nil {
+		path = target
+	}
+	fi, err := os.Stat(path)
+	switch {
+	case errors.Is(err, fs.ErrNotExist):
+		return Create(path)
+	case err != nil:
+		return nil, err
+	case fi.IsDir():
+		return nil, &os.PathError{Op: "create", Path: path, Err: errors.New("is a folder")}
+	case !fi.Mode().IsRegular():
+		f, err := os.OpenFile(path, os.O_WRONLY, 0)
+		if err != nil {
+			return nil, err
+		}
+		return &Pending{path: path, f: f, w: bufio.NewWriterSize(f, 1<<20), untrack: func() {}, inPlace: true}, nil
+	}
+	p, err := Create(path)
+	if err != nil {
+		return nil, err
+	}
+	if err := p.f.Chmod(fi.Mode().Perm()); err != nil {
+		p.Abort()
+		return nil, err
+	}
+	return p, nil
 }
 
 // namePath has an error about a temporary file name the path it stands
@@ -77,6 +115,12 @@ func (p *Pending) Commit() error {
 	p.done = true
 	defer p.untrack()
 	err := p.w.Flush()
+	if p.inPlace { // nothing to sync or rename: a device or a pipe
+		if cerr := p.f.Close(); err == nil {
+			err = cerr
+		}
+		return err
+	}
 	if err == nil {
 		err = p.f.Sync()
 	}
@@ -100,7 +144,9 @@ func (p *Pending) Abort() {
 	}
 	p.done = true
 	p.f.Close()
-	os.Remove(p.f.Name())
+	if !p.inPlace {
+		os.Remove(p.f.Name())
+	}
 	p.untrack()
 }
 

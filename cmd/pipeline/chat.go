@@ -315,23 +315,6 @@ type chatSession struct {
 	asked uint64
 }
 
-// checkedWriter keeps the first error of its writes, so that an answer
-// that could not be written (a full disk) fails the command rather than
-// vanish.
-type checkedWriter struct {
-	w   io.Writer
-	err error
-}
-
-func (c *checkedWriter) Write(p []byte) (int, error) {
-	if c.err != nil {
-		return 0, c.err
-	}
-	n, err := c.w.Write(p)
-	c.err = err
-	return n, err
-}
-
 // How an answer ended.
 type answerEnd int
 

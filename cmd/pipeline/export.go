@@ -192,7 +192,7 @@ it was and no temporary file behind.`,
 			ctx, stop := signalContext(2 * time.Second)
 			defer stop()
 			if out == "-" {
-				if err := write(ctxWriter{ctx, os.Stdout}, table); err != nil {
+				if err := write(ctxWriter{ctx, stdout}, table); err != nil {
 					return failErr(err)
 				}
 				return nil

@@ -75,18 +75,18 @@ gc removes entries waits for it; --dry-run waits for no run.`,
 			}
 			for i, k := range res.Removed {
 				if what := res.RemovedWhat[i]; what != "" {
-					fmt.Printf("%s %s: %s\n", verb, pipeline.ShortKey(k), what)
+					fmt.Fprintf(stdout, "%s %s: %s\n", verb, pipeline.ShortKey(k), what)
 				} else {
-					fmt.Printf("%s %s\n", verb, k)
+					fmt.Fprintf(stdout, "%s %s\n", verb, k)
 				}
 			}
 			entries := "entries"
 			if len(res.Removed) == 1 {
 				entries = "entry"
 			}
-			fmt.Printf("%s %d %s (%s), kept %d\n", verb, len(res.Removed), entries, pipeline.HumanBytes(res.Freed), res.Kept)
+			fmt.Fprintf(stdout, "%s %d %s (%s), kept %d\n", verb, len(res.Removed), entries, pipeline.HumanBytes(res.Freed), res.Kept)
 			if len(res.Leftovers) > 0 {
-				fmt.Printf("%s %s left by runs that were killed (tmp/, and checkpoints unchanged for a week in scratch/)\n", verb, pipeline.HumanBytes(res.LeftoverBytes))
+				fmt.Fprintf(stdout, "%s %s left by runs that were killed (tmp/, and checkpoints unchanged for a week in scratch/)\n", verb, pipeline.HumanBytes(res.LeftoverBytes))
 			}
 			if res.RunsActive {
 				notice(slog.LevelInfo, "gc: runs (or another gc) are using this cache now: the entries made since the last recorded run are kept, as gc, which waits for the runs, would keep them")

@@ -213,11 +213,11 @@ downloaded: fetch then checks that the cache holds everything.`,
 				results = append(results, out{Ref: ref.String(), Commit: res.Commit, Paths: paths, Note: res.Note})
 			}
 			if asJSON {
-				enc := json.NewEncoder(os.Stdout)
+				enc := json.NewEncoder(stdout)
 				enc.SetIndent("", "  ")
 				return enc.Encode(results)
 			}
-			w := tabwriter.NewWriter(os.Stdout, 0, 4, 2, ' ', 0)
+			w := tabwriter.NewWriter(stdout, 0, 4, 2, ' ', 0)
 			for _, r := range results {
 				fmt.Fprintf(w, "%s\t%s\t%s\n", r.Ref, r.Commit, strings.Join(r.Paths, " "))
 			}

@@ -64,21 +64,21 @@ the commit it read), or --tokenizer.`,
 				if err != nil {
 					return err
 				}
-				return printDecoded(os.Stdout, entry, rows, tk)
+				return printDecoded(stdout, entry, rows, tk)
 			}
 			if asJSON {
 				data, err := os.ReadFile(filepath.Join(entry, "manifest.json"))
 				if err != nil {
 					return failErr(err)
 				}
-				_, err = os.Stdout.Write(data)
+				_, err = stdout.Write(data)
 				return err
 			}
-			printManifest(os.Stdout, entry, m)
-			printResults(os.Stdout, entry)
-			printWatch(os.Stdout, args[0], []watched{{stage: m.Stage, dir: entry}}, false)
+			printManifest(stdout, entry, m)
+			printResults(stdout, entry)
+			printWatch(stdout, args[0], []watched{{stage: m.Stage, dir: entry}}, false)
 			if rows > 0 {
-				return printRows(os.Stdout, entry, rows)
+				return printRows(stdout, entry, rows)
 			}
 			return nil
 		},

@@ -9,6 +9,8 @@ package main
 import (
 	"context"
 	"errors"
+	"fmt"
+	"io"
 	"log/slog"
 	"os"
 	"regexp"
@@ -120,9 +122,19 @@ func main() {
 	os.Exit(execute(os.Args[1:]))
 }
 
+// stdout is where commands print: a write that fails (a full disk, a
+// closed file) fails the command, as it does for the tools a script pipes
+// them into, rather than exit 0 having printed nothing.
+var stdout = &checkedWriter{w: os.Stdout}
+
 func execute(args []string) int {
+	stdout.err = nil // for tests that execute several commands
+	root.SetOut(stdout)
 	root.SetArgs(args)
 	err := root.Execute()
+	if err == nil && stdout.err != nil {
+		err = failErr(fmt.Errorf("writing to standard output: %w", stdout.err))
+	}
 	if err == nil {
 		return exitOK
 	}
@@ -165,4 +177,21 @@ func indentedList(names []string, width int) string {
 		line += len(n)
 	}
 	return b.String()
+}
+
+// checkedWriter keeps the first error of its writes, so that an answer
+// that could not be written (a full disk) fails the command rather than
+// vanish.
+type checkedWriter struct {
+	w   io.Writer
+	err error
+}
+
+func (c *checkedWriter) Write(p []byte) (int, error) {
+	if c.err != nil {
+		return 0, c.err
+	}
+	n, err := c.w.Write(p)
+	c.err = err
+	return n, err
 }

@@ -1183,3 +1183,26 @@ func saveAdapter(t *testing.T, model, dir, base string) {
 		t.Fatal(err)
 	}
 }
+
+// TestStdoutWriteFails: a command whose output cannot be written (a full
+// disk) exits 1 saying so, rather than 0 having printed nothing.
+func TestStdoutWriteFails(t *testing.T) {
+	full, err := os.OpenFile("/dev/full", os.O_WRONLY, 0)
+	if err != nil {
+		t.Skip("no /dev/full here")
+	}
+	defer full.Close()
+	dir := t.TempDir()
+	writeFile(t, filepath.Join(dir, "s.yaml"), "name: s\nstages:\n  m: {kind: model, with: {preset: tiny}}\n")
+	for _, args := range [][]string{{"--help"}, {"plan", "s.yaml"}, {"run", "s.yaml"}, {"inspect", "s.yaml", "m"}, {"verify"}} {
+		cmd := exec.Command(os.Args[0], args...)
+		cmd.Dir = dir
+		cmd.Env = append(os.Environ(), "PIPELINE_CLI=1", "PIPELINE_CACHE="+filepath.Join(dir, "cache"))
+		var errb bytes.Buffer
+		cmd.Stdout, cmd.Stderr = full, &errb
+		err := cmd.Run()
+		if ee, ok := err.(*exec.ExitError); !ok || ee.ExitCode() != 1 || !strings.Contains(errb.String(), "no space left on device") {
+			t.Errorf("%v with stdout on a full disk: %v\n%s", args, err, errb.String())
+		}
+	}
+}

@@ -4,7 +4,6 @@ import (
 	"encoding/json"
 	"fmt"
 	"io"
-	"os"
 	"text/tabwriter"
 
 	"github.com/spf13/cobra"
@@ -71,11 +70,11 @@ kind's version changed, the entry is damaged, forced).`,
 				rows = append(rows, r)
 			}
 			if asJSON {
-				enc := json.NewEncoder(os.Stdout)
+				enc := json.NewEncoder(stdout)
 				enc.SetIndent("", "  ")
 				return enc.Encode(rows)
 			}
-			w := tabwriter.NewWriter(os.Stdout, 0, 4, 2, ' ', 0)
+			w := tabwriter.NewWriter(stdout, 0, 4, 2, ' ', 0)
 			fmt.Fprintln(w, "STAGE\tKIND\tKEY\tACTION\tWHY")
 			for _, r := range rows {
 				fmt.Fprintf(w, "%s\t%s\t%s\t%s\t%s\n", r.Stage, r.Kind, keyColumn(r.Key), r.Action, r.Why)
@@ -83,7 +82,7 @@ kind's version changed, the entry is damaged, forced).`,
 			if err := w.Flush(); err != nil {
 				return err
 			}
-			printRefs(os.Stdout, plan)
+			printRefs(stdout, plan)
 			return nil
 		},
 	}

@@ -70,7 +70,7 @@ is in progress. Write it after each nightly run, next to the JSON report:
 				return failErr(err)
 			}
 			if out == "-" {
-				_, err := os.Stdout.Write(buf.Bytes())
+				_, err := stdout.Write(buf.Bytes())
 				return err
 			}
 			if abs, err := filepath.Abs(out); err == nil {

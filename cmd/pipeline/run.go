@@ -314,7 +314,7 @@ func everyFailure(rec *pipeline.RunRecord, runErr error) error {
 
 // printSummary shows, on stdout, what each stage did and where its output is.
 func printSummary(rec *pipeline.RunRecord) {
-	w := tabwriter.NewWriter(os.Stdout, 0, 4, 2, ' ', 0)
+	w := tabwriter.NewWriter(stdout, 0, 4, 2, ' ', 0)
 	fmt.Fprintln(w, "STAGE\tSTATE\tROWS\tSECONDS\tOUTPUT")
 	for _, s := range rec.Stages {
 		if s.State == "not selected" {
@@ -331,8 +331,8 @@ func printSummary(rec *pipeline.RunRecord) {
 	}
 	w.Flush()
 	if rec.OK {
-		fmt.Printf("done in %.2fs\n", rec.Seconds)
+		fmt.Fprintf(stdout, "done in %.2fs\n", rec.Seconds)
 	} else {
-		fmt.Printf("stopped after %.2fs\n", rec.Seconds)
+		fmt.Fprintf(stdout, "stopped after %.2fs\n", rec.Seconds)
 	}
 }

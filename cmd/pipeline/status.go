@@ -3,7 +3,6 @@ package main
 import (
 	"errors"
 	"fmt"
-	"os"
 	"text/tabwriter"
 	"time"
 
@@ -42,13 +41,13 @@ the same of each run).`,
 			if err != nil {
 				return specOrFailErr(err)
 			}
-			fmt.Printf("dag %s (%s)\ncache %s\n", dag.Name, dag.Path, st.Root)
+			fmt.Fprintf(stdout, "dag %s (%s)\ncache %s\n", dag.Name, dag.Path, st.Root)
 			if s.RunningBy != "" {
-				fmt.Printf("running now: %s\n", s.RunningBy)
+				fmt.Fprintf(stdout, "running now: %s\n", s.RunningBy)
 			}
 			last := "last run"
 			if s.Unfinished != "" {
-				fmt.Printf("last run: DID NOT FINISH: %s; it was %s\n", s.Unfinished, pipeline.UnfinishedCauses)
+				fmt.Fprintf(stdout, "last run: DID NOT FINISH: %s; it was %s\n", s.Unfinished, pipeline.UnfinishedCauses)
 				last = "last finished run"
 			}
 			if s.Last != nil {
@@ -59,12 +58,12 @@ the same of each run).`,
 				case !s.Last.OK:
 					result = "FAILED: " + s.Last.Error
 				}
-				fmt.Printf("%s: %s, %.1fs, %s\n", last, s.Last.Started.Local().Format(time.DateTime), s.Last.Seconds, result)
+				fmt.Fprintf(stdout, "%s: %s, %.1fs, %s\n", last, s.Last.Started.Local().Format(time.DateTime), s.Last.Seconds, result)
 			} else {
-				fmt.Printf("%s: never\n", last)
+				fmt.Fprintf(stdout, "%s: never\n", last)
 			}
-			fmt.Println()
-			w := tabwriter.NewWriter(os.Stdout, 0, 4, 2, ' ', 0)
+			fmt.Fprintln(stdout)
+			w := tabwriter.NewWriter(stdout, 0, 4, 2, ' ', 0)
 			fmt.Fprintln(w, "STAGE\tKIND\tSTATE\tROWS\tSIZE\tCOMPUTED\tKEY")
 			for _, e := range s.Stages {
 				rows, size, when := "-", "-", "-"
@@ -87,9 +86,9 @@ the same of each run).`,
 			for _, e := range s.Stages {
 				switch {
 				case e.Unavailable != nil:
-					fmt.Printf("\n%s is unavailable: %v\n", e.Name, e.Unavailable)
+					fmt.Fprintf(stdout, "\n%s is unavailable: %v\n", e.Name, e.Unavailable)
 				case e.State == "missing" && e.Why != "":
-					fmt.Printf("\n%s is missing: %s\n", e.Name, e.Why)
+					fmt.Fprintf(stdout, "\n%s is missing: %s\n", e.Name, e.Why)
 				}
 			}
 			var entries []watched
@@ -102,8 +101,8 @@ the same of each run).`,
 					entries = append(entries, watched{stage: e.Name, dir: st.ScratchDir(e.Key), live: true})
 				}
 			}
-			fmt.Println()
-			printWatch(os.Stdout, args[0], entries, true)
+			fmt.Fprintln(stdout)
+			printWatch(stdout, args[0], entries, true)
 			if check {
 				return failErrIf(unhealthy(s))
 			}

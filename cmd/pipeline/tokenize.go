@@ -90,7 +90,7 @@ was. A line longer than --max-line-bytes is an error.`,
 			ctx, stop := signalContext(2 * time.Second)
 			defer stop()
 			if outPath == "" || outPath == "-" {
-				if err := tokenizeLines(ctx, tk, in, os.Stdout, addSpecial, offsets, maxLine); err != nil {
+				if err := tokenizeLines(ctx, tk, in, stdout, addSpecial, offsets, maxLine); err != nil {
 					return failErr(err)
 				}
 				return nil

@@ -55,29 +55,29 @@ run recomputes damaged entries and sets damaged checkpoints aside by itself, and
 				return failErr(err)
 			}
 			for _, d := range bad {
-				fmt.Printf("damaged %s: %v\n", d.Key, d.Err)
+				fmt.Fprintf(stdout, "damaged %s: %v\n", d.Key, d.Err)
 				if remove {
 					if err := st.Remove(d.Key); err != nil {
 						return failErr(err)
 					}
-					fmt.Printf("removed %s\n", d.Key)
+					fmt.Fprintf(stdout, "removed %s\n", d.Key)
 				}
 			}
 			// Resumable state too: a damaged checkpoint would be set aside
 			// at the next resume; say so now.
 			badScratch, checkpoints := st.VerifyScratch(keys)
 			for _, d := range badScratch {
-				fmt.Printf("damaged checkpoint %s: %v\n", d.Scratch, d.Err)
+				fmt.Fprintf(stdout, "damaged checkpoint %s: %v\n", d.Scratch, d.Err)
 				if remove {
 					if err := os.RemoveAll(d.Scratch); err != nil {
 						return failErr(err)
 					}
-					fmt.Printf("removed %s\n", d.Scratch)
+					fmt.Fprintf(stdout, "removed %s\n", d.Scratch)
 				}
 			}
-			fmt.Printf("verified %d entries, %d damaged\n", checked, len(bad))
+			fmt.Fprintf(stdout, "verified %d entries, %d damaged\n", checked, len(bad))
 			if checkpoints > 0 || len(badScratch) > 0 {
-				fmt.Printf("verified %d checkpoints of unfinished stages, %d damaged\n", checkpoints, len(badScratch))
+				fmt.Fprintf(stdout, "verified %d checkpoints of unfinished stages, %d damaged\n", checkpoints, len(badScratch))
 			}
 			if n := len(bad) + len(badScratch); n > 0 {
 				return &exitError{exitFailed, fmt.Errorf("%d damaged cache entries, %d damaged checkpoints", len(bad), len(badScratch))}

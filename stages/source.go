@@ -373,7 +373,12 @@ func (s *sourceStage) Run(ctx context.Context, t *pipeline.Task) error {
 		t.Log.Warn(fmt.Sprintf("the records of %s have a system text that this source leaves out of their conversations", strings.Join(unread, ", ")), "fix", fix)
 		t.SetStat("unread_system", len(unread))
 	}
-	reportNulls(t, src.Nulls(), s.opts.Layout, string(s.opts.Nulls))
+	nulls := src.Nulls()
+	reportNulls(t, nulls, s.opts.Layout, string(s.opts.Nulls))
+	if nulls.Dropped > 0 && out.Rows() == 0 {
+		// As an empty file fails here, not at the stage that needs a row.
+		return fmt.Errorf("every record had a null and was dropped (%d, nulls: drop); the first: %s", nulls.Dropped, firstNull(nulls))
+	}
 	if inv := src.Invalid(); inv.Dropped > 0 {
 		t.SetStat("invalid_dropped", inv.Dropped)
 		if out.Rows() == 0 {
@@ -382,6 +387,15 @@ func (s *sourceStage) Run(ctx context.Context, t *pipeline.Task) error {
 		t.Log.Warn(fmt.Sprintf("dropped %s the chat template refuses; the first: %s", counted(inv.Dropped, "conversation", "conversations"), strings.Join(inv.First, "; ")))
 	}
 	return nil
+}
+
+// firstNull says where the first null of a report's first column was.
+func firstNull(rep dataset.NullReport) string {
+	cols := slices.Sorted(maps.Keys(rep.First))
+	if len(cols) == 0 {
+		return "not recorded"
+	}
+	return fmt.Sprintf("%s in column %s", rep.First[cols[0]], cols[0])
 }
 
 // reportNulls puts the nulls a source met into the stage's statistics and

@@ -202,6 +202,12 @@ func TestSourceNullsReported(t *testing.T) {
 	if _, err := run(", nulls: skip"); err == nil || !pipeline.IsSpecError(err) || !strings.Contains(err.Error(), `nulls: unknown policy "skip"`) {
 		t.Errorf("bad policy: %v", err)
 	}
+	// Dropping every record fails the source, as an empty file does,
+	// rather than an empty entry failing a later stage.
+	os.WriteFile(filepath.Join(r.dir, "a.jsonl"), []byte(`{"instruction": "Bir", "input": "", "output": null}`+"\n"), 0o644)
+	if _, err := run(", nulls: drop"); err == nil || !strings.Contains(err.Error(), "every record had a null and was dropped (1, nulls: drop); the first: "+filepath.Join(r.dir, "a.jsonl")+" line 1 in column output") {
+		t.Errorf("every record dropped: %v", err)
+	}
 }
 
 // TestRolesKeptInTheKey: a role mapping the defaults have gained since

@@ -531,7 +531,8 @@ stages:
 
 // TestTextStage: plain texts (whole files and a JSON lines column) are
 // tokenized as Hugging Face tokenizers does with its special tokens (one
-// <bos>), and with eos: true end with <eos>; every token is trained.
+// <bos>), and with eos: true end with <eos>; every token is trained; an
+// empty text is left out, counted and warned of.
 func TestTextStage(t *testing.T) {
 	testenv.NeedTool(t, "node")
 	tok := testenv.GemmaFile(t, "tokenizer.json")
@@ -597,6 +598,9 @@ stages:
 	check("eos", []string{"Kısa bir metin.", "  Boşluklarla başlayan\nve biten bir metin.  "}, true)
 	if st := rec.Stages[3].Stats; fmt.Sprint(st["dropped_records"]) != "1" {
 		t.Errorf("the empty text: statistics %v", st)
+	}
+	if !strings.Contains(logs.String(), "1 record is empty, and left out; the first is row 2 of stage rows") {
+		t.Errorf("the empty text was not warned of:\n%s", logs.String())
 	}
 
 	// Wiring: eos ends plain texts; last_assistant picks a turn; a chat

@@ -149,6 +149,16 @@ var TokensSchema = arrow.NewSchema([]arrow.Field{
 // tokenCounts are the statistics a tokenize stage reports.
 type tokenCounts struct {
 	records, tokens, trained, words, dropped int64
+	read                                     int64 // rows of the input before the batch in hand
+	firstDropped                             int64 // the input's row (from 0) of the first dropped, once dropped > 0
+}
+
+// drop counts row i of the batch in hand as dropped.
+func (c *tokenCounts) drop(i int) {
+	if c.dropped == 0 {
+		c.firstDropped = c.read + int64(i)
+	}
+	c.dropped++
 }
 
 func (s *tokenizeStage) Run(ctx context.Context, t *pipeline.Task) error {
@@ -192,6 +202,11 @@ func (s *tokenizeStage) Run(ctx context.Context, t *pipeline.Task) error {
 	t.SetStat("tokens", c.tokens)
 	t.SetStat("trained_tokens", c.trained)
 	t.SetStat("dropped_records", c.dropped)
+	if c.dropped > 0 {
+		in := t.Inputs[0].Name
+		t.Log.Warn(fmt.Sprintf("%s empty, and left out; the first is row %d of stage %s", counted(c.dropped, "record is", "records are"), c.firstDropped+1, in),
+			"fix", "remove empty records (or files) from the data")
+	}
 	if c.records > 0 {
 		t.SetStat("tokens_per_record", float64(c.tokens)/float64(c.records))
 	}
@@ -251,7 +266,7 @@ func (s *tokenizeStage) tokenizeBatch(tok *tokenizer.Tokenizer, bos int32, in *p
 	idsV, labV := idsB.ValueBuilder().(*array.Int32Builder), labB.ValueBuilder().(*array.Int32Builder)
 	for i := 0; i < n; i++ {
 		if len(ids[i]) == 0 {
-			c.dropped++
+			c.drop(i)
 			continue
 		}
 		if ids[i][0] != bos {
@@ -277,6 +292,7 @@ func (s *tokenizeStage) tokenizeBatch(tok *tokenizer.Tokenizer, bos int32, in *p
 		c.tokens += int64(len(ids[i]))
 		c.words += int64(len(strings.Fields(texts[i])))
 	}
+	c.read += int64(n)
 	return b.NewRecordBatch(), nil
 }
 
@@ -300,7 +316,7 @@ func tokenizeTexts(tok *tokenizer.Tokenizer, bos, eos int32, in *pipeline.Input,
 	idsV, labV := idsB.ValueBuilder().(*array.Int32Builder), labB.ValueBuilder().(*array.Int32Builder)
 	for i := 0; i < n; i++ {
 		if texts[i] == "" {
-			c.dropped++
+			c.drop(i)
 			continue
 		}
 		row := ids[i]
@@ -319,5 +335,6 @@ func tokenizeTexts(tok *tokenizer.Tokenizer, bos, eos int32, in *pipeline.Input,
 		c.trained += int64(len(row))
 		c.words += int64(len(strings.Fields(texts[i])))
 	}
+	c.read += int64(n)
 	return b.NewRecordBatch(), nil
 }

@@ -115,6 +115,9 @@ func openStore(dag *pipeline.DAG) (*pipeline.Store, error) {
 	}
 	st, err := pipeline.OpenStore(root)
 	if err != nil {
+		if fi, serr := os.Stat(root); serr == nil && !fi.IsDir() { // a slip in the naming, not a failure
+			return nil, usageErr(fmt.Errorf("cache %s is a file, not a folder: check --cache, $%s or the spec's cache:", root, pipeline.CacheEnv))
+		}
 		return nil, failErr(err)
 	}
 	return st, nil

@@ -1206,3 +1206,14 @@ func TestStdoutWriteFails(t *testing.T) {
 		}
 	}
 }
+
+// TestCacheIsAFile: a --cache naming a file is a usage error (exit 2),
+// not a failure of the run.
+func TestCacheIsAFile(t *testing.T) {
+	dir := t.TempDir()
+	writeFile(t, filepath.Join(dir, "s.yaml"), "name: s\nstages:\n  m: {kind: model, with: {preset: tiny}}\n")
+	r := runCLI(t, dir, "run", "s.yaml", "--cache", "s.yaml")
+	if r.code != 2 || !strings.Contains(r.stderr, "s.yaml is a file, not a folder: check --cache") {
+		t.Errorf("--cache a file: exit %d\n%s", r.code, r.stderr)
+	}
+}

@@ -449,7 +449,7 @@ func Open(opts SourceOptions) (*Source, error) {
 	}
 
 	for _, path := range opts.Paths {
-		format, err := formatOf(path, opts.Format)
+		format, err := FormatOf(path, opts.Format)
 		if err != nil {
 			s.closeFiles()
 			return nil, err
@@ -523,7 +523,9 @@ func layoutName(l Layout) string {
 	return string(l)
 }
 
-func formatOf(path string, forced Format) (Format, error) {
+// FormatOf is the format a source reads path in: forced, or else the one
+// its extension names.
+func FormatOf(path string, forced Format) (Format, error) {
 	switch forced {
 	case FormatParquet, FormatJSONL, FormatText:
 		return forced, nil

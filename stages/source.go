@@ -255,6 +255,10 @@ func (fs *fileSet) add(f string) error {
 // one its stage reads (a Parquet file in a jsonl stage, JSON in a parquet
 // one), which would otherwise fail the run as a corrupt file.
 func checkFormat(path string, want dataset.Format) error {
+	if _, err := dataset.FormatOf(path, want); err != nil {
+		return &pipeline.ParamError{Param: "paths", Msg: strings.TrimPrefix(err.Error(), "dataset: "),
+			Fix: "rename the file for what it holds, or list only data files"}
+	}
 	got, err := dataset.SniffFormat(nil, path)
 	if err != nil {
 		return &pipeline.ParamError{Param: "paths", Msg: err.Error()}

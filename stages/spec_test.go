@@ -302,18 +302,21 @@ func TestSourcePathMistakes(t *testing.T) {
 	_ = strconv.Itoa
 }
 
-// TestSourceKindAndFileDisagree: a Parquet file in a jsonl stage, or JSON
-// lines in a parquet stage, is a spec error saying which kind reads it,
-// not a corrupt file once the run reaches it.
+// TestSourceKindAndFileDisagree: a Parquet file in a jsonl stage, JSON
+// lines in a parquet stage, or a file of no known type in a text stage, is
+// a spec error saying so, not a failure once the run reaches it.
 func TestSourceKindAndFileDisagree(t *testing.T) {
 	r := newTestRun(t)
 	jsonl := filepath.Join(r.dir, "a.jsonl")
 	os.WriteFile(jsonl, []byte("\xef\xbb\xbf  "+`{"instruction": "a", "input": "", "output": "b"}`+"\n"), 0o644)
 	parquet := filepath.Join(r.dir, "a.parquet")
 	writeParquet(t, parquet, stringBatch([]string{"instruction", "input", "output"}, []string{"a", "", "b"}))
+	rst := filepath.Join(r.dir, "README.rst")
+	os.WriteFile(rst, []byte("Bir metin.\n"), 0o644)
 	for _, c := range []struct{ kind, path, want string }{
 		{"parquet", jsonl, jsonl + " holds JSON, not Parquet\n\tfix: read it with kind: jsonl"},
 		{"jsonl", parquet, parquet + " is a Parquet file, not JSON lines\n\tfix: read it with kind: parquet"},
+		{"text", rst, rst + ": unknown file type (want .parquet, .jsonl"},
 	} {
 		path := r.spec("name: x\nstages:\n  a:\n    kind: " + c.kind + "\n    with:\n      paths: [" + c.path + "]\n")
 		_, err := loadSpec(path, Registry())

@@ -99,7 +99,9 @@ func Load(data []byte) (*Tokenizer, error) {
 		return nil, fmt.Errorf("tokenizer.json: %w", err)
 	}
 	if !haveModel {
-		return nil, fmt.Errorf("tokenizer.json: no model")
+		// tokenizer_config.json, special_tokens_map.json and the like sit
+		// beside the file meant.
+		return nil, fmt.Errorf("tokenizer.json: no model: not a tokenizer.json (the tokenizers library's file, with the vocabulary under \"model\")")
 	}
 	for _, key := range []string{"truncation", "padding"} {
 		if v, ok := raw[key]; ok && string(v) != "null" {

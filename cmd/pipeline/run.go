@@ -277,6 +277,12 @@ func writeOutput(path string, data []byte) error {
 // is missing or not writable, or path is a folder (in which a file called
 // like would do).
 func checkWritable(path, like string) error {
+	if target, err := filepath.EvalSymlinks(path); err == nil {
+		path = target // written through the link (atomicfile.CreateOutput)
+	}
+	if fi, err := os.Stat(path); err == nil && !fi.IsDir() && !fi.Mode().IsRegular() {
+		return nil // a device or a FIFO, written in place: nothing to replace in its folder
+	}
 	dir := filepath.Dir(path)
 	fi, err := os.Stat(dir)
 	switch {

@@ -38,8 +38,12 @@ gc removes entries waits for it; --dry-run waits for no run.`,
   pipeline gc --keep-last 1 --older-than 30d --dry-run`,
 		Args: exactArgs(0, "no arguments"),
 		RunE: func(cmd *cobra.Command, args []string) error {
-			if keepLast < 0 {
+			switch {
+			case keepLast < 0:
 				return usageErr(errors.New("--keep-last must not be negative"))
+			case keepLast == 0 && olderThan == "" && !dryRun:
+				// Many tools read 0 as no limit; here it would empty the cache.
+				return usageErr(fmt.Errorf("--keep-last 0 keeps the entries of no run: every entry would go, trained adapters too; give 1 or more, add --older-than to keep by age alone, --dry-run to see what would go, or remove the cache folder to empty it"))
 			}
 			opts := pipeline.GCOptions{KeepLast: keepLast, DryRun: dryRun, NoWait: noWait}
 			if olderThan != "" {
@@ -95,7 +99,7 @@ gc removes entries waits for it; --dry-run waits for no run.`,
 		},
 	}
 	f := cmd.Flags()
-	f.IntVar(&keepLast, "keep-last", 3, "keep the entries used by each DAG's last N runs")
+	f.IntVar(&keepLast, "keep-last", 3, "keep the entries used by each DAG's last N runs (0 only with --older-than, by age alone, or --dry-run)")
 	f.StringVar(&olderThan, "older-than", "", "remove only entries unused for this long (e.g. 12h, 30d, 2w)")
 	f.BoolVar(&dryRun, "dry-run", false, "only say what would be removed")
 	f.BoolVar(&noWait, "no-wait", false, "exit at once (code 75) if runs are using the cache, instead of waiting for them")

@@ -774,6 +774,13 @@ func TestVerifyReportsDamage(t *testing.T) {
 		!regexp.MustCompile(`would remove [0-9a-f]{12}: stage src \(jsonl\), computed \d{4}-\d\d-\d\d \d\d:\d\d`).MatchString(r.stdout) {
 		t.Fatalf("gc dry run: %d %s %s", r.code, r.stdout, r.stderr)
 	}
+	// Not for real: 0 reads as "no limit" to many, and would empty the cache.
+	if r := runCLI(t, dir, "gc", "--keep-last", "0"); r.code != 2 || !strings.Contains(r.stderr, "--keep-last 0 keeps the entries of no run") {
+		t.Errorf("gc --keep-last 0: %d %s", r.code, r.stderr)
+	}
+	if r := runCLI(t, dir, "status", spec); !strings.Contains(r.stdout, "cached") {
+		t.Errorf("the entry after a refused gc --keep-last 0: %s", r.stdout)
+	}
 }
 
 // TestBenchTrainUsage: bench train refuses a missing or doubled model and

@@ -19,7 +19,6 @@ import (
 
 	"gemmaft/chat"
 	"gemmaft/converse"
-	"gemmaft/stages"
 	"gemmaft/tokenizer"
 	"gemmaft/trainer"
 )
@@ -211,12 +210,9 @@ in float32 (--backend cpu).`,
 				defer stop()
 			}
 			if adapterDir != "" {
-				if err := trainer.CheckAdapterDir(adapterDir); err != nil {
-					return usageErr(fmt.Errorf("chat: --adapter: %w", err))
-				}
-				nf4, err := stages.CheckCachedAdapter(modelDir, adapterDir, otherBase)
+				nf4, err := checkAdapterArg("chat", modelDir, adapterDir, otherBase)
 				if err != nil {
-					return usageErr(fmt.Errorf("chat: %w", err))
+					return err
 				}
 				if nf4 && quantize == "" {
 					quantize = "nf4"

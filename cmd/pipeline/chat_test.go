@@ -364,6 +364,30 @@ stages:
 			t.Errorf("%s's adapter on %s %v: exit %d\n%s", filepath.Base(filepath.Dir(c.adapter)), c.model, c.extra, r.code, r.stderr)
 		}
 	}
+	// merge and loss check the base as chat does.
+	rows := filepath.Join(dir, "rows.jsonl")
+	if r := runCLI(t, dir, "export", spec, "pack", "--out", rows); r.code != 0 {
+		t.Fatalf("export pack: %d\n%s", r.code, r.stderr)
+	}
+	for _, c := range []struct {
+		args []string
+		ok   bool
+	}{
+		{[]string{"merge", "--model", "other-copy", "--adapter", adapter, "--tokenizer", filepath.Dir(tok), "--out", "m1"}, false},
+		{[]string{"merge", "--model", "other-copy", "--adapter", adapter, "--tokenizer", filepath.Dir(tok), "--out", "m2", "--other-base"}, true},
+		{[]string{"merge", "--model", "base-copy", "--adapter", adapter, "--tokenizer", filepath.Dir(tok), "--out", "m3"}, true},
+		{[]string{"loss", "--model", "other-copy", "--adapter", adapter, "--data", rows, "--backend", "cpu"}, false},
+		{[]string{"loss", "--model", "other-copy", "--adapter", adapter, "--data", rows, "--backend", "cpu", "--other-base"}, true},
+	} {
+		r := runCLI(t, dir, c.args...)
+		if c.ok != (r.code == 0) || !c.ok && (r.code != 2 || !strings.Contains(r.stderr, "an adapter for another base; --other-base")) {
+			t.Errorf("%v: exit %d\n%s", c.args, r.code, r.stderr)
+		}
+	}
+	if r := runCLI(t, dir, "merge", "--model", "base-copy", "--adapter", filepath.Dir(adapter), "--tokenizer", filepath.Dir(tok), "--out", "m4"); r.code != 2 || !strings.Contains(r.stderr, "holds no adapter_config.json, but "+adapter+" does") {
+		t.Errorf("merge --adapter of the entry above the adapter: exit %d\n%s", r.code, r.stderr)
+	}
+
 	// The adapter exports as its PEFT folder, file for file; not as GGUF.
 	out := filepath.Join(dir, "tr-adapter")
 	if r := runCLI(t, dir, "export", spec, "adapter", "--out", out); r.code != 0 {

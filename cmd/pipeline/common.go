@@ -17,6 +17,7 @@ import (
 	"gemmaft/pipeline"
 	"gemmaft/ranks"
 	"gemmaft/stages"
+	"gemmaft/trainer"
 )
 
 // Flags shared by the commands that use the cache.
@@ -239,4 +240,19 @@ func exactArgs(n int, what string) cobra.PositionalArgs {
 		}
 		return nil
 	}
+}
+
+// checkAdapterArg checks a command's --adapter before any model loads: a
+// PEFT adapter folder, and for a qlora stage's adapter in the cache, one
+// trained on --model's checkpoint unless otherBase (--other-base). Both
+// are the arguments' fault: exit 2. trainedNF4 says the adapter trained on
+// an NF4 base.
+func checkAdapterArg(command, modelDir, adapterDir string, otherBase bool) (trainedNF4 bool, err error) {
+	if err := trainer.CheckAdapterDir(adapterDir); err != nil {
+		return false, usageErr(fmt.Errorf("%s: --adapter: %w", command, err))
+	}
+	if trainedNF4, err = stages.CheckCachedAdapter(modelDir, adapterDir, otherBase); err != nil {
+		return false, usageErr(fmt.Errorf("%s: %w", command, err))
+	}
+	return trainedNF4, nil
 }

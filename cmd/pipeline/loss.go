@@ -12,6 +12,7 @@ import (
 
 func init() {
 	var modelDir, adapterDir, quantize, dataPath, backend string
+	var otherBase bool
 	cmd := &cobra.Command{
 		Use:   "loss --model DIR [--adapter DIR] [--quantize nf4] [--backend auto|cpu|cuda] --data FILE",
 		Short: "Print the mean token loss of packed rows under a model",
@@ -43,6 +44,11 @@ trainer (auto: the GPU when one is usable).`,
 			}
 			if adapterDir, err = localArg(cmd.Context(), "adapter", adapterDir, argFolder); err != nil {
 				return err
+			}
+			if adapterDir != "" {
+				if _, err := checkAdapterArg("loss", modelDir, adapterDir, otherBase); err != nil {
+					return err
+				}
 			}
 			rows, err := trainer.ReadPackedRows(dataPath)
 			if err != nil {
@@ -111,6 +117,7 @@ trainer (auto: the GPU when one is usable).`,
 	}
 	cmd.Flags().StringVar(&modelDir, "model", "", "Gemma 3 checkpoint directory (config.json + safetensors), or hf://ORG/NAME[@REV]")
 	cmd.Flags().StringVar(&adapterDir, "adapter", "", "PEFT LoRA adapter directory, or hf://ORG/NAME[@REV]")
+	cmd.Flags().BoolVar(&otherBase, "other-base", false, "score an adapter of the cache on --model even where that is not the checkpoint it was trained on")
 	cmd.Flags().StringVar(&quantize, "quantize", "", "quantise the base projections: nf4")
 	cmd.Flags().StringVar(&dataPath, "data", "", "packed rows: Arrow IPC file or JSON lines")
 	cmd.Flags().StringVar(&backend, "backend", "auto", "cpu, cuda, or auto (the GPU when usable)")

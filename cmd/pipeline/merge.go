@@ -16,6 +16,7 @@ import (
 
 func init() {
 	var modelDir, adapterDir, out, base, tokDir string
+	var otherBase bool
 	var shardGB float64
 	cmd := &cobra.Command{
 		Use:   "merge --model DIR --adapter DIR --out DIR [--base dequantized|original]",
@@ -69,6 +70,9 @@ model card (README.md) and the Gemma NOTICE.`,
 			if _, err := trainer.LoadConfig(modelDir); err != nil {
 				return usageErr(fmt.Errorf("merge: --model: %w", err))
 			}
+			if _, err := checkAdapterArg("merge", modelDir, adapterDir, otherBase); err != nil {
+				return err
+			}
 			if tokDir == "" && !trainer.ShipsOwnTokenizer(modelDir) {
 				return usageErr(fmt.Errorf("merge: %s has no tokenizer.json; give --tokenizer DIR, the folder of the tokenizer the adapter was trained with", modelDir))
 			}
@@ -93,6 +97,7 @@ model card (README.md) and the Gemma NOTICE.`,
 	f.StringVar(&out, "out", "", "new checkpoint folder (must not exist)")
 	f.StringVar(&base, "base", string(trainer.MergeDequantized), "dequantized or original")
 	f.StringVar(&tokDir, "tokenizer", "", "folder with tokenizer.json (or hf://ORG/NAME[@REV]), when --model has none")
+	f.BoolVar(&otherBase, "other-base", false, "merge an adapter of the cache into --model even where that is not the checkpoint it was trained on")
 	f.Float64Var(&shardGB, "max-shard-gb", 5, "largest shard, in GB")
 	root.AddCommand(cmd)
 }

@@ -186,7 +186,10 @@ func MergeAdapter(ctx context.Context, baseDir, adapterDir, out string, opts Mer
 		if err := copyTokenizerFiles(tokDir, tmp); err != nil {
 			return err
 		}
-		return writeGenerationConfig(baseDir, tokDir, tmp)
+		if err := writeGenerationConfig(baseDir, tokDir, tmp); err != nil {
+			return err
+		}
+		return ctx.Err() // a stop asked for while the last files were written: no folder
 	})
 }
 

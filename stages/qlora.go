@@ -343,6 +343,12 @@ func (s *qloraStage) Run(ctx context.Context, t *pipeline.Task) error {
 	if err != nil {
 		return err
 	}
+	if c, err := trainer.LoadConfig(model); err == nil && c.MaxPositions > 0 && len(first.InputIDs) > c.MaxPositions {
+		// transformers trains such rows too, at positions the model was
+		// never trained for; the eval and generate stages refuse them.
+		t.Log.Warn(fmt.Sprintf("the packed rows are %d tokens long, more than the model's context of %d positions (max_position_embeddings)", len(first.InputIDs), c.MaxPositions),
+			"fix", fmt.Sprintf("set the pack stage's seq_len to %d or less", c.MaxPositions))
+	}
 	// A mix stage's held-out examples, packed apart by the pack stage, are
 	// what the eval loss is computed on.
 	var heldOut trainer.Dataset

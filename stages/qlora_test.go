@@ -460,3 +460,28 @@ func TestAutoBackendSaysWhich(t *testing.T) {
 		t.Errorf("the log does not say which backend auto chose:\n%s", logs.String())
 	}
 }
+
+// TestRowsLongerThanTheContext: training rows longer than the model's
+// context train, as transformers trains them, and are warned of with the
+// seq_len that fits.
+func TestRowsLongerThanTheContext(t *testing.T) {
+	r := newTestRun(t)
+	var logs bytes.Buffer
+	r.log = slog.New(slog.NewTextHandler(&logs, nil))
+	model := filepath.Join(r.dir, "short")
+	cfg, err := trainer.Preset("tiny")
+	if err != nil {
+		t.Fatal(err)
+	}
+	cfg.MaxPositions = 64
+	if err := trainer.WriteRandomCheckpoint(model, cfg, trainer.InitOptions{Seed: 1}); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := r.run(r.spec(trainSpecOn(t, 1, model)), pipeline.Options{}); err != nil {
+		t.Fatal(err)
+	}
+	if !strings.Contains(logs.String(), "the packed rows are 128 tokens long, more than the model's context of 64 positions") ||
+		!strings.Contains(logs.String(), "set the pack stage's seq_len to 64 or less") {
+		t.Errorf("no warning:\n%s", logs.String())
+	}
+}

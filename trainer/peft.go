@@ -7,6 +7,7 @@ import (
 	"io/fs"
 	"os"
 	"path/filepath"
+	"reflect"
 	"strings"
 
 	"gemmaft/trainer/safetensors"
@@ -67,6 +68,51 @@ type adapterConfigJSON struct {
 	RankPattern         map[string]int `json:"rank_pattern"`
 	AlphaPattern        map[string]int `json:"alpha_pattern"`
 	Revision            *string        `json:"revision"`
+}
+
+// parseAdapterConfig reads adapter_config.json as PEFT's LoraConfig does:
+// r and lora_alpha left out are its defaults (8 and 8), and a value of the
+// wrong type is named by its field.
+func parseAdapterConfig(b []byte) (adapterConfigJSON, error) {
+	var ac adapterConfigJSON
+	if err := json.Unmarshal(b, &ac); err != nil {
+		var te *json.UnmarshalTypeError
+		switch {
+		case errors.As(err, &te) && te.Field != "":
+			return ac, fmt.Errorf("%s is a JSON %s, want %s", te.Field, te.Value, jsonTypeName(te.Type))
+		case errors.As(err, &te):
+			return ac, fmt.Errorf("a JSON %s, not an object", te.Value)
+		}
+		return ac, err
+	}
+	var present map[string]json.RawMessage
+	json.Unmarshal(b, &present) // an object: decoded above
+	if _, ok := present["r"]; !ok {
+		ac.R = 8
+	}
+	if _, ok := present["lora_alpha"]; !ok {
+		ac.LoraAlpha = 8
+	}
+	return ac, nil
+}
+
+// jsonTypeName says what JSON a Go type decodes from.
+func jsonTypeName(t reflect.Type) string {
+	switch t.Kind() {
+	case reflect.Int, reflect.Int64, reflect.Int32:
+		return "an integer"
+	case reflect.Float64, reflect.Float32:
+		return "a number"
+	case reflect.Bool:
+		return "true or false"
+	case reflect.String:
+		return "a string"
+	case reflect.Slice, reflect.Array:
+		return "a list"
+	case reflect.Map, reflect.Struct:
+		return "an object"
+	}
+	return t.String()
 }
 
 // BaseModel names the checkpoint an adapter was trained on, as PEFT's
@@ -176,15 +222,30 @@ func (m *ModelInfo) LoadAdapter(dir string) (*Adapter, error) {
 	if err != nil {
 		return nil, err
 	}
-	var ac adapterConfigJSON
-	if err := json.Unmarshal(cb, &ac); err != nil {
+	ac, err := parseAdapterConfig(cb)
+	if err != nil {
 		return nil, fmt.Errorf("%s: %w", filepath.Join(dir, AdapterConfigFile), err)
 	}
 	if ac.PeftType != "LORA" {
 		return nil, fmt.Errorf("%s: peft_type %q is not LORA", dir, ac.PeftType)
 	}
-	if ac.UseDora || ac.FanInFanOut || (ac.Bias != "" && ac.Bias != "none") || len(ac.RankPattern) > 0 || len(ac.AlphaPattern) > 0 {
-		return nil, fmt.Errorf("%s: DoRA, fan_in_fan_out, biases and rank/alpha patterns are not supported", dir)
+	var unsupported []string
+	for _, u := range []struct {
+		set  bool
+		what string
+	}{
+		{ac.UseDora, "use_dora: true (DoRA)"},
+		{ac.FanInFanOut, "fan_in_fan_out: true"},
+		{ac.Bias != "" && ac.Bias != "none", fmt.Sprintf("bias: %q (trained biases)", ac.Bias)},
+		{len(ac.RankPattern) > 0, "rank_pattern (a rank per module)"},
+		{len(ac.AlphaPattern) > 0, "alpha_pattern (an alpha per module)"},
+	} {
+		if u.set {
+			unsupported = append(unsupported, u.what)
+		}
+	}
+	if len(unsupported) > 0 {
+		return nil, fmt.Errorf("%s: not supported: %s; a plain LoRA adapter (one r and lora_alpha, no bias) is", dir, strings.Join(unsupported, ", "))
 	}
 	// An adapter of some layers only, or one that saves whole modules,
 	// would otherwise fail as made for another model.

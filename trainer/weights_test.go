@@ -205,9 +205,11 @@ func TestAdapterRoundTripAndMismatch(t *testing.T) {
 	cfgPath := filepath.Join(dir, AdapterConfigFile)
 	saved, _ := os.ReadFile(cfgPath)
 	for field, want := range map[string]string{
-		`"use_dora": true`:               "DoRA",
+		`"use_dora": true`:               "not supported: use_dora: true (DoRA); a plain LoRA adapter",
+		`"bias": "lora_only"`:            `not supported: bias: "lora_only" (trained biases)`,
 		`"layers_to_transform": [0, 1]`:  "layers_to_transform and modules_to_save are not supported",
 		`"modules_to_save": ["lm_head"]`: "layers_to_transform and modules_to_save are not supported",
+		`"r": "8"`:                       "adapter_config.json: r is a JSON string, want an integer",
 	} {
 		name := strings.SplitN(field, ":", 2)[0]
 		edited := regexp.MustCompile(name+`: [^,\n]*(\[[^\]]*\])?`).ReplaceAllString(string(saved), field)
@@ -218,6 +220,12 @@ func TestAdapterRoundTripAndMismatch(t *testing.T) {
 		if _, err := m.LoadAdapter(dir); err == nil || !strings.Contains(err.Error(), want) {
 			t.Errorf("%s: %v, want %q", field, err, want)
 		}
+	}
+	os.WriteFile(cfgPath, saved, 0o644)
+	// lora_alpha left out is PEFT's default, 8.
+	os.WriteFile(cfgPath, regexp.MustCompile(`"lora_alpha": [^,\n]*,?\n`).ReplaceAll(saved, nil), 0o644)
+	if a, err := m.LoadAdapter(dir); err != nil || a.Config.Alpha != 8 {
+		t.Errorf("adapter_config.json without lora_alpha: %v", err)
 	}
 	os.WriteFile(cfgPath, saved, 0o644)
 }

@@ -361,7 +361,7 @@ func planMix(srcs []*mixSource, p *mixParams) error {
 			h = max(1, int(math.Round(p.HeldOut*float64(n))))
 		}
 		if h >= n {
-			return fmt.Errorf("holding out %d of the %d examples of stage %s leaves none to train on", h, n, src.name)
+			return fmt.Errorf("holding out %d of the %d examples of stage %s (heldout %v) leaves none to train on; lower heldout", h, n, src.name, p.HeldOut)
 		}
 		src.heldout = make([]bool, n)
 		for _, j := range perm[:h] {

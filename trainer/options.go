@@ -236,7 +236,7 @@ func makeRowPlan(n int, o *TrainOptions) (*rowPlan, error) {
 		nEval = max(1, int(math.Round(o.EvalFraction*float64(n))))
 	}
 	if nEval >= n {
-		return nil, fmt.Errorf("train: holding out %d of %d rows leaves none to train on", nEval, n)
+		return nil, fmt.Errorf("train: holding out %d of %d rows (eval_fraction %v) leaves none to train on; lower eval_fraction, or pack more rows", nEval, n, o.EvalFraction)
 	}
 	p := &rowPlan{eval: append([]int(nil), perm[:nEval]...), train: append([]int(nil), perm[nEval:]...)}
 	sort.Ints(p.eval)

@@ -320,7 +320,7 @@ func train(ctx context.Context, s Session, data Dataset, opts TrainOptions, p *r
 			if ck != nil && !savedSinceResume {
 				return nil, &resumeDiverged{step: step + 1, loss: loss}
 			}
-			return nil, fmt.Errorf("step %d: loss is %v", step+1, loss)
+			return nil, fmt.Errorf("step %d: loss is %v: training diverged; lower lr (it is %g), or keep max_grad_norm clipping on", step+1, loss, opts.LR)
 		}
 		factor, _ := LRFactor(opts.Schedule, step, opts.WarmupSteps, p.total)
 		lr := opts.LR * factor
@@ -453,7 +453,8 @@ func batchFrom(data Dataset, idx []int, what string) (*Batch, int64, error) {
 // warnUnused says which settings the plan of rows leaves without effect,
 // where transformers' Trainer would act on them: max_steps past the
 // epochs (it loops over the data again; here the epochs bound the run),
-// eval_every with nothing held out (it refuses), and ranks beyond
+// a warmup as long as the run (lr never reached), eval_every with nothing
+// held out (it refuses), and ranks beyond
 // grad_accum (a step's micro-batches are shared among the ranks, so those
 // have none; transformers multiplies the batch by the ranks instead).
 func warnUnused(log *slog.Logger, p *rowPlan, o TrainOptions, ranks int) {
@@ -464,6 +465,11 @@ func warnUnused(log *slog.Logger, p *rowPlan, o TrainOptions, ranks int) {
 	if o.MaxSteps > p.stepsPerEpoch*o.Epochs {
 		log.Warn("max_steps is more than the epochs give: training stops when they end", "max_steps", o.MaxSteps,
 			"epochs", o.Epochs, "steps", p.total, "fix", fmt.Sprintf("raise epochs to %d to train %d steps", (o.MaxSteps+p.stepsPerEpoch-1)/p.stepsPerEpoch, o.MaxSteps))
+	}
+	if o.WarmupSteps >= p.total && p.total > 0 {
+		// transformers warms up as long all the same: lr never reaches its value.
+		log.Warn("the warmup is as long as training or longer: the learning rate never reaches lr", "warmup_steps", o.WarmupSteps,
+			"steps", p.total, "fix", fmt.Sprintf("set warmup_steps below %d (or warmup_ratio, a share of the steps)", p.total))
 	}
 	if o.EvalEvery > 0 && len(p.eval) == 0 && o.EvalData == nil {
 		log.Warn("eval_every has nothing to evaluate: no rows are held out", "eval_every", o.EvalEvery,

@@ -287,6 +287,15 @@ func TestWarnUnused(t *testing.T) {
 	if got := said(45, o, 4); got != "" {
 		t.Errorf("4 ranks, grad_accum 4: %s", got)
 	}
+	o = base
+	o.WarmupSteps = 6
+	if got := said(45, o); !strings.Contains(got, "the learning rate never reaches lr") || !strings.Contains(got, "set warmup_steps below 6") {
+		t.Errorf("a warmup of the whole run: %s", got)
+	}
+	o.WarmupSteps = 5
+	if got := said(45, o); got != "" {
+		t.Errorf("a warmup of 5 steps of 6: %s", got)
+	}
 }
 
 // TestWarmupRatio: a warmup ratio is that share of the run's steps,

@@ -107,7 +107,7 @@ func (r PackedRow) check() error {
 		return fmt.Errorf("position_ids has %d entries, input_ids %d", len(r.PositionIDs), n)
 	}
 	if len(r.SeqLengths) == 0 {
-		return errors.New("seq_lengths is empty")
+		return errors.New("no seq_lengths: a packed row lists the lengths of the examples packed into it (pipeline export of a pack stage writes them)")
 	}
 	return nil
 }

@@ -31,20 +31,26 @@ type PackedRow struct {
 func NewBatch(rows []PackedRow) (*Batch, error) {
 	b := &Batch{}
 	for ri, r := range rows {
+		bad := func(format string, args ...any) error {
+			if len(rows) > 1 { // one row's caller names it
+				format, args = "row %d: "+format, append([]any{ri}, args...)
+			}
+			return fmt.Errorf(format, args...)
+		}
 		n := len(r.InputIDs)
 		if len(r.Labels) != n || (r.PositionIDs != nil && len(r.PositionIDs) != n) {
-			return nil, fmt.Errorf("row %d: input_ids, labels and position_ids lengths differ (%d, %d, %d)", ri, n, len(r.Labels), len(r.PositionIDs))
+			return nil, bad("input_ids, labels and position_ids lengths differ (%d, %d, %d)", n, len(r.Labels), len(r.PositionIDs))
 		}
 		base := int32(len(b.IDs))
 		used := 0
 		for _, l := range r.SeqLengths {
 			if l <= 0 {
-				return nil, fmt.Errorf("row %d: seq_lengths holds %d", ri, l)
+				return nil, bad("seq_lengths holds %d", l)
 			}
 			used += int(l)
 		}
 		if used > n {
-			return nil, fmt.Errorf("row %d: seq_lengths sum to %d, more than the row's %d tokens", ri, used, n)
+			return nil, bad("seq_lengths sum to %d, more than the row's %d tokens", used, n)
 		}
 		start := 0
 		segs := append([]int32(nil), r.SeqLengths...)
@@ -94,6 +100,9 @@ func (b *Batch) validate(c *Config) error {
 			return fmt.Errorf("token %d: id %d outside the model's vocabulary [0, %d): were the rows tokenized with another model's tokenizer?", i, id, c.VocabSize)
 		}
 		if t := b.Targets[i]; t != IgnoreIndex && (t < 0 || int(t) >= c.VocabSize) {
+			if t < 0 {
+				return fmt.Errorf("token %d: label %d: a label is a token id, or %d where the token is not trained", i, t, IgnoreIndex)
+			}
 			return fmt.Errorf("token %d: label %d outside the model's vocabulary [0, %d): were the rows tokenized with another model's tokenizer?", i, t, c.VocabSize)
 		}
 		if b.Pos[i] < 0 {

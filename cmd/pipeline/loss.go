@@ -99,11 +99,11 @@ trainer (auto: the GPU when one is usable).`,
 			for i, row := range rows {
 				batch, err := trainer.NewBatch([]trainer.PackedRow{row})
 				if err != nil {
-					return failErr(fmt.Errorf("%s: row %d: %w", dataPath, i, err))
+					return failErr(fmt.Errorf("%s: packed row %d: %w", dataPath, i+1, err))
 				}
 				s, n, err := sess.Loss(batch)
 				if err != nil {
-					return failErr(fmt.Errorf("%s: row %d: %w", dataPath, i, err))
+					return failErr(fmt.Errorf("%s: packed row %d: %w", dataPath, i+1, err))
 				}
 				sum, tokens = sum+s, tokens+n
 			}

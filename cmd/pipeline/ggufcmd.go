@@ -65,7 +65,8 @@ them.`,
 			if err != nil {
 				return usageErr(fmt.Errorf("--type: %w", err))
 			}
-			given := cmd.Flags().Changed("type")
+			flagged := cmd.Flags().Changed("type")
+			given := flagged
 			if typ, given, err = ggufOutType(out, typ, given); err != nil {
 				return err
 			}
@@ -74,7 +75,11 @@ them.`,
 				case !given:
 					typ = gguf.AllF32
 				case typ != gguf.AllF32 && typ != gguf.MostlyF16 && typ != gguf.MostlyBF16:
-					return usageErr(fmt.Errorf("--type %s: a LoRA adapter is written in f32, f16 or bf16 (llama.cpp applies it to a base of any type)", typ))
+					why := "--type " + typ.String() + ":"
+					if !flagged {
+						why = "--out " + out + " is named for type " + typ.String() + ", but"
+					}
+					return usageErr(fmt.Errorf("%s a LoRA adapter is written in f32, f16 or bf16 (llama.cpp applies it to a base of any type)", why))
 				}
 			}
 			if !strings.EqualFold(filepath.Ext(out), ".gguf") {

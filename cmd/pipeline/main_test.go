@@ -1166,6 +1166,9 @@ func TestGGUFCommand(t *testing.T) {
 			t.Errorf("pipeline gguf --adapter --out %s wrote another file than a %s LoRA named tr-lora", out, typ)
 		}
 	}
+	if r := runCLI(t, dir, "gguf", "--model", "m", "--adapter", "ad", "--out", "x.q4_k_m.gguf"); r.code != 2 || !strings.Contains(r.stderr, "--out x.q4_k_m.gguf is named for type q4_k_m, but a LoRA adapter is written in f32") {
+		t.Errorf("an adapter to a name of a quantised type: %d %s", r.code, r.stderr)
+	}
 	if r := runCLI(t, dir, "gguf", "--model", "m", "--adapter", "ad", "--out", "x.gguf", "--type", "q8_0"); r.code != 2 || !strings.Contains(r.stderr, "a LoRA adapter is written in f32, f16 or bf16") {
 		t.Errorf("gguf --adapter --type q8_0: exit %d\n%s", r.code, r.stderr)
 	}

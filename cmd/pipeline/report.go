@@ -8,6 +8,7 @@ import (
 	"log/slog"
 	"os"
 	"path/filepath"
+	"strings"
 
 	"github.com/spf13/cobra"
 
@@ -51,6 +52,9 @@ is in progress. Write it after each nightly run, next to the JSON report:
 				if err := checkWritable(out, "report.html"); err != nil {
 					return usageErr(fmt.Errorf("--out: %w", err))
 				}
+				if ext := strings.ToLower(filepath.Ext(out)); ext != "" && ext != ".html" && ext != ".htm" {
+					return usageErr(fmt.Errorf("--out %s: the report is an HTML page; name it NAME.html (a run's JSON record is run --report FILE.json)", out))
+				}
 			}
 			dag, err := loadSpec(args[0])
 			if err != nil {
@@ -79,7 +83,11 @@ is in progress. Write it after each nightly run, next to the JSON report:
 			if err := writeOutput(out, buf.Bytes()); err != nil {
 				return failErr(err)
 			}
-			notice(slog.LevelInfo, fmt.Sprintf("wrote %s (%d runs)", out, len(r.Runs)))
+			runsWord := "runs"
+			if len(r.Runs) == 1 {
+				runsWord = "run"
+			}
+			notice(slog.LevelInfo, fmt.Sprintf("wrote %s (%d %s)", out, len(r.Runs), runsWord))
 			return nil
 		},
 	}

@@ -161,6 +161,9 @@ func TestReportThreeLearningRates(t *testing.T) {
 		if res := runCLI(t, dir, "report", spec, "--out", "x.html", "--runs", "0"); res.code != 2 {
 			t.Errorf("--runs 0: exit %d", res.code)
 		}
+		if res := runCLI(t, dir, "report", spec, "--out", "x.json"); res.code != 2 || !strings.Contains(res.stderr, "the report is an HTML page; name it NAME.html") {
+			t.Errorf("--out x.json: exit %d, %s", res.code, res.stderr)
+		}
 		res := runCLI(t, dir, "report", spec, "--out", "-", "--runs", "1")
 		if res.code != 0 || !strings.HasPrefix(res.stdout, "<!DOCTYPE html>") {
 			t.Errorf("--out -: exit %d, %.40q", res.code, res.stdout)

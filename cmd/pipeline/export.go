@@ -412,7 +412,28 @@ func modelOutFree(out string) error {
 	if _, err := os.Lstat(out); err == nil {
 		return failErr(fmt.Errorf("%s already exists; remove it or choose another --out", out))
 	}
+	if entry := enclosingEntry(out); entry != "" {
+		return usageErr(fmt.Errorf("--out %s is inside the cache entry %s, which gc removes whole and verify does not know of: write it outside the cache", out, entry))
+	}
 	return nil
+}
+
+// enclosingEntry is the cache entry folder (CACHE/entries/ab/KEY, with its
+// manifest) that path would be written inside, or "".
+func enclosingEntry(path string) string {
+	abs, err := filepath.Abs(path)
+	if err != nil {
+		return ""
+	}
+	for d := filepath.Dir(abs); d != filepath.Dir(d); d = filepath.Dir(d) {
+		if filepath.Base(filepath.Dir(filepath.Dir(d))) != "entries" {
+			continue
+		}
+		if _, err := pipeline.ReadManifest(d); err == nil {
+			return d
+		}
+	}
+	return ""
 }
 
 func doneOrFail(out string, err error) error {

@@ -443,6 +443,16 @@ func TestTextLayout(t *testing.T) {
 	if !reflect.DeepEqual(rows, [][]string{{"Satır bir."}, {"Satır iki."}}) {
 		t.Errorf("jsonl text column: %q", rows)
 	}
+	// A text stage names its one field with column:, not columns:.
+	for columns, want := range map[string]string{"": `no field "text"; the record has fields "body"; name the record's field with column: FIELD`, "bdy": `column: names "bdy": did you mean "body"?`} {
+		opts := SourceOptions{Paths: []string{j}, Layout: LayoutText}
+		if columns != "" {
+			opts.Columns = map[string]string{"text": columns}
+		}
+		if err := openOrNext(opts); err == nil || !strings.Contains(err.Error(), want) {
+			t.Errorf("column %q: %v, want %q", columns, err, want)
+		}
+	}
 	s, err := Open(SourceOptions{Paths: []string{a, b}, Layout: LayoutText})
 	if err != nil {
 		t.Fatal(err)

@@ -282,7 +282,13 @@ func fieldHint(keys []string, name string, conv bool, by string, read []string) 
 	case by != "":
 		return fmt.Sprintf("; %s names %q: name one of these fields, or leave %s out", by, name, by)
 	}
-	if f := likelyField(free, name); f != "" {
+	f := likelyField(free, name)
+	switch {
+	case name == ColText && f != "": // a text stage names its one field with column:
+		return fmt.Sprintf("; name the record's field with column:, e.g. column: %s", f)
+	case name == ColText:
+		return "; name the record's field with column: FIELD"
+	case f != "":
 		return fmt.Sprintf("; name the record's field with columns:, e.g. columns: {%s: %s}", name, f)
 	}
 	return fmt.Sprintf("; name the record's field with columns: {%s: FIELD}", name)

@@ -443,6 +443,9 @@ func Open(opts SourceOptions) (*Source, error) {
 	named := map[string]string{} // the fields the spec names, by the parameter naming them
 	for _, field := range opts.Columns {
 		named[field] = "columns:"
+		if layout == LayoutText {
+			named[field] = "column:" // a text stage's one field
+		}
 	}
 	if opts.SystemColumn != "" {
 		named[opts.SystemColumn] = "system_column"

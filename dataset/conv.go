@@ -110,9 +110,9 @@ func roleMap(extra map[string]string) (map[string]string, error) {
 type convFields struct {
 	list, role, content string
 	roles               map[string]string // the file's role names to ours
-	// unweighted counts the messages (JSON) marked weight 0 or false,
-	// Axolotl's switch for a turn not to train, which is not read here:
-	// they train as every other.
+	// unweighted counts the model's messages (JSON) marked weight 0 or
+	// false, Axolotl's switch for a turn not to train, which is not read
+	// here: they train as every other.
 	unweighted atomic.Int64
 }
 
@@ -235,7 +235,14 @@ func (c *convFields) parseJSONMessages(raw json.RawMessage) ([]rawMessage, error
 			return nil, fmt.Errorf("column %s: message %d, field %s: %w", c.list, i, c.role, err)
 		}
 		if w, ok := e["weight"]; ok && (string(w) == "0" || string(w) == "false" || string(w) == "0.0") {
-			c.unweighted.Add(1)
+			// Only a model turn trains: weight 0 elsewhere says nothing new.
+			role, known := c.roles[out[i].role]
+			if !known {
+				role = c.roles[strings.ToLower(out[i].role)]
+			}
+			if role == "assistant" {
+				c.unweighted.Add(1)
+			}
 		}
 		content, ok := e[c.content]
 		if !ok {

@@ -885,8 +885,9 @@ func TestJSONArray(t *testing.T) {
 	}
 }
 
-// TestUnweighted: messages marked weight 0 (Axolotl's switch for a turn not
-// to train), which are not read, are counted.
+// TestUnweighted: model messages marked weight 0 (Axolotl's switch for a
+// turn not to train), which are not read, are counted; a user message
+// marked so trains no more than any user message does.
 func TestUnweighted(t *testing.T) {
 	path := writeFile(t, "w.jsonl", `{"conversations": [{"from": "human", "value": "a", "weight": 0}, {"from": "gpt", "value": "b", "weight": 0}, {"from": "human", "value": "c"}, {"from": "gpt", "value": "d", "weight": 1}]}`+"\n")
 	s, err := Open(SourceOptions{Paths: []string{path}, Layout: LayoutShareGPT})
@@ -895,7 +896,7 @@ func TestUnweighted(t *testing.T) {
 	}
 	defer s.Close()
 	readThrough(t, s)
-	if n := s.Unweighted(); n != 2 {
-		t.Errorf("%d messages counted with weight 0, want 2", n)
+	if n := s.Unweighted(); n != 1 {
+		t.Errorf("%d messages counted with weight 0, want 1 (gpt's)", n)
 	}
 }

@@ -362,7 +362,7 @@ func (s *sourceStage) Run(ctx context.Context, t *pipeline.Task) error {
 	t.SetStat("records", out.Rows())
 	t.SetStat("files", len(files))
 	if n := src.Unweighted(); n > 0 {
-		t.Log.Warn(fmt.Sprintf("%s marked weight: 0, which is not read here: those turns train as the others do", counted(n, "message is", "messages are")),
+		t.Log.Warn(fmt.Sprintf("%s marked weight: 0, which is not read here: those model turns train as the others do", counted(n, "message is", "messages are")),
 			"fix", "remove the turns that should not train from the data, or end the conversations before them")
 		t.SetStat("unread_weights", n)
 	}

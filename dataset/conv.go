@@ -272,12 +272,22 @@ func (c *convFields) parseJSONMessages(raw json.RawMessage) ([]rawMessage, error
 // supported (this is text fine-tuning). Each text goes through
 // DecodeJSONString, as every other string of a conversation does.
 func textParts(raw json.RawMessage) ([]string, error) {
-	var parts []struct {
+	var elems []json.RawMessage
+	if err := json.Unmarshal(raw, &elems); err != nil {
+		return nil, err
+	}
+	parts := make([]struct {
 		Type string          `json:"type"`
 		Text json.RawMessage `json:"text"`
-	}
-	if err := json.Unmarshal(raw, &parts); err != nil {
-		return nil, fmt.Errorf("a list that is not of {\"type\", \"text\"} parts: %w", err)
+	}, len(elems))
+	for i, e := range elems {
+		if e[0] != '{' || json.Unmarshal(e, &parts[i]) != nil {
+			kind := JSONKind(e[0])
+			if e[0] == '{' {
+				kind = "an object whose type is not a string"
+			}
+			return nil, fmt.Errorf("a list whose element %d is %s: a content given as a list holds {\"type\": \"text\", \"text\": \"...\"} parts", i, kind)
+		}
 	}
 	out := make([]string, len(parts))
 	for i, p := range parts {

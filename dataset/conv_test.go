@@ -263,6 +263,11 @@ func TestParquetTextParts(t *testing.T) {
 			t.Errorf("%v: %v, want row index 1 and %q", c.part, err, c.want)
 		}
 	}
+	// A list of strings, as some ShareGPT exports write a turn.
+	strs := writeFile(t, "strs.jsonl", `{"conversations": [{"from": "human", "value": ["a", "b"]}, {"from": "gpt", "value": "c"}]}`+"\n")
+	if err := openOrNext(SourceOptions{Paths: []string{strs}, Layout: LayoutShareGPT}); err == nil || !strings.Contains(err.Error(), `message 0, field value: a list whose element 0 is a string: a content given as a list holds {"type": "text", "text": "..."} parts`) {
+		t.Errorf("a value of strings: %v", err)
+	}
 }
 
 // TestDropInvalidConversations: with DropInvalid, the conversations the

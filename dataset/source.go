@@ -555,7 +555,9 @@ func FormatOf(path string, forced Format) (Format, error) {
 // SniffFormat says which format a file's first bytes show: Parquet (its
 // magic), JSON lines or a JSON array ('{' or '[' first, past a byte order
 // mark and spaces), or "" when they show neither (plain text, gzip, empty).
-// It tells a file given to the wrong kind of stage from a corrupt one.
+// It tells a file given to the wrong kind of stage from a corrupt one, and
+// refuses gzip without its .gz ending and UTF-16 text, which would read as
+// JSON that is not.
 func SniffFormat(open func(string) (fs.File, error), path string) (Format, error) {
 	if open == nil {
 		open = func(name string) (fs.File, error) { return os.Open(name) }
@@ -573,6 +575,12 @@ func SniffFormat(open func(string) (fs.File, error), path string) (Format, error
 	head = head[:n]
 	if bytes.HasPrefix(head, []byte("PAR1")) {
 		return FormatParquet, nil
+	}
+	switch {
+	case bytes.HasPrefix(head, []byte{0x1f, 0x8b}) && !strings.EqualFold(filepath.Ext(path), ".gz"):
+		return "", fmt.Errorf("%s is gzip-compressed: name it %s.gz, and it is read as such", path, filepath.Base(path))
+	case bytes.HasPrefix(head, []byte{0xff, 0xfe}) || bytes.HasPrefix(head, []byte{0xfe, 0xff}):
+		return "", fmt.Errorf("%s is UTF-16 text: save it as UTF-8", path)
 	}
 	head = bytes.TrimLeft(bytes.TrimPrefix(head, []byte(lines.BOM)), " \t\r\n")
 	if len(head) > 0 && (head[0] == '{' || head[0] == '[') {

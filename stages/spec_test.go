@@ -1,6 +1,8 @@
 package stages
 
 import (
+	"bytes"
+	"compress/gzip"
 	"os"
 	"path/filepath"
 	"strconv"
@@ -313,10 +315,20 @@ func TestSourceKindAndFileDisagree(t *testing.T) {
 	writeParquet(t, parquet, stringBatch([]string{"instruction", "input", "output"}, []string{"a", "", "b"}))
 	rst := filepath.Join(r.dir, "README.rst")
 	os.WriteFile(rst, []byte("Bir metin.\n"), 0o644)
+	var gz bytes.Buffer
+	zw := gzip.NewWriter(&gz)
+	zw.Write([]byte(`{"instruction": "a", "input": "", "output": "b"}` + "\n"))
+	zw.Close()
+	gzipped := filepath.Join(r.dir, "gz.jsonl")
+	os.WriteFile(gzipped, gz.Bytes(), 0o644)
+	utf16 := filepath.Join(r.dir, "u16.jsonl")
+	os.WriteFile(utf16, []byte("\xff\xfe{\x00}\x00"), 0o644)
 	for _, c := range []struct{ kind, path, want string }{
 		{"parquet", jsonl, jsonl + " holds JSON, not Parquet\n\tfix: read it with kind: jsonl"},
 		{"jsonl", parquet, parquet + " is a Parquet file, not JSON lines\n\tfix: read it with kind: parquet"},
 		{"text", rst, rst + ": unknown file type (want .parquet, .jsonl"},
+		{"jsonl", gzipped, gzipped + " is gzip-compressed: name it gz.jsonl.gz"},
+		{"jsonl", utf16, utf16 + " is UTF-16 text: save it as UTF-8"},
 	} {
 		path := r.spec("name: x\nstages:\n  a:\n    kind: " + c.kind + "\n    with:\n      paths: [" + c.path + "]\n")
 		_, err := loadSpec(path, Registry())

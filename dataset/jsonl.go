@@ -530,6 +530,9 @@ func (lr *lineReader) next() ([]byte, error) {
 				break
 			}
 			if err != nil {
+				if lr.gz != nil && errors.Is(err, io.ErrUnexpectedEOF) {
+					err = fmt.Errorf("the gzip stream ends early (a truncated file?): %w", err)
+				}
 				return nil, fmt.Errorf("dataset: %s: line %d: %w", lr.name, lr.line+1, err)
 			}
 			break

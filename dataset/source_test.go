@@ -590,6 +590,11 @@ func TestBadInput(t *testing.T) {
 	jsonlSurrogate := writeFile("surrogate.jsonl", []byte(`{"instruction":"a","input":"\ud83d","output":"b \ufffd ok"}`+"\n"))
 	jsonlSyntax := writeFile("syntax.jsonl", []byte(`{"instruction":"a","input":"","output":"b"}`+"\n"+`{"instruction":"a",`+"\n"))
 	gzNotGzip := writeFile("fake.jsonl.gz", []byte(`{"instruction":"a"}`))
+	var gz bytes.Buffer
+	zw := gzip.NewWriter(&gz)
+	zw.Write([]byte(strings.Repeat(`{"instruction":"a","input":"","output":"b"}`+"\n", 3)))
+	zw.Close()
+	gzTruncated := writeFile("cut.jsonl.gz", gz.Bytes()[:gz.Len()-12])
 
 	cases := []struct {
 		name string
@@ -620,6 +625,7 @@ func TestBadInput(t *testing.T) {
 		{"lone surrogate in JSONL", SourceOptions{Paths: []string{jsonlSurrogate}}, []string{"surrogate.jsonl: line 1, column input: unpaired UTF-16 surrogate"}},
 		{"invalid JSON", SourceOptions{Paths: []string{jsonlSyntax}}, []string{"syntax.jsonl: line 2: invalid JSON"}},
 		{"not gzip", SourceOptions{Paths: []string{gzNotGzip}}, []string{"fake.jsonl.gz", "not a gzip file"}},
+		{"truncated gzip", SourceOptions{Paths: []string{gzTruncated}}, []string{"cut.jsonl.gz", "the gzip stream ends early (a truncated file?)"}},
 		{"unknown extension", SourceOptions{Paths: []string{writeFile("data.csv", []byte("a"))}}, []string{"data.csv", "unknown file type"}},
 		{"no paths", SourceOptions{}, []string{"no input files"}},
 		{"negative limit", SourceOptions{Paths: []string{good}, Limit: -1}, []string{"negative"}},

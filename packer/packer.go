@@ -297,8 +297,12 @@ func (p *Packer) Finish(emit func(Row) error) (Stats, error) {
 	}
 	if len(p.examples) == 0 {
 		st := p.stats
-		return st, fmt.Errorf("%w: of %d examples, %d were empty, %d longer than seq_len %d were dropped and %d had no trained label",
+		err := fmt.Errorf("%w: of %d examples, %d were empty, %d longer than seq_len %d were dropped and %d had no trained label",
 			ErrNothingToPack, st.ExamplesIn, st.SkippedEmpty, st.Dropped, p.opts.SeqLen, st.SkippedUntrained)
+		if st.Dropped > 0 {
+			err = fmt.Errorf("%w; raise seq_len (the longest example has %d tokens)", err, st.Longest)
+		}
+		return st, err
 	}
 
 	lengths := make([]int32, len(p.examples))

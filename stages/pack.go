@@ -63,7 +63,7 @@ func (packKind) Params() any {
 
 func (p *packParams) Validate() error {
 	if p.SeqLen < 2 || p.SeqLen > 1<<20 {
-		return &pipeline.ParamError{Param: "seq_len", Msg: fmt.Sprintf("%d is out of range", p.SeqLen), Fix: "use the model's training length, e.g. 4096"}
+		return &pipeline.ParamError{Param: "seq_len", Msg: fmt.Sprintf("%d is out of range [2, %d]", p.SeqLen, 1<<20), Fix: "use the model's training length, e.g. 4096"}
 	}
 	if _, err := packer.ParseOverlong(p.Overlong); err != nil {
 		return &pipeline.ParamError{Param: "overlong", Msg: fmt.Sprintf("unknown policy %q", p.Overlong), Fix: "use drop, truncate or split"}
@@ -133,8 +133,12 @@ func (s *packStage) Run(ctx context.Context, t *pipeline.Task) error {
 		"dropped", stats.Dropped, "truncated", stats.Truncated, "split", stats.Split, "untrained", stats.SkippedUntrained)
 	if lost := stats.Dropped + stats.SkippedUntrained; lost > 0 {
 		// Examples that will not be trained on are worth a word above INFO.
-		t.Log.Warn("examples left out of the packed rows", "longer_than_seq_len", stats.Dropped, "no_trained_token", stats.SkippedUntrained,
-			"of", stats.ExamplesIn, "longest", stats.Longest, "fix", "raise seq_len (overlong: split suits plain texts, not conversations: its pieces train without their prompt)")
+		what, of := "examples left out of the packed rows", stats.ExamplesIn
+		if stats.Split > 0 { // each piece of a split example is packed, or left out, alone
+			what, of = "examples, and pieces of split examples, left out of the packed rows", stats.ExamplesIn-stats.Split+stats.SplitPieces
+		}
+		t.Log.Warn(what, "longer_than_seq_len", stats.Dropped, "no_trained_token", stats.SkippedUntrained,
+			"of", of, "longest", stats.Longest, "fix", "raise seq_len (overlong: split suits plain texts, not conversations: its pieces train without their prompt)")
 	}
 	if held != nil {
 		hs, err := writeHeldOut(ctx, held, filepath.Join(t.Dir, PackedHeldOutFile))

@@ -388,13 +388,15 @@ func (l *loader) stage(mv *ast.MappingValueNode, needNodes map[*Node][]ast.Node)
 			if isNull(f.Value) {
 				continue
 			}
-			seq, ok := f.Value.(*ast.SequenceNode)
-			if !ok {
-				l.errAt(f.Value, "list the input stages, e.g. `needs: [chat]`", "needs must be a list of stage names")
-				continue
-			}
 			n.needsLine = f.Key.GetToken().Position.Line
-			needNodes[n] = seq.Values
+			switch v := f.Value.(type) {
+			case *ast.SequenceNode:
+				needNodes[n] = v.Values
+			case *ast.StringNode: // one input, as GitHub Actions' needs: build
+				needNodes[n] = []ast.Node{v}
+			default:
+				l.errAt(f.Value, "list the input stages, e.g. `needs: [chat]`", "needs must be a list of stage names")
+			}
 		case "with":
 			withNode = f.Value
 		default:

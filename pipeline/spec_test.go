@@ -197,6 +197,13 @@ stages:
 			}
 		}
 	})
+	t.Run("one need as a name", func(t *testing.T) {
+		e := newTestEnv(t)
+		dag := e.load(e.write("one.yaml", "name: x\nstages:\n  a: {kind: gen}\n  b: {kind: double, needs: a}\n"))
+		if b := dag.Node("b"); len(b.Needs) != 1 || b.Needs[0].Name != "a" {
+			t.Errorf("needs: a read as %v", b.Needs)
+		}
+	})
 	t.Run("home in cache", func(t *testing.T) {
 		e := newTestEnv(t)
 		home := t.TempDir()

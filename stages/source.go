@@ -191,7 +191,10 @@ func (k sourceKind) Prepare(params any, dir string) (pipeline.Runner, error) {
 func prepareSource(dir string, paths []string, opts dataset.SourceOptions) (*sourceStage, error) {
 	s := &sourceStage{opts: opts}
 	seen := fileSet{param: "paths"}
-	for _, path := range paths {
+	for i, path := range paths {
+		if strings.TrimSpace(path) == "" { // paths: [""], or [null]: the spec's folder would be read as a file
+			return nil, &pipeline.ParamError{Param: "paths", Msg: fmt.Sprintf("entry %d is empty", i+1), Fix: "list data files or globs; remove the empty entry"}
+		}
 		if hub.IsRef(path) {
 			h, err := parseHub("paths", path, hubFiles)
 			if err != nil {

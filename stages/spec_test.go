@@ -327,6 +327,7 @@ func TestSourceKindAndFileDisagree(t *testing.T) {
 		{"parquet", jsonl, jsonl + " holds JSON, not Parquet\n\tfix: read it with kind: jsonl"},
 		{"jsonl", parquet, parquet + " is a Parquet file, not JSON lines\n\tfix: read it with kind: parquet"},
 		{"text", rst, rst + ": unknown file type (want .parquet, .jsonl"},
+		{"jsonl", `""`, "paths: entry 1 is empty"},
 		{"jsonl", gzipped, gzipped + " is gzip-compressed: name it gz.jsonl.gz"},
 		{"jsonl", utf16, utf16 + " is UTF-16 text: save it as UTF-8"},
 	} {

@@ -246,7 +246,11 @@ func (fs *fileSet) add(f string) error {
 	}
 	for j, prev := range fs.infos {
 		if os.SameFile(prev, fi) {
-			return &pipeline.ParamError{Param: fs.param, Msg: fmt.Sprintf("%s%s is listed twice (also as %s): its records would be read twice", fs.what, f, fs.files[j]),
+			also := ""
+			if fs.files[j] != f { // a link, or another spelling of the path
+				also = " (also as " + fs.files[j] + ")"
+			}
+			return &pipeline.ParamError{Param: fs.param, Msg: fmt.Sprintf("%s%s is listed twice%s: its records would be read twice", fs.what, f, also),
 				Fix: "list each file once; check for a glob that also matches a file named on its own"}
 		}
 	}

@@ -271,8 +271,8 @@ func TestSourcePathMistakes(t *testing.T) {
 		"[folder.jsonl]":         "folder.jsonl is a folder, not a regular file",
 		"[loop1.jsonl]":          "loop1.jsonl is a loop of symbolic links",
 		"[dangling.jsonl]":       "dangling.jsonl is a symbolic link to " + filepath.Join(r.dir, "gone.jsonl") + ", which does not exist",
-		"[a.jsonl, a.jsonl]":     "a.jsonl is listed twice (also as " + filepath.Join(r.dir, "a.jsonl") + ")",
-		"[a.jsonl, link.jsonl]":  "link.jsonl is listed twice",
+		"[a.jsonl, a.jsonl]":     "a.jsonl is listed twice: its records",
+		"[a.jsonl, link.jsonl]":  "link.jsonl is listed twice (also as " + filepath.Join(r.dir, "a.jsonl") + ")",
 		`[a.jsonl, "a*.jsonl"]`:  "a.jsonl is listed twice",
 		"[~nosuchuser12/a.json]": "cannot expand ~nosuchuser12",
 	}

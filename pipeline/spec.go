@@ -335,6 +335,10 @@ func (l *loader) load(src []byte) *DAG {
 		l.errAt(stagesNode, "write `stages:` as a mapping of stage name to {kind, needs, with}", "stages must be a mapping, not %s", stagesNode.Type())
 		return nil
 	}
+	if len(stageEntries) == 0 {
+		l.errAt(stagesNode, "add a stage, e.g. `alpaca: {kind: jsonl, with: {paths: [data.jsonl]}}`", "stages is empty: the spec does nothing")
+		return nil
+	}
 
 	byName := map[string]*Node{}
 	needNodes := map[*Node][]ast.Node{}

@@ -236,6 +236,8 @@ func TestSpecMistakes(t *testing.T) {
 			[]string{`rows must be a whole number, got 10.4`, "rows: 10"}},
 		{"infinite integer", "name: x\nstages:\n  a:\n    kind: gen\n    with: {rows: .inf}\n", 5,
 			[]string{`rows must be a whole number, got .inf`}},
+		{"no stages", "name: x\nstages: {}\n", 2,
+			[]string{"stages is empty: the spec does nothing"}},
 		{"tab", "name: x\nstages:\n\ta: {kind: gen}\n", 3,
 			[]string{"YAML forbids tabs", "indent with spaces"}},
 		{"alias without anchor", "name: x\nstages:\n  a: {kind: gen, with: *nothing}\n", 3,

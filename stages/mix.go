@@ -300,6 +300,11 @@ func warnUnusedMix(t *pipeline.Task, p *mixParams, counts map[string]*MixCounts,
 			t.Log.Warn(fmt.Sprintf("the mix takes %d of the %d examples of %s: the weights bound the largest mix that repeats nothing by the smallest source's share", c.Unique, left, in.Name),
 				"fix", "set total to repeat the smaller sources and take more of this one")
 		}
+		if c.Unique > 0 && c.Examples > 10*c.Unique {
+			// As many epochs over that source: a model learns it by heart.
+			t.Log.Warn(fmt.Sprintf("the mix repeats each example of %s about %.0f times (%d of %d distinct)", in.Name, float64(c.Examples)/float64(c.Unique), c.Examples, c.Unique),
+				"fix", "lower total, or lower that source's weight")
+		}
 	}
 	if total.HeldOut > total.Examples {
 		t.Log.Warn(fmt.Sprintf("%d examples are held out and %d train: heldout is a share of each source's examples, not of the mix", total.HeldOut, total.Examples),

@@ -352,6 +352,17 @@ func TestMixStage(t *testing.T) {
 	if !strings.Contains(logs.String(), "examples are held out and") {
 		t.Errorf("more held out than trained on, not said:\n%s", logs.String())
 	}
+	if strings.Contains(logs.String(), "repeats each example") {
+		t.Errorf("a mix that repeats nothing warned of repeats:\n%s", logs.String())
+	}
+	// A total far past the sources: as many epochs over them.
+	logs.Reset()
+	if _, err := r.run(r.spec(mixSpec(t, `{weights: {atok: 1, ctok: 1, ttok: 1}, total: 3000}`)), pipeline.Options{}); err != nil {
+		t.Fatal(err)
+	}
+	if !strings.Contains(logs.String(), "the mix repeats each example of ttok about") {
+		t.Errorf("a total that repeats ttok many times, not said:\n%s", logs.String())
+	}
 	r.log = nil
 	rows := readMix(t, r, rec, "mix")
 	st := stageStats(t, rec, "mix")

@@ -215,7 +215,7 @@ func vocabulary(dir string, rows int) ([]KV, error) {
 	tok, err := tokenizer.LoadFile(path)
 	if err != nil {
 		if errors.Is(err, fs.ErrNotExist) {
-			return nil, fmt.Errorf("%s has no tokenizer.json: a GGUF file carries its tokenizer", dir)
+			return nil, fmt.Errorf("%s has no tokenizer.json: a GGUF file carries its tokenizer; copy the base model's tokenizer.json and tokenizer_config.json into the folder", dir)
 		}
 		return nil, err
 	}

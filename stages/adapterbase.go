@@ -50,7 +50,7 @@ func adapterBase(ctx context.Context, t *pipeline.Task, adapter string, prov pro
 	if len(trained) == 0 && trainedHub == nil && prov.model != nil {
 		trainedStage, trained = prov.model.Stage, checkpointDigests(prov.model.Outputs)
 	}
-	var dir string
+	var dir, base string // base names dir for messages: a stage's entry by its stage
 	have := map[string]string{}
 	switch {
 	case modelIn != nil:
@@ -65,7 +65,7 @@ func adapterBase(ctx context.Context, t *pipeline.Task, adapter string, prov pro
 		for _, f := range m[0].Outputs {
 			have[f.Path] = f.SHA256
 		}
-		dir = d
+		dir, base = d, "stage "+modelIn.Name+"'s checkpoint"
 	case model.set():
 		if h := model.hub; h != nil && trainedHub != nil && !other {
 			if a, b := h.at(), trainedHub.at(); a != b {
@@ -120,8 +120,11 @@ func adapterBase(ctx context.Context, t *pipeline.Task, adapter string, prov pro
 					"adapter", adapter, "trained_on", from, "base", dir)
 				break
 			}
+			if base == "" {
+				base = dir
+			}
 			return "", &otherBaseError{fmt.Sprintf("the adapter of stage %s was trained on %s, and %s is another checkpoint (its %s differs): an adapter for another base",
-				adapter, from, dir, name)}
+				adapter, from, base, name)}
 		}
 	}
 	return dir, nil

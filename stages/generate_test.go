@@ -248,7 +248,7 @@ func TestGenerateStageAnswersMTBench(t *testing.T) {
 	for name, c := range map[string]struct{ stages, want string }{
 		"another base": {`  other: {kind: model, with: {preset: tiny, seed: 8, std: 0.3}}
   bad: {kind: generate, needs: [questions, adapter, other]}
-`, "is another checkpoint (its model.safetensors differs): an adapter for another base; if that base is meant, other_base: true"},
+`, "and stage other's checkpoint is another checkpoint (its model.safetensors differs): an adapter for another base; if that base is meant, other_base: true"},
 		"other_base with no adapter": {`  bad: {kind: generate, needs: [questions], with: {model: ` + base + `, other_base: true}}
 `, "other_base: applies a qlora stage's adapter to another base, and no qlora stage is in needs"},
 	} {

@@ -208,7 +208,7 @@ func (r doctorReport) print(w io.Writer) {
 			d.Ordinal, d.Name, d.Major, d.Minor, d.ComputeCapLabel, d.SMs, mem, d.L2Bytes>>20)
 	}
 	if r.KernelCache != "" {
-		p("\nkernel cache   %s\n", r.KernelCache)
+		p("\nkernel cache   %s (compiled kernels; $%s moves it)\n", r.KernelCache, cuda.KernelCacheEnv)
 	}
 	if len(r.SelfTest) > 0 {
 		p("self-test\n")

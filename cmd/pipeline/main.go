@@ -127,9 +127,10 @@ func main() {
 // them into, rather than exit 0 having printed nothing.
 var stdout = &checkedWriter{w: os.Stdout}
 
+func init() { root.SetOut(stdout) } // a test may set its own
+
 func execute(args []string) int {
 	stdout.err = nil // for tests that execute several commands
-	root.SetOut(stdout)
 	root.SetArgs(args)
 	err := root.Execute()
 	if err == nil && stdout.err != nil {

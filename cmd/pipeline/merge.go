@@ -70,11 +70,11 @@ model card (README.md) and the Gemma NOTICE.`,
 			if _, err := trainer.LoadConfig(modelDir); err != nil {
 				return usageErr(fmt.Errorf("merge: --model: %w", err))
 			}
-			if _, err := checkAdapterArg("merge", modelDir, adapterDir, otherBase); err != nil {
-				return err
-			}
 			if tokDir == "" && !trainer.ShipsOwnTokenizer(modelDir) {
 				return usageErr(fmt.Errorf("merge: %s has no tokenizer.json; give --tokenizer DIR, the folder of the tokenizer the adapter was trained with", modelDir))
+			}
+			if _, err := checkAdapterArg("merge", modelDir, adapterDir, otherBase); err != nil {
+				return err
 			}
 			ctx, stop := signalContext(10 * time.Second)
 			defer stop()

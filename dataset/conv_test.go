@@ -161,6 +161,12 @@ func TestShareGPTAndOpenAI(t *testing.T) {
 	if got := readConversations(t, SourceOptions{Paths: []string{jsonText}, Layout: LayoutOpenAI}); !reflect.DeepEqual(got, want) {
 		t.Errorf("parquet JSON text:\n got %q\nwant %q", got, want)
 	}
+	notJSON := writeParquet(t, "nj.parquet", []arrow.Field{{Name: "messages", Type: arrow.BinaryTypes.String}}, func(b *array.RecordBuilder) {
+		b.Field(0).(*array.StringBuilder).Append("not json")
+	})
+	if err := openOrNext(SourceOptions{Paths: []string{notJSON}, Layout: LayoutOpenAI}); err == nil || !strings.Contains(err.Error(), "column messages: a text column read as a JSON list of messages, and this row's text is not JSON") {
+		t.Errorf("a text column that is not JSON: %v", err)
+	}
 	// Shuffled and limited like any source.
 	got = readConversations(t, SourceOptions{Paths: []string{structs, sharegpt}, Layout: LayoutShareGPT, Shuffle: true, Seed: 3, Limit: 3})
 	if len(got) != 3 {

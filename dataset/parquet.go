@@ -2,6 +2,7 @@ package dataset
 
 import (
 	"context"
+	"encoding/json"
 	"errors"
 	"fmt"
 	"io"
@@ -555,7 +556,11 @@ func (c convColumn) messages(i int) (msgs []rawMessage, null bool, err error) {
 		if c.json.null(i) {
 			return nil, true, nil
 		}
-		msgs, err := c.conv.parseJSONMessages([]byte(c.json.value(i)))
+		text := c.json.value(i)
+		if !json.Valid([]byte(text)) { // a text column holds the conversation as JSON
+			return nil, false, fmt.Errorf("column %s: a text column read as a JSON list of messages, and this row's text is not JSON", c.conv.list)
+		}
+		msgs, err := c.conv.parseJSONMessages([]byte(text))
 		return msgs, false, err
 	}
 	if c.list.IsNull(i) {

@@ -2,7 +2,6 @@ package stages
 
 import (
 	"context"
-	"errors"
 	"fmt"
 	"io"
 	"strings"
@@ -177,14 +176,14 @@ func (s *tokenizeStage) Run(ctx context.Context, t *pipeline.Task) error {
 	}
 	bos, ok := tok.ID("<bos>")
 	if !ok {
-		return errors.New("the tokenizer has no <bos> token; only Gemma-style tokenizers are supported")
+		return fmt.Errorf("%s has no <bos> token: not a Gemma tokenizer, and only Gemma's are supported", path)
 	}
 	var c tokenCounts
 	if t.Inputs[0].Kind == textKindName {
 		eos := int32(-1)
 		if s.p.EOS {
 			if eos, ok = tok.ID("<eos>"); !ok {
-				return errors.New("the tokenizer has no <eos> token; remove eos: true")
+				return fmt.Errorf("%s has no <eos> token; remove eos: true", path)
 			}
 		}
 		err = mapBatches(ctx, t, TokensSchema, func(rec arrow.RecordBatch) (arrow.RecordBatch, error) {

@@ -411,6 +411,10 @@ func TestConversationErrors(t *testing.T) {
 	if err := openOrNext(SourceOptions{Paths: []string{nulls}, Layout: LayoutOpenAI, Nulls: NullsError}); err == nil || !strings.Contains(err.Error(), "line 2: column messages is null") {
 		t.Errorf("nulls: error: %v", err)
 	}
+	third := writeFile(t, "n3.jsonl", `{"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": null}]}`+"\n")
+	if err := openOrNext(SourceOptions{Paths: []string{third}, Layout: LayoutOpenAI, Nulls: NullsError}); err == nil || !strings.Contains(err.Error(), "line 1: a message's content is null (nulls: error)") {
+		t.Errorf("nulls: error, a message's content: %v", err)
+	}
 
 	// Options that do not fit the layout.
 	for _, opts := range []SourceOptions{

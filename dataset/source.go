@@ -283,7 +283,11 @@ func (s *Source) applyNulls(r record) (keep bool, err error) {
 			if r.null&(1<<i) == 0 {
 				continue
 			}
-			if col := s.nullName(i); col != ColInput || s.opts.Layout != LayoutAlpaca {
+			col := s.nullName(i)
+			switch {
+			case i == nullContent: // a field of a message, not a column of the record
+				return false, fmt.Errorf("dataset: %s: a message's %s is null (nulls: error)", s.where(r), s.fileColumn(col))
+			case col != ColInput || s.opts.Layout != LayoutAlpaca:
 				return false, fmt.Errorf("dataset: %s: column %s is null (nulls: error)", s.where(r), s.fileColumn(col))
 			}
 		}

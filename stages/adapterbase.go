@@ -277,26 +277,28 @@ func adapterTokenizer(ctx context.Context, t *pipeline.Task, prov provenance, ba
 
 // CheckCachedAdapter reads what the cache knows of an adapter given as a
 // qlora stage's entry's adapter/ folder (nothing is known of other
-// folders), for chat, which takes folders: whether it trained on an NF4
-// base, and whether the model is one it cannot go on: a merge that holds
-// this very adapter already, or, unless otherBase, a checkpoint other than
-// the one it was trained on (a model stage's entry, or any folder, whose
-// checkpoint files' digests differ from those training read).
-func CheckCachedAdapter(modelDir, adapterDir string, otherBase bool) (trainedNF4 bool, err error) {
+// folders), for the commands that take folders (chat, merge, loss): the
+// base it trained on, quantize ("nf4" or "none"; "" for an adapter the
+// cache does not know), and whether the model is one it cannot go on: a
+// merge that holds this very adapter already, or, unless otherBase, a
+// checkpoint other than the one it was trained on (a model stage's entry,
+// or any folder, whose checkpoint files' digests differ from those
+// training read).
+func CheckCachedAdapter(modelDir, adapterDir string, otherBase bool) (quantize string, err error) {
 	modelDir, adapterDir = filepath.Clean(modelDir), filepath.Clean(adapterDir) // "adapter/" as a shell completes it
 	am, err := pipeline.ReadManifest(filepath.Dir(adapterDir))                  // the entry's adapter/
 	if err != nil || am.Kind != "qlora" {
-		return false, nil
+		return "", nil
 	}
-	trainedNF4 = params(am)["quantize"] == "nf4"
+	quantize, _ = params(am)["quantize"].(string)
 	// The model's own entry: a model stage's folder, or a merge's model/.
 	mm, err := pipeline.ReadManifest(modelDir)
 	if err != nil {
 		if mm, err = pipeline.ReadManifest(filepath.Dir(modelDir)); err != nil || mm.Kind != mergeKindName {
 			if otherBase {
-				return trainedNF4, nil
+				return quantize, nil
 			}
-			return trainedNF4, checkTrainedBase(modelDir, adapterDir, am)
+			return quantize, checkTrainedBase(modelDir, adapterDir, am)
 		}
 	}
 	has := func(ins []pipeline.InputRef, key string) bool {
@@ -304,11 +306,11 @@ func CheckCachedAdapter(modelDir, adapterDir string, otherBase bool) (trainedNF4
 	}
 	switch {
 	case mm.Kind == mergeKindName && has(mm.Inputs, am.Key):
-		return false, fmt.Errorf("--model %s is stage %s's merge of this adapter: its weights hold the adapter already; chat with --model alone", modelDir, mm.Stage)
+		return "", fmt.Errorf("--model %s is stage %s's merge of this adapter: its weights hold the adapter already; use --model alone", modelDir, mm.Stage)
 	case mm.Kind == modelKindName && !has(am.Inputs, mm.Key) && !sameCheckpoint(am.Files, mm.Outputs) && !otherBase:
-		return false, fmt.Errorf("--adapter %s was trained on another checkpoint than model stage %s's entry %s: an adapter for another base (--other-base applies it all the same)", adapterDir, mm.Stage, modelDir)
+		return "", fmt.Errorf("--adapter %s was trained on another checkpoint than model stage %s's entry %s: an adapter for another base (--other-base applies it all the same)", adapterDir, mm.Stage, modelDir)
 	}
-	return trainedNF4, nil
+	return quantize, nil
 }
 
 // checkTrainedBase checks that the checkpoint in modelDir, a folder outside

@@ -210,11 +210,11 @@ in float32 (--backend cpu).`,
 				defer stop()
 			}
 			if adapterDir != "" {
-				nf4, err := checkAdapterArg("chat", modelDir, adapterDir, otherBase)
+				trainedOn, err := checkAdapterArg("chat", modelDir, adapterDir, otherBase)
 				if err != nil {
 					return err
 				}
-				if nf4 && quantize == "" {
+				if trainedOn == "nf4" && quantize == "" {
 					quantize = "nf4"
 					fmt.Fprintln(os.Stderr, "chat: the adapter was trained on the NF4 base (a qlora stage's quantize: nf4); decoding through NF4 as generate does (--quantize none for the original weights)")
 				}

@@ -387,6 +387,9 @@ stages:
 	if r := runCLI(t, dir, "merge", "--model", "base-copy", "--adapter", filepath.Dir(adapter), "--tokenizer", filepath.Dir(tok), "--out", "m4"); r.code != 2 || !strings.Contains(r.stderr, "holds no adapter_config.json, but "+adapter+" does") {
 		t.Errorf("merge --adapter of the entry above the adapter: exit %d\n%s", r.code, r.stderr)
 	}
+	if r := runCLI(t, dir, "merge", "--model", "base-copy", "--adapter", adapter, "--tokenizer", filepath.Dir(tok), "--out", "m5", "--base", "original"); r.code != 0 || !strings.Contains(r.stderr, "--base original merges it into the original weights") {
+		t.Errorf("merge --base original of an adapter trained on NF4: exit %d\n%s", r.code, r.stderr)
+	}
 	if r := runCLI(t, dir, "merge", "--model", "base-copy", "--adapter", adapter, "--tokenizer", filepath.Dir(tok), "--out", filepath.Join(filepath.Dir(adapter), "merged")); r.code != 2 || !strings.Contains(r.stderr, "is inside the cache entry "+filepath.Dir(adapter)) {
 		t.Errorf("merge --out inside the adapter's entry: exit %d\n%s", r.code, r.stderr)
 	}

@@ -245,14 +245,14 @@ func exactArgs(n int, what string) cobra.PositionalArgs {
 // checkAdapterArg checks a command's --adapter before any model loads: a
 // PEFT adapter folder, and for a qlora stage's adapter in the cache, one
 // trained on --model's checkpoint unless otherBase (--other-base). Both
-// are the arguments' fault: exit 2. trainedNF4 says the adapter trained on
-// an NF4 base.
-func checkAdapterArg(command, modelDir, adapterDir string, otherBase bool) (trainedNF4 bool, err error) {
+// are the arguments' fault: exit 2. trainedOn is the qlora stage's
+// quantize (nf4 or none), "" for an adapter the cache does not know.
+func checkAdapterArg(command, modelDir, adapterDir string, otherBase bool) (trainedOn string, err error) {
 	if err := trainer.CheckAdapterDir(adapterDir); err != nil {
-		return false, usageErr(fmt.Errorf("%s: --adapter: %w", command, err))
+		return "", usageErr(fmt.Errorf("%s: --adapter: %w", command, err))
 	}
-	if trainedNF4, err = stages.CheckCachedAdapter(modelDir, adapterDir, otherBase); err != nil {
-		return false, usageErr(fmt.Errorf("%s: %w", command, err))
+	if trainedOn, err = stages.CheckCachedAdapter(modelDir, adapterDir, otherBase); err != nil {
+		return "", usageErr(fmt.Errorf("%s: %w", command, err))
 	}
-	return trainedNF4, nil
+	return trainedOn, nil
 }

@@ -73,8 +73,17 @@ model card (README.md) and the Gemma NOTICE.`,
 			if tokDir == "" && !trainer.ShipsOwnTokenizer(modelDir) {
 				return usageErr(fmt.Errorf("merge: %s has no tokenizer.json; give --tokenizer DIR, the folder of the tokenizer the adapter was trained with", modelDir))
 			}
-			if _, err := checkAdapterArg("merge", modelDir, adapterDir, otherBase); err != nil {
+			trainedOn, err := checkAdapterArg("merge", modelDir, adapterDir, otherBase)
+			if err != nil {
 				return err
+			}
+			// As the merge stage does: the weights the adapter trained against.
+			switch {
+			case trainedOn == "none" && !cmd.Flags().Changed("base"):
+				mb = trainer.MergeOriginal
+				notice(slog.LevelInfo, "merge: the adapter was trained on the unquantised base (quantize: none); merging into the original weights")
+			case trainedOn == "nf4" && mb == trainer.MergeOriginal:
+				notice(slog.LevelWarn, "merge: warning: the adapter was trained against the NF4 round trip of the base (quantize: nf4), and --base original merges it into the original weights; the default, dequantized, is what it trained against")
 			}
 			ctx, stop := signalContext(10 * time.Second)
 			defer stop()

@@ -31,7 +31,10 @@ time, so a 27B merge needs a few GiB of memory.
 --base dequantized (the default) merges into the NF4 round trip of the weights:
 the base a QLoRA adapter was trained against, so the merged model computes what
 training optimised. --base original merges into the weights as stored, which is
-right for an adapter trained without quantisation (qlora's quantize: none).
+right for an adapter trained without quantisation (qlora's quantize: none), and
+the default for such an adapter given as a qlora stage's entry. A cached adapter
+is also checked against --model: the checkpoint it was trained on, unless
+--other-base.
 
 --tokenizer names a folder with tokenizer.json when --model has none.
 In a DAG, the merge stage kind does the same from a qlora stage, and adds a

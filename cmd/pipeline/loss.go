@@ -4,6 +4,7 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"log/slog"
 
 	"github.com/spf13/cobra"
 
@@ -73,6 +74,9 @@ trainer (auto: the GPU when one is usable).`,
 			maxTokens := 0
 			for _, r := range rows {
 				maxTokens = max(maxTokens, len(r.InputIDs))
+			}
+			if c := ck.Config; c.MaxPositions > 0 && maxTokens > c.MaxPositions {
+				notice(slog.LevelWarn, fmt.Sprintf("loss: warning: rows of up to %d tokens, more than the model's context of %d positions (max_position_embeddings): the loss past it is of positions the model was never trained for", maxTokens, c.MaxPositions))
 			}
 			cfg := trainer.SessionConfig{Model: modelDir, Quantize: "none", LoRA: lora, Inference: true, MaxTokens: maxTokens}
 			if quantize == "nf4" {

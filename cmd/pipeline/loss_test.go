@@ -47,4 +47,20 @@ func TestLossMatchesReference(t *testing.T) {
 	if res.code != 2 {
 		t.Errorf("missing --data: exit %d, %q", res.code, res.stderr)
 	}
+
+	// Rows longer than the model's context are scored, and warned of.
+	short := filepath.Join(t.TempDir(), "short")
+	if err := os.CopyFS(short, os.DirFS(filepath.Join(c, "model"))); err != nil {
+		t.Fatal(err)
+	}
+	cfg, _ := os.ReadFile(filepath.Join(short, "config.json"))
+	var m map[string]any
+	json.Unmarshal(cfg, &m)
+	m["max_position_embeddings"] = 4
+	cfg, _ = json.Marshal(m)
+	os.WriteFile(filepath.Join(short, "config.json"), cfg, 0o644)
+	res = runCLI(t, t.TempDir(), "loss", "--model", short, "--data", filepath.Join(c, "batch.jsonl"))
+	if res.code != 0 || !strings.Contains(res.stderr, "more than the model's context of 4 positions") {
+		t.Errorf("rows past the context: exit %d, %q", res.code, res.stderr)
+	}
 }

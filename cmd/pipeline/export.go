@@ -415,6 +415,13 @@ func modelOutFree(out string) error {
 	if entry := enclosingEntry(out); entry != "" {
 		return usageErr(fmt.Errorf("--out %s is inside the cache entry %s, which gc removes whole and verify does not know of: write it outside the cache", out, entry))
 	}
+	// A write killed outright (SIGKILL, a lost machine) leaves its
+	// temporary file or folder beside out, as large as a model.
+	clean := filepath.Clean(out)
+	left, _ := filepath.Glob(filepath.Join(filepath.Dir(clean), "."+filepath.Base(clean)+".tmp*"))
+	for _, l := range left {
+		notice(slog.LevelWarn, fmt.Sprintf("pipeline: warning: %s is left from an interrupted write to %s; remove it unless that write still runs", l, out))
+	}
 	return nil
 }
 

@@ -889,9 +889,12 @@ func TestMergeAndExportRefuseExistingTargets(t *testing.T) {
 	if r := runCLI(t, dir, "merge", "--model", "m", "--adapter", "a", "--out", "out"); r.code != 1 || !strings.Contains(r.stderr, "out already exists") {
 		t.Errorf("merge onto an existing folder: %d %s", r.code, r.stderr)
 	}
-	if r := runCLI(t, dir, "merge", "--model", "m", "--adapter", "a", "--out", "new"); r.code != 2 || !strings.Contains(r.stderr, "m holds no config.json") {
+	os.Mkdir(filepath.Join(dir, ".new.tmp123"), 0o755) // a merge killed outright
+	if r := runCLI(t, dir, "merge", "--model", "m", "--adapter", "a", "--out", "new"); r.code != 2 || !strings.Contains(r.stderr, "m holds no config.json") ||
+		!strings.Contains(r.stderr, ".new.tmp123 is left from an interrupted write to new") {
 		t.Errorf("merge from a folder that is no checkpoint: %d %s", r.code, r.stderr)
 	}
+	os.Remove(filepath.Join(dir, ".new.tmp123"))
 	cfg, _ := trainer.Preset("tiny")
 	if err := trainer.WriteRandomCheckpoint(filepath.Join(dir, "m"), cfg, trainer.InitOptions{Seed: 1}); err != nil {
 		t.Fatal(err)

@@ -223,6 +223,17 @@ func Match(files []File, patterns []string, what string) ([]string, error) {
 	return out, nil
 }
 
+// notCached is the error for a file of r (a path or a pattern) that the
+// cache lacks while the Hub is not asked: offline, or unreachable.
+func (c *Client) notCached(r *Resolved, file string) error {
+	if c.Offline {
+		return &Error{Kind: ErrNotCached, Msg: fmt.Sprintf("HF_HUB_OFFLINE is set and %s/%s (commit %s) is not in the cache %s: unset HF_HUB_OFFLINE to download it",
+			r.RepoRef(), file, ShortCommit(r.Commit), c.CacheDir)}
+	}
+	return &Error{Kind: ErrNotCached, Err: r.unasked, Msg: fmt.Sprintf("%s/%s (commit %s) is not in the cache %s, and the Hub could not be asked for it: %v",
+		r.RepoRef(), file, ShortCommit(r.Commit), c.CacheDir, r.unasked)}
+}
+
 // ModelPatterns select the files of a model repository that make its
 // checkpoint folder: configs, tokenizer files, chat templates and
 // safetensors weights at the top level (not other weight formats, not
@@ -343,13 +354,8 @@ func (c *Client) fetchFile(ctx context.Context, r *Resolved, f File, report func
 		}
 		os.Remove(pointer)
 	}
-	if c.Offline {
-		return &Error{Kind: ErrNotCached, Msg: fmt.Sprintf("HF_HUB_OFFLINE is set and %s/%s (commit %s) is not in the cache %s: unset HF_HUB_OFFLINE to download it",
-			r.RepoRef(), f.Path, ShortCommit(r.Commit), c.CacheDir)}
-	}
-	if r.unasked != nil {
-		return &Error{Kind: ErrNotCached, Err: r.unasked, Msg: fmt.Sprintf("%s/%s (commit %s) is not in the cache %s, and the Hub could not be asked for it: %v",
-			r.RepoRef(), f.Path, ShortCommit(r.Commit), c.CacheDir, r.unasked)}
+	if c.Offline || r.unasked != nil {
+		return c.notCached(r, f.Path)
 	}
 	meta, err := c.head(ctx, r, f.Path)
 	if err != nil {

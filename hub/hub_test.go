@@ -600,6 +600,21 @@ func TestCacheWithoutTrees(t *testing.T) {
 	if !errors.Is(err, hub.ErrCorrupt) {
 		t.Errorf("damaged blob offline: %v", err)
 	}
+	// A model of which such a cache holds one file: what it lacks is not
+	// in the cache, not missing from the repository, and the snapshot is
+	// no checkpoint.
+	if _, _, err := c.Local(ctx, mustRef(t, "hf://google/gemma-3-tiny-it/config.json"), hub.FetchOptions{}); err != nil {
+		t.Fatal(err)
+	}
+	os.RemoveAll(filepath.Join(cache, "models--google--gemma-3-tiny-it", "trees"))
+	for ref, want := range map[string]string{
+		"hf://google/gemma-3-tiny-it":                "HF_HUB_OFFLINE is set and hf://google/gemma-3-tiny-it@main/*.safetensors (commit",
+		"hf://google/gemma-3-tiny-it/tokenizer.json": "HF_HUB_OFFLINE is set and hf://google/gemma-3-tiny-it@main/tokenizer.json (commit",
+	} {
+		if _, _, err := off.Local(ctx, mustRef(t, ref), hub.FetchOptions{}); !errors.Is(err, hub.ErrNotCached) || !strings.Contains(err.Error(), want) {
+			t.Errorf("%s offline from a partial snapshot: %v, want %q", ref, err, want)
+		}
+	}
 }
 
 func TestFromEnv(t *testing.T) {

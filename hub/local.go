@@ -4,6 +4,7 @@ import (
 	"context"
 	"path"
 	"path/filepath"
+	"slices"
 )
 
 // Select returns the paths of the files r names: those its path matches
@@ -15,8 +16,26 @@ func (c *Client) Select(ctx context.Context, r *Resolved) ([]string, error) {
 	if err != nil {
 		return nil, err
 	}
+	// Offline, a cache without the commit's file list (huggingface_hub
+	// writes none) is known only by what its snapshot holds: a file it
+	// lacks may be one the repository has.
+	partial := (c.Offline || r.Note != "") && c.readTree(r.Repo, r.Commit) == nil
 	if r.Path != "" {
-		return Match(files, []string{r.Path}, r.RepoRef())
+		matched, err := Match(files, []string{r.Path}, r.RepoRef())
+		if err != nil && partial {
+			return nil, c.notCached(r, r.Path)
+		}
+		return matched, err
+	}
+	if partial && r.Type == Model {
+		has := func(pattern string) bool {
+			return slices.ContainsFunc(files, func(f File) bool { ok, _ := path.Match(pattern, f.Path); return ok })
+		}
+		for _, need := range []string{"config.json", "*.safetensors"} {
+			if !has(need) {
+				return nil, c.notCached(r, need)
+			}
+		}
 	}
 	var out []string
 	for _, f := range files {

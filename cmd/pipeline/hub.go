@@ -184,7 +184,9 @@ the Hugging Face cache ($HF_HUB_CACHE, else $HF_HOME/hub, else
 It prints, for each, the commit and the local paths. Files already in the
 cache are checked against their hashes and kept; a damaged one is fetched
 again; an interrupted download resumes. With HF_HUB_OFFLINE=1 nothing is
-downloaded: fetch then checks that the cache holds everything.`,
+downloaded: fetch then checks that the cache holds everything, by the file list
+this tool keeps beside a snapshot it fetched; a snapshot huggingface_hub wrote
+has none, and there a model must hold config.json and safetensors weights.`,
 		Example: `  pipeline fetch hf://google/gemma-3-12b-it
   pipeline fetch 'hf://datasets/malhajar/alpaca-gpt4-tr@main/data/train-*.parquet'`,
 		Args: func(cmd *cobra.Command, args []string) error {

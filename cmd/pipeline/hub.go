@@ -60,7 +60,7 @@ func localArg(ctx context.Context, flag, arg string, kind argKind) (string, erro
 	}
 	_, paths, err := fetchRef(ctx, ref, only)
 	if err != nil {
-		return "", failErr(fmt.Errorf("--%s: %w", flag, err))
+		return "", hubErr(fmt.Errorf("--%s: %w", flag, err))
 	}
 	if len(paths) != 1 {
 		return "", usageErr(fmt.Errorf("--%s %s names %d files; name one", flag, arg, len(paths)))
@@ -68,10 +68,24 @@ func localArg(ctx context.Context, flag, arg string, kind argKind) (string, erro
 	if _, err := os.Stat(filepath.Join(paths[0], "model.safetensors.index.json")); kind == argShapes && err != nil {
 		// One weights file and no index: its header holds the tensor names.
 		if _, paths, err = fetchRef(ctx, ref, []string{"model.safetensors"}); err != nil {
-			return "", failErr(fmt.Errorf("--%s: %w", flag, err))
+			return "", hubErr(fmt.Errorf("--%s: %w", flag, err))
 		}
 	}
 	return paths[0], nil
+}
+
+// hubErr is a failed hf:// argument's error with its exit code: a
+// repository, revision or file the Hub does not have is the argument's
+// fault (2, as a missing local path and a spec's reference are); a Hub
+// that cannot be reached, a gated repository or a broken download, a
+// failure (1).
+func hubErr(err error) error {
+	for _, named := range []error{hub.ErrRepoNotFound, hub.ErrRevisionNotFound, hub.ErrEntryNotFound} {
+		if errors.Is(err, named) {
+			return usageErr(err)
+		}
+	}
+	return failErr(err)
 }
 
 // hubHint is how a missing path written as a Hub repository's id is
@@ -210,7 +224,7 @@ has none, and there a model must hold config.json and safetensors weights.`,
 				}
 				res, paths, err := fetchRef(cmd.Context(), ref, nil)
 				if err != nil {
-					return failErr(err)
+					return hubErr(err)
 				}
 				results = append(results, out{Ref: ref.String(), Commit: res.Commit, Paths: paths, Note: res.Note})
 			}

@@ -160,7 +160,7 @@ func TestHubCLIGated(t *testing.T) {
 		t.Errorf("gated: %d %s", res.code, res.stderr)
 	}
 	res = runCLI(t, dir, "merge", "--model", "hf://google/gemma-3-nope", "--adapter", "a", "--out", filepath.Join(dir, "out"))
-	if res.code != 1 || !strings.Contains(res.stderr, "no model repository google/gemma-3-nope") {
+	if res.code != 2 || !strings.Contains(res.stderr, "no model repository google/gemma-3-nope") {
 		t.Errorf("wrong name: %d %s", res.code, res.stderr)
 	}
 }

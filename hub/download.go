@@ -307,7 +307,7 @@ func (c *Client) Fetch(ctx context.Context, r *Resolved, paths []string, opts Fe
 	g, gctx := errgroup.WithContext(ctx)
 	g.SetLimit(max(c.Workers, 1))
 	for _, f := range want {
-		g.Go(func() error { return c.fetchFile(gctx, r, f, report, log) })
+		g.Go(func() error { return fileErr(r, f, c.fetchFile(gctx, r, f, report, log)) })
 	}
 	if err := g.Wait(); err != nil {
 		return "", err
@@ -318,6 +318,22 @@ func (c *Client) Fetch(ctx context.Context, r *Resolved, paths []string, opts Fe
 		}
 	}
 	return c.SnapshotDir(r.Repo, r.Commit), nil
+}
+
+// fileErr names the file of r whose download failed with err, where err
+// does not, and says what a new attempt does: a corrupt download starts
+// afresh, a broken one resumes from the bytes kept.
+func fileErr(r *Resolved, f File, err error) error {
+	name := r.RepoRef() + "/" + f.Path
+	switch {
+	case err == nil, strings.Contains(err.Error(), name), errors.Is(err, context.Canceled):
+		return err
+	case errors.Is(err, ErrCorrupt):
+		return fmt.Errorf("%s: %w; run again to download it afresh", name, err)
+	case errors.Is(err, ErrGated), errors.Is(err, ErrBadToken), errors.Is(err, ErrRepoNotFound), errors.Is(err, ErrEntryNotFound):
+		return fmt.Errorf("%s: %w", name, err)
+	}
+	return fmt.Errorf("%s: %w; the bytes downloaded so far are kept: run again (later, if the Hub is failing) to resume", name, err)
 }
 
 // checkNoteBytes is how many cached bytes make Fetch say that it checks

@@ -424,7 +424,8 @@ func TestCorruptBlobRefetched(t *testing.T) {
 	f.srv.CorruptNext()
 	f.srv.CorruptNext()
 	_, _, err = c3.Local(ctx, mustRef(t, "hf://google/gemma-3-tiny-it/model.safetensors"), hub.FetchOptions{})
-	if !errors.Is(err, hub.ErrCorrupt) || !strings.Contains(err.Error(), "does not hash to its name") {
+	if !errors.Is(err, hub.ErrCorrupt) || !strings.Contains(err.Error(), "does not hash to its name") ||
+		!strings.HasPrefix(err.Error(), "hf://google/gemma-3-tiny-it@main/model.safetensors: ") || !strings.HasSuffix(err.Error(), "run again to download it afresh") {
 		t.Errorf("corrupted twice: %v", err)
 	}
 }

@@ -2,6 +2,7 @@ package hub
 
 import (
 	"context"
+	"fmt"
 	"io"
 	"net"
 	"net/http"
@@ -166,6 +167,11 @@ type request struct {
 func (c *Client) do(ctx context.Context, r request) (*http.Response, error) {
 	if c.Offline {
 		return nil, &Error{Kind: ErrNotCached, Msg: "HF_HUB_OFFLINE is set"}
+	}
+	if u, err := url.Parse(c.Endpoint); err != nil || (u.Scheme != "http" && u.Scheme != "https") || u.Host == "" {
+		// A mistyped HF_ENDPOINT is no Hub that cannot be reached: the
+		// cache's fallback would hide it.
+		return nil, fmt.Errorf("the Hub's address %q (HF_ENDPOINT) is not an http:// or https:// URL: write it as https://HOST", c.Endpoint)
 	}
 	target := r.url
 	for attempt, redirects := 0, 0; ; {

@@ -618,6 +618,18 @@ func TestCacheWithoutTrees(t *testing.T) {
 	}
 }
 
+// TestEndpointNotAURL: an HF_ENDPOINT without its scheme is said to be
+// mistyped, not taken for a Hub that cannot be reached.
+func TestEndpointNotAURL(t *testing.T) {
+	for _, endpoint := range []string{"127.0.0.1:8080", "htp://mirror.example"} {
+		c := &hub.Client{Endpoint: endpoint, CacheDir: t.TempDir(), HTTP: http.DefaultClient}
+		_, err := c.Resolve(context.Background(), mustRef(t, "hf://google/gemma-3-tiny-it"))
+		if err == nil || !strings.Contains(err.Error(), "(HF_ENDPOINT) is not an http:// or https:// URL") {
+			t.Errorf("HF_ENDPOINT %s: %v", endpoint, err)
+		}
+	}
+}
+
 func TestFromEnv(t *testing.T) {
 	home := t.TempDir()
 	for _, v := range []string{"HF_ENDPOINT", "HF_HUB_CACHE", "HUGGINGFACE_HUB_CACHE", "HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "HF_TOKEN_PATH", "HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "XDG_CACHE_HOME"} {

@@ -77,7 +77,12 @@ func (c *Client) revisionInfo(ctx context.Context, ref Ref) (string, error) {
 	}
 	defer resp.Body.Close()
 	if resp.StatusCode != http.StatusOK {
-		return "", c.statusError(resp, ref.Repo, ref.Revision, "")
+		err := c.statusError(resp, ref.Repo, ref.Revision, "")
+		if errors.Is(err, ErrRevisionNotFound) && ref.Path != "" {
+			// hf://ORG/NAME@feat/x/FILE reads as revision feat.
+			err = fmt.Errorf("%w; a revision with a slash in its name is written with %%2F (@%s%%2F…)", err, ref.Revision)
+		}
+		return "", err
 	}
 	var info struct {
 		SHA string `json:"sha"`

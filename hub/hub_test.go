@@ -471,8 +471,13 @@ func TestErrors(t *testing.T) {
 		t.Errorf("model named as a dataset: %v", err)
 	}
 	_, err = c.Resolve(ctx, mustRef(t, "hf://google/gemma-3-tiny-it@v9"))
-	if !errors.Is(err, hub.ErrRevisionNotFound) || !strings.Contains(err.Error(), `"v9"`) {
+	if !errors.Is(err, hub.ErrRevisionNotFound) || !strings.Contains(err.Error(), `"v9"`) || strings.Contains(err.Error(), "%2F") {
 		t.Errorf("wrong revision: %v", err)
+	}
+	// A branch with a slash, written bare, reads as its first part.
+	_, err = c.Resolve(ctx, mustRef(t, "hf://google/gemma-3-tiny-it@feat/x/config.json"))
+	if !errors.Is(err, hub.ErrRevisionNotFound) || !strings.Contains(err.Error(), "a revision with a slash in its name is written with %2F (@feat%2F…)") {
+		t.Errorf("a revision with a slash: %v", err)
 	}
 	c.Token = "tok-granted"
 	_, _, err = c.Local(ctx, mustRef(t, "hf://google/gemma-3-tiny-it/tokenizer.model"), hub.FetchOptions{})

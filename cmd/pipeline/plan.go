@@ -21,8 +21,9 @@ func init() {
 		Short: "Show each stage's key, whether it is cached, and why it would be computed",
 		Long: `Plan the DAG in SPEC without running it: compute every stage's cache key and
 say, for each, whether its output is cached or will be computed, and why (never
-computed, parameters changed, a file's content changed, an input changed, the
-kind's version changed, the entry is damaged, forced).`,
+computed, parameters changed, a file's content changed, an hf:// branch moved
+to another commit, an input changed, the kind's version changed, the entry is
+damaged, forced).`,
 		Example: `  pipeline plan dags/gemma12b.yaml
   pipeline plan dags/gemma12b.yaml --until pack --json`,
 		Args:              exactArgs(1, "one spec file"),

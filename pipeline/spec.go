@@ -525,14 +525,17 @@ func (l *loader) decodeError(n *Node, with ast.Node, err error) *SpecError {
 // all its foreign names at once, not one per try.
 func (l *loader) checkParamNames(n *Node, with ast.Node) bool {
 	good := true
-	walkParams(with, reflect.TypeOf(n.Params), "", func(path string, f *ast.MappingValueNode, _ *reflect.StructField) {
+	walkParams(with, reflect.TypeOf(n.Params), "", func(path string, f *ast.MappingValueNode, sf *reflect.StructField) {
+		if sf != nil {
+			return
+		}
 		good = false
 		e := l.unknownParam(n, path)
 		if tk := f.Key.GetToken(); tk != nil {
 			e.Line, e.Col = tk.Position.Line, tk.Position.Column
 		}
 		l.errs = append(l.errs, e)
-	}, nil)
+	})
 	return good
 }
 
@@ -572,11 +575,11 @@ func (l *loader) unknownParam(n *Node, path string) *SpecError {
 	return e
 }
 
-// walkParams calls unknown for each entry of the mapping with (and of the
-// mappings of its struct-typed parameters, recursively) that type t has no
-// field for, and known, when not nil, for the others, with the entry's
-// dotted path.
-func walkParams(with ast.Node, t reflect.Type, prefix string, unknown, known func(path string, f *ast.MappingValueNode, sf *reflect.StructField)) {
+// walkParams calls visit for each entry of the mapping with, and of the
+// mappings of its struct-typed parameters, recursively, with the entry's
+// dotted path and the field of type t it sets: nil for a name t has none
+// for.
+func walkParams(with ast.Node, t reflect.Type, prefix string, visit func(path string, f *ast.MappingValueNode, sf *reflect.StructField)) {
 	fields, ok := entries(with)
 	if !ok {
 		return
@@ -585,14 +588,12 @@ func walkParams(with ast.Node, t reflect.Type, prefix string, unknown, known fun
 		path := prefix + keyOf(f)
 		sf, ok := typeField(t, keyOf(f))
 		if !ok {
-			unknown(path, f, nil)
+			visit(path, f, nil)
 			continue
 		}
-		if known != nil {
-			known(path, f, &sf)
-		}
+		visit(path, f, &sf)
 		if st := nestedStruct(sf.Type); st != nil {
-			walkParams(f.Value, st, path+".", unknown, known)
+			walkParams(f.Value, st, path+".", visit)
 		}
 	}
 }
@@ -1051,20 +1052,22 @@ func (l *loader) checkWholeNumbers(n *Node, with ast.Node) bool {
 		}
 		l.errAt(v, fix, "stage %q: %s must be a whole number, got %s", n.Name, param, got)
 	}
-	walkParams(with, reflect.TypeOf(n.Params), "", func(string, *ast.MappingValueNode, *reflect.StructField) {},
-		func(path string, f *ast.MappingValueNode, sf *reflect.StructField) {
-			t := sf.Type
-			switch {
-			case isIntKind(t.Kind()):
-				check(path, f.Value, isUintKind(t.Kind()))
-			case (t.Kind() == reflect.Slice || t.Kind() == reflect.Array) && isIntKind(t.Elem().Kind()):
-				if seq, ok := f.Value.(*ast.SequenceNode); ok {
-					for _, v := range seq.Values {
-						check(path, v, isUintKind(t.Elem().Kind()))
-					}
+	walkParams(with, reflect.TypeOf(n.Params), "", func(path string, f *ast.MappingValueNode, sf *reflect.StructField) {
+		if sf == nil {
+			return // checkParamNames says so
+		}
+		t := sf.Type
+		switch {
+		case isIntKind(t.Kind()):
+			check(path, f.Value, isUintKind(t.Kind()))
+		case (t.Kind() == reflect.Slice || t.Kind() == reflect.Array) && isIntKind(t.Elem().Kind()):
+			if seq, ok := f.Value.(*ast.SequenceNode); ok {
+				for _, v := range seq.Values {
+					check(path, v, isUintKind(t.Elem().Kind()))
 				}
 			}
-		})
+		}
+	})
 	return good
 }
 

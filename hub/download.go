@@ -114,27 +114,34 @@ func pathEscape(s string) string {
 // changes), else from the Hub (and then kept there), else, offline, from
 // what the snapshot folder holds.
 func (c *Client) List(ctx context.Context, r *Resolved) ([]File, error) {
+	files, _, err := c.list(ctx, r)
+	return files, err
+}
+
+// list is List, saying whether the files are only what the snapshot
+// folder holds (offline, in a cache without the commit's file list): a
+// file missing from them may be one the repository has.
+func (c *Client) list(ctx context.Context, r *Resolved) (files []File, snapshotOnly bool, err error) {
 	if files := c.readTree(r.Repo, r.Commit); files != nil {
-		return files, nil
+		return files, false, nil
 	}
 	if c.Offline || r.Note != "" {
 		files := c.snapshotFiles(r.Repo, r.Commit)
 		if len(files) == 0 {
-			return nil, &Error{Kind: ErrNotCached, Msg: fmt.Sprintf("nothing of %s at commit %s is in the cache %s, and the Hub was not asked: run once online to download it", r.RepoRef(), ShortCommit(r.Commit), c.CacheDir)}
+			return nil, true, &Error{Kind: ErrNotCached, Msg: fmt.Sprintf("nothing of %s at commit %s is in the cache %s, and the Hub was not asked: run once online to download it", r.RepoRef(), ShortCommit(r.Commit), c.CacheDir)}
 		}
-		return files, nil
+		return files, true, nil
 	}
-	var files []File
 	next := c.apiURL(r.Repo, "tree", r.Commit) + "?recursive=true&expand=false"
 	for next != "" {
 		resp, err := c.do(ctx, request{method: http.MethodGet, url: next, header: jsonHeader(), retryNetwork: true})
 		if err != nil {
-			return nil, err
+			return nil, false, err
 		}
 		if resp.StatusCode != http.StatusOK {
 			err := c.statusError(resp, r.Repo, r.Commit, "")
 			resp.Body.Close()
-			return nil, err
+			return nil, false, err
 		}
 		var page []struct {
 			Type string `json:"type"`
@@ -149,7 +156,7 @@ func (c *Client) List(ctx context.Context, r *Resolved) ([]File, error) {
 		err = json.NewDecoder(resp.Body).Decode(&page)
 		resp.Body.Close()
 		if err != nil {
-			return nil, &Error{Kind: ErrUnreachable, Err: err, Msg: fmt.Sprintf("reading the file list of %s: %v", r.RepoRef(), err)}
+			return nil, false, &Error{Kind: ErrUnreachable, Err: err, Msg: fmt.Sprintf("reading the file list of %s: %v", r.RepoRef(), err)}
 		}
 		for _, e := range page {
 			if e.Type != "file" {
@@ -165,9 +172,9 @@ func (c *Client) List(ctx context.Context, r *Resolved) ([]File, error) {
 	}
 	sort.Slice(files, func(i, j int) bool { return files[i].Path < files[j].Path })
 	if err := c.writeTree(r.Repo, r.Commit, files); err != nil {
-		return nil, fmt.Errorf("keeping the file list of %s: %w", r.RepoRef(), err)
+		return nil, false, fmt.Errorf("keeping the file list of %s: %w", r.RepoRef(), err)
 	}
-	return files, nil
+	return files, false, nil
 }
 
 // nextLink reads the rel="next" address of a Link header, as GitHub and

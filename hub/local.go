@@ -12,14 +12,13 @@ import (
 // files of a model folder (ModelPatterns); every file of another kind of
 // repository.
 func (c *Client) Select(ctx context.Context, r *Resolved) ([]string, error) {
-	files, err := c.List(ctx, r)
-	if err != nil {
-		return nil, err
-	}
 	// Offline, a cache without the commit's file list (huggingface_hub
 	// writes none) is known only by what its snapshot holds: a file it
 	// lacks may be one the repository has.
-	partial := (c.Offline || r.Note != "") && c.readTree(r.Repo, r.Commit) == nil
+	files, partial, err := c.list(ctx, r)
+	if err != nil {
+		return nil, err
+	}
 	if r.Path != "" {
 		matched, err := Match(files, []string{r.Path}, r.RepoRef())
 		if err != nil && partial {

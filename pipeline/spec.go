@@ -460,8 +460,7 @@ func (l *loader) stage(mv *ast.MappingValueNode, needNodes map[*Node][]ast.Node)
 // decodeError rewords a go-yaml decoding error of a stage's parameters in
 // the spec's terms: the parameter's name, what it wants, what is known.
 func (l *loader) decodeError(n *Node, with ast.Node, err error) *SpecError {
-	known := paramNames(n.Params)
-	e := l.yamlErr(err, "parameters of kind "+n.KindName+": "+strings.Join(known, ", "))
+	e := l.yamlErr(err, "parameters of kind "+n.KindName+": "+strings.Join(paramNames(n.Params), ", "))
 	var unknown *yaml.UnknownFieldError
 	var typeErr *yaml.TypeError
 	switch {

@@ -501,21 +501,16 @@ func replyWithinContext(ctx context.Context, gen *converse.Generator, convs []co
 	return slices.Insert(others, i, cut[0]), nil
 }
 
-// contextErr says which turn does not fit and what would make it fit;
-// upFront says that the check came before any answer, with every earlier
-// answer taken as empty.
+// contextErr says which turn's prompt does not fit the context and what
+// would make it fit; upFront says that the check came before any answer,
+// with every earlier answer taken as empty. (A prompt that fits with less
+// room than max_new_tokens is answered in the room left.)
 func contextErr(q prompt, turn int, ce *converse.ContextError, upFront bool) error {
-	note, fix := "", "shorten the question or lower max_new_tokens"
-	if upFront && turn > 0 {
-		note = " with every earlier answer empty"
-	}
+	note, fix := "", "shorten the question" // no answer of the model's is in the prompt
 	switch {
-	case ce.PromptTokens >= ce.Context && (turn == 0 || upFront):
-		// No answer of the model's is in the prompt: max_new_tokens
-		// would not shorten it.
-		fix = "shorten the question"
-	case !upFront:
-		// The model's own earlier answers filled the context.
+	case upFront && turn > 0:
+		note = " with every earlier answer empty"
+	case turn > 0: // the model's own earlier answers filled the context
 		fix = "lower max_new_tokens, which the model's earlier answers in the prompt took, or shorten the questions"
 	}
 	return fmt.Errorf("question %v, turn %d%s: %w; %s", q.ID, turn+1, note, ce, fix)

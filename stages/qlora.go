@@ -327,11 +327,12 @@ func (s *qloraStage) Run(ctx context.Context, t *pipeline.Task) error {
 	if s.p.backendNote != "" {
 		t.Log.Info(s.p.backendNote)
 	}
-	if c, err := trainer.LoadConfig(model); err == nil && s.p.Backend == "cpu" && c.Hidden >= 1024 {
+	cfg, cfgErr := trainer.LoadConfig(model) // for the warnings below; training reads it itself
+	if cfgErr == nil && s.p.Backend == "cpu" && cfg.Hidden >= 1024 {
 		// The CPU backend is the reference: fine for the tiny demo model,
 		// days for a real Gemma 3.
 		t.Log.Warn(fmt.Sprintf("training a model of hidden size %d on the CPU, minutes or more a step at Gemma 3 sizes; "+
-			"on a machine with a GPU set backend: cuda, which fails at once where the GPU is not usable", c.Hidden))
+			"on a machine with a GPU set backend: cuda, which fails at once where the GPU is not usable", cfg.Hidden))
 	}
 	// Rows are read from the pack stage's file as training reaches them.
 	rows, err := trainer.OpenPackedArrow(rowsPath)
@@ -343,11 +344,11 @@ func (s *qloraStage) Run(ctx context.Context, t *pipeline.Task) error {
 	if err != nil {
 		return err
 	}
-	if c, err := trainer.LoadConfig(model); err == nil && c.MaxPositions > 0 && len(first.InputIDs) > c.MaxPositions {
+	if cfgErr == nil && cfg.MaxPositions > 0 && len(first.InputIDs) > cfg.MaxPositions {
 		// transformers trains such rows too, at positions the model was
 		// never trained for; the eval and generate stages refuse them.
-		t.Log.Warn(fmt.Sprintf("the packed rows are %d tokens long, more than the model's context of %d positions (max_position_embeddings)", len(first.InputIDs), c.MaxPositions),
-			"fix", fmt.Sprintf("set the pack stage's seq_len to %d or less", c.MaxPositions))
+		t.Log.Warn(fmt.Sprintf("the packed rows are %d tokens long, more than the model's context of %d positions (max_position_embeddings)", len(first.InputIDs), cfg.MaxPositions),
+			"fix", fmt.Sprintf("set the pack stage's seq_len to %d or less", cfg.MaxPositions))
 	}
 	// A mix stage's held-out examples, packed apart by the pack stage, are
 	// what the eval loss is computed on.

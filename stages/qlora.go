@@ -2,6 +2,7 @@ package stages
 
 import (
 	"context"
+	"encoding/json"
 	"errors"
 	"fmt"
 	"math"
@@ -350,6 +351,11 @@ func (s *qloraStage) Run(ctx context.Context, t *pipeline.Task) error {
 		t.Log.Warn(fmt.Sprintf("the packed rows are %d tokens long, more than the model's context of %d positions (max_position_embeddings)", len(first.InputIDs), cfg.MaxPositions),
 			"fix", fmt.Sprintf("set the pack stage's seq_len to %d or less", cfg.MaxPositions))
 	}
+	if cfgErr == nil {
+		if err := checkPadID(ctx, t, cfg.VocabSize); err != nil {
+			return err
+		}
+	}
 	// A mix stage's held-out examples, packed apart by the pack stage, are
 	// what the eval loss is computed on.
 	var heldOut trainer.Dataset
@@ -477,6 +483,28 @@ func (s *qloraStage) Run(ctx context.Context, t *pipeline.Task) error {
 
 // inputs tells the stage's needs apart by their kind: the packed rows of a
 // pack stage, and the checkpoint of a model stage unless `model:` names one.
+// checkPadID refuses rows padded with an id outside the model's vocabulary,
+// naming the pack stage's pad_id: training would otherwise stop at the first
+// padded row, blaming the tokenizer.
+func checkPadID(ctx context.Context, t *pipeline.Task, vocab int) error {
+	for _, in := range t.Inputs {
+		if in.Kind != packKindName {
+			continue
+		}
+		lineage, err := in.Lineage(ctx)
+		if err != nil {
+			return err
+		}
+		var p struct {
+			PadID int64 `json:"pad_id"`
+		}
+		if json.Unmarshal(lineage[0].Params, &p) == nil && p.PadID >= int64(vocab) {
+			return fmt.Errorf("stage %s pads its rows with id %d, outside the model's vocabulary [0, %d); set its pad_id to the tokenizer's <pad> (0 for Gemma 3)", in.Name, p.PadID, vocab)
+		}
+	}
+	return nil
+}
+
 func (s *qloraStage) inputs(ctx context.Context, t *pipeline.Task) (model, rows string, err error) {
 	modelFrom := "model: " + s.model.param
 	if model, err = s.model.path(ctx, t); err != nil {

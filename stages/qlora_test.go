@@ -485,3 +485,15 @@ func TestRowsLongerThanTheContext(t *testing.T) {
 		t.Errorf("no warning:\n%s", logs.String())
 	}
 }
+
+// A pad_id past the model's vocabulary is named as such before the first
+// step, not blamed on the tokenizer when the first padded row is reached.
+func TestPadIDOutsideTheVocabulary(t *testing.T) {
+	r := newTestRun(t)
+	spec := strings.Replace(trainSpec(t, 1), "with: {seq_len: 128}", "with: {seq_len: 128, pad_id: 300000}", 1)
+	_, err := r.run(r.spec(spec), pipeline.Options{})
+	if err == nil || !strings.Contains(err.Error(), "stage pack pads its rows with id 300000, outside the model's vocabulary [0, 262144)") ||
+		!strings.Contains(err.Error(), "set its pad_id") {
+		t.Fatalf("err = %v", err)
+	}
+}

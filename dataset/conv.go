@@ -210,6 +210,17 @@ func checkTurns(msgs []chat.Message) error {
 	return nil
 }
 
+// A flawError is a flaw of one conversation's messages (a null message or
+// role, a content part that is not text). Like a conversation the chat
+// template refuses, it is the record's, not the file's: invalid: drop drops
+// and counts it.
+type flawError struct{ error }
+
+func (e flawError) Unwrap() error { return e.error }
+
+// flaw marks err as a flaw of the record's conversation.
+func flaw(format string, args ...any) error { return flawError{fmt.Errorf(format, args...)} }
+
 // parseJSONMessages reads a conversation given as JSON: an array of
 // objects with the role and content fields. A content may be a string,
 // null, or a list of parts ({"type": "text", "text": ...}).
@@ -225,11 +236,17 @@ func (c *convFields) parseJSONMessages(raw json.RawMessage) ([]rawMessage, error
 	out := make([]rawMessage, len(elems))
 	for i, e := range elems {
 		if e == nil {
-			return nil, fmt.Errorf("column %s: message %d is null", c.list, i)
+			return nil, flaw("column %s: message %d is null", c.list, i)
 		}
 		role, ok := e[c.role]
-		if !ok || len(role) == 0 || role[0] != '"' {
-			return nil, fmt.Errorf("column %s: message %d has no text field %q%s", c.list, i, c.role, fieldsHint(e))
+		if !ok || len(role) == 0 {
+			return nil, fmt.Errorf("column %s: message %d has no field %q%s", c.list, i, c.role, fieldsHint(e))
+		}
+		if role[0] == 'n' {
+			return nil, flaw("column %s: message %d has a null %s", c.list, i, c.role)
+		}
+		if role[0] != '"' {
+			return nil, flaw("column %s: message %d, field %s: %s, not a string", c.list, i, c.role, JSONKind(role[0]))
 		}
 		if err := DecodeJSONString(role, &out[i].role); err != nil {
 			return nil, fmt.Errorf("column %s: message %d, field %s: %w", c.list, i, c.role, err)
@@ -258,7 +275,7 @@ func (c *convFields) parseJSONMessages(raw json.RawMessage) ([]rawMessage, error
 		case '[':
 			parts, err := textParts(content)
 			if err != nil {
-				return nil, fmt.Errorf("column %s: message %d, field %s: %w", c.list, i, c.content, err)
+				return nil, flaw("column %s: message %d, field %s: %w", c.list, i, c.content, err)
 			}
 			out[i].parts = parts
 		default:

@@ -265,8 +265,12 @@ func TestParquetTextParts(t *testing.T) {
 		{part{"text", "<null>"}, "part 0 has no text string"},
 	} {
 		bad := write([][]message{convs[1], {{"user", []part{c.part}}, {"assistant", []part{{"text", "b"}}}}})
-		if err := openOrNext(SourceOptions{Paths: []string{bad}, Layout: LayoutOpenAI}); err == nil || !strings.Contains(err.Error(), bad+": row index 1, column messages: message 0, field content: "+c.want) {
+		if err := openOrNext(SourceOptions{Paths: []string{bad}, Layout: LayoutOpenAI}); err == nil || !strings.Contains(err.Error(), bad+" row index 1, column messages: message 0, field content: "+c.want) {
 			t.Errorf("%v: %v, want row index 1 and %q", c.part, err, c.want)
+		}
+		// The conversation's flaw, not the file's: invalid: drop drops it.
+		if got := readConversations(t, SourceOptions{Paths: []string{bad}, Layout: LayoutOpenAI, DropInvalid: true}); len(got) != 1 || got[0][0].Content != "Selam" {
+			t.Errorf("%v, dropped: got %q, want the first conversation alone", c.part, got)
 		}
 	}
 	// A list of strings, as some ShareGPT exports write a turn.
@@ -286,6 +290,8 @@ func TestDropInvalidConversations(t *testing.T) {
 {"conversations": [{"from": "human", "value": "c"}, {"from": "gpt", "value": "d"}]}
 {"conversations": [{"from": "tool", "value": "x"}]}
 {"conversations": [{"from": "human", "value": "soru"}]}
+{"conversations": [{"from": null, "value": "x"}, {"from": "gpt", "value": "y"}]}
+{"conversations": [{"from": "human", "value": [{"type": "image_url", "image_url": {"url": "x"}}]}, {"from": "gpt", "value": "y"}]}
 `)
 	convs := readConversations(t, SourceOptions{Paths: []string{path}, Layout: LayoutShareGPT, DropInvalid: true, Limit: 2})
 	if len(convs) != 2 || convs[1][0].Content != "c" {
@@ -300,7 +306,7 @@ func TestDropInvalidConversations(t *testing.T) {
 		t.Fatal(err)
 	}
 	inv := s.Invalid()
-	if inv.Dropped != 4 || len(inv.First) != 3 || !strings.Contains(inv.First[0], path+" line 2: message 1 is user") || !strings.Contains(inv.First[2], `unknown role "tool"`) {
+	if inv.Dropped != 6 || len(inv.First) != 3 || !strings.Contains(inv.First[0], path+" line 2: message 1 is user") || !strings.Contains(inv.First[2], `unknown role "tool"`) {
 		t.Errorf("report %+v", inv)
 	}
 	err = openOrNext(SourceOptions{Paths: []string{path}, Layout: LayoutShareGPT})
@@ -348,7 +354,10 @@ func TestConversationErrors(t *testing.T) {
 		{`{"conversations": []}`, "no messages"},
 		{`{"conversations": null}`, "column conversations is null: no messages; nulls: drop skips such records"},
 		{`{"conversations": [{"from": "tool", "value": "x"}]}`, `message 0: unknown role "tool"`},
-		{`{"conversations": [{"role": "user", "content": "x"}]}`, `message 0 has no text field "from"; it has "content", "role"`},
+		{`{"conversations": [{"role": "user", "content": "x"}]}`, `message 0 has no field "from"; it has "content", "role"`},
+		{`{"conversations": [{"from": null, "value": "x"}]}`, `message 0 has a null from`},
+		{`{"conversations": [{"from": 7, "value": "x"}]}`, `message 0, field from: a number, not a string`},
+		{`{"conversations": [null]}`, `message 0 is null`},
 		{`{"conversations": "metin"}`, "column conversations: want a list of objects"},
 		{`{"conversations": [{"from": "human", "value": 3}]}`, "field value: a number, not a string"},
 		{`{"conversations": [{"from": "human", "value": [{"type": "image"}]}]}`, `part 0 is of type "image"`},

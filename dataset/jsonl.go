@@ -386,7 +386,9 @@ func (jf *jsonlFile) parse(line []byte, at int64) (record, error) {
 			r.setMessages(nil, true)
 		} else {
 			msgs, err := c.parseJSONMessages(raw)
-			if err != nil {
+			if errors.As(err, new(flawError)) {
+				r.flaw = err // the conversation's: invalid: drop may drop it
+			} else if err != nil {
 				return record{}, fmt.Errorf("dataset: %s: %s, %w", jf.name, where, err)
 			}
 			r.setMessages(msgs, false)

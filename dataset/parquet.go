@@ -383,7 +383,9 @@ func (pf *parquetFile) scanRowGroup(ctx context.Context, fr *pqarrow.FileReader,
 			}
 			if pf.conv != nil {
 				msgs, null, err := conv.messages(i)
-				if err != nil {
+				if errors.As(err, new(flawError)) {
+					r.flaw = err // the conversation's: invalid: drop may drop it
+				} else if err != nil {
 					return rows, false, fmt.Errorf("dataset: %s: row index %d, %w", pf.name, fileRow+rows, err)
 				}
 				r.setMessages(msgs, null)
@@ -572,16 +574,16 @@ func (c convColumn) messages(i int) (msgs []rawMessage, null bool, err error) {
 		k := int(j)
 		at := int(j - start)
 		if c.elems.IsNull(k) {
-			return nil, false, fmt.Errorf("column %s: message %d is null", c.conv.list, at)
+			return nil, false, flaw("column %s: message %d is null", c.conv.list, at)
 		}
 		if c.role.null(k) {
-			return nil, false, fmt.Errorf("column %s: message %d has a null %s", c.conv.list, at, c.conv.role)
+			return nil, false, flaw("column %s: message %d has a null %s", c.conv.list, at, c.conv.role)
 		}
 		var m rawMessage
 		if c.parts != nil {
 			parts, err := c.contentParts(k)
 			if err != nil {
-				return nil, false, fmt.Errorf("column %s: message %d, field %s: %w", c.conv.list, at, c.conv.content, err)
+				return nil, false, flaw("column %s: message %d, field %s: %w", c.conv.list, at, c.conv.content, err)
 			}
 			m = rawMessage{parts: parts, null: parts == nil}
 		} else {

@@ -186,6 +186,7 @@ type record struct {
 	null uint8          // bit i < 4: text column i was null (and v[i] is ""); see nullList, nullContent
 	file int32          // index of its file in Paths
 	pos  int64          // its line (JSON lines, from 1), row (Parquet, from 0), or -1 (a whole text file)
+	flaw error          // a flaw of its messages (a flawError), found as they were read
 }
 
 // Null bits of a record beyond its text columns.
@@ -782,6 +783,9 @@ func (s *Source) rows(yield func(record, error) bool) {
 // front when the conversation has no system message, and checks the
 // turns; an error names the record.
 func (s *Source) conversation(r record) ([]chat.Message, error) {
+	if r.flaw != nil {
+		return nil, fmt.Errorf("dataset: %s, %w", s.where(r), r.flaw)
+	}
 	msgs := make([]chat.Message, 0, len(r.msgs)+1)
 	system := s.opts.SystemText
 	if s.opts.SystemColumn != "" && r.v[0] != "" {

@@ -64,7 +64,8 @@ type sourceParams struct {
 	// reported either way.
 	Nulls string `json:"nulls,omitempty"`
 	// Invalid is what a conversation the chat template refuses (roles out
-	// of turn, an unknown role, nothing to learn) does: error (the
+	// of turn, an unknown or null role, a part that is not text, nothing to
+	// learn) does: error (the
 	// default) stops the stage at the first; drop drops and counts them.
 	Invalid string `json:"invalid,omitempty"`
 }

@@ -43,11 +43,21 @@ func statFile(path string) (fileState, error) {
 
 // racyWindow: a file changed this recently may change again within the same
 // timestamp tick without its state changing, so its digest is not trusted
-// from stat alone (git calls these entries racily clean).
-const racyWindow = 50 * time.Millisecond
+// from stat alone (git calls these entries racily clean). coarseRacyWindow
+// is the window where the file system stamps whole seconds (ext3, HFS+,
+// some NFS servers) or two (FAT): a write in the same second as the
+// hashing leaves every field of the state as it was.
+const (
+	racyWindow       = 50 * time.Millisecond
+	coarseRacyWindow = 2 * time.Second
+)
 
 func (s fileState) racy(now time.Time) bool {
-	limit := now.Add(-racyWindow).UnixNano()
+	window := racyWindow
+	if s.MtimeNs%int64(time.Second) == 0 && s.CtimeNs%int64(time.Second) == 0 {
+		window = coarseRacyWindow
+	}
+	limit := now.Add(-window).UnixNano()
 	return s.MtimeNs >= limit || s.CtimeNs >= limit
 }
 

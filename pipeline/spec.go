@@ -170,6 +170,12 @@ func Load(path string, kinds *Registry) (*DAG, error) {
 	}
 	dag.Path, dag.File = abs, path
 	dag.Dir = filepath.Dir(abs)
+	if real, err := filepath.EvalSymlinks(dag.Dir); err == nil {
+		// A "../data" beside a spec reached through a linked folder is
+		// the link's target's sibling, as the shell and the kernel read
+		// it; joined to the link's name it would be cleaned away.
+		dag.Dir = real
+	}
 	if dag.Cache != "" {
 		if dag.Cache, err = ResolvePath(dag.Dir, dag.Cache); err != nil {
 			return nil, SpecErrors{{File: path, Line: l.cacheLine, Msg: "cache: " + err.Error(), Err: err,

@@ -217,6 +217,30 @@ stages:
 			t.Errorf("$%s: %q (%v), want %q", CacheEnv, got, err, filepath.Join(home, "from-env"))
 		}
 	})
+	t.Run("dot-dot through a linked folder", func(t *testing.T) {
+		// As the shell and the kernel read it: the link's target's
+		// parent, not the link's.
+		e := newTestEnv(t)
+		project, err := filepath.EvalSymlinks(t.TempDir())
+		if err != nil {
+			t.Fatal(err)
+		}
+		if err := os.Mkdir(filepath.Join(project, "dags"), 0o755); err != nil {
+			t.Fatal(err)
+		}
+		spec := filepath.Join(project, "dags", "x.yaml")
+		if err := os.WriteFile(spec, []byte("name: x\ncache: ../cache\nstages:\n  a: {kind: gen}\n"), 0o644); err != nil {
+			t.Fatal(err)
+		}
+		link := filepath.Join(t.TempDir(), "linked")
+		if err := os.Symlink(filepath.Join(project, "dags"), link); err != nil {
+			t.Fatal(err)
+		}
+		dag := e.load(filepath.Join(link, "x.yaml"))
+		if want := filepath.Join(project, "cache"); dag.Cache != want {
+			t.Errorf("cache %q, want %q", dag.Cache, want)
+		}
+	})
 }
 
 // TestSpecMistakes: mistakes that used to pass silently (or truncate, or

@@ -187,6 +187,12 @@ func (o *TrainOptions) defaults() error {
 // option that changes the numbers, the session (backend, precision,
 // adapter shape, optimizer, model shape) and the data's size.
 func (o *TrainOptions) fingerprint(s Session, rows int) string {
+	session := s.Config()
+	// Recomputing the layers gives the same numbers, and it is what one
+	// turns off or on between attempts when memory runs short: either
+	// resumes the other's checkpoints (true is the default the checkpoints
+	// of earlier versions were written with).
+	session.GradientCheckpointing = true
 	b, _ := json.Marshal(struct {
 		LR                             float64
 		Schedule                       Schedule
@@ -205,7 +211,7 @@ func (o *TrainOptions) fingerprint(s Session, rows int) string {
 		Threshold                      float64 `json:",omitempty"`
 	}{o.LR, o.Schedule, o.WarmupSteps, o.MaxGradNorm,
 		o.BatchSize, o.GradAccum, o.Epochs, o.MaxSteps, o.Seed, o.EvalFraction, o.EvalEvery, o.LogEvery, rows,
-		s.Backend(), s.Config(), s.Model().Config, o.evalRows(), o.EarlyStoppingPatience, o.EarlyStoppingThreshold})
+		s.Backend(), session, s.Model().Config, o.evalRows(), o.EarlyStoppingPatience, o.EarlyStoppingThreshold})
 	h := sha256.Sum256(b)
 	return hex.EncodeToString(h[:])
 }

@@ -142,6 +142,14 @@ func TestTrainLossFalls(t *testing.T) {
 	}
 	t.Logf("loss %.4f -> %.4f, eval %.4f, last ETA %v", first, last, res.EvalLoss, steps[len(steps)-1].ETA)
 
+	// Recomputing the layers or not gives the same numbers: a run that
+	// flips it (memory ran short) resumes from these checkpoints.
+	flipped := sessionConfig()
+	flipped.GradientCheckpointing = !flipped.GradientCheckpointing
+	if again, err := Train(context.Background(), openCPU(t, m, flipped), trainRows(c.VocabSize, 24, 16, 1), opts); err != nil || again.Steps != res.Steps {
+		t.Errorf("resuming with gradient checkpointing flipped: %v", err)
+	}
+
 	// A run with other options must not resume from these checkpoints.
 	opts.LR = 1e-3
 	if _, err := Train(context.Background(), openCPU(t, m, sessionConfig()), trainRows(c.VocabSize, 24, 16, 1), opts); err == nil || !strings.Contains(err.Error(), "other options") {

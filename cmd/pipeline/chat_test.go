@@ -384,6 +384,22 @@ stages:
 			t.Errorf("%v: exit %d\n%s", c.args, r.code, r.stderr)
 		}
 	}
+	// loss scores an adapter trained on NF4 through NF4, as the eval stage
+	// does, unless told otherwise.
+	lossOf := func(extra ...string) (string, cliResult) {
+		r := runCLI(t, dir, append([]string{"loss", "--model", "base-copy", "--adapter", adapter, "--data", rows, "--backend", "cpu"}, extra...)...)
+		if r.code != 0 {
+			t.Fatalf("loss %v: exit %d\n%s", extra, r.code, r.stderr)
+		}
+		return r.stdout, r
+	}
+	byDefault, r := lossOf()
+	if nf4, _ := lossOf("--quantize", "nf4"); byDefault != nf4 || !strings.Contains(r.stderr, "scoring through NF4") {
+		t.Errorf("loss of an adapter trained on NF4: %s by default, %s with --quantize nf4\n%s", byDefault, nf4, r.stderr)
+	}
+	if none, _ := lossOf("--quantize", "none"); none == byDefault {
+		t.Errorf("loss --quantize none: %s, the same as through NF4", none)
+	}
 	if r := runCLI(t, dir, "merge", "--model", "base-copy", "--adapter", filepath.Dir(adapter), "--tokenizer", filepath.Dir(tok), "--out", "m4"); r.code != 2 || !strings.Contains(r.stderr, "holds no adapter_config.json, but "+adapter+" does") {
 		t.Errorf("merge --adapter of the entry above the adapter: exit %d\n%s", r.code, r.stderr)
 	}

@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"os"
 
 	"github.com/spf13/cobra"
 
@@ -15,7 +16,7 @@ func init() {
 	var modelDir, adapterDir, quantize, dataPath, backend string
 	var otherBase bool
 	cmd := &cobra.Command{
-		Use:   "loss --model DIR [--adapter DIR] [--quantize nf4] [--backend auto|cpu|cuda] --data FILE",
+		Use:   "loss --model DIR [--adapter DIR] [--quantize nf4|none] [--backend auto|cpu|cuda] --data FILE",
 		Short: "Print the mean token loss of packed rows under a model",
 		Long: `loss runs the model over packed rows and prints {"loss": ..., "tokens": ...,
 "backend": ...}: the mean cross-entropy over trained tokens (logits at t
@@ -26,15 +27,17 @@ predict labels[t+1]; -100 is not trained) and their number.
 --model is a Hugging Face Gemma 3 checkpoint directory (or hf://ORG/NAME@REV,
 fetched into the Hugging Face cache); --adapter a PEFT
 LoRA adapter directory for it; --quantize nf4 quantises the projections as
-QLoRA does before computing. --backend picks the CPU reference or the GPU
+QLoRA does before computing (the default for an adapter of the cache that a
+qlora stage trained on the NF4 base, as the eval stage scores it; none
+keeps the stored weights). --backend picks the CPU reference or the GPU
 trainer (auto: the GPU when one is usable).`,
 		Args: cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
 			if modelDir == "" || dataPath == "" {
 				return usageErr(errors.New("loss: --model and --data are required"))
 			}
-			if quantize != "" && quantize != "nf4" {
-				return usageErr(fmt.Errorf("loss: --quantize %q: only nf4 is supported", quantize))
+			if quantize != "" && quantize != "nf4" && quantize != "none" {
+				return usageErr(fmt.Errorf("loss: --quantize %q: use nf4 or none", quantize))
 			}
 			b, _, err := trainer.ResolveBackend(backend)
 			if err != nil {
@@ -47,8 +50,13 @@ trainer (auto: the GPU when one is usable).`,
 				return err
 			}
 			if adapterDir != "" {
-				if _, err := checkAdapterArg("loss", modelDir, adapterDir, otherBase); err != nil {
+				trainedOn, err := checkAdapterArg("loss", modelDir, adapterDir, otherBase)
+				if err != nil {
 					return err
+				}
+				if trainedOn == "nf4" && quantize == "" {
+					quantize = "nf4"
+					fmt.Fprintln(os.Stderr, "loss: the adapter was trained on the NF4 base (a qlora stage's quantize: nf4); scoring through NF4 as the eval stage does (--quantize none for the original weights)")
 				}
 			}
 			rows, err := trainer.ReadPackedRows(dataPath)
@@ -122,7 +130,7 @@ trainer (auto: the GPU when one is usable).`,
 	cmd.Flags().StringVar(&modelDir, "model", "", "Gemma 3 checkpoint directory (config.json + safetensors), or hf://ORG/NAME[@REV]")
 	cmd.Flags().StringVar(&adapterDir, "adapter", "", "PEFT LoRA adapter directory, or hf://ORG/NAME[@REV]")
 	cmd.Flags().BoolVar(&otherBase, "other-base", false, "score an adapter of the cache on --model even where that is not the checkpoint it was trained on")
-	cmd.Flags().StringVar(&quantize, "quantize", "", "quantise the base projections: nf4")
+	cmd.Flags().StringVar(&quantize, "quantize", "", "quantise the base projections: nf4, or none (default: nf4 for an adapter a qlora stage trained on NF4, else none)")
 	cmd.Flags().StringVar(&dataPath, "data", "", "packed rows: Arrow IPC file or JSON lines")
 	cmd.Flags().StringVar(&backend, "backend", "auto", "cpu, cuda, or auto (the GPU when usable)")
 	root.AddCommand(cmd)

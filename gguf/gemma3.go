@@ -254,7 +254,11 @@ func vocabulary(dir string, rows int) ([]KV, error) {
 		case tokenizer.Control:
 			types[id] = tokenControl
 		case tokenizer.UserDefined:
-			types[id] = tokenUserDefined
+			// llama.cpp writes a user-defined token's text as it is, where
+			// a normal token's ▁ reads as a space: Gemma's runs of spaces
+			// (ids 138–167) would print as ▁▁▁▁. Its converter writes them
+			// with spaces, as here.
+			tokens[id], types[id] = strings.ReplaceAll(s, "\u2581", " "), tokenUserDefined
 		case tokenizer.Byte:
 			types[id] = tokenByte
 		default:

@@ -452,7 +452,10 @@ func TestLlamaCppTokenizer(t *testing.T) {
 	for _, s := range texts {
 		json.NewEncoder(&in).Encode(map[string]string{"text": s})
 	}
-	got := jsonLines[struct{ IDs []int32 }](t, oracle(t, in.Bytes(), "tokenize", convert(t, dir, MostlyQ8_0)))
+	got := jsonLines[struct {
+		IDs  []int32
+		Text string
+	}](t, oracle(t, in.Bytes(), "tokenize", convert(t, dir, MostlyQ8_0)))
 	if len(got) != len(texts) {
 		t.Fatalf("%d results for %d texts", len(got), len(texts))
 	}
@@ -464,6 +467,10 @@ func TestLlamaCppTokenizer(t *testing.T) {
 			if bad++; bad <= 3 {
 				t.Errorf("text %d %.80q:\nllama.cpp %v\nours      %v", i, s, got[i].IDs, want)
 			}
+		}
+		// And back: runs of spaces (Gemma's user-defined tokens) as spaces.
+		if got[i].Text != s {
+			t.Errorf("text %d detokenized by llama.cpp:\n got %.120q\nwant %.120q", i, got[i].Text, s)
 		}
 	}
 	t.Logf("%d texts, %d tokens, %d differ", len(texts), tokens, bad)

@@ -42,7 +42,9 @@ var ggufName = regexp.MustCompile(`^[A-Za-z0-9][A-Za-z0-9._-]*$`)
 
 // Version 2: files are typed tensor by tensor as llama-quantize types them
 // (a q4_0 file's embedding is q6_K where its rows fill q6_K blocks).
-func (ggufKind) Version() int       { return 2 }
+// Version 3: the vocabulary's runs of spaces are written with spaces, as
+// llama.cpp prints them.
+func (ggufKind) Version() int       { return 3 }
 func (ggufKind) Inputs() (int, int) { return 0, 1 }
 func (ggufKind) Params() any        { return &ggufParams{Type: "q8_0", Name: "model"} }
 

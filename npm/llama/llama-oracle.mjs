@@ -11,8 +11,9 @@
 //       logits at the positions listed in "at" (len(at) × vocabulary
 //       float32, little-endian) to OUT.f32.
 //   node llama-oracle.mjs tokenize FILE.gguf
-//       {"text": "..."} lines in, {"ids": [...]} lines out: llama.cpp's
-//       tokenizer with special tokens parsed and no BOS added.
+//       {"text": "..."} lines in, {"ids": [...], "text": "..."} lines out:
+//       llama.cpp's tokenizer with special tokens parsed and no BOS added,
+//       and its detokenizer's text of those ids (special tokens written).
 //   node llama-oracle.mjs chat FILE.gguf
 //       {"messages": [{"role", "content"}, ...]} lines in, {"text", "ids"}
 //       lines out: the conversation as node-llama-cpp formats it with the
@@ -95,7 +96,8 @@ if (cmd === 'meta') {
 } else if (cmd === 'tokenize') {
   const model = await loadModel({vocabOnly: true});
   for (const {text} of await stdinLines()) {
-    process.stdout.write(JSON.stringify({ids: Array.from(model.tokenize(text, true))}) + '\n');
+    const ids = model.tokenize(text, true);
+    process.stdout.write(JSON.stringify({ids: Array.from(ids), text: model.detokenize(ids, true)}) + '\n');
   }
 } else if (cmd === 'chat') {
   const model = await loadModel({vocabOnly: true});

@@ -48,7 +48,7 @@ the checkpoint folder to PATH (a qlora stage's: its PEFT adapter folder, as
 PeftModel.from_pretrained and the Hub take it); --format gguf converts it, tokenizer included, to
 a GGUF file for llama.cpp and Ollama, of --type q8_0 (default), q6_k, q5_k_m,
 q4_k_m, q4_0, f16 or any other pipeline gguf --help lists, as llama-quantize would
-write it, named (general.name) for PATH less its .TYPE.gguf. A model stage's random
+write it, named (general.name) for PATH less its .TYPE.gguf or -TYPE.gguf. A model stage's random
 checkpoint has no tokenizer: export it with --format hf. A gguf stage's file is
 copied as it is (a --type must then be its own). A model's PATH must not exist,
 and appears only when complete.
@@ -56,7 +56,7 @@ and appears only when complete.
 Without --format, PATH's extension says it (.jsonl, .jsonl.gz, .parquet, .arrow, .gguf),
 or --type (gguf), and else the stage's kind: JSON lines for a table, hf for a model; a
 --format that PATH's extension contradicts is refused, and so is a table's PATH whose
-extension names no format (x.csv) unless --format says one. A PATH named NAME.TYPE.gguf
+extension names no format (x.csv) unless --format says one. A PATH named NAME.TYPE.gguf (or NAME-TYPE.gguf)
 gives the type when --type is left out, and must agree with it otherwise. A failure or an interrupt leaves PATH as
 it was and no temporary file behind.`,
 		Example: `  pipeline export dags/gemma12b.yaml pack --format parquet --out packed.parquet
@@ -319,7 +319,7 @@ func formatOfExt(ext string) string {
 	return ""
 }
 
-// typeOfName is the GGUF type a file named NAME.TYPE.gguf says; an error
+// typeOfName is the GGUF type a file named NAME.TYPE.gguf or NAME-TYPE.gguf says; an error
 // when TYPE is one llama.cpp knows and this tool does not write (a
 // q3_k_m named file would otherwise hold q8_0).
 func typeOfName(out string) (gguf.FileType, bool, error) {
@@ -327,11 +327,14 @@ func typeOfName(out string) (gguf.FileType, bool, error) {
 	if !strings.EqualFold(filepath.Ext(base), ".gguf") {
 		return 0, false, nil
 	}
-	ext := filepath.Ext(strings.TrimSuffix(base, filepath.Ext(base)))
-	if ext == "" {
+	// NAME.q8_0.gguf, or NAME-Q4_K_M.gguf as the Hub's files and
+	// llama-quantize's outputs are named.
+	stem := strings.TrimSuffix(base, filepath.Ext(base))
+	i := strings.LastIndexAny(stem, ".-")
+	if i < 0 {
 		return 0, false, nil
 	}
-	t, err := gguf.ParseFileType(ext[1:])
+	t, err := gguf.ParseFileType(stem[i+1:])
 	if errors.Is(err, gguf.ErrNotWritten) {
 		return 0, false, fmt.Errorf("--out %s: %w", out, err)
 	}

@@ -34,7 +34,7 @@ gets the type and the bytes llama-quantize would give it without an importance
 matrix: the embedding (tied to the output head) q6_K, and in the _m mixes
 attn_v and ffn_down of an eighth of the layers at each end and every third
 between; where a k-quant's 256-value blocks do not fit a row (the 1B's 1152)
-a 32-value type stands in, and the embedding is q8_0. An --out named NAME.TYPE.gguf gives the type when --type is
+a 32-value type stands in, and the embedding is q8_0. An --out named NAME.TYPE.gguf (or NAME-TYPE.gguf, as the Hub names them) gives the type when --type is
 left out. llama.cpp's 2- and 3-bit and i-quants are made from a q8_0 or f16 file
 with its llama-quantize. general.name is --name, by default --out's NAME. The
 file appears only complete; an interrupt leaves nothing.
@@ -137,14 +137,14 @@ them.`,
 }
 
 // ggufName is general.name for a file called out: its name less .gguf and
-// a .TYPE before it.
+// a .TYPE or -TYPE before it.
 func ggufName(out string) string {
 	name := filepath.Base(out)
 	if strings.EqualFold(filepath.Ext(name), ".gguf") {
 		name = strings.TrimSuffix(name, filepath.Ext(name))
 	}
 	if _, ok, _ := typeOfName(out); ok {
-		name = strings.TrimSuffix(name, filepath.Ext(name))
+		name = name[:strings.LastIndexAny(name, ".-")]
 	}
 	return name
 }

@@ -657,12 +657,13 @@ func TestExportForOtherTrainers(t *testing.T) {
 	}
 }
 
-// TestTypeOfName: NAME.TYPE.gguf names its type; other names name none,
+// TestTypeOfName: NAME.TYPE.gguf (or NAME-TYPE.gguf) names its type; other names name none,
 // and the name of a type not written here is refused (the file would hold
 // another type).
 func TestTypeOfName(t *testing.T) {
 	for name, want := range map[string]string{"tr.q4_0.gguf": "q4_0", "out/tr-12b.Q8_0.GGUF": "q8_0", "tr.bf16.gguf": "bf16",
-		"tr.Q4_K_M.gguf": "q4_k_m", "tr.gguf": "", "tr.q4_0": "", "v1.2.gguf": "", "tr.q3_k_m.gguf": "error", "tr.IQ2_XS.gguf": "error"} {
+		"tr.Q4_K_M.gguf": "q4_k_m", "tr.gguf": "", "tr.q4_0": "", "v1.2.gguf": "", "tr.q3_k_m.gguf": "error", "tr.IQ2_XS.gguf": "error",
+		"gemma-3-1b-tr-Q4_K_M.gguf": "q4_k_m", "tr-f16.gguf": "f16", "gemma-3-12b.gguf": "", "tr-Q3_K_M.gguf": "error"} {
 		typ, ok, err := typeOfName(name)
 		got := map[bool]string{true: typ.String()}[ok]
 		if err != nil {
@@ -670,6 +671,12 @@ func TestTypeOfName(t *testing.T) {
 		}
 		if got != want {
 			t.Errorf("%s: %q (%v), want %q", name, got, err, want)
+		}
+	}
+	// general.name is the name less its type.
+	for out, want := range map[string]string{"x/tr.q4_0.gguf": "tr", "gemma-3-1b-tr-Q4_K_M.gguf": "gemma-3-1b-tr", "gemma-3-12b.gguf": "gemma-3-12b", "v1.2.gguf": "v1.2"} {
+		if got := ggufName(out); got != want {
+			t.Errorf("ggufName(%s) = %q, want %q", out, got, want)
 		}
 	}
 }

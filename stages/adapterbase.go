@@ -11,6 +11,7 @@ import (
 	"slices"
 
 	"gemmaft/hub"
+	"gemmaft/internal/dirsum"
 	"gemmaft/pipeline"
 	"gemmaft/trainer"
 )
@@ -399,4 +400,53 @@ func adapterInputs(ctx context.Context, t *pipeline.Task, model *modelArg) (entr
 	}
 	base, err = adapterBase(ctx, t, adapter.Name, provenanceOf(lineage), modelIn, model, false)
 	return entry, lineage, base, err
+}
+
+// CachedAdapterTokenizer is the folder of the tokenizer.json that the
+// training data of an adapter in the cache (adapterDir, a qlora entry's
+// adapter/) was tokenized with, as the merge stage finds it: "" where the
+// adapter is not the cache's or its data came through an hf:// tokenizer.
+// An error says that file is gone or changed since.
+func CachedAdapterTokenizer(adapterDir string) (string, error) {
+	adapterDir = filepath.Clean(adapterDir)
+	am, err := pipeline.ReadManifest(filepath.Dir(adapterDir))
+	if err != nil || am.Kind != "qlora" {
+		return "", nil
+	}
+	store, err := pipeline.OpenExistingStore(filepath.Dir(filepath.Dir(filepath.Dir(filepath.Dir(adapterDir))))) // CACHE/entries/ab/KEY/adapter
+	if err != nil {
+		return "", nil
+	}
+	defer store.Close()
+	// The qlora entry's inputs, theirs, and so on to the first tokenize
+	// stage's record.
+	queue, seen := am.Inputs, map[string]bool{}
+	for len(queue) > 0 {
+		in := queue[0]
+		queue = queue[1:]
+		if seen[in.Key] {
+			continue
+		}
+		seen[in.Key] = true
+		m, err := pipeline.ReadManifest(store.EntryDir(in.Key))
+		if err != nil {
+			continue
+		}
+		if m.Kind != tokenizeKindName {
+			queue = append(queue, m.Inputs...)
+			continue
+		}
+		f, ok := tokenizerRecord(m)
+		if !ok {
+			return "", nil
+		}
+		switch sum, err := dirsum.FileSum(f.Path); {
+		case err != nil:
+			return "", fmt.Errorf("the tokenizer training used, %s (stage %s), cannot be read: %w", f.Path, m.Stage, err)
+		case sum != f.SHA256:
+			return "", fmt.Errorf("%s changed since stage %s tokenized the training data", f.Path, m.Stage)
+		}
+		return filepath.Dir(f.Path), nil
+	}
+	return "", nil
 }

@@ -304,6 +304,7 @@ stages:
   merged: {kind: merge, needs: [adapter, base]}
   lora: {kind: gguf_lora, needs: [adapter, base], with: {name: tr-lora}}
   onfolder: {kind: qlora, needs: [pack], with: {model: ckpt, r: 2, alpha: 4, batch_size: 1, grad_accum: 1, max_steps: 1, backend: cpu}}
+  plain: {kind: qlora, needs: [pack, base], with: {r: 2, alpha: 4, batch_size: 1, grad_accum: 1, max_steps: 1, backend: cpu, quantize: none}}
 `, demo, tok))
 	// The folder onfolder trains on: base's checkpoint, written apart.
 	cfg, _ := trainer.Preset("tiny")
@@ -402,6 +403,22 @@ stages:
 	}
 	if r := runCLI(t, dir, "merge", "--model", "base-copy", "--adapter", filepath.Dir(adapter), "--tokenizer", filepath.Dir(tok), "--out", "m4"); r.code != 2 || !strings.Contains(r.stderr, "holds no adapter_config.json, but "+adapter+" does") {
 		t.Errorf("merge --adapter of the entry above the adapter: exit %d\n%s", r.code, r.stderr)
+	}
+	// An adapter trained on the stored weights merges into them, and
+	// --base dequantized is warned of.
+	plain := filepath.Join(entryOf(t, root, "plain"), "adapter")
+	if r := runCLI(t, dir, "merge", "--model", "base-copy", "--adapter", plain, "--out", "m7"); r.code != 0 || !strings.Contains(r.stderr, "merging into the original weights") {
+		t.Errorf("merge of a quantize: none adapter: exit %d\n%s", r.code, r.stderr)
+	}
+	if r := runCLI(t, dir, "merge", "--model", "base-copy", "--adapter", plain, "--out", "m8", "--base", "dequantized"); r.code != 0 || !strings.Contains(r.stderr, "--base dequantized merges it into the NF4 round trip") {
+		t.Errorf("merge --base dequantized of a quantize: none adapter: exit %d\n%s", r.code, r.stderr)
+	}
+	// The tokenizer the adapter's data was tokenized with, found in the
+	// cache as the merge stage finds it.
+	if r := runCLI(t, dir, "merge", "--model", "base-copy", "--adapter", adapter, "--out", "m6"); r.code != 0 || !strings.Contains(r.stderr, "the tokenizer the adapter's training data was tokenized with: "+tok) {
+		t.Errorf("merge without --tokenizer: exit %d\n%s", r.code, r.stderr)
+	} else if a, b := fileBytes(t, filepath.Join(dir, "m6", "tokenizer.json")), fileBytes(t, tok); !bytes.Equal(a, b) {
+		t.Error("merge without --tokenizer: another tokenizer.json in the merged folder")
 	}
 	if r := runCLI(t, dir, "merge", "--model", "base-copy", "--adapter", adapter, "--tokenizer", filepath.Dir(tok), "--out", "m5", "--base", "original"); r.code != 0 || !strings.Contains(r.stderr, "--base original merges it into the original weights") {
 		t.Errorf("merge --base original of an adapter trained on NF4: exit %d\n%s", r.code, r.stderr)
@@ -665,4 +682,13 @@ func copyCheckpoint(t *testing.T, entry, dst string) {
 		}
 		writeFile(t, filepath.Join(dst, filepath.Base(src)), string(b))
 	}
+}
+
+func fileBytes(t *testing.T, path string) []byte {
+	t.Helper()
+	b, err := os.ReadFile(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return b
 }

@@ -11,6 +11,7 @@ import (
 
 	"github.com/spf13/cobra"
 
+	"gemmaft/stages"
 	"gemmaft/trainer"
 )
 
@@ -36,7 +37,9 @@ the default for such an adapter given as a qlora stage's entry. A cached adapter
 is also checked against --model: the checkpoint it was trained on, unless
 --other-base.
 
---tokenizer names a folder with tokenizer.json when --model has none.
+--tokenizer names a folder with tokenizer.json when --model has none; for an
+adapter of the cache it defaults to the tokenizer its training data was
+tokenized with, as the merge stage's.
 In a DAG, the merge stage kind does the same from a qlora stage, and adds a
 model card (README.md) and the Gemma NOTICE.`,
 		Example: `  pipeline merge --model models/gemma-3-12b-it --adapter run/adapter --out gemma3-12b-tr`,
@@ -74,7 +77,18 @@ model card (README.md) and the Gemma NOTICE.`,
 				return usageErr(fmt.Errorf("merge: --model: %w", err))
 			}
 			if tokDir == "" && !trainer.ShipsOwnTokenizer(modelDir) {
-				return usageErr(fmt.Errorf("merge: %s has no tokenizer.json; give --tokenizer DIR, the folder of the tokenizer the adapter was trained with", modelDir))
+				// An adapter of the cache: the tokenizer its data was
+				// tokenized with, as the merge stage takes it.
+				found, err := stages.CachedAdapterTokenizer(adapterDir)
+				if found == "" {
+					why := ""
+					if err != nil {
+						why = " (" + err.Error() + ")"
+					}
+					return usageErr(fmt.Errorf("merge: %s has no tokenizer.json; give --tokenizer DIR, the folder of the tokenizer the adapter was trained with%s", modelDir, why))
+				}
+				tokDir = found
+				notice(slog.LevelInfo, "merge: the tokenizer the adapter's training data was tokenized with: "+filepath.Join(found, "tokenizer.json"))
 			}
 			trainedOn, err := checkAdapterArg("merge", modelDir, adapterDir, otherBase)
 			if err != nil {
@@ -85,6 +99,8 @@ model card (README.md) and the Gemma NOTICE.`,
 			case trainedOn == "none" && !cmd.Flags().Changed("base"):
 				mb = trainer.MergeOriginal
 				notice(slog.LevelInfo, "merge: the adapter was trained on the unquantised base (quantize: none); merging into the original weights")
+			case trainedOn == "none" && mb == trainer.MergeDequantized:
+				notice(slog.LevelWarn, "merge: warning: the adapter was trained on the unquantised base (quantize: none), and --base dequantized merges it into the NF4 round trip of the weights; leave --base out to merge into the original weights it trained against")
 			case trainedOn == "nf4" && mb == trainer.MergeOriginal:
 				notice(slog.LevelWarn, "merge: warning: the adapter was trained against the NF4 round trip of the base (quantize: nf4), and --base original merges it into the original weights; the default, dequantized, is what it trained against")
 			}
@@ -108,7 +124,7 @@ model card (README.md) and the Gemma NOTICE.`,
 	f.StringVar(&adapterDir, "adapter", "", "PEFT LoRA adapter folder, or hf://ORG/NAME[@REV]")
 	f.StringVar(&out, "out", "", "new checkpoint folder (must not exist)")
 	f.StringVar(&base, "base", string(trainer.MergeDequantized), "dequantized or original")
-	f.StringVar(&tokDir, "tokenizer", "", "folder with tokenizer.json (or hf://ORG/NAME[@REV]), when --model has none")
+	f.StringVar(&tokDir, "tokenizer", "", "folder with tokenizer.json (or hf://ORG/NAME[@REV]), when --model has none (an adapter of the cache: the one its data was tokenized with)")
 	f.BoolVar(&otherBase, "other-base", false, "merge an adapter of the cache into --model even where that is not the checkpoint it was trained on")
 	f.Float64Var(&shardGB, "max-shard-gb", 5, "largest shard, in GB")
 	root.AddCommand(cmd)

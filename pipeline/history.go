@@ -140,6 +140,7 @@ func (s *Store) notePlannedRun(dag *DAG, plan *Plan, rec *RunRecord) {
 	for i, st := range plan.Steps {
 		if st.Selected {
 			planned.Stages[i].State = "canceled" // until its entry says otherwise
+			planned.Stages[i].Reason = st.Reason
 		}
 	}
 	data, err := json.Marshal(&planned)
@@ -210,7 +211,11 @@ func (s *Store) recordUnfinished(dag *DAG, note string) error {
 	rec.DAG, rec.Spec, rec.Cache = dag.Name, dag.Path, s.Root
 	rec.OK, rec.Interrupted = false, false
 	rec.Error = "did not finish: it was " + UnfinishedCauses
+	// The note's time has whole seconds, the plan's start finer ones.
 	rec.Finished = since
+	if rec.Started.After(since) {
+		rec.Finished = rec.Started
+	}
 	for i := range rec.Stages {
 		st := &rec.Stages[i]
 		if st.State != "canceled" || st.Key == "" {
@@ -220,9 +225,16 @@ func (s *Store) recordUnfinished(dag *DAG, note string) error {
 		switch {
 		case err != nil:
 			st.Error = "the run ended before this stage finished"
-			if t := lastWritten(s.scratchDir(st.Key)); t.After(rec.Finished) {
-				rec.Finished = t // a training's checkpoints and metrics
+			// A training's checkpoints and metrics, and the output the
+			// stage was writing.
+			dirs, _ := filepath.Glob(filepath.Join(s.Root, "tmp", st.Key+"-*"))
+			for _, dir := range append(dirs, s.scratchDir(st.Key)) {
+				if t := lastWritten(dir); t.After(rec.Finished) {
+					rec.Finished = t
+				}
 			}
+		case m.Started.Before(rec.Started) && st.Reason == "forced":
+			st.Error = "the run ended before this stage finished (forced; the entry before it stays)"
 		case m.Started.Before(rec.Started):
 			st.State = "cached"
 		default:

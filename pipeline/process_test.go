@@ -408,3 +408,73 @@ func TestStatusAfterLostRecord(t *testing.T) {
 		t.Errorf("after a run that was recorded: unfinished %q, last %+v", s.Unfinished, s.Last)
 	}
 }
+
+// TestUnfinishedRunBeforeItsFirstEntry: a run killed before it committed
+// anything is recorded as lasting until the last file it was writing, not
+// for a negative time (its holder note has whole seconds, its plan finer).
+func TestUnfinishedRunBeforeItsFirstEntry(t *testing.T) {
+	e := newTestEnv(t)
+	e.write("data.txt", "x")
+	dag := e.load(e.write("s.yaml", slowSpec))
+	since := time.Now().Add(-time.Minute).Truncate(time.Second)
+	started := since.Add(700 * time.Millisecond)
+	planned, _ := json.Marshal(&RunRecord{Started: started, Stages: []StageRecord{{Name: "slow", Key: "k1", State: "canceled"}}})
+	if err := os.WriteFile(e.store.dagLockBase(dag)+".keys", planned, 0o644); err != nil {
+		t.Fatal(err)
+	}
+	// The output it was writing when it was killed.
+	half := filepath.Join(e.store.Root, "tmp", "k1-123")
+	if err := os.MkdirAll(half, 0o755); err != nil {
+		t.Fatal(err)
+	}
+	wrote := started.Add(3 * time.Second)
+	os.WriteFile(filepath.Join(half, "data.arrow"), []byte("part"), 0o644)
+	os.Chtimes(filepath.Join(half, "data.arrow"), wrote, wrote)
+	if err := e.store.recordUnfinished(dag, "pid 1 on host since "+since.UTC().Format(time.RFC3339)); err != nil {
+		t.Fatal(err)
+	}
+	runs := e.store.Runs(dag, 0)
+	if len(runs) != 1 || !runs[0].Started.Equal(started) || !runs[0].Finished.Equal(wrote) || runs[0].Seconds != 3 {
+		t.Fatalf("recorded %+v, want a run from %v to %v", runs, started, wrote)
+	}
+}
+
+// TestUnfinishedForcedRun: a killed run that was computing a stage again
+// (--force) is not recorded as having found it cached.
+func TestUnfinishedForcedRun(t *testing.T) {
+	e := newTestEnv(t)
+	spec := e.write("f.yaml", "name: f\nstages:\n  a: {kind: gen}\n  b: {kind: double, needs: [a]}\n")
+	if _, err := e.run(spec, Options{}); err != nil {
+		t.Fatal(err)
+	}
+	dag := e.load(spec)
+	plan, err := e.store.Plan(dag, Options{Force: []string{"b"}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	since := time.Now().Add(time.Second).Truncate(time.Second)
+	rec := &RunRecord{Started: since}
+	for _, st := range plan.Steps {
+		rec.Stages = append(rec.Stages, StageRecord{Name: st.Node.Name, Key: st.Key})
+	}
+	e.store.notePlannedRun(dag, plan, rec)
+	if err := e.store.recordUnfinished(dag, "pid 1 on host since "+since.UTC().Format(time.RFC3339)); err != nil {
+		t.Fatal(err)
+	}
+	runs := e.store.Runs(dag, 1)
+	if len(runs) != 1 {
+		t.Fatalf("%d runs", len(runs))
+	}
+	for _, st := range runs[0].Stages {
+		switch st.Name {
+		case "a":
+			if st.State != "cached" {
+				t.Errorf("stage a: %s, want cached", st.State)
+			}
+		case "b":
+			if st.State != "canceled" || !strings.Contains(st.Error, "forced") {
+				t.Errorf("stage b, forced: %s (%s), want canceled", st.State, st.Error)
+			}
+		}
+	}
+}

@@ -310,7 +310,7 @@ func TestStatusSaysKilledRunDidNotFinish(t *testing.T) {
 	// What a run killed a moment ago leaves.
 	writeFile(t, strings.TrimSuffix(locks[0], ".lock")+".holder", fmt.Sprintf("pid 999999 on host since %s\n", time.Now().Format(time.RFC3339)))
 	r := runCLI(t, dir, "status", spec)
-	if !strings.Contains(r.stdout, "last run: DID NOT FINISH: pid 999999 on host") || !strings.Contains(r.stdout, "last finished run: ") {
+	if !strings.Contains(r.stdout, "last run: DID NOT FINISH: pid 999999 on host") || !strings.Contains(r.stdout, "the run before it: ") {
 		t.Errorf("status after a killed run:\n%s", r.stdout)
 	}
 	// A health check says so by its exit code.

@@ -48,7 +48,7 @@ the same of each run).`,
 			last := "last run"
 			if s.Unfinished != "" {
 				fmt.Fprintf(stdout, "last run: DID NOT FINISH: %s; it was %s\n", s.Unfinished, pipeline.UnfinishedCauses)
-				last = "last finished run"
+				last = "the run before it" // recorded, ended well or not
 			}
 			if s.Last != nil {
 				result := "ok"

@@ -645,6 +645,10 @@ func TestWaitingForAnEntrySaysSo(t *testing.T) {
 		t.Fatal(err)
 	}
 	defer other.Unlock()
+	// status says so too.
+	if s, err := e.store.Status(dag); err != nil || len(s.Stages) != 1 || !strings.HasPrefix(s.Stages[0].Why, ComputingElsewhere+"; ") {
+		t.Errorf("status while another run computes the entry: %+v (%v)", s, err)
+	}
 
 	var logs lockedBuffer
 	ctx, cancel := context.WithCancelCause(context.Background())

@@ -56,6 +56,9 @@ func (s *Store) Status(dag *DAG) (*Status, error) {
 			ss.State = "damaged"
 		default:
 			ss.State, ss.Why = "missing", st.Reason
+			if st.Key != "" && s.EntryBusy(st.Key) {
+				ss.Why = ComputingElsewhere + "; " + st.Reason
+			}
 		}
 		out.Stages = append(out.Stages, ss)
 	}

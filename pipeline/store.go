@@ -487,6 +487,28 @@ func dirsUnder(root string) []string {
 	return out
 }
 
+// EntryBusy says whether another process holds the lock of key's entry
+// now: a run computes it. It creates no lock file.
+func (s *Store) EntryBusy(key string) bool {
+	path := filepath.Join(s.Root, "locks", key+".lock")
+	if _, err := os.Stat(path); err != nil {
+		return false
+	}
+	l := flock.New(path)
+	ok, err := l.TryLock()
+	if err != nil {
+		return false
+	}
+	if ok {
+		l.Unlock()
+	}
+	return !ok
+}
+
+// ComputingElsewhere is the reason of a stage whose entry another run is
+// computing now.
+const ComputingElsewhere = "another run is computing it now"
+
 // lockEntry takes the exclusive lock of key's entry, waiting while another
 // process holds it, or failing busy if noWait.
 func (s *Store) lockEntry(ctx context.Context, key, stage string, noWait bool, log *slog.Logger) (*flock.Flock, error) {

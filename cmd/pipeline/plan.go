@@ -65,6 +65,9 @@ damaged, forced).`,
 					r.Action, r.Why = "skip", "not selected"
 				case s.Compute:
 					r.Action = "compute"
+					if st.EntryBusy(s.Key) { // a run would wait for it, then find it cached
+						r.Why = pipeline.ComputingElsewhere + "; " + r.Why
+					}
 				default:
 					r.Action, r.Why = "cached", ""
 				}

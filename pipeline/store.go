@@ -370,7 +370,7 @@ func (s *Store) begin(key string, locked bool) (*pending, error) {
 	}
 	dir, err := os.MkdirTemp(filepath.Join(s.Root, "tmp"), key+"-")
 	if err != nil {
-		return nil, err
+		return nil, fmt.Errorf("%w%s", err, s.permissionHint(err))
 	}
 	// Entries are readable like the files in them (MkdirTemp makes 0700).
 	if err := os.Chmod(dir, 0o755); err != nil {

@@ -258,6 +258,9 @@ func train(ctx context.Context, s Session, data Dataset, opts TrainOptions, p *r
 				log.Info("stopped; the next run resumes from here", "step", st.Step)
 			}
 		}
+		if writer && opts.CheckpointEvery <= 0 && st.Step > 0 {
+			log.Warn(fmt.Sprintf("stopped after %d steps, which the next run computes again: checkpoint_every is 0, so no checkpoint is kept", st.Step))
+		}
 		return err
 	}
 	var sinceLogTokens int64

@@ -508,4 +508,21 @@ func TestInterruptKeepsSteps(t *testing.T) {
 		}
 		prev = m.ElapsedSec
 	}
+
+	// Without checkpoints the steps are lost, and the log says so.
+	o = opts(t.TempDir())
+	o.CheckpointEvery, o.Log = 0, slog.New(slog.NewTextHandler(&logs, nil))
+	logs.Reset()
+	ctx, cancel = context.WithCancel(context.Background())
+	o.Progress = func(p Progress) {
+		if p.Step == 3 {
+			cancel()
+		}
+	}
+	if _, err := Train(ctx, openCPU(t, tinyModel(t, c), sessionConfig()), rows, o); !errors.Is(err, context.Canceled) {
+		t.Fatalf("interrupted run without checkpoints: %v", err)
+	}
+	if !strings.Contains(logs.String(), "stopped after 3 steps, which the next run computes again: checkpoint_every is 0") {
+		t.Errorf("an interrupt without checkpoints is not told of:\n%s", logs.String())
+	}
 }

@@ -52,14 +52,21 @@ func LossCurveSVG(history []Metric) []byte {
 	fmt.Fprintf(&b, `<rect x="%g" y="%g" width="%g" height="%g" fill="none" stroke="#444"/>`+"\n", left, top, width-left-right, height-top-bott)
 	fmt.Fprintf(&b, `<text x="%g" y="%g" text-anchor="middle">step</text>`+"\n", (left+width-right)/2, height-12)
 
-	var train, eval bytes.Buffer
+	// Evaluations are few (one, at the end, by default), and a line of one
+	// point draws nothing: each gets a marker, as a run of one step does.
+	var train, eval, marks bytes.Buffer
 	for _, m := range history {
 		fmt.Fprintf(&train, "%.1f,%.1f ", px(float64(m.Step)), py(m.Loss))
+		if len(history) == 1 {
+			fmt.Fprintf(&marks, `<circle cx="%.1f" cy="%.1f" r="3" fill="#1f77b4"/>`+"\n", px(float64(m.Step)), py(m.Loss))
+		}
 		if m.EvalLoss != nil && !math.IsNaN(*m.EvalLoss) {
 			fmt.Fprintf(&eval, "%.1f,%.1f ", px(float64(m.Step)), py(*m.EvalLoss))
+			fmt.Fprintf(&marks, `<circle cx="%.1f" cy="%.1f" r="3" fill="#ff7f0e"/>`+"\n", px(float64(m.Step)), py(*m.EvalLoss))
 		}
 	}
 	fmt.Fprintf(&b, `<polyline fill="none" stroke="#1f77b4" stroke-width="2" points="%s"/>`+"\n", bytes.TrimSpace(train.Bytes()))
+	b.Write(marks.Bytes())
 	legendY := top + 16
 	fmt.Fprintf(&b, `<line x1="%g" y1="%g" x2="%g" y2="%g" stroke="#1f77b4" stroke-width="2"/><text x="%g" y="%g">train loss</text>`+"\n",
 		width-right-150, legendY, width-right-125, legendY, width-right-120, legendY+4)

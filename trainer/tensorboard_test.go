@@ -4,6 +4,7 @@ import (
 	"math"
 	"os"
 	"path/filepath"
+	"strings"
 	"testing"
 	"time"
 
@@ -99,5 +100,20 @@ func TestReadMetrics(t *testing.T) {
 	os.WriteFile(p, []byte("{\"step\":1}\nnot json\n"), 0o644)
 	if _, err := ReadMetrics(p); err == nil {
 		t.Error("a damaged line reads without error")
+	}
+}
+
+// TestLossCurveMarksLonePoints: the one evaluation a run takes by default,
+// and the loss of a one-step run, show in loss.svg; a line of one point
+// draws nothing.
+func TestLossCurveMarksLonePoints(t *testing.T) {
+	eval := 2.5
+	svg := string(LossCurveSVG([]Metric{{Step: 1, Loss: 3}, {Step: 2, Loss: 2.8}, {Step: 3, Loss: 2.6, EvalLoss: &eval}}))
+	if strings.Count(svg, `<circle`) != 1 || !strings.Contains(svg, `fill="#ff7f0e"/>`) {
+		t.Errorf("one evaluation, not one orange marker:\n%s", svg)
+	}
+	svg = string(LossCurveSVG([]Metric{{Step: 1, Loss: 3}}))
+	if strings.Count(svg, `<circle`) != 1 || !strings.Contains(svg, `fill="#1f77b4"/>`) {
+		t.Errorf("one step, not one blue marker:\n%s", svg)
 	}
 }

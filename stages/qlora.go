@@ -391,7 +391,13 @@ func (s *qloraStage) Run(ctx context.Context, t *pipeline.Task) error {
 	// Loading a 12B checkpoint takes minutes; the progress says so rather
 	// than counting rows nobody reads yet.
 	// (A unit of its own: the steps' clock starts with the first step.)
-	t.Report(0, 1, "models", "loading "+filepath.Base(model)+" on "+s.p.Backend)
+	what := s.model.param // as the spec names it, not by a cache entry's key
+	for _, in := range t.Inputs {
+		if in.Kind == modelKindName {
+			what = "stage " + in.Name + "'s checkpoint"
+		}
+	}
+	t.Report(0, 1, "models", "loading "+what+" on "+s.p.Backend)
 	sess, err := trainer.OpenSession(ctx, s.p.Backend, trainer.SessionConfig{
 		Group: group.trainer(),
 		Model: model, Quantize: s.p.Quantize,
@@ -463,6 +469,9 @@ func (s *qloraStage) Run(ctx context.Context, t *pipeline.Task) error {
 		return err
 	}
 	t.SetStat("steps", res.Steps)
+	if heldOut == nil && res.EvalRows > 0 { // eval_fraction's share of the rows
+		t.SetStat("eval_rows", res.EvalRows)
+	}
 	t.SetStat("final_loss", res.FinalLoss)
 	if !math.IsNaN(res.EvalLoss) {
 		t.SetStat("eval_loss", res.EvalLoss)

@@ -122,8 +122,11 @@ type Result struct {
 	EvalLoss float64
 	// BestStep is the step whose adapter was written, with early
 	// stopping; StoppedEarly says that it ended the run.
-	BestStep      int
-	StoppedEarly  bool
+	BestStep     int
+	StoppedEarly bool
+	// EvalRows is how many rows the eval loss is computed on: those
+	// eval_fraction held out of the training data, or EvalData's.
+	EvalRows      int
 	AdapterDir    string
 	MetricsPath   string
 	LossCurvePath string

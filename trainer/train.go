@@ -398,7 +398,7 @@ func train(ctx context.Context, s Session, data Dataset, opts TrainOptions, p *r
 		}
 	}
 
-	res := &Result{Steps: st.Step, EvalLoss: math.NaN(), PeakMemory: s.PeakMemory()}
+	res := &Result{Steps: st.Step, EvalLoss: math.NaN(), EvalRows: len(evalRows), PeakMemory: s.PeakMemory()}
 	if len(history) > 0 {
 		res.FinalLoss = history[len(history)-1].Loss
 	}

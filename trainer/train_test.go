@@ -123,6 +123,9 @@ func TestTrainLossFalls(t *testing.T) {
 	if evals != 3 {
 		t.Errorf("%d eval losses, want 3 (steps 4, 8, 12)", evals)
 	}
+	if res.EvalRows != 2 { // a tenth of 24, rounded
+		t.Errorf("%d eval rows, want 2", res.EvalRows)
+	}
 	if ms[0].LR != 0 || ms[2].LR != opts.LR {
 		t.Errorf("warmup learning rates %v, %v", ms[0].LR, ms[2].LR)
 	}

@@ -547,7 +547,7 @@ func TestMixHeldOutTrainsAndEvaluates(t *testing.T) {
 	t.Logf("held-out loss: trainer %v, eval stage %v (base %v), %d eval rows", trained, scored, res.Loss.Scores["base"].Loss, int(q["eval_rows"].(float64)))
 
 	_, err = r.run(r.spec(fmt.Sprintf(base, ", eval_fraction: 0.1")), pipeline.Options{})
-	if err == nil || !strings.Contains(err.Error(), "would hold out training rows too") {
+	if err == nil || !pipeline.IsSpecError(err) || !strings.Contains(err.Error(), "eval_fraction: holds training rows out, and mix stage") {
 		t.Errorf("eval_fraction with held-out examples: %v", err)
 	}
 }

@@ -60,6 +60,13 @@ func (qloraKind) CheckInputs(params any, needs []pipeline.Need) error {
 		switch n.Kind {
 		case packKindName:
 			packs = append(packs, n.Stage)
+			for _, m := range n.Needs {
+				if mp, ok := m.Params.(*mixParams); ok && mp.HeldOut > 0 && p.EvalFraction > 0 {
+					return &pipeline.ParamError{Param: "eval_fraction",
+						Msg: fmt.Sprintf("holds training rows out, and mix stage %q holds examples out already (heldout %v) for the eval loss", m.Stage, mp.HeldOut),
+						Fix: "remove eval_fraction: the eval loss is computed on the mix stage's held-out examples"}
+				}
+			}
 		case modelKindName:
 			models = append(models, n.Stage)
 		default:

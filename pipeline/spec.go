@@ -449,7 +449,14 @@ func (l *loader) stage(mv *ast.MappingValueNode, needNodes map[*Node][]ast.Node)
 	}
 	if v, ok := n.Params.(interface{ Validate() error }); ok {
 		if err := v.Validate(); err != nil {
-			l.errs = append(l.errs, l.paramError(n, err))
+			// A kind may report each bad parameter (errors.Join).
+			errs := []error{err}
+			if j, ok := err.(interface{ Unwrap() []error }); ok {
+				errs = j.Unwrap()
+			}
+			for _, err := range errs {
+				l.errs = append(l.errs, l.paramError(n, err))
+			}
 			return nil
 		}
 	}

@@ -177,8 +177,13 @@ func (qloraKind) Params() any {
 	}
 }
 
+// Validate reports every bad setting at once (a spec carried over from
+// another tool has several), each as a ParamError.
 func (p *qloraParams) Validate() error {
-	bad := func(param, msg, fix string) error { return &pipeline.ParamError{Param: param, Msg: msg, Fix: fix} }
+	var errs []error
+	bad := func(param, msg, fix string) {
+		errs = append(errs, &pipeline.ParamError{Param: param, Msg: msg, Fix: fix})
+	}
 	p.HubBaseNaming = ""
 	if hub.IsRef(p.Model) {
 		p.HubBaseNaming = "repository id and commit"
@@ -193,82 +198,106 @@ func (p *qloraParams) Validate() error {
 	for _, t := range p.TargetModules {
 		m, err := trainer.ParseModule(t)
 		if err != nil {
-			return bad("target_modules", err.Error(), "choose among q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj, or [all-linear] for all seven")
+			bad("target_modules", err.Error(), "choose among q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj, or [all-linear] for all seven")
+			continue
 		}
 		if seen[m] {
-			return bad("target_modules", fmt.Sprintf("%s is listed twice", m), "list each projection once")
+			bad("target_modules", fmt.Sprintf("%s is listed twice", m), "list each projection once")
+			continue
 		}
 		seen[m] = true
 		targets = append(targets, m)
 	}
 	// Each LoRA setting is checked here so that the message names it.
-	switch {
-	case p.R < 1 || p.R > 1<<16:
-		return bad("r", fmt.Sprintf("%d must be in [1, 65536]", p.R), "QLoRA usually takes r between 8 and 64, e.g. r: 32")
-	case !(p.Alpha > 0):
-		return bad("alpha", fmt.Sprintf("%v must be positive", p.Alpha), "alpha is usually r or twice r, e.g. alpha: 64 for r: 32")
-	case !(p.Dropout >= 0 && p.Dropout < 1):
-		return bad("dropout", fmt.Sprintf("%v must be in [0, 1)", p.Dropout), "QLoRA usually takes 0.05; 0 turns dropout off")
-	case len(targets) == 0:
-		return bad("target_modules", "is empty: nothing would be trained", "list projections, e.g. [q_proj, v_proj], or leave target_modules out for all seven")
+	if p.R < 1 || p.R > 1<<16 {
+		bad("r", fmt.Sprintf("%d must be in [1, 65536]", p.R), "QLoRA usually takes r between 8 and 64, e.g. r: 32")
 	}
-	if err := p.lora(targets).Validate(); err != nil {
-		return bad("target_modules", err.Error(), "")
+	if !(p.Alpha > 0) {
+		bad("alpha", fmt.Sprintf("%v must be positive", p.Alpha), "alpha is usually r or twice r, e.g. alpha: 64 for r: 32")
 	}
-	switch {
-	case p.Quantize != "nf4" && p.Quantize != "none":
-		return bad("quantize", fmt.Sprintf("unknown %q", p.Quantize), "use nf4 (QLoRA) or none (LoRA on the checkpoint's weights)")
-	case p.BatchSize < 1:
-		return bad("batch_size", fmt.Sprintf("%d must be at least 1", p.BatchSize), "rows per micro-batch, e.g. batch_size: 2")
-	case p.GradAccum < 1:
-		return bad("grad_accum", fmt.Sprintf("%d must be at least 1", p.GradAccum), "micro-batches per optimizer step, e.g. grad_accum: 4 (1 accumulates nothing)")
-	case !(p.LR > 0):
-		return bad("lr", fmt.Sprintf("%v must be positive", p.LR), "QLoRA usually takes 1e-4 to 2e-4")
-	case p.Epochs < 1:
+	if !(p.Dropout >= 0 && p.Dropout < 1) {
+		bad("dropout", fmt.Sprintf("%v must be in [0, 1)", p.Dropout), "QLoRA usually takes 0.05; 0 turns dropout off")
+	}
+	if len(p.TargetModules) == 0 {
+		bad("target_modules", "is empty: nothing would be trained", "list projections, e.g. [q_proj, v_proj], or leave target_modules out for all seven")
+	}
+	if len(errs) == 0 {
+		if err := p.lora(targets).Validate(); err != nil {
+			bad("target_modules", err.Error(), "")
+		}
+	}
+	if p.Quantize != "nf4" && p.Quantize != "none" {
+		bad("quantize", fmt.Sprintf("unknown %q", p.Quantize), "use nf4 (QLoRA) or none (LoRA on the checkpoint's weights)")
+	}
+	if p.BatchSize < 1 {
+		bad("batch_size", fmt.Sprintf("%d must be at least 1", p.BatchSize), "rows per micro-batch, e.g. batch_size: 2")
+	}
+	if p.GradAccum < 1 {
+		bad("grad_accum", fmt.Sprintf("%d must be at least 1", p.GradAccum), "micro-batches per optimizer step, e.g. grad_accum: 4 (1 accumulates nothing)")
+	}
+	if !(p.LR > 0) {
+		bad("lr", fmt.Sprintf("%v must be positive", p.LR), "QLoRA usually takes 1e-4 to 2e-4")
+	}
+	if p.Epochs < 1 {
 		// transformers lets max_steps override the epochs; here they bound
 		// it, so 0 cannot stand for "as many as max_steps needs".
-		return bad("epochs", fmt.Sprintf("%d must be at least 1", p.Epochs),
+		bad("epochs", fmt.Sprintf("%d must be at least 1", p.Epochs),
 			"passes over the data, e.g. epochs: 1; max_steps ends training early but not past the epochs (the run says which epochs reach it)")
-	case p.MaxSteps < 0:
-		return bad("max_steps", fmt.Sprintf("%d must not be negative", p.MaxSteps), "0 (the default) trains for the given epochs")
-	case p.WarmupSteps < 0:
-		return bad("warmup_steps", fmt.Sprintf("%d must not be negative", p.WarmupSteps), "0 starts at the full learning rate")
-	case !(p.WarmupRatio >= 0 && p.WarmupRatio <= 1):
-		return bad("warmup_ratio", fmt.Sprintf("%v must be in [0, 1]", p.WarmupRatio), "a share of the run's steps, e.g. warmup_ratio: 0.03")
-	case p.WarmupRatio > 0 && p.WarmupSteps > 0:
-		return bad("warmup_ratio", "is given with warmup_steps", "give one: warmup_steps counts steps, warmup_ratio a share of the run's")
-	case p.WeightDecay < 0:
-		return bad("weight_decay", fmt.Sprintf("%v must not be negative", p.WeightDecay), "AdamW usually takes 0 to 0.1")
-	case p.MaxGradNorm < 0:
-		return bad("max_grad_norm", fmt.Sprintf("%v must not be negative", p.MaxGradNorm), "1 is usual; 0 turns clipping off")
-	case p.EarlyStoppingPatience < 0:
-		return bad("early_stopping_patience", fmt.Sprintf("%d must not be negative", p.EarlyStoppingPatience), "evaluations without improvement before training stops, e.g. 3; 0 never stops early")
-	case p.EarlyStoppingThreshold < 0:
-		return bad("early_stopping_threshold", fmt.Sprintf("%v must not be negative", p.EarlyStoppingThreshold), "the least drop of the held-out loss that counts as better, e.g. 0.001; 0 counts any")
-	case p.EarlyStoppingThreshold > 0 && p.EarlyStoppingPatience == 0:
-		return bad("early_stopping_threshold", "is given without early_stopping_patience", "set early_stopping_patience, e.g. 3")
-	case p.EarlyStoppingPatience > 0 && p.EvalEvery == 0:
-		return bad("early_stopping_patience", "needs evaluations during training", "set eval_every, e.g. eval_every: 50, and hold rows out (eval_fraction, or a mix stage's heldout)")
-	case p.EvalEvery < 0:
-		return bad("eval_every", fmt.Sprintf("%d must not be negative", p.EvalEvery), "0 evaluates only at the end (with eval_fraction set)")
-	case p.EvalFraction < 0 || p.EvalFraction >= 1:
-		return bad("eval_fraction", fmt.Sprintf("%v must be in [0, 1)", p.EvalFraction), "hold out a small share, e.g. 0.05; 0 holds out nothing")
-	case p.LogEvery < 1:
-		return bad("log_every", fmt.Sprintf("%d must be at least 1", p.LogEvery), "e.g. log_every: 5")
-	case p.CheckpointEvery < 0:
-		return bad("checkpoint_every", fmt.Sprintf("%d must not be negative", p.CheckpointEvery), "0 writes no checkpoints")
-	case !(p.GPUMemory >= 0):
-		return bad("gpu_memory", fmt.Sprintf("%v must not be negative", p.GPUMemory), "GiB of GPU memory the run may use, e.g. gpu_memory: 20; 0 (the default) uses what is free")
+	}
+	if p.MaxSteps < 0 {
+		bad("max_steps", fmt.Sprintf("%d must not be negative", p.MaxSteps), "0 (the default) trains for the given epochs")
+	}
+	if p.WarmupSteps < 0 {
+		bad("warmup_steps", fmt.Sprintf("%d must not be negative", p.WarmupSteps), "0 starts at the full learning rate")
+	}
+	if !(p.WarmupRatio >= 0 && p.WarmupRatio <= 1) {
+		bad("warmup_ratio", fmt.Sprintf("%v must be in [0, 1]", p.WarmupRatio), "a share of the run's steps, e.g. warmup_ratio: 0.03")
+	}
+	if p.WarmupRatio > 0 && p.WarmupSteps > 0 {
+		bad("warmup_ratio", "is given with warmup_steps", "give one: warmup_steps counts steps, warmup_ratio a share of the run's")
+	}
+	if p.WeightDecay < 0 {
+		bad("weight_decay", fmt.Sprintf("%v must not be negative", p.WeightDecay), "AdamW usually takes 0 to 0.1")
+	}
+	if p.MaxGradNorm < 0 {
+		bad("max_grad_norm", fmt.Sprintf("%v must not be negative", p.MaxGradNorm), "1 is usual; 0 turns clipping off")
+	}
+	if p.EarlyStoppingPatience < 0 {
+		bad("early_stopping_patience", fmt.Sprintf("%d must not be negative", p.EarlyStoppingPatience), "evaluations without improvement before training stops, e.g. 3; 0 never stops early")
+	}
+	if p.EarlyStoppingThreshold < 0 {
+		bad("early_stopping_threshold", fmt.Sprintf("%v must not be negative", p.EarlyStoppingThreshold), "the least drop of the held-out loss that counts as better, e.g. 0.001; 0 counts any")
+	}
+	if p.EarlyStoppingThreshold > 0 && p.EarlyStoppingPatience == 0 {
+		bad("early_stopping_threshold", "is given without early_stopping_patience", "set early_stopping_patience, e.g. 3")
+	}
+	if p.EarlyStoppingPatience > 0 && p.EvalEvery == 0 {
+		bad("early_stopping_patience", "needs evaluations during training", "set eval_every, e.g. eval_every: 50, and hold rows out (eval_fraction, or a mix stage's heldout)")
+	}
+	if p.EvalEvery < 0 {
+		bad("eval_every", fmt.Sprintf("%d must not be negative", p.EvalEvery), "0 evaluates only at the end (with eval_fraction set)")
+	}
+	if p.EvalFraction < 0 || p.EvalFraction >= 1 {
+		bad("eval_fraction", fmt.Sprintf("%v must be in [0, 1)", p.EvalFraction), "hold out a small share, e.g. 0.05; 0 holds out nothing")
+	}
+	if p.LogEvery < 1 {
+		bad("log_every", fmt.Sprintf("%d must be at least 1", p.LogEvery), "e.g. log_every: 5")
+	}
+	if p.CheckpointEvery < 0 {
+		bad("checkpoint_every", fmt.Sprintf("%d must not be negative", p.CheckpointEvery), "0 writes no checkpoints")
+	}
+	if !(p.GPUMemory >= 0) {
+		bad("gpu_memory", fmt.Sprintf("%v must not be negative", p.GPUMemory), "GiB of GPU memory the run may use, e.g. gpu_memory: 20; 0 (the default) uses what is free")
 	}
 	if _, _, err := trainer.ResolveOptimizer(p.Optimizer); err != nil {
-		return bad("optimizer", err.Error(), "use adamw, or paged_adamw_8bit / adamw_8bit for 8-bit state")
+		bad("optimizer", err.Error(), "use adamw, or paged_adamw_8bit / adamw_8bit for 8-bit state")
 	}
 	b, note, err := trainer.ResolveBackend(p.Backend)
 	if err != nil {
-		fix := "use backend: auto (the GPU when one is usable, else the CPU) or cpu"
-		return bad("backend", err.Error(), fix)
+		bad("backend", err.Error(), "use backend: auto (the GPU when one is usable, else the CPU) or cpu")
+	} else {
+		p.Backend, p.backendNote = b.Name(), note
 	}
-	p.Backend, p.backendNote = b.Name(), note
 	if p.Schedule == "constant_with_warmup" {
 		// transformers' name for what constant is here: a warmup, then
 		// the full rate.
@@ -278,9 +307,9 @@ func (p *qloraParams) Validate() error {
 		if p.Schedule == "" {
 			err = errors.New("is empty")
 		}
-		return bad("schedule", err.Error(), "use linear (the default: leave schedule out), cosine, or constant (after warmup_steps, transformers' constant_with_warmup)")
+		bad("schedule", err.Error(), "use linear (the default: leave schedule out), cosine, or constant (after warmup_steps, transformers' constant_with_warmup)")
 	}
-	return nil
+	return errors.Join(errs...)
 }
 
 // lora is the adapter's shape the parameters give, over targets.

@@ -156,6 +156,30 @@ func TestEveryParameterMistake(t *testing.T) {
 	}
 }
 
+// TestEveryBadSetting: a qlora stage's bad values are reported together,
+// each at its line, not one per run.
+func TestEveryBadSetting(t *testing.T) {
+	spec := strings.Replace(validationSpec, "PARAM", "epochs: 0\n      dropout: 1.0\n      r: 0\n      target_modules: [lm_head]", 1)
+	path, err := loadErr(t, spec)
+	if err == nil {
+		t.Fatal("loaded")
+	}
+	msg := err.Error()
+	at := 0
+	for _, w := range []string{
+		path + `:12:7: stage "adapter": epochs: 0 must be at least 1`,
+		path + `:13:7: stage "adapter": dropout: 1 must be in [0, 1)`,
+		path + `:14:7: stage "adapter": r: 0 must be in [1, 65536]`,
+		path + `:15:7: stage "adapter": target_modules: unknown target module "lm_head"`,
+	} {
+		i := strings.Index(msg[at:], w)
+		if i < 0 {
+			t.Fatalf("message lacks %q after byte %d:\n%s", w, at, msg)
+		}
+		at += i + len(w)
+	}
+}
+
 // TestPackSynonyms: TRL's and Axolotl's names for the pack stage's row
 // length and for packing itself are pointed at what stands for them.
 func TestPackSynonyms(t *testing.T) {

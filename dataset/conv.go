@@ -114,6 +114,9 @@ type convFields struct {
 	// false, Axolotl's switch for a turn not to train, which is not read
 	// here: they train as every other.
 	unweighted atomic.Int64
+	// toolCalls counts the messages (JSON) with OpenAI's tool_calls, which
+	// a text template has no place for: only their content is read.
+	toolCalls atomic.Int64
 }
 
 // rawMessage is one message as a file holds it, before its role is mapped.
@@ -260,6 +263,9 @@ func (c *convFields) parseJSONMessages(raw json.RawMessage) ([]rawMessage, error
 			if role == "assistant" {
 				c.unweighted.Add(1)
 			}
+		}
+		if tc := e["tool_calls"]; len(tc) > 2 && tc[0] == '[' { // not null, not []
+			c.toolCalls.Add(1)
 		}
 		content, ok := e[c.content]
 		if !ok {

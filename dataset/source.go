@@ -335,6 +335,15 @@ func (s *Source) Unweighted() int64 {
 	return s.conv.unweighted.Load()
 }
 
+// ToolCalls is the number of messages read so far with OpenAI's tool_calls,
+// which no text template renders: such a turn trains on its content alone.
+func (s *Source) ToolCalls() int64 {
+	if s.conv == nil {
+		return 0
+	}
+	return s.conv.toolCalls.Load()
+}
+
 type sourceFile interface {
 	path() string
 	// numRows returns the number of rows, or -1 when unknown.
@@ -507,6 +516,7 @@ func Open(opts SourceOptions) (*Source, error) {
 	}
 	if s.conv != nil {
 		s.conv.unweighted.Store(0) // the first records' checks above are no reading
+		s.conv.toolCalls.Store(0)
 	}
 	s.next, s.stop = iter.Pull2(s.rows)
 	return s, nil

@@ -906,3 +906,21 @@ func TestUnweighted(t *testing.T) {
 		t.Errorf("%d messages counted with weight 0, want 1 (gpt's)", n)
 	}
 }
+
+// TestToolCalls: messages with OpenAI's tool_calls, which no text template
+// renders, are counted; an empty or null list is no call.
+func TestToolCalls(t *testing.T) {
+	path := writeFile(t, "tc.jsonl", `{"messages": [{"role": "user", "content": "Hava?"}, {"role": "assistant", "content": "Bakıyorum.", "tool_calls": [{"id": "1", "type": "function", "function": {"name": "hava", "arguments": "{}"}}]}]}
+{"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b", "tool_calls": []}]}
+{"messages": [{"role": "user", "content": "c"}, {"role": "assistant", "content": "d", "tool_calls": null}]}
+`)
+	s, err := Open(SourceOptions{Paths: []string{path}, Layout: LayoutOpenAI})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer s.Close()
+	readThrough(t, s)
+	if n := s.ToolCalls(); n != 1 {
+		t.Errorf("%d messages counted with tool calls, want 1", n)
+	}
+}

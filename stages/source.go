@@ -374,6 +374,11 @@ func (s *sourceStage) Run(ctx context.Context, t *pipeline.Task) error {
 			"fix", "remove the turns that should not train from the data, or end the conversations before them")
 		t.SetStat("unread_weights", n)
 	}
+	if n := src.ToolCalls(); n > 0 {
+		t.Log.Warn(fmt.Sprintf("%s OpenAI tool_calls, which are not read here: those turns train on their content alone", counted(n, "message carries", "messages carry")),
+			"fix", "leave conversations with tool calls out of the data, or write the calls into the content")
+		t.SetStat("unread_tool_calls", n)
+	}
 	// Known once every record is read: JSON lines may carry a system
 	// text in later records only. A text source reads its one column and
 	// makes no conversations: the file's other columns are not its.

@@ -417,7 +417,7 @@ stages:
 	// cache as the merge stage finds it.
 	if r := runCLI(t, dir, "merge", "--model", "base-copy", "--adapter", adapter, "--out", "m6"); r.code != 0 || !strings.Contains(r.stderr, "the tokenizer the adapter's training data was tokenized with: "+tok) {
 		t.Errorf("merge without --tokenizer: exit %d\n%s", r.code, r.stderr)
-	} else if a, b := fileBytes(t, filepath.Join(dir, "m6", "tokenizer.json")), fileBytes(t, tok); !bytes.Equal(a, b) {
+	} else if a, b := readAll(t, filepath.Join(dir, "m6", "tokenizer.json")), readAll(t, tok); !bytes.Equal(a, b) {
 		t.Error("merge without --tokenizer: another tokenizer.json in the merged folder")
 	}
 	if r := runCLI(t, dir, "merge", "--model", "base-copy", "--adapter", adapter, "--tokenizer", filepath.Dir(tok), "--out", "m5", "--base", "original"); r.code != 0 || !strings.Contains(r.stderr, "--base original merges it into the original weights") {
@@ -682,13 +682,4 @@ func copyCheckpoint(t *testing.T, entry, dst string) {
 		}
 		writeFile(t, filepath.Join(dst, filepath.Base(src)), string(b))
 	}
-}
-
-func fileBytes(t *testing.T, path string) []byte {
-	t.Helper()
-	b, err := os.ReadFile(path)
-	if err != nil {
-		t.Fatal(err)
-	}
-	return b
 }

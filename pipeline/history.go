@@ -221,20 +221,24 @@ func (s *Store) recordUnfinished(dag *DAG, note string) error {
 		if st.State != "canceled" || st.Key == "" {
 			continue
 		}
-		m, err := ReadManifest(s.EntryDir(st.Key))
-		switch {
-		case err != nil:
-			st.Error = "the run ended before this stage finished"
-			// A training's checkpoints and metrics, and the output the
-			// stage was writing.
+		// A training's checkpoints and metrics, and the output the stage
+		// was writing, say when the run last did something.
+		worked := func() {
 			dirs, _ := filepath.Glob(filepath.Join(s.Root, "tmp", st.Key+"-*"))
 			for _, dir := range append(dirs, s.scratchDir(st.Key)) {
 				if t := lastWritten(dir); t.After(rec.Finished) {
 					rec.Finished = t
 				}
 			}
+		}
+		m, err := ReadManifest(s.EntryDir(st.Key))
+		switch {
+		case err != nil:
+			st.Error = "the run ended before this stage finished"
+			worked()
 		case m.Started.Before(rec.Started) && st.Reason == "forced":
 			st.Error = "the run ended before this stage finished (forced; the entry before it stays)"
+			worked()
 		case m.Started.Before(rec.Started):
 			st.State = "cached"
 		default:

@@ -458,12 +458,18 @@ func TestUnfinishedForcedRun(t *testing.T) {
 		rec.Stages = append(rec.Stages, StageRecord{Name: st.Node.Name, Key: st.Key})
 	}
 	e.store.notePlannedRun(dag, plan, rec)
+	// What the killed run was writing for b.
+	half := filepath.Join(e.store.Root, "tmp", plan.Step("b").Key+"-1")
+	os.MkdirAll(half, 0o755)
+	wrote := since.Add(2 * time.Second)
+	os.WriteFile(filepath.Join(half, "data.arrow"), []byte("part"), 0o644)
+	os.Chtimes(filepath.Join(half, "data.arrow"), wrote, wrote)
 	if err := e.store.recordUnfinished(dag, "pid 1 on host since "+since.UTC().Format(time.RFC3339)); err != nil {
 		t.Fatal(err)
 	}
 	runs := e.store.Runs(dag, 1)
-	if len(runs) != 1 {
-		t.Fatalf("%d runs", len(runs))
+	if len(runs) != 1 || runs[0].Seconds != 2 {
+		t.Fatalf("%d runs (%+v), want one of 2 s", len(runs), runs)
 	}
 	for _, st := range runs[0].Stages {
 		switch st.Name {

@@ -351,7 +351,15 @@ func trainings(st *pipeline.Store, runs []*Run) []*Training {
 // failed or was stopped, what it logged in its scratch folder.
 func loadCurve(st *pipeline.Store, c *Curve) {
 	dir := st.EntryDir(c.Key)
-	if c.State == "failed" || c.State == "canceled" {
+	stopped := c.State == "failed" || c.State == "canceled"
+	if _, err := os.Stat(filepath.Join(dir, metricsFile)); stopped && err == nil { // entries appear whole
+		// A forced retraining that stopped: the entry an earlier run
+		// computed is still the cached one, and its curve is the one
+		// the later stages used.
+		c.Note = fmt.Sprintf("a later run's retraining was %s; this is the cached entry's curve", c.State)
+		stopped = false
+	}
+	if stopped {
 		ms, err := trainer.ReadMetrics(filepath.Join(st.ScratchDir(c.Key), metricsFile))
 		if isDir(filepath.Join(st.ScratchDir(c.Key), liveEventsDir)) {
 			c.Events = filepath.Join(st.ScratchDir(c.Key), liveEventsDir)

@@ -343,3 +343,21 @@ func TestReportStageTimeLessWaiting(t *testing.T) {
 		t.Errorf("scores %q", r.Scores)
 	}
 }
+
+// TestReportStoppedRetraining: a forced retraining stopped after a few
+// steps leaves the adapter an earlier run computed in the cache; the
+// report shows that entry's curve, not the stopped attempt's steps.
+func TestReportStoppedRetraining(t *testing.T) {
+	f := newFixture(t, "nightly")
+	f.metrics(f.st.EntryDir(key('a')), 30, 3.0, 10)
+	f.record(true, "", append(dataStages("computed", 0.9, 0), adapter(key('a'), "computed", 2e-4, 1.3))...)
+	f.metrics(f.st.ScratchDir(key('a')), 3, 3.0, 0) // what the stopped attempt logged
+	stopped := adapter(key('a'), "canceled", 2e-4, 0)
+	stopped.Error = "interrupted by SIGINT"
+	f.record(false, "run interrupted", append(dataStages("cached", 0.9, 0), stopped)...)
+	r, _, _ := render(t, f, 5)
+	c := r.Trainings[0].Curves[0]
+	if len(r.Trainings[0].Curves) != 1 || len(c.Metrics) != 30 || !strings.Contains(c.Note, "a later run's retraining was canceled") {
+		t.Errorf("curve of %d points, note %q", len(c.Metrics), c.Note)
+	}
+}

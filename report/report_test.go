@@ -339,6 +339,9 @@ func TestReportStageTimeLessWaiting(t *testing.T) {
 	if !strings.Contains(raw, `title="1 m 52 s with 1 m 51 s waiting for its inputs">0.90 s<`) {
 		t.Errorf("the stage's time is not its own:\n%s", raw)
 	}
+	if strings.Contains(raw, "1 m 52 s<") || !strings.Contains(raw, "0.90 s</text>") { // the DAG's box says the same
+		t.Errorf("the DAG's box gives the time with the wait:\n%s", raw)
+	}
 	if fmt.Sprint(r.Scores) != "[trmmlu: accuracy]" { // the wait is no score
 		t.Errorf("scores %q", r.Scores)
 	}

@@ -239,7 +239,7 @@ func nodeFacts(r StageRow) string {
 	}
 	switch r.State {
 	case "computed", "failed", "canceled":
-		parts = append(parts, duration(r.Seconds))
+		parts = append(parts, duration(r.OwnSeconds())) // as the table: less the wait for its inputs
 	case "cached":
 		parts = append(parts, "cache hit")
 	}

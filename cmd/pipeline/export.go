@@ -3,6 +3,7 @@ package main
 import (
 	"compress/gzip"
 	"context"
+	"encoding/json"
 	"errors"
 	"fmt"
 	"io"
@@ -13,6 +14,8 @@ import (
 	"strings"
 	"time"
 
+	"github.com/apache/arrow-go/v18/arrow"
+	"github.com/apache/arrow-go/v18/arrow/array"
 	"github.com/spf13/cobra"
 
 	"gemmaft/dataset"
@@ -160,13 +163,27 @@ it was and no temporary file behind.`,
 				return exportModel(entry, m, args[1], format, typ, typeGiven, out)
 			}
 			table := filepath.Join(entry, pipeline.TableFile)
-			if heldOut {
-				if _, err := os.Stat(filepath.Join(entry, stages.PackedHeldOutFile)); m.Kind != "pack" || err != nil {
-					return usageErr(fmt.Errorf("--heldout: stage %s (%s) holds no held-out rows; a pack stage after a mix stage with heldout does", args[1], m.Kind))
+			// A mix stage's rows carry their heldout flag: the training
+			// rows export unless --heldout asks for the others.
+			var keep *bool
+			n, _ := m.Stats["heldout_examples"].(json.Number)
+			heldOutRows := m.Kind == "mix" && n != "" && n != "0"
+			switch {
+			case heldOutRows:
+				keep = &heldOut
+			case heldOut && m.Kind == "pack":
+				if _, err := os.Stat(filepath.Join(entry, stages.PackedHeldOutFile)); err != nil {
+					return usageErr(fmt.Errorf("--heldout: stage %s (pack) holds no held-out rows; a pack stage after a mix stage with heldout does", args[1]))
 				}
 				table = filepath.Join(entry, stages.PackedHeldOutFile)
+			case heldOut:
+				return usageErr(fmt.Errorf("--heldout: stage %s (%s) holds no held-out rows; a mix stage with heldout, and the pack stage after it, do", args[1], m.Kind))
 			}
-			write := func(w io.Writer, table string) error { return exportTable(w, table, format, gzipped) }
+			var left int64 // the rows --heldout (or its absence) left out
+			write := func(w io.Writer, table string) (err error) {
+				left, err = exportTable(w, table, format, gzipped, keep)
+				return err
+			}
 			if format == "mt-bench" {
 				answers, _ := m.Stats["answer_file"].(string)
 				if m.Kind != "generate" || answers == "" {
@@ -201,12 +218,15 @@ it was and no temporary file behind.`,
 				return failErr(err)
 			}
 			notice(slog.LevelInfo, "wrote "+out)
+			if heldOutRows && !heldOut && left > 0 {
+				notice(slog.LevelInfo, fmt.Sprintf("left out the %d held-out rows (heldout: true), which the pack stage keeps out of training; --heldout exports them", left))
+			}
 			return nil
 		},
 	}
 	cmd.Flags().StringVar(&format, "format", "", "jsonl, parquet, arrow (tables); mt-bench (a generate stage's answer file); gguf, hf (models); by default as --out's name says, else jsonl for a table, hf for a model")
 	cmd.Flags().StringVar(&out, "out", "", "output file (or folder for hf), or - for a table on standard output")
-	cmd.Flags().BoolVar(&heldOut, "heldout", false, "a pack stage's held-out rows (packed apart from a mix stage's heldout examples) instead of its training rows")
+	cmd.Flags().BoolVar(&heldOut, "heldout", false, "the held-out rows instead of the training rows: a mix stage's heldout examples, or a pack stage's rows packed apart from them")
 	cmd.Flags().StringVar(&ggufType, "type", "", "GGUF type: q8_0, q6_k, q5_k_m, q5_k_s, q4_k_m, q4_k_s, q5_1, q5_0, q4_0, f16, bf16 or f32 (Q4_K_M too); by default as --out NAME.TYPE.gguf says, else q8_0")
 	completeValues(cmd, "format", "jsonl", "parquet", "arrow", "mt-bench", "gguf", "hf")
 	completeValues(cmd, "type", gguf.FileTypeNames()...)
@@ -216,18 +236,34 @@ it was and no temporary file behind.`,
 // exportTable writes the Arrow IPC file table to w as format (jsonl,
 // parquet or arrow), gzipped (JSON lines only) if asked, with rows of token
 // ids as other trainers read them (packer.ExportView).
-func exportTable(w io.Writer, table, format string, gzipped bool) error {
+func exportTable(w io.Writer, table, format string, gzipped bool, heldOut *bool) (left int64, err error) {
 	r, err := dataset.OpenIPC(table)
 	if err != nil {
-		return err
+		return 0, err
 	}
 	defer r.Close()
 	var rows dataset.Records = r
-	if s, convert, ok := packer.ExportView(r.Schema()); ok {
-		rows = dataset.Converted(r, s, convert)
-	} else if format == "arrow" {
-		return copyFile(w, table)
+	var filter *heldOutFilter
+	if c := r.Schema().FieldIndices(stages.ColHeldOut); heldOut != nil && len(c) == 1 {
+		filter = &heldOutFilter{r: r, col: c[0], want: *heldOut}
+		rows = filter
+		defer filter.release()
 	}
+	if s, convert, ok := packer.ExportView(r.Schema()); ok {
+		rows = dataset.Converted(rows, s, convert)
+	} else if format == "arrow" && filter == nil {
+		return 0, copyFile(w, table)
+	}
+	err = writeRows(w, rows, format, gzipped)
+	if filter != nil {
+		left = filter.left
+	}
+	return left, err
+}
+
+// writeRows writes rows as format (jsonl, optionally gzipped, parquet or
+// arrow).
+func writeRows(w io.Writer, rows dataset.Records, format string, gzipped bool) (err error) {
 	switch format {
 	case "parquet":
 		_, err = dataset.ExportParquet(w, rows)
@@ -244,6 +280,52 @@ func exportTable(w io.Writer, table, format string, gzipped bool) error {
 		}
 	}
 	return err
+}
+
+// heldOutFilter passes the rows of a mix stage's table whose heldout flag
+// is want (a null flag reads as false), and counts the others.
+type heldOutFilter struct {
+	r     dataset.Records
+	col   int
+	want  bool
+	queue []arrow.RecordBatch // runs of kept rows of the last batch read
+	left  int64
+}
+
+func (f *heldOutFilter) Schema() *arrow.Schema { return f.r.Schema() }
+
+func (f *heldOutFilter) Next() (arrow.RecordBatch, error) {
+	for len(f.queue) == 0 {
+		rec, err := f.r.Next()
+		if err != nil {
+			return nil, err
+		}
+		flags := rec.Column(f.col).(*array.Boolean)
+		n, start := int(rec.NumRows()), -1
+		for i := 0; i <= n; i++ {
+			keep := i < n && (flags.IsValid(i) && flags.Value(i)) == f.want
+			switch {
+			case keep && start < 0:
+				start = i
+			case !keep && start >= 0:
+				f.queue = append(f.queue, rec.NewSlice(int64(start), int64(i)))
+				start = -1
+			}
+			if !keep && i < n {
+				f.left++
+			}
+		}
+		rec.Release()
+	}
+	b := f.queue[0]
+	f.queue = f.queue[1:]
+	return b, nil
+}
+
+func (f *heldOutFilter) release() {
+	for _, b := range f.queue {
+		b.Release()
+	}
 }
 
 func copyFile(w io.Writer, path string) error {

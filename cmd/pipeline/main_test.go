@@ -526,6 +526,49 @@ func TestExportHeldOut(t *testing.T) {
 			t.Errorf("export %v: exit %d\n%s", args, r.code, r.stderr)
 		}
 	}
+	// The mix stage's rows: training rows by default, held-out ones with
+	// --heldout, as JSON lines and as Arrow alike.
+	for _, held := range []bool{false, true} {
+		var lines [2][]byte
+		for i, ext := range []string{"jsonl", "arrow"} {
+			out := filepath.Join(dir, fmt.Sprintf("mix-%v.%s", held, ext))
+			args := []string{"export", spec, "mix", "--out", out}
+			if held {
+				args = append(args, "--heldout")
+			}
+			r := runCLI(t, dir, args...)
+			if r.code != 0 || held == strings.Contains(r.stderr, "left out the") {
+				t.Fatalf("%v: exit %d\n%s", args, r.code, r.stderr)
+			}
+			lines[i], _ = os.ReadFile(out)
+			if ext == "arrow" {
+				rd, err := dataset.OpenIPC(out)
+				if err != nil {
+					t.Fatal(err)
+				}
+				var b bytes.Buffer
+				_, err = dataset.ExportJSONL(&b, rd)
+				rd.Close()
+				if err != nil {
+					t.Fatal(err)
+				}
+				lines[i] = b.Bytes()
+			}
+		}
+		if !bytes.Equal(lines[0], lines[1]) {
+			t.Errorf("heldout %v: the Arrow export's rows differ from the JSON lines'", held)
+		}
+		rows := strings.Split(strings.TrimSpace(string(lines[0])), "\n")
+		for _, line := range rows {
+			var r struct{ HeldOut bool }
+			if err := json.Unmarshal([]byte(line), &r); err != nil || r.HeldOut != held {
+				t.Fatalf("export mix, --heldout %v: a row with heldout %v (%v)", held, r.HeldOut, err)
+			}
+		}
+		if len(rows) == 0 || rows[0] == "" {
+			t.Errorf("export mix, --heldout %v: no rows", held)
+		}
+	}
 }
 
 // TestExportForOtherTrainers: token rows export as TRL and Axolotl read

@@ -103,7 +103,7 @@ it was and no temporary file behind.`,
 				format = "gguf" // only a GGUF file has a type
 			}
 			if heldOut && !slices.Contains([]string{"", "jsonl", "parquet", "arrow"}, format) {
-				return usageErr(fmt.Errorf("--heldout exports a pack stage's held-out rows as a table; --format %s is not one", format))
+				return usageErr(fmt.Errorf("--heldout exports held-out rows as a table; --format %s is not one", format))
 			}
 			if typeGiven && format != "gguf" {
 				return usageErr(fmt.Errorf("--type is the type of a GGUF file; --format %s has none", format))

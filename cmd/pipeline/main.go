@@ -78,9 +78,15 @@ var started bool
 
 func init() {
 	root.SetFlagErrorFunc(func(_ *cobra.Command, err error) error { return usageErr(plainFlagErr(err)) })
-	root.PersistentPreRun = func(cmd *cobra.Command, _ []string) {
+	root.PersistentPreRunE = func(cmd *cobra.Command, _ []string) error {
 		started = true
+		// Every command logs or notices; a bad value is refused by all
+		// alike, not only by those that make a logger.
+		if _, err := newLogger(); err != nil {
+			return err
+		}
 		warnCacheUnused(cmd)
+		return nil
 	}
 }
 

@@ -249,6 +249,13 @@ func TestCacheFlagWhereUsed(t *testing.T) {
 	if r := runCLI(t, dir, "--cache", filepath.Join(dir, "c"), "gc"); strings.Contains(r.stderr, "does nothing") {
 		t.Errorf("gc --cache:\n%s", r.stderr)
 	}
+	// A bad --log-format or --log-level is refused by every command, not
+	// only by those that log.
+	for _, args := range [][]string{{"--log-format", "xml", "doctor"}, {"--log-level", "verbose", "doctor"}, {"--log-format", "xml", "status", "x.yaml"}} {
+		if r := runCLI(t, dir, args...); r.code != 2 || !strings.Contains(r.stderr, args[1]) {
+			t.Errorf("%v: exit %d\n%s", args, r.code, r.stderr)
+		}
+	}
 }
 
 // TestLookingMakesNoCache: plan, status and report of a spec never run,

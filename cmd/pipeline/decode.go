@@ -8,6 +8,7 @@ import (
 	"io"
 	"os"
 	"path/filepath"
+	"strings"
 
 	"github.com/apache/arrow-go/v18/arrow"
 	"github.com/apache/arrow-go/v18/arrow/array"
@@ -180,7 +181,7 @@ func printRow(w io.Writer, tk *tokenizer.Tokenizer, row int, ids, labels, length
 		if err != nil {
 			return err
 		}
-		fmt.Fprintln(w, text)
+		fmt.Fprintln(w, escapeControls(text))
 		at += int(l)
 	}
 	return nil
@@ -206,6 +207,28 @@ func markedText(tk *tokenizer.Tokenizer, ids, labels []int32) (string, error) {
 		start = end
 	}
 	return string(out), nil
+}
+
+// escapeControls writes the control characters of text other than line
+// breaks and tabs as escapes (\r, \u001b), as plain inspect's JSON does:
+// printed as they are, the data's escape sequences would recolour the
+// terminal or retitle its window, and a carriage return would hide the
+// text before it, where this view is there to show every trained byte.
+func escapeControls(text string) string {
+	var b strings.Builder
+	for _, r := range text {
+		switch {
+		case r == '\n' || r == '\t':
+			b.WriteRune(r)
+		case r == '\r':
+			b.WriteString(`\r`)
+		case r < 0x20 || r == 0x7f || r >= 0x80 && r <= 0x9f:
+			fmt.Fprintf(&b, `\u%04x`, r)
+		default:
+			b.WriteRune(r)
+		}
+	}
+	return b.String()
 }
 
 // fits says whether lengths, none negative, add up to at most n.

@@ -1287,3 +1287,13 @@ func TestCacheIsAFile(t *testing.T) {
 		t.Errorf("--cache a file: exit %d\n%s", r.code, r.stderr)
 	}
 }
+
+// TestEscapeControls: the decoded view writes the data's control
+// characters as escapes, so that they neither act on the terminal nor
+// hide the text around them; line breaks and tabs stay.
+func TestEscapeControls(t *testing.T) {
+	got := escapeControls("a\x1b[31mb\x1b]0;x\x07c\r\rd\n\te\u0085f\x7fİ")
+	if want := `a\u001b[31mb\u001b]0;x\u0007c\r\rd` + "\n\t" + `e\u0085f\u007fİ`; got != want {
+		t.Errorf("got %q, want %q", got, want)
+	}
+}

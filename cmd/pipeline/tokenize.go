@@ -3,6 +3,7 @@ package main
 import (
 	"bufio"
 	"bytes"
+	"cmp"
 	"context"
 	"encoding/json"
 	"errors"
@@ -41,7 +42,9 @@ same tokenizer.json. --add-special-tokens adds the post-processor's tokens
 the text.
 
 --out appears only complete: on an error or an interrupt it is left as it
-was. A line longer than --max-line-bytes is an error.`,
+was. A line longer than --max-line-bytes is an error, and so is a blank line
+before another (output line i answers input line i); blank lines at the end
+are passed over.`,
 		Args: func(_ *cobra.Command, args []string) error {
 			if len(args) > 0 {
 				return usageErr(fmt.Errorf("tokenize takes no arguments (got %q): read a file with --in FILE", args[0]))
@@ -62,6 +65,9 @@ was. A line longer than --max-line-bytes is an error.`,
 			// A named pipe or a folder would block or fail obscurely.
 			if err := pipeline.CheckReadableFile(tokPath); err != nil {
 				return usageErr(fmt.Errorf("--tokenizer: %w", err))
+			}
+			if inPath != "" && inPath != "-" && sameFile(inPath, outPath) {
+				return usageErr(fmt.Errorf("--out %s is --in: the ids would replace the texts; write them elsewhere", outPath))
 			}
 			// An --out that cannot be written is found out before the work.
 			if outPath != "" && outPath != "-" {
@@ -116,6 +122,13 @@ was. A line longer than --max-line-bytes is an error.`,
 	cmd.Flags().BoolVar(&offsets, "offsets", false, "also write each token's byte offsets")
 	cmd.Flags().IntVar(&maxLine, "max-line-bytes", lines.DefaultMax, "longest input line accepted")
 	root.AddCommand(cmd)
+}
+
+// sameFile reports whether a and b name one existing file.
+func sameFile(a, b string) bool {
+	fa, errA := os.Stat(a)
+	fb, errB := os.Stat(b)
+	return errA == nil && errB == nil && os.SameFile(fa, fb)
 }
 
 // isPipe reports whether path is a named pipe, which tokenize may read.
@@ -173,10 +186,11 @@ func tokenizeLines(ctx context.Context, tk *tokenizer.Tokenizer, r io.Reader, w 
 		texts = texts[:0]
 		return nil
 	}
+	blank := int64(0) // the first blank line: an error once a line follows it
 	for {
 		raw, err := lr.Next()
 		if err == io.EOF {
-			break
+			break // blank lines at the end (a file's last newline doubled) answer nothing
 		}
 		if err != nil {
 			var tl *lines.TooLongError
@@ -184,6 +198,13 @@ func tokenizeLines(ctx context.Context, tk *tokenizer.Tokenizer, r io.Reader, w 
 				return fmt.Errorf("input %w (--max-line-bytes raises the bound)", err)
 			}
 			return err
+		}
+		if len(bytes.TrimSpace(raw)) == 0 {
+			blank = cmp.Or(blank, lr.Line())
+			continue
+		}
+		if blank > 0 {
+			return fmt.Errorf(`input line %d: blank; every line is a {"text": ...} object (output line i holds the ids of input line i)`, blank)
 		}
 		text, err := lineText(raw)
 		if err != nil {
@@ -202,12 +223,8 @@ func tokenizeLines(ctx context.Context, tk *tokenizer.Tokenizer, r io.Reader, w 
 	return bw.Flush()
 }
 
-// lineText is the text of one input line, {"text": "..."}. A blank line is
-// an error: output line i answers input line i.
+// lineText is the text of one input line, {"text": "..."}.
 func lineText(raw []byte) (string, error) {
-	if len(bytes.TrimSpace(raw)) == 0 {
-		return "", errors.New(`blank; every line is a {"text": ...} object (output line i holds the ids of input line i)`)
-	}
 	var rec map[string]json.RawMessage
 	if err := json.Unmarshal(raw, &rec); err != nil || rec == nil {
 		return "", errors.New(`not a JSON object; want {"text": "..."}`)

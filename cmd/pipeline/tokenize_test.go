@@ -136,4 +136,18 @@ func TestTokenizeLineErrors(t *testing.T) {
 	if r := runCLI(t, dir, "tokenize", "--tokenizer", tokPath, "in.jsonl"); r.code != exitUsage || !strings.Contains(r.stderr, "read a file with --in FILE") {
 		t.Errorf("an argument: exit %d, %s", r.code, r.stderr)
 	}
+	// Blank lines at the end answer nothing, as a file's doubled last
+	// newline would have them.
+	in = filepath.Join(dir, "trailing.jsonl")
+	writeFile(t, in, "{\"text\":\"a\"}\n{\"text\":\"b\"}\n\n  \n")
+	if r := runCLI(t, dir, "tokenize", "--tokenizer", tokPath, "--in", in); r.code != 0 || strings.Count(r.stdout, "\n") != 2 {
+		t.Errorf("blank lines at the end: exit %d %q\n%s", r.code, r.stdout, r.stderr)
+	}
+	// --out naming --in would replace the texts with their ids.
+	if r := runCLI(t, dir, "tokenize", "--tokenizer", tokPath, "--in", in, "--out", in); r.code != exitUsage || !strings.Contains(r.stderr, "is --in") {
+		t.Errorf("--out the same as --in: exit %d\n%s", r.code, r.stderr)
+	}
+	if b, _ := os.ReadFile(in); !strings.HasPrefix(string(b), `{"text":"a"}`) {
+		t.Errorf("--in was replaced: %q", b)
+	}
 }

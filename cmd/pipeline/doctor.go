@@ -116,6 +116,7 @@ func diagnose() doctorReport {
 		}
 		rep.Libraries = append(rep.Libraries, dl)
 	}
+	rep.Devices = []doctorDevice{} // [] in the JSON where there is none, not null
 	for _, d := range found.Devices {
 		rep.Devices = append(rep.Devices, doctorDevice{DeviceInfo: d})
 	}

@@ -25,6 +25,9 @@ func TestDoctor(t *testing.T) {
 	if len(rep.Libraries) != 4 || rep.Libraries[3].Name != "NCCL" || rep.GPUReason == "" || rep.Trainer != "cpu" {
 		t.Errorf("incomplete report: %+v", rep)
 	}
+	if bytes.Contains(out.Bytes(), []byte(`"devices": null`)) { // a list to iterate, even empty
+		t.Errorf("devices is null:\n%s", out.String())
+	}
 	gpu := cuda.Discover().Err == nil
 	if gpu != (rep.GPU == "usable") {
 		t.Errorf("gpu %q, but Discover says GPU usable = %v (%s)", rep.GPU, gpu, rep.GPUReason)

@@ -1197,3 +1197,19 @@ func TestLockPermissionHint(t *testing.T) {
 		t.Errorf("a hint for another error: %q", h)
 	}
 }
+
+// TestCanceledStageSaysBy: a stage stopped while computing records what
+// stopped it, not "context canceled".
+func TestCanceledStageSaysBy(t *testing.T) {
+	e := newTestEnv(t)
+	dag := e.load(e.write("c.yaml", "name: c\nstages:\n  src: {kind: gen, with: {rows: 400, batch: 20, delay_ms: 8}}\n"))
+	ctx, cancel := context.WithCancelCause(context.Background())
+	time.AfterFunc(100*time.Millisecond, func() { cancel(testSignal{}) })
+	rec, err := (&Engine{Store: e.store}).Run(ctx, dag, Options{})
+	if err == nil || rec == nil {
+		t.Fatalf("run: %v", err)
+	}
+	if st := rec.Stages[0]; st.State != "canceled" || !strings.Contains(st.Error, "interrupted by SIGTERM") || strings.Contains(st.Error, "context canceled") {
+		t.Errorf("stage %s: %q", st.State, st.Error)
+	}
+}

@@ -639,6 +639,11 @@ func (x *execution) computeStep(ctx context.Context, st *Step, t *Task, committe
 			r.State, r.Error = "failed", err.Error()
 			if errors.Is(err, context.Canceled) {
 				r.State = "canceled"
+				// What stopped it ("interrupted by SIGINT"), not
+				// "context canceled".
+				if cause := context.Cause(ctx); cause != nil && cause != context.Canceled {
+					r.Error = strings.Replace(r.Error, context.Canceled.Error(), cause.Error(), 1)
+				}
 			}
 		}
 		x.mu.Unlock()

@@ -148,7 +148,7 @@ footer{margin-top:2.5em;font-size:.9rem;color:var(--muted)}
 {{- end}}
 </div>
 {{- else}}
-<p class="muted">No eval results in these runs: give a qlora stage <code>eval_fraction</code> for a held-out loss.</p>
+<p class="muted">No eval results in these runs. An eval stage's scores, and a qlora stage's held-out loss (<code>eval_fraction</code>, or a mix stage's <code>heldout</code>), show here once a run computes them.</p>
 {{- end}}
 </section>
 

@@ -58,6 +58,13 @@ is in progress. Write it after each nightly run, next to the JSON report:
 			}
 			dag, err := loadSpec(args[0])
 			if err != nil {
+				// The page still says so, where last night's would stand.
+				if out != "-" {
+					var page bytes.Buffer
+					if report.WriteSpecError(&page, args[0], err) == nil && writeOutput(out, page.Bytes()) == nil {
+						notice(slog.LevelInfo, "wrote "+out+" (the spec does not load)")
+					}
+				}
 				return err
 			}
 			st, err := lookAtStore(dag)

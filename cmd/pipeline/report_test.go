@@ -224,3 +224,19 @@ func TestReportThreeLearningRates(t *testing.T) {
 		}
 	})
 }
+
+// TestReportOfABrokenSpec: a spec that does not load still gets its page,
+// saying so, where the last night's "ok" would otherwise stand; the exit
+// is the spec error's.
+func TestReportOfABrokenSpec(t *testing.T) {
+	dir := t.TempDir()
+	spec := filepath.Join(dir, "s.yaml")
+	writeFile(t, spec, "name: x\nstages:\n  a: {kind: chat_templat}\n")
+	out := filepath.Join(dir, "last.html")
+	writeFile(t, out, "<title>x: ok</title>")
+	r := runCLI(t, dir, "report", spec, "--out", out)
+	page, err := reporttest.Parse(readAll(t, out))
+	if r.code != 2 || err != nil || !strings.Contains(page.Title, "SPEC ERROR") || !strings.Contains(page.Text, `unknown kind "chat_templat"`) {
+		t.Errorf("exit %d, page %q (%v)\n%s", r.code, page.Title, err, r.stderr)
+	}
+}

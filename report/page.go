@@ -107,6 +107,9 @@ footer{margin-top:2.5em;font-size:.9rem;color:var(--muted)}
 <h2>Training</h2>
 {{- range .Trainings}}
 <h3>{{.Stage}}</h3>
+{{- if not .Curves}}
+<p class="muted">No run in these runs trained or used it (the runs stopped before it: <code>--until</code>, <code>--only</code>, or a failure upstream).</p>
+{{- else}}
 <ul class="legend" data-legend="{{.Stage}}">
 {{- range .Curves}}
 <li data-series="{{.Key}}"><span class="swatch{{if or (eq .State "failed") (eq .State "canceled")}} dash{{end}}" style="border-color:{{.Color}}"></span><span><b>{{.Label}}</b>{{if .Diff}} · {{.Diff}}{{end}}{{if .Note}} · <i>{{.Note}}</i>{{end}}</span></li>
@@ -126,6 +129,7 @@ footer{margin-top:2.5em;font-size:.9rem;color:var(--muted)}
 <td>{{if .Events}}<code>tensorboard --logdir {{.Events}}</code>{{else}}—{{end}}</td></tr>
 {{- end}}
 </tbody></table></div>
+{{- end}}
 {{- else}}
 <p class="muted">The last run has no qlora stage.</p>
 {{- end}}

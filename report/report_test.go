@@ -364,3 +364,16 @@ func TestReportStoppedRetraining(t *testing.T) {
 		t.Errorf("curve of %d points, note %q", len(c.Metrics), c.Note)
 	}
 }
+
+// TestReportUntrainedStage: runs that stopped before the qlora stage (--until
+// pack) say so under its heading, not an empty table.
+func TestReportUntrainedStage(t *testing.T) {
+	f := newFixture(t, "nightly")
+	skipped := adapter(key('a'), "not selected", 2e-4, 0)
+	skipped.Stats = nil
+	f.record(true, "", append(dataStages("computed", 0.9, 0), skipped)...)
+	_, p, raw := render(t, f, 5)
+	if !strings.Contains(p.Text, "No run in these runs trained or used it") || strings.Contains(raw, `<table class="curves"`) {
+		t.Errorf("an untrained qlora stage:\n%s", p.Text)
+	}
+}

@@ -264,6 +264,10 @@ func (jf *jsonlFile) scan(ctx context.Context, file int32, base int64, want func
 // does not offer.
 func fieldHint(keys []string, name string, conv bool, by string, read []string) string {
 	free := slices.DeleteFunc(slices.Clone(keys), func(k string) bool { return slices.Contains(read, k) })
+	role := ""
+	if r, ok := strings.CutPrefix(by, "columns:"); ok { // columns: maps role to name
+		by, role = "columns:", r
+	}
 	switch {
 	case slices.Contains(keys, ColQuestionID) && slices.Contains(keys, ColTurns):
 		return "; MT-Bench questions, which a stage of kind mt_bench reads for a generate stage"
@@ -277,8 +281,10 @@ func fieldHint(keys []string, name string, conv bool, by string, read []string) 
 		return ""
 	case by != "" && spell.Closest(name, free) != "":
 		return fmt.Sprintf("; %s names %q: did you mean %q?", by, name, spell.Closest(name, free))
+	case by == "columns:" && likelyField(free, role) != "":
+		return fmt.Sprintf("; columns: maps %s to %q, which the file lacks: e.g. columns: {%s: %s}", role, name, role, likelyField(free, role))
 	case by == "columns:":
-		return fmt.Sprintf("; columns: maps a role to one of these fields (columns: {ROLE: FIELD}) and names %q", name)
+		return fmt.Sprintf("; columns: maps %s to %q, which the file lacks: map it to one of these fields (columns: {%s: FIELD})", role, name, role)
 	case by != "":
 		return fmt.Sprintf("; %s names %q: name one of these fields, or leave %s out", by, name, by)
 	}

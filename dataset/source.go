@@ -455,8 +455,8 @@ func Open(opts SourceOptions) (*Source, error) {
 	}
 	optional.system = opts.SystemColumn
 	named := map[string]string{} // the fields the spec names, by the parameter naming them
-	for _, field := range opts.Columns {
-		named[field] = "columns:"
+	for role, field := range opts.Columns {
+		named[field] = "columns:" + role // the role, for the hint
 		if layout == LayoutText {
 			named[field] = "column:" // a text stage's one field
 		}

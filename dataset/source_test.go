@@ -421,7 +421,7 @@ func TestUnreadInput(t *testing.T) {
 		t.Errorf("a misspelt mapped column's hint: %v", err)
 	}
 	if _, err := Open(SourceOptions{Paths: []string{pq}, Columns: map[string]string{"instruction": "soru", "output": "output-turkish"}}); err == nil ||
-		!strings.Contains(err.Error(), `columns: maps a role to one of these fields (columns: {ROLE: FIELD}) and names "soru"`) {
+		!strings.Contains(err.Error(), `columns: maps instruction to "soru", which the file lacks: e.g. columns: {instruction: instruction-turkish}`) {
 		t.Errorf("a mapped column far from every name: %v", err)
 	}
 	// A system_column the file lacks is that parameter's, not columns:'s.

@@ -422,17 +422,8 @@ func TestUnfinishedRunBeforeItsFirstEntry(t *testing.T) {
 	if err := os.WriteFile(e.store.dagLockBase(dag)+".keys", planned, 0o644); err != nil {
 		t.Fatal(err)
 	}
-	// The output it was writing when it was killed.
-	half := filepath.Join(e.store.Root, "tmp", "k1-123")
-	if err := os.MkdirAll(half, 0o755); err != nil {
-		t.Fatal(err)
-	}
 	wrote := started.Add(3 * time.Second)
-	os.WriteFile(filepath.Join(half, "data.arrow"), []byte("part"), 0o644)
-	os.Chtimes(filepath.Join(half, "data.arrow"), wrote, wrote)
-	if err := e.store.recordUnfinished(dag, "pid 1 on host since "+since.UTC().Format(time.RFC3339)); err != nil {
-		t.Fatal(err)
-	}
+	killedWhileWriting(t, e, dag, "k1", since, wrote)
 	runs := e.store.Runs(dag, 0)
 	if len(runs) != 1 || !runs[0].Started.Equal(started) || !runs[0].Finished.Equal(wrote) || runs[0].Seconds != 3 {
 		t.Fatalf("recorded %+v, want a run from %v to %v", runs, started, wrote)
@@ -458,15 +449,7 @@ func TestUnfinishedForcedRun(t *testing.T) {
 		rec.Stages = append(rec.Stages, StageRecord{Name: st.Node.Name, Key: st.Key})
 	}
 	e.store.notePlannedRun(dag, plan, rec)
-	// What the killed run was writing for b.
-	half := filepath.Join(e.store.Root, "tmp", plan.Step("b").Key+"-1")
-	os.MkdirAll(half, 0o755)
-	wrote := since.Add(2 * time.Second)
-	os.WriteFile(filepath.Join(half, "data.arrow"), []byte("part"), 0o644)
-	os.Chtimes(filepath.Join(half, "data.arrow"), wrote, wrote)
-	if err := e.store.recordUnfinished(dag, "pid 1 on host since "+since.UTC().Format(time.RFC3339)); err != nil {
-		t.Fatal(err)
-	}
+	killedWhileWriting(t, e, dag, plan.Step("b").Key, since, since.Add(2*time.Second))
 	runs := e.store.Runs(dag, 1)
 	if len(runs) != 1 || runs[0].Seconds != 2 {
 		t.Fatalf("%d runs (%+v), want one of 2 s", len(runs), runs)
@@ -482,5 +465,25 @@ func TestUnfinishedForcedRun(t *testing.T) {
 				t.Errorf("stage b, forced: %s (%s), want canceled", st.State, st.Error)
 			}
 		}
+	}
+}
+
+// killedWhileWriting records the run of dag that took its lock at since as
+// killed while it wrote key's output, last at wrote.
+func killedWhileWriting(t *testing.T, e *testEnv, dag *DAG, key string, since, wrote time.Time) {
+	t.Helper()
+	half := filepath.Join(e.store.Root, "tmp", key+"-1")
+	if err := os.MkdirAll(half, 0o755); err != nil {
+		t.Fatal(err)
+	}
+	out := filepath.Join(half, "data.arrow")
+	if err := os.WriteFile(out, []byte("part"), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.Chtimes(out, wrote, wrote); err != nil {
+		t.Fatal(err)
+	}
+	if err := e.store.recordUnfinished(dag, "pid 1 on host since "+since.UTC().Format(time.RFC3339)); err != nil {
+		t.Fatal(err)
 	}
 }

@@ -312,6 +312,13 @@ func (in *Input) Lineage(ctx context.Context) ([]*Manifest, error) {
 	if err != nil {
 		return nil, fmt.Errorf("stage %s: %w", in.Name, err)
 	}
+	return in.store.Lineage(first, in.Name)
+}
+
+// Lineage returns first, the manifest of stage name's entry, and the
+// manifests of every entry upstream of it that the store still holds,
+// nearest first.
+func (s *Store) Lineage(first *Manifest, name string) ([]*Manifest, error) {
 	out := []*Manifest{first}
 	seen := map[string]bool{first.Key: true}
 	for i := 0; i < len(out); i++ {
@@ -320,12 +327,12 @@ func (in *Input) Lineage(ctx context.Context) ([]*Manifest, error) {
 				continue
 			}
 			seen[ref.Key] = true
-			m, err := ReadManifest(in.store.EntryDir(ref.Key))
+			m, err := ReadManifest(s.EntryDir(ref.Key))
 			if errors.Is(err, fs.ErrNotExist) {
 				continue // collected since; what it made is still here
 			}
 			if err != nil {
-				return nil, fmt.Errorf("stage %s, upstream of %s: %w", ref.Stage, in.Name, err)
+				return nil, fmt.Errorf("stage %s, upstream of %s: %w", ref.Stage, name, err)
 			}
 			out = append(out, m)
 		}

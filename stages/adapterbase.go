@@ -11,7 +11,6 @@ import (
 	"slices"
 
 	"gemmaft/hub"
-	"gemmaft/internal/dirsum"
 	"gemmaft/pipeline"
 	"gemmaft/trainer"
 )
@@ -322,7 +321,7 @@ func CheckCachedAdapter(modelDir, adapterDir string, otherBase bool) (quantize s
 // digests go through the adapter's cache's record of file states, so a
 // large checkpoint is read once.
 func checkTrainedBase(modelDir, adapterDir string, am *pipeline.Manifest) error {
-	store, err := pipeline.OpenExistingStore(filepath.Dir(filepath.Dir(filepath.Dir(filepath.Dir(filepath.Clean(adapterDir)))))) // CACHE/entries/ab/KEY/adapter
+	store, err := adapterStore(adapterDir)
 	if err != nil {
 		return nil // not in a cache after all: nothing is known
 	}
@@ -408,45 +407,29 @@ func adapterInputs(ctx context.Context, t *pipeline.Task, model *modelArg) (entr
 // adapter is not the cache's or its data came through an hf:// tokenizer.
 // An error says that file is gone or changed since.
 func CachedAdapterTokenizer(adapterDir string) (string, error) {
-	adapterDir = filepath.Clean(adapterDir)
-	am, err := pipeline.ReadManifest(filepath.Dir(adapterDir))
+	am, err := pipeline.ReadManifest(filepath.Dir(filepath.Clean(adapterDir)))
 	if err != nil || am.Kind != "qlora" {
 		return "", nil
 	}
-	store, err := pipeline.OpenExistingStore(filepath.Dir(filepath.Dir(filepath.Dir(filepath.Dir(adapterDir))))) // CACHE/entries/ab/KEY/adapter
+	store, err := adapterStore(adapterDir)
 	if err != nil {
 		return "", nil
 	}
 	defer store.Close()
-	// The qlora entry's inputs, theirs, and so on to the first tokenize
-	// stage's record.
-	queue, seen := am.Inputs, map[string]bool{}
-	for len(queue) > 0 {
-		in := queue[0]
-		queue = queue[1:]
-		if seen[in.Key] {
-			continue
-		}
-		seen[in.Key] = true
-		m, err := pipeline.ReadManifest(store.EntryDir(in.Key))
-		if err != nil {
-			continue
-		}
-		if m.Kind != tokenizeKindName {
-			queue = append(queue, m.Inputs...)
-			continue
-		}
-		f, ok := tokenizerRecord(m)
-		if !ok {
-			return "", nil
-		}
-		switch sum, err := dirsum.FileSum(f.Path); {
-		case err != nil:
-			return "", fmt.Errorf("the tokenizer training used, %s (stage %s), cannot be read: %w", f.Path, m.Stage, err)
-		case sum != f.SHA256:
-			return "", fmt.Errorf("%s changed since stage %s tokenized the training data", f.Path, m.Stage)
-		}
-		return filepath.Dir(f.Path), nil
+	lineage, err := store.Lineage(am, am.Stage)
+	if err != nil {
+		return "", err
 	}
-	return "", nil
+	tokenize := provenanceOf(lineage).tokenize
+	f, ok := tokenizerRecord(tokenize)
+	if !ok {
+		return "", nil
+	}
+	return recordedTokenizer(tokenize, f)
+}
+
+// adapterStore opens the cache that holds adapterDir, a qlora entry's
+// adapter/ folder (CACHE/entries/ab/KEY/adapter).
+func adapterStore(adapterDir string) (*pipeline.Store, error) {
+	return pipeline.OpenExistingStore(filepath.Dir(filepath.Dir(filepath.Dir(filepath.Dir(filepath.Clean(adapterDir))))))
 }

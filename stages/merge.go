@@ -212,6 +212,12 @@ func trainingTokenizer(t *pipeline.Task, tokenize *pipeline.Manifest) (string, e
 	if dir := inputDir(t, f); dir != "" {
 		return dir, nil
 	}
+	return recordedTokenizer(tokenize, f)
+}
+
+// recordedTokenizer is the folder of f, the tokenizer.json the manifest of
+// stage tokenize records, checked to hold that file still.
+func recordedTokenizer(tokenize *pipeline.Manifest, f pipeline.FileRef) (string, error) {
 	sum, err := dirsum.FileSum(f.Path)
 	switch {
 	case errors.Is(err, fs.ErrNotExist):

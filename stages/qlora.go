@@ -346,7 +346,7 @@ func (s *qloraStage) ResumePoint(scratch string) string {
 }
 
 func (s *qloraStage) Run(ctx context.Context, t *pipeline.Task) error {
-	model, rowsPath, err := s.inputs(ctx, t)
+	model, rowsPath, modelFrom, err := s.inputs(ctx, t)
 	if err != nil {
 		return err
 	}
@@ -420,13 +420,7 @@ func (s *qloraStage) Run(ctx context.Context, t *pipeline.Task) error {
 	// Loading a 12B checkpoint takes minutes; the progress says so rather
 	// than counting rows nobody reads yet.
 	// (A unit of its own: the steps' clock starts with the first step.)
-	what := s.model.param // as the spec names it, not by a cache entry's key
-	for _, in := range t.Inputs {
-		if in.Kind == modelKindName {
-			what = "stage " + in.Name + "'s checkpoint"
-		}
-	}
-	t.Report(0, 1, "models", "loading "+what+" on "+s.p.Backend)
+	t.Report(0, 1, "models", "loading "+modelFrom+" on "+s.p.Backend) // as the spec names it, not by a cache key
 	sess, err := trainer.OpenSession(ctx, s.p.Backend, trainer.SessionConfig{
 		Group: group.trainer(),
 		Model: model, Quantize: s.p.Quantize,
@@ -519,8 +513,6 @@ func (s *qloraStage) Run(ctx context.Context, t *pipeline.Task) error {
 	return nil
 }
 
-// inputs tells the stage's needs apart by their kind: the packed rows of a
-// pack stage, and the checkpoint of a model stage unless `model:` names one.
 // checkPadID refuses rows padded with an id outside the model's vocabulary,
 // naming the pack stage's pad_id: training would otherwise stop at the first
 // padded row, blaming the tokenizer.
@@ -533,48 +525,49 @@ func checkPadID(ctx context.Context, t *pipeline.Task, vocab int) error {
 		if err != nil {
 			return err
 		}
-		var p struct {
-			PadID int64 `json:"pad_id"`
-		}
-		if json.Unmarshal(lineage[0].Params, &p) == nil && p.PadID >= int64(vocab) {
+		var p packParams
+		if json.Unmarshal(lineage[0].Params, &p) == nil && int(p.PadID) >= vocab {
 			return fmt.Errorf("stage %s pads its rows with id %d, outside the model's vocabulary [0, %d); set its pad_id to the tokenizer's <pad> (0 for Gemma 3)", in.Name, p.PadID, vocab)
 		}
 	}
 	return nil
 }
 
-func (s *qloraStage) inputs(ctx context.Context, t *pipeline.Task) (model, rows string, err error) {
-	modelFrom := "model: " + s.model.param
+// inputs tells the stage's needs apart by their kind: the packed rows of a
+// pack stage, and the checkpoint of a model stage unless `model:` names
+// one; from names the checkpoint as the spec does.
+func (s *qloraStage) inputs(ctx context.Context, t *pipeline.Task) (model, rows, from string, err error) {
+	from = "model: " + s.model.param
 	if model, err = s.model.path(ctx, t); err != nil {
-		return "", "", err
+		return "", "", "", err
 	}
 	for _, in := range t.Inputs {
 		switch in.Kind {
 		case modelKindName:
 			if model != "" {
-				return "", "", fmt.Errorf("two models (%s, and stage %s of kind %s); give either `model:` or one model stage", modelFrom, in.Name, in.Kind)
+				return "", "", "", fmt.Errorf("two models (%s, and stage %s of kind %s); give either `model:` or one model stage", from, in.Name, in.Kind)
 			}
 			if model, err = in.Dir(ctx); err != nil {
-				return "", "", err
+				return "", "", "", err
 			}
-			modelFrom = "stage " + in.Name
+			from = "stage " + in.Name
 		case packKindName:
 			if rows != "" {
-				return "", "", fmt.Errorf("two pack stages in needs (%s is the second); a qlora stage trains on one", in.Name)
+				return "", "", "", fmt.Errorf("two pack stages in needs (%s is the second); a qlora stage trains on one", in.Name)
 			}
 			if rows, err = in.TablePath(ctx); err != nil {
-				return "", "", err
+				return "", "", "", err
 			}
 		default:
-			return "", "", fmt.Errorf("needs stage %s of kind %s; a qlora stage takes a %s stage (packed rows) and a %s stage (the base checkpoint, unless `model:` names one)",
+			return "", "", "", fmt.Errorf("needs stage %s of kind %s; a qlora stage takes a %s stage (packed rows) and a %s stage (the base checkpoint, unless `model:` names one)",
 				in.Name, in.Kind, packKindName, modelKindName)
 		}
 	}
 	if model == "" {
-		return "", "", fmt.Errorf("no model: set `model:` to a checkpoint folder or add a %s stage to needs", modelKindName)
+		return "", "", "", fmt.Errorf("no model: set `model:` to a checkpoint folder or add a %s stage to needs", modelKindName)
 	}
 	if rows == "" {
-		return "", "", fmt.Errorf("no packed rows: add a %s stage to needs", packKindName)
+		return "", "", "", fmt.Errorf("no packed rows: add a %s stage to needs", packKindName)
 	}
-	return model, rows, nil
+	return model, rows, from, nil
 }

@@ -212,33 +212,20 @@ func (s *Store) recordUnfinished(dag *DAG, note string) error {
 	rec.OK, rec.Interrupted = false, false
 	rec.Error = "did not finish: it was " + UnfinishedCauses
 	// The note's time has whole seconds, the plan's start finer ones.
-	rec.Finished = since
-	if rec.Started.After(since) {
-		rec.Finished = rec.Started
-	}
+	rec.Finished = later(since, rec.Started)
 	for i := range rec.Stages {
 		st := &rec.Stages[i]
 		if st.State != "canceled" || st.Key == "" {
 			continue
 		}
-		// A training's checkpoints and metrics, and the output the stage
-		// was writing, say when the run last did something.
-		worked := func() {
-			dirs, _ := filepath.Glob(filepath.Join(s.Root, "tmp", st.Key+"-*"))
-			for _, dir := range append(dirs, s.scratchDir(st.Key)) {
-				if t := lastWritten(dir); t.After(rec.Finished) {
-					rec.Finished = t
-				}
-			}
-		}
 		m, err := ReadManifest(s.EntryDir(st.Key))
 		switch {
 		case err != nil:
 			st.Error = "the run ended before this stage finished"
-			worked()
+			rec.Finished = later(rec.Finished, s.lastWorkOn(st.Key))
 		case m.Started.Before(rec.Started) && st.Reason == "forced":
 			st.Error = "the run ended before this stage finished (forced; the entry before it stays)"
-			worked()
+			rec.Finished = later(rec.Finished, s.lastWorkOn(st.Key))
 		case m.Started.Before(rec.Started):
 			st.State = "cached"
 		default:
@@ -257,6 +244,24 @@ func (s *Store) recordUnfinished(dag *DAG, note string) error {
 	}
 	s.forgetPlannedRun(dag) // the record names its keys now, for gc too
 	return nil
+}
+
+// lastWorkOn is when a run last wrote for key's entry: the output it was
+// writing, a training's checkpoints and metrics; zero when it wrote nothing.
+func (s *Store) lastWorkOn(key string) time.Time {
+	dirs, _ := filepath.Glob(filepath.Join(s.Root, "tmp", key+"-*"))
+	var last time.Time
+	for _, dir := range append(dirs, s.scratchDir(key)) {
+		last = later(last, lastWritten(dir))
+	}
+	return last
+}
+
+func later(a, b time.Time) time.Time {
+	if b.After(a) {
+		return b
+	}
+	return a
 }
 
 // lastWritten is when a file under dir was last written, zero when none

@@ -351,15 +351,7 @@ func trainings(st *pipeline.Store, runs []*Run) []*Training {
 // failed or was stopped, what it logged in its scratch folder.
 func loadCurve(st *pipeline.Store, c *Curve) {
 	dir := st.EntryDir(c.Key)
-	stopped := c.State == "failed" || c.State == "canceled"
-	if _, err := os.Stat(filepath.Join(dir, metricsFile)); stopped && err == nil { // entries appear whole
-		// A forced retraining that stopped: the entry an earlier run
-		// computed is still the cached one, and its curve is the one
-		// the later stages used.
-		c.Note = fmt.Sprintf("a later run's retraining was %s; this is the cached entry's curve", c.State)
-		stopped = false
-	}
-	if stopped {
+	if (c.State == "failed" || c.State == "canceled") && !isFile(filepath.Join(dir, metricsFile)) { // entries appear whole
 		ms, err := trainer.ReadMetrics(filepath.Join(st.ScratchDir(c.Key), metricsFile))
 		if isDir(filepath.Join(st.ScratchDir(c.Key), liveEventsDir)) {
 			c.Events = filepath.Join(st.ScratchDir(c.Key), liveEventsDir)
@@ -373,6 +365,12 @@ func loadCurve(st *pipeline.Store, c *Curve) {
 		return
 	}
 	c.Entry = dir
+	if c.State == "failed" || c.State == "canceled" {
+		// A forced retraining that stopped: the entry an earlier run
+		// computed is still the cached one, and its curve is the one the
+		// later stages used.
+		c.Note = fmt.Sprintf("a later run's retraining was %s; this is the cached entry's curve", c.State)
+	}
 	ms, err := trainer.ReadMetrics(filepath.Join(dir, metricsFile))
 	switch {
 	case errors.Is(err, fs.ErrNotExist):
@@ -573,6 +571,11 @@ func contains(xs []string, x string) bool {
 		}
 	}
 	return false
+}
+
+func isFile(p string) bool {
+	fi, err := os.Stat(p)
+	return err == nil && fi.Mode().IsRegular()
 }
 
 func isDir(p string) bool {

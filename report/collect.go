@@ -80,7 +80,8 @@ type StageRow struct {
 	// its inputs.
 	ComputedAt     time.Time
 	ComputeSeconds float64
-	Depth, Column  int // place in the drawing
+	Size           int64 // bytes of the entry's outputs; 0 when the run has no entry
+	Depth, Column  int   // place in the drawing
 	Needs          []string
 	Events         string // the entry's tb/ folder, when it has one
 }
@@ -276,8 +277,11 @@ func stageRows(st *pipeline.Store, rec *pipeline.RunRecord) []StageRow {
 		taken[[2]int{row.Depth, col}] = true
 		if s.Key != "" && (s.State == "cached" || s.State == "computed") {
 			dir := st.EntryDir(s.Key)
-			if s.State == "cached" {
-				if m, err := pipeline.ReadManifest(dir); err == nil {
+			if m, err := pipeline.ReadManifest(dir); err == nil {
+				for _, o := range m.Outputs {
+					row.Size += o.Size
+				}
+				if s.State == "cached" {
 					row.ComputedAt, row.ComputeSeconds = m.Finished, m.Seconds-m.WaitSeconds()
 				}
 			}

@@ -217,6 +217,7 @@ func duration(s float64) string {
 var funcs = template.FuncMap{
 	"unfinishedCauses": func() string { return pipeline.UnfinishedCauses },
 	"dur":              duration,
+	"bytes":            pipeline.HumanBytes,
 	"count":            func(v any) string { f, _ := num(v); return count(f) },
 	"opt": func(p *float64) string {
 		if p == nil {

@@ -93,10 +93,10 @@ footer{margin-top:2.5em;font-size:.9rem;color:var(--muted)}
 <h2>Last run</h2>
 <figure>{{.Drawing}}</figure>
 <div class="scroll"><table id="stages">
-<thead><tr><th>stage</th><th>kind</th><th>state</th><th>cache</th><th class="num">rows</th><th class="num">time</th><th>why</th><th>key</th></tr></thead>
+<thead><tr><th>stage</th><th>kind</th><th>state</th><th>cache</th><th class="num">rows</th><th class="num">size</th><th class="num">time</th><th>why</th><th>key</th></tr></thead>
 <tbody>
 {{- range .Stages}}
-<tr class="{{stateClass .State}}" data-stage="{{.Name}}"><td>{{.Name}}</td><td>{{.Kind}}</td><td>{{.State}}</td><td>{{if .Cache}}{{.Cache}}{{else}}—{{end}}</td><td class="num">{{if .Rows}}{{count .Rows}}{{else}}—{{end}}</td>
+<tr class="{{stateClass .State}}" data-stage="{{.Name}}"><td>{{.Name}}</td><td>{{.Kind}}</td><td>{{.State}}</td><td>{{if .Cache}}{{.Cache}}{{else}}—{{end}}</td><td class="num">{{if .Rows}}{{count .Rows}}{{else}}—{{end}}</td><td class="num">{{if .Size}}{{bytes .Size}}{{else}}—{{end}}</td>
 <td class="num">{{if eq .State "cached"}}{{if .ComputeSeconds}}<span class="muted" title="the time it took when computed, {{iso .ComputedAt}}">({{dur .ComputeSeconds}})</span>{{else}}—{{end}}{{else if eq .State "not selected"}}—{{else if ge .WaitSeconds 0.5}}<span title="{{dur .Seconds}} with {{dur .WaitSeconds}} waiting for its inputs">{{dur .OwnSeconds}}</span>{{else}}{{dur .Seconds}}{{end}}</td>
 <td class="wrap">{{.Reason}}{{if .Error}}<br><b>{{clip .Error 300}}</b>{{end}}</td><td><code title="{{.Key}}">{{short .Key}}</code></td></tr>
 {{- end}}

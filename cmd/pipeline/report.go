@@ -27,7 +27,7 @@ func init() {
 		Long: `Write one self-contained HTML page (no network, no scripts, no external fonts;
 readable on a phone) about the last runs of SPEC recorded in the cache:
 
-  - the last run: the DAG with each stage's state, rows, time and cache hit or miss;
+  - the last run: the DAG with each stage's state, rows, size, time and cache hit or miss;
   - training: the loss curves (train, eval), learning rate and throughput of the
     adapters of the last N runs, overlaid, with the settings that set them apart;
   - evaluation: the eval results of each run as a table and as a trend;

@@ -85,6 +85,14 @@ func TestReportThreeLearningRates(t *testing.T) {
 		if why := stages.Column("why"); len(why) != 6 || why[5] != "parameters changed: lr" {
 			t.Errorf("why column %v: the adapter was recomputed for its lr alone", why)
 		}
+		// Each entry's size, as status gives it.
+		st := runCLI(t, dir, "status", spec)
+		for i, name := range stages.Column("stage") {
+			size := stages.Column("size")[i]
+			if size == "—" || !strings.Contains(st.stdout, name+" ") || !statusRowHas(st.stdout, name, size) {
+				t.Errorf("stage %s: size %q, not as status gives it:\n%s", name, size, st.stdout)
+			}
+		}
 		// Three adapters, newest first, overlaid in every training chart.
 		for _, c := range []string{"loss:adapter", "lr:adapter", "throughput:adapter"} {
 			ch := page.Charts[c]
@@ -239,4 +247,14 @@ func TestReportOfABrokenSpec(t *testing.T) {
 	if r.code != 2 || err != nil || !strings.Contains(page.Title, "SPEC ERROR") || !strings.Contains(page.Text, `unknown kind "chat_templat"`) {
 		t.Errorf("exit %d, page %q (%v)\n%s", r.code, page.Title, err, r.stderr)
 	}
+}
+
+// statusRowHas says whether status's table row of stage holds cell.
+func statusRowHas(status, stage, cell string) bool {
+	for _, line := range strings.Split(status, "\n") {
+		if strings.HasPrefix(line, stage+" ") {
+			return strings.Contains(line, "  "+cell+"  ")
+		}
+	}
+	return false
 }

@@ -458,8 +458,10 @@ func TestTextLayout(t *testing.T) {
 	p := writeParquet(t, "d.parquet", []arrow.Field{{Name: "text", Type: arrow.BinaryTypes.String}}, func(b *array.RecordBuilder) {
 		b.Field(0).(*array.StringBuilder).Append("Parquet metni.")
 	})
-	rows := readAll(t, SourceOptions{Paths: []string{a, b, p}, Layout: LayoutText})
-	want := [][]string{{"Birinci belge.\n\nİkinci paragraf.\n"}, {"Sıkıştırılmış belge."}, {"Parquet metni."}}
+	// Line endings as Python's universal newlines read them: CRLF and CR are "\n".
+	crlf := write("e.txt", []byte("Windows satırı.\r\nEski Mac satırı.\rSon.\r\n"))
+	rows := readAll(t, SourceOptions{Paths: []string{a, b, p, crlf}, Layout: LayoutText})
+	want := [][]string{{"Birinci belge.\n\nİkinci paragraf.\n"}, {"Sıkıştırılmış belge."}, {"Parquet metni."}, {"Windows satırı.\nEski Mac satırı.\nSon.\n"}}
 	if !reflect.DeepEqual(rows, want) {
 		t.Errorf("got %q, want %q", rows, want)
 	}

@@ -62,7 +62,9 @@ func (tf *textFile) scan(ctx context.Context, file int32, base int64, want func(
 }
 
 // read returns the file's text, checked to be UTF-8, without a leading
-// byte order mark.
+// byte order mark, its line endings read as "\n": a file saved on Windows
+// (CRLF) or old Mac OS (CR) gives the text Hugging Face datasets' text
+// loader gives, which opens files with Python's universal newlines.
 func (tf *textFile) read() (string, error) {
 	f, err := tf.open(tf.name)
 	if err != nil {
@@ -88,6 +90,9 @@ func (tf *textFile) read() (string, error) {
 	data = bytes.TrimPrefix(data, []byte(lines.BOM))
 	if !utf8.Valid(data) {
 		return "", fmt.Errorf("dataset: %s: invalid UTF-8 at byte %d", tf.name, invalidUTF8At(string(data)))
+	}
+	if bytes.IndexByte(data, '\r') >= 0 {
+		data = bytes.ReplaceAll(bytes.ReplaceAll(data, []byte("\r\n"), []byte("\n")), []byte("\r"), []byte("\n"))
 	}
 	return string(data), nil
 }

@@ -34,7 +34,7 @@ type textParams struct {
 	Nulls string `json:"nulls,omitempty"`
 }
 
-func (textKind) Version() int       { return 1 }
+func (textKind) Version() int       { return 2 } // 2: a text file's CRLF and CR read as "\n"
 func (textKind) Inputs() (int, int) { return 0, 0 }
 func (textKind) Params() any        { return &textParams{Column: dataset.ColText} }
 

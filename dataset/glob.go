@@ -5,10 +5,13 @@ import (
 	"os"
 	"path/filepath"
 	"slices"
+
+	"github.com/bmatcuk/doublestar/v4"
 )
 
-// ExpandGlobs expands shell patterns (filepath.Match syntax) relative to base,
-// in the order given; the matches of each pattern are sorted, so shards such
+// ExpandGlobs expands shell patterns (filepath.Match syntax, and ** for any
+// number of folders, as fsspec and the Hub's data_files read it) relative
+// to base, in the order given; the matches of each pattern are sorted, so shards such
 // as train-00000-of-00002.parquet come in order. A pattern that matches
 // nothing is an error, as is a malformed one, unless it names an existing
 // file as it is written. Absolute patterns ignore base.
@@ -19,7 +22,7 @@ func ExpandGlobs(base string, patterns []string) ([]string, error) {
 		if !filepath.IsAbs(full) {
 			full = filepath.Join(base, pattern)
 		}
-		matches, err := filepath.Glob(full)
+		matches, err := doublestar.FilepathGlob(full)
 		if _, serr := os.Stat(full); len(matches) == 0 && serr == nil {
 			// A file whose name holds [, * or ?, given as it is: the
 			// pattern matches nothing else, and shells keep it too.

@@ -665,6 +665,22 @@ func TestExpandGlobs(t *testing.T) {
 	if !slices.Equal(names, want) {
 		t.Errorf("got %v, want %v", names, want)
 	}
+	// ** is any number of folders, none included, as fsspec reads it.
+	for _, name := range []string{"data/top.jsonl", "data/sub/mid.jsonl", "data/sub/deep/low.jsonl", "data/sub/deep/x.parquet"} {
+		os.MkdirAll(filepath.Dir(filepath.Join(dir, name)), 0o755)
+		os.WriteFile(filepath.Join(dir, name), nil, 0o644)
+	}
+	got, err = ExpandGlobs(dir, []string{"data/**/*.jsonl"})
+	want = []string{"data/sub/deep/low.jsonl", "data/sub/mid.jsonl", "data/top.jsonl"}
+	if names = nil; err == nil {
+		for _, p := range got {
+			rel, _ := filepath.Rel(dir, p)
+			names = append(names, filepath.ToSlash(rel))
+		}
+	}
+	if !slices.Equal(names, want) {
+		t.Errorf("data/**/*.jsonl: got %v (%v), want %v", names, err, want)
+	}
 	if _, err := ExpandGlobs(dir, []string{"*.csv"}); err == nil || !strings.Contains(err.Error(), `"*.csv"`) {
 		t.Errorf("pattern matching nothing: err = %v", err)
 	}

@@ -19,6 +19,7 @@ import (
 	"sync/atomic"
 	"time"
 
+	"github.com/bmatcuk/doublestar/v4"
 	"github.com/gofrs/flock"
 	"golang.org/x/sync/errgroup"
 )
@@ -201,18 +202,19 @@ func nextLink(h, base string) string {
 }
 
 // Match returns the paths of files that the patterns (path.Match syntax,
-// relative to the repository's root) match, each pattern's matches sorted,
+// and ** for any number of folders, relative to the repository's root)
+// match, each pattern's matches sorted,
 // in the order of the patterns. A pattern matching nothing is an error.
 func Match(files []File, patterns []string, what string) ([]string, error) {
 	var out []string
 	seen := map[string]bool{}
 	for _, p := range patterns {
-		if _, err := path.Match(p, ""); err != nil {
-			return nil, fmt.Errorf("bad pattern %q: %w", p, err)
+		if !doublestar.ValidatePattern(p) {
+			return nil, fmt.Errorf("bad pattern %q: %w", p, path.ErrBadPattern)
 		}
 		n := 0
 		for _, f := range files {
-			if ok, _ := path.Match(p, f.Path); ok {
+			if ok, _ := doublestar.Match(p, f.Path); ok {
 				n++
 				if !seen[f.Path] {
 					seen[f.Path] = true

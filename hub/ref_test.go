@@ -1,6 +1,10 @@
 package hub
 
-import "testing"
+import (
+	"slices"
+	"strings"
+	"testing"
+)
 
 // TestRefFor: a missing local path written as a repository's id is taken
 // for the Hub reference it was meant as; file paths are not.
@@ -21,5 +25,22 @@ func TestRefFor(t *testing.T) {
 	}
 	if got := RefFor("google/gemma-3-12b-it", ""); got != "hf://google/gemma-3-12b-it" {
 		t.Errorf("a model folder: %q", got)
+	}
+}
+
+// TestMatchAnyFolders: ** in a hf:// path is any number of folders, as the
+// Hub's data_files patterns read it; a pattern matching nothing names the
+// repository's files.
+func TestMatchAnyFolders(t *testing.T) {
+	files := []File{{Path: "README.md"}, {Path: "data/train-0.parquet"}, {Path: "data/tr/train-1.parquet"}, {Path: "data/tr/x/train-2.parquet"}}
+	got, err := Match(files, []string{"data/**/*.parquet"}, "org/set")
+	if want := []string{"data/train-0.parquet", "data/tr/train-1.parquet", "data/tr/x/train-2.parquet"}; err != nil || !slices.Equal(got, want) {
+		t.Errorf("data/**/*.parquet: %v (%v), want %v", got, err, want)
+	}
+	if _, err := Match(files, []string{"data/*.jsonl"}, "org/set"); err == nil || !strings.Contains(err.Error(), "README.md") {
+		t.Errorf("no match: %v", err)
+	}
+	if _, err := Match(files, []string{"data/[a"}, "org/set"); err == nil || !strings.Contains(err.Error(), "bad pattern") {
+		t.Errorf("bad pattern: %v", err)
 	}
 }

@@ -12,8 +12,10 @@ import (
 	"path/filepath"
 	"reflect"
 	"regexp"
+	"slices"
 	"sort"
 	"strings"
+	"unicode/utf8"
 
 	"github.com/goccy/go-yaml"
 	"github.com/goccy/go-yaml/ast"
@@ -159,6 +161,10 @@ func Load(path string, kinds *Registry) (*DAG, error) {
 	}
 	// Editors on Windows start UTF-8 files with a byte order mark.
 	src = bytes.TrimPrefix(src, []byte(lines.BOM))
+	if err := checkUTF8(src); err != nil {
+		err.File = path
+		return nil, err
+	}
 	l := &loader{file: path, kinds: kinds, src: src}
 	dag := l.load(src)
 	if len(l.errs) > 0 {
@@ -308,10 +314,13 @@ func (l *loader) load(src []byte) *DAG {
 	}
 	dag := &DAG{}
 	var stagesNode ast.Node
+	misspelt := map[string]bool{} // top-level keys an unknown key was near: not missing as well
 	for _, mv := range top {
 		switch k := keyOf(mv); k {
 		case "name":
-			if err := nodeToValue(mv.Value, &dag.Name); err != nil || dag.Name == "" {
+			if text, got, changed := numberAsText(mv.Value); changed {
+				l.errAt(mv.Value, fmt.Sprintf("quote it to keep it as written: name: %q", text), "name: YAML reads %s as the number %s, not the text %q", text, got, text)
+			} else if err := nodeToValue(mv.Value, &dag.Name); err != nil || dag.Name == "" {
 				l.errAt(mv.Value, "give the DAG a name, e.g. `name: gemma3-12b-tr`", "name must be a non-empty string")
 			}
 		case "cache":
@@ -325,11 +334,19 @@ func (l *loader) load(src []byte) *DAG {
 			if strings.HasPrefix(k, "x-") {
 				continue // an extension key, as in Docker Compose: a place for anchors
 			}
-			l.errAt(mv.Key, "the top level knows only name, cache and stages (and ignores keys starting with x-, a place for YAML anchors)", "unknown key %q", k)
+			fix := "the top level knows only name, cache and stages (and ignores keys starting with x-, a place for YAML anchors)"
+			if s := spell.Closest(k, []string{"name", "cache", "stages"}); s != "" {
+				fix = fmt.Sprintf("did you mean %q? %s", s, fix)
+				misspelt[s] = true
+			}
+			l.errAt(mv.Key, fix, "unknown key %q", k)
 		}
 	}
 	if dag.Name == "" && !l.hasErrors() {
 		l.errs = append(l.errs, &SpecError{File: l.file, Line: 1, Msg: "missing `name:`", Fix: "add `name: my-dag` at the top"})
+	}
+	if isNull(stagesNode) && misspelt["stages"] {
+		return nil
 	}
 	if isNull(stagesNode) {
 		l.errs = append(l.errs, &SpecError{File: l.file, Line: 1, Msg: "missing `stages:`",
@@ -387,12 +404,14 @@ func (l *loader) stage(mv *ast.MappingValueNode, needNodes map[*Node][]ast.Node)
 		return nil
 	}
 	var withNode, kindNode ast.Node
+	kindReported := false // an error about the kind is out: say nothing more of it
 	for _, f := range fields {
 		switch k := keyOf(f); k {
 		case "kind":
 			kindNode = f.Value
 			if err := nodeToValue(f.Value, &n.KindName); err != nil {
-				l.errAt(f.Value, "write the kind as a plain word, e.g. `kind: tokenize`", "kind must be a string")
+				l.errAt(f.Value, "write the kind as a plain word, e.g. `kind: tokenize`", "stage %q: kind must be a string", name)
+				kindReported = true
 			}
 		case "needs":
 			if isNull(f.Value) {
@@ -405,13 +424,21 @@ func (l *loader) stage(mv *ast.MappingValueNode, needNodes map[*Node][]ast.Node)
 			case *ast.StringNode: // one input, as GitHub Actions' needs: build
 				needNodes[n] = []ast.Node{v}
 			default:
-				l.errAt(f.Value, "list the input stages, e.g. `needs: [chat]`", "needs must be a list of stage names")
+				l.errAt(f.Value, "list the input stages, e.g. `needs: [chat]`", "stage %q: needs must be a list of stage names", name)
 			}
 		case "with":
 			withNode = f.Value
 		default:
-			l.errAt(f.Key, "a stage knows only kind, needs and with; parameters go under `with:`", "stage %q: unknown key %q", name, k)
+			fix := "a stage knows only kind, needs and with; parameters go under `with:`"
+			if s := spell.Closest(k, []string{"kind", "needs", "with"}); s != "" {
+				fix = fmt.Sprintf("did you mean %q? %s", s, fix)
+				kindReported = kindReported || s == "kind"
+			}
+			l.errAt(f.Key, fix, "stage %q: unknown key %q", name, k)
 		}
+	}
+	if kindReported {
+		return nil
 	}
 	if kindNode == nil {
 		l.errAt(mv.Key, "add `kind:`; known kinds: "+strings.Join(l.kinds.Names(), ", "), "stage %q has no kind", name)
@@ -435,7 +462,7 @@ func (l *loader) stage(mv *ast.MappingValueNode, needNodes map[*Node][]ast.Node)
 	if !isNull(withNode) {
 		n.with = withNode
 		namesGood := l.checkParamNames(n, withNode)
-		if !l.checkWholeNumbers(n, withNode) || !namesGood {
+		if !l.checkNumbers(n, withNode) || !namesGood {
 			return nil
 		}
 		if err := nodeToValue(withNode, n.Params, yaml.DisallowUnknownField()); err != nil {
@@ -738,6 +765,35 @@ func paramSpecError(file string, n *Node, err error) *SpecError {
 }
 
 func (l *loader) resolveNeeds(order []*Node, byName map[string]*Node, needNodes map[*Node][]ast.Node) {
+	all := names(order) // every stage written, those in error too
+	for name := range l.broken {
+		all = append(all, name)
+	}
+	sort.Strings(all)
+	// undefined reports a need of n's that names no stage.
+	undefined := func(n *Node, nn ast.Node, dep string) {
+		others := slices.DeleteFunc(slices.Clone(all), func(s string) bool { return s == n.Name })
+		fix := "stages in this spec: " + strings.Join(others, ", ")
+		if len(others) > 20 {
+			fix = fmt.Sprintf("the spec's %d stages are listed by `pipeline plan`", len(others))
+		}
+		if s := spell.Closest(dep, others); s != "" {
+			fix = fmt.Sprintf("did you mean %q? %s", s, fix)
+		}
+		l.errAt(nn, fix, "stage %q needs %q, which is not defined", n.Name, dep)
+	}
+	// A stage in error for its parameters still names its inputs.
+	for n, nns := range needNodes {
+		if byName[n.Name] == n {
+			continue
+		}
+		for _, nn := range nns {
+			var dep string
+			if nodeToValue(nn, &dep) == nil && dep != "" && byName[dep] == nil && !l.broken[dep] {
+				undefined(n, nn, dep)
+			}
+		}
+	}
 	var checked []*Node // whose inputs their kind checks
 	for _, n := range order {
 		seen := map[string]bool{}
@@ -752,11 +808,7 @@ func (l *loader) resolveNeeds(order []*Node, byName map[string]*Node, needNodes 
 			case d == nil && l.broken[dep]:
 				// Its own error is reported.
 			case d == nil:
-				fix := "stages in this spec: " + strings.Join(names(order), ", ")
-				if s := spell.Closest(dep, names(order)); s != "" {
-					fix = fmt.Sprintf("did you mean %q? %s", s, fix)
-				}
-				l.errAt(nn, fix, "stage %q needs %q, which is not defined", n.Name, dep)
+				undefined(n, nn, dep)
 			case d == n:
 				l.errAt(nn, "remove it from needs", "stage %q needs itself", n.Name)
 			case seen[dep]:
@@ -1023,10 +1075,43 @@ func isIntKind(k reflect.Kind) bool {
 	return false
 }
 
-// checkWholeNumbers refuses a fractional value for an integer parameter
-// (`seq_len: 100.7`), which decoding would silently truncate.
-func (l *loader) checkWholeNumbers(n *Node, with ast.Node) bool {
+// checkUTF8 refuses a spec that is not UTF-8, which YAML would read with
+// its bad bytes as U+FFFD, carrying them into prompts and templates.
+func checkUTF8(src []byte) *SpecError {
+	fix := "save the spec as UTF-8 (most editors offer it under Save As or the encoding menu)"
+	if bytes.HasPrefix(src, []byte{0xff, 0xfe}) || bytes.HasPrefix(src, []byte{0xfe, 0xff}) || bytes.IndexByte(src, 0) >= 0 {
+		return &SpecError{Msg: "spec is UTF-16 or binary, not UTF-8 text", Fix: fix}
+	}
+	if utf8.Valid(src) {
+		return nil
+	}
+	at := 0
+	for at < len(src) {
+		r, size := utf8.DecodeRune(src[at:])
+		if r == utf8.RuneError && size == 1 {
+			break
+		}
+		at += size
+	}
+	line := 1 + bytes.Count(src[:at], []byte("\n"))
+	col := at - bytes.LastIndexByte(src[:at], '\n')
+	return &SpecError{Line: line, Col: col, Msg: fmt.Sprintf("spec is not UTF-8 (byte 0x%02x): saved in a legacy encoding such as Windows-1254?", src[at]), Fix: fix}
+}
+
+// checkNumbers refuses what decoding would silently change: a fractional
+// value for an integer parameter (`seq_len: 100.7`, truncated), a whole
+// number with a leading zero (`seq_len: 0512`, which YAML 1.1 reads as
+// octal 330), and a number written where text belongs that YAML would not
+// keep as written (`model_id: 3.10` is "3.1", a column `0017` is "15").
+func (l *loader) checkNumbers(n *Node, with ast.Node) bool {
 	good := true
+	asText := func(param string, v ast.Node) {
+		if text, got, changed := numberAsText(v); changed {
+			good = false
+			l.errAt(v, fmt.Sprintf("quote it to keep it as written: %s: %q", param[strings.LastIndex(param, ".")+1:], text),
+				"stage %q: %s: YAML reads %s as the number %s, not the text %q", n.Name, param, text, got, text)
+		}
+	}
 	check := func(param string, v ast.Node, unsigned bool) {
 		name := param[strings.LastIndex(param, ".")+1:] // as written in its mapping
 		var got string
@@ -1044,11 +1129,19 @@ func (l *loader) checkWholeNumbers(n *Node, with ast.Node) bool {
 		case *ast.InfinityNode, *ast.NanNode:
 			got = v.GetToken().Value
 		case *ast.IntegerNode:
+			tk := t.GetToken().Value
 			// Decoding would fail with the YAML library's overflow text.
-			if tk := t.GetToken().Value; unsigned && strings.HasPrefix(tk, "-") && strings.Trim(tk[1:], "0_") != "" {
+			if unsigned && strings.HasPrefix(tk, "-") && strings.Trim(tk[1:], "0_") != "" {
 				good = false
 				l.errAt(v, fmt.Sprintf("write a whole number of 0 or more, e.g. %s: 0", name),
 					"stage %q: %s must not be negative, got %s", n.Name, param, tk)
+			}
+			if digits := strings.TrimLeft(tk, "+-"); len(digits) > 1 && digits[0] == '0' && strings.Trim(digits, "0123456789_") == "" {
+				good = false
+				var read int64
+				nodeToValue(v, &read)
+				l.errAt(v, fmt.Sprintf("write %s: %s (or 0o%s for an octal number)", name, strings.TrimLeft(digits, "0_"), strings.TrimLeft(digits, "0_")),
+					"stage %q: %s: %s has a leading zero, and YAML reads it as %d", n.Name, param, tk, read)
 			}
 			return
 		default:
@@ -1069,6 +1162,20 @@ func (l *loader) checkWholeNumbers(n *Node, with ast.Node) bool {
 			return // checkParamNames says so
 		}
 		t := sf.Type
+		if textual(t) {
+			switch v := f.Value.(type) {
+			case *ast.SequenceNode:
+				for _, e := range v.Values {
+					asText(path, e)
+				}
+			case *ast.MappingNode:
+				for _, e := range v.Values {
+					asText(path+"."+keyOf(e), e.Value)
+				}
+			default:
+				asText(path, v)
+			}
+		}
 		switch {
 		case isIntKind(t.Kind()):
 			check(path, f.Value, isUintKind(t.Kind()))
@@ -1081,6 +1188,35 @@ func (l *loader) checkWholeNumbers(n *Node, with ast.Node) bool {
 		}
 	})
 	return good
+}
+
+// textual says whether a parameter of type t holds text: a string, or a
+// list or mapping of strings.
+func textual(t reflect.Type) bool {
+	for t.Kind() == reflect.Pointer {
+		t = t.Elem()
+	}
+	switch t.Kind() {
+	case reflect.Slice, reflect.Array, reflect.Map:
+		t = t.Elem()
+	}
+	return t.Kind() == reflect.String
+}
+
+// numberAsText is the text a number node v decodes to where a string is
+// wanted, and whether that differs from the text written (changed): YAML
+// reads 3.10 as 3.1, 0017 as octal 15 and 1_000 as 1000.
+func numberAsText(v ast.Node) (written, got string, changed bool) {
+	switch v.(type) {
+	case *ast.IntegerNode, *ast.FloatNode, *ast.InfinityNode, *ast.NanNode:
+	default:
+		return "", "", false
+	}
+	written = v.GetToken().Value
+	if err := nodeToValue(v, &got); err != nil {
+		return written, "", false // decoding reports it
+	}
+	return written, got, got != written
 }
 
 func wholeHint(v ast.Node) float64 {

@@ -268,6 +268,29 @@ func TestSpecMistakes(t *testing.T) {
 			[]string{"alias *nothing refers to no anchor"}},
 		{"merge of a list", "name: x\nstages:\n  a:\n    kind: gen\n    with: {<<: [1, 2]}\n", 5,
 			[]string{"`<<` must name a mapping"}},
+		// Numbers YAML would silently change.
+		{"number as text", "name: x\nstages:\n  a: {kind: gen, with: {file: 3.10}}\n", 3,
+			[]string{`file: YAML reads 3.10 as the number 3.1, not the text "3.10"`, `file: "3.10"`}},
+		{"octal as text", "name: x\nstages:\n  a: {kind: gen, with: {tags: [nightly, 0017]}}\n", 3,
+			[]string{`tags: YAML reads 0017 as the number 15`}},
+		{"leading zero", "name: x\nstages:\n  a:\n    kind: gen\n    with: {rows: 0512}\n", 5,
+			[]string{`rows: 0512 has a leading zero, and YAML reads it as 330`, "rows: 512"}},
+		{"name as number", "name: 2024.10\nstages:\n  a: {kind: gen}\n", 1,
+			[]string{`name: YAML reads 2024.10 as the number 2024.1`}},
+		{"not UTF-8", "name: x\nstages:\n  a: {kind: gen, with: {file: yard\xfdm}}\n", 3,
+			[]string{"spec is not UTF-8 (byte 0xfd)", "save the spec as UTF-8"}},
+		// The suggestion is another stage, one in error too, never itself.
+		{"need near itself", "name: x\nstages:\n  data: {kind: gen}\n  c1: {kind: double, needs: [c]}\n", 4,
+			[]string{`stage "c1" needs "c", which is not defined`, "stages in this spec: data"}},
+		{"need near a broken stage", "name: x\nstages:\n  src: {kind: gen, with: {rows: -1}}\n  b: {kind: double, needs: [sr]}\n", 3,
+			[]string{`needs "sr", which is not defined`, `did you mean "src"?`}},
+		// A stage in error for its parameters still has its inputs checked.
+		{"broken stage's need", "name: x\nstages:\n  a: {kind: gen}\n  b: {kind: double, needs: [aa], with: {scale: 1, nope: 2}}\n", 4,
+			[]string{`stage "b" needs "aa", which is not defined`, `did you mean "a"?`}},
+		{"key in capitals", "name: x\nstages:\n  a: {Kind: gen}\n", 3,
+			[]string{`unknown key "Kind"`, `did you mean "kind"?`}},
+		{"stage for stages", "name: x\nstage:\n  a: {kind: gen}\n", 2,
+			[]string{`unknown key "stage"`, `did you mean "stages"?`}},
 		// Found by FuzzLoadSpec: the YAML library panics on a stray tag
 		// before a null list; the loader used to crash with it.
 		{"library panic", "name: x\nstages:\n  a:\n    kind: gen\n    with:\n      tags: !-]\n", 3,

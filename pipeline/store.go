@@ -107,15 +107,15 @@ func OpenExistingStore(root string) (*Store, error) {
 
 // LookAtStore opens the store at root for a command that only looks at it
 // (plan, status, report): an existing cache as OpenExistingStore opens it;
-// a missing one as an empty store that creates and saves nothing, so that
-// looking through a mistyped --cache leaves no new cache behind. exists
-// says which.
+// a missing or empty folder (a volume mounted for a cache nothing has used
+// yet) as an empty store that creates and saves nothing, so that looking
+// through a mistyped --cache leaves no new cache behind. exists says which.
 func LookAtStore(root string) (st *Store, exists bool, err error) {
 	abs, err := filepath.Abs(root)
 	if err != nil {
 		return nil, false, err
 	}
-	if _, err := os.Stat(abs); errors.Is(err, fs.ErrNotExist) {
+	if des, err := os.ReadDir(abs); errors.Is(err, fs.ErrNotExist) || err == nil && len(des) == 0 {
 		return &Store{Root: abs, stats: openStatCache("")}, false, nil
 	}
 	st, err = OpenExistingStore(abs)

@@ -183,7 +183,11 @@ func lookAtStore(dag *pipeline.DAG) (*pipeline.Store, error) {
 		return nil, usageErr(err)
 	}
 	if !exists {
-		notice(slog.LevelWarn, fmt.Sprintf("pipeline: cache %s does not exist yet: nothing has run with it (check --cache, $%s or the spec's cache:)", st.Root, pipeline.CacheEnv))
+		state := "does not exist yet"
+		if fi, err := os.Stat(st.Root); err == nil && fi.IsDir() {
+			state = "is an empty folder"
+		}
+		notice(slog.LevelWarn, fmt.Sprintf("pipeline: cache %s %s: nothing has run with it (check --cache, $%s or the spec's cache:)", st.Root, state, pipeline.CacheEnv))
 	}
 	return st, nil
 }

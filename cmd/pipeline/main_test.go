@@ -280,6 +280,18 @@ func TestLookingMakesNoCache(t *testing.T) {
 	if r := runCLI(t, dir, "status", spec); !strings.Contains(r.stdout, "missing") {
 		t.Errorf("status of a cache never made:\n%s", r.stdout)
 	}
+	// A folder made for the cache (a volume mounted for it) is an empty
+	// cache too, not "no cache".
+	empty := filepath.Join(dir, "volume")
+	os.Mkdir(empty, 0o755)
+	for _, cmd := range []string{"plan", "status"} {
+		if r := runCLI(t, dir, cmd, spec, "--cache", empty); r.code != 0 || !strings.Contains(r.stderr, "is an empty folder: nothing has run with it") {
+			t.Errorf("%s of an empty folder: exit %d\n%s", cmd, r.code, r.stderr)
+		}
+	}
+	if des, _ := os.ReadDir(empty); len(des) != 0 {
+		t.Errorf("looking wrote into the empty cache folder: %v", des)
+	}
 }
 
 // TestPlanOnlyAsRun: plan --only refuses, as run --only does, a stage

@@ -5,6 +5,7 @@ import (
 	"os"
 	"path/filepath"
 	"slices"
+	"strings"
 
 	"github.com/bmatcuk/doublestar/v4"
 )
@@ -35,6 +36,9 @@ func ExpandGlobs(base string, patterns []string) ([]string, error) {
 			where := ""
 			if full != pattern { // relative: say where it was looked for
 				where = fmt.Sprintf(" (in %s)", base)
+			}
+			if strings.Contains(pattern, "$") {
+				where += "; a spec reads no environment variables: write ~/… for the home folder, or a path relative to the spec's folder"
 			}
 			return nil, fmt.Errorf("dataset: no file matches %q%s", pattern, where)
 		}

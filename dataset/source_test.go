@@ -681,6 +681,9 @@ func TestExpandGlobs(t *testing.T) {
 	if !slices.Equal(names, want) {
 		t.Errorf("data/**/*.jsonl: got %v (%v), want %v", names, err, want)
 	}
+	if _, err := ExpandGlobs(dir, []string{"${DATA}/*.jsonl"}); err == nil || !strings.Contains(err.Error(), "reads no environment variables") {
+		t.Errorf("a variable in a pattern: err = %v", err)
+	}
 	if _, err := ExpandGlobs(dir, []string{"*.csv"}); err == nil || !strings.Contains(err.Error(), `"*.csv"`) {
 		t.Errorf("pattern matching nothing: err = %v", err)
 	}

@@ -7,6 +7,7 @@ import (
 	"os"
 	"os/user"
 	"path/filepath"
+	"regexp"
 	"strings"
 	"syscall"
 
@@ -42,8 +43,13 @@ func ExpandHome(p string) (string, error) {
 
 // ResolvePath turns a path as a spec writes it into an absolute one: a
 // leading ~ is the home folder, and a relative path is relative to dir
-// (the spec's folder).
+// (the spec's folder). A variable ($HOME, ${DATA}) is an error: a spec's
+// meaning does not change with the environment it runs in (cron's is
+// bare), and a folder literally named $HOME is never what was meant.
 func ResolvePath(dir, p string) (string, error) {
+	if v := variableIn(p); v != "" {
+		return "", fmt.Errorf("%q: %s is not expanded (a spec reads no environment variables); write ~/… for the home folder, or a path relative to the spec's folder", p, v)
+	}
 	p, err := ExpandHome(p)
 	if err != nil {
 		return "", err
@@ -127,3 +133,11 @@ func describeStatError(path string, err error) error {
 	}
 	return fe
 }
+
+// variableIn returns the first shell variable p names ($NAME or ${NAME}),
+// or "".
+func variableIn(p string) string {
+	return shellVariable.FindString(p)
+}
+
+var shellVariable = regexp.MustCompile(`\$(\{[A-Za-z_][A-Za-z0-9_]*\}|[A-Za-z_][A-Za-z0-9_]*)`)

@@ -279,6 +279,8 @@ func TestSpecMistakes(t *testing.T) {
 			[]string{`name: YAML reads 2024.10 as the number 2024.1`}},
 		{"not UTF-8", "name: x\nstages:\n  a: {kind: gen, with: {file: yard\xfdm}}\n", 3,
 			[]string{"spec is not UTF-8 (byte 0xfd)", "save the spec as UTF-8"}},
+		{"variable in cache", "name: x\ncache: $HOME/pcache\nstages:\n  a: {kind: gen}\n", 2,
+			[]string{`$HOME is not expanded (a spec reads no environment variables)`, "~/"}},
 		// The suggestion is another stage, one in error too, never itself.
 		{"need near itself", "name: x\nstages:\n  data: {kind: gen}\n  c1: {kind: double, needs: [c]}\n", 4,
 			[]string{`stage "c1" needs "c", which is not defined`, "stages in this spec: data"}},

@@ -753,6 +753,32 @@ func TestGCKeepsWhatPartialRunsLeftOut(t *testing.T) {
 	}
 }
 
+// TestGCKeepsWhatPartialRunsLeftOutPastTheRecordsKept: the last entry of
+// a stage survives more partial runs than the records kept (hourly
+// --until pack against a monthly training), through the one older record
+// that names it.
+func TestGCKeepsWhatPartialRunsLeftOutPastTheRecordsKept(t *testing.T) {
+	e := newTestEnv(t)
+	e.write("data.txt", "v1")
+	spec := e.write("chain.yaml", chainSpec)
+	full := e.mustRun(spec, Options{})
+	for range keepRecords + 3 {
+		e.mustRun(spec, Options{Until: "src"})
+	}
+	if n := len(e.store.runRecords(dagID(e.load(spec)))); n != keepRecords+1 {
+		t.Errorf("%d run records kept, want the last %d and the full run's", n, keepRecords)
+	}
+	res, err := e.store.GC(context.Background(), GCOptions{KeepLast: keepRecords})
+	if err != nil || len(res.Removed) != 0 {
+		t.Fatalf("gc after %d partial runs removed %v (%v)", keepRecords+3, res.Removed, err)
+	}
+	for _, s := range full.Stages {
+		if st, _, _ := e.store.Check(s.Key, false); st != Valid {
+			t.Errorf("entry of %s removed", s.Name)
+		}
+	}
+}
+
 // TestGCKeepsWhatFailedRunsLost: runs whose stages failed (or were
 // canceled by a failure) recorded keys with no entries; the entries the
 // last good run made for those stages stay, whatever --keep-last says.

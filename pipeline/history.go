@@ -335,12 +335,42 @@ func (s *Store) writeRunRecord(dag *DAG, rec *RunRecord, pid int) error {
 	if err := atomicfile.WriteFile(filepath.Join(dir, name), data); err != nil {
 		return err
 	}
-	if recs := s.runRecords(dagID(dag)); len(recs) > keepRecords {
-		for _, f := range recs[:len(recs)-keepRecords] {
-			os.Remove(f)
+	s.pruneRunRecords(dagID(dag))
+	return nil
+}
+
+// pruneRunRecords keeps a DAG's last keepRecords run records, and older
+// ones only where such a record is the newest to name the entry of a
+// stage the kept ones made none for: gc keeps a stage's last entry by the
+// records, and a hundred nights of --until pack must not cost the monthly
+// training its adapter.
+func (s *Store) pruneRunRecords(id string) {
+	recs := s.runRecords(id)
+	if len(recs) <= keepRecords {
+		return
+	}
+	old, kept := recs[:len(recs)-keepRecords], recs[len(recs)-keepRecords:]
+	covered := map[string]bool{} // stages with an entry in a kept record
+	for _, f := range kept {
+		if r := readRunRecord(f); r != nil {
+			for _, st := range r.Stages {
+				covered[st.Name] = covered[st.Name] || st.hasEntry()
+			}
 		}
 	}
-	return nil
+	for i := len(old) - 1; i >= 0; i-- {
+		r, needed := readRunRecord(old[i]), false
+		if r != nil {
+			for _, st := range r.Stages {
+				if st.hasEntry() && !covered[st.Name] {
+					covered[st.Name], needed = true, true
+				}
+			}
+		}
+		if !needed {
+			os.Remove(old[i])
+		}
+	}
 }
 
 // runRecords lists the run record files of one DAG, oldest first.

@@ -28,7 +28,8 @@ import (
 //	locks/dag-<id>.keys     that run as planned (a RunRecord whose stages have
 //	                        not run), which gc and the next run read should
 //	                        the run be killed
-//	runs/<id>/*.json        a RunRecord per run, newest last, the last 100 kept
+//	runs/<id>/*.json        a RunRecord per run, newest last: the last 100,
+//	                        and older ones that alone name a stage's last entry
 //
 // The lock makes overlapping runs of one spec (cron jobs) take turns; the
 // records give plan its reasons, status the last run and gc the entries

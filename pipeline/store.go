@@ -218,6 +218,10 @@ func (m *Manifest) checksum() (string, error) {
 	if err != nil {
 		return "", err
 	}
+	// A name that is not UTF-8 (a file saved under a legacy code page) is
+	// written with its bad bytes as the escape \ufffd, and reads back as
+	// U+FFFD, which encodes raw: both sides sum the raw form.
+	data = bytes.ReplaceAll(data, []byte(`\ufffd`), []byte("\ufffd"))
 	sum := sha256.Sum256(data)
 	return hex.EncodeToString(sum[:]), nil
 }

@@ -1,6 +1,8 @@
 package pipeline
 
 import (
+	"encoding/json"
+	"os"
 	"os/user"
 	"path/filepath"
 	"testing"
@@ -40,5 +42,28 @@ func TestCacheRootPrecedence(t *testing.T) {
 		if got, want := root("", nil), filepath.Join(u.HomeDir, ".cache", "pipeline"); got != want {
 			t.Errorf("without HOME: %s, want %s", got, want)
 		}
+	}
+}
+
+// TestManifestOfANameNotUTF8: a data file named in a legacy code page
+// (güz.jsonl saved as Latin-1) gives a manifest that reads back whole, not
+// one "edited or torn" on every later run.
+func TestManifestOfANameNotUTF8(t *testing.T) {
+	dir := t.TempDir()
+	m := &Manifest{Key: "k", Stage: "s", Kind: "jsonl", Params: json.RawMessage(`{}`),
+		Files: []FileRef{{Path: "/data/g\xfcz.jsonl", Size: 3, SHA256: "ab"}}}
+	data, err := m.encode()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := os.WriteFile(filepath.Join(dir, manifestName), data, 0o644); err != nil {
+		t.Fatal(err)
+	}
+	got, err := ReadManifest(dir)
+	if err != nil {
+		t.Fatalf("the manifest does not read back: %v", err)
+	}
+	if got.Files[0].Path != "/data/g\ufffdz.jsonl" {
+		t.Errorf("path read back as %q", got.Files[0].Path)
 	}
 }

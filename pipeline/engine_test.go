@@ -351,6 +351,33 @@ func TestCacheKeys(t *testing.T) {
 	}
 }
 
+// TestRevisionRecomputesOnlyItsSettings: a fix that changes the output of
+// some settings only (a Reviser's revision) recomputes the stages with
+// those settings, saying why; the others keep their entries.
+func TestRevisionRecomputesOnlyItsSettings(t *testing.T) {
+	e := newTestEnv(t)
+	spec := e.write("two.yaml", "name: two\nstages:\n  fixed: {kind: gen, with: {tags: [affected]}}\n  other: {kind: gen, with: {tags: [unaffected]}}\n")
+	before := e.mustRun(spec, Options{})
+	genRevision = func(p *genParams) int {
+		if slices.Contains(p.Tags, "affected") {
+			return 1
+		}
+		return 0
+	}
+	defer func() { genRevision = nil }()
+	after := e.mustRun(spec, Options{})
+	fixed, other := after.Stages[0], after.Stages[1]
+	if fixed.Name != "fixed" || fixed.State != "computed" || !strings.Contains(fixed.Reason, "kind gen version 1 → 1.1") || fixed.Key == before.Stages[0].Key {
+		t.Errorf("the revised stage: %s %s, %q", fixed.Name, fixed.State, fixed.Reason)
+	}
+	if other.State != "cached" || other.Key != before.Stages[1].Key {
+		t.Errorf("the other stage: %s, key changed %v", other.State, other.Key != before.Stages[1].Key)
+	}
+	if m, err := ReadManifest(e.store.EntryDir(fixed.Key)); err != nil || m.KindRevision != 1 {
+		t.Errorf("manifest of the revised entry: %+v (%v)", m, err)
+	}
+}
+
 // TestStatCacheAvoidsRehash checks that an unchanged input file is not read
 // again to compute its digest.
 func TestStatCacheAvoidsRehash(t *testing.T) {

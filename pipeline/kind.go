@@ -14,7 +14,9 @@ import (
 // stages implements them and cmd/pipeline registers them.
 type Kind interface {
 	// Version is part of every key of this kind. Bump it whenever the output
-	// for the same parameters and inputs would change.
+	// for the same parameters and inputs would change; where a change
+	// reaches some settings only, bump the Revision their parameters return
+	// (see Reviser) instead.
 	Version() int
 	// Params returns a pointer to a new parameter struct holding the kind's
 	// defaults. The engine decodes the stage's `with:` into it, rejecting
@@ -31,6 +33,15 @@ type Kind interface {
 	// globs match) and returns the stage's Runner. dir is the spec's folder,
 	// against which relative paths resolve.
 	Prepare(params any, dir string) (Runner, error)
+}
+
+// A Reviser is a parameter struct that names a revision of its kind's code
+// beside the kind's Version, for a fix that changes the output of some
+// settings only: those settings return a higher revision, and stages with
+// other settings keep their entries, and all that was trained on them.
+// Revision 0 leaves a key as it was before revisions.
+type Reviser interface {
+	Revision() int
 }
 
 // A Runner computes one stage: it is what a Kind prepares from the

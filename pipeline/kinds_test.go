@@ -51,6 +51,16 @@ type genParams struct {
 	Files int      `json:"files,omitempty"`
 }
 
+// genRevision, when set, is the Revision of gen's parameters.
+var genRevision func(*genParams) int
+
+func (p *genParams) Revision() int {
+	if genRevision == nil {
+		return 0
+	}
+	return genRevision(p)
+}
+
 func (g *genKind) Version() int       { return g.version }
 func (g *genKind) Inputs() (int, int) { return 0, 0 }
 func (g *genKind) Params() any        { return &genParams{Rows: 100, Batch: 10} }

@@ -11,6 +11,7 @@ import (
 	"path/filepath"
 	"slices"
 	"sort"
+	"strconv"
 	"strings"
 	"sync"
 
@@ -71,12 +72,13 @@ func (p *Plan) Step(name string) *Step {
 // keyMaterial is what a key is the SHA-256 of. Changing its encoding changes
 // every key, which is safe: old entries simply stop being used.
 type keyMaterial struct {
-	Kind    string          `json:"kind"`
-	Version int             `json:"version"`
-	Params  json.RawMessage `json:"params"`
-	Inputs  []string        `json:"inputs"`
-	Files   []string        `json:"files"`
-	Refs    []string        `json:"refs,omitempty"` // "name revision"
+	Kind     string          `json:"kind"`
+	Version  int             `json:"version"`
+	Revision int             `json:"revision,omitempty"`
+	Params   json.RawMessage `json:"params"`
+	Inputs   []string        `json:"inputs"`
+	Files    []string        `json:"files"`
+	Refs     []string        `json:"refs,omitempty"` // "name revision"
 }
 
 // Plan computes every stage's key (hashing input files through the stat
@@ -228,7 +230,7 @@ func (s *Store) key(st *Step, steps map[*Node]*Step, refs []Ref, refErr error) e
 	case refErr != nil:
 		return refErr
 	}
-	km := keyMaterial{Kind: n.KindName, Version: n.Kind.Version(), Params: n.Canon, Inputs: []string{}, Files: []string{}}
+	km := keyMaterial{Kind: n.KindName, Version: n.Kind.Version(), Revision: n.revision(), Params: n.Canon, Inputs: []string{}, Files: []string{}}
 	for _, d := range n.Needs {
 		if steps[d].Key == "" {
 			return stageErr(n, fmt.Errorf("it reads stage %s, which has no key", d.Name))
@@ -371,8 +373,8 @@ func (p *Plan) why(st *Step) string {
 	var reasons []string
 	if prev.Kind != st.Node.KindName {
 		reasons = append(reasons, fmt.Sprintf("kind changed: %s → %s", prev.Kind, st.Node.KindName))
-	} else if prev.KindVersion != st.Node.Kind.Version() {
-		reasons = append(reasons, fmt.Sprintf("kind %s version %d → %d", st.Node.KindName, prev.KindVersion, st.Node.Kind.Version()))
+	} else if v, r := st.Node.Kind.Version(), st.Node.revision(); prev.KindVersion != v || prev.KindRevision != r {
+		reasons = append(reasons, fmt.Sprintf("kind %s version %s → %s", st.Node.KindName, versionText(prev.KindVersion, prev.KindRevision), versionText(v, r)))
 	}
 	if changed := changedParams(prev.Params, st.Node.Canon); len(changed) > 0 {
 		reasons = append(reasons, "parameters changed: "+strings.Join(changed, ", "))
@@ -391,6 +393,15 @@ func (p *Plan) why(st *Step) string {
 		return "key changed"
 	}
 	return strings.Join(reasons, "; ")
+}
+
+// versionText is a kind's version with its settings' revision: 2, or 2.1
+// for revision 1.
+func versionText(version, revision int) string {
+	if revision == 0 {
+		return strconv.Itoa(version)
+	}
+	return fmt.Sprintf("%d.%d", version, revision)
 }
 
 // lastEntry returns the record of stage in the newest kept run of the DAG

@@ -63,20 +63,22 @@ var ErrWrittenElsewhere = errors.New("the entry is written by another process")
 
 // A StageRecord is one stage's part in a run.
 type StageRecord struct {
-	Name        string          `json:"name"`
-	Kind        string          `json:"kind"`
-	KindVersion int             `json:"kind_version"`
-	Key         string          `json:"key"`
-	State       string          `json:"state"` // cached, computed, elsewhere, failed, canceled, not selected
-	Reason      string          `json:"reason,omitempty"`
-	Params      json.RawMessage `json:"params"`
-	Inputs      []InputRef      `json:"inputs"`
-	Files       []FileRef       `json:"files"`
-	Refs        []Ref           `json:"refs,omitempty"`
-	Entry       string          `json:"entry,omitempty"`
-	Rows        int64           `json:"rows"`
-	Bytes       int64           `json:"bytes"`
-	Seconds     float64         `json:"seconds"`
+	Name        string `json:"name"`
+	Kind        string `json:"kind"`
+	KindVersion int    `json:"kind_version"`
+	// KindRevision is the revision its parameters name (see Reviser).
+	KindRevision int             `json:"kind_revision,omitempty"`
+	Key          string          `json:"key"`
+	State        string          `json:"state"` // cached, computed, elsewhere, failed, canceled, not selected
+	Reason       string          `json:"reason,omitempty"`
+	Params       json.RawMessage `json:"params"`
+	Inputs       []InputRef      `json:"inputs"`
+	Files        []FileRef       `json:"files"`
+	Refs         []Ref           `json:"refs,omitempty"`
+	Entry        string          `json:"entry,omitempty"`
+	Rows         int64           `json:"rows"`
+	Bytes        int64           `json:"bytes"`
+	Seconds      float64         `json:"seconds"`
 	// WaitSeconds is the part of Seconds the stage spent waiting for
 	// inputs that other stages of the run were computing.
 	WaitSeconds float64        `json:"wait_seconds,omitempty"`
@@ -218,7 +220,7 @@ func unstarted(dag *DAG, opts Options) []StageRecord {
 	}
 	out := make([]StageRecord, 0, len(dag.Nodes))
 	for _, n := range dag.Nodes {
-		r := StageRecord{Name: n.Name, Kind: n.KindName, KindVersion: n.Kind.Version(), Params: n.Canon, State: "not selected"}
+		r := StageRecord{Name: n.Name, Kind: n.KindName, KindVersion: n.Kind.Version(), KindRevision: n.revision(), Params: n.Canon, State: "not selected"}
 		switch {
 		case keyed[n] && n.Unprepared != nil:
 			r.State, r.Error = "failed", n.Unprepared.Msg
@@ -282,7 +284,7 @@ func (e *Engine) run(ctx context.Context, dag *DAG, opts Options, rec *RunRecord
 	x := &execution{e: e, plan: plan, opts: opts, rec: rec, records: map[*Step]*StageRecord{}}
 	for _, st := range plan.Steps {
 		rec.Stages = append(rec.Stages, StageRecord{
-			Name: st.Node.Name, Kind: st.Node.KindName, KindVersion: st.Node.Kind.Version(),
+			Name: st.Node.Name, Kind: st.Node.KindName, KindVersion: st.Node.Kind.Version(), KindRevision: st.Node.revision(),
 			Key: st.Key, Params: st.Node.Canon, Inputs: st.Inputs, Files: st.Files, Refs: st.Refs, State: "not selected",
 		})
 	}
@@ -727,7 +729,7 @@ func (x *execution) computeStep(ctx context.Context, st *Step, t *Task, committe
 		t.SetStat(WaitSecondsStat, math.Floor(waited*100)/100)
 	}
 	m := &Manifest{
-		Key: st.Key, Stage: st.Node.Name, Kind: st.Node.KindName, KindVersion: st.Node.Kind.Version(),
+		Key: st.Key, Stage: st.Node.Name, Kind: st.Node.KindName, KindVersion: st.Node.Kind.Version(), KindRevision: st.Node.revision(),
 		// Empty lists, not nulls, for those who read manifests as JSON.
 		Params: st.Node.Canon, Inputs: nonNil(st.Inputs), Files: nonNil(st.Files), Refs: withoutNotes(st.Refs), Stats: t.stats,
 		Started: started.UTC(), Finished: time.Now().UTC(), Program: Version(),

@@ -60,6 +60,14 @@ type Node struct {
 	with      ast.Node // its `with:`, for placing parameter errors
 }
 
+// revision is the revision n's parameters name (see Reviser); 0 for most.
+func (n *Node) revision() int {
+	if r, ok := n.Params.(Reviser); ok {
+		return r.Revision()
+	}
+	return 0
+}
+
 // Node returns the stage called name, or nil.
 func (d *DAG) Node(name string) *Node {
 	for _, n := range d.Nodes {

@@ -153,21 +153,22 @@ func (s *Store) HashedBytes() int64 { return s.stats.hashedBytes.Load() }
 
 // A Manifest describes one entry: what made it and what it holds.
 type Manifest struct {
-	Key         string          `json:"key"`
-	Stage       string          `json:"stage"`
-	Kind        string          `json:"kind"`
-	KindVersion int             `json:"kind_version"`
-	Params      json.RawMessage `json:"params"`
-	Inputs      []InputRef      `json:"inputs"`
-	Files       []FileRef       `json:"files"`
-	Refs        []Ref           `json:"refs,omitempty"`
-	Outputs     []FileRef       `json:"outputs"`
-	Rows        int64           `json:"rows"`
-	Stats       map[string]any  `json:"stats,omitempty"`
-	Started     time.Time       `json:"started"`
-	Finished    time.Time       `json:"finished"`
-	Seconds     float64         `json:"seconds"`
-	Program     string          `json:"program"`
+	Key          string          `json:"key"`
+	Stage        string          `json:"stage"`
+	Kind         string          `json:"kind"`
+	KindVersion  int             `json:"kind_version"`
+	KindRevision int             `json:"kind_revision,omitempty"`
+	Params       json.RawMessage `json:"params"`
+	Inputs       []InputRef      `json:"inputs"`
+	Files        []FileRef       `json:"files"`
+	Refs         []Ref           `json:"refs,omitempty"`
+	Outputs      []FileRef       `json:"outputs"`
+	Rows         int64           `json:"rows"`
+	Stats        map[string]any  `json:"stats,omitempty"`
+	Started      time.Time       `json:"started"`
+	Finished     time.Time       `json:"finished"`
+	Seconds      float64         `json:"seconds"`
+	Program      string          `json:"program"`
 	// Checksum is the sha256 of this manifest's compact JSON with Checksum
 	// empty, so an edited or torn manifest is caught like any output file.
 	Checksum string `json:"checksum"`

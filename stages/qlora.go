@@ -179,6 +179,17 @@ func (qloraKind) Params() any {
 
 // Validate reports every bad setting at once (a spec carried over from
 // another tool has several), each as a ParamError.
+// Revision 1: early stopping takes any lower held-out loss as the best and
+// counts an evaluation as no better only below the threshold, as
+// transformers' EarlyStoppingCallback does, and a count run out at the
+// last step is no early stop.
+func (p *qloraParams) Revision() int {
+	if p.EarlyStoppingPatience > 0 {
+		return 1
+	}
+	return 0
+}
+
 func (p *qloraParams) Validate() error {
 	var errs []error
 	bad := func(param, msg, fix string) {

@@ -74,6 +74,15 @@ func (sourceKind) Version() int       { return 1 }
 func (sourceKind) Inputs() (int, int) { return 0, 0 }
 func (sourceKind) Params() any        { return &sourceParams{} }
 
+// Revision 1: a JSON record without the system_column field has no system
+// text; it read as a null system, which nulls: drop dropped.
+func (p *sourceParams) Revision() int {
+	if p.SystemColumn != "" && p.Nulls == string(dataset.NullsDrop) {
+		return 1
+	}
+	return 0
+}
+
 // keyNeutralRoles are the role mappings kept out of a source's key: those
 // dataset.DefaultRoles held when keys were first made. A mapping it has
 // since gained (model) stays in the key of the specs that write it, so

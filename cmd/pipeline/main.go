@@ -32,7 +32,8 @@ const (
 	exitFailed   = 1  // a stage or check failed
 	exitUsage    = 2  // bad flags, arguments or spec
 	exitLockBusy = 75 // --no-wait and another run holds the DAG (EX_TEMPFAIL)
-	// 128 + the signal's number when interrupted: 130 (SIGINT), 143 (SIGTERM).
+	// 128 + the signal's number when interrupted: 130 (SIGINT), 143 (SIGTERM),
+	// 129 (SIGHUP).
 )
 
 var root = &cobra.Command{
@@ -51,7 +52,8 @@ naming a parameter its kind does not have is told the kind's parameters.
 Exit codes: 0 success, 1 a stage or check failed (or a model's --out exists
 already), 2 usage or spec error, 75 busy and --no-wait was given (another run
 holds the DAG's lock or computes an entry the run needs, gc holds the cache, or,
-for gc, runs use it), 130 or 143 interrupted by SIGINT or SIGTERM.`,
+for gc, runs use it), 130, 143 or 129 interrupted by SIGINT, SIGTERM or
+SIGHUP.`,
 	SilenceUsage:  true,
 	SilenceErrors: true,
 	Version:       pipeline.Version(), // --version; manifests and reports record it too
@@ -148,7 +150,7 @@ func execute(args []string) int {
 	code := interruptCode()
 	notice(slog.LevelError, "pipeline: "+stoppedErr(err, code).Error())
 	if code != 0 {
-		return code // 130 for SIGINT, 143 for SIGTERM
+		return code // 130 for SIGINT, 143 for SIGTERM, 129 for SIGHUP
 	}
 	var ee *exitError
 	if errors.As(err, &ee) {

@@ -335,9 +335,10 @@ func TestStatusSaysKilledRunDidNotFinish(t *testing.T) {
 	}
 }
 
-// TestRunInterrupted: SIGINT or SIGTERM during a run stops it with exit
-// 130 or 143 (not 1: cron can tell an interruption from a failure), prints
-// the table so far, and records the run as interrupted.
+// TestRunInterrupted: SIGINT, SIGTERM or SIGHUP (the terminal closed)
+// during a run stops it with exit 130, 143 or 129 (not 1: cron can tell an
+// interruption from a failure), prints the table so far, and records the
+// run as interrupted.
 func TestRunInterrupted(t *testing.T) {
 	tok := testenv.GemmaFile(t, "tokenizer.json")
 	demo := filepath.Join(testenv.RepoRoot(t), "dataset", "demo", "alpaca-tr-demo.jsonl")
@@ -356,7 +357,7 @@ stages:
 		sig  syscall.Signal
 		code int
 		json bool // --log-format json: every line of stderr a JSON record
-	}{{syscall.SIGINT, 130, false}, {syscall.SIGTERM, 143, false}, {syscall.SIGTERM, 143, true}} {
+	}{{syscall.SIGINT, 130, false}, {syscall.SIGTERM, 143, false}, {syscall.SIGTERM, 143, true}, {syscall.SIGHUP, 129, false}} {
 		report := filepath.Join(dir, "report.json")
 		args := []string{"run", spec, "--progress", "none", "--report", report}
 		if c.json {
@@ -414,6 +415,35 @@ stages:
 	}
 	if r := runCLI(t, dir, "plan", spec); len(checkpoints) == 0 || strings.Contains(r.stdout, "resumes") {
 		t.Errorf("plan with no checkpoint left (%d removed):\n%s%s", len(checkpoints), r.stdout, r.stderr)
+	}
+}
+
+// TestRunOutlivesItsLogReader: a run whose output pipe is closed (a `| tee`
+// or `| logger` that ended) carries on to the end and records itself,
+// instead of dying of SIGPIPE at its next line; it exits 1 for the output
+// it could not write, as any failed write to standard output does.
+func TestRunOutlivesItsLogReader(t *testing.T) {
+	dir := t.TempDir()
+	writeFile(t, filepath.Join(dir, "a.jsonl"), sampleJSONL)
+	writeFile(t, filepath.Join(dir, "dag.yaml"), "name: piped\nstages:\n  a: {kind: jsonl, with: {paths: [a.jsonl]}}\n")
+	r, w, err := os.Pipe()
+	if err != nil {
+		t.Fatal(err)
+	}
+	r.Close() // the reader is gone before the first line
+	cmd := exec.Command(os.Args[0], "run", "dag.yaml", "--report", "report.json")
+	cmd.Dir = dir
+	cmd.Env = append(os.Environ(), "PIPELINE_CLI=1", "PIPELINE_CACHE="+filepath.Join(dir, "cache"))
+	cmd.Stdout, cmd.Stderr = w, w
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	w.Close()
+	if code := exitCode(t, cmd, 30*time.Second); code != exitFailed {
+		t.Errorf("exit %d, want %d (%v)", code, exitFailed, cmd.ProcessState)
+	}
+	if data, err := os.ReadFile(filepath.Join(dir, "report.json")); err != nil || !bytes.Contains(data, []byte(`"ok": true`)) {
+		t.Errorf("the run's report: %s (%v)", data, err)
 	}
 }
 

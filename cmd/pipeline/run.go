@@ -7,10 +7,12 @@ import (
 	"io/fs"
 	"log/slog"
 	"os"
+	"os/signal"
 	"path/filepath"
 	"runtime"
 	"slices"
 	"strings"
+	"syscall"
 	"text/tabwriter"
 	"time"
 
@@ -47,12 +49,14 @@ for it to finish and then uses what it computed; with --no-wait it exits at once
 with code 75, as it does on reaching a stage whose entry a run of another spec is
 computing.
 
-On SIGINT or SIGTERM the running stages stop, the table so far is printed and the
-exit code is 130 or 143; a second signal stops at once. --report is checked to be
+On SIGINT, SIGTERM or SIGHUP the running stages stop, the table so far is printed
+and the exit code is 130, 143 or 129; a second signal stops at once. A closed
+output pipe (a log reader gone) does not stop the run: it runs to the end,
+records itself, and exits 1 for the output it could not write. --report is checked to be
 writable before anything runs, and written whole or not at all.
 
 Exit codes: 0 success, 1 a stage failed, 2 usage or spec error, 75 busy (--no-wait),
-130/143 interrupted.
+130/143/129 interrupted.
 
 Training on several GPUs: --gpus N starts N processes on this machine; torchrun,
 srun and Kubernetes training operators start them across machines, setting RANK,
@@ -165,8 +169,11 @@ step with rank 0 and stop there. A rank that fails or goes away stops the others
 				runtime.GOMAXPROCS(jobs)
 			}
 
-			// SIGINT or SIGTERM stops the stages; the run is recorded, the
-			// table so far printed, and the exit code is 130 or 143.
+			// SIGINT, SIGTERM or SIGHUP stops the stages; the run is
+			// recorded, the table so far printed, and the exit code is 130,
+			// 143 or 129. A log reader gone (`| tee` ended) is no reason to
+			// stop: writes to its pipe fail and the run carries on.
+			signal.Ignore(syscall.SIGPIPE)
 			ctx, stop := signalContext(30 * time.Second)
 			defer stop()
 			log.Info("run", "dag", dag.Name, "spec", dag.Path, "cache", st.Root)

@@ -14,15 +14,19 @@ import (
 	"gemmaft/internal/atomicfile"
 )
 
-// Interrupts. The first SIGINT or SIGTERM cancels the command's context:
+// Interrupts. The first SIGINT, SIGTERM or SIGHUP (the terminal closed)
+// cancels the command's context:
 // `run` stops its stages, records the run and prints the table so far;
 // `tokenize` and `export` stop writing and discard their unfinished output.
 // A command still busy after a grace period (blocked reading a terminal or
 // a pipe, say), or a second signal, makes the process remove the temporary
 // files of its unfinished writes and exit at once. Either way the exit
-// code is 128 + the signal's number, 130 for SIGINT and 143 for SIGTERM,
-// as shells report it, so that cron and systemd can tell an interruption
-// from a failure.
+// code is 128 + the signal's number, 130 for SIGINT, 143 for SIGTERM and
+// 129 for SIGHUP, as shells report it, so that cron and systemd can tell an
+// interruption from a failure.
+
+// stopSignals are the signals that stop a command cleanly.
+var stopSignals = []os.Signal{os.Interrupt, syscall.SIGTERM, syscall.SIGHUP}
 
 // interrupted is the number of the signal that interrupted the command, 0
 // while none has.
@@ -40,7 +44,7 @@ func signalContext(grace time.Duration) (context.Context, func()) {
 func signalContextFrom(parent context.Context, grace time.Duration) (context.Context, func()) {
 	ctx, cancel := context.WithCancelCause(context.WithValue(parent, signalsKey{}, true))
 	ch := make(chan os.Signal, 2)
-	signal.Notify(ch, os.Interrupt, syscall.SIGTERM)
+	signal.Notify(ch, stopSignals...)
 	done := make(chan struct{})
 	go func() {
 		var sig os.Signal
@@ -117,6 +121,8 @@ func signalName(sig os.Signal) string {
 		return "SIGINT"
 	case syscall.SIGTERM:
 		return "SIGTERM"
+	case syscall.SIGHUP:
+		return "SIGHUP"
 	}
 	return sig.String()
 }

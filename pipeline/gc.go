@@ -102,7 +102,7 @@ func (s *Store) GC(ctx context.Context, opts GCOptions) (*GCResult, error) {
 		// would keep them for ever.
 		if opts.OlderThan > 0 && len(recs) > 0 && recs[0].Finished.Before(cutoff) && specGone(recs[0].Spec) {
 			if opts.Log != nil {
-				opts.Log.Info("the spec of these runs is gone: they keep no entries", "spec", recs[0].Spec, "last run", recs[0].Finished.Local().Format(time.DateTime))
+				opts.Log.Info("the spec of these runs is gone: they keep no entries", "spec", recs[0].Spec, "last run", LocalTime(recs[0].Finished))
 			}
 			continue
 		}

@@ -242,6 +242,12 @@ func (p Progress) String() string {
 	return s
 }
 
+// LocalTime is t as commands print it: the local clock with its zone, so
+// that a cron job's time (often UTC) and a shell's read the same.
+func LocalTime(t time.Time) string {
+	return t.Local().Format("2006-01-02 15:04:05 MST")
+}
+
 // HumanBytes formats a byte count for people (binary units).
 func HumanBytes(n int64) string {
 	const unit = 1024

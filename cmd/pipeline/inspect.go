@@ -12,7 +12,6 @@ import (
 	"sort"
 	"strconv"
 	"strings"
-	"time"
 	"unicode/utf8"
 
 	"github.com/apache/arrow-go/v18/arrow"
@@ -124,7 +123,7 @@ func printManifest(w io.Writer, entry string, m *pipeline.Manifest) {
 	fmt.Fprintf(w, "stage     %s (%s, version %d)\n", m.Stage, m.Kind, m.KindVersion)
 	fmt.Fprintf(w, "key       %s\n", m.Key)
 	fmt.Fprintf(w, "entry     %s\n", entry)
-	fmt.Fprintf(w, "computed  %s in %.2fs by pipeline %s\n", m.Finished.Local().Format(time.DateTime), m.Seconds, m.Program)
+	fmt.Fprintf(w, "computed  %s in %.2fs by pipeline %s\n", pipeline.LocalTime(m.Finished), m.Seconds, m.Program)
 	if hasTable(m) { // an adapter, a checkpoint or scores have no rows
 		fmt.Fprintf(w, "rows      %d\n", m.Rows)
 	}

@@ -4,7 +4,6 @@ import (
 	"errors"
 	"fmt"
 	"text/tabwriter"
-	"time"
 
 	"github.com/spf13/cobra"
 
@@ -58,7 +57,7 @@ the same of each run).`,
 				case !s.Last.OK:
 					result = "FAILED: " + s.Last.Error
 				}
-				fmt.Fprintf(stdout, "%s: %s, %.1fs, %s\n", last, s.Last.Started.Local().Format(time.DateTime), s.Last.Seconds, result)
+				fmt.Fprintf(stdout, "%s: %s, %.1fs, %s\n", last, pipeline.LocalTime(s.Last.Started), s.Last.Seconds, result)
 			} else {
 				fmt.Fprintf(stdout, "%s: never\n", last)
 			}
@@ -69,7 +68,7 @@ the same of each run).`,
 				rows, size, when := "-", "-", "-"
 				if e.Manifest != nil {
 					rows = fmt.Sprint(e.Manifest.Rows)
-					when = e.Manifest.Finished.Local().Format(time.DateTime)
+					when = pipeline.LocalTime(e.Manifest.Finished)
 				}
 				if e.State == "cached" { // a damaged entry's files are not what its manifest says
 					size = pipeline.HumanBytes(e.Size)

@@ -381,7 +381,17 @@ stages:
 			t.Errorf("%v: exit %d, want %d\n%s", c.sig, got, c.code, stderr)
 		}
 		table := strings.Join(strings.Fields(stdout.String()), " ")
-		if !strings.Contains(table, "adapter canceled") || !strings.Contains(table, "stopped after") {
+		if c.json {
+			// The table as JSON lines: a log of stdout and stderr together is all JSON.
+			for _, line := range strings.Split(strings.TrimSpace(stdout.String()), "\n") {
+				if !json.Valid([]byte(line)) {
+					t.Errorf("--log-format json: stdout line %q is not JSON", line)
+				}
+			}
+			if !strings.Contains(table, `"stage":"adapter","state":"canceled"`) || !strings.Contains(table, `"ok":false`) {
+				t.Errorf("%v: no JSON table so far on stdout:\n%s", c.sig, stdout)
+			}
+		} else if !strings.Contains(table, "adapter canceled") || !strings.Contains(table, "stopped after") {
 			t.Errorf("%v: no table so far on stdout:\n%s", c.sig, stdout)
 		}
 		data, _ := os.ReadFile(report)

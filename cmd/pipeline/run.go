@@ -55,6 +55,9 @@ output pipe (a log reader gone) does not stop the run: it runs to the end,
 records itself, and exits 1 for the output it could not write. --report is checked to be
 writable before anything runs, and written whole or not at all.
 
+The table at the end is on stdout; with --log-format json it is JSON lines too (a
+stage each, then the run's ok and seconds), so that a log of both streams is all JSON.
+
 Exit codes: 0 success, 1 a stage failed, 2 usage or spec error, 75 busy (--no-wait),
 130/143/129 interrupted.
 
@@ -325,8 +328,22 @@ func everyFailure(rec *pipeline.RunRecord, runErr error) error {
 	return errors.Join(errs...)
 }
 
-// printSummary shows, on stdout, what each stage did and where its output is.
+// printSummary shows, on stdout, what each stage did and where its output
+// is: a table, or, with --log-format json, a JSON object a line (a stage
+// each, then the run), so that a log of stdout and stderr together holds
+// nothing but JSON.
 func printSummary(rec *pipeline.RunRecord) {
+	if logFormat == "json" {
+		enc := json.NewEncoder(stdout)
+		for _, s := range rec.Stages {
+			if s.State != "not selected" {
+				enc.Encode(map[string]any{"stage": s.Name, "state": s.State, "rows": s.Rows, "seconds": s.Seconds,
+					"wait_seconds": s.WaitSeconds, "output": s.Entry})
+			}
+		}
+		enc.Encode(map[string]any{"dag": rec.DAG, "ok": rec.OK, "seconds": rec.Seconds})
+		return
+	}
 	w := tabwriter.NewWriter(stdout, 0, 4, 2, ' ', 0)
 	fmt.Fprintln(w, "STAGE\tSTATE\tROWS\tSECONDS\tOUTPUT")
 	for _, s := range rec.Stages {

@@ -131,6 +131,20 @@ func isPythonSpace(r rune) bool {
 	return r >= 0x2000 && r <= 0x200a
 }
 
+// ThroughNewline extends each span of text over the "\n" that follows it:
+// the line break after <end_of_turn>, which TRL's assistant_only_loss
+// template and Unsloth's train_on_responses_only train with the turn.
+func ThroughNewline(text string, spans []Span) []Span {
+	out := make([]Span, len(spans))
+	for i, s := range spans {
+		if s.End < len(text) && text[s.End] == '\n' {
+			s.End++
+		}
+		out[i] = s
+	}
+	return out
+}
+
 // LabelMask says which tokens are trained on, given each token's byte
 // offsets [start, end) in the rendered text and the spans from the
 // renderer. It follows Hugging Face's return_assistant_tokens_mask: for

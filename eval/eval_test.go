@@ -18,6 +18,7 @@ import (
 	"github.com/apache/arrow-go/v18/parquet"
 	"github.com/apache/arrow-go/v18/parquet/pqarrow"
 
+	"gemmaft/chat"
 	"gemmaft/internal/testenv"
 	"gemmaft/tokenizer"
 	"gemmaft/trainer"
@@ -715,5 +716,41 @@ func TestReadQuestionsAsWritten(t *testing.T) {
 	v, _ = arrowValue(col, 1)
 	if _, err := parseAnswer(v, 3); err == nil || !strings.Contains(err.Error(), "answer 2.5 is not an integer index") {
 		t.Errorf("Parquet answer 2.5: %v", err)
+	}
+}
+
+// TestLossRequestsNewline: with Newline the "\n" after each model turn's
+// <end_of_turn> is scored too, as the tokenize stage's loss_on_newline
+// trains it; nothing else changes.
+func TestLossRequestsNewline(t *testing.T) {
+	tok, err := tokenizer.LoadFile(testenv.GemmaFile(t, "tokenizer.json"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	recs := []ChatRecord{{Messages: []chat.Message{{Role: "user", Content: "Merhaba"}, {Role: "assistant", Content: "Selam"},
+		{Role: "user", Content: "Nasılsın?"}, {Role: "assistant", Content: "İyiyim."}}}}
+	scored := func(newline bool) []int32 {
+		reqs, _, err := LossRequests(tok, recs, LossOptions{Newline: newline})
+		if err != nil {
+			t.Fatal(err)
+		}
+		var ids []int32
+		for _, r := range reqs {
+			ids = append(ids, r.Continuation...)
+		}
+		return ids
+	}
+	plain, withNewline := scored(false), scored(true)
+	eot, _ := tok.ID("<end_of_turn>")
+	nl := tok.EncodeIDs("\n", false)
+	var want []int32
+	for _, id := range plain {
+		want = append(want, id)
+		if id == eot {
+			want = append(want, nl...)
+		}
+	}
+	if fmt.Sprint(withNewline) != fmt.Sprint(want) {
+		t.Errorf("scored with Newline %v, want %v", withNewline, want)
 	}
 }

@@ -32,8 +32,9 @@ const (
 // did: LossOn (LossOnAssistant when empty) for chat records, and whether
 // plain texts end with <eos>.
 type LossOptions struct {
-	LossOn string
-	EOS    bool
+	LossOn  string
+	Newline bool // the "\n" after each trained <end_of_turn> is trained too
+	EOS     bool
 }
 
 // LossRequests renders each record with the Gemma 3 chat template and
@@ -85,6 +86,9 @@ func LossRequests(tok *tokenizer.Tokenizer, recs []ChatRecord, opts LossOptions)
 		}
 		if opts.LossOn == LossOnLastAssistant && len(spans[i]) > 1 {
 			spans[i] = spans[i][len(spans[i])-1:]
+		}
+		if opts.Newline {
+			spans[i] = chat.ThroughNewline(text, spans[i])
 		}
 	}
 	// The template writes <bos> itself; the post-processor's is not added.

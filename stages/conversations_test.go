@@ -171,7 +171,8 @@ stages:
   chat: {kind: chat_template, needs: [conv]}
   tokens: {kind: tokenize, needs: [chat], with: {tokenizer: %s}}
   last: {kind: tokenize, needs: [chat], with: {tokenizer: %s, loss_on: last_assistant}}
-  oa: {kind: parquet, with: {paths: [%s], format: openai}}
+  newline: {kind: tokenize, needs: [chat], with: {tokenizer: %[2]s, loss_on_newline: true}}
+  oa: {kind: parquet, with: {paths: [%[4]s], format: openai}}
   oachat: {kind: chat_template, needs: [oa]}
 `, sharegpt, tok, tok, openai)), pipeline.Options{})
 	if err != nil {
@@ -181,6 +182,7 @@ stages:
 	oaChats := readChat(t, r, rec, "oachat")
 	tokens := readTokens(t, r, rec, "tokens")
 	last := readTokens(t, r, rec, "last")
+	newline := readTokens(t, r, rec, "newline")
 	if len(chats) != len(convs) || len(oaChats) != len(convs) || len(tokens) != len(convs) || len(last) != len(convs) {
 		t.Fatalf("%d conversations, %d/%d chat rows, %d/%d token rows", len(convs), len(chats), len(oaChats), len(tokens), len(last))
 	}
@@ -254,6 +256,18 @@ stages:
 		}
 		if want := spanLabels(o.IDs, o.Offsets, spans[len(spans)-1:]); !slices.Equal(last[i].labels, want) {
 			t.Fatalf("conversation %d: last_assistant labels differ from the last model turn's tokens", i)
+		}
+		// TRL's assistant_only_loss template closes its generation block
+		// after "<end_of_turn>\n": the line break is trained too.
+		withNewline := make([][2]int, len(spans))
+		for k, sp := range spans {
+			if chats[i].text[sp[1]] != '\n' {
+				t.Fatalf("conversation %d: no line break after a model turn", i)
+			}
+			withNewline[k] = [2]int{sp[0], sp[1] + 1}
+		}
+		if want := spanLabels(o.IDs, o.Offsets, withNewline); !slices.Equal(newline[i].labels, want) {
+			t.Fatalf("conversation %d: loss_on_newline labels differ from the model turns' tokens with their line breaks", i)
 		}
 		for k := range o.IDs {
 			if tokens[i].labels[k] != -100 {

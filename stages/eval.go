@@ -835,8 +835,9 @@ func (s *evalStage) tokenizer(ctx context.Context, t *pipeline.Task, prov proven
 	tok, err := load(t, path)
 	p := params(prov.tokenize)
 	lossOn, _ := p["loss_on"].(string)
+	newline, _ := p["loss_on_newline"].(bool)
 	eos, _ := p["eos"].(bool)
-	return tok, eval.LossOptions{LossOn: lossOn, EOS: eos}, err
+	return tok, eval.LossOptions{LossOn: lossOn, Newline: newline, EOS: eos}, err
 }
 
 // evalResults is results.json: what was scored, and each model's scores.

@@ -39,6 +39,10 @@ type tokenizeParams struct {
 	// assistant turn), "last_assistant" (only in a conversation's last
 	// assistant turn) or "all". A plain text is trained on every token.
 	LossOn string `json:"loss_on"`
+	// LossOnNewline trains the "\n" after each trained <end_of_turn> too,
+	// as TRL's assistant_only_loss and Unsloth's train_on_responses_only
+	// do: one token more a turn, for numbers to compare with theirs.
+	LossOnNewline bool `json:"loss_on_newline,omitempty"`
 	// EOS ends every plain text with <eos> (only for a text stage's texts;
 	// a chat turn ends with <end_of_turn>).
 	EOS bool `json:"eos,omitempty"`
@@ -55,6 +59,7 @@ func (tokenizeKind) ParamNotes() map[string]string {
 		"train_on_responses_only": lossOn,
 		"roles_to_train":          lossOn,
 		"add_eos_token":           "eos: true ends each plain text with <eos>; a chat turn always ends with <end_of_turn>",
+		"train_on_eos":            "a trained turn always ends with its <end_of_turn>; loss_on_newline: true trains the \"\\n\" after it too, as TRL and Unsloth do",
 	}
 }
 
@@ -71,6 +76,10 @@ func (p *tokenizeParams) Validate() error {
 	default:
 		return &pipeline.ParamError{Param: "loss_on", Msg: fmt.Sprintf("unknown value %q", p.LossOn),
 			Fix: "use assistant (every assistant turn), last_assistant (a conversation's last one) or all"}
+	}
+	if p.LossOnNewline && p.LossOn == eval.LossOnAll {
+		return &pipeline.ParamError{Param: "loss_on_newline", Msg: "has nothing to add to loss_on: all, which trains every token",
+			Fix: "remove loss_on_newline, or choose loss_on: assistant"}
 	}
 	return nil
 }
@@ -246,6 +255,9 @@ func (s *tokenizeStage) tokenizeBatch(tok *tokenizer.Tokenizer, bos int32, in *p
 			spans := make([]chat.Span, 0, z-a)
 			for j := a; j < z; j++ {
 				spans = append(spans, chat.Span{Role: "assistant", Start: int(sv[j]), End: int(ev[e0+j-a])})
+			}
+			if s.p.LossOnNewline {
+				spans = chat.ThroughNewline(textCol.Value(i), spans)
 			}
 			return spans
 		}

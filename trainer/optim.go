@@ -236,5 +236,10 @@ func ResolveOptimizer(name string) (resolved, note string, err error) {
 	if strings.HasPrefix(name, "paged_") {
 		note = name + " runs as " + resolved + " with its state in device memory (paging does not change the update)"
 	}
+	if name == "paged_adamw_32bit" {
+		// bitsandbytes' 32-bit kernel folds the bias correction into
+		// epsilon and decays after the step (AdamW8bit's rule).
+		note += "; torch's AdamW rule, not bitsandbytes' 32-bit one, which differs where gradients come near epsilon or with weight decay"
+	}
 	return resolved, note, nil
 }

@@ -331,3 +331,17 @@ func TestGGUFLoRAStage(t *testing.T) {
 		}
 	}
 }
+
+// TestCardTrainingSettings: the card gives rsLoRA's scale and a warmup
+// given as a ratio, which the update and the schedule depend on.
+func TestCardTrainingSettings(t *testing.T) {
+	var d cardData
+	d.fill(provenance{qlora: &pipeline.Manifest{Params: []byte(`{"r": 16, "alpha": 32, "rslora": true, "warmup_ratio": 0.03, "warmup_steps": 0, "quantize": "nf4"}`)}})
+	rows := map[string]string{}
+	for _, r := range d.Training {
+		rows[r[0]] = r[1]
+	}
+	if rows["rslora"] != "true" || rows["warmup_ratio"] != "0.03" || rows["warmup_steps"] != "" {
+		t.Errorf("training rows %v", d.Training)
+	}
+}

@@ -183,9 +183,9 @@ func (d *cardData) fill(p provenance) {
 	}
 	if p.qlora != nil {
 		add(&d.Training, "method", map[string]string{"nf4": "QLoRA (NF4 base, double quantisation)", "none": "LoRA on the unquantised base"}[fmt.Sprint(q["quantize"])])
-		for _, k := range []string{"r", "alpha", "dropout", "target_modules", "optimizer", "lr", "schedule", "warmup_steps",
+		for _, k := range []string{"r", "alpha", "rslora", "dropout", "target_modules", "optimizer", "lr", "schedule", "warmup_steps", "warmup_ratio",
 			"weight_decay", "max_grad_norm", "epochs", "max_steps", "batch_size", "grad_accum", "seed", "backend"} {
-			if k == "max_steps" && q[k] == 0.0 {
+			if k == "max_steps" && q[k] == 0.0 || k == "warmup_steps" && q["warmup_ratio"] != nil {
 				continue
 			}
 			add(&d.Training, k, q[k])

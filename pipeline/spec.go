@@ -1170,6 +1170,17 @@ func (l *loader) checkNumbers(n *Node, with ast.Node) bool {
 			return // checkParamNames says so
 		}
 		t := sf.Type
+		if isNull(f.Value) {
+			// `lr:` with nothing after it: a value forgotten, which
+			// decoding would silently read as the default.
+			good = false
+			fix := fmt.Sprintf("give %s a value, or remove the line for the default", path)
+			if d := defaultOf(n, path); d != "" {
+				fix += " (" + d + ")"
+			}
+			l.errAt(f.Key, fix, "stage %q: %s is empty", n.Name, path)
+			return
+		}
 		if textual(t) {
 			switch v := f.Value.(type) {
 			case *ast.SequenceNode:
@@ -1196,6 +1207,31 @@ func (l *loader) checkNumbers(n *Node, with ast.Node) bool {
 		}
 	})
 	return good
+}
+
+// defaultOf is the default of n's top-level parameter name as the spec
+// would write it, "" when it has none to show.
+func defaultOf(n *Node, name string) string {
+	v := reflect.ValueOf(n.Kind.Params())
+	for v.Kind() == reflect.Pointer {
+		v = v.Elem()
+	}
+	sf, ok := typeField(v.Type(), name)
+	if !ok || v.Kind() != reflect.Struct {
+		return ""
+	}
+	d := v.FieldByIndex(sf.Index)
+	if d.IsZero() {
+		return ""
+	}
+	if d.Kind() == reflect.Slice {
+		parts := make([]string, d.Len())
+		for i := range parts {
+			parts[i] = fmt.Sprint(d.Index(i).Interface())
+		}
+		return "[" + strings.Join(parts, ", ") + "]"
+	}
+	return fmt.Sprint(d.Interface())
 }
 
 // textual says whether a parameter of type t holds text: a string, or a

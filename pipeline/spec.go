@@ -14,6 +14,7 @@ import (
 	"regexp"
 	"slices"
 	"sort"
+	"strconv"
 	"strings"
 	"unicode/utf8"
 
@@ -1136,6 +1137,14 @@ func (l *loader) checkNumbers(n *Node, with ast.Node) bool {
 			got = t.GetToken().Value
 		case *ast.InfinityNode, *ast.NanNode:
 			got = v.GetToken().Value
+		case *ast.StringNode:
+			// A whole number past 64 bits is a string to the YAML library,
+			// which then wraps it round into the field.
+			if tooLarge(t.Value, unsigned) {
+				good = false
+				l.errAt(v, "write a number that fits in 64 bits", "stage %q: %s: %s is too large", n.Name, param, t.Value)
+			}
+			return
 		case *ast.IntegerNode:
 			tk := t.GetToken().Value
 			// Decoding would fail with the YAML library's overflow text.
@@ -1261,6 +1270,17 @@ func numberAsText(v ast.Node) (written, got string, changed bool) {
 		return written, "", false // decoding reports it
 	}
 	return written, got, got != written
+}
+
+// tooLarge says whether text is a whole number beyond 64 bits.
+func tooLarge(text string, unsigned bool) bool {
+	var err error
+	if unsigned {
+		_, err = strconv.ParseUint(strings.TrimPrefix(text, "+"), 0, 64)
+	} else {
+		_, err = strconv.ParseInt(text, 0, 64)
+	}
+	return errors.Is(err, strconv.ErrRange)
 }
 
 func wholeHint(v ast.Node) float64 {

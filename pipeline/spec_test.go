@@ -279,6 +279,8 @@ func TestSpecMistakes(t *testing.T) {
 			[]string{`name: YAML reads 2024.10 as the number 2024.1`}},
 		{"not UTF-8", "name: x\nstages:\n  a: {kind: gen, with: {file: yard\xfdm}}\n", 3,
 			[]string{"spec is not UTF-8 (byte 0xfd)", "save the spec as UTF-8"}},
+		{"past 64 bits", "name: x\nstages:\n  a:\n    kind: gen\n    with: {rows: 9223372036854775808}\n", 5,
+			[]string{`rows: 9223372036854775808 is too large`, "fits in 64 bits"}},
 		{"empty parameter", "name: x\nstages:\n  a:\n    kind: gen\n    with:\n      rows:\n", 6,
 			[]string{`stage "a": rows is empty`, "remove the line for the default (100)"}},
 		{"variable in cache", "name: x\ncache: $HOME/pcache\nstages:\n  a: {kind: gen}\n", 2,

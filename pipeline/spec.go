@@ -138,7 +138,7 @@ func IsSpecError(err error) bool {
 	return errors.As(err, &one) || errors.As(err, &many)
 }
 
-var stageNameRE = regexp.MustCompile(`^[A-Za-z][A-Za-z0-9_-]*$`)
+var stageNameRE = regexp.MustCompile(`^\pL[\pL\pN_-]*$`)
 
 // Load reads, decodes and validates the spec at path. Every problem of the
 // spec itself is returned together as SpecErrors, before anything runs;
@@ -256,6 +256,9 @@ func (l *loader) yamlErr(err error, fix string) *SpecError {
 		}
 	}
 	e.Msg = strings.ReplaceAll(e.Msg, "\t", `\t`)
+	if strings.Contains(e.Msg, "already defined") {
+		e.Fix = "keep one of them: YAML allows a key once in a mapping"
+	}
 	if l.hasTab(e.Line) {
 		e.Fix = "YAML forbids tabs for indentation: indent with spaces (the tab is on line " + fmt.Sprint(l.tabLine(e.Line)) + ")"
 	}
@@ -403,7 +406,7 @@ func (l *loader) hasErrors() bool { return len(l.errs) > 0 }
 func (l *loader) stage(mv *ast.MappingValueNode, needNodes map[*Node][]ast.Node) *Node {
 	name := keyOf(mv)
 	if !stageNameRE.MatchString(name) {
-		l.errAt(mv.Key, "use letters, digits, '_' and '-', starting with a letter", "bad stage name %q", name)
+		l.errAt(mv.Key, "use letters (of any alphabet), digits, '_' and '-', starting with a letter", "bad stage name %q", name)
 		return nil
 	}
 	n := &Node{Name: name, Line: mv.Key.GetToken().Position.Line}

@@ -197,6 +197,13 @@ stages:
 			}
 		}
 	})
+	t.Run("a name in Turkish", func(t *testing.T) {
+		e := newTestEnv(t)
+		dag := e.load(e.write("tr.yaml", "name: x\nstages:\n  kaynağı: {kind: gen}\n  çift: {kind: double, needs: [kaynağı]}\n"))
+		if b := dag.Node("çift"); b == nil || len(b.Needs) != 1 || b.Needs[0].Name != "kaynağı" {
+			t.Errorf("stages %v", dag.Nodes)
+		}
+	})
 	t.Run("one need as a name", func(t *testing.T) {
 		e := newTestEnv(t)
 		dag := e.load(e.write("one.yaml", "name: x\nstages:\n  a: {kind: gen}\n  b: {kind: double, needs: a}\n"))
@@ -281,6 +288,8 @@ func TestSpecMistakes(t *testing.T) {
 			[]string{"spec is not UTF-8 (byte 0xfd)", "save the spec as UTF-8"}},
 		{"past 64 bits", "name: x\nstages:\n  a:\n    kind: gen\n    with: {rows: 9223372036854775808}\n", 5,
 			[]string{`rows: 9223372036854775808 is too large`, "fits in 64 bits"}},
+		{"duplicate key", "name: x\nstages:\n  a: {kind: gen}\n  a: {kind: gen}\n", 4,
+			[]string{`mapping key "a" already defined`, "keep one of them"}},
 		{"empty parameter", "name: x\nstages:\n  a:\n    kind: gen\n    with:\n      rows:\n", 6,
 			[]string{`stage "a": rows is empty`, "remove the line for the default (100)"}},
 		{"variable in cache", "name: x\ncache: $HOME/pcache\nstages:\n  a: {kind: gen}\n", 2,

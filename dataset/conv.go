@@ -14,6 +14,7 @@ import (
 	"github.com/apache/arrow-go/v18/arrow/array"
 
 	"gemmaft/chat"
+	"gemmaft/internal/lines"
 )
 
 // Layout is what a source's rows hold.
@@ -332,7 +333,7 @@ func textParts(raw json.RawMessage) ([]string, error) {
 // text that never held U+FFFD itself was not valid Unicode).
 func DecodeJSONString(raw json.RawMessage, dst *string) error {
 	if !utf8.Valid(raw) {
-		return fmt.Errorf("invalid UTF-8 at byte %d", decodedOffset(raw, invalidUTF8At(string(raw))))
+		return fmt.Errorf("invalid UTF-8 at byte %d", decodedOffset(raw, lines.InvalidUTF8At(string(raw))))
 	}
 	if err := json.Unmarshal(raw, dst); err != nil {
 		return err

@@ -19,6 +19,8 @@ import (
 	"github.com/apache/arrow-go/v18/parquet/file"
 	"github.com/apache/arrow-go/v18/parquet/metadata"
 	"github.com/apache/arrow-go/v18/parquet/pqarrow"
+
+	"gemmaft/internal/lines"
 )
 
 // parquetReadBuffer bounds what is read from the file at once: column chunks
@@ -376,7 +378,7 @@ func (pf *parquetFile) scanRowGroup(ctx context.Context, fr *pqarrow.FileReader,
 				v := col.value(i)
 				if !utf8.ValidString(v) {
 					return rows, false, fmt.Errorf("dataset: %s: row index %d, column %s: invalid UTF-8 at byte %d",
-						pf.name, fileRow+rows, pf.want[c], invalidUTF8At(v))
+						pf.name, fileRow+rows, pf.want[c], lines.InvalidUTF8At(v))
 				}
 				// Copy: the batch's buffers are reused once it is released.
 				r.v[c] = strings.Clone(v)
@@ -400,17 +402,6 @@ func (pf *parquetFile) scanRowGroup(ctx context.Context, fr *pqarrow.FileReader,
 		return rows, false, fmt.Errorf("dataset: %s: row group %d: decoded %d rows, the footer says %d (corrupt file?)", pf.name, rg, rows, want)
 	}
 	return rows, false, nil
-}
-
-func invalidUTF8At(s string) int {
-	for i, r := range s {
-		if r == utf8.RuneError {
-			if _, size := utf8.DecodeRuneInString(s[i:]); size == 1 {
-				return i
-			}
-		}
-	}
-	return -1
 }
 
 // stringValues reads the text of a string column of any Arrow layout; a null
@@ -544,7 +535,7 @@ func (c convColumn) contentParts(k int) ([]string, error) {
 		}
 		text := c.partText.value(int(j))
 		if !utf8.ValidString(text) {
-			return nil, fmt.Errorf("part %d: invalid UTF-8 at byte %d", at, invalidUTF8At(text))
+			return nil, fmt.Errorf("part %d: invalid UTF-8 at byte %d", at, lines.InvalidUTF8At(text))
 		}
 		out = append(out, strings.Clone(text))
 	}
@@ -592,7 +583,7 @@ func (c convColumn) messages(i int) (msgs []rawMessage, null bool, err error) {
 		m.role = strings.Clone(c.role.value(k))
 		for _, v := range [2]struct{ name, s string }{{c.conv.role, m.role}, {c.conv.content, m.content}} {
 			if !utf8.ValidString(v.s) {
-				return nil, false, fmt.Errorf("column %s: message %d, field %s: invalid UTF-8 at byte %d", c.conv.list, at, v.name, invalidUTF8At(v.s))
+				return nil, false, fmt.Errorf("column %s: message %d, field %s: invalid UTF-8 at byte %d", c.conv.list, at, v.name, lines.InvalidUTF8At(v.s))
 			}
 		}
 		msgs = append(msgs, m)

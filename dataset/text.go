@@ -89,7 +89,7 @@ func (tf *textFile) read() (string, error) {
 	}
 	data = bytes.TrimPrefix(data, []byte(lines.BOM))
 	if !utf8.Valid(data) {
-		return "", fmt.Errorf("dataset: %s: invalid UTF-8 at byte %d", tf.name, invalidUTF8At(string(data)))
+		return "", fmt.Errorf("dataset: %s: invalid UTF-8 at byte %d", tf.name, lines.InvalidUTF8At(string(data)))
 	}
 	if bytes.IndexByte(data, '\r') >= 0 {
 		data = bytes.ReplaceAll(bytes.ReplaceAll(data, []byte("\r\n"), []byte("\n")), []byte("\r"), []byte("\n"))

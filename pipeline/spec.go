@@ -16,7 +16,6 @@ import (
 	"sort"
 	"strconv"
 	"strings"
-	"unicode/utf8"
 
 	"github.com/goccy/go-yaml"
 	"github.com/goccy/go-yaml/ast"
@@ -1094,16 +1093,9 @@ func checkUTF8(src []byte) *SpecError {
 	if bytes.HasPrefix(src, []byte{0xff, 0xfe}) || bytes.HasPrefix(src, []byte{0xfe, 0xff}) || bytes.IndexByte(src, 0) >= 0 {
 		return &SpecError{Msg: "spec is UTF-16 or binary, not UTF-8 text", Fix: fix}
 	}
-	if utf8.Valid(src) {
+	at := lines.InvalidUTF8At(string(src))
+	if at < 0 {
 		return nil
-	}
-	at := 0
-	for at < len(src) {
-		r, size := utf8.DecodeRune(src[at:])
-		if r == utf8.RuneError && size == 1 {
-			break
-		}
-		at += size
 	}
 	line := 1 + bytes.Count(src[:at], []byte("\n"))
 	col := at - bytes.LastIndexByte(src[:at], '\n')

@@ -7,6 +7,7 @@ import (
 	"bufio"
 	"fmt"
 	"io"
+	"unicode/utf8"
 )
 
 // BOM is the byte order mark editors on Windows start UTF-8 files with.
@@ -102,3 +103,16 @@ func (r *Reader) Next() ([]byte, error) {
 
 // Line is the number of the line Next returned last.
 func (r *Reader) Line() int64 { return r.line }
+
+// InvalidUTF8At is the byte offset of s's first byte that is not UTF-8, or
+// -1 when s is valid.
+func InvalidUTF8At(s string) int {
+	for i, r := range s {
+		if r == utf8.RuneError {
+			if _, size := utf8.DecodeRuneInString(s[i:]); size == 1 {
+				return i
+			}
+		}
+	}
+	return -1
+}

@@ -120,20 +120,21 @@ type Row struct {
 //
 //	Examples = ExamplesIn - SkippedEmpty - Dropped - Split + SplitPieces - SkippedUntrained
 type Stats struct {
-	ExamplesIn       int64   `json:"examples_in"`       // calls to Add
-	Examples         int64   `json:"examples"`          // examples (or pieces) placed in rows
-	Rows             int64   `json:"rows"`              // rows emitted
-	TokensIn         int64   `json:"tokens_in"`         // tokens given to Add
-	RealTokens       int64   `json:"real_tokens"`       // tokens placed in rows
-	Slots            int64   `json:"slots"`             // Rows * SeqLen
-	Efficiency       float64 `json:"efficiency"`        // RealTokens / Slots
-	Dropped          int64   `json:"dropped"`           // over-long examples left out
-	Truncated        int64   `json:"truncated"`         // over-long examples cut to SeqLen
-	Split            int64   `json:"split"`             // over-long examples cut into pieces
-	SplitPieces      int64   `json:"split_pieces"`      // pieces made from them
-	SkippedEmpty     int64   `json:"skipped_empty"`     // examples without tokens
-	SkippedUntrained int64   `json:"skipped_untrained"` // examples or pieces without a trained label
-	Longest          int64   `json:"longest"`           // tokens of the longest example given, for choosing SeqLen
+	ExamplesIn       int64   `json:"examples_in"`        // calls to Add
+	Examples         int64   `json:"examples"`           // examples (or pieces) placed in rows
+	Rows             int64   `json:"rows"`               // rows emitted
+	TokensIn         int64   `json:"tokens_in"`          // tokens given to Add
+	RealTokens       int64   `json:"real_tokens"`        // tokens placed in rows
+	Slots            int64   `json:"slots"`              // Rows * SeqLen
+	Efficiency       float64 `json:"efficiency"`         // RealTokens / Slots
+	Dropped          int64   `json:"dropped"`            // over-long examples left out
+	Truncated        int64   `json:"truncated"`          // over-long examples cut to SeqLen
+	Split            int64   `json:"split"`              // over-long examples cut into pieces
+	SplitPieces      int64   `json:"split_pieces"`       // pieces made from them
+	SkippedEmpty     int64   `json:"skipped_empty"`      // examples without tokens
+	SkippedUntrained int64   `json:"skipped_untrained"`  // examples or pieces without a trained label
+	Repeated         int64   `json:"repeated,omitempty"` // examples whose tokens an earlier one has, packed in other rows
+	Longest          int64   `json:"longest"`            // tokens of the longest example given, for choosing SeqLen
 }
 
 // Spilled tokens take 4 bytes each: the id, with bit 31 set when the token's
@@ -144,11 +145,13 @@ const (
 	wordSize   = 4
 )
 
-// example is what stays in memory per example: where its tokens are.
+// example is what stays in memory per example: where its tokens are, and
+// which copy of its tokens it is.
 type example struct {
 	off      int64
 	n        int32
-	explicit bool // labels stored as a second word per token
+	round    int32 // earlier examples with the same tokens: its rows are planned apart from theirs
+	explicit bool  // labels stored as a second word per token
 }
 
 // Packer collects examples with Add and packs them with Finish.
@@ -158,6 +161,7 @@ type Packer struct {
 	w        *bufio.Writer
 	off      int64
 	examples []example
+	copies   map[uint64]int32 // per digest of an example's ids, how many were added
 	scratch  []byte
 	stats    Stats
 	finished bool
@@ -187,7 +191,7 @@ func New(opts Options) (*Packer, error) {
 	// Unlinked at once where the system allows it, so that a crash leaves
 	// nothing behind; Close removes it otherwise.
 	os.Remove(f.Name())
-	return &Packer{opts: opts, spill: f, w: bufio.NewWriterSize(f, 1<<20)}, nil
+	return &Packer{opts: opts, spill: f, w: bufio.NewWriterSize(f, 1<<20), copies: map[uint64]int32{}}, nil
 }
 
 // Add takes one tokenized example: its input ids and labels, of equal
@@ -222,6 +226,15 @@ func (p *Packer) Add(inputIDs, labels []int32) error {
 		return nil
 	}
 
+	// Copies of an example (a mix that repeats a source, duplicated data)
+	// go to rows of their own round, so that no row holds one twice and a
+	// step sees a repeated example no more often than another.
+	round := p.copies[digest(inputIDs)]
+	p.copies[digest(inputIDs)] = round + 1
+	if round > 0 {
+		p.stats.Repeated++
+	}
+
 	seqLen := p.opts.SeqLen
 	if n > seqLen {
 		switch p.opts.Overlong {
@@ -251,9 +264,23 @@ func (p *Packer) Add(inputIDs, labels []int32) error {
 			p.stats.SkippedUntrained++
 			continue
 		}
-		p.examples = append(p.examples, example{off: off + int64(start)*size, n: int32(end - start), explicit: explicit})
+		p.examples = append(p.examples, example{off: off + int64(start)*size, n: int32(end - start), round: round, explicit: explicit})
 	}
 	return nil
+}
+
+// digest is a 64-bit FNV-1a hash of ids, which tells copies apart from
+// other examples (a collision only plans an example in another round).
+func digest(ids []int32) uint64 {
+	h := uint64(14695981039346656037)
+	for _, id := range ids {
+		for range 4 {
+			h ^= uint64(id & 0xff)
+			h *= 1099511628211
+			id >>= 8
+		}
+	}
+	return h
 }
 
 func (p *Packer) write(ids, labels []int32, explicit bool) error {
@@ -311,19 +338,25 @@ func (p *Packer) Finish(emit func(Row) error) (Stats, error) {
 	}
 	rng := rand.New(rand.NewPCG(p.opts.Seed, 0x7061636b))
 	order := planOrder(lengths, rng)
-	var binOf []int32
-	var bins int
-	placed := order
-	switch p.opts.Algorithm {
-	case Auto:
-		binOf, bins, placed = minimumSlack(lengths, order, p.opts.SeqLen)
-		if bfdBinOf, bfdBins := bestFitDecreasing(lengths, order, p.opts.SeqLen); bfdBins < bins {
-			binOf, bins, placed = bfdBinOf, bfdBins, order
+	// Each round's examples are planned into rows of their own.
+	var rounds [][]int32
+	for _, ex := range order {
+		r := int(p.examples[ex].round)
+		for len(rounds) <= r {
+			rounds = append(rounds, nil)
 		}
-	case MinimumSlack:
-		binOf, bins, placed = minimumSlack(lengths, order, p.opts.SeqLen)
-	case BestFitDecreasing:
-		binOf, bins = bestFitDecreasing(lengths, order, p.opts.SeqLen)
+		rounds[r] = append(rounds[r], ex)
+	}
+	binOf := make([]int32, len(lengths))
+	var bins int
+	placed := make([]int32, 0, len(order))
+	for _, round := range rounds {
+		b, n, pl := p.plan(lengths, round)
+		for _, ex := range round {
+			binOf[ex] = b[ex] + int32(bins)
+		}
+		bins += n
+		placed = append(placed, pl...)
 	}
 
 	// Gather each bin's examples, in the order they were placed.
@@ -382,6 +415,24 @@ func (p *Packer) Finish(emit func(Row) error) (Stats, error) {
 		p.stats.Efficiency = float64(p.stats.RealTokens) / float64(p.stats.Slots)
 	}
 	return p.stats, nil
+}
+
+// plan assigns the examples of order (longest first) to bins with the
+// chosen algorithm, as minimumSlack returns them; binOf is indexed by
+// example, and holds only those of order.
+func (p *Packer) plan(lengths, order []int32) (binOf []int32, bins int, placed []int32) {
+	switch p.opts.Algorithm {
+	case MinimumSlack:
+		return minimumSlack(lengths, order, p.opts.SeqLen)
+	case BestFitDecreasing:
+		binOf, bins = bestFitDecreasing(lengths, order, p.opts.SeqLen)
+		return binOf, bins, order
+	}
+	binOf, bins, placed = minimumSlack(lengths, order, p.opts.SeqLen)
+	if bfdBinOf, bfdBins := bestFitDecreasing(lengths, order, p.opts.SeqLen); bfdBins < bins {
+		return bfdBinOf, bfdBins, order
+	}
+	return binOf, bins, placed
 }
 
 // read decodes one spilled example into ids and labels.

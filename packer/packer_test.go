@@ -610,7 +610,7 @@ func TestAutoKeepsFewerRows(t *testing.T) {
 			lengths[i] = int32(2 + rng.IntN(longest))
 			ids := make([]int32, lengths[i])
 			for j := range ids {
-				ids[j] = int32(j + 1)
+				ids[j] = int32(i*seqLen + j + 1) // no two alike: copies are planned apart
 			}
 			examples[i] = genExample{ids, ids}
 		}
@@ -628,5 +628,36 @@ func TestAutoKeepsFewerRows(t *testing.T) {
 	}
 	if !bfdWon || !slackWon {
 		t.Fatalf("the inputs do not exercise both outcomes (bfd won: %v, min_slack won: %v)", bfdWon, slackWon)
+	}
+}
+
+// TestCopiesPackedApart: an example given several times (a mix repeating a
+// small source) never shares a row with its own copy, whatever the
+// algorithm; all its copies are packed.
+func TestCopiesPackedApart(t *testing.T) {
+	for _, algo := range []Algorithm{Auto, MinimumSlack, BestFitDecreasing} {
+		var examples []genExample
+		for i := range 40 {
+			ids := []int32{int32(1000 + i), 5, 6, 7}
+			for range 9 { // nine copies of each: many would fit a row of 64
+				examples = append(examples, genExample{ids, ids})
+			}
+		}
+		rows, st := pack(t, Options{SeqLen: 64, Algorithm: algo, Seed: 3}, examples)
+		if st.Examples != int64(len(examples)) || st.Repeated != int64(len(examples)-40) {
+			t.Fatalf("%v: stats %+v", algo, st)
+		}
+		for r, row := range rows {
+			seen := map[int32]bool{}
+			at := 0
+			for _, n := range row.lens {
+				if first := row.ids[at]; seen[first] {
+					t.Fatalf("%v: row %d holds example %d twice", algo, r, first)
+				} else {
+					seen[first] = true
+				}
+				at += int(n)
+			}
+		}
 	}
 }

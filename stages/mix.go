@@ -55,6 +55,16 @@ func (mixKind) Version() int       { return 1 }
 func (mixKind) Inputs() (int, int) { return 1, -1 }
 func (mixKind) Params() any        { return &mixParams{By: mixByExamples} }
 
+// Revision 1: a total, which may repeat examples, gives the pack stage
+// after it copies to plan in rows apart (entries packed before put copies
+// side by side in one row).
+func (p *mixParams) Revision() int {
+	if p.Total > 0 {
+		return 1
+	}
+	return 0
+}
+
 // Values of by.
 const (
 	mixByExamples = "examples"
@@ -551,7 +561,7 @@ func mixBatch(in *pipeline.Input, rec arrow.RecordBatch, src *mixSource, first i
 			seen.add(idv[a:z], src.heldout[j])
 		}
 		trained := int64(0)
-		for _, l := range lv[la:lz] {
+		for _, l := range lv[min(la+1, lz):lz] { // the first token is no prediction: packing masks it
 			if l != packer.IgnoreIndex {
 				trained++
 			}

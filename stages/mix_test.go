@@ -473,6 +473,24 @@ func TestMixStage(t *testing.T) {
 		t.Errorf("by tokens: %v tokens in all, statistics %v", sum, st["tokens"])
 	}
 	t.Logf("by tokens: %v", sources)
+	// The pack stage plans each copy in rows apart (packer's
+	// TestCopiesPackedApart), and counts the copies.
+	var copies float64
+	for _, s := range sources {
+		copies += s.(map[string]any)["examples"].(float64) - s.(map[string]any)["unique"].(float64)
+	}
+	if got := stageStats(t, rec, "pack")["repeated"]; copies <= 0 || got != copies {
+		t.Errorf("pack counts %v repeated examples, the mix made %v copies", got, copies)
+	}
+
+	// eval_fraction on rows that repeat examples would score the adapter
+	// on examples it trains on: refused before training.
+	spec := mixSpec(t, `{weights: {atok: 1, ctok: 2, ttok: 1}, by: tokens, total: 60000}`) + `  base: {kind: model, with: {preset: tiny}}
+  adapter: {kind: qlora, needs: [pack, base], with: {eval_fraction: 0.1, max_steps: 1, backend: cpu}}
+`
+	if _, err := r.run(r.spec(spec), pipeline.Options{}); err == nil || !strings.Contains(err.Error(), "so the rows eval_fraction holds out share examples with the rows trained on") {
+		t.Errorf("eval_fraction over repeated examples: %v", err)
+	}
 }
 
 // TestMixErrors: wiring and parameters a mix cannot work with.

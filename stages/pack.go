@@ -52,7 +52,8 @@ func (packKind) Synonyms() map[string]string {
 
 func (packKind) ParamNotes() map[string]string {
 	always := "this stage always packs examples into rows of seq_len tokens (overlong says what happens to longer ones)"
-	return map[string]string{"packing": always, "sample_packing": always}
+	return map[string]string{"packing": always, "sample_packing": always,
+		"packing_strategy": "TRL's bfd truncates an over-long example (overlong: truncate here) and bfd_split cuts it into pieces (overlong: split); this stage drops it by default (overlong: drop), and plans rows with algorithm: auto, min_slack or bfd"}
 }
 
 func (packKind) Version() int       { return 1 }
@@ -130,7 +131,8 @@ func (s *packStage) Run(ctx context.Context, t *pipeline.Task) error {
 	}
 	setStats(t, stats)
 	t.Log.Info("packed", "rows", stats.Rows, "examples", stats.Examples, "efficiency", fmt.Sprintf("%.4f", stats.Efficiency),
-		"dropped", stats.Dropped, "truncated", stats.Truncated, "split", stats.Split, "untrained", stats.SkippedUntrained)
+		"dropped", stats.Dropped, "truncated", stats.Truncated, "split", stats.Split, "untrained", stats.SkippedUntrained,
+		"repeated_in_rows_apart", stats.Repeated)
 	if lost := stats.Dropped + stats.SkippedUntrained; lost > 0 {
 		// Examples that will not be trained on are worth a word above INFO.
 		what, of := "examples left out of the packed rows", stats.ExamplesIn
@@ -138,7 +140,10 @@ func (s *packStage) Run(ctx context.Context, t *pipeline.Task) error {
 			what, of = "examples, and pieces of split examples, left out of the packed rows", stats.ExamplesIn-stats.Split+stats.SplitPieces
 		}
 		t.Log.Warn(what, "longer_than_seq_len", stats.Dropped, "no_trained_token", stats.SkippedUntrained,
-			"of", of, "longest", stats.Longest, "fix", "raise seq_len (overlong: split suits plain texts, not conversations: its pieces train without their prompt)")
+			"of", of, "longest", stats.Longest, "fix", "raise seq_len, or keep their first seq_len tokens with overlong: truncate (overlong: split suits plain texts, not conversations: its pieces train without their prompt)")
+	}
+	if stats.Truncated > 0 {
+		t.Log.Warn("examples cut to seq_len: an answer cut short trains without its <end_of_turn>", "truncated", stats.Truncated, "of", stats.ExamplesIn, "longest", stats.Longest, "fix", "raise seq_len")
 	}
 	if held != nil {
 		hs, err := writeHeldOut(ctx, held, filepath.Join(t.Dir, PackedHeldOutFile))
@@ -153,6 +158,10 @@ func (s *packStage) Run(ctx context.Context, t *pipeline.Task) error {
 		default:
 			t.SetStat("heldout", statMap(hs))
 			t.Log.Info("packed the held-out examples apart", "rows", hs.Rows, "examples", hs.Examples, "dropped", hs.Dropped)
+			if lost := hs.Dropped + hs.SkippedUntrained; lost > 0 {
+				t.Log.Warn("held-out examples left out of the eval rows", "longer_than_seq_len", hs.Dropped, "no_trained_token", hs.SkippedUntrained,
+					"of", hs.ExamplesIn, "fix", "raise seq_len")
+			}
 		}
 	}
 	return nil

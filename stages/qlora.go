@@ -391,10 +391,12 @@ func (s *qloraStage) Run(ctx context.Context, t *pipeline.Task) error {
 		t.Log.Warn(fmt.Sprintf("the packed rows are %d tokens long, more than the model's context of %d positions (max_position_embeddings)", len(first.InputIDs), cfg.MaxPositions),
 			"fix", fmt.Sprintf("set the pack stage's seq_len to %d or less", cfg.MaxPositions))
 	}
+	vocab := 0
 	if cfgErr == nil {
-		if err := checkPadID(ctx, t, cfg.VocabSize); err != nil {
-			return err
-		}
+		vocab = cfg.VocabSize
+	}
+	if err := s.checkPacked(ctx, t, vocab); err != nil {
+		return err
 	}
 	// A mix stage's held-out examples, packed apart by the pack stage, are
 	// what the eval loss is computed on.
@@ -524,10 +526,12 @@ func (s *qloraStage) Run(ctx context.Context, t *pipeline.Task) error {
 	return nil
 }
 
-// checkPadID refuses rows padded with an id outside the model's vocabulary,
-// naming the pack stage's pad_id: training would otherwise stop at the first
-// padded row, blaming the tokenizer.
-func checkPadID(ctx context.Context, t *pipeline.Task, vocab int) error {
+// checkPacked checks the pack stage's rows against the model and the
+// stage's settings before the first step: its pad_id must lie in the
+// model's vocabulary (vocab; 0 when unknown), and eval_fraction must not
+// hold out rows whose examples training repeats elsewhere (a mix's total
+// repeats a source), which would score the adapter on what it trained on.
+func (s *qloraStage) checkPacked(ctx context.Context, t *pipeline.Task, vocab int) error {
 	for _, in := range t.Inputs {
 		if in.Kind != packKindName {
 			continue
@@ -536,10 +540,24 @@ func checkPadID(ctx context.Context, t *pipeline.Task, vocab int) error {
 		if err != nil {
 			return err
 		}
+		m := lineage[0]
 		var p packParams
-		if json.Unmarshal(lineage[0].Params, &p) == nil && int(p.PadID) >= vocab {
+		if json.Unmarshal(m.Params, &p) == nil && vocab > 0 && int(p.PadID) >= vocab {
 			return fmt.Errorf("stage %s pads its rows with id %d, outside the model's vocabulary [0, %d); set its pad_id to the tokenizer's <pad> (0 for Gemma 3)", in.Name, p.PadID, vocab)
 		}
+		repeatedStat, _ := m.Stats["repeated"].(json.Number)
+		examplesStat, _ := m.Stats["examples_in"].(json.Number)
+		repeated, _ := repeatedStat.Int64()
+		examples, _ := examplesStat.Int64()
+		if s.p.EvalFraction == 0 || repeated == 0 {
+			continue
+		}
+		msg := fmt.Sprintf("%d of the %d examples stage %s packed repeat an earlier one, so the rows eval_fraction holds out share examples with the rows trained on, and the eval loss flatters the adapter", repeated, examples, in.Name)
+		fix := "hold examples out before packing: a mix stage's heldout (and no eval_fraction)"
+		if repeated*100 >= examples { // a mix repeating a source, not a few duplicates in the data
+			return fmt.Errorf("%s; %s", msg, fix)
+		}
+		t.Log.Warn(msg, "fix", fix+", or remove the duplicates from the data")
 	}
 	return nil
 }

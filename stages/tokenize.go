@@ -294,7 +294,9 @@ func (s *tokenizeStage) tokenizeBatch(tok *tokenizer.Tokenizer, bos int32, in *p
 		for j, id := range ids[i] {
 			if trained == nil || trained[j] {
 				labV.Append(id)
-				c.trained++
+				if j > 0 { // the first token is no model's prediction: packing masks its label
+					c.trained++
+				}
 			} else {
 				labV.Append(packer.IgnoreIndex)
 			}
@@ -343,7 +345,7 @@ func tokenizeTexts(tok *tokenizer.Tokenizer, bos, eos int32, in *pipeline.Input,
 		labV.AppendValues(row, nil)
 		c.records++
 		c.tokens += int64(len(row))
-		c.trained += int64(len(row))
+		c.trained += int64(len(row) - 1) // every token after <bos>
 		c.words += int64(len(strings.Fields(texts[i])))
 	}
 	c.read += int64(n)

@@ -169,7 +169,11 @@ func printRow(w io.Writer, tk *tokenizer.Tokenizer, row int, ids, labels, length
 	}
 	fmt.Fprintf(w, "\n═══ row %d: %d tokens, %d trained", row, len(ids), trained)
 	if len(lengths) > 1 || used < len(ids) {
-		fmt.Fprintf(w, ", %d examples, %d of padding", len(lengths), len(ids)-used)
+		examples := fmt.Sprintf("%d examples", len(lengths))
+		if len(lengths) == 1 {
+			examples = "1 example"
+		}
+		fmt.Fprintf(w, ", %s, %d of padding", examples, len(ids)-used)
 	}
 	fmt.Fprintln(w, note)
 	at := 0

@@ -24,9 +24,11 @@ func ExpandGlobs(base string, patterns []string) ([]string, error) {
 			full = filepath.Join(base, pattern)
 		}
 		matches, err := doublestar.FilepathGlob(full)
-		if _, serr := os.Stat(full); len(matches) == 0 && serr == nil {
+		if _, serr := os.Lstat(full); len(matches) == 0 && serr == nil {
 			// A file whose name holds [, * or ?, given as it is: the
-			// pattern matches nothing else, and shells keep it too.
+			// pattern matches nothing else, and shells keep it too. A
+			// link that leads nowhere passes too, for the reader's check
+			// to say where it leads.
 			matches, err = []string{full}, nil
 		}
 		if err != nil {

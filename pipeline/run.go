@@ -28,6 +28,10 @@ type Engine struct {
 	// when another run of the same DAG holds its lock, gc the cache, or
 	// another run computes an entry this one needs.
 	NoWait bool
+	// Ranked says this run is one of several ranks of one training: an
+	// entry another rank computes is this run's own, waited for even with
+	// NoWait.
+	Ranked bool
 	// Collective, when set, makes this run a follower of another process
 	// running the same DAG over the same cache, the one that holds the
 	// DAG's lock and records the run: rank 0 of a training on several
@@ -362,7 +366,7 @@ func (x *execution) execute(ctx context.Context) error {
 			todo = append(todo, st) // its entry is rank 0's to lock and write
 			continue
 		}
-		l, err := x.e.Store.lockEntry(ctx, st.Key, st.Node.Name, x.e.NoWait, x.e.log())
+		l, err := x.e.Store.lockEntry(ctx, st.Key, st.Node.Name, x.e.NoWait && !x.e.Ranked, x.e.log())
 		if err != nil {
 			switch {
 			case IsBusy(err): // NoWait: not a failure, a run not made

@@ -42,7 +42,13 @@ func (r Rank) String() string {
 // its own. Under torchrun (TORCHELASTIC_RUN_ID set), whose agent holds
 // MASTER_PORT, the rendezvous is on MASTER_PORT + 1.
 func FromEnv(getenv func(string) string) (r Rank, ok bool, err error) {
+	one := func(v string) bool { return v == "" || v == "1" }
+	first := func(v string) bool { return v == "" || v == "0" }
 	switch {
+	case one(getenv("WORLD_SIZE")) && first(getenv("RANK")) && one(getenv("SLURM_NTASKS")):
+		// A world of one, or variables left in a shell by an earlier
+		// launch: one process, with no rendezvous to wait for.
+		return Rank{Size: 1}, false, nil
 	case getenv("WORLD_SIZE") != "" || getenv("RANK") != "":
 		r.Launcher = "torchrun"
 		if r.Rank, err = intVar(getenv, "RANK"); err != nil {
@@ -86,12 +92,17 @@ func FromEnv(getenv func(string) string) (r Rank, ok bool, err error) {
 		}
 		host := getenv("MASTER_ADDR")
 		if host == "" {
-			list := getenv("SLURM_JOB_NODELIST")
-			if list == "" {
-				list = getenv("SLURM_NODELIST")
+			// The job step's nodes: an srun -N1 step within a larger
+			// allocation has its rank 0 on the step's first node.
+			name := "SLURM_STEP_NODELIST"
+			for _, v := range []string{"SLURM_STEP_NODELIST", "SLURM_JOB_NODELIST", "SLURM_NODELIST"} {
+				if getenv(v) != "" {
+					name = v
+					break
+				}
 			}
-			if host, err = FirstHost(list); err != nil {
-				return r, true, fmt.Errorf("SLURM_JOB_NODELIST: %w", err)
+			if host, err = FirstHost(getenv(name)); err != nil {
+				return r, true, fmt.Errorf("%s: %w", name, err)
 			}
 		}
 		port, err := portVar(getenv)

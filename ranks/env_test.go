@@ -40,6 +40,16 @@ func TestFromEnv(t *testing.T) {
 		{"bad port", envOf("RANK", "0", "WORLD_SIZE", "2", "MASTER_ADDR", "a", "MASTER_PORT", "70000"), Rank{}, true, "not a port"},
 		{"world only", envOf("WORLD_SIZE", "2", "MASTER_ADDR", "a"), Rank{}, true, "RANK is not set"},
 		{"slurm without nodes", envOf("SLURM_PROCID", "0", "SLURM_NTASKS", "2"), Rank{}, true, "empty node list"},
+		{"slurm step within a larger allocation", envOf("SLURM_PROCID", "1", "SLURM_NTASKS", "2", "SLURM_JOB_NODELIST", "gpu[01-02]", "SLURM_STEP_NODELIST", "gpu02"),
+			Rank{Rank: 1, Size: 2, Addr: "gpu02:29500", Launcher: "slurm"}, true, ""},
+		// A world of one, or what an earlier launch left in a shell: one
+		// process, no rendezvous.
+		{"world of one", envOf("RANK", "0", "WORLD_SIZE", "1", "MASTER_ADDR", "a"), Rank{Size: 1}, false, ""},
+		{"world of one, no master", envOf("RANK", "0", "WORLD_SIZE", "1"), Rank{Size: 1}, false, ""},
+		{"rank 0 left alone", envOf("RANK", "0"), Rank{Size: 1}, false, ""},
+		{"world of one left alone", envOf("WORLD_SIZE", "1"), Rank{Size: 1}, false, ""},
+		{"slurm, one task", envOf("SLURM_PROCID", "0", "SLURM_NTASKS", "1", "SLURM_JOB_NODELIST", "n1"), Rank{Size: 1}, false, ""},
+		{"rank 1 without a world", envOf("RANK", "1", "MASTER_ADDR", "a"), Rank{}, true, "WORLD_SIZE is not set"},
 	} {
 		t.Run(c.name, func(t *testing.T) {
 			got, ok, err := FromEnv(c.env)

@@ -8,9 +8,11 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"log/slog"
 	"math"
 	"net"
 	"slices"
+	"sync/atomic"
 	"time"
 )
 
@@ -27,7 +29,14 @@ type Options struct {
 	// alive but silent (default 30 minutes); a rank that dies is noticed
 	// at once, through its closed connection.
 	OpTimeout time.Duration
+	// Log, when set, hears every 30 seconds of the rendezvous who is
+	// still awaited, so that a rank waiting for a peer that never comes
+	// (a misspelt MASTER_ADDR, a launch left in a shell) says so.
+	Log *slog.Logger
 }
+
+// waitNoteEvery is how often a rendezvous still waiting says so.
+var waitNoteEvery = 30 * time.Second
 
 func (o *Options) defaults() {
 	if o.JoinTimeout <= 0 {
@@ -114,6 +123,11 @@ func (g *Group) accept(ctx context.Context, addr string) error {
 	stop := context.AfterFunc(ctx, func() { ln.Close() })
 	defer stop()
 	g.peers = make([]*peer, g.size)
+	var joinedNow atomic.Int32 // for the notes, read beside the loop
+	joinedNow.Store(1)
+	defer g.noteWhile(ctx, func() string {
+		return fmt.Sprintf("rank 0: %d of %d ranks joined; waiting for the others at port %s", joinedNow.Load(), g.size, addr)
+	})()
 	for joined := 1; joined < g.size; {
 		conn, err := ln.Accept()
 		if err != nil {
@@ -156,6 +170,7 @@ func (g *Group) accept(ctx context.Context, addr string) error {
 		conn.SetDeadline(time.Time{})
 		g.peers[h.Rank] = p
 		joined++
+		joinedNow.Store(int32(joined))
 	}
 	for _, p := range g.peers[1:] {
 		if err := p.write(opWelcome, nil); err != nil {
@@ -163,6 +178,30 @@ func (g *Group) accept(ctx context.Context, addr string) error {
 		}
 	}
 	return nil
+}
+
+// noteWhile logs note() every waitNoteEvery until the returned stop is
+// called or ctx ends; without a Log it does nothing.
+func (g *Group) noteWhile(ctx context.Context, note func() string) (stop func()) {
+	if g.opt.Log == nil {
+		return func() {}
+	}
+	done := make(chan struct{})
+	go func() {
+		t := time.NewTicker(waitNoteEvery)
+		defer t.Stop()
+		for {
+			select {
+			case <-t.C:
+				g.opt.Log.Info(note(), "gives_up_after", g.opt.JoinTimeout)
+			case <-done:
+				return
+			case <-ctx.Done():
+				return
+			}
+		}
+	}()
+	return func() { close(done) }
 }
 
 // missing lists the ranks that have not joined.
@@ -179,17 +218,25 @@ func (g *Group) missing() []int {
 func (g *Group) connect(ctx context.Context, addr string) error {
 	d := net.Dialer{KeepAliveConfig: keepAlive, Timeout: 5 * time.Second}
 	var conn net.Conn
-	var last error
+	var last atomic.Pointer[string] // the last dial's error, for the notes
+	defer g.noteWhile(ctx, func() string {
+		note := fmt.Sprintf("rank %d: waiting for rank 0 at %s", g.rank, addr)
+		if err := last.Load(); err != nil {
+			note += " (" + *err + ")"
+		}
+		return note
+	})()
 	for conn == nil {
 		c, err := d.DialContext(ctx, "tcp", addr)
 		if err == nil {
 			conn = c
 			break
 		}
-		last = err
+		msg := err.Error()
+		last.Store(&msg)
 		select {
 		case <-ctx.Done():
-			return fmt.Errorf("rank %d: rank 0 at %s could not be reached within %v (%v): is it running, and is MASTER_ADDR right?", g.rank, addr, g.opt.JoinTimeout, last)
+			return fmt.Errorf("rank %d: rank 0 at %s could not be reached within %v (%v): is it running, and is MASTER_ADDR right?", g.rank, addr, g.opt.JoinTimeout, err)
 		case <-time.After(200 * time.Millisecond):
 		}
 	}

@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"log/slog"
 	"math"
 	"net"
 	"strconv"
@@ -165,6 +166,39 @@ func TestRendezvousTimesOut(t *testing.T) {
 	if d := time.Since(start); d > 10*time.Second {
 		t.Errorf("the failed rendezvous took %v", d)
 	}
+}
+
+// TestRendezvousSaysWhoItWaitsFor: a rendezvous that waits says, while it
+// waits, for whom: rank 0 how many have joined, another rank where it
+// looks for rank 0 and why it has not reached it.
+func TestRendezvousSaysWhoItWaitsFor(t *testing.T) {
+	old := waitNoteEvery
+	waitNoteEvery = 100 * time.Millisecond
+	defer func() { waitNoteEvery = old }()
+	var mu sync.Mutex
+	var logs strings.Builder
+	logger := slog.New(slog.NewTextHandler(lockedWriter{&mu, &logs}, nil))
+	opt := func(int) Options { return Options{JoinTimeout: 700 * time.Millisecond, Log: logger} }
+	joinAll(t, 3, opt, 0, 1) // rank 2 never starts
+	joinAll(t, 2, opt, 1)    // rank 0 never starts
+	mu.Lock()
+	defer mu.Unlock()
+	for _, want := range []string{"rank 0: 2 of 3 ranks joined; waiting for the others", "rank 1: waiting for rank 0 at", "connection refused", "gives_up_after=700ms"} {
+		if !strings.Contains(logs.String(), want) {
+			t.Errorf("the notes lack %q:\n%s", want, logs.String())
+		}
+	}
+}
+
+type lockedWriter struct {
+	mu *sync.Mutex
+	w  *strings.Builder
+}
+
+func (l lockedWriter) Write(p []byte) (int, error) {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	return l.w.Write(p)
 }
 
 // TestRankThatDies: a rank that goes away mid-run fails the others'

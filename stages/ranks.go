@@ -2,12 +2,19 @@ package stages
 
 import (
 	"context"
+	"fmt"
 	"os"
+	"time"
 
 	"gemmaft/pipeline"
 	"gemmaft/ranks"
 	"gemmaft/trainer"
 )
+
+// JoinTimeoutEnv names the variable that sets how long the ranks wait for
+// each other to meet (5 minutes by default): longer where a rank's machine
+// is slow to start (a container image still pulling).
+const JoinTimeoutEnv = "PIPELINE_RANKS_JOIN_TIMEOUT"
 
 // rankGroup is this process's part in a training run over several
 // processes; nil when it trains alone.
@@ -22,7 +29,13 @@ func joinRanks(ctx context.Context, t *pipeline.Task) (*rankGroup, error) {
 		return nil, err
 	}
 	t.Log.Info("training with other ranks", "rank", r.Rank, "ranks", r.Size, "rendezvous", r.Addr, "launcher", r.Launcher)
-	g, err := ranks.Join(ctx, r, ranks.Options{Token: "stage " + pipeline.ShortKey(t.Key) + ", program " + pipeline.Version()})
+	opt := ranks.Options{Token: "stage " + pipeline.ShortKey(t.Key) + ", program " + pipeline.Version(), Log: t.Log}
+	if v := os.Getenv(JoinTimeoutEnv); v != "" {
+		if opt.JoinTimeout, err = time.ParseDuration(v); err != nil || opt.JoinTimeout <= 0 {
+			return nil, fmt.Errorf("$%s=%q: want a duration such as 15m", JoinTimeoutEnv, v)
+		}
+	}
+	g, err := ranks.Join(ctx, r, opt)
 	if err != nil {
 		return nil, err
 	}

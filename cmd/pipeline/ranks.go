@@ -9,7 +9,6 @@ import (
 	"os/signal"
 	"strconv"
 	"strings"
-	"syscall"
 	"time"
 
 	"gemmaft/pipeline"
@@ -127,9 +126,10 @@ func launchRanks(n int, args []string) error {
 		}
 		cmds[r] = c
 	}
-	// A signal to this process goes to every rank.
+	// A signal to this process goes to every rank (a closed terminal's
+	// SIGHUP too: the ranks would otherwise train on, orphaned).
 	sigs := make(chan os.Signal, 2)
-	signal.Notify(sigs, syscall.SIGINT, syscall.SIGTERM)
+	signal.Notify(sigs, stopSignals...)
 	defer signal.Stop(sigs)
 	go func() {
 		for s := range sigs {

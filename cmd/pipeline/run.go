@@ -154,7 +154,7 @@ step with rank 0 and stop there. A rank that fails or goes away stops the others
 			if err != nil {
 				return err
 			}
-			eng := &pipeline.Engine{Store: st, Log: log, NoWait: noWait, Collective: collective}
+			eng := &pipeline.Engine{Store: st, Log: log, NoWait: noWait, Collective: collective, Ranked: rp != nil && rp.rank.Size > 1}
 			switch progress {
 			case "auto":
 				if stderrIsTerminal() {

@@ -28,7 +28,7 @@ func joinRanks(ctx context.Context, t *pipeline.Task) (*rankGroup, error) {
 	if err != nil || !ok || r.Size == 1 {
 		return nil, err
 	}
-	t.Log.Info("training with other ranks", "rank", r.Rank, "ranks", r.Size, "rendezvous", r.Addr, "launcher", r.Launcher)
+	t.Log.Info(fmt.Sprintf("training as rank %d of %d", r.Rank, r.Size), "rendezvous", r.Addr, "launcher", r.Launcher)
 	opt := ranks.Options{Token: "stage " + pipeline.ShortKey(t.Key) + ", program " + pipeline.Version(), Log: t.Log}
 	if v := os.Getenv(JoinTimeoutEnv); v != "" {
 		if opt.JoinTimeout, err = time.ParseDuration(v); err != nil || opt.JoinTimeout <= 0 {

@@ -95,14 +95,18 @@ func Join(ctx context.Context, r Rank, opt Options) (*Group, error) {
 	if r.Size <= 1 {
 		return g, nil
 	}
-	_, port, err := net.SplitHostPort(r.Addr)
+	host, port, err := net.SplitHostPort(r.Addr)
 	if err != nil {
 		return nil, fmt.Errorf("rendezvous address %q: %w", r.Addr, err)
+	}
+	listen := "" // every interface: the other ranks may be other machines
+	if ip := net.ParseIP(host); ip != nil && ip.IsLoopback() {
+		listen = host // ranks of this machine alone (--gpus): nothing outside may join
 	}
 	ctx, cancel := context.WithTimeout(ctx, opt.JoinTimeout)
 	defer cancel()
 	if r.Rank == 0 {
-		err = g.accept(ctx, net.JoinHostPort("", port))
+		err = g.accept(ctx, net.JoinHostPort(listen, port))
 	} else {
 		err = g.connect(ctx, r.Addr)
 	}

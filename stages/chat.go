@@ -94,6 +94,9 @@ func (s chatStage) Run(ctx context.Context, t *pipeline.Task) error {
 	t.SetStat("empty_prompts", n.emptyPrompts)
 	t.SetStat("control_token_records", n.control)
 	t.SetStat("duplicate_records", n.duplicates)
+	if err != nil {
+		return err // what it saw of a stage that did not finish is no finding
+	}
 	in := t.Inputs[0].Name
 	where := func(row int64) string {
 		return fmt.Sprintf("the first is in row %d of stage %s (pipeline inspect SPEC %s --rows %d shows it last)", row+1, in, in, row+1)

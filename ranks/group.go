@@ -222,7 +222,7 @@ func (g *Group) missing() []int {
 func (g *Group) connect(ctx context.Context, addr string) error {
 	d := net.Dialer{KeepAliveConfig: keepAlive, Timeout: 5 * time.Second}
 	var conn net.Conn
-	var last atomic.Pointer[string] // the last dial's error, for the notes
+	var last atomic.Pointer[string] // the last dial's error, or that it connected: for the notes
 	defer g.noteWhile(ctx, func() string {
 		note := fmt.Sprintf("rank %d: waiting for rank 0 at %s", g.rank, addr)
 		if err := last.Load(); err != nil {
@@ -234,6 +234,8 @@ func (g *Group) connect(ctx context.Context, addr string) error {
 		c, err := d.DialContext(ctx, "tcp", addr)
 		if err == nil {
 			conn = c
+			connected := "connected; rank 0 waits for the other ranks, or this is not a rank 0 of this program"
+			last.Store(&connected)
 			break
 		}
 		msg := err.Error()

@@ -316,8 +316,8 @@ func warnUnusedMix(t *pipeline.Task, p *mixParams, counts map[string]*MixCounts,
 				"fix", "lower total, or lower that source's weight")
 		}
 	}
-	if total.HeldOut > total.Examples {
-		t.Log.Warn(fmt.Sprintf("%d examples are held out and %d train: heldout is a share of each source's examples, not of the mix", total.HeldOut, total.Examples),
+	if total.HeldOut > total.Examples || total.HeldOutTokens > total.Tokens {
+		t.Log.Warn(fmt.Sprintf("%d examples (%d tokens) are held out and %d (%d tokens) train: heldout is a share of each source's examples, not of the mix", total.HeldOut, total.HeldOutTokens, total.Examples, total.Tokens),
 			"fix", "lower heldout, or set total")
 	}
 }

@@ -229,8 +229,9 @@ func (p *Packer) Add(inputIDs, labels []int32) error {
 	// Copies of an example (a mix that repeats a source, duplicated data)
 	// go to rows of their own round, so that no row holds one twice and a
 	// step sees a repeated example no more often than another.
-	round := p.copies[digest(inputIDs)]
-	p.copies[digest(inputIDs)] = round + 1
+	d := digest(inputIDs)
+	round := p.copies[d]
+	p.copies[d] = round + 1
 	if round > 0 {
 		p.stats.Repeated++
 	}

@@ -177,8 +177,6 @@ func (qloraKind) Params() any {
 	}
 }
 
-// Validate reports every bad setting at once (a spec carried over from
-// another tool has several), each as a ParamError.
 // Revision 1: early stopping takes any lower held-out loss as the best and
 // counts an evaluation as no better only below the threshold, as
 // transformers' EarlyStoppingCallback does, and a count run out at the
@@ -190,6 +188,8 @@ func (p *qloraParams) Revision() int {
 	return 0
 }
 
+// Validate reports every bad setting at once (a spec carried over from
+// another tool has several), each as a ParamError.
 func (p *qloraParams) Validate() error {
 	var errs []error
 	bad := func(param, msg, fix string) {

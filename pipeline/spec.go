@@ -1102,11 +1102,13 @@ func checkUTF8(src []byte) *SpecError {
 	return &SpecError{Line: line, Col: col, Msg: fmt.Sprintf("spec is not UTF-8 (byte 0x%02x): saved in a legacy encoding such as Windows-1254?", src[at]), Fix: fix}
 }
 
-// checkNumbers refuses what decoding would silently change: a fractional
-// value for an integer parameter (`seq_len: 100.7`, truncated), a whole
-// number with a leading zero (`seq_len: 0512`, which YAML 1.1 reads as
-// octal 330), and a number written where text belongs that YAML would not
-// keep as written (`model_id: 3.10` is "3.1", a column `0017` is "15").
+// checkNumbers refuses values decoding would silently change: a
+// parameter left empty (`lr:`, the default), a fractional value for an
+// integer parameter (`seq_len: 100.7`, truncated), a whole number with a
+// leading zero (`seq_len: 0512`, which YAML 1.1 reads as octal 330) or past
+// 64 bits (wrapped), and a number written where text belongs that YAML
+// would not keep as written (`model_id: 3.10` is "3.1", a column `0017` is
+// "15").
 func (l *loader) checkNumbers(n *Node, with ast.Node) bool {
 	good := true
 	asText := func(param string, v ast.Node) {

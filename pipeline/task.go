@@ -304,15 +304,25 @@ func (in *Input) TablePath(ctx context.Context) (string, error) {
 // holds, nearest first: what a stage needs to describe its input's making
 // (a model card names the training settings and the data).
 func (in *Input) Lineage(ctx context.Context) ([]*Manifest, error) {
+	first, err := in.Manifest(ctx)
+	if err != nil {
+		return nil, err
+	}
+	return in.store.Lineage(first, in.Name)
+}
+
+// Manifest waits until the upstream entry is committed and returns its
+// manifest alone: its parameters, files and statistics.
+func (in *Input) Manifest(ctx context.Context) (*Manifest, error) {
 	dir, err := in.Dir(ctx)
 	if err != nil {
 		return nil, err
 	}
-	first, err := ReadManifest(dir)
+	m, err := ReadManifest(dir)
 	if err != nil {
 		return nil, fmt.Errorf("stage %s: %w", in.Name, err)
 	}
-	return in.store.Lineage(first, in.Name)
+	return m, nil
 }
 
 // Lineage returns first, the manifest of stage name's entry, and the

@@ -58,11 +58,11 @@ func adapterBase(ctx context.Context, t *pipeline.Task, adapter string, prov pro
 		if err != nil {
 			return "", err
 		}
-		m, err := modelIn.Lineage(ctx)
+		m, err := modelIn.Manifest(ctx)
 		if err != nil {
 			return "", err
 		}
-		for _, f := range m[0].Outputs {
+		for _, f := range m.Outputs {
 			have[f.Path] = f.SHA256
 		}
 		dir, base = d, "stage "+modelIn.Name+"'s checkpoint"

@@ -329,11 +329,10 @@ func sameTokenizer(ctx context.Context, inputs []*pipeline.Input) error {
 	var first, firstName string
 	var firstTok any
 	for _, in := range inputs {
-		lineage, err := in.Lineage(ctx)
+		m, err := in.Manifest(ctx)
 		if err != nil {
 			return err
 		}
-		m := lineage[0]
 		var sig []string
 		for _, f := range m.Files {
 			sig = append(sig, f.SHA256)

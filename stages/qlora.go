@@ -536,11 +536,10 @@ func (s *qloraStage) checkPacked(ctx context.Context, t *pipeline.Task, vocab in
 		if in.Kind != packKindName {
 			continue
 		}
-		lineage, err := in.Lineage(ctx)
+		m, err := in.Manifest(ctx)
 		if err != nil {
 			return err
 		}
-		m := lineage[0]
 		var p packParams
 		if json.Unmarshal(m.Params, &p) == nil && vocab > 0 && int(p.PadID) >= vocab {
 			return fmt.Errorf("stage %s pads its rows with id %d, outside the model's vocabulary [0, %d); set its pad_id to the tokenizer's <pad> (0 for Gemma 3)", in.Name, p.PadID, vocab)

@@ -97,7 +97,8 @@ func qloraStages(dag *pipeline.DAG, opts pipeline.Options) []string {
 // unchanged but for RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR and
 // MASTER_PORT. Rank 0 prints to stdout; the others' output goes to stderr.
 // When a rank fails, the others end through their group within moments;
-// any left after a minute are killed.
+// any left after a minute are killed. When the launcher itself dies, its
+// ranks get SIGTERM (on Linux).
 func launchRanks(n int, args []string) error {
 	if _, ok, _ := ranks.FromEnv(os.Getenv); ok {
 		return usageErr(errors.New("--gpus starts the ranks itself; under torchrun, srun or a training operator leave it out"))
@@ -110,10 +111,12 @@ func launchRanks(n int, args []string) error {
 	if err != nil {
 		return failErr(fmt.Errorf("finding a port for the ranks' rendezvous: %w", err))
 	}
+	defer lockRankThread()() // until every rank has exited: see rankProcAttr
 	cmds := make([]*exec.Cmd, n)
 	for r := range cmds {
 		c := exec.Command(exe, withoutGPUs(args)...)
 		c.Env = rankEnv(os.Environ(), r, n, addr)
+		c.SysProcAttr = rankProcAttr()
 		c.Stdin, c.Stdout, c.Stderr = nil, os.Stderr, os.Stderr
 		if r == 0 {
 			c.Stdout = os.Stdout

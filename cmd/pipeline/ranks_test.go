@@ -243,3 +243,75 @@ func TestKilledRankStopsTheOthers(t *testing.T) {
 		t.Errorf("the second run did not resume:\n%s", again.stderr)
 	}
 }
+
+// gone says whether process pid has exited (a zombie counts: nobody may
+// be left to reap an orphan).
+func gone(pid int) bool {
+	b, err := os.ReadFile(fmt.Sprintf("/proc/%d/stat", pid))
+	if err != nil {
+		return true
+	}
+	_, rest, _ := strings.Cut(string(b), ") ")
+	return strings.HasPrefix(rest, "Z") || strings.HasPrefix(rest, "X")
+}
+
+// TestKilledLauncherStopsTheRanks: SIGKILL to `pipeline run --gpus 2`
+// itself, which can forward nothing, still stops both ranks within a
+// minute (they would otherwise train on, holding their GPUs from the
+// next run), and running again resumes from rank 0's last checkpoint.
+func TestKilledLauncherStopsTheRanks(t *testing.T) {
+	if testing.Short() {
+		t.Skip("trains a tiny model")
+	}
+	dir := t.TempDir()
+	spec := strings.Replace(lrSpec(t, "1.0e-2"), "max_steps: 6", "max_steps: 400", 1)
+	spec = strings.Replace(spec, "checkpoint_every: 0", "checkpoint_every: 5", 1)
+	writeFile(t, filepath.Join(dir, "spec.yaml"), spec)
+	cmd, _, _ := startCLI(t, dir, nil, "run", "spec.yaml", "--progress", "none", "--gpus", "2")
+	deadline := time.Now().Add(2 * time.Minute)
+	for {
+		if cks, _ := filepath.Glob(filepath.Join(dir, "cache", "scratch", "*", "checkpoints", "step-*")); len(cks) > 0 {
+			break
+		}
+		if time.Now().After(deadline) {
+			cmd.Process.Kill()
+			t.Fatal("no checkpoint within two minutes")
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
+	pids := []int{childOf(t, cmd.Process.Pid, 0), childOf(t, cmd.Process.Pid, 1)}
+	if slices.Contains(pids, 0) {
+		cmd.Process.Kill()
+		t.Fatalf("the ranks are not children of the launcher: %v", pids)
+	}
+	t.Cleanup(func() {
+		for _, p := range pids {
+			syscall.Kill(p, syscall.SIGKILL)
+		}
+	})
+	killed := time.Now()
+	if err := cmd.Process.Kill(); err != nil {
+		t.Fatal(err)
+	}
+	for _, p := range pids {
+		for !gone(p) {
+			if time.Since(killed) > time.Minute {
+				t.Fatalf("rank %d (pid %d) still runs a minute after its launcher was killed", slices.Index(pids, p), p)
+			}
+			time.Sleep(50 * time.Millisecond)
+		}
+	}
+	t.Logf("both ranks stopped %v after the launcher was killed", time.Since(killed).Round(time.Millisecond))
+	exitCode(t, cmd, time.Minute)
+	if ms, _ := filepath.Glob(filepath.Join(dir, "cache", "entries", "*", "*", "adapter", "adapter_model.safetensors")); len(ms) != 0 {
+		t.Fatalf("the ranks trained on to the end after their launcher was killed: %v", ms)
+	}
+
+	again := runCLI(t, dir, "run", "spec.yaml", "--progress", "none", "--gpus", "2")
+	if again.code != 0 {
+		t.Fatalf("running again: exit %d\n%s", again.code, again.stderr)
+	}
+	if !strings.Contains(again.stderr, "resuming from a checkpoint") {
+		t.Errorf("the second run did not resume:\n%s", again.stderr)
+	}
+}

@@ -19,7 +19,6 @@ import (
 	"io"
 	"io/fs"
 	"iter"
-	"math/rand/v2"
 	"os"
 	"path/filepath"
 	"slices"
@@ -94,6 +93,10 @@ type SourceOptions struct {
 	// ShuffleMemory bounds the bytes of text held for one shuffle pass;
 	// 0 means DefaultShuffleMemory.
 	ShuffleMemory int64
+	// SpillDir is where a shuffle of several passes keeps its rows between
+	// the read of the input and the passes (about the text's size, in
+	// files unlinked at once); "" means os.TempDir().
+	SpillDir string
 	// BatchRows is the number of rows per record batch; 0 means DefaultBatchRows.
 	BatchRows int
 	// Allocator allocates the Arrow buffers; nil means the Go allocator.
@@ -364,12 +367,13 @@ type sourceFile interface {
 // Shuffle gives an exact, seeded, uniform permutation without holding the
 // dataset in memory: every row is assigned one of P passes by a hash of the
 // seed and its position, with P chosen so that one pass holds about
-// ShuffleMemory bytes of text. Pass p reads all files, keeps only its own
-// rows, permutes them and emits them. Sorting rows by independent random keys
-// (pass, then a random order within the pass) is a uniform permutation, so
-// with Limit the first rows are a uniform random sample of the whole dataset,
-// usually read in a single pass. The price is P reads of the input. For
-// JSONL the rows are counted in Open to choose P.
+// ShuffleMemory bytes of text. One read of the files writes each row to a
+// spill file in SpillDir; pass p reads its rows back, permutes them and
+// emits them. Sorting rows by independent random keys (pass, then a random
+// order within the pass) is a uniform permutation, so with Limit the first
+// rows are a uniform random sample of the whole dataset; a Limit within the
+// first pass reads the files once without a spill. For JSONL the rows are
+// counted in Open to choose P.
 func Open(opts SourceOptions) (*Source, error) {
 	if len(opts.Paths) == 0 {
 		return nil, errors.New("dataset: no input files")
@@ -761,31 +765,10 @@ func (s *Source) rows(yield func(record, error) bool) {
 		return
 	}
 
-	passes := shufflePasses(s.textBytes, s.opts.ShuffleMemory, s.total)
-	for p := range passes {
-		want := func(i int64) bool { return passOf(s.opts.Seed, i, passes) == p }
-		var buf []record
-		keep := func(r record) bool { buf = append(buf, r); return true }
-		var base int64
-		for i, f := range s.files {
-			n, _, err := f.scan(s.ctx, int32(i), base, want, keep)
-			if err != nil {
-				yield(record{}, err)
-				return
-			}
-			base += n
-		}
-		rng := rand.New(rand.NewPCG(s.opts.Seed, uint64(p)))
-		rng.Shuffle(len(buf), func(i, j int) { buf[i], buf[j] = buf[j], buf[i] })
-		for i := range buf {
-			if !emit(buf[i]) {
-				if rowErr != nil {
-					yield(record{}, rowErr)
-				}
-				return
-			}
-			buf[i] = record{} // let the text go as soon as it is delivered
-		}
+	if err := s.shuffle(emit); err != nil {
+		yield(record{}, err)
+	} else if rowErr != nil {
+		yield(record{}, rowErr)
 	}
 }
 
@@ -845,23 +828,4 @@ func (b *messagesBuilder) append(msgs []chat.Message) {
 		b.role.Append(m.Role)
 		b.content.Append(m.Content)
 	}
-}
-
-// shufflePasses returns how many passes keep one pass's text near maxBytes.
-func shufflePasses(textBytes, maxBytes, rows int64) int64 {
-	p := (textBytes + maxBytes - 1) / maxBytes
-	return max(1, min(p, rows))
-}
-
-// passOf assigns row i to a pass with a seeded splitmix64 hash, so that the
-// assignment needs no memory and is independent of everything but the seed.
-func passOf(seed uint64, i int64, passes int64) int64 {
-	if passes == 1 {
-		return 0
-	}
-	z := seed + uint64(i)*0x9e3779b97f4a7c15 + 0x9e3779b97f4a7c15
-	z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9
-	z = (z ^ (z >> 27)) * 0x94d049bb133111eb
-	z ^= z >> 31
-	return int64(z % uint64(passes))
 }

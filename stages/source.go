@@ -343,6 +343,7 @@ func (s *sourceStage) Run(ctx context.Context, t *pipeline.Task) error {
 	opts := s.opts
 	opts.Paths = files
 	opts.Open = func(path string) (fs.File, error) { return t.Open(path) }
+	opts.SpillDir = t.Dir // the cache's disk; the spill is unlinked at once
 	src, err := dataset.Open(opts)
 	if err != nil {
 		return err

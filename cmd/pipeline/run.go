@@ -11,6 +11,7 @@ import (
 	"path/filepath"
 	"runtime"
 	"slices"
+	"strconv"
 	"strings"
 	"syscall"
 	"text/tabwriter"
@@ -357,7 +358,11 @@ func printSummary(rec *pipeline.RunRecord) {
 				secs = fmt.Sprintf("%.2f (%.2f waiting)", s.Seconds, s.WaitSeconds)
 			}
 		}
-		fmt.Fprintf(w, "%s\t%s\t%d\t%s\t%s\n", s.Name, s.State, s.Rows, secs, s.Entry)
+		rows := "-" // a stage stopped or failed wrote none, whatever it had read
+		if s.State == "computed" || s.State == "cached" {
+			rows = strconv.FormatInt(s.Rows, 10)
+		}
+		fmt.Fprintf(w, "%s\t%s\t%s\t%s\t%s\n", s.Name, s.State, rows, secs, s.Entry)
 	}
 	w.Flush()
 	if rec.OK {

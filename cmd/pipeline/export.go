@@ -254,7 +254,7 @@ func exportTable(w io.Writer, table, format string, gzipped bool, heldOut *bool)
 	} else if format == "arrow" && filter == nil {
 		return 0, copyFile(w, table)
 	}
-	err = writeRows(w, rows, format, gzipped)
+	err = writeRows(w, &exportProgress{r: rows, last: time.Now()}, format, gzipped)
 	if filter != nil {
 		left = filter.left
 	}
@@ -326,6 +326,30 @@ func (f *heldOutFilter) release() {
 	for _, b := range f.queue {
 		b.Release()
 	}
+}
+
+// exportProgress says every exportNoteEvery how many rows an export has
+// written: a large table takes minutes.
+type exportProgress struct {
+	r    dataset.Records
+	rows int64
+	last time.Time
+}
+
+var exportNoteEvery = 10 * time.Second
+
+func (p *exportProgress) Schema() *arrow.Schema { return p.r.Schema() }
+
+func (p *exportProgress) Next() (arrow.RecordBatch, error) {
+	if time.Since(p.last) >= exportNoteEvery {
+		notice(slog.LevelInfo, fmt.Sprintf("export: %d rows written", p.rows))
+		p.last = time.Now()
+	}
+	b, err := p.r.Next()
+	if err == nil {
+		p.rows += b.NumRows()
+	}
+	return b, err
 }
 
 func copyFile(w io.Writer, path string) error {

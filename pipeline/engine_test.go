@@ -13,6 +13,7 @@ import (
 	"slices"
 	"strings"
 	"sync"
+	"syscall"
 	"testing"
 	"time"
 
@@ -448,6 +449,25 @@ stages:
 		if len(tmp) != 0 {
 			t.Errorf("failed run left %d temporary folders", len(tmp))
 		}
+	}
+}
+
+// TestFullDiskSaysWhatToDo: a stage that runs out of disk space fails
+// saying that the cache's disk is full and how gc frees it, the error
+// still a full disk's.
+func TestFullDiskSaysWhatToDo(t *testing.T) {
+	e := newTestEnv(t)
+	spec := e.write("full.yaml", `name: full
+stages:
+  src: {kind: gen, with: {rows: 20, batch: 10}}
+  bad: {kind: fail, needs: [src], with: {after_batches: 1, no_space: true}}
+`)
+	rec, err := e.run(spec, Options{})
+	if !errors.Is(err, syscall.ENOSPC) || !strings.Contains(err.Error(), "is full: `pipeline gc --dry-run`") {
+		t.Fatalf("want the full disk and what to do, got %v", err)
+	}
+	if s := rec.Stages[1]; s.Name != "bad" || !strings.Contains(s.Error, "pipeline gc") {
+		t.Errorf("the run's record of bad: %+v", s)
 	}
 }
 

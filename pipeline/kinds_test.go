@@ -5,10 +5,12 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"io/fs"
 	"os"
 	"path/filepath"
 	"strings"
 	"sync/atomic"
+	"syscall"
 	"time"
 
 	"github.com/apache/arrow-go/v18/arrow"
@@ -277,6 +279,7 @@ type failKind struct{}
 type failParams struct {
 	AfterBatches int  `json:"after_batches"`
 	Panic        bool `json:"panic"`
+	NoSpace      bool `json:"no_space"` // fail as a full disk does
 }
 
 func (failKind) Version() int       { return 1 }
@@ -305,6 +308,9 @@ func (s failStage) Run(ctx context.Context, t *Task) error {
 	if s.p.Panic {
 		var m map[string]int
 		m["boom"]++
+	}
+	if s.p.NoSpace {
+		return &fs.PathError{Op: "write", Path: filepath.Join(t.Dir, "data.arrow"), Err: syscall.ENOSPC}
 	}
 	return errPlanned
 }

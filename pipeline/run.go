@@ -642,6 +642,7 @@ func (x *execution) computeStep(ctx context.Context, st *Step, t *Task, committe
 			r.WaitSeconds += time.Duration(in.waited.Load()).Seconds()
 		}
 		if err != nil {
+			err = fmt.Errorf("%w%s", err, x.e.Store.spaceHint(err))
 			r.State, r.Error = "failed", err.Error()
 			if errors.Is(err, context.Canceled) {
 				r.State = "canceled"

@@ -14,6 +14,7 @@ import (
 	"path/filepath"
 	"sort"
 	"strings"
+	"syscall"
 	"time"
 
 	"github.com/gofrs/flock"
@@ -545,6 +546,15 @@ func (s *Store) permissionHint(err error) string {
 		return ""
 	}
 	return fmt.Sprintf(" (this user may not write in the cache %s, another user's most likely: run as its owner, or give this one a cache of its own with --cache or $%s)", s.Root, CacheEnv)
+}
+
+// spaceHint says, of an error that ran out of disk space, what to do: a
+// nightly run fills the cache's disk over the weeks unless gc runs.
+func (s *Store) spaceHint(err error) string {
+	if !errors.Is(err, syscall.ENOSPC) {
+		return ""
+	}
+	return fmt.Sprintf(" (the disk of the cache %s is full: `pipeline gc --dry-run` says what gc would remove, the entries no recent run used and the leftovers of killed runs; or give the run a cache on a larger disk with --cache)", s.Root)
 }
 
 // gcLock is held shared by every run and exclusively by gc, so gc never

@@ -30,13 +30,22 @@ func eachBatch(ctx context.Context, in *pipeline.Input, fn func(arrow.RecordBatc
 }
 
 // mapBatches writes the stage's table with schema: fn of every batch of the
-// stage's single input, in order.
+// stage's single input, in order. The stage writes about a row per row
+// read, so it expects its input's rows once their count is known: a stage
+// reading it as it streams can then show a total and a time left.
 func mapBatches(ctx context.Context, t *pipeline.Task, schema *arrow.Schema, fn func(arrow.RecordBatch) (arrow.RecordBatch, error)) error {
 	out, err := t.Output(schema)
 	if err != nil {
 		return err
 	}
+	totalKnown := false
 	return eachBatch(ctx, t.Inputs[0], func(rec arrow.RecordBatch) error {
+		if !totalKnown {
+			if n, ok := t.Inputs[0].Rows(); ok {
+				t.SetTotal(n)
+				totalKnown = true
+			}
+		}
 		nr, err := fn(rec)
 		if err != nil {
 			return err

@@ -41,12 +41,16 @@ func passOf(seed uint64, i int64, passes int64) int64 {
 	return int64(z % uint64(passes))
 }
 
+// rereadShuffles makes every shuffle read its files again each pass, for
+// tests that compare the two ways.
+var rereadShuffles = false
+
 // shuffle delivers every row of a shuffle through emit until it returns
 // false; the error is a read's or the spill's.
 func (s *Source) shuffle(emit func(record) bool) error {
 	passes := shufflePasses(s.textBytes, s.opts.ShuffleMemory, s.total)
 	// A limit within about half the first pass's rows is met there.
-	if passes == 1 || (s.opts.Limit > 0 && s.opts.Limit <= s.total/passes/2) {
+	if passes == 1 || rereadShuffles || (s.opts.Limit > 0 && s.opts.Limit <= s.total/passes/2) {
 		return s.shuffleRereading(passes, emit)
 	}
 	return s.shuffleSpilled(passes, emit)
@@ -77,7 +81,7 @@ func (s *Source) shuffleSpilled(passes int64, emit func(record) bool) error {
 	if err != nil {
 		return err
 	}
-	defer sp.f.Close()
+	defer sp.close()
 	var pass int64 // of the row scan yields next: want(i) comes just before it
 	want := func(i int64) bool { pass = passOf(s.opts.Seed, i, passes); return true }
 	var putErr error
@@ -123,8 +127,7 @@ func (s *Source) emitPass(p int64, buf []record, emit func(record) bool) bool {
 }
 
 // spill holds a shuffle's rows between the read of the input and the
-// passes, in one unlinked file (nothing is left behind, whatever ends the
-// process). Each pass gathers its rows (a length, then the fields) in a
+// passes, in one file. Each pass gathers its rows (a length, then the fields) in a
 // buffer of its own, written out as a chunk once it holds spillChunk
 // bytes, so that a pass reads back its chunks alone.
 type spill struct {
@@ -144,8 +147,16 @@ func newSpill(dir string, passes int64) (*spill, error) {
 	if err != nil {
 		return nil, fmt.Errorf("dataset: the shuffle's spill file: %w", err)
 	}
+	// Unlinked at once where the system allows it, so that a crash leaves
+	// nothing behind; close removes it otherwise (Windows), before the
+	// entry folder it may be in is committed.
 	os.Remove(f.Name())
 	return &spill{f: f, bufs: make([][]byte, passes), chunks: make([][]chunk, passes)}, nil
+}
+
+func (sp *spill) close() {
+	sp.f.Close()
+	os.Remove(sp.f.Name())
 }
 
 func (sp *spill) put(pass int64, r record) error {
@@ -223,12 +234,12 @@ func appendRecord(b []byte, r record) []byte {
 	b = append(b, r.null)
 	b = binary.AppendUvarint(b, uint64(r.file))
 	b = binary.AppendUvarint(b, uint64(r.pos+1)) // -1 for a whole text file
-	b = binary.AppendUvarint(b, uint64(len(r.msgs)))
+	b = appendCount(b, len(r.msgs), r.msgs == nil)
 	for _, m := range r.msgs {
 		b = appendString(b, m.role)
 		b = appendString(b, m.content)
 		b = append(b, boolByte(m.null))
-		b = binary.AppendUvarint(b, uint64(len(m.parts)))
+		b = appendCount(b, len(m.parts), m.parts == nil)
 		for _, p := range m.parts {
 			b = appendString(b, p)
 		}
@@ -238,6 +249,15 @@ func appendRecord(b []byte, r record) []byte {
 		b = appendString(b, r.flaw.Error())
 	}
 	return b
+}
+
+// appendCount appends a list's length, 0 for none at all: a content given
+// as an empty list of parts is not a content without parts.
+func appendCount(b []byte, n int, none bool) []byte {
+	if none {
+		return append(b, 0)
+	}
+	return binary.AppendUvarint(b, uint64(n)+1)
 }
 
 func appendString(b []byte, s string) []byte {
@@ -262,12 +282,12 @@ func readRecord(b []byte) (record, error) {
 	r.file = int32(d.uvarint())
 	r.pos = int64(d.uvarint()) - 1
 	if n := d.uvarint(); n > 0 && d.err == nil {
-		r.msgs = make([]rawMessage, min(n, uint64(len(b))))
+		r.msgs = make([]rawMessage, min(n-1, uint64(len(b))))
 		for i := range r.msgs {
 			m := &r.msgs[i]
 			m.role, m.content, m.null = d.string(), d.string(), d.byte() == 1
 			if k := d.uvarint(); k > 0 && d.err == nil {
-				m.parts = make([]string, min(k, uint64(len(b))))
+				m.parts = make([]string, min(k-1, uint64(len(b))))
 				for j := range m.parts {
 					m.parts[j] = d.string()
 				}

@@ -2,12 +2,16 @@ package dataset
 
 import (
 	"errors"
+	"fmt"
 	"math/rand/v2"
+	"os"
 	"path/filepath"
 	"reflect"
 	"slices"
+	"strings"
 	"testing"
 
+	"gemmaft/chat"
 	"gemmaft/internal/testenv"
 )
 
@@ -68,7 +72,9 @@ func TestSpilledRecord(t *testing.T) {
 			{role: "human", content: "Merhaba"},
 			{role: "gpt", null: true},
 			{role: "user", parts: []string{"bir", " iki", ""}},
+			{role: "system", parts: []string{}}, // refused, where no parts is a text
 		}, null: 1<<nullContent | 1<<nullList, flaw: flawError{errors.New("message 1 is null")}},
+		{msgs: []rawMessage{}}, // an empty conversation
 		{},
 	}
 	for _, r := range in {
@@ -86,5 +92,58 @@ func TestSpilledRecord(t *testing.T) {
 	}
 	if _, err := readRecord(appendRecord(nil, in[0])[:10]); err == nil {
 		t.Error("a cut record read back without an error")
+	}
+}
+
+// TestSpilledConversations: conversations shuffled through the spill come
+// out as read again pass by pass: the same messages, the same dropped as
+// invalid (null lists and messages, system texts as lists of parts, empty
+// ones among them, turns out of order) and the same nulls counted.
+func TestSpilledConversations(t *testing.T) {
+	var b strings.Builder
+	for i := range 2100 {
+		switch i % 7 {
+		case 0:
+			fmt.Fprintf(&b, `{"messages": [{"role": "user", "content": "soru %d"}, {"role": "assistant", "content": "yanıt %d"}]}`+"\n", i, i)
+		case 1:
+			fmt.Fprintf(&b, `{"messages": [{"role": "system", "content": [{"type": "text", "text": "Kısa yanıtla."}]}, {"role": "user", "content": "soru %d"}, {"role": "assistant", "content": "yanıt %d"}]}`+"\n", i, i)
+		case 2:
+			fmt.Fprintf(&b, `{"messages": null}`+"\n")
+		case 3:
+			fmt.Fprintf(&b, `{"messages": [{"role": "user", "content": null}, {"role": "assistant", "content": "yanıt %d"}]}`+"\n", i)
+		case 4:
+			fmt.Fprintf(&b, `{"messages": [null, {"role": "assistant", "content": "yanıt %d"}]}`+"\n", i)
+		case 5:
+			fmt.Fprintf(&b, `{"messages": [{"role": "system", "content": []}, {"role": "user", "content": [{"type": "text", "text": " soru %d "}]}, {"role": "assistant", "content": "yanıt"}]}`+"\n", i)
+		case 6:
+			fmt.Fprintf(&b, `{"messages": [{"role": "assistant", "content": "yanıt %d"}]}`+"\n", i)
+		}
+	}
+	path := filepath.Join(t.TempDir(), "sohbet.jsonl")
+	if err := os.WriteFile(path, []byte(b.String()), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	for _, nulls := range []NullPolicy{NullsEmpty, NullsDrop} {
+		read := func(reread bool) ([][]chat.Message, NullReport, InvalidReport) {
+			rereadShuffles = reread
+			defer func() { rereadShuffles = false }()
+			s, err := Open(SourceOptions{Paths: []string{path}, Layout: LayoutOpenAI, Shuffle: true, Seed: 5, ShuffleMemory: 4 << 10,
+				DropInvalid: true, Nulls: nulls, SpillDir: t.TempDir()})
+			if err != nil {
+				t.Fatal(err)
+			}
+			defer s.Close()
+			convs, err := drainConversations(s)
+			if err != nil {
+				t.Fatal(err)
+			}
+			return convs, s.Nulls(), s.Invalid()
+		}
+		wantConvs, wantNulls, wantInvalid := read(true)
+		convs, nullsSeen, invalid := read(false)
+		if !reflect.DeepEqual(convs, wantConvs) || !reflect.DeepEqual(nullsSeen, wantNulls) || !reflect.DeepEqual(invalid, wantInvalid) {
+			t.Errorf("nulls %q: through the spill %d conversations, %d invalid, nulls %+v; read again %d, %d, %+v",
+				nulls, len(convs), invalid.Dropped, nullsSeen, len(wantConvs), wantInvalid.Dropped, wantNulls)
+		}
 	}
 }

@@ -372,8 +372,9 @@ type sourceFile interface {
 // emits them. Sorting rows by independent random keys (pass, then a random
 // order within the pass) is a uniform permutation, so with Limit the first
 // rows are a uniform random sample of the whole dataset; a Limit within the
-// first pass reads the files once without a spill. For JSONL the rows are
-// counted in Open to choose P.
+// first pass reads the files once without a spill. A spill reads every
+// record, so a malformed one fails the shuffle wherever it lies, as a read
+// without a Limit does. For JSONL the rows are counted in Open to choose P.
 func Open(opts SourceOptions) (*Source, error) {
 	if len(opts.Paths) == 0 {
 		return nil, errors.New("dataset: no input files")

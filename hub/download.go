@@ -22,6 +22,8 @@ import (
 	"github.com/bmatcuk/doublestar/v4"
 	"github.com/gofrs/flock"
 	"golang.org/x/sync/errgroup"
+
+	"gemmaft/internal/diskfull"
 )
 
 // A Resolved reference names a commit.
@@ -567,7 +569,7 @@ func (c *Client) download(ctx context.Context, meta *fileMeta, partial string, r
 			return context.Cause(ctx)
 		}
 		if we := (*writeError)(nil); errors.As(err, &we) {
-			if diskFull(we.err) {
+			if diskfull.Is(we.err) {
 				return fmt.Errorf("%w: free space there, or set HF_HUB_CACHE to a disk with room; the bytes so far are kept", we.err)
 			}
 			return we.err

@@ -14,12 +14,12 @@ import (
 	"path/filepath"
 	"sort"
 	"strings"
-	"syscall"
 	"time"
 
 	"github.com/gofrs/flock"
 
 	"gemmaft/internal/atomicfile"
+	"gemmaft/internal/diskfull"
 	"gemmaft/internal/userdir"
 )
 
@@ -551,7 +551,7 @@ func (s *Store) permissionHint(err error) string {
 // spaceHint says, of an error that ran out of disk space, what to do: a
 // nightly run fills the cache's disk over the weeks unless gc runs.
 func (s *Store) spaceHint(err error) string {
-	if !errors.Is(err, syscall.ENOSPC) {
+	if !diskfull.Is(err) {
 		return ""
 	}
 	return fmt.Sprintf(" (the disk of the cache %s is full: `pipeline gc --dry-run` says what gc would remove, the entries no recent run used and the leftovers of killed runs; or give the run a cache on a larger disk with --cache)", s.Root)

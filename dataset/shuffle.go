@@ -61,13 +61,8 @@ func (s *Source) shuffleRereading(passes int64, emit func(record) bool) error {
 		want := func(i int64) bool { return passOf(s.opts.Seed, i, passes) == p }
 		var buf []record
 		keep := func(r record) bool { buf = append(buf, r); return true }
-		var base int64
-		for i, f := range s.files {
-			n, _, err := f.scan(s.ctx, int32(i), base, want, keep)
-			if err != nil {
-				return err
-			}
-			base += n
+		if _, _, err := s.scanFiles(want, keep); err != nil {
+			return err
 		}
 		if !s.emitPass(p, buf, emit) {
 			return nil
@@ -86,16 +81,11 @@ func (s *Source) shuffleSpilled(passes int64, emit func(record) bool) error {
 	want := func(i int64) bool { pass = passOf(s.opts.Seed, i, passes); return true }
 	var putErr error
 	put := func(r record) bool { putErr = sp.put(pass, r); return putErr == nil }
-	var base int64
-	for i, f := range s.files {
-		n, _, err := f.scan(s.ctx, int32(i), base, want, put)
-		if err == nil {
-			err = putErr
-		}
-		if err != nil {
-			return err
-		}
-		base += n
+	if _, _, err := s.scanFiles(want, put); err != nil {
+		return err
+	}
+	if putErr != nil {
+		return putErr
 	}
 	if err := sp.flush(); err != nil {
 		return err

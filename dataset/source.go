@@ -744,23 +744,13 @@ func (s *Source) rows(yield func(record, error) bool) {
 	all := func(int64) bool { return true }
 
 	if !s.opts.Shuffle {
-		var base int64
-		for i, f := range s.files {
-			n, stopped, err := f.scan(s.ctx, int32(i), base, all, emit)
-			if err != nil {
-				yield(record{}, err)
-				return
-			}
-			if rowErr != nil {
-				yield(record{}, rowErr)
-				return
-			}
-			if stopped {
-				return
-			}
-			base += n
-		}
-		if base == 0 {
+		n, stopped, err := s.scanFiles(all, emit)
+		switch {
+		case err != nil:
+			yield(record{}, err)
+		case rowErr != nil:
+			yield(record{}, rowErr)
+		case !stopped && n == 0:
 			yield(record{}, fmt.Errorf("dataset: %s: no rows", strings.Join(s.opts.Paths, ", ")))
 		}
 		return
@@ -771,6 +761,19 @@ func (s *Source) rows(yield func(record, error) bool) {
 	} else if rowErr != nil {
 		yield(record{}, rowErr)
 	}
+}
+
+// scanFiles scans the files in order: row i of them all is offered to want
+// and, where wanted, yielded. It stops where yield returns false.
+func (s *Source) scanFiles(want func(int64) bool, yield func(record) bool) (rows int64, stopped bool, err error) {
+	for i, f := range s.files {
+		n, stopped, err := f.scan(s.ctx, int32(i), rows, want, yield)
+		rows += n
+		if err != nil || stopped {
+			return rows, stopped, err
+		}
+	}
+	return rows, false, nil
 }
 
 // conversation maps a record's messages' roles, puts the system text in
